@@ -1,0 +1,112 @@
+# -*- test-case-name: tests.test_address -*-
+"""
+Mail addresses, parsed and normalised once at the boundary.
+
+An L{Address} is a plain C{local@domain}: the domain is lower-cased (IDNA
+A-labels are kept as given, lower-cased), the whole string is Unicode NFC, and
+nothing in it can name a path outside a maildrop root.  Local parts keep
+their case (RFC 5321 says they may be case-sensitive), so C{Alice@Example.ORG}
+and C{alice@example.org} are two different users but the same domain.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import attr
+
+MAX_ADDRESS_LENGTH = 254
+MAX_LOCALPART_LENGTH = 64
+
+# Printable characters allowed in a local part: RFC 5322 atext plus ".",
+# and any non-ASCII character (RFC 6531) except controls and separators.
+_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+\-=?^_`{|}~.\u0080-\U0010ffff]+$")
+_LABEL = re.compile(r"^[a-z0-9\u0080-\U0010ffff]([a-z0-9\-\u0080-\U0010ffff]*[a-z0-9\u0080-\U0010ffff])?$")
+
+
+class AddressError(ValueError):
+    """
+    A string is not a plain C{local@domain} address.
+    """
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, order=True)
+class Address:
+    """
+    A normalised mail address.
+
+    @ivar localpart: the part before the C{@}, case kept.
+    @ivar domain: the domain, lower-cased.
+    """
+
+    localpart: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.localpart}@{self.domain}"
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> "Address":
+        """
+        Parse and normalise C{text}.
+
+        @raise AddressError: if C{text} is not a plain C{local@domain}
+            address (empty parts, C{..}, slashes, NUL, controls, spaces,
+            quoting, source routes, over-long parts, bad UTF-8).
+        """
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise AddressError("address is not valid UTF-8") from None
+        text = unicodedata.normalize("NFC", text)
+        if len(text) > MAX_ADDRESS_LENGTH:
+            raise AddressError("address too long")
+        if any(unicodedata.category(c)[0] in "CZ" for c in text):
+            raise AddressError("address contains control or space characters")
+        if text.count("@") != 1:
+            raise AddressError("address must be local@domain")
+        localpart, domain = text.split("@")
+        if not localpart or len(localpart) > MAX_LOCALPART_LENGTH:
+            raise AddressError("bad local part")
+        if (
+            not _ATEXT.match(localpart)
+            or localpart.startswith(".")
+            or localpart.endswith(".")
+            or ".." in localpart
+            or "/" in localpart
+        ):
+            raise AddressError("bad local part")
+        domain = domain.lower()
+        if domain.endswith("."):
+            domain = domain[:-1]
+        labels = domain.split(".")
+        if len(labels) < 1 or not all(_LABEL.match(label) for label in labels):
+            raise AddressError("bad domain")
+        return cls(localpart, domain)
+
+
+def parseDomain(text: str) -> str:
+    """
+    Normalise a domain name given by an operator (C{--domain}).
+
+    @raise AddressError: if C{text} is not a domain name.
+    """
+    return Address.parse("x@" + text).domain
+
+
+def isLoopback(host: str) -> bool:
+    """
+    Whether C{host} (a numeric peer address) is loopback: 127.0.0.0/8,
+    C{::1}, or an IPv4-mapped loopback C{::ffff:127.x.y.z}.
+    """
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback

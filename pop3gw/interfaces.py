@@ -1,0 +1,326 @@
+# -*- test-case-name: tests.test_testing -*-
+"""
+Interfaces and shared exceptions.
+
+Protocols see only these interfaces, L{pop3gw.address.Address} and a
+L{twisted.cred.portal.Portal}; storage implements them.  Nothing here imports
+anything local except L{pop3gw.address}.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+# --- Exceptions ----------------------------------------------------------
+
+
+class Pop3gwError(Exception):
+    """
+    Base class of the errors pop3gw raises on purpose.  The text of these
+    exceptions is for operators (logs, CLI); protocols map the type to a
+    fixed reply and never echo the text.
+    """
+
+
+class UnknownUser(Pop3gwError):
+    """
+    No such user (local recipient or login).
+    """
+
+
+class UserExists(Pop3gwError):
+    """
+    C{user add} for an address that already has an entry.
+    """
+
+
+class MaildropLocked(Pop3gwError):
+    """
+    Another session holds the maildrop's exclusive lock (POP3 C{[IN-USE]}).
+    """
+
+
+class TemporaryFailure(Pop3gwError):
+    """
+    A transient server-side failure (disk full, I/O error, lock timeout):
+    POP3 C{[SYS/TEMP]}, SMTP 451/452, sysexits 75.
+    """
+
+
+class PermanentFailure(Pop3gwError):
+    """
+    A permanent server-side refusal (POP3 C{[SYS/PERM]}, SMTP 5xx,
+    sysexits 65 for bad input).
+    """
+
+
+class MessageTooLarge(PermanentFailure):
+    """
+    A message is larger than the configured limit.
+    """
+
+
+# --- Users ----------------------------------------------------------------
+
+
+class IUserDatabase(Interface):
+    """
+    The users database: login addresses, their password hashes and the
+    addresses (aliases) each user may send as.
+
+    Methods may block (file or database I/O); the credentials checker calls
+    L{passwordHash} from a thread pool.  A second backend (a shared SQL
+    database) implements this same interface.
+    """
+
+    def passwordHash(address):
+        """
+        @param address: an L{Address}.
+        @return: the stored hash as C{"{SCHEME}..."} text, or L{None} if the
+            user does not exist.  Reflects changes made by the C{pop3gw user}
+            command without a restart.
+        """
+
+    def exists(address):
+        """
+        @return: whether C{address} (an L{Address}) is a user.  Cheap enough
+            to call on the reactor thread (SMTP C{RCPT}).
+        """
+
+    def resolve(address):
+        """
+        @return: the user L{Address} whose maildrop receives mail for
+            C{address} (the user itself, or the owner of an alias), or L{None}.
+        """
+
+    def owns(user, address):
+        """
+        @return: whether the user C{user} may use C{address} as a sender
+            (its own address or one of its aliases).
+        """
+
+    def addresses():
+        """
+        @return: a sorted list of every user L{Address}.
+        """
+
+    def setPassword(address, hashed, create):
+        """
+        Store C{hashed} (C{"{SCHEME}..."}) for C{address}, durably.
+
+        @param create: if true the user must not exist yet (L{UserExists});
+            if false it must exist (L{UnknownUser}).
+        """
+
+    def remove(address):
+        """
+        Remove a user, durably.
+
+        @raise UnknownUser: no such user.
+        """
+
+    def reload():
+        """
+        Re-read the backing store if it changed (SIGHUP).  A store that
+        fails to load is logged and the old contents kept.
+        """
+
+
+# --- Maildrops ------------------------------------------------------------
+
+
+class IMessageInfo(Interface):
+    """
+    One message of a maildrop snapshot.
+    """
+
+    size = Attribute(
+        "Exact octet count of the message as RETR sends it: CRLF line ends, "
+        "before dot-stuffing, without the terminating '.' line."
+    )
+    uid = Attribute(
+        "The UIDL value: 1 to 70 characters in 0x21..0x7E, unique in the "
+        "maildrop, stable across sessions and restarts, never reused."
+    )
+
+
+class IMaildrop(Interface):
+    """
+    One POP3 session's exclusive, snapshotted view of a user's maildrop.
+
+    Indexes are 0-based positions in L{messages}; the protocol turns them
+    into 1-based message numbers.
+    """
+
+    messages = Attribute("A sequence of L{IMessageInfo}, fixed at login.")
+
+    def openMessage(index):
+        """
+        @return: a binary file-like object whose C{read(n)} yields the
+            message in wire form (CRLF line ends, not dot-stuffed), exactly
+            C{messages[index].size} octets in all.  The caller closes it.
+        @raise TemporaryFailure: the file vanished or cannot be read.
+        """
+
+    def commit(deleted):
+        """
+        The POP3 UPDATE state: remove the messages whose indexes are in
+        C{deleted}, then release the lock.
+
+        @return: L{None}, or a L{Deferred} that fires when done.
+        @raise TemporaryFailure: some could not be removed (RFC 1939: the
+            reply to QUIT is then -ERR); the lock is released anyway.
+        """
+
+    def release():
+        """
+        Release the lock without deleting anything (a dropped connection or
+        a timeout).  Idempotent.
+        """
+
+
+class IDelivery(Interface):
+    """
+    One message being delivered: start (the factory method), then
+    L{write} the body, then L{commit} or L{abort}.
+    """
+
+    def write(data):
+        """
+        Append C{data} (bytes; CRLF or LF line ends) to the message.
+
+        @raise TemporaryFailure: the disk refused it.
+        """
+
+    def commit():
+        """
+        Make the message durable everywhere it goes (file and directory
+        fsync).  Nothing may be acknowledged before this fires.
+
+        @return: a L{Deferred} firing with L{None} once durable, or failing
+            with L{TemporaryFailure}.
+        """
+
+    def abort():
+        """
+        Discard the message; nothing of it remains.  Idempotent.
+        """
+
+
+class IMaildropStore(Interface):
+    """
+    The users' maildrops.
+    """
+
+    def openMaildrop(address):
+        """
+        Lock C{address}'s maildrop exclusively and take its snapshot.
+
+        @return: a L{Deferred} firing with an L{IMaildrop}.
+        @raise MaildropLocked: (as the Deferred's failure) another session
+            holds it.
+        @raise TemporaryFailure: (likewise) I/O trouble.
+        """
+
+    def beginDelivery(recipients, trace=b""):
+        """
+        Start delivering one message to the maildrops of C{recipients}
+        (a sequence of user L{Address}es).
+
+        @param trace: bytes prepended to the stored message (a C{Received:}
+            header, CRLF or LF line ends), or C{b""}.
+        @return: an L{IDelivery}.
+        @raise TemporaryFailure: the maildrop cannot be written.
+        """
+
+
+# --- Outbound -----------------------------------------------------------
+
+
+class IOutboundQueue(Interface):
+    """
+    Durable queue of mail for non-local recipients.
+    """
+
+    def beginDelivery(sender, recipients, trace=b""):
+        """
+        Start queueing one message.
+
+        @param sender: the envelope sender L{Address}, or L{None} for the
+            null reverse path (bounces).
+        @param recipients: a sequence of remote L{Address}es.
+        @return: an L{IDelivery}; its C{commit} fires once the entry is
+            durable in the queue (it is then relayed in the background).
+        """
+
+
+class IMailRouter(Interface):
+    """
+    Sends each recipient to a local maildrop or the outbound queue.
+    """
+
+    def isLocalDomain(domain):
+        """
+        @return: whether mail for C{domain} (lower-case text) is delivered
+            locally.
+        """
+
+    def checkRecipient(address):
+        """
+        @return: the L{Address} of the local user who receives mail for
+            C{address}, or C{address} itself if it is remote.
+        @raise UnknownUser: C{address} is in a local domain but no user or
+            alias has it.
+        """
+
+    def beginDelivery(sender, recipients, trace=b""):
+        """
+        Start delivering one message to C{recipients} (as returned by
+        L{checkRecipient}): local ones into maildrops, the rest into the
+        outbound queue.
+
+        @return: an L{IDelivery} whose C{commit} fires only once the message
+            is durable in every maildrop and in the queue.
+        """
+
+
+# --- Avatars (handed out by the realm) -------------------------------------
+
+
+class IPOP3Avatar(Interface):
+    """
+    A logged-in POP3 user.
+    """
+
+    address = Attribute("The user's L{Address}.")
+
+    def openMaildrop():
+        """
+        @return: a L{Deferred} firing with the user's L{IMaildrop} (see
+            L{IMaildropStore.openMaildrop} for failures).
+        """
+
+
+class ISubmissionAvatar(Interface):
+    """
+    A user authenticated on the submission listener.
+    """
+
+    address = Attribute("The user's L{Address}.")
+
+    def mayUseSender(address):
+        """
+        @return: whether this user may send as C{address} (envelope
+            C{MAIL FROM} or header C{From:}).
+        """
+
+    def checkRecipient(address):
+        """
+        See L{IMailRouter.checkRecipient}.
+        """
+
+    def beginDelivery(sender, recipients, trace=b""):
+        """
+        See L{IMailRouter.beginDelivery}.
+        """

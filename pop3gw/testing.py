@@ -1,0 +1,292 @@
+# -*- test-case-name: tests.test_testing -*-
+"""
+In-memory fakes of pop3gw's interfaces, for tests.
+
+Each fake is checked against its interface with C{verifyObject} in
+L{tests.test_testing}, and the contract-test mixins run over both a fake and
+the real implementation.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Iterable, Optional, Sequence
+
+import attr
+from twisted.internet import defer
+from zope.interface import implementer
+
+from pop3gw.address import Address
+from pop3gw.interfaces import (
+    IDelivery,
+    IMaildrop,
+    IMaildropStore,
+    IMailRouter,
+    IMessageInfo,
+    IOutboundQueue,
+    IPOP3Avatar,
+    ISubmissionAvatar,
+    IUserDatabase,
+    MaildropLocked,
+    TemporaryFailure,
+    UnknownUser,
+    UserExists,
+)
+
+
+@implementer(IUserDatabase)
+class FakeUserDatabase:
+    """
+    Users in a dict: address -> stored hash; aliases: alias -> user.
+    """
+
+    def __init__(self, users: Optional[dict] = None, aliases: Optional[dict] = None):
+        self.users: dict[Address, str] = dict(users or {})
+        self.aliases: dict[Address, Address] = dict(aliases or {})
+        self.reloads = 0
+
+    def passwordHash(self, address: Address) -> Optional[str]:
+        return self.users.get(address)
+
+    def exists(self, address: Address) -> bool:
+        return address in self.users
+
+    def resolve(self, address: Address) -> Optional[Address]:
+        if address in self.users:
+            return address
+        return self.aliases.get(address)
+
+    def owns(self, user: Address, address: Address) -> bool:
+        return address == user or self.aliases.get(address) == user
+
+    def addresses(self) -> list:
+        return sorted(self.users)
+
+    def setPassword(self, address: Address, hashed: str, create: bool) -> None:
+        if create and address in self.users:
+            raise UserExists(str(address))
+        if not create and address not in self.users:
+            raise UnknownUser(str(address))
+        self.users[address] = hashed
+
+    def remove(self, address: Address) -> None:
+        if address not in self.users:
+            raise UnknownUser(str(address))
+        del self.users[address]
+
+    def reload(self) -> None:
+        self.reloads += 1
+
+
+@implementer(IMessageInfo)
+@attr.s(auto_attribs=True, frozen=True)
+class FakeMessageInfo:
+    size: int
+    uid: str
+
+
+def wireForm(data: bytes) -> bytes:
+    """
+    C{data} with every line end (CRLF, LF or CR) made CRLF, and a final CRLF
+    added if missing: the form in which a maildrop serves a message.
+    """
+    out = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if out and not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out
+
+
+@implementer(IMaildrop)
+class FakeMaildrop:
+    """
+    A snapshot of a L{FakeMaildropStore} mailbox.
+    """
+
+    def __init__(self, store: "FakeMaildropStore", address: Address):
+        self._store = store
+        self._address = address
+        self._entries = list(store.boxes.get(address, []))
+        self.messages = [FakeMessageInfo(len(wireForm(d)), u) for u, d in self._entries]
+        self.released = False
+        self.committed: Optional[set] = None
+
+    def openMessage(self, index: int):
+        uid, data = self._entries[index]
+        if uid in self._store.vanished:
+            raise TemporaryFailure("message vanished")
+        return io.BytesIO(wireForm(data))
+
+    def commit(self, deleted: Iterable[int]):
+        self.committed = set(deleted)
+        gone = {self._entries[i][0] for i in self.committed}
+        box = self._store.boxes.get(self._address, [])
+        self._store.boxes[self._address] = [e for e in box if e[0] not in gone]
+        self.release()
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._store.locked.discard(self._address)
+
+
+@implementer(IDelivery)
+class FakeDelivery:
+    """
+    Collects written bytes; on commit calls C{onCommit(data)}.
+    """
+
+    def __init__(self, onCommit, failCommit: bool = False):
+        self._onCommit = onCommit
+        self._failCommit = failCommit
+        self.data = b""
+        self.state = "open"
+
+    def write(self, data: bytes) -> None:
+        assert self.state == "open", self.state
+        self.data += data
+
+    def commit(self):
+        assert self.state == "open", self.state
+        if self._failCommit:
+            self.state = "aborted"
+            return defer.fail(TemporaryFailure("disk full"))
+        self.state = "committed"
+        self._onCommit(self.data)
+        return defer.succeed(None)
+
+    def abort(self) -> None:
+        if self.state == "open":
+            self.state = "aborted"
+
+
+@implementer(IMaildropStore)
+class FakeMaildropStore:
+    """
+    Maildrops in a dict: address -> list of (uid, bytes).
+    """
+
+    def __init__(self):
+        self.boxes: dict[Address, list] = {}
+        self.locked: set = set()
+        self.vanished: set = set()
+        self.failCommit = False
+        self._counter = 0
+        self.deliveries: list = []
+
+    def add(self, address: Address, data: bytes, uid: Optional[str] = None) -> str:
+        self._counter += 1
+        uid = uid or f"uid{self._counter}"
+        self.boxes.setdefault(address, []).append((uid, data))
+        return uid
+
+    def openMaildrop(self, address: Address):
+        if address in self.locked:
+            return defer.fail(MaildropLocked(str(address)))
+        self.locked.add(address)
+        return defer.succeed(FakeMaildrop(self, address))
+
+    def beginDelivery(self, recipients: Sequence[Address], trace: bytes = b""):
+        def onCommit(data: bytes) -> None:
+            for r in recipients:
+                self.add(r, trace + data)
+
+        d = FakeDelivery(onCommit, self.failCommit)
+        self.deliveries.append(d)
+        return d
+
+
+@implementer(IOutboundQueue)
+class FakeOutboundQueue:
+    """
+    Entries in a list of (sender, recipients, bytes).
+    """
+
+    def __init__(self):
+        self.entries: list = []
+        self.failCommit = False
+
+    def beginDelivery(self, sender, recipients, trace: bytes = b""):
+        def onCommit(data: bytes) -> None:
+            self.entries.append((sender, list(recipients), trace + data))
+
+        return FakeDelivery(onCommit, self.failCommit)
+
+
+@implementer(IMailRouter)
+class FakeRouter:
+    """
+    Local domains and users from a L{FakeUserDatabase}; local mail to a
+    L{FakeMaildropStore}, the rest to a L{FakeOutboundQueue}.
+    """
+
+    def __init__(self, domains=("example.org",), users=None, store=None, queue=None):
+        self.domains = set(domains)
+        self.users = users if users is not None else FakeUserDatabase()
+        self.store = store if store is not None else FakeMaildropStore()
+        self.queue = queue if queue is not None else FakeOutboundQueue()
+
+    def isLocalDomain(self, domain: str) -> bool:
+        return domain in self.domains
+
+    def checkRecipient(self, address: Address) -> Address:
+        if not self.isLocalDomain(address.domain):
+            return address
+        user = self.users.resolve(address)
+        if user is None:
+            raise UnknownUser(str(address))
+        return user
+
+    def beginDelivery(self, sender, recipients, trace: bytes = b""):
+        local = [r for r in recipients if self.isLocalDomain(r.domain)]
+        remote = [r for r in recipients if not self.isLocalDomain(r.domain)]
+        parts = []
+        if local:
+            parts.append(self.store.beginDelivery(local, trace))
+        if remote:
+            parts.append(self.queue.beginDelivery(sender, remote, trace))
+        return _FanOut(parts)
+
+
+@implementer(IDelivery)
+class _FanOut:
+    def __init__(self, parts):
+        self.parts = parts
+
+    def write(self, data: bytes) -> None:
+        for p in self.parts:
+            p.write(data)
+
+    def commit(self):
+        return defer.gatherResults([p.commit() for p in self.parts], consumeErrors=True).addCallbacks(
+            lambda _: None, lambda f: f.value.subFailure
+        )
+
+    def abort(self) -> None:
+        for p in self.parts:
+            p.abort()
+
+
+@implementer(IPOP3Avatar)
+@attr.s(auto_attribs=True)
+class FakePOP3Avatar:
+    address: Address
+    store: FakeMaildropStore
+
+    def openMaildrop(self):
+        return self.store.openMaildrop(self.address)
+
+
+@implementer(ISubmissionAvatar)
+@attr.s(auto_attribs=True)
+class FakeSubmissionAvatar:
+    address: Address
+    router: FakeRouter
+
+    def mayUseSender(self, address: Address) -> bool:
+        return self.router.users.owns(self.address, address)
+
+    def checkRecipient(self, address: Address) -> Address:
+        return self.router.checkRecipient(address)
+
+    def beginDelivery(self, sender, recipients, trace: bytes = b""):
+        return self.router.beginDelivery(sender, recipients, trace)
