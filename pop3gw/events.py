@@ -1,0 +1,84 @@
+# -*- test-case-name: tests.test_events -*-
+"""
+The log lines operators and fail2ban read.
+
+Every listener logs logins, failed logins and logouts through these
+functions, so there is one format to match.  The fail2ban filter in
+C{etc/fail2ban/filter.d/pop3gw.conf} matches L{loginFailed}'s line::
+
+    authentication failed: service=pop3 rhost=192.0.2.7 user="alice@example.org"
+
+Text that came from the network (user names) is quoted and escaped, so it can
+never forge a second log line or a C{rhost=} field.  Passwords are never
+passed here.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+MAX_LOGGED_USER = 100
+
+
+def sanitize(text: str | bytes | None) -> str:
+    """
+    C{text} as a double-quoted, printable, length-limited string for a log
+    line: non-printable characters, quotes and backslashes are escaped.
+    """
+    if text is None:
+        return '""'
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = text[:MAX_LOGGED_USER]
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c.isprintable() and c != " ":
+            out.append(c)
+        else:
+            out.append("\\x%02x" % ord(c) if ord(c) < 256 else "\\u%04x" % ord(c))
+    return '"' + "".join(out) + '"'
+
+
+def loginSucceeded(log: Logger, service: str, user: str, peer: str, tls: bool) -> None:
+    """
+    Log a successful login.
+    """
+    log.info(
+        "login: service={service} rhost={peer} user={user} tls={tls}",
+        service=service,
+        peer=peer,
+        user=sanitize(user),
+        tls="yes" if tls else "no",
+    )
+
+
+def loginFailed(log: Logger, service: str, user: str | bytes | None, peer: str, reason: str = "bad credentials") -> None:
+    """
+    Log a failed login in the fixed format fail2ban matches.
+
+    @param reason: a fixed phrase chosen by the server (never client text).
+    """
+    log.warn(
+        "authentication failed: service={service} rhost={peer} user={user} reason={reason}",
+        service=service,
+        peer=peer,
+        user=sanitize(user),
+        reason=sanitize(reason),
+    )
+
+
+def loggedOut(log: Logger, service: str, user: str, peer: str, **stats: int) -> None:
+    """
+    Log the end of an authenticated session with its counters, e.g.
+    C{retrieved=3 deleted=2 bytes=10240}.
+    """
+    fields = " ".join(f"{k}={int(v)}" for k, v in sorted(stats.items()))
+    log.info(
+        "logout: service={service} rhost={peer} user={user} {fields}",
+        service=service,
+        peer=peer,
+        user=sanitize(user),
+        fields=fields,
+    )
