@@ -1,0 +1,335 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Configuration: L{Options} (the C{twistd pop3gw} command line) merged with
+the INI file given by C{--config} into one frozen L{Config}.
+
+Precedence, lowest first: built-in defaults, the INI file, the command line.
+An endpoint option given at least once replaces that listener's default
+list; the value C{none} disables the listener.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import socket
+from typing import Optional
+
+import attr
+from twisted.python import usage
+
+from pop3gw.address import AddressError, parseDomain
+
+DEFAULT_DATA_DIR = "pop3gw-data"
+DEFAULT_MAX_MESSAGE_SIZE = 40 * 1024 * 1024
+PLAINTEXT_MODES = ("never", "loopback", "always")
+
+# Listener name -> default endpoint descriptions.
+LISTENERS = {
+    "pop3": ("tcp:1110:interface=127.0.0.1",),
+    "pop3s": (),
+    "submission": ("tcp:1587:interface=127.0.0.1",),
+    "submissions": (),
+    "mx": (),
+    "lmtp": (),
+}
+
+# [limits] keys: name -> (default, type)
+LIMITS = {
+    "failure-delay": (2.0, float),
+    "pop3-idle-timeout": (600.0, float),
+    "smtp-idle-timeout": (300.0, float),
+    "max-recipients": (100, int),
+    "max-connections": (1000, int),
+    "max-connections-per-ip": (20, int),
+    "queue-lifetime": (5 * 86400.0, float),
+    "hash-threads": (2, int),
+}
+
+
+class ConfigError(Exception):
+    """
+    The configuration is invalid; the text is one line for the operator.
+    """
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Config:
+    """
+    The complete, validated configuration.
+    """
+
+    dataDir: str
+    domains: tuple
+    listeners: dict  # name -> tuple of endpoint descriptions
+    tlsCert: Optional[str]
+    tlsKey: Optional[str]
+    relayHost: Optional[str]
+    relayPort: int
+    relayUsername: Optional[str]
+    relayPasswordFile: Optional[str]
+    relayVerifyTLS: bool
+    plaintextAuth: str
+    maxMessageSize: int
+    hostname: str
+    checkHeaderFrom: bool
+    limits: dict
+
+    @property
+    def mailDir(self) -> str:
+        return os.path.join(self.dataDir, "mail")
+
+    @property
+    def queueDir(self) -> str:
+        return os.path.join(self.dataDir, "queue")
+
+    @property
+    def usersPath(self) -> str:
+        return os.path.join(self.dataDir, "users")
+
+    @property
+    def aliasesPath(self) -> str:
+        return os.path.join(self.dataDir, "aliases")
+
+
+def _splitList(value: str) -> list:
+    return [v.strip() for v in value.replace(",", "\n").splitlines() if v.strip()]
+
+
+def _bool(value: str, key: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "yes", "true", "on"):
+        return True
+    if v in ("0", "no", "false", "off"):
+        return False
+    raise ConfigError(f"{key}: expected yes or no, got {value!r}")
+
+
+def parseRelayHost(value: str) -> tuple:
+    """
+    Split C{HOST[:PORT]} (C{[v6]:PORT} for IPv6 literals); the default port
+    is 25.
+    """
+    value = value.strip()
+    host, port = value, 25
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ConfigError(f"relay-host: bad value {value!r}")
+        host, rest = value[1:end], value[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"relay-host: bad value {value!r}")
+            port = rest[1:]
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise ConfigError(f"relay-host: bad port in {value!r}") from None
+    if not host or not 0 < port < 65536:
+        raise ConfigError(f"relay-host: bad value {value!r}")
+    return host, port
+
+
+def readINI(path: str) -> dict:
+    """
+    Read the INI file into C{{section: {key: value}}}.
+
+    @raise ConfigError: unreadable or malformed file.
+    """
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, configparser.Error, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    known = {"pop3gw", "limits", "relay", "submission"}
+    for section in parser.sections():
+        if section not in known:
+            raise ConfigError(f"{path}: unknown section [{section}]")
+    return {s: dict(parser.items(s)) for s in parser.sections()}
+
+
+_SCALAR_KEYS = {
+    "data-dir",
+    "tls-cert",
+    "tls-key",
+    "relay-host",
+    "plaintext-auth",
+    "max-message-size",
+    "hostname",
+}
+_LIST_KEYS = {"domain"} | set(LISTENERS)
+
+
+def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
+    """
+    Merge defaults, the INI file and the command-line values C{cli}
+    (key -> str for scalars, key -> list for repeatable options; keys are
+    the long option names) into a L{Config}.
+
+    @raise ConfigError: anything invalid, as one line.
+    """
+    ini = readINI(configFile) if configFile else {}
+    main = dict(ini.get("pop3gw", {}))
+    for key in main:
+        if key not in _SCALAR_KEYS | _LIST_KEYS and key != "config":
+            raise ConfigError(f"unknown key {key!r} in [pop3gw]")
+    merged: dict = {}
+    for key in _SCALAR_KEYS:
+        if key in cli:
+            merged[key] = cli[key]
+        elif key in main:
+            merged[key] = main[key]
+    for key in _LIST_KEYS:
+        if cli.get(key):
+            merged[key] = list(cli[key])
+        elif key in main:
+            merged[key] = _splitList(main[key])
+
+    dataDir = os.path.abspath(merged.get("data-dir", DEFAULT_DATA_DIR))
+
+    domains = []
+    for d in merged.get("domain", []):
+        try:
+            domains.append(parseDomain(d))
+        except AddressError:
+            raise ConfigError(f"domain: {d!r} is not a domain name") from None
+
+    listeners = {}
+    for name, default in LISTENERS.items():
+        values = merged.get(name)
+        if values is None:
+            values = list(default)
+        values = [v for v in values if v.lower() != "none"]
+        listeners[name] = tuple(values)
+
+    for name in ("mx", "lmtp"):
+        if listeners[name]:
+            raise ConfigError(f"--{name} is not available in this version of pop3gw")
+
+    mode = merged.get("plaintext-auth", "loopback").strip().lower()
+    if mode not in PLAINTEXT_MODES:
+        raise ConfigError(f"plaintext-auth: must be one of never, loopback, always (got {mode!r})")
+
+    try:
+        maxSize = int(merged.get("max-message-size", DEFAULT_MAX_MESSAGE_SIZE))
+    except ValueError:
+        raise ConfigError("max-message-size: not a number") from None
+    if maxSize < 1024:
+        raise ConfigError("max-message-size: must be at least 1024")
+
+    cert, key = merged.get("tls-cert"), merged.get("tls-key")
+    if bool(cert) != bool(key):
+        raise ConfigError("tls-cert and tls-key must be given together")
+
+    relay = ini.get("relay", {})
+    relayHost, relayPort = None, 25
+    if merged.get("relay-host"):
+        relayHost, relayPort = parseRelayHost(merged["relay-host"])
+    passwordFile = relay.get("password-file")
+    if "password" in relay:
+        raise ConfigError("[relay] password: keep the relay password in a 0600 file named by password-file")
+
+    limits = {}
+    section = ini.get("limits", {})
+    for name in section:
+        if name not in LIMITS:
+            raise ConfigError(f"unknown key {name!r} in [limits]")
+    for name, (default, kind) in LIMITS.items():
+        raw = section.get(name)
+        try:
+            limits[name] = kind(raw) if raw is not None else default
+        except ValueError:
+            raise ConfigError(f"[limits] {name}: not a number") from None
+        if limits[name] < 0:
+            raise ConfigError(f"[limits] {name}: must not be negative")
+
+    submission = ini.get("submission", {})
+    checkFrom = _bool(submission.get("check-header-from", "yes"), "check-header-from")
+
+    return Config(
+        dataDir=dataDir,
+        domains=tuple(domains),
+        listeners=listeners,
+        tlsCert=os.path.abspath(cert) if cert else None,
+        tlsKey=os.path.abspath(key) if key else None,
+        relayHost=relayHost,
+        relayPort=relayPort,
+        relayUsername=relay.get("username") or None,
+        relayPasswordFile=passwordFile,
+        relayVerifyTLS=_bool(relay.get("verify-tls", "yes"), "verify-tls"),
+        plaintextAuth=mode,
+        maxMessageSize=maxSize,
+        hostname=merged.get("hostname") or socket.getfqdn(),
+        checkHeaderFrom=checkFrom,
+        limits=limits,
+    )
+
+
+class Options(usage.Options):
+    """
+    C{twistd pop3gw} options.  After parsing, C{self.config} is the merged
+    L{Config}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "POP3 maildrop server and SMTP submission gateway. "
+        "Endpoint options are Twisted strports descriptions and may be repeated; "
+        "'none' disables a listener."
+    )
+    optParameters = [
+        ["config", None, None, "INI file (see etc/pop3gw.ini); command-line options override it"],
+        ["data-dir", None, None, f"all state lives here (default: ./{DEFAULT_DATA_DIR})"],
+        ["tls-cert", None, None, "PEM certificate chain for STLS, STARTTLS and implicit TLS"],
+        ["tls-key", None, None, "PEM private key for --tls-cert"],
+        ["relay-host", None, None, "smarthost HOST[:PORT] for non-local mail (default: the domains' MX hosts)"],
+        ["plaintext-auth", None, None, "never|loopback|always: where passwords may be sent without TLS (default loopback)"],
+        ["max-message-size", None, None, f"largest message accepted, in octets (default {DEFAULT_MAX_MESSAGE_SIZE})"],
+        ["hostname", None, None, "name used in greetings and trace headers (default: this host's FQDN)"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lists: dict = {}
+
+    def _append(self, key: str, value: str) -> None:
+        self._lists.setdefault(key, []).append(value)
+
+    def opt_domain(self, value: str) -> None:
+        """a local domain; mail for it is delivered locally (repeatable)"""
+        self._append("domain", value)
+
+    def opt_pop3(self, value: str) -> None:
+        """POP3 listener endpoint (repeatable; default tcp:1110:interface=127.0.0.1)"""
+        self._append("pop3", value)
+
+    def opt_pop3s(self, value: str) -> None:
+        """POP3 over implicit TLS endpoint, e.g. tcp:995 (repeatable)"""
+        self._append("pop3s", value)
+
+    def opt_submission(self, value: str) -> None:
+        """SMTP submission endpoint (repeatable; default tcp:1587:interface=127.0.0.1)"""
+        self._append("submission", value)
+
+    def opt_submissions(self, value: str) -> None:
+        """submission over implicit TLS endpoint, e.g. tcp:465 (repeatable)"""
+        self._append("submissions", value)
+
+    def opt_mx(self, value: str) -> None:
+        """inbound SMTP endpoint for local domains (repeatable; off by default)"""
+        self._append("mx", value)
+
+    def opt_lmtp(self, value: str) -> None:
+        """LMTP endpoint (repeatable; off by default)"""
+        self._append("lmtp", value)
+
+    def postOptions(self) -> None:
+        cli = {k: v for k, v in self.items() if v is not None and k != "config"}
+        cli.update(self._lists)
+        try:
+            self.config = buildConfig(cli, self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None

@@ -1,0 +1,287 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+C{twistd pop3gw}: builds every piece from a L{Config} into one
+L{MultiService}.  This is the only module that builds endpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+from typing import Optional
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
+
+from pop3gw.address import Address
+from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
+from pop3gw.config import Config, ConfigError, Options
+from pop3gw.limits import ConnectionLimitFactory
+from pop3gw.maildir import MaildirStore
+from pop3gw.pop3 import POP3Factory
+from pop3gw.queue import OutboundQueue, RelayService
+from pop3gw.router import Router
+from pop3gw.smtp import SubmissionFactory
+from pop3gw.tls import CertificateManager, TLSConfigError, clientContextFactory, opportunisticClientContextFactory
+from pop3gw.users import UsersFile
+
+__all__ = ["Options", "makeService"]
+
+log = Logger(namespace="pop3gw")
+
+# How often the TLS files are checked for a renewal (a stat() each).
+TLS_CHECK_INTERVAL = 30.0
+# Threads for fsync/link work of deliveries (blocking disk I/O).
+IO_THREADS = 8
+
+POP3_REFUSAL = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+SMTP_REFUSAL = b"421 4.7.0 Too many connections, try again later\r\n"
+
+
+class ThreadPoolService(Service):
+    """
+    Starts and stops a L{ThreadPool} with the application.
+    """
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
+class ListenerService(StreamServerEndpointService):
+    """
+    A listener that fails start-up when it cannot bind and logs where it
+    listens.
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(self, reactor, name: str, description: str, factory) -> None:
+        super().__init__(serverFromString(reactor, description), factory)
+        self.name = f"{name}:{description}"
+        self.listenerName = name
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._logListening)
+
+    def _logListening(self, port):
+        host = port.getHost()
+        where = f"{host.host}:{host.port}" if hasattr(host, "port") else getattr(host, "name", str(host))
+        log.info("{listener} listening on {where} ({description})", listener=self.listenerName, where=where, description=self.description)
+        return port
+
+
+class ReloadService(Service):
+    """
+    Reloads the users file and the TLS certificate on SIGHUP (without
+    dropping sessions), and checks the TLS files for renewal periodically.
+    """
+
+    def __init__(self, reactor, users, certs) -> None:
+        self.reactor = reactor
+        self.users = users
+        self.certs = certs
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._onSignal)
+        except ValueError:  # not the main thread (tests)
+            self._previous = None
+
+    def stopService(self):
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _onSignal(self, signum, frame) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        log.info("SIGHUP: reloading users and TLS certificate")
+        self.users.reload()
+        if self.certs is not None:
+            self.certs.reload()
+
+
+def _raiseFileLimit() -> None:
+    """
+    Raise the open-files soft limit to the hard limit: every connection
+    costs a descriptor, and the default soft limit (1024) is too low.
+    """
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 65536
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def _readRelayPassword(config: Config) -> Optional[str]:
+    if not config.relayPasswordFile:
+        return None
+    try:
+        st = os.stat(config.relayPasswordFile)
+        if st.st_mode & 0o077:
+            raise ConfigError(f"{config.relayPasswordFile}: relay password file must not be readable by others (chmod 600)")
+        with open(config.relayPasswordFile, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    except OSError as e:
+        raise ConfigError(f"cannot read relay password file: {e.strerror}") from None
+
+
+class LocalDomains:
+    """
+    The local domains: those configured with C{--domain}, plus the domain of
+    every user in the users database (a user's mail is never relayed away).
+    """
+
+    def __init__(self, configured, users) -> None:
+        self.configured = frozenset(configured)
+        self.users = users
+
+    def __contains__(self, domain: str) -> bool:
+        if domain in self.configured:
+            return True
+        return any(a.domain == domain for a in self.users.addresses())
+
+    def __iter__(self):
+        return iter(self.configured | {a.domain for a in self.users.addresses()})
+
+
+def makeService(options, reactor=None) -> MultiService:
+    """
+    Build the pop3gw application from parsed L{Options} (or a L{Config}).
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    config: Config = options.config if isinstance(options, Options) else options
+    try:
+        return _build(config, reactor)
+    except ConfigError as e:
+        # One clear line for the operator, not a traceback.
+        raise SystemExit(f"pop3gw: {e}") from None
+
+
+def _build(config: Config, reactor) -> MultiService:
+    _raiseFileLimit()
+    for path in (config.dataDir, config.mailDir, config.queueDir):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+
+    top = MultiService()
+    hashPool = ThreadPool(minthreads=1, maxthreads=max(1, config.limits["hash-threads"]), name="pop3gw-auth")
+    ioPool = ThreadPool(minthreads=1, maxthreads=IO_THREADS, name="pop3gw-io")
+    ThreadPoolService(hashPool).setServiceParent(top)
+    ThreadPoolService(ioPool).setServiceParent(top)
+
+    users = UsersFile(config.usersPath, config.aliasesPath)
+    store = MaildirStore(config.mailDir, reactor, ioPool, config.hostname)
+    queue = OutboundQueue(config.queueDir, reactor, ioPool)
+    router = Router(LocalDomains(config.domains, users), users, store, queue)
+    checker = PasswordChecker(users, reactor, hashPool, config.limits["failure-delay"])
+    portal = Portal(Realm(users, store, router), [checker])
+    policy = PlaintextAuthPolicy(config.plaintextAuth)
+
+    certs = CertificateManager(config.dataDir, config.tlsCert, config.tlsKey, config.hostname)
+    try:
+        certs.load()
+    except TLSConfigError as e:
+        raise ConfigError(str(e)) from None
+    serverTLS = certs.serverContextFactory()
+
+    limits = config.limits
+    pop3Factory = POP3Factory(
+        portal,
+        policy.allows,
+        reactor,
+        tlsContextFactory=serverTLS,
+        idleTimeout=limits["pop3-idle-timeout"],
+        hostname=config.hostname,
+    )
+    submissionFactory = SubmissionFactory(
+        portal,
+        policy.allows,
+        reactor,
+        config.hostname,
+        maxMessageSize=config.maxMessageSize,
+        tlsContextFactory=serverTLS,
+        maxRecipients=limits["max-recipients"],
+        checkHeaderFrom=config.checkHeaderFrom,
+        idleTimeout=limits["smtp-idle-timeout"],
+    )
+
+    def limited(factory, refusal):
+        return ConnectionLimitFactory(factory, limits["max-connections"], limits["max-connections-per-ip"], refusal)
+
+    plans = [
+        ("pop3", pop3Factory, False, POP3_REFUSAL),
+        ("pop3s", pop3Factory, True, POP3_REFUSAL),
+        ("submission", submissionFactory, False, SMTP_REFUSAL),
+        ("submissions", submissionFactory, True, SMTP_REFUSAL),
+    ]
+    for name, factory, implicitTLS, refusal in plans:
+        for description in config.listeners[name]:
+            wrapped = TLSMemoryBIOFactory(serverTLS, False, factory) if implicitTLS else factory
+            ListenerService(reactor, name, description, limited(wrapped, refusal)).setServiceParent(top)
+
+    def bounceDelivery(sender: Address, data: bytes):
+        user = users.resolve(sender)
+        if user is None:
+            return defer.fail(ConfigError(f"bounce for {sender}: no such local user"))
+        delivery = store.beginDelivery([user])
+        delivery.write(data)
+        return delivery.commit()
+
+    def clientTLS(hostname: str, verify: bool):
+        if verify is None:
+            return opportunisticClientContextFactory(hostname)
+        return clientContextFactory(hostname, verify)
+
+    RelayService(
+        queue,
+        reactor,
+        config.hostname,
+        bounceDelivery,
+        relayHost=config.relayHost,
+        relayPort=config.relayPort,
+        relayUsername=config.relayUsername,
+        relayPassword=_readRelayPassword(config),
+        relayVerifyTLS=config.relayVerifyTLS,
+        clientTLS=clientTLS,
+        lifetime=limits["queue-lifetime"],
+    ).setServiceParent(top)
+
+    ReloadService(reactor, users, certs).setServiceParent(top)
+    TimerService(TLS_CHECK_INTERVAL, certs.reloadIfChanged).setServiceParent(top)
+
+    log.info(
+        "pop3gw data directory {dataDir}; local domains: {domains}; plaintext auth: {policy}",
+        dataDir=config.dataDir,
+        domains=", ".join(config.domains) or "(domains of users)",
+        policy=config.plaintextAuth,
+    )
+    if config.relayHost:
+        log.info("relaying non-local mail through {host}:{port}", host=config.relayHost, port=config.relayPort)
+    else:
+        log.info("relaying non-local mail directly to the recipient domains' MX hosts")
+    return top
