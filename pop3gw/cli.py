@@ -205,9 +205,9 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
             config = buildConfig(cli, args.config)
         except ConfigError as e:
             raise CommandError(str(e), EX_USAGE) from None
-        if args.command != "user" or args.action != "add":
-            if not os.path.isdir(config.dataDir) and args.command != "deliver":
-                raise CommandError(f"data directory {config.dataDir} does not exist", EX_USAGE)
+        if not (args.command == "user" and args.action == "add") and not os.path.isdir(config.dataDir):
+            status = EX_TEMPFAIL if args.command == "deliver" else EX_USAGE
+            raise CommandError(f"data directory {config.dataDir} does not exist", status)
         if args.command == "user":
             os.makedirs(config.dataDir, mode=0o700, exist_ok=True)
             return cmdUser(config, args, stdin, stdout)

@@ -40,7 +40,7 @@ LIMITS = {
     "pop3-idle-timeout": (600.0, float),
     "smtp-idle-timeout": (300.0, float),
     "max-recipients": (100, int),
-    "max-connections": (1000, int),
+    "max-connections": (5000, int),
     "max-connections-per-ip": (20, int),
     "queue-lifetime": (5 * 86400.0, float),
     "hash-threads": (2, int),

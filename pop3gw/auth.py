@@ -1,0 +1,363 @@
+# -*- test-case-name: tests.test_auth -*-
+"""
+Authentication: the credentials checker, the realm and its avatars, and the
+plaintext-authentication policy.
+
+Protocols hand a L{twisted.cred.portal.Portal} built from L{PasswordChecker}
+and L{Realm} the client's user name and password; they never see hashes or
+the users database.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import secrets
+import threading
+from typing import Callable, Optional
+
+import attr
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pop3gw.address import Address, AddressError, isLoopback
+from pop3gw.interfaces import (
+    IMaildropStore,
+    IMailRouter,
+    IPOP3Avatar,
+    ISubmissionAvatar,
+    IUserDatabase,
+    Pop3gwError,
+    TemporaryFailure,
+)
+from pop3gw.users import dummyHash, verifyPassword
+
+#: Seconds from the start of a failed attempt until its failure is
+#: reported (slows down password guessing; fail2ban does the rest).
+FAILURE_DELAY = 2.0
+
+#: How long a verified (address, password) pair is trusted without running
+#: the slow hash again, in seconds.
+CACHE_TTL = 3600.0
+
+#: The most verified pairs kept; the oldest is evicted first.
+CACHE_SIZE = 10000
+
+
+class VerifiedCredentialsCache:
+    """
+    Remembers (address, password) pairs that were verified, like Dovecot's
+    C{auth_cache}, so repeat logins skip the slow hash.
+
+    Entries are keyed by C{HMAC-SHA256(k, address NUL password)} with a
+    random key C{k} made per instance, so the cache never holds a password
+    or anything an attacker could test guesses against offline.  Each entry
+    holds the stored hash it was verified against: it is a hit only while
+    the user's stored hash is still that string (a password change or
+    removal invalidates it) and for at most C{ttl} seconds.  Failures are
+    never cached.  Thread-safe.
+    """
+
+    def __init__(self, ttl: float = CACHE_TTL, maxSize: int = CACHE_SIZE):
+        self._ttl = ttl
+        self._maxSize = maxSize
+        self._hmacKey = secrets.token_bytes(32)
+        self._entries: collections.OrderedDict[bytes, tuple[str, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def key(self, address: Address, password: bytes) -> bytes:
+        """
+        The cache key for C{address} and C{password}.
+        """
+        return hmac.new(self._hmacKey, str(address).encode("utf-8") + b"\0" + password, hashlib.sha256).digest()
+
+    def hit(self, key: bytes, stored: str, now: float) -> bool:
+        """
+        Whether C{key} was verified against C{stored} less than the TTL
+        before C{now}.  A stale or invalidated entry is dropped.
+        """
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            cachedHash, added = entry
+            if hmac.compare_digest(cachedHash.encode("utf-8"), stored.encode("utf-8")) and 0 <= now - added < self._ttl:
+                return True
+            del self._entries[key]
+            return False
+
+    def add(self, key: bytes, stored: str, now: float) -> None:
+        """
+        Record that C{key} verified against C{stored} at C{now}, evicting
+        the oldest entries beyond the size limit.
+        """
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = (stored, now)
+            while len(self._entries) > self._maxSize:
+                self._entries.popitem(last=False)
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker:
+    """
+    Checks L{IUsernamePassword} credentials against an L{IUserDatabase}.
+
+    The login name is normalised once, here, with L{Address.parse}; a name
+    that does not parse is handled exactly like an unknown user.  The user
+    lookup and the slow hash run in C{threadpool}, never on the reactor
+    thread.  An unknown user is checked against L{pop3gw.users.DUMMY_HASH}
+    so it costs as much as a known one.
+
+    A successful login fires at once with the address as text.  A failed
+    one fails with a bare L{UnauthorizedLogin} (never saying which part
+    was wrong) no earlier than C{failureDelay} seconds after the attempt
+    began, using C{reactor.callLater}: other sessions are not held up.
+
+    Verified credentials are cached (see L{VerifiedCredentialsCache}): a
+    repeat login with the same password, while the stored hash is
+    unchanged and for up to L{CACHE_TTL} seconds, skips the slow hash.
+    This is what lets mail clients that poll every minute log in cheaply,
+    as with Dovecot's C{auth_cache}.  Failures are never cached, so the
+    cache does not speed up guessing.
+
+    Passwords never appear in logs or exceptions.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        users: IUserDatabase,
+        reactor,
+        threadpool,
+        failureDelay: float = FAILURE_DELAY,
+        *,
+        verifier: Callable[[str, bytes], bool] = verifyPassword,
+        dummy: Optional[Callable[[], str]] = None,
+        cache: Optional[VerifiedCredentialsCache] = None,
+    ):
+        """
+        @param users: the users database.
+        @param reactor: provides C{IReactorTime} and
+            C{IReactorFromThreads}.
+        @param threadpool: where lookups and hashing run (an object with
+            C{callInThreadWithCallback}, such as a
+            L{twisted.python.threadpool.ThreadPool}).
+        @param failureDelay: seconds from the start of an attempt to its
+            failure.
+        @param verifier: checks a password against a stored hash (for
+            tests).
+        @param dummy: returns the hash unknown users are checked against
+            (for tests); L{pop3gw.users.dummyHash} by default.
+        @param cache: the verified-credentials cache; a new one by default.
+        """
+        self._users = users
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._failureDelay = failureDelay
+        self._verifier = verifier
+        self._dummy = dummy if dummy is not None else dummyHash
+        self.cache = cache if cache is not None else VerifiedCredentialsCache()
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        """
+        Check C{credentials}.
+
+        @return: a L{defer.Deferred} firing with the user's address as
+            text, or failing with L{UnauthorizedLogin} after the failure
+            delay, or with L{TemporaryFailure} if the users database failed.
+        """
+        start = self._reactor.seconds()
+        try:
+            username = _text(credentials.username)
+            password = _text(credentials.password).encode("utf-8")
+        except (UnicodeError, TypeError, AttributeError):
+            return self._delayedFailure(start)
+        try:
+            address: Optional[Address] = Address.parse(username)
+        except AddressError:
+            address = None
+        d = deferToThreadPool(self._reactor, self._threadpool, self._check, address, password, start)
+        d.addCallbacks(self._cbChecked, self._ebServerFault, callbackArgs=(start,))
+        return d
+
+    def _check(self, address: Optional[Address], password: bytes, now: float) -> Optional[str]:
+        """
+        Look up and verify, in a pool thread.
+
+        @return: the avatar ID, or L{None} if the credentials are wrong.
+        """
+        stored = self._users.passwordHash(address) if address is not None else None
+        if stored is None:
+            self._verifier(self._dummy(), password)
+            return None
+        key = self.cache.key(address, password)
+        if self.cache.hit(key, stored, now):
+            return str(address)
+        if self._verifier(stored, password):
+            self.cache.add(key, stored, now)
+            return str(address)
+        return None
+
+    def _cbChecked(self, avatarId: Optional[str], start: float):
+        if avatarId is None:
+            return self._delayedFailure(start)
+        return avatarId
+
+    def _ebServerFault(self, reason: Failure) -> Failure:
+        if reason.check(Pop3gwError):
+            return reason
+        self._log.failure("users database lookup failed", reason)
+        return Failure(TemporaryFailure("users database lookup failed"))
+
+    def _delayedFailure(self, start: float) -> defer.Deferred:
+        """
+        A L{defer.Deferred} failing with L{UnauthorizedLogin}
+        C{failureDelay} seconds after C{start}.
+        """
+        remaining = start + self._failureDelay - self._reactor.seconds()
+        if remaining <= 0:
+            return defer.fail(UnauthorizedLogin())
+
+        def fail() -> None:
+            raise UnauthorizedLogin()
+
+        return task.deferLater(self._reactor, remaining, fail)
+
+
+def _text(value: str | bytes) -> str:
+    """
+    C{value} as text; bytes must be strict UTF-8.
+
+    @raise UnicodeDecodeError: invalid UTF-8.
+    @raise TypeError: neither text nor bytes.
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, str):
+        return value
+    raise TypeError("credentials must be text or bytes")
+
+
+PLAINTEXT_MODES = ("never", "loopback", "always")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class PlaintextAuthPolicy:
+    """
+    When a password may be sent without TLS.
+
+    @ivar mode: C{"never"} (only over TLS), C{"loopback"} (also from
+        127.0.0.0/8 and C{::1}) or C{"always"}.
+    """
+
+    mode: str = attr.ib(validator=attr.validators.in_(PLAINTEXT_MODES))
+
+    def allows(self, secure: bool, peerHost: str) -> bool:
+        """
+        @param secure: whether TLS is active on the connection.
+        @param peerHost: the client's numeric address.
+        @return: whether a plaintext password may be accepted.
+        """
+        if secure or self.mode == "always":
+            return True
+        if self.mode == "loopback":
+            return isLoopback(peerHost)
+        return False
+
+
+@implementer(IPOP3Avatar)
+@attr.s(frozen=True, auto_attribs=True)
+class POP3Avatar:
+    """
+    A logged-in POP3 user.
+    """
+
+    address: Address
+    store: IMaildropStore
+
+    def openMaildrop(self) -> defer.Deferred:
+        """
+        See L{IPOP3Avatar.openMaildrop}.
+        """
+        return self.store.openMaildrop(self.address)
+
+
+@implementer(ISubmissionAvatar)
+@attr.s(frozen=True, auto_attribs=True)
+class SubmissionAvatar:
+    """
+    A user authenticated for submission.
+    """
+
+    address: Address
+    users: IUserDatabase
+    router: IMailRouter
+
+    def mayUseSender(self, address: Address) -> bool:
+        """
+        See L{ISubmissionAvatar.mayUseSender}.
+        """
+        return bool(self.users.owns(self.address, address))
+
+    def checkRecipient(self, address: Address) -> Address:
+        """
+        See L{ISubmissionAvatar.checkRecipient}.
+        """
+        return self.router.checkRecipient(address)
+
+    def beginDelivery(self, sender, recipients, trace: bytes = b""):
+        """
+        See L{ISubmissionAvatar.beginDelivery}.
+        """
+        return self.router.beginDelivery(sender, recipients, trace)
+
+
+def _logout() -> None:
+    """
+    Nothing to undo: the protocols release maildrops themselves.
+    """
+
+
+@implementer(IRealm)
+@attr.s(frozen=True, auto_attribs=True)
+class Realm:
+    """
+    Hands out L{POP3Avatar}s and L{SubmissionAvatar}s for the addresses
+    L{PasswordChecker} returns.
+    """
+
+    users: IUserDatabase
+    store: IMaildropStore
+    router: IMailRouter
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        """
+        See L{IRealm.requestAvatar}.
+
+        @param avatarId: the address as text or UTF-8 bytes.
+        @return: C{(interface, avatar, logout)} for the first supported
+            interface.
+        @raise NotImplementedError: none of C{interfaces} is supported.
+        """
+        address = Address.parse(avatarId)
+        for interface in interfaces:
+            if interface is IPOP3Avatar:
+                return IPOP3Avatar, POP3Avatar(address, self.store), _logout
+            if interface is ISubmissionAvatar:
+                return ISubmissionAvatar, SubmissionAvatar(address, self.users, self.router), _logout
+        raise NotImplementedError("no supported avatar interface")

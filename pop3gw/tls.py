@@ -1,0 +1,820 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+TLS certificates and OpenSSL context factories.
+
+L{CertificateManager} owns the server certificate: either one the operator
+gives (a PEM full chain and its key) or a self-signed one it generates once
+under C{<dataDir>/tls/}.  Its L{CertificateManager.serverContextFactory} is
+one object, passed once to every implicit-TLS listener
+(L{twisted.protocols.tls.TLSMemoryBIOFactory}) and to C{startTLS} for
+STLS/STARTTLS; after L{CertificateManager.reload} new handshakes use the new
+certificate while open sessions keep the old one.
+
+L{clientContextFactory} and L{opportunisticClientContextFactory} are for the
+outbound relay client (a smarthost, or MX delivery).
+
+TLS policy
+==========
+
+Servers (every listener, implicit TLS and STLS/STARTTLS alike):
+
+  - TLS 1.2 and TLS 1.3 only (C{set_min_proto_version(TLS1_2_VERSION)}, plus
+    C{OP_NO_SSLv2}, C{OP_NO_SSLv3}, C{OP_NO_TLSv1}, C{OP_NO_TLSv1_1}).
+  - TLS 1.2 cipher suites: ephemeral ECDH key exchange with AES-GCM or
+    ChaCha20-Poly1305 only (Mozilla "intermediate" without the DHE suites);
+    the server's order is preferred (C{OP_CIPHER_SERVER_PREFERENCE}).
+    TLS 1.3 uses OpenSSL's default TLS 1.3 suites (all AEAD).
+  - ECDH curve chosen automatically by OpenSSL (X25519, P-256, P-384...).
+  - No TLS compression (C{OP_NO_COMPRESSION}, against CRIME) and no
+    renegotiation (C{OP_NO_RENEGOTIATION}).
+  - The whole chain in the certificate file (leaf first, then intermediates)
+    is sent to clients.  No client certificates are requested.
+
+Relay client:
+
+  - TLS 1.2 minimum.
+  - C{clientContextFactory(host)}: the server certificate must chain to the
+    trust root (the system's by default) and match C{host} (checked with
+    C{service_identity}); otherwise the handshake fails.  With
+    C{verify=False} traffic is encrypted but the server is not
+    authenticated.
+  - C{opportunisticClientContextFactory(host)} (RFC 7435, MX delivery):
+    encrypts, tries to verify, never fails because of verification; the
+    outcome is recorded for the log.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+import tempfile
+from typing import Callable, Sequence
+
+import attrs
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
+from twisted.internet import ssl as tssl
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+)
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+# --- Policy constants ------------------------------------------------------
+
+#: TLS 1.2 cipher suites offered by servers: ECDHE + AEAD only.
+SERVER_CIPHERS_TLS12 = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+#: TLS 1.2 cipher suites offered by the relay client: wider than the server
+#: list (other MTAs vary) but still without anything broken.
+CLIENT_CIPHERS_TLS12 = "HIGH:!aNULL:!eNULL:!MD5:!3DES:!RC4:!DSS:!PSK:!SRP:!CAMELLIA"
+
+#: Options set on every context we build.
+_COMMON_OPTIONS = (
+    SSL.OP_NO_SSLv2
+    | SSL.OP_NO_SSLv3
+    | SSL.OP_NO_TLSv1
+    | SSL.OP_NO_TLSv1_1
+    | SSL.OP_NO_COMPRESSION
+    | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+)
+
+#: Options set on server contexts only.
+_SERVER_OPTIONS = (
+    _COMMON_OPTIONS
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | SSL.OP_SINGLE_ECDH_USE
+)
+
+#: Validity of the generated self-signed certificate.
+SELF_SIGNED_VALIDITY = datetime.timedelta(days=3 * 365)
+
+#: A generated certificate this close to its end is replaced at load.
+SELF_SIGNED_RENEW_BEFORE = datetime.timedelta(days=30)
+
+#: Longest common name X.509 allows (RFC 5280 ub-common-name).
+MAX_COMMON_NAME = 64
+
+#: File names of the generated material under C{<dataDir>/tls/}.
+GENERATED_DIR = "tls"
+GENERATED_CERT = "cert.pem"
+GENERATED_KEY = "key.pem"
+
+#: Interval, in seconds, of L{CertificateManager.watch}.
+DEFAULT_WATCH_INTERVAL = 60
+
+
+class TLSConfigError(Exception):
+    """
+    The TLS certificate or key cannot be used.  The text is one line for the
+    operator: which file, and what is wrong with it.
+    """
+
+
+# --- Small helpers ----------------------------------------------------------
+
+
+def formatFingerprint(cert: x509.Certificate) -> str:
+    """
+    @return: the SHA-256 fingerprint of C{cert} as upper-case hex pairs
+        separated by colons (C{"AA:BB:..."}).
+    """
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def _isIPAddress(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _publicKeyBytes(key) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER,
+        serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+
+
+def _notAfter(cert: x509.Certificate) -> datetime.datetime:
+    return cert.not_valid_after_utc
+
+
+def _writeAtomically(path: str, data: bytes, mode: int) -> None:
+    """
+    Write C{data} to C{path}: temporary file in the same directory with
+    C{mode}, fsync, rename over C{path}, fsync the directory.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pem")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dirfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def generateSelfSigned(
+    hostname: str, now: datetime.datetime | None = None
+) -> tuple[bytes, bytes]:
+    """
+    Make a self-signed server certificate for C{hostname}.
+
+    @param hostname: the DNS name; also the common name (cut to 64
+        characters).  The subjectAltName holds it plus 127.0.0.1 and ::1.
+    @param now: the start of validity (defaults to the current time).
+    @return: C{(certPem, keyPem)}; the key is EC P-256 in PKCS#8.
+    """
+    if now is None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    asciiName = hostname.encode("idna").decode("ascii") if not hostname.isascii() else hostname
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, asciiName[:MAX_COMMON_NAME])])
+    altNames: list[x509.GeneralName] = []
+    if _isIPAddress(asciiName):
+        altNames.append(x509.IPAddress(ipaddress.ip_address(asciiName)))
+    else:
+        altNames.append(x509.DNSName(asciiName))
+    for ip in ("127.0.0.1", "::1"):
+        entry = x509.IPAddress(ipaddress.ip_address(ip))
+        if entry not in altNames:
+            altNames.append(entry)
+    publicKey = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(publicKey)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + SELF_SIGNED_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(altNames), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(publicKey), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(publicKey), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    certPem = cert.public_bytes(serialization.Encoding.PEM)
+    keyPem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return certPem, keyPem
+
+
+def _newServerContext() -> SSL.Context:
+    """
+    An empty server context with the L{TLS policy <pop3gw.tls>} applied.
+    """
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(_SERVER_OPTIONS)
+    ctx.set_cipher_list(SERVER_CIPHERS_TLS12.encode("ascii"))
+    ctx.set_session_id(b"pop3gw")
+    return ctx
+
+
+def _newClientContext() -> SSL.Context:
+    """
+    A client context with the relay client policy and no verification set.
+    """
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(_COMMON_OPTIONS)
+    ctx.set_cipher_list(CLIENT_CIPHERS_TLS12.encode("ascii"))
+    return ctx
+
+
+# --- Loaded material --------------------------------------------------------
+
+
+@attrs.frozen
+class _Material:
+    """
+    A loaded certificate chain and key, and the server context built from
+    them.
+
+    @ivar chain: the certificates, leaf first.
+    @ivar context: the server L{SSL.Context} serving them.
+    @ivar signature: C{(mtime_ns, size, inode)} of the certificate and key
+        files as they were when read.
+    """
+
+    chain: tuple[x509.Certificate, ...]
+    context: SSL.Context
+    signature: tuple
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+def _fileSignature(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _readFile(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise TLSConfigError(f"TLS {what} file {path}: no such file") from None
+    except PermissionError:
+        raise TLSConfigError(f"TLS {what} file {path}: permission denied") from None
+    except IsADirectoryError:
+        raise TLSConfigError(f"TLS {what} file {path}: is a directory") from None
+    except OSError as e:
+        raise TLSConfigError(f"TLS {what} file {path}: {e.strerror or e}") from None
+
+
+def loadMaterial(certPath: str, keyPath: str) -> _Material:
+    """
+    Read a PEM chain and key and build a server context from them.
+
+    @raise TLSConfigError: a file is missing, unreadable, not PEM, the key is
+        encrypted or does not match the leaf certificate.
+    """
+    signature = (_fileSignature(certPath), _fileSignature(keyPath))
+    certData = _readFile(certPath, "certificate")
+    keyData = _readFile(keyPath, "key")
+    try:
+        chain = tuple(x509.load_pem_x509_certificates(certData))
+    except ValueError:
+        raise TLSConfigError(
+            f"TLS certificate file {certPath}: no valid PEM certificate found"
+        ) from None
+    try:
+        key = serialization.load_pem_private_key(keyData, password=None)
+    except TypeError:
+        raise TLSConfigError(
+            f"TLS key file {keyPath}: the key is encrypted; give an unencrypted key"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TLSConfigError(f"TLS key file {keyPath}: no valid PEM private key found") from None
+    if _publicKeyBytes(chain[0].public_key()) != _publicKeyBytes(key.public_key()):
+        raise TLSConfigError(
+            f"TLS key file {keyPath} does not match the certificate in {certPath}"
+        )
+    ctx = _newServerContext()
+    try:
+        ctx.use_certificate(chain[0])
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(key)
+        ctx.check_privatekey()
+    except (SSL.Error, TypeError, ValueError) as e:
+        reason = "unusable certificate or key"
+        if isinstance(e, SSL.Error) and e.args and e.args[0]:
+            try:
+                reason = e.args[0][0][2]
+            except (IndexError, TypeError):
+                pass
+        raise TLSConfigError(f"TLS certificate {certPath} / key {keyPath}: {reason}") from None
+    return _Material(chain=chain, context=ctx, signature=signature)
+
+
+# --- Server side -----------------------------------------------------------
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+@attrs.define(eq=False)
+class ServerContextFactory:
+    """
+    The server connection creator of a L{CertificateManager}: one object for
+    the life of the process, always using the manager's current context.
+
+    Twisted (C{startTLS}, L{twisted.protocols.tls.TLSMemoryBIOFactory})
+    calls L{serverConnectionForTLS}; old-style users call L{getContext}.
+    Both look up the current context at each new connection, so a reload
+    affects only new handshakes.
+    """
+
+    _manager: CertificateManager
+
+    def getContext(self) -> SSL.Context:
+        """
+        @return: the current server context.
+        """
+        return self._manager._currentContext()
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """
+        @return: a new server connection using the current context.
+        """
+        return SSL.Connection(self.getContext(), None)
+
+
+@attrs.define(eq=False)
+class CertificateManager:
+    """
+    The server certificate: loading, self-signed generation, reload.
+
+    @ivar dataDir: the data directory; generated material goes to its
+        C{tls/} subdirectory.
+    @ivar certPath: the PEM full chain (leaf first), or L{None} to use a
+        generated self-signed certificate.
+    @ivar keyPath: the PEM key of the leaf, or L{None} (with C{certPath}).
+    @ivar hostname: the name for a generated certificate (default: the FQDN
+        of this host); with operator certificates, a warning is logged when
+        the certificate does not cover it.
+    """
+
+    dataDir: str
+    certPath: str | None = None
+    keyPath: str | None = None
+    hostname: str | None = None
+    _now: Callable[[], datetime.datetime] = attrs.field(
+        default=lambda: datetime.datetime.now(datetime.timezone.utc), kw_only=True
+    )
+    _material: _Material | None = attrs.field(default=None, init=False)
+    _lastSeen: tuple | None = attrs.field(default=None, init=False)
+    _factory: ServerContextFactory | None = attrs.field(default=None, init=False)
+
+    log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        if (self.certPath is None) != (self.keyPath is None):
+            raise TLSConfigError("TLS needs both a certificate file and a key file, or neither")
+
+    # -- paths
+
+    @property
+    def generated(self) -> bool:
+        """
+        L{True} when serving a generated self-signed certificate.
+        """
+        return self.certPath is None
+
+    def _paths(self) -> tuple[str, str]:
+        if self.certPath is not None and self.keyPath is not None:
+            return self.certPath, self.keyPath
+        directory = os.path.join(self.dataDir, GENERATED_DIR)
+        return (
+            os.path.join(directory, GENERATED_CERT),
+            os.path.join(directory, GENERATED_KEY),
+        )
+
+    def _hostname(self) -> str:
+        return self.hostname or socket.getfqdn()
+
+    # -- loading
+
+    def _generate(self, certFile: str, keyFile: str) -> None:
+        directory = os.path.dirname(certFile)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+            certPem, keyPem = generateSelfSigned(self._hostname(), self._now())
+            # Key first: a certificate on disk implies its key is there too.
+            _writeAtomically(keyFile, keyPem, 0o600)
+            _writeAtomically(certFile, certPem, 0o644)
+        except OSError as e:
+            raise TLSConfigError(
+                f"cannot write a self-signed TLS certificate to {directory}: "
+                f"{e.strerror or e}"
+            ) from None
+        self.log.info(
+            "generated a self-signed TLS certificate for {hostname} in {path}",
+            hostname=self._hostname(),
+            path=certFile,
+        )
+
+    def _read(self) -> _Material:
+        certFile, keyFile = self._paths()
+        if self.generated:
+            if not (os.path.exists(certFile) and os.path.exists(keyFile)):
+                self._generate(certFile, keyFile)
+            material = loadMaterial(certFile, keyFile)
+            if _notAfter(material.leaf) - SELF_SIGNED_RENEW_BEFORE <= self._now():
+                self.log.info(
+                    "the self-signed TLS certificate in {path} is expiring; replacing it",
+                    path=certFile,
+                )
+                self._generate(certFile, keyFile)
+                material = loadMaterial(certFile, keyFile)
+            return material
+        material = loadMaterial(certFile, keyFile)
+        self._checkMaterial(material, certFile)
+        return material
+
+    def _checkMaterial(self, material: _Material, certFile: str) -> None:
+        """
+        Warnings (not errors) about an operator certificate.
+        """
+        leaf = material.leaf
+        now = self._now()
+        if leaf.not_valid_after_utc <= now:
+            self.log.warn(
+                "the TLS certificate in {path} expired on {date}",
+                path=certFile,
+                date=leaf.not_valid_after_utc.isoformat(),
+            )
+        elif leaf.not_valid_before_utc > now:
+            self.log.warn(
+                "the TLS certificate in {path} is not valid before {date}",
+                path=certFile,
+                date=leaf.not_valid_before_utc.isoformat(),
+            )
+        if self.hostname:
+            try:
+                if _isIPAddress(self.hostname):
+                    verify_certificate_ip_address(leaf, self.hostname)
+                else:
+                    verify_certificate_hostname(leaf, self.hostname)
+            except (VerificationError, CertificateError, ValueError):
+                self.log.warn(
+                    "the TLS certificate in {path} is not valid for {hostname}",
+                    path=certFile,
+                    hostname=self.hostname,
+                )
+
+    def _install(self, material: _Material) -> None:
+        self._material = material
+        self._lastSeen = material.signature
+        self.log.info(
+            "TLS certificate {path} loaded, SHA-256 fingerprint {fingerprint}",
+            path=self._paths()[0],
+            fingerprint=formatFingerprint(material.leaf),
+        )
+
+    def load(self) -> None:
+        """
+        Load (generating first if needed) the certificate and key.
+
+        @raise TLSConfigError: they cannot be used.
+        """
+        self._install(self._read())
+
+    def reload(self) -> bool:
+        """
+        Read the files again.  On success new handshakes use the new
+        certificate and open sessions are not disturbed; on failure one
+        error is logged and the current certificate stays.
+
+        @return: L{True} if the new certificate is now served.
+        """
+        if self._material is None:
+            try:
+                self.load()
+            except TLSConfigError as e:
+                self.log.error("TLS reload failed: {error}", error=str(e))
+                return False
+            return True
+        certFile, keyFile = self._paths()
+        self._lastSeen = (_fileSignature(certFile), _fileSignature(keyFile))
+        try:
+            material = self._read()
+        except TLSConfigError as e:
+            self.log.error(
+                "TLS reload failed, still serving the certificate {fingerprint}: {error}",
+                fingerprint=self.fingerprint,
+                error=str(e),
+            )
+            return False
+        self._install(material)
+        return True
+
+    def reloadIfChanged(self) -> bool:
+        """
+        Reload if the certificate or key file changed (modification time,
+        size or inode) since it was last read or tried.  A failed attempt is
+        not retried until the files change again.
+
+        @return: L{True} if a new certificate is now served.
+        """
+        certFile, keyFile = self._paths()
+        current = (_fileSignature(certFile), _fileSignature(keyFile))
+        if current == self._lastSeen:
+            return False
+        return self.reload()
+
+    def watch(self, clock: IReactorTime, interval: float = DEFAULT_WATCH_INTERVAL) -> LoopingCall:
+        """
+        Call L{reloadIfChanged} every C{interval} seconds on C{clock}.
+
+        @return: the running L{LoopingCall}; stop it to stop watching.
+        """
+        call = LoopingCall(self.reloadIfChanged)
+        call.clock = clock
+        call.start(interval, now=False)
+        return call
+
+    # -- serving
+
+    def _currentContext(self) -> SSL.Context:
+        if self._material is None:
+            self.load()
+        assert self._material is not None
+        return self._material.context
+
+    def serverContextFactory(self) -> ServerContextFactory:
+        """
+        @return: the server connection creator (always the same object),
+            valid across reloads.  It provides both
+            L{IOpenSSLServerConnectionCreator} and L{IOpenSSLContextFactory}.
+        """
+        if self._factory is None:
+            self._factory = ServerContextFactory(self)
+        return self._factory
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """
+        The leaf certificate being served (loading it if needed).
+        """
+        self._currentContext()
+        assert self._material is not None
+        return self._material.leaf
+
+    @property
+    def chain(self) -> Sequence[x509.Certificate]:
+        """
+        The certificates sent to clients, leaf first.
+        """
+        self._currentContext()
+        assert self._material is not None
+        return self._material.chain
+
+    @property
+    def fingerprint(self) -> str:
+        """
+        The SHA-256 fingerprint of the served leaf certificate, C{"AA:BB:..."}.
+        """
+        return formatFingerprint(self.certificate)
+
+
+# --- Client side -----------------------------------------------------------
+
+
+def _asTrustRoot(trustRoot) -> tssl.IOpenSSLTrustRoot:
+    if trustRoot is None:
+        return tssl.platformTrust()
+    if isinstance(trustRoot, tssl.Certificate):
+        return tssl.trustRootFromCertificates([trustRoot])
+    return trustRoot
+
+
+def clientContextFactory(
+    hostname: str, verify: bool = True, trustRoot=None
+) -> IOpenSSLClientConnectionCreator:
+    """
+    A client connection creator for the relay client to a smarthost.
+
+    @param hostname: the smarthost's name (or IP address): sent as SNI and,
+        with C{verify}, checked against its certificate.
+    @param verify: if L{True}, the handshake fails unless the certificate
+        chains to C{trustRoot} and matches C{hostname}.  If L{False} traffic
+        is encrypted but the server is not authenticated.
+    @param trustRoot: an L{IOpenSSLTrustRoot} or a
+        L{twisted.internet.ssl.Certificate}; default: the platform's.
+    """
+    if verify:
+        return tssl.optionsForClientTLS(
+            hostname,
+            trustRoot=_asTrustRoot(trustRoot),
+            extraCertificateOptions={
+                "raiseMinimumTo": tssl.TLSVersion.TLSv1_2,
+            },
+        )
+    return _UnverifiedClientCreator(hostname=hostname)
+
+
+def _serverName(hostname: str) -> bytes | None:
+    if not hostname or _isIPAddress(hostname):
+        return None
+    try:
+        return hostname.encode("idna")
+    except UnicodeError:
+        return None
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+@attrs.define(eq=False)
+class _UnverifiedClientCreator:
+    """
+    Encrypt, send SNI, verify nothing.
+    """
+
+    hostname: str
+    _context: SSL.Context = attrs.field(factory=_newClientContext, init=False)
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        name = _serverName(self.hostname)
+        if name is not None:
+            connection.set_tlsext_host_name(name)
+        return connection
+
+
+#: A few X509_V_ERR codes, for readable log lines.
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+}
+
+
+@attrs.define
+class VerificationResult:
+    """
+    What an opportunistic TLS handshake learned about the peer.
+
+    @ivar verified: L{None} until the handshake completes; then L{True} if
+        the chain was trusted and the certificate matched the host name,
+        L{False} otherwise.
+    @ivar reason: why it was not verified (for the log), else L{None}.
+    """
+
+    verified: bool | None = None
+    reason: str | None = None
+    _chainErrors: list[str] = attrs.field(factory=list, repr=False)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+@attrs.define(eq=False)
+class OpportunisticClientTLS:
+    """
+    Client connection creator for MX delivery (RFC 7435): encrypts, tries
+    to verify, never fails because of verification.
+
+    Use one instance per connection; after the handshake its C{result}
+    (a L{VerificationResult}) says whether the peer was verified.  (Each
+    new connection made with it starts a fresh C{result}.)
+
+    How: the OpenSSL verify callback always returns true but records any
+    chain error; when the handshake is done, the leaf is checked against
+    the host name with C{service_identity}.
+    """
+
+    hostname: str
+    trustRoot: object = None
+    result: VerificationResult = attrs.field(factory=VerificationResult)
+    _context: SSL.Context | None = attrs.field(default=None, init=False)
+
+    def _getContext(self) -> SSL.Context:
+        if self._context is None:
+            ctx = _newClientContext()
+            _asTrustRoot(self.trustRoot)._addCACertsToContext(ctx)
+            self._context = ctx
+        return self._context
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        result = self.result = VerificationResult()
+        hostname = self.hostname
+
+        def verifyCallback(conn, cert, errno, depth, ok):
+            if not ok:
+                result._chainErrors.append(
+                    "{} (depth {})".format(_VERIFY_ERRORS.get(errno, f"error {errno}"), depth)
+                )
+            return True
+
+        def infoCallback(conn, where, ret):
+            if not where & SSL.SSL_CB_HANDSHAKE_DONE or result.verified is not None:
+                return
+            try:
+                result.verified, result.reason = _judge(conn, hostname, result._chainErrors)
+            except Exception:
+                result.verified, result.reason = False, "cannot check the certificate"
+
+        connection = SSL.Connection(self._getContext(), None)
+        connection.set_verify(SSL.VERIFY_PEER, verifyCallback)
+        connection.set_info_callback(infoCallback)
+        name = _serverName(hostname)
+        if name is not None:
+            connection.set_tlsext_host_name(name)
+        return connection
+
+
+def _judge(conn: SSL.Connection, hostname: str, chainErrors: list[str]) -> tuple[bool, str | None]:
+    if chainErrors:
+        return False, chainErrors[0]
+    cert = conn.get_peer_certificate(as_cryptography=True)
+    if cert is None:
+        return False, "no certificate"
+    try:
+        if _isIPAddress(hostname):
+            verify_certificate_ip_address(cert, hostname)
+        else:
+            verify_certificate_hostname(cert, hostname)
+    except (VerificationError, CertificateError, ValueError):
+        return False, f"certificate does not match {hostname}"
+    return True, None
+
+
+def opportunisticClientContextFactory(hostname: str, trustRoot=None) -> OpportunisticClientTLS:
+    """
+    A client connection creator for opportunistic TLS to an MX host
+    (RFC 7435): the connection is encrypted even if the certificate cannot
+    be verified.  Read C{.result.verified} after the handshake.
+
+    @param hostname: the MX host name: sent as SNI and checked against the
+        certificate.
+    @param trustRoot: as for L{clientContextFactory} (default: the
+        platform's).
+    """
+    return OpportunisticClientTLS(hostname=hostname, trustRoot=trustRoot)

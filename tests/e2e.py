@@ -1,0 +1,165 @@
+"""
+Helpers for end-to-end tests: start the real C{twistd pop3gw} process on
+loopback with a private data directory, and run the C{pop3gw} command.
+
+Every process started is stopped by PID in a cleanup, and the data
+directory is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional
+
+BIN = os.path.dirname(sys.executable)
+START_TIMEOUT = 60.0
+_LISTENING = re.compile(r"(\w+) listening on (\S+):(\d+) ")
+
+
+def twistdCommand() -> list:
+    twistd = os.path.join(BIN, "twistd")
+    if os.path.exists(twistd):
+        return [twistd]
+    return [sys.executable, "-m", "twisted"]
+
+
+def pop3gwCommand() -> list:
+    script = os.path.join(BIN, "pop3gw")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-m", "pop3gw"]
+
+
+def requireProgram(testcase, name: str) -> str:
+    """
+    The path of an installed program; skip the test when it is missing,
+    except under CI (C{CI=true}), where .ci/run installs it and a missing
+    program is a failure.
+    """
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            testcase.fail(f"{name} is not installed (.ci/run should have installed it)")
+        testcase.skipTest(f"{name} is not installed")
+    return path
+
+
+class Pop3gwProcess:
+    """
+    One running C{twistd -n pop3gw}.
+
+    @ivar ports: listener name -> port number, read from the server's log.
+    """
+
+    def __init__(self, testcase, args=(), listeners=("pop3", "submission"), config: Optional[str] = None,
+                 dataDir: Optional[str] = None, failureDelay: float = 0.2) -> None:
+        self.testcase = testcase
+        if dataDir is None:
+            dataDir = tempfile.mkdtemp(prefix="pop3gw-e2e-")
+            testcase.addCleanup(shutil.rmtree, dataDir, True)
+        self.dataDir = dataDir
+        self.listeners = listeners
+        self.args = list(args)
+        if config is None:
+            config = os.path.join(dataDir, "test.ini")
+            with open(config, "w") as f:
+                f.write(f"[limits]\nfailure-delay = {failureDelay}\n")
+        self.config = config
+        self.proc: Optional[subprocess.Popen] = None
+        self.output: list = []
+        self.ports: dict = {}
+        self._portsReady = threading.Event()
+
+    def command(self) -> list:
+        cmd = twistdCommand() + ["-n", "--pidfile=", "--logfile=-", "pop3gw", "--config", self.config,
+                                 "--data-dir", self.dataDir, "--hostname", "mail.example.org"]
+        for name in ("pop3", "pop3s", "submission", "submissions"):
+            if name in self.listeners:
+                cmd += [f"--{name}", "tcp:0:interface=127.0.0.1"]
+            elif name in ("pop3", "submission"):
+                cmd += [f"--{name}", "none"]
+        return cmd + self.args
+
+    def start(self) -> "Pop3gwProcess":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env)
+        self.testcase.addCleanup(self.stop)
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._portsReady.wait(0.1):
+                return self
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise AssertionError("pop3gw did not start:\n" + self.log())
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            self.output.append(line)
+            m = _LISTENING.search(line)
+            if m:
+                self.ports[m.group(1)] = int(m.group(3))
+                if all(n in self.ports for n in self.listeners):
+                    self._portsReady.set()
+
+    def log(self) -> str:
+        return "".join(self.output)
+
+    def waitForLog(self, pattern: str, timeout: float = 10.0) -> str:
+        """
+        Wait until a log line matches C{pattern} (a regex); return it.
+        """
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.output):
+                if rx.search(line):
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no log line matching {pattern!r} in:\n{self.log()}")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def cli(self, *args: str, input: bytes = b"", check: bool = True) -> subprocess.CompletedProcess:
+        """
+        Run C{pop3gw --data-dir DATA ARGS...}.
+        """
+        result = subprocess.run(pop3gwCommand() + ["--data-dir", self.dataDir, *args], input=input,
+                                capture_output=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"pop3gw {' '.join(args)} exited {result.returncode}: {result.stderr!r}")
+        return result
+
+    def addUser(self, address: str, password: str) -> None:
+        self.cli("user", "add", address, input=password.encode() + b"\n")
+
+    def deliver(self, address: str, message: bytes) -> None:
+        self.cli("deliver", address, input=message)
+
+    def maildir(self, address: str) -> str:
+        local, domain = address.split("@")
+        return os.path.join(self.dataDir, "mail", domain, local)
