@@ -1,0 +1,871 @@
+# -*- test-case-name: tests.test_maildir -*-
+"""
+Maildir storage: the users' maildrops.
+
+A user's maildrop is C{<root>/<domain>/<localpart>/} with the standard
+C{cur}, C{new} and C{tmp} directories, plus C{pop3gw.lock}, the file a POP3
+session holds an exclusive C{flock} on.
+
+Stored messages have LF line ends, so other Maildir readers (mutt, Dovecot)
+can use them.  POP3 sees them in wire form: every line end (CRLF, LF or bare
+CR) as CRLF, and a final CRLF if the file lacks one.  Both sizes are kept in
+the file name the Dovecot way, C{<unique>,S=<file size>,W=<wire size>}, so a
+login costs one C{stat} per message, not a read.
+
+Deliveries go C{tmp} -> write -> C{fsync} -> link into each recipient's
+C{new} -> C{fsync} the directories; a message is acknowledged only once it
+survives a power cut.  C{DELE} only marks; L{MaildirMaildrop.commit} (the POP3
+UPDATE state) unlinks.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import io
+import os
+import re
+import secrets
+import socket
+import stat
+import time
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import attr
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pop3gw.address import Address
+from pop3gw.interfaces import (
+    IDelivery,
+    IMaildrop,
+    IMaildropStore,
+    IMessageInfo,
+    MaildropLocked,
+    PermanentFailure,
+    TemporaryFailure,
+)
+
+#: The file in a maildrop a POP3 session holds an exclusive C{flock} on.
+LOCK_NAME = "pop3gw.lock"
+
+#: Mode of the directories this module creates.
+DIRECTORY_MODE = 0o700
+
+#: Mode of the files this module creates.
+FILE_MODE = 0o600
+
+#: Octets read from a message file at a time.
+READ_CHUNK = 64 * 1024
+
+#: Octets a delivery buffers before writing them to its file.
+WRITE_BUFFER = 64 * 1024
+
+#: Longest UIDL value allowed by RFC 1939.
+MAX_UID_LENGTH = 70
+
+#: Hex digits of the SHA-256 digest used as UIDL for unusable unique names.
+UID_DIGEST_LENGTH = 40
+
+#: Hex digits of randomness in a unique name.
+UNIQUE_RANDOM_HEX = 16
+
+_SUBDIRS = ("cur", "new", "tmp")
+_SIZE_FIELD = re.compile(r"([SW])=([0-9]+)")
+_LEADING_INTEGER = re.compile(r"[0-9]+")
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+_log = Logger()
+
+
+# --- Line ends --------------------------------------------------------------
+
+
+class _LFNormalizer:
+    """
+    Streaming conversion of CRLF, bare CR and LF line ends to LF.
+
+    A CR at the end of one chunk is turned into LF at once; an LF at the start
+    of the next chunk is then dropped, so CRLF split across two chunks is one
+    line end.
+    """
+
+    def __init__(self) -> None:
+        self._skipLF = False
+        self._last = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """
+        @return: C{chunk} converted; may be empty.
+        """
+        if not chunk:
+            return b""
+        if self._skipLF and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+            if not chunk:
+                self._skipLF = False
+                return b""
+        self._skipLF = chunk[-1:] == b"\r"
+        out = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        self._last = out[-1:]
+        return out
+
+    def finish(self) -> bytes:
+        """
+        @return: the LF needed to end the data with a line end: C{b"\\n"} if
+            something was fed and it did not end with a line end, else C{b""}.
+        """
+        if self._last and self._last != b"\n":
+            self._last = b"\n"
+            return b"\n"
+        return b""
+
+
+class _WireConverter:
+    """
+    Streaming conversion to wire form (every line end CRLF, final CRLF added
+    if missing), the same result as L{pop3gw.testing.wireForm} on the whole.
+    """
+
+    def __init__(self) -> None:
+        self._normalizer = _LFNormalizer()
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._normalizer.feed(chunk).replace(b"\n", b"\r\n")
+
+    def finish(self) -> bytes:
+        return self._normalizer.finish().replace(b"\n", b"\r\n")
+
+
+class _WireReader(io.RawIOBase):
+    """
+    A raw, read-only stream of a message file in wire form.  Memory stays
+    bounded by a few L{READ_CHUNK}s whatever the message size.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._converter = _WireConverter()
+        self._pending = b""
+        self._offset = 0
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while self._offset >= len(self._pending):
+            if self._eof:
+                return 0
+            chunk = os.read(self._fd, READ_CHUNK)
+            if chunk:
+                self._pending = self._converter.feed(chunk)
+            else:
+                self._pending = self._converter.finish()
+                self._eof = True
+            self._offset = 0
+        n = min(len(view), len(self._pending) - self._offset)
+        view[:n] = self._pending[self._offset : self._offset + n]
+        self._offset += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            finally:
+                super().close()
+
+
+def _measureFile(path: str) -> tuple[int, int]:
+    """
+    Read a message file once.
+
+    @return: its size on disk and its size in wire form.
+    """
+    converter = _WireConverter()
+    fileSize = wireSize = 0
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
+    try:
+        while True:
+            chunk = os.read(fd, READ_CHUNK)
+            if not chunk:
+                break
+            fileSize += len(chunk)
+            wireSize += len(converter.feed(chunk))
+    finally:
+        os.close(fd)
+    return fileSize, wireSize + len(converter.finish())
+
+
+# --- Names ------------------------------------------------------------------
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class _ParsedName:
+    """
+    A Maildir file name taken apart.
+
+    @ivar key: the unique name without C{,S=} and C{,W=} fields or info: the
+        source of the UIDL.
+    @ivar fileSize: the C{S=} value, or L{None}.
+    @ivar wireSize: the C{W=} value, or L{None}.
+    @ivar info: C{":2,<flags>"} (or whatever followed the first C{:}), or
+        C{""}.
+    @ivar renameable: whether the name can be rewritten without changing
+        C{key}.
+    """
+
+    key: str
+    fileSize: Optional[int]
+    wireSize: Optional[int]
+    info: str
+    renameable: bool
+
+
+def parseName(name: str) -> _ParsedName:
+    """
+    Take a Maildir file name apart.
+    """
+    base, colon, info = name.partition(":")
+    parts = base.split(",")
+    kept = [parts[0]]
+    sizes: dict[str, int] = {}
+    for part in parts[1:]:
+        match = _SIZE_FIELD.fullmatch(part)
+        if match is None:
+            kept.append(part)
+        else:
+            sizes[match.group(1)] = int(match.group(2))
+    key = ",".join(kept)
+    renameable = bool(parts[0])
+    if not renameable:
+        key = base
+    return _ParsedName(key, sizes.get("S"), sizes.get("W"), colon + info, renameable)
+
+
+def uidForKey(key: str) -> str:
+    """
+    The UIDL value for a unique name: the name itself if it is 1 to 70
+    characters in 0x21..0x7E, else C{"H"} and a SHA-256 digest prefix.
+    """
+    if 1 <= len(key) <= MAX_UID_LENGTH and all("\x21" <= c <= "\x7e" for c in key):
+        return key
+    digest = hashlib.sha256(os.fsencode(key)).hexdigest()
+    return "H" + digest[:UID_DIGEST_LENGTH]
+
+
+def escapeHostname(hostname: str) -> str:
+    """
+    C{hostname} made safe for a unique name: C{/}, C{:}, C{,}, C{\\} and
+    anything outside 0x21..0x7E become octal escapes (C{/} is C{\\057}, C{:}
+    is C{\\072}, as in Dovecot).
+    """
+    out = []
+    for octet in hostname.encode("utf-8", "surrogateescape"):
+        if octet < 0x21 or octet > 0x7E or octet in b"/:,\\":
+            out.append("\\%03o" % (octet,))
+        else:
+            out.append(chr(octet))
+    return "".join(out) or "localhost"
+
+
+def _sortKey(entry: "_Entry") -> tuple:
+    match = _LEADING_INTEGER.match(entry.key)
+    return (int(match.group()) if match else 0, entry.key, entry.subdir, entry.name)
+
+
+# --- Filesystem helpers -----------------------------------------------------
+
+
+def _fsyncDirectory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlinkQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        _log.warn("Could not remove {path}: {error}", path=path, error=e.strerror)
+
+
+def _closeQuietly(fd: Optional[int]) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _writeAll(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+# --- Maildrops --------------------------------------------------------------
+
+
+@implementer(IMessageInfo)
+@attr.s(auto_attribs=True, frozen=True)
+class MaildirMessageInfo:
+    """
+    One message of a snapshot.
+
+    @ivar size: octets in wire form.
+    @ivar uid: the UIDL value.
+    """
+
+    size: int
+    uid: str
+
+
+@attr.s(auto_attribs=True)
+class _Entry:
+    """
+    Where one snapshotted message is, and its sizes.  C{subdir} and C{name}
+    follow the file if another tool renames it (flags) during the session.
+    """
+
+    subdir: str
+    name: str
+    key: str
+    fileSize: int
+    wireSize: int
+
+
+def _scan(maildir: str) -> dict[str, tuple[str, str, os.stat_result]]:
+    """
+    List the messages of C{new} then C{cur} (in that order, so a message
+    moved from one to the other during the listing is seen at least once).
+
+    @return: key -> (subdir, name, lstat result), regular files only, dot
+        files skipped, first one of a key kept.
+    """
+    found: dict[str, tuple[str, str, os.stat_result]] = {}
+    for subdir in ("new", "cur"):
+        with os.scandir(os.path.join(maildir, subdir)) as it:
+            for dirEntry in it:
+                name = dirEntry.name
+                if name.startswith("."):
+                    continue
+                try:
+                    st = dirEntry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                key = parseName(name).key
+                if key not in found:
+                    found[key] = (subdir, name, st)
+    return found
+
+
+def _snapshot(maildir: str) -> list[_Entry]:
+    """
+    The messages of a locked maildrop, oldest first.  A file whose name lacks
+    trustworthy sizes is read once and renamed to carry them (moving it from
+    C{new} to C{cur} with C{:2,} info).
+    """
+    entries = []
+    for key, (subdir, name, st) in _scan(maildir).items():
+        parsed = parseName(name)
+        if parsed.fileSize == st.st_size and parsed.wireSize is not None:
+            entries.append(_Entry(subdir, name, key, st.st_size, parsed.wireSize))
+            continue
+        try:
+            fileSize, wireSize = _measureFile(os.path.join(maildir, subdir, name))
+        except FileNotFoundError:
+            continue
+        entry = _Entry(subdir, name, key, fileSize, wireSize)
+        entries.append(entry)
+        if parsed.renameable:
+            newName = f"{key},S={fileSize},W={wireSize}{parsed.info or ':2,'}"
+            try:
+                os.rename(
+                    os.path.join(maildir, subdir, name),
+                    os.path.join(maildir, "cur", newName),
+                )
+            except OSError:
+                # Someone else renamed it meanwhile; _relocate finds it.
+                pass
+            else:
+                entry.subdir, entry.name = "cur", newName
+    entries.sort(key=_sortKey)
+    return entries
+
+
+@implementer(IMaildrop)
+class MaildirMaildrop:
+    """
+    One POP3 session's locked snapshot of a maildrop.
+
+    @ivar path: the maildrop directory.
+    @ivar messages: L{MaildirMessageInfo}s, oldest first.
+    """
+
+    def __init__(self, path: str, lockFD: int, entries: list, run: Callable) -> None:
+        self.path = path
+        self._lockFD: Optional[int] = lockFD
+        self._entries = entries
+        self._run = run
+        self._state = "open"
+        self.messages = [MaildirMessageInfo(e.wireSize, uidForKey(e.key)) for e in entries]
+
+    def _entry(self, index: int) -> _Entry:
+        if not 0 <= index < len(self._entries):
+            raise IndexError(index)
+        return self._entries[index]
+
+    def _relocate(self, entry: _Entry) -> bool:
+        """
+        Find C{entry}'s file again after another tool renamed it (flags, or
+        C{new} -> C{cur}).
+
+        @return: whether it still exists.
+        """
+        found = _scan(self.path).get(entry.key)
+        if found is None:
+            return False
+        entry.subdir, entry.name = found[0], found[1]
+        return True
+
+    def _entryPath(self, entry: _Entry) -> str:
+        return os.path.join(self.path, entry.subdir, entry.name)
+
+    def openMessage(self, index: int) -> io.BufferedReader:
+        """
+        @return: a binary file-like object streaming message C{index} in
+            wire form.
+        @raise TemporaryFailure: the file vanished, changed size, or cannot
+            be read, or the maildrop is no longer locked.
+        """
+        entry = self._entry(index)
+        if self._state != "open":
+            raise TemporaryFailure("maildrop is not locked")
+        flags = os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW
+        try:
+            try:
+                fd = os.open(self._entryPath(entry), flags)
+            except FileNotFoundError:
+                if not self._relocate(entry):
+                    raise
+                fd = os.open(self._entryPath(entry), flags)
+        except FileNotFoundError:
+            raise TemporaryFailure("message vanished") from None
+        except OSError as e:
+            raise TemporaryFailure(f"cannot open message: {e.strerror}") from e
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            os.close(fd)
+            raise TemporaryFailure(f"cannot stat message: {e.strerror}") from e
+        if size != entry.fileSize:
+            os.close(fd)
+            raise TemporaryFailure("message changed during the session")
+        return io.BufferedReader(_WireReader(fd), READ_CHUNK)
+
+    def commit(self, deleted: Iterable[int]) -> Optional[defer.Deferred]:
+        """
+        Unlink the messages at indexes C{deleted}, C{fsync} their
+        directories and release the lock.  A file already gone counts as
+        deleted.
+
+        @return: L{None} when run synchronously (no thread pool), else a
+            L{Deferred} firing once done.
+        @raise TemporaryFailure: (or the Deferred fails with it) some could
+            not be removed, or the maildrop was already released; the lock
+            is released anyway.
+        """
+        if self._state != "open":
+            raise TemporaryFailure("maildrop is not locked")
+        try:
+            entries = [self._entry(i) for i in sorted(set(deleted))]
+        except IndexError:
+            self.release()
+            raise
+        self._state = "committing"
+        return self._run(self._doCommit, entries)
+
+    def _doCommit(self, entries: list) -> None:
+        errors = []
+        touched = set()
+        try:
+            for entry in entries:
+                try:
+                    try:
+                        os.unlink(self._entryPath(entry))
+                    except FileNotFoundError:
+                        if not self._relocate(entry):
+                            continue
+                        os.unlink(self._entryPath(entry))
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    errors.append(e)
+                    continue
+                touched.add(entry.subdir)
+            for subdir in sorted(touched):
+                try:
+                    _fsyncDirectory(os.path.join(self.path, subdir))
+                except OSError as e:
+                    errors.append(e)
+        finally:
+            self._unlock()
+        if errors:
+            raise TemporaryFailure(f"could not remove {len(errors)} message(s): {errors[0].strerror}")
+
+    def _unlock(self) -> None:
+        self._state = "released"
+        fd, self._lockFD = self._lockFD, None
+        _closeQuietly(fd)
+
+    def release(self) -> None:
+        """
+        Release the lock without deleting anything.  Idempotent; does
+        nothing while a commit is running (the commit releases).
+        """
+        if self._state == "open":
+            self._unlock()
+
+
+# --- Deliveries -------------------------------------------------------------
+
+
+@implementer(IDelivery)
+class MaildirDelivery:
+    """
+    One message being written into C{tmp} of the first recipient's maildrop,
+    then linked into C{new} of every recipient's.
+    """
+
+    def __init__(self, maildirs: Sequence[str], unique: str, fd: int, run: Callable) -> None:
+        self._maildirs = list(maildirs)
+        self._unique = unique
+        self._tmpPath = os.path.join(self._maildirs[0], "tmp", unique)
+        self._fd: Optional[int] = fd
+        self._run = run
+        self._normalizer = _LFNormalizer()
+        self._buffer = bytearray()
+        self._size = 0
+        self._lines = 0
+        self._state = "open"
+
+    @property
+    def state(self) -> str:
+        """
+        C{"open"}, C{"committing"}, C{"committed"}, C{"aborted"} or
+        C{"failed"}.
+        """
+        return self._state
+
+    def _append(self, data: bytes) -> None:
+        self._buffer += data
+        self._size += len(data)
+        self._lines += data.count(b"\n")
+
+    def _flush(self) -> None:
+        if self._buffer:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            _writeAll(self._fd, data)
+
+    def write(self, data: bytes) -> None:
+        """
+        Append C{data}, line ends made LF.
+
+        @raise TemporaryFailure: the disk refused it (the delivery is then
+            discarded), or the delivery is not open.
+        """
+        if self._state != "open":
+            raise TemporaryFailure("delivery is not open")
+        self._append(self._normalizer.feed(data))
+        if len(self._buffer) >= WRITE_BUFFER:
+            try:
+                self._flush()
+            except OSError as e:
+                self._discard()
+                self._state = "failed"
+                raise TemporaryFailure(f"cannot write message: {e.strerror}") from e
+
+    def commit(self) -> defer.Deferred:
+        """
+        Make the message durable in every recipient's C{new}.
+
+        @return: a L{Deferred} firing with L{None} once durable, or failing
+            with L{TemporaryFailure} (nothing of the message is then left).
+        """
+        if self._state != "open":
+            return defer.fail(TemporaryFailure("delivery is not open"))
+        self._append(self._normalizer.finish())
+        self._state = "committing"
+        d = self._run(self._doCommit)
+        d.addCallbacks(self._cbCommitted, self._ebCommitted)
+        return d
+
+    def _cbCommitted(self, result: None) -> None:
+        self._state = "committed"
+
+    def _ebCommitted(self, failure: Any) -> Any:
+        self._state = "failed"
+        return failure
+
+    def _doCommit(self) -> None:
+        links: list[str] = []
+        copies: list[str] = []
+        name = f"{self._unique},S={self._size},W={self._size + self._lines}"
+        try:
+            self._flush()
+            os.fsync(self._fd)
+            fd, self._fd = self._fd, None
+            os.close(fd)
+            for maildir in self._maildirs:
+                dest = os.path.join(maildir, "new", name)
+                try:
+                    os.link(self._tmpPath, dest)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                    self._copyInto(maildir, dest, copies)
+                links.append(dest)
+            for maildir in self._maildirs:
+                _fsyncDirectory(os.path.join(maildir, "new"))
+        except OSError as e:
+            for path in links:
+                _unlinkQuietly(path)
+            self._discard(copies)
+            raise TemporaryFailure(f"cannot deliver message: {e.strerror}") from e
+        # Durable in every new/ from here on: tmp clean-up is best effort.
+        self._discard(copies)
+
+    def _copyInto(self, maildir: str, dest: str, copies: list) -> None:
+        """
+        Copy the message into C{maildir} (another file system) through its
+        C{tmp}, then link it to C{dest}.
+        """
+        copyPath = os.path.join(maildir, "tmp", self._unique)
+        out = os.open(copyPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW, FILE_MODE)
+        copies.append(copyPath)
+        try:
+            source = os.open(self._tmpPath, os.O_RDONLY | _O_CLOEXEC)
+            try:
+                while True:
+                    chunk = os.read(source, READ_CHUNK)
+                    if not chunk:
+                        break
+                    _writeAll(out, chunk)
+            finally:
+                os.close(source)
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.link(copyPath, dest)
+
+    def _discard(self, copies: Sequence[str] = ()) -> None:
+        """
+        Close and remove the tmp file (and copies of it), best effort.
+        """
+        fd, self._fd = self._fd, None
+        _closeQuietly(fd)
+        self._buffer.clear()
+        tmpDirs = []
+        for path in [self._tmpPath, *copies]:
+            _unlinkQuietly(path)
+            tmpDirs.append(os.path.dirname(path))
+        for directory in tmpDirs:
+            try:
+                _fsyncDirectory(directory)
+            except OSError as e:
+                _log.warn("Could not fsync {directory}: {error}", directory=directory, error=e.strerror)
+
+    def abort(self) -> None:
+        """
+        Discard the message.  Idempotent; does nothing once committing.
+        """
+        if self._state == "open":
+            self._state = "aborted"
+            self._discard()
+
+
+# --- The store --------------------------------------------------------------
+
+
+def _checkComponent(component: str) -> None:
+    if (
+        not component
+        or component in (".", "..")
+        or "/" in component
+        or "\0" in component
+        or (os.altsep is not None and os.altsep in component)
+    ):
+        raise PermanentFailure("address does not map to a safe maildrop path")
+
+
+@implementer(IMaildropStore)
+class MaildirStore:
+    """
+    Maildrops under C{root}: C{<root>/<domain>/<localpart>/}.
+
+    @param root: the directory holding every maildrop (C{DATA/mail}); created
+        if missing.
+    @param reactor: with C{threadpool}, where blocking work (locking and
+        snapshot, commit fsyncs) reports back; without, that work runs
+        synchronously (the CLI).
+    @param threadpool: a started L{twisted.python.threadpool.ThreadPool}, or
+        L{None}.
+    @param hostname: for unique names; defaults to C{socket.gethostname()}.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        reactor: Any = None,
+        threadpool: Any = None,
+        hostname: Optional[str] = None,
+    ) -> None:
+        self.root = os.path.abspath(root)
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._hostname = escapeHostname(hostname if hostname is not None else socket.gethostname())
+        self._counter = 0
+        self._now: Callable[[], float] = time.time
+
+    def _run(self, f: Callable, *args: Any) -> Any:
+        """
+        Run blocking C{f(*args)} in the thread pool if there is one.
+
+        @return: a L{Deferred} with the thread pool; without, C{f}'s result
+            (exceptions propagate).
+        """
+        if self._threadpool is not None and self._reactor is not None:
+            return threads.deferToThreadPool(self._reactor, self._threadpool, f, *args)
+        return f(*args)
+
+    def _runDeferred(self, f: Callable, *args: Any) -> defer.Deferred:
+        if self._threadpool is not None and self._reactor is not None:
+            return self._run(f, *args)
+        try:
+            return defer.succeed(f(*args))
+        except BaseException:
+            return defer.fail()
+
+    def maildirPath(self, address: Address) -> str:
+        """
+        @return: the absolute maildrop directory of C{address}.
+        @raise PermanentFailure: the address would name a path outside
+            C{root} (never for a parsed L{Address}).
+        """
+        _checkComponent(address.domain)
+        _checkComponent(address.localpart)
+        path = os.path.normpath(os.path.join(self.root, address.domain, address.localpart))
+        if os.path.dirname(os.path.dirname(path)) != self.root:
+            raise PermanentFailure("address does not map to a safe maildrop path")
+        return path
+
+    def _ensureMaildir(self, address: Address) -> str:
+        """
+        Create C{address}'s maildrop if missing, durably (each new directory's
+        parent is fsynced).
+
+        @return: its path.
+        """
+        path = self.maildirPath(address)
+        if all(os.path.isdir(os.path.join(path, s)) for s in _SUBDIRS):
+            return path
+        os.makedirs(self.root, DIRECTORY_MODE, exist_ok=True)
+        domainDir = os.path.dirname(path)
+        for directory in [domainDir, path] + [os.path.join(path, s) for s in _SUBDIRS]:
+            try:
+                os.mkdir(directory, DIRECTORY_MODE)
+            except FileExistsError:
+                continue
+            _fsyncDirectory(os.path.dirname(directory))
+        return path
+
+    def _uniqueName(self) -> str:
+        """
+        A new Maildir unique name,
+        C{<secs>.M<usecs>P<pid>Q<counter>R<random hex>.<hostname>}.
+        """
+        self._counter += 1
+        now = self._now()
+        seconds = int(now)
+        micros = int((now - seconds) * 1_000_000)
+        return (
+            f"{seconds}.M{micros:06d}P{os.getpid()}Q{self._counter}"
+            f"R{secrets.token_hex(UNIQUE_RANDOM_HEX // 2)}.{self._hostname}"
+        )
+
+    def _lockAndSnapshot(self, address: Address) -> MaildirMaildrop:
+        try:
+            path = self._ensureMaildir(address)
+            fd = os.open(
+                os.path.join(path, LOCK_NAME),
+                os.O_RDWR | os.O_CREAT | _O_CLOEXEC | _O_NOFOLLOW,
+                FILE_MODE,
+            )
+        except OSError as e:
+            raise TemporaryFailure(f"cannot open maildrop: {e.strerror}") from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MaildropLocked(str(address)) from None
+            entries = _snapshot(path)
+        except OSError as e:
+            os.close(fd)
+            raise TemporaryFailure(f"cannot read maildrop: {e.strerror}") from e
+        except BaseException:
+            os.close(fd)
+            raise
+        return MaildirMaildrop(path, fd, entries, self._run)
+
+    def openMaildrop(self, address: Address) -> defer.Deferred:
+        """
+        Lock C{address}'s maildrop (creating it if missing) and take its
+        snapshot.
+
+        @return: a L{Deferred} firing with a L{MaildirMaildrop}, or failing
+            with L{MaildropLocked}, L{TemporaryFailure} or (unsafe address)
+            L{PermanentFailure}.
+        """
+        return self._runDeferred(self._lockAndSnapshot, address)
+
+    def beginDelivery(self, recipients: Sequence[Address], trace: bytes = b"") -> MaildirDelivery:
+        """
+        Start delivering one message to C{recipients} (duplicates count
+        once).
+
+        @raise TemporaryFailure: a maildrop cannot be created or written.
+        @raise PermanentFailure: an address maps outside C{root}.
+        @raise ValueError: no recipients.
+        """
+        unique = list(dict.fromkeys(recipients))
+        if not unique:
+            raise ValueError("no recipients")
+        try:
+            maildirs = [self._ensureMaildir(r) for r in unique]
+            name = self._uniqueName()
+            fd = os.open(
+                os.path.join(maildirs[0], "tmp", name),
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW,
+                FILE_MODE,
+            )
+        except OSError as e:
+            raise TemporaryFailure(f"cannot start delivery: {e.strerror}") from e
+        delivery = MaildirDelivery(maildirs, name, fd, self._runDeferred)
+        if trace:
+            delivery.write(trace)
+        return delivery

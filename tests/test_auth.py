@@ -1,0 +1,523 @@
+"""
+Tests for L{pop3gw.auth}: the credentials checker, its cache, the
+plaintext policy, the realm and its avatars.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import Interface
+from zope.interface.verify import verifyObject
+
+from pop3gw import users as usersModule
+from pop3gw.address import Address
+from pop3gw.auth import (
+    CACHE_TTL,
+    PasswordChecker,
+    PlaintextAuthPolicy,
+    POP3Avatar,
+    Realm,
+    SubmissionAvatar,
+    VerifiedCredentialsCache,
+)
+from pop3gw.interfaces import IPOP3Avatar, ISubmissionAvatar, TemporaryFailure, UnknownUser
+from pop3gw.testing import FakeMaildropStore, FakeRouter, FakeUserDatabase
+from pop3gw.users import UsersFile, verifyPassword
+
+ALICE = Address("alice", "example.org")
+BOB = Address("bob", "example.org")
+POSTMASTER = Address("postmaster", "example.org")
+
+# sha512-crypt (fast enough for tests) of "password" and of "hunter2".
+HASH_PASSWORD = (
+    "{SHA512-CRYPT}$6$saltsalt$qFmFH.bQmmtXzyBY0s9v7Oicd2z4XSIecDzlB5KiA2/"
+    "jctKu9YterLp8wwnSq.qc.eoxqOmSuNp2xS0ktL3nh/"
+)
+HASH_HUNTER2 = "{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuoXuKqgZXLiJqzfmMXDDhSFPIvxV7t8."
+DUMMY = "{TEST}dummy"
+
+
+class ThreadlessReactor(MemoryReactorClock):
+    """
+    A L{MemoryReactorClock} whose C{callFromThread} calls at once.
+    """
+
+    def callFromThread(self, f, *args, **kwargs) -> None:
+        f(*args, **kwargs)
+
+
+class SynchronousThreadPool:
+    """
+    A thread pool that runs each function at once, in the calling thread,
+    and counts the calls.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def callInThread(self, f, *args, **kwargs) -> None:
+        self.callInThreadWithCallback(None, f, *args, **kwargs)
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.calls += 1
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            ok, result = False, Failure()
+        else:
+            ok = True
+        if onResult is not None:
+            onResult(ok, result)
+
+
+class HeldThreadPool:
+    """
+    A thread pool that only records the work it is given.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.pending.append((onResult, f, args, kwargs))
+
+    def runAll(self) -> None:
+        for onResult, f, args, kwargs in self.pending:
+            onResult(True, f(*args, **kwargs))
+        self.pending = []
+
+
+class SpyVerifier:
+    """
+    Wraps L{verifyPassword}, recording each (stored, password) call; may
+    also advance the clock to simulate a slow hash.
+    """
+
+    def __init__(self, clock=None, cost: float = 0.0) -> None:
+        self.calls: list = []
+        self.clock = clock
+        self.cost = cost
+
+    def __call__(self, stored: str, password: bytes) -> bool:
+        self.calls.append((stored, password))
+        if self.clock is not None and self.cost:
+            self.clock.advance(self.cost)
+        if stored == DUMMY:
+            return False
+        return verifyPassword(stored, password)
+
+
+class PasswordCheckerTests(SynchronousTestCase):
+    """
+    Tests for L{PasswordChecker}.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = ThreadlessReactor()
+        self.pool = SynchronousThreadPool()
+        self.verifier = SpyVerifier()
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.usersPath = os.path.join(directory, "users")
+        with open(self.usersPath, "w") as f:
+            f.write(f"alice@example.org:{HASH_PASSWORD}\n")
+        self.users = UsersFile(self.usersPath)
+        self.checker = self.makeChecker(self.users)
+
+    def makeChecker(self, users, threadpool=None) -> PasswordChecker:
+        return PasswordChecker(
+            users,
+            self.reactor,
+            threadpool or self.pool,
+            verifier=self.verifier,
+            dummy=lambda: DUMMY,
+        )
+
+    def assertFailsAfterDelay(self, d, delay: float = 2.0) -> None:
+        """
+        C{d} has no result until C{delay} seconds have passed, then fails
+        with a bare L{UnauthorizedLogin}.
+        """
+        self.assertNoResult(d)
+        self.reactor.advance(delay - 0.001)
+        self.assertNoResult(d)
+        self.reactor.advance(0.001)
+        failure = self.failureResultOf(d, UnauthorizedLogin)
+        self.assertEqual(failure.value.args, ())
+
+    def test_interface(self) -> None:
+        """
+        L{PasswordChecker} provides L{ICredentialsChecker} for username and
+        password credentials.
+        """
+        self.assertTrue(verifyObject(ICredentialsChecker, self.checker))
+        self.assertTrue(
+            verifyObject(
+                ICredentialsChecker,
+                PasswordChecker(self.users, self.reactor, self.pool),
+            )
+        )
+
+    def test_success(self) -> None:
+        """
+        The right password succeeds at once with the normalised address as
+        text, for text and for UTF-8 bytes credentials, via the thread pool.
+        """
+        d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "password"))
+        self.assertEqual(self.successResultOf(d), "alice@example.org")
+        self.assertEqual(self.pool.calls, 1)
+        self.checker.cache = VerifiedCredentialsCache()
+        d = self.checker.requestAvatarId(UsernamePassword(b"alice@EXAMPLE.Org", b"password"))
+        self.assertEqual(self.successResultOf(d), "alice@example.org")
+        self.assertEqual(self.verifier.calls, [(HASH_PASSWORD, b"password")] * 2)
+
+    def test_workRunsInThreadPool(self) -> None:
+        """
+        Lookup and verification happen in the thread pool, not in
+        C{requestAvatarId} itself.
+        """
+        pool = HeldThreadPool()
+        checker = self.makeChecker(self.users, pool)
+        d = checker.requestAvatarId(UsernamePassword("alice@example.org", "password"))
+        self.assertNoResult(d)
+        self.assertEqual(self.verifier.calls, [])
+        pool.runAll()
+        self.assertEqual(self.successResultOf(d), "alice@example.org")
+
+    def test_wrongPassword(self) -> None:
+        """
+        A wrong password fails with L{UnauthorizedLogin} only after the
+        failure delay.
+        """
+        d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "wrong"))
+        self.assertFailsAfterDelay(d)
+
+    def test_customDelay(self) -> None:
+        """
+        The failure delay is the C{failureDelay} given.
+        """
+        checker = PasswordChecker(self.users, self.reactor, self.pool, 5.0, verifier=self.verifier, dummy=lambda: DUMMY)
+        self.assertFailsAfterDelay(checker.requestAvatarId(UsernamePassword("alice@example.org", "x")), 5.0)
+
+    def test_delayCountsFromStart(self) -> None:
+        """
+        The delay is measured from the start of the attempt: time spent
+        hashing counts towards it, and a hash slower than the delay fails at
+        once.
+        """
+        self.verifier.clock = self.reactor
+        self.verifier.cost = 1.5
+        d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "wrong"))
+        self.assertFailsAfterDelay(d, 0.5)
+        self.verifier.cost = 3.0
+        d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "wrong"))
+        self.failureResultOf(d, UnauthorizedLogin)
+
+    def test_unknownUser(self) -> None:
+        """
+        An unknown user is verified against the dummy hash, so it costs the
+        same, and fails after the delay like a wrong password.
+        """
+        d = self.checker.requestAvatarId(UsernamePassword("nobody@example.org", "password"))
+        self.assertEqual(self.verifier.calls, [(DUMMY, b"password")])
+        self.assertFailsAfterDelay(d)
+
+    def test_defaultDummyHash(self) -> None:
+        """
+        By default unknown users are verified against
+        L{pop3gw.users.DUMMY_HASH}.
+        """
+        spy = SpyVerifier()
+        checker = PasswordChecker(self.users, self.reactor, self.pool, verifier=spy)
+        d = checker.requestAvatarId(UsernamePassword("nobody@example.org", "pw"))
+        self.assertEqual(spy.calls, [(usersModule.DUMMY_HASH, b"pw")])
+        self.assertFailsAfterDelay(d)
+
+    def test_unparseableName(self) -> None:
+        """
+        A login name that is not an address is treated exactly like an
+        unknown user, without consulting the users database.
+        """
+        users = FakeUserDatabase()
+        looked: list = []
+        users.passwordHash = lambda address: looked.append(address)
+        checker = self.makeChecker(users)
+        d = checker.requestAvatarId(UsernamePassword("alice", "password"))
+        self.assertEqual(self.verifier.calls, [(DUMMY, b"password")])
+        self.assertEqual(looked, [])
+        self.assertFailsAfterDelay(d)
+
+    def test_invalidUTF8(self) -> None:
+        """
+        A user name or password that is not valid UTF-8 fails after the
+        delay.
+        """
+        for creds in [
+            UsernamePassword(b"alice@example.org", b"\xffpassword"),
+            UsernamePassword(b"\xffalice@example.org", b"password"),
+        ]:
+            self.assertFailsAfterDelay(self.checker.requestAvatarId(creds))
+
+    def test_databaseFault(self) -> None:
+        """
+        A users database that raises gives L{TemporaryFailure} at once (a
+        server fault, logged) rather than a login failure; a
+        L{TemporaryFailure} it raises itself is passed through unlogged.
+        """
+
+        class Broken(FakeUserDatabase):
+            def passwordHash(self, address):
+                raise OSError("disk on fire")
+
+        d = self.makeChecker(Broken()).requestAvatarId(UsernamePassword("alice@example.org", "password"))
+        self.failureResultOf(d, TemporaryFailure)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+        class Busy(FakeUserDatabase):
+            def passwordHash(self, address):
+                raise TemporaryFailure("database busy")
+
+        d = self.makeChecker(Busy()).requestAvatarId(UsernamePassword("alice@example.org", "password"))
+        self.failureResultOf(d, TemporaryFailure)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_cacheHit(self) -> None:
+        """
+        A repeat login with the same password skips verification.
+        """
+        creds = UsernamePassword("alice@example.org", "password")
+        self.successResultOf(self.checker.requestAvatarId(creds))
+        self.successResultOf(self.checker.requestAvatarId(creds))
+        self.successResultOf(self.checker.requestAvatarId(creds))
+        self.assertEqual(len(self.verifier.calls), 1)
+
+    def test_cacheNotUsedForOtherPasswords(self) -> None:
+        """
+        A cached login does not let a different password in, and failures
+        are never cached.
+        """
+        self.successResultOf(self.checker.requestAvatarId(UsernamePassword("alice@example.org", "password")))
+        for _ in range(2):
+            d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "passwore"))
+            self.assertFailsAfterDelay(d)
+        self.assertEqual(len(self.verifier.calls), 3)
+        self.assertEqual(len(self.checker.cache), 1)
+
+    def test_cacheInvalidatedByHashChange(self) -> None:
+        """
+        A cached login stops counting once the user's stored hash changes:
+        the old password is verified again, against the new hash, and
+        fails.
+        """
+        creds = UsernamePassword("alice@example.org", "password")
+        self.successResultOf(self.checker.requestAvatarId(creds))
+        self.users.setPassword(ALICE, HASH_HUNTER2, False)
+        self.assertFailsAfterDelay(self.checker.requestAvatarId(creds))
+        self.assertEqual(self.verifier.calls[-1], (HASH_HUNTER2, b"password"))
+        d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "hunter2"))
+        self.assertEqual(self.successResultOf(d), "alice@example.org")
+
+    def test_cacheInvalidatedByRemoval(self) -> None:
+        """
+        A removed user cannot log in with a cached password.
+        """
+        creds = UsernamePassword("alice@example.org", "password")
+        self.successResultOf(self.checker.requestAvatarId(creds))
+        self.users.remove(ALICE)
+        self.assertFailsAfterDelay(self.checker.requestAvatarId(creds))
+
+    def test_cacheExpires(self) -> None:
+        """
+        A cache entry is trusted for less than L{CACHE_TTL} seconds, then the
+        password is verified again.
+        """
+        creds = UsernamePassword("alice@example.org", "password")
+        self.successResultOf(self.checker.requestAvatarId(creds))
+        self.reactor.advance(CACHE_TTL - 1)
+        self.successResultOf(self.checker.requestAvatarId(creds))
+        self.assertEqual(len(self.verifier.calls), 1)
+        self.reactor.advance(1)
+        self.successResultOf(self.checker.requestAvatarId(creds))
+        self.assertEqual(len(self.verifier.calls), 2)
+
+    def test_portal(self) -> None:
+        """
+        With a L{Realm} in a L{Portal}, a login yields a POP3 avatar for the
+        user.
+        """
+        store = FakeMaildropStore()
+        portal = Portal(Realm(self.users, store, FakeRouter(users=self.users, store=store)), [self.checker])
+        d = portal.login(UsernamePassword(b"alice@example.org", b"password"), None, IPOP3Avatar)
+        interface, avatar, logout = self.successResultOf(d)
+        self.assertIs(interface, IPOP3Avatar)
+        self.assertEqual(avatar.address, ALICE)
+        self.assertIsNone(logout())
+
+
+class VerifiedCredentialsCacheTests(SynchronousTestCase):
+    """
+    Tests for L{VerifiedCredentialsCache}.
+    """
+
+    def test_key(self) -> None:
+        """
+        Keys are 32-byte HMACs that differ per address, per password and per
+        cache instance, and never contain the password.
+        """
+        cache = VerifiedCredentialsCache()
+        key = cache.key(ALICE, b"password")
+        self.assertEqual(len(key), 32)
+        self.assertNotIn(b"password", key)
+        self.assertEqual(key, cache.key(ALICE, b"password"))
+        self.assertNotEqual(key, cache.key(BOB, b"password"))
+        self.assertNotEqual(key, cache.key(ALICE, b"passwore"))
+        self.assertNotEqual(key, VerifiedCredentialsCache().key(ALICE, b"password"))
+
+    def test_hitRules(self) -> None:
+        """
+        A hit needs the same stored hash and an age under the TTL; a miss
+        for a changed hash drops the entry.
+        """
+        cache = VerifiedCredentialsCache(ttl=10)
+        cache.add(b"k", "{X}a", 100.0)
+        self.assertTrue(cache.hit(b"k", "{X}a", 109.9))
+        self.assertFalse(cache.hit(b"k", "{X}a", 110.0))
+        self.assertFalse(cache.hit(b"k", "{X}a", 100.0))
+        cache.add(b"k", "{X}a", 100.0)
+        self.assertFalse(cache.hit(b"k", "{X}b", 101.0))
+        self.assertEqual(len(cache), 0)
+        self.assertFalse(cache.hit(b"other", "{X}a", 101.0))
+
+    def test_evictsOldest(self) -> None:
+        """
+        Beyond the size limit the oldest entries are evicted.
+        """
+        cache = VerifiedCredentialsCache(maxSize=2)
+        cache.add(b"a", "{X}", 1.0)
+        cache.add(b"b", "{X}", 2.0)
+        cache.add(b"c", "{X}", 3.0)
+        self.assertEqual(len(cache), 2)
+        self.assertFalse(cache.hit(b"a", "{X}", 4.0))
+        self.assertTrue(cache.hit(b"b", "{X}", 4.0))
+        self.assertTrue(cache.hit(b"c", "{X}", 4.0))
+
+
+class PlaintextAuthPolicyTests(SynchronousTestCase):
+    """
+    Tests for L{PlaintextAuthPolicy}.
+    """
+
+    def test_modes(self) -> None:
+        """
+        TLS always allows; C{always} allows anywhere; C{loopback} allows
+        loopback peers only; C{never} refuses without TLS.
+        """
+        cases = [
+            ("never", True, "192.0.2.1", True),
+            ("never", False, "127.0.0.1", False),
+            ("loopback", False, "127.0.0.1", True),
+            ("loopback", False, "127.1.2.3", True),
+            ("loopback", False, "::1", True),
+            ("loopback", False, "192.0.2.1", False),
+            ("loopback", False, "2001:db8::1", False),
+            ("loopback", True, "192.0.2.1", True),
+            ("always", False, "192.0.2.1", True),
+        ]
+        for mode, secure, host, expected in cases:
+            self.assertEqual(PlaintextAuthPolicy(mode).allows(secure, host), expected, (mode, secure, host))
+
+    def test_badMode(self) -> None:
+        """
+        An unknown mode is a L{ValueError}.
+        """
+        self.assertRaises(ValueError, PlaintextAuthPolicy, "sometimes")
+
+
+class RealmTests(SynchronousTestCase):
+    """
+    Tests for L{Realm} and its avatars.
+    """
+
+    def setUp(self) -> None:
+        self.users = FakeUserDatabase({ALICE: HASH_PASSWORD, BOB: HASH_HUNTER2}, {POSTMASTER: ALICE})
+        self.store = FakeMaildropStore()
+        self.router = FakeRouter(users=self.users, store=self.store)
+        self.realm = Realm(self.users, self.store, self.router)
+
+    def test_interface(self) -> None:
+        """
+        L{Realm} provides L{IRealm}.
+        """
+        self.assertTrue(verifyObject(IRealm, self.realm))
+
+    def test_pop3Avatar(self) -> None:
+        """
+        An L{IPOP3Avatar} request gives the user's POP3 avatar, whose
+        maildrop is the store's maildrop for that address; text and bytes
+        avatar IDs both work.
+        """
+        for avatarId in ["alice@example.org", b"alice@example.org"]:
+            interface, avatar, logout = self.realm.requestAvatar(avatarId, None, IPOP3Avatar)
+            self.assertIs(interface, IPOP3Avatar)
+            self.assertTrue(verifyObject(IPOP3Avatar, avatar))
+            self.assertIsInstance(avatar, POP3Avatar)
+            self.assertEqual(avatar.address, ALICE)
+            self.assertIsNone(logout())
+        self.store.add(ALICE, b"Subject: hi\n\nbody\n")
+        drop = self.successResultOf(avatar.openMaildrop())
+        self.assertEqual(len(drop.messages), 1)
+        self.assertIn(ALICE, self.store.locked)
+
+    def test_submissionAvatar(self) -> None:
+        """
+        An L{ISubmissionAvatar} request gives the user's submission avatar:
+        it may send as its own address and aliases only, and recipient
+        checks and deliveries go to the router.
+        """
+        interface, avatar, logout = self.realm.requestAvatar("alice@example.org", None, ISubmissionAvatar)
+        self.assertIs(interface, ISubmissionAvatar)
+        self.assertTrue(verifyObject(ISubmissionAvatar, avatar))
+        self.assertIsInstance(avatar, SubmissionAvatar)
+        self.assertTrue(avatar.mayUseSender(ALICE))
+        self.assertTrue(avatar.mayUseSender(POSTMASTER))
+        self.assertFalse(avatar.mayUseSender(BOB))
+        self.assertEqual(avatar.checkRecipient(POSTMASTER), ALICE)
+        remote = Address("x", "elsewhere.example")
+        self.assertEqual(avatar.checkRecipient(remote), remote)
+        self.assertRaises(UnknownUser, avatar.checkRecipient, Address("nobody", "example.org"))
+        delivery = avatar.beginDelivery(ALICE, [BOB, remote], b"Received: x\r\n")
+        delivery.write(b"body\r\n")
+        self.successResultOf(delivery.commit())
+        self.assertEqual(self.store.boxes[BOB][0][1], b"Received: x\r\nbody\r\n")
+        self.assertEqual(self.router.queue.entries, [(ALICE, [remote], b"Received: x\r\nbody\r\n")])
+
+    def test_firstSupportedInterface(self) -> None:
+        """
+        Unsupported interfaces are skipped; the first supported one is
+        used.
+        """
+
+        class IOther(Interface):
+            pass
+
+        interface, avatar, _ = self.realm.requestAvatar("bob@example.org", None, IOther, ISubmissionAvatar, IPOP3Avatar)
+        self.assertIs(interface, ISubmissionAvatar)
+        self.assertEqual(avatar.address, BOB)
+
+    def test_unsupportedInterface(self) -> None:
+        """
+        A request for no supported interface raises L{NotImplementedError}.
+        """
+
+        class IOther(Interface):
+            pass
+
+        self.assertRaises(NotImplementedError, self.realm.requestAvatar, "alice@example.org", None, IOther)
