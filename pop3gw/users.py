@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import hashlib
 import hmac
 import os
@@ -56,6 +55,10 @@ ARGON2_MEMORY_COST = 19456  # KiB
 ARGON2_PARALLELISM = 1
 ARGON2_HASH_LEN = 32
 ARGON2_SALT_LEN = 16
+
+#: Longer passwords are refused without hashing: sha512-crypt's cost grows
+#: with the square of the password length.
+MAX_PASSWORD_BYTES = 1024
 
 #: bcrypt only looks at the first 72 bytes of a password.
 BCRYPT_MAX_PASSWORD_BYTES = 72
@@ -253,6 +256,7 @@ def verifyPassword(stored: str, password: str | bytes) -> bool:
     Known schemes: C{ARGON2ID}, C{ARGON2I}, C{BLF-CRYPT} (bcrypt, C{$2y$},
     C{$2b$} or C{$2a$}) and C{SHA512-CRYPT} (glibc C{$6$}).  Scheme names
     are case-insensitive, as in Dovecot.  All comparisons are constant-time.
+    Passwords longer than L{MAX_PASSWORD_BYTES} never match.
 
     @return: whether the password matches.  An unknown scheme or a malformed
         hash gives C{False}, never an exception.
@@ -268,6 +272,8 @@ def verifyPassword(stored: str, password: str | bytes) -> bool:
     try:
         if isinstance(password, str):
             password = password.encode("utf-8")
+        if len(password) > MAX_PASSWORD_BYTES:
+            return False
         if not stored.isascii():
             return False
         return bool(verifier(stored[end + 1 :], password))
@@ -275,14 +281,34 @@ def verifyPassword(stored: str, password: str | bytes) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+class _DummyHash:
+    """
+    Makes the dummy hash once, on first use, even when several pool threads
+    ask at the same time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: Optional[str] = None
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._value is None:
+                self._value = hashPassword(secrets.token_urlsafe(32))
+            return self._value
+
+
+_dummyHash = _DummyHash()
+
+
 def dummyHash() -> str:
     """
     A valid C{{ARGON2ID}} hash of a random password nobody knows, made once
-    on first use.  Logins for unknown users are checked against it so that
-    they cost as much as logins for real users.
+    on first use (also available as C{DUMMY_HASH}).  Logins for unknown
+    users are checked against it so that they cost as much as logins for
+    real users.
     """
-    return hashPassword(secrets.token_urlsafe(32))
+    return _dummyHash()
 
 
 def __getattr__(name: str) -> str:

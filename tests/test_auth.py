@@ -6,6 +6,7 @@ plaintext policy, the realm and its avatars.
 from __future__ import annotations
 
 import os
+import shutil
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
@@ -43,6 +44,27 @@ HASH_PASSWORD = (
 )
 HASH_HUNTER2 = "{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuoXuKqgZXLiJqzfmMXDDhSFPIvxV7t8."
 DUMMY = "{TEST}dummy"
+
+
+def makeTempDirectory(testCase: SynchronousTestCase) -> str:
+    """
+    Make an empty directory with C{testCase.mktemp()} and remove it, and the
+    per-test parents C{mktemp} made, when the test ends (under pytest
+    C{mktemp} works in the current directory, not in C{_trial_temp}).
+    """
+    path = testCase.mktemp()
+    os.mkdir(path)
+    unique = os.path.dirname(path)
+
+    def clean() -> None:
+        shutil.rmtree(unique, ignore_errors=True)
+        try:
+            os.removedirs(os.path.dirname(unique))
+        except OSError:
+            pass
+
+    testCase.addCleanup(clean)
+    return path
 
 
 class ThreadlessReactor(MemoryReactorClock):
@@ -124,8 +146,7 @@ class PasswordCheckerTests(SynchronousTestCase):
         self.reactor = ThreadlessReactor()
         self.pool = SynchronousThreadPool()
         self.verifier = SpyVerifier()
-        directory = self.mktemp()
-        os.mkdir(directory)
+        directory = makeTempDirectory(self)
         self.usersPath = os.path.join(directory, "users")
         with open(self.usersPath, "w") as f:
             f.write(f"alice@example.org:{HASH_PASSWORD}\n")

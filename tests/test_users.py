@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import stat
 
 from twisted.logger import Logger, formatEvent
@@ -57,6 +58,27 @@ ARGON2ID = "$argon2id$v=19$m=1024,t=1,p=4$wbTEbHydu7HcZaNwzkiVHA$7CrNG+vZe1flSHc
 
 HASH_A = "{SHA512-CRYPT}" + SHA512_VECTORS[3][3]  # password
 HASH_B = "{BLF-CRYPT}" + BCRYPT_2Y  # hunter2
+
+
+def makeTempDirectory(testCase: SynchronousTestCase) -> str:
+    """
+    Make an empty directory with C{testCase.mktemp()} and remove it, and the
+    per-test parents C{mktemp} made, when the test ends (under pytest
+    C{mktemp} works in the current directory, not in C{_trial_temp}).
+    """
+    path = testCase.mktemp()
+    os.mkdir(path)
+    unique = os.path.dirname(path)
+
+    def clean() -> None:
+        shutil.rmtree(unique, ignore_errors=True)
+        try:
+            os.removedirs(os.path.dirname(unique))
+        except OSError:
+            pass
+
+    testCase.addCleanup(clean)
+    return path
 
 
 class Sha512CryptTests(SynchronousTestCase):
@@ -196,6 +218,23 @@ class Argon2Tests(SynchronousTestCase):
         self.assertFalse(verifyPassword(users.DUMMY_HASH, ""))
         self.assertRaises(AttributeError, getattr, users, "NO_SUCH_NAME")
 
+    def test_dummyHashOncePerProcess(self) -> None:
+        """
+        Pool threads asking for the dummy hash at the same time all get the
+        same one.
+        """
+        import threading
+
+        fresh = users._DummyHash()
+        results: list = []
+        threads = [threading.Thread(target=lambda: results.append(fresh())) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(len(results), 4)
+        self.assertEqual(len(set(results)), 1)
+
 
 class VerifyPasswordTests(SynchronousTestCase):
     """
@@ -218,6 +257,18 @@ class VerifyPasswordTests(SynchronousTestCase):
             b"{PLAIN}pw",
         ]:
             self.assertFalse(verifyPassword(stored, "pw"), stored)
+
+    def test_overlongPassword(self) -> None:
+        """
+        A password longer than C{MAX_PASSWORD_BYTES} never matches (and is
+        not hashed), even when it would.
+        """
+        limit = users.MAX_PASSWORD_BYTES
+        longPassword = "p" * (limit + 1)
+        hashed = "{SHA512-CRYPT}" + sha512Crypt(longPassword.encode("ascii"), b"salt", 1000)
+        self.assertFalse(verifyPassword(hashed, longPassword))
+        hashed = "{SHA512-CRYPT}" + sha512Crypt(longPassword[:-1].encode("ascii"), b"salt", 1000)
+        self.assertTrue(verifyPassword(hashed, longPassword[:-1]))
 
     def test_unencodablePassword(self) -> None:
         """
@@ -313,8 +364,7 @@ class UsersFileContractTests(UsersFileContract, SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        directory = self.mktemp()
-        os.mkdir(directory)
+        directory = makeTempDirectory(self)
         path = os.path.join(directory, "users")
         with open(path, "w") as f:
             f.write(f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n")
@@ -329,8 +379,7 @@ class UsersFileTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.directory = self.mktemp()
-        os.mkdir(self.directory)
+        self.directory = makeTempDirectory(self)
         self.path = os.path.join(self.directory, "users")
         self.aliasesPath = os.path.join(self.directory, "aliases")
 

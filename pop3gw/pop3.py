@@ -1,0 +1,1176 @@
+# -*- test-case-name: tests.test_pop3 -*-
+"""
+The POP3 server protocol (RFC 1939, 1225, 2449, 2595, 3206, 5034).
+
+L{POP3Server} speaks POP3 to one client; L{POP3Factory} builds them.  The
+protocol sees only L{pop3gw.interfaces}, L{pop3gw.events} and a
+L{twisted.cred.portal.Portal} handing out L{IPOP3Avatar}s.
+
+Design notes:
+
+  - Input is split into lines here (not by C{LineReceiver}) so that the
+    line limit, LF-only line ends, pipelining and the STLS discard rule are
+    all handled in one place.  While a command is in progress (a login, a
+    message transfer, the UPDATE state) further lines stay buffered and are
+    answered, in order, once it finishes.
+  - Each state has an explicit command table; nothing from the wire is
+    looked up with C{getattr}.
+  - Messages are streamed from L{IMaildrop.openMessage} by a push producer
+    that honours transport back-pressure and dot-stuffs across chunk
+    boundaries.
+  - DELE only marks; the marks are handed to L{IMaildrop.commit} at QUIT.
+    Any other ending releases the maildrop without deleting anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Callable, Optional
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import LoginFailed
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport, ITLSTransport
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pop3gw import events
+from pop3gw.interfaces import IPOP3Avatar, MaildropLocked, TemporaryFailure
+
+#: Longest command line accepted, terminator included (RFC 2449 section 4).
+MAX_LINE_LENGTH = 255
+
+#: Longest SASL client response line accepted (RFC 5034 lifts the command
+#: limit for continuation lines; PLAIN with a long address and password
+#: needs more than 255 octets once base64-encoded).
+MAX_SASL_LINE_LENGTH = 2048
+
+#: Octets of input kept while a command is in progress before the server
+#: stops reading from the client (pipelining back-pressure).
+MAX_PENDING_INPUT = 65536
+
+#: Consecutive erroneous commands before the connection is closed.
+MAX_BAD_COMMANDS = 20
+
+#: Failed authentication attempts per connection before it is closed.
+MAX_AUTH_FAILURES = 3
+
+#: Default seconds of client silence before the connection is closed
+#: (RFC 1939 asks for at least 10 minutes).
+IDLE_TIMEOUT = 600
+
+#: Octets read from a message file at a time when streaming it.
+READ_CHUNK_SIZE = 65536
+
+#: Greatest message number or line count accepted as an argument.
+_NUMBER = re.compile(r"^[0-9]{1,10}$")
+
+# Fixed replies.  Nothing here ever contains text from an exception.
+GREETING = "+OK {implementation} ready."
+GOODBYE = "+OK {hostname} signing off."
+ERR_UNKNOWN = "-ERR Unknown command."
+ERR_WRONG_STATE = "-ERR Command not valid in this state."
+ERR_SYNTAX = "-ERR Invalid arguments."
+ERR_EMPTY = "-ERR Empty command."
+ERR_NUL = "-ERR Invalid characters in command."
+ERR_UTF8 = "-ERR Command is not valid UTF-8."
+ERR_LINE_TOO_LONG = "-ERR Line too long."
+ERR_TOO_MANY_ERRORS = "-ERR Too many errors, closing connection."
+ERR_IDLE = "-ERR Idle timeout, closing connection."
+ERR_INTERNAL = "-ERR [SYS/TEMP] Internal error."
+ERR_NO_SUCH_MESSAGE = "-ERR No such message."
+ERR_DELETED = "-ERR Message already deleted."
+ERR_MESSAGE_UNAVAILABLE = "-ERR [SYS/TEMP] Message temporarily unavailable."
+ERR_AUTH_FAILED = "-ERR [AUTH] Authentication failed."
+ERR_PLAINTEXT = "-ERR [AUTH] Plaintext authentication disallowed on non-encrypted connections."
+ERR_TOO_MANY_AUTH = "-ERR [AUTH] Too many authentication failures, closing connection."
+ERR_AUTH_TEMP = "-ERR [SYS/TEMP] Authentication temporarily unavailable."
+ERR_IN_USE = "-ERR [IN-USE] Mailbox is locked by another session."
+ERR_MAILDROP_TEMP = "-ERR [SYS/TEMP] Mailbox temporarily unavailable."
+ERR_USER_FIRST = "-ERR Send USER first."
+ERR_SASL_CANCELLED = "-ERR Authentication cancelled."
+ERR_SASL_BASE64 = "-ERR Invalid base64 data."
+ERR_SASL_MECHANISM = "-ERR Unsupported authentication mechanism."
+ERR_TLS_UNAVAILABLE = "-ERR TLS not available."
+ERR_TLS_ACTIVE = "-ERR Already using TLS."
+ERR_TLS_AFTER_USER = "-ERR STLS not allowed after USER."
+ERR_COMMIT = "-ERR [SYS/TEMP] Some deleted messages not removed."
+
+_AUTHORIZATION = "AUTHORIZATION"
+_TRANSACTION = "TRANSACTION"
+_UPDATE = "UPDATE"
+
+
+class _BadArguments(Exception):
+    """
+    A command's arguments are missing, extra or malformed (client mistake).
+    """
+
+
+class _NoSuchMessage(Exception):
+    """
+    A message number is out of range.
+    """
+
+
+class _MessageDeleted(Exception):
+    """
+    A message number names a message marked as deleted.
+    """
+
+
+def _noArguments(rest: str) -> None:
+    """
+    @raise _BadArguments: if C{rest} holds any argument.
+    """
+    if rest.split():
+        raise _BadArguments()
+
+
+def _numbers(rest: str, minimum: int, maximum: int) -> list[int]:
+    """
+    Parse between C{minimum} and C{maximum} decimal arguments.
+
+    @raise _BadArguments: wrong count or not plain decimal numbers.
+    """
+    words = rest.split()
+    if not minimum <= len(words) <= maximum:
+        raise _BadArguments()
+    if not all(_NUMBER.match(w) for w in words):
+        raise _BadArguments()
+    return [int(w) for w in words]
+
+
+class _DotStuffer:
+    """
+    Dot-stuffs a byte stream delivered in arbitrary chunks: every line that
+    begins with C{"."} gets a second one, wherever the chunk boundaries
+    fall.
+
+    @ivar atLineStart: whether the next octet begins a line.
+    """
+
+    def __init__(self) -> None:
+        self.atLineStart = True
+
+    def stuff(self, chunk: bytes) -> bytes:
+        """
+        @return: C{chunk}, stuffed.
+        """
+        if not chunk:
+            return chunk
+        out = chunk.replace(b"\n.", b"\n..")
+        if self.atLineStart and out[:1] == b".":
+            out = b"." + out
+        self.atLineStart = chunk.endswith(b"\n")
+        return out
+
+
+class _TopFilter:
+    """
+    Cuts a message stream after its header, the blank line and C{lines}
+    body lines (the POP3 C{TOP} command), whatever the chunk boundaries.
+    """
+
+    def __init__(self, lines: int) -> None:
+        self._inHeader = True
+        self._bodyLeft = lines
+        self._lineHasContent = False
+        self.done = False
+
+    def _finished(self) -> bool:
+        return not self._inHeader and self._bodyLeft <= 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """
+        @return: the part of C{chunk} to send; L{done} is set once the rest
+            of the message is not needed.
+        """
+        if self.done:
+            return b""
+        if self._finished():
+            self.done = True
+            return b""
+        out = []
+        i = 0
+        n = len(chunk)
+        while i < n:
+            j = chunk.find(b"\n", i)
+            if j == -1:
+                if chunk[i:].strip(b"\r"):
+                    self._lineHasContent = True
+                out.append(chunk[i:])
+                break
+            if chunk[i:j].strip(b"\r"):
+                self._lineHasContent = True
+            out.append(chunk[i : j + 1])
+            i = j + 1
+            if self._inHeader:
+                if not self._lineHasContent:
+                    self._inHeader = False
+            else:
+                self._bodyLeft -= 1
+            self._lineHasContent = False
+            if self._finished():
+                self.done = True
+                break
+        return b"".join(out)
+
+
+@implementer(IPushProducer)
+class _MessageSender:
+    """
+    Streams one message (or its top) to a transport as a push producer:
+    reads C{chunkSize} octets at a time while the transport is not paused,
+    dot-stuffs them and ends with the C{.} line.
+
+    @ivar octets: message octets read from the file so far.
+    """
+
+    def __init__(
+        self,
+        transport,
+        source,
+        topLines: Optional[int],
+        onDone: Callable[["_MessageSender", Optional[Failure]], None],
+        onProgress: Callable[[], None],
+        chunkSize: int = READ_CHUNK_SIZE,
+    ) -> None:
+        self._transport = transport
+        self._source = source
+        self._top = _TopFilter(topLines) if topLines is not None else None
+        self._onDone = onDone
+        self._onProgress = onProgress
+        self._chunkSize = chunkSize
+        self._stuffer = _DotStuffer()
+        self._paused = False
+        self._running = False
+        self._finished = False
+        self.octets = 0
+
+    def start(self) -> None:
+        """
+        Register with the transport and send as much as it accepts.
+        """
+        self._transport.registerProducer(self, True)
+        self._run()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if not self._finished:
+            self._onProgress()
+        self._run()
+
+    def stopProducing(self) -> None:
+        """
+        The connection is going away: close the file, send nothing more.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        self._close()
+        self._unregister()
+
+    def _close(self) -> None:
+        try:
+            self._source.close()
+        except Exception:
+            pass
+
+    def _unregister(self) -> None:
+        try:
+            self._transport.unregisterProducer()
+        except Exception:
+            pass
+
+    def _run(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        try:
+            ended = self._pump()
+        except Exception:
+            self._finished = True
+            self._close()
+            self._unregister()
+            self._onDone(self, Failure())
+            return
+        finally:
+            self._running = False
+        if ended:
+            self._end()
+
+    def _pump(self) -> bool:
+        """
+        Send chunks until paused or at the end.
+
+        @return: whether the end of what is to be sent was reached.
+        """
+        while not self._paused and not self._finished:
+            chunk = self._source.read(self._chunkSize)
+            if not chunk:
+                return True
+            self.octets += len(chunk)
+            if self._top is not None:
+                chunk = self._top.feed(chunk)
+            data = self._stuffer.stuff(chunk)
+            if data:
+                self._transport.write(data)
+            if self._top is not None and self._top.done:
+                return True
+        return False
+
+    def _end(self) -> None:
+        self._finished = True
+        self._close()
+        if self._stuffer.atLineStart:
+            self._transport.write(b".\r\n")
+        else:
+            self._transport.write(b"\r\n.\r\n")
+        self._unregister()
+        self._onDone(self, None)
+
+
+class POP3Server(Protocol):
+    """
+    One POP3 session.
+
+    @ivar state: C{"AUTHORIZATION"}, C{"TRANSACTION"} or C{"UPDATE"}.
+    @ivar secure: whether TLS is active (implicit TLS or after STLS).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        portal,
+        plaintextAllowed: Callable[[bool, str], bool],
+        clock: IReactorTime,
+        tlsContextFactory=None,
+        idleTimeout: Optional[float] = IDLE_TIMEOUT,
+        hostname: str = "pop3gw",
+        implementation: str = "pop3gw",
+    ) -> None:
+        self.portal = portal
+        self.plaintextAllowed = plaintextAllowed
+        self.clock = clock
+        self.tlsContextFactory = tlsContextFactory
+        self.idleTimeout = idleTimeout
+        self.hostname = hostname
+        self.implementation = implementation
+
+        self.state = _AUTHORIZATION
+        self.secure = False
+        self.peer = "unknown"
+
+        self._buffer = bytearray()
+        self._discarding = False
+        self._busy = False
+        self._processing = False
+        self._readingPaused = False
+        self._closing = False
+        self._disconnected = False
+        self._timeoutCall = None
+
+        self._badCommands = 0
+        self._authFailures = 0
+        self._user: Optional[str] = None
+        self._saslPending = False
+
+        self._avatar = None
+        self._logout: Optional[Callable[[], None]] = None
+        self._maildrop = None
+        self._messages: list = []
+        self._deleted: set[int] = set()
+        self._last = 0
+        self._sender: Optional[_MessageSender] = None
+        self._loggedOut = False
+        self._committing = False
+        self._retrieved = 0
+        self._bytesSent = 0
+
+    # --- Connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.secure = ISSLTransport.providedBy(self.transport)
+        self.peer = self._peerHost()
+        self._resetTimeout()
+        self._reply(GREETING.format(implementation=self.implementation))
+
+    def _peerHost(self) -> str:
+        try:
+            host = getattr(self.transport.getPeer(), "host", None)
+        except Exception:
+            host = None
+        return str(host) if host else "unknown"
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing or self._disconnected:
+            return
+        self._resetTimeout()
+        self._buffer += data
+        self._processBuffer()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._disconnected = True
+        self._cancelTimeout()
+        self._buffer.clear()
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            sender.stopProducing()
+        if self.state == _TRANSACTION and self._maildrop is not None:
+            self._releaseMaildrop()
+            self._logSessionEnd(deleted=0)
+        # A commit in progress releases the maildrop and logs out itself.
+        if not self._committing:
+            self._callLogout()
+
+    def _releaseMaildrop(self) -> None:
+        maildrop, self._maildrop = self._maildrop, None
+        if maildrop is None:
+            return
+        try:
+            maildrop.release()
+        except Exception:
+            self.log.failure("releasing maildrop of {user}", user=self._avatarName())
+
+    def _callLogout(self) -> None:
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            try:
+                logout()
+            except Exception:
+                self.log.failure("portal logout failed")
+
+    def _closeConnection(self) -> None:
+        """
+        Stop reading, stop any transfer and close once written.
+        """
+        self._closing = True
+        self._cancelTimeout()
+        self._buffer.clear()
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            sender.stopProducing()
+        if not self._disconnected:
+            self.transport.loseConnection()
+
+    # --- Idle timeout -----------------------------------------------------
+
+    def _resetTimeout(self) -> None:
+        if not self.idleTimeout or self._closing or self._disconnected:
+            return
+        if self._timeoutCall is not None and self._timeoutCall.active():
+            self._timeoutCall.reset(self.idleTimeout)
+        else:
+            self._timeoutCall = self.clock.callLater(self.idleTimeout, self._timedOut)
+
+    def _cancelTimeout(self) -> None:
+        call, self._timeoutCall = self._timeoutCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _timedOut(self) -> None:
+        self._timeoutCall = None
+        if self._closing or self._disconnected:
+            return
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            sender.stopProducing()
+        self._reply(ERR_IDLE)
+        self._closeConnection()
+
+    # --- Output -------------------------------------------------------------
+
+    def _reply(self, text: str) -> None:
+        """
+        Send one reply line; a C{+OK} ends a run of bad commands.
+        """
+        if self._disconnected:
+            return
+        if text.startswith("+OK"):
+            self._badCommands = 0
+        self.transport.write(text.encode("utf-8") + b"\r\n")
+
+    def _replyMultiline(self, first: str, lines: list[str]) -> None:
+        """
+        Send a C{+OK} line, the (dot-stuffed) C{lines} and the C{.} line.
+        """
+        out = [first]
+        for line in lines:
+            out.append("." + line if line.startswith(".") else line)
+        out.append(".")
+        if self._disconnected:
+            return
+        self._badCommands = 0
+        self.transport.write(("\r\n".join(out) + "\r\n").encode("utf-8"))
+
+    def _clientError(self, text: str) -> None:
+        """
+        Answer a client mistake; close after too many in a row.
+        """
+        self._badCommands += 1
+        if self._badCommands >= MAX_BAD_COMMANDS:
+            self._reply(ERR_TOO_MANY_ERRORS)
+            self._closeConnection()
+        else:
+            self._reply(text)
+
+    # --- Input ------------------------------------------------------------
+
+    def _lineLimit(self) -> int:
+        return MAX_SASL_LINE_LENGTH if self._saslPending else MAX_LINE_LENGTH
+
+    def _processBuffer(self) -> None:
+        """
+        Handle every complete buffered line, unless a command is in
+        progress.  Re-entrant calls (a transfer that finishes while this
+        loop runs) leave the work to the outer loop.
+        """
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._busy and not self._closing and not self._disconnected:
+                buf = self._buffer
+                if self._discarding:
+                    end = buf.find(b"\n")
+                    if end == -1:
+                        buf.clear()
+                        break
+                    del buf[: end + 1]
+                    self._discarding = False
+                    continue
+                limit = self._lineLimit()
+                end = buf.find(b"\n")
+                if end == -1:
+                    if len(buf) >= limit:
+                        buf.clear()
+                        self._discarding = True
+                        self._lineTooLong()
+                    break
+                if end + 1 > limit:
+                    del buf[: end + 1]
+                    self._lineTooLong()
+                    continue
+                line = bytes(buf[:end])
+                del buf[: end + 1]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                self._lineReceived(line)
+        finally:
+            self._processing = False
+        self._flowControl()
+
+    def _flowControl(self) -> None:
+        """
+        Stop reading while too much input waits behind a busy command.
+        """
+        if self._disconnected or self._closing:
+            return
+        want = len(self._buffer) < MAX_PENDING_INPUT or not self._busy
+        try:
+            if not want and not self._readingPaused:
+                self._readingPaused = True
+                self.transport.pauseProducing()
+            elif want and self._readingPaused:
+                self._readingPaused = False
+                self.transport.resumeProducing()
+        except Exception:
+            self.log.failure("flow control on transport failed")
+
+    def _lineTooLong(self) -> None:
+        self._saslPending = False
+        self._clientError(ERR_LINE_TOO_LONG)
+
+    def _setBusy(self) -> None:
+        self._busy = True
+
+    def _doneBusy(self) -> None:
+        """
+        A command in progress finished: answer buffered lines.
+        """
+        self._busy = False
+        if not self._processing:
+            self._processBuffer()
+
+    def _lineReceived(self, raw: bytes) -> None:
+        try:
+            if self._saslPending:
+                self._saslPending = False
+                self._saslResponse(raw)
+                return
+            if b"\x00" in raw:
+                self._clientError(ERR_NUL)
+                return
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self._clientError(ERR_UTF8)
+                return
+            if not line.strip():
+                self._clientError(ERR_EMPTY)
+                return
+            word, _, rest = line.partition(" ")
+            name = word.upper() if word.isascii() else ""
+            table = self._commandTable()
+            handler = table.get(name)
+            if handler is None:
+                if name in _ALL_COMMANDS:
+                    self._clientError(ERR_WRONG_STATE)
+                else:
+                    self._clientError(ERR_UNKNOWN)
+                return
+            try:
+                handler(self, rest)
+            except _BadArguments:
+                self._clientError(ERR_SYNTAX)
+            except _NoSuchMessage:
+                self._clientError(ERR_NO_SUCH_MESSAGE)
+            except _MessageDeleted:
+                self._clientError(ERR_DELETED)
+        except Exception:
+            self.log.failure("unexpected error handling a POP3 command")
+            self._saslPending = False
+            self._busy = False
+            if self._sender is not None:
+                sender, self._sender = self._sender, None
+                sender.stopProducing()
+            self._reply(ERR_INTERNAL)
+
+    def _commandTable(self) -> dict:
+        if self.state == _AUTHORIZATION:
+            return _AUTHORIZATION_COMMANDS
+        if self.state == _TRANSACTION:
+            return _TRANSACTION_COMMANDS
+        return {}
+
+    # --- Policy -------------------------------------------------------------
+
+    def _plaintextAllowed(self) -> bool:
+        return bool(self.plaintextAllowed(self.secure, self.peer))
+
+    def _stlsOffered(self) -> bool:
+        return (
+            self.tlsContextFactory is not None
+            and not self.secure
+            and self.state == _AUTHORIZATION
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    # --- Commands valid in every state -------------------------------------
+
+    def do_CAPA(self, rest: str) -> None:
+        """
+        RFC 2449 capabilities; USER, SASL and STLS only where usable now.
+        """
+        _noArguments(rest)
+        caps = ["TOP"]
+        if self.state == _AUTHORIZATION and self._plaintextAllowed():
+            caps.append("USER")
+        caps += [
+            "UIDL",
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+            "PIPELINING",
+            "EXPIRE NEVER",
+            "LOGIN-DELAY 0",
+        ]
+        if self.state == _AUTHORIZATION:
+            if self._plaintextAllowed():
+                caps.append("SASL PLAIN")
+            if self._stlsOffered():
+                caps.append("STLS")
+        caps.append(f"IMPLEMENTATION {self.implementation}")
+        self._replyMultiline("+OK Capability list follows.", caps)
+
+    # --- AUTHORIZATION --------------------------------------------------------
+
+    def do_QUIT_authorization(self, rest: str) -> None:
+        self._reply(GOODBYE.format(hostname=self.hostname))
+        self._closeConnection()
+
+    def do_USER(self, rest: str) -> None:
+        words = rest.split()
+        if len(words) != 1:
+            raise _BadArguments()
+        self._user = None
+        if not self._plaintextAllowed():
+            self._clientError(ERR_PLAINTEXT)
+            return
+        self._user = words[0]
+        self._reply("+OK Send PASS.")
+
+    def do_PASS(self, rest: str) -> None:
+        user, self._user = self._user, None
+        if not self._plaintextAllowed():
+            self._clientError(ERR_PLAINTEXT)
+            return
+        if user is None:
+            self._clientError(ERR_USER_FIRST)
+            return
+        if not rest:
+            raise _BadArguments()
+        self._login(user, rest.encode("utf-8"))
+
+    def do_AUTH(self, rest: str) -> None:
+        self._user = None
+        words = rest.split()
+        if not words:
+            mechanisms = ["PLAIN"] if self._plaintextAllowed() else []
+            self._replyMultiline("+OK Supported mechanisms follow.", mechanisms)
+            return
+        if len(words) > 2:
+            raise _BadArguments()
+        if words[0].upper() != "PLAIN":
+            self._clientError(ERR_SASL_MECHANISM)
+            return
+        if not self._plaintextAllowed():
+            self._clientError(ERR_PLAINTEXT)
+            return
+        if len(words) == 1:
+            self._saslPending = True
+            if not self._disconnected:
+                self.transport.write(b"+ \r\n")
+            return
+        self._saslPlain(words[1].encode("ascii", "replace"))
+
+    def _saslResponse(self, raw: bytes) -> None:
+        """
+        The client's line after our C{+ } continuation.
+        """
+        if raw.strip() == b"*":
+            self._clientError(ERR_SASL_CANCELLED)
+            return
+        self._saslPlain(raw.strip(), continuation=True)
+
+    def _saslPlain(self, encoded: bytes, continuation: bool = False) -> None:
+        """
+        Decode and check a PLAIN response (RFC 4616) and log in with it.
+        """
+        if encoded == b"=" and not continuation:
+            encoded = b""
+        try:
+            decoded = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            self._clientError(ERR_SASL_BASE64)
+            return
+        parts = decoded.split(b"\x00")
+        if len(parts) != 3:
+            self._authFailed(None, "malformed SASL PLAIN response")
+            return
+        authzid, authcid, password = parts
+        try:
+            user = authcid.decode("utf-8")
+            authz = authzid.decode("utf-8")
+        except UnicodeDecodeError:
+            self._authFailed(None, "malformed SASL PLAIN response")
+            return
+        if not user or not password:
+            self._authFailed(user or None, "malformed SASL PLAIN response")
+            return
+        if authz and authz != user:
+            self._authFailed(user, "authorization identity differs")
+            return
+        self._login(user, password)
+
+    def do_STLS(self, rest: str) -> None:
+        _noArguments(rest)
+        if self.secure:
+            self._clientError(ERR_TLS_ACTIVE)
+            return
+        if not self._stlsOffered():
+            self._clientError(ERR_TLS_UNAVAILABLE)
+            return
+        if self._user is not None:
+            self._clientError(ERR_TLS_AFTER_USER)
+            return
+        self._reply("+OK Begin TLS negotiation")
+        # Whatever the client pipelined after STLS arrived in plaintext and
+        # must never be executed (CVE-2011-0411).
+        self._buffer.clear()
+        self._discarding = False
+        try:
+            self.transport.startTLS(self.tlsContextFactory)
+        except Exception:
+            self.log.failure("starting TLS failed")
+            self._closeConnection()
+            return
+        self.secure = True
+        self._user = None
+        self._saslPending = False
+        self.state = _AUTHORIZATION
+
+    # --- Login ----------------------------------------------------------------
+
+    def _login(self, user: str, password: bytes) -> None:
+        """
+        Check the credentials with the portal, then open the maildrop.
+        Further input waits until this is over.
+        """
+        self._setBusy()
+        creds = UsernamePassword(user.encode("utf-8"), password)
+        d = defer.maybeDeferred(self.portal.login, creds, None, IPOP3Avatar)
+        d.addCallbacks(self._cbLoggedIn, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
+        d.addErrback(self._ebInternal)
+
+    def _ebInternal(self, reason: Failure) -> None:
+        """
+        A bug in a login or QUIT callback: say so without details and close;
+        L{connectionLost} releases whatever is held.
+        """
+        self.log.failure("unexpected error in a POP3 session", reason)
+        if self._committing:
+            self._committing = False
+            self._callLogout()
+        self._reply(ERR_INTERNAL)
+        self._closeConnection()
+
+    def _ebLogin(self, reason: Failure, user: str) -> None:
+        if self._disconnected:
+            return
+        if reason.check(LoginFailed):
+            self._authFailed(user)
+        elif reason.check(TemporaryFailure):
+            self.log.warn(
+                "authentication backend unavailable: rhost={peer} error={error}",
+                peer=self.peer,
+                error=str(reason.value),
+            )
+            self._reply(ERR_AUTH_TEMP)
+        else:
+            self.log.failure("authentication backend failed", reason)
+            self._reply(ERR_AUTH_TEMP)
+        self._doneBusy()
+
+    def _authFailed(self, user: Optional[str], reason: str = "bad credentials") -> None:
+        """
+        Count and log a failed attempt; close after L{MAX_AUTH_FAILURES}.
+        """
+        self._authFailures += 1
+        events.loginFailed(self.log, "pop3", user, self.peer, reason)
+        if self._authFailures >= MAX_AUTH_FAILURES:
+            self._reply(ERR_TOO_MANY_AUTH)
+            self._closeConnection()
+        else:
+            self._reply(ERR_AUTH_FAILED)
+
+    def _cbLoggedIn(self, result, user: str):
+        interface, avatar, logout = result
+        self._logout = logout
+        if self._disconnected:
+            self._callLogout()
+            return None
+        self._avatar = avatar
+        d = defer.maybeDeferred(avatar.openMaildrop)
+        d.addCallbacks(self._cbMaildrop, self._ebMaildrop)
+        d.addErrback(self._ebInternal)
+        return d
+
+    def _ebMaildrop(self, reason: Failure) -> None:
+        self._avatar = None
+        self._callLogout()
+        if self._disconnected:
+            return
+        if reason.check(MaildropLocked):
+            self.log.info(
+                "maildrop in use: service=pop3 rhost={peer} user={user}",
+                peer=self.peer,
+                user=events.sanitize(self._avatarName()),
+            )
+            self._reply(ERR_IN_USE)
+        elif reason.check(TemporaryFailure):
+            self.log.warn(
+                "maildrop unavailable: rhost={peer} error={error}",
+                peer=self.peer,
+                error=str(reason.value),
+            )
+            self._reply(ERR_MAILDROP_TEMP)
+        else:
+            self.log.failure("opening maildrop failed", reason)
+            self._reply(ERR_MAILDROP_TEMP)
+        self._doneBusy()
+
+    def _cbMaildrop(self, maildrop) -> None:
+        if self._disconnected:
+            try:
+                maildrop.release()
+            except Exception:
+                self.log.failure("releasing maildrop failed")
+            self._avatar = None
+            self._callLogout()
+            return
+        self._maildrop = maildrop
+        self._messages = list(maildrop.messages)
+        self._deleted = set()
+        self._last = 0
+        self.state = _TRANSACTION
+        self._reply("+OK Logged in.")
+        events.loginSucceeded(self.log, "pop3", self._avatarName(), self.peer, self.secure)
+        self._doneBusy()
+
+    def _avatarName(self) -> str:
+        address = getattr(self._avatar, "address", None)
+        return str(address) if address is not None else ""
+
+    # --- TRANSACTION ------------------------------------------------------
+
+    def _message(self, number: int) -> int:
+        """
+        @return: the 0-based index of the live message C{number}.
+        @raise _NoSuchMessage: out of range.
+        @raise _MessageDeleted: marked as deleted.
+        """
+        if not 1 <= number <= len(self._messages):
+            raise _NoSuchMessage()
+        index = number - 1
+        if index in self._deleted:
+            raise _MessageDeleted()
+        return index
+
+    def _live(self) -> list[tuple[int, object]]:
+        return [(i + 1, m) for i, m in enumerate(self._messages) if i not in self._deleted]
+
+    def do_STAT(self, rest: str) -> None:
+        _noArguments(rest)
+        live = self._live()
+        self._reply("+OK %d %d" % (len(live), sum(m.size for _, m in live)))
+
+    def do_LIST(self, rest: str) -> None:
+        args = _numbers(rest, 0, 1)
+        if args:
+            index = self._message(args[0])
+            self._reply("+OK %d %d" % (args[0], self._messages[index].size))
+            return
+        live = self._live()
+        total = sum(m.size for _, m in live)
+        self._replyMultiline(
+            "+OK %d messages (%d octets)" % (len(live), total),
+            ["%d %d" % (n, m.size) for n, m in live],
+        )
+
+    def do_UIDL(self, rest: str) -> None:
+        args = _numbers(rest, 0, 1)
+        if args:
+            index = self._message(args[0])
+            self._reply("+OK %d %s" % (args[0], self._messages[index].uid))
+            return
+        self._replyMultiline("+OK Unique-ID listing follows.", ["%d %s" % (n, m.uid) for n, m in self._live()])
+
+    def do_DELE(self, rest: str) -> None:
+        (number,) = _numbers(rest, 1, 1)
+        index = self._message(number)
+        self._deleted.add(index)
+        self._reply("+OK Message %d deleted." % (number,))
+
+    def do_NOOP(self, rest: str) -> None:
+        _noArguments(rest)
+        self._reply("+OK")
+
+    def do_RSET(self, rest: str) -> None:
+        _noArguments(rest)
+        self._deleted.clear()
+        self._last = 0
+        live = self._live()
+        self._reply("+OK Maildrop has %d messages (%d octets)." % (len(live), sum(m.size for _, m in live)))
+
+    def do_LAST(self, rest: str) -> None:
+        _noArguments(rest)
+        self._reply("+OK %d" % (self._last,))
+
+    def do_RETR(self, rest: str) -> None:
+        (number,) = _numbers(rest, 1, 1)
+        index = self._message(number)
+        source = self._open(index)
+        if source is None:
+            return
+        self._reply("+OK %d octets" % (self._messages[index].size,))
+        self._last = max(self._last, number)
+        self._send(source, None)
+
+    def do_TOP(self, rest: str) -> None:
+        number, lines = _numbers(rest, 2, 2)
+        index = self._message(number)
+        source = self._open(index)
+        if source is None:
+            return
+        self._reply("+OK Top of message follows.")
+        self._send(source, lines)
+
+    def _open(self, index: int):
+        """
+        @return: the message file, or L{None} after replying if it is gone.
+        """
+        try:
+            return self._maildrop.openMessage(index)
+        except TemporaryFailure as e:
+            self.log.warn(
+                "message unavailable: user={user} index={index} error={error}",
+                user=events.sanitize(self._avatarName()),
+                index=index,
+                error=str(e),
+            )
+            self._reply(ERR_MESSAGE_UNAVAILABLE)
+            return None
+
+    def _send(self, source, topLines: Optional[int]) -> None:
+        self._setBusy()
+        sender = _MessageSender(
+            self.transport,
+            source,
+            topLines,
+            onDone=self._sent if topLines is None else self._sentTop,
+            onProgress=self._resetTimeout,
+        )
+        self._sender = sender
+        sender.start()
+
+    def _sent(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
+        if failure is None:
+            self._retrieved += 1
+            self._bytesSent += sender.octets
+        self._transferDone(sender, failure)
+
+    def _sentTop(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
+        self._transferDone(sender, failure)
+
+    def _transferDone(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
+        if self._sender is sender:
+            self._sender = None
+        if failure is not None:
+            # The +OK line and part of the message are out: never let the
+            # client mistake a truncated message for a whole one.
+            self.log.failure("reading message failed", failure)
+            self._closeConnection()
+            return
+        self._resetTimeout()
+        self._doneBusy()
+
+    def do_QUIT_transaction(self, rest: str) -> None:
+        """
+        Enter the UPDATE state: delete the marked messages, then close.
+        """
+        _noArguments(rest)
+        self.state = _UPDATE
+        self._committing = True
+        self._setBusy()
+        deleted = sorted(self._deleted)
+        maildrop, self._maildrop = self._maildrop, None
+        d = defer.maybeDeferred(maildrop.commit, deleted)
+        d.addCallbacks(self._cbCommitted, self._ebCommit, callbackArgs=(len(deleted),))
+        d.addErrback(self._ebInternal)
+
+    def _cbCommitted(self, ignored, deleted: int) -> None:
+        self._committing = False
+        self._logSessionEnd(deleted=deleted)
+        self._callLogout()
+        self._reply(GOODBYE.format(hostname=self.hostname))
+        self._closeConnection()
+
+    def _ebCommit(self, reason: Failure) -> None:
+        self._committing = False
+        if reason.check(TemporaryFailure):
+            self.log.warn(
+                "commit failed: user={user} error={error}",
+                user=events.sanitize(self._avatarName()),
+                error=str(reason.value),
+            )
+        else:
+            self.log.failure("commit failed", reason)
+        self._logSessionEnd(deleted=0)
+        self._callLogout()
+        self._reply(ERR_COMMIT)
+        self._closeConnection()
+
+    def _logSessionEnd(self, deleted: int) -> None:
+        if self._loggedOut:
+            return
+        self._loggedOut = True
+        events.loggedOut(
+            self.log,
+            "pop3",
+            self._avatarName(),
+            self.peer,
+            retrieved=self._retrieved,
+            deleted=deleted,
+            bytes=self._bytesSent,
+        )
+
+
+_AUTHORIZATION_COMMANDS = {
+    "CAPA": POP3Server.do_CAPA,
+    "USER": POP3Server.do_USER,
+    "PASS": POP3Server.do_PASS,
+    "AUTH": POP3Server.do_AUTH,
+    "STLS": POP3Server.do_STLS,
+    "QUIT": POP3Server.do_QUIT_authorization,
+}
+
+_TRANSACTION_COMMANDS = {
+    "CAPA": POP3Server.do_CAPA,
+    "STAT": POP3Server.do_STAT,
+    "LIST": POP3Server.do_LIST,
+    "RETR": POP3Server.do_RETR,
+    "DELE": POP3Server.do_DELE,
+    "NOOP": POP3Server.do_NOOP,
+    "RSET": POP3Server.do_RSET,
+    "TOP": POP3Server.do_TOP,
+    "UIDL": POP3Server.do_UIDL,
+    "LAST": POP3Server.do_LAST,
+    "QUIT": POP3Server.do_QUIT_transaction,
+}
+
+_ALL_COMMANDS = frozenset(_AUTHORIZATION_COMMANDS) | frozenset(_TRANSACTION_COMMANDS)
+
+
+class POP3Factory(ServerFactory):
+    """
+    Builds L{POP3Server}s.  Also used under implicit TLS (wrapped in a
+    L{twisted.protocols.tls.TLSMemoryBIOFactory}): the protocol then sees
+    an L{ISSLTransport} and counts as secure from the start.
+
+    @ivar plaintextAllowed: C{(secure, peerHost) -> bool}: whether USER/PASS
+        and AUTH PLAIN are allowed on a connection.
+    @ivar tlsContextFactory: passed to C{transport.startTLS} for STLS; if
+        L{None}, STLS is not offered.
+    """
+
+    protocol = POP3Server
+
+    def __init__(
+        self,
+        portal,
+        plaintextAllowed: Callable[[bool, str], bool],
+        clock: IReactorTime,
+        tlsContextFactory=None,
+        idleTimeout: Optional[float] = IDLE_TIMEOUT,
+        hostname: str = "pop3gw",
+        implementation: str = "pop3gw",
+    ) -> None:
+        self.portal = portal
+        self.plaintextAllowed = plaintextAllowed
+        self.clock = clock
+        self.tlsContextFactory = tlsContextFactory
+        self.idleTimeout = idleTimeout
+        self.hostname = hostname
+        self.implementation = implementation
+
+    def buildProtocol(self, addr) -> POP3Server:
+        p = self.protocol(
+            self.portal,
+            self.plaintextAllowed,
+            self.clock,
+            tlsContextFactory=self.tlsContextFactory,
+            idleTimeout=self.idleTimeout,
+            hostname=self.hostname,
+            implementation=self.implementation,
+        )
+        p.factory = self
+        return p

@@ -1,0 +1,94 @@
+"""
+Command-line options and the INI file merge into one L{Config}.
+"""
+
+import os
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from pop3gw.config import ConfigError, Options, buildConfig, parseRelayHost
+
+
+def parse(*args):
+    o = Options()
+    o.parseOptions(list(args))
+    return o.config
+
+
+class OptionsTests(SynchronousTestCase):
+    def writeINI(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_defaults(self) -> None:
+        """
+        With no options: POP3 on tcp:1110 and submission on tcp:1587, both
+        on loopback, no implicit TLS, data in ./pop3gw-data, policy loopback,
+        40 MiB limit.
+        """
+        c = parse()
+        self.assertEqual(c.listeners["pop3"], ("tcp:1110:interface=127.0.0.1",))
+        self.assertEqual(c.listeners["submission"], ("tcp:1587:interface=127.0.0.1",))
+        self.assertEqual(c.listeners["pop3s"], ())
+        self.assertEqual(c.dataDir, os.path.abspath("pop3gw-data"))
+        self.assertEqual(c.plaintextAuth, "loopback")
+        self.assertEqual(c.maxMessageSize, 41943040)
+
+    def test_repeatedEndpointReplacesDefault(self) -> None:
+        """
+        An endpoint option given (twice) replaces that listener's default;
+        C{none} disables a listener.
+        """
+        c = parse("--pop3", "tcp:110", "--pop3", "tcp:2110", "--submission", "none")
+        self.assertEqual(c.listeners["pop3"], ("tcp:110", "tcp:2110"))
+        self.assertEqual(c.listeners["submission"], ())
+
+    def test_iniThenCommandLine(self) -> None:
+        """
+        INI values apply, lists split on commas and newlines, and the command
+        line overrides the INI file.
+        """
+        ini = self.writeINI(
+            "[pop3gw]\ndata-dir = /srv/x\ndomain = Example.ORG, example.net\n"
+            "pop3 = tcp:110\n  tcp:2110\nplaintext-auth = never\n[limits]\nfailure-delay = 0.5\n"
+        )
+        c = parse("--config", ini, "--plaintext-auth", "always")
+        self.assertEqual(c.dataDir, "/srv/x")
+        self.assertEqual(c.domains, ("example.org", "example.net"))
+        self.assertEqual(c.listeners["pop3"], ("tcp:110", "tcp:2110"))
+        self.assertEqual(c.plaintextAuth, "always")
+        self.assertEqual(c.limits["failure-delay"], 0.5)
+
+    def test_badValues(self) -> None:
+        """
+        Invalid values are usage errors with one clear line.
+        """
+        for args in (
+            ["--plaintext-auth", "sometimes"],
+            ["--max-message-size", "lots"],
+            ["--domain", "a/b"],
+            ["--tls-cert", "x.pem"],
+            ["--mx", "tcp:25"],
+            ["--relay-host", "host:notaport"],
+        ):
+            self.assertRaises(usage.UsageError, Options().parseOptions, args)
+
+    def test_badINI(self) -> None:
+        """
+        Unknown sections and keys, and an unreadable file, are refused.
+        """
+        for text in ("[nope]\n", "[pop3gw]\ncolour = blue\n", "[limits]\nspeed = 3\n", "[relay]\npassword = x\n"):
+            self.assertRaises(ConfigError, buildConfig, {}, self.writeINI(text))
+        self.assertRaises(ConfigError, buildConfig, {}, self.mktemp())
+
+    def test_relayHost(self) -> None:
+        """
+        C{HOST[:PORT]} and C{[v6]:PORT} parse; port 25 by default.
+        """
+        self.assertEqual(parseRelayHost("smtp.example"), ("smtp.example", 25))
+        self.assertEqual(parseRelayHost("smtp.example:587"), ("smtp.example", 587))
+        self.assertEqual(parseRelayHost("[::1]:2525"), ("::1", 2525))
+        self.assertRaises(ConfigError, parseRelayHost, "h:0")
