@@ -1,0 +1,12 @@
+"""
+pytest glue: each test runs in its own temporary working directory, so the
+directories trial's C{mktemp()} makes (relative to the working directory)
+are removed with it.
+"""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolatedWorkingDirectory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
