@@ -1,0 +1,1289 @@
+# -*- test-case-name: tests.test_maildir -*-
+"""
+Tests for L{pop3gw.maildir}: one contract suite over both L{MaildirStore}
+and L{pop3gw.testing.FakeMaildropStore}, then Maildir-specific behaviour.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tracemalloc
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from pop3gw import maildir
+from pop3gw.address import Address
+from pop3gw.interfaces import (
+    IDelivery,
+    IMaildrop,
+    IMaildropStore,
+    IMessageInfo,
+    MaildropLocked,
+    PermanentFailure,
+    TemporaryFailure,
+)
+from pop3gw.maildir import MaildirStore
+from pop3gw.testing import FakeMaildropStore, wireForm
+
+ALICE = Address("alice", "example.org")
+BOB = Address("bob", "example.org")
+CAROL = Address("carol", "example.net")
+
+_UNIQUE = re.compile(r"^[0-9]+\.M[0-9]{6}P[0-9]+Q[0-9]+R[0-9a-f]{16}\.testhost$")
+
+
+def _tempDirectory(testCase: SynchronousTestCase) -> str:
+    """
+    A fresh path from C{mktemp}, removed (with its empty parents) after the
+    test, so that runs under pytest leave nothing in the working directory.
+    """
+    path = testCase.mktemp()
+
+    def cleanUp() -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.removedirs(os.path.dirname(path))
+        except OSError:
+            pass
+
+    testCase.addCleanup(cleanUp)
+    return path
+
+
+class MaildropStoreContractMixin:
+    """
+    Behaviour every L{IMaildropStore} shares.  Subclasses define
+    C{makeStore}.
+    """
+
+    def setUp(self) -> None:
+        self.store = self.makeStore()
+
+    def deliver(self, recipients, data: bytes, trace: bytes = b"", store=None) -> None:
+        delivery = (store or self.store).beginDelivery(recipients, trace)
+        delivery.write(data)
+        self.assertIsNone(self.successResultOf(delivery.commit()))
+
+    def openDrop(self, address: Address = ALICE):
+        return self.successResultOf(self.store.openMaildrop(address))
+
+    def read(self, drop, index: int) -> bytes:
+        f = drop.openMessage(index)
+        try:
+            return f.read()
+        finally:
+            f.close()
+
+    def commit(self, drop, deleted) -> None:
+        self.successResultOf(defer.maybeDeferred(drop.commit, deleted))
+
+    def contents(self, address: Address = ALICE) -> list:
+        drop = self.openDrop(address)
+        try:
+            return [self.read(drop, i) for i in range(len(drop.messages))]
+        finally:
+            drop.release()
+
+    def test_interfaces(self) -> None:
+        """
+        The store, its maildrops, message infos and deliveries provide their
+        interfaces.
+        """
+        self.assertTrue(verifyObject(IMaildropStore, self.store))
+        delivery = self.store.beginDelivery([ALICE])
+        self.assertTrue(verifyObject(IDelivery, delivery))
+        delivery.write(b"x\n")
+        self.successResultOf(delivery.commit())
+        drop = self.openDrop()
+        self.assertTrue(verifyObject(IMaildrop, drop))
+        self.assertTrue(verifyObject(IMessageInfo, drop.messages[0]))
+        drop.release()
+
+    def test_emptyMaildrop(self) -> None:
+        """
+        A user who never got mail has an empty maildrop.
+        """
+        drop = self.openDrop(CAROL)
+        self.assertEqual(list(drop.messages), [])
+        drop.release()
+
+    def test_deliverAndRead(self) -> None:
+        """
+        A delivered message is served in wire form, trace first, with a size
+        equal to the served length.
+        """
+        self.deliver([ALICE], b"Subject: hi\n\nline\r\nbare\rend", trace=b"Received: x\r\n")
+        drop = self.openDrop()
+        self.assertEqual(len(drop.messages), 1)
+        self.assertEqual(
+            self.read(drop, 0),
+            b"Received: x\r\nSubject: hi\r\n\r\nline\r\nbare\r\nend\r\n",
+        )
+        self.assertEqual(drop.messages[0].size, 45)
+        drop.release()
+
+    def test_sizesEqualWireForm(self) -> None:
+        """
+        Each message's size is the length of its wire form, whatever its line
+        ends.
+        """
+        bodies = [b"a\n", b"a", b"a\r\n\r\n", b"\r\r\n\n", b"x" * 1000 + b"\r", b"\n"]
+        for body in bodies:
+            self.deliver([ALICE], body)
+        drop = self.openDrop()
+        self.assertEqual([m.size for m in drop.messages], [len(wireForm(b)) for b in bodies])
+        self.assertEqual([self.read(drop, i) for i in range(len(bodies))], [wireForm(b) for b in bodies])
+        drop.release()
+
+    def test_orderOfDelivery(self) -> None:
+        """
+        Messages are listed in the order they were delivered.
+        """
+        for i in range(5):
+            self.deliver([ALICE], b"message %d\n" % (i,))
+        self.assertEqual(self.contents(), [b"message %d\r\n" % (i,) for i in range(5)])
+
+    def test_uidsStableAndUnique(self) -> None:
+        """
+        UIDs are distinct, 1..70 characters in 0x21..0x7E, and the same in
+        the next session.
+        """
+        for i in range(3):
+            self.deliver([ALICE], b"m%d\n" % (i,))
+        drop = self.openDrop()
+        uids = [m.uid for m in drop.messages]
+        drop.release()
+        self.assertEqual(len(set(uids)), 3)
+        for uid in uids:
+            self.assertTrue(1 <= len(uid) <= 70, uid)
+            self.assertTrue(all(0x21 <= ord(c) <= 0x7E for c in uid), uid)
+        drop = self.openDrop()
+        self.assertEqual([m.uid for m in drop.messages], uids)
+        drop.release()
+
+    def test_commitDeletes(self) -> None:
+        """
+        Commit removes exactly the given indexes; the others keep their UIDs.
+        """
+        for i in range(3):
+            self.deliver([ALICE], b"m%d\n" % (i,))
+        drop = self.openDrop()
+        uids = [m.uid for m in drop.messages]
+        self.commit(drop, [0, 2])
+        drop = self.openDrop()
+        self.assertEqual([m.uid for m in drop.messages], [uids[1]])
+        self.assertEqual(self.read(drop, 0), b"m1\r\n")
+        drop.release()
+
+    def test_deleteOnlyAtCommit(self) -> None:
+        """
+        Nothing is removed before commit: a session that ends with
+        C{release} leaves every message, readable.
+        """
+        self.deliver([ALICE], b"one\n")
+        self.deliver([ALICE], b"two\n")
+        drop = self.openDrop()
+        drop.release()
+        self.assertEqual(self.contents(), [b"one\r\n", b"two\r\n"])
+
+    def test_commitNothing(self) -> None:
+        """
+        Commit with no deleted indexes removes nothing and releases the lock.
+        """
+        self.deliver([ALICE], b"one\n")
+        drop = self.openDrop()
+        self.commit(drop, [])
+        self.assertEqual(self.contents(), [b"one\r\n"])
+
+    def test_secondOpenLocked(self) -> None:
+        """
+        A second session on a locked maildrop fails with L{MaildropLocked};
+        other users' maildrops are unaffected.
+        """
+        drop = self.openDrop()
+        self.failureResultOf(self.store.openMaildrop(ALICE), MaildropLocked)
+        other = self.openDrop(BOB)
+        other.release()
+        drop.release()
+
+    def test_lockReleasedAfterCommit(self) -> None:
+        """
+        After commit the maildrop can be opened again.
+        """
+        drop = self.openDrop()
+        self.commit(drop, [])
+        self.openDrop().release()
+
+    def test_lockReleasedAfterRelease(self) -> None:
+        """
+        After release the maildrop can be opened again; release is
+        idempotent.
+        """
+        drop = self.openDrop()
+        drop.release()
+        drop.release()
+        again = self.openDrop()
+        drop.release()
+        self.failureResultOf(self.store.openMaildrop(ALICE), MaildropLocked)
+        again.release()
+
+    def test_deliveryAfterSnapshot(self) -> None:
+        """
+        A message delivered during a session is not in its snapshot, and
+        committing every index of the snapshot does not remove it.
+        """
+        self.deliver([ALICE], b"old\n")
+        drop = self.openDrop()
+        self.deliver([ALICE], b"new\n")
+        self.assertEqual(len(drop.messages), 1)
+        self.commit(drop, range(len(drop.messages)))
+        self.assertEqual(self.contents(), [b"new\r\n"])
+
+    def test_multipleRecipients(self) -> None:
+        """
+        One delivery reaches every recipient; deleting one copy leaves the
+        others.
+        """
+        self.deliver([ALICE, BOB, CAROL], b"to all\n")
+        for user in (ALICE, BOB, CAROL):
+            self.assertEqual(self.contents(user), [b"to all\r\n"])
+        self.commit(self.openDrop(ALICE), [0])
+        self.assertEqual(self.contents(ALICE), [])
+        self.assertEqual(self.contents(BOB), [b"to all\r\n"])
+
+    def test_abort(self) -> None:
+        """
+        An aborted delivery leaves nothing; abort is idempotent.
+        """
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"never\n")
+        delivery.abort()
+        delivery.abort()
+        self.assertEqual(self.contents(), [])
+
+    def test_chunkedWrites(self) -> None:
+        """
+        A message written in many chunks is stored as their concatenation.
+        """
+        data = b"a\r\nb\rc\nd\r\r\n\ne"
+        delivery = self.store.beginDelivery([ALICE])
+        for i in range(len(data)):
+            delivery.write(data[i : i + 1])
+        self.successResultOf(delivery.commit())
+        self.assertEqual(self.contents(), [wireForm(data)])
+
+
+class MaildirContractTests(MaildropStoreContractMixin, SynchronousTestCase):
+    """
+    The contract over L{MaildirStore}.
+    """
+
+    def makeStore(self):
+        return MaildirStore(_tempDirectory(self), hostname="testhost")
+
+
+class FakeContractTests(MaildropStoreContractMixin, SynchronousTestCase):
+    """
+    The contract over L{FakeMaildropStore}.
+    """
+
+    def makeStore(self):
+        return FakeMaildropStore()
+
+
+class _ImmediateThreadPool:
+    """
+    Runs work at once, recording it, and reports through the reactor.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.calls.append(f)
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+class _QueuedReactor:
+    """
+    A reactor whose C{callFromThread} queues calls until L{runQueued}.
+    """
+
+    def __init__(self) -> None:
+        self.queued: list = []
+
+    def callFromThread(self, f, *args, **kwargs) -> None:
+        self.queued.append((f, args, kwargs))
+
+    def runQueued(self) -> None:
+        while self.queued:
+            f, args, kwargs = self.queued.pop(0)
+            f(*args, **kwargs)
+
+
+class MaildirTestsMixin:
+    def setUp(self) -> None:
+        self.root = _tempDirectory(self)
+        self.store = MaildirStore(self.root, hostname="testhost")
+
+    def deliver(self, recipients, data: bytes, trace: bytes = b"") -> None:
+        delivery = self.store.beginDelivery(recipients, trace)
+        delivery.write(data)
+        self.successResultOf(delivery.commit())
+
+    def path(self, address: Address, *parts: str) -> str:
+        return os.path.join(self.root, address.domain, address.localpart, *parts)
+
+    def listing(self, address: Address, subdir: str) -> list:
+        return sorted(os.listdir(self.path(address, subdir)))
+
+    def stored(self, address: Address = ALICE) -> list:
+        """
+        The contents of the files in C{new/} and C{cur/}.
+        """
+        out = []
+        for subdir in ("new", "cur"):
+            for name in self.listing(address, subdir):
+                with open(self.path(address, subdir, name), "rb") as f:
+                    out.append(f.read())
+        return out
+
+    def openDrop(self, address: Address = ALICE):
+        return self.successResultOf(self.store.openMaildrop(address))
+
+    def read(self, drop, index: int) -> bytes:
+        with drop.openMessage(index) as f:
+            return f.read()
+
+    def putFile(self, address: Address, subdir: str, name: str, data: bytes) -> str:
+        self.store.openMaildrop(address).addCallback(lambda d: d.release())
+        path = self.path(address, subdir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+
+class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
+    """
+    Where and how L{MaildirStore} stores messages.
+    """
+
+    def test_layoutAndModes(self) -> None:
+        """
+        The first delivery creates C{<root>/<domain>/<localpart>/} with
+        C{cur}, C{new} and C{tmp}, mode 0700; the message is in C{new/}, mode
+        0600, and C{tmp/} is empty.
+        """
+        self.deliver([ALICE], b"hello\n")
+        for parts in [(), ("cur",), ("new",), ("tmp",)]:
+            mode = stat.S_IMODE(os.stat(self.path(ALICE, *parts)).st_mode)
+            self.assertEqual(mode & 0o077, 0, parts)
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
+        self.assertEqual(self.listing(ALICE, "cur"), [])
+        [name] = self.listing(ALICE, "new")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path(ALICE, "new", name)).st_mode) & 0o077, 0)
+
+    def test_nameCarriesSizes(self) -> None:
+        """
+        A delivered file is named C{<unique>,S=<file size>,W=<wire size>},
+        and W is the file size plus the number of LFs.
+        """
+        data = b"a\r\nbb\rccc\n"
+        self.deliver([ALICE], data)
+        [name] = self.listing(ALICE, "new")
+        unique, sizes = name.split(",", 1)
+        self.assertRegex(unique, _UNIQUE)
+        self.assertEqual(sizes, "S=%d,W=%d" % (len(b"a\nbb\nccc\n"), len(wireForm(data))))
+        self.assertEqual(os.path.getsize(self.path(ALICE, "new", name)), 9)
+
+    def test_uidIsUniqueName(self) -> None:
+        """
+        The UIDL of a delivered message is its unique name, without sizes.
+        """
+        self.deliver([ALICE], b"x\n")
+        [name] = self.listing(ALICE, "new")
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0].uid, name.split(",")[0])
+        drop.release()
+
+    def test_uniqueNamesDiffer(self) -> None:
+        """
+        Two deliveries at the same instant get different unique names.
+        """
+        self.store._now = lambda: 1700000000.25
+        self.deliver([ALICE], b"1\n")
+        self.deliver([ALICE], b"2\n")
+        names = self.listing(ALICE, "new")
+        self.assertEqual(len(names), 2)
+        for name in names:
+            self.assertTrue(name.startswith("1700000000.M250000P%d" % (os.getpid(),)), name)
+
+    def test_hostnameEscaped(self) -> None:
+        """
+        C{/}, C{:} and C{,} in the host name are escaped in octal, so the name
+        stays one path component with no info or size field.
+        """
+        store = MaildirStore(self.root, hostname="a/b:c,d")
+        delivery = store.beginDelivery([ALICE])
+        delivery.write(b"x\n")
+        self.successResultOf(delivery.commit())
+        [name] = self.listing(ALICE, "new")
+        self.assertTrue(name.split(",S=")[0].endswith(".a\\057b\\072c\\054d"), name)
+
+    def test_lineEndsByteByByte(self) -> None:
+        """
+        CRLF, bare CR and LF become LF even when written one byte at a time
+        (a CR ending one write and an LF starting the next are one line
+        end), and the stored file ends with LF.
+        """
+        data = b"a\r\nb\rc\nd\r\r\n\ne\r"
+        delivery = self.store.beginDelivery([ALICE])
+        for i in range(len(data)):
+            delivery.write(data[i : i + 1])
+        self.successResultOf(delivery.commit())
+        self.assertEqual(self.stored(), [b"a\nb\nc\nd\n\n\ne\n"])
+
+    def test_crlfSplitAcrossWrites(self) -> None:
+        """
+        CR at the end of one write and LF at the start of the next make one
+        line end, not two; a CR followed by a CR is two.
+        """
+        delivery = self.store.beginDelivery([ALICE])
+        for chunk in [b"a\r", b"\nb\r", b"\rc", b""]:
+            delivery.write(chunk)
+        self.successResultOf(delivery.commit())
+        self.assertEqual(self.stored(), [b"a\nb\n\nc\n"])
+
+    def test_traceConverted(self) -> None:
+        """
+        The trace is prepended with the same conversion, as one stream with
+        the body.
+        """
+        self.deliver([ALICE], b"\nBody\r\n", trace=b"Received: a\r\n\tb\r")
+        self.assertEqual(self.stored(), [b"Received: a\n\tb\nBody\n"])
+
+    def test_emptyMessage(self) -> None:
+        """
+        An empty message is stored empty and served as zero octets.
+        """
+        self.deliver([ALICE], b"")
+        self.assertEqual(self.stored(), [b""])
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0].size, 0)
+        self.assertEqual(self.read(drop, 0), b"")
+        drop.release()
+
+    def test_largeWriteBuffered(self) -> None:
+        """
+        Writes beyond the buffer size reach the tmp file before commit.
+        """
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"x" * (maildir.WRITE_BUFFER + 1))
+        [name] = self.listing(ALICE, "tmp")
+        self.assertEqual(os.path.getsize(self.path(ALICE, "tmp", name)), maildir.WRITE_BUFFER + 1)
+        delivery.abort()
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
+
+    def test_hardLinkedRecipients(self) -> None:
+        """
+        Recipients on one file system share one inode; removing one link
+        leaves the other.
+        """
+        self.deliver([ALICE, BOB], b"shared\n")
+        [a] = self.listing(ALICE, "new")
+        [b] = self.listing(BOB, "new")
+        self.assertEqual(a, b)
+        sa = os.stat(self.path(ALICE, "new", a))
+        sb = os.stat(self.path(BOB, "new", b))
+        self.assertEqual(sa.st_ino, sb.st_ino)
+        self.assertEqual(sa.st_nlink, 2)
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
+        drop = self.openDrop(ALICE)
+        drop.commit([0])
+        self.assertEqual(self.stored(BOB), [b"shared\n"])
+
+    def test_crossDeviceCopy(self) -> None:
+        """
+        If linking fails with C{EXDEV}, the message is copied into the other
+        maildrop through its C{tmp/}, and no tmp file remains.
+        """
+        realLink = os.link
+
+        def link(src, dst):
+            if self.path(BOB) in dst and self.path(ALICE) in src:
+                raise OSError(errno.EXDEV, "cross-device link")
+            return realLink(src, dst)
+
+        self.patch(os, "link", link)
+        self.deliver([ALICE, BOB], b"copied\n")
+        self.assertEqual(self.stored(ALICE), [b"copied\n"])
+        self.assertEqual(self.stored(BOB), [b"copied\n"])
+        self.assertEqual(self.listing(ALICE, "new"), self.listing(BOB, "new"))
+        self.assertNotEqual(
+            os.stat(self.path(ALICE, "new", self.listing(ALICE, "new")[0])).st_ino,
+            os.stat(self.path(BOB, "new", self.listing(BOB, "new")[0])).st_ino,
+        )
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
+        self.assertEqual(self.listing(BOB, "tmp"), [])
+
+    def test_duplicateRecipients(self) -> None:
+        """
+        A recipient listed twice gets the message once.
+        """
+        self.deliver([ALICE, ALICE, BOB, ALICE], b"once\n")
+        self.assertEqual(self.stored(ALICE), [b"once\n"])
+        self.assertEqual(self.stored(BOB), [b"once\n"])
+
+    def test_noRecipients(self) -> None:
+        """
+        A delivery needs at least one recipient.
+        """
+        self.assertRaises(ValueError, self.store.beginDelivery, [])
+
+    def test_durabilityOrder(self) -> None:
+        """
+        Commit fsyncs the file before linking it into C{new/}, fsyncs
+        C{new/} before removing the tmp file, and fsyncs C{tmp/} after.
+        """
+        self.deliver([ALICE], b"first\n")
+        events = []
+        realFsync, realLink, realUnlink = os.fsync, os.link, os.unlink
+
+        def fsync(fd):
+            target = os.readlink("/proc/self/fd/%d" % (fd,))
+            events.append(("fsync", os.path.basename(target) if not os.path.isdir(target) else target))
+            return realFsync(fd)
+
+        def link(src, dst):
+            events.append(("link", os.path.dirname(dst)))
+            return realLink(src, dst)
+
+        def unlink(path):
+            events.append(("unlink", os.path.dirname(path)))
+            return realUnlink(path)
+
+        self.patch(os, "fsync", fsync)
+        self.patch(os, "link", link)
+        self.patch(os, "unlink", unlink)
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"second\n")
+        [tmpName] = self.listing(ALICE, "tmp")
+        self.successResultOf(delivery.commit())
+        newDir = os.path.abspath(self.path(ALICE, "new"))
+        tmpDir = os.path.abspath(self.path(ALICE, "tmp"))
+        self.assertEqual(
+            events,
+            [
+                ("fsync", tmpName),
+                ("link", newDir),
+                ("fsync", newDir),
+                ("unlink", tmpDir),
+                ("fsync", tmpDir),
+            ],
+        )
+
+    def test_newMaildirDirectoriesFsynced(self) -> None:
+        """
+        Creating a maildrop fsyncs the parent of every directory it makes.
+        """
+        synced = []
+        realFsync = os.fsync
+
+        def fsync(fd):
+            synced.append(os.readlink("/proc/self/fd/%d" % (fd,)))
+            return realFsync(fd)
+
+        self.patch(os, "fsync", fsync)
+        self.store.openMaildrop(ALICE).addCallback(lambda d: d.release())
+        root = os.path.abspath(self.root)
+        drop = os.path.join(root, "example.org", "alice")
+        self.assertEqual(synced, [root, os.path.dirname(drop), drop, drop, drop])
+
+
+class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
+    """
+    Disk trouble during delivery and sessions.
+    """
+
+    def assertNothingLeft(self, *addresses: Address) -> None:
+        for address in addresses:
+            for subdir in ("tmp", "new", "cur"):
+                self.assertEqual(self.listing(address, subdir), [], (address, subdir))
+
+    def test_fsyncENOSPC(self) -> None:
+        """
+        C{ENOSPC} from fsync fails the commit with L{TemporaryFailure} and
+        leaves no file in any C{tmp/} or C{new/}.
+        """
+
+        def fsync(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        delivery = self.store.beginDelivery([ALICE, BOB])
+        delivery.write(b"doomed\n")
+        self.patch(os, "fsync", fsync)
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.assertEqual(delivery.state, "failed")
+        delivery.abort()
+        self.assertNothingLeft(ALICE, BOB)
+
+    def test_writeENOSPC(self) -> None:
+        """
+        C{ENOSPC} while writing raises L{TemporaryFailure} from C{write},
+        removes the tmp file, and later writes and commit fail too.
+        """
+        realWrite = os.write
+
+        def write(fd, data):
+            if len(data) > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return realWrite(fd, data)
+
+        self.patch(os, "write", write)
+        delivery = self.store.beginDelivery([ALICE])
+        self.assertRaises(TemporaryFailure, delivery.write, b"y" * maildir.WRITE_BUFFER)
+        self.assertNothingLeft(ALICE)
+        self.assertRaises(TemporaryFailure, delivery.write, b"z")
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        delivery.abort()
+
+    def test_commitFlushENOSPC(self) -> None:
+        """
+        C{ENOSPC} writing the buffered tail at commit fails the commit and
+        leaves nothing.
+        """
+
+        def write(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"tail")
+        self.patch(os, "write", write)
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.assertNothingLeft(ALICE)
+
+    def test_linkFailureUndone(self) -> None:
+        """
+        If linking into the second recipient's C{new/} fails, the first
+        recipient's link is removed too.
+        """
+        realLink = os.link
+
+        def link(src, dst):
+            if self.path(BOB) in dst:
+                raise OSError(errno.EIO, "I/O error")
+            return realLink(src, dst)
+
+        self.patch(os, "link", link)
+        delivery = self.store.beginDelivery([ALICE, BOB])
+        delivery.write(b"x\n")
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.assertNothingLeft(ALICE, BOB)
+
+    def test_directoryFsyncFailureUndone(self) -> None:
+        """
+        If fsyncing a C{new/} directory fails, every link is removed.
+        """
+        realFsync = os.fsync
+
+        def fsync(fd):
+            if os.path.isdir("/proc/self/fd/%d" % (fd,)):
+                raise OSError(errno.EIO, "I/O error")
+            return realFsync(fd)
+
+        delivery = self.store.beginDelivery([ALICE, BOB])
+        delivery.write(b"x\n")
+        self.patch(os, "fsync", fsync)
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.assertNothingLeft(ALICE, BOB)
+
+    def test_crossDeviceCopyFailureUndone(self) -> None:
+        """
+        A failing cross-device copy leaves no copy in the other C{tmp/}.
+        """
+        realFsync = os.fsync
+
+        def link(src, dst):
+            raise OSError(errno.EXDEV, "cross-device link")
+
+        def fsync(fd):
+            if self.path(BOB, "tmp") in os.readlink("/proc/self/fd/%d" % (fd,)):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return realFsync(fd)
+
+        delivery = self.store.beginDelivery([ALICE, BOB])
+        delivery.write(b"x\n")
+        self.patch(os, "link", link)
+        self.patch(os, "fsync", fsync)
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.assertNothingLeft(ALICE, BOB)
+
+    def test_beginDeliveryFailure(self) -> None:
+        """
+        A maildrop that cannot be created fails C{beginDelivery} with
+        L{TemporaryFailure}.
+        """
+        os.makedirs(os.path.join(self.root, "example.org"))
+        with open(self.path(ALICE), "wb"):
+            pass
+        self.assertRaises(TemporaryFailure, self.store.beginDelivery, [ALICE])
+        self.failureResultOf(self.store.openMaildrop(ALICE), TemporaryFailure)
+
+    def test_commitAfterCommit(self) -> None:
+        """
+        A delivery commits once; a second commit fails and leaves the
+        message.
+        """
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"x\n")
+        self.successResultOf(delivery.commit())
+        self.assertEqual(delivery.state, "committed")
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        delivery.abort()
+        self.assertEqual(self.stored(), [b"x\n"])
+
+    def test_snapshotFailureReleasesLock(self) -> None:
+        """
+        An I/O error while taking the snapshot fails with
+        L{TemporaryFailure} and does not keep the lock.
+        """
+        self.openDrop().release()
+        os.rmdir(self.path(ALICE, "cur"))
+        with open(self.path(ALICE, "cur"), "wb"):
+            pass
+        self.failureResultOf(self.store.openMaildrop(ALICE), TemporaryFailure)
+        os.unlink(self.path(ALICE, "cur"))
+        os.mkdir(self.path(ALICE, "cur"))
+        self.openDrop().release()
+
+    def test_commitUnlinkFailure(self) -> None:
+        """
+        An unlink error at commit raises L{TemporaryFailure}, still removes
+        the other messages, and releases the lock.
+        """
+        self.deliver([ALICE], b"1\n")
+        self.deliver([ALICE], b"2\n")
+        drop = self.openDrop()
+        first = os.path.join(drop.path, "new", self.listing(ALICE, "new")[0])
+        realUnlink = os.unlink
+
+        def unlink(path):
+            if path == first:
+                raise OSError(errno.EIO, "I/O error")
+            return realUnlink(path)
+
+        self.patch(os, "unlink", unlink)
+        self.assertRaises(TemporaryFailure, drop.commit, [0, 1])
+        self.assertEqual(self.stored(), [b"1\n"])
+        self.openDrop().release()
+
+    def test_commitVanishedCountsAsDeleted(self) -> None:
+        """
+        A message removed by someone else during the session counts as
+        deleted at commit.
+        """
+        self.deliver([ALICE], b"1\n")
+        drop = self.openDrop()
+        for name in self.listing(ALICE, "new"):
+            os.unlink(self.path(ALICE, "new", name))
+        self.assertIsNone(drop.commit([0]))
+        self.openDrop().release()
+
+    def test_openVanished(self) -> None:
+        """
+        Opening a message removed by someone else fails with
+        L{TemporaryFailure}.
+        """
+        self.deliver([ALICE], b"1\n")
+        drop = self.openDrop()
+        for name in self.listing(ALICE, "new"):
+            os.unlink(self.path(ALICE, "new", name))
+        self.assertRaises(TemporaryFailure, drop.openMessage, 0)
+        drop.release()
+
+    def test_openChangedSize(self) -> None:
+        """
+        A message whose file changed size during the session fails with
+        L{TemporaryFailure} rather than being served with a wrong size.
+        """
+        self.deliver([ALICE], b"1\n")
+        drop = self.openDrop()
+        [name] = self.listing(ALICE, "new")
+        with open(self.path(ALICE, "new", name), "ab") as f:
+            f.write(b"more\n")
+        self.assertRaises(TemporaryFailure, drop.openMessage, 0)
+        drop.release()
+
+    def test_useAfterRelease(self) -> None:
+        """
+        A released maildrop cannot be read or committed.
+        """
+        self.deliver([ALICE], b"1\n")
+        drop = self.openDrop()
+        drop.release()
+        self.assertRaises(TemporaryFailure, drop.openMessage, 0)
+        self.assertRaises(TemporaryFailure, drop.commit, [0])
+        self.assertEqual(self.stored(), [b"1\n"])
+
+    def test_badIndex(self) -> None:
+        """
+        Out-of-range indexes raise L{IndexError}; a bad commit still
+        releases the lock and deletes nothing.
+        """
+        self.deliver([ALICE], b"1\n")
+        drop = self.openDrop()
+        self.assertRaises(IndexError, drop.openMessage, 1)
+        self.assertRaises(IndexError, drop.openMessage, -1)
+        self.assertRaises(IndexError, drop.commit, [0, 5])
+        self.assertEqual(self.stored(), [b"1\n"])
+        self.openDrop().release()
+
+
+class ForeignFileTests(MaildirTestsMixin, SynchronousTestCase):
+    """
+    Files put into a maildrop by other tools.
+    """
+
+    def test_noSizeCRLF(self) -> None:
+        """
+        A file without sizes in its name, with CRLF line ends and no final
+        newline, is served correctly and renamed into C{cur/} with C{S=},
+        C{W=} and C{:2,}; its UIDL is its unique name.
+        """
+        data = b"Subject: x\r\n\r\nbody\r\nlast"
+        self.putFile(ALICE, "new", "1600000000.foreign.example", data)
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0].size, len(wireForm(data)))
+        self.assertEqual(drop.messages[0].uid, "1600000000.foreign.example")
+        self.assertEqual(self.read(drop, 0), wireForm(data))
+        self.assertEqual(self.listing(ALICE, "new"), [])
+        self.assertEqual(
+            self.listing(ALICE, "cur"),
+            ["1600000000.foreign.example,S=%d,W=%d:2," % (len(data), len(wireForm(data)))],
+        )
+        drop.release()
+
+    def test_sizeOnlyWithFlags(self) -> None:
+        """
+        A file with C{,S=} only and flags gets C{,W=} added in place, its
+        flags and UIDL kept.
+        """
+        data = b"a\nb\r\n"
+        self.putFile(ALICE, "cur", "1600000000.x.example,S=%d:2,RS" % (len(data),), data)
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0].size, 6)
+        self.assertEqual(drop.messages[0].uid, "1600000000.x.example")
+        self.assertEqual(self.listing(ALICE, "cur"), ["1600000000.x.example,S=5,W=6:2,RS"])
+        drop.release()
+
+    def test_readOnce(self) -> None:
+        """
+        A foreign file is read to size it at the first snapshot only; later
+        snapshots trust its name.
+        """
+        self.putFile(ALICE, "new", "1600000000.once", b"x\r\n")
+        self.openDrop().release()
+        self.patch(maildir, "_measureFile", lambda path: self.fail("file read again"))
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0].size, 3)
+        self.assertEqual(drop.messages[0].uid, "1600000000.once")
+        drop.release()
+
+    def test_wrongSizeRecomputed(self) -> None:
+        """
+        A name whose C{S=} disagrees with the file is not trusted: the file
+        is measured again and renamed.
+        """
+        self.putFile(ALICE, "cur", "1600000000.liar,S=1,W=2:2,", b"line\nline\n")
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0].size, 12)
+        self.assertEqual(self.listing(ALICE, "cur"), ["1600000000.liar,S=10,W=12:2,"])
+        drop.release()
+
+    def test_otherFieldsKept(self) -> None:
+        """
+        Comma fields other than C{S=}/C{W=} stay in the name and the UIDL.
+        """
+        self.putFile(ALICE, "new", "1600000000.y,X=1", b"q")
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0].uid, "1600000000.y,X=1")
+        self.assertEqual(self.listing(ALICE, "cur"), ["1600000000.y,X=1,S=1,W=3:2,"])
+        drop.release()
+
+    def test_uidUnchangedByFlags(self) -> None:
+        """
+        Another tool moving a message to C{cur/} and adding flags does not
+        change its UIDL.
+        """
+        self.deliver([ALICE], b"x\n")
+        drop = self.openDrop()
+        uid = drop.messages[0].uid
+        drop.release()
+        [name] = self.listing(ALICE, "new")
+        os.rename(self.path(ALICE, "new", name), self.path(ALICE, "cur", name + ":2,"))
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0].uid, uid)
+        drop.release()
+        os.rename(self.path(ALICE, "cur", name + ":2,"), self.path(ALICE, "cur", name + ":2,S"))
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0].uid, uid)
+        drop.release()
+
+    def test_renamedDuringSession(self) -> None:
+        """
+        A message renamed by another tool during the session is still read
+        and deleted.
+        """
+        self.deliver([ALICE], b"x\n")
+        drop = self.openDrop()
+        [name] = self.listing(ALICE, "new")
+        os.rename(self.path(ALICE, "new", name), self.path(ALICE, "cur", name + ":2,S"))
+        self.assertEqual(self.read(drop, 0), b"x\r\n")
+        os.rename(self.path(ALICE, "cur", name + ":2,S"), self.path(ALICE, "cur", name + ":2,RS"))
+        drop.commit([0])
+        self.assertEqual(self.stored(), [])
+
+    def test_uidCharsetAndLength(self) -> None:
+        """
+        A unique name longer than 70 characters or with characters outside
+        0x21..0x7E gets a digest UIDL, C{"H"} and 40 hex digits.
+        """
+        long = "1600000001." + "a" * 70
+        spaced = "1600000002.with space"
+        accented = "1600000003.caf\u00e9"
+        exact = "1600000004." + "b" * 59
+        for name in (long, spaced, accented, exact):
+            self.putFile(ALICE, "cur", name + ":2,", b"x\n")
+        drop = self.openDrop()
+        uids = [m.uid for m in drop.messages]
+        drop.release()
+        for name, uid in zip((long, spaced, accented), uids):
+            expected = "H" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:40]
+            self.assertEqual(uid, expected)
+        self.assertEqual(uids[3], exact)
+        self.assertEqual(len(exact), 70)
+
+    def test_ignored(self) -> None:
+        """
+        Dot files, directories, symlinks and files in C{tmp/} are not
+        messages.
+        """
+        self.putFile(ALICE, "new", ".hidden", b"x")
+        self.putFile(ALICE, "tmp", "1600000000.partial", b"x")
+        os.mkdir(self.path(ALICE, "cur", "1600000000.dir"))
+        os.symlink("/etc/passwd", self.path(ALICE, "cur", "1600000000.link"))
+        drop = self.openDrop()
+        self.assertEqual(list(drop.messages), [])
+        drop.release()
+
+    def test_order(self) -> None:
+        """
+        Messages are ordered by the leading integer of the name (numerically),
+        then by the name; names without one come first.
+        """
+        for name in ["10.b", "9.z", "10.a", "nodate", "100.a"]:
+            self.putFile(ALICE, "new", name, name.encode("ascii"))
+        drop = self.openDrop()
+        self.assertEqual([m.uid for m in drop.messages], ["nodate", "9.z", "10.a", "10.b", "100.a"])
+        drop.release()
+
+    def test_sameKeyInNewAndCur(self) -> None:
+        """
+        A unique name present in both C{new/} and C{cur/} is listed once.
+        """
+        self.putFile(ALICE, "new", "1600000000.dup,S=2,W=3", b"x\n")
+        self.putFile(ALICE, "cur", "1600000000.dup,S=2,W=3:2,S", b"x\n")
+        drop = self.openDrop()
+        self.assertEqual([m.uid for m in drop.messages], ["1600000000.dup"])
+        drop.release()
+
+
+class StreamingTests(MaildirTestsMixin, SynchronousTestCase):
+    """
+    L{MaildirMaildrop.openMessage} streams.
+    """
+
+    def test_smallReads(self) -> None:
+        """
+        A multi-megabyte message read in small pieces equals its wire form,
+        and the total is its listed size.
+        """
+        line = b"0123456789" * 7
+        data = b"".join(line + end for end in [b"\r\n", b"\n", b"\r"] * 20000) + b"end"
+        delivery = self.store.beginDelivery([ALICE])
+        for i in range(0, len(data), 4093):
+            delivery.write(data[i : i + 4093])
+        self.successResultOf(delivery.commit())
+        drop = self.openDrop()
+        pieces = []
+        with drop.openMessage(0) as f:
+            while True:
+                piece = f.read(997)
+                if not piece:
+                    break
+                self.assertLessEqual(len(piece), 997)
+                pieces.append(piece)
+        served = b"".join(pieces)
+        self.assertEqual(served, wireForm(data))
+        self.assertEqual(len(served), drop.messages[0].size)
+        drop.release()
+
+    def test_foreignCRLFChunkBoundary(self) -> None:
+        """
+        A CRLF file whose CR and LF fall on either side of a read chunk
+        boundary is served with one CRLF there; bare CRs and a missing final
+        newline are fixed.
+        """
+        data = b"a" * (maildir.READ_CHUNK - 1) + b"\r\n" + b"b\r" * 10 + b"\rc"
+        self.putFile(ALICE, "cur", "1600000000.crlf:2,", data)
+        drop = self.openDrop()
+        with drop.openMessage(0) as f:
+            served = f.read()
+        self.assertEqual(served, wireForm(data))
+        self.assertEqual(drop.messages[0].size, len(served))
+        drop.release()
+
+    def test_readline(self) -> None:
+        """
+        The message object supports C{readline} and iteration, like a file.
+        """
+        self.deliver([ALICE], b"one\ntwo\rthree")
+        drop = self.openDrop()
+        with drop.openMessage(0) as f:
+            self.assertEqual(f.readline(), b"one\r\n")
+            self.assertEqual(list(f), [b"two\r\n", b"three\r\n"])
+        drop.release()
+
+    def test_flatMemory(self) -> None:
+        """
+        Streaming a 20 MB message allocates far less than its size.
+        """
+        chunk = (b"x" * 78 + b"\n") * 1000
+        delivery = self.store.beginDelivery([ALICE])
+        for _ in range(20 * 1024 * 1024 // len(chunk)):
+            delivery.write(chunk)
+        self.successResultOf(delivery.commit())
+        drop = self.openDrop()
+        total = 0
+        tracemalloc.start()
+        try:
+            with drop.openMessage(0) as f:
+                while True:
+                    piece = f.read(8192)
+                    if not piece:
+                        break
+                    total += len(piece)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(total, drop.messages[0].size)
+        self.assertLess(peak, 1024 * 1024)
+        drop.release()
+
+
+class LockTests(MaildirTestsMixin, SynchronousTestCase):
+    """
+    The maildrop lock across processes.
+    """
+
+    _HOLD = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "if sys.argv[2] == 'crash':\n"
+        "    os._exit(0)\n"
+        "sys.stdout.write('locked\\n')\n"
+        "sys.stdout.flush()\n"
+        "sys.stdin.read()\n"
+    )
+
+    def lockPath(self) -> str:
+        self.openDrop().release()
+        return self.path(ALICE, maildir.LOCK_NAME)
+
+    def test_crashedHolderDoesNotBlock(self) -> None:
+        """
+        A process that took the lock and died without unlocking does not
+        block the next session.
+        """
+        subprocess.run([sys.executable, "-c", self._HOLD, self.lockPath(), "crash"], check=True)
+        self.openDrop().release()
+
+    def test_otherProcessBlocks(self) -> None:
+        """
+        A lock held by another live process makes the open fail with
+        L{MaildropLocked}; once it exits, the open succeeds.
+        """
+        holder = subprocess.Popen(
+            [sys.executable, "-c", self._HOLD, self.lockPath(), "hold"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            self.assertEqual(holder.stdout.readline(), b"locked\n")
+            self.failureResultOf(self.store.openMaildrop(ALICE), MaildropLocked)
+        finally:
+            holder.stdin.close()
+            holder.wait()
+            holder.stdout.close()
+        self.openDrop().release()
+
+    def test_twoStoresSameProcess(self) -> None:
+        """
+        Two stores over one root in one process exclude each other.
+        """
+        other = MaildirStore(self.root, hostname="testhost")
+        drop = self.openDrop()
+        self.failureResultOf(other.openMaildrop(ALICE), MaildropLocked)
+        drop.release()
+        self.successResultOf(other.openMaildrop(ALICE)).release()
+
+
+class PathTests(MaildirTestsMixin, SynchronousTestCase):
+    """
+    Addresses cannot name paths outside the root.
+    """
+
+    def test_maildirPath(self) -> None:
+        """
+        A maildrop is C{<root>/<domain>/<localpart>}.
+        """
+        self.assertEqual(
+            self.store.maildirPath(Address("Alice.B", "example.org")),
+            os.path.join(os.path.abspath(self.root), "example.org", "Alice.B"),
+        )
+
+    def test_escapesRefused(self) -> None:
+        """
+        Addresses built without parsing that would escape the root or its
+        layout fail with L{PermanentFailure} and create nothing.
+        """
+        bad = [
+            Address("..", "example.org"),
+            Address(".", "example.org"),
+            Address("", "example.org"),
+            Address("a/../../b", "example.org"),
+            Address("x\0", "example.org"),
+            Address("alice", ".."),
+            Address("alice", "../etc"),
+            Address("alice", ""),
+        ]
+        for address in bad:
+            self.assertRaises(PermanentFailure, self.store.maildirPath, address)
+            self.assertRaises(PermanentFailure, self.store.beginDelivery, [address])
+            self.failureResultOf(self.store.openMaildrop(address), PermanentFailure)
+        self.assertFalse(os.path.exists(self.root))
+
+
+class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
+    """
+    With a thread pool, blocking work leaves the reactor thread.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pool = _ImmediateThreadPool()
+        self.reactor = _QueuedReactor()
+        self.store = MaildirStore(self.root, reactor=self.reactor, threadpool=self.pool, hostname="testhost")
+
+    def test_deliveryCommit(self) -> None:
+        """
+        The commit runs in the pool and fires only through the reactor.
+        """
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"threaded\n")
+        d = delivery.commit()
+        self.assertNoResult(d)
+        self.assertEqual(len(self.pool.calls), 1)
+        self.reactor.runQueued()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(delivery.state, "committed")
+        self.assertEqual(self.stored(), [b"threaded\n"])
+
+    def test_deliveryCommitFailure(self) -> None:
+        """
+        A failing threaded commit fails with L{TemporaryFailure}.
+        """
+
+        def fsync(fd):
+            raise OSError(errno.EIO, "I/O error")
+
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"x\n")
+        self.patch(os, "fsync", fsync)
+        d = delivery.commit()
+        self.reactor.runQueued()
+        self.failureResultOf(d, TemporaryFailure)
+        self.assertEqual(delivery.state, "failed")
+
+    def test_sessionThreaded(self) -> None:
+        """
+        Opening and committing a maildrop run in the pool; commit returns a
+        L{Deferred}; locking still excludes a second session.
+        """
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"x\n")
+        d = delivery.commit()
+        self.reactor.runQueued()
+        self.successResultOf(d)
+        d = self.store.openMaildrop(ALICE)
+        self.assertNoResult(d)
+        self.reactor.runQueued()
+        drop = self.successResultOf(d)
+        second = self.store.openMaildrop(ALICE)
+        self.reactor.runQueued()
+        self.failureResultOf(second, MaildropLocked)
+        d = drop.commit([0])
+        self.assertIsInstance(d, defer.Deferred)
+        drop.release()
+        self.assertNoResult(d)
+        self.reactor.runQueued()
+        self.successResultOf(d)
+        self.assertEqual(self.stored(), [])
+        d = self.store.openMaildrop(ALICE)
+        self.reactor.runQueued()
+        self.successResultOf(d).release()
+
+
+class HelperTests(SynchronousTestCase):
+    """
+    Name parsing and conversion helpers.
+    """
+
+    def test_parseName(self) -> None:
+        """
+        C{parseName} separates the unique key, sizes and info.
+        """
+        parsed = maildir.parseName("123.abc,S=10,W=12:2,FS")
+        self.assertEqual(
+            (parsed.key, parsed.fileSize, parsed.wireSize, parsed.info),
+            ("123.abc", 10, 12, ":2,FS"),
+        )
+        parsed = maildir.parseName("123.abc,W=4,Z=1,S=x")
+        self.assertEqual((parsed.key, parsed.fileSize, parsed.wireSize, parsed.info), ("123.abc,Z=1,S=x", None, 4, ""))
+
+    def test_wireConverterMatchesWireForm(self) -> None:
+        """
+        The streaming converter, fed in every two-piece split, equals
+        C{wireForm} on the whole.
+        """
+        data = b"\r\na\rb\n\r\r\n\nc\r"
+        for cut in range(len(data) + 1):
+            converter = maildir._WireConverter()
+            out = converter.feed(data[:cut]) + converter.feed(data[cut:]) + converter.finish()
+            self.assertEqual(out, wireForm(data), cut)
