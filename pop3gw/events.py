@@ -34,7 +34,7 @@ def sanitize(text: str | bytes | None) -> str:
     for c in text:
         if c in '"\\':
             out.append("\\" + c)
-        elif c.isprintable() and c != " ":
+        elif c.isprintable():
             out.append(c)
         else:
             out.append("\\x%02x" % ord(c) if ord(c) < 256 else "\\u%04x" % ord(c))

@@ -66,7 +66,7 @@ IDLE_TIMEOUT = 600
 #: Octets read from a message file at a time when streaming it.
 READ_CHUNK_SIZE = 65536
 
-#: Greatest message number or line count accepted as an argument.
+#: A message number or line count argument: 1 to 10 decimal digits.
 _NUMBER = re.compile(r"^[0-9]{1,10}$")
 
 # Fixed replies.  Nothing here ever contains text from an exception.
@@ -342,8 +342,20 @@ class POP3Server(Protocol):
     """
     One POP3 session.
 
+    @param portal: a L{twisted.cred.portal.Portal} giving L{IPOP3Avatar}s
+        for L{UsernamePassword} credentials (full C{user@domain} names).
+    @param plaintextAllowed: C{(secure, peerHost) -> bool}: whether
+        USER/PASS and AUTH PLAIN may be used on this connection now.
+    @param clock: the L{IReactorTime} for the idle timeout.
+    @param tlsContextFactory: given to C{transport.startTLS} for STLS, or
+        L{None} to not offer STLS.
+    @param idleTimeout: seconds of silence before closing, or L{None}.
+    @param hostname: named in the goodbye line.
+    @param implementation: named in the greeting and CAPA.
+
     @ivar state: C{"AUTHORIZATION"}, C{"TRANSACTION"} or C{"UPDATE"}.
     @ivar secure: whether TLS is active (implicit TLS or after STLS).
+    @ivar peer: the client's host, for logs and the policy.
     """
 
     log = Logger()
@@ -482,9 +494,12 @@ class POP3Server(Protocol):
         if self._closing or self._disconnected:
             return
         if self._sender is not None:
+            # Mid-message a reply line would look like message text: just
+            # close, without the terminating "." line.
             sender, self._sender = self._sender, None
             sender.stopProducing()
-        self._reply(ERR_IDLE)
+        else:
+            self._reply(ERR_IDLE)
         self._closeConnection()
 
     # --- Output -------------------------------------------------------------

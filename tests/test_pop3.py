@@ -1,0 +1,1477 @@
+# -*- test-case-name: tests.test_pop3 -*-
+"""
+Tests for L{pop3gw.pop3}: the POP3 server protocol and factory.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import CertificateOptions, PrivateCertificate
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+import twisted.test
+from pop3gw.address import Address
+from pop3gw.interfaces import IPOP3Avatar, TemporaryFailure
+from pop3gw.pop3 import READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
+from pop3gw.testing import FakeMaildropStore, FakePOP3Avatar
+
+ALICE = Address("alice", "example.org")
+PEER = IPv4Address("TCP", "192.0.2.7", 40000)
+
+MSG1 = b"From: bob@example.net\r\nSubject: one\r\n\r\nHello\r\n"
+MSG2 = b"Subject: two\r\n\r\n.dot line\r\n..two dots\r\n.\r\nend\r\n"
+MSG3 = b"Subject: three\r\n\r\nbody\r\n"
+
+CAPA_PLAINTEXT = (
+    b"+OK Capability list follows.\r\n"
+    b"TOP\r\nUSER\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n"
+    b"EXPIRE NEVER\r\nLOGIN-DELAY 0\r\nSASL PLAIN\r\nIMPLEMENTATION pop3gw\r\n.\r\n"
+)
+CAPA_NO_PLAINTEXT = (
+    b"+OK Capability list follows.\r\n"
+    b"TOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n"
+    b"EXPIRE NEVER\r\nLOGIN-DELAY 0\r\nIMPLEMENTATION pop3gw\r\n.\r\n"
+)
+LOGGED_IN = b"+OK Send PASS.\r\n+OK Logged in.\r\n"
+
+
+def always(secure: bool, peerHost: str) -> bool:
+    return True
+
+
+def never(secure: bool, peerHost: str) -> bool:
+    return False
+
+
+def tlsOnly(secure: bool, peerHost: str) -> bool:
+    return secure
+
+
+def plain(authzid: bytes, authcid: bytes, password: bytes) -> bytes:
+    """
+    A base64 SASL PLAIN response.
+    """
+    return base64.b64encode(authzid + b"\x00" + authcid + b"\x00" + password)
+
+
+class _RecordingStore(FakeMaildropStore):
+    """
+    A L{FakeMaildropStore} that remembers the maildrops it opened.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: list = []
+
+    def openMaildrop(self, address):
+        d = super().openMaildrop(address)
+        d.addCallback(self._opened)
+        return d
+
+    def _opened(self, maildrop):
+        self.opened.append(maildrop)
+        return maildrop
+
+
+@implementer(IRealm)
+class _Realm:
+    """
+    Hands out L{FakePOP3Avatar}s and counts logouts.
+    """
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.logins = 0
+        self.logouts = 0
+        self.openFailure = None
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        assert IPOP3Avatar in interfaces
+        self.logins += 1
+        avatar = FakePOP3Avatar(Address.parse(avatarId), self.store)
+        if self.openFailure is not None:
+            failure = self.openFailure
+            avatar.openMaildrop = lambda: defer.fail(failure)
+        return IPOP3Avatar, avatar, self._logout
+
+    def _logout(self) -> None:
+        self.logouts += 1
+
+
+class _DeferredChecker:
+    """
+    A checker whose answers the test gives by firing C{self.pending}.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def requestAvatarId(self, credentials):
+        d = defer.Deferred()
+        self.pending.append((credentials, d))
+        return d
+
+
+@implementer(ITLSTransport)
+class _StartTLSTransport(StringTransport):
+    """
+    A L{StringTransport} that records C{startTLS} calls.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tlsStarted: list = []
+
+    def startTLS(self, contextFactory, normal=True) -> None:
+        self.tlsStarted.append(contextFactory)
+
+
+@implementer(ISSLTransport)
+class _SecureTransport(StringTransport):
+    """
+    A L{StringTransport} that says it is TLS (implicit TLS).
+    """
+
+
+class _PausingTransport(StringTransport):
+    """
+    A L{StringTransport} that, like a TCP transport whose buffer is full,
+    pauses a streaming producer after each write.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes: list = []
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.writes.append(data)
+        if self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
+
+
+class _TrackedFile(io.BytesIO):
+    """
+    A message file that can fail on read.
+    """
+
+    failAfter = None
+
+    def read(self, n: int = -1) -> bytes:
+        if self.failAfter is not None and self.tell() >= self.failAfter:
+            raise OSError("disk on fire: secret detail")
+        return super().read(n)
+
+
+class _Harness(SynchronousTestCase):
+    """
+    Builds a L{POP3Server} over a L{StringTransport} with a real portal, a
+    realm of L{FakePOP3Avatar}s and an in-memory checker.
+    """
+
+    def setUp(self) -> None:
+        self.store = _RecordingStore()
+        self.store.add(ALICE, MSG1, uid="u1")
+        self.store.add(ALICE, MSG2, uid="u2")
+        self.store.add(ALICE, MSG3, uid="u3")
+        self.realm = _Realm(self.store)
+        self.checker = InMemoryUsernamePasswordDatabaseDontUse()
+        self.checker.addUser(b"alice@example.org", b"secret")
+        self.portal = Portal(self.realm, [self.checker])
+        self.clock = task.Clock()
+        self.events: list = []
+
+    def connect(self, policy=always, tls=None, transport=None, portal=None, idleTimeout=600):
+        factory = POP3Factory(
+            portal or self.portal,
+            policy,
+            self.clock,
+            tlsContextFactory=tls,
+            idleTimeout=idleTimeout,
+        )
+        self.proto = factory.buildProtocol(PEER)
+        self.proto.log = Logger(observer=self.events.append)
+        self.transport = transport if transport is not None else StringTransport(peerAddress=PEER)
+        self.proto.makeConnection(self.transport)
+        return self.proto
+
+    def send(self, data: bytes) -> bytes:
+        """
+        Deliver C{data} and return what the server wrote in response.
+        """
+        self.transport.clear()
+        self.proto.dataReceived(data)
+        return self.transport.value()
+
+    def login(self, **kwargs):
+        self.connect(**kwargs)
+        self.assertEqual(self.send(b"USER alice@example.org\r\nPASS secret\r\n"), LOGGED_IN)
+        return self.store.opened[-1]
+
+    def logLines(self) -> list:
+        return [formatEvent(e) for e in self.events]
+
+    def failures(self) -> list:
+        return [e["log_failure"] for e in self.events if "log_failure" in e]
+
+    def drain(self) -> int:
+        """
+        Resume the registered producer until it unregisters.
+
+        @return: how many times it was resumed.
+        """
+        count = 0
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+            count += 1
+            self.assertLess(count, 10000)
+        return count
+
+
+class GreetingAndCapabilityTests(_Harness):
+    def test_greeting(self) -> None:
+        """
+        The greeting is C{+OK <implementation> ready.} without an APOP
+        timestamp.
+        """
+        self.connect()
+        self.assertEqual(self.transport.value(), b"+OK pop3gw ready.\r\n")
+
+    def test_greetingImplementation(self) -> None:
+        """
+        The factory's C{implementation} is used in the greeting and CAPA.
+        """
+        factory = POP3Factory(self.portal, always, self.clock, implementation="pop3gw 1.2")
+        proto = factory.buildProtocol(PEER)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.assertEqual(transport.value(), b"+OK pop3gw 1.2 ready.\r\n")
+        transport.clear()
+        proto.dataReceived(b"CAPA\r\n")
+        self.assertIn(b"\r\nIMPLEMENTATION pop3gw 1.2\r\n.\r\n", transport.value())
+
+    def test_capaPlaintextAllowed(self) -> None:
+        """
+        When the policy allows plaintext, CAPA lists USER and SASL PLAIN.
+        """
+        self.connect(policy=always)
+        self.assertEqual(self.send(b"CAPA\r\n"), CAPA_PLAINTEXT)
+
+    def test_capaPlaintextRefused(self) -> None:
+        """
+        When the policy refuses plaintext, CAPA lists neither USER nor SASL.
+        """
+        self.connect(policy=never)
+        self.assertEqual(self.send(b"CAPA\r\n"), CAPA_NO_PLAINTEXT)
+
+    def test_policyArguments(self) -> None:
+        """
+        The policy is asked with the TLS state and the peer's host.
+        """
+        calls = []
+
+        def policy(secure, host):
+            calls.append((secure, host))
+            return False
+
+        self.connect(policy=policy)
+        self.send(b"CAPA\r\n")
+        self.assertEqual(set(calls), {(False, "192.0.2.7")})
+
+    def test_capaSTLS(self) -> None:
+        """
+        With a TLS context factory and a transport that can start TLS, CAPA
+        offers STLS; with the C{tlsOnly} policy, not USER nor SASL yet.
+        """
+        self.connect(policy=tlsOnly, tls=object(), transport=_StartTLSTransport(peerAddress=PEER))
+        self.assertEqual(
+            self.send(b"CAPA\r\n"),
+            CAPA_NO_PLAINTEXT.replace(b"IMPLEMENTATION", b"STLS\r\nIMPLEMENTATION"),
+        )
+
+    def test_capaNoSTLSWithoutContext(self) -> None:
+        """
+        Without a TLS context factory STLS is neither offered nor accepted.
+        """
+        self.connect(transport=_StartTLSTransport(peerAddress=PEER))
+        self.assertEqual(self.send(b"CAPA\r\n"), CAPA_PLAINTEXT)
+        self.assertEqual(self.send(b"STLS\r\n"), b"-ERR TLS not available.\r\n")
+        self.assertEqual(self.transport.tlsStarted, [])
+
+    def test_capaAfterLogin(self) -> None:
+        """
+        In the TRANSACTION state CAPA lists neither USER, SASL nor STLS.
+        """
+        self.login(tls=object(), transport=_StartTLSTransport(peerAddress=PEER))
+        self.assertEqual(self.send(b"CAPA\r\n"), CAPA_NO_PLAINTEXT)
+
+    def test_capaArguments(self) -> None:
+        """
+        CAPA takes no argument.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"CAPA x\r\n"), b"-ERR Invalid arguments.\r\n")
+
+
+class UserPassTests(_Harness):
+    def test_success(self) -> None:
+        """
+        USER then PASS with the right password logs in, opens the maildrop
+        and logs the login line.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"USER alice@example.org\r\n"), b"+OK Send PASS.\r\n")
+        self.assertEqual(self.send(b"PASS secret\r\n"), b"+OK Logged in.\r\n")
+        self.assertEqual(len(self.store.opened), 1)
+        self.assertEqual(self.proto.state, "TRANSACTION")
+        self.assertIn(
+            'login: service=pop3 rhost=192.0.2.7 user="alice@example.org" tls=no',
+            self.logLines(),
+        )
+
+    def test_commandsCaseInsensitive(self) -> None:
+        """
+        Command names are case-insensitive.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"user alice@example.org\r\npAsS secret\r\nstat\r\n"), LOGGED_IN + b"+OK 3 %d\r\n" % (
+            len(MSG1) + len(MSG2) + len(MSG3),
+        ))
+
+    def test_failure(self) -> None:
+        """
+        A wrong password gives one fixed C{[AUTH]} reply, logs the failure
+        in the fail2ban format and forgets the USER.
+        """
+        self.connect()
+        self.send(b"USER alice@example.org\r\n")
+        self.assertEqual(self.send(b"PASS wrong\r\n"), b"-ERR [AUTH] Authentication failed.\r\n")
+        self.assertEqual(self.proto.state, "AUTHORIZATION")
+        self.assertIn(
+            'authentication failed: service=pop3 rhost=192.0.2.7 user="alice@example.org" reason="bad credentials"',
+            self.logLines(),
+        )
+        self.assertEqual(self.send(b"PASS secret\r\n"), b"-ERR Send USER first.\r\n")
+
+    def test_unknownUser(self) -> None:
+        """
+        An unknown user gets the same reply as a wrong password.
+        """
+        self.connect()
+        self.assertEqual(
+            self.send(b"USER nobody@example.org\r\nPASS secret\r\n"),
+            b"+OK Send PASS.\r\n-ERR [AUTH] Authentication failed.\r\n",
+        )
+
+    def test_passwordWithSpaces(self) -> None:
+        """
+        PASS takes the rest of the line verbatim, spaces included.
+        """
+        self.checker.addUser(b"bob@example.org", b" correct horse  battery ")
+        self.connect()
+        self.assertEqual(
+            self.send(b"USER bob@example.org\r\nPASS  correct horse  battery \r\n"),
+            LOGGED_IN,
+        )
+
+    def test_passWithoutUser(self) -> None:
+        """
+        PASS before USER is refused without asking the portal.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"PASS secret\r\n"), b"-ERR Send USER first.\r\n")
+        self.assertEqual(self.realm.logins, 0)
+
+    def test_userArguments(self) -> None:
+        """
+        USER takes exactly one argument.
+        """
+        self.connect()
+        self.assertEqual(
+            self.send(b"USER\r\nUSER a b\r\n"),
+            b"-ERR Invalid arguments.\r\n-ERR Invalid arguments.\r\n",
+        )
+
+    def test_plaintextRefused(self) -> None:
+        """
+        When the policy refuses plaintext, USER and PASS get the C{[AUTH]}
+        refusal and the portal is never asked.
+        """
+        self.connect(policy=never)
+        err = b"-ERR [AUTH] Plaintext authentication disallowed on non-encrypted connections.\r\n"
+        self.assertEqual(self.send(b"USER alice@example.org\r\nPASS secret\r\n"), err + err)
+        self.assertEqual(self.realm.logins, 0)
+        self.assertEqual(self.proto.state, "AUTHORIZATION")
+
+    def test_tooManyFailures(self) -> None:
+        """
+        The third failed login closes the connection.
+        """
+        self.connect()
+        out = self.send(b"USER alice@example.org\r\nPASS a\r\n" * 3 + b"CAPA\r\n")
+        self.assertEqual(
+            out,
+            (b"+OK Send PASS.\r\n-ERR [AUTH] Authentication failed.\r\n" * 2)
+            + b"+OK Send PASS.\r\n-ERR [AUTH] Too many authentication failures, closing connection.\r\n",
+        )
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_inUse(self) -> None:
+        """
+        A locked maildrop gives C{[IN-USE]}, logs the avatar out and keeps
+        the session in AUTHORIZATION.
+        """
+        self.store.locked.add(ALICE)
+        self.connect()
+        self.assertEqual(
+            self.send(b"USER alice@example.org\r\nPASS secret\r\n"),
+            b"+OK Send PASS.\r\n-ERR [IN-USE] Mailbox is locked by another session.\r\n",
+        )
+        self.assertEqual(self.realm.logouts, 1)
+        self.assertEqual(self.proto.state, "AUTHORIZATION")
+        self.store.locked.clear()
+        self.assertEqual(self.send(b"USER alice@example.org\r\nPASS secret\r\n"), LOGGED_IN)
+
+    def test_maildropTemporaryFailure(self) -> None:
+        """
+        A L{TemporaryFailure} opening the maildrop gives C{[SYS/TEMP]}
+        without its text and logs out.
+        """
+        self.realm.openFailure = TemporaryFailure("secret detail")
+        self.connect()
+        out = self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.assertEqual(out, b"+OK Send PASS.\r\n-ERR [SYS/TEMP] Mailbox temporarily unavailable.\r\n")
+        self.assertEqual(self.realm.logouts, 1)
+
+    def test_maildropUnexpectedError(self) -> None:
+        """
+        An unexpected error opening the maildrop is logged as a failure and
+        answered with C{[SYS/TEMP]}, never with its text.
+        """
+        self.realm.openFailure = RuntimeError("secret detail")
+        self.connect()
+        out = self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.assertEqual(out, b"+OK Send PASS.\r\n-ERR [SYS/TEMP] Mailbox temporarily unavailable.\r\n")
+        self.assertEqual([f.type for f in self.failures()], [RuntimeError])
+
+    def test_checkerTemporaryFailure(self) -> None:
+        """
+        A checker failing with L{TemporaryFailure} gives C{[SYS/TEMP]} and
+        does not count as a failed login.
+        """
+        checker = _DeferredChecker()
+        self.connect(portal=Portal(self.realm, [checker]))
+        self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.transport.clear()
+        checker.pending[0][1].errback(TemporaryFailure("users file unreadable"))
+        self.assertEqual(self.transport.value(), b"-ERR [SYS/TEMP] Authentication temporarily unavailable.\r\n")
+        self.assertFalse(any("authentication failed" in line for line in self.logLines()))
+
+    def test_loginInFlight(self) -> None:
+        """
+        Commands pipelined behind PASS wait until the login is decided and
+        are then answered in order.
+        """
+        checker = _DeferredChecker()
+        self.connect(portal=Portal(self.realm, [checker]))
+        out = self.send(b"USER alice@example.org\r\nPASS secret\r\nSTAT\r\nNOOP\r\n")
+        self.assertEqual(out, b"+OK Send PASS.\r\n")
+        (creds, d), = checker.pending
+        self.assertEqual((creds.username, creds.password), (b"alice@example.org", b"secret"))
+        self.transport.clear()
+        d.callback(b"alice@example.org")
+        self.assertEqual(
+            self.transport.value(),
+            b"+OK Logged in.\r\n+OK 3 %d\r\n+OK\r\n" % (len(MSG1) + len(MSG2) + len(MSG3),),
+        )
+
+    def test_connectionLostDuringLogin(self) -> None:
+        """
+        If the client goes away while the login is in flight, the maildrop
+        opened afterwards is released and the avatar logged out.
+        """
+        checker = _DeferredChecker()
+        self.connect(portal=Portal(self.realm, [checker]))
+        self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.proto.connectionLost(Failure(ConnectionError()))
+        checker.pending[0][1].callback(b"alice@example.org")
+        self.assertEqual(self.realm.logouts, 1)
+        self.assertEqual(self.store.locked, set())
+
+
+class SASLTests(_Harness):
+    def test_listMechanisms(self) -> None:
+        """
+        C{AUTH} alone lists PLAIN when plaintext is allowed.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"AUTH\r\n"), b"+OK Supported mechanisms follow.\r\nPLAIN\r\n.\r\n")
+
+    def test_listMechanismsRefused(self) -> None:
+        """
+        C{AUTH} alone lists nothing when plaintext is refused, and AUTH
+        PLAIN is refused with C{[AUTH]}.
+        """
+        self.connect(policy=never)
+        self.assertEqual(self.send(b"AUTH\r\n"), b"+OK Supported mechanisms follow.\r\n.\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + plain(b"", b"alice@example.org", b"secret") + b"\r\n"),
+            b"-ERR [AUTH] Plaintext authentication disallowed on non-encrypted connections.\r\n",
+        )
+        self.assertEqual(self.realm.logins, 0)
+
+    def test_initialResponse(self) -> None:
+        """
+        C{AUTH PLAIN <initial-response>} logs in.
+        """
+        self.connect()
+        out = self.send(b"AUTH PLAIN " + plain(b"", b"alice@example.org", b"secret") + b"\r\n")
+        self.assertEqual(out, b"+OK Logged in.\r\n")
+        self.assertEqual(self.proto.state, "TRANSACTION")
+
+    def test_authzidEqual(self) -> None:
+        """
+        An authorization identity equal to the authentication identity is
+        accepted; the mechanism name is case-insensitive.
+        """
+        self.connect()
+        out = self.send(b"auth plain " + plain(b"alice@example.org", b"alice@example.org", b"secret") + b"\r\n")
+        self.assertEqual(out, b"+OK Logged in.\r\n")
+
+    def test_authzidDifferent(self) -> None:
+        """
+        An authorization identity naming someone else is refused without
+        asking the portal.
+        """
+        self.connect()
+        out = self.send(b"AUTH PLAIN " + plain(b"bob@example.org", b"alice@example.org", b"secret") + b"\r\n")
+        self.assertEqual(out, b"-ERR [AUTH] Authentication failed.\r\n")
+        self.assertEqual(self.realm.logins, 0)
+
+    def test_wrongPassword(self) -> None:
+        """
+        A wrong password over SASL gives the fixed C{[AUTH]} reply and the
+        failure log line.
+        """
+        self.connect()
+        out = self.send(b"AUTH PLAIN " + plain(b"", b"alice@example.org", b"bad") + b"\r\n")
+        self.assertEqual(out, b"-ERR [AUTH] Authentication failed.\r\n")
+        self.assertIn(
+            'authentication failed: service=pop3 rhost=192.0.2.7 user="alice@example.org" reason="bad credentials"',
+            self.logLines(),
+        )
+
+    def test_continuation(self) -> None:
+        """
+        C{AUTH PLAIN} without initial response gets a C{+ } continuation;
+        the next line is the response.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"AUTH PLAIN\r\n"), b"+ \r\n")
+        out = self.send(plain(b"", b"alice@example.org", b"secret") + b"\r\n")
+        self.assertEqual(out, b"+OK Logged in.\r\n")
+
+    def test_continuationLongResponse(self) -> None:
+        """
+        A continuation line may be longer than 255 octets (long address and
+        password).
+        """
+        password = b"p" * 250
+        self.checker.addUser(b"alice@example.org", password)
+        self.connect()
+        response = plain(b"", b"alice@example.org", password)
+        self.assertGreater(len(response), 255)
+        self.assertEqual(self.send(b"AUTH PLAIN\r\n" + response + b"\r\n"), b"+ \r\n+OK Logged in.\r\n")
+
+    def test_cancel(self) -> None:
+        """
+        A C{*} line cancels the exchange with C{-ERR}; the session goes on.
+        """
+        self.connect()
+        self.assertEqual(
+            self.send(b"AUTH PLAIN\r\n*\r\nCAPA\r\n"),
+            b"+ \r\n-ERR Authentication cancelled.\r\n" + CAPA_PLAINTEXT,
+        )
+        self.assertEqual(self.realm.logins, 0)
+
+    def test_badBase64(self) -> None:
+        """
+        Invalid base64, initial or continued, gives C{-ERR}.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"AUTH PLAIN !!!!\r\n"), b"-ERR Invalid base64 data.\r\n")
+        self.assertEqual(self.send(b"AUTH PLAIN\r\nnot base64!\r\n"), b"+ \r\n-ERR Invalid base64 data.\r\n")
+        self.assertEqual(self.realm.logins, 0)
+
+    def test_emptyInitialResponse(self) -> None:
+        """
+        An initial response of C{=} is an empty response, which is not a
+        valid PLAIN message.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"AUTH PLAIN =\r\n"), b"-ERR [AUTH] Authentication failed.\r\n")
+        self.assertEqual(self.realm.logins, 0)
+
+    def test_unknownMechanism(self) -> None:
+        """
+        An unsupported mechanism gives C{-ERR}.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"AUTH CRAM-MD5\r\n"), b"-ERR Unsupported authentication mechanism.\r\n")
+
+    def test_tooManyArguments(self) -> None:
+        """
+        AUTH with more than a mechanism and a response is a syntax error.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"AUTH PLAIN a b\r\n"), b"-ERR Invalid arguments.\r\n")
+
+    def test_inUse(self) -> None:
+        """
+        SASL logins get C{[IN-USE]} for a locked maildrop, too.
+        """
+        self.store.locked.add(ALICE)
+        self.connect()
+        out = self.send(b"AUTH PLAIN " + plain(b"", b"alice@example.org", b"secret") + b"\r\n")
+        self.assertEqual(out, b"-ERR [IN-USE] Mailbox is locked by another session.\r\n")
+        self.assertEqual(self.realm.logouts, 1)
+
+
+class TransactionTests(_Harness):
+    def test_stat(self) -> None:
+        """
+        STAT gives the count and total size of the live messages.
+        """
+        self.login()
+        total = len(MSG1) + len(MSG2) + len(MSG3)
+        self.assertEqual(self.send(b"STAT\r\n"), b"+OK 3 %d\r\n" % (total,))
+        self.send(b"DELE 2\r\n")
+        self.assertEqual(self.send(b"STAT\r\n"), b"+OK 2 %d\r\n" % (len(MSG1) + len(MSG3),))
+
+    def test_list(self) -> None:
+        """
+        LIST lists the live messages with their sizes; LIST n gives one;
+        deleted messages are invisible.
+        """
+        self.login()
+        self.assertEqual(
+            self.send(b"LIST\r\n"),
+            b"+OK 3 messages (%d octets)\r\n1 %d\r\n2 %d\r\n3 %d\r\n.\r\n"
+            % (len(MSG1) + len(MSG2) + len(MSG3), len(MSG1), len(MSG2), len(MSG3)),
+        )
+        self.assertEqual(self.send(b"LIST 2\r\n"), b"+OK 2 %d\r\n" % (len(MSG2),))
+        self.send(b"DELE 2\r\n")
+        self.assertEqual(
+            self.send(b"LIST\r\n"),
+            b"+OK 2 messages (%d octets)\r\n1 %d\r\n3 %d\r\n.\r\n"
+            % (len(MSG1) + len(MSG3), len(MSG1), len(MSG3)),
+        )
+        self.assertEqual(self.send(b"LIST 2\r\n"), b"-ERR Message already deleted.\r\n")
+        self.assertEqual(self.send(b"LIST 4\r\n"), b"-ERR No such message.\r\n")
+
+    def test_uidl(self) -> None:
+        """
+        UIDL lists the unique IDs of live messages; UIDL n gives one.
+        """
+        self.login()
+        self.assertEqual(self.send(b"UIDL\r\n"), b"+OK Unique-ID listing follows.\r\n1 u1\r\n2 u2\r\n3 u3\r\n.\r\n")
+        self.assertEqual(self.send(b"UIDL 3\r\n"), b"+OK 3 u3\r\n")
+        self.send(b"DELE 1\r\n")
+        self.assertEqual(self.send(b"UIDL\r\n"), b"+OK Unique-ID listing follows.\r\n2 u2\r\n3 u3\r\n.\r\n")
+        self.assertEqual(self.send(b"UIDL 1\r\n"), b"-ERR Message already deleted.\r\n")
+
+    def test_emptyMaildrop(self) -> None:
+        """
+        An empty maildrop lists nothing.
+        """
+        self.store.boxes.clear()
+        self.login()
+        self.assertEqual(
+            self.send(b"STAT\r\nLIST\r\nUIDL\r\n"),
+            b"+OK 0 0\r\n+OK 0 messages (0 octets)\r\n.\r\n+OK Unique-ID listing follows.\r\n.\r\n",
+        )
+
+    def test_retr(self) -> None:
+        """
+        RETR sends C{+OK <size> octets}, the message and the C{.} line.
+        """
+        self.login()
+        self.assertEqual(self.send(b"RETR 1\r\n"), b"+OK %d octets\r\n" % (len(MSG1),) + MSG1 + b".\r\n")
+
+    def test_retrStuffing(self) -> None:
+        """
+        Lines beginning with C{.} (including C{..} and a lone C{.}) get one
+        more C{.}.
+        """
+        self.login()
+        self.assertEqual(
+            self.send(b"RETR 2\r\n"),
+            b"+OK %d octets\r\n" % (len(MSG2),)
+            + b"Subject: two\r\n\r\n..dot line\r\n...two dots\r\n..\r\nend\r\n.\r\n",
+        )
+
+    def test_retrMessageStartingWithDot(self) -> None:
+        """
+        A message whose first line begins with C{.} is stuffed too.
+        """
+        self.store.boxes.clear()
+        self.store.add(ALICE, b".x\r\n", uid="d")
+        self.login()
+        self.assertEqual(self.send(b"RETR 1\r\n"), b"+OK 4 octets\r\n..x\r\n.\r\n")
+
+    def test_retrStuffingAtChunkBoundary(self) -> None:
+        """
+        A line beginning with C{.} exactly at the start of the second read
+        chunk is stuffed.
+        """
+        head = b"Subject: big\r\n\r\n"
+        first = head + b"x" * (READ_CHUNK_SIZE - len(head) - 2) + b"\r\n"
+        self.assertEqual(len(first), READ_CHUNK_SIZE)
+        self.store.boxes.clear()
+        self.store.add(ALICE, first + b".hidden\r\n..two\r\n", uid="big")
+        self.login()
+        out = self.send(b"RETR 1\r\n")
+        self.assertEqual(
+            out,
+            b"+OK %d octets\r\n" % (len(first) + 16,) + first + b"..hidden\r\n...two\r\n.\r\n",
+        )
+
+    def test_retrStuffingCRLFSplit(self) -> None:
+        """
+        A chunk boundary between the CR and the LF before a C{.} line does
+        not stop stuffing.
+        """
+        head = b"Subject: big\r\n\r\n"
+        first = head + b"x" * (READ_CHUNK_SIZE - len(head) - 1) + b"\r"
+        self.assertEqual(len(first), READ_CHUNK_SIZE)
+        self.store.boxes.clear()
+        self.store.add(ALICE, first + b"\n.dot\r\n", uid="big")
+        self.login()
+        out = self.send(b"RETR 1\r\n")
+        self.assertTrue(out.endswith(b"x\r\n..dot\r\n.\r\n"), out[-30:])
+
+    def test_retrNoStuffingMidLine(self) -> None:
+        """
+        A C{.} that starts a chunk in the middle of a line is not stuffed.
+        """
+        head = b"Subject: big\r\n\r\n"
+        first = head + b"x" * (READ_CHUNK_SIZE - len(head))
+        self.store.boxes.clear()
+        self.store.add(ALICE, first + b".y\r\n", uid="big")
+        self.login()
+        out = self.send(b"RETR 1\r\n")
+        self.assertTrue(out.endswith(b"xxx.y\r\n.\r\n"), out[-30:])
+
+    def test_retrVanished(self) -> None:
+        """
+        A message whose file vanished gives C{[SYS/TEMP]}; the session
+        goes on.
+        """
+        self.store.vanished.add("u2")
+        self.login()
+        self.assertEqual(
+            self.send(b"RETR 2\r\nNOOP\r\n"),
+            b"-ERR [SYS/TEMP] Message temporarily unavailable.\r\n+OK\r\n",
+        )
+
+    def test_top(self) -> None:
+        """
+        TOP n m sends the header, the blank line and m body lines,
+        dot-stuffed.
+        """
+        self.store.boxes.clear()
+        self.store.add(ALICE, b"From: a\r\nSubject: s\r\n\r\nline1\r\n.line2\r\nline3\r\n", uid="t")
+        self.login()
+        head = b"+OK Top of message follows.\r\nFrom: a\r\nSubject: s\r\n\r\n"
+        self.assertEqual(self.send(b"TOP 1 0\r\n"), head + b".\r\n")
+        self.assertEqual(self.send(b"TOP 1 2\r\n"), head + b"line1\r\n..line2\r\n.\r\n")
+        self.assertEqual(self.send(b"TOP 1 10\r\n"), head + b"line1\r\n..line2\r\nline3\r\n.\r\n")
+
+    def test_topDoesNotCountForLast(self) -> None:
+        """
+        TOP does not change LAST; RETR does.
+        """
+        self.login()
+        self.send(b"TOP 2 0\r\n")
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 0\r\n")
+        self.send(b"RETR 2\r\n")
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 2\r\n")
+        self.assertEqual(self.send(b"RSET\r\nLAST\r\n").split(b"\r\n")[1], b"+OK 0")
+
+    def test_deleteMarksOnly(self) -> None:
+        """
+        DELE marks; RETR/TOP/DELE of the marked message are refused; nothing
+        is committed before QUIT.
+        """
+        maildrop = self.login()
+        self.assertEqual(self.send(b"DELE 1\r\n"), b"+OK Message 1 deleted.\r\n")
+        self.assertEqual(
+            self.send(b"DELE 1\r\nRETR 1\r\nTOP 1 0\r\n"),
+            b"-ERR Message already deleted.\r\n" * 3,
+        )
+        self.assertIsNone(maildrop.committed)
+        self.assertEqual(len(self.store.boxes[ALICE]), 3)
+
+    def test_rset(self) -> None:
+        """
+        RSET unmarks every deletion.
+        """
+        maildrop = self.login()
+        self.send(b"DELE 1\r\nDELE 3\r\n")
+        total = len(MSG1) + len(MSG2) + len(MSG3)
+        self.assertEqual(self.send(b"RSET\r\n"), b"+OK Maildrop has 3 messages (%d octets).\r\n" % (total,))
+        self.send(b"QUIT\r\n")
+        self.assertEqual(maildrop.committed, set())
+
+    def test_quitCommits(self) -> None:
+        """
+        QUIT commits the marked deletions, says goodbye, logs the logout
+        with counters and closes.
+        """
+        maildrop = self.login()
+        self.send(b"RETR 1\r\nDELE 1\r\nDELE 2\r\n")
+        self.assertEqual(self.send(b"QUIT\r\n"), b"+OK pop3gw signing off.\r\n")
+        self.assertEqual(maildrop.committed, {0, 1})
+        self.assertEqual([uid for uid, _ in self.store.boxes[ALICE]], ["u3"])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.realm.logouts, 1)
+        self.assertIn(
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=2 retrieved=1' % (len(MSG1),),
+            self.logLines(),
+        )
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(self.realm.logouts, 1)
+
+    def test_quitCommitDeferred(self) -> None:
+        """
+        A commit returning a L{Deferred} delays the QUIT reply; commands
+        after QUIT are never answered.
+        """
+        maildrop = self.login()
+        d = defer.Deferred()
+        maildrop.commit = lambda deleted: d
+        self.assertEqual(self.send(b"QUIT\r\nNOOP\r\n"), b"")
+        self.transport.clear()
+        d.callback(None)
+        self.assertEqual(self.transport.value(), b"+OK pop3gw signing off.\r\n")
+
+    def test_quitCommitFails(self) -> None:
+        """
+        A commit failing with L{TemporaryFailure} gives RFC 1939's C{-ERR}
+        reply (without the exception text) and still closes.
+        """
+        maildrop = self.login()
+        maildrop.commit = lambda deleted: defer.fail(TemporaryFailure("secret detail"))
+        self.send(b"DELE 1\r\n")
+        self.assertEqual(self.send(b"QUIT\r\n"), b"-ERR [SYS/TEMP] Some deleted messages not removed.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.realm.logouts, 1)
+
+    def test_quitAuthorization(self) -> None:
+        """
+        QUIT before login says goodbye and closes.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"QUIT\r\n"), b"+OK pop3gw signing off.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_connectionDropCommitsNothing(self) -> None:
+        """
+        A dropped connection releases the maildrop without deleting
+        anything, logs the logout and logs the avatar out.
+        """
+        maildrop = self.login()
+        self.send(b"DELE 1\r\n")
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertIsNone(maildrop.committed)
+        self.assertTrue(maildrop.released)
+        self.assertEqual(len(self.store.boxes[ALICE]), 3)
+        self.assertEqual(self.realm.logouts, 1)
+        self.assertIn(
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=0 deleted=0 retrieved=0',
+            self.logLines(),
+        )
+
+    def test_noop(self) -> None:
+        """
+        NOOP answers C{+OK}; it is not valid before login.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"NOOP\r\n"), b"-ERR Command not valid in this state.\r\n")
+        self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.assertEqual(self.send(b"NOOP\r\n"), b"+OK\r\n")
+
+    def test_badArguments(self) -> None:
+        """
+        Missing, extra, non-numeric or out-of-range arguments give exactly
+        one C{-ERR} line each and the session goes on.
+        """
+        self.login()
+        syntax = b"-ERR Invalid arguments.\r\n"
+        nosuch = b"-ERR No such message.\r\n"
+        cases = [
+            (b"LIST x", syntax),
+            (b"LIST 1 2", syntax),
+            (b"LIST -1", syntax),
+            (b"LIST +1", syntax),
+            (b"LIST 0", nosuch),
+            (b"LIST 99999999999", syntax),
+            (b"RETR", syntax),
+            (b"RETR 4", nosuch),
+            (b"RETR 0", nosuch),
+            (b"DELE", syntax),
+            (b"DELE 1 1", syntax),
+            (b"TOP 1", syntax),
+            (b"TOP 1 x", syntax),
+            (b"TOP 9 1", nosuch),
+            (b"UIDL a", syntax),
+            (b"STAT 1", syntax),
+            (b"NOOP x", syntax),
+            (b"RSET 1", syntax),
+            (b"LAST 1", syntax),
+            (b"QUIT now", syntax),
+            (b"RETR \xd9\xa1", syntax),
+        ]
+        for command, reply in cases:
+            self.assertEqual(self.send(command + b"\r\n"), reply, command)
+            self.send(b"NOOP\r\n")
+        self.assertEqual(self.proto.state, "TRANSACTION")
+
+
+class StreamingTests(_Harness):
+    def test_backPressure(self) -> None:
+        """
+        RETR streams the message in L{READ_CHUNK_SIZE} pieces, one per
+        resume of a paused transport; a pipelined command waits until the
+        C{.} line is out.
+        """
+        body = (b"y" * 99 + b"\r\n") * 2000
+        self.store.boxes.clear()
+        self.store.add(ALICE, body, uid="large")
+        self.login(transport=_PausingTransport(peerAddress=PEER))
+        self.transport.clear()
+        del self.transport.writes[:]
+        self.proto.dataReceived(b"RETR 1\r\nNOOP\r\n")
+        self.assertEqual(self.transport.writes, [b"+OK 202000 octets\r\n", body[:READ_CHUNK_SIZE]])
+        resumes = self.drain()
+        self.assertEqual(resumes, 4)
+        self.assertEqual(
+            [len(w) for w in self.transport.writes],
+            [19, READ_CHUNK_SIZE, READ_CHUNK_SIZE, READ_CHUNK_SIZE, 202000 - 3 * READ_CHUNK_SIZE, 3, 5],
+        )
+        self.assertEqual(self.transport.value(), b"+OK 202000 octets\r\n" + body + b".\r\n+OK\r\n")
+
+    def test_pipelinedRetrs(self) -> None:
+        """
+        Several RETRs pipelined behind a paused transfer are answered in
+        order.
+        """
+        self.login(transport=_PausingTransport(peerAddress=PEER))
+        self.transport.clear()
+        self.proto.dataReceived(b"RETR 1\r\nRETR 3\r\nRETR 1\r\nQUIT\r\n")
+        self.drain()
+        one = b"+OK %d octets\r\n" % (len(MSG1),) + MSG1 + b".\r\n"
+        three = b"+OK %d octets\r\n" % (len(MSG3),) + MSG3 + b".\r\n"
+        self.assertEqual(self.transport.value(), one + three + one + b"+OK pop3gw signing off.\r\n")
+
+    def test_connectionLostMidTransfer(self) -> None:
+        """
+        Losing the connection mid-transfer stops the producer, closes the
+        file and releases the maildrop.
+        """
+        maildrop = self.login(transport=_PausingTransport(peerAddress=PEER))
+        f = _TrackedFile(b"z" * (3 * READ_CHUNK_SIZE))
+        maildrop.openMessage = lambda index: f
+        self.send(b"RETR 1\r\n")
+        self.assertIsNotNone(self.transport.producer)
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertTrue(f.closed)
+        self.assertIsNone(self.transport.producer)
+        self.assertTrue(maildrop.released)
+        self.assertIsNone(maildrop.committed)
+
+    def test_fileClosedAfterTransfer(self) -> None:
+        """
+        The message file is closed once sent.
+        """
+        maildrop = self.login()
+        f = _TrackedFile(MSG1)
+        maildrop.openMessage = lambda index: f
+        self.send(b"RETR 1\r\n")
+        self.assertTrue(f.closed)
+
+    def test_readErrorMidTransfer(self) -> None:
+        """
+        A read error after the C{+OK} line closes the connection without the
+        terminating C{.} line, so the client never takes a truncated message
+        for a whole one; the error is logged, its text is not sent.
+        """
+        maildrop = self.login()
+        f = _TrackedFile(b"a" * (2 * READ_CHUNK_SIZE))
+        f.failAfter = READ_CHUNK_SIZE
+        maildrop.openMessage = lambda index: f
+        out = self.send(b"RETR 1\r\nNOOP\r\n")
+        self.assertEqual(out, b"+OK %d octets\r\n" % (len(MSG1),) + b"a" * READ_CHUNK_SIZE)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(f.closed)
+        self.assertEqual([f.type for f in self.failures()], [OSError])
+
+    def test_dotStufferByteByByte(self) -> None:
+        """
+        The stuffer gives the same result whatever the chunking.
+        """
+        data = b".a\r\n..b\r\nc.d\r\n.\r\n\r\n.e\r\n"
+        expected = b"..a\r\n...b\r\nc.d\r\n..\r\n\r\n..e\r\n"
+        stuffer = _DotStuffer()
+        self.assertEqual(b"".join(stuffer.stuff(data[i : i + 1]) for i in range(len(data))), expected)
+        self.assertEqual(_DotStuffer().stuff(data), expected)
+
+    def test_topFilterByteByByte(self) -> None:
+        """
+        The TOP filter cuts at the same place whatever the chunking.
+        """
+        data = b"A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\nl3\r\n"
+        for lines, expected in [(0, b"A: 1\r\nB: 2\r\n\r\n"), (2, b"A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\n")]:
+            top = _TopFilter(lines)
+            out = b""
+            for i in range(len(data)):
+                out += top.feed(data[i : i + 1])
+                if top.done:
+                    break
+            self.assertEqual(out, expected)
+            self.assertTrue(top.done)
+
+
+class RobustnessTests(_Harness):
+    def test_lineTooLong(self) -> None:
+        """
+        A 300-octet line gets C{-ERR Line too long.}; the session goes on.
+        """
+        self.connect()
+        self.assertEqual(
+            self.send(b"USER " + b"a" * 295 + b"\r\nCAPA\r\n"),
+            b"-ERR Line too long.\r\n" + CAPA_PLAINTEXT,
+        )
+
+    def test_lineTooLongAcrossSegments(self) -> None:
+        """
+        A long line arriving in pieces is refused once, as soon as it is too
+        long, and its rest is discarded up to the next LF.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"NOOP " + b"a" * 300), b"-ERR Line too long.\r\n")
+        self.assertEqual(self.send(b"b" * 300), b"")
+        self.assertEqual(self.send(b"bbb\r\nCAPA\r\n"), CAPA_PLAINTEXT)
+
+    def test_lineLimitBoundary(self) -> None:
+        """
+        255 octets including CRLF is accepted; 256 is not.
+        """
+        self.connect()
+        ok = b"USER " + b"a" * 248 + b"\r\n"
+        self.assertEqual(len(ok), 255)
+        self.assertEqual(self.send(ok), b"+OK Send PASS.\r\n")
+        self.assertEqual(self.send(b"USER " + b"a" * 249 + b"\r\n"), b"-ERR Line too long.\r\n")
+
+    def test_nul(self) -> None:
+        """
+        A NUL in a command gives C{-ERR}.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"CA\x00PA\r\n"), b"-ERR Invalid characters in command.\r\n")
+
+    def test_badUTF8(self) -> None:
+        """
+        A command that is not UTF-8 gives C{-ERR}.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"USER \xff\xfe\r\n"), b"-ERR Command is not valid UTF-8.\r\n")
+
+    def test_unknownCommand(self) -> None:
+        """
+        Unknown commands, APOP included, and empty lines give C{-ERR}.
+        """
+        self.connect()
+        self.assertEqual(
+            self.send(b"FOO\r\nAPOP alice@example.org 0123456789abcdef0123456789abcdef\r\n\r\n\xc3\xa9\r\n"),
+            b"-ERR Unknown command.\r\n-ERR Unknown command.\r\n-ERR Empty command.\r\n-ERR Unknown command.\r\n",
+        )
+
+    def test_wrongState(self) -> None:
+        """
+        Transaction commands before login, and login commands after it, are
+        refused.
+        """
+        self.connect()
+        wrong = b"-ERR Command not valid in this state.\r\n"
+        self.assertEqual(self.send(b"STAT\r\nRETR 1\r\nLAST\r\n"), wrong * 3)
+        self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.assertEqual(self.send(b"USER alice@example.org\r\nPASS x\r\nAUTH\r\nSTLS\r\n"), wrong * 4)
+
+    def test_lfOnly(self) -> None:
+        """
+        LF-only line ends are accepted.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"USER alice@example.org\nPASS secret\nSTAT\n")[: len(LOGGED_IN)], LOGGED_IN)
+
+    def test_pipelined(self) -> None:
+        """
+        Commands pipelined in one segment are answered in order.
+        """
+        self.connect()
+        out = self.send(
+            b"CAPA\r\nUSER alice@example.org\r\nPASS secret\r\nSTAT\r\nLIST 1\r\nRETR 1\r\nDELE 1\r\nQUIT\r\n"
+        )
+        total = len(MSG1) + len(MSG2) + len(MSG3)
+        self.assertEqual(
+            out,
+            CAPA_PLAINTEXT
+            + LOGGED_IN
+            + b"+OK 3 %d\r\n" % (total,)
+            + b"+OK 1 %d\r\n" % (len(MSG1),)
+            + b"+OK %d octets\r\n" % (len(MSG1),)
+            + MSG1
+            + b".\r\n+OK Message 1 deleted.\r\n+OK pop3gw signing off.\r\n",
+        )
+
+    def test_splitSegments(self) -> None:
+        """
+        A command split across segments is handled once complete.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"CA"), b"")
+        self.assertEqual(self.send(b"PA\r"), b"")
+        self.assertEqual(self.send(b"\n"), CAPA_PLAINTEXT)
+
+    def test_tooManyErrors(self) -> None:
+        """
+        After 20 bad commands in a row the connection is closed.
+        """
+        self.connect()
+        out = self.send(b"FOO\r\n" * 19)
+        self.assertEqual(out, b"-ERR Unknown command.\r\n" * 19)
+        self.assertEqual(self.send(b"FOO\r\nCAPA\r\n"), b"-ERR Too many errors, closing connection.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_errorsResetBySuccess(self) -> None:
+        """
+        A successful command resets the count of bad commands.
+        """
+        self.connect()
+        for i in range(3):
+            self.send(b"FOO\r\n" * 15 + b"CAPA\r\n")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_internalError(self) -> None:
+        """
+        An unexpected exception in a command is logged and answered with
+        C{-ERR [SYS/TEMP] Internal error.}, without its text; the session
+        goes on.
+        """
+        maildrop = self.login()
+
+        def boom(index):
+            raise RuntimeError("secret detail")
+
+        maildrop.openMessage = boom
+        self.assertEqual(
+            self.send(b"RETR 1\r\nNOOP\r\n"),
+            b"-ERR [SYS/TEMP] Internal error.\r\n+OK\r\n",
+        )
+        self.assertEqual([f.type for f in self.failures()], [RuntimeError])
+
+    def test_noPeerHost(self) -> None:
+        """
+        A transport whose peer has no host (a UNIX socket) is handled.
+        """
+
+        class _Peerless(StringTransport):
+            def getPeer(self):
+                raise NotImplementedError()
+
+        self.login(transport=_Peerless())
+        self.assertIn('login: service=pop3 rhost=unknown user="alice@example.org" tls=no', self.logLines())
+
+    def test_pauseReadingWhileBusy(self) -> None:
+        """
+        Input piling up behind a command in progress stops reading from the
+        transport until the command is done.
+        """
+        checker = _DeferredChecker()
+        self.connect(portal=Portal(self.realm, [checker]))
+        self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.send(b"NOOP\r\n" * 20000)
+        self.assertEqual(self.transport.producerState, "paused")
+        checker.pending[0][1].callback(b"alice@example.org")
+        self.assertEqual(self.transport.producerState, "producing")
+
+
+class TimeoutTests(_Harness):
+    def test_idleTimeout(self) -> None:
+        """
+        After C{idleTimeout} seconds of silence the server says so and
+        closes; any input restarts the timer.
+        """
+        self.connect()
+        self.clock.advance(599)
+        self.send(b"CAPA\r\n")
+        self.transport.clear()
+        self.clock.advance(599)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1)
+        self.assertEqual(self.transport.value(), b"-ERR Idle timeout, closing connection.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_idleTimeoutInTransaction(self) -> None:
+        """
+        A timeout in TRANSACTION releases the maildrop without deleting.
+        """
+        maildrop = self.login()
+        self.send(b"DELE 1\r\n")
+        self.transport.clear()
+        self.clock.advance(600)
+        self.assertEqual(self.transport.value(), b"-ERR Idle timeout, closing connection.\r\n")
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertIsNone(maildrop.committed)
+        self.assertTrue(maildrop.released)
+        self.assertEqual(self.realm.logouts, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_idleTimeoutMidTransfer(self) -> None:
+        """
+        A client that stops reading mid-message is disconnected after the
+        idle timeout, without a reply line inside the message text and
+        without the terminating C{.} line; the file is closed.
+        """
+        maildrop = self.login(transport=_PausingTransport(peerAddress=PEER))
+        f = _TrackedFile(b"z" * (3 * READ_CHUNK_SIZE))
+        maildrop.openMessage = lambda index: f
+        self.send(b"RETR 1\r\n")
+        self.transport.clear()
+        self.clock.advance(600)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(f.closed)
+        self.assertIsNone(self.transport.producer)
+
+    def test_transferProgressResetsTimeout(self) -> None:
+        """
+        A slow transfer that keeps going is not an idle connection.
+        """
+        maildrop = self.login(transport=_PausingTransport(peerAddress=PEER))
+        maildrop.openMessage = lambda index: _TrackedFile(b"z" * (3 * READ_CHUNK_SIZE))
+        self.send(b"RETR 1\r\n")
+        for i in range(3):
+            self.clock.advance(599)
+            self.transport.producer.resumeProducing()
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_timeoutCancelledOnClose(self) -> None:
+        """
+        No timer is left once the connection is gone.
+        """
+        self.connect()
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timeoutDisabled(self) -> None:
+        """
+        An C{idleTimeout} of L{None} never times out.
+        """
+        self.connect(idleTimeout=None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class STLSTests(_Harness):
+    def test_discardsPipelinedPlaintext(self) -> None:
+        """
+        Commands pipelined after STLS in the same segment are discarded,
+        never executed (CVE-2011-0411).
+        """
+        ctx = object()
+        self.connect(policy=always, tls=ctx, transport=_StartTLSTransport(peerAddress=PEER))
+        out = self.send(b"STLS\r\nUSER alice@example.org\r\nPASS secret\r\n")
+        self.assertEqual(out, b"+OK Begin TLS negotiation\r\n")
+        self.assertEqual(self.transport.tlsStarted, [ctx])
+        self.assertEqual(self.realm.logins, 0)
+        self.assertTrue(self.proto.secure)
+        self.assertEqual(self.send(b"PASS secret\r\n"), b"-ERR Send USER first.\r\n")
+
+    def test_afterSTLS(self) -> None:
+        """
+        After STLS, CAPA no longer offers STLS, the policy sees a secure
+        connection and a second STLS is refused.
+        """
+        self.connect(policy=tlsOnly, tls=object(), transport=_StartTLSTransport(peerAddress=PEER))
+        self.send(b"STLS\r\n")
+        self.assertEqual(self.send(b"CAPA\r\n"), CAPA_PLAINTEXT)
+        self.assertEqual(self.send(b"STLS\r\n"), b"-ERR Already using TLS.\r\n")
+        self.assertEqual(self.send(b"USER alice@example.org\r\nPASS secret\r\n"), LOGGED_IN)
+        self.assertIn('login: service=pop3 rhost=192.0.2.7 user="alice@example.org" tls=yes', self.logLines())
+
+    def test_afterUser(self) -> None:
+        """
+        STLS after USER is refused.
+        """
+        self.connect(tls=object(), transport=_StartTLSTransport(peerAddress=PEER))
+        self.send(b"USER alice@example.org\r\n")
+        self.assertEqual(self.send(b"STLS\r\n"), b"-ERR STLS not allowed after USER.\r\n")
+        self.assertEqual(self.transport.tlsStarted, [])
+
+    def test_implicitTLS(self) -> None:
+        """
+        On a transport that is already TLS the connection counts as secure:
+        no STLS, and the policy allows plaintext logins.
+        """
+        self.connect(policy=tlsOnly, tls=object(), transport=_SecureTransport())
+        self.assertEqual(self.send(b"CAPA\r\n"), CAPA_PLAINTEXT)
+        self.assertEqual(self.send(b"STLS\r\n"), b"-ERR Already using TLS.\r\n")
+
+
+def _serverOptions():
+    pem = FilePath(twisted.test.__file__).sibling("server.pem").getContent()
+    return PrivateCertificate.loadPEM(pem).options()
+
+
+class _Bypass:
+    """
+    What a TLS layer writes goes straight to the fake transport.
+    """
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        iosim.FakeTransport.write(self._transport, data)
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+class _StartTLSFakeTransport(iosim.FakeTransport):
+    """
+    An iosim transport whose C{startTLS} inserts a real
+    L{TLSMemoryBIOProtocol} under the protocol, like a TCP transport does.
+    """
+
+    _tls = None
+
+    def startTLS(self, contextFactory, beNormal=True) -> None:
+        factory = TLSMemoryBIOFactory(contextFactory, not self.isServer, None)
+        tls = TLSMemoryBIOProtocol(factory, self.protocol, _connectWrapped=False)
+        self._tls = tls
+        self.protocol = tls
+        tls.makeConnection(_Bypass(self))
+
+    def write(self, data: bytes) -> None:
+        if self._tls is not None:
+            self._tls.write(data)
+        else:
+            super().write(data)
+
+    def loseConnection(self) -> None:
+        if self._tls is not None:
+            self._tls.loseConnection()
+        else:
+            super().loseConnection()
+
+
+class _Client(Protocol):
+    """
+    Records the lines it receives; starts TLS on C{+OK Begin TLS}.
+    """
+
+    def __init__(self, tlsOptions=None, secure: bool = False) -> None:
+        self.tlsOptions = tlsOptions
+        self.secure = secure
+        self.buffer = b""
+        self.lines: list = []
+        self.tlsLines: list = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            (self.tlsLines if self.secure else self.lines).append(line)
+            if line == b"+OK Begin TLS negotiation" and self.tlsOptions is not None:
+                self.transport.startTLS(self.tlsOptions)
+                self.secure = True
+
+
+class RealTLSTests(_Harness):
+    def test_stlsHandshake(self) -> None:
+        """
+        A real TLS handshake after STLS: the command pipelined in plaintext
+        is not executed, and commands sent over TLS are answered over TLS.
+        """
+        clock = MemoryReactorClock()
+        factory = POP3Factory(self.portal, tlsOnly, self.clock, tlsContextFactory=_serverOptions())
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: factory.buildProtocol(PEER),
+            lambda: _Client(CertificateOptions()),
+            clientTransportFactory=lambda p: _StartTLSFakeTransport(p, isServer=False),
+            serverTransportFactory=lambda p: _StartTLSFakeTransport(p, isServer=True),
+            clock=clock,
+        )
+        self.assertEqual(client.lines, [b"+OK pop3gw ready."])
+        client.transport.write(b"STLS\r\nCAPA\r\n")
+        pump.flush()
+        self.assertEqual(client.lines, [b"+OK pop3gw ready.", b"+OK Begin TLS negotiation"])
+        client.transport.write(b"USER alice@example.org\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")
+        pump.flush()
+        self.assertEqual(
+            client.tlsLines,
+            [
+                b"+OK Send PASS.",
+                b"+OK Logged in.",
+                b"+OK 3 %d" % (len(MSG1) + len(MSG2) + len(MSG3),),
+                b"+OK pop3gw signing off.",
+            ],
+        )
+        self.assertTrue(server.secure)
+
+    def test_implicitTLS(self) -> None:
+        """
+        Wrapped in L{TLSMemoryBIOFactory}, the server knows the connection
+        is secure from the start and allows plaintext logins under the
+        C{tlsOnly} policy.
+        """
+        clock = MemoryReactorClock()
+        factory = POP3Factory(self.portal, tlsOnly, self.clock, tlsContextFactory=_serverOptions())
+        serverFactory = TLSMemoryBIOFactory(_serverOptions(), False, factory, clock=clock)
+        clientFactory = TLSMemoryBIOFactory(CertificateOptions(), True, None, clock=clock)
+        received = _Client(secure=True)
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: serverFactory.buildProtocol(PEER),
+            lambda: TLSMemoryBIOProtocol(clientFactory, received),
+            clock=clock,
+        )
+        client.write(b"CAPA\r\n")
+        pump.flush()
+        self.assertEqual(
+            b"\r\n".join(received.tlsLines) + b"\r\n",
+            b"+OK pop3gw ready.\r\n" + CAPA_PLAINTEXT,
+        )
