@@ -1,0 +1,1624 @@
+"""
+Tests for L{pop3gw.smtp}: the SMTP submission server, over
+L{StringTransport} with a L{task.Clock} and the fakes of L{pop3gw.testing}.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+
+import hypothesis
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
+from twisted.internet import defer, task
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from pop3gw import smtp
+from pop3gw.address import Address
+from pop3gw.interfaces import IDelivery, ISubmissionAvatar, TemporaryFailure
+from pop3gw.testing import (
+    FakeDelivery,
+    FakeRouter,
+    FakeSubmissionAvatar,
+    FakeUserDatabase,
+)
+
+HOST = "mail.example.org"
+ALICE = Address.parse("alice@example.org")
+ALIAS = Address.parse("postmaster@example.org")
+BOB = Address.parse("bob@example.org")
+REMOTE = Address.parse("carol@remote.example")
+NOW = 1700000000.0  # Tue, 14 Nov 2023 22:13:20 +0000
+NOW_TEXT = b"Tue, 14 Nov 2023 22:13:20 +0000"
+
+GREETING = b"220 mail.example.org ESMTP ready\r\n"
+EHLO_PLAIN = (
+    b"250-mail.example.org\r\n"
+    b"250-PIPELINING\r\n"
+    b"250-SIZE 41943040\r\n"
+    b"250-8BITMIME\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250 AUTH PLAIN LOGIN\r\n"
+)
+AUTH_OK = b"235 2.7.0 Authentication successful\r\n"
+HEADERS = b"From: alice@example.org\r\nTo: bob@example.org\r\nMessage-ID: <1@x>\r\nDate: " + NOW_TEXT + b"\r\n"
+
+
+def plain(authzid: bytes, authcid: bytes, password: bytes) -> bytes:
+    """
+    A base64 SASL PLAIN response.
+    """
+    return base64.b64encode(authzid + b"\x00" + authcid + b"\x00" + password)
+
+
+ALICE_PLAIN = plain(b"", b"alice@example.org", b"secret")
+
+
+def serverPEM() -> bytes:
+    """
+    The test certificate and key shipped with Twisted.
+    """
+    import twisted.test
+
+    with open(os.path.join(os.path.dirname(twisted.test.__file__), "server.pem"), "rb") as f:
+        return f.read()
+
+
+class TLSStringTransport(StringTransport):
+    """
+    A L{StringTransport} that records C{startTLS} calls.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tlsStarted: list = []
+
+    def startTLS(self, contextFactory) -> None:
+        self.tlsStarted.append(contextFactory)
+
+
+@implementer(ISSLTransport)
+class SecureStringTransport(StringTransport):
+    """
+    A L{StringTransport} that looks like an implicit-TLS connection.
+    """
+
+    def getPeerCertificate(self):
+        return None
+
+
+class RecordingRealm:
+    """
+    Hands out L{FakeSubmissionAvatar}s and records logouts.
+    """
+
+    def __init__(self, router: FakeRouter) -> None:
+        self.router = router
+        self.logouts: list = []
+        self.avatars: list = []
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        assert ISubmissionAvatar in interfaces
+        avatar = FakeSubmissionAvatar(Address.parse(avatarId), self.router)
+        self.avatars.append(avatar)
+        return ISubmissionAvatar, avatar, lambda: self.logouts.append(avatar.address)
+
+
+class CountingChecker(InMemoryUsernamePasswordDatabaseDontUse):
+    """
+    An in-memory checker that counts requests.
+    """
+
+    def __init__(self, **users) -> None:
+        super().__init__(**users)
+        self.requests = 0
+
+    def requestAvatarId(self, credentials):
+        self.requests += 1
+        return super().requestAvatarId(credentials)
+
+
+class Collector(Protocol):
+    """
+    A client protocol that collects what it receives.
+    """
+
+    received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class SessionMixin:
+    """
+    Builds a submission server over a L{StringTransport}.
+    """
+
+    transportFactory = StringTransport
+
+    def setUp(self) -> None:
+        self.users = FakeUserDatabase(
+            {ALICE: "x", BOB: "x"},
+            aliases={ALIAS: ALICE},
+        )
+        self.router = FakeRouter(domains=("example.org",), users=self.users)
+        self.store = self.router.store
+        self.queue = self.router.queue
+        self.realm = RecordingRealm(self.router)
+        self.checker = CountingChecker()
+        self.checker.addUser(b"alice@example.org", b"secret")
+        self.checker.addUser(b"bob@example.org", b"hunter2")
+        self.portal = Portal(self.realm, [self.checker])
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.policyCalls: list = []
+        self.plaintext = True
+
+    def policy(self, secure: bool, peer: str) -> bool:
+        self.policyCalls.append((secure, peer))
+        return self.plaintext
+
+    def connect(self, transport=None, **kwargs):
+        """
+        Build a factory with C{kwargs} and connect a protocol to a new
+        transport; the greeting is cleared from the transport.
+        """
+        self.factory = smtp.SubmissionFactory(self.portal, self.policy, self.clock, HOST, **kwargs)
+        self.proto = self.factory.buildProtocol(None)
+        self.transport = transport if transport is not None else self.transportFactory()
+        self.proto.makeConnection(self.transport)
+        self.assertEqual(self.transport.value(), GREETING)
+        self.transport.clear()
+        return self.proto
+
+    def feed(self, data: bytes) -> bytes:
+        """
+        Send C{data} in one segment and return (and clear) the output.
+        """
+        self.proto.dataReceived(data)
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def login(self) -> None:
+        """
+        EHLO and AUTH PLAIN as alice.
+        """
+        if getattr(self, "proto", None) is None:
+            self.connect()
+        self.assertEqual(
+            self.feed(b"EHLO client.example\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n"),
+            EHLO_PLAIN + AUTH_OK,
+        )
+
+    def envelope(self, rcpts=(b"bob@example.org",)) -> None:
+        """
+        MAIL FROM alice and RCPT TO C{rcpts}, then DATA.
+        """
+        expected = b"250 2.1.0 OK\r\n" + b"250 2.1.5 OK\r\n" * len(rcpts) + b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        cmds = b"MAIL FROM:<alice@example.org>\r\n"
+        for r in rcpts:
+            cmds += b"RCPT TO:<" + r + b">\r\n"
+        self.assertEqual(self.feed(cmds + b"DATA\r\n"), expected)
+
+    def stored(self, address=BOB) -> list:
+        """
+        The messages stored for C{address}, without their first line (the
+        C{Received:} trace field, checked separately).
+        """
+        out = []
+        for uid, data in self.store.boxes.get(address, []):
+            first, rest = data.split(b"\r\n", 1)
+            self.assertTrue(first.startswith(b"Received: "), first)
+            out.append(rest)
+        return out
+
+
+def queuedReply(out: bytes) -> bytes:
+    """
+    C{out} with the queue identifier in C{250 2.0.0 OK queued as} replaced
+    by C{ID}.
+    """
+    return re.sub(rb"queued as [0-9A-F]{16}\r\n", b"queued as ID\r\n", out)
+
+
+class GreetingAndEHLOTests(SessionMixin, SynchronousTestCase):
+    """
+    Greeting, EHLO and HELO.
+    """
+
+    def test_ehloPlaintextAllowed(self) -> None:
+        """
+        EHLO lists the extensions in a fixed order, with AUTH when the
+        policy allows plaintext mechanisms and no STARTTLS without a
+        context factory.
+        """
+        self.connect()
+        self.assertEqual(self.feed(b"EHLO client.example\r\n"), EHLO_PLAIN)
+        self.assertEqual(self.policyCalls, [(False, "192.168.1.1")])
+
+    def test_ehloTLSOfferedPlaintextRefused(self) -> None:
+        """
+        With a context factory and a policy refusing plaintext, EHLO offers
+        STARTTLS and no AUTH; the SIZE value is the configured limit.
+        """
+        self.plaintext = False
+        self.connect(tlsContextFactory=object(), maxMessageSize=1000)
+        self.assertEqual(
+            self.feed(b"EHLO client.example\r\n"),
+            b"250-mail.example.org\r\n"
+            b"250-PIPELINING\r\n"
+            b"250-SIZE 1000\r\n"
+            b"250-8BITMIME\r\n"
+            b"250-ENHANCEDSTATUSCODES\r\n"
+            b"250 STARTTLS\r\n",
+        )
+
+    def test_implicitTLS(self) -> None:
+        """
+        On a transport providing L{ISSLTransport} the session is secure from
+        the start: the policy is asked with C{secure=True}, STARTTLS is not
+        offered and refused with 454.
+        """
+        self.connect(transport=SecureStringTransport(), tlsContextFactory=object())
+        self.assertEqual(self.feed(b"EHLO client.example\r\n"), EHLO_PLAIN)
+        self.assertEqual(self.policyCalls, [(True, "192.168.1.1")])
+        self.assertEqual(self.feed(b"STARTTLS\r\n"), b"454 4.7.0 TLS already active\r\n")
+
+    def test_ehloHeloNeedArgument(self) -> None:
+        """
+        EHLO and HELO without an argument get 501 5.5.4.
+        """
+        self.connect()
+        self.assertEqual(
+            self.feed(b"EHLO\r\nHELO \r\n"),
+            b"501 5.5.4 Syntax: EHLO hostname\r\n501 5.5.4 Syntax: HELO hostname\r\n",
+        )
+
+    def test_helo(self) -> None:
+        """
+        HELO answers with the host name only, and AUTH then needs EHLO.
+        """
+        self.connect()
+        self.assertEqual(
+            self.feed(b"HELO client.example\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n"),
+            b"250 mail.example.org\r\n503 5.5.1 Error: send EHLO first\r\n",
+        )
+
+    def test_lowerCaseCommands(self) -> None:
+        """
+        Command verbs are case-insensitive.
+        """
+        self.connect()
+        self.assertEqual(self.feed(b"ehlo client.example\r\nnoop\r\n"), EHLO_PLAIN + b"250 2.0.0 OK\r\n")
+
+    def test_miscCommands(self) -> None:
+        """
+        NOOP, VRFY (252 2.5.2, never revealing users), HELP and QUIT.
+        """
+        self.connect()
+        self.assertEqual(
+            self.feed(b"NOOP\r\nVRFY bob\r\nHELP\r\nQUIT\r\nNOOP\r\n"),
+            b"250 2.0.0 OK\r\n"
+            b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery\r\n"
+            b"214 2.0.0 Submission server, see RFC 6409\r\n"
+            b"221 2.0.0 Bye\r\n",
+        )
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_mailBeforeEhlo(self) -> None:
+        """
+        MAIL before HELO/EHLO is a bad sequence.
+        """
+        self.connect()
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@example.org>\r\n"),
+            b"503 5.5.1 Error: send HELO/EHLO first\r\n",
+        )
+
+
+class CommandSyntaxTests(SessionMixin, SynchronousTestCase):
+    """
+    Command line parsing and error limits.
+    """
+
+    def test_unknownCommand(self) -> None:
+        """
+        An unknown verb gets 500 5.5.2, and BDAT is not offered.
+        """
+        self.connect()
+        self.assertEqual(
+            self.feed(b"FROB\r\nBDAT 10 LAST\r\n"),
+            b"500 5.5.2 Error: command not recognized\r\n" * 2,
+        )
+
+    def test_badCharacters(self) -> None:
+        """
+        NUL, other controls and invalid UTF-8 in a command get 500 5.5.2.
+        """
+        self.connect()
+        self.assertEqual(
+            self.feed(b"NOOP\x00\r\nNO\xffOP\r\nNOOP \x01\r\n"),
+            b"500 5.5.2 Error: bad character in command\r\n" * 3,
+        )
+
+    def test_lineTooLong(self) -> None:
+        """
+        A 600-octet command line gets 500 5.5.6 and the session goes on.
+        """
+        self.connect()
+        self.assertEqual(
+            self.feed(b"NOOP " + b"x" * 593 + b"\r\nNOOP\r\n"),
+            b"500 5.5.6 Line too long\r\n250 2.0.0 OK\r\n",
+        )
+
+    def test_lineAtLimit(self) -> None:
+        """
+        A command line of exactly 512 octets with CRLF is accepted.
+        """
+        self.connect()
+        self.assertEqual(self.feed(b"NOOP " + b"x" * 505 + b"\r\n"), b"250 2.0.0 OK\r\n")
+        self.assertEqual(self.feed(b"NOOP " + b"x" * 506 + b"\r\n"), b"500 5.5.6 Line too long\r\n")
+
+    def test_endlessLine(self) -> None:
+        """
+        A line with no end is not held without bound: once it passes the
+        AUTH line limit it is dropped, and its end gets 500 5.5.6.
+        """
+        self.connect()
+        for i in range(20):
+            self.assertEqual(self.feed(b"x" * 4096), b"")
+        self.assertLessEqual(len(self.proto._buffer), smtp.MAX_AUTH_LINE + 4096)
+        self.assertEqual(self.feed(b"\r\nNOOP\r\n"), b"500 5.5.6 Line too long\r\n250 2.0.0 OK\r\n")
+
+    def test_bareLFCommands(self) -> None:
+        """
+        Command lines may end with a bare LF.
+        """
+        self.connect()
+        self.assertEqual(self.feed(b"NOOP\nNOOP\r\n"), b"250 2.0.0 OK\r\n" * 2)
+
+    def test_commandSplitAcrossSegments(self) -> None:
+        """
+        A command whose CR and LF arrive in different segments is one line.
+        """
+        self.connect()
+        self.assertEqual(self.feed(b"NO"), b"")
+        self.assertEqual(self.feed(b"OP\r"), b"")
+        self.assertEqual(self.feed(b"\n"), b"250 2.0.0 OK\r\n")
+
+    def test_tooManyErrors(self) -> None:
+        """
+        After 20 5xx replies the server says 421 4.7.0 and closes; later
+        input is ignored.
+        """
+        self.connect()
+        out = self.feed(b"FROB\r\n" * 25)
+        self.assertEqual(
+            out,
+            b"500 5.5.2 Error: command not recognized\r\n" * 20
+            + b"421 4.7.0 mail.example.org Error: too many errors\r\n",
+        )
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.feed(b"NOOP\r\n"), b"")
+
+    def test_idleTimeout(self) -> None:
+        """
+        After the idle timeout without input the server says 421 4.4.2 and
+        closes; input resets the timer.
+        """
+        self.connect(idleTimeout=300)
+        self.clock.advance(299)
+        self.assertEqual(self.feed(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+        self.clock.advance(299)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1)
+        self.assertEqual(
+            self.transport.value(),
+            b"421 4.4.2 mail.example.org Error: timeout exceeded\r\n",
+        )
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_timeoutCancelledOnLoss(self) -> None:
+        """
+        Losing the connection cancels the idle timer.
+        """
+        self.connect()
+        self.proto.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class AuthTests(SessionMixin, SynchronousTestCase):
+    """
+    AUTH PLAIN and LOGIN.
+    """
+
+    def test_plainInitialResponse(self) -> None:
+        """
+        AUTH PLAIN with an initial response logs in (235 2.7.0) and logs
+        the success.
+        """
+        self.connect()
+        with capturedLogs() as events:
+            self.login()
+        self.assertEqual([a.address for a in self.realm.avatars], [ALICE])
+        texts = [e.get("log_format", "") for e in events]
+        self.assertIn("login: service={service} rhost={peer} user={user} tls={tls}", texts)
+
+    def test_plainContinuation(self) -> None:
+        """
+        AUTH PLAIN without initial response gets "334 " and reads the
+        response on the next line.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(self.feed(b"AUTH PLAIN\r\n"), b"334 \r\n")
+        self.assertEqual(self.feed(ALICE_PLAIN + b"\r\n"), AUTH_OK)
+
+    def test_plainAuthzidEqual(self) -> None:
+        """
+        An authorization identity equal to the authentication identity is
+        accepted.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        response = plain(b"alice@example.org", b"alice@example.org", b"secret")
+        self.assertEqual(self.feed(b"AUTH PLAIN " + response + b"\r\n"), AUTH_OK)
+
+    def test_plainAuthzidDiffers(self) -> None:
+        """
+        Another authorization identity is refused with 535, without login.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        response = plain(b"bob@example.org", b"alice@example.org", b"secret")
+        self.assertEqual(
+            self.feed(b"AUTH PLAIN " + response + b"\r\n"),
+            b"535 5.7.8 Authentication credentials invalid\r\n",
+        )
+        self.assertEqual(self.checker.requests, 0)
+
+    def test_plainEmptyInitialResponse(self) -> None:
+        """
+        "=" is the empty initial response: a malformed PLAIN message.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(self.feed(b"AUTH PLAIN =\r\n"), b"501 5.5.2 Invalid authentication response\r\n")
+
+    def test_login(self) -> None:
+        """
+        AUTH LOGIN prompts for user name and password.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(self.feed(b"AUTH LOGIN\r\n"), b"334 VXNlcm5hbWU6\r\n")
+        self.assertEqual(self.feed(base64.b64encode(b"bob@example.org") + b"\r\n"), b"334 UGFzc3dvcmQ6\r\n")
+        self.assertEqual(self.feed(base64.b64encode(b"hunter2") + b"\r\n"), AUTH_OK)
+        self.assertEqual([a.address for a in self.realm.avatars], [BOB])
+
+    def test_loginInitialResponse(self) -> None:
+        """
+        AUTH LOGIN with the user name as initial response prompts for the
+        password only.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(
+            self.feed(b"AUTH login " + base64.b64encode(b"bob@example.org") + b"\r\n"),
+            b"334 UGFzc3dvcmQ6\r\n",
+        )
+        self.assertEqual(self.feed(base64.b64encode(b"hunter2") + b"\r\n"), AUTH_OK)
+
+    def test_failure(self) -> None:
+        """
+        Wrong credentials get 535 5.7.8 and a failed-login log line.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        with capturedLogs() as events:
+            out = self.feed(b"AUTH PLAIN " + plain(b"", b"alice@example.org", b"wrong") + b"\r\n")
+        self.assertEqual(out, b"535 5.7.8 Authentication credentials invalid\r\n")
+        texts = [e.get("log_format", "") for e in events]
+        self.assertTrue(any(t.startswith("authentication failed:") for t in texts), texts)
+        self.assertEqual(self.feed(b"MAIL FROM:<alice@example.org>\r\n"), b"530 5.7.0 Authentication required\r\n")
+
+    def test_cancel(self) -> None:
+        """
+        "*" cancels an exchange with 501 5.0.0.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(self.feed(b"AUTH LOGIN\r\n*\r\n"), b"334 VXNlcm5hbWU6\r\n501 5.0.0 Authentication cancelled\r\n")
+        self.assertEqual(self.feed(b"AUTH PLAIN\r\n*\r\nNOOP\r\n"), b"334 \r\n501 5.0.0 Authentication cancelled\r\n250 2.0.0 OK\r\n")
+
+    def test_badBase64(self) -> None:
+        """
+        Invalid base64 gets 501 5.5.2, as initial response or response.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(self.feed(b"AUTH PLAIN !!!\r\n"), b"501 5.5.2 Invalid base64 data\r\n")
+        self.assertEqual(self.feed(b"AUTH PLAIN\r\nab\xffc\r\n"), b"334 \r\n501 5.5.2 Invalid base64 data\r\n")
+        self.assertEqual(self.checker.requests, 0)
+
+    def test_unknownMechanism(self) -> None:
+        """
+        An unknown mechanism gets 504 5.5.4.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(self.feed(b"AUTH CRAM-MD5\r\n"), b"504 5.5.4 Unrecognized authentication type\r\n")
+
+    def test_encryptionRequired(self) -> None:
+        """
+        Where the policy refuses plaintext, AUTH gets 538 5.7.11 without
+        the portal being asked.
+        """
+        self.plaintext = False
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(
+            self.feed(b"AUTH PLAIN " + ALICE_PLAIN + b"\r\nAUTH LOGIN\r\n"),
+            b"538 5.7.11 Encryption required for requested authentication mechanism\r\n" * 2,
+        )
+        self.assertEqual(self.checker.requests, 0)
+
+    def test_alreadyAuthenticated(self) -> None:
+        """
+        A second AUTH gets 503 5.5.1, also after EHLO again.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(b"AUTH PLAIN " + ALICE_PLAIN + b"\r\nEHLO c\r\nAUTH LOGIN\r\n"),
+            b"503 5.5.1 Error: already authenticated\r\n" + EHLO_PLAIN + b"503 5.5.1 Error: already authenticated\r\n",
+        )
+
+    def test_tooManyFailures(self) -> None:
+        """
+        The third failed AUTH closes the session with 421 4.7.0.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        bad = b"AUTH PLAIN " + plain(b"", b"alice@example.org", b"wrong") + b"\r\n"
+        self.assertEqual(
+            self.feed(bad * 4),
+            b"535 5.7.8 Authentication credentials invalid\r\n" * 3
+            + b"421 4.7.0 mail.example.org Error: too many authentication failures\r\n",
+        )
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_pendingLoginHoldsPipeline(self) -> None:
+        """
+        While the portal has not answered, pipelined commands wait; they are
+        answered in order once it does.
+        """
+        pending = defer.Deferred()
+
+        class SlowPortal:
+            def login(self, credentials, mind, *interfaces):
+                return pending
+
+        self.portal = SlowPortal()
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(self.feed(b"AUTH PLAIN " + ALICE_PLAIN + b"\r\nMAIL FROM:<alice@example.org>\r\n"), b"")
+        logouts = []
+        pending.callback((ISubmissionAvatar, FakeSubmissionAvatar(ALICE, self.router), lambda: logouts.append(1)))
+        self.assertEqual(self.transport.value(), AUTH_OK + b"250 2.1.0 OK\r\n")
+        self.proto.connectionLost(None)
+        self.assertEqual(logouts, [1])
+
+    def test_loginAfterConnectionLost(self) -> None:
+        """
+        An avatar arriving after the connection was lost is logged out at
+        once.
+        """
+        pending = defer.Deferred()
+
+        class SlowPortal:
+            def login(self, credentials, mind, *interfaces):
+                return pending
+
+        self.portal = SlowPortal()
+        self.connect()
+        self.feed(b"EHLO c\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+        self.proto.connectionLost(None)
+        logouts = []
+        pending.callback((ISubmissionAvatar, FakeSubmissionAvatar(ALICE, self.router), lambda: logouts.append(1)))
+        self.assertEqual(logouts, [1])
+
+    def test_logoutOnConnectionLost(self) -> None:
+        """
+        Losing the connection calls the portal's logout and logs the
+        session's counters.
+        """
+        self.login()
+        with capturedLogs() as events:
+            self.proto.connectionLost(None)
+        self.assertEqual(self.realm.logouts, [ALICE])
+        logouts = [e for e in events if e.get("log_format", "").startswith("logout:")]
+        self.assertEqual(len(logouts), 1)
+        self.assertEqual(logouts[0]["fields"], "bytes=0 messages=0")
+
+
+class EnvelopeTests(SessionMixin, SynchronousTestCase):
+    """
+    MAIL and RCPT.
+    """
+
+    def test_authRequired(self) -> None:
+        """
+        MAIL, RCPT and DATA need AUTH: 530 5.7.0.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
+            b"530 5.7.0 Authentication required\r\n" * 3,
+        )
+
+    def test_unownedSender(self) -> None:
+        """
+        A MAIL FROM address the user does not own gets 553 5.7.1; an alias
+        the user owns is accepted.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<bob@example.org>\r\nMAIL FROM:<postmaster@example.org>\r\n"),
+            b"553 5.7.1 Sender address not owned by user\r\n250 2.1.0 OK\r\n",
+        )
+
+    def test_nullSender(self) -> None:
+        """
+        The null reverse path is refused on submission.
+        """
+        self.login()
+        self.assertEqual(self.feed(b"MAIL FROM:<>\r\n"), b"550 5.7.1 Null sender not allowed on submission\r\n")
+
+    def test_badSenderSyntax(self) -> None:
+        """
+        A path without brackets is a syntax error; a bad address in brackets
+        gets 553 5.1.7.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(b"MAIL FROM:alice@example.org\r\nMAIL FROM:<a b@example.org>\r\nMAIL TO:<alice@example.org>\r\n"),
+            b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
+            b"553 5.1.7 Bad sender address syntax\r\n"
+            b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n",
+        )
+
+    def test_nestedMail(self) -> None:
+        """
+        MAIL inside a transaction gets 503 5.5.1.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@example.org>\r\nMAIL FROM:<alice@example.org>\r\n"),
+            b"250 2.1.0 OK\r\n503 5.5.1 Error: nested MAIL command\r\n",
+        )
+
+    def test_rcptBeforeMail(self) -> None:
+        """
+        RCPT and DATA before MAIL get 503 5.5.1.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(b"RCPT TO:<bob@example.org>\r\nDATA\r\n"),
+            b"503 5.5.1 Error: need MAIL command\r\n" * 2,
+        )
+
+    def test_mailParameters(self) -> None:
+        """
+        SIZE within the limit and BODY=8BITMIME are accepted; SIZE over the
+        limit gets 552 5.3.4, unknown parameters 555 5.5.4, a bad SIZE or
+        BODY 501 5.5.4.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(
+                b"MAIL FROM:<alice@example.org> SIZE=41943041\r\n"
+                b"MAIL FROM:<alice@example.org> SMTPUTF8\r\n"
+                b"MAIL FROM:<alice@example.org> SIZE=x\r\n"
+                b"MAIL FROM:<alice@example.org> BODY=BINARYMIME\r\n"
+                b"MAIL FROM:<alice@example.org> size=41943040 body=8bitmime\r\n"
+            ),
+            b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+            b"555 5.5.4 Unsupported parameter\r\n"
+            b"501 5.5.4 Bad SIZE parameter\r\n"
+            b"501 5.5.4 Unsupported BODY type\r\n"
+            b"250 2.1.0 OK\r\n",
+        )
+
+    def test_recipients(self) -> None:
+        """
+        An unknown local recipient gets 550 5.1.1, a bad address 501 5.1.3,
+        a parameter 555; local and remote recipients are accepted.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(
+                b"MAIL FROM:<alice@example.org>\r\n"
+                b"RCPT TO:<nobody@example.org>\r\n"
+                b"RCPT TO:<bad@@example.org>\r\n"
+                b"RCPT TO:<bob@example.org> NOTIFY=NEVER\r\n"
+                b"RCPT TO:<bob@example.org>\r\n"
+                b"RCPT TO:<carol@remote.example>\r\n"
+            ),
+            b"250 2.1.0 OK\r\n"
+            b"550 5.1.1 Recipient address rejected: user unknown\r\n"
+            b"501 5.1.3 Bad recipient address syntax\r\n"
+            b"555 5.5.4 Unsupported parameter\r\n"
+            b"250 2.1.5 OK\r\n"
+            b"250 2.1.5 OK\r\n",
+        )
+        self.assertEqual(self.proto._recipients, [BOB, REMOTE])
+
+    def test_recipientTemporaryFailure(self) -> None:
+        """
+        A recipient check failing temporarily gets 451 4.3.0.
+        """
+
+        def fail(address):
+            raise TemporaryFailure("database down")
+
+        self.login()
+        self.realm.avatars[0].checkRecipient = fail
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n"),
+            b"250 2.1.0 OK\r\n451 4.3.0 Temporary failure, try again later\r\n",
+        )
+
+    def test_tooManyRecipients(self) -> None:
+        """
+        Recipient maxRecipients+1 gets 452 4.5.3.
+        """
+        self.connect(maxRecipients=2)
+        self.login()
+        self.assertEqual(
+            self.feed(
+                b"MAIL FROM:<alice@example.org>\r\n"
+                b"RCPT TO:<bob@example.org>\r\n"
+                b"RCPT TO:<alice@example.org>\r\n"
+                b"RCPT TO:<carol@remote.example>\r\n"
+            ),
+            b"250 2.1.0 OK\r\n" + b"250 2.1.5 OK\r\n" * 2 + b"452 4.5.3 Too many recipients\r\n",
+        )
+
+    def test_recipientsDeduplicated(self) -> None:
+        """
+        An alias and its user are one recipient: one copy is stored.
+        """
+        self.login()
+        self.envelope(rcpts=(b"alice@example.org", b"postmaster@example.org"))
+        self.assertEqual(self.proto._reader is not None, True)
+        self.assertEqual(queuedReply(self.feed(HEADERS + b"\r\nhi\r\n.\r\n")), b"250 2.0.0 OK queued as ID\r\n")
+        self.assertEqual(self.stored(ALICE), [HEADERS + b"\r\nhi\r\n"])
+
+    def test_noRecipients(self) -> None:
+        """
+        DATA without an accepted recipient gets 554 5.5.1.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<nobody@example.org>\r\nDATA\r\n"),
+            b"250 2.1.0 OK\r\n550 5.1.1 Recipient address rejected: user unknown\r\n554 5.5.1 No valid recipients\r\n",
+        )
+
+    def test_rset(self) -> None:
+        """
+        RSET ends the transaction but keeps the login.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(
+                b"MAIL FROM:<alice@example.org>\r\nRSET\r\nRCPT TO:<bob@example.org>\r\nMAIL FROM:<alice@example.org>\r\n"
+            ),
+            b"250 2.1.0 OK\r\n250 2.0.0 OK\r\n503 5.5.1 Error: need MAIL command\r\n250 2.1.0 OK\r\n",
+        )
+
+
+class DataTests(SessionMixin, SynchronousTestCase):
+    """
+    Message data: termination, transparency, normalisation, limits.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.connect()
+        self.login()
+
+    def send(self, data: bytes, rcpts=(b"bob@example.org",)) -> bytes:
+        """
+        Send an envelope, then C{data} in one segment; return the output
+        with the queue identifier replaced.
+        """
+        self.envelope(rcpts)
+        return queuedReply(self.feed(data))
+
+    def test_simple(self) -> None:
+        """
+        A message is stored exactly, after a Received: field, and 250 names
+        its queue identifier.
+        """
+        self.assertEqual(self.send(HEADERS + b"\r\nHello\r\n.\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+        self.assertEqual(self.stored(), [HEADERS + b"\r\nHello\r\n"])
+        self.assertEqual(self.store.deliveries[0].state, "committed")
+
+    def test_receivedHeader(self) -> None:
+        """
+        The trace field names the EHLO name, the server, ESMTPA and the
+        queue identifier given in the 250 reply, but not the client's IP
+        address nor the user.
+        """
+        self.envelope()
+        out = self.feed(HEADERS + b"\r\nHello\r\n.\r\n")
+        queueID = re.match(rb"250 2.0.0 OK queued as ([0-9A-F]{16})\r\n$", out).group(1)
+        [(uid, data)] = self.store.boxes[BOB]
+        self.assertEqual(
+            data.split(b"\r\n", 1)[0],
+            b"Received: from client.example (authenticated user) by mail.example.org (pop3gw) with ESMTPA id "
+            + queueID
+            + b"; "
+            + NOW_TEXT,
+        )
+        self.assertNotIn(b"192.168.1.1", data)
+        self.assertNotIn(b"alice", data.split(b"\r\n", 1)[0])
+
+    def test_receivedHeaderTLS(self) -> None:
+        """
+        Under TLS the trace field says ESMTPSA.
+        """
+        self.connect(transport=SecureStringTransport())
+        self.login()
+        self.send(HEADERS + b"\r\nHello\r\n.\r\n")
+        [(uid, data)] = self.store.boxes[BOB]
+        self.assertIn(b" with ESMTPSA id ", data.split(b"\r\n", 1)[0])
+
+    def test_addMessageIDAndDate(self) -> None:
+        """
+        Message-ID and Date are added when missing, in RFC 5322 form.
+        """
+        self.send(b"From: alice@example.org\r\nSubject: x\r\n\r\nHello\r\n.\r\n")
+        [message] = self.stored()
+        self.assertRegex(
+            message,
+            rb"^Message-ID: <[0-9a-f]{32}@mail\.example\.org>\r\n"
+            rb"Date: Tue, 14 Nov 2023 22:13:20 \+0000\r\n"
+            rb"From: alice@example.org\r\nSubject: x\r\n\r\nHello\r\n$",
+        )
+
+    def test_keepMessageIDAndDate(self) -> None:
+        """
+        Existing Message-ID and Date fields (any case) are kept, nothing is
+        added.
+        """
+        headers = b"From: alice@example.org\r\nmessage-id: <a@b>\r\nDATE: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+        self.send(headers + b"\r\nHello\r\n.\r\n")
+        self.assertEqual(self.stored(), [headers + b"\r\nHello\r\n"])
+
+    def test_headersOnly(self) -> None:
+        """
+        A message without a body (no blank line) is stored with its fields.
+        """
+        self.assertEqual(self.send(HEADERS + b".\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+        self.assertEqual(self.stored(), [HEADERS])
+
+    def test_emptyMessage(self) -> None:
+        """
+        A "." right after 354 ends an empty message; Message-ID and Date are
+        added, and From is not required.
+        """
+        self.assertEqual(self.send(b".\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+        [message] = self.stored()
+        self.assertRegex(message, rb"^Message-ID: <[0-9a-f]{32}@mail\.example\.org>\r\nDate: [^\r]+\r\n$")
+
+    def test_dotUnstuffing(self) -> None:
+        """
+        A leading "." is removed from lines with other characters.
+        """
+        self.send(HEADERS + b"\r\n..\r\n...x\r\n.y\r\nz.\r\n.\r\n")
+        self.assertEqual(self.stored(), [HEADERS + b"\r\n.\r\n..x\r\ny\r\nz.\r\n"])
+
+    def test_bareLFNormalised(self) -> None:
+        """
+        Bare LF line ends are stored as CRLF.
+        """
+        self.assertEqual(
+            self.send(b"From: alice@example.org\nMessage-ID: <1@x>\nDate: x\n\nline1\nline2\r\n.\r\n"),
+            b"250 2.0.0 OK queued as ID\r\n",
+        )
+        self.assertEqual(
+            self.stored(),
+            [b"From: alice@example.org\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nline1\r\nline2\r\n"],
+        )
+
+    def test_bareCR(self) -> None:
+        """
+        A bare CR anywhere gets 550 5.6.11 at the end of the data; nothing
+        is stored and the delivery is aborted.
+        """
+        self.assertEqual(self.send(HEADERS + b"\r\nab\rc\r\nmore\r\n.\r\n"), b"550 5.6.11 Bare CR not allowed\r\n")
+        self.assertEqual(self.store.boxes, {})
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+
+    def test_bareCRBeforeCRLF(self) -> None:
+        """
+        CR CR LF is a bare CR followed by a line end.
+        """
+        self.assertEqual(self.send(HEADERS + b"\r\nab\r\r\n.\r\n"), b"550 5.6.11 Bare CR not allowed\r\n")
+        self.assertEqual(self.store.boxes, {})
+
+    def test_crlfSplitAcrossSegments(self) -> None:
+        """
+        A CR ending one segment and the LF starting the next are one CRLF,
+        also for the final ".".
+        """
+        self.envelope()
+        for chunk in (HEADERS + b"\r\nab\r", b"\n.\r", b"\n"):
+            out = self.feed(chunk)
+        self.assertEqual(queuedReply(out), b"250 2.0.0 OK queued as ID\r\n")
+        self.assertEqual(self.stored(), [HEADERS + b"\r\nab\r\n"])
+
+    def test_byteByByte(self) -> None:
+        """
+        Data fed one byte at a time is stored exactly as when sent at once.
+        """
+        data = HEADERS + b"\r\n..dots\nbare\r\n.\nx\r\n\r\nend\r\n.\r\n"
+        self.send(data)
+        self.envelope()
+        out = b""
+        for i in range(len(data)):
+            out += self.feed(data[i : i + 1])
+        self.assertEqual(queuedReply(out), b"250 2.0.0 OK queued as ID\r\n")
+        first, second = self.stored()
+        self.assertEqual(first, second)
+        self.assertEqual(first, HEADERS + b"\r\n.dots\r\nbare\r\n.\r\nx\r\n\r\nend\r\n")
+
+    def test_sizeLimitStreamed(self) -> None:
+        """
+        Past maxMessageSize the delivery is aborted at once, the rest is
+        read, and 552 5.3.4 comes at the end; nothing is stored.
+        """
+        self.connect(maxMessageSize=100)
+        self.feed(b"EHLO c\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+        self.envelope()
+        self.feed(HEADERS + b"\r\n" + b"x" * 60 + b"\r\n")
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+        self.assertEqual(self.store.deliveries[0].data, b"")
+        self.assertEqual(
+            self.feed(b"y" * 60 + b"\r\n.\r\nNOOP\r\n"),
+            b"552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.0.0 OK\r\n",
+        )
+        self.assertEqual(self.store.boxes, {})
+
+    def test_sizeExactLimit(self) -> None:
+        """
+        A message of exactly maxMessageSize octets is accepted.
+        """
+        body = HEADERS + b"\r\n"
+        self.connect(maxMessageSize=len(body) + 5)
+        self.feed(b"EHLO c\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+        self.assertEqual(self.send(body + b"abc\r\n.\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+
+    def test_streaming(self) -> None:
+        """
+        The body is written to the delivery while it arrives, not held.
+        """
+        self.envelope()
+        self.feed(HEADERS + b"\r\n" + b"x" * 998 + b"\r\n")
+        written = self.store.deliveries[0].data
+        self.feed((b"y" * 998 + b"\r\n") * 80)
+        self.assertGreater(len(self.store.deliveries[0].data), len(written) + 60000)
+
+    def test_longLine(self) -> None:
+        """
+        A 999-octet line is never cut: 550 5.6.0 at the end; a 998-octet
+        line is fine.
+        """
+        self.assertEqual(self.send(HEADERS + b"\r\n" + b"x" * 998 + b"\r\n.\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+        self.assertEqual(
+            self.send(HEADERS + b"\r\n" + b"x" * 999 + b"\r\n.\r\n"),
+            b"550 5.6.0 Message line longer than 998 octets\r\n",
+        )
+        self.assertEqual(len(self.stored()), 1)
+
+    def test_maximalLineSplitBeforeLF(self) -> None:
+        """
+        A 998-octet line whose CR ends one segment and whose LF starts the
+        next is not too long.
+        """
+        self.envelope()
+        self.assertEqual(self.feed(HEADERS + b"\r\n" + b"x" * 998 + b"\r"), b"")
+        self.assertEqual(queuedReply(self.feed(b"\n.\r\n")), b"250 2.0.0 OK queued as ID\r\n")
+        self.assertEqual(self.stored(), [HEADERS + b"\r\n" + b"x" * 998 + b"\r\n"])
+
+    def test_longLineAcrossSegments(self) -> None:
+        """
+        An over-long line arriving in pieces is dropped as it comes, and a
+        "." at its end is not the end of the data.
+        """
+        self.envelope()
+        for i in range(10):
+            self.assertEqual(self.feed(b"x" * 1000), b"")
+        self.assertLess(len(self.proto._buffer), 1001)
+        self.assertEqual(self.feed(b".\r\n"), b"")
+        self.assertEqual(self.feed(b".\r\n"), b"550 5.6.0 Message line longer than 998 octets\r\n")
+
+    def test_headerFromUnowned(self) -> None:
+        """
+        A header From: the user does not own gets 553 5.7.1 at the end of
+        the data; the delivery is aborted and nothing stored.
+        """
+        self.assertEqual(
+            self.send(b"From: Bob <bob@example.org>\r\n\r\nHello\r\n.\r\n"),
+            b"553 5.7.1 From: header address not owned by user\r\n",
+        )
+        self.assertEqual(self.store.boxes, {})
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+
+    def test_headerFromVariants(self) -> None:
+        """
+        Every From:/Sender: address must be owned: several addresses, space
+        before the colon, folded fields, empty fields and garbage count.
+        """
+        for headers in [
+            b"From: alice@example.org, bob@example.org\r\n",
+            b"From : bob@example.org\r\n",
+            b"From: Alice\r\n <bob@example.org>\r\n",
+            b"FROM:\r\n",
+            b"From: alice@example.org <bob@example.org>\r\n",
+            b"From: alice@example.org\r\nSender: bob@example.org\r\n",
+            b"From: alice@example.org\r\nFrom: bob@example.org\r\n",
+            b"From: undisclosed\r\n",
+            b" From: bob@example.org\r\nFrom: alice@example.org\r\n",
+        ]:
+            self.assertEqual(
+                self.send(headers + b"\r\nHello\r\n.\r\n"),
+                b"553 5.7.1 From: header address not owned by user\r\n",
+                headers,
+            )
+        self.assertEqual(self.store.boxes, {})
+
+    def test_headerFromOwned(self) -> None:
+        """
+        Display names, aliases and a Sender: the user owns are accepted.
+        """
+        headers = b'From: "Alice A." <alice@example.org>, postmaster@example.org\r\nSender: alice@example.org\r\n'
+        self.assertEqual(self.send(headers + b"\r\nHello\r\n.\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+
+    def test_headerFromUnchecked(self) -> None:
+        """
+        With checkHeaderFrom off, any header From: is accepted.
+        """
+        self.connect(checkHeaderFrom=False)
+        self.feed(b"EHLO c\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+        self.assertEqual(self.send(b"From: bob@example.org\r\n\r\nHello\r\n.\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+
+    def test_headerSectionTooLarge(self) -> None:
+        """
+        A header section over 256 KiB gets 552 5.3.4 at the end.
+        """
+        self.envelope()
+        self.feed((b"X-Filler: " + b"x" * 900 + b"\r\n") * 300)
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+        self.assertEqual(self.feed(b"\r\nbody\r\n.\r\n"), b"552 5.3.4 Message header section too large\r\n")
+
+    def test_remoteRecipientQueued(self) -> None:
+        """
+        A remote recipient's copy goes to the outbound queue with the
+        envelope sender.
+        """
+        self.send(HEADERS + b"\r\nHello\r\n.\r\n", rcpts=(b"carol@remote.example",))
+        [(sender, rcpts, data)] = self.queue.entries
+        self.assertEqual((sender, rcpts), (ALICE, [REMOTE]))
+        self.assertTrue(data.endswith(HEADERS + b"\r\nHello\r\n"))
+
+    def test_countersLogged(self) -> None:
+        """
+        The logout line counts messages and their octets.
+        """
+        self.send(HEADERS + b"\r\nHello\r\n.\r\n")
+        with capturedLogs() as events:
+            self.proto.connectionLost(None)
+        [logout] = [e for e in events if e.get("log_format", "").startswith("logout:")]
+        self.assertEqual(logout["fields"], "bytes=%d messages=1" % (len(HEADERS) + 9,))
+
+    def test_connectionLostAbortsDelivery(self) -> None:
+        """
+        Losing the connection in the middle of DATA aborts the delivery.
+        """
+        self.envelope()
+        self.feed(HEADERS + b"\r\nHello\r\n")
+        self.proto.connectionLost(None)
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+        self.assertEqual(self.store.boxes, {})
+        self.assertEqual(self.realm.logouts, [ALICE])
+
+    def test_timeoutInData(self) -> None:
+        """
+        The idle timeout also applies during DATA, and aborts the delivery.
+        """
+        self.envelope()
+        self.feed(HEADERS)
+        self.clock.advance(300)
+        self.assertEqual(self.transport.value(), b"421 4.4.2 mail.example.org Error: timeout exceeded\r\n")
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+
+    def test_commitFailure(self) -> None:
+        """
+        A failing commit gets 451 4.3.0 and no 250.
+        """
+        self.store.failCommit = True
+        self.assertEqual(self.send(HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n"), b"451 4.3.0 Temporary failure, try again later\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(self.store.boxes, {})
+
+    def test_beginDeliveryFailure(self) -> None:
+        """
+        A delivery that cannot start gets 451 4.3.0 instead of 354.
+        """
+
+        def fail(sender, recipients, trace=b""):
+            raise TemporaryFailure("disk full")
+
+        self.realm.avatars[0].beginDelivery = fail
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n451 4.3.0 Temporary failure, try again later\r\n",
+        )
+
+    def test_writeFailure(self) -> None:
+        """
+        A delivery whose write fails unexpectedly gives 451 4.3.0 at the end
+        of the data; the error is logged, no traceback is sent.
+        """
+
+        @implementer(IDelivery)
+        class Broken(FakeDelivery):
+            def write(self, data):
+                raise RuntimeError("boom")
+
+        delivery = Broken(lambda data: None)
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.envelope()
+        self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\n"), b"451 4.3.0 Internal error\r\n")
+        self.assertEqual(delivery.state, "aborted")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_unexpectedErrorInCommand(self) -> None:
+        """
+        An unexpected exception in a command handler is logged and answered
+        451 4.3.0, never with a traceback; the session goes on.
+        """
+
+        def broken(address):
+            raise RuntimeError("secret internals")
+
+        self.realm.avatars[0].mayUseSender = broken
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@example.org>\r\nNOOP\r\n"),
+            b"451 4.3.0 Internal error\r\n250 2.0.0 OK\r\n",
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_twoMessages(self) -> None:
+        """
+        A session can send several messages.
+        """
+        self.send(HEADERS + b"\r\none\r\n.\r\n")
+        self.send(HEADERS + b"\r\ntwo\r\n.\r\n")
+        self.assertEqual(self.stored(), [HEADERS + b"\r\none\r\n", HEADERS + b"\r\ntwo\r\n"])
+
+
+class SmugglingTests(SessionMixin, SynchronousTestCase):
+    """
+    SMTP smuggling (CVE-2023-51764 family): only CRLF.CRLF ends the data.
+    """
+
+    SMUGGLED = (
+        b"MAIL FROM:<alice@example.org>\r\n"
+        b"RCPT TO:<carol@remote.example>\r\n"
+        b"DATA\r\n"
+        b"From: alice@example.org\r\n\r\nsmuggled\r\n"
+    )
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.connect()
+        self.login()
+
+    def smuggle(self, separator: bytes) -> bytes:
+        """
+        Send one message with C{separator} then a second envelope inside
+        its data, then the real end and QUIT.
+        """
+        self.envelope()
+        return queuedReply(self.feed(HEADERS + b"\r\nfirst" + separator + self.SMUGGLED + b".\r\nQUIT\r\n"))
+
+    def assertOneMessage(self, separatorStored: bytes) -> None:
+        """
+        Exactly one message, for bob only, holding the smuggled text as
+        content; nothing queued for the smuggled recipient.
+        """
+        self.assertEqual(self.stored(), [HEADERS + b"\r\nfirst" + separatorStored + self.SMUGGLED])
+        self.assertEqual(self.queue.entries, [])
+        self.assertEqual(len(self.store.deliveries), 1)
+
+    def test_lfDotLF(self) -> None:
+        """
+        "\\n.\\n" is content: one message, stored with CRLF and the "." line.
+        """
+        self.assertEqual(self.smuggle(b"\n.\n"), b"250 2.0.0 OK queued as ID\r\n221 2.0.0 Bye\r\n")
+        self.assertOneMessage(b"\r\n.\r\n")
+
+    def test_crlfDotLF(self) -> None:
+        """
+        "\\r\\n.\\n" is content.
+        """
+        self.assertEqual(self.smuggle(b"\r\n.\n"), b"250 2.0.0 OK queued as ID\r\n221 2.0.0 Bye\r\n")
+        self.assertOneMessage(b"\r\n.\r\n")
+
+    def test_lfDotCRLF(self) -> None:
+        """
+        "\\n.\\r\\n" is content.
+        """
+        self.assertEqual(self.smuggle(b"\n.\r\n"), b"250 2.0.0 OK queued as ID\r\n221 2.0.0 Bye\r\n")
+        self.assertOneMessage(b"\r\n.\r\n")
+
+    def test_crDotCR(self) -> None:
+        """
+        "\\r.\\r" is bare CRs: the message is refused, nothing stored, no
+        second envelope.
+        """
+        self.assertEqual(self.smuggle(b"\r.\r"), b"550 5.6.11 Bare CR not allowed\r\n221 2.0.0 Bye\r\n")
+        self.assertEqual(self.store.boxes, {})
+        self.assertEqual(self.queue.entries, [])
+        self.assertEqual(len(self.store.deliveries), 1)
+
+    def test_byteByByte(self) -> None:
+        """
+        The smuggling vectors fed one byte at a time give the same result.
+        """
+        for separator in (b"\n.\n", b"\r\n.\n", b"\n.\r\n"):
+            self.envelope()
+            data = HEADERS + b"\r\nfirst" + separator + self.SMUGGLED + b".\r\n"
+            out = b"".join(self.feed(data[i : i + 1]) for i in range(len(data)))
+            self.assertEqual(queuedReply(out), b"250 2.0.0 OK queued as ID\r\n")
+        self.assertEqual(self.stored(), [HEADERS + b"\r\nfirst\r\n.\r\n" + self.SMUGGLED] * 3)
+        self.assertEqual(self.queue.entries, [])
+
+    def test_realEndThenCommands(self) -> None:
+        """
+        After a real CRLF.CRLF, the rest of the segment is commands, run
+        under the normal rules.
+        """
+        self.envelope()
+        out = self.feed(HEADERS + b"\r\nfirst\r\n.\r\n" + self.SMUGGLED + b".\r\n")
+        self.assertEqual(
+            queuedReply(out),
+            b"250 2.0.0 OK queued as ID\r\n"
+            b"250 2.1.0 OK\r\n"
+            b"250 2.1.5 OK\r\n"
+            b"354 End data with <CR><LF>.<CR><LF>\r\n"
+            b"250 2.0.0 OK queued as ID\r\n",
+        )
+        self.assertEqual(len(self.queue.entries), 1)
+
+
+class ChunkingPropertyTests(SessionMixin, SynchronousTestCase):
+    """
+    Segment boundaries never change what is answered or stored.
+    """
+
+    DATA = (
+        HEADERS + b"\r\n..a\nb\r\n.\nc\r\r\n" + b"x" * 999 + b"\n.\r\nd\r\n.\r\nNOOP\r\n",
+        HEADERS + b"\r\nfirst\n.\nMAIL FROM:<alice@example.org>\r\nDATA\r\n\r\n.\r\nNOOP\r\n",
+        b"From: bob@example.org\r\n\r\nx\r\n.\r\nNOOP\r\n",
+        HEADERS + b"\r\n\r\n.\r\n\r\n.\r\n",
+        HEADERS + b"\r\n" + b"y" * 998 + b"\r\n.\r\n",
+    )
+
+    def session(self, data: bytes, cuts: list) -> tuple:
+        """
+        Run a fresh session sending C{data} cut at C{cuts}; return the
+        replies after 354 and what was stored.
+        """
+        SessionMixin.setUp(self)
+        self.connect()
+        self.login()
+        self.envelope()
+        out = b""
+        previous = 0
+        for cut in sorted(set(cuts)) + [len(data)]:
+            out += self.feed(data[previous:cut])
+            previous = cut
+        return queuedReply(out), self.store.boxes.get(BOB, [])
+
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @hypothesis.given(
+        index=hypothesis.strategies.integers(min_value=0, max_value=4),
+        cuts=hypothesis.strategies.lists(hypothesis.strategies.integers(min_value=0, max_value=1200), max_size=12),
+    )
+    def test_anySegmentation(self, index: int, cuts: list) -> None:
+        """
+        Any segmentation of the data gives the same replies and the same
+        stored message (the Received: line aside) as one segment.
+        """
+        data = self.DATA[index]
+        cuts = [c for c in cuts if c < len(data)]
+        expectedOut, expectedStored = self.session(data, [])
+        out, stored = self.session(data, cuts)
+        self.assertEqual(out, expectedOut)
+        self.assertEqual(
+            [d.split(b"\r\n", 1)[1] for _, d in stored],
+            [d.split(b"\r\n", 1)[1] for _, d in expectedStored],
+        )
+
+
+class PipeliningTests(SessionMixin, SynchronousTestCase):
+    """
+    Pipelined input and replies held until a commit fires.
+    """
+
+    def test_wholeSessionOneSegment(self) -> None:
+        """
+        A whole session in one segment is answered in order.
+        """
+        self.connect()
+        out = self.feed(
+            b"EHLO client.example\r\n"
+            b"AUTH PLAIN " + ALICE_PLAIN + b"\r\n"
+            b"MAIL FROM:<alice@example.org>\r\n"
+            b"RCPT TO:<bob@example.org>\r\n"
+            b"RCPT TO:<nobody@example.org>\r\n"
+            b"DATA\r\n" + HEADERS + b"\r\nHello\r\n.\r\n"
+            b"QUIT\r\n"
+        )
+        self.assertEqual(
+            queuedReply(out),
+            EHLO_PLAIN
+            + AUTH_OK
+            + b"250 2.1.0 OK\r\n"
+            b"250 2.1.5 OK\r\n"
+            b"550 5.1.1 Recipient address rejected: user unknown\r\n"
+            b"354 End data with <CR><LF>.<CR><LF>\r\n"
+            b"250 2.0.0 OK queued as ID\r\n"
+            b"221 2.0.0 Bye\r\n",
+        )
+        self.assertEqual(self.stored(), [HEADERS + b"\r\nHello\r\n"])
+
+    def test_replyOnlyAfterCommit(self) -> None:
+        """
+        250 is sent only when the commit fires, and commands pipelined after
+        the data wait for it.
+        """
+        committed = defer.Deferred()
+
+        @implementer(IDelivery)
+        class Slow(FakeDelivery):
+            def commit(self):
+                self.state = "committing"
+                return committed
+
+        delivery = Slow(lambda data: None)
+        self.connect()
+        self.login()
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.envelope()
+        self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n"), b"")
+        self.assertEqual(self.feed(b"RSET\r\n"), b"")
+        self.assertEqual(delivery.data, HEADERS + b"\r\nHello\r\n")
+        committed.callback(None)
+        self.assertEqual(
+            queuedReply(self.transport.value()),
+            b"250 2.0.0 OK queued as ID\r\n250 2.0.0 OK\r\n250 2.0.0 OK\r\n",
+        )
+
+    def test_commitFailureAfterWait(self) -> None:
+        """
+        A commit failing later gets 451 4.3.0, never 250; an unexpected
+        error is logged.
+        """
+        committed = defer.Deferred()
+
+        @implementer(IDelivery)
+        class Slow(FakeDelivery):
+            def commit(self):
+                return committed
+
+        self.connect()
+        self.login()
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": Slow(lambda data: None)
+        self.envelope()
+        self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n"), b"")
+        committed.errback(OSError("disk"))
+        self.assertEqual(self.transport.value(), b"451 4.3.0 Temporary failure, try again later\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_pendingInputBounded(self) -> None:
+        """
+        While a reply is pending, reading pauses once much input is held,
+        and resumes after.
+        """
+        committed = defer.Deferred()
+
+        @implementer(IDelivery)
+        class Slow(FakeDelivery):
+            def commit(self):
+                return committed
+
+        self.connect()
+        self.login()
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": Slow(lambda data: None)
+        self.envelope()
+        self.feed(HEADERS + b"\r\nHello\r\n.\r\n")
+        self.feed(b"NOOP\r\n" * (smtp.MAX_PENDING_INPUT // 6 + 1))
+        self.assertEqual(self.transport.producerState, "paused")
+        committed.callback(None)
+        self.assertEqual(self.transport.producerState, "producing")
+
+
+class StartTLSTests(SessionMixin, SynchronousTestCase):
+    """
+    STARTTLS.
+    """
+
+    transportFactory = TLSStringTransport
+
+    def test_discardsPipelinedPlaintext(self) -> None:
+        """
+        Commands pipelined after STARTTLS in the same segment are discarded
+        (CVE-2011-0411); TLS is started with the factory's context factory.
+        """
+        context = object()
+        self.connect(tlsContextFactory=context)
+        out = self.feed(b"EHLO c\r\nSTARTTLS\r\nNOOP\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+        self.assertEqual(
+            out,
+            b"250-mail.example.org\r\n"
+            b"250-PIPELINING\r\n"
+            b"250-SIZE 41943040\r\n"
+            b"250-8BITMIME\r\n"
+            b"250-ENHANCEDSTATUSCODES\r\n"
+            b"250-STARTTLS\r\n"
+            b"250 AUTH PLAIN LOGIN\r\n"
+            b"220 2.0.0 Ready to start TLS\r\n",
+        )
+        self.assertEqual(self.transport.tlsStarted, [context])
+        self.assertEqual(self.checker.requests, 0)
+
+    def test_resetAfterTLS(self) -> None:
+        """
+        After STARTTLS the session starts over: EHLO is needed again, it no
+        longer offers STARTTLS, and the policy is asked with secure=True.
+        """
+        self.connect(tlsContextFactory=object())
+        self.feed(b"EHLO c\r\nSTARTTLS\r\n")
+        self.assertEqual(
+            self.feed(b"AUTH PLAIN " + ALICE_PLAIN + b"\r\nEHLO c\r\nSTARTTLS\r\n"),
+            b"503 5.5.1 Error: send EHLO first\r\n" + EHLO_PLAIN + b"454 4.7.0 TLS already active\r\n",
+        )
+        self.assertEqual(self.policyCalls[-1], (True, "192.168.1.1"))
+
+    def test_notOffered(self) -> None:
+        """
+        Without a context factory STARTTLS gets 503 5.5.1.
+        """
+        self.connect()
+        self.assertEqual(self.feed(b"EHLO c\r\nSTARTTLS\r\n"), EHLO_PLAIN + b"503 5.5.1 Error: STARTTLS not offered\r\n")
+        self.assertEqual(self.transport.tlsStarted, [])
+
+    def test_notAfterAuth(self) -> None:
+        """
+        STARTTLS after AUTH is a bad sequence.
+        """
+        self.connect(tlsContextFactory=object())
+        self.feed(b"EHLO c\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+        self.assertEqual(self.feed(b"STARTTLS\r\n"), b"503 5.5.1 Error: bad sequence of commands\r\n")
+
+    def test_startTLSOverIOSim(self) -> None:
+        """
+        Over an iosim pair (with iosim's stand-in TLS), STARTTLS hands the
+        factory's context to the transport and the new session is secure:
+        the policy is asked with C{secure=True} and AUTH is offered.
+        """
+        from twisted.internet.protocol import Protocol
+        from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
+
+        class Context:
+            def iosimVerify(self, other):
+                return True
+
+        calls = []
+
+        def policy(secure, peer):
+            calls.append(secure)
+            return secure
+
+        self.factory = smtp.SubmissionFactory(self.portal, policy, self.clock, HOST, tlsContextFactory=Context())
+        server = self.factory.buildProtocol(None)
+        client = Collector()
+        cio, sio = makeFakeClient(client), makeFakeServer(server)
+        pump = connect(server, sio, client, cio)
+        client.transport.write(b"EHLO c\r\nSTARTTLS\r\n")
+        pump.flush()
+        self.assertTrue(client.received.endswith(b"250 STARTTLS\r\n220 2.0.0 Ready to start TLS\r\n"))
+        client.received = b""
+        client.transport.startTLS(Context())
+        client.transport.write(b"EHLO c\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+        pump.flush()
+        self.assertEqual(calls, [False, True, True])
+        self.assertTrue(ISSLTransport.providedBy(server.transport))
+        self.assertEqual(client.received, EHLO_PLAIN + AUTH_OK)
+
+    def test_implicitTLSInMemory(self) -> None:
+        """
+        Wrapped in L{TLSMemoryBIOFactory} with Twisted's test certificate,
+        the session is secure from the greeting on: STARTTLS is not offered
+        and the trace field says ESMTPSA.
+        """
+        from twisted.internet import ssl
+        from twisted.internet.protocol import Factory
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.test.iosim import connectedServerAndClient
+
+        serverOptions = ssl.PrivateCertificate.loadPEM(serverPEM()).options()
+        calls = []
+
+        def policy(secure, peer):
+            calls.append(secure)
+            return secure
+
+        inner = smtp.SubmissionFactory(self.portal, policy, self.clock, HOST, tlsContextFactory=serverOptions)
+        client = Collector()
+        serverFactory = TLSMemoryBIOFactory(serverOptions, False, inner, clock=self.clock)
+        clientFactory = TLSMemoryBIOFactory(
+            ssl.CertificateOptions(), True, Factory.forProtocol(lambda: client), clock=self.clock
+        )
+        server, clientWrapper, pump = connectedServerAndClient(
+            lambda: serverFactory.buildProtocol(None), lambda: clientFactory.buildProtocol(None), clock=self.clock
+        )
+        pump.flush()
+        self.assertEqual(client.received, GREETING)
+        client.received = b""
+        client.transport.write(
+            b"EHLO c\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n"
+            b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n" + HEADERS + b"\r\nhi\r\n.\r\n"
+        )
+        pump.flush()
+        self.assertEqual(calls, [True, True])
+        self.assertEqual(
+            queuedReply(client.received),
+            EHLO_PLAIN + AUTH_OK + b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+            b"250 2.0.0 OK queued as ID\r\n",
+        )
+        [(uid, data)] = self.store.boxes[BOB]
+        self.assertIn(b" with ESMTPSA id ", data.split(b"\r\n", 1)[0])
+
+
+class FormatTests(SynchronousTestCase):
+    """
+    Helpers.
+    """
+
+    def test_formatDate(self) -> None:
+        """
+        Dates are RFC 5322, in UTC, with English names.
+        """
+        self.assertEqual(smtp.formatDate(NOW), NOW_TEXT.decode())
+        self.assertEqual(smtp.formatDate(0), "Thu, 1 Jan 1970 00:00:00 +0000")
+
+    def test_factoryHashable(self) -> None:
+        """
+        The factory can be used as a dict key (Twisted wrappers do).
+        """
+        factory = smtp.SubmissionFactory(None, lambda s, p: True, task.Clock(), HOST)
+        self.assertEqual({factory: 1}[factory], 1)
