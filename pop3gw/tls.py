@@ -162,7 +162,54 @@ def _publicKeyBytes(key) -> bytes:
 
 
 def _notAfter(cert: x509.Certificate) -> datetime.datetime:
-    return cert.not_valid_after_utc
+    """
+    End of validity, timezone-aware (also with cryptography < 42).
+    """
+    value = getattr(cert, "not_valid_after_utc", None)
+    if value is None:
+        value = cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    return value
+
+
+def _notBefore(cert: x509.Certificate) -> datetime.datetime:
+    """
+    Start of validity, timezone-aware (also with cryptography < 42).
+    """
+    value = getattr(cert, "not_valid_before_utc", None)
+    if value is None:
+        value = cert.not_valid_before.replace(tzinfo=datetime.timezone.utc)
+    return value
+
+
+def _useMaterial(ctx: SSL.Context, chain: Sequence[x509.Certificate], key) -> None:
+    """
+    Put C{chain} and C{key} in C{ctx}, converting them to pyOpenSSL objects
+    when pyOpenSSL is too old (< 24.3) to take C{cryptography} ones.
+    """
+    try:
+        ctx.use_certificate(chain[0])
+    except TypeError:
+        from OpenSSL import crypto
+
+        ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+        return
+    for extra in chain[1:]:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(key)
+
+
+def _peerCertificate(conn: SSL.Connection) -> x509.Certificate | None:
+    """
+    The peer's leaf certificate as a C{cryptography} object.
+    """
+    try:
+        return conn.get_peer_certificate(as_cryptography=True)
+    except TypeError:
+        cert = conn.get_peer_certificate()
+        return None if cert is None else cert.to_cryptography()
 
 
 def _writeAtomically(path: str, data: bytes, mode: int) -> None:
@@ -357,10 +404,7 @@ def loadMaterial(certPath: str, keyPath: str) -> _Material:
         )
     ctx = _newServerContext()
     try:
-        ctx.use_certificate(chain[0])
-        for extra in chain[1:]:
-            ctx.add_extra_chain_cert(extra)
-        ctx.use_privatekey(key)
+        _useMaterial(ctx, chain, key)
         ctx.check_privatekey()
     except (SSL.Error, TypeError, ValueError) as e:
         reason = "unusable certificate or key"
@@ -503,17 +547,17 @@ class CertificateManager:
         """
         leaf = material.leaf
         now = self._now()
-        if leaf.not_valid_after_utc <= now:
+        if _notAfter(leaf) <= now:
             self.log.warn(
                 "the TLS certificate in {path} expired on {date}",
                 path=certFile,
-                date=leaf.not_valid_after_utc.isoformat(),
+                date=_notAfter(leaf).isoformat(),
             )
-        elif leaf.not_valid_before_utc > now:
+        elif _notBefore(leaf) > now:
             self.log.warn(
                 "the TLS certificate in {path} is not valid before {date}",
                 path=certFile,
-                date=leaf.not_valid_before_utc.isoformat(),
+                date=_notBefore(leaf).isoformat(),
             )
         if self.hostname:
             try:
@@ -569,6 +613,12 @@ class CertificateManager:
                 "TLS reload failed, still serving the certificate {fingerprint}: {error}",
                 fingerprint=self.fingerprint,
                 error=str(e),
+            )
+            return False
+        except Exception:
+            self.log.failure(
+                "TLS reload failed, still serving the certificate {fingerprint}",
+                fingerprint=self.fingerprint,
             )
             return False
         self._install(material)
@@ -793,7 +843,7 @@ class OpportunisticClientTLS:
 def _judge(conn: SSL.Connection, hostname: str, chainErrors: list[str]) -> tuple[bool, str | None]:
     if chainErrors:
         return False, chainErrors[0]
-    cert = conn.get_peer_certificate(as_cryptography=True)
+    cert = _peerCertificate(conn)
     if cert is None:
         return False, "no certificate"
     try:

@@ -14,7 +14,6 @@ import hashlib
 import ipaddress
 import os
 import re
-import shutil
 import ssl
 import stat
 import warnings
@@ -28,14 +27,18 @@ from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet import defer
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.protocols.basic import LineReceiver
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
+
+from service_identity import VerificationError
 
 from pop3gw import tls
 from pop3gw.tls import CertificateManager, TLSConfigError
@@ -211,28 +214,6 @@ def writePem(directory: str, name: str, data: bytes) -> str:
     return path
 
 
-class TempCleanupMixin:
-    """
-    C{mktemp} paths are removed after the test, with their then empty parent
-    directories, so no run (trial or pytest, whatever the working directory)
-    leaves files behind.
-    """
-
-    def mktemp(self) -> str:
-        path = super().mktemp()
-        parent = os.path.dirname(path)
-
-        def cleanup() -> None:
-            shutil.rmtree(parent, ignore_errors=True)
-            try:
-                os.removedirs(os.path.dirname(parent))
-            except OSError:
-                pass
-
-        self.addCleanup(cleanup)
-        return path
-
-
 class LogCaptureMixin:
     """
     Capture what L{CertificateManager} logs into C{self.events}.
@@ -285,7 +266,7 @@ def colonless(fingerprint: str) -> str:
 # --- self-signed generation --------------------------------------------------
 
 
-class SelfSignedTests(LogCaptureMixin, TempCleanupMixin, SynchronousTestCase):
+class SelfSignedTests(LogCaptureMixin, SynchronousTestCase):
     """
     Without certificate files, a self-signed certificate is generated once
     under C{<dataDir>/tls/} and reused.
@@ -419,7 +400,7 @@ class SelfSignedTests(LogCaptureMixin, TempCleanupMixin, SynchronousTestCase):
 # --- operator certificates --------------------------------------------------------
 
 
-class OperatorCertificateTests(CAMixin, LogCaptureMixin, TempCleanupMixin, SynchronousTestCase):
+class OperatorCertificateTests(CAMixin, LogCaptureMixin, SynchronousTestCase):
     """
     Certificates and keys given by the operator.
     """
@@ -462,7 +443,9 @@ class OperatorCertificateTests(CAMixin, LogCaptureMixin, TempCleanupMixin, Synch
             tls.clientContextFactory(HOST, trustRoot=self.trustRoot()),
         )
         self.assertEqual(pair.clientApp.data(), b"")
-        self.assertIsNotNone(pair.clientApp.lost)
+        self.assertEqual(
+            pair.clientApp.lost.value.args[0][0][2], "certificate verify failed"
+        )
 
     def test_mismatchedKey(self) -> None:
         """
@@ -590,7 +573,7 @@ class LegacyOnly:
         return self.wrapped.getContext()
 
 
-class ReloadTests(CAMixin, LogCaptureMixin, TempCleanupMixin, SynchronousTestCase):
+class ReloadTests(CAMixin, LogCaptureMixin, SynchronousTestCase):
     """
     L{CertificateManager.reload} and friends swap the certificate for new
     handshakes only, and keep the old one when the new files are bad.
@@ -640,6 +623,32 @@ class ReloadTests(CAMixin, LogCaptureMixin, TempCleanupMixin, SynchronousTestCas
         self.assertEqual(before.clientApp.data(), GREETING + b"+OK\r\n")
         self.assertIsNone(before.clientApp.lost)
         self.assertIsNone(before.serverApp.lost)
+
+    def test_loadsOnFirstUse(self) -> None:
+        """
+        The server context factory loads the certificate if C{load} was not
+        called.
+        """
+        m = CertificateManager(self.mktemp(), self.certPath, self.keyPath)
+        pair = self.connect(m.serverContextFactory())
+        self.assertEqual(pair.clientApp.data(), GREETING)
+        self.assertEqual(m.fingerprint, self.fp1)
+
+    def test_unexpectedReloadError(self) -> None:
+        """
+        An unexpected error during reload is logged as a failure and the
+        old certificate stays.
+        """
+
+        def broken(certPath, keyPath):
+            raise RuntimeError("boom")
+
+        self.patch(tls, "loadMaterial", broken)
+        self.assertFalse(self.m.reload())
+        self.assertEqual(self.m.fingerprint, self.fp1)
+        failures = [e for e in self.events if "log_failure" in e]
+        self.assertEqual(len(failures), 1)
+        self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
 
     def test_reloadLogsNewFingerprint(self) -> None:
         """
@@ -737,7 +746,7 @@ class ReloadTests(CAMixin, LogCaptureMixin, TempCleanupMixin, SynchronousTestCas
 # --- server policy -----------------------------------------------------------------
 
 
-class PolicyTests(CAMixin, TempCleanupMixin, SynchronousTestCase):
+class PolicyTests(CAMixin, SynchronousTestCase):
     """
     The server accepts TLS 1.2 and 1.3 only, with ECDHE + AEAD suites, and
     no compression.
@@ -766,6 +775,19 @@ class PolicyTests(CAMixin, TempCleanupMixin, SynchronousTestCase):
         self.assertTrue(h.succeeded, (h.clientError, h.serverError))
         self.assertEqual(h.client.version(), "TLSv1.2")
         self.assertEqual(h.client.cipher()[0], "ECDHE-ECDSA-AES128-GCM-SHA256")
+
+    def test_rsaCertificate(self) -> None:
+        """
+        An RSA certificate is served with an ECDHE-RSA AEAD suite over
+        TLS 1.2.
+        """
+        self.install(makeLeaf(self.caCert, self.caKey, HOST, keyType="rsa"))
+        factory = self.manager().serverContextFactory()
+        h = PythonHandshake(
+            factory.serverConnectionForTLS(None), pythonClient(maximum=ssl.TLSVersion.TLSv1_2)
+        )
+        self.assertTrue(h.succeeded, (h.clientError, h.serverError))
+        self.assertEqual(h.client.cipher()[0], "ECDHE-RSA-AES128-GCM-SHA256")
 
     def test_tls11Refused(self) -> None:
         """
@@ -853,7 +875,7 @@ class PolicyTests(CAMixin, TempCleanupMixin, SynchronousTestCase):
 # --- relay client ----------------------------------------------------------------
 
 
-class ClientContextFactoryTests(CAMixin, TempCleanupMixin, SynchronousTestCase):
+class ClientContextFactoryTests(CAMixin, SynchronousTestCase):
     """
     L{tls.clientContextFactory} verifies the smarthost unless told not to.
     """
@@ -891,7 +913,7 @@ class ClientContextFactoryTests(CAMixin, TempCleanupMixin, SynchronousTestCase):
             tls.clientContextFactory("other.example.test", trustRoot=self.trustRoot()),
         )
         self.assertEqual(pair.clientApp.data(), b"")
-        self.assertIsNotNone(pair.clientApp.lost)
+        self.assertIsInstance(pair.clientApp.lost.value, VerificationError)
 
     def test_untrusted(self) -> None:
         """
@@ -899,7 +921,10 @@ class ClientContextFactoryTests(CAMixin, TempCleanupMixin, SynchronousTestCase):
         """
         pair = TLSPair(self.selfSigned, tls.clientContextFactory(HOST, trustRoot=self.trustRoot()))
         self.assertEqual(pair.clientApp.data(), b"")
-        self.assertIsNotNone(pair.clientApp.lost)
+        self.assertIsInstance(pair.clientApp.lost.value, SSL.Error)
+        self.assertEqual(
+            pair.clientApp.lost.value.args[0][0][2], "certificate verify failed"
+        )
 
     def test_noVerifySelfSigned(self) -> None:
         """
@@ -942,7 +967,7 @@ class LegacyServer:
         return self.ctx
 
 
-class OpportunisticTests(CAMixin, TempCleanupMixin, SynchronousTestCase):
+class OpportunisticTests(CAMixin, SynchronousTestCase):
     """
     L{tls.opportunisticClientContextFactory} always encrypts and records
     whether the peer was verified.
@@ -1024,3 +1049,111 @@ class OpportunisticTests(CAMixin, TempCleanupMixin, SynchronousTestCase):
         TLSPair(CertificateManager(dataDir, hostname=HOST).serverContextFactory(), client)
         self.assertTrue(first.verified)
         self.assertFalse(client.result.verified)
+
+
+# --- real sockets ------------------------------------------------------------
+
+
+class STLSServer(LineReceiver):
+    """
+    A tiny line server: greets, answers C{STLS} by starting TLS with the
+    factory's context factory, echoes anything else.
+    """
+
+    def connectionMade(self) -> None:
+        self.sendLine(b"+OK")
+
+    def lineReceived(self, line: bytes) -> None:
+        if line == b"STLS":
+            self.sendLine(b"+OK go")
+            self.transport.startTLS(self.factory.contextFactory)
+        else:
+            self.sendLine(b"+OK " + line)
+
+    def connectionLost(self, reason) -> None:
+        self.factory.lost.callback(None)
+
+
+class STLSClient(LineReceiver):
+    """
+    Sends C{STLS} (unless already on TLS), then C{hi}; fires the factory's
+    C{done} with the server's certificate and hangs up.
+    """
+
+    def lineReceived(self, line: bytes) -> None:
+        if line == b"+OK" and not self.factory.implicit:
+            self.sendLine(b"STLS")
+        elif line == b"+OK go" or (line == b"+OK" and self.factory.implicit):
+            if not self.factory.implicit:
+                self.transport.startTLS(self.factory.contextFactory)
+            self.sendLine(b"hi")
+        elif line == b"+OK hi":
+            cert = self.transport.getHandle().get_peer_certificate(as_cryptography=True)
+            self.factory.done.callback(cert)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.factory.lost.callback(None)
+
+
+class RealSocketTests(CAMixin, TestCase):
+    """
+    The server context factory on real loopback sockets: with C{startTLS}
+    (STLS/STARTTLS) and behind L{TLSMemoryBIOFactory} (implicit TLS).
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.makeMaterial()
+        self.m = self.manager()
+
+    def serve(self, wrap: bool):
+        server = Factory.forProtocol(STLSServer)
+        server.contextFactory = self.m.serverContextFactory()
+        server.lost = defer.Deferred()
+        factory = server
+        if wrap:
+            factory = TLSMemoryBIOFactory(server.contextFactory, False, server)
+        port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port, server
+
+    def talk(self, port, server, implicit: bool):
+        client = ClientFactory.forProtocol(STLSClient)
+        client.implicit = implicit
+        client.contextFactory = tls.clientContextFactory(HOST, trustRoot=self.trustRoot())
+        client.done = defer.Deferred()
+        client.lost = defer.Deferred()
+        factory = client
+        if implicit:
+            factory = TLSMemoryBIOFactory(client.contextFactory, True, client)
+        self.reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
+        finished = defer.gatherResults([client.done, client.lost, server.lost])
+        return finished.addCallback(lambda results: results[0])
+
+    @defer.inlineCallbacks
+    def test_startTLS(self):
+        """
+        STLS: a plain connection upgraded with C{startTLS} serves the
+        certificate, verified by the relay client factory.
+        """
+        port, server = self.serve(wrap=False)
+        cert = yield self.talk(port, server, implicit=False)
+        self.assertEqual(tls.formatFingerprint(cert), self.m.fingerprint)
+
+    @defer.inlineCallbacks
+    def test_implicitTLS(self):
+        """
+        Implicit TLS: a listener wrapped in L{TLSMemoryBIOFactory} serves
+        the certificate, and a reload changes it for the next connection.
+        """
+        port, server = self.serve(wrap=True)
+        cert = yield self.talk(port, server, implicit=True)
+        self.assertEqual(tls.formatFingerprint(cert), self.m.fingerprint)
+        self.install(self.leaf2)
+        self.assertTrue(self.m.reload())
+        server.lost = defer.Deferred()
+        cert = yield self.talk(port, server, implicit=True)
+        self.assertEqual(colonless(tls.formatFingerprint(cert)), fingerprintOf(self.leaf2[0]))

@@ -15,13 +15,13 @@ from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _ONE_DAY = datetime.timedelta(days=1)
 
 
-def _keyPem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _keyPem(key) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -118,16 +118,21 @@ def makeLeaf(
     ips: Sequence[str] = ("127.0.0.1",),
     notBefore: datetime.datetime | None = None,
     notAfter: datetime.datetime | None = None,
+    keyType: str = "ec",
 ) -> tuple[bytes, bytes]:
     """
     A server certificate for C{hostname} (DNS subjectAltName) and C{ips}
     (IP subjectAltNames), signed by the given CA.
 
+    @param keyType: C{"ec"} (P-256) or C{"rsa"} (2048 bits).
     @return: C{(certPem, keyPem)}; C{certPem} holds the leaf only (append
         intermediates yourself to make a full chain).
     """
     caCert, caKey = _load(caCertPem, caKeyPem)
-    key = ec.generate_private_key(ec.SECP256R1())
+    if keyType == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     altNames: list[x509.GeneralName] = [x509.DNSName(hostname)]
     altNames += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
