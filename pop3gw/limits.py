@@ -29,6 +29,23 @@ class _RefuseProtocol(Protocol):
         self.transport.loseConnection()
 
 
+class _NoDelayWrapper(ProtocolWrapper):
+    """
+    Turns off Nagle's algorithm: POP3 and SMTP are request/reply protocols,
+    and Nagle plus delayed ACKs would stall small replies (notably the first
+    one after a TLS handshake) by about 40 ms.
+    """
+
+    def makeConnection(self, transport) -> None:
+        setNoDelay = getattr(transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            try:
+                setNoDelay(True)
+            except OSError:
+                pass
+        super().makeConnection(transport)
+
+
 class ConnectionLimitFactory(WrappingFactory):
     """
     Wraps a listener's factory; refuses connections over C{maxTotal} in all
@@ -38,7 +55,8 @@ class ConnectionLimitFactory(WrappingFactory):
     """
 
     log = Logger()
-    protocol = ProtocolWrapper
+    protocol = _NoDelayWrapper
+    noisy = False
 
     def __init__(self, wrappedFactory, maxTotal: int, maxPerPeer: int, refusal: bytes) -> None:
         super().__init__(wrappedFactory)

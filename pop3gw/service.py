@@ -230,6 +230,9 @@ def _build(config: Config, reactor) -> MultiService:
         idleTimeout=limits["smtp-idle-timeout"],
     )
 
+    for factory in (pop3Factory, submissionFactory):
+        factory.noisy = False  # no "Starting factory <repr>" lines in the log
+
     def limited(factory, refusal):
         return ConnectionLimitFactory(factory, limits["max-connections"], limits["max-connections-per-ip"], refusal)
 
@@ -241,7 +244,10 @@ def _build(config: Config, reactor) -> MultiService:
     ]
     for name, factory, implicitTLS, refusal in plans:
         for description in config.listeners[name]:
-            wrapped = TLSMemoryBIOFactory(serverTLS, False, factory) if implicitTLS else factory
+            wrapped = factory
+            if implicitTLS:
+                wrapped = TLSMemoryBIOFactory(serverTLS, False, factory)
+                wrapped.noisy = False
             ListenerService(reactor, name, description, limited(wrapped, refusal)).setServiceParent(top)
 
     def bounceDelivery(sender: Address, data: bytes):
