@@ -21,6 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from pop3gw.address import Address
+from pop3gw.interfaces import UnknownUser
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.config import Config, ConfigError, Options
 from pop3gw.limits import ConnectionLimitFactory
@@ -253,7 +254,7 @@ def _build(config: Config, reactor) -> MultiService:
     def bounceDelivery(sender: Address, data: bytes):
         user = users.resolve(sender)
         if user is None:
-            return defer.fail(ConfigError(f"bounce for {sender}: no such local user"))
+            return defer.fail(UnknownUser(str(sender)))
         delivery = store.beginDelivery([user])
         delivery.write(data)
         return delivery.commit()

@@ -30,7 +30,7 @@ class CLITests(SynchronousTestCase):
         self.dataDir = self.mktemp()
         os.makedirs(self.dataDir)
 
-    def run(self, *args: str, text: str = "", data: bytes = b""):
+    def runCLI(self, *args: str, text: str = "", data: bytes = b""):
         out, err = io.StringIO(), io.StringIO()
         status = cli.main(["--data-dir", self.dataDir, *args], stdin=FakeStdin(text, data), stdout=out, stderr=err)
         return status, out.getvalue(), err.getvalue()
@@ -44,20 +44,20 @@ class CLITests(SynchronousTestCase):
         only a slow hash; C{passwd} changes it; C{list} lists; C{remove}
         removes; a second C{add} fails with one line on stderr.
         """
-        self.assertEqual(self.run("user", "add", "alice@Example.ORG", text="two words\n")[0], 0)
+        self.assertEqual(self.runCLI("user", "add", "alice@Example.ORG", text="two words\n")[0], 0)
         with open(os.path.join(self.dataDir, "users")) as f:
             content = f.read()
         self.assertNotIn("two words", content)
         self.assertTrue(content.startswith("alice@example.org:{ARGON2ID}"), content)
         self.assertTrue(verifyPassword(self.users().passwordHash(ALICE), "two words"))
-        status, _, err = self.run("user", "add", "alice@example.org", text="x\n")
+        status, _, err = self.runCLI("user", "add", "alice@example.org", text="x\n")
         self.assertEqual((status != 0, err.count("\n")), (True, 1))
-        self.assertEqual(self.run("user", "passwd", "alice@example.org", text="new\n")[0], 0)
+        self.assertEqual(self.runCLI("user", "passwd", "alice@example.org", text="new\n")[0], 0)
         self.assertTrue(verifyPassword(self.users().passwordHash(ALICE), "new"))
-        self.assertEqual(self.run("user", "list"), (0, "alice@example.org\n", ""))
-        self.assertEqual(self.run("user", "remove", "alice@example.org")[0], 0)
-        self.assertEqual(self.run("user", "list"), (0, "", ""))
-        status, _, err = self.run("user", "remove", "alice@example.org")
+        self.assertEqual(self.runCLI("user", "list"), (0, "alice@example.org\n", ""))
+        self.assertEqual(self.runCLI("user", "remove", "alice@example.org")[0], 0)
+        self.assertEqual(self.runCLI("user", "list"), (0, "", ""))
+        status, _, err = self.runCLI("user", "remove", "alice@example.org")
         self.assertNotEqual(status, 0)
         self.assertIn("no such user", err)
 
@@ -67,7 +67,7 @@ class CLITests(SynchronousTestCase):
         nothing.
         """
         for bad in ("../../etc@x.org", "a/b@example.org", "noat", "a..b@example.org", "a@b@c"):
-            status, _, err = self.run("user", "add", bad, text="pw\n")
+            status, _, err = self.runCLI("user", "add", bad, text="pw\n")
             self.assertNotEqual(status, 0, bad)
             self.assertEqual(err.count("\n"), 1)
         self.assertFalse(os.path.exists(os.path.join(self.dataDir, "users")))
@@ -76,23 +76,23 @@ class CLITests(SynchronousTestCase):
         """
         An empty password is refused.
         """
-        self.assertNotEqual(self.run("user", "add", "alice@example.org", text="\n")[0], 0)
+        self.assertNotEqual(self.runCLI("user", "add", "alice@example.org", text="\n")[0], 0)
 
     def test_deliver(self) -> None:
         """
         C{deliver} stores the message (exit 0) in the user's Maildir new/;
         unknown user exits 67, empty input 65, too large 65.
         """
-        self.run("user", "add", "alice@example.org", text="pw\n")
-        self.assertEqual(self.run("deliver", "alice@example.org", data=b"Subject: x\n\nhi\n")[0], 0)
+        self.runCLI("user", "add", "alice@example.org", text="pw\n")
+        self.assertEqual(self.runCLI("deliver", "alice@example.org", data=b"Subject: x\n\nhi\n")[0], 0)
         new = os.path.join(self.dataDir, "mail", "example.org", "alice", "new")
         files = os.listdir(new)
         self.assertEqual(len(files), 1)
         with open(os.path.join(new, files[0]), "rb") as f:
             self.assertEqual(f.read(), b"Subject: x\n\nhi\n")
-        self.assertEqual(self.run("deliver", "nobody@example.org", data=b"x\n")[0], cli.EX_NOUSER)
-        self.assertEqual(self.run("deliver", "bad/addr@example.org", data=b"x\n")[0], cli.EX_NOUSER)
-        self.assertEqual(self.run("deliver", "alice@example.org", data=b"")[0], cli.EX_DATAERR)
+        self.assertEqual(self.runCLI("deliver", "nobody@example.org", data=b"x\n")[0], cli.EX_NOUSER)
+        self.assertEqual(self.runCLI("deliver", "bad/addr@example.org", data=b"x\n")[0], cli.EX_NOUSER)
+        self.assertEqual(self.runCLI("deliver", "alice@example.org", data=b"")[0], cli.EX_DATAERR)
         with open(os.path.join(self.dataDir, "big.ini"), "w") as f:
             f.write(f"[pop3gw]\ndata-dir = {self.dataDir}\nmax-message-size = 2048\n")
         out, err = io.StringIO(), io.StringIO()
@@ -121,7 +121,7 @@ class CLITests(SynchronousTestCase):
         C{queue list} prints nothing for an empty queue; C{queue flush} says
         how many it scheduled.
         """
-        self.assertEqual(self.run("queue", "list"), (0, "", ""))
-        status, out, _ = self.run("queue", "flush")
+        self.assertEqual(self.runCLI("queue", "list"), (0, "", ""))
+        status, out, _ = self.runCLI("queue", "flush")
         self.assertEqual(status, 0)
         self.assertIn("0 message(s)", out)

@@ -1,0 +1,1463 @@
+# -*- test-case-name: tests.test_queue -*-
+"""
+The outbound queue and the relay service that empties it.
+
+Storage
+=======
+
+L{OutboundQueue} keeps each queued message as two files in its root
+directory (the operator's C{DATA/queue}):
+
+  - C{<id>.msg}: the message bytes with CRLF line ends (any bare LF written
+    to it is made CRLF), the trace header first;
+  - C{<id>.json}: the envelope and delivery state (see L{Entry.toJSON}).
+
+Every write goes to a unique C{*.tmp} file, is fsynced, renamed into place,
+and the directory is fsynced.  The C{.msg} is durable before the C{.json} is
+renamed into place, and an entry exists only when its C{.json} does; at
+start-up, C{.msg} files without a C{.json} and C{*.tmp} files older than
+L{ORPHAN_AGE} are removed.  Writers of C{.json} files (this server and the
+C{pop3gw queue flush} command) hold an exclusive C{flock} on C{.lock} while
+they write, so a read-modify-write by the command is never interleaved with
+a write by the server.
+
+Relaying
+========
+
+L{RelayService} loads every entry at start-up and schedules each at its
+next attempt time, so a restart resumes where it stopped.  A newly queued
+message is tried at once.  Each attempt is recorded (C{attempts + 1} and the
+next attempt time) durably I{before} it is made.  A recipient is done when
+the remote side accepted it (2xx after C{DATA}) or refused it permanently
+(5xx); 4xx replies, connection failures, time-outs and temporary DNS
+failures leave it pending, retried on the L{DEFAULT_SCHEDULE}.  Once the
+queue lifetime has passed since the message was queued, pending recipients
+fail permanently ("expired").  Each batch of permanent failures produces
+exactly one RFC 3464 bounce to the envelope sender, stored through the
+C{bounceDelivery} callable before the failures are marked as notified; a
+message with the null sender is never bounced (the failure is only logged).
+An entry's files are removed only once no recipient is pending and every
+failure was notified.
+
+Without a relay host, recipients are grouped by domain and each domain's
+mail exchangers are looked up (MX, sorted by preference; the domain itself
+when it has no MX, RFC 5321 section 5.1; a null MX, RFC 7505, is a permanent
+failure); hosts are tried in order, with one connection per domain carrying
+all of its recipients, and STARTTLS is used opportunistically (unverified)
+when offered and a C{clientTLS} factory was given.  With a relay host, every
+recipient goes there; STARTTLS is verified against the relay host name when
+C{relayVerifyTLS} is true, and credentials are sent only over TLS.
+
+Limitations: non-ASCII (SMTPUTF8) addresses are refused permanently with
+status 5.6.7; implicit TLS (port 465) to a relay is not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import re
+from typing import Callable, Iterator, Optional, Sequence
+
+import attr
+from twisted.application.service import Service
+from twisted.internet import defer, error as ierror, protocol
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.mail.smtp import (
+    ESMTPClient,
+    LOGINAuthenticator,
+    PLAINAuthenticator,
+    SMTPClientError,
+)
+from twisted.names import dns, error as dnserror
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pop3gw.address import Address, AddressError
+from pop3gw.dsn import makeBounce, oneLine, originalHeaders
+from pop3gw.interfaces import IOutboundQueue, TemporaryFailure, UnknownUser
+from pop3gw.router import ITwoPhaseDelivery
+
+# --- Limits and defaults ------------------------------------------------
+
+#: Retry delays in seconds after the first, second, ... failed attempt; the
+#: last one repeats.
+DEFAULT_SCHEDULE = (5 * 60, 15 * 60, 60 * 60, 2 * 60 * 60)
+
+#: How long a message may stay queued before its pending recipients fail.
+DEFAULT_LIFETIME = 5 * 86400
+
+#: Seconds allowed for a TCP connection to a mail exchanger.
+DEFAULT_CONNECT_TIMEOUT = 60
+
+#: Seconds to wait for each reply of the remote server (RFC 5321 4.5.3.2
+#: asks for at least 5 minutes for most commands).
+RESPONSE_TIMEOUT = 5 * 60
+
+#: How often, in seconds, the relay looks at the C{.flush} trigger file.
+FLUSH_POLL_INTERVAL = 5.0
+
+#: The most SMTP client connections open at the same time.
+MAX_CONNECTIONS = 10
+
+#: How long C{stopService} waits for attempts in progress before it
+#: abandons them (they stay queued).
+STOP_GRACE = 10.0
+
+#: Orphaned C{.msg} and C{.tmp} files older than this (seconds) are removed
+#: at start-up.
+ORPHAN_AGE = 60 * 60
+
+#: The SMTP port of mail exchangers, and the default relay port: 25 without
+#: credentials (a smarthost relaying by IP), 587 (submission, RFC 6409) when
+#: a relay user name is configured.
+SMTP_PORT = 25
+SUBMISSION_PORT = 587
+
+#: Longest line read at once from a queued message while sending it.
+_READ_LINE = 64 * 1024
+
+FLUSH_FILE = ".flush"
+LOCK_FILE = ".lock"
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+_STATES = (PENDING, DELIVERED, FAILED)
+
+_ID = re.compile(r"^[0-9a-f]{13}-[0-9a-f]{8}$")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_ENHANCED = re.compile(rb"^([245])\.\d{1,3}\.\d{1,3}(?=\s|$)")
+
+
+# --- Entries ---------------------------------------------------------------
+
+
+@attr.s(auto_attribs=True)
+class Recipient:
+    """
+    One recipient of a queued message.
+
+    @ivar state: L{PENDING}, L{DELIVERED} or L{FAILED}.
+    @ivar status: for a failed recipient, its RFC 3463 status.
+    @ivar diagnostic: for a failed recipient, why (the remote reply).
+    @ivar notified: for a failed recipient, whether its bounce is stored
+        (or was dropped because the sender is null).
+    """
+
+    address: Address
+    state: str = PENDING
+    status: Optional[str] = None
+    diagnostic: Optional[str] = None
+    notified: bool = False
+
+    def fail(self, status: str, diagnostic: str) -> None:
+        """
+        Mark this recipient as failed permanently.
+        """
+        self.state = FAILED
+        self.status = status
+        self.diagnostic = diagnostic
+
+
+@attr.s(auto_attribs=True)
+class Entry:
+    """
+    One queued message's envelope and delivery state.
+
+    @ivar queueId: the file-name-safe id (C{<id>.msg}, C{<id>.json}).
+    @ivar sender: the envelope sender, or L{None} for the null path.
+    @ivar created: when it was queued (POSIX seconds).
+    @ivar attempts: how many delivery attempts were started.
+    @ivar nextAttempt: when the next attempt is due (POSIX seconds).
+    @ivar lastError: the last temporary failure, for operators.
+    """
+
+    queueId: str
+    sender: Optional[Address]
+    recipients: list
+    created: float
+    attempts: int = 0
+    nextAttempt: float = 0.0
+    lastError: Optional[str] = None
+
+    def pending(self) -> list:
+        """
+        @return: the L{Recipient}s still to be tried.
+        """
+        return [r for r in self.recipients if r.state == PENDING]
+
+    def unnotified(self) -> list:
+        """
+        @return: the failed L{Recipient}s whose bounce is not stored yet.
+        """
+        return [r for r in self.recipients if r.state == FAILED and not r.notified]
+
+    def isFinished(self) -> bool:
+        """
+        @return: whether the entry may leave the queue: nothing pending and
+            every failure notified.
+        """
+        return not self.pending() and not self.unnotified()
+
+    def toJSON(self) -> bytes:
+        """
+        The C{<id>.json} contents::
+
+            {"version": 1, "id": ..., "sender": "a@b" or null,
+             "created": secs, "attempts": n, "nextAttempt": secs,
+             "lastError": text or null,
+             "recipients": [{"address": ..., "state": "pending"|"delivered"|
+                             "failed", "status": ..., "diagnostic": ...,
+                             "notified": bool}, ...]}
+        """
+        return json.dumps(
+            {
+                "version": 1,
+                "id": self.queueId,
+                "sender": None if self.sender is None else str(self.sender),
+                "created": self.created,
+                "attempts": self.attempts,
+                "nextAttempt": self.nextAttempt,
+                "lastError": self.lastError,
+                "recipients": [
+                    {
+                        "address": str(r.address),
+                        "state": r.state,
+                        "status": r.status,
+                        "diagnostic": r.diagnostic,
+                        "notified": r.notified,
+                    }
+                    for r in self.recipients
+                ],
+            },
+            indent=1,
+            ensure_ascii=False,
+        ).encode("utf-8")
+
+    @classmethod
+    def fromJSON(cls, data: bytes) -> "Entry":
+        """
+        Parse C{<id>.json} contents.
+
+        @raise ValueError: the data is not a valid entry.
+        """
+        try:
+            obj = json.loads(data.decode("utf-8"))
+            if obj.get("version") != 1 or not _ID.match(obj["id"]):
+                raise ValueError("unknown entry version or id")
+            recipients = []
+            for r in obj["recipients"]:
+                if r["state"] not in _STATES:
+                    raise ValueError("bad recipient state")
+                recipients.append(
+                    Recipient(
+                        Address.parse(r["address"]),
+                        r["state"],
+                        r.get("status"),
+                        r.get("diagnostic"),
+                        bool(r.get("notified", False)),
+                    )
+                )
+            sender = obj["sender"]
+            return cls(
+                obj["id"],
+                None if sender is None else Address.parse(sender),
+                recipients,
+                float(obj["created"]),
+                int(obj["attempts"]),
+                float(obj["nextAttempt"]),
+                obj.get("lastError"),
+            )
+        except (KeyError, TypeError, AttributeError, UnicodeDecodeError, AddressError) as e:
+            raise ValueError(f"malformed queue entry: {e}") from None
+
+
+# --- File helpers (blocking; run in a thread pool when one is given) ---
+
+
+def _fsyncDirectory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _queueLock(root: str) -> Iterator[None]:
+    """
+    Hold the queue's exclusive C{flock} (the C{.lock} file) while writing
+    C{.json} files.
+    """
+    fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _writeAtomically(root: str, name: str, data: bytes) -> None:
+    """
+    Write C{data} to C{root/name}: unique tmp file, fsync, rename, fsync the
+    directory.
+    """
+    tmp = os.path.join(root, f"{name}.{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(root, name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsyncDirectory(root)
+
+
+def _saveEntry(root: str, queueId: str, data: bytes) -> None:
+    with _queueLock(root):
+        _writeAtomically(root, queueId + ".json", data)
+
+
+def _removeEntry(root: str, queueId: str) -> None:
+    # The .json goes first: without it the entry no longer exists, and a
+    # .msg left behind by a crash is an orphan removed at start-up.
+    with _queueLock(root):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(root, queueId + ".json"))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(root, queueId + ".msg"))
+    _fsyncDirectory(root)
+
+
+def _readEntries(root: str, log: Optional[Logger] = None) -> list:
+    """
+    Every entry under C{root} whose C{.json} parses and whose C{.msg}
+    exists, sorted by creation time.
+    """
+    entries = []
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    for name in sorted(names):
+        if not name.endswith(".json"):
+            continue
+        queueId = name[: -len(".json")]
+        try:
+            with open(os.path.join(root, name), "rb") as f:
+                entry = Entry.fromJSON(f.read())
+            if entry.queueId != queueId:
+                raise ValueError("id does not match the file name")
+            if not os.path.exists(os.path.join(root, queueId + ".msg")):
+                raise ValueError("message file missing")
+        except (OSError, ValueError) as e:
+            if log is not None:
+                log.error(
+                    "queue: skipping unreadable entry {name}: {why}",
+                    name=name,
+                    why=str(e),
+                )
+            continue
+        entries.append(entry)
+    entries.sort(key=lambda e: (e.created, e.queueId))
+    return entries
+
+
+def _removeOrphans(root: str, now: float, log: Logger) -> None:
+    """
+    Remove C{*.tmp} files, and C{.msg} files without a C{.json}, whose
+    modification time is more than L{ORPHAN_AGE} before C{now}.
+    """
+    names = set(os.listdir(root))
+    for name in sorted(names):
+        if name.endswith(".tmp"):
+            orphan = True
+        elif name.endswith(".msg"):
+            orphan = name[: -len(".msg")] + ".json" not in names
+        else:
+            orphan = False
+        if not orphan:
+            continue
+        path = os.path.join(root, name)
+        try:
+            if now - os.stat(path).st_mtime > ORPHAN_AGE:
+                os.unlink(path)
+                log.info("queue: removed orphaned file {name}", name=name)
+        except FileNotFoundError:
+            pass
+
+
+def _isoTime(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- CLI helpers (no reactor, no network) -------------------------------
+
+
+def listEntries(root: str) -> list:
+    """
+    Every valid entry of the queue at C{root}, oldest first (unreadable
+    entries are skipped).
+
+    @return: a list of L{Entry}.
+    """
+    return _readEntries(root)
+
+
+def requestFlush(root: str, now: Optional[float] = None) -> int:
+    """
+    Make every entry due now, durably, and touch C{.flush} so that a running
+    relay notices within L{FLUSH_POLL_INTERVAL} seconds.
+
+    @param now: the current time; C{time.time()} if L{None}.
+    @return: how many entries were updated.
+    """
+    import time
+
+    if now is None:
+        now = time.time()
+    if not os.path.isdir(root):
+        return 0
+    count = 0
+    with _queueLock(root):
+        for entry in _readEntries(root):
+            entry.nextAttempt = now
+            _writeAtomically(root, entry.queueId + ".json", entry.toJSON())
+            count += 1
+    flush = os.path.join(root, FLUSH_FILE)
+    with open(flush, "wb") as f:
+        f.write(b"%d\n" % (now,))
+    os.utime(flush)
+    return count
+
+
+def formatEntry(entry: Entry) -> str:
+    """
+    One line describing C{entry} for C{pop3gw queue list}::
+
+        <id> from=<sender> to=<pending,...> attempts=<n> next=<ISO time> error=<text>
+    """
+    sender = "<>" if entry.sender is None else str(entry.sender)
+    pending = ",".join(str(r.address) for r in entry.pending()) or "-"
+    error = oneLine(entry.lastError, 200) if entry.lastError else "-"
+    return (
+        f"{entry.queueId} from={sender} to={pending} attempts={entry.attempts} "
+        f"next={_isoTime(entry.nextAttempt)} error={error}"
+    )
+
+
+# --- The queue ---------------------------------------------------------------
+
+
+@implementer(ITwoPhaseDelivery)
+class _QueueDelivery:
+    """
+    One message being queued: written to a tmp file as it arrives, made
+    durable by L{prepare}, handed to the relay by L{release}.
+    """
+
+    def __init__(self, queue: "OutboundQueue", entry: Entry, trace: bytes):
+        self._queue = queue
+        self._entry = entry
+        self._tmp = os.path.join(queue.root, f"{entry.queueId}.msg.tmp")
+        self._state = "open"
+        self._lastCR = False
+        self._tail = b""
+        try:
+            self._file = open(self._tmp, "xb")
+        except OSError as e:
+            raise TemporaryFailure(f"cannot create queue file: {e}") from None
+        if trace:
+            self.write(trace)
+
+    def write(self, data: bytes) -> None:
+        if self._state != "open":
+            raise TemporaryFailure("delivery is not open")
+        if not data:
+            return
+        if self._lastCR and data[:1] == b"\n":
+            out = b"\n" + _BARE_LF.sub(b"\r\n", data[1:])
+        else:
+            out = _BARE_LF.sub(b"\r\n", data)
+        self._lastCR = out.endswith(b"\r")
+        self._tail = (self._tail + out)[-2:]
+        try:
+            self._file.write(out)
+        except OSError as e:
+            self._discardTmp()
+            raise TemporaryFailure(f"cannot write queue file: {e}") from None
+
+    def _discardTmp(self) -> None:
+        self._state = "aborted"
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)
+
+    def _makeDurable(self, envelope: bytes) -> None:
+        root = self._queue.root
+        queueId = self._entry.queueId
+        f = self._file
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.rename(self._tmp, os.path.join(root, queueId + ".msg"))
+        _fsyncDirectory(root)
+        _saveEntry(root, queueId, envelope)
+
+    def prepare(self) -> defer.Deferred:
+        """
+        Make the message and its envelope durable without handing it to the
+        relay yet (see L{ITwoPhaseDelivery}).
+        """
+        if self._state != "open":
+            return defer.fail(TemporaryFailure("delivery is not open"))
+        self._state = "preparing"
+        try:
+            if self._tail.endswith(b"\r"):
+                self._file.write(b"\n")
+            elif self._tail and self._tail != b"\r\n":
+                self._file.write(b"\r\n")
+        except OSError as e:
+            self._discardTmp()
+            return defer.fail(TemporaryFailure(f"cannot write queue file: {e}"))
+        envelope = self._entry.toJSON()
+        d = self._queue._run(self._makeDurable, envelope)
+
+        def failed(f: Failure) -> Failure:
+            self._queue.log.failure("queue: cannot commit {queueId}", f, queueId=self._entry.queueId)
+            self._discardTmp()
+            return Failure(TemporaryFailure("cannot commit queue entry"))
+
+        def prepared(_: object) -> None:
+            self._state = "prepared"
+
+        d.addCallbacks(prepared, failed)
+        return d
+
+    def release(self) -> None:
+        """
+        Hand a prepared message to the relay.
+        """
+        if self._state == "prepared":
+            self._state = "committed"
+            self._queue._announce(self._entry)
+
+    def discard(self) -> defer.Deferred:
+        """
+        Withdraw a prepared (not released) message, or abort an open one.
+        """
+        if self._state == "prepared":
+            self._state = "aborted"
+            return self._queue._run(_removeEntry, self._queue.root, self._entry.queueId)
+        self.abort()
+        return defer.succeed(None)
+
+    def commit(self) -> defer.Deferred:
+        return self.prepare().addCallback(lambda _: self.release())
+
+    def abort(self) -> None:
+        if self._state == "open":
+            self._discardTmp()
+
+
+@implementer(IOutboundQueue)
+class OutboundQueue:
+    """
+    The durable outbound queue in directory C{root} (created if missing).
+
+    @param reactor: gives the time (C{seconds}) and runs thread results.
+    @param threadpool: if given, every fsync runs there via
+        C{deferToThreadPool}; otherwise file work is done synchronously.
+    """
+
+    log = Logger()
+
+    def __init__(self, root: str, reactor, threadpool=None):
+        self.root = root
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self._listeners: list = []
+        self._saves: dict = {}
+        os.makedirs(root, mode=0o700, exist_ok=True)
+
+    def _run(self, f: Callable, *args) -> defer.Deferred:
+        if self.threadpool is None:
+            return defer.maybeDeferred(f, *args)
+        return deferToThreadPool(self.reactor, self.threadpool, f, *args)
+
+    def _newId(self) -> str:
+        micros = int(self.reactor.seconds() * 1_000_000) & (16**13 - 1)
+        return "%013x-%s" % (micros, os.urandom(4).hex())
+
+    def beginDelivery(self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b""):
+        now = self.reactor.seconds()
+        entry = Entry(
+            self._newId(),
+            sender,
+            [Recipient(r) for r in recipients],
+            created=now,
+            nextAttempt=now,
+        )
+        return _QueueDelivery(self, entry, trace)
+
+    def addListener(self, listener: Callable[[Entry], None]) -> None:
+        """
+        Call C{listener(entry)} for each newly committed entry.
+        """
+        self._listeners.append(listener)
+
+    def removeListener(self, listener: Callable[[Entry], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _announce(self, entry: Entry) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(entry)
+            except Exception:
+                self.log.failure("queue: listener failed for {queueId}", queueId=entry.queueId)
+
+    def loadEntries(self) -> list:
+        """
+        Remove orphaned files and read every entry (blocking; for start-up).
+
+        @return: a list of L{Entry}, oldest first.
+        """
+        import time
+
+        _removeOrphans(self.root, time.time(), self.log)
+        return _readEntries(self.root, self.log)
+
+    def saveEntry(self, entry: Entry) -> defer.Deferred:
+        """
+        Write C{entry}'s current state durably.  Saves of one entry run one
+        after the other, in call order.
+        """
+        data = entry.toJSON()
+        queueId = entry.queueId
+        previous = self._saves.get(queueId)
+        result: defer.Deferred = defer.Deferred()
+
+        def run(_: object = None) -> None:
+            d = self._run(_saveEntry, self.root, queueId, data)
+            d.chainDeferred(result)
+
+        if previous is None:
+            run()
+        else:
+            previous.addBoth(run)
+        tail: defer.Deferred = defer.Deferred()
+        self._saves[queueId] = tail
+
+        def done(r: object) -> object:
+            if self._saves.get(queueId) is tail:
+                del self._saves[queueId]
+            tail.callback(None)
+            return r
+
+        result.addBoth(done)
+        return result
+
+    def removeEntry(self, entry: Entry) -> defer.Deferred:
+        """
+        Remove C{entry}'s files (the C{.json} first).
+        """
+        return self._run(_removeEntry, self.root, entry.queueId)
+
+    def openMessage(self, entry: Entry):
+        """
+        @return: C{entry}'s message, a binary file open for reading.
+        @raise OSError: the file cannot be opened.
+        """
+        return open(os.path.join(self.root, entry.queueId + ".msg"), "rb")
+
+    def readHeaders(self, entry: Entry) -> defer.Deferred:
+        """
+        @return: a Deferred firing with the header of C{entry}'s message
+            (see L{pop3gw.dsn.originalHeaders}), or C{b""} if unreadable.
+        """
+
+        def read() -> bytes:
+            try:
+                with self.openMessage(entry) as f:
+                    return originalHeaders(f.read(2 * 64 * 1024))
+            except OSError:
+                return b""
+
+        return self._run(read)
+
+
+# --- The SMTP client ---------------------------------------------------------
+
+
+class _DotStuffer:
+    """
+    A read-only file wrapper giving the queued message dot-stuffed (RFC 5321
+    4.5.2); the message already has CRLF line ends.
+    """
+
+    def __init__(self, f):
+        self._file = f
+        self._buffer = b""
+        self._atLineStart = True
+
+    def read(self, n: int = -1) -> bytes:
+        parts = [self._buffer]
+        size = len(self._buffer)
+        while n < 0 or size < n:
+            line = self._file.readline(_READ_LINE)
+            if not line:
+                break
+            if self._atLineStart and line.startswith(b"."):
+                line = b"." + line
+            self._atLineStart = line.endswith(b"\n")
+            parts.append(line)
+            size += len(line)
+        data = b"".join(parts)
+        if n < 0:
+            n = len(data)
+        out, self._buffer = data[:n], data[n:]
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Outcome:
+    """
+    What happened to one recipient in one attempt.
+
+    @ivar kind: C{"ok"}, C{"temp"} or C{"perm"}.
+    @ivar status: the RFC 3463 status.
+    @ivar diagnostic: one line for logs and bounces.
+    """
+
+    kind: str
+    status: str
+    diagnostic: str
+
+
+def _outcomeForReply(code: int, resp: bytes | str) -> Outcome:
+    if isinstance(resp, str):
+        resp = resp.encode("utf-8", "replace")
+    text = oneLine(resp)
+    diagnostic = f"{code:03d} {text}" if code > 0 else text
+    match = _ENHANCED.match(resp or b"")
+    if 200 <= code < 300:
+        return Outcome("ok", "2.0.0", diagnostic)
+    if 500 <= code < 600:
+        kind, cls = "perm", "5"
+    else:
+        kind, cls = "temp", "4"
+    if match is not None and match.group(1).decode() == cls:
+        status = match.group(0).decode()
+    else:
+        status = f"{cls}.0.0"
+    return Outcome(kind, status, diagnostic)
+
+
+class _Session:
+    """
+    The state and result of one SMTP connection carrying one message to
+    some recipients.
+
+    @ivar outcomes: L{Outcome} per recipient L{Address} that got a
+        definitive reply.  Recipients missing from it (the session broke
+        first) may be tried on another host.
+    @ivar error: why the session broke, if it did.
+    """
+
+    def __init__(self, sender: Optional[Address], recipients: Sequence[Address], message):
+        self.senderText = "" if sender is None else str(sender)
+        self.recipients = {str(r): r for r in recipients}
+        self.message = message
+        self.outcomes: dict = {}
+        self.error: Optional[str] = None
+        self.tls = False
+        self.protocol: Optional["_RelayClient"] = None
+        self.connecting: Optional[defer.Deferred] = None
+        self.done: defer.Deferred = defer.Deferred()
+
+    def recordSent(self, code: int, resp: bytes, addresses: list) -> None:
+        if not addresses:
+            # MAIL FROM refused: the reply applies to every recipient.
+            outcome = _outcomeForReply(code, resp)
+            for r in self.recipients.values():
+                self.outcomes[r] = outcome
+            return
+        for addr, rcode, rresp in addresses:
+            if isinstance(addr, bytes):
+                addr = addr.decode("utf-8")
+            recipient = self.recipients.get(addr)
+            if recipient is None:
+                continue
+            if 200 <= rcode < 300:
+                self.outcomes[recipient] = _outcomeForReply(code, resp)
+            else:
+                self.outcomes[recipient] = _outcomeForReply(rcode, rresp)
+
+    def recordError(self, exc: Exception) -> None:
+        if self.error is None and not self.outcomes:
+            if isinstance(exc, SMTPClientError):
+                self.error = _outcomeForReply(exc.code, exc.resp).diagnostic
+            else:
+                self.error = oneLine(str(exc))
+
+    def finish(self, reason: Optional[Failure]) -> None:
+        if self.done.called:
+            return
+        if self.error is None and len(self.outcomes) < len(self.recipients):
+            why = "connection lost" if reason is None else oneLine(reason.getErrorMessage())
+            self.error = f"connection lost before the end: {why}"
+        if self.message is not None:
+            with contextlib.suppress(OSError):
+                self.message.close()
+        self.done.callback(self)
+
+
+class _RelayClient(ESMTPClient):
+    """
+    An ESMTP client sending one message for a L{_Session}: opportunistic or
+    required STARTTLS, optional AUTH, per-recipient results, no retries of
+    its own.
+    """
+
+    # The line log would hold AUTH lines; nothing here reads it.
+    debug = False
+
+    def __init__(
+        self,
+        session: _Session,
+        identity: str,
+        contextFactory,
+        username: Optional[str],
+        password: Optional[str],
+    ):
+        secret = None if password is None else password.encode("utf-8")
+        ESMTPClient.__init__(self, secret, contextFactory, identity.encode("ascii", "replace"))
+        self.session = session
+        self._mailFromSent = False
+        self.timeout = RESPONSE_TIMEOUT
+        if username is not None and password is not None:
+            user = username.encode("utf-8")
+            self.registerAuthenticator(PLAINAuthenticator(user))
+            self.registerAuthenticator(LOGINAuthenticator(user))
+            self.requireAuthentication = True
+            self.requireTransportSecurity = True
+            self.heloFallback = False
+        else:
+            self.requireAuthentication = False
+            self.requireTransportSecurity = False
+            self.heloFallback = True
+
+    def getMailFrom(self):
+        if self._mailFromSent:
+            return None
+        self._mailFromSent = True
+        return self.session.senderText
+
+    def getMailTo(self):
+        return list(self.session.recipients)
+
+    def getMailData(self):
+        return _DotStuffer(self.session.message)
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        # The data is already CRLF and dot-stuffed by _DotStuffer.
+        self.resetTimeout()
+        return chunk
+
+    def smtpState_msgSent(self, code, resp):
+        # One message per connection: report it, then QUIT (no RSET).
+        if self._from is not None:
+            self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
+        self._from = None
+        self._disconnectFromServer()
+
+    def sentMail(self, code, resp, numOk, addresses, log):
+        self.session.tls = self._tlsMode
+        self.session.recordSent(code, resp, addresses)
+
+    def sendError(self, exc):
+        self.session.recordError(exc)
+        ESMTPClient.sendError(self, exc)
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        ESMTPClient.connectionLost(self, reason)
+        self.session.finish(reason)
+
+
+class _RelayClientFactory(protocol.Factory):
+    def __init__(self, session: _Session, identity: str, contextFactory, username, password, clock):
+        self.session = session
+        self.clock = clock
+        self.identity = identity
+        self.contextFactory = contextFactory
+        self.username = username
+        self.password = password
+
+    def buildProtocol(self, addr):
+        p = _RelayClient(self.session, self.identity, self.contextFactory, self.username, self.password)
+        # The response timeout runs on our clock, not the global reactor.
+        p.callLater = self.clock.callLater
+        p.factory = self
+        self.session.protocol = p
+        return p
+
+
+class _PermanentLookupFailure(Exception):
+    """
+    DNS says the domain cannot receive mail.
+    """
+
+    def __init__(self, status: str, text: str):
+        Exception.__init__(self, text)
+        self.status = status
+        self.text = text
+
+
+# --- The relay service -------------------------------------------------------
+
+
+class RelayService(Service):
+    """
+    Delivers the entries of an L{OutboundQueue} (see the module docstring).
+
+    @param queue: the queue.
+    @param reactor: a reactor (C{callLater}, C{seconds}, TCP).
+    @param hostname: this server's name (C{EHLO}, bounces).
+    @param bounceDelivery: C{bounceDelivery(sender, data) -> Deferred}
+        stores a bounce for the local user C{sender}.
+    @param relayHost: send everything to this smarthost instead of MX hosts.
+    @param relayPort: the smarthost's port; L{None} means L{SUBMISSION_PORT}
+        with credentials, L{SMTP_PORT} without.
+    @param relayUsername: AUTH user name (sent only over TLS).
+    @param relayPassword: AUTH password (never logged).
+    @param relayVerifyTLS: verify the smarthost's certificate.
+    @param resolver: an C{IResolver} for MX lookups; a
+        C{twisted.names.client.Resolver} on C{/etc/resolv.conf} if L{None}.
+    @param clientTLS: C{clientTLS(hostname, verify) -> contextFactory};
+        called with C{verify=relayVerifyTLS} for the relay host and with
+        C{verify=None} for MX hosts, meaning opportunistic (unverified) TLS
+        (C{pop3gw.tls.opportunisticClientContextFactory}).  L{None} means
+        plaintext only.
+    @param schedule: retry delays, see L{DEFAULT_SCHEDULE}.
+    @param lifetime: seconds before pending recipients expire.
+    @param connectTimeout: TCP connect timeout in seconds.
+    @param scanInterval: seconds between looks at the C{.flush} file.
+    @param maxConnections: the most simultaneous SMTP connections.
+    @param endpointFactory: C{endpointFactory(host, port) ->
+        IStreamClientEndpoint}; a C{HostnameEndpoint} if L{None} (tests
+        replace it).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        queue: OutboundQueue,
+        reactor,
+        hostname: str,
+        bounceDelivery: Callable,
+        relayHost: Optional[str] = None,
+        relayPort: Optional[int] = None,
+        relayUsername: Optional[str] = None,
+        relayPassword: Optional[str] = None,
+        relayVerifyTLS: bool = True,
+        resolver=None,
+        clientTLS: Optional[Callable] = None,
+        schedule: Sequence[float] = DEFAULT_SCHEDULE,
+        lifetime: float = DEFAULT_LIFETIME,
+        connectTimeout: float = DEFAULT_CONNECT_TIMEOUT,
+        scanInterval: float = FLUSH_POLL_INTERVAL,
+        maxConnections: int = MAX_CONNECTIONS,
+        endpointFactory: Optional[Callable] = None,
+    ):
+        if not schedule:
+            raise ValueError("the retry schedule is empty")
+        self.queue = queue
+        self.reactor = reactor
+        self.hostname = hostname
+        self.bounceDelivery = bounceDelivery
+        self.relayHost = relayHost
+        if relayPort is None:
+            relayPort = SUBMISSION_PORT if relayUsername else SMTP_PORT
+        self.relayPort = relayPort
+        self.relayUsername = relayUsername
+        self.relayPassword = relayPassword
+        self.relayVerifyTLS = relayVerifyTLS
+        self.resolver = resolver
+        self.clientTLS = clientTLS
+        self.schedule = tuple(schedule)
+        self.lifetime = lifetime
+        self.connectTimeout = connectTimeout
+        self.scanInterval = scanInterval
+        self._endpointFactory = endpointFactory or self._defaultEndpoint
+        self._semaphore = defer.DeferredSemaphore(maxConnections)
+        self.entries: dict = {}
+        self._timers: dict = {}
+        self._waiters: dict = {}
+        self._sessions: set = set()
+        self._flushLoop: Optional[LoopingCall] = None
+        self._flushMtime: Optional[int] = None
+        self._ownResolver = None
+
+    # -- service life --------------------------------------------------
+
+    def startService(self) -> None:
+        """
+        Load every entry (removing orphaned files), schedule each at its
+        next attempt time, listen for new entries and start watching the
+        C{.flush} file.
+        """
+        Service.startService(self)
+        if self.relayUsername and self.clientTLS is None:
+            self.log.error("relay: credentials are configured but TLS is not; relaying will fail")
+        self.entries = {e.queueId: e for e in self.queue.loadEntries()}
+        for entry in self.entries.values():
+            self._schedule(entry)
+        self.log.info("relay: {count} queued messages loaded", count=len(self.entries))
+        self.queue.addListener(self._newEntry)
+        self._flushMtime = self._readFlushMtime()
+        self._flushLoop = LoopingCall(self._checkFlush)
+        self._flushLoop.clock = self.reactor
+        self._flushLoop.start(self.scanInterval, now=False)
+
+    def stopService(self) -> defer.Deferred:
+        """
+        Cancel every timer, abort connections in progress, and wait up to
+        L{STOP_GRACE} seconds for the attempts to record their results;
+        attempts still running then are abandoned (they stay queued, already
+        counted).
+
+        @return: a Deferred firing when stopped.
+        """
+        Service.stopService(self)
+        self.queue.removeListener(self._newEntry)
+        if self._flushLoop is not None and self._flushLoop.running:
+            self._flushLoop.stop()
+        self._flushLoop = None
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        if self._ownResolver is not None:
+            # The resolver we made re-reads resolv.conf on a timer.
+            parseCall = getattr(self._ownResolver, "_parseCall", None)
+            if parseCall is not None and parseCall.active():
+                parseCall.cancel()
+            self.resolver = self._ownResolver = None
+        for session in list(self._sessions):
+            if session.protocol is not None and session.protocol.transport is not None:
+                session.protocol.transport.abortConnection()
+            elif session.connecting is not None and not session.connecting.called:
+                session.connecting.cancel()
+        if not self._waiters:
+            return defer.succeed(None)
+        waits = []
+        for queueId in list(self._waiters):
+            w: defer.Deferred = defer.Deferred()
+            self._waiters[queueId].append(w)
+            waits.append(w)
+        stopped: defer.Deferred = defer.Deferred()
+
+        def allDone(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not stopped.called:
+                stopped.callback(None)
+
+        def abandon() -> None:
+            self.log.warn("relay: abandoned attempts in progress; they stay queued")
+            stopped.callback(None)
+
+        timer = self.reactor.callLater(STOP_GRACE, abandon)
+        defer.DeferredList(waits).addCallback(allDone)
+        return stopped
+
+    # -- scheduling ------------------------------------------------------
+
+    def _newEntry(self, entry: Entry) -> None:
+        self.entries[entry.queueId] = entry
+        self.log.info(
+            "queue: queued {queueId} from={sender} recipients={count}",
+            queueId=entry.queueId,
+            sender="<>" if entry.sender is None else str(entry.sender),
+            count=len(entry.recipients),
+        )
+        if self.running:
+            entry.nextAttempt = self.reactor.seconds()
+            self._schedule(entry)
+
+    def _schedule(self, entry: Entry) -> None:
+        timer = self._timers.pop(entry.queueId, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        delay = max(0.0, entry.nextAttempt - self.reactor.seconds())
+        self._timers[entry.queueId] = self.reactor.callLater(delay, self._fire, entry.queueId)
+
+    def _fire(self, queueId: str) -> None:
+        self._timers.pop(queueId, None)
+        self.runEntry(queueId)
+
+    def _retryDelay(self, attempts: int) -> float:
+        return self.schedule[min(attempts, len(self.schedule)) - 1]
+
+    def flushAll(self) -> int:
+        """
+        Make every entry due now and start attempts for them (entries with
+        an attempt in progress are left alone).
+
+        @return: how many entries were made due.
+        """
+        now = self.reactor.seconds()
+        count = 0
+        for entry in list(self.entries.values()):
+            if entry.queueId in self._waiters:
+                continue
+            entry.nextAttempt = now
+            self._schedule(entry)
+            count += 1
+        self.log.info("relay: flush requested for {count} messages", count=count)
+        return count
+
+    def _readFlushMtime(self) -> Optional[int]:
+        try:
+            return os.stat(os.path.join(self.queue.root, FLUSH_FILE)).st_mtime_ns
+        except OSError:
+            return None
+
+    def _checkFlush(self) -> None:
+        mtime = self._readFlushMtime()
+        if mtime is not None and mtime != self._flushMtime:
+            self._flushMtime = mtime
+            self.flushAll()
+
+    def runEntry(self, queueId: str) -> defer.Deferred:
+        """
+        Process entry C{queueId} now (or join the attempt in progress).
+
+        @return: a Deferred firing with L{None} when the attempt is over.
+        """
+        result: defer.Deferred = defer.Deferred()
+        if queueId in self._waiters:
+            self._waiters[queueId].append(result)
+            return result
+        entry = self.entries.get(queueId)
+        if entry is None:
+            result.callback(None)
+            return result
+        timer = self._timers.pop(queueId, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._waiters[queueId] = [result]
+        d = self._process(entry)
+
+        def failed(f: Failure) -> None:
+            self.log.failure("relay: processing {queueId} failed", f, queueId=queueId)
+
+        def done(_: object) -> None:
+            waiters = self._waiters.pop(queueId, [])
+            if self.running and self.entries.get(queueId) is entry:
+                self._schedule(entry)
+            for w in waiters:
+                w.callback(None)
+
+        d.addErrback(failed)
+        d.addCallback(done)
+        return result
+
+    # -- one attempt -------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _process(self, entry: Entry):
+        now = self.reactor.seconds()
+        pending = entry.pending()
+        if pending and now >= entry.created + self.lifetime:
+            why = entry.lastError or "no attempt succeeded"
+            for r in pending:
+                r.fail("4.4.7", f"delivery time expired; last error: {why}")
+            self.log.warn(
+                "relay: {queueId} expired for {count} recipients",
+                queueId=entry.queueId,
+                count=len(pending),
+            )
+            yield self.queue.saveEntry(entry)
+        elif pending:
+            entry.attempts += 1
+            entry.nextAttempt = min(now + self._retryDelay(entry.attempts), entry.created + self.lifetime)
+            # Recorded durably before the attempt is made.
+            yield self.queue.saveEntry(entry)
+            outcomes = yield self._deliver(entry, [r.address for r in pending])
+            errors = []
+            for r in pending:
+                outcome = outcomes.get(r.address)
+                if outcome is None:
+                    continue
+                if outcome.kind == "ok":
+                    r.state = DELIVERED
+                elif outcome.kind == "perm":
+                    r.fail(outcome.status, outcome.diagnostic)
+                else:
+                    errors.append(f"{r.address}: {outcome.diagnostic}")
+            if errors:
+                entry.lastError = oneLine("; ".join(errors))
+            yield self.queue.saveEntry(entry)
+        yield self._notify(entry)
+        if entry.isFinished():
+            yield self.queue.removeEntry(entry)
+            if self.entries.get(entry.queueId) is entry:
+                del self.entries[entry.queueId]
+            self.log.info(
+                "relay: {queueId} done: delivered={delivered} failed={failed}",
+                queueId=entry.queueId,
+                delivered=sum(r.state == DELIVERED for r in entry.recipients),
+                failed=sum(r.state == FAILED for r in entry.recipients),
+            )
+
+    @defer.inlineCallbacks
+    def _notify(self, entry: Entry):
+        """
+        Store one bounce for the failed recipients not yet notified.
+        """
+        failed = entry.unnotified()
+        if not failed:
+            return
+        if entry.sender is None:
+            self.log.warn(
+                "relay: dropping undeliverable message {queueId} with null sender: {recipients}",
+                queueId=entry.queueId,
+                recipients=",".join(str(r.address) for r in failed),
+            )
+        else:
+            headers = yield self.queue.readHeaders(entry)
+            data = makeBounce(
+                self.hostname,
+                entry.sender,
+                [(r.address, r.status or "5.0.0", r.diagnostic or "") for r in failed],
+                headers,
+                entry.queueId,
+                self.reactor.seconds(),
+                arrivalDate=entry.created,
+            )
+            try:
+                yield self.bounceDelivery(entry.sender, data)
+            except UnknownUser:
+                self.log.warn(
+                    "relay: bounce for {queueId} dropped: sender {sender} no longer exists",
+                    queueId=entry.queueId,
+                    sender=str(entry.sender),
+                )
+            except Exception:
+                now = self.reactor.seconds()
+                if now < entry.created + self.lifetime + self.schedule[-1]:
+                    self.log.failure("relay: cannot store the bounce for {queueId}", queueId=entry.queueId)
+                    entry.lastError = "bounce could not be stored"
+                    entry.nextAttempt = now + self.schedule[0]
+                    yield self.queue.saveEntry(entry)
+                    return
+                self.log.failure(
+                    "relay: giving up storing the bounce for {queueId} to {sender}",
+                    queueId=entry.queueId,
+                    sender=str(entry.sender),
+                )
+            else:
+                self.log.info(
+                    "relay: bounce for {queueId} sent to {sender} for {count} recipients",
+                    queueId=entry.queueId,
+                    sender=str(entry.sender),
+                    count=len(failed),
+                )
+        for r in failed:
+            r.notified = True
+        yield self.queue.saveEntry(entry)
+
+    def _deliver(self, entry: Entry, recipients: list) -> defer.Deferred:
+        """
+        @return: a Deferred firing with a dict of L{Outcome} per recipient.
+        """
+        outcomes: dict = {}
+        smtputf8 = Outcome("perm", "5.6.7", "non-ASCII address: SMTPUTF8 is not supported for relaying")
+        if entry.sender is not None and not str(entry.sender).isascii():
+            return defer.succeed({r: smtputf8 for r in recipients})
+        ascii = []
+        for r in recipients:
+            if str(r).isascii():
+                ascii.append(r)
+            else:
+                outcomes[r] = smtputf8
+        if not ascii:
+            return defer.succeed(outcomes)
+        if self.relayHost is not None:
+            domains = ",".join(sorted({r.domain for r in ascii}))
+            ds = [self._sendVia(entry, domains, [self.relayHost], self.relayPort, ascii, True)]
+        else:
+            byDomain: dict = {}
+            for r in ascii:
+                byDomain.setdefault(r.domain, []).append(r)
+            ds = [self._deliverDomain(entry, domain, rs) for domain, rs in byDomain.items()]
+
+        def merge(results: list) -> dict:
+            for result in results:
+                outcomes.update(result)
+            return outcomes
+
+        return defer.gatherResults(ds, consumeErrors=True).addCallback(merge)
+
+    @defer.inlineCallbacks
+    def _deliverDomain(self, entry: Entry, domain: str, recipients: list):
+        try:
+            hosts = yield self._mailHosts(domain)
+        except _PermanentLookupFailure as e:
+            self.log.warn(
+                "relay: {queueId} domain={domain} result=failed: {why}",
+                queueId=entry.queueId,
+                domain=domain,
+                why=e.text,
+            )
+            return {r: Outcome("perm", e.status, e.text) for r in recipients}
+        except Exception as e:
+            why = oneLine(f"DNS lookup for {domain} failed: {e.__class__.__name__} {e}")
+            self.log.info(
+                "relay: {queueId} domain={domain} result=deferred: {why}",
+                queueId=entry.queueId,
+                domain=domain,
+                why=why,
+            )
+            return {r: Outcome("temp", "4.4.3", why) for r in recipients}
+        return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False))
+
+    @defer.inlineCallbacks
+    def _mailHosts(self, domain: str):
+        """
+        @return: a Deferred firing with the host names to try for
+            C{domain}, best first.
+        @raise _PermanentLookupFailure: the domain does not exist or has a
+            null MX.
+        """
+        if self.resolver is None:
+            from twisted.names import client
+
+            self.resolver = self._ownResolver = client.Resolver(resolv="/etc/resolv.conf", reactor=self.reactor)
+        try:
+            answers, _, _ = yield self.resolver.lookupMailExchange(domain)
+        except dnserror.DNSNameError:
+            raise _PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
+        records = []
+        for rr in answers:
+            if rr.type == dns.MX:
+                name = str(rr.payload.name).lower().rstrip(".")
+                records.append((rr.payload.preference, name))
+        if records:
+            if any(name == "" for _, name in records):
+                raise _PermanentLookupFailure("5.1.10", f"domain {domain} accepts no mail (null MX)")
+            records.sort(key=lambda r: r[0])
+            hosts: list = []
+            for _, name in records:
+                if name not in hosts:
+                    hosts.append(name)
+            return hosts
+        # No MX: the domain itself is the implicit MX (RFC 5321 5.1) if it
+        # has an address.
+        for lookup, rrtype in ((self.resolver.lookupAddress, dns.A), (self.resolver.lookupIPV6Address, dns.AAAA)):
+            try:
+                answers, _, _ = yield lookup(domain)
+            except dnserror.DNSNameError:
+                raise _PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
+            if any(rr.type == rrtype for rr in answers):
+                return [domain]
+        raise _PermanentLookupFailure("5.1.2", f"domain {domain} has no mail exchanger")
+
+    @defer.inlineCallbacks
+    def _sendVia(self, entry: Entry, domain: str, hosts: list, port: int, recipients: list, relay: bool):
+        remaining = list(recipients)
+        outcomes: dict = {}
+        lastError = "no mail exchanger reached"
+        for host in hosts:
+            session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay)
+            outcomes.update(session.outcomes)
+            remaining = [r for r in remaining if r not in session.outcomes]
+            verified = session.tls and relay and self.relayVerifyTLS
+            counts = {"ok": 0, "temp": 0, "perm": 0}
+            for o in session.outcomes.values():
+                counts[o.kind] += 1
+            result = f"delivered={counts['ok']} deferred={counts['temp']} failed={counts['perm']}"
+            self.log.info(
+                "relay: {queueId} domain={domain} host={host}:{port} {result} tls={tls} verified={verified} error={error}",
+                queueId=entry.queueId,
+                domain=domain,
+                host=host,
+                port=port,
+                result=result,
+                tls="yes" if session.tls else "no",
+                verified="yes" if verified else "no",
+                error="-" if session.error is None else session.error,
+            )
+            if not remaining:
+                break
+            lastError = f"{host}: {session.error}"
+        for r in remaining:
+            outcomes[r] = Outcome("temp", "4.4.1", oneLine(lastError))
+        return outcomes
+
+    def _defaultEndpoint(self, host: str, port: int):
+        return HostnameEndpoint(self.reactor, host, port, timeout=self.connectTimeout)
+
+    def _session(self, entry: Entry, host: str, port: int, recipients: list, relay: bool) -> defer.Deferred:
+        """
+        One SMTP connection to C{host} for C{recipients}.
+
+        @return: a Deferred firing with the finished L{_Session}.
+        """
+        if not self.running:
+            session = _Session(entry.sender, recipients, None)
+            session.error = "relay service stopping"
+            session.finish(None)
+            return session.done
+        try:
+            message = self.queue.openMessage(entry)
+        except OSError as e:
+            session = _Session(entry.sender, recipients, None)
+            session.error = oneLine(f"cannot read queued message: {e}")
+            session.finish(None)
+            return session.done
+        session = _Session(entry.sender, recipients, message)
+        contextFactory = None
+        if self.clientTLS is not None:
+            # verify=None asks for an opportunistic (unverified) context.
+            contextFactory = self.clientTLS(host, self.relayVerifyTLS if relay else None)
+        username = self.relayUsername if relay else None
+        password = self.relayPassword if relay else None
+        factory = _RelayClientFactory(session, self.hostname, contextFactory, username, password, self.reactor)
+        self._sessions.add(session)
+
+        def connectFailed(f: Failure) -> None:
+            if f.check(ierror.ConnectingCancelledError, defer.CancelledError):
+                session.error = "connection attempt cancelled"
+            else:
+                session.error = oneLine(f"cannot connect: {f.getErrorMessage()}")
+            session.finish(None)
+
+        def finished(s: _Session) -> _Session:
+            self._sessions.discard(session)
+            return s
+
+        try:
+            d = self._endpointFactory(host, port).connect(factory)
+        except Exception:
+            d = defer.fail()
+        session.connecting = d
+        d.addCallbacks(lambda _: None, connectFailed)
+        return session.done.addCallback(finished)

@@ -1,0 +1,214 @@
+# -*- test-case-name: tests.test_router -*-
+"""
+Sends each recipient of a message to a local maildrop or the outbound queue.
+
+A L{Router} knows the local domains and the users database.  A recipient in
+a local domain must resolve to a user (directly or through an alias); any
+other recipient is remote and goes to the outbound queue.  One message
+becomes at most two parts: one maildrop delivery for all local recipients,
+and one queue entry for all remote ones.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pop3gw.address import Address
+from pop3gw.interfaces import (
+    IDelivery,
+    IMaildropStore,
+    IMailRouter,
+    IOutboundQueue,
+    IUserDatabase,
+    PermanentFailure,
+    TemporaryFailure,
+    UnknownUser,
+)
+
+
+class ITwoPhaseDelivery(IDelivery):
+    """
+    A delivery that can be made durable first and handed on later, so that
+    it can still be withdrawn if another part of the same message fails.
+    L{pop3gw.queue.OutboundQueue} deliveries provide it.
+    """
+
+    def prepare():
+        """
+        Make the message durable without acting on it yet.
+
+        @return: a L{Deferred} firing once durable, or failing with
+            L{TemporaryFailure}.
+        """
+
+    def release():
+        """
+        Let a prepared message go (the queue starts relaying it).
+        """
+
+    def discard():
+        """
+        Withdraw a prepared message (or abort an open one); nothing of it
+        remains.
+
+        @return: a L{Deferred} firing when done.
+        """
+
+
+def _asDeliveryFailure(log: Logger, f: Failure, what: str) -> Failure:
+    """
+    Keep L{TemporaryFailure} and L{PermanentFailure}; turn anything else
+    into a logged L{TemporaryFailure}.
+    """
+    if f.check(TemporaryFailure, PermanentFailure):
+        return f
+    log.failure("router: {what} failed", f, what=what)
+    return Failure(TemporaryFailure(f"{what} failed"))
+
+
+@implementer(IDelivery)
+class _RoutedDelivery:
+    """
+    One message fanned out to a maildrop part and a queue part.
+
+    L{commit} order:
+
+      1. the queue part is made durable first (L{ITwoPhaseDelivery.prepare},
+         or plain C{commit} for a queue without two phases); if that fails,
+         the local part is aborted and the commit fails: nothing was kept,
+         and the client's retry duplicates nothing;
+      2. then the local part is committed; if that fails, the prepared
+         queue entry is withdrawn (L{ITwoPhaseDelivery.discard}) before the
+         commit fails, so the client's retry does not send the remote copy
+         twice;
+      3. only when both are durable is the queue entry released to the
+         relay, and the commit succeeds.
+
+    A committed maildrop copy cannot be withdrawn, which is why it comes
+    last: the only failure left after it is none.
+    """
+
+    log = Logger()
+
+    def __init__(self, local: Optional[IDelivery], remote: Optional[IDelivery]):
+        self._local = local
+        self._remote = remote
+        self._state = "open"
+
+    def _parts(self) -> list:
+        return [p for p in (self._remote, self._local) if p is not None]
+
+    def write(self, data: bytes) -> None:
+        if self._state != "open":
+            raise TemporaryFailure("delivery is not open")
+        for part in self._parts():
+            part.write(data)
+
+    def commit(self) -> defer.Deferred:
+        if self._state != "open":
+            return defer.fail(TemporaryFailure("delivery is not open"))
+        self._state = "committing"
+        return self._commit()
+
+    @defer.inlineCallbacks
+    def _commit(self):
+        remote, local = self._remote, self._local
+        twoPhase = remote is not None and ITwoPhaseDelivery.providedBy(remote)
+        if remote is not None:
+            try:
+                if twoPhase:
+                    yield defer.maybeDeferred(remote.prepare)
+                else:
+                    yield defer.maybeDeferred(remote.commit)
+            except Exception:
+                f = Failure()
+                self._state = "aborted"
+                if local is not None:
+                    local.abort()
+                _asDeliveryFailure(self.log, f, "queueing").raiseException()
+        if local is not None:
+            try:
+                yield defer.maybeDeferred(local.commit)
+            except Exception:
+                f = Failure()
+                self._state = "aborted"
+                if twoPhase:
+                    try:
+                        yield defer.maybeDeferred(remote.discard)
+                    except Exception:
+                        self.log.failure("router: cannot withdraw the queued copy after a local failure")
+                elif remote is not None:
+                    self.log.warn("router: local delivery failed after the remote copy was queued")
+                _asDeliveryFailure(self.log, f, "local delivery").raiseException()
+        if twoPhase:
+            remote.release()
+        self._state = "committed"
+
+    def abort(self) -> None:
+        if self._state == "open":
+            self._state = "aborted"
+            for part in self._parts():
+                part.abort()
+
+
+@implementer(IMailRouter)
+class Router:
+    """
+    Routes recipients between C{store} (local domains) and C{queue}.
+
+    @param domains: the local domains: a collection of names (any case; a
+        trailing dot is ignored), or any object supporting C{in} with
+        lower-case names, asked on every lookup.
+    @param users: the users database (C{resolve} maps aliases to users).
+    @param store: the maildrops.
+    @param queue: the outbound queue.
+    """
+
+    def __init__(
+        self,
+        domains: Iterable[str],
+        users: IUserDatabase,
+        store: IMaildropStore,
+        queue: IOutboundQueue,
+    ):
+        if isinstance(domains, (str, list, tuple, set, frozenset)) or not hasattr(domains, "__contains__"):
+            self._domains = frozenset(d.lower().rstrip(".") for d in domains)
+        else:
+            # A live container (e.g. one that also counts the domains of
+            # users added later): asked each time, not copied.
+            self._domains = domains
+        self._users = users
+        self._store = store
+        self._queue = queue
+
+    def isLocalDomain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self._domains
+
+    def checkRecipient(self, address: Address) -> Address:
+        if not self.isLocalDomain(address.domain):
+            return address
+        user = self._users.resolve(address)
+        if user is None:
+            raise UnknownUser(str(address))
+        return user
+
+    def beginDelivery(self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b"") -> IDelivery:
+        local: list = []
+        remote: list = []
+        for r in recipients:
+            bucket = local if self.isLocalDomain(r.domain) else remote
+            if r not in bucket:
+                bucket.append(r)
+        remotePart = self._queue.beginDelivery(sender, remote, trace) if remote else None
+        try:
+            localPart = self._store.beginDelivery(local, trace) if local else None
+        except BaseException:
+            if remotePart is not None:
+                remotePart.abort()
+            raise
+        return _RoutedDelivery(localPart, remotePart)

@@ -1,0 +1,1318 @@
+"""
+Tests for L{pop3gw.queue}: storage, the relay service's scheduling and
+results, MX handling, the SMTP client conversation, and one end-to-end
+relay to a real (aiosmtpd) server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import io
+import json
+import os
+import threading
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.names import dns, error as dnserror
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from pop3gw.address import Address
+from pop3gw.interfaces import IOutboundQueue, TemporaryFailure, UnknownUser
+from pop3gw.queue import (
+    DELIVERED,
+    FAILED,
+    ORPHAN_AGE,
+    PENDING,
+    STOP_GRACE,
+    Entry,
+    _DotStuffer,
+    OutboundQueue,
+    Recipient,
+    RelayService,
+    formatEntry,
+    listEntries,
+    requestFlush,
+)
+from pop3gw.router import ITwoPhaseDelivery
+
+ALICE = Address("alice", "example.org")
+BOB = Address("bob", "remote.example")
+CAROL = Address("carol", "remote.example")
+DAVE = Address("dave", "remote.example")
+ERIN = Address("erin", "other.example")
+
+TRACE = b"Received: by test\r\n"
+BODY = b"Subject: hi\n\n.leading dot\nbody\n"
+STORED = b"Received: by test\r\nSubject: hi\r\n\r\n.leading dot\r\nbody\r\n"
+SENT = b"Received: by test\r\nSubject: hi\r\n\r\n..leading dot\r\nbody\r\n.\r\n"
+
+GREETING = b"220 mx.remote.example ESMTP\r\n"
+EHLO_OK = b"250-mx.remote.example\r\n250 8BITMIME\r\n"
+OK = b"250 2.0.0 ok\r\n"
+
+
+class ThreadClock(Clock):
+    """
+    A clock that also runs C{callFromThread} calls at once.
+    """
+
+    def callFromThread(self, f, *args, **kw):
+        f(*args, **kw)
+
+
+class FakeThreadPool:
+    """
+    Records C{callInThreadWithCallback} jobs until L{runAll}.
+    """
+
+    def __init__(self):
+        self.jobs = []
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kw):
+        self.jobs.append((onResult, f, args, kw))
+
+    def runAll(self):
+        while self.jobs:
+            onResult, f, args, kw = self.jobs.pop(0)
+            try:
+                result = f(*args, **kw)
+            except BaseException:
+                onResult(False, Failure())
+            else:
+                onResult(True, result)
+
+
+class TLSStringTransport(StringTransport):
+    """
+    A L{StringTransport} that records C{startTLS}.
+    """
+
+    tlsContext = None
+
+    def startTLS(self, contextFactory):
+        self.tlsContext = contextFactory
+
+
+class FakeEndpoint:
+    """
+    Records the connection attempt; the test completes it with L{serve} or
+    fails it with L{refuse}.
+    """
+
+    def __init__(self, host, port, connects):
+        self.host = host
+        self.port = port
+        self.connects = connects
+        self.factory = None
+        self.deferred = None
+
+    def connect(self, factory):
+        self.factory = factory
+        self.deferred = defer.Deferred()
+        self.connects.append(self)
+        return self.deferred
+
+    def refuse(self):
+        self.deferred.errback(ConnectionRefusedError("refused"))
+
+    def open(self, transport=None):
+        self.transport = transport if transport is not None else TLSStringTransport()
+        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", self.port))
+        self.protocol.makeConnection(self.transport)
+        self.deferred.callback(self.protocol)
+
+    def feed(self, reply: bytes) -> bytes:
+        """
+        Send one server reply; return what the client wrote in response
+        (the message body included).
+        """
+        self.protocol.dataReceived(reply)
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def close(self):
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    def serve(self, replies):
+        """
+        Open the connection, feed C{replies} one by one, close it.
+
+        @return: the list of client writes after each reply.
+        """
+        self.open()
+        sent = [self.feed(r) for r in replies]
+        self.close()
+        return sent
+
+
+def rr(name, payload):
+    return dns.RRHeader(name=name, type=payload.TYPE, payload=payload)
+
+
+class FakeResolver:
+    """
+    MX and address records from dicts; C{errors} maps C{(kind, domain)} to
+    an exception; C{queries} records the lookups.
+    """
+
+    def __init__(self, mx=None, a=None, aaaa=None, errors=None):
+        self.mx = mx or {}
+        self.a = a or {}
+        self.aaaa = aaaa or {}
+        self.errors = errors or {}
+        self.queries = []
+
+    def _answer(self, kind, name, records):
+        self.queries.append((kind, name))
+        if (kind, name) in self.errors:
+            return defer.fail(self.errors[(kind, name)])
+        return defer.succeed((records, [], []))
+
+    def lookupMailExchange(self, name):
+        return self._answer(
+            "MX", name, [rr(name, dns.Record_MX(p, h)) for p, h in self.mx.get(name, [])]
+        )
+
+    def lookupAddress(self, name):
+        return self._answer("A", name, [rr(name, dns.Record_A(a)) for a in self.a.get(name, [])])
+
+    def lookupIPV6Address(self, name):
+        return self._answer("AAAA", name, [rr(name, dns.Record_AAAA(a)) for a in self.aaaa.get(name, [])])
+
+
+def readJSON(root, queueId):
+    with open(os.path.join(root, queueId + ".json"), "rb") as f:
+        return json.loads(f.read())
+
+
+def successReplies(count=1):
+    """
+    Server replies for a session where every one of C{count} recipients
+    and the data are accepted.
+    """
+    return [GREETING, EHLO_OK, OK] + [OK] * count + [b"354 go ahead\r\n", OK, b"221 bye\r\n"]
+
+
+class QueueTestMixin:
+    """
+    A queue in a temp dir on a fake clock, and helpers to queue messages.
+    """
+
+    def setUpQueue(self, threadpool=None):
+        self.root = self.mktemp()
+        self.clock = ThreadClock()
+        self.clock.advance(1000)
+        self.queue = OutboundQueue(self.root, self.clock, threadpool)
+
+    def enqueue(self, sender=ALICE, recipients=(BOB,), body=BODY, trace=TRACE):
+        announced = []
+        self.queue.addListener(announced.append)
+        d = self.queue.beginDelivery(sender, list(recipients), trace)
+        d.write(body)
+        self.successResultOf(d.commit())
+        self.queue.removeListener(announced.append)
+        [entry] = announced
+        return entry
+
+
+class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
+    """
+    Tests for L{OutboundQueue} files and the CLI helpers.
+    """
+
+    def setUp(self):
+        self.setUpQueue()
+
+    def test_interface(self):
+        """
+        L{OutboundQueue} provides L{IOutboundQueue}; its deliveries are
+        two-phase.
+        """
+        self.assertTrue(verifyObject(IOutboundQueue, self.queue))
+        d = self.queue.beginDelivery(ALICE, [BOB])
+        self.assertTrue(verifyObject(ITwoPhaseDelivery, d))
+        d.abort()
+
+    def test_commitWritesFiles(self):
+        """
+        A commit writes C{<id>.msg} (trace first, LF made CRLF) and
+        C{<id>.json} with the envelope.
+        """
+        entry = self.enqueue(recipients=[BOB, CAROL])
+        with open(os.path.join(self.root, entry.queueId + ".msg"), "rb") as f:
+            self.assertEqual(f.read(), STORED)
+        self.assertEqual(
+            readJSON(self.root, entry.queueId),
+            {
+                "version": 1,
+                "id": entry.queueId,
+                "sender": "alice@example.org",
+                "created": 1000.0,
+                "attempts": 0,
+                "nextAttempt": 1000.0,
+                "lastError": None,
+                "recipients": [
+                    {"address": "bob@remote.example", "state": "pending", "status": None, "diagnostic": None, "notified": False},
+                    {"address": "carol@remote.example", "state": "pending", "status": None, "diagnostic": None, "notified": False},
+                ],
+            },
+        )
+        self.assertEqual(sorted(n for n in os.listdir(self.root) if not n.startswith(".")), [entry.queueId + ".json", entry.queueId + ".msg"])
+
+    def test_lineEndsAcrossWrites(self):
+        """
+        A CR at the end of one write and an LF at the start of the next make
+        one CRLF; a missing final line end is added.
+        """
+        d = self.queue.beginDelivery(None, [BOB])
+        d.write(b"a\r")
+        d.write(b"\nb\n\nc")
+        self.successResultOf(d.commit())
+        [entry] = listEntries(self.root)
+        self.assertIsNone(entry.sender)
+        with open(os.path.join(self.root, entry.queueId + ".msg"), "rb") as f:
+            self.assertEqual(f.read(), b"a\r\nb\r\n\r\nc\r\n")
+
+    def test_finalCR(self):
+        """
+        A message ending in a bare CR gets the LF that completes it.
+        """
+        entry = self.enqueue(body=b"a\r\nxy\r", trace=b"")
+        with open(os.path.join(self.root, entry.queueId + ".msg"), "rb") as f:
+            self.assertEqual(f.read(), b"a\r\nxy\r\n")
+
+    def test_abort(self):
+        """
+        Abort removes everything written; a second abort does nothing.
+        """
+        d = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+        d.write(BODY)
+        d.abort()
+        d.abort()
+        self.assertEqual([n for n in os.listdir(self.root) if not n.startswith(".")], [])
+        self.assertRaises(TemporaryFailure, d.write, b"x")
+
+    def test_ids(self):
+        """
+        Queue ids are unique and file-name safe.
+        """
+        ids = {self.enqueue().queueId for _ in range(5)}
+        self.assertEqual(len(ids), 5)
+        for i in ids:
+            self.assertRegex(i, r"^[0-9a-f]{13}-[0-9a-f]{8}$")
+
+    def test_threadPool(self):
+        """
+        With a thread pool, the files are made durable there: nothing exists
+        and the commit has not fired until the pool runs.
+        """
+        pool = FakeThreadPool()
+        self.setUpQueue(pool)
+        d = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+        d.write(BODY)
+        committed = d.commit()
+        self.assertNoResult(committed)
+        self.assertEqual(listEntries(self.root), [])
+        pool.runAll()
+        self.successResultOf(committed)
+        self.assertEqual(len(listEntries(self.root)), 1)
+
+    def test_commitFailure(self):
+        """
+        If the files cannot be made durable the commit fails with
+        L{TemporaryFailure} and the error is logged.
+        """
+        d = self.queue.beginDelivery(ALICE, [BOB])
+        d.write(BODY)
+        os.rename(self.root, self.root + ".gone")
+        self.addCleanup(os.rename, self.root + ".gone", self.root)
+        self.failureResultOf(d.commit(), TemporaryFailure)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_orphans(self):
+        """
+        At load, C{.tmp} files and C{.msg} files without C{.json} older than
+        an hour are removed; younger ones and complete entries are kept.
+        """
+        entry = self.enqueue()
+        old = os.path.join(self.root, "0000000000000-00000000.msg")
+        young = os.path.join(self.root, "0000000000001-00000000.msg")
+        oldTmp = os.path.join(self.root, "x.json.1234.tmp")
+        for path in (old, young, oldTmp):
+            with open(path, "wb") as f:
+                f.write(b"x")
+        past = os.stat(young).st_mtime - ORPHAN_AGE - 10
+        os.utime(old, (past, past))
+        os.utime(oldTmp, (past, past))
+        os.utime(os.path.join(self.root, entry.queueId + ".msg"), (past, past))
+        entries = self.queue.loadEntries()
+        self.assertEqual([e.queueId for e in entries], [entry.queueId])
+        self.assertFalse(os.path.exists(old))
+        self.assertFalse(os.path.exists(oldTmp))
+        self.assertTrue(os.path.exists(young))
+
+    def test_badEntrySkipped(self):
+        """
+        An unparseable C{.json} or one without its C{.msg} is skipped.
+        """
+        good = self.enqueue()
+        with open(os.path.join(self.root, "0000000000000-00000001.json"), "wb") as f:
+            f.write(b"{not json")
+        lonely = self.enqueue()
+        os.unlink(os.path.join(self.root, lonely.queueId + ".msg"))
+        self.assertEqual([e.queueId for e in self.queue.loadEntries()], [good.queueId])
+
+    def test_entryRoundTrip(self):
+        """
+        L{Entry.fromJSON} reads back what L{Entry.toJSON} wrote.
+        """
+        entry = Entry(
+            "0000000000abc-0123abcd",
+            None,
+            [Recipient(BOB, FAILED, "5.1.1", "550 no", True), Recipient(CAROL)],
+            created=1.5,
+            attempts=3,
+            nextAttempt=99.0,
+            lastError="451 later",
+        )
+        self.assertEqual(Entry.fromJSON(entry.toJSON()), entry)
+        self.assertRaises(ValueError, Entry.fromJSON, b'{"version": 2}')
+        self.assertRaises(ValueError, Entry.fromJSON, b"[]")
+
+    def test_listEntriesMissingDirectory(self):
+        """
+        L{listEntries} of a queue directory that does not exist is empty.
+        """
+        self.assertEqual(listEntries(self.mktemp()), [])
+
+    def test_requestFlush(self):
+        """
+        L{requestFlush} makes every entry due at C{now}, durably, touches
+        C{.flush} and returns the count.
+        """
+        a = self.enqueue()
+        b = self.enqueue()
+        for entry in (a, b):
+            entry.nextAttempt = 5000.0
+            self.successResultOf(self.queue.saveEntry(entry))
+        self.assertEqual(requestFlush(self.root, now=1234.0), 2)
+        self.assertEqual([e.nextAttempt for e in listEntries(self.root)], [1234.0, 1234.0])
+        self.assertTrue(os.path.exists(os.path.join(self.root, ".flush")))
+
+    def test_formatEntry(self):
+        """
+        L{formatEntry} gives one line with id, sender, pending recipients,
+        attempts, next attempt time and last error.
+        """
+        entry = Entry(
+            "0000000000abc-0123abcd",
+            ALICE,
+            [Recipient(BOB, DELIVERED), Recipient(CAROL), Recipient(ERIN)],
+            created=0.0,
+            attempts=2,
+            nextAttempt=86400.0,
+            lastError="carol@remote.example: 451 4.3.0\r\nlater",
+        )
+        self.assertEqual(
+            formatEntry(entry),
+            "0000000000abc-0123abcd from=alice@example.org to=carol@remote.example,erin@other.example "
+            "attempts=2 next=1970-01-02T00:00:00+00:00 error=carol@remote.example: 451 4.3.0 later",
+        )
+        entry.sender = None
+        entry.lastError = None
+        entry.recipients = []
+        self.assertEqual(
+            formatEntry(entry),
+            "0000000000abc-0123abcd from=<> to=- attempts=2 next=1970-01-02T00:00:00+00:00 error=-",
+        )
+
+    def test_saveOrder(self):
+        """
+        Saves of one entry through a thread pool run one after the other, so
+        the last state saved is the last written.
+        """
+        pool = FakeThreadPool()
+        self.setUpQueue(pool)
+        d = self.queue.beginDelivery(ALICE, [BOB])
+        c = d.commit()
+        pool.runAll()
+        self.successResultOf(c)
+        [entry] = listEntries(self.root)
+        entry.attempts = 1
+        first = self.queue.saveEntry(entry)
+        entry.attempts = 2
+        second = self.queue.saveEntry(entry)
+        self.assertEqual(len(pool.jobs), 1)
+        pool.runAll()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(readJSON(self.root, entry.queueId)["attempts"], 2)
+
+
+class DotStufferTests(unittest.SynchronousTestCase):
+    """
+    Tests for the dot-stuffing reader used for C{DATA}.
+    """
+
+    def test_smallReads(self):
+        """
+        Lines starting with a dot get a second one, whatever the read size;
+        a dot in the middle of a line is left alone.
+        """
+        source = b".a\r\nb.c\r\n\r\n..d\r\n" + b"x" * 70000 + b"\r\n.e\r\n"
+        expected = b"..a\r\nb.c\r\n\r\n...d\r\n" + b"x" * 70000 + b"\r\n..e\r\n"
+        for size in (1, 3, 16384):
+            reader = _DotStuffer(io.BytesIO(source))
+            chunks = []
+            while True:
+                chunk = reader.read(size)
+                if not chunk:
+                    break
+                self.assertLessEqual(len(chunk), size)
+                chunks.append(chunk)
+            self.assertEqual(b"".join(chunks), expected)
+
+    def test_longLineWithDot(self):
+        """
+        A dot after a line-length read boundary inside one long line is not
+        at a line start and is not doubled.
+        """
+        source = b"y" * (64 * 1024) + b".z\r\n"
+        self.assertEqual(_DotStuffer(io.BytesIO(source)).read(), source)
+
+
+class RelayTestMixin(QueueTestMixin):
+    """
+    A L{RelayService} over a fake clock, fake endpoints and a fake resolver.
+    """
+
+    def setUpRelay(self, **kw):
+        self.setUpQueue()
+        self.connects = []
+        self.bounces = []
+        self.bounceErrors = []
+        self.resolver = kw.pop(
+            "resolver",
+            FakeResolver(mx={"remote.example": [(10, "mx.remote.example")], "other.example": [(5, "mx.other.example")]}),
+        )
+        self.relay = self.makeRelay(**kw)
+
+    def makeRelay(self, **kw):
+        args = dict(
+            resolver=self.resolver,
+            endpointFactory=lambda host, port: FakeEndpoint(host, port, self.connects),
+            lifetime=5 * 86400,
+        )
+        args.update(kw)
+        return RelayService(self.queue, self.clock, "mx.example.org", self.bounceDelivery, **args)
+
+    def bounceDelivery(self, sender, data):
+        if self.bounceErrors:
+            return defer.fail(self.bounceErrors.pop(0))
+        self.bounces.append((sender, data))
+        return defer.succeed(None)
+
+    def start(self):
+        self.relay.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        if self.relay.running:
+            self.relay.stopService()
+        # Close what a test left half-open.
+        for endpoint in self.connects:
+            if getattr(endpoint, "protocol", None) is not None and not endpoint.protocol.session.done.called:
+                endpoint.close()
+        self.clock.advance(STOP_GRACE)
+
+    def json(self, entry):
+        return readJSON(self.root, entry.queueId)
+
+    def bounceRecipients(self, data):
+        msg = email.message_from_bytes(data)
+        status = msg.get_payload()[1].get_payload()
+        return [(b["Final-Recipient"], b["Status"]) for b in status[1:]]
+
+
+class RelayTests(RelayTestMixin, unittest.SynchronousTestCase):
+    """
+    Tests for L{RelayService} scheduling and per-recipient results.
+    """
+
+    def setUp(self):
+        self.setUpRelay()
+        self.start()
+
+    def test_attemptRecordedFirst(self):
+        """
+        A new entry is tried at once; the attempt (count and next attempt
+        time) is on disk before the connection completes.
+        """
+        entry = self.enqueue()
+        self.assertEqual(self.connects, [])
+        self.clock.advance(0)
+        [endpoint] = self.connects
+        self.assertEqual((endpoint.host, endpoint.port), ("mx.remote.example", 25))
+        state = self.json(entry)
+        self.assertEqual(state["attempts"], 1)
+        self.assertEqual(state["nextAttempt"], 1000.0 + 300)
+        self.assertEqual(state["recipients"][0]["state"], "pending")
+
+    def test_conversation(self):
+        """
+        A successful session sends EHLO, MAIL, RCPT, DATA, the dot-stuffed
+        message and QUIT; the entry then leaves the queue.
+        """
+        entry = self.enqueue()
+        self.clock.advance(0)
+        sent = self.connects[0].serve(successReplies())
+        self.assertEqual(
+            sent,
+            [
+                b"EHLO mx.example.org\r\n",
+                b"MAIL FROM:<alice@example.org>\r\n",
+                b"RCPT TO:<bob@remote.example>\r\n",
+                b"DATA\r\n",
+                SENT,
+                b"QUIT\r\n",
+                b"",
+            ],
+        )
+        self.assertEqual(listEntries(self.root), [])
+        self.assertNotIn(entry.queueId, self.relay.entries)
+        self.assertEqual(self.bounces, [])
+
+    def test_nullSenderOnWire(self):
+        """
+        The null reverse path is sent as C{MAIL FROM:<>}.
+        """
+        self.enqueue(sender=None)
+        self.clock.advance(0)
+        sent = self.connects[0].serve(successReplies())
+        self.assertEqual(sent[1], b"MAIL FROM:<>\r\n")
+
+    def test_heloFallback(self):
+        """
+        A server that refuses EHLO gets HELO.
+        """
+        self.enqueue()
+        self.clock.advance(0)
+        endpoint = self.connects[0]
+        endpoint.open()
+        self.assertEqual(endpoint.feed(GREETING), b"EHLO mx.example.org\r\n")
+        self.assertEqual(endpoint.feed(b"502 what\r\n"), b"HELO mx.example.org\r\n")
+        self.assertEqual(endpoint.feed(OK), b"MAIL FROM:<alice@example.org>\r\n")
+
+    def test_retrySchedule(self):
+        """
+        Temporary failures are retried after 5 min, 15 min, 1 h, then every
+        2 h, and the last error is kept.
+        """
+        entry = self.enqueue()
+        times = []
+        for delay in (0, 300, 900, 3600, 7200, 7200):
+            self.clock.advance(delay)
+            self.assertEqual(len(self.connects), len(times) + 1)
+            times.append(self.clock.seconds())
+            self.connects[-1].refuse()
+        self.assertEqual(times, [1000, 1300, 2200, 5800, 13000, 20200])
+        state = self.json(entry)
+        self.assertEqual(state["attempts"], 6)
+        self.assertEqual(state["nextAttempt"], 27400)
+        self.assertIn("bob@remote.example: ", state["lastError"])
+        self.assertIn("refused", state["lastError"])
+        self.clock.advance(7199)
+        self.assertEqual(len(self.connects), 6)
+
+    def test_tempThenSuccess(self):
+        """
+        A 4xx reply to RCPT leaves the recipient pending with the reply as
+        last error (no bounce); the retry delivers it and ends the entry.
+        """
+        entry = self.enqueue()
+        self.clock.advance(0)
+        sent = self.connects[0].serve([GREETING, EHLO_OK, OK, b"450 4.2.0 mailbox busy\r\n", b"221 bye\r\n"])
+        self.assertEqual(sent[-2:], [b"QUIT\r\n", b""])
+        state = self.json(entry)
+        self.assertEqual(state["recipients"][0]["state"], "pending")
+        self.assertEqual(state["lastError"], "bob@remote.example: 450 4.2.0 mailbox busy")
+        self.assertEqual(self.bounces, [])
+        self.clock.advance(299)
+        self.assertEqual(len(self.connects), 1)
+        self.clock.advance(1)
+        self.connects[1].serve(successReplies())
+        self.assertEqual(listEntries(self.root), [])
+        self.assertEqual(self.bounces, [])
+
+    def test_permanentBounce(self):
+        """
+        A 5xx reply to RCPT fails the recipient: one bounce to the sender,
+        and the entry leaves the queue.
+        """
+        self.enqueue()
+        self.clock.advance(0)
+        self.connects[0].serve([GREETING, EHLO_OK, OK, b"550 5.1.1 no such user\r\n", b"221 bye\r\n"])
+        [(sender, data)] = self.bounces
+        self.assertEqual(sender, ALICE)
+        self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "5.1.1")])
+        self.assertIn(b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n", data)
+        self.assertIn(b"Subject: hi\r\n", data)
+        self.assertEqual(listEntries(self.root), [])
+
+    def test_mixed(self):
+        """
+        Per-recipient results in one session: the accepted one is done, the
+        4xx one retried, the 5xx one bounced once; the retry only names the
+        pending one and no second bounce is made.
+        """
+        entry = self.enqueue(recipients=[BOB, CAROL, DAVE])
+        self.clock.advance(0)
+        sent = self.connects[0].serve(
+            [GREETING, EHLO_OK, OK, OK, b"451 4.3.0 later\r\n", b"550 5.1.1 unknown\r\n", b"354 go\r\n", OK, b"221 bye\r\n"]
+        )
+        self.assertEqual(
+            sent[2:5],
+            [b"RCPT TO:<bob@remote.example>\r\n", b"RCPT TO:<carol@remote.example>\r\n", b"RCPT TO:<dave@remote.example>\r\n"],
+        )
+        self.assertEqual(sent[5], b"DATA\r\n")
+        state = self.json(entry)
+        self.assertEqual([r["state"] for r in state["recipients"]], ["delivered", "pending", "failed"])
+        self.assertEqual(state["recipients"][2]["notified"], True)
+        [(_, data)] = self.bounces
+        self.assertEqual(self.bounceRecipients(data), [("rfc822; dave@remote.example", "5.1.1")])
+        self.clock.advance(300)
+        sent = self.connects[1].serve(successReplies())
+        self.assertEqual(sent[2], b"RCPT TO:<carol@remote.example>\r\n")
+        self.assertEqual(listEntries(self.root), [])
+        self.assertEqual(len(self.bounces), 1)
+
+    def test_dataRejected(self):
+        """
+        A 5xx reply to the end of data fails every accepted recipient.
+        """
+        self.enqueue(recipients=[BOB, CAROL])
+        self.clock.advance(0)
+        self.connects[0].serve([GREETING, EHLO_OK, OK, OK, OK, b"354 go\r\n", b"554 5.7.1 spam\r\n", b"221 bye\r\n"])
+        [(_, data)] = self.bounces
+        self.assertEqual(
+            self.bounceRecipients(data),
+            [("rfc822; bob@remote.example", "5.7.1"), ("rfc822; carol@remote.example", "5.7.1")],
+        )
+
+    def test_mailFromTemporary(self):
+        """
+        A 4xx reply to MAIL FROM leaves every recipient pending.
+        """
+        entry = self.enqueue(recipients=[BOB, CAROL])
+        self.clock.advance(0)
+        sent = self.connects[0].serve([GREETING, EHLO_OK, b"451 4.7.1 greylisted\r\n", b"221 bye\r\n"])
+        self.assertEqual(sent[-2:], [b"QUIT\r\n", b""])
+        state = self.json(entry)
+        self.assertEqual([r["state"] for r in state["recipients"]], ["pending", "pending"])
+        self.assertEqual(self.bounces, [])
+
+    def test_connectionLostMidway(self):
+        """
+        A connection lost before the end of data leaves recipients pending
+        with an error naming the host.
+        """
+        entry = self.enqueue()
+        self.clock.advance(0)
+        endpoint = self.connects[0]
+        endpoint.open()
+        endpoint.feed(GREETING)
+        endpoint.feed(EHLO_OK)
+        endpoint.close()
+        state = self.json(entry)
+        self.assertEqual(state["recipients"][0]["state"], "pending")
+        self.assertIn("mx.remote.example: connection lost", state["lastError"])
+
+    def test_responseTimeout(self):
+        """
+        A server that stops answering is given up after the response
+        timeout; the recipient stays pending.
+        """
+        entry = self.enqueue()
+        self.clock.advance(0)
+        endpoint = self.connects[0]
+        endpoint.open()
+        endpoint.feed(GREETING)
+        self.clock.advance(299)
+        self.assertFalse(endpoint.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(endpoint.transport.disconnecting)
+        endpoint.close()
+        self.assertIn("Timeout", self.json(entry)["lastError"])
+
+    def test_expiry(self):
+        """
+        Once the lifetime has passed, pending recipients fail with 4.4.7 and
+        one bounce is made.
+        """
+        self.relay.stopService()
+        self.relay = self.makeRelay(lifetime=1000)
+        self.relay.startService()
+        self.enqueue()
+        self.clock.advance(0)
+        self.connects[0].refuse()
+        self.clock.advance(300)
+        self.connects[1].refuse()
+        self.clock.advance(700)
+        self.assertEqual(len(self.connects), 2)
+        [(_, data)] = self.bounces
+        self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "4.4.7")])
+        self.assertIn(b"delivery time expired; last error: ", data)
+        self.assertEqual(listEntries(self.root), [])
+
+    def test_nullSenderNotBounced(self):
+        """
+        A message with the null sender that fails is dropped, never bounced.
+        """
+        self.enqueue(sender=None)
+        self.clock.advance(0)
+        self.connects[0].serve([GREETING, EHLO_OK, OK, b"550 5.1.1 unknown\r\n", b"221 bye\r\n"])
+        self.assertEqual(self.bounces, [])
+        self.assertEqual(listEntries(self.root), [])
+
+    def test_bounceRetried(self):
+        """
+        If the bounce cannot be stored the entry stays queued and the bounce
+        is tried again later, once.
+        """
+        self.bounceErrors.append(TemporaryFailure("disk full"))
+        entry = self.enqueue()
+        self.clock.advance(0)
+        self.connects[0].serve([GREETING, EHLO_OK, OK, b"550 5.1.1 unknown\r\n", b"221 bye\r\n"])
+        self.assertEqual(len(self.flushLoggedErrors(TemporaryFailure)), 1)
+        self.assertEqual(self.bounces, [])
+        self.assertEqual(self.json(entry)["recipients"][0]["notified"], False)
+        self.clock.advance(300)
+        self.assertEqual(len(self.connects), 1)
+        self.assertEqual(len(self.bounces), 1)
+        self.assertEqual(listEntries(self.root), [])
+
+    def test_bounceSenderGone(self):
+        """
+        A bounce whose sender no longer exists is dropped.
+        """
+        self.bounceErrors.append(UnknownUser("alice"))
+        self.enqueue()
+        self.clock.advance(0)
+        self.connects[0].serve([GREETING, EHLO_OK, OK, b"550 5.1.1 unknown\r\n", b"221 bye\r\n"])
+        self.assertEqual(listEntries(self.root), [])
+
+    def test_restartResumes(self):
+        """
+        A new service over the same directory loads the entry and tries it
+        at its recorded next attempt time, not before.
+        """
+        entry = self.enqueue()
+        self.clock.advance(0)
+        self.connects[0].refuse()
+        self.relay.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(100)
+        self.relay = self.makeRelay()
+        self.relay.startService()
+        self.assertEqual(list(self.relay.entries), [entry.queueId])
+        self.clock.advance(199)
+        self.assertEqual(len(self.connects), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.connects), 2)
+        self.assertEqual(self.json(entry)["attempts"], 2)
+
+    def test_flushAll(self):
+        """
+        L{RelayService.flushAll} makes waiting entries due now.
+        """
+        self.enqueue()
+        self.clock.advance(0)
+        self.connects[0].refuse()
+        self.assertEqual(self.relay.flushAll(), 1)
+        self.clock.advance(0)
+        self.assertEqual(len(self.connects), 2)
+
+    def test_flushFile(self):
+        """
+        L{requestFlush} (the CLI) wakes a running service through the
+        C{.flush} file within the scan interval.
+        """
+        self.enqueue()
+        self.clock.advance(0)
+        self.connects[0].refuse()
+        self.clock.advance(5)
+        self.assertEqual(len(self.connects), 1)
+        requestFlush(self.root, now=self.clock.seconds())
+        self.clock.advance(5)
+        self.assertEqual(len(self.connects), 2)
+
+    def test_stopCancels(self):
+        """
+        Stopping cancels every timer.
+        """
+        self.enqueue()
+        self.clock.advance(0)
+        self.connects[0].refuse()
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        self.successResultOf(self.relay.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stopWaitsForAttempt(self):
+        """
+        Stopping aborts the connection in progress and waits for the attempt
+        to finish; the recipient stays queued.
+        """
+        entry = self.enqueue()
+        self.clock.advance(0)
+        endpoint = self.connects[0]
+        endpoint.open()
+        endpoint.feed(GREETING)
+        stopped = self.relay.stopService()
+        self.assertTrue(endpoint.transport.disconnected)
+        self.assertNoResult(stopped)
+        endpoint.close()
+        self.successResultOf(stopped)
+        self.assertEqual(self.json(entry)["recipients"][0]["state"], "pending")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stopCancelsConnecting(self):
+        """
+        Stopping cancels a connection attempt still in progress; the entry
+        stays queued.
+        """
+        entry = self.enqueue()
+        self.clock.advance(0)
+        self.successResultOf(self.relay.stopService())
+        self.assertEqual([e.queueId for e in listEntries(self.root)], [entry.queueId])
+        self.assertEqual(self.json(entry)["lastError"], "bob@remote.example: mx.remote.example: connection attempt cancelled")
+
+    def test_stopAbandons(self):
+        """
+        An attempt that does not finish within the grace period is abandoned;
+        the entry stays queued.
+        """
+        entry = self.enqueue()
+        self.clock.advance(0)
+        endpoint = self.connects[0]
+        endpoint.open()
+        endpoint.feed(GREETING)
+        # A transport that ignores the abort: the session never ends.
+        endpoint.transport.abortConnection = lambda: None
+        stopped = self.relay.stopService()
+        self.assertNoResult(stopped)
+        self.clock.advance(STOP_GRACE)
+        self.successResultOf(stopped)
+        self.assertEqual([e.queueId for e in listEntries(self.root)], [entry.queueId])
+
+    def test_concurrencyLimit(self):
+        """
+        No more than C{maxConnections} connections are open at once.
+        """
+        self.relay.stopService()
+        self.relay = self.makeRelay(maxConnections=2)
+        self.relay.startService()
+        for _ in range(3):
+            self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual(len(self.connects), 2)
+        self.connects[0].refuse()
+        self.assertEqual(len(self.connects), 3)
+
+    def test_smtputf8(self):
+        """
+        A non-ASCII recipient fails permanently with 5.6.7 without a
+        connection.
+        """
+        self.enqueue(recipients=[Address("jörg", "remote.example")])
+        self.clock.advance(0)
+        self.assertEqual(self.connects, [])
+        [(_, data)] = self.bounces
+        self.assertIn(b"Status: 5.6.7\r\n", data)
+
+
+class MXTests(RelayTestMixin, unittest.SynchronousTestCase):
+    """
+    Mail exchanger lookup and fallback.
+    """
+
+    def setUpWith(self, **kw):
+        self.setUpRelay(resolver=FakeResolver(**kw))
+        self.start()
+
+    def test_preferenceOrder(self):
+        """
+        MX hosts are tried in preference order; a failed connection moves on
+        to the next host in the same attempt.
+        """
+        self.setUpWith(mx={"remote.example": [(20, "b.mx.example"), (10, "a.mx.example."), (30, "C.MX.example")]})
+        entry = self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual([e.host for e in self.connects], ["a.mx.example"])
+        self.connects[0].refuse()
+        self.assertEqual([e.host for e in self.connects], ["a.mx.example", "b.mx.example"])
+        self.connects[1].refuse()
+        self.connects[2].refuse()
+        self.assertEqual([(e.host, e.port) for e in self.connects][2], ("c.mx.example", 25))
+        self.assertEqual(len(self.connects), 3)
+        self.assertEqual(self.json(entry)["attempts"], 1)
+        self.assertIn("c.mx.example: cannot connect", self.json(entry)["lastError"])
+
+    def test_secondHostAfterGreetingFailure(self):
+        """
+        A host that refuses the session (421) makes the next host be tried.
+        """
+        self.setUpWith(mx={"remote.example": [(10, "a.mx.example"), (20, "b.mx.example")]})
+        self.enqueue()
+        self.clock.advance(0)
+        self.connects[0].serve([b"421 4.3.2 busy\r\n", b"221 bye\r\n"])
+        self.connects[1].serve(successReplies())
+        self.assertEqual(listEntries(self.root), [])
+
+    def test_implicitMX(self):
+        """
+        A domain without MX records but with an address is its own mail
+        exchanger.
+        """
+        self.setUpWith(a={"remote.example": ["192.0.2.1"]})
+        self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual([(e.host, e.port) for e in self.connects], [("remote.example", 25)])
+
+    def test_implicitMXv6(self):
+        """
+        An IPv6-only domain without MX records is its own mail exchanger.
+        """
+        self.setUpWith(aaaa={"remote.example": ["2001:db8::1"]})
+        self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual([e.host for e in self.connects], ["remote.example"])
+
+    def test_noHost(self):
+        """
+        A domain with neither MX nor address records fails permanently.
+        """
+        self.setUpWith()
+        self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual(self.connects, [])
+        [(_, data)] = self.bounces
+        self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "5.1.2")])
+
+    def test_nullMX(self):
+        """
+        A null MX (RFC 7505) fails permanently with 5.1.10.
+        """
+        self.setUpWith(mx={"remote.example": [(0, "")]})
+        self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual(self.connects, [])
+        [(_, data)] = self.bounces
+        self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "5.1.10")])
+
+    def test_nxdomain(self):
+        """
+        A domain that does not exist fails permanently.
+        """
+        self.setUpWith(errors={("MX", "remote.example"): dnserror.DNSNameError("nx")})
+        self.enqueue()
+        self.clock.advance(0)
+        [(_, data)] = self.bounces
+        self.assertIn(b"domain remote.example does not exist", data)
+
+    def test_dnsTemporary(self):
+        """
+        A DNS server failure or time-out leaves the recipient pending.
+        """
+        self.setUpWith(errors={("MX", "remote.example"): dnserror.DNSServerError("servfail")})
+        entry = self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual(self.bounces, [])
+        state = self.json(entry)
+        self.assertEqual(state["recipients"][0]["state"], "pending")
+        self.assertIn("DNS lookup for remote.example failed", state["lastError"])
+
+    def test_onePerDomain(self):
+        """
+        Recipients are grouped by domain: one connection per domain carries
+        all of its recipients.
+        """
+        self.setUpWith(mx={"remote.example": [(10, "mx.remote.example")], "other.example": [(10, "mx.other.example")]})
+        self.enqueue(recipients=[BOB, ERIN, CAROL])
+        self.clock.advance(0)
+        self.assertEqual(sorted(e.host for e in self.connects), ["mx.other.example", "mx.remote.example"])
+        remote = [e for e in self.connects if e.host == "mx.remote.example"][0]
+        sent = remote.serve(successReplies(2))
+        self.assertEqual(sent[2:4], [b"RCPT TO:<bob@remote.example>\r\n", b"RCPT TO:<carol@remote.example>\r\n"])
+        [other] = [e for e in self.connects if e.host == "mx.other.example"]
+        other.refuse()
+        [entry] = listEntries(self.root)
+        self.assertEqual([r.state for r in entry.recipients], [DELIVERED, PENDING, DELIVERED])
+
+    def test_opportunisticTLS(self):
+        """
+        With a TLS factory, STARTTLS is used when an MX host offers it,
+        without verification (C{verify=None}), then EHLO is sent again.
+        """
+        calls = []
+        self.setUpRelay()
+        self.relay = self.makeRelay(clientTLS=lambda host, verify: calls.append((host, verify)) or "CTX")
+        self.start()
+        self.enqueue()
+        self.clock.advance(0)
+        endpoint = self.connects[0]
+        endpoint.open()
+        endpoint.feed(GREETING)
+        self.assertEqual(endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
+        self.assertEqual(endpoint.feed(b"220 go\r\n"), b"EHLO mx.example.org\r\n")
+        self.assertEqual(endpoint.transport.tlsContext, "CTX")
+        self.assertEqual(calls, [("mx.remote.example", None)])
+        self.assertEqual(endpoint.feed(EHLO_OK), b"MAIL FROM:<alice@example.org>\r\n")
+
+
+class SmarthostTests(RelayTestMixin, unittest.SynchronousTestCase):
+    """
+    Relaying everything through a configured relay host.
+    """
+
+    def test_relayHost(self):
+        """
+        Every recipient goes to the relay host in one session, whatever its
+        domain; no DNS lookup is made.
+        """
+        self.setUpRelay(relayHost="smarthost.example", relayPort=2525)
+        self.start()
+        self.enqueue(recipients=[BOB, ERIN])
+        self.clock.advance(0)
+        self.assertEqual([(e.host, e.port) for e in self.connects], [("smarthost.example", 2525)])
+        sent = self.connects[0].serve(successReplies(2))
+        self.assertEqual(sent[2:4], [b"RCPT TO:<bob@remote.example>\r\n", b"RCPT TO:<erin@other.example>\r\n"])
+        self.assertEqual(self.resolver.queries, [])
+        self.assertEqual(listEntries(self.root), [])
+
+    def test_defaultPorts(self):
+        """
+        The relay port defaults to 25, or 587 when a user name is set.
+        """
+        self.setUpRelay(relayHost="smarthost.example")
+        self.assertEqual(self.relay.relayPort, 25)
+        self.assertEqual(self.makeRelay(relayHost="s", relayUsername="u", relayPassword="p").relayPort, 587)
+
+    def test_credentialsNeedTLS(self):
+        """
+        With credentials, a relay that offers no STARTTLS gets no AUTH: the
+        session ends and the recipient stays pending.
+        """
+        self.setUpRelay(
+            relayHost="smarthost.example",
+            relayUsername="gw",
+            relayPassword="s3cret",
+            clientTLS=lambda host, verify: "CTX",
+        )
+        self.start()
+        entry = self.enqueue()
+        self.clock.advance(0)
+        sent = self.connects[0].serve([GREETING, b"250-mx\r\n250 AUTH PLAIN LOGIN\r\n", b"221 bye\r\n"])
+        self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"QUIT\r\n", b""])
+        self.assertEqual(self.json(entry)["recipients"][0]["state"], "pending")
+
+    def test_starttlsThenAuth(self):
+        """
+        With credentials, STARTTLS verified against the relay host comes
+        first, then AUTH PLAIN, then the mail.
+        """
+        calls = []
+        self.setUpRelay(
+            relayHost="smarthost.example",
+            relayUsername="gw",
+            relayPassword="s3cret",
+            clientTLS=lambda host, verify: calls.append((host, verify)) or "CTX",
+        )
+        self.start()
+        self.enqueue()
+        self.clock.advance(0)
+        endpoint = self.connects[0]
+        self.assertEqual(endpoint.port, 587)
+        endpoint.open()
+        self.assertEqual(endpoint.feed(GREETING), b"EHLO mx.example.org\r\n")
+        self.assertEqual(endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
+        self.assertEqual(endpoint.feed(b"220 go\r\n"), b"EHLO mx.example.org\r\n")
+        self.assertEqual(calls, [("smarthost.example", True)])
+        self.assertEqual(endpoint.transport.tlsContext, "CTX")
+        auth = endpoint.feed(b"250-mx\r\n250 AUTH PLAIN\r\n")
+        self.assertEqual(auth, b"AUTH PLAIN " + base64.b64encode(b"gw\0gw\0s3cret") + b"\r\n")
+        self.assertEqual(endpoint.feed(b"235 ok\r\n"), b"MAIL FROM:<alice@example.org>\r\n")
+
+    def test_authDeclined(self):
+        """
+        Refused credentials are a temporary failure (a configuration error
+        must not bounce mail).
+        """
+        self.setUpRelay(
+            relayHost="smarthost.example",
+            relayUsername="gw",
+            relayPassword="s3cret",
+            clientTLS=lambda host, verify: "CTX",
+        )
+        self.start()
+        entry = self.enqueue()
+        self.clock.advance(0)
+        endpoint = self.connects[0]
+        endpoint.open()
+        for reply in (GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"220 go\r\n", b"250-mx\r\n250 AUTH PLAIN\r\n"):
+            endpoint.feed(reply)
+        self.assertEqual(endpoint.feed(b"535 5.7.8 bad credentials\r\n"), b"AUTH PLAIN " + base64.b64encode(b"\0gw\0s3cret") + b"\r\n")
+        self.assertEqual(endpoint.feed(b"535 5.7.8 bad credentials\r\n"), b"QUIT\r\n")
+        endpoint.close()
+        self.assertEqual(self.bounces, [])
+        state = self.json(entry)
+        self.assertEqual(state["recipients"][0]["state"], "pending")
+        self.assertNotIn("s3cret", state["lastError"])
+
+
+class _Handler:
+    """
+    An aiosmtpd handler: C{busy@} gets 450 the first time, C{nobody@} 550,
+    anyone else 250; messages are recorded.
+    """
+
+    def __init__(self):
+        self.busySeen = 0
+        self.messages = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("busy@"):
+            self.busySeen += 1
+            if self.busySeen == 1:
+                return "450 4.2.0 try again later"
+        if address.startswith("nobody@"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 queued"
+
+
+class _SMTPServerThread:
+    """
+    An aiosmtpd server on 127.0.0.1 (a free port) in its own thread and
+    event loop.
+    """
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="aiosmtpd-test", daemon=True)
+        self.port = None
+
+    def _run(self):
+        from aiosmtpd.smtp import SMTP
+
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(
+            self.loop.create_server(lambda: SMTP(self.handler, hostname="smtpd.test"), "127.0.0.1", 0)
+        )
+        self.port = server.sockets[0].getsockname()[1]
+        self.ready.set()
+        try:
+            self.loop.run_forever()
+        finally:
+            server.close()
+            tasks = asyncio.all_tasks(self.loop)
+            for task in tasks:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            self.loop.run_until_complete(server.wait_closed())
+            self.loop.close()
+
+    def start(self):
+        self.thread.start()
+        if not self.ready.wait(30):
+            raise RuntimeError("SMTP test server did not start")
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+class LoopbackRelayTests(unittest.TestCase):
+    """
+    End to end: the relay delivers to a real SMTP server (aiosmtpd) over
+    TCP on 127.0.0.1 with the real reactor.
+    """
+
+    def setUp(self):
+        self.handler = _Handler()
+        self.server = _SMTPServerThread(self.handler)
+        self.server.start()
+        self.addCleanup(self.server.stop)
+
+    @defer.inlineCallbacks
+    def test_relay(self):
+        """
+        One accepted recipient is delivered, one 550 recipient is bounced,
+        one 450 recipient is delivered on the retry, and the entry is then
+        removed.
+        """
+        from twisted.internet import reactor
+
+        root = self.mktemp()
+        queue = OutboundQueue(root, reactor)
+        bounces = []
+
+        def bounceDelivery(sender, data):
+            bounces.append((sender, data))
+            return defer.succeed(None)
+
+        relay = RelayService(
+            queue,
+            reactor,
+            "pop3gw.test",
+            bounceDelivery,
+            relayHost="127.0.0.1",
+            relayPort=self.server.port,
+            connectTimeout=10,
+            schedule=(3600,),
+        )
+        relay.startService()
+        self.addCleanup(relay.stopService)
+
+        ok = Address("ok", "dest.test")
+        busy = Address("busy", "dest.test")
+        nobody = Address("nobody", "dest.test")
+        delivery = queue.beginDelivery(ALICE, [ok, busy, nobody], TRACE)
+        delivery.write(BODY)
+        yield delivery.commit()
+        [entry] = listEntries(root)
+
+        yield relay.runEntry(entry.queueId)
+        self.assertEqual(len(self.handler.messages), 1)
+        mailFrom, rcpts, content = self.handler.messages[0]
+        self.assertEqual((mailFrom, rcpts), ("alice@example.org", ["ok@dest.test"]))
+        self.assertEqual(content, STORED)
+        [(sender, data)] = bounces
+        self.assertEqual(sender, ALICE)
+        self.assertIn(b"Final-Recipient: rfc822; nobody@dest.test\r\n", data)
+        self.assertIn(b"Status: 5.1.1\r\n", data)
+        [state] = listEntries(root)
+        self.assertEqual([r.state for r in state.recipients], [DELIVERED, PENDING, FAILED])
+        self.assertEqual(state.lastError, "busy@dest.test: 450 4.2.0 try again later")
+
+        yield relay.runEntry(entry.queueId)
+        self.assertEqual(len(self.handler.messages), 2)
+        self.assertEqual(self.handler.messages[1][:2], ("alice@example.org", ["busy@dest.test"]))
+        self.assertEqual(listEntries(root), [])
+        self.assertEqual(len(bounces), 1)

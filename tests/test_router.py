@@ -1,0 +1,359 @@
+"""
+Tests for L{pop3gw.router}.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from pop3gw.address import Address
+from pop3gw.interfaces import (
+    IDelivery,
+    IMailRouter,
+    MessageTooLarge,
+    TemporaryFailure,
+    UnknownUser,
+)
+from pop3gw.queue import OutboundQueue, listEntries
+from pop3gw.router import ITwoPhaseDelivery, Router
+from pop3gw.testing import FakeMaildropStore, FakeOutboundQueue, FakeUserDatabase
+
+ALICE = Address("alice", "example.org")
+BOB = Address("bob", "example.org")
+ALIAS = Address("postmaster", "example.org")
+REMOTE = Address("carol", "remote.example")
+
+
+def makeRouter(queue=None, store=None):
+    users = FakeUserDatabase({ALICE: "x", BOB: "y"}, {ALIAS: ALICE})
+    store = store if store is not None else FakeMaildropStore()
+    queue = queue if queue is not None else FakeOutboundQueue()
+    return Router(["Example.ORG.", "example.net"], users, store, queue), store, queue
+
+
+@implementer(ITwoPhaseDelivery)
+class RecordingTwoPhase:
+    """
+    A two-phase delivery recording the calls made to it in C{log}.
+    """
+
+    def __init__(self, log, failPrepare=False):
+        self.log = log
+        self.failPrepare = failPrepare
+        self.data = b""
+
+    def write(self, data):
+        self.data += data
+
+    def prepare(self):
+        self.log.append("prepare")
+        if self.failPrepare:
+            return defer.fail(TemporaryFailure("disk full"))
+        return defer.succeed(None)
+
+    def release(self):
+        self.log.append("release")
+
+    def discard(self):
+        self.log.append("discard")
+        return defer.succeed(None)
+
+    def commit(self):
+        raise AssertionError("commit must not be used on a two-phase delivery")
+
+    def abort(self):
+        self.log.append("abort-remote")
+
+
+@implementer(IDelivery)
+class RecordingLocal:
+    """
+    A maildrop delivery recording its commit/abort in C{log}.
+    """
+
+    def __init__(self, log, error=None):
+        self.log = log
+        self.error = error
+
+    def write(self, data):
+        pass
+
+    def commit(self):
+        self.log.append("commit-local")
+        if self.error is not None:
+            return defer.fail(self.error)
+        return defer.succeed(None)
+
+    def abort(self):
+        self.log.append("abort-local")
+
+
+class TwoPhaseQueue:
+    def __init__(self, log, failPrepare=False):
+        self.log = log
+        self.failPrepare = failPrepare
+        self.calls = []
+
+    def beginDelivery(self, sender, recipients, trace=b""):
+        self.calls.append((sender, list(recipients), trace))
+        return RecordingTwoPhase(self.log, self.failPrepare)
+
+
+class LocalStore:
+    def __init__(self, log, error=None):
+        self.log = log
+        self.error = error
+        self.calls = []
+
+    def beginDelivery(self, recipients, trace=b""):
+        self.calls.append((list(recipients), trace))
+        return RecordingLocal(self.log, self.error)
+
+
+class RecipientTests(SynchronousTestCase):
+    """
+    Tests for L{Router.isLocalDomain} and L{Router.checkRecipient}.
+    """
+
+    def test_interface(self):
+        """
+        L{Router} provides L{IMailRouter}.
+        """
+        self.assertTrue(verifyObject(IMailRouter, makeRouter()[0]))
+
+    def test_localDomain(self):
+        """
+        Configured domains are local whatever their case or trailing dot.
+        """
+        router = makeRouter()[0]
+        self.assertTrue(router.isLocalDomain("example.org"))
+        self.assertTrue(router.isLocalDomain("example.net"))
+        self.assertFalse(router.isLocalDomain("remote.example"))
+        self.assertFalse(router.isLocalDomain("sub.example.org"))
+
+    def test_liveDomains(self):
+        """
+        A container of domains that is not a plain collection is asked on
+        every lookup, so domains added later become local.
+        """
+
+        class Live:
+            def __init__(self):
+                self.names = set()
+
+            def __contains__(self, name):
+                return name in self.names
+
+            def __iter__(self):
+                return iter(self.names)
+
+        live = Live()
+        router = Router(live, FakeUserDatabase(), FakeMaildropStore(), FakeOutboundQueue())
+        self.assertFalse(router.isLocalDomain("late.example"))
+        live.names.add("late.example")
+        self.assertTrue(router.isLocalDomain("Late.Example"))
+
+    def test_localUser(self):
+        """
+        A local user resolves to itself, an alias to its owner.
+        """
+        router = makeRouter()[0]
+        self.assertEqual(router.checkRecipient(BOB), BOB)
+        self.assertEqual(router.checkRecipient(ALIAS), ALICE)
+
+    def test_unknownLocal(self):
+        """
+        An unknown address in a local domain raises L{UnknownUser}.
+        """
+        router = makeRouter()[0]
+        self.assertRaises(UnknownUser, router.checkRecipient, Address("nobody", "example.org"))
+
+    def test_remote(self):
+        """
+        A remote address is returned unchanged.
+        """
+        self.assertEqual(makeRouter()[0].checkRecipient(REMOTE), REMOTE)
+
+
+class DeliveryTests(SynchronousTestCase):
+    """
+    Tests for L{Router.beginDelivery} with the in-memory fakes.
+    """
+
+    def test_fanOut(self):
+        """
+        Local recipients go into the maildrops and remote ones into the
+        queue, each with the trace header, once committed.
+        """
+        router, store, queue = makeRouter()
+        d = router.beginDelivery(ALICE, [ALICE, REMOTE, BOB, ALICE], b"Received: x\r\n")
+        self.assertTrue(verifyObject(IDelivery, d))
+        d.write(b"Subject: s\r\n\r\nbody\r\n")
+        self.assertEqual(store.boxes, {})
+        self.assertEqual(queue.entries, [])
+        self.successResultOf(d.commit())
+        data = b"Received: x\r\nSubject: s\r\n\r\nbody\r\n"
+        self.assertEqual(store.boxes[ALICE][0][1], data)
+        self.assertEqual(store.boxes[BOB][0][1], data)
+        self.assertEqual(len(store.boxes[ALICE]), 1)
+        self.assertEqual(queue.entries, [(ALICE, [REMOTE], data)])
+
+    def test_onlyLocal(self):
+        """
+        Without remote recipients nothing is queued.
+        """
+        router, store, queue = makeRouter()
+        d = router.beginDelivery(None, [BOB])
+        d.write(b"x\r\n")
+        self.successResultOf(d.commit())
+        self.assertEqual(queue.entries, [])
+        self.assertEqual(list(store.boxes), [BOB])
+
+    def test_abort(self):
+        """
+        Aborting aborts every part; nothing is stored.
+        """
+        router, store, queue = makeRouter()
+        d = router.beginDelivery(ALICE, [BOB, REMOTE])
+        d.write(b"x\r\n")
+        d.abort()
+        d.abort()
+        self.assertEqual(store.deliveries[0].state, "aborted")
+        self.assertEqual(store.boxes, {})
+        self.assertEqual(queue.entries, [])
+
+    def test_queueFailure(self):
+        """
+        If queueing fails, the local part is aborted and the commit fails
+        with L{TemporaryFailure}.
+        """
+        router, store, queue = makeRouter()
+        queue.failCommit = True
+        d = router.beginDelivery(ALICE, [BOB, REMOTE])
+        d.write(b"x\r\n")
+        self.failureResultOf(d.commit(), TemporaryFailure)
+        self.assertEqual(store.boxes, {})
+        self.assertEqual(store.deliveries[0].state, "aborted")
+
+
+class CommitOrderTests(SynchronousTestCase):
+    """
+    The queue part is made durable first and released last.
+    """
+
+    def test_order(self):
+        """
+        A successful commit prepares the queue part, commits the local part,
+        then releases the queue part.
+        """
+        log = []
+        router = Router(["example.org"], FakeUserDatabase(), LocalStore(log), TwoPhaseQueue(log))
+        d = router.beginDelivery(ALICE, [BOB, REMOTE])
+        self.assertIsNone(self.successResultOf(d.commit()))
+        self.assertEqual(log, ["prepare", "commit-local", "release"])
+
+    def test_prepareFails(self):
+        """
+        If the queue part cannot be made durable, the local part is aborted,
+        never committed.
+        """
+        log = []
+        router = Router(["example.org"], FakeUserDatabase(), LocalStore(log), TwoPhaseQueue(log, True))
+        d = router.beginDelivery(ALICE, [BOB, REMOTE])
+        self.failureResultOf(d.commit(), TemporaryFailure)
+        self.assertEqual(log, ["prepare", "abort-local"])
+
+    def test_localFails(self):
+        """
+        If the local part fails after the queue part was prepared, the queue
+        part is discarded (not released) and the commit fails.
+        """
+        log = []
+        store = LocalStore(log, TemporaryFailure("disk full"))
+        router = Router(["example.org"], FakeUserDatabase(), store, TwoPhaseQueue(log))
+        d = router.beginDelivery(ALICE, [BOB, REMOTE])
+        self.failureResultOf(d.commit(), TemporaryFailure)
+        self.assertEqual(log, ["prepare", "commit-local", "discard"])
+
+    def test_permanentKept(self):
+        """
+        A permanent failure of a part (message too large) is passed on as is.
+        """
+        log = []
+        store = LocalStore(log, MessageTooLarge("big"))
+        router = Router(["example.org"], FakeUserDatabase(), store, TwoPhaseQueue(log))
+        d = router.beginDelivery(ALICE, [BOB, REMOTE])
+        self.failureResultOf(d.commit(), MessageTooLarge)
+
+    def test_unexpectedError(self):
+        """
+        An unexpected exception from a part is logged and reported as
+        L{TemporaryFailure}.
+        """
+        log = []
+        store = LocalStore(log, OSError("boom"))
+        router = Router(["example.org"], FakeUserDatabase(), store, TwoPhaseQueue(log))
+        d = router.beginDelivery(ALICE, [BOB])
+        self.failureResultOf(d.commit(), TemporaryFailure)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_commitTwice(self):
+        """
+        A second commit fails instead of delivering twice.
+        """
+        log = []
+        router = Router(["example.org"], FakeUserDatabase(), LocalStore(log), TwoPhaseQueue(log))
+        d = router.beginDelivery(ALICE, [BOB])
+        self.successResultOf(d.commit())
+        self.failureResultOf(d.commit(), TemporaryFailure)
+        self.assertEqual(log, ["commit-local"])
+
+
+class RealQueueTests(SynchronousTestCase):
+    """
+    The router with the real L{OutboundQueue}.
+    """
+
+    def test_localFailureRemovesQueueEntry(self):
+        """
+        When the maildrop fails after the queue entry was made durable, the
+        entry is removed and never announced to the relay.
+        """
+        root = self.mktemp()
+        queue = OutboundQueue(root, Clock())
+        announced = []
+        queue.addListener(announced.append)
+        store = FakeMaildropStore()
+        store.failCommit = True
+        router = Router(["example.org"], FakeUserDatabase(), store, queue)
+        d = router.beginDelivery(ALICE, [BOB, REMOTE])
+        d.write(b"Subject: x\r\n\r\nbody\r\n")
+        self.failureResultOf(d.commit(), TemporaryFailure)
+        self.assertEqual(listEntries(root), [])
+        self.assertEqual([n for n in os.listdir(root) if not n.startswith(".")], [])
+        self.assertEqual(announced, [])
+
+    def test_success(self):
+        """
+        A successful commit leaves one queue entry for the remote recipient,
+        announced to the relay.
+        """
+        root = self.mktemp()
+        queue = OutboundQueue(root, Clock())
+        announced = []
+        queue.addListener(announced.append)
+        store = FakeMaildropStore()
+        router = Router(["example.org"], FakeUserDatabase(), store, queue)
+        d = router.beginDelivery(ALICE, [BOB, REMOTE])
+        d.write(b"Subject: x\r\n\r\nbody\r\n")
+        self.successResultOf(d.commit())
+        [entry] = listEntries(root)
+        self.assertEqual([r.address for r in entry.recipients], [REMOTE])
+        self.assertEqual([e.queueId for e in announced], [entry.queueId])
+        self.assertEqual(store.boxes[BOB][0][1], b"Subject: x\r\n\r\nbody\r\n")
