@@ -65,7 +65,7 @@ class Config:
     tlsCert: Optional[str]
     tlsKey: Optional[str]
     relayHost: Optional[str]
-    relayPort: int
+    relayPort: Optional[int]
     relayUsername: Optional[str]
     relayPasswordFile: Optional[str]
     relayVerifyTLS: bool
@@ -107,11 +107,12 @@ def _bool(value: str, key: str) -> bool:
 
 def parseRelayHost(value: str) -> tuple:
     """
-    Split C{HOST[:PORT]} (C{[v6]:PORT} for IPv6 literals); the default port
-    is 25.
+    Split C{HOST[:PORT]} (C{[v6]:PORT} for IPv6 literals).  Without a port,
+    the port is L{None}: the relay service then uses 587 when relay
+    credentials are configured, else 25.
     """
     value = value.strip()
-    host, port = value, 25
+    host, port = value, None
     if value.startswith("["):
         end = value.find("]")
         if end < 0:
@@ -123,6 +124,8 @@ def parseRelayHost(value: str) -> tuple:
             port = rest[1:]
     elif value.count(":") == 1:
         host, port = value.split(":")
+    if port is None:
+        return host, None
     try:
         port = int(port)
     except ValueError:
@@ -225,7 +228,7 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         raise ConfigError("tls-cert and tls-key must be given together")
 
     relay = ini.get("relay", {})
-    relayHost, relayPort = None, 25
+    relayHost, relayPort = None, None
     if merged.get("relay-host"):
         relayHost, relayPort = parseRelayHost(merged["relay-host"])
     passwordFile = relay.get("password-file")

@@ -86,9 +86,10 @@ class OptionsTests(SynchronousTestCase):
 
     def test_relayHost(self) -> None:
         """
-        C{HOST[:PORT]} and C{[v6]:PORT} parse; port 25 by default.
+        C{HOST[:PORT]} and C{[v6]:PORT} parse; without a port the relay
+        service picks it (L{None}).
         """
-        self.assertEqual(parseRelayHost("smtp.example"), ("smtp.example", 25))
+        self.assertEqual(parseRelayHost("smtp.example"), ("smtp.example", None))
         self.assertEqual(parseRelayHost("smtp.example:587"), ("smtp.example", 587))
         self.assertEqual(parseRelayHost("[::1]:2525"), ("::1", 2525))
         self.assertRaises(ConfigError, parseRelayHost, "h:0")
