@@ -187,7 +187,7 @@ class FakeMaildropStore:
 
     def beginDelivery(self, recipients: Sequence[Address], trace: bytes = b""):
         def onCommit(data: bytes) -> None:
-            for r in recipients:
+            for r in dict.fromkeys(recipients):
                 self.add(r, trace + data)
 
         d = FakeDelivery(onCommit, self.failCommit)

@@ -1,0 +1,89 @@
+"""
+Wiring: L{makeService} builds every listener from the configuration, all
+sharing one portal, without opening real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import SynchronousTestCase
+
+from pop3gw.config import Options
+from pop3gw.limits import ConnectionLimitFactory
+from pop3gw.pop3 import POP3Factory
+from pop3gw.service import ListenerService, makeService
+from pop3gw.smtp import SubmissionFactory
+
+
+def options(*args: str) -> Options:
+    o = Options()
+    o.parseOptions(list(args))
+    return o
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dataDir = os.path.abspath(self.mktemp())
+        self.reactor = MemoryReactorClock()
+
+    def build(self, *args: str):
+        top = makeService(options("--data-dir", self.dataDir, "--hostname", "mail.example.org", *args), self.reactor)
+        listeners = [s for s in top if isinstance(s, ListenerService)]
+        return top, listeners
+
+    def test_defaults(self) -> None:
+        """
+        By default there is one POP3 listener on loopback port 1110 and one
+        submission listener on loopback port 1587; the data directory, its
+        maildrop and queue directories and a self-signed certificate exist.
+        """
+        top, listeners = self.build()
+        self.assertEqual(sorted((s.listenerName, s.description) for s in listeners), [
+            ("pop3", "tcp:1110:interface=127.0.0.1"),
+            ("submission", "tcp:1587:interface=127.0.0.1"),
+        ])
+        for sub in ("mail", "queue", "tls/cert.pem", "tls/key.pem"):
+            self.assertTrue(os.path.exists(os.path.join(self.dataDir, sub)), sub)
+        for s in listeners:
+            s.privilegedStartService()
+        ports = sorted((port, iface) for port, factory, backlog, iface in self.reactor.tcpServers)
+        self.assertEqual(ports, [(1110, "127.0.0.1"), (1587, "127.0.0.1")])
+
+    def test_sharedPortalAndImplicitTLS(self) -> None:
+        """
+        Every listener is wrapped in the connection limiter; implicit-TLS
+        listeners add a TLS layer around the same protocol factory; POP3 and
+        submission share one portal.
+        """
+        top, listeners = self.build("--pop3", "tcp:2110", "--pop3s", "tcp:2995", "--submission", "tcp:2587",
+                                    "--submissions", "tcp:2465")
+        byName = {s.listenerName: s.factory for s in listeners}
+        self.assertEqual(sorted(byName), ["pop3", "pop3s", "submission", "submissions"])
+        for factory in byName.values():
+            self.assertIsInstance(factory, ConnectionLimitFactory)
+        self.assertIsInstance(byName["pop3"].wrappedFactory, POP3Factory)
+        self.assertIsInstance(byName["pop3s"].wrappedFactory, TLSMemoryBIOFactory)
+        self.assertIs(byName["pop3s"].wrappedFactory.wrappedFactory, byName["pop3"].wrappedFactory)
+        self.assertIsInstance(byName["submission"].wrappedFactory, SubmissionFactory)
+        self.assertIs(byName["pop3"].wrappedFactory.portal, byName["submission"].wrappedFactory.portal)
+
+    def test_disabledListener(self) -> None:
+        """
+        C{none} disables a listener.
+        """
+        top, listeners = self.build("--submission", "none")
+        self.assertEqual([s.listenerName for s in listeners], ["pop3"])
+
+    def test_badCertificateIsOneLine(self) -> None:
+        """
+        An unreadable certificate stops start-up with one line, not a
+        traceback.
+        """
+        missing = os.path.join(self.dataDir, "missing.pem")
+        with self.assertRaises(SystemExit) as e:
+            self.build("--tls-cert", missing, "--tls-key", missing)
+        self.assertIn("missing.pem", str(e.exception))
+        self.assertNotIn("\n", str(e.exception))
