@@ -2,11 +2,17 @@
 """
 Mail addresses, parsed and normalised once at the boundary.
 
-An L{Address} is a plain C{local@domain}: the domain is lower-cased (IDNA
-A-labels are kept as given, lower-cased), the whole string is Unicode NFC, and
-nothing in it can name a path outside a maildrop root.  Local parts keep
-their case (RFC 5321 says they may be case-sensitive), so C{Alice@Example.ORG}
-and C{alice@example.org} are two different users but the same domain.
+An L{Address} is a plain C{local@domain}: the whole string is Unicode NFC,
+the domain is lower-cased and an internationalised domain is kept in its
+ASCII (IDNA A-label) form, so C{alice@B\u00fccher.example} and
+C{alice@xn--bcher-kva.example} are one user with one maildrop, and nothing in
+it can name a path outside a maildrop root.  Local parts keep their case
+(RFC 5321 says they may be case-sensitive), so C{Alice@Example.ORG} and
+C{alice@example.org} are two different users but the same domain.
+
+Lengths are the octet limits of RFC 5321 4.5.3.1 (the local part and a
+domain label are also single path components of a maildrop, so they always
+fit a file name).
 """
 
 from __future__ import annotations
@@ -15,14 +21,20 @@ import re
 import unicodedata
 
 import attr
+import idna
 
+#: Octets (UTF-8) in a whole address, its local part, its domain (ASCII
+#: form, without a trailing dot) and one domain label (RFC 5321 4.5.3.1,
+#: RFC 1035 2.3.4).
 MAX_ADDRESS_LENGTH = 254
 MAX_LOCALPART_LENGTH = 64
+MAX_DOMAIN_LENGTH = 253
+MAX_LABEL_LENGTH = 63
 
 # Printable characters allowed in a local part: RFC 5322 atext plus ".",
 # and any non-ASCII character (RFC 6531) except controls and separators.
-_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+\-=?^_`{|}~.\u0080-\U0010ffff]+$")
-_LABEL = re.compile(r"^[a-z0-9\u0080-\U0010ffff]([a-z0-9\-\u0080-\U0010ffff]*[a-z0-9\u0080-\U0010ffff])?$")
+_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+\-=?^_`{|}~.\u0080-\U0010ffff]+\Z")
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9\-]*[a-z0-9])?\Z")
 
 
 class AddressError(ValueError):
@@ -61,14 +73,14 @@ class Address:
             except UnicodeDecodeError:
                 raise AddressError("address is not valid UTF-8") from None
         text = unicodedata.normalize("NFC", text)
-        if len(text) > MAX_ADDRESS_LENGTH:
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_ADDRESS_LENGTH:
             raise AddressError("address too long")
         if any(unicodedata.category(c)[0] in "CZ" for c in text):
             raise AddressError("address contains control or space characters")
         if text.count("@") != 1:
             raise AddressError("address must be local@domain")
         localpart, domain = text.split("@")
-        if not localpart or len(localpart) > MAX_LOCALPART_LENGTH:
+        if not localpart or len(localpart.encode("utf-8")) > MAX_LOCALPART_LENGTH:
             raise AddressError("bad local part")
         if (
             not _ATEXT.match(localpart)
@@ -78,13 +90,43 @@ class Address:
             or "/" in localpart
         ):
             raise AddressError("bad local part")
-        domain = domain.lower()
-        if domain.endswith("."):
-            domain = domain[:-1]
-        labels = domain.split(".")
-        if len(labels) < 1 or not all(_LABEL.match(label) for label in labels):
-            raise AddressError("bad domain")
+        domain = _normalizeDomain(domain)
+        if len(localpart.encode("utf-8")) + 1 + len(domain) > MAX_ADDRESS_LENGTH:
+            raise AddressError("address too long")
         return cls(localpart, domain)
+
+
+def _normalizeDomain(domain: str) -> str:
+    """
+    The lower-case ASCII form of C{domain}: non-ASCII labels become IDNA
+    A-labels (UTS 46 mapping, so C{U+3002} and full-width letters are what
+    they look like); ASCII labels must be letters, digits and inner
+    hyphens.
+
+    @raise AddressError: not a domain name.
+    """
+    if not domain.isascii():
+        try:
+            domain = idna.uts46_remap(domain, std3_rules=True, transitional=False)
+        except (idna.IDNAError, UnicodeError, ValueError):
+            raise AddressError("bad domain") from None
+    domain = domain.lower()
+    if domain.endswith("."):
+        domain = domain[:-1]
+    labels = []
+    for label in domain.split("."):
+        if not label.isascii():
+            try:
+                label = idna.alabel(label).decode("ascii")
+            except (idna.IDNAError, UnicodeError, ValueError):
+                raise AddressError("bad domain") from None
+        if len(label) > MAX_LABEL_LENGTH or not _LABEL.match(label):
+            raise AddressError("bad domain")
+        labels.append(label)
+    domain = ".".join(labels)
+    if len(domain) > MAX_DOMAIN_LENGTH:
+        raise AddressError("domain too long")
+    return domain
 
 
 def parseDomain(text: str) -> str:

@@ -27,6 +27,8 @@ EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 
+#: Longest password accepted, in octets of UTF-8: the login check refuses
+#: longer ones (L{pop3gw.users.MAX_PASSWORD_BYTES}) without hashing.
 MAX_PASSWORD_LENGTH = 1024
 READ_CHUNK = 64 * 1024
 
@@ -76,20 +78,38 @@ def _address(text: str, status: int = EX_USAGE) -> Address:
 
 
 def _readPassword(stdin: TextIO, isatty: bool) -> str:
-    if isatty:
-        first = getpass.getpass("Password: ")
-        second = getpass.getpass("Again: ")
-        if first != second:
-            raise CommandError("passwords do not match")
-        password = first
-    else:
-        line = stdin.readline()
-        password = line[:-1] if line.endswith("\n") else line
-        if password.endswith("\r"):
-            password = password[:-1]
+    """
+    Read a new password: twice without echo on a TTY, else one line of
+    C{stdin}.
+
+    @raise CommandError: no password (end of input or interrupted), the two
+        differ, or it is empty, too long, has a NUL or is not UTF-8 (logins
+        send UTF-8, so anything else could never match).
+    """
+    try:
+        if isatty:
+            first = getpass.getpass("Password: ")
+            second = getpass.getpass("Again: ")
+            if first != second:
+                raise CommandError("passwords do not match")
+            password = first
+        else:
+            line = stdin.readline()
+            password = line[:-1] if line.endswith("\n") else line
+            if password.endswith("\r"):
+                password = password[:-1]
+    except (EOFError, KeyboardInterrupt):
+        raise CommandError("no password given") from None
+    except UnicodeDecodeError:
+        raise CommandError("password is not valid UTF-8") from None
+    try:
+        encoded = password.encode("utf-8")
+    except UnicodeEncodeError:
+        # Undecodable bytes read with surrogateescape (a C or POSIX locale).
+        raise CommandError("password is not valid UTF-8") from None
     if not password:
         raise CommandError("empty password refused")
-    if len(password) > MAX_PASSWORD_LENGTH or "\x00" in password:
+    if len(encoded) > MAX_PASSWORD_LENGTH or "\x00" in password:
         raise CommandError("password too long or contains NUL")
     return password
 

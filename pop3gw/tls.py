@@ -181,6 +181,13 @@ def _notBefore(cert: x509.Certificate) -> datetime.datetime:
     return value
 
 
+def _validAt(cert: x509.Certificate, when: datetime.datetime) -> bool:
+    """
+    Whether C{when} is within the validity period of C{cert}.
+    """
+    return _notBefore(cert) <= when < _notAfter(cert)
+
+
 def _useMaterial(ctx: SSL.Context, chain: Sequence[x509.Certificate], key) -> None:
     """
     Put C{chain} and C{key} in C{ctx}, converting them to pyOpenSSL objects
@@ -593,7 +600,9 @@ class CertificateManager:
         """
         Read the files again.  On success new handshakes use the new
         certificate and open sessions are not disturbed; on failure one
-        error is logged and the current certificate stays.
+        error is logged and the current certificate stays.  A new
+        certificate that has expired or is not yet valid is a failure
+        while the current one is valid.
 
         @return: L{True} if the new certificate is now served.
         """
@@ -619,6 +628,19 @@ class CertificateManager:
             self.log.failure(
                 "TLS reload failed, still serving the certificate {fingerprint}",
                 fingerprint=self.fingerprint,
+            )
+            return False
+        now = self._now()
+        if _validAt(self._material.leaf, now) and not _validAt(material.leaf, now):
+            # An expired or not yet valid replacement is a bad certificate:
+            # every client would refuse it while the current one works.
+            self.log.error(
+                "TLS reload failed, still serving the certificate {fingerprint}: "
+                "the new certificate in {path} is valid only from {start} to {end}",
+                fingerprint=self.fingerprint,
+                path=certFile,
+                start=_notBefore(material.leaf).isoformat(),
+                end=_notAfter(material.leaf).isoformat(),
             )
             return False
         self._install(material)

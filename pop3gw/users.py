@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3gw.address import Address, AddressError
-from pop3gw.interfaces import IUserDatabase, UnknownUser, UserExists
+from pop3gw.interfaces import IUserDatabase, TemporaryFailure, UnknownUser, UserExists
 
 _log = Logger()
 
@@ -444,7 +444,10 @@ class _WatchedFile:
     """
     A file parsed into an immutable value that is re-read when its
     (mtime_ns, size, inode) change.  A missing file parses as C{b""}; a file
-    that cannot be read keeps the previous value.
+    that cannot be read keeps the previous value, and if it has never been
+    read, raises L{TemporaryFailure}: an empty users database would turn a
+    passing permission or I/O problem into "unknown user" bounces and a
+    silently empty C{user list}.
 
     Not thread-safe by itself: the owner holds a lock around L{current}.
     """
@@ -455,11 +458,14 @@ class _WatchedFile:
         self._what = what
         self._key: object = object()
         self._failedKey: object = None
+        self._loaded = False
         self.value = parse(b"")[:-1]
 
     def current(self, force: bool = False) -> tuple:
         """
         The parsed value, re-read first if the file changed.
+
+        @raise TemporaryFailure: the file cannot be read and never could.
         """
         try:
             key: object = _statKey(os.stat(self.path))
@@ -493,17 +499,22 @@ class _WatchedFile:
         self.value = tuple(value)
         self._key = key
         self._failedKey = None
+        self._loaded = True
         return self.value
 
     def _loadFailed(self, key: object, e: OSError) -> None:
+        error = e.strerror or str(e.errno)
         if key != self._failedKey:
             self._failedKey = key
             _log.error(
-                "cannot read {what} {path} ({error}); keeping the previous contents",
+                "cannot read {what} {path} ({error}); {consequence}",
                 what=self._what,
                 path=self.path,
-                error=e.strerror or str(e.errno),
+                error=error,
+                consequence="keeping the previous contents" if self._loaded else "lookups fail temporarily",
             )
+        if not self._loaded:
+            raise TemporaryFailure(f"cannot read {self._what} {self.path}: {error}")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -556,9 +567,17 @@ class UsersFile:
             _WatchedFile(aliasesPath, _parseAliases, "aliases file") if aliasesPath is not None else None
         )
         self._snapshot = _Snapshot({}, {})
-        self._refresh()
+        try:
+            self._refresh()
+        except TemporaryFailure:
+            pass  # logged; every lookup fails temporarily until it can be read
 
     def _refresh(self, force: bool = False) -> _Snapshot:
+        """
+        The current snapshot, re-reading changed files.
+
+        @raise TemporaryFailure: a file cannot be read and never could.
+        """
         with self._lock:
             _lines, users = self._usersFile.current(force)
             if self._aliasesFile is not None:
@@ -613,9 +632,13 @@ class UsersFile:
 
     def reload(self) -> None:
         """
-        See L{IUserDatabase.reload}.
+        See L{IUserDatabase.reload}.  A file that cannot be read is logged
+        (by L{_WatchedFile}); nothing is raised.
         """
-        self._refresh()
+        try:
+            self._refresh()
+        except TemporaryFailure:
+            pass
 
     # -- IUserDatabase: writes
 

@@ -355,6 +355,41 @@ class PasswordCheckerTests(SynchronousTestCase):
         self.users.remove(ALICE)
         self.assertFailsAfterDelay(self.checker.requestAvatarId(creds))
 
+    def test_cacheInvalidatedByCommand(self) -> None:
+        """
+        C{pop3gw user passwd} and C{pop3gw user remove}, run while the
+        server holds a cached login, take effect at the next login: the old
+        password fails after the delay, the new one succeeds, and after
+        removal nothing succeeds.
+        """
+        import io
+
+        from pop3gw import cli
+
+        class Stdin(io.StringIO):
+            def isatty(self) -> bool:
+                return False
+
+        def run(*args: str, text: str = "") -> int:
+            return cli.main(
+                ["--data-dir", os.path.dirname(self.usersPath), *args],
+                stdin=Stdin(text),
+                stdout=io.StringIO(),
+                stderr=io.StringIO(),
+            )
+
+        old = UsernamePassword("alice@example.org", "password")
+        new = UsernamePassword("alice@example.org", "new one")
+        self.successResultOf(self.checker.requestAvatarId(old))
+        self.successResultOf(self.checker.requestAvatarId(old))
+        self.assertEqual(len(self.verifier.calls), 1)
+        self.assertEqual(run("user", "passwd", "alice@example.org", text="new one\n"), 0)
+        self.assertFailsAfterDelay(self.checker.requestAvatarId(old))
+        self.assertEqual(self.successResultOf(self.checker.requestAvatarId(new)), "alice@example.org")
+        self.assertEqual(run("user", "remove", "alice@example.org"), 0)
+        self.assertFailsAfterDelay(self.checker.requestAvatarId(new))
+        self.assertEqual(self.verifier.calls[-1], (DUMMY, b"new one"))
+
     def test_cacheExpires(self) -> None:
         """
         A cache entry is trusted for less than L{CACHE_TTL} seconds, then the

@@ -690,6 +690,29 @@ class ReloadTests(CAMixin, LogCaptureMixin, SynchronousTestCase):
         self.assertEqual(pair.clientApp.data(), GREETING)
         self.assertEqual(tls.formatFingerprint(pair.peerCertificate()), self.fp1)
 
+    def test_expiredReloadKeepsOld(self) -> None:
+        """
+        A new certificate that has expired, or is not valid yet, is refused
+        on reload (one error naming the file) while the current one is
+        valid; new handshakes still get the current one.
+        """
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for notBefore, notAfter in (
+            (now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)),
+            (now + datetime.timedelta(days=1), now + datetime.timedelta(days=10)),
+        ):
+            del self.events[:]
+            self.install(makeLeaf(self.caCert, self.caKey, HOST, notBefore=notBefore, notAfter=notAfter))
+            self.assertFalse(self.m.reload())
+            self.assertEqual(self.m.fingerprint, self.fp1)
+            errors = self.eventsAt(LogLevel.error)
+            self.assertEqual(len(errors), 1)
+            self.assertEqual((errors[0]["path"], errors[0]["fingerprint"]), (self.certPath, self.fp1))
+            self.assertEqual(tls.formatFingerprint(self.connect().peerCertificate()), self.fp1)
+        self.install(self.leaf2)
+        self.assertTrue(self.m.reload())
+        self.assertEqual(self.m.fingerprint, self.fp2)
+
     def test_mismatchedReloadKeepsOld(self) -> None:
         """
         A new certificate with the old key is refused on reload.

@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 
 from pop3gw import users
 from pop3gw.address import Address
-from pop3gw.interfaces import IUserDatabase, UnknownUser, UserExists
+from pop3gw.interfaces import IUserDatabase, TemporaryFailure, UnknownUser, UserExists
 from pop3gw.users import UsersFile, hashPassword, sha512Crypt, verifyPassword
 
 ALICE = Address("alice", "example.org")
@@ -500,6 +500,38 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(len(events), 1)
         self.assertIn("keeping the previous contents", formatEvent(events[0]))
         os.rmdir(self.path)
+
+    def test_neverReadableFailsTemporarily(self) -> None:
+        """
+        A users file that exists but has never been readable is not taken
+        for an empty one: construction succeeds and logs one error, every
+        lookup raises L{TemporaryFailure} (so mail is deferred, not bounced
+        as "unknown user", and C{user list} does not print nothing), and
+        L{UsersFile.reload} raises nothing.  Once readable, it is used.
+        """
+        os.mkdir(self.path)  # open() fails with EISDIR, as with EACCES
+        events = _captureLog(self)
+        db = UsersFile(self.path)
+        self.assertRaises(TemporaryFailure, db.passwordHash, ALICE)
+        self.assertRaises(TemporaryFailure, db.exists, ALICE)
+        self.assertRaises(TemporaryFailure, db.resolve, ALICE)
+        self.assertRaises(TemporaryFailure, db.addresses)
+        db.reload()
+        self.assertEqual(len(events), 1)
+        self.assertIn("cannot read users file", formatEvent(events[0]))
+        os.rmdir(self.path)
+        self.writeFile(self.path, f"alice@example.org:{HASH_A}\n".encode())
+        self.assertEqual(db.passwordHash(ALICE), HASH_A)
+
+    def test_neverReadableAliasesFailTemporarily(self) -> None:
+        """
+        The same holds for an aliases file that has never been readable.
+        """
+        self.writeFile(self.path, f"alice@example.org:{HASH_A}\n".encode())
+        os.mkdir(self.aliasesPath)
+        _captureLog(self)
+        db = UsersFile(self.path, self.aliasesPath)
+        self.assertRaises(TemporaryFailure, db.resolve, ALICE)
 
     def test_aliases(self) -> None:
         """
