@@ -32,6 +32,9 @@ _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _BARE_CR = re.compile(rb"\r(?!\n)")
+#: RFC 6533 QCHAR: printable ASCII except "+", "=" and "\\".
+_QCHAR = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
+_SMTP_REPLY = re.compile(r"^[2-5]\d\d(?: |$)")
 
 Failure = Tuple[Address, str, str]
 
@@ -70,12 +73,26 @@ def originalHeaders(message: bytes, limit: int = MAX_ORIGINAL_HEADERS) -> bytes:
 
 def _addressType(address: Address) -> str:
     """
-    The RFC 3464/6533 address-type and address text of C{address}.
+    The RFC 3464/6533 address-type and address text of C{address}.  A
+    non-ASCII address is written as C{utf-8-addr-xtext} (RFC 6533 section
+    3), the form allowed in C{message/delivery-status}: characters other
+    than QCHAR become C{\\x{HEX}}.
     """
     text = str(address)
     if text.isascii():
         return "rfc822; " + text
-    return "utf-8; " + text
+    return "utf-8; " + "".join(c if _QCHAR.match(c) else "\\x{%02X}" % ord(c) for c in text)
+
+
+def _diagnosticCode(diagnostic: str) -> str:
+    """
+    The C{Diagnostic-Code} value: type C{smtp} for a remote server's reply
+    (it starts with a reply code), C{X-pop3gw} for this server's own text
+    (expiry, DNS, an unsupported address).
+    """
+    text = oneLine(diagnostic)
+    kind = "smtp" if _SMTP_REPLY.match(text) else "X-pop3gw"
+    return f"{kind}; {text}"
 
 
 def _status(status: str) -> str:
@@ -157,7 +174,7 @@ def makeBounce(
         status.append(f"Final-Recipient: {_addressType(recipient)}")
         status.append("Action: failed")
         status.append(f"Status: {_status(code)}")
-        status.append(f"Diagnostic-Code: smtp; {oneLine(diagnostic)}")
+        status.append(f"Diagnostic-Code: {_diagnosticCode(diagnostic)}")
 
     headers = originalHeaders
     headers = _BARE_LF.sub(b"\r\n", headers)

@@ -39,12 +39,27 @@ message with the null sender is never bounced (the failure is only logged).
 An entry's files are removed only once no recipient is pending and every
 failure was notified.
 
+Results are per recipient: when a server (a smarthost included) accepts
+some recipients at C{RCPT} and refuses others, the accepted ones are done
+once the end of data is accepted, the 5xx ones are bounced, the 4xx ones
+stay pending and only they are named in the next attempt.
+
+Duplicates: the outcome of an attempt is written to the C{.json} after the
+remote server's reply to the end of data.  If the process dies between that
+reply and the write (or the write fails), the next attempt, after a
+restart, sends the message again to the recipients that had accepted it: a
+duplicate, never a loss (the RFC 1047 window, on the client side).  The same
+holds for the bounce: one stored just before a crash that kept its
+recipients from being marked notified is stored again.
+
 Without a relay host, recipients are grouped by domain and each domain's
 mail exchangers are looked up (MX, sorted by preference; the domain itself
 when it has no MX, RFC 5321 section 5.1; a null MX, RFC 7505, is a permanent
 failure); hosts are tried in order, with one connection per domain carrying
-all of its recipients, and STARTTLS is used opportunistically (unverified)
-when offered and a C{clientTLS} factory was given.  With a relay host, every
+all of its recipients, and STARTTLS is used opportunistically (never
+required, verification attempted but not enforced) when offered and a
+C{clientTLS} factory was given; each host's log line says C{tls=yes|no}
+and C{verified=yes|no}.  With a relay host, every
 recipient goes there; STARTTLS is verified against the relay host name when
 C{relayVerifyTLS} is true, and credentials are sent only over TLS.
 
@@ -490,7 +505,7 @@ class _QueueDelivery:
         else:
             out = _BARE_LF.sub(b"\r\n", data)
         self._lastCR = out.endswith(b"\r")
-        self._tail = (self._tail + out)[-2:]
+        self._tail = (self._tail + out[-2:])[-2:]
         try:
             self._file.write(out)
         except OSError as e:
@@ -786,6 +801,7 @@ class _Session:
         self.outcomes: dict = {}
         self.error: Optional[str] = None
         self.tls = False
+        self.contextFactory = None
         self.protocol: Optional["_RelayClient"] = None
         self.connecting: Optional[defer.Deferred] = None
         self.done: defer.Deferred = defer.Deferred()
@@ -814,6 +830,24 @@ class _Session:
                 self.error = _outcomeForReply(exc.code, exc.resp).diagnostic
             else:
                 self.error = oneLine(str(exc))
+
+    def tlsVerified(self, verifyingContext: bool) -> bool:
+        """
+        Whether the message went over TLS to a peer whose certificate was
+        verified.
+
+        @param verifyingContext: whether C{contextFactory} refuses
+            unverified peers (a smarthost with verification on), so that a
+            completed session over TLS is verified; otherwise an
+            opportunistic context's C{result.verified} (see
+            L{pop3gw.tls.OpportunisticClientTLS}) says.
+        """
+        if not self.tls:
+            return False
+        if verifyingContext:
+            return True
+        result = getattr(self.contextFactory, "result", None)
+        return getattr(result, "verified", None) is True
 
     def finish(self, reason: Optional[Failure]) -> None:
         if self.done.called:
@@ -878,6 +912,13 @@ class _RelayClient(ESMTPClient):
         # The data is already CRLF and dot-stuffed by _DotStuffer.
         self.resetTimeout()
         return chunk
+
+    def esmtpState_starttls(self, code, resp):
+        # Replies that arrived after the 220 came in plaintext, possibly
+        # injected by a man in the middle; only what comes over TLS may be
+        # acted on (the client side of CVE-2011-0411).
+        self._buffer = b""
+        ESMTPClient.esmtpState_starttls(self, code, resp)
 
     def smtpState_msgSent(self, code, resp):
         # One message per connection: report it, then QUIT (no RSET).
@@ -1389,7 +1430,7 @@ class RelayService(Service):
             session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay)
             outcomes.update(session.outcomes)
             remaining = [r for r in remaining if r not in session.outcomes]
-            verified = session.tls and relay and self.relayVerifyTLS
+            verified = session.tlsVerified(relay and self.relayVerifyTLS)
             counts = {"ok": 0, "temp": 0, "perm": 0}
             for o in session.outcomes.values():
                 counts[o.kind] += 1
@@ -1438,6 +1479,7 @@ class RelayService(Service):
         if self.clientTLS is not None:
             # verify=None asks for an opportunistic (unverified) context.
             contextFactory = self.clientTLS(host, self.relayVerifyTLS if relay else None)
+        session.contextFactory = contextFactory
         username = self.relayUsername if relay else None
         password = self.relayPassword if relay else None
         factory = _RelayClientFactory(session, self.hostname, contextFactory, username, password, self.reactor)

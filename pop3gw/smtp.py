@@ -47,8 +47,9 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
     first C{"."} is removed.  A lone C{"."} line that is content (see above)
     is kept as C{"."}.
   - A line longer than L{MAX_DATA_LINE} octets (998, not counting its line
-    end: RFC 5321 4.5.3.1.6 and RFC 5322 2.1.1) is never cut or folded: the
-    message is refused at the end of the data with C{550 5.6.0}.
+    end nor a leading C{"."} added for transparency: RFC 5321 4.5.3.1.6 and
+    RFC 5322 2.1.1) is never cut or folded: the message is refused at the
+    end of the data with C{550 5.6.0}.
   - The message is streamed into the L{IDelivery} as it arrives, except the
     header section, which is held (at most L{MAX_HEADER_SECTION} octets;
     more is refused with C{552 5.3.4}) so that the C{From:} and C{Sender:}
@@ -60,7 +61,12 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
     the end of one segment and an LF at the start of the next is a CRLF.
 
 Replies to commands after the final C{"."} wait until the delivery's commit
-fires; C{250} is sent only then.
+fires; C{250} is sent only then.  A client that disconnects while the
+commit is in flight does not abort it: the message is kept and delivered
+although the client saw no C{250}, so a client that sends it again makes a
+duplicate.  This is the unavoidable window RFC 1047 describes (it is kept
+short by replying as soon as the commit fires); losing the message instead
+would be worse.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ import base64
 import binascii
 import email.utils
 import enum
+import ipaddress
 import re
 import secrets
 import time
@@ -120,6 +127,10 @@ DEFAULT_MAX_RECIPIENTS = 100
 DEFAULT_IDLE_TIMEOUT = 300.0
 
 SERVICE = "submission"
+
+#: The local part of the unqualified C{RCPT TO:<Postmaster>} (RFC 5321
+#: 4.5.1), compared without regard to case.
+POSTMASTER = "postmaster"
 
 
 # --- Replies ------------------------------------------------------------------
@@ -278,6 +289,26 @@ def parsePath(text: str, kind: str) -> tuple[str, list[str]]:
     return m.group("path"), params
 
 
+def _traceName(helo: Optional[str]) -> str:
+    """
+    The client's name for the C{Received:} field: its EHLO/HELO argument,
+    or C{"unknown"} if there is none or it is an IP address (an address
+    literal such as C{[192.0.2.7]}, as many mail programs send, is the
+    client's address).
+    """
+    if not helo:
+        return "unknown"
+    host = helo[1:-1] if helo.startswith("[") and helo.endswith("]") else helo
+    if host.lower().startswith("ipv6:"):
+        host = host[5:]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not helo.startswith("["):
+            return helo
+    return "unknown"
+
+
 def _headerFields(lines: list[bytes]) -> list[tuple[Optional[bytes], bytes]]:
     """
     Split a header section into unfolded fields.
@@ -297,6 +328,15 @@ def _headerFields(lines: list[bytes]) -> list[tuple[Optional[bytes], bytes]]:
         else:
             fields.append([None, line])
     return [(name, value) for name, value in fields]
+
+
+def _stuffing(line: bytes | bytearray) -> int:
+    """
+    The octets of transparency stuffing at the start of a data line: the
+    line length limit does not count the duplicated leading C{"."} (RFC 5321
+    4.5.3.1.6).
+    """
+    return 1 if line[:1] == b"." else 0
 
 
 # --- The message reader -------------------------------------------------------
@@ -347,7 +387,7 @@ class _MessageReader:
             if nl == -1:
                 # Keep a trailing CR: the LF may come in the next segment.
                 keep = 1 if buf.endswith(b"\r") else 0
-                if len(buf) - keep > MAX_DATA_LINE:
+                if len(buf) - keep > MAX_DATA_LINE + _stuffing(buf):
                     # This line is too long whatever follows; drop what we
                     # have of it so memory stays bounded.
                     self.refuse(DATA_LINE_TOO_LONG)
@@ -364,7 +404,7 @@ class _MessageReader:
                 self._flush()
                 return True
             self._previousCRLF = crlf
-            if self._inLongLine or len(line) > MAX_DATA_LINE:
+            if self._inLongLine or len(line) > MAX_DATA_LINE + _stuffing(line):
                 self._inLongLine = False
                 self.refuse(DATA_LINE_TOO_LONG)
                 continue
@@ -510,8 +550,9 @@ class SubmissionServer(Protocol):
     One SMTP submission session.  Built by L{SubmissionFactory}.
 
     The C{Received:} header added to each message names the client's
-    EHLO/HELO argument, the literal C{(authenticated user)} and the server,
-    but never the client's IP address nor the user's name: submission
+    EHLO/HELO argument (C{unknown} when that is an address literal or an IP
+    address), the literal C{(authenticated user)} and the server, but never
+    the client's IP address nor the user's name: submission
     clients are often on home or mobile networks, and their address is
     private information.  Operators who want it have it in the log lines
     (L{pop3gw.events}).
@@ -1021,10 +1062,17 @@ class SubmissionServer(Protocol):
             raise SMTPRefusal(RCPT_SYNTAX) from None
         if params:
             raise SMTPRefusal(UNKNOWN_PARAMETER)
-        try:
-            address = Address.parse(path)
-        except AddressError:
-            raise SMTPRefusal(BAD_RECIPIENT_ADDRESS) from None
+        if path.lower() == POSTMASTER:
+            # RFC 5321 4.5.1: <Postmaster> without a domain must be
+            # accepted.  It is the postmaster of the user's own domain
+            # (always a local one): delivered where that address's user or
+            # alias says, else refused as an unknown user.
+            address = Address(POSTMASTER, self._avatar.address.domain)
+        else:
+            try:
+                address = Address.parse(path)
+            except AddressError:
+                raise SMTPRefusal(BAD_RECIPIENT_ADDRESS) from None
         if len(self._recipients) >= self.factory.maxRecipients:
             raise SMTPRefusal(TOO_MANY_RECIPIENTS)
         d = maybeDeferred(self._avatar.checkRecipient, address)
@@ -1070,7 +1118,7 @@ class SubmissionServer(Protocol):
         neither the client's IP address nor the user (see the class
         docstring).
         """
-        helo = _SAFE_HELO.sub("_", self._helo or "unknown")
+        helo = _SAFE_HELO.sub("_", _traceName(self._helo))
         protocol = "ESMTP" + ("S" if self._secure else "") + ("A" if self._avatar is not None else "")
         return (
             f"Received: from {helo} (authenticated user) by {self.factory.hostname}"

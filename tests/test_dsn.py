@@ -151,6 +151,29 @@ class MakeBounceTests(SynchronousTestCase):
         self.assertIn(b"Diagnostic-Code: smtp; 550 bad Action: delivered --B--\r\n", data)
         self.assertEqual(data.count(b"\r\n--B--"), 1)
 
+    def test_nonASCIIRecipient(self):
+        """
+        A non-ASCII recipient is written as RFC 6533 utf-8-addr-xtext
+        (non-QCHAR characters as C{\\x{HEX}}), so the delivery-status part
+        stays ASCII as C{message/delivery-status} requires.
+        """
+        data = bounce(
+            failures=[(Address("j\u00fcr+gen", "remote.example"), "5.6.7", "SMTPUTF8 is not supported")],
+            boundary="B",
+        )
+        self.assertIn(b"Final-Recipient: utf-8; j\\x{FC}r\\x{2B}gen@remote.example\r\n", data)
+        status = data.split(b"Content-Type: message/delivery-status\r\n", 1)[1].split(b"--B", 1)[0]
+        self.assertTrue(status.isascii())
+
+    def test_diagnosticType(self):
+        """
+        A remote server's reply is a diagnostic of type C{smtp}; this
+        server's own text (expiry, DNS) is of type C{X-pop3gw}.
+        """
+        blocks = self.parse(bounce()).get_payload()[1].get_payload()
+        self.assertEqual(blocks[1]["Diagnostic-Code"], "smtp; 550 5.1.1 no such user")
+        self.assertEqual(blocks[2]["Diagnostic-Code"], "X-pop3gw; delivery time expired")
+
     def test_badStatus(self):
         """
         A malformed status is reported as 5.0.0.

@@ -19,6 +19,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.names import dns, error as dnserror
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -1077,6 +1078,71 @@ class MXTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(endpoint.feed(b"220 go\r\n"), b"EHLO mx.example.org\r\n")
         self.assertEqual(endpoint.transport.tlsContext, "CTX")
         self.assertEqual(calls, [("mx.remote.example", None)])
+        self.assertEqual(endpoint.feed(EHLO_OK), b"MAIL FROM:<alice@example.org>\r\n")
+
+
+    def tlsSession(self, verified):
+        """
+        Deliver one message to an MX host over opportunistic STARTTLS whose
+        context reports C{verified}; return the relay's log lines.
+        """
+
+        class Result:
+            pass
+
+        class Context:
+            result = Result()
+
+        Context.result.verified = verified
+        self.setUpRelay()
+        self.relay = self.makeRelay(clientTLS=lambda host, verify: Context())
+        self.start()
+        self.enqueue()
+        with capturedLogs() as events:
+            self.clock.advance(0)
+            self.connects[0].serve(
+                [GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"220 go\r\n"] + successReplies()[1:]
+            )
+        self.assertEqual(listEntries(self.root), [])
+        return [formatEvent(e) for e in events]
+
+    def test_opportunisticTLSVerifiedLogged(self):
+        """
+        The log line of an MX delivery says it was encrypted and verified
+        when the opportunistic context's result says the peer was verified.
+        """
+        lines = [line for line in self.tlsSession(True) if "host=mx.remote.example:25" in line]
+        self.assertEqual(len(lines), 1)
+        self.assertIn(" delivered=1 deferred=0 failed=0 tls=yes verified=yes error=-", lines[0])
+
+    def test_opportunisticTLSUnverifiedLogged(self):
+        """
+        The log line of an MX delivery over TLS to a peer that could not be
+        verified says encrypted, not verified.
+        """
+        lines = [line for line in self.tlsSession(False) if "host=mx.remote.example:25" in line]
+        self.assertEqual(len(lines), 1)
+        self.assertIn(" tls=yes verified=no error=-", lines[0])
+
+    def test_starttlsDiscardsInjectedReplies(self):
+        """
+        Replies that arrive in the same plaintext segment as the 220 to
+        STARTTLS are discarded, never taken as answers over TLS (a man in
+        the middle could inject them): the client waits for the EHLO reply
+        that comes over TLS.
+        """
+        self.setUpRelay()
+        self.relay = self.makeRelay(clientTLS=lambda host, verify: "CTX")
+        self.start()
+        self.enqueue()
+        self.clock.advance(0)
+        endpoint = self.connects[0]
+        endpoint.open()
+        endpoint.feed(GREETING)
+        self.assertEqual(endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
+        self.assertEqual(
+            endpoint.feed(b"220 go\r\n250-injected\r\n250 AUTH PLAIN\r\n"), b"EHLO mx.example.org\r\n"
+        )
         self.assertEqual(endpoint.feed(EHLO_OK), b"MAIL FROM:<alice@example.org>\r\n")
 
 

@@ -762,6 +762,32 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
         )
         self.assertEqual(self.proto._recipients, [BOB, REMOTE])
 
+    def test_postmaster(self) -> None:
+        """
+        The unqualified C{<Postmaster>} (any case) is accepted (RFC 5321
+        4.5.1) as the postmaster of the user's own domain, delivered to the
+        user or alias that has that address.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<POSTMASTER>\r\n"),
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n",
+        )
+        self.assertEqual(self.proto._recipients, [ALICE])
+
+    def test_postmasterUnknown(self) -> None:
+        """
+        Without a postmaster user or alias in the user's domain,
+        C{<Postmaster>} is refused cleanly as an unknown user.
+        """
+        self.users = FakeUserDatabase({ALICE: "x", BOB: "x"})
+        self.router.users = self.users
+        self.login()
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<postmaster>\r\n"),
+            b"250 2.1.0 OK\r\n550 5.1.1 Recipient address rejected: user unknown\r\n",
+        )
+
     def test_recipientTemporaryFailure(self) -> None:
         """
         A recipient check failing temporarily gets 451 4.3.0.
@@ -872,6 +898,22 @@ class DataTests(SessionMixin, SynchronousTestCase):
         )
         self.assertNotIn(b"192.168.1.1", data)
         self.assertNotIn(b"alice", data.split(b"\r\n", 1)[0])
+
+    def test_receivedHeaderAddressLiteral(self) -> None:
+        """
+        An EHLO argument that is the client's address (an IPv4 or IPv6
+        address literal, or a bare IP address) is not copied into the trace
+        field: it says C{from unknown}.
+        """
+        for helo in (b"[192.0.2.7]", b"[IPv6:2001:db8::7]", b"192.0.2.7", b"[garbage]"):
+            self.assertEqual(self.feed(b"EHLO " + helo + b"\r\n"), EHLO_PLAIN)
+            self.envelope()
+            self.feed(HEADERS + b"\r\nHello\r\n.\r\n")
+            data = self.store.boxes[BOB][-1][1]
+            trace = data.split(b"\r\n", 1)[0]
+            self.assertTrue(trace.startswith(b"Received: from unknown (authenticated user) by mail.example.org "), trace)
+            self.assertNotIn(b"192.0.2.7", data)
+            self.assertNotIn(b"2001:db8", data)
 
     def test_receivedHeaderTLS(self) -> None:
         """
@@ -1030,6 +1072,25 @@ class DataTests(SessionMixin, SynchronousTestCase):
             b"550 5.6.0 Message line longer than 998 octets\r\n",
         )
         self.assertEqual(len(self.stored()), 1)
+
+    def test_maximalStuffedLine(self) -> None:
+        """
+        A 998-octet line that starts with "." is sent as 999 octets with its
+        transparency dot, which the line limit does not count (RFC 5321
+        4.5.3.1.6): it is accepted and stored unstuffed, in one segment or
+        split before the CRLF.  One octet more is refused.
+        """
+        line = b"." + b"x" * 997
+        self.assertEqual(self.send(HEADERS + b"\r\n." + line + b"\r\n.\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+        self.envelope()
+        self.assertEqual(self.feed(HEADERS + b"\r\n." + line), b"")
+        self.assertEqual(queuedReply(self.feed(b"\r\n.\r\n")), b"250 2.0.0 OK queued as ID\r\n")
+        self.assertEqual(self.stored(), [HEADERS + b"\r\n" + line + b"\r\n"] * 2)
+        self.assertEqual(
+            self.send(HEADERS + b"\r\n." + line + b"x\r\n.\r\n"),
+            b"550 5.6.0 Message line longer than 998 octets\r\n",
+        )
+        self.assertEqual(len(self.stored()), 2)
 
     def test_maximalLineSplitBeforeLF(self) -> None:
         """
@@ -1421,6 +1482,34 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
             queuedReply(self.transport.value()),
             b"250 2.0.0 OK queued as ID\r\n250 2.0.0 OK\r\n250 2.0.0 OK\r\n",
         )
+
+    def test_connectionLostDuringCommit(self) -> None:
+        """
+        A client that disconnects while the commit is in flight does not
+        abort it: the message is kept (the RFC 1047 risk of a duplicate if
+        the client sends it again is accepted), and nothing is written to
+        the closed transport.
+        """
+        committed = defer.Deferred()
+
+        @implementer(IDelivery)
+        class Slow(FakeDelivery):
+            def commit(self):
+                self.state = "committing"
+                return committed.addCallback(lambda _: setattr(self, "state", "committed"))
+
+        delivery = Slow(lambda data: None)
+        self.connect()
+        self.login()
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.envelope()
+        self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\n"), b"")
+        self.proto.connectionLost(None)
+        self.assertEqual(delivery.state, "committing")
+        committed.callback(None)
+        self.assertEqual(delivery.state, "committed")
+        self.assertEqual(delivery.data, HEADERS + b"\r\nHello\r\n")
+        self.assertEqual(self.transport.value(), b"")
 
     def test_commitFailureAfterWait(self) -> None:
         """
