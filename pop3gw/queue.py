@@ -78,6 +78,7 @@ import re
 from typing import Callable, Iterator, Optional, Sequence
 
 import attr
+from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import defer, error as ierror, protocol
 from twisted.internet.endpoints import HostnameEndpoint
@@ -802,6 +803,8 @@ class _Session:
         self.error: Optional[str] = None
         self.tls = False
         self.contextFactory = None
+        self.starttlsBegun = False
+        self.tlsHandshakeFailed = False
         self.protocol: Optional["_RelayClient"] = None
         self.connecting: Optional[defer.Deferred] = None
         self.done: defer.Deferred = defer.Deferred()
@@ -878,6 +881,7 @@ class _RelayClient(ESMTPClient):
         contextFactory,
         username: Optional[str],
         password: Optional[str],
+        requireTLS: bool = False,
     ):
         secret = None if password is None else password.encode("utf-8")
         ESMTPClient.__init__(self, secret, contextFactory, identity.encode("ascii", "replace"))
@@ -893,8 +897,8 @@ class _RelayClient(ESMTPClient):
             self.heloFallback = False
         else:
             self.requireAuthentication = False
-            self.requireTransportSecurity = False
-            self.heloFallback = True
+            self.requireTransportSecurity = requireTLS
+            self.heloFallback = not requireTLS
 
     def getMailFrom(self):
         if self._mailFromSent:
@@ -918,6 +922,7 @@ class _RelayClient(ESMTPClient):
         # injected by a man in the middle; only what comes over TLS may be
         # acted on (the client side of CVE-2011-0411).
         self._buffer = b""
+        self.session.starttlsBegun = True
         ESMTPClient.esmtpState_starttls(self, code, resp)
 
     def smtpState_msgSent(self, code, resp):
@@ -936,13 +941,16 @@ class _RelayClient(ESMTPClient):
         ESMTPClient.sendError(self, exc)
 
     def connectionLost(self, reason=protocol.connectionDone):
+        if self.session.starttlsBegun and not self.session.outcomes and reason is not None and reason.check(SSL.Error):
+            self.session.tlsHandshakeFailed = True
         ESMTPClient.connectionLost(self, reason)
         self.session.finish(reason)
 
 
 class _RelayClientFactory(protocol.Factory):
-    def __init__(self, session: _Session, identity: str, contextFactory, username, password, clock):
+    def __init__(self, session: _Session, identity: str, contextFactory, username, password, clock, requireTLS=False):
         self.session = session
+        self.requireTLS = requireTLS
         self.clock = clock
         self.identity = identity
         self.contextFactory = contextFactory
@@ -950,7 +958,9 @@ class _RelayClientFactory(protocol.Factory):
         self.password = password
 
     def buildProtocol(self, addr):
-        p = _RelayClient(self.session, self.identity, self.contextFactory, self.username, self.password)
+        p = _RelayClient(
+            self.session, self.identity, self.contextFactory, self.username, self.password, self.requireTLS
+        )
         # The response timeout runs on our clock, not the global reactor.
         p.callLater = self.clock.callLater
         p.factory = self
@@ -1428,6 +1438,17 @@ class RelayService(Service):
         lastError = "no mail exchanger reached"
         for host in hosts:
             session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay)
+            if session.tlsHandshakeFailed and not relay:
+                # RFC 7435: opportunistic TLS that fails to negotiate falls
+                # back to a plaintext session with the same host.
+                self.log.info(
+                    "relay: {queueId} TLS handshake with {host}:{port} failed ({error}); retrying without TLS",
+                    queueId=entry.queueId,
+                    host=host,
+                    port=port,
+                    error=session.error,
+                )
+                session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay, False)
             outcomes.update(session.outcomes)
             remaining = [r for r in remaining if r not in session.outcomes]
             verified = session.tlsVerified(relay and self.relayVerifyTLS)
@@ -1456,9 +1477,14 @@ class RelayService(Service):
     def _defaultEndpoint(self, host: str, port: int):
         return HostnameEndpoint(self.reactor, host, port, timeout=self.connectTimeout)
 
-    def _session(self, entry: Entry, host: str, port: int, recipients: list, relay: bool) -> defer.Deferred:
+    def _session(
+        self, entry: Entry, host: str, port: int, recipients: list, relay: bool, useTLS: bool = True
+    ) -> defer.Deferred:
         """
         One SMTP connection to C{host} for C{recipients}.
+
+        @param useTLS: offer STARTTLS when the peer does (false only for the
+            plaintext retry after a failed opportunistic handshake).
 
         @return: a Deferred firing with the finished L{_Session}.
         """
@@ -1476,13 +1502,18 @@ class RelayService(Service):
             return session.done
         session = _Session(entry.sender, recipients, message)
         contextFactory = None
-        if self.clientTLS is not None:
+        if self.clientTLS is not None and useTLS:
             # verify=None asks for an opportunistic (unverified) context.
             contextFactory = self.clientTLS(host, self.relayVerifyTLS if relay else None)
         session.contextFactory = contextFactory
         username = self.relayUsername if relay else None
         password = self.relayPassword if relay else None
-        factory = _RelayClientFactory(session, self.hostname, contextFactory, username, password, self.reactor)
+        # A smarthost whose certificate is to be verified must speak TLS: a
+        # stripped STARTTLS must not silently skip the check.
+        requireTLS = relay and self.relayVerifyTLS and self.clientTLS is not None
+        factory = _RelayClientFactory(
+            session, self.hostname, contextFactory, username, password, self.reactor, requireTLS
+        )
         self._sessions.add(session)
 
         def connectFailed(f: Failure) -> None:

@@ -60,7 +60,7 @@ class Pop3gwProcess:
     """
 
     def __init__(self, testcase, args=(), listeners=("pop3", "submission"), config: Optional[str] = None,
-                 dataDir: Optional[str] = None, failureDelay: float = 0.2) -> None:
+                 dataDir: Optional[str] = None, failureDelay: float = 0.2, extraConfig: str = "") -> None:
         self.testcase = testcase
         if dataDir is None:
             dataDir = tempfile.mkdtemp(prefix="pop3gw-e2e-")
@@ -71,7 +71,7 @@ class Pop3gwProcess:
         if config is None:
             config = os.path.join(dataDir, "test.ini")
             with open(config, "w") as f:
-                f.write(f"[limits]\nfailure-delay = {failureDelay}\n")
+                f.write(f"[limits]\nfailure-delay = {failureDelay}\n{extraConfig}")
         self.config = config
         self.proc: Optional[subprocess.Popen] = None
         self.output: list = []

@@ -84,8 +84,8 @@ class Sink:
 
 
 class SubmissionTestMixin:
-    def startServer(self, *args) -> Pop3gwProcess:
-        server = Pop3gwProcess(self, args=["--domain", "example.org", *args]).start()
+    def startServer(self, *args, extraConfig: str = "") -> Pop3gwProcess:
+        server = Pop3gwProcess(self, args=["--domain", "example.org", *args], extraConfig=extraConfig).start()
         server.addUser(ALICE, ALICE_PW)
         server.addUser(BOB, BOB_PW)
         return server
@@ -184,14 +184,36 @@ class SmtplibTests(SubmissionTestMixin, SynchronousTestCase):
             self.assertEqual(m.count(b"Subject: smuggled"), 1)
 
 
+# The sink offers no STARTTLS; certificate verification of the smarthost
+# (on by default, and then TLS is required) is turned off explicitly.
+PLAINTEXT_SMARTHOST = "[relay]\nverify-tls = no\n"
+
+
 class RelayTests(SubmissionTestMixin, SynchronousTestCase):
+    def test_verifiedSmarthostWithoutTLSKeepsMail(self) -> None:
+        """
+        With verification on (the default), a smarthost that offers no
+        STARTTLS gets nothing: the message stays queued with a TLS error.
+        """
+        sink = Sink(self)
+        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}")
+        client = self.smtp(server)
+        client.login(ALICE, ALICE_PW)
+        client.sendmail(ALICE, ["carol@remote.example"], message(to="carol@remote.example"))
+        client.quit()
+        deadline = time.monotonic() + 15
+        while b"TLS" not in server.cli("queue", "list").stdout:
+            self.assertLess(time.monotonic(), deadline, server.cli("queue", "list").stdout)
+            time.sleep(0.2)
+        self.assertEqual(sink.received, [])
+
     def test_relayedToSmarthost(self) -> None:
         """
         Mail for a non-local domain is queued and relayed to the smarthost
         with its envelope and content intact.
         """
         sink = Sink(self)
-        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}")
+        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}", extraConfig=PLAINTEXT_SMARTHOST)
         client = self.smtp(server)
         client.login(ALICE, ALICE_PW)
         msg = message(to="carol@remote.example")
@@ -212,7 +234,7 @@ class RelayTests(SubmissionTestMixin, SynchronousTestCase):
         (C{queue list}); C{queue flush} retries it and it is delivered once.
         """
         sink = Sink(self, replies=("451 4.3.0 try again later", "250 OK"))
-        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}")
+        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}", extraConfig=PLAINTEXT_SMARTHOST)
         client = self.smtp(server)
         client.login(ALICE, ALICE_PW)
         client.sendmail(ALICE, ["carol@remote.example"], message(to="carol@remote.example"))
@@ -236,7 +258,7 @@ class RelayTests(SubmissionTestMixin, SynchronousTestCase):
         (multipart/report) in the sender's maildrop, and the queue empties.
         """
         sink = Sink(self, replies=("550 5.1.1 no such user here",))
-        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}")
+        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}", extraConfig=PLAINTEXT_SMARTHOST)
         client = self.smtp(server)
         client.login(ALICE, ALICE_PW)
         client.sendmail(ALICE, ["carol@remote.example"], message(to="carol@remote.example"))

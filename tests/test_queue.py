@@ -1124,6 +1124,33 @@ class MXTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(len(lines), 1)
         self.assertIn(" tls=yes verified=no error=-", lines[0])
 
+    def test_failedHandshakeFallsBackToPlaintext(self):
+        """
+        When the opportunistic TLS handshake with an MX host fails, the same
+        host is tried once more without STARTTLS (RFC 7435), and the message
+        is delivered over that plaintext session.
+        """
+        from OpenSSL import SSL
+
+        contexts = []
+        self.setUpRelay()
+        self.relay = self.makeRelay(clientTLS=lambda host, verify: contexts.append(host) or "CTX")
+        self.start()
+        self.enqueue()
+        self.clock.advance(0)
+        first = self.connects[0]
+        first.open()
+        first.feed(GREETING)
+        self.assertEqual(first.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
+        first.feed(b"220 go\r\n")
+        first.protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "unsupported protocol")])))
+        self.clock.advance(0)
+        self.assertEqual([(e.host, e.port) for e in self.connects], [("mx.remote.example", 25)] * 2)
+        sent = self.connects[1].serve([GREETING, b"250-mx\r\n250 STARTTLS\r\n"] + successReplies()[2:])
+        self.assertEqual(sent[:2], [b"EHLO mx.example.org\r\n", b"MAIL FROM:<alice@example.org>\r\n"])
+        self.assertEqual(contexts, ["mx.remote.example"])
+        self.assertEqual(listEntries(self.root), [])
+
     def test_starttlsDiscardsInjectedReplies(self):
         """
         Replies that arrive in the same plaintext segment as the 220 to
@@ -1191,6 +1218,36 @@ class SmarthostTests(RelayTestMixin, unittest.SynchronousTestCase):
         sent = self.connects[0].serve([GREETING, b"250-mx\r\n250 AUTH PLAIN LOGIN\r\n", b"221 bye\r\n"])
         self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"QUIT\r\n", b""])
         self.assertEqual(self.json(entry)["recipients"][0]["state"], "pending")
+
+    def test_verifiedSmarthostRequiresTLS(self):
+        """
+        Without credentials but with certificate verification on (the
+        default), a relay host that offers no STARTTLS gets no mail: a
+        stripped STARTTLS cannot silently skip the check.  The recipient
+        stays pending with the error recorded.
+        """
+        self.setUpRelay(relayHost="smarthost.example", clientTLS=lambda host, verify: "CTX")
+        self.start()
+        entry = self.enqueue()
+        self.clock.advance(0)
+        sent = self.connects[0].serve([GREETING, EHLO_OK, b"221 bye\r\n"])
+        self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"QUIT\r\n", b""])
+        data = self.json(entry)
+        self.assertEqual(data["recipients"][0]["state"], "pending")
+        self.assertIn("TLS", data["lastError"])
+
+    def test_unverifiedSmarthostMayBePlaintext(self):
+        """
+        With verification turned off explicitly, a relay host without
+        STARTTLS gets the mail in plaintext.
+        """
+        self.setUpRelay(relayHost="smarthost.example", relayVerifyTLS=False, clientTLS=lambda host, verify: "CTX")
+        self.start()
+        self.enqueue()
+        self.clock.advance(0)
+        sent = self.connects[0].serve(successReplies())
+        self.assertEqual(sent[1], b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(listEntries(self.root), [])
 
     def test_starttlsThenAuth(self):
         """
