@@ -72,8 +72,15 @@ UID_DIGEST_LENGTH = 40
 #: Hex digits of randomness in a unique name.
 UNIQUE_RANDOM_HEX = 16
 
+#: Errors reading one message file that leave just that file out of a
+#: snapshot (anything else, such as running out of descriptors, fails it).
+_SKIPPABLE_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ELOOP})
+
 _SUBDIRS = ("cur", "new", "tmp")
 _SIZE_FIELD = re.compile(r"([SW])=([0-9]+)")
+# The name pop3gw itself writes: "<unique>,S=<n>,W=<n>" (parsed fast).
+_OWN_BASE = re.compile(r"([^,]+),S=([0-9]+),W=([0-9]+)")
+_UID_CHARS = re.compile(r"[\x21-\x7e]{1,%d}" % (MAX_UID_LENGTH,))
 _LEADING_INTEGER = re.compile(r"[0-9]+")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -233,6 +240,9 @@ def parseName(name: str) -> _ParsedName:
     Take a Maildir file name apart.
     """
     base, colon, info = name.partition(":")
+    own = _OWN_BASE.fullmatch(base)
+    if own is not None:
+        return _ParsedName(own.group(1), int(own.group(2)), int(own.group(3)), colon + info, True)
     parts = base.split(",")
     kept = [parts[0]]
     sizes: dict[str, int] = {}
@@ -254,7 +264,7 @@ def uidForKey(key: str) -> str:
     The UIDL value for a unique name: the name itself if it is 1 to 70
     characters in 0x21..0x7E, else C{"H"} and a SHA-256 digest prefix.
     """
-    if 1 <= len(key) <= MAX_UID_LENGTH and all("\x21" <= c <= "\x7e" for c in key):
+    if _UID_CHARS.fullmatch(key):
         return key
     digest = hashlib.sha256(os.fsencode(key)).hexdigest()
     return "H" + digest[:UID_DIGEST_LENGTH]
@@ -346,15 +356,15 @@ class _Entry:
     wireSize: int
 
 
-def _scan(maildir: str) -> dict[str, tuple[str, str, os.stat_result]]:
+def _scan(maildir: str) -> dict[str, tuple[str, str, os.stat_result, _ParsedName]]:
     """
     List the messages of C{new} then C{cur} (in that order, so a message
     moved from one to the other during the listing is seen at least once).
 
-    @return: key -> (subdir, name, lstat result), regular files only, dot
-        files skipped, first one of a key kept.
+    @return: key -> (subdir, name, lstat result, parsed name), regular
+        files only, dot files skipped, first one of a key kept.
     """
-    found: dict[str, tuple[str, str, os.stat_result]] = {}
+    found: dict[str, tuple[str, str, os.stat_result, _ParsedName]] = {}
     for subdir in ("new", "cur"):
         with os.scandir(os.path.join(maildir, subdir)) as it:
             for dirEntry in it:
@@ -367,9 +377,9 @@ def _scan(maildir: str) -> dict[str, tuple[str, str, os.stat_result]]:
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     continue
-                key = parseName(name).key
-                if key not in found:
-                    found[key] = (subdir, name, st)
+                parsed = parseName(name)
+                if parsed.key not in found:
+                    found[parsed.key] = (subdir, name, st, parsed)
     return found
 
 
@@ -380,14 +390,19 @@ def _snapshot(maildir: str) -> list[_Entry]:
     C{new} to C{cur} with C{:2,} info).
     """
     entries = []
-    for key, (subdir, name, st) in _scan(maildir).items():
-        parsed = parseName(name)
+    for key, (subdir, name, st, parsed) in _scan(maildir).items():
         if parsed.fileSize == st.st_size and parsed.wireSize is not None:
             entries.append(_Entry(subdir, name, key, st.st_size, parsed.wireSize))
             continue
         try:
             fileSize, wireSize = _measureFile(os.path.join(maildir, subdir, name))
         except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno not in _SKIPPABLE_ERRORS:
+                raise
+            # One bad file must not lock its owner out of the whole maildrop.
+            _log.warn("Skipping unreadable message {name}: {error}", name=name, error=e.strerror)
             continue
         entry = _Entry(subdir, name, key, fileSize, wireSize)
         entries.append(entry)
@@ -483,8 +498,8 @@ class MaildirMaildrop:
         directories and release the lock.  A file already gone counts as
         deleted.
 
-        @return: L{None} when run synchronously (no thread pool), else a
-            L{Deferred} firing once done.
+        @return: L{None} when run synchronously (no thread pool, or nothing
+            to delete), else a L{Deferred} firing once done.
         @raise TemporaryFailure: (or the Deferred fails with it) some could
             not be removed, or the maildrop was already released; the lock
             is released anyway.
@@ -496,6 +511,10 @@ class MaildirMaildrop:
         except IndexError:
             self.release()
             raise
+        if not entries:
+            # Nothing to unlink or fsync: no thread hop just to unlock.
+            self._unlock()
+            return None
         self._state = "committing"
         return self._run(self._doCommit, entries)
 

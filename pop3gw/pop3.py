@@ -15,9 +15,12 @@ Design notes:
     answered, in order, once it finishes.
   - Each state has an explicit command table; nothing from the wire is
     looked up with C{getattr}.
-  - Messages are streamed from L{IMaildrop.openMessage} by a push producer
-    that honours transport back-pressure and dot-stuffs across chunk
-    boundaries.
+  - One push producer is registered with the transport for the whole
+    connection: while the client does not read what it is sent, no further
+    command is answered, a message transfer pauses, and reading stops once
+    L{MAX_PENDING_INPUT} octets wait, so output never piles up in memory.
+  - Messages are streamed from L{IMaildrop.openMessage} in chunks that are
+    dot-stuffed across chunk boundaries.
   - DELE only marks; the marks are handed to L{IMaildrop.commit} at QUIT.
     Any other ending releases the maildrop without deleting anything.
 """
@@ -39,7 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3gw import events
-from pop3gw.interfaces import IPOP3Avatar, MaildropLocked, TemporaryFailure
+from pop3gw.interfaces import IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
 
 #: Longest command line accepted, terminator included (RFC 2449 section 4).
 MAX_LINE_LENGTH = 255
@@ -91,6 +94,7 @@ ERR_TOO_MANY_AUTH = "-ERR [AUTH] Too many authentication failures, closing conne
 ERR_AUTH_TEMP = "-ERR [SYS/TEMP] Authentication temporarily unavailable."
 ERR_IN_USE = "-ERR [IN-USE] Mailbox is locked by another session."
 ERR_MAILDROP_TEMP = "-ERR [SYS/TEMP] Mailbox temporarily unavailable."
+ERR_MAILDROP_PERM = "-ERR [SYS/PERM] Mailbox unavailable."
 ERR_USER_FIRST = "-ERR Send USER first."
 ERR_SASL_CANCELLED = "-ERR Authentication cancelled."
 ERR_SASL_BASE64 = "-ERR Invalid base64 data."
@@ -222,11 +226,41 @@ class _TopFilter:
 
 
 @implementer(IPushProducer)
+class _OutputFlow:
+    """
+    The producer a L{POP3Server} registers with its transport for the whole
+    connection.  The transport pauses it while its write buffer is full (the
+    client is not reading); the server then answers no further command and
+    pauses any message transfer, so a client that sends without reading
+    cannot make the server buffer unbounded output.
+
+    @ivar paused: whether the transport asked for a pause.
+    """
+
+    def __init__(self, onPause: Callable[[], None], onResume: Callable[[], None]) -> None:
+        self._onPause = onPause
+        self._onResume = onResume
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._onPause()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._onResume()
+
+    def stopProducing(self) -> None:
+        """
+        The connection is going away; L{POP3Server.connectionLost} cleans up.
+        """
+
+
 class _MessageSender:
     """
-    Streams one message (or its top) to a transport as a push producer:
-    reads C{chunkSize} octets at a time while the transport is not paused,
-    dot-stuffs them and ends with the C{.} line.
+    Streams one message (or its top) to a transport: reads C{chunkSize}
+    octets at a time while not paused, dot-stuffs them and ends with the
+    C{.} line.  The server's L{_OutputFlow} pauses and resumes it.
 
     @ivar octets: message octets read from the file so far.
     """
@@ -252,11 +286,12 @@ class _MessageSender:
         self._finished = False
         self.octets = 0
 
-    def start(self) -> None:
+    def start(self, paused: bool) -> None:
         """
-        Register with the transport and send as much as it accepts.
+        Send as much as the transport accepts, or nothing yet if it is
+        C{paused}.
         """
-        self._transport.registerProducer(self, True)
+        self._paused = paused
         self._run()
 
     def pauseProducing(self) -> None:
@@ -276,7 +311,6 @@ class _MessageSender:
             return
         self._finished = True
         self._close()
-        self._unregister()
 
     def _close(self) -> None:
         try:
@@ -284,14 +318,8 @@ class _MessageSender:
         except Exception:
             pass
 
-    def _unregister(self) -> None:
-        try:
-            self._transport.unregisterProducer()
-        except Exception:
-            pass
-
     def _run(self) -> None:
-        if self._running:
+        if self._running or self._finished:
             return
         self._running = True
         try:
@@ -299,7 +327,6 @@ class _MessageSender:
         except Exception:
             self._finished = True
             self._close()
-            self._unregister()
             self._onDone(self, Failure())
             return
         finally:
@@ -334,7 +361,6 @@ class _MessageSender:
             self._transport.write(b".\r\n")
         else:
             self._transport.write(b"\r\n.\r\n")
-        self._unregister()
         self._onDone(self, None)
 
 
@@ -390,6 +416,8 @@ class POP3Server(Protocol):
         self._closing = False
         self._disconnected = False
         self._timeoutCall = None
+        self._output = _OutputFlow(self._outputPaused, self._outputResumed)
+        self._outputRegistered = False
 
         self._badCommands = 0
         self._authFailures = 0
@@ -413,6 +441,8 @@ class POP3Server(Protocol):
     def connectionMade(self) -> None:
         self.secure = ISSLTransport.providedBy(self.transport)
         self.peer = self._peerHost()
+        self.transport.registerProducer(self._output, True)
+        self._outputRegistered = True
         self._resetTimeout()
         self._reply(GREETING.format(implementation=self.implementation))
 
@@ -437,9 +467,12 @@ class POP3Server(Protocol):
         if self._sender is not None:
             sender, self._sender = self._sender, None
             sender.stopProducing()
-        if self.state == _TRANSACTION and self._maildrop is not None:
+        self._unregisterOutput()
+        # Whatever the state: a maildrop held must never stay locked.
+        if self._maildrop is not None:
             self._releaseMaildrop()
-            self._logSessionEnd(deleted=0)
+            if self.state == _TRANSACTION:
+                self._logSessionEnd(deleted=0)
         # A commit in progress releases the maildrop and logs out itself.
         if not self._committing:
             self._callLogout()
@@ -461,9 +494,12 @@ class POP3Server(Protocol):
             except Exception:
                 self.log.failure("portal logout failed")
 
-    def _closeConnection(self) -> None:
+    def _closeConnection(self, abort: bool = False) -> None:
         """
         Stop reading, stop any transfer and close once written.
+
+        @param abort: close at once, dropping unsent output (a client that
+            stopped reading would otherwise hold the connection open).
         """
         self._closing = True
         self._cancelTimeout()
@@ -471,13 +507,43 @@ class POP3Server(Protocol):
         if self._sender is not None:
             sender, self._sender = self._sender, None
             sender.stopProducing()
+        # A registered producer would keep a TLS transport from shutting down.
+        self._unregisterOutput()
         if not self._disconnected:
-            self.transport.loseConnection()
+            if abort:
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
+
+    def _unregisterOutput(self) -> None:
+        if not self._outputRegistered:
+            return
+        self._outputRegistered = False
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            self.log.failure("unregistering the output producer failed")
+
+    def _outputPaused(self) -> None:
+        """
+        The client is not reading: pause any transfer; L{_processBuffer}
+        answers nothing more until L{_outputResumed}.
+        """
+        if self._sender is not None:
+            self._sender.pauseProducing()
+
+    def _outputResumed(self) -> None:
+        if self._closing or self._disconnected:
+            return
+        if self._sender is not None:
+            self._sender.resumeProducing()
+        else:
+            self._processBuffer()
 
     # --- Idle timeout -----------------------------------------------------
 
     def _resetTimeout(self) -> None:
-        if not self.idleTimeout or self._closing or self._disconnected:
+        if not self.idleTimeout or self._closing or self._disconnected or self.state == _UPDATE:
             return
         if self._timeoutCall is not None and self._timeoutCall.active():
             self._timeoutCall.reset(self.idleTimeout)
@@ -493,14 +559,17 @@ class POP3Server(Protocol):
         self._timeoutCall = None
         if self._closing or self._disconnected:
             return
+        stalled = self._output.paused
         if self._sender is not None:
             # Mid-message a reply line would look like message text: just
             # close, without the terminating "." line.
             sender, self._sender = self._sender, None
             sender.stopProducing()
-        else:
+        elif not stalled:
             self._reply(ERR_IDLE)
-        self._closeConnection()
+        # A client that stopped reading would keep a gracefully closed
+        # connection open for ever.
+        self._closeConnection(abort=stalled)
 
     # --- Output -------------------------------------------------------------
 
@@ -553,7 +622,7 @@ class POP3Server(Protocol):
             return
         self._processing = True
         try:
-            while not self._busy and not self._closing and not self._disconnected:
+            while not (self._busy or self._output.paused or self._closing or self._disconnected):
                 buf = self._buffer
                 if self._discarding:
                     end = buf.find(b"\n")
@@ -586,11 +655,12 @@ class POP3Server(Protocol):
 
     def _flowControl(self) -> None:
         """
-        Stop reading while too much input waits behind a busy command.
+        Stop reading while too much input waits behind a busy command or
+        a client that does not read its replies.
         """
         if self._disconnected or self._closing:
             return
-        want = len(self._buffer) < MAX_PENDING_INPUT or not self._busy
+        want = len(self._buffer) < MAX_PENDING_INPUT or not (self._busy or self._output.paused)
         try:
             if not want and not self._readingPaused:
                 self._readingPaused = True
@@ -849,7 +919,13 @@ class POP3Server(Protocol):
         self._closeConnection()
 
     def _ebLogin(self, reason: Failure, user: str) -> None:
-        if self._disconnected:
+        if self._ended():
+            # Nobody to answer, but a guess from a client that hung up
+            # without waiting for the reply still counts for fail2ban.
+            if reason.check(LoginFailed):
+                events.loginFailed(self.log, "pop3", user, self.peer)
+            elif not reason.check(TemporaryFailure):
+                self.log.failure("authentication backend failed", reason)
             return
         if reason.check(LoginFailed):
             self._authFailed(user)
@@ -880,7 +956,7 @@ class POP3Server(Protocol):
     def _cbLoggedIn(self, result, user: str):
         interface, avatar, logout = result
         self._logout = logout
-        if self._disconnected:
+        if self._ended():
             self._callLogout()
             return None
         self._avatar = avatar
@@ -892,7 +968,7 @@ class POP3Server(Protocol):
     def _ebMaildrop(self, reason: Failure) -> None:
         self._avatar = None
         self._callLogout()
-        if self._disconnected:
+        if self._ended():
             return
         if reason.check(MaildropLocked):
             self.log.info(
@@ -908,13 +984,20 @@ class POP3Server(Protocol):
                 error=str(reason.value),
             )
             self._reply(ERR_MAILDROP_TEMP)
+        elif reason.check(PermanentFailure):
+            self.log.warn(
+                "maildrop refused: rhost={peer} error={error}",
+                peer=self.peer,
+                error=str(reason.value),
+            )
+            self._reply(ERR_MAILDROP_PERM)
         else:
             self.log.failure("opening maildrop failed", reason)
             self._reply(ERR_MAILDROP_TEMP)
         self._doneBusy()
 
     def _cbMaildrop(self, maildrop) -> None:
-        if self._disconnected:
+        if self._ended():
             try:
                 maildrop.release()
             except Exception:
@@ -930,6 +1013,13 @@ class POP3Server(Protocol):
         self._reply("+OK Logged in.")
         events.loginSucceeded(self.log, "pop3", self._avatarName(), self.peer, self.secure)
         self._doneBusy()
+
+    def _ended(self) -> bool:
+        """
+        @return: whether the session is closed or closing, so that a login
+            finishing now must only release what it got.
+        """
+        return self._closing or self._disconnected
 
     def _avatarName(self) -> str:
         address = getattr(self._avatar, "address", None)
@@ -1045,7 +1135,7 @@ class POP3Server(Protocol):
             onProgress=self._resetTimeout,
         )
         self._sender = sender
-        sender.start()
+        sender.start(paused=self._output.paused)
 
     def _sent(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
         if failure is None:
@@ -1075,6 +1165,7 @@ class POP3Server(Protocol):
         _noArguments(rest)
         self.state = _UPDATE
         self._committing = True
+        self._cancelTimeout()
         self._setBusy()
         deleted = sorted(self._deleted)
         maildrop, self._maildrop = self._maildrop, None

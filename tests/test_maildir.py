@@ -17,6 +17,7 @@ import sys
 import tracemalloc
 
 from twisted.internet import defer
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -1002,6 +1003,56 @@ class ForeignFileTests(MaildirTestsMixin, SynchronousTestCase):
         self.assertEqual([m.uid for m in drop.messages], ["nodate", "9.z", "10.a", "10.b", "100.a"])
         drop.release()
 
+    def test_unreadableFileSkipped(self) -> None:
+        """
+        A foreign file that cannot be read (permissions, I/O error) is left
+        out of the snapshot with a warning instead of making every login
+        fail; the other messages are served and the file stays untouched.
+        """
+        self.openDrop().release()
+        for name in ("1600000000.good", "1600000001.unreadable", "1600000002.broken"):
+            with open(self.path(ALICE, "new", name), "wb") as f:
+                f.write(name.encode("ascii") + b"\n")
+        bad = self.path(ALICE, "new", "1600000001.unreadable")
+        measure = maildir._measureFile
+        errors = {"1600000001.unreadable": errno.EACCES, "1600000002.broken": errno.EIO}
+
+        def failing(path):
+            code = errors.get(os.path.basename(path))
+            if code is not None:
+                raise OSError(code, os.strerror(code), path)
+            return measure(path)
+
+        self.patch(maildir, "_measureFile", failing)
+        logged: list = []
+        self.patch(maildir, "_log", Logger(observer=logged.append))
+        drop = self.openDrop()
+        self.assertEqual([m.uid for m in drop.messages], ["1600000000.good"])
+        self.assertEqual(self.read(drop, 0), b"1600000000.good\r\n")
+        drop.commit([0])
+        self.assertTrue(os.path.exists(bad))
+        self.assertEqual(
+            sorted(formatEvent(e) for e in logged),
+            [
+                "Skipping unreadable message 1600000001.unreadable: Permission denied",
+                "Skipping unreadable message 1600000002.broken: Input/output error",
+            ],
+        )
+
+    def test_snapshotResourceErrorFails(self) -> None:
+        """
+        Running out of file descriptors while measuring a file is a
+        temporary failure of the whole login, not a silently shorter
+        maildrop.
+        """
+        self.putFile(ALICE, "new", "1600000000.x", b"x\n")
+
+        def failing(path):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+
+        self.patch(maildir, "_measureFile", failing)
+        self.failureResultOf(self.store.openMaildrop(ALICE), TemporaryFailure)
+
     def test_sameKeyInNewAndCur(self) -> None:
         """
         A unique name present in both C{new/} and C{cur/} is listed once.
@@ -1255,6 +1306,22 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         self.reactor.runQueued()
         self.successResultOf(d)
         self.assertEqual(self.stored(), [])
+        d = self.store.openMaildrop(ALICE)
+        self.reactor.runQueued()
+        self.successResultOf(d).release()
+
+
+    def test_commitNothingNoThread(self) -> None:
+        """
+        A commit with nothing to delete (the usual QUIT) releases the lock
+        at once, without a trip through the pool.
+        """
+        d = self.store.openMaildrop(ALICE)
+        self.reactor.runQueued()
+        drop = self.successResultOf(d)
+        del self.pool.calls[:]
+        self.assertIsNone(drop.commit([]))
+        self.assertEqual(self.pool.calls, [])
         d = self.store.openMaildrop(ALICE)
         self.reactor.runQueued()
         self.successResultOf(d).release()

@@ -10,6 +10,7 @@ import io
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
@@ -27,8 +28,8 @@ from zope.interface import implementer
 
 import twisted.test
 from pop3gw.address import Address
-from pop3gw.interfaces import IPOP3Avatar, TemporaryFailure
-from pop3gw.pop3 import READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
+from pop3gw.interfaces import IPOP3Avatar, PermanentFailure, TemporaryFailure
+from pop3gw.pop3 import MAX_PENDING_INPUT, READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
 from pop3gw.testing import FakeMaildropStore, FakePOP3Avatar
 
 ALICE = Address("alice", "example.org")
@@ -153,9 +154,11 @@ class _SecureTransport(StringTransport):
 
 class _PausingTransport(StringTransport):
     """
-    A L{StringTransport} that, like a TCP transport whose buffer is full,
-    pauses a streaming producer after each write.
+    A L{StringTransport} that, once C{pausing} is set, pauses its streaming
+    producer after each write, like a TCP transport whose buffer is full.
     """
+
+    pausing = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -164,7 +167,7 @@ class _PausingTransport(StringTransport):
     def write(self, data: bytes) -> None:
         super().write(data)
         self.writes.append(data)
-        if self.producer is not None and self.streaming:
+        if self.pausing and self.producer is not None and self.streaming:
             self.producer.pauseProducing()
 
 
@@ -224,6 +227,8 @@ class _Harness(SynchronousTestCase):
     def login(self, **kwargs):
         self.connect(**kwargs)
         self.assertEqual(self.send(b"USER alice@example.org\r\nPASS secret\r\n"), LOGGED_IN)
+        if isinstance(self.transport, _PausingTransport):
+            self.transport.pausing = True
         return self.store.opened[-1]
 
     def logLines(self) -> list:
@@ -234,12 +239,13 @@ class _Harness(SynchronousTestCase):
 
     def drain(self) -> int:
         """
-        Resume the registered producer until it unregisters.
+        Resume the registered producer until the transport is no longer
+        paused (all output written).
 
         @return: how many times it was resumed.
         """
         count = 0
-        while self.transport.producer is not None:
+        while self.transport.producer is not None and self.proto._output.paused:
             self.transport.producer.resumeProducing()
             count += 1
             self.assertLess(count, 10000)
@@ -461,6 +467,20 @@ class UserPassTests(_Harness):
         self.assertEqual(out, b"+OK Send PASS.\r\n-ERR [SYS/TEMP] Mailbox temporarily unavailable.\r\n")
         self.assertEqual(self.realm.logouts, 1)
 
+    def test_maildropPermanentFailure(self) -> None:
+        """
+        A L{PermanentFailure} opening the maildrop gives RFC 3206's
+        C{[SYS/PERM]} without its text, is logged as a warning (not as a
+        server fault) and logs out.
+        """
+        self.realm.openFailure = PermanentFailure("secret detail")
+        self.connect()
+        out = self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.assertEqual(out, b"+OK Send PASS.\r\n-ERR [SYS/PERM] Mailbox unavailable.\r\n")
+        self.assertEqual(self.realm.logouts, 1)
+        self.assertEqual(self.failures(), [])
+        self.assertIn("maildrop refused: rhost=192.0.2.7 error=secret detail", self.logLines())
+
     def test_maildropUnexpectedError(self) -> None:
         """
         An unexpected error opening the maildrop is logged as a failure and
@@ -515,6 +535,70 @@ class UserPassTests(_Harness):
         checker.pending[0][1].callback(b"alice@example.org")
         self.assertEqual(self.realm.logouts, 1)
         self.assertEqual(self.store.locked, set())
+
+
+    def test_bugAfterMaildropOpenedReleasesIt(self) -> None:
+        """
+        An unexpected error while taking over a freshly opened maildrop is
+        answered with C{[SYS/TEMP]} and closes the session, and the maildrop
+        is released when the connection goes, so its lock is not held for
+        ever.
+        """
+
+        class Broken:
+            def __iter__(self):
+                raise RuntimeError("bug")
+
+        def breakIt(maildrop):
+            maildrop.messages = Broken()
+            return maildrop
+
+        openMaildrop = self.store.openMaildrop
+        self.store.openMaildrop = lambda address: openMaildrop(address).addCallback(breakIt)
+        self.connect()
+        out = self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.assertEqual(out, b"+OK Send PASS.\r\n-ERR [SYS/TEMP] Internal error.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(self.store.locked, set())
+        self.assertEqual(self.realm.logouts, 1)
+        self.assertEqual([f.type for f in self.failures()], [RuntimeError])
+
+    def test_failedLoginLoggedAfterHangUp(self) -> None:
+        """
+        A client that hangs up right after PASS, before the (delayed)
+        failure comes back, still gets its failed attempt logged for
+        fail2ban.
+        """
+        checker = _DeferredChecker()
+        self.connect(portal=Portal(self.realm, [checker]))
+        self.send(b"USER alice@example.org\r\nPASS guess\r\n")
+        self.proto.connectionLost(Failure(ConnectionError()))
+        checker.pending[0][1].errback(UnauthorizedLogin())
+        self.assertIn(
+            'authentication failed: service=pop3 rhost=192.0.2.7 user="alice@example.org" reason="bad credentials"',
+            self.logLines(),
+        )
+
+    def test_closedDuringLogin(self) -> None:
+        """
+        If the session is closed (idle timeout) while the login is in
+        flight, a login that succeeds afterwards sends nothing more, logs
+        no login, releases the maildrop and logs the avatar out.
+        """
+        checker = _DeferredChecker()
+        self.connect(portal=Portal(self.realm, [checker]))
+        self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.transport.clear()
+        self.clock.advance(600)
+        self.assertEqual(self.transport.value(), b"-ERR Idle timeout, closing connection.\r\n")
+        checker.pending[0][1].callback(b"alice@example.org")
+        self.assertEqual(self.transport.value(), b"-ERR Idle timeout, closing connection.\r\n")
+        self.assertEqual(self.store.locked, set())
+        self.assertEqual(self.realm.logouts, 1)
+        self.assertFalse(any(line.startswith("login:") for line in self.logLines()))
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(self.realm.logouts, 1)
 
 
 class SASLTests(_Harness):
@@ -874,6 +958,22 @@ class TransactionTests(_Harness):
         d.callback(None)
         self.assertEqual(self.transport.value(), b"+OK pop3gw signing off.\r\n")
 
+    def test_noIdleTimeoutDuringCommit(self) -> None:
+        """
+        A slow commit after QUIT is not an idle client: no timeout line is
+        sent before the QUIT reply.
+        """
+        maildrop = self.login()
+        d = defer.Deferred()
+        maildrop.commit = lambda deleted: d
+        self.send(b"QUIT\r\n")
+        self.clock.advance(300)
+        self.send(b"NOOP\r\n")
+        self.clock.advance(600)
+        self.assertEqual(self.transport.value(), b"")
+        d.callback(None)
+        self.assertEqual(self.transport.value(), b"+OK pop3gw signing off.\r\n")
+
     def test_quitCommitFails(self) -> None:
         """
         A commit failing with L{TemporaryFailure} gives RFC 1939's C{-ERR}
@@ -971,9 +1071,11 @@ class StreamingTests(_Harness):
         self.transport.clear()
         del self.transport.writes[:]
         self.proto.dataReceived(b"RETR 1\r\nNOOP\r\n")
+        self.assertEqual(self.transport.writes, [b"+OK 202000 octets\r\n"])
+        self.transport.producer.resumeProducing()
         self.assertEqual(self.transport.writes, [b"+OK 202000 octets\r\n", body[:READ_CHUNK_SIZE]])
         resumes = self.drain()
-        self.assertEqual(resumes, 4)
+        self.assertEqual(resumes, 6)
         self.assertEqual(
             [len(w) for w in self.transport.writes],
             [19, READ_CHUNK_SIZE, READ_CHUNK_SIZE, READ_CHUNK_SIZE, 202000 - 3 * READ_CHUNK_SIZE, 3, 5],
@@ -1059,6 +1161,78 @@ class StreamingTests(_Harness):
                     break
             self.assertEqual(out, expected)
             self.assertTrue(top.done)
+
+
+class OutputFlowTests(_Harness):
+    def test_unreadRepliesStopAnswering(self) -> None:
+        """
+        While the transport's write buffer is full (the client is not
+        reading), pipelined commands are not answered; each resume lets the
+        next one through.
+        """
+        self.connect(transport=_PausingTransport(peerAddress=PEER))
+        self.transport.pausing = True
+        self.transport.clear()
+        self.proto.dataReceived(b"CAPA\r\n" * 3)
+        self.assertEqual(self.transport.value(), CAPA_PLAINTEXT)
+        self.transport.producer.resumeProducing()
+        self.assertEqual(self.transport.value(), CAPA_PLAINTEXT * 2)
+        self.drain()
+        self.assertEqual(self.transport.value(), CAPA_PLAINTEXT * 3)
+
+    def test_unreadRepliesStopReading(self) -> None:
+        """
+        A client that keeps sending commands without reading the replies
+        makes the server stop reading once L{MAX_PENDING_INPUT} octets
+        wait, instead of buffering ever more replies; reading resumes once
+        the replies are out.
+        """
+        self.login(transport=_PausingTransport(peerAddress=PEER))
+        self.transport.clear()
+        count = MAX_PENDING_INPUT // len(b"LIST 1\r\n") + 1
+        self.proto.dataReceived(b"LIST 1\r\n" * count)
+        reply = b"+OK 1 %d\r\n" % (len(MSG1),)
+        self.assertEqual(self.transport.value(), reply)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.drain()
+        self.assertEqual(self.transport.value(), reply * count)
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_idleTimeoutStalledClient(self) -> None:
+        """
+        A client that stopped reading is cut off at the idle timeout
+        without another reply line: the connection is aborted, since a
+        graceful close would wait for ever for the unread output.
+        """
+        self.connect(transport=_PausingTransport(peerAddress=PEER))
+        self.transport.pausing = True
+        self.transport.clear()
+        self.proto.dataReceived(b"CAPA\r\nCAPA\r\n")
+        self.clock.advance(600)
+        self.assertEqual(self.transport.value(), CAPA_PLAINTEXT)
+        self.assertTrue(self.transport.disconnected)
+        self.assertIsNone(self.transport.producer)
+
+    def test_quitClosesTLS(self) -> None:
+        """
+        Under TLS, QUIT shuts the connection down: the output producer is
+        unregistered first, since a TLS layer with a producer registered
+        waits for it before closing.
+        """
+        clock = MemoryReactorClock()
+        factory = POP3Factory(self.portal, tlsOnly, self.clock)
+        serverFactory = TLSMemoryBIOFactory(_serverOptions(), False, factory, clock=clock)
+        clientFactory = TLSMemoryBIOFactory(CertificateOptions(), True, None, clock=clock)
+        received = _Client(secure=True)
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: serverFactory.buildProtocol(PEER),
+            lambda: TLSMemoryBIOProtocol(clientFactory, received),
+            clock=clock,
+        )
+        client.write(b"QUIT\r\n")
+        pump.flush()
+        self.assertEqual(received.tlsLines, [b"+OK pop3gw ready.", b"+OK pop3gw signing off."])
+        self.assertTrue(server.transport.disconnecting)
 
 
 class RobustnessTests(_Harness):
