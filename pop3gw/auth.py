@@ -33,6 +33,7 @@ from pop3gw.interfaces import (
     IMaildropStore,
     IMailRouter,
     IPOP3Avatar,
+    LookupWouldBlock,
     ISubmissionAvatar,
     IUserDatabase,
     Pop3gwError,
@@ -191,9 +192,23 @@ class PasswordChecker:
             address: Optional[Address] = Address.parse(username)
         except AddressError:
             address = None
+        if address is not None and self._cachedLogin(address, password, start):
+            return defer.succeed(str(address))
         d = deferToThreadPool(self._reactor, self._threadpool, self._check, address, password, start)
         d.addCallbacks(self._cbChecked, self._ebServerFault, callbackArgs=(start,))
         return d
+
+    def _cachedLogin(self, address: Address, password: bytes, now: float) -> bool:
+        """
+        Whether the credentials are confirmed by the cache, decided on the
+        reactor thread when the users database has the stored hash at hand
+        (no thread hop for a client that logs in every minute).
+        """
+        try:
+            stored = self._users.peekPasswordHash(address)
+        except LookupWouldBlock:
+            return False
+        return stored is not None and self.cache.hit(self.cache.key(address, password), stored, now)
 
     def _check(self, address: Optional[Address], password: bytes, now: float) -> Optional[str]:
         """

@@ -29,6 +29,13 @@ class UnknownUser(Pop3gwError):
     """
 
 
+class LookupWouldBlock(Pop3gwError):
+    """
+    L{IUserDatabase.peekPasswordHash}: the answer is not at hand without
+    blocking I/O (ask L{IUserDatabase.passwordHash} from a thread).
+    """
+
+
 class UserExists(Pop3gwError):
     """
     C{user add} for an address that already has an entry.
@@ -80,6 +87,16 @@ class IUserDatabase(Interface):
         @return: the stored hash as C{"{SCHEME}..."} text, or L{None} if the
             user does not exist.  Reflects changes made by the C{pop3gw user}
             command without a restart.
+        """
+
+    def peekPasswordHash(address):
+        """
+        The same answer as L{passwordHash}, but only if it is at hand without
+        blocking (in memory); the credentials checker uses it to confirm a
+        cached login on the reactor thread, with no thread hop.
+
+        @raise LookupWouldBlock: finding out would block (a database
+            backend may always raise this).
         """
 
     def exists(address):

@@ -27,6 +27,7 @@ from pop3gw.interfaces import (
     IPOP3Avatar,
     ISubmissionAvatar,
     IUserDatabase,
+    LookupWouldBlock,
     MaildropLocked,
     TemporaryFailure,
     UnknownUser,
@@ -44,8 +45,15 @@ class FakeUserDatabase:
         self.users: dict[Address, str] = dict(users or {})
         self.aliases: dict[Address, Address] = dict(aliases or {})
         self.reloads = 0
+        # Behave like a database backend whose lookups always block.
+        self.blocking = False
 
     def passwordHash(self, address: Address) -> Optional[str]:
+        return self.users.get(address)
+
+    def peekPasswordHash(self, address: Address) -> Optional[str]:
+        if self.blocking:
+            raise LookupWouldBlock(str(address))
         return self.users.get(address)
 
     def exists(self, address: Address) -> bool:

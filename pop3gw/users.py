@@ -596,6 +596,14 @@ class UsersFile:
         """
         return self._refresh().users.get(address)
 
+    def peekPasswordHash(self, address: Address) -> Optional[str]:
+        """
+        See L{IUserDatabase.peekPasswordHash}: the file is held in memory and
+        re-read only when a C{stat} shows it changed, which is cheap enough
+        for the reactor thread.
+        """
+        return self.passwordHash(address)
+
     def exists(self, address: Address) -> bool:
         """
         See L{IUserDatabase.exists}.

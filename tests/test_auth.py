@@ -320,6 +320,32 @@ class PasswordCheckerTests(SynchronousTestCase):
         self.successResultOf(self.checker.requestAvatarId(creds))
         self.assertEqual(len(self.verifier.calls), 1)
 
+    def test_cacheHitNeedsNoThread(self) -> None:
+        """
+        A cached login is confirmed on the reactor thread when the users
+        database has the stored hash at hand: no thread pool work at all.
+        """
+        creds = UsernamePassword("alice@example.org", "password")
+        self.successResultOf(self.checker.requestAvatarId(creds))
+        self.assertEqual(self.pool.calls, 1)
+        self.assertEqual(self.successResultOf(self.checker.requestAvatarId(creds)), "alice@example.org")
+        self.assertEqual(self.pool.calls, 1)
+
+    def test_cacheWithBlockingDatabase(self) -> None:
+        """
+        With a users database whose lookups would block
+        (L{LookupWouldBlock}), even a cached login is confirmed in the
+        thread pool, still without verifying the hash again.
+        """
+        users = FakeUserDatabase({Address("alice", "example.org"): HASH_PASSWORD})
+        users.blocking = True
+        checker = self.makeChecker(users)
+        creds = UsernamePassword("alice@example.org", "password")
+        self.successResultOf(checker.requestAvatarId(creds))
+        self.successResultOf(checker.requestAvatarId(creds))
+        self.assertEqual(self.pool.calls, 2)
+        self.assertEqual(len(self.verifier.calls), 1)
+
     def test_cacheNotUsedForOtherPasswords(self) -> None:
         """
         A cached login does not let a different password in, and failures
