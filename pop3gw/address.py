@@ -138,13 +138,35 @@ def parseDomain(text: str) -> str:
     return Address.parse("x@" + text).domain
 
 
+#: How a peer connected over a Unix socket is named in logs and policies.
+UNIX_PEER = "unix"
+
+
+def describePeer(peer) -> str:
+    """
+    The text naming a connection's peer (from C{transport.getPeer()}) in
+    logs and policies: the numeric address for TCP, L{UNIX_PEER} for a Unix
+    socket, C{"unknown"} otherwise.
+    """
+    host = getattr(peer, "host", None)
+    if host:
+        return str(host)
+    if type(peer).__name__ == "UNIXAddress":
+        return UNIX_PEER
+    return "unknown"
+
+
 def isLoopback(host: str) -> bool:
     """
-    Whether C{host} (a numeric peer address) is loopback: 127.0.0.0/8,
-    C{::1}, or an IPv4-mapped loopback C{::ffff:127.x.y.z}.
+    Whether C{host} (a numeric peer address, or L{UNIX_PEER}) is on this
+    machine: 127.0.0.0/8, C{::1}, an IPv4-mapped loopback
+    C{::ffff:127.x.y.z}, or a Unix socket (only local processes can use
+    one).
     """
     import ipaddress
 
+    if host == UNIX_PEER:
+        return True
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3gw import events
+from pop3gw.address import describePeer
 from pop3gw.interfaces import IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
 
 #: Longest command line accepted, terminator included (RFC 2449 section 4).
@@ -448,10 +449,9 @@ class POP3Server(Protocol):
 
     def _peerHost(self) -> str:
         try:
-            host = getattr(self.transport.getPeer(), "host", None)
+            return describePeer(self.transport.getPeer())
         except Exception:
-            host = None
-        return str(host) if host else "unknown"
+            return "unknown"
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._disconnected:

@@ -91,7 +91,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3gw import events
-from pop3gw.address import Address, AddressError
+from pop3gw.address import Address, AddressError, describePeer
 from pop3gw.interfaces import (
     IDelivery,
     ISubmissionAvatar,
@@ -597,7 +597,7 @@ class SubmissionServer(Protocol):
         """
         self._connected = True
         self._secure = ISSLTransport.providedBy(self.transport)
-        self._peer = str(getattr(self.transport.getPeer(), "host", "unknown"))
+        self._peer = describePeer(self.transport.getPeer())
         self._timer = self.factory.clock.callLater(self.factory.idleTimeout, self._timedOut)
         self._send(Reply(220, f"{self.factory.hostname} ESMTP ready"))
 

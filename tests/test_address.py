@@ -272,6 +272,24 @@ class IsLoopbackTests(SynchronousTestCase):
         """
         Other addresses, names and garbage are not loopback.
         """
-        for host in ("10.0.0.1", "128.0.0.1", "::", "::2", "::ffff:10.0.0.1", "fe80::1%lo", "localhost", "", "unix"):
+        for host in ("10.0.0.1", "128.0.0.1", "::", "::2", "::ffff:10.0.0.1", "fe80::1%lo", "localhost", ""):
             with self.subTest(host=host):
                 self.assertFalse(isLoopback(host))
+
+
+class PeerTests(SynchronousTestCase):
+    def test_describePeer(self) -> None:
+        """
+        TCP peers are named by their numeric address; a Unix-socket peer is
+        C{unix} and counts as local for the plaintext-auth policy.
+        """
+        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+        from pop3gw.address import UNIX_PEER, describePeer
+
+        self.assertEqual(describePeer(IPv4Address("TCP", "192.0.2.1", 1)), "192.0.2.1")
+        self.assertEqual(describePeer(IPv6Address("TCP", "::1", 1)), "::1")
+        self.assertEqual(describePeer(UNIXAddress(None)), UNIX_PEER)
+        self.assertEqual(describePeer(object()), "unknown")
+        self.assertTrue(isLoopback(UNIX_PEER))
+        self.assertFalse(isLoopback("unknown"))
