@@ -367,18 +367,9 @@ class _MessageSender:
 
 class POP3Server(Protocol):
     """
-    One POP3 session.
-
-    @param portal: a L{twisted.cred.portal.Portal} giving L{IPOP3Avatar}s
-        for L{UsernamePassword} credentials (full C{user@domain} names).
-    @param plaintextAllowed: C{(secure, peerHost) -> bool}: whether
-        USER/PASS and AUTH PLAIN may be used on this connection now.
-    @param clock: the L{IReactorTime} for the idle timeout.
-    @param tlsContextFactory: given to C{transport.startTLS} for STLS, or
-        L{None} to not offer STLS.
-    @param idleTimeout: seconds of silence before closing, or L{None}.
-    @param hostname: named in the goodbye line.
-    @param implementation: named in the greeting and CAPA.
+    One POP3 session.  Its settings (portal, plaintext policy, clock, STLS
+    context, idle timeout, names) are those of its L{POP3Factory}, read
+    through C{self.factory}.
 
     @ivar state: C{"AUTHORIZATION"}, C{"TRANSACTION"} or C{"UPDATE"}.
     @ivar secure: whether TLS is active (implicit TLS or after STLS).
@@ -387,24 +378,8 @@ class POP3Server(Protocol):
 
     log = Logger()
 
-    def __init__(
-        self,
-        portal,
-        plaintextAllowed: Callable[[bool, str], bool],
-        clock: IReactorTime,
-        tlsContextFactory=None,
-        idleTimeout: Optional[float] = IDLE_TIMEOUT,
-        hostname: str = "pop3gw",
-        implementation: str = "pop3gw",
-    ) -> None:
-        self.portal = portal
-        self.plaintextAllowed = plaintextAllowed
-        self.clock = clock
-        self.tlsContextFactory = tlsContextFactory
-        self.idleTimeout = idleTimeout
-        self.hostname = hostname
-        self.implementation = implementation
-
+    def __init__(self, factory: "POP3Factory") -> None:
+        self.factory = factory
         self.state = _AUTHORIZATION
         self.secure = False
         self.peer = "unknown"
@@ -445,7 +420,7 @@ class POP3Server(Protocol):
         self.transport.registerProducer(self._output, True)
         self._outputRegistered = True
         self._resetTimeout()
-        self._reply(GREETING.format(implementation=self.implementation))
+        self._reply(GREETING.format(implementation=self.factory.implementation))
 
     def _peerHost(self) -> str:
         try:
@@ -543,12 +518,12 @@ class POP3Server(Protocol):
     # --- Idle timeout -----------------------------------------------------
 
     def _resetTimeout(self) -> None:
-        if not self.idleTimeout or self._closing or self._disconnected or self.state == _UPDATE:
+        if not self.factory.idleTimeout or self._closing or self._disconnected or self.state == _UPDATE:
             return
         if self._timeoutCall is not None and self._timeoutCall.active():
-            self._timeoutCall.reset(self.idleTimeout)
+            self._timeoutCall.reset(self.factory.idleTimeout)
         else:
-            self._timeoutCall = self.clock.callLater(self.idleTimeout, self._timedOut)
+            self._timeoutCall = self.factory.clock.callLater(self.factory.idleTimeout, self._timedOut)
 
     def _cancelTimeout(self) -> None:
         call, self._timeoutCall = self._timeoutCall, None
@@ -740,11 +715,11 @@ class POP3Server(Protocol):
     # --- Policy -------------------------------------------------------------
 
     def _plaintextAllowed(self) -> bool:
-        return bool(self.plaintextAllowed(self.secure, self.peer))
+        return bool(self.factory.plaintextAllowed(self.secure, self.peer))
 
     def _stlsOffered(self) -> bool:
         return (
-            self.tlsContextFactory is not None
+            self.factory.tlsContextFactory is not None
             and not self.secure
             and self.state == _AUTHORIZATION
             and ITLSTransport.providedBy(self.transport)
@@ -773,13 +748,13 @@ class POP3Server(Protocol):
                 caps.append("SASL PLAIN")
             if self._stlsOffered():
                 caps.append("STLS")
-        caps.append(f"IMPLEMENTATION {self.implementation}")
+        caps.append(f"IMPLEMENTATION {self.factory.implementation}")
         self._replyMultiline("+OK Capability list follows.", caps)
 
     # --- AUTHORIZATION --------------------------------------------------------
 
     def do_QUIT_authorization(self, rest: str) -> None:
-        self._reply(GOODBYE.format(hostname=self.hostname))
+        self._reply(GOODBYE.format(hostname=self.factory.hostname))
         self._closeConnection()
 
     def do_USER(self, rest: str) -> None:
@@ -883,7 +858,7 @@ class POP3Server(Protocol):
         self._buffer.clear()
         self._discarding = False
         try:
-            self.transport.startTLS(self.tlsContextFactory)
+            self.transport.startTLS(self.factory.tlsContextFactory)
         except Exception:
             self.log.failure("starting TLS failed")
             self._closeConnection()
@@ -902,7 +877,7 @@ class POP3Server(Protocol):
         """
         self._setBusy()
         creds = UsernamePassword(user.encode("utf-8"), password)
-        d = defer.maybeDeferred(self.portal.login, creds, None, IPOP3Avatar)
+        d = defer.maybeDeferred(self.factory.portal.login, creds, None, IPOP3Avatar)
         d.addCallbacks(self._cbLoggedIn, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
         d.addErrback(self._ebInternal)
 
@@ -1177,7 +1152,7 @@ class POP3Server(Protocol):
         self._committing = False
         self._logSessionEnd(deleted=deleted)
         self._callLogout()
-        self._reply(GOODBYE.format(hostname=self.hostname))
+        self._reply(GOODBYE.format(hostname=self.factory.hostname))
         self._closeConnection()
 
     def _ebCommit(self, reason: Failure) -> None:
@@ -1269,14 +1244,4 @@ class POP3Factory(ServerFactory):
         self.implementation = implementation
 
     def buildProtocol(self, addr) -> POP3Server:
-        p = self.protocol(
-            self.portal,
-            self.plaintextAllowed,
-            self.clock,
-            tlsContextFactory=self.tlsContextFactory,
-            idleTimeout=self.idleTimeout,
-            hostname=self.hostname,
-            implementation=self.implementation,
-        )
-        p.factory = self
-        return p
+        return self.protocol(self)
