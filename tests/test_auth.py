@@ -6,7 +6,6 @@ plaintext policy, the realm and its avatars.
 from __future__ import annotations
 
 import os
-import shutil
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
@@ -32,6 +31,7 @@ from pop3gw.auth import (
 from pop3gw.interfaces import IPOP3Avatar, ISubmissionAvatar, TemporaryFailure, UnknownUser
 from pop3gw.testing import FakeMaildropStore, FakeRouter, FakeUserDatabase
 from pop3gw.users import UsersFile, verifyPassword
+from tests.util import makeTempDirectory
 
 ALICE = Address("alice", "example.org")
 BOB = Address("bob", "example.org")
@@ -44,27 +44,6 @@ HASH_PASSWORD = (
 )
 HASH_HUNTER2 = "{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuoXuKqgZXLiJqzfmMXDDhSFPIvxV7t8."
 DUMMY = "{TEST}dummy"
-
-
-def makeTempDirectory(testCase: SynchronousTestCase) -> str:
-    """
-    Make an empty directory with C{testCase.mktemp()} and remove it, and the
-    per-test parents C{mktemp} made, when the test ends (under pytest
-    C{mktemp} works in the current directory, not in C{_trial_temp}).
-    """
-    path = testCase.mktemp()
-    os.mkdir(path)
-    unique = os.path.dirname(path)
-
-    def clean() -> None:
-        shutil.rmtree(unique, ignore_errors=True)
-        try:
-            os.removedirs(os.path.dirname(unique))
-        except OSError:
-            pass
-
-    testCase.addCleanup(clean)
-    return path
 
 
 class ThreadlessReactor(MemoryReactorClock):

@@ -14,7 +14,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.e2e import Pop3gwProcess, pop3gwCommand, requireProgram, twistdCommand
+from tests.e2e import Pop3gwProcess, requireProgram, twistdCommand
 
 ALICE = "alice@example.org"
 PASSWORD = "correct horse battery"

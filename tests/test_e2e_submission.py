@@ -13,7 +13,6 @@ import smtplib
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 
 from twisted.trial.unittest import SynchronousTestCase

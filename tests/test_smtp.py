@@ -1619,7 +1619,6 @@ class StartTLSTests(SessionMixin, SynchronousTestCase):
         factory's context to the transport and the new session is secure:
         the policy is asked with C{secure=True} and AUTH is offered.
         """
-        from twisted.internet.protocol import Protocol
         from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 
         class Context:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import stat
 
 from twisted.logger import Logger, formatEvent
@@ -17,6 +16,7 @@ from pop3gw import users
 from pop3gw.address import Address
 from pop3gw.interfaces import IUserDatabase, TemporaryFailure, UnknownUser, UserExists
 from pop3gw.users import UsersFile, hashPassword, sha512Crypt, verifyPassword
+from tests.util import makeTempDirectory
 
 ALICE = Address("alice", "example.org")
 BOB = Address("bob", "example.org")
@@ -58,27 +58,6 @@ ARGON2ID = "$argon2id$v=19$m=1024,t=1,p=4$wbTEbHydu7HcZaNwzkiVHA$7CrNG+vZe1flSHc
 
 HASH_A = "{SHA512-CRYPT}" + SHA512_VECTORS[3][3]  # password
 HASH_B = "{BLF-CRYPT}" + BCRYPT_2Y  # hunter2
-
-
-def makeTempDirectory(testCase: SynchronousTestCase) -> str:
-    """
-    Make an empty directory with C{testCase.mktemp()} and remove it, and the
-    per-test parents C{mktemp} made, when the test ends (under pytest
-    C{mktemp} works in the current directory, not in C{_trial_temp}).
-    """
-    path = testCase.mktemp()
-    os.mkdir(path)
-    unique = os.path.dirname(path)
-
-    def clean() -> None:
-        shutil.rmtree(unique, ignore_errors=True)
-        try:
-            os.removedirs(os.path.dirname(unique))
-        except OSError:
-            pass
-
-    testCase.addCleanup(clean)
-    return path
 
 
 class Sha512CryptTests(SynchronousTestCase):
