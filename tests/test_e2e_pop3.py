@@ -201,6 +201,24 @@ class DefaultsTests(SynchronousTestCase):
         self.assertTrue(os.path.isdir(os.path.join(cwd, "pop3gw-data")))
 
 
+class PluginTests(SynchronousTestCase):
+    def test_pluginListedWithContractOptions(self) -> None:
+        """
+        The installed C{twistd} lists the C{pop3gw} plugin, and C{twistd
+        pop3gw --help} lists every option of the operator interface.
+        """
+        cwd = tempfile.mkdtemp(prefix="pop3gw-help-")
+        self.addCleanup(__import__("shutil").rmtree, cwd, True)
+        listing = subprocess.run(twistdCommand() + ["--help"], capture_output=True, timeout=60, cwd=cwd)
+        self.assertRegex(listing.stdout.decode(), r"\n\s+pop3gw\s+POP3")
+        helpText = subprocess.run(twistdCommand() + ["pop3gw", "--help"], capture_output=True, timeout=60, cwd=cwd)
+        self.assertEqual(helpText.returncode, 0, helpText.stderr)
+        for option in ("--config", "--data-dir", "--domain", "--pop3", "--pop3s", "--submission", "--submissions",
+                       "--mx", "--lmtp", "--tls-cert", "--tls-key", "--relay-host", "--plaintext-auth",
+                       "--max-message-size"):
+            self.assertIn(option + "=", helpText.stdout.decode())
+
+
 class CurlTests(ServerTestMixin, SynchronousTestCase):
     def test_curlRetrieves(self) -> None:
         """
