@@ -55,6 +55,7 @@ class Fail2banTests(SynchronousTestCase):
         out = result.stdout.decode("utf-8", "replace")
         self.assertEqual(result.returncode, 0, out + result.stderr.decode())
         self.assertRegex(out, r"Failregex: 2 total")
-        matched = [line for line in out.splitlines() if re.match(r"\|\s+\d{4}-\d\d-\d\dT", line)]
+        section = out.split("Matched line(s):", 1)[1].split("`-", 1)[0]
+        matched = [line for line in section.splitlines() if re.match(r"\|\s+\d{4}-\d\d-\d\dT", line)]
         self.assertEqual(len(matched), 2, out)
         self.assertTrue(all(re.search(r"rhost=127\.0\.0\.1 ", line) for line in matched))
