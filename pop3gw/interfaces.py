@@ -160,6 +160,12 @@ class IMessageInfo(Interface):
         "The UIDL value: 1 to 70 characters in 0x21..0x7E, unique in the "
         "maildrop, stable across sessions and restarts, never reused."
     )
+    seen = Attribute(
+        "Whether the message had been retrieved (RETR) in an earlier "
+        "session when the snapshot was taken: in a Maildir, whether its "
+        "':2,' info carries the 'S' flag.  POP3's LAST (RFC 1225) starts at "
+        "the highest message number that is seen."
+    )
 
 
 class IMaildrop(Interface):
@@ -180,20 +186,29 @@ class IMaildrop(Interface):
         @raise TemporaryFailure: the file vanished or cannot be read.
         """
 
-    def commit(deleted):
+    def commit(deleted, seen=()):
         """
         The POP3 UPDATE state: remove the messages whose indexes are in
-        C{deleted}, then release the lock.
+        C{deleted}, mark those in C{seen} (and not in C{deleted}) as seen
+        (retrieved, so L{IMessageInfo.seen} is true in later snapshots),
+        then release the lock.
 
+        Marking is best effort: a message that cannot be marked is logged
+        and never fails the commit (the deletions are what matter).
+
+        @param deleted: indexes of messages to remove.
+        @param seen: indexes of messages retrieved in this session.
         @return: L{None}, or a L{Deferred} that fires when done.
         @raise TemporaryFailure: some could not be removed (RFC 1939: the
             reply to QUIT is then -ERR); the lock is released anyway.
+        @raise IndexError: an index is out of range; nothing is removed or
+            marked and the lock is released.
         """
 
     def release():
         """
-        Release the lock without deleting anything (a dropped connection or
-        a timeout).  Idempotent.
+        Release the lock without deleting or marking anything (a dropped
+        connection or a timeout).  Idempotent.
         """
 
 

@@ -15,7 +15,10 @@ login costs one C{stat} per message, not a read.
 Deliveries go C{tmp} -> write -> C{fsync} -> link into each recipient's
 C{new} -> C{fsync} the directories; a message is acknowledged only once it
 survives a power cut.  C{DELE} only marks; L{MaildirMaildrop.commit} (the POP3
-UPDATE state) unlinks.
+UPDATE state) unlinks.  Like Dovecot, the commit also records which messages
+were retrieved: each gets the standard Maildir C{S} (seen) flag in its
+C{:2,} info (a file in C{new} moves to C{cur}), which never changes its UIDL,
+and POP3's C{LAST} starts from the seen flags in the next session.
 """
 
 from __future__ import annotations
@@ -71,6 +74,18 @@ UID_DIGEST_LENGTH = 40
 
 #: Hex digits of randomness in a unique name.
 UNIQUE_RANDOM_HEX = 16
+
+#: Most seen-flag renames a commit with nothing to delete does at once on
+#: the reactor thread (for a maildrop that was small enough to be
+#: snapshotted there); more go to the thread pool.
+QUICK_FLAG_RENAMES = 64
+
+#: What follows the C{:} of a Maildir name whose info is flags (info with
+#: "experimental semantics", C{:1,}, is left alone).
+_FLAGS_PREFIX = "2,"
+
+#: The Maildir flag of a message that has been read.
+_SEEN_FLAG = "S"
 
 #: Errors reading one message file that leave just that file out of a
 #: snapshot (anything else, such as running out of descriptors, fails it).
@@ -259,6 +274,36 @@ def parseName(name: str) -> _ParsedName:
     return _ParsedName(key, sizes.get("S"), sizes.get("W"), colon + info, renameable)
 
 
+def isSeenName(name: str) -> bool:
+    """
+    @return: whether the Maildir file name C{name} carries the C{S} flag.
+    """
+    _, _, info = name.partition(":")
+    return info.startswith(_FLAGS_PREFIX) and _SEEN_FLAG in info[len(_FLAGS_PREFIX) :]
+
+
+def seenName(name: str) -> Optional[str]:
+    """
+    The name of a Maildir file once flagged seen: C{S} added to the flags
+    of its C{:2,} info (kept in ASCII order, as Maildir requires), or
+    C{:2,S} appended if it has no info.  The part before the C{:} (hence the
+    UIDL) is unchanged.
+
+    @return: the new name, or L{None} if there is nothing to do (already
+        seen, or info of another kind).
+    """
+    base, colon, info = name.partition(":")
+    if not colon:
+        flags = ""
+    elif info.startswith(_FLAGS_PREFIX):
+        flags = info[len(_FLAGS_PREFIX) :]
+    else:
+        return None
+    if _SEEN_FLAG in flags:
+        return None
+    return base + ":" + _FLAGS_PREFIX + "".join(sorted(flags + _SEEN_FLAG))
+
+
 def uidForKey(key: str) -> str:
     """
     The UIDL value for a unique name: the name itself if it is 1 to 70
@@ -336,10 +381,12 @@ class MaildirMessageInfo:
 
     @ivar size: octets in wire form.
     @ivar uid: the UIDL value.
+    @ivar seen: whether the file name carried the C{S} flag.
     """
 
     size: int
     uid: str
+    seen: bool = False
 
 
 @attr.s(auto_attribs=True)
@@ -449,13 +496,19 @@ class MaildirMaildrop:
     @ivar messages: L{MaildirMessageInfo}s, oldest first.
     """
 
-    def __init__(self, path: str, lockFD: int, entries: list, run: Callable) -> None:
+    def __init__(self, path: str, lockFD: int, entries: list, run: Callable, quick: bool = False) -> None:
+        """
+        @param run: runs blocking work (see L{MaildirStore._run}).
+        @param quick: whether the snapshot was taken on the reactor thread
+            (the maildrop is small), so a few flag renames may be too.
+        """
         self.path = path
         self._lockFD: Optional[int] = lockFD
         self._entries = entries
         self._run = run
+        self._quick = quick
         self._state = "open"
-        self.messages = [MaildirMessageInfo(e.wireSize, uidForKey(e.key)) for e in entries]
+        self.messages = [MaildirMessageInfo(e.wireSize, uidForKey(e.key), isSeenName(e.name)) for e in entries]
 
     def _entry(self, index: int) -> _Entry:
         if not 0 <= index < len(self._entries):
@@ -510,33 +563,47 @@ class MaildirMaildrop:
             raise TemporaryFailure("message changed during the session")
         return io.BufferedReader(_WireReader(fd), READ_CHUNK)
 
-    def commit(self, deleted: Iterable[int]) -> Optional[defer.Deferred]:
+    def commit(self, deleted: Iterable[int], seen: Iterable[int] = ()) -> Optional[defer.Deferred]:
         """
-        Unlink the messages at indexes C{deleted}, C{fsync} their
-        directories and release the lock.  A file already gone counts as
-        deleted.
+        Unlink the messages at indexes C{deleted} and C{fsync} their
+        directories, then flag the other messages at indexes C{seen} with
+        C{S} (renames, not fsynced: flags are not worth a disk flush), and
+        release the lock.  A file already gone counts as deleted; a file
+        another tool renamed meanwhile is found again.  A flag that cannot
+        be set is logged and never fails the commit.
+
+        Deletions run in the thread pool.  With nothing to delete, a few
+        flag renames (at most L{QUICK_FLAG_RENAMES}, in a maildrop small
+        enough to be snapshotted on the reactor thread) are done at once.
 
         @return: L{None} when run synchronously (no thread pool, or nothing
-            to delete), else a L{Deferred} firing once done.
+            to delete and few flags), else a L{Deferred} firing once done.
         @raise TemporaryFailure: (or the Deferred fails with it) some could
             not be removed, or the maildrop was already released; the lock
             is released anyway.
+        @raise IndexError: an index is out of range; nothing is changed and
+            the lock is released.
         """
         if self._state != "open":
             raise TemporaryFailure("maildrop is not locked")
+        deleted = set(deleted)
         try:
-            entries = [self._entry(i) for i in sorted(set(deleted))]
+            entries = [self._entry(i) for i in sorted(deleted)]
+            flagged = [self._entry(i) for i in sorted(set(seen) - deleted)]
         except IndexError:
             self.release()
             raise
-        if not entries:
-            # Nothing to unlink or fsync: no thread hop just to unlock.
-            self._unlock()
+        if not entries and (not flagged or (self._quick and len(flagged) <= QUICK_FLAG_RENAMES)):
+            # Nothing to unlink or fsync: no thread hop for a few renames.
+            try:
+                self._markSeen(flagged)
+            finally:
+                self._unlock()
             return None
         self._state = "committing"
-        return self._run(self._doCommit, entries)
+        return self._run(self._doCommit, entries, flagged)
 
-    def _doCommit(self, entries: list) -> None:
+    def _doCommit(self, entries: list, flagged: list = ()) -> None:
         errors = []
         touched = set()
         try:
@@ -559,10 +626,59 @@ class MaildirMaildrop:
                     _fsyncDirectory(os.path.join(self.path, subdir))
                 except OSError as e:
                     errors.append(e)
+            self._markSeen(flagged)
         finally:
             self._unlock()
         if errors:
             raise TemporaryFailure(f"could not remove {len(errors)} message(s): {errors[0].strerror}")
+
+    def _markSeen(self, entries: Sequence[_Entry]) -> None:
+        """
+        Add the C{S} flag to each of C{entries}' files, moving those in
+        C{new} to C{cur}.  Best effort: a file gone is skipped, one renamed
+        by another tool is found again (the maildrop is listed at most once
+        for all of them), and failures are logged, never raised.
+        """
+        failures: list = []
+        listing: Optional[dict] = None
+        try:
+            for entry in entries:
+                for attempt in range(2):
+                    newName = seenName(entry.name)
+                    if newName is None:
+                        break
+                    try:
+                        os.rename(self._entryPath(entry), os.path.join(self.path, "cur", newName))
+                    except FileNotFoundError:
+                        if attempt:
+                            break
+                        if listing is None:
+                            try:
+                                listing = _scan(self.path)
+                            except OSError as e:
+                                failures.append(e)
+                                listing = {}
+                        found = listing.get(entry.key)
+                        if found is None:
+                            # Gone: removed by someone else.
+                            break
+                        entry.subdir, entry.name = found[0], found[1]
+                    except OSError as e:
+                        failures.append(e)
+                        break
+                    else:
+                        entry.subdir, entry.name = "cur", newName
+                        break
+        except Exception:
+            _log.failure("Marking messages seen in {path} failed", path=self.path)
+            return
+        if failures:
+            _log.warn(
+                "Could not mark {count} message(s) seen in {path}: {error}",
+                count=len(failures),
+                path=self.path,
+                error=failures[0].strerror,
+            )
 
     def _unlock(self) -> None:
         self._state = "released"
@@ -875,7 +991,7 @@ class MaildirStore:
         except BaseException:
             os.close(fd)
             raise
-        return MaildirMaildrop(path, fd, entries, self._run)
+        return MaildirMaildrop(path, fd, entries, self._run, quick)
 
     def openMaildrop(self, address: Address) -> defer.Deferred:
         """

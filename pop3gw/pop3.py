@@ -23,6 +23,12 @@ Design notes:
     dot-stuffed across chunk boundaries.
   - DELE only marks; the marks are handed to L{IMaildrop.commit} at QUIT.
     Any other ending releases the maildrop without deleting anything.
+  - LAST (RFC 1225) is the highest message number accessed in this or an
+    earlier session: it starts at the highest number whose message is
+    L{seen<pop3gw.interfaces.IMessageInfo.seen>}, RETR (not TOP) raises it,
+    and RSET puts it back to its value at login.  The messages retrieved
+    (and not deleted) are handed to L{IMaildrop.commit} at QUIT to be
+    marked seen, as Dovecot does; any other ending records nothing.
 """
 
 from __future__ import annotations
@@ -405,7 +411,9 @@ class POP3Server(Protocol):
         self._maildrop = None
         self._messages: list = []
         self._deleted: set[int] = set()
+        self._initialLast = 0
         self._last = 0
+        self._accessed: set[int] = set()
         self._sender: Optional[_MessageSender] = None
         self._loggedOut = False
         self._committing = False
@@ -983,7 +991,9 @@ class POP3Server(Protocol):
         self._maildrop = maildrop
         self._messages = list(maildrop.messages)
         self._deleted = set()
-        self._last = 0
+        self._accessed = set()
+        self._initialLast = max((n for n, m in enumerate(self._messages, 1) if m.seen), default=0)
+        self._last = self._initialLast
         self.state = _TRANSACTION
         self._reply("+OK Logged in.")
         events.loginSucceeded(self.log, "pop3", self._avatarName(), self.peer, self.secure)
@@ -1055,13 +1065,24 @@ class POP3Server(Protocol):
         self._reply("+OK")
 
     def do_RSET(self, rest: str) -> None:
+        """
+        Unmark every deletion and, as RFC 1225 says, put the highest
+        message number accessed back to its value at the beginning of the
+        session: the messages retrieved so far are no longer marked seen at
+        QUIT.
+        """
         _noArguments(rest)
         self._deleted.clear()
-        self._last = 0
+        self._accessed.clear()
+        self._last = self._initialLast
         live = self._live()
         self._reply("+OK Maildrop has %d messages (%d octets)." % (len(live), sum(m.size for _, m in live)))
 
     def do_LAST(self, rest: str) -> None:
+        """
+        RFC 1225: the highest message number accessed, in this session or
+        (through the seen flags) an earlier one; 0 if none.
+        """
         _noArguments(rest)
         self._reply("+OK %d" % (self._last,))
 
@@ -1073,6 +1094,7 @@ class POP3Server(Protocol):
             return
         self._reply("+OK %d octets" % (self._messages[index].size,))
         self._last = max(self._last, number)
+        self._accessed.add(index)
         self._send(source, None)
 
     def do_TOP(self, rest: str) -> None:
@@ -1135,7 +1157,8 @@ class POP3Server(Protocol):
 
     def do_QUIT_transaction(self, rest: str) -> None:
         """
-        Enter the UPDATE state: delete the marked messages, then close.
+        Enter the UPDATE state: delete the marked messages and mark the
+        other retrieved ones seen, then close.
         """
         _noArguments(rest)
         self.state = _UPDATE
@@ -1143,8 +1166,9 @@ class POP3Server(Protocol):
         self._cancelTimeout()
         self._setBusy()
         deleted = sorted(self._deleted)
+        seen = sorted(self._accessed - self._deleted)
         maildrop, self._maildrop = self._maildrop, None
-        d = defer.maybeDeferred(maildrop.commit, deleted)
+        d = defer.maybeDeferred(maildrop.commit, deleted, seen=seen)
         d.addCallbacks(self._cbCommitted, self._ebCommit, callbackArgs=(len(deleted),))
         d.addErrback(self._ebInternal)
 

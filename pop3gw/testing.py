@@ -91,6 +91,7 @@ class FakeUserDatabase:
 class FakeMessageInfo:
     size: int
     uid: str
+    seen: bool = False
 
 
 def wireForm(data: bytes) -> bytes:
@@ -108,15 +109,23 @@ def wireForm(data: bytes) -> bytes:
 class FakeMaildrop:
     """
     A snapshot of a L{FakeMaildropStore} mailbox.
+
+    @ivar committed: the C{deleted} indexes given to L{commit}, or L{None}
+        before a commit.
+    @ivar committedSeen: the C{seen} indexes given to L{commit}, or L{None}
+        before a commit.
     """
 
     def __init__(self, store: "FakeMaildropStore", address: Address):
         self._store = store
         self._address = address
         self._entries = list(store.boxes.get(address, []))
-        self.messages = [FakeMessageInfo(len(wireForm(d)), u) for u, d in self._entries]
+        self.messages = [
+            FakeMessageInfo(len(wireForm(d)), u, (address, u) in store.seen) for u, d in self._entries
+        ]
         self.released = False
         self.committed: Optional[set] = None
+        self.committedSeen: Optional[set] = None
 
     def openMessage(self, index: int):
         uid, data = self._entries[index]
@@ -124,11 +133,26 @@ class FakeMaildrop:
             raise TemporaryFailure("message vanished")
         return io.BytesIO(wireForm(data))
 
-    def commit(self, deleted: Iterable[int]):
-        self.committed = set(deleted)
-        gone = {self._entries[i][0] for i in self.committed}
+    def commit(self, deleted: Iterable[int], seen: Iterable[int] = ()):
+        """
+        Remove the C{deleted} messages and mark the other C{seen} ones as
+        seen; record both sets in L{committed} and L{committedSeen}.
+        """
+        deleted, seen = set(deleted), set(seen)
+        if not all(0 <= i < len(self._entries) for i in deleted | seen):
+            self.release()
+            raise IndexError(sorted(deleted | seen))
+        self.committed = deleted
+        self.committedSeen = seen
+        gone = {self._entries[i][0] for i in deleted}
         box = self._store.boxes.get(self._address, [])
         self._store.boxes[self._address] = [e for e in box if e[0] not in gone]
+        self._store.seen -= {(self._address, uid) for uid in gone}
+        present = {uid for uid, _ in self._store.boxes[self._address]}
+        for i in seen - deleted:
+            uid = self._entries[i][0]
+            if uid in present:
+                self._store.seen.add((self._address, uid))
         self.release()
 
     def release(self) -> None:
@@ -171,20 +195,25 @@ class FakeDelivery:
 class FakeMaildropStore:
     """
     Maildrops in a dict: address -> list of (uid, bytes).
+
+    @ivar seen: the C{(address, uid)} pairs of messages marked seen.
     """
 
     def __init__(self):
         self.boxes: dict[Address, list] = {}
+        self.seen: set = set()
         self.locked: set = set()
         self.vanished: set = set()
         self.failCommit = False
         self._counter = 0
         self.deliveries: list = []
 
-    def add(self, address: Address, data: bytes, uid: Optional[str] = None) -> str:
+    def add(self, address: Address, data: bytes, uid: Optional[str] = None, seen: bool = False) -> str:
         self._counter += 1
         uid = uid or f"uid{self._counter}"
         self.boxes.setdefault(address, []).append((uid, data))
+        if seen:
+            self.seen.add((address, uid))
         return uid
 
     def openMaildrop(self, address: Address):

@@ -85,8 +85,19 @@ class MaildropStoreContractMixin:
         finally:
             f.close()
 
-    def commit(self, drop, deleted) -> None:
-        self.successResultOf(defer.maybeDeferred(drop.commit, deleted))
+    def commit(self, drop, deleted, seen=None) -> None:
+        if seen is None:
+            result = defer.maybeDeferred(drop.commit, deleted)
+        else:
+            result = defer.maybeDeferred(drop.commit, deleted, seen)
+        self.successResultOf(result)
+
+    def seenFlags(self, address: Address = ALICE) -> list:
+        drop = self.openDrop(address)
+        try:
+            return [m.seen for m in drop.messages]
+        finally:
+            drop.release()
 
     def contents(self, address: Address = ALICE) -> list:
         drop = self.openDrop(address)
@@ -205,6 +216,70 @@ class MaildropStoreContractMixin:
         drop = self.openDrop()
         self.commit(drop, [])
         self.assertEqual(self.contents(), [b"one\r\n"])
+
+    def test_newMessagesNotSeen(self) -> None:
+        """
+        Delivered messages are not seen; a commit without C{seen} (or a
+        release) marks nothing.
+        """
+        self.deliver([ALICE], b"one\n")
+        self.deliver([ALICE], b"two\n")
+        self.assertEqual(self.seenFlags(), [False, False])
+        self.commit(self.openDrop(), [])
+        self.openDrop().release()
+        self.assertEqual(self.seenFlags(), [False, False])
+
+    def test_commitSeen(self) -> None:
+        """
+        Commit marks the C{seen} indexes seen, for later snapshots, without
+        changing UIDs, contents or order.
+        """
+        for i in range(3):
+            self.deliver([ALICE], b"m%d\n" % (i,))
+        drop = self.openDrop()
+        uids = [m.uid for m in drop.messages]
+        self.commit(drop, [], [0, 2])
+        drop = self.openDrop()
+        self.assertEqual([m.uid for m in drop.messages], uids)
+        self.assertEqual([m.seen for m in drop.messages], [True, False, True])
+        self.assertEqual([m.size for m in drop.messages], [4, 4, 4])
+        self.assertEqual([self.read(drop, i) for i in range(3)], [b"m0\r\n", b"m1\r\n", b"m2\r\n"])
+        self.commit(drop, [], [0, 1])
+        self.assertEqual(self.seenFlags(), [True, True, True])
+
+    def test_commitSeenAndDeleted(self) -> None:
+        """
+        An index both deleted and seen is only deleted; the others are
+        marked seen.
+        """
+        for i in range(3):
+            self.deliver([ALICE], b"m%d\n" % (i,))
+        drop = self.openDrop()
+        uids = [m.uid for m in drop.messages]
+        self.commit(drop, [0], [0, 1])
+        drop = self.openDrop()
+        self.assertEqual([(m.uid, m.seen) for m in drop.messages], [(uids[1], True), (uids[2], False)])
+        drop.release()
+
+    def test_seenPerRecipient(self) -> None:
+        """
+        Marking one recipient's copy seen leaves the other copies unseen.
+        """
+        self.deliver([ALICE, BOB], b"to both\n")
+        self.commit(self.openDrop(ALICE), [], [0])
+        self.assertEqual(self.seenFlags(ALICE), [True])
+        self.assertEqual(self.seenFlags(BOB), [False])
+
+    def test_commitSeenBadIndex(self) -> None:
+        """
+        An out-of-range C{seen} index raises L{IndexError}, changes nothing
+        and releases the lock.
+        """
+        self.deliver([ALICE], b"one\n")
+        drop = self.openDrop()
+        self.assertRaises(IndexError, drop.commit, [0], [1])
+        self.assertEqual(self.contents(), [b"one\r\n"])
+        self.assertEqual(self.seenFlags(), [False])
 
     def test_secondOpenLocked(self) -> None:
         """
@@ -1064,6 +1139,243 @@ class ForeignFileTests(MaildirTestsMixin, SynchronousTestCase):
         drop.release()
 
 
+class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
+    """
+    L{MaildirMaildrop.commit} records retrieved messages with the standard
+    Maildir C{S} flag, as Dovecot does for POP3.
+    """
+
+    def logged(self) -> list:
+        events: list = []
+        self.patch(maildir, "_log", Logger(observer=events.append))
+        return events
+
+    def test_newMovesToCur(self) -> None:
+        """
+        A message in C{new/} flagged seen moves to C{cur/} as
+        C{<name>:2,S}; its UIDL and size stay the same.
+        """
+        self.deliver([ALICE], b"x\n")
+        [name] = self.listing(ALICE, "new")
+        drop = self.openDrop()
+        before = drop.messages[0]
+        self.assertFalse(before.seen)
+        self.assertIsNone(drop.commit([], [0]))
+        self.assertEqual(self.listing(ALICE, "new"), [])
+        self.assertEqual(self.listing(ALICE, "cur"), [name + ":2,S"])
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0], maildir.MaildirMessageInfo(before.size, before.uid, True))
+        drop.release()
+
+    def test_flagsKeptSorted(self) -> None:
+        """
+        C{S} joins the existing flags in ASCII order (Dovecot keywords, in
+        lower case, come after); other fields of the name are kept.
+        """
+        names = [
+            "1600000001.a,S=2,W=3:2,",
+            "1600000002.b,S=2,W=3:2,FR",
+            "1600000003.c,S=2,W=3:2,PT",
+            "1600000004.d,S=2,W=3:2,Fab",
+            "1600000005.e,X=1,S=2,W=3:2,D",
+        ]
+        for name in names:
+            self.putFile(ALICE, "cur", name, b"x\n")
+        drop = self.openDrop()
+        uids = [m.uid for m in drop.messages]
+        drop.commit([], range(5))
+        self.assertEqual(
+            self.listing(ALICE, "cur"),
+            [
+                "1600000001.a,S=2,W=3:2,S",
+                "1600000002.b,S=2,W=3:2,FRS",
+                "1600000003.c,S=2,W=3:2,PST",
+                "1600000004.d,S=2,W=3:2,FSab",
+                "1600000005.e,X=1,S=2,W=3:2,DS",
+            ],
+        )
+        drop = self.openDrop()
+        self.assertEqual([m.uid for m in drop.messages], uids)
+        self.assertEqual([m.seen for m in drop.messages], [True] * 5)
+        drop.release()
+
+    def test_seenAtSnapshot(self) -> None:
+        """
+        C{seen} reflects the C{S} flag of C{:2,} info only.
+        """
+        for name in (
+            "1600000001.a,S=2,W=3:2,S",
+            "1600000002.b,S=2,W=3:2,RS",
+            "1600000003.c,S=2,W=3:2,R",
+            "1600000004.d,S=2,W=3:1,S",
+            "1600000005.e,S=2,W=3",
+        ):
+            self.putFile(ALICE, "cur", name, b"x\n")
+        drop = self.openDrop()
+        self.assertEqual([m.seen for m in drop.messages], [True, True, False, False, False])
+        drop.release()
+
+    def test_alreadySeenOrOtherInfoUntouched(self) -> None:
+        """
+        A message already flagged seen, or whose info is not C{:2,} flags,
+        is not renamed.
+        """
+        names = ["1600000001.a,S=2,W=3:2,RS", "1600000002.b,S=2,W=3:1,xyz"]
+        for name in names:
+            self.putFile(ALICE, "cur", name, b"x\n")
+        drop = self.openDrop()
+        self.patch(os, "rename", lambda *a: self.fail("renamed"))
+        self.assertIsNone(drop.commit([], [0, 1]))
+        self.assertEqual(self.listing(ALICE, "cur"), names)
+
+    def test_renamedByOtherTool(self) -> None:
+        """
+        A message another tool renamed during the session (to C{cur/} with
+        flags) is found again and gets C{S} added to the flags it has now.
+        """
+        self.deliver([ALICE], b"x\n")
+        self.deliver([ALICE], b"y\n")
+        first, second = self.listing(ALICE, "new")
+        drop = self.openDrop()
+        uids = [m.uid for m in drop.messages]
+        os.rename(self.path(ALICE, "new", first), self.path(ALICE, "cur", first + ":2,R"))
+        os.rename(self.path(ALICE, "new", second), self.path(ALICE, "cur", second + ":2,"))
+        events = self.logged()
+        self.assertIsNone(drop.commit([], [0, 1]))
+        self.assertEqual(self.listing(ALICE, "cur"), [first + ":2,RS", second + ":2,S"])
+        self.assertEqual(events, [])
+        drop = self.openDrop()
+        self.assertEqual([(m.uid, m.seen) for m in drop.messages], [(uids[0], True), (uids[1], True)])
+        drop.release()
+
+    def test_listedOnceForRenamedFiles(self) -> None:
+        """
+        However many messages another tool renamed, the maildrop is listed
+        again at most once per commit.
+        """
+        for i in range(3):
+            self.deliver([ALICE], b"%d\n" % (i,))
+        drop = self.openDrop()
+        for name in self.listing(ALICE, "new"):
+            os.rename(self.path(ALICE, "new", name), self.path(ALICE, "cur", name + ":2,"))
+        scans = []
+        realScan = maildir._scan
+
+        def scan(path):
+            scans.append(path)
+            return realScan(path)
+
+        self.patch(maildir, "_scan", scan)
+        drop.commit([], [0, 1, 2])
+        self.assertEqual(len(scans), 1)
+        self.assertEqual([n.endswith(":2,S") for n in self.listing(ALICE, "cur")], [True] * 3)
+
+    def test_removedByOtherTool(self) -> None:
+        """
+        A retrieved message another tool removed during the session is
+        skipped quietly; the others are still flagged.
+        """
+        self.deliver([ALICE], b"x\n")
+        self.deliver([ALICE], b"y\n")
+        first, second = self.listing(ALICE, "new")
+        drop = self.openDrop()
+        os.unlink(self.path(ALICE, "new", first))
+        events = self.logged()
+        self.assertIsNone(drop.commit([], [0, 1]))
+        self.assertEqual(events, [])
+        self.assertEqual(self.listing(ALICE, "cur"), [second + ":2,S"])
+
+    def test_renameFailureLogged(self) -> None:
+        """
+        A flag that cannot be set is logged as a warning (one line per
+        commit, without raising), the lock is released and the message is
+        left as it was.
+        """
+        self.deliver([ALICE], b"x\n")
+        self.deliver([ALICE], b"y\n")
+        drop = self.openDrop()
+
+        def rename(src, dst):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+        self.patch(os, "rename", rename)
+        events = self.logged()
+        self.assertIsNone(drop.commit([], [0, 1]))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["Could not mark 2 message(s) seen in %s: Permission denied" % (drop.path,)],
+        )
+        self.assertEqual([e["log_level"].name for e in events], ["warn"])
+        self.assertEqual(len(self.listing(ALICE, "new")), 2)
+        self.openDrop().release()
+
+    def test_renameFailureKeepsDeletions(self) -> None:
+        """
+        When flags cannot be set, the deletions of the same commit still
+        happen and the commit succeeds.
+        """
+        self.deliver([ALICE], b"x\n")
+        self.deliver([ALICE], b"y\n")
+        drop = self.openDrop()
+
+        def rename(src, dst):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        self.patch(os, "rename", rename)
+        events = self.logged()
+        self.assertIsNone(drop.commit([0], [0, 1]))
+        self.assertEqual(self.stored(), [b"y\n"])
+        self.assertEqual(len(events), 1)
+        self.openDrop().release()
+
+    def test_unexpectedErrorNotRaised(self) -> None:
+        """
+        Even a bug while flagging does not fail the commit: it is logged as
+        a failure and the lock is released.
+        """
+        self.deliver([ALICE], b"x\n")
+        drop = self.openDrop()
+
+        def seenName(name):
+            raise RuntimeError("bug")
+
+        self.patch(maildir, "seenName", seenName)
+        events = self.logged()
+        self.assertIsNone(drop.commit([], [0]))
+        [event] = events
+        self.assertIsInstance(event["log_failure"].value, RuntimeError)
+        self.flushLoggedErrors(RuntimeError)
+        self.openDrop().release()
+
+    def test_renamesNotFsynced(self) -> None:
+        """
+        Flag renames are not fsynced; deletions in the same commit still
+        fsync their directory.
+        """
+        for i in range(3):
+            self.deliver([ALICE], b"%d\n" % (i,))
+        synced = []
+        self.patch(maildir, "_fsyncDirectory", synced.append)
+        self.openDrop().commit([], [0])
+        self.assertEqual(synced, [])
+        self.openDrop().commit([1], [2])
+        self.assertEqual(synced, [os.path.abspath(self.path(ALICE, "new"))])
+        self.assertEqual(self.stored(), [b"0\n", b"2\n"])
+        self.assertEqual(self.listing(ALICE, "new"), [])
+
+    def test_seenNameHelper(self) -> None:
+        """
+        C{seenName} adds C{S} in order, appends C{:2,S} without info and
+        leaves seen or non-flag names alone.
+        """
+        self.assertEqual(maildir.seenName("1.a"), "1.a:2,S")
+        self.assertEqual(maildir.seenName("1.a,S=1,W=2:2,"), "1.a,S=1,W=2:2,S")
+        self.assertEqual(maildir.seenName("1.a:2,RT"), "1.a:2,RST")
+        self.assertEqual(maildir.seenName("1.a:2,a"), "1.a:2,Sa")
+        self.assertIsNone(maildir.seenName("1.a:2,S"))
+        self.assertIsNone(maildir.seenName("1.a:1,foo"))
+
+
 class StreamingTests(MaildirTestsMixin, SynchronousTestCase):
     """
     L{MaildirMaildrop.openMessage} streams.
@@ -1252,6 +1564,13 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         self.reactor = _QueuedReactor()
         self.store = MaildirStore(self.root, reactor=self.reactor, threadpool=self.pool, hostname="testhost")
 
+    def deliver(self, recipients, data: bytes, trace: bytes = b"") -> None:
+        delivery = self.store.beginDelivery(recipients, trace)
+        delivery.write(data)
+        d = delivery.commit()
+        self.reactor.runQueued()
+        self.successResultOf(d)
+
     def test_deliveryCommit(self) -> None:
         """
         The commit runs in the pool and fires only through the reactor.
@@ -1351,6 +1670,68 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         d = self.store.openMaildrop(ALICE)
         self.reactor.runQueued()
         self.successResultOf(d).release()
+
+
+    def test_commitSeenNoThread(self) -> None:
+        """
+        A commit that only flags a few messages of a small maildrop (the
+        usual QUIT of a client that keeps its mail) renames at once,
+        without a trip through the pool.
+        """
+        self.deliver([ALICE], b"x\n")
+        drop = self.successResultOf(self.store.openMaildrop(ALICE))
+        del self.pool.calls[:]
+        self.assertIsNone(drop.commit([], [0]))
+        self.assertEqual(self.pool.calls, [])
+        self.assertTrue(self.listing(ALICE, "cur")[0].endswith(":2,S"))
+        self.successResultOf(self.store.openMaildrop(ALICE)).release()
+
+    def test_commitManySeenInPool(self) -> None:
+        """
+        More than L{maildir.QUICK_FLAG_RENAMES} flag renames go to the pool.
+        """
+        self.patch(maildir, "QUICK_FLAG_RENAMES", 1)
+        self.deliver([ALICE], b"x\n")
+        self.deliver([ALICE], b"y\n")
+        drop = self.successResultOf(self.store.openMaildrop(ALICE))
+        del self.pool.calls[:]
+        d = drop.commit([], [0, 1])
+        self.assertNoResult(d)
+        self.assertEqual(len(self.pool.calls), 1)
+        self.reactor.runQueued()
+        self.successResultOf(d)
+        self.assertEqual([n.endswith(":2,S") for n in self.listing(ALICE, "cur")], [True, True])
+
+    def test_largeMaildropSeenInPool(self) -> None:
+        """
+        Flags of a maildrop too large to be snapshotted on the reactor
+        thread are set in the pool.
+        """
+        self.deliver([ALICE], b"x\n")
+        self.patch(maildir, "QUICK_SNAPSHOT_DIRECTORY_SIZE", 0)
+        d = self.store.openMaildrop(ALICE)
+        self.reactor.runQueued()
+        drop = self.successResultOf(d)
+        del self.pool.calls[:]
+        d = drop.commit([], [0])
+        self.assertEqual(len(self.pool.calls), 1)
+        self.reactor.runQueued()
+        self.successResultOf(d)
+
+    def test_commitDeleteAndSeenInPool(self) -> None:
+        """
+        Deletions and flags of one commit run together in the pool.
+        """
+        self.deliver([ALICE], b"x\n")
+        self.deliver([ALICE], b"y\n")
+        drop = self.successResultOf(self.store.openMaildrop(ALICE))
+        del self.pool.calls[:]
+        d = drop.commit([0], [1])
+        self.assertEqual(len(self.pool.calls), 1)
+        self.reactor.runQueued()
+        self.successResultOf(d)
+        self.assertEqual(self.stored(), [b"y\n"])
+        self.assertEqual(self.listing(ALICE, "new"), [])
 
 
 class HelperTests(SynchronousTestCase):

@@ -29,6 +29,7 @@ from zope.interface import implementer
 import twisted.test
 from pop3gw.address import Address
 from pop3gw.interfaces import IPOP3Avatar, PermanentFailure, TemporaryFailure
+from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import MAX_PENDING_INPUT, READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
 from pop3gw.testing import FakeMaildropStore, FakePOP3Avatar
 
@@ -952,7 +953,7 @@ class TransactionTests(_Harness):
         """
         maildrop = self.login()
         d = defer.Deferred()
-        maildrop.commit = lambda deleted: d
+        maildrop.commit = lambda deleted, seen=(): d
         self.assertEqual(self.send(b"QUIT\r\nNOOP\r\n"), b"")
         self.transport.clear()
         d.callback(None)
@@ -965,7 +966,7 @@ class TransactionTests(_Harness):
         """
         maildrop = self.login()
         d = defer.Deferred()
-        maildrop.commit = lambda deleted: d
+        maildrop.commit = lambda deleted, seen=(): d
         self.send(b"QUIT\r\n")
         self.clock.advance(300)
         self.send(b"NOOP\r\n")
@@ -980,7 +981,7 @@ class TransactionTests(_Harness):
         reply (without the exception text) and still closes.
         """
         maildrop = self.login()
-        maildrop.commit = lambda deleted: defer.fail(TemporaryFailure("secret detail"))
+        maildrop.commit = lambda deleted, seen=(): defer.fail(TemporaryFailure("secret detail"))
         self.send(b"DELE 1\r\n")
         self.assertEqual(self.send(b"QUIT\r\n"), b"-ERR [SYS/TEMP] Some deleted messages not removed.\r\n")
         self.assertTrue(self.transport.disconnecting)
@@ -1055,6 +1056,157 @@ class TransactionTests(_Harness):
             self.assertEqual(self.send(command + b"\r\n"), reply, command)
             self.send(b"NOOP\r\n")
         self.assertEqual(self.proto.state, "TRANSACTION")
+
+
+class LastTests(_Harness):
+    """
+    LAST (RFC 1225) counts messages accessed in earlier sessions through the
+    maildrop's seen flags, which QUIT records for the retrieved messages.
+    """
+
+    def quit(self, maildrop) -> None:
+        self.assertEqual(self.send(b"QUIT\r\n"), b"+OK pop3gw signing off.\r\n")
+        self.assertTrue(maildrop.released)
+
+    def test_lastAtLoginFromSeen(self) -> None:
+        """
+        At login LAST is the highest number of a seen message, whatever the
+        messages before it.
+        """
+        self.store.seen.add((ALICE, "u2"))
+        self.login()
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 2\r\n")
+
+    def test_lastAtLoginNoneSeen(self) -> None:
+        """
+        With no seen message LAST starts at 0.
+        """
+        self.login()
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 0\r\n")
+
+    def test_retrQuitThenNextSession(self) -> None:
+        """
+        A message retrieved in one session is handed to the commit as seen
+        at QUIT, and the next session's LAST starts at its number.
+        """
+        maildrop = self.login()
+        self.send(b"RETR 2\r\n")
+        self.quit(maildrop)
+        self.assertEqual(maildrop.committed, set())
+        self.assertEqual(maildrop.committedSeen, {1})
+        self.login()
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 2\r\n")
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 2\r\n")
+
+    def test_rsetRestoresInitialValue(self) -> None:
+        """
+        RFC 1225's example: LAST rises with RETR, DELE does not lower it,
+        and RSET puts it back to its value at the beginning of the session
+        (not 0); the retrieved messages are then not marked seen at QUIT.
+        """
+        self.store.seen.add((ALICE, "u1"))
+        maildrop = self.login()
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 1\r\n")
+        self.send(b"RETR 3\r\n")
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 3\r\n")
+        self.assertEqual(self.send(b"DELE 2\r\n"), b"+OK Message 2 deleted.\r\n")
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 3\r\n")
+        self.send(b"RSET\r\n")
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 1\r\n")
+        self.quit(maildrop)
+        self.assertEqual(maildrop.committed, set())
+        self.assertEqual(maildrop.committedSeen, set())
+        self.assertEqual(self.store.seen, {(ALICE, "u1")})
+
+    def test_retrAfterRset(self) -> None:
+        """
+        Messages retrieved after RSET are marked seen at QUIT; those
+        retrieved before it are not.
+        """
+        maildrop = self.login()
+        self.send(b"RETR 3\r\nRSET\r\nRETR 1\r\n")
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 1\r\n")
+        self.quit(maildrop)
+        self.assertEqual(maildrop.committedSeen, {0})
+
+    def test_deletedNotMarkedSeen(self) -> None:
+        """
+        A message retrieved and deleted is only deleted; the retrieved
+        messages kept are marked seen, and LAST in the next session counts
+        in the renumbered maildrop.
+        """
+        maildrop = self.login()
+        self.send(b"RETR 1\r\nRETR 2\r\nDELE 1\r\n")
+        self.quit(maildrop)
+        self.assertEqual(maildrop.committed, {0})
+        self.assertEqual(maildrop.committedSeen, {1})
+        self.assertEqual(self.store.seen, {(ALICE, "u2")})
+        self.login()
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 1\r\n")
+
+    def test_topNotMarkedSeen(self) -> None:
+        """
+        TOP does not count as an access: nothing is marked seen.
+        """
+        maildrop = self.login()
+        self.send(b"TOP 1 0\r\nTOP 3 1\r\n")
+        self.quit(maildrop)
+        self.assertEqual(maildrop.committedSeen, set())
+
+    def test_dropRecordsNothing(self) -> None:
+        """
+        A dropped connection releases the maildrop without marking the
+        retrieved messages seen.
+        """
+        maildrop = self.login()
+        self.send(b"RETR 1\r\n")
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertTrue(maildrop.released)
+        self.assertIsNone(maildrop.committedSeen)
+        self.assertEqual(self.store.seen, set())
+        self.login()
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 0\r\n")
+
+    def test_timeoutRecordsNothing(self) -> None:
+        """
+        An idle timeout releases the maildrop without marking the retrieved
+        messages seen.
+        """
+        maildrop = self.login()
+        self.send(b"RETR 1\r\n")
+        self.clock.advance(600)
+        self.assertTrue(self.transport.disconnecting)
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertTrue(maildrop.released)
+        self.assertIsNone(maildrop.committedSeen)
+        self.assertEqual(self.store.seen, set())
+
+    def test_maildirAcrossSessions(self) -> None:
+        """
+        Over the real Maildir store: RETR then QUIT flags the message seen
+        (UIDL unchanged), and the next session's LAST reflects it.
+        """
+        store = MaildirStore(self.mktemp(), hostname="testhost")
+        for data in (MSG1, MSG2, MSG3):
+            delivery = store.beginDelivery([ALICE])
+            delivery.write(data)
+            self.successResultOf(delivery.commit())
+        self.realm.store = store
+        self.connect()
+        self.assertEqual(self.send(b"USER alice@example.org\r\nPASS secret\r\n"), LOGGED_IN)
+        uidl = self.send(b"UIDL\r\n")
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 0\r\n")
+        self.send(b"RETR 2\r\n")
+        self.assertEqual(self.send(b"QUIT\r\n"), b"+OK pop3gw signing off.\r\n")
+        self.connect()
+        self.assertEqual(self.send(b"USER alice@example.org\r\nPASS secret\r\n"), LOGGED_IN)
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 2\r\n")
+        self.assertEqual(self.send(b"UIDL\r\n"), uidl)
+        self.assertEqual(
+            self.send(b"RETR 2\r\n"),
+            b"+OK %d octets\r\nSubject: two\r\n\r\n..dot line\r\n...two dots\r\n..\r\nend\r\n.\r\n" % (len(MSG2),),
+        )
 
 
 class StreamingTests(_Harness):
