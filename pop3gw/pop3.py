@@ -36,7 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Callable, Optional
+from typing import AbstractSet, Callable, Optional, Sequence
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
@@ -244,18 +244,19 @@ class _OutputFlow:
     @ivar paused: whether the transport asked for a pause.
     """
 
-    def __init__(self, onPause: Callable[[], None], onResume: Callable[[], None]) -> None:
-        self._onPause = onPause
-        self._onResume = onResume
+    __slots__ = ("_server", "paused")
+
+    def __init__(self, server: "POP3Server") -> None:
+        self._server = server
         self.paused = False
 
     def pauseProducing(self) -> None:
         self.paused = True
-        self._onPause()
+        self._server._outputPaused()
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self._onResume()
+        self._server._outputResumed()
 
     def stopProducing(self) -> None:
         """
@@ -384,41 +385,43 @@ class POP3Server(Protocol):
 
     log = Logger()
 
+    # Per-session state.  The defaults live on the class, and an instance
+    # gets its own attribute only when a value changes: an idle connection
+    # then costs little memory.  The mutable containers of the TRANSACTION
+    # state are made at login.
+    state = _AUTHORIZATION
+    secure = False
+    peer = "unknown"
+    _discarding = False
+    _busy = False
+    _processing = False
+    _readingPaused = False
+    _closing = False
+    _disconnected = False
+    _timeoutCall = None
+    _outputRegistered = False
+    _badCommands = 0
+    _authFailures = 0
+    _user: Optional[str] = None
+    _saslPending = False
+    _avatar = None
+    _logout: Optional[Callable[[], None]] = None
+    _maildrop = None
+    _messages: Sequence = ()
+    _deleted: AbstractSet[int] = frozenset()
+    _initialLast = 0
+    _last = 0
+    _accessed: AbstractSet[int] = frozenset()
+    _sender: Optional["_MessageSender"] = None
+    _loggedOut = False
+    _committing = False
+    _retrieved = 0
+    _bytesSent = 0
+
     def __init__(self, factory: "POP3Factory") -> None:
         self.factory = factory
-        self.state = _AUTHORIZATION
-        self.secure = False
-        self.peer = "unknown"
-
         self._buffer = bytearray()
-        self._discarding = False
-        self._busy = False
-        self._processing = False
-        self._readingPaused = False
-        self._closing = False
-        self._disconnected = False
-        self._timeoutCall = None
-        self._output = _OutputFlow(self._outputPaused, self._outputResumed)
-        self._outputRegistered = False
-
-        self._badCommands = 0
-        self._authFailures = 0
-        self._user: Optional[str] = None
-        self._saslPending = False
-
-        self._avatar = None
-        self._logout: Optional[Callable[[], None]] = None
-        self._maildrop = None
-        self._messages: list = []
-        self._deleted: set[int] = set()
-        self._initialLast = 0
-        self._last = 0
-        self._accessed: set[int] = set()
-        self._sender: Optional[_MessageSender] = None
-        self._loggedOut = False
-        self._committing = False
-        self._retrieved = 0
-        self._bytesSent = 0
+        self._output = _OutputFlow(self)
 
     # --- Connection ------------------------------------------------------
 
