@@ -202,6 +202,8 @@ def cmdQueue(config, args, stdout: TextIO) -> int:
         for entry in queue.listEntries(config.queueDir):
             stdout.write(queue.formatEntry(entry) + "\n")
         return EX_OK
+    if os.path.exists(config.queueDir):
+        os.listdir(config.queueDir)  # an unreadable queue is an error, not "0 messages"
     count = queue.requestFlush(config.queueDir)
     stdout.write(
         f"{count} message(s) scheduled for immediate retry; "
@@ -227,7 +229,8 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
             raise CommandError(str(e), EX_USAGE) from None
         if not (args.command == "user" and args.action == "add") and not os.path.isdir(config.dataDir):
             status = EX_TEMPFAIL if args.command == "deliver" else EX_USAGE
-            raise CommandError(f"data directory {config.dataDir} does not exist", status)
+            what = "is not a directory" if os.path.exists(config.dataDir) else "does not exist"
+            raise CommandError(f"data directory {config.dataDir} {what}", status)
         if args.command == "user":
             os.makedirs(config.dataDir, mode=0o700, exist_ok=True)
             return cmdUser(config, args, stdin, stdout)

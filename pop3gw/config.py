@@ -135,6 +135,19 @@ def parseRelayHost(value: str) -> tuple:
     return host, port
 
 
+def defaultHostname() -> str:
+    """
+    This host's fully qualified name, or C{localhost} when the system's
+    name is not a valid host name.
+    """
+    name = socket.getfqdn()
+    try:
+        parseDomain(name)
+    except AddressError:
+        return "localhost"
+    return name
+
+
 def readINI(path: str) -> dict:
     """
     Read the INI file into C{{section: {key: value}}}.
@@ -229,11 +242,17 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
 
     relay = ini.get("relay", {})
     relayHost, relayPort = None, None
-    if merged.get("relay-host"):
+    if "relay-host" in merged:
+        if not merged["relay-host"].strip():
+            raise ConfigError("relay-host: empty value (leave it out to deliver to MX hosts)")
         relayHost, relayPort = parseRelayHost(merged["relay-host"])
     passwordFile = relay.get("password-file")
     if "password" in relay:
         raise ConfigError("[relay] password: keep the relay password in a 0600 file named by password-file")
+    if bool(relay.get("username")) != bool(passwordFile):
+        raise ConfigError("[relay] username and password-file must be given together")
+    if relay.get("username") and not relayHost:
+        raise ConfigError("[relay] username needs relay-host (credentials are only for a smarthost)")
 
     limits = {}
     section = ini.get("limits", {})
@@ -248,9 +267,20 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
             raise ConfigError(f"[limits] {name}: not a number") from None
         if limits[name] < 0:
             raise ConfigError(f"[limits] {name}: must not be negative")
+    if limits["hash-threads"] < 1:
+        raise ConfigError("[limits] hash-threads: must be at least 1")
 
     submission = ini.get("submission", {})
     checkFrom = _bool(submission.get("check-header-from", "yes"), "check-header-from")
+
+    hostname = merged.get("hostname")
+    if hostname:
+        try:
+            parseDomain(hostname)
+        except AddressError:
+            raise ConfigError(f"hostname: {hostname!r} is not a host name") from None
+    else:
+        hostname = defaultHostname()
 
     return Config(
         dataDir=dataDir,
@@ -265,7 +295,7 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         relayVerifyTLS=_bool(relay.get("verify-tls", "yes"), "verify-tls"),
         plaintextAuth=mode,
         maxMessageSize=maxSize,
-        hostname=merged.get("hostname") or socket.getfqdn(),
+        hostname=hostname,
         checkHeaderFrom=checkFrom,
         limits=limits,
     )
@@ -286,7 +316,7 @@ class Options(usage.Options):
     optParameters = [
         ["config", None, None, "INI file (see etc/pop3gw.ini); command-line options override it"],
         ["data-dir", None, None, f"all state lives here (default: ./{DEFAULT_DATA_DIR})"],
-        ["tls-cert", None, None, "PEM certificate chain for STLS, STARTTLS and implicit TLS"],
+        ["tls-cert", None, None, "PEM certificate chain for STLS, STARTTLS and implicit TLS (default: a self-signed one generated under DATA/tls/)"],
         ["tls-key", None, None, "PEM private key for --tls-cert"],
         ["relay-host", None, None, "smarthost HOST[:PORT] for non-local mail (default: the domains' MX hosts)"],
         ["plaintext-auth", None, None, "never|loopback|always: where passwords may be sent without TLS (default loopback)"],
@@ -322,11 +352,11 @@ class Options(usage.Options):
         self._append("submissions", value)
 
     def opt_mx(self, value: str) -> None:
-        """inbound SMTP endpoint for local domains (repeatable; off by default)"""
+        """inbound SMTP endpoint for local domains (not available in this version: refused)"""
         self._append("mx", value)
 
     def opt_lmtp(self, value: str) -> None:
-        """LMTP endpoint (repeatable; off by default)"""
+        """LMTP endpoint (not available in this version: refused)"""
         self._append("lmtp", value)
 
     def postOptions(self) -> None:

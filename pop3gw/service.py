@@ -16,14 +16,17 @@ from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from pop3gw.address import Address
 from pop3gw.interfaces import UnknownUser
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
-from pop3gw.config import Config, ConfigError, Options
+from pop3gw.config import Config, ConfigError
+from pop3gw.config import Options as _ConfigOptions
 from pop3gw.limits import ConnectionLimitFactory
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import POP3Factory
@@ -34,6 +37,19 @@ from pop3gw.tls import CertificateManager, TLSConfigError, clientContextFactory,
 from pop3gw.users import UsersFile
 
 __all__ = ["Options", "makeService"]
+
+
+class Options(_ConfigOptions):
+    """
+    The C{twistd pop3gw} options.  A bad value ends start-up with one line
+    on stderr (twistd would otherwise print its whole help text first).
+    """
+
+    def postOptions(self) -> None:
+        try:
+            super().postOptions()
+        except usage.UsageError as e:
+            raise SystemExit(f"pop3gw: {e}") from None
 
 log = Logger(namespace="pop3gw")
 
@@ -72,20 +88,43 @@ class ListenerService(StreamServerEndpointService):
     _raiseSynchronously = True
 
     def __init__(self, reactor, name: str, description: str, factory) -> None:
-        super().__init__(serverFromString(reactor, description), factory)
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError, OverflowError) as e:
+            raise ConfigError(f"--{name} {description}: not a valid endpoint description ({e})") from None
+        super().__init__(endpoint, factory)
         self.name = f"{name}:{description}"
         self.listenerName = name
         self.description = description
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except (CannotListenError, OSError, ValueError, OverflowError) as e:
+            # The most common operator mistake (a port in use, an address
+            # not on this host): one line, not a traceback.
+            raise SystemExit(f"pop3gw: {self.listenerName}: cannot listen on {self.description}: {_reason(e)}") from None
         self._waitingForPort.addCallback(self._logListening)
 
     def _logListening(self, port):
         host = port.getHost()
-        where = f"{host.host}:{host.port}" if hasattr(host, "port") else getattr(host, "name", str(host))
+        if hasattr(host, "port"):
+            where = f"{host.host}:{host.port}"
+        else:
+            name = getattr(host, "name", None)
+            where = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or host)
         log.info("{listener} listening on {where} ({description})", listener=self.listenerName, where=where, description=self.description)
         return port
+
+
+def _reason(e: Exception) -> str:
+    """
+    The operator-facing reason of a listening failure.
+    """
+    if isinstance(e, CannotListenError):
+        inner = e.socketError
+        return getattr(inner, "strerror", None) or str(inner)
+    return getattr(e, "strerror", None) or str(e)
 
 
 class ReloadService(Service):
@@ -176,7 +215,7 @@ def makeService(options, reactor=None) -> MultiService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    config: Config = options.config if isinstance(options, Options) else options
+    config: Config = options if isinstance(options, Config) else options.config
     try:
         return _build(config, reactor)
     except ConfigError as e:
@@ -187,7 +226,12 @@ def makeService(options, reactor=None) -> MultiService:
 def _build(config: Config, reactor) -> MultiService:
     _raiseFileLimit()
     for path in (config.dataDir, config.mailDir, config.queueDir):
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", path)
+        except OSError as e:
+            raise ConfigError(f"data directory: cannot use {path}: {e.strerror}") from None
 
     top = MultiService()
     hashPool = ThreadPool(minthreads=1, maxthreads=max(1, config.limits["hash-threads"]), name="pop3gw-auth")
@@ -264,7 +308,7 @@ def _build(config: Config, reactor) -> MultiService:
             return opportunisticClientContextFactory(hostname)
         return clientContextFactory(hostname, verify)
 
-    RelayService(
+    relay = RelayService(
         queue,
         reactor,
         config.hostname,
@@ -276,7 +320,11 @@ def _build(config: Config, reactor) -> MultiService:
         relayVerifyTLS=config.relayVerifyTLS,
         clientTLS=clientTLS,
         lifetime=limits["queue-lifetime"],
-    ).setServiceParent(top)
+    )
+    relay.setServiceParent(top)
+
+    if not any(config.listeners[name] for name, _, _, _ in plans):
+        log.warn("no POP3 or submission listener is configured: only the outbound queue runs")
 
     ReloadService(reactor, users, certs).setServiceParent(top)
     TimerService(TLS_CHECK_INTERVAL, certs.reloadIfChanged).setServiceParent(top)
@@ -288,7 +336,7 @@ def _build(config: Config, reactor) -> MultiService:
         policy=config.plaintextAuth,
     )
     if config.relayHost:
-        log.info("relaying non-local mail through {host}:{port}", host=config.relayHost, port=config.relayPort)
+        log.info("relaying non-local mail through {host}:{port}", host=config.relayHost, port=relay.relayPort)
     else:
         log.info("relaying non-local mail directly to the recipient domains' MX hosts")
     return top

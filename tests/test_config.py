@@ -73,6 +73,8 @@ class OptionsTests(SynchronousTestCase):
             ["--tls-cert", "x.pem"],
             ["--mx", "tcp:25"],
             ["--relay-host", "host:notaport"],
+            ["--relay-host", ""],
+            ["--hostname", "bad host name"],
         ):
             self.assertRaises(usage.UsageError, Options().parseOptions, args)
 
@@ -80,7 +82,15 @@ class OptionsTests(SynchronousTestCase):
         """
         Unknown sections and keys, and an unreadable file, are refused.
         """
-        for text in ("[nope]\n", "[pop3gw]\ncolour = blue\n", "[limits]\nspeed = 3\n", "[relay]\npassword = x\n"):
+        for text in (
+            "[nope]\n",
+            "[pop3gw]\ncolour = blue\n",
+            "[limits]\nspeed = 3\n",
+            "[relay]\npassword = x\n",
+            "[limits]\nhash-threads = 0\n",
+            "[pop3gw]\nrelay-host = smtp.example\n[relay]\nusername = gw\n",
+            "[relay]\nusername = gw\npassword-file = /etc/pw\n",
+        ):
             self.assertRaises(ConfigError, buildConfig, {}, self.writeINI(text))
         self.assertRaises(ConfigError, buildConfig, {}, self.mktemp())
 
@@ -93,3 +103,20 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(parseRelayHost("smtp.example:587"), ("smtp.example", 587))
         self.assertEqual(parseRelayHost("[::1]:2525"), ("::1", 2525))
         self.assertRaises(ConfigError, parseRelayHost, "h:0")
+
+
+class HostnameTests(SynchronousTestCase):
+    def test_defaultHostnameFallsBack(self) -> None:
+        """
+        Without C{--hostname}, the system's FQDN is used, or C{localhost}
+        when that is not a valid host name.
+        """
+        import socket
+
+        from pop3gw import config
+
+        self.patch(socket, "getfqdn", lambda: "mail.Example.org")
+        self.assertEqual(parse().hostname, "mail.Example.org")
+        self.patch(socket, "getfqdn", lambda: "bad_name here")
+        self.assertEqual(config.defaultHostname(), "localhost")
+        self.assertEqual(parse().hostname, "localhost")

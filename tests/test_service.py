@@ -87,3 +87,66 @@ class MakeServiceTests(SynchronousTestCase):
             self.build("--tls-cert", missing, "--tls-key", missing)
         self.assertIn("missing.pem", str(e.exception))
         self.assertNotIn("\n", str(e.exception))
+
+
+class OperatorErrorTests(SynchronousTestCase):
+    """
+    Operator mistakes end start-up with one line, never a traceback.
+    """
+
+    def setUp(self) -> None:
+        self.dataDir = os.path.abspath(self.mktemp())
+
+    def assertOneLine(self, exc: SystemExit, *fragments: str) -> None:
+        text = str(exc)
+        self.assertTrue(text.startswith("pop3gw: "), text)
+        self.assertNotIn("\n", text)
+        for fragment in fragments:
+            self.assertIn(fragment, text)
+
+    def test_badEndpointDescription(self) -> None:
+        """
+        An endpoint description that does not parse is named in one line.
+        """
+        for bad in ("bogus:1", "tcp:abc"):
+            with self.assertRaises(SystemExit) as e:
+                makeService(options("--data-dir", self.dataDir, "--pop3", bad), MemoryReactorClock())
+            self.assertOneLine(e.exception, bad)
+
+    def test_portInUse(self) -> None:
+        """
+        A listener that cannot bind stops start-up with one line naming the
+        listener, the endpoint and the reason.
+        """
+        from twisted.internet.error import CannotListenError
+
+        class BusyReactor(MemoryReactorClock):
+            def listenTCP(self, port, factory, backlog=50, interface=""):
+                raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+        top = makeService(options("--data-dir", self.dataDir, "--submission", "none"), BusyReactor())
+        [listener] = [s for s in top if isinstance(s, ListenerService)]
+        with self.assertRaises(SystemExit) as e:
+            listener.privilegedStartService()
+        self.assertOneLine(e.exception, "pop3", "tcp:1110:interface=127.0.0.1", "Address already in use")
+
+    def test_dataDirIsAFile(self) -> None:
+        """
+        A data directory that is a file is one clear line.
+        """
+        with open(self.dataDir, "w"):
+            pass
+        with self.assertRaises(SystemExit) as e:
+            makeService(options("--data-dir", self.dataDir), MemoryReactorClock())
+        self.assertOneLine(e.exception, "data directory", self.dataDir)
+
+    def test_badOptionUnderTwistd(self) -> None:
+        """
+        The options class twistd uses turns a bad value into one line on
+        stderr (not twistd's whole help text).
+        """
+        from pop3gw.service import Options as TwistdOptions
+
+        with self.assertRaises(SystemExit) as e:
+            TwistdOptions().parseOptions(["--plaintext-auth", "sometimes"])
+        self.assertOneLine(e.exception, "plaintext-auth")
