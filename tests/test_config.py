@@ -120,3 +120,39 @@ class HostnameTests(SynchronousTestCase):
         self.patch(socket, "getfqdn", lambda: "bad_name here")
         self.assertEqual(config.defaultHostname(), "localhost")
         self.assertEqual(parse().hostname, "localhost")
+
+
+class SampleConfigTests(SynchronousTestCase):
+    SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "pop3gw.ini")
+
+    def test_sampleCoversEveryOptionAndParses(self) -> None:
+        """
+        etc/pop3gw.ini mentions every long option of C{twistd pop3gw}, and
+        with the first commented value of each key uncommented (C{mx} and
+        C{lmtp} aside: refused in this version) it is a valid configuration.
+        """
+        import re
+
+        with open(self.SAMPLE) as f:
+            text = f.read()
+        keys = set(re.findall(r"^#([a-z][a-z0-9-]*) = ", text, re.M))
+        longOptions = {name for name, *_ in Options.optParameters} | {
+            "domain", "pop3", "pop3s", "submission", "submissions", "mx", "lmtp"}
+        self.assertEqual(longOptions - {"config"} - keys, set())
+
+        seen, lines = set(), []
+        for line in text.splitlines():
+            m = re.match(r"#([a-z][a-z0-9-]*) = (.*)", line)
+            if m and m.group(1) not in seen and m.group(1) not in ("mx", "lmtp"):
+                seen.add(m.group(1))
+                lines.append(f"{m.group(1)} = {m.group(2)}")
+            else:
+                lines.append(line)
+        uncommented = "\n".join(lines).replace("(this host's fully qualified name)", "mail.example.org")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(uncommented)
+        config = buildConfig({}, path)
+        self.assertEqual(config.dataDir, "/var/lib/pop3gw")
+        self.assertEqual(config.relayPort, 587)
+        self.assertEqual(config.listeners["pop3"], ("tcp:1110:interface=127.0.0.1",))
