@@ -41,6 +41,11 @@ from pop3gw.interfaces import (
 )
 from pop3gw.users import dummyHash, verifyPassword
 
+#: Password checks (slow hashes) that may wait for the thread pool at once;
+#: beyond that a login gets a temporary failure (POP3 C{[SYS/TEMP]}, SMTP
+#: 454) at once, so a flood of guesses cannot starve real users or memory.
+MAX_PENDING_CHECKS = 64
+
 #: Seconds from the start of a failed attempt until its failure is
 #: reported (slows down password guessing; fail2ban does the rest).
 FAILURE_DELAY = 2.0
@@ -173,6 +178,9 @@ class PasswordChecker:
         self._verifier = verifier
         self._dummy = dummy if dummy is not None else dummyHash
         self.cache = cache if cache is not None else VerifiedCredentialsCache()
+        self.maxPending = MAX_PENDING_CHECKS
+        self._pending = 0
+        self._overloadLogged = False
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
         """
@@ -194,9 +202,27 @@ class PasswordChecker:
             address = None
         if address is not None and self._cachedLogin(address, password, start):
             return defer.succeed(str(address))
+        if self._pending >= self.maxPending:
+            # Guessers who hang up without waiting for the delayed answer
+            # must not queue unbounded hash work ahead of real users.
+            if not self._overloadLogged:
+                self._overloadLogged = True
+                self._log.warn(
+                    "authentication overloaded: {pending} password checks waiting; refusing new ones for now",
+                    pending=self._pending,
+                )
+            return defer.fail(TemporaryFailure("too many password checks waiting"))
+        self._pending += 1
         d = deferToThreadPool(self._reactor, self._threadpool, self._check, address, password, start)
+        d.addBoth(self._done)
         d.addCallbacks(self._cbChecked, self._ebServerFault, callbackArgs=(start,))
         return d
+
+    def _done(self, result):
+        self._pending -= 1
+        if self._pending < self.maxPending // 2:
+            self._overloadLogged = False
+        return result
 
     def _cachedLogin(self, address: Address, password: bytes, now: float) -> bool:
         """

@@ -16,6 +16,10 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from pop3gw.address import isLoopback
 
 
+#: Seconds between two "connection refused" log lines of one listener.
+REFUSAL_LOG_INTERVAL = 60.0
+
+
 class _RefuseProtocol(Protocol):
     """
     Writes one fixed refusal line and closes.
@@ -46,10 +50,35 @@ class _NoDelayWrapper(ProtocolWrapper):
         super().makeConnection(transport)
 
 
+class PeerCounts:
+    """
+    Open connections per client address, shared by every listener, so the
+    per-address cap holds across POP3, submission and their TLS ports
+    together.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict = {}
+
+    def get(self, host: str) -> int:
+        return self.counts.get(host, 0)
+
+    def add(self, host: str) -> None:
+        self.counts[host] = self.counts.get(host, 0) + 1
+
+    def remove(self, host: str) -> None:
+        left = self.counts.get(host, 1) - 1
+        if left > 0:
+            self.counts[host] = left
+        else:
+            self.counts.pop(host, None)
+
+
 class ConnectionLimitFactory(WrappingFactory):
     """
     Wraps a listener's factory; refuses connections over C{maxTotal} in all
-    or C{maxPerPeer} from one non-loopback address with C{refusal} (one
+    on this listener, or over C{maxPerPeer} from one non-loopback address on
+    all listeners sharing C{peerCounts}, with C{refusal} (one
     protocol-appropriate line, e.g. C{b"-ERR [SYS/TEMP] Too many
     connections\\r\\n"}).
     """
@@ -58,33 +87,60 @@ class ConnectionLimitFactory(WrappingFactory):
     protocol = _NoDelayWrapper
     noisy = False
 
-    def __init__(self, wrappedFactory, maxTotal: int, maxPerPeer: int, refusal: bytes) -> None:
+    def __init__(
+        self,
+        wrappedFactory,
+        maxTotal: int,
+        maxPerPeer: int,
+        refusal: bytes,
+        peerCounts: "PeerCounts | None" = None,
+        clock=None,
+    ) -> None:
+        """
+        @param clock: an L{IReactorTime}; with it, refusals are logged at
+            most once per L{REFUSAL_LOG_INTERVAL} seconds (with a count), so
+            a connection flood does not flood the log.
+        """
         super().__init__(wrappedFactory)
+        self.clock = clock
+        self._lastRefusalLog: "float | None" = None
+        self._unloggedRefusals = 0
         self.maxTotal = maxTotal
         self.maxPerPeer = maxPerPeer
         self.refusal = refusal
-        self.perPeer: dict = {}
+        self.perPeer = peerCounts if peerCounts is not None else PeerCounts()
         self.total = 0
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", None) or ""
-        count = self.perPeer.get(host, 0)
+        count = self.perPeer.get(host)
         if (self.maxTotal and self.total >= self.maxTotal) or (
             self.maxPerPeer and count >= self.maxPerPeer and not isLoopback(host)
         ):
-            self.log.warn(
-                "connection refused: too many connections rhost={peer} total={total} from_peer={count}",
-                peer=host,
-                total=self.total,
-                count=count,
-            )
+            self._logRefusal(host, count)
             return _RefuseProtocol(self.refusal)
         p = super().buildProtocol(addr)
         if p is not None:
             p._limitHost = host
-            self.perPeer[host] = count + 1
+            self.perPeer.add(host)
             self.total += 1
         return p
+
+    def _logRefusal(self, host: str, count: int) -> None:
+        now = self.clock.seconds() if self.clock is not None else None
+        if now is not None and self._lastRefusalLog is not None and now - self._lastRefusalLog < REFUSAL_LOG_INTERVAL:
+            self._unloggedRefusals += 1
+            return
+        self._lastRefusalLog = now
+        self.log.warn(
+            "connection refused: too many connections rhost={peer} total={total} from_peer={count}"
+            " (and {more} more refused since the last such line)",
+            peer=host,
+            total=self.total,
+            count=count,
+            more=self._unloggedRefusals,
+        )
+        self._unloggedRefusals = 0
 
     def unregisterProtocol(self, p) -> None:
         super().unregisterProtocol(p)
@@ -92,8 +148,4 @@ class ConnectionLimitFactory(WrappingFactory):
         if host is None:
             return
         self.total -= 1
-        left = self.perPeer.get(host, 1) - 1
-        if left > 0:
-            self.perPeer[host] = left
-        else:
-            self.perPeer.pop(host, None)
+        self.perPeer.remove(host)

@@ -27,7 +27,7 @@ from pop3gw.interfaces import UnknownUser
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
-from pop3gw.limits import ConnectionLimitFactory
+from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue, RelayService
@@ -278,8 +278,12 @@ def _build(config: Config, reactor) -> MultiService:
     for factory in (pop3Factory, submissionFactory):
         factory.noisy = False  # no "Starting factory <repr>" lines in the log
 
+    peerCounts = PeerCounts()
+
     def limited(factory, refusal):
-        return ConnectionLimitFactory(factory, limits["max-connections"], limits["max-connections-per-ip"], refusal)
+        return ConnectionLimitFactory(
+            factory, limits["max-connections"], limits["max-connections-per-ip"], refusal, peerCounts, reactor
+        )
 
     plans = [
         ("pop3", pop3Factory, False, POP3_REFUSAL),

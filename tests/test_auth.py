@@ -192,6 +192,28 @@ class PasswordCheckerTests(SynchronousTestCase):
         pool.runAll()
         self.assertEqual(self.successResultOf(d), "alice@example.org")
 
+    def test_boundedPendingChecks(self) -> None:
+        """
+        Once C{maxPending} password checks wait for the pool, further logins
+        fail at once with L{TemporaryFailure} (no hashing queued, one log
+        line); when the backlog drains, logins are checked again.
+        """
+        pool = HeldThreadPool()
+        checker = self.makeChecker(self.users, pool)
+        checker.maxPending = 3
+        waiting = [checker.requestAvatarId(UsernamePassword("alice@example.org", "wrong")) for _ in range(3)]
+        extra = [checker.requestAvatarId(UsernamePassword("alice@example.org", "password")) for _ in range(2)]
+        for d in extra:
+            self.failureResultOf(d, TemporaryFailure)
+        self.assertEqual(len(pool.pending), 3)
+        pool.runAll()
+        self.reactor.advance(10)
+        for d in waiting:
+            self.failureResultOf(d, UnauthorizedLogin)
+        d = checker.requestAvatarId(UsernamePassword("alice@example.org", "password"))
+        pool.runAll()
+        self.assertEqual(self.successResultOf(d), "alice@example.org")
+
     def test_wrongPassword(self) -> None:
         """
         A wrong password fails with L{UnauthorizedLogin} only after the

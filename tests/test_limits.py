@@ -49,3 +49,44 @@ class LimitTests(SynchronousTestCase):
         transports = [connect(self.factory, "127.0.0.1")[1] for _ in range(6)]
         self.assertEqual([t.value() for t in transports[:5]], [b""] * 5)
         self.assertEqual(transports[5].value(), REFUSAL)
+
+    def test_perPeerSharedAcrossListeners(self) -> None:
+        """
+        Listeners sharing a L{PeerCounts} enforce one per-address cap
+        together.
+        """
+        from pop3gw.limits import PeerCounts
+
+        shared = PeerCounts()
+        pop3 = ConnectionLimitFactory(Factory.forProtocol(Protocol), 5, 2, REFUSAL, shared)
+        smtp = ConnectionLimitFactory(Factory.forProtocol(Protocol), 5, 2, b"421 no\r\n", shared)
+        first, _ = connect(pop3, "192.0.2.1")
+        connect(smtp, "192.0.2.1")
+        _, refused = connect(smtp, "192.0.2.1")
+        self.assertEqual(refused.value(), b"421 no\r\n")
+        first.connectionLost(None)
+        _, t = connect(pop3, "192.0.2.1")
+        self.assertEqual(t.value(), b"")
+
+    def test_refusalsLoggedSparingly(self) -> None:
+        """
+        With a clock, a flood of refused connections gives one log line per
+        interval, the next one counting those not logged.
+        """
+        from twisted.internet.task import Clock
+        from twisted.logger import globalLogPublisher
+
+        from pop3gw.limits import REFUSAL_LOG_INTERVAL
+
+        clock = Clock()
+        factory = ConnectionLimitFactory(Factory.forProtocol(Protocol), 1, 0, REFUSAL, clock=clock)
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        connect(factory, "192.0.2.1")
+        for _ in range(5):
+            connect(factory, "192.0.2.1")
+        clock.advance(REFUSAL_LOG_INTERVAL)
+        connect(factory, "192.0.2.1")
+        refusals = [e for e in events if "connection refused" in e.get("log_format", "")]
+        self.assertEqual([e["more"] for e in refusals], [0, 4])
