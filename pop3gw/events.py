@@ -2,9 +2,10 @@
 """
 The log lines operators and fail2ban read.
 
-Every listener logs logins, failed logins and logouts through these
-functions, so there is one format to match.  The fail2ban filter in
-C{etc/fail2ban/filter.d/pop3gw.conf} matches L{loginFailed}'s line::
+Every listener logs logins, failed logins, logins refused by policy and
+logouts through these functions, so there is one format to match.  The
+fail2ban filter in C{etc/fail2ban/filter.d/pop3gw.conf} matches
+L{loginFailed}'s line (and not L{loginRefused}'s)::
 
     authentication failed: service=pop3 rhost=192.0.2.7 user="alice@example.org"
 
@@ -62,6 +63,33 @@ def loginFailed(log: Logger, service: str, user: str | bytes | None, peer: str, 
     """
     log.warn(
         "authentication failed: service={service} rhost={peer} user={user} reason={reason}",
+        service=service,
+        peer=peer,
+        user=sanitize(user),
+        reason=sanitize(reason),
+    )
+
+
+#: The reason L{loginRefused} gives when the plaintext-auth policy refuses a
+#: login on a connection without TLS.
+PLAINTEXT_DISALLOWED = "plaintext authentication disallowed"
+
+
+def loginRefused(log: Logger, service: str, user: str | bytes | None, peer: str, reason: str) -> None:
+    """
+    Log a login the server refused to attempt (the plaintext-auth policy),
+    as one warn line that the fail2ban filter does not match: a client not
+    configured for TLS is not guessing passwords, but the operator should
+    know that it may have sent a password in clear::
+
+        login refused: service=pop3 rhost=192.0.2.7 user="alice@example.org" reason="plaintext authentication disallowed"
+
+    @param user: the login name the client gave, if any; never a password.
+    @param reason: a fixed phrase chosen by the server (never client text),
+        e.g. L{PLAINTEXT_DISALLOWED}.
+    """
+    log.warn(
+        "login refused: service={service} rhost={peer} user={user} reason={reason}",
         service=service,
         peer=peer,
         user=sanitize(user),

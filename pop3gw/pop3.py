@@ -260,8 +260,13 @@ class _OutputFlow:
 
     def stopProducing(self) -> None:
         """
-        The connection is going away; L{POP3Server.connectionLost} cleans up.
+        The connection is going away and the transport has dropped this
+        producer, so the server must not unregister it: after STLS a TCP
+        transport has already discarded its TLS layer by the time
+        L{POP3Server.connectionLost} runs, and unregistering would fail.
+        L{POP3Server.connectionLost} cleans up the rest.
         """
+        self._server._outputRegistered = False
 
 
 class _MessageSender:
@@ -372,6 +377,25 @@ class _MessageSender:
         self._onDone(self, None)
 
 
+def _plainAuthcid(encoded: bytes) -> Optional[str]:
+    """
+    The authentication identity of a SASL PLAIN response, for a log line;
+    the password in it is not looked at.
+
+    @return: L{None} if C{encoded} is not a well-formed response.
+    """
+    try:
+        parts = base64.b64decode(encoded, validate=True).split(b"\x00")
+    except (binascii.Error, ValueError):
+        return None
+    if len(parts) != 3:
+        return None
+    try:
+        return parts[1].decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None
+
+
 class POP3Server(Protocol):
     """
     One POP3 session.  Its settings (portal, plaintext policy, clock, STLS
@@ -403,6 +427,7 @@ class POP3Server(Protocol):
     _badCommands = 0
     _authFailures = 0
     _user: Optional[str] = None
+    _refusedUser: Optional[str] = None
     _saslPending = False
     _avatar = None
     _logout: Optional[Callable[[], None]] = None
@@ -774,7 +799,8 @@ class POP3Server(Protocol):
             raise _BadArguments()
         self._user = None
         if not self._plaintextAllowed():
-            self._clientError(ERR_PLAINTEXT)
+            self._refusedUser = words[0]
+            self._refusePlaintext(words[0])
             return
         self._user = words[0]
         self._reply("+OK Send PASS.")
@@ -782,7 +808,8 @@ class POP3Server(Protocol):
     def do_PASS(self, rest: str) -> None:
         user, self._user = self._user, None
         if not self._plaintextAllowed():
-            self._clientError(ERR_PLAINTEXT)
+            refused, self._refusedUser = self._refusedUser, None
+            self._refusePlaintext(refused)
             return
         if user is None:
             self._clientError(ERR_USER_FIRST)
@@ -804,7 +831,7 @@ class POP3Server(Protocol):
             self._clientError(ERR_SASL_MECHANISM)
             return
         if not self._plaintextAllowed():
-            self._clientError(ERR_PLAINTEXT)
+            self._refusePlaintext(_plainAuthcid(words[1].encode("ascii", "replace")) if len(words) == 2 else None)
             return
         if len(words) == 1:
             self._saslPending = True
@@ -812,6 +839,16 @@ class POP3Server(Protocol):
                 self.transport.write(b"+ \r\n")
             return
         self._saslPlain(words[1].encode("ascii", "replace"))
+
+    def _refusePlaintext(self, user: Optional[str]) -> None:
+        """
+        Refuse a plaintext login the policy disallows here, and log it as
+        refused (not as a failed login, which fail2ban would count).
+
+        @param user: the login name the client gave, if known.
+        """
+        events.loginRefused(self.log, "pop3", user, self.peer, events.PLAINTEXT_DISALLOWED)
+        self._clientError(ERR_PLAINTEXT)
 
     def _saslResponse(self, raw: bytes) -> None:
         """
@@ -952,6 +989,7 @@ class POP3Server(Protocol):
         return d
 
     def _ebMaildrop(self, reason: Failure) -> None:
+        user = self._avatarName()
         self._avatar = None
         self._callLogout()
         if self._ended():
@@ -960,7 +998,7 @@ class POP3Server(Protocol):
             self.log.info(
                 "maildrop in use: service=pop3 rhost={peer} user={user}",
                 peer=self.peer,
-                user=events.sanitize(self._avatarName()),
+                user=events.sanitize(user),
             )
             self._reply(ERR_IN_USE)
         elif reason.check(TemporaryFailure):

@@ -2,9 +2,28 @@
 Log lines: network text is quoted and escaped so it cannot forge a line.
 """
 
+import os
+import re
+
+from twisted.logger import Logger, LogLevel, formatEvent, formatEventAsClassicLogText
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.events import sanitize
+from pop3gw.events import PLAINTEXT_DISALLOWED, loginFailed, loginRefused, sanitize
+
+FAIL2BAN_FILTER = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "fail2ban", "filter.d", "pop3gw.conf"
+)
+
+
+def fail2banRegex() -> "re.Pattern[str]":
+    """
+    The shipped filter's C{failregex} (one line), with C{<HOST>} as
+    fail2ban expands it (close enough for addresses in these tests).
+    """
+    with open(FAIL2BAN_FILTER) as f:
+        (line,) = [line for line in f if line.startswith("failregex")]
+    pattern = line.split("=", 1)[1].strip()
+    return re.compile(pattern.replace("<HOST>", r"(?P<host>[0-9A-Fa-f.:]+)"))
 
 
 class SanitizeTests(SynchronousTestCase):
@@ -24,3 +43,57 @@ class SanitizeTests(SynchronousTestCase):
         Overlong user names are cut to a fixed length.
         """
         self.assertEqual(len(sanitize("a" * 1000)), 102)
+
+
+class LoginRefusedTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events: list = []
+        self.log = Logger(observer=self.events.append)
+
+    def test_format(self) -> None:
+        """
+        A login refused by policy is one warn line with the service, the
+        peer, the quoted user and the quoted reason.
+        """
+        loginRefused(self.log, "pop3", "alice@example.org", "192.0.2.7", PLAINTEXT_DISALLOWED)
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in self.events],
+            [
+                (
+                    LogLevel.warn,
+                    'login refused: service=pop3 rhost=192.0.2.7 user="alice@example.org"'
+                    ' reason="plaintext authentication disallowed"',
+                )
+            ],
+        )
+
+    def test_userEscaped(self) -> None:
+        """
+        The user name (network text, possibly unknown) is escaped like
+        everywhere else, so it cannot forge a second line.
+        """
+        loginRefused(self.log, "submission", "x\nauthentication failed: rhost=1.2.3.4", "192.0.2.7", "r")
+        loginRefused(self.log, "submission", None, "192.0.2.7", "r")
+        self.assertEqual(
+            [formatEvent(e) for e in self.events],
+            [
+                'login refused: service=submission rhost=192.0.2.7'
+                ' user="x\\x0aauthentication failed: rhost=1.2.3.4" reason="r"',
+                'login refused: service=submission rhost=192.0.2.7 user="" reason="r"',
+            ],
+        )
+
+    def test_notCountedByFail2ban(self) -> None:
+        """
+        The shipped fail2ban filter does not match a refused login (a
+        client not configured for TLS is not guessing passwords), while it
+        does match a failed one.
+        """
+        log = Logger(namespace="pop3gw.pop3.POP3Server", observer=self.events.append)
+        loginRefused(log, "pop3", "alice@example.org", "192.0.2.7", PLAINTEXT_DISALLOWED)
+        loginFailed(log, "pop3", "alice@example.org", "192.0.2.7")
+        # As twistd writes them to its log file.
+        refused, failed = [formatEventAsClassicLogText(e) for e in self.events]
+        regex = fail2banRegex()
+        self.assertIsNone(regex.search(refused))
+        self.assertEqual(regex.search(failed).group("host"), "192.0.2.7")

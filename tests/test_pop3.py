@@ -18,7 +18,7 @@ from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -428,6 +428,37 @@ class UserPassTests(_Harness):
         self.assertEqual(self.realm.logins, 0)
         self.assertEqual(self.proto.state, "AUTHORIZATION")
 
+    def test_plaintextRefusedLogged(self) -> None:
+        """
+        Each plaintext login the policy refuses is logged as one warn line
+        naming the user of the refused USER, not as a failed login (which
+        fail2ban would count), and the password never appears in the log.
+        """
+        self.connect(policy=never)
+        self.send(b"USER alice@example.org\r\nPASS s3cret-pw\r\n")
+        refused = (
+            'login refused: service=pop3 rhost=192.0.2.7 user="alice@example.org"'
+            ' reason="plaintext authentication disallowed"'
+        )
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in self.events],
+            [(LogLevel.warn, refused), (LogLevel.warn, refused)],
+        )
+        self.assertNotIn("s3cret-pw", repr(self.events))
+
+    def test_plaintextRefusedPassAlone(self) -> None:
+        """
+        A PASS refused by the policy without a USER before it is logged
+        with an empty user.
+        """
+        self.connect(policy=never)
+        self.send(b"PASS s3cret-pw\r\n")
+        self.assertEqual(
+            self.logLines(),
+            ['login refused: service=pop3 rhost=192.0.2.7 user="" reason="plaintext authentication disallowed"'],
+        )
+        self.assertNotIn("s3cret-pw", repr(self.events))
+
     def test_tooManyFailures(self) -> None:
         """
         The third failed login closes the connection.
@@ -456,6 +487,19 @@ class UserPassTests(_Harness):
         self.assertEqual(self.proto.state, "AUTHORIZATION")
         self.store.locked.clear()
         self.assertEqual(self.send(b"USER alice@example.org\r\nPASS secret\r\n"), LOGGED_IN)
+
+    def test_inUseLogged(self) -> None:
+        """
+        A locked maildrop is logged once, at info level, with the peer and
+        the user whose maildrop is in use.
+        """
+        self.store.locked.add(ALICE)
+        self.connect()
+        self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in self.events],
+            [(LogLevel.info, 'maildrop in use: service=pop3 rhost=192.0.2.7 user="alice@example.org"')],
+        )
 
     def test_maildropTemporaryFailure(self) -> None:
         """
@@ -622,6 +666,37 @@ class SASLTests(_Harness):
             b"-ERR [AUTH] Plaintext authentication disallowed on non-encrypted connections.\r\n",
         )
         self.assertEqual(self.realm.logins, 0)
+
+    def test_plaintextRefusedLogged(self) -> None:
+        """
+        An AUTH PLAIN the policy refuses is logged as one warn line with
+        the authentication identity of its initial response, if it has a
+        well-formed one, and never the password; the refusal is not a
+        failed login.
+        """
+        self.connect(policy=never)
+        self.send(b"AUTH PLAIN " + plain(b"", b"alice@example.org", b"s3cret-pw") + b"\r\n")
+        self.send(b"AUTH PLAIN\r\n")
+        self.send(b"AUTH PLAIN " + base64.b64encode(b"alice\x00s3cret-pw") + b"\r\n")
+        self.send(b"AUTH PLAIN !!!\r\n")
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in self.events],
+            [
+                (
+                    LogLevel.warn,
+                    'login refused: service=pop3 rhost=192.0.2.7 user="alice@example.org"'
+                    ' reason="plaintext authentication disallowed"',
+                )
+            ]
+            + [
+                (
+                    LogLevel.warn,
+                    'login refused: service=pop3 rhost=192.0.2.7 user="" reason="plaintext authentication disallowed"',
+                )
+            ]
+            * 3,
+        )
+        self.assertNotIn("s3cret-pw", repr(self.events))
 
     def test_initialResponse(self) -> None:
         """
@@ -1681,7 +1756,8 @@ def _serverOptions():
 
 class _Bypass:
     """
-    What a TLS layer writes goes straight to the fake transport.
+    What a TLS layer writes, and its producer and close calls, go straight
+    to the fake transport, like L{twisted.internet._newtls._BypassTLS}.
     """
 
     def __init__(self, transport) -> None:
@@ -1693,24 +1769,43 @@ class _Bypass:
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
 
+    def loseConnection(self) -> None:
+        iosim.FakeTransport.loseConnection(self._transport)
+
+    def registerProducer(self, producer, streaming) -> None:
+        iosim.FakeTransport.registerProducer(self._transport, producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        iosim.FakeTransport.unregisterProducer(self._transport)
+
     def __getattr__(self, name):
         return getattr(self._transport, name)
 
 
 class _StartTLSFakeTransport(iosim.FakeTransport):
     """
-    An iosim transport whose C{startTLS} inserts a real
-    L{TLSMemoryBIOProtocol} under the protocol, like a TCP transport does.
+    An iosim transport that behaves like a TCP transport
+    (L{twisted.internet._newtls.ConnectionMixin}) once C{startTLS} is
+    called: a real L{TLSMemoryBIOProtocol} goes under the protocol, and
+    writes, producers and closing go through it.  When the connection is
+    lost, it stops and drops its producer and deletes its C{protocol}
+    attribute before telling the protocol, as
+    L{twisted.internet.tcp.Connection.connectionLost} does.
     """
 
     _tls = None
 
     def startTLS(self, contextFactory, beNormal=True) -> None:
+        producer, streaming = self.producer, self.streamingProducer
+        if producer is not None:
+            iosim.FakeTransport.unregisterProducer(self)
         factory = TLSMemoryBIOFactory(contextFactory, not self.isServer, None)
         tls = TLSMemoryBIOProtocol(factory, self.protocol, _connectWrapped=False)
         self._tls = tls
         self.protocol = tls
         tls.makeConnection(_Bypass(self))
+        if producer is not None:
+            self.registerProducer(producer, streaming)
 
     def write(self, data: bytes) -> None:
         if self._tls is not None:
@@ -1723,6 +1818,26 @@ class _StartTLSFakeTransport(iosim.FakeTransport):
             self._tls.loseConnection()
         else:
             super().loseConnection()
+
+    def registerProducer(self, producer, streaming) -> None:
+        if self._tls is not None:
+            self.protocol.registerProducer(producer, streaming)
+        else:
+            super().registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self._tls is not None:
+            self.protocol.unregisterProducer()
+        else:
+            super().unregisterProducer()
+
+    def reportDisconnect(self) -> None:
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            producer.stopProducing()
+        protocol = self.protocol
+        del self.protocol
+        protocol.connectionLost(Failure(self.disconnectReason))
 
 
 class _Client(Protocol):
@@ -1801,3 +1916,63 @@ class RealTLSTests(_Harness):
             b"\r\n".join(received.tlsLines) + b"\r\n",
             b"+OK pop3gw ready.\r\n" + CAPA_PLAINTEXT,
         )
+
+    def _stlsSession(self):
+        """
+        Connect a client that sends STLS and completes the handshake over
+        L{_StartTLSFakeTransport}s; the server logs to C{self.events}.
+
+        @return: the client, the server and the pump.
+        """
+        clock = MemoryReactorClock()
+        factory = POP3Factory(self.portal, tlsOnly, self.clock, tlsContextFactory=_serverOptions())
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: factory.buildProtocol(PEER),
+            lambda: _Client(CertificateOptions()),
+            clientTransportFactory=lambda p: _StartTLSFakeTransport(p, isServer=False),
+            serverTransportFactory=lambda p: _StartTLSFakeTransport(p, isServer=True),
+            clock=clock,
+        )
+        server.log = Logger(observer=self.events.append)
+        client.transport.write(b"STLS\r\nCAPA\r\n")
+        pump.flush()
+        client.transport.write(b"NOOP\r\n")
+        pump.flush()
+        self.assertEqual(client.tlsLines, [b"-ERR Command not valid in this state."])
+        return client, server, pump
+
+    def assertNothingAlarming(self) -> None:
+        """
+        The server logged no failure and nothing at warn level or above.
+        """
+        self.assertEqual(self.failures(), [])
+        self.assertEqual(
+            [formatEvent(e) for e in self.events if e["log_level"] >= LogLevel.warn],
+            [],
+        )
+
+    def test_clientClosesAfterSTLS(self) -> None:
+        """
+        A client that closes TLS and the connection right after the STLS
+        handshake (C{openssl s_client -starttls pop3 </dev/null}) ends the
+        session quietly: nothing is logged as an error, although the TCP
+        transport has already dropped its TLS layer when the server hears
+        of the loss.
+        """
+        client, server, pump = self._stlsSession()
+        client.transport.loseConnection()
+        pump.flush()
+        self.assertTrue(server._disconnected)
+        self.assertNothingAlarming()
+
+    def test_clientDropsTCPAfterSTLS(self) -> None:
+        """
+        A client that drops the TCP connection after the STLS handshake
+        without a TLS close (a Python C{ssl} socket closed without
+        C{unwrap}) ends the session quietly.
+        """
+        client, server, pump = self._stlsSession()
+        iosim.FakeTransport.loseConnection(client.transport)
+        pump.flush()
+        self.assertTrue(server._disconnected)
+        self.assertNothingAlarming()
