@@ -467,7 +467,10 @@ class POP3Server(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._disconnected:
             return
-        self._resetTimeout()
+        if b"\n" in data:
+            # Only a finished line counts as activity: a client trickling a
+            # line that never ends (slowloris) still times out.
+            self._resetTimeout()
         self._buffer += data
         self._processBuffer()
 

@@ -1643,6 +1643,21 @@ class TimeoutTests(_Harness):
         self.assertEqual(self.transport.value(), b"-ERR Idle timeout, closing connection.\r\n")
         self.assertTrue(self.transport.disconnecting)
 
+    def test_slowlorisTimesOut(self) -> None:
+        """
+        Bytes that never complete a line do not count as activity: a client
+        trickling one byte at a time is still closed after C{idleTimeout}
+        seconds from its last complete line.
+        """
+        self.connect()
+        self.transport.clear()
+        for _ in range(599):
+            self.send(b"C")
+            self.clock.advance(1)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1)
+        self.assertEqual(self.transport.value(), b"-ERR Idle timeout, closing connection.\r\n")
+
     def test_idleTimeoutInTransaction(self) -> None:
         """
         A timeout in TRANSACTION releases the maildrop without deleting.
