@@ -63,6 +63,20 @@ and C{verified=yes|no}.  With a relay host, every
 recipient goes there; STARTTLS is verified against the relay host name when
 C{relayVerifyTLS} is true, and credentials are sent only over TLS.
 
+Logging: each session with a host gives one line, C{relay: <id>
+domain=... host=h:p delivered=n deferred=n failed=n tls=... verified=...
+error=...}, at info level when every recipient was delivered and at warn
+level otherwise.  Recipients the session broke before answering for count
+as deferred, and C{error=} says why in plain words ("connection refused",
+"smarthost offers no STARTTLS and certificate verification is on", the
+server's reply when it sent one), never the reply codes Twisted's client
+makes up for its own errors.  Each recipient deferred or failed by a remote
+reply gets one more warn line, C{relay: <id> to=<address> host=h:p
+result=deferred|failed reply=<the reply>}.  The last error C{pop3gw queue
+list} shows uses the same words.  The id is the queue id, which the
+submission server also gives the client in its C{250} reply (see
+L{_QueueDelivery.queueId}).
+
 Limitations: non-ASCII (SMTPUTF8) addresses are refused permanently with
 status 5.6.7; implicit TLS (port 465) to a relay is not supported.
 """
@@ -86,10 +100,19 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail.smtp import (
+    AUTHDeclinedError,
+    AUTHRequiredError,
+    AuthenticationError,
+    EHLORequiredError,
     ESMTPClient,
     LOGINAuthenticator,
     PLAINAuthenticator,
     SMTPClientError,
+    SMTPConnectError,
+    SMTPProtocolError,
+    SMTPTimeoutError,
+    TLSError,
+    TLSRequiredError,
 )
 from twisted.names import dns, error as dnserror
 from twisted.python.failure import Failure
@@ -480,11 +503,15 @@ class _QueueDelivery:
     """
     One message being queued: written to a tmp file as it arrives, made
     durable by L{prepare}, handed to the relay by L{release}.
+
+    @ivar queueId: the id of the entry this delivery makes (C{pop3gw queue
+        list}, the relay's log lines, bounces), known from the start.
     """
 
     def __init__(self, queue: "OutboundQueue", entry: Entry, trace: bytes):
         self._queue = queue
         self._entry = entry
+        self.queueId = entry.queueId
         self._tmp = os.path.join(queue.root, f"{entry.queueId}.msg.tmp")
         self._state = "open"
         self._lastCR = False
@@ -784,6 +811,87 @@ def _outcomeForReply(code: int, resp: bytes | str) -> Outcome:
     return Outcome(kind, status, diagnostic)
 
 
+def _describeError(exc: Exception, credentials: bool, starttlsBegun: bool = False) -> str:
+    """
+    Why an SMTP client session broke, in plain words for the log and
+    C{pop3gw queue list}.
+
+    Twisted's client errors carry either the remote server's reply or a
+    code and text Twisted made up (C{TLSRequiredError} says C{502 Server
+    does not support secure communication via TLS / SSL} although no server
+    sent a 502): a real reply is quoted, a made-up one is replaced by what
+    actually happened.
+
+    @param exc: the error given to C{sendError}.
+    @param credentials: whether relay credentials are configured (TLS is
+        then required for them, not for certificate verification).
+    @param starttlsBegun: whether the server had accepted STARTTLS (a TLS
+        error then comes from starting TLS here, with a made-up 451).
+    """
+    if isinstance(exc, TLSRequiredError):
+        if credentials:
+            return "smarthost offers no STARTTLS and relay credentials are sent only over TLS"
+        return "smarthost offers no STARTTLS and certificate verification is on"
+    if isinstance(exc, AUTHRequiredError):
+        return "smarthost offers no AUTH mechanism pop3gw supports (PLAIN, LOGIN)"
+    if isinstance(exc, EHLORequiredError):
+        return "server refused EHLO, which STARTTLS and AUTH need"
+    if isinstance(exc, TLSError):
+        if exc.code > 0 and not starttlsBegun:
+            return f"server refused STARTTLS (reply code {exc.code:03d})"
+        return "TLS could not be started"
+    if isinstance(exc, AUTHDeclinedError):
+        return "smarthost refused the relay credentials: " + _outcomeForReply(exc.code, exc.resp).diagnostic
+    if isinstance(exc, AuthenticationError):
+        if exc.code == 501 and exc.resp.startswith(b"Login failed because"):
+            return "smarthost sent a malformed AUTH challenge"
+        return "smarthost refused authentication: " + _outcomeForReply(exc.code, exc.resp).diagnostic
+    if isinstance(exc, SMTPTimeoutError):
+        return f"no reply from the server within {RESPONSE_TIMEOUT} seconds"
+    if isinstance(exc, SMTPConnectError) and exc.code > 0:
+        return "server refused the session: " + _outcomeForReply(exc.code, exc.resp).diagnostic
+    if isinstance(exc, SMTPProtocolError) and exc.code <= 0:
+        return "the server sent a malformed reply"
+    if isinstance(exc, SMTPClientError):
+        if exc.code > 0:
+            return "server replied " + _outcomeForReply(exc.code, exc.resp).diagnostic
+        return oneLine(exc.resp)
+    return oneLine(f"{exc.__class__.__name__}: {exc}")
+
+
+def _describeConnectFailure(f: Failure) -> str:
+    """
+    Why a TCP connection to a mail server could not be made, in plain words.
+    """
+    if f.check(ierror.ConnectingCancelledError, defer.CancelledError):
+        return "connection attempt cancelled"
+    if f.check(ierror.ConnectionRefusedError):
+        return "connection refused"
+    if f.check(ierror.TimeoutError, ierror.TCPTimedOutError):
+        return "connection timed out"
+    if f.check(ierror.DNSLookupError):
+        return "host name not found"
+    if f.check(ierror.NoRouteError):
+        return "no route to host"
+    return oneLine(f"cannot connect: {f.getErrorMessage()}")
+
+
+def _describeDNSFailure(domain: str, e: Exception) -> str:
+    """
+    Why a temporary DNS failure kept mail for C{domain} queued, in plain
+    words.
+    """
+    if isinstance(e, dnserror.DNSServerError):
+        why = "server failure (SERVFAIL)"
+    elif isinstance(e, dnserror.DNSQueryRefusedError):
+        why = "query refused"
+    elif isinstance(e, defer.TimeoutError):
+        why = "timed out"
+    else:
+        why = oneLine(f"{e.__class__.__name__} {e}")
+    return f"DNS lookup for {domain} failed: {why}"
+
+
 class _Session:
     """
     The state and result of one SMTP connection carrying one message to
@@ -827,12 +935,13 @@ class _Session:
             else:
                 self.outcomes[recipient] = _outcomeForReply(rcode, rresp)
 
-    def recordError(self, exc: Exception) -> None:
+    def recordError(self, why: str) -> None:
+        """
+        Record why the session broke (plain words, see L{_describeError}),
+        unless a definitive reply came first.
+        """
         if self.error is None and not self.outcomes:
-            if isinstance(exc, SMTPClientError):
-                self.error = _outcomeForReply(exc.code, exc.resp).diagnostic
-            else:
-                self.error = oneLine(str(exc))
+            self.error = why
 
     def tlsVerified(self, verifyingContext: bool) -> bool:
         """
@@ -937,7 +1046,7 @@ class _RelayClient(ESMTPClient):
         self.session.recordSent(code, resp, addresses)
 
     def sendError(self, exc):
-        self.session.recordError(exc)
+        self.session.recordError(_describeError(exc, self.requireAuthentication, self.session.starttlsBegun))
         ESMTPClient.sendError(self, exc)
 
     def connectionLost(self, reason=protocol.connectionDone):
@@ -948,6 +1057,14 @@ class _RelayClient(ESMTPClient):
 
 
 class _RelayClientFactory(protocol.Factory):
+    """
+    Builds the one L{_RelayClient} of a L{_Session}.
+    """
+
+    # One connection per session: "Starting factory" / "Stopping factory"
+    # lines for each would only be noise in the log.
+    noisy = False
+
     def __init__(self, session: _Session, identity: str, contextFactory, username, password, clock, requireTLS=False):
         self.session = session
         self.requireTLS = requireTLS
@@ -977,6 +1094,28 @@ class _PermanentLookupFailure(Exception):
         Exception.__init__(self, text)
         self.status = status
         self.text = text
+
+
+class _QuietDatagramReactor:
+    """
+    The reactor as the relay's own DNS resolver sees it: every datagram
+    protocol it listens with is made quiet (C{noisy = False}), so a DNS
+    query does not log "Starting protocol" and "Stopping protocol".
+
+    The UDP port itself (C{twisted.internet.udp.Port}) still logs
+    "DNSDatagramProtocol starting on N" and "(UDP Port N Closed)": Twisted
+    writes those unconditionally, and only a log filter can drop them.
+    """
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+
+    def __getattr__(self, name: str):
+        return getattr(self._reactor, name)
+
+    def listenUDP(self, port: int, protocol, interface: str = "", maxPacketSize: int = 8192):
+        protocol.noisy = False
+        return self._reactor.listenUDP(port, protocol, interface, maxPacketSize)
 
 
 # --- The relay service -------------------------------------------------------
@@ -1380,8 +1519,8 @@ class RelayService(Service):
             )
             return {r: Outcome("perm", e.status, e.text) for r in recipients}
         except Exception as e:
-            why = oneLine(f"DNS lookup for {domain} failed: {e.__class__.__name__} {e}")
-            self.log.info(
+            why = _describeDNSFailure(domain, e)
+            self.log.warn(
                 "relay: {queueId} domain={domain} result=deferred: {why}",
                 queueId=entry.queueId,
                 domain=domain,
@@ -1401,7 +1540,9 @@ class RelayService(Service):
         if self.resolver is None:
             from twisted.names import client
 
-            self.resolver = self._ownResolver = client.Resolver(resolv="/etc/resolv.conf", reactor=self.reactor)
+            self.resolver = self._ownResolver = client.Resolver(
+                resolv="/etc/resolv.conf", reactor=_QuietDatagramReactor(self.reactor)
+            )
         try:
             answers, _, _ = yield self.resolver.lookupMailExchange(domain)
         except dnserror.DNSNameError:
@@ -1450,29 +1591,60 @@ class RelayService(Service):
                 )
                 session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay, False)
             outcomes.update(session.outcomes)
+            self._logSession(entry, domain, host, port, session, remaining, relay)
             remaining = [r for r in remaining if r not in session.outcomes]
-            verified = session.tlsVerified(relay and self.relayVerifyTLS)
-            counts = {"ok": 0, "temp": 0, "perm": 0}
-            for o in session.outcomes.values():
-                counts[o.kind] += 1
-            result = f"delivered={counts['ok']} deferred={counts['temp']} failed={counts['perm']}"
-            self.log.info(
-                "relay: {queueId} domain={domain} host={host}:{port} {result} tls={tls} verified={verified} error={error}",
-                queueId=entry.queueId,
-                domain=domain,
-                host=host,
-                port=port,
-                result=result,
-                tls="yes" if session.tls else "no",
-                verified="yes" if verified else "no",
-                error="-" if session.error is None else session.error,
-            )
             if not remaining:
                 break
             lastError = f"{host}: {session.error}"
         for r in remaining:
             outcomes[r] = Outcome("temp", "4.4.1", oneLine(lastError))
         return outcomes
+
+    def _logSession(
+        self, entry: Entry, domain: str, host: str, port: int, session: "_Session", recipients: list, relay: bool
+    ) -> None:
+        """
+        Log the result of one session with C{host} for C{recipients}: one
+        summary line (at info if every recipient was delivered, else at
+        warn), then one warn line per recipient deferred or failed by a
+        remote reply, naming the reply.  Recipients the session never got a
+        reply for (it broke first: C{error=} says why) count as deferred.
+        """
+        counts = {"ok": 0, "temp": 0, "perm": 0}
+        refused = []
+        for r in recipients:
+            outcome = session.outcomes.get(r)
+            if outcome is None:
+                counts["temp"] += 1
+                continue
+            counts[outcome.kind] += 1
+            if outcome.kind != "ok":
+                refused.append((r, outcome))
+        level = self.log.info if counts["temp"] == counts["perm"] == 0 else self.log.warn
+        level(
+            "relay: {queueId} domain={domain} host={host}:{port} delivered={delivered} deferred={deferred}"
+            " failed={failed} tls={tls} verified={verified} error={error}",
+            queueId=entry.queueId,
+            domain=domain,
+            host=host,
+            port=port,
+            delivered=counts["ok"],
+            deferred=counts["temp"],
+            failed=counts["perm"],
+            tls="yes" if session.tls else "no",
+            verified="yes" if session.tlsVerified(relay and self.relayVerifyTLS) else "no",
+            error="-" if session.error is None else session.error,
+        )
+        for r, outcome in refused:
+            self.log.warn(
+                "relay: {queueId} to={recipient} host={host}:{port} result={result} reply={reply}",
+                queueId=entry.queueId,
+                recipient=str(r),
+                host=host,
+                port=port,
+                result="deferred" if outcome.kind == "temp" else "failed",
+                reply=outcome.diagnostic,
+            )
 
     def _defaultEndpoint(self, host: str, port: int):
         return HostnameEndpoint(self.reactor, host, port, timeout=self.connectTimeout)
@@ -1517,10 +1689,7 @@ class RelayService(Service):
         self._sessions.add(session)
 
         def connectFailed(f: Failure) -> None:
-            if f.check(ierror.ConnectingCancelledError, defer.CancelledError):
-                session.error = "connection attempt cancelled"
-            else:
-                session.error = oneLine(f"cannot connect: {f.getErrorMessage()}")
+            session.error = _describeConnectFailure(f)
             session.finish(None)
 
         def finished(s: _Session) -> _Session:

@@ -91,14 +91,33 @@ class _RoutedDelivery:
 
     A committed maildrop copy cannot be withdrawn, which is why it comes
     last: the only failure left after it is none.
+
+    Besides L{IDelivery}, it says where the message goes, so that a
+    protocol can name one id for it and log its routing:
+
+    @ivar queueId: the queue id of the remote part (the C{queueId} of the
+        queue's delivery: the id C{pop3gw queue list}, the relay's log
+        lines and bounces use), or L{None} if there is no remote part or
+        the queue does not name one.
+    @ivar localRecipients: the local recipients, a tuple of L{Address}.
+    @ivar remoteRecipients: the remote recipients, a tuple of L{Address}.
     """
 
     log = Logger()
 
-    def __init__(self, local: Optional[IDelivery], remote: Optional[IDelivery]):
+    def __init__(
+        self,
+        local: Optional[IDelivery],
+        remote: Optional[IDelivery],
+        localRecipients: Sequence[Address] = (),
+        remoteRecipients: Sequence[Address] = (),
+    ):
         self._local = local
         self._remote = remote
         self._state = "open"
+        self.queueId: Optional[str] = getattr(remote, "queueId", None)
+        self.localRecipients = tuple(localRecipients)
+        self.remoteRecipients = tuple(remoteRecipients)
 
     def _parts(self) -> list:
         return [p for p in (self._remote, self._local) if p is not None]
@@ -211,4 +230,4 @@ class Router:
             if remotePart is not None:
                 remotePart.abort()
             raise
-        return _RoutedDelivery(localPart, remotePart)
+        return _RoutedDelivery(localPart, remotePart, local, remote)

@@ -60,6 +60,21 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
   - Line ends are processed exactly across TCP segment boundaries: a CR at
     the end of one segment and an LF at the start of the next is a CRLF.
 
+Message ids
+===========
+
+Each message has one id from acceptance to delivery.  When the delivery
+names the outbound queue entry its remote part becomes (a C{queueId}
+attribute, see L{pop3gw.router}), that id is used; otherwise (purely local
+mail) a random one is made.  The id is named in the C{Received:} field
+(written as the first data of the delivery, once the delivery and so its
+queue id exist), in the C{250 2.0.0 OK queued as <id>} reply, and in the
+log line each accepted message gets::
+
+    submission: accepted id=<id> user="..." from="<envelope sender>" local=<n> remote=<n> size=<octets> queue=<queue id or ->
+
+C{pop3gw queue list}, the relay's log lines and bounces use the same id.
+
 Replies to commands after the final C{"."} wait until the delivery's commit
 fires; C{250} is sent only then.  A client that disconnects while the
 commit is in flight does not abort it: the message is kept and delivered
@@ -328,6 +343,45 @@ def _headerFields(lines: list[bytes]) -> list[tuple[Optional[bytes], bytes]]:
         else:
             fields.append([None, line])
     return [(name, value) for name, value in fields]
+
+
+#: What a delivery's C{queueId} must look like to be used as the message id
+#: on the wire and in the C{Received:} field (an RFC 5322 atom, no spaces).
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,63}$")
+
+
+def _messageId(delivery: IDelivery) -> str:
+    """
+    The id of the message being delivered through C{delivery}: the C{queueId}
+    the delivery names (L{pop3gw.router}: the outbound queue's id, so that the
+    id a client is given in the 250 reply is the one C{pop3gw queue list},
+    the relay's log lines and bounces use), or, for a message with no queue
+    entry, a new random one.
+    """
+    queueId = getattr(delivery, "queueId", None)
+    if isinstance(queueId, str) and _SAFE_ID.match(queueId):
+        return queueId
+    return secrets.token_hex(8).upper()
+
+
+def _initialUser(mechanism: str, initial: Optional[str]) -> Optional[bytes]:
+    """
+    The user name in an AUTH initial response, for a log line: the
+    authentication identity of PLAIN, or LOGIN's user name; L{None} if
+    there is none or it does not decode.  Never the password.
+    """
+    if initial is None:
+        return None
+    try:
+        response = decodeBase64(initial)
+    except SMTPRefusal:
+        return None
+    if mechanism == "LOGIN":
+        return response or None
+    parts = response.split(b"\x00")
+    if len(parts) != 3:
+        return None
+    return parts[1] or None
 
 
 def _stuffing(line: bytes | bytearray) -> int:
@@ -784,24 +838,43 @@ class SubmissionServer(Protocol):
         self._reader = None
         self._mode = _Mode.COMMAND
         refusal = reader.finish()
+        sender = self._sender
         self._resetTransaction()
         if refusal is not None:
             self._send(refusal)
             return True
         queueID, size = self._queueID, reader.size
         d = maybeDeferred(reader.delivery.commit)
-        d.addCallbacks(self._cbCommitted, self._ebCommitted, callbackArgs=(queueID, size))
+        d.addCallbacks(self._cbCommitted, self._ebCommitted, callbackArgs=(queueID, size, sender, reader.delivery))
         self._wait(d)
         return True
 
-    def _cbCommitted(self, ignored: object, queueID: str, size: int) -> None:
+    def _cbCommitted(
+        self, ignored: object, queueID: str, size: int, sender: Optional[Address], delivery: IDelivery
+    ) -> None:
+        """
+        The message is durable: log it and say 250.
+
+        The log line ties the id the client sees to the message's routing:
+        the number of local and remote recipients and the queue id, when
+        the delivery names them (C{localRecipients}, C{remoteRecipients},
+        C{queueId}: see L{pop3gw.router}; C{-} when it does not).
+        """
         self._messages += 1
         self._bytes += size
+        local = getattr(delivery, "localRecipients", None)
+        remote = getattr(delivery, "remoteRecipients", None)
+        queue = getattr(delivery, "queueId", None)
         self.log.info(
-            "submission: queued id={queueID} user={user} size={size}",
+            "submission: accepted id={queueID} user={user} from={sender} local={local} remote={remote}"
+            " size={size} queue={queue}",
             queueID=queueID,
             user=events.sanitize(self._user),
+            sender=events.sanitize(None if sender is None else str(sender)),
+            local="-" if local is None else len(local),
+            remote="-" if remote is None else len(remote),
             size=size,
+            queue=queue if queue is not None and _SAFE_ID.match(queue) else "-",
         )
         self._send(Reply(250, f"2.0.0 OK queued as {queueID}"))
 
@@ -927,9 +1000,12 @@ class SubmissionServer(Protocol):
         mechanism = parts[0].upper()
         if mechanism not in ("PLAIN", "LOGIN"):
             raise SMTPRefusal(AUTH_MECHANISM)
-        if not self._plaintextAllowed():
-            raise SMTPRefusal(AUTH_ENCRYPTION_REQUIRED)
         initial = parts[1] if len(parts) == 2 else None
+        if not self._plaintextAllowed():
+            events.loginRefused(
+                self.log, SERVICE, _initialUser(mechanism, initial), self._peer, events.PLAINTEXT_DISALLOWED
+            )
+            raise SMTPRefusal(AUTH_ENCRYPTION_REQUIRED)
         if mechanism == "PLAIN":
             if initial is None:
                 self._auth = ("PLAIN",)
@@ -1102,11 +1178,21 @@ class SubmissionServer(Protocol):
             raise SMTPRefusal(NO_ARGUMENTS)
         if not self._recipients:
             raise SMTPRefusal(NO_RECIPIENTS)
-        self._queueID = secrets.token_hex(8).upper()
         try:
-            delivery = self._avatar.beginDelivery(self._sender, list(self._recipients), trace=self._receivedHeader())
+            delivery = self._avatar.beginDelivery(self._sender, list(self._recipients))
         except TemporaryFailure:
             raise SMTPRefusal(TEMPORARY_FAILURE) from None
+        self._queueID = _messageId(delivery)
+        # The Received: field names the id, so it is written once the
+        # delivery (and with it the queue id) exists, as the first data.
+        try:
+            delivery.write(self._receivedHeader())
+        except TemporaryFailure:
+            delivery.abort()
+            raise SMTPRefusal(TEMPORARY_FAILURE) from None
+        except Exception:
+            delivery.abort()
+            raise
         checker = self._avatar.mayUseSender if self.factory.checkHeaderFrom else None
         self._reader = _MessageReader(delivery, self.factory.maxMessageSize, checker, self._missingFields)
         self._mode = _Mode.DATA

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import os
 import poplib
+import re
 import smtplib
 import socket
 import subprocess
@@ -204,6 +205,42 @@ class RelayTests(SubmissionTestMixin, SynchronousTestCase):
         while b"TLS" not in server.cli("queue", "list").stdout:
             self.assertLess(time.monotonic(), deadline, server.cli("queue", "list").stdout)
             time.sleep(0.2)
+        self.assertEqual(sink.received, [])
+
+    def test_oneIdAndPlainWordsInLog(self) -> None:
+        """
+        The id a client is given in C{250 ... queued as} is the id C{pop3gw
+        queue list} and the relay's log lines use; the submission's log line
+        names it with the message's routing; a smarthost that offers no
+        STARTTLS while verification is on is logged at warn level in plain
+        words (no made-up 502), counted deferred, and C{queue list} gives the
+        same words; no relay attempt adds "Starting factory" lines.
+        """
+        sink = Sink(self)
+        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}")
+        client = self.smtp(server)
+        client.login(ALICE, ALICE_PW)
+        msg = message(to="carol@remote.example")
+        client.mail(ALICE)
+        client.rcpt("carol@remote.example")
+        client.rcpt(BOB)
+        code, reply = client.data(msg)
+        client.quit()
+        self.assertEqual(code, 250)
+        messageId = re.fullmatch(rb"2\.0\.0 OK queued as (\S+)", reply).group(1).decode()
+        why = "smarthost offers no STARTTLS and certificate verification is on"
+        line = server.waitForLog(re.escape(f"relay: {messageId} domain=remote.example host=127.0.0.1:{sink.port} "))
+        self.assertIn("[pop3gw.queue.RelayService#warn] ", line)
+        self.assertIn(" delivered=0 deferred=1 failed=0 ", line)
+        self.assertTrue(line.rstrip().endswith(f"error={why}"), line)
+        accepted = server.waitForLog(re.escape(f"submission: accepted id={messageId} "))
+        self.assertIn(f' from="{ALICE}" local=1 remote=1 ', accepted)
+        self.assertTrue(accepted.rstrip().endswith(f" queue={messageId}"), accepted)
+        listing = server.cli("queue", "list").stdout.decode()
+        self.assertTrue(listing.startswith(messageId + " "), listing)
+        self.assertIn(f"error=carol@remote.example: 127.0.0.1: {why}", listing)
+        self.assertNotIn("502", server.log())
+        self.assertNotIn("Starting factory", server.log())
         self.assertEqual(sink.received, [])
 
     def test_relayedToSmarthost(self) -> None:

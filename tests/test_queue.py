@@ -245,6 +245,20 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
         self.assertTrue(verifyObject(ITwoPhaseDelivery, d))
         d.abort()
 
+    def test_deliveryNamesQueueId(self):
+        """
+        A queue delivery's C{queueId} is, from the start, the id of the
+        entry its commit makes.
+        """
+        announced = []
+        self.queue.addListener(announced.append)
+        d = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+        queueId = d.queueId
+        d.write(BODY)
+        self.successResultOf(d.commit())
+        self.assertEqual([e.queueId for e in announced], [queueId])
+        self.assertEqual([e.queueId for e in listEntries(self.root)], [queueId])
+
     def test_commitWritesFiles(self):
         """
         A commit writes C{<id>.msg} (trace first, LF made CRLF) and
@@ -754,7 +768,10 @@ class RelayTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.clock.advance(1)
         self.assertTrue(endpoint.transport.disconnecting)
         endpoint.close()
-        self.assertIn("Timeout", self.json(entry)["lastError"])
+        self.assertEqual(
+            self.json(entry)["lastError"],
+            "bob@remote.example: mx.remote.example: no reply from the server within 300 seconds",
+        )
 
     def test_expiry(self):
         """
@@ -967,7 +984,7 @@ class MXTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.assertEqual([(e.host, e.port) for e in self.connects][2], ("c.mx.example", 25))
         self.assertEqual(len(self.connects), 3)
         self.assertEqual(self.json(entry)["attempts"], 1)
-        self.assertIn("c.mx.example: cannot connect", self.json(entry)["lastError"])
+        self.assertEqual(self.json(entry)["lastError"], "bob@remote.example: c.mx.example: connection refused")
 
     def test_secondHostAfterGreetingFailure(self):
         """
@@ -1439,3 +1456,355 @@ class LoopbackRelayTests(unittest.TestCase):
         self.assertEqual(self.handler.messages[1][:2], ("alice@example.org", ["busy@dest.test"]))
         self.assertEqual(listEntries(root), [])
         self.assertEqual(len(bounces), 1)
+
+
+def relayLog(events):
+    """
+    The relay's log lines among captured C{events}, as C{(level name,
+    text)} pairs.
+    """
+    lines = []
+    for event in events:
+        text = formatEvent(event)
+        if text.startswith("relay: "):
+            lines.append((event["log_level"].name, text))
+    return lines
+
+
+class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
+    """
+    What the relay logs for each session: counts that add up to the
+    recipients concerned, plain-word errors (never Twisted's own made-up
+    reply codes), each remote refusal with its reply, failures at warn and
+    successes at info; the queue's last error uses the same words.
+    """
+
+    def attempt(self, serve, recipients=(BOB,), **kw):
+        """
+        Queue one message, run its first attempt with C{serve(endpoint)}
+        and return the entry and the relay's log lines.
+        """
+        self.setUpRelay(**kw)
+        self.start()
+        entry = self.enqueue(recipients=recipients)
+        with capturedLogs() as events:
+            self.clock.advance(0)
+            serve(self.connects[0])
+        return entry, relayLog(events)
+
+    def test_verifiedSmarthostWithoutSTARTTLS(self):
+        """
+        A smarthost whose certificate is to be verified but that offers no
+        STARTTLS: the recipient is counted deferred, the error says so in
+        plain words (no "502", which no server sent), at warn level, and
+        C{queue list} shows the same words.
+        """
+        entry, lines = self.attempt(
+            lambda e: e.serve([GREETING, EHLO_OK, b"221 bye\r\n"]),
+            relayHost="smarthost.example",
+            clientTLS=lambda host, verify: "CTX",
+        )
+        why = "smarthost offers no STARTTLS and certificate verification is on"
+        self.assertEqual(
+            lines,
+            [
+                (
+                    "warn",
+                    f"relay: {entry.queueId} domain=remote.example host=smarthost.example:25"
+                    f" delivered=0 deferred=1 failed=0 tls=no verified=no error={why}",
+                )
+            ],
+        )
+        [stored] = listEntries(self.root)
+        self.assertEqual(stored.lastError, f"bob@remote.example: smarthost.example: {why}")
+        self.assertTrue(formatEntry(stored).endswith(f" error=bob@remote.example: smarthost.example: {why}"))
+
+    def test_smarthostWithCredentialsWithoutSTARTTLS(self):
+        """
+        With relay credentials, a smarthost without STARTTLS is reported as
+        such: credentials only go over TLS.
+        """
+        entry, lines = self.attempt(
+            lambda e: e.serve([GREETING, b"250-mx\r\n250 AUTH PLAIN LOGIN\r\n", b"221 bye\r\n"]),
+            relayHost="smarthost.example",
+            relayUsername="gw",
+            relayPassword="s3cret",
+            clientTLS=lambda host, verify: "CTX",
+        )
+        [(level, line)] = lines
+        self.assertEqual(level, "warn")
+        self.assertIn(" delivered=0 deferred=1 failed=0 ", line)
+        self.assertTrue(line.endswith(" error=smarthost offers no STARTTLS and relay credentials are sent only over TLS"))
+        self.assertNotIn("s3cret", line)
+
+    def test_smarthostWithoutAuthMechanism(self):
+        """
+        With relay credentials, a smarthost that offers no AUTH mechanism
+        the relay speaks is reported as such, without a made-up code.
+        """
+
+        def serve(e):
+            e.serve([GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"220 go\r\n", EHLO_OK, b"221 bye\r\n"])
+
+        entry, lines = self.attempt(
+            serve,
+            relayHost="smarthost.example",
+            relayUsername="gw",
+            relayPassword="s3cret",
+            clientTLS=lambda host, verify: "CTX",
+        )
+        [(level, line)] = lines
+        self.assertEqual(level, "warn")
+        self.assertTrue(line.endswith(" error=smarthost offers no AUTH mechanism pop3gw supports (PLAIN, LOGIN)"), line)
+
+    def test_authDeclinedNamesReply(self):
+        """
+        Refused relay credentials are reported with the smarthost's reply.
+        """
+
+        def serve(e):
+            e.open()
+            for reply in (GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"220 go\r\n", b"250-mx\r\n250 AUTH PLAIN\r\n"):
+                e.feed(reply)
+            e.feed(b"535 5.7.8 bad credentials\r\n")
+            e.feed(b"535 5.7.8 bad credentials\r\n")
+            e.close()
+
+        entry, lines = self.attempt(
+            serve,
+            relayHost="smarthost.example",
+            relayUsername="gw",
+            relayPassword="s3cret",
+            clientTLS=lambda host, verify: "CTX",
+        )
+        [(level, line)] = lines
+        self.assertEqual(level, "warn")
+        self.assertTrue(line.endswith(" error=smarthost refused the relay credentials: 535 5.7.8 bad credentials"), line)
+
+    def test_connectionRefused(self):
+        """
+        A refused connection is "connection refused", counted deferred, at
+        warn level; the last error says the same.
+        """
+        entry, lines = self.attempt(lambda e: e.refuse())
+        self.assertEqual(
+            lines,
+            [
+                (
+                    "warn",
+                    f"relay: {entry.queueId} domain=remote.example host=mx.remote.example:25"
+                    " delivered=0 deferred=1 failed=0 tls=no verified=no error=connection refused",
+                )
+            ],
+        )
+        self.assertEqual(self.json(entry)["lastError"], "bob@remote.example: mx.remote.example: connection refused")
+
+    def test_greetingRefused(self):
+        """
+        A server that refuses the session in its greeting is reported with
+        its reply.
+        """
+        entry, lines = self.attempt(lambda e: e.serve([b"554 5.3.2 no service\r\n", b"221 bye\r\n"]))
+        [(level, line)] = lines
+        self.assertEqual(level, "warn")
+        self.assertIn(" delivered=0 deferred=1 failed=0 ", line)
+        self.assertTrue(line.endswith(" error=server refused the session: 554 5.3.2 no service"), line)
+
+    def test_responseTimeout(self):
+        """
+        A server that stops answering is reported in plain words, without
+        Twisted's made-up code.
+        """
+
+        def serve(e):
+            e.open()
+            e.feed(GREETING)
+            self.clock.advance(300)
+            e.close()
+
+        entry, lines = self.attempt(serve)
+        [(level, line)] = lines
+        self.assertEqual(level, "warn")
+        self.assertTrue(line.endswith(" error=no reply from the server within 300 seconds"), line)
+
+    def test_perRecipientReasons(self):
+        """
+        In a session with per-recipient results, the summary counts each
+        outcome and every deferred or failed recipient gets its own warn
+        line with the remote reply.
+        """
+        entry, lines = self.attempt(
+            lambda e: e.serve(
+                [GREETING, EHLO_OK, OK, OK, b"451 4.3.0 later\r\n", b"550 5.1.1 unknown\r\n", b"354 go\r\n", OK, b"221 bye\r\n"]
+            ),
+            recipients=[BOB, CAROL, DAVE],
+        )
+        prefix = f"relay: {entry.queueId}"
+        self.assertEqual(
+            lines[:3],
+            [
+                (
+                    "warn",
+                    f"{prefix} domain=remote.example host=mx.remote.example:25"
+                    " delivered=1 deferred=1 failed=1 tls=no verified=no error=-",
+                ),
+                ("warn", f"{prefix} to=carol@remote.example host=mx.remote.example:25 result=deferred reply=451 4.3.0 later"),
+                ("warn", f"{prefix} to=dave@remote.example host=mx.remote.example:25 result=failed reply=550 5.1.1 unknown"),
+            ],
+        )
+
+    def test_successAtInfo(self):
+        """
+        A session that delivers every recipient is logged at info level.
+        """
+        entry, lines = self.attempt(lambda e: e.serve(successReplies()))
+        self.assertEqual(lines[0][0], "info")
+        self.assertIn(" delivered=1 deferred=0 failed=0 tls=no verified=no error=-", lines[0][1])
+
+    def test_dnsFailureAtWarn(self):
+        """
+        A temporary DNS failure is logged at warn level in plain words.
+        """
+        self.setUpRelay(resolver=FakeResolver(errors={("MX", "remote.example"): dnserror.DNSServerError("servfail")}))
+        self.start()
+        entry = self.enqueue()
+        with capturedLogs() as events:
+            self.clock.advance(0)
+        self.assertEqual(
+            relayLog(events),
+            [
+                (
+                    "warn",
+                    f"relay: {entry.queueId} domain=remote.example result=deferred:"
+                    " DNS lookup for remote.example failed: server failure (SERVFAIL)",
+                )
+            ],
+        )
+
+    def test_factoryQuiet(self):
+        """
+        The relay's client factory does not log "Starting factory" and
+        "Stopping factory" for every connection.
+        """
+        self.setUpRelay()
+        self.start()
+        self.enqueue()
+        self.clock.advance(0)
+        self.assertFalse(self.connects[0].factory.noisy)
+
+
+class FakeUDPPort:
+    """
+    The transport of a datagram protocol given to L{UDPClock.listenUDP}.
+    """
+
+    def __init__(self, protocol):
+        self.protocol = protocol
+        self.written = []
+
+    def write(self, data, address):
+        self.written.append((data, address))
+
+    def stopListening(self):
+        self.protocol.doStop()
+
+
+class UDPClock(Clock):
+    """
+    A clock that also provides C{listenUDP}, connecting each protocol to a
+    L{FakeUDPPort} as a real port does.
+    """
+
+    def __init__(self):
+        Clock.__init__(self)
+        self.udpProtocols = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        self.udpProtocols.append(protocol)
+        transport = FakeUDPPort(protocol)
+        protocol.makeConnection(transport)
+        return transport
+
+
+class ResolverNoiseTests(unittest.SynchronousTestCase):
+    """
+    The resolver the relay makes for itself does not log "Starting
+    protocol" and "Stopping protocol" for each DNS query.
+    """
+
+    def test_quietQueries(self):
+        """
+        An MX lookup through the relay's own resolver opens a datagram
+        protocol that logs nothing when it starts and stops.
+        """
+        reactor = UDPClock()
+        queue = OutboundQueue(self.mktemp(), reactor)
+        relay = RelayService(queue, reactor, "mx.example.org", lambda sender, data: defer.succeed(None))
+        with capturedLogs() as events:
+            d = relay._mailHosts("remote.example")
+            self.assertNotEqual(reactor.udpProtocols, [])
+            # Each retry is scheduled by the one before: step through them.
+            for _ in range(20):
+                reactor.advance(60)
+        self.failureResultOf(d, defer.TimeoutError)
+        self.assertEqual([formatEvent(e) for e in events if "protocol" in formatEvent(e).lower()], [])
+        relay.stopService()
+
+
+class DescribeErrorTests(unittest.SynchronousTestCase):
+    """
+    Tests for the plain words given to Twisted's SMTP client errors.
+    """
+
+    def test_starttlsRefused(self):
+        """
+        A server that refuses STARTTLS is named with its reply code.
+        """
+        from twisted.mail.smtp import TLSError
+
+        from pop3gw.queue import _describeError
+
+        exc = TLSError(454, b"Could not complete the SSL/TLS handshake")
+        self.assertEqual(_describeError(exc, False), "server refused STARTTLS (reply code 454)")
+
+    def test_starttlsFailedLocally(self):
+        """
+        When TLS could not be started after the server's 220, Twisted's
+        made-up 451 is not passed off as the server's reply.
+        """
+        from twisted.mail.smtp import TLSError
+
+        from pop3gw.queue import _describeError
+
+        exc = TLSError(451, b"Could not complete the SSL/TLS handshake")
+        self.assertEqual(_describeError(exc, False, starttlsBegun=True), "TLS could not be started")
+
+    def test_malformedChallenge(self):
+        """
+        A malformed AUTH challenge is named as such, without Twisted's 501.
+        """
+        from twisted.mail.smtp import AuthenticationError
+
+        from pop3gw.queue import _describeError
+
+        exc = AuthenticationError(
+            501, b"Login failed because the SMTP Server returned a malformed Authentication Challenge"
+        )
+        self.assertEqual(_describeError(exc, True), "smarthost sent a malformed AUTH challenge")
+
+    def test_connectFailures(self):
+        """
+        TCP connection failures are named in plain words.
+        """
+        from twisted.internet import error as ierror
+
+        from pop3gw.queue import _describeConnectFailure
+
+        cases = [
+            (ierror.ConnectionRefusedError(), "connection refused"),
+            (ierror.TimeoutError(), "connection timed out"),
+            (ierror.TCPTimedOutError(), "connection timed out"),
+            (ierror.DNSLookupError("x"), "host name not found"),
+            (ierror.NoRouteError(), "no route to host"),
+        ]
+        self.assertEqual([_describeConnectFailure(Failure(e)) for e, _ in cases], [w for _, w in cases])

@@ -357,3 +357,50 @@ class RealQueueTests(SynchronousTestCase):
         self.assertEqual([r.address for r in entry.recipients], [REMOTE])
         self.assertEqual([e.queueId for e in announced], [entry.queueId])
         self.assertEqual(store.boxes[BOB][0][1], b"Subject: x\r\n\r\nbody\r\n")
+
+
+class DeliveryIdentityTests(SynchronousTestCase):
+    """
+    The delivery the router returns says where the message goes, so the
+    submission server can name one id for it and log its routing: the
+    queue id of its remote part (C{queueId}, L{None} when purely local),
+    and its local and remote recipients.
+    """
+
+    def test_queueIdOfRemotePart(self):
+        """
+        With remote recipients, C{queueId} is the id of the queue entry the
+        commit makes: the id C{pop3gw queue list}, the relay's log lines
+        and bounces use.
+        """
+        root = self.mktemp()
+        queue = OutboundQueue(root, Clock())
+        router = Router(["example.org"], FakeUserDatabase(), FakeMaildropStore(), queue)
+        d = router.beginDelivery(ALICE, [BOB, REMOTE, ALICE])
+        d.write(b"Subject: x\r\n\r\nbody\r\n")
+        self.successResultOf(d.commit())
+        [entry] = listEntries(root)
+        self.assertEqual(d.queueId, entry.queueId)
+        self.assertEqual(d.localRecipients, (BOB, ALICE))
+        self.assertEqual(d.remoteRecipients, (REMOTE,))
+
+    def test_onlyLocal(self):
+        """
+        A purely local message has no queue id.
+        """
+        router, store, queue = makeRouter()
+        d = router.beginDelivery(ALICE, [BOB])
+        self.assertIsNone(d.queueId)
+        self.assertEqual(d.localRecipients, (BOB,))
+        self.assertEqual(d.remoteRecipients, ())
+        d.abort()
+
+    def test_queueWithoutIds(self):
+        """
+        A queue whose deliveries have no C{queueId} gives L{None}.
+        """
+        router, store, queue = makeRouter()
+        d = router.beginDelivery(ALICE, [REMOTE])
+        self.assertIsNone(d.queueId)
+        self.assertEqual(d.remoteRecipients, (REMOTE,))
+        d.abort()

@@ -221,6 +221,16 @@ class SessionMixin:
         return out
 
 
+def withoutReceived(data: bytes) -> bytes:
+    """
+    What a delivery was given after the C{Received:} field, which the
+    server writes first (one line).
+    """
+    first, rest = data.split(b"\r\n", 1)
+    assert first.startswith(b"Received: "), first
+    return rest
+
+
 def queuedReply(out: bytes) -> bytes:
     """
     C{out} with the queue identifier in C{250 2.0.0 OK queued as} replaced
@@ -1035,7 +1045,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
         self.envelope()
         self.feed(HEADERS + b"\r\n" + b"x" * 60 + b"\r\n")
         self.assertEqual(self.store.deliveries[0].state, "aborted")
-        self.assertEqual(self.store.deliveries[0].data, b"")
+        self.assertEqual(withoutReceived(self.store.deliveries[0].data), b"")
         self.assertEqual(
             self.feed(b"y" * 60 + b"\r\n.\r\nNOOP\r\n"),
             b"552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.0.0 OK\r\n",
@@ -1245,7 +1255,9 @@ class DataTests(SessionMixin, SynchronousTestCase):
         @implementer(IDelivery)
         class Broken(FakeDelivery):
             def write(self, data):
-                raise RuntimeError("boom")
+                if not data.startswith(b"Received: "):
+                    raise RuntimeError("boom")
+                FakeDelivery.write(self, data)
 
         delivery = Broken(lambda data: None)
         self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
@@ -1476,7 +1488,7 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
         self.envelope()
         self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n"), b"")
         self.assertEqual(self.feed(b"RSET\r\n"), b"")
-        self.assertEqual(delivery.data, HEADERS + b"\r\nHello\r\n")
+        self.assertEqual(withoutReceived(delivery.data), HEADERS + b"\r\nHello\r\n")
         committed.callback(None)
         self.assertEqual(
             queuedReply(self.transport.value()),
@@ -1508,7 +1520,7 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(delivery.state, "committing")
         committed.callback(None)
         self.assertEqual(delivery.state, "committed")
-        self.assertEqual(delivery.data, HEADERS + b"\r\nHello\r\n")
+        self.assertEqual(withoutReceived(delivery.data), HEADERS + b"\r\nHello\r\n")
         self.assertEqual(self.transport.value(), b"")
 
     def test_commitFailureAfterWait(self) -> None:
@@ -1710,3 +1722,209 @@ class FormatTests(SynchronousTestCase):
         """
         factory = smtp.SubmissionFactory(None, lambda s, p: True, task.Clock(), HOST)
         self.assertEqual({factory: 1}[factory], 1)
+
+
+QUEUE_ID = b"0000000000abc-0123abcd"
+
+
+class MessageIdentityTests(SessionMixin, SynchronousTestCase):
+    """
+    One id per message from acceptance to delivery: when the delivery
+    names the queue entry its remote part becomes (C{queueId}), that id is
+    the one given in the 250 reply, in the C{Received:} field and in the
+    log; otherwise the server makes its own.  One log line per accepted
+    message names the id, the user, the envelope sender, the number of
+    local and remote recipients, the size and the queue id.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.connect()
+        self.login()
+        original = self.router.beginDelivery
+
+        def beginDelivery(sender, recipients, trace=b""):
+            delivery = original(sender, recipients, trace)
+            delivery.localRecipients = tuple(r for r in recipients if self.router.isLocalDomain(r.domain))
+            delivery.remoteRecipients = tuple(r for r in recipients if not self.router.isLocalDomain(r.domain))
+            delivery.queueId = QUEUE_ID.decode("ascii") if delivery.remoteRecipients else None
+            return delivery
+
+        self.router.beginDelivery = beginDelivery
+
+    def accepted(self, events) -> list:
+        """
+        The "submission: accepted" lines among C{events}, as (level name,
+        text).
+        """
+        from twisted.logger import formatEvent
+
+        return [
+            (e["log_level"].name, formatEvent(e))
+            for e in events
+            if e.get("log_format", "").startswith("submission: accepted")
+        ]
+
+    def test_queueIdIsTheMessageId(self) -> None:
+        """
+        A message with a remote recipient is known by its queue id: in the
+        250 reply, the C{Received:} field of every copy, and the log line.
+        """
+        self.envelope((b"bob@example.org", b"carol@remote.example"))
+        body = HEADERS + b"\r\nHello\r\n"
+        with capturedLogs() as events:
+            out = self.feed(body + b".\r\n")
+        self.assertEqual(out, b"250 2.0.0 OK queued as " + QUEUE_ID + b"\r\n")
+        received = (
+            b"Received: from client.example (authenticated user) by mail.example.org (pop3gw) with ESMTPA id "
+            + QUEUE_ID
+            + b"; "
+            + NOW_TEXT
+            + b"\r\n"
+        )
+        [(uid, local)] = self.store.boxes[BOB]
+        [(sender, rcpts, queued)] = self.queue.entries
+        self.assertEqual(local, received + body)
+        self.assertEqual(queued, received + body)
+        self.assertEqual(
+            self.accepted(events),
+            [
+                (
+                    "info",
+                    f'submission: accepted id={QUEUE_ID.decode()} user="alice@example.org" from="alice@example.org"'
+                    f" local=1 remote=1 size={len(body)} queue={QUEUE_ID.decode()}",
+                )
+            ],
+        )
+
+    def test_localOnly(self) -> None:
+        """
+        A purely local message gets the server's own id, and its log line
+        counts its local recipients and names no queue id.
+        """
+        self.envelope((b"bob@example.org", b"postmaster@example.org"))
+        body = HEADERS + b"\r\nHello\r\n"
+        with capturedLogs() as events:
+            out = self.feed(body + b".\r\n")
+        messageId = re.match(rb"250 2.0.0 OK queued as ([0-9A-F]{16})\r\n$", out).group(1).decode()
+        self.assertEqual(
+            self.accepted(events),
+            [
+                (
+                    "info",
+                    f'submission: accepted id={messageId} user="alice@example.org" from="alice@example.org"'
+                    f" local=2 remote=0 size={len(body)} queue=-",
+                )
+            ],
+        )
+        [(uid, data)] = self.store.boxes[BOB]
+        self.assertIn(b" id " + messageId.encode() + b"; ", data.split(b"\r\n", 1)[0])
+
+    def test_unsafeQueueIdIgnored(self) -> None:
+        """
+        A C{queueId} that is not a plain token never reaches the wire: the
+        server's own id is used.
+        """
+        original = self.router.beginDelivery
+
+        def beginDelivery(sender, recipients, trace=b""):
+            delivery = original(sender, recipients, trace)
+            delivery.queueId = "x\r\n250 injected"
+            return delivery
+
+        self.router.beginDelivery = beginDelivery
+        self.envelope((b"carol@remote.example",))
+        self.assertEqual(queuedReply(self.feed(HEADERS + b"\r\nHello\r\n.\r\n")), b"250 2.0.0 OK queued as ID\r\n")
+
+    def test_receivedWriteFails(self) -> None:
+        """
+        If the C{Received:} field cannot be written, DATA gets 451 and the
+        delivery is aborted.
+        """
+        original = self.router.beginDelivery
+        deliveries = []
+
+        def beginDelivery(sender, recipients, trace=b""):
+            delivery = original(sender, recipients, trace)
+            deliveries.append(delivery)
+
+            def write(data):
+                raise TemporaryFailure("disk full")
+
+            delivery.write = write
+            return delivery
+
+        self.router.beginDelivery = beginDelivery
+        out = self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        self.assertEqual(
+            out, b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n451 4.3.0 Temporary failure, try again later\r\n"
+        )
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+
+
+class LoginRefusedTests(SessionMixin, SynchronousTestCase):
+    """
+    Each AUTH refused by the plaintext-auth policy (538 5.7.11) is logged
+    as "login refused" (a warn line fail2ban does not match), naming the
+    user when the initial response gave it, and never the password.
+    """
+
+    def refusedLines(self, data: bytes) -> list:
+        from twisted.logger import formatEvent
+
+        self.plaintext = False
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        with capturedLogs() as events:
+            out = self.feed(data)
+        self.assertEqual(
+            out.count(b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"),
+            data.count(b"\r\n"),
+        )
+        return [(e["log_level"].name, formatEvent(e)) for e in events]
+
+    def test_plainInitialResponse(self) -> None:
+        """
+        AUTH PLAIN with an initial response: the line names its
+        authentication identity, not the password.
+        """
+        lines = self.refusedLines(b"AUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+        self.assertEqual(
+            lines,
+            [
+                (
+                    "warn",
+                    'login refused: service=submission rhost=192.168.1.1 user="alice@example.org"'
+                    ' reason="plaintext authentication disallowed"',
+                )
+            ],
+        )
+        self.assertNotIn("secret", repr(lines))
+
+    def test_loginInitialResponse(self) -> None:
+        """
+        AUTH LOGIN with the user name as initial response names it.
+        """
+        lines = self.refusedLines(b"AUTH LOGIN " + base64.b64encode(b"bob@example.org") + b"\r\n")
+        self.assertEqual(
+            lines,
+            [
+                (
+                    "warn",
+                    'login refused: service=submission rhost=192.168.1.1 user="bob@example.org"'
+                    ' reason="plaintext authentication disallowed"',
+                )
+            ],
+        )
+
+    def test_withoutInitialResponse(self) -> None:
+        """
+        Without an initial response (or with one that does not decode) the
+        user is unknown: the line says C{user=""}; one line per refusal.
+        """
+        lines = self.refusedLines(b"AUTH PLAIN\r\nAUTH LOGIN\r\nAUTH PLAIN !!!\r\n")
+        expected = (
+            "warn",
+            'login refused: service=submission rhost=192.168.1.1 user="" reason="plaintext authentication disallowed"',
+        )
+        self.assertEqual(lines, [expected] * 3)
