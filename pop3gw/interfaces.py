@@ -240,6 +240,22 @@ class IDelivery(Interface):
         """
 
 
+class IRoutedDelivery(IDelivery):
+    """
+    An L{IDelivery} from L{IMailRouter.beginDelivery} that says where the
+    message goes, so the submission listener can log it and name it by one
+    id from acceptance to relay.
+    """
+
+    queueId = Attribute(
+        "The id of the outbound queue entry the commit creates (text made of "
+        "letters, digits, '.', '-' and '_'), or None when every recipient is "
+        "local."
+    )
+    localRecipients = Attribute("The local recipients, a tuple of L{Address}.")
+    remoteRecipients = Attribute("The remote recipients, a tuple of L{Address}.")
+
+
 class IMaildropStore(Interface):
     """
     The users' maildrops.
@@ -312,8 +328,8 @@ class IMailRouter(Interface):
         L{checkRecipient}): local ones into maildrops, the rest into the
         outbound queue.
 
-        @return: an L{IDelivery} whose C{commit} fires only once the message
-            is durable in every maildrop and in the queue.
+        @return: an L{IRoutedDelivery} whose C{commit} fires only once the
+            message is durable in every maildrop and in the queue.
         """
 
 

@@ -24,6 +24,7 @@ from pop3gw.interfaces import (
     IMaildropStore,
     IMailRouter,
     IOutboundQueue,
+    IRoutedDelivery,
     IUserDatabase,
     PermanentFailure,
     TemporaryFailure,
@@ -71,7 +72,7 @@ def _asDeliveryFailure(log: Logger, f: Failure, what: str) -> Failure:
     return Failure(TemporaryFailure(f"{what} failed"))
 
 
-@implementer(IDelivery)
+@implementer(IRoutedDelivery)
 class _RoutedDelivery:
     """
     One message fanned out to a maildrop part and a queue part.

@@ -25,6 +25,7 @@ from pop3gw.interfaces import (
     IMessageInfo,
     IOutboundQueue,
     IPOP3Avatar,
+    IRoutedDelivery,
     ISubmissionAvatar,
     IUserDatabase,
     LookupWouldBlock,
@@ -281,13 +282,17 @@ class FakeRouter:
             parts.append(self.store.beginDelivery(local, trace))
         if remote:
             parts.append(self.queue.beginDelivery(sender, remote, trace))
-        return _FanOut(parts)
+        return _FanOut(parts, local, remote)
 
 
-@implementer(IDelivery)
+@implementer(IRoutedDelivery)
 class _FanOut:
-    def __init__(self, parts):
+    def __init__(self, parts, local=(), remote=()):
         self.parts = parts
+        self.localRecipients = tuple(local)
+        self.remoteRecipients = tuple(remote)
+        # The fake queue has no entry ids.
+        self.queueId = None
 
     def write(self, data: bytes) -> None:
         for p in self.parts:

@@ -16,6 +16,7 @@ from pop3gw.address import Address
 from pop3gw.interfaces import (
     IDelivery,
     IMailRouter,
+    IRoutedDelivery,
     MessageTooLarge,
     TemporaryFailure,
     UnknownUser,
@@ -193,7 +194,7 @@ class DeliveryTests(SynchronousTestCase):
         """
         router, store, queue = makeRouter()
         d = router.beginDelivery(ALICE, [ALICE, REMOTE, BOB, ALICE], b"Received: x\r\n")
-        self.assertTrue(verifyObject(IDelivery, d))
+        self.assertTrue(verifyObject(IRoutedDelivery, d))
         d.write(b"Subject: s\r\n\r\nbody\r\n")
         self.assertEqual(store.boxes, {})
         self.assertEqual(queue.entries, [])

@@ -23,6 +23,7 @@ class FakesTests(SynchronousTestCase):
         self.assertTrue(verifyObject(interfaces.IMaildropStore, store))
         self.assertTrue(verifyObject(interfaces.IOutboundQueue, router.queue))
         self.assertTrue(verifyObject(interfaces.IMailRouter, router))
+        self.assertTrue(verifyObject(interfaces.IRoutedDelivery, router.beginDelivery(None, [ALICE])))
         store.add(ALICE, b"x\n")
         drop = self.successResultOf(store.openMaildrop(ALICE))
         self.assertTrue(verifyObject(interfaces.IMaildrop, drop))
