@@ -55,7 +55,10 @@ recipients from being marked notified is stored again.
 Without a relay host, recipients are grouped by domain and each domain's
 mail exchangers are looked up (MX, sorted by preference; the domain itself
 when it has no MX, RFC 5321 section 5.1; a null MX, RFC 7505, is a permanent
-failure); hosts are tried in order, with one connection per domain carrying
+failure); hosts are tried in order, skipping those whose addresses are all
+loopback, private, link-local, multicast, unspecified or reserved (a domain
+with only such hosts fails permanently with 5.4.4, and the connection to a
+host is made only to its public addresses, L{isPublicAddress}), with one connection per domain carrying
 all of its recipients, and STARTTLS is used opportunistically (never
 required, verification attempted but not enforced) when offered and a
 C{clientTLS} factory was given; each host's log line says C{tls=yes|no}
@@ -65,15 +68,17 @@ C{relayVerifyTLS} is true, and credentials are sent only over TLS.
 
 Logging: each session with a host gives one line, C{relay: <id>
 domain=... host=h:p delivered=n deferred=n failed=n tls=... verified=...
-error=...}, at info level when every recipient was delivered and at warn
+error="..."}, at info level when every recipient was delivered and at warn
 level otherwise.  Recipients the session broke before answering for count
 as deferred, and C{error=} says why in plain words ("connection refused",
 "smarthost offers no STARTTLS and certificate verification is on", the
 server's reply when it sent one), never the reply codes Twisted's client
 makes up for its own errors.  Each recipient deferred or failed by a remote
 reply gets one more warn line, C{relay: <id> to=<address> host=h:p
-result=deferred|failed reply=<the reply>}.  The last error C{pop3gw queue
-list} shows uses the same words.  The id is the queue id, which the
+result=deferred|failed reply="<the reply>"}.  Text that may come from the
+remote server (C{error=}, C{reply=}) is quoted and escaped with
+L{pop3gw.events.sanitize} so that it cannot forge log content.  The last
+error C{pop3gw queue list} shows uses the same words, unquoted.  The id is the queue id, which the
 submission server also gives the client in its C{250} reply (see
 L{_QueueDelivery.queueId}).
 
@@ -86,6 +91,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -96,6 +102,7 @@ from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import defer, error as ierror, protocol
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver, IResolutionReceiver
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -118,6 +125,7 @@ from twisted.names import dns, error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3gw import events
 from pop3gw.address import Address, AddressError
 from pop3gw.dsn import makeBounce, oneLine, originalHeaders
 from pop3gw.interfaces import IOutboundQueue, TemporaryFailure, UnknownUser
@@ -1121,6 +1129,94 @@ class _QuietDatagramReactor:
 # --- The relay service -------------------------------------------------------
 
 
+def isPublicAddress(text: str) -> bool:
+    """
+    Whether a mail exchanger at the IP address C{text} may be connected to:
+    not loopback, private (RFC 1918, fc00::/7, ...), link-local, multicast,
+    unspecified or reserved (an IPv4-mapped IPv6 address is judged by its
+    IPv4 address).  Direct MX delivery never connects elsewhere, so that a
+    recipient domain cannot point the relay at internal services.
+    """
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not (
+        address.is_loopback
+        or address.is_private
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_unspecified
+        or address.is_reserved
+    )
+
+
+@implementer(IResolutionReceiver)
+class _PublicOnlyReceiver:
+    """
+    Passes on to C{receiver} only the resolved addresses that
+    L{isPublicAddress} accepts.
+    """
+
+    def __init__(self, receiver) -> None:
+        self._receiver = receiver
+
+    def resolutionBegan(self, resolution) -> None:
+        self._receiver.resolutionBegan(resolution)
+
+    def addressResolved(self, address) -> None:
+        if isPublicAddress(getattr(address, "host", "")):
+            self._receiver.addressResolved(address)
+
+    def resolutionComplete(self) -> None:
+        self._receiver.resolutionComplete()
+
+
+@implementer(IHostnameResolver)
+class _PublicOnlyResolver:
+    """
+    A host name resolver that drops every non-public address, for the
+    connection to an MX host: what the name resolves to when the connection
+    is made is filtered too, not only what the MX lookup saw.
+    """
+
+    def __init__(self, resolver) -> None:
+        self._resolver = resolver
+
+    def resolveHostName(self, resolutionReceiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+        self._resolver.resolveHostName(
+            _PublicOnlyReceiver(resolutionReceiver), hostName, portNumber, addressTypes, transportSemantics
+        )
+        return resolutionReceiver
+
+
+@implementer(IReactorPluggableNameResolver)
+class _PublicOnlyReactor:
+    """
+    The reactor as a L{HostnameEndpoint} to an MX host sees it: its name
+    resolver is wrapped in L{_PublicOnlyResolver}.
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+        self.nameResolver = _PublicOnlyResolver(reactor.nameResolver)
+
+    def installNameResolver(self, resolver):
+        raise NotImplementedError()
+
+    def __getattr__(self, name: str):
+        return getattr(self._reactor, name)
+
+
+def _ipv6Text(record) -> str:
+    """
+    The address of an AAAA record as text.
+    """
+    return str(ipaddress.IPv6Address(record.address))
+
+
 class RelayService(Service):
     """
     Delivers the entries of an L{OutboundQueue} (see the module docstring).
@@ -1150,7 +1246,8 @@ class RelayService(Service):
     @param maxConnections: the most simultaneous SMTP connections.
     @param endpointFactory: C{endpointFactory(host, port) ->
         IStreamClientEndpoint}; a C{HostnameEndpoint} if L{None} (tests
-        replace it).
+        replace it), which for MX hosts connects only to public addresses
+        (L{isPublicAddress}).
     """
 
     log = Logger()
@@ -1195,6 +1292,7 @@ class RelayService(Service):
         self.connectTimeout = connectTimeout
         self.scanInterval = scanInterval
         self._endpointFactory = endpointFactory or self._defaultEndpoint
+        self._mxEndpointFactory = endpointFactory or self._defaultMXEndpoint
         self._semaphore = defer.DeferredSemaphore(maxConnections)
         self.entries: dict = {}
         self._timers: dict = {}
@@ -1560,17 +1658,45 @@ class RelayService(Service):
             for _, name in records:
                 if name not in hosts:
                     hosts.append(name)
-            return hosts
+            usable = []
+            for host in hosts:
+                try:
+                    addresses = yield self._addresses(host)
+                except Exception:
+                    # Unknown yet: the connection will tell (and connects
+                    # only to public addresses).
+                    usable.append(host)
+                    continue
+                if not addresses or any(isPublicAddress(a) for a in addresses):
+                    usable.append(host)
+            if not usable:
+                raise _PermanentLookupFailure("5.4.4", f"domain {domain} has no usable mail exchanger")
+            return usable
         # No MX: the domain itself is the implicit MX (RFC 5321 5.1) if it
         # has an address.
+        try:
+            addresses = yield self._addresses(domain)
+        except dnserror.DNSNameError:
+            raise _PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
+        if not addresses:
+            raise _PermanentLookupFailure("5.1.2", f"domain {domain} has no mail exchanger")
+        if not any(isPublicAddress(a) for a in addresses):
+            raise _PermanentLookupFailure("5.4.4", f"domain {domain} has no usable mail exchanger")
+        return [domain]
+
+    @defer.inlineCallbacks
+    def _addresses(self, host: str):
+        """
+        @return: a Deferred firing with the IPv4 and IPv6 addresses of
+            C{host}, as text.
+        """
+        addresses = []
         for lookup, rrtype in ((self.resolver.lookupAddress, dns.A), (self.resolver.lookupIPV6Address, dns.AAAA)):
-            try:
-                answers, _, _ = yield lookup(domain)
-            except dnserror.DNSNameError:
-                raise _PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
-            if any(rr.type == rrtype for rr in answers):
-                return [domain]
-        raise _PermanentLookupFailure("5.1.2", f"domain {domain} has no mail exchanger")
+            answers, _, _ = yield lookup(host)
+            for rr in answers:
+                if rr.type == rrtype:
+                    addresses.append(rr.payload.dottedQuad() if rrtype == dns.A else _ipv6Text(rr.payload))
+        return addresses
 
     @defer.inlineCallbacks
     def _sendVia(self, entry: Entry, domain: str, hosts: list, port: int, recipients: list, relay: bool):
@@ -1583,11 +1709,11 @@ class RelayService(Service):
                 # RFC 7435: opportunistic TLS that fails to negotiate falls
                 # back to a plaintext session with the same host.
                 self.log.info(
-                    "relay: {queueId} TLS handshake with {host}:{port} failed ({error}); retrying without TLS",
+                    "relay: {queueId} TLS handshake with {host}:{port} failed (error={error}); retrying without TLS",
                     queueId=entry.queueId,
                     host=host,
                     port=port,
-                    error=session.error,
+                    error=events.sanitize(session.error),
                 )
                 session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay, False)
             outcomes.update(session.outcomes)
@@ -1633,7 +1759,8 @@ class RelayService(Service):
             failed=counts["perm"],
             tls="yes" if session.tls else "no",
             verified="yes" if session.tlsVerified(relay and self.relayVerifyTLS) else "no",
-            error="-" if session.error is None else session.error,
+            # Remote text is quoted and escaped: it must not forge log content.
+            error="-" if session.error is None else events.sanitize(session.error),
         )
         for r, outcome in refused:
             self.log.warn(
@@ -1643,11 +1770,20 @@ class RelayService(Service):
                 host=host,
                 port=port,
                 result="deferred" if outcome.kind == "temp" else "failed",
-                reply=outcome.diagnostic,
+                reply=events.sanitize(outcome.diagnostic),
             )
 
     def _defaultEndpoint(self, host: str, port: int):
+        """
+        The endpoint to the smarthost: the operator's choice, not filtered.
+        """
         return HostnameEndpoint(self.reactor, host, port, timeout=self.connectTimeout)
+
+    def _defaultMXEndpoint(self, host: str, port: int):
+        """
+        The endpoint to an MX host: only its public addresses are tried.
+        """
+        return HostnameEndpoint(_PublicOnlyReactor(self.reactor), host, port, timeout=self.connectTimeout)
 
     def _session(
         self, entry: Entry, host: str, port: int, recipients: list, relay: bool, useTLS: bool = True
@@ -1697,7 +1833,8 @@ class RelayService(Service):
             return s
 
         try:
-            d = self._endpointFactory(host, port).connect(factory)
+            endpointFactory = self._endpointFactory if relay else self._mxEndpointFactory
+            d = endpointFactory(host, port).connect(factory)
         except Exception:
             d = defer.fail()
         session.connecting = d

@@ -17,13 +17,21 @@ Commands
 
 Command lines end with LF (an optional CR before it is removed).  A command
 line may be L{MAX_COMMAND_LINE} octets long including CRLF (RFC 5321
-4.5.3.1.4); AUTH lines, which carry base64 credentials, may be
-L{MAX_AUTH_LINE} octets (RFC 4954 section 4).  Longer lines are discarded up
+4.5.3.1.4); AUTH lines and SASL responses, which carry base64
+credentials, may be L{MAX_AUTH_LINE} octets (RFC 4954 section 4), however
+they are segmented.  Longer lines are discarded up
 to their end and answered C{500 5.5.6}; the session goes on.  Each protocol
 state has an explicit table of the commands it accepts; a known command in
 the wrong state gets C{503 5.5.1} (or C{530 5.7.0} before authentication),
 an unknown one C{500 5.5.2}.  After L{MAX_ERRORS} 5xx replies the server
 says C{421 4.7.0} and closes.
+
+A streaming producer is registered with the transport for the whole
+connection: while the transport pauses it (the client does not read its
+replies) nothing more is answered, and reading stops once
+L{MAX_PENDING_INPUT} octets wait.  A close while the output is stalled
+aborts the connection; a graceful close is aborted after L{CLOSE_TIMEOUT}
+seconds.  Only data holding a line end resets the idle timer.
 
 Message data
 ============
@@ -41,7 +49,7 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
     C{"."} (a POP3 server or relay dot-stuffs it again when sending it).
   - A bare CR (a CR not followed by LF) anywhere in the data makes the
     message refused at the end of the data with C{550 5.6.11}; nothing is
-    stored.
+    stored.  A NUL octet is refused the same way with C{550 5.6.0}.
   - Dot-unstuffing follows RFC 5321 4.5.2 for every line, whatever its
     line end: if a line starts with C{"."} and has other characters, the
     first C{"."} is removed.  A lone C{"."} line that is content (see above)
@@ -52,8 +60,8 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
     end of the data with C{550 5.6.0}.
   - The message is streamed into the L{IDelivery} as it arrives, except the
     header section, which is held (at most L{MAX_HEADER_SECTION} octets;
-    more is refused with C{552 5.3.4}) so that the C{From:} and C{Sender:}
-    addresses can be checked and C{Message-ID:} and C{Date:} added when
+    more is refused with C{552 5.3.4}) so that the C{From:}, C{Sender:},
+    C{Resent-From:} and C{Resent-Sender:} addresses can be checked and C{Message-ID:} and C{Date:} added when
     missing (RFC 6409 section 8).  Octets are counted as they stream; over
     the size limit the delivery is aborted and the rest of the data is read
     and dropped before C{552 5.3.4} is sent.
@@ -100,10 +108,11 @@ import attr
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pop3gw import events
 from pop3gw.address import Address, AddressError, describePeer
@@ -126,8 +135,12 @@ MAX_AUTH_LINE = 12288
 MAX_DATA_LINE = 998
 #: Largest header section held in memory while the message streams.
 MAX_HEADER_SECTION = 256 * 1024
-#: Pipelined input held while a reply is pending before reading pauses.
+#: Input held while a reply is pending or the client does not read its
+#: replies before reading pauses.
 MAX_PENDING_INPUT = 1024 * 1024
+#: Seconds a closed connection may take to send its last reply before it is
+#: aborted (a client that does not read would otherwise keep it for ever).
+CLOSE_TIMEOUT = 10.0
 #: Message data gathered before it is written to the delivery.
 WRITE_CHUNK = 64 * 1024
 #: 5xx replies after which the session is closed.
@@ -228,6 +241,7 @@ TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = Reply(552, "5.3.4 Message header section too large")
 BARE_CR = Reply(550, "5.6.11 Bare CR not allowed")
 DATA_LINE_TOO_LONG = Reply(550, "5.6.0 Message line longer than 998 octets")
+NUL_IN_DATA = Reply(550, "5.6.0 NUL character not allowed")
 HEADER_FROM_NOT_OWNED = Reply(553, "5.7.1 From: header address not owned by user")
 
 TEMPORARY_FAILURE = Reply(451, "4.3.0 Temporary failure, try again later")
@@ -384,6 +398,10 @@ def _initialUser(mechanism: str, initial: Optional[str]) -> Optional[bytes]:
     return parts[1] or None
 
 
+#: The (lower-cased) header fields whose addresses the user must own.
+_SENDER_FIELDS = frozenset({b"from", b"sender", b"resent-from", b"resent-sender"})
+
+
 def _stuffing(line: bytes | bytearray) -> int:
     """
     The octets of transparency stuffing at the start of a data line: the
@@ -465,6 +483,11 @@ class _MessageReader:
             if b"\r" in line:
                 self.refuse(BARE_CR)
                 continue
+            if b"\x00" in line:
+                # RFC 5321 2.3.8: NUL is not text; MTAs downstream differ
+                # in what they make of it.
+                self.refuse(NUL_IN_DATA)
+                continue
             if self.refusal is not None:
                 continue
             if line[:1] == b"." and len(line) > 1:
@@ -537,12 +560,12 @@ class _MessageReader:
 
     def _sendersOwned(self, fields: list[tuple[Optional[bytes], bytes]]) -> bool:
         """
-        Whether every address in every C{From:} and C{Sender:} field may be
-        used by the user.  An unparseable or empty field counts as not
+        Whether every address in every C{From:}, C{Sender:}, C{Resent-From:}
+        and C{Resent-Sender:} field may be used by the user.  An unparseable or empty field counts as not
         owned; a message without these fields passes.
         """
         for name, value in fields:
-            if name not in (b"from", b"sender"):
+            if name not in _SENDER_FIELDS:
                 continue
             pairs = email.utils.getaddresses([value.decode("utf-8", "replace")])
             if not pairs:
@@ -599,6 +622,42 @@ class _Mode(enum.Enum):
     DATA = "data"  # message data
 
 
+@implementer(IPushProducer)
+class _OutputFlow:
+    """
+    The producer a L{SubmissionServer} registers with its transport for the
+    whole connection.  The transport pauses it while its write buffer is
+    full (the client is not reading its replies); the server then answers
+    nothing more, so a client that sends without reading cannot make the
+    server buffer unbounded output.
+
+    @ivar paused: whether the transport asked for a pause.
+    """
+
+    __slots__ = ("_server", "paused")
+
+    def __init__(self, server: "SubmissionServer") -> None:
+        self._server = server
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._server._outputResumed()
+
+    def stopProducing(self) -> None:
+        """
+        The connection is going away and the transport has dropped this
+        producer, so the server must not unregister it: after STARTTLS a TCP
+        transport has already discarded its TLS layer by the time
+        L{SubmissionServer.connectionLost} runs, and unregistering would
+        fail.
+        """
+        self._server._outputRegistered = False
+
+
 class SubmissionServer(Protocol):
     """
     One SMTP submission session.  Built by L{SubmissionFactory}.
@@ -642,6 +701,9 @@ class SubmissionServer(Protocol):
         self._closing = False
         self._connected = False
         self._timer = None
+        self._abortCall = None
+        self._output = _OutputFlow(self)
+        self._outputRegistered = False
 
     # -- connection ------------------------------------------------------
 
@@ -652,6 +714,8 @@ class SubmissionServer(Protocol):
         self._connected = True
         self._secure = ISSLTransport.providedBy(self.transport)
         self._peer = describePeer(self.transport.getPeer())
+        self.transport.registerProducer(self._output, True)
+        self._outputRegistered = True
         self._timer = self.factory.clock.callLater(self.factory.idleTimeout, self._timedOut)
         self._send(Reply(220, f"{self.factory.hostname} ESMTP ready"))
 
@@ -661,12 +725,11 @@ class SubmissionServer(Protocol):
         """
         if self._closing or not self._connected:
             return
-        if self._timer is not None and self._timer.active():
+        if b"\n" in data and self._timer is not None and self._timer.active():
+            # Only a line end counts as activity: a client trickling a line
+            # that never ends (slowloris) still times out.
             self._timer.reset(self.factory.idleTimeout)
         self._buffer += data
-        if self._waiting and not self._paused and len(self._buffer) > MAX_PENDING_INPUT:
-            self._paused = True
-            self.transport.pauseProducing()
         self._process()
 
     def connectionLost(self, reason: Failure = None) -> None:
@@ -678,10 +741,31 @@ class SubmissionServer(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._abortCall is not None and self._abortCall.active():
+            self._abortCall.cancel()
+        self._abortCall = None
+        del self._buffer[:]
+        self._unregisterOutput()
         if self._reader is not None:
             self._reader.abort()
             self._reader = None
         self._endAuthentication()
+
+    def _unregisterOutput(self) -> None:
+        if not self._outputRegistered:
+            return
+        self._outputRegistered = False
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            self.log.failure("Unregistering the submission output producer failed")
+
+    def _outputResumed(self) -> None:
+        """
+        The client reads again: answer what waits.
+        """
+        if self._connected and not self._closing:
+            self._process()
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -693,11 +777,14 @@ class SubmissionServer(Protocol):
 
     def _close(self, reply: Reply) -> None:
         """
-        Send a last reply and close the connection.
+        Send a last reply and close the connection.  If the client is not
+        reading (the output is paused), the connection is aborted at once
+        without the reply; otherwise it is aborted if the reply has not gone
+        out after L{CLOSE_TIMEOUT} seconds.
         """
         if self._closing:
             return
-        self.transport.write(reply.toBytes())
+        stalled = self._output.paused
         self._closing = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -705,7 +792,27 @@ class SubmissionServer(Protocol):
         if self._reader is not None:
             self._reader.abort()
             self._reader = None
+        del self._buffer[:]
+        if not self._connected:
+            return
+        if not stalled:
+            self.transport.write(reply.toBytes())
+        # A registered producer would keep a TLS transport from shutting
+        # down.
+        self._unregisterOutput()
+        if stalled:
+            self.transport.abortConnection()
+            return
         self.transport.loseConnection()
+        self._abortCall = self.factory.clock.callLater(CLOSE_TIMEOUT, self._abortStalled)
+
+    def _abortStalled(self) -> None:
+        """
+        The last reply did not go out in time: the client is not reading.
+        """
+        self._abortCall = None
+        if self._connected:
+            self.transport.abortConnection()
 
     def _send(self, reply: Reply) -> None:
         """
@@ -734,7 +841,7 @@ class SubmissionServer(Protocol):
             return
         self._processing = True
         try:
-            while not self._waiting and not self._closing:
+            while not self._waiting and not self._closing and not self._output.paused:
                 if self._mode is _Mode.DATA:
                     progressed = self._dataStep()
                 else:
@@ -746,9 +853,26 @@ class SubmissionServer(Protocol):
             self._close(Reply(421, f"4.3.0 {self.factory.hostname} Error: internal error"))
         finally:
             self._processing = False
-        if self._paused and not self._waiting and not self._closing:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._flowControl()
+
+    def _flowControl(self) -> None:
+        """
+        Stop reading while more than L{MAX_PENDING_INPUT} octets wait (behind
+        a pending reply, or for a client that does not read its replies);
+        read again once they have been handled.
+        """
+        if self._closing or not self._connected:
+            return
+        want = len(self._buffer) <= MAX_PENDING_INPUT
+        try:
+            if not want and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+            elif want and self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
+        except Exception:
+            self.log.failure("Flow control on a submission transport failed")
 
     def _wait(self, d: Deferred) -> None:
         """
@@ -787,10 +911,15 @@ class SubmissionServer(Protocol):
             line = line[:-1]
         else:
             length += 1
-        if self._mode is _Mode.AUTH:
+        if self._mode is _Mode.AUTH or line[:5].upper() == b"AUTH ":
+            limit = MAX_AUTH_LINE
+        else:
+            limit = MAX_COMMAND_LINE
+        if length > limit:
+            # Whether the line came in one segment or many.
+            self._lineTooLong()
+        elif self._mode is _Mode.AUTH:
             self._authResponse(line)
-        elif length > MAX_COMMAND_LINE and line[:5].upper() != b"AUTH ":
-            self._send(LINE_TOO_LONG)
         else:
             self._commandLine(line)
         return True

@@ -232,7 +232,7 @@ class RelayTests(SubmissionTestMixin, SynchronousTestCase):
         line = server.waitForLog(re.escape(f"relay: {messageId} domain=remote.example host=127.0.0.1:{sink.port} "))
         self.assertIn("[pop3gw.queue.RelayService#warn] ", line)
         self.assertIn(" delivered=0 deferred=1 failed=0 ", line)
-        self.assertTrue(line.rstrip().endswith(f"error={why}"), line)
+        self.assertTrue(line.rstrip().endswith(f'error="{why}"'), line)
         accepted = server.waitForLog(re.escape(f"submission: accepted id={messageId} "))
         self.assertIn(f' from="{ALICE}" local=1 remote=1 ', accepted)
         self.assertTrue(accepted.rstrip().endswith(f" queue={messageId}"), accepted)

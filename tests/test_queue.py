@@ -14,7 +14,7 @@ import json
 import os
 import threading
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -1002,7 +1002,7 @@ class MXTests(RelayTestMixin, unittest.SynchronousTestCase):
         A domain without MX records but with an address is its own mail
         exchanger.
         """
-        self.setUpWith(a={"remote.example": ["192.0.2.1"]})
+        self.setUpWith(a={"remote.example": [PUBLIC_V4]})
         self.enqueue()
         self.clock.advance(0)
         self.assertEqual([(e.host, e.port) for e in self.connects], [("remote.example", 25)])
@@ -1011,7 +1011,7 @@ class MXTests(RelayTestMixin, unittest.SynchronousTestCase):
         """
         An IPv6-only domain without MX records is its own mail exchanger.
         """
-        self.setUpWith(aaaa={"remote.example": ["2001:db8::1"]})
+        self.setUpWith(aaaa={"remote.example": [PUBLIC_V6]})
         self.enqueue()
         self.clock.advance(0)
         self.assertEqual([e.host for e in self.connects], ["remote.example"])
@@ -1511,7 +1511,7 @@ class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
                 (
                     "warn",
                     f"relay: {entry.queueId} domain=remote.example host=smarthost.example:25"
-                    f" delivered=0 deferred=1 failed=0 tls=no verified=no error={why}",
+                    f' delivered=0 deferred=1 failed=0 tls=no verified=no error="{why}"',
                 )
             ],
         )
@@ -1534,7 +1534,7 @@ class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
         [(level, line)] = lines
         self.assertEqual(level, "warn")
         self.assertIn(" delivered=0 deferred=1 failed=0 ", line)
-        self.assertTrue(line.endswith(" error=smarthost offers no STARTTLS and relay credentials are sent only over TLS"))
+        self.assertTrue(line.endswith(' error="smarthost offers no STARTTLS and relay credentials are sent only over TLS"'))
         self.assertNotIn("s3cret", line)
 
     def test_smarthostWithoutAuthMechanism(self):
@@ -1555,7 +1555,7 @@ class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
         )
         [(level, line)] = lines
         self.assertEqual(level, "warn")
-        self.assertTrue(line.endswith(" error=smarthost offers no AUTH mechanism pop3gw supports (PLAIN, LOGIN)"), line)
+        self.assertTrue(line.endswith(' error="smarthost offers no AUTH mechanism pop3gw supports (PLAIN, LOGIN)"'), line)
 
     def test_authDeclinedNamesReply(self):
         """
@@ -1579,7 +1579,7 @@ class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
         )
         [(level, line)] = lines
         self.assertEqual(level, "warn")
-        self.assertTrue(line.endswith(" error=smarthost refused the relay credentials: 535 5.7.8 bad credentials"), line)
+        self.assertTrue(line.endswith(' error="smarthost refused the relay credentials: 535 5.7.8 bad credentials"'), line)
 
     def test_connectionRefused(self):
         """
@@ -1593,7 +1593,7 @@ class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
                 (
                     "warn",
                     f"relay: {entry.queueId} domain=remote.example host=mx.remote.example:25"
-                    " delivered=0 deferred=1 failed=0 tls=no verified=no error=connection refused",
+                    ' delivered=0 deferred=1 failed=0 tls=no verified=no error="connection refused"',
                 )
             ],
         )
@@ -1608,7 +1608,7 @@ class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
         [(level, line)] = lines
         self.assertEqual(level, "warn")
         self.assertIn(" delivered=0 deferred=1 failed=0 ", line)
-        self.assertTrue(line.endswith(" error=server refused the session: 554 5.3.2 no service"), line)
+        self.assertTrue(line.endswith(' error="server refused the session: 554 5.3.2 no service"'), line)
 
     def test_responseTimeout(self):
         """
@@ -1625,7 +1625,7 @@ class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
         entry, lines = self.attempt(serve)
         [(level, line)] = lines
         self.assertEqual(level, "warn")
-        self.assertTrue(line.endswith(" error=no reply from the server within 300 seconds"), line)
+        self.assertTrue(line.endswith(' error="no reply from the server within 300 seconds"'), line)
 
     def test_perRecipientReasons(self):
         """
@@ -1648,8 +1648,8 @@ class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
                     f"{prefix} domain=remote.example host=mx.remote.example:25"
                     " delivered=1 deferred=1 failed=1 tls=no verified=no error=-",
                 ),
-                ("warn", f"{prefix} to=carol@remote.example host=mx.remote.example:25 result=deferred reply=451 4.3.0 later"),
-                ("warn", f"{prefix} to=dave@remote.example host=mx.remote.example:25 result=failed reply=550 5.1.1 unknown"),
+                ("warn", f"{prefix} to=carol@remote.example host=mx.remote.example:25 result=deferred reply=\"451 4.3.0 later\""),
+                ("warn", f"{prefix} to=dave@remote.example host=mx.remote.example:25 result=failed reply=\"550 5.1.1 unknown\""),
             ],
         )
 
@@ -1808,3 +1808,165 @@ class DescribeErrorTests(unittest.SynchronousTestCase):
             (ierror.NoRouteError(), "no route to host"),
         ]
         self.assertEqual([_describeConnectFailure(Failure(e)) for e, _ in cases], [w for _, w in cases])
+
+
+class RemoteTextInLogTests(RelayTestMixin, unittest.SynchronousTestCase):
+    """
+    Text a remote server sends is quoted and escaped in every relay log
+    line, so that it cannot forge log content; C{queue list} keeps it
+    readable.
+    """
+
+    attempt = RelayLogTests.attempt
+
+    def test_replyQuoted(self):
+        """
+        A per-recipient reply with quotes and backslashes is logged quoted
+        and escaped.
+        """
+        evil = b'550 5.1.1 x" rhost=203.0.113.9 \\ [pop3gw.pop3.POP3Server#warn] authentication failed'
+        entry, lines = self.attempt(
+            lambda e: e.serve([GREETING, EHLO_OK, OK, evil + b"\r\n", b"221 bye\r\n"]),
+        )
+        prefix = f"relay: {entry.queueId}"
+        self.assertEqual(
+            lines[1],
+            (
+                "warn",
+                f"{prefix} to=bob@remote.example host=mx.remote.example:25 result=failed"
+                ' reply="550 5.1.1 x\\" rhost=203.0.113.9 \\\\ [pop3gw.pop3.POP3Server#warn] authentication failed"',
+            ),
+        )
+
+    def test_errorQuoted(self):
+        """
+        A session error naming a remote reply is logged quoted; C{queue
+        list} shows the plain text.
+        """
+        entry, lines = self.attempt(lambda e: e.serve([b'554 5.3.2 "no" \x1b[31mservice\r\n', b"221 bye\r\n"]))
+        [(level, line)] = lines
+        self.assertTrue(line.endswith(' error="server refused the session: 554 5.3.2 \\"no\\" ?[31mservice"'), line)
+        [stored] = listEntries(self.root)
+        self.assertTrue(
+            formatEntry(stored).endswith(
+                ' error=bob@remote.example: mx.remote.example: server refused the session: 554 5.3.2 "no" ?[31mservice'
+            ),
+            formatEntry(stored),
+        )
+
+
+PUBLIC_V4 = "93.184.215.14"
+PUBLIC_V6 = "2a00:1450:4001:82b::200e"
+
+
+class InternalAddressTests(RelayTestMixin, unittest.SynchronousTestCase):
+    """
+    Direct MX delivery never connects to loopback, private, link-local,
+    multicast, unspecified or reserved addresses.
+    """
+
+    def setUpWith(self, **kw):
+        self.setUpRelay(resolver=FakeResolver(**kw))
+        self.start()
+
+    def test_internalHostSkipped(self):
+        """
+        An MX host whose addresses are all internal is skipped; the next one
+        is used.
+        """
+        self.setUpWith(
+            mx={"remote.example": [(10, "a.mx.example"), (20, "b.mx.example")]},
+            a={"a.mx.example": ["127.0.0.1", "10.1.2.3"], "b.mx.example": [PUBLIC_V4]},
+            aaaa={"a.mx.example": ["fe80::1"]},
+        )
+        self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual([e.host for e in self.connects], ["b.mx.example"])
+
+    def test_onlyInternal(self):
+        """
+        A domain whose mail exchangers resolve only to internal addresses
+        fails permanently with 5.4.4 without a connection.
+        """
+        for addresses in (["127.0.0.1"], ["192.168.1.1", "0.0.0.0"], ["169.254.1.1"], ["224.0.0.1"], ["240.0.0.1"]):
+            self.setUpWith(mx={"remote.example": [(10, "mx.remote.example")]}, a={"mx.remote.example": addresses})
+            self.enqueue()
+            self.clock.advance(0)
+            self.assertEqual(self.connects, [], addresses)
+            [(_, data)] = self.bounces
+            self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "5.4.4")], addresses)
+            self.assertIn(b"no usable mail exchanger", data)
+            self.stop()
+
+    def test_onlyInternalV6(self):
+        """
+        IPv6 loopback, unique-local and IPv4-mapped loopback addresses are
+        internal too.
+        """
+        self.setUpWith(mx={"remote.example": [(10, "mx.remote.example")]}, aaaa={"mx.remote.example": ["::1", "fd00::1", "::ffff:127.0.0.1"]})
+        self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual(self.connects, [])
+        [(_, data)] = self.bounces
+        self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "5.4.4")])
+
+    def test_implicitMXInternal(self):
+        """
+        A domain without MX whose own address is internal (such as
+        C{localhost}) fails permanently with 5.4.4.
+        """
+        self.setUpWith(a={"localhost": ["127.0.0.1"]}, aaaa={"localhost": ["::1"]})
+        self.enqueue(recipients=[Address("x", "localhost")])
+        self.clock.advance(0)
+        self.assertEqual(self.connects, [])
+        [(_, data)] = self.bounces
+        self.assertEqual(self.bounceRecipients(data), [("rfc822; x@localhost", "5.4.4")])
+
+    def test_mixedAddressesKept(self):
+        """
+        A host with at least one public address is used.
+        """
+        self.setUpWith(mx={"remote.example": [(10, "mx.remote.example")]}, a={"mx.remote.example": ["127.0.0.1", PUBLIC_V4]})
+        self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual([e.host for e in self.connects], ["mx.remote.example"])
+
+    def test_relayHostNotFiltered(self):
+        """
+        A configured smarthost may be internal: it is the operator's choice.
+        """
+        self.setUpRelay(relayHost="127.0.0.1")
+        self.start()
+        self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual([e.host for e in self.connects], ["127.0.0.1"])
+
+    def test_defaultEndpointFiltersAddresses(self):
+        """
+        The default endpoint for MX hosts resolves the name itself and
+        connects only to public addresses, whatever the system resolver
+        answers at connection time; the smarthost endpoint is not filtered.
+        """
+        from twisted.internet.address import IPv4Address as V4, IPv6Address as V6
+        from twisted.internet.testing import MemoryReactorClock
+
+        class NameResolver:
+            def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+                receiver.resolutionBegan(None)
+                for a in ("127.0.0.1", "10.0.0.1", PUBLIC_V4):
+                    receiver.addressResolved(V4("TCP", a, portNumber))
+                for a in ("::1", "fe80::1", PUBLIC_V6):
+                    receiver.addressResolved(V6("TCP", a, portNumber))
+                receiver.resolutionComplete()
+                return receiver
+
+        reactor = MemoryReactorClock()
+        reactor.nameResolver = NameResolver()
+        relay = RelayService(OutboundQueue(self.mktemp(), reactor), reactor, "mx.example.org", lambda s, d: None)
+        relay._defaultMXEndpoint("mx.remote.example", 25).connect(protocol.Factory.forProtocol(protocol.Protocol))
+        reactor.advance(10)
+        self.assertEqual(sorted({c[0] for c in reactor.tcpClients}), sorted([PUBLIC_V4, PUBLIC_V6]))
+        reactor.tcpClients[:] = []
+        relay._defaultEndpoint("smarthost", 25).connect(protocol.Factory.forProtocol(protocol.Protocol))
+        reactor.advance(10)
+        self.assertIn("127.0.0.1", {c[0] for c in reactor.tcpClients})

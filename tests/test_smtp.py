@@ -1928,3 +1928,371 @@ class LoginRefusedTests(SessionMixin, SynchronousTestCase):
             'login refused: service=submission rhost=192.168.1.1 user="" reason="plaintext authentication disallowed"',
         )
         self.assertEqual(lines, [expected] * 3)
+
+
+class PausingTransport(StringTransport):
+    """
+    A L{StringTransport} that, once C{pausing} is set, pauses its streaming
+    producer after each write, like a TCP transport whose write buffer is
+    full because the client does not read.
+    """
+
+    pausing = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.pausing and self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
+
+
+class OutputFlowTests(SessionMixin, SynchronousTestCase):
+    """
+    A client that sends without reading cannot make the server buffer
+    replies without bound, nor keep a closed connection open for ever.
+    """
+
+    transportFactory = PausingTransport
+
+    def test_producerRegistered(self) -> None:
+        """
+        A streaming producer is registered for the whole connection.
+        """
+        self.connect()
+        self.assertIsNotNone(self.transport.producer)
+        self.assertTrue(self.transport.streaming)
+
+    def test_noRepliesWhilePaused(self) -> None:
+        """
+        While the transport has paused the producer, buffered commands are
+        not answered; they are answered, in order, once it resumes.
+        """
+        self.connect()
+        self.transport.pausing = True
+        self.assertEqual(self.feed(b"NOOP\r\nNOOP\r\nNOOP\r\n"), b"250 2.0.0 OK\r\n")
+        self.assertEqual(self.feed(b"EHLO x\r\n" * 1000), b"")
+        self.transport.pausing = False
+        self.transport.producer.resumeProducing()
+        self.assertEqual(self.transport.value(), b"250 2.0.0 OK\r\n" * 2 + EHLO_PLAIN * 1000)
+
+    def test_readingStopsWhilePaused(self) -> None:
+        """
+        While output is paused, reading from the client stops once more than
+        L{smtp.MAX_PENDING_INPUT} octets wait, and restarts once they have
+        been answered.
+        """
+        self.connect()
+        self.transport.pausing = True
+        self.feed(b"NOOP\r\n")
+        self.assertEqual(self.transport.producerState, "producing")
+        self.feed(b"EHLO x\r\n" * (smtp.MAX_PENDING_INPUT // 8 + 1))
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertEqual(self.transport.value(), b"")
+        self.transport.pausing = False
+        self.transport.producer.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(len(self.proto._buffer), 0)
+
+    def test_pausedDuringData(self) -> None:
+        """
+        Message data is not consumed while output is paused either, so the
+        reply to the end of data is not written while paused.
+        """
+        self.connect()
+        self.login()
+        self.envelope()
+        self.transport.pausing = True
+        self.transport.producer.pauseProducing()
+        self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\n"), b"")
+        self.assertEqual(self.store.boxes, {})
+        self.transport.pausing = False
+        self.transport.producer.resumeProducing()
+        self.assertEqual(queuedReply(self.transport.value()), b"250 2.0.0 OK queued as ID\r\n")
+
+    def test_closeWhileStalledAborts(self) -> None:
+        """
+        The idle timeout on a connection whose client does not read aborts
+        it at once instead of waiting for the unsent output for ever.
+        """
+        self.connect(idleTimeout=300)
+        self.transport.pausing = True
+        self.feed(b"NOOP\r\n")
+        self.clock.advance(300)
+        self.assertTrue(self.transport.disconnected)
+        self.assertIsNone(self.transport.producer)
+
+    def test_quitThenStallAborts(self) -> None:
+        """
+        After QUIT the connection is closed gracefully; if the client still
+        has not read the reply L{smtp.CLOSE_TIMEOUT} seconds later, it is
+        aborted.  Nothing is left scheduled once the connection is gone.
+        """
+        self.connect()
+        self.assertEqual(self.feed(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsNone(self.transport.producer)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(smtp.CLOSE_TIMEOUT)
+        self.assertTrue(self.transport.disconnected)
+        self.proto.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_closeCancelsAbortOnLoss(self) -> None:
+        """
+        A connection that closes normally after QUIT leaves no timer.
+        """
+        self.connect()
+        self.feed(b"QUIT\r\n")
+        self.proto.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(self.transport.disconnected)
+
+    def test_tooManyErrorsWhileStalledAborts(self) -> None:
+        """
+        Too many errors from a client that does not read abort the
+        connection.
+        """
+        self.connect()
+        self.assertEqual(self.feed(b"FROB\r\n" * 19), b"500 5.5.2 Error: command not recognized\r\n" * 19)
+        self.transport.pausing = True
+        self.assertEqual(self.feed(b"FROB\r\n"), b"500 5.5.2 Error: command not recognized\r\n")
+        self.assertTrue(self.transport.disconnected)
+        self.assertIsNone(self.transport.producer)
+
+    def test_stopProducingThenLost(self) -> None:
+        """
+        When the transport stops the producer (a TCP transport after
+        STARTTLS does so and drops its TLS layer before telling the
+        protocol), connectionLost does not unregister it again.
+        """
+
+        class Strict(PausingTransport):
+            def unregisterProducer(self):
+                raise AssertionError("unregistered after stopProducing")
+
+        self.connect(transport=Strict())
+        self.transport.producer.stopProducing()
+        self.proto.connectionLost(None)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class SlowlorisTests(SessionMixin, SynchronousTestCase):
+    """
+    Only data with a line end counts as activity for the idle timer.
+    """
+
+    def test_trickleTimesOut(self) -> None:
+        """
+        A client trickling one byte every 2 seconds without a line end is
+        closed after the idle timeout.
+        """
+        self.connect(idleTimeout=300)
+        for i in range(150):
+            self.assertEqual(self.feed(b"N"), b"")
+            self.clock.advance(2)
+        self.assertEqual(self.transport.value(), b"421 4.4.2 mail.example.org Error: timeout exceeded\r\n")
+
+    def test_trickleInDataTimesOut(self) -> None:
+        """
+        During DATA too, only data with a line end resets the timer.
+        """
+        self.connect(idleTimeout=300)
+        self.login()
+        self.envelope()
+        self.feed(b"Subject: x")
+        for i in range(150):
+            self.feed(b"x")
+            self.clock.advance(2)
+        self.assertEqual(self.transport.value(), b"421 4.4.2 mail.example.org Error: timeout exceeded\r\n")
+
+    def test_lineEndResets(self) -> None:
+        """
+        Data ending a line resets the timer.
+        """
+        self.connect(idleTimeout=300)
+        self.feed(b"NO")
+        self.clock.advance(299)
+        self.assertEqual(self.feed(b"OP\r\n"), b"250 2.0.0 OK\r\n")
+        self.clock.advance(299)
+        self.assertEqual(self.transport.value(), b"")
+
+
+class AuthLineLimitTests(SessionMixin, SynchronousTestCase):
+    """
+    L{smtp.MAX_AUTH_LINE} holds whatever the segmentation.
+    """
+
+    def test_longAuthCommandOneSegment(self) -> None:
+        """
+        An AUTH line longer than the limit arriving whole gets 500 5.5.6;
+        the portal is not asked.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        token = b"A" * (smtp.MAX_AUTH_LINE * 2)
+        self.assertEqual(self.feed(b"AUTH PLAIN " + token + b"\r\nNOOP\r\n"), b"500 5.5.6 Line too long\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(self.checker.requests, 0)
+
+    def test_longSASLResponseOneSegment(self) -> None:
+        """
+        A SASL response line longer than the limit arriving whole gets
+        500 5.5.6 and ends the exchange.
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(self.feed(b"AUTH PLAIN\r\n"), b"334 \r\n")
+        self.assertEqual(
+            self.feed(b"A" * (smtp.MAX_AUTH_LINE * 2) + b"\r\nNOOP\r\n"),
+            b"500 5.5.6 Line too long\r\n250 2.0.0 OK\r\n",
+        )
+        self.assertEqual(self.checker.requests, 0)
+
+    def test_authLineAtLimit(self) -> None:
+        """
+        An AUTH line of exactly L{smtp.MAX_AUTH_LINE} octets with CRLF is
+        still read (here: refused as bad base64, not as too long).
+        """
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        line = b"AUTH PLAIN " + b"A" * (smtp.MAX_AUTH_LINE - 13)
+        self.assertEqual(len(line) + 2, smtp.MAX_AUTH_LINE)
+        self.assertEqual(self.feed(line + b"\r\n"), b"501 5.5.2 Invalid base64 data\r\n")
+        self.assertEqual(self.feed(line + b"A\r\n"), b"500 5.5.6 Line too long\r\n")
+
+
+class DataContentTests(SessionMixin, SynchronousTestCase):
+    """
+    NUL octets in message data and the Resent- sender fields.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.connect()
+        self.login()
+
+    def send(self, data: bytes) -> bytes:
+        self.envelope()
+        return queuedReply(self.feed(data))
+
+    def test_nulRefused(self) -> None:
+        """
+        A NUL octet anywhere in the data gets 550 5.6.0 at the real end of
+        the data; nothing is stored and the session goes on.
+        """
+        for data in [
+            HEADERS + b"\r\nab\x00c\r\n.\r\nNOOP\r\n",
+            b"Subject: \x00\r\n" + HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n",
+            HEADERS + b"\r\n.\x00\r\n.\r\nNOOP\r\n",
+        ]:
+            self.assertEqual(
+                self.send(data),
+                b"550 5.6.0 NUL character not allowed\r\n250 2.0.0 OK\r\n",
+                data,
+            )
+        self.assertEqual(self.store.boxes, {})
+        self.assertEqual({d.state for d in self.store.deliveries}, {"aborted"})
+
+    def test_resentFromUnowned(self) -> None:
+        """
+        Resent-From: and Resent-Sender: addresses must be owned by the user
+        like From: and Sender:.
+        """
+        for headers in [
+            b"From: alice@example.org\r\nResent-From: bob@example.org\r\n",
+            b"From: alice@example.org\r\nResent-Sender: bob@example.org\r\n",
+            b"From: alice@example.org\r\nRESENT-FROM : Bob <bob@example.org>\r\n",
+        ]:
+            self.assertEqual(
+                self.send(headers + b"\r\nHello\r\n.\r\n"),
+                b"553 5.7.1 From: header address not owned by user\r\n",
+                headers,
+            )
+        self.assertEqual(self.store.boxes, {})
+
+    def test_resentFromOwned(self) -> None:
+        """
+        Resent-From: and Resent-Sender: addresses the user owns are
+        accepted.
+        """
+        headers = b"From: bob@x.example\r\nResent-From: alice@example.org\r\nResent-Sender: postmaster@example.org\r\n"
+        self.connect(checkHeaderFrom=True)
+        self.login()
+        self.assertEqual(self.send(headers + b"\r\nHello\r\n.\r\n"), b"553 5.7.1 From: header address not owned by user\r\n")
+        headers = b"From: alice@example.org\r\nResent-From: alice@example.org\r\nResent-Sender: postmaster@example.org\r\n"
+        self.assertEqual(self.send(headers + b"\r\nHello\r\n.\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+
+
+class _STARTTLSClient(Protocol):
+    """
+    Collects lines; starts TLS after the 220 reply to STARTTLS.
+    """
+
+    def __init__(self, options) -> None:
+        self.options = options
+        self.buffer = b""
+        self.lines: list = []
+        self.tlsLines: list = []
+        self.secure = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            (self.tlsLines if self.secure else self.lines).append(line)
+            if line == b"220 2.0.0 Ready to start TLS":
+                self.transport.startTLS(self.options)
+                self.secure = True
+
+
+class RealSTARTTLSTests(SessionMixin, SynchronousTestCase):
+    """
+    STARTTLS with a real TLS layer under a transport that, like a TCP
+    transport, stops and drops the producer and deletes its C{protocol}
+    before telling the protocol of the loss.
+    """
+
+    def session(self):
+        from twisted.internet import ssl
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.test import iosim
+
+        from tests.test_pop3 import _StartTLSFakeTransport
+
+        options = ssl.PrivateCertificate.loadPEM(serverPEM()).options()
+        self.factory = smtp.SubmissionFactory(self.portal, self.policy, self.clock, HOST, tlsContextFactory=options)
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: self.factory.buildProtocol(None),
+            lambda: _STARTTLSClient(ssl.CertificateOptions()),
+            clientTransportFactory=lambda p: _StartTLSFakeTransport(p, isServer=False),
+            serverTransportFactory=lambda p: _StartTLSFakeTransport(p, isServer=True),
+            clock=MemoryReactorClock(),
+        )
+        client.transport.write(b"EHLO c\r\nSTARTTLS\r\n")
+        pump.flush()
+        client.transport.write(b"NOOP\r\n")
+        pump.flush()
+        self.assertEqual(client.tlsLines, [b"250 2.0.0 OK"])
+        return client, server, pump
+
+    def test_clientDropsAfterSTARTTLS(self) -> None:
+        """
+        A client that drops the TCP connection after the handshake ends the
+        session quietly (nothing logged as an error).
+        """
+        from twisted.test import iosim
+
+        client, server, pump = self.session()
+        iosim.FakeTransport.loseConnection(client.transport)
+        pump.flush()
+        self.assertFalse(server._connected)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_quitOverTLS(self) -> None:
+        """
+        QUIT over TLS is answered and closes the connection.
+        """
+        client, server, pump = self.session()
+        client.transport.write(b"QUIT\r\n")
+        pump.flush()
+        self.assertEqual(client.tlsLines[-1], b"221 2.0.0 Bye")
+        self.assertTrue(server.transport.disconnecting)
+        self.assertEqual(self.flushLoggedErrors(), [])
