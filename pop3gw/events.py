@@ -19,18 +19,21 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 MAX_LOGGED_USER = 100
+#: Longest remote text (an SMTP reply) logged by the relay.
+MAX_LOGGED_REPLY = 300
 
 
-def sanitize(text: str | bytes | None) -> str:
+def sanitize(text: str | bytes | None, limit: int = MAX_LOGGED_USER) -> str:
     """
-    C{text} as a double-quoted, printable, length-limited string for a log
-    line: non-printable characters, quotes and backslashes are escaped.
+    C{text} as a double-quoted, printable string of at most C{limit}
+    characters (before escaping) for a log line: non-printable characters,
+    quotes and backslashes are escaped.
     """
     if text is None:
         return '""'
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    text = text[:MAX_LOGGED_USER]
+    text = text[:limit]
     out = []
     for c in text:
         if c in '"\\':

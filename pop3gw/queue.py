@@ -1713,7 +1713,7 @@ class RelayService(Service):
                     queueId=entry.queueId,
                     host=host,
                     port=port,
-                    error=events.sanitize(session.error),
+                    error=events.sanitize(session.error, events.MAX_LOGGED_REPLY),
                 )
                 session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay, False)
             outcomes.update(session.outcomes)
@@ -1760,7 +1760,7 @@ class RelayService(Service):
             tls="yes" if session.tls else "no",
             verified="yes" if session.tlsVerified(relay and self.relayVerifyTLS) else "no",
             # Remote text is quoted and escaped: it must not forge log content.
-            error="-" if session.error is None else events.sanitize(session.error),
+            error="-" if session.error is None else events.sanitize(session.error, events.MAX_LOGGED_REPLY),
         )
         for r, outcome in refused:
             self.log.warn(
@@ -1770,7 +1770,7 @@ class RelayService(Service):
                 host=host,
                 port=port,
                 result="deferred" if outcome.kind == "temp" else "failed",
-                reply=events.sanitize(outcome.diagnostic),
+                reply=events.sanitize(outcome.diagnostic, events.MAX_LOGGED_REPLY),
             )
 
     def _defaultEndpoint(self, host: str, port: int):

@@ -43,6 +43,7 @@ class SanitizeTests(SynchronousTestCase):
         Overlong user names are cut to a fixed length.
         """
         self.assertEqual(len(sanitize("a" * 1000)), 102)
+        self.assertEqual(len(sanitize("a" * 1000, limit=300)), 302)
 
 
 class LoginRefusedTests(SynchronousTestCase):
