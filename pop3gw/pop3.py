@@ -41,14 +41,14 @@ from typing import AbstractSet, Callable, Optional, Sequence
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from pop3gw import events
 from pop3gw.address import describePeer
+from pop3gw.flow import OutputFlow
 from pop3gw.interfaces import IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
 
 #: Longest command line accepted, terminator included (RFC 2449 section 4).
@@ -232,48 +232,11 @@ class _TopFilter:
         return b"".join(out)
 
 
-@implementer(IPushProducer)
-class _OutputFlow:
-    """
-    The producer a L{POP3Server} registers with its transport for the whole
-    connection.  The transport pauses it while its write buffer is full (the
-    client is not reading); the server then answers no further command and
-    pauses any message transfer, so a client that sends without reading
-    cannot make the server buffer unbounded output.
-
-    @ivar paused: whether the transport asked for a pause.
-    """
-
-    __slots__ = ("_server", "paused")
-
-    def __init__(self, server: "POP3Server") -> None:
-        self._server = server
-        self.paused = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-        self._server._outputPaused()
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self._server._outputResumed()
-
-    def stopProducing(self) -> None:
-        """
-        The connection is going away and the transport has dropped this
-        producer, so the server must not unregister it: after STLS a TCP
-        transport has already discarded its TLS layer by the time
-        L{POP3Server.connectionLost} runs, and unregistering would fail.
-        L{POP3Server.connectionLost} cleans up the rest.
-        """
-        self._server._outputRegistered = False
-
-
 class _MessageSender:
     """
     Streams one message (or its top) to a transport: reads C{chunkSize}
     octets at a time while not paused, dot-stuffs them and ends with the
-    C{.} line.  The server's L{_OutputFlow} pauses and resumes it.
+    C{.} line.  The server's L{pop3gw.flow.OutputFlow} pauses and resumes it.
 
     @ivar octets: message octets read from the file so far.
     """
@@ -446,7 +409,7 @@ class POP3Server(Protocol):
     def __init__(self, factory: "POP3Factory") -> None:
         self.factory = factory
         self._buffer = bytearray()
-        self._output = _OutputFlow(self)
+        self._output = OutputFlow(self)
 
     # --- Connection ------------------------------------------------------
 

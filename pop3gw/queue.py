@@ -1204,7 +1204,7 @@ class _PublicOnlyReactor:
         self.nameResolver = _PublicOnlyResolver(reactor.nameResolver)
 
     def installNameResolver(self, resolver):
-        raise NotImplementedError()
+        raise TypeError("the MX connection reactor keeps its public-only resolver")
 
     def __getattr__(self, name: str):
         return getattr(self._reactor, name)

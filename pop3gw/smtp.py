@@ -108,14 +108,14 @@ import attr
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from pop3gw import events
 from pop3gw.address import Address, AddressError, describePeer
+from pop3gw.flow import OutputFlow
 from pop3gw.interfaces import (
     IDelivery,
     ISubmissionAvatar,
@@ -622,42 +622,6 @@ class _Mode(enum.Enum):
     DATA = "data"  # message data
 
 
-@implementer(IPushProducer)
-class _OutputFlow:
-    """
-    The producer a L{SubmissionServer} registers with its transport for the
-    whole connection.  The transport pauses it while its write buffer is
-    full (the client is not reading its replies); the server then answers
-    nothing more, so a client that sends without reading cannot make the
-    server buffer unbounded output.
-
-    @ivar paused: whether the transport asked for a pause.
-    """
-
-    __slots__ = ("_server", "paused")
-
-    def __init__(self, server: "SubmissionServer") -> None:
-        self._server = server
-        self.paused = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self._server._outputResumed()
-
-    def stopProducing(self) -> None:
-        """
-        The connection is going away and the transport has dropped this
-        producer, so the server must not unregister it: after STARTTLS a TCP
-        transport has already discarded its TLS layer by the time
-        L{SubmissionServer.connectionLost} runs, and unregistering would
-        fail.
-        """
-        self._server._outputRegistered = False
-
-
 class SubmissionServer(Protocol):
     """
     One SMTP submission session.  Built by L{SubmissionFactory}.
@@ -702,7 +666,7 @@ class SubmissionServer(Protocol):
         self._connected = False
         self._timer = None
         self._abortCall = None
-        self._output = _OutputFlow(self)
+        self._output = OutputFlow(self)
         self._outputRegistered = False
 
     # -- connection ------------------------------------------------------
@@ -759,6 +723,12 @@ class SubmissionServer(Protocol):
             self.transport.unregisterProducer()
         except Exception:
             self.log.failure("Unregistering the submission output producer failed")
+
+    def _outputPaused(self) -> None:
+        """
+        The client stopped reading: nothing to do now; L{_process} checks
+        the flow before answering anything.
+        """
 
     def _outputResumed(self) -> None:
         """
