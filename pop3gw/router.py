@@ -176,6 +176,15 @@ class _RoutedDelivery:
                 part.abort()
 
 
+def isRoutableDomain(domain: str) -> bool:
+    """
+    Whether C{domain} could be a public mail domain: at least two labels,
+    the last one not all digits (so not C{localhost}, not C{127.0.0.1}).
+    """
+    labels = domain.split(".")
+    return len(labels) >= 2 and not labels[-1].isdigit()
+
+
 @implementer(IMailRouter)
 class Router:
     """
@@ -210,7 +219,15 @@ class Router:
         return domain.lower().rstrip(".") in self._domains
 
     def checkRecipient(self, address: Address) -> Address:
+        """
+        See L{IMailRouter.checkRecipient}.  A non-local domain that cannot
+        be a public mail domain (a single label such as C{localhost}, or an
+        IPv4 address written as a domain) is refused with
+        L{PermanentFailure} at once, rather than queued to fail later.
+        """
         if not self.isLocalDomain(address.domain):
+            if not isRoutableDomain(address.domain):
+                raise PermanentFailure(f"{address.domain} is not a public mail domain")
             return address
         user = self._users.resolve(address)
         if user is None:

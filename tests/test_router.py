@@ -18,6 +18,7 @@ from pop3gw.interfaces import (
     IMailRouter,
     IRoutedDelivery,
     MessageTooLarge,
+    PermanentFailure,
     TemporaryFailure,
     UnknownUser,
 )
@@ -405,3 +406,21 @@ class DeliveryIdentityTests(SynchronousTestCase):
         self.assertIsNone(d.queueId)
         self.assertEqual(d.remoteRecipients, (REMOTE,))
         d.abort()
+
+
+class UnroutableDomainTests(SynchronousTestCase):
+    def test_unroutableRemoteDomainsRefused(self) -> None:
+        """
+        A non-local recipient at C{localhost}, another single-label name or
+        an IPv4 address written as a domain is refused at once with
+        L{PermanentFailure}; ordinary remote domains pass.
+        """
+        from pop3gw.router import isRoutableDomain
+
+        router = makeRouter()[0]
+        for bad in ("x@localhost", "x@127.0.0.1", "x@10.1.2.3", "x@intranet"):
+            self.assertRaises(PermanentFailure, router.checkRecipient, Address.parse(bad))
+        good = Address.parse("carol@remote.example")
+        self.assertEqual(router.checkRecipient(good), good)
+        self.assertTrue(isRoutableDomain("xn--bcher-kva.example"))
+        self.assertFalse(isRoutableDomain("1.2.3.4"))
