@@ -17,6 +17,7 @@ fit a file name).
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -156,6 +157,7 @@ def describePeer(peer) -> str:
     return "unknown"
 
 
+@functools.lru_cache(maxsize=4096)
 def isLoopback(host: str) -> bool:
     """
     Whether C{host} (a numeric peer address, or L{UNIX_PEER}) is on this
