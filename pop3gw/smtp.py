@@ -242,7 +242,7 @@ HEADER_TOO_BIG = Reply(552, "5.3.4 Message header section too large")
 BARE_CR = Reply(550, "5.6.11 Bare CR not allowed")
 DATA_LINE_TOO_LONG = Reply(550, "5.6.0 Message line longer than 998 octets")
 NUL_IN_DATA = Reply(550, "5.6.0 NUL character not allowed")
-HEADER_FROM_NOT_OWNED = Reply(553, "5.7.1 From: header address not owned by user")
+HEADER_FROM_NOT_OWNED = Reply(553, "5.7.1 Sender address in the message header not owned by user")
 
 TEMPORARY_FAILURE = Reply(451, "4.3.0 Temporary failure, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0 Internal error")

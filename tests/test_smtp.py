@@ -1131,7 +1131,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
         """
         self.assertEqual(
             self.send(b"From: Bob <bob@example.org>\r\n\r\nHello\r\n.\r\n"),
-            b"553 5.7.1 From: header address not owned by user\r\n",
+            b"553 5.7.1 Sender address in the message header not owned by user\r\n",
         )
         self.assertEqual(self.store.boxes, {})
         self.assertEqual(self.store.deliveries[0].state, "aborted")
@@ -1154,7 +1154,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
         ]:
             self.assertEqual(
                 self.send(headers + b"\r\nHello\r\n.\r\n"),
-                b"553 5.7.1 From: header address not owned by user\r\n",
+                b"553 5.7.1 Sender address in the message header not owned by user\r\n",
                 headers,
             )
         self.assertEqual(self.store.boxes, {})
@@ -2203,7 +2203,7 @@ class DataContentTests(SessionMixin, SynchronousTestCase):
         ]:
             self.assertEqual(
                 self.send(headers + b"\r\nHello\r\n.\r\n"),
-                b"553 5.7.1 From: header address not owned by user\r\n",
+                b"553 5.7.1 Sender address in the message header not owned by user\r\n",
                 headers,
             )
         self.assertEqual(self.store.boxes, {})
@@ -2216,7 +2216,7 @@ class DataContentTests(SessionMixin, SynchronousTestCase):
         headers = b"From: bob@x.example\r\nResent-From: alice@example.org\r\nResent-Sender: postmaster@example.org\r\n"
         self.connect(checkHeaderFrom=True)
         self.login()
-        self.assertEqual(self.send(headers + b"\r\nHello\r\n.\r\n"), b"553 5.7.1 From: header address not owned by user\r\n")
+        self.assertEqual(self.send(headers + b"\r\nHello\r\n.\r\n"), b"553 5.7.1 Sender address in the message header not owned by user\r\n")
         headers = b"From: alice@example.org\r\nResent-From: alice@example.org\r\nResent-Sender: postmaster@example.org\r\n"
         self.assertEqual(self.send(headers + b"\r\nHello\r\n.\r\n"), b"250 2.0.0 OK queued as ID\r\n")
 
