@@ -940,6 +940,12 @@ class SubmissionServer(Protocol):
         sender = self._sender
         self._resetTransaction()
         if refusal is not None:
+            self.log.info(
+                "submission: refused message user={user} from={sender} reply={reply}",
+                user=events.sanitize(self._user),
+                sender=events.sanitize(str(sender) if sender is not None else None),
+                reply=events.sanitize(f"{refusal.code} {refusal.text}"),
+            )
             self._send(refusal)
             return True
         queueID, size = self._queueID, reader.size

@@ -16,7 +16,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -2190,6 +2190,22 @@ class DataContentTests(SessionMixin, SynchronousTestCase):
             )
         self.assertEqual(self.store.boxes, {})
         self.assertEqual({d.state for d in self.store.deliveries}, {"aborted"})
+
+    def test_refusedMessageLogged(self) -> None:
+        """
+        A message refused at the end of its data leaves one log line naming
+        the user, the sender and the reply.
+        """
+        with capturedLogs() as logged:
+            self.assertEqual(
+                self.send(HEADERS + b"\r\nab\x00c\r\n.\r\n"), b"550 5.6.0 NUL character not allowed\r\n"
+            )
+        lines = [formatEvent(e) for e in logged if "refused message" in e.get("log_format", "")]
+        self.assertEqual(
+            lines,
+            ['submission: refused message user="alice@example.org" from="alice@example.org" '
+             'reply="550 5.6.0 NUL character not allowed"'],
+        )
 
     def test_resentFromUnowned(self) -> None:
         """
