@@ -256,6 +256,35 @@ class IRoutedDelivery(IDelivery):
     remoteRecipients = Attribute("The remote recipients, a tuple of L{Address}.")
 
 
+class ITwoPhaseDelivery(IDelivery):
+    """
+    A delivery that can be made durable first and handed on later, so that
+    it can still be withdrawn if another part of the same message fails.
+    L{pop3gw.queue.OutboundQueue} deliveries provide it.
+    """
+
+    def prepare():
+        """
+        Make the message durable without acting on it yet.
+
+        @return: a L{Deferred} firing once durable, or failing with
+            L{TemporaryFailure}.
+        """
+
+    def release():
+        """
+        Let a prepared message go (the queue starts relaying it).
+        """
+
+    def discard():
+        """
+        Withdraw a prepared message (or abort an open one); nothing of it
+        remains.
+
+        @return: a L{Deferred} firing when done.
+        """
+
+
 class IMaildropStore(Interface):
     """
     The users' maildrops.

@@ -129,7 +129,7 @@ from pop3gw import events
 from pop3gw.address import Address, AddressError
 from pop3gw.dsn import makeBounce, oneLine, originalHeaders
 from pop3gw.interfaces import IOutboundQueue, TemporaryFailure, UnknownUser
-from pop3gw.router import ITwoPhaseDelivery
+from pop3gw.interfaces import ITwoPhaseDelivery
 
 # --- Limits and defaults ------------------------------------------------
 

@@ -42,7 +42,7 @@ from pop3gw.queue import (
     listEntries,
     requestFlush,
 )
-from pop3gw.router import ITwoPhaseDelivery
+from pop3gw.interfaces import ITwoPhaseDelivery
 
 ALICE = Address("alice", "example.org")
 BOB = Address("bob", "remote.example")

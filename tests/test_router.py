@@ -23,7 +23,8 @@ from pop3gw.interfaces import (
     UnknownUser,
 )
 from pop3gw.queue import OutboundQueue, listEntries
-from pop3gw.router import ITwoPhaseDelivery, Router
+from pop3gw.interfaces import ITwoPhaseDelivery
+from pop3gw.router import Router
 from pop3gw.testing import FakeMaildropStore, FakeOutboundQueue, FakeUserDatabase
 
 ALICE = Address("alice", "example.org")
