@@ -15,23 +15,42 @@ limit, not the server's), and the server's CPU when C{--pid} is given.
 With C{--json}, each result is one JSON line on stdout and the human summary
 goes to stderr.
 
-Standard library only; nothing here is run by the test suite.  Every loop is
-bounded by a count and a time, and only C{--host} is contacted (loopback
-unless C{--allow-remote}).
+Standard library only (helpers shared with the other load generator are
+in C{_common.py} next to this script); nothing here is run by the test
+suite.  Every loop is bounded by a count and a time, and only C{--host} is
+contacted (loopback unless C{--allow-remote}).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
-import json
 import os
 import resource
 import socket
 import sys
 import time
 from typing import Optional
+
+import _common
+from _common import (
+    ERROR_BACKOFF,
+    FILLER,
+    MAX_SAMPLES,
+    CPUMeter,
+    addTarget,
+    cancelPending,
+    concurrencyList,
+    countError,
+    cpuText,
+    describe,
+    emit,
+    errorText,
+    latencies,
+    positive,
+    shown,
+    userFor,
+)
 
 #: Seconds any single read, connect or write may take before the operation
 #: counts as failed.
@@ -43,53 +62,16 @@ READ_CHUNK = 256 * 1024
 #: Largest multi-line response accepted (a runaway server must not eat RAM).
 MAX_RESPONSE = 512 * 1024 * 1024
 
-#: Longest status line accepted.
-MAX_LINE = 64 * 1024
-
 #: Default upper bound of sessions started by one C{sessions} level.
 DEFAULT_MAX_SESSIONS = 1_000_000
-
-#: Seconds a worker waits after a failed session before the next one, so a
-#: refusing server does not turn the client into a busy loop.
-ERROR_BACKOFF = 0.01
 
 #: Connections opened at once by C{idle} (below Twisted's default listen
 #: backlog of 50, so no SYN is dropped and retried a second later).
 IDLE_BATCH = 25
 
-#: Error samples kept per result.
-MAX_SAMPLES = 5
-
-#: Bytes per filler line of seeded messages (without the LF).
-FILLER = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789ab"
 
 
 # --------------------------------------------------------------- reporting
-
-
-def clientCPU() -> float:
-    """
-    CPU seconds (user + system) this process has used.
-    """
-    return time.process_time()
-
-
-def serverCPU(pid: Optional[int]) -> Optional[float]:
-    """
-    CPU seconds (utime + stime, children not included) of process C{pid}
-    from C{/proc/PID/stat}, or C{None} if unknown or unreadable.
-    """
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: fields start after
-    # the last ")".  utime and stime are fields 14 and 15 of the whole line.
-    fields = data[data.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serverMemory(pid: int) -> dict:
@@ -121,115 +103,6 @@ def serverMemory(pid: int) -> dict:
     return out
 
 
-class CPUMeter:
-    """
-    Wall time, client CPU and server CPU between L{start} and L{stop}.
-    """
-
-    def __init__(self, pid: Optional[int]) -> None:
-        self.pid = pid
-
-    def start(self) -> None:
-        self._wall = time.perf_counter()
-        self._client = clientCPU()
-        self._server = serverCPU(self.pid)
-
-    def stop(self) -> dict:
-        wall = time.perf_counter() - self._wall
-        client = clientCPU() - self._client
-        out = {
-            "wall_s": round(wall, 3),
-            "client_cpu_s": round(client, 3),
-            "client_cpu_pct": round(100 * client / wall, 1) if wall > 0 else None,
-        }
-        server = serverCPU(self.pid)
-        if server is not None and self._server is not None:
-            out["server_cpu_s"] = round(server - self._server, 3)
-            out["server_cpu_pct"] = (
-                round(100 * (server - self._server) / wall, 1) if wall > 0 else None
-            )
-        return out
-
-
-def percentile(values: list, q: float) -> Optional[float]:
-    """
-    Nearest-rank percentile C{q} (0..100) of C{values}, or C{None} if empty.
-    """
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100)
-    return ordered[int(min(rank, len(ordered))) - 1]
-
-
-def latencies(values: list) -> dict:
-    """
-    p50, p99 and max of C{values} (seconds) in milliseconds.
-    """
-
-    def ms(v: Optional[float]) -> Optional[float]:
-        return None if v is None else round(v * 1000, 2)
-
-    return {
-        "p50_ms": ms(percentile(values, 50)),
-        "p99_ms": ms(percentile(values, 99)),
-        "max_ms": ms(max(values) if values else None),
-    }
-
-
-def cpuText(r: dict) -> str:
-    text = f"client CPU {r['client_cpu_pct']}%"
-    if "server_cpu_pct" in r:
-        text += f", server CPU {r['server_cpu_pct']}%"
-    if r.get("client_cpu_pct") is not None and r["client_cpu_pct"] >= 90:
-        text += " (client-bound: the figure is the client's limit)"
-    return text
-
-
-def emit(args: argparse.Namespace, result: dict, text: str) -> None:
-    """
-    Print one result: C{text} for people, or with C{--json} one JSON line on
-    stdout and C{text} on stderr.
-    """
-    if args.json:
-        print(text, file=sys.stderr, flush=True)
-        print(json.dumps(result, sort_keys=True), flush=True)
-    else:
-        print(text, flush=True)
-
-
-def shown(value: Optional[float]) -> str:
-    """
-    C{value} for people: C{-} when there is none.
-    """
-    return "-" if value is None else str(value)
-
-
-def userFor(template: str, index: int, users: int) -> str:
-    """
-    The login of client C{index} (0-based): C{{i}} in C{template} becomes
-    C{index % users + 1}.
-    """
-    return template.replace("{i}", str(index % max(users, 1) + 1))
-
-
-def checkHost(args: argparse.Namespace) -> None:
-    """
-    Refuse a non-loopback C{--host} unless C{--allow-remote} was given.
-    """
-    if args.allow_remote or args.host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SystemExit(
-            f"pop3_load: {args.host} is not a loopback address; "
-            "pass --allow-remote to load a server you are responsible for"
-        )
-
-
 def raiseFileLimit() -> tuple:
     """
     Raise this process's soft C{RLIMIT_NOFILE} to its hard limit.
@@ -249,18 +122,10 @@ def raiseFileLimit() -> tuple:
 # ------------------------------------------------------------- POP3 client
 
 
-class POP3Failure(Exception):
+class POP3Failure(_common.Failure):
     """
     A session failed; C{kind} is a short category for counting.
     """
-
-    def __init__(self, kind: str, detail: str = "") -> None:
-        super().__init__(kind, detail)
-        self.kind = kind
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.detail}" if self.detail else self.kind
 
 
 class MaildropInUse(POP3Failure):
@@ -269,36 +134,7 @@ class MaildropInUse(POP3Failure):
     """
 
 
-def classify(e: BaseException) -> str:
-    """
-    A short category for a failed session.
-    """
-    if isinstance(e, POP3Failure):
-        return e.kind
-    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
-        return "timeout"
-    if isinstance(e, asyncio.IncompleteReadError):
-        return "closed"
-    if isinstance(e, ConnectionRefusedError):
-        return "refused"
-    if isinstance(e, ConnectionResetError):
-        return "reset"
-    if isinstance(e, OSError):
-        return f"oserror-{e.errno}"
-    return type(e).__name__
-
-
-def describe(e: BaseException) -> str:
-    """
-    One line about a failure: its category and its text.
-    """
-    if isinstance(e, POP3Failure):
-        return str(e)[:240]
-    text = str(e)
-    return f"{classify(e)}: {text}"[:240] if text else classify(e)
-
-
-class POP3Client:
+class POP3Client(_common.StreamClient):
     """
     A minimal POP3 client over asyncio streams: one command at a time, every
     read bounded by C{timeout}.
@@ -307,29 +143,17 @@ class POP3Client:
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
     ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.timeout = timeout
+        super().__init__(reader, writer, timeout)
         self.greeting = b""
         #: C{time.monotonic()} after which a multi-line response is given
         #: up, or C{None}.
         self.deadline: Optional[float] = None
 
-    @classmethod
-    async def open(cls, host: str, port: int, timeout: float) -> "POP3Client":
+    async def greet(self) -> None:
         """
-        Connect and read the greeting (which must be C{+OK}).
+        Read the greeting (which must be C{+OK}).
         """
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=MAX_LINE), timeout
-        )
-        client = cls(reader, writer, timeout)
-        try:
-            client.greeting = await client._status(b"greeting")
-        except BaseException:
-            client.abort()
-            raise
-        return client
+        self.greeting = await self._status(b"greeting")
 
     async def _status(self, what: bytes) -> bytes:
         line = await asyncio.wait_for(self.reader.readline(), self.timeout)
@@ -388,21 +212,6 @@ class POP3Client:
             await self.command(b"QUIT")
         finally:
             await self.close()
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await asyncio.wait_for(self.writer.wait_closed(), self.timeout)
-        except Exception:
-            pass
-
-    def abort(self) -> None:
-        """
-        Drop the connection at once (the server sees it lost, commits nothing).
-        """
-        transport = self.writer.transport
-        if transport is not None:
-            transport.abort()
 
 
 def inspectBody(body: bytes) -> dict:
@@ -469,11 +278,7 @@ async def runSessionLevel(args: argparse.Namespace, concurrency: int) -> dict:
                 state["in_use"] += 1
                 await asyncio.sleep(ERROR_BACKOFF)
             except Exception as e:
-                kind = classify(e)
-                state["errors"][kind] = state["errors"].get(kind, 0) + 1
-                sample = f"{user}: {describe(e)}"
-                if len(state["samples"]) < MAX_SAMPLES and sample not in state["samples"]:
-                    state["samples"].append(sample)
+                countError(state["errors"], state["samples"], e, f"{user}: ")
                 await asyncio.sleep(ERROR_BACKOFF)
             else:
                 t1 = time.monotonic()
@@ -493,10 +298,7 @@ async def runSessionLevel(args: argparse.Namespace, concurrency: int) -> dict:
     # Workers stop by themselves after the deadline; the grace covers the
     # sessions still running then (each read is bounded by --timeout).
     done, pending = await asyncio.wait(tasks, timeout=6 * args.timeout + 5)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=5)
+    await cancelPending(pending)
     n = state["completed"]
     wall = cpu["wall_s"]
     result = {
@@ -529,10 +331,7 @@ def sessionText(r: dict) -> str:
         f"latency p50 {shown(r['p50_ms'])} ms p99 {shown(r['p99_ms'])} ms max {shown(r['max_ms'])} ms, "
         f"errors {r['errors']}, IN-USE {r['in_use']}; {cpuText(r)}"
     )
-    if r["errors_by_kind"]:
-        text += "\n  errors: " + ", ".join(f"{k} {v}" for k, v in sorted(r["errors_by_kind"].items()))
-    for sample in r.get("error_samples", []):
-        text += "\n  e.g. " + sample
+    text += errorText(r)
     if r["in_use"] and r["users"] < r["concurrency"]:
         text += (
             "\n  note: fewer users than clients; a maildrop is locked per session, "
@@ -703,11 +502,7 @@ async def cmdIdle(args: argparse.Namespace) -> int:
         )
         for r in results:
             if isinstance(r, BaseException):
-                kind = classify(r)
-                errors[kind] = errors.get(kind, 0) + 1
-                sample = describe(r)
-                if len(samples) < MAX_SAMPLES and sample not in samples:
-                    samples.append(sample)
+                countError(errors, samples, r)
             else:
                 conns.append(r)
     openSeconds = time.perf_counter() - t0
@@ -834,26 +629,6 @@ def cmdSeed(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- main
 
 
-def concurrencyList(text: str) -> list:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of integers")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("expected integers >= 1")
-    return values
-
-
-def positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError("must be > 0")
-        return value
-
-    return parse
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pop3_load.py",
@@ -863,9 +638,7 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, login: bool = True, seconds: float = 10.0) -> None:
-        p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, required=True)
-        p.add_argument("--allow-remote", action="store_true", help="permit a non-loopback --host")
+        addTarget(p)
         p.add_argument(
             "--pid",
             type=int,
@@ -947,7 +720,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "seed":
         return args.run(args)
-    checkHost(args)
+    _common.checkHost(args, "pop3_load")
     if args.command == "idle" and not args.pid:
         raise SystemExit("pop3_load: idle needs --pid")
     if args.command == "idle":

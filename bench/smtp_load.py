@@ -11,9 +11,10 @@ C{--pid}).  With C{--maildir}, the recipient's Maildir is then searched for
 every X-Bench-Id: found, lost and duplicated are printed, and "LOST MAIL"
 when any accepted message is missing.
 
-Standard library only; nothing here is run by the test suite.  Every loop is
-bounded by a count and a time, and only C{--host} is contacted (loopback
-unless C{--allow-remote}).
+Standard library only (helpers shared with the other load generator are
+in C{_common.py} next to this script); nothing here is run by the test
+suite.  Every loop is bounded by a count and a time, and only C{--host} is
+contacted (loopback unless C{--allow-remote}).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import ipaddress
-import json
 import os
 import re
 import ssl
@@ -31,17 +30,27 @@ import time
 import uuid
 from typing import Optional
 
+import _common
+from _common import (
+    ERROR_BACKOFF,
+    FILLER,
+    MAX_SAMPLES,
+    CPUMeter,
+    addTarget,
+    cancelPending,
+    concurrencyList,
+    countError,
+    cpuText,
+    emit,
+    errorText,
+    latencies,
+    positive,
+    shown,
+    userFor,
+)
+
 #: Seconds any single connect, read or write may take.
 DEFAULT_TIMEOUT = 30.0
-
-#: Longest reply line accepted.
-MAX_LINE = 64 * 1024
-
-#: Seconds a client waits after a failed message before the next one.
-ERROR_BACKOFF = 0.01
-
-#: Error samples kept per result.
-MAX_SAMPLES = 5
 
 #: Octets of each Maildir file read when looking for the X-Bench-Id header.
 HEADER_READ = 16 * 1024
@@ -49,140 +58,17 @@ HEADER_READ = 16 * 1024
 #: Seconds between two scans of the Maildir while waiting for deliveries.
 SCAN_INTERVAL = 0.2
 
-#: Filler line of the message body (without line end).
-FILLER = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789ab"
-
 _SIZE_FIELD = re.compile(r",[SW]=[0-9]+")
-
-
-# --------------------------------------------------------------- reporting
-
-
-def serverCPU(pid: Optional[int]) -> Optional[float]:
-    """
-    CPU seconds (utime + stime, children not included) of C{pid} from
-    C{/proc/PID/stat}, or C{None}.
-    """
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class CPUMeter:
-    """
-    Wall time, client CPU and server CPU between L{start} and L{stop}.
-    """
-
-    def __init__(self, pid: Optional[int]) -> None:
-        self.pid = pid
-
-    def start(self) -> None:
-        self._wall = time.perf_counter()
-        self._client = time.process_time()
-        self._server = serverCPU(self.pid)
-
-    def stop(self) -> dict:
-        wall = time.perf_counter() - self._wall
-        client = time.process_time() - self._client
-        out = {
-            "wall_s": round(wall, 3),
-            "client_cpu_s": round(client, 3),
-            "client_cpu_pct": round(100 * client / wall, 1) if wall > 0 else None,
-        }
-        server = serverCPU(self.pid)
-        if server is not None and self._server is not None:
-            out["server_cpu_s"] = round(server - self._server, 3)
-            out["server_cpu_pct"] = (
-                round(100 * (server - self._server) / wall, 1) if wall > 0 else None
-            )
-        return out
-
-
-def percentile(values: list, q: float) -> Optional[float]:
-    """
-    Nearest-rank percentile C{q} (0..100) of C{values}, or C{None} if empty.
-    """
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(min(rank, len(ordered))) - 1]
-
-
-def ms(value: Optional[float]) -> Optional[float]:
-    return None if value is None else round(value * 1000, 2)
-
-
-def shown(value: Optional[float]) -> str:
-    """
-    C{value} for people: C{-} when there is none.
-    """
-    return "-" if value is None else str(value)
-
-
-def userFor(template: str, index: int, users: int) -> str:
-    """
-    The login of client C{index} (0-based): C{{i}} in C{template} becomes
-    C{index % users + 1}.
-    """
-    return template.replace("{i}", str(index % max(users, 1) + 1))
-
-
-def checkHost(args: argparse.Namespace) -> None:
-    """
-    Refuse a non-loopback C{--host} unless C{--allow-remote} was given.
-    """
-    if args.allow_remote or args.host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SystemExit(
-            f"smtp_load: {args.host} is not a loopback address; "
-            "pass --allow-remote to load a server you are responsible for"
-        )
 
 
 # ------------------------------------------------------------- SMTP client
 
 
-class SMTPFailure(Exception):
+class SMTPFailure(_common.Failure):
     """
     A message failed; C{kind} is a short category for counting (the stage
     and the reply code, e.g. C{"RCPT 550"}).
     """
-
-    def __init__(self, kind: str, detail: str = "") -> None:
-        super().__init__(kind, detail)
-        self.kind = kind
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.detail}" if self.detail else self.kind
-
-
-def classify(e: BaseException) -> str:
-    if isinstance(e, SMTPFailure):
-        return e.kind
-    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
-        return "timeout"
-    if isinstance(e, asyncio.IncompleteReadError):
-        return "closed"
-    if isinstance(e, ConnectionRefusedError):
-        return "refused"
-    if isinstance(e, ConnectionResetError):
-        return "reset"
-    if isinstance(e, OSError):
-        return f"oserror-{e.errno}"
-    return type(e).__name__
 
 
 _tlsContext: list = []
@@ -201,17 +87,7 @@ def clientTLSContext() -> ssl.SSLContext:
     return _tlsContext[0]
 
 
-def describe(e: BaseException) -> str:
-    """
-    One line about a failure: its category and its text.
-    """
-    if isinstance(e, SMTPFailure):
-        return str(e)[:240]
-    text = str(e)
-    return f"{classify(e)}: {text}"[:240] if text else classify(e)
-
-
-class SMTPClient:
+class SMTPClient(_common.StreamClient):
     """
     A minimal SMTP client over asyncio streams, every read bounded by
     C{timeout}.
@@ -220,23 +96,11 @@ class SMTPClient:
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
     ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.timeout = timeout
+        super().__init__(reader, writer, timeout)
         self.extensions: dict = {}
 
-    @classmethod
-    async def open(cls, host: str, port: int, timeout: float) -> "SMTPClient":
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=MAX_LINE), timeout
-        )
-        client = cls(reader, writer, timeout)
-        try:
-            await client.reply("greeting", 220)
-        except BaseException:
-            client.abort()
-            raise
-        return client
+    async def greet(self) -> None:
+        await self.reply("greeting", 220)
 
     async def reply(self, stage: str, *expected: int) -> list:
         """
@@ -285,18 +149,6 @@ class SMTPClient:
             raise SMTPFailure("AUTH not offered", f"EHLO AUTH: {self.extensions.get('AUTH')}")
         token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
         await self.command(b"AUTH PLAIN " + token, "AUTH", 235)
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await asyncio.wait_for(self.writer.wait_closed(), self.timeout)
-        except Exception:
-            pass
-
-    def abort(self) -> None:
-        transport = self.writer.transport
-        if transport is not None:
-            transport.abort()
 
 
 def makeMessage(size: int, benchId: str, sender: str, rcpt: str) -> bytes:
@@ -369,12 +221,8 @@ async def runLevel(args: argparse.Namespace, concurrency: int, runId: str) -> di
             try:
                 await sendOne(args, user, benchId)
             except Exception as e:
-                kind = classify(e)
-                state["errors"][kind] = state["errors"].get(kind, 0) + 1
+                countError(state["errors"], state["samples"], e, f"{user}: ")
                 state["failed"].append(benchId)
-                sample = f"{user}: {describe(e)}"
-                if len(state["samples"]) < MAX_SAMPLES and sample not in state["samples"]:
-                    state["samples"].append(sample)
                 await asyncio.sleep(ERROR_BACKOFF)
             else:
                 state["lat"].append(time.perf_counter() - t0)
@@ -384,10 +232,7 @@ async def runLevel(args: argparse.Namespace, concurrency: int, runId: str) -> di
     meter.start()
     tasks = [asyncio.ensure_future(worker(i)) for i in range(concurrency)]
     done, pending = await asyncio.wait(tasks, timeout=args.seconds + 10 * args.timeout + 5)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=5)
+    await cancelPending(pending)
     cpu = meter.stop()
     n = len(state["accepted"])
     wall = cpu["wall_s"]
@@ -401,9 +246,7 @@ async def runLevel(args: argparse.Namespace, concurrency: int, runId: str) -> di
         "tried": state["next"],
         "accepted": n,
         "messages_per_s": round(n / wall, 1) if wall else None,
-        "p50_ms": ms(percentile(state["lat"], 50)),
-        "p99_ms": ms(percentile(state["lat"], 99)),
-        "max_ms": ms(max(state["lat"]) if state["lat"] else None),
+        **latencies(state["lat"]),
         "errors": sum(state["errors"].values()),
         "errors_by_kind": state["errors"],
         "unfinished": len(pending),
@@ -514,16 +357,9 @@ def resultText(r: dict) -> str:
         f"smtp c={r['concurrency']} size={r['size']}: {r['messages_per_s']} messages/s "
         f"({r['accepted']}/{r['count']} accepted in {r['wall_s']} s), per message p50 "
         f"{shown(r['p50_ms'])} ms p99 {shown(r['p99_ms'])} ms max {shown(r['max_ms'])} ms, errors {r['errors']}; "
-        f"client CPU {r['client_cpu_pct']}%"
+        f"{cpuText(r)}"
     )
-    if "server_cpu_pct" in r:
-        text += f", server CPU {r['server_cpu_pct']}%"
-    if r["client_cpu_pct"] is not None and r["client_cpu_pct"] >= 90:
-        text += " (client-bound: the figure is the client's limit)"
-    if r["errors_by_kind"]:
-        text += "\n  errors: " + ", ".join(f"{k} {v}" for k, v in sorted(r["errors_by_kind"].items()))
-    for sample in r.get("error_samples", []):
-        text += "\n  e.g. " + sample
+    text += errorText(r)
     if "found" in r:
         text += (
             f"\n  maildir: found {r['found']}, lost {r['lost']}, duplicated {r['duplicated']}"
@@ -549,12 +385,7 @@ async def runAll(args: argparse.Namespace) -> int:
         if scanner is not None:
             verify(args, scanner, result)
         del result["_accepted"], result["_failed"]
-        text = resultText(result)
-        if args.json:
-            print(text, file=sys.stderr, flush=True)
-            print(json.dumps(result, sort_keys=True), flush=True)
-        else:
-            print(text, flush=True)
+        emit(args, result, resultText(result))
         if result["errors"] or result.get("lost") or result.get("duplicated"):
             status = 1
     return status
@@ -563,33 +394,11 @@ async def runAll(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- main
 
 
-def concurrencyList(text: str) -> list:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of integers")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("expected integers >= 1")
-    return values
-
-
-def positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError("must be > 0")
-        return value
-
-    return parse
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="smtp_load.py", description=__doc__.split("\n\n")[0].strip(), epilog="See bench/README.rst."
     )
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--allow-remote", action="store_true", help="permit a non-loopback --host")
+    addTarget(ap)
     ap.add_argument("--user", required=True, help="login and MAIL FROM; {i} becomes 1..--users per client")
     ap.add_argument("--users", type=positive(int), help="distinct users for {i} (default: the concurrency)")
     ap.add_argument("--password", default="")
@@ -612,7 +421,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = parser().parse_args(argv)
-    checkHost(args)
+    _common.checkHost(args, "smtp_load")
     if not args.no_auth and not args.password:
         raise SystemExit("smtp_load: --password is required unless --no-auth")
     try:
