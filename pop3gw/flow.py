@@ -49,6 +49,26 @@ class OutputFlow:
         self.paused = False
         self._server._outputResumed()
 
+    def register(self, transport) -> None:
+        """
+        Register with C{transport} for the whole connection.
+        """
+        transport.registerProducer(self, True)
+        self._server._outputRegistered = True
+
+    def unregister(self, transport, log) -> None:
+        """
+        Unregister from C{transport}, unless the transport already dropped
+        this producer (see L{stopProducing}).
+        """
+        if not self._server._outputRegistered:
+            return
+        self._server._outputRegistered = False
+        try:
+            transport.unregisterProducer()
+        except Exception:
+            log.failure("unregistering the output producer failed")
+
     def stopProducing(self) -> None:
         """
         The connection is going away and the transport has dropped this

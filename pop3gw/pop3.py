@@ -416,8 +416,7 @@ class POP3Server(Protocol):
     def connectionMade(self) -> None:
         self.secure = ISSLTransport.providedBy(self.transport)
         self.peer = self._peerHost()
-        self.transport.registerProducer(self._output, True)
-        self._outputRegistered = True
+        self._output.register(self.transport)
         self._resetTimeout()
         self._reply(GREETING.format(implementation=self.factory.implementation))
 
@@ -493,13 +492,7 @@ class POP3Server(Protocol):
                 self.transport.loseConnection()
 
     def _unregisterOutput(self) -> None:
-        if not self._outputRegistered:
-            return
-        self._outputRegistered = False
-        try:
-            self.transport.unregisterProducer()
-        except Exception:
-            self.log.failure("unregistering the output producer failed")
+        self._output.unregister(self.transport, self.log)
 
     def _outputPaused(self) -> None:
         """

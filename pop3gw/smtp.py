@@ -678,8 +678,7 @@ class SubmissionServer(Protocol):
         self._connected = True
         self._secure = ISSLTransport.providedBy(self.transport)
         self._peer = describePeer(self.transport.getPeer())
-        self.transport.registerProducer(self._output, True)
-        self._outputRegistered = True
+        self._output.register(self.transport)
         self._timer = self.factory.clock.callLater(self.factory.idleTimeout, self._timedOut)
         self._send(Reply(220, f"{self.factory.hostname} ESMTP ready"))
 
@@ -716,13 +715,7 @@ class SubmissionServer(Protocol):
         self._endAuthentication()
 
     def _unregisterOutput(self) -> None:
-        if not self._outputRegistered:
-            return
-        self._outputRegistered = False
-        try:
-            self.transport.unregisterProducer()
-        except Exception:
-            self.log.failure("Unregistering the submission output producer failed")
+        self._output.unregister(self.transport, self.log)
 
     def _outputPaused(self) -> None:
         """
