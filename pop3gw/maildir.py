@@ -436,6 +436,34 @@ def _scan(maildir: str) -> dict[str, tuple[str, str, os.stat_result, _ParsedName
 #: the thread pool so a huge one never stalls other sessions.
 QUICK_SNAPSHOT_DIRECTORY_SIZE = 32 * 1024
 
+#: A file in C{tmp/} older than this (seconds) is debris of a crashed
+#: delivery and is removed, as the Maildir convention (36 hours) says.
+TMP_MAX_AGE = 36 * 3600
+#: How often (seconds) one process looks for such debris in one maildrop,
+#: at login.
+TMP_CLEAN_INTERVAL = 6 * 3600
+
+
+def _cleanTmp(maildir: str, now: float) -> None:
+    """
+    Remove regular files in C{maildir/tmp} older than L{TMP_MAX_AGE}.  Best
+    effort: a failure is logged and changes nothing else.
+    """
+    tmp = os.path.join(maildir, "tmp")
+    try:
+        with os.scandir(tmp) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_mtime < now - TMP_MAX_AGE:
+                        os.unlink(entry.path)
+                        _log.info("Removed stale {path} left by an interrupted delivery", path=entry.path)
+                except FileNotFoundError:
+                    continue
+    except OSError as e:
+        _log.warn("Could not clean {tmp}: {error}", tmp=tmp, error=e.strerror)
+
+
 class _NotQuick(Exception):
     """
     A snapshot cannot be taken quickly on the reactor thread (the maildrop
@@ -891,6 +919,8 @@ class MaildirStore:
         self._hostname = escapeHostname(hostname if hostname is not None else socket.gethostname())
         self._counter = 0
         self._now: Callable[[], float] = time.time
+        # Maildrop path -> when its tmp/ was last cleaned by this process.
+        self._tmpCleaned: dict = {}
 
     def _run(self, f: Callable, *args: Any) -> Any:
         """
@@ -991,6 +1021,11 @@ class MaildirStore:
         except BaseException:
             os.close(fd)
             raise
+        now = self._now()
+        last = self._tmpCleaned.get(path)
+        if last is None or now - last >= TMP_CLEAN_INTERVAL:
+            self._tmpCleaned[path] = now
+            _cleanTmp(path, now)
         return MaildirMaildrop(path, fd, entries, self._run, quick)
 
     def openMaildrop(self, address: Address) -> defer.Deferred:

@@ -1761,3 +1761,39 @@ class HelperTests(SynchronousTestCase):
             converter = maildir._WireConverter()
             out = converter.feed(data[:cut]) + converter.feed(data[cut:]) + converter.finish()
             self.assertEqual(out, wireForm(data), cut)
+
+
+class TmpCleanupTests(MaildirTestsMixin, SynchronousTestCase):
+    def test_staleTmpFilesRemovedAtLogin(self) -> None:
+        """
+        At login, files in C{tmp/} older than 36 hours (debris of an
+        interrupted delivery) are removed and fresher ones kept; one process
+        looks again in the same maildrop only after
+        L{maildir.TMP_CLEAN_INTERVAL}.
+        """
+        now = [1_800_000_000.0]
+        self.store._now = lambda: now[0]
+        self.successResultOf(self.store.openMaildrop(ALICE)).release()
+        tmp = os.path.join(self.store.maildirPath(ALICE), "tmp")
+
+        def debris(name: str, age: float) -> str:
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            os.utime(path, (now[0] - age, now[0] - age))
+            return path
+
+        now[0] += maildir.TMP_CLEAN_INTERVAL
+        old = debris("old", maildir.TMP_MAX_AGE + 60)
+        fresh = debris("fresh", 60)
+        self.successResultOf(self.store.openMaildrop(ALICE)).release()
+        self.assertFalse(os.path.exists(old))
+        self.assertTrue(os.path.exists(fresh))
+
+        old2 = debris("old2", maildir.TMP_MAX_AGE + 60)
+        self.successResultOf(self.store.openMaildrop(ALICE)).release()
+        self.assertTrue(os.path.exists(old2))
+        now[0] += maildir.TMP_CLEAN_INTERVAL
+        self.successResultOf(self.store.openMaildrop(ALICE)).release()
+        self.assertFalse(os.path.exists(old2))
+        self.assertTrue(os.path.exists(fresh))
