@@ -10,7 +10,6 @@ import errno
 import hashlib
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -35,30 +34,13 @@ from pop3gw.interfaces import (
 )
 from pop3gw.maildir import MaildirStore
 from pop3gw.testing import FakeMaildropStore, wireForm
+from tests.util import tempPath
 
 ALICE = Address("alice", "example.org")
 BOB = Address("bob", "example.org")
 CAROL = Address("carol", "example.net")
 
 _UNIQUE = re.compile(r"^[0-9]+\.M[0-9]{6}P[0-9]+Q[0-9]+R[0-9a-f]{16}\.testhost$")
-
-
-def _tempDirectory(testCase: SynchronousTestCase) -> str:
-    """
-    A fresh path from C{mktemp}, removed (with its empty parents) after the
-    test, so that runs under pytest leave nothing in the working directory.
-    """
-    path = testCase.mktemp()
-
-    def cleanUp() -> None:
-        shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.removedirs(os.path.dirname(path))
-        except OSError:
-            pass
-
-    testCase.addCleanup(cleanUp)
-    return path
 
 
 class MaildropStoreContractMixin:
@@ -365,7 +347,7 @@ class MaildirContractTests(MaildropStoreContractMixin, SynchronousTestCase):
     """
 
     def makeStore(self):
-        return MaildirStore(_tempDirectory(self), hostname="testhost")
+        return MaildirStore(tempPath(self), hostname="testhost")
 
 
 class FakeContractTests(MaildropStoreContractMixin, SynchronousTestCase):
@@ -414,7 +396,7 @@ class _QueuedReactor:
 
 class MaildirTestsMixin:
     def setUp(self) -> None:
-        self.root = _tempDirectory(self)
+        self.root = tempPath(self)
         self.store = MaildirStore(self.root, hostname="testhost")
 
     def deliver(self, recipients, data: bytes, trace: bytes = b"") -> None:

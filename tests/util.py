@@ -12,12 +12,21 @@ from twisted.trial.unittest import SynchronousTestCase
 
 def makeTempDirectory(testCase: SynchronousTestCase) -> str:
     """
-    Make an empty directory with C{testCase.mktemp()} and remove it, and the
-    per-test parents C{mktemp} made, when the test ends (under pytest
-    C{mktemp} works in the current directory, not in C{_trial_temp}).
+    Make an empty directory with L{tempPath}.
+    """
+    path = tempPath(testCase)
+    os.mkdir(path)
+    return path
+
+
+def tempPath(testCase: SynchronousTestCase) -> str:
+    """
+    A fresh path from C{testCase.mktemp()} (nothing created there yet),
+    removed with the per-test parents C{mktemp} made when the test ends
+    (under pytest C{mktemp} works in the current directory, not in
+    C{_trial_temp}).
     """
     path = testCase.mktemp()
-    os.mkdir(path)
     unique = os.path.dirname(path)
 
     def clean() -> None:
