@@ -912,16 +912,19 @@ class POP3Server(Protocol):
         if reason.check(LoginFailed):
             self._authFailed(user)
         elif reason.check(TemporaryFailure):
-            self.log.warn(
-                "authentication backend unavailable: rhost={peer} error={error}",
-                peer=self.peer,
-                error=str(reason.value),
-            )
+            self._warnUnavailable("authentication backend unavailable", reason)
             self._reply(ERR_AUTH_TEMP)
         else:
             self.log.failure("authentication backend failed", reason)
             self._reply(ERR_AUTH_TEMP)
         self._doneBusy()
+
+    def _warnUnavailable(self, what: str, reason: Failure) -> None:
+        """
+        Log an expected server-side refusal (C{what}, a fixed phrase) with
+        its operator-facing text; the client gets only a fixed reply.
+        """
+        self.log.warn("{what}: rhost={peer} error={error}", what=what, peer=self.peer, error=str(reason.value))
 
     def _authFailed(self, user: Optional[str], reason: str = "bad credentials") -> None:
         """
@@ -961,18 +964,10 @@ class POP3Server(Protocol):
             )
             self._reply(ERR_IN_USE)
         elif reason.check(TemporaryFailure):
-            self.log.warn(
-                "maildrop unavailable: rhost={peer} error={error}",
-                peer=self.peer,
-                error=str(reason.value),
-            )
+            self._warnUnavailable("maildrop unavailable", reason)
             self._reply(ERR_MAILDROP_TEMP)
         elif reason.check(PermanentFailure):
-            self.log.warn(
-                "maildrop refused: rhost={peer} error={error}",
-                peer=self.peer,
-                error=str(reason.value),
-            )
+            self._warnUnavailable("maildrop refused", reason)
             self._reply(ERR_MAILDROP_PERM)
         else:
             self.log.failure("opening maildrop failed", reason)
