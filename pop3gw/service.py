@@ -127,14 +127,27 @@ class ServerLockService(MultiService):
             fsutil.releasePidLock(fd)
 
     def privilegedStartService(self) -> None:
+        """
+        Take the lock, then start the parts (listeners bind here).
+
+        @raise SystemExit: another server holds the lock (one line).
+        """
         self._takeLock()
         super().privilegedStartService()
 
     def startService(self) -> None:
+        """
+        Take the lock unless held already, then start the parts.
+
+        @raise SystemExit: another server holds the lock (one line).
+        """
         self._takeLock()
         super().startService()
 
     def stopService(self) -> defer.Deferred:
+        """
+        Stop the parts; release the lock once they have all stopped.
+        """
         d = defer.maybeDeferred(super().stopService)
 
         def release(result):

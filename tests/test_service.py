@@ -5,6 +5,7 @@ sharing one portal, without opening real sockets.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
@@ -253,6 +254,19 @@ class ServerLockTests(SynchronousTestCase):
         self.assertEqual(str(e.exception), f"pop3gw: another pop3gw server (pid {os.getpid()}) is running on "
                                            f"the data directory {self.dataDir}")
         self.assertEqual(reactor.tcpServers, [])
+
+    def test_holderWithoutPid(self) -> None:
+        """
+        A holder that has not written its pid yet is named without one.
+        """
+        os.makedirs(self.dataDir)
+        fd = os.open(os.path.join(self.dataDir, "server.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with self.assertRaises(SystemExit) as e:
+            self.build().privilegedStartService()
+        self.assertEqual(str(e.exception), f"pop3gw: another pop3gw server is running on the data directory "
+                                           f"{self.dataDir}")
 
     def test_lockHeldUntilStopped(self) -> None:
         """
