@@ -5,6 +5,10 @@ The C{pop3gw} command: users, local delivery and the outbound queue.
 It works on the data directory directly (no network) and exits non-zero
 with one line on stderr when it fails.  C{deliver} uses the sysexits codes
 MTAs expect of a mailbox command.
+
+Run as root, a command gives what it writes to the data directory's owner;
+run as anyone but root or that owner, a command that writes refuses (see
+L{pop3gw.fsutil}).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import sys
 from typing import BinaryIO, Optional, TextIO
 
+from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.config import ConfigError, buildConfig
 from pop3gw.interfaces import PermanentFailure, Pop3gwError, TemporaryFailure, UnknownUser, UserExists
@@ -26,6 +31,11 @@ EX_NOUSER = 67
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
+
+#: The commands that only read the data directory, as (command, action);
+#: every other command writes to it.
+_READ_ONLY = frozenset({("user", "list"), ("queue", "list")})
 
 #: Longest password accepted, in octets of UTF-8: the login check refuses
 #: longer ones (L{pop3gw.users.MAX_PASSWORD_BYTES}) without hashing.
@@ -114,16 +124,16 @@ def _readPassword(stdin: TextIO, isatty: bool) -> str:
     return password
 
 
-def _users(config):
+def _users(config, owner: Optional[fsutil.Owner] = None):
     from pop3gw.users import UsersFile
 
-    return UsersFile(config.usersPath, config.aliasesPath)
+    return UsersFile(config.usersPath, config.aliasesPath, owner)
 
 
-def cmdUser(config, args, stdin: TextIO, stdout: TextIO) -> int:
+def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     from pop3gw.users import hashPassword
 
-    users = _users(config)
+    users = _users(config, owner)
     if args.action == "list":
         for a in users.addresses():
             stdout.write(f"{a}\n")
@@ -151,7 +161,7 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO) -> int:
     return EX_OK
 
 
-def cmdDeliver(config, args, stdinBytes: BinaryIO) -> int:
+def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner] = None) -> int:
     from pop3gw.maildir import MaildirStore
 
     address = _address(args.address, EX_NOUSER)
@@ -159,7 +169,7 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO) -> int:
     user = users.resolve(address)
     if user is None:
         raise CommandError(f"no such user {address}", EX_NOUSER)
-    store = MaildirStore(config.mailDir, hostname=config.hostname)
+    store = MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)
     try:
         delivery = store.beginDelivery([user])
     except TemporaryFailure as e:
@@ -227,15 +237,25 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
             config = buildConfig(cli, args.config)
         except ConfigError as e:
             raise CommandError(str(e), EX_USAGE) from None
-        if not (args.command == "user" and args.action == "add") and not os.path.isdir(config.dataDir):
-            status = EX_TEMPFAIL if args.command == "deliver" else EX_USAGE
-            what = "is not a directory" if os.path.exists(config.dataDir) else "does not exist"
-            raise CommandError(f"data directory {config.dataDir} {what}", status)
+        creates = args.command == "user" and args.action == "add"
+        if not os.path.isdir(config.dataDir):
+            if not creates or os.path.exists(config.dataDir):
+                status = EX_TEMPFAIL if args.command == "deliver" else EX_USAGE
+                what = "is not a directory" if os.path.exists(config.dataDir) else "does not exist"
+                raise CommandError(f"data directory {config.dataDir} {what}", status)
+            # Said, so that a mistyped --data-dir does not go unnoticed.
+            fsutil.makeDirectories(config.dataDir)
+            stderr.write(f"pop3gw: created new data directory {config.dataDir}\n")
+        owner = None
+        if (args.command, getattr(args, "action", None)) not in _READ_ONLY:
+            try:
+                owner = fsutil.dataDirectoryOwner(config.dataDir)
+            except fsutil.ForeignDataDirectory as e:
+                raise CommandError(str(e), EX_TEMPFAIL if args.command == "deliver" else EX_NOPERM) from None
         if args.command == "user":
-            os.makedirs(config.dataDir, mode=0o700, exist_ok=True)
-            return cmdUser(config, args, stdin, stdout)
+            return cmdUser(config, args, stdin, stdout, owner)
         if args.command == "deliver":
-            return cmdDeliver(config, args, getattr(stdin, "buffer", stdin))
+            return cmdDeliver(config, args, getattr(stdin, "buffer", stdin), owner)
         return cmdQueue(config, args, stdout)
     except CommandError as e:
         stderr.write(f"pop3gw: {e}\n")

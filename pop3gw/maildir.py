@@ -40,6 +40,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pop3gw import fsutil
 from pop3gw.address import Address
 from pop3gw.interfaces import (
     IDelivery,
@@ -55,10 +56,10 @@ from pop3gw.interfaces import (
 LOCK_NAME = "pop3gw.lock"
 
 #: Mode of the directories this module creates.
-DIRECTORY_MODE = 0o700
+DIRECTORY_MODE = fsutil.DIRECTORY_MODE
 
 #: Mode of the files this module creates.
-FILE_MODE = 0o600
+FILE_MODE = fsutil.FILE_MODE
 
 #: Octets read from a message file at a time.
 READ_CHUNK = 64 * 1024
@@ -338,12 +339,7 @@ def _sortKey(entry: "_Entry") -> tuple:
 # --- Filesystem helpers -----------------------------------------------------
 
 
-def _fsyncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsyncDirectory = fsutil.fsyncDirectory
 
 
 def _unlinkQuietly(path: str) -> None:
@@ -732,8 +728,16 @@ class MaildirDelivery:
     then linked into C{new} of every recipient's.
     """
 
-    def __init__(self, maildirs: Sequence[str], unique: str, fd: int, run: Callable) -> None:
+    def __init__(
+        self,
+        maildirs: Sequence[str],
+        unique: str,
+        fd: int,
+        run: Callable,
+        owner: Optional[fsutil.Owner] = None,
+    ) -> None:
         self._maildirs = list(maildirs)
+        self._owner = owner
         self._unique = unique
         self._tmpPath = os.path.join(self._maildirs[0], "tmp", unique)
         self._fd: Optional[int] = fd
@@ -837,7 +841,7 @@ class MaildirDelivery:
         C{tmp}, then link it to C{dest}.
         """
         copyPath = os.path.join(maildir, "tmp", self._unique)
-        out = os.open(copyPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW, FILE_MODE)
+        out = fsutil.createFile(copyPath, self._owner)
         copies.append(copyPath)
         try:
             source = os.open(self._tmpPath, os.O_RDONLY | _O_CLOEXEC)
@@ -904,6 +908,9 @@ class MaildirStore:
     @param threadpool: a started L{twisted.python.threadpool.ThreadPool}, or
         L{None}.
     @param hostname: for unique names; defaults to C{socket.gethostname()}.
+    @param owner: the data directory's owner, given every directory and
+        file the store creates (see L{pop3gw.fsutil}); L{None} leaves them
+        to this process.
     """
 
     def __init__(
@@ -912,8 +919,10 @@ class MaildirStore:
         reactor: Any = None,
         threadpool: Any = None,
         hostname: Optional[str] = None,
+        owner: Optional[fsutil.Owner] = None,
     ) -> None:
         self.root = os.path.abspath(root)
+        self.owner = owner
         self._reactor = reactor
         self._threadpool = threadpool
         self._hostname = escapeHostname(hostname if hostname is not None else socket.gethostname())
@@ -964,14 +973,10 @@ class MaildirStore:
         path = self.maildirPath(address)
         if all(os.path.isdir(os.path.join(path, s)) for s in _SUBDIRS):
             return path
-        os.makedirs(self.root, DIRECTORY_MODE, exist_ok=True)
+        fsutil.makeDirectories(self.root, self.owner)
         domainDir = os.path.dirname(path)
         for directory in [domainDir, path] + [os.path.join(path, s) for s in _SUBDIRS]:
-            try:
-                os.mkdir(directory, DIRECTORY_MODE)
-            except FileExistsError:
-                continue
-            _fsyncDirectory(os.path.dirname(directory))
+            fsutil.makeDirectory(directory, self.owner)
         return path
 
     def _uniqueName(self) -> str:
@@ -1002,11 +1007,7 @@ class MaildirStore:
                 os.stat(os.path.join(path, sub)).st_size > QUICK_SNAPSHOT_DIRECTORY_SIZE for sub in ("new", "cur")
             ):
                 raise _NotQuick()
-            fd = os.open(
-                os.path.join(path, LOCK_NAME),
-                os.O_RDWR | os.O_CREAT | _O_CLOEXEC | _O_NOFOLLOW,
-                FILE_MODE,
-            )
+            fd = fsutil.openLockFile(os.path.join(path, LOCK_NAME), self.owner)
         except OSError as e:
             raise TemporaryFailure(f"cannot open maildrop: {e.strerror}") from e
         try:
@@ -1063,14 +1064,10 @@ class MaildirStore:
         try:
             maildirs = [self._ensureMaildir(r) for r in unique]
             name = self._uniqueName()
-            fd = os.open(
-                os.path.join(maildirs[0], "tmp", name),
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW,
-                FILE_MODE,
-            )
+            fd = fsutil.createFile(os.path.join(maildirs[0], "tmp", name), self.owner)
         except OSError as e:
             raise TemporaryFailure(f"cannot start delivery: {e.strerror}") from e
-        delivery = MaildirDelivery(maildirs, name, fd, self._runDeferred)
+        delivery = MaildirDelivery(maildirs, name, fd, self._runDeferred, self.owner)
         if trace:
             delivery.write(trace)
         return delivery

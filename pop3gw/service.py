@@ -2,6 +2,9 @@
 """
 C{twistd pop3gw}: builds every piece from a L{Config} into one
 L{MultiService}.  This is the only module that builds endpoints.
+
+One server runs per data directory: the whole service holds an exclusive
+lock on C{DATA/server.lock} (L{ServerLockService}).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from pop3gw import fsutil
 from pop3gw.address import Address
 from pop3gw.interfaces import UnknownUser
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
@@ -58,6 +62,10 @@ TLS_CHECK_INTERVAL = 30.0
 # Threads for fsync/link work of deliveries (blocking disk I/O).
 IO_THREADS = 8
 
+#: The file, in the data directory, a running server holds an exclusive
+#: C{flock} on; it contains the server's pid.
+SERVER_LOCK = "server.lock"
+
 POP3_REFUSAL = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 SMTP_REFUSAL = b"421 4.7.0 Too many connections, try again later\r\n"
 
@@ -77,6 +85,76 @@ class ThreadPoolService(Service):
     def stopService(self):
         super().stopService()
         self.pool.stop()
+
+
+class ServerLockService(MultiService):
+    """
+    The whole server, holding an exclusive lock on L{SERVER_LOCK} in the
+    data directory from before its first listener binds (or the queue
+    starts) until every part of it has stopped.  A second server on the
+    same data directory stops at start-up with one line naming the first
+    one's pid, so two servers never run the same outbound queue.
+
+    The lock is taken in L{privilegedStartService} (after C{twistd} has
+    daemonized, so the pid written is the server's) and released when the
+    last part has stopped; the kernel drops it if the process dies.
+    """
+
+    def __init__(self, dataDir: str, owner: Optional[fsutil.Owner] = None) -> None:
+        super().__init__()
+        self.dataDir = dataDir
+        self.lockPath = os.path.join(dataDir, SERVER_LOCK)
+        self.owner = owner
+        self._lockFD: Optional[int] = None
+
+    def _takeLock(self) -> None:
+        if self._lockFD is not None:
+            return
+        try:
+            self._lockFD = fsutil.takePidLock(self.lockPath, self.owner)
+        except fsutil.LockHeld as e:
+            holder = "another pop3gw server" + ("" if e.pid is None else f" (pid {e.pid})")
+            raise SystemExit(f"pop3gw: {holder} is running on the data directory {self.dataDir}") from None
+        except OSError as e:
+            raise SystemExit(f"pop3gw: cannot lock {self.lockPath}: {e.strerror}") from None
+
+    def releaseLock(self) -> None:
+        """
+        Release the lock, if held.  Idempotent.
+        """
+        fd, self._lockFD = self._lockFD, None
+        if fd is not None:
+            fsutil.releasePidLock(fd)
+
+    def privilegedStartService(self) -> None:
+        """
+        Take the lock, then start the parts (listeners bind here).
+
+        @raise SystemExit: another server holds the lock (one line).
+        """
+        self._takeLock()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        """
+        Take the lock unless held already, then start the parts.
+
+        @raise SystemExit: another server holds the lock (one line).
+        """
+        self._takeLock()
+        super().startService()
+
+    def stopService(self) -> defer.Deferred:
+        """
+        Stop the parts; release the lock once they have all stopped.
+        """
+        d = defer.maybeDeferred(super().stopService)
+
+        def release(result):
+            self.releaseLock()
+            return result
+
+        return d.addBoth(release)
 
 
 class ListenerService(StreamServerEndpointService):
@@ -225,29 +303,34 @@ def makeService(options, reactor=None) -> MultiService:
 
 def _build(config: Config, reactor) -> MultiService:
     _raiseFileLimit()
+    owner = None
     for path in (config.dataDir, config.mailDir, config.queueDir):
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            fsutil.makeDirectories(path, owner)
             if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied", path)
+            if owner is None:
+                owner = fsutil.dataDirectoryOwner(config.dataDir)
+        except fsutil.ForeignDataDirectory as e:
+            raise ConfigError(str(e)) from None
         except OSError as e:
             raise ConfigError(f"data directory: cannot use {path}: {e.strerror}") from None
 
-    top = MultiService()
+    top = ServerLockService(config.dataDir, owner)
     hashPool = ThreadPool(minthreads=1, maxthreads=max(1, config.limits["hash-threads"]), name="pop3gw-auth")
     ioPool = ThreadPool(minthreads=1, maxthreads=IO_THREADS, name="pop3gw-io")
     ThreadPoolService(hashPool).setServiceParent(top)
     ThreadPoolService(ioPool).setServiceParent(top)
 
-    users = UsersFile(config.usersPath, config.aliasesPath)
-    store = MaildirStore(config.mailDir, reactor, ioPool, config.hostname)
+    users = UsersFile(config.usersPath, config.aliasesPath, owner)
+    store = MaildirStore(config.mailDir, reactor, ioPool, config.hostname, owner)
     queue = OutboundQueue(config.queueDir, reactor, ioPool)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
     checker = PasswordChecker(users, reactor, hashPool, config.limits["failure-delay"])
     portal = Portal(Realm(users, store, router), [checker])
     policy = PlaintextAuthPolicy(config.plaintextAuth)
 
-    certs = CertificateManager(config.dataDir, config.tlsCert, config.tlsKey, config.hostname)
+    certs = CertificateManager(config.dataDir, config.tlsCert, config.tlsKey, config.hostname, owner=owner)
     try:
         certs.load()
     except TLSConfigError as e:

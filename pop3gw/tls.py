@@ -49,7 +49,6 @@ import datetime
 import ipaddress
 import os
 import socket
-import tempfile
 from typing import Callable, Sequence
 
 import attrs
@@ -74,6 +73,8 @@ from twisted.internet.interfaces import (
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from pop3gw import fsutil
 
 # --- Policy constants ------------------------------------------------------
 
@@ -217,33 +218,6 @@ def _peerCertificate(conn: SSL.Connection) -> x509.Certificate | None:
     except TypeError:
         cert = conn.get_peer_certificate()
         return None if cert is None else cert.to_cryptography()
-
-
-def _writeAtomically(path: str, data: bytes, mode: int) -> None:
-    """
-    Write C{data} to C{path}: temporary file in the same directory with
-    C{mode}, fsync, rename over C{path}, fsync the directory.
-    """
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pem")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dirfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
 
 
 def generateSelfSigned(
@@ -468,12 +442,15 @@ class CertificateManager:
     @ivar hostname: the name for a generated certificate (default: the FQDN
         of this host); with operator certificates, a warning is logged when
         the certificate does not cover it.
+    @ivar owner: the data directory's owner, given the generated directory,
+        certificate and key (see L{pop3gw.fsutil}), or L{None}.
     """
 
     dataDir: str
     certPath: str | None = None
     keyPath: str | None = None
     hostname: str | None = None
+    owner: fsutil.Owner | None = attrs.field(default=None, kw_only=True)
     _now: Callable[[], datetime.datetime] = attrs.field(
         default=lambda: datetime.datetime.now(datetime.timezone.utc), kw_only=True
     )
@@ -513,12 +490,12 @@ class CertificateManager:
     def _generate(self, certFile: str, keyFile: str) -> None:
         directory = os.path.dirname(certFile)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)
+            fsutil.makeDirectories(directory, self.owner)
+            os.chmod(directory, fsutil.DIRECTORY_MODE)
             certPem, keyPem = generateSelfSigned(self._hostname(), self._now())
             # Key first: a certificate on disk implies its key is there too.
-            _writeAtomically(keyFile, keyPem, 0o600)
-            _writeAtomically(certFile, certPem, 0o644)
+            fsutil.replaceFile(keyFile, keyPem, self.owner)
+            fsutil.replaceFile(certFile, certPem, self.owner)
         except OSError as e:
             raise TLSConfigError(
                 f"cannot write a self-signed TLS certificate to {directory}: "

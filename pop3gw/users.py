@@ -25,7 +25,6 @@ concurrent writers never lose an update.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import hmac
@@ -40,6 +39,7 @@ import bcrypt
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.interfaces import IUserDatabase, TemporaryFailure, UnknownUser, UserExists
 
@@ -527,14 +527,6 @@ class _Snapshot:
     aliases: Mapping[Address, Address]
 
 
-def _fsyncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @implementer(IUserDatabase)
 class UsersFile:
     """
@@ -548,18 +540,22 @@ class UsersFile:
     @cvar FILE_MODE: the permissions of a rewritten users file.
     """
 
-    FILE_MODE = 0o600
+    FILE_MODE = fsutil.FILE_MODE
 
     # Indirection so tests can simulate a crash at the rename.
     _replace = staticmethod(os.replace)
 
-    def __init__(self, path: str, aliasesPath: Optional[str] = None):
+    def __init__(self, path: str, aliasesPath: Optional[str] = None, owner: Optional[fsutil.Owner] = None):
         """
         @param path: the users file; missing means no users.
         @param aliasesPath: the aliases file, or L{None} for no aliases.
+        @param owner: the data directory's owner, given the users file and
+            its lock file when this process creates them (see
+            L{pop3gw.fsutil}); a rewritten file keeps its owner.
         """
         self.path = path
         self.aliasesPath = aliasesPath
+        self.owner = owner
         self.lockPath = path + ".lock"
         self._lock = threading.Lock()
         self._usersFile = _WatchedFile(path, _parseUsers, "users file")
@@ -696,7 +692,7 @@ class UsersFile:
         A context manager holding an exclusive C{flock} on the sidecar lock
         file.
         """
-        return _FileLock(self.lockPath, self.FILE_MODE)
+        return _FileLock(self.lockPath, self.owner)
 
     def _readLines(self) -> list[_UserLine]:
         try:
@@ -708,31 +704,11 @@ class UsersFile:
 
     def _write(self, lines: list[_UserLine]) -> None:
         """
-        Replace the users file with C{lines} atomically and durably.
+        Replace the users file with C{lines} atomically and durably, keeping
+        its owner.
         """
-        directory = os.path.dirname(os.path.abspath(self.path))
         data = b"".join(line.raw + b"\n" for line in lines)
-        tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.FILE_MODE)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fchmod(fd, self.FILE_MODE)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-            raise
-        _fsyncDirectory(directory)
+        fsutil.replaceFile(self.path, data, self.owner, self._replace)
 
 
 class _FileLock:
@@ -742,13 +718,13 @@ class _FileLock:
     this process.
     """
 
-    def __init__(self, path: str, mode: int):
+    def __init__(self, path: str, owner: Optional[fsutil.Owner]):
         self._path = path
-        self._mode = mode
+        self._owner = owner
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "_FileLock":
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, self._mode)
+        fd = fsutil.openLockFile(self._path, self._owner)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:

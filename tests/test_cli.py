@@ -7,13 +7,27 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
+import stat
+import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw import cli
+from pop3gw import cli, fsutil
 from pop3gw.address import Address
 from pop3gw.interfaces import MaildropLocked
+from pop3gw.maildir import MaildirStore
 from pop3gw.users import UsersFile, verifyPassword
+
+from .util import (
+    OTHER_GID,
+    OTHER_UID,
+    effectiveUser,
+    makeTempDirectory,
+    requireRoot,
+    treeModesAndOwners,
+    withUmask,
+)
 
 ALICE = Address("alice", "example.org")
 
@@ -316,3 +330,143 @@ class DeliverTests(SynchronousTestCase):
         self.assertEqual(self.runCLI("deliver", "alice@example.org", data=b"Subject: x\n\nhi\n")[0], 0)
         self.assertEqual(len(os.listdir(os.path.join(self.maildir, "new"))), 1)
         opened[0].release()
+
+
+class NewDataDirectoryTests(SynchronousTestCase):
+    """
+    C{user add} creates a missing data directory, and says so.
+    """
+
+    def test_createdIsSaid(self) -> None:
+        """
+        C{user add} on a data directory that does not exist creates it
+        (mode 0700), succeeds as before, and says
+        C{created new data directory PATH} on stderr; the next C{user add}
+        says nothing there.
+        """
+        dataDir = os.path.abspath(os.path.join(makeTempDirectory(self), "typo"))
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["--data-dir", dataDir, "user", "add", "alice@example.org"], stdin=FakeStdin("pw\n"),
+                          stdout=out, stderr=err)
+        self.assertEqual((status, out.getvalue(), err.getvalue()),
+                         (0, "added alice@example.org\n", f"pop3gw: created new data directory {dataDir}\n"))
+        self.assertEqual(stat.S_IMODE(os.stat(dataDir).st_mode), 0o700)
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["--data-dir", dataDir, "user", "add", "bob@example.org"], stdin=FakeStdin("pw\n"),
+                          stdout=out, stderr=err)
+        self.assertEqual((status, out.getvalue(), err.getvalue()), (0, "added bob@example.org\n", ""))
+
+
+class ModesTests(SynchronousTestCase):
+    """
+    Everything the command creates is private whatever the umask.
+    """
+
+    def test_everyFilePrivate(self) -> None:
+        """
+        Under umask 022, 000 and 277, C{user add} on a new data directory
+        and C{deliver} leave only 0700 directories and 0600 files (data
+        directory, users file, its lock, maildrop, its lock file, message).
+        """
+        for mask in (0o022, 0o000, 0o277):
+            withUmask(self, mask)
+            dataDir = os.path.join(makeTempDirectory(self), "data")
+            for args, text, data in ((("user", "add", "alice@example.org"), "pw\n", b""),
+                                     (("deliver", "alice@example.org"), "", b"Subject: x\n\nhi\n")):
+                status = cli.main(["--data-dir", dataDir, *args], stdin=FakeStdin(text, data),
+                                  stdout=io.StringIO(), stderr=io.StringIO())
+                self.assertEqual(status, 0)
+            store = MaildirStore(os.path.join(dataDir, "mail"))
+            self.successResultOf(store.openMaildrop(ALICE)).release()
+            found = treeModesAndOwners(dataDir)
+            self.assertIn("users", found)
+            self.assertIn("mail/example.org/alice/pop3gw.lock", found)
+            self.assertEqual(len([p for p in found if p.startswith("mail/example.org/alice/new/")]), 1)
+            for path, (kind, mode, _, _) in found.items():
+                self.assertEqual(mode, 0o700 if kind == "d" else 0o600, (oct(mask), path))
+
+
+class DataDirectoryOwnerTests(SynchronousTestCase):
+    """
+    Commands keep the data directory's owner: run as root they give what
+    they write to that owner; run as anyone else but the owner they refuse.
+    """
+
+    def setUp(self) -> None:
+        requireRoot(self)
+        # Under /tmp: pytest's per-test directories are closed to other uids.
+        parent = tempfile.mkdtemp(prefix="pop3gw-owner-")
+        self.addCleanup(shutil.rmtree, parent, True)
+        os.chmod(parent, 0o755)
+        self.dataDir = os.path.join(parent, "data")
+        os.mkdir(self.dataDir, 0o700)
+        os.chown(self.dataDir, OTHER_UID, OTHER_GID)
+
+    def runCLI(self, *args: str, text: str = "", data: bytes = b""):
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["--data-dir", self.dataDir, *args], stdin=FakeStdin(text, data), stdout=out, stderr=err)
+        return status, out.getvalue(), err.getvalue()
+
+    def test_rootKeepsOwner(self) -> None:
+        """
+        C{user add}, C{passwd}, C{remove} and C{deliver} run as root leave
+        every file and directory they create or rewrite (users file, its
+        lock, the maildrop's directories and lock, the message) owned by
+        the data directory's uid and gid.
+        """
+        self.assertEqual(self.runCLI("user", "add", "alice@example.org", text="pw\n")[0], 0)
+        self.assertEqual(self.runCLI("user", "add", "bob@example.org", text="pw\n")[0], 0)
+        self.assertEqual(self.runCLI("user", "passwd", "alice@example.org", text="new\n")[0], 0)
+        self.assertEqual(self.runCLI("user", "remove", "bob@example.org")[0], 0)
+        self.assertEqual(self.runCLI("deliver", "alice@example.org", data=b"Subject: x\n\nhi\n")[0], 0)
+        store = MaildirStore(os.path.join(self.dataDir, "mail"), owner=fsutil.dataDirectoryOwner(self.dataDir))
+        self.successResultOf(store.openMaildrop(ALICE)).release()
+        found = treeModesAndOwners(self.dataDir)
+        for expected in ("users", "users.lock", "mail", "mail/example.org", "mail/example.org/alice",
+                         "mail/example.org/alice/new", "mail/example.org/alice/pop3gw.lock"):
+            self.assertIn(expected, found)
+        for path, (_, _, uid, gid) in found.items():
+            self.assertEqual((uid, gid), (OTHER_UID, OTHER_GID), path)
+
+    def test_rewriteKeepsFileOwner(self) -> None:
+        """
+        A users file that belongs to someone else than the data directory
+        keeps its owner when root rewrites it.
+        """
+        self.assertEqual(self.runCLI("user", "add", "alice@example.org", text="pw\n")[0], 0)
+        users = os.path.join(self.dataDir, "users")
+        os.chown(users, OTHER_UID + 2, OTHER_GID + 2)
+        self.assertEqual(self.runCLI("user", "add", "bob@example.org", text="pw\n")[0], 0)
+        st = os.stat(users)
+        self.assertEqual((st.st_uid, st.st_gid), (OTHER_UID + 2, OTHER_GID + 2))
+
+    def test_otherUserRefused(self) -> None:
+        """
+        A user who is neither root nor the owner, though the group may
+        write the data directory, is refused with one line: C{user add}
+        and C{queue flush} exit 77 (EX_NOPERM), C{deliver} 75 (the MTA
+        retries); nothing is written.  Reading (C{user list}) still works.
+        """
+        os.chmod(self.dataDir, 0o770)
+        with effectiveUser(OTHER_UID + 1, OTHER_GID):
+            results = [
+                self.runCLI("user", "add", "alice@example.org", text="pw\n"),
+                self.runCLI("deliver", "alice@example.org", data=b"Subject: x\n\nhi\n"),
+                self.runCLI("queue", "flush"),
+                self.runCLI("user", "list"),
+            ]
+        line = (f"pop3gw: data directory {os.path.abspath(self.dataDir)} belongs to uid {OTHER_UID}, "
+                f"not to uid {OTHER_UID + 1}: run this as its owner (or as root, which keeps that owner)\n")
+        self.assertEqual(results, [(cli.EX_NOPERM, "", line), (cli.EX_TEMPFAIL, "", line), (cli.EX_NOPERM, "", line),
+                                   (0, "", "")])
+        self.assertEqual(os.listdir(self.dataDir), [])
+
+    def test_ownerMayWrite(self) -> None:
+        """
+        The owner itself writes as before.
+        """
+        with effectiveUser(OTHER_UID, OTHER_GID):
+            status, _, err = self.runCLI("user", "add", "alice@example.org", text="pw\n")
+        self.assertEqual((status, err), (0, ""))
+        st = os.stat(os.path.join(self.dataDir, "users"))
+        self.assertEqual((st.st_uid, st.st_gid), (OTHER_UID, OTHER_GID))

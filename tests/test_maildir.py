@@ -32,9 +32,10 @@ from pop3gw.interfaces import (
     PermanentFailure,
     TemporaryFailure,
 )
+from pop3gw.fsutil import Owner
 from pop3gw.maildir import MaildirStore
 from pop3gw.testing import FakeMaildropStore, wireForm
-from tests.util import tempPath
+from tests.util import OTHER_GID, OTHER_UID, requireRoot, tempPath, treeModesAndOwners, withUmask
 
 ALICE = Address("alice", "example.org")
 BOB = Address("bob", "example.org")
@@ -657,7 +658,8 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
 
     def test_newMaildirDirectoriesFsynced(self) -> None:
         """
-        Creating a maildrop fsyncs the parent of every directory it makes.
+        Creating a maildrop fsyncs the parent of every directory it makes,
+        the store's missing root included.
         """
         synced = []
         realFsync = os.fsync
@@ -670,7 +672,7 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
         self.store.openMaildrop(ALICE).addCallback(lambda d: d.release())
         root = os.path.abspath(self.root)
         drop = os.path.join(root, "example.org", "alice")
-        self.assertEqual(synced, [root, os.path.dirname(drop), drop, drop, drop])
+        self.assertEqual(synced, [os.path.dirname(root), root, os.path.dirname(drop), drop, drop, drop])
 
 
 class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
@@ -1779,3 +1781,45 @@ class TmpCleanupTests(MaildirTestsMixin, SynchronousTestCase):
         self.successResultOf(self.store.openMaildrop(ALICE)).release()
         self.assertFalse(os.path.exists(old2))
         self.assertTrue(os.path.exists(fresh))
+
+
+class MaildirModesAndOwnerTests(SynchronousTestCase):
+    """
+    Everything the store creates is private whatever the umask, and
+    belongs to the data directory's owner.
+    """
+
+    def deliverAndOpen(self, store: MaildirStore) -> None:
+        delivery = store.beginDelivery([ALICE, CAROL])
+        delivery.write(b"Subject: x\n\nhi\n")
+        self.successResultOf(delivery.commit())
+        self.successResultOf(store.openMaildrop(ALICE)).release()
+
+    def test_modesWhateverUmask(self) -> None:
+        """
+        Under umask 022, 000 and 277 a delivery to two new maildrops and a
+        login leave only 0700 directories (the root included) and 0600
+        files (messages, lock file).
+        """
+        for mask in (0o022, 0o000, 0o277):
+            withUmask(self, mask)
+            root = tempPath(self)
+            self.deliverAndOpen(MaildirStore(root, hostname="testhost"))
+            found = treeModesAndOwners(root)
+            self.assertIn("example.org/alice/pop3gw.lock", found)
+            self.assertEqual(len([p for p in found if "/new/" in p]), 2)
+            for path, (kind, mode, _, _) in found.items():
+                self.assertEqual(mode, 0o700 if kind == "d" else 0o600, (oct(mask), path))
+
+    def test_ownerGiven(self) -> None:
+        """
+        Run as root with the data directory's owner, every directory and
+        file the store creates belongs to that owner.
+        """
+        requireRoot(self)
+        root = tempPath(self)
+        self.deliverAndOpen(MaildirStore(root, hostname="testhost", owner=Owner(OTHER_UID, OTHER_GID)))
+        found = treeModesAndOwners(root)
+        self.assertIn("example.org/alice/pop3gw.lock", found)
+        for path, (_, _, uid, gid) in found.items():
+            self.assertEqual((uid, gid), (OTHER_UID, OTHER_GID), path)

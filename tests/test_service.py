@@ -5,8 +5,14 @@ sharing one portal, without opening real sockets.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+import stat
+import tempfile
 
+from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,6 +22,8 @@ from pop3gw.limits import ConnectionLimitFactory
 from pop3gw.pop3 import POP3Factory
 from pop3gw.service import ListenerService, makeService
 from pop3gw.smtp import SubmissionFactory
+
+from .util import OTHER_GID, OTHER_UID, effectiveUser, requireRoot, treeModesAndOwners, withUmask
 
 
 def options(*args: str) -> Options:
@@ -150,3 +158,140 @@ class OperatorErrorTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as e:
             TwistdOptions().parseOptions(["--plaintext-auth", "sometimes"])
         self.assertOneLine(e.exception, "plaintext-auth")
+
+
+class DataDirectoryTests(SynchronousTestCase):
+    """
+    What the server creates in its data directory: private whatever the
+    umask, owned by the data directory's owner.
+    """
+
+    def test_modesWhateverUmask(self) -> None:
+        """
+        Under umask 022, 000 and 277, C{makeService} on a new data
+        directory creates only 0700 directories (data, mail, queue, tls)
+        and 0600 files (certificate, key).
+        """
+        for mask in (0o022, 0o000, 0o277):
+            withUmask(self, mask)
+            dataDir = os.path.abspath(self.mktemp())
+            makeService(options("--data-dir", dataDir, "--hostname", "mail.example.org"), MemoryReactorClock())
+            found = treeModesAndOwners(dataDir)
+            for expected in (".", "mail", "queue", "tls", "tls/cert.pem", "tls/key.pem"):
+                self.assertIn(expected, found)
+            for path, (kind, mode, _, _) in found.items():
+                if path.startswith("queue/"):
+                    continue  # the queue's own files are its business
+                self.assertEqual(mode, 0o700 if kind == "d" else 0o600, (oct(mask), path))
+
+    def test_rootKeepsOwner(self) -> None:
+        """
+        Run as root on a data directory that belongs to another uid, the
+        server gives what it creates there (mail, queue, TLS directory,
+        certificate, key) to that uid and gid.
+        """
+        requireRoot(self)
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        os.chown(dataDir, OTHER_UID, OTHER_GID)
+        makeService(options("--data-dir", dataDir, "--hostname", "mail.example.org"), MemoryReactorClock())
+        found = treeModesAndOwners(dataDir)
+        for expected in ("mail", "queue", "tls", "tls/cert.pem", "tls/key.pem"):
+            self.assertEqual(found[expected][2:], (OTHER_UID, OTHER_GID), expected)
+
+    def test_otherUserRefused(self) -> None:
+        """
+        A server that is neither root nor the data directory's owner stops
+        start-up with one line naming the directory and both uids.
+        """
+        requireRoot(self)
+        parent = tempfile.mkdtemp(prefix="pop3gw-owner-")
+        self.addCleanup(shutil.rmtree, parent, True)
+        os.chmod(parent, 0o755)
+        dataDir = os.path.join(parent, "data")
+        os.mkdir(dataDir)
+        os.chmod(dataDir, 0o770)
+        os.chown(dataDir, OTHER_UID, OTHER_GID)
+        with effectiveUser(OTHER_UID + 1, OTHER_GID):
+            with self.assertRaises(SystemExit) as e:
+                makeService(options("--data-dir", dataDir), MemoryReactorClock())
+        text = str(e.exception)
+        self.assertEqual(text, f"pop3gw: data directory {dataDir} belongs to uid {OTHER_UID}, not to uid "
+                               f"{OTHER_UID + 1}: run this as its owner (or as root, which keeps that owner)")
+        self.assertEqual(os.listdir(dataDir), [])
+
+
+class ServerLockTests(SynchronousTestCase):
+    """
+    One server per data directory: the first holds an exclusive lock on
+    C{DATA/server.lock} from before its listeners bind until it has
+    stopped.
+    """
+
+    def setUp(self) -> None:
+        self.dataDir = os.path.abspath(self.mktemp())
+
+    def build(self):
+        return makeService(options("--data-dir", self.dataDir, "--hostname", "mail.example.org"),
+                           MemoryReactorClock())
+
+    def test_secondServerRefused(self) -> None:
+        """
+        A second server on the same data directory stops at start-up,
+        before binding any listener, with one line naming the first one's
+        pid; the first one wrote its pid into C{server.lock} (0600).
+        """
+        first = self.build()
+        first.privilegedStartService()
+        self.addCleanup(first.releaseLock)
+        with open(os.path.join(self.dataDir, "server.lock")) as f:
+            self.assertEqual(f.read(), f"{os.getpid()}\n")
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dataDir, "server.lock")).st_mode), 0o600)
+        reactor = MemoryReactorClock()
+        second = makeService(options("--data-dir", self.dataDir), reactor)
+        with self.assertRaises(SystemExit) as e:
+            second.privilegedStartService()
+        self.assertEqual(str(e.exception), f"pop3gw: another pop3gw server (pid {os.getpid()}) is running on "
+                                           f"the data directory {self.dataDir}")
+        self.assertEqual(reactor.tcpServers, [])
+
+    def test_holderWithoutPid(self) -> None:
+        """
+        A holder that has not written its pid yet is named without one.
+        """
+        os.makedirs(self.dataDir)
+        fd = os.open(os.path.join(self.dataDir, "server.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with self.assertRaises(SystemExit) as e:
+            self.build().privilegedStartService()
+        self.assertEqual(str(e.exception), f"pop3gw: another pop3gw server is running on the data directory "
+                                           f"{self.dataDir}")
+
+    def test_lockHeldUntilStopped(self) -> None:
+        """
+        The lock is released only once every part of the server has
+        stopped (a part may take time to stop); then another server may
+        start.
+        """
+        stopping = defer.Deferred()
+
+        class SlowToStop(Service):
+            def stopService(self):
+                super().stopService()
+                return stopping
+
+        first = self.build()
+        SlowToStop().setServiceParent(first)
+        for child in list(first):
+            if not isinstance(child, SlowToStop):
+                child.disownServiceParent()
+        first.startService()
+        self.addCleanup(first.releaseLock)
+        d = first.stopService()
+        second = self.build()
+        self.assertRaises(SystemExit, second.privilegedStartService)
+        stopping.callback(None)
+        self.successResultOf(d)
+        second.privilegedStartService()
+        second.releaseLock()

@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import shutil
 import ssl
 import stat
 import warnings
@@ -41,9 +42,11 @@ from zope.interface.verify import verifyObject
 from service_identity import VerificationError
 
 from pop3gw import tls
+from pop3gw.fsutil import Owner
 from pop3gw.tls import CertificateManager, TLSConfigError
 
 from .tlshelpers import makeCA, makeIntermediate, makeLeaf
+from .util import OTHER_GID, OTHER_UID, requireRoot, withUmask
 
 HOST = "mail.example.test"
 GREETING = b"+OK hello\r\n"
@@ -280,18 +283,37 @@ class SelfSignedTests(LogCaptureMixin, SynchronousTestCase):
 
     def test_generatedOnFirstLoad(self) -> None:
         """
-        The first load writes C{tls/cert.pem} (0644) and C{tls/key.pem}
-        (0600) in a 0700 directory, and nothing else.
+        The first load writes C{tls/cert.pem} and C{tls/key.pem}, both
+        0600, in a 0700 directory, and nothing else, whatever the umask
+        (022, 000, 277).
         """
-        CertificateManager(self.dataDir, hostname=HOST).load()
-        self.assertEqual(sorted(os.listdir(self.tlsDir)), ["cert.pem", "key.pem"])
-        self.assertEqual(stat.S_IMODE(os.stat(self.tlsDir).st_mode), 0o700)
-        self.assertEqual(
-            stat.S_IMODE(os.stat(os.path.join(self.tlsDir, "cert.pem")).st_mode), 0o644
-        )
-        self.assertEqual(
-            stat.S_IMODE(os.stat(os.path.join(self.tlsDir, "key.pem")).st_mode), 0o600
-        )
+        for mask in (0o022, 0o000, 0o277):
+            shutil.rmtree(self.tlsDir, ignore_errors=True)
+            withUmask(self, mask)
+            CertificateManager(self.dataDir, hostname=HOST).load()
+            self.assertEqual(sorted(os.listdir(self.tlsDir)), ["cert.pem", "key.pem"])
+            self.assertEqual(stat.S_IMODE(os.stat(self.tlsDir).st_mode), 0o700)
+            for name in ("cert.pem", "key.pem"):
+                mode = stat.S_IMODE(os.stat(os.path.join(self.tlsDir, name)).st_mode)
+                self.assertEqual(mode, 0o600, (oct(mask), name))
+
+    def test_generatedOwner(self) -> None:
+        """
+        Run as root with the data directory's owner, the generated
+        directory, certificate and key belong to that owner, also when
+        regenerated.
+        """
+        requireRoot(self)
+        owner = Owner(OTHER_UID, OTHER_GID)
+        CertificateManager(self.dataDir, hostname=HOST, owner=owner).load()
+        for name in ("", "cert.pem", "key.pem"):
+            st = os.stat(os.path.join(self.tlsDir, name))
+            self.assertEqual((st.st_uid, st.st_gid), (OTHER_UID, OTHER_GID), name)
+        os.unlink(os.path.join(self.tlsDir, "cert.pem"))
+        CertificateManager(self.dataDir, hostname=HOST, owner=owner).load()
+        for name in ("cert.pem", "key.pem"):
+            st = os.stat(os.path.join(self.tlsDir, name))
+            self.assertEqual((st.st_uid, st.st_gid), (OTHER_UID, OTHER_GID), name)
 
     def test_generatedContent(self) -> None:
         """

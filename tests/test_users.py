@@ -16,7 +16,8 @@ from pop3gw import users
 from pop3gw.address import Address
 from pop3gw.interfaces import IUserDatabase, TemporaryFailure, UnknownUser, UserExists
 from pop3gw.users import UsersFile, hashPassword, sha512Crypt, verifyPassword
-from tests.util import makeTempDirectory
+from pop3gw.fsutil import Owner
+from tests.util import OTHER_GID, OTHER_UID, makeTempDirectory, requireRoot, withUmask
 
 ALICE = Address("alice", "example.org")
 BOB = Address("bob", "example.org")
@@ -655,3 +656,52 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(
             self.read(), f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n".encode()
         )
+
+
+class UsersFileModesAndOwnerTests(SynchronousTestCase):
+    """
+    The users file and its lock are private whatever the umask, and keep
+    the data directory's owner.
+    """
+
+    HASH = "{ARGON2ID}$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA"
+
+    def setUp(self) -> None:
+        self.directory = makeTempDirectory(self)
+        self.path = os.path.join(self.directory, "users")
+
+    def test_modesWhateverUmask(self) -> None:
+        """
+        Under umask 277 and 000 the users file and C{users.lock} are
+        created 0600.
+        """
+        for mask in (0o277, 0o000):
+            for name in ("users", "users.lock"):
+                _unlinkIfThere(os.path.join(self.directory, name))
+            withUmask(self, mask)
+            UsersFile(self.path).setPassword(ALICE, self.HASH, True)
+            for name in ("users", "users.lock"):
+                mode = stat.S_IMODE(os.stat(os.path.join(self.directory, name)).st_mode)
+                self.assertEqual(mode, 0o600, (oct(mask), name))
+
+    def test_ownerGivenAndKept(self) -> None:
+        """
+        Run as root with the data directory's owner, a new users file and
+        lock file belong to that owner, and a rewrite keeps whatever owner
+        the file had.
+        """
+        requireRoot(self)
+        db = UsersFile(self.path, owner=Owner(OTHER_UID, OTHER_GID))
+        db.setPassword(ALICE, self.HASH, True)
+        for name in ("users", "users.lock"):
+            st = os.stat(os.path.join(self.directory, name))
+            self.assertEqual((st.st_uid, st.st_gid), (OTHER_UID, OTHER_GID), name)
+        os.chown(self.path, OTHER_UID + 2, OTHER_GID + 2)
+        db.remove(ALICE)
+        st = os.stat(self.path)
+        self.assertEqual((st.st_uid, st.st_gid), (OTHER_UID + 2, OTHER_GID + 2))
+
+
+def _unlinkIfThere(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
