@@ -129,16 +129,22 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO) -> int:
             stdout.write(f"{a}\n")
         return EX_OK
     address = _address(args.address)
+    # Users are found whatever the case of the local part; messages name
+    # the user as stored.
+    found = users.lookupUser(address)
     try:
+        create = args.action == "add"
+        if create and found is not None:
+            spelling = "" if found[0] == address else f" as {found[0]}"
+            raise CommandError(f"user {address} already exists{spelling}")
+        if not create and found is None:
+            raise UnknownUser(str(address))
+        if found is not None:
+            address = found[0]
         if args.action == "remove":
             users.remove(address)
             stdout.write(f"removed {address} (its maildrop is kept)\n")
             return EX_OK
-        create = args.action == "add"
-        if create and users.exists(address):
-            raise UserExists(str(address))
-        if not create and not users.exists(address):
-            raise UnknownUser(str(address))
         password = _readPassword(stdin, stdin.isatty())
         users.setPassword(address, hashPassword(password), create=create)
     except UserExists:

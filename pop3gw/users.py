@@ -728,6 +728,21 @@ class _WatchedFile:
             raise TemporaryFailure(f"cannot read {self._what} {self.path}: {error}")
 
 
+def _unverifiable(users: _AddressMap) -> list[tuple[Address, Optional[str]]]:
+    """
+    The users whose hash L{verifyPassword} cannot check, with their scheme
+    (printable ASCII, else C{"?"}) or L{None} when there is no scheme.
+    """
+    found = []
+    for address, stored in users.entries.items():
+        if not canVerify(stored):
+            scheme = schemeOf(stored)
+            if scheme is not None and not (scheme.isascii() and scheme.isprintable()):
+                scheme = "?"
+            found.append((address, scheme))
+    return found
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class _Snapshot:
     """
@@ -813,12 +828,21 @@ class UsersFile:
     def _warnAboutUsers(self, users: _AddressMap) -> None:
         """
         Log, once per load of the users file, what the operator should
-        fix: users that differ only in case.
+        fix: users whose hash pop3gw cannot verify (one warning each, as
+        their logins fail with the right password), and users that differ
+        only in case.
         """
-        if not users.caseVariants:
-            return
         lines, _ = self._usersFile.value
         numbers = {line.address: n for n, line in reversed(list(enumerate(lines, 1))) if line.address is not None}
+        for address, scheme in _unverifiable(users):
+            _log.warn(
+                "users file {path} line {line}: {user} has {what}, which pop3gw does not accept; "
+                "{user} cannot log in until its password is set with 'pop3gw user passwd'",
+                path=self.path,
+                line=numbers[address],
+                user=str(address),
+                what="no {SCHEME} prefix" if scheme is None else f"password scheme {scheme}",
+            )
         for key, variants in users.caseVariants.items():
             _log.warn(
                 "users file {path}: lines {lines} ({key}) differ only in case; other spellings find line {first}",
@@ -847,6 +871,16 @@ class UsersFile:
         for the reactor thread.
         """
         return self.lookupUser(address)
+
+    def unverifiableUsers(self) -> list[tuple[Address, Optional[str]]]:
+        """
+        The users whose stored hash L{verifyPassword} cannot check (so who
+        cannot log in), in file order.
+
+        @return: (user, scheme name or L{None} for no C{{SCHEME}} prefix)
+            pairs.
+        """
+        return _unverifiable(self._refresh().users)
 
     def passwordHash(self, address: Address) -> Optional[str]:
         """
@@ -924,6 +958,30 @@ class UsersFile:
                 lines.append(_UserLine(f"{address}:{hashed}".encode("utf-8"), address, str(address), hashed))
             else:
                 lines[index] = lines[index].withHash(hashed)
+            self._write(lines)
+        self._refresh(force=True)
+
+    def addUsers(self, entries: list[tuple[Address, str, str]]) -> None:
+        """
+        Add several users in one atomic rewrite (C{pop3gw user import}).
+
+        @param entries: (address, C{{SCHEME}hash}, the fields after the
+            hash with their leading C{:}, or C{""}) per user.
+        @raise UserExists: one of them exists already (in any case);
+            nothing was added.
+        @raise ValueError: a hash or fields could corrupt the file.
+        """
+        for _address, hashed, extra in entries:
+            _checkHash(hashed)
+            if extra and (not extra.startswith(":") or any(c in extra for c in "\r\n\0")):
+                raise ValueError("bad extra fields")
+        with self._writeLock():
+            lines = self._readLines()
+            for address, hashed, extra in entries:
+                if self._find(lines, address) is not None:
+                    raise UserExists(str(address))
+                text = f"{address}:{hashed}{extra}"
+                lines.append(_UserLine(text.encode("utf-8"), address, str(address), hashed, extra))
             self._write(lines)
         self._refresh(force=True)
 

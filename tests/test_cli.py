@@ -63,6 +63,32 @@ class CLITests(SynchronousTestCase):
         self.assertNotEqual(status, 0)
         self.assertIn("no such user", err)
 
+    def test_caseVariants(self) -> None:
+        """
+        Addresses are matched whatever the case of the local part: a user
+        that differs from an existing one only in case is refused (naming
+        the existing spelling) and the file is untouched; C{passwd},
+        C{remove} and C{deliver} in another case act on the stored user
+        and name it as stored.
+        """
+        self.assertEqual(self.runCLI("user", "add", "alice@example.org", text="pw\n")[0], 0)
+        with open(os.path.join(self.dataDir, "users"), "rb") as f:
+            before = f.read()
+        status, out, err = self.runCLI("user", "add", "Alice@Example.org", text="other\n")
+        self.assertEqual((status, out, err), (1, "", "pop3gw: user Alice@example.org already exists as alice@example.org\n"))
+        with open(os.path.join(self.dataDir, "users"), "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(self.runCLI("user", "passwd", "ALICE@example.org", text="new\n"),
+                         (0, "changed password of alice@example.org\n", ""))
+        self.assertTrue(verifyPassword(self.users().passwordHash(ALICE), "new"))
+        self.assertEqual(self.runCLI("deliver", "ALICE@Example.ORG", data=b"Subject: x\n\nhi\n")[0], 0)
+        self.assertEqual(len(os.listdir(os.path.join(self.dataDir, "mail", "example.org", "alice", "new"))), 1)
+        self.assertFalse(os.path.exists(os.path.join(self.dataDir, "mail", "example.org", "ALICE")))
+        self.assertEqual(self.runCLI("user", "list"), (0, "alice@example.org\n", ""))
+        self.assertEqual(self.runCLI("user", "remove", "aLiCe@example.org"),
+                         (0, "removed alice@example.org (its maildrop is kept)\n", ""))
+        self.assertEqual(self.runCLI("user", "list"), (0, "", ""))
+
     def test_badAddressesRefused(self) -> None:
         """
         An address that is not plain local@domain is refused and creates

@@ -632,6 +632,65 @@ class UsersFileTests(SynchronousTestCase):
         db.remove(ALICE)
         self.assertEqual(self.read(), f"Alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n".encode())
 
+    def test_unverifiableSchemesWarned(self) -> None:
+        """
+        Loading the file logs one warning per user whose hash pop3gw
+        cannot verify (plain text, CRAM-MD5, unknown or missing scheme),
+        naming the user, the line and the scheme but never the secret; the
+        same file is not warned about again until it changes.
+        """
+        events = _captureLog(self)
+        self.writeFile(
+            self.path,
+            f"alice@example.org:{HASH_A}\n".encode()
+            + b"bob@example.org:{PLAIN}sekrit\n"
+            + b"carol@example.org:{CRAM-MD5}0123abcd\n"
+            + b"dave@example.org:$1$salt$md5cryptsekrit\n"
+            + f"erin@example.org:{{SSHA256}}{SSHA256_SECRET}\n".encode(),
+        )
+        db = UsersFile(self.path)
+        texts = [formatEvent(e) for e in events]
+        self.assertEqual(
+            texts,
+            [
+                f"users file {self.path} line 2: bob@example.org has password scheme PLAIN, which pop3gw "
+                "does not accept; bob@example.org cannot log in until its password is set with "
+                "'pop3gw user passwd'",
+                f"users file {self.path} line 3: carol@example.org has password scheme CRAM-MD5, which pop3gw "
+                "does not accept; carol@example.org cannot log in until its password is set with "
+                "'pop3gw user passwd'",
+                f"users file {self.path} line 4: dave@example.org has no {{SCHEME}} prefix, which pop3gw "
+                "does not accept; dave@example.org cannot log in until its password is set with "
+                "'pop3gw user passwd'",
+            ],
+        )
+        self.assertNotIn("sekrit", "".join(texts))
+        self.assertEqual(db.unverifiableUsers(), [(BOB, "PLAIN"), (CAROL, "CRAM-MD5"),
+                                                  (Address("dave", "example.org"), None)])
+        db.reload()
+        db.passwordHash(ALICE)
+        self.assertEqual(len(events), 3)
+        db.setPassword(BOB, HASH_B, False)
+        self.assertEqual(len(events), 5)
+
+    def test_addUsers(self) -> None:
+        """
+        C{addUsers} appends several users (with their extra fields) in one
+        atomic rewrite, and adds none if any of them exists in any case.
+        """
+        self.writeFile(self.path, f"# users\nalice@example.org:{HASH_A}\n".encode())
+        db = UsersFile(self.path)
+        self.assertRaises(UserExists, db.addUsers, [(BOB, HASH_B, ""), (Address("ALICE", "example.org"), HASH_B, "")])
+        self.assertEqual(self.read(), f"# users\nalice@example.org:{HASH_A}\n".encode())
+        db.addUsers([(BOB, HASH_B, ":1000:1000::/home/bob"), (CAROL, HASH_A, "")])
+        self.assertEqual(
+            self.read(),
+            f"# users\nalice@example.org:{HASH_A}\nbob@example.org:{HASH_B}:1000:1000::/home/bob\n"
+            f"carol@example.org:{HASH_A}\n".encode(),
+        )
+        self.assertEqual(db.addresses(), [ALICE, BOB, CAROL])
+        self.assertRaises(ValueError, db.addUsers, [(Address("dave", "example.org"), "{X}a\nb", "")])
+
     def test_malformedLines(self) -> None:
         """
         Malformed lines (no colon, a bad address, bad UTF-8) and duplicate
