@@ -22,6 +22,7 @@ from pop3gw.interfaces import PermanentFailure, Pop3gwError, TemporaryFailure, U
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_NOINPUT = 66
 EX_NOUSER = 67
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
@@ -59,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         a = usub.add_parser(action, help=text)
         a.add_argument("address")
     usub.add_parser("list", help="list users")
+    imp = usub.add_parser(
+        "import", help="add the users of a Dovecot passwd-file (plain-text passwords are hashed on the way in)"
+    )
+    imp.add_argument("file")
 
     deliver = sub.add_parser("deliver", help="deliver the message on stdin to a local user")
     deliver.add_argument("address")
@@ -157,6 +162,45 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO) -> int:
     return EX_OK
 
 
+def cmdImport(config, args, stdout: TextIO, stderr: TextIO) -> int:
+    """
+    C{user import FILE}: add the users of a Dovecot passwd-file in one
+    rewrite; report each line not taken on stderr (exit 65 if any).
+    """
+    from pop3gw.users import parsePasswdFile
+
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT) from None
+    taken, refused = parsePasswdFile(data)
+    users = _users(config)
+    entries = []
+    for user in taken:
+        found = users.lookupUser(user.address)
+        if found is not None:
+            refused.append((user.line, f"{user.address}: user exists already as {found[0]}"))
+        else:
+            entries.append(user)
+    try:
+        users.addUsers([(u.address, u.hashed, u.extra) for u in entries])
+    except UserExists as e:
+        raise CommandError(f"user {e} was added meanwhile; nothing imported, run the import again") from None
+    except OSError as e:
+        raise CommandError(f"cannot write users file {config.usersPath}: {e.strerror}", EX_CANTCREAT) from None
+    for number, reason in sorted(refused):
+        stderr.write(f"pop3gw: {args.file}:{number}: {reason}\n")
+    converted = sum(u.converted for u in entries)
+    summary = f"imported {len(entries)} user(s) from {args.file}"
+    if converted:
+        summary += f" ({converted} plain-text password(s) hashed with Argon2id)"
+    if refused:
+        summary += f"; {len(refused)} line(s) not taken"
+    stdout.write(summary + "\n")
+    return EX_DATAERR if refused else EX_OK
+
+
 def cmdDeliver(config, args, stdinBytes: BinaryIO) -> int:
     from pop3gw.maildir import MaildirStore
 
@@ -233,12 +277,14 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
             config = buildConfig(cli, args.config)
         except ConfigError as e:
             raise CommandError(str(e), EX_USAGE) from None
-        if not (args.command == "user" and args.action == "add") and not os.path.isdir(config.dataDir):
+        if not (args.command == "user" and args.action in ("add", "import")) and not os.path.isdir(config.dataDir):
             status = EX_TEMPFAIL if args.command == "deliver" else EX_USAGE
             what = "is not a directory" if os.path.exists(config.dataDir) else "does not exist"
             raise CommandError(f"data directory {config.dataDir} {what}", status)
         if args.command == "user":
             os.makedirs(config.dataDir, mode=0o700, exist_ok=True)
+            if args.action == "import":
+                return cmdImport(config, args, stdout, stderr)
             return cmdUser(config, args, stdin, stdout)
         if args.command == "deliver":
             return cmdDeliver(config, args, getattr(stdin, "buffer", stdin))

@@ -445,6 +445,90 @@ def verifyPassword(stored: str, password: str | bytes) -> bool:
         return False
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class ImportedUser:
+    """
+    One user taken from a Dovecot passwd-file by L{parsePasswdFile}.
+
+    @ivar line: its 1-based line number.
+    @ivar address: the user.
+    @ivar hashed: the C{{SCHEME}hash} to store.
+    @ivar extra: the fields after the password, with their leading C{:},
+        or C{""}.
+    @ivar converted: whether the file held a plain-text password, hashed
+        here with Argon2id.
+    """
+
+    line: int
+    address: Address
+    hashed: str
+    extra: str
+    converted: bool
+
+
+def parsePasswdFile(data: bytes) -> tuple[list[ImportedUser], list[tuple[int, str]]]:
+    """
+    Read a Dovecot passwd-file (C{user:{SCHEME}password:uid:gid:...}) for
+    C{pop3gw user import}: hashes L{verifyPassword} can check are kept as
+    they are, plain-text passwords (C{{PLAIN}}, C{{CLEAR}}, C{{CLEARTEXT}},
+    with any encoding suffix) are hashed with Argon2id, and every other
+    line that is not a comment or blank is refused with a reason that
+    never contains the password or hash.  A user that differs from an
+    earlier line only in case is refused too.
+
+    @return: the users taken, and (line number, reason) for each line
+        refused.
+    """
+    taken: list[ImportedUser] = []
+    refused: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(_splitLines(data), 1):
+        try:
+            text = raw.rstrip(b"\r").decode("utf-8")
+        except UnicodeDecodeError:
+            refused.append((number, "not valid UTF-8"))
+            continue
+        if _isComment(text):
+            continue
+        userField, sep, rest = text.partition(":")
+        if not sep:
+            refused.append((number, "not a user:password line"))
+            continue
+        try:
+            address = Address.parse(userField.strip())
+        except AddressError:
+            refused.append((number, f"{userField.strip()!r} is not an address (user@domain)"))
+            continue
+        stored, sep, extra = rest.partition(":")
+        extra = sep + extra
+        reason = None
+        converted = False
+        if not stored:
+            reason = "no password"
+        elif schemeOf(stored) is None:
+            reason = "no {SCHEME} prefix, so the hash cannot be told apart"
+        elif schemeOf(stored) in _PLAIN_DECODERS:
+            password = plainPassword(stored)
+            if not password or len(password.encode("utf-8")) > MAX_PASSWORD_BYTES or "\0" in password:
+                reason = "plain-text password empty, too long, with NUL or badly encoded"
+            else:
+                stored = hashPassword(password)
+                converted = True
+        elif not canVerify(stored) or not stored.isascii():
+            scheme = schemeOf(stored) or ""
+            if not (scheme.isascii() and scheme.isprintable()):
+                scheme = "?"
+            reason = f"password scheme {scheme} cannot be verified by pop3gw"
+        if reason is None and lookupKey(address) in seen:
+            reason = f"same user as line {seen[lookupKey(address)]}"
+        if reason is not None:
+            refused.append((number, f"{address}: {reason}"))
+            continue
+        seen[lookupKey(address)] = number
+        taken.append(ImportedUser(number, address, stored, extra, converted))
+    return taken, refused
+
+
 class _DummyHash:
     """
     Makes the dummy hash once, on first use, even when several pool threads
