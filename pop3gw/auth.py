@@ -39,7 +39,7 @@ from pop3gw.interfaces import (
     Pop3gwError,
     TemporaryFailure,
 )
-from pop3gw.users import dummyHash, upgradedHash, verifyPassword
+from pop3gw.users import canVerify, dummyHash, upgradedHash, verifyPassword
 
 #: Password checks (slow hashes) that may wait for the thread pool at once;
 #: beyond that a login gets a temporary failure (POP3 C{[SYS/TEMP]}, SMTP
@@ -248,12 +248,18 @@ class PasswordChecker:
 
         @return: the avatar ID (the user as stored, whatever the case of
             the login name), or L{None} if the credentials are wrong.
+        @raise TemporaryFailure: the user's stored hash is in a scheme
+            pop3gw does not accept (plain text, CRAM-MD5...): a problem for
+            the operator, warned about when the users file was loaded, and
+            not a failed login to count against the user.
         """
         found = self._users.lookupUser(address) if address is not None else None
         if found is None:
             self._verifier(self._dummy(), password)
             return None
         address, stored = found
+        if not canVerify(stored):
+            raise TemporaryFailure(f"the password scheme of {address} cannot be verified")
         key = self.cache.key(address, password)
         if self.cache.hit(key, stored, now):
             return str(address)

@@ -513,6 +513,24 @@ class PasswordCheckerTests(SynchronousTestCase):
             [f"cannot upgrade the password hash of alice@example.org in {self.usersPath}: No space left on device"],
         )
 
+    def test_unverifiableSchemeIsNotAFailedLogin(self) -> None:
+        """
+        A user whose stored hash pop3gw does not accept (plain text,
+        CRAM-MD5) is never let in, not even with the password the file
+        holds; the refusal is a L{TemporaryFailure} at once (a server-side
+        problem, already warned about when the file was loaded), not a
+        failed login that fail2ban would count against the real user.
+        """
+        for stored in ("{PLAIN}hunter9", "{CRAM-MD5}4b4d1e4cbd12d2c8fbd1a4d6b83a4cb3", "hunter9"):
+            with open(self.usersPath, "w") as f:
+                f.write(f"alice@example.org:{stored}\n")
+            d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "hunter9"))
+            message = str(self.failureResultOf(d, TemporaryFailure).value)
+            self.assertNotIn("hunter9", message)
+            self.assertNotIn("4b4d1e", message)
+        self.assertEqual(self.verifier.calls, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_portal(self) -> None:
         """
         With a L{Realm} in a L{Portal}, a login yields a POP3 avatar for the

@@ -14,6 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.e2e import Pop3gwProcess
 
+ERR_AUTH_TEMP = b"-ERR [SYS/TEMP] Authentication temporarily unavailable."
+
 # "openssl passwd -5 -salt saltsalt password"
 SHA256_CRYPT = "{SHA256-CRYPT}$5$saltsalt$gOjOtoMpVhru2uyjeJSEc/JaLQWOXMNmlOnj6T4AtC."
 CRAM_MD5 = "{CRAM-MD5}4b4d1e4cbd12d2c8fbd1a4d6b83a4cb3d1a1c4f9c9b2a8e3b4c5d6e7f8091a2b"
@@ -42,7 +44,8 @@ class UsersEndToEndTests(SynchronousTestCase):
         C{{SHA256-CRYPT}} and C{{PLAIN}} lines (the plain one hashed with
         Argon2id, never stored in clear) and reports the C{{CRAM-MD5}} one
         with exit 65.  The server warns at load about a user it cannot
-        verify and refuses a C{{PLAIN}} line at login.  The migrated user
+        verify and refuses a C{{PLAIN}} line at login as a server-side
+        problem (C{[SYS/TEMP]}), not as a failed login fail2ban would count.  The migrated user
         logs in over POP3 (in another case) with its old password, and at
         that first login its line in the users file becomes C{{ARGON2ID}},
         logged; it keeps logging in.
@@ -55,7 +58,7 @@ class UsersEndToEndTests(SynchronousTestCase):
                 "carol@example.org:{PLAIN}carol's secret\n"
                 f"dave@example.org:{CRAM_MD5}\n"
             )
-        result = server.cli("user", "import", source, check=False)
+        result = server.cli("user", "import", source, check=False)  # the server is not running yet
         self.assertEqual(result.returncode, 65, result.stderr)
         self.assertEqual(
             result.stdout.decode(),
@@ -77,8 +80,11 @@ class UsersEndToEndTests(SynchronousTestCase):
         server.waitForLog(r"users file .* line 3: erin@example\.org has password scheme PLAIN, which pop3gw does not")
         client = self.pop(server)
         client.user("erin@example.org")
-        self.assertRaises(poplib.error_proto, client.pass_, "erin's secret")
-        server.waitForLog(r'authentication failed: service=pop3 rhost=127\.0\.0\.1 user="erin@example\.org"')
+        with self.assertRaises(poplib.error_proto) as refused:
+            client.pass_("erin's secret")
+        self.assertEqual(refused.exception.args[0], ERR_AUTH_TEMP)
+        server.waitForLog(r"authentication backend unavailable: rhost=127\.0\.0\.1 error=the password scheme of erin")
+        self.assertNotIn("authentication failed", server.log())
 
         client = self.pop(server)
         client.user("BOB@Example.ORG")
