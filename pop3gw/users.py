@@ -12,6 +12,13 @@ file can be used as it is::
 Fields after the hash (uid, gid, gecos, home, shell, extra fields) are
 ignored and kept as they are when the file is rewritten.
 
+Users and aliases are found whatever the case of their local part (by
+L{pop3gw.address.lookupKey}); an address written exactly as stored wins, so
+old files holding two case variants keep working.  Answers name the user as
+stored.  A password verified under an older scheme is replaced by an
+Argon2id hash at its first successful login (L{upgradedHash},
+L{UsersFile.upgradePasswordHash}).
+
 The aliases file (optional) has one C{alias@domain: user@domain} line per
 alias.
 
