@@ -7,8 +7,10 @@ the domain is lower-cased and an internationalised domain is kept in its
 ASCII (IDNA A-label) form, so C{alice@B\u00fccher.example} and
 C{alice@xn--bcher-kva.example} are one user with one maildrop, and nothing in
 it can name a path outside a maildrop root.  Local parts keep their case
-(RFC 5321 says they may be case-sensitive), so C{Alice@Example.ORG} and
-C{alice@example.org} are two different users but the same domain.
+as written (RFC 5321 says they may be case-sensitive, and the stored
+spelling names the maildrop), but users and aliases are looked up by
+L{lookupKey}, which folds the case, as Dovecot's C{%Lu} and Postfix's table
+lookups do: C{Alice@Example.ORG} and C{alice@example.org} are one user.
 
 Lengths are the octet limits of RFC 5321 4.5.3.1 (the local part and a
 domain label are also single path components of a maildrop, so they always
@@ -95,6 +97,22 @@ class Address:
         if len(localpart.encode("utf-8")) + 1 + len(domain) > MAX_ADDRESS_LENGTH:
             raise AddressError("address too long")
         return cls(localpart, domain)
+
+
+def lookupKey(address: Address) -> str:
+    """
+    The key users and aliases are looked up by: C{address} with its local
+    part case-folded (ASCII lower-casing for an ASCII local part, Unicode
+    case folding, then NFC again, for any other) and its domain as it is
+    (already lower-case).  Every case spelling of one address has one key;
+    the address itself keeps the spelling it was given.
+    """
+    localpart = address.localpart
+    if localpart.isascii():
+        localpart = localpart.lower()
+    else:
+        localpart = unicodedata.normalize("NFC", localpart.casefold())
+    return f"{localpart}@{address.domain}"
 
 
 def _normalizeDomain(domain: str) -> str:

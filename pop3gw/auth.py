@@ -39,7 +39,7 @@ from pop3gw.interfaces import (
     Pop3gwError,
     TemporaryFailure,
 )
-from pop3gw.users import dummyHash, verifyPassword
+from pop3gw.users import canVerify, dummyHash, upgradedHash, verifyPassword
 
 #: Password checks (slow hashes) that may wait for the thread pool at once;
 #: beyond that a login gets a temporary failure (POP3 C{[SYS/TEMP]}, SMTP
@@ -200,8 +200,9 @@ class PasswordChecker:
             address: Optional[Address] = Address.parse(username)
         except AddressError:
             address = None
-        if address is not None and self._cachedLogin(address, password, start):
-            return defer.succeed(str(address))
+        cached = self._cachedLogin(address, password, start) if address is not None else None
+        if cached is not None:
+            return defer.succeed(cached)
         if self._pending >= self.maxPending:
             # Guessers who hang up without waiting for the delayed answer
             # must not queue unbounded hash work ahead of real users.
@@ -224,32 +225,48 @@ class PasswordChecker:
             self._overloadLogged = False
         return result
 
-    def _cachedLogin(self, address: Address, password: bytes, now: float) -> bool:
+    def _cachedLogin(self, address: Address, password: bytes, now: float) -> Optional[str]:
         """
-        Whether the credentials are confirmed by the cache, decided on the
-        reactor thread when the users database has the stored hash at hand
-        (no thread hop for a client that logs in every minute).
+        The avatar ID (the user as stored) if the credentials are confirmed
+        by the cache, decided on the reactor thread when the users database
+        has the user at hand (no thread hop for a client that logs in every
+        minute); else L{None}.
         """
         try:
-            stored = self._users.peekPasswordHash(address)
+            found = self._users.peekUser(address)
         except LookupWouldBlock:
-            return False
-        return stored is not None and self.cache.hit(self.cache.key(address, password), stored, now)
+            return None
+        if found is None:
+            return None
+        user, stored = found
+        return str(user) if self.cache.hit(self.cache.key(user, password), stored, now) else None
 
     def _check(self, address: Optional[Address], password: bytes, now: float) -> Optional[str]:
         """
-        Look up and verify, in a pool thread.
+        Look up and verify, in a pool thread.  The first successful login
+        with a hash in an older scheme stores an Argon2id hash instead.
 
-        @return: the avatar ID, or L{None} if the credentials are wrong.
+        @return: the avatar ID (the user as stored, whatever the case of
+            the login name), or L{None} if the credentials are wrong.
+        @raise TemporaryFailure: the user's stored hash is in a scheme
+            pop3gw does not accept (plain text, CRAM-MD5...): a problem for
+            the operator, warned about when the users file was loaded, and
+            not a failed login to count against the user.
         """
-        stored = self._users.passwordHash(address) if address is not None else None
-        if stored is None:
+        found = self._users.lookupUser(address) if address is not None else None
+        if found is None:
             self._verifier(self._dummy(), password)
             return None
+        address, stored = found
+        if not canVerify(stored):
+            raise TemporaryFailure(f"the password scheme of {address} cannot be verified")
         key = self.cache.key(address, password)
         if self.cache.hit(key, stored, now):
             return str(address)
         if self._verifier(stored, password):
+            upgraded = upgradedHash(stored, password)
+            if upgraded is not None and self._users.upgradePasswordHash(address, stored, upgraded):
+                stored = upgraded
             self.cache.add(key, stored, now)
             return str(address)
         return None

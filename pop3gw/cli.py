@@ -27,6 +27,7 @@ from pop3gw.interfaces import PermanentFailure, Pop3gwError, TemporaryFailure, U
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_NOINPUT = 66
 EX_NOUSER = 67
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
@@ -69,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
         a = usub.add_parser(action, help=text)
         a.add_argument("address")
     usub.add_parser("list", help="list users")
+    imp = usub.add_parser(
+        "import", help="add the users of a Dovecot passwd-file (plain-text passwords are hashed on the way in)"
+    )
+    imp.add_argument("file")
 
     deliver = sub.add_parser("deliver", help="deliver the message on stdin to a local user")
     deliver.add_argument("address")
@@ -139,16 +144,22 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.
             stdout.write(f"{a}\n")
         return EX_OK
     address = _address(args.address)
+    # Users are found whatever the case of the local part; messages name
+    # the user as stored.
+    found = users.lookupUser(address)
     try:
+        create = args.action == "add"
+        if create and found is not None:
+            spelling = "" if found[0] == address else f" as {found[0]}"
+            raise CommandError(f"user {address} already exists{spelling}")
+        if not create and found is None:
+            raise UnknownUser(str(address))
+        if found is not None:
+            address = found[0]
         if args.action == "remove":
             users.remove(address)
             stdout.write(f"removed {address} (its maildrop is kept)\n")
             return EX_OK
-        create = args.action == "add"
-        if create and users.exists(address):
-            raise UserExists(str(address))
-        if not create and not users.exists(address):
-            raise UnknownUser(str(address))
         password = _readPassword(stdin, stdin.isatty())
         users.setPassword(address, hashPassword(password), create=create)
     except UserExists:
@@ -159,6 +170,45 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.
         raise CommandError(f"cannot write users file {config.usersPath}: {e.strerror}", EX_CANTCREAT) from None
     stdout.write(f"{'added' if create else 'changed password of'} {address}\n")
     return EX_OK
+
+
+def cmdImport(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+    """
+    C{user import FILE}: add the users of a Dovecot passwd-file in one
+    rewrite; report each line not taken on stderr (exit 65 if any).
+    """
+    from pop3gw.users import parsePasswdFile
+
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT) from None
+    taken, refused = parsePasswdFile(data)
+    users = _users(config, owner)
+    entries = []
+    for user in taken:
+        found = users.lookupUser(user.address)
+        if found is not None:
+            refused.append((user.line, f"{user.address}: user exists already as {found[0]}"))
+        else:
+            entries.append(user)
+    try:
+        users.addUsers([(u.address, u.hashed, u.extra) for u in entries])
+    except UserExists as e:
+        raise CommandError(f"user {e} was added meanwhile; nothing imported, run the import again") from None
+    except OSError as e:
+        raise CommandError(f"cannot write users file {config.usersPath}: {e.strerror}", EX_CANTCREAT) from None
+    for number, reason in sorted(refused):
+        stderr.write(f"pop3gw: {args.file}:{number}: {reason}\n")
+    converted = sum(u.converted for u in entries)
+    summary = f"imported {len(entries)} user(s) from {args.file}"
+    if converted:
+        summary += f" ({converted} plain-text password(s) hashed with Argon2id)"
+    if refused:
+        summary += f"; {len(refused)} line(s) not taken"
+    stdout.write(summary + "\n")
+    return EX_DATAERR if refused else EX_OK
 
 
 def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner] = None) -> int:
@@ -237,7 +287,7 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
             config = buildConfig(cli, args.config)
         except ConfigError as e:
             raise CommandError(str(e), EX_USAGE) from None
-        creates = args.command == "user" and args.action == "add"
+        creates = args.command == "user" and args.action in ("add", "import")
         if not os.path.isdir(config.dataDir):
             if not creates or os.path.exists(config.dataDir):
                 status = EX_TEMPFAIL if args.command == "deliver" else EX_USAGE
@@ -253,6 +303,8 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
             except fsutil.ForeignDataDirectory as e:
                 raise CommandError(str(e), EX_TEMPFAIL if args.command == "deliver" else EX_NOPERM) from None
         if args.command == "user":
+            if args.action == "import":
+                return cmdImport(config, args, stdout, stderr, owner)
             return cmdUser(config, args, stdin, stdout, owner)
         if args.command == "deliver":
             return cmdDeliver(config, args, getattr(stdin, "buffer", stdin), owner)

@@ -31,8 +31,8 @@ class UnknownUser(Pop3gwError):
 
 class LookupWouldBlock(Pop3gwError):
     """
-    L{IUserDatabase.peekPasswordHash}: the answer is not at hand without
-    blocking I/O (ask L{IUserDatabase.passwordHash} from a thread).
+    L{IUserDatabase.peekUser}: the answer is not at hand without blocking
+    I/O (ask L{IUserDatabase.lookupUser} from a thread).
     """
 
 
@@ -76,27 +76,40 @@ class IUserDatabase(Interface):
     The users database: login addresses, their password hashes and the
     addresses (aliases) each user may send as.
 
+    Users and aliases are found whatever the case of the local part (by
+    L{pop3gw.address.lookupKey}); every answer that names a user names it
+    as stored, which is the spelling its maildrop, its sessions and the
+    logs use.
+
     Methods may block (file or database I/O); the credentials checker calls
-    L{passwordHash} from a thread pool.  A second backend (a shared SQL
+    L{lookupUser} from a thread pool.  A second backend (a shared SQL
     database) implements this same interface.
     """
 
-    def passwordHash(address):
+    def lookupUser(address):
         """
-        @param address: an L{Address}.
-        @return: the stored hash as C{"{SCHEME}..."} text, or L{None} if the
-            user does not exist.  Reflects changes made by the C{pop3gw user}
-            command without a restart.
+        @param address: an L{Address}, in any case.
+        @return: C{(user, hash)}: the user as stored (an L{Address}) and its
+            stored hash as C{"{SCHEME}..."} text; or L{None} if there is no
+            such user (aliases are not followed).  Reflects changes made by
+            the C{pop3gw user} command without a restart.
         """
 
-    def peekPasswordHash(address):
+    def peekUser(address):
         """
-        The same answer as L{passwordHash}, but only if it is at hand without
+        The same answer as L{lookupUser}, but only if it is at hand without
         blocking (in memory); the credentials checker uses it to confirm a
         cached login on the reactor thread, with no thread hop.
 
         @raise LookupWouldBlock: finding out would block (a database
             backend may always raise this).
+        """
+
+    def passwordHash(address):
+        """
+        @param address: an L{Address}, in any case.
+        @return: the stored hash of the user L{lookupUser} finds, or
+            L{None}.
         """
 
     def exists(address):
@@ -128,6 +141,17 @@ class IUserDatabase(Interface):
 
         @param create: if true the user must not exist yet (L{UserExists});
             if false it must exist (L{UnknownUser}).
+        """
+
+    def upgradePasswordHash(address, oldHash, newHash):
+        """
+        Replace the user's stored hash C{oldHash}, which a login has just
+        verified, with C{newHash} (the same password in the current
+        scheme), durably; nothing happens if the stored hash is no longer
+        C{oldHash} (changed meanwhile) or the user is gone.  Logged; a
+        failure to store it is logged, not raised.
+
+        @return: whether the hash was replaced.
         """
 
     def remove(address):

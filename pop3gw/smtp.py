@@ -1173,7 +1173,8 @@ class SubmissionServer(Protocol):
             return
         self._avatar = avatar
         self._logout = logout
-        self._user = user.decode("utf-8", "replace")
+        # The user as stored, whatever case the client typed.
+        self._user = str(avatar.address)
         self._state = _State.AUTHENTICATED
         events.loginSucceeded(self.log, SERVICE, self._user, self._peer, self._secure)
         self._send(AUTH_OK)

@@ -16,7 +16,7 @@ import attr
 from twisted.internet import defer
 from zope.interface import implementer
 
-from pop3gw.address import Address
+from pop3gw.address import Address, lookupKey
 from pop3gw.interfaces import (
     IDelivery,
     IMaildrop,
@@ -49,39 +49,66 @@ class FakeUserDatabase:
         # Behave like a database backend whose lookups always block.
         self.blocking = False
 
-    def passwordHash(self, address: Address) -> Optional[str]:
-        return self.users.get(address)
-
-    def peekPasswordHash(self, address: Address) -> Optional[str]:
-        if self.blocking:
-            raise LookupWouldBlock(str(address))
-        return self.users.get(address)
-
-    def exists(self, address: Address) -> bool:
-        return address in self.users
-
-    def resolve(self, address: Address) -> Optional[Address]:
+    def _find(self, address: Address) -> Optional[Address]:
         if address in self.users:
             return address
-        return self.aliases.get(address)
+        key = lookupKey(address)
+        return next((a for a in self.users if lookupKey(a) == key), None)
+
+    def _lookup(self, address: Address) -> Optional[tuple]:
+        found = self._find(address)
+        return None if found is None else (found, self.users[found])
+
+    def lookupUser(self, address: Address) -> Optional[tuple]:
+        return self._lookup(address)
+
+    def peekUser(self, address: Address) -> Optional[tuple]:
+        if self.blocking:
+            raise LookupWouldBlock(str(address))
+        return self._lookup(address)
+
+    def passwordHash(self, address: Address) -> Optional[str]:
+        found = self._lookup(address)
+        return None if found is None else found[1]
+
+    def exists(self, address: Address) -> bool:
+        return self._find(address) is not None
+
+    def resolve(self, address: Address) -> Optional[Address]:
+        found = self._find(address)
+        if found is not None:
+            return found
+        key = lookupKey(address)
+        target = next((t for a, t in self.aliases.items() if lookupKey(a) == key), None)
+        return None if target is None else self._find(target)
 
     def owns(self, user: Address, address: Address) -> bool:
-        return address == user or self.aliases.get(address) == user
+        owner = self.resolve(address)
+        return address == user or (owner is not None and owner == self._find(user))
 
     def addresses(self) -> list:
         return sorted(self.users)
 
     def setPassword(self, address: Address, hashed: str, create: bool) -> None:
-        if create and address in self.users:
+        found = self._find(address)
+        if create and found is not None:
             raise UserExists(str(address))
-        if not create and address not in self.users:
+        if not create and found is None:
             raise UnknownUser(str(address))
-        self.users[address] = hashed
+        self.users[found or address] = hashed
+
+    def upgradePasswordHash(self, address: Address, oldHash: str, newHash: str) -> bool:
+        found = self._find(address)
+        if found is None or self.users[found] != oldHash:
+            return False
+        self.users[found] = newHash
+        return True
 
     def remove(self, address: Address) -> None:
-        if address not in self.users:
+        found = self._find(address)
+        if found is None:
             raise UnknownUser(str(address))
-        del self.users[address]
+        del self.users[found]
 
     def reload(self) -> None:
         self.reloads += 1

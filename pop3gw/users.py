@@ -12,6 +12,13 @@ file can be used as it is::
 Fields after the hash (uid, gid, gecos, home, shell, extra fields) are
 ignored and kept as they are when the file is rewritten.
 
+Users and aliases are found whatever the case of their local part (by
+L{pop3gw.address.lookupKey}); an address written exactly as stored wins, so
+old files holding two case variants keep working.  Answers name the user as
+stored.  A password verified under an older scheme is replaced by an
+Argon2id hash at its first successful login (L{upgradedHash},
+L{UsersFile.upgradePasswordHash}).
+
 The aliases file (optional) has one C{alias@domain: user@domain} line per
 alias.
 
@@ -25,6 +32,8 @@ concurrent writers never lose an update.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fcntl
 import hashlib
 import hmac
@@ -40,7 +49,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3gw import fsutil
-from pop3gw.address import Address, AddressError
+from pop3gw.address import Address, AddressError, lookupKey
 from pop3gw.interfaces import IUserDatabase, TemporaryFailure, UnknownUser, UserExists
 
 _log = Logger()
@@ -63,16 +72,19 @@ MAX_PASSWORD_BYTES = 1024
 #: bcrypt only looks at the first 72 bytes of a password.
 BCRYPT_MAX_PASSWORD_BYTES = 72
 
-#: sha512-crypt round limits and default, from Ulrich Drepper's
-#: specification (C{rounds=} outside the limits is clamped).
-SHA512_CRYPT_DEFAULT_ROUNDS = 5000
-SHA512_CRYPT_MIN_ROUNDS = 1000
-SHA512_CRYPT_MAX_ROUNDS = 999999999
-SHA512_CRYPT_MAX_SALT = 16
+#: sha256-crypt and sha512-crypt round limits and default, from Ulrich
+#: Drepper's specification (C{rounds=} outside the limits is clamped).
+SHA_CRYPT_DEFAULT_ROUNDS = 5000
+SHA_CRYPT_MIN_ROUNDS = 1000
+SHA_CRYPT_MAX_ROUNDS = 999999999
+SHA_CRYPT_MAX_SALT = 16
 
 _CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _CRYPT_CHARS = frozenset(_CRYPT_ALPHABET)
-_SHA512_CRYPT_HASH_LENGTH = 86
+
+#: The schemes new hashes are made with; a password verified against any
+#: other scheme is re-hashed at its first successful login.
+CURRENT_SCHEMES = frozenset({"ARGON2ID", "ARGON2I"})
 
 
 def _passwordHasher() -> argon2.PasswordHasher:
@@ -119,94 +131,177 @@ def _repeatTo(block: bytes, length: int) -> bytes:
     return (block * (length // len(block) + 1))[:length]
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class _ShaCrypt:
+    """
+    One member of the SHA-crypt family (Ulrich Drepper, "Unix crypt using
+    SHA-256 and SHA-512"): the two differ only in the digest, the prefix
+    and the order in which the final digest's bytes are encoded.
+
+    @ivar prefix: C{$5$} or C{$6$}.
+    @ivar digest: the hashlib constructor.
+    @ivar groups: the final encoding: (byte indexes, most significant
+        first, L{None} for a zero byte; characters) per group.
+    """
+
+    prefix: str
+    digest: Callable
+    groups: tuple
+
+    @classmethod
+    def make(cls, prefix: str, digest: Callable, size: int, rotation: int) -> "_ShaCrypt":
+        """
+        Derive the encoding order of the specification: groups of three
+        bytes C{size // 3} apart, each group rotated by its index times
+        C{rotation}, then the bytes left over, in reverse.
+        """
+        stride = size // 3
+        groups = []
+        for i in range(stride):
+            group = (i, i + stride, i + 2 * stride)
+            turn = (rotation * i) % 3
+            groups.append((group[turn:] + group[:turn], 4))
+        rest = tuple(reversed(range(3 * stride, size)))
+        groups.append(((None,) * (3 - len(rest)) + rest, len(rest) + 1))
+        return cls(prefix, digest, tuple(groups))
+
+    @property
+    def hashLength(self) -> int:
+        return sum(n for _, n in self.groups)
+
+    def crypt(self, password: bytes, salt: bytes, rounds: Optional[int] = None) -> str:
+        """
+        The hash of C{password}.
+
+        @param salt: up to 16 bytes are used; must not contain C{$}.
+        @param rounds: the C{rounds=} value, or L{None} for the default
+            (5000) without a C{rounds=} field in the result.  Clamped to
+            [1000, 999999999] as the specification says.
+        @return: C{"$N$[rounds=R$]salt$hash"}.
+        """
+        salt = salt[:SHA_CRYPT_MAX_SALT]
+        if rounds is None:
+            count = SHA_CRYPT_DEFAULT_ROUNDS
+            roundsField = ""
+        else:
+            count = min(max(rounds, SHA_CRYPT_MIN_ROUNDS), SHA_CRYPT_MAX_ROUNDS)
+            roundsField = f"rounds={count}$"
+        h = self.digest
+        p = password
+        s = salt
+        plen = len(p)
+
+        # Steps 1-12: digest A from P, S and alternate digest B = H(P S P).
+        b = h(p + s + p).digest()
+        a = h(p + s)
+        a.update(_repeatTo(b, plen))
+        n = plen
+        while n:
+            a.update(b if n & 1 else p)
+            n >>= 1
+        aDigest = a.digest()
+
+        # Steps 13-20: the P and S sequences.
+        dp = h(p * plen).digest()
+        pSeq = _repeatTo(dp, plen) if plen else b""
+        ds = h(s * (16 + aDigest[0])).digest()
+        sSeq = _repeatTo(ds, len(s)) if s else b""
+
+        # Step 21: the rounds.
+        c = aDigest
+        for i in range(count):
+            r = h(pSeq if i & 1 else c)
+            if i % 3:
+                r.update(sSeq)
+            if i % 7:
+                r.update(pSeq)
+            r.update(c if i & 1 else pSeq)
+            c = r.digest()
+
+        # Step 22: the encoding, with the specification's byte order.
+        out = []
+        for indexes, chars in self.groups:
+            b2, b1, b0 = (0 if i is None else c[i] for i in indexes)
+            out.append(_b64From24Bit(b2, b1, b0, chars))
+        return self.prefix + roundsField + salt.decode("ascii", "surrogateescape") + "$" + "".join(out)
+
+    def verify(self, hashed: str, password: bytes) -> bool:
+        """
+        Check C{password} against a C{$N$[rounds=R$]salt$hash} string.
+        """
+        if not hashed.startswith(self.prefix):
+            return False
+        parts = hashed[len(self.prefix) :].split("$")
+        rounds: Optional[int] = None
+        if len(parts) == 3 and parts[0].startswith("rounds="):
+            digits = parts[0][len("rounds=") :]
+            if not (digits.isascii() and digits.isdigit()) or len(digits) > 10:
+                return False
+            rounds = int(digits)
+            parts = parts[1:]
+        if len(parts) != 2:
+            return False
+        salt, expected = parts
+        if len(expected) != self.hashLength or not set(expected) <= _CRYPT_CHARS:
+            return False
+        if not salt.isascii():
+            return False
+        computed = self.crypt(password, salt.encode("ascii"), rounds)
+        return hmac.compare_digest(computed.rsplit("$", 1)[1].encode("ascii"), expected.encode("ascii"))
+
+
+_SHA256_CRYPT = _ShaCrypt.make("$5$", hashlib.sha256, 32, -1)
+_SHA512_CRYPT = _ShaCrypt.make("$6$", hashlib.sha512, 64, 1)
+
+
+def sha256Crypt(password: bytes, salt: bytes, rounds: Optional[int] = None) -> str:
+    """
+    The glibc C{$5$} (sha256-crypt) hash of C{password}, implemented from
+    Ulrich Drepper's published specification, since Python's C{crypt}
+    module is deprecated and gone from Python 3.13.  See L{_ShaCrypt.crypt}
+    for the parameters.
+
+    @return: C{"$5$[rounds=N$]salt$hash"}.
+    """
+    return _SHA256_CRYPT.crypt(password, salt, rounds)
+
+
 def sha512Crypt(password: bytes, salt: bytes, rounds: Optional[int] = None) -> str:
     """
-    The glibc C{$6$} (sha512-crypt) hash of C{password}, implemented from
-    Ulrich Drepper's published specification ("Unix crypt using SHA-256 and
-    SHA-512"), since Python's C{crypt} module is deprecated and gone from
-    Python 3.13.
+    The glibc C{$6$} (sha512-crypt) hash of C{password}; see
+    L{sha256Crypt}.
 
-    @param salt: up to 16 bytes are used; must not contain C{$}.
-    @param rounds: the C{rounds=} value, or L{None} for the default (5000)
-        without a C{rounds=} field in the result.  Clamped to
-        [1000, 999999999] as the specification says.
     @return: C{"$6$[rounds=N$]salt$hash"}.
     """
-    salt = salt[:SHA512_CRYPT_MAX_SALT]
-    if rounds is None:
-        count = SHA512_CRYPT_DEFAULT_ROUNDS
-        roundsField = ""
-    else:
-        count = min(max(rounds, SHA512_CRYPT_MIN_ROUNDS), SHA512_CRYPT_MAX_ROUNDS)
-        roundsField = f"rounds={count}$"
-    sha512 = hashlib.sha512
-    p = password
-    s = salt
-    plen = len(p)
-
-    # Steps 1-12: digest A from P, S and alternate digest B = H(P S P).
-    b = sha512(p + s + p).digest()
-    a = sha512(p + s)
-    a.update(_repeatTo(b, plen))
-    n = plen
-    while n:
-        a.update(b if n & 1 else p)
-        n >>= 1
-    aDigest = a.digest()
-
-    # Steps 13-20: the P and S sequences.
-    dp = sha512(p * plen).digest()
-    pSeq = _repeatTo(dp, plen) if plen else b""
-    ds = sha512(s * (16 + aDigest[0])).digest()
-    sSeq = _repeatTo(ds, len(s)) if s else b""
-
-    # Step 21: the rounds.
-    c = aDigest
-    for i in range(count):
-        h = sha512(pSeq if i & 1 else c)
-        if i % 3:
-            h.update(sSeq)
-        if i % 7:
-            h.update(pSeq)
-        h.update(c if i & 1 else pSeq)
-        c = h.digest()
-
-    # Step 22: the encoding, with the specification's byte permutation.
-    out = []
-    for i in range(21):
-        x, y, z = i, i + 21, i + 42
-        if i % 3 == 1:
-            x, y, z = y, z, x
-        elif i % 3 == 2:
-            x, y, z = z, x, y
-        out.append(_b64From24Bit(c[x], c[y], c[z], 4))
-    out.append(_b64From24Bit(0, 0, c[63], 2))
-    return "$6$" + roundsField + salt.decode("ascii", "surrogateescape") + "$" + "".join(out)
+    return _SHA512_CRYPT.crypt(password, salt, rounds)
 
 
-def _verifySha512Crypt(hashed: str, password: bytes) -> bool:
+def _sshaVerifier(digest: Callable, size: int, decode: Callable[[str], bytes]) -> Callable[[str, bytes], bool]:
     """
-    Check C{password} against a C{$6$[rounds=N$]salt$hash} string.
+    A checker for Dovecot's salted SHA-2 schemes (C{SSHA256}, C{SSHA512}):
+    C{encode(digest(password + salt) + salt)}, with a salt of at least one
+    byte (Dovecot makes four).
     """
-    if not hashed.startswith("$6$"):
-        return False
-    parts = hashed[3:].split("$")
-    rounds: Optional[int] = None
-    if len(parts) == 3 and parts[0].startswith("rounds="):
-        digits = parts[0][len("rounds=") :]
-        if not (digits.isascii() and digits.isdigit()) or len(digits) > 10:
+
+    def verify(hashed: str, password: bytes) -> bool:
+        try:
+            raw = decode(hashed)
+        except (ValueError, binascii.Error):
             return False
-        rounds = int(digits)
-        parts = parts[1:]
-    if len(parts) != 2:
-        return False
-    salt, expected = parts
-    if len(expected) != _SHA512_CRYPT_HASH_LENGTH or not set(expected) <= _CRYPT_CHARS:
-        return False
-    if not salt.isascii():
-        return False
-    computed = sha512Crypt(password, salt.encode("ascii"), rounds)
-    return hmac.compare_digest(computed.rsplit("$", 1)[1].encode("ascii"), expected.encode("ascii"))
+        if len(raw) <= size:
+            return False
+        expected, salt = raw[:size], raw[size:]
+        return hmac.compare_digest(digest(password + salt).digest(), expected)
+
+    return verify
+
+
+def _base64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def _hex(text: str) -> bytes:
+    return bytes.fromhex(text)
 
 
 def _verifyBcrypt(hashed: str, password: bytes) -> bool:
@@ -241,12 +336,87 @@ def _argon2Verifier(prefix: str) -> Callable[[str, bytes], bool]:
     return verify
 
 
+def _encodings(decoders: Mapping[str, Callable[[str], bytes]], default: str) -> dict:
+    """
+    Dovecot's encoding suffixes: C{SCHEME} (the default encoding),
+    C{SCHEME.B64}, C{SCHEME.BASE64} and C{SCHEME.HEX}.
+    """
+    suffixes = {"": default, ".B64": "base64", ".BASE64": "base64", ".HEX": "hex"}
+    return {suffix: decoders[encoding] for suffix, encoding in suffixes.items()}
+
+
 _VERIFIERS: Mapping[str, Callable[[str, bytes], bool]] = {
     "ARGON2ID": _argon2Verifier("$argon2id$"),
     "ARGON2I": _argon2Verifier("$argon2i$"),
     "BLF-CRYPT": _verifyBcrypt,
-    "SHA512-CRYPT": _verifySha512Crypt,
+    "SHA256-CRYPT": _SHA256_CRYPT.verify,
+    "SHA512-CRYPT": _SHA512_CRYPT.verify,
+    **{
+        name + suffix: _sshaVerifier(digest, size, decode)
+        for name, digest, size in (("SSHA256", hashlib.sha256, 32), ("SSHA512", hashlib.sha512, 64))
+        for suffix, decode in _encodings({"base64": _base64, "hex": _hex}, "base64").items()
+    },
 }
+
+#: Dovecot's plain-text schemes (with their encoding suffixes): never
+#: accepted at login; C{pop3gw user import} hashes them.
+_PLAIN_DECODERS: Mapping[str, Callable[[str], bytes]] = {
+    name + suffix: decode
+    for name in ("PLAIN", "CLEAR", "CLEARTEXT")
+    for suffix, decode in _encodings(
+        {"none": lambda text: text.encode("utf-8"), "base64": _base64, "hex": _hex}, "none"
+    ).items()
+}
+
+
+def schemeOf(stored: str) -> Optional[str]:
+    """
+    The scheme name of a stored C{"{SCHEME}hash"}, upper-cased, or L{None}
+    if it has no C{{SCHEME}} prefix.
+    """
+    if not stored.startswith("{"):
+        return None
+    end = stored.find("}")
+    if end < 0:
+        return None
+    return stored[1:end].upper()
+
+
+def canVerify(stored: str) -> bool:
+    """
+    Whether L{verifyPassword} knows the scheme of C{stored}.
+    """
+    return schemeOf(stored) in _VERIFIERS
+
+
+def plainPassword(stored: str) -> Optional[str]:
+    """
+    The password of a plain-text C{{PLAIN}}, C{{CLEAR}} or C{{CLEARTEXT}}
+    entry (with any of Dovecot's encoding suffixes), for hashing it on
+    import.
+
+    @return: the password, or L{None} if C{stored} is not plain text (or
+        its encoding or UTF-8 is broken).
+    """
+    decode = _PLAIN_DECODERS.get(schemeOf(stored) or "")
+    if decode is None:
+        return None
+    try:
+        return decode(stored[stored.index("}") + 1 :]).decode("utf-8")
+    except (ValueError, binascii.Error):
+        return None
+
+
+def upgradedHash(stored: str, password: bytes) -> Optional[str]:
+    """
+    A new Argon2id hash of C{password}, if C{stored} (which C{password}
+    was just verified against) uses an older scheme; L{None} if it is
+    current (or not one L{verifyPassword} knows).
+    """
+    scheme = schemeOf(stored)
+    if scheme is None or scheme in CURRENT_SCHEMES or scheme not in _VERIFIERS:
+        return None
+    return "{ARGON2ID}" + _passwordHasher().hash(password)
 
 
 def verifyPassword(stored: str, password: str | bytes) -> bool:
@@ -254,21 +424,22 @@ def verifyPassword(stored: str, password: str | bytes) -> bool:
     Check C{password} against a stored C{"{SCHEME}hash"}.
 
     Known schemes: C{ARGON2ID}, C{ARGON2I}, C{BLF-CRYPT} (bcrypt, C{$2y$},
-    C{$2b$} or C{$2a$}) and C{SHA512-CRYPT} (glibc C{$6$}).  Scheme names
-    are case-insensitive, as in Dovecot.  All comparisons are constant-time.
+    C{$2b$} or C{$2a$}), C{SHA256-CRYPT} and C{SHA512-CRYPT} (glibc C{$5$}
+    and C{$6$}), C{SSHA256} and C{SSHA512} (Dovecot's salted SHA-2, base64
+    or with a C{.HEX} suffix).  Plain-text schemes (C{PLAIN}, C{CLEAR},
+    C{CRAM-MD5}'s HMAC context...) never match.  Scheme names are
+    case-insensitive, as in Dovecot.  All comparisons are constant-time.
     Passwords longer than L{MAX_PASSWORD_BYTES} never match.
 
     @return: whether the password matches.  An unknown scheme or a malformed
         hash gives C{False}, never an exception.
     """
-    if not isinstance(stored, str) or not stored.startswith("{"):
+    if not isinstance(stored, str):
         return False
-    end = stored.find("}")
-    if end < 0:
-        return False
-    verifier = _VERIFIERS.get(stored[1:end].upper())
+    verifier = _VERIFIERS.get(schemeOf(stored) or "")
     if verifier is None:
         return False
+    end = stored.index("}")
     try:
         if isinstance(password, str):
             password = password.encode("utf-8")
@@ -279,6 +450,90 @@ def verifyPassword(stored: str, password: str | bytes) -> bool:
         return bool(verifier(stored[end + 1 :], password))
     except (ValueError, TypeError, argon2.exceptions.VerificationError):
         return False
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ImportedUser:
+    """
+    One user taken from a Dovecot passwd-file by L{parsePasswdFile}.
+
+    @ivar line: its 1-based line number.
+    @ivar address: the user.
+    @ivar hashed: the C{{SCHEME}hash} to store.
+    @ivar extra: the fields after the password, with their leading C{:},
+        or C{""}.
+    @ivar converted: whether the file held a plain-text password, hashed
+        here with Argon2id.
+    """
+
+    line: int
+    address: Address
+    hashed: str
+    extra: str
+    converted: bool
+
+
+def parsePasswdFile(data: bytes) -> tuple[list[ImportedUser], list[tuple[int, str]]]:
+    """
+    Read a Dovecot passwd-file (C{user:{SCHEME}password:uid:gid:...}) for
+    C{pop3gw user import}: hashes L{verifyPassword} can check are kept as
+    they are, plain-text passwords (C{{PLAIN}}, C{{CLEAR}}, C{{CLEARTEXT}},
+    with any encoding suffix) are hashed with Argon2id, and every other
+    line that is not a comment or blank is refused with a reason that
+    never contains the password or hash.  A user that differs from an
+    earlier line only in case is refused too.
+
+    @return: the users taken, and (line number, reason) for each line
+        refused.
+    """
+    taken: list[ImportedUser] = []
+    refused: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(_splitLines(data), 1):
+        try:
+            text = raw.rstrip(b"\r").decode("utf-8")
+        except UnicodeDecodeError:
+            refused.append((number, "not valid UTF-8"))
+            continue
+        if _isComment(text):
+            continue
+        userField, sep, rest = text.partition(":")
+        if not sep:
+            refused.append((number, "not a user:password line"))
+            continue
+        try:
+            address = Address.parse(userField.strip())
+        except AddressError:
+            refused.append((number, f"{userField.strip()!r} is not an address (user@domain)"))
+            continue
+        stored, sep, extra = rest.partition(":")
+        extra = sep + extra
+        reason = None
+        converted = False
+        if not stored:
+            reason = "no password"
+        elif schemeOf(stored) is None:
+            reason = "no {SCHEME} prefix, so the hash cannot be told apart"
+        elif schemeOf(stored) in _PLAIN_DECODERS:
+            password = plainPassword(stored)
+            if not password or len(password.encode("utf-8")) > MAX_PASSWORD_BYTES or "\0" in password:
+                reason = "plain-text password empty, too long, with NUL or badly encoded"
+            else:
+                stored = hashPassword(password)
+                converted = True
+        elif not canVerify(stored) or not stored.isascii():
+            scheme = schemeOf(stored) or ""
+            if not (scheme.isascii() and scheme.isprintable()):
+                scheme = "?"
+            reason = f"password scheme {scheme} cannot be verified by pop3gw"
+        if reason is None and lookupKey(address) in seen:
+            reason = f"same user as line {seen[lookupKey(address)]}"
+        if reason is not None:
+            refused.append((number, f"{address}: {reason}"))
+            continue
+        seen[lookupKey(address)] = number
+        taken.append(ImportedUser(number, address, stored, extra, converted))
+    return taken, refused
 
 
 class _DummyHash:
@@ -385,36 +640,85 @@ def _parseUserLine(raw: bytes) -> tuple[_UserLine, bool]:
     return _UserLine(raw, address, userField, hashed, sep + extra), False
 
 
-def _parseUsers(data: bytes) -> tuple[list[_UserLine], dict[Address, str], list[int]]:
+class _AddressMap:
+    """
+    An immutable map from addresses to values, looked up case-insensitively
+    (L{lookupKey}): an address written exactly as stored finds that entry;
+    any other spelling finds the first entry, in file order, with the same
+    key.  Only files written before lookups ignored case can have two
+    entries with one key.
+
+    @ivar entries: stored address -> value, in file order.
+    @ivar caseVariants: for each key held by more than one entry, those
+        entries' addresses in file order.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[Address, object] = {}
+        self._byKey: dict[str, Address] = {}
+        self.caseVariants: dict[str, list[Address]] = {}
+
+    def _add(self, address: Address, value: object) -> bool:
+        """
+        Add an entry while building the map.
+
+        @return: C{False} if C{address} (this exact spelling) is already
+            there, and nothing was added.
+        """
+        if address in self.entries:
+            return False
+        self.entries[address] = value
+        key = lookupKey(address)
+        first = self._byKey.setdefault(key, address)
+        if first != address:
+            self.caseVariants.setdefault(key, [first]).append(address)
+        return True
+
+    def find(self, address: Address) -> Optional[Address]:
+        """
+        The stored address that C{address} finds, or L{None}.
+        """
+        if address in self.entries:
+            return address
+        return self._byKey.get(lookupKey(address))
+
+    def get(self, address: Address) -> Optional[object]:
+        """
+        The value of the entry C{address} finds, or L{None}.
+        """
+        found = self.find(address)
+        return None if found is None else self.entries[found]
+
+
+def _parseUsers(data: bytes) -> tuple[list[_UserLine], _AddressMap, list[int]]:
     """
     Parse a users file.
 
-    @return: its lines, the users (the first line of a duplicated address
-        wins), and the 1-based numbers of malformed or duplicate lines.
+    @return: its lines, the users (stored address -> hash; the first line
+        of a duplicated address wins), and the 1-based numbers of malformed
+        or duplicate lines.
     """
     lines = []
-    users: dict[Address, str] = {}
+    users = _AddressMap()
     bad = []
     for number, raw in enumerate(_splitLines(data), 1):
         line, malformed = _parseUserLine(raw)
         lines.append(line)
         if malformed:
             bad.append(number)
-        elif line.address is not None:
-            if line.address in users:
-                bad.append(number)
-            else:
-                users[line.address] = line.hashed
+        elif line.address is not None and not users._add(line.address, line.hashed):
+            bad.append(number)
     return lines, users, bad
 
 
-def _parseAliases(data: bytes) -> tuple[dict[Address, Address], list[int]]:
+def _parseAliases(data: bytes) -> tuple[_AddressMap, list[int]]:
     """
     Parse an aliases file of C{alias@domain: user@domain} lines.
 
-    @return: alias -> user, and the 1-based numbers of malformed lines.
+    @return: alias -> user (as written), and the 1-based numbers of
+        malformed lines.
     """
-    aliases: dict[Address, Address] = {}
+    aliases = _AddressMap()
     bad = []
     for number, raw in enumerate(_splitLines(data), 1):
         try:
@@ -433,10 +737,8 @@ def _parseAliases(data: bytes) -> tuple[dict[Address, Address], list[int]]:
         except AddressError:
             bad.append(number)
             continue
-        if aliasAddress in aliases:
+        if not aliases._add(aliasAddress, targetAddress):
             bad.append(number)
-            continue
-        aliases[aliasAddress] = targetAddress
     return aliases, bad
 
 
@@ -517,14 +819,38 @@ class _WatchedFile:
             raise TemporaryFailure(f"cannot read {self._what} {self.path}: {error}")
 
 
+def _unverifiable(users: _AddressMap) -> list[tuple[Address, Optional[str]]]:
+    """
+    The users whose hash L{verifyPassword} cannot check, with their scheme
+    (printable ASCII, else C{"?"}) or L{None} when there is no scheme.
+    """
+    found = []
+    for address, stored in users.entries.items():
+        if not canVerify(stored):
+            scheme = schemeOf(stored)
+            if scheme is not None and not (scheme.isascii() and scheme.isprintable()):
+                scheme = "?"
+            found.append((address, scheme))
+    return found
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class _Snapshot:
     """
     Immutable view of both files, swapped as a whole.
     """
 
-    users: Mapping[Address, str]
-    aliases: Mapping[Address, Address]
+    users: _AddressMap
+    aliases: _AddressMap
+
+
+def _checkHash(hashed: str) -> None:
+    """
+    @raise ValueError: C{hashed} contains C{:} or a line break, or does
+        not start with C{{SCHEME}}.
+    """
+    if not hashed.startswith("{") or "}" not in hashed or any(c in hashed for c in ":\r\n\0"):
+        raise ValueError("not a {SCHEME}hash string")
 
 
 @implementer(IUserDatabase)
@@ -562,7 +888,7 @@ class UsersFile:
         self._aliasesFile = (
             _WatchedFile(aliasesPath, _parseAliases, "aliases file") if aliasesPath is not None else None
         )
-        self._snapshot = _Snapshot({}, {})
+        self._snapshot = _Snapshot(_AddressMap(), _AddressMap())
         try:
             self._refresh()
         except TemporaryFailure:
@@ -579,12 +905,69 @@ class UsersFile:
             if self._aliasesFile is not None:
                 (aliases,) = self._aliasesFile.current(force)
             else:
-                aliases = {}
+                aliases = self._snapshot.aliases
+            if users is not self._snapshot.users:
+                self._warnAboutUsers(users)
             if users is not self._snapshot.users or aliases is not self._snapshot.aliases:
                 self._snapshot = _Snapshot(users, aliases)
             return self._snapshot
 
+    def _warnAboutUsers(self, users: _AddressMap) -> None:
+        """
+        Log, once per load of the users file, what the operator should
+        fix: users whose hash pop3gw cannot verify (one warning each, as
+        their logins fail with the right password), and users that differ
+        only in case.
+        """
+        lines, _ = self._usersFile.value
+        numbers = {line.address: n for n, line in reversed(list(enumerate(lines, 1))) if line.address is not None}
+        for address, scheme in _unverifiable(users):
+            _log.warn(
+                "users file {path} line {line}: {user} has {what}, which pop3gw does not accept; "
+                "{user} cannot log in until its password is set with 'pop3gw user passwd'",
+                path=self.path,
+                line=numbers[address],
+                user=str(address),
+                what="no {SCHEME} prefix" if scheme is None else f"password scheme {scheme}",
+            )
+        for key, variants in users.caseVariants.items():
+            _log.warn(
+                "users file {path}: lines {lines} ({key}) differ only in case; other spellings find line {first}",
+                path=self.path,
+                lines=",".join(str(numbers[a]) for a in variants),
+                key=key,
+                first=numbers[variants[0]],
+            )
+
     # -- IUserDatabase: reads
+
+    def lookupUser(self, address: Address) -> Optional[tuple[Address, str]]:
+        """
+        See L{IUserDatabase.lookupUser}.
+        """
+        users = self._refresh().users
+        found = users.find(address)
+        if found is None:
+            return None
+        return found, users.entries[found]
+
+    def peekUser(self, address: Address) -> Optional[tuple[Address, str]]:
+        """
+        See L{IUserDatabase.peekUser}: the file is held in memory and
+        re-read only when a C{stat} shows it changed, which is cheap enough
+        for the reactor thread.
+        """
+        return self.lookupUser(address)
+
+    def unverifiableUsers(self) -> list[tuple[Address, Optional[str]]]:
+        """
+        The users whose stored hash L{verifyPassword} cannot check (so who
+        cannot log in), in file order.
+
+        @return: (user, scheme name or L{None} for no C{{SCHEME}} prefix)
+            pairs.
+        """
+        return _unverifiable(self._refresh().users)
 
     def passwordHash(self, address: Address) -> Optional[str]:
         """
@@ -592,32 +975,28 @@ class UsersFile:
         """
         return self._refresh().users.get(address)
 
-    def peekPasswordHash(self, address: Address) -> Optional[str]:
-        """
-        See L{IUserDatabase.peekPasswordHash}: the file is held in memory and
-        re-read only when a C{stat} shows it changed, which is cheap enough
-        for the reactor thread.
-        """
-        return self.passwordHash(address)
-
     def exists(self, address: Address) -> bool:
         """
         See L{IUserDatabase.exists}.
         """
-        return address in self._refresh().users
+        return self._refresh().users.find(address) is not None
 
     def resolve(self, address: Address) -> Optional[Address]:
         """
         See L{IUserDatabase.resolve}.  Aliases are one level deep: an alias
         naming a user that does not exist resolves to L{None}.
         """
-        snapshot = self._refresh()
-        if address in snapshot.users:
-            return address
+        return self._resolve(self._refresh(), address)
+
+    @staticmethod
+    def _resolve(snapshot: _Snapshot, address: Address) -> Optional[Address]:
+        user = snapshot.users.find(address)
+        if user is not None:
+            return user
         target = snapshot.aliases.get(address)
-        if target is not None and target in snapshot.users:
-            return target
-        return None
+        if target is None:
+            return None
+        return snapshot.users.find(target)
 
     def owns(self, user: Address, address: Address) -> bool:
         """
@@ -626,13 +1005,14 @@ class UsersFile:
         if address == user:
             return True
         snapshot = self._refresh()
-        return address not in snapshot.users and snapshot.aliases.get(address) == user
+        owner = self._resolve(snapshot, address)
+        return owner is not None and owner == snapshot.users.find(user)
 
     def addresses(self) -> list:
         """
         See L{IUserDatabase.addresses}.
         """
-        return sorted(self._refresh().users)
+        return sorted(self._refresh().users.entries)
 
     def reload(self) -> None:
         """
@@ -653,8 +1033,7 @@ class UsersFile:
         @raise ValueError: C{hashed} contains C{:} or a line break, or does
             not start with C{{SCHEME}}.
         """
-        if not hashed.startswith("{") or "}" not in hashed or any(c in hashed for c in ":\r\n\0"):
-            raise ValueError("not a {SCHEME}hash string")
+        _checkHash(hashed)
         with self._writeLock():
             lines = self._readLines()
             index = self._find(lines, address)
@@ -669,23 +1048,92 @@ class UsersFile:
             self._write(lines)
         self._refresh(force=True)
 
+    def addUsers(self, entries: list[tuple[Address, str, str]]) -> None:
+        """
+        Add several users in one atomic rewrite (C{pop3gw user import}).
+
+        @param entries: (address, C{{SCHEME}hash}, the fields after the
+            hash with their leading C{:}, or C{""}) per user.
+        @raise UserExists: one of them exists already (in any case);
+            nothing was added.
+        @raise ValueError: a hash or fields could corrupt the file.
+        """
+        for _address, hashed, extra in entries:
+            _checkHash(hashed)
+            if extra and (not extra.startswith(":") or any(c in extra for c in "\r\n\0")):
+                raise ValueError("bad extra fields")
+        with self._writeLock():
+            lines = self._readLines()
+            for address, hashed, extra in entries:
+                if self._find(lines, address) is not None:
+                    raise UserExists(str(address))
+                text = f"{address}:{hashed}{extra}"
+                lines.append(_UserLine(text.encode("utf-8"), address, str(address), hashed, extra))
+            self._write(lines)
+        self._refresh(force=True)
+
+    def upgradePasswordHash(self, address: Address, oldHash: str, newHash: str) -> bool:
+        """
+        See L{IUserDatabase.upgradePasswordHash}.  The file is rewritten
+        like any other change (under the lock, atomically); a failure to
+        write it is logged, not raised: the login that asked succeeds
+        anyway and the next one tries again.
+        """
+        _checkHash(newHash)
+        try:
+            with self._writeLock():
+                lines = self._readLines()
+                index = self._find(lines, address)
+                if index is None or lines[index].hashed != oldHash:
+                    return False
+                lines[index] = lines[index].withHash(newHash)
+                stored = lines[index].address
+                self._write(lines)
+        except OSError as e:
+            _log.error(
+                "cannot upgrade the password hash of {user} in {path}: {error}",
+                user=str(address),
+                path=self.path,
+                error=e.strerror or str(e),
+            )
+            return False
+        self._refresh(force=True)
+        _log.info(
+            "upgraded the password hash of {user} from {old} to {new}",
+            user=str(stored),
+            old=schemeOf(oldHash),
+            new=schemeOf(newHash),
+        )
+        return True
+
     def remove(self, address: Address) -> None:
         """
-        See L{IUserDatabase.remove}.  Every line for C{address} is removed.
+        See L{IUserDatabase.remove}.  Every line for the user C{address}
+        finds is removed.
         """
         with self._writeLock():
             lines = self._readLines()
-            if self._find(lines, address) is None:
+            index = self._find(lines, address)
+            if index is None:
                 raise UnknownUser(str(address))
-            self._write([line for line in lines if line.address != address])
+            stored = lines[index].address
+            self._write([line for line in lines if line.address != stored])
         self._refresh(force=True)
 
     @staticmethod
     def _find(lines: list[_UserLine], address: Address) -> Optional[int]:
+        """
+        The index of the line that a lookup of C{address} finds: the first
+        one written exactly so, else the first one with its L{lookupKey}.
+        """
+        key = lookupKey(address)
+        folded = None
         for i, line in enumerate(lines):
             if line.address == address:
                 return i
-        return None
+            if folded is None and line.address is not None and lookupKey(line.address) == key:
+                folded = i
+        return folded
 
     def _writeLock(self):
         """

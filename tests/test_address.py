@@ -16,6 +16,7 @@ from pop3gw.address import (
     Address,
     AddressError,
     isLoopback,
+    lookupKey,
     parseDomain,
 )
 
@@ -136,6 +137,36 @@ class ParseTests(SynchronousTestCase):
         precomposed = Address.parse("jos\u00e9@example.org")
         self.assertEqual(decomposed, precomposed)
         self.assertEqual(precomposed.localpart, "jos\u00e9")
+
+    def test_lookupKeyFoldsCase(self) -> None:
+        """
+        L{lookupKey} is the same for every case spelling of an ASCII local
+        part (and its domain), and differs between different local parts;
+        the address itself keeps its spelling.
+        """
+        key = lookupKey(Address.parse("alice@example.org"))
+        self.assertEqual(key, "alice@example.org")
+        for spelling in ("Alice@example.org", "ALICE@Example.ORG", "aLiCe@EXAMPLE.org."):
+            address = Address.parse(spelling)
+            self.assertEqual(lookupKey(address), key, spelling)
+            self.assertNotEqual(str(address), key)
+        self.assertNotEqual(lookupKey(Address.parse("alicia@example.org")), key)
+        self.assertNotEqual(lookupKey(Address.parse("alice@example.net")), key)
+
+    def test_lookupKeyUnicodeCasefold(self) -> None:
+        """
+        A non-ASCII local part is folded with Unicode case folding and
+        kept NFC, so decomposed, precomposed, upper- and lower-case
+        spellings share one key.
+        """
+        keys = {
+            lookupKey(Address.parse(text))
+            for text in ("J\u00d6RG@example.org", "j\u00f6rg@example.org", "JO\u0308RG@example.org", "jo\u0308rg@example.org")
+        }
+        self.assertEqual(keys, {"j\u00f6rg@example.org"})
+        self.assertEqual(lookupKey(Address.parse("\u03a3\u03bf\u03c6\u03af\u03b1@example.org")),
+                         lookupKey(Address.parse("\u03c3\u03bf\u03c6\u03af\u03b1@example.org")))
+        self.assertEqual(lookupKey(Address("Stra\u00dfe", "example.org")), "strasse@example.org")
 
     def test_internationalisedDomain(self) -> None:
         """

@@ -12,6 +12,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface
@@ -42,6 +43,7 @@ HASH_PASSWORD = (
     "{SHA512-CRYPT}$6$saltsalt$qFmFH.bQmmtXzyBY0s9v7Oicd2z4XSIecDzlB5KiA2/"
     "jctKu9YterLp8wwnSq.qc.eoxqOmSuNp2xS0ktL3nh/"
 )
+HASH_ARGON2 = usersModule.hashPassword("password")
 HASH_HUNTER2 = "{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuoXuKqgZXLiJqzfmMXDDhSFPIvxV7t8."
 DUMMY = "{TEST}dummy"
 
@@ -177,7 +179,10 @@ class PasswordCheckerTests(SynchronousTestCase):
         self.checker.cache = VerifiedCredentialsCache()
         d = self.checker.requestAvatarId(UsernamePassword(b"alice@EXAMPLE.Org", b"password"))
         self.assertEqual(self.successResultOf(d), "alice@example.org")
-        self.assertEqual(self.verifier.calls, [(HASH_PASSWORD, b"password")] * 2)
+        # The first login stored an Argon2id hash in place of the old one.
+        self.assertEqual(
+            self.verifier.calls, [(HASH_PASSWORD, b"password"), (self.users.passwordHash(ALICE), b"password")]
+        )
 
     def test_workRunsInThreadPool(self) -> None:
         """
@@ -270,7 +275,7 @@ class PasswordCheckerTests(SynchronousTestCase):
         """
         users = FakeUserDatabase()
         looked: list = []
-        users.passwordHash = lambda address: looked.append(address)
+        users.lookupUser = lambda address: looked.append(address)
         checker = self.makeChecker(users)
         d = checker.requestAvatarId(UsernamePassword("alice", "password"))
         self.assertEqual(self.verifier.calls, [(DUMMY, b"password")])
@@ -296,7 +301,7 @@ class PasswordCheckerTests(SynchronousTestCase):
         """
 
         class Broken(FakeUserDatabase):
-            def passwordHash(self, address):
+            def lookupUser(self, address):
                 raise OSError("disk on fire")
 
         d = self.makeChecker(Broken()).requestAvatarId(UsernamePassword("alice@example.org", "password"))
@@ -304,7 +309,7 @@ class PasswordCheckerTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
         class Busy(FakeUserDatabase):
-            def passwordHash(self, address):
+            def lookupUser(self, address):
                 raise TemporaryFailure("database busy")
 
         d = self.makeChecker(Busy()).requestAvatarId(UsernamePassword("alice@example.org", "password"))
@@ -430,6 +435,101 @@ class PasswordCheckerTests(SynchronousTestCase):
         self.reactor.advance(1)
         self.successResultOf(self.checker.requestAvatarId(creds))
         self.assertEqual(len(self.verifier.calls), 2)
+
+    def test_loginInAnyCase(self) -> None:
+        """
+        A login name in any case logs in the user as stored: the avatar ID
+        is the stored spelling, and the verified login is cached under it,
+        so another spelling with the same password skips the hash, on the
+        reactor thread.
+        """
+        with open(self.usersPath, "w") as f:
+            f.write(f"Alice@example.org:{HASH_ARGON2}\n")
+        d = self.checker.requestAvatarId(UsernamePassword("ALICE@Example.ORG", "password"))
+        self.assertEqual(self.successResultOf(d), "Alice@example.org")
+        self.assertEqual((len(self.verifier.calls), self.pool.calls), (1, 1))
+        d = self.checker.requestAvatarId(UsernamePassword(b"alice@example.org", b"password"))
+        self.assertEqual(self.successResultOf(d), "Alice@example.org")
+        self.assertEqual((len(self.verifier.calls), self.pool.calls), (1, 1))
+
+    def test_rehashAtFirstLogin(self) -> None:
+        """
+        The first successful login of a user whose hash is in an older
+        scheme replaces it in the users file with an Argon2id hash of the
+        same password (the other fields of the line kept), logged without
+        the hash; the new hash is what the cache remembers, so the next
+        login is a cache hit.  A failed login changes nothing.
+        """
+        events: list = []
+        self.patch(usersModule, "_log", Logger(observer=events.append))
+        with open(self.usersPath, "w") as f:
+            f.write(f"alice@example.org:{HASH_PASSWORD}:1000:1000::/home/alice\n")
+        self.assertFailsAfterDelay(self.checker.requestAvatarId(UsernamePassword("alice@example.org", "wrong")))
+        self.assertEqual(self.users.passwordHash(ALICE), HASH_PASSWORD)
+        d = self.checker.requestAvatarId(UsernamePassword("Alice@example.org", "password"))
+        self.assertEqual(self.successResultOf(d), "alice@example.org")
+        with open(self.usersPath) as f:
+            user, stored, rest = f.read().split(":", 2)
+        self.assertEqual((user, rest), ("alice@example.org", "1000:1000::/home/alice\n"))
+        self.assertTrue(stored.startswith("{ARGON2ID}$argon2id$"), stored)
+        self.assertTrue(verifyPassword(stored, "password"))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["upgraded the password hash of alice@example.org from SHA512-CRYPT to ARGON2ID"],
+        )
+        calls = len(self.verifier.calls)
+        self.successResultOf(self.checker.requestAvatarId(UsernamePassword("alice@example.org", "password")))
+        self.assertEqual(len(self.verifier.calls), calls)
+
+    def test_noRehashOfCurrentScheme(self) -> None:
+        """
+        A user whose hash is already Argon2 is not rewritten at login.
+        """
+        with open(self.usersPath, "w") as f:
+            f.write(f"alice@example.org:{HASH_ARGON2}\n")
+        before = os.stat(self.usersPath)
+        self.successResultOf(self.checker.requestAvatarId(UsernamePassword("alice@example.org", "password")))
+        after = os.stat(self.usersPath)
+        self.assertEqual((after.st_ino, after.st_mtime_ns), (before.st_ino, before.st_mtime_ns))
+        self.assertEqual(self.users.passwordHash(ALICE), HASH_ARGON2)
+
+    def test_rehashFailureStillLogsIn(self) -> None:
+        """
+        If the users file cannot be rewritten, the login succeeds anyway,
+        the failure is logged as one error line, and the old hash stays.
+        """
+        events: list = []
+        self.patch(usersModule, "_log", Logger(observer=events.append))
+
+        def fail(src: str, dst: str) -> None:
+            raise OSError(28, "No space left on device")
+
+        self.patch(self.users, "_replace", fail)
+        d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "password"))
+        self.assertEqual(self.successResultOf(d), "alice@example.org")
+        self.assertEqual(self.users.passwordHash(ALICE), HASH_PASSWORD)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [f"cannot upgrade the password hash of alice@example.org in {self.usersPath}: No space left on device"],
+        )
+
+    def test_unverifiableSchemeIsNotAFailedLogin(self) -> None:
+        """
+        A user whose stored hash pop3gw does not accept (plain text,
+        CRAM-MD5) is never let in, not even with the password the file
+        holds; the refusal is a L{TemporaryFailure} at once (a server-side
+        problem, already warned about when the file was loaded), not a
+        failed login that fail2ban would count against the real user.
+        """
+        for stored in ("{PLAIN}hunter9", "{CRAM-MD5}4b4d1e4cbd12d2c8fbd1a4d6b83a4cb3", "hunter9"):
+            with open(self.usersPath, "w") as f:
+                f.write(f"alice@example.org:{stored}\n")
+            d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "hunter9"))
+            message = str(self.failureResultOf(d, TemporaryFailure).value)
+            self.assertNotIn("hunter9", message)
+            self.assertNotIn("4b4d1e", message)
+        self.assertEqual(self.verifier.calls, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_portal(self) -> None:
         """

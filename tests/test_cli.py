@@ -77,6 +77,119 @@ class CLITests(SynchronousTestCase):
         self.assertNotEqual(status, 0)
         self.assertIn("no such user", err)
 
+    def test_caseVariants(self) -> None:
+        """
+        Addresses are matched whatever the case of the local part: a user
+        that differs from an existing one only in case is refused (naming
+        the existing spelling) and the file is untouched; C{passwd},
+        C{remove} and C{deliver} in another case act on the stored user
+        and name it as stored.
+        """
+        self.assertEqual(self.runCLI("user", "add", "alice@example.org", text="pw\n")[0], 0)
+        with open(os.path.join(self.dataDir, "users"), "rb") as f:
+            before = f.read()
+        status, out, err = self.runCLI("user", "add", "Alice@Example.org", text="other\n")
+        self.assertEqual((status, out, err), (1, "", "pop3gw: user Alice@example.org already exists as alice@example.org\n"))
+        with open(os.path.join(self.dataDir, "users"), "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(self.runCLI("user", "passwd", "ALICE@example.org", text="new\n"),
+                         (0, "changed password of alice@example.org\n", ""))
+        self.assertTrue(verifyPassword(self.users().passwordHash(ALICE), "new"))
+        self.assertEqual(self.runCLI("deliver", "ALICE@Example.ORG", data=b"Subject: x\n\nhi\n")[0], 0)
+        self.assertEqual(len(os.listdir(os.path.join(self.dataDir, "mail", "example.org", "alice", "new"))), 1)
+        self.assertFalse(os.path.exists(os.path.join(self.dataDir, "mail", "example.org", "ALICE")))
+        self.assertEqual(self.runCLI("user", "list"), (0, "alice@example.org\n", ""))
+        self.assertEqual(self.runCLI("user", "remove", "aLiCe@example.org"),
+                         (0, "removed alice@example.org (its maildrop is kept)\n", ""))
+        self.assertEqual(self.runCLI("user", "list"), (0, "", ""))
+
+    def test_importPasswdFile(self) -> None:
+        """
+        C{user import FILE} adds the users of a Dovecot passwd-file in one
+        rewrite: hashes pop3gw verifies are kept as they are (with the
+        line's other fields), plain-text passwords are hashed with Argon2id
+        on the way in, and every line it cannot take is reported on stderr
+        with its number and why (never the secret); the exit status is 65
+        when a line was not taken.
+        """
+        self.runCLI("user", "add", "zoe@example.org", text="pw\n")
+        source = os.path.join(self.dataDir, "dovecot.passwd")
+        sha256 = "{SHA256-CRYPT}$5$saltsalt$gOjOtoMpVhru2uyjeJSEc/JaLQWOXMNmlOnj6T4AtC."
+        ssha512 = (
+            "{SSHA512}MKbQg3rPvz03V+1S0+/jlDdn0B0IiGGxl7kZMimdo1IHHWN6DtzxJMCchsX5U1lrRY7apW/oopOgERexYda1nAECAwQ="
+        )
+        with open(source, "wb") as f:
+            f.write(
+                b"# from dovecot\n"
+                b"alice@example.org:{PLAIN}two words::::::\n"
+                + f"bob@example.org:{sha256}:1000:1000::/home/bob\n".encode()
+                + b"carol@example.org:{CRAM-MD5}4b4d1e4cbd12d2c8fbd1a4d6b83a4cb3d1a1c4f9c9b2a8e3b4c5d6e7f8091a2b\n"
+                b"dave:{PLAIN}nodomain\n"
+                + f"erin@example.org:{ssha512}\n".encode()
+                + b"ALICE@example.org:{PLAIN}again\n"
+                b"frank@example.org:\n"
+                b"grace@example.org:$1$salt$md5crypthash\n"
+                b"Zoe@example.org:{PLAIN}zoesecret\n"
+                b"heidi@example.org:{PLAIN.B64}c2VjcmV0\n"
+                b"ivan@example.org:{PLAIN}\n"
+                b"just garbage\n"
+                b"\xff@example.org:{PLAIN}x\n"
+            )
+        status, out, err = self.runCLI("user", "import", source)
+        self.assertEqual(status, cli.EX_DATAERR)
+        self.assertEqual(
+            out, f"imported 4 user(s) from {source} (2 plain-text password(s) hashed with Argon2id); 9 line(s) not taken\n"
+        )
+        self.assertEqual(
+            err.splitlines(),
+            [
+                f"pop3gw: {source}:4: carol@example.org: password scheme CRAM-MD5 cannot be verified by pop3gw",
+                f"pop3gw: {source}:5: 'dave' is not an address (user@domain)",
+                f"pop3gw: {source}:7: ALICE@example.org: same user as line 2",
+                f"pop3gw: {source}:8: frank@example.org: no password",
+                f"pop3gw: {source}:9: grace@example.org: no {{SCHEME}} prefix, so the hash cannot be told apart",
+                f"pop3gw: {source}:10: Zoe@example.org: user exists already as zoe@example.org",
+                f"pop3gw: {source}:12: ivan@example.org: plain-text password empty, too long, with NUL or badly encoded",
+                f"pop3gw: {source}:13: not a user:password line",
+                f"pop3gw: {source}:14: not valid UTF-8",
+            ],
+        )
+        for secret in ("two words", "nodomain", "again", "zoesecret", "4b4d1e", "md5crypthash", "$5$"):
+            self.assertNotIn(secret, out + err)
+        users = self.users()
+        self.assertEqual(users.addresses(), [ALICE, Address("bob", "example.org"), Address("erin", "example.org"),
+                                             Address("heidi", "example.org"), Address("zoe", "example.org")])
+        self.assertTrue(users.passwordHash(ALICE).startswith("{ARGON2ID}$argon2id$"))
+        self.assertTrue(verifyPassword(users.passwordHash(ALICE), "two words"))
+        self.assertTrue(verifyPassword(users.passwordHash(Address("heidi", "example.org")), "secret"))
+        self.assertEqual(users.passwordHash(Address("bob", "example.org")), sha256)
+        self.assertEqual(users.passwordHash(Address("erin", "example.org")), ssha512)
+        with open(os.path.join(self.dataDir, "users")) as f:
+            content = f.read()
+        self.assertIn(f"bob@example.org:{sha256}:1000:1000::/home/bob\n", content)
+        self.assertNotIn("two words", content)
+        self.assertNotIn("{PLAIN", content)
+        # Importing the same file again takes nothing and says why.
+        status, out, err = self.runCLI("user", "import", source)
+        self.assertEqual(status, cli.EX_DATAERR)
+        self.assertTrue(out.startswith(f"imported 0 user(s) from {source}"), out)
+
+    def test_importCleanFile(self) -> None:
+        """
+        A file whose every line is taken exits 0 with nothing on stderr; a
+        missing file is one line and exit 66.
+        """
+        source = os.path.join(self.dataDir, "clean.passwd")
+        with open(source, "w") as f:
+            f.write("alice@example.org:{PLAIN}pw\n\n# end\n")
+        self.assertEqual(
+            self.runCLI("user", "import", source),
+            (0, f"imported 1 user(s) from {source} (1 plain-text password(s) hashed with Argon2id)\n", ""),
+        )
+        missing = os.path.join(self.dataDir, "missing.passwd")
+        status, out, err = self.runCLI("user", "import", missing)
+        self.assertEqual((status, out, err), (66, "", f"pop3gw: cannot read {missing}: No such file or directory\n"))
+
     def test_badAddressesRefused(self) -> None:
         """
         An address that is not plain local@domain is refused and creates

@@ -26,6 +26,7 @@ from pop3gw.queue import OutboundQueue, listEntries
 from pop3gw.interfaces import ITwoPhaseDelivery
 from pop3gw.router import Router
 from pop3gw.testing import FakeMaildropStore, FakeOutboundQueue, FakeUserDatabase
+from tests.util import makeTempDirectory
 
 ALICE = Address("alice", "example.org")
 BOB = Address("bob", "example.org")
@@ -169,6 +170,30 @@ class RecipientTests(SynchronousTestCase):
         router = makeRouter()[0]
         self.assertEqual(router.checkRecipient(BOB), BOB)
         self.assertEqual(router.checkRecipient(ALIAS), ALICE)
+
+    def test_recipientInAnyCase(self):
+        """
+        A recipient or alias in another case than the users and aliases
+        files resolves to the user as stored, so the message goes to the
+        maildrop of the stored spelling.
+        """
+        from pop3gw.users import UsersFile
+
+        directory = makeTempDirectory(self)
+        with open(os.path.join(directory, "users"), "w") as f:
+            f.write("Alice@example.org:{ARGON2ID}x\n")
+        with open(os.path.join(directory, "aliases"), "w") as f:
+            f.write("postmaster@example.org: alice@EXAMPLE.org\n")
+        users = UsersFile(os.path.join(directory, "users"), os.path.join(directory, "aliases"))
+        store = FakeMaildropStore()
+        router = Router(["example.org"], users, store, FakeOutboundQueue())
+        stored = Address("Alice", "example.org")
+        recipients = [router.checkRecipient(Address.parse(a)) for a in ("ALICE@Example.ORG", "PostMaster@example.org")]
+        self.assertEqual(recipients, [stored, stored])
+        delivery = router.beginDelivery(None, recipients)
+        delivery.write(b"Subject: x\r\n\r\nhi\r\n")
+        self.successResultOf(delivery.commit())
+        self.assertEqual(list(store.boxes), [stored])
 
     def test_unknownLocal(self):
         """

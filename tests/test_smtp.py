@@ -462,6 +462,28 @@ class AuthTests(SessionMixin, SynchronousTestCase):
         texts = [e.get("log_format", "") for e in events]
         self.assertIn("login: service={service} rhost={peer} user={user} tls={tls}", texts)
 
+    def test_loginLoggedAsStored(self) -> None:
+        """
+        The login line names the user as the checker found it (the stored
+        spelling), not as the client typed it.
+        """
+
+        class StoredSpelling:
+            credentialInterfaces = CountingChecker.credentialInterfaces
+
+            def requestAvatarId(self, credentials):
+                return defer.succeed(credentials.username.decode().lower())
+
+        self.portal = Portal(self.realm, [StoredSpelling()])
+        self.connect()
+        with capturedLogs() as events:
+            self.assertEqual(
+                self.feed(b"EHLO c\r\nAUTH PLAIN " + plain(b"", b"ALICE@Example.ORG", b"pw") + b"\r\n"),
+                EHLO_PLAIN + AUTH_OK,
+            )
+        logins = [formatEvent(e) for e in events if e.get("log_format", "").startswith("login:")]
+        self.assertEqual(logins, ['login: service=submission rhost=192.168.1.1 user="alice@example.org" tls=no'])
+
     def test_plainContinuation(self) -> None:
         """
         AUTH PLAIN without initial response gets "334 " and reads the
@@ -1165,6 +1187,22 @@ class DataTests(SessionMixin, SynchronousTestCase):
         """
         headers = b'From: "Alice A." <alice@example.org>, postmaster@example.org\r\nSender: alice@example.org\r\n'
         self.assertEqual(self.send(headers + b"\r\nHello\r\n.\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+
+    def test_addressesInAnyCase(self) -> None:
+        """
+        The user's own address and aliases in another case are owned, in
+        C{MAIL FROM} and in the header, and a recipient in another case is
+        delivered to the user as stored.
+        """
+        self.proto.dataReceived(
+            b"MAIL FROM:<ALICE@Example.ORG>\r\nRCPT TO:<Bob@EXAMPLE.org>\r\nRCPT TO:<BOB@example.org>\r\nDATA\r\n"
+        )
+        self.transport.clear()
+        self.assertEqual(
+            queuedReply(self.feed(b"From: Alice <ALICE@Example.ORG>\r\nSender: PostMaster@example.org\r\n\r\nHi\r\n.\r\n")),
+            b"250 2.0.0 OK queued as ID\r\n",
+        )
+        self.assertEqual(len(self.stored(BOB)), 1)
 
     def test_headerFromUnchecked(self) -> None:
         """

@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 from pop3gw import users
 from pop3gw.address import Address
 from pop3gw.interfaces import IUserDatabase, TemporaryFailure, UnknownUser, UserExists
-from pop3gw.users import UsersFile, hashPassword, sha512Crypt, verifyPassword
+from pop3gw.users import UsersFile, hashPassword, sha256Crypt, sha512Crypt, verifyPassword
 from pop3gw.fsutil import Owner
 from tests.util import OTHER_GID, OTHER_UID, makeTempDirectory, requireRoot, withUmask
 
@@ -46,6 +46,31 @@ SHA512_VECTORS = [
     (b"", b"salt", 1000,
      "$6$rounds=1000$salt$8.6rbmbp5x0d6GHKoit3wSooHPfMEY9cwCpDMr6.bC46HXi1Eqr7xqKZ9RPwaFW/eCyoUBBNRq1xG/f612CuH0"),
 ]
+
+# sha256-crypt vectors: the first two are from Ulrich Drepper's
+# specification; all were checked with "openssl passwd -5 -salt SALT PW"
+# (with "rounds=N$SALT" as the salt for a rounds field).
+SHA256_VECTORS = [
+    (b"Hello world!", b"saltstring", None, "$5$saltstring$5B8vYYiY.CVt1RlTTf8KbXBH3hsxY/GNooZaBBGWEc5"),
+    (b"Hello world!", b"saltstringsaltstring", 10000,
+     "$5$rounds=10000$saltstringsaltst$3xv.VbSHBb41AL9AvLeujZkZRBAwqFMz2.opqey6IcA"),
+    (b"the minimum number is still observed", b"roundstoolow", 10,
+     "$5$rounds=1000$roundstoolow$yfvwcWrQ8l/K0DAWyuPMDNHpIVlTQebY9l/gL972bIC"),
+    (b"password", b"saltsalt", None, "$5$saltsalt$gOjOtoMpVhru2uyjeJSEc/JaLQWOXMNmlOnj6T4AtC."),
+    (b"correct horse", b"abcdefghijklmnopqrstuvwxyz", 1000,
+     "$5$rounds=1000$abcdefghijklmnop$sMH/aXVPoABuMIam8Brfej2trWzGTpr5d2WuYZNwEmA"),
+    ("p\u00e4ssw\u00f6rd".encode("utf-8"), b"NaCl", None, "$5$NaCl$pWaJIHze1zdvnnRmpvrtTMk/LWEA0bwZKGyKZ/xpU18"),
+    (b"x" * 100, b"long", None, "$5$long$wpi./ia8pC0K3oNxjvO9k3LLIpskESSREW7vw8zHBb6"),
+]
+
+# Dovecot's salted SHA-2: base64(digest(password + salt) + salt), checked
+# with "openssl dgst -sha256/-sha512 -binary" over password + salt.
+SSHA256_SECRET = "pBFKVQdg8aaZi2INYzmnxxLtStvyMgIOC7TahNLLqCIBAgME"  # secret, salt 01020304
+SSHA256_SECRET_HEX = "a4114a550760f1a6998b620d6339a7c712ed4adbf232020e0bb4da84d2cba82201020304"
+SSHA512_SECRET = (
+    "MKbQg3rPvz03V+1S0+/jlDdn0B0IiGGxl7kZMimdo1IHHWN6DtzxJMCchsX5U1lrRY7apW/oopOgERexYda1nAECAwQ="
+)
+SSHA512_PASS = "kK3BP/20I0UJ6Mr9XSdQnrgNZbMXUvGLxh2qHoRz6HUfRqbHZ23m926mL2Ga33/fZtWMaQo1wB6KyFtI8uexcU5hQ2xOYUNs"
 
 # bcrypt hashes made with the bcrypt library; the $2y$ one (the htpasswd -B
 # and PHP prefix) is the $2b$ one renamed, which is the same algorithm.
@@ -113,6 +138,117 @@ class Sha512CryptTests(SynchronousTestCase):
             "$6$s\u00e4lt$" + good[-86:],
         ]:
             self.assertFalse(verifyPassword("{SHA512-CRYPT}" + bad, "pw"), bad)
+
+
+class Sha256CryptTests(SynchronousTestCase):
+    """
+    Tests for sha256-crypt, the same implementation as sha512-crypt with
+    the other digest.
+    """
+
+    def test_vectors(self) -> None:
+        """
+        L{sha256Crypt} reproduces the specification's and OpenSSL's
+        outputs: default and explicit rounds, clamping, salt truncation,
+        non-ASCII and long passwords.
+        """
+        for password, salt, rounds, expected in SHA256_VECTORS:
+            self.assertEqual(sha256Crypt(password, salt, rounds), expected)
+
+    def test_verify(self) -> None:
+        """
+        C{{SHA256-CRYPT}} hashes verify with the right password only, with
+        the scheme name in any case; a C{$6$} hash under the C{SHA256-CRYPT}
+        name (or the reverse) does not.
+        """
+        for password, _salt, _rounds, hashed in SHA256_VECTORS:
+            self.assertTrue(verifyPassword("{SHA256-CRYPT}" + hashed, password.decode("utf-8")))
+            self.assertFalse(verifyPassword("{SHA256-CRYPT}" + hashed, password.decode("utf-8") + "x"))
+        self.assertTrue(verifyPassword("{sha256-crypt}" + SHA256_VECTORS[3][3], "password"))
+        self.assertFalse(verifyPassword("{SHA256-CRYPT}" + SHA512_VECTORS[3][3], "password"))
+        self.assertFalse(verifyPassword("{SHA512-CRYPT}" + SHA256_VECTORS[3][3], "password"))
+
+    def test_malformed(self) -> None:
+        """
+        Malformed sha256-crypt strings give C{False}, not an exception.
+        """
+        good = SHA256_VECTORS[3][3][-43:]
+        for bad in ["", "$5$salt", "$5$salt$" + good[:-1], "$5$salt$" + good + "x", "$5$salt$" + good[:-1] + "!",
+                    "$5$rounds=x$salt$" + good, "$5$a$b$c$" + good]:
+            self.assertFalse(verifyPassword("{SHA256-CRYPT}" + bad, "password"), bad)
+
+
+class SaltedSha2Tests(SynchronousTestCase):
+    """
+    Tests for Dovecot's C{{SSHA256}} and C{{SSHA512}}.
+    """
+
+    def test_verify(self) -> None:
+        """
+        Base64 (the default, or C{.B64}/C{.BASE64}) and C{.HEX} encodings
+        verify with the right password only; the password is UTF-8.
+        """
+        for stored in ["{SSHA256}" + SSHA256_SECRET, "{ssha256.b64}" + SSHA256_SECRET,
+                       "{SSHA256.HEX}" + SSHA256_SECRET_HEX, "{SSHA512}" + SSHA512_SECRET,
+                       "{SSHA512.BASE64}" + SSHA512_SECRET]:
+            self.assertTrue(verifyPassword(stored, "secret"), stored)
+            self.assertFalse(verifyPassword(stored, "secreT"), stored)
+        self.assertTrue(verifyPassword("{SSHA512}" + SSHA512_PASS, "p\u00e4ss"))
+
+    def test_malformed(self) -> None:
+        """
+        Bad base64 or hex, no salt, or the other digest's scheme give
+        C{False}.
+        """
+        import base64
+
+        digestOnly = base64.b64encode(base64.b64decode(SSHA256_SECRET)[:32]).decode()
+        for stored in ["{SSHA256}", "{SSHA256}!!!!" + SSHA256_SECRET, "{SSHA256}" + SSHA256_SECRET[:-1],
+                       "{SSHA256}" + digestOnly, "{SSHA256.HEX}" + SSHA256_SECRET, "{SSHA256}" + SSHA256_SECRET_HEX,
+                       "{SSHA512}" + SSHA256_SECRET, "{SSHA256}" + SSHA512_SECRET, "{SSHA256.XX}" + SSHA256_SECRET]:
+            self.assertFalse(verifyPassword(stored, "secret"), stored)
+
+
+class SchemeTests(SynchronousTestCase):
+    """
+    Tests for the scheme helpers the checker and C{user import} use.
+    """
+
+    def test_canVerify(self) -> None:
+        """
+        L{users.canVerify} is true exactly for the schemes
+        L{verifyPassword} can check.
+        """
+        for stored in ["{ARGON2ID}x", "{argon2i}x", "{BLF-CRYPT}x", "{SHA256-CRYPT}x", "{SHA512-CRYPT}x",
+                       "{SSHA256}x", "{SSHA512.HEX}x"]:
+            self.assertTrue(users.canVerify(stored), stored)
+        for stored in ["{PLAIN}x", "{CRAM-MD5}x", "{CLEARTEXT}x", "{MD5-CRYPT}x", "{SSHA}x", "{SHA256}x", "x", ""]:
+            self.assertFalse(users.canVerify(stored), stored)
+
+    def test_plainPassword(self) -> None:
+        """
+        L{users.plainPassword} decodes Dovecot's plain-text schemes and
+        their encodings, and nothing else.
+        """
+        self.assertEqual(users.plainPassword("{PLAIN}two words:x"), "two words:x")
+        self.assertEqual(users.plainPassword("{clear}p\u00e4ss"), "p\u00e4ss")
+        self.assertEqual(users.plainPassword("{CLEARTEXT}pw"), "pw")
+        self.assertEqual(users.plainPassword("{PLAIN.B64}c2VjcmV0"), "secret")
+        self.assertEqual(users.plainPassword("{PLAIN.HEX}736563726574"), "secret")
+        for stored in ["{PLAIN.B64}!!", "{PLAIN.HEX}zz", "{PLAIN.B64}/w==", "{CRAM-MD5}abc", "{SSHA256}x", "pw"]:
+            self.assertIsNone(users.plainPassword(stored), stored)
+
+    def test_upgradedHash(self) -> None:
+        """
+        L{users.upgradedHash} gives an Argon2id hash of the password for
+        every verifiable scheme but Argon2, and L{None} otherwise.
+        """
+        for stored in ["{SHA256-CRYPT}" + SHA256_VECTORS[3][3], HASH_A, HASH_B, "{SSHA256}" + SSHA256_SECRET]:
+            upgraded = users.upgradedHash(stored, b"pw")
+            self.assertTrue(upgraded.startswith("{ARGON2ID}$argon2id$"), stored)
+            self.assertTrue(verifyPassword(upgraded, "pw"))
+        for stored in ["{ARGON2ID}" + ARGON2ID, "{ARGON2I}" + ARGON2I, "{PLAIN}pw", "{CRAM-MD5}x", "pw"]:
+            self.assertIsNone(users.upgradedHash(stored, b"pw"), stored)
 
 
 class BcryptTests(SynchronousTestCase):
@@ -327,6 +463,51 @@ class UsersFileContract:
         self.assertEqual(self.db.addresses(), [ALICE, CAROL])
 
 
+    def test_caseInsensitiveLookups(self) -> None:
+        """
+        Users and aliases are found whatever the case of the local part,
+        and every answer names the user as stored.
+        """
+        shouting = Address("ALICE", "example.org")
+        self.assertEqual(self.db.passwordHash(shouting), HASH_A)
+        self.assertEqual(self.db.lookupUser(shouting), (ALICE, HASH_A))
+        self.assertEqual(self.db.lookupUser(Address("Bob", "example.org")), (BOB, HASH_B))
+        self.assertIsNone(self.db.lookupUser(CAROL))
+        self.assertEqual(self.db.peekUser(Address("Alice", "example.org")), (ALICE, HASH_A))
+        self.assertTrue(self.db.exists(shouting))
+        self.assertEqual(self.db.resolve(shouting), ALICE)
+        self.assertEqual(self.db.resolve(Address("PostMaster", "example.org")), ALICE)
+        self.assertTrue(self.db.owns(ALICE, shouting))
+        self.assertTrue(self.db.owns(ALICE, Address("POSTMASTER", "example.org")))
+        self.assertFalse(self.db.owns(BOB, shouting))
+        self.assertFalse(self.db.owns(BOB, Address("Postmaster", "example.org")))
+        self.assertEqual(self.db.addresses(), [ALICE, BOB])
+
+    def test_caseInsensitiveChanges(self) -> None:
+        """
+        A user cannot be added again in another case; changing or removing
+        a user in another case changes the stored user.
+        """
+        self.assertRaises(UserExists, self.db.setPassword, Address("Alice", "example.org"), HASH_B, True)
+        self.db.setPassword(Address("ALICE", "example.org"), HASH_B, False)
+        self.assertEqual(self.db.lookupUser(ALICE), (ALICE, HASH_B))
+        self.db.remove(Address("Bob", "example.org"))
+        self.assertEqual(self.db.addresses(), [ALICE])
+
+    def test_upgradePasswordHash(self) -> None:
+        """
+        C{upgradePasswordHash} replaces the user's hash only while it is
+        still the one the caller verified, and says whether it did.
+        """
+        upgraded = "{ARGON2ID}" + ARGON2ID
+        self.assertFalse(self.db.upgradePasswordHash(ALICE, HASH_B, upgraded))
+        self.assertEqual(self.db.passwordHash(ALICE), HASH_A)
+        self.assertFalse(self.db.upgradePasswordHash(CAROL, HASH_A, upgraded))
+        self.assertTrue(self.db.upgradePasswordHash(Address("Alice", "example.org"), HASH_A, upgraded))
+        self.assertEqual(self.db.lookupUser(ALICE), (ALICE, upgraded))
+        self.assertEqual(self.db.passwordHash(BOB), HASH_B)
+
+
 class FakeUserDatabaseContractTests(UsersFileContract, SynchronousTestCase):
     """
     The contract over the in-memory fake.
@@ -407,6 +588,109 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(db.passwordHash(BOB), HASH_B)
         self.assertEqual(db.passwordHash(Address.parse("jos\u00e9@example.org")), "{PLAIN}x")
         self.assertEqual(len(db.addresses()), 3)
+
+    def test_storedSpelling(self) -> None:
+        """
+        A user written with capitals is found in any case and answered in
+        its stored spelling (which names its maildrop); an alias whose
+        target is written in another case resolves to the stored user.
+        """
+        stored = Address("Alice", "example.org")
+        self.writeFile(self.path, f"Alice@example.org:{HASH_A}\n".encode())
+        self.writeFile(self.aliasesPath, b"Abuse@example.org: ALICE@example.org\n")
+        db = UsersFile(self.path, self.aliasesPath)
+        for spelling in ("alice", "Alice", "ALICE"):
+            self.assertEqual(db.lookupUser(Address(spelling, "example.org")), (stored, HASH_A))
+            self.assertEqual(db.resolve(Address(spelling, "example.org")), stored)
+        self.assertEqual(db.resolve(Address("abuse", "example.org")), stored)
+        self.assertTrue(db.owns(stored, Address("ABUSE", "example.org")))
+        self.assertEqual(db.addresses(), [stored])
+        db.setPassword(ALICE, HASH_B, False)
+        self.assertEqual(self.read(), f"Alice@example.org:{HASH_B}\n".encode())
+
+    def test_caseVariantsInOldFile(self) -> None:
+        """
+        A file written before lookups ignored case may hold two users that
+        differ only in case: each still logs in with its own spelling
+        (exact matches win), any other spelling finds the first one in the
+        file, and loading it logs one warning naming both lines.
+        """
+        upper = Address("Alice", "example.org")
+        events = _captureLog(self)
+        self.writeFile(self.path, f"Alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\nalice@example.org:{HASH_B}\n".encode())
+        db = UsersFile(self.path)
+        self.assertEqual(db.lookupUser(upper), (upper, HASH_A))
+        self.assertEqual(db.lookupUser(ALICE), (ALICE, HASH_B))
+        self.assertEqual(db.lookupUser(Address("ALICE", "example.org")), (upper, HASH_A))
+        self.assertTrue(db.owns(ALICE, ALICE))
+        self.assertFalse(db.owns(ALICE, upper))
+        self.assertEqual(db.addresses(), [upper, ALICE, BOB])
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [f"users file {self.path}: lines 1,3 (alice@example.org) differ only in case; "
+             "other spellings find line 1"],
+        )
+        db.remove(ALICE)
+        self.assertEqual(self.read(), f"Alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n".encode())
+
+    def test_unverifiableSchemesWarned(self) -> None:
+        """
+        Loading the file logs one warning per user whose hash pop3gw
+        cannot verify (plain text, CRAM-MD5, unknown or missing scheme),
+        naming the user, the line and the scheme but never the secret; the
+        same file is not warned about again until it changes.
+        """
+        events = _captureLog(self)
+        self.writeFile(
+            self.path,
+            f"alice@example.org:{HASH_A}\n".encode()
+            + b"bob@example.org:{PLAIN}sekrit\n"
+            + b"carol@example.org:{CRAM-MD5}0123abcd\n"
+            + b"dave@example.org:$1$salt$md5cryptsekrit\n"
+            + f"erin@example.org:{{SSHA256}}{SSHA256_SECRET}\n".encode(),
+        )
+        db = UsersFile(self.path)
+        texts = [formatEvent(e) for e in events]
+        self.assertEqual(
+            texts,
+            [
+                f"users file {self.path} line 2: bob@example.org has password scheme PLAIN, which pop3gw "
+                "does not accept; bob@example.org cannot log in until its password is set with "
+                "'pop3gw user passwd'",
+                f"users file {self.path} line 3: carol@example.org has password scheme CRAM-MD5, which pop3gw "
+                "does not accept; carol@example.org cannot log in until its password is set with "
+                "'pop3gw user passwd'",
+                f"users file {self.path} line 4: dave@example.org has no {{SCHEME}} prefix, which pop3gw "
+                "does not accept; dave@example.org cannot log in until its password is set with "
+                "'pop3gw user passwd'",
+            ],
+        )
+        self.assertNotIn("sekrit", "".join(texts))
+        self.assertEqual(db.unverifiableUsers(), [(BOB, "PLAIN"), (CAROL, "CRAM-MD5"),
+                                                  (Address("dave", "example.org"), None)])
+        db.reload()
+        db.passwordHash(ALICE)
+        self.assertEqual(len(events), 3)
+        db.setPassword(BOB, HASH_B, False)
+        self.assertEqual(len(events), 5)
+
+    def test_addUsers(self) -> None:
+        """
+        C{addUsers} appends several users (with their extra fields) in one
+        atomic rewrite, and adds none if any of them exists in any case.
+        """
+        self.writeFile(self.path, f"# users\nalice@example.org:{HASH_A}\n".encode())
+        db = UsersFile(self.path)
+        self.assertRaises(UserExists, db.addUsers, [(BOB, HASH_B, ""), (Address("ALICE", "example.org"), HASH_B, "")])
+        self.assertEqual(self.read(), f"# users\nalice@example.org:{HASH_A}\n".encode())
+        db.addUsers([(BOB, HASH_B, ":1000:1000::/home/bob"), (CAROL, HASH_A, "")])
+        self.assertEqual(
+            self.read(),
+            f"# users\nalice@example.org:{HASH_A}\nbob@example.org:{HASH_B}:1000:1000::/home/bob\n"
+            f"carol@example.org:{HASH_A}\n".encode(),
+        )
+        self.assertEqual(db.addresses(), [ALICE, BOB, CAROL])
+        self.assertRaises(ValueError, db.addUsers, [(Address("dave", "example.org"), "{X}a\nb", "")])
 
     def test_malformedLines(self) -> None:
         """
