@@ -238,7 +238,8 @@ class RealClientTests(ServerTestMixin, SynchronousTestCase):
     def test_fetchmail(self) -> None:
         """
         fetchmail retrieves the message into an MDA and deletes it from the
-        server.
+        server; the logout line counts the octets it was sent, whether it
+        fetched with RETR or with TOP.
         """
         fetchmail = requireProgram(self, "fetchmail")
         server = self.startServer()
@@ -263,6 +264,8 @@ class RealClientTests(ServerTestMixin, SynchronousTestCase):
             fetched = f.read()
         # fetchmail prepends its own Received: header and writes LF line ends.
         self.assertTrue(fetched.endswith(MESSAGE), fetched)
+        server.waitForLog(r'logout: service=pop3 rhost=127\.0\.0\.1 user="alice@example\.org" bytes=%d deleted=1 '
+                          % (len(WIRE),))
         client = self.pop(server)
         client.user(ALICE)
         client.pass_(PASSWORD)

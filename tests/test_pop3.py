@@ -1015,11 +1015,28 @@ class TransactionTests(_Harness):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.realm.logouts, 1)
         self.assertIn(
-            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=2 retrieved=1' % (len(MSG1),),
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=2 retrieved=1 top=0' % (len(MSG1),),
             self.logLines(),
         )
         self.proto.connectionLost(Failure(ConnectionError()))
         self.assertEqual(self.realm.logouts, 1)
+
+    def test_logoutCountsTop(self) -> None:
+        """
+        The logout line counts the message octets sent for TOP as well as
+        RETR (CRLF line ends, before dot-stuffing, without the "." line: a
+        whole message counts its LIST size), RETRs as C{retrieved} and TOPs
+        as C{top}.
+        """
+        self.login()
+        self.send(b"TOP 1 99999999\r\nRETR 2\r\nTOP 3 0\r\n")
+        self.send(b"QUIT\r\n")
+        sent = len(MSG1) + len(MSG2) + len(b"Subject: three\r\n\r\n")
+        self.assertIn(
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=0 retrieved=1 top=2'
+            % (sent,),
+            self.logLines(),
+        )
 
     def test_quitCommitDeferred(self) -> None:
         """
@@ -1083,7 +1100,7 @@ class TransactionTests(_Harness):
         self.assertEqual(len(self.store.boxes[ALICE]), 3)
         self.assertEqual(self.realm.logouts, 1)
         self.assertIn(
-            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=0 deleted=0 retrieved=0',
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=0 deleted=0 retrieved=0 top=0',
             self.logLines(),
         )
 
@@ -1337,6 +1354,24 @@ class StreamingTests(_Harness):
         self.assertIsNone(self.transport.producer)
         self.assertTrue(maildrop.released)
         self.assertIsNone(maildrop.committed)
+
+    def test_partialTransferCounted(self) -> None:
+        """
+        Octets of a transfer cut short by the connection's loss count in
+        the logout line's C{bytes} (the transfer does not count as
+        retrieved).
+        """
+        maildrop = self.login(transport=_PausingTransport(peerAddress=PEER))
+        f = _TrackedFile(b"z" * (3 * READ_CHUNK_SIZE))
+        maildrop.openMessage = lambda index: f
+        self.send(b"RETR 1\r\n")
+        self.transport.producer.resumeProducing()
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertIn(
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=0 retrieved=0 top=0'
+            % (READ_CHUNK_SIZE,),
+            self.logLines(),
+        )
 
     def test_fileClosedAfterTransfer(self) -> None:
         """
