@@ -61,8 +61,10 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
   - The message is streamed into the L{IDelivery} as it arrives, except the
     header section, which is held (at most L{MAX_HEADER_SECTION} octets;
     more is refused with C{552 5.3.4}) so that the C{From:}, C{Sender:},
-    C{Resent-From:} and C{Resent-Sender:} addresses can be checked and C{Message-ID:} and C{Date:} added when
-    missing (RFC 6409 section 8).  Octets are counted as they stream; over
+    C{Resent-From:} and C{Resent-Sender:} addresses can be checked and
+    C{Message-ID:}, C{Date:} and C{From:} added when missing (RFC 6409
+    section 8; an added C{From:} holds the authenticated user's address,
+    which the ownership rules always allow).  Octets are counted as they stream; over
     the size limit the delivery is aborted and the rest of the data is read
     and dropped before C{552 5.3.4} is sent.
   - Line ends are processed exactly across TCP segment boundaries: a CR at
@@ -1311,15 +1313,20 @@ class SubmissionServer(Protocol):
 
     def _missingFields(self, present: set) -> list[bytes]:
         """
-        The C{Message-ID:} and C{Date:} fields to add to a message whose
-        header has the (lower-cased) field names C{present} (RFC 6409 8.2,
-        8.3).
+        The C{Message-ID:}, C{Date:} and C{From:} fields to add to a message
+        whose header has the (lower-cased) field names C{present} (RFC 6409
+        8.2, 8.3; RFC 5322 3.6 requires C{From:} and C{Date:}).  An added
+        C{From:} holds the authenticated user's own address, not the
+        envelope sender (which may be one of the user's aliases): the
+        address the user proved, as a C{Sender:} would.
         """
         added = []
         if b"message-id" not in present:
             added.append(f"Message-ID: <{secrets.token_hex(16)}@{self.factory.hostname}>\r\n".encode("ascii", "replace"))
         if b"date" not in present:
             added.append(f"Date: {formatDate(self.factory.clock.seconds())}\r\n".encode("ascii"))
+        if b"from" not in present and self._avatar is not None:
+            added.append(f"From: {self._avatar.address}\r\n".encode("utf-8"))
         return added
 
     # -- command tables --------------------------------------------------

@@ -957,6 +957,49 @@ class DataTests(SessionMixin, SynchronousTestCase):
         self.send(headers + b"\r\nHello\r\n.\r\n")
         self.assertEqual(self.stored(), [headers + b"\r\nHello\r\n"])
 
+    def test_addFrom(self) -> None:
+        """
+        A message without From: gets one holding the authenticated user's
+        address (RFC 6409 section 8), after the Message-ID and Date
+        fix-ups, even when the envelope sender is one of the user's
+        aliases.
+        """
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<postmaster@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n",
+        )
+        self.feed(b"To: bob@example.org\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nHello\r\n.\r\n")
+        self.assertEqual(
+            self.stored(),
+            [b"From: alice@example.org\r\nTo: bob@example.org\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nHello\r\n"],
+        )
+
+    def test_addFromWithOwnedSender(self) -> None:
+        """
+        A message with a Sender: the user owns but no From: gets From: too;
+        one whose Sender: the user does not own is refused as before, and
+        nothing is added or stored.
+        """
+        self.send(b"Sender: postmaster@example.org\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nHi\r\n.\r\n")
+        self.assertEqual(
+            self.stored(),
+            [b"From: alice@example.org\r\nSender: postmaster@example.org\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nHi\r\n"],
+        )
+        self.assertEqual(
+            self.send(b"Sender: bob@example.org\r\n\r\nHi\r\n.\r\n"),
+            b"553 5.7.1 Sender address in the message header not owned by user\r\n",
+        )
+        self.assertEqual(len(self.stored()), 1)
+
+    def test_fromNotAddedWhenPresent(self) -> None:
+        """
+        A From: field in any case, even with an empty display name part,
+        means no From: is added.
+        """
+        headers = b"FROM : Alice <alice@example.org>\r\nMessage-ID: <1@x>\r\nDate: x\r\n"
+        self.send(headers + b"\r\nHi\r\n.\r\n")
+        self.assertEqual(self.stored(), [headers + b"\r\nHi\r\n"])
+
     def test_headersOnly(self) -> None:
         """
         A message without a body (no blank line) is stored with its fields.
@@ -966,12 +1009,15 @@ class DataTests(SessionMixin, SynchronousTestCase):
 
     def test_emptyMessage(self) -> None:
         """
-        A "." right after 354 ends an empty message; Message-ID and Date are
-        added, and From is not required.
+        A "." right after 354 ends an empty message; Message-ID, Date and
+        From are added.
         """
         self.assertEqual(self.send(b".\r\n"), b"250 2.0.0 OK queued as ID\r\n")
         [message] = self.stored()
-        self.assertRegex(message, rb"^Message-ID: <[0-9a-f]{32}@mail\.example\.org>\r\nDate: [^\r]+\r\n$")
+        self.assertRegex(
+            message,
+            rb"^Message-ID: <[0-9a-f]{32}@mail\.example\.org>\r\nDate: [^\r]+\r\nFrom: alice@example\.org\r\n$",
+        )
 
     def test_dotUnstuffing(self) -> None:
         """
