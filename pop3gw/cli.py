@@ -17,7 +17,14 @@ from typing import BinaryIO, Optional, TextIO
 
 from pop3gw.address import Address, AddressError
 from pop3gw.config import ConfigError, buildConfig
-from pop3gw.interfaces import PermanentFailure, Pop3gwError, TemporaryFailure, UnknownUser, UserExists
+from pop3gw.interfaces import (
+    InsufficientStorage,
+    PermanentFailure,
+    Pop3gwError,
+    TemporaryFailure,
+    UnknownUser,
+    UserExists,
+)
 
 EX_OK = 0
 EX_USAGE = 64
@@ -151,6 +158,15 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO) -> int:
     return EX_OK
 
 
+def _temporaryDeliveryError(user: Address, error: TemporaryFailure) -> CommandError:
+    """
+    The exit-75 line for a temporary delivery failure; a full disk or quota
+    says so first.
+    """
+    what = "insufficient storage: " if isinstance(error, InsufficientStorage) else ""
+    return CommandError(f"cannot deliver to {user}: {what}{error}", EX_TEMPFAIL)
+
+
 def cmdDeliver(config, args, stdinBytes: BinaryIO) -> int:
     from pop3gw.maildir import MaildirStore
 
@@ -163,7 +179,7 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO) -> int:
     try:
         delivery = store.beginDelivery([user])
     except TemporaryFailure as e:
-        raise CommandError(f"cannot deliver to {user}: {e}", EX_TEMPFAIL) from None
+        raise _temporaryDeliveryError(user, e) from None
     size = 0
     try:
         while True:
@@ -185,7 +201,7 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO) -> int:
         raise
     except TemporaryFailure as e:
         delivery.abort()
-        raise CommandError(f"cannot deliver to {user}: {e}", EX_TEMPFAIL) from None
+        raise _temporaryDeliveryError(user, e) from None
     except PermanentFailure as e:
         delivery.abort()
         raise CommandError(f"cannot deliver to {user}: {e}", EX_DATAERR) from None

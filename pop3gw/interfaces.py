@@ -9,6 +9,9 @@ anything local except L{pop3gw.address}.
 
 from __future__ import annotations
 
+import errno
+import os
+
 from zope.interface import Attribute, Interface
 
 
@@ -53,6 +56,34 @@ class TemporaryFailure(Pop3gwError):
     A transient server-side failure (disk full, I/O error, lock timeout):
     POP3 C{[SYS/TEMP]}, SMTP 451/452, sysexits 75.
     """
+
+    @classmethod
+    def fromOSError(cls, what: str, error: OSError) -> "TemporaryFailure":
+        """
+        The failure to raise when storage work fails with C{error}:
+        L{InsufficientStorage} for a full disk or quota (C{ENOSPC},
+        C{EDQUOT}), else a plain L{TemporaryFailure}.
+
+        @param what: a fixed phrase saying what failed.
+        @return: an exception whose text is C{"<what>: <the error in
+            words>"}, e.g. C{"cannot write message: No space left on
+            device"}.
+        """
+        words = error.strerror or os.strerror(error.errno or 0)
+        kind = InsufficientStorage if error.errno in _STORAGE_FULL else TemporaryFailure
+        return kind(f"{what}: {words}")
+
+
+class InsufficientStorage(TemporaryFailure):
+    """
+    The disk or the quota holding the data is full (C{ENOSPC}, C{EDQUOT}):
+    SMTP C{452 4.3.1 Insufficient system storage}, POP3 C{[SYS/TEMP]},
+    sysexits 75.
+    """
+
+
+#: The errno values that mean the storage is full.
+_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class PermanentFailure(Pop3gwError):
@@ -222,7 +253,8 @@ class IDelivery(Interface):
         """
         Append C{data} (bytes; CRLF or LF line ends) to the message.
 
-        @raise TemporaryFailure: the disk refused it.
+        @raise TemporaryFailure: the disk refused it (L{InsufficientStorage}
+            when it is full).
         """
 
     def commit():
@@ -231,7 +263,8 @@ class IDelivery(Interface):
         fsync).  Nothing may be acknowledged before this fires.
 
         @return: a L{Deferred} firing with L{None} once durable, or failing
-            with L{TemporaryFailure}.
+            with L{TemporaryFailure} (L{InsufficientStorage} when the disk
+            is full).
         """
 
     def abort():

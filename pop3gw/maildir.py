@@ -768,7 +768,8 @@ class MaildirDelivery:
         Append C{data}, line ends made LF.
 
         @raise TemporaryFailure: the disk refused it (the delivery is then
-            discarded), or the delivery is not open.
+            discarded; L{InsufficientStorage} for C{ENOSPC} and C{EDQUOT}),
+            or the delivery is not open.
         """
         if self._state != "open":
             raise TemporaryFailure("delivery is not open")
@@ -779,14 +780,15 @@ class MaildirDelivery:
             except OSError as e:
                 self._discard()
                 self._state = "failed"
-                raise TemporaryFailure(f"cannot write message: {e.strerror}") from e
+                raise TemporaryFailure.fromOSError("cannot write message", e) from e
 
     def commit(self) -> defer.Deferred:
         """
         Make the message durable in every recipient's C{new}.
 
         @return: a L{Deferred} firing with L{None} once durable, or failing
-            with L{TemporaryFailure} (nothing of the message is then left).
+            with L{TemporaryFailure} (L{InsufficientStorage} for C{ENOSPC}
+            and C{EDQUOT}; nothing of the message is then left).
         """
         if self._state != "open":
             return defer.fail(TemporaryFailure("delivery is not open"))
@@ -827,7 +829,7 @@ class MaildirDelivery:
             for path in links:
                 _unlinkQuietly(path)
             self._discard(copies)
-            raise TemporaryFailure(f"cannot deliver message: {e.strerror}") from e
+            raise TemporaryFailure.fromOSError("cannot deliver message", e) from e
         # Durable in every new/ from here on: tmp clean-up is best effort.
         self._discard(copies)
 
@@ -1069,7 +1071,7 @@ class MaildirStore:
                 FILE_MODE,
             )
         except OSError as e:
-            raise TemporaryFailure(f"cannot start delivery: {e.strerror}") from e
+            raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
         delivery = MaildirDelivery(maildirs, name, fd, self._runDeferred)
         if trace:
             delivery.write(trace)

@@ -120,6 +120,7 @@ from pop3gw.address import Address, AddressError, describePeer
 from pop3gw.flow import OutputFlow
 from pop3gw.interfaces import (
     IDelivery,
+    InsufficientStorage,
     ISubmissionAvatar,
     PermanentFailure,
     TemporaryFailure,
@@ -247,7 +248,17 @@ NUL_IN_DATA = Reply(550, "5.6.0 NUL character not allowed")
 HEADER_FROM_NOT_OWNED = Reply(553, "5.7.1 Sender address in the message header not owned by user")
 
 TEMPORARY_FAILURE = Reply(451, "4.3.0 Temporary failure, try again later")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1 Insufficient system storage")
 INTERNAL_ERROR = Reply(451, "4.3.0 Internal error")
+
+
+def temporaryReply(error: TemporaryFailure) -> Reply:
+    """
+    The reply to a L{TemporaryFailure}: C{452 4.3.1} (RFC 5321 4.2.2, RFC
+    3463 "mail system full") when it is L{InsufficientStorage}, else
+    C{451 4.3.0}.
+    """
+    return INSUFFICIENT_STORAGE if isinstance(error, InsufficientStorage) else TEMPORARY_FAILURE
 
 
 class SMTPRefusal(Exception):
@@ -423,6 +434,8 @@ class _MessageReader:
 
     @ivar refusal: the L{Reply} the message will be refused with at the end
         of the data, or L{None}.
+    @ivar reason: the server-side error behind the refusal, for the log (a
+        storage failure's text), or L{None}.
     @ivar size: message octets counted so far (CRLF line ends, unstuffed).
     """
 
@@ -440,6 +453,7 @@ class _MessageReader:
         self._mayUseSender = mayUseSender
         self._addFields = addFields
         self.refusal: Optional[Reply] = None
+        self.reason: Optional[str] = None
         self.size = 0
         self._previousCRLF = True
         self._inLongLine = False
@@ -507,14 +521,17 @@ class _MessageReader:
         self._flush()
         return self.refusal
 
-    def refuse(self, reply: Reply) -> None:
+    def refuse(self, reply: Reply, reason: Optional[str] = None) -> None:
         """
         Refuse the message (the first refusal wins): abort the delivery now,
         keep reading to the end of the data.
+
+        @param reason: the server-side error, for the log only.
         """
         if self.refusal is not None:
             return
         self.refusal = reply
+        self.reason = reason
         self._out = []
         self._headerLines = []
         try:
@@ -593,8 +610,8 @@ class _MessageReader:
             return
         try:
             self.delivery.write(b"".join(out))
-        except TemporaryFailure:
-            self.refuse(TEMPORARY_FAILURE)
+        except TemporaryFailure as e:
+            self.refuse(temporaryReply(e), str(e))
         except Exception:
             self.log.failure("Writing a submitted message failed")
             self.refuse(INTERNAL_ERROR)
@@ -935,19 +952,41 @@ class SubmissionServer(Protocol):
         sender = self._sender
         self._resetTransaction()
         if refusal is not None:
-            self.log.info(
-                "submission: refused message user={user} from={sender} reply={reply}",
-                user=events.sanitize(self._user),
-                sender=events.sanitize(str(sender) if sender is not None else None),
-                reply=events.sanitize(f"{refusal.code} {refusal.text}"),
-            )
+            self._logRefused(sender, refusal, reader.reason)
             self._send(refusal)
             return True
         queueID, size = self._queueID, reader.size
         d = maybeDeferred(reader.delivery.commit)
-        d.addCallbacks(self._cbCommitted, self._ebCommitted, callbackArgs=(queueID, size, sender, reader.delivery))
+        d.addCallbacks(
+            self._cbCommitted,
+            self._ebCommitted,
+            callbackArgs=(queueID, size, sender, reader.delivery),
+            errbackArgs=(sender,),
+        )
         self._wait(d)
         return True
+
+    def _logRefused(self, sender: Optional[Address], reply: Reply, reason: Optional[str] = None) -> None:
+        """
+        Log one line for a message refused after its envelope: the user,
+        the envelope sender, the reply and, for a server-side failure (a
+        full disk), the error in words::
+
+            submission: refused message user="..." from="..." reply="452 4.3.1 ..." error="cannot write message: No space left on device"
+        """
+        fields = dict(
+            user=events.sanitize(self._user),
+            sender=events.sanitize(str(sender) if sender is not None else None),
+            reply=events.sanitize(f"{reply.code} {reply.text}"),
+        )
+        if reason is None:
+            self.log.info("submission: refused message user={user} from={sender} reply={reply}", **fields)
+        else:
+            self.log.warn(
+                "submission: refused message user={user} from={sender} reply={reply} error={error}",
+                error=events.sanitize(reason, events.MAX_LOGGED_REPLY),
+                **fields,
+            )
 
     def _cbCommitted(
         self, ignored: object, queueID: str, size: int, sender: Optional[Address], delivery: IDelivery
@@ -978,12 +1017,14 @@ class SubmissionServer(Protocol):
         )
         self._send(Reply(250, f"2.0.0 OK queued as {queueID}"))
 
-    def _ebCommitted(self, failure: Failure) -> None:
+    def _ebCommitted(self, failure: Failure, sender: Optional[Address]) -> None:
         if failure.check(TemporaryFailure):
-            self.log.warn("submission: commit failed temporarily: {why}", why=str(failure.value))
+            reply = temporaryReply(failure.value)
+            self._logRefused(sender, reply, str(failure.value))
         else:
             self.log.failure("submission: commit failed", failure)
-        self._send(TEMPORARY_FAILURE)
+            reply = TEMPORARY_FAILURE
+        self._send(reply)
 
     # -- session state ---------------------------------------------------
 
@@ -1266,7 +1307,7 @@ class SubmissionServer(Protocol):
         if failure.check(UnknownUser):
             self._send(USER_UNKNOWN)
         elif failure.check(TemporaryFailure):
-            self._send(TEMPORARY_FAILURE)
+            self._send(temporaryReply(failure.value))
         elif failure.check(PermanentFailure):
             self._send(RECIPIENT_REFUSED)
         else:
@@ -1280,16 +1321,18 @@ class SubmissionServer(Protocol):
             raise SMTPRefusal(NO_RECIPIENTS)
         try:
             delivery = self._avatar.beginDelivery(self._sender, list(self._recipients))
-        except TemporaryFailure:
-            raise SMTPRefusal(TEMPORARY_FAILURE) from None
+        except TemporaryFailure as e:
+            self._logRefused(self._sender, temporaryReply(e), str(e))
+            raise SMTPRefusal(temporaryReply(e)) from None
         self._queueID = _messageId(delivery)
         # The Received: field names the id, so it is written once the
         # delivery (and with it the queue id) exists, as the first data.
         try:
             delivery.write(self._receivedHeader())
-        except TemporaryFailure:
+        except TemporaryFailure as e:
             delivery.abort()
-            raise SMTPRefusal(TEMPORARY_FAILURE) from None
+            self._logRefused(self._sender, temporaryReply(e), str(e))
+            raise SMTPRefusal(temporaryReply(e)) from None
         except Exception:
             delivery.abort()
             raise

@@ -301,6 +301,30 @@ class DeliverTests(SynchronousTestCase):
         for sub in ("tmp", "new", "cur"):
             self.assertEqual(os.listdir(os.path.join(self.maildir, sub)), [])
 
+    def test_diskFullAtCommit(self) -> None:
+        """
+        A full disk (C{ENOSPC}) or an exhausted quota (C{EDQUOT}) when a
+        small message is written out at commit exits 75 with one line
+        naming the error in words; nothing is left in the maildrop.
+        """
+        from pop3gw import maildir
+
+        for code in (errno.ENOSPC, errno.EDQUOT):
+
+            def full(fd: int, data: bytes) -> None:
+                raise OSError(code, os.strerror(code))
+
+            self.patch(maildir, "_writeAll", full)
+            status, _, err = self.runCLI("deliver", "alice@example.org", data=b"Subject: x\n\nhi\n")
+            self.assertEqual(status, cli.EX_TEMPFAIL)
+            self.assertEqual(
+                err,
+                f"pop3gw: cannot deliver to alice@example.org: insufficient storage: "
+                f"cannot deliver message: {os.strerror(code)}\n",
+            )
+            for sub in ("tmp", "new", "cur"):
+                self.assertEqual(os.listdir(os.path.join(self.maildir, sub)), [])
+
     def test_lockedMaildrop(self) -> None:
         """
         Delivery does not wait for, or fail on, a POP3 session's lock on

@@ -28,6 +28,7 @@ from pop3gw.interfaces import (
     IMaildrop,
     IMaildropStore,
     IMessageInfo,
+    InsufficientStorage,
     MaildropLocked,
     PermanentFailure,
     TemporaryFailure,
@@ -685,17 +686,20 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
 
     def test_fsyncENOSPC(self) -> None:
         """
-        C{ENOSPC} from fsync fails the commit with L{TemporaryFailure} and
-        leaves no file in any C{tmp/} or C{new/}.
+        C{ENOSPC} from fsync fails the commit with L{InsufficientStorage}
+        (a L{TemporaryFailure}) naming the error in words, and leaves no
+        file in any C{tmp/} or C{new/}.
         """
 
         def fsync(fd):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         delivery = self.store.beginDelivery([ALICE, BOB])
         delivery.write(b"doomed\n")
         self.patch(os, "fsync", fsync)
-        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        failure = self.failureResultOf(delivery.commit(), InsufficientStorage)
+        self.assertIsInstance(failure.value, TemporaryFailure)
+        self.assertEqual(str(failure.value), "cannot deliver message: No space left on device")
         self.assertEqual(delivery.state, "failed")
         delivery.abort()
         self.assertNothingLeft(ALICE, BOB)
@@ -714,7 +718,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
 
         self.patch(os, "write", write)
         delivery = self.store.beginDelivery([ALICE])
-        self.assertRaises(TemporaryFailure, delivery.write, b"y" * maildir.WRITE_BUFFER)
+        self.assertRaises(InsufficientStorage, delivery.write, b"y" * maildir.WRITE_BUFFER)
         self.assertNothingLeft(ALICE)
         self.assertRaises(TemporaryFailure, delivery.write, b"z")
         self.failureResultOf(delivery.commit(), TemporaryFailure)
@@ -732,8 +736,56 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         delivery = self.store.beginDelivery([ALICE])
         delivery.write(b"tail")
         self.patch(os, "write", write)
-        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.failureResultOf(delivery.commit(), InsufficientStorage)
         self.assertNothingLeft(ALICE)
+
+    def test_writeEDQUOT(self) -> None:
+        """
+        An exhausted disk quota (C{EDQUOT}) is insufficient storage too.
+        """
+
+        def write(fd, data):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"tail")
+        self.patch(os, "write", write)
+        failure = self.failureResultOf(delivery.commit(), InsufficientStorage)
+        self.assertEqual(str(failure.value), "cannot deliver message: Disk quota exceeded")
+        self.assertNothingLeft(ALICE)
+
+    def test_beginDeliveryENOSPC(self) -> None:
+        """
+        C{ENOSPC} creating the tmp file fails C{beginDelivery} with
+        L{InsufficientStorage}.
+        """
+        self.deliver([ALICE], b"x\n")
+        realOpen = os.open
+
+        def open(path, flags, mode=0o777, **kwargs):
+            if "/tmp/" in path:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return realOpen(path, flags, mode, **kwargs)
+
+        self.patch(os, "open", open)
+        e = self.assertRaises(InsufficientStorage, self.store.beginDelivery, [ALICE])
+        self.assertEqual(str(e), "cannot start delivery: No space left on device")
+
+    def test_otherErrorsNotStorage(self) -> None:
+        """
+        Other I/O errors stay plain L{TemporaryFailure}s, not
+        L{InsufficientStorage}.
+        """
+
+        def write(fd, data):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"tail")
+        self.patch(os, "write", write)
+        failure = self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.assertNotIsInstance(failure.value, InsufficientStorage)
+        self.assertEqual(str(failure.value), "cannot deliver message: Input/output error")
 
     def test_linkFailureUndone(self) -> None:
         """

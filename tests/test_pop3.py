@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 import twisted.test
 from pop3gw.address import Address
-from pop3gw.interfaces import IPOP3Avatar, PermanentFailure, TemporaryFailure
+from pop3gw.interfaces import InsufficientStorage, IPOP3Avatar, PermanentFailure, TemporaryFailure
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import MAX_PENDING_INPUT, READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
 from pop3gw.testing import FakeMaildropStore, FakePOP3Avatar
@@ -1078,6 +1078,33 @@ class TransactionTests(_Harness):
         self.assertEqual(self.send(b"QUIT\r\n"), b"-ERR [SYS/TEMP] Some deleted messages not removed.\r\n")
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.realm.logouts, 1)
+
+    def test_insufficientStorage(self) -> None:
+        """
+        L{InsufficientStorage} (a full disk) opening the maildrop or at
+        QUIT's commit is answered C{[SYS/TEMP]}, never with its text; the
+        log line names the error in words.
+        """
+        self.realm.openFailure = InsufficientStorage("cannot open maildrop: No space left on device")
+        self.connect()
+        out = self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.assertEqual(out, b"+OK Send PASS.\r\n-ERR [SYS/TEMP] Mailbox temporarily unavailable.\r\n")
+        self.assertIn(
+            "maildrop unavailable: rhost=192.0.2.7 error=cannot open maildrop: No space left on device",
+            self.logLines(),
+        )
+        self.realm.openFailure = None
+        maildrop = self.login()
+        maildrop.commit = lambda deleted, seen=(): defer.fail(
+            InsufficientStorage("could not remove 1 message(s): Disk quota exceeded")
+        )
+        self.send(b"DELE 1\r\n")
+        self.assertEqual(self.send(b"QUIT\r\n"), b"-ERR [SYS/TEMP] Some deleted messages not removed.\r\n")
+        self.assertIn(
+            'commit failed: user="alice@example.org" error=could not remove 1 message(s): Disk quota exceeded',
+            self.logLines(),
+        )
+        self.assertEqual(self.failures(), [])
 
     def test_quitAuthorization(self) -> None:
         """

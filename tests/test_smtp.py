@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from pop3gw import smtp
 from pop3gw.address import Address
-from pop3gw.interfaces import IDelivery, ISubmissionAvatar, TemporaryFailure
+from pop3gw.interfaces import IDelivery, InsufficientStorage, ISubmissionAvatar, TemporaryFailure
 from pop3gw.testing import (
     FakeDelivery,
     FakeRouter,
@@ -1290,6 +1290,77 @@ class DataTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(
             self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
             b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n451 4.3.0 Temporary failure, try again later\r\n",
+        )
+
+    def test_commitInsufficientStorage(self) -> None:
+        """
+        A commit failing for lack of storage gets C{452 4.3.1 Insufficient
+        system storage}, and the refusal's log line names the error in
+        words (never sent to the client).
+        """
+        self.patch(
+            FakeDelivery, "commit",
+            lambda delivery: defer.fail(InsufficientStorage("cannot deliver message: No space left on device")),
+        )
+        with capturedLogs() as logged:
+            self.assertEqual(
+                self.send(HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n"),
+                b"452 4.3.1 Insufficient system storage\r\n250 2.0.0 OK\r\n",
+            )
+        self.assertEqual(self.store.boxes, {})
+        self.assertEqual(
+            [formatEvent(e) for e in logged if "refused message" in e.get("log_format", "")],
+            ['submission: refused message user="alice@example.org" from="alice@example.org" '
+             'reply="452 4.3.1 Insufficient system storage" error="cannot deliver message: No space left on device"'],
+        )
+
+    def test_writeInsufficientStorage(self) -> None:
+        """
+        A write failing for lack of storage while the data streams in gets
+        452 4.3.1 at the end of the data, with the error in the log line.
+        """
+
+        @implementer(IDelivery)
+        class Full(FakeDelivery):
+            def write(self, data):
+                if not data.startswith(b"Received: "):
+                    raise InsufficientStorage("cannot write message: Disk quota exceeded")
+                FakeDelivery.write(self, data)
+
+        delivery = Full(lambda data: None)
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.envelope()
+        with capturedLogs() as logged:
+            self.assertEqual(
+                self.feed(HEADERS + b"\r\n" + b"x" * 990 + b"\r\n" * 100 + b".\r\n"),
+                b"452 4.3.1 Insufficient system storage\r\n",
+            )
+        self.assertEqual(delivery.state, "aborted")
+        self.assertEqual(
+            [formatEvent(e) for e in logged if "refused message" in e.get("log_format", "")],
+            ['submission: refused message user="alice@example.org" from="alice@example.org" '
+             'reply="452 4.3.1 Insufficient system storage" error="cannot write message: Disk quota exceeded"'],
+        )
+
+    def test_beginDeliveryInsufficientStorage(self) -> None:
+        """
+        A delivery that cannot start for lack of storage gets 452 4.3.1
+        instead of 354, and a log line naming the error.
+        """
+
+        def full(sender, recipients, trace=b""):
+            raise InsufficientStorage("cannot start delivery: No space left on device")
+
+        self.realm.avatars[0].beginDelivery = full
+        with capturedLogs() as logged:
+            self.assertEqual(
+                self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
+                b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n452 4.3.1 Insufficient system storage\r\n",
+            )
+        self.assertEqual(
+            [formatEvent(e) for e in logged if "refused message" in e.get("log_format", "")],
+            ['submission: refused message user="alice@example.org" from="alice@example.org" '
+             'reply="452 4.3.1 Insufficient system storage" error="cannot start delivery: No space left on device"'],
         )
 
     def test_writeFailure(self) -> None:
