@@ -18,6 +18,7 @@ from typing import BinaryIO, Optional, TextIO
 from pop3gw.address import Address, AddressError
 from pop3gw.config import ConfigError, buildConfig
 from pop3gw.interfaces import (
+    BadMessageData,
     InsufficientStorage,
     PermanentFailure,
     Pop3gwError,
@@ -199,6 +200,9 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO) -> int:
     except CommandError:
         delivery.abort()
         raise
+    except BadMessageData as e:
+        delivery.abort()
+        raise CommandError(f"message refused: {e}", EX_DATAERR) from None
     except TemporaryFailure as e:
         delivery.abort()
         raise _temporaryDeliveryError(user, e) from None

@@ -99,6 +99,16 @@ class MessageTooLarge(PermanentFailure):
     """
 
 
+class BadMessageData(PermanentFailure):
+    """
+    A message holds a bare CR (a CR not followed by LF) or a NUL octet.
+    Neither is text (RFC 5322 2.3, RFC 5321 2.3.8), and storing them as
+    anything else would change the message: a bare CR made a line break
+    turns C{Subject: hi<CR>From: x} into two fields.  Refused as submission
+    refuses them (SMTP 550 5.6.11 / 5.6.0), sysexits 65.
+    """
+
+
 # --- Users ----------------------------------------------------------------
 
 
@@ -255,6 +265,9 @@ class IDelivery(Interface):
 
         @raise TemporaryFailure: the disk refused it (L{InsufficientStorage}
             when it is full).
+        @raise BadMessageData: C{data} holds a bare CR or a NUL (a CR at
+            its end is judged by the next write or the commit); the
+            delivery is then discarded.
         """
 
     def commit():
@@ -264,7 +277,8 @@ class IDelivery(Interface):
 
         @return: a L{Deferred} firing with L{None} once durable, or failing
             with L{TemporaryFailure} (L{InsufficientStorage} when the disk
-            is full).
+            is full), or with L{BadMessageData} when the message ends with
+            a bare CR.
         """
 
     def abort():

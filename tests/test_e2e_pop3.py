@@ -87,6 +87,23 @@ class PoplibTests(ServerTestMixin, SynchronousTestCase):
         client.quit()
         server.waitForLog(r"logout: service=pop3 rhost=127\.0\.0\.1 user=\"alice@example\.org\".*deleted=1")
 
+    def test_deliverRefusesBareCR(self) -> None:
+        """
+        C{pop3gw deliver} refuses a message with a bare CR (exit 65, one
+        line) instead of turning it into a line break: nothing is stored.
+        """
+        server = self.startServer()
+        result = server.cli("deliver", ALICE, input=b"Subject: hi\rFrom: ceo@example.org\n\nbody\n", check=False)
+        self.assertEqual(
+            (result.returncode, result.stderr),
+            (65, b"pop3gw: message refused: it contains a bare CR (a CR not followed by LF)\n"),
+        )
+        client = self.pop(server)
+        client.user(ALICE)
+        client.pass_(PASSWORD)
+        self.assertEqual(client.stat(), (0, 0))
+        client.quit()
+
     def test_droppedConnectionDeletesNothing(self) -> None:
         """
         DELE followed by a dropped connection (no QUIT) deletes nothing, and
