@@ -159,15 +159,6 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO) -> int:
     return EX_OK
 
 
-def _temporaryDeliveryError(user: Address, error: TemporaryFailure) -> CommandError:
-    """
-    The exit-75 line for a temporary delivery failure; a full disk or quota
-    says so first.
-    """
-    what = "insufficient storage: " if isinstance(error, InsufficientStorage) else ""
-    return CommandError(f"cannot deliver to {user}: {what}{error}", EX_TEMPFAIL)
-
-
 def cmdDeliver(config, args, stdinBytes: BinaryIO) -> int:
     from pop3gw.maildir import MaildirStore
 
@@ -213,6 +204,15 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO) -> int:
         delivery.abort()
         raise CommandError(f"cannot read message: {e.strerror}", EX_TEMPFAIL) from None
     return EX_OK
+
+
+def _temporaryDeliveryError(user: Address, error: TemporaryFailure) -> CommandError:
+    """
+    The exit-75 line for a temporary delivery failure; a full disk or quota
+    says so first.
+    """
+    what = "insufficient storage: " if isinstance(error, InsufficientStorage) else ""
+    return CommandError(f"cannot deliver to {user}: {what}{error}", EX_TEMPFAIL)
 
 
 def cmdQueue(config, args, stdout: TextIO) -> int:

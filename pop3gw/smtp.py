@@ -92,6 +92,14 @@ although the client saw no C{250}, so a client that sends it again makes a
 duplicate.  This is the unavoidable window RFC 1047 describes (it is kept
 short by replying as soon as the commit fires); losing the message instead
 would be worse.
+
+A message the store cannot keep for lack of space (L{InsufficientStorage}:
+C{ENOSPC}, C{EDQUOT}), whether at DATA, while the data streams in or at the
+commit, gets C{452 4.3.1 Insufficient system storage}; other temporary
+failures get C{451 4.3.0}.  Every message refused after its envelope has
+one log line, which names a server-side cause in words::
+
+    submission: refused message user="..." from="..." reply="452 4.3.1 Insufficient system storage" error="cannot write message: No space left on device"
 """
 
 from __future__ import annotations
