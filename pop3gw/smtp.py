@@ -1315,7 +1315,7 @@ class SubmissionServer(Protocol):
         if failure.check(UnknownUser):
             self._send(USER_UNKNOWN)
         elif failure.check(TemporaryFailure):
-            self._send(temporaryReply(failure.value))
+            self._send(TEMPORARY_FAILURE)
         elif failure.check(PermanentFailure):
             self._send(RECIPIENT_REFUSED)
         else:

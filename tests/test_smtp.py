@@ -1978,6 +1978,27 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         )
         self.assertEqual(self.store.deliveries[0].state, "aborted")
 
+    def test_receivedWriteInsufficientStorage(self) -> None:
+        """
+        If the C{Received:} field cannot be written for lack of storage,
+        DATA gets 452 4.3.1 and the delivery is aborted.
+        """
+        original = self.router.beginDelivery
+
+        def beginDelivery(sender, recipients, trace=b""):
+            delivery = original(sender, recipients, trace)
+
+            def write(data):
+                raise InsufficientStorage("cannot write message: No space left on device")
+
+            delivery.write = write
+            return delivery
+
+        self.router.beginDelivery = beginDelivery
+        out = self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        self.assertEqual(out, b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n452 4.3.1 Insufficient system storage\r\n")
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+
 
 class LoginRefusedTests(SessionMixin, SynchronousTestCase):
     """
