@@ -22,7 +22,15 @@ from typing import BinaryIO, Optional, TextIO
 from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.config import ConfigError, buildConfig
-from pop3gw.interfaces import PermanentFailure, Pop3gwError, TemporaryFailure, UnknownUser, UserExists
+from pop3gw.interfaces import (
+    BadMessageData,
+    InsufficientStorage,
+    PermanentFailure,
+    Pop3gwError,
+    TemporaryFailure,
+    UnknownUser,
+    UserExists,
+)
 
 EX_OK = 0
 EX_USAGE = 64
@@ -223,7 +231,7 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner]
     try:
         delivery = store.beginDelivery([user])
     except TemporaryFailure as e:
-        raise CommandError(f"cannot deliver to {user}: {e}", EX_TEMPFAIL) from None
+        raise _temporaryDeliveryError(user, e) from None
     size = 0
     try:
         while True:
@@ -243,9 +251,12 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner]
     except CommandError:
         delivery.abort()
         raise
+    except BadMessageData as e:
+        delivery.abort()
+        raise CommandError(f"message refused: {e}", EX_DATAERR) from None
     except TemporaryFailure as e:
         delivery.abort()
-        raise CommandError(f"cannot deliver to {user}: {e}", EX_TEMPFAIL) from None
+        raise _temporaryDeliveryError(user, e) from None
     except PermanentFailure as e:
         delivery.abort()
         raise CommandError(f"cannot deliver to {user}: {e}", EX_DATAERR) from None
@@ -253,6 +264,15 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner]
         delivery.abort()
         raise CommandError(f"cannot read message: {e.strerror}", EX_TEMPFAIL) from None
     return EX_OK
+
+
+def _temporaryDeliveryError(user: Address, error: TemporaryFailure) -> CommandError:
+    """
+    The exit-75 line for a temporary delivery failure; a full disk or quota
+    says so first.
+    """
+    what = "insufficient storage: " if isinstance(error, InsufficientStorage) else ""
+    return CommandError(f"cannot deliver to {user}: {what}{error}", EX_TEMPFAIL)
 
 
 def cmdQueue(config, args, stdout: TextIO) -> int:

@@ -103,7 +103,7 @@ def loginRefused(log: Logger, service: str, user: str | bytes | None, peer: str,
 def loggedOut(log: Logger, service: str, user: str, peer: str, **stats: int) -> None:
     """
     Log the end of an authenticated session with its counters, e.g.
-    C{retrieved=3 deleted=2 bytes=10240}.
+    C{retrieved=3 top=0 deleted=2 bytes=10240}, in name order.
     """
     fields = " ".join(f"{k}={int(v)}" for k, v in sorted(stats.items()))
     log.info(

@@ -9,6 +9,9 @@ anything local except L{pop3gw.address}.
 
 from __future__ import annotations
 
+import errno
+import os
+
 from zope.interface import Attribute, Interface
 
 
@@ -54,6 +57,34 @@ class TemporaryFailure(Pop3gwError):
     POP3 C{[SYS/TEMP]}, SMTP 451/452, sysexits 75.
     """
 
+    @classmethod
+    def fromOSError(cls, what: str, error: OSError) -> "TemporaryFailure":
+        """
+        The failure to raise when storage work fails with C{error}:
+        L{InsufficientStorage} for a full disk or quota (C{ENOSPC},
+        C{EDQUOT}), else a plain L{TemporaryFailure}.
+
+        @param what: a fixed phrase saying what failed.
+        @return: an exception whose text is C{"<what>: <the error in
+            words>"}, e.g. C{"cannot write message: No space left on
+            device"}.
+        """
+        words = error.strerror or os.strerror(error.errno or 0)
+        kind = InsufficientStorage if error.errno in _STORAGE_FULL else TemporaryFailure
+        return kind(f"{what}: {words}")
+
+
+class InsufficientStorage(TemporaryFailure):
+    """
+    The disk or the quota holding the data is full (C{ENOSPC}, C{EDQUOT}):
+    SMTP C{452 4.3.1 Insufficient system storage}, POP3 C{[SYS/TEMP]},
+    sysexits 75.
+    """
+
+
+#: The errno values that mean the storage is full.
+_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 class PermanentFailure(Pop3gwError):
     """
@@ -65,6 +96,16 @@ class PermanentFailure(Pop3gwError):
 class MessageTooLarge(PermanentFailure):
     """
     A message is larger than the configured limit.
+    """
+
+
+class BadMessageData(PermanentFailure):
+    """
+    A message holds a bare CR (a CR not followed by LF) or a NUL octet.
+    Neither is text (RFC 5322 2.3, RFC 5321 2.3.8), and storing them as
+    anything else would change the message: a bare CR made a line break
+    turns C{Subject: hi<CR>From: x} into two fields.  Refused as submission
+    refuses them (SMTP 550 5.6.11 / 5.6.0), sysexits 65.
     """
 
 
@@ -246,7 +287,11 @@ class IDelivery(Interface):
         """
         Append C{data} (bytes; CRLF or LF line ends) to the message.
 
-        @raise TemporaryFailure: the disk refused it.
+        @raise TemporaryFailure: the disk refused it (L{InsufficientStorage}
+            when it is full).
+        @raise BadMessageData: C{data} holds a bare CR or a NUL (a CR at
+            its end is judged by the next write or the commit); the
+            delivery is then discarded.
         """
 
     def commit():
@@ -255,7 +300,9 @@ class IDelivery(Interface):
         fsync).  Nothing may be acknowledged before this fires.
 
         @return: a L{Deferred} firing with L{None} once durable, or failing
-            with L{TemporaryFailure}.
+            with L{TemporaryFailure} (L{InsufficientStorage} when the disk
+            is full), or with L{BadMessageData} when the message ends with
+            a bare CR.
         """
 
     def abort():

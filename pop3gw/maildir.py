@@ -7,8 +7,10 @@ C{cur}, C{new} and C{tmp} directories, plus C{pop3gw.lock}, the file a POP3
 session holds an exclusive C{flock} on.
 
 Stored messages have LF line ends, so other Maildir readers (mutt, Dovecot)
-can use them.  POP3 sees them in wire form: every line end (CRLF, LF or bare
-CR) as CRLF, and a final CRLF if the file lacks one.  Both sizes are kept in
+can use them.  A delivery takes CRLF or LF line ends and refuses a bare CR
+or a NUL (L{BadMessageData}) rather than change the message.  POP3 sees
+messages in wire form: every line end (CRLF, LF, or a bare CR in a file
+another tool wrote) as CRLF, and a final CRLF if the file lacks one.  Both sizes are kept in
 the file name the Dovecot way, C{<unique>,S=<file size>,W=<wire size>}, so a
 login costs one C{stat} per message, not a read.
 
@@ -43,6 +45,7 @@ from zope.interface import implementer
 from pop3gw import fsutil
 from pop3gw.address import Address
 from pop3gw.interfaces import (
+    BadMessageData,
     IDelivery,
     IMaildrop,
     IMaildropStore,
@@ -98,6 +101,8 @@ _SIZE_FIELD = re.compile(r"([SW])=([0-9]+)")
 _OWN_BASE = re.compile(r"([^,]+),S=([0-9]+),W=([0-9]+)")
 _UID_CHARS = re.compile(r"[\x21-\x7e]{1,%d}" % (MAX_UID_LENGTH,))
 _LEADING_INTEGER = re.compile(r"[0-9]+")
+# What a delivery refuses: a CR not followed by LF, or a NUL.
+_BAD_DATA = re.compile(rb"\r(?!\n)|\x00")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
@@ -747,6 +752,8 @@ class MaildirDelivery:
         self._size = 0
         self._lines = 0
         self._state = "open"
+        # The data written so far ends with a CR whose LF may come next.
+        self._pendingCR = False
 
     @property
     def state(self) -> str:
@@ -767,15 +774,41 @@ class MaildirDelivery:
             self._buffer.clear()
             _writeAll(self._fd, data)
 
+    def _checkData(self, data: bytes) -> None:
+        """
+        Refuse a bare CR or a NUL in C{data}, given the CR that may end the
+        data before it (a CRLF may be split between two writes).
+
+        @raise BadMessageData: found one (the delivery is then discarded).
+        """
+        if not data:
+            return
+        if self._pendingCR and data[:1] != b"\n":
+            self._refuse("bare CR (a CR not followed by LF)")
+        self._pendingCR = data[-1:] == b"\r"
+        # A CR at the very end is judged by the next write or the commit.
+        bad = _BAD_DATA.search(data, 0, len(data) - 1 if self._pendingCR else len(data))
+        if bad is not None:
+            self._refuse("NUL octet" if bad.group() == b"\x00" else "bare CR (a CR not followed by LF)")
+
+    def _refuse(self, what: str) -> None:
+        self._discard()
+        self._state = "failed"
+        raise BadMessageData(f"it contains a {what}")
+
     def write(self, data: bytes) -> None:
         """
         Append C{data}, line ends made LF.
 
         @raise TemporaryFailure: the disk refused it (the delivery is then
-            discarded), or the delivery is not open.
+            discarded; L{InsufficientStorage} for C{ENOSPC} and C{EDQUOT}),
+            or the delivery is not open.
+        @raise BadMessageData: C{data} holds a bare CR or a NUL (the
+            delivery is then discarded).
         """
         if self._state != "open":
             raise TemporaryFailure("delivery is not open")
+        self._checkData(data)
         self._append(self._normalizer.feed(data))
         if len(self._buffer) >= WRITE_BUFFER:
             try:
@@ -783,17 +816,24 @@ class MaildirDelivery:
             except OSError as e:
                 self._discard()
                 self._state = "failed"
-                raise TemporaryFailure(f"cannot write message: {e.strerror}") from e
+                raise TemporaryFailure.fromOSError("cannot write message", e) from e
 
     def commit(self) -> defer.Deferred:
         """
         Make the message durable in every recipient's C{new}.
 
         @return: a L{Deferred} firing with L{None} once durable, or failing
-            with L{TemporaryFailure} (nothing of the message is then left).
+            with L{TemporaryFailure} (L{InsufficientStorage} for C{ENOSPC}
+            and C{EDQUOT}) or, for a message ending with a bare CR,
+            L{BadMessageData}; nothing of the message is then left.
         """
         if self._state != "open":
             return defer.fail(TemporaryFailure("delivery is not open"))
+        if self._pendingCR:
+            try:
+                self._refuse("bare CR (a CR not followed by LF)")
+            except BadMessageData:
+                return defer.fail()
         self._append(self._normalizer.finish())
         self._state = "committing"
         d = self._run(self._doCommit)
@@ -831,7 +871,7 @@ class MaildirDelivery:
             for path in links:
                 _unlinkQuietly(path)
             self._discard(copies)
-            raise TemporaryFailure(f"cannot deliver message: {e.strerror}") from e
+            raise TemporaryFailure.fromOSError("cannot deliver message", e) from e
         # Durable in every new/ from here on: tmp clean-up is best effort.
         self._discard(copies)
 
@@ -1066,7 +1106,7 @@ class MaildirStore:
             name = self._uniqueName()
             fd = fsutil.createFile(os.path.join(maildirs[0], "tmp", name), self.owner)
         except OSError as e:
-            raise TemporaryFailure(f"cannot start delivery: {e.strerror}") from e
+            raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
         delivery = MaildirDelivery(maildirs, name, fd, self._runDeferred, self.owner)
         if trace:
             delivery.write(trace)

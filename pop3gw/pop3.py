@@ -29,6 +29,10 @@ Design notes:
     and RSET puts it back to its value at login.  The messages retrieved
     (and not deleted) are handed to L{IMaildrop.commit} at QUIT to be
     marked seen, as Dovecot does; any other ending records nothing.
+  - The logout line counts RETRs (C{retrieved}), TOPs (C{top}) and the
+    message octets sent for both (C{bytes}: wire form before dot-stuffing,
+    without the C{.} line, counted as each piece is written, so a transfer
+    cut short counts what went out).
 """
 
 from __future__ import annotations
@@ -238,7 +242,9 @@ class _MessageSender:
     octets at a time while not paused, dot-stuffs them and ends with the
     C{.} line.  The server's L{pop3gw.flow.OutputFlow} pauses and resumes it.
 
-    @ivar octets: message octets read from the file so far.
+    C{onSent(n)} is called for every piece written with its length in
+    message octets (wire form, before dot-stuffing), so a transfer cut
+    short still counts what went out.
     """
 
     def __init__(
@@ -248,6 +254,7 @@ class _MessageSender:
         topLines: Optional[int],
         onDone: Callable[["_MessageSender", Optional[Failure]], None],
         onProgress: Callable[[], None],
+        onSent: Callable[[int], None],
         chunkSize: int = READ_CHUNK_SIZE,
     ) -> None:
         self._transport = transport
@@ -255,12 +262,12 @@ class _MessageSender:
         self._top = _TopFilter(topLines) if topLines is not None else None
         self._onDone = onDone
         self._onProgress = onProgress
+        self._onSent = onSent
         self._chunkSize = chunkSize
         self._stuffer = _DotStuffer()
         self._paused = False
         self._running = False
         self._finished = False
-        self.octets = 0
 
     def start(self, paused: bool) -> None:
         """
@@ -320,12 +327,12 @@ class _MessageSender:
             chunk = self._source.read(self._chunkSize)
             if not chunk:
                 return True
-            self.octets += len(chunk)
             if self._top is not None:
                 chunk = self._top.feed(chunk)
             data = self._stuffer.stuff(chunk)
             if data:
                 self._transport.write(data)
+                self._onSent(len(chunk))
             if self._top is not None and self._top.done:
                 return True
         return False
@@ -404,6 +411,7 @@ class POP3Server(Protocol):
     _loggedOut = False
     _committing = False
     _retrieved = 0
+    _topped = 0
     _bytesSent = 0
 
     def __init__(self, factory: "POP3Factory") -> None:
@@ -1125,17 +1133,26 @@ class POP3Server(Protocol):
             topLines,
             onDone=self._sent if topLines is None else self._sentTop,
             onProgress=self._resetTimeout,
+            onSent=self._countSent,
         )
         self._sender = sender
         sender.start(paused=self._output.paused)
 
+    def _countSent(self, octets: int) -> None:
+        """
+        Count message octets written for RETR or TOP (the logout line's
+        C{bytes}).
+        """
+        self._bytesSent += octets
+
     def _sent(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
         if failure is None:
             self._retrieved += 1
-            self._bytesSent += sender.octets
         self._transferDone(sender, failure)
 
     def _sentTop(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
+        if failure is None:
+            self._topped += 1
         self._transferDone(sender, failure)
 
     def _transferDone(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
@@ -1199,6 +1216,7 @@ class POP3Server(Protocol):
             self._avatarName(),
             self.peer,
             retrieved=self._retrieved,
+            top=self._topped,
             deleted=deleted,
             bytes=self._bytesSent,
         )

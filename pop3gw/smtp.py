@@ -61,8 +61,10 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
   - The message is streamed into the L{IDelivery} as it arrives, except the
     header section, which is held (at most L{MAX_HEADER_SECTION} octets;
     more is refused with C{552 5.3.4}) so that the C{From:}, C{Sender:},
-    C{Resent-From:} and C{Resent-Sender:} addresses can be checked and C{Message-ID:} and C{Date:} added when
-    missing (RFC 6409 section 8).  Octets are counted as they stream; over
+    C{Resent-From:} and C{Resent-Sender:} addresses can be checked and
+    C{Message-ID:}, C{Date:} and C{From:} added when missing (RFC 6409
+    section 8; an added C{From:} holds the authenticated user's address,
+    which the ownership rules always allow).  Octets are counted as they stream; over
     the size limit the delivery is aborted and the rest of the data is read
     and dropped before C{552 5.3.4} is sent.
   - Line ends are processed exactly across TCP segment boundaries: a CR at
@@ -90,6 +92,14 @@ although the client saw no C{250}, so a client that sends it again makes a
 duplicate.  This is the unavoidable window RFC 1047 describes (it is kept
 short by replying as soon as the commit fires); losing the message instead
 would be worse.
+
+A message the store cannot keep for lack of space (L{InsufficientStorage}:
+C{ENOSPC}, C{EDQUOT}), whether at DATA, while the data streams in or at the
+commit, gets C{452 4.3.1 Insufficient system storage}; other temporary
+failures get C{451 4.3.0}.  Every message refused after its envelope has
+one log line, which names a server-side cause in words::
+
+    submission: refused message user="..." from="..." reply="452 4.3.1 Insufficient system storage" error="cannot write message: No space left on device"
 """
 
 from __future__ import annotations
@@ -118,6 +128,7 @@ from pop3gw.address import Address, AddressError, describePeer
 from pop3gw.flow import OutputFlow
 from pop3gw.interfaces import (
     IDelivery,
+    InsufficientStorage,
     ISubmissionAvatar,
     PermanentFailure,
     TemporaryFailure,
@@ -245,7 +256,17 @@ NUL_IN_DATA = Reply(550, "5.6.0 NUL character not allowed")
 HEADER_FROM_NOT_OWNED = Reply(553, "5.7.1 Sender address in the message header not owned by user")
 
 TEMPORARY_FAILURE = Reply(451, "4.3.0 Temporary failure, try again later")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1 Insufficient system storage")
 INTERNAL_ERROR = Reply(451, "4.3.0 Internal error")
+
+
+def temporaryReply(error: TemporaryFailure) -> Reply:
+    """
+    The reply to a L{TemporaryFailure}: C{452 4.3.1} (RFC 5321 4.2.2, RFC
+    3463 "mail system full") when it is L{InsufficientStorage}, else
+    C{451 4.3.0}.
+    """
+    return INSUFFICIENT_STORAGE if isinstance(error, InsufficientStorage) else TEMPORARY_FAILURE
 
 
 class SMTPRefusal(Exception):
@@ -421,6 +442,8 @@ class _MessageReader:
 
     @ivar refusal: the L{Reply} the message will be refused with at the end
         of the data, or L{None}.
+    @ivar reason: the server-side error behind the refusal, for the log (a
+        storage failure's text), or L{None}.
     @ivar size: message octets counted so far (CRLF line ends, unstuffed).
     """
 
@@ -438,6 +461,7 @@ class _MessageReader:
         self._mayUseSender = mayUseSender
         self._addFields = addFields
         self.refusal: Optional[Reply] = None
+        self.reason: Optional[str] = None
         self.size = 0
         self._previousCRLF = True
         self._inLongLine = False
@@ -505,14 +529,17 @@ class _MessageReader:
         self._flush()
         return self.refusal
 
-    def refuse(self, reply: Reply) -> None:
+    def refuse(self, reply: Reply, reason: Optional[str] = None) -> None:
         """
         Refuse the message (the first refusal wins): abort the delivery now,
         keep reading to the end of the data.
+
+        @param reason: the server-side error, for the log only.
         """
         if self.refusal is not None:
             return
         self.refusal = reply
+        self.reason = reason
         self._out = []
         self._headerLines = []
         try:
@@ -591,8 +618,8 @@ class _MessageReader:
             return
         try:
             self.delivery.write(b"".join(out))
-        except TemporaryFailure:
-            self.refuse(TEMPORARY_FAILURE)
+        except TemporaryFailure as e:
+            self.refuse(temporaryReply(e), str(e))
         except Exception:
             self.log.failure("Writing a submitted message failed")
             self.refuse(INTERNAL_ERROR)
@@ -933,19 +960,41 @@ class SubmissionServer(Protocol):
         sender = self._sender
         self._resetTransaction()
         if refusal is not None:
-            self.log.info(
-                "submission: refused message user={user} from={sender} reply={reply}",
-                user=events.sanitize(self._user),
-                sender=events.sanitize(str(sender) if sender is not None else None),
-                reply=events.sanitize(f"{refusal.code} {refusal.text}"),
-            )
+            self._logRefused(sender, refusal, reader.reason)
             self._send(refusal)
             return True
         queueID, size = self._queueID, reader.size
         d = maybeDeferred(reader.delivery.commit)
-        d.addCallbacks(self._cbCommitted, self._ebCommitted, callbackArgs=(queueID, size, sender, reader.delivery))
+        d.addCallbacks(
+            self._cbCommitted,
+            self._ebCommitted,
+            callbackArgs=(queueID, size, sender, reader.delivery),
+            errbackArgs=(sender,),
+        )
         self._wait(d)
         return True
+
+    def _logRefused(self, sender: Optional[Address], reply: Reply, reason: Optional[str] = None) -> None:
+        """
+        Log one line for a message refused after its envelope: the user,
+        the envelope sender, the reply and, for a server-side failure (a
+        full disk), the error in words::
+
+            submission: refused message user="..." from="..." reply="452 4.3.1 ..." error="cannot write message: No space left on device"
+        """
+        fields = dict(
+            user=events.sanitize(self._user),
+            sender=events.sanitize(str(sender) if sender is not None else None),
+            reply=events.sanitize(f"{reply.code} {reply.text}"),
+        )
+        if reason is None:
+            self.log.info("submission: refused message user={user} from={sender} reply={reply}", **fields)
+        else:
+            self.log.warn(
+                "submission: refused message user={user} from={sender} reply={reply} error={error}",
+                error=events.sanitize(reason, events.MAX_LOGGED_REPLY),
+                **fields,
+            )
 
     def _cbCommitted(
         self, ignored: object, queueID: str, size: int, sender: Optional[Address], delivery: IDelivery
@@ -976,12 +1025,14 @@ class SubmissionServer(Protocol):
         )
         self._send(Reply(250, f"2.0.0 OK queued as {queueID}"))
 
-    def _ebCommitted(self, failure: Failure) -> None:
+    def _ebCommitted(self, failure: Failure, sender: Optional[Address]) -> None:
         if failure.check(TemporaryFailure):
-            self.log.warn("submission: commit failed temporarily: {why}", why=str(failure.value))
+            reply = temporaryReply(failure.value)
+            self._logRefused(sender, reply, str(failure.value))
         else:
             self.log.failure("submission: commit failed", failure)
-        self._send(TEMPORARY_FAILURE)
+            reply = TEMPORARY_FAILURE
+        self._send(reply)
 
     # -- session state ---------------------------------------------------
 
@@ -1279,16 +1330,18 @@ class SubmissionServer(Protocol):
             raise SMTPRefusal(NO_RECIPIENTS)
         try:
             delivery = self._avatar.beginDelivery(self._sender, list(self._recipients))
-        except TemporaryFailure:
-            raise SMTPRefusal(TEMPORARY_FAILURE) from None
+        except TemporaryFailure as e:
+            self._logRefused(self._sender, temporaryReply(e), str(e))
+            raise SMTPRefusal(temporaryReply(e)) from None
         self._queueID = _messageId(delivery)
         # The Received: field names the id, so it is written once the
         # delivery (and with it the queue id) exists, as the first data.
         try:
             delivery.write(self._receivedHeader())
-        except TemporaryFailure:
+        except TemporaryFailure as e:
             delivery.abort()
-            raise SMTPRefusal(TEMPORARY_FAILURE) from None
+            self._logRefused(self._sender, temporaryReply(e), str(e))
+            raise SMTPRefusal(temporaryReply(e)) from None
         except Exception:
             delivery.abort()
             raise
@@ -1312,15 +1365,20 @@ class SubmissionServer(Protocol):
 
     def _missingFields(self, present: set) -> list[bytes]:
         """
-        The C{Message-ID:} and C{Date:} fields to add to a message whose
-        header has the (lower-cased) field names C{present} (RFC 6409 8.2,
-        8.3).
+        The C{Message-ID:}, C{Date:} and C{From:} fields to add to a message
+        whose header has the (lower-cased) field names C{present} (RFC 6409
+        8.2, 8.3; RFC 5322 3.6 requires C{From:} and C{Date:}).  An added
+        C{From:} holds the authenticated user's own address, not the
+        envelope sender (which may be one of the user's aliases): the
+        address the user proved, as a C{Sender:} would.
         """
         added = []
         if b"message-id" not in present:
             added.append(f"Message-ID: <{secrets.token_hex(16)}@{self.factory.hostname}>\r\n".encode("ascii", "replace"))
         if b"date" not in present:
             added.append(f"Date: {formatDate(self.factory.clock.seconds())}\r\n".encode("ascii"))
+        if b"from" not in present and self._avatar is not None:
+            added.append(f"From: {self._avatar.address}\r\n".encode("utf-8"))
         return added
 
     # -- command tables --------------------------------------------------

@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from pop3gw.address import Address, lookupKey
 from pop3gw.interfaces import (
+    BadMessageData,
     IDelivery,
     IMaildrop,
     IMaildropStore,
@@ -193,19 +194,35 @@ class FakeMaildrop:
 class FakeDelivery:
     """
     Collects written bytes; on commit calls C{onCommit(data)}.
+
+    @param checkData: refuse a bare CR or a NUL with L{BadMessageData}, as
+        L{pop3gw.maildir.MaildirDelivery} does.
     """
 
-    def __init__(self, onCommit, failCommit: bool = False):
+    def __init__(self, onCommit, failCommit: bool = False, checkData: bool = False):
         self._onCommit = onCommit
         self._failCommit = failCommit
+        self._checkData = checkData
         self.data = b""
         self.state = "open"
 
+    def _badData(self, final: bool) -> bool:
+        data = self.data if final else self.data[:-1] if self.data.endswith(b"\r") else self.data
+        return self._checkData and (b"\x00" in data or b"\r" in data.replace(b"\r\n", b""))
+
     def write(self, data: bytes) -> None:
+        if self.state == "failed":
+            raise TemporaryFailure("delivery is not open")
         assert self.state == "open", self.state
         self.data += data
+        if self._badData(final=False):
+            self.state = "failed"
+            raise BadMessageData("it contains a bare CR or a NUL")
 
     def commit(self):
+        if self.state == "failed" or self._badData(final=True):
+            self.state = "failed"
+            return defer.fail(BadMessageData("it contains a bare CR or a NUL"))
         assert self.state == "open", self.state
         if self._failCommit:
             self.state = "aborted"
@@ -255,7 +272,9 @@ class FakeMaildropStore:
             for r in dict.fromkeys(recipients):
                 self.add(r, trace + data)
 
-        d = FakeDelivery(onCommit, self.failCommit)
+        if b"\x00" in trace or b"\r" in trace.replace(b"\r\n", b""):
+            raise BadMessageData("it contains a bare CR or a NUL")
+        d = FakeDelivery(onCommit, self.failCommit, checkData=True)
         self.deliveries.append(d)
         return d
 

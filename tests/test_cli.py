@@ -428,6 +428,60 @@ class DeliverTests(SynchronousTestCase):
         for sub in ("tmp", "new", "cur"):
             self.assertEqual(os.listdir(os.path.join(self.maildir, sub)), [])
 
+    def test_diskFullAtCommit(self) -> None:
+        """
+        A full disk (C{ENOSPC}) or an exhausted quota (C{EDQUOT}) when a
+        small message is written out at commit exits 75 with one line
+        naming the error in words; nothing is left in the maildrop.
+        """
+        from pop3gw import maildir
+
+        for code in (errno.ENOSPC, errno.EDQUOT):
+
+            def full(fd: int, data: bytes) -> None:
+                raise OSError(code, os.strerror(code))
+
+            self.patch(maildir, "_writeAll", full)
+            status, _, err = self.runCLI("deliver", "alice@example.org", data=b"Subject: x\n\nhi\n")
+            self.assertEqual(status, cli.EX_TEMPFAIL)
+            self.assertEqual(
+                err,
+                f"pop3gw: cannot deliver to alice@example.org: insufficient storage: "
+                f"cannot deliver message: {os.strerror(code)}\n",
+            )
+            for sub in ("tmp", "new", "cur"):
+                self.assertEqual(os.listdir(os.path.join(self.maildir, sub)), [])
+
+    def test_bareCRAndNULRefused(self) -> None:
+        """
+        A bare CR (which would otherwise become a line break, here a second
+        From: field) or a NUL exits 65 with one line, as submission refuses
+        them; nothing is stored.
+        """
+        for data, why in [
+            (b"Subject: hi\rFrom: ceo@example.org\n\nhi\n", "bare CR (a CR not followed by LF)"),
+            (b"Subject: hi\n\nend\r", "bare CR (a CR not followed by LF)"),
+            (b"Subject: hi\n\n\x00\n", "NUL octet"),
+        ]:
+            status, _, err = self.runCLI("deliver", "alice@example.org", data=data)
+            self.assertEqual(status, cli.EX_DATAERR, data)
+            self.assertEqual(err, f"pop3gw: message refused: it contains a {why}\n")
+            for sub in ("tmp", "new", "cur"):
+                self.assertEqual(os.listdir(os.path.join(self.maildir, sub)), [])
+
+    def test_crlfAcrossReads(self) -> None:
+        """
+        A CRLF split between two reads of the input is one line end: the
+        message is stored with LF, unchanged otherwise.
+        """
+        head = b"Subject: x\r\n\r\n" + b"y" * (cli.READ_CHUNK - 15)
+        data = head + b"\r\nlast\r\n"
+        self.assertEqual(data[cli.READ_CHUNK - 1 : cli.READ_CHUNK + 1], b"\r\n")
+        self.assertEqual(self.runCLI("deliver", "alice@example.org", data=data)[0], cli.EX_OK)
+        [name] = os.listdir(os.path.join(self.maildir, "new"))
+        with open(os.path.join(self.maildir, "new", name), "rb") as f:
+            self.assertEqual(f.read(), data.replace(b"\r\n", b"\n"))
+
     def test_lockedMaildrop(self) -> None:
         """
         Delivery does not wait for, or fail on, a POP3 session's lock on

@@ -87,6 +87,23 @@ class PoplibTests(ServerTestMixin, SynchronousTestCase):
         client.quit()
         server.waitForLog(r"logout: service=pop3 rhost=127\.0\.0\.1 user=\"alice@example\.org\".*deleted=1")
 
+    def test_deliverRefusesBareCR(self) -> None:
+        """
+        C{pop3gw deliver} refuses a message with a bare CR (exit 65, one
+        line) instead of turning it into a line break: nothing is stored.
+        """
+        server = self.startServer()
+        result = server.cli("deliver", ALICE, input=b"Subject: hi\rFrom: ceo@example.org\n\nbody\n", check=False)
+        self.assertEqual(
+            (result.returncode, result.stderr),
+            (65, b"pop3gw: message refused: it contains a bare CR (a CR not followed by LF)\n"),
+        )
+        client = self.pop(server)
+        client.user(ALICE)
+        client.pass_(PASSWORD)
+        self.assertEqual(client.stat(), (0, 0))
+        client.quit()
+
     def test_droppedConnectionDeletesNothing(self) -> None:
         """
         DELE followed by a dropped connection (no QUIT) deletes nothing, and
@@ -238,7 +255,8 @@ class RealClientTests(ServerTestMixin, SynchronousTestCase):
     def test_fetchmail(self) -> None:
         """
         fetchmail retrieves the message into an MDA and deletes it from the
-        server.
+        server; the logout line counts the octets it was sent, whether it
+        fetched with RETR or with TOP.
         """
         fetchmail = requireProgram(self, "fetchmail")
         server = self.startServer()
@@ -263,6 +281,8 @@ class RealClientTests(ServerTestMixin, SynchronousTestCase):
             fetched = f.read()
         # fetchmail prepends its own Received: header and writes LF line ends.
         self.assertTrue(fetched.endswith(MESSAGE), fetched)
+        server.waitForLog(r'logout: service=pop3 rhost=127\.0\.0\.1 user="alice@example\.org" bytes=%d deleted=1 '
+                          % (len(WIRE),))
         client = self.pop(server)
         client.user(ALICE)
         client.pass_(PASSWORD)

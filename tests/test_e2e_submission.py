@@ -264,6 +264,23 @@ class RelayTests(SubmissionTestMixin, SynchronousTestCase):
             time.sleep(0.1)
         self.assertEqual(server.cli("queue", "list").stdout, b"")
 
+    def test_missingFromAdded(self) -> None:
+        """
+        A message submitted without From: is relayed with one holding the
+        authenticated address, and nothing else changed.
+        """
+        sink = Sink(self)
+        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}", extraConfig=PLAINTEXT_SMARTHOST)
+        client = self.smtp(server)
+        client.login(ALICE, ALICE_PW)
+        msg = message(to="carol@remote.example")
+        headless = msg.replace(f"From: {ALICE}\r\n".encode(), b"")
+        client.sendmail(ALICE, ["carol@remote.example"], headless)
+        client.quit()
+        sink.waitFor(lambda: sink.received)
+        [(sender, rcpts, content)] = sink.received
+        self.assertEqual(stripTrace(content), f"From: {ALICE}\r\n".encode() + headless)
+
     def test_temporaryFailureRetried(self) -> None:
         """
         A 4xx from the smarthost keeps the message queued with its last error

@@ -24,10 +24,12 @@ from zope.interface.verify import verifyObject
 from pop3gw import maildir
 from pop3gw.address import Address
 from pop3gw.interfaces import (
+    BadMessageData,
     IDelivery,
     IMaildrop,
     IMaildropStore,
     IMessageInfo,
+    InsufficientStorage,
     MaildropLocked,
     PermanentFailure,
     TemporaryFailure,
@@ -117,14 +119,14 @@ class MaildropStoreContractMixin:
         A delivered message is served in wire form, trace first, with a size
         equal to the served length.
         """
-        self.deliver([ALICE], b"Subject: hi\n\nline\r\nbare\rend", trace=b"Received: x\r\n")
+        self.deliver([ALICE], b"Subject: hi\n\nline\r\nlf\nend", trace=b"Received: x\r\n")
         drop = self.openDrop()
         self.assertEqual(len(drop.messages), 1)
         self.assertEqual(
             self.read(drop, 0),
-            b"Received: x\r\nSubject: hi\r\n\r\nline\r\nbare\r\nend\r\n",
+            b"Received: x\r\nSubject: hi\r\n\r\nline\r\nlf\r\nend\r\n",
         )
-        self.assertEqual(drop.messages[0].size, 45)
+        self.assertEqual(drop.messages[0].size, 43)
         drop.release()
 
     def test_sizesEqualWireForm(self) -> None:
@@ -132,7 +134,7 @@ class MaildropStoreContractMixin:
         Each message's size is the length of its wire form, whatever its line
         ends.
         """
-        bodies = [b"a\n", b"a", b"a\r\n\r\n", b"\r\r\n\n", b"x" * 1000 + b"\r", b"\n"]
+        bodies = [b"a\n", b"a", b"a\r\n\r\n", b"\r\n\n", b"x" * 1000 + b"\r\n", b"\n"]
         for body in bodies:
             self.deliver([ALICE], body)
         drop = self.openDrop()
@@ -334,12 +336,57 @@ class MaildropStoreContractMixin:
         """
         A message written in many chunks is stored as their concatenation.
         """
-        data = b"a\r\nb\rc\nd\r\r\n\ne"
+        data = b"a\r\nb\nc\nd\r\n\r\n\ne"
         delivery = self.store.beginDelivery([ALICE])
         for i in range(len(data)):
             delivery.write(data[i : i + 1])
         self.successResultOf(delivery.commit())
         self.assertEqual(self.contents(), [wireForm(data)])
+
+    def assertRefused(self, chunks, refusedAt) -> None:
+        """
+        Writing C{chunks} in turn, the one at index C{refusedAt} (or the
+        commit, at C{len(chunks)}) fails with L{BadMessageData}; the
+        delivery then takes nothing more, and nothing is stored.
+        """
+        delivery = self.store.beginDelivery([ALICE])
+        for chunk in chunks[:refusedAt]:
+            delivery.write(chunk)
+        if refusedAt < len(chunks):
+            self.assertRaises(BadMessageData, delivery.write, chunks[refusedAt])
+            self.assertRaises(TemporaryFailure, delivery.write, b"more\n")
+        self.failureResultOf(delivery.commit())
+        delivery.abort()
+        self.assertEqual(self.contents(), [])
+
+    def test_bareCRRefused(self) -> None:
+        """
+        A bare CR (a CR not followed by LF) is never turned into a line
+        break: the write holding it fails with L{BadMessageData}, a
+        L{PermanentFailure}, and nothing is stored.  A CR ending one write
+        is judged by the next write, or by the commit if none follows.
+        """
+        self.assertTrue(issubclass(BadMessageData, PermanentFailure))
+        self.assertRefused([b"Subject: hi\rFrom: ceo@example.org\n\nbody\n"], 0)
+        self.assertRefused([b"Subject: hi\n", b"\nab\r\r\n"], 1)
+        self.assertRefused([b"Subject: hi\r", b"From: ceo@example.org\n"], 1)
+        self.assertRefused([b"Subject: hi\n\nend\r"], 1)
+        self.assertRefused([b"Subject: hi\n\nend\r", b""], 2)
+
+    def test_nulRefused(self) -> None:
+        """
+        A NUL octet is refused the same way, wherever it is.
+        """
+        self.assertRefused([b"Subject: \x00hi\n\nbody\n"], 0)
+        self.assertRefused([b"Subject: hi\n\n", b"\x00"], 1)
+        self.assertRefused([b"Subject: hi\r", b"\x00\n"], 1)
+
+    def test_bareCRInTraceRefused(self) -> None:
+        """
+        The trace given to C{beginDelivery} obeys the same rule.
+        """
+        self.assertRaises(BadMessageData, self.store.beginDelivery, [ALICE], b"Received: a\rb\r\n")
+        self.assertEqual(self.contents(), [])
 
 
 class MaildirContractTests(MaildropStoreContractMixin, SynchronousTestCase):
@@ -462,7 +509,7 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
         A delivered file is named C{<unique>,S=<file size>,W=<wire size>},
         and W is the file size plus the number of LFs.
         """
-        data = b"a\r\nbb\rccc\n"
+        data = b"a\r\nbb\nccc\n"
         self.deliver([ALICE], data)
         [name] = self.listing(ALICE, "new")
         unique, sizes = name.split(",", 1)
@@ -506,11 +553,11 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
 
     def test_lineEndsByteByByte(self) -> None:
         """
-        CRLF, bare CR and LF become LF even when written one byte at a time
-        (a CR ending one write and an LF starting the next are one line
-        end), and the stored file ends with LF.
+        CRLF and LF become LF even when written one byte at a time (a CR
+        ending one write and an LF starting the next are one line end), and
+        the stored file ends with LF.
         """
-        data = b"a\r\nb\rc\nd\r\r\n\ne\r"
+        data = b"a\r\nb\nc\nd\r\n\r\n\ne"
         delivery = self.store.beginDelivery([ALICE])
         for i in range(len(data)):
             delivery.write(data[i : i + 1])
@@ -520,10 +567,10 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
     def test_crlfSplitAcrossWrites(self) -> None:
         """
         CR at the end of one write and LF at the start of the next make one
-        line end, not two; a CR followed by a CR is two.
+        line end, not two, also with empty writes between them.
         """
         delivery = self.store.beginDelivery([ALICE])
-        for chunk in [b"a\r", b"\nb\r", b"\rc", b""]:
+        for chunk in [b"a\r", b"\nb\r", b"", b"\n\r", b"\nc", b""]:
             delivery.write(chunk)
         self.successResultOf(delivery.commit())
         self.assertEqual(self.stored(), [b"a\nb\n\nc\n"])
@@ -687,17 +734,20 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
 
     def test_fsyncENOSPC(self) -> None:
         """
-        C{ENOSPC} from fsync fails the commit with L{TemporaryFailure} and
-        leaves no file in any C{tmp/} or C{new/}.
+        C{ENOSPC} from fsync fails the commit with L{InsufficientStorage}
+        (a L{TemporaryFailure}) naming the error in words, and leaves no
+        file in any C{tmp/} or C{new/}.
         """
 
         def fsync(fd):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         delivery = self.store.beginDelivery([ALICE, BOB])
         delivery.write(b"doomed\n")
         self.patch(os, "fsync", fsync)
-        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        failure = self.failureResultOf(delivery.commit(), InsufficientStorage)
+        self.assertIsInstance(failure.value, TemporaryFailure)
+        self.assertEqual(str(failure.value), "cannot deliver message: No space left on device")
         self.assertEqual(delivery.state, "failed")
         delivery.abort()
         self.assertNothingLeft(ALICE, BOB)
@@ -716,7 +766,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
 
         self.patch(os, "write", write)
         delivery = self.store.beginDelivery([ALICE])
-        self.assertRaises(TemporaryFailure, delivery.write, b"y" * maildir.WRITE_BUFFER)
+        self.assertRaises(InsufficientStorage, delivery.write, b"y" * maildir.WRITE_BUFFER)
         self.assertNothingLeft(ALICE)
         self.assertRaises(TemporaryFailure, delivery.write, b"z")
         self.failureResultOf(delivery.commit(), TemporaryFailure)
@@ -734,8 +784,56 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         delivery = self.store.beginDelivery([ALICE])
         delivery.write(b"tail")
         self.patch(os, "write", write)
-        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.failureResultOf(delivery.commit(), InsufficientStorage)
         self.assertNothingLeft(ALICE)
+
+    def test_writeEDQUOT(self) -> None:
+        """
+        An exhausted disk quota (C{EDQUOT}) is insufficient storage too.
+        """
+
+        def write(fd, data):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"tail")
+        self.patch(os, "write", write)
+        failure = self.failureResultOf(delivery.commit(), InsufficientStorage)
+        self.assertEqual(str(failure.value), "cannot deliver message: Disk quota exceeded")
+        self.assertNothingLeft(ALICE)
+
+    def test_beginDeliveryENOSPC(self) -> None:
+        """
+        C{ENOSPC} creating the tmp file fails C{beginDelivery} with
+        L{InsufficientStorage}.
+        """
+        self.deliver([ALICE], b"x\n")
+        realOpen = os.open
+
+        def open(path, flags, mode=0o777, **kwargs):
+            if "/tmp/" in path:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return realOpen(path, flags, mode, **kwargs)
+
+        self.patch(os, "open", open)
+        e = self.assertRaises(InsufficientStorage, self.store.beginDelivery, [ALICE])
+        self.assertEqual(str(e), "cannot start delivery: No space left on device")
+
+    def test_otherErrorsNotStorage(self) -> None:
+        """
+        Other I/O errors stay plain L{TemporaryFailure}s, not
+        L{InsufficientStorage}.
+        """
+
+        def write(fd, data):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"tail")
+        self.patch(os, "write", write)
+        failure = self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.assertNotIsInstance(failure.value, InsufficientStorage)
+        self.assertEqual(str(failure.value), "cannot deliver message: Input/output error")
 
     def test_linkFailureUndone(self) -> None:
         """
@@ -1371,7 +1469,7 @@ class StreamingTests(MaildirTestsMixin, SynchronousTestCase):
         and the total is its listed size.
         """
         line = b"0123456789" * 7
-        data = b"".join(line + end for end in [b"\r\n", b"\n", b"\r"] * 20000) + b"end"
+        data = b"".join(line + end for end in [b"\r\n", b"\n"] * 30000) + b"end"
         delivery = self.store.beginDelivery([ALICE])
         for i in range(0, len(data), 4093):
             delivery.write(data[i : i + 4093])
@@ -1409,7 +1507,7 @@ class StreamingTests(MaildirTestsMixin, SynchronousTestCase):
         """
         The message object supports C{readline} and iteration, like a file.
         """
-        self.deliver([ALICE], b"one\ntwo\rthree")
+        self.deliver([ALICE], b"one\ntwo\r\nthree")
         drop = self.openDrop()
         with drop.openMessage(0) as f:
             self.assertEqual(f.readline(), b"one\r\n")

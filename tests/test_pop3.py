@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 import twisted.test
 from pop3gw.address import Address
-from pop3gw.interfaces import IPOP3Avatar, PermanentFailure, TemporaryFailure
+from pop3gw.interfaces import InsufficientStorage, IPOP3Avatar, PermanentFailure, TemporaryFailure
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import MAX_PENDING_INPUT, READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
 from pop3gw.testing import FakeMaildropStore, FakePOP3Avatar
@@ -1015,11 +1015,28 @@ class TransactionTests(_Harness):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.realm.logouts, 1)
         self.assertIn(
-            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=2 retrieved=1' % (len(MSG1),),
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=2 retrieved=1 top=0' % (len(MSG1),),
             self.logLines(),
         )
         self.proto.connectionLost(Failure(ConnectionError()))
         self.assertEqual(self.realm.logouts, 1)
+
+    def test_logoutCountsTop(self) -> None:
+        """
+        The logout line counts the message octets sent for TOP as well as
+        RETR (CRLF line ends, before dot-stuffing, without the "." line: a
+        whole message counts its LIST size), RETRs as C{retrieved} and TOPs
+        as C{top}.
+        """
+        self.login()
+        self.send(b"TOP 1 99999999\r\nRETR 2\r\nTOP 3 0\r\n")
+        self.send(b"QUIT\r\n")
+        sent = len(MSG1) + len(MSG2) + len(b"Subject: three\r\n\r\n")
+        self.assertIn(
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=0 retrieved=1 top=2'
+            % (sent,),
+            self.logLines(),
+        )
 
     def test_quitCommitDeferred(self) -> None:
         """
@@ -1062,6 +1079,33 @@ class TransactionTests(_Harness):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.realm.logouts, 1)
 
+    def test_insufficientStorage(self) -> None:
+        """
+        L{InsufficientStorage} (a full disk) opening the maildrop or at
+        QUIT's commit is answered C{[SYS/TEMP]}, never with its text; the
+        log line names the error in words.
+        """
+        self.realm.openFailure = InsufficientStorage("cannot open maildrop: No space left on device")
+        self.connect()
+        out = self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        self.assertEqual(out, b"+OK Send PASS.\r\n-ERR [SYS/TEMP] Mailbox temporarily unavailable.\r\n")
+        self.assertIn(
+            "maildrop unavailable: rhost=192.0.2.7 error=cannot open maildrop: No space left on device",
+            self.logLines(),
+        )
+        self.realm.openFailure = None
+        maildrop = self.login()
+        maildrop.commit = lambda deleted, seen=(): defer.fail(
+            InsufficientStorage("could not remove 1 message(s): Disk quota exceeded")
+        )
+        self.send(b"DELE 1\r\n")
+        self.assertEqual(self.send(b"QUIT\r\n"), b"-ERR [SYS/TEMP] Some deleted messages not removed.\r\n")
+        self.assertIn(
+            'commit failed: user="alice@example.org" error=could not remove 1 message(s): Disk quota exceeded',
+            self.logLines(),
+        )
+        self.assertEqual(self.failures(), [])
+
     def test_quitAuthorization(self) -> None:
         """
         QUIT before login says goodbye and closes.
@@ -1083,7 +1127,7 @@ class TransactionTests(_Harness):
         self.assertEqual(len(self.store.boxes[ALICE]), 3)
         self.assertEqual(self.realm.logouts, 1)
         self.assertIn(
-            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=0 deleted=0 retrieved=0',
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=0 deleted=0 retrieved=0 top=0',
             self.logLines(),
         )
 
@@ -1337,6 +1381,24 @@ class StreamingTests(_Harness):
         self.assertIsNone(self.transport.producer)
         self.assertTrue(maildrop.released)
         self.assertIsNone(maildrop.committed)
+
+    def test_partialTransferCounted(self) -> None:
+        """
+        Octets of a transfer cut short by the connection's loss count in
+        the logout line's C{bytes} (the transfer does not count as
+        retrieved).
+        """
+        maildrop = self.login(transport=_PausingTransport(peerAddress=PEER))
+        f = _TrackedFile(b"z" * (3 * READ_CHUNK_SIZE))
+        maildrop.openMessage = lambda index: f
+        self.send(b"RETR 1\r\n")
+        self.transport.producer.resumeProducing()
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertIn(
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=0 retrieved=0 top=0'
+            % (READ_CHUNK_SIZE,),
+            self.logLines(),
+        )
 
     def test_fileClosedAfterTransfer(self) -> None:
         """

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from pop3gw import smtp
 from pop3gw.address import Address
-from pop3gw.interfaces import IDelivery, ISubmissionAvatar, TemporaryFailure
+from pop3gw.interfaces import IDelivery, InsufficientStorage, ISubmissionAvatar, TemporaryFailure
 from pop3gw.testing import (
     FakeDelivery,
     FakeRouter,
@@ -979,6 +979,49 @@ class DataTests(SessionMixin, SynchronousTestCase):
         self.send(headers + b"\r\nHello\r\n.\r\n")
         self.assertEqual(self.stored(), [headers + b"\r\nHello\r\n"])
 
+    def test_addFrom(self) -> None:
+        """
+        A message without From: gets one holding the authenticated user's
+        address (RFC 6409 section 8), after the Message-ID and Date
+        fix-ups, even when the envelope sender is one of the user's
+        aliases.
+        """
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<postmaster@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n",
+        )
+        self.feed(b"To: bob@example.org\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nHello\r\n.\r\n")
+        self.assertEqual(
+            self.stored(),
+            [b"From: alice@example.org\r\nTo: bob@example.org\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nHello\r\n"],
+        )
+
+    def test_addFromWithOwnedSender(self) -> None:
+        """
+        A message with a Sender: the user owns but no From: gets From: too;
+        one whose Sender: the user does not own is refused as before, and
+        nothing is added or stored.
+        """
+        self.send(b"Sender: postmaster@example.org\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nHi\r\n.\r\n")
+        self.assertEqual(
+            self.stored(),
+            [b"From: alice@example.org\r\nSender: postmaster@example.org\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nHi\r\n"],
+        )
+        self.assertEqual(
+            self.send(b"Sender: bob@example.org\r\n\r\nHi\r\n.\r\n"),
+            b"553 5.7.1 Sender address in the message header not owned by user\r\n",
+        )
+        self.assertEqual(len(self.stored()), 1)
+
+    def test_fromNotAddedWhenPresent(self) -> None:
+        """
+        A From: field in any case, even with an empty display name part,
+        means no From: is added.
+        """
+        headers = b"FROM : Alice <alice@example.org>\r\nMessage-ID: <1@x>\r\nDate: x\r\n"
+        self.send(headers + b"\r\nHi\r\n.\r\n")
+        self.assertEqual(self.stored(), [headers + b"\r\nHi\r\n"])
+
     def test_headersOnly(self) -> None:
         """
         A message without a body (no blank line) is stored with its fields.
@@ -988,12 +1031,15 @@ class DataTests(SessionMixin, SynchronousTestCase):
 
     def test_emptyMessage(self) -> None:
         """
-        A "." right after 354 ends an empty message; Message-ID and Date are
-        added, and From is not required.
+        A "." right after 354 ends an empty message; Message-ID, Date and
+        From are added.
         """
         self.assertEqual(self.send(b".\r\n"), b"250 2.0.0 OK queued as ID\r\n")
         [message] = self.stored()
-        self.assertRegex(message, rb"^Message-ID: <[0-9a-f]{32}@mail\.example\.org>\r\nDate: [^\r]+\r\n$")
+        self.assertRegex(
+            message,
+            rb"^Message-ID: <[0-9a-f]{32}@mail\.example\.org>\r\nDate: [^\r]+\r\nFrom: alice@example\.org\r\n$",
+        )
 
     def test_dotUnstuffing(self) -> None:
         """
@@ -1282,6 +1328,77 @@ class DataTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(
             self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
             b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n451 4.3.0 Temporary failure, try again later\r\n",
+        )
+
+    def test_commitInsufficientStorage(self) -> None:
+        """
+        A commit failing for lack of storage gets C{452 4.3.1 Insufficient
+        system storage}, and the refusal's log line names the error in
+        words (never sent to the client).
+        """
+        self.patch(
+            FakeDelivery, "commit",
+            lambda delivery: defer.fail(InsufficientStorage("cannot deliver message: No space left on device")),
+        )
+        with capturedLogs() as logged:
+            self.assertEqual(
+                self.send(HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n"),
+                b"452 4.3.1 Insufficient system storage\r\n250 2.0.0 OK\r\n",
+            )
+        self.assertEqual(self.store.boxes, {})
+        self.assertEqual(
+            [formatEvent(e) for e in logged if "refused message" in e.get("log_format", "")],
+            ['submission: refused message user="alice@example.org" from="alice@example.org" '
+             'reply="452 4.3.1 Insufficient system storage" error="cannot deliver message: No space left on device"'],
+        )
+
+    def test_writeInsufficientStorage(self) -> None:
+        """
+        A write failing for lack of storage while the data streams in gets
+        452 4.3.1 at the end of the data, with the error in the log line.
+        """
+
+        @implementer(IDelivery)
+        class Full(FakeDelivery):
+            def write(self, data):
+                if not data.startswith(b"Received: "):
+                    raise InsufficientStorage("cannot write message: Disk quota exceeded")
+                FakeDelivery.write(self, data)
+
+        delivery = Full(lambda data: None)
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.envelope()
+        with capturedLogs() as logged:
+            self.assertEqual(
+                self.feed(HEADERS + b"\r\n" + b"x" * 990 + b"\r\n" * 100 + b".\r\n"),
+                b"452 4.3.1 Insufficient system storage\r\n",
+            )
+        self.assertEqual(delivery.state, "aborted")
+        self.assertEqual(
+            [formatEvent(e) for e in logged if "refused message" in e.get("log_format", "")],
+            ['submission: refused message user="alice@example.org" from="alice@example.org" '
+             'reply="452 4.3.1 Insufficient system storage" error="cannot write message: Disk quota exceeded"'],
+        )
+
+    def test_beginDeliveryInsufficientStorage(self) -> None:
+        """
+        A delivery that cannot start for lack of storage gets 452 4.3.1
+        instead of 354, and a log line naming the error.
+        """
+
+        def full(sender, recipients, trace=b""):
+            raise InsufficientStorage("cannot start delivery: No space left on device")
+
+        self.realm.avatars[0].beginDelivery = full
+        with capturedLogs() as logged:
+            self.assertEqual(
+                self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
+                b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n452 4.3.1 Insufficient system storage\r\n",
+            )
+        self.assertEqual(
+            [formatEvent(e) for e in logged if "refused message" in e.get("log_format", "")],
+            ['submission: refused message user="alice@example.org" from="alice@example.org" '
+             'reply="452 4.3.1 Insufficient system storage" error="cannot start delivery: No space left on device"'],
         )
 
     def test_writeFailure(self) -> None:
@@ -1897,6 +2014,27 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(
             out, b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n451 4.3.0 Temporary failure, try again later\r\n"
         )
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+
+    def test_receivedWriteInsufficientStorage(self) -> None:
+        """
+        If the C{Received:} field cannot be written for lack of storage,
+        DATA gets 452 4.3.1 and the delivery is aborted.
+        """
+        original = self.router.beginDelivery
+
+        def beginDelivery(sender, recipients, trace=b""):
+            delivery = original(sender, recipients, trace)
+
+            def write(data):
+                raise InsufficientStorage("cannot write message: No space left on device")
+
+            delivery.write = write
+            return delivery
+
+        self.router.beginDelivery = beginDelivery
+        out = self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        self.assertEqual(out, b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n452 4.3.1 Insufficient system storage\r\n")
         self.assertEqual(self.store.deliveries[0].state, "aborted")
 
 
