@@ -7,10 +7,11 @@ from __future__ import annotations
 import errno
 import io
 import os
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw import cli
+from pop3gw import __version__, cli
 from pop3gw.address import Address
 from pop3gw.interfaces import MaildropLocked
 from pop3gw.users import UsersFile, verifyPassword
@@ -316,3 +317,18 @@ class DeliverTests(SynchronousTestCase):
         self.assertEqual(self.runCLI("deliver", "alice@example.org", data=b"Subject: x\n\nhi\n")[0], 0)
         self.assertEqual(len(os.listdir(os.path.join(self.maildir, "new"))), 1)
         opened[0].release()
+
+
+class VersionTests(SynchronousTestCase):
+    def test_version(self) -> None:
+        """
+        C{pop3gw --version} prints C{pop3gw} and its version on stdout and
+        exits 0, without needing a command or a data directory.
+        """
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "argv", ["pop3gw", "--version"])
+        with self.assertRaises(SystemExit) as e:
+            cli.run()
+        self.assertEqual(e.exception.code, 0)
+        self.assertEqual(out.getvalue(), f"pop3gw {__version__}\n")
