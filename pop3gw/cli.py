@@ -19,7 +19,7 @@ import os
 import sys
 from typing import BinaryIO, Optional, TextIO
 
-from pop3gw import fsutil
+from pop3gw import __version__, fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.config import ConfigError, buildConfig
 from pop3gw.interfaces import (
@@ -64,6 +64,7 @@ class CommandError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pop3gw", description="Manage a pop3gw data directory.")
+    p.add_argument("--version", action="version", version=f"pop3gw {__version__}")
     p.add_argument("--data-dir", help="the server's data directory (default: from --config, else ./pop3gw-data)")
     p.add_argument("--config", help="INI file to read data-dir and limits from")
     sub = p.add_subparsers(dest="command", required=True)

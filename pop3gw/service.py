@@ -14,6 +14,7 @@ import resource
 import signal
 from typing import Optional
 
+from twisted import copyright
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
@@ -25,7 +26,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from pop3gw import fsutil
+from pop3gw import __version__, fsutil
 from pop3gw.address import Address
 from pop3gw.interfaces import UnknownUser
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
@@ -48,6 +49,13 @@ class Options(_ConfigOptions):
     The C{twistd pop3gw} options.  A bad value ends start-up with one line
     on stderr (twistd would otherwise print its whole help text first).
     """
+
+    def opt_version(self) -> None:
+        """
+        Print pop3gw's version (and Twisted's) and exit.
+        """
+        print(f"pop3gw {__version__} (Twisted {copyright.version})")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         try:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,18 +39,61 @@ def pop3gwCommand() -> list:
     return [sys.executable, "-m", "pop3gw"]
 
 
+def missing(testcase, what: str) -> None:
+    """
+    Skip the test for a missing tool or feature, except under CI
+    (C{CI=true}), where .ci/run installs everything the tests use and
+    anything missing is a failure.
+    """
+    if os.environ.get("CI"):
+        testcase.fail(f"{what} (.ci/run should have installed it)")
+    testcase.skipTest(what)
+
+
 def requireProgram(testcase, name: str) -> str:
     """
-    The path of an installed program; skip the test when it is missing,
-    except under CI (C{CI=true}), where .ci/run installs it and a missing
-    program is a failure.
+    The path of an installed program; see L{missing} for when it is not.
     """
     path = shutil.which(name)
     if path is None:
-        if os.environ.get("CI"):
-            testcase.fail(f"{name} is not installed (.ci/run should have installed it)")
-        testcase.skipTest(f"{name} is not installed")
+        missing(testcase, f"{name} is not installed")
     return path
+
+
+def requireSwaksTLS(testcase) -> str:
+    """
+    The path of a swaks that can do STARTTLS.  Debian's swaks needs
+    Net::SSLeay for it (libnet-ssleay-perl, only recommended, so left out
+    by C{apt-get install --no-install-recommends}); see L{missing} for when
+    it is not there.
+    """
+    swaks = requireProgram(testcase, "swaks")
+    support = subprocess.run([swaks, "--support"], capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+    if not re.search(rb"^=== TLS supported", support.stdout + support.stderr, re.M):
+        missing(testcase, "swaks cannot do TLS: Net::SSLeay is missing (Debian: libnet-ssleay-perl)")
+    return swaks
+
+
+def requirePortsFree(testcase, ports, host: str = "127.0.0.1") -> None:
+    """
+    Skip the test when one of C{ports} cannot be listened on at C{host},
+    for example because the server from the README's first set-up step is
+    still running.  The check binds as Twisted's listeners do (with
+    C{SO_REUSEADDR}), so connections in TIME_WAIT do not count.
+    """
+    busy = []
+    for port in ports:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+        except OSError:
+            busy.append(str(port))
+        finally:
+            probe.close()
+    if busy:
+        what = "port" if len(busy) == 1 else "ports"
+        testcase.skipTest(f"{host} {what} {', '.join(busy)} in use (is a pop3gw from the README's first step still running?)")
 
 
 class Pop3gwProcess:

@@ -9,11 +9,12 @@ import io
 import os
 import shutil
 import stat
+import sys
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw import cli, fsutil
+from pop3gw import __version__, cli, fsutil
 from pop3gw.address import Address
 from pop3gw.interfaces import MaildropLocked
 from pop3gw.maildir import MaildirStore
@@ -637,3 +638,17 @@ class DataDirectoryOwnerTests(SynchronousTestCase):
         self.assertEqual((status, err), (0, ""))
         st = os.stat(os.path.join(self.dataDir, "users"))
         self.assertEqual((st.st_uid, st.st_gid), (OTHER_UID, OTHER_GID))
+
+class VersionTests(SynchronousTestCase):
+    def test_version(self) -> None:
+        """
+        C{pop3gw --version} prints C{pop3gw} and its version on stdout and
+        exits 0, without needing a command or a data directory.
+        """
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "argv", ["pop3gw", "--version"])
+        with self.assertRaises(SystemExit) as e:
+            cli.run()
+        self.assertEqual(e.exception.code, 0)
+        self.assertEqual(out.getvalue(), f"pop3gw {__version__}\n")

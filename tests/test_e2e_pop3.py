@@ -14,7 +14,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.e2e import Pop3gwProcess, requireProgram, twistdCommand
+from tests.e2e import Pop3gwProcess, requirePortsFree, requireProgram, twistdCommand
 
 ALICE = "alice@example.org"
 PASSWORD = "correct horse battery"
@@ -31,6 +31,8 @@ MESSAGE = (
     b"last line\n"
 )
 WIRE = MESSAGE.replace(b"\n", b"\r\n")
+#: The embedded default listeners: POP3 and submission on loopback.
+DEFAULT_PORTS = (1110, 1587)
 
 
 class ServerTestMixin:
@@ -185,8 +187,11 @@ class DefaultsTests(SynchronousTestCase):
         """
         C{twistd -n pop3gw} with no options keeps its state in
         C{./pop3gw-data} and logs where it listens (POP3 on 1110 and
-        submission on 1587, loopback) and where its data lives.
+        submission on 1587, loopback) and where its data lives.  Skipped
+        when either port is taken (by the server from the README's first
+        set-up step, say).
         """
+        requirePortsFree(self, DEFAULT_PORTS)
         cwd = tempfile.mkdtemp(prefix="pop3gw-defaults-")
         self.addCleanup(__import__("shutil").rmtree, cwd, True)
         proc = subprocess.Popen(twistdCommand() + ["-n", "--pidfile=", "--logfile=-", "pop3gw"], cwd=cwd,

@@ -21,7 +21,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.e2e import Pop3gwProcess, requireProgram
+from tests.e2e import Pop3gwProcess, requireProgram, requireSwaksTLS
 from tests.tlshelpers import makeCA, makeLeaf
 
 ALICE, PASSWORD = "alice@example.org", "alice secret"
@@ -296,7 +296,7 @@ class InstalledClientTests(TLSServerMixin, SynchronousTestCase):
         """
         C{swaks --tls} submits over STARTTLS where plaintext AUTH is refused.
         """
-        swaks = requireProgram(self, "swaks")
+        swaks = requireSwaksTLS(self)
         server = self.startServer("--plaintext-auth", "never")
         result = subprocess.run(
             [swaks, "--server", "127.0.0.1", "--port", str(server.ports["submission"]), "--tls", "--from", ALICE,

@@ -6,9 +6,11 @@ sharing one portal, without opening real sockets.
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import shutil
 import stat
+import sys
 import tempfile
 
 from twisted.application.service import Service
@@ -295,3 +297,22 @@ class ServerLockTests(SynchronousTestCase):
         self.successResultOf(d)
         second.privilegedStartService()
         second.releaseLock()
+
+class VersionOptionTests(SynchronousTestCase):
+    def test_version(self) -> None:
+        """
+        C{twistd pop3gw --version} prints pop3gw's version and Twisted's on
+        one line on stdout and exits 0 (the inherited option named only
+        Twisted).
+        """
+        from twisted import copyright
+
+        from pop3gw import __version__
+        from pop3gw.service import Options as TwistdOptions
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        with self.assertRaises(SystemExit) as e:
+            TwistdOptions().parseOptions(["--version"])
+        self.assertEqual(e.exception.code, 0)
+        self.assertEqual(out.getvalue(), f"pop3gw {__version__} (Twisted {copyright.version})\n")
