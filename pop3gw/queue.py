@@ -19,7 +19,10 @@ start-up, C{.msg} files without a C{.json} and C{*.tmp} files older than
 L{ORPHAN_AGE} are removed.  Writers of C{.json} files (this server and the
 C{pop3gw queue flush} command) hold an exclusive C{flock} on C{.lock} while
 they write, so a read-modify-write by the command is never interleaved with
-a write by the server.
+a write by the server.  Every file the queue creates (entries, temp files,
+C{.lock}, C{.flush}) is mode 0600 and its directory 0700, whatever the
+umask; a command run as root gives them the data directory's owner
+(L{createPrivate}).
 
 Relaying
 ========
@@ -329,6 +332,49 @@ class Entry:
 # --- File helpers (blocking; run in a thread pool when one is given) ---
 
 
+def createPrivate(path: str, directory: bool = False, like: Optional[str] = None) -> Optional[int]:
+    """
+    Create C{path} for this process alone, whatever the umask: a directory
+    of mode 0700, or a file of mode 0600 opened exclusively for writing.
+
+    Run as root (a C{pop3gw} command on a service install), the new path
+    gets the owner and group of C{like} when that exists (a file being
+    replaced keeps its owner), else of the directory it is created in, so
+    that the service user can still use it.
+
+    @param like: the file the new one will replace, if any.
+    @return: for a file, its descriptor (the caller closes it).
+    @raise OSError: C{path} exists or cannot be created.
+    """
+    if directory:
+        os.mkdir(path, 0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o700 if directory else 0o600)
+        if os.geteuid() == 0:
+            try:
+                st = os.stat(like) if like is not None else None
+            except FileNotFoundError:
+                st = None
+            if st is None:
+                st = os.stat(os.path.dirname(os.path.abspath(path)))
+            os.fchown(fd, st.st_uid, st.st_gid)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            if directory:
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+        raise
+    if directory:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _fsyncDirectory(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -343,7 +389,14 @@ def _queueLock(root: str) -> Iterator[None]:
     Hold the queue's exclusive C{flock} (the C{.lock} file) while writing
     C{.json} files.
     """
-    fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    path = os.path.join(root, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            fd = createPrivate(path)
+        except FileExistsError:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -357,12 +410,13 @@ def _writeAtomically(root: str, name: str, data: bytes) -> None:
     directory.
     """
     tmp = os.path.join(root, f"{name}.{os.urandom(4).hex()}.tmp")
+    target = os.path.join(root, name)
     try:
-        with open(tmp, "xb") as f:
+        with os.fdopen(createPrivate(tmp, like=target), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(tmp, os.path.join(root, name))
+        os.rename(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -481,10 +535,7 @@ def requestFlush(root: str, now: Optional[float] = None) -> int:
             entry.nextAttempt = now
             _writeAtomically(root, entry.queueId + ".json", entry.toJSON())
             count += 1
-    flush = os.path.join(root, FLUSH_FILE)
-    with open(flush, "wb") as f:
-        f.write(b"%d\n" % (now,))
-    os.utime(flush)
+    _writeAtomically(root, FLUSH_FILE, b"%d\n" % (now,))
     return count
 
 
@@ -525,7 +576,7 @@ class _QueueDelivery:
         self._lastCR = False
         self._tail = b""
         try:
-            self._file = open(self._tmp, "xb")
+            self._file = os.fdopen(createPrivate(self._tmp), "wb")
         except OSError as e:
             raise TemporaryFailure(f"cannot create queue file: {e}") from None
         if trace:
@@ -640,7 +691,10 @@ class OutboundQueue:
         self.threadpool = threadpool
         self._listeners: list = []
         self._saves: dict = {}
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        if not os.path.isdir(root):
+            os.makedirs(os.path.dirname(os.path.abspath(root)), mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                createPrivate(root, directory=True)
 
     def _run(self, f: Callable, *args) -> defer.Deferred:
         if self.threadpool is None:
@@ -1428,10 +1482,18 @@ class RelayService(Service):
             return None
 
     def _checkFlush(self) -> None:
-        mtime = self._readFlushMtime()
-        if mtime is not None and mtime != self._flushMtime:
-            self._flushMtime = mtime
-            self.flushAll()
+        """
+        Flush when the C{.flush} file changed.  Called by a L{LoopingCall},
+        which would stop at the first exception: an unexpected error is
+        logged as a failure and the next poll looks again.
+        """
+        try:
+            mtime = self._readFlushMtime()
+            if mtime is not None and mtime != self._flushMtime:
+                self._flushMtime = mtime
+                self.flushAll()
+        except Exception:
+            self.log.failure("relay: checking the flush request failed")
 
     def runEntry(self, queueId: str) -> defer.Deferred:
         """

@@ -475,6 +475,108 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(readJSON(self.root, entry.queueId)["attempts"], 2)
 
 
+class FilePermissionTests(QueueTestMixin, unittest.SynchronousTestCase):
+    """
+    Every file the queue creates is 0600 and every directory 0700, whatever
+    the umask; run as root, each belongs to the data directory's owner.
+    """
+
+    def setUmask(self, mask: int) -> None:
+        previous = os.umask(mask)
+        self.addCleanup(os.umask, previous)
+
+    def modesUnderUmask(self, mask: int) -> dict:
+        """
+        Under umask C{mask}: create a queue, queue a message, leave a second
+        one open, flush; return the mode of every path in the queue (the
+        temp files included, seen as they are renamed into place).
+        """
+        self.setUmask(mask)
+        modes = {}
+        rename = os.rename
+
+        def spy(src, dst):
+            modes[os.path.basename(dst) + " (tmp)"] = os.stat(src).st_mode & 0o7777
+            rename(src, dst)
+
+        self.patch(os, "rename", spy)
+        self.setUpQueue()
+        self.enqueue()
+        open_ = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+        self.addCleanup(open_.abort)
+        requestFlush(self.root, now=1234.0)
+        modes["/"] = os.stat(self.root).st_mode & 0o7777
+        for name in os.listdir(self.root):
+            modes[name] = os.stat(os.path.join(self.root, name)).st_mode & 0o7777
+        return modes
+
+    def assertPrivate(self, modes: dict) -> None:
+        kinds = {name.split(".")[-1].split(" ")[0] for name in modes}
+        self.assertEqual(kinds, {"/", "json", "msg", "tmp", "lock", "flush"})
+        expected = {name: 0o700 if name == "/" else 0o600 for name in modes}
+        self.assertEqual(modes, expected)
+
+    def test_umask022(self):
+        """
+        Under the usual umask 022, the queue's files are 0600, not 0644.
+        """
+        self.assertPrivate(self.modesUnderUmask(0o022))
+
+    def test_umask000(self):
+        """
+        Under umask 000, the queue's files are 0600 and its directory 0700.
+        """
+        self.assertPrivate(self.modesUnderUmask(0o000))
+
+    def chownedParent(self, uid: int, gid: int) -> str:
+        """
+        A new directory owned by C{uid}:C{gid}, as a data directory of a
+        service install is; only root can make one.
+        """
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root to give files to another user")
+        parent = self.mktemp()
+        os.makedirs(parent)
+        os.chown(parent, uid, gid)
+        return parent
+
+    def test_rootGivesFilesToTheDataDirOwner(self):
+        """
+        Run as root, the queue directory it creates belongs to the owner of
+        the data directory, and so does every file the queue then creates
+        (entries, temp files, the lock, the flush stamp).
+        """
+        parent = self.chownedParent(4242, 4343)
+        self.clock = ThreadClock()
+        self.root = os.path.join(parent, "queue")
+        self.queue = OutboundQueue(self.root, self.clock)
+        self.enqueue()
+        open_ = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+        self.addCleanup(open_.abort)
+        requestFlush(self.root, now=1234.0)
+        owners = {".": os.stat(self.root)[4:6]}
+        for name in os.listdir(self.root):
+            owners[name] = os.stat(os.path.join(self.root, name))[4:6]
+        self.assertEqual(len(owners), 6)
+        self.assertEqual(set(owners.values()), {(4242, 4343)}, owners)
+
+    def test_rootKeepsARewrittenFilesOwner(self):
+        """
+        Run as root, an entry rewritten by C{queue flush} keeps the owner
+        its file had.
+        """
+        parent = self.chownedParent(4242, 4343)
+        self.clock = ThreadClock()
+        self.root = os.path.join(parent, "queue")
+        self.queue = OutboundQueue(self.root, self.clock)
+        entry = self.enqueue()
+        path = os.path.join(self.root, entry.queueId + ".json")
+        os.chown(path, 4444, 4545)
+        requestFlush(self.root, now=1234.0)
+        self.assertEqual(listEntries(self.root)[0].nextAttempt, 1234.0)
+        self.assertEqual(os.stat(path)[4:6], (4444, 4545))
+
+
 class DotStufferTests(unittest.SynchronousTestCase):
     """
     Tests for the dot-stuffing reader used for C{DATA}.
@@ -874,6 +976,31 @@ class RelayTests(RelayTestMixin, unittest.SynchronousTestCase):
         requestFlush(self.root, now=self.clock.seconds())
         self.clock.advance(5)
         self.assertEqual(len(self.connects), 2)
+
+    def test_flushPollingSurvivesAFailure(self):
+        """
+        An unexpected error while handling the C{.flush} file is logged as
+        a failure and the polling goes on: a later request is still seen.
+        """
+        flushAll = self.relay.flushAll
+        calls = []
+
+        def broken():
+            calls.append("broken")
+            raise RuntimeError("boom")
+
+        self.relay.flushAll = broken
+        requestFlush(self.root, now=self.clock.seconds())
+        with capturedLogs() as events:
+            self.clock.advance(5)
+        self.assertEqual(calls, ["broken"])
+        [failure] = [e for e in events if "log_failure" in e]
+        self.assertIsInstance(failure["log_failure"].value, RuntimeError)
+        self.flushLoggedErrors(RuntimeError)
+        self.relay.flushAll = lambda: calls.append("flush") or flushAll()
+        os.utime(os.path.join(self.root, ".flush"), ns=(1, 1))
+        self.clock.advance(5)
+        self.assertEqual(calls, ["broken", "flush"])
 
     def test_stopCancels(self):
         """
