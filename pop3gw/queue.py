@@ -67,7 +67,11 @@ required, verification attempted but not enforced) when offered and a
 C{clientTLS} factory was given; each host's log line says C{tls=yes|no}
 and C{verified=yes|no}.  With a relay host, every
 recipient goes there; STARTTLS is verified against the relay host name when
-C{relayVerifyTLS} is true, and credentials are sent only over TLS.
+C{relayVerifyTLS} is true, and then required, and credentials are sent only
+over TLS.  A relay host whose connected address is loopback (127.0.0.0/8,
+C{::1}, a Unix socket: L{pop3gw.address.isLoopback}, as for plaintext
+logins) and that is given no credentials is treated like an MX host:
+STARTTLS opportunistic, plaintext allowed.
 
 Logging: each session with a host gives one line, C{relay: <id>
 domain=... host=h:p delivered=n deferred=n failed=n tls=... verified=...
@@ -129,7 +133,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3gw import events
-from pop3gw.address import Address, AddressError
+from pop3gw.address import Address, AddressError, describePeer, isLoopback
 from pop3gw.dsn import makeBounce, oneLine, originalHeaders
 from pop3gw.interfaces import IOutboundQueue, TemporaryFailure, UnknownUser
 from pop3gw.interfaces import ITwoPhaseDelivery
@@ -973,6 +977,7 @@ class _Session:
         self.error: Optional[str] = None
         self.tls = False
         self.contextFactory = None
+        self.verifyingContext = False
         self.starttlsBegun = False
         self.tlsHandshakeFailed = False
         self.protocol: Optional["_RelayClient"] = None
@@ -1005,20 +1010,17 @@ class _Session:
         if self.error is None and not self.outcomes:
             self.error = why
 
-    def tlsVerified(self, verifyingContext: bool) -> bool:
+    def tlsVerified(self) -> bool:
         """
         Whether the message went over TLS to a peer whose certificate was
-        verified.
-
-        @param verifyingContext: whether C{contextFactory} refuses
-            unverified peers (a smarthost with verification on), so that a
-            completed session over TLS is verified; otherwise an
-            opportunistic context's C{result.verified} (see
-            L{pop3gw.tls.OpportunisticClientTLS}) says.
+        verified: always, when C{contextFactory} refuses unverified peers
+        (C{verifyingContext}: a smarthost with verification on); otherwise
+        an opportunistic context's C{result.verified} (see
+        L{pop3gw.tls.OpportunisticClientTLS}) says.
         """
         if not self.tls:
             return False
-        if verifyingContext:
+        if self.verifyingContext:
             return True
         result = getattr(self.contextFactory, "result", None)
         return getattr(result, "verified", None) is True
@@ -1049,14 +1051,14 @@ class _RelayClient(ESMTPClient):
         self,
         session: _Session,
         identity: str,
-        contextFactory,
+        tlsFor: Callable[[str], tuple],
         username: Optional[str],
         password: Optional[str],
-        requireTLS: bool = False,
     ):
         secret = None if password is None else password.encode("utf-8")
-        ESMTPClient.__init__(self, secret, contextFactory, identity.encode("ascii", "replace"))
+        ESMTPClient.__init__(self, secret, None, identity.encode("ascii", "replace"))
         self.session = session
+        self._tlsFor = tlsFor
         self._mailFromSent = False
         self.timeout = RESPONSE_TIMEOUT
         if username is not None and password is not None:
@@ -1068,8 +1070,17 @@ class _RelayClient(ESMTPClient):
             self.heloFallback = False
         else:
             self.requireAuthentication = False
-            self.requireTransportSecurity = requireTLS
-            self.heloFallback = not requireTLS
+
+    def connectionMade(self):
+        # The TLS rule depends on the address actually connected to (a
+        # loopback smarthost may be plaintext), known only now.
+        context, required, verifying = self._tlsFor(describePeer(self.transport.getPeer()))
+        self.context = self.session.contextFactory = context
+        self.session.verifyingContext = verifying
+        if not self.requireAuthentication:
+            self.requireTransportSecurity = required
+            self.heloFallback = not required
+        ESMTPClient.connectionMade(self)
 
     def getMailFrom(self):
         if self._mailFromSent:
@@ -1127,18 +1138,17 @@ class _RelayClientFactory(protocol.Factory):
     # lines for each would only be noise in the log.
     noisy = False
 
-    def __init__(self, session: _Session, identity: str, contextFactory, username, password, clock, requireTLS=False):
+    def __init__(self, session: _Session, identity: str, tlsFor, username, password, clock):
         self.session = session
-        self.requireTLS = requireTLS
         self.clock = clock
         self.identity = identity
-        self.contextFactory = contextFactory
+        self.tlsFor = tlsFor
         self.username = username
         self.password = password
 
     def buildProtocol(self, addr):
         p = _RelayClient(
-            self.session, self.identity, self.contextFactory, self.username, self.password, self.requireTLS
+            self.session, self.identity, self.tlsFor, self.username, self.password
         )
         # The response timeout runs on our clock, not the global reactor.
         p.callLater = self.clock.callLater
@@ -1820,7 +1830,7 @@ class RelayService(Service):
             deferred=counts["temp"],
             failed=counts["perm"],
             tls="yes" if session.tls else "no",
-            verified="yes" if session.tlsVerified(relay and self.relayVerifyTLS) else "no",
+            verified="yes" if session.tlsVerified() else "no",
             # Remote text is quoted and escaped: it must not forge log content.
             error="-" if session.error is None else events.sanitize(session.error, events.MAX_LOGGED_REPLY),
         )
@@ -1871,19 +1881,27 @@ class RelayService(Service):
             session.finish(None)
             return session.done
         session = _Session(entry.sender, recipients, message)
-        contextFactory = None
-        if self.clientTLS is not None and useTLS:
-            # verify=None asks for an opportunistic (unverified) context.
-            contextFactory = self.clientTLS(host, self.relayVerifyTLS if relay else None)
-        session.contextFactory = contextFactory
         username = self.relayUsername if relay else None
         password = self.relayPassword if relay else None
-        # A smarthost whose certificate is to be verified must speak TLS: a
-        # stripped STARTTLS must not silently skip the check.
-        requireTLS = relay and self.relayVerifyTLS and self.clientTLS is not None
-        factory = _RelayClientFactory(
-            session, self.hostname, contextFactory, username, password, self.reactor, requireTLS
-        )
+
+        def tlsFor(peer: str) -> tuple:
+            """
+            @param peer: the address connected to (see L{describePeer}).
+            @return: the client TLS context factory or L{None}, whether TLS
+                is required, and whether the context verifies the peer.
+            """
+            if self.clientTLS is None or not useTLS:
+                return None, False, False
+            if not relay or (username is None and isLoopback(peer)):
+                # verify=None asks for an opportunistic (unverified)
+                # context: MX hosts, and a smarthost on this machine
+                # without credentials (no network to protect).
+                return self.clientTLS(host, None), False, False
+            # A smarthost whose certificate is to be verified must speak
+            # TLS: a stripped STARTTLS must not silently skip the check.
+            return self.clientTLS(host, self.relayVerifyTLS), self.relayVerifyTLS, self.relayVerifyTLS
+
+        factory = _RelayClientFactory(session, self.hostname, tlsFor, username, password, self.reactor)
         self._sessions.add(session)
 
         def connectFailed(f: Failure) -> None:

@@ -15,7 +15,7 @@ import os
 import threading
 
 from twisted.internet import defer, protocol
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -1392,6 +1392,90 @@ class SmarthostTests(RelayTestMixin, unittest.SynchronousTestCase):
         sent = self.connects[0].serve(successReplies())
         self.assertEqual(sent[1], b"MAIL FROM:<alice@example.org>\r\n")
         self.assertEqual(listEntries(self.root), [])
+
+    def loopbackSession(self, peer, replies, **kw):
+        """
+        Queue one message for the smarthost at C{127.0.0.1} with
+        certificate verification on (the default); serve C{replies} over a
+        connection whose peer is C{peer}.
+
+        @return: the entry, the client's writes, the transport and the
+            C{clientTLS} calls.
+        """
+        calls = []
+        self.setUpRelay(
+            relayHost="127.0.0.1",
+            relayPort=10025,
+            clientTLS=lambda host, verify: calls.append((host, verify)) or "CTX",
+            **kw,
+        )
+        self.start()
+        entry = self.enqueue()
+        self.clock.advance(0)
+        endpoint = self.connects[0]
+        transport = TLSStringTransport(peerAddress=peer)
+        endpoint.open(transport)
+        sent = [endpoint.feed(r) for r in replies]
+        endpoint.close()
+        return entry, sent, transport, calls
+
+    def test_loopbackSmarthostMayBePlaintext(self):
+        """
+        A smarthost on loopback (127.0.0.0/8, C{::1}, a Unix socket) that
+        offers no STARTTLS gets the mail in plaintext although certificate
+        verification is on: there is no network to protect.
+        """
+        for peer in (
+            IPv4Address("TCP", "127.0.0.1", 10025),
+            IPv4Address("TCP", "127.1.2.3", 10025),
+            IPv6Address("TCP", "::1", 10025),
+            UNIXAddress("/run/postfix/smtp"),
+        ):
+            entry, sent, _, _ = self.loopbackSession(peer, successReplies())
+            self.assertEqual(sent[1], b"MAIL FROM:<alice@example.org>\r\n", peer)
+            self.assertEqual(listEntries(self.root), [], peer)
+
+    def test_loopbackSmarthostStartTLSOpportunistic(self):
+        """
+        A smarthost on loopback that offers STARTTLS gets it, with the
+        opportunistic (unverified) context: a local relay's self-signed
+        certificate does not keep mail queued.
+        """
+        _, sent, transport, calls = self.loopbackSession(
+            IPv4Address("TCP", "127.0.0.1", 10025),
+            [GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"220 go\r\n"],
+        )
+        self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"STARTTLS\r\n", b"EHLO mx.example.org\r\n"])
+        self.assertEqual(calls, [("127.0.0.1", None)])
+        self.assertEqual(transport.tlsContext, "CTX")
+
+    def test_loopbackSmarthostCredentialsNeedTLS(self):
+        """
+        With credentials, a smarthost on loopback without STARTTLS still
+        gets no AUTH and no mail: credentials only go over TLS.
+        """
+        entry, sent, _, _ = self.loopbackSession(
+            IPv4Address("TCP", "127.0.0.1", 10025),
+            [GREETING, b"250-mx\r\n250 AUTH PLAIN LOGIN\r\n", b"221 bye\r\n"],
+            relayUsername="gw",
+            relayPassword="s3cret",
+        )
+        self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"QUIT\r\n", b""])
+        data = self.json(entry)
+        self.assertEqual(data["recipients"][0]["state"], "pending")
+        self.assertIn("relay credentials are sent only over TLS", data["lastError"])
+
+    def test_remoteSmarthostByLoopbackNameRequiresTLS(self):
+        """
+        What counts is the address connected to, not the configured name:
+        a smarthost configured as C{127.0.0.1} but reached at a remote
+        address (a proxying endpoint) is held to the rule.
+        """
+        entry, sent, _, _ = self.loopbackSession(
+            IPv4Address("TCP", "192.0.2.7", 10025), [GREETING, EHLO_OK, b"221 bye\r\n"]
+        )
+        self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"QUIT\r\n", b""])
+        self.assertEqual(self.json(entry)["recipients"][0]["state"], "pending")
 
     def test_starttlsThenAuth(self):
         """
