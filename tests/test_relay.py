@@ -15,7 +15,6 @@ import threading
 
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
@@ -1374,64 +1373,6 @@ class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.enqueue()
         self.clock.advance(0)
         self.assertFalse(self.connects[0].factory.noisy)
-
-
-class FakeUDPPort:
-    """
-    The transport of a datagram protocol given to L{UDPClock.listenUDP}.
-    """
-
-    def __init__(self, protocol):
-        self.protocol = protocol
-        self.written = []
-
-    def write(self, data, address):
-        self.written.append((data, address))
-
-    def stopListening(self):
-        self.protocol.doStop()
-
-
-class UDPClock(Clock):
-    """
-    A clock that also provides C{listenUDP}, connecting each protocol to a
-    L{FakeUDPPort} as a real port does.
-    """
-
-    def __init__(self):
-        Clock.__init__(self)
-        self.udpProtocols = []
-
-    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
-        self.udpProtocols.append(protocol)
-        transport = FakeUDPPort(protocol)
-        protocol.makeConnection(transport)
-        return transport
-
-
-class ResolverNoiseTests(unittest.SynchronousTestCase):
-    """
-    The resolver the relay makes for itself does not log "Starting
-    protocol" and "Stopping protocol" for each DNS query.
-    """
-
-    def test_quietQueries(self):
-        """
-        An MX lookup through the relay's own resolver opens a datagram
-        protocol that logs nothing when it starts and stops.
-        """
-        reactor = UDPClock()
-        queue = OutboundQueue(self.mktemp(), reactor)
-        relay = RelayService(queue, reactor, "mx.example.org", lambda sender, data: defer.succeed(None))
-        with capturedLogs() as events:
-            d = relay._mailHosts("remote.example")
-            self.assertNotEqual(reactor.udpProtocols, [])
-            # Each retry is scheduled by the one before: step through them.
-            for _ in range(20):
-                reactor.advance(60)
-        self.failureResultOf(d, defer.TimeoutError)
-        self.assertEqual([formatEvent(e) for e in events if "protocol" in formatEvent(e).lower()], [])
-        relay.stopService()
 
 
 class DescribeErrorTests(unittest.SynchronousTestCase):

@@ -37,10 +37,10 @@ Without a relay host, recipients are grouped by domain and each domain's
 mail exchangers are looked up (MX, sorted by preference; the domain itself
 when it has no MX, RFC 5321 section 5.1; a null MX, RFC 7505, is a permanent
 failure); hosts are tried in order, skipping those whose addresses are all
-loopback, private, link-local, multicast, unspecified or reserved (a domain
-with only such hosts fails permanently with 5.4.4, and the connection to a
-host is made only to its public addresses, L{isPublicAddress}), with one connection per domain carrying
-all of its recipients, and STARTTLS is used opportunistically (never
+non-public (a domain with only such hosts fails permanently with 5.4.4, and
+the connection to a host is made only to its public addresses: see
+L{pop3gw.relay.mx}), with one connection per domain carrying all of its
+recipients, and STARTTLS is used opportunistically (never
 required, verification attempted but not enforced) when offered and a
 C{clientTLS} factory was given; each host's log line says C{tls=yes|no}
 and C{verified=yes|no}.  With a relay host, every
@@ -75,14 +75,12 @@ status 5.6.7; implicit TLS (port 465) to a relay is not supported.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 from typing import Callable, Optional, Sequence
 
 from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import defer, error as ierror, protocol
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver, IResolutionReceiver
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.mail.smtp import (
@@ -100,9 +98,7 @@ from twisted.mail.smtp import (
     TLSError,
     TLSRequiredError,
 )
-from twisted.names import dns, error as dnserror
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 import re
 
@@ -111,6 +107,7 @@ from pop3gw.address import Address, describePeer, isLoopback
 from pop3gw.dsn import makeBounce, oneLine
 from pop3gw.interfaces import IQueueStore, UnknownUser
 from pop3gw.queue import DELIVERED, FAILED, Entry, Outcome, OutcomeKind
+from pop3gw.relay.mx import MXResolver, PermanentLookupFailure, PublicOnlyReactor, describeDNSFailure
 
 # --- Limits and defaults ------------------------------------------------
 
@@ -271,22 +268,6 @@ def _describeConnectFailure(f: Failure) -> str:
     if f.check(ierror.NoRouteError):
         return "no route to host"
     return oneLine(f"cannot connect: {f.getErrorMessage()}")
-
-
-def _describeDNSFailure(domain: str, e: Exception) -> str:
-    """
-    Why a temporary DNS failure kept mail for C{domain} queued, in plain
-    words.
-    """
-    if isinstance(e, dnserror.DNSServerError):
-        why = "server failure (SERVFAIL)"
-    elif isinstance(e, dnserror.DNSQueryRefusedError):
-        why = "query refused"
-    elif isinstance(e, defer.TimeoutError):
-        why = "timed out"
-    else:
-        why = oneLine(f"{e.__class__.__name__} {e}")
-    return f"DNS lookup for {domain} failed: {why}"
 
 
 class _Session:
@@ -488,128 +469,7 @@ class _RelayClientFactory(protocol.Factory):
         return p
 
 
-class _PermanentLookupFailure(Exception):
-    """
-    DNS says the domain cannot receive mail.
-    """
-
-    def __init__(self, status: str, text: str):
-        Exception.__init__(self, text)
-        self.status = status
-        self.text = text
-
-
-class _QuietDatagramReactor:
-    """
-    The reactor as the relay's own DNS resolver sees it: every datagram
-    protocol it listens with is made quiet (C{noisy = False}), so a DNS
-    query does not log "Starting protocol" and "Stopping protocol".
-
-    The UDP port itself (C{twisted.internet.udp.Port}) still logs
-    "DNSDatagramProtocol starting on N" and "(UDP Port N Closed)": Twisted
-    writes those unconditionally, and only a log filter can drop them.
-    """
-
-    def __init__(self, reactor):
-        self._reactor = reactor
-
-    def __getattr__(self, name: str):
-        return getattr(self._reactor, name)
-
-    def listenUDP(self, port: int, protocol, interface: str = "", maxPacketSize: int = 8192):
-        protocol.noisy = False
-        return self._reactor.listenUDP(port, protocol, interface, maxPacketSize)
-
-
 # --- The relay service -------------------------------------------------------
-
-
-def isPublicAddress(text: str) -> bool:
-    """
-    Whether a mail exchanger at the IP address C{text} may be connected to:
-    not loopback, private (RFC 1918, fc00::/7, ...), link-local, multicast,
-    unspecified or reserved (an IPv4-mapped IPv6 address is judged by its
-    IPv4 address).  Direct MX delivery never connects elsewhere, so that a
-    recipient domain cannot point the relay at internal services.
-    """
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return not (
-        address.is_loopback
-        or address.is_private
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_unspecified
-        or address.is_reserved
-    )
-
-
-@implementer(IResolutionReceiver)
-class _PublicOnlyReceiver:
-    """
-    Passes on to C{receiver} only the resolved addresses that
-    L{isPublicAddress} accepts.
-    """
-
-    def __init__(self, receiver) -> None:
-        self._receiver = receiver
-
-    def resolutionBegan(self, resolution) -> None:
-        self._receiver.resolutionBegan(resolution)
-
-    def addressResolved(self, address) -> None:
-        if isPublicAddress(getattr(address, "host", "")):
-            self._receiver.addressResolved(address)
-
-    def resolutionComplete(self) -> None:
-        self._receiver.resolutionComplete()
-
-
-@implementer(IHostnameResolver)
-class _PublicOnlyResolver:
-    """
-    A host name resolver that drops every non-public address, for the
-    connection to an MX host: what the name resolves to when the connection
-    is made is filtered too, not only what the MX lookup saw.
-    """
-
-    def __init__(self, resolver) -> None:
-        self._resolver = resolver
-
-    def resolveHostName(self, resolutionReceiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
-        self._resolver.resolveHostName(
-            _PublicOnlyReceiver(resolutionReceiver), hostName, portNumber, addressTypes, transportSemantics
-        )
-        return resolutionReceiver
-
-
-@implementer(IReactorPluggableNameResolver)
-class _PublicOnlyReactor:
-    """
-    The reactor as a L{HostnameEndpoint} to an MX host sees it: its name
-    resolver is wrapped in L{_PublicOnlyResolver}.
-    """
-
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-        self.nameResolver = _PublicOnlyResolver(reactor.nameResolver)
-
-    def installNameResolver(self, resolver):
-        raise TypeError("the MX connection reactor keeps its public-only resolver")
-
-    def __getattr__(self, name: str):
-        return getattr(self._reactor, name)
-
-
-def _ipv6Text(record) -> str:
-    """
-    The address of an AAAA record as text.
-    """
-    return str(ipaddress.IPv6Address(record.address))
 
 
 class RelayService(Service):
@@ -642,7 +502,7 @@ class RelayService(Service):
     @param endpointFactory: C{endpointFactory(host, port) ->
         IStreamClientEndpoint}; a C{HostnameEndpoint} if L{None} (tests
         replace it), which for MX hosts connects only to public addresses
-        (L{isPublicAddress}).
+        (L{pop3gw.relay.mx.isPublicAddress}).
     """
 
 
@@ -682,7 +542,6 @@ class RelayService(Service):
         self.relayUsername = relayUsername
         self.relayPassword = relayPassword
         self.relayVerifyTLS = relayVerifyTLS
-        self.resolver = resolver
         self.clientTLS = clientTLS
         self.schedule = tuple(schedule)
         self.lifetime = lifetime
@@ -697,7 +556,7 @@ class RelayService(Service):
         self._sessions: set = set()
         self._flushLoop: Optional[LoopingCall] = None
         self._flushMtime: Optional[int] = None
-        self._ownResolver = None
+        self.mx = MXResolver(reactor, resolver)
 
     # -- service life --------------------------------------------------
 
@@ -738,12 +597,7 @@ class RelayService(Service):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
-        if self._ownResolver is not None:
-            # The resolver we made re-reads resolv.conf on a timer.
-            parseCall = getattr(self._ownResolver, "_parseCall", None)
-            if parseCall is not None and parseCall.active():
-                parseCall.cancel()
-            self.resolver = self._ownResolver = None
+        self.mx.stop()
         for session in list(self._sessions):
             if session.protocol is not None and session.protocol.transport is not None:
                 session.protocol.transport.abortConnection()
@@ -983,8 +837,8 @@ class RelayService(Service):
     @defer.inlineCallbacks
     def _deliverDomain(self, entry: Entry, domain: str, recipients: list):
         try:
-            hosts = yield self._mailHosts(domain)
-        except _PermanentLookupFailure as e:
+            hosts = yield self.mx.mailHosts(domain)
+        except PermanentLookupFailure as e:
             self.log.warn(
                 "relay: {queueId} domain={domain} result=failed: {why}",
                 queueId=entry.queueId,
@@ -993,7 +847,7 @@ class RelayService(Service):
             )
             return {r: Outcome(OutcomeKind.FAILED, e.status, e.text) for r in recipients}
         except Exception as e:
-            why = _describeDNSFailure(domain, e)
+            why = describeDNSFailure(domain, e)
             self.log.warn(
                 "relay: {queueId} domain={domain} result=deferred: {why}",
                 queueId=entry.queueId,
@@ -1002,77 +856,6 @@ class RelayService(Service):
             )
             return {r: Outcome(OutcomeKind.DEFERRED, "4.4.3", why) for r in recipients}
         return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False))
-
-    @defer.inlineCallbacks
-    def _mailHosts(self, domain: str):
-        """
-        @return: a Deferred firing with the host names to try for
-            C{domain}, best first.
-        @raise _PermanentLookupFailure: the domain does not exist or has a
-            null MX.
-        """
-        if self.resolver is None:
-            from twisted.names import client
-
-            self.resolver = self._ownResolver = client.Resolver(
-                resolv="/etc/resolv.conf", reactor=_QuietDatagramReactor(self.reactor)
-            )
-        try:
-            answers, _, _ = yield self.resolver.lookupMailExchange(domain)
-        except dnserror.DNSNameError:
-            raise _PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
-        records = []
-        for rr in answers:
-            if rr.type == dns.MX:
-                name = str(rr.payload.name).lower().rstrip(".")
-                records.append((rr.payload.preference, name))
-        if records:
-            if any(name == "" for _, name in records):
-                raise _PermanentLookupFailure("5.1.10", f"domain {domain} accepts no mail (null MX)")
-            records.sort(key=lambda r: r[0])
-            hosts: list = []
-            for _, name in records:
-                if name not in hosts:
-                    hosts.append(name)
-            usable = []
-            for host in hosts:
-                try:
-                    addresses = yield self._addresses(host)
-                except Exception:
-                    # Unknown yet: the connection will tell (and connects
-                    # only to public addresses).
-                    usable.append(host)
-                    continue
-                if not addresses or any(isPublicAddress(a) for a in addresses):
-                    usable.append(host)
-            if not usable:
-                raise _PermanentLookupFailure("5.4.4", f"domain {domain} has no usable mail exchanger")
-            return usable
-        # No MX: the domain itself is the implicit MX (RFC 5321 5.1) if it
-        # has an address.
-        try:
-            addresses = yield self._addresses(domain)
-        except dnserror.DNSNameError:
-            raise _PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
-        if not addresses:
-            raise _PermanentLookupFailure("5.1.2", f"domain {domain} has no mail exchanger")
-        if not any(isPublicAddress(a) for a in addresses):
-            raise _PermanentLookupFailure("5.4.4", f"domain {domain} has no usable mail exchanger")
-        return [domain]
-
-    @defer.inlineCallbacks
-    def _addresses(self, host: str):
-        """
-        @return: a Deferred firing with the IPv4 and IPv6 addresses of
-            C{host}, as text.
-        """
-        addresses = []
-        for lookup, rrtype in ((self.resolver.lookupAddress, dns.A), (self.resolver.lookupIPV6Address, dns.AAAA)):
-            answers, _, _ = yield lookup(host)
-            for rr in answers:
-                if rr.type == rrtype:
-                    addresses.append(rr.payload.dottedQuad() if rrtype == dns.A else _ipv6Text(rr.payload))
-        return addresses
 
     @defer.inlineCallbacks
     def _sendVia(self, entry: Entry, domain: str, hosts: list, port: int, recipients: list, relay: bool):
@@ -1159,7 +942,7 @@ class RelayService(Service):
         """
         The endpoint to an MX host: only its public addresses are tried.
         """
-        return HostnameEndpoint(_PublicOnlyReactor(self.reactor), host, port, timeout=self.connectTimeout)
+        return HostnameEndpoint(PublicOnlyReactor(self.reactor), host, port, timeout=self.connectTimeout)
 
     def _session(
         self, entry: Entry, host: str, port: int, recipients: list, relay: bool, useTLS: bool = True
