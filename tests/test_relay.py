@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import email
-import io
 import os
 import threading
 
@@ -23,7 +22,7 @@ from twisted.trial import unittest
 from pop3gw.address import Address
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
 from pop3gw.queue import DELIVERED, FAILED, PENDING, OutboundQueue, formatEntry, listEntries, requestFlush
-from pop3gw.relay.service import STOP_GRACE, RelayService, _DotStuffer
+from pop3gw.relay.service import STOP_GRACE, RelayService
 
 
 from tests.queuehelpers import (
@@ -46,38 +45,6 @@ from tests.queuehelpers import (
     readJSON,
     successReplies,
 )
-
-
-class DotStufferTests(unittest.SynchronousTestCase):
-    """
-    Tests for the dot-stuffing reader used for C{DATA}.
-    """
-
-    def test_smallReads(self):
-        """
-        Lines starting with a dot get a second one, whatever the read size;
-        a dot in the middle of a line is left alone.
-        """
-        source = b".a\r\nb.c\r\n\r\n..d\r\n" + b"x" * 70000 + b"\r\n.e\r\n"
-        expected = b"..a\r\nb.c\r\n\r\n...d\r\n" + b"x" * 70000 + b"\r\n..e\r\n"
-        for size in (1, 3, 16384):
-            reader = _DotStuffer(io.BytesIO(source))
-            chunks = []
-            while True:
-                chunk = reader.read(size)
-                if not chunk:
-                    break
-                self.assertLessEqual(len(chunk), size)
-                chunks.append(chunk)
-            self.assertEqual(b"".join(chunks), expected)
-
-    def test_longLineWithDot(self):
-        """
-        A dot after a line-length read boundary inside one long line is not
-        at a line start and is not doubled.
-        """
-        source = b"y" * (64 * 1024) + b".z\r\n"
-        self.assertEqual(_DotStuffer(io.BytesIO(source)).read(), source)
 
 
 class RelayTestMixin(QueueTestMixin):
@@ -1373,65 +1340,6 @@ class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.enqueue()
         self.clock.advance(0)
         self.assertFalse(self.connects[0].factory.noisy)
-
-
-class DescribeErrorTests(unittest.SynchronousTestCase):
-    """
-    Tests for the plain words given to Twisted's SMTP client errors.
-    """
-
-    def test_starttlsRefused(self):
-        """
-        A server that refuses STARTTLS is named with its reply code.
-        """
-        from twisted.mail.smtp import TLSError
-
-        from pop3gw.relay.service import _describeError
-
-        exc = TLSError(454, b"Could not complete the SSL/TLS handshake")
-        self.assertEqual(_describeError(exc, False), "server refused STARTTLS (reply code 454)")
-
-    def test_starttlsFailedLocally(self):
-        """
-        When TLS could not be started after the server's 220, Twisted's
-        made-up 451 is not passed off as the server's reply.
-        """
-        from twisted.mail.smtp import TLSError
-
-        from pop3gw.relay.service import _describeError
-
-        exc = TLSError(451, b"Could not complete the SSL/TLS handshake")
-        self.assertEqual(_describeError(exc, False, starttlsBegun=True), "TLS could not be started")
-
-    def test_malformedChallenge(self):
-        """
-        A malformed AUTH challenge is named as such, without Twisted's 501.
-        """
-        from twisted.mail.smtp import AuthenticationError
-
-        from pop3gw.relay.service import _describeError
-
-        exc = AuthenticationError(
-            501, b"Login failed because the SMTP Server returned a malformed Authentication Challenge"
-        )
-        self.assertEqual(_describeError(exc, True), "smarthost sent a malformed AUTH challenge")
-
-    def test_connectFailures(self):
-        """
-        TCP connection failures are named in plain words.
-        """
-        from twisted.internet import error as ierror
-
-        from pop3gw.relay.service import _describeConnectFailure
-
-        cases = [
-            (ierror.ConnectionRefusedError(), "connection refused"),
-            (ierror.TimeoutError(), "connection timed out"),
-            (ierror.TCPTimedOutError(), "connection timed out"),
-            (ierror.DNSLookupError("x"), "host name not found"),
-            (ierror.NoRouteError(), "no route to host"),
-        ]
-        self.assertEqual([_describeConnectFailure(Failure(e)) for e, _ in cases], [w for _, w in cases])
 
 
 class RemoteTextInLogTests(RelayTestMixin, unittest.SynchronousTestCase):

@@ -77,36 +77,20 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Optional, Sequence
 
-from OpenSSL import SSL
 from twisted.application.service import Service
-from twisted.internet import defer, error as ierror, protocol
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.mail.smtp import (
-    AUTHDeclinedError,
-    AUTHRequiredError,
-    AuthenticationError,
-    EHLORequiredError,
-    ESMTPClient,
-    LOGINAuthenticator,
-    PLAINAuthenticator,
-    SMTPClientError,
-    SMTPConnectError,
-    SMTPProtocolError,
-    SMTPTimeoutError,
-    TLSError,
-    TLSRequiredError,
-)
 from twisted.python.failure import Failure
 
 import re
 
 from pop3gw import events
-from pop3gw.address import Address, describePeer, isLoopback
 from pop3gw.dsn import makeBounce, oneLine
 from pop3gw.interfaces import IQueueStore, UnknownUser
 from pop3gw.queue import DELIVERED, FAILED, Entry, Outcome, OutcomeKind
+from pop3gw.relay.client import SessionResult, TLSPolicy, deliverOnce
 from pop3gw.relay.mx import MXResolver, PermanentLookupFailure, PublicOnlyReactor, describeDNSFailure
 
 # --- Limits and defaults ------------------------------------------------
@@ -148,325 +132,6 @@ _READ_LINE = 64 * 1024
 LOG_NAMESPACE = "pop3gw.queue.RelayService"
 
 _ENHANCED = re.compile(rb"^([245])\.\d{1,3}\.\d{1,3}(?=\s|$)")
-
-
-# --- The SMTP client ---------------------------------------------------------
-
-
-class _DotStuffer:
-    """
-    A read-only file wrapper giving the queued message dot-stuffed (RFC 5321
-    4.5.2); the message already has CRLF line ends.
-    """
-
-    def __init__(self, f):
-        self._file = f
-        self._buffer = b""
-        self._atLineStart = True
-
-    def read(self, n: int = -1) -> bytes:
-        parts = [self._buffer]
-        size = len(self._buffer)
-        while n < 0 or size < n:
-            line = self._file.readline(_READ_LINE)
-            if not line:
-                break
-            if self._atLineStart and line.startswith(b"."):
-                line = b"." + line
-            self._atLineStart = line.endswith(b"\n")
-            parts.append(line)
-            size += len(line)
-        data = b"".join(parts)
-        if n < 0:
-            n = len(data)
-        out, self._buffer = data[:n], data[n:]
-        return out
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _outcomeForReply(code: int, resp: bytes | str) -> Outcome:
-    if isinstance(resp, str):
-        resp = resp.encode("utf-8", "replace")
-    text = oneLine(resp)
-    diagnostic = f"{code:03d} {text}" if code > 0 else text
-    match = _ENHANCED.match(resp or b"")
-    if 200 <= code < 300:
-        return Outcome(OutcomeKind.DELIVERED, "2.0.0", diagnostic)
-    if 500 <= code < 600:
-        kind, cls = OutcomeKind.FAILED, "5"
-    else:
-        kind, cls = OutcomeKind.DEFERRED, "4"
-    if match is not None and match.group(1).decode() == cls:
-        status = match.group(0).decode()
-    else:
-        status = f"{cls}.0.0"
-    return Outcome(kind, status, diagnostic)
-
-
-def _describeError(exc: Exception, credentials: bool, starttlsBegun: bool = False) -> str:
-    """
-    Why an SMTP client session broke, in plain words for the log and
-    C{pop3gw queue list}.
-
-    Twisted's client errors carry either the remote server's reply or a
-    code and text Twisted made up (C{TLSRequiredError} says C{502 Server
-    does not support secure communication via TLS / SSL} although no server
-    sent a 502): a real reply is quoted, a made-up one is replaced by what
-    actually happened.
-
-    @param exc: the error given to C{sendError}.
-    @param credentials: whether relay credentials are configured (TLS is
-        then required for them, not for certificate verification).
-    @param starttlsBegun: whether the server had accepted STARTTLS (a TLS
-        error then comes from starting TLS here, with a made-up 451).
-    """
-    if isinstance(exc, TLSRequiredError):
-        if credentials:
-            return "smarthost offers no STARTTLS and relay credentials are sent only over TLS"
-        return "smarthost offers no STARTTLS and certificate verification is on"
-    if isinstance(exc, AUTHRequiredError):
-        return "smarthost offers no AUTH mechanism pop3gw supports (PLAIN, LOGIN)"
-    if isinstance(exc, EHLORequiredError):
-        return "server refused EHLO, which STARTTLS and AUTH need"
-    if isinstance(exc, TLSError):
-        if exc.code > 0 and not starttlsBegun:
-            return f"server refused STARTTLS (reply code {exc.code:03d})"
-        return "TLS could not be started"
-    if isinstance(exc, AUTHDeclinedError):
-        return "smarthost refused the relay credentials: " + _outcomeForReply(exc.code, exc.resp).diagnostic
-    if isinstance(exc, AuthenticationError):
-        if exc.code == 501 and exc.resp.startswith(b"Login failed because"):
-            return "smarthost sent a malformed AUTH challenge"
-        return "smarthost refused authentication: " + _outcomeForReply(exc.code, exc.resp).diagnostic
-    if isinstance(exc, SMTPTimeoutError):
-        return f"no reply from the server within {RESPONSE_TIMEOUT} seconds"
-    if isinstance(exc, SMTPConnectError) and exc.code > 0:
-        return "server refused the session: " + _outcomeForReply(exc.code, exc.resp).diagnostic
-    if isinstance(exc, SMTPProtocolError) and exc.code <= 0:
-        return "the server sent a malformed reply"
-    if isinstance(exc, SMTPClientError):
-        if exc.code > 0:
-            return "server replied " + _outcomeForReply(exc.code, exc.resp).diagnostic
-        return oneLine(exc.resp)
-    return oneLine(f"{exc.__class__.__name__}: {exc}")
-
-
-def _describeConnectFailure(f: Failure) -> str:
-    """
-    Why a TCP connection to a mail server could not be made, in plain words.
-    """
-    if f.check(ierror.ConnectingCancelledError, defer.CancelledError):
-        return "connection attempt cancelled"
-    if f.check(ierror.ConnectionRefusedError):
-        return "connection refused"
-    if f.check(ierror.TimeoutError, ierror.TCPTimedOutError):
-        return "connection timed out"
-    if f.check(ierror.DNSLookupError):
-        return "host name not found"
-    if f.check(ierror.NoRouteError):
-        return "no route to host"
-    return oneLine(f"cannot connect: {f.getErrorMessage()}")
-
-
-class _Session:
-    """
-    The state and result of one SMTP connection carrying one message to
-    some recipients.
-
-    @ivar outcomes: L{Outcome} per recipient L{Address} that got a
-        definitive reply.  Recipients missing from it (the session broke
-        first) may be tried on another host.
-    @ivar error: why the session broke, if it did.
-    """
-
-    def __init__(self, sender: Optional[Address], recipients: Sequence[Address], message):
-        self.senderText = "" if sender is None else str(sender)
-        self.recipients = {str(r): r for r in recipients}
-        self.message = message
-        self.outcomes: dict = {}
-        self.error: Optional[str] = None
-        self.tls = False
-        self.contextFactory = None
-        self.verifyingContext = False
-        self.starttlsBegun = False
-        self.tlsHandshakeFailed = False
-        self.protocol: Optional["_RelayClient"] = None
-        self.connecting: Optional[defer.Deferred] = None
-        self.done: defer.Deferred = defer.Deferred()
-
-    def recordSent(self, code: int, resp: bytes, addresses: list) -> None:
-        if not addresses:
-            # MAIL FROM refused: the reply applies to every recipient.
-            outcome = _outcomeForReply(code, resp)
-            for r in self.recipients.values():
-                self.outcomes[r] = outcome
-            return
-        for addr, rcode, rresp in addresses:
-            if isinstance(addr, bytes):
-                addr = addr.decode("utf-8")
-            recipient = self.recipients.get(addr)
-            if recipient is None:
-                continue
-            if 200 <= rcode < 300:
-                self.outcomes[recipient] = _outcomeForReply(code, resp)
-            else:
-                self.outcomes[recipient] = _outcomeForReply(rcode, rresp)
-
-    def recordError(self, why: str) -> None:
-        """
-        Record why the session broke (plain words, see L{_describeError}),
-        unless a definitive reply came first.
-        """
-        if self.error is None and not self.outcomes:
-            self.error = why
-
-    def tlsVerified(self) -> bool:
-        """
-        Whether the message went over TLS to a peer whose certificate was
-        verified: always, when C{contextFactory} refuses unverified peers
-        (C{verifyingContext}: a smarthost with verification on); otherwise
-        an opportunistic context's C{result.verified} (see
-        L{pop3gw.tls.OpportunisticClientTLS}) says.
-        """
-        if not self.tls:
-            return False
-        if self.verifyingContext:
-            return True
-        result = getattr(self.contextFactory, "result", None)
-        return getattr(result, "verified", None) is True
-
-    def finish(self, reason: Optional[Failure]) -> None:
-        if self.done.called:
-            return
-        if self.error is None and len(self.outcomes) < len(self.recipients):
-            why = "connection lost" if reason is None else oneLine(reason.getErrorMessage())
-            self.error = f"connection lost before the end: {why}"
-        if self.message is not None:
-            with contextlib.suppress(OSError):
-                self.message.close()
-        self.done.callback(self)
-
-
-class _RelayClient(ESMTPClient):
-    """
-    An ESMTP client sending one message for a L{_Session}: opportunistic or
-    required STARTTLS, optional AUTH, per-recipient results, no retries of
-    its own.
-    """
-
-    # The line log would hold AUTH lines; nothing here reads it.
-    debug = False
-
-    def __init__(
-        self,
-        session: _Session,
-        identity: str,
-        tlsFor: Callable[[str], tuple],
-        username: Optional[str],
-        password: Optional[str],
-    ):
-        secret = None if password is None else password.encode("utf-8")
-        ESMTPClient.__init__(self, secret, None, identity.encode("ascii", "replace"))
-        self.session = session
-        self._tlsFor = tlsFor
-        self._mailFromSent = False
-        self.timeout = RESPONSE_TIMEOUT
-        if username is not None and password is not None:
-            user = username.encode("utf-8")
-            self.registerAuthenticator(PLAINAuthenticator(user))
-            self.registerAuthenticator(LOGINAuthenticator(user))
-            self.requireAuthentication = True
-            self.requireTransportSecurity = True
-            self.heloFallback = False
-        else:
-            self.requireAuthentication = False
-
-    def connectionMade(self):
-        # The TLS rule depends on the address actually connected to (a
-        # loopback smarthost may be plaintext), known only now.
-        context, required, verifying = self._tlsFor(describePeer(self.transport.getPeer()))
-        self.context = self.session.contextFactory = context
-        self.session.verifyingContext = verifying
-        if not self.requireAuthentication:
-            self.requireTransportSecurity = required
-            self.heloFallback = not required
-        ESMTPClient.connectionMade(self)
-
-    def getMailFrom(self):
-        if self._mailFromSent:
-            return None
-        self._mailFromSent = True
-        return self.session.senderText
-
-    def getMailTo(self):
-        return list(self.session.recipients)
-
-    def getMailData(self):
-        return _DotStuffer(self.session.message)
-
-    def transformChunk(self, chunk: bytes) -> bytes:
-        # The data is already CRLF and dot-stuffed by _DotStuffer.
-        self.resetTimeout()
-        return chunk
-
-    def esmtpState_starttls(self, code, resp):
-        # Replies that arrived after the 220 came in plaintext, possibly
-        # injected by a man in the middle; only what comes over TLS may be
-        # acted on (the client side of CVE-2011-0411).
-        self._buffer = b""
-        self.session.starttlsBegun = True
-        ESMTPClient.esmtpState_starttls(self, code, resp)
-
-    def smtpState_msgSent(self, code, resp):
-        # One message per connection: report it, then QUIT (no RSET).
-        if self._from is not None:
-            self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
-        self._from = None
-        self._disconnectFromServer()
-
-    def sentMail(self, code, resp, numOk, addresses, log):
-        self.session.tls = self._tlsMode
-        self.session.recordSent(code, resp, addresses)
-
-    def sendError(self, exc):
-        self.session.recordError(_describeError(exc, self.requireAuthentication, self.session.starttlsBegun))
-        ESMTPClient.sendError(self, exc)
-
-    def connectionLost(self, reason=protocol.connectionDone):
-        if self.session.starttlsBegun and not self.session.outcomes and reason is not None and reason.check(SSL.Error):
-            self.session.tlsHandshakeFailed = True
-        ESMTPClient.connectionLost(self, reason)
-        self.session.finish(reason)
-
-
-class _RelayClientFactory(protocol.Factory):
-    """
-    Builds the one L{_RelayClient} of a L{_Session}.
-    """
-
-    # One connection per session: "Starting factory" / "Stopping factory"
-    # lines for each would only be noise in the log.
-    noisy = False
-
-    def __init__(self, session: _Session, identity: str, tlsFor, username, password, clock):
-        self.session = session
-        self.clock = clock
-        self.identity = identity
-        self.tlsFor = tlsFor
-        self.username = username
-        self.password = password
-
-    def buildProtocol(self, addr):
-        p = _RelayClient(
-            self.session, self.identity, self.tlsFor, self.username, self.password
-        )
-        # The response timeout runs on our clock, not the global reactor.
-        p.callLater = self.clock.callLater
-        p.factory = self
-        self.session.protocol = p
-        return p
 
 
 # --- The relay service -------------------------------------------------------
@@ -553,7 +218,7 @@ class RelayService(Service):
         self.entries: dict = {}
         self._timers: dict = {}
         self._waiters: dict = {}
-        self._sessions: set = set()
+        self._connections: set = set()
         self._flushLoop: Optional[LoopingCall] = None
         self._flushMtime: Optional[int] = None
         self.mx = MXResolver(reactor, resolver)
@@ -598,11 +263,8 @@ class RelayService(Service):
                 timer.cancel()
         self._timers.clear()
         self.mx.stop()
-        for session in list(self._sessions):
-            if session.protocol is not None and session.protocol.transport is not None:
-                session.protocol.transport.abortConnection()
-            elif session.connecting is not None and not session.connecting.called:
-                session.connecting.cancel()
+        for connection in list(self._connections):
+            connection.abort()
         if not self._waiters:
             return defer.succeed(None)
         waits = []
@@ -872,7 +534,7 @@ class RelayService(Service):
                     queueId=entry.queueId,
                     host=host,
                     port=port,
-                    error=events.sanitize(session.error, events.MAX_LOGGED_REPLY),
+                    error=events.sanitize(session.error.text if session.error else "-", events.MAX_LOGGED_REPLY),
                 )
                 session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay, False)
             outcomes.update(session.outcomes)
@@ -880,13 +542,13 @@ class RelayService(Service):
             remaining = [r for r in remaining if r not in session.outcomes]
             if not remaining:
                 break
-            lastError = f"{host}: {session.error}"
+            lastError = f"{host}: {session.error.text}"
         for r in remaining:
             outcomes[r] = Outcome(OutcomeKind.DEFERRED, "4.4.1", oneLine(lastError))
         return outcomes
 
     def _logSession(
-        self, entry: Entry, domain: str, host: str, port: int, session: "_Session", recipients: list, relay: bool
+        self, entry: Entry, domain: str, host: str, port: int, session: SessionResult, recipients: list, relay: bool
     ) -> None:
         """
         Log the result of one session with C{host} for C{recipients}: one
@@ -917,9 +579,9 @@ class RelayService(Service):
             deferred=counts[OutcomeKind.DEFERRED],
             failed=counts[OutcomeKind.FAILED],
             tls="yes" if session.tls else "no",
-            verified="yes" if session.tlsVerified() else "no",
+            verified="yes" if session.verified else "no",
             # Remote text is quoted and escaped: it must not forge log content.
-            error="-" if session.error is None else events.sanitize(session.error, events.MAX_LOGGED_REPLY),
+            error="-" if session.error is None else events.sanitize(session.error.text, events.MAX_LOGGED_REPLY),
         )
         for r, outcome in refused:
             self.log.warn(
@@ -948,62 +610,107 @@ class RelayService(Service):
         self, entry: Entry, host: str, port: int, recipients: list, relay: bool, useTLS: bool = True
     ) -> defer.Deferred:
         """
-        One SMTP connection to C{host} for C{recipients}.
+        One SMTP session with C{host} for C{recipients} (L{deliverOnce}).
 
-        @param useTLS: offer STARTTLS when the peer does (false only for the
-            plaintext retry after a failed opportunistic handshake).
+        @param useTLS: use STARTTLS when the peer offers it (false only for
+            the plaintext retry after a failed opportunistic handshake).
 
-        @return: a Deferred firing with the finished L{_Session}.
+        @return: a Deferred firing with the L{SessionResult}.
         """
         if not self.running:
-            session = _Session(entry.sender, recipients, None)
-            session.error = "relay service stopping"
-            session.finish(None)
-            return session.done
+            return defer.succeed(SessionResult.broken("relay service stopping"))
         try:
             message = self.queue.openMessage(entry)
         except OSError as e:
-            session = _Session(entry.sender, recipients, None)
-            session.error = oneLine(f"cannot read queued message: {e}")
-            session.finish(None)
-            return session.done
-        session = _Session(entry.sender, recipients, message)
-        username = self.relayUsername if relay else None
-        password = self.relayPassword if relay else None
+            return defer.succeed(SessionResult.broken(oneLine(f"cannot read queued message: {e}")))
+        credentials = None
+        if relay and self.relayUsername is not None and self.relayPassword is not None:
+            credentials = (self.relayUsername, self.relayPassword)
+        policy, loopbackPolicy = self._tlsPolicy(relay, credentials is not None, useTLS)
 
-        def tlsFor(peer: str) -> tuple:
-            """
-            @param peer: the address connected to (see L{describePeer}).
-            @return: the client TLS context factory or L{None}, whether TLS
-                is required, and whether the context verifies the peer.
-            """
-            if self.clientTLS is None or not useTLS:
-                return None, False, False
-            if not relay or (username is None and isLoopback(peer)):
-                # verify=None asks for an opportunistic (unverified)
-                # context: MX hosts, and a smarthost on this machine
-                # without credentials (no network to protect).
-                return self.clientTLS(host, None), False, False
-            # A smarthost whose certificate is to be verified must speak
-            # TLS: a stripped STARTTLS must not silently skip the check.
-            return self.clientTLS(host, self.relayVerifyTLS), self.relayVerifyTLS, self.relayVerifyTLS
-
-        factory = _RelayClientFactory(session, self.hostname, tlsFor, username, password, self.reactor)
-        self._sessions.add(session)
-
-        def connectFailed(f: Failure) -> None:
-            session.error = _describeConnectFailure(f)
-            session.finish(None)
-
-        def finished(s: _Session) -> _Session:
-            self._sessions.discard(session)
-            return s
+        def contextFor(policy: TLSPolicy) -> tuple:
+            if not relay:
+                # verify=None asks for an opportunistic (unverified) context.
+                return self.clientTLS(host, None), False
+            if policy is TLSPolicy.REQUIRED_STARTTLS:
+                return self.clientTLS(host, self.relayVerifyTLS), self.relayVerifyTLS
+            # Opportunistic to a smarthost: verification off, or a smarthost
+            # on this machine.
+            return self.clientTLS(host, None if self.relayVerifyTLS else False), False
 
         try:
             endpointFactory = self._endpointFactory if relay else self._mxEndpointFactory
-            d = endpointFactory(host, port).connect(factory)
+            endpoint = _AbortableEndpoint(endpointFactory(host, port))
         except Exception:
-            d = defer.fail()
-        session.connecting = d
-        d.addCallbacks(lambda _: None, connectFailed)
-        return session.done.addCallback(finished)
+            with contextlib.suppress(OSError):
+                message.close()
+            return defer.succeed(SessionResult.broken(oneLine(f"cannot connect: {Failure().getErrorMessage()}")))
+        self._connections.add(endpoint)
+        d = deliverOnce(
+            endpoint,
+            entry.sender,
+            recipients,
+            message,
+            policy,
+            credentials,
+            identity=self.hostname,
+            clock=self.reactor,
+            contextFor=contextFor if self.clientTLS is not None else None,
+            loopbackPolicy=loopbackPolicy,
+        )
+
+        def finished(result: SessionResult) -> SessionResult:
+            self._connections.discard(endpoint)
+            return result
+
+        return d.addCallback(finished)
+
+    def _tlsPolicy(self, relay: bool, credentials: bool, useTLS: bool) -> tuple:
+        """
+        @return: the L{TLSPolicy} of a session, and the one that replaces it
+            when the peer turns out to be on this machine (or L{None}).
+        """
+        if self.clientTLS is None or not useTLS:
+            return TLSPolicy.NONE, None
+        if not relay:
+            return TLSPolicy.OPPORTUNISTIC, None
+        if credentials:
+            # Credentials go only over TLS, to loopback too.
+            return TLSPolicy.REQUIRED_STARTTLS, None
+        if self.relayVerifyTLS:
+            # A smarthost whose certificate is to be verified must speak
+            # TLS (a stripped STARTTLS must not skip the check), unless it
+            # is on this machine, where there is no network to protect.
+            return TLSPolicy.REQUIRED_STARTTLS, TLSPolicy.OPPORTUNISTIC
+        return TLSPolicy.OPPORTUNISTIC, None
+
+
+class _AbortableEndpoint:
+    """
+    An endpoint that remembers its one connection attempt, so that the
+    relay can abort it when it stops.
+    """
+
+    def __init__(self, endpoint) -> None:
+        self._endpoint = endpoint
+        self._connecting: Optional[defer.Deferred] = None
+        self._protocol = None
+
+    def connect(self, factory) -> defer.Deferred:
+        self._connecting = self._endpoint.connect(factory)
+
+        def connected(p):
+            self._protocol = p
+            return p
+
+        return self._connecting.addCallback(connected)
+
+    def abort(self) -> None:
+        """
+        Abort the connection, or cancel the attempt to make it.
+        """
+        transport = getattr(self._protocol, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        elif self._connecting is not None and not self._connecting.called:
+            self._connecting.cancel()
