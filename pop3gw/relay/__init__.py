@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.test_relay_service -*-
 """
 Relaying the outbound queue (L{pop3gw.queue}) to smarthosts and MX hosts.
 """

@@ -1,7 +1,9 @@
 """
-Tests for L{pop3gw.relay}: the relay service's scheduling and results, MX
-handling, the SMTP client conversation, and one end-to-end relay to a real
-(aiosmtpd) server on 127.0.0.1.
+Tests for L{pop3gw.relay.service} and L{pop3gw.relay.dispatch}: the relay
+service's scheduling and lifecycle with a fake L{deliverOnce} and a fake
+resolver, then the whole relay (service, dispatch and the real client)
+over fake endpoints: results, MX handling, smarthost rules, log lines, and
+one end-to-end relay to a real (aiosmtpd) server on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+import attr
+
 from pop3gw.address import Address
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
-from pop3gw.queue import DELIVERED, FAILED, PENDING, OutboundQueue, formatEntry, listEntries, requestFlush
+from pop3gw.queue import DELIVERED, FAILED, PENDING, OutboundQueue, Outcome, OutcomeKind, formatEntry, listEntries, requestFlush
+from pop3gw.relay.client import Phase, RelayError, SessionResult, TLSPolicy
 from pop3gw.relay.service import STOP_GRACE, RelayService
 
 
@@ -45,6 +50,197 @@ from tests.queuehelpers import (
     readJSON,
     successReplies,
 )
+
+
+class FakeDeliverOnce:
+    """
+    Stands in for L{deliverOnce}: records each call (the message is read
+    and closed) and returns a Deferred the test fires with a
+    L{SessionResult}.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, endpoint, sender, recipients, message, tlsPolicy, credentials=None, **kw):
+        with message:
+            data = message.read()
+        call = attr.make_class("Call", ["endpoint", "sender", "recipients", "data", "tlsPolicy", "credentials", "kw", "result"])(
+            endpoint.endpoint, sender, list(recipients), data, tlsPolicy, credentials, kw, defer.Deferred()
+        )
+        self.calls.append(call)
+        return call.result
+
+
+DELIVERED_OK = Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")
+
+
+class SchedulingTests(QueueTestMixin, unittest.SynchronousTestCase):
+    """
+    L{RelayService} with a fake L{deliverOnce} and a fake resolver: when
+    attempts are made, what they are given, and what their results do.
+    """
+
+    def setUp(self):
+        self.setUpQueue()
+        self.deliver = FakeDeliverOnce()
+        self.bounces = []
+        self.resolver = FakeResolver(
+            mx={"remote.example": [(10, "a.mx.example"), (20, "b.mx.example")], "other.example": [(5, "mx.other.example")]}
+        )
+
+    def startRelay(self, **kw):
+        args = dict(
+            resolver=self.resolver,
+            endpointFactory=lambda host, port: (host, port),
+            deliverOnce=self.deliver,
+            schedule=(60, 600),
+        )
+        args.update(kw)
+        self.relay = RelayService(self.queue, self.clock, "mx.example.org", self.bounceDelivery, **args)
+        self.relay.startService()
+        self.addCleanup(self.stopRelay)
+
+    def stopRelay(self):
+        for call in self.deliver.calls:
+            if not call.result.called:
+                call.result.callback(SessionResult.broken("test over"))
+        self.relay.stopService()
+
+    def bounceDelivery(self, sender, data):
+        self.bounces.append((sender, data))
+        return defer.succeed(None)
+
+    def test_attemptRecordedBeforeDelivery(self):
+        """
+        A new entry is handed to C{deliverOnce} at once, with the queued
+        message, after its attempt is on disk.
+        """
+        self.startRelay()
+        entry = self.enqueue()
+        self.clock.advance(0)
+        [call] = self.deliver.calls
+        self.assertEqual((call.endpoint, call.sender, call.recipients, call.data), (("a.mx.example", 25), ALICE, [BOB], STORED))
+        data = readJSON(self.root, entry.queueId)
+        self.assertEqual((data["attempts"], data["nextAttempt"]), (1, 1060.0))
+
+    def test_outcomesApplied(self):
+        """
+        The session's outcomes decide each recipient: delivered ones are
+        done, failed ones bounced once, and the entry leaves the queue.
+        """
+        self.startRelay()
+        self.enqueue(recipients=[BOB, CAROL])
+        self.clock.advance(0)
+        [call] = self.deliver.calls
+        call.result.callback(
+            SessionResult({BOB: DELIVERED_OK, CAROL: Outcome(OutcomeKind.FAILED, "5.1.1", "550 5.1.1 unknown")}, None)
+        )
+        self.assertEqual(listEntries(self.root), [])
+        [(sender, data)] = self.bounces
+        self.assertEqual(sender, ALICE)
+        self.assertIn(b"carol@remote.example", data)
+        self.assertNotIn(b"bob@remote.example", data.split(b"\r\n\r\n", 1)[1].split(b"Content-Type: text/rfc822-headers")[0])
+
+    def test_brokenSessionTriesNextHost(self):
+        """
+        Recipients a session did not answer for go to the next mail
+        exchanger in the same attempt; once no host is left they stay
+        pending with the last error, and are tried again on schedule.
+        """
+        self.startRelay()
+        self.enqueue(recipients=[BOB, CAROL])
+        self.clock.advance(0)
+        self.deliver.calls[0].result.callback(SessionResult.broken("connection refused"))
+        second = self.deliver.calls[1]
+        self.assertEqual((second.endpoint, second.recipients), (("b.mx.example", 25), [BOB, CAROL]))
+        lost = RelayError(False, 0, "4.4.1", Phase.DATA, "connection lost before the end: gone")
+        second.result.callback(SessionResult({BOB: DELIVERED_OK}, lost))
+        self.assertEqual(len(self.deliver.calls), 2)
+        [stored] = listEntries(self.root)
+        self.assertEqual([r.state for r in stored.recipients], [DELIVERED, PENDING])
+        self.assertEqual(stored.lastError, "carol@remote.example: b.mx.example: connection lost before the end: gone")
+        self.clock.advance(60)
+        third = self.deliver.calls[2]
+        self.assertEqual((third.endpoint, third.recipients), (("a.mx.example", 25), [CAROL]))
+
+    def test_mxPolicy(self):
+        """
+        To MX hosts TLS is opportunistic, without credentials.
+        """
+        self.startRelay(clientTLS=lambda host, verify: "CTX")
+        self.enqueue()
+        self.clock.advance(0)
+        [call] = self.deliver.calls
+        self.assertEqual((call.tlsPolicy, call.credentials, call.kw["loopbackPolicy"]), (TLSPolicy.OPPORTUNISTIC, None, None))
+
+    def test_smarthostPolicies(self):
+        """
+        To a smarthost: STARTTLS required when verifying (opportunistic if
+        it is on loopback), required with credentials (on loopback too),
+        opportunistic with verification off, none without TLS.
+        """
+        cases = [
+            (dict(), (TLSPolicy.REQUIRED_STARTTLS, None, TLSPolicy.OPPORTUNISTIC)),
+            (dict(relayUsername="gw", relayPassword="pw"), (TLSPolicy.REQUIRED_STARTTLS, ("gw", "pw"), None)),
+            (dict(relayVerifyTLS=False), (TLSPolicy.OPPORTUNISTIC, None, None)),
+            (dict(clientTLS=None), (TLSPolicy.NONE, None, None)),
+        ]
+        for kw, expected in cases:
+            self.deliver.calls[:] = []
+            args = dict(relayHost="smarthost.example", clientTLS=lambda host, verify: "CTX")
+            args.update(kw)
+            self.startRelay(**args)
+            self.enqueue()
+            self.clock.advance(0)
+            [call] = self.deliver.calls
+            self.assertEqual((call.tlsPolicy, call.credentials, call.kw["loopbackPolicy"]), expected, kw)
+            self.assertEqual(call.endpoint[0], "smarthost.example")
+            self.stopRelay()
+
+    def test_contextForPolicy(self):
+        """
+        The context handed over for a policy: verified against the
+        smarthost's name when STARTTLS is required, opportunistic
+        (C{verify=None}) otherwise.
+        """
+        asked = []
+        self.startRelay(relayHost="smarthost.example", clientTLS=lambda host, verify: asked.append((host, verify)) or "CTX")
+        self.enqueue()
+        self.clock.advance(0)
+        contextFor = self.deliver.calls[0].kw["contextFor"]
+        self.assertEqual(contextFor(TLSPolicy.REQUIRED_STARTTLS), ("CTX", True))
+        self.assertEqual(contextFor(TLSPolicy.OPPORTUNISTIC), ("CTX", False))
+        self.assertEqual(asked, [("smarthost.example", True), ("smarthost.example", None)])
+
+    def test_failedHandshakeRetriedInPlaintext(self):
+        """
+        When opportunistic TLS fails to negotiate with an MX host, the same
+        host is tried again at once without TLS.
+        """
+        self.startRelay(clientTLS=lambda host, verify: "CTX")
+        self.enqueue()
+        self.clock.advance(0)
+        self.deliver.calls[0].result.callback(
+            SessionResult({}, RelayError(False, 0, "4.4.1", Phase.STARTTLS, "TLS could not be started"), tlsHandshakeFailed=True)
+        )
+        second = self.deliver.calls[1]
+        self.assertEqual((second.endpoint, second.tlsPolicy), (("a.mx.example", 25), TLSPolicy.NONE))
+
+    def test_stopWaitsForTheAttempt(self):
+        """
+        Stopping waits for the attempt in progress to record its result;
+        the hosts not tried yet are not tried.
+        """
+        self.startRelay()
+        entry = self.enqueue()
+        self.clock.advance(0)
+        stopped = self.relay.stopService()
+        self.assertNoResult(stopped)
+        self.deliver.calls[0].result.callback(SessionResult.broken("connection lost before the end: aborted"))
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.deliver.calls), 1)
+        self.assertEqual(readJSON(self.root, entry.queueId)["lastError"], "bob@remote.example: b.mx.example: relay service stopping")
 
 
 class RelayTestMixin(QueueTestMixin):
@@ -1495,10 +1691,10 @@ class InternalAddressTests(RelayTestMixin, unittest.SynchronousTestCase):
         reactor = MemoryReactorClock()
         reactor.nameResolver = NameResolver()
         relay = RelayService(OutboundQueue(self.mktemp(), reactor), reactor, "mx.example.org", lambda s, d: None)
-        relay._defaultMXEndpoint("mx.remote.example", 25).connect(protocol.Factory.forProtocol(protocol.Protocol))
+        relay.dispatcher._defaultMXEndpoint("mx.remote.example", 25).connect(protocol.Factory.forProtocol(protocol.Protocol))
         reactor.advance(10)
         self.assertEqual(sorted({c[0] for c in reactor.tcpClients}), sorted([PUBLIC_V4, PUBLIC_V6]))
         reactor.tcpClients[:] = []
-        relay._defaultEndpoint("smarthost", 25).connect(protocol.Factory.forProtocol(protocol.Protocol))
+        relay.dispatcher._defaultEndpoint("smarthost", 25).connect(protocol.Factory.forProtocol(protocol.Protocol))
         reactor.advance(10)
         self.assertIn("127.0.0.1", {c[0] for c in reactor.tcpClients})
