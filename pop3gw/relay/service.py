@@ -35,7 +35,8 @@ recipients from being marked notified is stored again.
 
 Each attempt is made by a L{pop3gw.relay.dispatch.Dispatcher} (where each
 recipient goes, one L{pop3gw.relay.client.deliverOnce} session per host,
-the log line of each session).  The relay logs under the namespace
+the log line of each session); bounces are stored by a
+L{pop3gw.bounces.Bouncer}.  The relay logs under the namespace
 C{pop3gw.queue.RelayService} (L{LOG_NAMESPACE}), as it always has.
 """
 
@@ -49,9 +50,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3gw.dsn import makeBounce
-from pop3gw.interfaces import IQueueStore, UnknownUser
+from pop3gw.interfaces import IQueueStore
 from pop3gw.queue import DELIVERED, FAILED, Entry
+from pop3gw.bounces import Bouncer
 from pop3gw.relay.client import deliverOnce
 from pop3gw.relay.dispatch import SMTP_PORT, Dispatcher
 
@@ -166,6 +167,9 @@ class RelayService(Service):
         self._waiters: dict = {}
         self._flushLoop: Optional[LoopingCall] = None
         self._flushMtime: Optional[int] = None
+        self.bouncer = Bouncer(
+            queue, reactor, hostname, bounceDelivery, self.log, self.schedule[0], lifetime + self.schedule[-1]
+        )
         self.dispatcher = Dispatcher(
             queue,
             reactor,
@@ -355,7 +359,7 @@ class RelayService(Service):
             outcomes = yield self.dispatcher.deliver(entry, recipients)
             entry.apply(outcomes)
             yield self.queue.saveEntry(entry)
-        yield self._notify(entry)
+        yield self.bouncer.notify(entry)
         if entry.isFinished():
             yield self.queue.removeEntry(entry)
             if self.entries.get(entry.queueId) is entry:
@@ -366,60 +370,3 @@ class RelayService(Service):
                 delivered=sum(r.state == DELIVERED for r in entry.recipients),
                 failed=sum(r.state == FAILED for r in entry.recipients),
             )
-
-    @defer.inlineCallbacks
-    def _notify(self, entry: Entry):
-        """
-        Store one bounce for the failed recipients not yet notified.
-        """
-        failed = entry.unnotified()
-        if not failed:
-            return
-        if entry.sender is None:
-            self.log.warn(
-                "relay: dropping undeliverable message {queueId} with null sender: {recipients}",
-                queueId=entry.queueId,
-                recipients=",".join(str(r.address) for r in failed),
-            )
-        else:
-            headers = yield self.queue.readHeaders(entry)
-            data = makeBounce(
-                self.hostname,
-                entry.sender,
-                [(r.address, r.status or "5.0.0", r.diagnostic or "") for r in failed],
-                headers,
-                entry.queueId,
-                self.reactor.seconds(),
-                arrivalDate=entry.created,
-            )
-            try:
-                yield self.bounceDelivery(entry.sender, data)
-            except UnknownUser:
-                self.log.warn(
-                    "relay: bounce for {queueId} dropped: sender {sender} no longer exists",
-                    queueId=entry.queueId,
-                    sender=str(entry.sender),
-                )
-            except Exception:
-                now = self.reactor.seconds()
-                if now < entry.created + self.lifetime + self.schedule[-1]:
-                    self.log.failure("relay: cannot store the bounce for {queueId}", queueId=entry.queueId)
-                    entry.lastError = "bounce could not be stored"
-                    entry.nextAttempt = now + self.schedule[0]
-                    yield self.queue.saveEntry(entry)
-                    return
-                self.log.failure(
-                    "relay: giving up storing the bounce for {queueId} to {sender}",
-                    queueId=entry.queueId,
-                    sender=str(entry.sender),
-                )
-            else:
-                self.log.info(
-                    "relay: bounce for {queueId} sent to {sender} for {count} recipients",
-                    queueId=entry.queueId,
-                    sender=str(entry.sender),
-                    count=len(failed),
-                )
-        for r in failed:
-            r.notified = True
-        yield self.queue.saveEntry(entry)
