@@ -173,6 +173,19 @@ class DeliverOnceTests(unittest.SynchronousTestCase):
         self.assertEqual((error.code, error.phase), (554, Phase.GREETING))
         self.assertEqual(error.text, "server refused the session: 554 5.3.2 no service")
 
+    def test_startTLSRefusedKeepsTheCode(self):
+        """
+        A server that refuses STARTTLS is named with its own reply code, in
+        the STARTTLS phase (Twisted keeps the code, not the reply text, so
+        the status is the class's generic one).
+        """
+        d = self.deliver(policy=TLSPolicy.REQUIRED_STARTTLS, contextFor=self.contextFor)
+        self.endpoint.serve([GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"454 4.7.0 TLS not available\r\n", b"221 bye\r\n"])
+        self.assertEqual(
+            self.successResultOf(d).error,
+            RelayError(False, 454, "4.0.0", Phase.STARTTLS, "server refused STARTTLS (reply code 454)"),
+        )
+
     def test_opportunisticStartTLS(self):
         """
         Opportunistic TLS uses STARTTLS when offered, with the context

@@ -97,7 +97,10 @@ class RelayError:
     """
     A refusal or a failure of the session, built at the client boundary.
 
-    @ivar permanent: whether retrying cannot help (a 5xx reply).
+    @ivar permanent: whether the reply was a 5xx.  A recipient refused
+        permanently fails; a session that breaks leaves its unanswered
+        recipients pending whatever this says (another host, or a later
+        attempt, may take them).
     @ivar code: the server's reply code, or 0 when the server sent none
         (a connection failure, a time-out, a rule of this client).
     @ivar enhanced: the RFC 3463 status.
@@ -120,7 +123,6 @@ class RelayError:
         """
         if isinstance(resp, str):
             resp = resp.encode("utf-8", "replace")
-        text = oneLine(resp)
         permanent = 500 <= code < 600
         cls_ = "5" if permanent else "4"
         match = _ENHANCED.match(resp or b"")
@@ -128,7 +130,7 @@ class RelayError:
             enhanced = match.group(0).decode()
         else:
             enhanced = f"{cls_}.0.0"
-        return cls(permanent, code, enhanced, phase, f"{code:03d} {text}" if code > 0 else text)
+        return cls(permanent, code, enhanced, phase, _replyText(code, resp))
 
     def outcome(self) -> Outcome:
         """
@@ -287,14 +289,37 @@ def describeError(exc: Exception, credentials: bool, starttlsBegun: bool = False
     return oneLine(f"{exc.__class__.__name__}: {exc}")
 
 
-def _replyText(code: int, resp: bytes) -> str:
-    return RelayError.fromReply(code, resp, Phase.GREETING).text
+def _replyText(code: int, resp: bytes | str) -> str:
+    """
+    A reply as one line, C{"<code> <text>"}.
+    """
+    if isinstance(resp, str):
+        resp = resp.encode("utf-8", "replace")
+    text = oneLine(resp)
+    return f"{code:03d} {text}" if code > 0 else text
+
+
+def _madeUp(exc: Exception, starttlsBegun: bool) -> bool:
+    """
+    Whether the code of a Twisted client error is one Twisted made up
+    rather than a reply the server sent.
+    """
+    if isinstance(exc, (TLSRequiredError, AUTHRequiredError, EHLORequiredError, SMTPTimeoutError)):
+        return True
+    if isinstance(exc, TLSError):
+        # After the server's 220 to STARTTLS, the failure is ours (451).
+        return starttlsBegun
+    if isinstance(exc, AuthenticationError):
+        return exc.code == 501 and exc.resp.startswith(b"Login failed because")
+    return False
 
 
 def _errorFor(exc: Exception, credentials: bool, starttlsBegun: bool, phase: Phase) -> RelayError:
     """
     The L{RelayError} for an exception Twisted's client gave C{sendError}:
-    the server's own reply code when the error carries one it sent, else 0.
+    its text in plain words (L{describeError}); its code, enhanced status
+    and class from the server's reply when the error carries one the server
+    sent, else code 0 and 4.4.1.
     """
     if isinstance(exc, (TLSRequiredError, TLSError)):
         phase = Phase.STARTTLS
@@ -304,12 +329,11 @@ def _errorFor(exc: Exception, credentials: bool, starttlsBegun: bool, phase: Pha
         phase = Phase.EHLO
     elif isinstance(exc, SMTPConnectError):
         phase = Phase.GREETING
-    made = isinstance(exc, (TLSRequiredError, AUTHRequiredError, EHLORequiredError, TLSError, SMTPTimeoutError))
-    made = made or (isinstance(exc, AuthenticationError) and not isinstance(exc, AUTHDeclinedError) and exc.code == 501)
+    text = describeError(exc, credentials, starttlsBegun)
     code = getattr(exc, "code", 0)
-    if made or not isinstance(code, int) or code <= 0:
-        code = 0
-    return RelayError(False, code, "4.4.1" if code == 0 else "4.0.0", phase, describeError(exc, credentials, starttlsBegun))
+    if _madeUp(exc, starttlsBegun) or not isinstance(code, int) or not 400 <= code < 600:
+        return RelayError(False, 0, "4.4.1", phase, text)
+    return attr.evolve(RelayError.fromReply(code, getattr(exc, "resp", b"") or b"", phase), text=text)
 
 
 class _DotStuffer:
@@ -347,7 +371,7 @@ class _DotStuffer:
 
 def _outcomeForReply(code: int, resp: bytes, phase: Phase) -> Outcome:
     if 200 <= code < 300:
-        return Outcome(OutcomeKind.DELIVERED, "2.0.0", f"{code:03d} {oneLine(resp)}")
+        return Outcome(OutcomeKind.DELIVERED, "2.0.0", _replyText(code, resp))
     return RelayError.fromReply(code, resp, phase).outcome()
 
 

@@ -220,21 +220,21 @@ class Dispatcher:
                     queueId=entry.queueId,
                     host=host,
                     port=port,
-                    error=events.sanitize(session.error.text if session.error else "-", events.MAX_LOGGED_REPLY),
+                    error=events.sanitize(_why(session), events.MAX_LOGGED_REPLY),
                 )
                 session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay, False)
             outcomes.update(session.outcomes)
-            self._logSession(entry, domain, host, port, session, remaining, relay)
+            self._logSession(entry, domain, host, port, session, remaining)
             remaining = [r for r in remaining if r not in session.outcomes]
             if not remaining:
                 break
-            lastError = f"{host}: {session.error.text if session.error else 'the session ended without an answer'}"
+            lastError = f"{host}: {_why(session)}"
         for r in remaining:
             outcomes[r] = Outcome(OutcomeKind.DEFERRED, "4.4.1", oneLine(lastError))
         return outcomes
 
     def _logSession(
-        self, entry: Entry, domain: str, host: str, port: int, session: SessionResult, recipients: list, relay: bool
+        self, entry: Entry, domain: str, host: str, port: int, session: SessionResult, recipients: list
     ) -> None:
         """
         Log the result of one session with C{host} for C{recipients}: one
@@ -369,6 +369,13 @@ class Dispatcher:
             # is on this machine, where there is no network to protect.
             return TLSPolicy.REQUIRED_STARTTLS, TLSPolicy.OPPORTUNISTIC
         return TLSPolicy.OPPORTUNISTIC, None
+
+
+def _why(session: SessionResult) -> str:
+    """
+    Why C{session} left recipients without an answer, in plain words.
+    """
+    return session.error.text if session.error is not None else "the session ended without an answer"
 
 
 class _AbortableEndpoint:
