@@ -164,6 +164,20 @@ class SchedulingTests(QueueTestMixin, unittest.SynchronousTestCase):
         third = self.deliver.calls[2]
         self.assertEqual((third.endpoint, third.recipients), (("a.mx.example", 25), [CAROL]))
 
+    def test_logNamespace(self):
+        """
+        The relay logs under C{pop3gw.queue.RelayService}, the namespace
+        operators' log filters know from before the relay had its own
+        package.
+        """
+        self.startRelay()
+        self.enqueue()
+        with capturedLogs() as events:
+            self.clock.advance(0)
+            self.deliver.calls[0].result.callback(SessionResult({BOB: DELIVERED_OK}, None))
+        self.assertTrue(events)
+        self.assertEqual({e["log_namespace"] for e in events}, {"pop3gw.queue.RelayService"})
+
     def test_mxPolicy(self):
         """
         To MX hosts TLS is opportunistic, without credentials.
