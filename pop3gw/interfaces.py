@@ -403,6 +403,67 @@ class IOutboundQueue(Interface):
         """
 
 
+class IQueueStore(Interface):
+    """
+    The durable side of the outbound queue, as the relay service sees it:
+    entries (L{pop3gw.queue.Entry}), their messages, and flush requests.
+    The relay changes an entry only through the entry's own methods and
+    then saves it; it never touches the queue's files.
+    """
+
+    def loadEntries():
+        """
+        Remove debris of interrupted writes and read every entry (blocking;
+        for start-up).
+
+        @return: a list of entries, oldest first.
+        """
+
+    def saveEntry(entry):
+        """
+        Write C{entry}'s current state durably.  Saves of one entry run in
+        call order.
+
+        @return: a L{Deferred} firing once durable.
+        """
+
+    def removeEntry(entry):
+        """
+        Remove C{entry} from the queue.
+
+        @return: a L{Deferred} firing once removed.
+        """
+
+    def openMessage(entry):
+        """
+        @return: C{entry}'s message (CRLF line ends), a binary file open for
+            reading.
+        @raise OSError: it cannot be opened.
+        """
+
+    def readHeaders(entry):
+        """
+        @return: a L{Deferred} firing with the header of C{entry}'s message
+            (for a bounce), or C{b""} if unreadable.
+        """
+
+    def addListener(listener):
+        """
+        Call C{listener(entry)} for each newly committed entry.
+        """
+
+    def removeListener(listener):
+        """
+        Stop calling C{listener}.
+        """
+
+    def flushStamp():
+        """
+        @return: a value that changes each time an operator asks for every
+            entry to be retried now (C{pop3gw queue flush}), or L{None}.
+        """
+
+
 class IMailRouter(Interface):
     """
     Sends each recipient to a local maildrop or the outbound queue.

@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.test_queue -*-
 """
-The outbound queue and the relay service that empties it.
+The durable outbound queue: entries, their files, and the delivery object
+that writes them.  Delivery itself is L{pop3gw.relay}'s job; this module
+knows nothing of SMTP, DNS or time beyond the clock it is given.
 
 Storage
 =======
@@ -19,168 +21,96 @@ start-up, C{.msg} files without a C{.json} and C{*.tmp} files older than
 L{ORPHAN_AGE} are removed.  Writers of C{.json} files (this server and the
 C{pop3gw queue flush} command) hold an exclusive C{flock} on C{.lock} while
 they write, so a read-modify-write by the command is never interleaved with
-a write by the server.
+a write by the server.  Every file the queue creates (entries, temp files,
+C{.lock}, C{.flush}) is mode 0600 and its directory 0700, whatever the
+umask; a command run as root gives them the data directory's owner
+(L{createPrivate}).  C{pop3gw queue flush} (L{requestFlush}) touches
+C{.flush}; the relay learns of it only through L{OutboundQueue.flushStamp}.
 
-Relaying
-========
+State changes
+=============
 
-L{RelayService} loads every entry at start-up and schedules each at its
-next attempt time, so a restart resumes where it stopped.  A newly queued
-message is tried at once.  Each attempt is recorded (C{attempts + 1} and the
-next attempt time) durably I{before} it is made.  A recipient is done when
-the remote side accepted it (2xx after C{DATA}) or refused it permanently
-(5xx); 4xx replies, connection failures, time-outs and temporary DNS
-failures leave it pending, retried on the L{DEFAULT_SCHEDULE}.  Once the
-queue lifetime has passed since the message was queued, pending recipients
-fail permanently ("expired").  Each batch of permanent failures produces
-exactly one RFC 3464 bounce to the envelope sender, stored through the
-C{bounceDelivery} callable before the failures are marked as notified; a
-message with the null sender is never bounced (the failure is only logged).
-An entry's files are removed only once no recipient is pending and every
-failure was notified.
-
-Results are per recipient: when a server (a smarthost included) accepts
-some recipients at C{RCPT} and refuses others, the accepted ones are done
-once the end of data is accepted, the 5xx ones are bounced, the 4xx ones
-stay pending and only they are named in the next attempt.
-
-Duplicates: the outcome of an attempt is written to the C{.json} after the
-remote server's reply to the end of data.  If the process dies between that
-reply and the write (or the write fails), the next attempt, after a
-restart, sends the message again to the recipients that had accepted it: a
-duplicate, never a loss (the RFC 1047 window, on the client side).  The same
-holds for the bounce: one stored just before a crash that kept its
-recipients from being marked notified is stored again.
-
-Without a relay host, recipients are grouped by domain and each domain's
-mail exchangers are looked up (MX, sorted by preference; the domain itself
-when it has no MX, RFC 5321 section 5.1; a null MX, RFC 7505, is a permanent
-failure); hosts are tried in order, skipping those whose addresses are all
-loopback, private, link-local, multicast, unspecified or reserved (a domain
-with only such hosts fails permanently with 5.4.4, and the connection to a
-host is made only to its public addresses, L{isPublicAddress}), with one connection per domain carrying
-all of its recipients, and STARTTLS is used opportunistically (never
-required, verification attempted but not enforced) when offered and a
-C{clientTLS} factory was given; each host's log line says C{tls=yes|no}
-and C{verified=yes|no}.  With a relay host, every
-recipient goes there; STARTTLS is verified against the relay host name when
-C{relayVerifyTLS} is true, and credentials are sent only over TLS.
-
-Logging: each session with a host gives one line, C{relay: <id>
-domain=... host=h:p delivered=n deferred=n failed=n tls=... verified=...
-error="..."}, at info level when every recipient was delivered and at warn
-level otherwise.  Recipients the session broke before answering for count
-as deferred, and C{error=} says why in plain words ("connection refused",
-"smarthost offers no STARTTLS and certificate verification is on", the
-server's reply when it sent one), never the reply codes Twisted's client
-makes up for its own errors.  Each recipient deferred or failed by a remote
-reply gets one more warn line, C{relay: <id> to=<address> host=h:p
-result=deferred|failed reply="<the reply>"}.  Text that may come from the
-remote server (C{error=}, C{reply=}) is quoted and escaped with
-L{pop3gw.events.sanitize} so that it cannot forge log content.  The last
-error C{pop3gw queue list} shows uses the same words, unquoted.  The id is the queue id, which the
-submission server also gives the client in its C{250} reply (see
-L{_QueueDelivery.queueId}).
-
-Limitations: non-ASCII (SMTPUTF8) addresses are refused permanently with
-status 5.6.7; implicit TLS (port 465) to a relay is not supported.
+An entry's delivery state changes only through its pure methods, testable
+without a reactor: L{Entry.beginAttempt} (count the attempt and set the next
+one, recorded durably before the attempt is made), L{Entry.apply} (the
+L{Outcome} of each recipient tried), L{Entry.expire} (pending recipients
+fail once the queue lifetime has passed).  A recipient is done when it was
+delivered or failed permanently; an entry's files are removed only once no
+recipient is pending and every failure was notified (L{Entry.isFinished}).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import enum
 import fcntl
-import ipaddress
 import json
 import os
 import re
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import attr
-from OpenSSL import SSL
-from twisted.application.service import Service
-from twisted.internet import defer, error as ierror, protocol
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver, IResolutionReceiver
-from twisted.internet.task import LoopingCall
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.mail.smtp import (
-    AUTHDeclinedError,
-    AUTHRequiredError,
-    AuthenticationError,
-    EHLORequiredError,
-    ESMTPClient,
-    LOGINAuthenticator,
-    PLAINAuthenticator,
-    SMTPClientError,
-    SMTPConnectError,
-    SMTPProtocolError,
-    SMTPTimeoutError,
-    TLSError,
-    TLSRequiredError,
-)
-from twisted.names import dns, error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3gw import events
 from pop3gw.address import Address, AddressError
-from pop3gw.dsn import makeBounce, oneLine, originalHeaders
-from pop3gw.interfaces import IOutboundQueue, TemporaryFailure, UnknownUser
-from pop3gw.interfaces import ITwoPhaseDelivery
-
-# --- Limits and defaults ------------------------------------------------
-
-#: Retry delays in seconds after the first, second, ... failed attempt; the
-#: last one repeats.
-DEFAULT_SCHEDULE = (5 * 60, 15 * 60, 60 * 60, 2 * 60 * 60)
-
-#: How long a message may stay queued before its pending recipients fail.
-DEFAULT_LIFETIME = 5 * 86400
-
-#: Seconds allowed for a TCP connection to a mail exchanger.
-DEFAULT_CONNECT_TIMEOUT = 60
-
-#: Seconds to wait for each reply of the remote server (RFC 5321 4.5.3.2
-#: asks for at least 5 minutes for most commands).
-RESPONSE_TIMEOUT = 5 * 60
-
-#: How often, in seconds, the relay looks at the C{.flush} trigger file.
-FLUSH_POLL_INTERVAL = 5.0
-
-#: The most SMTP client connections open at the same time.
-MAX_CONNECTIONS = 10
-
-#: How long C{stopService} waits for attempts in progress before it
-#: abandons them (they stay queued).
-STOP_GRACE = 10.0
+from pop3gw.dsn import oneLine, originalHeaders
+from pop3gw.interfaces import IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
 
 #: Orphaned C{.msg} and C{.tmp} files older than this (seconds) are removed
 #: at start-up.
 ORPHAN_AGE = 60 * 60
 
-#: The SMTP port of mail exchangers, and the default relay port: 25 without
-#: credentials (a smarthost relaying by IP), 587 (submission, RFC 6409) when
-#: a relay user name is configured.
-SMTP_PORT = 25
-SUBMISSION_PORT = 587
-
-#: Longest line read at once from a queued message while sending it.
-_READ_LINE = 64 * 1024
-
 FLUSH_FILE = ".flush"
 LOCK_FILE = ".lock"
 
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
-_STATES = (PENDING, DELIVERED, FAILED)
-
 _ID = re.compile(r"^[0-9a-f]{13}-[0-9a-f]{8}$")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
-_ENHANCED = re.compile(rb"^([245])\.\d{1,3}\.\d{1,3}(?=\s|$)")
+
+
+class RecipientState(str, enum.Enum):
+    """
+    Where one recipient of a queued message stands (the C{state} of the
+    C{.json} file).
+    """
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+PENDING = RecipientState.PENDING
+DELIVERED = RecipientState.DELIVERED
+FAILED = RecipientState.FAILED
+
+
+class OutcomeKind(enum.Enum):
+    """
+    What one attempt did for one recipient.
+    """
+
+    DELIVERED = "ok"
+    DEFERRED = "temp"
+    FAILED = "perm"
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Outcome:
+    """
+    What happened to one recipient in one attempt.
+
+    @ivar kind: an L{OutcomeKind}.
+    @ivar status: the RFC 3463 status.
+    @ivar diagnostic: one line for logs and bounces.
+    """
+
+    kind: OutcomeKind
+    status: str
+    diagnostic: str
 
 
 # --- Entries ---------------------------------------------------------------
@@ -191,7 +121,7 @@ class Recipient:
     """
     One recipient of a queued message.
 
-    @ivar state: L{PENDING}, L{DELIVERED} or L{FAILED}.
+    @ivar state: a L{RecipientState}.
     @ivar status: for a failed recipient, its RFC 3463 status.
     @ivar diagnostic: for a failed recipient, why (the remote reply).
     @ivar notified: for a failed recipient, whether its bounce is stored
@@ -199,7 +129,7 @@ class Recipient:
     """
 
     address: Address
-    state: str = PENDING
+    state: RecipientState = PENDING
     status: Optional[str] = None
     diagnostic: Optional[str] = None
     notified: bool = False
@@ -253,6 +183,61 @@ class Entry:
         """
         return not self.pending() and not self.unnotified()
 
+    def isExpired(self, now: float, lifetime: float) -> bool:
+        """
+        @return: whether recipients are still pending although C{lifetime}
+            seconds have passed since the message was queued.
+        """
+        return bool(self.pending()) and now >= self.created + lifetime
+
+    def expire(self) -> int:
+        """
+        Fail every pending recipient permanently (status 4.4.7), naming the
+        last temporary error.
+
+        @return: how many recipients failed.
+        """
+        why = self.lastError or "no attempt succeeded"
+        pending = self.pending()
+        for r in pending:
+            r.fail("4.4.7", f"delivery time expired; last error: {why}")
+        return len(pending)
+
+    def beginAttempt(self, now: float, schedule: Sequence[float], lifetime: float) -> list:
+        """
+        Count one more attempt and set when the next one is due: the
+        C{schedule} delay for this attempt (its last delay repeats), but no
+        later than the end of the C{lifetime}.  The caller saves the entry
+        before it makes the attempt.
+
+        @return: the L{Address}es of the pending recipients, to try now.
+        """
+        self.attempts += 1
+        delay = schedule[min(self.attempts, len(schedule)) - 1]
+        self.nextAttempt = min(now + delay, self.created + lifetime)
+        return [r.address for r in self.pending()]
+
+    def apply(self, outcomes: Mapping[Address, Outcome]) -> None:
+        """
+        Record an attempt's L{Outcome} per recipient address: delivered and
+        failed recipients are done; the deferred ones stay pending and their
+        reasons become L{lastError}.  Pending recipients without an outcome
+        are left alone.
+        """
+        errors = []
+        for r in self.pending():
+            outcome = outcomes.get(r.address)
+            if outcome is None:
+                continue
+            if outcome.kind is OutcomeKind.DELIVERED:
+                r.state = DELIVERED
+            elif outcome.kind is OutcomeKind.FAILED:
+                r.fail(outcome.status, outcome.diagnostic)
+            else:
+                errors.append(f"{r.address}: {outcome.diagnostic}")
+        if errors:
+            self.lastError = oneLine("; ".join(errors))
+
     def toJSON(self) -> bytes:
         """
         The C{<id>.json} contents::
@@ -276,7 +261,7 @@ class Entry:
                 "recipients": [
                     {
                         "address": str(r.address),
-                        "state": r.state,
+                        "state": r.state.value,
                         "status": r.status,
                         "diagnostic": r.diagnostic,
                         "notified": r.notified,
@@ -301,12 +286,14 @@ class Entry:
                 raise ValueError("unknown entry version or id")
             recipients = []
             for r in obj["recipients"]:
-                if r["state"] not in _STATES:
-                    raise ValueError("bad recipient state")
+                try:
+                    state = RecipientState(r["state"])
+                except ValueError:
+                    raise ValueError("bad recipient state") from None
                 recipients.append(
                     Recipient(
                         Address.parse(r["address"]),
-                        r["state"],
+                        state,
                         r.get("status"),
                         r.get("diagnostic"),
                         bool(r.get("notified", False)),
@@ -329,6 +316,49 @@ class Entry:
 # --- File helpers (blocking; run in a thread pool when one is given) ---
 
 
+def createPrivate(path: str, directory: bool = False, like: Optional[str] = None) -> Optional[int]:
+    """
+    Create C{path} for this process alone, whatever the umask: a directory
+    of mode 0700, or a file of mode 0600 opened exclusively for writing.
+
+    Run as root (a C{pop3gw} command on a service install), the new path
+    gets the owner and group of C{like} when that exists (a file being
+    replaced keeps its owner), else of the directory it is created in, so
+    that the service user can still use it.
+
+    @param like: the file the new one will replace, if any.
+    @return: for a file, its descriptor (the caller closes it).
+    @raise OSError: C{path} exists or cannot be created.
+    """
+    if directory:
+        os.mkdir(path, 0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o700 if directory else 0o600)
+        if os.geteuid() == 0:
+            try:
+                st = os.stat(like) if like is not None else None
+            except FileNotFoundError:
+                st = None
+            if st is None:
+                st = os.stat(os.path.dirname(os.path.abspath(path)))
+            os.fchown(fd, st.st_uid, st.st_gid)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            if directory:
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+        raise
+    if directory:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _fsyncDirectory(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -343,7 +373,14 @@ def _queueLock(root: str) -> Iterator[None]:
     Hold the queue's exclusive C{flock} (the C{.lock} file) while writing
     C{.json} files.
     """
-    fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    path = os.path.join(root, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            fd = createPrivate(path)
+        except FileExistsError:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -357,12 +394,13 @@ def _writeAtomically(root: str, name: str, data: bytes) -> None:
     directory.
     """
     tmp = os.path.join(root, f"{name}.{os.urandom(4).hex()}.tmp")
+    target = os.path.join(root, name)
     try:
-        with open(tmp, "xb") as f:
+        with os.fdopen(createPrivate(tmp, like=target), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(tmp, os.path.join(root, name))
+        os.rename(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -464,7 +502,7 @@ def listEntries(root: str) -> list:
 def requestFlush(root: str, now: Optional[float] = None) -> int:
     """
     Make every entry due now, durably, and touch C{.flush} so that a running
-    relay notices within L{FLUSH_POLL_INTERVAL} seconds.
+    relay notices (it polls L{OutboundQueue.flushStamp}).
 
     @param now: the current time; C{time.time()} if L{None}.
     @return: how many entries were updated.
@@ -481,10 +519,7 @@ def requestFlush(root: str, now: Optional[float] = None) -> int:
             entry.nextAttempt = now
             _writeAtomically(root, entry.queueId + ".json", entry.toJSON())
             count += 1
-    flush = os.path.join(root, FLUSH_FILE)
-    with open(flush, "wb") as f:
-        f.write(b"%d\n" % (now,))
-    os.utime(flush)
+    _writeAtomically(root, FLUSH_FILE, b"%d\n" % (now,))
     return count
 
 
@@ -525,7 +560,7 @@ class _QueueDelivery:
         self._lastCR = False
         self._tail = b""
         try:
-            self._file = open(self._tmp, "xb")
+            self._file = os.fdopen(createPrivate(self._tmp), "wb")
         except OSError as e:
             raise TemporaryFailure(f"cannot create queue file: {e}") from None
         if trace:
@@ -622,7 +657,7 @@ class _QueueDelivery:
             self._discardTmp()
 
 
-@implementer(IOutboundQueue)
+@implementer(IOutboundQueue, IQueueStore)
 class OutboundQueue:
     """
     The durable outbound queue in directory C{root} (created if missing).
@@ -640,7 +675,10 @@ class OutboundQueue:
         self.threadpool = threadpool
         self._listeners: list = []
         self._saves: dict = {}
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        if not os.path.isdir(root):
+            os.makedirs(os.path.dirname(os.path.abspath(root)), mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                createPrivate(root, directory=True)
 
     def _run(self, f: Callable, *args) -> defer.Deferred:
         if self.threadpool is None:
@@ -748,1095 +786,13 @@ class OutboundQueue:
 
         return self._run(read)
 
-
-# --- The SMTP client ---------------------------------------------------------
-
-
-class _DotStuffer:
-    """
-    A read-only file wrapper giving the queued message dot-stuffed (RFC 5321
-    4.5.2); the message already has CRLF line ends.
-    """
-
-    def __init__(self, f):
-        self._file = f
-        self._buffer = b""
-        self._atLineStart = True
-
-    def read(self, n: int = -1) -> bytes:
-        parts = [self._buffer]
-        size = len(self._buffer)
-        while n < 0 or size < n:
-            line = self._file.readline(_READ_LINE)
-            if not line:
-                break
-            if self._atLineStart and line.startswith(b"."):
-                line = b"." + line
-            self._atLineStart = line.endswith(b"\n")
-            parts.append(line)
-            size += len(line)
-        data = b"".join(parts)
-        if n < 0:
-            n = len(data)
-        out, self._buffer = data[:n], data[n:]
-        return out
-
-    def close(self) -> None:
-        self._file.close()
-
-
-@attr.s(auto_attribs=True, frozen=True)
-class Outcome:
-    """
-    What happened to one recipient in one attempt.
-
-    @ivar kind: C{"ok"}, C{"temp"} or C{"perm"}.
-    @ivar status: the RFC 3463 status.
-    @ivar diagnostic: one line for logs and bounces.
-    """
-
-    kind: str
-    status: str
-    diagnostic: str
-
-
-def _outcomeForReply(code: int, resp: bytes | str) -> Outcome:
-    if isinstance(resp, str):
-        resp = resp.encode("utf-8", "replace")
-    text = oneLine(resp)
-    diagnostic = f"{code:03d} {text}" if code > 0 else text
-    match = _ENHANCED.match(resp or b"")
-    if 200 <= code < 300:
-        return Outcome("ok", "2.0.0", diagnostic)
-    if 500 <= code < 600:
-        kind, cls = "perm", "5"
-    else:
-        kind, cls = "temp", "4"
-    if match is not None and match.group(1).decode() == cls:
-        status = match.group(0).decode()
-    else:
-        status = f"{cls}.0.0"
-    return Outcome(kind, status, diagnostic)
-
-
-def _describeError(exc: Exception, credentials: bool, starttlsBegun: bool = False) -> str:
-    """
-    Why an SMTP client session broke, in plain words for the log and
-    C{pop3gw queue list}.
-
-    Twisted's client errors carry either the remote server's reply or a
-    code and text Twisted made up (C{TLSRequiredError} says C{502 Server
-    does not support secure communication via TLS / SSL} although no server
-    sent a 502): a real reply is quoted, a made-up one is replaced by what
-    actually happened.
-
-    @param exc: the error given to C{sendError}.
-    @param credentials: whether relay credentials are configured (TLS is
-        then required for them, not for certificate verification).
-    @param starttlsBegun: whether the server had accepted STARTTLS (a TLS
-        error then comes from starting TLS here, with a made-up 451).
-    """
-    if isinstance(exc, TLSRequiredError):
-        if credentials:
-            return "smarthost offers no STARTTLS and relay credentials are sent only over TLS"
-        return "smarthost offers no STARTTLS and certificate verification is on"
-    if isinstance(exc, AUTHRequiredError):
-        return "smarthost offers no AUTH mechanism pop3gw supports (PLAIN, LOGIN)"
-    if isinstance(exc, EHLORequiredError):
-        return "server refused EHLO, which STARTTLS and AUTH need"
-    if isinstance(exc, TLSError):
-        if exc.code > 0 and not starttlsBegun:
-            return f"server refused STARTTLS (reply code {exc.code:03d})"
-        return "TLS could not be started"
-    if isinstance(exc, AUTHDeclinedError):
-        return "smarthost refused the relay credentials: " + _outcomeForReply(exc.code, exc.resp).diagnostic
-    if isinstance(exc, AuthenticationError):
-        if exc.code == 501 and exc.resp.startswith(b"Login failed because"):
-            return "smarthost sent a malformed AUTH challenge"
-        return "smarthost refused authentication: " + _outcomeForReply(exc.code, exc.resp).diagnostic
-    if isinstance(exc, SMTPTimeoutError):
-        return f"no reply from the server within {RESPONSE_TIMEOUT} seconds"
-    if isinstance(exc, SMTPConnectError) and exc.code > 0:
-        return "server refused the session: " + _outcomeForReply(exc.code, exc.resp).diagnostic
-    if isinstance(exc, SMTPProtocolError) and exc.code <= 0:
-        return "the server sent a malformed reply"
-    if isinstance(exc, SMTPClientError):
-        if exc.code > 0:
-            return "server replied " + _outcomeForReply(exc.code, exc.resp).diagnostic
-        return oneLine(exc.resp)
-    return oneLine(f"{exc.__class__.__name__}: {exc}")
-
-
-def _describeConnectFailure(f: Failure) -> str:
-    """
-    Why a TCP connection to a mail server could not be made, in plain words.
-    """
-    if f.check(ierror.ConnectingCancelledError, defer.CancelledError):
-        return "connection attempt cancelled"
-    if f.check(ierror.ConnectionRefusedError):
-        return "connection refused"
-    if f.check(ierror.TimeoutError, ierror.TCPTimedOutError):
-        return "connection timed out"
-    if f.check(ierror.DNSLookupError):
-        return "host name not found"
-    if f.check(ierror.NoRouteError):
-        return "no route to host"
-    return oneLine(f"cannot connect: {f.getErrorMessage()}")
-
-
-def _describeDNSFailure(domain: str, e: Exception) -> str:
-    """
-    Why a temporary DNS failure kept mail for C{domain} queued, in plain
-    words.
-    """
-    if isinstance(e, dnserror.DNSServerError):
-        why = "server failure (SERVFAIL)"
-    elif isinstance(e, dnserror.DNSQueryRefusedError):
-        why = "query refused"
-    elif isinstance(e, defer.TimeoutError):
-        why = "timed out"
-    else:
-        why = oneLine(f"{e.__class__.__name__} {e}")
-    return f"DNS lookup for {domain} failed: {why}"
-
-
-class _Session:
-    """
-    The state and result of one SMTP connection carrying one message to
-    some recipients.
-
-    @ivar outcomes: L{Outcome} per recipient L{Address} that got a
-        definitive reply.  Recipients missing from it (the session broke
-        first) may be tried on another host.
-    @ivar error: why the session broke, if it did.
-    """
-
-    def __init__(self, sender: Optional[Address], recipients: Sequence[Address], message):
-        self.senderText = "" if sender is None else str(sender)
-        self.recipients = {str(r): r for r in recipients}
-        self.message = message
-        self.outcomes: dict = {}
-        self.error: Optional[str] = None
-        self.tls = False
-        self.contextFactory = None
-        self.starttlsBegun = False
-        self.tlsHandshakeFailed = False
-        self.protocol: Optional["_RelayClient"] = None
-        self.connecting: Optional[defer.Deferred] = None
-        self.done: defer.Deferred = defer.Deferred()
-
-    def recordSent(self, code: int, resp: bytes, addresses: list) -> None:
-        if not addresses:
-            # MAIL FROM refused: the reply applies to every recipient.
-            outcome = _outcomeForReply(code, resp)
-            for r in self.recipients.values():
-                self.outcomes[r] = outcome
-            return
-        for addr, rcode, rresp in addresses:
-            if isinstance(addr, bytes):
-                addr = addr.decode("utf-8")
-            recipient = self.recipients.get(addr)
-            if recipient is None:
-                continue
-            if 200 <= rcode < 300:
-                self.outcomes[recipient] = _outcomeForReply(code, resp)
-            else:
-                self.outcomes[recipient] = _outcomeForReply(rcode, rresp)
-
-    def recordError(self, why: str) -> None:
+    def flushStamp(self) -> Optional[int]:
         """
-        Record why the session broke (plain words, see L{_describeError}),
-        unless a definitive reply came first.
+        @return: a value that changes each time C{pop3gw queue flush}
+            (L{requestFlush}) asks for a flush (the C{.flush} file's
+            modification time), or L{None} if none was ever asked.
         """
-        if self.error is None and not self.outcomes:
-            self.error = why
-
-    def tlsVerified(self, verifyingContext: bool) -> bool:
-        """
-        Whether the message went over TLS to a peer whose certificate was
-        verified.
-
-        @param verifyingContext: whether C{contextFactory} refuses
-            unverified peers (a smarthost with verification on), so that a
-            completed session over TLS is verified; otherwise an
-            opportunistic context's C{result.verified} (see
-            L{pop3gw.tls.OpportunisticClientTLS}) says.
-        """
-        if not self.tls:
-            return False
-        if verifyingContext:
-            return True
-        result = getattr(self.contextFactory, "result", None)
-        return getattr(result, "verified", None) is True
-
-    def finish(self, reason: Optional[Failure]) -> None:
-        if self.done.called:
-            return
-        if self.error is None and len(self.outcomes) < len(self.recipients):
-            why = "connection lost" if reason is None else oneLine(reason.getErrorMessage())
-            self.error = f"connection lost before the end: {why}"
-        if self.message is not None:
-            with contextlib.suppress(OSError):
-                self.message.close()
-        self.done.callback(self)
-
-
-class _RelayClient(ESMTPClient):
-    """
-    An ESMTP client sending one message for a L{_Session}: opportunistic or
-    required STARTTLS, optional AUTH, per-recipient results, no retries of
-    its own.
-    """
-
-    # The line log would hold AUTH lines; nothing here reads it.
-    debug = False
-
-    def __init__(
-        self,
-        session: _Session,
-        identity: str,
-        contextFactory,
-        username: Optional[str],
-        password: Optional[str],
-        requireTLS: bool = False,
-    ):
-        secret = None if password is None else password.encode("utf-8")
-        ESMTPClient.__init__(self, secret, contextFactory, identity.encode("ascii", "replace"))
-        self.session = session
-        self._mailFromSent = False
-        self.timeout = RESPONSE_TIMEOUT
-        if username is not None and password is not None:
-            user = username.encode("utf-8")
-            self.registerAuthenticator(PLAINAuthenticator(user))
-            self.registerAuthenticator(LOGINAuthenticator(user))
-            self.requireAuthentication = True
-            self.requireTransportSecurity = True
-            self.heloFallback = False
-        else:
-            self.requireAuthentication = False
-            self.requireTransportSecurity = requireTLS
-            self.heloFallback = not requireTLS
-
-    def getMailFrom(self):
-        if self._mailFromSent:
-            return None
-        self._mailFromSent = True
-        return self.session.senderText
-
-    def getMailTo(self):
-        return list(self.session.recipients)
-
-    def getMailData(self):
-        return _DotStuffer(self.session.message)
-
-    def transformChunk(self, chunk: bytes) -> bytes:
-        # The data is already CRLF and dot-stuffed by _DotStuffer.
-        self.resetTimeout()
-        return chunk
-
-    def esmtpState_starttls(self, code, resp):
-        # Replies that arrived after the 220 came in plaintext, possibly
-        # injected by a man in the middle; only what comes over TLS may be
-        # acted on (the client side of CVE-2011-0411).
-        self._buffer = b""
-        self.session.starttlsBegun = True
-        ESMTPClient.esmtpState_starttls(self, code, resp)
-
-    def smtpState_msgSent(self, code, resp):
-        # One message per connection: report it, then QUIT (no RSET).
-        if self._from is not None:
-            self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
-        self._from = None
-        self._disconnectFromServer()
-
-    def sentMail(self, code, resp, numOk, addresses, log):
-        self.session.tls = self._tlsMode
-        self.session.recordSent(code, resp, addresses)
-
-    def sendError(self, exc):
-        self.session.recordError(_describeError(exc, self.requireAuthentication, self.session.starttlsBegun))
-        ESMTPClient.sendError(self, exc)
-
-    def connectionLost(self, reason=protocol.connectionDone):
-        if self.session.starttlsBegun and not self.session.outcomes and reason is not None and reason.check(SSL.Error):
-            self.session.tlsHandshakeFailed = True
-        ESMTPClient.connectionLost(self, reason)
-        self.session.finish(reason)
-
-
-class _RelayClientFactory(protocol.Factory):
-    """
-    Builds the one L{_RelayClient} of a L{_Session}.
-    """
-
-    # One connection per session: "Starting factory" / "Stopping factory"
-    # lines for each would only be noise in the log.
-    noisy = False
-
-    def __init__(self, session: _Session, identity: str, contextFactory, username, password, clock, requireTLS=False):
-        self.session = session
-        self.requireTLS = requireTLS
-        self.clock = clock
-        self.identity = identity
-        self.contextFactory = contextFactory
-        self.username = username
-        self.password = password
-
-    def buildProtocol(self, addr):
-        p = _RelayClient(
-            self.session, self.identity, self.contextFactory, self.username, self.password, self.requireTLS
-        )
-        # The response timeout runs on our clock, not the global reactor.
-        p.callLater = self.clock.callLater
-        p.factory = self
-        self.session.protocol = p
-        return p
-
-
-class _PermanentLookupFailure(Exception):
-    """
-    DNS says the domain cannot receive mail.
-    """
-
-    def __init__(self, status: str, text: str):
-        Exception.__init__(self, text)
-        self.status = status
-        self.text = text
-
-
-class _QuietDatagramReactor:
-    """
-    The reactor as the relay's own DNS resolver sees it: every datagram
-    protocol it listens with is made quiet (C{noisy = False}), so a DNS
-    query does not log "Starting protocol" and "Stopping protocol".
-
-    The UDP port itself (C{twisted.internet.udp.Port}) still logs
-    "DNSDatagramProtocol starting on N" and "(UDP Port N Closed)": Twisted
-    writes those unconditionally, and only a log filter can drop them.
-    """
-
-    def __init__(self, reactor):
-        self._reactor = reactor
-
-    def __getattr__(self, name: str):
-        return getattr(self._reactor, name)
-
-    def listenUDP(self, port: int, protocol, interface: str = "", maxPacketSize: int = 8192):
-        protocol.noisy = False
-        return self._reactor.listenUDP(port, protocol, interface, maxPacketSize)
-
-
-# --- The relay service -------------------------------------------------------
-
-
-def isPublicAddress(text: str) -> bool:
-    """
-    Whether a mail exchanger at the IP address C{text} may be connected to:
-    not loopback, private (RFC 1918, fc00::/7, ...), link-local, multicast,
-    unspecified or reserved (an IPv4-mapped IPv6 address is judged by its
-    IPv4 address).  Direct MX delivery never connects elsewhere, so that a
-    recipient domain cannot point the relay at internal services.
-    """
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return not (
-        address.is_loopback
-        or address.is_private
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_unspecified
-        or address.is_reserved
-    )
-
-
-@implementer(IResolutionReceiver)
-class _PublicOnlyReceiver:
-    """
-    Passes on to C{receiver} only the resolved addresses that
-    L{isPublicAddress} accepts.
-    """
-
-    def __init__(self, receiver) -> None:
-        self._receiver = receiver
-
-    def resolutionBegan(self, resolution) -> None:
-        self._receiver.resolutionBegan(resolution)
-
-    def addressResolved(self, address) -> None:
-        if isPublicAddress(getattr(address, "host", "")):
-            self._receiver.addressResolved(address)
-
-    def resolutionComplete(self) -> None:
-        self._receiver.resolutionComplete()
-
-
-@implementer(IHostnameResolver)
-class _PublicOnlyResolver:
-    """
-    A host name resolver that drops every non-public address, for the
-    connection to an MX host: what the name resolves to when the connection
-    is made is filtered too, not only what the MX lookup saw.
-    """
-
-    def __init__(self, resolver) -> None:
-        self._resolver = resolver
-
-    def resolveHostName(self, resolutionReceiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
-        self._resolver.resolveHostName(
-            _PublicOnlyReceiver(resolutionReceiver), hostName, portNumber, addressTypes, transportSemantics
-        )
-        return resolutionReceiver
-
-
-@implementer(IReactorPluggableNameResolver)
-class _PublicOnlyReactor:
-    """
-    The reactor as a L{HostnameEndpoint} to an MX host sees it: its name
-    resolver is wrapped in L{_PublicOnlyResolver}.
-    """
-
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-        self.nameResolver = _PublicOnlyResolver(reactor.nameResolver)
-
-    def installNameResolver(self, resolver):
-        raise TypeError("the MX connection reactor keeps its public-only resolver")
-
-    def __getattr__(self, name: str):
-        return getattr(self._reactor, name)
-
-
-def _ipv6Text(record) -> str:
-    """
-    The address of an AAAA record as text.
-    """
-    return str(ipaddress.IPv6Address(record.address))
-
-
-class RelayService(Service):
-    """
-    Delivers the entries of an L{OutboundQueue} (see the module docstring).
-
-    @param queue: the queue.
-    @param reactor: a reactor (C{callLater}, C{seconds}, TCP).
-    @param hostname: this server's name (C{EHLO}, bounces).
-    @param bounceDelivery: C{bounceDelivery(sender, data) -> Deferred}
-        stores a bounce for the local user C{sender}.
-    @param relayHost: send everything to this smarthost instead of MX hosts.
-    @param relayPort: the smarthost's port; L{None} means L{SUBMISSION_PORT}
-        with credentials, L{SMTP_PORT} without.
-    @param relayUsername: AUTH user name (sent only over TLS).
-    @param relayPassword: AUTH password (never logged).
-    @param relayVerifyTLS: verify the smarthost's certificate.
-    @param resolver: an C{IResolver} for MX lookups; a
-        C{twisted.names.client.Resolver} on C{/etc/resolv.conf} if L{None}.
-    @param clientTLS: C{clientTLS(hostname, verify) -> contextFactory};
-        called with C{verify=relayVerifyTLS} for the relay host and with
-        C{verify=None} for MX hosts, meaning opportunistic (unverified) TLS
-        (C{pop3gw.tls.opportunisticClientContextFactory}).  L{None} means
-        plaintext only.
-    @param schedule: retry delays, see L{DEFAULT_SCHEDULE}.
-    @param lifetime: seconds before pending recipients expire.
-    @param connectTimeout: TCP connect timeout in seconds.
-    @param scanInterval: seconds between looks at the C{.flush} file.
-    @param maxConnections: the most simultaneous SMTP connections.
-    @param endpointFactory: C{endpointFactory(host, port) ->
-        IStreamClientEndpoint}; a C{HostnameEndpoint} if L{None} (tests
-        replace it), which for MX hosts connects only to public addresses
-        (L{isPublicAddress}).
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        queue: OutboundQueue,
-        reactor,
-        hostname: str,
-        bounceDelivery: Callable,
-        relayHost: Optional[str] = None,
-        relayPort: Optional[int] = None,
-        relayUsername: Optional[str] = None,
-        relayPassword: Optional[str] = None,
-        relayVerifyTLS: bool = True,
-        resolver=None,
-        clientTLS: Optional[Callable] = None,
-        schedule: Sequence[float] = DEFAULT_SCHEDULE,
-        lifetime: float = DEFAULT_LIFETIME,
-        connectTimeout: float = DEFAULT_CONNECT_TIMEOUT,
-        scanInterval: float = FLUSH_POLL_INTERVAL,
-        maxConnections: int = MAX_CONNECTIONS,
-        endpointFactory: Optional[Callable] = None,
-    ):
-        if not schedule:
-            raise ValueError("the retry schedule is empty")
-        self.queue = queue
-        self.reactor = reactor
-        self.hostname = hostname
-        self.bounceDelivery = bounceDelivery
-        self.relayHost = relayHost
-        if relayPort is None:
-            relayPort = SUBMISSION_PORT if relayUsername else SMTP_PORT
-        self.relayPort = relayPort
-        self.relayUsername = relayUsername
-        self.relayPassword = relayPassword
-        self.relayVerifyTLS = relayVerifyTLS
-        self.resolver = resolver
-        self.clientTLS = clientTLS
-        self.schedule = tuple(schedule)
-        self.lifetime = lifetime
-        self.connectTimeout = connectTimeout
-        self.scanInterval = scanInterval
-        self._endpointFactory = endpointFactory or self._defaultEndpoint
-        self._mxEndpointFactory = endpointFactory or self._defaultMXEndpoint
-        self._semaphore = defer.DeferredSemaphore(maxConnections)
-        self.entries: dict = {}
-        self._timers: dict = {}
-        self._waiters: dict = {}
-        self._sessions: set = set()
-        self._flushLoop: Optional[LoopingCall] = None
-        self._flushMtime: Optional[int] = None
-        self._ownResolver = None
-
-    # -- service life --------------------------------------------------
-
-    def startService(self) -> None:
-        """
-        Load every entry (removing orphaned files), schedule each at its
-        next attempt time, listen for new entries and start watching the
-        C{.flush} file.
-        """
-        Service.startService(self)
-        if self.relayUsername and self.clientTLS is None:
-            self.log.error("relay: credentials are configured but TLS is not; relaying will fail")
-        self.entries = {e.queueId: e for e in self.queue.loadEntries()}
-        for entry in self.entries.values():
-            self._schedule(entry)
-        self.log.info("relay: {count} queued messages loaded", count=len(self.entries))
-        self.queue.addListener(self._newEntry)
-        self._flushMtime = self._readFlushMtime()
-        self._flushLoop = LoopingCall(self._checkFlush)
-        self._flushLoop.clock = self.reactor
-        self._flushLoop.start(self.scanInterval, now=False)
-
-    def stopService(self) -> defer.Deferred:
-        """
-        Cancel every timer, abort connections in progress, and wait up to
-        L{STOP_GRACE} seconds for the attempts to record their results;
-        attempts still running then are abandoned (they stay queued, already
-        counted).
-
-        @return: a Deferred firing when stopped.
-        """
-        Service.stopService(self)
-        self.queue.removeListener(self._newEntry)
-        if self._flushLoop is not None and self._flushLoop.running:
-            self._flushLoop.stop()
-        self._flushLoop = None
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
-        if self._ownResolver is not None:
-            # The resolver we made re-reads resolv.conf on a timer.
-            parseCall = getattr(self._ownResolver, "_parseCall", None)
-            if parseCall is not None and parseCall.active():
-                parseCall.cancel()
-            self.resolver = self._ownResolver = None
-        for session in list(self._sessions):
-            if session.protocol is not None and session.protocol.transport is not None:
-                session.protocol.transport.abortConnection()
-            elif session.connecting is not None and not session.connecting.called:
-                session.connecting.cancel()
-        if not self._waiters:
-            return defer.succeed(None)
-        waits = []
-        for queueId in list(self._waiters):
-            w: defer.Deferred = defer.Deferred()
-            self._waiters[queueId].append(w)
-            waits.append(w)
-        stopped: defer.Deferred = defer.Deferred()
-
-        def allDone(_: object) -> None:
-            if timer.active():
-                timer.cancel()
-            if not stopped.called:
-                stopped.callback(None)
-
-        def abandon() -> None:
-            self.log.warn("relay: abandoned attempts in progress; they stay queued")
-            stopped.callback(None)
-
-        timer = self.reactor.callLater(STOP_GRACE, abandon)
-        defer.DeferredList(waits).addCallback(allDone)
-        return stopped
-
-    # -- scheduling ------------------------------------------------------
-
-    def _newEntry(self, entry: Entry) -> None:
-        self.entries[entry.queueId] = entry
-        self.log.info(
-            "queue: queued {queueId} from={sender} recipients={count}",
-            queueId=entry.queueId,
-            sender="<>" if entry.sender is None else str(entry.sender),
-            count=len(entry.recipients),
-        )
-        if self.running:
-            entry.nextAttempt = self.reactor.seconds()
-            self._schedule(entry)
-
-    def _schedule(self, entry: Entry) -> None:
-        timer = self._timers.pop(entry.queueId, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        delay = max(0.0, entry.nextAttempt - self.reactor.seconds())
-        self._timers[entry.queueId] = self.reactor.callLater(delay, self._fire, entry.queueId)
-
-    def _fire(self, queueId: str) -> None:
-        self._timers.pop(queueId, None)
-        self.runEntry(queueId)
-
-    def _retryDelay(self, attempts: int) -> float:
-        return self.schedule[min(attempts, len(self.schedule)) - 1]
-
-    def flushAll(self) -> int:
-        """
-        Make every entry due now and start attempts for them (entries with
-        an attempt in progress are left alone).
-
-        @return: how many entries were made due.
-        """
-        now = self.reactor.seconds()
-        count = 0
-        for entry in list(self.entries.values()):
-            if entry.queueId in self._waiters:
-                continue
-            entry.nextAttempt = now
-            self._schedule(entry)
-            count += 1
-        self.log.info("relay: flush requested for {count} messages", count=count)
-        return count
-
-    def _readFlushMtime(self) -> Optional[int]:
         try:
-            return os.stat(os.path.join(self.queue.root, FLUSH_FILE)).st_mtime_ns
+            return os.stat(os.path.join(self.root, FLUSH_FILE)).st_mtime_ns
         except OSError:
             return None
-
-    def _checkFlush(self) -> None:
-        mtime = self._readFlushMtime()
-        if mtime is not None and mtime != self._flushMtime:
-            self._flushMtime = mtime
-            self.flushAll()
-
-    def runEntry(self, queueId: str) -> defer.Deferred:
-        """
-        Process entry C{queueId} now (or join the attempt in progress).
-
-        @return: a Deferred firing with L{None} when the attempt is over.
-        """
-        result: defer.Deferred = defer.Deferred()
-        if queueId in self._waiters:
-            self._waiters[queueId].append(result)
-            return result
-        entry = self.entries.get(queueId)
-        if entry is None:
-            result.callback(None)
-            return result
-        timer = self._timers.pop(queueId, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._waiters[queueId] = [result]
-        d = self._process(entry)
-
-        def failed(f: Failure) -> None:
-            self.log.failure("relay: processing {queueId} failed", f, queueId=queueId)
-
-        def done(_: object) -> None:
-            waiters = self._waiters.pop(queueId, [])
-            if self.running and self.entries.get(queueId) is entry:
-                self._schedule(entry)
-            for w in waiters:
-                w.callback(None)
-
-        d.addErrback(failed)
-        d.addCallback(done)
-        return result
-
-    # -- one attempt -------------------------------------------------------
-
-    @defer.inlineCallbacks
-    def _process(self, entry: Entry):
-        now = self.reactor.seconds()
-        pending = entry.pending()
-        if pending and now >= entry.created + self.lifetime:
-            why = entry.lastError or "no attempt succeeded"
-            for r in pending:
-                r.fail("4.4.7", f"delivery time expired; last error: {why}")
-            self.log.warn(
-                "relay: {queueId} expired for {count} recipients",
-                queueId=entry.queueId,
-                count=len(pending),
-            )
-            yield self.queue.saveEntry(entry)
-        elif pending:
-            entry.attempts += 1
-            entry.nextAttempt = min(now + self._retryDelay(entry.attempts), entry.created + self.lifetime)
-            # Recorded durably before the attempt is made.
-            yield self.queue.saveEntry(entry)
-            outcomes = yield self._deliver(entry, [r.address for r in pending])
-            errors = []
-            for r in pending:
-                outcome = outcomes.get(r.address)
-                if outcome is None:
-                    continue
-                if outcome.kind == "ok":
-                    r.state = DELIVERED
-                elif outcome.kind == "perm":
-                    r.fail(outcome.status, outcome.diagnostic)
-                else:
-                    errors.append(f"{r.address}: {outcome.diagnostic}")
-            if errors:
-                entry.lastError = oneLine("; ".join(errors))
-            yield self.queue.saveEntry(entry)
-        yield self._notify(entry)
-        if entry.isFinished():
-            yield self.queue.removeEntry(entry)
-            if self.entries.get(entry.queueId) is entry:
-                del self.entries[entry.queueId]
-            self.log.info(
-                "relay: {queueId} done: delivered={delivered} failed={failed}",
-                queueId=entry.queueId,
-                delivered=sum(r.state == DELIVERED for r in entry.recipients),
-                failed=sum(r.state == FAILED for r in entry.recipients),
-            )
-
-    @defer.inlineCallbacks
-    def _notify(self, entry: Entry):
-        """
-        Store one bounce for the failed recipients not yet notified.
-        """
-        failed = entry.unnotified()
-        if not failed:
-            return
-        if entry.sender is None:
-            self.log.warn(
-                "relay: dropping undeliverable message {queueId} with null sender: {recipients}",
-                queueId=entry.queueId,
-                recipients=",".join(str(r.address) for r in failed),
-            )
-        else:
-            headers = yield self.queue.readHeaders(entry)
-            data = makeBounce(
-                self.hostname,
-                entry.sender,
-                [(r.address, r.status or "5.0.0", r.diagnostic or "") for r in failed],
-                headers,
-                entry.queueId,
-                self.reactor.seconds(),
-                arrivalDate=entry.created,
-            )
-            try:
-                yield self.bounceDelivery(entry.sender, data)
-            except UnknownUser:
-                self.log.warn(
-                    "relay: bounce for {queueId} dropped: sender {sender} no longer exists",
-                    queueId=entry.queueId,
-                    sender=str(entry.sender),
-                )
-            except Exception:
-                now = self.reactor.seconds()
-                if now < entry.created + self.lifetime + self.schedule[-1]:
-                    self.log.failure("relay: cannot store the bounce for {queueId}", queueId=entry.queueId)
-                    entry.lastError = "bounce could not be stored"
-                    entry.nextAttempt = now + self.schedule[0]
-                    yield self.queue.saveEntry(entry)
-                    return
-                self.log.failure(
-                    "relay: giving up storing the bounce for {queueId} to {sender}",
-                    queueId=entry.queueId,
-                    sender=str(entry.sender),
-                )
-            else:
-                self.log.info(
-                    "relay: bounce for {queueId} sent to {sender} for {count} recipients",
-                    queueId=entry.queueId,
-                    sender=str(entry.sender),
-                    count=len(failed),
-                )
-        for r in failed:
-            r.notified = True
-        yield self.queue.saveEntry(entry)
-
-    def _deliver(self, entry: Entry, recipients: list) -> defer.Deferred:
-        """
-        @return: a Deferred firing with a dict of L{Outcome} per recipient.
-        """
-        outcomes: dict = {}
-        smtputf8 = Outcome("perm", "5.6.7", "non-ASCII address: SMTPUTF8 is not supported for relaying")
-        if entry.sender is not None and not str(entry.sender).isascii():
-            return defer.succeed({r: smtputf8 for r in recipients})
-        ascii = []
-        for r in recipients:
-            if str(r).isascii():
-                ascii.append(r)
-            else:
-                outcomes[r] = smtputf8
-        if not ascii:
-            return defer.succeed(outcomes)
-        if self.relayHost is not None:
-            domains = ",".join(sorted({r.domain for r in ascii}))
-            ds = [self._sendVia(entry, domains, [self.relayHost], self.relayPort, ascii, True)]
-        else:
-            byDomain: dict = {}
-            for r in ascii:
-                byDomain.setdefault(r.domain, []).append(r)
-            ds = [self._deliverDomain(entry, domain, rs) for domain, rs in byDomain.items()]
-
-        def merge(results: list) -> dict:
-            for result in results:
-                outcomes.update(result)
-            return outcomes
-
-        return defer.gatherResults(ds, consumeErrors=True).addCallback(merge)
-
-    @defer.inlineCallbacks
-    def _deliverDomain(self, entry: Entry, domain: str, recipients: list):
-        try:
-            hosts = yield self._mailHosts(domain)
-        except _PermanentLookupFailure as e:
-            self.log.warn(
-                "relay: {queueId} domain={domain} result=failed: {why}",
-                queueId=entry.queueId,
-                domain=domain,
-                why=e.text,
-            )
-            return {r: Outcome("perm", e.status, e.text) for r in recipients}
-        except Exception as e:
-            why = _describeDNSFailure(domain, e)
-            self.log.warn(
-                "relay: {queueId} domain={domain} result=deferred: {why}",
-                queueId=entry.queueId,
-                domain=domain,
-                why=why,
-            )
-            return {r: Outcome("temp", "4.4.3", why) for r in recipients}
-        return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False))
-
-    @defer.inlineCallbacks
-    def _mailHosts(self, domain: str):
-        """
-        @return: a Deferred firing with the host names to try for
-            C{domain}, best first.
-        @raise _PermanentLookupFailure: the domain does not exist or has a
-            null MX.
-        """
-        if self.resolver is None:
-            from twisted.names import client
-
-            self.resolver = self._ownResolver = client.Resolver(
-                resolv="/etc/resolv.conf", reactor=_QuietDatagramReactor(self.reactor)
-            )
-        try:
-            answers, _, _ = yield self.resolver.lookupMailExchange(domain)
-        except dnserror.DNSNameError:
-            raise _PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
-        records = []
-        for rr in answers:
-            if rr.type == dns.MX:
-                name = str(rr.payload.name).lower().rstrip(".")
-                records.append((rr.payload.preference, name))
-        if records:
-            if any(name == "" for _, name in records):
-                raise _PermanentLookupFailure("5.1.10", f"domain {domain} accepts no mail (null MX)")
-            records.sort(key=lambda r: r[0])
-            hosts: list = []
-            for _, name in records:
-                if name not in hosts:
-                    hosts.append(name)
-            usable = []
-            for host in hosts:
-                try:
-                    addresses = yield self._addresses(host)
-                except Exception:
-                    # Unknown yet: the connection will tell (and connects
-                    # only to public addresses).
-                    usable.append(host)
-                    continue
-                if not addresses or any(isPublicAddress(a) for a in addresses):
-                    usable.append(host)
-            if not usable:
-                raise _PermanentLookupFailure("5.4.4", f"domain {domain} has no usable mail exchanger")
-            return usable
-        # No MX: the domain itself is the implicit MX (RFC 5321 5.1) if it
-        # has an address.
-        try:
-            addresses = yield self._addresses(domain)
-        except dnserror.DNSNameError:
-            raise _PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
-        if not addresses:
-            raise _PermanentLookupFailure("5.1.2", f"domain {domain} has no mail exchanger")
-        if not any(isPublicAddress(a) for a in addresses):
-            raise _PermanentLookupFailure("5.4.4", f"domain {domain} has no usable mail exchanger")
-        return [domain]
-
-    @defer.inlineCallbacks
-    def _addresses(self, host: str):
-        """
-        @return: a Deferred firing with the IPv4 and IPv6 addresses of
-            C{host}, as text.
-        """
-        addresses = []
-        for lookup, rrtype in ((self.resolver.lookupAddress, dns.A), (self.resolver.lookupIPV6Address, dns.AAAA)):
-            answers, _, _ = yield lookup(host)
-            for rr in answers:
-                if rr.type == rrtype:
-                    addresses.append(rr.payload.dottedQuad() if rrtype == dns.A else _ipv6Text(rr.payload))
-        return addresses
-
-    @defer.inlineCallbacks
-    def _sendVia(self, entry: Entry, domain: str, hosts: list, port: int, recipients: list, relay: bool):
-        remaining = list(recipients)
-        outcomes: dict = {}
-        lastError = "no mail exchanger reached"
-        for host in hosts:
-            session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay)
-            if session.tlsHandshakeFailed and not relay:
-                # RFC 7435: opportunistic TLS that fails to negotiate falls
-                # back to a plaintext session with the same host.
-                self.log.info(
-                    "relay: {queueId} TLS handshake with {host}:{port} failed (error={error}); retrying without TLS",
-                    queueId=entry.queueId,
-                    host=host,
-                    port=port,
-                    error=events.sanitize(session.error, events.MAX_LOGGED_REPLY),
-                )
-                session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay, False)
-            outcomes.update(session.outcomes)
-            self._logSession(entry, domain, host, port, session, remaining, relay)
-            remaining = [r for r in remaining if r not in session.outcomes]
-            if not remaining:
-                break
-            lastError = f"{host}: {session.error}"
-        for r in remaining:
-            outcomes[r] = Outcome("temp", "4.4.1", oneLine(lastError))
-        return outcomes
-
-    def _logSession(
-        self, entry: Entry, domain: str, host: str, port: int, session: "_Session", recipients: list, relay: bool
-    ) -> None:
-        """
-        Log the result of one session with C{host} for C{recipients}: one
-        summary line (at info if every recipient was delivered, else at
-        warn), then one warn line per recipient deferred or failed by a
-        remote reply, naming the reply.  Recipients the session never got a
-        reply for (it broke first: C{error=} says why) count as deferred.
-        """
-        counts = {"ok": 0, "temp": 0, "perm": 0}
-        refused = []
-        for r in recipients:
-            outcome = session.outcomes.get(r)
-            if outcome is None:
-                counts["temp"] += 1
-                continue
-            counts[outcome.kind] += 1
-            if outcome.kind != "ok":
-                refused.append((r, outcome))
-        level = self.log.info if counts["temp"] == counts["perm"] == 0 else self.log.warn
-        level(
-            "relay: {queueId} domain={domain} host={host}:{port} delivered={delivered} deferred={deferred}"
-            " failed={failed} tls={tls} verified={verified} error={error}",
-            queueId=entry.queueId,
-            domain=domain,
-            host=host,
-            port=port,
-            delivered=counts["ok"],
-            deferred=counts["temp"],
-            failed=counts["perm"],
-            tls="yes" if session.tls else "no",
-            verified="yes" if session.tlsVerified(relay and self.relayVerifyTLS) else "no",
-            # Remote text is quoted and escaped: it must not forge log content.
-            error="-" if session.error is None else events.sanitize(session.error, events.MAX_LOGGED_REPLY),
-        )
-        for r, outcome in refused:
-            self.log.warn(
-                "relay: {queueId} to={recipient} host={host}:{port} result={result} reply={reply}",
-                queueId=entry.queueId,
-                recipient=str(r),
-                host=host,
-                port=port,
-                result="deferred" if outcome.kind == "temp" else "failed",
-                reply=events.sanitize(outcome.diagnostic, events.MAX_LOGGED_REPLY),
-            )
-
-    def _defaultEndpoint(self, host: str, port: int):
-        """
-        The endpoint to the smarthost: the operator's choice, not filtered.
-        """
-        return HostnameEndpoint(self.reactor, host, port, timeout=self.connectTimeout)
-
-    def _defaultMXEndpoint(self, host: str, port: int):
-        """
-        The endpoint to an MX host: only its public addresses are tried.
-        """
-        return HostnameEndpoint(_PublicOnlyReactor(self.reactor), host, port, timeout=self.connectTimeout)
-
-    def _session(
-        self, entry: Entry, host: str, port: int, recipients: list, relay: bool, useTLS: bool = True
-    ) -> defer.Deferred:
-        """
-        One SMTP connection to C{host} for C{recipients}.
-
-        @param useTLS: offer STARTTLS when the peer does (false only for the
-            plaintext retry after a failed opportunistic handshake).
-
-        @return: a Deferred firing with the finished L{_Session}.
-        """
-        if not self.running:
-            session = _Session(entry.sender, recipients, None)
-            session.error = "relay service stopping"
-            session.finish(None)
-            return session.done
-        try:
-            message = self.queue.openMessage(entry)
-        except OSError as e:
-            session = _Session(entry.sender, recipients, None)
-            session.error = oneLine(f"cannot read queued message: {e}")
-            session.finish(None)
-            return session.done
-        session = _Session(entry.sender, recipients, message)
-        contextFactory = None
-        if self.clientTLS is not None and useTLS:
-            # verify=None asks for an opportunistic (unverified) context.
-            contextFactory = self.clientTLS(host, self.relayVerifyTLS if relay else None)
-        session.contextFactory = contextFactory
-        username = self.relayUsername if relay else None
-        password = self.relayPassword if relay else None
-        # A smarthost whose certificate is to be verified must speak TLS: a
-        # stripped STARTTLS must not silently skip the check.
-        requireTLS = relay and self.relayVerifyTLS and self.clientTLS is not None
-        factory = _RelayClientFactory(
-            session, self.hostname, contextFactory, username, password, self.reactor, requireTLS
-        )
-        self._sessions.add(session)
-
-        def connectFailed(f: Failure) -> None:
-            session.error = _describeConnectFailure(f)
-            session.finish(None)
-
-        def finished(s: _Session) -> _Session:
-            self._sessions.discard(session)
-            return s
-
-        try:
-            endpointFactory = self._endpointFactory if relay else self._mxEndpointFactory
-            d = endpointFactory(host, port).connect(factory)
-        except Exception:
-            d = defer.fail()
-        session.connecting = d
-        d.addCallbacks(lambda _: None, connectFailed)
-        return session.done.addCallback(finished)

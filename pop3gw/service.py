@@ -35,7 +35,8 @@ from pop3gw.config import Options as _ConfigOptions
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import POP3Factory
-from pop3gw.queue import OutboundQueue, RelayService
+from pop3gw.queue import OutboundQueue
+from pop3gw.relay import RelayService
 from pop3gw.router import Router
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.tls import CertificateManager, TLSConfigError, clientContextFactory, opportunisticClientContextFactory

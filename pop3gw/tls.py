@@ -68,9 +68,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
-    IReactorTime,
 )
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -124,9 +122,6 @@ MAX_COMMON_NAME = 64
 GENERATED_DIR = "tls"
 GENERATED_CERT = "cert.pem"
 GENERATED_KEY = "key.pem"
-
-#: Interval, in seconds, of L{CertificateManager.watch}.
-DEFAULT_WATCH_INTERVAL = 60
 
 
 class TLSConfigError(Exception):
@@ -627,26 +622,22 @@ class CertificateManager:
         """
         Reload if the certificate or key file changed (modification time,
         size or inode) since it was last read or tried.  A failed attempt is
-        not retried until the files change again.
+        not retried until the files change again.  Meant to be called
+        periodically (C{makeService} uses a C{TimerService}), so it never
+        raises: an unexpected error is logged as a failure and the next
+        call checks again.
 
         @return: L{True} if a new certificate is now served.
         """
-        certFile, keyFile = self._paths()
-        current = (_fileSignature(certFile), _fileSignature(keyFile))
-        if current == self._lastSeen:
+        try:
+            certFile, keyFile = self._paths()
+            current = (_fileSignature(certFile), _fileSignature(keyFile))
+            if current == self._lastSeen:
+                return False
+            return self.reload()
+        except Exception:
+            self.log.failure("TLS certificate check failed")
             return False
-        return self.reload()
-
-    def watch(self, clock: IReactorTime, interval: float = DEFAULT_WATCH_INTERVAL) -> LoopingCall:
-        """
-        Call L{reloadIfChanged} every C{interval} seconds on C{clock}.
-
-        @return: the running L{LoopingCall}; stop it to stop watching.
-        """
-        call = LoopingCall(self.reloadIfChanged)
-        call.clock = clock
-        call.start(interval, now=False)
-        return call
 
     # -- serving
 

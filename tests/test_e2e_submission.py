@@ -185,18 +185,52 @@ class SmtplibTests(SubmissionTestMixin, SynchronousTestCase):
 
 
 # The sink offers no STARTTLS; certificate verification of the smarthost
-# (on by default, and then TLS is required) is turned off explicitly.
+# (on by default, and then TLS is required, except on loopback) is turned
+# off explicitly.
 PLAINTEXT_SMARTHOST = "[relay]\nverify-tls = no\n"
 
 
+def credentialsConfig(testcase) -> str:
+    """
+    An INI fragment giving relay credentials, their password in a 0600
+    file removed after the test.
+    """
+    fd, path = tempfile.mkstemp(prefix="pop3gw-e2e-relay-")
+    testcase.addCleanup(os.unlink, path)
+    with os.fdopen(fd, "w") as f:
+        f.write("relay secret\n")
+    return f"[relay]\nusername = gw@example.org\npassword-file = {path}\n"
+
+
 class RelayTests(SubmissionTestMixin, SynchronousTestCase):
-    def test_verifiedSmarthostWithoutTLSKeepsMail(self) -> None:
+    def test_loopbackSmarthostWithoutTLSGetsMail(self) -> None:
         """
-        With verification on (the default), a smarthost that offers no
-        STARTTLS gets nothing: the message stays queued with a TLS error.
+        A smarthost on 127.0.0.1 (a local Postfix, a content filter) that
+        offers no STARTTLS gets the mail in plaintext with the default
+        settings (certificate verification on): loopback has no network to
+        protect.
         """
         sink = Sink(self)
         server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}")
+        client = self.smtp(server)
+        client.login(ALICE, ALICE_PW)
+        msg = message(to="carol@remote.example")
+        client.sendmail(ALICE, ["carol@remote.example"], msg)
+        client.quit()
+        sink.waitFor(lambda: sink.received)
+        sender, rcpts, content = sink.received[0]
+        self.assertEqual((sender, rcpts), (ALICE, ["carol@remote.example"]))
+        self.assertEqual(stripTrace(content), msg)
+        line = server.waitForLog(re.escape(f"host=127.0.0.1:{sink.port} delivered=1 "))
+        self.assertIn(" tls=no verified=no error=-", line)
+
+    def test_credentialsWithoutTLSKeepMail(self) -> None:
+        """
+        With relay credentials, even a smarthost on loopback that offers no
+        STARTTLS gets nothing: the message stays queued with a TLS error.
+        """
+        sink = Sink(self)
+        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}", extraConfig=credentialsConfig(self))
         client = self.smtp(server)
         client.login(ALICE, ALICE_PW)
         client.sendmail(ALICE, ["carol@remote.example"], message(to="carol@remote.example"))
@@ -212,12 +246,12 @@ class RelayTests(SubmissionTestMixin, SynchronousTestCase):
         The id a client is given in C{250 ... queued as} is the id C{pop3gw
         queue list} and the relay's log lines use; the submission's log line
         names it with the message's routing; a smarthost that offers no
-        STARTTLS while verification is on is logged at warn level in plain
+        STARTTLS while relay credentials are set is logged at warn level in plain
         words (no made-up 502), counted deferred, and C{queue list} gives the
         same words; no relay attempt adds "Starting factory" lines.
         """
         sink = Sink(self)
-        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}")
+        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}", extraConfig=credentialsConfig(self))
         client = self.smtp(server)
         client.login(ALICE, ALICE_PW)
         msg = message(to="carol@remote.example")
@@ -228,7 +262,7 @@ class RelayTests(SubmissionTestMixin, SynchronousTestCase):
         client.quit()
         self.assertEqual(code, 250)
         messageId = re.fullmatch(rb"2\.0\.0 OK queued as (\S+)", reply).group(1).decode()
-        why = "smarthost offers no STARTTLS and certificate verification is on"
+        why = "smarthost offers no STARTTLS and relay credentials are sent only over TLS"
         line = server.waitForLog(re.escape(f"relay: {messageId} domain=remote.example host=127.0.0.1:{sink.port} "))
         self.assertIn("[pop3gw.queue.RelayService#warn] ", line)
         self.assertIn(" delivered=0 deferred=1 failed=0 ", line)

@@ -1,230 +1,45 @@
 """
-Tests for L{pop3gw.queue}: storage, the relay service's scheduling and
-results, MX handling, the SMTP client conversation, and one end-to-end
-relay to a real (aiosmtpd) server on 127.0.0.1.
+Tests for L{pop3gw.queue}: the store's files, permissions, the CLI helpers
+and the entry's state changes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import email
-import io
-import json
 import os
-import threading
 
-from twisted.internet import defer, protocol
-from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs, formatEvent
-from twisted.names import dns, error as dnserror
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from pop3gw.address import Address
-from pop3gw.interfaces import IOutboundQueue, TemporaryFailure, UnknownUser
+from pop3gw.interfaces import IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
 from pop3gw.queue import (
     DELIVERED,
     FAILED,
     ORPHAN_AGE,
     PENDING,
-    STOP_GRACE,
     Entry,
-    _DotStuffer,
     OutboundQueue,
+    Outcome,
+    OutcomeKind,
     Recipient,
-    RelayService,
+    RecipientState,
     formatEntry,
     listEntries,
     requestFlush,
 )
-from pop3gw.interfaces import ITwoPhaseDelivery
-
-ALICE = Address("alice", "example.org")
-BOB = Address("bob", "remote.example")
-CAROL = Address("carol", "remote.example")
-DAVE = Address("dave", "remote.example")
-ERIN = Address("erin", "other.example")
-
-TRACE = b"Received: by test\r\n"
-BODY = b"Subject: hi\n\n.leading dot\nbody\n"
-STORED = b"Received: by test\r\nSubject: hi\r\n\r\n.leading dot\r\nbody\r\n"
-SENT = b"Received: by test\r\nSubject: hi\r\n\r\n..leading dot\r\nbody\r\n.\r\n"
-
-GREETING = b"220 mx.remote.example ESMTP\r\n"
-EHLO_OK = b"250-mx.remote.example\r\n250 8BITMIME\r\n"
-OK = b"250 2.0.0 ok\r\n"
-
-
-class ThreadClock(Clock):
-    """
-    A clock that also runs C{callFromThread} calls at once.
-    """
-
-    def callFromThread(self, f, *args, **kw):
-        f(*args, **kw)
-
-
-class FakeThreadPool:
-    """
-    Records C{callInThreadWithCallback} jobs until L{runAll}.
-    """
-
-    def __init__(self):
-        self.jobs = []
-
-    def callInThreadWithCallback(self, onResult, f, *args, **kw):
-        self.jobs.append((onResult, f, args, kw))
-
-    def runAll(self):
-        while self.jobs:
-            onResult, f, args, kw = self.jobs.pop(0)
-            try:
-                result = f(*args, **kw)
-            except BaseException:
-                onResult(False, Failure())
-            else:
-                onResult(True, result)
-
-
-class TLSStringTransport(StringTransport):
-    """
-    A L{StringTransport} that records C{startTLS}.
-    """
-
-    tlsContext = None
-
-    def startTLS(self, contextFactory):
-        self.tlsContext = contextFactory
-
-
-class FakeEndpoint:
-    """
-    Records the connection attempt; the test completes it with L{serve} or
-    fails it with L{refuse}.
-    """
-
-    def __init__(self, host, port, connects):
-        self.host = host
-        self.port = port
-        self.connects = connects
-        self.factory = None
-        self.deferred = None
-
-    def connect(self, factory):
-        self.factory = factory
-        self.deferred = defer.Deferred()
-        self.connects.append(self)
-        return self.deferred
-
-    def refuse(self):
-        self.deferred.errback(ConnectionRefusedError("refused"))
-
-    def open(self, transport=None):
-        self.transport = transport if transport is not None else TLSStringTransport()
-        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", self.port))
-        self.protocol.makeConnection(self.transport)
-        self.deferred.callback(self.protocol)
-
-    def feed(self, reply: bytes) -> bytes:
-        """
-        Send one server reply; return what the client wrote in response
-        (the message body included).
-        """
-        self.protocol.dataReceived(reply)
-        while self.transport.producer is not None:
-            self.transport.producer.resumeProducing()
-        out = self.transport.value()
-        self.transport.clear()
-        return out
-
-    def close(self):
-        self.protocol.connectionLost(Failure(ConnectionDone()))
-
-    def serve(self, replies):
-        """
-        Open the connection, feed C{replies} one by one, close it.
-
-        @return: the list of client writes after each reply.
-        """
-        self.open()
-        sent = [self.feed(r) for r in replies]
-        self.close()
-        return sent
-
-
-def rr(name, payload):
-    return dns.RRHeader(name=name, type=payload.TYPE, payload=payload)
-
-
-class FakeResolver:
-    """
-    MX and address records from dicts; C{errors} maps C{(kind, domain)} to
-    an exception; C{queries} records the lookups.
-    """
-
-    def __init__(self, mx=None, a=None, aaaa=None, errors=None):
-        self.mx = mx or {}
-        self.a = a or {}
-        self.aaaa = aaaa or {}
-        self.errors = errors or {}
-        self.queries = []
-
-    def _answer(self, kind, name, records):
-        self.queries.append((kind, name))
-        if (kind, name) in self.errors:
-            return defer.fail(self.errors[(kind, name)])
-        return defer.succeed((records, [], []))
-
-    def lookupMailExchange(self, name):
-        return self._answer(
-            "MX", name, [rr(name, dns.Record_MX(p, h)) for p, h in self.mx.get(name, [])]
-        )
-
-    def lookupAddress(self, name):
-        return self._answer("A", name, [rr(name, dns.Record_A(a)) for a in self.a.get(name, [])])
-
-    def lookupIPV6Address(self, name):
-        return self._answer("AAAA", name, [rr(name, dns.Record_AAAA(a)) for a in self.aaaa.get(name, [])])
-
-
-def readJSON(root, queueId):
-    with open(os.path.join(root, queueId + ".json"), "rb") as f:
-        return json.loads(f.read())
-
-
-def successReplies(count=1):
-    """
-    Server replies for a session where every one of C{count} recipients
-    and the data are accepted.
-    """
-    return [GREETING, EHLO_OK, OK] + [OK] * count + [b"354 go ahead\r\n", OK, b"221 bye\r\n"]
-
-
-class QueueTestMixin:
-    """
-    A queue in a temp dir on a fake clock, and helpers to queue messages.
-    """
-
-    def setUpQueue(self, threadpool=None):
-        self.root = self.mktemp()
-        self.clock = ThreadClock()
-        self.clock.advance(1000)
-        self.queue = OutboundQueue(self.root, self.clock, threadpool)
-
-    def enqueue(self, sender=ALICE, recipients=(BOB,), body=BODY, trace=TRACE):
-        announced = []
-        self.queue.addListener(announced.append)
-        d = self.queue.beginDelivery(sender, list(recipients), trace)
-        d.write(body)
-        self.successResultOf(d.commit())
-        self.queue.removeListener(announced.append)
-        [entry] = announced
-        return entry
+from tests.queuehelpers import (
+    ALICE,
+    BOB,
+    BODY,
+    CAROL,
+    DAVE,
+    ERIN,
+    STORED,
+    TRACE,
+    FakeThreadPool,
+    QueueTestMixin,
+    ThreadClock,
+    readJSON,
+)
 
 
 class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
@@ -475,1498 +290,208 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(readJSON(self.root, entry.queueId)["attempts"], 2)
 
 
-class DotStufferTests(unittest.SynchronousTestCase):
+class FilePermissionTests(QueueTestMixin, unittest.SynchronousTestCase):
     """
-    Tests for the dot-stuffing reader used for C{DATA}.
-    """
-
-    def test_smallReads(self):
-        """
-        Lines starting with a dot get a second one, whatever the read size;
-        a dot in the middle of a line is left alone.
-        """
-        source = b".a\r\nb.c\r\n\r\n..d\r\n" + b"x" * 70000 + b"\r\n.e\r\n"
-        expected = b"..a\r\nb.c\r\n\r\n...d\r\n" + b"x" * 70000 + b"\r\n..e\r\n"
-        for size in (1, 3, 16384):
-            reader = _DotStuffer(io.BytesIO(source))
-            chunks = []
-            while True:
-                chunk = reader.read(size)
-                if not chunk:
-                    break
-                self.assertLessEqual(len(chunk), size)
-                chunks.append(chunk)
-            self.assertEqual(b"".join(chunks), expected)
-
-    def test_longLineWithDot(self):
-        """
-        A dot after a line-length read boundary inside one long line is not
-        at a line start and is not doubled.
-        """
-        source = b"y" * (64 * 1024) + b".z\r\n"
-        self.assertEqual(_DotStuffer(io.BytesIO(source)).read(), source)
-
-
-class RelayTestMixin(QueueTestMixin):
-    """
-    A L{RelayService} over a fake clock, fake endpoints and a fake resolver.
+    Every file the queue creates is 0600 and every directory 0700, whatever
+    the umask; run as root, each belongs to the data directory's owner.
     """
 
-    def setUpRelay(self, **kw):
+    def setUmask(self, mask: int) -> None:
+        previous = os.umask(mask)
+        self.addCleanup(os.umask, previous)
+
+    def modesUnderUmask(self, mask: int) -> dict:
+        """
+        Under umask C{mask}: create a queue, queue a message, leave a second
+        one open, flush; return the mode of every path in the queue (the
+        temp files included, seen as they are renamed into place).
+        """
+        self.setUmask(mask)
+        modes = {}
+        rename = os.rename
+
+        def spy(src, dst):
+            modes[os.path.basename(dst) + " (tmp)"] = os.stat(src).st_mode & 0o7777
+            rename(src, dst)
+
+        self.patch(os, "rename", spy)
         self.setUpQueue()
-        self.connects = []
-        self.bounces = []
-        self.bounceErrors = []
-        self.resolver = kw.pop(
-            "resolver",
-            FakeResolver(mx={"remote.example": [(10, "mx.remote.example")], "other.example": [(5, "mx.other.example")]}),
-        )
-        self.relay = self.makeRelay(**kw)
+        self.enqueue()
+        open_ = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+        self.addCleanup(open_.abort)
+        requestFlush(self.root, now=1234.0)
+        modes["/"] = os.stat(self.root).st_mode & 0o7777
+        for name in os.listdir(self.root):
+            modes[name] = os.stat(os.path.join(self.root, name)).st_mode & 0o7777
+        return modes
 
-    def makeRelay(self, **kw):
-        args = dict(
-            resolver=self.resolver,
-            endpointFactory=lambda host, port: FakeEndpoint(host, port, self.connects),
-            lifetime=5 * 86400,
-        )
-        args.update(kw)
-        return RelayService(self.queue, self.clock, "mx.example.org", self.bounceDelivery, **args)
+    def assertPrivate(self, modes: dict) -> None:
+        kinds = {name.split(".")[-1].split(" ")[0] for name in modes}
+        self.assertEqual(kinds, {"/", "json", "msg", "tmp", "lock", "flush"})
+        expected = {name: 0o700 if name == "/" else 0o600 for name in modes}
+        self.assertEqual(modes, expected)
 
-    def bounceDelivery(self, sender, data):
-        if self.bounceErrors:
-            return defer.fail(self.bounceErrors.pop(0))
-        self.bounces.append((sender, data))
-        return defer.succeed(None)
-
-    def start(self):
-        self.relay.startService()
-        self.addCleanup(self.stop)
-
-    def stop(self):
-        if self.relay.running:
-            self.relay.stopService()
-        # Close what a test left half-open.
-        for endpoint in self.connects:
-            if getattr(endpoint, "protocol", None) is not None and not endpoint.protocol.session.done.called:
-                endpoint.close()
-        self.clock.advance(STOP_GRACE)
-
-    def json(self, entry):
-        return readJSON(self.root, entry.queueId)
-
-    def bounceRecipients(self, data):
-        msg = email.message_from_bytes(data)
-        status = msg.get_payload()[1].get_payload()
-        return [(b["Final-Recipient"], b["Status"]) for b in status[1:]]
-
-
-class RelayTests(RelayTestMixin, unittest.SynchronousTestCase):
-    """
-    Tests for L{RelayService} scheduling and per-recipient results.
-    """
-
-    def setUp(self):
-        self.setUpRelay()
-        self.start()
-
-    def test_attemptRecordedFirst(self):
+    def test_umask022(self):
         """
-        A new entry is tried at once; the attempt (count and next attempt
-        time) is on disk before the connection completes.
+        Under the usual umask 022, the queue's files are 0600, not 0644.
         """
+        self.assertPrivate(self.modesUnderUmask(0o022))
+
+    def test_umask000(self):
+        """
+        Under umask 000, the queue's files are 0600 and its directory 0700.
+        """
+        self.assertPrivate(self.modesUnderUmask(0o000))
+
+    def chownedParent(self, uid: int, gid: int) -> str:
+        """
+        A new directory owned by C{uid}:C{gid}, as a data directory of a
+        service install is; only root can make one.
+        """
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root to give files to another user")
+        parent = self.mktemp()
+        os.makedirs(parent)
+        os.chown(parent, uid, gid)
+        return parent
+
+    def test_rootGivesFilesToTheDataDirOwner(self):
+        """
+        Run as root, the queue directory it creates belongs to the owner of
+        the data directory, and so does every file the queue then creates
+        (entries, temp files, the lock, the flush stamp).
+        """
+        parent = self.chownedParent(4242, 4343)
+        self.clock = ThreadClock()
+        self.root = os.path.join(parent, "queue")
+        self.queue = OutboundQueue(self.root, self.clock)
+        self.enqueue()
+        open_ = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+        self.addCleanup(open_.abort)
+        requestFlush(self.root, now=1234.0)
+        owners = {".": os.stat(self.root)[4:6]}
+        for name in os.listdir(self.root):
+            owners[name] = os.stat(os.path.join(self.root, name))[4:6]
+        self.assertEqual(len(owners), 6)
+        self.assertEqual(set(owners.values()), {(4242, 4343)}, owners)
+
+    def test_rootKeepsARewrittenFilesOwner(self):
+        """
+        Run as root, an entry rewritten by C{queue flush} keeps the owner
+        its file had.
+        """
+        parent = self.chownedParent(4242, 4343)
+        self.clock = ThreadClock()
+        self.root = os.path.join(parent, "queue")
+        self.queue = OutboundQueue(self.root, self.clock)
         entry = self.enqueue()
-        self.assertEqual(self.connects, [])
-        self.clock.advance(0)
-        [endpoint] = self.connects
-        self.assertEqual((endpoint.host, endpoint.port), ("mx.remote.example", 25))
-        state = self.json(entry)
-        self.assertEqual(state["attempts"], 1)
-        self.assertEqual(state["nextAttempt"], 1000.0 + 300)
-        self.assertEqual(state["recipients"][0]["state"], "pending")
+        path = os.path.join(self.root, entry.queueId + ".json")
+        os.chown(path, 4444, 4545)
+        requestFlush(self.root, now=1234.0)
+        self.assertEqual(listEntries(self.root)[0].nextAttempt, 1234.0)
+        self.assertEqual(os.stat(path)[4:6], (4444, 4545))
 
-    def test_conversation(self):
+
+def makeEntry(*addresses, created=1000.0) -> Entry:
+    return Entry("0000000000001-00000000", ALICE, [Recipient(a) for a in addresses], created=created, nextAttempt=created)
+
+
+class EntryStateTests(unittest.SynchronousTestCase):
+    """
+    The state changes of an L{Entry}, pure methods without a reactor or
+    files.
+    """
+
+    def test_beginAttempt(self):
         """
-        A successful session sends EHLO, MAIL, RCPT, DATA, the dot-stuffed
-        message and QUIT; the entry then leaves the queue.
+        L{Entry.beginAttempt} counts the attempt, sets the next one by the
+        schedule (its last delay repeating) and returns the pending
+        addresses.
         """
-        entry = self.enqueue()
-        self.clock.advance(0)
-        sent = self.connects[0].serve(successReplies())
-        self.assertEqual(
-            sent,
-            [
-                b"EHLO mx.example.org\r\n",
-                b"MAIL FROM:<alice@example.org>\r\n",
-                b"RCPT TO:<bob@remote.example>\r\n",
-                b"DATA\r\n",
-                SENT,
-                b"QUIT\r\n",
-                b"",
-            ],
+        entry = makeEntry(BOB, CAROL)
+        entry.recipients[1].state = DELIVERED
+        self.assertEqual(entry.beginAttempt(2000.0, (10, 20), 86400), [BOB])
+        self.assertEqual((entry.attempts, entry.nextAttempt), (1, 2010.0))
+        entry.beginAttempt(3000.0, (10, 20), 86400)
+        entry.beginAttempt(4000.0, (10, 20), 86400)
+        self.assertEqual((entry.attempts, entry.nextAttempt), (3, 4020.0))
+
+    def test_beginAttemptNotPastLifetime(self):
+        """
+        The next attempt is due no later than the end of the lifetime.
+        """
+        entry = makeEntry(BOB)
+        entry.beginAttempt(1090.0, (3600,), 100)
+        self.assertEqual(entry.nextAttempt, 1100.0)
+
+    def test_apply(self):
+        """
+        L{Entry.apply} marks delivered and failed recipients, keeps the
+        deferred ones pending with their reasons as the last error, and
+        leaves recipients without an outcome alone.
+        """
+        entry = makeEntry(BOB, CAROL, DAVE, ERIN)
+        entry.apply(
+            {
+                BOB: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 ok"),
+                CAROL: Outcome(OutcomeKind.FAILED, "5.1.1", "550 5.1.1 unknown"),
+                DAVE: Outcome(OutcomeKind.DEFERRED, "4.3.0", "451 4.3.0 later"),
+            }
         )
-        self.assertEqual(listEntries(self.root), [])
-        self.assertNotIn(entry.queueId, self.relay.entries)
-        self.assertEqual(self.bounces, [])
+        self.assertEqual([r.state for r in entry.recipients], [DELIVERED, FAILED, PENDING, PENDING])
+        self.assertEqual((entry.recipients[1].status, entry.recipients[1].diagnostic), ("5.1.1", "550 5.1.1 unknown"))
+        self.assertEqual(entry.lastError, "dave@remote.example: 451 4.3.0 later")
+        self.assertEqual(entry.unnotified(), [entry.recipients[1]])
+        self.assertFalse(entry.isFinished())
 
-    def test_nullSenderOnWire(self):
+    def test_expire(self):
         """
-        The null reverse path is sent as C{MAIL FROM:<>}.
+        Past its lifetime, an entry with pending recipients is expired:
+        each fails with 4.4.7 naming the last error.
         """
-        self.enqueue(sender=None)
-        self.clock.advance(0)
-        sent = self.connects[0].serve(successReplies())
-        self.assertEqual(sent[1], b"MAIL FROM:<>\r\n")
+        entry = makeEntry(BOB, CAROL)
+        entry.recipients[0].state = DELIVERED
+        entry.lastError = "carol@remote.example: connection refused"
+        self.assertFalse(entry.isExpired(1099.0, 100))
+        self.assertTrue(entry.isExpired(1100.0, 100))
+        self.assertEqual(entry.expire(), 1)
+        carol = entry.recipients[1]
+        self.assertEqual((carol.state, carol.status), (FAILED, "4.4.7"))
+        self.assertEqual(carol.diagnostic, "delivery time expired; last error: carol@remote.example: connection refused")
+        self.assertFalse(entry.isExpired(1100.0, 100))
 
-    def test_heloFallback(self):
+    def test_stateValues(self):
         """
-        A server that refuses EHLO gets HELO.
+        The recipient states are written to the C{.json} file as the words
+        C{pending}, C{delivered} and C{failed}.
         """
-        self.enqueue()
-        self.clock.advance(0)
-        endpoint = self.connects[0]
-        endpoint.open()
-        self.assertEqual(endpoint.feed(GREETING), b"EHLO mx.example.org\r\n")
-        self.assertEqual(endpoint.feed(b"502 what\r\n"), b"HELO mx.example.org\r\n")
-        self.assertEqual(endpoint.feed(OK), b"MAIL FROM:<alice@example.org>\r\n")
-
-    def test_retrySchedule(self):
-        """
-        Temporary failures are retried after 5 min, 15 min, 1 h, then every
-        2 h, and the last error is kept.
-        """
-        entry = self.enqueue()
-        times = []
-        for delay in (0, 300, 900, 3600, 7200, 7200):
-            self.clock.advance(delay)
-            self.assertEqual(len(self.connects), len(times) + 1)
-            times.append(self.clock.seconds())
-            self.connects[-1].refuse()
-        self.assertEqual(times, [1000, 1300, 2200, 5800, 13000, 20200])
-        state = self.json(entry)
-        self.assertEqual(state["attempts"], 6)
-        self.assertEqual(state["nextAttempt"], 27400)
-        self.assertIn("bob@remote.example: ", state["lastError"])
-        self.assertIn("refused", state["lastError"])
-        self.clock.advance(7199)
-        self.assertEqual(len(self.connects), 6)
-
-    def test_tempThenSuccess(self):
-        """
-        A 4xx reply to RCPT leaves the recipient pending with the reply as
-        last error (no bounce); the retry delivers it and ends the entry.
-        """
-        entry = self.enqueue()
-        self.clock.advance(0)
-        sent = self.connects[0].serve([GREETING, EHLO_OK, OK, b"450 4.2.0 mailbox busy\r\n", b"221 bye\r\n"])
-        self.assertEqual(sent[-2:], [b"QUIT\r\n", b""])
-        state = self.json(entry)
-        self.assertEqual(state["recipients"][0]["state"], "pending")
-        self.assertEqual(state["lastError"], "bob@remote.example: 450 4.2.0 mailbox busy")
-        self.assertEqual(self.bounces, [])
-        self.clock.advance(299)
-        self.assertEqual(len(self.connects), 1)
-        self.clock.advance(1)
-        self.connects[1].serve(successReplies())
-        self.assertEqual(listEntries(self.root), [])
-        self.assertEqual(self.bounces, [])
-
-    def test_permanentBounce(self):
-        """
-        A 5xx reply to RCPT fails the recipient: one bounce to the sender,
-        and the entry leaves the queue.
-        """
-        self.enqueue()
-        self.clock.advance(0)
-        self.connects[0].serve([GREETING, EHLO_OK, OK, b"550 5.1.1 no such user\r\n", b"221 bye\r\n"])
-        [(sender, data)] = self.bounces
-        self.assertEqual(sender, ALICE)
-        self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "5.1.1")])
-        self.assertIn(b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n", data)
-        self.assertIn(b"Subject: hi\r\n", data)
-        self.assertEqual(listEntries(self.root), [])
-
-    def test_mixed(self):
-        """
-        Per-recipient results in one session: the accepted one is done, the
-        4xx one retried, the 5xx one bounced once; the retry only names the
-        pending one and no second bounce is made.
-        """
-        entry = self.enqueue(recipients=[BOB, CAROL, DAVE])
-        self.clock.advance(0)
-        sent = self.connects[0].serve(
-            [GREETING, EHLO_OK, OK, OK, b"451 4.3.0 later\r\n", b"550 5.1.1 unknown\r\n", b"354 go\r\n", OK, b"221 bye\r\n"]
-        )
-        self.assertEqual(
-            sent[2:5],
-            [b"RCPT TO:<bob@remote.example>\r\n", b"RCPT TO:<carol@remote.example>\r\n", b"RCPT TO:<dave@remote.example>\r\n"],
-        )
-        self.assertEqual(sent[5], b"DATA\r\n")
-        state = self.json(entry)
-        self.assertEqual([r["state"] for r in state["recipients"]], ["delivered", "pending", "failed"])
-        self.assertEqual(state["recipients"][2]["notified"], True)
-        [(_, data)] = self.bounces
-        self.assertEqual(self.bounceRecipients(data), [("rfc822; dave@remote.example", "5.1.1")])
-        self.clock.advance(300)
-        sent = self.connects[1].serve(successReplies())
-        self.assertEqual(sent[2], b"RCPT TO:<carol@remote.example>\r\n")
-        self.assertEqual(listEntries(self.root), [])
-        self.assertEqual(len(self.bounces), 1)
-
-    def test_dataRejected(self):
-        """
-        A 5xx reply to the end of data fails every accepted recipient.
-        """
-        self.enqueue(recipients=[BOB, CAROL])
-        self.clock.advance(0)
-        self.connects[0].serve([GREETING, EHLO_OK, OK, OK, OK, b"354 go\r\n", b"554 5.7.1 spam\r\n", b"221 bye\r\n"])
-        [(_, data)] = self.bounces
-        self.assertEqual(
-            self.bounceRecipients(data),
-            [("rfc822; bob@remote.example", "5.7.1"), ("rfc822; carol@remote.example", "5.7.1")],
-        )
-
-    def test_mailFromTemporary(self):
-        """
-        A 4xx reply to MAIL FROM leaves every recipient pending.
-        """
-        entry = self.enqueue(recipients=[BOB, CAROL])
-        self.clock.advance(0)
-        sent = self.connects[0].serve([GREETING, EHLO_OK, b"451 4.7.1 greylisted\r\n", b"221 bye\r\n"])
-        self.assertEqual(sent[-2:], [b"QUIT\r\n", b""])
-        state = self.json(entry)
-        self.assertEqual([r["state"] for r in state["recipients"]], ["pending", "pending"])
-        self.assertEqual(self.bounces, [])
-
-    def test_connectionLostMidway(self):
-        """
-        A connection lost before the end of data leaves recipients pending
-        with an error naming the host.
-        """
-        entry = self.enqueue()
-        self.clock.advance(0)
-        endpoint = self.connects[0]
-        endpoint.open()
-        endpoint.feed(GREETING)
-        endpoint.feed(EHLO_OK)
-        endpoint.close()
-        state = self.json(entry)
-        self.assertEqual(state["recipients"][0]["state"], "pending")
-        self.assertIn("mx.remote.example: connection lost", state["lastError"])
-
-    def test_responseTimeout(self):
-        """
-        A server that stops answering is given up after the response
-        timeout; the recipient stays pending.
-        """
-        entry = self.enqueue()
-        self.clock.advance(0)
-        endpoint = self.connects[0]
-        endpoint.open()
-        endpoint.feed(GREETING)
-        self.clock.advance(299)
-        self.assertFalse(endpoint.transport.disconnecting)
-        self.clock.advance(1)
-        self.assertTrue(endpoint.transport.disconnecting)
-        endpoint.close()
-        self.assertEqual(
-            self.json(entry)["lastError"],
-            "bob@remote.example: mx.remote.example: no reply from the server within 300 seconds",
-        )
-
-    def test_expiry(self):
-        """
-        Once the lifetime has passed, pending recipients fail with 4.4.7 and
-        one bounce is made.
-        """
-        self.relay.stopService()
-        self.relay = self.makeRelay(lifetime=1000)
-        self.relay.startService()
-        self.enqueue()
-        self.clock.advance(0)
-        self.connects[0].refuse()
-        self.clock.advance(300)
-        self.connects[1].refuse()
-        self.clock.advance(700)
-        self.assertEqual(len(self.connects), 2)
-        [(_, data)] = self.bounces
-        self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "4.4.7")])
-        self.assertIn(b"delivery time expired; last error: ", data)
-        self.assertEqual(listEntries(self.root), [])
-
-    def test_nullSenderNotBounced(self):
-        """
-        A message with the null sender that fails is dropped, never bounced.
-        """
-        self.enqueue(sender=None)
-        self.clock.advance(0)
-        self.connects[0].serve([GREETING, EHLO_OK, OK, b"550 5.1.1 unknown\r\n", b"221 bye\r\n"])
-        self.assertEqual(self.bounces, [])
-        self.assertEqual(listEntries(self.root), [])
-
-    def test_bounceRetried(self):
-        """
-        If the bounce cannot be stored the entry stays queued and the bounce
-        is tried again later, once.
-        """
-        self.bounceErrors.append(TemporaryFailure("disk full"))
-        entry = self.enqueue()
-        self.clock.advance(0)
-        self.connects[0].serve([GREETING, EHLO_OK, OK, b"550 5.1.1 unknown\r\n", b"221 bye\r\n"])
-        self.assertEqual(len(self.flushLoggedErrors(TemporaryFailure)), 1)
-        self.assertEqual(self.bounces, [])
-        self.assertEqual(self.json(entry)["recipients"][0]["notified"], False)
-        self.clock.advance(300)
-        self.assertEqual(len(self.connects), 1)
-        self.assertEqual(len(self.bounces), 1)
-        self.assertEqual(listEntries(self.root), [])
-
-    def test_bounceSenderGone(self):
-        """
-        A bounce whose sender no longer exists is dropped.
-        """
-        self.bounceErrors.append(UnknownUser("alice"))
-        self.enqueue()
-        self.clock.advance(0)
-        self.connects[0].serve([GREETING, EHLO_OK, OK, b"550 5.1.1 unknown\r\n", b"221 bye\r\n"])
-        self.assertEqual(listEntries(self.root), [])
-
-    def test_restartResumes(self):
-        """
-        A new service over the same directory loads the entry and tries it
-        at its recorded next attempt time, not before.
-        """
-        entry = self.enqueue()
-        self.clock.advance(0)
-        self.connects[0].refuse()
-        self.relay.stopService()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.clock.advance(100)
-        self.relay = self.makeRelay()
-        self.relay.startService()
-        self.assertEqual(list(self.relay.entries), [entry.queueId])
-        self.clock.advance(199)
-        self.assertEqual(len(self.connects), 1)
-        self.clock.advance(1)
-        self.assertEqual(len(self.connects), 2)
-        self.assertEqual(self.json(entry)["attempts"], 2)
-
-    def test_flushAll(self):
-        """
-        L{RelayService.flushAll} makes waiting entries due now.
-        """
-        self.enqueue()
-        self.clock.advance(0)
-        self.connects[0].refuse()
-        self.assertEqual(self.relay.flushAll(), 1)
-        self.clock.advance(0)
-        self.assertEqual(len(self.connects), 2)
-
-    def test_flushFile(self):
-        """
-        L{requestFlush} (the CLI) wakes a running service through the
-        C{.flush} file within the scan interval.
-        """
-        self.enqueue()
-        self.clock.advance(0)
-        self.connects[0].refuse()
-        self.clock.advance(5)
-        self.assertEqual(len(self.connects), 1)
-        requestFlush(self.root, now=self.clock.seconds())
-        self.clock.advance(5)
-        self.assertEqual(len(self.connects), 2)
-
-    def test_stopCancels(self):
-        """
-        Stopping cancels every timer.
-        """
-        self.enqueue()
-        self.clock.advance(0)
-        self.connects[0].refuse()
-        self.assertNotEqual(self.clock.getDelayedCalls(), [])
-        self.successResultOf(self.relay.stopService())
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_stopWaitsForAttempt(self):
-        """
-        Stopping aborts the connection in progress and waits for the attempt
-        to finish; the recipient stays queued.
-        """
-        entry = self.enqueue()
-        self.clock.advance(0)
-        endpoint = self.connects[0]
-        endpoint.open()
-        endpoint.feed(GREETING)
-        stopped = self.relay.stopService()
-        self.assertTrue(endpoint.transport.disconnected)
-        self.assertNoResult(stopped)
-        endpoint.close()
-        self.successResultOf(stopped)
-        self.assertEqual(self.json(entry)["recipients"][0]["state"], "pending")
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_stopCancelsConnecting(self):
-        """
-        Stopping cancels a connection attempt still in progress; the entry
-        stays queued.
-        """
-        entry = self.enqueue()
-        self.clock.advance(0)
-        self.successResultOf(self.relay.stopService())
-        self.assertEqual([e.queueId for e in listEntries(self.root)], [entry.queueId])
-        self.assertEqual(self.json(entry)["lastError"], "bob@remote.example: mx.remote.example: connection attempt cancelled")
-
-    def test_stopAbandons(self):
-        """
-        An attempt that does not finish within the grace period is abandoned;
-        the entry stays queued.
-        """
-        entry = self.enqueue()
-        self.clock.advance(0)
-        endpoint = self.connects[0]
-        endpoint.open()
-        endpoint.feed(GREETING)
-        # A transport that ignores the abort: the session never ends.
-        endpoint.transport.abortConnection = lambda: None
-        stopped = self.relay.stopService()
-        self.assertNoResult(stopped)
-        self.clock.advance(STOP_GRACE)
-        self.successResultOf(stopped)
-        self.assertEqual([e.queueId for e in listEntries(self.root)], [entry.queueId])
-
-    def test_concurrencyLimit(self):
-        """
-        No more than C{maxConnections} connections are open at once.
-        """
-        self.relay.stopService()
-        self.relay = self.makeRelay(maxConnections=2)
-        self.relay.startService()
-        for _ in range(3):
-            self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual(len(self.connects), 2)
-        self.connects[0].refuse()
-        self.assertEqual(len(self.connects), 3)
-
-    def test_smtputf8(self):
-        """
-        A non-ASCII recipient fails permanently with 5.6.7 without a
-        connection.
-        """
-        self.enqueue(recipients=[Address("jörg", "remote.example")])
-        self.clock.advance(0)
-        self.assertEqual(self.connects, [])
-        [(_, data)] = self.bounces
-        self.assertIn(b"Status: 5.6.7\r\n", data)
+        self.assertEqual([s.value for s in RecipientState], ["pending", "delivered", "failed"])
+        entry = makeEntry(BOB)
+        entry.recipients[0].state = DELIVERED
+        self.assertEqual(Entry.fromJSON(entry.toJSON()).recipients[0].state, DELIVERED)
 
 
-class MXTests(RelayTestMixin, unittest.SynchronousTestCase):
+class FlushStampTests(QueueTestMixin, unittest.SynchronousTestCase):
     """
-    Mail exchanger lookup and fallback.
+    L{OutboundQueue.flushStamp} is how the relay learns of C{queue flush}.
     """
 
-    def setUpWith(self, **kw):
-        self.setUpRelay(resolver=FakeResolver(**kw))
-        self.start()
-
-    def test_preferenceOrder(self):
-        """
-        MX hosts are tried in preference order; a failed connection moves on
-        to the next host in the same attempt.
-        """
-        self.setUpWith(mx={"remote.example": [(20, "b.mx.example"), (10, "a.mx.example."), (30, "C.MX.example")]})
-        entry = self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual([e.host for e in self.connects], ["a.mx.example"])
-        self.connects[0].refuse()
-        self.assertEqual([e.host for e in self.connects], ["a.mx.example", "b.mx.example"])
-        self.connects[1].refuse()
-        self.connects[2].refuse()
-        self.assertEqual([(e.host, e.port) for e in self.connects][2], ("c.mx.example", 25))
-        self.assertEqual(len(self.connects), 3)
-        self.assertEqual(self.json(entry)["attempts"], 1)
-        self.assertEqual(self.json(entry)["lastError"], "bob@remote.example: c.mx.example: connection refused")
-
-    def test_secondHostAfterGreetingFailure(self):
-        """
-        A host that refuses the session (421) makes the next host be tried.
-        """
-        self.setUpWith(mx={"remote.example": [(10, "a.mx.example"), (20, "b.mx.example")]})
-        self.enqueue()
-        self.clock.advance(0)
-        self.connects[0].serve([b"421 4.3.2 busy\r\n", b"221 bye\r\n"])
-        self.connects[1].serve(successReplies())
-        self.assertEqual(listEntries(self.root), [])
-
-    def test_implicitMX(self):
-        """
-        A domain without MX records but with an address is its own mail
-        exchanger.
-        """
-        self.setUpWith(a={"remote.example": [PUBLIC_V4]})
-        self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual([(e.host, e.port) for e in self.connects], [("remote.example", 25)])
-
-    def test_implicitMXv6(self):
-        """
-        An IPv6-only domain without MX records is its own mail exchanger.
-        """
-        self.setUpWith(aaaa={"remote.example": [PUBLIC_V6]})
-        self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual([e.host for e in self.connects], ["remote.example"])
-
-    def test_noHost(self):
-        """
-        A domain with neither MX nor address records fails permanently.
-        """
-        self.setUpWith()
-        self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual(self.connects, [])
-        [(_, data)] = self.bounces
-        self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "5.1.2")])
-
-    def test_nullMX(self):
-        """
-        A null MX (RFC 7505) fails permanently with 5.1.10.
-        """
-        self.setUpWith(mx={"remote.example": [(0, "")]})
-        self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual(self.connects, [])
-        [(_, data)] = self.bounces
-        self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "5.1.10")])
-
-    def test_nxdomain(self):
-        """
-        A domain that does not exist fails permanently.
-        """
-        self.setUpWith(errors={("MX", "remote.example"): dnserror.DNSNameError("nx")})
-        self.enqueue()
-        self.clock.advance(0)
-        [(_, data)] = self.bounces
-        self.assertIn(b"domain remote.example does not exist", data)
-
-    def test_dnsTemporary(self):
-        """
-        A DNS server failure or time-out leaves the recipient pending.
-        """
-        self.setUpWith(errors={("MX", "remote.example"): dnserror.DNSServerError("servfail")})
-        entry = self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual(self.bounces, [])
-        state = self.json(entry)
-        self.assertEqual(state["recipients"][0]["state"], "pending")
-        self.assertIn("DNS lookup for remote.example failed", state["lastError"])
-
-    def test_onePerDomain(self):
-        """
-        Recipients are grouped by domain: one connection per domain carries
-        all of its recipients.
-        """
-        self.setUpWith(mx={"remote.example": [(10, "mx.remote.example")], "other.example": [(10, "mx.other.example")]})
-        self.enqueue(recipients=[BOB, ERIN, CAROL])
-        self.clock.advance(0)
-        self.assertEqual(sorted(e.host for e in self.connects), ["mx.other.example", "mx.remote.example"])
-        remote = [e for e in self.connects if e.host == "mx.remote.example"][0]
-        sent = remote.serve(successReplies(2))
-        self.assertEqual(sent[2:4], [b"RCPT TO:<bob@remote.example>\r\n", b"RCPT TO:<carol@remote.example>\r\n"])
-        [other] = [e for e in self.connects if e.host == "mx.other.example"]
-        other.refuse()
-        [entry] = listEntries(self.root)
-        self.assertEqual([r.state for r in entry.recipients], [DELIVERED, PENDING, DELIVERED])
-
-    def test_opportunisticTLS(self):
-        """
-        With a TLS factory, STARTTLS is used when an MX host offers it,
-        without verification (C{verify=None}), then EHLO is sent again.
-        """
-        calls = []
-        self.setUpRelay()
-        self.relay = self.makeRelay(clientTLS=lambda host, verify: calls.append((host, verify)) or "CTX")
-        self.start()
-        self.enqueue()
-        self.clock.advance(0)
-        endpoint = self.connects[0]
-        endpoint.open()
-        endpoint.feed(GREETING)
-        self.assertEqual(endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
-        self.assertEqual(endpoint.feed(b"220 go\r\n"), b"EHLO mx.example.org\r\n")
-        self.assertEqual(endpoint.transport.tlsContext, "CTX")
-        self.assertEqual(calls, [("mx.remote.example", None)])
-        self.assertEqual(endpoint.feed(EHLO_OK), b"MAIL FROM:<alice@example.org>\r\n")
-
-
-    def tlsSession(self, verified):
-        """
-        Deliver one message to an MX host over opportunistic STARTTLS whose
-        context reports C{verified}; return the relay's log lines.
-        """
-
-        class Result:
-            pass
-
-        class Context:
-            result = Result()
-
-        Context.result.verified = verified
-        self.setUpRelay()
-        self.relay = self.makeRelay(clientTLS=lambda host, verify: Context())
-        self.start()
-        self.enqueue()
-        with capturedLogs() as events:
-            self.clock.advance(0)
-            self.connects[0].serve(
-                [GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"220 go\r\n"] + successReplies()[1:]
-            )
-        self.assertEqual(listEntries(self.root), [])
-        return [formatEvent(e) for e in events]
-
-    def test_opportunisticTLSVerifiedLogged(self):
-        """
-        The log line of an MX delivery says it was encrypted and verified
-        when the opportunistic context's result says the peer was verified.
-        """
-        lines = [line for line in self.tlsSession(True) if "host=mx.remote.example:25" in line]
-        self.assertEqual(len(lines), 1)
-        self.assertIn(" delivered=1 deferred=0 failed=0 tls=yes verified=yes error=-", lines[0])
-
-    def test_opportunisticTLSUnverifiedLogged(self):
-        """
-        The log line of an MX delivery over TLS to a peer that could not be
-        verified says encrypted, not verified.
-        """
-        lines = [line for line in self.tlsSession(False) if "host=mx.remote.example:25" in line]
-        self.assertEqual(len(lines), 1)
-        self.assertIn(" tls=yes verified=no error=-", lines[0])
-
-    def test_failedHandshakeFallsBackToPlaintext(self):
-        """
-        When the opportunistic TLS handshake with an MX host fails, the same
-        host is tried once more without STARTTLS (RFC 7435), and the message
-        is delivered over that plaintext session.
-        """
-        from OpenSSL import SSL
-
-        contexts = []
-        self.setUpRelay()
-        self.relay = self.makeRelay(clientTLS=lambda host, verify: contexts.append(host) or "CTX")
-        self.start()
-        self.enqueue()
-        self.clock.advance(0)
-        first = self.connects[0]
-        first.open()
-        first.feed(GREETING)
-        self.assertEqual(first.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
-        first.feed(b"220 go\r\n")
-        first.protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "unsupported protocol")])))
-        self.clock.advance(0)
-        self.assertEqual([(e.host, e.port) for e in self.connects], [("mx.remote.example", 25)] * 2)
-        sent = self.connects[1].serve([GREETING, b"250-mx\r\n250 STARTTLS\r\n"] + successReplies()[2:])
-        self.assertEqual(sent[:2], [b"EHLO mx.example.org\r\n", b"MAIL FROM:<alice@example.org>\r\n"])
-        self.assertEqual(contexts, ["mx.remote.example"])
-        self.assertEqual(listEntries(self.root), [])
-
-    def test_starttlsDiscardsInjectedReplies(self):
-        """
-        Replies that arrive in the same plaintext segment as the 220 to
-        STARTTLS are discarded, never taken as answers over TLS (a man in
-        the middle could inject them): the client waits for the EHLO reply
-        that comes over TLS.
-        """
-        self.setUpRelay()
-        self.relay = self.makeRelay(clientTLS=lambda host, verify: "CTX")
-        self.start()
-        self.enqueue()
-        self.clock.advance(0)
-        endpoint = self.connects[0]
-        endpoint.open()
-        endpoint.feed(GREETING)
-        self.assertEqual(endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
-        self.assertEqual(
-            endpoint.feed(b"220 go\r\n250-injected\r\n250 AUTH PLAIN\r\n"), b"EHLO mx.example.org\r\n"
-        )
-        self.assertEqual(endpoint.feed(EHLO_OK), b"MAIL FROM:<alice@example.org>\r\n")
-
-
-class SmarthostTests(RelayTestMixin, unittest.SynchronousTestCase):
-    """
-    Relaying everything through a configured relay host.
-    """
-
-    def test_relayHost(self):
-        """
-        Every recipient goes to the relay host in one session, whatever its
-        domain; no DNS lookup is made.
-        """
-        self.setUpRelay(relayHost="smarthost.example", relayPort=2525)
-        self.start()
-        self.enqueue(recipients=[BOB, ERIN])
-        self.clock.advance(0)
-        self.assertEqual([(e.host, e.port) for e in self.connects], [("smarthost.example", 2525)])
-        sent = self.connects[0].serve(successReplies(2))
-        self.assertEqual(sent[2:4], [b"RCPT TO:<bob@remote.example>\r\n", b"RCPT TO:<erin@other.example>\r\n"])
-        self.assertEqual(self.resolver.queries, [])
-        self.assertEqual(listEntries(self.root), [])
-
-    def test_defaultPorts(self):
-        """
-        The relay port defaults to 25, or 587 when a user name is set.
-        """
-        self.setUpRelay(relayHost="smarthost.example")
-        self.assertEqual(self.relay.relayPort, 25)
-        self.assertEqual(self.makeRelay(relayHost="s", relayUsername="u", relayPassword="p").relayPort, 587)
-
-    def test_credentialsNeedTLS(self):
-        """
-        With credentials, a relay that offers no STARTTLS gets no AUTH: the
-        session ends and the recipient stays pending.
-        """
-        self.setUpRelay(
-            relayHost="smarthost.example",
-            relayUsername="gw",
-            relayPassword="s3cret",
-            clientTLS=lambda host, verify: "CTX",
-        )
-        self.start()
-        entry = self.enqueue()
-        self.clock.advance(0)
-        sent = self.connects[0].serve([GREETING, b"250-mx\r\n250 AUTH PLAIN LOGIN\r\n", b"221 bye\r\n"])
-        self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"QUIT\r\n", b""])
-        self.assertEqual(self.json(entry)["recipients"][0]["state"], "pending")
-
-    def test_verifiedSmarthostRequiresTLS(self):
-        """
-        Without credentials but with certificate verification on (the
-        default), a relay host that offers no STARTTLS gets no mail: a
-        stripped STARTTLS cannot silently skip the check.  The recipient
-        stays pending with the error recorded.
-        """
-        self.setUpRelay(relayHost="smarthost.example", clientTLS=lambda host, verify: "CTX")
-        self.start()
-        entry = self.enqueue()
-        self.clock.advance(0)
-        sent = self.connects[0].serve([GREETING, EHLO_OK, b"221 bye\r\n"])
-        self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"QUIT\r\n", b""])
-        data = self.json(entry)
-        self.assertEqual(data["recipients"][0]["state"], "pending")
-        self.assertIn("TLS", data["lastError"])
-
-    def test_unverifiedSmarthostMayBePlaintext(self):
-        """
-        With verification turned off explicitly, a relay host without
-        STARTTLS gets the mail in plaintext.
-        """
-        self.setUpRelay(relayHost="smarthost.example", relayVerifyTLS=False, clientTLS=lambda host, verify: "CTX")
-        self.start()
-        self.enqueue()
-        self.clock.advance(0)
-        sent = self.connects[0].serve(successReplies())
-        self.assertEqual(sent[1], b"MAIL FROM:<alice@example.org>\r\n")
-        self.assertEqual(listEntries(self.root), [])
-
-    def test_starttlsThenAuth(self):
-        """
-        With credentials, STARTTLS verified against the relay host comes
-        first, then AUTH PLAIN, then the mail.
-        """
-        calls = []
-        self.setUpRelay(
-            relayHost="smarthost.example",
-            relayUsername="gw",
-            relayPassword="s3cret",
-            clientTLS=lambda host, verify: calls.append((host, verify)) or "CTX",
-        )
-        self.start()
-        self.enqueue()
-        self.clock.advance(0)
-        endpoint = self.connects[0]
-        self.assertEqual(endpoint.port, 587)
-        endpoint.open()
-        self.assertEqual(endpoint.feed(GREETING), b"EHLO mx.example.org\r\n")
-        self.assertEqual(endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
-        self.assertEqual(endpoint.feed(b"220 go\r\n"), b"EHLO mx.example.org\r\n")
-        self.assertEqual(calls, [("smarthost.example", True)])
-        self.assertEqual(endpoint.transport.tlsContext, "CTX")
-        auth = endpoint.feed(b"250-mx\r\n250 AUTH PLAIN\r\n")
-        self.assertEqual(auth, b"AUTH PLAIN " + base64.b64encode(b"gw\0gw\0s3cret") + b"\r\n")
-        self.assertEqual(endpoint.feed(b"235 ok\r\n"), b"MAIL FROM:<alice@example.org>\r\n")
-
-    def test_authDeclined(self):
-        """
-        Refused credentials are a temporary failure (a configuration error
-        must not bounce mail).
-        """
-        self.setUpRelay(
-            relayHost="smarthost.example",
-            relayUsername="gw",
-            relayPassword="s3cret",
-            clientTLS=lambda host, verify: "CTX",
-        )
-        self.start()
-        entry = self.enqueue()
-        self.clock.advance(0)
-        endpoint = self.connects[0]
-        endpoint.open()
-        for reply in (GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"220 go\r\n", b"250-mx\r\n250 AUTH PLAIN\r\n"):
-            endpoint.feed(reply)
-        self.assertEqual(endpoint.feed(b"535 5.7.8 bad credentials\r\n"), b"AUTH PLAIN " + base64.b64encode(b"\0gw\0s3cret") + b"\r\n")
-        self.assertEqual(endpoint.feed(b"535 5.7.8 bad credentials\r\n"), b"QUIT\r\n")
-        endpoint.close()
-        self.assertEqual(self.bounces, [])
-        state = self.json(entry)
-        self.assertEqual(state["recipients"][0]["state"], "pending")
-        self.assertNotIn("s3cret", state["lastError"])
-
-
-class _Handler:
-    """
-    An aiosmtpd handler: C{busy@} gets 450 the first time, C{nobody@} 550,
-    anyone else 250; messages are recorded.
-    """
-
-    def __init__(self):
-        self.busySeen = 0
-        self.messages = []
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address.startswith("busy@"):
-            self.busySeen += 1
-            if self.busySeen == 1:
-                return "450 4.2.0 try again later"
-        if address.startswith("nobody@"):
-            return "550 5.1.1 no such user"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
-        return "250 2.0.0 queued"
-
-
-class _SMTPServerThread:
-    """
-    An aiosmtpd server on 127.0.0.1 (a free port) in its own thread and
-    event loop.
-    """
-
-    def __init__(self, handler):
-        self.handler = handler
-        self.ready = threading.Event()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="aiosmtpd-test", daemon=True)
-        self.port = None
-
-    def _run(self):
-        from aiosmtpd.smtp import SMTP
-
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(
-            self.loop.create_server(lambda: SMTP(self.handler, hostname="smtpd.test"), "127.0.0.1", 0)
-        )
-        self.port = server.sockets[0].getsockname()[1]
-        self.ready.set()
-        try:
-            self.loop.run_forever()
-        finally:
-            server.close()
-            tasks = asyncio.all_tasks(self.loop)
-            for task in tasks:
-                task.cancel()
-            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            self.loop.run_until_complete(server.wait_closed())
-            self.loop.close()
-
-    def start(self):
-        self.thread.start()
-        if not self.ready.wait(30):
-            raise RuntimeError("SMTP test server did not start")
-
-    def stop(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-
-
-class LoopbackRelayTests(unittest.TestCase):
-    """
-    End to end: the relay delivers to a real SMTP server (aiosmtpd) over
-    TCP on 127.0.0.1 with the real reactor.
-    """
-
-    def setUp(self):
-        self.handler = _Handler()
-        self.server = _SMTPServerThread(self.handler)
-        self.server.start()
-        self.addCleanup(self.server.stop)
-
-    @defer.inlineCallbacks
-    def test_relay(self):
-        """
-        One accepted recipient is delivered, one 550 recipient is bounced,
-        one 450 recipient is delivered on the retry, and the entry is then
-        removed.
-        """
-        from twisted.internet import reactor
-
-        root = self.mktemp()
-        queue = OutboundQueue(root, reactor)
-        bounces = []
-
-        def bounceDelivery(sender, data):
-            bounces.append((sender, data))
-            return defer.succeed(None)
-
-        relay = RelayService(
-            queue,
-            reactor,
-            "pop3gw.test",
-            bounceDelivery,
-            relayHost="127.0.0.1",
-            relayPort=self.server.port,
-            connectTimeout=10,
-            schedule=(3600,),
-        )
-        relay.startService()
-        self.addCleanup(relay.stopService)
-
-        ok = Address("ok", "dest.test")
-        busy = Address("busy", "dest.test")
-        nobody = Address("nobody", "dest.test")
-        delivery = queue.beginDelivery(ALICE, [ok, busy, nobody], TRACE)
-        delivery.write(BODY)
-        yield delivery.commit()
-        [entry] = listEntries(root)
-
-        yield relay.runEntry(entry.queueId)
-        self.assertEqual(len(self.handler.messages), 1)
-        mailFrom, rcpts, content = self.handler.messages[0]
-        self.assertEqual((mailFrom, rcpts), ("alice@example.org", ["ok@dest.test"]))
-        self.assertEqual(content, STORED)
-        [(sender, data)] = bounces
-        self.assertEqual(sender, ALICE)
-        self.assertIn(b"Final-Recipient: rfc822; nobody@dest.test\r\n", data)
-        self.assertIn(b"Status: 5.1.1\r\n", data)
-        [state] = listEntries(root)
-        self.assertEqual([r.state for r in state.recipients], [DELIVERED, PENDING, FAILED])
-        self.assertEqual(state.lastError, "busy@dest.test: 450 4.2.0 try again later")
-
-        yield relay.runEntry(entry.queueId)
-        self.assertEqual(len(self.handler.messages), 2)
-        self.assertEqual(self.handler.messages[1][:2], ("alice@example.org", ["busy@dest.test"]))
-        self.assertEqual(listEntries(root), [])
-        self.assertEqual(len(bounces), 1)
-
-
-def relayLog(events):
-    """
-    The relay's log lines among captured C{events}, as C{(level name,
-    text)} pairs.
-    """
-    lines = []
-    for event in events:
-        text = formatEvent(event)
-        if text.startswith("relay: "):
-            lines.append((event["log_level"].name, text))
-    return lines
-
-
-class RelayLogTests(RelayTestMixin, unittest.SynchronousTestCase):
-    """
-    What the relay logs for each session: counts that add up to the
-    recipients concerned, plain-word errors (never Twisted's own made-up
-    reply codes), each remote refusal with its reply, failures at warn and
-    successes at info; the queue's last error uses the same words.
-    """
-
-    def attempt(self, serve, recipients=(BOB,), **kw):
-        """
-        Queue one message, run its first attempt with C{serve(endpoint)}
-        and return the entry and the relay's log lines.
-        """
-        self.setUpRelay(**kw)
-        self.start()
-        entry = self.enqueue(recipients=recipients)
-        with capturedLogs() as events:
-            self.clock.advance(0)
-            serve(self.connects[0])
-        return entry, relayLog(events)
-
-    def test_verifiedSmarthostWithoutSTARTTLS(self):
+    def test_flushStamp(self):
         """
-        A smarthost whose certificate is to be verified but that offers no
-        STARTTLS: the recipient is counted deferred, the error says so in
-        plain words (no "502", which no server sent), at warn level, and
-        C{queue list} shows the same words.
+        The stamp is L{None} until a flush is requested, and changes with
+        each request.
         """
-        entry, lines = self.attempt(
-            lambda e: e.serve([GREETING, EHLO_OK, b"221 bye\r\n"]),
-            relayHost="smarthost.example",
-            clientTLS=lambda host, verify: "CTX",
-        )
-        why = "smarthost offers no STARTTLS and certificate verification is on"
-        self.assertEqual(
-            lines,
-            [
-                (
-                    "warn",
-                    f"relay: {entry.queueId} domain=remote.example host=smarthost.example:25"
-                    f' delivered=0 deferred=1 failed=0 tls=no verified=no error="{why}"',
-                )
-            ],
-        )
-        [stored] = listEntries(self.root)
-        self.assertEqual(stored.lastError, f"bob@remote.example: smarthost.example: {why}")
-        self.assertTrue(formatEntry(stored).endswith(f" error=bob@remote.example: smarthost.example: {why}"))
+        self.setUpQueue()
+        self.assertIsNone(self.queue.flushStamp())
+        requestFlush(self.root, now=1234.0)
+        first = self.queue.flushStamp()
+        self.assertIsNotNone(first)
+        os.utime(os.path.join(self.root, ".flush"), ns=(1, 1))
+        self.assertNotEqual(self.queue.flushStamp(), first)
 
-    def test_smarthostWithCredentialsWithoutSTARTTLS(self):
+    def test_interface(self):
         """
-        With relay credentials, a smarthost without STARTTLS is reported as
-        such: credentials only go over TLS.
+        L{OutboundQueue} provides L{IQueueStore}.
         """
-        entry, lines = self.attempt(
-            lambda e: e.serve([GREETING, b"250-mx\r\n250 AUTH PLAIN LOGIN\r\n", b"221 bye\r\n"]),
-            relayHost="smarthost.example",
-            relayUsername="gw",
-            relayPassword="s3cret",
-            clientTLS=lambda host, verify: "CTX",
-        )
-        [(level, line)] = lines
-        self.assertEqual(level, "warn")
-        self.assertIn(" delivered=0 deferred=1 failed=0 ", line)
-        self.assertTrue(line.endswith(' error="smarthost offers no STARTTLS and relay credentials are sent only over TLS"'))
-        self.assertNotIn("s3cret", line)
-
-    def test_smarthostWithoutAuthMechanism(self):
-        """
-        With relay credentials, a smarthost that offers no AUTH mechanism
-        the relay speaks is reported as such, without a made-up code.
-        """
-
-        def serve(e):
-            e.serve([GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"220 go\r\n", EHLO_OK, b"221 bye\r\n"])
-
-        entry, lines = self.attempt(
-            serve,
-            relayHost="smarthost.example",
-            relayUsername="gw",
-            relayPassword="s3cret",
-            clientTLS=lambda host, verify: "CTX",
-        )
-        [(level, line)] = lines
-        self.assertEqual(level, "warn")
-        self.assertTrue(line.endswith(' error="smarthost offers no AUTH mechanism pop3gw supports (PLAIN, LOGIN)"'), line)
-
-    def test_authDeclinedNamesReply(self):
-        """
-        Refused relay credentials are reported with the smarthost's reply.
-        """
-
-        def serve(e):
-            e.open()
-            for reply in (GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"220 go\r\n", b"250-mx\r\n250 AUTH PLAIN\r\n"):
-                e.feed(reply)
-            e.feed(b"535 5.7.8 bad credentials\r\n")
-            e.feed(b"535 5.7.8 bad credentials\r\n")
-            e.close()
-
-        entry, lines = self.attempt(
-            serve,
-            relayHost="smarthost.example",
-            relayUsername="gw",
-            relayPassword="s3cret",
-            clientTLS=lambda host, verify: "CTX",
-        )
-        [(level, line)] = lines
-        self.assertEqual(level, "warn")
-        self.assertTrue(line.endswith(' error="smarthost refused the relay credentials: 535 5.7.8 bad credentials"'), line)
-
-    def test_connectionRefused(self):
-        """
-        A refused connection is "connection refused", counted deferred, at
-        warn level; the last error says the same.
-        """
-        entry, lines = self.attempt(lambda e: e.refuse())
-        self.assertEqual(
-            lines,
-            [
-                (
-                    "warn",
-                    f"relay: {entry.queueId} domain=remote.example host=mx.remote.example:25"
-                    ' delivered=0 deferred=1 failed=0 tls=no verified=no error="connection refused"',
-                )
-            ],
-        )
-        self.assertEqual(self.json(entry)["lastError"], "bob@remote.example: mx.remote.example: connection refused")
-
-    def test_greetingRefused(self):
-        """
-        A server that refuses the session in its greeting is reported with
-        its reply.
-        """
-        entry, lines = self.attempt(lambda e: e.serve([b"554 5.3.2 no service\r\n", b"221 bye\r\n"]))
-        [(level, line)] = lines
-        self.assertEqual(level, "warn")
-        self.assertIn(" delivered=0 deferred=1 failed=0 ", line)
-        self.assertTrue(line.endswith(' error="server refused the session: 554 5.3.2 no service"'), line)
-
-    def test_responseTimeout(self):
-        """
-        A server that stops answering is reported in plain words, without
-        Twisted's made-up code.
-        """
-
-        def serve(e):
-            e.open()
-            e.feed(GREETING)
-            self.clock.advance(300)
-            e.close()
-
-        entry, lines = self.attempt(serve)
-        [(level, line)] = lines
-        self.assertEqual(level, "warn")
-        self.assertTrue(line.endswith(' error="no reply from the server within 300 seconds"'), line)
-
-    def test_perRecipientReasons(self):
-        """
-        In a session with per-recipient results, the summary counts each
-        outcome and every deferred or failed recipient gets its own warn
-        line with the remote reply.
-        """
-        entry, lines = self.attempt(
-            lambda e: e.serve(
-                [GREETING, EHLO_OK, OK, OK, b"451 4.3.0 later\r\n", b"550 5.1.1 unknown\r\n", b"354 go\r\n", OK, b"221 bye\r\n"]
-            ),
-            recipients=[BOB, CAROL, DAVE],
-        )
-        prefix = f"relay: {entry.queueId}"
-        self.assertEqual(
-            lines[:3],
-            [
-                (
-                    "warn",
-                    f"{prefix} domain=remote.example host=mx.remote.example:25"
-                    " delivered=1 deferred=1 failed=1 tls=no verified=no error=-",
-                ),
-                ("warn", f"{prefix} to=carol@remote.example host=mx.remote.example:25 result=deferred reply=\"451 4.3.0 later\""),
-                ("warn", f"{prefix} to=dave@remote.example host=mx.remote.example:25 result=failed reply=\"550 5.1.1 unknown\""),
-            ],
-        )
-
-    def test_successAtInfo(self):
-        """
-        A session that delivers every recipient is logged at info level.
-        """
-        entry, lines = self.attempt(lambda e: e.serve(successReplies()))
-        self.assertEqual(lines[0][0], "info")
-        self.assertIn(" delivered=1 deferred=0 failed=0 tls=no verified=no error=-", lines[0][1])
-
-    def test_dnsFailureAtWarn(self):
-        """
-        A temporary DNS failure is logged at warn level in plain words.
-        """
-        self.setUpRelay(resolver=FakeResolver(errors={("MX", "remote.example"): dnserror.DNSServerError("servfail")}))
-        self.start()
-        entry = self.enqueue()
-        with capturedLogs() as events:
-            self.clock.advance(0)
-        self.assertEqual(
-            relayLog(events),
-            [
-                (
-                    "warn",
-                    f"relay: {entry.queueId} domain=remote.example result=deferred:"
-                    " DNS lookup for remote.example failed: server failure (SERVFAIL)",
-                )
-            ],
-        )
-
-    def test_factoryQuiet(self):
-        """
-        The relay's client factory does not log "Starting factory" and
-        "Stopping factory" for every connection.
-        """
-        self.setUpRelay()
-        self.start()
-        self.enqueue()
-        self.clock.advance(0)
-        self.assertFalse(self.connects[0].factory.noisy)
-
-
-class FakeUDPPort:
-    """
-    The transport of a datagram protocol given to L{UDPClock.listenUDP}.
-    """
-
-    def __init__(self, protocol):
-        self.protocol = protocol
-        self.written = []
-
-    def write(self, data, address):
-        self.written.append((data, address))
-
-    def stopListening(self):
-        self.protocol.doStop()
-
-
-class UDPClock(Clock):
-    """
-    A clock that also provides C{listenUDP}, connecting each protocol to a
-    L{FakeUDPPort} as a real port does.
-    """
-
-    def __init__(self):
-        Clock.__init__(self)
-        self.udpProtocols = []
-
-    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
-        self.udpProtocols.append(protocol)
-        transport = FakeUDPPort(protocol)
-        protocol.makeConnection(transport)
-        return transport
-
-
-class ResolverNoiseTests(unittest.SynchronousTestCase):
-    """
-    The resolver the relay makes for itself does not log "Starting
-    protocol" and "Stopping protocol" for each DNS query.
-    """
-
-    def test_quietQueries(self):
-        """
-        An MX lookup through the relay's own resolver opens a datagram
-        protocol that logs nothing when it starts and stops.
-        """
-        reactor = UDPClock()
-        queue = OutboundQueue(self.mktemp(), reactor)
-        relay = RelayService(queue, reactor, "mx.example.org", lambda sender, data: defer.succeed(None))
-        with capturedLogs() as events:
-            d = relay._mailHosts("remote.example")
-            self.assertNotEqual(reactor.udpProtocols, [])
-            # Each retry is scheduled by the one before: step through them.
-            for _ in range(20):
-                reactor.advance(60)
-        self.failureResultOf(d, defer.TimeoutError)
-        self.assertEqual([formatEvent(e) for e in events if "protocol" in formatEvent(e).lower()], [])
-        relay.stopService()
-
-
-class DescribeErrorTests(unittest.SynchronousTestCase):
-    """
-    Tests for the plain words given to Twisted's SMTP client errors.
-    """
-
-    def test_starttlsRefused(self):
-        """
-        A server that refuses STARTTLS is named with its reply code.
-        """
-        from twisted.mail.smtp import TLSError
-
-        from pop3gw.queue import _describeError
-
-        exc = TLSError(454, b"Could not complete the SSL/TLS handshake")
-        self.assertEqual(_describeError(exc, False), "server refused STARTTLS (reply code 454)")
-
-    def test_starttlsFailedLocally(self):
-        """
-        When TLS could not be started after the server's 220, Twisted's
-        made-up 451 is not passed off as the server's reply.
-        """
-        from twisted.mail.smtp import TLSError
-
-        from pop3gw.queue import _describeError
-
-        exc = TLSError(451, b"Could not complete the SSL/TLS handshake")
-        self.assertEqual(_describeError(exc, False, starttlsBegun=True), "TLS could not be started")
-
-    def test_malformedChallenge(self):
-        """
-        A malformed AUTH challenge is named as such, without Twisted's 501.
-        """
-        from twisted.mail.smtp import AuthenticationError
-
-        from pop3gw.queue import _describeError
-
-        exc = AuthenticationError(
-            501, b"Login failed because the SMTP Server returned a malformed Authentication Challenge"
-        )
-        self.assertEqual(_describeError(exc, True), "smarthost sent a malformed AUTH challenge")
-
-    def test_connectFailures(self):
-        """
-        TCP connection failures are named in plain words.
-        """
-        from twisted.internet import error as ierror
-
-        from pop3gw.queue import _describeConnectFailure
-
-        cases = [
-            (ierror.ConnectionRefusedError(), "connection refused"),
-            (ierror.TimeoutError(), "connection timed out"),
-            (ierror.TCPTimedOutError(), "connection timed out"),
-            (ierror.DNSLookupError("x"), "host name not found"),
-            (ierror.NoRouteError(), "no route to host"),
-        ]
-        self.assertEqual([_describeConnectFailure(Failure(e)) for e, _ in cases], [w for _, w in cases])
-
-
-class RemoteTextInLogTests(RelayTestMixin, unittest.SynchronousTestCase):
-    """
-    Text a remote server sends is quoted and escaped in every relay log
-    line, so that it cannot forge log content; C{queue list} keeps it
-    readable.
-    """
-
-    attempt = RelayLogTests.attempt
-
-    def test_replyQuoted(self):
-        """
-        A per-recipient reply with quotes and backslashes is logged quoted
-        and escaped.
-        """
-        evil = b'550 5.1.1 x" rhost=203.0.113.9 \\ [pop3gw.pop3.POP3Server#warn] authentication failed'
-        entry, lines = self.attempt(
-            lambda e: e.serve([GREETING, EHLO_OK, OK, evil + b"\r\n", b"221 bye\r\n"]),
-        )
-        prefix = f"relay: {entry.queueId}"
-        self.assertEqual(
-            lines[1],
-            (
-                "warn",
-                f"{prefix} to=bob@remote.example host=mx.remote.example:25 result=failed"
-                ' reply="550 5.1.1 x\\" rhost=203.0.113.9 \\\\ [pop3gw.pop3.POP3Server#warn] authentication failed"',
-            ),
-        )
-
-    def test_errorQuoted(self):
-        """
-        A session error naming a remote reply is logged quoted; C{queue
-        list} shows the plain text.
-        """
-        entry, lines = self.attempt(lambda e: e.serve([b'554 5.3.2 "no" \x1b[31mservice\r\n', b"221 bye\r\n"]))
-        [(level, line)] = lines
-        self.assertTrue(line.endswith(' error="server refused the session: 554 5.3.2 \\"no\\" ?[31mservice"'), line)
-        [stored] = listEntries(self.root)
-        self.assertTrue(
-            formatEntry(stored).endswith(
-                ' error=bob@remote.example: mx.remote.example: server refused the session: 554 5.3.2 "no" ?[31mservice'
-            ),
-            formatEntry(stored),
-        )
-
-
-PUBLIC_V4 = "93.184.215.14"
-PUBLIC_V6 = "2a00:1450:4001:82b::200e"
-
-
-class InternalAddressTests(RelayTestMixin, unittest.SynchronousTestCase):
-    """
-    Direct MX delivery never connects to loopback, private, link-local,
-    multicast, unspecified or reserved addresses.
-    """
-
-    def setUpWith(self, **kw):
-        self.setUpRelay(resolver=FakeResolver(**kw))
-        self.start()
-
-    def test_internalHostSkipped(self):
-        """
-        An MX host whose addresses are all internal is skipped; the next one
-        is used.
-        """
-        self.setUpWith(
-            mx={"remote.example": [(10, "a.mx.example"), (20, "b.mx.example")]},
-            a={"a.mx.example": ["127.0.0.1", "10.1.2.3"], "b.mx.example": [PUBLIC_V4]},
-            aaaa={"a.mx.example": ["fe80::1"]},
-        )
-        self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual([e.host for e in self.connects], ["b.mx.example"])
-
-    def test_onlyInternal(self):
-        """
-        A domain whose mail exchangers resolve only to internal addresses
-        fails permanently with 5.4.4 without a connection.
-        """
-        for addresses in (["127.0.0.1"], ["192.168.1.1", "0.0.0.0"], ["169.254.1.1"], ["224.0.0.1"], ["240.0.0.1"]):
-            self.setUpWith(mx={"remote.example": [(10, "mx.remote.example")]}, a={"mx.remote.example": addresses})
-            self.enqueue()
-            self.clock.advance(0)
-            self.assertEqual(self.connects, [], addresses)
-            [(_, data)] = self.bounces
-            self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "5.4.4")], addresses)
-            self.assertIn(b"no usable mail exchanger", data)
-            self.stop()
-
-    def test_onlyInternalV6(self):
-        """
-        IPv6 loopback, unique-local and IPv4-mapped loopback addresses are
-        internal too.
-        """
-        self.setUpWith(mx={"remote.example": [(10, "mx.remote.example")]}, aaaa={"mx.remote.example": ["::1", "fd00::1", "::ffff:127.0.0.1"]})
-        self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual(self.connects, [])
-        [(_, data)] = self.bounces
-        self.assertEqual(self.bounceRecipients(data), [("rfc822; bob@remote.example", "5.4.4")])
-
-    def test_implicitMXInternal(self):
-        """
-        A domain without MX whose own address is internal (such as
-        C{localhost}) fails permanently with 5.4.4.
-        """
-        self.setUpWith(a={"localhost": ["127.0.0.1"]}, aaaa={"localhost": ["::1"]})
-        self.enqueue(recipients=[Address("x", "localhost")])
-        self.clock.advance(0)
-        self.assertEqual(self.connects, [])
-        [(_, data)] = self.bounces
-        self.assertEqual(self.bounceRecipients(data), [("rfc822; x@localhost", "5.4.4")])
-
-    def test_mixedAddressesKept(self):
-        """
-        A host with at least one public address is used.
-        """
-        self.setUpWith(mx={"remote.example": [(10, "mx.remote.example")]}, a={"mx.remote.example": ["127.0.0.1", PUBLIC_V4]})
-        self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual([e.host for e in self.connects], ["mx.remote.example"])
-
-    def test_relayHostNotFiltered(self):
-        """
-        A configured smarthost may be internal: it is the operator's choice.
-        """
-        self.setUpRelay(relayHost="127.0.0.1")
-        self.start()
-        self.enqueue()
-        self.clock.advance(0)
-        self.assertEqual([e.host for e in self.connects], ["127.0.0.1"])
-
-    def test_defaultEndpointFiltersAddresses(self):
-        """
-        The default endpoint for MX hosts resolves the name itself and
-        connects only to public addresses, whatever the system resolver
-        answers at connection time; the smarthost endpoint is not filtered.
-        """
-        from twisted.internet.address import IPv4Address as V4, IPv6Address as V6
-        from twisted.internet.testing import MemoryReactorClock
-
-        class NameResolver:
-            def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
-                receiver.resolutionBegan(None)
-                for a in ("127.0.0.1", "10.0.0.1", PUBLIC_V4):
-                    receiver.addressResolved(V4("TCP", a, portNumber))
-                for a in ("::1", "fe80::1", PUBLIC_V6):
-                    receiver.addressResolved(V6("TCP", a, portNumber))
-                receiver.resolutionComplete()
-                return receiver
-
-        reactor = MemoryReactorClock()
-        reactor.nameResolver = NameResolver()
-        relay = RelayService(OutboundQueue(self.mktemp(), reactor), reactor, "mx.example.org", lambda s, d: None)
-        relay._defaultMXEndpoint("mx.remote.example", 25).connect(protocol.Factory.forProtocol(protocol.Protocol))
-        reactor.advance(10)
-        self.assertEqual(sorted({c[0] for c in reactor.tcpClients}), sorted([PUBLIC_V4, PUBLIC_V6]))
-        reactor.tcpClients[:] = []
-        relay._defaultEndpoint("smarthost", 25).connect(protocol.Factory.forProtocol(protocol.Protocol))
-        reactor.advance(10)
-        self.assertIn("127.0.0.1", {c[0] for c in reactor.tcpClients})
+        self.setUpQueue()
+        self.assertTrue(verifyObject(IQueueStore, self.queue))

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.application.internet import TimerService
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -773,19 +774,33 @@ class ReloadTests(CAMixin, LogCaptureMixin, SynchronousTestCase):
         self.assertTrue(self.m.reloadIfChanged())
         self.assertEqual(self.m.fingerprint, self.fp2)
 
-    def test_watch(self) -> None:
+    def test_periodicCheckSurvivesAFailure(self) -> None:
         """
-        C{watch} checks the files every interval on the given clock.
+        Driven by a L{TimerService} (as C{makeService} does), an unexpected
+        error while checking the files is logged as a failure and the
+        checks go on: a later change is still picked up.
         """
         clock = Clock()
-        call = self.m.watch(clock, 60)
+        timer = TimerService(30, self.m.reloadIfChanged)
+        timer.clock = clock
+        timer.startService()
+        self.addCleanup(timer.stopService)
+        install = CertificateManager._install
+
+        def broken(manager, material) -> None:
+            raise RuntimeError("boom")
+
+        self.patch(CertificateManager, "_install", broken)
         self.install(self.leaf2)
-        clock.advance(59)
+        clock.advance(30)
+        failures = [e for e in self.events if "log_failure" in e]
+        self.assertEqual(len(failures), 1)
+        self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
         self.assertEqual(self.m.fingerprint, self.fp1)
-        clock.advance(1)
+        self.patch(CertificateManager, "_install", install)
+        self.install(self.leaf2)
+        clock.advance(30)
         self.assertEqual(self.m.fingerprint, self.fp2)
-        call.stop()
-        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 # --- server policy -----------------------------------------------------------------

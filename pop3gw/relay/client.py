@@ -1,0 +1,577 @@
+# -*- test-case-name: tests.test_relay_client -*-
+"""
+The SMTP client of the relay: one function, L{deliverOnce}, carries one
+queued message over one connection and says what became of each recipient.
+
+It is the only module that knows Twisted's C{ESMTPClient}, whose private
+state (C{_from}, C{_buffer}, C{_tlsMode}, C{_disconnectFromServer}) is
+used here and nowhere else.  Everything leaves it typed: an L{Outcome} per
+recipient that got a definitive reply, a L{RelayError} (built here, from
+the server's reply or from Twisted's own error) for the reply or the break
+that ended the session, and whether TLS was used and verified.  Twisted
+makes up reply codes for its own errors (C{TLSRequiredError} says C{502}
+although no server sent one); a made-up code never leaves this module:
+L{RelayError.code} is 0 and its text says what happened in plain words.
+
+TLS is one L{TLSPolicy} value: immediate (TLS from the first byte),
+required STARTTLS (no STARTTLS, no mail), opportunistic (STARTTLS when
+offered), or none.  Credentials are only ever sent over TLS.  Replies sent
+in plaintext after C{STARTTLS} and before the handshake are discarded (the
+client side of CVE-2011-0411).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import re
+from typing import Callable, Mapping, Optional, Sequence, Tuple
+
+import attr
+from OpenSSL import SSL
+from twisted.internet import defer, error as ierror, protocol
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.mail.smtp import (
+    AUTHDeclinedError,
+    AUTHRequiredError,
+    AuthenticationError,
+    EHLORequiredError,
+    ESMTPClient,
+    LOGINAuthenticator,
+    PLAINAuthenticator,
+    SMTPClientError,
+    SMTPConnectError,
+    SMTPProtocolError,
+    SMTPTimeoutError,
+    TLSError,
+    TLSRequiredError,
+)
+from twisted.python.failure import Failure
+
+from pop3gw.address import Address, describePeer, isLoopback
+from pop3gw.dsn import oneLine
+from pop3gw.queue import Outcome, OutcomeKind
+
+#: Seconds to wait for each reply of the remote server (RFC 5321 4.5.3.2
+#: asks for at least 5 minutes for most commands).
+RESPONSE_TIMEOUT = 5 * 60
+
+#: Longest line read at once from a queued message while sending it.
+_READ_LINE = 64 * 1024
+
+_ENHANCED = re.compile(rb"^([245])\.\d{1,3}\.\d{1,3}(?=\s|$)")
+
+
+class TLSPolicy(enum.Enum):
+    """
+    How a session uses TLS.
+    """
+
+    #: TLS from the first byte (RFC 8314, port 465).
+    IMMEDIATE = "immediate"
+    #: STARTTLS, and no mail to a server that does not offer it.
+    REQUIRED_STARTTLS = "required"
+    #: STARTTLS when the server offers it (RFC 7435).
+    OPPORTUNISTIC = "opportunistic"
+    #: Never TLS.
+    NONE = "none"
+
+
+class Phase(enum.Enum):
+    """
+    Where in the session an error happened.
+    """
+
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class RelayError:
+    """
+    A refusal or a failure of the session, built at the client boundary.
+
+    @ivar permanent: whether the reply was a 5xx.  A recipient refused
+        permanently fails; a session that breaks leaves its unanswered
+        recipients pending whatever this says (another host, or a later
+        attempt, may take them).
+    @ivar code: the server's reply code, or 0 when the server sent none
+        (a connection failure, a time-out, a rule of this client).
+    @ivar enhanced: the RFC 3463 status.
+    @ivar phase: a L{Phase}.
+    @ivar text: one line in plain words: the reply as C{"<code> <text>"},
+        or what happened.
+    """
+
+    permanent: bool
+    code: int
+    enhanced: str
+    phase: Phase
+    text: str
+
+    @classmethod
+    def fromReply(cls, code: int, resp: bytes | str, phase: Phase) -> "RelayError":
+        """
+        The error for a 4xx or 5xx reply (its enhanced status when the reply
+        carries one of its class, else C{4.0.0}/C{5.0.0}).
+        """
+        if isinstance(resp, str):
+            resp = resp.encode("utf-8", "replace")
+        permanent = 500 <= code < 600
+        cls_ = "5" if permanent else "4"
+        match = _ENHANCED.match(resp or b"")
+        if match is not None and match.group(1).decode() == cls_:
+            enhanced = match.group(0).decode()
+        else:
+            enhanced = f"{cls_}.0.0"
+        return cls(permanent, code, enhanced, phase, _replyText(code, resp))
+
+    def outcome(self) -> Outcome:
+        """
+        @return: the L{Outcome} of a recipient this error applies to.
+        """
+        return Outcome(OutcomeKind.FAILED if self.permanent else OutcomeKind.DEFERRED, self.enhanced, self.text)
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class SessionResult:
+    """
+    What one session did.
+
+    @ivar outcomes: an L{Outcome} per recipient L{Address} that got a
+        definitive reply.  Recipients missing from it (the session broke
+        first) may be tried on another host.
+    @ivar error: why the session broke, if it did before every recipient
+        had its answer.
+    @ivar tls: whether the message went over TLS.
+    @ivar verified: whether it went over TLS to a peer whose certificate
+        was verified.
+    @ivar tlsHandshakeFailed: whether the server accepted STARTTLS and the
+        handshake then failed (an opportunistic sender retries in plaintext).
+    """
+
+    outcomes: Mapping[Address, Outcome]
+    error: Optional[RelayError]
+    tls: bool = False
+    verified: bool = False
+    tlsHandshakeFailed: bool = False
+
+    @classmethod
+    def broken(cls, text: str, phase: Phase = Phase.CONNECT) -> "SessionResult":
+        """
+        The result of a session that never reached the server.
+        """
+        return cls({}, RelayError(False, 0, "4.4.1", phase, text))
+
+
+#: C{contextFor(policy) -> (contextFactory, verifying)}: the client TLS
+#: context factory for a policy, and whether it refuses unverified peers.
+ContextFor = Callable[[TLSPolicy], Tuple[object, bool]]
+
+
+def deliverOnce(
+    endpoint,
+    sender: Optional[Address],
+    recipients: Sequence[Address],
+    message,
+    tlsPolicy: TLSPolicy,
+    credentials: Optional[Tuple[str, str]] = None,
+    *,
+    identity: str,
+    clock,
+    contextFor: Optional[ContextFor] = None,
+    loopbackPolicy: Optional[TLSPolicy] = None,
+) -> defer.Deferred:
+    """
+    Send C{message} from C{sender} to C{recipients} over one connection
+    made with C{endpoint}: C{EHLO} (C{HELO} when allowed), C{STARTTLS} as
+    C{tlsPolicy} says, C{AUTH} with C{credentials}, then one transaction
+    and C{QUIT}.  No retries.
+
+    @param message: the message with CRLF line ends, a binary file open for
+        reading; it is dot-stuffed on the way and closed at the end.
+    @param credentials: C{(username, password)} for C{AUTH PLAIN}/C{LOGIN}
+        (never logged); they make TLS required.
+    @param identity: this host's name for C{EHLO}.
+    @param clock: runs the reply time-out (L{RESPONSE_TIMEOUT}).
+    @param contextFor: gives the TLS context factory for the policy in
+        force; without it, no TLS.
+    @param loopbackPolicy: the policy in force instead of C{tlsPolicy} when
+        the address connected to is on this machine (127.0.0.0/8, C{::1}, a
+        Unix socket: L{pop3gw.address.isLoopback}).
+    @return: a Deferred firing with the L{SessionResult} (never failing).
+    """
+    session = _Session(sender, recipients, message)
+    if tlsPolicy is TLSPolicy.IMMEDIATE and contextFor is not None:
+        contextFactory, session.verifying = contextFor(tlsPolicy)
+        session.contextFactory = contextFactory
+        endpoint = wrapClientTLS(contextFactory, endpoint)
+    factory = _RelayClientFactory(session, identity, clock, tlsPolicy, loopbackPolicy, contextFor, credentials)
+
+    def connectFailed(f: Failure) -> None:
+        session.error = RelayError(False, 0, "4.4.1", Phase.CONNECT, describeConnectFailure(f))
+        session.finish(None)
+
+    try:
+        d = endpoint.connect(factory)
+    except Exception:
+        d = defer.fail()
+    d.addCallbacks(lambda _: None, connectFailed)
+    return session.done.addCallback(lambda s: s.result())
+
+
+def describeConnectFailure(f: Failure) -> str:
+    """
+    Why a TCP connection to a mail server could not be made, in plain words.
+    """
+    if f.check(ierror.ConnectingCancelledError, defer.CancelledError):
+        return "connection attempt cancelled"
+    if f.check(ierror.ConnectionRefusedError):
+        return "connection refused"
+    if f.check(ierror.TimeoutError, ierror.TCPTimedOutError):
+        return "connection timed out"
+    if f.check(ierror.DNSLookupError):
+        return "host name not found"
+    if f.check(ierror.NoRouteError):
+        return "no route to host"
+    return oneLine(f"cannot connect: {f.getErrorMessage()}")
+
+
+def describeError(exc: Exception, credentials: bool, starttlsBegun: bool = False) -> str:
+    """
+    Why an SMTP client session broke, in plain words for the log and
+    C{pop3gw queue list}.
+
+    Twisted's client errors carry either the remote server's reply or a
+    code and text Twisted made up: a real reply is quoted, a made-up one is
+    replaced by what actually happened.
+
+    @param exc: the error given to C{sendError}.
+    @param credentials: whether relay credentials are configured (TLS is
+        then required for them, not for certificate verification).
+    @param starttlsBegun: whether the server had accepted STARTTLS (a TLS
+        error then comes from starting TLS here, with a made-up 451).
+    """
+    if isinstance(exc, TLSRequiredError):
+        if credentials:
+            return "smarthost offers no STARTTLS and relay credentials are sent only over TLS"
+        return "smarthost offers no STARTTLS and certificate verification is on"
+    if isinstance(exc, AUTHRequiredError):
+        return "smarthost offers no AUTH mechanism pop3gw supports (PLAIN, LOGIN)"
+    if isinstance(exc, EHLORequiredError):
+        return "server refused EHLO, which STARTTLS and AUTH need"
+    if isinstance(exc, TLSError):
+        if exc.code > 0 and not starttlsBegun:
+            return f"server refused STARTTLS (reply code {exc.code:03d})"
+        return "TLS could not be started"
+    if isinstance(exc, AUTHDeclinedError):
+        return "smarthost refused the relay credentials: " + _replyText(exc.code, exc.resp)
+    if isinstance(exc, AuthenticationError):
+        if exc.code == 501 and exc.resp.startswith(b"Login failed because"):
+            return "smarthost sent a malformed AUTH challenge"
+        return "smarthost refused authentication: " + _replyText(exc.code, exc.resp)
+    if isinstance(exc, SMTPTimeoutError):
+        return f"no reply from the server within {RESPONSE_TIMEOUT} seconds"
+    if isinstance(exc, SMTPConnectError) and exc.code > 0:
+        return "server refused the session: " + _replyText(exc.code, exc.resp)
+    if isinstance(exc, SMTPProtocolError) and exc.code <= 0:
+        return "the server sent a malformed reply"
+    if isinstance(exc, SMTPClientError):
+        if exc.code > 0:
+            return "server replied " + _replyText(exc.code, exc.resp)
+        return oneLine(exc.resp)
+    return oneLine(f"{exc.__class__.__name__}: {exc}")
+
+
+def _replyText(code: int, resp: bytes | str) -> str:
+    """
+    A reply as one line, C{"<code> <text>"}.
+    """
+    if isinstance(resp, str):
+        resp = resp.encode("utf-8", "replace")
+    text = oneLine(resp)
+    return f"{code:03d} {text}" if code > 0 else text
+
+
+def _madeUp(exc: Exception, starttlsBegun: bool) -> bool:
+    """
+    Whether the code of a Twisted client error is one Twisted made up
+    rather than a reply the server sent.
+    """
+    if isinstance(exc, (TLSRequiredError, AUTHRequiredError, EHLORequiredError, SMTPTimeoutError)):
+        return True
+    if isinstance(exc, TLSError):
+        # After the server's 220 to STARTTLS, the failure is ours (451).
+        return starttlsBegun
+    if isinstance(exc, AuthenticationError):
+        return exc.code == 501 and exc.resp.startswith(b"Login failed because")
+    return False
+
+
+def _errorFor(exc: Exception, credentials: bool, starttlsBegun: bool, phase: Phase) -> RelayError:
+    """
+    The L{RelayError} for an exception Twisted's client gave C{sendError}:
+    its text in plain words (L{describeError}); its code, enhanced status
+    and class from the server's reply when the error carries one the server
+    sent, else code 0 and 4.4.1.
+    """
+    if isinstance(exc, (TLSRequiredError, TLSError)):
+        phase = Phase.STARTTLS
+    elif isinstance(exc, (AUTHRequiredError, AUTHDeclinedError, AuthenticationError)):
+        phase = Phase.AUTH
+    elif isinstance(exc, EHLORequiredError):
+        phase = Phase.EHLO
+    elif isinstance(exc, SMTPConnectError):
+        phase = Phase.GREETING
+    text = describeError(exc, credentials, starttlsBegun)
+    code = getattr(exc, "code", 0)
+    if _madeUp(exc, starttlsBegun) or not isinstance(code, int) or not 400 <= code < 600:
+        return RelayError(False, 0, "4.4.1", phase, text)
+    return attr.evolve(RelayError.fromReply(code, getattr(exc, "resp", b"") or b"", phase), text=text)
+
+
+class _DotStuffer:
+    """
+    A read-only file wrapper giving the queued message dot-stuffed (RFC 5321
+    4.5.2); the message already has CRLF line ends.
+    """
+
+    def __init__(self, f):
+        self._file = f
+        self._buffer = b""
+        self._atLineStart = True
+
+    def read(self, n: int = -1) -> bytes:
+        parts = [self._buffer]
+        size = len(self._buffer)
+        while n < 0 or size < n:
+            line = self._file.readline(_READ_LINE)
+            if not line:
+                break
+            if self._atLineStart and line.startswith(b"."):
+                line = b"." + line
+            self._atLineStart = line.endswith(b"\n")
+            parts.append(line)
+            size += len(line)
+        data = b"".join(parts)
+        if n < 0:
+            n = len(data)
+        out, self._buffer = data[:n], data[n:]
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _outcomeForReply(code: int, resp: bytes, phase: Phase) -> Outcome:
+    if 200 <= code < 300:
+        return Outcome(OutcomeKind.DELIVERED, "2.0.0", _replyText(code, resp))
+    return RelayError.fromReply(code, resp, phase).outcome()
+
+
+class _Session:
+    """
+    The state of one session while it runs; L{result} freezes it.
+
+    @ivar error: why the session broke, if it did.
+    @ivar done: fires with this session when it is over.
+    """
+
+    def __init__(self, sender: Optional[Address], recipients: Sequence[Address], message):
+        self.senderText = "" if sender is None else str(sender)
+        self.recipients = {str(r): r for r in recipients}
+        self.message = message
+        self.outcomes: dict = {}
+        self.error: Optional[RelayError] = None
+        self.tls = False
+        self.contextFactory = None
+        self.verifying = False
+        self.starttlsBegun = False
+        self.tlsHandshakeFailed = False
+        self.protocol: Optional["_RelayClient"] = None
+        self.done: defer.Deferred = defer.Deferred()
+
+    def recordSent(self, code: int, resp: bytes, addresses: list) -> None:
+        if not addresses:
+            # MAIL FROM refused: the reply applies to every recipient.
+            outcome = _outcomeForReply(code, resp, Phase.MAIL)
+            for r in self.recipients.values():
+                self.outcomes[r] = outcome
+            return
+        for addr, rcode, rresp in addresses:
+            if isinstance(addr, bytes):
+                addr = addr.decode("utf-8")
+            recipient = self.recipients.get(addr)
+            if recipient is None:
+                continue
+            if 200 <= rcode < 300:
+                self.outcomes[recipient] = _outcomeForReply(code, resp, Phase.DATA)
+            else:
+                self.outcomes[recipient] = _outcomeForReply(rcode, rresp, Phase.RCPT)
+
+    def recordError(self, error: RelayError) -> None:
+        """
+        Record why the session broke, unless a definitive reply came first.
+        """
+        if self.error is None and not self.outcomes:
+            self.error = error
+
+    def tlsVerified(self) -> bool:
+        """
+        Whether the message went over TLS to a peer whose certificate was
+        verified: always, when the context refuses unverified peers
+        (C{verifying}: a smarthost with verification on); otherwise an
+        opportunistic context's C{result.verified} (see
+        L{pop3gw.tls.OpportunisticClientTLS}) says.
+        """
+        if not self.tls:
+            return False
+        if self.verifying:
+            return True
+        result = getattr(self.contextFactory, "result", None)
+        return getattr(result, "verified", None) is True
+
+    def finish(self, reason: Optional[Failure]) -> None:
+        if self.done.called:
+            return
+        if self.error is None and len(self.outcomes) < len(self.recipients):
+            why = "connection lost" if reason is None else oneLine(reason.getErrorMessage())
+            phase = self.protocol.phase if self.protocol is not None else Phase.CONNECT
+            self.error = RelayError(False, 0, "4.4.1", phase, f"connection lost before the end: {why}")
+        if self.message is not None:
+            with contextlib.suppress(OSError):
+                self.message.close()
+        self.done.callback(self)
+
+    def result(self) -> SessionResult:
+        return SessionResult(dict(self.outcomes), self.error, self.tls, self.tlsVerified(), self.tlsHandshakeFailed)
+
+
+class _RelayClient(ESMTPClient):
+    """
+    An ESMTP client sending one message for a L{_Session}: STARTTLS by
+    policy, optional AUTH, per-recipient results, no retries of its own.
+
+    @ivar phase: the L{Phase} the session is in.
+    """
+
+    # The line log would hold AUTH lines; nothing here reads it.
+    debug = False
+
+    def __init__(self, session: _Session, identity: str, tlsPolicy, loopbackPolicy, contextFor, credentials):
+        password = None if credentials is None else credentials[1].encode("utf-8")
+        ESMTPClient.__init__(self, password, None, identity.encode("ascii", "replace"))
+        self.session = session
+        self.phase = Phase.GREETING
+        self._tlsPolicy = tlsPolicy
+        self._loopbackPolicy = loopbackPolicy
+        self._contextFor = contextFor
+        self._mailFromSent = False
+        self.timeout = RESPONSE_TIMEOUT
+        self.requireAuthentication = credentials is not None
+        if credentials is not None:
+            user = credentials[0].encode("utf-8")
+            self.registerAuthenticator(PLAINAuthenticator(user))
+            self.registerAuthenticator(LOGINAuthenticator(user))
+
+    def connectionMade(self):
+        # The policy may depend on the address actually connected to (a
+        # loopback smarthost may be plaintext), known only now.
+        policy = self._tlsPolicy
+        if self._loopbackPolicy is not None and isLoopback(describePeer(self.transport.getPeer())):
+            policy = self._loopbackPolicy
+        if policy in (TLSPolicy.REQUIRED_STARTTLS, TLSPolicy.OPPORTUNISTIC) and self._contextFor is not None:
+            self.context, self.session.verifying = self._contextFor(policy)
+            self.session.contextFactory = self.context
+        required = self.requireAuthentication or policy is TLSPolicy.REQUIRED_STARTTLS
+        self.requireTransportSecurity = required
+        self.heloFallback = not required
+        ESMTPClient.connectionMade(self)
+
+    def esmtpState_ehlo(self, code, resp):
+        self.phase = Phase.EHLO
+        return ESMTPClient.esmtpState_ehlo(self, code, resp)
+
+    def getMailFrom(self):
+        if self._mailFromSent:
+            return None
+        self._mailFromSent = True
+        self.phase = Phase.MAIL
+        return self.session.senderText
+
+    def getMailTo(self):
+        self.phase = Phase.RCPT
+        return list(self.session.recipients)
+
+    def getMailData(self):
+        self.phase = Phase.DATA
+        return _DotStuffer(self.session.message)
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        # The data is already CRLF and dot-stuffed by _DotStuffer.
+        self.resetTimeout()
+        return chunk
+
+    def esmtpState_starttls(self, code, resp):
+        # Replies that arrived after the 220 came in plaintext, possibly
+        # injected by a man in the middle; only what comes over TLS may be
+        # acted on (the client side of CVE-2011-0411).
+        self._buffer = b""
+        self.session.starttlsBegun = True
+        ESMTPClient.esmtpState_starttls(self, code, resp)
+
+    def smtpState_msgSent(self, code, resp):
+        # One message per connection: report it, then QUIT (no RSET).
+        if self._from is not None:
+            self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
+        self._from = None
+        self._disconnectFromServer()
+
+    def sentMail(self, code, resp, numOk, addresses, log):
+        self.session.tls = self._tlsMode
+        self.session.recordSent(code, resp, addresses)
+
+    def sendError(self, exc):
+        self.session.recordError(_errorFor(exc, self.requireAuthentication, self.session.starttlsBegun, self.phase))
+        ESMTPClient.sendError(self, exc)
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        if self.session.starttlsBegun and not self.session.outcomes and reason is not None and reason.check(SSL.Error):
+            self.session.tlsHandshakeFailed = True
+        ESMTPClient.connectionLost(self, reason)
+        self.session.finish(reason)
+
+
+class _RelayClientFactory(protocol.Factory):
+    """
+    Builds the one L{_RelayClient} of a L{_Session}.
+    """
+
+    # One connection per session: "Starting factory" / "Stopping factory"
+    # lines for each would only be noise in the log.
+    noisy = False
+
+    def __init__(self, session: _Session, identity: str, clock, tlsPolicy, loopbackPolicy, contextFor, credentials):
+        self.session = session
+        self.identity = identity
+        self.clock = clock
+        self.tlsPolicy = tlsPolicy
+        self.loopbackPolicy = loopbackPolicy
+        self.contextFor = contextFor
+        self.credentials = credentials
+
+    def buildProtocol(self, addr):
+        p = _RelayClient(
+            self.session, self.identity, self.tlsPolicy, self.loopbackPolicy, self.contextFor, self.credentials
+        )
+        # The response timeout runs on our clock, not the global reactor.
+        p.callLater = self.clock.callLater
+        p.factory = self
+        self.session.protocol = p
+        return p

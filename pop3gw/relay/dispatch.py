@@ -1,0 +1,411 @@
+# -*- test-case-name: tests.test_relay_service -*-
+"""
+One delivery attempt of a queued message: where each recipient goes (the
+smarthost, or its domain's mail exchangers from L{MXResolver}), one
+L{deliverOnce} session per host with the TLS policy for it, the connection
+limit, and the log lines of each session.
+
+Without a relay host, recipients are grouped by domain and each domain's
+mail exchangers are looked up (MX, sorted by preference; the domain itself
+when it has no MX, RFC 5321 section 5.1; a null MX, RFC 7505, is a permanent
+failure); hosts are tried in order, skipping those whose addresses are all
+non-public (a domain with only such hosts fails permanently with 5.4.4, and
+the connection to a host is made only to its public addresses: see
+L{pop3gw.relay.mx}), with one connection per domain carrying all of its
+recipients, and STARTTLS is used opportunistically (never required,
+verification attempted but not enforced) when offered and a C{clientTLS}
+factory was given; each host's log line says C{tls=yes|no} and
+C{verified=yes|no}.  With a relay host, every recipient goes there;
+STARTTLS is verified against the relay host name when C{relayVerifyTLS} is
+true, and then required, and credentials are sent only over TLS.  A relay host whose connected address is loopback (127.0.0.0/8,
+C{::1}, a Unix socket: L{pop3gw.address.isLoopback}, as for plaintext
+logins) and that is given no credentials is treated like an MX host:
+STARTTLS opportunistic, plaintext allowed.
+
+Logging: each session with a host gives one line, C{relay: <id>
+domain=... host=h:p delivered=n deferred=n failed=n tls=... verified=...
+error="..."}, at info level when every recipient was delivered and at warn
+level otherwise.  Recipients the session broke before answering for count
+as deferred, and C{error=} says why in plain words ("connection refused",
+"smarthost offers no STARTTLS and certificate verification is on", the
+server's reply when it sent one), never the reply codes Twisted's client
+makes up for its own errors.  Each recipient deferred or failed by a remote
+reply gets one more warn line, C{relay: <id> to=<address> host=h:p
+result=deferred|failed reply="<the reply>"}.  Text that may come from the
+remote server (C{error=}, C{reply=}) is quoted and escaped with
+L{pop3gw.events.sanitize} so that it cannot forge log content.  The last
+error C{pop3gw queue list} shows uses the same words, unquoted.  The id is
+the queue id, which the submission server also gives the client in its
+C{250} reply.
+
+Limitations: non-ASCII (SMTPUTF8) addresses are refused permanently with
+status 5.6.7; the client can speak implicit TLS (L{TLSPolicy.IMMEDIATE}),
+but no setting selects it for a smarthost on port 465 yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pop3gw import events
+from pop3gw.dsn import oneLine
+from pop3gw.interfaces import IQueueStore
+from pop3gw.queue import Entry, Outcome, OutcomeKind
+from pop3gw.relay.client import SessionResult, TLSPolicy, deliverOnce
+from pop3gw.relay.mx import MXResolver, PermanentLookupFailure, PublicOnlyReactor, describeDNSFailure
+
+#: The SMTP port of mail exchangers.
+SMTP_PORT = 25
+
+
+class Dispatcher:
+    """
+    Makes delivery attempts for the relay service.
+
+    @param queue: the queue the messages are read from.
+    @param clock: the reactor (time, and TCP for the default endpoints).
+    @param hostname: this server's name (C{EHLO}).
+    @param log: the relay's logger.
+    @param relayHost: send everything to this smarthost instead of MX hosts.
+    @param relayPort: the smarthost's port.
+    @param relayUsername: AUTH user name (sent only over TLS).
+    @param relayPassword: AUTH password (never logged).
+    @param relayVerifyTLS: verify the smarthost's certificate (and then
+        require STARTTLS, except from a smarthost on loopback).
+    @param resolver: an C{IResolver} for L{MXResolver}, or L{None}.
+    @param clientTLS: C{clientTLS(hostname, verify) -> contextFactory}, with
+        C{verify=None} meaning opportunistic (unverified); L{None} means
+        plaintext only.
+    @param connectTimeout: TCP connect timeout in seconds.
+    @param maxConnections: the most simultaneous SMTP connections.
+    @param endpointFactory: C{endpointFactory(host, port) ->
+        IStreamClientEndpoint}, or L{None} for a C{HostnameEndpoint} that
+        for MX hosts connects only to public addresses.
+    @param deliverOnce: the SMTP client, L{pop3gw.relay.client.deliverOnce}
+        unless a test gives a fake.
+    """
+
+    def __init__(
+        self,
+        queue: IQueueStore,
+        clock,
+        hostname: str,
+        log: Logger,
+        relayHost: Optional[str],
+        relayPort: int,
+        relayUsername: Optional[str],
+        relayPassword: Optional[str],
+        relayVerifyTLS: bool,
+        resolver,
+        clientTLS: Optional[Callable],
+        connectTimeout: float,
+        maxConnections: int,
+        endpointFactory: Optional[Callable],
+        deliverOnce: Callable = deliverOnce,
+    ):
+        self.queue = queue
+        self.reactor = clock
+        self.hostname = hostname
+        self.log = log
+        self.relayHost = relayHost
+        self.relayPort = relayPort
+        self.relayUsername = relayUsername
+        self.relayPassword = relayPassword
+        self.relayVerifyTLS = relayVerifyTLS
+        self.clientTLS = clientTLS
+        self.connectTimeout = connectTimeout
+        self.mx = MXResolver(clock, resolver)
+        self._endpointFactory = endpointFactory or self._defaultEndpoint
+        self._mxEndpointFactory = endpointFactory or self._defaultMXEndpoint
+        self._deliverOnce = deliverOnce
+        self._semaphore = defer.DeferredSemaphore(maxConnections)
+        self._connections: set = set()
+        self._stopping = False
+
+    def start(self) -> None:
+        """
+        Allow sessions (again).
+        """
+        self._stopping = False
+
+    def stop(self) -> None:
+        """
+        Refuse new sessions, abort the connections in progress (their
+        sessions then end with an error) and stop the DNS resolver.
+        """
+        self._stopping = True
+        for connection in list(self._connections):
+            connection.abort()
+        self.mx.stop()
+
+    def deliver(self, entry: Entry, recipients: list) -> defer.Deferred:
+        """
+        Make one attempt for C{recipients} of C{entry}: everything to the
+        smarthost in one session, or each domain's recipients to its mail
+        exchangers in turn, one session per host until every recipient has
+        an answer; non-ASCII addresses fail at once (5.6.7).
+
+        @return: a Deferred firing with a dict of L{Outcome} per recipient
+            address (recipients no host answered for are deferred).
+        """
+        outcomes: dict = {}
+        smtputf8 = Outcome(OutcomeKind.FAILED, "5.6.7", "non-ASCII address: SMTPUTF8 is not supported for relaying")
+        if entry.sender is not None and not str(entry.sender).isascii():
+            return defer.succeed({r: smtputf8 for r in recipients})
+        ascii = []
+        for r in recipients:
+            if str(r).isascii():
+                ascii.append(r)
+            else:
+                outcomes[r] = smtputf8
+        if not ascii:
+            return defer.succeed(outcomes)
+        if self.relayHost is not None:
+            domains = ",".join(sorted({r.domain for r in ascii}))
+            ds = [self._sendVia(entry, domains, [self.relayHost], self.relayPort, ascii, True)]
+        else:
+            byDomain: dict = {}
+            for r in ascii:
+                byDomain.setdefault(r.domain, []).append(r)
+            ds = [self._deliverDomain(entry, domain, rs) for domain, rs in byDomain.items()]
+
+        def merge(results: list) -> dict:
+            for result in results:
+                outcomes.update(result)
+            return outcomes
+
+        return defer.gatherResults(ds, consumeErrors=True).addCallback(merge)
+
+    @defer.inlineCallbacks
+    def _deliverDomain(self, entry: Entry, domain: str, recipients: list):
+        try:
+            hosts = yield self.mx.mailHosts(domain)
+        except PermanentLookupFailure as e:
+            self.log.warn(
+                "relay: {queueId} domain={domain} result=failed: {why}",
+                queueId=entry.queueId,
+                domain=domain,
+                why=e.text,
+            )
+            return {r: Outcome(OutcomeKind.FAILED, e.status, e.text) for r in recipients}
+        except Exception as e:
+            why = describeDNSFailure(domain, e)
+            self.log.warn(
+                "relay: {queueId} domain={domain} result=deferred: {why}",
+                queueId=entry.queueId,
+                domain=domain,
+                why=why,
+            )
+            return {r: Outcome(OutcomeKind.DEFERRED, "4.4.3", why) for r in recipients}
+        return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False))
+
+    @defer.inlineCallbacks
+    def _sendVia(self, entry: Entry, domain: str, hosts: list, port: int, recipients: list, relay: bool):
+        remaining = list(recipients)
+        outcomes: dict = {}
+        lastError = "no mail exchanger reached"
+        for host in hosts:
+            session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay)
+            if session.tlsHandshakeFailed and not relay:
+                # RFC 7435: opportunistic TLS that fails to negotiate falls
+                # back to a plaintext session with the same host.
+                self.log.info(
+                    "relay: {queueId} TLS handshake with {host}:{port} failed (error={error}); retrying without TLS",
+                    queueId=entry.queueId,
+                    host=host,
+                    port=port,
+                    error=events.sanitize(_why(session), events.MAX_LOGGED_REPLY),
+                )
+                session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay, False)
+            outcomes.update(session.outcomes)
+            self._logSession(entry, domain, host, port, session, remaining)
+            remaining = [r for r in remaining if r not in session.outcomes]
+            if not remaining:
+                break
+            lastError = f"{host}: {_why(session)}"
+        for r in remaining:
+            outcomes[r] = Outcome(OutcomeKind.DEFERRED, "4.4.1", oneLine(lastError))
+        return outcomes
+
+    def _logSession(
+        self, entry: Entry, domain: str, host: str, port: int, session: SessionResult, recipients: list
+    ) -> None:
+        """
+        Log the result of one session with C{host} for C{recipients}: one
+        summary line (at info if every recipient was delivered, else at
+        warn), then one warn line per recipient deferred or failed by a
+        remote reply, naming the reply.  Recipients the session never got a
+        reply for (it broke first: C{error=} says why) count as deferred.
+        """
+        counts = dict.fromkeys(OutcomeKind, 0)
+        refused = []
+        for r in recipients:
+            outcome = session.outcomes.get(r)
+            if outcome is None:
+                counts[OutcomeKind.DEFERRED] += 1
+                continue
+            counts[outcome.kind] += 1
+            if outcome.kind is not OutcomeKind.DELIVERED:
+                refused.append((r, outcome))
+        level = self.log.info if counts[OutcomeKind.DEFERRED] == counts[OutcomeKind.FAILED] == 0 else self.log.warn
+        level(
+            "relay: {queueId} domain={domain} host={host}:{port} delivered={delivered} deferred={deferred}"
+            " failed={failed} tls={tls} verified={verified} error={error}",
+            queueId=entry.queueId,
+            domain=domain,
+            host=host,
+            port=port,
+            delivered=counts[OutcomeKind.DELIVERED],
+            deferred=counts[OutcomeKind.DEFERRED],
+            failed=counts[OutcomeKind.FAILED],
+            tls="yes" if session.tls else "no",
+            verified="yes" if session.verified else "no",
+            # Remote text is quoted and escaped: it must not forge log content.
+            error="-" if session.error is None else events.sanitize(session.error.text, events.MAX_LOGGED_REPLY),
+        )
+        for r, outcome in refused:
+            self.log.warn(
+                "relay: {queueId} to={recipient} host={host}:{port} result={result} reply={reply}",
+                queueId=entry.queueId,
+                recipient=str(r),
+                host=host,
+                port=port,
+                result="deferred" if outcome.kind is OutcomeKind.DEFERRED else "failed",
+                reply=events.sanitize(outcome.diagnostic, events.MAX_LOGGED_REPLY),
+            )
+
+    def _defaultEndpoint(self, host: str, port: int):
+        """
+        The endpoint to the smarthost: the operator's choice, not filtered.
+        """
+        return HostnameEndpoint(self.reactor, host, port, timeout=self.connectTimeout)
+
+    def _defaultMXEndpoint(self, host: str, port: int):
+        """
+        The endpoint to an MX host: only its public addresses are tried.
+        """
+        return HostnameEndpoint(PublicOnlyReactor(self.reactor), host, port, timeout=self.connectTimeout)
+
+    def _session(
+        self, entry: Entry, host: str, port: int, recipients: list, relay: bool, useTLS: bool = True
+    ) -> defer.Deferred:
+        """
+        One SMTP session with C{host} for C{recipients} (L{deliverOnce}).
+
+        @param useTLS: use STARTTLS when the peer offers it (false only for
+            the plaintext retry after a failed opportunistic handshake).
+
+        @return: a Deferred firing with the L{SessionResult}.
+        """
+        if self._stopping:
+            return defer.succeed(SessionResult.broken("relay service stopping"))
+        try:
+            message = self.queue.openMessage(entry)
+        except OSError as e:
+            return defer.succeed(SessionResult.broken(oneLine(f"cannot read queued message: {e}")))
+        credentials = None
+        if relay and self.relayUsername is not None and self.relayPassword is not None:
+            credentials = (self.relayUsername, self.relayPassword)
+        policy, loopbackPolicy = self._tlsPolicy(relay, credentials is not None, useTLS)
+
+        def contextFor(policy: TLSPolicy) -> tuple:
+            if not relay:
+                # verify=None asks for an opportunistic (unverified) context.
+                return self.clientTLS(host, None), False
+            if policy is TLSPolicy.REQUIRED_STARTTLS:
+                return self.clientTLS(host, self.relayVerifyTLS), self.relayVerifyTLS
+            # Opportunistic to a smarthost: verification off, or a smarthost
+            # on this machine.
+            return self.clientTLS(host, None if self.relayVerifyTLS else False), False
+
+        try:
+            endpointFactory = self._endpointFactory if relay else self._mxEndpointFactory
+            endpoint = _AbortableEndpoint(endpointFactory(host, port))
+        except Exception:
+            with contextlib.suppress(OSError):
+                message.close()
+            return defer.succeed(SessionResult.broken(oneLine(f"cannot connect: {Failure().getErrorMessage()}")))
+        self._connections.add(endpoint)
+        d = self._deliverOnce(
+            endpoint,
+            entry.sender,
+            recipients,
+            message,
+            policy,
+            credentials,
+            identity=self.hostname,
+            clock=self.reactor,
+            contextFor=contextFor if self.clientTLS is not None else None,
+            loopbackPolicy=loopbackPolicy,
+        )
+
+        def finished(result: SessionResult) -> SessionResult:
+            self._connections.discard(endpoint)
+            return result
+
+        return d.addCallback(finished)
+
+    def _tlsPolicy(self, relay: bool, credentials: bool, useTLS: bool) -> tuple:
+        """
+        @return: the L{TLSPolicy} of a session, and the one that replaces it
+            when the peer turns out to be on this machine (or L{None}).
+        """
+        if self.clientTLS is None or not useTLS:
+            return TLSPolicy.NONE, None
+        if not relay:
+            return TLSPolicy.OPPORTUNISTIC, None
+        if credentials:
+            # Credentials go only over TLS, to loopback too.
+            return TLSPolicy.REQUIRED_STARTTLS, None
+        if self.relayVerifyTLS:
+            # A smarthost whose certificate is to be verified must speak
+            # TLS (a stripped STARTTLS must not skip the check), unless it
+            # is on this machine, where there is no network to protect.
+            return TLSPolicy.REQUIRED_STARTTLS, TLSPolicy.OPPORTUNISTIC
+        return TLSPolicy.OPPORTUNISTIC, None
+
+
+def _why(session: SessionResult) -> str:
+    """
+    Why C{session} left recipients without an answer, in plain words.
+    """
+    return session.error.text if session.error is not None else "the session ended without an answer"
+
+
+class _AbortableEndpoint:
+    """
+    An endpoint that remembers its one connection attempt, so that the
+    relay can abort it when it stops.
+
+    @ivar endpoint: the endpoint it connects with.
+    """
+
+    def __init__(self, endpoint) -> None:
+        self.endpoint = endpoint
+        self._connecting: Optional[defer.Deferred] = None
+        self._protocol = None
+
+    def connect(self, factory) -> defer.Deferred:
+        self._connecting = self.endpoint.connect(factory)
+
+        def connected(p):
+            self._protocol = p
+            return p
+
+        return self._connecting.addCallback(connected)
+
+    def abort(self) -> None:
+        """
+        Abort the connection, or cancel the attempt to make it.
+        """
+        transport = getattr(self._protocol, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        elif self._connecting is not None and not self._connecting.called:
+            self._connecting.cancel()

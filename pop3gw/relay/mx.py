@@ -1,0 +1,261 @@
+# -*- test-case-name: tests.test_relay_mx -*-
+"""
+Where mail for a domain goes: MX resolution (L{MXResolver}) and the policy
+that direct delivery connects only to public addresses
+(L{isPublicAddress}, L{PublicOnlyReactor}).
+
+A domain's MX records are sorted by preference; the domain itself is its
+implicit MX when it has none (RFC 5321 section 5.1); a null MX (RFC 7505) or
+a domain that does not exist fails permanently; hosts whose addresses are
+all non-public are skipped, and a domain left with none fails permanently
+with 5.4.4.  The address check is made twice: here, on what the lookup saw,
+and when connecting (L{PublicOnlyReactor}), on what the name resolves to
+then.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver, IResolutionReceiver
+from twisted.names import dns, error as dnserror
+from zope.interface import implementer
+
+from pop3gw.dsn import oneLine
+
+
+class PermanentLookupFailure(Exception):
+    """
+    DNS says the domain cannot receive mail.
+
+    @ivar status: the RFC 3463 status for its recipients.
+    @ivar text: why, in plain words.
+    """
+
+    def __init__(self, status: str, text: str):
+        Exception.__init__(self, text)
+        self.status = status
+        self.text = text
+
+
+def isPublicAddress(text: str) -> bool:
+    """
+    Whether a mail exchanger at the IP address C{text} may be connected to:
+    a globally reachable unicast address (C{ipaddress}'s C{is_global}: not
+    loopback, private (RFC 1918, fc00::/7, ...), shared (100.64.0.0/10),
+    link-local, unspecified, reserved or for documentation), and not
+    multicast; an IPv4-mapped IPv6 address is judged by its IPv4 address.  Direct MX delivery never connects elsewhere, so that a
+    recipient domain cannot point the relay at internal services.
+    """
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+@implementer(IResolutionReceiver)
+class _PublicOnlyReceiver:
+    """
+    Passes on to C{receiver} only the resolved addresses that
+    L{isPublicAddress} accepts.
+    """
+
+    def __init__(self, receiver) -> None:
+        self._receiver = receiver
+
+    def resolutionBegan(self, resolution) -> None:
+        self._receiver.resolutionBegan(resolution)
+
+    def addressResolved(self, address) -> None:
+        if isPublicAddress(getattr(address, "host", "")):
+            self._receiver.addressResolved(address)
+
+    def resolutionComplete(self) -> None:
+        self._receiver.resolutionComplete()
+
+
+@implementer(IHostnameResolver)
+class _PublicOnlyResolver:
+    """
+    A host name resolver that drops every non-public address, for the
+    connection to an MX host: what the name resolves to when the connection
+    is made is filtered too, not only what the MX lookup saw.
+    """
+
+    def __init__(self, resolver) -> None:
+        self._resolver = resolver
+
+    def resolveHostName(self, resolutionReceiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+        self._resolver.resolveHostName(
+            _PublicOnlyReceiver(resolutionReceiver), hostName, portNumber, addressTypes, transportSemantics
+        )
+        return resolutionReceiver
+
+
+@implementer(IReactorPluggableNameResolver)
+class PublicOnlyReactor:
+    """
+    The reactor as a L{HostnameEndpoint} to an MX host sees it: its name
+    resolver is wrapped in L{_PublicOnlyResolver}.
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+        self.nameResolver = _PublicOnlyResolver(reactor.nameResolver)
+
+    def installNameResolver(self, resolver):
+        raise TypeError("the MX connection reactor keeps its public-only resolver")
+
+    def __getattr__(self, name: str):
+        return getattr(self._reactor, name)
+
+
+def _ipv6Text(record) -> str:
+    """
+    The address of an AAAA record as text.
+    """
+    return str(ipaddress.IPv6Address(record.address))
+
+
+class MXResolver:
+    """
+    Looks up the mail exchangers of a domain.
+
+    @param reactor: the reactor for the resolver this makes for itself.
+    @param resolver: an C{IResolver}; if L{None}, a
+        C{twisted.names.client.Resolver} on C{/etc/resolv.conf} is made at
+        the first lookup (and stopped by L{stop}).
+    """
+
+    def __init__(self, reactor, resolver=None) -> None:
+        self._reactor = reactor
+        self.resolver = resolver
+        self._ownResolver: Optional[object] = None
+
+    def stop(self) -> None:
+        """
+        Stop the resolver this made for itself, which re-reads resolv.conf
+        on a timer.
+        """
+        if self._ownResolver is not None:
+            parseCall = getattr(self._ownResolver, "_parseCall", None)
+            if parseCall is not None and parseCall.active():
+                parseCall.cancel()
+            self.resolver = self._ownResolver = None
+
+    @defer.inlineCallbacks
+    def mailHosts(self, domain: str):
+        """
+        @return: a Deferred firing with the host names to try for
+            C{domain}, best first.
+        @raise PermanentLookupFailure: the domain does not exist or has a
+            null MX.
+        """
+        if self.resolver is None:
+            from twisted.names import client
+
+            self.resolver = self._ownResolver = client.Resolver(
+                resolv="/etc/resolv.conf", reactor=_QuietDatagramReactor(self._reactor)
+            )
+        try:
+            answers, _, _ = yield self.resolver.lookupMailExchange(domain)
+        except dnserror.DNSNameError:
+            raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
+        records = []
+        for rr in answers:
+            if rr.type == dns.MX:
+                name = str(rr.payload.name).lower().rstrip(".")
+                records.append((rr.payload.preference, name))
+        if records:
+            if any(name == "" for _, name in records):
+                raise PermanentLookupFailure("5.1.10", f"domain {domain} accepts no mail (null MX)")
+            records.sort(key=lambda r: r[0])
+            hosts: list = []
+            for _, name in records:
+                if name not in hosts:
+                    hosts.append(name)
+            usable = []
+            for host in hosts:
+                try:
+                    addresses = yield self._addresses(host)
+                except Exception:
+                    # Unknown yet: the connection will tell (and connects
+                    # only to public addresses).
+                    usable.append(host)
+                    continue
+                if not addresses or any(isPublicAddress(a) for a in addresses):
+                    usable.append(host)
+            if not usable:
+                raise PermanentLookupFailure("5.4.4", f"domain {domain} has no usable mail exchanger")
+            return usable
+        # No MX: the domain itself is the implicit MX (RFC 5321 5.1) if it
+        # has an address.
+        try:
+            addresses = yield self._addresses(domain)
+        except dnserror.DNSNameError:
+            raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
+        if not addresses:
+            raise PermanentLookupFailure("5.1.2", f"domain {domain} has no mail exchanger")
+        if not any(isPublicAddress(a) for a in addresses):
+            raise PermanentLookupFailure("5.4.4", f"domain {domain} has no usable mail exchanger")
+        return [domain]
+
+    @defer.inlineCallbacks
+    def _addresses(self, host: str):
+        """
+        @return: a Deferred firing with the IPv4 and IPv6 addresses of
+            C{host}, as text.
+        """
+        addresses = []
+        for lookup, rrtype in ((self.resolver.lookupAddress, dns.A), (self.resolver.lookupIPV6Address, dns.AAAA)):
+            answers, _, _ = yield lookup(host)
+            for rr in answers:
+                if rr.type == rrtype:
+                    addresses.append(rr.payload.dottedQuad() if rrtype == dns.A else _ipv6Text(rr.payload))
+        return addresses
+
+
+
+def describeDNSFailure(domain: str, e: Exception) -> str:
+    """
+    Why a temporary DNS failure kept mail for C{domain} queued, in plain
+    words.
+    """
+    if isinstance(e, dnserror.DNSServerError):
+        why = "server failure (SERVFAIL)"
+    elif isinstance(e, dnserror.DNSQueryRefusedError):
+        why = "query refused"
+    elif isinstance(e, defer.TimeoutError):
+        why = "timed out"
+    else:
+        why = oneLine(f"{e.__class__.__name__} {e}")
+    return f"DNS lookup for {domain} failed: {why}"
+
+
+class _QuietDatagramReactor:
+    """
+    The reactor as the relay's own DNS resolver sees it: every datagram
+    protocol it listens with is made quiet (C{noisy = False}), so a DNS
+    query does not log "Starting protocol" and "Stopping protocol".
+
+    The UDP port itself (C{twisted.internet.udp.Port}) still logs
+    "DNSDatagramProtocol starting on N" and "(UDP Port N Closed)": Twisted
+    writes those unconditionally, and only a log filter can drop them.
+    """
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+
+    def __getattr__(self, name: str):
+        return getattr(self._reactor, name)
+
+    def listenUDP(self, port: int, protocol, interface: str = "", maxPacketSize: int = 8192):
+        protocol.noisy = False
+        return self._reactor.listenUDP(port, protocol, interface, maxPacketSize)
+
+

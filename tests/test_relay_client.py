@@ -1,0 +1,345 @@
+"""
+Tests for L{pop3gw.relay.client}: L{deliverOnce} over fake endpoints, the
+typed results (L{RelayError}, L{SessionResult}), dot-stuffing and the plain
+words given to Twisted's client errors.
+"""
+
+from __future__ import annotations
+
+import io
+
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from pop3gw.queue import Outcome, OutcomeKind
+from pop3gw.relay.client import (
+    Phase,
+    RelayError,
+    SessionResult,
+    TLSPolicy,
+    _DotStuffer,
+    deliverOnce,
+    describeConnectFailure,
+    describeError,
+)
+from tests.queuehelpers import (
+    ALICE,
+    BOB,
+    CAROL,
+    EHLO_OK,
+    GREETING,
+    OK,
+    SENT,
+    STORED,
+    FakeEndpoint,
+    TLSStringTransport,
+    successReplies,
+)
+
+
+class RelayErrorTests(unittest.SynchronousTestCase):
+    """
+    L{RelayError} is built from a reply with its class and enhanced status.
+    """
+
+    def test_permanentWithEnhanced(self):
+        """
+        A 5xx reply with a 5.x.y status is permanent with that status.
+        """
+        e = RelayError.fromReply(550, b"5.1.1 no such user", Phase.RCPT)
+        self.assertEqual(e, RelayError(True, 550, "5.1.1", Phase.RCPT, "550 5.1.1 no such user"))
+        self.assertEqual(e.outcome(), Outcome(OutcomeKind.FAILED, "5.1.1", "550 5.1.1 no such user"))
+
+    def test_temporaryMismatchedStatus(self):
+        """
+        A 4xx reply whose enhanced status has another class gets 4.0.0.
+        """
+        e = RelayError.fromReply(451, b"5.1.1 odd", Phase.DATA)
+        self.assertEqual((e.permanent, e.enhanced), (False, "4.0.0"))
+        self.assertEqual(e.outcome().kind, OutcomeKind.DEFERRED)
+
+    def test_multilineReplyIsOneLine(self):
+        """
+        The text is one line even for a multi-line reply.
+        """
+        e = RelayError.fromReply(421, b"4.3.2 going\nbye now", Phase.GREETING)
+        self.assertNotIn("\n", e.text)
+        self.assertTrue(e.text.startswith("421 4.3.2 going"))
+
+
+class DeliverOnceTests(unittest.SynchronousTestCase):
+    """
+    L{deliverOnce} carries one message over one connection.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.connects = []
+        self.endpoint = FakeEndpoint("mx.remote.example", 25, self.connects)
+        self.contexts = []
+
+    def contextFor(self, policy):
+        self.contexts.append(policy)
+        return f"CTX-{policy.value}", policy is TLSPolicy.REQUIRED_STARTTLS
+
+    def deliver(self, recipients=(BOB,), policy=TLSPolicy.OPPORTUNISTIC, credentials=None, **kw):
+        self.message = io.BytesIO(STORED)
+        return deliverOnce(
+            self.endpoint,
+            ALICE,
+            list(recipients),
+            self.message,
+            policy,
+            credentials,
+            identity="mx.example.org",
+            clock=self.clock,
+            **kw,
+        )
+
+    def test_conversation(self):
+        """
+        The client sends EHLO, MAIL, RCPT, DATA with the dot-stuffed
+        message, and QUIT; each recipient gets its outcome and the message
+        file is closed.
+        """
+        d = self.deliver()
+        sent = self.endpoint.serve(successReplies())
+        self.assertEqual(
+            sent,
+            [
+                b"EHLO mx.example.org\r\n",
+                b"MAIL FROM:<alice@example.org>\r\n",
+                b"RCPT TO:<bob@remote.example>\r\n",
+                b"DATA\r\n",
+                SENT,
+                b"QUIT\r\n",
+                b"",
+            ],
+        )
+        self.assertEqual(
+            self.successResultOf(d),
+            SessionResult({BOB: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")}, None, False, False, False),
+        )
+        self.assertTrue(self.message.closed)
+
+    def test_perRecipientRefusal(self):
+        """
+        A recipient refused at RCPT gets the refusal's outcome; the others
+        are delivered.
+        """
+        d = self.deliver(recipients=[BOB, CAROL])
+        self.endpoint.serve([GREETING, EHLO_OK, OK, OK, b"550 5.1.1 unknown\r\n", b"354 go\r\n", OK, b"221 bye\r\n"])
+        result = self.successResultOf(d)
+        self.assertEqual(result.outcomes[CAROL], Outcome(OutcomeKind.FAILED, "5.1.1", "550 5.1.1 unknown"))
+        self.assertEqual(result.outcomes[BOB].kind, OutcomeKind.DELIVERED)
+        self.assertIsNone(result.error)
+
+    def test_connectionRefused(self):
+        """
+        A refused connection is a temporary error of the connect phase,
+        without a reply code.
+        """
+        d = self.deliver()
+        self.endpoint.refuse()
+        result = self.successResultOf(d)
+        self.assertEqual(result.outcomes, {})
+        self.assertEqual(result.error, RelayError(False, 0, "4.4.1", Phase.CONNECT, "connection refused"))
+
+    def test_requiredStartTLSMissing(self):
+        """
+        With STARTTLS required and not offered, nothing is sent and the
+        error has no made-up reply code.
+        """
+        d = self.deliver(policy=TLSPolicy.REQUIRED_STARTTLS, contextFor=self.contextFor)
+        sent = self.endpoint.serve([GREETING, EHLO_OK, b"221 bye\r\n"])
+        self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"QUIT\r\n", b""])
+        error = self.successResultOf(d).error
+        self.assertEqual(
+            error,
+            RelayError(False, 0, "4.4.1", Phase.STARTTLS, "smarthost offers no STARTTLS and certificate verification is on"),
+        )
+
+    def test_greetingRefusedKeepsTheCode(self):
+        """
+        A refusal in the greeting keeps the server's own code.
+        """
+        d = self.deliver()
+        self.endpoint.serve([b"554 5.3.2 no service\r\n", b"221 bye\r\n"])
+        error = self.successResultOf(d).error
+        self.assertEqual((error.code, error.phase), (554, Phase.GREETING))
+        self.assertEqual(error.text, "server refused the session: 554 5.3.2 no service")
+
+    def test_startTLSRefusedKeepsTheCode(self):
+        """
+        A server that refuses STARTTLS is named with its own reply code, in
+        the STARTTLS phase (Twisted keeps the code, not the reply text, so
+        the status is the class's generic one).
+        """
+        d = self.deliver(policy=TLSPolicy.REQUIRED_STARTTLS, contextFor=self.contextFor)
+        self.endpoint.serve([GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"454 4.7.0 TLS not available\r\n", b"221 bye\r\n"])
+        self.assertEqual(
+            self.successResultOf(d).error,
+            RelayError(False, 454, "4.0.0", Phase.STARTTLS, "server refused STARTTLS (reply code 454)"),
+        )
+
+    def test_opportunisticStartTLS(self):
+        """
+        Opportunistic TLS uses STARTTLS when offered, with the context
+        C{contextFor} gives for the policy.
+        """
+        self.deliver(contextFor=self.contextFor)
+        self.endpoint.open()
+        self.endpoint.feed(GREETING)
+        self.assertEqual(self.endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
+        self.endpoint.feed(b"220 go\r\n")
+        self.assertEqual(self.endpoint.transport.tlsContext, "CTX-opportunistic")
+        self.endpoint.close()
+
+    def test_noneNeverStartsTLS(self):
+        """
+        With the policy C{NONE}, an offered STARTTLS is not used.
+        """
+        d = self.deliver(policy=TLSPolicy.NONE, contextFor=self.contextFor)
+        self.endpoint.open()
+        self.endpoint.feed(GREETING)
+        self.assertEqual(self.endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"MAIL FROM:<alice@example.org>\r\n")
+        self.endpoint.close()
+        self.assertEqual(self.contexts, [])
+        self.assertIsNotNone(self.successResultOf(d).error)
+
+    def test_loopbackPolicy(self):
+        """
+        The loopback policy replaces the policy when the address connected
+        to is on this machine, and only then.
+        """
+        for peer, expected in (
+            (IPv4Address("TCP", "127.0.0.1", 25), [TLSPolicy.OPPORTUNISTIC]),
+            (UNIXAddress("/run/relay"), [TLSPolicy.OPPORTUNISTIC]),
+            (IPv4Address("TCP", "192.0.2.1", 25), [TLSPolicy.REQUIRED_STARTTLS]),
+        ):
+            del self.contexts[:]
+            self.endpoint = FakeEndpoint("relay", 25, self.connects)
+            self.deliver(policy=TLSPolicy.REQUIRED_STARTTLS, contextFor=self.contextFor, loopbackPolicy=TLSPolicy.OPPORTUNISTIC)
+            self.endpoint.open(TLSStringTransport(peerAddress=peer))
+            self.assertEqual(self.contexts, expected, peer)
+            self.endpoint.close()
+
+    def test_immediateTLS(self):
+        """
+        With immediate TLS, the connection is TLS from the first byte: the
+        endpoint is given a TLS-wrapping factory with the context for
+        C{IMMEDIATE}, and STARTTLS is never asked.
+        """
+        creator = optionsForClientTLS("relay.example")
+
+        def contextFor(policy):
+            self.contexts.append(policy)
+            return creator, True
+
+        self.deliver(policy=TLSPolicy.IMMEDIATE, contextFor=contextFor)
+        [endpoint] = self.connects
+        self.assertIsInstance(endpoint.factory, TLSMemoryBIOFactory)
+        self.assertEqual(self.contexts, [TLSPolicy.IMMEDIATE])
+        endpoint.open()
+        # The first bytes are a TLS ClientHello, not an SMTP command.
+        self.assertEqual(endpoint.transport.value()[:1], b"\x16")
+        self.assertNotIn(b"EHLO", endpoint.transport.value())
+
+    def test_credentialsRequireTLS(self):
+        """
+        With credentials, a server without STARTTLS gets no AUTH, whatever
+        the policy.
+        """
+        d = self.deliver(credentials=("gw", "s3cret"), contextFor=self.contextFor)
+        sent = self.endpoint.serve([GREETING, b"250-mx\r\n250 AUTH PLAIN LOGIN\r\n", b"221 bye\r\n"])
+        self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"QUIT\r\n", b""])
+        self.assertEqual(
+            self.successResultOf(d).error.text, "smarthost offers no STARTTLS and relay credentials are sent only over TLS"
+        )
+
+
+class DotStufferTests(unittest.SynchronousTestCase):
+    """
+    Tests for the dot-stuffing reader used for C{DATA}.
+    """
+
+    def test_smallReads(self):
+        """
+        Lines starting with a dot get a second one, whatever the read size;
+        a dot in the middle of a line is left alone.
+        """
+        source = b".a\r\nb.c\r\n\r\n..d\r\n" + b"x" * 70000 + b"\r\n.e\r\n"
+        expected = b"..a\r\nb.c\r\n\r\n...d\r\n" + b"x" * 70000 + b"\r\n..e\r\n"
+        for size in (1, 3, 16384):
+            reader = _DotStuffer(io.BytesIO(source))
+            chunks = []
+            while True:
+                chunk = reader.read(size)
+                if not chunk:
+                    break
+                self.assertLessEqual(len(chunk), size)
+                chunks.append(chunk)
+            self.assertEqual(b"".join(chunks), expected)
+
+    def test_longLineWithDot(self):
+        """
+        A dot after a line-length read boundary inside one long line is not
+        at a line start and is not doubled.
+        """
+        source = b"y" * (64 * 1024) + b".z\r\n"
+        self.assertEqual(_DotStuffer(io.BytesIO(source)).read(), source)
+
+
+class DescribeErrorTests(unittest.SynchronousTestCase):
+    """
+    Tests for the plain words given to Twisted's SMTP client errors.
+    """
+
+    def test_starttlsRefused(self):
+        """
+        A server that refuses STARTTLS is named with its reply code.
+        """
+        from twisted.mail.smtp import TLSError
+
+        exc = TLSError(454, b"Could not complete the SSL/TLS handshake")
+        self.assertEqual(describeError(exc, False), "server refused STARTTLS (reply code 454)")
+
+    def test_starttlsFailedLocally(self):
+        """
+        When TLS could not be started after the server's 220, Twisted's
+        made-up 451 is not passed off as the server's reply.
+        """
+        from twisted.mail.smtp import TLSError
+
+        exc = TLSError(451, b"Could not complete the SSL/TLS handshake")
+        self.assertEqual(describeError(exc, False, starttlsBegun=True), "TLS could not be started")
+
+    def test_malformedChallenge(self):
+        """
+        A malformed AUTH challenge is named as such, without Twisted's 501.
+        """
+        from twisted.mail.smtp import AuthenticationError
+
+        exc = AuthenticationError(
+            501, b"Login failed because the SMTP Server returned a malformed Authentication Challenge"
+        )
+        self.assertEqual(describeError(exc, True), "smarthost sent a malformed AUTH challenge")
+
+    def test_connectFailures(self):
+        """
+        TCP connection failures are named in plain words.
+        """
+        from twisted.internet import error as ierror
+
+        cases = [
+            (ierror.ConnectionRefusedError(), "connection refused"),
+            (ierror.TimeoutError(), "connection timed out"),
+            (ierror.TCPTimedOutError(), "connection timed out"),
+            (ierror.DNSLookupError("x"), "host name not found"),
+            (ierror.NoRouteError(), "no route to host"),
+        ]
+        self.assertEqual([describeConnectFailure(Failure(e)) for e, _ in cases], [w for _, w in cases])
