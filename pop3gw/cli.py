@@ -276,7 +276,7 @@ def _temporaryDeliveryError(user: Address, error: TemporaryFailure) -> CommandEr
     return CommandError(f"cannot deliver to {user}: {what}{error}", EX_TEMPFAIL)
 
 
-def cmdQueue(config, args, stdout: TextIO) -> int:
+def cmdQueue(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     from pop3gw import queue
 
     if args.action == "list":
@@ -285,7 +285,7 @@ def cmdQueue(config, args, stdout: TextIO) -> int:
         return EX_OK
     if os.path.exists(config.queueDir):
         os.listdir(config.queueDir)  # an unreadable queue is an error, not "0 messages"
-    count = queue.requestFlush(config.queueDir)
+    count = queue.requestFlush(config.queueDir, owner=owner)
     stdout.write(
         f"{count} message(s) scheduled for immediate retry; "
         "a running server picks them up within seconds, a stopped one at its next start\n"
@@ -329,7 +329,7 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
             return cmdUser(config, args, stdin, stdout, owner)
         if args.command == "deliver":
             return cmdDeliver(config, args, getattr(stdin, "buffer", stdin), owner)
-        return cmdQueue(config, args, stdout)
+        return cmdQueue(config, args, stdout, owner)
     except CommandError as e:
         stderr.write(f"pop3gw: {e}\n")
         return e.status

@@ -24,7 +24,7 @@ they write, so a read-modify-write by the command is never interleaved with
 a write by the server.  Every file the queue creates (entries, temp files,
 C{.lock}, C{.flush}) is mode 0600 and its directory 0700, whatever the
 umask; a command run as root gives them the data directory's owner
-(L{createPrivate}).  C{pop3gw queue flush} (L{requestFlush}) touches
+(L{pop3gw.fsutil}).  C{pop3gw queue flush} (L{requestFlush}) touches
 C{.flush}; the relay learns of it only through L{OutboundQueue.flushStamp}.
 
 State changes
@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.dsn import oneLine, originalHeaders
 from pop3gw.interfaces import IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
@@ -316,71 +317,13 @@ class Entry:
 # --- File helpers (blocking; run in a thread pool when one is given) ---
 
 
-def createPrivate(path: str, directory: bool = False, like: Optional[str] = None) -> Optional[int]:
-    """
-    Create C{path} for this process alone, whatever the umask: a directory
-    of mode 0700, or a file of mode 0600 opened exclusively for writing.
-
-    Run as root (a C{pop3gw} command on a service install), the new path
-    gets the owner and group of C{like} when that exists (a file being
-    replaced keeps its owner), else of the directory it is created in, so
-    that the service user can still use it.
-
-    @param like: the file the new one will replace, if any.
-    @return: for a file, its descriptor (the caller closes it).
-    @raise OSError: C{path} exists or cannot be created.
-    """
-    if directory:
-        os.mkdir(path, 0o700)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    else:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o700 if directory else 0o600)
-        if os.geteuid() == 0:
-            try:
-                st = os.stat(like) if like is not None else None
-            except FileNotFoundError:
-                st = None
-            if st is None:
-                st = os.stat(os.path.dirname(os.path.abspath(path)))
-            os.fchown(fd, st.st_uid, st.st_gid)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            if directory:
-                os.rmdir(path)
-            else:
-                os.unlink(path)
-        raise
-    if directory:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _fsyncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
-def _queueLock(root: str) -> Iterator[None]:
+def _queueLock(root: str, owner: Optional[fsutil.Owner]) -> Iterator[None]:
     """
     Hold the queue's exclusive C{flock} (the C{.lock} file) while writing
     C{.json} files.
     """
-    path = os.path.join(root, LOCK_FILE)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        try:
-            fd = createPrivate(path)
-        except FileExistsError:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = fsutil.openLockFile(os.path.join(root, LOCK_FILE), owner)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -388,40 +331,20 @@ def _queueLock(root: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _writeAtomically(root: str, name: str, data: bytes) -> None:
-    """
-    Write C{data} to C{root/name}: unique tmp file, fsync, rename, fsync the
-    directory.
-    """
-    tmp = os.path.join(root, f"{name}.{os.urandom(4).hex()}.tmp")
-    target = os.path.join(root, name)
-    try:
-        with os.fdopen(createPrivate(tmp, like=target), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsyncDirectory(root)
+def _saveEntry(root: str, queueId: str, data: bytes, owner: Optional[fsutil.Owner]) -> None:
+    with _queueLock(root, owner):
+        fsutil.replaceFile(os.path.join(root, queueId + ".json"), data, owner)
 
 
-def _saveEntry(root: str, queueId: str, data: bytes) -> None:
-    with _queueLock(root):
-        _writeAtomically(root, queueId + ".json", data)
-
-
-def _removeEntry(root: str, queueId: str) -> None:
+def _removeEntry(root: str, queueId: str, owner: Optional[fsutil.Owner]) -> None:
     # The .json goes first: without it the entry no longer exists, and a
     # .msg left behind by a crash is an orphan removed at start-up.
-    with _queueLock(root):
+    with _queueLock(root, owner):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(root, queueId + ".json"))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(root, queueId + ".msg"))
-    _fsyncDirectory(root)
+    fsutil.fsyncDirectory(root)
 
 
 def _readEntries(root: str, log: Optional[Logger] = None) -> list:
@@ -499,12 +422,13 @@ def listEntries(root: str) -> list:
     return _readEntries(root)
 
 
-def requestFlush(root: str, now: Optional[float] = None) -> int:
+def requestFlush(root: str, now: Optional[float] = None, owner: Optional[fsutil.Owner] = None) -> int:
     """
     Make every entry due now, durably, and touch C{.flush} so that a running
     relay notices (it polls L{OutboundQueue.flushStamp}).
 
     @param now: the current time; C{time.time()} if L{None}.
+    @param owner: who gets the files created (see L{pop3gw.fsutil}).
     @return: how many entries were updated.
     """
     import time
@@ -514,12 +438,12 @@ def requestFlush(root: str, now: Optional[float] = None) -> int:
     if not os.path.isdir(root):
         return 0
     count = 0
-    with _queueLock(root):
+    with _queueLock(root, owner):
         for entry in _readEntries(root):
             entry.nextAttempt = now
-            _writeAtomically(root, entry.queueId + ".json", entry.toJSON())
+            fsutil.replaceFile(os.path.join(root, entry.queueId + ".json"), entry.toJSON(), owner)
             count += 1
-    _writeAtomically(root, FLUSH_FILE, b"%d\n" % (now,))
+    fsutil.replaceFile(os.path.join(root, FLUSH_FILE), b"%d\n" % (now,), owner)
     return count
 
 
@@ -560,7 +484,7 @@ class _QueueDelivery:
         self._lastCR = False
         self._tail = b""
         try:
-            self._file = os.fdopen(createPrivate(self._tmp), "wb")
+            self._file = os.fdopen(fsutil.createFile(self._tmp, self._queue.owner), "wb")
         except OSError as e:
             raise TemporaryFailure(f"cannot create queue file: {e}") from None
         if trace:
@@ -598,8 +522,8 @@ class _QueueDelivery:
         os.fsync(f.fileno())
         f.close()
         os.rename(self._tmp, os.path.join(root, queueId + ".msg"))
-        _fsyncDirectory(root)
-        _saveEntry(root, queueId, envelope)
+        fsutil.fsyncDirectory(root)
+        _saveEntry(root, queueId, envelope, self._queue.owner)
 
     def prepare(self) -> defer.Deferred:
         """
@@ -645,7 +569,7 @@ class _QueueDelivery:
         """
         if self._state == "prepared":
             self._state = "aborted"
-            return self._queue._run(_removeEntry, self._queue.root, self._entry.queueId)
+            return self._queue._run(_removeEntry, self._queue.root, self._entry.queueId, self._queue.owner)
         self.abort()
         return defer.succeed(None)
 
@@ -669,16 +593,14 @@ class OutboundQueue:
 
     log = Logger()
 
-    def __init__(self, root: str, reactor, threadpool=None):
+    def __init__(self, root: str, reactor, threadpool=None, owner: Optional[fsutil.Owner] = None):
         self.root = root
         self.reactor = reactor
         self.threadpool = threadpool
+        self.owner = owner
         self._listeners: list = []
         self._saves: dict = {}
-        if not os.path.isdir(root):
-            os.makedirs(os.path.dirname(os.path.abspath(root)), mode=0o700, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                createPrivate(root, directory=True)
+        fsutil.makeDirectories(root, owner)
 
     def _run(self, f: Callable, *args) -> defer.Deferred:
         if self.threadpool is None:
@@ -739,7 +661,7 @@ class OutboundQueue:
         result: defer.Deferred = defer.Deferred()
 
         def run(_: object = None) -> None:
-            d = self._run(_saveEntry, self.root, queueId, data)
+            d = self._run(_saveEntry, self.root, queueId, data, self.owner)
             d.chainDeferred(result)
 
         if previous is None:
@@ -762,7 +684,7 @@ class OutboundQueue:
         """
         Remove C{entry}'s files (the C{.json} first).
         """
-        return self._run(_removeEntry, self.root, entry.queueId)
+        return self._run(_removeEntry, self.root, entry.queueId, self.owner)
 
     def openMessage(self, entry: Entry):
         """

@@ -333,7 +333,7 @@ def _build(config: Config, reactor) -> MultiService:
 
     users = UsersFile(config.usersPath, config.aliasesPath, owner)
     store = MaildirStore(config.mailDir, reactor, ioPool, config.hostname, owner)
-    queue = OutboundQueue(config.queueDir, reactor, ioPool)
+    queue = OutboundQueue(config.queueDir, reactor, ioPool, owner)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
     checker = PasswordChecker(users, reactor, hashPool, config.limits["failure-delay"])
     portal = Portal(Realm(users, store, router), [checker])

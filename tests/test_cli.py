@@ -596,6 +596,26 @@ class DataDirectoryOwnerTests(SynchronousTestCase):
         for path, (_, _, uid, gid) in found.items():
             self.assertEqual((uid, gid), (OTHER_UID, OTHER_GID), path)
 
+    def test_rootQueueFlushKeepsOwner(self) -> None:
+        """
+        C{queue flush} run as root leaves the queue's directory, lock, entry
+        rewrites and flush stamp owned by the data directory's uid and gid.
+        """
+        from pop3gw.queue import OutboundQueue
+        from twisted.internet.task import Clock
+
+        owner = fsutil.dataDirectoryOwner(self.dataDir)
+        queue = OutboundQueue(os.path.join(self.dataDir, "queue"), Clock(), owner=owner)
+        delivery = queue.beginDelivery(ALICE, [Address("bob", "remote.example")])
+        delivery.write(b"Subject: x\r\n\r\nhi\r\n")
+        self.successResultOf(delivery.commit())
+        self.assertEqual(self.runCLI("queue", "flush")[0], 0)
+        found = treeModesAndOwners(self.dataDir)
+        for expected in ("queue", "queue/.lock", "queue/.flush"):
+            self.assertIn(expected, found)
+        for path, (_, _, uid, gid) in found.items():
+            self.assertEqual((uid, gid), (OTHER_UID, OTHER_GID), path)
+
     def test_rewriteKeepsFileOwner(self) -> None:
         """
         A users file that belongs to someone else than the data directory

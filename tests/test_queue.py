@@ -10,6 +10,7 @@ import os
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from pop3gw import fsutil
 from pop3gw.interfaces import IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
 from pop3gw.queue import (
     DELIVERED,
@@ -362,13 +363,14 @@ class FilePermissionTests(QueueTestMixin, unittest.SynchronousTestCase):
         (entries, temp files, the lock, the flush stamp).
         """
         parent = self.chownedParent(4242, 4343)
+        owner = fsutil.dataDirectoryOwner(parent)
         self.clock = ThreadClock()
         self.root = os.path.join(parent, "queue")
-        self.queue = OutboundQueue(self.root, self.clock)
+        self.queue = OutboundQueue(self.root, self.clock, owner=owner)
         self.enqueue()
         open_ = self.queue.beginDelivery(ALICE, [BOB], TRACE)
         self.addCleanup(open_.abort)
-        requestFlush(self.root, now=1234.0)
+        requestFlush(self.root, now=1234.0, owner=owner)
         owners = {".": os.stat(self.root)[4:6]}
         for name in os.listdir(self.root):
             owners[name] = os.stat(os.path.join(self.root, name))[4:6]
@@ -383,11 +385,12 @@ class FilePermissionTests(QueueTestMixin, unittest.SynchronousTestCase):
         parent = self.chownedParent(4242, 4343)
         self.clock = ThreadClock()
         self.root = os.path.join(parent, "queue")
-        self.queue = OutboundQueue(self.root, self.clock)
+        owner = fsutil.dataDirectoryOwner(parent)
+        self.queue = OutboundQueue(self.root, self.clock, owner=owner)
         entry = self.enqueue()
         path = os.path.join(self.root, entry.queueId + ".json")
         os.chown(path, 4444, 4545)
-        requestFlush(self.root, now=1234.0)
+        requestFlush(self.root, now=1234.0, owner=owner)
         self.assertEqual(listEntries(self.root)[0].nextAttempt, 1234.0)
         self.assertEqual(os.stat(path)[4:6], (4444, 4545))
 
