@@ -486,7 +486,7 @@ class _QueueDelivery:
         try:
             self._file = os.fdopen(fsutil.createFile(self._tmp, self._queue.owner), "wb")
         except OSError as e:
-            raise TemporaryFailure(f"cannot create queue file: {e}") from None
+            raise TemporaryFailure.fromOSError("cannot create queue file", e) from None
         if trace:
             self.write(trace)
 
@@ -505,7 +505,7 @@ class _QueueDelivery:
             self._file.write(out)
         except OSError as e:
             self._discardTmp()
-            raise TemporaryFailure(f"cannot write queue file: {e}") from None
+            raise TemporaryFailure.fromOSError("cannot write queue file", e) from None
 
     def _discardTmp(self) -> None:
         self._state = "aborted"
@@ -540,13 +540,17 @@ class _QueueDelivery:
                 self._file.write(b"\r\n")
         except OSError as e:
             self._discardTmp()
-            return defer.fail(TemporaryFailure(f"cannot write queue file: {e}"))
+            return defer.fail(TemporaryFailure.fromOSError("cannot write queue file", e))
         envelope = self._entry.toJSON()
         d = self._queue._run(self._makeDurable, envelope)
 
         def failed(f: Failure) -> Failure:
-            self._queue.log.failure("queue: cannot commit {queueId}", f, queueId=self._entry.queueId)
             self._discardTmp()
+            if f.check(OSError):
+                error = TemporaryFailure.fromOSError("cannot commit queue entry", f.value)
+                self._queue.log.error("queue: {error} id={queueId}", error=str(error), queueId=self._entry.queueId)
+                return Failure(error)
+            self._queue.log.failure("queue: cannot commit {queueId}", f, queueId=self._entry.queueId)
             return Failure(TemporaryFailure("cannot commit queue entry"))
 
         def prepared(_: object) -> None:

@@ -5,13 +5,15 @@ and the entry's state changes.
 
 from __future__ import annotations
 
+import errno
 import os
 
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from pop3gw import fsutil
-from pop3gw.interfaces import IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.interfaces import InsufficientStorage, IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
 from pop3gw.queue import (
     DELIVERED,
     FAILED,
@@ -162,14 +164,19 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
     def test_commitFailure(self):
         """
         If the files cannot be made durable the commit fails with
-        L{TemporaryFailure} and the error is logged.
+        L{TemporaryFailure} and the error is logged in one line, in words.
         """
+        events: list = []
+        self.queue.log = Logger(observer=events.append)
         d = self.queue.beginDelivery(ALICE, [BOB])
         d.write(BODY)
         os.rename(self.root, self.root + ".gone")
         self.addCleanup(os.rename, self.root + ".gone", self.root)
         self.failureResultOf(d.commit(), TemporaryFailure)
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertIn("No such file or directory", formatEvent(event))
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_orphans(self):
         """
@@ -498,3 +505,52 @@ class FlushStampTests(QueueTestMixin, unittest.SynchronousTestCase):
         """
         self.setUpQueue()
         self.assertTrue(verifyObject(IQueueStore, self.queue))
+
+
+class FullDiskTests(QueueTestMixin, unittest.SynchronousTestCase):
+    """
+    A full disk or quota while a message is queued is L{InsufficientStorage}
+    (submission answers C{452 4.3.1}), with the error in words, and leaves
+    nothing behind.
+    """
+
+    def assertFullDisk(self, failure) -> None:
+        failure.trap(InsufficientStorage)
+        self.assertIn("No space left on device", str(failure.value))
+        self.assertEqual(sorted(n for n in os.listdir(self.root) if not n.startswith(".")), [])
+
+    def test_writeFails(self):
+        """
+        A write that fails with C{ENOSPC} raises L{InsufficientStorage}.
+        """
+        self.setUpQueue()
+        delivery = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+
+        class FullFile:
+            def write(self, data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            def close(self):
+                pass
+
+        delivery._file.close()
+        delivery._file = FullFile()
+        with self.assertRaises(InsufficientStorage) as e:
+            delivery.write(b"Subject: x\r\n\r\nhi\r\n")
+        self.assertIn("No space left on device", str(e.exception))
+
+    def test_commitFails(self):
+        """
+        An fsync that fails with C{ENOSPC} at commit fails the commit with
+        L{InsufficientStorage} and logs one line, not a traceback.
+        """
+        self.setUpQueue()
+        delivery = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+        delivery.write(BODY)
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(os, "fsync", full)
+        self.assertFullDisk(self.failureResultOf(delivery.commit()))
+        self.assertEqual(self.flushLoggedErrors(), [])
