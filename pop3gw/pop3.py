@@ -111,6 +111,23 @@ ERR_TLS_ACTIVE = "-ERR Already using TLS."
 ERR_TLS_AFTER_USER = "-ERR STLS not allowed after USER."
 ERR_COMMIT = "-ERR [SYS/TEMP] Some deleted messages not removed."
 
+#: How a login that did not succeed is logged: a failed login (the line
+#: fail2ban matches, counted towards L{MAX_AUTH_FAILURES}), a check that
+#: could not be made (one warn line with the server's reason), or a bug (the
+#: traceback).
+_LOGIN_FAILED = "failed"
+_LOGIN_UNAVAILABLE = "unavailable"
+_LOGIN_FAULT = "fault"
+
+#: The error-to-reply table of logins, first match wins: C{(exception
+#: types, reply, how it is logged)} for every exception the checker or the
+#: portal can raise; anything else is L{LOGIN_FAULT}.
+LOGIN_ERRORS = (
+    ((LoginFailed,), ERR_AUTH_FAILED, _LOGIN_FAILED),
+    ((TemporaryFailure,), ERR_AUTH_TEMP, _LOGIN_UNAVAILABLE),
+)
+LOGIN_FAULT = (ERR_AUTH_TEMP, _LOGIN_FAULT)
+
 _AUTHORIZATION = "AUTHORIZATION"
 _TRANSACTION = "TRANSACTION"
 _UPDATE = "UPDATE"
@@ -901,23 +918,30 @@ class POP3Server(Protocol):
         self._closeConnection()
 
     def _ebLogin(self, reason: Failure, user: str) -> None:
-        if self._ended():
-            # Nobody to answer, but a guess from a client that hung up
-            # without waiting for the reply still counts for fail2ban.
-            if reason.check(LoginFailed):
+        """
+        Answer and log a login that did not succeed, as L{LOGIN_ERRORS}
+        says; a client that hung up gets no answer but the same log line.
+        """
+        for errors, reply, kind in LOGIN_ERRORS:
+            if reason.check(*errors):
+                break
+        else:
+            reply, kind = LOGIN_FAULT
+        ended = self._ended()
+        if kind == _LOGIN_FAILED:
+            if ended:
                 events.loginFailed(self.log, "pop3", user, self.peer)
-            elif not reason.check(TemporaryFailure):
-                self.log.failure("authentication backend failed", reason)
-            return
-        if reason.check(LoginFailed):
+                return
             self._authFailed(user)
-        elif reason.check(TemporaryFailure):
-            self._warnUnavailable("authentication backend unavailable", reason)
-            self._reply(ERR_AUTH_TEMP)
+            self._doneBusy()
+            return
+        if kind == _LOGIN_UNAVAILABLE:
+            events.loginUnavailable(self.log, "pop3", user, self.peer, str(reason.value))
         else:
             self.log.failure("authentication backend failed", reason)
-            self._reply(ERR_AUTH_TEMP)
-        self._doneBusy()
+        if not ended:
+            self._reply(reply)
+            self._doneBusy()
 
     def _warnUnavailable(self, what: str, reason: Failure) -> None:
         """

@@ -106,7 +106,7 @@ from typing import Callable, Optional
 
 import attr
 from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.cred.error import LoginFailed
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -222,6 +222,25 @@ AUTH_BAD_BASE64 = Reply(501, "5.5.2 Invalid base64 data")
 AUTH_MALFORMED = Reply(501, "5.5.2 Invalid authentication response")
 AUTH_FAILED = Reply(535, "5.7.8 Authentication credentials invalid")
 AUTH_TEMPORARY = Reply(454, "4.7.0 Temporary authentication failure")
+
+
+#: How a login that did not succeed is logged: a failed login (the line
+#: fail2ban matches, counted towards L{MAX_AUTH_FAILURES}), a check that
+#: could not be made (one warn line with the server's reason), or a bug (the
+#: traceback).
+_LOGIN_FAILED = "failed"
+_LOGIN_UNAVAILABLE = "unavailable"
+_LOGIN_FAULT = "fault"
+
+
+#: The error-to-reply table of logins, first match wins: C{(exception
+#: types, reply, how it is logged)} for every exception the checker or the
+#: portal can raise; anything else is L{LOGIN_FAULT}.
+LOGIN_ERRORS = (
+    ((LoginFailed,), AUTH_FAILED, _LOGIN_FAILED),
+    ((TemporaryFailure,), AUTH_TEMPORARY, _LOGIN_UNAVAILABLE),
+)
+LOGIN_FAULT = (AUTH_TEMPORARY, _LOGIN_FAULT)
 
 MAIL_SYNTAX = Reply(501, "5.5.4 Syntax: MAIL FROM:<address>")
 RCPT_SYNTAX = Reply(501, "5.5.4 Syntax: RCPT TO:<address>")
@@ -1179,16 +1198,28 @@ class SubmissionServer(Protocol):
         self._send(AUTH_OK)
 
     def _ebLogin(self, failure: Failure, user: bytes) -> None:
-        if failure.check(UnauthorizedLogin, UnhandledCredentials):
+        """
+        Answer and log a login that did not succeed, as L{LOGIN_ERRORS}
+        says; a client that hung up gets no answer but the same log line.
+        """
+        for errors, reply, kind in LOGIN_ERRORS:
+            if failure.check(*errors):
+                break
+        else:
+            reply, kind = LOGIN_FAULT
+        if kind == _LOGIN_FAILED:
             events.loginFailed(self.log, SERVICE, user, self._peer)
-            self._authFailed()
+            self._authFailed(reply)
+            return
+        if kind == _LOGIN_UNAVAILABLE:
+            events.loginUnavailable(self.log, SERVICE, user, self._peer, str(failure.value))
         else:
             self.log.failure("Submission login failed unexpectedly", failure)
-            self._send(AUTH_TEMPORARY)
+        self._send(reply)
 
-    def _authFailed(self) -> None:
+    def _authFailed(self, reply: Reply = AUTH_FAILED) -> None:
         self._authFailures += 1
-        self._send(AUTH_FAILED)
+        self._send(reply)
         if self._authFailures >= MAX_AUTH_FAILURES:
             self._close(Reply(421, f"4.7.0 {self.factory.hostname} Error: too many authentication failures"))
 

@@ -646,6 +646,108 @@ class UserPassTests(_Harness):
         self.assertEqual(self.realm.logouts, 1)
 
 
+class _RaisingChecker:
+    """
+    A checker whose every answer is the failure it was given.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, exception: Exception) -> None:
+        self.exception = exception
+
+    def requestAvatarId(self, credentials):
+        return defer.fail(self.exception)
+
+
+class LoginErrorTests(_Harness):
+    """
+    Every way the checker (or the portal) can fail a login has one fixed
+    reply and one kind of log line, and a client that hung up is logged the
+    same way.
+    """
+
+    def attempt(self, portal) -> tuple:
+        """
+        USER/PASS as alice against C{portal}.
+
+        @return: the reply to PASS and the C{(level, text)} of each log
+            event.
+        """
+        self.connect(portal=portal)
+        self.send(b"USER alice@example.org\r\n")
+        del self.events[:]
+        out = self.send(b"PASS secret\r\n")
+        return out, [(e["log_level"].name, formatEvent(e)) for e in self.events]
+
+    def test_unauthorizedLogin(self) -> None:
+        """
+        L{UnauthorizedLogin} is a failed login: C{[AUTH]} and the line
+        fail2ban matches.
+        """
+        out, lines = self.attempt(Portal(self.realm, [_RaisingChecker(UnauthorizedLogin())]))
+        self.assertEqual(out, b"-ERR [AUTH] Authentication failed.\r\n")
+        self.assertEqual(
+            lines,
+            [("warn", 'authentication failed: service=pop3 rhost=192.0.2.7 user="alice@example.org"'
+              ' reason="bad credentials"')],
+        )
+
+    def test_unhandledCredentials(self) -> None:
+        """
+        A portal without a checker for the credentials fails the login like
+        wrong credentials.
+        """
+        out, lines = self.attempt(Portal(self.realm, []))
+        self.assertEqual(out, b"-ERR [AUTH] Authentication failed.\r\n")
+        self.assertEqual([level for level, _ in lines], ["warn"])
+        self.assertTrue(lines[0][1].startswith("authentication failed: "), lines)
+
+    def test_temporaryFailure(self) -> None:
+        """
+        L{TemporaryFailure} gets C{[SYS/TEMP]} and one warn line with its
+        server-side reason, in the same format as submission's.
+        """
+        out, lines = self.attempt(Portal(self.realm, [_RaisingChecker(TemporaryFailure("users file unreadable"))]))
+        self.assertEqual(out, b"-ERR [SYS/TEMP] Authentication temporarily unavailable.\r\n")
+        self.assertEqual(
+            lines,
+            [("warn", 'authentication unavailable: service=pop3 rhost=192.0.2.7 user="alice@example.org"'
+              ' error="users file unreadable"')],
+        )
+
+    def test_serverFault(self) -> None:
+        """
+        Any other exception is a server fault: logged with its traceback,
+        answered C{[SYS/TEMP]} without its text.
+        """
+        out, lines = self.attempt(Portal(self.realm, [_RaisingChecker(RuntimeError("secret detail"))]))
+        self.assertEqual(out, b"-ERR [SYS/TEMP] Authentication temporarily unavailable.\r\n")
+        self.assertEqual([level for level, _ in lines], ["critical"])
+        self.assertEqual([f.type for f in self.failures()], [RuntimeError])
+
+    def test_afterHangUp(self) -> None:
+        """
+        A client that hung up before the answer gets nothing, and its
+        attempt is logged as for a client that waited.
+        """
+        for exception, level, start in [
+            (UnauthorizedLogin(), "warn", "authentication failed: "),
+            (TemporaryFailure("users file unreadable"), "warn", "authentication unavailable: "),
+        ]:
+            checker = _DeferredChecker()
+            self.connect(portal=Portal(self.realm, [checker]))
+            self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+            self.proto.connectionLost(Failure(ConnectionError()))
+            self.transport.clear()
+            del self.events[:]
+            checker.pending[0][1].errback(exception)
+            self.assertEqual(self.transport.value(), b"")
+            lines = [(e["log_level"].name, formatEvent(e)) for e in self.events]
+            self.assertEqual([level for level, _ in lines], [level])
+            self.assertTrue(lines[0][1].startswith(start), lines)
+
+
 class SASLTests(_Harness):
     def test_listMechanisms(self) -> None:
         """
