@@ -24,14 +24,15 @@ REFUSAL_LOG_INTERVAL = 60.0
 
 class _RefuseProtocol(Protocol):
     """
-    Writes one fixed refusal line and closes.
+    Writes one fixed refusal line, if any, and closes.
     """
 
-    def __init__(self, message: bytes) -> None:
+    def __init__(self, message: "bytes | None") -> None:
         self._message = message
 
     def connectionMade(self) -> None:
-        self.transport.write(self._message)
+        if self._message:
+            self.transport.write(self._message)
         self.transport.loseConnection()
 
 
@@ -79,10 +80,13 @@ class PeerCounts:
 class ConnectionLimitFactory(WrappingFactory):
     """
     Wraps a listener's factory; refuses connections over C{maxTotal} in all
-    on this listener, or over C{maxPerPeer} from one non-loopback address on
+    on this listener, or over C{maxPerPeer} from one non-loopback client on
     all listeners sharing C{peerCounts}, with C{refusal} (one
     protocol-appropriate line, e.g. C{b"-ERR [SYS/TEMP] Too many
-    connections\\r\\n"}).
+    connections\\r\\n"}), or, with C{refusal=None}, by closing the
+    connection without a byte: on an implicit-TLS listener the limiter sits
+    outside the TLS layer, and a plaintext line would land in the client's
+    TLS handshake.
     """
 
     log = Logger()
@@ -94,7 +98,7 @@ class ConnectionLimitFactory(WrappingFactory):
         wrappedFactory,
         maxTotal: int,
         maxPerPeer: int,
-        refusal: bytes,
+        refusal: "bytes | None",
         peerCounts: "PeerCounts | None" = None,
         clock=None,
     ) -> None:

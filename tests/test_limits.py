@@ -89,6 +89,17 @@ class LimitTests(SynchronousTestCase):
         _, refusedV4 = connect(self.factory, "192.0.2.9")
         self.assertEqual(refusedV4.value(), REFUSAL)
 
+    def test_closeWithoutRefusalLine(self) -> None:
+        """
+        Without a refusal line, a connection over the limits is closed
+        without a byte written (for implicit-TLS listeners).
+        """
+        factory = ConnectionLimitFactory(Factory.forProtocol(Protocol), maxTotal=5, maxPerPeer=1, refusal=None)
+        connect(factory, "192.0.2.1")
+        _, refused = connect(factory, "192.0.2.1")
+        self.assertEqual(refused.value(), b"")
+        self.assertTrue(refused.disconnecting)
+
     def test_perPeerSharedAcrossListeners(self) -> None:
         """
         Listeners sharing a L{PeerCounts} enforce one per-address cap
