@@ -38,7 +38,6 @@ import binascii
 import re
 from typing import AbstractSet, Callable, Optional, Sequence
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITLSTransport
@@ -48,8 +47,9 @@ from twisted.python.failure import Failure
 
 from pop3gw import events
 from pop3gw.address import describePeer
+from pop3gw.credentials import ClientCredentials
 from pop3gw.flow import OutputFlow
-from pop3gw.interfaces import IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
+from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
 
 #: Longest command line accepted, terminator included (RFC 2449 section 4).
 MAX_LINE_LENGTH = 255
@@ -118,12 +118,17 @@ ERR_COMMIT = "-ERR [SYS/TEMP] Some deleted messages not removed."
 _LOGIN_FAILED = "failed"
 _LOGIN_UNAVAILABLE = "unavailable"
 _LOGIN_FAULT = "fault"
+#: A check refused before it started (the client's share of password checks
+#: is used up): not logged per attempt, the checker logs such refusals
+#: sparingly.
+_LOGIN_BUSY = "busy"
 
 #: The error-to-reply table of logins, first match wins: C{(exception
 #: types, reply, how it is logged)} for every exception the checker or the
 #: portal can raise; anything else is L{LOGIN_FAULT}.
 LOGIN_ERRORS = (
     ((LoginFailed,), ERR_AUTH_FAILED, _LOGIN_FAILED),
+    ((AuthenticationBusy,), ERR_AUTH_TEMP, _LOGIN_BUSY),
     ((TemporaryFailure,), ERR_AUTH_TEMP, _LOGIN_UNAVAILABLE),
 )
 LOGIN_FAULT = (ERR_AUTH_TEMP, _LOGIN_FAULT)
@@ -900,7 +905,7 @@ class POP3Server(Protocol):
         Further input waits until this is over.
         """
         self._setBusy()
-        creds = UsernamePassword(user.encode("utf-8"), password)
+        creds = ClientCredentials(user.encode("utf-8"), password, self.peer)
         d = defer.maybeDeferred(self.factory.portal.login, creds, None, IPOP3Avatar)
         d.addCallbacks(self._cbLoggedIn, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
         d.addErrback(self._ebInternal)
@@ -937,7 +942,7 @@ class POP3Server(Protocol):
             return
         if kind == _LOGIN_UNAVAILABLE:
             events.loginUnavailable(self.log, "pop3", user, self.peer, str(reason.value))
-        else:
+        elif kind == _LOGIN_FAULT:
             self.log.failure("authentication backend failed", reason)
         if not ended:
             self._reply(reply)

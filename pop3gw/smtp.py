@@ -105,7 +105,6 @@ import time
 from typing import Callable, Optional
 
 import attr
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import ISSLTransport
@@ -115,8 +114,10 @@ from twisted.python.failure import Failure
 
 from pop3gw import events
 from pop3gw.address import Address, AddressError, describePeer
+from pop3gw.credentials import ClientCredentials
 from pop3gw.flow import OutputFlow
 from pop3gw.interfaces import (
+    AuthenticationBusy,
     IDelivery,
     ISubmissionAvatar,
     PermanentFailure,
@@ -231,6 +232,10 @@ AUTH_TEMPORARY = Reply(454, "4.7.0 Temporary authentication failure")
 _LOGIN_FAILED = "failed"
 _LOGIN_UNAVAILABLE = "unavailable"
 _LOGIN_FAULT = "fault"
+#: A check refused before it started (the client's share of password checks
+#: is used up): not logged per attempt, the checker logs such refusals
+#: sparingly.
+_LOGIN_BUSY = "busy"
 
 
 #: The error-to-reply table of logins, first match wins: C{(exception
@@ -238,6 +243,7 @@ _LOGIN_FAULT = "fault"
 #: portal can raise; anything else is L{LOGIN_FAULT}.
 LOGIN_ERRORS = (
     ((LoginFailed,), AUTH_FAILED, _LOGIN_FAILED),
+    ((AuthenticationBusy,), AUTH_TEMPORARY, _LOGIN_BUSY),
     ((TemporaryFailure,), AUTH_TEMPORARY, _LOGIN_UNAVAILABLE),
 )
 LOGIN_FAULT = (AUTH_TEMPORARY, _LOGIN_FAULT)
@@ -1181,7 +1187,7 @@ class SubmissionServer(Protocol):
         return self._login(authcid, password)
 
     def _login(self, user: bytes, password: bytes) -> Deferred:
-        d = self.factory.portal.login(UsernamePassword(user, password), None, ISubmissionAvatar)
+        d = self.factory.portal.login(ClientCredentials(user, password, self._peer), None, ISubmissionAvatar)
         d.addCallbacks(self._cbLogin, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
         return d
 
@@ -1213,7 +1219,7 @@ class SubmissionServer(Protocol):
             return
         if kind == _LOGIN_UNAVAILABLE:
             events.loginUnavailable(self.log, SERVICE, user, self._peer, str(failure.value))
-        else:
+        elif kind == _LOGIN_FAULT:
             self.log.failure("Submission login failed unexpectedly", failure)
         self._send(reply)
 
@@ -1403,8 +1409,8 @@ class SubmissionFactory(Factory):
     Builds L{SubmissionServer}s.
 
     @ivar portal: a L{twisted.cred.portal.Portal} whose realm returns
-        L{ISubmissionAvatar}s for L{UsernamePassword} credentials (user name
-        and password as UTF-8 bytes).
+        L{ISubmissionAvatar}s for L{ClientCredentials} (user name and
+        password as UTF-8 bytes, and the client's address).
     @ivar plaintextAllowed: C{plaintextAllowed(secure, peerHost) -> bool}:
         whether AUTH PLAIN/LOGIN may be used on a connection.
     @ivar clock: an L{IReactorTime} for the idle timeout and C{Date:}s.

@@ -28,7 +28,8 @@ from zope.interface import implementer
 
 import twisted.test
 from pop3gw.address import Address
-from pop3gw.interfaces import IPOP3Avatar, PermanentFailure, TemporaryFailure
+from pop3gw.credentials import ClientCredentials
+from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, PermanentFailure, TemporaryFailure
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import MAX_PENDING_INPUT, READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
 from pop3gw.testing import FakeMaildropStore, FakePOP3Avatar
@@ -715,6 +716,28 @@ class LoginErrorTests(_Harness):
             [("warn", 'authentication unavailable: service=pop3 rhost=192.0.2.7 user="alice@example.org"'
               ' error="users file unreadable"')],
         )
+
+    def test_authenticationBusy(self) -> None:
+        """
+        L{AuthenticationBusy} (the client's share of password checks is used
+        up) gets C{[SYS/TEMP]} and no log line: the checker logs such
+        refusals sparingly, a flood must not flood the log.
+        """
+        out, lines = self.attempt(Portal(self.realm, [_RaisingChecker(AuthenticationBusy("share used up"))]))
+        self.assertEqual(out, b"-ERR [SYS/TEMP] Authentication temporarily unavailable.\r\n")
+        self.assertEqual(lines, [])
+
+    def test_credentialsNameClient(self) -> None:
+        """
+        The credentials handed to the portal name the client, so the
+        checker can account for its checks.
+        """
+        checker = _DeferredChecker()
+        self.connect(portal=Portal(self.realm, [checker]))
+        self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        [(creds, _)] = checker.pending
+        self.assertIsInstance(creds, ClientCredentials)
+        self.assertEqual((creds.username, creds.password, creds.peer), (b"alice@example.org", b"secret", "192.0.2.7"))
 
     def test_serverFault(self) -> None:
         """

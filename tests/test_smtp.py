@@ -24,7 +24,8 @@ from zope.interface import implementer
 
 from pop3gw import smtp
 from pop3gw.address import Address
-from pop3gw.interfaces import IDelivery, ISubmissionAvatar, TemporaryFailure
+from pop3gw.credentials import ClientCredentials
+from pop3gw.interfaces import AuthenticationBusy, IDelivery, ISubmissionAvatar, TemporaryFailure
 from pop3gw.testing import (
     FakeDelivery,
     FakeRouter,
@@ -735,6 +736,27 @@ class LoginErrorTests(SessionMixin, SynchronousTestCase):
               ' user="alice@example.org" error="users file unreadable"')],
         )
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_authenticationBusy(self) -> None:
+        """
+        L{AuthenticationBusy} (the client's share of password checks is used
+        up) gets 454 4.7.0 and no log line: the checker logs such refusals
+        sparingly, a flood must not flood the log.
+        """
+        out, lines = self.attempt(Portal(self.realm, [RaisingChecker(AuthenticationBusy("share used up"))]))
+        self.assertEqual(out, b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual(lines, [])
+
+    def test_credentialsNameClient(self) -> None:
+        """
+        The credentials handed to the portal name the client, so the
+        checker can account for its checks.
+        """
+        checker = RaisingChecker(UnauthorizedLogin())
+        self.attempt(Portal(self.realm, [checker]))
+        [creds] = checker.credentials
+        self.assertIsInstance(creds, ClientCredentials)
+        self.assertEqual((creds.username, creds.password, creds.peer), (b"alice@example.org", b"secret", "192.168.1.1"))
 
     def test_serverFault(self) -> None:
         """
