@@ -48,7 +48,6 @@ from _common import (
     CPUMeter,
     countError,
     cpuText,
-    describe,
     emit,
     latencies,
     positive,
@@ -112,7 +111,8 @@ class StartedServer:
                 timeout=60,
             )
             if result.returncode != 0:
-                raise SystemExit(f"auth_flood: pop3gw user add {user}: {result.stderr.decode(errors='replace').strip()}")
+                reason = result.stderr.decode(errors="replace").strip()
+                raise SystemExit(f"auth_flood: pop3gw user add {user}: {reason}")
         command = [
             self.args.twistd, "-n", "--pidfile=", "--logfile=-", "pop3gw",
             "--data-dir", self.dataDir, "--hostname", "bench.invalid",
@@ -132,6 +132,11 @@ class StartedServer:
             raise SystemExit("auth_flood: the server did not start:\n" + "".join(self.lines[-40:]))
 
     def _read(self) -> None:
+        """
+        Read the server's log until it ends: L{stop} ends the process
+        (SIGTERM, then SIGKILL after L{STOP_TIMEOUT}), so this loop is
+        bounded by the run's time; at most L{MAX_LOG_LINES} lines are kept.
+        """
         assert self.proc is not None and self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace")
@@ -410,7 +415,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--connections", type=positive(int), default=32, help="flood connections at once (default 32)")
     ap.add_argument("--flood-user", default="x", help="login name the flood guesses for (default x)")
     ap.add_argument("--same-password", action="store_true", help="the flood sends the same wrong password each time")
-    ap.add_argument("--flood-warmup", type=float, default=3.0, help="seconds of flood before the first round (default 3)")
+    ap.add_argument(
+        "--flood-warmup", type=float, default=3.0, help="seconds of flood before the first round (default 3)"
+    )
     ap.add_argument("--user", default="u{i}@example.org", help="good logins; {i} becomes 1, 2, ...")
     ap.add_argument("--password", default="bench-password", help="the good users' password")
     ap.add_argument("--users", type=positive(int), default=10, help="logins per round (default 10)")

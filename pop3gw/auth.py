@@ -141,8 +141,8 @@ class PasswordChecker:
     L{AuthAccounting} (the client comes from the credentials' C{peer}, see
     L{pop3gw.credentials.ClientCredentials}; credentials without one count
     as the client C{unknown}): a client over its share waits or gets
-    L{AuthenticationBusy} without taking a thread, and a client with
-    repeated failures waits longer before each check.
+    L{pop3gw.interfaces.AuthenticationBusy} without taking a thread, and a
+    client with repeated failures waits longer before each check.
 
     Passwords never appear in logs or exceptions.
     """
@@ -195,9 +195,9 @@ class PasswordChecker:
 
         @return: a L{defer.Deferred} firing with the user's address as
             text, or failing with L{UnauthorizedLogin} after the failure
-            delay, with L{AuthenticationBusy} if the client may not have
-            another check now, or with L{TemporaryFailure} if the users
-            database failed.
+            delay, with L{pop3gw.interfaces.AuthenticationBusy} if the
+            client may not have another check now, or with
+            L{TemporaryFailure} if the users database failed.
         """
         start = self._reactor.seconds()
         peer = getattr(credentials, "peer", None) or UNKNOWN_PEER
@@ -205,7 +205,8 @@ class PasswordChecker:
             username = _text(credentials.username)
             password = _text(credentials.password).encode("utf-8")
         except (UnicodeError, TypeError, AttributeError):
-            self.accounting.failed(peer, self.accounting.digest(_raw(credentials, "username"), _raw(credentials, "password")))
+            digest = self.accounting.digest(_raw(credentials, "username"), _raw(credentials, "password"))
+            self.accounting.failed(peer, digest)
             return self._delayedFailure(start)
         try:
             address: Optional[Address] = Address.parse(username)
@@ -222,7 +223,9 @@ class PasswordChecker:
         )
         return d
 
-    def _checkInPool(self, slot: CheckSlot, address: Optional[Address], password: bytes, start: float) -> defer.Deferred:
+    def _checkInPool(
+        self, slot: CheckSlot, address: Optional[Address], password: bytes, start: float
+    ) -> defer.Deferred:
         """
         Run L{_check} in the thread pool; the slot is given back when it
         has finished there, whether or not the client is still connected.

@@ -10,7 +10,7 @@ import collections
 import os
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import UsernamePassword
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -286,6 +286,18 @@ class PasswordCheckerTests(SynchronousTestCase):
             self.reactor.advance(2)
             self.failureResultOf(d, UnauthorizedLogin)
         self.assertEqual(self.checker.accounting.delayFor("192.0.2.66"), 2.0)
+
+    def test_clientCredentials(self) -> None:
+        """
+        L{ClientCredentials} are username/password credentials that name
+        the client, and their repr never shows the password.
+        """
+        creds = ClientCredentials(b"alice@example.org", b"password", "192.0.2.7")
+        self.assertTrue(verifyObject(IUsernamePassword, creds))
+        self.assertTrue(creds.checkPassword(b"password"))
+        self.assertEqual(
+            repr(creds), "<ClientCredentials username=b'alice@example.org' peer='192.0.2.7'>"
+        )
 
     def test_slotHeldUntilCheckFinishes(self) -> None:
         """
@@ -815,7 +827,8 @@ class FloodTests(SynchronousTestCase):
                         proto.dataReceived(b"USER " + user + b"\r\nPASS password\r\n")
                     else:
                         proto, transport = self.open(self.smtp, self.GOOD_PEER)
-                        proto.dataReceived(b"EHLO c\r\nAUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0password") + b"\r\n")
+                        response = base64.b64encode(b"\0" + user + b"\0password")
+                        proto.dataReceived(b"EHLO c\r\nAUTH PLAIN " + response + b"\r\n")
                     good[user] = transport
             self.reactor.advance(self.TICK)
             for user, transport in list(good.items()):

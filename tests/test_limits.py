@@ -73,7 +73,9 @@ class LimitTests(SynchronousTestCase):
         addresses of its /64; another /64 has its own count.  An IPv4-mapped
         address counts as its IPv4 address.
         """
-        self.factory = ConnectionLimitFactory(Factory.forProtocol(Protocol), maxTotal=100, maxPerPeer=2, refusal=REFUSAL)
+        self.factory = ConnectionLimitFactory(
+            Factory.forProtocol(Protocol), maxTotal=100, maxPerPeer=2, refusal=REFUSAL
+        )
         first, _ = connect(self.factory, "2001:db8:1:2::1")
         connect(self.factory, "2001:db8:1:2::2")
         _, refused = connect(self.factory, "2001:db8:1:2:abcd::3")
