@@ -194,3 +194,32 @@ def isLoopback(host: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_loopback
+
+
+#: Prefix length under which IPv6 clients are counted: one site's LAN, as
+#: one IPv4 address behind NAT is (RFC 6177 assigns a site at least a /64).
+IPV6_CLIENT_PREFIX = 64
+
+
+@functools.lru_cache(maxsize=4096)
+def clientNetwork(host: str) -> str:
+    """
+    The key under which a client's connections and password checks are
+    counted: an IPv4 address itself (a /32), the /64 of an IPv6 address
+    (C{"2001:db8:1:2::/64"}: a client holds a whole /64, so counting per
+    address would let it pass every cap), an IPv4-mapped IPv6 address as
+    its IPv4 address; anything else (L{UNIX_PEER}, C{"unknown"}) as it is.
+
+    @param host: a peer as L{describePeer} names it.
+    """
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
+    return str(ip)

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3gw.address import Address, AddressError, isLoopback
+from pop3gw.anvil import AuthAccounting, CheckSlot
 from pop3gw.interfaces import (
     IMaildropStore,
     IMailRouter,
@@ -41,10 +42,8 @@ from pop3gw.interfaces import (
 )
 from pop3gw.users import canVerify, dummyHash, upgradedHash, verifyPassword
 
-#: Password checks (slow hashes) that may wait for the thread pool at once;
-#: beyond that a login gets a temporary failure (POP3 C{[SYS/TEMP]}, SMTP
-#: 454) at once, so a flood of guesses cannot starve real users or memory.
-MAX_PENDING_CHECKS = 64
+#: The client credentials without a C{peer} are counted as.
+UNKNOWN_PEER = "unknown"
 
 #: Seconds from the start of a failed attempt until its failure is
 #: reported (slows down password guessing; fail2ban does the rest).
@@ -138,6 +137,13 @@ class PasswordChecker:
     as with Dovecot's C{auth_cache}.  Failures are never cached, so the
     cache does not speed up guessing.
 
+    Every check that needs the thread pool is accounted per client by an
+    L{AuthAccounting} (the client comes from the credentials' C{peer}, see
+    L{pop3gw.credentials.ClientCredentials}; credentials without one count
+    as the client C{unknown}): a client over its share waits or gets
+    L{pop3gw.interfaces.AuthenticationBusy} without taking a thread, and a
+    client with repeated failures waits longer before each check.
+
     Passwords never appear in logs or exceptions.
     """
 
@@ -155,6 +161,7 @@ class PasswordChecker:
         verifier: Callable[[str, bytes], bool] = verifyPassword,
         dummy: Optional[Callable[[], str]] = None,
         cache: Optional[VerifiedCredentialsCache] = None,
+        accounting: Optional[AuthAccounting] = None,
     ):
         """
         @param users: the users database.
@@ -170,6 +177,8 @@ class PasswordChecker:
         @param dummy: returns the hash unknown users are checked against
             (for tests); L{pop3gw.users.dummyHash} by default.
         @param cache: the verified-credentials cache; a new one by default.
+        @param accounting: the per-client accounting of checks; a new one
+            (on C{reactor}) by default.
         """
         self._users = users
         self._reactor = reactor
@@ -178,9 +187,7 @@ class PasswordChecker:
         self._verifier = verifier
         self._dummy = dummy if dummy is not None else dummyHash
         self.cache = cache if cache is not None else VerifiedCredentialsCache()
-        self.maxPending = MAX_PENDING_CHECKS
-        self._pending = 0
-        self._overloadLogged = False
+        self.accounting = accounting if accounting is not None else AuthAccounting(reactor)
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
         """
@@ -188,13 +195,18 @@ class PasswordChecker:
 
         @return: a L{defer.Deferred} firing with the user's address as
             text, or failing with L{UnauthorizedLogin} after the failure
-            delay, or with L{TemporaryFailure} if the users database failed.
+            delay, with L{pop3gw.interfaces.AuthenticationBusy} if the
+            client may not have another check now, or with
+            L{TemporaryFailure} if the users database failed.
         """
         start = self._reactor.seconds()
+        peer = getattr(credentials, "peer", None) or UNKNOWN_PEER
         try:
             username = _text(credentials.username)
             password = _text(credentials.password).encode("utf-8")
         except (UnicodeError, TypeError, AttributeError):
+            digest = self.accounting.digest(_raw(credentials, "username"), _raw(credentials, "password"))
+            self.accounting.failed(peer, digest)
             return self._delayedFailure(start)
         try:
             address: Optional[Address] = Address.parse(username)
@@ -203,27 +215,30 @@ class PasswordChecker:
         cached = self._cachedLogin(address, password, start) if address is not None else None
         if cached is not None:
             return defer.succeed(cached)
-        if self._pending >= self.maxPending:
-            # Guessers who hang up without waiting for the delayed answer
-            # must not queue unbounded hash work ahead of real users.
-            if not self._overloadLogged:
-                self._overloadLogged = True
-                self._log.warn(
-                    "authentication overloaded: {pending} password checks waiting; refusing new ones for now",
-                    pending=self._pending,
-                )
-            return defer.fail(TemporaryFailure("too many password checks waiting"))
-        self._pending += 1
-        d = deferToThreadPool(self._reactor, self._threadpool, self._check, address, password, start)
-        d.addBoth(self._done)
-        d.addCallbacks(self._cbChecked, self._ebServerFault, callbackArgs=(start,))
+        d = self.accounting.admit(peer)
+        d.addCallback(self._checkInPool, address, password, start)
+        d.addCallbacks(
+            self._cbChecked,
+            self._ebServerFault,
+            callbackArgs=(start, peer, username.encode("utf-8"), password),
+        )
         return d
 
-    def _done(self, result):
-        self._pending -= 1
-        if self._pending < self.maxPending // 2:
-            self._overloadLogged = False
-        return result
+    def _checkInPool(
+        self, slot: CheckSlot, address: Optional[Address], password: bytes, start: float
+    ) -> defer.Deferred:
+        """
+        Run L{_check} in the thread pool; the slot is given back when it
+        has finished there, whether or not the client is still connected.
+        """
+        d = deferToThreadPool(self._reactor, self._threadpool, self._check, address, password, start)
+
+        def release(result):
+            self.accounting.release(slot)
+            return result
+
+        d.addBoth(release)
+        return d
 
     def _cachedLogin(self, address: Address, password: bytes, now: float) -> Optional[str]:
         """
@@ -271,8 +286,9 @@ class PasswordChecker:
             return str(address)
         return None
 
-    def _cbChecked(self, avatarId: Optional[str], start: float):
+    def _cbChecked(self, avatarId: Optional[str], start: float, peer: str, username: bytes, password: bytes):
         if avatarId is None:
+            self.accounting.failed(peer, self.accounting.digest(username, password))
             return self._delayedFailure(start)
         return avatarId
 
@@ -295,6 +311,17 @@ class PasswordChecker:
             raise UnauthorizedLogin()
 
         return task.deferLater(self._reactor, remaining, fail)
+
+
+def _raw(credentials, name: str) -> bytes:
+    """
+    The attribute C{name} of C{credentials} as bytes, whatever it is, to
+    recognise a repeated malformed attempt.
+    """
+    value = getattr(credentials, name, b"")
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8", "surrogatepass")
 
 
 def _text(value: str | bytes) -> str:

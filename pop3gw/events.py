@@ -100,6 +100,26 @@ def loginRefused(log: Logger, service: str, user: str | bytes | None, peer: str,
     )
 
 
+def loginUnavailable(log: Logger, service: str, user: str | bytes | None, peer: str, error: str) -> None:
+    """
+    Log a login that could not be checked for a server-side reason (users
+    database unreadable): one warn line, not matched by the fail2ban
+    filter, since the client did nothing wrong::
+
+        authentication unavailable: service=pop3 rhost=192.0.2.7 user="alice@example.org" error="users file unreadable"
+
+    @param error: the server's own text for the operator (never shown to
+        the client).
+    """
+    log.warn(
+        "authentication unavailable: service={service} rhost={peer} user={user} error={error}",
+        service=service,
+        peer=peer,
+        user=sanitize(user),
+        error=sanitize(error, MAX_LOGGED_REPLY),
+    )
+
+
 def loggedOut(log: Logger, service: str, user: str, peer: str, **stats: int) -> None:
     """
     Log the end of an authenticated session with its counters, e.g.

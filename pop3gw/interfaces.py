@@ -86,6 +86,15 @@ class InsufficientStorage(TemporaryFailure):
 _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+class AuthenticationBusy(TemporaryFailure):
+    """
+    A password check was refused before it started: its client (an IPv4
+    address, an IPv6 /64) has its share of checks running and waiting, or
+    the hash threads are full.  POP3 C{[SYS/TEMP]}, SMTP 454.  The refusal
+    is logged sparingly where it is decided, not per attempt.
+    """
+
+
 class PermanentFailure(Pop3gwError):
     """
     A permanent server-side refusal (POP3 C{[SYS/PERM]}, SMTP 5xx,

@@ -3,8 +3,10 @@
 Connection limits for every listener: a total cap and a per-peer cap, so a
 stranger cannot exhaust file descriptors or memory by opening connections.
 
-Loopback peers (127.0.0.0/8, ::1) are exempt from the per-peer cap (they are
-the operator's own tools and local MTAs) but count towards the total.
+Clients are counted per IPv4 address and per IPv6 /64 (L{clientNetwork}).
+Loopback peers (127.0.0.0/8, ::1) and Unix-socket peers are exempt from the
+per-peer cap (they are the operator's own tools and local MTAs) but count
+towards the total.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from pop3gw.address import isLoopback
+from pop3gw.address import clientNetwork, describePeer, isLoopback
 
 
 #: Seconds between two "connection refused" log lines of one listener.
@@ -22,14 +24,15 @@ REFUSAL_LOG_INTERVAL = 60.0
 
 class _RefuseProtocol(Protocol):
     """
-    Writes one fixed refusal line and closes.
+    Writes one fixed refusal line, if any, and closes.
     """
 
-    def __init__(self, message: bytes) -> None:
+    def __init__(self, message: "bytes | None") -> None:
         self._message = message
 
     def connectionMade(self) -> None:
-        self.transport.write(self._message)
+        if self._message:
+            self.transport.write(self._message)
         self.transport.loseConnection()
 
 
@@ -52,9 +55,9 @@ class _NoDelayWrapper(ProtocolWrapper):
 
 class PeerCounts:
     """
-    Open connections per client address, shared by every listener, so the
-    per-address cap holds across POP3, submission and their TLS ports
-    together.
+    Open connections per client (keyed by L{clientNetwork}), shared by every
+    listener, so the per-address cap holds across POP3, submission and their
+    TLS ports together.
     """
 
     def __init__(self) -> None:
@@ -77,10 +80,13 @@ class PeerCounts:
 class ConnectionLimitFactory(WrappingFactory):
     """
     Wraps a listener's factory; refuses connections over C{maxTotal} in all
-    on this listener, or over C{maxPerPeer} from one non-loopback address on
+    on this listener, or over C{maxPerPeer} from one non-loopback client on
     all listeners sharing C{peerCounts}, with C{refusal} (one
     protocol-appropriate line, e.g. C{b"-ERR [SYS/TEMP] Too many
-    connections\\r\\n"}).
+    connections\\r\\n"}), or, with C{refusal=None}, by closing the
+    connection without a byte: on an implicit-TLS listener the limiter sits
+    outside the TLS layer, and a plaintext line would land in the client's
+    TLS handshake.
     """
 
     log = Logger()
@@ -92,7 +98,7 @@ class ConnectionLimitFactory(WrappingFactory):
         wrappedFactory,
         maxTotal: int,
         maxPerPeer: int,
-        refusal: bytes,
+        refusal: "bytes | None",
         peerCounts: "PeerCounts | None" = None,
         clock=None,
     ) -> None:
@@ -112,8 +118,9 @@ class ConnectionLimitFactory(WrappingFactory):
         self.total = 0
 
     def buildProtocol(self, addr):
-        host = getattr(addr, "host", None) or ""
-        count = self.perPeer.get(host)
+        host = describePeer(addr)
+        key = clientNetwork(host)
+        count = self.perPeer.get(key)
         if (self.maxTotal and self.total >= self.maxTotal) or (
             self.maxPerPeer and count >= self.maxPerPeer and not isLoopback(host)
         ):
@@ -121,8 +128,8 @@ class ConnectionLimitFactory(WrappingFactory):
             return _RefuseProtocol(self.refusal)
         p = super().buildProtocol(addr)
         if p is not None:
-            p._limitHost = host
-            self.perPeer.add(host)
+            p._limitHost = key
+            self.perPeer.add(key)
             self.total += 1
         return p
 

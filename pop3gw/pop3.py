@@ -42,7 +42,6 @@ import binascii
 import re
 from typing import AbstractSet, Callable, Optional, Sequence
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITLSTransport
@@ -52,8 +51,9 @@ from twisted.python.failure import Failure
 
 from pop3gw import events
 from pop3gw.address import describePeer
+from pop3gw.credentials import ClientCredentials
 from pop3gw.flow import OutputFlow
-from pop3gw.interfaces import IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
+from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
 
 #: Longest command line accepted, terminator included (RFC 2449 section 4).
 MAX_LINE_LENGTH = 255
@@ -114,6 +114,28 @@ ERR_TLS_UNAVAILABLE = "-ERR TLS not available."
 ERR_TLS_ACTIVE = "-ERR Already using TLS."
 ERR_TLS_AFTER_USER = "-ERR STLS not allowed after USER."
 ERR_COMMIT = "-ERR [SYS/TEMP] Some deleted messages not removed."
+
+#: How a login that did not succeed is logged: a failed login (the line
+#: fail2ban matches, counted towards L{MAX_AUTH_FAILURES}), a check that
+#: could not be made (one warn line with the server's reason), or a bug (the
+#: traceback).
+_LOGIN_FAILED = "failed"
+_LOGIN_UNAVAILABLE = "unavailable"
+_LOGIN_FAULT = "fault"
+#: A check refused before it started (the client's share of password checks
+#: is used up): not logged per attempt, the checker logs such refusals
+#: sparingly.
+_LOGIN_BUSY = "busy"
+
+#: The error-to-reply table of logins, first match wins: C{(exception
+#: types, reply, how it is logged)} for every exception the checker or the
+#: portal can raise; anything else is L{LOGIN_FAULT}.
+LOGIN_ERRORS = (
+    ((LoginFailed,), ERR_AUTH_FAILED, _LOGIN_FAILED),
+    ((AuthenticationBusy,), ERR_AUTH_TEMP, _LOGIN_BUSY),
+    ((TemporaryFailure,), ERR_AUTH_TEMP, _LOGIN_UNAVAILABLE),
+)
+LOGIN_FAULT = (ERR_AUTH_TEMP, _LOGIN_FAULT)
 
 _AUTHORIZATION = "AUTHORIZATION"
 _TRANSACTION = "TRANSACTION"
@@ -891,7 +913,7 @@ class POP3Server(Protocol):
         Further input waits until this is over.
         """
         self._setBusy()
-        creds = UsernamePassword(user.encode("utf-8"), password)
+        creds = ClientCredentials(user.encode("utf-8"), password, self.peer)
         d = defer.maybeDeferred(self.factory.portal.login, creds, None, IPOP3Avatar)
         d.addCallbacks(self._cbLoggedIn, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
         d.addErrback(self._ebInternal)
@@ -909,23 +931,30 @@ class POP3Server(Protocol):
         self._closeConnection()
 
     def _ebLogin(self, reason: Failure, user: str) -> None:
-        if self._ended():
-            # Nobody to answer, but a guess from a client that hung up
-            # without waiting for the reply still counts for fail2ban.
-            if reason.check(LoginFailed):
-                events.loginFailed(self.log, "pop3", user, self.peer)
-            elif not reason.check(TemporaryFailure):
-                self.log.failure("authentication backend failed", reason)
-            return
-        if reason.check(LoginFailed):
-            self._authFailed(user)
-        elif reason.check(TemporaryFailure):
-            self._warnUnavailable("authentication backend unavailable", reason)
-            self._reply(ERR_AUTH_TEMP)
+        """
+        Answer and log a login that did not succeed, as L{LOGIN_ERRORS}
+        says; a client that hung up gets no answer but the same log line.
+        """
+        for errors, reply, kind in LOGIN_ERRORS:
+            if reason.check(*errors):
+                break
         else:
+            reply, kind = LOGIN_FAULT
+        ended = self._ended()
+        if kind == _LOGIN_FAILED:
+            if ended:
+                events.loginFailed(self.log, "pop3", user, self.peer)
+                return
+            self._authFailed(user)
+            self._doneBusy()
+            return
+        if kind == _LOGIN_UNAVAILABLE:
+            events.loginUnavailable(self.log, "pop3", user, self.peer, str(reason.value))
+        elif kind == _LOGIN_FAULT:
             self.log.failure("authentication backend failed", reason)
-            self._reply(ERR_AUTH_TEMP)
-        self._doneBusy()
+        if not ended:
+            self._reply(reply)
+            self._doneBusy()
 
     def _warnUnavailable(self, what: str, reason: Failure) -> None:
         """

@@ -377,17 +377,21 @@ def _build(config: Config, reactor) -> MultiService:
             factory, limits["max-connections"], limits["max-connections-per-ip"], refusal, peerCounts, reactor
         )
 
+    # Implicit-TLS listeners close a connection over the limits without a
+    # byte: the limiter is outside the TLS layer (so a flood costs no
+    # handshakes), and a plaintext refusal would land in the client's TLS
+    # handshake.
     plans = [
         ("pop3", pop3Factory, False, POP3_REFUSAL),
-        ("pop3s", pop3Factory, True, POP3_REFUSAL),
+        ("pop3s", pop3Factory, True, None),
         ("submission", submissionFactory, False, SMTP_REFUSAL),
-        ("submissions", submissionFactory, True, SMTP_REFUSAL),
+        ("submissions", submissionFactory, True, None),
     ]
     for name, factory, implicitTLS, refusal in plans:
         for description in config.listeners[name]:
             wrapped = factory
             if implicitTLS:
-                wrapped = TLSMemoryBIOFactory(serverTLS, False, factory)
+                wrapped = TLSMemoryBIOFactory(serverTLS, False, factory, reactor)
                 wrapped.noisy = False
             ListenerService(reactor, name, description, limited(wrapped, refusal)).setServiceParent(top)
 

@@ -115,8 +115,7 @@ import time
 from typing import Callable, Optional
 
 import attr
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.cred.error import LoginFailed
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -125,8 +124,10 @@ from twisted.python.failure import Failure
 
 from pop3gw import events
 from pop3gw.address import Address, AddressError, describePeer
+from pop3gw.credentials import ClientCredentials
 from pop3gw.flow import OutputFlow
 from pop3gw.interfaces import (
+    AuthenticationBusy,
     IDelivery,
     InsufficientStorage,
     ISubmissionAvatar,
@@ -233,6 +234,30 @@ AUTH_BAD_BASE64 = Reply(501, "5.5.2 Invalid base64 data")
 AUTH_MALFORMED = Reply(501, "5.5.2 Invalid authentication response")
 AUTH_FAILED = Reply(535, "5.7.8 Authentication credentials invalid")
 AUTH_TEMPORARY = Reply(454, "4.7.0 Temporary authentication failure")
+
+
+#: How a login that did not succeed is logged: a failed login (the line
+#: fail2ban matches, counted towards L{MAX_AUTH_FAILURES}), a check that
+#: could not be made (one warn line with the server's reason), or a bug (the
+#: traceback).
+_LOGIN_FAILED = "failed"
+_LOGIN_UNAVAILABLE = "unavailable"
+_LOGIN_FAULT = "fault"
+#: A check refused before it started (the client's share of password checks
+#: is used up): not logged per attempt, the checker logs such refusals
+#: sparingly.
+_LOGIN_BUSY = "busy"
+
+
+#: The error-to-reply table of logins, first match wins: C{(exception
+#: types, reply, how it is logged)} for every exception the checker or the
+#: portal can raise; anything else is L{LOGIN_FAULT}.
+LOGIN_ERRORS = (
+    ((LoginFailed,), AUTH_FAILED, _LOGIN_FAILED),
+    ((AuthenticationBusy,), AUTH_TEMPORARY, _LOGIN_BUSY),
+    ((TemporaryFailure,), AUTH_TEMPORARY, _LOGIN_UNAVAILABLE),
+)
+LOGIN_FAULT = (AUTH_TEMPORARY, _LOGIN_FAULT)
 
 MAIL_SYNTAX = Reply(501, "5.5.4 Syntax: MAIL FROM:<address>")
 RCPT_SYNTAX = Reply(501, "5.5.4 Syntax: RCPT TO:<address>")
@@ -1213,7 +1238,7 @@ class SubmissionServer(Protocol):
         return self._login(authcid, password)
 
     def _login(self, user: bytes, password: bytes) -> Deferred:
-        d = self.factory.portal.login(UsernamePassword(user, password), None, ISubmissionAvatar)
+        d = self.factory.portal.login(ClientCredentials(user, password, self._peer), None, ISubmissionAvatar)
         d.addCallbacks(self._cbLogin, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
         return d
 
@@ -1231,16 +1256,28 @@ class SubmissionServer(Protocol):
         self._send(AUTH_OK)
 
     def _ebLogin(self, failure: Failure, user: bytes) -> None:
-        if failure.check(UnauthorizedLogin, UnhandledCredentials):
-            events.loginFailed(self.log, SERVICE, user, self._peer)
-            self._authFailed()
+        """
+        Answer and log a login that did not succeed, as L{LOGIN_ERRORS}
+        says; a client that hung up gets no answer but the same log line.
+        """
+        for errors, reply, kind in LOGIN_ERRORS:
+            if failure.check(*errors):
+                break
         else:
+            reply, kind = LOGIN_FAULT
+        if kind == _LOGIN_FAILED:
+            events.loginFailed(self.log, SERVICE, user, self._peer)
+            self._authFailed(reply)
+            return
+        if kind == _LOGIN_UNAVAILABLE:
+            events.loginUnavailable(self.log, SERVICE, user, self._peer, str(failure.value))
+        elif kind == _LOGIN_FAULT:
             self.log.failure("Submission login failed unexpectedly", failure)
-            self._send(AUTH_TEMPORARY)
+        self._send(reply)
 
-    def _authFailed(self) -> None:
+    def _authFailed(self, reply: Reply = AUTH_FAILED) -> None:
         self._authFailures += 1
-        self._send(AUTH_FAILED)
+        self._send(reply)
         if self._authFailures >= MAX_AUTH_FAILURES:
             self._close(Reply(421, f"4.7.0 {self.factory.hostname} Error: too many authentication failures"))
 
@@ -1431,8 +1468,8 @@ class SubmissionFactory(Factory):
     Builds L{SubmissionServer}s.
 
     @ivar portal: a L{twisted.cred.portal.Portal} whose realm returns
-        L{ISubmissionAvatar}s for L{UsernamePassword} credentials (user name
-        and password as UTF-8 bytes).
+        L{ISubmissionAvatar}s for L{ClientCredentials} (user name and
+        password as UTF-8 bytes, and the client's address).
     @ivar plaintextAllowed: C{plaintextAllowed(secure, peerHost) -> bool}:
         whether AUTH PLAIN/LOGIN may be used on a connection.
     @ivar clock: an L{IReactorTime} for the idle timeout and C{Date:}s.

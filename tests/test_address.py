@@ -324,3 +324,28 @@ class PeerTests(SynchronousTestCase):
         self.assertEqual(describePeer(object()), "unknown")
         self.assertTrue(isLoopback(UNIX_PEER))
         self.assertFalse(isLoopback("unknown"))
+
+    def test_clientNetwork(self) -> None:
+        """
+        Clients are counted per IPv4 address (/32) and per IPv6 /64; an
+        IPv4-mapped IPv6 address counts as its IPv4 address, a zone index
+        is ignored, and anything that is not an address (a Unix-socket
+        peer, C{unknown}) is its own key.
+        """
+        from pop3gw.address import UNIX_PEER, clientNetwork
+
+        cases = [
+            ("192.0.2.1", "192.0.2.1"),
+            ("127.0.0.2", "127.0.0.2"),
+            ("::ffff:192.0.2.1", "192.0.2.1"),
+            ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+            ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+            ("2001:DB8:1:3::1", "2001:db8:1:3::/64"),
+            ("fe80::1%eth0", "fe80::/64"),
+            ("::1", "::/64"),
+            (UNIX_PEER, UNIX_PEER),
+            ("unknown", "unknown"),
+        ]
+        for host, key in cases:
+            with self.subTest(host=host):
+                self.assertEqual(clientNetwork(host), key)

@@ -5,13 +5,16 @@ plaintext policy, the realm and its avatars.
 
 from __future__ import annotations
 
+import base64
+import collections
 import os
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import UsernamePassword
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -29,7 +32,11 @@ from pop3gw.auth import (
     SubmissionAvatar,
     VerifiedCredentialsCache,
 )
-from pop3gw.interfaces import IPOP3Avatar, ISubmissionAvatar, TemporaryFailure, UnknownUser
+from pop3gw.anvil import CHECKS_PER_CLIENT, PENALTY_MAX_DELAY, AuthAccounting
+from pop3gw.credentials import ClientCredentials
+from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, ISubmissionAvatar, TemporaryFailure, UnknownUser
+from pop3gw.pop3 import POP3Factory
+from pop3gw.smtp import SubmissionFactory
 from pop3gw.testing import FakeMaildropStore, FakeRouter, FakeUserDatabase
 from pop3gw.users import UsersFile, verifyPassword
 from tests.util import makeTempDirectory
@@ -134,13 +141,14 @@ class PasswordCheckerTests(SynchronousTestCase):
         self.users = UsersFile(self.usersPath)
         self.checker = self.makeChecker(self.users)
 
-    def makeChecker(self, users, threadpool=None) -> PasswordChecker:
+    def makeChecker(self, users, threadpool=None, accounting=None) -> PasswordChecker:
         return PasswordChecker(
             users,
             self.reactor,
             threadpool or self.pool,
             verifier=self.verifier,
             dummy=lambda: DUMMY,
+            accounting=accounting,
         )
 
     def assertFailsAfterDelay(self, d, delay: float = 2.0) -> None:
@@ -199,25 +207,125 @@ class PasswordCheckerTests(SynchronousTestCase):
 
     def test_boundedPendingChecks(self) -> None:
         """
-        Once C{maxPending} password checks wait for the pool, further logins
-        fail at once with L{TemporaryFailure} (no hashing queued, one log
-        line); when the backlog drains, logins are checked again.
+        Once C{maxPending} password checks wait for the pool in all, a
+        login of a further client fails at once with L{AuthenticationBusy}
+        (no hashing queued); when the backlog drains, logins are checked
+        again.
         """
         pool = HeldThreadPool()
-        checker = self.makeChecker(self.users, pool)
-        checker.maxPending = 3
-        waiting = [checker.requestAvatarId(UsernamePassword("alice@example.org", "wrong")) for _ in range(3)]
-        extra = [checker.requestAvatarId(UsernamePassword("alice@example.org", "password")) for _ in range(2)]
-        for d in extra:
-            self.failureResultOf(d, TemporaryFailure)
+        checker = self.makeChecker(self.users, pool, AuthAccounting(self.reactor, maxPending=3))
+        waiting = [
+            checker.requestAvatarId(ClientCredentials(b"alice@example.org", b"wrong", f"192.0.2.{i}")) for i in range(3)
+        ]
+        extra = checker.requestAvatarId(ClientCredentials(b"alice@example.org", b"password", "192.0.2.9"))
+        self.failureResultOf(extra, AuthenticationBusy)
         self.assertEqual(len(pool.pending), 3)
         pool.runAll()
         self.reactor.advance(10)
         for d in waiting:
             self.failureResultOf(d, UnauthorizedLogin)
-        d = checker.requestAvatarId(UsernamePassword("alice@example.org", "password"))
+        d = checker.requestAvatarId(ClientCredentials(b"alice@example.org", b"password", "192.0.2.9"))
         pool.runAll()
         self.assertEqual(self.successResultOf(d), "alice@example.org")
+
+    def test_perClientShare(self) -> None:
+        """
+        One client (the credentials' C{peer}) gets its share of the pool;
+        its further checks wait without taking a thread, then are refused
+        at once; another client goes straight to the pool.  Credentials
+        without a peer count as one client, C{unknown}.
+        """
+        pool = HeldThreadPool()
+        accounting = AuthAccounting(self.reactor, checksPerClient=2, waitingPerClient=1)
+        checker = self.makeChecker(self.users, pool, accounting)
+        flood = [
+            checker.requestAvatarId(ClientCredentials(b"x", b"wrong", "192.0.2.66")) for _ in range(3)
+        ]
+        self.assertEqual(len(pool.pending), 2)
+        self.failureResultOf(
+            checker.requestAvatarId(ClientCredentials(b"x", b"wrong", "192.0.2.66")), AuthenticationBusy
+        )
+        good = checker.requestAvatarId(ClientCredentials(b"alice@example.org", b"password", "198.51.100.7"))
+        self.assertEqual(len(pool.pending), 3)
+        pool.runAll()  # the waiting check enters the pool once one of its client's is done
+        self.assertEqual(self.successResultOf(good), "alice@example.org")
+        self.assertEqual(self.verifier.calls.count((DUMMY, b"wrong")), 3)
+        self.reactor.advance(10)
+        for d in flood:
+            self.failureResultOf(d, UnauthorizedLogin)
+        for _ in range(3):
+            checker.requestAvatarId(UsernamePassword(b"x", b"wrong"))
+        self.assertEqual((accounting.running("unknown"), accounting.held("unknown")), (2, 3))
+
+    def test_failuresDelayNextCheck(self) -> None:
+        """
+        A client with repeated failures waits before its next check, even
+        with the right password (the check is not started before); a
+        cached login is not delayed.
+        """
+        creds = ClientCredentials(b"alice@example.org", b"password", "192.0.2.66")
+        self.successResultOf(self.checker.requestAvatarId(creds))
+        for i in range(4):
+            d = self.checker.requestAvatarId(ClientCredentials(b"alice@example.org", b"guess%d" % (i,), "192.0.2.66"))
+            self.reactor.advance(20)
+            self.failureResultOf(d, UnauthorizedLogin)
+        self.assertEqual(self.checker.accounting.delayFor("192.0.2.66"), 4.0)
+        self.assertEqual(self.successResultOf(self.checker.requestAvatarId(creds)), "alice@example.org")
+        self.checker.cache = VerifiedCredentialsCache()
+        calls = self.pool.calls
+        d = self.checker.requestAvatarId(creds)
+        self.reactor.advance(3.9)
+        self.assertNoResult(d)
+        self.assertEqual(self.pool.calls, calls)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.successResultOf(d), "alice@example.org")
+
+    def test_malformedCredentialsCount(self) -> None:
+        """
+        Credentials that are not valid UTF-8 count as failures of their
+        client.
+        """
+        for i in range(3):
+            d = self.checker.requestAvatarId(ClientCredentials(b"\xff%d" % (i,), b"pw", "192.0.2.66"))
+            self.reactor.advance(2)
+            self.failureResultOf(d, UnauthorizedLogin)
+        self.assertEqual(self.checker.accounting.delayFor("192.0.2.66"), 2.0)
+
+    def test_clientCredentials(self) -> None:
+        """
+        L{ClientCredentials} are username/password credentials that name
+        the client, and their repr never shows the password.
+        """
+        creds = ClientCredentials(b"alice@example.org", b"password", "192.0.2.7")
+        self.assertTrue(verifyObject(IUsernamePassword, creds))
+        self.assertTrue(creds.checkPassword(b"password"))
+        self.assertEqual(
+            repr(creds), "<ClientCredentials username=b'alice@example.org' peer='192.0.2.7'>"
+        )
+
+    def test_slotHeldUntilCheckFinishes(self) -> None:
+        """
+        A client that hangs up right after PASS keeps its check counted
+        until the check has finished in the pool, so hanging up does not
+        free its share; its failure is still logged.
+        """
+        pool = HeldThreadPool()
+        checker = self.makeChecker(self.users, pool)
+        store = FakeMaildropStore()
+        portal = Portal(Realm(self.users, store, FakeRouter(users=self.users, store=store)), [checker])
+        factory = POP3Factory(portal, lambda secure, peer: True, self.reactor)
+        peer = IPv4Address("TCP", "192.0.2.66", 40000)
+        proto = factory.buildProtocol(peer)
+        events: list = []
+        proto.log = Logger(observer=events.append)
+        proto.makeConnection(StringTransport(peerAddress=peer))
+        proto.dataReceived(b"USER alice@example.org\r\nPASS wrong\r\n")
+        proto.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(checker.accounting.running("192.0.2.66"), 1)
+        pool.runAll()
+        self.assertEqual(checker.accounting.running("192.0.2.66"), 0)
+        self.reactor.advance(2)
+        self.assertIn("authentication failed: service=pop3 rhost=192.0.2.66", formatEvent(events[-1]))
 
     def test_wrongPassword(self) -> None:
         """
@@ -704,3 +812,157 @@ class RealmTests(SynchronousTestCase):
             pass
 
         self.assertRaises(NotImplementedError, self.realm.requestAvatar, "alice@example.org", None, IOther)
+
+
+class ClockedThreadPool:
+    """
+    A fake hash pool: C{threads} workers take jobs in order, and each job
+    takes C{cost} seconds of C{clock} time before it runs and reports.
+    """
+
+    def __init__(self, clock, threads: int, cost: float) -> None:
+        self.clock = clock
+        self.threads = threads
+        self.cost = cost
+        self.queue: collections.deque = collections.deque()
+        self.busy = 0
+        self.done = 0
+        self.mostQueued = 0
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.queue.append((onResult, f, args, kwargs))
+        self.mostQueued = max(self.mostQueued, len(self.queue))
+        self._next()
+
+    def _next(self) -> None:
+        while self.busy < self.threads and self.queue:
+            self.busy += 1
+            self.clock.callLater(self.cost, self._finish, self.queue.popleft())
+
+    def _finish(self, job) -> None:
+        onResult, f, args, kwargs = job
+        self.busy -= 1
+        self.done += 1
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+        self._next()
+
+
+class FloodTests(SynchronousTestCase):
+    """
+    A flood of wrong passwords from one client (an address, or a whole
+    IPv6 /64), at 32 connections that each send one guess and hang up at
+    once, does not keep other clients' users out: POP3 and submission
+    logins share one accounting, and each client has its own share of the
+    hash threads.
+    """
+
+    #: Seconds of hash time per check in the fake pool (twice what the
+    #: default Argon2id costs on a small machine).
+    COST = 0.1
+    #: Seconds between two rounds of the flood's 32 connections.
+    TICK = 0.05
+    #: Seconds the flood lasts; the good logins start one second in.
+    FLOOD = 8.0
+    GOOD_PEER = "198.51.100.7"
+
+    def setUp(self) -> None:
+        self.reactor = ThreadlessReactor()
+        self.pool = ClockedThreadPool(self.reactor, threads=2, cost=self.COST)
+        self.users = FakeUserDatabase({Address(f"u{i}", "example.org"): HASH_PASSWORD for i in range(1, 11)})
+        store = FakeMaildropStore()
+        self.checker = PasswordChecker(self.users, self.reactor, self.pool, verifier=SpyVerifier(), dummy=lambda: DUMMY)
+        portal = Portal(Realm(self.users, store, FakeRouter(users=self.users, store=store)), [self.checker])
+        self.pop3 = POP3Factory(portal, lambda secure, peer: True, self.reactor)
+        self.smtp = SubmissionFactory(portal, lambda secure, peer: True, self.reactor, "mail.example.org")
+        self.attempts = 0
+
+    def open(self, factory, host: str):
+        address = IPv6Address("TCP", host, 40000) if ":" in host else IPv4Address("TCP", host, 40000)
+        proto = factory.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def guess(self, host: str, samePassword: bool) -> None:
+        """
+        One flood connection: one wrong password (POP3 or submission, in
+        turn), then hang up without waiting for the answer.
+        """
+        self.attempts += 1
+        password = b"wrong" if samePassword else b"wrong%d" % (self.attempts,)
+        if self.attempts % 2:
+            proto, _ = self.open(self.pop3, host)
+            proto.dataReceived(b"USER x\r\nPASS " + password + b"\r\n")
+        else:
+            proto, _ = self.open(self.smtp, host)
+            proto.dataReceived(b"EHLO x\r\nAUTH PLAIN " + base64.b64encode(b"\0x\0" + password) + b"\r\n")
+        proto.connectionLost(Failure(ConnectionError()))
+
+    def flood(self, floodHosts, samePassword: bool) -> dict:
+        """
+        Run the flood from C{floodHosts} (one per connection, in turn) and,
+        one second in, log in users u1 to u10 from L{GOOD_PEER} at once
+        (u1-u5 over POP3, u6-u10 over submission).
+
+        @return: each good user's login time (seconds from its start), or
+            its last reply if it did not get in.
+        """
+        good: dict = {}
+        started = None
+        for tick in range(int(self.FLOOD / self.TICK)):
+            for connection in range(32):
+                self.guess(floodHosts[(tick * 32 + connection) % len(floodHosts)], samePassword)
+            if tick == int(1.0 / self.TICK):
+                started = self.reactor.seconds()
+                for i in range(1, 11):
+                    user = b"u%d@example.org" % (i,)
+                    if i <= 5:
+                        proto, transport = self.open(self.pop3, self.GOOD_PEER)
+                        proto.dataReceived(b"USER " + user + b"\r\nPASS password\r\n")
+                    else:
+                        proto, transport = self.open(self.smtp, self.GOOD_PEER)
+                        response = base64.b64encode(b"\0" + user + b"\0password")
+                        proto.dataReceived(b"EHLO c\r\nAUTH PLAIN " + response + b"\r\n")
+                    good[user] = transport
+            self.reactor.advance(self.TICK)
+            for user, transport in list(good.items()):
+                if isinstance(transport, StringTransport) and (
+                    b"+OK Logged in." in transport.value() or b"235 2.7.0" in transport.value()
+                ):
+                    good[user] = self.reactor.seconds() - started
+        self.reactor.advance(60)
+        return {user: (value if isinstance(value, float) else value.value()) for user, value in good.items()}
+
+    def assertAllIn(self, results: dict, within: float = 3.0) -> None:
+        self.assertEqual(len(results), 10)
+        for user, result in results.items():
+            self.assertIsInstance(result, float, f"{user!r} got {result!r}")
+            self.assertLessEqual(result, within, user)
+
+    def test_floodFromOneAddress(self) -> None:
+        """
+        32 connections from one address, each sending C{USER x}/C{PASS
+        wrong} and hanging up: ten users from another address all log in,
+        each within 3 s, while the flood never has more than its share in
+        the hash pool.
+        """
+        results = self.flood(["192.0.2.66"], samePassword=True)
+        self.assertAllIn(results)
+        self.assertGreater(self.attempts, 5000)
+        self.assertLessEqual(self.pool.mostQueued, 2 * CHECKS_PER_CLIENT)
+
+    def test_floodFromOne64(self) -> None:
+        """
+        The same flood spread over many addresses of one IPv6 /64, each
+        guess a new password: the /64 is one client, its penalty grows, and
+        ten users from elsewhere all log in, each within 3 s.
+        """
+        hosts = [f"2001:db8:bad:1::{i:x}" for i in range(1, 200)]
+        results = self.flood(hosts, samePassword=False)
+        self.assertAllIn(results)
+        self.assertEqual(self.checker.accounting.delayFor("2001:db8:bad:1::1"), PENALTY_MAX_DELAY)

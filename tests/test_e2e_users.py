@@ -83,7 +83,7 @@ class UsersEndToEndTests(SynchronousTestCase):
         with self.assertRaises(poplib.error_proto) as refused:
             client.pass_("erin's secret")
         self.assertEqual(refused.exception.args[0], ERR_AUTH_TEMP)
-        server.waitForLog(r"authentication backend unavailable: rhost=127\.0\.0\.1 error=the password scheme of erin")
+        server.waitForLog(r'authentication unavailable: service=pop3 rhost=127\.0\.0\.1 user="erin@example\.org" error="the password scheme of erin')
         self.assertNotIn("authentication failed", server.log())
 
         client = self.pop(server)

@@ -8,7 +8,7 @@ import re
 from twisted.logger import Logger, LogLevel, formatEvent, formatEventAsClassicLogText
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.events import PLAINTEXT_DISALLOWED, loginFailed, loginRefused, sanitize
+from pop3gw.events import PLAINTEXT_DISALLOWED, loginFailed, loginRefused, loginUnavailable, sanitize
 
 FAIL2BAN_FILTER = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "fail2ban", "filter.d", "pop3gw.conf"
@@ -98,3 +98,28 @@ class LoginRefusedTests(SynchronousTestCase):
         regex = fail2banRegex()
         self.assertIsNone(regex.search(refused))
         self.assertEqual(regex.search(failed).group("host"), "192.0.2.7")
+
+
+class LoginUnavailableTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events: list = []
+
+    def test_format(self) -> None:
+        """
+        A login that could not be checked is one warn line with the
+        service, the peer, the quoted user and the quoted server-side
+        reason, and the fail2ban filter does not match it.
+        """
+        log = Logger(namespace="pop3gw.smtp.SubmissionServer", observer=self.events.append)
+        loginUnavailable(log, "submission", b"alice@example.org", "192.0.2.7", 'users "file"\nunreadable')
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in self.events],
+            [
+                (
+                    LogLevel.warn,
+                    'authentication unavailable: service=submission rhost=192.0.2.7 user="alice@example.org"'
+                    ' error="users \\"file\\"\\x0aunreadable"',
+                )
+            ],
+        )
+        self.assertIsNone(fail2banRegex().search(formatEventAsClassicLogText(self.events[0])))

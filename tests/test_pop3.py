@@ -28,7 +28,8 @@ from zope.interface import implementer
 
 import twisted.test
 from pop3gw.address import Address
-from pop3gw.interfaces import InsufficientStorage, IPOP3Avatar, PermanentFailure, TemporaryFailure
+from pop3gw.credentials import ClientCredentials
+from pop3gw.interfaces import AuthenticationBusy, InsufficientStorage, IPOP3Avatar, PermanentFailure, TemporaryFailure
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import MAX_PENDING_INPUT, READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
 from pop3gw.testing import FakeMaildropStore, FakePOP3Avatar
@@ -644,6 +645,130 @@ class UserPassTests(_Harness):
         self.assertFalse(any(line.startswith("login:") for line in self.logLines()))
         self.proto.connectionLost(Failure(ConnectionError()))
         self.assertEqual(self.realm.logouts, 1)
+
+
+class _RaisingChecker:
+    """
+    A checker whose every answer is the failure it was given.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, exception: Exception) -> None:
+        self.exception = exception
+
+    def requestAvatarId(self, credentials):
+        return defer.fail(self.exception)
+
+
+class LoginErrorTests(_Harness):
+    """
+    Every way the checker (or the portal) can fail a login has one fixed
+    reply and one kind of log line, and a client that hung up is logged the
+    same way.
+    """
+
+    def attempt(self, portal) -> tuple:
+        """
+        USER/PASS as alice against C{portal}.
+
+        @return: the reply to PASS and the C{(level, text)} of each log
+            event.
+        """
+        self.connect(portal=portal)
+        self.send(b"USER alice@example.org\r\n")
+        del self.events[:]
+        out = self.send(b"PASS secret\r\n")
+        return out, [(e["log_level"].name, formatEvent(e)) for e in self.events]
+
+    def test_unauthorizedLogin(self) -> None:
+        """
+        L{UnauthorizedLogin} is a failed login: C{[AUTH]} and the line
+        fail2ban matches.
+        """
+        out, lines = self.attempt(Portal(self.realm, [_RaisingChecker(UnauthorizedLogin())]))
+        self.assertEqual(out, b"-ERR [AUTH] Authentication failed.\r\n")
+        self.assertEqual(
+            lines,
+            [("warn", 'authentication failed: service=pop3 rhost=192.0.2.7 user="alice@example.org"'
+              ' reason="bad credentials"')],
+        )
+
+    def test_unhandledCredentials(self) -> None:
+        """
+        A portal without a checker for the credentials fails the login like
+        wrong credentials.
+        """
+        out, lines = self.attempt(Portal(self.realm, []))
+        self.assertEqual(out, b"-ERR [AUTH] Authentication failed.\r\n")
+        self.assertEqual([level for level, _ in lines], ["warn"])
+        self.assertTrue(lines[0][1].startswith("authentication failed: "), lines)
+
+    def test_temporaryFailure(self) -> None:
+        """
+        L{TemporaryFailure} gets C{[SYS/TEMP]} and one warn line with its
+        server-side reason, in the same format as submission's.
+        """
+        out, lines = self.attempt(Portal(self.realm, [_RaisingChecker(TemporaryFailure("users file unreadable"))]))
+        self.assertEqual(out, b"-ERR [SYS/TEMP] Authentication temporarily unavailable.\r\n")
+        self.assertEqual(
+            lines,
+            [("warn", 'authentication unavailable: service=pop3 rhost=192.0.2.7 user="alice@example.org"'
+              ' error="users file unreadable"')],
+        )
+
+    def test_authenticationBusy(self) -> None:
+        """
+        L{AuthenticationBusy} (the client's share of password checks is used
+        up) gets C{[SYS/TEMP]} and no log line: the checker logs such
+        refusals sparingly, a flood must not flood the log.
+        """
+        out, lines = self.attempt(Portal(self.realm, [_RaisingChecker(AuthenticationBusy("share used up"))]))
+        self.assertEqual(out, b"-ERR [SYS/TEMP] Authentication temporarily unavailable.\r\n")
+        self.assertEqual(lines, [])
+
+    def test_credentialsNameClient(self) -> None:
+        """
+        The credentials handed to the portal name the client, so the
+        checker can account for its checks.
+        """
+        checker = _DeferredChecker()
+        self.connect(portal=Portal(self.realm, [checker]))
+        self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+        [(creds, _)] = checker.pending
+        self.assertIsInstance(creds, ClientCredentials)
+        self.assertEqual((creds.username, creds.password, creds.peer), (b"alice@example.org", b"secret", "192.0.2.7"))
+
+    def test_serverFault(self) -> None:
+        """
+        Any other exception is a server fault: logged with its traceback,
+        answered C{[SYS/TEMP]} without its text.
+        """
+        out, lines = self.attempt(Portal(self.realm, [_RaisingChecker(RuntimeError("secret detail"))]))
+        self.assertEqual(out, b"-ERR [SYS/TEMP] Authentication temporarily unavailable.\r\n")
+        self.assertEqual([level for level, _ in lines], ["critical"])
+        self.assertEqual([f.type for f in self.failures()], [RuntimeError])
+
+    def test_afterHangUp(self) -> None:
+        """
+        A client that hung up before the answer gets nothing, and its
+        attempt is logged as for a client that waited.
+        """
+        for exception, level, start in [
+            (UnauthorizedLogin(), "warn", "authentication failed: "),
+            (TemporaryFailure("users file unreadable"), "warn", "authentication unavailable: "),
+        ]:
+            checker = _DeferredChecker()
+            self.connect(portal=Portal(self.realm, [checker]))
+            self.send(b"USER alice@example.org\r\nPASS secret\r\n")
+            self.proto.connectionLost(Failure(ConnectionError()))
+            self.transport.clear()
+            del self.events[:]
+            checker.pending[0][1].errback(exception)
+            self.assertEqual(self.transport.value(), b"")
+            lines = [(e["log_level"].name, formatEvent(e)) for e in self.events]
+            self.assertEqual([level for level, _ in lines], [level])
+            self.assertTrue(lines[0][1].startswith(start), lines)
 
 
 class SASLTests(_Harness):

@@ -15,8 +15,12 @@ import tempfile
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from pop3gw.config import Options
@@ -97,6 +101,94 @@ class MakeServiceTests(SynchronousTestCase):
             self.build("--tls-cert", missing, "--tls-key", missing)
         self.assertIn("missing.pem", str(e.exception))
         self.assertNotIn("\n", str(e.exception))
+
+
+class _Collector(Protocol):
+    """
+    Collects what arrives over the TLS connection and how it ended.
+    """
+
+    received = b""
+    lost = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.lost = reason
+
+
+class _RecordingTransport(iosim.FakeTransport):
+    """
+    An iosim transport that records the raw octets its protocol receives.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.raw = b""
+
+    def bufferReceived(self, data: bytes) -> None:
+        self.raw += data
+        super().bufferReceived(data)
+
+
+class ImplicitTLSRefusalTests(SynchronousTestCase):
+    """
+    On the implicit-TLS listeners, a connection over the limits is closed
+    without a byte: a plaintext refusal would land in the client's TLS
+    handshake.
+    """
+
+    def setUp(self) -> None:
+        self.dataDir = os.path.abspath(self.mktemp())
+        self.reactor = MemoryReactorClock()
+        top = makeService(
+            options("--data-dir", self.dataDir, "--hostname", "mail.example.org", "--pop3s", "tcp:2995",
+                    "--submissions", "tcp:2465"),
+            self.reactor,
+        )
+        self.listeners = {s.listenerName: s.factory for s in top if isinstance(s, ListenerService)}
+
+    def handshake(self, factory, host: str) -> tuple:
+        """
+        Connect a real TLS client from C{host} to C{factory} in memory and
+        run the exchange to its end.
+
+        @return: the client's application protocol and its transport.
+        """
+        addr = IPv4Address("TCP", host, 40000)
+        server = factory.buildProtocol(addr)
+        collector = _Collector()
+        client = TLSMemoryBIOFactory(
+            CertificateOptions(), True, Factory.forProtocol(lambda: collector), self.reactor
+        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 2995))
+        clientTransport = _RecordingTransport(client, isServer=False, peerAddress=addr)
+        serverTransport = iosim.FakeTransport(server, isServer=True, peerAddress=addr)
+        iosim.connect(server, serverTransport, client, clientTransport, clock=self.reactor)
+        return collector, clientTransport
+
+    def test_closedWithoutPlaintext(self) -> None:
+        """
+        Within the per-address cap, the TLS handshake completes and the
+        greeting arrives over TLS; over it, the connection is closed and
+        the client receives no octet at all (no plaintext refusal in its
+        handshake).
+        """
+        cases = [
+            ("pop3s", "192.0.2.1", b"+OK pop3gw ready.\r\n"),
+            ("submissions", "192.0.2.2", b"220 mail.example.org ESMTP ready\r\n"),
+        ]
+        for name, host, greeting in cases:
+            with self.subTest(listener=name):
+                factory = self.listeners[name]
+                factory.maxPerPeer = 1
+                accepted, _ = self.handshake(factory, host)
+                self.assertEqual(accepted.received, greeting)
+                self.assertIsNone(accepted.lost)
+                refused, transport = self.handshake(factory, host)
+                self.assertEqual(transport.raw, b"")
+                self.assertEqual(refused.received, b"")
+                self.assertIsNotNone(refused.lost)
 
 
 class OperatorErrorTests(SynchronousTestCase):

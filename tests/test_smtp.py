@@ -11,6 +11,8 @@ import re
 
 import hypothesis
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
 from twisted.internet.interfaces import ISSLTransport
@@ -22,7 +24,8 @@ from zope.interface import implementer
 
 from pop3gw import smtp
 from pop3gw.address import Address
-from pop3gw.interfaces import IDelivery, InsufficientStorage, ISubmissionAvatar, TemporaryFailure
+from pop3gw.credentials import ClientCredentials
+from pop3gw.interfaces import AuthenticationBusy, IDelivery, InsufficientStorage, ISubmissionAvatar, TemporaryFailure
 from pop3gw.testing import (
     FakeDelivery,
     FakeRouter,
@@ -679,6 +682,136 @@ class AuthTests(SessionMixin, SynchronousTestCase):
         logouts = [e for e in events if e.get("log_format", "").startswith("logout:")]
         self.assertEqual(len(logouts), 1)
         self.assertEqual(logouts[0]["fields"], "bytes=0 messages=0")
+
+
+class RaisingChecker:
+    """
+    A checker whose every answer is the failure it was given; it records
+    the credentials it was asked about.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, exception: Exception) -> None:
+        self.exception = exception
+        self.credentials: list = []
+
+    def requestAvatarId(self, credentials):
+        self.credentials.append(credentials)
+        return defer.fail(self.exception)
+
+
+class LoginErrorTests(SessionMixin, SynchronousTestCase):
+    """
+    Every way the checker (or the portal) can fail a login has one fixed
+    reply and one kind of log line, and a client that hung up is logged the
+    same way.
+    """
+
+    def attempt(self, portal) -> tuple:
+        """
+        AUTH PLAIN as alice against C{portal}.
+
+        @return: the reply and the C{(level, text)} of each log event.
+        """
+        self.portal = portal
+        self.connect()
+        self.feed(b"EHLO c\r\n")
+        with capturedLogs() as events:
+            out = self.feed(b"AUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+        return out, [(e["log_level"].name, formatEvent(e)) for e in events]
+
+    def test_unauthorizedLogin(self) -> None:
+        """
+        L{UnauthorizedLogin} is a failed login: 535 5.7.8 and the line
+        fail2ban matches.
+        """
+        out, lines = self.attempt(Portal(self.realm, [RaisingChecker(UnauthorizedLogin())]))
+        self.assertEqual(out, b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertEqual(
+            lines,
+            [("warn", 'authentication failed: service=submission rhost=192.168.1.1 user="alice@example.org"'
+              ' reason="bad credentials"')],
+        )
+
+    def test_unhandledCredentials(self) -> None:
+        """
+        A portal without a checker for the credentials
+        (L{UnhandledCredentials}) fails the login like wrong credentials.
+        """
+        out, lines = self.attempt(Portal(self.realm, []))
+        self.assertEqual(out, b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertEqual([level for level, _ in lines], ["warn"])
+        self.assertTrue(lines[0][1].startswith("authentication failed: "), lines)
+
+    def test_temporaryFailure(self) -> None:
+        """
+        L{TemporaryFailure} (users database unavailable) gets 454 4.7.0 and
+        one warn line with its server-side reason: no traceback, no failed
+        login.
+        """
+        out, lines = self.attempt(Portal(self.realm, [RaisingChecker(TemporaryFailure("users file unreadable"))]))
+        self.assertEqual(out, b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual(
+            lines,
+            [("warn", "authentication unavailable: service=submission rhost=192.168.1.1"
+              ' user="alice@example.org" error="users file unreadable"')],
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_authenticationBusy(self) -> None:
+        """
+        L{AuthenticationBusy} (the client's share of password checks is used
+        up) gets 454 4.7.0 and no log line: the checker logs such refusals
+        sparingly, a flood must not flood the log.
+        """
+        out, lines = self.attempt(Portal(self.realm, [RaisingChecker(AuthenticationBusy("share used up"))]))
+        self.assertEqual(out, b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual(lines, [])
+
+    def test_credentialsNameClient(self) -> None:
+        """
+        The credentials handed to the portal name the client, so the
+        checker can account for its checks.
+        """
+        checker = RaisingChecker(UnauthorizedLogin())
+        self.attempt(Portal(self.realm, [checker]))
+        [creds] = checker.credentials
+        self.assertIsInstance(creds, ClientCredentials)
+        self.assertEqual((creds.username, creds.password, creds.peer), (b"alice@example.org", b"secret", "192.168.1.1"))
+
+    def test_serverFault(self) -> None:
+        """
+        Any other exception is a server fault: logged with its traceback,
+        answered 454 4.7.0 without its text.
+        """
+        out, lines = self.attempt(Portal(self.realm, [RaisingChecker(RuntimeError("secret detail"))]))
+        self.assertEqual(out, b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual([level for level, _ in lines], ["critical"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_afterHangUp(self) -> None:
+        """
+        A client that hung up before the answer gets nothing, and its
+        attempt is logged as for a client that waited.
+        """
+        for exception, level, start in [
+            (UnauthorizedLogin(), "warn", "authentication failed: "),
+            (TemporaryFailure("users file unreadable"), "warn", "authentication unavailable: "),
+        ]:
+            pending = defer.Deferred()
+            checker = RaisingChecker(exception)
+            checker.requestAvatarId = lambda credentials: pending
+            self.portal = Portal(self.realm, [checker])
+            self.connect()
+            self.feed(b"EHLO c\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+            self.proto.connectionLost(None)
+            with capturedLogs() as events:
+                pending.errback(exception)
+            self.assertEqual(self.transport.value(), b"")
+            lines = [(e["log_level"].name, formatEvent(e)) for e in events]
+            self.assertEqual([level for level, _ in lines], [level])
+            self.assertTrue(lines[0][1].startswith(start), lines)
 
 
 class EnvelopeTests(SessionMixin, SynchronousTestCase):
