@@ -38,14 +38,17 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import attr
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3gw import fsutil
 from pop3gw.address import Address
+from pop3gw.runner import ImmediateRunner
 from pop3gw.interfaces import (
     BadMessageData,
+    IBlockingRunner,
     IDelivery,
     IMaildrop,
     IMaildropStore,
@@ -404,18 +407,24 @@ class _Entry:
     wireSize: int
 
 
-def _scan(maildir: str) -> dict[str, tuple[str, str, os.stat_result, _ParsedName]]:
+def _scan(maildir: str, limit: Optional[int] = None) -> dict[str, tuple[str, str, os.stat_result, _ParsedName]]:
     """
     List the messages of C{new} then C{cur} (in that order, so a message
     moved from one to the other during the listing is seen at least once).
 
+    @param limit: raise L{_NotQuick} on meeting more than this many
+        entries (of any kind).
     @return: key -> (subdir, name, lstat result, parsed name), regular
         files only, dot files skipped, first one of a key kept.
     """
     found: dict[str, tuple[str, str, os.stat_result, _ParsedName]] = {}
+    seen = 0
     for subdir in ("new", "cur"):
         with os.scandir(os.path.join(maildir, subdir)) as it:
             for dirEntry in it:
+                seen += 1
+                if limit is not None and seen > limit:
+                    raise _NotQuick()
                 name = dirEntry.name
                 if name.startswith("."):
                     continue
@@ -431,11 +440,13 @@ def _scan(maildir: str) -> dict[str, tuple[str, str, os.stat_result, _ParsedName
     return found
 
 
-#: Largest C{new/} or C{cur/} directory (its st_size, which grows with the
-#: number of entries: on ext4 about 60 names per 4 KiB block) whose
-#: snapshot is taken on the reactor thread; larger maildrops are listed in
-#: the thread pool so a huge one never stalls other sessions.
-QUICK_SNAPSHOT_DIRECTORY_SIZE = 32 * 1024
+#: Most entries (counted in C{new/} and C{cur/} together, while listing
+#: them) of a maildrop whose snapshot is taken on the reactor thread; a
+#: larger maildrop is listed in the thread pool so a huge one never stalls
+#: other sessions.  Entries are counted rather than judged by the
+#: directories' C{st_size}, which file systems report differently (tmpfs
+#: and XFS grow it per entry, ext4 per 4 KiB block, and never shrink it).
+QUICK_SNAPSHOT_ENTRIES = 512
 
 #: A file in C{tmp/} older than this (seconds) is debris of a crashed
 #: delivery and is removed, as the Maildir convention (36 hours) says.
@@ -482,7 +493,7 @@ def _snapshot(maildir: str, quick: bool = False) -> list[_Entry]:
     @param quick: raise L{_NotQuick} instead of reading any file.
     """
     entries = []
-    for key, (subdir, name, st, parsed) in _scan(maildir).items():
+    for key, (subdir, name, st, parsed) in _scan(maildir, QUICK_SNAPSHOT_ENTRIES if quick else None).items():
         if parsed.fileSize == st.st_size and parsed.wireSize is not None:
             entries.append(_Entry(subdir, name, key, st.st_size, parsed.wireSize))
             continue
@@ -525,16 +536,16 @@ class MaildirMaildrop:
     @ivar messages: L{MaildirMessageInfo}s, oldest first.
     """
 
-    def __init__(self, path: str, lockFD: int, entries: list, run: Callable, quick: bool = False) -> None:
+    def __init__(self, path: str, lockFD: int, entries: list, runner: IBlockingRunner, quick: bool = False) -> None:
         """
-        @param run: runs blocking work (see L{MaildirStore._run}).
+        @param runner: runs blocking work.
         @param quick: whether the snapshot was taken on the reactor thread
             (the maildrop is small), so a few flag renames may be too.
         """
         self.path = path
         self._lockFD: Optional[int] = lockFD
         self._entries = entries
-        self._run = run
+        self._runner = runner
         self._quick = quick
         self._state = "open"
         self.messages = [MaildirMessageInfo(e.wireSize, uidForKey(e.key), isSeenName(e.name)) for e in entries]
@@ -592,7 +603,7 @@ class MaildirMaildrop:
             raise TemporaryFailure("message changed during the session")
         return io.BufferedReader(_WireReader(fd), READ_CHUNK)
 
-    def commit(self, deleted: Iterable[int], seen: Iterable[int] = ()) -> Optional[defer.Deferred]:
+    def commit(self, deleted: Iterable[int], seen: Iterable[int] = ()) -> defer.Deferred:
         """
         Unlink the messages at indexes C{deleted} and C{fsync} their
         directories, then flag the other messages at indexes C{seen} with
@@ -601,36 +612,35 @@ class MaildirMaildrop:
         another tool renamed meanwhile is found again.  A flag that cannot
         be set is logged and never fails the commit.
 
-        Deletions run in the thread pool.  With nothing to delete, a few
-        flag renames (at most L{QUICK_FLAG_RENAMES}, in a maildrop small
-        enough to be snapshotted on the reactor thread) are done at once.
+        Deletions run through the runner (the thread pool in the server).
+        With nothing to delete, a few flag renames (at most
+        L{QUICK_FLAG_RENAMES}, in a maildrop small enough to be snapshotted
+        on the reactor thread) are done at once.
 
-        @return: L{None} when run synchronously (no thread pool, or nothing
-            to delete and few flags), else a L{Deferred} firing once done.
-        @raise TemporaryFailure: (or the Deferred fails with it) some could
-            not be removed, or the maildrop was already released; the lock
-            is released anyway.
-        @raise IndexError: an index is out of range; nothing is changed and
-            the lock is released.
+        @return: a L{Deferred} firing with L{None} once done, or failing
+            with L{TemporaryFailure} (some could not be removed, or the
+            maildrop was already released; the lock is released anyway) or
+            L{IndexError} (an index is out of range; nothing is changed and
+            the lock is released).
         """
         if self._state != "open":
-            raise TemporaryFailure("maildrop is not locked")
+            return defer.fail(TemporaryFailure("maildrop is not locked"))
         deleted = set(deleted)
         try:
             entries = [self._entry(i) for i in sorted(deleted)]
             flagged = [self._entry(i) for i in sorted(set(seen) - deleted)]
         except IndexError:
             self.release()
-            raise
+            return defer.fail()
         if not entries and (not flagged or (self._quick and len(flagged) <= QUICK_FLAG_RENAMES)):
             # Nothing to unlink or fsync: no thread hop for a few renames.
             try:
                 self._markSeen(flagged)
             finally:
                 self._unlock()
-            return None
+            return defer.succeed(None)
         self._state = "committing"
-        return self._run(self._doCommit, entries, flagged)
+        return self._runner.run(self._doCommit, entries, flagged)
 
     def _doCommit(self, entries: list, flagged: list = ()) -> None:
         errors = []
@@ -731,22 +741,29 @@ class MaildirDelivery:
     """
     One message being written into C{tmp} of the first recipient's maildrop,
     then linked into C{new} of every recipient's.
+
+    The tmp file is opened by L{MaildirStore.beginDelivery}: at once when
+    every maildrop exists, else through the runner (the maildrops are
+    created first); until it is open, written data stays in the buffer.
     """
 
     def __init__(
         self,
         maildirs: Sequence[str],
         unique: str,
-        fd: int,
-        run: Callable,
+        runner: IBlockingRunner,
         owner: Optional[fsutil.Owner] = None,
     ) -> None:
         self._maildirs = list(maildirs)
         self._owner = owner
         self._unique = unique
         self._tmpPath = os.path.join(self._maildirs[0], "tmp", unique)
-        self._fd: Optional[int] = fd
-        self._run = run
+        self._fd: Optional[int] = None
+        self._runner = runner
+        # While the tmp file is being opened through the runner: Deferreds
+        # to fire once it is (or failed).
+        self._opening: Optional[list] = None
+        self._openFailure: Optional[Failure] = None
         self._normalizer = _LFNormalizer()
         self._buffer = bytearray()
         self._size = 0
@@ -768,8 +785,40 @@ class MaildirDelivery:
         self._size += len(data)
         self._lines += data.count(b"\n")
 
+    def _opened(self, fd: int) -> None:
+        """
+        The tmp file is open (or, if the delivery was aborted meanwhile,
+        removed again).
+        """
+        self._fd = fd
+        if self._state == "aborted":
+            self._discard()
+
+    def _openThrough(self, opening: defer.Deferred) -> None:
+        """
+        The tmp file is being opened by C{opening} (a runner's L{Deferred}
+        firing with its descriptor).
+        """
+        self._opening = []
+
+        def opened(fd: int) -> None:
+            self._opened(fd)
+
+        def failed(reason: Failure) -> None:
+            self._openFailure = reason
+            if self._state == "open":
+                self._state = "failed"
+                self._buffer.clear()
+
+        def done(_: object) -> None:
+            waiters, self._opening = self._opening or [], None
+            for w in waiters:
+                w.callback(None)
+
+        opening.addCallbacks(opened, failed).addBoth(done)
+
     def _flush(self) -> None:
-        if self._buffer:
+        if self._buffer and self._fd is not None:
             data = bytes(self._buffer)
             self._buffer.clear()
             _writeAll(self._fd, data)
@@ -806,6 +855,8 @@ class MaildirDelivery:
         @raise BadMessageData: C{data} holds a bare CR or a NUL (the
             delivery is then discarded).
         """
+        if self._openFailure is not None:
+            raise self._openFailure.value
         if self._state != "open":
             raise TemporaryFailure("delivery is not open")
         self._checkData(data)
@@ -827,6 +878,8 @@ class MaildirDelivery:
             and C{EDQUOT}) or, for a message ending with a bare CR,
             L{BadMessageData}; nothing of the message is then left.
         """
+        if self._openFailure is not None:
+            return defer.fail(self._openFailure)
         if self._state != "open":
             return defer.fail(TemporaryFailure("delivery is not open"))
         if self._pendingCR:
@@ -836,9 +889,19 @@ class MaildirDelivery:
                 return defer.fail()
         self._append(self._normalizer.finish())
         self._state = "committing"
-        d = self._run(self._doCommit)
+        if self._opening is not None:
+            waiter: defer.Deferred = defer.Deferred()
+            self._opening.append(waiter)
+            d = waiter.addCallback(self._cbReady)
+        else:
+            d = self._runner.run(self._doCommit)
         d.addCallbacks(self._cbCommitted, self._ebCommitted)
         return d
+
+    def _cbReady(self, ignored: None) -> defer.Deferred:
+        if self._openFailure is not None:
+            return defer.fail(self._openFailure)
+        return self._runner.run(self._doCommit)
 
     def _cbCommitted(self, result: None) -> None:
         self._state = "committed"
@@ -915,13 +978,25 @@ class MaildirDelivery:
     def abort(self) -> None:
         """
         Discard the message.  Idempotent; does nothing once committing.
+        A tmp file still being opened is removed once it is.
         """
         if self._state == "open":
             self._state = "aborted"
-            self._discard()
+            if self._opening is None:
+                self._discard()
+            else:
+                self._buffer.clear()
 
 
 # --- The store --------------------------------------------------------------
+
+
+def _isMaildir(path: str) -> bool:
+    """
+    @return: whether C{path} has its C{cur}, C{new} and C{tmp} directories
+        (three C{stat} calls).
+    """
+    return all(os.path.isdir(os.path.join(path, s)) for s in _SUBDIRS)
 
 
 def _checkComponent(component: str) -> None:
@@ -942,11 +1017,10 @@ class MaildirStore:
 
     @param root: the directory holding every maildrop (C{DATA/mail}); created
         if missing.
-    @param reactor: with C{threadpool}, where blocking work (locking and
-        snapshot, commit fsyncs) reports back; without, that work runs
-        synchronously (the CLI).
-    @param threadpool: a started L{twisted.python.threadpool.ThreadPool}, or
-        L{None}.
+    @param runner: where blocking work runs (creating maildrops, locking
+        and snapshots of large ones, tmp clean-up, commit fsyncs): the
+        server's L{pop3gw.runner.ThreadPoolRunner}; an
+        L{pop3gw.runner.ImmediateRunner} (the CLI) if L{None}.
     @param hostname: for unique names; defaults to C{socket.gethostname()}.
     @param owner: the data directory's owner, given every directory and
         file the store creates (see L{pop3gw.fsutil}); L{None} leaves them
@@ -956,39 +1030,18 @@ class MaildirStore:
     def __init__(
         self,
         root: str,
-        reactor: Any = None,
-        threadpool: Any = None,
+        runner: Optional[IBlockingRunner] = None,
         hostname: Optional[str] = None,
         owner: Optional[fsutil.Owner] = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.owner = owner
-        self._reactor = reactor
-        self._threadpool = threadpool
+        self._runner: IBlockingRunner = runner if runner is not None else ImmediateRunner()
         self._hostname = escapeHostname(hostname if hostname is not None else socket.gethostname())
         self._counter = 0
         self._now: Callable[[], float] = time.time
         # Maildrop path -> when its tmp/ was last cleaned by this process.
         self._tmpCleaned: dict = {}
-
-    def _run(self, f: Callable, *args: Any) -> Any:
-        """
-        Run blocking C{f(*args)} in the thread pool if there is one.
-
-        @return: a L{Deferred} with the thread pool; without, C{f}'s result
-            (exceptions propagate).
-        """
-        if self._threadpool is not None and self._reactor is not None:
-            return threads.deferToThreadPool(self._reactor, self._threadpool, f, *args)
-        return f(*args)
-
-    def _runDeferred(self, f: Callable, *args: Any) -> defer.Deferred:
-        if self._threadpool is not None and self._reactor is not None:
-            return self._run(f, *args)
-        try:
-            return defer.succeed(f(*args))
-        except BaseException:
-            return defer.fail()
 
     def maildirPath(self, address: Address) -> str:
         """
@@ -1003,15 +1056,14 @@ class MaildirStore:
             raise PermanentFailure("address does not map to a safe maildrop path")
         return path
 
-    def _ensureMaildir(self, address: Address) -> str:
+    def _ensureMaildir(self, path: str) -> str:
         """
-        Create C{address}'s maildrop if missing, durably (each new directory's
-        parent is fsynced).
+        Create the maildrop at C{path} if missing, durably (each new
+        directory's parent is fsynced).  Blocking: runs through the runner.
 
-        @return: its path.
+        @return: C{path}.
         """
-        path = self.maildirPath(address)
-        if all(os.path.isdir(os.path.join(path, s)) for s in _SUBDIRS):
+        if _isMaildir(path):
             return path
         fsutil.makeDirectories(self.root, self.owner)
         domainDir = os.path.dirname(path)
@@ -1038,15 +1090,16 @@ class MaildirStore:
         Lock and snapshot C{address}'s maildrop.
 
         @param quick: raise L{_NotQuick} (holding no lock) unless it can be
-            done in a moment: directories small enough and every size known
-            from the file names.
+            done in a moment, on the reactor thread: the maildrop exists,
+            its C{tmp} is not due for clean-up, it holds at most
+            L{QUICK_SNAPSHOT_ENTRIES} entries, and every size is known from
+            the file names.
         """
+        path = self.maildirPath(address)
+        if quick and (not _isMaildir(path) or self._tmpCleanDue(path)):
+            raise _NotQuick()
         try:
-            path = self._ensureMaildir(address)
-            if quick and any(
-                os.stat(os.path.join(path, sub)).st_size > QUICK_SNAPSHOT_DIRECTORY_SIZE for sub in ("new", "cur")
-            ):
-                raise _NotQuick()
+            self._ensureMaildir(path)
             fd = fsutil.openLockFile(os.path.join(path, LOCK_NAME), self.owner)
         except OSError as e:
             raise TemporaryFailure(f"cannot open maildrop: {e.strerror}") from e
@@ -1062,12 +1115,19 @@ class MaildirStore:
         except BaseException:
             os.close(fd)
             raise
-        now = self._now()
-        last = self._tmpCleaned.get(path)
-        if last is None or now - last >= TMP_CLEAN_INTERVAL:
+        if self._tmpCleanDue(path):
+            now = self._now()
             self._tmpCleaned[path] = now
             _cleanTmp(path, now)
-        return MaildirMaildrop(path, fd, entries, self._run, quick)
+        return MaildirMaildrop(path, fd, entries, self._runner, quick)
+
+    def _tmpCleanDue(self, path: str) -> bool:
+        """
+        @return: whether this process should look for debris in C{path}'s
+            C{tmp} (at most every L{TMP_CLEAN_INTERVAL} seconds).
+        """
+        last = self._tmpCleaned.get(path)
+        return last is None or self._now() - last >= TMP_CLEAN_INTERVAL
 
     def openMaildrop(self, address: Address) -> defer.Deferred:
         """
@@ -1078,36 +1138,63 @@ class MaildirStore:
             with L{MaildropLocked}, L{TemporaryFailure} or (unsafe address)
             L{PermanentFailure}.
         """
-        if self._threadpool is None or self._reactor is None:
-            return self._runDeferred(self._lockAndSnapshot, address)
-        # A small maildrop whose sizes are all in its file names is
+        # A small existing maildrop whose sizes are all in its file names is
         # snapshotted at once: a thread hop would cost more than the scan.
         try:
             return defer.succeed(self._lockAndSnapshot(address, quick=True))
         except _NotQuick:
-            return self._run(self._lockAndSnapshot, address)
+            return self._runner.run(self._lockAndSnapshot, address)
         except BaseException:
             return defer.fail()
+
+    def _createDeliveryFile(self, maildirs: Sequence[str], tmpPath: str) -> int:
+        """
+        Create the maildrops missing among C{maildirs}, then the tmp file
+        C{tmpPath}.  Blocking: runs through the runner.
+
+        @return: the tmp file's descriptor.
+        @raise TemporaryFailure: a maildrop or the file cannot be created.
+        """
+        try:
+            for maildir in maildirs:
+                self._ensureMaildir(maildir)
+            return fsutil.createFile(tmpPath, self.owner)
+        except OSError as e:
+            raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
 
     def beginDelivery(self, recipients: Sequence[Address], trace: bytes = b"") -> MaildirDelivery:
         """
         Start delivering one message to C{recipients} (duplicates count
         once).
 
-        @raise TemporaryFailure: a maildrop cannot be created or written.
+        When every recipient's maildrop exists, the tmp file is created at
+        once; otherwise the maildrops are created and the tmp file opened
+        through the runner, and what is written meanwhile is buffered.
+
+        @raise TemporaryFailure: a maildrop cannot be created or written
+            (through a thread pool, L{IDelivery.write} or
+            L{IDelivery.commit} reports it instead).
         @raise PermanentFailure: an address maps outside C{root}.
         @raise ValueError: no recipients.
         """
         unique = list(dict.fromkeys(recipients))
         if not unique:
             raise ValueError("no recipients")
-        try:
-            maildirs = [self._ensureMaildir(r) for r in unique]
-            name = self._uniqueName()
-            fd = fsutil.createFile(os.path.join(maildirs[0], "tmp", name), self.owner)
-        except OSError as e:
-            raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
-        delivery = MaildirDelivery(maildirs, name, fd, self._runDeferred, self.owner)
+        maildirs = [self.maildirPath(r) for r in unique]
+        name = self._uniqueName()
+        delivery = MaildirDelivery(maildirs, name, self._runner, self.owner)
+        tmpPath = os.path.join(maildirs[0], "tmp", name)
+        if all(_isMaildir(m) for m in maildirs):
+            try:
+                fd = fsutil.createFile(tmpPath, self.owner)
+            except OSError as e:
+                raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
+            delivery._opened(fd)
+        else:
+            delivery._openThrough(self._runner.run(self._createDeliveryFile, maildirs, tmpPath))
+            failure = delivery._openFailure
+            if failure is not None:
+                failure.raiseException()
         if trace:
             delivery.write(trace)
         return delivery

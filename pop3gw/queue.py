@@ -52,7 +52,6 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import attr
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -60,7 +59,8 @@ from zope.interface import implementer
 from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.dsn import oneLine, originalHeaders
-from pop3gw.interfaces import IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.interfaces import IBlockingRunner, IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.runner import ImmediateRunner
 
 #: Orphaned C{.msg} and C{.tmp} files older than this (seconds) are removed
 #: at start-up.
@@ -590,26 +590,25 @@ class OutboundQueue:
     """
     The durable outbound queue in directory C{root} (created if missing).
 
-    @param reactor: gives the time (C{seconds}) and runs thread results.
-    @param threadpool: if given, every fsync runs there via
-        C{deferToThreadPool}; otherwise file work is done synchronously.
+    @param reactor: gives the time (C{seconds}).
+    @param runner: where file work (writes, fsyncs, removals) runs: the
+        server's L{pop3gw.runner.ThreadPoolRunner}; an
+        L{pop3gw.runner.ImmediateRunner} if L{None}.
     """
 
     log = Logger()
 
-    def __init__(self, root: str, reactor, threadpool=None, owner: Optional[fsutil.Owner] = None):
+    def __init__(self, root: str, reactor, runner: Optional[IBlockingRunner] = None, owner: Optional[fsutil.Owner] = None):
         self.root = root
         self.reactor = reactor
-        self.threadpool = threadpool
+        self.runner: IBlockingRunner = runner if runner is not None else ImmediateRunner()
         self.owner = owner
         self._listeners: list = []
         self._saves: dict = {}
         fsutil.makeDirectories(root, owner)
 
     def _run(self, f: Callable, *args) -> defer.Deferred:
-        if self.threadpool is None:
-            return defer.maybeDeferred(f, *args)
-        return deferToThreadPool(self.reactor, self.threadpool, f, *args)
+        return self.runner.run(f, *args)
 
     def _newId(self) -> str:
         micros = int(self.reactor.seconds() * 1_000_000) & (16**13 - 1)

@@ -38,6 +38,7 @@ from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue
 from pop3gw.relay import RelayService
 from pop3gw.router import Router
+from pop3gw.runner import ThreadPoolRunner
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.tls import CertificateManager, TLSConfigError, clientContextFactory, opportunisticClientContextFactory
 from pop3gw.users import UsersFile
@@ -332,8 +333,9 @@ def _build(config: Config, reactor) -> MultiService:
     ThreadPoolService(ioPool).setServiceParent(top)
 
     users = UsersFile(config.usersPath, config.aliasesPath, owner)
-    store = MaildirStore(config.mailDir, reactor, ioPool, config.hostname, owner)
-    queue = OutboundQueue(config.queueDir, reactor, ioPool, owner)
+    ioRunner = ThreadPoolRunner(reactor, ioPool)
+    store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
+    queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
     checker = PasswordChecker(users, reactor, hashPool, config.limits["failure-delay"])
     portal = Portal(Realm(users, store, router), [checker])
