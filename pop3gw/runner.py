@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3gw.interfaces import IBlockingRunner
@@ -50,10 +51,50 @@ class ThreadPoolRunner:
     def __init__(self, reactor: Any, pool: Any) -> None:
         self.reactor = reactor
         self.pool = pool
+        self._inFlight = 0
+        self._idleWaiters: list[defer.Deferred] = []
 
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """
         @return: a L{Deferred} fired on the reactor thread with C{f(*args)}'s
-            result or failure, once a pool thread has run it.
+            result or failure, once a pool thread has run it.  The work
+            counts as in flight (see L{drain}) until that L{Deferred}'s
+            callbacks have run.
         """
-        return deferToThreadPool(self.reactor, self.pool, f, *args)
+        result: defer.Deferred = defer.Deferred()
+        self._inFlight += 1
+
+        def finish(outcome: Any) -> None:
+            try:
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+            finally:
+                self._inFlight -= 1
+                if not self._inFlight:
+                    self._idle()
+
+        deferToThreadPool(self.reactor, self.pool, f, *args).addBoth(finish)
+        return result
+
+    def _idle(self) -> None:
+        waiters, self._idleWaiters = self._idleWaiters, []
+        for waiter in waiters:
+            # One reactor turn later: what the last callbacks wrote (a
+            # reply to a client) leaves before the pool stops.
+            self.reactor.callLater(0, waiter.callback, None)
+
+    def drain(self) -> defer.Deferred:
+        """
+        Wait for the work in flight, including work it starts from its
+        callbacks.
+
+        @return: a L{Deferred} firing on a later reactor turn once nothing
+            is in flight.
+        """
+        waiter: defer.Deferred = defer.Deferred()
+        self._idleWaiters.append(waiter)
+        if not self._inFlight:
+            self._idle()
+        return waiter
