@@ -61,6 +61,7 @@ from pop3gw.address import Address, AddressError
 from pop3gw.dsn import oneLine, originalHeaders
 from pop3gw.interfaces import IBlockingRunner, IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
 from pop3gw.runner import ImmediateRunner
+from pop3gw.wire import CRLFStream
 
 #: Orphaned C{.msg} and C{.tmp} files older than this (seconds) are removed
 #: at start-up.
@@ -70,7 +71,6 @@ FLUSH_FILE = ".flush"
 LOCK_FILE = ".lock"
 
 _ID = re.compile(r"^[0-9a-f]{13}-[0-9a-f]{8}$")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class RecipientState(str, enum.Enum):
@@ -340,10 +340,8 @@ def _removeEntry(root: str, queueId: str, owner: Optional[fsutil.Owner]) -> None
     # The .json goes first: without it the entry no longer exists, and a
     # .msg left behind by a crash is an orphan removed at start-up.
     with _queueLock(root, owner):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(root, queueId + ".json"))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(root, queueId + ".msg"))
+        fsutil.unlinkIfThere(os.path.join(root, queueId + ".json"))
+    fsutil.unlinkIfThere(os.path.join(root, queueId + ".msg"))
     fsutil.fsyncDirectory(root)
 
 
@@ -481,7 +479,7 @@ class _QueueDelivery:
         self.queueId = entry.queueId
         self._tmp = os.path.join(queue.root, f"{entry.queueId}.msg.tmp")
         self._state = "open"
-        self._lastCR = False
+        self._crlf = CRLFStream()
         self._tail = b""
         try:
             self._file = os.fdopen(fsutil.createFile(self._tmp, self._queue.owner), "wb")
@@ -495,11 +493,7 @@ class _QueueDelivery:
             raise TemporaryFailure("delivery is not open")
         if not data:
             return
-        if self._lastCR and data[:1] == b"\n":
-            out = b"\n" + _BARE_LF.sub(b"\r\n", data[1:])
-        else:
-            out = _BARE_LF.sub(b"\r\n", data)
-        self._lastCR = out.endswith(b"\r")
+        out = self._crlf.feed(data)
         self._tail = (self._tail + out[-2:])[-2:]
         try:
             self._file.write(out)
