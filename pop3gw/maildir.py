@@ -7,27 +7,31 @@ C{cur}, C{new} and C{tmp} directories, plus C{pop3gw.lock}, the file a POP3
 session holds an exclusive C{flock} on.
 
 Stored messages have LF line ends, so other Maildir readers (mutt, Dovecot)
-can use them.  A delivery takes CRLF or LF line ends and refuses a bare CR
-or a NUL (L{BadMessageData}) rather than change the message.  POP3 sees
-messages in wire form: every line end (CRLF, LF, or a bare CR in a file
-another tool wrote) as CRLF, and a final CRLF if the file lacks one.  Both sizes are kept in
-the file name the Dovecot way, C{<unique>,S=<file size>,W=<wire size>}, so a
-login costs one C{stat} per message, not a read.
+can use them.  POP3 sees messages in wire form: every line end (CRLF, LF,
+or a bare CR in a file another tool wrote) as CRLF, and a final CRLF if the
+file lacks one.  Both sizes are kept in the file name
+(L{pop3gw.maildirfiles}), so a login costs one C{stat} per message, not a
+read.
 
-Deliveries go C{tmp} -> write -> C{fsync} -> link into each recipient's
-C{new} -> C{fsync} the directories; a message is acknowledged only once it
-survives a power cut.  C{DELE} only marks; L{MaildirMaildrop.commit} (the POP3
-UPDATE state) unlinks.  Like Dovecot, the commit also records which messages
-were retrieved: each gets the standard Maildir C{S} (seen) flag in its
-C{:2,} info (a file in C{new} moves to C{cur}), which never changes its UIDL,
-and POP3's C{LAST} starts from the seen flags in the next session.
+This module is the store and the POP3 side (lock, snapshot, commit);
+deliveries are L{pop3gw.maildelivery}.  C{DELE} only marks;
+L{MaildirMaildrop.commit} (the POP3 UPDATE state) unlinks.  Like Dovecot,
+the commit also records which messages were retrieved: each gets the
+standard Maildir C{S} (seen) flag in its C{:2,} info (a file in C{new} moves
+to C{cur}), which never changes its UIDL, and POP3's C{LAST} starts from the
+seen flags in the next session.
+
+Blocking work runs through the store's L{IBlockingRunner} (the I/O thread
+pool in the server).  Only a small existing maildrop (at most
+L{QUICK_SNAPSHOT_ENTRIES} entries, every size in its file names, C{tmp} not
+due for clean-up) is locked and snapshotted on the calling thread, and only
+a commit with nothing to delete and a few flags to set is done there.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import io
 import os
 import re
@@ -35,21 +39,17 @@ import secrets
 import socket
 import stat
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import attr
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3gw import fsutil
 from pop3gw.address import Address
-from pop3gw.runner import ImmediateRunner
 from pop3gw.interfaces import (
-    BadMessageData,
     IBlockingRunner,
-    IDelivery,
     IMaildrop,
     IMaildropStore,
     IMessageInfo,
@@ -57,6 +57,38 @@ from pop3gw.interfaces import (
     PermanentFailure,
     TemporaryFailure,
 )
+from pop3gw.maildelivery import WRITE_BUFFER, MaildirDelivery, closeQuietly
+from pop3gw.maildirfiles import (
+    O_CLOEXEC,
+    O_NOFOLLOW,
+    READ_CHUNK,
+    WireReader,
+    _ParsedName,
+    escapeHostname,
+    isSeenName,
+    parseName,
+    seenName,
+    uidForKey,
+)
+from pop3gw.maildirfiles import measureFile as _measureFile
+from pop3gw.runner import ImmediateRunner
+from pop3gw.wire import WireConverter as _WireConverter
+
+__all__ = [
+    "LOCK_NAME",
+    "READ_CHUNK",
+    "WRITE_BUFFER",
+    "MaildirDelivery",
+    "MaildirMaildrop",
+    "MaildirMessageInfo",
+    "MaildirStore",
+    "escapeHostname",
+    "isSeenName",
+    "parseName",
+    "seenName",
+    "uidForKey",
+    "_WireConverter",
+]
 
 #: The file in a maildrop a POP3 session holds an exclusive C{flock} on.
 LOCK_NAME = "pop3gw.lock"
@@ -67,18 +99,6 @@ DIRECTORY_MODE = fsutil.DIRECTORY_MODE
 #: Mode of the files this module creates.
 FILE_MODE = fsutil.FILE_MODE
 
-#: Octets read from a message file at a time.
-READ_CHUNK = 64 * 1024
-
-#: Octets a delivery buffers before writing them to its file.
-WRITE_BUFFER = 64 * 1024
-
-#: Longest UIDL value allowed by RFC 1939.
-MAX_UID_LENGTH = 70
-
-#: Hex digits of the SHA-256 digest used as UIDL for unusable unique names.
-UID_DIGEST_LENGTH = 40
-
 #: Hex digits of randomness in a unique name.
 UNIQUE_RANDOM_HEX = 16
 
@@ -87,291 +107,21 @@ UNIQUE_RANDOM_HEX = 16
 #: snapshotted there); more go to the thread pool.
 QUICK_FLAG_RENAMES = 64
 
-#: What follows the C{:} of a Maildir name whose info is flags (info with
-#: "experimental semantics", C{:1,}, is left alone).
-_FLAGS_PREFIX = "2,"
-
-#: The Maildir flag of a message that has been read.
-_SEEN_FLAG = "S"
-
 #: Errors reading one message file that leave just that file out of a
 #: snapshot (anything else, such as running out of descriptors, fails it).
 _SKIPPABLE_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ELOOP})
 
 _SUBDIRS = ("cur", "new", "tmp")
-_SIZE_FIELD = re.compile(r"([SW])=([0-9]+)")
-# The name pop3gw itself writes: "<unique>,S=<n>,W=<n>" (parsed fast).
-_OWN_BASE = re.compile(r"([^,]+),S=([0-9]+),W=([0-9]+)")
-_UID_CHARS = re.compile(r"[\x21-\x7e]{1,%d}" % (MAX_UID_LENGTH,))
 _LEADING_INTEGER = re.compile(r"[0-9]+")
-# What a delivery refuses: a CR not followed by LF, or a NUL.
-_BAD_DATA = re.compile(rb"\r(?!\n)|\x00")
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 _log = Logger()
 
-
-# --- Line ends --------------------------------------------------------------
-
-
-class _LFNormalizer:
-    """
-    Streaming conversion of CRLF, bare CR and LF line ends to LF.
-
-    A CR at the end of one chunk is turned into LF at once; an LF at the start
-    of the next chunk is then dropped, so CRLF split across two chunks is one
-    line end.
-    """
-
-    def __init__(self) -> None:
-        self._skipLF = False
-        self._last = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        """
-        @return: C{chunk} converted; may be empty.
-        """
-        if not chunk:
-            return b""
-        if self._skipLF and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-            if not chunk:
-                self._skipLF = False
-                return b""
-        self._skipLF = chunk[-1:] == b"\r"
-        out = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        self._last = out[-1:]
-        return out
-
-    def finish(self) -> bytes:
-        """
-        @return: the LF needed to end the data with a line end: C{b"\\n"} if
-            something was fed and it did not end with a line end, else C{b""}.
-        """
-        if self._last and self._last != b"\n":
-            self._last = b"\n"
-            return b"\n"
-        return b""
-
-
-class _WireConverter:
-    """
-    Streaming conversion to wire form (every line end CRLF, final CRLF added
-    if missing), the same result as L{pop3gw.testing.wireForm} on the whole.
-    """
-
-    def __init__(self) -> None:
-        self._normalizer = _LFNormalizer()
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._normalizer.feed(chunk).replace(b"\n", b"\r\n")
-
-    def finish(self) -> bytes:
-        return self._normalizer.finish().replace(b"\n", b"\r\n")
-
-
-class _WireReader(io.RawIOBase):
-    """
-    A raw, read-only stream of a message file in wire form.  Memory stays
-    bounded by a few L{READ_CHUNK}s whatever the message size.
-    """
-
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self._fd = fd
-        self._converter = _WireConverter()
-        self._pending = b""
-        self._offset = 0
-        self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        while self._offset >= len(self._pending):
-            if self._eof:
-                return 0
-            chunk = os.read(self._fd, READ_CHUNK)
-            if chunk:
-                self._pending = self._converter.feed(chunk)
-            else:
-                self._pending = self._converter.finish()
-                self._eof = True
-            self._offset = 0
-        n = min(len(view), len(self._pending) - self._offset)
-        view[:n] = self._pending[self._offset : self._offset + n]
-        self._offset += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                os.close(self._fd)
-            finally:
-                super().close()
-
-
-def _measureFile(path: str) -> tuple[int, int]:
-    """
-    Read a message file once.
-
-    @return: its size on disk and its size in wire form.
-    """
-    converter = _WireConverter()
-    fileSize = wireSize = 0
-    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
-    try:
-        while True:
-            chunk = os.read(fd, READ_CHUNK)
-            if not chunk:
-                break
-            fileSize += len(chunk)
-            wireSize += len(converter.feed(chunk))
-    finally:
-        os.close(fd)
-    return fileSize, wireSize + len(converter.finish())
-
-
-# --- Names ------------------------------------------------------------------
-
-
-@attr.s(auto_attribs=True, frozen=True)
-class _ParsedName:
-    """
-    A Maildir file name taken apart.
-
-    @ivar key: the unique name without C{,S=} and C{,W=} fields or info: the
-        source of the UIDL.
-    @ivar fileSize: the C{S=} value, or L{None}.
-    @ivar wireSize: the C{W=} value, or L{None}.
-    @ivar info: C{":2,<flags>"} (or whatever followed the first C{:}), or
-        C{""}.
-    @ivar renameable: whether the name can be rewritten without changing
-        C{key}.
-    """
-
-    key: str
-    fileSize: Optional[int]
-    wireSize: Optional[int]
-    info: str
-    renameable: bool
-
-
-def parseName(name: str) -> _ParsedName:
-    """
-    Take a Maildir file name apart.
-    """
-    base, colon, info = name.partition(":")
-    own = _OWN_BASE.fullmatch(base)
-    if own is not None:
-        return _ParsedName(own.group(1), int(own.group(2)), int(own.group(3)), colon + info, True)
-    parts = base.split(",")
-    kept = [parts[0]]
-    sizes: dict[str, int] = {}
-    for part in parts[1:]:
-        match = _SIZE_FIELD.fullmatch(part)
-        if match is None:
-            kept.append(part)
-        else:
-            sizes[match.group(1)] = int(match.group(2))
-    key = ",".join(kept)
-    renameable = bool(parts[0])
-    if not renameable:
-        key = base
-    return _ParsedName(key, sizes.get("S"), sizes.get("W"), colon + info, renameable)
-
-
-def isSeenName(name: str) -> bool:
-    """
-    @return: whether the Maildir file name C{name} carries the C{S} flag.
-    """
-    _, _, info = name.partition(":")
-    return info.startswith(_FLAGS_PREFIX) and _SEEN_FLAG in info[len(_FLAGS_PREFIX) :]
-
-
-def seenName(name: str) -> Optional[str]:
-    """
-    The name of a Maildir file once flagged seen: C{S} added to the flags
-    of its C{:2,} info (kept in ASCII order, as Maildir requires), or
-    C{:2,S} appended if it has no info.  The part before the C{:} (hence the
-    UIDL) is unchanged.
-
-    @return: the new name, or L{None} if there is nothing to do (already
-        seen, or info of another kind).
-    """
-    base, colon, info = name.partition(":")
-    if not colon:
-        flags = ""
-    elif info.startswith(_FLAGS_PREFIX):
-        flags = info[len(_FLAGS_PREFIX) :]
-    else:
-        return None
-    if _SEEN_FLAG in flags:
-        return None
-    return base + ":" + _FLAGS_PREFIX + "".join(sorted(flags + _SEEN_FLAG))
-
-
-def uidForKey(key: str) -> str:
-    """
-    The UIDL value for a unique name: the name itself if it is 1 to 70
-    characters in 0x21..0x7E, else C{"H"} and a SHA-256 digest prefix.
-    """
-    if _UID_CHARS.fullmatch(key):
-        return key
-    digest = hashlib.sha256(os.fsencode(key)).hexdigest()
-    return "H" + digest[:UID_DIGEST_LENGTH]
-
-
-def escapeHostname(hostname: str) -> str:
-    """
-    C{hostname} made safe for a unique name: C{/}, C{:}, C{,}, C{\\} and
-    anything outside 0x21..0x7E become octal escapes (C{/} is C{\\057}, C{:}
-    is C{\\072}, as in Dovecot).
-    """
-    out = []
-    for octet in hostname.encode("utf-8", "surrogateescape"):
-        if octet < 0x21 or octet > 0x7E or octet in b"/:,\\":
-            out.append("\\%03o" % (octet,))
-        else:
-            out.append(chr(octet))
-    return "".join(out) or "localhost"
+_fsyncDirectory = fsutil.fsyncDirectory
 
 
 def _sortKey(entry: "_Entry") -> tuple:
     match = _LEADING_INTEGER.match(entry.key)
     return (int(match.group()) if match else 0, entry.key, entry.subdir, entry.name)
-
-
-# --- Filesystem helpers -----------------------------------------------------
-
-
-_fsyncDirectory = fsutil.fsyncDirectory
-
-
-def _unlinkQuietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        _log.warn("Could not remove {path}: {error}", path=path, error=e.strerror)
-
-
-def _closeQuietly(fd: Optional[int]) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _writeAll(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 # --- Maildrops --------------------------------------------------------------
@@ -581,7 +331,7 @@ class MaildirMaildrop:
         entry = self._entry(index)
         if self._state != "open":
             raise TemporaryFailure("maildrop is not locked")
-        flags = os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW
+        flags = os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW
         try:
             try:
                 fd = os.open(self._entryPath(entry), flags)
@@ -601,7 +351,7 @@ class MaildirMaildrop:
         if size != entry.fileSize:
             os.close(fd)
             raise TemporaryFailure("message changed during the session")
-        return io.BufferedReader(_WireReader(fd), READ_CHUNK)
+        return io.BufferedReader(WireReader(fd), READ_CHUNK)
 
     def commit(self, deleted: Iterable[int], seen: Iterable[int] = ()) -> defer.Deferred:
         """
@@ -722,7 +472,7 @@ class MaildirMaildrop:
     def _unlock(self) -> None:
         self._state = "released"
         fd, self._lockFD = self._lockFD, None
-        _closeQuietly(fd)
+        closeQuietly(fd)
 
     def release(self) -> None:
         """
@@ -731,261 +481,6 @@ class MaildirMaildrop:
         """
         if self._state == "open":
             self._unlock()
-
-
-# --- Deliveries -------------------------------------------------------------
-
-
-@implementer(IDelivery)
-class MaildirDelivery:
-    """
-    One message being written into C{tmp} of the first recipient's maildrop,
-    then linked into C{new} of every recipient's.
-
-    The tmp file is opened by L{MaildirStore.beginDelivery}: at once when
-    every maildrop exists, else through the runner (the maildrops are
-    created first); until it is open, written data stays in the buffer.
-    """
-
-    def __init__(
-        self,
-        maildirs: Sequence[str],
-        unique: str,
-        runner: IBlockingRunner,
-        owner: Optional[fsutil.Owner] = None,
-    ) -> None:
-        self._maildirs = list(maildirs)
-        self._owner = owner
-        self._unique = unique
-        self._tmpPath = os.path.join(self._maildirs[0], "tmp", unique)
-        self._fd: Optional[int] = None
-        self._runner = runner
-        # While the tmp file is being opened through the runner: Deferreds
-        # to fire once it is (or failed).
-        self._opening: Optional[list] = None
-        self._openFailure: Optional[Failure] = None
-        self._normalizer = _LFNormalizer()
-        self._buffer = bytearray()
-        self._size = 0
-        self._lines = 0
-        self._state = "open"
-        # The data written so far ends with a CR whose LF may come next.
-        self._pendingCR = False
-
-    @property
-    def state(self) -> str:
-        """
-        C{"open"}, C{"committing"}, C{"committed"}, C{"aborted"} or
-        C{"failed"}.
-        """
-        return self._state
-
-    def _append(self, data: bytes) -> None:
-        self._buffer += data
-        self._size += len(data)
-        self._lines += data.count(b"\n")
-
-    def _opened(self, fd: int) -> None:
-        """
-        The tmp file is open (or, if the delivery was aborted meanwhile,
-        removed again).
-        """
-        self._fd = fd
-        if self._state == "aborted":
-            self._discard()
-
-    def _openThrough(self, opening: defer.Deferred) -> None:
-        """
-        The tmp file is being opened by C{opening} (a runner's L{Deferred}
-        firing with its descriptor).
-        """
-        self._opening = []
-
-        def opened(fd: int) -> None:
-            self._opened(fd)
-
-        def failed(reason: Failure) -> None:
-            self._openFailure = reason
-            if self._state == "open":
-                self._state = "failed"
-                self._buffer.clear()
-
-        def done(_: object) -> None:
-            waiters, self._opening = self._opening or [], None
-            for w in waiters:
-                w.callback(None)
-
-        opening.addCallbacks(opened, failed).addBoth(done)
-
-    def _flush(self) -> None:
-        if self._buffer and self._fd is not None:
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            _writeAll(self._fd, data)
-
-    def _checkData(self, data: bytes) -> None:
-        """
-        Refuse a bare CR or a NUL in C{data}, given the CR that may end the
-        data before it (a CRLF may be split between two writes).
-
-        @raise BadMessageData: found one (the delivery is then discarded).
-        """
-        if not data:
-            return
-        if self._pendingCR and data[:1] != b"\n":
-            self._refuse("bare CR (a CR not followed by LF)")
-        self._pendingCR = data[-1:] == b"\r"
-        # A CR at the very end is judged by the next write or the commit.
-        bad = _BAD_DATA.search(data, 0, len(data) - 1 if self._pendingCR else len(data))
-        if bad is not None:
-            self._refuse("NUL octet" if bad.group() == b"\x00" else "bare CR (a CR not followed by LF)")
-
-    def _refuse(self, what: str) -> None:
-        self._discard()
-        self._state = "failed"
-        raise BadMessageData(f"it contains a {what}")
-
-    def write(self, data: bytes) -> None:
-        """
-        Append C{data}, line ends made LF.
-
-        @raise TemporaryFailure: the disk refused it (the delivery is then
-            discarded; L{InsufficientStorage} for C{ENOSPC} and C{EDQUOT}),
-            or the delivery is not open.
-        @raise BadMessageData: C{data} holds a bare CR or a NUL (the
-            delivery is then discarded).
-        """
-        if self._openFailure is not None:
-            raise self._openFailure.value
-        if self._state != "open":
-            raise TemporaryFailure("delivery is not open")
-        self._checkData(data)
-        self._append(self._normalizer.feed(data))
-        if len(self._buffer) >= WRITE_BUFFER:
-            try:
-                self._flush()
-            except OSError as e:
-                self._discard()
-                self._state = "failed"
-                raise TemporaryFailure.fromOSError("cannot write message", e) from e
-
-    def commit(self) -> defer.Deferred:
-        """
-        Make the message durable in every recipient's C{new}.
-
-        @return: a L{Deferred} firing with L{None} once durable, or failing
-            with L{TemporaryFailure} (L{InsufficientStorage} for C{ENOSPC}
-            and C{EDQUOT}) or, for a message ending with a bare CR,
-            L{BadMessageData}; nothing of the message is then left.
-        """
-        if self._openFailure is not None:
-            return defer.fail(self._openFailure)
-        if self._state != "open":
-            return defer.fail(TemporaryFailure("delivery is not open"))
-        if self._pendingCR:
-            try:
-                self._refuse("bare CR (a CR not followed by LF)")
-            except BadMessageData:
-                return defer.fail()
-        self._append(self._normalizer.finish())
-        self._state = "committing"
-        if self._opening is not None:
-            waiter: defer.Deferred = defer.Deferred()
-            self._opening.append(waiter)
-            d = waiter.addCallback(self._cbReady)
-        else:
-            d = self._runner.run(self._doCommit)
-        d.addCallbacks(self._cbCommitted, self._ebCommitted)
-        return d
-
-    def _cbReady(self, ignored: None) -> defer.Deferred:
-        if self._openFailure is not None:
-            return defer.fail(self._openFailure)
-        return self._runner.run(self._doCommit)
-
-    def _cbCommitted(self, result: None) -> None:
-        self._state = "committed"
-
-    def _ebCommitted(self, failure: Any) -> Any:
-        self._state = "failed"
-        return failure
-
-    def _doCommit(self) -> None:
-        links: list[str] = []
-        copies: list[str] = []
-        name = f"{self._unique},S={self._size},W={self._size + self._lines}"
-        try:
-            self._flush()
-            os.fsync(self._fd)
-            fd, self._fd = self._fd, None
-            os.close(fd)
-            for maildir in self._maildirs:
-                dest = os.path.join(maildir, "new", name)
-                try:
-                    os.link(self._tmpPath, dest)
-                except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise
-                    self._copyInto(maildir, dest, copies)
-                links.append(dest)
-            for maildir in self._maildirs:
-                _fsyncDirectory(os.path.join(maildir, "new"))
-        except OSError as e:
-            for path in links:
-                _unlinkQuietly(path)
-            self._discard(copies)
-            raise TemporaryFailure.fromOSError("cannot deliver message", e) from e
-        # Durable in every new/ from here on: tmp clean-up is best effort.
-        self._discard(copies)
-
-    def _copyInto(self, maildir: str, dest: str, copies: list) -> None:
-        """
-        Copy the message into C{maildir} (another file system) through its
-        C{tmp}, then link it to C{dest}.
-        """
-        copyPath = os.path.join(maildir, "tmp", self._unique)
-        out = fsutil.createFile(copyPath, self._owner)
-        copies.append(copyPath)
-        try:
-            source = os.open(self._tmpPath, os.O_RDONLY | _O_CLOEXEC)
-            try:
-                while True:
-                    chunk = os.read(source, READ_CHUNK)
-                    if not chunk:
-                        break
-                    _writeAll(out, chunk)
-            finally:
-                os.close(source)
-            os.fsync(out)
-        finally:
-            os.close(out)
-        os.link(copyPath, dest)
-
-    def _discard(self, copies: Sequence[str] = ()) -> None:
-        """
-        Close and remove the tmp file (and copies of it), best effort.
-
-        The removal is not fsynced: a tmp file that survives a crash is
-        harmless (Maildir readers never look in C{tmp/}), and one fsync less
-        per delivery matters.
-        """
-        fd, self._fd = self._fd, None
-        _closeQuietly(fd)
-        self._buffer.clear()
-        for path in [self._tmpPath, *copies]:
-            _unlinkQuietly(path)
-
-    def abort(self) -> None:
-        """
-        Discard the message.  Idempotent; does nothing once committing.
-        A tmp file still being opened is removed once it is.
-        """
-        if self._state == "open":
-            self._state = "aborted"
-            if self._opening is None:
-                self._discard()
-            else:
-                self._buffer.clear()
 
 
 # --- The store --------------------------------------------------------------

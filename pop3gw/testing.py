@@ -383,8 +383,12 @@ class FakeSubmissionAvatar:
 
 # --- Runners ----------------------------------------------------------------
 
+from pop3gw import runner as _runner  # noqa: E402
 from pop3gw.interfaces import IBlockingRunner  # noqa: E402
-from pop3gw.runner import ImmediateRunner  # noqa: E402
+
+#: Runs blocking work at once, in the test's thread: the runner for real
+#: stores in tests (L{pop3gw.runner.ImmediateRunner}).
+ImmediateRunner = _runner.ImmediateRunner
 
 
 
