@@ -19,10 +19,10 @@ import attr
 from twisted.python import usage
 
 from pop3gw.address import AddressError, parseDomain
+from pop3gw.auth import PLAINTEXT_MODES
+from pop3gw.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 DEFAULT_DATA_DIR = "pop3gw-data"
-DEFAULT_MAX_MESSAGE_SIZE = 40 * 1024 * 1024
-PLAINTEXT_MODES = ("never", "loopback", "always")
 
 # Listener name -> default endpoint descriptions.
 LISTENERS = {

@@ -21,6 +21,7 @@ import re
 from typing import Optional, Sequence, Tuple
 
 from pop3gw.address import Address
+from pop3gw.wire import toCRLF
 
 #: The most bytes of the original header copied into a bounce.
 MAX_ORIGINAL_HEADERS = 64 * 1024
@@ -30,7 +31,6 @@ MAX_DIAGNOSTIC_LENGTH = 500
 
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 #: RFC 6533 QCHAR: printable ASCII except "+", "=" and "\\".
 _QCHAR = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
@@ -60,7 +60,7 @@ def originalHeaders(message: bytes, limit: int = MAX_ORIGINAL_HEADERS) -> bytes:
     The header of C{message} (everything before the first empty line),
     with CRLF line ends, cut at a line boundary to at most C{limit} bytes.
     """
-    message = _BARE_LF.sub(b"\r\n", message)
+    message = toCRLF(message)
     end = message.find(b"\r\n\r\n")
     header = message if end == -1 else message[: end + 2]
     if message.startswith(b"\r\n"):
@@ -177,7 +177,7 @@ def makeBounce(
         status.append(f"Diagnostic-Code: {_diagnosticCode(diagnostic)}")
 
     headers = originalHeaders
-    headers = _BARE_LF.sub(b"\r\n", headers)
+    headers = toCRLF(headers)
     headers = _BARE_CR.sub(b"\r\n", headers)
     if headers and not headers.endswith(b"\r\n"):
         headers += b"\r\n"

@@ -138,7 +138,12 @@ def fsyncDirectory(path: str) -> None:
         os.close(fd)
 
 
-def _unlinkIfThere(path: str) -> None:
+def unlinkIfThere(path: str) -> None:
+    """
+    Remove the file C{path}; one already gone is not an error.
+
+    @raise OSError: it cannot be removed.
+    """
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -162,7 +167,7 @@ def createFile(path: str, owner: Optional[Owner] = None, flags: int = os.O_WRONL
             owner.claim(fd)
     except BaseException:
         os.close(fd)
-        _unlinkIfThere(path)
+        unlinkIfThere(path)
         raise
     return fd
 
@@ -230,7 +235,10 @@ def makeDirectories(path: str, owner: Optional[Owner] = None) -> list[str]:
     return [d for d in reversed(missing) if makeDirectory(d, owner)]
 
 
-def _writeAll(fd: int, data: bytes) -> None:
+def writeAll(fd: int, data: bytes) -> None:
+    """
+    Write all of C{data} to descriptor C{fd} (C{os.write} may write less).
+    """
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -266,13 +274,13 @@ def replaceFile(
     fd = createFile(tmp, keep)
     try:
         try:
-            _writeAll(fd, data)
+            writeAll(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         replace(tmp, path)
     except BaseException:
-        _unlinkIfThere(tmp)
+        unlinkIfThere(tmp)
         raise
     fsyncDirectory(directory)
 

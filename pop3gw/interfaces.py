@@ -121,6 +121,21 @@ class BadMessageData(PermanentFailure):
 # --- Users ----------------------------------------------------------------
 
 
+class IBlockingRunner(Interface):
+    """
+    Where blocking work (file-system calls, fsyncs) runs: a thread pool in
+    the server, at once in the CLI and tests (see L{pop3gw.runner}).
+    """
+
+    def run(f, *args):
+        """
+        Run C{f(*args)}, which may block.
+
+        @return: a L{Deferred} firing (on the reactor thread) with C{f}'s
+            result, or failing with what it raised.
+        """
+
+
 class IUserDatabase(Interface):
     """
     The users database: login addresses, their password hashes and the
@@ -272,11 +287,11 @@ class IMaildrop(Interface):
 
         @param deleted: indexes of messages to remove.
         @param seen: indexes of messages retrieved in this session.
-        @return: L{None}, or a L{Deferred} that fires when done.
-        @raise TemporaryFailure: some could not be removed (RFC 1939: the
-            reply to QUIT is then -ERR); the lock is released anyway.
-        @raise IndexError: an index is out of range; nothing is removed or
-            marked and the lock is released.
+        @return: a L{Deferred} that fires with L{None} when done, or fails
+            with L{TemporaryFailure} (some could not be removed, RFC 1939:
+            the reply to QUIT is then -ERR; the lock is released anyway) or
+            L{IndexError} (an index is out of range; nothing is removed or
+            marked and the lock is released).
         """
 
     def release():

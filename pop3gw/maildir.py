@@ -7,27 +7,31 @@ C{cur}, C{new} and C{tmp} directories, plus C{pop3gw.lock}, the file a POP3
 session holds an exclusive C{flock} on.
 
 Stored messages have LF line ends, so other Maildir readers (mutt, Dovecot)
-can use them.  A delivery takes CRLF or LF line ends and refuses a bare CR
-or a NUL (L{BadMessageData}) rather than change the message.  POP3 sees
-messages in wire form: every line end (CRLF, LF, or a bare CR in a file
-another tool wrote) as CRLF, and a final CRLF if the file lacks one.  Both sizes are kept in
-the file name the Dovecot way, C{<unique>,S=<file size>,W=<wire size>}, so a
-login costs one C{stat} per message, not a read.
+can use them.  POP3 sees messages in wire form: every line end (CRLF, LF,
+or a bare CR in a file another tool wrote) as CRLF, and a final CRLF if the
+file lacks one.  Both sizes are kept in the file name
+(L{pop3gw.maildirfiles}), so a login costs one C{stat} per message, not a
+read.
 
-Deliveries go C{tmp} -> write -> C{fsync} -> link into each recipient's
-C{new} -> C{fsync} the directories; a message is acknowledged only once it
-survives a power cut.  C{DELE} only marks; L{MaildirMaildrop.commit} (the POP3
-UPDATE state) unlinks.  Like Dovecot, the commit also records which messages
-were retrieved: each gets the standard Maildir C{S} (seen) flag in its
-C{:2,} info (a file in C{new} moves to C{cur}), which never changes its UIDL,
-and POP3's C{LAST} starts from the seen flags in the next session.
+This module is the store and the POP3 side (lock, snapshot, commit);
+deliveries are L{pop3gw.maildelivery}.  C{DELE} only marks;
+L{MaildirMaildrop.commit} (the POP3 UPDATE state) unlinks.  Like Dovecot,
+the commit also records which messages were retrieved: each gets the
+standard Maildir C{S} (seen) flag in its C{:2,} info (a file in C{new} moves
+to C{cur}), which never changes its UIDL, and POP3's C{LAST} starts from the
+seen flags in the next session.
+
+Blocking work runs through the store's L{IBlockingRunner} (the I/O thread
+pool in the server).  Only a small existing maildrop (at most
+L{QUICK_SNAPSHOT_ENTRIES} entries, every size in its file names, C{tmp} not
+due for clean-up) is locked and snapshotted on the calling thread, and only
+a commit with nothing to delete and a few flags to set is done there.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import io
 import os
 import re
@@ -35,18 +39,17 @@ import secrets
 import socket
 import stat
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import attr
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3gw import fsutil
 from pop3gw.address import Address
 from pop3gw.interfaces import (
-    BadMessageData,
-    IDelivery,
+    IBlockingRunner,
     IMaildrop,
     IMaildropStore,
     IMessageInfo,
@@ -54,6 +57,38 @@ from pop3gw.interfaces import (
     PermanentFailure,
     TemporaryFailure,
 )
+from pop3gw.maildelivery import WRITE_BUFFER, MaildirDelivery, closeQuietly
+from pop3gw.maildirfiles import (
+    O_CLOEXEC,
+    O_NOFOLLOW,
+    READ_CHUNK,
+    WireReader,
+    _ParsedName,
+    escapeHostname,
+    isSeenName,
+    parseName,
+    seenName,
+    uidForKey,
+)
+from pop3gw.maildirfiles import measureFile as _measureFile
+from pop3gw.runner import ImmediateRunner
+from pop3gw.wire import WireConverter as _WireConverter
+
+__all__ = [
+    "LOCK_NAME",
+    "READ_CHUNK",
+    "WRITE_BUFFER",
+    "MaildirDelivery",
+    "MaildirMaildrop",
+    "MaildirMessageInfo",
+    "MaildirStore",
+    "escapeHostname",
+    "isSeenName",
+    "parseName",
+    "seenName",
+    "uidForKey",
+    "_WireConverter",
+]
 
 #: The file in a maildrop a POP3 session holds an exclusive C{flock} on.
 LOCK_NAME = "pop3gw.lock"
@@ -64,18 +99,6 @@ DIRECTORY_MODE = fsutil.DIRECTORY_MODE
 #: Mode of the files this module creates.
 FILE_MODE = fsutil.FILE_MODE
 
-#: Octets read from a message file at a time.
-READ_CHUNK = 64 * 1024
-
-#: Octets a delivery buffers before writing them to its file.
-WRITE_BUFFER = 64 * 1024
-
-#: Longest UIDL value allowed by RFC 1939.
-MAX_UID_LENGTH = 70
-
-#: Hex digits of the SHA-256 digest used as UIDL for unusable unique names.
-UID_DIGEST_LENGTH = 40
-
 #: Hex digits of randomness in a unique name.
 UNIQUE_RANDOM_HEX = 16
 
@@ -84,291 +107,21 @@ UNIQUE_RANDOM_HEX = 16
 #: snapshotted there); more go to the thread pool.
 QUICK_FLAG_RENAMES = 64
 
-#: What follows the C{:} of a Maildir name whose info is flags (info with
-#: "experimental semantics", C{:1,}, is left alone).
-_FLAGS_PREFIX = "2,"
-
-#: The Maildir flag of a message that has been read.
-_SEEN_FLAG = "S"
-
 #: Errors reading one message file that leave just that file out of a
 #: snapshot (anything else, such as running out of descriptors, fails it).
 _SKIPPABLE_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ELOOP})
 
 _SUBDIRS = ("cur", "new", "tmp")
-_SIZE_FIELD = re.compile(r"([SW])=([0-9]+)")
-# The name pop3gw itself writes: "<unique>,S=<n>,W=<n>" (parsed fast).
-_OWN_BASE = re.compile(r"([^,]+),S=([0-9]+),W=([0-9]+)")
-_UID_CHARS = re.compile(r"[\x21-\x7e]{1,%d}" % (MAX_UID_LENGTH,))
 _LEADING_INTEGER = re.compile(r"[0-9]+")
-# What a delivery refuses: a CR not followed by LF, or a NUL.
-_BAD_DATA = re.compile(rb"\r(?!\n)|\x00")
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 _log = Logger()
 
-
-# --- Line ends --------------------------------------------------------------
-
-
-class _LFNormalizer:
-    """
-    Streaming conversion of CRLF, bare CR and LF line ends to LF.
-
-    A CR at the end of one chunk is turned into LF at once; an LF at the start
-    of the next chunk is then dropped, so CRLF split across two chunks is one
-    line end.
-    """
-
-    def __init__(self) -> None:
-        self._skipLF = False
-        self._last = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        """
-        @return: C{chunk} converted; may be empty.
-        """
-        if not chunk:
-            return b""
-        if self._skipLF and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-            if not chunk:
-                self._skipLF = False
-                return b""
-        self._skipLF = chunk[-1:] == b"\r"
-        out = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        self._last = out[-1:]
-        return out
-
-    def finish(self) -> bytes:
-        """
-        @return: the LF needed to end the data with a line end: C{b"\\n"} if
-            something was fed and it did not end with a line end, else C{b""}.
-        """
-        if self._last and self._last != b"\n":
-            self._last = b"\n"
-            return b"\n"
-        return b""
-
-
-class _WireConverter:
-    """
-    Streaming conversion to wire form (every line end CRLF, final CRLF added
-    if missing), the same result as L{pop3gw.testing.wireForm} on the whole.
-    """
-
-    def __init__(self) -> None:
-        self._normalizer = _LFNormalizer()
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._normalizer.feed(chunk).replace(b"\n", b"\r\n")
-
-    def finish(self) -> bytes:
-        return self._normalizer.finish().replace(b"\n", b"\r\n")
-
-
-class _WireReader(io.RawIOBase):
-    """
-    A raw, read-only stream of a message file in wire form.  Memory stays
-    bounded by a few L{READ_CHUNK}s whatever the message size.
-    """
-
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self._fd = fd
-        self._converter = _WireConverter()
-        self._pending = b""
-        self._offset = 0
-        self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        while self._offset >= len(self._pending):
-            if self._eof:
-                return 0
-            chunk = os.read(self._fd, READ_CHUNK)
-            if chunk:
-                self._pending = self._converter.feed(chunk)
-            else:
-                self._pending = self._converter.finish()
-                self._eof = True
-            self._offset = 0
-        n = min(len(view), len(self._pending) - self._offset)
-        view[:n] = self._pending[self._offset : self._offset + n]
-        self._offset += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                os.close(self._fd)
-            finally:
-                super().close()
-
-
-def _measureFile(path: str) -> tuple[int, int]:
-    """
-    Read a message file once.
-
-    @return: its size on disk and its size in wire form.
-    """
-    converter = _WireConverter()
-    fileSize = wireSize = 0
-    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
-    try:
-        while True:
-            chunk = os.read(fd, READ_CHUNK)
-            if not chunk:
-                break
-            fileSize += len(chunk)
-            wireSize += len(converter.feed(chunk))
-    finally:
-        os.close(fd)
-    return fileSize, wireSize + len(converter.finish())
-
-
-# --- Names ------------------------------------------------------------------
-
-
-@attr.s(auto_attribs=True, frozen=True)
-class _ParsedName:
-    """
-    A Maildir file name taken apart.
-
-    @ivar key: the unique name without C{,S=} and C{,W=} fields or info: the
-        source of the UIDL.
-    @ivar fileSize: the C{S=} value, or L{None}.
-    @ivar wireSize: the C{W=} value, or L{None}.
-    @ivar info: C{":2,<flags>"} (or whatever followed the first C{:}), or
-        C{""}.
-    @ivar renameable: whether the name can be rewritten without changing
-        C{key}.
-    """
-
-    key: str
-    fileSize: Optional[int]
-    wireSize: Optional[int]
-    info: str
-    renameable: bool
-
-
-def parseName(name: str) -> _ParsedName:
-    """
-    Take a Maildir file name apart.
-    """
-    base, colon, info = name.partition(":")
-    own = _OWN_BASE.fullmatch(base)
-    if own is not None:
-        return _ParsedName(own.group(1), int(own.group(2)), int(own.group(3)), colon + info, True)
-    parts = base.split(",")
-    kept = [parts[0]]
-    sizes: dict[str, int] = {}
-    for part in parts[1:]:
-        match = _SIZE_FIELD.fullmatch(part)
-        if match is None:
-            kept.append(part)
-        else:
-            sizes[match.group(1)] = int(match.group(2))
-    key = ",".join(kept)
-    renameable = bool(parts[0])
-    if not renameable:
-        key = base
-    return _ParsedName(key, sizes.get("S"), sizes.get("W"), colon + info, renameable)
-
-
-def isSeenName(name: str) -> bool:
-    """
-    @return: whether the Maildir file name C{name} carries the C{S} flag.
-    """
-    _, _, info = name.partition(":")
-    return info.startswith(_FLAGS_PREFIX) and _SEEN_FLAG in info[len(_FLAGS_PREFIX) :]
-
-
-def seenName(name: str) -> Optional[str]:
-    """
-    The name of a Maildir file once flagged seen: C{S} added to the flags
-    of its C{:2,} info (kept in ASCII order, as Maildir requires), or
-    C{:2,S} appended if it has no info.  The part before the C{:} (hence the
-    UIDL) is unchanged.
-
-    @return: the new name, or L{None} if there is nothing to do (already
-        seen, or info of another kind).
-    """
-    base, colon, info = name.partition(":")
-    if not colon:
-        flags = ""
-    elif info.startswith(_FLAGS_PREFIX):
-        flags = info[len(_FLAGS_PREFIX) :]
-    else:
-        return None
-    if _SEEN_FLAG in flags:
-        return None
-    return base + ":" + _FLAGS_PREFIX + "".join(sorted(flags + _SEEN_FLAG))
-
-
-def uidForKey(key: str) -> str:
-    """
-    The UIDL value for a unique name: the name itself if it is 1 to 70
-    characters in 0x21..0x7E, else C{"H"} and a SHA-256 digest prefix.
-    """
-    if _UID_CHARS.fullmatch(key):
-        return key
-    digest = hashlib.sha256(os.fsencode(key)).hexdigest()
-    return "H" + digest[:UID_DIGEST_LENGTH]
-
-
-def escapeHostname(hostname: str) -> str:
-    """
-    C{hostname} made safe for a unique name: C{/}, C{:}, C{,}, C{\\} and
-    anything outside 0x21..0x7E become octal escapes (C{/} is C{\\057}, C{:}
-    is C{\\072}, as in Dovecot).
-    """
-    out = []
-    for octet in hostname.encode("utf-8", "surrogateescape"):
-        if octet < 0x21 or octet > 0x7E or octet in b"/:,\\":
-            out.append("\\%03o" % (octet,))
-        else:
-            out.append(chr(octet))
-    return "".join(out) or "localhost"
+_fsyncDirectory = fsutil.fsyncDirectory
 
 
 def _sortKey(entry: "_Entry") -> tuple:
     match = _LEADING_INTEGER.match(entry.key)
     return (int(match.group()) if match else 0, entry.key, entry.subdir, entry.name)
-
-
-# --- Filesystem helpers -----------------------------------------------------
-
-
-_fsyncDirectory = fsutil.fsyncDirectory
-
-
-def _unlinkQuietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        _log.warn("Could not remove {path}: {error}", path=path, error=e.strerror)
-
-
-def _closeQuietly(fd: Optional[int]) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _writeAll(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 # --- Maildrops --------------------------------------------------------------
@@ -404,18 +157,24 @@ class _Entry:
     wireSize: int
 
 
-def _scan(maildir: str) -> dict[str, tuple[str, str, os.stat_result, _ParsedName]]:
+def _scan(maildir: str, limit: Optional[int] = None) -> dict[str, tuple[str, str, os.stat_result, _ParsedName]]:
     """
     List the messages of C{new} then C{cur} (in that order, so a message
     moved from one to the other during the listing is seen at least once).
 
+    @param limit: raise L{_NotQuick} on meeting more than this many
+        entries (of any kind).
     @return: key -> (subdir, name, lstat result, parsed name), regular
         files only, dot files skipped, first one of a key kept.
     """
     found: dict[str, tuple[str, str, os.stat_result, _ParsedName]] = {}
+    seen = 0
     for subdir in ("new", "cur"):
         with os.scandir(os.path.join(maildir, subdir)) as it:
             for dirEntry in it:
+                seen += 1
+                if limit is not None and seen > limit:
+                    raise _NotQuick()
                 name = dirEntry.name
                 if name.startswith("."):
                     continue
@@ -431,11 +190,13 @@ def _scan(maildir: str) -> dict[str, tuple[str, str, os.stat_result, _ParsedName
     return found
 
 
-#: Largest C{new/} or C{cur/} directory (its st_size, which grows with the
-#: number of entries: on ext4 about 60 names per 4 KiB block) whose
-#: snapshot is taken on the reactor thread; larger maildrops are listed in
-#: the thread pool so a huge one never stalls other sessions.
-QUICK_SNAPSHOT_DIRECTORY_SIZE = 32 * 1024
+#: Most entries (counted in C{new/} and C{cur/} together, while listing
+#: them) of a maildrop whose snapshot is taken on the reactor thread; a
+#: larger maildrop is listed in the thread pool so a huge one never stalls
+#: other sessions.  Entries are counted rather than judged by the
+#: directories' C{st_size}, which file systems report differently (tmpfs
+#: and XFS grow it per entry, ext4 per 4 KiB block, and never shrink it).
+QUICK_SNAPSHOT_ENTRIES = 512
 
 #: A file in C{tmp/} older than this (seconds) is debris of a crashed
 #: delivery and is removed, as the Maildir convention (36 hours) says.
@@ -482,7 +243,7 @@ def _snapshot(maildir: str, quick: bool = False) -> list[_Entry]:
     @param quick: raise L{_NotQuick} instead of reading any file.
     """
     entries = []
-    for key, (subdir, name, st, parsed) in _scan(maildir).items():
+    for key, (subdir, name, st, parsed) in _scan(maildir, QUICK_SNAPSHOT_ENTRIES if quick else None).items():
         if parsed.fileSize == st.st_size and parsed.wireSize is not None:
             entries.append(_Entry(subdir, name, key, st.st_size, parsed.wireSize))
             continue
@@ -525,16 +286,16 @@ class MaildirMaildrop:
     @ivar messages: L{MaildirMessageInfo}s, oldest first.
     """
 
-    def __init__(self, path: str, lockFD: int, entries: list, run: Callable, quick: bool = False) -> None:
+    def __init__(self, path: str, lockFD: int, entries: list, runner: IBlockingRunner, quick: bool = False) -> None:
         """
-        @param run: runs blocking work (see L{MaildirStore._run}).
+        @param runner: runs blocking work.
         @param quick: whether the snapshot was taken on the reactor thread
             (the maildrop is small), so a few flag renames may be too.
         """
         self.path = path
         self._lockFD: Optional[int] = lockFD
         self._entries = entries
-        self._run = run
+        self._runner = runner
         self._quick = quick
         self._state = "open"
         self.messages = [MaildirMessageInfo(e.wireSize, uidForKey(e.key), isSeenName(e.name)) for e in entries]
@@ -570,7 +331,7 @@ class MaildirMaildrop:
         entry = self._entry(index)
         if self._state != "open":
             raise TemporaryFailure("maildrop is not locked")
-        flags = os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW
+        flags = os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW
         try:
             try:
                 fd = os.open(self._entryPath(entry), flags)
@@ -590,9 +351,9 @@ class MaildirMaildrop:
         if size != entry.fileSize:
             os.close(fd)
             raise TemporaryFailure("message changed during the session")
-        return io.BufferedReader(_WireReader(fd), READ_CHUNK)
+        return io.BufferedReader(WireReader(fd), READ_CHUNK)
 
-    def commit(self, deleted: Iterable[int], seen: Iterable[int] = ()) -> Optional[defer.Deferred]:
+    def commit(self, deleted: Iterable[int], seen: Iterable[int] = ()) -> defer.Deferred:
         """
         Unlink the messages at indexes C{deleted} and C{fsync} their
         directories, then flag the other messages at indexes C{seen} with
@@ -601,36 +362,35 @@ class MaildirMaildrop:
         another tool renamed meanwhile is found again.  A flag that cannot
         be set is logged and never fails the commit.
 
-        Deletions run in the thread pool.  With nothing to delete, a few
-        flag renames (at most L{QUICK_FLAG_RENAMES}, in a maildrop small
-        enough to be snapshotted on the reactor thread) are done at once.
+        Deletions run through the runner (the thread pool in the server).
+        With nothing to delete, a few flag renames (at most
+        L{QUICK_FLAG_RENAMES}, in a maildrop small enough to be snapshotted
+        on the reactor thread) are done at once.
 
-        @return: L{None} when run synchronously (no thread pool, or nothing
-            to delete and few flags), else a L{Deferred} firing once done.
-        @raise TemporaryFailure: (or the Deferred fails with it) some could
-            not be removed, or the maildrop was already released; the lock
-            is released anyway.
-        @raise IndexError: an index is out of range; nothing is changed and
-            the lock is released.
+        @return: a L{Deferred} firing with L{None} once done, or failing
+            with L{TemporaryFailure} (some could not be removed, or the
+            maildrop was already released; the lock is released anyway) or
+            L{IndexError} (an index is out of range; nothing is changed and
+            the lock is released).
         """
         if self._state != "open":
-            raise TemporaryFailure("maildrop is not locked")
+            return defer.fail(TemporaryFailure("maildrop is not locked"))
         deleted = set(deleted)
         try:
             entries = [self._entry(i) for i in sorted(deleted)]
             flagged = [self._entry(i) for i in sorted(set(seen) - deleted)]
         except IndexError:
             self.release()
-            raise
+            return defer.fail()
         if not entries and (not flagged or (self._quick and len(flagged) <= QUICK_FLAG_RENAMES)):
             # Nothing to unlink or fsync: no thread hop for a few renames.
             try:
                 self._markSeen(flagged)
             finally:
                 self._unlock()
-            return None
+            return defer.succeed(None)
         self._state = "committing"
-        return self._run(self._doCommit, entries, flagged)
+        return self._runner.run(self._doCommit, entries, flagged)
 
     def _doCommit(self, entries: list, flagged: list = ()) -> None:
         errors = []
@@ -712,7 +472,7 @@ class MaildirMaildrop:
     def _unlock(self) -> None:
         self._state = "released"
         fd, self._lockFD = self._lockFD, None
-        _closeQuietly(fd)
+        closeQuietly(fd)
 
     def release(self) -> None:
         """
@@ -723,205 +483,15 @@ class MaildirMaildrop:
             self._unlock()
 
 
-# --- Deliveries -------------------------------------------------------------
-
-
-@implementer(IDelivery)
-class MaildirDelivery:
-    """
-    One message being written into C{tmp} of the first recipient's maildrop,
-    then linked into C{new} of every recipient's.
-    """
-
-    def __init__(
-        self,
-        maildirs: Sequence[str],
-        unique: str,
-        fd: int,
-        run: Callable,
-        owner: Optional[fsutil.Owner] = None,
-    ) -> None:
-        self._maildirs = list(maildirs)
-        self._owner = owner
-        self._unique = unique
-        self._tmpPath = os.path.join(self._maildirs[0], "tmp", unique)
-        self._fd: Optional[int] = fd
-        self._run = run
-        self._normalizer = _LFNormalizer()
-        self._buffer = bytearray()
-        self._size = 0
-        self._lines = 0
-        self._state = "open"
-        # The data written so far ends with a CR whose LF may come next.
-        self._pendingCR = False
-
-    @property
-    def state(self) -> str:
-        """
-        C{"open"}, C{"committing"}, C{"committed"}, C{"aborted"} or
-        C{"failed"}.
-        """
-        return self._state
-
-    def _append(self, data: bytes) -> None:
-        self._buffer += data
-        self._size += len(data)
-        self._lines += data.count(b"\n")
-
-    def _flush(self) -> None:
-        if self._buffer:
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            _writeAll(self._fd, data)
-
-    def _checkData(self, data: bytes) -> None:
-        """
-        Refuse a bare CR or a NUL in C{data}, given the CR that may end the
-        data before it (a CRLF may be split between two writes).
-
-        @raise BadMessageData: found one (the delivery is then discarded).
-        """
-        if not data:
-            return
-        if self._pendingCR and data[:1] != b"\n":
-            self._refuse("bare CR (a CR not followed by LF)")
-        self._pendingCR = data[-1:] == b"\r"
-        # A CR at the very end is judged by the next write or the commit.
-        bad = _BAD_DATA.search(data, 0, len(data) - 1 if self._pendingCR else len(data))
-        if bad is not None:
-            self._refuse("NUL octet" if bad.group() == b"\x00" else "bare CR (a CR not followed by LF)")
-
-    def _refuse(self, what: str) -> None:
-        self._discard()
-        self._state = "failed"
-        raise BadMessageData(f"it contains a {what}")
-
-    def write(self, data: bytes) -> None:
-        """
-        Append C{data}, line ends made LF.
-
-        @raise TemporaryFailure: the disk refused it (the delivery is then
-            discarded; L{InsufficientStorage} for C{ENOSPC} and C{EDQUOT}),
-            or the delivery is not open.
-        @raise BadMessageData: C{data} holds a bare CR or a NUL (the
-            delivery is then discarded).
-        """
-        if self._state != "open":
-            raise TemporaryFailure("delivery is not open")
-        self._checkData(data)
-        self._append(self._normalizer.feed(data))
-        if len(self._buffer) >= WRITE_BUFFER:
-            try:
-                self._flush()
-            except OSError as e:
-                self._discard()
-                self._state = "failed"
-                raise TemporaryFailure.fromOSError("cannot write message", e) from e
-
-    def commit(self) -> defer.Deferred:
-        """
-        Make the message durable in every recipient's C{new}.
-
-        @return: a L{Deferred} firing with L{None} once durable, or failing
-            with L{TemporaryFailure} (L{InsufficientStorage} for C{ENOSPC}
-            and C{EDQUOT}) or, for a message ending with a bare CR,
-            L{BadMessageData}; nothing of the message is then left.
-        """
-        if self._state != "open":
-            return defer.fail(TemporaryFailure("delivery is not open"))
-        if self._pendingCR:
-            try:
-                self._refuse("bare CR (a CR not followed by LF)")
-            except BadMessageData:
-                return defer.fail()
-        self._append(self._normalizer.finish())
-        self._state = "committing"
-        d = self._run(self._doCommit)
-        d.addCallbacks(self._cbCommitted, self._ebCommitted)
-        return d
-
-    def _cbCommitted(self, result: None) -> None:
-        self._state = "committed"
-
-    def _ebCommitted(self, failure: Any) -> Any:
-        self._state = "failed"
-        return failure
-
-    def _doCommit(self) -> None:
-        links: list[str] = []
-        copies: list[str] = []
-        name = f"{self._unique},S={self._size},W={self._size + self._lines}"
-        try:
-            self._flush()
-            os.fsync(self._fd)
-            fd, self._fd = self._fd, None
-            os.close(fd)
-            for maildir in self._maildirs:
-                dest = os.path.join(maildir, "new", name)
-                try:
-                    os.link(self._tmpPath, dest)
-                except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise
-                    self._copyInto(maildir, dest, copies)
-                links.append(dest)
-            for maildir in self._maildirs:
-                _fsyncDirectory(os.path.join(maildir, "new"))
-        except OSError as e:
-            for path in links:
-                _unlinkQuietly(path)
-            self._discard(copies)
-            raise TemporaryFailure.fromOSError("cannot deliver message", e) from e
-        # Durable in every new/ from here on: tmp clean-up is best effort.
-        self._discard(copies)
-
-    def _copyInto(self, maildir: str, dest: str, copies: list) -> None:
-        """
-        Copy the message into C{maildir} (another file system) through its
-        C{tmp}, then link it to C{dest}.
-        """
-        copyPath = os.path.join(maildir, "tmp", self._unique)
-        out = fsutil.createFile(copyPath, self._owner)
-        copies.append(copyPath)
-        try:
-            source = os.open(self._tmpPath, os.O_RDONLY | _O_CLOEXEC)
-            try:
-                while True:
-                    chunk = os.read(source, READ_CHUNK)
-                    if not chunk:
-                        break
-                    _writeAll(out, chunk)
-            finally:
-                os.close(source)
-            os.fsync(out)
-        finally:
-            os.close(out)
-        os.link(copyPath, dest)
-
-    def _discard(self, copies: Sequence[str] = ()) -> None:
-        """
-        Close and remove the tmp file (and copies of it), best effort.
-
-        The removal is not fsynced: a tmp file that survives a crash is
-        harmless (Maildir readers never look in C{tmp/}), and one fsync less
-        per delivery matters.
-        """
-        fd, self._fd = self._fd, None
-        _closeQuietly(fd)
-        self._buffer.clear()
-        for path in [self._tmpPath, *copies]:
-            _unlinkQuietly(path)
-
-    def abort(self) -> None:
-        """
-        Discard the message.  Idempotent; does nothing once committing.
-        """
-        if self._state == "open":
-            self._state = "aborted"
-            self._discard()
-
-
 # --- The store --------------------------------------------------------------
+
+
+def _isMaildir(path: str) -> bool:
+    """
+    @return: whether C{path} has its C{cur}, C{new} and C{tmp} directories
+        (three C{stat} calls).
+    """
+    return all(os.path.isdir(os.path.join(path, s)) for s in _SUBDIRS)
 
 
 def _checkComponent(component: str) -> None:
@@ -942,11 +512,10 @@ class MaildirStore:
 
     @param root: the directory holding every maildrop (C{DATA/mail}); created
         if missing.
-    @param reactor: with C{threadpool}, where blocking work (locking and
-        snapshot, commit fsyncs) reports back; without, that work runs
-        synchronously (the CLI).
-    @param threadpool: a started L{twisted.python.threadpool.ThreadPool}, or
-        L{None}.
+    @param runner: where blocking work runs (creating maildrops, locking
+        and snapshots of large ones, tmp clean-up, commit fsyncs): the
+        server's L{pop3gw.runner.ThreadPoolRunner}; an
+        L{pop3gw.runner.ImmediateRunner} (the CLI) if L{None}.
     @param hostname: for unique names; defaults to C{socket.gethostname()}.
     @param owner: the data directory's owner, given every directory and
         file the store creates (see L{pop3gw.fsutil}); L{None} leaves them
@@ -956,39 +525,18 @@ class MaildirStore:
     def __init__(
         self,
         root: str,
-        reactor: Any = None,
-        threadpool: Any = None,
+        runner: Optional[IBlockingRunner] = None,
         hostname: Optional[str] = None,
         owner: Optional[fsutil.Owner] = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.owner = owner
-        self._reactor = reactor
-        self._threadpool = threadpool
+        self._runner: IBlockingRunner = runner if runner is not None else ImmediateRunner()
         self._hostname = escapeHostname(hostname if hostname is not None else socket.gethostname())
         self._counter = 0
         self._now: Callable[[], float] = time.time
         # Maildrop path -> when its tmp/ was last cleaned by this process.
         self._tmpCleaned: dict = {}
-
-    def _run(self, f: Callable, *args: Any) -> Any:
-        """
-        Run blocking C{f(*args)} in the thread pool if there is one.
-
-        @return: a L{Deferred} with the thread pool; without, C{f}'s result
-            (exceptions propagate).
-        """
-        if self._threadpool is not None and self._reactor is not None:
-            return threads.deferToThreadPool(self._reactor, self._threadpool, f, *args)
-        return f(*args)
-
-    def _runDeferred(self, f: Callable, *args: Any) -> defer.Deferred:
-        if self._threadpool is not None and self._reactor is not None:
-            return self._run(f, *args)
-        try:
-            return defer.succeed(f(*args))
-        except BaseException:
-            return defer.fail()
 
     def maildirPath(self, address: Address) -> str:
         """
@@ -1003,15 +551,14 @@ class MaildirStore:
             raise PermanentFailure("address does not map to a safe maildrop path")
         return path
 
-    def _ensureMaildir(self, address: Address) -> str:
+    def _ensureMaildir(self, path: str) -> str:
         """
-        Create C{address}'s maildrop if missing, durably (each new directory's
-        parent is fsynced).
+        Create the maildrop at C{path} if missing, durably (each new
+        directory's parent is fsynced).  Blocking: runs through the runner.
 
-        @return: its path.
+        @return: C{path}.
         """
-        path = self.maildirPath(address)
-        if all(os.path.isdir(os.path.join(path, s)) for s in _SUBDIRS):
+        if _isMaildir(path):
             return path
         fsutil.makeDirectories(self.root, self.owner)
         domainDir = os.path.dirname(path)
@@ -1038,15 +585,16 @@ class MaildirStore:
         Lock and snapshot C{address}'s maildrop.
 
         @param quick: raise L{_NotQuick} (holding no lock) unless it can be
-            done in a moment: directories small enough and every size known
-            from the file names.
+            done in a moment, on the reactor thread: the maildrop exists,
+            its C{tmp} is not due for clean-up, it holds at most
+            L{QUICK_SNAPSHOT_ENTRIES} entries, and every size is known from
+            the file names.
         """
+        path = self.maildirPath(address)
+        if quick and (not _isMaildir(path) or self._tmpCleanDue(path)):
+            raise _NotQuick()
         try:
-            path = self._ensureMaildir(address)
-            if quick and any(
-                os.stat(os.path.join(path, sub)).st_size > QUICK_SNAPSHOT_DIRECTORY_SIZE for sub in ("new", "cur")
-            ):
-                raise _NotQuick()
+            self._ensureMaildir(path)
             fd = fsutil.openLockFile(os.path.join(path, LOCK_NAME), self.owner)
         except OSError as e:
             raise TemporaryFailure(f"cannot open maildrop: {e.strerror}") from e
@@ -1062,12 +610,19 @@ class MaildirStore:
         except BaseException:
             os.close(fd)
             raise
-        now = self._now()
-        last = self._tmpCleaned.get(path)
-        if last is None or now - last >= TMP_CLEAN_INTERVAL:
+        if self._tmpCleanDue(path):
+            now = self._now()
             self._tmpCleaned[path] = now
             _cleanTmp(path, now)
-        return MaildirMaildrop(path, fd, entries, self._run, quick)
+        return MaildirMaildrop(path, fd, entries, self._runner, quick)
+
+    def _tmpCleanDue(self, path: str) -> bool:
+        """
+        @return: whether this process should look for debris in C{path}'s
+            C{tmp} (at most every L{TMP_CLEAN_INTERVAL} seconds).
+        """
+        last = self._tmpCleaned.get(path)
+        return last is None or self._now() - last >= TMP_CLEAN_INTERVAL
 
     def openMaildrop(self, address: Address) -> defer.Deferred:
         """
@@ -1078,36 +633,63 @@ class MaildirStore:
             with L{MaildropLocked}, L{TemporaryFailure} or (unsafe address)
             L{PermanentFailure}.
         """
-        if self._threadpool is None or self._reactor is None:
-            return self._runDeferred(self._lockAndSnapshot, address)
-        # A small maildrop whose sizes are all in its file names is
+        # A small existing maildrop whose sizes are all in its file names is
         # snapshotted at once: a thread hop would cost more than the scan.
         try:
             return defer.succeed(self._lockAndSnapshot(address, quick=True))
         except _NotQuick:
-            return self._run(self._lockAndSnapshot, address)
+            return self._runner.run(self._lockAndSnapshot, address)
         except BaseException:
             return defer.fail()
+
+    def _createDeliveryFile(self, maildirs: Sequence[str], tmpPath: str) -> int:
+        """
+        Create the maildrops missing among C{maildirs}, then the tmp file
+        C{tmpPath}.  Blocking: runs through the runner.
+
+        @return: the tmp file's descriptor.
+        @raise TemporaryFailure: a maildrop or the file cannot be created.
+        """
+        try:
+            for maildir in maildirs:
+                self._ensureMaildir(maildir)
+            return fsutil.createFile(tmpPath, self.owner)
+        except OSError as e:
+            raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
 
     def beginDelivery(self, recipients: Sequence[Address], trace: bytes = b"") -> MaildirDelivery:
         """
         Start delivering one message to C{recipients} (duplicates count
         once).
 
-        @raise TemporaryFailure: a maildrop cannot be created or written.
+        When every recipient's maildrop exists, the tmp file is created at
+        once; otherwise the maildrops are created and the tmp file opened
+        through the runner, and what is written meanwhile is buffered.
+
+        @raise TemporaryFailure: a maildrop cannot be created or written
+            (through a thread pool, L{IDelivery.write} or
+            L{IDelivery.commit} reports it instead).
         @raise PermanentFailure: an address maps outside C{root}.
         @raise ValueError: no recipients.
         """
         unique = list(dict.fromkeys(recipients))
         if not unique:
             raise ValueError("no recipients")
-        try:
-            maildirs = [self._ensureMaildir(r) for r in unique]
-            name = self._uniqueName()
-            fd = fsutil.createFile(os.path.join(maildirs[0], "tmp", name), self.owner)
-        except OSError as e:
-            raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
-        delivery = MaildirDelivery(maildirs, name, fd, self._runDeferred, self.owner)
+        maildirs = [self.maildirPath(r) for r in unique]
+        name = self._uniqueName()
+        delivery = MaildirDelivery(maildirs, name, self._runner, self.owner)
+        tmpPath = os.path.join(maildirs[0], "tmp", name)
+        if all(_isMaildir(m) for m in maildirs):
+            try:
+                fd = fsutil.createFile(tmpPath, self.owner)
+            except OSError as e:
+                raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
+            delivery._opened(fd)
+        else:
+            delivery._openThrough(self._runner.run(self._createDeliveryFile, maildirs, tmpPath))
+            failure = delivery._openFailure
+            if failure is not None:
+                failure.raiseException()
         if trace:
             delivery.write(trace)
         return delivery

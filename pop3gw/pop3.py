@@ -1209,7 +1209,7 @@ class POP3Server(Protocol):
         deleted = sorted(self._deleted)
         seen = sorted(self._accessed - self._deleted)
         maildrop, self._maildrop = self._maildrop, None
-        d = defer.maybeDeferred(maildrop.commit, deleted, seen=seen)
+        d = maildrop.commit(deleted, seen=seen)
         d.addCallbacks(self._cbCommitted, self._ebCommit, callbackArgs=(len(deleted),))
         d.addErrback(self._ebInternal)
 

@@ -52,7 +52,6 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import attr
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -60,7 +59,9 @@ from zope.interface import implementer
 from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.dsn import oneLine, originalHeaders
-from pop3gw.interfaces import IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.interfaces import IBlockingRunner, IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.runner import ImmediateRunner
+from pop3gw.wire import CRLFStream
 
 #: Orphaned C{.msg} and C{.tmp} files older than this (seconds) are removed
 #: at start-up.
@@ -70,7 +71,6 @@ FLUSH_FILE = ".flush"
 LOCK_FILE = ".lock"
 
 _ID = re.compile(r"^[0-9a-f]{13}-[0-9a-f]{8}$")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class RecipientState(str, enum.Enum):
@@ -340,10 +340,8 @@ def _removeEntry(root: str, queueId: str, owner: Optional[fsutil.Owner]) -> None
     # The .json goes first: without it the entry no longer exists, and a
     # .msg left behind by a crash is an orphan removed at start-up.
     with _queueLock(root, owner):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(root, queueId + ".json"))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(root, queueId + ".msg"))
+        fsutil.unlinkIfThere(os.path.join(root, queueId + ".json"))
+    fsutil.unlinkIfThere(os.path.join(root, queueId + ".msg"))
     fsutil.fsyncDirectory(root)
 
 
@@ -481,7 +479,7 @@ class _QueueDelivery:
         self.queueId = entry.queueId
         self._tmp = os.path.join(queue.root, f"{entry.queueId}.msg.tmp")
         self._state = "open"
-        self._lastCR = False
+        self._crlf = CRLFStream()
         self._tail = b""
         try:
             self._file = os.fdopen(fsutil.createFile(self._tmp, self._queue.owner), "wb")
@@ -495,11 +493,7 @@ class _QueueDelivery:
             raise TemporaryFailure("delivery is not open")
         if not data:
             return
-        if self._lastCR and data[:1] == b"\n":
-            out = b"\n" + _BARE_LF.sub(b"\r\n", data[1:])
-        else:
-            out = _BARE_LF.sub(b"\r\n", data)
-        self._lastCR = out.endswith(b"\r")
+        out = self._crlf.feed(data)
         self._tail = (self._tail + out[-2:])[-2:]
         try:
             self._file.write(out)
@@ -590,26 +584,25 @@ class OutboundQueue:
     """
     The durable outbound queue in directory C{root} (created if missing).
 
-    @param reactor: gives the time (C{seconds}) and runs thread results.
-    @param threadpool: if given, every fsync runs there via
-        C{deferToThreadPool}; otherwise file work is done synchronously.
+    @param reactor: gives the time (C{seconds}).
+    @param runner: where file work (writes, fsyncs, removals) runs: the
+        server's L{pop3gw.runner.ThreadPoolRunner}; an
+        L{pop3gw.runner.ImmediateRunner} if L{None}.
     """
 
     log = Logger()
 
-    def __init__(self, root: str, reactor, threadpool=None, owner: Optional[fsutil.Owner] = None):
+    def __init__(self, root: str, reactor, runner: Optional[IBlockingRunner] = None, owner: Optional[fsutil.Owner] = None):
         self.root = root
         self.reactor = reactor
-        self.threadpool = threadpool
+        self.runner: IBlockingRunner = runner if runner is not None else ImmediateRunner()
         self.owner = owner
         self._listeners: list = []
         self._saves: dict = {}
         fsutil.makeDirectories(root, owner)
 
     def _run(self, f: Callable, *args) -> defer.Deferred:
-        if self.threadpool is None:
-            return defer.maybeDeferred(f, *args)
-        return deferToThreadPool(self.reactor, self.threadpool, f, *args)
+        return self.runner.run(f, *args)
 
     def _newId(self) -> str:
         micros = int(self.reactor.seconds() * 1_000_000) & (16**13 - 1)

@@ -38,6 +38,7 @@ from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue
 from pop3gw.relay import RelayService
 from pop3gw.router import Router
+from pop3gw.runner import ThreadPoolRunner
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.tls import CertificateManager, TLSConfigError, clientContextFactory, opportunisticClientContextFactory
 from pop3gw.users import UsersFile
@@ -79,21 +80,35 @@ POP3_REFUSAL = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 SMTP_REFUSAL = b"421 4.7.0 Too many connections, try again later\r\n"
 
 
+#: When each kind of part stops (see L{ServerLockService.stopService}):
+#: listeners first, then the services (the relay, reloads), then the
+#: thread pools.
+STOP_LISTENERS, STOP_SERVICES, STOP_POOLS = 0, 1, 2
+
+
 class ThreadPoolService(Service):
     """
     Starts and stops a L{ThreadPool} with the application.
+
+    @param runner: the L{ThreadPoolRunner} over C{pool}, if any: stopping
+        first waits for its work in flight (see L{ThreadPoolRunner.drain}),
+        so every result is reported, then stops the pool.
     """
 
-    def __init__(self, pool: ThreadPool) -> None:
+    stopStage = STOP_POOLS
+
+    def __init__(self, pool: ThreadPool, runner: Optional[ThreadPoolRunner] = None) -> None:
         self.pool = pool
+        self.runner = runner
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred:
         super().stopService()
-        self.pool.stop()
+        d = self.runner.drain() if self.runner is not None else defer.succeed(None)
+        return d.addCallback(lambda _: self.pool.stop())
 
 
 class ServerLockService(MultiService):
@@ -155,15 +170,35 @@ class ServerLockService(MultiService):
 
     def stopService(self) -> defer.Deferred:
         """
-        Stop the parts; release the lock once they have all stopped.
+        Stop the parts in order, each stage once the one before has
+        stopped: the listeners (no new connection), then the services (the
+        relay records the attempts in progress), then the thread pools
+        (each after the work in flight on it has reported, so a commit in
+        progress is answered and a relay result is written).  Release the
+        lock once every part has stopped.
         """
-        d = defer.maybeDeferred(super().stopService)
+        Service.stopService(self)
+        parts = list(self)
+        parts.reverse()
+        d: defer.Deferred = defer.succeed(None)
+        for stage in (STOP_LISTENERS, STOP_SERVICES, STOP_POOLS):
+            group = [p for p in parts if getattr(p, "stopStage", STOP_SERVICES) == stage]
+            d.addCallback(lambda _, group=group: _stopAll(group))
 
         def release(result):
             self.releaseLock()
             return result
 
         return d.addBoth(release)
+
+
+def _stopAll(services: list) -> defer.Deferred:
+    """
+    Stop C{services} together.
+
+    @return: a L{Deferred} firing once all have stopped.
+    """
+    return defer.DeferredList([defer.maybeDeferred(s.stopService) for s in services]).addCallback(lambda _: None)
 
 
 class ListenerService(StreamServerEndpointService):
@@ -173,6 +208,7 @@ class ListenerService(StreamServerEndpointService):
     """
 
     _raiseSynchronously = True
+    stopStage = STOP_LISTENERS
 
     def __init__(self, reactor, name: str, description: str, factory) -> None:
         try:
@@ -328,12 +364,13 @@ def _build(config: Config, reactor) -> MultiService:
     top = ServerLockService(config.dataDir, owner)
     hashPool = ThreadPool(minthreads=1, maxthreads=max(1, config.limits["hash-threads"]), name="pop3gw-auth")
     ioPool = ThreadPool(minthreads=1, maxthreads=IO_THREADS, name="pop3gw-io")
+    ioRunner = ThreadPoolRunner(reactor, ioPool)
     ThreadPoolService(hashPool).setServiceParent(top)
-    ThreadPoolService(ioPool).setServiceParent(top)
+    ThreadPoolService(ioPool, ioRunner).setServiceParent(top)
 
     users = UsersFile(config.usersPath, config.aliasesPath, owner)
-    store = MaildirStore(config.mailDir, reactor, ioPool, config.hostname, owner)
-    queue = OutboundQueue(config.queueDir, reactor, ioPool, owner)
+    store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
+    queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
     checker = PasswordChecker(users, reactor, hashPool, config.limits["failure-delay"])
     portal = Portal(Realm(users, store, router), [checker])

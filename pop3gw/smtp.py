@@ -126,6 +126,7 @@ from pop3gw import events
 from pop3gw.address import Address, AddressError, describePeer
 from pop3gw.credentials import ClientCredentials
 from pop3gw.flow import OutputFlow
+from pop3gw.wire import DEFAULT_MAX_MESSAGE_SIZE
 from pop3gw.interfaces import (
     AuthenticationBusy,
     IDelivery,
@@ -162,7 +163,6 @@ MAX_AUTH_FAILURES = 3
 #: Longest accepted EHLO/HELO argument.
 MAX_HELO_NAME = 255
 
-DEFAULT_MAX_MESSAGE_SIZE = 41943040
 DEFAULT_MAX_RECIPIENTS = 100
 DEFAULT_IDLE_TIMEOUT = 300.0
 

@@ -170,7 +170,7 @@ class FakeMaildrop:
         deleted, seen = set(deleted), set(seen)
         if not all(0 <= i < len(self._entries) for i in deleted | seen):
             self.release()
-            raise IndexError(sorted(deleted | seen))
+            return defer.fail(IndexError(sorted(deleted | seen)))
         self.committed = deleted
         self.committedSeen = seen
         gone = {self._entries[i][0] for i in deleted}
@@ -183,6 +183,7 @@ class FakeMaildrop:
             if uid in present:
                 self._store.seen.add((self._address, uid))
         self.release()
+        return defer.succeed(None)
 
     def release(self) -> None:
         if not self.released:
@@ -378,3 +379,48 @@ class FakeSubmissionAvatar:
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):
         return self.router.beginDelivery(sender, recipients, trace)
+
+
+# --- Runners ----------------------------------------------------------------
+
+from pop3gw import runner as _runner  # noqa: E402
+from pop3gw.interfaces import IBlockingRunner  # noqa: E402
+
+#: Runs blocking work at once, in the test's thread: the runner for real
+#: stores in tests (L{pop3gw.runner.ImmediateRunner}).
+ImmediateRunner = _runner.ImmediateRunner
+
+
+
+
+@implementer(IBlockingRunner)
+class HeldRunner:
+    """
+    An L{IBlockingRunner} that holds each job until the test runs it, as a
+    busy thread pool would.
+
+    @ivar jobs: the jobs not run yet, as C{(f, args, deferred)}, oldest
+        first.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list = []
+
+    def run(self, f, *args) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def runNext(self) -> None:
+        """
+        Run the oldest job and fire its L{Deferred} with the result.
+        """
+        f, args, d = self.jobs.pop(0)
+        defer.maybeDeferred(f, *args).chainDeferred(d)
+
+    def runAll(self) -> None:
+        """
+        Run jobs, those they start included, until none is left.
+        """
+        while self.jobs:
+            self.runNext()

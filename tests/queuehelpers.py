@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from pop3gw.address import Address
 from pop3gw.queue import OutboundQueue
+from pop3gw.runner import ThreadPoolRunner
 
 
 ALICE = Address("alice", "example.org")
@@ -190,7 +191,8 @@ class QueueTestMixin:
         self.root = self.mktemp()
         self.clock = ThreadClock()
         self.clock.advance(1000)
-        self.queue = OutboundQueue(self.root, self.clock, threadpool)
+        runner = None if threadpool is None else ThreadPoolRunner(self.clock, threadpool)
+        self.queue = OutboundQueue(self.root, self.clock, runner)
 
     def enqueue(self, sender=ALICE, recipients=(BOB,), body=BODY, trace=TRACE):
         announced = []

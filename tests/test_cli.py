@@ -416,12 +416,12 @@ class DeliverTests(SynchronousTestCase):
         A full disk while writing the message exits 75 with one line and
         leaves nothing in the maildrop's C{tmp/} or C{new/}.
         """
-        from pop3gw import maildir
+        from pop3gw import maildelivery
 
         def full(fd: int, data: bytes) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        self.patch(maildir, "_writeAll", full)
+        self.patch(maildelivery, "_writeAll", full)
         status, _, err = self.runCLI("deliver", "alice@example.org", data=b"Subject: x\n\n" + b"y" * 300000)
         self.assertEqual(status, cli.EX_TEMPFAIL)
         self.assertEqual(err.count("\n"), 1)
@@ -435,14 +435,14 @@ class DeliverTests(SynchronousTestCase):
         small message is written out at commit exits 75 with one line
         naming the error in words; nothing is left in the maildrop.
         """
-        from pop3gw import maildir
+        from pop3gw import maildelivery
 
         for code in (errno.ENOSPC, errno.EDQUOT):
 
             def full(fd: int, data: bytes) -> None:
                 raise OSError(code, os.strerror(code))
 
-            self.patch(maildir, "_writeAll", full)
+            self.patch(maildelivery, "_writeAll", full)
             status, _, err = self.runCLI("deliver", "alice@example.org", data=b"Subject: x\n\nhi\n")
             self.assertEqual(status, cli.EX_TEMPFAIL)
             self.assertEqual(

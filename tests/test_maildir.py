@@ -36,6 +36,7 @@ from pop3gw.interfaces import (
 )
 from pop3gw.fsutil import Owner
 from pop3gw.maildir import MaildirStore
+from pop3gw.runner import ThreadPoolRunner
 from pop3gw.testing import FakeMaildropStore, wireForm
 from tests.util import OTHER_GID, OTHER_UID, requireRoot, tempPath, treeModesAndOwners, withUmask
 
@@ -262,7 +263,7 @@ class MaildropStoreContractMixin:
         """
         self.deliver([ALICE], b"one\n")
         drop = self.openDrop()
-        self.assertRaises(IndexError, drop.commit, [0], [1])
+        self.failureResultOf(drop.commit([0], [1]), IndexError)
         self.assertEqual(self.contents(), [b"one\r\n"])
         self.assertEqual(self.seenFlags(), [False])
 
@@ -620,7 +621,7 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
         self.assertEqual(sa.st_nlink, 2)
         self.assertEqual(self.listing(ALICE, "tmp"), [])
         drop = self.openDrop(ALICE)
-        drop.commit([0])
+        self.successResultOf(drop.commit([0]))
         self.assertEqual(self.stored(BOB), [b"shared\n"])
 
     def test_crossDeviceCopy(self) -> None:
@@ -946,7 +947,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
             return realUnlink(path)
 
         self.patch(os, "unlink", unlink)
-        self.assertRaises(TemporaryFailure, drop.commit, [0, 1])
+        self.failureResultOf(drop.commit([0, 1]), TemporaryFailure)
         self.assertEqual(self.stored(), [b"1\n"])
         self.openDrop().release()
 
@@ -959,7 +960,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         drop = self.openDrop()
         for name in self.listing(ALICE, "new"):
             os.unlink(self.path(ALICE, "new", name))
-        self.assertIsNone(drop.commit([0]))
+        self.assertIsNone(self.successResultOf(drop.commit([0])))
         self.openDrop().release()
 
     def test_openVanished(self) -> None:
@@ -995,7 +996,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         drop = self.openDrop()
         drop.release()
         self.assertRaises(TemporaryFailure, drop.openMessage, 0)
-        self.assertRaises(TemporaryFailure, drop.commit, [0])
+        self.failureResultOf(drop.commit([0]), TemporaryFailure)
         self.assertEqual(self.stored(), [b"1\n"])
 
     def test_badIndex(self) -> None:
@@ -1007,7 +1008,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         drop = self.openDrop()
         self.assertRaises(IndexError, drop.openMessage, 1)
         self.assertRaises(IndexError, drop.openMessage, -1)
-        self.assertRaises(IndexError, drop.commit, [0, 5])
+        self.failureResultOf(drop.commit([0, 5]), IndexError)
         self.assertEqual(self.stored(), [b"1\n"])
         self.openDrop().release()
 
@@ -1113,7 +1114,7 @@ class ForeignFileTests(MaildirTestsMixin, SynchronousTestCase):
         os.rename(self.path(ALICE, "new", name), self.path(ALICE, "cur", name + ":2,S"))
         self.assertEqual(self.read(drop, 0), b"x\r\n")
         os.rename(self.path(ALICE, "cur", name + ":2,S"), self.path(ALICE, "cur", name + ":2,RS"))
-        drop.commit([0])
+        self.successResultOf(drop.commit([0]))
         self.assertEqual(self.stored(), [])
 
     def test_uidCharsetAndLength(self) -> None:
@@ -1186,7 +1187,7 @@ class ForeignFileTests(MaildirTestsMixin, SynchronousTestCase):
         drop = self.openDrop()
         self.assertEqual([m.uid for m in drop.messages], ["1600000000.good"])
         self.assertEqual(self.read(drop, 0), b"1600000000.good\r\n")
-        drop.commit([0])
+        self.successResultOf(drop.commit([0]))
         self.assertTrue(os.path.exists(bad))
         self.assertEqual(
             sorted(formatEvent(e) for e in logged),
@@ -1242,7 +1243,7 @@ class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
         drop = self.openDrop()
         before = drop.messages[0]
         self.assertFalse(before.seen)
-        self.assertIsNone(drop.commit([], [0]))
+        self.assertIsNone(self.successResultOf(drop.commit([], [0])))
         self.assertEqual(self.listing(ALICE, "new"), [])
         self.assertEqual(self.listing(ALICE, "cur"), [name + ":2,S"])
         drop = self.openDrop()
@@ -1265,7 +1266,7 @@ class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
             self.putFile(ALICE, "cur", name, b"x\n")
         drop = self.openDrop()
         uids = [m.uid for m in drop.messages]
-        drop.commit([], range(5))
+        self.successResultOf(drop.commit([], range(5)))
         self.assertEqual(
             self.listing(ALICE, "cur"),
             [
@@ -1307,7 +1308,7 @@ class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
             self.putFile(ALICE, "cur", name, b"x\n")
         drop = self.openDrop()
         self.patch(os, "rename", lambda *a: self.fail("renamed"))
-        self.assertIsNone(drop.commit([], [0, 1]))
+        self.assertIsNone(self.successResultOf(drop.commit([], [0, 1])))
         self.assertEqual(self.listing(ALICE, "cur"), names)
 
     def test_renamedByOtherTool(self) -> None:
@@ -1323,7 +1324,7 @@ class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
         os.rename(self.path(ALICE, "new", first), self.path(ALICE, "cur", first + ":2,R"))
         os.rename(self.path(ALICE, "new", second), self.path(ALICE, "cur", second + ":2,"))
         events = self.logged()
-        self.assertIsNone(drop.commit([], [0, 1]))
+        self.assertIsNone(self.successResultOf(drop.commit([], [0, 1])))
         self.assertEqual(self.listing(ALICE, "cur"), [first + ":2,RS", second + ":2,S"])
         self.assertEqual(events, [])
         drop = self.openDrop()
@@ -1348,7 +1349,7 @@ class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
             return realScan(path)
 
         self.patch(maildir, "_scan", scan)
-        drop.commit([], [0, 1, 2])
+        self.successResultOf(drop.commit([], [0, 1, 2]))
         self.assertEqual(len(scans), 1)
         self.assertEqual([n.endswith(":2,S") for n in self.listing(ALICE, "cur")], [True] * 3)
 
@@ -1363,7 +1364,7 @@ class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
         drop = self.openDrop()
         os.unlink(self.path(ALICE, "new", first))
         events = self.logged()
-        self.assertIsNone(drop.commit([], [0, 1]))
+        self.assertIsNone(self.successResultOf(drop.commit([], [0, 1])))
         self.assertEqual(events, [])
         self.assertEqual(self.listing(ALICE, "cur"), [second + ":2,S"])
 
@@ -1382,7 +1383,7 @@ class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
 
         self.patch(os, "rename", rename)
         events = self.logged()
-        self.assertIsNone(drop.commit([], [0, 1]))
+        self.assertIsNone(self.successResultOf(drop.commit([], [0, 1])))
         self.assertEqual(
             [formatEvent(e) for e in events],
             ["Could not mark 2 message(s) seen in %s: Permission denied" % (drop.path,)],
@@ -1405,7 +1406,7 @@ class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
 
         self.patch(os, "rename", rename)
         events = self.logged()
-        self.assertIsNone(drop.commit([0], [0, 1]))
+        self.assertIsNone(self.successResultOf(drop.commit([0], [0, 1])))
         self.assertEqual(self.stored(), [b"y\n"])
         self.assertEqual(len(events), 1)
         self.openDrop().release()
@@ -1423,7 +1424,7 @@ class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
 
         self.patch(maildir, "seenName", seenName)
         events = self.logged()
-        self.assertIsNone(drop.commit([], [0]))
+        self.assertIsNone(self.successResultOf(drop.commit([], [0])))
         [event] = events
         self.assertIsInstance(event["log_failure"].value, RuntimeError)
         self.flushLoggedErrors(RuntimeError)
@@ -1438,9 +1439,9 @@ class SeenFlagTests(MaildirTestsMixin, SynchronousTestCase):
             self.deliver([ALICE], b"%d\n" % (i,))
         synced = []
         self.patch(maildir, "_fsyncDirectory", synced.append)
-        self.openDrop().commit([], [0])
+        self.successResultOf(self.openDrop().commit([], [0]))
         self.assertEqual(synced, [])
-        self.openDrop().commit([1], [2])
+        self.successResultOf(self.openDrop().commit([1], [2]))
         self.assertEqual(synced, [os.path.abspath(self.path(ALICE, "new"))])
         self.assertEqual(self.stored(), [b"0\n", b"2\n"])
         self.assertEqual(self.listing(ALICE, "new"), [])
@@ -1644,7 +1645,7 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         super().setUp()
         self.pool = _ImmediateThreadPool()
         self.reactor = _QueuedReactor()
-        self.store = MaildirStore(self.root, reactor=self.reactor, threadpool=self.pool, hostname="testhost")
+        self.store = MaildirStore(self.root, ThreadPoolRunner(self.reactor, self.pool), hostname="testhost")
 
     def deliver(self, recipients, data: bytes, trace: bytes = b"") -> None:
         delivery = self.store.beginDelivery(recipients, trace)
@@ -1652,6 +1653,15 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         d = delivery.commit()
         self.reactor.runQueued()
         self.successResultOf(d)
+
+    def openedOnce(self, address: Address = ALICE) -> None:
+        """
+        Open and release C{address}'s maildrop through the pool, as this
+        process's first login to it does (its C{tmp} is cleaned then).
+        """
+        d = self.store.openMaildrop(address)
+        self.reactor.runQueued()
+        self.successResultOf(d).release()
 
     def test_deliveryCommit(self) -> None:
         """
@@ -1694,6 +1704,7 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         d = delivery.commit()
         self.reactor.runQueued()
         self.successResultOf(d)
+        self.openedOnce()
         drop = self.successResultOf(self.store.openMaildrop(ALICE))
         self.failureResultOf(self.store.openMaildrop(ALICE), MaildropLocked)
         d = drop.commit([0])
@@ -1705,13 +1716,135 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         self.assertEqual(self.stored(), [])
         self.successResultOf(self.store.openMaildrop(ALICE)).release()
 
+    def test_firstOpenInPool(self) -> None:
+        """
+        A maildrop that does not exist yet, or whose C{tmp} is due for
+        clean-up (the first login of this process), is created, cleaned and
+        snapshotted in the pool: nothing is created or removed on the
+        reactor thread.
+        """
+        d = self.store.openMaildrop(ALICE)
+        self.assertNoResult(d)
+        self.assertEqual(self.pool.calls, [self.store._lockAndSnapshot])
+        self.reactor.runQueued()
+        self.successResultOf(d).release()
+        stale = os.path.join(self.store.maildirPath(ALICE), "tmp", "stale")
+        with open(stale, "wb"):
+            pass
+        os.utime(stale, (0, 0))
+        self.store._tmpCleaned.clear()
+        del self.pool.calls[:]
+        d = self.store.openMaildrop(ALICE)
+        self.assertNoResult(d)
+        self.assertEqual(self.pool.calls, [self.store._lockAndSnapshot])
+        self.reactor.runQueued()
+        self.successResultOf(d).release()
+        self.assertFalse(os.path.exists(stale))
+
+    def test_firstDeliveryCreatesInPool(self) -> None:
+        """
+        The first delivery to a maildrop creates it (directories, fsyncs)
+        and its tmp file in the pool; what is written meanwhile is kept and
+        the commit waits for the file.
+        """
+        delivery = self.store.beginDelivery([ALICE])
+        self.assertEqual(self.pool.calls, [self.store._createDeliveryFile])
+        delivery.write(b"first\n")
+        d = delivery.commit()
+        self.assertNoResult(d)
+        self.reactor.runQueued()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.stored(), [b"first\n"])
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
+
+    def test_firstDeliveryAbortedWhileCreating(self) -> None:
+        """
+        A first delivery aborted before its tmp file is open leaves no tmp
+        file once it is.
+        """
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"x\n")
+        delivery.abort()
+        self.reactor.runQueued()
+        self.assertEqual(delivery.state, "aborted")
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
+        self.assertEqual(self.stored(), [])
+
+    def test_firstDeliveryCannotCreate(self) -> None:
+        """
+        A maildrop that cannot be created fails the write or commit that
+        follows with L{TemporaryFailure}.
+        """
+
+        def makeDirectory(path, owner=None):
+            raise OSError(errno.EACCES, "Permission denied")
+
+        self.patch(maildir.fsutil, "makeDirectory", makeDirectory)
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"x\n")
+        d = delivery.commit()
+        self.reactor.runQueued()
+        self.failureResultOf(d, TemporaryFailure)
+        self.assertRaises(TemporaryFailure, delivery.write, b"y\n")
+
+    def test_quickSnapshotCountsEntries(self) -> None:
+        """
+        Whether a maildrop is small enough to be snapshotted on the reactor
+        thread depends on how many entries it has, not on its directories'
+        C{st_size} (tmpfs and XFS grow it differently from ext4): many
+        entries in directories reporting a small size go to the pool.
+        """
+        self.deliver([ALICE], b"x\n")
+        self.openedOnce()
+        path = self.store.maildirPath(ALICE)
+        [name] = self.listing(ALICE, "new")
+        for i in range(maildir.QUICK_SNAPSHOT_ENTRIES):
+            os.link(os.path.join(path, "new", name), os.path.join(path, "cur", f"{i}{name}"))
+        realStat = os.stat
+
+        def stat(p, *args, **kwargs):
+            st = realStat(p, *args, **kwargs)
+            if p in (os.path.join(path, "new"), os.path.join(path, "cur")):
+                return os.stat_result((st.st_mode, *st[1:6], 60) + tuple(st[7:]))
+            return st
+
+        self.patch(os, "stat", stat)
+        d = self.store.openMaildrop(ALICE)
+        self.assertNoResult(d)
+        self.reactor.runQueued()
+        drop = self.successResultOf(d)
+        self.assertEqual(len(drop.messages), maildir.QUICK_SNAPSHOT_ENTRIES + 1)
+        drop.release()
+
+    def test_quickSnapshotLargeDirectoryFewEntries(self) -> None:
+        """
+        A maildrop with few entries is snapshotted at once even if its
+        directories report a large C{st_size} (an ext4 directory never
+        shrinks after holding many files).
+        """
+        self.deliver([ALICE], b"x\n")
+        self.openedOnce()
+        path = self.store.maildirPath(ALICE)
+        realStat = os.stat
+
+        def stat(p, *args, **kwargs):
+            st = realStat(p, *args, **kwargs)
+            if p in (os.path.join(path, "new"), os.path.join(path, "cur")):
+                return os.stat_result((st.st_mode, *st[1:6], 1 << 30) + tuple(st[7:]))
+            return st
+
+        self.patch(os, "stat", stat)
+        drop = self.successResultOf(self.store.openMaildrop(ALICE))
+        self.assertEqual(len(drop.messages), 1)
+        drop.release()
+
     def test_largeMaildropOpenedInPool(self) -> None:
         """
         A maildrop whose directories are larger than
-        L{maildir.QUICK_SNAPSHOT_DIRECTORY_SIZE} is listed in the pool, and
+        L{maildir.QUICK_SNAPSHOT_ENTRIES} is listed in the pool, and
         the lock is taken only there.
         """
-        self.patch(maildir, "QUICK_SNAPSHOT_DIRECTORY_SIZE", 0)
+        self.patch(maildir, "QUICK_SNAPSHOT_ENTRIES", 0)
         d = self.store.openMaildrop(ALICE)
         self.assertNoResult(d)
         self.reactor.runQueued()
@@ -1728,7 +1861,7 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         behind by the abandoned quick attempt.
         """
         path = self.store.maildirPath(ALICE)
-        self.successResultOf(self.store.openMaildrop(ALICE)).release()
+        self.openedOnce()
         with open(os.path.join(path, "new", "1700000000.foreign.host"), "wb") as f:
             f.write(b"a\r\nb\r\n")
         d = self.store.openMaildrop(ALICE)
@@ -1747,7 +1880,7 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         self.reactor.runQueued()
         drop = self.successResultOf(d)
         del self.pool.calls[:]
-        self.assertIsNone(drop.commit([]))
+        self.assertIsNone(self.successResultOf(drop.commit([])))
         self.assertEqual(self.pool.calls, [])
         d = self.store.openMaildrop(ALICE)
         self.reactor.runQueued()
@@ -1761,9 +1894,10 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         without a trip through the pool.
         """
         self.deliver([ALICE], b"x\n")
+        self.openedOnce()
         drop = self.successResultOf(self.store.openMaildrop(ALICE))
         del self.pool.calls[:]
-        self.assertIsNone(drop.commit([], [0]))
+        self.assertIsNone(self.successResultOf(drop.commit([], [0])))
         self.assertEqual(self.pool.calls, [])
         self.assertTrue(self.listing(ALICE, "cur")[0].endswith(":2,S"))
         self.successResultOf(self.store.openMaildrop(ALICE)).release()
@@ -1775,6 +1909,7 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         self.patch(maildir, "QUICK_FLAG_RENAMES", 1)
         self.deliver([ALICE], b"x\n")
         self.deliver([ALICE], b"y\n")
+        self.openedOnce()
         drop = self.successResultOf(self.store.openMaildrop(ALICE))
         del self.pool.calls[:]
         d = drop.commit([], [0, 1])
@@ -1790,7 +1925,7 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         thread are set in the pool.
         """
         self.deliver([ALICE], b"x\n")
-        self.patch(maildir, "QUICK_SNAPSHOT_DIRECTORY_SIZE", 0)
+        self.patch(maildir, "QUICK_SNAPSHOT_ENTRIES", 0)
         d = self.store.openMaildrop(ALICE)
         self.reactor.runQueued()
         drop = self.successResultOf(d)
@@ -1806,6 +1941,7 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         """
         self.deliver([ALICE], b"x\n")
         self.deliver([ALICE], b"y\n")
+        self.openedOnce()
         drop = self.successResultOf(self.store.openMaildrop(ALICE))
         del self.pool.calls[:]
         d = drop.commit([0], [1])

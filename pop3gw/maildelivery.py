@@ -1,0 +1,313 @@
+# -*- test-case-name: tests.test_maildir -*-
+"""
+Maildir deliveries: one message written into C{tmp} of the first
+recipient's maildrop, then made durable in every recipient's C{new}.
+
+A delivery takes CRLF or LF line ends and stores LF; it refuses a bare CR or
+a NUL (L{BadMessageData}) rather than change the message.  It goes C{tmp}
+-> write -> C{fsync} -> link into each recipient's C{new} -> C{fsync} the
+directories; a message is acknowledged only once it survives a power cut.
+The blocking part of the commit runs through the store's
+L{IBlockingRunner}.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from typing import Any, Optional, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pop3gw import fsutil
+from pop3gw.interfaces import BadMessageData, IBlockingRunner, IDelivery, TemporaryFailure
+from pop3gw.maildirfiles import O_CLOEXEC, READ_CHUNK
+from pop3gw.wire import LFNormalizer
+
+#: Octets a delivery buffers before writing them to its file.
+WRITE_BUFFER = 64 * 1024
+
+# What a delivery refuses: a CR not followed by LF, or a NUL.
+_BAD_DATA = re.compile(rb"\r(?!\n)|\x00")
+
+_log = Logger()
+
+_writeAll = fsutil.writeAll
+
+
+def unlinkQuietly(path: str) -> None:
+    """
+    Remove C{path}, best effort: a failure other than its absence is
+    logged.
+    """
+    try:
+        fsutil.unlinkIfThere(path)
+    except OSError as e:
+        _log.warn("Could not remove {path}: {error}", path=path, error=e.strerror)
+
+
+def closeQuietly(fd: Optional[int]) -> None:
+    """
+    Close C{fd} (if not L{None}), ignoring errors.
+    """
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@implementer(IDelivery)
+class MaildirDelivery:
+    """
+    One message being written into C{tmp} of the first recipient's maildrop,
+    then linked into C{new} of every recipient's.
+
+    The tmp file is opened by L{MaildirStore.beginDelivery}: at once when
+    every maildrop exists, else through the runner (the maildrops are
+    created first); until it is open, written data stays in the buffer.
+    """
+
+    def __init__(
+        self,
+        maildirs: Sequence[str],
+        unique: str,
+        runner: IBlockingRunner,
+        owner: Optional[fsutil.Owner] = None,
+    ) -> None:
+        self._maildirs = list(maildirs)
+        self._owner = owner
+        self._unique = unique
+        self._tmpPath = os.path.join(self._maildirs[0], "tmp", unique)
+        self._fd: Optional[int] = None
+        self._runner = runner
+        # While the tmp file is being opened through the runner: Deferreds
+        # to fire once it is (or failed).
+        self._opening: Optional[list] = None
+        self._openFailure: Optional[Failure] = None
+        self._normalizer = LFNormalizer()
+        self._buffer = bytearray()
+        self._size = 0
+        self._lines = 0
+        self._state = "open"
+        # The data written so far ends with a CR whose LF may come next.
+        self._pendingCR = False
+
+    @property
+    def state(self) -> str:
+        """
+        C{"open"}, C{"committing"}, C{"committed"}, C{"aborted"} or
+        C{"failed"}.
+        """
+        return self._state
+
+    def _append(self, data: bytes) -> None:
+        self._buffer += data
+        self._size += len(data)
+        self._lines += data.count(b"\n")
+
+    def _opened(self, fd: int) -> None:
+        """
+        The tmp file is open (or, if the delivery was aborted meanwhile,
+        removed again).
+        """
+        self._fd = fd
+        if self._state == "aborted":
+            self._discard()
+
+    def _openThrough(self, opening: defer.Deferred) -> None:
+        """
+        The tmp file is being opened by C{opening} (a runner's L{Deferred}
+        firing with its descriptor).
+        """
+        self._opening = []
+
+        def opened(fd: int) -> None:
+            self._opened(fd)
+
+        def failed(reason: Failure) -> None:
+            self._openFailure = reason
+            if self._state == "open":
+                self._state = "failed"
+                self._buffer.clear()
+
+        def done(_: object) -> None:
+            waiters, self._opening = self._opening or [], None
+            for w in waiters:
+                w.callback(None)
+
+        opening.addCallbacks(opened, failed).addBoth(done)
+
+    def _flush(self) -> None:
+        if self._buffer and self._fd is not None:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            _writeAll(self._fd, data)
+
+    def _checkData(self, data: bytes) -> None:
+        """
+        Refuse a bare CR or a NUL in C{data}, given the CR that may end the
+        data before it (a CRLF may be split between two writes).
+
+        @raise BadMessageData: found one (the delivery is then discarded).
+        """
+        if not data:
+            return
+        if self._pendingCR and data[:1] != b"\n":
+            self._refuse("bare CR (a CR not followed by LF)")
+        self._pendingCR = data[-1:] == b"\r"
+        # A CR at the very end is judged by the next write or the commit.
+        bad = _BAD_DATA.search(data, 0, len(data) - 1 if self._pendingCR else len(data))
+        if bad is not None:
+            self._refuse("NUL octet" if bad.group() == b"\x00" else "bare CR (a CR not followed by LF)")
+
+    def _refuse(self, what: str) -> None:
+        self._discard()
+        self._state = "failed"
+        raise BadMessageData(f"it contains a {what}")
+
+    def write(self, data: bytes) -> None:
+        """
+        Append C{data}, line ends made LF.
+
+        @raise TemporaryFailure: the disk refused it (the delivery is then
+            discarded; L{InsufficientStorage} for C{ENOSPC} and C{EDQUOT}),
+            or the delivery is not open.
+        @raise BadMessageData: C{data} holds a bare CR or a NUL (the
+            delivery is then discarded).
+        """
+        if self._openFailure is not None:
+            raise self._openFailure.value
+        if self._state != "open":
+            raise TemporaryFailure("delivery is not open")
+        self._checkData(data)
+        self._append(self._normalizer.feed(data))
+        if len(self._buffer) >= WRITE_BUFFER:
+            try:
+                self._flush()
+            except OSError as e:
+                self._discard()
+                self._state = "failed"
+                raise TemporaryFailure.fromOSError("cannot write message", e) from e
+
+    def commit(self) -> defer.Deferred:
+        """
+        Make the message durable in every recipient's C{new}.
+
+        @return: a L{Deferred} firing with L{None} once durable, or failing
+            with L{TemporaryFailure} (L{InsufficientStorage} for C{ENOSPC}
+            and C{EDQUOT}) or, for a message ending with a bare CR,
+            L{BadMessageData}; nothing of the message is then left.
+        """
+        if self._openFailure is not None:
+            return defer.fail(self._openFailure)
+        if self._state != "open":
+            return defer.fail(TemporaryFailure("delivery is not open"))
+        if self._pendingCR:
+            try:
+                self._refuse("bare CR (a CR not followed by LF)")
+            except BadMessageData:
+                return defer.fail()
+        self._append(self._normalizer.finish())
+        self._state = "committing"
+        if self._opening is not None:
+            waiter: defer.Deferred = defer.Deferred()
+            self._opening.append(waiter)
+            d = waiter.addCallback(self._cbReady)
+        else:
+            d = self._runner.run(self._doCommit)
+        d.addCallbacks(self._cbCommitted, self._ebCommitted)
+        return d
+
+    def _cbReady(self, ignored: None) -> defer.Deferred:
+        if self._openFailure is not None:
+            return defer.fail(self._openFailure)
+        return self._runner.run(self._doCommit)
+
+    def _cbCommitted(self, result: None) -> None:
+        self._state = "committed"
+
+    def _ebCommitted(self, failure: Any) -> Any:
+        self._state = "failed"
+        return failure
+
+    def _doCommit(self) -> None:
+        links: list[str] = []
+        copies: list[str] = []
+        name = f"{self._unique},S={self._size},W={self._size + self._lines}"
+        try:
+            self._flush()
+            os.fsync(self._fd)
+            fd, self._fd = self._fd, None
+            os.close(fd)
+            for maildir in self._maildirs:
+                dest = os.path.join(maildir, "new", name)
+                try:
+                    os.link(self._tmpPath, dest)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                    self._copyInto(maildir, dest, copies)
+                links.append(dest)
+            for maildir in self._maildirs:
+                fsutil.fsyncDirectory(os.path.join(maildir, "new"))
+        except OSError as e:
+            for path in links:
+                unlinkQuietly(path)
+            self._discard(copies)
+            raise TemporaryFailure.fromOSError("cannot deliver message", e) from e
+        # Durable in every new/ from here on: tmp clean-up is best effort.
+        self._discard(copies)
+
+    def _copyInto(self, maildir: str, dest: str, copies: list) -> None:
+        """
+        Copy the message into C{maildir} (another file system) through its
+        C{tmp}, then link it to C{dest}.
+        """
+        copyPath = os.path.join(maildir, "tmp", self._unique)
+        out = fsutil.createFile(copyPath, self._owner)
+        copies.append(copyPath)
+        try:
+            source = os.open(self._tmpPath, os.O_RDONLY | O_CLOEXEC)
+            try:
+                while True:
+                    chunk = os.read(source, READ_CHUNK)
+                    if not chunk:
+                        break
+                    _writeAll(out, chunk)
+            finally:
+                os.close(source)
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.link(copyPath, dest)
+
+    def _discard(self, copies: Sequence[str] = ()) -> None:
+        """
+        Close and remove the tmp file (and copies of it), best effort.
+
+        The removal is not fsynced: a tmp file that survives a crash is
+        harmless (Maildir readers never look in C{tmp/}), and one fsync less
+        per delivery matters.
+        """
+        fd, self._fd = self._fd, None
+        closeQuietly(fd)
+        self._buffer.clear()
+        for path in [self._tmpPath, *copies]:
+            unlinkQuietly(path)
+
+    def abort(self) -> None:
+        """
+        Discard the message.  Idempotent; does nothing once committing.
+        A tmp file still being opened is removed once it is.
+        """
+        if self._state == "open":
+            self._state = "aborted"
+            if self._opening is None:
+                self._discard()
+            else:
+                self._buffer.clear()

@@ -1,0 +1,108 @@
+# -*- test-case-name: tests.test_wire -*-
+"""
+The message format shared by the listeners and the stores: line-end
+conversions and the default message size limit.
+
+Three forms of a message meet in pop3gw: what a client sends (CRLF line
+ends, a bare LF tolerated), what the queue stores and the relay sends (CRLF,
+L{toCRLF}/L{CRLFStream}), and what a maildrop stores (LF, L{LFNormalizer}),
+read back by POP3 in wire form (L{WireConverter}).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "CRLFStream", "LFNormalizer", "WireConverter", "toCRLF"]
+
+#: The largest message accepted by default, in octets (C{max-message-size}).
+DEFAULT_MAX_MESSAGE_SIZE = 40 * 1024 * 1024
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def toCRLF(data: bytes) -> bytes:
+    """
+    @return: C{data} with every bare LF (an LF without a CR before it) made
+        CRLF; CRLF and bare CRs are left alone.
+    """
+    return _BARE_LF.sub(b"\r\n", data)
+
+
+class CRLFStream:
+    """
+    L{toCRLF} over data that arrives in chunks: a CR at the end of one chunk
+    and an LF at the start of the next are one CRLF.
+    """
+
+    def __init__(self) -> None:
+        self._lastCR = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """
+        @return: C{chunk} converted.
+        """
+        if not chunk:
+            return b""
+        if self._lastCR and chunk[:1] == b"\n":
+            out = b"\n" + toCRLF(chunk[1:])
+        else:
+            out = toCRLF(chunk)
+        self._lastCR = out.endswith(b"\r")
+        return out
+
+
+class LFNormalizer:
+    """
+    Streaming conversion of CRLF, bare CR and LF line ends to LF.
+
+    A CR at the end of one chunk is turned into LF at once; an LF at the start
+    of the next chunk is then dropped, so CRLF split across two chunks is one
+    line end.
+    """
+
+    def __init__(self) -> None:
+        self._skipLF = False
+        self._last = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """
+        @return: C{chunk} converted; may be empty.
+        """
+        if not chunk:
+            return b""
+        if self._skipLF and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+            if not chunk:
+                self._skipLF = False
+                return b""
+        self._skipLF = chunk[-1:] == b"\r"
+        out = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        self._last = out[-1:]
+        return out
+
+    def finish(self) -> bytes:
+        """
+        @return: the LF needed to end the data with a line end: C{b"\\n"} if
+            something was fed and it did not end with a line end, else C{b""}.
+        """
+        if self._last and self._last != b"\n":
+            self._last = b"\n"
+            return b"\n"
+        return b""
+
+
+class WireConverter:
+    """
+    Streaming conversion to wire form (every line end CRLF, final CRLF added
+    if missing), the same result as L{pop3gw.testing.wireForm} on the whole.
+    """
+
+    def __init__(self) -> None:
+        self._normalizer = LFNormalizer()
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._normalizer.feed(chunk).replace(b"\n", b"\r\n")
+
+    def finish(self) -> bytes:
+        return self._normalizer.finish().replace(b"\n", b"\r\n")

@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.test_shutdown -*-
+"""
+Shutdown order (L{pop3gw.service.ServerLockService.stopService}): the
+listeners stop first, then the services (the relay), then the thread pools,
+each pool only once the work in flight on it has reported.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from pop3gw.maildir import MaildirStore
+from pop3gw.relay.service import RelayService
+from pop3gw.runner import ThreadPoolRunner
+from pop3gw.service import STOP_LISTENERS, ServerLockService, ThreadPoolService
+from tests.queuehelpers import ALICE, BOB, BODY, GREETING, TRACE, FakeEndpoint, FakeResolver, FakeThreadPool, QueueTestMixin, readJSON
+from tests.test_smtp import SessionMixin
+
+
+class RecordingPool(FakeThreadPool):
+    """
+    A L{FakeThreadPool} that records when it is started and stopped.
+    """
+
+    def __init__(self, events: list, onStop=lambda: None) -> None:
+        super().__init__()
+        self.events = events
+        self.onStop = onStop
+
+    def start(self) -> None:
+        self.events.append("pool started")
+
+    def stop(self) -> None:
+        self.onStop()
+        self.events.append("pool stopped")
+
+
+class RecordingService(Service):
+    """
+    A part that records its stop and stops when the test says so.
+    """
+
+    def __init__(self, name: str, events: list, stopStage=None) -> None:
+        self.name = name
+        self.events = events
+        self.stopped: defer.Deferred = defer.Deferred()
+        if stopStage is not None:
+            self.stopStage = stopStage
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        self.events.append(f"{self.name} stopping")
+        return self.stopped
+
+
+class ShutdownOrderTests(SynchronousTestCase):
+    """
+    The parts of the server stop in stages.
+    """
+
+    def test_poolsStopLast(self) -> None:
+        """
+        The listeners stop first; the other services only once every
+        listener has stopped; the pools only once those have; the server
+        lock is released at the end.
+        """
+        events: list = []
+        top = ServerLockService(os.path.abspath(self.mktemp()))
+        os.makedirs(top.dataDir)
+        ThreadPoolService(RecordingPool(events)).setServiceParent(top)
+        listener = RecordingService("listener", events, STOP_LISTENERS)
+        listener.setServiceParent(top)
+        relay = RecordingService("relay", events)
+        relay.setServiceParent(top)
+        top.startService()
+        self.assertEqual(events, ["pool started"])
+        d = top.stopService()
+        self.assertEqual(events, ["pool started", "listener stopping"])
+        listener.stopped.callback(None)
+        self.assertEqual(events, ["pool started", "listener stopping", "relay stopping"])
+        self.assertIsNotNone(top._lockFD)
+        relay.stopped.callback(None)
+        self.successResultOf(d)
+        self.assertEqual(events, ["pool started", "listener stopping", "relay stopping", "pool stopped"])
+        self.assertIsNone(top._lockFD)
+
+
+class SubmissionCommitAtShutdownTests(SessionMixin, SynchronousTestCase):
+    """
+    A submission commit in flight at shutdown is answered before the pool
+    stops.
+    """
+
+    def test_commitAnsweredBeforePoolStops(self) -> None:
+        """
+        The end of data was received and the message is being stored in the
+        pool when the server stops: the pool stops only after the client
+        got its C{250}.
+        """
+        from tests.queuehelpers import ThreadClock
+
+        reactor = ThreadClock()
+        events: list = []
+        pool = RecordingPool(events, lambda: events.append(("client got", self.transport.value())))
+        runner = ThreadPoolRunner(reactor, pool)
+        self.router.store = MaildirStore(self.mktemp(), runner, hostname="testhost")
+        self.login()
+        self.envelope()
+        self.assertEqual(self.feed(b"Subject: x\r\n\r\nhi\r\n.\r\n"), b"")
+        self.assertNotEqual(pool.jobs, [])
+
+        top = ServerLockService(os.path.abspath(self.mktemp()))
+        os.makedirs(top.dataDir)
+        ThreadPoolService(pool, runner).setServiceParent(top)
+        top.startService()
+        d = top.stopService()
+        self.assertNoResult(d)
+        self.assertEqual(events, ["pool started"])
+        pool.runAll()
+        reactor.advance(0)
+        self.successResultOf(d)
+        self.assertEqual(len(events), 3)
+        self.assertEqual(events[2], "pool stopped")
+        label, sent = events[1]
+        self.assertEqual(label, "client got")
+        self.assertTrue(sent.startswith(b"250 2.0.0 "), sent)
+
+
+class RelayAttemptAtShutdownTests(QueueTestMixin, SynchronousTestCase):
+    """
+    A relay attempt in flight at shutdown is recorded before the pool
+    stops.
+    """
+
+    def test_attemptRecordedBeforePoolStops(self) -> None:
+        """
+        The relay aborts the session in progress; the deferral is written
+        to the entry (through the pool, which is still running) before the
+        pool stops, and the stop does not wait for the grace period.
+        """
+        events: list = []
+        connects: list = []
+        pool = RecordingPool(events)
+        self.setUpQueue(pool)
+        relay = RelayService(
+            self.queue,
+            self.clock,
+            "mx.example.org",
+            lambda sender, data: defer.succeed(None),
+            resolver=FakeResolver(mx={"remote.example": [(10, "mx.remote.example")]}),
+            endpointFactory=lambda host, port: FakeEndpoint(host, port, connects),
+        )
+        top = ServerLockService(os.path.abspath(self.mktemp()))
+        os.makedirs(top.dataDir)
+        ThreadPoolService(pool, self.queue.runner).setServiceParent(top)
+        relay.setServiceParent(top)
+        top.startService()
+        delivery = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+        delivery.write(BODY)
+        committed = delivery.commit()
+        pool.runAll()
+        self.successResultOf(committed)
+        self.clock.advance(0)
+        pool.runAll()
+        [endpoint] = connects
+        endpoint.open()
+        endpoint.feed(GREETING)
+        [entry] = relay.entries.values()
+
+        d = top.stopService()
+        self.assertTrue(endpoint.transport.disconnected)
+        endpoint.close()
+        self.assertEqual(events, ["pool started"])
+        pool.runAll()
+        self.clock.advance(0)
+        self.successResultOf(d)
+        self.assertEqual(events, ["pool started", "pool stopped"])
+        recorded = readJSON(self.root, entry.queueId)
+        self.assertEqual(recorded["recipients"][0]["state"], "pending")
+        self.assertIn("mx.remote.example", recorded["lastError"])

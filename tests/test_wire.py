@@ -1,0 +1,27 @@
+# -*- test-case-name: tests.test_wire -*-
+"""
+Tests for L{pop3gw.wire}: the line-end conversions shared by the queue,
+the bounces and the maildrops.
+"""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from pop3gw.wire import CRLFStream, toCRLF
+
+
+class ToCRLFTests(SynchronousTestCase):
+    def test_bareLF(self) -> None:
+        """
+        Every bare LF becomes CRLF; CRLF and bare CR are unchanged.
+        """
+        self.assertEqual(toCRLF(b"a\nb\r\nc\rd\n\n"), b"a\r\nb\r\nc\rd\r\n\r\n")
+
+    def test_streamSplitCRLF(self) -> None:
+        """
+        L{CRLFStream} gives the result of L{toCRLF} on the whole, whatever
+        the cut, a CRLF split between two chunks included.
+        """
+        data = b"a\r\nb\nc\r\rd\n\r\n"
+        for cut in range(len(data) + 1):
+            stream = CRLFStream()
+            self.assertEqual(stream.feed(data[:cut]) + stream.feed(data[cut:]), toCRLF(data), cut)
