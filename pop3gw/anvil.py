@@ -20,9 +20,16 @@ A flood of guesses from one client must not lock out everyone else.  So:
     and at most 15 s, as Dovecot's C{auth_penalty} does.
   - Loopback and Unix-socket clients (the operator's own tools, a webmail
     on the same host) get their share like any client, each loopback
-    address its own, but no failure penalty.
-  - In all, at most L{MAX_PENDING_CHECKS} checks may be in the hash
-    threads and L{MAX_WAITING_CHECKS} wait; beyond that a login gets
+    address its own, but no failure delay (their failures still count
+    for the order of turns, below).
+  - In all, at most L{PENDING_PER_THREAD} checks per hash thread are in
+    the hash threads (running or in the pool's own first-come queue).  A
+    check that finds them full waits its turn without a thread.  Turns go
+    first to clients without recent failures, then to the others; within
+    each group they go round the waiting clients one check each.  So
+    clients whose logins succeed are not held up by many guessing clients
+    together, and no guessing client is shut out.  At most
+    L{MAX_WAITING_CHECKS} checks wait in all; beyond that a login gets
     L{AuthenticationBusy} at once.
 
 Everything runs on the reactor thread.  Refusals are logged at most once
@@ -51,8 +58,10 @@ CHECKS_PER_CLIENT = 2
 #: checks to finish, or for its failure penalty) without a thread.
 WAITING_PER_CLIENT = 16
 
-#: Password checks in the hash threads (running or queued there) in all.
-MAX_PENDING_CHECKS = 64
+#: Password checks handed to the hash threads (running or queued there),
+#: per thread.  The rest wait their turn here, where turns are fair, so the
+#: pool's own first-come queue stays short.
+PENDING_PER_THREAD = 2
 
 #: Password checks waiting in all, over every client.
 MAX_WAITING_CHECKS = 1024
@@ -101,7 +110,9 @@ class _Client:
     The accounting of one client.
 
     @ivar running: its checks in the hash threads.
-    @ivar queue: its checks waiting for one of its running checks to end.
+    @ivar queue: its checks waiting for a place in the hash threads (one
+        of its own running checks to end, or its turn when they are full).
+    @ivar ready: whether it is in the round of clients waiting for a turn.
     @ivar delayed: its checks waiting out their penalty delay.
     @ivar failures: its recent failures, as of C{since}.
     @ivar since: when C{failures} last changed.
@@ -112,6 +123,7 @@ class _Client:
         self.key = key
         self.running = 0
         self.queue: collections.deque = collections.deque()
+        self.ready = False
         self.delayed = 0
         self.failures = 0
         self.since = 0.0
@@ -171,23 +183,32 @@ class AuthAccounting:
         *,
         checksPerClient: int = CHECKS_PER_CLIENT,
         waitingPerClient: int = WAITING_PER_CLIENT,
-        maxPending: int = MAX_PENDING_CHECKS,
+        hashThreads: int = 2,
+        maxPending: Optional[int] = None,
         maxWaiting: int = MAX_WAITING_CHECKS,
         maxClients: int = MAX_CLIENTS,
     ) -> None:
         """
         @param clock: an L{IReactorTime}.
+        @param hashThreads: the threads password checks run in; at most
+            L{PENDING_PER_THREAD} checks each are handed to them at once.
+        @param maxPending: that total, if given (for tests).
         """
         self._clock = clock
         self.checksPerClient = checksPerClient
         self.waitingPerClient = waitingPerClient
-        self.maxPending = maxPending
+        self.maxPending = maxPending if maxPending is not None else PENDING_PER_THREAD * hashThreads
         self.maxWaiting = maxWaiting
         self.maxClients = maxClients
         self.pending = 0
         self.waiting = 0
         # Ordered by last use, oldest first.
         self._clients: collections.OrderedDict[str, _Client] = collections.OrderedDict()
+        # Clients with a check waiting and room in their share, in turn:
+        # those without recent failures first.
+        self._cleanRound: collections.deque[_Client] = collections.deque()
+        self._round: collections.deque[_Client] = collections.deque()
+        self._dispatching = False
         self._digestKey = secrets.token_bytes(32)
         self._lastRefusalLog: Optional[float] = None
         self._unloggedRefusals = 0
@@ -236,16 +257,21 @@ class AuthAccounting:
         @param peer: the client as L{pop3gw.address.describePeer} names it.
         @return: a L{defer.Deferred} firing with a L{CheckSlot} when the
             check may go to the hash threads (at once, or once the client's
-            penalty delay or one of its running checks is over), or failing
-            with L{AuthenticationBusy} (at once) when the client's share or
-            the total is used up.  Cancelling it while it waits gives the
+            penalty delay, one of its running checks or its turn is over),
+            or failing with L{AuthenticationBusy} (at once) when the
+            client's share or the total of waiting checks is used up.  Cancelling it while it waits gives the
             place up.
         """
         client = self._client(clientNetwork(peer))
         if client.held() >= self.checksPerClient + self.waitingPerClient:
             return self._refuse(peer, client, "its password checks are all running or waiting")
         delay = 0.0 if isLoopback(peer) else self.delayFor(peer)
-        mustWait = delay > 0 or client.running >= self.checksPerClient
+        mustWait = (
+            delay > 0
+            or client.running >= self.checksPerClient
+            or bool(client.queue)
+            or self.pending >= self.maxPending
+        )
         if mustWait and self.waiting >= self.maxWaiting:
             return self._refuse(peer, client, "too many password checks are waiting")
         if delay > 0:
@@ -263,12 +289,8 @@ class AuthAccounting:
             return
         client.running -= 1
         self.pending -= 1
-        if client.queue:
-            waiter = client.queue.popleft()
-            self.waiting -= 1
-            client.running += 1
-            self.pending += 1
-            waiter.callback(CheckSlot(client))
+        self._joinRound(client)
+        self._dispatch()
         self._forgetIfIdle(client)
 
     def digest(self, username: bytes, password: bytes) -> bytes:
@@ -283,10 +305,9 @@ class AuthAccounting:
         """
         Count a failed login of C{peer} (wrong password, unknown user,
         malformed credentials) with the L{digest} of what it sent.
-        Loopback and Unix-socket clients are not penalised.
+        Loopback and Unix-socket clients get no delay for it (see
+        L{delayFor}), but wait behind clients without failures.
         """
-        if isLoopback(peer):
-            return
         now = self._clock.seconds()
         client = self._client(clientNetwork(peer))
         client.decay(now)
@@ -308,16 +329,10 @@ class AuthAccounting:
 
     def _enqueue(self, client: _Client, peer: str, d: Optional[defer.Deferred]) -> defer.Deferred:
         """
-        Start a check of C{client} now if its share and the total allow,
-        else queue it behind the client's running checks.
+        Start a check of C{client} now if nothing of it waits and its share
+        and the total allow, else queue it for its turn.
         """
-        if client.running < self.checksPerClient:
-            if self.pending >= self.maxPending:
-                refusal = self._refuse(peer, client, "the hash threads are full")
-                if d is None:
-                    return refusal
-                refusal.chainDeferred(d)
-                return d
+        if not client.queue and client.running < self.checksPerClient and self.pending < self.maxPending:
             client.running += 1
             self.pending += 1
             slot = CheckSlot(client)
@@ -329,7 +344,41 @@ class AuthAccounting:
             d = defer.Deferred(lambda waiter: self._cancelQueued(client, waiter))
         client.queue.append(d)
         self.waiting += 1
+        self._joinRound(client)
         return d
+
+    def _joinRound(self, client: _Client) -> None:
+        """
+        Put C{client} at the end of the round if it has a check waiting and
+        room in its share.
+        """
+        if client.queue and client.running < self.checksPerClient and not client.ready:
+            client.ready = True
+            client.decay(self._clock.seconds())
+            (self._round if client.failures else self._cleanRound).append(client)
+
+    def _dispatch(self) -> None:
+        """
+        Give free places in the hash threads to waiting checks, one per
+        client in turn.
+        """
+        if self._dispatching:
+            return  # a check started below finished at once: the loop goes on
+        self._dispatching = True
+        try:
+            while self.pending < self.maxPending and (self._cleanRound or self._round):
+                client = (self._cleanRound or self._round).popleft()
+                client.ready = False
+                if not client.queue or client.running >= self.checksPerClient:
+                    continue
+                waiter = client.queue.popleft()
+                self.waiting -= 1
+                client.running += 1
+                self.pending += 1
+                self._joinRound(client)
+                waiter.callback(CheckSlot(client))
+        finally:
+            self._dispatching = False
 
     def _delay(self, client: _Client, peer: str, delay: float) -> defer.Deferred:
         """

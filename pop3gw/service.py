@@ -29,6 +29,7 @@ from twisted.python.threadpool import ThreadPool
 from pop3gw import __version__, fsutil
 from pop3gw.address import Address
 from pop3gw.interfaces import UnknownUser
+from pop3gw.anvil import AuthAccounting
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
@@ -372,7 +373,13 @@ def _build(config: Config, reactor) -> MultiService:
     store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
     queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
-    checker = PasswordChecker(users, reactor, hashPool, config.limits["failure-delay"])
+    checker = PasswordChecker(
+        users,
+        reactor,
+        hashPool,
+        config.limits["failure-delay"],
+        accounting=AuthAccounting(reactor, hashThreads=hashPool.max),
+    )
     portal = Portal(Realm(users, store, router), [checker])
     policy = PlaintextAuthPolicy(config.plaintextAuth)
 

@@ -118,13 +118,51 @@ class AuthAccountingTests(SynchronousTestCase):
     def test_totalPending(self) -> None:
         """
         Beyond C{maxPending} checks in the hash threads in all, a client
-        with a free share is refused at once rather than queued.
+        with a free share waits (without a slot) rather than being refused,
+        and gets the next free slot.
         """
         anvil = AuthAccounting(self.clock, checksPerClient=2, waitingPerClient=3, maxPending=3)
         slots = [self.successResultOf(anvil.admit(f"192.0.2.{i}")) for i in range(3)]
-        self.failureResultOf(anvil.admit("192.0.2.9"), AuthenticationBusy)
+        waiting = anvil.admit("192.0.2.9")
+        self.assertNoResult(waiting)
+        self.assertEqual((anvil.pending, anvil.waiting), (3, 1))
         anvil.release(slots[0])
-        self.successResultOf(anvil.admit("192.0.2.9"))
+        self.assertIsInstance(self.successResultOf(waiting), CheckSlot)
+        self.assertEqual((anvil.pending, anvil.waiting), (3, 0))
+
+    def test_turnsGoRound(self) -> None:
+        """
+        When the hash threads are full, the free slots go round the waiting
+        clients one check each, in the order they began to wait: a newcomer
+        behind many flooding clients waits for one check of each, not for
+        all their queued checks.
+        """
+        anvil = AuthAccounting(self.clock, checksPerClient=2, waitingPerClient=16, maxPending=4)
+        flooders = [f"192.0.2.{i}" for i in range(1, 9)]
+        slots = [self.successResultOf(anvil.admit(flooders[i // 2])) for i in range(4)]
+        started: list = []
+
+        def wait(peer: str) -> None:
+            anvil.admit(peer).addCallback(lambda slot: started.append((peer, slot)))
+
+        for peer in flooders:
+            for _ in range(5):
+                wait(peer)
+        wait(OTHER)
+        self.assertEqual(started, [])
+        while not started or started[-1][0] != OTHER:
+            anvil.release(slots.pop(0))
+            slots.append(started[-1][1])
+        # The clients with no check running (3 to 8), then the newcomer,
+        # each get one turn before anyone gets another.
+        self.assertEqual([peer for peer, _ in started], flooders[2:] + [OTHER])
+
+    def test_totalPendingFromThreads(self) -> None:
+        """
+        By default the hash threads are handed two checks per thread at
+        once.
+        """
+        self.assertEqual(AuthAccounting(self.clock, hashThreads=3).maxPending, 6)
 
     def test_totalWaiting(self) -> None:
         """
