@@ -8,11 +8,12 @@ L{twisted.cred.portal.Portal} handing out L{IPOP3Avatar}s.
 
 Design notes:
 
-  - Input is split into lines here (not by C{LineReceiver}) so that the
-    line limit, LF-only line ends, pipelining and the STLS discard rule are
-    all handled in one place.  While a command is in progress (a login, a
-    message transfer, the UPDATE state) further lines stay buffered and are
-    answered, in order, once it finishes.
+  - Framing, the line limits, pipelining, read back-pressure, the idle
+    timer, closing and the STLS discard rule are L{pop3gw.lineproto}'s.
+    While a command is in flight (a login, a message transfer, the UPDATE
+    state) further lines stay buffered and are answered, in order, once it
+    finishes.  A line over its limit is answered as soon as the limit is
+    passed, and the rest of it is dropped.
   - Each state has an explicit command table; nothing from the wire is
     looked up with C{getattr}.
   - One push producer is registered with the transport for the whole
@@ -44,15 +45,14 @@ from typing import AbstractSet, Callable, Optional, Sequence
 
 from twisted.cred.error import LoginFailed
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITLSTransport
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.interfaces import IReactorTime, ITLSTransport
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3gw import events
-from pop3gw.address import describePeer
 from pop3gw.credentials import ClientCredentials
-from pop3gw.flow import OutputFlow
+from pop3gw.lineproto import LineProtocol
 from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
 
 #: Longest command line accepted, terminator included (RFC 2449 section 4).
@@ -66,6 +66,10 @@ MAX_SASL_LINE_LENGTH = 2048
 #: Octets of input kept while a command is in progress before the server
 #: stops reading from the client (pipelining back-pressure).
 MAX_PENDING_INPUT = 65536
+
+#: Seconds a closed connection may take to send its last reply before it is
+#: aborted (a client that does not read would otherwise keep it for ever).
+CLOSE_TIMEOUT = 10.0
 
 #: Consecutive erroneous commands before the connection is closed.
 MAX_BAD_COMMANDS = 20
@@ -388,34 +392,25 @@ def _plainAuthcid(encoded: bytes) -> Optional[str]:
         return None
 
 
-class POP3Server(Protocol):
+class POP3Server(LineProtocol):
     """
     One POP3 session.  Its settings (portal, plaintext policy, clock, STLS
     context, idle timeout, names) are those of its L{POP3Factory}, read
     through C{self.factory}.
 
     @ivar state: C{"AUTHORIZATION"}, C{"TRANSACTION"} or C{"UPDATE"}.
-    @ivar secure: whether TLS is active (implicit TLS or after STLS).
-    @ivar peer: the client's host, for logs and the policy.
     """
 
     log = Logger()
+
+    maxPendingInput = MAX_PENDING_INPUT
+    closeTimeout = CLOSE_TIMEOUT
 
     # Per-session state.  The defaults live on the class, and an instance
     # gets its own attribute only when a value changes: an idle connection
     # then costs little memory.  The mutable containers of the TRANSACTION
     # state are made at login.
     state = _AUTHORIZATION
-    secure = False
-    peer = "unknown"
-    _discarding = False
-    _busy = False
-    _processing = False
-    _readingPaused = False
-    _closing = False
-    _disconnected = False
-    _timeoutCall = None
-    _outputRegistered = False
     _badCommands = 0
     _authFailures = 0
     _user: Optional[str] = None
@@ -437,43 +432,25 @@ class POP3Server(Protocol):
     _bytesSent = 0
 
     def __init__(self, factory: "POP3Factory") -> None:
+        super().__init__()
         self.factory = factory
-        self._buffer = bytearray()
-        self._output = OutputFlow(self)
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.factory.clock
+
+    @property
+    def idleTimeout(self) -> Optional[float]:
+        return self.factory.idleTimeout
 
     # --- Connection ------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.secure = ISSLTransport.providedBy(self.transport)
-        self.peer = self._peerHost()
-        self._output.register(self.transport)
-        self._resetTimeout()
+        self.startSession()
         self._reply(GREETING.format(implementation=self.factory.implementation))
 
-    def _peerHost(self) -> str:
-        try:
-            return describePeer(self.transport.getPeer())
-        except Exception:
-            return "unknown"
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing or self._disconnected:
-            return
-        if b"\n" in data:
-            # Only a finished line counts as activity: a client trickling a
-            # line that never ends (slowloris) still times out.
-            self._resetTimeout()
-        self._buffer += data
-        self._processBuffer()
-
     def connectionLost(self, reason: Failure = None) -> None:
-        self._disconnected = True
-        self._cancelTimeout()
-        self._buffer.clear()
-        if self._sender is not None:
-            sender, self._sender = self._sender, None
-            sender.stopProducing()
-        self._unregisterOutput()
+        self.endSession()
         # Whatever the state: a maildrop held must never stay locked.
         if self._maildrop is not None:
             self._releaseMaildrop()
@@ -500,76 +477,45 @@ class POP3Server(Protocol):
             except Exception:
                 self.log.failure("portal logout failed")
 
-    def _closeConnection(self, abort: bool = False) -> None:
+    def _close(self, text: Optional[str] = None) -> None:
         """
-        Stop reading, stop any transfer and close once written.
+        Send the reply C{text} (if any) and close the connection.
+        """
+        self.closeConnection(None if text is None else text.encode("utf-8") + b"\r\n")
 
-        @param abort: close at once, dropping unsent output (a client that
-            stopped reading would otherwise hold the connection open).
+    def stopWork(self) -> None:
         """
-        self._closing = True
-        self._cancelTimeout()
-        self._buffer.clear()
+        Stop any message transfer: the connection is closing.
+        """
         if self._sender is not None:
             sender, self._sender = self._sender, None
             sender.stopProducing()
-        # A registered producer would keep a TLS transport from shutting down.
-        self._unregisterOutput()
-        if not self._disconnected:
-            if abort:
-                self.transport.abortConnection()
-            else:
-                self.transport.loseConnection()
-
-    def _unregisterOutput(self) -> None:
-        self._output.unregister(self.transport, self.log)
 
     def _outputPaused(self) -> None:
         """
-        The client is not reading: pause any transfer; L{_processBuffer}
-        answers nothing more until L{_outputResumed}.
+        The client is not reading: pause any transfer; nothing more is
+        answered until L{_outputResumed}.
         """
         if self._sender is not None:
             self._sender.pauseProducing()
 
     def _outputResumed(self) -> None:
-        if self._closing or self._disconnected:
+        if self.ended():
             return
         if self._sender is not None:
             self._sender.resumeProducing()
         else:
-            self._processBuffer()
+            self.processBuffer()
 
-    # --- Idle timeout -----------------------------------------------------
-
-    def _resetTimeout(self) -> None:
-        if not self.factory.idleTimeout or self._closing or self._disconnected or self.state == _UPDATE:
-            return
-        if self._timeoutCall is not None and self._timeoutCall.active():
-            self._timeoutCall.reset(self.factory.idleTimeout)
-        else:
-            self._timeoutCall = self.factory.clock.callLater(self.factory.idleTimeout, self._timedOut)
-
-    def _cancelTimeout(self) -> None:
-        call, self._timeoutCall = self._timeoutCall, None
-        if call is not None and call.active():
-            call.cancel()
-
-    def _timedOut(self) -> None:
-        self._timeoutCall = None
-        if self._closing or self._disconnected:
-            return
-        stalled = self._output.paused
+    def idleTimedOut(self) -> None:
         if self._sender is not None:
             # Mid-message a reply line would look like message text: just
             # close, without the terminating "." line.
-            sender, self._sender = self._sender, None
-            sender.stopProducing()
-        elif not stalled:
-            self._reply(ERR_IDLE)
-        # A client that stopped reading would keep a gracefully closed
-        # connection open for ever.
-        self._closeConnection(abort=stalled)
+            self.stopWork()
+            self._close()
+            return
+        # A client that stopped reading is aborted without the reply.
+        self._close(ERR_IDLE)
 
     # --- Output -------------------------------------------------------------
 
@@ -602,91 +548,20 @@ class POP3Server(Protocol):
         """
         self._badCommands += 1
         if self._badCommands >= MAX_BAD_COMMANDS:
-            self._reply(ERR_TOO_MANY_ERRORS)
-            self._closeConnection()
+            self._close(ERR_TOO_MANY_ERRORS)
         else:
             self._reply(text)
 
     # --- Input ------------------------------------------------------------
 
-    def _lineLimit(self) -> int:
+    def lineLimit(self, head: bytes) -> int:
         return MAX_SASL_LINE_LENGTH if self._saslPending else MAX_LINE_LENGTH
 
-    def _processBuffer(self) -> None:
-        """
-        Handle every complete buffered line, unless a command is in
-        progress.  Re-entrant calls (a transfer that finishes while this
-        loop runs) leave the work to the outer loop.
-        """
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            while not (self._busy or self._output.paused or self._closing or self._disconnected):
-                buf = self._buffer
-                if self._discarding:
-                    end = buf.find(b"\n")
-                    if end == -1:
-                        buf.clear()
-                        break
-                    del buf[: end + 1]
-                    self._discarding = False
-                    continue
-                limit = self._lineLimit()
-                end = buf.find(b"\n")
-                if end == -1:
-                    if len(buf) >= limit:
-                        buf.clear()
-                        self._discarding = True
-                        self._lineTooLong()
-                    break
-                if end + 1 > limit:
-                    del buf[: end + 1]
-                    self._lineTooLong()
-                    continue
-                line = bytes(buf[:end])
-                del buf[: end + 1]
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                self._lineReceived(line)
-        finally:
-            self._processing = False
-        self._flowControl()
-
-    def _flowControl(self) -> None:
-        """
-        Stop reading while too much input waits behind a busy command or
-        a client that does not read its replies.
-        """
-        if self._disconnected or self._closing:
-            return
-        want = len(self._buffer) < MAX_PENDING_INPUT or not (self._busy or self._output.paused)
-        try:
-            if not want and not self._readingPaused:
-                self._readingPaused = True
-                self.transport.pauseProducing()
-            elif want and self._readingPaused:
-                self._readingPaused = False
-                self.transport.resumeProducing()
-        except Exception:
-            self.log.failure("flow control on transport failed")
-
-    def _lineTooLong(self) -> None:
+    def lineTooLong(self) -> None:
         self._saslPending = False
         self._clientError(ERR_LINE_TOO_LONG)
 
-    def _setBusy(self) -> None:
-        self._busy = True
-
-    def _doneBusy(self) -> None:
-        """
-        A command in progress finished: answer buffered lines.
-        """
-        self._busy = False
-        if not self._processing:
-            self._processBuffer()
-
-    def _lineReceived(self, raw: bytes) -> None:
+    def lineReceived(self, raw: bytes) -> None:
         try:
             if self._saslPending:
                 self._saslPending = False
@@ -724,10 +599,8 @@ class POP3Server(Protocol):
         except Exception:
             self.log.failure("unexpected error handling a POP3 command")
             self._saslPending = False
-            self._busy = False
-            if self._sender is not None:
-                sender, self._sender = self._sender, None
-                sender.stopProducing()
+            self.dropInFlight()
+            self.stopWork()
             self._reply(ERR_INTERNAL)
 
     def _commandTable(self) -> dict:
@@ -779,8 +652,7 @@ class POP3Server(Protocol):
     # --- AUTHORIZATION --------------------------------------------------------
 
     def do_QUIT_authorization(self, rest: str) -> None:
-        self._reply(GOODBYE.format(hostname=self.factory.hostname))
-        self._closeConnection()
+        self._close(GOODBYE.format(hostname=self.factory.hostname))
 
     def do_USER(self, rest: str) -> None:
         words = rest.split()
@@ -890,17 +762,8 @@ class POP3Server(Protocol):
             self._clientError(ERR_TLS_AFTER_USER)
             return
         self._reply("+OK Begin TLS negotiation")
-        # Whatever the client pipelined after STLS arrived in plaintext and
-        # must never be executed (CVE-2011-0411).
-        self._buffer.clear()
-        self._discarding = False
-        try:
-            self.transport.startTLS(self.factory.tlsContextFactory)
-        except Exception:
-            self.log.failure("starting TLS failed")
-            self._closeConnection()
+        if not self.startTLS(self.factory.tlsContextFactory):
             return
-        self.secure = True
         self._user = None
         self._saslPending = False
         self.state = _AUTHORIZATION
@@ -912,13 +775,12 @@ class POP3Server(Protocol):
         Check the credentials with the portal, then open the maildrop.
         Further input waits until this is over.
         """
-        self._setBusy()
         creds = ClientCredentials(user.encode("utf-8"), password, self.peer)
         d = defer.maybeDeferred(self.factory.portal.login, creds, None, IPOP3Avatar)
         d.addCallbacks(self._cbLoggedIn, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
-        d.addErrback(self._ebInternal)
+        self.hold(d)
 
-    def _ebInternal(self, reason: Failure) -> None:
+    def commandFailed(self, reason: Failure) -> None:
         """
         A bug in a login or QUIT callback: say so without details and close;
         L{connectionLost} releases whatever is held.
@@ -927,8 +789,7 @@ class POP3Server(Protocol):
         if self._committing:
             self._committing = False
             self._callLogout()
-        self._reply(ERR_INTERNAL)
-        self._closeConnection()
+        self._close(ERR_INTERNAL)
 
     def _ebLogin(self, reason: Failure, user: str) -> None:
         """
@@ -940,13 +801,12 @@ class POP3Server(Protocol):
                 break
         else:
             reply, kind = LOGIN_FAULT
-        ended = self._ended()
+        ended = self.ended()
         if kind == _LOGIN_FAILED:
             if ended:
                 events.loginFailed(self.log, "pop3", user, self.peer)
                 return
             self._authFailed(user)
-            self._doneBusy()
             return
         if kind == _LOGIN_UNAVAILABLE:
             events.loginUnavailable(self.log, "pop3", user, self.peer, str(reason.value))
@@ -954,7 +814,6 @@ class POP3Server(Protocol):
             self.log.failure("authentication backend failed", reason)
         if not ended:
             self._reply(reply)
-            self._doneBusy()
 
     def _warnUnavailable(self, what: str, reason: Failure) -> None:
         """
@@ -970,28 +829,27 @@ class POP3Server(Protocol):
         self._authFailures += 1
         events.loginFailed(self.log, "pop3", user, self.peer, reason)
         if self._authFailures >= MAX_AUTH_FAILURES:
-            self._reply(ERR_TOO_MANY_AUTH)
-            self._closeConnection()
+            self._close(ERR_TOO_MANY_AUTH)
         else:
             self._reply(ERR_AUTH_FAILED)
 
     def _cbLoggedIn(self, result, user: str):
         interface, avatar, logout = result
         self._logout = logout
-        if self._ended():
+        if self.ended():
             self._callLogout()
             return None
         self._avatar = avatar
         d = defer.maybeDeferred(avatar.openMaildrop)
         d.addCallbacks(self._cbMaildrop, self._ebMaildrop)
-        d.addErrback(self._ebInternal)
+        d.addErrback(self.commandFailed)
         return d
 
     def _ebMaildrop(self, reason: Failure) -> None:
         user = self._avatarName()
         self._avatar = None
         self._callLogout()
-        if self._ended():
+        if self.ended():
             return
         if reason.check(MaildropLocked):
             self.log.info(
@@ -1009,10 +867,9 @@ class POP3Server(Protocol):
         else:
             self.log.failure("opening maildrop failed", reason)
             self._reply(ERR_MAILDROP_TEMP)
-        self._doneBusy()
 
     def _cbMaildrop(self, maildrop) -> None:
-        if self._ended():
+        if self.ended():
             try:
                 maildrop.release()
             except Exception:
@@ -1029,14 +886,6 @@ class POP3Server(Protocol):
         self.state = _TRANSACTION
         self._reply("+OK Logged in.")
         events.loginSucceeded(self.log, "pop3", self._avatarName(), self.peer, self.secure)
-        self._doneBusy()
-
-    def _ended(self) -> bool:
-        """
-        @return: whether the session is closed or closing, so that a login
-            finishing now must only release what it got.
-        """
-        return self._closing or self._disconnected
 
     def _avatarName(self) -> str:
         address = getattr(self._avatar, "address", None)
@@ -1155,16 +1004,17 @@ class POP3Server(Protocol):
             return None
 
     def _send(self, source, topLines: Optional[int]) -> None:
-        self._setBusy()
+        done: defer.Deferred = defer.Deferred()
         sender = _MessageSender(
             self.transport,
             source,
             topLines,
-            onDone=self._sent if topLines is None else self._sentTop,
-            onProgress=self._resetTimeout,
+            onDone=lambda sender, failure: self._transferDone(sender, failure, topLines is None, done),
+            onProgress=self.resetTimeout,
             onSent=self._countSent,
         )
         self._sender = sender
+        self.hold(done)
         sender.start(paused=self._output.paused)
 
     def _countSent(self, octets: int) -> None:
@@ -1174,27 +1024,27 @@ class POP3Server(Protocol):
         """
         self._bytesSent += octets
 
-    def _sent(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
-        if failure is None:
-            self._retrieved += 1
-        self._transferDone(sender, failure)
-
-    def _sentTop(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
-        if failure is None:
-            self._topped += 1
-        self._transferDone(sender, failure)
-
-    def _transferDone(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
+    def _transferDone(
+        self, sender: _MessageSender, failure: Optional[Failure], whole: bool, done: defer.Deferred
+    ) -> None:
+        """
+        A RETR (C{whole}) or TOP transfer ended: count it, or close if the
+        message could not be read; then fire C{done}, the command in flight.
+        """
         if self._sender is sender:
             self._sender = None
         if failure is not None:
             # The +OK line and part of the message are out: never let the
             # client mistake a truncated message for a whole one.
             self.log.failure("reading message failed", failure)
-            self._closeConnection()
-            return
-        self._resetTimeout()
-        self._doneBusy()
+            self._close()
+        else:
+            if whole:
+                self._retrieved += 1
+            else:
+                self._topped += 1
+            self.resetTimeout()
+        done.callback(None)
 
     def do_QUIT_transaction(self, rest: str) -> None:
         """
@@ -1204,21 +1054,19 @@ class POP3Server(Protocol):
         _noArguments(rest)
         self.state = _UPDATE
         self._committing = True
-        self._cancelTimeout()
-        self._setBusy()
+        self.cancelTimeout()
         deleted = sorted(self._deleted)
         seen = sorted(self._accessed - self._deleted)
         maildrop, self._maildrop = self._maildrop, None
         d = defer.maybeDeferred(maildrop.commit, deleted, seen=seen)
         d.addCallbacks(self._cbCommitted, self._ebCommit, callbackArgs=(len(deleted),))
-        d.addErrback(self._ebInternal)
+        self.hold(d)
 
     def _cbCommitted(self, ignored, deleted: int) -> None:
         self._committing = False
         self._logSessionEnd(deleted=deleted)
         self._callLogout()
-        self._reply(GOODBYE.format(hostname=self.factory.hostname))
-        self._closeConnection()
+        self._close(GOODBYE.format(hostname=self.factory.hostname))
 
     def _ebCommit(self, reason: Failure) -> None:
         self._committing = False
@@ -1232,8 +1080,7 @@ class POP3Server(Protocol):
             self.log.failure("commit failed", reason)
         self._logSessionEnd(deleted=0)
         self._callLogout()
-        self._reply(ERR_COMMIT)
-        self._closeConnection()
+        self._close(ERR_COMMIT)
 
     def _logSessionEnd(self, deleted: int) -> None:
         if self._loggedOut:
