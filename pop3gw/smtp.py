@@ -7,8 +7,9 @@ and LOGIN (RFC 4954), STARTTLS (RFC 3207), SIZE (RFC 1870), PIPELINING
 (RFC 2920), 8BITMIME (RFC 6152) and ENHANCEDSTATUSCODES (RFC 2034, RFC 3463
 codes).  CHUNKING/BDAT, DSN and SMTPUTF8 are not offered.
 
-The protocol does its own line parsing over
-L{twisted.internet.protocol.Protocol}; it sees only L{pop3gw.interfaces},
+The protocol stands on L{pop3gw.lineproto.LineProtocol} (framing, limits,
+pipelining, back-pressure, idle and close timers, STARTTLS's buffer
+discard); it sees only L{pop3gw.interfaces},
 L{pop3gw.address}, L{pop3gw.events} and a L{twisted.cred.portal.Portal}
 whose realm hands out L{ISubmissionAvatar}s.
 
@@ -31,7 +32,8 @@ connection: while the transport pauses it (the client does not read its
 replies) nothing more is answered, and reading stops once
 L{MAX_PENDING_INPUT} octets wait.  A close while the output is stalled
 aborts the connection; a graceful close is aborted after L{CLOSE_TIMEOUT}
-seconds.  Only data holding a line end resets the idle timer.
+seconds.  Only data holding a line end resets the idle timer.  If TLS
+cannot start after C{220} to STARTTLS, the connection is closed.
 
 Message data
 ============
@@ -117,15 +119,14 @@ from typing import Callable, Optional
 import attr
 from twisted.cred.error import LoginFailed
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3gw import events
-from pop3gw.address import Address, AddressError, describePeer
+from pop3gw.address import Address, AddressError
 from pop3gw.credentials import ClientCredentials
-from pop3gw.flow import OutputFlow
+from pop3gw.lineproto import LineProtocol
 from pop3gw.interfaces import (
     AuthenticationBusy,
     IDelivery,
@@ -674,7 +675,7 @@ class _Mode(enum.Enum):
     DATA = "data"  # message data
 
 
-class SubmissionServer(Protocol):
+class SubmissionServer(LineProtocol):
     """
     One SMTP submission session.  Built by L{SubmissionFactory}.
 
@@ -689,13 +690,16 @@ class SubmissionServer(Protocol):
 
     log = Logger()
 
+    maxPendingInput = MAX_PENDING_INPUT
+    closeTimeout = CLOSE_TIMEOUT
+    bareLFCountsAsCRLF = True
+    tooLongAtOnce = False
+
     def __init__(self, factory: "SubmissionFactory") -> None:
+        super().__init__()
         self.factory = factory
-        self._buffer = bytearray()
         self._state = _State.FRESH
         self._mode = _Mode.COMMAND
-        self._secure = False
-        self._peer = "unknown"
         self._helo: Optional[str] = None
         self._esmtp = False
         self._avatar: Optional[ISubmissionAvatar] = None
@@ -710,16 +714,14 @@ class SubmissionServer(Protocol):
         self._errors = 0
         self._messages = 0
         self._bytes = 0
-        self._discardingLine = False
-        self._waiting = False
-        self._processing = False
-        self._paused = False
-        self._closing = False
-        self._connected = False
-        self._timer = None
-        self._abortCall = None
-        self._output = OutputFlow(self)
-        self._outputRegistered = False
+
+    @property
+    def clock(self):
+        return self.factory.clock
+
+    @property
+    def idleTimeout(self) -> Optional[float]:
+        return self.factory.idleTimeout
 
     # -- connection ------------------------------------------------------
 
@@ -727,107 +729,38 @@ class SubmissionServer(Protocol):
         """
         Greet the client and start the idle timer.
         """
-        self._connected = True
-        self._secure = ISSLTransport.providedBy(self.transport)
-        self._peer = describePeer(self.transport.getPeer())
-        self._output.register(self.transport)
-        self._timer = self.factory.clock.callLater(self.factory.idleTimeout, self._timedOut)
+        self.startSession()
         self._send(Reply(220, f"{self.factory.hostname} ESMTP ready"))
-
-    def dataReceived(self, data: bytes) -> None:
-        """
-        Buffer C{data} and process what can be processed now.
-        """
-        if self._closing or not self._connected:
-            return
-        if b"\n" in data and self._timer is not None and self._timer.active():
-            # Only a line end counts as activity: a client trickling a line
-            # that never ends (slowloris) still times out.
-            self._timer.reset(self.factory.idleTimeout)
-        self._buffer += data
-        self._process()
 
     def connectionLost(self, reason: Failure = None) -> None:
         """
         Abort any open delivery, log out, log the session's counters.
         """
-        self._connected = False
         self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._abortCall is not None and self._abortCall.active():
-            self._abortCall.cancel()
-        self._abortCall = None
-        del self._buffer[:]
-        self._unregisterOutput()
+        self.endSession()
+        self._endAuthentication()
+
+    def stopWork(self) -> None:
+        """
+        Abort the message being read, if any.
+        """
         if self._reader is not None:
             self._reader.abort()
             self._reader = None
-        self._endAuthentication()
 
-    def _unregisterOutput(self) -> None:
-        self._output.unregister(self.transport, self.log)
-
-    def _outputPaused(self) -> None:
-        """
-        The client stopped reading: nothing to do now; L{_process} checks
-        the flow before answering anything.
-        """
-
-    def _outputResumed(self) -> None:
-        """
-        The client reads again: answer what waits.
-        """
-        if self._connected and not self._closing:
-            self._process()
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        if self._waiting and self._connected:
+    def idleTimedOut(self) -> None:
+        if self.commandInFlight:
             # The server, not the client, is slow: wait on.
-            self._timer = self.factory.clock.callLater(self.factory.idleTimeout, self._timedOut)
+            self.restartTimeout()
             return
         self._close(Reply(421, f"4.4.2 {self.factory.hostname} Error: timeout exceeded"))
 
     def _close(self, reply: Reply) -> None:
         """
-        Send a last reply and close the connection.  If the client is not
-        reading (the output is paused), the connection is aborted at once
-        without the reply; otherwise it is aborted if the reply has not gone
-        out after L{CLOSE_TIMEOUT} seconds.
+        Send a last reply and close the connection (see
+        L{LineProtocol.closeConnection}).
         """
-        if self._closing:
-            return
-        stalled = self._output.paused
-        self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._reader is not None:
-            self._reader.abort()
-            self._reader = None
-        del self._buffer[:]
-        if not self._connected:
-            return
-        if not stalled:
-            self.transport.write(reply.toBytes())
-        # A registered producer would keep a TLS transport from shutting
-        # down.
-        self._unregisterOutput()
-        if stalled:
-            self.transport.abortConnection()
-            return
-        self.transport.loseConnection()
-        self._abortCall = self.factory.clock.callLater(CLOSE_TIMEOUT, self._abortStalled)
-
-    def _abortStalled(self) -> None:
-        """
-        The last reply did not go out in time: the client is not reading.
-        """
-        self._abortCall = None
-        if self._connected:
-            self.transport.abortConnection()
+        self.closeConnection(reply.toBytes())
 
     def _send(self, reply: Reply) -> None:
         """
@@ -848,98 +781,37 @@ class SubmissionServer(Protocol):
 
     # -- input processing -----------------------------------------------
 
-    def _process(self) -> None:
+    def step(self) -> bool:
         """
-        Handle buffered input until it runs out or a reply is pending.
+        Handle the next command line, SASL response or piece of message
+        data.
         """
-        if self._processing:
-            return
-        self._processing = True
         try:
-            while not self._waiting and not self._closing and not self._output.paused:
-                if self._mode is _Mode.DATA:
-                    progressed = self._dataStep()
-                else:
-                    progressed = self._lineStep()
-                if not progressed:
-                    break
+            if self._mode is _Mode.DATA:
+                return self._dataStep()
+            return self._nextLine()
         except Exception:
             self.log.failure("Unexpected error in a submission session")
             self._close(Reply(421, f"4.3.0 {self.factory.hostname} Error: internal error"))
-        finally:
-            self._processing = False
-        self._flowControl()
+            return False
 
-    def _flowControl(self) -> None:
-        """
-        Stop reading while more than L{MAX_PENDING_INPUT} octets wait (behind
-        a pending reply, or for a client that does not read its replies);
-        read again once they have been handled.
-        """
-        if self._closing or not self._connected:
-            return
-        want = len(self._buffer) <= MAX_PENDING_INPUT
-        try:
-            if not want and not self._paused:
-                self._paused = True
-                self.transport.pauseProducing()
-            elif want and self._paused:
-                self._paused = False
-                self.transport.resumeProducing()
-        except Exception:
-            self.log.failure("Flow control on a submission transport failed")
-
-    def _wait(self, d: Deferred) -> None:
-        """
-        Hold further input until C{d} (whose callbacks send the reply) fires.
-        """
-        self._waiting = True
-        d.addErrback(self._ebUnexpected)
-        d.addBoth(self._resume)
-
-    def _resume(self, ignored: object) -> None:
-        self._waiting = False
-        if self._connected:
-            self._process()
-
-    def _ebUnexpected(self, failure: Failure) -> None:
+    def commandFailed(self, failure: Failure) -> None:
         self.log.failure("Unexpected error in a submission session", failure)
-        if self._connected:
+        if not self._disconnected:
             self._close(Reply(421, f"4.3.0 {self.factory.hostname} Error: internal error"))
 
-    def _lineStep(self) -> bool:
-        buf = self._buffer
-        nl = buf.find(b"\n")
-        if nl == -1:
-            if len(buf) > MAX_AUTH_LINE:
-                del buf[:]
-                self._discardingLine = True
-            return False
-        line = bytes(buf[:nl])
-        del buf[: nl + 1]
-        if self._discardingLine:
-            self._discardingLine = False
-            self._lineTooLong()
-            return True
-        length = len(line) + 1
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        else:
-            length += 1
-        if self._mode is _Mode.AUTH or line[:5].upper() == b"AUTH ":
-            limit = MAX_AUTH_LINE
-        else:
-            limit = MAX_COMMAND_LINE
-        if length > limit:
-            # Whether the line came in one segment or many.
-            self._lineTooLong()
-        elif self._mode is _Mode.AUTH:
+    def lineLimit(self, head: bytes) -> int:
+        if self._mode is _Mode.AUTH or head[:5].upper() == b"AUTH ":
+            return MAX_AUTH_LINE
+        return MAX_COMMAND_LINE
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._mode is _Mode.AUTH:
             self._authResponse(line)
         else:
             self._commandLine(line)
-        return True
 
-    def _lineTooLong(self) -> None:
+    def lineTooLong(self) -> None:
         if self._mode is _Mode.AUTH:
             self._mode = _Mode.COMMAND
             self._auth = None
@@ -973,7 +845,7 @@ class SubmissionServer(Protocol):
             self._send(INTERNAL_ERROR)
             return
         if isinstance(result, Deferred):
-            self._wait(result)
+            self.hold(result)
 
     def _dataStep(self) -> bool:
         reader = self._reader
@@ -996,7 +868,7 @@ class SubmissionServer(Protocol):
             callbackArgs=(queueID, size, sender, reader.delivery),
             errbackArgs=(sender,),
         )
-        self._wait(d)
+        self.hold(d)
         return True
 
     def _logRefused(self, sender: Optional[Address], reply: Reply, reason: Optional[str] = None) -> None:
@@ -1078,7 +950,7 @@ class SubmissionServer(Protocol):
             return
         logout, self._logout = self._logout, None
         self._avatar = None
-        events.loggedOut(self.log, SERVICE, self._user, self._peer, messages=self._messages, bytes=self._bytes)
+        events.loggedOut(self.log, SERVICE, self._user, self.peer, messages=self._messages, bytes=self._bytes)
         if logout is not None:
             try:
                 logout()
@@ -1086,10 +958,10 @@ class SubmissionServer(Protocol):
                 self.log.failure("Submission logout failed")
 
     def _plaintextAllowed(self) -> bool:
-        return bool(self.factory.plaintextAllowed(self._secure, self._peer))
+        return bool(self.factory.plaintextAllowed(self.secure, self.peer))
 
     def _startTLSOffered(self) -> bool:
-        return self.factory.tlsContextFactory is not None and not self._secure
+        return self.factory.tlsContextFactory is not None and not self.secure
 
     # -- commands --------------------------------------------------------
 
@@ -1148,17 +1020,13 @@ class SubmissionServer(Protocol):
     def _cmdSTARTTLS(self, argument: str) -> None:
         if argument:
             raise SMTPRefusal(NO_ARGUMENTS)
-        if self._secure:
+        if self.secure:
             raise SMTPRefusal(TLS_ACTIVE)
         if self.factory.tlsContextFactory is None:
             raise SMTPRefusal(NO_STARTTLS)
         self._send(READY_TLS)
-        # CVE-2011-0411: whatever was pipelined after STARTTLS arrived in
-        # plaintext and must never be acted on.
-        del self._buffer[:]
-        self._discardingLine = False
-        self.transport.startTLS(self.factory.tlsContextFactory)
-        self._secure = True
+        if not self.startTLS(self.factory.tlsContextFactory):
+            return
         self._endAuthentication()
         self._resetTransaction()
         self._helo = None
@@ -1177,7 +1045,7 @@ class SubmissionServer(Protocol):
         initial = parts[1] if len(parts) == 2 else None
         if not self._plaintextAllowed():
             events.loginRefused(
-                self.log, SERVICE, _initialUser(mechanism, initial), self._peer, events.PLAINTEXT_DISALLOWED
+                self.log, SERVICE, _initialUser(mechanism, initial), self.peer, events.PLAINTEXT_DISALLOWED
             )
             raise SMTPRefusal(AUTH_ENCRYPTION_REQUIRED)
         if mechanism == "PLAIN":
@@ -1224,7 +1092,7 @@ class SubmissionServer(Protocol):
             self._send(e.reply)
             return
         if isinstance(result, Deferred):
-            self._wait(result)
+            self.hold(result)
 
     def _authPlain(self, response: bytes) -> Optional[Deferred]:
         parts = response.split(b"\x00")
@@ -1232,19 +1100,19 @@ class SubmissionServer(Protocol):
             raise SMTPRefusal(AUTH_MALFORMED)
         authzid, authcid, password = parts
         if authzid and authzid != authcid:
-            events.loginFailed(self.log, SERVICE, authcid, self._peer, "authorization identity differs")
+            events.loginFailed(self.log, SERVICE, authcid, self.peer, "authorization identity differs")
             self._authFailed()
             return None
         return self._login(authcid, password)
 
     def _login(self, user: bytes, password: bytes) -> Deferred:
-        d = self.factory.portal.login(ClientCredentials(user, password, self._peer), None, ISubmissionAvatar)
+        d = self.factory.portal.login(ClientCredentials(user, password, self.peer), None, ISubmissionAvatar)
         d.addCallbacks(self._cbLogin, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
         return d
 
     def _cbLogin(self, result: tuple, user: bytes) -> None:
         interface, avatar, logout = result
-        if not self._connected or self._closing:
+        if self.ended():
             logout()
             return
         self._avatar = avatar
@@ -1252,7 +1120,7 @@ class SubmissionServer(Protocol):
         # The user as stored, whatever case the client typed.
         self._user = str(avatar.address)
         self._state = _State.AUTHENTICATED
-        events.loginSucceeded(self.log, SERVICE, self._user, self._peer, self._secure)
+        events.loginSucceeded(self.log, SERVICE, self._user, self.peer, self.secure)
         self._send(AUTH_OK)
 
     def _ebLogin(self, failure: Failure, user: bytes) -> None:
@@ -1266,11 +1134,11 @@ class SubmissionServer(Protocol):
         else:
             reply, kind = LOGIN_FAULT
         if kind == _LOGIN_FAILED:
-            events.loginFailed(self.log, SERVICE, user, self._peer)
+            events.loginFailed(self.log, SERVICE, user, self.peer)
             self._authFailed(reply)
             return
         if kind == _LOGIN_UNAVAILABLE:
-            events.loginUnavailable(self.log, SERVICE, user, self._peer, str(failure.value))
+            events.loginUnavailable(self.log, SERVICE, user, self.peer, str(failure.value))
         elif kind == _LOGIN_FAULT:
             self.log.failure("Submission login failed unexpectedly", failure)
         self._send(reply)
@@ -1394,7 +1262,7 @@ class SubmissionServer(Protocol):
         docstring).
         """
         helo = _SAFE_HELO.sub("_", _traceName(self._helo))
-        protocol = "ESMTP" + ("S" if self._secure else "") + ("A" if self._avatar is not None else "")
+        protocol = "ESMTP" + ("S" if self.secure else "") + ("A" if self._avatar is not None else "")
         return (
             f"Received: from {helo} (authenticated user) by {self.factory.hostname}"
             f" (pop3gw) with {protocol} id {self._queueID}; {formatDate(self.factory.clock.seconds())}\r\n"
