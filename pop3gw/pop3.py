@@ -38,8 +38,6 @@ Design notes:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from typing import AbstractSet, Callable, Optional, Sequence
 
@@ -53,6 +51,7 @@ from twisted.python.failure import Failure
 from pop3gw import events
 from pop3gw.credentials import ClientCredentials
 from pop3gw.lineproto import LineProtocol
+from pop3gw.sasl import BadBase64, MalformedPlain, decodeResponse, loggedUser, parsePlain
 from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
 
 #: Longest command line accepted, terminator included (RFC 2449 section 4).
@@ -380,14 +379,9 @@ def _plainAuthcid(encoded: bytes) -> Optional[str]:
 
     @return: L{None} if C{encoded} is not a well-formed response.
     """
+    authcid = loggedUser("PLAIN", encoded)
     try:
-        parts = base64.b64decode(encoded, validate=True).split(b"\x00")
-    except (binascii.Error, ValueError):
-        return None
-    if len(parts) != 3:
-        return None
-    try:
-        return parts[1].decode("utf-8") or None
+        return None if authcid is None else authcid.decode("utf-8")
     except UnicodeDecodeError:
         return None
 
@@ -724,21 +718,18 @@ class POP3Server(LineProtocol):
         """
         Decode and check a PLAIN response (RFC 4616) and log in with it.
         """
-        if encoded == b"=" and not continuation:
-            encoded = b""
         try:
-            decoded = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
+            response = parsePlain(decodeResponse(encoded, emptyMarker=not continuation))
+        except BadBase64:
             self._clientError(ERR_SASL_BASE64)
             return
-        parts = decoded.split(b"\x00")
-        if len(parts) != 3:
+        except MalformedPlain:
             self._authFailed(None, "malformed SASL PLAIN response")
             return
-        authzid, authcid, password = parts
+        password = response.password
         try:
-            user = authcid.decode("utf-8")
-            authz = authzid.decode("utf-8")
+            user = response.authcid.decode("utf-8")
+            authz = response.authzid.decode("utf-8")
         except UnicodeDecodeError:
             self._authFailed(None, "malformed SASL PLAIN response")
             return

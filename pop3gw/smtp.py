@@ -106,8 +106,6 @@ one log line, which names a server-side cause in words::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.utils
 import enum
 import ipaddress
@@ -127,6 +125,7 @@ from pop3gw import events
 from pop3gw.address import Address, AddressError
 from pop3gw.credentials import ClientCredentials
 from pop3gw.lineproto import LineProtocol
+from pop3gw.sasl import BadBase64, MalformedPlain, decodeResponse, loggedUser, parsePlain
 from pop3gw.interfaces import (
     AuthenticationBusy,
     IDelivery,
@@ -337,11 +336,9 @@ def decodeBase64(text: str) -> bytes:
 
     @raise SMTPRefusal: with L{AUTH_BAD_BASE64}.
     """
-    if text == "=":
-        return b""
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return decodeResponse(text.encode("ascii"))
+    except (BadBase64, UnicodeEncodeError):
         raise SMTPRefusal(AUTH_BAD_BASE64) from None
 
 
@@ -423,26 +420,6 @@ def _messageId(delivery: IDelivery) -> str:
     if isinstance(queueId, str) and _SAFE_ID.match(queueId):
         return queueId
     return secrets.token_hex(8).upper()
-
-
-def _initialUser(mechanism: str, initial: Optional[str]) -> Optional[bytes]:
-    """
-    The user name in an AUTH initial response, for a log line: the
-    authentication identity of PLAIN, or LOGIN's user name; L{None} if
-    there is none or it does not decode.  Never the password.
-    """
-    if initial is None:
-        return None
-    try:
-        response = decodeBase64(initial)
-    except SMTPRefusal:
-        return None
-    if mechanism == "LOGIN":
-        return response or None
-    parts = response.split(b"\x00")
-    if len(parts) != 3:
-        return None
-    return parts[1] or None
 
 
 #: The (lower-cased) header fields whose addresses the user must own.
@@ -1045,7 +1022,7 @@ class SubmissionServer(LineProtocol):
         initial = parts[1] if len(parts) == 2 else None
         if not self._plaintextAllowed():
             events.loginRefused(
-                self.log, SERVICE, _initialUser(mechanism, initial), self.peer, events.PLAINTEXT_DISALLOWED
+                self.log, SERVICE, loggedUser(mechanism, None if initial is None else initial.encode("ascii", "replace")), self.peer, events.PLAINTEXT_DISALLOWED
             )
             raise SMTPRefusal(AUTH_ENCRYPTION_REQUIRED)
         if mechanism == "PLAIN":
@@ -1094,16 +1071,16 @@ class SubmissionServer(LineProtocol):
         if isinstance(result, Deferred):
             self.hold(result)
 
-    def _authPlain(self, response: bytes) -> Optional[Deferred]:
-        parts = response.split(b"\x00")
-        if len(parts) != 3:
-            raise SMTPRefusal(AUTH_MALFORMED)
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
-            events.loginFailed(self.log, SERVICE, authcid, self.peer, "authorization identity differs")
+    def _authPlain(self, decoded: bytes) -> Optional[Deferred]:
+        try:
+            response = parsePlain(decoded)
+        except MalformedPlain:
+            raise SMTPRefusal(AUTH_MALFORMED) from None
+        if response.authzid and response.authzid != response.authcid:
+            events.loginFailed(self.log, SERVICE, response.authcid, self.peer, "authorization identity differs")
             self._authFailed()
             return None
-        return self._login(authcid, password)
+        return self._login(response.authcid, response.password)
 
     def _login(self, user: bytes, password: bytes) -> Deferred:
         d = self.factory.portal.login(ClientCredentials(user, password, self.peer), None, ISubmissionAvatar)
