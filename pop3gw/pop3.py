@@ -39,9 +39,10 @@ Design notes:
 from __future__ import annotations
 
 import re
-from typing import AbstractSet, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from twisted.cred.error import LoginFailed
+import attr
+
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
 from twisted.internet.protocol import ServerFactory
@@ -51,8 +52,8 @@ from twisted.python.failure import Failure
 from pop3gw import events
 from pop3gw.credentials import ClientCredentials
 from pop3gw.lineproto import LineProtocol
-from pop3gw.sasl import BadBase64, MalformedPlain, decodeResponse, loggedUser, parsePlain
-from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
+from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, classifyLoginFailure, decodeResponse, loggedUser, parsePlain
+from pop3gw.interfaces import IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
 
 #: Longest command line accepted, terminator included (RFC 2449 section 4).
 MAX_LINE_LENGTH = 255
@@ -118,31 +119,34 @@ ERR_TLS_ACTIVE = "-ERR Already using TLS."
 ERR_TLS_AFTER_USER = "-ERR STLS not allowed after USER."
 ERR_COMMIT = "-ERR [SYS/TEMP] Some deleted messages not removed."
 
-#: How a login that did not succeed is logged: a failed login (the line
-#: fail2ban matches, counted towards L{MAX_AUTH_FAILURES}), a check that
-#: could not be made (one warn line with the server's reason), or a bug (the
-#: traceback).
-_LOGIN_FAILED = "failed"
-_LOGIN_UNAVAILABLE = "unavailable"
-_LOGIN_FAULT = "fault"
-#: A check refused before it started (the client's share of password checks
-#: is used up): not logged per attempt, the checker logs such refusals
-#: sparingly.
-_LOGIN_BUSY = "busy"
-
-#: The error-to-reply table of logins, first match wins: C{(exception
-#: types, reply, how it is logged)} for every exception the checker or the
-#: portal can raise; anything else is L{LOGIN_FAULT}.
-LOGIN_ERRORS = (
-    ((LoginFailed,), ERR_AUTH_FAILED, _LOGIN_FAILED),
-    ((AuthenticationBusy,), ERR_AUTH_TEMP, _LOGIN_BUSY),
-    ((TemporaryFailure,), ERR_AUTH_TEMP, _LOGIN_UNAVAILABLE),
-)
-LOGIN_FAULT = (ERR_AUTH_TEMP, _LOGIN_FAULT)
+#: The reply to a login that did not succeed, per L{LoginOutcome}.
+LOGIN_REPLIES = {
+    LoginOutcome.FAILED: ERR_AUTH_FAILED,
+    LoginOutcome.BUSY: ERR_AUTH_TEMP,
+    LoginOutcome.UNAVAILABLE: ERR_AUTH_TEMP,
+    LoginOutcome.FAULT: ERR_AUTH_TEMP,
+}
 
 _AUTHORIZATION = "AUTHORIZATION"
 _TRANSACTION = "TRANSACTION"
 _UPDATE = "UPDATE"
+
+
+@attr.s(slots=True, auto_attribs=True)
+class _Transaction:
+    """
+    What RSET undoes: made at login, replaced whole by a new one at RSET,
+    handed to L{IMaildrop.commit} at QUIT.
+
+    @ivar last: the highest message number accessed (RFC 1225 LAST).
+    @ivar deleted: the 0-based indexes of the messages marked deleted.
+    @ivar accessed: the 0-based indexes of the messages retrieved (marked
+        seen at QUIT unless deleted).
+    """
+
+    last: int = 0
+    deleted: set[int] = attr.Factory(set)
+    accessed: set[int] = attr.Factory(set)
 
 
 class _BadArguments(Exception):
@@ -414,10 +418,8 @@ class POP3Server(LineProtocol):
     _logout: Optional[Callable[[], None]] = None
     _maildrop = None
     _messages: Sequence = ()
-    _deleted: AbstractSet[int] = frozenset()
     _initialLast = 0
-    _last = 0
-    _accessed: AbstractSet[int] = frozenset()
+    _transaction: Optional["_Transaction"] = None
     _sender: Optional["_MessageSender"] = None
     _loggedOut = False
     _committing = False
@@ -598,11 +600,7 @@ class POP3Server(LineProtocol):
             self._reply(ERR_INTERNAL)
 
     def _commandTable(self) -> dict:
-        if self.state == _AUTHORIZATION:
-            return _AUTHORIZATION_COMMANDS
-        if self.state == _TRANSACTION:
-            return _TRANSACTION_COMMANDS
-        return {}
+        return _COMMAND_TABLES.get(self.state, {})
 
     # --- Policy -------------------------------------------------------------
 
@@ -784,24 +782,21 @@ class POP3Server(LineProtocol):
 
     def _ebLogin(self, reason: Failure, user: str) -> None:
         """
-        Answer and log a login that did not succeed, as L{LOGIN_ERRORS}
+        Answer and log a login that did not succeed, as L{pop3gw.sasl.LOGIN_ERRORS}
         says; a client that hung up gets no answer but the same log line.
         """
-        for errors, reply, kind in LOGIN_ERRORS:
-            if reason.check(*errors):
-                break
-        else:
-            reply, kind = LOGIN_FAULT
+        kind = classifyLoginFailure(reason)
+        reply = LOGIN_REPLIES[kind]
         ended = self.ended()
-        if kind == _LOGIN_FAILED:
+        if kind is LoginOutcome.FAILED:
             if ended:
                 events.loginFailed(self.log, "pop3", user, self.peer)
                 return
             self._authFailed(user)
             return
-        if kind == _LOGIN_UNAVAILABLE:
+        if kind is LoginOutcome.UNAVAILABLE:
             events.loginUnavailable(self.log, "pop3", user, self.peer, str(reason.value))
-        elif kind == _LOGIN_FAULT:
+        elif kind is LoginOutcome.FAULT:
             self.log.failure("authentication backend failed", reason)
         if not ended:
             self._reply(reply)
@@ -870,10 +865,8 @@ class POP3Server(LineProtocol):
             return
         self._maildrop = maildrop
         self._messages = list(maildrop.messages)
-        self._deleted = set()
-        self._accessed = set()
         self._initialLast = max((n for n, m in enumerate(self._messages, 1) if m.seen), default=0)
-        self._last = self._initialLast
+        self._transaction = _Transaction(last=self._initialLast)
         self.state = _TRANSACTION
         self._reply("+OK Logged in.")
         events.loginSucceeded(self.log, "pop3", self._avatarName(), self.peer, self.secure)
@@ -893,12 +886,13 @@ class POP3Server(LineProtocol):
         if not 1 <= number <= len(self._messages):
             raise _NoSuchMessage()
         index = number - 1
-        if index in self._deleted:
+        if index in self._transaction.deleted:
             raise _MessageDeleted()
         return index
 
     def _live(self) -> list[tuple[int, object]]:
-        return [(i + 1, m) for i, m in enumerate(self._messages) if i not in self._deleted]
+        deleted = self._transaction.deleted
+        return [(i + 1, m) for i, m in enumerate(self._messages) if i not in deleted]
 
     def do_STAT(self, rest: str) -> None:
         _noArguments(rest)
@@ -929,7 +923,7 @@ class POP3Server(LineProtocol):
     def do_DELE(self, rest: str) -> None:
         (number,) = _numbers(rest, 1, 1)
         index = self._message(number)
-        self._deleted.add(index)
+        self._transaction.deleted.add(index)
         self._reply("+OK Message %d deleted." % (number,))
 
     def do_NOOP(self, rest: str) -> None:
@@ -944,9 +938,7 @@ class POP3Server(LineProtocol):
         QUIT.
         """
         _noArguments(rest)
-        self._deleted.clear()
-        self._accessed.clear()
-        self._last = self._initialLast
+        self._transaction = _Transaction(last=self._initialLast)
         live = self._live()
         self._reply("+OK Maildrop has %d messages (%d octets)." % (len(live), sum(m.size for _, m in live)))
 
@@ -956,7 +948,7 @@ class POP3Server(LineProtocol):
         (through the seen flags) an earlier one; 0 if none.
         """
         _noArguments(rest)
-        self._reply("+OK %d" % (self._last,))
+        self._reply("+OK %d" % (self._transaction.last,))
 
     def do_RETR(self, rest: str) -> None:
         (number,) = _numbers(rest, 1, 1)
@@ -965,8 +957,9 @@ class POP3Server(LineProtocol):
         if source is None:
             return
         self._reply("+OK %d octets" % (self._messages[index].size,))
-        self._last = max(self._last, number)
-        self._accessed.add(index)
+        transaction = self._transaction
+        transaction.last = max(transaction.last, number)
+        transaction.accessed.add(index)
         self._send(source, None)
 
     def do_TOP(self, rest: str) -> None:
@@ -1046,8 +1039,9 @@ class POP3Server(LineProtocol):
         self.state = _UPDATE
         self._committing = True
         self.cancelTimeout()
-        deleted = sorted(self._deleted)
-        seen = sorted(self._accessed - self._deleted)
+        transaction = self._transaction
+        deleted = sorted(transaction.deleted)
+        seen = sorted(transaction.accessed - transaction.deleted)
         maildrop, self._maildrop = self._maildrop, None
         d = defer.maybeDeferred(maildrop.commit, deleted, seen=seen)
         d.addCallbacks(self._cbCommitted, self._ebCommit, callbackArgs=(len(deleted),))
@@ -1112,7 +1106,14 @@ _TRANSACTION_COMMANDS = {
     "QUIT": POP3Server.do_QUIT_transaction,
 }
 
-_ALL_COMMANDS = frozenset(_AUTHORIZATION_COMMANDS) | frozenset(_TRANSACTION_COMMANDS)
+_COMMAND_TABLES = {
+    _AUTHORIZATION: _AUTHORIZATION_COMMANDS,
+    _TRANSACTION: _TRANSACTION_COMMANDS,
+}
+
+#: Every command some state accepts: any other is unknown rather than
+#: not valid in this state.
+_ALL_COMMANDS = frozenset().union(*_COMMAND_TABLES.values())
 
 
 class POP3Factory(ServerFactory):

@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.test_sasl -*-
 """
-SASL PLAIN (RFC 4616) and LOGIN response decoding, shared by POP3 AUTH
-(RFC 5034) and SMTP AUTH (RFC 4954).
+What POP3 and submission logins share: SASL PLAIN (RFC 4616) and LOGIN
+response decoding (POP3 AUTH, RFC 5034; SMTP AUTH, RFC 4954), and how a
+login that did not succeed is classified (L{classifyLoginFailure}).
 
-Only the decoding lives here; each protocol keeps its own replies, its own
+Each protocol keeps its own replies (one per L{LoginOutcome}), its own
 failure counting and its own rules on what an empty response or an
 authorization identity means for it.
 """
@@ -12,9 +13,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 from typing import Optional
 
 import attr
+from twisted.cred.error import LoginFailed
+from twisted.python.failure import Failure
+
+from pop3gw.interfaces import AuthenticationBusy, TemporaryFailure
 
 
 class SASLError(Exception):
@@ -100,3 +106,43 @@ def loggedUser(mechanism: str, encoded: Optional[bytes]) -> Optional[bytes]:
         return parsePlain(response).authcid or None
     except MalformedPlain:
         return None
+
+
+class LoginOutcome(enum.Enum):
+    """
+    How a login that did not succeed is answered and logged, the same way
+    by every protocol.
+    """
+
+    #: A failed login: the line fail2ban matches, counted towards the
+    #: protocol's per-connection limit.
+    FAILED = "failed"
+    #: A check refused before it started (the client's share of password
+    #: checks is used up): the temporary reply and no line per attempt, the
+    #: checker logs such refusals sparingly.
+    BUSY = "busy"
+    #: A check that could not be made: the temporary reply and one warn
+    #: line with the server's reason.
+    UNAVAILABLE = "unavailable"
+    #: A bug: the temporary reply and the traceback.
+    FAULT = "fault"
+
+
+#: The exceptions the checker or the portal can raise, first match wins;
+#: anything else is L{LoginOutcome.FAULT}.
+LOGIN_ERRORS = (
+    ((LoginFailed,), LoginOutcome.FAILED),
+    ((AuthenticationBusy,), LoginOutcome.BUSY),
+    ((TemporaryFailure,), LoginOutcome.UNAVAILABLE),
+)
+
+
+def classifyLoginFailure(reason: Failure) -> LoginOutcome:
+    """
+    @return: what the failure of a portal login means, as L{LOGIN_ERRORS}
+        says.
+    """
+    for errors, outcome in LOGIN_ERRORS:
+        if reason.check(*errors):
+            return outcome
+    return LoginOutcome.FAULT

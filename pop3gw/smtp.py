@@ -115,7 +115,6 @@ import time
 from typing import Callable, Optional
 
 import attr
-from twisted.cred.error import LoginFailed
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -125,9 +124,8 @@ from pop3gw import events
 from pop3gw.address import Address, AddressError
 from pop3gw.credentials import ClientCredentials
 from pop3gw.lineproto import LineProtocol
-from pop3gw.sasl import BadBase64, MalformedPlain, decodeResponse, loggedUser, parsePlain
+from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, classifyLoginFailure, decodeResponse, loggedUser, parsePlain
 from pop3gw.interfaces import (
-    AuthenticationBusy,
     IDelivery,
     InsufficientStorage,
     ISubmissionAvatar,
@@ -236,28 +234,13 @@ AUTH_FAILED = Reply(535, "5.7.8 Authentication credentials invalid")
 AUTH_TEMPORARY = Reply(454, "4.7.0 Temporary authentication failure")
 
 
-#: How a login that did not succeed is logged: a failed login (the line
-#: fail2ban matches, counted towards L{MAX_AUTH_FAILURES}), a check that
-#: could not be made (one warn line with the server's reason), or a bug (the
-#: traceback).
-_LOGIN_FAILED = "failed"
-_LOGIN_UNAVAILABLE = "unavailable"
-_LOGIN_FAULT = "fault"
-#: A check refused before it started (the client's share of password checks
-#: is used up): not logged per attempt, the checker logs such refusals
-#: sparingly.
-_LOGIN_BUSY = "busy"
-
-
-#: The error-to-reply table of logins, first match wins: C{(exception
-#: types, reply, how it is logged)} for every exception the checker or the
-#: portal can raise; anything else is L{LOGIN_FAULT}.
-LOGIN_ERRORS = (
-    ((LoginFailed,), AUTH_FAILED, _LOGIN_FAILED),
-    ((AuthenticationBusy,), AUTH_TEMPORARY, _LOGIN_BUSY),
-    ((TemporaryFailure,), AUTH_TEMPORARY, _LOGIN_UNAVAILABLE),
-)
-LOGIN_FAULT = (AUTH_TEMPORARY, _LOGIN_FAULT)
+#: The reply to a login that did not succeed, per L{LoginOutcome}.
+LOGIN_REPLIES = {
+    LoginOutcome.FAILED: AUTH_FAILED,
+    LoginOutcome.BUSY: AUTH_TEMPORARY,
+    LoginOutcome.UNAVAILABLE: AUTH_TEMPORARY,
+    LoginOutcome.FAULT: AUTH_TEMPORARY,
+}
 
 MAIL_SYNTAX = Reply(501, "5.5.4 Syntax: MAIL FROM:<address>")
 RCPT_SYNTAX = Reply(501, "5.5.4 Syntax: RCPT TO:<address>")
@@ -631,6 +614,22 @@ class _MessageReader:
 # --- The protocol -------------------------------------------------------------
 
 
+@attr.s(slots=True, auto_attribs=True)
+class _Envelope:
+    """
+    One mail transaction: made at MAIL, replaced whole by a new one at RSET,
+    HELO/EHLO, STARTTLS and the end of the data.
+
+    @ivar sender: the envelope sender (L{None} before MAIL).
+    @ivar recipients: the accepted recipients, without duplicates.
+    @ivar messageId: the message's id, once DATA has begun its delivery.
+    """
+
+    sender: Optional[Address] = None
+    recipients: list[Address] = attr.Factory(list)
+    messageId: str = ""
+
+
 class _State(enum.Enum):
     """
     Command states of a submission session.
@@ -682,10 +681,8 @@ class SubmissionServer(LineProtocol):
         self._avatar: Optional[ISubmissionAvatar] = None
         self._logout: Optional[Callable[[], None]] = None
         self._user = ""
-        self._sender: Optional[Address] = None
-        self._recipients: list[Address] = []
+        self._envelope = _Envelope()
         self._reader: Optional[_MessageReader] = None
-        self._queueID = ""
         self._auth: Optional[tuple] = None
         self._authFailures = 0
         self._errors = 0
@@ -831,13 +828,14 @@ class SubmissionServer(LineProtocol):
         self._reader = None
         self._mode = _Mode.COMMAND
         refusal = reader.finish()
-        sender = self._sender
+        envelope = self._envelope
+        sender = envelope.sender
         self._resetTransaction()
         if refusal is not None:
             self._logRefused(sender, refusal, reader.reason)
             self._send(refusal)
             return True
-        queueID, size = self._queueID, reader.size
+        queueID, size = envelope.messageId, reader.size
         d = maybeDeferred(reader.delivery.commit)
         d.addCallbacks(
             self._cbCommitted,
@@ -914,8 +912,7 @@ class SubmissionServer(LineProtocol):
         """
         Forget the sender and recipients (RSET, EHLO, end of data).
         """
-        self._sender = None
-        self._recipients = []
+        self._envelope = _Envelope()
         if self._state is _State.MAIL:
             self._state = _State.AUTHENTICATED
 
@@ -953,7 +950,7 @@ class SubmissionServer(LineProtocol):
         self._esmtp = esmtp
         self._state = _State.AUTHENTICATED if self._avatar is not None else _State.GREETED
 
-    def _cmdEHLO(self, argument: str) -> None:
+    def do_EHLO(self, argument: str) -> None:
         name = self._heloName(argument, EHLO_SYNTAX)
         self._greeted(name, esmtp=True)
         lines = [
@@ -969,32 +966,32 @@ class SubmissionServer(LineProtocol):
             lines.append("AUTH PLAIN LOGIN")
         self._sendLines(250, lines)
 
-    def _cmdHELO(self, argument: str) -> None:
+    def do_HELO(self, argument: str) -> None:
         name = self._heloName(argument, HELO_SYNTAX)
         self._greeted(name, esmtp=False)
         self._send(Reply(250, self.factory.hostname))
 
-    def _cmdNOOP(self, argument: str) -> None:
+    def do_NOOP(self, argument: str) -> None:
         self._send(OK)
 
-    def _cmdRSET(self, argument: str) -> None:
+    def do_RSET(self, argument: str) -> None:
         if argument:
             raise SMTPRefusal(NO_ARGUMENTS)
         self._resetTransaction()
         self._send(OK)
 
-    def _cmdQUIT(self, argument: str) -> None:
+    def do_QUIT(self, argument: str) -> None:
         self._close(BYE)
 
-    def _cmdVRFY(self, argument: str) -> None:
+    def do_VRFY(self, argument: str) -> None:
         if not argument:
             raise SMTPRefusal(VRFY_SYNTAX)
         self._send(CANNOT_VRFY)
 
-    def _cmdHELP(self, argument: str) -> None:
+    def do_HELP(self, argument: str) -> None:
         self._send(HELP)
 
-    def _cmdSTARTTLS(self, argument: str) -> None:
+    def do_STARTTLS(self, argument: str) -> None:
         if argument:
             raise SMTPRefusal(NO_ARGUMENTS)
         if self.secure:
@@ -1010,7 +1007,7 @@ class SubmissionServer(LineProtocol):
         self._esmtp = False
         self._state = _State.FRESH
 
-    def _cmdAUTH(self, argument: str) -> Optional[Deferred]:
+    def do_AUTH(self, argument: str) -> Optional[Deferred]:
         if not self._esmtp:
             raise SMTPRefusal(SEND_EHLO_FIRST)
         parts = argument.split(" ")
@@ -1102,21 +1099,18 @@ class SubmissionServer(LineProtocol):
 
     def _ebLogin(self, failure: Failure, user: bytes) -> None:
         """
-        Answer and log a login that did not succeed, as L{LOGIN_ERRORS}
+        Answer and log a login that did not succeed, as L{pop3gw.sasl.LOGIN_ERRORS}
         says; a client that hung up gets no answer but the same log line.
         """
-        for errors, reply, kind in LOGIN_ERRORS:
-            if failure.check(*errors):
-                break
-        else:
-            reply, kind = LOGIN_FAULT
-        if kind == _LOGIN_FAILED:
+        kind = classifyLoginFailure(failure)
+        reply = LOGIN_REPLIES[kind]
+        if kind is LoginOutcome.FAILED:
             events.loginFailed(self.log, SERVICE, user, self.peer)
             self._authFailed(reply)
             return
-        if kind == _LOGIN_UNAVAILABLE:
+        if kind is LoginOutcome.UNAVAILABLE:
             events.loginUnavailable(self.log, SERVICE, user, self.peer, str(failure.value))
-        elif kind == _LOGIN_FAULT:
+        elif kind is LoginOutcome.FAULT:
             self.log.failure("Submission login failed unexpectedly", failure)
         self._send(reply)
 
@@ -1126,7 +1120,7 @@ class SubmissionServer(LineProtocol):
         if self._authFailures >= MAX_AUTH_FAILURES:
             self._close(Reply(421, f"4.7.0 {self.factory.hostname} Error: too many authentication failures"))
 
-    def _cmdMAIL(self, argument: str) -> None:
+    def do_MAIL(self, argument: str) -> None:
         try:
             path, params = parsePath(argument, "FROM")
         except ValueError:
@@ -1158,12 +1152,11 @@ class SubmissionServer(LineProtocol):
             raise SMTPRefusal(BAD_SENDER_ADDRESS) from None
         if not self._avatar.mayUseSender(sender):
             raise SMTPRefusal(SENDER_NOT_OWNED)
-        self._sender = sender
-        self._recipients = []
+        self._envelope = _Envelope(sender)
         self._state = _State.MAIL
         self._send(SENDER_OK)
 
-    def _cmdRCPT(self, argument: str) -> Deferred:
+    def do_RCPT(self, argument: str) -> Deferred:
         try:
             path, params = parsePath(argument, "TO")
         except ValueError:
@@ -1181,7 +1174,7 @@ class SubmissionServer(LineProtocol):
                 address = Address.parse(path)
             except AddressError:
                 raise SMTPRefusal(BAD_RECIPIENT_ADDRESS) from None
-        if len(self._recipients) >= self.factory.maxRecipients:
+        if len(self._envelope.recipients) >= self.factory.maxRecipients:
             raise SMTPRefusal(TOO_MANY_RECIPIENTS)
         d = maybeDeferred(self._avatar.checkRecipient, address)
         d.addCallbacks(self._cbRecipient, self._ebRecipient)
@@ -1190,8 +1183,9 @@ class SubmissionServer(LineProtocol):
     def _cbRecipient(self, address: Address) -> None:
         if self._state is not _State.MAIL:
             return
-        if address not in self._recipients:
-            self._recipients.append(address)
+        recipients = self._envelope.recipients
+        if address not in recipients:
+            recipients.append(address)
         self._send(RECIPIENT_OK)
 
     def _ebRecipient(self, failure: Failure) -> None:
@@ -1205,24 +1199,25 @@ class SubmissionServer(LineProtocol):
             self.log.failure("Checking a submission recipient failed", failure)
             self._send(INTERNAL_ERROR)
 
-    def _cmdDATA(self, argument: str) -> None:
+    def do_DATA(self, argument: str) -> None:
         if argument:
             raise SMTPRefusal(NO_ARGUMENTS)
-        if not self._recipients:
+        envelope = self._envelope
+        if not envelope.recipients:
             raise SMTPRefusal(NO_RECIPIENTS)
         try:
-            delivery = self._avatar.beginDelivery(self._sender, list(self._recipients))
+            delivery = self._avatar.beginDelivery(envelope.sender, list(envelope.recipients))
         except TemporaryFailure as e:
-            self._logRefused(self._sender, temporaryReply(e), str(e))
+            self._logRefused(envelope.sender, temporaryReply(e), str(e))
             raise SMTPRefusal(temporaryReply(e)) from None
-        self._queueID = _messageId(delivery)
+        envelope.messageId = _messageId(delivery)
         # The Received: field names the id, so it is written once the
         # delivery (and with it the queue id) exists, as the first data.
         try:
             delivery.write(self._receivedHeader())
         except TemporaryFailure as e:
             delivery.abort()
-            self._logRefused(self._sender, temporaryReply(e), str(e))
+            self._logRefused(envelope.sender, temporaryReply(e), str(e))
             raise SMTPRefusal(temporaryReply(e)) from None
         except Exception:
             delivery.abort()
@@ -1242,7 +1237,7 @@ class SubmissionServer(LineProtocol):
         protocol = "ESMTP" + ("S" if self.secure else "") + ("A" if self._avatar is not None else "")
         return (
             f"Received: from {helo} (authenticated user) by {self.factory.hostname}"
-            f" (pop3gw) with {protocol} id {self._queueID}; {formatDate(self.factory.clock.seconds())}\r\n"
+            f" (pop3gw) with {protocol} id {self._envelope.messageId}; {formatDate(self.factory.clock.seconds())}\r\n"
         ).encode("ascii", "replace")
 
     def _missingFields(self, present: set) -> list[bytes]:
@@ -1266,27 +1261,27 @@ class SubmissionServer(LineProtocol):
     # -- command tables --------------------------------------------------
 
     _common = {
-        "EHLO": _cmdEHLO,
-        "HELO": _cmdHELO,
-        "NOOP": _cmdNOOP,
-        "RSET": _cmdRSET,
-        "QUIT": _cmdQUIT,
-        "VRFY": _cmdVRFY,
-        "HELP": _cmdHELP,
+        "EHLO": do_EHLO,
+        "HELO": do_HELO,
+        "NOOP": do_NOOP,
+        "RSET": do_RSET,
+        "QUIT": do_QUIT,
+        "VRFY": do_VRFY,
+        "HELP": do_HELP,
     }
     _tables = {
-        _State.FRESH: {**_common, "STARTTLS": _cmdSTARTTLS},
-        _State.GREETED: {**_common, "STARTTLS": _cmdSTARTTLS, "AUTH": _cmdAUTH},
-        _State.AUTHENTICATED: {**_common, "MAIL": _cmdMAIL},
-        _State.MAIL: {**_common, "RCPT": _cmdRCPT, "DATA": _cmdDATA},
+        _State.FRESH: {**_common, "STARTTLS": do_STARTTLS},
+        _State.GREETED: {**_common, "STARTTLS": do_STARTTLS, "AUTH": do_AUTH},
+        _State.AUTHENTICATED: {**_common, "MAIL": do_MAIL},
+        _State.MAIL: {**_common, "RCPT": do_RCPT, "DATA": do_DATA},
     }
     del _common
 
 
 _COMMAND_TABLES = SubmissionServer._tables
-_KNOWN_COMMANDS = frozenset(
-    {"EHLO", "HELO", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "STARTTLS", "VRFY", "HELP"}
-)
+#: Every command some state accepts: any other verb is unknown (500 5.5.2)
+#: rather than out of sequence.
+_KNOWN_COMMANDS = frozenset().union(*_COMMAND_TABLES.values())
 _WRONG_STATE = {
     _State.FRESH: {
         "AUTH": SEND_EHLO_FIRST,

@@ -6,9 +6,21 @@ from __future__ import annotations
 
 import base64
 
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.sasl import BadBase64, MalformedPlain, PlainResponse, decodeResponse, loggedUser, parsePlain
+from pop3gw.interfaces import AuthenticationBusy, InsufficientStorage, TemporaryFailure
+from pop3gw.sasl import (
+    BadBase64,
+    LoginOutcome,
+    MalformedPlain,
+    PlainResponse,
+    classifyLoginFailure,
+    decodeResponse,
+    loggedUser,
+    parsePlain,
+)
 
 
 def _b64(data: bytes) -> bytes:
@@ -73,3 +85,22 @@ class LoggedUserTests(SynchronousTestCase):
         """
         self.assertEqual(loggedUser("LOGIN", _b64(b"alice")), b"alice")
         self.assertIsNone(loggedUser("LOGIN", b"="))
+
+
+class ClassifyLoginFailureTests(SynchronousTestCase):
+    def test_table(self) -> None:
+        """
+        A rejected password is a failed login, a refused check busy, any
+        other temporary failure unavailable (a full disk too), anything
+        else a fault.
+        """
+        cases = [
+            (UnauthorizedLogin(), LoginOutcome.FAILED),
+            (UnhandledCredentials(), LoginOutcome.FAILED),
+            (AuthenticationBusy("busy"), LoginOutcome.BUSY),
+            (TemporaryFailure("down"), LoginOutcome.UNAVAILABLE),
+            (InsufficientStorage("full"), LoginOutcome.UNAVAILABLE),
+            (ValueError("bug"), LoginOutcome.FAULT),
+        ]
+        for error, outcome in cases:
+            self.assertIs(classifyLoginFailure(Failure(error)), outcome, error)

@@ -925,7 +925,7 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
             b"250 2.1.5 OK\r\n"
             b"250 2.1.5 OK\r\n",
         )
-        self.assertEqual(self.proto._recipients, [BOB, REMOTE])
+        self.assertEqual(self.proto._envelope.recipients, [BOB, REMOTE])
 
     def test_postmaster(self) -> None:
         """
@@ -938,7 +938,7 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
             self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<POSTMASTER>\r\n"),
             b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n",
         )
-        self.assertEqual(self.proto._recipients, [ALICE])
+        self.assertEqual(self.proto._envelope.recipients, [ALICE])
 
     def test_postmasterUnknown(self) -> None:
         """
