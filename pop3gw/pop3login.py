@@ -36,7 +36,7 @@ from pop3gw.pop3replies import (
     _noArguments,
 )
 from pop3gw.pop3transaction import _Transaction
-from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, classifyLoginFailure, decodeResponse, loggedUser, parsePlain
+from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, decodeResponse, logLoginFailure, loggedUser, parsePlain
 
 
 def _plainAuthcid(encoded: bytes) -> Optional[str]:
@@ -185,21 +185,14 @@ class AuthorizationCommands:
         Answer and log a login that did not succeed, as L{pop3gw.sasl.LOGIN_ERRORS}
         says; a client that hung up gets no answer but the same log line.
         """
-        kind = classifyLoginFailure(reason)
-        reply = LOGIN_REPLIES[kind]
-        ended = self.ended()
+        kind = logLoginFailure(self.log, "pop3", user, self.peer, reason)
         if kind is LoginOutcome.FAILED:
-            if ended:
+            if self.ended():
                 events.loginFailed(self.log, "pop3", user, self.peer)
-                return
-            self._authFailed(user)
-            return
-        if kind is LoginOutcome.UNAVAILABLE:
-            events.loginUnavailable(self.log, "pop3", user, self.peer, str(reason.value))
-        elif kind is LoginOutcome.FAULT:
-            self.log.failure("authentication backend failed", reason)
-        if not ended:
-            self._reply(reply)
+            else:
+                self._authFailed(user)
+        elif not self.ended():
+            self._reply(LOGIN_REPLIES[kind])
 
     def _warnUnavailable(self, what: str, reason: Failure) -> None:
         """

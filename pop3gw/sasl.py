@@ -18,8 +18,10 @@ from typing import Optional
 
 import attr
 from twisted.cred.error import LoginFailed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pop3gw import events
 from pop3gw.interfaces import AuthenticationBusy, TemporaryFailure
 
 
@@ -146,3 +148,22 @@ def classifyLoginFailure(reason: Failure) -> LoginOutcome:
         if reason.check(*errors):
             return outcome
     return LoginOutcome.FAULT
+
+
+def logLoginFailure(log: Logger, service: str, user: object, peer: str, reason: Failure) -> LoginOutcome:
+    """
+    Classify a login that did not succeed and log what every protocol logs
+    alike: one C{authentication unavailable} line for
+    L{LoginOutcome.UNAVAILABLE}, the traceback for L{LoginOutcome.FAULT}.
+    The caller logs and counts a L{LoginOutcome.FAILED} login itself;
+    L{LoginOutcome.BUSY} gets no line.
+
+    @param user: the login name the client gave (C{str} or C{bytes}).
+    @return: the outcome.
+    """
+    outcome = classifyLoginFailure(reason)
+    if outcome is LoginOutcome.UNAVAILABLE:
+        events.loginUnavailable(log, service, user, peer, str(reason.value))
+    elif outcome is LoginOutcome.FAULT:
+        log.failure("{service} login failed unexpectedly", reason, service=service)
+    return outcome

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from pop3gw import events
 from pop3gw.credentials import ClientCredentials
 from pop3gw.interfaces import ISubmissionAvatar
-from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, classifyLoginFailure, decodeResponse, loggedUser, parsePlain
+from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, decodeResponse, logLoginFailure, loggedUser, parsePlain
 from pop3gw.smtpreplies import (
     AUTH_BAD_BASE64,
     AUTH_CANCELLED,
@@ -152,17 +152,12 @@ class AuthCommands:
         Answer and log a login that did not succeed, as L{pop3gw.sasl.LOGIN_ERRORS}
         says; a client that hung up gets no answer but the same log line.
         """
-        kind = classifyLoginFailure(failure)
-        reply = LOGIN_REPLIES[kind]
+        kind = logLoginFailure(self.log, SERVICE, user, self.peer, failure)
         if kind is LoginOutcome.FAILED:
             events.loginFailed(self.log, SERVICE, user, self.peer)
-            self._authFailed(reply)
-            return
-        if kind is LoginOutcome.UNAVAILABLE:
-            events.loginUnavailable(self.log, SERVICE, user, self.peer, str(failure.value))
-        elif kind is LoginOutcome.FAULT:
-            self.log.failure("Submission login failed unexpectedly", failure)
-        self._send(reply)
+            self._authFailed(LOGIN_REPLIES[kind])
+        else:
+            self._send(LOGIN_REPLIES[kind])
 
     def _authFailed(self, reply: Reply = AUTH_FAILED) -> None:
         self._authFailures += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -17,6 +18,7 @@ from pop3gw.sasl import (
     MalformedPlain,
     PlainResponse,
     classifyLoginFailure,
+    logLoginFailure,
     decodeResponse,
     loggedUser,
     parsePlain,
@@ -104,3 +106,27 @@ class ClassifyLoginFailureTests(SynchronousTestCase):
         ]
         for error, outcome in cases:
             self.assertIs(classifyLoginFailure(Failure(error)), outcome, error)
+
+
+class LogLoginFailureTests(SynchronousTestCase):
+    def test_logged(self) -> None:
+        """
+        An unavailable check gets one warn line naming the service and the
+        server's reason; a fault its traceback; a failed or refused login
+        nothing here (the protocol logs and counts those).
+        """
+        events: list = []
+        log = Logger(observer=events.append)
+        self.assertIs(logLoginFailure(log, "pop3", "alice", "192.0.2.7", Failure(UnauthorizedLogin())), LoginOutcome.FAILED)
+        self.assertIs(logLoginFailure(log, "pop3", "alice", "192.0.2.7", Failure(AuthenticationBusy("x"))), LoginOutcome.BUSY)
+        self.assertEqual(events, [])
+        self.assertIs(
+            logLoginFailure(log, "submission", b"alice", "192.0.2.7", Failure(TemporaryFailure("db down"))),
+            LoginOutcome.UNAVAILABLE,
+        )
+        self.assertEqual(len(events), 1)
+        self.assertIn("service=submission", formatEvent(events[0]))
+        self.assertIn("db down", formatEvent(events[0]))
+        self.assertIs(logLoginFailure(log, "pop3", "alice", "192.0.2.7", Failure(ValueError("bug"))), LoginOutcome.FAULT)
+        self.assertEqual(formatEvent(events[1]), "pop3 login failed unexpectedly")
+        self.assertIsInstance(events[1]["log_failure"].value, ValueError)
