@@ -32,10 +32,8 @@ from pop3gw.pop3replies import (
     MAX_AUTH_FAILURES,
     _AUTHORIZATION,
     _BadArguments,
-    _TRANSACTION,
     _noArguments,
 )
-from pop3gw.pop3transaction import _Transaction
 from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, decodeResponse, logLoginFailure, loggedUser, parsePlain
 
 
@@ -256,10 +254,6 @@ class AuthorizationCommands:
             self._avatar = None
             self._callLogout()
             return
-        self._maildrop = maildrop
-        self._messages = list(maildrop.messages)
-        self._initialLast = max((n for n, m in enumerate(self._messages, 1) if m.seen), default=0)
-        self._transaction = _Transaction(last=self._initialLast)
-        self.state = _TRANSACTION
+        self._beginTransaction(maildrop)
         self._reply("+OK Logged in.")
         events.loginSucceeded(self.log, "pop3", self._avatarName(), self.peer, self.secure)

@@ -20,6 +20,7 @@ from pop3gw.pop3replies import (
     GOODBYE,
     _MessageDeleted,
     _NoSuchMessage,
+    _TRANSACTION,
     _UPDATE,
     _noArguments,
     _numbers,
@@ -49,6 +50,17 @@ class TransactionCommands:
     The handlers of the TRANSACTION state and the commit at QUIT, mixed
     into L{pop3gw.pop3.POP3Server}, whose state they use.
     """
+
+    def _beginTransaction(self, maildrop) -> None:
+        """
+        Enter the TRANSACTION state with the maildrop just opened.  LAST
+        starts at the highest number whose message is seen.
+        """
+        self._maildrop = maildrop
+        self._messages = list(maildrop.messages)
+        self._initialLast = max((n for n, m in enumerate(self._messages, 1) if m.seen), default=0)
+        self._transaction = _Transaction(last=self._initialLast)
+        self.state = _TRANSACTION
 
     def _message(self, number: int) -> int:
         """
