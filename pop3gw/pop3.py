@@ -341,14 +341,10 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
         caps.append(f"IMPLEMENTATION {self.factory.implementation}")
         self._replyMultiline("+OK Capability list follows.", caps)
 
-    # --- AUTHORIZATION --------------------------------------------------------
-
     def do_QUIT_authorization(self, rest: str) -> None:
         self._close(GOODBYE.format(hostname=self.factory.hostname))
 
-
-    # --- Login ----------------------------------------------------------------
-
+    # --- Shared by the states ---------------------------------------------------
 
     def commandFailed(self, reason: Failure) -> None:
         """
@@ -361,12 +357,9 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
             self._callLogout()
         self._close(ERR_INTERNAL)
 
-
     def _avatarName(self) -> str:
         address = getattr(self._avatar, "address", None)
         return str(address) if address is not None else ""
-
-    # --- TRANSACTION ------------------------------------------------------
 
 
 _AUTHORIZATION_COMMANDS = {
