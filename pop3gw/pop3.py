@@ -8,11 +8,12 @@ L{twisted.cred.portal.Portal} handing out L{IPOP3Avatar}s.
 
 Design notes:
 
-  - Input is split into lines here (not by C{LineReceiver}) so that the
-    line limit, LF-only line ends, pipelining and the STLS discard rule are
-    all handled in one place.  While a command is in progress (a login, a
-    message transfer, the UPDATE state) further lines stay buffered and are
-    answered, in order, once it finishes.
+  - Framing, the line limits, pipelining, read back-pressure, the idle
+    timer, closing and the STLS discard rule are L{pop3gw.lineproto}'s.
+    While a command is in flight (a login, a message transfer, the UPDATE
+    state) further lines stay buffered and are answered, in order, once it
+    finishes.  A line over its limit is answered as soon as the limit is
+    passed, and the rest of it is dropped.
   - Each state has an explicit command table; nothing from the wire is
     looked up with C{getattr}.
   - One push producer is registered with the transport for the whole
@@ -37,385 +38,77 @@ Design notes:
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-from typing import AbstractSet, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from twisted.cred.error import LoginFailed
-from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITLSTransport
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.interfaces import IReactorTime, ITLSTransport
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3gw import events
-from pop3gw.address import describePeer
-from pop3gw.credentials import ClientCredentials
-from pop3gw.flow import OutputFlow
-from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
-
-#: Longest command line accepted, terminator included (RFC 2449 section 4).
-MAX_LINE_LENGTH = 255
-
-#: Longest SASL client response line accepted (RFC 5034 lifts the command
-#: limit for continuation lines; PLAIN with a long address and password
-#: needs more than 255 octets once base64-encoded).
-MAX_SASL_LINE_LENGTH = 2048
-
-#: Octets of input kept while a command is in progress before the server
-#: stops reading from the client (pipelining back-pressure).
-MAX_PENDING_INPUT = 65536
-
-#: Consecutive erroneous commands before the connection is closed.
-MAX_BAD_COMMANDS = 20
-
-#: Failed authentication attempts per connection before it is closed.
-MAX_AUTH_FAILURES = 3
-
-#: Default seconds of client silence before the connection is closed
-#: (RFC 1939 asks for at least 10 minutes).
-IDLE_TIMEOUT = 600
-
-#: Octets read from a message file at a time when streaming it.
-READ_CHUNK_SIZE = 65536
-
-#: A message number or line count argument: 1 to 10 decimal digits.
-_NUMBER = re.compile(r"^[0-9]{1,10}$")
-
-# Fixed replies.  Nothing here ever contains text from an exception.
-GREETING = "+OK {implementation} ready."
-GOODBYE = "+OK {hostname} signing off."
-ERR_UNKNOWN = "-ERR Unknown command."
-ERR_WRONG_STATE = "-ERR Command not valid in this state."
-ERR_SYNTAX = "-ERR Invalid arguments."
-ERR_EMPTY = "-ERR Empty command."
-ERR_NUL = "-ERR Invalid characters in command."
-ERR_UTF8 = "-ERR Command is not valid UTF-8."
-ERR_LINE_TOO_LONG = "-ERR Line too long."
-ERR_TOO_MANY_ERRORS = "-ERR Too many errors, closing connection."
-ERR_IDLE = "-ERR Idle timeout, closing connection."
-ERR_INTERNAL = "-ERR [SYS/TEMP] Internal error."
-ERR_NO_SUCH_MESSAGE = "-ERR No such message."
-ERR_DELETED = "-ERR Message already deleted."
-ERR_MESSAGE_UNAVAILABLE = "-ERR [SYS/TEMP] Message temporarily unavailable."
-ERR_AUTH_FAILED = "-ERR [AUTH] Authentication failed."
-ERR_PLAINTEXT = "-ERR [AUTH] Plaintext authentication disallowed on non-encrypted connections."
-ERR_TOO_MANY_AUTH = "-ERR [AUTH] Too many authentication failures, closing connection."
-ERR_AUTH_TEMP = "-ERR [SYS/TEMP] Authentication temporarily unavailable."
-ERR_IN_USE = "-ERR [IN-USE] Mailbox is locked by another session."
-ERR_MAILDROP_TEMP = "-ERR [SYS/TEMP] Mailbox temporarily unavailable."
-ERR_MAILDROP_PERM = "-ERR [SYS/PERM] Mailbox unavailable."
-ERR_USER_FIRST = "-ERR Send USER first."
-ERR_SASL_CANCELLED = "-ERR Authentication cancelled."
-ERR_SASL_BASE64 = "-ERR Invalid base64 data."
-ERR_SASL_MECHANISM = "-ERR Unsupported authentication mechanism."
-ERR_TLS_UNAVAILABLE = "-ERR TLS not available."
-ERR_TLS_ACTIVE = "-ERR Already using TLS."
-ERR_TLS_AFTER_USER = "-ERR STLS not allowed after USER."
-ERR_COMMIT = "-ERR [SYS/TEMP] Some deleted messages not removed."
-
-#: How a login that did not succeed is logged: a failed login (the line
-#: fail2ban matches, counted towards L{MAX_AUTH_FAILURES}), a check that
-#: could not be made (one warn line with the server's reason), or a bug (the
-#: traceback).
-_LOGIN_FAILED = "failed"
-_LOGIN_UNAVAILABLE = "unavailable"
-_LOGIN_FAULT = "fault"
-#: A check refused before it started (the client's share of password checks
-#: is used up): not logged per attempt, the checker logs such refusals
-#: sparingly.
-_LOGIN_BUSY = "busy"
-
-#: The error-to-reply table of logins, first match wins: C{(exception
-#: types, reply, how it is logged)} for every exception the checker or the
-#: portal can raise; anything else is L{LOGIN_FAULT}.
-LOGIN_ERRORS = (
-    ((LoginFailed,), ERR_AUTH_FAILED, _LOGIN_FAILED),
-    ((AuthenticationBusy,), ERR_AUTH_TEMP, _LOGIN_BUSY),
-    ((TemporaryFailure,), ERR_AUTH_TEMP, _LOGIN_UNAVAILABLE),
+from pop3gw.lineproto import LineProtocol
+from pop3gw.pop3login import AuthorizationCommands
+from pop3gw.pop3replies import (
+    CLOSE_TIMEOUT,
+    ERR_DELETED,
+    ERR_EMPTY,
+    ERR_IDLE,
+    ERR_INTERNAL,
+    ERR_LINE_TOO_LONG,
+    ERR_NO_SUCH_MESSAGE,
+    ERR_NUL,
+    ERR_SYNTAX,
+    ERR_TOO_MANY_ERRORS,
+    ERR_UNKNOWN,
+    ERR_UTF8,
+    ERR_WRONG_STATE,
+    GOODBYE,
+    GREETING,
+    IDLE_TIMEOUT,
+    MAX_BAD_COMMANDS,
+    MAX_LINE_LENGTH,
+    MAX_PENDING_INPUT,
+    MAX_SASL_LINE_LENGTH,
+    _AUTHORIZATION,
+    _TRANSACTION,
+    _BadArguments,
+    _MessageDeleted,
+    _noArguments,
+    _NoSuchMessage,
 )
-LOGIN_FAULT = (ERR_AUTH_TEMP, _LOGIN_FAULT)
+from pop3gw.pop3transaction import TransactionCommands, _Transaction
+from pop3gw.pop3transfer import READ_CHUNK_SIZE, _DotStuffer, _MessageSender, _TopFilter
 
-_AUTHORIZATION = "AUTHORIZATION"
-_TRANSACTION = "TRANSACTION"
-_UPDATE = "UPDATE"
-
-
-class _BadArguments(Exception):
-    """
-    A command's arguments are missing, extra or malformed (client mistake).
-    """
-
-
-class _NoSuchMessage(Exception):
-    """
-    A message number is out of range.
-    """
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "IDLE_TIMEOUT",
+    "MAX_PENDING_INPUT",
+    "READ_CHUNK_SIZE",
+    "POP3Factory",
+    "POP3Server",
+    "_DotStuffer",
+    "_TopFilter",
+]
 
 
-class _MessageDeleted(Exception):
-    """
-    A message number names a message marked as deleted.
-    """
-
-
-def _noArguments(rest: str) -> None:
-    """
-    @raise _BadArguments: if C{rest} holds any argument.
-    """
-    if rest.split():
-        raise _BadArguments()
-
-
-def _numbers(rest: str, minimum: int, maximum: int) -> list[int]:
-    """
-    Parse between C{minimum} and C{maximum} decimal arguments.
-
-    @raise _BadArguments: wrong count or not plain decimal numbers.
-    """
-    words = rest.split()
-    if not minimum <= len(words) <= maximum:
-        raise _BadArguments()
-    if not all(_NUMBER.match(w) for w in words):
-        raise _BadArguments()
-    return [int(w) for w in words]
-
-
-class _DotStuffer:
-    """
-    Dot-stuffs a byte stream delivered in arbitrary chunks: every line that
-    begins with C{"."} gets a second one, wherever the chunk boundaries
-    fall.
-
-    @ivar atLineStart: whether the next octet begins a line.
-    """
-
-    def __init__(self) -> None:
-        self.atLineStart = True
-
-    def stuff(self, chunk: bytes) -> bytes:
-        """
-        @return: C{chunk}, stuffed.
-        """
-        if not chunk:
-            return chunk
-        out = chunk.replace(b"\n.", b"\n..")
-        if self.atLineStart and out[:1] == b".":
-            out = b"." + out
-        self.atLineStart = chunk.endswith(b"\n")
-        return out
-
-
-class _TopFilter:
-    """
-    Cuts a message stream after its header, the blank line and C{lines}
-    body lines (the POP3 C{TOP} command), whatever the chunk boundaries.
-    """
-
-    def __init__(self, lines: int) -> None:
-        self._inHeader = True
-        self._bodyLeft = lines
-        self._lineHasContent = False
-        self.done = False
-
-    def _finished(self) -> bool:
-        return not self._inHeader and self._bodyLeft <= 0
-
-    def feed(self, chunk: bytes) -> bytes:
-        """
-        @return: the part of C{chunk} to send; L{done} is set once the rest
-            of the message is not needed.
-        """
-        if self.done:
-            return b""
-        if self._finished():
-            self.done = True
-            return b""
-        out = []
-        i = 0
-        n = len(chunk)
-        while i < n:
-            j = chunk.find(b"\n", i)
-            if j == -1:
-                if chunk[i:].strip(b"\r"):
-                    self._lineHasContent = True
-                out.append(chunk[i:])
-                break
-            if chunk[i:j].strip(b"\r"):
-                self._lineHasContent = True
-            out.append(chunk[i : j + 1])
-            i = j + 1
-            if self._inHeader:
-                if not self._lineHasContent:
-                    self._inHeader = False
-            else:
-                self._bodyLeft -= 1
-            self._lineHasContent = False
-            if self._finished():
-                self.done = True
-                break
-        return b"".join(out)
-
-
-class _MessageSender:
-    """
-    Streams one message (or its top) to a transport: reads C{chunkSize}
-    octets at a time while not paused, dot-stuffs them and ends with the
-    C{.} line.  The server's L{pop3gw.flow.OutputFlow} pauses and resumes it.
-
-    C{onSent(n)} is called for every piece written with its length in
-    message octets (wire form, before dot-stuffing), so a transfer cut
-    short still counts what went out.
-    """
-
-    def __init__(
-        self,
-        transport,
-        source,
-        topLines: Optional[int],
-        onDone: Callable[["_MessageSender", Optional[Failure]], None],
-        onProgress: Callable[[], None],
-        onSent: Callable[[int], None],
-        chunkSize: int = READ_CHUNK_SIZE,
-    ) -> None:
-        self._transport = transport
-        self._source = source
-        self._top = _TopFilter(topLines) if topLines is not None else None
-        self._onDone = onDone
-        self._onProgress = onProgress
-        self._onSent = onSent
-        self._chunkSize = chunkSize
-        self._stuffer = _DotStuffer()
-        self._paused = False
-        self._running = False
-        self._finished = False
-
-    def start(self, paused: bool) -> None:
-        """
-        Send as much as the transport accepts, or nothing yet if it is
-        C{paused}.
-        """
-        self._paused = paused
-        self._run()
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if not self._finished:
-            self._onProgress()
-        self._run()
-
-    def stopProducing(self) -> None:
-        """
-        The connection is going away: close the file, send nothing more.
-        """
-        if self._finished:
-            return
-        self._finished = True
-        self._close()
-
-    def _close(self) -> None:
-        try:
-            self._source.close()
-        except Exception:
-            pass
-
-    def _run(self) -> None:
-        if self._running or self._finished:
-            return
-        self._running = True
-        try:
-            ended = self._pump()
-        except Exception:
-            self._finished = True
-            self._close()
-            self._onDone(self, Failure())
-            return
-        finally:
-            self._running = False
-        if ended:
-            self._end()
-
-    def _pump(self) -> bool:
-        """
-        Send chunks until paused or at the end.
-
-        @return: whether the end of what is to be sent was reached.
-        """
-        while not self._paused and not self._finished:
-            chunk = self._source.read(self._chunkSize)
-            if not chunk:
-                return True
-            if self._top is not None:
-                chunk = self._top.feed(chunk)
-            data = self._stuffer.stuff(chunk)
-            if data:
-                self._transport.write(data)
-                self._onSent(len(chunk))
-            if self._top is not None and self._top.done:
-                return True
-        return False
-
-    def _end(self) -> None:
-        self._finished = True
-        self._close()
-        if self._stuffer.atLineStart:
-            self._transport.write(b".\r\n")
-        else:
-            self._transport.write(b"\r\n.\r\n")
-        self._onDone(self, None)
-
-
-def _plainAuthcid(encoded: bytes) -> Optional[str]:
-    """
-    The authentication identity of a SASL PLAIN response, for a log line;
-    the password in it is not looked at.
-
-    @return: L{None} if C{encoded} is not a well-formed response.
-    """
-    try:
-        parts = base64.b64decode(encoded, validate=True).split(b"\x00")
-    except (binascii.Error, ValueError):
-        return None
-    if len(parts) != 3:
-        return None
-    try:
-        return parts[1].decode("utf-8") or None
-    except UnicodeDecodeError:
-        return None
-
-
-class POP3Server(Protocol):
+class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
     """
     One POP3 session.  Its settings (portal, plaintext policy, clock, STLS
     context, idle timeout, names) are those of its L{POP3Factory}, read
     through C{self.factory}.
 
     @ivar state: C{"AUTHORIZATION"}, C{"TRANSACTION"} or C{"UPDATE"}.
-    @ivar secure: whether TLS is active (implicit TLS or after STLS).
-    @ivar peer: the client's host, for logs and the policy.
     """
 
     log = Logger()
+
+    maxPendingInput = MAX_PENDING_INPUT
+    closeTimeout = CLOSE_TIMEOUT
 
     # Per-session state.  The defaults live on the class, and an instance
     # gets its own attribute only when a value changes: an idle connection
     # then costs little memory.  The mutable containers of the TRANSACTION
     # state are made at login.
     state = _AUTHORIZATION
-    secure = False
-    peer = "unknown"
-    _discarding = False
-    _busy = False
-    _processing = False
-    _readingPaused = False
-    _closing = False
-    _disconnected = False
-    _timeoutCall = None
-    _outputRegistered = False
     _badCommands = 0
     _authFailures = 0
     _user: Optional[str] = None
@@ -425,10 +118,8 @@ class POP3Server(Protocol):
     _logout: Optional[Callable[[], None]] = None
     _maildrop = None
     _messages: Sequence = ()
-    _deleted: AbstractSet[int] = frozenset()
     _initialLast = 0
-    _last = 0
-    _accessed: AbstractSet[int] = frozenset()
+    _transaction: Optional["_Transaction"] = None
     _sender: Optional["_MessageSender"] = None
     _loggedOut = False
     _committing = False
@@ -437,43 +128,25 @@ class POP3Server(Protocol):
     _bytesSent = 0
 
     def __init__(self, factory: "POP3Factory") -> None:
+        super().__init__()
         self.factory = factory
-        self._buffer = bytearray()
-        self._output = OutputFlow(self)
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.factory.clock
+
+    @property
+    def idleTimeout(self) -> Optional[float]:
+        return self.factory.idleTimeout
 
     # --- Connection ------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.secure = ISSLTransport.providedBy(self.transport)
-        self.peer = self._peerHost()
-        self._output.register(self.transport)
-        self._resetTimeout()
+        self.startSession()
         self._reply(GREETING.format(implementation=self.factory.implementation))
 
-    def _peerHost(self) -> str:
-        try:
-            return describePeer(self.transport.getPeer())
-        except Exception:
-            return "unknown"
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing or self._disconnected:
-            return
-        if b"\n" in data:
-            # Only a finished line counts as activity: a client trickling a
-            # line that never ends (slowloris) still times out.
-            self._resetTimeout()
-        self._buffer += data
-        self._processBuffer()
-
     def connectionLost(self, reason: Failure = None) -> None:
-        self._disconnected = True
-        self._cancelTimeout()
-        self._buffer.clear()
-        if self._sender is not None:
-            sender, self._sender = self._sender, None
-            sender.stopProducing()
-        self._unregisterOutput()
+        self.endSession()
         # Whatever the state: a maildrop held must never stay locked.
         if self._maildrop is not None:
             self._releaseMaildrop()
@@ -500,76 +173,45 @@ class POP3Server(Protocol):
             except Exception:
                 self.log.failure("portal logout failed")
 
-    def _closeConnection(self, abort: bool = False) -> None:
+    def _close(self, text: Optional[str] = None) -> None:
         """
-        Stop reading, stop any transfer and close once written.
+        Send the reply C{text} (if any) and close the connection.
+        """
+        self.closeConnection(None if text is None else text.encode("utf-8") + b"\r\n")
 
-        @param abort: close at once, dropping unsent output (a client that
-            stopped reading would otherwise hold the connection open).
+    def stopWork(self) -> None:
         """
-        self._closing = True
-        self._cancelTimeout()
-        self._buffer.clear()
+        Stop any message transfer: the connection is closing.
+        """
         if self._sender is not None:
             sender, self._sender = self._sender, None
             sender.stopProducing()
-        # A registered producer would keep a TLS transport from shutting down.
-        self._unregisterOutput()
-        if not self._disconnected:
-            if abort:
-                self.transport.abortConnection()
-            else:
-                self.transport.loseConnection()
-
-    def _unregisterOutput(self) -> None:
-        self._output.unregister(self.transport, self.log)
 
     def _outputPaused(self) -> None:
         """
-        The client is not reading: pause any transfer; L{_processBuffer}
-        answers nothing more until L{_outputResumed}.
+        The client is not reading: pause any transfer; nothing more is
+        answered until L{_outputResumed}.
         """
         if self._sender is not None:
             self._sender.pauseProducing()
 
     def _outputResumed(self) -> None:
-        if self._closing or self._disconnected:
+        if self.ended():
             return
         if self._sender is not None:
             self._sender.resumeProducing()
         else:
-            self._processBuffer()
+            self.processBuffer()
 
-    # --- Idle timeout -----------------------------------------------------
-
-    def _resetTimeout(self) -> None:
-        if not self.factory.idleTimeout or self._closing or self._disconnected or self.state == _UPDATE:
-            return
-        if self._timeoutCall is not None and self._timeoutCall.active():
-            self._timeoutCall.reset(self.factory.idleTimeout)
-        else:
-            self._timeoutCall = self.factory.clock.callLater(self.factory.idleTimeout, self._timedOut)
-
-    def _cancelTimeout(self) -> None:
-        call, self._timeoutCall = self._timeoutCall, None
-        if call is not None and call.active():
-            call.cancel()
-
-    def _timedOut(self) -> None:
-        self._timeoutCall = None
-        if self._closing or self._disconnected:
-            return
-        stalled = self._output.paused
+    def idleTimedOut(self) -> None:
         if self._sender is not None:
             # Mid-message a reply line would look like message text: just
             # close, without the terminating "." line.
-            sender, self._sender = self._sender, None
-            sender.stopProducing()
-        elif not stalled:
-            self._reply(ERR_IDLE)
-        # A client that stopped reading would keep a gracefully closed
-        # connection open for ever.
-        self._closeConnection(abort=stalled)
+            self.stopWork()
+            self._close()
+            return
+        # A client that stopped reading is aborted without the reply.
+        self._close(ERR_IDLE)
 
     # --- Output -------------------------------------------------------------
 
@@ -602,91 +244,20 @@ class POP3Server(Protocol):
         """
         self._badCommands += 1
         if self._badCommands >= MAX_BAD_COMMANDS:
-            self._reply(ERR_TOO_MANY_ERRORS)
-            self._closeConnection()
+            self._close(ERR_TOO_MANY_ERRORS)
         else:
             self._reply(text)
 
     # --- Input ------------------------------------------------------------
 
-    def _lineLimit(self) -> int:
+    def lineLimit(self, head: bytes) -> int:
         return MAX_SASL_LINE_LENGTH if self._saslPending else MAX_LINE_LENGTH
 
-    def _processBuffer(self) -> None:
-        """
-        Handle every complete buffered line, unless a command is in
-        progress.  Re-entrant calls (a transfer that finishes while this
-        loop runs) leave the work to the outer loop.
-        """
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            while not (self._busy or self._output.paused or self._closing or self._disconnected):
-                buf = self._buffer
-                if self._discarding:
-                    end = buf.find(b"\n")
-                    if end == -1:
-                        buf.clear()
-                        break
-                    del buf[: end + 1]
-                    self._discarding = False
-                    continue
-                limit = self._lineLimit()
-                end = buf.find(b"\n")
-                if end == -1:
-                    if len(buf) >= limit:
-                        buf.clear()
-                        self._discarding = True
-                        self._lineTooLong()
-                    break
-                if end + 1 > limit:
-                    del buf[: end + 1]
-                    self._lineTooLong()
-                    continue
-                line = bytes(buf[:end])
-                del buf[: end + 1]
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                self._lineReceived(line)
-        finally:
-            self._processing = False
-        self._flowControl()
-
-    def _flowControl(self) -> None:
-        """
-        Stop reading while too much input waits behind a busy command or
-        a client that does not read its replies.
-        """
-        if self._disconnected or self._closing:
-            return
-        want = len(self._buffer) < MAX_PENDING_INPUT or not (self._busy or self._output.paused)
-        try:
-            if not want and not self._readingPaused:
-                self._readingPaused = True
-                self.transport.pauseProducing()
-            elif want and self._readingPaused:
-                self._readingPaused = False
-                self.transport.resumeProducing()
-        except Exception:
-            self.log.failure("flow control on transport failed")
-
-    def _lineTooLong(self) -> None:
+    def lineTooLong(self) -> None:
         self._saslPending = False
         self._clientError(ERR_LINE_TOO_LONG)
 
-    def _setBusy(self) -> None:
-        self._busy = True
-
-    def _doneBusy(self) -> None:
-        """
-        A command in progress finished: answer buffered lines.
-        """
-        self._busy = False
-        if not self._processing:
-            self._processBuffer()
-
-    def _lineReceived(self, raw: bytes) -> None:
+    def lineReceived(self, raw: bytes) -> None:
         try:
             if self._saslPending:
                 self._saslPending = False
@@ -724,18 +295,12 @@ class POP3Server(Protocol):
         except Exception:
             self.log.failure("unexpected error handling a POP3 command")
             self._saslPending = False
-            self._busy = False
-            if self._sender is not None:
-                sender, self._sender = self._sender, None
-                sender.stopProducing()
+            self.dropInFlight()
+            self.stopWork()
             self._reply(ERR_INTERNAL)
 
     def _commandTable(self) -> dict:
-        if self.state == _AUTHORIZATION:
-            return _AUTHORIZATION_COMMANDS
-        if self.state == _TRANSACTION:
-            return _TRANSACTION_COMMANDS
-        return {}
+        return _COMMAND_TABLES.get(self.state, {})
 
     # --- Policy -------------------------------------------------------------
 
@@ -776,149 +341,12 @@ class POP3Server(Protocol):
         caps.append(f"IMPLEMENTATION {self.factory.implementation}")
         self._replyMultiline("+OK Capability list follows.", caps)
 
-    # --- AUTHORIZATION --------------------------------------------------------
-
     def do_QUIT_authorization(self, rest: str) -> None:
-        self._reply(GOODBYE.format(hostname=self.factory.hostname))
-        self._closeConnection()
+        self._close(GOODBYE.format(hostname=self.factory.hostname))
 
-    def do_USER(self, rest: str) -> None:
-        words = rest.split()
-        if len(words) != 1:
-            raise _BadArguments()
-        self._user = None
-        if not self._plaintextAllowed():
-            self._refusedUser = words[0]
-            self._refusePlaintext(words[0])
-            return
-        self._user = words[0]
-        self._reply("+OK Send PASS.")
+    # --- Shared by the states ---------------------------------------------------
 
-    def do_PASS(self, rest: str) -> None:
-        user, self._user = self._user, None
-        if not self._plaintextAllowed():
-            refused, self._refusedUser = self._refusedUser, None
-            self._refusePlaintext(refused)
-            return
-        if user is None:
-            self._clientError(ERR_USER_FIRST)
-            return
-        if not rest:
-            raise _BadArguments()
-        self._login(user, rest.encode("utf-8"))
-
-    def do_AUTH(self, rest: str) -> None:
-        self._user = None
-        words = rest.split()
-        if not words:
-            mechanisms = ["PLAIN"] if self._plaintextAllowed() else []
-            self._replyMultiline("+OK Supported mechanisms follow.", mechanisms)
-            return
-        if len(words) > 2:
-            raise _BadArguments()
-        if words[0].upper() != "PLAIN":
-            self._clientError(ERR_SASL_MECHANISM)
-            return
-        if not self._plaintextAllowed():
-            self._refusePlaintext(_plainAuthcid(words[1].encode("ascii", "replace")) if len(words) == 2 else None)
-            return
-        if len(words) == 1:
-            self._saslPending = True
-            if not self._disconnected:
-                self.transport.write(b"+ \r\n")
-            return
-        self._saslPlain(words[1].encode("ascii", "replace"))
-
-    def _refusePlaintext(self, user: Optional[str]) -> None:
-        """
-        Refuse a plaintext login the policy disallows here, and log it as
-        refused (not as a failed login, which fail2ban would count).
-
-        @param user: the login name the client gave, if known.
-        """
-        events.loginRefused(self.log, "pop3", user, self.peer, events.PLAINTEXT_DISALLOWED)
-        self._clientError(ERR_PLAINTEXT)
-
-    def _saslResponse(self, raw: bytes) -> None:
-        """
-        The client's line after our C{+ } continuation.
-        """
-        if raw.strip() == b"*":
-            self._clientError(ERR_SASL_CANCELLED)
-            return
-        self._saslPlain(raw.strip(), continuation=True)
-
-    def _saslPlain(self, encoded: bytes, continuation: bool = False) -> None:
-        """
-        Decode and check a PLAIN response (RFC 4616) and log in with it.
-        """
-        if encoded == b"=" and not continuation:
-            encoded = b""
-        try:
-            decoded = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            self._clientError(ERR_SASL_BASE64)
-            return
-        parts = decoded.split(b"\x00")
-        if len(parts) != 3:
-            self._authFailed(None, "malformed SASL PLAIN response")
-            return
-        authzid, authcid, password = parts
-        try:
-            user = authcid.decode("utf-8")
-            authz = authzid.decode("utf-8")
-        except UnicodeDecodeError:
-            self._authFailed(None, "malformed SASL PLAIN response")
-            return
-        if not user or not password:
-            self._authFailed(user or None, "malformed SASL PLAIN response")
-            return
-        if authz and authz != user:
-            self._authFailed(user, "authorization identity differs")
-            return
-        self._login(user, password)
-
-    def do_STLS(self, rest: str) -> None:
-        _noArguments(rest)
-        if self.secure:
-            self._clientError(ERR_TLS_ACTIVE)
-            return
-        if not self._stlsOffered():
-            self._clientError(ERR_TLS_UNAVAILABLE)
-            return
-        if self._user is not None:
-            self._clientError(ERR_TLS_AFTER_USER)
-            return
-        self._reply("+OK Begin TLS negotiation")
-        # Whatever the client pipelined after STLS arrived in plaintext and
-        # must never be executed (CVE-2011-0411).
-        self._buffer.clear()
-        self._discarding = False
-        try:
-            self.transport.startTLS(self.factory.tlsContextFactory)
-        except Exception:
-            self.log.failure("starting TLS failed")
-            self._closeConnection()
-            return
-        self.secure = True
-        self._user = None
-        self._saslPending = False
-        self.state = _AUTHORIZATION
-
-    # --- Login ----------------------------------------------------------------
-
-    def _login(self, user: str, password: bytes) -> None:
-        """
-        Check the credentials with the portal, then open the maildrop.
-        Further input waits until this is over.
-        """
-        self._setBusy()
-        creds = ClientCredentials(user.encode("utf-8"), password, self.peer)
-        d = defer.maybeDeferred(self.factory.portal.login, creds, None, IPOP3Avatar)
-        d.addCallbacks(self._cbLoggedIn, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
-        d.addErrback(self._ebInternal)
-
-    def _ebInternal(self, reason: Failure) -> None:
+    def commandFailed(self, reason: Failure) -> None:
         """
         A bug in a login or QUIT callback: say so without details and close;
         L{connectionLost} releases whatever is held.
@@ -927,328 +355,11 @@ class POP3Server(Protocol):
         if self._committing:
             self._committing = False
             self._callLogout()
-        self._reply(ERR_INTERNAL)
-        self._closeConnection()
-
-    def _ebLogin(self, reason: Failure, user: str) -> None:
-        """
-        Answer and log a login that did not succeed, as L{LOGIN_ERRORS}
-        says; a client that hung up gets no answer but the same log line.
-        """
-        for errors, reply, kind in LOGIN_ERRORS:
-            if reason.check(*errors):
-                break
-        else:
-            reply, kind = LOGIN_FAULT
-        ended = self._ended()
-        if kind == _LOGIN_FAILED:
-            if ended:
-                events.loginFailed(self.log, "pop3", user, self.peer)
-                return
-            self._authFailed(user)
-            self._doneBusy()
-            return
-        if kind == _LOGIN_UNAVAILABLE:
-            events.loginUnavailable(self.log, "pop3", user, self.peer, str(reason.value))
-        elif kind == _LOGIN_FAULT:
-            self.log.failure("authentication backend failed", reason)
-        if not ended:
-            self._reply(reply)
-            self._doneBusy()
-
-    def _warnUnavailable(self, what: str, reason: Failure) -> None:
-        """
-        Log an expected server-side refusal (C{what}, a fixed phrase) with
-        its operator-facing text; the client gets only a fixed reply.
-        """
-        self.log.warn("{what}: rhost={peer} error={error}", what=what, peer=self.peer, error=str(reason.value))
-
-    def _authFailed(self, user: Optional[str], reason: str = "bad credentials") -> None:
-        """
-        Count and log a failed attempt; close after L{MAX_AUTH_FAILURES}.
-        """
-        self._authFailures += 1
-        events.loginFailed(self.log, "pop3", user, self.peer, reason)
-        if self._authFailures >= MAX_AUTH_FAILURES:
-            self._reply(ERR_TOO_MANY_AUTH)
-            self._closeConnection()
-        else:
-            self._reply(ERR_AUTH_FAILED)
-
-    def _cbLoggedIn(self, result, user: str):
-        interface, avatar, logout = result
-        self._logout = logout
-        if self._ended():
-            self._callLogout()
-            return None
-        self._avatar = avatar
-        d = defer.maybeDeferred(avatar.openMaildrop)
-        d.addCallbacks(self._cbMaildrop, self._ebMaildrop)
-        d.addErrback(self._ebInternal)
-        return d
-
-    def _ebMaildrop(self, reason: Failure) -> None:
-        user = self._avatarName()
-        self._avatar = None
-        self._callLogout()
-        if self._ended():
-            return
-        if reason.check(MaildropLocked):
-            self.log.info(
-                "maildrop in use: service=pop3 rhost={peer} user={user}",
-                peer=self.peer,
-                user=events.sanitize(user),
-            )
-            self._reply(ERR_IN_USE)
-        elif reason.check(TemporaryFailure):
-            self._warnUnavailable("maildrop unavailable", reason)
-            self._reply(ERR_MAILDROP_TEMP)
-        elif reason.check(PermanentFailure):
-            self._warnUnavailable("maildrop refused", reason)
-            self._reply(ERR_MAILDROP_PERM)
-        else:
-            self.log.failure("opening maildrop failed", reason)
-            self._reply(ERR_MAILDROP_TEMP)
-        self._doneBusy()
-
-    def _cbMaildrop(self, maildrop) -> None:
-        if self._ended():
-            try:
-                maildrop.release()
-            except Exception:
-                self.log.failure("releasing maildrop failed")
-            self._avatar = None
-            self._callLogout()
-            return
-        self._maildrop = maildrop
-        self._messages = list(maildrop.messages)
-        self._deleted = set()
-        self._accessed = set()
-        self._initialLast = max((n for n, m in enumerate(self._messages, 1) if m.seen), default=0)
-        self._last = self._initialLast
-        self.state = _TRANSACTION
-        self._reply("+OK Logged in.")
-        events.loginSucceeded(self.log, "pop3", self._avatarName(), self.peer, self.secure)
-        self._doneBusy()
-
-    def _ended(self) -> bool:
-        """
-        @return: whether the session is closed or closing, so that a login
-            finishing now must only release what it got.
-        """
-        return self._closing or self._disconnected
+        self._close(ERR_INTERNAL)
 
     def _avatarName(self) -> str:
         address = getattr(self._avatar, "address", None)
         return str(address) if address is not None else ""
-
-    # --- TRANSACTION ------------------------------------------------------
-
-    def _message(self, number: int) -> int:
-        """
-        @return: the 0-based index of the live message C{number}.
-        @raise _NoSuchMessage: out of range.
-        @raise _MessageDeleted: marked as deleted.
-        """
-        if not 1 <= number <= len(self._messages):
-            raise _NoSuchMessage()
-        index = number - 1
-        if index in self._deleted:
-            raise _MessageDeleted()
-        return index
-
-    def _live(self) -> list[tuple[int, object]]:
-        return [(i + 1, m) for i, m in enumerate(self._messages) if i not in self._deleted]
-
-    def do_STAT(self, rest: str) -> None:
-        _noArguments(rest)
-        live = self._live()
-        self._reply("+OK %d %d" % (len(live), sum(m.size for _, m in live)))
-
-    def do_LIST(self, rest: str) -> None:
-        args = _numbers(rest, 0, 1)
-        if args:
-            index = self._message(args[0])
-            self._reply("+OK %d %d" % (args[0], self._messages[index].size))
-            return
-        live = self._live()
-        total = sum(m.size for _, m in live)
-        self._replyMultiline(
-            "+OK %d messages (%d octets)" % (len(live), total),
-            ["%d %d" % (n, m.size) for n, m in live],
-        )
-
-    def do_UIDL(self, rest: str) -> None:
-        args = _numbers(rest, 0, 1)
-        if args:
-            index = self._message(args[0])
-            self._reply("+OK %d %s" % (args[0], self._messages[index].uid))
-            return
-        self._replyMultiline("+OK Unique-ID listing follows.", ["%d %s" % (n, m.uid) for n, m in self._live()])
-
-    def do_DELE(self, rest: str) -> None:
-        (number,) = _numbers(rest, 1, 1)
-        index = self._message(number)
-        self._deleted.add(index)
-        self._reply("+OK Message %d deleted." % (number,))
-
-    def do_NOOP(self, rest: str) -> None:
-        _noArguments(rest)
-        self._reply("+OK")
-
-    def do_RSET(self, rest: str) -> None:
-        """
-        Unmark every deletion and, as RFC 1225 says, put the highest
-        message number accessed back to its value at the beginning of the
-        session: the messages retrieved so far are no longer marked seen at
-        QUIT.
-        """
-        _noArguments(rest)
-        self._deleted.clear()
-        self._accessed.clear()
-        self._last = self._initialLast
-        live = self._live()
-        self._reply("+OK Maildrop has %d messages (%d octets)." % (len(live), sum(m.size for _, m in live)))
-
-    def do_LAST(self, rest: str) -> None:
-        """
-        RFC 1225: the highest message number accessed, in this session or
-        (through the seen flags) an earlier one; 0 if none.
-        """
-        _noArguments(rest)
-        self._reply("+OK %d" % (self._last,))
-
-    def do_RETR(self, rest: str) -> None:
-        (number,) = _numbers(rest, 1, 1)
-        index = self._message(number)
-        source = self._open(index)
-        if source is None:
-            return
-        self._reply("+OK %d octets" % (self._messages[index].size,))
-        self._last = max(self._last, number)
-        self._accessed.add(index)
-        self._send(source, None)
-
-    def do_TOP(self, rest: str) -> None:
-        number, lines = _numbers(rest, 2, 2)
-        index = self._message(number)
-        source = self._open(index)
-        if source is None:
-            return
-        self._reply("+OK Top of message follows.")
-        self._send(source, lines)
-
-    def _open(self, index: int):
-        """
-        @return: the message file, or L{None} after replying if it is gone.
-        """
-        try:
-            return self._maildrop.openMessage(index)
-        except TemporaryFailure as e:
-            self.log.warn(
-                "message unavailable: user={user} index={index} error={error}",
-                user=events.sanitize(self._avatarName()),
-                index=index,
-                error=str(e),
-            )
-            self._reply(ERR_MESSAGE_UNAVAILABLE)
-            return None
-
-    def _send(self, source, topLines: Optional[int]) -> None:
-        self._setBusy()
-        sender = _MessageSender(
-            self.transport,
-            source,
-            topLines,
-            onDone=self._sent if topLines is None else self._sentTop,
-            onProgress=self._resetTimeout,
-            onSent=self._countSent,
-        )
-        self._sender = sender
-        sender.start(paused=self._output.paused)
-
-    def _countSent(self, octets: int) -> None:
-        """
-        Count message octets written for RETR or TOP (the logout line's
-        C{bytes}).
-        """
-        self._bytesSent += octets
-
-    def _sent(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
-        if failure is None:
-            self._retrieved += 1
-        self._transferDone(sender, failure)
-
-    def _sentTop(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
-        if failure is None:
-            self._topped += 1
-        self._transferDone(sender, failure)
-
-    def _transferDone(self, sender: _MessageSender, failure: Optional[Failure]) -> None:
-        if self._sender is sender:
-            self._sender = None
-        if failure is not None:
-            # The +OK line and part of the message are out: never let the
-            # client mistake a truncated message for a whole one.
-            self.log.failure("reading message failed", failure)
-            self._closeConnection()
-            return
-        self._resetTimeout()
-        self._doneBusy()
-
-    def do_QUIT_transaction(self, rest: str) -> None:
-        """
-        Enter the UPDATE state: delete the marked messages and mark the
-        other retrieved ones seen, then close.
-        """
-        _noArguments(rest)
-        self.state = _UPDATE
-        self._committing = True
-        self._cancelTimeout()
-        self._setBusy()
-        deleted = sorted(self._deleted)
-        seen = sorted(self._accessed - self._deleted)
-        maildrop, self._maildrop = self._maildrop, None
-        d = maildrop.commit(deleted, seen=seen)
-        d.addCallbacks(self._cbCommitted, self._ebCommit, callbackArgs=(len(deleted),))
-        d.addErrback(self._ebInternal)
-
-    def _cbCommitted(self, ignored, deleted: int) -> None:
-        self._committing = False
-        self._logSessionEnd(deleted=deleted)
-        self._callLogout()
-        self._reply(GOODBYE.format(hostname=self.factory.hostname))
-        self._closeConnection()
-
-    def _ebCommit(self, reason: Failure) -> None:
-        self._committing = False
-        if reason.check(TemporaryFailure):
-            self.log.warn(
-                "commit failed: user={user} error={error}",
-                user=events.sanitize(self._avatarName()),
-                error=str(reason.value),
-            )
-        else:
-            self.log.failure("commit failed", reason)
-        self._logSessionEnd(deleted=0)
-        self._callLogout()
-        self._reply(ERR_COMMIT)
-        self._closeConnection()
-
-    def _logSessionEnd(self, deleted: int) -> None:
-        if self._loggedOut:
-            return
-        self._loggedOut = True
-        events.loggedOut(
-            self.log,
-            "pop3",
-            self._avatarName(),
-            self.peer,
-            retrieved=self._retrieved,
-            top=self._topped,
-            deleted=deleted,
-            bytes=self._bytesSent,
-        )
 
 
 _AUTHORIZATION_COMMANDS = {
@@ -1274,7 +385,14 @@ _TRANSACTION_COMMANDS = {
     "QUIT": POP3Server.do_QUIT_transaction,
 }
 
-_ALL_COMMANDS = frozenset(_AUTHORIZATION_COMMANDS) | frozenset(_TRANSACTION_COMMANDS)
+_COMMAND_TABLES = {
+    _AUTHORIZATION: _AUTHORIZATION_COMMANDS,
+    _TRANSACTION: _TRANSACTION_COMMANDS,
+}
+
+#: Every command some state accepts: any other is unknown rather than
+#: not valid in this state.
+_ALL_COMMANDS = frozenset().union(*_COMMAND_TABLES.values())
 
 
 class POP3Factory(ServerFactory):

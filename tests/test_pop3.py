@@ -31,7 +31,7 @@ from pop3gw.address import Address
 from pop3gw.credentials import ClientCredentials
 from pop3gw.interfaces import AuthenticationBusy, InsufficientStorage, IPOP3Avatar, PermanentFailure, TemporaryFailure
 from pop3gw.maildir import MaildirStore
-from pop3gw.pop3 import MAX_PENDING_INPUT, READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
+from pop3gw.pop3 import CLOSE_TIMEOUT, MAX_PENDING_INPUT, READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
 from pop3gw.testing import FakeMaildropStore, FakePOP3Avatar
 
 ALICE = Address("alice", "example.org")
@@ -1611,6 +1611,20 @@ class OutputFlowTests(_Harness):
         self.drain()
         self.assertEqual(self.transport.value(), reply * count)
         self.assertEqual(self.transport.producerState, "producing")
+
+    def test_closeAbortedWhenReplyUnread(self) -> None:
+        """
+        A connection closed after QUIT whose last reply has not gone out
+        L{CLOSE_TIMEOUT} seconds later (the client does not read) is
+        aborted.
+        """
+        self.connect()
+        self.assertEqual(self.send(b"QUIT\r\n"), b"+OK pop3gw signing off.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.clock.advance(CLOSE_TIMEOUT - 1)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnected)
 
     def test_idleTimeoutStalledClient(self) -> None:
         """

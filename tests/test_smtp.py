@@ -925,7 +925,7 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
             b"250 2.1.5 OK\r\n"
             b"250 2.1.5 OK\r\n",
         )
-        self.assertEqual(self.proto._recipients, [BOB, REMOTE])
+        self.assertEqual(self.proto._envelope.recipients, [BOB, REMOTE])
 
     def test_postmaster(self) -> None:
         """
@@ -938,7 +938,7 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
             self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<POSTMASTER>\r\n"),
             b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n",
         )
-        self.assertEqual(self.proto._recipients, [ALICE])
+        self.assertEqual(self.proto._envelope.recipients, [ALICE])
 
     def test_postmasterUnknown(self) -> None:
         """
@@ -1884,6 +1884,24 @@ class StartTLSTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(self.transport.tlsStarted, [context])
         self.assertEqual(self.checker.requests, 0)
 
+    def test_startTLSFailureCloses(self) -> None:
+        """
+        If the transport cannot start TLS after the 220 reply, the failure
+        is logged and the connection closed without another reply (a
+        plaintext 451 after 220 would be read as TLS data); the pipelined
+        plaintext is still never acted on.
+        """
+
+        class FailingTLS(TLSStringTransport):
+            def startTLS(self, contextFactory) -> None:
+                raise ValueError("no TLS here")
+
+        self.connect(transport=FailingTLS(), tlsContextFactory=object())
+        self.feed(b"EHLO c\r\n")
+        self.assertEqual(self.feed(b"STARTTLS\r\nNOOP\r\n"), b"220 2.0.0 Ready to start TLS\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
     def test_resetAfterTLS(self) -> None:
         """
         After STARTTLS the session starts over: EHLO is needed again, it no
@@ -2608,7 +2626,7 @@ class RealSTARTTLSTests(SessionMixin, SynchronousTestCase):
         client, server, pump = self.session()
         iosim.FakeTransport.loseConnection(client.transport)
         pump.flush()
-        self.assertFalse(server._connected)
+        self.assertTrue(server._disconnected)
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_quitOverTLS(self) -> None:

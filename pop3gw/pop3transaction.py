@@ -1,0 +1,268 @@
+# -*- test-case-name: tests.test_pop3 -*-
+"""
+The POP3 TRANSACTION and UPDATE states: STAT, LIST, UIDL, DELE, NOOP,
+RSET, LAST (RFC 1225), RETR, TOP and QUIT with its commit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attr
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from pop3gw import events
+from pop3gw.interfaces import TemporaryFailure
+from pop3gw.pop3replies import (
+    ERR_COMMIT,
+    ERR_MESSAGE_UNAVAILABLE,
+    GOODBYE,
+    _MessageDeleted,
+    _NoSuchMessage,
+    _TRANSACTION,
+    _UPDATE,
+    _noArguments,
+    _numbers,
+)
+from pop3gw.pop3transfer import _MessageSender
+
+
+@attr.s(slots=True, auto_attribs=True)
+class _Transaction:
+    """
+    What RSET undoes: made at login, replaced whole by a new one at RSET,
+    handed to L{IMaildrop.commit} at QUIT.
+
+    @ivar last: the highest message number accessed (RFC 1225 LAST).
+    @ivar deleted: the 0-based indexes of the messages marked deleted.
+    @ivar accessed: the 0-based indexes of the messages retrieved (marked
+        seen at QUIT unless deleted).
+    """
+
+    last: int = 0
+    deleted: set[int] = attr.Factory(set)
+    accessed: set[int] = attr.Factory(set)
+
+
+class TransactionCommands:
+    """
+    The handlers of the TRANSACTION state and the commit at QUIT, mixed
+    into L{pop3gw.pop3.POP3Server}, whose state they use.
+    """
+
+    def _beginTransaction(self, maildrop) -> None:
+        """
+        Enter the TRANSACTION state with the maildrop just opened.  LAST
+        starts at the highest number whose message is seen.
+        """
+        self._maildrop = maildrop
+        self._messages = list(maildrop.messages)
+        self._initialLast = max((n for n, m in enumerate(self._messages, 1) if m.seen), default=0)
+        self._transaction = _Transaction(last=self._initialLast)
+        self.state = _TRANSACTION
+
+    def _message(self, number: int) -> int:
+        """
+        @return: the 0-based index of the live message C{number}.
+        @raise _NoSuchMessage: out of range.
+        @raise _MessageDeleted: marked as deleted.
+        """
+        if not 1 <= number <= len(self._messages):
+            raise _NoSuchMessage()
+        index = number - 1
+        if index in self._transaction.deleted:
+            raise _MessageDeleted()
+        return index
+
+    def _live(self) -> list[tuple[int, object]]:
+        deleted = self._transaction.deleted
+        return [(i + 1, m) for i, m in enumerate(self._messages) if i not in deleted]
+
+    def do_STAT(self, rest: str) -> None:
+        _noArguments(rest)
+        live = self._live()
+        self._reply("+OK %d %d" % (len(live), sum(m.size for _, m in live)))
+
+    def do_LIST(self, rest: str) -> None:
+        args = _numbers(rest, 0, 1)
+        if args:
+            index = self._message(args[0])
+            self._reply("+OK %d %d" % (args[0], self._messages[index].size))
+            return
+        live = self._live()
+        total = sum(m.size for _, m in live)
+        self._replyMultiline(
+            "+OK %d messages (%d octets)" % (len(live), total),
+            ["%d %d" % (n, m.size) for n, m in live],
+        )
+
+    def do_UIDL(self, rest: str) -> None:
+        args = _numbers(rest, 0, 1)
+        if args:
+            index = self._message(args[0])
+            self._reply("+OK %d %s" % (args[0], self._messages[index].uid))
+            return
+        self._replyMultiline("+OK Unique-ID listing follows.", ["%d %s" % (n, m.uid) for n, m in self._live()])
+
+    def do_DELE(self, rest: str) -> None:
+        (number,) = _numbers(rest, 1, 1)
+        index = self._message(number)
+        self._transaction.deleted.add(index)
+        self._reply("+OK Message %d deleted." % (number,))
+
+    def do_NOOP(self, rest: str) -> None:
+        _noArguments(rest)
+        self._reply("+OK")
+
+    def do_RSET(self, rest: str) -> None:
+        """
+        Unmark every deletion and, as RFC 1225 says, put the highest
+        message number accessed back to its value at the beginning of the
+        session: the messages retrieved so far are no longer marked seen at
+        QUIT.
+        """
+        _noArguments(rest)
+        self._transaction = _Transaction(last=self._initialLast)
+        live = self._live()
+        self._reply("+OK Maildrop has %d messages (%d octets)." % (len(live), sum(m.size for _, m in live)))
+
+    def do_LAST(self, rest: str) -> None:
+        """
+        RFC 1225: the highest message number accessed, in this session or
+        (through the seen flags) an earlier one; 0 if none.
+        """
+        _noArguments(rest)
+        self._reply("+OK %d" % (self._transaction.last,))
+
+    def do_RETR(self, rest: str) -> None:
+        (number,) = _numbers(rest, 1, 1)
+        index = self._message(number)
+        source = self._open(index)
+        if source is None:
+            return
+        self._reply("+OK %d octets" % (self._messages[index].size,))
+        transaction = self._transaction
+        transaction.last = max(transaction.last, number)
+        transaction.accessed.add(index)
+        self._send(source, None)
+
+    def do_TOP(self, rest: str) -> None:
+        number, lines = _numbers(rest, 2, 2)
+        index = self._message(number)
+        source = self._open(index)
+        if source is None:
+            return
+        self._reply("+OK Top of message follows.")
+        self._send(source, lines)
+
+    def _open(self, index: int):
+        """
+        @return: the message file, or L{None} after replying if it is gone.
+        """
+        try:
+            return self._maildrop.openMessage(index)
+        except TemporaryFailure as e:
+            self.log.warn(
+                "message unavailable: user={user} index={index} error={error}",
+                user=events.sanitize(self._avatarName()),
+                index=index,
+                error=str(e),
+            )
+            self._reply(ERR_MESSAGE_UNAVAILABLE)
+            return None
+
+    def _send(self, source, topLines: Optional[int]) -> None:
+        done: defer.Deferred = defer.Deferred()
+        sender = _MessageSender(
+            self.transport,
+            source,
+            topLines,
+            onDone=lambda sender, failure: self._transferDone(sender, failure, topLines is None, done),
+            onProgress=self.resetTimeout,
+            onSent=self._countSent,
+        )
+        self._sender = sender
+        self.hold(done)
+        sender.start(paused=self._output.paused)
+
+    def _countSent(self, octets: int) -> None:
+        """
+        Count message octets written for RETR or TOP (the logout line's
+        C{bytes}).
+        """
+        self._bytesSent += octets
+
+    def _transferDone(
+        self, sender: _MessageSender, failure: Optional[Failure], whole: bool, done: defer.Deferred
+    ) -> None:
+        """
+        A RETR (C{whole}) or TOP transfer ended: count it, or close if the
+        message could not be read; then fire C{done}, the command in flight.
+        """
+        if self._sender is sender:
+            self._sender = None
+        if failure is not None:
+            # The +OK line and part of the message are out: never let the
+            # client mistake a truncated message for a whole one.
+            self.log.failure("reading message failed", failure)
+            self._close()
+        else:
+            if whole:
+                self._retrieved += 1
+            else:
+                self._topped += 1
+            self.resetTimeout()
+        done.callback(None)
+
+    def do_QUIT_transaction(self, rest: str) -> None:
+        """
+        Enter the UPDATE state: delete the marked messages and mark the
+        other retrieved ones seen, then close.
+        """
+        _noArguments(rest)
+        self.state = _UPDATE
+        self._committing = True
+        self.cancelTimeout()
+        transaction = self._transaction
+        deleted = sorted(transaction.deleted)
+        seen = sorted(transaction.accessed - transaction.deleted)
+        maildrop, self._maildrop = self._maildrop, None
+        d = maildrop.commit(deleted, seen=seen)
+        d.addCallbacks(self._cbCommitted, self._ebCommit, callbackArgs=(len(deleted),))
+        self.hold(d)
+
+    def _cbCommitted(self, ignored, deleted: int) -> None:
+        self._committing = False
+        self._logSessionEnd(deleted=deleted)
+        self._callLogout()
+        self._close(GOODBYE.format(hostname=self.factory.hostname))
+
+    def _ebCommit(self, reason: Failure) -> None:
+        self._committing = False
+        if reason.check(TemporaryFailure):
+            self.log.warn(
+                "commit failed: user={user} error={error}",
+                user=events.sanitize(self._avatarName()),
+                error=str(reason.value),
+            )
+        else:
+            self.log.failure("commit failed", reason)
+        self._logSessionEnd(deleted=0)
+        self._callLogout()
+        self._close(ERR_COMMIT)
+
+    def _logSessionEnd(self, deleted: int) -> None:
+        if self._loggedOut:
+            return
+        self._loggedOut = True
+        events.loggedOut(
+            self.log,
+            "pop3",
+            self._avatarName(),
+            self.peer,
+            retrieved=self._retrieved,
+            top=self._topped,
+            deleted=deleted,
+            bytes=self._bytesSent,
+        )

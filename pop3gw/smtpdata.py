@@ -1,0 +1,548 @@
+# -*- test-case-name: tests.test_smtp -*-
+"""
+Submission message data: DATA, the reader of what follows C{354}, the
+header fix-ups and the commit.
+
+Message data
+============
+
+The parsing of the data after C{354} is the defence against SMTP smuggling
+(CVE-2023-51764 and its family), so its rules are exact:
+
+  - The end of the data is only C{CRLF . CRLF}: a line holding just C{"."},
+    ended by CRLF, whose previous line also ended with CRLF (or which is
+    the first line after the 354 reply).
+  - A bare LF (an LF without a CR before it) ends a line, and the line is
+    stored with CRLF (Postfix's C{smtpd_forbid_bare_newline = normalize}).
+    A C{"."} line ended by a bare LF, or following a line ended by a bare
+    LF, is not the end of the data: it is content, stored as the line
+    C{"."} (a POP3 server or relay dot-stuffs it again when sending it).
+  - A bare CR (a CR not followed by LF) anywhere in the data makes the
+    message refused at the end of the data with C{550 5.6.11}; nothing is
+    stored.  A NUL octet is refused the same way with C{550 5.6.0}.
+  - Dot-unstuffing follows RFC 5321 4.5.2 for every line, whatever its
+    line end: if a line starts with C{"."} and has other characters, the
+    first C{"."} is removed.  A lone C{"."} line that is content (see above)
+    is kept as C{"."}.
+  - A line longer than L{MAX_DATA_LINE} octets (998, not counting its line
+    end nor a leading C{"."} added for transparency: RFC 5321 4.5.3.1.6 and
+    RFC 5322 2.1.1) is never cut or folded: the message is refused at the
+    end of the data with C{550 5.6.0}.
+  - The message is streamed into the L{IDelivery} as it arrives, except the
+    header section, which is held (at most L{MAX_HEADER_SECTION} octets;
+    more is refused with C{552 5.3.4}) so that the C{From:}, C{Sender:},
+    C{Resent-From:} and C{Resent-Sender:} addresses can be checked and
+    C{Message-ID:}, C{Date:} and C{From:} added when missing (RFC 6409
+    section 8; an added C{From:} holds the authenticated user's address,
+    which the ownership rules always allow).  Octets are counted as they stream; over
+    the size limit the delivery is aborted and the rest of the data is read
+    and dropped before C{552 5.3.4} is sent.
+  - Line ends are processed exactly across TCP segment boundaries: a CR at
+    the end of one segment and an LF at the start of the next is a CRLF.
+
+Message ids
+===========
+
+Each message has one id from acceptance to delivery.  When the delivery
+names the outbound queue entry its remote part becomes (a C{queueId}
+attribute, see L{pop3gw.router}), that id is used; otherwise (purely local
+mail) a random one is made.  The id is named in the C{Received:} field
+(written as the first data of the delivery, once the delivery and so its
+queue id exist), in the C{250 2.0.0 OK queued as <id>} reply, and in the
+log line each accepted message gets::
+
+    submission: accepted id=<id> user="..." from="<envelope sender>" local=<n> remote=<n> size=<octets> queue=<queue id or ->
+
+C{pop3gw queue list}, the relay's log lines and bounces use the same id.
+
+Replies to commands after the final C{"."} wait until the delivery's commit
+fires; C{250} is sent only then.  A client that disconnects while the
+commit is in flight does not abort it: the message is kept and delivered
+although the client saw no C{250}, so a client that sends it again makes a
+duplicate.  This is the unavoidable window RFC 1047 describes (it is kept
+short by replying as soon as the commit fires); losing the message instead
+would be worse.
+
+A message the store cannot keep for lack of space (L{InsufficientStorage}:
+C{ENOSPC}, C{EDQUOT}), whether at DATA, while the data streams in or at the
+commit, gets C{452 4.3.1 Insufficient system storage}; other temporary
+failures get C{451 4.3.0}.  Every message refused after its envelope has
+one log line, which names a server-side cause in words::
+
+    submission: refused message user="..." from="..." reply="452 4.3.1 Insufficient system storage" error="cannot write message: No space left on device"
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import re
+import secrets
+import time
+from typing import Callable, Optional
+
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pop3gw import events
+from pop3gw.address import Address, AddressError
+from pop3gw.interfaces import IDelivery, TemporaryFailure
+from pop3gw.smtpreplies import (
+    BARE_CR,
+    DATA_LINE_TOO_LONG,
+    HEADER_FROM_NOT_OWNED,
+    HEADER_TOO_BIG,
+    INTERNAL_ERROR,
+    MAX_DATA_LINE,
+    MAX_HEADER_SECTION,
+    NO_ARGUMENTS,
+    NO_RECIPIENTS,
+    NUL_IN_DATA,
+    Reply,
+    SMTPRefusal,
+    START_DATA,
+    TEMPORARY_FAILURE,
+    TOO_BIG,
+    WRITE_CHUNK,
+    _Mode,
+    temporaryReply,
+)
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def formatDate(seconds: float) -> str:
+    """
+    An RFC 5322 date-time in UTC, e.g. C{"Tue, 14 Nov 2023 22:13:20 +0000"}.
+    Independent of the process locale.
+    """
+    t = time.gmtime(seconds)
+    return "%s, %d %s %04d %02d:%02d:%02d +0000" % (
+        _DAYS[t.tm_wday],
+        t.tm_mday,
+        _MONTHS[t.tm_mon - 1],
+        t.tm_year,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
+    )
+
+
+_SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def _traceName(helo: Optional[str]) -> str:
+    """
+    The client's name for the C{Received:} field: its EHLO/HELO argument,
+    or C{"unknown"} if there is none or it is an IP address (an address
+    literal such as C{[192.0.2.7]}, as many mail programs send, is the
+    client's address).
+    """
+    if not helo:
+        return "unknown"
+    host = helo[1:-1] if helo.startswith("[") and helo.endswith("]") else helo
+    if host.lower().startswith("ipv6:"):
+        host = host[5:]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not helo.startswith("["):
+            return helo
+    return "unknown"
+
+
+def _headerFields(lines: list[bytes]) -> list[tuple[Optional[bytes], bytes]]:
+    """
+    Split a header section into unfolded fields.
+
+    @return: a list of (lower-cased field name, or L{None} for a line that
+        is not a field, unfolded value).
+    """
+    fields: list[list] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1] += line
+            continue
+        name, colon, value = line.partition(b":")
+        if colon:
+            # RFC 5322 4.5 (obsolete syntax) allows white space before ":".
+            fields.append([name.strip(b" \t").lower(), value])
+        else:
+            fields.append([None, line])
+    return [(name, value) for name, value in fields]
+
+
+#: What a delivery's C{queueId} must look like to be used as the message id
+#: on the wire and in the C{Received:} field (an RFC 5322 atom, no spaces).
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,63}$")
+
+
+def _messageId(delivery: IDelivery) -> str:
+    """
+    The id of the message being delivered through C{delivery}: the C{queueId}
+    the delivery names (L{pop3gw.router}: the outbound queue's id, so that the
+    id a client is given in the 250 reply is the one C{pop3gw queue list},
+    the relay's log lines and bounces use), or, for a message with no queue
+    entry, a new random one.
+    """
+    queueId = getattr(delivery, "queueId", None)
+    if isinstance(queueId, str) and _SAFE_ID.match(queueId):
+        return queueId
+    return secrets.token_hex(8).upper()
+
+
+#: The (lower-cased) header fields whose addresses the user must own.
+_SENDER_FIELDS = frozenset({b"from", b"sender", b"resent-from", b"resent-sender"})
+
+
+def _stuffing(line: bytes | bytearray) -> int:
+    """
+    The octets of transparency stuffing at the start of a data line: the
+    line length limit does not count the duplicated leading C{"."} (RFC 5321
+    4.5.3.1.6).
+    """
+    return 1 if line[:1] == b"." else 0
+
+
+class _MessageReader:
+    """
+    Reads the data of one message from the input buffer and streams it into
+    an L{IDelivery}.  See the module docstring for the rules.
+
+    @ivar refusal: the L{Reply} the message will be refused with at the end
+        of the data, or L{None}.
+    @ivar reason: the server-side error behind the refusal, for the log (a
+        storage failure's text), or L{None}.
+    @ivar size: message octets counted so far (CRLF line ends, unstuffed).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        delivery: IDelivery,
+        maxSize: int,
+        mayUseSender: Optional[Callable[[Address], bool]],
+        addFields: Callable[[set], list[bytes]],
+    ) -> None:
+        self.delivery = delivery
+        self._maxSize = maxSize
+        self._mayUseSender = mayUseSender
+        self._addFields = addFields
+        self.refusal: Optional[Reply] = None
+        self.reason: Optional[str] = None
+        self.size = 0
+        self._previousCRLF = True
+        self._inLongLine = False
+        self._inHeaders = True
+        self._headerLines: list[bytes] = []
+        self._headerSize = 0
+        self._out: list[bytes] = []
+        self._outSize = 0
+
+    def consume(self, buf: bytearray) -> bool:
+        """
+        Read complete lines from the front of C{buf}.
+
+        @return: whether the end of the data was reached; the octets after
+            it are left in C{buf}.
+        """
+        while True:
+            nl = buf.find(b"\n")
+            if nl == -1:
+                # Keep a trailing CR: the LF may come in the next segment.
+                keep = 1 if buf.endswith(b"\r") else 0
+                if len(buf) - keep > MAX_DATA_LINE + _stuffing(buf):
+                    # This line is too long whatever follows; drop what we
+                    # have of it so memory stays bounded.
+                    self.refuse(DATA_LINE_TOO_LONG)
+                    del buf[: len(buf) - keep]
+                    self._inLongLine = True
+                self._flush()
+                return False
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]
+            crlf = line.endswith(b"\r")
+            if crlf:
+                line = line[:-1]
+            if line == b"." and crlf and self._previousCRLF and not self._inLongLine:
+                self._flush()
+                return True
+            self._previousCRLF = crlf
+            if self._inLongLine or len(line) > MAX_DATA_LINE + _stuffing(line):
+                self._inLongLine = False
+                self.refuse(DATA_LINE_TOO_LONG)
+                continue
+            if b"\r" in line:
+                self.refuse(BARE_CR)
+                continue
+            if b"\x00" in line:
+                # RFC 5321 2.3.8: NUL is not text; MTAs downstream differ
+                # in what they make of it.
+                self.refuse(NUL_IN_DATA)
+                continue
+            if self.refusal is not None:
+                continue
+            if line[:1] == b"." and len(line) > 1:
+                line = line[1:]
+            self._line(line)
+
+    def finish(self) -> Optional[Reply]:
+        """
+        The end of the data was reached: write what is still held.
+
+        @return: the refusal, or L{None} if the delivery may be committed.
+        """
+        if self.refusal is None and self._inHeaders:
+            self._endHeaders(blankLine=False)
+        self._flush()
+        return self.refusal
+
+    def refuse(self, reply: Reply, reason: Optional[str] = None) -> None:
+        """
+        Refuse the message (the first refusal wins): abort the delivery now,
+        keep reading to the end of the data.
+
+        @param reason: the server-side error, for the log only.
+        """
+        if self.refusal is not None:
+            return
+        self.refusal = reply
+        self.reason = reason
+        self._out = []
+        self._headerLines = []
+        try:
+            self.delivery.abort()
+        except Exception:
+            self.log.failure("Aborting a submission delivery failed")
+
+    def abort(self) -> None:
+        """
+        The session ended before the end of the data.
+        """
+        self.refuse(INTERNAL_ERROR)
+
+    def _line(self, line: bytes) -> None:
+        self.size += len(line) + 2
+        if self.size > self._maxSize:
+            self.refuse(TOO_BIG)
+            return
+        if self._inHeaders:
+            if line == b"":
+                self._endHeaders(blankLine=True)
+                return
+            self._headerSize += len(line) + 2
+            if self._headerSize > MAX_HEADER_SECTION:
+                self.refuse(HEADER_TOO_BIG)
+                return
+            self._headerLines.append(line)
+        else:
+            self._emit(line + b"\r\n")
+
+    def _endHeaders(self, blankLine: bool) -> None:
+        self._inHeaders = False
+        lines, self._headerLines = self._headerLines, []
+        fields = _headerFields(lines)
+        if self._mayUseSender is not None and not self._sendersOwned(fields):
+            self.refuse(HEADER_FROM_NOT_OWNED)
+            return
+        present = {name for name, _ in fields if name is not None}
+        for added in self._addFields(present):
+            self._emit(added)
+        for line in lines:
+            self._emit(line + b"\r\n")
+        if blankLine:
+            self._emit(b"\r\n")
+
+    def _sendersOwned(self, fields: list[tuple[Optional[bytes], bytes]]) -> bool:
+        """
+        Whether every address in every C{From:}, C{Sender:}, C{Resent-From:}
+        and C{Resent-Sender:} field may be used by the user.  An unparseable or empty field counts as not
+        owned; a message without these fields passes.
+        """
+        for name, value in fields:
+            if name not in _SENDER_FIELDS:
+                continue
+            pairs = email.utils.getaddresses([value.decode("utf-8", "replace")])
+            if not pairs:
+                return False
+            for _, spec in pairs:
+                try:
+                    address = Address.parse(spec)
+                except AddressError:
+                    return False
+                if not self._mayUseSender(address):
+                    return False
+        return True
+
+    def _emit(self, data: bytes) -> None:
+        self._out.append(data)
+        self._outSize += len(data)
+        if self._outSize >= WRITE_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        out, self._out, self._outSize = self._out, [], 0
+        if not out or self.refusal is not None:
+            return
+        try:
+            self.delivery.write(b"".join(out))
+        except TemporaryFailure as e:
+            self.refuse(temporaryReply(e), str(e))
+        except Exception:
+            self.log.failure("Writing a submitted message failed")
+            self.refuse(INTERNAL_ERROR)
+
+
+class DataCommands:
+    """
+    DATA, the end of the data and the commit, mixed into
+    L{pop3gw.smtp.SubmissionServer}, whose state they use.
+    """
+
+    def _dataStep(self) -> bool:
+        reader = self._reader
+        if not reader.consume(self._buffer):
+            return False
+        self._reader = None
+        self._mode = _Mode.COMMAND
+        refusal = reader.finish()
+        envelope = self._envelope
+        sender = envelope.sender
+        self._resetTransaction()
+        if refusal is not None:
+            self._logRefused(sender, refusal, reader.reason)
+            self._send(refusal)
+            return True
+        queueID, size = envelope.messageId, reader.size
+        d = maybeDeferred(reader.delivery.commit)
+        d.addCallbacks(
+            self._cbCommitted,
+            self._ebCommitted,
+            callbackArgs=(queueID, size, sender, reader.delivery),
+            errbackArgs=(sender,),
+        )
+        self.hold(d)
+        return True
+
+    def _logRefused(self, sender: Optional[Address], reply: Reply, reason: Optional[str] = None) -> None:
+        """
+        Log one line for a message refused after its envelope: the user,
+        the envelope sender, the reply and, for a server-side failure (a
+        full disk), the error in words::
+
+            submission: refused message user="..." from="..." reply="452 4.3.1 ..." error="cannot write message: No space left on device"
+        """
+        fields = dict(
+            user=events.sanitize(self._user),
+            sender=events.sanitize(str(sender) if sender is not None else None),
+            reply=events.sanitize(f"{reply.code} {reply.text}"),
+        )
+        if reason is None:
+            self.log.info("submission: refused message user={user} from={sender} reply={reply}", **fields)
+        else:
+            self.log.warn(
+                "submission: refused message user={user} from={sender} reply={reply} error={error}",
+                error=events.sanitize(reason, events.MAX_LOGGED_REPLY),
+                **fields,
+            )
+
+    def _cbCommitted(
+        self, ignored: object, queueID: str, size: int, sender: Optional[Address], delivery: IDelivery
+    ) -> None:
+        """
+        The message is durable: log it and say 250.
+
+        The log line ties the id the client sees to the message's routing:
+        the number of local and remote recipients and the queue id, when
+        the delivery names them (C{localRecipients}, C{remoteRecipients},
+        C{queueId}: see L{pop3gw.router}; C{-} when it does not).
+        """
+        self._messages += 1
+        self._bytes += size
+        local = getattr(delivery, "localRecipients", None)
+        remote = getattr(delivery, "remoteRecipients", None)
+        queue = getattr(delivery, "queueId", None)
+        self.log.info(
+            "submission: accepted id={queueID} user={user} from={sender} local={local} remote={remote}"
+            " size={size} queue={queue}",
+            queueID=queueID,
+            user=events.sanitize(self._user),
+            sender=events.sanitize(None if sender is None else str(sender)),
+            local="-" if local is None else len(local),
+            remote="-" if remote is None else len(remote),
+            size=size,
+            queue=queue if queue is not None and _SAFE_ID.match(queue) else "-",
+        )
+        self._send(Reply(250, f"2.0.0 OK queued as {queueID}"))
+
+    def _ebCommitted(self, failure: Failure, sender: Optional[Address]) -> None:
+        if failure.check(TemporaryFailure):
+            reply = temporaryReply(failure.value)
+            self._logRefused(sender, reply, str(failure.value))
+        else:
+            self.log.failure("submission: commit failed", failure)
+            reply = TEMPORARY_FAILURE
+        self._send(reply)
+
+    def do_DATA(self, argument: str) -> None:
+        if argument:
+            raise SMTPRefusal(NO_ARGUMENTS)
+        envelope = self._envelope
+        if not envelope.recipients:
+            raise SMTPRefusal(NO_RECIPIENTS)
+        try:
+            delivery = self._avatar.beginDelivery(envelope.sender, list(envelope.recipients))
+        except TemporaryFailure as e:
+            self._logRefused(envelope.sender, temporaryReply(e), str(e))
+            raise SMTPRefusal(temporaryReply(e)) from None
+        envelope.messageId = _messageId(delivery)
+        # The Received: field names the id, so it is written once the
+        # delivery (and with it the queue id) exists, as the first data.
+        try:
+            delivery.write(self._receivedHeader())
+        except TemporaryFailure as e:
+            delivery.abort()
+            self._logRefused(envelope.sender, temporaryReply(e), str(e))
+            raise SMTPRefusal(temporaryReply(e)) from None
+        except Exception:
+            delivery.abort()
+            raise
+        checker = self._avatar.mayUseSender if self.factory.checkHeaderFrom else None
+        self._reader = _MessageReader(delivery, self.factory.maxMessageSize, checker, self._missingFields)
+        self._mode = _Mode.DATA
+        self._send(START_DATA)
+
+    def _receivedHeader(self) -> bytes:
+        """
+        The trace field for the current message.  It deliberately names
+        neither the client's IP address nor the user (see the class
+        docstring).
+        """
+        helo = _SAFE_HELO.sub("_", _traceName(self._helo))
+        protocol = "ESMTP" + ("S" if self.secure else "") + ("A" if self._avatar is not None else "")
+        return (
+            f"Received: from {helo} (authenticated user) by {self.factory.hostname}"
+            f" (pop3gw) with {protocol} id {self._envelope.messageId}; {formatDate(self.factory.clock.seconds())}\r\n"
+        ).encode("ascii", "replace")
+
+    def _missingFields(self, present: set) -> list[bytes]:
+        """
+        The C{Message-ID:}, C{Date:} and C{From:} fields to add to a message
+        whose header has the (lower-cased) field names C{present} (RFC 6409
+        8.2, 8.3; RFC 5322 3.6 requires C{From:} and C{Date:}).  An added
+        C{From:} holds the authenticated user's own address, not the
+        envelope sender (which may be one of the user's aliases): the
+        address the user proved, as a C{Sender:} would.
+        """
+        added = []
+        if b"message-id" not in present:
+            added.append(f"Message-ID: <{secrets.token_hex(16)}@{self.factory.hostname}>\r\n".encode("ascii", "replace"))
+        if b"date" not in present:
+            added.append(f"Date: {formatDate(self.factory.clock.seconds())}\r\n".encode("ascii"))
+        if b"from" not in present and self._avatar is not None:
+            added.append(f"From: {self._avatar.address}\r\n".encode("utf-8"))
+        return added
