@@ -40,7 +40,7 @@ from pop3gw.interfaces import (
     Pop3gwError,
     TemporaryFailure,
 )
-from pop3gw.users import canVerify, dummyHash, upgradedHash, verifyPassword
+from pop3gw.passwords import canVerify, dummyHash, upgradedHash, verifyPassword
 
 #: The client credentials without a C{peer} are counted as.
 UNKNOWN_PEER = "unknown"
@@ -122,7 +122,7 @@ class PasswordChecker:
     The login name is normalised once, here, with L{Address.parse}; a name
     that does not parse is handled exactly like an unknown user.  The user
     lookup and the slow hash run in C{threadpool}, never on the reactor
-    thread.  An unknown user is checked against L{pop3gw.users.DUMMY_HASH}
+    thread.  An unknown user is checked against L{pop3gw.passwords.DUMMY_HASH}
     so it costs as much as a known one.
 
     A successful login fires at once with the address as text.  A failed
@@ -175,7 +175,7 @@ class PasswordChecker:
         @param verifier: checks a password against a stored hash (for
             tests).
         @param dummy: returns the hash unknown users are checked against
-            (for tests); L{pop3gw.users.dummyHash} by default.
+            (for tests); L{pop3gw.passwords.dummyHash} by default.
         @param cache: the verified-credentials cache; a new one by default.
         @param accounting: the per-client accounting of checks; a new one
             (on C{reactor}) by default.

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface
 from zope.interface.verify import verifyObject
 
+from pop3gw import passwords as passwordsModule
 from pop3gw import users as usersModule
 from pop3gw.address import Address
 from pop3gw.auth import (
@@ -38,7 +39,8 @@ from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, ISubmissionAvatar
 from pop3gw.pop3 import POP3Factory
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.testing import FakeMaildropStore, FakeRouter, FakeUserDatabase
-from pop3gw.users import UsersFile, verifyPassword
+from pop3gw.passwords import verifyPassword
+from pop3gw.users import UsersFile
 from tests.util import makeTempDirectory
 
 ALICE = Address("alice", "example.org")
@@ -50,7 +52,7 @@ HASH_PASSWORD = (
     "{SHA512-CRYPT}$6$saltsalt$qFmFH.bQmmtXzyBY0s9v7Oicd2z4XSIecDzlB5KiA2/"
     "jctKu9YterLp8wwnSq.qc.eoxqOmSuNp2xS0ktL3nh/"
 )
-HASH_ARGON2 = usersModule.hashPassword("password")
+HASH_ARGON2 = passwordsModule.hashPassword("password")
 HASH_HUNTER2 = "{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuoXuKqgZXLiJqzfmMXDDhSFPIvxV7t8."
 DUMMY = "{TEST}dummy"
 
@@ -368,12 +370,12 @@ class PasswordCheckerTests(SynchronousTestCase):
     def test_defaultDummyHash(self) -> None:
         """
         By default unknown users are verified against
-        L{pop3gw.users.DUMMY_HASH}.
+        L{pop3gw.passwords.DUMMY_HASH}.
         """
         spy = SpyVerifier()
         checker = PasswordChecker(self.users, self.reactor, self.pool, verifier=spy)
         d = checker.requestAvatarId(UsernamePassword("nobody@example.org", "pw"))
-        self.assertEqual(spy.calls, [(usersModule.DUMMY_HASH, b"pw")])
+        self.assertEqual(spy.calls, [(passwordsModule.DUMMY_HASH, b"pw")])
         self.assertFailsAfterDelay(d)
 
     def test_unparseableName(self) -> None:

@@ -18,7 +18,8 @@ from pop3gw import __version__, cli, fsutil
 from pop3gw.address import Address
 from pop3gw.interfaces import MaildropLocked
 from pop3gw.maildir import MaildirStore
-from pop3gw.users import UsersFile, verifyPassword
+from pop3gw.passwords import verifyPassword
+from pop3gw.users import UsersFile
 
 from .util import (
     OTHER_GID,
@@ -343,7 +344,7 @@ class PasswordInputTests(SynchronousTestCase):
         (which refuses longer passwords unhashed): a password that could
         never log in is refused.
         """
-        from pop3gw.users import MAX_PASSWORD_BYTES, verifyPassword as verify
+        from pop3gw.passwords import MAX_PASSWORD_BYTES, verifyPassword as verify
 
         self.assertEqual(cli.MAX_PASSWORD_LENGTH, MAX_PASSWORD_BYTES)
         status, _, err = self.runCLI("user", "add", "alice@example.org", stdin=FakeStdin("\u00e9" * 600 + "\n"))
