@@ -36,7 +36,8 @@ from pop3gw.interfaces import (
     IPOP3Avatar,
     LookupWouldBlock,
     ISubmissionAvatar,
-    IUserDatabase,
+    IUserDirectory,
+    IUserStore,
     Pop3gwError,
     TemporaryFailure,
 )
@@ -117,7 +118,7 @@ class VerifiedCredentialsCache:
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """
-    Checks L{IUsernamePassword} credentials against an L{IUserDatabase}.
+    Checks L{IUsernamePassword} credentials against an L{IUserStore}.
 
     The login name is normalised once, here, with L{Address.parse}; a name
     that does not parse is handled exactly like an unknown user.  The user
@@ -153,7 +154,7 @@ class PasswordChecker:
 
     def __init__(
         self,
-        users: IUserDatabase,
+        users: IUserStore,
         reactor,
         threadpool,
         failureDelay: float = FAILURE_DELAY,
@@ -164,7 +165,8 @@ class PasswordChecker:
         accounting: Optional[AuthAccounting] = None,
     ):
         """
-        @param users: the users database.
+        @param users: the users database (its blocking side: L{_check}
+            calls it in C{threadpool}).
         @param reactor: provides C{IReactorTime} and
             C{IReactorFromThreads}.
         @param threadpool: where lookups and hashing run (an object with
@@ -390,14 +392,14 @@ class SubmissionAvatar:
     """
 
     address: Address
-    users: IUserDatabase
+    users: IUserDirectory
     router: IMailRouter
 
     def mayUseSender(self, address: Address) -> bool:
         """
         See L{ISubmissionAvatar.mayUseSender}.
         """
-        return bool(self.users.owns(self.address, address))
+        return bool(self.users.snapshot().owns(self.address, address))
 
     def checkRecipient(self, address: Address) -> Address:
         """
@@ -426,7 +428,7 @@ class Realm:
     L{PasswordChecker} returns.
     """
 
-    users: IUserDatabase
+    users: IUserDirectory
     store: IMaildropStore
     router: IMailRouter
 

@@ -149,7 +149,7 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.
 
     users = _users(config, owner)
     if args.action == "list":
-        for a in users.addresses():
+        for a in users.refresh().addresses():
             stdout.write(f"{a}\n")
         return EX_OK
     address = _address(args.address)
@@ -225,7 +225,7 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner]
 
     address = _address(args.address, EX_NOUSER)
     users = _users(config)
-    user = users.resolve(address)
+    user = users.refresh().resolve(address)
     if user is None:
         raise CommandError(f"no such user {address}", EX_NOUSER)
     store = MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)

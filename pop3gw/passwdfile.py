@@ -13,6 +13,7 @@ from typing import Optional
 import attr
 
 from pop3gw.address import Address, AddressError, lookupKey
+from pop3gw.directory import AddressMap
 from pop3gw.passwords import MAX_PASSWORD_BYTES, canVerify, hashPassword, isPlainText, plainPassword, schemeOf
 
 
@@ -76,56 +77,6 @@ def parseUserLine(raw: bytes) -> tuple[UserLine, bool]:
     return UserLine(raw, address, userField, hashed, sep + extra), False
 
 
-class AddressMap:
-    """
-    An immutable map from addresses to values, looked up case-insensitively
-    (L{lookupKey}): an address written exactly as stored finds that entry;
-    any other spelling finds the first entry, in file order, with the same
-    key.  Only files written before lookups ignored case can have two
-    entries with one key.
-
-    @ivar entries: stored address -> value, in file order.
-    @ivar caseVariants: for each key held by more than one entry, those
-        entries' addresses in file order.
-    """
-
-    def __init__(self) -> None:
-        self.entries: dict[Address, object] = {}
-        self._byKey: dict[str, Address] = {}
-        self.caseVariants: dict[str, list[Address]] = {}
-
-    def _add(self, address: Address, value: object) -> bool:
-        """
-        Add an entry while building the map.
-
-        @return: C{False} if C{address} (this exact spelling) is already
-            there, and nothing was added.
-        """
-        if address in self.entries:
-            return False
-        self.entries[address] = value
-        key = lookupKey(address)
-        first = self._byKey.setdefault(key, address)
-        if first != address:
-            self.caseVariants.setdefault(key, [first]).append(address)
-        return True
-
-    def find(self, address: Address) -> Optional[Address]:
-        """
-        The stored address that C{address} finds, or L{None}.
-        """
-        if address in self.entries:
-            return address
-        return self._byKey.get(lookupKey(address))
-
-    def get(self, address: Address) -> Optional[object]:
-        """
-        The value of the entry C{address} finds, or L{None}.
-        """
-        found = self.find(address)
-        return None if found is None else self.entries[found]
-
-
 def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap, list[int]]:
     """
     Parse a users file.
@@ -142,7 +93,7 @@ def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap, list[int]]:
         lines.append(line)
         if malformed:
             bad.append(number)
-        elif line.address is not None and not users._add(line.address, line.hashed):
+        elif line.address is not None and not users.add(line.address, line.hashed):
             bad.append(number)
     return lines, users, bad
 
@@ -173,7 +124,7 @@ def parseAliases(data: bytes) -> tuple[AddressMap, list[int]]:
         except AddressError:
             bad.append(number)
             continue
-        if not aliases._add(aliasAddress, targetAddress):
+        if not aliases.add(aliasAddress, targetAddress):
             bad.append(number)
     return aliases, bad
 

@@ -26,7 +26,7 @@ from pop3gw.interfaces import (
     IOutboundQueue,
     IRoutedDelivery,
     ITwoPhaseDelivery,
-    IUserDatabase,
+    IUserDirectory,
     PermanentFailure,
     TemporaryFailure,
     UnknownUser,
@@ -165,7 +165,8 @@ class Router:
     @param domains: the local domains: a collection of names (any case; a
         trailing dot is ignored), or any object supporting C{in} with
         lower-case names, asked on every lookup.
-    @param users: the users database (C{resolve} maps aliases to users).
+    @param users: the users directory (its snapshot's C{resolve} maps
+        aliases to users).
     @param store: the maildrops.
     @param queue: the outbound queue.
     """
@@ -173,7 +174,7 @@ class Router:
     def __init__(
         self,
         domains: Iterable[str],
-        users: IUserDatabase,
+        users: IUserDirectory,
         store: IMaildropStore,
         queue: IOutboundQueue,
     ):
@@ -201,7 +202,7 @@ class Router:
             if not isRoutableDomain(address.domain):
                 raise PermanentFailure(f"{address.domain} is not a public mail domain")
             return address
-        user = self._users.resolve(address)
+        user = self._users.snapshot().resolve(address)
         if user is None:
             raise UnknownUser(str(address))
         return user

@@ -21,6 +21,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -68,6 +69,10 @@ log = Logger(namespace="pop3gw")
 
 # How often the TLS files are checked for a renewal (a stat() each).
 TLS_CHECK_INTERVAL = 30.0
+#: How often the users and aliases files are checked for changes (a stat()
+#: each, in the I/O pool), so that the directory the reactor thread reads
+#: (recipient checks, local domains) follows C{pop3gw user} changes.
+USERS_CHECK_INTERVAL = 2.0
 # Threads for fsync/link work of deliveries (blocking disk I/O).
 IO_THREADS = 8
 
@@ -217,12 +222,15 @@ def _reason(e: Exception) -> str:
 class ReloadService(Service):
     """
     Reloads the users file and the TLS certificate on SIGHUP (without
-    dropping sessions), and checks the TLS files for renewal periodically.
+    dropping sessions).
+
+    @ivar refreshUsers: re-reads the users directory off the reactor
+        thread; returns a L{defer.Deferred}.
     """
 
-    def __init__(self, reactor, users, certs) -> None:
+    def __init__(self, reactor, refreshUsers, certs) -> None:
         self.reactor = reactor
-        self.users = users
+        self.refreshUsers = refreshUsers
         self.certs = certs
         self._previous = None
 
@@ -244,7 +252,7 @@ class ReloadService(Service):
 
     def reload(self) -> None:
         log.info("SIGHUP: reloading users and TLS certificate")
-        self.users.reload()
+        self.refreshUsers()
         if self.certs is not None:
             self.certs.reload()
 
@@ -290,10 +298,10 @@ class LocalDomains:
     def __contains__(self, domain: str) -> bool:
         if domain in self.configured:
             return True
-        return any(a.domain == domain for a in self.users.addresses())
+        return any(a.domain == domain for a in self.users.snapshot().addresses())
 
     def __iter__(self):
-        return iter(self.configured | {a.domain for a in self.users.addresses()})
+        return iter(self.configured | {a.domain for a in self.users.snapshot().addresses()})
 
 
 def makeService(options, reactor=None) -> MultiService:
@@ -396,7 +404,7 @@ def _build(config: Config, reactor) -> MultiService:
             ListenerService(reactor, name, description, limited(wrapped, refusal)).setServiceParent(top)
 
     def bounceDelivery(sender: Address, data: bytes):
-        user = users.resolve(sender)
+        user = users.snapshot().resolve(sender)
         if user is None:
             return defer.fail(UnknownUser(str(sender)))
         delivery = store.beginDelivery([user])
@@ -426,7 +434,16 @@ def _build(config: Config, reactor) -> MultiService:
     if not any(config.listeners[name] for name, _, _, _ in plans):
         log.warn("no POP3 or submission listener is configured: only the outbound queue runs")
 
-    ReloadService(reactor, users, certs).setServiceParent(top)
+    def refreshUsers() -> defer.Deferred:
+        # The users directory is re-read in the I/O pool (a stat of each
+        # file, a read only when one changed); the reactor thread only
+        # ever reads the snapshot.
+        d = deferToThreadPool(reactor, ioPool, users.refresh)
+        d.addErrback(lambda f: log.failure("cannot refresh the users directory", f))
+        return d
+
+    ReloadService(reactor, refreshUsers, certs).setServiceParent(top)
+    TimerService(USERS_CHECK_INTERVAL, refreshUsers).setServiceParent(top)
     TimerService(TLS_CHECK_INTERVAL, certs.reloadIfChanged).setServiceParent(top)
 
     log.info(

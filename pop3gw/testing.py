@@ -17,6 +17,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from pop3gw.address import Address, lookupKey
+from pop3gw.directory import Directory
 from pop3gw.interfaces import (
     BadMessageData,
     IDelivery,
@@ -28,7 +29,8 @@ from pop3gw.interfaces import (
     IPOP3Avatar,
     IRoutedDelivery,
     ISubmissionAvatar,
-    IUserDatabase,
+    IUserDirectory,
+    IUserStore,
     LookupWouldBlock,
     MaildropLocked,
     TemporaryFailure,
@@ -37,17 +39,21 @@ from pop3gw.interfaces import (
 )
 
 
-@implementer(IUserDatabase)
+@implementer(IUserDirectory, IUserStore)
 class FakeUserDatabase:
     """
-    Users in a dict: address -> stored hash; aliases: alias -> user.
+    Users in a dict: address -> stored hash; aliases: alias -> user.  Both
+    may be changed directly; L{snapshot} always reflects them.
+
+    @ivar blocking: behave like a database backend whose lookups always
+        block (L{peekUser} raises L{LookupWouldBlock}).
+    @ivar reloads: how many times L{refresh} was called.
     """
 
     def __init__(self, users: Optional[dict] = None, aliases: Optional[dict] = None):
         self.users: dict[Address, str] = dict(users or {})
         self.aliases: dict[Address, Address] = dict(aliases or {})
         self.reloads = 0
-        # Behave like a database backend whose lookups always block.
         self.blocking = False
 
     def _find(self, address: Address) -> Optional[Address]:
@@ -60,6 +66,13 @@ class FakeUserDatabase:
         found = self._find(address)
         return None if found is None else (found, self.users[found])
 
+    def snapshot(self) -> Directory:
+        return Directory.fromEntries(self.users, self.aliases.items())
+
+    def refresh(self) -> Directory:
+        self.reloads += 1
+        return self.snapshot()
+
     def lookupUser(self, address: Address) -> Optional[tuple]:
         return self._lookup(address)
 
@@ -71,24 +84,6 @@ class FakeUserDatabase:
     def passwordHash(self, address: Address) -> Optional[str]:
         found = self._lookup(address)
         return None if found is None else found[1]
-
-    def exists(self, address: Address) -> bool:
-        return self._find(address) is not None
-
-    def resolve(self, address: Address) -> Optional[Address]:
-        found = self._find(address)
-        if found is not None:
-            return found
-        key = lookupKey(address)
-        target = next((t for a, t in self.aliases.items() if lookupKey(a) == key), None)
-        return None if target is None else self._find(target)
-
-    def owns(self, user: Address, address: Address) -> bool:
-        owner = self.resolve(address)
-        return address == user or (owner is not None and owner == self._find(user))
-
-    def addresses(self) -> list:
-        return sorted(self.users)
 
     def setPassword(self, address: Address, hashed: str, create: bool) -> None:
         found = self._find(address)
@@ -110,9 +105,6 @@ class FakeUserDatabase:
         if found is None:
             raise UnknownUser(str(address))
         del self.users[found]
-
-    def reload(self) -> None:
-        self.reloads += 1
 
 
 @implementer(IMessageInfo)
@@ -315,7 +307,7 @@ class FakeRouter:
     def checkRecipient(self, address: Address) -> Address:
         if not self.isLocalDomain(address.domain):
             return address
-        user = self.users.resolve(address)
+        user = self.users.snapshot().resolve(address)
         if user is None:
             raise UnknownUser(str(address))
         return user
@@ -371,7 +363,7 @@ class FakeSubmissionAvatar:
     router: FakeRouter
 
     def mayUseSender(self, address: Address) -> bool:
-        return self.router.users.owns(self.address, address)
+        return self.router.users.snapshot().owns(self.address, address)
 
     def checkRecipient(self, address: Address) -> Address:
         return self.router.checkRecipient(address)

@@ -24,9 +24,13 @@ live in L{pop3gw.passwords}.
 The aliases file (optional) has one C{alias@domain: user@domain} line per
 alias.
 
-Both files are re-read whenever their (mtime, size, inode) change, checked on
-each lookup, so C{pop3gw user add} takes effect for the next login without a
-restart.  Writes go to a temporary file in the same directory which is
+Both files are re-read whenever their (mtime, size, inode) change, checked
+by each lookup of the blocking side (L{UsersFile.lookupUser}, in the
+server's hash pool) and by L{UsersFile.refresh} (the server's I/O pool,
+every few seconds and on SIGHUP), so C{pop3gw user add} takes effect for
+the next login without a restart.  A re-read swaps in a new immutable
+L{pop3gw.directory.Directory}, which the reactor thread reads
+(L{UsersFile.snapshot}) without any I/O.  Writes go to a temporary file in the same directory which is
 fsynced and renamed over the old one, under an exclusive lock on a sidecar
 C{.lock} file, so a crash never leaves a half-written file and two
 concurrent writers never lose an update.
@@ -45,8 +49,9 @@ from zope.interface import implementer
 
 from pop3gw import fsutil
 from pop3gw.address import Address, lookupKey
-from pop3gw.interfaces import IUserDatabase, TemporaryFailure, UnknownUser, UserExists
-from pop3gw.passwdfile import AddressMap, parseAliases, parseUsers, UserLine
+from pop3gw.directory import AddressMap, Directory
+from pop3gw.interfaces import IUserDirectory, IUserStore, LookupWouldBlock, TemporaryFailure, UnknownUser, UserExists
+from pop3gw.passwdfile import parseAliases, parseUsers, UserLine
 from pop3gw.passwords import canVerify, schemeOf
 
 _log = Logger()
@@ -72,7 +77,7 @@ class _WatchedFile:
         self.path = path
         self._parse = parse
         self._what = what
-        self._key: object = object()
+        self.key: object = object()
         self._failedKey: object = None
         self._loaded = False
         self.value = parse(b"")[:-1]
@@ -90,7 +95,7 @@ class _WatchedFile:
         except OSError as e:
             self._loadFailed(("stat", e.errno), e)
             return self.value
-        if key == self._key and not force:
+        if key == self.key and not force:
             return self.value
         if key is None:
             data = b""
@@ -113,7 +118,7 @@ class _WatchedFile:
                 lines=",".join(str(n) for n in bad),
             )
         self.value = tuple(value)
-        self._key = key
+        self.key = key
         self._failedKey = None
         self._loaded = True
         return self.value
@@ -135,9 +140,9 @@ class _WatchedFile:
 
 def _unverifiable(users: AddressMap) -> list[tuple[Address, Optional[str]]]:
     """
-    The users whose hash L{pop3gw.passwords.verifyPassword} cannot check, with
-    their scheme
-    (printable ASCII, else C{"?"}) or L{None} when there is no scheme.
+    The users whose hash L{pop3gw.passwords.verifyPassword} cannot check,
+    with their scheme (printable ASCII, else C{"?"}) or L{None} when there
+    is no scheme.
     """
     found = []
     for address, stored in users.entries.items():
@@ -153,10 +158,18 @@ def _unverifiable(users: AddressMap) -> list[tuple[Address, Optional[str]]]:
 class _Snapshot:
     """
     Immutable view of both files, swapped as a whole.
+
+    @ivar users: stored address -> hash.
+    @ivar aliases: alias -> target.
+    @ivar directory: the L{Directory} of both, for the reactor thread.
+    @ivar keys: the (mtime_ns, size, inode) of the users and aliases files
+        as read (L{None} for a missing file), for L{UsersFile.peekUser}.
     """
 
     users: AddressMap
     aliases: AddressMap
+    directory: Directory
+    keys: tuple = ()
 
 
 def _checkHash(hashed: str) -> None:
@@ -168,15 +181,18 @@ def _checkHash(hashed: str) -> None:
         raise ValueError("not a {SCHEME}hash string")
 
 
-@implementer(IUserDatabase)
+@implementer(IUserDirectory, IUserStore)
 class UsersFile:
     """
-    L{IUserDatabase} backed by a Dovecot-style passwd-file and an optional
-    aliases file.
+    L{IUserDirectory} and L{IUserStore} backed by a Dovecot-style
+    passwd-file and an optional aliases file.
 
-    Lookups are thread-safe (L{passwordHash} runs in a thread pool): each
-    one stats the files and, if they changed, re-reads them and swaps in a
-    new immutable snapshot under a lock.
+    The files are read at construction.  The blocking side is thread-safe
+    (L{lookupUser} runs in a thread pool): each call stats the files and,
+    if they changed, re-reads them and swaps in a new immutable snapshot
+    under a lock; so does L{refresh}, which the server runs in its I/O
+    pool periodically and on SIGHUP.  L{snapshot} only returns the last
+    one.
 
     @cvar FILE_MODE: the permissions of a rewritten users file.
     """
@@ -203,11 +219,12 @@ class UsersFile:
         self._aliasesFile = (
             _WatchedFile(aliasesPath, parseAliases, "aliases file") if aliasesPath is not None else None
         )
-        self._snapshot = _Snapshot(AddressMap(), AddressMap())
+        self._snapshot = _Snapshot(AddressMap(), AddressMap(), Directory.unavailable("users file not read"))
         try:
             self._refresh()
-        except TemporaryFailure:
-            pass  # logged; every lookup fails temporarily until it can be read
+        except TemporaryFailure as e:
+            # Logged; every lookup fails temporarily until it can be read.
+            self._snapshot = attr.evolve(self._snapshot, directory=Directory.unavailable(str(e)))
 
     def _refresh(self, force: bool = False) -> _Snapshot:
         """
@@ -223,8 +240,11 @@ class UsersFile:
                 aliases = self._snapshot.aliases
             if users is not self._snapshot.users:
                 self._warnAboutUsers(users)
+            keys = (self._usersFile.key, self._aliasesFile.key if self._aliasesFile is not None else None)
             if users is not self._snapshot.users or aliases is not self._snapshot.aliases:
-                self._snapshot = _Snapshot(users, aliases)
+                self._snapshot = _Snapshot(users, aliases, Directory(users, aliases), keys)
+            elif keys != self._snapshot.keys:
+                self._snapshot = attr.evolve(self._snapshot, keys=keys)
             return self._snapshot
 
     def _warnAboutUsers(self, users: AddressMap) -> None:
@@ -254,11 +274,29 @@ class UsersFile:
                 first=numbers[variants[0]],
             )
 
-    # -- IUserDatabase: reads
+    # -- IUserDirectory
+
+    def snapshot(self) -> Directory:
+        """
+        See L{IUserDirectory.snapshot}.
+        """
+        return self._snapshot.directory
+
+    # -- IUserStore: reads
+
+    def refresh(self) -> Directory:
+        """
+        See L{IUserStore.refresh}.  A file that cannot be read is logged
+        (by L{_WatchedFile}); nothing is raised.
+        """
+        try:
+            return self._refresh().directory
+        except TemporaryFailure:
+            return self._snapshot.directory
 
     def lookupUser(self, address: Address) -> Optional[tuple[Address, str]]:
         """
-        See L{IUserDatabase.lookupUser}.
+        See L{IUserStore.lookupUser}.
         """
         users = self._refresh().users
         found = users.find(address)
@@ -268,16 +306,46 @@ class UsersFile:
 
     def peekUser(self, address: Address) -> Optional[tuple[Address, str]]:
         """
-        See L{IUserDatabase.peekUser}: the file is held in memory and
-        re-read only when a C{stat} shows it changed, which is cheap enough
-        for the reactor thread.
+        See L{IUserStore.peekUser}: the answer of the snapshot in memory,
+        if a C{stat} of each file shows it unchanged since it was read
+        (cheap enough for the reactor thread); the files are never read
+        here.
+
+        @raise LookupWouldBlock: a file changed (or cannot be examined, or
+            has never been read): L{lookupUser} re-reads it in the pool.
         """
-        return self.lookupUser(address)
+        snapshot = self._snapshot
+        if not self._unchanged(snapshot):
+            raise LookupWouldBlock(str(address))
+        found = snapshot.users.find(address)
+        if found is None:
+            return None
+        return found, snapshot.users.entries[found]
+
+    def _unchanged(self, snapshot: _Snapshot) -> bool:
+        """
+        Whether both files are as C{snapshot} read them.
+        """
+        if not snapshot.keys:
+            return False
+        paths = (self.path, self.aliasesPath)
+        for path, known in zip(paths, snapshot.keys):
+            if path is None:
+                continue
+            try:
+                key: object = _statKey(os.stat(path))
+            except FileNotFoundError:
+                key = None
+            except OSError:
+                return False
+            if key != known:
+                return False
+        return True
 
     def unverifiableUsers(self) -> list[tuple[Address, Optional[str]]]:
         """
-        The users whose stored hash L{pop3gw.passwords.verifyPassword} cannot check (so who
-        cannot log in), in file order.
+        The users whose stored hash L{pop3gw.passwords.verifyPassword}
+        cannot check (so who cannot log in), in file order.
 
         @return: (user, scheme name or L{None} for no C{{SCHEME}} prefix)
             pairs.
@@ -286,64 +354,15 @@ class UsersFile:
 
     def passwordHash(self, address: Address) -> Optional[str]:
         """
-        See L{IUserDatabase.passwordHash}.
+        See L{IUserStore.passwordHash}.
         """
         return self._refresh().users.get(address)
 
-    def exists(self, address: Address) -> bool:
-        """
-        See L{IUserDatabase.exists}.
-        """
-        return self._refresh().users.find(address) is not None
-
-    def resolve(self, address: Address) -> Optional[Address]:
-        """
-        See L{IUserDatabase.resolve}.  Aliases are one level deep: an alias
-        naming a user that does not exist resolves to L{None}.
-        """
-        return self._resolve(self._refresh(), address)
-
-    @staticmethod
-    def _resolve(snapshot: _Snapshot, address: Address) -> Optional[Address]:
-        user = snapshot.users.find(address)
-        if user is not None:
-            return user
-        target = snapshot.aliases.get(address)
-        if target is None:
-            return None
-        return snapshot.users.find(target)
-
-    def owns(self, user: Address, address: Address) -> bool:
-        """
-        See L{IUserDatabase.owns}.
-        """
-        if address == user:
-            return True
-        snapshot = self._refresh()
-        owner = self._resolve(snapshot, address)
-        return owner is not None and owner == snapshot.users.find(user)
-
-    def addresses(self) -> list:
-        """
-        See L{IUserDatabase.addresses}.
-        """
-        return sorted(self._refresh().users.entries)
-
-    def reload(self) -> None:
-        """
-        See L{IUserDatabase.reload}.  A file that cannot be read is logged
-        (by L{_WatchedFile}); nothing is raised.
-        """
-        try:
-            self._refresh()
-        except TemporaryFailure:
-            pass
-
-    # -- IUserDatabase: writes
+    # -- IUserStore: writes
 
     def setPassword(self, address: Address, hashed: str, create: bool) -> None:
         """
-        See L{IUserDatabase.setPassword}.
+        See L{IUserStore.setPassword}.
 
         @raise ValueError: C{hashed} contains C{:} or a line break, or does
             not start with C{{SCHEME}}.
@@ -389,7 +408,7 @@ class UsersFile:
 
     def upgradePasswordHash(self, address: Address, oldHash: str, newHash: str) -> bool:
         """
-        See L{IUserDatabase.upgradePasswordHash}.  The file is rewritten
+        See L{IUserStore.upgradePasswordHash}.  The file is rewritten
         like any other change (under the lock, atomically); a failure to
         write it is logged, not raised: the login that asked succeeds
         anyway and the next one tries again.
@@ -423,7 +442,7 @@ class UsersFile:
 
     def remove(self, address: Address) -> None:
         """
-        See L{IUserDatabase.remove}.  Every line for the user C{address}
+        See L{IUserStore.remove}.  Every line for the user C{address}
         finds is removed.
         """
         with self._writeLock():

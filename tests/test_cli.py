@@ -159,7 +159,7 @@ class CLITests(SynchronousTestCase):
         for secret in ("two words", "nodomain", "again", "zoesecret", "4b4d1e", "md5crypthash", "$5$"):
             self.assertNotIn(secret, out + err)
         users = self.users()
-        self.assertEqual(users.addresses(), [ALICE, Address("bob", "example.org"), Address("erin", "example.org"),
+        self.assertEqual(users.snapshot().addresses(), [ALICE, Address("bob", "example.org"), Address("erin", "example.org"),
                                              Address("heidi", "example.org"), Address("zoe", "example.org")])
         self.assertTrue(users.passwordHash(ALICE).startswith("{ARGON2ID}$argon2id$"))
         self.assertTrue(verifyPassword(users.passwordHash(ALICE), "two words"))

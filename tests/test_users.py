@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 
 from pop3gw import users
 from pop3gw.address import Address
-from pop3gw.interfaces import IUserDatabase, TemporaryFailure, UnknownUser, UserExists
+from pop3gw.interfaces import IUserDirectory, IUserStore, LookupWouldBlock, TemporaryFailure, UnknownUser, UserExists
 from pop3gw.users import UsersFile
 from pop3gw.fsutil import Owner
 from tests.test_passwords import ALICE, ARGON2ID, BOB, CAROL, HASH_A, HASH_B, SSHA256_SECRET
@@ -38,13 +38,14 @@ class UsersFileContract:
     C{postmaster@example.org} of alice.
     """
 
-    db: IUserDatabase
+    db: IUserStore
 
     def test_interface(self) -> None:
         """
-        The database provides L{IUserDatabase}.
+        The database provides L{IUserDirectory} and L{IUserStore}.
         """
-        self.assertTrue(verifyObject(IUserDatabase, self.db))
+        self.assertTrue(verifyObject(IUserDirectory, self.db))
+        self.assertTrue(verifyObject(IUserStore, self.db))
 
     def test_lookups(self) -> None:
         """
@@ -53,9 +54,9 @@ class UsersFileContract:
         self.assertEqual(self.db.passwordHash(ALICE), HASH_A)
         self.assertEqual(self.db.passwordHash(BOB), HASH_B)
         self.assertIsNone(self.db.passwordHash(CAROL))
-        self.assertTrue(self.db.exists(ALICE))
-        self.assertFalse(self.db.exists(CAROL))
-        self.assertEqual(self.db.addresses(), [ALICE, BOB])
+        self.assertTrue(self.db.snapshot().exists(ALICE))
+        self.assertFalse(self.db.snapshot().exists(CAROL))
+        self.assertEqual(self.db.snapshot().addresses(), [ALICE, BOB])
 
     def test_resolveAndOwns(self) -> None:
         """
@@ -63,13 +64,13 @@ class UsersFileContract:
         C{owns} is true for a user's own address and its aliases only.
         """
         postmaster = Address("postmaster", "example.org")
-        self.assertEqual(self.db.resolve(ALICE), ALICE)
-        self.assertEqual(self.db.resolve(postmaster), ALICE)
-        self.assertIsNone(self.db.resolve(CAROL))
-        self.assertTrue(self.db.owns(ALICE, ALICE))
-        self.assertTrue(self.db.owns(ALICE, postmaster))
-        self.assertFalse(self.db.owns(BOB, postmaster))
-        self.assertFalse(self.db.owns(ALICE, BOB))
+        self.assertEqual(self.db.snapshot().resolve(ALICE), ALICE)
+        self.assertEqual(self.db.snapshot().resolve(postmaster), ALICE)
+        self.assertIsNone(self.db.snapshot().resolve(CAROL))
+        self.assertTrue(self.db.snapshot().owns(ALICE, ALICE))
+        self.assertTrue(self.db.snapshot().owns(ALICE, postmaster))
+        self.assertFalse(self.db.snapshot().owns(BOB, postmaster))
+        self.assertFalse(self.db.snapshot().owns(ALICE, BOB))
 
     def test_setPasswordAndRemove(self) -> None:
         """
@@ -84,9 +85,9 @@ class UsersFileContract:
         self.assertEqual(self.db.passwordHash(CAROL), HASH_A)
         self.assertEqual(self.db.passwordHash(ALICE), HASH_B)
         self.db.remove(BOB)
-        self.assertFalse(self.db.exists(BOB))
+        self.assertFalse(self.db.snapshot().exists(BOB))
         self.assertRaises(UnknownUser, self.db.remove, BOB)
-        self.assertEqual(self.db.addresses(), [ALICE, CAROL])
+        self.assertEqual(self.db.snapshot().addresses(), [ALICE, CAROL])
 
 
     def test_caseInsensitiveLookups(self) -> None:
@@ -100,14 +101,14 @@ class UsersFileContract:
         self.assertEqual(self.db.lookupUser(Address("Bob", "example.org")), (BOB, HASH_B))
         self.assertIsNone(self.db.lookupUser(CAROL))
         self.assertEqual(self.db.peekUser(Address("Alice", "example.org")), (ALICE, HASH_A))
-        self.assertTrue(self.db.exists(shouting))
-        self.assertEqual(self.db.resolve(shouting), ALICE)
-        self.assertEqual(self.db.resolve(Address("PostMaster", "example.org")), ALICE)
-        self.assertTrue(self.db.owns(ALICE, shouting))
-        self.assertTrue(self.db.owns(ALICE, Address("POSTMASTER", "example.org")))
-        self.assertFalse(self.db.owns(BOB, shouting))
-        self.assertFalse(self.db.owns(BOB, Address("Postmaster", "example.org")))
-        self.assertEqual(self.db.addresses(), [ALICE, BOB])
+        self.assertTrue(self.db.snapshot().exists(shouting))
+        self.assertEqual(self.db.snapshot().resolve(shouting), ALICE)
+        self.assertEqual(self.db.snapshot().resolve(Address("PostMaster", "example.org")), ALICE)
+        self.assertTrue(self.db.snapshot().owns(ALICE, shouting))
+        self.assertTrue(self.db.snapshot().owns(ALICE, Address("POSTMASTER", "example.org")))
+        self.assertFalse(self.db.snapshot().owns(BOB, shouting))
+        self.assertFalse(self.db.snapshot().owns(BOB, Address("Postmaster", "example.org")))
+        self.assertEqual(self.db.snapshot().addresses(), [ALICE, BOB])
 
     def test_caseInsensitiveChanges(self) -> None:
         """
@@ -118,7 +119,7 @@ class UsersFileContract:
         self.db.setPassword(Address("ALICE", "example.org"), HASH_B, False)
         self.assertEqual(self.db.lookupUser(ALICE), (ALICE, HASH_B))
         self.db.remove(Address("Bob", "example.org"))
-        self.assertEqual(self.db.addresses(), [ALICE])
+        self.assertEqual(self.db.snapshot().addresses(), [ALICE])
 
     def test_upgradePasswordHash(self) -> None:
         """
@@ -190,9 +191,9 @@ class UsersFileTests(SynchronousTestCase):
         no aliases.
         """
         db = UsersFile(self.path, self.aliasesPath)
-        self.assertEqual(db.addresses(), [])
+        self.assertEqual(db.refresh().addresses(), [])
         self.assertIsNone(db.passwordHash(ALICE))
-        self.assertIsNone(db.resolve(ALICE))
+        self.assertIsNone(db.refresh().resolve(ALICE))
 
     def test_passwdFileFormat(self) -> None:
         """
@@ -213,7 +214,7 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(db.passwordHash(ALICE), HASH_A)
         self.assertEqual(db.passwordHash(BOB), HASH_B)
         self.assertEqual(db.passwordHash(Address.parse("jos\u00e9@example.org")), "{PLAIN}x")
-        self.assertEqual(len(db.addresses()), 3)
+        self.assertEqual(len(db.refresh().addresses()), 3)
 
     def test_storedSpelling(self) -> None:
         """
@@ -227,10 +228,10 @@ class UsersFileTests(SynchronousTestCase):
         db = UsersFile(self.path, self.aliasesPath)
         for spelling in ("alice", "Alice", "ALICE"):
             self.assertEqual(db.lookupUser(Address(spelling, "example.org")), (stored, HASH_A))
-            self.assertEqual(db.resolve(Address(spelling, "example.org")), stored)
-        self.assertEqual(db.resolve(Address("abuse", "example.org")), stored)
-        self.assertTrue(db.owns(stored, Address("ABUSE", "example.org")))
-        self.assertEqual(db.addresses(), [stored])
+            self.assertEqual(db.refresh().resolve(Address(spelling, "example.org")), stored)
+        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), stored)
+        self.assertTrue(db.refresh().owns(stored, Address("ABUSE", "example.org")))
+        self.assertEqual(db.refresh().addresses(), [stored])
         db.setPassword(ALICE, HASH_B, False)
         self.assertEqual(self.read(), f"Alice@example.org:{HASH_B}\n".encode())
 
@@ -248,9 +249,9 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(db.lookupUser(upper), (upper, HASH_A))
         self.assertEqual(db.lookupUser(ALICE), (ALICE, HASH_B))
         self.assertEqual(db.lookupUser(Address("ALICE", "example.org")), (upper, HASH_A))
-        self.assertTrue(db.owns(ALICE, ALICE))
-        self.assertFalse(db.owns(ALICE, upper))
-        self.assertEqual(db.addresses(), [upper, ALICE, BOB])
+        self.assertTrue(db.refresh().owns(ALICE, ALICE))
+        self.assertFalse(db.refresh().owns(ALICE, upper))
+        self.assertEqual(db.refresh().addresses(), [upper, ALICE, BOB])
         self.assertEqual(
             [formatEvent(e) for e in events],
             [f"users file {self.path}: lines 1,3 (alice@example.org) differ only in case; "
@@ -294,7 +295,7 @@ class UsersFileTests(SynchronousTestCase):
         self.assertNotIn("sekrit", "".join(texts))
         self.assertEqual(db.unverifiableUsers(), [(BOB, "PLAIN"), (CAROL, "CRAM-MD5"),
                                                   (Address("dave", "example.org"), None)])
-        db.reload()
+        db.refresh()
         db.passwordHash(ALICE)
         self.assertEqual(len(events), 3)
         db.setPassword(BOB, HASH_B, False)
@@ -315,7 +316,7 @@ class UsersFileTests(SynchronousTestCase):
             f"# users\nalice@example.org:{HASH_A}\nbob@example.org:{HASH_B}:1000:1000::/home/bob\n"
             f"carol@example.org:{HASH_A}\n".encode(),
         )
-        self.assertEqual(db.addresses(), [ALICE, BOB, CAROL])
+        self.assertEqual(db.refresh().addresses(), [ALICE, BOB, CAROL])
         self.assertRaises(ValueError, db.addUsers, [(Address("dave", "example.org"), "{X}a\nb", "")])
 
     def test_malformedLines(self) -> None:
@@ -335,7 +336,7 @@ class UsersFileTests(SynchronousTestCase):
             + f"bob@example.org:{HASH_B}\n".encode(),
         )
         db = UsersFile(self.path)
-        self.assertEqual(db.addresses(), [ALICE, BOB])
+        self.assertEqual(db.refresh().addresses(), [ALICE, BOB])
         self.assertEqual(db.passwordHash(ALICE), HASH_A)
         self.assertEqual(len(events), 1)
         text = formatEvent(events[0])
@@ -345,7 +346,7 @@ class UsersFileTests(SynchronousTestCase):
         self.assertNotIn("$2y$", text)
         # The warning is not repeated on later lookups of the same file.
         db.passwordHash(ALICE)
-        db.reload()
+        db.refresh()
         self.assertEqual(len(events), 1)
 
     def test_reloadOnChange(self) -> None:
@@ -355,12 +356,52 @@ class UsersFileTests(SynchronousTestCase):
         """
         self.writeFile(self.path, f"alice@example.org:{HASH_A}\n".encode())
         db = UsersFile(self.path)
-        self.assertFalse(db.exists(BOB))
+        self.assertFalse(db.refresh().exists(BOB))
         self.writeFile(self.path, f"alice@example.org:{HASH_B}\nbob@example.org:{HASH_B}\n".encode())
-        self.assertTrue(db.exists(BOB))
+        self.assertTrue(db.refresh().exists(BOB))
         self.assertEqual(db.passwordHash(ALICE), HASH_B)
         os.unlink(self.path)
-        self.assertEqual(db.addresses(), [])
+        self.assertEqual(db.refresh().addresses(), [])
+
+    def test_snapshotReadsNoFile(self) -> None:
+        """
+        C{snapshot()} answers from memory: a change to the files is seen
+        only once the blocking side re-reads them (C{refresh()}, or a
+        C{lookupUser} in the pool), which swaps in a new snapshot.
+        """
+        self.writeFile(self.path, f"alice@example.org:{HASH_A}\n".encode())
+        self.writeFile(self.aliasesPath, b"")
+        db = UsersFile(self.path, self.aliasesPath)
+        before = db.snapshot()
+        self.writeFile(self.path, f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n".encode())
+        self.assertIs(db.snapshot(), before)
+        self.assertFalse(db.snapshot().exists(BOB))
+        self.assertEqual(db.lookupUser(BOB), (BOB, HASH_B))
+        self.assertTrue(db.snapshot().exists(BOB))
+        self.writeFile(self.aliasesPath, b"abuse@example.org: bob@example.org\n")
+        self.assertIsNone(db.snapshot().resolve(Address("abuse", "example.org")))
+        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), BOB)
+        self.assertEqual(db.snapshot().resolve(Address("abuse", "example.org")), BOB)
+
+    def test_peekUserOnlyWhenUnchanged(self) -> None:
+        """
+        C{peekUser} answers from memory while a C{stat} shows both files as
+        they were read, and raises L{LookupWouldBlock} (so the check goes to
+        the pool, which re-reads) once either changed: a password changed
+        by C{pop3gw user passwd} counts at the next login.
+        """
+        self.writeFile(self.path, f"alice@example.org:{HASH_A}\n".encode())
+        self.writeFile(self.aliasesPath, b"")
+        db = UsersFile(self.path, self.aliasesPath)
+        self.assertEqual(db.peekUser(ALICE), (ALICE, HASH_A))
+        self.writeFile(self.path, f"alice@example.org:{HASH_B}\n".encode())
+        self.assertRaises(LookupWouldBlock, db.peekUser, ALICE)
+        self.assertEqual(db.lookupUser(ALICE), (ALICE, HASH_B))
+        self.assertEqual(db.peekUser(ALICE), (ALICE, HASH_B))
+        self.writeFile(self.aliasesPath, b"abuse@example.org: alice@example.org\n")
+        self.assertRaises(LookupWouldBlock, db.peekUser, ALICE)
+        db.refresh()
+        self.assertEqual(db.peekUser(ALICE), (ALICE, HASH_B))
 
     def test_reloadSameInodeNewSize(self) -> None:
         """
@@ -372,8 +413,8 @@ class UsersFileTests(SynchronousTestCase):
         db = UsersFile(self.path)
         with open(self.path, "a") as f:
             f.write(f"bob@example.org:{HASH_B}\n")
-        db.reload()
-        self.assertEqual(db.addresses(), [ALICE, BOB])
+        db.refresh()
+        self.assertEqual(db.refresh().addresses(), [ALICE, BOB])
 
     def test_failedLoadKeepsContents(self) -> None:
         """
@@ -397,16 +438,16 @@ class UsersFileTests(SynchronousTestCase):
         for an empty one: construction succeeds and logs one error, every
         lookup raises L{TemporaryFailure} (so mail is deferred, not bounced
         as "unknown user", and C{user list} does not print nothing), and
-        L{UsersFile.reload} raises nothing.  Once readable, it is used.
+        L{UsersFile.refresh} raises nothing.  Once readable, it is used.
         """
         os.mkdir(self.path)  # open() fails with EISDIR, as with EACCES
         events = _captureLog(self)
         db = UsersFile(self.path)
         self.assertRaises(TemporaryFailure, db.passwordHash, ALICE)
-        self.assertRaises(TemporaryFailure, db.exists, ALICE)
-        self.assertRaises(TemporaryFailure, db.resolve, ALICE)
-        self.assertRaises(TemporaryFailure, db.addresses)
-        db.reload()
+        self.assertRaises(TemporaryFailure, db.refresh().exists, ALICE)
+        self.assertRaises(TemporaryFailure, db.refresh().resolve, ALICE)
+        self.assertRaises(TemporaryFailure, db.refresh().addresses)
+        db.refresh()
         self.assertEqual(len(events), 1)
         self.assertIn("cannot read users file", formatEvent(events[0]))
         os.rmdir(self.path)
@@ -421,7 +462,7 @@ class UsersFileTests(SynchronousTestCase):
         os.mkdir(self.aliasesPath)
         _captureLog(self)
         db = UsersFile(self.path, self.aliasesPath)
-        self.assertRaises(TemporaryFailure, db.resolve, ALICE)
+        self.assertRaises(TemporaryFailure, db.refresh().resolve, ALICE)
 
     def test_aliases(self) -> None:
         """
@@ -441,17 +482,17 @@ class UsersFileTests(SynchronousTestCase):
         )
         db = UsersFile(self.path, self.aliasesPath)
         abuse = Address("abuse", "example.org")
-        self.assertEqual(db.resolve(abuse), ALICE)
-        self.assertTrue(db.owns(ALICE, abuse))
-        self.assertIsNone(db.resolve(Address("ghost", "example.org")))
-        self.assertEqual(db.resolve(BOB), BOB)
-        self.assertFalse(db.owns(ALICE, BOB))
-        self.assertFalse(db.exists(abuse))
+        self.assertEqual(db.refresh().resolve(abuse), ALICE)
+        self.assertTrue(db.refresh().owns(ALICE, abuse))
+        self.assertIsNone(db.refresh().resolve(Address("ghost", "example.org")))
+        self.assertEqual(db.refresh().resolve(BOB), BOB)
+        self.assertFalse(db.refresh().owns(ALICE, BOB))
+        self.assertFalse(db.refresh().exists(abuse))
         self.assertEqual(len(events), 1)
         self.assertIn("line(s) 3", formatEvent(events[0]))
         self.writeFile(self.aliasesPath, b"abuse@example.org: bob@example.org\n")
-        self.assertEqual(db.resolve(abuse), BOB)
-        self.assertFalse(db.owns(ALICE, abuse))
+        self.assertEqual(db.refresh().resolve(abuse), BOB)
+        self.assertFalse(db.refresh().owns(ALICE, abuse))
 
     def test_createFile(self) -> None:
         """
@@ -523,7 +564,7 @@ class UsersFileTests(SynchronousTestCase):
         self.assertRaises(OSError, db.remove, ALICE)
         self.assertEqual(self.read(), original)
         self.assertEqual(sorted(os.listdir(self.directory)), ["users", "users.lock"])
-        self.assertEqual(db.addresses(), [ALICE])
+        self.assertEqual(db.refresh().addresses(), [ALICE])
 
     def test_writeHoldsLock(self) -> None:
         """
@@ -562,7 +603,7 @@ class UsersFileTests(SynchronousTestCase):
         first.setPassword(ALICE, HASH_A, True)
         second.setPassword(BOB, HASH_B, True)
         self.assertRaises(UserExists, second.setPassword, ALICE, HASH_B, True)
-        self.assertEqual(first.addresses(), [ALICE, BOB])
+        self.assertEqual(first.refresh().addresses(), [ALICE, BOB])
         self.assertEqual(
             self.read(), f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n".encode()
         )
