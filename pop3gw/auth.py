@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from pop3gw.address import Address, AddressError, isLoopback
 from pop3gw.anvil import AuthAccounting, CheckSlot
+from pop3gw.directory import Senders
 from pop3gw.interfaces import (
     IMaildropStore,
     IMailRouter,
@@ -389,17 +390,22 @@ class POP3Avatar:
 class SubmissionAvatar:
     """
     A user authenticated for submission.
+
+    @ivar senders: what the user may send as, taken from the users
+        directory at login
+        (L{pop3gw.interfaces.IDirectorySnapshot.sendersOf}).
     """
 
     address: Address
-    users: IUserDirectory
+    senders: Senders
     router: IMailRouter
 
     def mayUseSender(self, address: Address) -> bool:
         """
-        See L{ISubmissionAvatar.mayUseSender}.
+        See L{ISubmissionAvatar.mayUseSender}: answered from what was
+        fetched at login, without a lookup.
         """
-        return bool(self.users.snapshot().owns(self.address, address))
+        return self.senders.allows(address)
 
     def checkRecipient(self, address: Address) -> Address:
         """
@@ -425,7 +431,8 @@ def _logout() -> None:
 class Realm:
     """
     Hands out L{POP3Avatar}s and L{SubmissionAvatar}s for the addresses
-    L{PasswordChecker} returns.
+    L{PasswordChecker} returns.  A submission avatar gets what its user may
+    send as from the directory's snapshot, once, here.
     """
 
     users: IUserDirectory
@@ -446,5 +453,6 @@ class Realm:
             if interface is IPOP3Avatar:
                 return IPOP3Avatar, POP3Avatar(address, self.store), _logout
             if interface is ISubmissionAvatar:
-                return ISubmissionAvatar, SubmissionAvatar(address, self.users, self.router), _logout
+                senders = self.users.snapshot().sendersOf(address)
+                return ISubmissionAvatar, SubmissionAvatar(address, senders, self.router), _logout
         raise NotImplementedError("no supported avatar interface")

@@ -288,7 +288,11 @@ def _readRelayPassword(config: Config) -> Optional[str]:
 class LocalDomains:
     """
     The local domains: those configured with C{--domain}, plus the domain of
-    every user in the users database (a user's mail is never relayed away).
+    every user in the users directory (a user's mail is never relayed
+    away), read from the directory's current snapshot, where they are
+    gathered once per load.
+
+    @ivar users: an L{IUserDirectory}.
     """
 
     def __init__(self, configured, users) -> None:
@@ -298,10 +302,10 @@ class LocalDomains:
     def __contains__(self, domain: str) -> bool:
         if domain in self.configured:
             return True
-        return any(a.domain == domain for a in self.users.snapshot().addresses())
+        return domain in self.users.snapshot().domains()
 
     def __iter__(self):
-        return iter(self.configured | {a.domain for a in self.users.snapshot().addresses()})
+        return iter(self.configured | self.users.snapshot().domains())
 
 
 def makeService(options, reactor=None) -> MultiService:

@@ -792,6 +792,29 @@ class RealmTests(SynchronousTestCase):
         self.assertEqual(self.store.boxes[BOB][0][1], b"Received: x\r\nbody\r\n")
         self.assertEqual(self.router.queue.entries, [(ALICE, [remote], b"Received: x\r\nbody\r\n")])
 
+    def test_submissionAvatarPrefetchesSenders(self) -> None:
+        """
+        The submission avatar takes what its user may send as from the
+        directory once, at login: C{mayUseSender} then asks the directory
+        nothing (it may run for every C{MAIL FROM} and C{From:} on the
+        reactor thread), and an alias added later counts from the next
+        login.
+        """
+        _, avatar, _ = self.realm.requestAvatar("alice@example.org", None, ISubmissionAvatar)
+        abuse = Address("abuse", "example.org")
+        self.users.aliases[abuse] = ALICE
+
+        def noLookups():
+            raise AssertionError("the directory was asked after login")
+
+        snapshot = self.users.snapshot
+        self.users.snapshot = noLookups
+        self.assertTrue(avatar.mayUseSender(Address("PostMaster", "example.org")))
+        self.assertFalse(avatar.mayUseSender(abuse))
+        self.users.snapshot = snapshot
+        _, avatar, _ = self.realm.requestAvatar("alice@example.org", None, ISubmissionAvatar)
+        self.assertTrue(avatar.mayUseSender(abuse))
+
     def test_firstSupportedInterface(self) -> None:
         """
         Unsupported interfaces are skipped; the first supported one is
