@@ -10,6 +10,7 @@ the real implementation.
 from __future__ import annotations
 
 import io
+import re
 from typing import Iterable, Optional, Sequence
 
 import attr
@@ -18,6 +19,7 @@ from zope.interface import implementer
 
 from pop3gw.address import Address, lookupKey
 from pop3gw.directory import Directory
+from pop3gw.router import isRoutableDomain
 from pop3gw.interfaces import (
     BadMessageData,
     IDelivery,
@@ -33,6 +35,7 @@ from pop3gw.interfaces import (
     IUserStore,
     LookupWouldBlock,
     MaildropLocked,
+    PermanentFailure,
     TemporaryFailure,
     UnknownUser,
     UserExists,
@@ -274,7 +277,8 @@ class FakeMaildropStore:
 @implementer(IOutboundQueue)
 class FakeOutboundQueue:
     """
-    Entries in a list of (sender, recipients, bytes).
+    Entries in a list of (sender, recipients, bytes); the bytes have CRLF
+    line ends, as L{pop3gw.queue.OutboundQueue} stores them.
     """
 
     def __init__(self):
@@ -283,7 +287,7 @@ class FakeOutboundQueue:
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):
         def onCommit(data: bytes) -> None:
-            self.entries.append((sender, list(recipients), trace + data))
+            self.entries.append((sender, list(recipients), re.sub(rb"(?<!\r)\n", b"\r\n", trace + data)))
 
         return FakeDelivery(onCommit, self.failCommit)
 
@@ -292,20 +296,26 @@ class FakeOutboundQueue:
 class FakeRouter:
     """
     Local domains and users from a L{FakeUserDatabase}; local mail to a
-    L{FakeMaildropStore}, the rest to a L{FakeOutboundQueue}.
+    L{FakeMaildropStore}, the rest to a L{FakeOutboundQueue}.  Answers as
+    L{pop3gw.router.Router} does (the contract tests in
+    L{tests.test_router} run over both): domains in any case and with a
+    trailing dot, non-public domains refused, duplicate recipients once,
+    the queue part committed before the local part.
     """
 
     def __init__(self, domains=("example.org",), users=None, store=None, queue=None):
-        self.domains = set(domains)
+        self.domains = {d.lower().rstrip(".") for d in domains}
         self.users = users if users is not None else FakeUserDatabase()
         self.store = store if store is not None else FakeMaildropStore()
         self.queue = queue if queue is not None else FakeOutboundQueue()
 
     def isLocalDomain(self, domain: str) -> bool:
-        return domain in self.domains
+        return domain.lower().rstrip(".") in self.domains
 
     def checkRecipient(self, address: Address) -> Address:
         if not self.isLocalDomain(address.domain):
+            if not isRoutableDomain(address.domain):
+                raise PermanentFailure(f"{address.domain} is not a public mail domain")
             return address
         user = self.users.snapshot().resolve(address)
         if user is None:
@@ -313,37 +323,60 @@ class FakeRouter:
         return user
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):
+        recipients = list(dict.fromkeys(recipients))
         local = [r for r in recipients if self.isLocalDomain(r.domain)]
         remote = [r for r in recipients if not self.isLocalDomain(r.domain)]
-        parts = []
-        if local:
-            parts.append(self.store.beginDelivery(local, trace))
-        if remote:
-            parts.append(self.queue.beginDelivery(sender, remote, trace))
-        return _FanOut(parts, local, remote)
+        remotePart = self.queue.beginDelivery(sender, remote, trace) if remote else None
+        localPart = self.store.beginDelivery(local, trace) if local else None
+        return _FanOut(localPart, remotePart, local, remote)
 
 
 @implementer(IRoutedDelivery)
 class _FanOut:
-    def __init__(self, parts, local=(), remote=()):
-        self.parts = parts
-        self.localRecipients = tuple(local)
-        self.remoteRecipients = tuple(remote)
+    """
+    The fake router's delivery: the queue part commits first; if it fails
+    the local part is aborted.
+    """
+
+    def __init__(self, local, remote, localRecipients=(), remoteRecipients=()):
+        self.parts = [p for p in (remote, local) if p is not None]
+        self._local = local
+        self._remote = remote
+        self.open = True
+        self.localRecipients = tuple(localRecipients)
+        self.remoteRecipients = tuple(remoteRecipients)
         # The fake queue has no entry ids.
-        self.queueId = None
+        self.queueId = getattr(remote, "queueId", None)
 
     def write(self, data: bytes) -> None:
+        if not self.open:
+            raise TemporaryFailure("delivery is not open")
         for p in self.parts:
             p.write(data)
 
+    @defer.inlineCallbacks
+    def _commit(self):
+        if self._remote is not None:
+            try:
+                yield self._remote.commit()
+            except Exception:
+                if self._local is not None:
+                    self._local.abort()
+                raise
+        if self._local is not None:
+            yield self._local.commit()
+
     def commit(self):
-        return defer.gatherResults([p.commit() for p in self.parts], consumeErrors=True).addCallbacks(
-            lambda _: None, lambda f: f.value.subFailure
-        )
+        if not self.open:
+            return defer.fail(TemporaryFailure("delivery is not open"))
+        self.open = False
+        return self._commit()
 
     def abort(self) -> None:
-        for p in self.parts:
-            p.abort()
+        if self.open:
+            self.open = False
+            for p in self.parts:
+                p.abort()
 
 
 @implementer(IPOP3Avatar)
