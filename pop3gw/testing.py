@@ -9,12 +9,14 @@ the real implementation.
 
 from __future__ import annotations
 
+import collections
 import io
 import re
 from typing import Iterable, Optional, Sequence
 
 import attr
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3gw.address import Address, lookupKey
@@ -403,3 +405,103 @@ class FakeSubmissionAvatar:
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):
         return self.router.beginDelivery(sender, recipients, trace)
+
+
+# --- Thread pools -------------------------------------------------------------
+#
+# Stand-ins for L{twisted.python.threadpool.ThreadPool}: the code under test
+# only calls C{callInThreadWithCallback(onResult, f, *args, **kwargs)} (as
+# L{twisted.internet.threads.deferToThreadPool} does), and C{onResult(True,
+# result)} or C{onResult(False, failure)} reports the outcome.
+
+
+def _runJob(onResult, f, args, kwargs) -> None:
+    """
+    Run C{f(*args, **kwargs)} and report its result or failure to
+    C{onResult}, as a pool thread does.
+    """
+    try:
+        result = f(*args, **kwargs)
+    except BaseException:
+        ok, result = False, Failure()
+    else:
+        ok = True
+    if onResult is not None:
+        onResult(ok, result)
+
+
+class ImmediateThreadPool:
+    """
+    Runs each job at once, in the calling thread.
+
+    @ivar calls: the functions run, in order.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def callInThread(self, f, *args, **kwargs) -> None:
+        self.callInThreadWithCallback(None, f, *args, **kwargs)
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.calls.append(f)
+        _runJob(onResult, f, args, kwargs)
+
+
+class HeldThreadPool:
+    """
+    Holds each job until the test runs it, as a busy pool would.
+
+    @ivar pending: the jobs not run yet, oldest first, as C{(onResult, f,
+        args, kwargs)}.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.pending.append((onResult, f, args, kwargs))
+
+    def runAll(self) -> None:
+        """
+        Run the jobs in order, those they cause to be added included, until
+        none is left.
+        """
+        while self.pending:
+            _runJob(*self.pending.pop(0))
+
+
+class ClockedThreadPool:
+    """
+    A pool of C{threads} workers that take jobs in order, each job taking
+    C{cost} seconds of C{clock} time before it runs and reports.
+
+    @ivar busy: the workers running a job.
+    @ivar done: the jobs finished.
+    @ivar mostQueued: the most jobs that waited for a worker at once.
+    """
+
+    def __init__(self, clock, threads: int, cost: float) -> None:
+        self.clock = clock
+        self.threads = threads
+        self.cost = cost
+        self.queue: collections.deque = collections.deque()
+        self.busy = 0
+        self.done = 0
+        self.mostQueued = 0
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.queue.append((onResult, f, args, kwargs))
+        self.mostQueued = max(self.mostQueued, len(self.queue))
+        self._next()
+
+    def _next(self) -> None:
+        while self.busy < self.threads and self.queue:
+            self.busy += 1
+            self.clock.callLater(self.cost, self._finish, self.queue.popleft())
+
+    def _finish(self, job) -> None:
+        self.busy -= 1
+        self.done += 1
+        _runJob(*job)
+        self._next()

@@ -6,7 +6,6 @@ plaintext policy, the realm and its avatars.
 from __future__ import annotations
 
 import base64
-import collections
 import os
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -38,7 +37,14 @@ from pop3gw.credentials import ClientCredentials
 from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, ISubmissionAvatar, TemporaryFailure, UnknownUser
 from pop3gw.pop3 import POP3Factory
 from pop3gw.smtp import SubmissionFactory
-from pop3gw.testing import FakeMaildropStore, FakeRouter, FakeUserDatabase
+from pop3gw.testing import (
+    ClockedThreadPool,
+    FakeMaildropStore,
+    FakeRouter,
+    FakeUserDatabase,
+    HeldThreadPool,
+    ImmediateThreadPool,
+)
 from pop3gw.passwords import verifyPassword
 from pop3gw.users import UsersFile
 from tests.util import makeTempDirectory
@@ -64,47 +70,6 @@ class ThreadlessReactor(MemoryReactorClock):
 
     def callFromThread(self, f, *args, **kwargs) -> None:
         f(*args, **kwargs)
-
-
-class SynchronousThreadPool:
-    """
-    A thread pool that runs each function at once, in the calling thread,
-    and counts the calls.
-    """
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def callInThread(self, f, *args, **kwargs) -> None:
-        self.callInThreadWithCallback(None, f, *args, **kwargs)
-
-    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
-        self.calls += 1
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            ok, result = False, Failure()
-        else:
-            ok = True
-        if onResult is not None:
-            onResult(ok, result)
-
-
-class HeldThreadPool:
-    """
-    A thread pool that only records the work it is given.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list = []
-
-    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
-        self.pending.append((onResult, f, args, kwargs))
-
-    def runAll(self) -> None:
-        for onResult, f, args, kwargs in self.pending:
-            onResult(True, f(*args, **kwargs))
-        self.pending = []
 
 
 class SpyVerifier:
@@ -134,7 +99,7 @@ class PasswordCheckerTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = ThreadlessReactor()
-        self.pool = SynchronousThreadPool()
+        self.pool = ImmediateThreadPool()
         self.verifier = SpyVerifier()
         directory = makeTempDirectory(self)
         self.usersPath = os.path.join(directory, "users")
@@ -185,7 +150,7 @@ class PasswordCheckerTests(SynchronousTestCase):
         """
         d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "password"))
         self.assertEqual(self.successResultOf(d), "alice@example.org")
-        self.assertEqual(self.pool.calls, 1)
+        self.assertEqual(len(self.pool.calls), 1)
         self.checker.cache = VerifiedCredentialsCache()
         d = self.checker.requestAvatarId(UsernamePassword(b"alice@EXAMPLE.Org", b"password"))
         self.assertEqual(self.successResultOf(d), "alice@example.org")
@@ -274,11 +239,11 @@ class PasswordCheckerTests(SynchronousTestCase):
         self.assertEqual(self.checker.accounting.delayFor("192.0.2.66"), 4.0)
         self.assertEqual(self.successResultOf(self.checker.requestAvatarId(creds)), "alice@example.org")
         self.checker.cache = VerifiedCredentialsCache()
-        calls = self.pool.calls
+        calls = len(self.pool.calls)
         d = self.checker.requestAvatarId(creds)
         self.reactor.advance(3.9)
         self.assertNoResult(d)
-        self.assertEqual(self.pool.calls, calls)
+        self.assertEqual(len(self.pool.calls), calls)
         self.reactor.advance(0.1)
         self.assertEqual(self.successResultOf(d), "alice@example.org")
 
@@ -443,9 +408,9 @@ class PasswordCheckerTests(SynchronousTestCase):
         """
         creds = UsernamePassword("alice@example.org", "password")
         self.successResultOf(self.checker.requestAvatarId(creds))
-        self.assertEqual(self.pool.calls, 1)
+        self.assertEqual(len(self.pool.calls), 1)
         self.assertEqual(self.successResultOf(self.checker.requestAvatarId(creds)), "alice@example.org")
-        self.assertEqual(self.pool.calls, 1)
+        self.assertEqual(len(self.pool.calls), 1)
 
     def test_cacheWithBlockingDatabase(self) -> None:
         """
@@ -459,7 +424,7 @@ class PasswordCheckerTests(SynchronousTestCase):
         creds = UsernamePassword("alice@example.org", "password")
         self.successResultOf(checker.requestAvatarId(creds))
         self.successResultOf(checker.requestAvatarId(creds))
-        self.assertEqual(self.pool.calls, 2)
+        self.assertEqual(len(self.pool.calls), 2)
         self.assertEqual(len(self.verifier.calls), 1)
 
     def test_cacheNotUsedForOtherPasswords(self) -> None:
@@ -557,10 +522,10 @@ class PasswordCheckerTests(SynchronousTestCase):
             f.write(f"Alice@example.org:{HASH_ARGON2}\n")
         d = self.checker.requestAvatarId(UsernamePassword("ALICE@Example.ORG", "password"))
         self.assertEqual(self.successResultOf(d), "Alice@example.org")
-        self.assertEqual((len(self.verifier.calls), self.pool.calls), (1, 1))
+        self.assertEqual((len(self.verifier.calls), len(self.pool.calls)), (1, 1))
         d = self.checker.requestAvatarId(UsernamePassword(b"alice@example.org", b"password"))
         self.assertEqual(self.successResultOf(d), "Alice@example.org")
-        self.assertEqual((len(self.verifier.calls), self.pool.calls), (1, 1))
+        self.assertEqual((len(self.verifier.calls), len(self.pool.calls)), (1, 1))
 
     def test_rehashAtFirstLogin(self) -> None:
         """
@@ -837,44 +802,6 @@ class RealmTests(SynchronousTestCase):
             pass
 
         self.assertRaises(NotImplementedError, self.realm.requestAvatar, "alice@example.org", None, IOther)
-
-
-class ClockedThreadPool:
-    """
-    A fake hash pool: C{threads} workers take jobs in order, and each job
-    takes C{cost} seconds of C{clock} time before it runs and reports.
-    """
-
-    def __init__(self, clock, threads: int, cost: float) -> None:
-        self.clock = clock
-        self.threads = threads
-        self.cost = cost
-        self.queue: collections.deque = collections.deque()
-        self.busy = 0
-        self.done = 0
-        self.mostQueued = 0
-
-    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
-        self.queue.append((onResult, f, args, kwargs))
-        self.mostQueued = max(self.mostQueued, len(self.queue))
-        self._next()
-
-    def _next(self) -> None:
-        while self.busy < self.threads and self.queue:
-            self.busy += 1
-            self.clock.callLater(self.cost, self._finish, self.queue.popleft())
-
-    def _finish(self, job) -> None:
-        onResult, f, args, kwargs = job
-        self.busy -= 1
-        self.done += 1
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            onResult(False, Failure())
-        else:
-            onResult(True, result)
-        self._next()
 
 
 class FloodTests(SynchronousTestCase):

@@ -29,7 +29,7 @@ from pop3gw.queue import (
     listEntries,
     requestFlush,
 )
-from pop3gw.testing import FakeOutboundQueue
+from pop3gw.testing import FakeOutboundQueue, HeldThreadPool
 from tests.queuehelpers import (
     ALICE,
     BOB,
@@ -39,7 +39,6 @@ from tests.queuehelpers import (
     ERIN,
     STORED,
     TRACE,
-    FakeThreadPool,
     QueueTestMixin,
     ThreadClock,
     readJSON,
@@ -151,7 +150,7 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
         With a thread pool, the files are made durable there: nothing exists
         and the commit has not fired until the pool runs.
         """
-        pool = FakeThreadPool()
+        pool = HeldThreadPool()
         self.setUpQueue(pool)
         d = self.queue.beginDelivery(ALICE, [BOB], TRACE)
         d.write(BODY)
@@ -281,7 +280,7 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
         Saves of one entry through a thread pool run one after the other, so
         the last state saved is the last written.
         """
-        pool = FakeThreadPool()
+        pool = HeldThreadPool()
         self.setUpQueue(pool)
         d = self.queue.beginDelivery(ALICE, [BOB])
         c = d.commit()
@@ -292,7 +291,7 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
         first = self.queue.saveEntry(entry)
         entry.attempts = 2
         second = self.queue.saveEntry(entry)
-        self.assertEqual(len(pool.jobs), 1)
+        self.assertEqual(len(pool.pending), 1)
         pool.runAll()
         self.successResultOf(first)
         self.successResultOf(second)
