@@ -441,6 +441,18 @@ class IMaildropStore(Interface):
 # --- Outbound -----------------------------------------------------------
 
 
+class IQueuedDelivery(IDelivery):
+    """
+    An L{IDelivery} from L{IOutboundQueue.beginDelivery} that names the
+    queue entry its commit creates.
+    """
+
+    queueId = Attribute(
+        "The id of the entry (text made of letters, digits, '.', '-' and '_'): "
+        "the id 'pop3gw queue list', the relay's log lines and bounces use."
+    )
+
+
 class IOutboundQueue(Interface):
     """
     Durable queue of mail for non-local recipients.
@@ -453,8 +465,9 @@ class IOutboundQueue(Interface):
         @param sender: the envelope sender L{Address}, or L{None} for the
             null reverse path (bounces).
         @param recipients: a sequence of remote L{Address}es.
-        @return: an L{IDelivery}; its C{commit} fires once the entry is
-            durable in the queue (it is then relayed in the background).
+        @return: an L{IDelivery} (an L{IQueuedDelivery} if the queue names
+            its entries); its C{commit} fires once the entry is durable in
+            the queue (it is then relayed in the background).
         """
 
 

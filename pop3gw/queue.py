@@ -60,7 +60,7 @@ from zope.interface import implementer
 from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.dsn import oneLine, originalHeaders
-from pop3gw.interfaces import IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.interfaces import IOutboundQueue, IQueuedDelivery, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
 
 #: Orphaned C{.msg} and C{.tmp} files older than this (seconds) are removed
 #: at start-up.
@@ -465,7 +465,7 @@ def formatEntry(entry: Entry) -> str:
 # --- The queue ---------------------------------------------------------------
 
 
-@implementer(ITwoPhaseDelivery)
+@implementer(ITwoPhaseDelivery, IQueuedDelivery)
 class _QueueDelivery:
     """
     One message being queued: written to a tmp file as it arrives, made

@@ -24,6 +24,7 @@ from pop3gw.interfaces import (
     IMaildropStore,
     IMailRouter,
     IOutboundQueue,
+    IQueuedDelivery,
     IRoutedDelivery,
     ITwoPhaseDelivery,
     IUserDirectory,
@@ -69,7 +70,7 @@ class _RoutedDelivery:
     protocol can name one id for it and log its routing:
 
     @ivar queueId: the queue id of the remote part (the C{queueId} of the
-        queue's delivery: the id C{pop3gw queue list}, the relay's log
+        queue's L{IQueuedDelivery}: the id C{pop3gw queue list}, the relay's log
         lines and bounces use), or L{None} if there is no remote part or
         the queue does not name one.
     @ivar localRecipients: the local recipients, a tuple of L{Address}.
@@ -88,7 +89,8 @@ class _RoutedDelivery:
         self._local = local
         self._remote = remote
         self._state = "open"
-        self.queueId: Optional[str] = getattr(remote, "queueId", None)
+        queued = IQueuedDelivery(remote, None)
+        self.queueId: Optional[str] = None if queued is None else queued.queueId
         self.localRecipients = tuple(localRecipients)
         self.remoteRecipients = tuple(remoteRecipients)
 

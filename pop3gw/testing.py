@@ -31,6 +31,7 @@ from pop3gw.interfaces import (
     IMessageInfo,
     IOutboundQueue,
     IPOP3Avatar,
+    IQueuedDelivery,
     IRoutedDelivery,
     ISubmissionAvatar,
     IUserDirectory,
@@ -347,8 +348,9 @@ class _FanOut:
         self.open = True
         self.localRecipients = tuple(localRecipients)
         self.remoteRecipients = tuple(remoteRecipients)
-        # The fake queue has no entry ids.
-        self.queueId = getattr(remote, "queueId", None)
+        # The fake queue names no entries.
+        queued = IQueuedDelivery(remote, None)
+        self.queueId = None if queued is None else queued.queueId
 
     def write(self, data: bytes) -> None:
         if not self.open:

@@ -9,13 +9,14 @@ import os
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 from zope.interface.verify import verifyObject
 
 from pop3gw.address import Address
 from pop3gw.interfaces import (
     IDelivery,
     IMailRouter,
+    IQueuedDelivery,
     IRoutedDelivery,
     MessageTooLarge,
     PermanentFailure,
@@ -411,6 +412,29 @@ class DeliveryIdentityTests(SynchronousTestCase):
         self.assertEqual(d.queueId, entry.queueId)
         self.assertEqual(d.localRecipients, (BOB, ALICE))
         self.assertEqual(d.remoteRecipients, (REMOTE,))
+
+    def test_queueIdThroughIQueuedDelivery(self):
+        """
+        The queue id is read through L{IQueuedDelivery} (adaptation): a
+        queue delivery that does not provide it names no id, even with an
+        attribute of that name.
+        """
+
+        class Named(FakeOutboundQueue):
+            def __init__(self, declared):
+                super().__init__()
+                self.declared = declared
+
+            def beginDelivery(self, sender, recipients, trace=b""):
+                delivery = super().beginDelivery(sender, recipients, trace)
+                delivery.queueId = "q1"
+                if self.declared:
+                    alsoProvides(delivery, IQueuedDelivery)
+                return delivery
+
+        for declared, expected in ((False, None), (True, "q1")):
+            router = Router(["example.org"], FakeUserDatabase(), FakeMaildropStore(), Named(declared))
+            self.assertEqual(router.beginDelivery(ALICE, [REMOTE]).queueId, expected)
 
     def test_onlyLocal(self):
         """
