@@ -30,17 +30,19 @@ from zope.interface import implementer
 
 from pop3gw.address import Address, AddressError, isLoopback
 from pop3gw.anvil import AuthAccounting, CheckSlot
+from pop3gw.directory import Senders
 from pop3gw.interfaces import (
     IMaildropStore,
     IMailRouter,
     IPOP3Avatar,
     LookupWouldBlock,
     ISubmissionAvatar,
-    IUserDatabase,
+    IUserDirectory,
+    IUserStore,
     Pop3gwError,
     TemporaryFailure,
 )
-from pop3gw.users import canVerify, dummyHash, upgradedHash, verifyPassword
+from pop3gw.passwords import canVerify, dummyHash, upgradedHash, verifyPassword
 
 #: The client credentials without a C{peer} are counted as.
 UNKNOWN_PEER = "unknown"
@@ -117,12 +119,12 @@ class VerifiedCredentialsCache:
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """
-    Checks L{IUsernamePassword} credentials against an L{IUserDatabase}.
+    Checks L{IUsernamePassword} credentials against an L{IUserStore}.
 
     The login name is normalised once, here, with L{Address.parse}; a name
     that does not parse is handled exactly like an unknown user.  The user
     lookup and the slow hash run in C{threadpool}, never on the reactor
-    thread.  An unknown user is checked against L{pop3gw.users.DUMMY_HASH}
+    thread.  An unknown user is checked against L{pop3gw.passwords.DUMMY_HASH}
     so it costs as much as a known one.
 
     A successful login fires at once with the address as text.  A failed
@@ -153,7 +155,7 @@ class PasswordChecker:
 
     def __init__(
         self,
-        users: IUserDatabase,
+        users: IUserStore,
         reactor,
         threadpool,
         failureDelay: float = FAILURE_DELAY,
@@ -164,7 +166,8 @@ class PasswordChecker:
         accounting: Optional[AuthAccounting] = None,
     ):
         """
-        @param users: the users database.
+        @param users: the users database (its blocking side: L{_check}
+            calls it in C{threadpool}).
         @param reactor: provides C{IReactorTime} and
             C{IReactorFromThreads}.
         @param threadpool: where lookups and hashing run (an object with
@@ -175,7 +178,7 @@ class PasswordChecker:
         @param verifier: checks a password against a stored hash (for
             tests).
         @param dummy: returns the hash unknown users are checked against
-            (for tests); L{pop3gw.users.dummyHash} by default.
+            (for tests); L{pop3gw.passwords.dummyHash} by default.
         @param cache: the verified-credentials cache; a new one by default.
         @param accounting: the per-client accounting of checks; a new one
             (on C{reactor}) by default.
@@ -387,17 +390,22 @@ class POP3Avatar:
 class SubmissionAvatar:
     """
     A user authenticated for submission.
+
+    @ivar senders: what the user may send as, taken from the users
+        directory at login
+        (L{pop3gw.interfaces.IDirectorySnapshot.sendersOf}).
     """
 
     address: Address
-    users: IUserDatabase
+    senders: Senders
     router: IMailRouter
 
     def mayUseSender(self, address: Address) -> bool:
         """
-        See L{ISubmissionAvatar.mayUseSender}.
+        See L{ISubmissionAvatar.mayUseSender}: answered from what was
+        fetched at login, without a lookup.
         """
-        return bool(self.users.owns(self.address, address))
+        return self.senders.allows(address)
 
     def checkRecipient(self, address: Address) -> Address:
         """
@@ -423,10 +431,11 @@ def _logout() -> None:
 class Realm:
     """
     Hands out L{POP3Avatar}s and L{SubmissionAvatar}s for the addresses
-    L{PasswordChecker} returns.
+    L{PasswordChecker} returns.  A submission avatar gets what its user may
+    send as from the directory's snapshot, once, here.
     """
 
-    users: IUserDatabase
+    users: IUserDirectory
     store: IMaildropStore
     router: IMailRouter
 
@@ -444,5 +453,6 @@ class Realm:
             if interface is IPOP3Avatar:
                 return IPOP3Avatar, POP3Avatar(address, self.store), _logout
             if interface is ISubmissionAvatar:
-                return ISubmissionAvatar, SubmissionAvatar(address, self.users, self.router), _logout
+                senders = self.users.snapshot().sendersOf(address)
+                return ISubmissionAvatar, SubmissionAvatar(address, senders, self.router), _logout
         raise NotImplementedError("no supported avatar interface")

@@ -47,7 +47,7 @@ EX_NOPERM = 77
 _READ_ONLY = frozenset({("user", "list"), ("queue", "list")})
 
 #: Longest password accepted, in octets of UTF-8: the login check refuses
-#: longer ones (L{pop3gw.users.MAX_PASSWORD_BYTES}) without hashing.
+#: longer ones (L{pop3gw.passwords.MAX_PASSWORD_BYTES}) without hashing.
 MAX_PASSWORD_LENGTH = 1024
 READ_CHUNK = 64 * 1024
 
@@ -145,11 +145,11 @@ def _users(config, owner: Optional[fsutil.Owner] = None):
 
 
 def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
-    from pop3gw.users import hashPassword
+    from pop3gw.passwords import hashPassword
 
     users = _users(config, owner)
     if args.action == "list":
-        for a in users.addresses():
+        for a in users.refresh().addresses():
             stdout.write(f"{a}\n")
         return EX_OK
     address = _address(args.address)
@@ -186,7 +186,7 @@ def cmdImport(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsut
     C{user import FILE}: add the users of a Dovecot passwd-file in one
     rewrite; report each line not taken on stderr (exit 65 if any).
     """
-    from pop3gw.users import parsePasswdFile
+    from pop3gw.passwdfile import parsePasswdFile
 
     try:
         with open(args.file, "rb") as f:
@@ -225,7 +225,7 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner]
 
     address = _address(args.address, EX_NOUSER)
     users = _users(config)
-    user = users.resolve(address)
+    user = users.refresh().resolve(address)
     if user is None:
         raise CommandError(f"no such user {address}", EX_NOUSER)
     store = MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)

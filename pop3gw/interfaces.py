@@ -34,8 +34,8 @@ class UnknownUser(Pop3gwError):
 
 class LookupWouldBlock(Pop3gwError):
     """
-    L{IUserDatabase.peekUser}: the answer is not at hand without blocking
-    I/O (ask L{IUserDatabase.lookupUser} from a thread).
+    L{IUserStore.peekUser}: the answer is not at hand without blocking
+    I/O (ask L{IUserStore.lookupUser} from a thread).
     """
 
 
@@ -136,51 +136,27 @@ class IBlockingRunner(Interface):
         """
 
 
-class IUserDatabase(Interface):
+class IDirectorySnapshot(Interface):
     """
-    The users database: login addresses, their password hashes and the
-    addresses (aliases) each user may send as.
+    An immutable snapshot of the users directory: the users, their aliases
+    and the users' domains.  Every method answers from memory, without
+    I/O, so it may be called on the reactor thread (SMTP C{RCPT}, the
+    router, the avatars); a backend builds a new snapshot off the reactor
+    thread and swaps it in whole (L{IUserStore.refresh}).
 
     Users and aliases are found whatever the case of the local part (by
     L{pop3gw.address.lookupKey}); every answer that names a user names it
     as stored, which is the spelling its maildrop, its sessions and the
-    logs use.
+    logs use.  L{pop3gw.directory.Directory} implements it for any backend
+    that can list its users and aliases.
 
-    Methods may block (file or database I/O); the credentials checker calls
-    L{lookupUser} from a thread pool.  A second backend (a shared SQL
-    database) implements this same interface.
+    Every method raises L{TemporaryFailure} if the backing store has never
+    been readable (mail is then deferred, not bounced as unknown).
     """
-
-    def lookupUser(address):
-        """
-        @param address: an L{Address}, in any case.
-        @return: C{(user, hash)}: the user as stored (an L{Address}) and its
-            stored hash as C{"{SCHEME}..."} text; or L{None} if there is no
-            such user (aliases are not followed).  Reflects changes made by
-            the C{pop3gw user} command without a restart.
-        """
-
-    def peekUser(address):
-        """
-        The same answer as L{lookupUser}, but only if it is at hand without
-        blocking (in memory); the credentials checker uses it to confirm a
-        cached login on the reactor thread, with no thread hop.
-
-        @raise LookupWouldBlock: finding out would block (a database
-            backend may always raise this).
-        """
-
-    def passwordHash(address):
-        """
-        @param address: an L{Address}, in any case.
-        @return: the stored hash of the user L{lookupUser} finds, or
-            L{None}.
-        """
 
     def exists(address):
         """
-        @return: whether C{address} (an L{Address}) is a user.  Cheap enough
-            to call on the reactor thread (SMTP C{RCPT}).
+        @return: whether C{address} (an L{Address}) is a user.
         """
 
     def resolve(address):
@@ -195,9 +171,75 @@ class IUserDatabase(Interface):
             (its own address or one of its aliases).
         """
 
+    def sendersOf(user):
+        """
+        What C{user} may send as, fixed when asked (the submission avatar
+        asks once, at login).
+
+        @return: a L{pop3gw.directory.Senders} whose C{allows(address)}
+            answers as L{owns}C{(user, address)} does.
+        """
+
     def addresses():
         """
         @return: a sorted list of every user L{Address}.
+        """
+
+    def domains():
+        """
+        @return: the domains of the users (lower-case text), a frozenset:
+            mail for them is delivered locally.
+        """
+
+
+class IUserDirectory(Interface):
+    """
+    The non-blocking side of the users database: what the reactor thread
+    may ask.
+    """
+
+    def snapshot():
+        """
+        @return: the current L{IDirectorySnapshot}.  No I/O: the backend
+            refreshes it off the reactor thread (L{IUserStore.refresh}).
+        """
+
+
+class IUserStore(Interface):
+    """
+    The blocking side of the users database: password hashes, changes, and
+    re-reading the backing store.  Methods may block (file or database
+    I/O): the server calls them only from a thread pool, the C{pop3gw}
+    command directly.  A backend implements this and L{IUserDirectory}; a
+    second backend (a shared SQL database) implements the same two.
+    """
+
+    def lookupUser(address):
+        """
+        @param address: an L{Address}, in any case.
+        @return: C{(user, hash)}: the user as stored (an L{Address}) and its
+            stored hash as C{"{SCHEME}..."} text; or L{None} if there is no
+            such user (aliases are not followed).  Reflects changes made by
+            the C{pop3gw user} command without a restart (and refreshes
+            the directory snapshot if they changed it).
+        """
+
+    def peekUser(address):
+        """
+        The same answer as L{lookupUser}, but only if it is at hand without
+        blocking (in memory and known to be current); the credentials
+        checker uses it to confirm a cached login on the reactor thread,
+        with no thread hop.
+
+        @raise LookupWouldBlock: finding out would block (a database
+            backend may always raise this).
+        """
+
+    def passwordHash(address):
+        """
+        @param address: an L{Address}, in any case.
+        @return: the stored hash of the user L{lookupUser} finds, or
+            L{None}.
         """
 
     def setPassword(address, hashed, create):
@@ -226,10 +268,14 @@ class IUserDatabase(Interface):
         @raise UnknownUser: no such user.
         """
 
-    def reload():
+    def refresh():
         """
-        Re-read the backing store if it changed (SIGHUP).  A store that
-        fails to load is logged and the old contents kept.
+        Re-read the backing store if it changed and swap in a new
+        L{IDirectorySnapshot} (the server calls this in its I/O thread
+        pool periodically and on SIGHUP).  A store that fails to load is
+        logged and the old contents kept; nothing is raised.
+
+        @return: the current L{IDirectorySnapshot}.
         """
 
 
@@ -410,6 +456,18 @@ class IMaildropStore(Interface):
 # --- Outbound -----------------------------------------------------------
 
 
+class IQueuedDelivery(IDelivery):
+    """
+    An L{IDelivery} from L{IOutboundQueue.beginDelivery} that names the
+    queue entry its commit creates.
+    """
+
+    queueId = Attribute(
+        "The id of the entry (text made of letters, digits, '.', '-' and '_'): "
+        "the id 'pop3gw queue list', the relay's log lines and bounces use."
+    )
+
+
 class IOutboundQueue(Interface):
     """
     Durable queue of mail for non-local recipients.
@@ -422,8 +480,9 @@ class IOutboundQueue(Interface):
         @param sender: the envelope sender L{Address}, or L{None} for the
             null reverse path (bounces).
         @param recipients: a sequence of remote L{Address}es.
-        @return: an L{IDelivery}; its C{commit} fires once the entry is
-            durable in the queue (it is then relayed in the background).
+        @return: an L{IDelivery} (an L{IQueuedDelivery} if the queue names
+            its entries); its C{commit} fires once the entry is durable in
+            the queue (it is then relayed in the background).
         """
 
 

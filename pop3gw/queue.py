@@ -59,7 +59,7 @@ from zope.interface import implementer
 from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.dsn import oneLine, originalHeaders
-from pop3gw.interfaces import IBlockingRunner, IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.interfaces import IBlockingRunner, IOutboundQueue, IQueuedDelivery, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
 from pop3gw.runner import ImmediateRunner
 from pop3gw.wire import CRLFStream
 
@@ -463,7 +463,7 @@ def formatEntry(entry: Entry) -> str:
 # --- The queue ---------------------------------------------------------------
 
 
-@implementer(ITwoPhaseDelivery)
+@implementer(ITwoPhaseDelivery, IQueuedDelivery)
 class _QueueDelivery:
     """
     One message being queued: written to a tmp file as it arrives, made

@@ -24,9 +24,10 @@ from pop3gw.interfaces import (
     IMaildropStore,
     IMailRouter,
     IOutboundQueue,
+    IQueuedDelivery,
     IRoutedDelivery,
     ITwoPhaseDelivery,
-    IUserDatabase,
+    IUserDirectory,
     PermanentFailure,
     TemporaryFailure,
     UnknownUser,
@@ -69,7 +70,7 @@ class _RoutedDelivery:
     protocol can name one id for it and log its routing:
 
     @ivar queueId: the queue id of the remote part (the C{queueId} of the
-        queue's delivery: the id C{pop3gw queue list}, the relay's log
+        queue's L{IQueuedDelivery}: the id C{pop3gw queue list}, the relay's log
         lines and bounces use), or L{None} if there is no remote part or
         the queue does not name one.
     @ivar localRecipients: the local recipients, a tuple of L{Address}.
@@ -88,7 +89,8 @@ class _RoutedDelivery:
         self._local = local
         self._remote = remote
         self._state = "open"
-        self.queueId: Optional[str] = getattr(remote, "queueId", None)
+        queued = IQueuedDelivery(remote, None)
+        self.queueId: Optional[str] = None if queued is None else queued.queueId
         self.localRecipients = tuple(localRecipients)
         self.remoteRecipients = tuple(remoteRecipients)
 
@@ -165,7 +167,8 @@ class Router:
     @param domains: the local domains: a collection of names (any case; a
         trailing dot is ignored), or any object supporting C{in} with
         lower-case names, asked on every lookup.
-    @param users: the users database (C{resolve} maps aliases to users).
+    @param users: the users directory (its snapshot's C{resolve} maps
+        aliases to users).
     @param store: the maildrops.
     @param queue: the outbound queue.
     """
@@ -173,7 +176,7 @@ class Router:
     def __init__(
         self,
         domains: Iterable[str],
-        users: IUserDatabase,
+        users: IUserDirectory,
         store: IMaildropStore,
         queue: IOutboundQueue,
     ):
@@ -201,7 +204,7 @@ class Router:
             if not isRoutableDomain(address.domain):
                 raise PermanentFailure(f"{address.domain} is not a public mail domain")
             return address
-        user = self._users.resolve(address)
+        user = self._users.snapshot().resolve(address)
         if user is None:
             raise UnknownUser(str(address))
         return user

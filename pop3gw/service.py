@@ -70,6 +70,10 @@ log = Logger(namespace="pop3gw")
 
 # How often the TLS files are checked for a renewal (a stat() each).
 TLS_CHECK_INTERVAL = 30.0
+#: How often the users and aliases files are checked for changes (a stat()
+#: each, in the I/O pool), so that the directory the reactor thread reads
+#: (recipient checks, local domains) follows C{pop3gw user} changes.
+USERS_CHECK_INTERVAL = 2.0
 # Threads for fsync/link work of deliveries (blocking disk I/O).
 IO_THREADS = 8
 
@@ -254,12 +258,15 @@ def _reason(e: Exception) -> str:
 class ReloadService(Service):
     """
     Reloads the users file and the TLS certificate on SIGHUP (without
-    dropping sessions), and checks the TLS files for renewal periodically.
+    dropping sessions).
+
+    @ivar refreshUsers: re-reads the users directory off the reactor
+        thread; returns a L{defer.Deferred}.
     """
 
-    def __init__(self, reactor, users, certs) -> None:
+    def __init__(self, reactor, refreshUsers, certs) -> None:
         self.reactor = reactor
-        self.users = users
+        self.refreshUsers = refreshUsers
         self.certs = certs
         self._previous = None
 
@@ -281,7 +288,7 @@ class ReloadService(Service):
 
     def reload(self) -> None:
         log.info("SIGHUP: reloading users and TLS certificate")
-        self.users.reload()
+        self.refreshUsers()
         if self.certs is not None:
             self.certs.reload()
 
@@ -317,7 +324,11 @@ def _readRelayPassword(config: Config) -> Optional[str]:
 class LocalDomains:
     """
     The local domains: those configured with C{--domain}, plus the domain of
-    every user in the users database (a user's mail is never relayed away).
+    every user in the users directory (a user's mail is never relayed
+    away), read from the directory's current snapshot, where they are
+    gathered once per load.
+
+    @ivar users: an L{IUserDirectory}.
     """
 
     def __init__(self, configured, users) -> None:
@@ -327,10 +338,10 @@ class LocalDomains:
     def __contains__(self, domain: str) -> bool:
         if domain in self.configured:
             return True
-        return any(a.domain == domain for a in self.users.addresses())
+        return domain in self.users.snapshot().domains()
 
     def __iter__(self):
-        return iter(self.configured | {a.domain for a in self.users.addresses()})
+        return iter(self.configured | self.users.snapshot().domains())
 
 
 def makeService(options, reactor=None) -> MultiService:
@@ -440,7 +451,7 @@ def _build(config: Config, reactor) -> MultiService:
             ListenerService(reactor, name, description, limited(wrapped, refusal)).setServiceParent(top)
 
     def bounceDelivery(sender: Address, data: bytes):
-        user = users.resolve(sender)
+        user = users.snapshot().resolve(sender)
         if user is None:
             return defer.fail(UnknownUser(str(sender)))
         delivery = store.beginDelivery([user])
@@ -470,7 +481,16 @@ def _build(config: Config, reactor) -> MultiService:
     if not any(config.listeners[name] for name, _, _, _ in plans):
         log.warn("no POP3 or submission listener is configured: only the outbound queue runs")
 
-    ReloadService(reactor, users, certs).setServiceParent(top)
+    def refreshUsers() -> defer.Deferred:
+        # The users directory is re-read in the I/O pool (a stat of each
+        # file, a read only when one changed); the reactor thread only
+        # ever reads the snapshot.
+        d = ioRunner.run(users.refresh)
+        d.addErrback(lambda f: log.failure("cannot refresh the users directory", f))
+        return d
+
+    ReloadService(reactor, refreshUsers, certs).setServiceParent(top)
+    TimerService(USERS_CHECK_INTERVAL, refreshUsers).setServiceParent(top)
     TimerService(TLS_CHECK_INTERVAL, certs.reloadIfChanged).setServiceParent(top)
 
     log.info(

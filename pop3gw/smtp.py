@@ -55,11 +55,15 @@ from twisted.python.failure import Failure
 
 from pop3gw import events
 from pop3gw.address import Address, AddressError
-from pop3gw.interfaces import ISubmissionAvatar, PermanentFailure, TemporaryFailure, UnknownUser
+from pop3gw.interfaces import (
+    ISubmissionAvatar,
+    PermanentFailure,
+    TemporaryFailure,
+    UnknownUser,
+)
 from pop3gw.lineproto import LineProtocol
 from pop3gw.smtpauth import AuthCommands
 from pop3gw.smtpdata import DataCommands, _MessageReader, formatDate
-from pop3gw.wire import DEFAULT_MAX_MESSAGE_SIZE
 from pop3gw.smtpreplies import (
     ALREADY_AUTHENTICATED,
     AUTH_REQUIRED,
@@ -96,13 +100,11 @@ from pop3gw.smtpreplies import (
     READY_TLS,
     RECIPIENT_OK,
     RECIPIENT_REFUSED,
-    Reply,
-    SENDER_NOT_OWNED,
-    SENDER_OK,
     SEND_EHLO_FIRST,
     SEND_HELO_FIRST,
+    SENDER_NOT_OWNED,
+    SENDER_OK,
     SERVICE,
-    SMTPRefusal,
     TEMPORARY_FAILURE,
     TLS_ACTIVE,
     TOO_BIG,
@@ -111,10 +113,13 @@ from pop3gw.smtpreplies import (
     UNKNOWN_PARAMETER,
     USER_UNKNOWN,
     VRFY_SYNTAX,
+    Reply,
+    SMTPRefusal,
     _Envelope,
     _Mode,
     _State,
 )
+from pop3gw.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = [
     "CLOSE_TIMEOUT",

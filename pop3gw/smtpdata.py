@@ -87,7 +87,7 @@ from twisted.python.failure import Failure
 
 from pop3gw import events
 from pop3gw.address import Address, AddressError
-from pop3gw.interfaces import IDelivery, TemporaryFailure
+from pop3gw.interfaces import IDelivery, IRoutedDelivery, TemporaryFailure
 from pop3gw.smtpreplies import (
     BARE_CR,
     DATA_LINE_TOO_LONG,
@@ -183,12 +183,13 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,63}$")
 def _messageId(delivery: IDelivery) -> str:
     """
     The id of the message being delivered through C{delivery}: the C{queueId}
-    the delivery names (L{pop3gw.router}: the outbound queue's id, so that the
+    of its L{IRoutedDelivery} (L{pop3gw.router}: the outbound queue's id, so that the
     id a client is given in the 250 reply is the one C{pop3gw queue list},
     the relay's log lines and bounces use), or, for a message with no queue
     entry, a new random one.
     """
-    queueId = getattr(delivery, "queueId", None)
+    routed = IRoutedDelivery(delivery, None)
+    queueId = None if routed is None else routed.queueId
     if isinstance(queueId, str) and _SAFE_ID.match(queueId):
         return queueId
     return secrets.token_hex(8).upper()
@@ -458,14 +459,18 @@ class DataCommands:
 
         The log line ties the id the client sees to the message's routing:
         the number of local and remote recipients and the queue id, when
-        the delivery names them (C{localRecipients}, C{remoteRecipients},
-        C{queueId}: see L{pop3gw.router}; C{-} when it does not).
+        the delivery provides L{IRoutedDelivery} (C{localRecipients},
+        C{remoteRecipients}, C{queueId}: see L{pop3gw.router}; C{-} when it
+        does not).
         """
         self._messages += 1
         self._bytes += size
-        local = getattr(delivery, "localRecipients", None)
-        remote = getattr(delivery, "remoteRecipients", None)
-        queue = getattr(delivery, "queueId", None)
+        routed = IRoutedDelivery(delivery, None)
+        local, remote, queue = (
+            (None, None, None)
+            if routed is None
+            else (routed.localRecipients, routed.remoteRecipients, routed.queueId)
+        )
         self.log.info(
             "submission: accepted id={queueID} user={user} from={sender} local={local} remote={remote}"
             " size={size} queue={queue}",

@@ -9,16 +9,21 @@ the real implementation.
 
 from __future__ import annotations
 
+import collections
 import io
 from typing import Iterable, Optional, Sequence
 
 import attr
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3gw import runner as _runner
 from pop3gw.address import Address, lookupKey
+from pop3gw.directory import Directory
 from pop3gw.interfaces import (
     BadMessageData,
+    IBlockingRunner,
     IDelivery,
     IMaildrop,
     IMaildropStore,
@@ -26,28 +31,37 @@ from pop3gw.interfaces import (
     IMessageInfo,
     IOutboundQueue,
     IPOP3Avatar,
+    IQueuedDelivery,
     IRoutedDelivery,
     ISubmissionAvatar,
-    IUserDatabase,
+    IUserDirectory,
+    IUserStore,
     LookupWouldBlock,
     MaildropLocked,
+    PermanentFailure,
     TemporaryFailure,
     UnknownUser,
     UserExists,
 )
+from pop3gw.router import isRoutableDomain
+from pop3gw.wire import toCRLF
 
 
-@implementer(IUserDatabase)
+@implementer(IUserDirectory, IUserStore)
 class FakeUserDatabase:
     """
-    Users in a dict: address -> stored hash; aliases: alias -> user.
+    Users in a dict: address -> stored hash; aliases: alias -> user.  Both
+    may be changed directly; L{snapshot} always reflects them.
+
+    @ivar blocking: behave like a database backend whose lookups always
+        block (L{peekUser} raises L{LookupWouldBlock}).
+    @ivar reloads: how many times L{refresh} was called.
     """
 
     def __init__(self, users: Optional[dict] = None, aliases: Optional[dict] = None):
         self.users: dict[Address, str] = dict(users or {})
         self.aliases: dict[Address, Address] = dict(aliases or {})
         self.reloads = 0
-        # Behave like a database backend whose lookups always block.
         self.blocking = False
 
     def _find(self, address: Address) -> Optional[Address]:
@@ -60,6 +74,13 @@ class FakeUserDatabase:
         found = self._find(address)
         return None if found is None else (found, self.users[found])
 
+    def snapshot(self) -> Directory:
+        return Directory.fromEntries(self.users, self.aliases.items())
+
+    def refresh(self) -> Directory:
+        self.reloads += 1
+        return self.snapshot()
+
     def lookupUser(self, address: Address) -> Optional[tuple]:
         return self._lookup(address)
 
@@ -71,24 +92,6 @@ class FakeUserDatabase:
     def passwordHash(self, address: Address) -> Optional[str]:
         found = self._lookup(address)
         return None if found is None else found[1]
-
-    def exists(self, address: Address) -> bool:
-        return self._find(address) is not None
-
-    def resolve(self, address: Address) -> Optional[Address]:
-        found = self._find(address)
-        if found is not None:
-            return found
-        key = lookupKey(address)
-        target = next((t for a, t in self.aliases.items() if lookupKey(a) == key), None)
-        return None if target is None else self._find(target)
-
-    def owns(self, user: Address, address: Address) -> bool:
-        owner = self.resolve(address)
-        return address == user or (owner is not None and owner == self._find(user))
-
-    def addresses(self) -> list:
-        return sorted(self.users)
 
     def setPassword(self, address: Address, hashed: str, create: bool) -> None:
         found = self._find(address)
@@ -110,9 +113,6 @@ class FakeUserDatabase:
         if found is None:
             raise UnknownUser(str(address))
         del self.users[found]
-
-    def reload(self) -> None:
-        self.reloads += 1
 
 
 @implementer(IMessageInfo)
@@ -283,7 +283,8 @@ class FakeMaildropStore:
 @implementer(IOutboundQueue)
 class FakeOutboundQueue:
     """
-    Entries in a list of (sender, recipients, bytes).
+    Entries in a list of (sender, recipients, bytes); the bytes have CRLF
+    line ends, as L{pop3gw.queue.OutboundQueue} stores them.
     """
 
     def __init__(self):
@@ -292,7 +293,7 @@ class FakeOutboundQueue:
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):
         def onCommit(data: bytes) -> None:
-            self.entries.append((sender, list(recipients), trace + data))
+            self.entries.append((sender, list(recipients), toCRLF(trace + data)))
 
         return FakeDelivery(onCommit, self.failCommit)
 
@@ -301,58 +302,88 @@ class FakeOutboundQueue:
 class FakeRouter:
     """
     Local domains and users from a L{FakeUserDatabase}; local mail to a
-    L{FakeMaildropStore}, the rest to a L{FakeOutboundQueue}.
+    L{FakeMaildropStore}, the rest to a L{FakeOutboundQueue}.  Answers as
+    L{pop3gw.router.Router} does (the contract tests in
+    L{tests.test_router} run over both): domains in any case and with a
+    trailing dot, non-public domains refused, duplicate recipients once,
+    the queue part committed before the local part.
     """
 
     def __init__(self, domains=("example.org",), users=None, store=None, queue=None):
-        self.domains = set(domains)
+        self.domains = {d.lower().rstrip(".") for d in domains}
         self.users = users if users is not None else FakeUserDatabase()
         self.store = store if store is not None else FakeMaildropStore()
         self.queue = queue if queue is not None else FakeOutboundQueue()
 
     def isLocalDomain(self, domain: str) -> bool:
-        return domain in self.domains
+        return domain.lower().rstrip(".") in self.domains
 
     def checkRecipient(self, address: Address) -> Address:
         if not self.isLocalDomain(address.domain):
+            if not isRoutableDomain(address.domain):
+                raise PermanentFailure(f"{address.domain} is not a public mail domain")
             return address
-        user = self.users.resolve(address)
+        user = self.users.snapshot().resolve(address)
         if user is None:
             raise UnknownUser(str(address))
         return user
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):
+        recipients = list(dict.fromkeys(recipients))
         local = [r for r in recipients if self.isLocalDomain(r.domain)]
         remote = [r for r in recipients if not self.isLocalDomain(r.domain)]
-        parts = []
-        if local:
-            parts.append(self.store.beginDelivery(local, trace))
-        if remote:
-            parts.append(self.queue.beginDelivery(sender, remote, trace))
-        return _FanOut(parts, local, remote)
+        remotePart = self.queue.beginDelivery(sender, remote, trace) if remote else None
+        localPart = self.store.beginDelivery(local, trace) if local else None
+        return _FanOut(localPart, remotePart, local, remote)
 
 
 @implementer(IRoutedDelivery)
 class _FanOut:
-    def __init__(self, parts, local=(), remote=()):
-        self.parts = parts
-        self.localRecipients = tuple(local)
-        self.remoteRecipients = tuple(remote)
-        # The fake queue has no entry ids.
-        self.queueId = None
+    """
+    The fake router's delivery: the queue part commits first; if it fails
+    the local part is aborted.
+    """
+
+    def __init__(self, local, remote, localRecipients=(), remoteRecipients=()):
+        self.parts = [p for p in (remote, local) if p is not None]
+        self._local = local
+        self._remote = remote
+        self.open = True
+        self.localRecipients = tuple(localRecipients)
+        self.remoteRecipients = tuple(remoteRecipients)
+        # The fake queue names no entries.
+        queued = IQueuedDelivery(remote, None)
+        self.queueId = None if queued is None else queued.queueId
 
     def write(self, data: bytes) -> None:
+        if not self.open:
+            raise TemporaryFailure("delivery is not open")
         for p in self.parts:
             p.write(data)
 
+    @defer.inlineCallbacks
+    def _commit(self):
+        if self._remote is not None:
+            try:
+                yield self._remote.commit()
+            except Exception:
+                if self._local is not None:
+                    self._local.abort()
+                raise
+        if self._local is not None:
+            yield self._local.commit()
+
     def commit(self):
-        return defer.gatherResults([p.commit() for p in self.parts], consumeErrors=True).addCallbacks(
-            lambda _: None, lambda f: f.value.subFailure
-        )
+        if not self.open:
+            return defer.fail(TemporaryFailure("delivery is not open"))
+        self.open = False
+        return self._commit()
 
     def abort(self) -> None:
-        for p in self.parts:
-            p.abort()
+        if self.open:
+            self.open = False
+            for p in self.parts:
+                p.abort()
 
 
 @implementer(IPOP3Avatar)
@@ -372,7 +403,7 @@ class FakeSubmissionAvatar:
     router: FakeRouter
 
     def mayUseSender(self, address: Address) -> bool:
-        return self.router.users.owns(self.address, address)
+        return self.router.users.snapshot().owns(self.address, address)
 
     def checkRecipient(self, address: Address) -> Address:
         return self.router.checkRecipient(address)
@@ -383,8 +414,6 @@ class FakeSubmissionAvatar:
 
 # --- Runners ----------------------------------------------------------------
 
-from pop3gw import runner as _runner  # noqa: E402
-from pop3gw.interfaces import IBlockingRunner  # noqa: E402
 
 #: Runs blocking work at once, in the test's thread: the runner for real
 #: stores in tests (L{pop3gw.runner.ImmediateRunner}).
@@ -424,3 +453,103 @@ class HeldRunner:
         """
         while self.jobs:
             self.runNext()
+
+
+# --- Thread pools -------------------------------------------------------------
+#
+# Stand-ins for L{twisted.python.threadpool.ThreadPool}: the code under test
+# only calls C{callInThreadWithCallback(onResult, f, *args, **kwargs)} (as
+# L{twisted.internet.threads.deferToThreadPool} does), and C{onResult(True,
+# result)} or C{onResult(False, failure)} reports the outcome.
+
+
+def _runJob(onResult, f, args, kwargs) -> None:
+    """
+    Run C{f(*args, **kwargs)} and report its result or failure to
+    C{onResult}, as a pool thread does.
+    """
+    try:
+        result = f(*args, **kwargs)
+    except BaseException:
+        ok, result = False, Failure()
+    else:
+        ok = True
+    if onResult is not None:
+        onResult(ok, result)
+
+
+class ImmediateThreadPool:
+    """
+    Runs each job at once, in the calling thread.
+
+    @ivar calls: the functions run, in order.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def callInThread(self, f, *args, **kwargs) -> None:
+        self.callInThreadWithCallback(None, f, *args, **kwargs)
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.calls.append(f)
+        _runJob(onResult, f, args, kwargs)
+
+
+class HeldThreadPool:
+    """
+    Holds each job until the test runs it, as a busy pool would.
+
+    @ivar pending: the jobs not run yet, oldest first, as C{(onResult, f,
+        args, kwargs)}.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.pending.append((onResult, f, args, kwargs))
+
+    def runAll(self) -> None:
+        """
+        Run the jobs in order, those they cause to be added included, until
+        none is left.
+        """
+        while self.pending:
+            _runJob(*self.pending.pop(0))
+
+
+class ClockedThreadPool:
+    """
+    A pool of C{threads} workers that take jobs in order, each job taking
+    C{cost} seconds of C{clock} time before it runs and reports.
+
+    @ivar busy: the workers running a job.
+    @ivar done: the jobs finished.
+    @ivar mostQueued: the most jobs that waited for a worker at once.
+    """
+
+    def __init__(self, clock, threads: int, cost: float) -> None:
+        self.clock = clock
+        self.threads = threads
+        self.cost = cost
+        self.queue: collections.deque = collections.deque()
+        self.busy = 0
+        self.done = 0
+        self.mostQueued = 0
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.queue.append((onResult, f, args, kwargs))
+        self.mostQueued = max(self.mostQueued, len(self.queue))
+        self._next()
+
+    def _next(self) -> None:
+        while self.busy < self.threads and self.queue:
+            self.busy += 1
+            self.clock.callLater(self.cost, self._finish, self.queue.popleft())
+
+    def _finish(self, job) -> None:
+        self.busy -= 1
+        self.done += 1
+        _runJob(*job)
+        self._next()

@@ -46,28 +46,6 @@ class ThreadClock(Clock):
         f(*args, **kw)
 
 
-class FakeThreadPool:
-    """
-    Records C{callInThreadWithCallback} jobs until L{runAll}.
-    """
-
-    def __init__(self):
-        self.jobs = []
-
-    def callInThreadWithCallback(self, onResult, f, *args, **kw):
-        self.jobs.append((onResult, f, args, kw))
-
-    def runAll(self):
-        while self.jobs:
-            onResult, f, args, kw = self.jobs.pop(0)
-            try:
-                result = f(*args, **kw)
-            except BaseException:
-                onResult(False, Failure())
-            else:
-                onResult(True, result)
-
-
 class TLSStringTransport(StringTransport):
     """
     A L{StringTransport} that records C{startTLS}.

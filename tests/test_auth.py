@@ -6,7 +6,6 @@ plaintext policy, the realm and its avatars.
 from __future__ import annotations
 
 import base64
-import collections
 import os
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -21,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface
 from zope.interface.verify import verifyObject
 
+from pop3gw import passwords as passwordsModule
 from pop3gw import users as usersModule
 from pop3gw.address import Address
 from pop3gw.auth import (
@@ -37,8 +37,16 @@ from pop3gw.credentials import ClientCredentials
 from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, ISubmissionAvatar, TemporaryFailure, UnknownUser
 from pop3gw.pop3 import POP3Factory
 from pop3gw.smtp import SubmissionFactory
-from pop3gw.testing import FakeMaildropStore, FakeRouter, FakeUserDatabase
-from pop3gw.users import UsersFile, verifyPassword
+from pop3gw.testing import (
+    ClockedThreadPool,
+    FakeMaildropStore,
+    FakeRouter,
+    FakeUserDatabase,
+    HeldThreadPool,
+    ImmediateThreadPool,
+)
+from pop3gw.passwords import verifyPassword
+from pop3gw.users import UsersFile
 from tests.util import makeTempDirectory
 
 ALICE = Address("alice", "example.org")
@@ -50,7 +58,7 @@ HASH_PASSWORD = (
     "{SHA512-CRYPT}$6$saltsalt$qFmFH.bQmmtXzyBY0s9v7Oicd2z4XSIecDzlB5KiA2/"
     "jctKu9YterLp8wwnSq.qc.eoxqOmSuNp2xS0ktL3nh/"
 )
-HASH_ARGON2 = usersModule.hashPassword("password")
+HASH_ARGON2 = passwordsModule.hashPassword("password")
 HASH_HUNTER2 = "{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuoXuKqgZXLiJqzfmMXDDhSFPIvxV7t8."
 DUMMY = "{TEST}dummy"
 
@@ -62,47 +70,6 @@ class ThreadlessReactor(MemoryReactorClock):
 
     def callFromThread(self, f, *args, **kwargs) -> None:
         f(*args, **kwargs)
-
-
-class SynchronousThreadPool:
-    """
-    A thread pool that runs each function at once, in the calling thread,
-    and counts the calls.
-    """
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def callInThread(self, f, *args, **kwargs) -> None:
-        self.callInThreadWithCallback(None, f, *args, **kwargs)
-
-    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
-        self.calls += 1
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            ok, result = False, Failure()
-        else:
-            ok = True
-        if onResult is not None:
-            onResult(ok, result)
-
-
-class HeldThreadPool:
-    """
-    A thread pool that only records the work it is given.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list = []
-
-    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
-        self.pending.append((onResult, f, args, kwargs))
-
-    def runAll(self) -> None:
-        for onResult, f, args, kwargs in self.pending:
-            onResult(True, f(*args, **kwargs))
-        self.pending = []
 
 
 class SpyVerifier:
@@ -132,7 +99,7 @@ class PasswordCheckerTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = ThreadlessReactor()
-        self.pool = SynchronousThreadPool()
+        self.pool = ImmediateThreadPool()
         self.verifier = SpyVerifier()
         directory = makeTempDirectory(self)
         self.usersPath = os.path.join(directory, "users")
@@ -183,7 +150,7 @@ class PasswordCheckerTests(SynchronousTestCase):
         """
         d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "password"))
         self.assertEqual(self.successResultOf(d), "alice@example.org")
-        self.assertEqual(self.pool.calls, 1)
+        self.assertEqual(len(self.pool.calls), 1)
         self.checker.cache = VerifiedCredentialsCache()
         d = self.checker.requestAvatarId(UsernamePassword(b"alice@EXAMPLE.Org", b"password"))
         self.assertEqual(self.successResultOf(d), "alice@example.org")
@@ -270,11 +237,11 @@ class PasswordCheckerTests(SynchronousTestCase):
         self.assertEqual(self.checker.accounting.delayFor("192.0.2.66"), 4.0)
         self.assertEqual(self.successResultOf(self.checker.requestAvatarId(creds)), "alice@example.org")
         self.checker.cache = VerifiedCredentialsCache()
-        calls = self.pool.calls
+        calls = len(self.pool.calls)
         d = self.checker.requestAvatarId(creds)
         self.reactor.advance(3.9)
         self.assertNoResult(d)
-        self.assertEqual(self.pool.calls, calls)
+        self.assertEqual(len(self.pool.calls), calls)
         self.reactor.advance(0.1)
         self.assertEqual(self.successResultOf(d), "alice@example.org")
 
@@ -366,12 +333,12 @@ class PasswordCheckerTests(SynchronousTestCase):
     def test_defaultDummyHash(self) -> None:
         """
         By default unknown users are verified against
-        L{pop3gw.users.DUMMY_HASH}.
+        L{pop3gw.passwords.DUMMY_HASH}.
         """
         spy = SpyVerifier()
         checker = PasswordChecker(self.users, self.reactor, self.pool, verifier=spy)
         d = checker.requestAvatarId(UsernamePassword("nobody@example.org", "pw"))
-        self.assertEqual(spy.calls, [(usersModule.DUMMY_HASH, b"pw")])
+        self.assertEqual(spy.calls, [(passwordsModule.DUMMY_HASH, b"pw")])
         self.assertFailsAfterDelay(d)
 
     def test_unparseableName(self) -> None:
@@ -439,9 +406,9 @@ class PasswordCheckerTests(SynchronousTestCase):
         """
         creds = UsernamePassword("alice@example.org", "password")
         self.successResultOf(self.checker.requestAvatarId(creds))
-        self.assertEqual(self.pool.calls, 1)
+        self.assertEqual(len(self.pool.calls), 1)
         self.assertEqual(self.successResultOf(self.checker.requestAvatarId(creds)), "alice@example.org")
-        self.assertEqual(self.pool.calls, 1)
+        self.assertEqual(len(self.pool.calls), 1)
 
     def test_cacheWithBlockingDatabase(self) -> None:
         """
@@ -455,7 +422,7 @@ class PasswordCheckerTests(SynchronousTestCase):
         creds = UsernamePassword("alice@example.org", "password")
         self.successResultOf(checker.requestAvatarId(creds))
         self.successResultOf(checker.requestAvatarId(creds))
-        self.assertEqual(self.pool.calls, 2)
+        self.assertEqual(len(self.pool.calls), 2)
         self.assertEqual(len(self.verifier.calls), 1)
 
     def test_cacheNotUsedForOtherPasswords(self) -> None:
@@ -553,10 +520,10 @@ class PasswordCheckerTests(SynchronousTestCase):
             f.write(f"Alice@example.org:{HASH_ARGON2}\n")
         d = self.checker.requestAvatarId(UsernamePassword("ALICE@Example.ORG", "password"))
         self.assertEqual(self.successResultOf(d), "Alice@example.org")
-        self.assertEqual((len(self.verifier.calls), self.pool.calls), (1, 1))
+        self.assertEqual((len(self.verifier.calls), len(self.pool.calls)), (1, 1))
         d = self.checker.requestAvatarId(UsernamePassword(b"alice@example.org", b"password"))
         self.assertEqual(self.successResultOf(d), "Alice@example.org")
-        self.assertEqual((len(self.verifier.calls), self.pool.calls), (1, 1))
+        self.assertEqual((len(self.verifier.calls), len(self.pool.calls)), (1, 1))
 
     def test_rehashAtFirstLogin(self) -> None:
         """
@@ -788,6 +755,29 @@ class RealmTests(SynchronousTestCase):
         self.assertEqual(self.store.boxes[BOB][0][1], b"Received: x\r\nbody\r\n")
         self.assertEqual(self.router.queue.entries, [(ALICE, [remote], b"Received: x\r\nbody\r\n")])
 
+    def test_submissionAvatarPrefetchesSenders(self) -> None:
+        """
+        The submission avatar takes what its user may send as from the
+        directory once, at login: C{mayUseSender} then asks the directory
+        nothing (it may run for every C{MAIL FROM} and C{From:} on the
+        reactor thread), and an alias added later counts from the next
+        login.
+        """
+        _, avatar, _ = self.realm.requestAvatar("alice@example.org", None, ISubmissionAvatar)
+        abuse = Address("abuse", "example.org")
+        self.users.aliases[abuse] = ALICE
+
+        def noLookups():
+            raise AssertionError("the directory was asked after login")
+
+        snapshot = self.users.snapshot
+        self.users.snapshot = noLookups
+        self.assertTrue(avatar.mayUseSender(Address("PostMaster", "example.org")))
+        self.assertFalse(avatar.mayUseSender(abuse))
+        self.users.snapshot = snapshot
+        _, avatar, _ = self.realm.requestAvatar("alice@example.org", None, ISubmissionAvatar)
+        self.assertTrue(avatar.mayUseSender(abuse))
+
     def test_firstSupportedInterface(self) -> None:
         """
         Unsupported interfaces are skipped; the first supported one is
@@ -810,44 +800,6 @@ class RealmTests(SynchronousTestCase):
             pass
 
         self.assertRaises(NotImplementedError, self.realm.requestAvatar, "alice@example.org", None, IOther)
-
-
-class ClockedThreadPool:
-    """
-    A fake hash pool: C{threads} workers take jobs in order, and each job
-    takes C{cost} seconds of C{clock} time before it runs and reports.
-    """
-
-    def __init__(self, clock, threads: int, cost: float) -> None:
-        self.clock = clock
-        self.threads = threads
-        self.cost = cost
-        self.queue: collections.deque = collections.deque()
-        self.busy = 0
-        self.done = 0
-        self.mostQueued = 0
-
-    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
-        self.queue.append((onResult, f, args, kwargs))
-        self.mostQueued = max(self.mostQueued, len(self.queue))
-        self._next()
-
-    def _next(self) -> None:
-        while self.busy < self.threads and self.queue:
-            self.busy += 1
-            self.clock.callLater(self.cost, self._finish, self.queue.popleft())
-
-    def _finish(self, job) -> None:
-        onResult, f, args, kwargs = job
-        self.busy -= 1
-        self.done += 1
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            onResult(False, Failure())
-        else:
-            onResult(True, result)
-        self._next()
 
 
 class FloodTests(SynchronousTestCase):

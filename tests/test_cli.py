@@ -18,7 +18,8 @@ from pop3gw import __version__, cli, fsutil
 from pop3gw.address import Address
 from pop3gw.interfaces import MaildropLocked
 from pop3gw.maildir import MaildirStore
-from pop3gw.users import UsersFile, verifyPassword
+from pop3gw.passwords import verifyPassword
+from pop3gw.users import UsersFile
 
 from .util import (
     OTHER_GID,
@@ -158,7 +159,7 @@ class CLITests(SynchronousTestCase):
         for secret in ("two words", "nodomain", "again", "zoesecret", "4b4d1e", "md5crypthash", "$5$"):
             self.assertNotIn(secret, out + err)
         users = self.users()
-        self.assertEqual(users.addresses(), [ALICE, Address("bob", "example.org"), Address("erin", "example.org"),
+        self.assertEqual(users.snapshot().addresses(), [ALICE, Address("bob", "example.org"), Address("erin", "example.org"),
                                              Address("heidi", "example.org"), Address("zoe", "example.org")])
         self.assertTrue(users.passwordHash(ALICE).startswith("{ARGON2ID}$argon2id$"))
         self.assertTrue(verifyPassword(users.passwordHash(ALICE), "two words"))
@@ -343,7 +344,7 @@ class PasswordInputTests(SynchronousTestCase):
         (which refuses longer passwords unhashed): a password that could
         never log in is refused.
         """
-        from pop3gw.users import MAX_PASSWORD_BYTES, verifyPassword as verify
+        from pop3gw.passwords import MAX_PASSWORD_BYTES, verifyPassword as verify
 
         self.assertEqual(cli.MAX_PASSWORD_LENGTH, MAX_PASSWORD_BYTES)
         status, _, err = self.runCLI("user", "add", "alice@example.org", stdin=FakeStdin("\u00e9" * 600 + "\n"))

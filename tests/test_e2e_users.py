@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import poplib
 import smtplib
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -135,3 +136,32 @@ class UsersEndToEndTests(SynchronousTestCase):
         server.waitForLog(r'login: service=pop3 rhost=127\.0\.0\.1 user="alice@example\.org" tls=no')
         server.waitForLog(r'logout: service=pop3 rhost=127\.0\.0\.1 user="alice@example\.org"')
         self.assertEqual(os.listdir(os.path.join(server.dataDir, "mail", "example.org")), ["alice"])
+
+    def test_newUserIsRecipientWithoutRestart(self) -> None:
+        """
+        A user added with C{pop3gw user add} while the server runs is a
+        valid recipient at once for a session that logs in afterwards, and
+        soon (the directory is re-read in the background) for a session
+        that was already logged in; neither needs a restart or SIGHUP.
+        """
+        server = Pop3gwProcess(self).start()
+        server.addUser("alice@example.org", "pw")
+        early = smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30)
+        self.addCleanup(_closeQuietly, early)
+        early.login("alice@example.org", "pw")
+        early.mail("alice@example.org")
+        self.assertEqual(early.rcpt("carol@example.org")[0], 550)
+        server.addUser("carol@example.org", "pw")
+
+        late = smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30)
+        self.addCleanup(_closeQuietly, late)
+        late.login("alice@example.org", "pw")
+        late.mail("alice@example.org")
+        self.assertEqual(late.rcpt("carol@example.org")[0], 250)
+        late.quit()
+
+        deadline = time.monotonic() + 10
+        while early.rcpt("carol@example.org")[0] != 250:
+            self.assertLess(time.monotonic(), deadline, "the running session never saw the new user")
+            time.sleep(0.2)
+        early.quit()

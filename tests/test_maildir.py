@@ -17,7 +17,6 @@ import tracemalloc
 
 from twisted.internet import defer
 from twisted.logger import Logger, formatEvent
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -37,7 +36,7 @@ from pop3gw.interfaces import (
 from pop3gw.fsutil import Owner
 from pop3gw.maildir import MaildirStore
 from pop3gw.runner import ThreadPoolRunner
-from pop3gw.testing import FakeMaildropStore, wireForm
+from pop3gw.testing import FakeMaildropStore, ImmediateThreadPool, wireForm
 from tests.util import OTHER_GID, OTHER_UID, requireRoot, tempPath, treeModesAndOwners, withUmask
 
 ALICE = Address("alice", "example.org")
@@ -406,24 +405,6 @@ class FakeContractTests(MaildropStoreContractMixin, SynchronousTestCase):
 
     def makeStore(self):
         return FakeMaildropStore()
-
-
-class _ImmediateThreadPool:
-    """
-    Runs work at once, recording it, and reports through the reactor.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list = []
-
-    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
-        self.calls.append(f)
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            onResult(False, Failure())
-        else:
-            onResult(True, result)
 
 
 class _QueuedReactor:
@@ -1643,7 +1624,7 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.pool = _ImmediateThreadPool()
+        self.pool = ImmediateThreadPool()
         self.reactor = _QueuedReactor()
         self.store = MaildirStore(self.root, ThreadPoolRunner(self.reactor, self.pool), hostname="testhost")
 

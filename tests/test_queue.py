@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from pop3gw import fsutil
-from pop3gw.interfaces import InsufficientStorage, IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.interfaces import IDelivery, InsufficientStorage, IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
 from pop3gw.queue import (
     DELIVERED,
     FAILED,
@@ -29,6 +29,7 @@ from pop3gw.queue import (
     listEntries,
     requestFlush,
 )
+from pop3gw.testing import FakeOutboundQueue, HeldThreadPool
 from tests.queuehelpers import (
     ALICE,
     BOB,
@@ -38,7 +39,6 @@ from tests.queuehelpers import (
     ERIN,
     STORED,
     TRACE,
-    FakeThreadPool,
     QueueTestMixin,
     ThreadClock,
     readJSON,
@@ -150,7 +150,7 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
         With a thread pool, the files are made durable there: nothing exists
         and the commit has not fired until the pool runs.
         """
-        pool = FakeThreadPool()
+        pool = HeldThreadPool()
         self.setUpQueue(pool)
         d = self.queue.beginDelivery(ALICE, [BOB], TRACE)
         d.write(BODY)
@@ -280,7 +280,7 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
         Saves of one entry through a thread pool run one after the other, so
         the last state saved is the last written.
         """
-        pool = FakeThreadPool()
+        pool = HeldThreadPool()
         self.setUpQueue(pool)
         d = self.queue.beginDelivery(ALICE, [BOB])
         c = d.commit()
@@ -291,7 +291,7 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
         first = self.queue.saveEntry(entry)
         entry.attempts = 2
         second = self.queue.saveEntry(entry)
-        self.assertEqual(len(pool.jobs), 1)
+        self.assertEqual(len(pool.pending), 1)
         pool.runAll()
         self.successResultOf(first)
         self.successResultOf(second)
@@ -554,3 +554,85 @@ class FullDiskTests(QueueTestMixin, unittest.SynchronousTestCase):
         self.patch(os, "fsync", full)
         self.assertFullDisk(self.failureResultOf(delivery.commit()))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class OutboundQueueContract:
+    """
+    What every L{IOutboundQueue} does, checked over L{OutboundQueue} and
+    L{pop3gw.testing.FakeOutboundQueue}: subclasses set C{self.queue} and
+    implement L{entries}.
+    """
+
+    def entries(self) -> list:
+        """
+        @return: the committed entries as (sender, recipients, message).
+        """
+        raise NotImplementedError()
+
+    def test_interface(self):
+        """
+        The queue provides L{IOutboundQueue}, and its deliveries
+        L{IDelivery}.
+        """
+        self.assertTrue(verifyObject(IOutboundQueue, self.queue))
+        self.assertTrue(verifyObject(IDelivery, self.queue.beginDelivery(ALICE, [BOB])))
+
+    def test_commit(self):
+        """
+        A committed message is an entry with its sender, its recipients in
+        order and the trace followed by the data, written in any chunks,
+        stored with CRLF line ends; nothing is queued before the commit.
+        """
+        delivery = self.queue.beginDelivery(ALICE, [CAROL, BOB], TRACE)
+        delivery.write(BODY[:5])
+        delivery.write(BODY[5:])
+        self.assertEqual(self.entries(), [])
+        self.assertIsNone(self.successResultOf(delivery.commit()))
+        self.assertEqual(self.entries(), [(ALICE, [CAROL, BOB], TRACE + BODY.replace(b"\n", b"\r\n"))])
+
+    def test_nullSender(self):
+        """
+        The null reverse path (a bounce) is queued with sender L{None}.
+        """
+        delivery = self.queue.beginDelivery(None, [BOB])
+        delivery.write(BODY)
+        self.successResultOf(delivery.commit())
+        self.assertEqual(self.entries(), [(None, [BOB], BODY.replace(b"\n", b"\r\n"))])
+
+    def test_abort(self):
+        """
+        An aborted delivery leaves no entry; aborting twice is harmless.
+        """
+        delivery = self.queue.beginDelivery(ALICE, [BOB], TRACE)
+        delivery.write(BODY)
+        delivery.abort()
+        delivery.abort()
+        self.assertEqual(self.entries(), [])
+
+
+class OutboundQueueContractTests(OutboundQueueContract, unittest.SynchronousTestCase):
+    """
+    The L{IOutboundQueue} contract over L{OutboundQueue}.
+    """
+
+    def setUp(self):
+        self.queue = OutboundQueue(self.mktemp(), ThreadClock())
+
+    def entries(self):
+        found = []
+        for entry in self.queue.loadEntries():
+            with self.queue.openMessage(entry) as f:
+                found.append((entry.sender, [r.address for r in entry.recipients], f.read()))
+        return found
+
+
+class FakeOutboundQueueContractTests(OutboundQueueContract, unittest.SynchronousTestCase):
+    """
+    The L{IOutboundQueue} contract over L{pop3gw.testing.FakeOutboundQueue}.
+    """
+
+    def setUp(self):
+        self.queue = FakeOutboundQueue()
+
+    def entries(self):
+        return [(sender, list(recipients), data) for sender, recipients, data in self.queue.entries]

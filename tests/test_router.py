@@ -9,13 +9,14 @@ import os
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 from zope.interface.verify import verifyObject
 
 from pop3gw.address import Address
 from pop3gw.interfaces import (
     IDelivery,
     IMailRouter,
+    IQueuedDelivery,
     IRoutedDelivery,
     MessageTooLarge,
     PermanentFailure,
@@ -25,7 +26,7 @@ from pop3gw.interfaces import (
 from pop3gw.queue import OutboundQueue, listEntries
 from pop3gw.interfaces import ITwoPhaseDelivery
 from pop3gw.router import Router
-from pop3gw.testing import FakeMaildropStore, FakeOutboundQueue, FakeUserDatabase
+from pop3gw.testing import FakeMaildropStore, FakeOutboundQueue, FakeRouter, FakeUserDatabase
 from tests.util import makeTempDirectory
 
 ALICE = Address("alice", "example.org")
@@ -412,6 +413,29 @@ class DeliveryIdentityTests(SynchronousTestCase):
         self.assertEqual(d.localRecipients, (BOB, ALICE))
         self.assertEqual(d.remoteRecipients, (REMOTE,))
 
+    def test_queueIdThroughIQueuedDelivery(self):
+        """
+        The queue id is read through L{IQueuedDelivery} (adaptation): a
+        queue delivery that does not provide it names no id, even with an
+        attribute of that name.
+        """
+
+        class Named(FakeOutboundQueue):
+            def __init__(self, declared):
+                super().__init__()
+                self.declared = declared
+
+            def beginDelivery(self, sender, recipients, trace=b""):
+                delivery = super().beginDelivery(sender, recipients, trace)
+                delivery.queueId = "q1"
+                if self.declared:
+                    alsoProvides(delivery, IQueuedDelivery)
+                return delivery
+
+        for declared, expected in ((False, None), (True, "q1")):
+            router = Router(["example.org"], FakeUserDatabase(), FakeMaildropStore(), Named(declared))
+            self.assertEqual(router.beginDelivery(ALICE, [REMOTE]).queueId, expected)
+
     def test_onlyLocal(self):
         """
         A purely local message has no queue id.
@@ -450,3 +474,141 @@ class UnroutableDomainTests(SynchronousTestCase):
         self.assertEqual(router.checkRecipient(good), good)
         self.assertTrue(isRoutableDomain("xn--bcher-kva.example"))
         self.assertFalse(isRoutableDomain("1.2.3.4"))
+
+
+class MailRouterContract:
+    """
+    What every L{IMailRouter} does, checked over L{Router} and
+    L{pop3gw.testing.FakeRouter}: subclasses implement L{makeRouter} over
+    the given users, maildrop store and outbound queue, with the local
+    domains C{Example.ORG.} and C{example.net}.
+    """
+
+    def makeRouter(self, domains, users, store, queue):
+        raise NotImplementedError()
+
+    def setUp(self) -> None:
+        self.users = FakeUserDatabase({ALICE: "x", BOB: "y"}, {ALIAS: ALICE})
+        self.store = FakeMaildropStore()
+        self.queue = FakeOutboundQueue()
+        self.router = self.makeRouter(["Example.ORG.", "example.net"], self.users, self.store, self.queue)
+
+    def deliver(self, recipients, sender=ALICE):
+        delivery = self.router.beginDelivery(sender, recipients, b"Received: x\r\n")
+        delivery.write(b"Subject: hi\r\n\r\n")
+        delivery.write(b"body\r\n")
+        return delivery, delivery.commit()
+
+    def test_interface(self) -> None:
+        """
+        The router provides L{IMailRouter}, and its deliveries
+        L{IRoutedDelivery}.
+        """
+        self.assertTrue(verifyObject(IMailRouter, self.router))
+        self.assertTrue(verifyObject(IRoutedDelivery, self.router.beginDelivery(ALICE, [BOB, REMOTE])))
+
+    def test_localDomains(self) -> None:
+        """
+        Configured domains are local whatever their case or trailing dot;
+        subdomains and other domains are not.
+        """
+        for domain in ("example.org", "EXAMPLE.org", "example.org.", "example.net"):
+            self.assertTrue(self.router.isLocalDomain(domain), domain)
+        for domain in ("sub.example.org", "remote.example", "org"):
+            self.assertFalse(self.router.isLocalDomain(domain), domain)
+
+    def test_checkRecipient(self) -> None:
+        """
+        A local user resolves to itself as stored and an alias to its
+        owner, in any case; an unknown local address is L{UnknownUser}; a
+        remote address is itself; a domain that cannot be a public mail
+        domain is refused with L{PermanentFailure}.
+        """
+        self.assertEqual(self.router.checkRecipient(BOB), BOB)
+        self.assertEqual(self.router.checkRecipient(Address.parse("BOB@Example.ORG")), BOB)
+        self.assertEqual(self.router.checkRecipient(Address("PostMaster", "example.org")), ALICE)
+        self.assertRaises(UnknownUser, self.router.checkRecipient, Address("nobody", "example.org"))
+        self.assertEqual(self.router.checkRecipient(REMOTE), REMOTE)
+        self.assertRaises(PermanentFailure, self.router.checkRecipient, Address("root", "localhost"))
+
+    def test_delivery(self) -> None:
+        """
+        Local recipients get one copy each in their maildrops and the
+        remote ones one queue entry, with the trace first; recipients
+        given twice count once; the delivery names both parts.
+        """
+        delivery, committed = self.deliver([BOB, REMOTE, ALICE, BOB])
+        self.assertIsNone(self.successResultOf(committed))
+        routed = IRoutedDelivery(delivery)
+        self.assertEqual((routed.localRecipients, routed.remoteRecipients), ((BOB, ALICE), (REMOTE,)))
+        message = b"Received: x\r\nSubject: hi\r\n\r\nbody\r\n"
+        self.assertEqual({a: [data for _, data in box] for a, box in self.store.boxes.items()}, {BOB: [message], ALICE: [message]})
+        self.assertEqual(self.queue.entries, [(ALICE, [REMOTE], message)])
+
+    def test_oneSideOnly(self) -> None:
+        """
+        A message with only local recipients makes no queue entry and names
+        no queue id; one with only remote recipients touches no maildrop.
+        """
+        delivery, committed = self.deliver([BOB])
+        self.successResultOf(committed)
+        self.assertIsNone(IRoutedDelivery(delivery).queueId)
+        self.assertEqual(self.queue.entries, [])
+        delivery, committed = self.deliver([REMOTE], sender=None)
+        self.successResultOf(committed)
+        self.assertEqual(IRoutedDelivery(delivery).localRecipients, ())
+        self.assertEqual(list(self.store.boxes), [BOB])
+        self.assertEqual([(s, r) for s, r, _ in self.queue.entries], [(None, [REMOTE])])
+
+    def test_queueFailure(self) -> None:
+        """
+        If the queue part cannot be made durable, the commit fails with
+        L{TemporaryFailure} and no maildrop gets a copy, so the client's
+        retry duplicates nothing.
+        """
+        self.queue.failCommit = True
+        _, committed = self.deliver([BOB, REMOTE])
+        self.failureResultOf(committed, TemporaryFailure)
+        self.assertEqual(self.store.boxes, {})
+        self.assertEqual(self.queue.entries, [])
+
+    def test_localFailure(self) -> None:
+        """
+        If a maildrop cannot be written, the commit fails with
+        L{TemporaryFailure}.
+        """
+        self.store.failCommit = True
+        _, committed = self.deliver([BOB])
+        self.failureResultOf(committed, TemporaryFailure)
+        self.assertEqual(self.store.boxes, {})
+
+    def test_abort(self) -> None:
+        """
+        An aborted delivery leaves nothing anywhere, and cannot be written
+        to or committed any more.
+        """
+        delivery = self.router.beginDelivery(ALICE, [BOB, REMOTE])
+        delivery.write(b"Subject: hi\r\n\r\nbody\r\n")
+        delivery.abort()
+        delivery.abort()
+        self.assertRaises(TemporaryFailure, delivery.write, b"more\r\n")
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.assertEqual((self.store.boxes, self.queue.entries), ({}, []))
+
+
+class RouterContractTests(MailRouterContract, SynchronousTestCase):
+    """
+    The L{IMailRouter} contract over L{Router}.
+    """
+
+    def makeRouter(self, domains, users, store, queue):
+        return Router(domains, users, store, queue)
+
+
+class FakeRouterContractTests(MailRouterContract, SynchronousTestCase):
+    """
+    The L{IMailRouter} contract over L{pop3gw.testing.FakeRouter}.
+    """
+
+    def makeRouter(self, domains, users, store, queue):
+        return FakeRouter(domains, users, store, queue)

@@ -8,8 +8,8 @@ from zope.interface.verify import verifyObject
 
 from pop3gw.interfaces import IBlockingRunner
 from pop3gw.runner import ImmediateRunner, ThreadPoolRunner
-from pop3gw.testing import HeldRunner
-from tests.queuehelpers import FakeThreadPool, ThreadClock
+from pop3gw.testing import HeldRunner, HeldThreadPool
+from tests.queuehelpers import ThreadClock
 
 
 class RunnerTests(SynchronousTestCase):
@@ -21,7 +21,7 @@ class RunnerTests(SynchronousTestCase):
         """
         Every runner provides L{IBlockingRunner}.
         """
-        for runner in (ImmediateRunner(), ThreadPoolRunner(ThreadClock(), FakeThreadPool()), HeldRunner()):
+        for runner in (ImmediateRunner(), ThreadPoolRunner(ThreadClock(), HeldThreadPool()), HeldRunner()):
             self.assertTrue(verifyObject(IBlockingRunner, runner))
 
     def test_immediate(self) -> None:
@@ -37,7 +37,7 @@ class RunnerTests(SynchronousTestCase):
         L{ThreadPoolRunner} runs the work in the pool and reports through
         the reactor.
         """
-        pool = FakeThreadPool()
+        pool = HeldThreadPool()
         runner = ThreadPoolRunner(ThreadClock(), pool)
         d = runner.run(lambda a: a * 2, 21)
         failing = runner.run(lambda: 1 / 0)

@@ -26,7 +26,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from pop3gw.config import Options
 from pop3gw.limits import ConnectionLimitFactory
 from pop3gw.pop3 import POP3Factory
-from pop3gw.service import ListenerService, makeService
+from pop3gw.address import Address
+from pop3gw.directory import Directory
+from pop3gw.service import ListenerService, LocalDomains, makeService
 from pop3gw.smtp import SubmissionFactory
 
 from .util import OTHER_GID, OTHER_UID, effectiveUser, requireRoot, treeModesAndOwners, withUmask
@@ -408,3 +410,44 @@ class VersionOptionTests(SynchronousTestCase):
             TwistdOptions().parseOptions(["--version"])
         self.assertEqual(e.exception.code, 0)
         self.assertEqual(out.getvalue(), f"pop3gw {__version__} (Twisted {copyright.version})\n")
+
+
+class _CountingDirectory:
+    """
+    An L{pop3gw.interfaces.IUserDirectory} whose snapshot refuses to list
+    its users.
+    """
+
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+        self.snapshots = 0
+
+    def snapshot(self) -> Directory:
+        self.snapshots += 1
+        return self.directory
+
+
+class LocalDomainsTests(SynchronousTestCase):
+    """
+    Tests for L{LocalDomains}.
+    """
+
+    def test_domainsFromSnapshot(self) -> None:
+        """
+        The local domains are the configured ones plus the users' domains,
+        read from the directory's current snapshot (its C{domains()}, made
+        once per load) for each question, never by listing every user.
+        """
+        directory = Directory.fromEntries([Address("alice", "users.example"), Address("bob", "users.example")])
+        directory.addresses = lambda: self.fail("every user listed")
+        users = _CountingDirectory(directory)
+        domains = LocalDomains(["example.org"], users)
+        self.assertIn("example.org", domains)
+        self.assertEqual(users.snapshots, 0)
+        self.assertIn("users.example", domains)
+        self.assertNotIn("elsewhere.example", domains)
+        self.assertEqual(sorted(domains), ["example.org", "users.example"])
+        self.assertEqual(users.snapshots, 3)
+        users.directory = Directory.fromEntries([Address("carol", "new.example")])
+        self.assertIn("new.example", domains)
+        self.assertNotIn("users.example", domains)

@@ -17,13 +17,14 @@ from pop3gw.maildir import MaildirStore
 from pop3gw.relay.service import RelayService
 from pop3gw.runner import ThreadPoolRunner
 from pop3gw.service import STOP_LISTENERS, ServerLockService, ThreadPoolService
-from tests.queuehelpers import ALICE, BOB, BODY, GREETING, TRACE, FakeEndpoint, FakeResolver, FakeThreadPool, QueueTestMixin, readJSON
+from pop3gw.testing import HeldThreadPool
+from tests.queuehelpers import ALICE, BOB, BODY, GREETING, TRACE, FakeEndpoint, FakeResolver, QueueTestMixin, readJSON
 from tests.test_smtp import SessionMixin
 
 
-class RecordingPool(FakeThreadPool):
+class RecordingPool(HeldThreadPool):
     """
-    A L{FakeThreadPool} that records when it is started and stopped.
+    A L{HeldThreadPool} that records when it is started and stopped.
     """
 
     def __init__(self, events: list, onStop=lambda: None) -> None:
@@ -111,7 +112,7 @@ class SubmissionCommitAtShutdownTests(SessionMixin, SynchronousTestCase):
         self.login()
         self.envelope()
         self.assertEqual(self.feed(b"Subject: x\r\n\r\nhi\r\n.\r\n"), b"")
-        self.assertNotEqual(pool.jobs, [])
+        self.assertNotEqual(pool.pending, [])
 
         top = ServerLockService(os.path.abspath(self.mktemp()))
         os.makedirs(top.dataDir)

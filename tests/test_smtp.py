@@ -2142,6 +2142,41 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         self.envelope((b"carol@remote.example",))
         self.assertEqual(queuedReply(self.feed(HEADERS + b"\r\nHello\r\n.\r\n")), b"250 2.0.0 OK queued as ID\r\n")
 
+    def test_routingOnlyThroughIRoutedDelivery(self) -> None:
+        """
+        The server reads a delivery's routing through L{IRoutedDelivery}
+        (adaptation), not by looking for attributes: a delivery that does
+        not provide it gets the server's own id, and its log line names no
+        recipient counts and no queue id, even if it has attributes of
+        those names.
+        """
+        original = self.router.beginDelivery
+
+        @implementer(IDelivery)
+        class PlainDelivery:
+            def __init__(self, inner):
+                self.write, self.commit, self.abort = inner.write, inner.commit, inner.abort
+                self.queueId = QUEUE_ID.decode("ascii")
+                self.localRecipients = self.remoteRecipients = ()
+
+        self.router.beginDelivery = lambda *args: PlainDelivery(original(*args))
+        self.envelope((b"carol@remote.example",))
+        body = HEADERS + b"\r\nHello\r\n"
+        with capturedLogs() as events:
+            out = self.feed(body + b".\r\n")
+        messageId = re.match(rb"250 2.0.0 OK queued as ([0-9A-F]{16})\r\n$", out).group(1).decode()
+        self.assertNotEqual(messageId, QUEUE_ID.decode())
+        self.assertEqual(
+            self.accepted(events),
+            [
+                (
+                    "info",
+                    f'submission: accepted id={messageId} user="alice@example.org" from="alice@example.org"'
+                    f" local=- remote=- size={len(body)} queue=-",
+                )
+            ],
+        )
+
     def test_receivedWriteFails(self) -> None:
         """
         If the C{Received:} field cannot be written, DATA gets 451 and the

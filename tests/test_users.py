@@ -1,5 +1,5 @@
 """
-Tests for L{pop3gw.users}: password schemes and the users/aliases files.
+Tests for L{pop3gw.users}: the users and aliases files.
 """
 
 from __future__ import annotations
@@ -14,385 +14,11 @@ from zope.interface.verify import verifyObject
 
 from pop3gw import users
 from pop3gw.address import Address
-from pop3gw.interfaces import IUserDatabase, TemporaryFailure, UnknownUser, UserExists
-from pop3gw.users import UsersFile, hashPassword, sha256Crypt, sha512Crypt, verifyPassword
+from pop3gw.interfaces import IUserDirectory, IUserStore, LookupWouldBlock, TemporaryFailure, UnknownUser, UserExists
+from pop3gw.users import UsersFile
 from pop3gw.fsutil import Owner
+from tests.test_passwords import ALICE, ARGON2ID, BOB, CAROL, HASH_A, HASH_B, SSHA256_SECRET
 from tests.util import OTHER_GID, OTHER_UID, makeTempDirectory, requireRoot, withUmask
-
-ALICE = Address("alice", "example.org")
-BOB = Address("bob", "example.org")
-CAROL = Address("carol", "example.org")
-
-# sha512-crypt vectors.  The first two are from Ulrich Drepper's
-# specification; the rest were made with glibc's crypt(3) (Python 3.11's
-# crypt module) and "openssl passwd -6" when this module was written.
-SHA512_VECTORS = [
-    (b"Hello world!", b"saltstring", None,
-     "$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4OTLiBFdcbYEdFCoEOfaS35inz1"),
-    (b"the minimum number is still observed", b"roundstoolow", 10,
-     "$6$rounds=1000$roundstoolow$kUMsbe306n21p9R.FRkW3IGn.S9NPN0x50YhH1xhLsPuWGsUSklZt58jaTfF4ZEQpyUNGc0dqbpBYYBaHHrsX."),
-    (b"pw", b"salt", 5000,
-     "$6$rounds=5000$salt$AkOOBO38SQQ8T8Q46KuCONe.8zg41nvCDKDq7pVQd2n2hy8sf8aR3G89VY.57up0eSIa/69odCCcLT4hx7FpW/"),
-    (b"password", b"saltsalt", None,
-     "$6$saltsalt$qFmFH.bQmmtXzyBY0s9v7Oicd2z4XSIecDzlB5KiA2/jctKu9YterLp8wwnSq.qc.eoxqOmSuNp2xS0ktL3nh/"),
-    (b"correct horse", b"abcdefghijklmnopqrstuvwxyz", 1000,
-     "$6$rounds=1000$abcdefghijklmnop$K9ViLilDpRy6xLunKXsaoeGhKInKdDtpCLyoTSCkDcguT34R9cMK08/eq3hGwOWWgyYCTwWqVmKpFAHjf73Mv/"),
-    ("p\u00e4ssw\u00f6rd".encode("utf-8"), b"NaCl", 10000,
-     "$6$rounds=10000$NaCl$c2yKH1jhhR4NTnYCQwTphdUqMEi.G.vXd2dorMQgnTWW0HmCOdIW.SqlIDW3E/UCuebIvMDwBz.bxP1N5DtpG."),
-    (b"x" * 100, b"long", 1000,
-     "$6$rounds=1000$long$UKr4Zfo/ioVs7ChCCo/HpRNwy62wUYJzMfjfnrhaNuuZ4jcEz7UOrqYs2abMMxSoAb/SK9FT8jLnsLoRPJVBg."),
-    (b"pw", b"", 1000,
-     "$6$rounds=1000$$Ww46dvdmbJa51Tn2FjNpXolxguszXFYv9Rxe3VazHhtMSHfmYDtk1WRGASHU.A.aIG6LLP4iqYBXgPIOSQrGS0"),
-    (b"", b"salt", 1000,
-     "$6$rounds=1000$salt$8.6rbmbp5x0d6GHKoit3wSooHPfMEY9cwCpDMr6.bC46HXi1Eqr7xqKZ9RPwaFW/eCyoUBBNRq1xG/f612CuH0"),
-]
-
-# sha256-crypt vectors: the first two are from Ulrich Drepper's
-# specification; all were checked with "openssl passwd -5 -salt SALT PW"
-# (with "rounds=N$SALT" as the salt for a rounds field).
-SHA256_VECTORS = [
-    (b"Hello world!", b"saltstring", None, "$5$saltstring$5B8vYYiY.CVt1RlTTf8KbXBH3hsxY/GNooZaBBGWEc5"),
-    (b"Hello world!", b"saltstringsaltstring", 10000,
-     "$5$rounds=10000$saltstringsaltst$3xv.VbSHBb41AL9AvLeujZkZRBAwqFMz2.opqey6IcA"),
-    (b"the minimum number is still observed", b"roundstoolow", 10,
-     "$5$rounds=1000$roundstoolow$yfvwcWrQ8l/K0DAWyuPMDNHpIVlTQebY9l/gL972bIC"),
-    (b"password", b"saltsalt", None, "$5$saltsalt$gOjOtoMpVhru2uyjeJSEc/JaLQWOXMNmlOnj6T4AtC."),
-    (b"correct horse", b"abcdefghijklmnopqrstuvwxyz", 1000,
-     "$5$rounds=1000$abcdefghijklmnop$sMH/aXVPoABuMIam8Brfej2trWzGTpr5d2WuYZNwEmA"),
-    ("p\u00e4ssw\u00f6rd".encode("utf-8"), b"NaCl", None, "$5$NaCl$pWaJIHze1zdvnnRmpvrtTMk/LWEA0bwZKGyKZ/xpU18"),
-    (b"x" * 100, b"long", None, "$5$long$wpi./ia8pC0K3oNxjvO9k3LLIpskESSREW7vw8zHBb6"),
-]
-
-# Dovecot's salted SHA-2: base64(digest(password + salt) + salt), checked
-# with "openssl dgst -sha256/-sha512 -binary" over password + salt.
-SSHA256_SECRET = "pBFKVQdg8aaZi2INYzmnxxLtStvyMgIOC7TahNLLqCIBAgME"  # secret, salt 01020304
-SSHA256_SECRET_HEX = "a4114a550760f1a6998b620d6339a7c712ed4adbf232020e0bb4da84d2cba82201020304"
-SSHA512_SECRET = (
-    "MKbQg3rPvz03V+1S0+/jlDdn0B0IiGGxl7kZMimdo1IHHWN6DtzxJMCchsX5U1lrRY7apW/oopOgERexYda1nAECAwQ="
-)
-SSHA512_PASS = "kK3BP/20I0UJ6Mr9XSdQnrgNZbMXUvGLxh2qHoRz6HUfRqbHZ23m926mL2Ga33/fZtWMaQo1wB6KyFtI8uexcU5hQ2xOYUNs"
-
-# bcrypt hashes made with the bcrypt library; the $2y$ one (the htpasswd -B
-# and PHP prefix) is the $2b$ one renamed, which is the same algorithm.
-BCRYPT_2B = "$2b$05$abcdefghijklmnopqrstuuoXuKqgZXLiJqzfmMXDDhSFPIvxV7t8."  # hunter2
-BCRYPT_2Y = "$2y$05$abcdefghijklmnopqrstuuoXuKqgZXLiJqzfmMXDDhSFPIvxV7t8."
-BCRYPT_2A = "$2a$05$abcdefghijklmnopqrstuuoXuKqgZXLiJqzfmMXDDhSFPIvxV7t8."
-BCRYPT_72Y = "$2b$04$abcdefghijklmnopqrstuuwurWIdVVT4m5pTArtqnFNM69nySdHj."  # "y" * 72
-
-ARGON2I = "$argon2i$v=19$m=1024,t=1,p=4$pStRx7+MdHrJq/Ch+T7U6g$qY13zQcQP0LE1oRU7gJ7YZvCjylEGRRMTlMCj8ilswI"  # argon-i
-ARGON2ID = "$argon2id$v=19$m=1024,t=1,p=4$wbTEbHydu7HcZaNwzkiVHA$7CrNG+vZe1flSHcWu+qUm4Xo28rUV+si7q2N50Dk8u0"  # argon-id
-
-HASH_A = "{SHA512-CRYPT}" + SHA512_VECTORS[3][3]  # password
-HASH_B = "{BLF-CRYPT}" + BCRYPT_2Y  # hunter2
-
-
-class Sha512CryptTests(SynchronousTestCase):
-    """
-    Tests for the pure-Python sha512-crypt.
-    """
-
-    def test_vectors(self) -> None:
-        """
-        L{sha512Crypt} reproduces the specification's and glibc's outputs,
-        including the default rounds (no C{rounds=} field), clamping of low
-        rounds to 1000, salt truncation to 16 characters, empty salts and
-        passwords, non-ASCII and long passwords.
-        """
-        for password, salt, rounds, expected in SHA512_VECTORS:
-            self.assertEqual(sha512Crypt(password, salt, rounds), expected)
-
-    def test_verify(self) -> None:
-        """
-        C{{SHA512-CRYPT}} hashes verify with the right password only, with
-        the scheme name in any case.
-        """
-        for password, _salt, _rounds, hashed in SHA512_VECTORS:
-            self.assertTrue(verifyPassword("{SHA512-CRYPT}" + hashed, password.decode("utf-8")))
-            self.assertFalse(verifyPassword("{SHA512-CRYPT}" + hashed, password.decode("utf-8") + "x"))
-        self.assertTrue(verifyPassword("{sha512-crypt}" + SHA512_VECTORS[3][3], "password"))
-
-    def test_verifyUnclampedRoundsField(self) -> None:
-        """
-        A stored hash whose C{rounds=} is below the minimum verifies like
-        glibc does: computed with the minimum, comparing only the hash.
-        """
-        hashed = SHA512_VECTORS[1][3].replace("rounds=1000", "rounds=10")
-        self.assertTrue(verifyPassword("{SHA512-CRYPT}" + hashed, "the minimum number is still observed"))
-
-    def test_malformed(self) -> None:
-        """
-        Malformed sha512-crypt strings give C{False}, not an exception.
-        """
-        good = SHA512_VECTORS[2][3]
-        for bad in [
-            "",
-            "$5$salt$" + good[-86:],
-            "$6$salt",
-            "$6$salt$" + good[-86:-1],
-            "$6$salt$" + good[-86:] + "x",
-            "$6$salt$" + good[-86:-1] + "!",
-            "$6$rounds=x$salt$" + good[-86:],
-            "$6$rounds=-5$salt$" + good[-86:],
-            "$6$rounds=99999999999999$salt$" + good[-86:],
-            "$6$a$b$c$" + good[-86:],
-            "$6$s\u00e4lt$" + good[-86:],
-        ]:
-            self.assertFalse(verifyPassword("{SHA512-CRYPT}" + bad, "pw"), bad)
-
-
-class Sha256CryptTests(SynchronousTestCase):
-    """
-    Tests for sha256-crypt, the same implementation as sha512-crypt with
-    the other digest.
-    """
-
-    def test_vectors(self) -> None:
-        """
-        L{sha256Crypt} reproduces the specification's and OpenSSL's
-        outputs: default and explicit rounds, clamping, salt truncation,
-        non-ASCII and long passwords.
-        """
-        for password, salt, rounds, expected in SHA256_VECTORS:
-            self.assertEqual(sha256Crypt(password, salt, rounds), expected)
-
-    def test_verify(self) -> None:
-        """
-        C{{SHA256-CRYPT}} hashes verify with the right password only, with
-        the scheme name in any case; a C{$6$} hash under the C{SHA256-CRYPT}
-        name (or the reverse) does not.
-        """
-        for password, _salt, _rounds, hashed in SHA256_VECTORS:
-            self.assertTrue(verifyPassword("{SHA256-CRYPT}" + hashed, password.decode("utf-8")))
-            self.assertFalse(verifyPassword("{SHA256-CRYPT}" + hashed, password.decode("utf-8") + "x"))
-        self.assertTrue(verifyPassword("{sha256-crypt}" + SHA256_VECTORS[3][3], "password"))
-        self.assertFalse(verifyPassword("{SHA256-CRYPT}" + SHA512_VECTORS[3][3], "password"))
-        self.assertFalse(verifyPassword("{SHA512-CRYPT}" + SHA256_VECTORS[3][3], "password"))
-
-    def test_malformed(self) -> None:
-        """
-        Malformed sha256-crypt strings give C{False}, not an exception.
-        """
-        good = SHA256_VECTORS[3][3][-43:]
-        for bad in ["", "$5$salt", "$5$salt$" + good[:-1], "$5$salt$" + good + "x", "$5$salt$" + good[:-1] + "!",
-                    "$5$rounds=x$salt$" + good, "$5$a$b$c$" + good]:
-            self.assertFalse(verifyPassword("{SHA256-CRYPT}" + bad, "password"), bad)
-
-
-class SaltedSha2Tests(SynchronousTestCase):
-    """
-    Tests for Dovecot's C{{SSHA256}} and C{{SSHA512}}.
-    """
-
-    def test_verify(self) -> None:
-        """
-        Base64 (the default, or C{.B64}/C{.BASE64}) and C{.HEX} encodings
-        verify with the right password only; the password is UTF-8.
-        """
-        for stored in ["{SSHA256}" + SSHA256_SECRET, "{ssha256.b64}" + SSHA256_SECRET,
-                       "{SSHA256.HEX}" + SSHA256_SECRET_HEX, "{SSHA512}" + SSHA512_SECRET,
-                       "{SSHA512.BASE64}" + SSHA512_SECRET]:
-            self.assertTrue(verifyPassword(stored, "secret"), stored)
-            self.assertFalse(verifyPassword(stored, "secreT"), stored)
-        self.assertTrue(verifyPassword("{SSHA512}" + SSHA512_PASS, "p\u00e4ss"))
-
-    def test_malformed(self) -> None:
-        """
-        Bad base64 or hex, no salt, or the other digest's scheme give
-        C{False}.
-        """
-        import base64
-
-        digestOnly = base64.b64encode(base64.b64decode(SSHA256_SECRET)[:32]).decode()
-        for stored in ["{SSHA256}", "{SSHA256}!!!!" + SSHA256_SECRET, "{SSHA256}" + SSHA256_SECRET[:-1],
-                       "{SSHA256}" + digestOnly, "{SSHA256.HEX}" + SSHA256_SECRET, "{SSHA256}" + SSHA256_SECRET_HEX,
-                       "{SSHA512}" + SSHA256_SECRET, "{SSHA256}" + SSHA512_SECRET, "{SSHA256.XX}" + SSHA256_SECRET]:
-            self.assertFalse(verifyPassword(stored, "secret"), stored)
-
-
-class SchemeTests(SynchronousTestCase):
-    """
-    Tests for the scheme helpers the checker and C{user import} use.
-    """
-
-    def test_canVerify(self) -> None:
-        """
-        L{users.canVerify} is true exactly for the schemes
-        L{verifyPassword} can check.
-        """
-        for stored in ["{ARGON2ID}x", "{argon2i}x", "{BLF-CRYPT}x", "{SHA256-CRYPT}x", "{SHA512-CRYPT}x",
-                       "{SSHA256}x", "{SSHA512.HEX}x"]:
-            self.assertTrue(users.canVerify(stored), stored)
-        for stored in ["{PLAIN}x", "{CRAM-MD5}x", "{CLEARTEXT}x", "{MD5-CRYPT}x", "{SSHA}x", "{SHA256}x", "x", ""]:
-            self.assertFalse(users.canVerify(stored), stored)
-
-    def test_plainPassword(self) -> None:
-        """
-        L{users.plainPassword} decodes Dovecot's plain-text schemes and
-        their encodings, and nothing else.
-        """
-        self.assertEqual(users.plainPassword("{PLAIN}two words:x"), "two words:x")
-        self.assertEqual(users.plainPassword("{clear}p\u00e4ss"), "p\u00e4ss")
-        self.assertEqual(users.plainPassword("{CLEARTEXT}pw"), "pw")
-        self.assertEqual(users.plainPassword("{PLAIN.B64}c2VjcmV0"), "secret")
-        self.assertEqual(users.plainPassword("{PLAIN.HEX}736563726574"), "secret")
-        for stored in ["{PLAIN.B64}!!", "{PLAIN.HEX}zz", "{PLAIN.B64}/w==", "{CRAM-MD5}abc", "{SSHA256}x", "pw"]:
-            self.assertIsNone(users.plainPassword(stored), stored)
-
-    def test_upgradedHash(self) -> None:
-        """
-        L{users.upgradedHash} gives an Argon2id hash of the password for
-        every verifiable scheme but Argon2, and L{None} otherwise.
-        """
-        for stored in ["{SHA256-CRYPT}" + SHA256_VECTORS[3][3], HASH_A, HASH_B, "{SSHA256}" + SSHA256_SECRET]:
-            upgraded = users.upgradedHash(stored, b"pw")
-            self.assertTrue(upgraded.startswith("{ARGON2ID}$argon2id$"), stored)
-            self.assertTrue(verifyPassword(upgraded, "pw"))
-        for stored in ["{ARGON2ID}" + ARGON2ID, "{ARGON2I}" + ARGON2I, "{PLAIN}pw", "{CRAM-MD5}x", "pw"]:
-            self.assertIsNone(users.upgradedHash(stored, b"pw"), stored)
-
-
-class BcryptTests(SynchronousTestCase):
-    """
-    Tests for C{{BLF-CRYPT}}.
-    """
-
-    def test_prefixes(self) -> None:
-        """
-        C{$2y$}, C{$2b$} and C{$2a$} hashes verify with the right password
-        only.
-        """
-        for hashed in [BCRYPT_2Y, BCRYPT_2B, BCRYPT_2A]:
-            self.assertTrue(verifyPassword("{BLF-CRYPT}" + hashed, "hunter2"), hashed)
-            self.assertFalse(verifyPassword("{BLF-CRYPT}" + hashed, "hunter3"), hashed)
-
-    def test_longPassword(self) -> None:
-        """
-        Like the tools that make bcrypt hashes, only the first 72 bytes of
-        the password count; a longer password does not raise.
-        """
-        self.assertTrue(verifyPassword("{BLF-CRYPT}" + BCRYPT_72Y, "y" * 72))
-        self.assertTrue(verifyPassword("{BLF-CRYPT}" + BCRYPT_72Y, "y" * 80))
-        self.assertFalse(verifyPassword("{BLF-CRYPT}" + BCRYPT_72Y, "y" * 71))
-
-    def test_malformed(self) -> None:
-        """
-        Malformed or foreign bcrypt strings give C{False}.
-        """
-        for bad in ["", "$2x$05$abc", "$2b$05$short", "$2b$99$" + BCRYPT_2B[7:], BCRYPT_2B[:-5]]:
-            self.assertFalse(verifyPassword("{BLF-CRYPT}" + bad, "hunter2"), bad)
-
-
-class Argon2Tests(SynchronousTestCase):
-    """
-    Tests for L{hashPassword} and the Argon2 schemes.
-    """
-
-    def test_hashPassword(self) -> None:
-        """
-        L{hashPassword} makes an C{{ARGON2ID}} hash with the module's
-        parameters, salted (two hashes differ), which verifies.
-        """
-        hashed = hashPassword("s\u00e9cret")
-        prefix = "{ARGON2ID}$argon2id$v=19$m=%d,t=%d,p=%d$" % (
-            users.ARGON2_MEMORY_COST,
-            users.ARGON2_TIME_COST,
-            users.ARGON2_PARALLELISM,
-        )
-        self.assertTrue(hashed.startswith(prefix), hashed)
-        self.assertNotEqual(hashed, hashPassword("s\u00e9cret"))
-        self.assertTrue(verifyPassword(hashed, "s\u00e9cret"))
-        self.assertTrue(verifyPassword(hashed, "s\u00e9cret".encode("utf-8")))
-        self.assertFalse(verifyPassword(hashed, "secret"))
-
-    def test_schemes(self) -> None:
-        """
-        C{{ARGON2ID}} and C{{ARGON2I}} hashes from elsewhere verify; a
-        scheme that does not match the hash's type gives C{False}.
-        """
-        self.assertTrue(verifyPassword("{ARGON2ID}" + ARGON2ID, "argon-id"))
-        self.assertFalse(verifyPassword("{ARGON2ID}" + ARGON2ID, "argon-i"))
-        self.assertTrue(verifyPassword("{ARGON2I}" + ARGON2I, "argon-i"))
-        self.assertFalse(verifyPassword("{ARGON2I}" + ARGON2I, "argon-id"))
-        self.assertFalse(verifyPassword("{ARGON2I}" + ARGON2ID, "argon-id"))
-        self.assertFalse(verifyPassword("{ARGON2ID}" + ARGON2I, "argon-i"))
-
-    def test_malformed(self) -> None:
-        """
-        Malformed Argon2 strings give C{False}.
-        """
-        for bad in ["", "$argon2id$", "$argon2id$v=19$m=x,t=1,p=1$aaaa$bbbb", ARGON2ID[:-3] + "!!!"]:
-            self.assertFalse(verifyPassword("{ARGON2ID}" + bad, "argon-id"), bad)
-
-    def test_dummyHash(self) -> None:
-        """
-        C{DUMMY_HASH} is one valid C{{ARGON2ID}} hash, made once, that
-        ordinary passwords do not match.
-        """
-        self.assertTrue(users.DUMMY_HASH.startswith("{ARGON2ID}$argon2id$"))
-        self.assertIs(users.DUMMY_HASH, users.DUMMY_HASH)
-        self.assertIs(users.dummyHash(), users.DUMMY_HASH)
-        self.assertFalse(verifyPassword(users.DUMMY_HASH, ""))
-        self.assertRaises(AttributeError, getattr, users, "NO_SUCH_NAME")
-
-    def test_dummyHashOncePerProcess(self) -> None:
-        """
-        Pool threads asking for the dummy hash at the same time all get the
-        same one.
-        """
-        import threading
-
-        fresh = users._DummyHash()
-        results: list = []
-        threads = [threading.Thread(target=lambda: results.append(fresh())) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        self.assertEqual(len(results), 4)
-        self.assertEqual(len(set(results)), 1)
-
-
-class VerifyPasswordTests(SynchronousTestCase):
-    """
-    Tests for L{verifyPassword}'s scheme handling.
-    """
-
-    def test_unknownOrMissingScheme(self) -> None:
-        """
-        Unknown schemes, plain text, a missing C{}} and non-text hashes give
-        C{False}, even when the text after the scheme would match.
-        """
-        for stored in [
-            "{PLAIN}pw",
-            "{CRYPT}" + SHA512_VECTORS[2][3],
-            SHA512_VECTORS[2][3],
-            "{SHA512-CRYPT" + SHA512_VECTORS[2][3],
-            "pw",
-            "",
-            None,
-            b"{PLAIN}pw",
-        ]:
-            self.assertFalse(verifyPassword(stored, "pw"), stored)
-
-    def test_overlongPassword(self) -> None:
-        """
-        A password longer than C{MAX_PASSWORD_BYTES} never matches (and is
-        not hashed), even when it would.
-        """
-        limit = users.MAX_PASSWORD_BYTES
-        longPassword = "p" * (limit + 1)
-        hashed = "{SHA512-CRYPT}" + sha512Crypt(longPassword.encode("ascii"), b"salt", 1000)
-        self.assertFalse(verifyPassword(hashed, longPassword))
-        hashed = "{SHA512-CRYPT}" + sha512Crypt(longPassword[:-1].encode("ascii"), b"salt", 1000)
-        self.assertTrue(verifyPassword(hashed, longPassword[:-1]))
-
-    def test_unencodablePassword(self) -> None:
-        """
-        A password that is not encodable as UTF-8 (a lone surrogate) gives
-        C{False}.
-        """
-        self.assertFalse(verifyPassword("{SHA512-CRYPT}" + SHA512_VECTORS[2][3], "\ud800"))
-        self.assertFalse(verifyPassword("{BLF-CRYPT}" + BCRYPT_2B, "\ud800"))
 
 
 def _captureLog(testCase: SynchronousTestCase) -> list:
@@ -412,13 +38,14 @@ class UsersFileContract:
     C{postmaster@example.org} of alice.
     """
 
-    db: IUserDatabase
+    db: IUserStore
 
     def test_interface(self) -> None:
         """
-        The database provides L{IUserDatabase}.
+        The database provides L{IUserDirectory} and L{IUserStore}.
         """
-        self.assertTrue(verifyObject(IUserDatabase, self.db))
+        self.assertTrue(verifyObject(IUserDirectory, self.db))
+        self.assertTrue(verifyObject(IUserStore, self.db))
 
     def test_lookups(self) -> None:
         """
@@ -427,9 +54,9 @@ class UsersFileContract:
         self.assertEqual(self.db.passwordHash(ALICE), HASH_A)
         self.assertEqual(self.db.passwordHash(BOB), HASH_B)
         self.assertIsNone(self.db.passwordHash(CAROL))
-        self.assertTrue(self.db.exists(ALICE))
-        self.assertFalse(self.db.exists(CAROL))
-        self.assertEqual(self.db.addresses(), [ALICE, BOB])
+        self.assertTrue(self.db.snapshot().exists(ALICE))
+        self.assertFalse(self.db.snapshot().exists(CAROL))
+        self.assertEqual(self.db.snapshot().addresses(), [ALICE, BOB])
 
     def test_resolveAndOwns(self) -> None:
         """
@@ -437,13 +64,13 @@ class UsersFileContract:
         C{owns} is true for a user's own address and its aliases only.
         """
         postmaster = Address("postmaster", "example.org")
-        self.assertEqual(self.db.resolve(ALICE), ALICE)
-        self.assertEqual(self.db.resolve(postmaster), ALICE)
-        self.assertIsNone(self.db.resolve(CAROL))
-        self.assertTrue(self.db.owns(ALICE, ALICE))
-        self.assertTrue(self.db.owns(ALICE, postmaster))
-        self.assertFalse(self.db.owns(BOB, postmaster))
-        self.assertFalse(self.db.owns(ALICE, BOB))
+        self.assertEqual(self.db.snapshot().resolve(ALICE), ALICE)
+        self.assertEqual(self.db.snapshot().resolve(postmaster), ALICE)
+        self.assertIsNone(self.db.snapshot().resolve(CAROL))
+        self.assertTrue(self.db.snapshot().owns(ALICE, ALICE))
+        self.assertTrue(self.db.snapshot().owns(ALICE, postmaster))
+        self.assertFalse(self.db.snapshot().owns(BOB, postmaster))
+        self.assertFalse(self.db.snapshot().owns(ALICE, BOB))
 
     def test_setPasswordAndRemove(self) -> None:
         """
@@ -458,9 +85,9 @@ class UsersFileContract:
         self.assertEqual(self.db.passwordHash(CAROL), HASH_A)
         self.assertEqual(self.db.passwordHash(ALICE), HASH_B)
         self.db.remove(BOB)
-        self.assertFalse(self.db.exists(BOB))
+        self.assertFalse(self.db.snapshot().exists(BOB))
         self.assertRaises(UnknownUser, self.db.remove, BOB)
-        self.assertEqual(self.db.addresses(), [ALICE, CAROL])
+        self.assertEqual(self.db.snapshot().addresses(), [ALICE, CAROL])
 
 
     def test_caseInsensitiveLookups(self) -> None:
@@ -474,14 +101,14 @@ class UsersFileContract:
         self.assertEqual(self.db.lookupUser(Address("Bob", "example.org")), (BOB, HASH_B))
         self.assertIsNone(self.db.lookupUser(CAROL))
         self.assertEqual(self.db.peekUser(Address("Alice", "example.org")), (ALICE, HASH_A))
-        self.assertTrue(self.db.exists(shouting))
-        self.assertEqual(self.db.resolve(shouting), ALICE)
-        self.assertEqual(self.db.resolve(Address("PostMaster", "example.org")), ALICE)
-        self.assertTrue(self.db.owns(ALICE, shouting))
-        self.assertTrue(self.db.owns(ALICE, Address("POSTMASTER", "example.org")))
-        self.assertFalse(self.db.owns(BOB, shouting))
-        self.assertFalse(self.db.owns(BOB, Address("Postmaster", "example.org")))
-        self.assertEqual(self.db.addresses(), [ALICE, BOB])
+        self.assertTrue(self.db.snapshot().exists(shouting))
+        self.assertEqual(self.db.snapshot().resolve(shouting), ALICE)
+        self.assertEqual(self.db.snapshot().resolve(Address("PostMaster", "example.org")), ALICE)
+        self.assertTrue(self.db.snapshot().owns(ALICE, shouting))
+        self.assertTrue(self.db.snapshot().owns(ALICE, Address("POSTMASTER", "example.org")))
+        self.assertFalse(self.db.snapshot().owns(BOB, shouting))
+        self.assertFalse(self.db.snapshot().owns(BOB, Address("Postmaster", "example.org")))
+        self.assertEqual(self.db.snapshot().addresses(), [ALICE, BOB])
 
     def test_caseInsensitiveChanges(self) -> None:
         """
@@ -492,7 +119,7 @@ class UsersFileContract:
         self.db.setPassword(Address("ALICE", "example.org"), HASH_B, False)
         self.assertEqual(self.db.lookupUser(ALICE), (ALICE, HASH_B))
         self.db.remove(Address("Bob", "example.org"))
-        self.assertEqual(self.db.addresses(), [ALICE])
+        self.assertEqual(self.db.snapshot().addresses(), [ALICE])
 
     def test_upgradePasswordHash(self) -> None:
         """
@@ -564,9 +191,9 @@ class UsersFileTests(SynchronousTestCase):
         no aliases.
         """
         db = UsersFile(self.path, self.aliasesPath)
-        self.assertEqual(db.addresses(), [])
+        self.assertEqual(db.refresh().addresses(), [])
         self.assertIsNone(db.passwordHash(ALICE))
-        self.assertIsNone(db.resolve(ALICE))
+        self.assertIsNone(db.refresh().resolve(ALICE))
 
     def test_passwdFileFormat(self) -> None:
         """
@@ -587,7 +214,7 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(db.passwordHash(ALICE), HASH_A)
         self.assertEqual(db.passwordHash(BOB), HASH_B)
         self.assertEqual(db.passwordHash(Address.parse("jos\u00e9@example.org")), "{PLAIN}x")
-        self.assertEqual(len(db.addresses()), 3)
+        self.assertEqual(len(db.refresh().addresses()), 3)
 
     def test_storedSpelling(self) -> None:
         """
@@ -601,10 +228,10 @@ class UsersFileTests(SynchronousTestCase):
         db = UsersFile(self.path, self.aliasesPath)
         for spelling in ("alice", "Alice", "ALICE"):
             self.assertEqual(db.lookupUser(Address(spelling, "example.org")), (stored, HASH_A))
-            self.assertEqual(db.resolve(Address(spelling, "example.org")), stored)
-        self.assertEqual(db.resolve(Address("abuse", "example.org")), stored)
-        self.assertTrue(db.owns(stored, Address("ABUSE", "example.org")))
-        self.assertEqual(db.addresses(), [stored])
+            self.assertEqual(db.refresh().resolve(Address(spelling, "example.org")), stored)
+        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), stored)
+        self.assertTrue(db.refresh().owns(stored, Address("ABUSE", "example.org")))
+        self.assertEqual(db.refresh().addresses(), [stored])
         db.setPassword(ALICE, HASH_B, False)
         self.assertEqual(self.read(), f"Alice@example.org:{HASH_B}\n".encode())
 
@@ -622,9 +249,9 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(db.lookupUser(upper), (upper, HASH_A))
         self.assertEqual(db.lookupUser(ALICE), (ALICE, HASH_B))
         self.assertEqual(db.lookupUser(Address("ALICE", "example.org")), (upper, HASH_A))
-        self.assertTrue(db.owns(ALICE, ALICE))
-        self.assertFalse(db.owns(ALICE, upper))
-        self.assertEqual(db.addresses(), [upper, ALICE, BOB])
+        self.assertTrue(db.refresh().owns(ALICE, ALICE))
+        self.assertFalse(db.refresh().owns(ALICE, upper))
+        self.assertEqual(db.refresh().addresses(), [upper, ALICE, BOB])
         self.assertEqual(
             [formatEvent(e) for e in events],
             [f"users file {self.path}: lines 1,3 (alice@example.org) differ only in case; "
@@ -668,7 +295,7 @@ class UsersFileTests(SynchronousTestCase):
         self.assertNotIn("sekrit", "".join(texts))
         self.assertEqual(db.unverifiableUsers(), [(BOB, "PLAIN"), (CAROL, "CRAM-MD5"),
                                                   (Address("dave", "example.org"), None)])
-        db.reload()
+        db.refresh()
         db.passwordHash(ALICE)
         self.assertEqual(len(events), 3)
         db.setPassword(BOB, HASH_B, False)
@@ -689,7 +316,7 @@ class UsersFileTests(SynchronousTestCase):
             f"# users\nalice@example.org:{HASH_A}\nbob@example.org:{HASH_B}:1000:1000::/home/bob\n"
             f"carol@example.org:{HASH_A}\n".encode(),
         )
-        self.assertEqual(db.addresses(), [ALICE, BOB, CAROL])
+        self.assertEqual(db.refresh().addresses(), [ALICE, BOB, CAROL])
         self.assertRaises(ValueError, db.addUsers, [(Address("dave", "example.org"), "{X}a\nb", "")])
 
     def test_malformedLines(self) -> None:
@@ -709,7 +336,7 @@ class UsersFileTests(SynchronousTestCase):
             + f"bob@example.org:{HASH_B}\n".encode(),
         )
         db = UsersFile(self.path)
-        self.assertEqual(db.addresses(), [ALICE, BOB])
+        self.assertEqual(db.refresh().addresses(), [ALICE, BOB])
         self.assertEqual(db.passwordHash(ALICE), HASH_A)
         self.assertEqual(len(events), 1)
         text = formatEvent(events[0])
@@ -719,7 +346,7 @@ class UsersFileTests(SynchronousTestCase):
         self.assertNotIn("$2y$", text)
         # The warning is not repeated on later lookups of the same file.
         db.passwordHash(ALICE)
-        db.reload()
+        db.refresh()
         self.assertEqual(len(events), 1)
 
     def test_reloadOnChange(self) -> None:
@@ -729,12 +356,52 @@ class UsersFileTests(SynchronousTestCase):
         """
         self.writeFile(self.path, f"alice@example.org:{HASH_A}\n".encode())
         db = UsersFile(self.path)
-        self.assertFalse(db.exists(BOB))
+        self.assertFalse(db.refresh().exists(BOB))
         self.writeFile(self.path, f"alice@example.org:{HASH_B}\nbob@example.org:{HASH_B}\n".encode())
-        self.assertTrue(db.exists(BOB))
+        self.assertTrue(db.refresh().exists(BOB))
         self.assertEqual(db.passwordHash(ALICE), HASH_B)
         os.unlink(self.path)
-        self.assertEqual(db.addresses(), [])
+        self.assertEqual(db.refresh().addresses(), [])
+
+    def test_snapshotReadsNoFile(self) -> None:
+        """
+        C{snapshot()} answers from memory: a change to the files is seen
+        only once the blocking side re-reads them (C{refresh()}, or a
+        C{lookupUser} in the pool), which swaps in a new snapshot.
+        """
+        self.writeFile(self.path, f"alice@example.org:{HASH_A}\n".encode())
+        self.writeFile(self.aliasesPath, b"")
+        db = UsersFile(self.path, self.aliasesPath)
+        before = db.snapshot()
+        self.writeFile(self.path, f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n".encode())
+        self.assertIs(db.snapshot(), before)
+        self.assertFalse(db.snapshot().exists(BOB))
+        self.assertEqual(db.lookupUser(BOB), (BOB, HASH_B))
+        self.assertTrue(db.snapshot().exists(BOB))
+        self.writeFile(self.aliasesPath, b"abuse@example.org: bob@example.org\n")
+        self.assertIsNone(db.snapshot().resolve(Address("abuse", "example.org")))
+        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), BOB)
+        self.assertEqual(db.snapshot().resolve(Address("abuse", "example.org")), BOB)
+
+    def test_peekUserOnlyWhenUnchanged(self) -> None:
+        """
+        C{peekUser} answers from memory while a C{stat} shows both files as
+        they were read, and raises L{LookupWouldBlock} (so the check goes to
+        the pool, which re-reads) once either changed: a password changed
+        by C{pop3gw user passwd} counts at the next login.
+        """
+        self.writeFile(self.path, f"alice@example.org:{HASH_A}\n".encode())
+        self.writeFile(self.aliasesPath, b"")
+        db = UsersFile(self.path, self.aliasesPath)
+        self.assertEqual(db.peekUser(ALICE), (ALICE, HASH_A))
+        self.writeFile(self.path, f"alice@example.org:{HASH_B}\n".encode())
+        self.assertRaises(LookupWouldBlock, db.peekUser, ALICE)
+        self.assertEqual(db.lookupUser(ALICE), (ALICE, HASH_B))
+        self.assertEqual(db.peekUser(ALICE), (ALICE, HASH_B))
+        self.writeFile(self.aliasesPath, b"abuse@example.org: alice@example.org\n")
+        self.assertRaises(LookupWouldBlock, db.peekUser, ALICE)
+        db.refresh()
+        self.assertEqual(db.peekUser(ALICE), (ALICE, HASH_B))
 
     def test_reloadSameInodeNewSize(self) -> None:
         """
@@ -746,8 +413,8 @@ class UsersFileTests(SynchronousTestCase):
         db = UsersFile(self.path)
         with open(self.path, "a") as f:
             f.write(f"bob@example.org:{HASH_B}\n")
-        db.reload()
-        self.assertEqual(db.addresses(), [ALICE, BOB])
+        db.refresh()
+        self.assertEqual(db.refresh().addresses(), [ALICE, BOB])
 
     def test_failedLoadKeepsContents(self) -> None:
         """
@@ -771,16 +438,16 @@ class UsersFileTests(SynchronousTestCase):
         for an empty one: construction succeeds and logs one error, every
         lookup raises L{TemporaryFailure} (so mail is deferred, not bounced
         as "unknown user", and C{user list} does not print nothing), and
-        L{UsersFile.reload} raises nothing.  Once readable, it is used.
+        L{UsersFile.refresh} raises nothing.  Once readable, it is used.
         """
         os.mkdir(self.path)  # open() fails with EISDIR, as with EACCES
         events = _captureLog(self)
         db = UsersFile(self.path)
         self.assertRaises(TemporaryFailure, db.passwordHash, ALICE)
-        self.assertRaises(TemporaryFailure, db.exists, ALICE)
-        self.assertRaises(TemporaryFailure, db.resolve, ALICE)
-        self.assertRaises(TemporaryFailure, db.addresses)
-        db.reload()
+        self.assertRaises(TemporaryFailure, db.refresh().exists, ALICE)
+        self.assertRaises(TemporaryFailure, db.refresh().resolve, ALICE)
+        self.assertRaises(TemporaryFailure, db.refresh().addresses)
+        db.refresh()
         self.assertEqual(len(events), 1)
         self.assertIn("cannot read users file", formatEvent(events[0]))
         os.rmdir(self.path)
@@ -795,7 +462,7 @@ class UsersFileTests(SynchronousTestCase):
         os.mkdir(self.aliasesPath)
         _captureLog(self)
         db = UsersFile(self.path, self.aliasesPath)
-        self.assertRaises(TemporaryFailure, db.resolve, ALICE)
+        self.assertRaises(TemporaryFailure, db.refresh().resolve, ALICE)
 
     def test_aliases(self) -> None:
         """
@@ -815,17 +482,17 @@ class UsersFileTests(SynchronousTestCase):
         )
         db = UsersFile(self.path, self.aliasesPath)
         abuse = Address("abuse", "example.org")
-        self.assertEqual(db.resolve(abuse), ALICE)
-        self.assertTrue(db.owns(ALICE, abuse))
-        self.assertIsNone(db.resolve(Address("ghost", "example.org")))
-        self.assertEqual(db.resolve(BOB), BOB)
-        self.assertFalse(db.owns(ALICE, BOB))
-        self.assertFalse(db.exists(abuse))
+        self.assertEqual(db.refresh().resolve(abuse), ALICE)
+        self.assertTrue(db.refresh().owns(ALICE, abuse))
+        self.assertIsNone(db.refresh().resolve(Address("ghost", "example.org")))
+        self.assertEqual(db.refresh().resolve(BOB), BOB)
+        self.assertFalse(db.refresh().owns(ALICE, BOB))
+        self.assertFalse(db.refresh().exists(abuse))
         self.assertEqual(len(events), 1)
         self.assertIn("line(s) 3", formatEvent(events[0]))
         self.writeFile(self.aliasesPath, b"abuse@example.org: bob@example.org\n")
-        self.assertEqual(db.resolve(abuse), BOB)
-        self.assertFalse(db.owns(ALICE, abuse))
+        self.assertEqual(db.refresh().resolve(abuse), BOB)
+        self.assertFalse(db.refresh().owns(ALICE, abuse))
 
     def test_createFile(self) -> None:
         """
@@ -897,7 +564,7 @@ class UsersFileTests(SynchronousTestCase):
         self.assertRaises(OSError, db.remove, ALICE)
         self.assertEqual(self.read(), original)
         self.assertEqual(sorted(os.listdir(self.directory)), ["users", "users.lock"])
-        self.assertEqual(db.addresses(), [ALICE])
+        self.assertEqual(db.refresh().addresses(), [ALICE])
 
     def test_writeHoldsLock(self) -> None:
         """
@@ -936,7 +603,7 @@ class UsersFileTests(SynchronousTestCase):
         first.setPassword(ALICE, HASH_A, True)
         second.setPassword(BOB, HASH_B, True)
         self.assertRaises(UserExists, second.setPassword, ALICE, HASH_B, True)
-        self.assertEqual(first.addresses(), [ALICE, BOB])
+        self.assertEqual(first.refresh().addresses(), [ALICE, BOB])
         self.assertEqual(
             self.read(), f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n".encode()
         )
