@@ -3,4 +3,4 @@
 pop3gw: a POP3 maildrop server and SMTP submission gateway for small sites.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
