@@ -3,7 +3,7 @@
 Logins under a password-guessing flood, for any POP3 or submission server.
 
 C{--connections} clients (32 by default) bound to one source address
-(C{--flood-source}, 127.0.0.2) each connect, send one wrong password
+(C{--flood-source}, 127.0.0.2, or several addresses in turn) each connect, send one wrong password
 (POP3 C{USER}/C{PASS}, or submission C{EHLO}/C{AUTH PLAIN}) and hang up at
 once without reading the answer, over and over.  Meanwhile users who have
 not logged in before (so no password cache can help) log in with the right
@@ -260,13 +260,13 @@ class Flood:
         self.samples: list = []
         self.stopping = False
 
-    async def worker(self) -> None:
+    async def worker(self, source: str) -> None:
         args = self.args
         while not self.stopping and time.monotonic() < self.deadline and self.attempts < args.max_attempts:
             self.attempts += 1
             password = "wrong" if args.same_password else f"wrong{self.attempts}"
             try:
-                _, writer = await connect(args, args.flood_source)
+                _, writer = await connect(args, source)
             except Exception as e:
                 countError(self.errors, self.samples, e)
                 await asyncio.sleep(ERROR_BACKOFF)
@@ -284,7 +284,8 @@ class Flood:
                 pass
 
     async def run(self) -> None:
-        await asyncio.gather(*(self.worker() for _ in range(self.args.connections)))
+        sources = self.args.flood_source.split(",")
+        await asyncio.gather(*(self.worker(sources[i % len(sources)]) for i in range(self.args.connections)))
 
 
 async def runRound(args: argparse.Namespace, name: str, users: list) -> dict:
@@ -410,7 +411,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--pop3gw", default=program("pop3gw"), help="pop3gw command to add users with")
     ap.add_argument("--pid", type=int, help="server process id, for its CPU (set by --start)")
     ap.add_argument("--protocol", choices=("pop3", "submission"), default="pop3")
-    ap.add_argument("--flood-source", default="127.0.0.2", help="source address of the flood (default 127.0.0.2)")
+    ap.add_argument(
+        "--flood-source",
+        default="127.0.0.2",
+        help="source address of the flood, or several separated by commas, one per connection in turn (default 127.0.0.2)",
+    )
     ap.add_argument("--good-source", default="127.0.0.3", help="source address of the good logins (default 127.0.0.3)")
     ap.add_argument("--connections", type=positive(int), default=32, help="flood connections at once (default 32)")
     ap.add_argument("--flood-user", default="x", help="login name the flood guesses for (default x)")
