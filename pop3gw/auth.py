@@ -35,10 +35,10 @@ from pop3gw.interfaces import (
     IMaildropStore,
     IMailRouter,
     IPOP3Avatar,
-    LookupWouldBlock,
     ISubmissionAvatar,
     IUserDirectory,
     IUserStore,
+    LookupWouldBlock,
     Pop3gwError,
     TemporaryFailure,
 )

@@ -162,7 +162,7 @@ def makeBounce(
         f"Queue id: {oneLine(queueId, 100)}",
         "",
     ]
-    for recipient, status, diagnostic in failures:
+    for recipient, _, diagnostic in failures:
         human.append(f"<{recipient}>: {oneLine(diagnostic)}")
 
     perMessage = [f"Reporting-MTA: dns; {host}"]

@@ -14,7 +14,6 @@ import os
 
 from zope.interface import Attribute, Interface
 
-
 # --- Exceptions ----------------------------------------------------------
 
 

@@ -17,7 +17,6 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from pop3gw.address import clientNetwork, describePeer, isLoopback
 
-
 #: Seconds between two "connection refused" log lines of one listener.
 REFUSAL_LOG_INTERVAL = 60.0
 

@@ -14,7 +14,14 @@ import attr
 
 from pop3gw.address import Address, AddressError, lookupKey
 from pop3gw.directory import AddressMap
-from pop3gw.passwords import MAX_PASSWORD_BYTES, canVerify, hashPassword, isPlainText, plainPassword, schemeOf
+from pop3gw.passwords import (
+    MAX_PASSWORD_BYTES,
+    canVerify,
+    hashPassword,
+    isPlainText,
+    plainPassword,
+    schemeOf,
+)
 
 
 def splitLines(data: bytes) -> list[bytes]:

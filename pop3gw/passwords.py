@@ -23,7 +23,6 @@ import argon2
 import attr
 import bcrypt
 
-
 #: Argon2id parameters for new hashes: OWASP's minimum recommendation
 #: (19 MiB, 2 passes, 1 lane), which costs tens of milliseconds on a small
 #: 2-core server.

@@ -48,6 +48,8 @@ from twisted.python.failure import Failure
 from pop3gw.lineproto import LineProtocol
 from pop3gw.pop3login import AuthorizationCommands
 from pop3gw.pop3replies import (
+    _AUTHORIZATION,
+    _TRANSACTION,
     CLOSE_TIMEOUT,
     ERR_DELETED,
     ERR_EMPTY,
@@ -68,8 +70,6 @@ from pop3gw.pop3replies import (
     MAX_LINE_LENGTH,
     MAX_PENDING_INPUT,
     MAX_SASL_LINE_LENGTH,
-    _AUTHORIZATION,
-    _TRANSACTION,
     _BadArguments,
     _MessageDeleted,
     _noArguments,

@@ -15,6 +15,7 @@ from pop3gw import events
 from pop3gw.credentials import ClientCredentials
 from pop3gw.interfaces import IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
 from pop3gw.pop3replies import (
+    _AUTHORIZATION,
     ERR_AUTH_FAILED,
     ERR_IN_USE,
     ERR_MAILDROP_PERM,
@@ -30,11 +31,18 @@ from pop3gw.pop3replies import (
     ERR_USER_FIRST,
     LOGIN_REPLIES,
     MAX_AUTH_FAILURES,
-    _AUTHORIZATION,
     _BadArguments,
     _noArguments,
 )
-from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, decodeResponse, logLoginFailure, loggedUser, parsePlain
+from pop3gw.sasl import (
+    BadBase64,
+    LoginOutcome,
+    MalformedPlain,
+    decodeResponse,
+    loggedUser,
+    logLoginFailure,
+    parsePlain,
+)
 
 
 def _plainAuthcid(encoded: bytes) -> Optional[str]:

@@ -15,14 +15,14 @@ from twisted.python.failure import Failure
 from pop3gw import events
 from pop3gw.interfaces import TemporaryFailure
 from pop3gw.pop3replies import (
+    _TRANSACTION,
+    _UPDATE,
     ERR_COMMIT,
     ERR_MESSAGE_UNAVAILABLE,
     GOODBYE,
     _MessageDeleted,
-    _NoSuchMessage,
-    _TRANSACTION,
-    _UPDATE,
     _noArguments,
+    _NoSuchMessage,
     _numbers,
 )
 from pop3gw.pop3transfer import _MessageSender

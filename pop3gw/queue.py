@@ -59,7 +59,14 @@ from zope.interface import implementer
 from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.dsn import oneLine, originalHeaders
-from pop3gw.interfaces import IBlockingRunner, IOutboundQueue, IQueuedDelivery, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.interfaces import (
+    IBlockingRunner,
+    IOutboundQueue,
+    IQueuedDelivery,
+    IQueueStore,
+    ITwoPhaseDelivery,
+    TemporaryFailure,
+)
 from pop3gw.runner import ImmediateRunner
 from pop3gw.wire import CRLFStream
 

@@ -14,7 +14,6 @@ import resource
 import signal
 from typing import Optional
 
-from twisted import copyright
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
@@ -28,11 +27,11 @@ from twisted.python.threadpool import ThreadPool
 
 from pop3gw import __version__, fsutil
 from pop3gw.address import Address
-from pop3gw.interfaces import UnknownUser
 from pop3gw.anvil import AuthAccounting
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
+from pop3gw.interfaces import UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import POP3Factory
@@ -41,8 +40,14 @@ from pop3gw.relay import RelayService
 from pop3gw.router import Router
 from pop3gw.runner import ThreadPoolRunner
 from pop3gw.smtp import SubmissionFactory
-from pop3gw.tls import CertificateManager, TLSConfigError, clientContextFactory, opportunisticClientContextFactory
+from pop3gw.tls import (
+    CertificateManager,
+    TLSConfigError,
+    clientContextFactory,
+    opportunisticClientContextFactory,
+)
 from pop3gw.users import UsersFile
+from twisted import copyright
 
 __all__ = ["Options", "makeService"]
 

@@ -14,7 +14,15 @@ from twisted.python.failure import Failure
 from pop3gw import events
 from pop3gw.credentials import ClientCredentials
 from pop3gw.interfaces import ISubmissionAvatar
-from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, decodeResponse, logLoginFailure, loggedUser, parsePlain
+from pop3gw.sasl import (
+    BadBase64,
+    LoginOutcome,
+    MalformedPlain,
+    decodeResponse,
+    loggedUser,
+    logLoginFailure,
+    parsePlain,
+)
 from pop3gw.smtpreplies import (
     AUTH_BAD_BASE64,
     AUTH_CANCELLED,
@@ -29,9 +37,9 @@ from pop3gw.smtpreplies import (
     AUTH_USERNAME,
     LOGIN_REPLIES,
     MAX_AUTH_FAILURES,
-    Reply,
     SEND_EHLO_FIRST,
     SERVICE,
+    Reply,
     SMTPRefusal,
     _Mode,
     _State,

@@ -99,16 +99,15 @@ from pop3gw.smtpreplies import (
     NO_ARGUMENTS,
     NO_RECIPIENTS,
     NUL_IN_DATA,
-    Reply,
-    SMTPRefusal,
     START_DATA,
     TEMPORARY_FAILURE,
     TOO_BIG,
     WRITE_CHUNK,
+    Reply,
+    SMTPRefusal,
     _Mode,
     temporaryReply,
 )
-
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")

@@ -16,7 +16,6 @@ from pop3gw.address import Address
 from pop3gw.interfaces import InsufficientStorage, TemporaryFailure
 from pop3gw.sasl import LoginOutcome
 
-
 # --- Limits -------------------------------------------------------------------
 
 #: Longest command line in octets, CRLF included (RFC 5321 4.5.3.1.4).

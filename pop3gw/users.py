@@ -50,8 +50,15 @@ from zope.interface import implementer
 from pop3gw import fsutil
 from pop3gw.address import Address, lookupKey
 from pop3gw.directory import AddressMap, Directory
-from pop3gw.interfaces import IUserDirectory, IUserStore, LookupWouldBlock, TemporaryFailure, UnknownUser, UserExists
-from pop3gw.passwdfile import parseAliases, parseUsers, UserLine
+from pop3gw.interfaces import (
+    IUserDirectory,
+    IUserStore,
+    LookupWouldBlock,
+    TemporaryFailure,
+    UnknownUser,
+    UserExists,
+)
+from pop3gw.passwdfile import UserLine, parseAliases, parseUsers
 from pop3gw.passwords import canVerify, schemeOf
 
 _log = Logger()

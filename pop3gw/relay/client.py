@@ -29,12 +29,13 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import attr
 from OpenSSL import SSL
-from twisted.internet import defer, error as ierror, protocol
+from twisted.internet import defer, protocol
+from twisted.internet import error as ierror
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.mail.smtp import (
     AUTHDeclinedError,
-    AUTHRequiredError,
     AuthenticationError,
+    AUTHRequiredError,
     EHLORequiredError,
     ESMTPClient,
     LOGINAuthenticator,

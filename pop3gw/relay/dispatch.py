@@ -58,7 +58,12 @@ from pop3gw.dsn import oneLine
 from pop3gw.interfaces import IQueueStore
 from pop3gw.queue import Entry, Outcome, OutcomeKind
 from pop3gw.relay.client import SessionResult, TLSPolicy, deliverOnce
-from pop3gw.relay.mx import MXResolver, PermanentLookupFailure, PublicOnlyReactor, describeDNSFailure
+from pop3gw.relay.mx import (
+    MXResolver,
+    PermanentLookupFailure,
+    PublicOnlyReactor,
+    describeDNSFailure,
+)
 
 #: The SMTP port of mail exchangers.
 SMTP_PORT = 25

@@ -19,8 +19,13 @@ import ipaddress
 from typing import Optional
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver, IResolutionReceiver
-from twisted.names import dns, error as dnserror
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IReactorPluggableNameResolver,
+    IResolutionReceiver,
+)
+from twisted.names import dns
+from twisted.names import error as dnserror
 from zope.interface import implementer
 
 from pop3gw.dsn import oneLine
@@ -165,7 +170,7 @@ class MXResolver:
         try:
             answers, _, _ = yield self.resolver.lookupMailExchange(domain)
         except dnserror.DNSNameError:
-            raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
+            raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist") from None
         records = []
         for rr in answers:
             if rr.type == dns.MX:
@@ -198,7 +203,7 @@ class MXResolver:
         try:
             addresses = yield self._addresses(domain)
         except dnserror.DNSNameError:
-            raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
+            raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist") from None
         if not addresses:
             raise PermanentLookupFailure("5.1.2", f"domain {domain} has no mail exchanger")
         if not any(isPublicAddress(a) for a in addresses):

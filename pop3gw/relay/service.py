@@ -50,9 +50,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pop3gw.bounces import Bouncer
 from pop3gw.interfaces import IQueueStore
 from pop3gw.queue import DELIVERED, FAILED, Entry
-from pop3gw.bounces import Bouncer
 from pop3gw.relay.client import deliverOnce
 from pop3gw.relay.dispatch import SMTP_PORT, Dispatcher
 
