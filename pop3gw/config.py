@@ -108,7 +108,7 @@ def _bool(value: str, key: str) -> bool:
 def parseRelayHost(value: str) -> tuple:
     """
     Split C{HOST[:PORT]} (C{[v6]:PORT} for IPv6 literals).  Without a port,
-    the port is L{None}: the relay service then uses 587 when relay
+    the port is C{None}: the relay service then uses 587 when relay
     credentials are configured, else 25.
     """
     value = value.strip()

@@ -59,7 +59,7 @@ class AddressMap:
 
     def find(self, address: Address) -> Optional[Address]:
         """
-        The stored address that C{address} finds, or L{None}.
+        The stored address that C{address} finds, or C{None}.
         """
         if address in self.entries:
             return address
@@ -67,7 +67,7 @@ class AddressMap:
 
     def get(self, address: Address) -> Optional[object]:
         """
-        The value of the entry C{address} finds, or L{None}.
+        The value of the entry C{address} finds, or C{None}.
         """
         found = self.find(address)
         return None if found is None else self.entries[found]
@@ -114,7 +114,7 @@ class Directory:
     """
     An immutable snapshot of the users and aliases; see
     L{IDirectorySnapshot}.  Aliases are one level deep: an alias naming a
-    user that does not exist resolves to L{None}.  Built off the reactor
+    user that does not exist resolves to C{None}.  Built off the reactor
     thread (the index of senders and domains is made here, once).
 
     A directory whose backing store has never been readable is

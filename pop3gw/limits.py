@@ -102,7 +102,7 @@ class ConnectionLimitFactory(WrappingFactory):
         clock=None,
     ) -> None:
         """
-        @param clock: an L{IReactorTime}; with it, refusals are logged at
+        @param clock: an C{IReactorTime}; with it, refusals are logged at
             most once per L{REFUSAL_LOG_INTERVAL} seconds (with a count), so
             a connection flood does not flood the log.
         """

@@ -11,7 +11,7 @@ server keeps only its command tables, handlers and replies:
     discarded up to its end and reported once to
     L{LineProtocol.lineTooLong}, and the session goes on.
   - One command at a time: a handler that cannot answer at once hands its
-    L{Deferred} to L{LineProtocol.hold}; further input stays buffered until
+    C{Deferred} to L{LineProtocol.hold}; further input stays buffered until
     it fires, then is handled in order (pipelining).  While the client does
     not read its replies (the L{OutputFlow} the connection registers is
     paused) nothing more is handled either.
@@ -50,12 +50,12 @@ class LineProtocol(Protocol):
     @cvar maxPendingInput: octets of unhandled input at which reading
         pauses.
     @cvar closeTimeout: seconds a graceful close may take before the
-        connection is aborted; L{None} for no limit.
+        connection is aborted; C{None} for no limit.
     @cvar bareLFCountsAsCRLF: whether a line ended by a bare LF counts as
         if it ended with CRLF against the line limit (SMTP's limits count
         CRLF; POP3's count the octets as sent).
     @cvar tooLongAtOnce: whether a line is reported too long as soon as
-        the limit is passed (L{True}) or when its end arrives.
+        the limit is passed (C{True}) or when its end arrives.
 
     @ivar secure: whether TLS is active (implicit TLS or after
         L{startTLS}).
@@ -100,7 +100,7 @@ class LineProtocol(Protocol):
     @property
     def idleTimeout(self) -> Optional[float]:
         """
-        Seconds of client silence before L{idleTimedOut}; L{None} or 0 for
+        Seconds of client silence before L{idleTimedOut}; C{None} or 0 for
         no limit.
         """
         raise NotImplementedError()
@@ -132,7 +132,7 @@ class LineProtocol(Protocol):
 
     def commandFailed(self, reason: Failure) -> None:
         """
-        A held command's L{Deferred} failed: a bug in its callbacks.
+        A held command's C{Deferred} failed: a bug in its callbacks.
         """
         raise NotImplementedError()
 
@@ -146,7 +146,7 @@ class LineProtocol(Protocol):
         """
         Handle the next piece of buffered input: by default one line.
 
-        @return: whether anything was handled (L{False}: wait for more).
+        @return: whether anything was handled (C{False}: wait for more).
         """
         return self._nextLine()
 
@@ -306,7 +306,7 @@ class LineProtocol(Protocol):
     @property
     def commandInFlight(self) -> bool:
         """
-        Whether a command waits for its L{Deferred} (see L{hold}).
+        Whether a command waits for its C{Deferred} (see L{hold}).
         """
         return self._inFlight is not None
 

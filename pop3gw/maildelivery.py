@@ -52,7 +52,7 @@ def unlinkQuietly(path: str) -> None:
 
 def closeQuietly(fd: Optional[int]) -> None:
     """
-    Close C{fd} (if not L{None}), ignoring errors.
+    Close C{fd} (if not C{None}), ignoring errors.
     """
     if fd is not None:
         try:
@@ -121,7 +121,7 @@ class MaildirDelivery:
 
     def _openThrough(self, opening: defer.Deferred) -> None:
         """
-        The tmp file is being opened by C{opening} (a runner's L{Deferred}
+        The tmp file is being opened by C{opening} (a runner's C{Deferred}
         firing with its descriptor).
         """
         self._opening = []
@@ -198,7 +198,7 @@ class MaildirDelivery:
         """
         Make the message durable in every recipient's C{new}.
 
-        @return: a L{Deferred} firing with L{None} once durable, or failing
+        @return: a C{Deferred} firing with C{None} once durable, or failing
             with L{TemporaryFailure} (L{InsufficientStorage} for C{ENOSPC}
             and C{EDQUOT}) or, for a message ending with a bare CR,
             L{BadMessageData}; nothing of the message is then left.

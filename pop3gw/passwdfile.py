@@ -44,7 +44,7 @@ class UserLine:
     """
     One parsed users file line.
 
-    @ivar address: the user, or L{None} for a comment, blank or malformed
+    @ivar address: the user, or C{None} for a comment, blank or malformed
         line (kept as it is on rewrite).
     @ivar userField: the address text as written in the file.
     @ivar hashed: the stored C{{SCHEME}hash}.

@@ -4,7 +4,7 @@ The POP3 server protocol (RFC 1939, 1225, 2449, 2595, 3206, 5034).
 
 L{POP3Server} speaks POP3 to one client; L{POP3Factory} builds them.  The
 protocol sees only L{pop3gw.interfaces}, L{pop3gw.events} and a
-L{twisted.cred.portal.Portal} handing out L{IPOP3Avatar}s.
+C{twisted.cred.portal.Portal} handing out L{IPOP3Avatar}s.
 
 Design notes:
 
@@ -398,13 +398,13 @@ _ALL_COMMANDS = frozenset().union(*_COMMAND_TABLES.values())
 class POP3Factory(ServerFactory):
     """
     Builds L{POP3Server}s.  Also used under implicit TLS (wrapped in a
-    L{twisted.protocols.tls.TLSMemoryBIOFactory}): the protocol then sees
-    an L{ISSLTransport} and counts as secure from the start.
+    C{twisted.protocols.tls.TLSMemoryBIOFactory}): the protocol then sees
+    an C{ISSLTransport} and counts as secure from the start.
 
     @ivar plaintextAllowed: C{(secure, peerHost) -> bool}: whether USER/PASS
         and AUTH PLAIN are allowed on a connection.
     @ivar tlsContextFactory: passed to C{transport.startTLS} for STLS; if
-        L{None}, STLS is not offered.
+        C{None}, STLS is not offered.
     """
 
     protocol = POP3Server

@@ -50,7 +50,7 @@ def _plainAuthcid(encoded: bytes) -> Optional[str]:
     The authentication identity of a SASL PLAIN response, for a log line;
     the password in it is not looked at.
 
-    @return: L{None} if C{encoded} is not a well-formed response.
+    @return: C{None} if C{encoded} is not a well-formed response.
     """
     authcid = loggedUser("PLAIN", encoded)
     try:

@@ -158,7 +158,7 @@ class TransactionCommands:
 
     def _open(self, index: int):
         """
-        @return: the message file, or L{None} after replying if it is gone.
+        @return: the message file, or C{None} after replying if it is gone.
         """
         try:
             return self._maildrop.openMessage(index)

@@ -71,7 +71,7 @@ class _RoutedDelivery:
 
     @ivar queueId: the queue id of the remote part (the C{queueId} of the
         queue's L{IQueuedDelivery}: the id C{pop3gw queue list}, the relay's log
-        lines and bounces use), or L{None} if there is no remote part or
+        lines and bounces use), or C{None} if there is no remote part or
         the queue does not name one.
     @ivar localRecipients: the local recipients, a tuple of L{Address}.
     @ivar remoteRecipients: the remote recipients, a tuple of L{Address}.

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_service -*-
 """
 C{twistd pop3gw}: builds every piece from a L{Config} into one
-L{MultiService}.  This is the only module that builds endpoints.
+C{MultiService}.  This is the only module that builds endpoints.
 
 One server runs per data directory: the whole service holds an exclusive
 lock on C{DATA/server.lock} (L{ServerLockService}).
@@ -98,7 +98,7 @@ STOP_LISTENERS, STOP_SERVICES, STOP_POOLS = 0, 1, 2
 
 class ThreadPoolService(Service):
     """
-    Starts and stops a L{ThreadPool} with the application.
+    Starts and stops a C{ThreadPool} with the application.
 
     @param runner: the L{ThreadPoolRunner} over C{pool}, if any: stopping
         first waits for its work in flight (see L{ThreadPoolRunner.drain}),
@@ -206,7 +206,7 @@ def _stopAll(services: list) -> defer.Deferred:
     """
     Stop C{services} together.
 
-    @return: a L{Deferred} firing once all have stopped.
+    @return: a C{Deferred} firing once all have stopped.
     """
     return defer.DeferredList([defer.maybeDeferred(s.stopService) for s in services]).addCallback(lambda _: None)
 
@@ -266,7 +266,7 @@ class ReloadService(Service):
     dropping sessions).
 
     @ivar refreshUsers: re-reads the users directory off the reactor
-        thread; returns a L{defer.Deferred}.
+        thread; returns a C{defer.Deferred}.
     """
 
     def __init__(self, reactor, refreshUsers, certs) -> None:

@@ -10,7 +10,7 @@ codes).  CHUNKING/BDAT, DSN and SMTPUTF8 are not offered.
 The protocol stands on L{pop3gw.lineproto.LineProtocol} (framing, limits,
 pipelining, back-pressure, idle and close timers, STARTTLS's buffer
 discard); it sees only L{pop3gw.interfaces},
-L{pop3gw.address}, L{pop3gw.events} and a L{twisted.cred.portal.Portal}
+L{pop3gw.address}, L{pop3gw.events} and a C{twisted.cred.portal.Portal}
 whose realm hands out L{ISubmissionAvatar}s.
 
 Commands
@@ -558,17 +558,17 @@ class SubmissionFactory(Factory):
     """
     Builds L{SubmissionServer}s.
 
-    @ivar portal: a L{twisted.cred.portal.Portal} whose realm returns
+    @ivar portal: a C{twisted.cred.portal.Portal} whose realm returns
         L{ISubmissionAvatar}s for L{ClientCredentials} (user name and
         password as UTF-8 bytes, and the client's address).
     @ivar plaintextAllowed: C{plaintextAllowed(secure, peerHost) -> bool}:
         whether AUTH PLAIN/LOGIN may be used on a connection.
-    @ivar clock: an L{IReactorTime} for the idle timeout and C{Date:}s.
+    @ivar clock: an C{IReactorTime} for the idle timeout and C{Date:}s.
     @ivar hostname: the server's name in the greeting, EHLO and headers.
     @ivar maxMessageSize: the SIZE limit in octets.
-    @ivar tlsContextFactory: passed to C{transport.startTLS}; L{None} means
+    @ivar tlsContextFactory: passed to C{transport.startTLS}; C{None} means
         STARTTLS is not offered.  For implicit TLS, wrap this factory in a
-        L{twisted.protocols.tls.TLSMemoryBIOFactory}: the connection is then
+        C{twisted.protocols.tls.TLSMemoryBIOFactory}: the connection is then
         seen as secure from the start.
     @ivar maxRecipients: recipients per message.
     @ivar checkHeaderFrom: whether the C{From:}/C{Sender:} addresses must be

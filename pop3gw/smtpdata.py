@@ -157,7 +157,7 @@ def _headerFields(lines: list[bytes]) -> list[tuple[Optional[bytes], bytes]]:
     """
     Split a header section into unfolded fields.
 
-    @return: a list of (lower-cased field name, or L{None} for a line that
+    @return: a list of (lower-cased field name, or C{None} for a line that
         is not a field, unfolded value).
     """
     fields: list[list] = []
@@ -213,9 +213,9 @@ class _MessageReader:
     an L{IDelivery}.  See the module docstring for the rules.
 
     @ivar refusal: the L{Reply} the message will be refused with at the end
-        of the data, or L{None}.
+        of the data, or C{None}.
     @ivar reason: the server-side error behind the refusal, for the log (a
-        storage failure's text), or L{None}.
+        storage failure's text), or C{None}.
     @ivar size: message octets counted so far (CRLF line ends, unstuffed).
     """
 
@@ -294,7 +294,7 @@ class _MessageReader:
         """
         The end of the data was reached: write what is still held.
 
-        @return: the refusal, or L{None} if the delivery may be committed.
+        @return: the refusal, or C{None} if the delivery may be committed.
         """
         if self.refusal is None and self._inHeaders:
             self._endHeaders(blankLine=False)

@@ -179,7 +179,7 @@ class _Envelope:
     One mail transaction: made at MAIL, replaced whole by a new one at RSET,
     HELO/EHLO, STARTTLS and the end of the data.
 
-    @ivar sender: the envelope sender (L{None} before MAIL).
+    @ivar sender: the envelope sender (C{None} before MAIL).
     @ivar recipients: the accepted recipients, without duplicates.
     @ivar messageId: the message's id, once DATA has begun its delivery.
     """

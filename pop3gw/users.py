@@ -148,7 +148,7 @@ class _WatchedFile:
 def _unverifiable(users: AddressMap) -> list[tuple[Address, Optional[str]]]:
     """
     The users whose hash L{pop3gw.passwords.verifyPassword} cannot check,
-    with their scheme (printable ASCII, else C{"?"}) or L{None} when there
+    with their scheme (printable ASCII, else C{"?"}) or C{None} when there
     is no scheme.
     """
     found = []
@@ -170,7 +170,7 @@ class _Snapshot:
     @ivar aliases: alias -> target.
     @ivar directory: the L{Directory} of both, for the reactor thread.
     @ivar keys: the (mtime_ns, size, inode) of the users and aliases files
-        as read (L{None} for a missing file), for L{UsersFile.peekUser}.
+        as read (C{None} for a missing file), for L{UsersFile.peekUser}.
     """
 
     users: AddressMap
@@ -212,7 +212,7 @@ class UsersFile:
     def __init__(self, path: str, aliasesPath: Optional[str] = None, owner: Optional[fsutil.Owner] = None):
         """
         @param path: the users file; missing means no users.
-        @param aliasesPath: the aliases file, or L{None} for no aliases.
+        @param aliasesPath: the aliases file, or C{None} for no aliases.
         @param owner: the data directory's owner, given the users file and
             its lock file when this process creates them (see
             L{pop3gw.fsutil}); a rewritten file keeps its owner.
@@ -354,7 +354,7 @@ class UsersFile:
         The users whose stored hash L{pop3gw.passwords.verifyPassword}
         cannot check (so who cannot log in), in file order.
 
-        @return: (user, scheme name or L{None} for no C{{SCHEME}} prefix)
+        @return: (user, scheme name or C{None} for no C{{SCHEME}} prefix)
             pairs.
         """
         return _unverifiable(self._refresh().users)

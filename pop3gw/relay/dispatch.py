@@ -83,14 +83,14 @@ class Dispatcher:
     @param relayPassword: AUTH password (never logged).
     @param relayVerifyTLS: verify the smarthost's certificate (and then
         require STARTTLS, except from a smarthost on loopback).
-    @param resolver: an C{IResolver} for L{MXResolver}, or L{None}.
+    @param resolver: an C{IResolver} for L{MXResolver}, or C{None}.
     @param clientTLS: C{clientTLS(hostname, verify) -> contextFactory}, with
-        C{verify=None} meaning opportunistic (unverified); L{None} means
+        C{verify=None} meaning opportunistic (unverified); C{None} means
         plaintext only.
     @param connectTimeout: TCP connect timeout in seconds.
     @param maxConnections: the most simultaneous SMTP connections.
     @param endpointFactory: C{endpointFactory(host, port) ->
-        IStreamClientEndpoint}, or L{None} for a C{HostnameEndpoint} that
+        IStreamClientEndpoint}, or C{None} for a C{HostnameEndpoint} that
         for MX hosts connects only to public addresses.
     @param deliverOnce: the SMTP client, L{pop3gw.relay.client.deliverOnce}
         unless a test gives a fake.
@@ -359,7 +359,7 @@ class Dispatcher:
     def _tlsPolicy(self, relay: bool, credentials: bool, useTLS: bool) -> tuple:
         """
         @return: the L{TLSPolicy} of a session, and the one that replaces it
-            when the peer turns out to be on this machine (or L{None}).
+            when the peer turns out to be on this machine (or C{None}).
         """
         if self.clientTLS is None or not useTLS:
             return TLSPolicy.NONE, None

@@ -105,7 +105,7 @@ class _PublicOnlyResolver:
 @implementer(IReactorPluggableNameResolver)
 class PublicOnlyReactor:
     """
-    The reactor as a L{HostnameEndpoint} to an MX host sees it: its name
+    The reactor as a C{HostnameEndpoint} to an MX host sees it: its name
     resolver is wrapped in L{_PublicOnlyResolver}.
     """
 
@@ -132,7 +132,7 @@ class MXResolver:
     Looks up the mail exchangers of a domain.
 
     @param reactor: the reactor for the resolver this makes for itself.
-    @param resolver: an C{IResolver}; if L{None}, a
+    @param resolver: an C{IResolver}; if C{None}, a
         C{twisted.names.client.Resolver} on C{/etc/resolv.conf} is made at
         the first lookup (and stopped by L{stop}).
     """
