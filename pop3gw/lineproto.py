@@ -28,16 +28,30 @@ server keeps only its command tables, handlers and replies:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3gw.address import describePeer
 from pop3gw.flow import OutputFlow
+
+if TYPE_CHECKING:
+
+    class _IConnection(ITLSTransport, IPushProducer):
+        """
+        What the servers need of their transport: a TCP connection (or TLS
+        over one) that can start TLS and be paused.
+        """
 
 
 class LineProtocol(Protocol):
@@ -63,6 +77,8 @@ class LineProtocol(Protocol):
     """
 
     log = Logger()
+    if TYPE_CHECKING:
+        transport: _IConnection
 
     maxPendingInput = 65536
     closeTimeout: Optional[float] = 10.0
@@ -164,8 +180,9 @@ class LineProtocol(Protocol):
         except Exception:
             self.peer = "unknown"
         self._output.register(self.transport)
-        if self.idleTimeout:
-            self._timeoutCall = self.clock.callLater(self.idleTimeout, self._timedOut)
+        timeout = self.idleTimeout
+        if timeout:
+            self._timeoutCall = self.clock.callLater(timeout, self._timedOut)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._disconnected:
@@ -256,15 +273,18 @@ class LineProtocol(Protocol):
         Restart the idle timer, if it runs.
         """
         call = self._timeoutCall
-        if call is not None and call.active():
-            call.reset(self.idleTimeout)
+        timeout = self.idleTimeout
+        if call is not None and timeout is not None and call.active():
+            call.reset(timeout)
 
     def restartTimeout(self) -> None:
         """
         Start the idle timer anew (after it fired while the server, not the
         client, was slow).
         """
-        self._timeoutCall = self.clock.callLater(self.idleTimeout, self._timedOut)
+        timeout = self.idleTimeout
+        if timeout is not None:
+            self._timeoutCall = self.clock.callLater(timeout, self._timedOut)
 
     def cancelTimeout(self) -> None:
         """

@@ -38,7 +38,7 @@ Design notes:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
 from twisted.internet.protocol import ServerFactory
@@ -145,7 +145,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
         self.startSession()
         self._reply(GREETING.format(implementation=self.factory.implementation))
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self.endSession()
         # Whatever the state: a maildrop held must never stay locked.
         if self._maildrop is not None:
@@ -395,7 +395,15 @@ _COMMAND_TABLES = {
 _ALL_COMMANDS = frozenset().union(*_COMMAND_TABLES.values())
 
 
-class POP3Factory(ServerFactory):
+if TYPE_CHECKING:
+    _ServerFactory = ServerFactory[POP3Server]
+else:
+    # Subscripted for the type checker only: older Twisted releases have
+    # no generic factories.
+    _ServerFactory = ServerFactory
+
+
+class POP3Factory(_ServerFactory):
     """
     Builds L{POP3Server}s.  Also used under implicit TLS (wrapped in a
     C{twisted.protocols.tls.TLSMemoryBIOFactory}): the protocol then sees
