@@ -84,7 +84,7 @@ def parseUserLine(raw: bytes) -> tuple[UserLine, bool]:
     return UserLine(raw, address, userField, hashed, sep + extra), False
 
 
-def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap, list[int]]:
+def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap[str], list[int]]:
     """
     Parse a users file.
 
@@ -93,7 +93,7 @@ def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap, list[int]]:
         or duplicate lines.
     """
     lines = []
-    users = AddressMap()
+    users: AddressMap[str] = AddressMap()
     bad = []
     for number, raw in enumerate(splitLines(data), 1):
         line, malformed = parseUserLine(raw)
@@ -105,14 +105,14 @@ def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap, list[int]]:
     return lines, users, bad
 
 
-def parseAliases(data: bytes) -> tuple[AddressMap, list[int]]:
+def parseAliases(data: bytes) -> tuple[AddressMap[Address], list[int]]:
     """
     Parse an aliases file of C{alias@domain: user@domain} lines.
 
     @return: alias -> user (as written), and the 1-based numbers of
         malformed lines.
     """
-    aliases = AddressMap()
+    aliases: AddressMap[Address] = AddressMap()
     bad = []
     for number, raw in enumerate(splitLines(data), 1):
         try:

@@ -123,7 +123,7 @@ class _ShaCrypt:
         C{rotation}, then the bytes left over, in reverse.
         """
         stride = size // 3
-        groups = []
+        groups: list[tuple[tuple[Optional[int], ...], int]] = []
         for i in range(stride):
             group = (i, i + stride, i + 2 * stride)
             turn = (rotation * i) % 3

@@ -150,7 +150,9 @@ def classifyLoginFailure(reason: Failure) -> LoginOutcome:
     return LoginOutcome.FAULT
 
 
-def logLoginFailure(log: Logger, service: str, user: object, peer: str, reason: Failure) -> LoginOutcome:
+def logLoginFailure(
+    log: Logger, service: str, user: "str | bytes | None", peer: str, reason: Failure
+) -> LoginOutcome:
     """
     Classify a login that did not succeed and log what every protocol logs
     alike: one C{authentication unavailable} line for

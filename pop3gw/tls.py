@@ -49,7 +49,7 @@ import datetime
 import ipaddress
 import os
 import socket
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import attrs
 from cryptography import x509
@@ -64,6 +64,10 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.internet import ssl as tssl
+
+if TYPE_CHECKING:
+    # Not exported by twisted.internet.ssl, which returns its providers.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
@@ -686,7 +690,7 @@ class CertificateManager:
 # --- Client side -----------------------------------------------------------
 
 
-def _asTrustRoot(trustRoot) -> tssl.IOpenSSLTrustRoot:
+def _asTrustRoot(trustRoot) -> IOpenSSLTrustRoot:
     if trustRoot is None:
         return tssl.platformTrust()
     if isinstance(trustRoot, tssl.Certificate):

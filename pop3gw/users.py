@@ -145,7 +145,7 @@ class _WatchedFile:
             raise TemporaryFailure(f"cannot read {self._what} {self.path}: {error}")
 
 
-def _unverifiable(users: AddressMap) -> list[tuple[Address, Optional[str]]]:
+def _unverifiable(users: AddressMap[str]) -> list[tuple[Address, Optional[str]]]:
     """
     The users whose hash L{pop3gw.passwords.verifyPassword} cannot check,
     with their scheme (printable ASCII, else C{"?"}) or C{None} when there
@@ -173,8 +173,8 @@ class _Snapshot:
         as read (C{None} for a missing file), for L{UsersFile.peekUser}.
     """
 
-    users: AddressMap
-    aliases: AddressMap
+    users: AddressMap[str]
+    aliases: AddressMap[Address]
     directory: Directory
     keys: tuple = ()
 
@@ -254,7 +254,7 @@ class UsersFile:
                 self._snapshot = attr.evolve(self._snapshot, keys=keys)
             return self._snapshot
 
-    def _warnAboutUsers(self, users: AddressMap) -> None:
+    def _warnAboutUsers(self, users: AddressMap[str]) -> None:
         """
         Log, once per load of the users file, what the operator should
         fix: users whose hash pop3gw cannot verify (one warning each, as
