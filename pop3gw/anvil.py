@@ -398,7 +398,7 @@ class AuthAccounting:
             else:
                 self._cancelQueued(client, waiter)
 
-        d = defer.Deferred(cancel)
+        d: defer.Deferred = defer.Deferred(cancel)
 
         def over() -> None:
             client.delayed -= 1

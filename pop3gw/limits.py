@@ -11,6 +11,8 @@ towards the total.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -30,9 +32,11 @@ class _RefuseProtocol(Protocol):
         self._message = message
 
     def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None, "connected"
         if self._message:
-            self.transport.write(self._message)
-        self.transport.loseConnection()
+            transport.write(self._message)
+        transport.loseConnection()
 
 
 class _NoDelayWrapper(ProtocolWrapper):
@@ -40,7 +44,12 @@ class _NoDelayWrapper(ProtocolWrapper):
     Turns off Nagle's algorithm: POP3 and SMTP are request/reply protocols,
     and Nagle plus delayed ACKs would stall small replies (notably the first
     one after a TLS handshake) by about 40 ms.
+
+    @ivar _limitHost: the client network this connection counts against in
+        L{ConnectionLimitFactory.perPeer} (set by the factory).
     """
+
+    _limitHost: Optional[str] = None
 
     def makeConnection(self, transport) -> None:
         setNoDelay = getattr(transport, "setTcpNoDelay", None)
@@ -126,7 +135,7 @@ class ConnectionLimitFactory(WrappingFactory):
             self._logRefusal(host, count)
             return _RefuseProtocol(self.refusal)
         p = super().buildProtocol(addr)
-        if p is not None:
+        if isinstance(p, _NoDelayWrapper):
             p._limitHost = key
             self.perPeer.add(key)
             self.total += 1

@@ -181,7 +181,7 @@ class MaildirDelivery:
             delivery is then discarded).
         """
         if self._openFailure is not None:
-            raise self._openFailure.value
+            self._openFailure.raiseException()
         if self._state != "open":
             raise TemporaryFailure("delivery is not open")
         self._checkData(data)
@@ -241,8 +241,10 @@ class MaildirDelivery:
         name = f"{self._unique},S={self._size},W={self._size + self._lines}"
         try:
             self._flush()
-            os.fsync(self._fd)
-            fd, self._fd = self._fd, None
+            fd = self._fd
+            assert fd is not None, "committed only while the file is open"
+            os.fsync(fd)
+            self._fd = None
             os.close(fd)
             for maildir in self._maildirs:
                 dest = os.path.join(maildir, "new", name)

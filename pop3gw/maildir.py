@@ -392,7 +392,7 @@ class MaildirMaildrop:
         self._state = "committing"
         return self._runner.run(self._doCommit, entries, flagged)
 
-    def _doCommit(self, entries: list, flagged: list = ()) -> None:
+    def _doCommit(self, entries: list, flagged: Sequence = ()) -> None:
         errors = []
         touched = set()
         try:

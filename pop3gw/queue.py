@@ -48,7 +48,7 @@ import fcntl
 import json
 import os
 import re
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence, cast
 
 import attr
 from twisted.internet import defer
@@ -548,7 +548,7 @@ class _QueueDelivery:
         def failed(f: Failure) -> Failure:
             self._discardTmp()
             if f.check(OSError):
-                error = TemporaryFailure.fromOSError("cannot commit queue entry", f.value)
+                error = TemporaryFailure.fromOSError("cannot commit queue entry", cast(OSError, f.value))
                 self._queue.log.error("queue: {error} id={queueId}", error=str(error), queueId=self._entry.queueId)
                 return Failure(error)
             self._queue.log.failure("queue: cannot commit {queueId}", f, queueId=self._entry.queueId)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import resource
 import signal
-from typing import Optional
+from types import FrameType
+from typing import Any, Callable, Optional, Union
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
@@ -20,6 +21,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -193,7 +195,7 @@ class ServerLockService(MultiService):
         d: defer.Deferred = defer.succeed(None)
         for stage in (STOP_LISTENERS, STOP_SERVICES, STOP_POOLS):
             group = [p for p in parts if getattr(p, "stopStage", STOP_SERVICES) == stage]
-            d.addCallback(lambda _, group=group: _stopAll(group))
+            d.addCallback(lambda _, group: _stopAll(group), group)
 
         def release(result):
             self.releaseLock()
@@ -237,7 +239,9 @@ class ListenerService(StreamServerEndpointService):
             # The most common operator mistake (a port in use, an address
             # not on this host): one line, not a traceback.
             raise SystemExit(f"pop3gw: {self.listenerName}: cannot listen on {self.description}: {_reason(e)}") from None
-        self._waitingForPort.addCallback(self._logListening)
+        waiting = self._waitingForPort
+        assert waiting is not None, "set by privilegedStartService"
+        waiting.addCallback(self._logListening)
 
     def _logListening(self, port):
         host = port.getHost()
@@ -273,7 +277,7 @@ class ReloadService(Service):
         self.reactor = reactor
         self.refreshUsers = refreshUsers
         self.certs = certs
-        self._previous = None
+        self._previous: Union[Callable[[int, Optional[FrameType]], Any], int, None] = None
 
     def startService(self) -> None:
         super().startService()
@@ -441,17 +445,17 @@ def _build(config: Config, reactor) -> MultiService:
     # byte: the limiter is outside the TLS layer (so a flood costs no
     # handshakes), and a plaintext refusal would land in the client's TLS
     # handshake.
-    plans = [
+    plans: list[tuple[str, IProtocolFactory, bool, Optional[bytes]]] = [
         ("pop3", pop3Factory, False, POP3_REFUSAL),
         ("pop3s", pop3Factory, True, None),
         ("submission", submissionFactory, False, SMTP_REFUSAL),
         ("submissions", submissionFactory, True, None),
     ]
-    for name, factory, implicitTLS, refusal in plans:
+    for name, served, implicitTLS, refusal in plans:
         for description in config.listeners[name]:
-            wrapped = factory
+            wrapped: IProtocolFactory = served
             if implicitTLS:
-                wrapped = TLSMemoryBIOFactory(serverTLS, False, factory, reactor)
+                wrapped = TLSMemoryBIOFactory(serverTLS, False, served, reactor)
                 wrapped.noisy = False
             ListenerService(reactor, name, description, limited(wrapped, refusal)).setServiceParent(top)
 

@@ -320,14 +320,16 @@ class Dispatcher:
         policy, loopbackPolicy = self._tlsPolicy(relay, credentials is not None, useTLS)
 
         def contextFor(policy: TLSPolicy) -> tuple:
+            clientTLS = self.clientTLS
+            assert clientTLS is not None, "asked for only under a TLS policy (see _tlsPolicy)"
             if not relay:
                 # verify=None asks for an opportunistic (unverified) context.
-                return self.clientTLS(host, None), False
+                return clientTLS(host, None), False
             if policy is TLSPolicy.REQUIRED_STARTTLS:
-                return self.clientTLS(host, self.relayVerifyTLS), self.relayVerifyTLS
+                return clientTLS(host, self.relayVerifyTLS), self.relayVerifyTLS
             # Opportunistic to a smarthost: verification off, or a smarthost
             # on this machine.
-            return self.clientTLS(host, None if self.relayVerifyTLS else False), False
+            return clientTLS(host, None if self.relayVerifyTLS else False), False
 
         try:
             endpointFactory = self._endpointFactory if relay else self._mxEndpointFactory

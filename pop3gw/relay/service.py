@@ -319,10 +319,11 @@ class RelayService(Service):
         if queueId in self._waiters:
             self._waiters[queueId].append(result)
             return result
-        entry = self.entries.get(queueId)
-        if entry is None:
+        found = self.entries.get(queueId)
+        if found is None:
             result.callback(None)
             return result
+        entry: Entry = found
         timer = self._timers.pop(queueId, None)
         if timer is not None and timer.active():
             timer.cancel()
