@@ -398,8 +398,8 @@ _ALL_COMMANDS = frozenset().union(*_COMMAND_TABLES.values())
 if TYPE_CHECKING:
     _ServerFactory = ServerFactory[POP3Server]
 else:
-    # Subscripted for the type checker only: older Twisted releases have
-    # no generic factories.
+    # Subscripted for the type checker only: importing does not depend on
+    # the installed Twisted's factories being generic.
     _ServerFactory = ServerFactory
 
 

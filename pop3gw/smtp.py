@@ -568,8 +568,8 @@ _WRONG_STATE = {
 if TYPE_CHECKING:
     _Factory = Factory[SubmissionServer]
 else:
-    # Subscripted for the type checker only: older Twisted releases have
-    # no generic factories.
+    # Subscripted for the type checker only: importing does not depend on
+    # the installed Twisted's factories being generic.
     _Factory = Factory
 
 
