@@ -312,7 +312,7 @@ def concurrencyList(text: str) -> list:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of integers")
+        raise argparse.ArgumentTypeError("expected a comma-separated list of integers") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError("expected integers >= 1")
     return values

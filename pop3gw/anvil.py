@@ -189,7 +189,7 @@ class AuthAccounting:
         maxClients: int = MAX_CLIENTS,
     ) -> None:
         """
-        @param clock: an L{IReactorTime}.
+        @param clock: an C{IReactorTime}.
         @param hashThreads: the threads password checks run in; at most
             L{PENDING_PER_THREAD} checks each are handed to them at once.
         @param maxPending: that total, if given (for tests).
@@ -255,7 +255,7 @@ class AuthAccounting:
         Ask to run a password check for C{peer}.
 
         @param peer: the client as L{pop3gw.address.describePeer} names it.
-        @return: a L{defer.Deferred} firing with a L{CheckSlot} when the
+        @return: a C{defer.Deferred} firing with a L{CheckSlot} when the
             check may go to the hash threads (at once, or once the client's
             penalty delay, one of its running checks or its turn is over),
             or failing with L{AuthenticationBusy} (at once) when the
@@ -398,7 +398,7 @@ class AuthAccounting:
             else:
                 self._cancelQueued(client, waiter)
 
-        d = defer.Deferred(cancel)
+        d: defer.Deferred = defer.Deferred(cancel)
 
         def over() -> None:
             client.delayed -= 1

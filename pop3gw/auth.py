@@ -3,7 +3,7 @@
 Authentication: the credentials checker, the realm and its avatars, and the
 plaintext-authentication policy.
 
-Protocols hand a L{twisted.cred.portal.Portal} built from L{PasswordChecker}
+Protocols hand a C{twisted.cred.portal.Portal} built from L{PasswordChecker}
 and L{Realm} the client's user name and password; they never see hashes or
 the users database.
 """
@@ -35,10 +35,10 @@ from pop3gw.interfaces import (
     IMaildropStore,
     IMailRouter,
     IPOP3Avatar,
-    LookupWouldBlock,
     ISubmissionAvatar,
     IUserDirectory,
     IUserStore,
+    LookupWouldBlock,
     Pop3gwError,
     TemporaryFailure,
 )
@@ -119,16 +119,16 @@ class VerifiedCredentialsCache:
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """
-    Checks L{IUsernamePassword} credentials against an L{IUserStore}.
+    Checks C{IUsernamePassword} credentials against an L{IUserStore}.
 
     The login name is normalised once, here, with L{Address.parse}; a name
     that does not parse is handled exactly like an unknown user.  The user
     lookup and the slow hash run in C{threadpool}, never on the reactor
-    thread.  An unknown user is checked against L{pop3gw.passwords.DUMMY_HASH}
+    thread.  An unknown user is checked against C{pop3gw.passwords.DUMMY_HASH}
     so it costs as much as a known one.
 
     A successful login fires at once with the address as text.  A failed
-    one fails with a bare L{UnauthorizedLogin} (never saying which part
+    one fails with a bare C{UnauthorizedLogin} (never saying which part
     was wrong) no earlier than C{failureDelay} seconds after the attempt
     began, using C{reactor.callLater}: other sessions are not held up.
 
@@ -172,7 +172,7 @@ class PasswordChecker:
             C{IReactorFromThreads}.
         @param threadpool: where lookups and hashing run (an object with
             C{callInThreadWithCallback}, such as a
-            L{twisted.python.threadpool.ThreadPool}).
+            C{twisted.python.threadpool.ThreadPool}).
         @param failureDelay: seconds from the start of an attempt to its
             failure.
         @param verifier: checks a password against a stored hash (for
@@ -196,8 +196,8 @@ class PasswordChecker:
         """
         Check C{credentials}.
 
-        @return: a L{defer.Deferred} firing with the user's address as
-            text, or failing with L{UnauthorizedLogin} after the failure
+        @return: a C{defer.Deferred} firing with the user's address as
+            text, or failing with C{UnauthorizedLogin} after the failure
             delay, with L{pop3gw.interfaces.AuthenticationBusy} if the
             client may not have another check now, or with
             L{TemporaryFailure} if the users database failed.
@@ -248,7 +248,7 @@ class PasswordChecker:
         The avatar ID (the user as stored) if the credentials are confirmed
         by the cache, decided on the reactor thread when the users database
         has the user at hand (no thread hop for a client that logs in every
-        minute); else L{None}.
+        minute); else C{None}.
         """
         try:
             found = self._users.peekUser(address)
@@ -265,7 +265,7 @@ class PasswordChecker:
         with a hash in an older scheme stores an Argon2id hash instead.
 
         @return: the avatar ID (the user as stored, whatever the case of
-            the login name), or L{None} if the credentials are wrong.
+            the login name), or C{None} if the credentials are wrong.
         @raise TemporaryFailure: the user's stored hash is in a scheme
             pop3gw does not accept (plain text, CRAM-MD5...): a problem for
             the operator, warned about when the users file was loaded, and
@@ -303,7 +303,7 @@ class PasswordChecker:
 
     def _delayedFailure(self, start: float) -> defer.Deferred:
         """
-        A L{defer.Deferred} failing with L{UnauthorizedLogin}
+        A C{defer.Deferred} failing with C{UnauthorizedLogin}
         C{failureDelay} seconds after C{start}.
         """
         remaining = start + self._failureDelay - self._reactor.seconds()
@@ -441,7 +441,7 @@ class Realm:
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         """
-        See L{IRealm.requestAvatar}.
+        See C{IRealm.requestAvatar}.
 
         @param avatarId: the address as text or UTF-8 bytes.
         @return: C{(interface, avatar, logout)} for the first supported

@@ -17,7 +17,7 @@ import argparse
 import getpass
 import os
 import sys
-from typing import BinaryIO, Optional, TextIO
+from typing import TYPE_CHECKING, BinaryIO, Optional, TextIO
 
 from pop3gw import __version__, fsutil
 from pop3gw.address import Address, AddressError
@@ -50,6 +50,9 @@ _READ_ONLY = frozenset({("user", "list"), ("queue", "list")})
 #: longer ones (L{pop3gw.passwords.MAX_PASSWORD_BYTES}) without hashing.
 MAX_PASSWORD_LENGTH = 1024
 READ_CHUNK = 64 * 1024
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
 
 
 class CommandError(Exception):
@@ -245,7 +248,7 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner]
             delivery.write(chunk)
         if size == 0:
             raise CommandError("empty message refused", EX_DATAERR)
-        failures = []
+        failures: list[Failure] = []
         delivery.commit().addErrback(failures.append)
         if failures:
             failures[0].raiseException()

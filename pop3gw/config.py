@@ -108,7 +108,7 @@ def _bool(value: str, key: str) -> bool:
 def parseRelayHost(value: str) -> tuple:
     """
     Split C{HOST[:PORT]} (C{[v6]:PORT} for IPv6 literals).  Without a port,
-    the port is L{None}: the relay service then uses 587 when relay
+    the port is C{None}: the relay service then uses 587 when relay
     credentials are configured, else 25.
     """
     value = value.strip()
@@ -127,12 +127,12 @@ def parseRelayHost(value: str) -> tuple:
     if port is None:
         return host, None
     try:
-        port = int(port)
+        number = int(port)
     except ValueError:
         raise ConfigError(f"relay-host: bad port in {value!r}") from None
-    if not host or not 0 < port < 65536:
+    if not host or not 0 < number < 65536:
         raise ConfigError(f"relay-host: bad value {value!r}")
-    return host, port
+    return host, number
 
 
 def defaultHostname() -> str:
@@ -254,15 +254,15 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
     if relay.get("username") and not relayHost:
         raise ConfigError("[relay] username needs relay-host (credentials are only for a smarthost)")
 
-    limits = {}
+    limits: dict[str, float] = {}
     section = ini.get("limits", {})
     for name in section:
         if name not in LIMITS:
             raise ConfigError(f"unknown key {name!r} in [limits]")
-    for name, (default, kind) in LIMITS.items():
+    for name, (fallback, kind) in LIMITS.items():
         raw = section.get(name)
         try:
-            limits[name] = kind(raw) if raw is not None else default
+            limits[name] = kind(raw) if raw is not None else fallback
         except ValueError:
             raise ConfigError(f"[limits] {name}: not a number") from None
         if limits[name] < 0:

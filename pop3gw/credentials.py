@@ -14,7 +14,7 @@ from zope.interface import implementer
 @implementer(IUsernamePassword)
 class ClientCredentials(UsernamePassword):
     """
-    L{IUsernamePassword} credentials that also name the client.
+    C{IUsernamePassword} credentials that also name the client.
 
     @ivar peer: the client as L{pop3gw.address.describePeer} names it (a
         numeric address, C{"unix"} or C{"unknown"}).

@@ -13,7 +13,7 @@ Passwords are not here: they are the blocking side
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Generic, Iterable, Optional, TypeVar
 
 import attr
 from zope.interface import implementer
@@ -21,8 +21,10 @@ from zope.interface import implementer
 from pop3gw.address import Address, lookupKey
 from pop3gw.interfaces import IDirectorySnapshot, TemporaryFailure
 
+_V = TypeVar("_V")
 
-class AddressMap:
+
+class AddressMap(Generic[_V]):
     """
     A map from addresses to values, built once (L{add}) and then only
     read, looked up case-insensitively
@@ -37,11 +39,11 @@ class AddressMap:
     """
 
     def __init__(self) -> None:
-        self.entries: dict[Address, object] = {}
+        self.entries: dict[Address, _V] = {}
         self._byKey: dict[str, Address] = {}
         self.caseVariants: dict[str, list[Address]] = {}
 
-    def add(self, address: Address, value: object) -> bool:
+    def add(self, address: Address, value: _V) -> bool:
         """
         Add an entry while building the map.
 
@@ -59,15 +61,15 @@ class AddressMap:
 
     def find(self, address: Address) -> Optional[Address]:
         """
-        The stored address that C{address} finds, or L{None}.
+        The stored address that C{address} finds, or C{None}.
         """
         if address in self.entries:
             return address
         return self._byKey.get(lookupKey(address))
 
-    def get(self, address: Address) -> Optional[object]:
+    def get(self, address: Address) -> Optional[_V]:
         """
-        The value of the entry C{address} finds, or L{None}.
+        The value of the entry C{address} finds, or C{None}.
         """
         found = self.find(address)
         return None if found is None else self.entries[found]
@@ -114,7 +116,7 @@ class Directory:
     """
     An immutable snapshot of the users and aliases; see
     L{IDirectorySnapshot}.  Aliases are one level deep: an alias naming a
-    user that does not exist resolves to L{None}.  Built off the reactor
+    user that does not exist resolves to C{None}.  Built off the reactor
     thread (the index of senders and domains is made here, once).
 
     A directory whose backing store has never been readable is
@@ -122,7 +124,7 @@ class Directory:
     deferred rather than bounced as "unknown user".
     """
 
-    def __init__(self, users: AddressMap, aliases: AddressMap) -> None:
+    def __init__(self, users: AddressMap[Any], aliases: AddressMap[Address]) -> None:
         """
         @param users: the users (the values are not used).
         @param aliases: alias -> target user as written.
@@ -140,7 +142,8 @@ class Directory:
         A directory of C{users} and C{(alias, target)} pairs, in order (the
         first of two entries with one lookup key wins, as in a file).
         """
-        userMap, aliasMap = AddressMap(), AddressMap()
+        userMap: AddressMap[None] = AddressMap()
+        aliasMap: AddressMap[Address] = AddressMap()
         for user in users:
             userMap.add(user, None)
         for alias, target in aliases:

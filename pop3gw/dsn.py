@@ -129,10 +129,10 @@ def makeBounce(
     @param queueId: the queue id of the failed message, named in the text.
     @param now: the current time (POSIX seconds): the C{Date} header.
     @param arrivalDate: when the message was queued (C{Arrival-Date});
-        omitted if L{None}.
-    @param boundary: the MIME boundary; random if L{None} (tests fix it).
+        omitted if C{None}.
+    @param boundary: the MIME boundary; random if C{None} (tests fix it).
     @param messageId: the C{Message-ID} (with angle brackets); made from the
-        queue id and random bits if L{None}.
+        queue id and random bits if C{None}.
     @return: the message, with CRLF line ends.
     """
     host = oneLine(reportingHost, 255)
@@ -162,7 +162,7 @@ def makeBounce(
         f"Queue id: {oneLine(queueId, 100)}",
         "",
     ]
-    for recipient, status, diagnostic in failures:
+    for recipient, _, diagnostic in failures:
         human.append(f"<{recipient}>: {oneLine(diagnostic)}")
 
     perMessage = [f"Reporting-MTA: dns; {host}"]

@@ -57,7 +57,7 @@ class LockHeld(Exception):
     Another process holds the lock.
 
     @ivar path: the lock file.
-    @ivar pid: the holder's pid as written in the lock file, or L{None} if
+    @ivar pid: the holder's pid as written in the lock file, or C{None} if
         the file does not name one (yet).
     """
 
@@ -195,7 +195,7 @@ def makeDirectory(path: str, owner: Optional[Owner] = None) -> bool:
     Create the directory C{path} with mode 0700 whatever the umask, given
     to C{owner}, and make its entry in the parent durable.
 
-    @return: L{True} if it was created, L{False} if it was there already.
+    @return: C{True} if it was created, C{False} if it was there already.
     @raise OSError: it cannot be created, or something other than a
         directory is in the way (C{FileExistsError}).
     """
@@ -312,7 +312,7 @@ def takePidLock(path: str, owner: Optional[Owner] = None) -> int:
 
 def _readPid(fd: int) -> Optional[int]:
     """
-    The pid written in a lock file, or L{None}.
+    The pid written in a lock file, or C{None}.
     """
     try:
         text = os.pread(fd, _MAX_PID_TEXT, 0).strip()

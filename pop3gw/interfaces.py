@@ -3,7 +3,7 @@
 Interfaces and shared exceptions.
 
 Protocols see only these interfaces, L{pop3gw.address.Address} and a
-L{twisted.cred.portal.Portal}; storage implements them.  Nothing here imports
+C{twisted.cred.portal.Portal}; storage implements them.  Nothing here imports
 anything local except L{pop3gw.address}.
 """
 
@@ -13,7 +13,6 @@ import errno
 import os
 
 from zope.interface import Attribute, Interface
-
 
 # --- Exceptions ----------------------------------------------------------
 
@@ -131,7 +130,7 @@ class IBlockingRunner(Interface):
         """
         Run C{f(*args)}, which may block.
 
-        @return: a L{Deferred} firing (on the reactor thread) with C{f}'s
+        @return: a C{Deferred} firing (on the reactor thread) with C{f}'s
             result, or failing with what it raised.
         """
 
@@ -162,7 +161,7 @@ class IDirectorySnapshot(Interface):
     def resolve(address):
         """
         @return: the user L{Address} whose maildrop receives mail for
-            C{address} (the user itself, or the owner of an alias), or L{None}.
+            C{address} (the user itself, or the owner of an alias), or C{None}.
         """
 
     def owns(user, address):
@@ -218,7 +217,7 @@ class IUserStore(Interface):
         """
         @param address: an L{Address}, in any case.
         @return: C{(user, hash)}: the user as stored (an L{Address}) and its
-            stored hash as C{"{SCHEME}..."} text; or L{None} if there is no
+            stored hash as C{"{SCHEME}..."} text; or C{None} if there is no
             such user (aliases are not followed).  Reflects changes made by
             the C{pop3gw user} command without a restart (and refreshes
             the directory snapshot if they changed it).
@@ -239,7 +238,7 @@ class IUserStore(Interface):
         """
         @param address: an L{Address}, in any case.
         @return: the stored hash of the user L{lookupUser} finds, or
-            L{None}.
+            C{None}.
         """
 
     def setPassword(address, hashed, create):
@@ -333,10 +332,10 @@ class IMaildrop(Interface):
 
         @param deleted: indexes of messages to remove.
         @param seen: indexes of messages retrieved in this session.
-        @return: a L{Deferred} that fires with L{None} when done, or fails
+        @return: a C{Deferred} that fires with C{None} when done, or fails
             with L{TemporaryFailure} (some could not be removed, RFC 1939:
             the reply to QUIT is then -ERR; the lock is released anyway) or
-            L{IndexError} (an index is out of range; nothing is removed or
+            C{IndexError} (an index is out of range; nothing is removed or
             marked and the lock is released).
         """
 
@@ -369,7 +368,7 @@ class IDelivery(Interface):
         Make the message durable everywhere it goes (file and directory
         fsync).  Nothing may be acknowledged before this fires.
 
-        @return: a L{Deferred} firing with L{None} once durable, or failing
+        @return: a C{Deferred} firing with C{None} once durable, or failing
             with L{TemporaryFailure} (L{InsufficientStorage} when the disk
             is full), or with L{BadMessageData} when the message ends with
             a bare CR.
@@ -408,7 +407,7 @@ class ITwoPhaseDelivery(IDelivery):
         """
         Make the message durable without acting on it yet.
 
-        @return: a L{Deferred} firing once durable, or failing with
+        @return: a C{Deferred} firing once durable, or failing with
             L{TemporaryFailure}.
         """
 
@@ -422,7 +421,7 @@ class ITwoPhaseDelivery(IDelivery):
         Withdraw a prepared message (or abort an open one); nothing of it
         remains.
 
-        @return: a L{Deferred} firing when done.
+        @return: a C{Deferred} firing when done.
         """
 
 
@@ -435,7 +434,7 @@ class IMaildropStore(Interface):
         """
         Lock C{address}'s maildrop exclusively and take its snapshot.
 
-        @return: a L{Deferred} firing with an L{IMaildrop}.
+        @return: a C{Deferred} firing with an L{IMaildrop}.
         @raise MaildropLocked: (as the Deferred's failure) another session
             holds it.
         @raise TemporaryFailure: (likewise) I/O trouble.
@@ -477,7 +476,7 @@ class IOutboundQueue(Interface):
         """
         Start queueing one message.
 
-        @param sender: the envelope sender L{Address}, or L{None} for the
+        @param sender: the envelope sender L{Address}, or C{None} for the
             null reverse path (bounces).
         @param recipients: a sequence of remote L{Address}es.
         @return: an L{IDelivery} (an L{IQueuedDelivery} if the queue names
@@ -507,14 +506,14 @@ class IQueueStore(Interface):
         Write C{entry}'s current state durably.  Saves of one entry run in
         call order.
 
-        @return: a L{Deferred} firing once durable.
+        @return: a C{Deferred} firing once durable.
         """
 
     def removeEntry(entry):
         """
         Remove C{entry} from the queue.
 
-        @return: a L{Deferred} firing once removed.
+        @return: a C{Deferred} firing once removed.
         """
 
     def openMessage(entry):
@@ -526,7 +525,7 @@ class IQueueStore(Interface):
 
     def readHeaders(entry):
         """
-        @return: a L{Deferred} firing with the header of C{entry}'s message
+        @return: a C{Deferred} firing with the header of C{entry}'s message
             (for a bounce), or C{b""} if unreadable.
         """
 
@@ -543,7 +542,7 @@ class IQueueStore(Interface):
     def flushStamp():
         """
         @return: a value that changes each time an operator asks for every
-            entry to be retried now (C{pop3gw queue flush}), or L{None}.
+            entry to be retried now (C{pop3gw queue flush}), or C{None}.
         """
 
 
@@ -589,7 +588,7 @@ class IPOP3Avatar(Interface):
 
     def openMaildrop():
         """
-        @return: a L{Deferred} firing with the user's L{IMaildrop} (see
+        @return: a C{Deferred} firing with the user's L{IMaildrop} (see
             L{IMaildropStore.openMaildrop} for failures).
         """
 

@@ -11,12 +11,13 @@ towards the total.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from pop3gw.address import clientNetwork, describePeer, isLoopback
-
 
 #: Seconds between two "connection refused" log lines of one listener.
 REFUSAL_LOG_INTERVAL = 60.0
@@ -31,9 +32,11 @@ class _RefuseProtocol(Protocol):
         self._message = message
 
     def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None, "connected"
         if self._message:
-            self.transport.write(self._message)
-        self.transport.loseConnection()
+            transport.write(self._message)
+        transport.loseConnection()
 
 
 class _NoDelayWrapper(ProtocolWrapper):
@@ -41,7 +44,12 @@ class _NoDelayWrapper(ProtocolWrapper):
     Turns off Nagle's algorithm: POP3 and SMTP are request/reply protocols,
     and Nagle plus delayed ACKs would stall small replies (notably the first
     one after a TLS handshake) by about 40 ms.
+
+    @ivar _limitHost: the client network this connection counts against in
+        L{ConnectionLimitFactory.perPeer} (set by the factory).
     """
+
+    _limitHost: Optional[str] = None
 
     def makeConnection(self, transport) -> None:
         setNoDelay = getattr(transport, "setTcpNoDelay", None)
@@ -103,7 +111,7 @@ class ConnectionLimitFactory(WrappingFactory):
         clock=None,
     ) -> None:
         """
-        @param clock: an L{IReactorTime}; with it, refusals are logged at
+        @param clock: an C{IReactorTime}; with it, refusals are logged at
             most once per L{REFUSAL_LOG_INTERVAL} seconds (with a count), so
             a connection flood does not flood the log.
         """
@@ -127,7 +135,7 @@ class ConnectionLimitFactory(WrappingFactory):
             self._logRefusal(host, count)
             return _RefuseProtocol(self.refusal)
         p = super().buildProtocol(addr)
-        if p is not None:
+        if isinstance(p, _NoDelayWrapper):
             p._limitHost = key
             self.perPeer.add(key)
             self.total += 1

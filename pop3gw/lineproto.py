@@ -11,7 +11,7 @@ server keeps only its command tables, handlers and replies:
     discarded up to its end and reported once to
     L{LineProtocol.lineTooLong}, and the session goes on.
   - One command at a time: a handler that cannot answer at once hands its
-    L{Deferred} to L{LineProtocol.hold}; further input stays buffered until
+    C{Deferred} to L{LineProtocol.hold}; further input stays buffered until
     it fires, then is handled in order (pipelining).  While the client does
     not read its replies (the L{OutputFlow} the connection registers is
     paused) nothing more is handled either.
@@ -28,16 +28,30 @@ server keeps only its command tables, handlers and replies:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3gw.address import describePeer
 from pop3gw.flow import OutputFlow
+
+if TYPE_CHECKING:
+
+    class _IConnection(ITLSTransport, IPushProducer):
+        """
+        What the servers need of their transport: a TCP connection (or TLS
+        over one) that can start TLS and be paused.
+        """
 
 
 class LineProtocol(Protocol):
@@ -50,12 +64,12 @@ class LineProtocol(Protocol):
     @cvar maxPendingInput: octets of unhandled input at which reading
         pauses.
     @cvar closeTimeout: seconds a graceful close may take before the
-        connection is aborted; L{None} for no limit.
+        connection is aborted; C{None} for no limit.
     @cvar bareLFCountsAsCRLF: whether a line ended by a bare LF counts as
         if it ended with CRLF against the line limit (SMTP's limits count
         CRLF; POP3's count the octets as sent).
     @cvar tooLongAtOnce: whether a line is reported too long as soon as
-        the limit is passed (L{True}) or when its end arrives.
+        the limit is passed (C{True}) or when its end arrives.
 
     @ivar secure: whether TLS is active (implicit TLS or after
         L{startTLS}).
@@ -63,6 +77,8 @@ class LineProtocol(Protocol):
     """
 
     log = Logger()
+    if TYPE_CHECKING:
+        transport: _IConnection
 
     maxPendingInput = 65536
     closeTimeout: Optional[float] = 10.0
@@ -100,7 +116,7 @@ class LineProtocol(Protocol):
     @property
     def idleTimeout(self) -> Optional[float]:
         """
-        Seconds of client silence before L{idleTimedOut}; L{None} or 0 for
+        Seconds of client silence before L{idleTimedOut}; C{None} or 0 for
         no limit.
         """
         raise NotImplementedError()
@@ -132,7 +148,7 @@ class LineProtocol(Protocol):
 
     def commandFailed(self, reason: Failure) -> None:
         """
-        A held command's L{Deferred} failed: a bug in its callbacks.
+        A held command's C{Deferred} failed: a bug in its callbacks.
         """
         raise NotImplementedError()
 
@@ -146,7 +162,7 @@ class LineProtocol(Protocol):
         """
         Handle the next piece of buffered input: by default one line.
 
-        @return: whether anything was handled (L{False}: wait for more).
+        @return: whether anything was handled (C{False}: wait for more).
         """
         return self._nextLine()
 
@@ -164,8 +180,9 @@ class LineProtocol(Protocol):
         except Exception:
             self.peer = "unknown"
         self._output.register(self.transport)
-        if self.idleTimeout:
-            self._timeoutCall = self.clock.callLater(self.idleTimeout, self._timedOut)
+        timeout = self.idleTimeout
+        if timeout:
+            self._timeoutCall = self.clock.callLater(timeout, self._timedOut)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._disconnected:
@@ -256,15 +273,18 @@ class LineProtocol(Protocol):
         Restart the idle timer, if it runs.
         """
         call = self._timeoutCall
-        if call is not None and call.active():
-            call.reset(self.idleTimeout)
+        timeout = self.idleTimeout
+        if call is not None and timeout is not None and call.active():
+            call.reset(timeout)
 
     def restartTimeout(self) -> None:
         """
         Start the idle timer anew (after it fired while the server, not the
         client, was slow).
         """
-        self._timeoutCall = self.clock.callLater(self.idleTimeout, self._timedOut)
+        timeout = self.idleTimeout
+        if timeout is not None:
+            self._timeoutCall = self.clock.callLater(timeout, self._timedOut)
 
     def cancelTimeout(self) -> None:
         """
@@ -306,7 +326,7 @@ class LineProtocol(Protocol):
     @property
     def commandInFlight(self) -> bool:
         """
-        Whether a command waits for its L{Deferred} (see L{hold}).
+        Whether a command waits for its C{Deferred} (see L{hold}).
         """
         return self._inFlight is not None
 

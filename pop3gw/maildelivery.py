@@ -52,7 +52,7 @@ def unlinkQuietly(path: str) -> None:
 
 def closeQuietly(fd: Optional[int]) -> None:
     """
-    Close C{fd} (if not L{None}), ignoring errors.
+    Close C{fd} (if not C{None}), ignoring errors.
     """
     if fd is not None:
         try:
@@ -121,7 +121,7 @@ class MaildirDelivery:
 
     def _openThrough(self, opening: defer.Deferred) -> None:
         """
-        The tmp file is being opened by C{opening} (a runner's L{Deferred}
+        The tmp file is being opened by C{opening} (a runner's C{Deferred}
         firing with its descriptor).
         """
         self._opening = []
@@ -181,7 +181,7 @@ class MaildirDelivery:
             delivery is then discarded).
         """
         if self._openFailure is not None:
-            raise self._openFailure.value
+            self._openFailure.raiseException()
         if self._state != "open":
             raise TemporaryFailure("delivery is not open")
         self._checkData(data)
@@ -198,7 +198,7 @@ class MaildirDelivery:
         """
         Make the message durable in every recipient's C{new}.
 
-        @return: a L{Deferred} firing with L{None} once durable, or failing
+        @return: a C{Deferred} firing with C{None} once durable, or failing
             with L{TemporaryFailure} (L{InsufficientStorage} for C{ENOSPC}
             and C{EDQUOT}) or, for a message ending with a bare CR,
             L{BadMessageData}; nothing of the message is then left.
@@ -241,8 +241,10 @@ class MaildirDelivery:
         name = f"{self._unique},S={self._size},W={self._size + self._lines}"
         try:
             self._flush()
-            os.fsync(self._fd)
-            fd, self._fd = self._fd, None
+            fd = self._fd
+            assert fd is not None, "committed only while the file is open"
+            os.fsync(fd)
+            self._fd = None
             os.close(fd)
             for maildir in self._maildirs:
                 dest = os.path.join(maildir, "new", name)

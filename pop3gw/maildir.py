@@ -367,10 +367,10 @@ class MaildirMaildrop:
         L{QUICK_FLAG_RENAMES}, in a maildrop small enough to be snapshotted
         on the reactor thread) are done at once.
 
-        @return: a L{Deferred} firing with L{None} once done, or failing
+        @return: a C{Deferred} firing with C{None} once done, or failing
             with L{TemporaryFailure} (some could not be removed, or the
             maildrop was already released; the lock is released anyway) or
-            L{IndexError} (an index is out of range; nothing is changed and
+            C{IndexError} (an index is out of range; nothing is changed and
             the lock is released).
         """
         if self._state != "open":
@@ -392,7 +392,7 @@ class MaildirMaildrop:
         self._state = "committing"
         return self._runner.run(self._doCommit, entries, flagged)
 
-    def _doCommit(self, entries: list, flagged: list = ()) -> None:
+    def _doCommit(self, entries: list, flagged: Sequence = ()) -> None:
         errors = []
         touched = set()
         try:
@@ -515,10 +515,10 @@ class MaildirStore:
     @param runner: where blocking work runs (creating maildrops, locking
         and snapshots of large ones, tmp clean-up, commit fsyncs): the
         server's L{pop3gw.runner.ThreadPoolRunner}; an
-        L{pop3gw.runner.ImmediateRunner} (the CLI) if L{None}.
+        L{pop3gw.runner.ImmediateRunner} (the CLI) if C{None}.
     @param hostname: for unique names; defaults to C{socket.gethostname()}.
     @param owner: the data directory's owner, given every directory and
-        file the store creates (see L{pop3gw.fsutil}); L{None} leaves them
+        file the store creates (see L{pop3gw.fsutil}); C{None} leaves them
         to this process.
     """
 
@@ -629,7 +629,7 @@ class MaildirStore:
         Lock C{address}'s maildrop (creating it if missing) and take its
         snapshot.
 
-        @return: a L{Deferred} firing with a L{MaildirMaildrop}, or failing
+        @return: a C{Deferred} firing with a L{MaildirMaildrop}, or failing
             with L{MaildropLocked}, L{TemporaryFailure} or (unsafe address)
             L{PermanentFailure}.
         """

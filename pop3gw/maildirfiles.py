@@ -123,8 +123,8 @@ class _ParsedName:
 
     @ivar key: the unique name without C{,S=} and C{,W=} fields or info: the
         source of the UIDL.
-    @ivar fileSize: the C{S=} value, or L{None}.
-    @ivar wireSize: the C{W=} value, or L{None}.
+    @ivar fileSize: the C{S=} value, or C{None}.
+    @ivar wireSize: the C{W=} value, or C{None}.
     @ivar info: C{":2,<flags>"} (or whatever followed the first C{:}), or
         C{""}.
     @ivar renameable: whether the name can be rewritten without changing
@@ -177,7 +177,7 @@ def seenName(name: str) -> Optional[str]:
     C{:2,S} appended if it has no info.  The part before the C{:} (hence the
     UIDL) is unchanged.
 
-    @return: the new name, or L{None} if there is nothing to do (already
+    @return: the new name, or C{None} if there is nothing to do (already
         seen, or info of another kind).
     """
     base, colon, info = name.partition(":")

@@ -14,7 +14,14 @@ import attr
 
 from pop3gw.address import Address, AddressError, lookupKey
 from pop3gw.directory import AddressMap
-from pop3gw.passwords import MAX_PASSWORD_BYTES, canVerify, hashPassword, isPlainText, plainPassword, schemeOf
+from pop3gw.passwords import (
+    MAX_PASSWORD_BYTES,
+    canVerify,
+    hashPassword,
+    isPlainText,
+    plainPassword,
+    schemeOf,
+)
 
 
 def splitLines(data: bytes) -> list[bytes]:
@@ -37,7 +44,7 @@ class UserLine:
     """
     One parsed users file line.
 
-    @ivar address: the user, or L{None} for a comment, blank or malformed
+    @ivar address: the user, or C{None} for a comment, blank or malformed
         line (kept as it is on rewrite).
     @ivar userField: the address text as written in the file.
     @ivar hashed: the stored C{{SCHEME}hash}.
@@ -77,7 +84,7 @@ def parseUserLine(raw: bytes) -> tuple[UserLine, bool]:
     return UserLine(raw, address, userField, hashed, sep + extra), False
 
 
-def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap, list[int]]:
+def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap[str], list[int]]:
     """
     Parse a users file.
 
@@ -86,7 +93,7 @@ def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap, list[int]]:
         or duplicate lines.
     """
     lines = []
-    users = AddressMap()
+    users: AddressMap[str] = AddressMap()
     bad = []
     for number, raw in enumerate(splitLines(data), 1):
         line, malformed = parseUserLine(raw)
@@ -98,14 +105,14 @@ def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap, list[int]]:
     return lines, users, bad
 
 
-def parseAliases(data: bytes) -> tuple[AddressMap, list[int]]:
+def parseAliases(data: bytes) -> tuple[AddressMap[Address], list[int]]:
     """
     Parse an aliases file of C{alias@domain: user@domain} lines.
 
     @return: alias -> user (as written), and the 1-based numbers of
         malformed lines.
     """
-    aliases = AddressMap()
+    aliases: AddressMap[Address] = AddressMap()
     bad = []
     for number, raw in enumerate(splitLines(data), 1):
         try:

@@ -23,7 +23,6 @@ import argon2
 import attr
 import bcrypt
 
-
 #: Argon2id parameters for new hashes: OWASP's minimum recommendation
 #: (19 MiB, 2 passes, 1 lane), which costs tens of milliseconds on a small
 #: 2-core server.
@@ -109,7 +108,7 @@ class _ShaCrypt:
     @ivar prefix: C{$5$} or C{$6$}.
     @ivar digest: the hashlib constructor.
     @ivar groups: the final encoding: (byte indexes, most significant
-        first, L{None} for a zero byte; characters) per group.
+        first, C{None} for a zero byte; characters) per group.
     """
 
     prefix: str
@@ -124,7 +123,7 @@ class _ShaCrypt:
         C{rotation}, then the bytes left over, in reverse.
         """
         stride = size // 3
-        groups = []
+        groups: list[tuple[tuple[Optional[int], ...], int]] = []
         for i in range(stride):
             group = (i, i + stride, i + 2 * stride)
             turn = (rotation * i) % 3
@@ -142,7 +141,7 @@ class _ShaCrypt:
         The hash of C{password}.
 
         @param salt: up to 16 bytes are used; must not contain C{$}.
-        @param rounds: the C{rounds=} value, or L{None} for the default
+        @param rounds: the C{rounds=} value, or C{None} for the default
             (5000) without a C{rounds=} field in the result.  Clamped to
             [1000, 999999999] as the specification says.
         @return: C{"$N$[rounds=R$]salt$hash"}.
@@ -339,7 +338,7 @@ _PLAIN_DECODERS: Mapping[str, Callable[[str], bytes]] = {
 
 def schemeOf(stored: str) -> Optional[str]:
     """
-    The scheme name of a stored C{"{SCHEME}hash"}, upper-cased, or L{None}
+    The scheme name of a stored C{"{SCHEME}hash"}, upper-cased, or C{None}
     if it has no C{{SCHEME}} prefix.
     """
     if not stored.startswith("{"):
@@ -363,7 +362,7 @@ def plainPassword(stored: str) -> Optional[str]:
     entry (with any of Dovecot's encoding suffixes), for hashing it on
     import.
 
-    @return: the password, or L{None} if C{stored} is not plain text (or
+    @return: the password, or C{None} if C{stored} is not plain text (or
         its encoding or UTF-8 is broken).
     """
     decode = _PLAIN_DECODERS.get(schemeOf(stored) or "")
@@ -378,7 +377,7 @@ def plainPassword(stored: str) -> Optional[str]:
 def upgradedHash(stored: str, password: bytes) -> Optional[str]:
     """
     A new Argon2id hash of C{password}, if C{stored} (which C{password}
-    was just verified against) uses an older scheme; L{None} if it is
+    was just verified against) uses an older scheme; C{None} if it is
     current (or not one L{verifyPassword} knows).
     """
     scheme = schemeOf(stored)

@@ -4,7 +4,7 @@ The POP3 server protocol (RFC 1939, 1225, 2449, 2595, 3206, 5034).
 
 L{POP3Server} speaks POP3 to one client; L{POP3Factory} builds them.  The
 protocol sees only L{pop3gw.interfaces}, L{pop3gw.events} and a
-L{twisted.cred.portal.Portal} handing out L{IPOP3Avatar}s.
+C{twisted.cred.portal.Portal} handing out L{IPOP3Avatar}s.
 
 Design notes:
 
@@ -38,7 +38,7 @@ Design notes:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
 from twisted.internet.protocol import ServerFactory
@@ -48,6 +48,8 @@ from twisted.python.failure import Failure
 from pop3gw.lineproto import LineProtocol
 from pop3gw.pop3login import AuthorizationCommands
 from pop3gw.pop3replies import (
+    _AUTHORIZATION,
+    _TRANSACTION,
     CLOSE_TIMEOUT,
     ERR_DELETED,
     ERR_EMPTY,
@@ -68,8 +70,6 @@ from pop3gw.pop3replies import (
     MAX_LINE_LENGTH,
     MAX_PENDING_INPUT,
     MAX_SASL_LINE_LENGTH,
-    _AUTHORIZATION,
-    _TRANSACTION,
     _BadArguments,
     _MessageDeleted,
     _noArguments,
@@ -145,7 +145,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
         self.startSession()
         self._reply(GREETING.format(implementation=self.factory.implementation))
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self.endSession()
         # Whatever the state: a maildrop held must never stay locked.
         if self._maildrop is not None:
@@ -395,16 +395,24 @@ _COMMAND_TABLES = {
 _ALL_COMMANDS = frozenset().union(*_COMMAND_TABLES.values())
 
 
-class POP3Factory(ServerFactory):
+if TYPE_CHECKING:
+    _ServerFactory = ServerFactory[POP3Server]
+else:
+    # Subscripted for the type checker only: importing does not depend on
+    # the installed Twisted's factories being generic.
+    _ServerFactory = ServerFactory
+
+
+class POP3Factory(_ServerFactory):
     """
     Builds L{POP3Server}s.  Also used under implicit TLS (wrapped in a
-    L{twisted.protocols.tls.TLSMemoryBIOFactory}): the protocol then sees
-    an L{ISSLTransport} and counts as secure from the start.
+    C{twisted.protocols.tls.TLSMemoryBIOFactory}): the protocol then sees
+    an C{ISSLTransport} and counts as secure from the start.
 
     @ivar plaintextAllowed: C{(secure, peerHost) -> bool}: whether USER/PASS
         and AUTH PLAIN are allowed on a connection.
     @ivar tlsContextFactory: passed to C{transport.startTLS} for STLS; if
-        L{None}, STLS is not offered.
+        C{None}, STLS is not offered.
     """
 
     protocol = POP3Server

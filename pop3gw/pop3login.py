@@ -6,7 +6,7 @@ The POP3 AUTHORIZATION state: USER/PASS, AUTH PLAIN (RFC 5034), STLS
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -15,6 +15,7 @@ from pop3gw import events
 from pop3gw.credentials import ClientCredentials
 from pop3gw.interfaces import IPOP3Avatar, MaildropLocked, PermanentFailure, TemporaryFailure
 from pop3gw.pop3replies import (
+    _AUTHORIZATION,
     ERR_AUTH_FAILED,
     ERR_IN_USE,
     ERR_MAILDROP_PERM,
@@ -30,11 +31,18 @@ from pop3gw.pop3replies import (
     ERR_USER_FIRST,
     LOGIN_REPLIES,
     MAX_AUTH_FAILURES,
-    _AUTHORIZATION,
     _BadArguments,
     _noArguments,
 )
-from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, decodeResponse, logLoginFailure, loggedUser, parsePlain
+from pop3gw.sasl import (
+    BadBase64,
+    LoginOutcome,
+    MalformedPlain,
+    decodeResponse,
+    loggedUser,
+    logLoginFailure,
+    parsePlain,
+)
 
 
 def _plainAuthcid(encoded: bytes) -> Optional[str]:
@@ -42,7 +50,7 @@ def _plainAuthcid(encoded: bytes) -> Optional[str]:
     The authentication identity of a SASL PLAIN response, for a log line;
     the password in it is not looked at.
 
-    @return: L{None} if C{encoded} is not a well-formed response.
+    @return: C{None} if C{encoded} is not a well-formed response.
     """
     authcid = loggedUser("PLAIN", encoded)
     try:
@@ -50,12 +58,41 @@ def _plainAuthcid(encoded: bytes) -> Optional[str]:
     except UnicodeDecodeError:
         return None
 
+if TYPE_CHECKING:
+    from pop3gw.lineproto import LineProtocol as _Host
+    from pop3gw.pop3 import POP3Factory
+else:
+    _Host = object
 
-class AuthorizationCommands:
+
+class AuthorizationCommands(_Host):
     """
     The handlers of the AUTHORIZATION state and the login they start, mixed
     into L{pop3gw.pop3.POP3Server}, whose state they use.
     """
+
+    if TYPE_CHECKING:
+        # What POP3Server and TransactionCommands provide.
+        factory: POP3Factory
+        state: str
+        _authFailures: int
+        _user: Optional[str]
+        _refusedUser: Optional[str]
+        _saslPending: bool
+        _avatar: object
+        _logout: Optional[Callable[[], None]]
+        _maildrop: object
+        _messages: Sequence
+
+        def _reply(self, text: str) -> None: ...
+        def _replyMultiline(self, first: str, lines: list[str]) -> None: ...
+        def _clientError(self, text: str) -> None: ...
+        def _close(self, text: Optional[str] = None) -> None: ...
+        def _callLogout(self) -> None: ...
+        def _plaintextAllowed(self) -> bool: ...
+        def _stlsOffered(self) -> bool: ...
+        def _avatarName(self) -> str: ...
+        def _beginTransaction(self, maildrop) -> None: ...
 
     def do_USER(self, rest: str) -> None:
         words = rest.split()

@@ -6,23 +6,23 @@ RSET, LAST (RFC 1225), RETR, TOP and QUIT with its commit.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import attr
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from pop3gw import events
-from pop3gw.interfaces import TemporaryFailure
+from pop3gw.interfaces import IMaildrop, IMessageInfo, TemporaryFailure
 from pop3gw.pop3replies import (
+    _TRANSACTION,
+    _UPDATE,
     ERR_COMMIT,
     ERR_MESSAGE_UNAVAILABLE,
     GOODBYE,
     _MessageDeleted,
-    _NoSuchMessage,
-    _TRANSACTION,
-    _UPDATE,
     _noArguments,
+    _NoSuchMessage,
     _numbers,
 )
 from pop3gw.pop3transfer import _MessageSender
@@ -44,12 +44,58 @@ class _Transaction:
     deleted: set[int] = attr.Factory(set)
     accessed: set[int] = attr.Factory(set)
 
+if TYPE_CHECKING:
+    from pop3gw.lineproto import LineProtocol as _Host
+    from pop3gw.pop3 import POP3Factory
+else:
+    _Host = object
 
-class TransactionCommands:
+
+class TransactionCommands(_Host):
     """
     The handlers of the TRANSACTION state and the commit at QUIT, mixed
     into L{pop3gw.pop3.POP3Server}, whose state they use.
     """
+
+    if TYPE_CHECKING:
+        # What POP3Server provides.
+        factory: POP3Factory
+        state: str
+        _avatar: object
+        _logout: Optional[Callable[[], None]]
+        _maildrop: Optional[IMaildrop]
+        _messages: Sequence[IMessageInfo]
+        _initialLast: int
+        _transaction: Optional[_Transaction]
+        _sender: Optional[_MessageSender]
+        _loggedOut: bool
+        _committing: bool
+        _retrieved: int
+        _topped: int
+        _bytesSent: int
+
+        def _reply(self, text: str) -> None: ...
+        def _replyMultiline(self, first: str, lines: list[str]) -> None: ...
+        def _close(self, text: Optional[str] = None) -> None: ...
+        def _callLogout(self) -> None: ...
+        def _avatarName(self) -> str: ...
+
+    @property
+    def _current(self) -> _Transaction:
+        """
+        The transaction, set for as long as the state is TRANSACTION (the
+        only state whose handlers ask for it).
+        """
+        assert self._transaction is not None
+        return self._transaction
+
+    @property
+    def _openMaildrop(self) -> IMaildrop:
+        """
+        The maildrop, open from login until the commit or the hang-up.
+        """
+        assert self._maildrop is not None
+        return self._maildrop
 
     def _beginTransaction(self, maildrop) -> None:
         """
@@ -71,12 +117,12 @@ class TransactionCommands:
         if not 1 <= number <= len(self._messages):
             raise _NoSuchMessage()
         index = number - 1
-        if index in self._transaction.deleted:
+        if index in self._current.deleted:
             raise _MessageDeleted()
         return index
 
-    def _live(self) -> list[tuple[int, object]]:
-        deleted = self._transaction.deleted
+    def _live(self) -> list[tuple[int, IMessageInfo]]:
+        deleted = self._current.deleted
         return [(i + 1, m) for i, m in enumerate(self._messages) if i not in deleted]
 
     def do_STAT(self, rest: str) -> None:
@@ -108,7 +154,7 @@ class TransactionCommands:
     def do_DELE(self, rest: str) -> None:
         (number,) = _numbers(rest, 1, 1)
         index = self._message(number)
-        self._transaction.deleted.add(index)
+        self._current.deleted.add(index)
         self._reply("+OK Message %d deleted." % (number,))
 
     def do_NOOP(self, rest: str) -> None:
@@ -133,7 +179,7 @@ class TransactionCommands:
         (through the seen flags) an earlier one; 0 if none.
         """
         _noArguments(rest)
-        self._reply("+OK %d" % (self._transaction.last,))
+        self._reply("+OK %d" % (self._current.last,))
 
     def do_RETR(self, rest: str) -> None:
         (number,) = _numbers(rest, 1, 1)
@@ -142,7 +188,7 @@ class TransactionCommands:
         if source is None:
             return
         self._reply("+OK %d octets" % (self._messages[index].size,))
-        transaction = self._transaction
+        transaction = self._current
         transaction.last = max(transaction.last, number)
         transaction.accessed.add(index)
         self._send(source, None)
@@ -158,10 +204,10 @@ class TransactionCommands:
 
     def _open(self, index: int):
         """
-        @return: the message file, or L{None} after replying if it is gone.
+        @return: the message file, or C{None} after replying if it is gone.
         """
         try:
-            return self._maildrop.openMessage(index)
+            return self._openMaildrop.openMessage(index)
         except TemporaryFailure as e:
             self.log.warn(
                 "message unavailable: user={user} index={index} error={error}",
@@ -224,10 +270,10 @@ class TransactionCommands:
         self.state = _UPDATE
         self._committing = True
         self.cancelTimeout()
-        transaction = self._transaction
+        transaction = self._current
         deleted = sorted(transaction.deleted)
         seen = sorted(transaction.accessed - transaction.deleted)
-        maildrop, self._maildrop = self._maildrop, None
+        maildrop, self._maildrop = self._openMaildrop, None
         d = maildrop.commit(deleted, seen=seen)
         d.addCallbacks(self._cbCommitted, self._ebCommit, callbackArgs=(len(deleted),))
         self.hold(d)

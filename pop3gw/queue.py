@@ -48,7 +48,7 @@ import fcntl
 import json
 import os
 import re
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence, cast
 
 import attr
 from twisted.internet import defer
@@ -59,7 +59,14 @@ from zope.interface import implementer
 from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.dsn import oneLine, originalHeaders
-from pop3gw.interfaces import IBlockingRunner, IOutboundQueue, IQueuedDelivery, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.interfaces import (
+    IBlockingRunner,
+    IOutboundQueue,
+    IQueuedDelivery,
+    IQueueStore,
+    ITwoPhaseDelivery,
+    TemporaryFailure,
+)
 from pop3gw.runner import ImmediateRunner
 from pop3gw.wire import CRLFStream
 
@@ -150,7 +157,7 @@ class Entry:
     One queued message's envelope and delivery state.
 
     @ivar queueId: the file-name-safe id (C{<id>.msg}, C{<id>.json}).
-    @ivar sender: the envelope sender, or L{None} for the null path.
+    @ivar sender: the envelope sender, or C{None} for the null path.
     @ivar created: when it was queued (POSIX seconds).
     @ivar attempts: how many delivery attempts were started.
     @ivar nextAttempt: when the next attempt is due (POSIX seconds).
@@ -425,7 +432,7 @@ def requestFlush(root: str, now: Optional[float] = None, owner: Optional[fsutil.
     Make every entry due now, durably, and touch C{.flush} so that a running
     relay notices (it polls L{OutboundQueue.flushStamp}).
 
-    @param now: the current time; C{time.time()} if L{None}.
+    @param now: the current time; C{time.time()} if C{None}.
     @param owner: who gets the files created (see L{pop3gw.fsutil}).
     @return: how many entries were updated.
     """
@@ -541,7 +548,7 @@ class _QueueDelivery:
         def failed(f: Failure) -> Failure:
             self._discardTmp()
             if f.check(OSError):
-                error = TemporaryFailure.fromOSError("cannot commit queue entry", f.value)
+                error = TemporaryFailure.fromOSError("cannot commit queue entry", cast(OSError, f.value))
                 self._queue.log.error("queue: {error} id={queueId}", error=str(error), queueId=self._entry.queueId)
                 return Failure(error)
             self._queue.log.failure("queue: cannot commit {queueId}", f, queueId=self._entry.queueId)
@@ -587,7 +594,7 @@ class OutboundQueue:
     @param reactor: gives the time (C{seconds}).
     @param runner: where file work (writes, fsyncs, removals) runs: the
         server's L{pop3gw.runner.ThreadPoolRunner}; an
-        L{pop3gw.runner.ImmediateRunner} if L{None}.
+        L{pop3gw.runner.ImmediateRunner} if C{None}.
     """
 
     log = Logger()
@@ -709,7 +716,7 @@ class OutboundQueue:
         """
         @return: a value that changes each time C{pop3gw queue flush}
             (L{requestFlush}) asks for a flush (the C{.flush} file's
-            modification time), or L{None} if none was ever asked.
+            modification time), or C{None} if none was ever asked.
         """
         try:
             return os.stat(os.path.join(self.root, FLUSH_FILE)).st_mtime_ns

@@ -11,7 +11,7 @@ and one queue entry for all remote ones.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Container, Iterable, Optional, Sequence, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -71,7 +71,7 @@ class _RoutedDelivery:
 
     @ivar queueId: the queue id of the remote part (the C{queueId} of the
         queue's L{IQueuedDelivery}: the id C{pop3gw queue list}, the relay's log
-        lines and bounces use), or L{None} if there is no remote part or
+        lines and bounces use), or C{None} if there is no remote part or
         the queue does not name one.
     @ivar localRecipients: the local recipients, a tuple of L{Address}.
     @ivar remoteRecipients: the remote recipients, a tuple of L{Address}.
@@ -112,11 +112,13 @@ class _RoutedDelivery:
     @defer.inlineCallbacks
     def _commit(self):
         remote, local = self._remote, self._local
-        twoPhase = remote is not None and ITwoPhaseDelivery.providedBy(remote)
+        staged: Optional[ITwoPhaseDelivery] = None
+        if remote is not None and ITwoPhaseDelivery.providedBy(remote):
+            staged = remote
         if remote is not None:
             try:
-                if twoPhase:
-                    yield defer.maybeDeferred(remote.prepare)
+                if staged is not None:
+                    yield defer.maybeDeferred(staged.prepare)
                 else:
                     yield defer.maybeDeferred(remote.commit)
             except Exception:
@@ -131,16 +133,16 @@ class _RoutedDelivery:
             except Exception:
                 f = Failure()
                 self._state = "aborted"
-                if twoPhase:
+                if staged is not None:
                     try:
-                        yield defer.maybeDeferred(remote.discard)
+                        yield defer.maybeDeferred(staged.discard)
                     except Exception:
                         self.log.failure("router: cannot withdraw the queued copy after a local failure")
                 elif remote is not None:
                     self.log.warn("router: local delivery failed after the remote copy was queued")
                 _asDeliveryFailure(self.log, f, "local delivery").raiseException()
-        if twoPhase:
-            remote.release()
+        if staged is not None:
+            staged.release()
         self._state = "committed"
 
     def abort(self) -> None:
@@ -180,12 +182,13 @@ class Router:
         store: IMaildropStore,
         queue: IOutboundQueue,
     ):
+        self._domains: Container[str]
         if isinstance(domains, (str, list, tuple, set, frozenset)) or not hasattr(domains, "__contains__"):
             self._domains = frozenset(d.lower().rstrip(".") for d in domains)
         else:
             # A live container (e.g. one that also counts the domains of
             # users added later): asked each time, not copied.
-            self._domains = domains
+            self._domains = cast(Container[str], domains)
         self._users = users
         self._store = store
         self._queue = queue

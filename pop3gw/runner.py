@@ -2,12 +2,12 @@
 """
 Runners for blocking work (L{IBlockingRunner}): one injected object decides
 where blocking file-system work runs, so no storage method returns "a value
-or a L{Deferred} depending on construction".
+or a C{Deferred} depending on construction".
 
 The server gives storage a L{ThreadPoolRunner} (work runs in a thread pool,
 results come back on the reactor thread); the CLI and tests give it an
 L{ImmediateRunner} (work runs at once, in the caller's thread).  Either way
-the caller gets a L{Deferred}.
+the caller gets a C{Deferred}.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class ImmediateRunner:
 
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """
-        @return: a L{Deferred} already fired with C{f(*args)}'s result or
+        @return: a C{Deferred} already fired with C{f(*args)}'s result or
             failure.
         """
         return defer.maybeDeferred(f, *args)
@@ -44,7 +44,7 @@ class ThreadPoolRunner:
     Runs work in a thread pool; results are delivered on the reactor thread.
 
     @param reactor: where results are reported (C{callFromThread}).
-    @param pool: a L{twisted.python.threadpool.ThreadPool} (or anything with
+    @param pool: a C{twisted.python.threadpool.ThreadPool} (or anything with
         its C{callInThreadWithCallback}).
     """
 
@@ -56,9 +56,9 @@ class ThreadPoolRunner:
 
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """
-        @return: a L{Deferred} fired on the reactor thread with C{f(*args)}'s
+        @return: a C{Deferred} fired on the reactor thread with C{f(*args)}'s
             result or failure, once a pool thread has run it.  The work
-            counts as in flight (see L{drain}) until that L{Deferred}'s
+            counts as in flight (see L{drain}) until that C{Deferred}'s
             callbacks have run.
         """
         result: defer.Deferred = defer.Deferred()
@@ -90,7 +90,7 @@ class ThreadPoolRunner:
         Wait for the work in flight, including work it starts from its
         callbacks.
 
-        @return: a L{Deferred} firing on a later reactor turn once nothing
+        @return: a C{Deferred} firing on a later reactor turn once nothing
             is in flight.
         """
         waiter: defer.Deferred = defer.Deferred()

@@ -93,7 +93,7 @@ def parsePlain(decoded: bytes) -> PlainResponse:
 def loggedUser(mechanism: str, encoded: Optional[bytes]) -> Optional[bytes]:
     """
     The login name in a PLAIN or LOGIN initial response, for a log line:
-    PLAIN's authentication identity or LOGIN's user name; L{None} if there
+    PLAIN's authentication identity or LOGIN's user name; C{None} if there
     is none or it does not decode.  Never the password.
     """
     if encoded is None:
@@ -150,7 +150,9 @@ def classifyLoginFailure(reason: Failure) -> LoginOutcome:
     return LoginOutcome.FAULT
 
 
-def logLoginFailure(log: Logger, service: str, user: object, peer: str, reason: Failure) -> LoginOutcome:
+def logLoginFailure(
+    log: Logger, service: str, user: "str | bytes | None", peer: str, reason: Failure
+) -> LoginOutcome:
     """
     Classify a login that did not succeed and log what every protocol logs
     alike: one C{authentication unavailable} line for

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_service -*-
 """
 C{twistd pop3gw}: builds every piece from a L{Config} into one
-L{MultiService}.  This is the only module that builds endpoints.
+C{MultiService}.  This is the only module that builds endpoints.
 
 One server runs per data directory: the whole service holds an exclusive
 lock on C{DATA/server.lock} (L{ServerLockService}).
@@ -12,15 +12,16 @@ from __future__ import annotations
 import os
 import resource
 import signal
-from typing import Optional
+from types import FrameType
+from typing import Any, Callable, Optional, Union
 
-from twisted import copyright
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -28,11 +29,11 @@ from twisted.python.threadpool import ThreadPool
 
 from pop3gw import __version__, fsutil
 from pop3gw.address import Address
-from pop3gw.interfaces import UnknownUser
 from pop3gw.anvil import AuthAccounting
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
+from pop3gw.interfaces import UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import POP3Factory
@@ -41,8 +42,14 @@ from pop3gw.relay import RelayService
 from pop3gw.router import Router
 from pop3gw.runner import ThreadPoolRunner
 from pop3gw.smtp import SubmissionFactory
-from pop3gw.tls import CertificateManager, TLSConfigError, clientContextFactory, opportunisticClientContextFactory
+from pop3gw.tls import (
+    CertificateManager,
+    TLSConfigError,
+    clientContextFactory,
+    opportunisticClientContextFactory,
+)
 from pop3gw.users import UsersFile
+from twisted import copyright
 
 __all__ = ["Options", "makeService"]
 
@@ -93,7 +100,7 @@ STOP_LISTENERS, STOP_SERVICES, STOP_POOLS = 0, 1, 2
 
 class ThreadPoolService(Service):
     """
-    Starts and stops a L{ThreadPool} with the application.
+    Starts and stops a C{ThreadPool} with the application.
 
     @param runner: the L{ThreadPoolRunner} over C{pool}, if any: stopping
         first waits for its work in flight (see L{ThreadPoolRunner.drain}),
@@ -188,7 +195,7 @@ class ServerLockService(MultiService):
         d: defer.Deferred = defer.succeed(None)
         for stage in (STOP_LISTENERS, STOP_SERVICES, STOP_POOLS):
             group = [p for p in parts if getattr(p, "stopStage", STOP_SERVICES) == stage]
-            d.addCallback(lambda _, group=group: _stopAll(group))
+            d.addCallback(lambda _, group: _stopAll(group), group)
 
         def release(result):
             self.releaseLock()
@@ -201,7 +208,7 @@ def _stopAll(services: list) -> defer.Deferred:
     """
     Stop C{services} together.
 
-    @return: a L{Deferred} firing once all have stopped.
+    @return: a C{Deferred} firing once all have stopped.
     """
     return defer.DeferredList([defer.maybeDeferred(s.stopService) for s in services]).addCallback(lambda _: None)
 
@@ -232,7 +239,9 @@ class ListenerService(StreamServerEndpointService):
             # The most common operator mistake (a port in use, an address
             # not on this host): one line, not a traceback.
             raise SystemExit(f"pop3gw: {self.listenerName}: cannot listen on {self.description}: {_reason(e)}") from None
-        self._waitingForPort.addCallback(self._logListening)
+        waiting = self._waitingForPort
+        assert waiting is not None, "set by privilegedStartService"
+        waiting.addCallback(self._logListening)
 
     def _logListening(self, port):
         host = port.getHost()
@@ -261,14 +270,14 @@ class ReloadService(Service):
     dropping sessions).
 
     @ivar refreshUsers: re-reads the users directory off the reactor
-        thread; returns a L{defer.Deferred}.
+        thread; returns a C{defer.Deferred}.
     """
 
     def __init__(self, reactor, refreshUsers, certs) -> None:
         self.reactor = reactor
         self.refreshUsers = refreshUsers
         self.certs = certs
-        self._previous = None
+        self._previous: Union[Callable[[int, Optional[FrameType]], Any], int, None] = None
 
     def startService(self) -> None:
         super().startService()
@@ -436,17 +445,17 @@ def _build(config: Config, reactor) -> MultiService:
     # byte: the limiter is outside the TLS layer (so a flood costs no
     # handshakes), and a plaintext refusal would land in the client's TLS
     # handshake.
-    plans = [
+    plans: list[tuple[str, IProtocolFactory, bool, Optional[bytes]]] = [
         ("pop3", pop3Factory, False, POP3_REFUSAL),
         ("pop3s", pop3Factory, True, None),
         ("submission", submissionFactory, False, SMTP_REFUSAL),
         ("submissions", submissionFactory, True, None),
     ]
-    for name, factory, implicitTLS, refusal in plans:
+    for name, served, implicitTLS, refusal in plans:
         for description in config.listeners[name]:
-            wrapped = factory
+            wrapped: IProtocolFactory = served
             if implicitTLS:
-                wrapped = TLSMemoryBIOFactory(serverTLS, False, factory, reactor)
+                wrapped = TLSMemoryBIOFactory(serverTLS, False, served, reactor)
                 wrapped.noisy = False
             ListenerService(reactor, name, description, limited(wrapped, refusal)).setServiceParent(top)
 

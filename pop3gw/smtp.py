@@ -10,7 +10,7 @@ codes).  CHUNKING/BDAT, DSN and SMTPUTF8 are not offered.
 The protocol stands on L{pop3gw.lineproto.LineProtocol} (framing, limits,
 pipelining, back-pressure, idle and close timers, STARTTLS's buffer
 discard); it sees only L{pop3gw.interfaces},
-L{pop3gw.address}, L{pop3gw.events} and a L{twisted.cred.portal.Portal}
+L{pop3gw.address}, L{pop3gw.events} and a C{twisted.cred.portal.Portal}
 whose realm hands out L{ISubmissionAvatar}s.
 
 Commands
@@ -45,7 +45,7 @@ ids and the commit are L{pop3gw.smtpdata}'s.
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import attr
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -120,6 +120,10 @@ from pop3gw.smtpreplies import (
     _State,
 )
 from pop3gw.wire import DEFAULT_MAX_MESSAGE_SIZE
+
+if TYPE_CHECKING:
+    from twisted.cred.portal import Portal
+    from twisted.internet.interfaces import IReactorTime
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -211,7 +215,7 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
         self.startSession()
         self._send(Reply(220, f"{self.factory.hostname} ESMTP ready"))
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         """
         Abort any open delivery, log out, log the session's counters.
         """
@@ -352,6 +356,14 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
             except Exception:
                 self.log.failure("Submission logout failed")
 
+    @property
+    def _account(self) -> ISubmissionAvatar:
+        """
+        The logged-in user's avatar, for the states after AUTH.
+        """
+        assert self._avatar is not None, "only asked for after AUTH"
+        return self._avatar
+
     def _plaintextAllowed(self) -> bool:
         return bool(self.factory.plaintextAllowed(self.secure, self.peer))
 
@@ -459,7 +471,7 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
             sender = Address.parse(path)
         except AddressError:
             raise SMTPRefusal(BAD_SENDER_ADDRESS) from None
-        if not self._avatar.mayUseSender(sender):
+        if not self._account.mayUseSender(sender):
             raise SMTPRefusal(SENDER_NOT_OWNED)
         self._envelope = _Envelope(sender)
         self._state = _State.MAIL
@@ -477,7 +489,7 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
             # accepted.  It is the postmaster of the user's own domain
             # (always a local one): delivered where that address's user or
             # alias says, else refused as an unknown user.
-            address = Address(POSTMASTER, self._avatar.address.domain)
+            address = Address(POSTMASTER, self._account.address.domain)
         else:
             try:
                 address = Address.parse(path)
@@ -485,7 +497,7 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
                 raise SMTPRefusal(BAD_RECIPIENT_ADDRESS) from None
         if len(self._envelope.recipients) >= self.factory.maxRecipients:
             raise SMTPRefusal(TOO_MANY_RECIPIENTS)
-        d = maybeDeferred(self._avatar.checkRecipient, address)
+        d = maybeDeferred(self._account.checkRecipient, address)
         d.addCallbacks(self._cbRecipient, self._ebRecipient)
         return d
 
@@ -520,7 +532,7 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
         "VRFY": do_VRFY,
         "HELP": do_HELP,
     }
-    _tables = {
+    _tables: dict[_State, dict[str, Callable[..., Any]]] = {
         _State.FRESH: {**_common, "STARTTLS": do_STARTTLS},
         _State.GREETED: {**_common, "STARTTLS": do_STARTTLS, "AUTH": AuthCommands.do_AUTH},
         _State.AUTHENTICATED: {**_common, "MAIL": do_MAIL},
@@ -532,7 +544,7 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
 _COMMAND_TABLES = SubmissionServer._tables
 #: Every command some state accepts: any other verb is unknown (500 5.5.2)
 #: rather than out of sequence.
-_KNOWN_COMMANDS = frozenset().union(*_COMMAND_TABLES.values())
+_KNOWN_COMMANDS: frozenset[str] = frozenset().union(*_COMMAND_TABLES.values())
 _WRONG_STATE = {
     _State.FRESH: {
         "AUTH": SEND_EHLO_FIRST,
@@ -553,22 +565,30 @@ _WRONG_STATE = {
 # --- The factory --------------------------------------------------------------
 
 
+if TYPE_CHECKING:
+    _Factory = Factory[SubmissionServer]
+else:
+    # Subscripted for the type checker only: importing does not depend on
+    # the installed Twisted's factories being generic.
+    _Factory = Factory
+
+
 @attr.s(auto_attribs=True, eq=False)
-class SubmissionFactory(Factory):
+class SubmissionFactory(_Factory):
     """
     Builds L{SubmissionServer}s.
 
-    @ivar portal: a L{twisted.cred.portal.Portal} whose realm returns
+    @ivar portal: a C{twisted.cred.portal.Portal} whose realm returns
         L{ISubmissionAvatar}s for L{ClientCredentials} (user name and
         password as UTF-8 bytes, and the client's address).
     @ivar plaintextAllowed: C{plaintextAllowed(secure, peerHost) -> bool}:
         whether AUTH PLAIN/LOGIN may be used on a connection.
-    @ivar clock: an L{IReactorTime} for the idle timeout and C{Date:}s.
+    @ivar clock: an C{IReactorTime} for the idle timeout and C{Date:}s.
     @ivar hostname: the server's name in the greeting, EHLO and headers.
     @ivar maxMessageSize: the SIZE limit in octets.
-    @ivar tlsContextFactory: passed to C{transport.startTLS}; L{None} means
+    @ivar tlsContextFactory: passed to C{transport.startTLS}; C{None} means
         STARTTLS is not offered.  For implicit TLS, wrap this factory in a
-        L{twisted.protocols.tls.TLSMemoryBIOFactory}: the connection is then
+        C{twisted.protocols.tls.TLSMemoryBIOFactory}: the connection is then
         seen as secure from the start.
     @ivar maxRecipients: recipients per message.
     @ivar checkHeaderFrom: whether the C{From:}/C{Sender:} addresses must be
@@ -576,9 +596,9 @@ class SubmissionFactory(Factory):
     @ivar idleTimeout: seconds of client silence before C{421} and close.
     """
 
-    portal: object
+    portal: Portal
     plaintextAllowed: Callable[[bool, str], bool]
-    clock: object
+    clock: IReactorTime
     hostname: str
     maxMessageSize: int = DEFAULT_MAX_MESSAGE_SIZE
     tlsContextFactory: object = None

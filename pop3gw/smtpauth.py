@@ -6,7 +6,7 @@ L{pop3gw.sasl}, and the portal login.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -14,7 +14,15 @@ from twisted.python.failure import Failure
 from pop3gw import events
 from pop3gw.credentials import ClientCredentials
 from pop3gw.interfaces import ISubmissionAvatar
-from pop3gw.sasl import BadBase64, LoginOutcome, MalformedPlain, decodeResponse, logLoginFailure, loggedUser, parsePlain
+from pop3gw.sasl import (
+    BadBase64,
+    LoginOutcome,
+    MalformedPlain,
+    decodeResponse,
+    loggedUser,
+    logLoginFailure,
+    parsePlain,
+)
 from pop3gw.smtpreplies import (
     AUTH_BAD_BASE64,
     AUTH_CANCELLED,
@@ -29,9 +37,9 @@ from pop3gw.smtpreplies import (
     AUTH_USERNAME,
     LOGIN_REPLIES,
     MAX_AUTH_FAILURES,
-    Reply,
     SEND_EHLO_FIRST,
     SERVICE,
+    Reply,
     SMTPRefusal,
     _Mode,
     _State,
@@ -50,12 +58,43 @@ def decodeBase64(text: str) -> bytes:
     except (BadBase64, UnicodeEncodeError):
         raise SMTPRefusal(AUTH_BAD_BASE64) from None
 
+if TYPE_CHECKING:
+    from pop3gw.lineproto import LineProtocol as _Host
+    from pop3gw.smtp import SubmissionFactory
+    from pop3gw.smtpdata import _MessageReader
+    from pop3gw.smtpreplies import _Envelope
+else:
+    _Host = object
 
-class AuthCommands:
+
+class AuthCommands(_Host):
     """
     The AUTH command and the SASL exchange it starts, mixed into
     L{pop3gw.smtp.SubmissionServer}, whose state they use.
     """
+
+    if TYPE_CHECKING:
+        # What SubmissionServer provides.
+        factory: SubmissionFactory
+        _state: _State
+        _mode: _Mode
+        _helo: Optional[str]
+        _esmtp: bool
+        _avatar: Optional[ISubmissionAvatar]
+        _logout: Optional[Callable[[], None]]
+        _user: str
+        _envelope: _Envelope
+        _reader: Optional[_MessageReader]
+        _auth: Optional[tuple]
+        _authFailures: int
+        _errors: int
+        _messages: int
+        _bytes: int
+
+        def _send(self, reply: Reply) -> None: ...
+        def _close(self, reply: Reply) -> None: ...
+        def _resetTransaction(self) -> None: ...
+        def _plaintextAllowed(self) -> bool: ...
 
     def do_AUTH(self, argument: str) -> Optional[Deferred]:
         if not self._esmtp:
@@ -94,6 +133,7 @@ class AuthCommands:
         One SASL response line in the middle of an AUTH exchange.
         """
         step, self._auth = self._auth, None
+        assert step is not None, "the AUTH mode has a step"
         self._mode = _Mode.COMMAND
         if line == b"*":
             self._send(AUTH_CANCELLED)

@@ -79,7 +79,7 @@ import ipaddress
 import re
 import secrets
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
@@ -99,16 +99,15 @@ from pop3gw.smtpreplies import (
     NO_ARGUMENTS,
     NO_RECIPIENTS,
     NUL_IN_DATA,
-    Reply,
-    SMTPRefusal,
     START_DATA,
     TEMPORARY_FAILURE,
     TOO_BIG,
     WRITE_CHUNK,
+    Reply,
+    SMTPRefusal,
     _Mode,
     temporaryReply,
 )
-
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -158,7 +157,7 @@ def _headerFields(lines: list[bytes]) -> list[tuple[Optional[bytes], bytes]]:
     """
     Split a header section into unfolded fields.
 
-    @return: a list of (lower-cased field name, or L{None} for a line that
+    @return: a list of (lower-cased field name, or C{None} for a line that
         is not a field, unfolded value).
     """
     fields: list[list] = []
@@ -214,9 +213,9 @@ class _MessageReader:
     an L{IDelivery}.  See the module docstring for the rules.
 
     @ivar refusal: the L{Reply} the message will be refused with at the end
-        of the data, or L{None}.
+        of the data, or C{None}.
     @ivar reason: the server-side error behind the refusal, for the log (a
-        storage failure's text), or L{None}.
+        storage failure's text), or C{None}.
     @ivar size: message octets counted so far (CRLF line ends, unstuffed).
     """
 
@@ -295,7 +294,7 @@ class _MessageReader:
         """
         The end of the data was reached: write what is still held.
 
-        @return: the refusal, or L{None} if the delivery may be committed.
+        @return: the refusal, or C{None} if the delivery may be committed.
         """
         if self.refusal is None and self._inHeaders:
             self._endHeaders(blankLine=False)
@@ -364,6 +363,8 @@ class _MessageReader:
         and C{Resent-Sender:} field may be used by the user.  An unparseable or empty field counts as not
         owned; a message without these fields passes.
         """
+        mayUseSender = self._mayUseSender
+        assert mayUseSender is not None, "only called with a check to make"
         for name, value in fields:
             if name not in _SENDER_FIELDS:
                 continue
@@ -375,7 +376,7 @@ class _MessageReader:
                     address = Address.parse(spec)
                 except AddressError:
                     return False
-                if not self._mayUseSender(address):
+                if not mayUseSender(address):
                     return False
         return True
 
@@ -397,15 +398,50 @@ class _MessageReader:
             self.log.failure("Writing a submitted message failed")
             self.refuse(INTERNAL_ERROR)
 
+if TYPE_CHECKING:
+    from pop3gw.interfaces import ISubmissionAvatar
+    from pop3gw.lineproto import LineProtocol as _Host
+    from pop3gw.smtp import SubmissionFactory
+    from pop3gw.smtpreplies import _Envelope, _State
+else:
+    _Host = object
 
-class DataCommands:
+
+class DataCommands(_Host):
     """
     DATA, the end of the data and the commit, mixed into
     L{pop3gw.smtp.SubmissionServer}, whose state they use.
     """
 
+    if TYPE_CHECKING:
+        # What SubmissionServer provides.
+        factory: SubmissionFactory
+        _state: _State
+        _mode: _Mode
+        _helo: Optional[str]
+        _esmtp: bool
+        _avatar: Optional[ISubmissionAvatar]
+        _logout: Optional[Callable[[], None]]
+        _user: str
+        _envelope: _Envelope
+        _reader: Optional[_MessageReader]
+        _auth: Optional[tuple]
+        _authFailures: int
+        _errors: int
+        _messages: int
+        _bytes: int
+
+        def _send(self, reply: Reply) -> None: ...
+        def _close(self, reply: Reply) -> None: ...
+        def _resetTransaction(self) -> None: ...
+        def _plaintextAllowed(self) -> bool: ...
+
+        @property
+        def _account(self) -> ISubmissionAvatar: ...
+
     def _dataStep(self) -> bool:
         reader = self._reader
+        assert reader is not None, "the DATA mode has a reader"
         if not reader.consume(self._buffer):
             return False
         self._reader = None
@@ -486,7 +522,7 @@ class DataCommands:
 
     def _ebCommitted(self, failure: Failure, sender: Optional[Address]) -> None:
         if failure.check(TemporaryFailure):
-            reply = temporaryReply(failure.value)
+            reply = temporaryReply(cast(TemporaryFailure, failure.value))
             self._logRefused(sender, reply, str(failure.value))
         else:
             self.log.failure("submission: commit failed", failure)
@@ -500,7 +536,7 @@ class DataCommands:
         if not envelope.recipients:
             raise SMTPRefusal(NO_RECIPIENTS)
         try:
-            delivery = self._avatar.beginDelivery(envelope.sender, list(envelope.recipients))
+            delivery = self._account.beginDelivery(envelope.sender, list(envelope.recipients))
         except TemporaryFailure as e:
             self._logRefused(envelope.sender, temporaryReply(e), str(e))
             raise SMTPRefusal(temporaryReply(e)) from None
@@ -516,7 +552,7 @@ class DataCommands:
         except Exception:
             delivery.abort()
             raise
-        checker = self._avatar.mayUseSender if self.factory.checkHeaderFrom else None
+        checker = self._account.mayUseSender if self.factory.checkHeaderFrom else None
         self._reader = _MessageReader(delivery, self.factory.maxMessageSize, checker, self._missingFields)
         self._mode = _Mode.DATA
         self._send(START_DATA)
@@ -549,5 +585,5 @@ class DataCommands:
         if b"date" not in present:
             added.append(f"Date: {formatDate(self.factory.clock.seconds())}\r\n".encode("ascii"))
         if b"from" not in present and self._avatar is not None:
-            added.append(f"From: {self._avatar.address}\r\n".encode("utf-8"))
+            added.append(f"From: {self._account.address}\r\n".encode("utf-8"))
         return added

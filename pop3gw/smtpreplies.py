@@ -16,7 +16,6 @@ from pop3gw.address import Address
 from pop3gw.interfaces import InsufficientStorage, TemporaryFailure
 from pop3gw.sasl import LoginOutcome
 
-
 # --- Limits -------------------------------------------------------------------
 
 #: Longest command line in octets, CRLF included (RFC 5321 4.5.3.1.4).
@@ -180,7 +179,7 @@ class _Envelope:
     One mail transaction: made at MAIL, replaced whole by a new one at RSET,
     HELO/EHLO, STARTTLS and the end of the data.
 
-    @ivar sender: the envelope sender (L{None} before MAIL).
+    @ivar sender: the envelope sender (C{None} before MAIL).
     @ivar recipients: the accepted recipients, without duplicates.
     @ivar messageId: the message's id, once DATA has begun its delivery.
     """

@@ -3,7 +3,7 @@
 In-memory fakes of pop3gw's interfaces, for tests.
 
 Each fake is checked against its interface with C{verifyObject} in
-L{tests.test_testing}, and the contract-test mixins run over both a fake and
+C{tests.test_testing}, and the contract-test mixins run over both a fake and
 the real implementation.
 """
 
@@ -139,9 +139,9 @@ class FakeMaildrop:
     """
     A snapshot of a L{FakeMaildropStore} mailbox.
 
-    @ivar committed: the C{deleted} indexes given to L{commit}, or L{None}
+    @ivar committed: the C{deleted} indexes given to L{commit}, or C{None}
         before a commit.
-    @ivar committedSeen: the C{seen} indexes given to L{commit}, or L{None}
+    @ivar committedSeen: the C{seen} indexes given to L{commit}, or C{None}
         before a commit.
     """
 
@@ -304,7 +304,7 @@ class FakeRouter:
     Local domains and users from a L{FakeUserDatabase}; local mail to a
     L{FakeMaildropStore}, the rest to a L{FakeOutboundQueue}.  Answers as
     L{pop3gw.router.Router} does (the contract tests in
-    L{tests.test_router} run over both): domains in any case and with a
+    C{tests.test_router} run over both): domains in any case and with a
     trailing dot, non-public domains refused, duplicate recipients once,
     the queue part committed before the local part.
     """
@@ -442,7 +442,7 @@ class HeldRunner:
 
     def runNext(self) -> None:
         """
-        Run the oldest job and fire its L{Deferred} with the result.
+        Run the oldest job and fire its C{Deferred} with the result.
         """
         f, args, d = self.jobs.pop(0)
         defer.maybeDeferred(f, *args).chainDeferred(d)

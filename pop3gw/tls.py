@@ -6,7 +6,7 @@ L{CertificateManager} owns the server certificate: either one the operator
 gives (a PEM full chain and its key) or a self-signed one it generates once
 under C{<dataDir>/tls/}.  Its L{CertificateManager.serverContextFactory} is
 one object, passed once to every implicit-TLS listener
-(L{twisted.protocols.tls.TLSMemoryBIOFactory}) and to C{startTLS} for
+(C{twisted.protocols.tls.TLSMemoryBIOFactory}) and to C{startTLS} for
 STLS/STARTTLS; after L{CertificateManager.reload} new handshakes use the new
 certificate while open sessions keep the old one.
 
@@ -49,7 +49,7 @@ import datetime
 import ipaddress
 import os
 import socket
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import attrs
 from cryptography import x509
@@ -64,6 +64,10 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.internet import ssl as tssl
+
+if TYPE_CHECKING:
+    # Not exported by twisted.internet.ssl, which returns its providers.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
@@ -314,7 +318,7 @@ class _Material:
     them.
 
     @ivar chain: the certificates, leaf first.
-    @ivar context: the server L{SSL.Context} serving them.
+    @ivar context: the server C{SSL.Context} serving them.
     @ivar signature: C{(mtime_ns, size, inode)} of the certificate and key
         files as they were when read.
     """
@@ -403,7 +407,7 @@ class ServerContextFactory:
     The server connection creator of a L{CertificateManager}: one object for
     the life of the process, always using the manager's current context.
 
-    Twisted (C{startTLS}, L{twisted.protocols.tls.TLSMemoryBIOFactory})
+    Twisted (C{startTLS}, C{twisted.protocols.tls.TLSMemoryBIOFactory})
     calls L{serverConnectionForTLS}; old-style users call L{getContext}.
     Both look up the current context at each new connection, so a reload
     affects only new handshakes.
@@ -431,14 +435,14 @@ class CertificateManager:
 
     @ivar dataDir: the data directory; generated material goes to its
         C{tls/} subdirectory.
-    @ivar certPath: the PEM full chain (leaf first), or L{None} to use a
+    @ivar certPath: the PEM full chain (leaf first), or C{None} to use a
         generated self-signed certificate.
-    @ivar keyPath: the PEM key of the leaf, or L{None} (with C{certPath}).
+    @ivar keyPath: the PEM key of the leaf, or C{None} (with C{certPath}).
     @ivar hostname: the name for a generated certificate (default: the FQDN
         of this host); with operator certificates, a warning is logged when
         the certificate does not cover it.
     @ivar owner: the data directory's owner, given the generated directory,
-        certificate and key (see L{pop3gw.fsutil}), or L{None}.
+        certificate and key (see L{pop3gw.fsutil}), or C{None}.
     """
 
     dataDir: str
@@ -464,7 +468,7 @@ class CertificateManager:
     @property
     def generated(self) -> bool:
         """
-        L{True} when serving a generated self-signed certificate.
+        C{True} when serving a generated self-signed certificate.
         """
         return self.certPath is None
 
@@ -576,7 +580,7 @@ class CertificateManager:
         certificate that has expired or is not yet valid is a failure
         while the current one is valid.
 
-        @return: L{True} if the new certificate is now served.
+        @return: C{True} if the new certificate is now served.
         """
         if self._material is None:
             try:
@@ -627,7 +631,7 @@ class CertificateManager:
         raises: an unexpected error is logged as a failure and the next
         call checks again.
 
-        @return: L{True} if a new certificate is now served.
+        @return: C{True} if a new certificate is now served.
         """
         try:
             certFile, keyFile = self._paths()
@@ -651,7 +655,7 @@ class CertificateManager:
         """
         @return: the server connection creator (always the same object),
             valid across reloads.  It provides both
-            L{IOpenSSLServerConnectionCreator} and L{IOpenSSLContextFactory}.
+            C{IOpenSSLServerConnectionCreator} and C{IOpenSSLContextFactory}.
         """
         if self._factory is None:
             self._factory = ServerContextFactory(self)
@@ -686,7 +690,7 @@ class CertificateManager:
 # --- Client side -----------------------------------------------------------
 
 
-def _asTrustRoot(trustRoot) -> tssl.IOpenSSLTrustRoot:
+def _asTrustRoot(trustRoot) -> IOpenSSLTrustRoot:
     if trustRoot is None:
         return tssl.platformTrust()
     if isinstance(trustRoot, tssl.Certificate):
@@ -702,11 +706,11 @@ def clientContextFactory(
 
     @param hostname: the smarthost's name (or IP address): sent as SNI and,
         with C{verify}, checked against its certificate.
-    @param verify: if L{True}, the handshake fails unless the certificate
-        chains to C{trustRoot} and matches C{hostname}.  If L{False} traffic
+    @param verify: if C{True}, the handshake fails unless the certificate
+        chains to C{trustRoot} and matches C{hostname}.  If C{False} traffic
         is encrypted but the server is not authenticated.
-    @param trustRoot: an L{IOpenSSLTrustRoot} or a
-        L{twisted.internet.ssl.Certificate}; default: the platform's.
+    @param trustRoot: an C{IOpenSSLTrustRoot} or a
+        C{twisted.internet.ssl.Certificate}; default: the platform's.
     """
     if verify:
         return tssl.optionsForClientTLS(
@@ -763,10 +767,10 @@ class VerificationResult:
     """
     What an opportunistic TLS handshake learned about the peer.
 
-    @ivar verified: L{None} until the handshake completes; then L{True} if
+    @ivar verified: C{None} until the handshake completes; then C{True} if
         the chain was trusted and the certificate matched the host name,
-        L{False} otherwise.
-    @ivar reason: why it was not verified (for the log), else L{None}.
+        C{False} otherwise.
+    @ivar reason: why it was not verified (for the log), else C{None}.
     """
 
     verified: bool | None = None

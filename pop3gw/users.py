@@ -50,8 +50,15 @@ from zope.interface import implementer
 from pop3gw import fsutil
 from pop3gw.address import Address, lookupKey
 from pop3gw.directory import AddressMap, Directory
-from pop3gw.interfaces import IUserDirectory, IUserStore, LookupWouldBlock, TemporaryFailure, UnknownUser, UserExists
-from pop3gw.passwdfile import parseAliases, parseUsers, UserLine
+from pop3gw.interfaces import (
+    IUserDirectory,
+    IUserStore,
+    LookupWouldBlock,
+    TemporaryFailure,
+    UnknownUser,
+    UserExists,
+)
+from pop3gw.passwdfile import UserLine, parseAliases, parseUsers
 from pop3gw.passwords import canVerify, schemeOf
 
 _log = Logger()
@@ -138,10 +145,10 @@ class _WatchedFile:
             raise TemporaryFailure(f"cannot read {self._what} {self.path}: {error}")
 
 
-def _unverifiable(users: AddressMap) -> list[tuple[Address, Optional[str]]]:
+def _unverifiable(users: AddressMap[str]) -> list[tuple[Address, Optional[str]]]:
     """
     The users whose hash L{pop3gw.passwords.verifyPassword} cannot check,
-    with their scheme (printable ASCII, else C{"?"}) or L{None} when there
+    with their scheme (printable ASCII, else C{"?"}) or C{None} when there
     is no scheme.
     """
     found = []
@@ -163,11 +170,11 @@ class _Snapshot:
     @ivar aliases: alias -> target.
     @ivar directory: the L{Directory} of both, for the reactor thread.
     @ivar keys: the (mtime_ns, size, inode) of the users and aliases files
-        as read (L{None} for a missing file), for L{UsersFile.peekUser}.
+        as read (C{None} for a missing file), for L{UsersFile.peekUser}.
     """
 
-    users: AddressMap
-    aliases: AddressMap
+    users: AddressMap[str]
+    aliases: AddressMap[Address]
     directory: Directory
     keys: tuple = ()
 
@@ -205,7 +212,7 @@ class UsersFile:
     def __init__(self, path: str, aliasesPath: Optional[str] = None, owner: Optional[fsutil.Owner] = None):
         """
         @param path: the users file; missing means no users.
-        @param aliasesPath: the aliases file, or L{None} for no aliases.
+        @param aliasesPath: the aliases file, or C{None} for no aliases.
         @param owner: the data directory's owner, given the users file and
             its lock file when this process creates them (see
             L{pop3gw.fsutil}); a rewritten file keeps its owner.
@@ -247,7 +254,7 @@ class UsersFile:
                 self._snapshot = attr.evolve(self._snapshot, keys=keys)
             return self._snapshot
 
-    def _warnAboutUsers(self, users: AddressMap) -> None:
+    def _warnAboutUsers(self, users: AddressMap[str]) -> None:
         """
         Log, once per load of the users file, what the operator should
         fix: users whose hash pop3gw cannot verify (one warning each, as
@@ -347,7 +354,7 @@ class UsersFile:
         The users whose stored hash L{pop3gw.passwords.verifyPassword}
         cannot check (so who cannot log in), in file order.
 
-        @return: (user, scheme name or L{None} for no C{{SCHEME}} prefix)
+        @return: (user, scheme name or C{None} for no C{{SCHEME}} prefix)
             pairs.
         """
         return _unverifiable(self._refresh().users)

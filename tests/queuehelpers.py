@@ -20,7 +20,6 @@ from pop3gw.address import Address
 from pop3gw.queue import OutboundQueue
 from pop3gw.runner import ThreadPoolRunner
 
-
 ALICE = Address("alice", "example.org")
 BOB = Address("bob", "remote.example")
 CAROL = Address("carol", "remote.example")

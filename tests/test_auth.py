@@ -23,6 +23,7 @@ from zope.interface.verify import verifyObject
 from pop3gw import passwords as passwordsModule
 from pop3gw import users as usersModule
 from pop3gw.address import Address
+from pop3gw.anvil import CHECKS_PER_CLIENT, PENALTY_MAX_DELAY, AuthAccounting
 from pop3gw.auth import (
     CACHE_TTL,
     PasswordChecker,
@@ -32,9 +33,15 @@ from pop3gw.auth import (
     SubmissionAvatar,
     VerifiedCredentialsCache,
 )
-from pop3gw.anvil import CHECKS_PER_CLIENT, PENALTY_MAX_DELAY, AuthAccounting
 from pop3gw.credentials import ClientCredentials
-from pop3gw.interfaces import AuthenticationBusy, IPOP3Avatar, ISubmissionAvatar, TemporaryFailure, UnknownUser
+from pop3gw.interfaces import (
+    AuthenticationBusy,
+    IPOP3Avatar,
+    ISubmissionAvatar,
+    TemporaryFailure,
+    UnknownUser,
+)
+from pop3gw.passwords import verifyPassword
 from pop3gw.pop3 import POP3Factory
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.testing import (
@@ -45,7 +52,6 @@ from pop3gw.testing import (
     HeldThreadPool,
     ImmediateThreadPool,
 )
-from pop3gw.passwords import verifyPassword
 from pop3gw.users import UsersFile
 from tests.util import makeTempDirectory
 

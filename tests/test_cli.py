@@ -344,7 +344,8 @@ class PasswordInputTests(SynchronousTestCase):
         (which refuses longer passwords unhashed): a password that could
         never log in is refused.
         """
-        from pop3gw.passwords import MAX_PASSWORD_BYTES, verifyPassword as verify
+        from pop3gw.passwords import MAX_PASSWORD_BYTES
+        from pop3gw.passwords import verifyPassword as verify
 
         self.assertEqual(cli.MAX_PASSWORD_LENGTH, MAX_PASSWORD_BYTES)
         status, _, err = self.runCLI("user", "add", "alice@example.org", stdin=FakeStdin("\u00e9" * 600 + "\n"))
@@ -440,7 +441,7 @@ class DeliverTests(SynchronousTestCase):
 
         for code in (errno.ENOSPC, errno.EDQUOT):
 
-            def full(fd: int, data: bytes) -> None:
+            def full(fd: int, data: bytes, code: int = code) -> None:
                 raise OSError(code, os.strerror(code))
 
             self.patch(maildelivery, "_writeAll", full)
@@ -602,8 +603,9 @@ class DataDirectoryOwnerTests(SynchronousTestCase):
         C{queue flush} run as root leaves the queue's directory, lock, entry
         rewrites and flush stamp owned by the data directory's uid and gid.
         """
-        from pop3gw.queue import OutboundQueue
         from twisted.internet.task import Clock
+
+        from pop3gw.queue import OutboundQueue
 
         owner = fsutil.dataDirectoryOwner(self.dataDir)
         queue = OutboundQueue(os.path.join(self.dataDir, "queue"), Clock(), owner=owner)

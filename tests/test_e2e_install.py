@@ -11,12 +11,12 @@ import subprocess
 import sys
 import tempfile
 
-import twisted.plugins
-from twisted import copyright
 from twisted.trial.unittest import SynchronousTestCase
 
+import twisted.plugins
 from pop3gw import __version__
 from tests.e2e import Pop3gwProcess, twistdCommand
+from twisted import copyright
 
 CACHE_WARNING = "Unable to write to plugin cache"
 

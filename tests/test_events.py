@@ -8,7 +8,13 @@ import re
 from twisted.logger import Logger, LogLevel, formatEvent, formatEventAsClassicLogText
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.events import PLAINTEXT_DISALLOWED, loginFailed, loginRefused, loginUnavailable, sanitize
+from pop3gw.events import (
+    PLAINTEXT_DISALLOWED,
+    loginFailed,
+    loginRefused,
+    loginUnavailable,
+    sanitize,
+)
 
 FAIL2BAN_FILTER = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "fail2ban", "filter.d", "pop3gw.conf"

@@ -22,6 +22,7 @@ from zope.interface.verify import verifyObject
 
 from pop3gw import maildir
 from pop3gw.address import Address
+from pop3gw.fsutil import Owner
 from pop3gw.interfaces import (
     BadMessageData,
     IDelivery,
@@ -33,7 +34,6 @@ from pop3gw.interfaces import (
     PermanentFailure,
     TemporaryFailure,
 )
-from pop3gw.fsutil import Owner
 from pop3gw.maildir import MaildirStore
 from pop3gw.runner import ThreadPoolRunner
 from pop3gw.testing import FakeMaildropStore, ImmediateThreadPool, wireForm

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 
+import twisted.test
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -26,12 +27,24 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-import twisted.test
 from pop3gw.address import Address
 from pop3gw.credentials import ClientCredentials
-from pop3gw.interfaces import AuthenticationBusy, InsufficientStorage, IPOP3Avatar, PermanentFailure, TemporaryFailure
+from pop3gw.interfaces import (
+    AuthenticationBusy,
+    InsufficientStorage,
+    IPOP3Avatar,
+    PermanentFailure,
+    TemporaryFailure,
+)
 from pop3gw.maildir import MaildirStore
-from pop3gw.pop3 import CLOSE_TIMEOUT, MAX_PENDING_INPUT, READ_CHUNK_SIZE, POP3Factory, _DotStuffer, _TopFilter
+from pop3gw.pop3 import (
+    CLOSE_TIMEOUT,
+    MAX_PENDING_INPUT,
+    READ_CHUNK_SIZE,
+    POP3Factory,
+    _DotStuffer,
+    _TopFilter,
+)
 from pop3gw.testing import FakeMaildropStore, FakePOP3Avatar
 
 ALICE = Address("alice", "example.org")
@@ -1780,7 +1793,7 @@ class RobustnessTests(_Harness):
         A successful command resets the count of bad commands.
         """
         self.connect()
-        for i in range(3):
+        for _i in range(3):
             self.send(b"FOO\r\n" * 15 + b"CAPA\r\n")
         self.assertFalse(self.transport.disconnecting)
 
@@ -1898,7 +1911,7 @@ class TimeoutTests(_Harness):
         maildrop = self.login(transport=_PausingTransport(peerAddress=PEER))
         maildrop.openMessage = lambda index: _TrackedFile(b"z" * (3 * READ_CHUNK_SIZE))
         self.send(b"RETR 1\r\n")
-        for i in range(3):
+        for _i in range(3):
             self.clock.advance(599)
             self.transport.producer.resumeProducing()
         self.assertFalse(self.transport.disconnecting)

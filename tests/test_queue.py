@@ -13,7 +13,14 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from pop3gw import fsutil
-from pop3gw.interfaces import IDelivery, InsufficientStorage, IOutboundQueue, IQueueStore, ITwoPhaseDelivery, TemporaryFailure
+from pop3gw.interfaces import (
+    IDelivery,
+    InsufficientStorage,
+    IOutboundQueue,
+    IQueueStore,
+    ITwoPhaseDelivery,
+    TemporaryFailure,
+)
 from pop3gw.queue import (
     DELIVERED,
     FAILED,

@@ -14,6 +14,7 @@ import email
 import os
 import threading
 
+import attr
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import capturedLogs, formatEvent
@@ -21,15 +22,21 @@ from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-import attr
-
 from pop3gw.address import Address
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
-from pop3gw.queue import DELIVERED, FAILED, PENDING, OutboundQueue, Outcome, OutcomeKind, formatEntry, listEntries, requestFlush
+from pop3gw.queue import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    OutboundQueue,
+    Outcome,
+    OutcomeKind,
+    formatEntry,
+    listEntries,
+    requestFlush,
+)
 from pop3gw.relay.client import Phase, RelayError, SessionResult, TLSPolicy
 from pop3gw.relay.service import STOP_GRACE, RelayService
-
-
 from tests.queuehelpers import (
     ALICE,
     BOB,
@@ -1689,7 +1696,8 @@ class InternalAddressTests(RelayTestMixin, unittest.SynchronousTestCase):
         connects only to public addresses, whatever the system resolver
         answers at connection time; the smarthost endpoint is not filtered.
         """
-        from twisted.internet.address import IPv4Address as V4, IPv6Address as V6
+        from twisted.internet.address import IPv4Address as V4
+        from twisted.internet.address import IPv6Address as V6
         from twisted.internet.testing import MemoryReactorClock
 
         class NameResolver:

@@ -18,13 +18,13 @@ from pop3gw.interfaces import (
     IMailRouter,
     IQueuedDelivery,
     IRoutedDelivery,
+    ITwoPhaseDelivery,
     MessageTooLarge,
     PermanentFailure,
     TemporaryFailure,
     UnknownUser,
 )
 from pop3gw.queue import OutboundQueue, listEntries
-from pop3gw.interfaces import ITwoPhaseDelivery
 from pop3gw.router import Router
 from pop3gw.testing import FakeMaildropStore, FakeOutboundQueue, FakeRouter, FakeUserDatabase
 from tests.util import makeTempDirectory

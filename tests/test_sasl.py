@@ -18,9 +18,9 @@ from pop3gw.sasl import (
     MalformedPlain,
     PlainResponse,
     classifyLoginFailure,
-    logLoginFailure,
     decodeResponse,
     loggedUser,
+    logLoginFailure,
     parsePlain,
 )
 

@@ -23,11 +23,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
+from pop3gw.address import Address
 from pop3gw.config import Options
+from pop3gw.directory import Directory
 from pop3gw.limits import ConnectionLimitFactory
 from pop3gw.pop3 import POP3Factory
-from pop3gw.address import Address
-from pop3gw.directory import Directory
 from pop3gw.service import ListenerService, LocalDomains, makeService
 from pop3gw.smtp import SubmissionFactory
 
@@ -399,10 +399,9 @@ class VersionOptionTests(SynchronousTestCase):
         one line on stdout and exits 0 (the inherited option named only
         Twisted).
         """
-        from twisted import copyright
-
         from pop3gw import __version__
         from pop3gw.service import Options as TwistdOptions
+        from twisted import copyright
 
         out = io.StringIO()
         self.patch(sys, "stdout", out)

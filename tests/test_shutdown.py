@@ -18,7 +18,17 @@ from pop3gw.relay.service import RelayService
 from pop3gw.runner import ThreadPoolRunner
 from pop3gw.service import STOP_LISTENERS, ServerLockService, ThreadPoolService
 from pop3gw.testing import HeldThreadPool
-from tests.queuehelpers import ALICE, BOB, BODY, GREETING, TRACE, FakeEndpoint, FakeResolver, QueueTestMixin, readJSON
+from tests.queuehelpers import (
+    ALICE,
+    BOB,
+    BODY,
+    GREETING,
+    TRACE,
+    FakeEndpoint,
+    FakeResolver,
+    QueueTestMixin,
+    readJSON,
+)
 from tests.test_smtp import SessionMixin
 
 

@@ -25,7 +25,13 @@ from zope.interface import implementer
 from pop3gw import smtp
 from pop3gw.address import Address
 from pop3gw.credentials import ClientCredentials
-from pop3gw.interfaces import AuthenticationBusy, IDelivery, InsufficientStorage, ISubmissionAvatar, TemporaryFailure
+from pop3gw.interfaces import (
+    AuthenticationBusy,
+    IDelivery,
+    InsufficientStorage,
+    ISubmissionAvatar,
+    TemporaryFailure,
+)
 from pop3gw.testing import (
     FakeDelivery,
     FakeRouter,
@@ -217,7 +223,7 @@ class SessionMixin:
         C{Received:} trace field, checked separately).
         """
         out = []
-        for uid, data in self.store.boxes.get(address, []):
+        for _uid, data in self.store.boxes.get(address, []):
             first, rest = data.split(b"\r\n", 1)
             self.assertTrue(first.startswith(b"Received: "), first)
             out.append(rest)
@@ -386,7 +392,7 @@ class CommandSyntaxTests(SessionMixin, SynchronousTestCase):
         AUTH line limit it is dropped, and its end gets 500 5.5.6.
         """
         self.connect()
-        for i in range(20):
+        for _i in range(20):
             self.assertEqual(self.feed(b"x" * 4096), b"")
         self.assertLessEqual(len(self.proto._buffer), smtp.MAX_AUTH_LINE + 4096)
         self.assertEqual(self.feed(b"\r\nNOOP\r\n"), b"500 5.5.6 Line too long\r\n250 2.0.0 OK\r\n")
@@ -801,7 +807,7 @@ class LoginErrorTests(SessionMixin, SynchronousTestCase):
         ]:
             pending = defer.Deferred()
             checker = RaisingChecker(exception)
-            checker.requestAvatarId = lambda credentials: pending
+            checker.requestAvatarId = lambda credentials, pending=pending: pending
             self.portal = Portal(self.realm, [checker])
             self.connect()
             self.feed(b"EHLO c\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n")
@@ -1319,7 +1325,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
         "." at its end is not the end of the data.
         """
         self.envelope()
-        for i in range(10):
+        for _i in range(10):
             self.assertEqual(self.feed(b"x" * 1000), b"")
         self.assertLess(len(self.proto._buffer), 1001)
         self.assertEqual(self.feed(b".\r\n"), b"")
@@ -2448,7 +2454,7 @@ class SlowlorisTests(SessionMixin, SynchronousTestCase):
         closed after the idle timeout.
         """
         self.connect(idleTimeout=300)
-        for i in range(150):
+        for _i in range(150):
             self.assertEqual(self.feed(b"N"), b"")
             self.clock.advance(2)
         self.assertEqual(self.transport.value(), b"421 4.4.2 mail.example.org Error: timeout exceeded\r\n")
@@ -2461,7 +2467,7 @@ class SlowlorisTests(SessionMixin, SynchronousTestCase):
         self.login()
         self.envelope()
         self.feed(b"Subject: x")
-        for i in range(150):
+        for _i in range(150):
             self.feed(b"x")
             self.clock.advance(2)
         self.assertEqual(self.transport.value(), b"421 4.4.2 mail.example.org Error: timeout exceeded\r\n")

@@ -23,24 +23,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.application.internet import TimerService
+from twisted.internet import defer
 from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
 )
-from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
-from twisted.application.internet import TimerService
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
+from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
-from twisted.protocols.basic import LineReceiver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
-
-from service_identity import VerificationError
 
 from pop3gw import tls
 from pop3gw.fsutil import Owner

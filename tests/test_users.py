@@ -14,9 +14,16 @@ from zope.interface.verify import verifyObject
 
 from pop3gw import users
 from pop3gw.address import Address
-from pop3gw.interfaces import IUserDirectory, IUserStore, LookupWouldBlock, TemporaryFailure, UnknownUser, UserExists
-from pop3gw.users import UsersFile
 from pop3gw.fsutil import Owner
+from pop3gw.interfaces import (
+    IUserDirectory,
+    IUserStore,
+    LookupWouldBlock,
+    TemporaryFailure,
+    UnknownUser,
+    UserExists,
+)
+from pop3gw.users import UsersFile
 from tests.test_passwords import ALICE, ARGON2ID, BOB, CAROL, HASH_A, HASH_B, SSHA256_SECRET
 from tests.util import OTHER_GID, OTHER_UID, makeTempDirectory, requireRoot, withUmask
 

@@ -90,7 +90,7 @@ def treeModesAndOwners(top: str) -> dict[str, tuple[str, int, int, int]]:
     relative to C{top}: C{("d" or "f", mode, uid, gid)}.
     """
     found = {}
-    for directory, subdirs, files in os.walk(top):
+    for directory, _subdirs, files in os.walk(top):
         for name in [None, *files]:
             path = directory if name is None else os.path.join(directory, name)
             st = os.lstat(path)

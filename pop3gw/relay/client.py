@@ -29,12 +29,14 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import attr
 from OpenSSL import SSL
-from twisted.internet import defer, error as ierror, protocol
+from twisted.internet import defer, protocol
+from twisted.internet import error as ierror
 from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.mail.smtp import (
     AUTHDeclinedError,
-    AUTHRequiredError,
     AuthenticationError,
+    AUTHRequiredError,
     EHLORequiredError,
     ESMTPClient,
     LOGINAuthenticator,
@@ -172,7 +174,7 @@ class SessionResult:
 
 #: C{contextFor(policy) -> (contextFactory, verifying)}: the client TLS
 #: context factory for a policy, and whether it refuses unverified peers.
-ContextFor = Callable[[TLSPolicy], Tuple[object, bool]]
+ContextFor = Callable[[TLSPolicy], Tuple[IOpenSSLClientConnectionCreator, bool]]
 
 
 def deliverOnce(
@@ -390,7 +392,7 @@ class _Session:
         self.outcomes: dict = {}
         self.error: Optional[RelayError] = None
         self.tls = False
-        self.contextFactory = None
+        self.contextFactory: Optional[IOpenSSLClientConnectionCreator] = None
         self.verifying = False
         self.starttlsBegun = False
         self.tlsHandshakeFailed = False
@@ -473,7 +475,8 @@ class _RelayClient(ESMTPClient):
         self._loopbackPolicy = loopbackPolicy
         self._contextFor = contextFor
         self._mailFromSent = False
-        self.timeout = RESPONSE_TIMEOUT
+        # SMTPClient's class attribute is None; a number is its documented use.
+        self.timeout = RESPONSE_TIMEOUT  # type: ignore[assignment]
         self.requireAuthentication = credentials is not None
         if credentials is not None:
             user = credentials[0].encode("utf-8")
@@ -484,7 +487,9 @@ class _RelayClient(ESMTPClient):
         # The policy may depend on the address actually connected to (a
         # loopback smarthost may be plaintext), known only now.
         policy = self._tlsPolicy
-        if self._loopbackPolicy is not None and isLoopback(describePeer(self.transport.getPeer())):
+        transport = self.transport
+        assert transport is not None, "connected"
+        if self._loopbackPolicy is not None and isLoopback(describePeer(transport.getPeer())):
             policy = self._loopbackPolicy
         if policy in (TLSPolicy.REQUIRED_STARTTLS, TLSPolicy.OPPORTUNISTIC) and self._contextFor is not None:
             self.context, self.session.verifying = self._contextFor(policy)
@@ -571,7 +576,8 @@ class _RelayClientFactory(protocol.Factory):
             self.session, self.identity, self.tlsPolicy, self.loopbackPolicy, self.contextFor, self.credentials
         )
         # The response timeout runs on our clock, not the global reactor.
-        p.callLater = self.clock.callLater
+        # TimeoutMixin.callLater is there to be replaced like this.
+        p.callLater = self.clock.callLater  # type: ignore[method-assign]
         p.factory = self
         self.session.protocol = p
         return p

@@ -58,7 +58,12 @@ from pop3gw.dsn import oneLine
 from pop3gw.interfaces import IQueueStore
 from pop3gw.queue import Entry, Outcome, OutcomeKind
 from pop3gw.relay.client import SessionResult, TLSPolicy, deliverOnce
-from pop3gw.relay.mx import MXResolver, PermanentLookupFailure, PublicOnlyReactor, describeDNSFailure
+from pop3gw.relay.mx import (
+    MXResolver,
+    PermanentLookupFailure,
+    PublicOnlyReactor,
+    describeDNSFailure,
+)
 
 #: The SMTP port of mail exchangers.
 SMTP_PORT = 25
@@ -78,14 +83,14 @@ class Dispatcher:
     @param relayPassword: AUTH password (never logged).
     @param relayVerifyTLS: verify the smarthost's certificate (and then
         require STARTTLS, except from a smarthost on loopback).
-    @param resolver: an C{IResolver} for L{MXResolver}, or L{None}.
+    @param resolver: an C{IResolver} for L{MXResolver}, or C{None}.
     @param clientTLS: C{clientTLS(hostname, verify) -> contextFactory}, with
-        C{verify=None} meaning opportunistic (unverified); L{None} means
+        C{verify=None} meaning opportunistic (unverified); C{None} means
         plaintext only.
     @param connectTimeout: TCP connect timeout in seconds.
     @param maxConnections: the most simultaneous SMTP connections.
     @param endpointFactory: C{endpointFactory(host, port) ->
-        IStreamClientEndpoint}, or L{None} for a C{HostnameEndpoint} that
+        IStreamClientEndpoint}, or C{None} for a C{HostnameEndpoint} that
         for MX hosts connects only to public addresses.
     @param deliverOnce: the SMTP client, L{pop3gw.relay.client.deliverOnce}
         unless a test gives a fake.
@@ -315,14 +320,16 @@ class Dispatcher:
         policy, loopbackPolicy = self._tlsPolicy(relay, credentials is not None, useTLS)
 
         def contextFor(policy: TLSPolicy) -> tuple:
+            clientTLS = self.clientTLS
+            assert clientTLS is not None, "asked for only under a TLS policy (see _tlsPolicy)"
             if not relay:
                 # verify=None asks for an opportunistic (unverified) context.
-                return self.clientTLS(host, None), False
+                return clientTLS(host, None), False
             if policy is TLSPolicy.REQUIRED_STARTTLS:
-                return self.clientTLS(host, self.relayVerifyTLS), self.relayVerifyTLS
+                return clientTLS(host, self.relayVerifyTLS), self.relayVerifyTLS
             # Opportunistic to a smarthost: verification off, or a smarthost
             # on this machine.
-            return self.clientTLS(host, None if self.relayVerifyTLS else False), False
+            return clientTLS(host, None if self.relayVerifyTLS else False), False
 
         try:
             endpointFactory = self._endpointFactory if relay else self._mxEndpointFactory
@@ -354,7 +361,7 @@ class Dispatcher:
     def _tlsPolicy(self, relay: bool, credentials: bool, useTLS: bool) -> tuple:
         """
         @return: the L{TLSPolicy} of a session, and the one that replaces it
-            when the peer turns out to be on this machine (or L{None}).
+            when the peer turns out to be on this machine (or C{None}).
         """
         if self.clientTLS is None or not useTLS:
             return TLSPolicy.NONE, None

@@ -19,8 +19,13 @@ import ipaddress
 from typing import Optional
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver, IResolutionReceiver
-from twisted.names import dns, error as dnserror
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IReactorPluggableNameResolver,
+    IResolutionReceiver,
+)
+from twisted.names import dns
+from twisted.names import error as dnserror
 from zope.interface import implementer
 
 from pop3gw.dsn import oneLine
@@ -100,7 +105,7 @@ class _PublicOnlyResolver:
 @implementer(IReactorPluggableNameResolver)
 class PublicOnlyReactor:
     """
-    The reactor as a L{HostnameEndpoint} to an MX host sees it: its name
+    The reactor as a C{HostnameEndpoint} to an MX host sees it: its name
     resolver is wrapped in L{_PublicOnlyResolver}.
     """
 
@@ -127,7 +132,7 @@ class MXResolver:
     Looks up the mail exchangers of a domain.
 
     @param reactor: the reactor for the resolver this makes for itself.
-    @param resolver: an C{IResolver}; if L{None}, a
+    @param resolver: an C{IResolver}; if C{None}, a
         C{twisted.names.client.Resolver} on C{/etc/resolv.conf} is made at
         the first lookup (and stopped by L{stop}).
     """
@@ -165,7 +170,7 @@ class MXResolver:
         try:
             answers, _, _ = yield self.resolver.lookupMailExchange(domain)
         except dnserror.DNSNameError:
-            raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
+            raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist") from None
         records = []
         for rr in answers:
             if rr.type == dns.MX:
@@ -198,7 +203,7 @@ class MXResolver:
         try:
             addresses = yield self._addresses(domain)
         except dnserror.DNSNameError:
-            raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist")
+            raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist") from None
         if not addresses:
             raise PermanentLookupFailure("5.1.2", f"domain {domain} has no mail exchanger")
         if not any(isPublicAddress(a) for a in addresses):

@@ -50,9 +50,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pop3gw.bounces import Bouncer
 from pop3gw.interfaces import IQueueStore
 from pop3gw.queue import DELIVERED, FAILED, Entry
-from pop3gw.bounces import Bouncer
 from pop3gw.relay.client import deliverOnce
 from pop3gw.relay.dispatch import SMTP_PORT, Dispatcher
 
@@ -99,17 +99,17 @@ class RelayService(Service):
     @param bounceDelivery: C{bounceDelivery(sender, data) -> Deferred}
         stores a bounce for the local user C{sender}.
     @param relayHost: send everything to this smarthost instead of MX hosts.
-    @param relayPort: the smarthost's port; L{None} means L{SUBMISSION_PORT}
+    @param relayPort: the smarthost's port; C{None} means L{SUBMISSION_PORT}
         with credentials, L{SMTP_PORT} without.
     @param relayUsername: AUTH user name (sent only over TLS).
     @param relayPassword: AUTH password (never logged).
     @param relayVerifyTLS: verify the smarthost's certificate.
     @param resolver: an C{IResolver} for MX lookups; a
-        C{twisted.names.client.Resolver} on C{/etc/resolv.conf} if L{None}.
+        C{twisted.names.client.Resolver} on C{/etc/resolv.conf} if C{None}.
     @param clientTLS: C{clientTLS(hostname, verify) -> contextFactory};
         called with C{verify=relayVerifyTLS} for the relay host and with
         C{verify=None} for MX hosts, meaning opportunistic (unverified) TLS
-        (C{pop3gw.tls.opportunisticClientContextFactory}).  L{None} means
+        (C{pop3gw.tls.opportunisticClientContextFactory}).  C{None} means
         plaintext only.
     @param schedule: retry delays, see L{DEFAULT_SCHEDULE}.
     @param lifetime: seconds before pending recipients expire.
@@ -117,7 +117,7 @@ class RelayService(Service):
     @param scanInterval: seconds between looks at the C{.flush} file.
     @param maxConnections: the most simultaneous SMTP connections.
     @param endpointFactory: C{endpointFactory(host, port) ->
-        IStreamClientEndpoint}; a C{HostnameEndpoint} if L{None} (tests
+        IStreamClientEndpoint}; a C{HostnameEndpoint} if C{None} (tests
         replace it), which for MX hosts connects only to public addresses
         (L{pop3gw.relay.mx.isPublicAddress}).
     """
@@ -297,7 +297,7 @@ class RelayService(Service):
 
     def _checkFlush(self) -> None:
         """
-        Flush when the C{.flush} file changed.  Called by a L{LoopingCall},
+        Flush when the C{.flush} file changed.  Called by a C{LoopingCall},
         which would stop at the first exception: an unexpected error is
         logged as a failure and the next poll looks again.
         """
@@ -313,16 +313,17 @@ class RelayService(Service):
         """
         Process entry C{queueId} now (or join the attempt in progress).
 
-        @return: a Deferred firing with L{None} when the attempt is over.
+        @return: a Deferred firing with C{None} when the attempt is over.
         """
         result: defer.Deferred = defer.Deferred()
         if queueId in self._waiters:
             self._waiters[queueId].append(result)
             return result
-        entry = self.entries.get(queueId)
-        if entry is None:
+        found = self.entries.get(queueId)
+        if found is None:
             result.callback(None)
             return result
+        entry: Entry = found
         timer = self._timers.pop(queueId, None)
         if timer is not None and timer.active():
             timer.cancel()
