@@ -14,7 +14,15 @@ import attr
 
 from pop3gw.address import Address, AddressError, lookupKey
 from pop3gw.directory import AddressMap
-from pop3gw.passwords import MAX_PASSWORD_BYTES, canVerify, hashPassword, isPlainText, plainPassword, schemeOf
+from pop3gw.passwords import (
+    MAX_PASSWORD_BYTES,
+    canVerify,
+    hashPassword,
+    isMalformed,
+    isPlainText,
+    plainPassword,
+    schemeOf,
+)
 
 
 def splitLines(data: bytes) -> list[bytes]:
@@ -198,11 +206,14 @@ def parsePasswdFile(data: bytes) -> tuple[list[ImportedUser], list[tuple[int, st
             else:
                 stored = hashPassword(password)
                 converted = True
-        elif not canVerify(stored) or not stored.isascii():
+        elif not canVerify(stored):
             scheme = schemeOf(stored) or ""
             if not (scheme.isascii() and scheme.isprintable()):
                 scheme = "?"
-            reason = f"password scheme {scheme} cannot be verified by pop3gw"
+            if isMalformed(stored):
+                reason = f"malformed {scheme} hash, which pop3gw cannot verify"
+            else:
+                reason = f"password scheme {scheme} cannot be verified by pop3gw"
         if reason is None and lookupKey(address) in seen:
             reason = f"same user as line {seen[lookupKey(address)]}"
         if reason is not None:
