@@ -614,17 +614,19 @@ class _RelayClient(ESMTPClient):
         # ESMTPClient's own version logs the failure as an unhandled error
         # and goes on writing to the broken transport.
         guarded = _guarded(self.context)
+        error: Optional[RelayError] = None
         try:
             self.transport.startTLS(guarded)
         except Exception as e:
-            failure: Optional[Exception] = e
             text = oneLine(f"TLS could not be started: {e.__class__.__name__}: {e}")
+            error = RelayError(False, 0, "4.4.1", Phase.STARTTLS, text)
         else:
             failure = getattr(guarded, "failure", None)
-            text = None if failure is None else _tlsSetupError(failure, Phase.STARTTLS).text
-        if failure is not None:
+            if failure is not None:
+                error = _tlsSetupError(failure, Phase.STARTTLS)
+        if error is not None:
             # The server now expects a handshake: no plaintext QUIT.
-            self.session.recordError(RelayError(False, 0, "4.4.1", Phase.STARTTLS, text))
+            self.session.recordError(error)
             self.transport.abortConnection()
             return
         self._tlsMode = True
