@@ -42,7 +42,7 @@ from pop3gw.interfaces import (
     Pop3gwError,
     TemporaryFailure,
 )
-from pop3gw.passwords import canVerify, dummyHash, upgradedHash, verifyPassword
+from pop3gw.passwords import canVerify, dummyHash, isMalformed, upgradedHash, verifyPassword
 
 #: The client credentials without a C{peer} are counted as.
 UNKNOWN_PEER = "unknown"
@@ -277,6 +277,8 @@ class PasswordChecker:
             return None
         address, stored = found
         if not canVerify(stored):
+            if isMalformed(stored):
+                raise TemporaryFailure(f"the password hash of {address} is malformed for its scheme")
             raise TemporaryFailure(f"the password scheme of {address} cannot be verified")
         key = self.cache.key(address, password)
         if self.cache.hit(key, stored, now):

@@ -18,6 +18,7 @@ from pop3gw.passwords import (
     MAX_PASSWORD_BYTES,
     canVerify,
     hashPassword,
+    isMalformed,
     isPlainText,
     plainPassword,
     schemeOf,
@@ -205,11 +206,14 @@ def parsePasswdFile(data: bytes) -> tuple[list[ImportedUser], list[tuple[int, st
             else:
                 stored = hashPassword(password)
                 converted = True
-        elif not canVerify(stored) or not stored.isascii():
+        elif not canVerify(stored):
             scheme = schemeOf(stored) or ""
             if not (scheme.isascii() and scheme.isprintable()):
                 scheme = "?"
-            reason = f"password scheme {scheme} cannot be verified by pop3gw"
+            if isMalformed(stored):
+                reason = f"malformed {scheme} hash, which pop3gw cannot verify"
+            else:
+                reason = f"password scheme {scheme} cannot be verified by pop3gw"
         if reason is None and lookupKey(address) in seen:
             reason = f"same user as line {seen[lookupKey(address)]}"
         if reason is not None:

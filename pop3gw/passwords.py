@@ -15,6 +15,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 from typing import Callable, Mapping, Optional
@@ -325,6 +326,55 @@ _VERIFIERS: Mapping[str, Callable[[str, bytes], bool]] = {
     },
 }
 
+def _sshaWellFormed(size: int, decode: Callable[[str], bytes]) -> Callable[[str], bool]:
+    """
+    The syntax check of a salted SHA-2 value: valid base64 (or hex) of at
+    least the digest and one byte of salt.
+    """
+
+    def wellFormed(hashed: str) -> bool:
+        try:
+            return len(decode(hashed)) > size
+        except (ValueError, binascii.Error):
+            return False
+
+    return wellFormed
+
+
+def _matches(pattern: str) -> Callable[[str], bool]:
+    """
+    The syntax check of a hash: a full match of the regular expression
+    C{pattern} (ASCII only).
+    """
+    compiled = re.compile(pattern, re.ASCII)
+    return lambda hashed: compiled.fullmatch(hashed) is not None
+
+
+#: The PHC string format of argon2-cffi and Dovecot: version (optional),
+#: memory, time and parallelism, then the salt (at least 8 bytes) and the
+#: hash (at least 4 bytes) in unpadded base64.
+_ARGON2_SYNTAX = r"\$%s\$(?:v=[0-9]+\$)?m=[0-9]+,t=[0-9]+,p=[0-9]+\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{6,}"
+
+#: glibc's SHA-crypt: an optional C{rounds=N}, a salt of up to 16 printable
+#: characters other than C{$} and C{:}, and the hash in the crypt alphabet.
+_SHA_CRYPT_SYNTAX = r"\$%s\$(?:rounds=[0-9]{1,10}\$)?[!-#%%-9;-~]{0,16}\$[./0-9A-Za-z]{%d}"
+
+#: The syntax of a well-formed hash of each scheme L{verifyPassword} knows;
+#: a stored hash that does not match cannot be verified (see
+#: L{isMalformed}).
+_WELL_FORMED: Mapping[str, Callable[[str], bool]] = {
+    "ARGON2ID": _matches(_ARGON2_SYNTAX % "argon2id"),
+    "ARGON2I": _matches(_ARGON2_SYNTAX % "argon2i"),
+    "BLF-CRYPT": _matches(r"\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}"),
+    "SHA256-CRYPT": _matches(_SHA_CRYPT_SYNTAX % ("5", _SHA256_CRYPT.hashLength)),
+    "SHA512-CRYPT": _matches(_SHA_CRYPT_SYNTAX % ("6", _SHA512_CRYPT.hashLength)),
+    **{
+        name + suffix: _sshaWellFormed(size, decode)
+        for name, size in (("SSHA256", 32), ("SSHA512", 64))
+        for suffix, decode in _encodings({"base64": _base64, "hex": _hex}, "base64").items()
+    },
+}
+
 #: Dovecot's plain-text schemes (with their encoding suffixes): never
 #: accepted at login; C{pop3gw user import} hashes them.
 _PLAIN_DECODERS: Mapping[str, Callable[[str], bytes]] = {
@@ -351,9 +401,27 @@ def schemeOf(stored: str) -> Optional[str]:
 
 def canVerify(stored: str) -> bool:
     """
-    Whether L{verifyPassword} knows the scheme of C{stored}.
+    Whether L{verifyPassword} can check C{stored}: it knows its scheme and
+    the hash is well-formed for it (see L{isMalformed}).
     """
-    return schemeOf(stored) in _VERIFIERS
+    scheme = schemeOf(stored)
+    if scheme is None or scheme not in _VERIFIERS or not stored.isascii():
+        return False
+    return _WELL_FORMED[scheme](stored[stored.index("}") + 1 :])
+
+
+def isMalformed(stored: str) -> bool:
+    """
+    Whether C{stored} is in a scheme L{verifyPassword} knows but its hash
+    is not well-formed for that scheme: not an Argon2 encoded string of
+    the scheme's type, not C{$2a$}/C{$2b$}/C{$2y$}, a cost and 53
+    characters for bcrypt, not C{$5$}/C{$6$}, an optional C{rounds=N$}, a
+    salt and a 43/86-character hash in the crypt alphabet for SHA-crypt,
+    or not base64 (hex) of at least the digest and one byte of salt for
+    SSHA.  No password can match such a hash: it is a problem for the
+    operator, like an unknown scheme, not a wrong password.
+    """
+    return schemeOf(stored) in _VERIFIERS and not canVerify(stored)
 
 
 def plainPassword(stored: str) -> Optional[str]:

@@ -34,7 +34,11 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
     C{Resent-From:} and C{Resent-Sender:} addresses can be checked and
     C{Message-ID:}, C{Date:} and C{From:} added when missing (RFC 6409
     section 8; an added C{From:} holds the authenticated user's address,
-    which the ownership rules always allow).  Octets are counted as they stream; over
+    which the ownership rules always allow).  Data whose first line is not
+    a header field (C{name: value}, RFC 5322 3.6.8 and 4.5; a body line, a
+    line starting with white space, or the blank line) has no header
+    section: the added fields are followed by a blank line so that the
+    text stays the body.  Octets are counted as they stream; over
     the size limit the delivery is aborted and the rest of the data is read
     and dropped before C{552 5.3.4} is sent.
   - Line ends are processed exactly across TCP segment boundaries: a CR at
@@ -194,6 +198,11 @@ def _messageId(delivery: IDelivery) -> str:
     return secrets.token_hex(8).upper()
 
 
+#: The start of a header field: a field name (RFC 5322 3.6.8: printable
+#: ASCII but C{":"}), white space (the obsolete syntax of 4.5), C{":"}.
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+
 #: The (lower-cased) header fields whose addresses the user must own.
 _SENDER_FIELDS = frozenset({b"from", b"sender", b"resent-from", b"resent-sender"})
 
@@ -333,6 +342,13 @@ class _MessageReader:
         if self._inHeaders:
             if line == b"":
                 self._endHeaders(blankLine=True)
+                return
+            if not self._headerLines and _FIELD_START.match(line) is None:
+                # No header section: the data starts with the body.  The
+                # fields added go before a blank line, so that this line
+                # stays in the body.
+                self._endHeaders(blankLine=True)
+                self._emit(line + b"\r\n")
                 return
             self._headerSize += len(line) + 2
             if self._headerSize > MAX_HEADER_SECTION:

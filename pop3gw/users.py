@@ -59,7 +59,7 @@ from pop3gw.interfaces import (
     UserExists,
 )
 from pop3gw.passwdfile import UserLine, parseAliases, parseUsers
-from pop3gw.passwords import canVerify, schemeOf
+from pop3gw.passwords import canVerify, isMalformed, schemeOf
 
 _log = Logger()
 
@@ -151,14 +151,31 @@ def _unverifiable(users: AddressMap[str]) -> list[tuple[Address, Optional[str]]]
     with their scheme (printable ASCII, else C{"?"}) or C{None} when there
     is no scheme.
     """
-    found = []
-    for address, stored in users.entries.items():
-        if not canVerify(stored):
-            scheme = schemeOf(stored)
-            if scheme is not None and not (scheme.isascii() and scheme.isprintable()):
-                scheme = "?"
-            found.append((address, scheme))
-    return found
+    return [(address, _printableScheme(stored)) for address, stored in users.entries.items() if not canVerify(stored)]
+
+
+def _printableScheme(stored: str) -> Optional[str]:
+    """
+    The scheme of C{stored} (printable ASCII, else C{"?"}), or C{None} when
+    there is no scheme.
+    """
+    scheme = schemeOf(stored)
+    if scheme is not None and not (scheme.isascii() and scheme.isprintable()):
+        scheme = "?"
+    return scheme
+
+
+def _unverifiableWhat(stored: str) -> str:
+    """
+    What is wrong with a hash L{pop3gw.passwords.verifyPassword} cannot
+    check, for the load warning (never the hash itself).
+    """
+    scheme = _printableScheme(stored)
+    if scheme is None:
+        return "no {SCHEME} prefix"
+    if isMalformed(stored):
+        return f"a malformed {scheme} hash"
+    return f"password scheme {scheme}"
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -227,6 +244,8 @@ class UsersFile:
             _WatchedFile(aliasesPath, parseAliases, "aliases file") if aliasesPath is not None else None
         )
         self._snapshot = _Snapshot(AddressMap(), AddressMap(), Directory.unavailable("users file not read"))
+        # What _warnAboutUsers has warned about in the file as last loaded.
+        self._warned: set[tuple] = set()
         try:
             self._refresh()
         except TemporaryFailure as e:
@@ -256,23 +275,31 @@ class UsersFile:
 
     def _warnAboutUsers(self, users: AddressMap[str]) -> None:
         """
-        Log, once per load of the users file, what the operator should
-        fix: users whose hash pop3gw cannot verify (one warning each, as
-        their logins fail with the right password), and users that differ
-        only in case.
+        Log what the operator should fix in a newly loaded users file:
+        users whose hash pop3gw cannot verify (one warning each, as their
+        logins cannot succeed), and users that differ only in case.  Each
+        is warned about when it first appears, or when its line changes,
+        not again at every reload (a re-hash at login rewrites the file).
         """
         lines, _ = self._usersFile.value
         numbers = {line.address: n for n, line in reversed(list(enumerate(lines, 1))) if line.address is not None}
-        for address, scheme in _unverifiable(users):
+        unverifiable = {(address, users.entries[address]) for address, _ in _unverifiable(users)}
+        caseVariants = {(key, tuple(addresses)) for key, addresses in users.caseVariants.items()}
+        warned, self._warned = self._warned, unverifiable | caseVariants
+        for address, _scheme in _unverifiable(users):
+            if (address, users.entries[address]) in warned:
+                continue
             _log.warn(
                 "users file {path} line {line}: {user} has {what}, which pop3gw does not accept; "
                 "{user} cannot log in until its password is set with 'pop3gw user passwd'",
                 path=self.path,
                 line=numbers[address],
                 user=str(address),
-                what="no {SCHEME} prefix" if scheme is None else f"password scheme {scheme}",
+                what=_unverifiableWhat(users.entries[address]),
             )
         for key, variants in users.caseVariants.items():
+            if (key, tuple(variants)) in warned:
+                continue
             _log.warn(
                 "users file {path}: lines {lines} ({key}) differ only in case; other spellings find line {first}",
                 path=self.path,

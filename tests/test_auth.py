@@ -610,6 +610,23 @@ class PasswordCheckerTests(SynchronousTestCase):
         self.assertEqual(self.verifier.calls, [])
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    def test_malformedHashIsNotAFailedLogin(self) -> None:
+        """
+        A user whose hash is in a scheme pop3gw verifies but malformed for
+        it (no password can match it) is refused like an unverifiable
+        scheme: a L{TemporaryFailure} naming the problem but not the hash,
+        nothing verified, no failure counted for the client.
+        """
+        for stored in ("{ARGON2ID}$argon2id$garbage", "{BLF-CRYPT}notbcrypt", "{SHA256-CRYPT}$5$short",
+                       "{SHA512-CRYPT}*0", "{SSHA512}!!notbase64!!", "{SSHA256.hex}zz"):
+            with open(self.usersPath, "w") as f:
+                f.write(f"alice@example.org:{stored}\n")
+            d = self.checker.requestAvatarId(UsernamePassword("alice@example.org", "hunter9"))
+            message = str(self.failureResultOf(d, TemporaryFailure).value)
+            self.assertEqual(message, "the password hash of alice@example.org is malformed for its scheme", stored)
+        self.assertEqual(self.verifier.calls, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_portal(self) -> None:
         """
         With a L{Realm} in a L{Portal}, a login yields a POP3 avatar for the

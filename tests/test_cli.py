@@ -176,6 +176,42 @@ class CLITests(SynchronousTestCase):
         self.assertEqual(status, cli.EX_DATAERR)
         self.assertTrue(out.startswith(f"imported 0 user(s) from {source}"), out)
 
+    def test_importMalformedHashes(self) -> None:
+        """
+        A hash in a scheme pop3gw verifies but malformed for it (a broken
+        Argon2 string, bcrypt or SHA-crypt hash, glibc's C{*0} error
+        string, SSHA that is not base64 or hex of a salted digest) is a
+        line not taken, reported with its number and never the hash; the
+        well-formed line beside them is imported and the exit status is 65.
+        """
+        source = os.path.join(self.dataDir, "broken.passwd")
+        with open(source, "w") as f:
+            f.write(
+                "a@example.org:{ARGON2ID}$argon2id$garbage\n"
+                "b@example.org:{BLF-CRYPT}notbcrypt\n"
+                "c@example.org:{SHA256-CRYPT}$5$short\n"
+                "d@example.org:{SHA512-CRYPT}*0\n"
+                "e@example.org:{SSHA512}!!notbase64!!\n"
+                "f@example.org:{SSHA256.hex}zz\n"
+                "g@example.org:{SHA256-CRYPT}$5$saltsalt$gOjOtoMpVhru2uyjeJSEc/JaLQWOXMNmlOnj6T4AtC.\n"
+            )
+        status, out, err = self.runCLI("user", "import", source)
+        self.assertEqual((status, out), (cli.EX_DATAERR, f"imported 1 user(s) from {source}; 6 line(s) not taken\n"))
+        self.assertEqual(
+            err.splitlines(),
+            [
+                f"pop3gw: {source}:1: a@example.org: malformed ARGON2ID hash, which pop3gw cannot verify",
+                f"pop3gw: {source}:2: b@example.org: malformed BLF-CRYPT hash, which pop3gw cannot verify",
+                f"pop3gw: {source}:3: c@example.org: malformed SHA256-CRYPT hash, which pop3gw cannot verify",
+                f"pop3gw: {source}:4: d@example.org: malformed SHA512-CRYPT hash, which pop3gw cannot verify",
+                f"pop3gw: {source}:5: e@example.org: malformed SSHA512 hash, which pop3gw cannot verify",
+                f"pop3gw: {source}:6: f@example.org: malformed SSHA256.HEX hash, which pop3gw cannot verify",
+            ],
+        )
+        for secret in ("garbage", "notbcrypt", "short", "*0", "notbase64", "zz"):
+            self.assertNotIn(secret, out + err)
+        self.assertEqual(self.users().snapshot().addresses(), [Address("g", "example.org")])
+
     def test_importCleanFile(self) -> None:
         """
         A file whose every line is taken exits 0 with nothing on stderr; a

@@ -46,7 +46,9 @@ class UsersEndToEndTests(SynchronousTestCase):
         Argon2id, never stored in clear) and reports the C{{CRAM-MD5}} one
         with exit 65.  The server warns at load about a user it cannot
         verify and refuses a C{{PLAIN}} line at login as a server-side
-        problem (C{[SYS/TEMP]}), not as a failed login fail2ban would count.  The migrated user
+        problem (C{[SYS/TEMP]}), not as a failed login fail2ban would count;
+        so is a hash malformed for its scheme.  Each is warned about once,
+        not again when the re-hash rewrite makes the file reload.  The migrated user
         logs in over POP3 (in another case) with its old password, and at
         that first login its line in the users file becomes C{{ARGON2ID}},
         logged; it keeps logging in.
@@ -76,6 +78,8 @@ class UsersEndToEndTests(SynchronousTestCase):
         # A plain-text line written by hand is warned about and refused.
         with open(os.path.join(server.dataDir, "users"), "a") as f:
             f.write("erin@example.org:{PLAIN}erin's secret\n")
+            # So is a hash malformed for its scheme.
+            f.write("frank@example.org:{SSHA512}!!notbase64!!\n")
 
         server.start()
         server.waitForLog(r"users file .* line 3: erin@example\.org has password scheme PLAIN, which pop3gw does not")
@@ -85,6 +89,14 @@ class UsersEndToEndTests(SynchronousTestCase):
             client.pass_("erin's secret")
         self.assertEqual(refused.exception.args[0], ERR_AUTH_TEMP)
         server.waitForLog(r'authentication unavailable: service=pop3 rhost=127\.0\.0\.1 user="erin@example\.org" error="the password scheme of erin')
+        server.waitForLog(r"users file .* line 4: frank@example\.org has a malformed SSHA512 hash, which pop3gw does not")
+        client = self.pop(server)
+        client.user("frank@example.org")
+        with self.assertRaises(poplib.error_proto) as refused:
+            client.pass_("anything")
+        self.assertEqual(refused.exception.args[0], ERR_AUTH_TEMP)
+        server.waitForLog(r'authentication unavailable: service=pop3 rhost=127\.0\.0\.1 user="frank@example\.org" '
+                          r'error="the password hash of frank@example\.org is malformed for its scheme"')
         self.assertNotIn("authentication failed", server.log())
 
         client = self.pop(server)
@@ -103,6 +115,11 @@ class UsersEndToEndTests(SynchronousTestCase):
             self.assertTrue(client.pass_(password).startswith(b"+OK"), user)
             client.quit()
         self.assertNotIn("secret", server.log())
+        self.assertNotIn("notbase64", server.log())
+        # The re-hash rewrote the file, which was then read again: the users
+        # already warned about are not warned about again.
+        self.assertEqual(server.log().count("erin@example.org has password scheme PLAIN"), 1)
+        self.assertEqual(server.log().count("frank@example.org has a malformed SSHA512 hash"), 1)
 
     def test_addressesInAnyCase(self) -> None:
         """

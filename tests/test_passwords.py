@@ -210,11 +210,67 @@ class SchemeTests(SynchronousTestCase):
         L{passwords.canVerify} is true exactly for the schemes
         L{verifyPassword} can check.
         """
-        for stored in ["{ARGON2ID}x", "{argon2i}x", "{BLF-CRYPT}x", "{SHA256-CRYPT}x", "{SHA512-CRYPT}x",
-                       "{SSHA256}x", "{SSHA512.HEX}x"]:
+        for stored in ["{ARGON2ID}" + ARGON2ID, "{argon2i}" + ARGON2I, "{BLF-CRYPT}" + BCRYPT_2Y,
+                       "{SHA256-CRYPT}" + SHA256_VECTORS[0][3], "{SHA512-CRYPT}" + SHA512_VECTORS[0][3],
+                       "{SSHA256}" + SSHA256_SECRET, "{SSHA256.hex}" + SSHA256_SECRET_HEX]:
             self.assertTrue(passwords.canVerify(stored), stored)
         for stored in ["{PLAIN}x", "{CRAM-MD5}x", "{CLEARTEXT}x", "{MD5-CRYPT}x", "{SSHA}x", "{SHA256}x", "x", ""]:
             self.assertFalse(passwords.canVerify(stored), stored)
+
+    def test_malformedHashCannotBeVerified(self) -> None:
+        """
+        L{passwords.canVerify} checks the syntax of the hash for its
+        scheme: a malformed Argon2 string, bcrypt hash, SHA-crypt string
+        (glibc's C{*0} error string included) or SSHA value counts as a
+        hash pop3gw cannot verify, and L{passwords.isMalformed} says so;
+        well-formed variants (C{rounds=}, an empty salt, every bcrypt
+        prefix) are accepted.
+        """
+        malformed = [
+            "{ARGON2ID}$argon2id$garbage",
+            "{ARGON2ID}" + ARGON2I,
+            "{ARGON2I}" + ARGON2ID,
+            "{ARGON2ID}" + ARGON2ID + "$",
+            "{ARGON2ID}" + ARGON2ID.replace("m=1024", "m=x"),
+            "{BLF-CRYPT}notbcrypt",
+            "{BLF-CRYPT}" + BCRYPT_2B[:-1],
+            "{BLF-CRYPT}" + BCRYPT_2B.replace("$05$", "$5$"),
+            "{BLF-CRYPT}" + BCRYPT_2B.replace("$2b$", "$2x$"),
+            "{BLF-CRYPT}" + BCRYPT_2B.replace("$05$", "$99$"),
+            "{SHA256-CRYPT}$5$short",
+            "{SHA512-CRYPT}*0",
+            "{SHA256-CRYPT}" + SHA512_VECTORS[0][3],
+            "{SHA512-CRYPT}" + SHA512_VECTORS[0][3][:-1],
+            "{SHA512-CRYPT}" + SHA512_VECTORS[0][3][:-1] + "!",
+            "{SHA256-CRYPT}$5$rounds=x$salt$" + "a" * 43,
+            "{SHA256-CRYPT}$5$salt$with$" + "a" * 43,
+            "{SSHA512}!!notbase64!!",
+            "{SSHA256.hex}zz",
+            "{SSHA256}" + SSHA512_SECRET[:10],
+            "{SSHA512}" + SSHA256_SECRET,
+            "{SSHA256.HEX}" + SSHA256_SECRET_HEX[:64],
+            "{SSHA256}" + SSHA256_SECRET[:-1],
+            "{SHA256-CRYPT}$5$s\u00e4lt$" + "a" * 43,
+        ]
+        for stored in malformed:
+            self.assertFalse(passwords.canVerify(stored), stored)
+            self.assertTrue(passwords.isMalformed(stored), stored)
+        wellFormed = [
+            "{ARGON2ID}" + ARGON2ID,
+            "{ARGON2I}" + ARGON2I,
+            "{ARGON2ID}" + hashPassword("x")[len("{ARGON2ID}"):],
+            "{BLF-CRYPT}" + BCRYPT_2A,
+            "{BLF-CRYPT}" + BCRYPT_2B,
+            "{BLF-CRYPT}" + BCRYPT_72Y,
+            "{SSHA512}" + SSHA512_SECRET,
+            "{SSHA256.B64}" + SSHA256_SECRET,
+            "{SSHA256.HEX}" + SSHA256_SECRET_HEX.upper(),
+        ] + ["{SHA256-CRYPT}" + v[3] for v in SHA256_VECTORS] + ["{SHA512-CRYPT}" + v[3] for v in SHA512_VECTORS]
+        for stored in wellFormed:
+            self.assertTrue(passwords.canVerify(stored), stored)
+            self.assertFalse(passwords.isMalformed(stored), stored)
+        for stored in ["{PLAIN}x", "{CRAM-MD5}x", "x"]:
+            self.assertFalse(passwords.isMalformed(stored), stored)
 
     def test_plainPassword(self) -> None:
         """

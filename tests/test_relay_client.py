@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from pop3gw.queue import Outcome, OutcomeKind
 from pop3gw.relay.client import (
@@ -260,6 +263,196 @@ class DeliverOnceTests(unittest.SynchronousTestCase):
         self.assertEqual(
             self.successResultOf(d).error.text, "smarthost offers no STARTTLS and relay credentials are sent only over TLS"
         )
+
+
+class CreatorCallingTransport(TLSStringTransport):
+    """
+    A transport whose C{startTLS} asks the connection creator for the TLS
+    connection at once, as Twisted's TLS layer does, and aborts like a
+    real transport.
+    """
+
+    aborted = False
+    tlsProtocol = None
+    tlsConnection = None
+
+    def startTLS(self, contextFactory):
+        self.tlsContext = contextFactory
+        self.tlsProtocol = object()
+        self.tlsConnection = contextFactory.clientConnectionForTLS(self.tlsProtocol)
+
+    def abortConnection(self):
+        self.aborted = True
+        TLSStringTransport.abortConnection(self)
+
+
+class TLSSetupFailureTests(unittest.SynchronousTestCase):
+    """
+    A TLS connection this side cannot build ends the session as a
+    temporary failure in plain words, without a traceback.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.connects = []
+        self.endpoint = FakeEndpoint("mx.remote.example", 25, self.connects)
+
+    def deliver(self, contextFor, policy=TLSPolicy.REQUIRED_STARTTLS):
+        self.message = io.BytesIO(STORED)
+        return deliverOnce(
+            self.endpoint, ALICE, [BOB], self.message, policy, None,
+            identity="mx.example.org", clock=self.clock, contextFor=contextFor,
+        )
+
+    def test_contextCannotBeMade(self):
+        """
+        When C{contextFor} raises, the client says QUIT instead of
+        STARTTLS; the error names the problem, in the STARTTLS phase, with
+        no reply code; nothing is logged as an unhandled error.
+        """
+
+        def contextFor(policy):
+            raise ValueError("no CA file")
+
+        for policy in (TLSPolicy.REQUIRED_STARTTLS, TLSPolicy.OPPORTUNISTIC):
+            self.endpoint = FakeEndpoint("mx.remote.example", 25, self.connects)
+            d = self.deliver(contextFor, policy)
+            sent = self.endpoint.serve([GREETING, b"250-mx\r\n250 STARTTLS\r\n", b"221 bye\r\n"])
+            self.assertEqual(sent, [b"EHLO mx.example.org\r\n", b"QUIT\r\n", b""])
+            self.assertEqual(
+                self.successResultOf(d),
+                SessionResult(
+                    {}, RelayError(False, 0, "4.4.1", Phase.STARTTLS, "TLS could not be set up here: ValueError: no CA file")
+                ),
+            )
+            self.assertTrue(self.message.closed)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_connectionCannotBeMade(self):
+        """
+        A connection creator that raises when asked for the TLS connection
+        (a trust root that cannot be loaded when it is first needed) does
+        not leave the transport half switched to TLS: the connection is
+        aborted without another plaintext line and the session ends with a
+        temporary failure in plain words; nothing is logged as an unhandled
+        error.
+        """
+
+        @implementer(IOpenSSLClientConnectionCreator)
+        class Broken:
+            def clientConnectionForTLS(self, tlsProtocol):
+                raise SSL.Error([("x509 certificate routines", "", "no certificate or crl found")])
+
+        d = self.deliver(lambda policy: (Broken(), True))
+        self.endpoint.open(CreatorCallingTransport())
+        self.endpoint.feed(GREETING)
+        self.assertEqual(self.endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
+        self.assertEqual(self.endpoint.feed(b"220 go\r\n"), b"")
+        self.assertTrue(self.endpoint.transport.aborted)
+        self.endpoint.close()
+        error = self.successResultOf(d).error
+        self.assertEqual((error.permanent, error.code, error.enhanced, error.phase), (False, 0, "4.4.1", Phase.STARTTLS))
+        self.assertTrue(error.text.startswith("TLS could not be set up here: Error: "), error.text)
+        self.assertIn("no certificate or crl found", error.text)
+        self.assertNotIn("\n", error.text)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_transportStartTLSFails(self):
+        """
+        When the transport cannot start TLS after the server's 220, the
+        connection is dropped without another plaintext line (the server
+        now expects a TLS handshake) and the session ends with a temporary
+        failure in plain words; nothing is logged as an unhandled error.
+        """
+
+        class FailingTLS(TLSStringTransport):
+            def startTLS(self, contextFactory):
+                raise ValueError("no TLS here")
+
+        d = self.deliver(lambda policy: (optionsForClientTLS("mx.remote.example"), True))
+        self.endpoint.open(FailingTLS())
+        self.endpoint.feed(GREETING)
+        self.assertEqual(self.endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
+        self.assertEqual(self.endpoint.feed(b"220 go\r\n"), b"")
+        self.assertTrue(self.endpoint.transport.disconnecting)
+        self.endpoint.close()
+        self.assertEqual(
+            self.successResultOf(d),
+            SessionResult(
+                {}, RelayError(False, 0, "4.4.1", Phase.STARTTLS, "TLS could not be started: ValueError: no TLS here")
+            ),
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_startTLSGivesTheCreatorsConnection(self):
+        """
+        The transport's C{startTLS} gets the connection the context's
+        creator makes for the TLS protocol; the client then says EHLO
+        again.
+        """
+        made = []
+
+        @implementer(IOpenSSLClientConnectionCreator)
+        class Creator:
+            def clientConnectionForTLS(self, tlsProtocol):
+                made.append((tlsProtocol, SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)))
+                return made[-1][1]
+
+        self.deliver(lambda policy: (Creator(), True))
+        self.endpoint.open(CreatorCallingTransport())
+        self.endpoint.feed(GREETING)
+        self.assertEqual(self.endpoint.feed(b"250-mx\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
+        self.assertEqual(self.endpoint.feed(b"220 go\r\n"), b"EHLO mx.example.org\r\n")
+        self.assertEqual(made, [(self.endpoint.transport.tlsProtocol, self.endpoint.transport.tlsConnection)])
+        self.assertFalse(self.endpoint.transport.aborted)
+        self.endpoint.close()
+
+    def test_immediateConnectionCannotBeMade(self):
+        """
+        With immediate TLS, a creator that raises when the connection is
+        made means nothing is sent: the connection is aborted and the
+        session is a temporary failure in plain words.
+        """
+
+        @implementer(IOpenSSLClientConnectionCreator)
+        class Broken:
+            def clientConnectionForTLS(self, tlsProtocol):
+                raise ValueError("no CA file")
+
+        d = self.deliver(lambda policy: (Broken(), True), TLSPolicy.IMMEDIATE)
+        [endpoint] = self.connects
+        endpoint.open(CreatorCallingTransport())
+        self.assertEqual(endpoint.transport.value(), b"")
+        self.assertTrue(endpoint.transport.aborted)
+        endpoint.close()
+        self.assertEqual(
+            self.successResultOf(d),
+            SessionResult(
+                {}, RelayError(False, 0, "4.4.1", Phase.CONNECT, "TLS could not be set up here: ValueError: no CA file")
+            ),
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_immediateContextCannotBeMade(self):
+        """
+        With immediate TLS, a context that cannot be made (or a connection
+        its creator cannot make) means no connection attempt: the session
+        is a temporary failure in plain words and the message is closed.
+        """
+
+        def contextFor(policy):
+            raise ValueError("no CA file")
+
+        d = self.deliver(contextFor, TLSPolicy.IMMEDIATE)
+        self.assertEqual(self.connects, [])
+        self.assertEqual(
+            self.successResultOf(d),
+            SessionResult(
+                {}, RelayError(False, 0, "4.4.1", Phase.CONNECT, "TLS could not be set up here: ValueError: no CA file")
+            ),
+        )
+        self.assertTrue(self.message.closed)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class DotStufferTests(unittest.SynchronousTestCase):

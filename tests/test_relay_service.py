@@ -17,7 +17,7 @@ import threading
 import attr
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -170,6 +170,35 @@ class SchedulingTests(QueueTestMixin, unittest.SynchronousTestCase):
         self.clock.advance(60)
         third = self.deliver.calls[2]
         self.assertEqual((third.endpoint, third.recipients), (("a.mx.example", 25), [CAROL]))
+
+    def test_resultSavedBeforeLogged(self):
+        """
+        When a session's result line is logged, the queue file already
+        holds the attempt's outcome: an operator who reads the line and
+        runs C{pop3gw queue list} sees the same error (and a delivered
+        entry is no longer listed as pending for that recipient).
+        """
+        self.startRelay()
+        entry = self.enqueue(recipients=[BOB, CAROL])
+        seen = []
+
+        def observer(event):
+            if event.get("log_format", "").startswith("relay: {queueId} domain="):
+                seen.append((formatEvent(event), [formatEntry(e) for e in listEntries(self.root)]))
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.clock.advance(0)
+        refused = RelayError(False, 0, "4.4.1", Phase.GREETING, "server refused the session: 421 busy")
+        self.deliver.calls[0].result.callback(SessionResult({BOB: DELIVERED_OK}, refused))
+        self.deliver.calls[1].result.callback(SessionResult.broken("connection refused"))
+        [(first, listing), (second, listing2)] = seen
+        self.assertIn("host=a.mx.example:25 delivered=1 deferred=1 ", first)
+        self.assertIn("host=b.mx.example:25 delivered=0 deferred=1 ", second)
+        self.assertEqual(listing, listing2)
+        [line] = listing
+        self.assertTrue(line.startswith(f"{entry.queueId} from=alice@example.org to=carol@remote.example attempts=1 "), line)
+        self.assertTrue(line.endswith(" error=carol@remote.example: b.mx.example: connection refused"), line)
 
     def test_logNamespace(self):
         """

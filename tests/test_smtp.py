@@ -1161,6 +1161,45 @@ class DataTests(SessionMixin, SynchronousTestCase):
         self.send(headers + b"\r\nHi\r\n.\r\n")
         self.assertEqual(self.stored(), [headers + b"\r\nHi\r\n"])
 
+    def test_noHeaderSection(self) -> None:
+        """
+        Data whose first line is not a header field (a body line, a line
+        starting with white space, a C{From } mbox line, or the blank line
+        itself) has no header section: the added fields are followed by a
+        blank line, so the text stays the body.
+        """
+        added = b"Message-ID: <ID@mail.example.org>\r\nDate: " + NOW_TEXT + b"\r\nFrom: alice@example.org\r\n"
+        for data, body in [
+            (b"just text without headers\r\n", b"just text without headers\r\n"),
+            (b"just text: with a colon\r\nSubject: x\r\n", b"just text: with a colon\r\nSubject: x\r\n"),
+            (b" indented\r\n", b" indented\r\n"),
+            # Not a folded From: field either: body text, after the blank
+            # line, where no reader takes it for the sender.
+            (b" From: bob@example.org\r\nFrom: bob@example.org\r\n\r\nHello\r\n",
+             b" From: bob@example.org\r\nFrom: bob@example.org\r\n\r\nHello\r\n"),
+            (b"From alice@example.org Tue Nov 14 22:13:20 2023\r\nhi\r\n",
+             b"From alice@example.org Tue Nov 14 22:13:20 2023\r\nhi\r\n"),
+            (b"\r\nbody after the blank line\r\n", b"body after the blank line\r\n"),
+            (b"..dot\r\n", b".dot\r\n"),
+        ]:
+            self.assertEqual(self.send(data + b".\r\n"), b"250 2.0.0 OK queued as ID\r\n")
+            message = re.sub(rb"^Message-ID: <[0-9a-f]{32}@", b"Message-ID: <ID@", self.stored()[-1])
+            self.assertEqual(message, added + b"\r\n" + body, data)
+
+    def test_headerSectionKept(self) -> None:
+        """
+        Data that starts with a header field (also with white space before
+        the colon, RFC 5322 4.5) keeps its header section as it is: the
+        added fields go before it and no blank line is inserted, even when
+        a later line of the section is not a field.
+        """
+        added = b"Message-ID: <ID@mail.example.org>\r\nDate: " + NOW_TEXT + b"\r\nFrom: alice@example.org\r\n"
+        for data in (b"Subject: x\r\n\r\nHello\r\n", b"Subject : x\r\nnot a field\r\n\r\nHello\r\n",
+                     b"X-Empty:\r\n"):
+            self.send(data + b".\r\n")
+            message = re.sub(rb"^Message-ID: <[0-9a-f]{32}@", b"Message-ID: <ID@", self.stored()[-1])
+            self.assertEqual(message, added + data, data)
+
     def test_headersOnly(self) -> None:
         """
         A message without a body (no blank line) is stored with its fields.
@@ -1357,7 +1396,6 @@ class DataTests(SessionMixin, SynchronousTestCase):
             b"From: alice@example.org\r\nSender: bob@example.org\r\n",
             b"From: alice@example.org\r\nFrom: bob@example.org\r\n",
             b"From: undisclosed\r\n",
-            b" From: bob@example.org\r\nFrom: alice@example.org\r\n",
         ]:
             self.assertEqual(
                 self.send(headers + b"\r\nHello\r\n.\r\n"),

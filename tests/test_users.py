@@ -306,7 +306,71 @@ class UsersFileTests(SynchronousTestCase):
         db.passwordHash(ALICE)
         self.assertEqual(len(events), 3)
         db.setPassword(BOB, HASH_B, False)
-        self.assertEqual(len(events), 5)
+        self.assertEqual(len(events), 3)
+
+    def test_unverifiableWarnedOncePerUser(self) -> None:
+        """
+        Reloading a changed users file warns only about the users whose
+        hash cannot be verified and who are new or whose hash changed;
+        the others were warned about when they first appeared.  A case
+        variant pair is warned about once too.
+        """
+        events = _captureLog(self)
+        self.writeFile(
+            self.path,
+            f"alice@example.org:{HASH_A}\n".encode()
+            + b"bob@example.org:{PLAIN}sekrit\n"
+            + b"carol@example.org:{CRAM-MD5}0123abcd\n"
+            + f"Alice@example.org:{HASH_B}\n".encode(),
+        )
+        db = UsersFile(self.path)
+        self.assertEqual(len(events), 3)
+        del events[:]
+        for _ in range(4):
+            # Each rewrite is a reload, like re-hash upgrades at login.
+            db.setPassword(ALICE, HASH_B, False)
+            db.setPassword(ALICE, HASH_A, False)
+        self.assertEqual(events, [])
+        db.setPassword(BOB, "{PLAIN}other", False)
+        db.setPassword(Address("dave", "example.org"), "{SHA512-CRYPT}*0", True)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                f"users file {self.path} line 2: bob@example.org has password scheme PLAIN, which pop3gw "
+                "does not accept; bob@example.org cannot log in until its password is set with "
+                "'pop3gw user passwd'",
+                f"users file {self.path} line 5: dave@example.org has a malformed SHA512-CRYPT hash, which "
+                "pop3gw does not accept; dave@example.org cannot log in until its password is set with "
+                "'pop3gw user passwd'",
+            ],
+        )
+
+    def test_malformedHashesWarned(self) -> None:
+        """
+        A hash in a scheme pop3gw verifies but malformed for it is warned
+        about at load like an unverifiable scheme, and listed by
+        C{unverifiableUsers}.
+        """
+        events = _captureLog(self)
+        self.writeFile(
+            self.path,
+            f"alice@example.org:{HASH_A}\n".encode()
+            + b"bob@example.org:{SSHA512}!!notbase64!!\n"
+            + b"carol@example.org:{SSHA256.hex}zz\n",
+        )
+        db = UsersFile(self.path)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                f"users file {self.path} line 2: bob@example.org has a malformed SSHA512 hash, which pop3gw "
+                "does not accept; bob@example.org cannot log in until its password is set with "
+                "'pop3gw user passwd'",
+                f"users file {self.path} line 3: carol@example.org has a malformed SSHA256.HEX hash, which pop3gw "
+                "does not accept; carol@example.org cannot log in until its password is set with "
+                "'pop3gw user passwd'",
+            ],
+        )
+        self.assertEqual(db.unverifiableUsers(), [(BOB, "SSHA512"), (CAROL, "SSHA256.HEX")])
 
     def test_addUsers(self) -> None:
         """

@@ -4,8 +4,9 @@ The SMTP client of the relay: one function, L{deliverOnce}, carries one
 queued message over one connection and says what became of each recipient.
 
 It is the only module that knows Twisted's C{ESMTPClient}, whose private
-state (C{_from}, C{_buffer}, C{_tlsMode}, C{_disconnectFromServer}) is
-used here and nowhere else.  Everything leaves it typed: an L{Outcome} per
+state (C{_from}, C{_buffer}, C{_tlsMode}, C{_disconnectFromServer}, and
+C{tryTLS} and C{esmtpState_starttls} replaced) is used here and nowhere
+else.  Everything leaves it typed: an L{Outcome} per
 recipient that got a definitive reply, a L{RelayError} (built here, from
 the server's reply or from Twisted's own error) for the reply or the break
 that ended the session, and whether TLS was used and verified.  Twisted
@@ -17,7 +18,12 @@ TLS is one L{TLSPolicy} value: immediate (TLS from the first byte),
 required STARTTLS (no STARTTLS, no mail), opportunistic (STARTTLS when
 offered), or none.  Credentials are only ever sent over TLS.  Replies sent
 in plaintext after C{STARTTLS} and before the handshake are discarded (the
-client side of CVE-2011-0411).
+client side of CVE-2011-0411).  A TLS connection this side cannot build (a
+context or trust root that cannot be loaded, a transport whose
+C{startTLS} fails) ends the session with a temporary L{RelayError} in
+plain words (C{TLS could not be set up here: ...}), never a traceback:
+before C{STARTTLS} is sent with C{QUIT}, after the server's C{220} by
+aborting the connection, with immediate TLS before anything is sent.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import re
-from typing import Callable, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Mapping, Optional, Protocol, Sequence, Tuple, cast
 
 import attr
 from OpenSSL import SSL
@@ -49,10 +55,23 @@ from twisted.mail.smtp import (
     TLSRequiredError,
 )
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pop3gw.address import Address, describePeer, isLoopback
 from pop3gw.dsn import oneLine
 from pop3gw.queue import Outcome, OutcomeKind
+
+
+class _TLSConnection(Protocol):
+    """
+    What this client uses of its transport beyond C{ITransport}
+    (C{ITLSTransport.startTLS}, C{ITCPTransport.abortConnection}).
+    """
+
+    def startTLS(self, contextFactory) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
 
 #: Seconds to wait for each reply of the remote server (RFC 5321 4.5.3.2
 #: asks for at least 5 minutes for most commands).
@@ -211,10 +230,18 @@ def deliverOnce(
     """
     session = _Session(sender, recipients, message)
     if tlsPolicy is TLSPolicy.IMMEDIATE and contextFor is not None:
-        contextFactory, session.verifying = contextFor(tlsPolicy)
+        try:
+            contextFactory, session.verifying = contextFor(tlsPolicy)
+        except Exception as e:
+            session.error = _tlsSetupError(e, Phase.CONNECT)
+            session.finish(None)
+            return session.done.addCallback(lambda s: s.result())
         session.contextFactory = contextFactory
-        endpoint = wrapClientTLS(contextFactory, endpoint)
+        guarded = _guarded(contextFactory)
+        endpoint = wrapClientTLS(guarded, endpoint)
     factory = _RelayClientFactory(session, identity, clock, tlsPolicy, loopbackPolicy, contextFor, credentials)
+    if tlsPolicy is TLSPolicy.IMMEDIATE and contextFor is not None:
+        factory.immediateCreator = guarded
 
     def connectFailed(f: Failure) -> None:
         session.error = RelayError(False, 0, "4.4.1", Phase.CONNECT, describeConnectFailure(f))
@@ -336,6 +363,55 @@ def _errorFor(exc: Exception, credentials: bool, starttlsBegun: bool, phase: Pha
     if _madeUp(exc, starttlsBegun) or not isinstance(code, int) or not 400 <= code < 600:
         return RelayError(False, 0, "4.4.1", phase, text)
     return attr.evolve(RelayError.fromReply(code, getattr(exc, "resp", b"") or b"", phase), text=text)
+
+
+def _tlsSetupError(exc: Exception, phase: Phase) -> RelayError:
+    """
+    The temporary error for a TLS connection this side could not build (a
+    context or trust root that cannot be loaded): no reply code, the
+    exception's type and text on one line.
+    """
+    return RelayError(False, 0, "4.4.1", phase, oneLine(f"TLS could not be set up here: {exc.__class__.__name__}: {exc}"))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _GuardedCreator:
+    """
+    A connection creator that cannot make a transport's C{startTLS} (or a
+    TLS-wrapped connection) fail half-way.  If the creator it wraps raises
+    (a trust root that cannot be loaded when the first connection needs
+    it), the exception is kept in L{failure} and a connection with a plain
+    client context is handed out instead, so that the transport stays
+    consistent until the caller, seeing L{failure}, aborts it: nothing is
+    ever sent over that connection.
+
+    @ivar failure: what the wrapped creator raised, or C{None}.
+    """
+
+    def __init__(self, context) -> None:
+        self._context = context
+        self.failure: Optional[Exception] = None
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        try:
+            if IOpenSSLClientConnectionCreator.providedBy(self._context):
+                return self._context.clientConnectionForTLS(tlsProtocol)
+            connection = SSL.Connection(self._context.getContext(), None)
+            connection.set_app_data(tlsProtocol)
+            return connection
+        except Exception as e:
+            self.failure = e
+            return SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+
+
+def _guarded(context):
+    """
+    C{context} in a L{_GuardedCreator} when it is a connection creator or
+    an old-style context factory; anything else as it is.
+    """
+    if IOpenSSLClientConnectionCreator.providedBy(context) or hasattr(context, "getContext"):
+        return _GuardedCreator(context)
+    return context
 
 
 class _DotStuffer:
@@ -475,6 +551,7 @@ class _RelayClient(ESMTPClient):
         self._loopbackPolicy = loopbackPolicy
         self._contextFor = contextFor
         self._mailFromSent = False
+        self._tlsSetupFailure: Optional[Exception] = None
         # SMTPClient's class attribute is None; a number is its documented use.
         self.timeout = RESPONSE_TIMEOUT  # type: ignore[assignment]
         self.requireAuthentication = credentials is not None
@@ -484,6 +561,13 @@ class _RelayClient(ESMTPClient):
             self.registerAuthenticator(LOGINAuthenticator(user))
 
     def connectionMade(self):
+        immediate = getattr(self.factory, "immediateCreator", None)
+        failure = getattr(immediate, "failure", None)
+        if failure is not None:
+            # Immediate TLS without a usable connection: nothing is sent.
+            self.session.recordError(_tlsSetupError(failure, Phase.CONNECT))
+            self._connection().abortConnection()
+            return
         # The policy may depend on the address actually connected to (a
         # loopback smarthost may be plaintext), known only now.
         policy = self._tlsPolicy
@@ -492,8 +576,13 @@ class _RelayClient(ESMTPClient):
         if self._loopbackPolicy is not None and isLoopback(describePeer(transport.getPeer())):
             policy = self._loopbackPolicy
         if policy in (TLSPolicy.REQUIRED_STARTTLS, TLSPolicy.OPPORTUNISTIC) and self._contextFor is not None:
-            self.context, self.session.verifying = self._contextFor(policy)
-            self.session.contextFactory = self.context
+            try:
+                self.context, self.session.verifying = self._contextFor(policy)
+            except Exception as e:
+                # Told when STARTTLS would be sent (L{tryTLS}).
+                self._tlsSetupFailure = e
+            else:
+                self.session.contextFactory = self.context
         required = self.requireAuthentication or policy is TLSPolicy.REQUIRED_STARTTLS
         self.requireTransportSecurity = required
         self.heloFallback = not required
@@ -523,13 +612,49 @@ class _RelayClient(ESMTPClient):
         self.resetTimeout()
         return chunk
 
+    def _connection(self) -> _TLSConnection:
+        """
+        The connection: always a TCP connection that can start TLS (an
+        endpoint's transport) once this client is connected.
+        """
+        assert self.transport is not None, "not connected"
+        return cast(_TLSConnection, self.transport)
+
+    def tryTLS(self, code, resp, items):
+        # Without a context, the session ends where STARTTLS would be sent,
+        # still politely, in plaintext, with QUIT.
+        if self._tlsSetupFailure is not None and not self._tlsMode and b"STARTTLS" in items:
+            self.session.recordError(_tlsSetupError(self._tlsSetupFailure, Phase.STARTTLS))
+            self._disconnectFromServer()
+            return
+        ESMTPClient.tryTLS(self, code, resp, items)
+
     def esmtpState_starttls(self, code, resp):
         # Replies that arrived after the 220 came in plaintext, possibly
         # injected by a man in the middle; only what comes over TLS may be
         # acted on (the client side of CVE-2011-0411).
         self._buffer = b""
         self.session.starttlsBegun = True
-        ESMTPClient.esmtpState_starttls(self, code, resp)
+        # ESMTPClient's own version logs the failure as an unhandled error
+        # and goes on writing to the broken transport.
+        guarded = _guarded(self.context)
+        error: Optional[RelayError] = None
+        try:
+            self._connection().startTLS(guarded)
+        except Exception as e:
+            text = oneLine(f"TLS could not be started: {e.__class__.__name__}: {e}")
+            error = RelayError(False, 0, "4.4.1", Phase.STARTTLS, text)
+        else:
+            failure = getattr(guarded, "failure", None)
+            if failure is not None:
+                error = _tlsSetupError(failure, Phase.STARTTLS)
+        if error is not None:
+            # The server now expects a handshake: no plaintext QUIT.
+            self.session.recordError(error)
+            self._connection().abortConnection()
+            return
+        self._tlsMode = True
+        self.esmtpState_ehlo(code, resp)
 
     def smtpState_msgSent(self, code, resp):
         # One message per connection: report it, then QUIT (no RSET).
@@ -561,6 +686,9 @@ class _RelayClientFactory(protocol.Factory):
     # One connection per session: "Starting factory" / "Stopping factory"
     # lines for each would only be noise in the log.
     noisy = False
+
+    #: The L{_GuardedCreator} of an immediate TLS connection, if any.
+    immediateCreator: object = None
 
     def __init__(self, session: _Session, identity: str, clock, tlsPolicy, loopbackPolicy, contextFor, credentials):
         self.session = session

@@ -36,7 +36,10 @@ remote server (C{error=}, C{reply=}) is quoted and escaped with
 L{pop3gw.events.sanitize} so that it cannot forge log content.  The last
 error C{pop3gw queue list} shows uses the same words, unquoted.  The id is
 the queue id, which the submission server also gives the client in its
-C{250} reply.
+C{250} reply.  A caller that saves the outcomes passes a list to
+L{Dispatcher.deliver} and logs these result lines only once they are
+saved, so that C{pop3gw queue list} run after reading a line shows what
+the line says.
 
 Limitations: non-ASCII (SMTPUTF8) addresses are refused permanently with
 status 5.6.7; the client can speak implicit TLS (L{TLSPolicy.IMMEDIATE}),
@@ -149,13 +152,17 @@ class Dispatcher:
             connection.abort()
         self.mx.stop()
 
-    def deliver(self, entry: Entry, recipients: list) -> defer.Deferred:
+    def deliver(self, entry: Entry, recipients: list, held: Optional[list] = None) -> defer.Deferred:
         """
         Make one attempt for C{recipients} of C{entry}: everything to the
         smarthost in one session, or each domain's recipients to its mail
         exchangers in turn, one session per host until every recipient has
         an answer; non-ASCII addresses fail at once (5.6.7).
 
+        @param held: if given, the attempt's result lines (each session's,
+            and a domain's failed or deferred lookup) are appended to it as
+            callables that log them, instead of being logged now: the
+            caller calls them once it has saved the outcomes.
         @return: a Deferred firing with a dict of L{Outcome} per recipient
             address (recipients no host answered for are deferred).
         """
@@ -173,12 +180,12 @@ class Dispatcher:
             return defer.succeed(outcomes)
         if self.relayHost is not None:
             domains = ",".join(sorted({r.domain for r in ascii}))
-            ds = [self._sendVia(entry, domains, [self.relayHost], self.relayPort, ascii, True)]
+            ds = [self._sendVia(entry, domains, [self.relayHost], self.relayPort, ascii, True, held)]
         else:
             byDomain: dict = {}
             for r in ascii:
                 byDomain.setdefault(r.domain, []).append(r)
-            ds = [self._deliverDomain(entry, domain, rs) for domain, rs in byDomain.items()]
+            ds = [self._deliverDomain(entry, domain, rs, held) for domain, rs in byDomain.items()]
 
         def merge(results: list) -> dict:
             for result in results:
@@ -187,12 +194,23 @@ class Dispatcher:
 
         return defer.gatherResults(ds, consumeErrors=True).addCallback(merge)
 
+    def _result(self, held: Optional[list], level: Callable, format: str, **kw: object) -> None:
+        """
+        Log a result line now, or append it to C{held} (see L{deliver}).
+        """
+        if held is None:
+            level(format, **kw)
+        else:
+            held.append(lambda: level(format, **kw))
+
     @defer.inlineCallbacks
-    def _deliverDomain(self, entry: Entry, domain: str, recipients: list):
+    def _deliverDomain(self, entry: Entry, domain: str, recipients: list, held: Optional[list] = None):
         try:
             hosts = yield self.mx.mailHosts(domain)
         except PermanentLookupFailure as e:
-            self.log.warn(
+            self._result(
+                held,
+                self.log.warn,
                 "relay: {queueId} domain={domain} result=failed: {why}",
                 queueId=entry.queueId,
                 domain=domain,
@@ -201,17 +219,21 @@ class Dispatcher:
             return {r: Outcome(OutcomeKind.FAILED, e.status, e.text) for r in recipients}
         except Exception as e:
             why = describeDNSFailure(domain, e)
-            self.log.warn(
+            self._result(
+                held,
+                self.log.warn,
                 "relay: {queueId} domain={domain} result=deferred: {why}",
                 queueId=entry.queueId,
                 domain=domain,
                 why=why,
             )
             return {r: Outcome(OutcomeKind.DEFERRED, "4.4.3", why) for r in recipients}
-        return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False))
+        return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False, held))
 
     @defer.inlineCallbacks
-    def _sendVia(self, entry: Entry, domain: str, hosts: list, port: int, recipients: list, relay: bool):
+    def _sendVia(
+        self, entry: Entry, domain: str, hosts: list, port: int, recipients: list, relay: bool, held: Optional[list] = None
+    ):
         remaining = list(recipients)
         outcomes: dict = {}
         lastError = "no mail exchanger reached"
@@ -229,7 +251,7 @@ class Dispatcher:
                 )
                 session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay, False)
             outcomes.update(session.outcomes)
-            self._logSession(entry, domain, host, port, session, remaining)
+            self._logSession(entry, domain, host, port, session, remaining, held)
             remaining = [r for r in remaining if r not in session.outcomes]
             if not remaining:
                 break
@@ -239,7 +261,14 @@ class Dispatcher:
         return outcomes
 
     def _logSession(
-        self, entry: Entry, domain: str, host: str, port: int, session: SessionResult, recipients: list
+        self,
+        entry: Entry,
+        domain: str,
+        host: str,
+        port: int,
+        session: SessionResult,
+        recipients: list,
+        held: Optional[list] = None,
     ) -> None:
         """
         Log the result of one session with C{host} for C{recipients}: one
@@ -259,7 +288,9 @@ class Dispatcher:
             if outcome.kind is not OutcomeKind.DELIVERED:
                 refused.append((r, outcome))
         level = self.log.info if counts[OutcomeKind.DEFERRED] == counts[OutcomeKind.FAILED] == 0 else self.log.warn
-        level(
+        self._result(
+            held,
+            level,
             "relay: {queueId} domain={domain} host={host}:{port} delivered={delivered} deferred={deferred}"
             " failed={failed} tls={tls} verified={verified} error={error}",
             queueId=entry.queueId,
@@ -275,7 +306,9 @@ class Dispatcher:
             error="-" if session.error is None else events.sanitize(session.error.text, events.MAX_LOGGED_REPLY),
         )
         for r, outcome in refused:
-            self.log.warn(
+            self._result(
+                held,
+                self.log.warn,
                 "relay: {queueId} to={recipient} host={host}:{port} result={result} reply={reply}",
                 queueId=entry.queueId,
                 recipient=str(r),

@@ -35,7 +35,8 @@ recipients from being marked notified is stored again.
 
 Each attempt is made by a L{pop3gw.relay.dispatch.Dispatcher} (where each
 recipient goes, one L{pop3gw.relay.client.deliverOnce} session per host,
-the log line of each session); bounces are stored by a
+the log line of each session, logged here once the attempt's outcomes are
+saved); bounces are stored by a
 L{pop3gw.bounces.Bouncer}.  The relay logs under the namespace
 C{pop3gw.queue.RelayService} (L{LOG_NAMESPACE}), as it always has.
 """
@@ -357,9 +358,16 @@ class RelayService(Service):
             recipients = entry.beginAttempt(now, self.schedule, self.lifetime)
             # Recorded durably before the attempt is made.
             yield self.queue.saveEntry(entry)
-            outcomes = yield self.dispatcher.deliver(entry, recipients)
-            entry.apply(outcomes)
-            yield self.queue.saveEntry(entry)
+            # The result lines are logged once the outcomes are on disk: an
+            # operator who reads one and runs 'queue list' sees the same.
+            held: list = []
+            try:
+                outcomes = yield self.dispatcher.deliver(entry, recipients, held)
+                entry.apply(outcomes)
+                yield self.queue.saveEntry(entry)
+            finally:
+                for logLine in held:
+                    logLine()
         yield self.bouncer.notify(entry)
         if entry.isFinished():
             yield self.queue.removeEntry(entry)
