@@ -42,12 +42,8 @@ from pop3gw.relay import RelayService
 from pop3gw.router import Router
 from pop3gw.runner import ThreadPoolRunner
 from pop3gw.smtp import SubmissionFactory
-from pop3gw.tls import (
-    CertificateManager,
-    TLSConfigError,
-    clientContextFactory,
-    opportunisticClientContextFactory,
-)
+from pop3gw.tls import CertificateManager, TLSConfigError
+from pop3gw.tlsclient import clientContextFactory, opportunisticClientContextFactory
 from pop3gw.users import UsersFile
 from twisted import copyright
 

@@ -31,7 +31,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 if libc.prctl(65, 1, 0, 0, 0) != 0:
     print("unsupported")
     sys.exit(0)
-from pop3gw.tls import clientContextFactory, opportunisticClientContextFactory
+from pop3gw.tlsclient import clientContextFactory, opportunisticClientContextFactory
 for creator in (clientContextFactory("relay.example.org"), opportunisticClientContextFactory("mx.example.org")):
     try:
         creator.clientConnectionForTLS(object())

@@ -41,7 +41,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from pop3gw import tls
+from pop3gw import tls, tlsclient
 from pop3gw.fsutil import Owner
 from pop3gw.tls import CertificateManager, TLSConfigError
 
@@ -414,7 +414,7 @@ class SelfSignedTests(LogCaptureMixin, SynchronousTestCase):
         A client that does not verify gets the generated certificate.
         """
         m = CertificateManager(self.dataDir, hostname=HOST)
-        pair = TLSPair(m.serverContextFactory(), tls.clientContextFactory(HOST, verify=False))
+        pair = TLSPair(m.serverContextFactory(), tlsclient.clientContextFactory(HOST, verify=False))
         self.assertEqual(pair.clientApp.data(), GREETING)
         self.assertEqual(tls.formatFingerprint(pair.peerCertificate()), m.fingerprint)
 
@@ -444,7 +444,7 @@ class OperatorCertificateTests(CAMixin, LogCaptureMixin, SynchronousTestCase):
         self.assertEqual(colonless(m.fingerprint), fingerprintOf(leafCert))
         pair = TLSPair(
             m.serverContextFactory(),
-            tls.clientContextFactory(HOST, trustRoot=self.trustRoot()),
+            tlsclient.clientContextFactory(HOST, trustRoot=self.trustRoot()),
         )
         self.assertEqual(pair.clientApp.data(), GREETING)
         self.assertEqual(
@@ -462,7 +462,7 @@ class OperatorCertificateTests(CAMixin, LogCaptureMixin, SynchronousTestCase):
         self.install((leafCert, leafKey))
         pair = TLSPair(
             self.manager().serverContextFactory(),
-            tls.clientContextFactory(HOST, trustRoot=self.trustRoot()),
+            tlsclient.clientContextFactory(HOST, trustRoot=self.trustRoot()),
         )
         self.assertEqual(pair.clientApp.data(), b"")
         self.assertEqual(
@@ -613,7 +613,7 @@ class ReloadTests(CAMixin, LogCaptureMixin, SynchronousTestCase):
     def connect(self, serverCreator=None) -> TLSPair:
         return TLSPair(
             serverCreator or self.factory,
-            tls.clientContextFactory(HOST, trustRoot=self.trustRoot()),
+            tlsclient.clientContextFactory(HOST, trustRoot=self.trustRoot()),
         )
 
     def test_interfaces(self) -> None:
@@ -936,7 +936,7 @@ class PolicyTests(CAMixin, SynchronousTestCase):
 
 class ClientContextFactoryTests(CAMixin, SynchronousTestCase):
     """
-    L{tls.clientContextFactory} verifies the smarthost unless told not to.
+    L{tlsclient.clientContextFactory} verifies the smarthost unless told not to.
     """
 
     def setUp(self) -> None:
@@ -950,7 +950,7 @@ class ClientContextFactoryTests(CAMixin, SynchronousTestCase):
         """
         A certificate from the trusted CA for the expected name passes.
         """
-        pair = TLSPair(self.factory, tls.clientContextFactory(HOST, trustRoot=self.trustRoot()))
+        pair = TLSPair(self.factory, tlsclient.clientContextFactory(HOST, trustRoot=self.trustRoot()))
         self.assertEqual(pair.clientApp.data(), GREETING)
         self.assertIsNone(pair.clientApp.lost)
 
@@ -959,7 +959,7 @@ class ClientContextFactoryTests(CAMixin, SynchronousTestCase):
         An IP address is checked against the IP subjectAltNames.
         """
         pair = TLSPair(
-            self.factory, tls.clientContextFactory("127.0.0.1", trustRoot=self.trustRoot())
+            self.factory, tlsclient.clientContextFactory("127.0.0.1", trustRoot=self.trustRoot())
         )
         self.assertEqual(pair.clientApp.data(), GREETING)
 
@@ -969,7 +969,7 @@ class ClientContextFactoryTests(CAMixin, SynchronousTestCase):
         """
         pair = TLSPair(
             self.factory,
-            tls.clientContextFactory("other.example.test", trustRoot=self.trustRoot()),
+            tlsclient.clientContextFactory("other.example.test", trustRoot=self.trustRoot()),
         )
         self.assertEqual(pair.clientApp.data(), b"")
         self.assertIsInstance(pair.clientApp.lost.value, VerificationError)
@@ -978,7 +978,7 @@ class ClientContextFactoryTests(CAMixin, SynchronousTestCase):
         """
         A self-signed certificate fails verification.
         """
-        pair = TLSPair(self.selfSigned, tls.clientContextFactory(HOST, trustRoot=self.trustRoot()))
+        pair = TLSPair(self.selfSigned, tlsclient.clientContextFactory(HOST, trustRoot=self.trustRoot()))
         self.assertEqual(pair.clientApp.data(), b"")
         self.assertIsInstance(pair.clientApp.lost.value, SSL.Error)
         self.assertEqual(
@@ -990,7 +990,7 @@ class ClientContextFactoryTests(CAMixin, SynchronousTestCase):
         With C{verify=False} the client connects to a self-signed server,
         and sends the host name as SNI.
         """
-        pair = TLSPair(self.selfSigned, tls.clientContextFactory(HOST, verify=False))
+        pair = TLSPair(self.selfSigned, tlsclient.clientContextFactory(HOST, verify=False))
         self.assertEqual(pair.clientApp.data(), GREETING)
         self.assertEqual(pair.serverTLS.getHandle().get_servername(), HOST.encode("ascii"))
 
@@ -1004,9 +1004,9 @@ class ClientContextFactoryTests(CAMixin, SynchronousTestCase):
         ctx.use_certificate(x509.load_pem_x509_certificate(self.leaf1[0]))
         ctx.use_privatekey(serialization.load_pem_private_key(self.leaf1[1], None))
         for client in (
-            tls.clientContextFactory(HOST, verify=False),
-            tls.clientContextFactory(HOST, trustRoot=self.trustRoot()),
-            tls.opportunisticClientContextFactory(HOST, trustRoot=self.trustRoot()),
+            tlsclient.clientContextFactory(HOST, verify=False),
+            tlsclient.clientContextFactory(HOST, trustRoot=self.trustRoot()),
+            tlsclient.opportunisticClientContextFactory(HOST, trustRoot=self.trustRoot()),
         ):
             pair = TLSPair(LegacyServer(ctx), client)
             self.assertEqual(pair.clientApp.data(), b"", client)
@@ -1028,7 +1028,7 @@ class LegacyServer:
 
 class OpportunisticTests(CAMixin, SynchronousTestCase):
     """
-    L{tls.opportunisticClientContextFactory} always encrypts and records
+    L{tlsclient.opportunisticClientContextFactory} always encrypts and records
     whether the peer was verified.
     """
 
@@ -1040,14 +1040,14 @@ class OpportunisticTests(CAMixin, SynchronousTestCase):
         """
         Before any handshake the outcome is unknown.
         """
-        client = tls.opportunisticClientContextFactory(HOST)
+        client = tlsclient.opportunisticClientContextFactory(HOST)
         self.assertIsNone(client.result.verified)
 
     def test_verified(self) -> None:
         """
         A trusted certificate for the name is recorded as verified.
         """
-        client = tls.opportunisticClientContextFactory(HOST, trustRoot=self.trustRoot())
+        client = tlsclient.opportunisticClientContextFactory(HOST, trustRoot=self.trustRoot())
         pair = TLSPair(self.factory, client)
         self.assertEqual(pair.clientApp.data(), GREETING)
         self.assertEqual((client.result.verified, client.result.reason), (True, None))
@@ -1057,7 +1057,7 @@ class OpportunisticTests(CAMixin, SynchronousTestCase):
         """
         A trusted certificate for another name: connected, not verified.
         """
-        client = tls.opportunisticClientContextFactory(
+        client = tlsclient.opportunisticClientContextFactory(
             "other.example.test", trustRoot=self.trustRoot()
         )
         pair = TLSPair(self.factory, client)
@@ -1076,7 +1076,7 @@ class OpportunisticTests(CAMixin, SynchronousTestCase):
         dataDir = self.mktemp()
         os.makedirs(dataDir)
         server = CertificateManager(dataDir, hostname=HOST).serverContextFactory()
-        client = tls.opportunisticClientContextFactory(HOST, trustRoot=self.trustRoot())
+        client = tlsclient.opportunisticClientContextFactory(HOST, trustRoot=self.trustRoot())
         pair = TLSPair(server, client)
         self.assertEqual(pair.clientApp.data(), GREETING)
         self.assertEqual(
@@ -1088,7 +1088,7 @@ class OpportunisticTests(CAMixin, SynchronousTestCase):
         """
         A certificate from an unknown CA: connected, not verified.
         """
-        client = tls.opportunisticClientContextFactory(
+        client = tlsclient.opportunisticClientContextFactory(
             HOST, trustRoot=tssl.Certificate.loadPEM(makeCA("Other CA")[0])
         )
         pair = TLSPair(self.factory, client)
@@ -1100,7 +1100,7 @@ class OpportunisticTests(CAMixin, SynchronousTestCase):
         """
         Each connection made with the factory starts a new result.
         """
-        client = tls.opportunisticClientContextFactory(HOST, trustRoot=self.trustRoot())
+        client = tlsclient.opportunisticClientContextFactory(HOST, trustRoot=self.trustRoot())
         TLSPair(self.factory, client)
         first = client.result
         dataDir = self.mktemp()
@@ -1182,7 +1182,7 @@ class RealSocketTests(CAMixin, TestCase):
     def talk(self, port, server, implicit: bool):
         client = ClientFactory.forProtocol(STLSClient)
         client.implicit = implicit
-        client.contextFactory = tls.clientContextFactory(HOST, trustRoot=self.trustRoot())
+        client.contextFactory = tlsclient.clientContextFactory(HOST, trustRoot=self.trustRoot())
         client.done = defer.Deferred()
         client.lost = defer.Deferred()
         factory = client

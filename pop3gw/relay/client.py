@@ -506,7 +506,7 @@ class _Session:
         verified: always, when the context refuses unverified peers
         (C{verifying}: a smarthost with verification on); otherwise an
         opportunistic context's C{result.verified} (see
-        L{pop3gw.tls.OpportunisticClientTLS}) says.
+        L{pop3gw.tlsclient.OpportunisticClientTLS}) says.
         """
         if not self.tls:
             return False

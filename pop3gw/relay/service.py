@@ -110,7 +110,7 @@ class RelayService(Service):
     @param clientTLS: C{clientTLS(hostname, verify) -> contextFactory};
         called with C{verify=relayVerifyTLS} for the relay host and with
         C{verify=None} for MX hosts, meaning opportunistic (unverified) TLS
-        (C{pop3gw.tls.opportunisticClientContextFactory}).  C{None} means
+        (C{pop3gw.tlsclient.opportunisticClientContextFactory}).  C{None} means
         plaintext only.
     @param schedule: retry delays, see L{DEFAULT_SCHEDULE}.
     @param lifetime: seconds before pending recipients expire.
