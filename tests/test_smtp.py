@@ -946,18 +946,20 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
         )
         self.assertEqual(self.proto._envelope.recipients, [ALICE])
 
-    def test_postmasterUnknown(self) -> None:
+    def test_postmasterImplicit(self) -> None:
         """
         Without a postmaster user or alias in the user's domain,
-        C{<Postmaster>} is refused cleanly as an unknown user.
+        C{<Postmaster>} is not refused (RFC 5321 4.5.1): it goes to the
+        first user of that domain.
         """
-        self.users = FakeUserDatabase({ALICE: "x", BOB: "x"})
+        self.users = FakeUserDatabase({BOB: "x", ALICE: "x"})
         self.router.users = self.users
         self.login()
         self.assertEqual(
             self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<postmaster>\r\n"),
-            b"250 2.1.0 OK\r\n550 5.1.1 Recipient address rejected: user unknown\r\n",
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n",
         )
+        self.assertEqual(self.proto._envelope.recipients, [BOB])
 
     def test_recipientTemporaryFailure(self) -> None:
         """

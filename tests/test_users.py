@@ -71,9 +71,9 @@ class UsersFileContract:
         C{owns} is true for a user's own address and its aliases only.
         """
         postmaster = Address("postmaster", "example.org")
-        self.assertEqual(self.db.snapshot().resolve(ALICE), ALICE)
-        self.assertEqual(self.db.snapshot().resolve(postmaster), ALICE)
-        self.assertIsNone(self.db.snapshot().resolve(CAROL))
+        self.assertEqual(self.db.snapshot().resolve(ALICE), (ALICE,))
+        self.assertEqual(self.db.snapshot().resolve(postmaster), (ALICE,))
+        self.assertEqual(self.db.snapshot().resolve(CAROL), ())
         self.assertTrue(self.db.snapshot().owns(ALICE, ALICE))
         self.assertTrue(self.db.snapshot().owns(ALICE, postmaster))
         self.assertFalse(self.db.snapshot().owns(BOB, postmaster))
@@ -109,8 +109,8 @@ class UsersFileContract:
         self.assertIsNone(self.db.lookupUser(CAROL))
         self.assertEqual(self.db.peekUser(Address("Alice", "example.org")), (ALICE, HASH_A))
         self.assertTrue(self.db.snapshot().exists(shouting))
-        self.assertEqual(self.db.snapshot().resolve(shouting), ALICE)
-        self.assertEqual(self.db.snapshot().resolve(Address("PostMaster", "example.org")), ALICE)
+        self.assertEqual(self.db.snapshot().resolve(shouting), (ALICE,))
+        self.assertEqual(self.db.snapshot().resolve(Address("PostMaster", "example.org")), (ALICE,))
         self.assertTrue(self.db.snapshot().owns(ALICE, shouting))
         self.assertTrue(self.db.snapshot().owns(ALICE, Address("POSTMASTER", "example.org")))
         self.assertFalse(self.db.snapshot().owns(BOB, shouting))
@@ -200,7 +200,7 @@ class UsersFileTests(SynchronousTestCase):
         db = UsersFile(self.path, self.aliasesPath)
         self.assertEqual(db.refresh().addresses(), [])
         self.assertIsNone(db.passwordHash(ALICE))
-        self.assertIsNone(db.refresh().resolve(ALICE))
+        self.assertEqual(db.refresh().resolve(ALICE), ())
 
     def test_passwdFileFormat(self) -> None:
         """
@@ -235,8 +235,8 @@ class UsersFileTests(SynchronousTestCase):
         db = UsersFile(self.path, self.aliasesPath)
         for spelling in ("alice", "Alice", "ALICE"):
             self.assertEqual(db.lookupUser(Address(spelling, "example.org")), (stored, HASH_A))
-            self.assertEqual(db.refresh().resolve(Address(spelling, "example.org")), stored)
-        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), stored)
+            self.assertEqual(db.refresh().resolve(Address(spelling, "example.org")), (stored,))
+        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), (stored,))
         self.assertTrue(db.refresh().owns(stored, Address("ABUSE", "example.org")))
         self.assertEqual(db.refresh().addresses(), [stored])
         db.setPassword(ALICE, HASH_B, False)
@@ -450,9 +450,9 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(db.lookupUser(BOB), (BOB, HASH_B))
         self.assertTrue(db.snapshot().exists(BOB))
         self.writeFile(self.aliasesPath, b"abuse@example.org: bob@example.org\n")
-        self.assertIsNone(db.snapshot().resolve(Address("abuse", "example.org")))
-        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), BOB)
-        self.assertEqual(db.snapshot().resolve(Address("abuse", "example.org")), BOB)
+        self.assertEqual(db.snapshot().resolve(Address("abuse", "example.org")), ())
+        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), (BOB,))
+        self.assertEqual(db.snapshot().resolve(Address("abuse", "example.org")), (BOB,))
 
     def test_peekUserOnlyWhenUnchanged(self) -> None:
         """
@@ -553,16 +553,16 @@ class UsersFileTests(SynchronousTestCase):
         )
         db = UsersFile(self.path, self.aliasesPath)
         abuse = Address("abuse", "example.org")
-        self.assertEqual(db.refresh().resolve(abuse), ALICE)
+        self.assertEqual(db.refresh().resolve(abuse), (ALICE,))
         self.assertTrue(db.refresh().owns(ALICE, abuse))
-        self.assertIsNone(db.refresh().resolve(Address("ghost", "example.org")))
-        self.assertEqual(db.refresh().resolve(BOB), BOB)
+        self.assertEqual(db.refresh().resolve(Address("ghost", "example.org")), ())
+        self.assertEqual(db.refresh().resolve(BOB), (BOB,))
         self.assertFalse(db.refresh().owns(ALICE, BOB))
         self.assertFalse(db.refresh().exists(abuse))
         self.assertEqual(len(events), 1)
         self.assertIn("line(s) 3", formatEvent(events[0]))
         self.writeFile(self.aliasesPath, b"abuse@example.org: bob@example.org\n")
-        self.assertEqual(db.refresh().resolve(abuse), BOB)
+        self.assertEqual(db.refresh().resolve(abuse), (BOB,))
         self.assertFalse(db.refresh().owns(ALICE, abuse))
 
     def test_createFile(self) -> None:
