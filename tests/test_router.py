@@ -531,6 +531,20 @@ class MailRouterContract:
         self.assertEqual(self.router.checkRecipient(REMOTE), (REMOTE,))
         self.assertRaises(PermanentFailure, self.router.checkRecipient, Address("root", "localhost"))
 
+    def test_checkRecipientList(self) -> None:
+        """
+        A distribution list resolves to all its users, each once; a
+        sub-address to its base user; an unknown address of a domain with
+        a catch-all to the catch-all user, in domains given in any case.
+        """
+        self.users.aliases[Address("team", "example.org")] = (BOB, ALICE, BOB)
+        self.users.catchAll["example.net"] = BOB
+        self.assertEqual(self.router.checkRecipient(Address("Team", "example.org")), (BOB, ALICE))
+        self.assertEqual(self.router.checkRecipient(Address("team+x", "example.org")), (BOB, ALICE))
+        self.assertEqual(self.router.checkRecipient(Address("alice+x", "example.org")), (ALICE,))
+        self.assertEqual(self.router.checkRecipient(Address("whoever", "example.net")), (BOB,))
+        self.assertRaises(UnknownUser, self.router.checkRecipient, Address("whoever", "example.org"))
+
     def test_delivery(self) -> None:
         """
         Local recipients get one copy each in their maildrops and the

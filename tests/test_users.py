@@ -727,3 +727,100 @@ class UsersFileModesAndOwnerTests(SynchronousTestCase):
 def _unlinkIfThere(path: str) -> None:
     if os.path.exists(path):
         os.unlink(path)
+
+
+class AliasesParsingTests(SynchronousTestCase):
+    """
+    Tests for L{pop3gw.passwdfile.parseAliases}.
+    """
+
+    def test_goodLines(self) -> None:
+        """
+        One target, several targets separated by commas (each once, in
+        order), and C{@domain} catch-all lines are parsed; comments and
+        blank lines are skipped; CRLF line ends are accepted.
+        """
+        from pop3gw.passwdfile import parseAliases
+
+        aliases, catchAll, bad = parseAliases(
+            b"# lists\n\n"
+            b"abuse@example.org: alice@example.org\r\n"
+            b"team@example.org:alice@example.org ,bob@example.org,  alice@example.org\n"
+            b"@Example.ORG: carol@example.org\n"
+        )
+        self.assertEqual(bad, [])
+        self.assertEqual(
+            aliases.entries,
+            {
+                Address("abuse", "example.org"): (ALICE,),
+                Address("team", "example.org"): (ALICE, BOB),
+            },
+        )
+        self.assertEqual(catchAll, {"example.org": (CAROL,)})
+
+    def test_malformedLines(self) -> None:
+        """
+        Lines without a colon, with a bad alias or a bad or empty target,
+        in bad UTF-8, or defining an alias or a catch-all again are
+        reported by 1-based line number and ignored; the others are kept.
+        """
+        from pop3gw.passwdfile import parseAliasLine, parseAliases
+
+        aliases, catchAll, bad = parseAliases(
+            b"ok@example.org: alice@example.org\n"
+            b"no colon here\n"
+            b"bad..alias@example.org: alice@example.org\n"
+            b"x@example.org: alice@example.org,\n"
+            b"y@example.org:\n"
+            b"\xff@example.org: alice@example.org\n"
+            b"ok@example.org: bob@example.org\n"
+            b"@example.org: alice@example.org\n"
+            b"@example.org: bob@example.org\n"
+            b"@: bob@example.org\n"
+        )
+        self.assertEqual(bad, [2, 3, 4, 5, 6, 7, 9, 10])
+        self.assertEqual(aliases.entries, {Address("ok", "example.org"): (ALICE,)})
+        self.assertEqual(catchAll, {"example.org": (ALICE,)})
+        self.assertEqual(parseAliasLine(b"x@example.org: alice@example.org,").problem, "target '' is not an address")
+
+    def test_loggedOnceWithLineNumber(self) -> None:
+        """
+        The server logs a malformed aliases line with its number once per
+        change of the file, not at every refresh, and resolves the rest.
+        """
+        events = _captureLog(self)
+        directory = makeTempDirectory(self)
+        usersPath, aliasesPath = os.path.join(directory, "users"), os.path.join(directory, "aliases")
+        with open(usersPath, "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\n")
+        with open(aliasesPath, "w") as f:
+            f.write("team@example.org: alice@example.org\nteam2@example.org alice@example.org\n")
+        db = UsersFile(usersPath, aliasesPath)
+        for _ in range(3):
+            self.assertEqual(db.refresh().resolve(Address("team", "example.org")), (ALICE,))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [f"aliases file {aliasesPath}: ignored malformed or duplicate line(s) 2"],
+        )
+
+    def test_reloadCatchAllAndPostmaster(self) -> None:
+        """
+        A catch-all added to the aliases file is used after the next
+        refresh without a restart; the postmaster and delimiter given to
+        L{UsersFile} apply to every snapshot.
+        """
+        directory = makeTempDirectory(self)
+        usersPath, aliasesPath = os.path.join(directory, "users"), os.path.join(directory, "aliases")
+        with open(usersPath, "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n")
+        db = UsersFile(usersPath, aliasesPath, postmaster=BOB, delimiter="-")
+        anyone = Address("anyone", "example.org")
+        self.assertEqual(db.refresh().resolve(anyone), ())
+        self.assertEqual(db.refresh().resolve(Address("postmaster", "example.org")), (BOB,))
+        self.assertEqual(db.refresh().resolve(Address("alice-x", "example.org")), (ALICE,))
+        self.assertEqual(db.refresh().resolve(Address("alice+x", "example.org")), ())
+        with open(aliasesPath + ".new", "w") as f:
+            f.write("@example.org: alice@example.org\n")
+        os.replace(aliasesPath + ".new", aliasesPath)
+        self.assertEqual(db.refresh().resolve(anyone), (ALICE,))
+        self.assertEqual(db.snapshot().resolve(Address("alice+x", "example.org")), (ALICE,))
