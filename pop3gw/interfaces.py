@@ -601,8 +601,8 @@ class IMailRouter(Interface):
     def beginDelivery(sender, recipients, trace=b""):
         """
         Start delivering one message to C{recipients} (the addresses
-        L{checkRecipient} returned; one copy per address): local ones into maildrops, the rest into the
-        outbound queue.
+        L{checkRecipient} returned, one copy per address): local ones into
+        maildrops, the rest into the outbound queue.
 
         @return: an L{IRoutedDelivery} whose C{commit} fires only once the
             message is durable in every maildrop and in the queue.

@@ -54,10 +54,10 @@ from pop3gw.interfaces import (
     AliasError,
     AliasShadowsUser,
     IUserDirectory,
-    UnknownTarget,
     IUserStore,
     LookupWouldBlock,
     TemporaryFailure,
+    UnknownTarget,
     UnknownUser,
     UserExists,
 )

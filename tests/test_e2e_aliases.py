@@ -10,7 +10,15 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_e2e_submission import ALICE, ALICE_PW, BOB, BOB_PW, SubmissionTestMixin, message, stripTrace
+from tests.test_e2e_submission import (
+    ALICE,
+    ALICE_PW,
+    BOB,
+    BOB_PW,
+    SubmissionTestMixin,
+    message,
+    stripTrace,
+)
 
 CAROL, CAROL_PW = "carol@example.org", "carol secret"
 

@@ -764,7 +764,7 @@ class AliasesParsingTests(SynchronousTestCase):
         in bad UTF-8, or defining an alias or a catch-all again are
         reported by 1-based line number and ignored; the others are kept.
         """
-        from pop3gw.passwdfile import parseAliasLine, parseAliases
+        from pop3gw.passwdfile import parseAliases, parseAliasLine
 
         aliases, catchAll, bad = parseAliases(
             b"ok@example.org: alice@example.org\n"
