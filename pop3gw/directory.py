@@ -173,6 +173,9 @@ class Directory:
     A directory whose backing store has never been readable is
     L{unavailable}: every question raises L{TemporaryFailure}, so mail is
     deferred rather than bounced as "unknown user".
+
+    @ivar postmaster: the configured postmaster as stored, or C{None} if
+        none was given or it is not a user.
     """
 
     def __init__(
