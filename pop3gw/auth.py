@@ -409,7 +409,7 @@ class SubmissionAvatar:
         """
         return self.senders.allows(address)
 
-    def checkRecipient(self, address: Address) -> Address:
+    def checkRecipient(self, address: Address) -> tuple[Address, ...]:
         """
         See L{ISubmissionAvatar.checkRecipient}.
         """

@@ -23,11 +23,14 @@ from pop3gw import __version__, fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.config import ConfigError, buildConfig
 from pop3gw.interfaces import (
+    AliasError,
+    AliasShadowsUser,
     BadMessageData,
     InsufficientStorage,
     PermanentFailure,
     Pop3gwError,
     TemporaryFailure,
+    UnknownTarget,
     UnknownUser,
     UserExists,
 )
@@ -44,7 +47,7 @@ EX_NOPERM = 77
 
 #: The commands that only read the data directory, as (command, action);
 #: every other command writes to it.
-_READ_ONLY = frozenset({("user", "list"), ("queue", "list")})
+_READ_ONLY = frozenset({("user", "list"), ("queue", "list"), ("alias", "list")})
 
 #: Longest password accepted, in octets of UTF-8: the login check refuses
 #: longer ones (L{pop3gw.passwords.MAX_PASSWORD_BYTES}) without hashing.
@@ -86,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
         "import", help="add the users of a Dovecot passwd-file (plain-text passwords are hashed on the way in)"
     )
     imp.add_argument("file")
+
+    alias = sub.add_parser("alias", help="add, remove or list aliases, distribution lists and catch-alls")
+    asub = alias.add_subparsers(dest="action", required=True)
+    add = asub.add_parser("add", help="make ALIAS (or @domain: its catch-all) deliver to the TARGET users too")
+    add.add_argument("alias")
+    add.add_argument("targets", nargs="+", metavar="target")
+    rm = asub.add_parser("remove", help="remove an alias (or @domain: its catch-all)")
+    rm.add_argument("alias")
+    asub.add_parser("list", help="list aliases and catch-alls")
 
     deliver = sub.add_parser("deliver", help="deliver the message on stdin to a local user")
     deliver.add_argument("address")
@@ -144,7 +156,7 @@ def _readPassword(stdin: TextIO, isatty: bool) -> str:
 def _users(config, owner: Optional[fsutil.Owner] = None):
     from pop3gw.users import UsersFile
 
-    return UsersFile(config.usersPath, config.aliasesPath, owner)
+    return UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
 
 
 def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
@@ -182,6 +194,50 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.
         raise CommandError(f"cannot write users file {config.usersPath}: {e.strerror}", EX_CANTCREAT) from None
     stdout.write(f"{'added' if create else 'changed password of'} {address}\n")
     return EX_OK
+
+
+def cmdAlias(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+    """
+    C{alias add|remove|list}: edit the aliases file under the users
+    file's lock, in one atomic rewrite; malformed lines (kept as written)
+    are reported on stderr with their line numbers.
+    """
+    users = _users(config, owner)
+    if args.action != "list" and not args.alias.strip().startswith("@"):
+        _address(args.alias)
+    targets = [_address(t) for t in getattr(args, "targets", ())]
+    try:
+        if args.action == "add":
+            now = users.addAlias(args.alias, targets)
+            stdout.write(f"{args.alias.strip()}: {', '.join(str(t) for t in now)}\n")
+        elif args.action == "remove":
+            users.removeAlias(args.alias)
+            stdout.write(f"removed {args.alias.strip()}\n")
+    except UnknownTarget as e:
+        raise CommandError(str(e), EX_NOUSER) from None
+    except AliasError as e:
+        raise CommandError(str(e), EX_DATAERR if isinstance(e, AliasShadowsUser) else 1) from None
+    except OSError as e:
+        raise CommandError(f"cannot write aliases file {config.aliasesPath}: {e.strerror}", EX_CANTCREAT) from None
+    bad = 0
+    seen: dict[tuple, int] = {}
+    for number, line in users.aliasLines():
+        if line.problem is not None:
+            bad += 1
+            stderr.write(f"pop3gw: {config.aliasesPath}:{number}: {line.problem}; line ignored\n")
+            continue
+        if line.key is None:
+            continue
+        key = (line.alias, line.domain)
+        if key in seen:
+            bad += 1
+            stderr.write(f"pop3gw: {config.aliasesPath}:{number}: defined again (line {seen[key]} is used); line ignored\n")
+            continue
+        seen[key] = number
+        if args.action == "list":
+            name = str(line.alias) if line.alias is not None else f"@{line.domain}"
+            stdout.write(f"{name}: {', '.join(str(t) for t in line.targets)}\n")
+    return EX_DATAERR if bad and args.action == "list" else EX_OK
 
 
 def cmdImport(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
@@ -228,12 +284,15 @@ def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner]
 
     address = _address(args.address, EX_NOUSER)
     users = _users(config)
-    user = users.refresh().resolve(address)
-    if user is None:
+    recipients = users.refresh().resolve(address)
+    if not recipients:
         raise CommandError(f"no such user {address}", EX_NOUSER)
+    # One delivery for every target of a distribution list: its commit
+    # fires only once each copy is durable.
+    user = recipients[0] if len(recipients) == 1 else address
     store = MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)
     try:
-        delivery = store.beginDelivery([user])
+        delivery = store.beginDelivery(list(recipients))
     except TemporaryFailure as e:
         raise _temporaryDeliveryError(user, e) from None
     size = 0
@@ -330,6 +389,8 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
             if args.action == "import":
                 return cmdImport(config, args, stdout, stderr, owner)
             return cmdUser(config, args, stdin, stdout, owner)
+        if args.command == "alias":
+            return cmdAlias(config, args, stdout, stderr, owner)
         if args.command == "deliver":
             return cmdDeliver(config, args, getattr(stdin, "buffer", stdin), owner)
         return cmdQueue(config, args, stdout, owner)

@@ -18,7 +18,7 @@ from typing import Optional
 import attr
 from twisted.python import usage
 
-from pop3gw.address import AddressError, parseDomain
+from pop3gw.address import Address, AddressError, parseDomain
 from pop3gw.auth import PLAINTEXT_MODES
 from pop3gw.wire import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -74,6 +74,8 @@ class Config:
     hostname: str
     checkHeaderFrom: bool
     limits: dict
+    postmaster: Optional[Address] = None
+    recipientDelimiter: str = "+"
 
     @property
     def mailDir(self) -> str:
@@ -175,6 +177,8 @@ _SCALAR_KEYS = {
     "plaintext-auth",
     "max-message-size",
     "hostname",
+    "postmaster",
+    "recipient-delimiter",
 }
 _LIST_KEYS = {"domain"} | set(LISTENERS)
 
@@ -282,6 +286,16 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
     else:
         hostname = defaultHostname()
 
+    postmaster = None
+    if merged.get("postmaster", "").strip():
+        try:
+            postmaster = Address.parse(merged["postmaster"].strip())
+        except AddressError:
+            raise ConfigError(f"postmaster: {merged['postmaster'].strip()!r} is not an address (user@domain)") from None
+    delimiter = merged.get("recipient-delimiter", "+").strip()
+    if any(c in "@\"\\()<>[],;:" or not c.isprintable() or c.isspace() for c in delimiter):
+        raise ConfigError(f"recipient-delimiter: {delimiter!r} holds a character that cannot be in a local part")
+
     return Config(
         dataDir=dataDir,
         domains=tuple(domains),
@@ -298,6 +312,8 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         hostname=hostname,
         checkHeaderFrom=checkFrom,
         limits=limits,
+        postmaster=postmaster,
+        recipientDelimiter=delimiter,
     )
 
 

@@ -44,6 +44,27 @@ class UserExists(Pop3gwError):
     """
 
 
+class AliasError(Pop3gwError):
+    """
+    C{alias add} or C{alias remove} refused: a bad address, an alias that
+    would shadow a user, a target that is not a local user, or no such
+    alias.  Its text is the operator's one-line message.
+    """
+
+
+class AliasShadowsUser(AliasError):
+    """
+    C{alias add} names an alias that is a user's address (the user would
+    always win).
+    """
+
+
+class UnknownTarget(AliasError):
+    """
+    C{alias add} names a target that is not a local user.
+    """
+
+
 class MaildropLocked(Pop3gwError):
     """
     Another session holds the maildrop's exclusive lock (POP3 C{[IN-USE]}).
@@ -160,14 +181,24 @@ class IDirectorySnapshot(Interface):
 
     def resolve(address):
         """
-        @return: the user L{Address} whose maildrop receives mail for
-            C{address} (the user itself, or the owner of an alias), or C{None}.
+        The one recipient resolution of every path that accepts mail
+        (submission, MX, LMTP, C{pop3gw deliver}, bounces): a user, then
+        an alias (one target or a distribution list), then the implicit
+        C{postmaster@} of a users' domain, then the base of a sub-address
+        (C{alice+tag@} -> C{alice@}, resolved by the same three steps),
+        then the domain's catch-all.
+
+        @return: a tuple of the user L{Address}es (as stored) whose
+            maildrops receive mail for C{address}, each once, in order;
+            an empty tuple if no user does.
         """
 
     def owns(user, address):
         """
-        @return: whether the user C{user} may use C{address} as a sender
-            (its own address or one of its aliases).
+        @return: whether the user C{user} may use C{address} as a sender:
+            its own address, an alias or the implicit postmaster address
+            that resolves to it, or a sub-address of one of them (never a
+            catch-all).
         """
 
     def sendersOf(user):
@@ -559,17 +590,19 @@ class IMailRouter(Interface):
 
     def checkRecipient(address):
         """
-        @return: the L{Address} of the local user who receives mail for
-            C{address}, or C{address} itself if it is remote.
-        @raise UnknownUser: C{address} is in a local domain but no user or
-            alias has it.
+        @return: a non-empty tuple of L{Address}: the local users who
+            receive mail for C{address} (L{IDirectorySnapshot.resolve}:
+            several for a distribution list), or C{(address,)} if it is
+            remote.
+        @raise UnknownUser: C{address} is in a local domain but nothing
+            resolves it to a user.
         """
 
     def beginDelivery(sender, recipients, trace=b""):
         """
-        Start delivering one message to C{recipients} (as returned by
-        L{checkRecipient}): local ones into maildrops, the rest into the
-        outbound queue.
+        Start delivering one message to C{recipients} (the addresses
+        L{checkRecipient} returned, one copy per address): local ones into
+        maildrops, the rest into the outbound queue.
 
         @return: an L{IRoutedDelivery} whose C{commit} fires only once the
             message is durable in every maildrop and in the queue.

@@ -8,7 +8,7 @@ Pure parsing: no file access, no locks.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import attr
 
@@ -106,35 +106,113 @@ def parseUsers(data: bytes) -> tuple[list[UserLine], AddressMap[str], list[int]]
     return lines, users, bad
 
 
-def parseAliases(data: bytes) -> tuple[AddressMap[Address], list[int]]:
+@attr.s(frozen=True, auto_attribs=True)
+class AliasLine:
     """
-    Parse an aliases file of C{alias@domain: user@domain} lines.
+    One parsed aliases file line.
 
-    @return: alias -> user (as written), and the 1-based numbers of
-        malformed lines.
+    @ivar raw: the line as written, without its line end.
+    @ivar alias: the alias, or C{None} for a catch-all, comment, blank or
+        malformed line.
+    @ivar domain: the domain of a catch-all line (C{@domain: ...}), else
+        C{None}.
+    @ivar targets: the targets as written, each once, in order.
+    @ivar problem: why a malformed line is malformed, else C{None}.
     """
-    aliases: AddressMap[Address] = AddressMap()
+
+    raw: bytes
+    alias: Optional[Address] = None
+    domain: Optional[str] = None
+    targets: tuple = ()
+    problem: Optional[str] = None
+
+    @property
+    def key(self) -> Optional[str]:
+        """
+        What the line defines: the alias's L{lookupKey}, C{"@domain"} for
+        a catch-all, or C{None}.
+        """
+        if self.alias is not None:
+            return lookupKey(self.alias)
+        if self.domain is not None:
+            return "@" + self.domain
+        return None
+
+
+def formatAliasLine(name: str, targets: Sequence[Address]) -> bytes:
+    """
+    The aliases file line that makes C{name} (an alias address, or
+    C{@domain}) deliver to C{targets}.
+    """
+    return f"{name}: {', '.join(str(t) for t in targets)}".encode("utf-8")
+
+
+def parseAliasName(text: str) -> tuple[Optional[Address], Optional[str]]:
+    """
+    Parse the left side of an aliases line: C{alias@domain}, or
+    C{@domain} for the domain's catch-all.
+
+    @return: (alias, None) or (None, domain).
+    @raise AddressError: neither.
+    """
+    text = text.strip()
+    if text.startswith("@"):
+        return None, Address.parse("catchall" + text).domain
+    return Address.parse(text), None
+
+
+def parseAliasLine(raw: bytes) -> AliasLine:
+    """
+    Parse one line of the aliases file: C{alias@domain: user@domain}, with
+    several targets separated by commas (a distribution list), or
+    C{@domain: user@domain} for the domain's catch-all.
+    """
+    try:
+        text = raw.rstrip(b"\r").decode("utf-8")
+    except UnicodeDecodeError:
+        return AliasLine(raw, problem="not valid UTF-8")
+    if isComment(text):
+        return AliasLine(raw)
+    name, sep, rest = text.partition(":")
+    if not sep:
+        return AliasLine(raw, problem="not an 'alias@domain: user@domain' line")
+    try:
+        alias, domain = parseAliasName(name)
+    except AddressError:
+        return AliasLine(raw, problem=f"{name.strip()!r} is not an address or @domain")
+    targets = []
+    for field in rest.split(","):
+        try:
+            targets.append(Address.parse(field.strip()))
+        except AddressError:
+            return AliasLine(raw, problem=f"target {field.strip()!r} is not an address")
+    return AliasLine(raw, alias, domain, tuple(dict.fromkeys(targets)))
+
+
+def parseAliases(data: bytes) -> tuple[AddressMap[tuple], dict[str, tuple], list[int]]:
+    """
+    Parse an aliases file (see L{parseAliasLine}).
+
+    @return: alias -> its targets (as written), domain -> its catch-all
+        targets, and the 1-based numbers of malformed lines and of lines
+        defining an alias or catch-all again (the first one wins).
+    """
+    aliases: AddressMap[tuple] = AddressMap()
+    catchAll: dict[str, tuple] = {}
     bad = []
     for number, raw in enumerate(splitLines(data), 1):
-        try:
-            text = raw.rstrip(b"\r").decode("utf-8")
-        except UnicodeDecodeError:
+        line = parseAliasLine(raw)
+        if line.problem is not None:
             bad.append(number)
-            continue
-        if isComment(text):
-            continue
-        alias, sep, target = text.partition(":")
-        try:
-            if not sep:
-                raise AddressError("no colon")
-            aliasAddress = Address.parse(alias.strip())
-            targetAddress = Address.parse(target.strip())
-        except AddressError:
-            bad.append(number)
-            continue
-        if not aliases.add(aliasAddress, targetAddress):
-            bad.append(number)
-    return aliases, bad
+        elif line.alias is not None:
+            if not aliases.add(line.alias, line.targets):
+                bad.append(number)
+        elif line.domain is not None:
+            if line.domain in catchAll:
+                bad.append(number)
+            else:
+                catchAll[line.domain] = line.targets
+    return aliases, catchAll, bad
 
 
 @attr.s(frozen=True, auto_attribs=True)

@@ -3,7 +3,8 @@
 Sends each recipient of a message to a local maildrop or the outbound queue.
 
 A L{Router} knows the local domains and the users database.  A recipient in
-a local domain must resolve to a user (directly or through an alias); any
+a local domain must resolve to one or more users (directly, or by alias,
+distribution list, postmaster, sub-address or catch-all); any
 other recipient is remote and goes to the outbound queue.  One message
 becomes at most two parts: one maildrop delivery for all local recipients,
 and one queue entry for all remote ones.
@@ -196,7 +197,7 @@ class Router:
     def isLocalDomain(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self._domains
 
-    def checkRecipient(self, address: Address) -> Address:
+    def checkRecipient(self, address: Address) -> tuple[Address, ...]:
         """
         See L{IMailRouter.checkRecipient}.  A non-local domain that cannot
         be a public mail domain (a single label such as C{localhost}, or an
@@ -206,11 +207,11 @@ class Router:
         if not self.isLocalDomain(address.domain):
             if not isRoutableDomain(address.domain):
                 raise PermanentFailure(f"{address.domain} is not a public mail domain")
-            return address
-        user = self._users.snapshot().resolve(address)
-        if user is None:
+            return (address,)
+        users = self._users.snapshot().resolve(address)
+        if not users:
             raise UnknownUser(str(address))
-        return user
+        return users
 
     def beginDelivery(self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b"") -> IDelivery:
         local: list = []

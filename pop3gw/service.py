@@ -33,7 +33,7 @@ from pop3gw.anvil import AuthAccounting
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
-from pop3gw.interfaces import UnknownUser
+from pop3gw.interfaces import TemporaryFailure, UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import POP3Factory
@@ -363,6 +363,30 @@ def makeService(options, reactor=None) -> MultiService:
         raise SystemExit(f"pop3gw: {e}") from None
 
 
+def _checkPostmaster(config: Config, users: UsersFile) -> None:
+    """
+    Warn at start-up when C{postmaster@} the local domains has no named
+    receiver (RFC 5321 4.5.1 requires the address): it then goes to the
+    first user of each domain.
+    """
+    if config.postmaster is None:
+        log.warn(
+            "no [pop3gw] postmaster is set: mail for postmaster@ each local domain goes to "
+            "that domain's first user in the users file"
+        )
+        return
+    try:
+        known = users.snapshot().exists(config.postmaster)
+    except TemporaryFailure:
+        return
+    if not known:
+        log.warn(
+            "[pop3gw] postmaster {postmaster} is not a user: mail for postmaster@ each local domain goes to "
+            "that domain's first user in the users file",
+            postmaster=str(config.postmaster),
+        )
+
+
 def _build(config: Config, reactor) -> MultiService:
     _raiseFileLimit()
     owner = None
@@ -385,7 +409,7 @@ def _build(config: Config, reactor) -> MultiService:
     ThreadPoolService(hashPool).setServiceParent(top)
     ThreadPoolService(ioPool, ioRunner).setServiceParent(top)
 
-    users = UsersFile(config.usersPath, config.aliasesPath, owner)
+    users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
     store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
     queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
@@ -456,10 +480,10 @@ def _build(config: Config, reactor) -> MultiService:
             ListenerService(reactor, name, description, limited(wrapped, refusal)).setServiceParent(top)
 
     def bounceDelivery(sender: Address, data: bytes):
-        user = users.snapshot().resolve(sender)
-        if user is None:
+        recipients = users.snapshot().resolve(sender)
+        if not recipients:
             return defer.fail(UnknownUser(str(sender)))
-        delivery = store.beginDelivery([user])
+        delivery = store.beginDelivery(list(recipients))
         delivery.write(data)
         return delivery.commit()
 
@@ -504,6 +528,7 @@ def _build(config: Config, reactor) -> MultiService:
         domains=", ".join(config.domains) or "(domains of users)",
         policy=config.plaintextAuth,
     )
+    _checkPostmaster(config, users)
     if config.relayHost:
         log.info("relaying non-local mail through {host}:{port}", host=config.relayHost, port=relay.relayPort)
     else:

@@ -501,12 +501,13 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
         d.addCallbacks(self._cbRecipient, self._ebRecipient)
         return d
 
-    def _cbRecipient(self, address: Address) -> None:
+    def _cbRecipient(self, users: tuple[Address, ...]) -> None:
         if self._state is not _State.MAIL:
             return
         recipients = self._envelope.recipients
-        if address not in recipients:
-            recipients.append(address)
+        for address in users:
+            if address not in recipients:
+                recipients.append(address)
         self._send(RECIPIENT_OK)
 
     def _ebRecipient(self, failure: Failure) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import io
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import attr
 from twisted.internet import defer
@@ -50,17 +50,32 @@ from pop3gw.wire import toCRLF
 @implementer(IUserDirectory, IUserStore)
 class FakeUserDatabase:
     """
-    Users in a dict: address -> stored hash; aliases: alias -> user.  Both
-    may be changed directly; L{snapshot} always reflects them.
+    Users in a dict: address -> stored hash; aliases: alias -> a user or
+    a tuple of users; catchAll: domain -> a user or a tuple of users.  All
+    may be changed directly; L{snapshot} always reflects them, resolved
+    by the same L{Directory} as the real users file.
+
+    @ivar postmaster: who receives C{postmaster@} (see L{Directory}).
+    @ivar delimiter: the sub-address separators.
 
     @ivar blocking: behave like a database backend whose lookups always
         block (L{peekUser} raises L{LookupWouldBlock}).
     @ivar reloads: how many times L{refresh} was called.
     """
 
-    def __init__(self, users: Optional[dict] = None, aliases: Optional[dict] = None):
+    def __init__(
+        self,
+        users: Optional[dict] = None,
+        aliases: Optional[dict] = None,
+        catchAll: Optional[dict] = None,
+        postmaster: Optional[Address] = None,
+        delimiter: str = "+",
+    ):
         self.users: dict[Address, str] = dict(users or {})
-        self.aliases: dict[Address, Address] = dict(aliases or {})
+        self.aliases: dict[Address, Any] = dict(aliases or {})
+        self.catchAll: dict[str, Any] = dict(catchAll or {})
+        self.postmaster = postmaster
+        self.delimiter = delimiter
         self.reloads = 0
         self.blocking = False
 
@@ -75,7 +90,7 @@ class FakeUserDatabase:
         return None if found is None else (found, self.users[found])
 
     def snapshot(self) -> Directory:
-        return Directory.fromEntries(self.users, self.aliases.items())
+        return Directory.fromEntries(self.users, self.aliases.items(), self.catchAll, self.postmaster, self.delimiter)
 
     def refresh(self) -> Directory:
         self.reloads += 1
@@ -318,15 +333,15 @@ class FakeRouter:
     def isLocalDomain(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.domains
 
-    def checkRecipient(self, address: Address) -> Address:
+    def checkRecipient(self, address: Address) -> tuple:
         if not self.isLocalDomain(address.domain):
             if not isRoutableDomain(address.domain):
                 raise PermanentFailure(f"{address.domain} is not a public mail domain")
-            return address
-        user = self.users.snapshot().resolve(address)
-        if user is None:
+            return (address,)
+        users = self.users.snapshot().resolve(address)
+        if not users:
             raise UnknownUser(str(address))
-        return user
+        return users
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):
         recipients = list(dict.fromkeys(recipients))
@@ -405,7 +420,7 @@ class FakeSubmissionAvatar:
     def mayUseSender(self, address: Address) -> bool:
         return self.router.users.snapshot().owns(self.address, address)
 
-    def checkRecipient(self, address: Address) -> Address:
+    def checkRecipient(self, address: Address) -> tuple:
         return self.router.checkRecipient(address)
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):

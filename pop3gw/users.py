@@ -48,17 +48,29 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3gw import fsutil
-from pop3gw.address import Address, lookupKey
-from pop3gw.directory import AddressMap, Directory
+from pop3gw.address import Address, AddressError, lookupKey
+from pop3gw.directory import DEFAULT_DELIMITER, AddressMap, Directory
 from pop3gw.interfaces import (
+    AliasError,
+    AliasShadowsUser,
     IUserDirectory,
     IUserStore,
     LookupWouldBlock,
     TemporaryFailure,
+    UnknownTarget,
     UnknownUser,
     UserExists,
 )
-from pop3gw.passwdfile import UserLine, parseAliases, parseUsers
+from pop3gw.passwdfile import (
+    AliasLine,
+    UserLine,
+    formatAliasLine,
+    parseAliases,
+    parseAliasLine,
+    parseAliasName,
+    parseUsers,
+    splitLines,
+)
 from pop3gw.passwords import canVerify, isMalformed, schemeOf
 
 _log = Logger()
@@ -184,16 +196,18 @@ class _Snapshot:
     Immutable view of both files, swapped as a whole.
 
     @ivar users: stored address -> hash.
-    @ivar aliases: alias -> target.
+    @ivar aliases: alias -> its targets.
+    @ivar catchAll: domain -> its catch-all targets.
     @ivar directory: the L{Directory} of both, for the reactor thread.
     @ivar keys: the (mtime_ns, size, inode) of the users and aliases files
         as read (C{None} for a missing file), for L{UsersFile.peekUser}.
     """
 
     users: AddressMap[str]
-    aliases: AddressMap[Address]
+    aliases: AddressMap[tuple]
     directory: Directory
     keys: tuple = ()
+    catchAll: Optional[dict] = None
 
 
 def _checkHash(hashed: str) -> None:
@@ -226,17 +240,29 @@ class UsersFile:
     # Indirection so tests can simulate a crash at the rename.
     _replace = staticmethod(os.replace)
 
-    def __init__(self, path: str, aliasesPath: Optional[str] = None, owner: Optional[fsutil.Owner] = None):
+    def __init__(
+        self,
+        path: str,
+        aliasesPath: Optional[str] = None,
+        owner: Optional[fsutil.Owner] = None,
+        postmaster: Optional[Address] = None,
+        delimiter: str = DEFAULT_DELIMITER,
+    ):
         """
         @param path: the users file; missing means no users.
         @param aliasesPath: the aliases file, or C{None} for no aliases.
         @param owner: the data directory's owner, given the users file and
             its lock file when this process creates them (see
             L{pop3gw.fsutil}); a rewritten file keeps its owner.
+        @param postmaster: who receives C{postmaster@} the users' domains
+            (see L{Directory}).
+        @param delimiter: the sub-address separators (C{""}: none).
         """
         self.path = path
         self.aliasesPath = aliasesPath
         self.owner = owner
+        self.postmaster = postmaster
+        self.delimiter = delimiter
         self.lockPath = path + ".lock"
         self._lock = threading.Lock()
         self._usersFile = _WatchedFile(path, parseUsers, "users file")
@@ -261,14 +287,15 @@ class UsersFile:
         with self._lock:
             _lines, users = self._usersFile.current(force)
             if self._aliasesFile is not None:
-                (aliases,) = self._aliasesFile.current(force)
+                aliases, catchAll = self._aliasesFile.current(force)
             else:
-                aliases = self._snapshot.aliases
+                aliases, catchAll = self._snapshot.aliases, self._snapshot.catchAll
             if users is not self._snapshot.users:
                 self._warnAboutUsers(users)
             keys = (self._usersFile.key, self._aliasesFile.key if self._aliasesFile is not None else None)
             if users is not self._snapshot.users or aliases is not self._snapshot.aliases:
-                self._snapshot = _Snapshot(users, aliases, Directory(users, aliases), keys)
+                directory = Directory(users, aliases, catchAll, self.postmaster, self.delimiter)
+                self._snapshot = _Snapshot(users, aliases, directory, keys, catchAll)
             elif keys != self._snapshot.keys:
                 self._snapshot = attr.evolve(self._snapshot, keys=keys)
             return self._snapshot
@@ -487,6 +514,109 @@ class UsersFile:
             stored = lines[index].address
             self._write([line for line in lines if line.address != stored])
         self._refresh(force=True)
+
+    # -- aliases (C{pop3gw alias}): under the users file's lock
+
+    def aliasLines(self) -> list[tuple[int, AliasLine]]:
+        """
+        The lines of the aliases file as written (C{pop3gw alias list}),
+        with their 1-based numbers; malformed ones carry their
+        C{problem}.
+        """
+        return list(enumerate(self._readAliasLines(), 1))
+
+    def addAlias(self, name: str, targets: list[Address]) -> tuple[Address, ...]:
+        """
+        Make the alias C{name} (C{alias@domain}, or C{@domain} for that
+        domain's catch-all) deliver to C{targets} too: a new line, or the
+        existing alias's line with the new targets added (each target
+        once).  One atomic rewrite under the users file's lock.
+
+        @return: the alias's targets now.
+        @raise AliasError: C{name} is not an address or C{@domain}, it
+            is a user's address, a target is not a user, or there is no
+            aliases file.
+        """
+        alias, domain = self._aliasName(name)
+        if not targets:
+            raise AliasError("an alias needs at least one target")
+        shown = str(alias) if alias is not None else f"@{domain}"
+        with self._writeLock():
+            users = parseUsers(self._readUsers())[1]
+            if alias is not None and users.find(alias) is not None:
+                raise AliasShadowsUser(f"{alias} is a user; an alias of that name would never be used")
+            stored = []
+            for target in targets:
+                found = users.find(target)
+                if found is None:
+                    raise UnknownTarget(f"target {target} is not a local user")
+                stored.append(found)
+            lines = self._readAliasLines()
+            key = AliasLine(b"", alias, domain).key
+            index = next((i for i, line in enumerate(lines) if line.key == key), None)
+            if index is None:
+                new = tuple(dict.fromkeys(stored))
+                lines.append(parseAliasLine(formatAliasLine(shown, new)))
+            else:
+                old = lines[index]
+                new = tuple(dict.fromkeys(old.targets + tuple(stored)))
+                written = old.raw.decode("utf-8").partition(":")[0].strip()
+                lines[index] = parseAliasLine(formatAliasLine(written, new))
+            self._writeAliases(lines)
+        self._refresh(force=True)
+        return new
+
+    def removeAlias(self, name: str) -> None:
+        """
+        Remove the alias C{name} (C{@domain}: that domain's catch-all), in
+        any case: every line defining it.  One atomic rewrite under the
+        users file's lock.
+
+        @raise AliasError: C{name} is not an address or C{@domain}, or no
+            such alias.
+        """
+        alias, domain = self._aliasName(name)
+        key = AliasLine(b"", alias, domain).key
+        with self._writeLock():
+            lines = self._readAliasLines()
+            kept = [line for line in lines if line.key != key]
+            if len(kept) == len(lines):
+                raise AliasError(f"no such alias {name.strip()}")
+            self._writeAliases(kept)
+        self._refresh(force=True)
+
+    def _aliasName(self, name: str) -> tuple[Optional[Address], Optional[str]]:
+        if self.aliasesPath is None:
+            raise AliasError("no aliases file")
+        try:
+            return parseAliasName(name)
+        except AddressError:
+            raise AliasError(f"{name.strip()!r} is not an address (alias@domain) or @domain") from None
+
+    def _readUsers(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
+    def _readAliasLines(self) -> list[AliasLine]:
+        assert self.aliasesPath is not None
+        try:
+            with open(self.aliasesPath, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        return [parseAliasLine(raw) for raw in splitLines(data)]
+
+    def _writeAliases(self, lines: list[AliasLine]) -> None:
+        """
+        Replace the aliases file with C{lines} atomically and durably,
+        keeping its owner; comments and malformed lines stay as written.
+        """
+        assert self.aliasesPath is not None
+        data = b"".join(line.raw + b"\n" for line in lines)
+        fsutil.replaceFile(self.aliasesPath, data, self.owner, self._replace)
 
     @staticmethod
     def _find(lines: list[UserLine], address: Address) -> Optional[int]:

@@ -711,3 +711,189 @@ class VersionTests(SynchronousTestCase):
             cli.run()
         self.assertEqual(e.exception.code, 0)
         self.assertEqual(out.getvalue(), f"pop3gw {__version__}\n")
+
+
+class AliasCommandTests(SynchronousTestCase):
+    """
+    C{pop3gw alias add|remove|list}.
+    """
+
+    def setUp(self) -> None:
+        from tests.test_passwords import HASH_A, HASH_B
+
+        self.dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dataDir)
+        self.aliases = os.path.join(self.dataDir, "aliases")
+        with open(os.path.join(self.dataDir, "users"), "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\nBob@example.org:{HASH_B}\n")
+
+    def runCLI(self, *args: str):
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["--data-dir", self.dataDir, *args], stdin=FakeStdin(), stdout=out, stderr=err)
+        return status, out.getvalue(), err.getvalue()
+
+    def read(self) -> bytes:
+        with open(self.aliases, "rb") as f:
+            return f.read()
+
+    def test_addListRemove(self) -> None:
+        """
+        C{alias add} writes one line per alias (targets named as stored,
+        each once; a second C{add} adds targets to the same line, found in
+        any case); C{@domain} is the catch-all; C{list} prints them;
+        C{remove} removes one; comments are kept.
+        """
+        with open(self.aliases, "wb") as f:
+            f.write(b"# ours\n")
+        self.assertEqual(
+            self.runCLI("alias", "add", "team@example.org", "alice@example.org", "bob@example.org", "ALICE@example.org"),
+            (0, "team@example.org: alice@example.org, Bob@example.org\n", ""),
+        )
+        self.assertEqual(self.runCLI("alias", "add", "@Example.ORG", "alice@example.org")[0], 0)
+        self.assertEqual(self.runCLI("alias", "add", "TEAM@example.org", "bob@example.org")[0], 0)
+        self.assertEqual(
+            self.read(), b"# ours\nteam@example.org: alice@example.org, Bob@example.org\n@example.org: alice@example.org\n"
+        )
+        self.assertEqual(
+            self.runCLI("alias", "list"), (0, "team@example.org: alice@example.org, Bob@example.org\n@example.org: alice@example.org\n", "")
+        )
+        users = UsersFile(os.path.join(self.dataDir, "users"), self.aliases)
+        self.assertEqual(users.refresh().resolve(Address("team", "example.org")), (ALICE, Address("Bob", "example.org")))
+        self.assertEqual(users.refresh().resolve(Address("any", "example.org")), (ALICE,))
+        self.assertEqual(self.runCLI("alias", "remove", "Team@example.org"), (0, "removed Team@example.org\n", ""))
+        self.assertEqual(self.runCLI("alias", "remove", "@example.org")[0], 0)
+        self.assertEqual(self.read(), b"# ours\n")
+        self.assertEqual(self.runCLI("alias", "list"), (0, "", ""))
+
+    def test_refusals(self) -> None:
+        """
+        A bad address exits 64, an alias that is a user 65, a target that
+        is not a local user 67, removing a missing alias 1: each with one
+        line on stderr, and the file unchanged (not even created).
+        """
+        for args, status, message in [
+            (("add", "bad/alias@example.org", "alice@example.org"), cli.EX_USAGE, "bad/alias@example.org"),
+            (("add", "@bad..domain", "alice@example.org"), 1, "is not an address (alias@domain) or @domain"),
+            (("add", "team@example.org", "not-an-address"), cli.EX_USAGE, "not-an-address"),
+            (("add", "BOB@example.org", "alice@example.org"), cli.EX_DATAERR, "BOB@example.org is a user"),
+            (("add", "team@example.org", "carol@example.org"), cli.EX_NOUSER, "carol@example.org is not a local user"),
+            (("remove", "team@example.org"), 1, "no such alias team@example.org"),
+        ]:
+            result, out, err = self.runCLI("alias", *args)
+            self.assertEqual((result, out, err.count("\n")), (status, "", 1), args)
+            self.assertTrue(err.startswith("pop3gw: "), err)
+            self.assertIn(message, err)
+        self.assertFalse(os.path.exists(self.aliases))
+
+    def test_malformedLines(self) -> None:
+        """
+        Malformed lines and second definitions are reported on stderr with
+        their line numbers (C{list} then exits 65 after listing the good
+        ones), and kept as written by a rewrite.
+        """
+        with open(self.aliases, "wb") as f:
+            f.write(b"sales@example.org: alice@example.org\nbroken\nx@example.org: a@b, bad..addr@example.org\n"
+                    b"sales@example.org: Bob@example.org\n")
+        status, out, err = self.runCLI("alias", "list")
+        self.assertEqual((status, out), (cli.EX_DATAERR, "sales@example.org: alice@example.org\n"))
+        self.assertEqual(
+            err,
+            f"pop3gw: {self.aliases}:2: not an 'alias@domain: user@domain' line; line ignored\n"
+            f"pop3gw: {self.aliases}:3: target 'bad..addr@example.org' is not an address; line ignored\n"
+            f"pop3gw: {self.aliases}:4: defined again (line 1 is used); line ignored\n",
+        )
+        status, _, err = self.runCLI("alias", "add", "new@example.org", "alice@example.org")
+        self.assertEqual((status, err.count("\n")), (0, 3))
+        self.assertTrue(self.read().endswith(b"sales@example.org: Bob@example.org\nnew@example.org: alice@example.org\n"))
+
+    def test_atomicUnderLock(self) -> None:
+        """
+        A rewrite waits for the users file's lock (a concurrent C{user}
+        command), and a crash at the rename leaves the old file whole.
+        """
+        import fcntl
+
+        with open(self.aliases, "wb") as f:
+            f.write(b"old@example.org: alice@example.org\n")
+        users = UsersFile(os.path.join(self.dataDir, "users"), self.aliases)
+        self.assertEqual(users.lockPath, os.path.join(self.dataDir, "users.lock"))
+        attempts = []
+        real = fcntl.flock
+
+        def flock(fd, op):
+            attempts.append((os.readlink(f"/proc/self/fd/{fd}"), op))
+            return real(fd, op)
+
+        self.patch(fcntl, "flock", flock)
+
+        def crash(src, dst):
+            raise OSError(errno.EIO, "I/O error")
+
+        self.patch(UsersFile, "_replace", staticmethod(crash))
+        status, _, err = self.runCLI("alias", "add", "new@example.org", "alice@example.org")
+        self.assertEqual(status, cli.EX_CANTCREAT)
+        self.assertIn("cannot write aliases file", err)
+        self.assertEqual(attempts, [(users.lockPath, fcntl.LOCK_EX)])
+        self.assertEqual(self.read(), b"old@example.org: alice@example.org\n")
+        self.assertEqual(sorted(os.listdir(self.dataDir)), ["aliases", "users", "users.lock"])
+
+
+class DeliverToListTests(SynchronousTestCase):
+    """
+    C{deliver} to a distribution list, a sub-address and a catch-all.
+    """
+
+    def setUp(self) -> None:
+        from tests.test_passwords import HASH_A, HASH_B
+
+        self.dataDir = self.mktemp()
+        os.makedirs(self.dataDir)
+        with open(os.path.join(self.dataDir, "users"), "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n")
+        with open(os.path.join(self.dataDir, "aliases"), "w") as f:
+            f.write("team@example.org: alice@example.org, bob@example.org, alice@example.org\n@example.org: bob@example.org\n")
+
+    def runCLI(self, *args: str, data: bytes = b""):
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["--data-dir", self.dataDir, *args], stdin=FakeStdin("", data), stdout=out, stderr=err)
+        return status, out.getvalue(), err.getvalue()
+
+    def newMessages(self, user: str) -> list:
+        new = os.path.join(self.dataDir, "mail", "example.org", user, "new")
+        result = []
+        for name in sorted(os.listdir(new)) if os.path.isdir(new) else ():
+            with open(os.path.join(new, name), "rb") as f:
+                result.append(f.read())
+        return result
+
+    def test_list(self) -> None:
+        """
+        A message delivered to a list lands once, unchanged, in each
+        target's maildrop (exit 0).
+        """
+        self.assertEqual(self.runCLI("deliver", "TEAM@example.org", data=b"Subject: x\n\nhi\n"), (0, "", ""))
+        self.assertEqual(self.newMessages("alice"), [b"Subject: x\n\nhi\n"])
+        self.assertEqual(self.newMessages("bob"), [b"Subject: x\n\nhi\n"])
+
+    def test_subaddressAndCatchAll(self) -> None:
+        """
+        A sub-address goes to its base user, any other address of the
+        domain to the catch-all; another domain is still unknown (67).
+        """
+        self.assertEqual(self.runCLI("deliver", "alice+news@example.org", data=b"A\n")[0], 0)
+        self.assertEqual(self.runCLI("deliver", "whoever@example.org", data=b"B\n")[0], 0)
+        self.assertEqual(self.newMessages("alice"), [b"A\n"])
+        self.assertEqual(self.newMessages("bob"), [b"B\n"])
+        self.assertEqual(self.runCLI("deliver", "whoever@example.net", data=b"C\n")[0], cli.EX_NOUSER)
+
+    def test_listFailureTemporary(self) -> None:
+        """
+        If one copy cannot be stored, the command exits 75 and no target
+        keeps a copy (the MTA retries the whole list).
+        """
+        os.makedirs(os.path.join(self.dataDir, "mail", "example.org"))
+        with open(os.path.join(self.dataDir, "mail", "example.org", "bob"), "w") as f:
+            f.write("not a maildir")
+        status, _, err = self.runCLI("deliver", "team@example.org", data=b"Subject: x\n\nhi\n")
+        self.assertEqual((status, err.count("\n")), (cli.EX_TEMPFAIL, 1))
+        self.assertEqual(self.newMessages("alice"), [])

@@ -156,3 +156,43 @@ class SampleConfigTests(SynchronousTestCase):
         self.assertEqual(config.dataDir, "/var/lib/pop3gw")
         self.assertEqual(config.relayPort, 587)
         self.assertEqual(config.listeners["pop3"], ("tcp:1110:interface=127.0.0.1",))
+
+
+class AliasSettingsTests(SynchronousTestCase):
+    """
+    C{[pop3gw] postmaster} and C{recipient-delimiter}.
+    """
+
+    def build(self, text: str):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[pop3gw]\n" + text)
+        return buildConfig({}, path)
+
+    def test_defaults(self) -> None:
+        """
+        No postmaster, and C{+} as the sub-address delimiter.
+        """
+        c = self.build("")
+        self.assertEqual((c.postmaster, c.recipientDelimiter), (None, "+"))
+
+    def test_values(self) -> None:
+        """
+        The postmaster is parsed as an address; an empty delimiter turns
+        sub-addressing off.
+        """
+        from pop3gw.address import Address
+
+        c = self.build("postmaster = Boss@Example.ORG\nrecipient-delimiter =\n")
+        self.assertEqual((c.postmaster, c.recipientDelimiter), (Address("Boss", "example.org"), ""))
+        self.assertEqual(self.build("recipient-delimiter = -+\n").recipientDelimiter, "-+")
+
+    def test_bad(self) -> None:
+        """
+        A postmaster that is not an address, or a delimiter that cannot be
+        in a local part, is one clear error.
+        """
+        e = self.assertRaises(ConfigError, self.build, "postmaster = nobody\n")
+        self.assertEqual(str(e), "postmaster: 'nobody' is not an address (user@domain)")
+        e = self.assertRaises(ConfigError, self.build, "recipient-delimiter = @\n")
+        self.assertEqual(str(e), "recipient-delimiter: '@' holds a character that cannot be in a local part")

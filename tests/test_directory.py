@@ -45,8 +45,8 @@ class DirectoryTests(SynchronousTestCase):
         """
         self.assertTrue(self.directory.exists(a("ALICE@example.org")))
         self.assertFalse(self.directory.exists(POSTMASTER))
-        self.assertEqual(self.directory.resolve(a("PostMaster@example.org")), ALICE)
-        self.assertIsNone(self.directory.resolve(a("ghost@example.org")))
+        self.assertEqual(self.directory.resolve(a("PostMaster@example.org")), (ALICE,))
+        self.assertEqual(self.directory.resolve(a("ghost@example.org")), ())
         self.assertEqual(self.directory.addresses(), [ALICE, BOB, a("carol@example.net")])
         self.assertEqual(self.directory.domains(), frozenset({"example.org", "example.net"}))
 
@@ -110,3 +110,137 @@ class DirectoryTests(SynchronousTestCase):
         ):
             e = self.assertRaises(TemporaryFailure, call)
             self.assertEqual(str(e), "cannot read users file x: Permission denied")
+
+
+CAROL = Address("carol", "example.org")
+TEAM = Address("team", "example.org")
+
+
+class ResolutionTests(SynchronousTestCase):
+    """
+    The order of L{Directory.resolve}: a user, an alias (a distribution
+    list when several targets), the implicit postmaster, the sub-address
+    base, then the domain's catch-all.
+    """
+
+    def directory(self, **kwargs) -> Directory:
+        return Directory.fromEntries(
+            [ALICE, BOB, CAROL, a("dave@example.net")],
+            [
+                (TEAM, (ALICE, BOB, a("ALICE@example.org"), a("ghost@example.org"))),
+                (a("sales@example.org"), CAROL),
+                (a("alice+x@example.org"), BOB),
+                (a("gone@example.org"), a("ghost@example.org")),
+            ],
+            catchAll={"example.org": CAROL},
+            **kwargs,
+        )
+
+    def test_distributionList(self) -> None:
+        """
+        An alias with several targets resolves to each target user once,
+        in file order, as stored; targets that are not users are left
+        out, and the lookup ignores case.
+        """
+        directory = self.directory()
+        self.assertEqual(directory.resolve(TEAM), (ALICE, BOB))
+        self.assertEqual(directory.resolve(a("TEAM@example.org")), (ALICE, BOB))
+
+    def test_order(self) -> None:
+        """
+        A user wins over everything; an alias over the sub-address rule
+        (C{alice+x} is an alias of bob); an alias none of whose targets is
+        a user resolves to nothing rather than to the catch-all.
+        """
+        directory = self.directory()
+        self.assertEqual(directory.resolve(a("Carol@example.org")), (CAROL,))
+        self.assertEqual(directory.resolve(a("alice+x@example.org")), (BOB,))
+        self.assertEqual(directory.resolve(a("gone@example.org")), ())
+
+    def test_subaddress(self) -> None:
+        """
+        C{user+tag} resolves as its base (a user or an alias), in any
+        case; the local part is cut at the first delimiter; a local part
+        that starts with the delimiter is not a sub-address.
+        """
+        directory = self.directory()
+        self.assertEqual(directory.resolve(a("alice+news@example.org")), (ALICE,))
+        self.assertEqual(directory.resolve(a("ALICE+News+more@example.org")), (ALICE,))
+        self.assertEqual(directory.resolve(a("team+x@example.org")), (ALICE, BOB))
+        self.assertEqual(directory.resolve(a("dave+x@example.net")), (a("dave@example.net"),))
+        self.assertEqual(directory.resolve(a("+alice@example.net")), ())
+
+    def test_delimiter(self) -> None:
+        """
+        The delimiter is configurable (each of its characters separates);
+        empty turns sub-addressing off, and C{user+tag} then falls to the
+        catch-all, or nowhere.
+        """
+        directory = self.directory(delimiter="-+")
+        self.assertEqual(directory.resolve(a("alice-news@example.org")), (ALICE,))
+        self.assertEqual(directory.resolve(a("bob+news@example.org")), (BOB,))
+        directory = self.directory(delimiter="")
+        self.assertEqual(directory.resolve(a("alice+news@example.org")), (CAROL,))
+        self.assertEqual(directory.resolve(a("dave+news@example.net")), ())
+
+    def test_catchAll(self) -> None:
+        """
+        The catch-all of a domain takes only addresses that are neither a
+        user nor an alias (nor a sub-address of one); other domains have
+        none.
+        """
+        directory = self.directory()
+        self.assertEqual(directory.resolve(a("whatever@example.org")), (CAROL,))
+        self.assertEqual(directory.resolve(a("whatever+x@example.org")), (CAROL,))
+        self.assertEqual(directory.resolve(BOB), (BOB,))
+        self.assertEqual(directory.resolve(a("whatever@example.net")), ())
+
+    def test_postmasterFirstUser(self) -> None:
+        """
+        Without a postmaster setting, C{postmaster@} each users' domain
+        resolves to the first user of that domain in file order, in any
+        case and with a sub-address; no other domain gets one.
+        """
+        directory = self.directory()
+        self.assertEqual(directory.resolve(a("PostMaster@example.org")), (ALICE,))
+        self.assertEqual(directory.resolve(a("postmaster+x@example.net")), (a("dave@example.net"),))
+        self.assertEqual(directory.resolve(a("postmaster@example.com")), ())
+
+    def test_postmasterSetting(self) -> None:
+        """
+        With a postmaster setting naming a user, C{postmaster@} every
+        users' domain resolves to that user, who may send as it; an alias
+        or user of that name still wins, and a setting naming no user
+        falls back to the first user of each domain.
+        """
+        directory = self.directory(postmaster=a("Carol@example.org"))
+        self.assertEqual(directory.resolve(a("postmaster@example.net")), (CAROL,))
+        self.assertEqual(directory.resolve(POSTMASTER), (CAROL,))
+        self.assertTrue(directory.owns(CAROL, a("postmaster@example.net")))
+        self.assertFalse(directory.owns(ALICE, POSTMASTER))
+        directory = Directory.fromEntries([ALICE, BOB], [(POSTMASTER, BOB)], postmaster=ALICE)
+        self.assertEqual(directory.resolve(POSTMASTER), (BOB,))
+        directory = Directory.fromEntries([ALICE, BOB], postmaster=a("ghost@example.org"))
+        self.assertEqual(directory.resolve(POSTMASTER), (ALICE,))
+
+    def test_senders(self) -> None:
+        """
+        A user may send as its sub-addresses and those of its aliases and
+        lists, but not as a catch-all address, nor as a sub-address that is
+        itself someone else's alias; with no delimiter, no sub-addresses.
+        """
+        directory = self.directory()
+        for user, address, allowed in [
+            (ALICE, a("alice+news@example.org"), True),
+            (ALICE, a("Alice+News@example.org"), True),
+            (ALICE, TEAM, True),
+            (BOB, a("team+x@example.org"), True),
+            (ALICE, a("alice+x@example.org"), False),
+            (BOB, a("alice+x@example.org"), True),
+            (CAROL, a("whatever@example.org"), False),
+            (CAROL, a("sales+q@example.org"), True),
+            (BOB, a("alice+y@example.org"), False),
+        ]:
+            self.assertEqual(directory.owns(user, address), allowed, (user, address))
+            self.assertEqual(directory.sendersOf(user).allows(address), allowed, (user, address))
+        self.assertFalse(self.directory(delimiter="").owns(ALICE, a("alice+news@example.org")))

@@ -169,8 +169,8 @@ class RecipientTests(SynchronousTestCase):
         A local user resolves to itself, an alias to its owner.
         """
         router = makeRouter()[0]
-        self.assertEqual(router.checkRecipient(BOB), BOB)
-        self.assertEqual(router.checkRecipient(ALIAS), ALICE)
+        self.assertEqual(router.checkRecipient(BOB), (BOB,))
+        self.assertEqual(router.checkRecipient(ALIAS), (ALICE,))
 
     def test_recipientInAnyCase(self):
         """
@@ -190,8 +190,8 @@ class RecipientTests(SynchronousTestCase):
         router = Router(["example.org"], users, store, FakeOutboundQueue())
         stored = Address("Alice", "example.org")
         recipients = [router.checkRecipient(Address.parse(a)) for a in ("ALICE@Example.ORG", "PostMaster@example.org")]
-        self.assertEqual(recipients, [stored, stored])
-        delivery = router.beginDelivery(None, recipients)
+        self.assertEqual(recipients, [(stored,), (stored,)])
+        delivery = router.beginDelivery(None, [u for users in recipients for u in users])
         delivery.write(b"Subject: x\r\n\r\nhi\r\n")
         self.successResultOf(delivery.commit())
         self.assertEqual(list(store.boxes), [stored])
@@ -205,9 +205,9 @@ class RecipientTests(SynchronousTestCase):
 
     def test_remote(self):
         """
-        A remote address is returned unchanged.
+        A remote address is returned unchanged, alone.
         """
-        self.assertEqual(makeRouter()[0].checkRecipient(REMOTE), REMOTE)
+        self.assertEqual(makeRouter()[0].checkRecipient(REMOTE), (REMOTE,))
 
 
 class DeliveryTests(SynchronousTestCase):
@@ -471,7 +471,7 @@ class UnroutableDomainTests(SynchronousTestCase):
         for bad in ("x@localhost", "x@127.0.0.1", "x@10.1.2.3", "x@intranet"):
             self.assertRaises(PermanentFailure, router.checkRecipient, Address.parse(bad))
         good = Address.parse("carol@remote.example")
-        self.assertEqual(router.checkRecipient(good), good)
+        self.assertEqual(router.checkRecipient(good), (good,))
         self.assertTrue(isRoutableDomain("xn--bcher-kva.example"))
         self.assertFalse(isRoutableDomain("1.2.3.4"))
 
@@ -524,12 +524,26 @@ class MailRouterContract:
         remote address is itself; a domain that cannot be a public mail
         domain is refused with L{PermanentFailure}.
         """
-        self.assertEqual(self.router.checkRecipient(BOB), BOB)
-        self.assertEqual(self.router.checkRecipient(Address.parse("BOB@Example.ORG")), BOB)
-        self.assertEqual(self.router.checkRecipient(Address("PostMaster", "example.org")), ALICE)
+        self.assertEqual(self.router.checkRecipient(BOB), (BOB,))
+        self.assertEqual(self.router.checkRecipient(Address.parse("BOB@Example.ORG")), (BOB,))
+        self.assertEqual(self.router.checkRecipient(Address("PostMaster", "example.org")), (ALICE,))
         self.assertRaises(UnknownUser, self.router.checkRecipient, Address("nobody", "example.org"))
-        self.assertEqual(self.router.checkRecipient(REMOTE), REMOTE)
+        self.assertEqual(self.router.checkRecipient(REMOTE), (REMOTE,))
         self.assertRaises(PermanentFailure, self.router.checkRecipient, Address("root", "localhost"))
+
+    def test_checkRecipientList(self) -> None:
+        """
+        A distribution list resolves to all its users, each once; a
+        sub-address to its base user; an unknown address of a domain with
+        a catch-all to the catch-all user, in domains given in any case.
+        """
+        self.users.aliases[Address("team", "example.org")] = (BOB, ALICE, BOB)
+        self.users.catchAll["example.net"] = BOB
+        self.assertEqual(self.router.checkRecipient(Address("Team", "example.org")), (BOB, ALICE))
+        self.assertEqual(self.router.checkRecipient(Address("team+x", "example.org")), (BOB, ALICE))
+        self.assertEqual(self.router.checkRecipient(Address("alice+x", "example.org")), (ALICE,))
+        self.assertEqual(self.router.checkRecipient(Address("whoever", "example.net")), (BOB,))
+        self.assertRaises(UnknownUser, self.router.checkRecipient, Address("whoever", "example.org"))
 
     def test_delivery(self) -> None:
         """

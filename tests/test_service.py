@@ -450,3 +450,52 @@ class LocalDomainsTests(SynchronousTestCase):
         users.directory = Directory.fromEntries([Address("carol", "new.example")])
         self.assertIn("new.example", domains)
         self.assertNotIn("users.example", domains)
+
+
+class PostmasterWarningTests(SynchronousTestCase):
+    """
+    Start-up warns when C{[pop3gw] postmaster} does not name a user.
+    """
+
+    def warnings(self, ini: str) -> list:
+        from twisted.logger import Logger, formatEvent
+
+        from pop3gw import service
+
+        dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(dataDir)
+        with open(os.path.join(dataDir, "users"), "w") as f:
+            f.write("alice@example.org:{ARGON2ID}x\n")
+        path = os.path.join(dataDir, "pop3gw.ini")
+        with open(path, "w") as f:
+            f.write(f"[pop3gw]\n{ini}")
+        events: list = []
+        self.patch(service, "log", Logger(namespace="pop3gw", observer=events.append))
+        makeService(options("--config", path, "--data-dir", dataDir, "--hostname", "mail.example.org"), MemoryReactorClock())
+        return [formatEvent(e) for e in events if "postmaster" in formatEvent(e)]
+
+    def test_unset(self) -> None:
+        """
+        Without the setting, one warning says where postmaster@ mail goes.
+        """
+        self.assertEqual(
+            self.warnings(""),
+            [
+                "no [pop3gw] postmaster is set: mail for postmaster@ each local domain goes to "
+                "that domain's first user in the users file"
+            ],
+        )
+
+    def test_notAUser(self) -> None:
+        """
+        A setting that names no user is warned about; one that names a
+        user (in any case) is not.
+        """
+        self.assertEqual(
+            self.warnings("postmaster = ghost@example.org\n"),
+            [
+                "[pop3gw] postmaster ghost@example.org is not a user: mail for postmaster@ each local domain "
+                "goes to that domain's first user in the users file"
+            ],
+        )
+        self.assertEqual(self.warnings("postmaster = Alice@example.org\n"), [])

@@ -946,18 +946,20 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
         )
         self.assertEqual(self.proto._envelope.recipients, [ALICE])
 
-    def test_postmasterUnknown(self) -> None:
+    def test_postmasterImplicit(self) -> None:
         """
         Without a postmaster user or alias in the user's domain,
-        C{<Postmaster>} is refused cleanly as an unknown user.
+        C{<Postmaster>} is not refused (RFC 5321 4.5.1): it goes to the
+        first user of that domain.
         """
-        self.users = FakeUserDatabase({ALICE: "x", BOB: "x"})
+        self.users = FakeUserDatabase({BOB: "x", ALICE: "x"})
         self.router.users = self.users
         self.login()
         self.assertEqual(
             self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<postmaster>\r\n"),
-            b"250 2.1.0 OK\r\n550 5.1.1 Recipient address rejected: user unknown\r\n",
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n",
         )
+        self.assertEqual(self.proto._envelope.recipients, [BOB])
 
     def test_recipientTemporaryFailure(self) -> None:
         """
@@ -2718,3 +2720,91 @@ class RealSTARTTLSTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(client.tlsLines[-1], b"221 2.0.0 Bye")
         self.assertTrue(server.transport.disconnecting)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class AliasRecipientTests(SessionMixin, SynchronousTestCase):
+    """
+    Submission to distribution lists, catch-alls and sub-addresses, and
+    sending as a sub-address.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.users.aliases[Address("team", "example.org")] = (ALICE, BOB)
+        self.users.catchAll["example.org"] = BOB
+        self.connect()
+        self.login()
+
+    def send(self, sender: bytes, rcpts, headers: bytes) -> bytes:
+        """
+        One transaction; C{headers} precede a Message-ID and a Date field
+        (so nothing is added) and the body C{x}.  Returns the output with
+        the queue id replaced.
+        """
+        cmds = b"MAIL FROM:<" + sender + b">\r\n" + b"".join(b"RCPT TO:<" + r + b">\r\n" for r in rcpts)
+        return queuedReply(self.feed(cmds + b"DATA\r\n" + self.message(headers) + b".\r\n"))
+
+    def message(self, headers: bytes) -> bytes:
+        return headers + b"Message-ID: <1@x>\r\nDate: " + NOW_TEXT + b"\r\n\r\nx\r\n"
+
+    def accepted(self, rcpts: int) -> bytes:
+        return (
+            b"250 2.1.0 OK\r\n" + b"250 2.1.5 OK\r\n" * rcpts + b"354 End data with <CR><LF>.<CR><LF>\r\n"
+            b"250 2.0.0 OK queued as ID\r\n"
+        )
+
+    def test_listOnceEach(self) -> None:
+        """
+        RCPT to a list gets one 250 and each target one copy, also when a
+        target is named again directly, by sub-address or by the catch-all.
+        """
+        rcpts = [b"Team@example.org", b"bob@example.org", b"bob+x@example.org", b"nobody@example.org"]
+        self.assertEqual(self.send(b"alice@example.org", rcpts, b"From: alice@example.org\r\n"), self.accepted(4))
+        self.assertEqual(self.stored(ALICE), [self.message(b"From: alice@example.org\r\n")])
+        self.assertEqual(self.stored(BOB), [self.message(b"From: alice@example.org\r\n")])
+        self.assertEqual(sorted(self.store.boxes), [ALICE, BOB])
+
+    def test_subaddressUnchanged(self) -> None:
+        """
+        A sub-address is delivered to its user's maildrop with the message
+        unchanged (no header names the tag).
+        """
+        headers = b"From: alice@example.org\r\nTo: alice+news@example.org\r\n"
+        self.assertEqual(self.send(b"alice@example.org", [b"alice+news@example.org"], headers), self.accepted(1))
+        self.assertEqual(self.stored(ALICE), [self.message(headers)])
+        self.assertEqual(list(self.store.boxes), [ALICE])
+
+    def test_catchAllOnlyForUnknown(self) -> None:
+        """
+        Without a catch-all, an unknown local address is refused with 550
+        5.1.1; with one, it is accepted and goes to the catch-all user.
+        """
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<whoever@example.org>\r\n"),
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n",
+        )
+        self.assertEqual(self.proto._envelope.recipients, [BOB])
+        del self.users.catchAll["example.org"]
+        self.assertEqual(
+            self.feed(b"RCPT TO:<whoever@example.org>\r\n"),
+            b"550 5.1.1 Recipient address rejected: user unknown\r\n",
+        )
+
+    def test_subaddressSender(self) -> None:
+        """
+        A user may send with MAIL FROM its sub-address and a matching
+        From:, not with someone else's sub-address (in the envelope or the
+        header), nor as a catch-all address.
+        """
+        headers = b"From: Alice <Alice+Lists@example.org>\r\n"
+        self.assertEqual(self.send(b"alice+lists@example.org", [b"bob@example.org"], headers), self.accepted(1))
+        self.assertEqual(self.stored(BOB), [self.message(headers)])
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<bob+x@example.org>\r\nMAIL FROM:<whoever@example.org>\r\n"),
+            b"553 5.7.1 Sender address not owned by user\r\n" * 2,
+        )
+        self.assertEqual(
+            self.send(b"alice+x@example.org", [b"bob@example.org"], b"From: bob+x@example.org\r\n"),
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+            b"553 5.7.1 Sender address in the message header not owned by user\r\n",
+        )

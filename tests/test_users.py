@@ -71,9 +71,9 @@ class UsersFileContract:
         C{owns} is true for a user's own address and its aliases only.
         """
         postmaster = Address("postmaster", "example.org")
-        self.assertEqual(self.db.snapshot().resolve(ALICE), ALICE)
-        self.assertEqual(self.db.snapshot().resolve(postmaster), ALICE)
-        self.assertIsNone(self.db.snapshot().resolve(CAROL))
+        self.assertEqual(self.db.snapshot().resolve(ALICE), (ALICE,))
+        self.assertEqual(self.db.snapshot().resolve(postmaster), (ALICE,))
+        self.assertEqual(self.db.snapshot().resolve(CAROL), ())
         self.assertTrue(self.db.snapshot().owns(ALICE, ALICE))
         self.assertTrue(self.db.snapshot().owns(ALICE, postmaster))
         self.assertFalse(self.db.snapshot().owns(BOB, postmaster))
@@ -109,8 +109,8 @@ class UsersFileContract:
         self.assertIsNone(self.db.lookupUser(CAROL))
         self.assertEqual(self.db.peekUser(Address("Alice", "example.org")), (ALICE, HASH_A))
         self.assertTrue(self.db.snapshot().exists(shouting))
-        self.assertEqual(self.db.snapshot().resolve(shouting), ALICE)
-        self.assertEqual(self.db.snapshot().resolve(Address("PostMaster", "example.org")), ALICE)
+        self.assertEqual(self.db.snapshot().resolve(shouting), (ALICE,))
+        self.assertEqual(self.db.snapshot().resolve(Address("PostMaster", "example.org")), (ALICE,))
         self.assertTrue(self.db.snapshot().owns(ALICE, shouting))
         self.assertTrue(self.db.snapshot().owns(ALICE, Address("POSTMASTER", "example.org")))
         self.assertFalse(self.db.snapshot().owns(BOB, shouting))
@@ -200,7 +200,7 @@ class UsersFileTests(SynchronousTestCase):
         db = UsersFile(self.path, self.aliasesPath)
         self.assertEqual(db.refresh().addresses(), [])
         self.assertIsNone(db.passwordHash(ALICE))
-        self.assertIsNone(db.refresh().resolve(ALICE))
+        self.assertEqual(db.refresh().resolve(ALICE), ())
 
     def test_passwdFileFormat(self) -> None:
         """
@@ -235,8 +235,8 @@ class UsersFileTests(SynchronousTestCase):
         db = UsersFile(self.path, self.aliasesPath)
         for spelling in ("alice", "Alice", "ALICE"):
             self.assertEqual(db.lookupUser(Address(spelling, "example.org")), (stored, HASH_A))
-            self.assertEqual(db.refresh().resolve(Address(spelling, "example.org")), stored)
-        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), stored)
+            self.assertEqual(db.refresh().resolve(Address(spelling, "example.org")), (stored,))
+        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), (stored,))
         self.assertTrue(db.refresh().owns(stored, Address("ABUSE", "example.org")))
         self.assertEqual(db.refresh().addresses(), [stored])
         db.setPassword(ALICE, HASH_B, False)
@@ -450,9 +450,9 @@ class UsersFileTests(SynchronousTestCase):
         self.assertEqual(db.lookupUser(BOB), (BOB, HASH_B))
         self.assertTrue(db.snapshot().exists(BOB))
         self.writeFile(self.aliasesPath, b"abuse@example.org: bob@example.org\n")
-        self.assertIsNone(db.snapshot().resolve(Address("abuse", "example.org")))
-        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), BOB)
-        self.assertEqual(db.snapshot().resolve(Address("abuse", "example.org")), BOB)
+        self.assertEqual(db.snapshot().resolve(Address("abuse", "example.org")), ())
+        self.assertEqual(db.refresh().resolve(Address("abuse", "example.org")), (BOB,))
+        self.assertEqual(db.snapshot().resolve(Address("abuse", "example.org")), (BOB,))
 
     def test_peekUserOnlyWhenUnchanged(self) -> None:
         """
@@ -553,16 +553,16 @@ class UsersFileTests(SynchronousTestCase):
         )
         db = UsersFile(self.path, self.aliasesPath)
         abuse = Address("abuse", "example.org")
-        self.assertEqual(db.refresh().resolve(abuse), ALICE)
+        self.assertEqual(db.refresh().resolve(abuse), (ALICE,))
         self.assertTrue(db.refresh().owns(ALICE, abuse))
-        self.assertIsNone(db.refresh().resolve(Address("ghost", "example.org")))
-        self.assertEqual(db.refresh().resolve(BOB), BOB)
+        self.assertEqual(db.refresh().resolve(Address("ghost", "example.org")), ())
+        self.assertEqual(db.refresh().resolve(BOB), (BOB,))
         self.assertFalse(db.refresh().owns(ALICE, BOB))
         self.assertFalse(db.refresh().exists(abuse))
         self.assertEqual(len(events), 1)
         self.assertIn("line(s) 3", formatEvent(events[0]))
         self.writeFile(self.aliasesPath, b"abuse@example.org: bob@example.org\n")
-        self.assertEqual(db.refresh().resolve(abuse), BOB)
+        self.assertEqual(db.refresh().resolve(abuse), (BOB,))
         self.assertFalse(db.refresh().owns(ALICE, abuse))
 
     def test_createFile(self) -> None:
@@ -727,3 +727,100 @@ class UsersFileModesAndOwnerTests(SynchronousTestCase):
 def _unlinkIfThere(path: str) -> None:
     if os.path.exists(path):
         os.unlink(path)
+
+
+class AliasesParsingTests(SynchronousTestCase):
+    """
+    Tests for L{pop3gw.passwdfile.parseAliases}.
+    """
+
+    def test_goodLines(self) -> None:
+        """
+        One target, several targets separated by commas (each once, in
+        order), and C{@domain} catch-all lines are parsed; comments and
+        blank lines are skipped; CRLF line ends are accepted.
+        """
+        from pop3gw.passwdfile import parseAliases
+
+        aliases, catchAll, bad = parseAliases(
+            b"# lists\n\n"
+            b"abuse@example.org: alice@example.org\r\n"
+            b"team@example.org:alice@example.org ,bob@example.org,  alice@example.org\n"
+            b"@Example.ORG: carol@example.org\n"
+        )
+        self.assertEqual(bad, [])
+        self.assertEqual(
+            aliases.entries,
+            {
+                Address("abuse", "example.org"): (ALICE,),
+                Address("team", "example.org"): (ALICE, BOB),
+            },
+        )
+        self.assertEqual(catchAll, {"example.org": (CAROL,)})
+
+    def test_malformedLines(self) -> None:
+        """
+        Lines without a colon, with a bad alias or a bad or empty target,
+        in bad UTF-8, or defining an alias or a catch-all again are
+        reported by 1-based line number and ignored; the others are kept.
+        """
+        from pop3gw.passwdfile import parseAliases, parseAliasLine
+
+        aliases, catchAll, bad = parseAliases(
+            b"ok@example.org: alice@example.org\n"
+            b"no colon here\n"
+            b"bad..alias@example.org: alice@example.org\n"
+            b"x@example.org: alice@example.org,\n"
+            b"y@example.org:\n"
+            b"\xff@example.org: alice@example.org\n"
+            b"ok@example.org: bob@example.org\n"
+            b"@example.org: alice@example.org\n"
+            b"@example.org: bob@example.org\n"
+            b"@: bob@example.org\n"
+        )
+        self.assertEqual(bad, [2, 3, 4, 5, 6, 7, 9, 10])
+        self.assertEqual(aliases.entries, {Address("ok", "example.org"): (ALICE,)})
+        self.assertEqual(catchAll, {"example.org": (ALICE,)})
+        self.assertEqual(parseAliasLine(b"x@example.org: alice@example.org,").problem, "target '' is not an address")
+
+    def test_loggedOnceWithLineNumber(self) -> None:
+        """
+        The server logs a malformed aliases line with its number once per
+        change of the file, not at every refresh, and resolves the rest.
+        """
+        events = _captureLog(self)
+        directory = makeTempDirectory(self)
+        usersPath, aliasesPath = os.path.join(directory, "users"), os.path.join(directory, "aliases")
+        with open(usersPath, "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\n")
+        with open(aliasesPath, "w") as f:
+            f.write("team@example.org: alice@example.org\nteam2@example.org alice@example.org\n")
+        db = UsersFile(usersPath, aliasesPath)
+        for _ in range(3):
+            self.assertEqual(db.refresh().resolve(Address("team", "example.org")), (ALICE,))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [f"aliases file {aliasesPath}: ignored malformed or duplicate line(s) 2"],
+        )
+
+    def test_reloadCatchAllAndPostmaster(self) -> None:
+        """
+        A catch-all added to the aliases file is used after the next
+        refresh without a restart; the postmaster and delimiter given to
+        L{UsersFile} apply to every snapshot.
+        """
+        directory = makeTempDirectory(self)
+        usersPath, aliasesPath = os.path.join(directory, "users"), os.path.join(directory, "aliases")
+        with open(usersPath, "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n")
+        db = UsersFile(usersPath, aliasesPath, postmaster=BOB, delimiter="-")
+        anyone = Address("anyone", "example.org")
+        self.assertEqual(db.refresh().resolve(anyone), ())
+        self.assertEqual(db.refresh().resolve(Address("postmaster", "example.org")), (BOB,))
+        self.assertEqual(db.refresh().resolve(Address("alice-x", "example.org")), (ALICE,))
+        self.assertEqual(db.refresh().resolve(Address("alice+x", "example.org")), ())
+        with open(aliasesPath + ".new", "w") as f:
+            f.write("@example.org: alice@example.org\n")
+        os.replace(aliasesPath + ".new", aliasesPath)
+        self.assertEqual(db.refresh().resolve(anyone), (ALICE,))
+        self.assertEqual(db.snapshot().resolve(Address("alice+x", "example.org")), (ALICE,))
