@@ -23,7 +23,9 @@ from pop3gw import __version__, fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.config import ConfigError, buildConfig
 from pop3gw.interfaces import (
+    AddressIsAlias,
     AliasError,
+    AliasNotLocal,
     AliasShadowsUser,
     BadMessageData,
     InsufficientStorage,
@@ -188,6 +190,10 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.
         users.setPassword(address, hashPassword(password), create=create)
     except UserExists:
         raise CommandError(f"user {address} already exists") from None
+    except AddressIsAlias:
+        raise CommandError(
+            f"{address} is an alias; remove it first (pop3gw alias remove {address}) to make it a user"
+        ) from None
     except UnknownUser:
         raise CommandError(f"no such user {address}") from None
     except OSError as e:
@@ -208,7 +214,7 @@ def cmdAlias(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsuti
     targets = [_address(t) for t in getattr(args, "targets", ())]
     try:
         if args.action == "add":
-            now = users.addAlias(args.alias, targets)
+            now = users.addAlias(args.alias, targets, config.domains)
             stdout.write(f"{args.alias.strip()}: {', '.join(str(t) for t in now)}\n")
         elif args.action == "remove":
             users.removeAlias(args.alias)
@@ -216,7 +222,7 @@ def cmdAlias(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsuti
     except UnknownTarget as e:
         raise CommandError(str(e), EX_NOUSER) from None
     except AliasError as e:
-        raise CommandError(str(e), EX_DATAERR if isinstance(e, AliasShadowsUser) else 1) from None
+        raise CommandError(str(e), EX_DATAERR if isinstance(e, (AliasShadowsUser, AliasNotLocal)) else 1) from None
     except OSError as e:
         raise CommandError(f"cannot write aliases file {config.aliasesPath}: {e.strerror}", EX_CANTCREAT) from None
     bad = 0

@@ -65,6 +65,21 @@ class UnknownTarget(AliasError):
     """
 
 
+class AliasNotLocal(AliasError):
+    """
+    C{alias add} names an alias in a domain that is not local (no user has
+    it and it was not given with C{--domain}): mail for it would never be
+    accepted.
+    """
+
+
+class AddressIsAlias(Pop3gwError):
+    """
+    C{user add} names an address that is an alias (in any case): the new
+    user would silently take the alias's mail.
+    """
+
+
 class MaildropLocked(Pop3gwError):
     """
     Another session holds the maildrop's exclusive lock (POP3 C{[IN-USE]}).

@@ -41,7 +41,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import attr
 from twisted.logger import Logger
@@ -51,7 +51,9 @@ from pop3gw import fsutil
 from pop3gw.address import Address, AddressError, lookupKey
 from pop3gw.directory import DEFAULT_DELIMITER, AddressMap, Directory
 from pop3gw.interfaces import (
+    AddressIsAlias,
     AliasError,
+    AliasNotLocal,
     AliasShadowsUser,
     IUserDirectory,
     IUserStore,
@@ -434,6 +436,10 @@ class UsersFile:
             index = self._find(lines, address)
             if create and index is not None:
                 raise UserExists(str(address))
+            if create and self.aliasesPath is not None and any(
+                line.key == lookupKey(address) for line in self._readAliasLines()
+            ):
+                raise AddressIsAlias(str(address))
             if not create and index is None:
                 raise UnknownUser(str(address))
             if index is None:
@@ -525,26 +531,35 @@ class UsersFile:
         """
         return list(enumerate(self._readAliasLines(), 1))
 
-    def addAlias(self, name: str, targets: list[Address]) -> tuple[Address, ...]:
+    def addAlias(self, name: str, targets: list[Address], localDomains: Iterable[str] = ()) -> tuple[Address, ...]:
         """
         Make the alias C{name} (C{alias@domain}, or C{@domain} for that
         domain's catch-all) deliver to C{targets} too: a new line, or the
         existing alias's line with the new targets added (each target
         once).  One atomic rewrite under the users file's lock.
 
+        @param localDomains: local domains besides the users' own (those
+            given with C{--domain}).
         @return: the alias's targets now.
         @raise AliasError: C{name} is not an address or C{@domain}, it
-            is a user's address, a target is not a user, or there is no
-            aliases file.
+            is a user's address, its domain is not local, a target is not
+            a user, or there is no aliases file.
         """
         alias, domain = self._aliasName(name)
         if not targets:
             raise AliasError("an alias needs at least one target")
         shown = str(alias) if alias is not None else f"@{domain}"
         with self._writeLock():
-            users = parseUsers(self._readUsers())[1]
+            userLines, users, _ = parseUsers(self._readUsers())
             if alias is not None and users.find(alias) is not None:
                 raise AliasShadowsUser(f"{alias} is a user; an alias of that name would never be used")
+            aliasDomain = alias.domain if alias is not None else domain
+            known = {line.address.domain for line in userLines if line.address is not None}
+            if aliasDomain not in known and aliasDomain not in set(localDomains):
+                raise AliasNotLocal(
+                    f"{aliasDomain} is not a local domain (no user has it, and it is not a --domain):"
+                    " mail for the alias would never be accepted"
+                )
             stored = []
             for target in targets:
                 found = users.find(target)

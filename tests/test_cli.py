@@ -785,6 +785,47 @@ class AliasCommandTests(SynchronousTestCase):
             self.assertIn(message, err)
         self.assertFalse(os.path.exists(self.aliases))
 
+    def test_aliasOutsideLocalDomains(self) -> None:
+        """
+        An alias (or catch-all) in a domain no user has and not a local
+        domain of the configuration (C{domain}, C{--domain}) is refused
+        with exit 65 and one line (mail for it would never be accepted);
+        with the configuration naming it, it is taken.
+        """
+        for name in ("info@example.com", "@example.com"):
+            status, out, err = self.runCLI("alias", "add", name, "alice@example.org")
+            self.assertEqual((status, out, err.count("\n")), (cli.EX_DATAERR, "", 1), name)
+            self.assertIn("example.com is not a local domain", err)
+        self.assertFalse(os.path.exists(self.aliases))
+        config = os.path.join(self.dataDir, "pop3gw.ini")
+        with open(config, "w") as f:
+            f.write(f"[pop3gw]\ndata-dir = {self.dataDir}\ndomain = example.com\n")
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(
+            ["--config", config, "alias", "add", "info@example.com", "alice@example.org"],
+            stdin=FakeStdin(), stdout=out, stderr=err,
+        )
+        self.assertEqual((status, err.getvalue()), (0, ""))
+        self.assertEqual(self.read(), b"info@example.com: alice@example.org\n")
+
+    def test_userAddRefusesAlias(self) -> None:
+        """
+        C{user add} of an address that is an alias (in any case) is refused
+        with one line saying how to make it a user, and the users file is
+        unchanged.
+        """
+        self.assertEqual(self.runCLI("alias", "add", "team@example.org", "alice@example.org")[0], 0)
+        users = os.path.join(self.dataDir, "users")
+        with open(users, "rb") as f:
+            before = f.read()
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["--data-dir", self.dataDir, "user", "add", "Team@example.org"],
+                          stdin=FakeStdin("pw\n"), stdout=out, stderr=err)
+        self.assertEqual((status, out.getvalue()), (1, ""))
+        self.assertIn("Team@example.org is an alias; remove it first", err.getvalue())
+        with open(users, "rb") as f:
+            self.assertEqual(f.read(), before)
+
     def test_malformedLines(self) -> None:
         """
         Malformed lines and second definitions are reported on stderr with
