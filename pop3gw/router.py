@@ -29,6 +29,7 @@ from pop3gw.interfaces import (
     ITwoPhaseDelivery,
     IUserDirectory,
     PermanentFailure,
+    RelayDenied,
     TemporaryFailure,
     UnknownUser,
 )
@@ -211,6 +212,26 @@ class Router:
         if user is None:
             raise UnknownUser(str(address))
         return user
+
+    def checkLocalRecipient(self, address: Address) -> Address:
+        """
+        See L{IMailRouter.checkLocalRecipient}: the same resolution as
+        L{checkRecipient}, but a recipient outside the local domains is
+        L{RelayDenied}.
+        """
+        if not self.isLocalDomain(address.domain):
+            raise RelayDenied(f"{address.domain} is not a local domain")
+        return self.checkRecipient(address)
+
+    def beginLocalDelivery(self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b"") -> IDelivery:
+        """
+        See L{IMailRouter.beginLocalDelivery}: the queue is never asked.
+        """
+        for r in recipients:
+            if not self.isLocalDomain(r.domain):
+                raise RelayDenied(f"{r.domain} is not a local domain")
+        local = list(dict.fromkeys(recipients))
+        return _RoutedDelivery(self._store.beginDelivery(local, trace), None, local, ())
 
     def beginDelivery(self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b"") -> IDelivery:
         local: list = []

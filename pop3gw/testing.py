@@ -39,6 +39,7 @@ from pop3gw.interfaces import (
     LookupWouldBlock,
     MaildropLocked,
     PermanentFailure,
+    RelayDenied,
     TemporaryFailure,
     UnknownUser,
     UserExists,
@@ -327,6 +328,18 @@ class FakeRouter:
         if user is None:
             raise UnknownUser(str(address))
         return user
+
+    def checkLocalRecipient(self, address: Address) -> Address:
+        if not self.isLocalDomain(address.domain):
+            raise RelayDenied(f"{address.domain} is not a local domain")
+        return self.checkRecipient(address)
+
+    def beginLocalDelivery(self, sender, recipients, trace: bytes = b""):
+        for r in recipients:
+            if not self.isLocalDomain(r.domain):
+                raise RelayDenied(f"{r.domain} is not a local domain")
+        local = list(dict.fromkeys(recipients))
+        return _FanOut(self.store.beginDelivery(local, trace), None, local, [])
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):
         recipients = list(dict.fromkeys(recipients))
