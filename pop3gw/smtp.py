@@ -372,7 +372,7 @@ class SMTPServer(DataCommands, LineProtocol):
         """
         Check C{address} against the server's policy.
 
-        @return: the L{Address} mail for it goes to, or a L{Deferred} firing
+        @return: the L{Address} mail for it goes to, or a C{Deferred} firing
             with it.
         """
         raise NotImplementedError()

@@ -83,7 +83,7 @@ import ipaddress
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Callable, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
@@ -430,8 +430,8 @@ class DataCommands(_Host):
     """
 
     if TYPE_CHECKING:
-        # What the SMTP server provides.
-        factory: SubmissionFactory
+        # What the SMTP server provides (its factory: each server's own).
+        factory: Any
         service: str
         _state: _State
         _mode: _Mode
@@ -595,6 +595,9 @@ class SubmissionData(DataCommands):
     through the user's router, the C{From:} ownership check, the
     C{Message-ID:}/C{Date:}/C{From:} fix-ups and its C{Received:} field.
     """
+
+    if TYPE_CHECKING:
+        factory: SubmissionFactory
 
     def _beginDelivery(self, sender: Optional[Address], recipients: list[Address]) -> IDelivery:
         return self._account.beginDelivery(sender, recipients)

@@ -332,7 +332,10 @@ class FakeRouter:
     def checkLocalRecipient(self, address: Address) -> Address:
         if not self.isLocalDomain(address.domain):
             raise RelayDenied(f"{address.domain} is not a local domain")
-        return self.checkRecipient(address)
+        user = self.users.snapshot().resolve(address)
+        if user is None:
+            raise UnknownUser(str(address))
+        return user
 
     def beginLocalDelivery(self, sender, recipients, trace: bytes = b""):
         for r in recipients:
