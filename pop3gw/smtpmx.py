@@ -21,7 +21,8 @@ length and size rules) with its own command table and policy:
     C{local@domain} (quoted local parts, source routes, several C{@}), a
     local part holding C{%} (the percent hack) or C{!} (a bang path), a
     domain written with a trailing dot, a domain that is not local in any
-    case.
+    case.  C{<Postmaster>} without a domain (RFC 5321 4.5.1) is
+    C{postmaster@} the local domain the server's host name is in.
   - The message goes to L{IMailRouter.beginLocalDelivery}: the maildrops
     only.  Nothing received here is ever queued for relay.
   - The message is stored as received, after one C{Received:} field: no
@@ -69,6 +70,7 @@ from pop3gw.smtpreplies import (
     DEFAULT_MAX_RECIPIENTS,
     NEED_MAIL,
     NESTED_MAIL,
+    POSTMASTER,
     SEND_HELO_FIRST,
     Reply,
     SMTPRefusal,
@@ -221,12 +223,30 @@ class MXServer(SMTPServer):
             raise SMTPRefusal(BAD_SENDER_ADDRESS) from None
 
     def _recipientAddress(self, path: str) -> Address:
+        if path.lower() == POSTMASTER:
+            postmaster = self._postmaster()
+            if postmaster is not None:
+                return postmaster
         try:
             if _isDisguisedRelay(path):
                 raise AddressError(path)
             return Address.parse(path)
         except AddressError:
             raise SMTPRefusal(self._refusedRecipient(None, path, RELAY_DENIED, "relay denied")) from None
+
+    def _postmaster(self) -> Optional[Address]:
+        """
+        The address C{<Postmaster>} without a domain stands for (RFC 5321
+        4.5.1): C{postmaster@} the local domain the server's host name is
+        in (itself or the nearest parent, C{example.org} for
+        C{mail.example.org}), or C{None} if it is in none.
+        """
+        labels = self.factory.hostname.lower().rstrip(".").split(".")
+        for i in range(len(labels) - 1):
+            domain = ".".join(labels[i:])
+            if self.factory.router.isLocalDomain(domain):
+                return Address(POSTMASTER, domain)
+        return None
 
     def _checkRecipient(self, address: Address) -> Any:
         return self.factory.router.checkLocalRecipient(address)

@@ -330,6 +330,26 @@ class EnvelopeTests(MXSessionMixin, SynchronousTestCase):
             ' reply="550 5.7.1 Relay access denied" reason="relay denied"',
         )
 
+    def test_unqualifiedPostmaster(self) -> None:
+        """
+        C{<Postmaster>} without a domain (RFC 5321 4.5.1) is the postmaster
+        of the local domain the server's host name is in, delivered where
+        that address resolves.
+        """
+        self.users.aliases[Address("postmaster", "example.org")] = ALICE
+        out = self.feed(b"MAIL FROM:<>\r\nRCPT TO:<PostMaster>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.storedWithoutReceived(ALICE), [MESSAGE])
+
+    def test_unqualifiedPostmasterNoLocalDomain(self) -> None:
+        """
+        When the host name is in no local domain, C{<Postmaster>} is
+        refused like any other recipient that is not local.
+        """
+        self.proto.factory.hostname = "mx.elsewhere.example"
+        self.feed(b"MAIL FROM:<>\r\n")
+        self.assertEqual(self.feed(b"RCPT TO:<postmaster>\r\n"), RELAY_DENIED)
+
     def test_unknownUserLogged(self) -> None:
         """
         An unknown local user gets one log line with its reason, and no
