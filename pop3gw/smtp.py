@@ -1,6 +1,9 @@
 # -*- test-case-name: tests.test_smtp -*-
 """
-The SMTP message submission server (RFC 6409).
+The SMTP server core (L{SMTPServer}: dispatch over per-state command
+tables, the commands every SMTP listener shares, DATA) and the message
+submission server (RFC 6409) on it.  The MX listener is
+L{pop3gw.smtpmx}, the same core with its own table and policy.
 
 Implements RFC 5321 as profiled by RFC 6409, with the extensions AUTH PLAIN
 and LOGIN (RFC 4954), STARTTLS (RFC 3207), SIZE (RFC 1870), PIPELINING

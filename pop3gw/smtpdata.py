@@ -1,7 +1,10 @@
 # -*- test-case-name: tests.test_smtp -*-
 """
-Submission message data: DATA, the reader of what follows C{354}, the
-header fix-ups and the commit.
+SMTP message data: DATA, the reader of what follows C{354} and the commit,
+shared by every SMTP listener; and submission's side of it (the header
+fix-ups, its C{Received:} field) in L{SubmissionData}.  The MX listener
+(L{pop3gw.smtpmx}) uses the same reader and rules, stores the message as
+received and writes its own C{Received:} field.
 
 Message data
 ============
