@@ -452,6 +452,19 @@ class DataTests(MXSessionMixin, SynchronousTestCase):
         self.assertEqual(self.feed(b"Subject: x\r\n\r\na\x00b\r\n.\r\n"), b"550 5.6.0 NUL character not allowed\r\n")
         self.assertEqual(self.store.boxes, {})
 
+    def test_refusedMessageLogged(self) -> None:
+        """
+        A message refused at the end of its data has one log line naming
+        the peer (not a user), the sender and the reply.
+        """
+        self.envelope()
+        with capturedLogs() as events:
+            self.feed(b"Subject: x\r\n\r\na\rb\r\n.\r\n")
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ['mx: refused message rhost=192.0.2.7 from="x@remote.example" reply="550 5.6.11 Bare CR not allowed"'],
+        )
+
     def test_commitFailure(self) -> None:
         """
         If the maildrop cannot keep the message the client gets 451, not
