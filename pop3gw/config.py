@@ -225,9 +225,8 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         values = [v for v in values if v.lower() != "none"]
         listeners[name] = tuple(values)
 
-    for name in ("mx", "lmtp"):
-        if listeners[name]:
-            raise ConfigError(f"--{name} is not available in this version of pop3gw")
+    if listeners["lmtp"]:
+        raise ConfigError("--lmtp is not available in this version of pop3gw")
 
     mode = merged.get("plaintext-auth", "loopback").strip().lower()
     if mode not in PLAINTEXT_MODES:
@@ -368,7 +367,7 @@ class Options(usage.Options):
         self._append("submissions", value)
 
     def opt_mx(self, value: str) -> None:
-        """inbound SMTP endpoint for local domains (not available in this version: refused)"""
+        """SMTP endpoint receiving mail from the world for the local domains, e.g. tcp:25 (repeatable; off by default)"""
         self._append("mx", value)
 
     def opt_lmtp(self, value: str) -> None:

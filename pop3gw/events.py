@@ -133,3 +133,27 @@ def loggedOut(log: Logger, service: str, user: str, peer: str, **stats: int) -> 
         user=sanitize(user),
         fields=fields,
     )
+
+
+def recipientRefused(log: Logger, service: str, peer: str, sender: str, recipient: str, reply: str, reason: str) -> None:
+    """
+    Log a recipient refused by a listener that takes mail from the world
+    (the MX listener): one info line, not matched by the fail2ban filter,
+    since naming a wrong address is not guessing a password::
+
+        mx: refused recipient rhost=192.0.2.7 from="a@b.example" to="x@remote.example" reply="550 5.7.1 Relay access denied" reason="relay denied"
+
+    @param sender: the envelope sender (C{""} for the null reverse path).
+    @param recipient: the forward path as the client gave it.
+    @param reply: the reply sent.
+    @param reason: a fixed phrase chosen by the server (never client text).
+    """
+    log.info(
+        "{service}: refused recipient rhost={peer} from={sender} to={recipient} reply={reply} reason={reason}",
+        service=service,
+        peer=peer,
+        sender=sanitize(sender),
+        recipient=sanitize(recipient),
+        reply=sanitize(reply),
+        reason=sanitize(reason),
+    )

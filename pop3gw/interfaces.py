@@ -137,6 +137,13 @@ class PermanentFailure(Pop3gwError):
     """
 
 
+class RelayDenied(PermanentFailure):
+    """
+    A recipient is not in a local domain, on a path that only delivers
+    locally (the MX listener): SMTP C{550 5.7.1}.
+    """
+
+
 class MessageTooLarge(PermanentFailure):
     """
     A message is larger than the configured limit.
@@ -601,6 +608,28 @@ class IMailRouter(Interface):
         """
         @return: whether mail for C{domain} (lower-case text) is delivered
             locally.
+        """
+
+    def checkLocalRecipient(address):
+        """
+        Like L{checkRecipient}, for mail that may only be delivered locally
+        (received from the world).
+
+        @return: the local users (a non-empty tuple of L{Address}) who
+            receive mail for C{address}, as L{checkRecipient} returns them.
+        @raise RelayDenied: C{address} is not in a local domain.
+        @raise UnknownUser: C{address} is in a local domain but resolves to
+            no user.
+        """
+
+    def beginLocalDelivery(sender, recipients, trace=b""):
+        """
+        Start delivering one message to local C{recipients} (as returned by
+        L{checkLocalRecipient}) only: nothing ever goes to the outbound
+        queue.
+
+        @return: an L{IRoutedDelivery} without a remote part.
+        @raise RelayDenied: a recipient is not in a local domain.
         """
 
     def checkRecipient(address):

@@ -30,6 +30,7 @@ from pop3gw.interfaces import (
     ITwoPhaseDelivery,
     IUserDirectory,
     PermanentFailure,
+    RelayDenied,
     TemporaryFailure,
     UnknownUser,
 )
@@ -208,10 +209,38 @@ class Router:
             if not isRoutableDomain(address.domain):
                 raise PermanentFailure(f"{address.domain} is not a public mail domain")
             return (address,)
+        return self._localUsers(address)
+
+    def _localUsers(self, address: Address) -> tuple[Address, ...]:
+        """
+        The users mail for C{address}, in a local domain, goes to.
+
+        @raise UnknownUser: it resolves to nobody.
+        """
         users = self._users.snapshot().resolve(address)
         if not users:
             raise UnknownUser(str(address))
         return users
+
+    def checkLocalRecipient(self, address: Address) -> tuple[Address, ...]:
+        """
+        See L{IMailRouter.checkLocalRecipient}: the same resolution as
+        L{checkRecipient}, but a recipient outside the local domains is
+        L{RelayDenied}.
+        """
+        if not self.isLocalDomain(address.domain):
+            raise RelayDenied(f"{address.domain} is not a local domain")
+        return self._localUsers(address)
+
+    def beginLocalDelivery(self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b"") -> IDelivery:
+        """
+        See L{IMailRouter.beginLocalDelivery}: the queue is never asked.
+        """
+        for r in recipients:
+            if not self.isLocalDomain(r.domain):
+                raise RelayDenied(f"{r.domain} is not a local domain")
+        local = list(dict.fromkeys(recipients))
+        return _RoutedDelivery(self._store.beginDelivery(local, trace), None, local, ())
 
     def beginDelivery(self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b"") -> IDelivery:
         local: list = []

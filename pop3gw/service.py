@@ -39,9 +39,11 @@ from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue
 from pop3gw.relay import RelayService
+from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
 from pop3gw.runner import ThreadPoolRunner
 from pop3gw.smtp import SubmissionFactory
+from pop3gw.smtpmx import MXFactory
 from pop3gw.tls import CertificateManager, TLSConfigError
 from pop3gw.tlsclient import clientContextFactory, opportunisticClientContextFactory
 from pop3gw.users import UsersFile
@@ -450,8 +452,18 @@ def _build(config: Config, reactor) -> MultiService:
         checkHeaderFrom=config.checkHeaderFrom,
         idleTimeout=limits["smtp-idle-timeout"],
     )
+    mxFactory = MXFactory(
+        router,
+        reactor,
+        config.hostname,
+        maxMessageSize=config.maxMessageSize,
+        tlsContextFactory=serverTLS,
+        maxRecipients=limits["max-recipients"],
+        idleTimeout=limits["smtp-idle-timeout"],
+        resolver=MXResolver(reactor),
+    )
 
-    for factory in (pop3Factory, submissionFactory):
+    for factory in (pop3Factory, submissionFactory, mxFactory):
         factory.noisy = False  # no "Starting factory <repr>" lines in the log
 
     peerCounts = PeerCounts()
@@ -470,6 +482,7 @@ def _build(config: Config, reactor) -> MultiService:
         ("pop3s", pop3Factory, True, None),
         ("submission", submissionFactory, False, SMTP_REFUSAL),
         ("submissions", submissionFactory, True, None),
+        ("mx", mxFactory, False, SMTP_REFUSAL),
     ]
     for name, served, implicitTLS, refusal in plans:
         for description in config.listeners[name]:
@@ -508,7 +521,7 @@ def _build(config: Config, reactor) -> MultiService:
     relay.setServiceParent(top)
 
     if not any(config.listeners[name] for name, _, _, _ in plans):
-        log.warn("no POP3 or submission listener is configured: only the outbound queue runs")
+        log.warn("no POP3, submission or MX listener is configured: only the outbound queue runs")
 
     def refreshUsers() -> defer.Deferred:
         # The users directory is re-read in the I/O pool (a stat of each

@@ -1,6 +1,9 @@
 # -*- test-case-name: tests.test_smtp -*-
 """
-The SMTP message submission server (RFC 6409).
+The SMTP server core (L{SMTPServer}: dispatch over per-state command
+tables, the commands every SMTP listener shares, DATA) and the message
+submission server (RFC 6409) on it.  The MX listener is
+L{pop3gw.smtpmx}, the same core with its own table and policy.
 
 Implements RFC 5321 as profiled by RFC 6409, with the extensions AUTH PLAIN
 and LOGIN (RFC 4954), STARTTLS (RFC 3207), SIZE (RFC 1870), PIPELINING
@@ -63,7 +66,7 @@ from pop3gw.interfaces import (
 )
 from pop3gw.lineproto import LineProtocol
 from pop3gw.smtpauth import AuthCommands
-from pop3gw.smtpdata import DataCommands, _MessageReader, formatDate
+from pop3gw.smtpdata import DataCommands, SubmissionData, _MessageReader, formatDate
 from pop3gw.smtpreplies import (
     ALREADY_AUTHENTICATED,
     AUTH_REQUIRED,
@@ -129,8 +132,10 @@ __all__ = [
     "CLOSE_TIMEOUT",
     "MAX_AUTH_LINE",
     "MAX_PENDING_INPUT",
+    "SMTPServer",
     "SubmissionFactory",
     "SubmissionServer",
+    "commandTables",
     "formatDate",
     "parsePath",
 ]
@@ -160,40 +165,42 @@ def parsePath(text: str, kind: str) -> tuple[str, list[str]]:
 # --- The protocol -------------------------------------------------------------
 
 
-class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
+class SMTPServer(DataCommands, LineProtocol):
     """
-    One SMTP submission session.  Built by L{SubmissionFactory}.
+    What every SMTP listener shares: the greeting, the command dispatch
+    over per-state tables, EHLO/HELO, NOOP, RSET, QUIT, VRFY, HELP,
+    STARTTLS, the syntax of MAIL and RCPT, and (through
+    L{pop3gw.smtpdata.DataCommands}) DATA.  A server is a subclass that
+    gives its command tables (C{_tables}, C{_knownCommands},
+    C{_wrongState}: see L{commandTables}) and its policy: L{_extensions},
+    L{_readyState}, L{_checkSender}, L{_recipientAddress},
+    L{_checkRecipient}, L{_refusedRecipient} and the data hooks of
+    L{pop3gw.smtpdata.DataCommands}.
 
-    The C{Received:} header added to each message names the client's
-    EHLO/HELO argument (C{unknown} when that is an address literal or an IP
-    address), the literal C{(authenticated user)} and the server, but never
-    the client's IP address nor the user's name: submission
-    clients are often on home or mobile networks, and their address is
-    private information.  Operators who want it have it in the log lines
-    (L{pop3gw.events}).
+    @cvar service: the name in log lines.
     """
 
     log = Logger()
+    service = SERVICE
 
     maxPendingInput = MAX_PENDING_INPUT
     closeTimeout = CLOSE_TIMEOUT
     bareLFCountsAsCRLF = True
     tooLongAtOnce = False
 
-    def __init__(self, factory: "SubmissionFactory") -> None:
+    _tables: dict[_State, dict[str, Callable[..., Any]]] = {}
+    _knownCommands: frozenset[str] = frozenset()
+    _wrongState: dict[_State, dict[str, Reply]] = {}
+
+    def __init__(self, factory: Any) -> None:
         super().__init__()
         self.factory = factory
         self._state = _State.FRESH
         self._mode = _Mode.COMMAND
         self._helo: Optional[str] = None
         self._esmtp = False
-        self._avatar: Optional[ISubmissionAvatar] = None
-        self._logout: Optional[Callable[[], None]] = None
-        self._user = ""
         self._envelope = _Envelope()
         self._reader: Optional[_MessageReader] = None
-        self._auth: Optional[tuple] = None
-        self._authFailures = 0
         self._errors = 0
         self._messages = 0
         self._bytes = 0
@@ -217,11 +224,10 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         """
-        Abort any open delivery, log out, log the session's counters.
+        Abort any open delivery and end the session.
         """
         self._closing = True
         self.endSession()
-        self._endAuthentication()
 
     def stopWork(self) -> None:
         """
@@ -266,22 +272,317 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
 
     def step(self) -> bool:
         """
-        Handle the next command line, SASL response or piece of message
-        data.
+        Handle the next command line or piece of message data.
         """
         try:
             if self._mode is _Mode.DATA:
                 return self._dataStep()
             return self._nextLine()
         except Exception:
-            self.log.failure("Unexpected error in a submission session")
+            self.log.failure("Unexpected error in an SMTP session ({service})", service=self.service)
             self._close(Reply(421, f"4.3.0 {self.factory.hostname} Error: internal error"))
             return False
 
     def commandFailed(self, failure: Failure) -> None:
-        self.log.failure("Unexpected error in a submission session", failure)
+        self.log.failure("Unexpected error in an SMTP session ({service})", failure, service=self.service)
         if not self._disconnected:
             self._close(Reply(421, f"4.3.0 {self.factory.hostname} Error: internal error"))
+
+    def lineLimit(self, head: bytes) -> int:
+        return MAX_COMMAND_LINE
+
+    def lineReceived(self, line: bytes) -> None:
+        self._commandLine(line)
+
+    def lineTooLong(self) -> None:
+        self._send(LINE_TOO_LONG)
+
+    def _commandLine(self, line: bytes) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._send(BAD_CHARACTERS)
+            return
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            self._send(BAD_CHARACTERS)
+            return
+        verb, _, argument = text.partition(" ")
+        verb = verb.upper()
+        if not verb.isascii() or verb not in self._knownCommands:
+            self._send(UNKNOWN_COMMAND)
+            return
+        handler = self._tables[self._state].get(verb)
+        if handler is None:
+            self._send(self._wrongState[self._state].get(verb, BAD_SEQUENCE))
+            return
+        try:
+            result = handler(self, argument.strip(" "))
+        except SMTPRefusal as e:
+            self._send(e.reply)
+            return
+        except Exception:
+            self.log.failure("Unexpected error handling {verb}", verb=verb)
+            self._send(INTERNAL_ERROR)
+            return
+        if isinstance(result, Deferred):
+            self.hold(result)
+
+    # -- session state ---------------------------------------------------
+
+    def _resetTransaction(self) -> None:
+        """
+        Forget the sender and recipients (RSET, EHLO, end of data).
+        """
+        self._envelope = _Envelope()
+        if self._state is _State.MAIL:
+            self._state = _State.AUTHENTICATED
+
+    def _startTLSOffered(self) -> bool:
+        return self.factory.tlsContextFactory is not None and not self.secure
+
+    # -- policy ----------------------------------------------------------
+
+    def _extensions(self) -> list[str]:
+        """
+        The EHLO keywords after the common ones (PIPELINING, SIZE,
+        8BITMIME, ENHANCEDSTATUSCODES), STARTTLS included when offered.
+        """
+        return ["STARTTLS"] if self._startTLSOffered() else []
+
+    def _readyState(self) -> _State:
+        """
+        The state after HELO/EHLO.
+        """
+        raise NotImplementedError()
+
+    def _checkSender(self, path: str) -> Optional[Address]:
+        """
+        The envelope sender for the reverse path C{path}.
+
+        @raise SMTPRefusal: the sender is refused.
+        """
+        raise NotImplementedError()
+
+    def _recipientAddress(self, path: str) -> Address:
+        """
+        The recipient for the forward path C{path}.
+
+        @raise SMTPRefusal: the path is refused.
+        """
+        raise NotImplementedError()
+
+    def _checkRecipient(self, address: Address) -> Any:
+        """
+        Check C{address} against the server's policy.
+
+        @return: the users mail for it goes to (a non-empty tuple of
+            L{Address}: a distribution list is several), or a C{Deferred}
+            firing with them.
+        """
+        raise NotImplementedError()
+
+    def _refusedRecipient(self, address: Optional[Address], path: str, reply: Reply, reason: str) -> Reply:
+        """
+        A recipient was refused with C{reply} for C{reason} (fixed words):
+        log it if the server does.
+
+        @return: the reply to send.
+        """
+        return reply
+
+    # -- commands --------------------------------------------------------
+
+    def _heloName(self, argument: str, syntax: Reply) -> str:
+        if not argument or len(argument) > MAX_HELO_NAME or not _HELO_NAME.match(argument):
+            raise SMTPRefusal(syntax)
+        return argument
+
+    def _greeted(self, name: str, esmtp: bool) -> None:
+        self._resetTransaction()
+        self._helo = name
+        self._esmtp = esmtp
+        self._state = self._readyState()
+
+    def do_EHLO(self, argument: str) -> None:
+        name = self._heloName(argument, EHLO_SYNTAX)
+        self._greeted(name, esmtp=True)
+        lines = [
+            self.factory.hostname,
+            "PIPELINING",
+            f"SIZE {self.factory.maxMessageSize}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        lines.extend(self._extensions())
+        self._sendLines(250, lines)
+
+    def do_HELO(self, argument: str) -> None:
+        name = self._heloName(argument, HELO_SYNTAX)
+        self._greeted(name, esmtp=False)
+        self._send(Reply(250, self.factory.hostname))
+
+    def do_NOOP(self, argument: str) -> None:
+        self._send(OK)
+
+    def do_RSET(self, argument: str) -> None:
+        if argument:
+            raise SMTPRefusal(NO_ARGUMENTS)
+        self._resetTransaction()
+        self._send(OK)
+
+    def do_QUIT(self, argument: str) -> None:
+        self._close(BYE)
+
+    def do_VRFY(self, argument: str) -> None:
+        if not argument:
+            raise SMTPRefusal(VRFY_SYNTAX)
+        self._send(CANNOT_VRFY)
+
+    def do_HELP(self, argument: str) -> None:
+        self._send(self.helpReply)
+
+    helpReply = HELP
+
+    def do_STARTTLS(self, argument: str) -> None:
+        if argument:
+            raise SMTPRefusal(NO_ARGUMENTS)
+        if self.secure:
+            raise SMTPRefusal(TLS_ACTIVE)
+        if self.factory.tlsContextFactory is None:
+            raise SMTPRefusal(NO_STARTTLS)
+        self._send(READY_TLS)
+        if not self.startTLS(self.factory.tlsContextFactory):
+            return
+        self._tlsStarted()
+        self._resetTransaction()
+        self._helo = None
+        self._esmtp = False
+        self._state = _State.FRESH
+
+    def _tlsStarted(self) -> None:
+        """
+        TLS has started: forget what the plaintext session established
+        (RFC 3207 4.2), beyond the transaction and the HELO name.
+        """
+
+    def do_MAIL(self, argument: str) -> None:
+        try:
+            path, params = parsePath(argument, "FROM")
+        except ValueError:
+            raise SMTPRefusal(MAIL_SYNTAX) from None
+        if params and not self._esmtp:
+            raise SMTPRefusal(UNKNOWN_PARAMETER)
+        for param in params:
+            keyword, _, value = param.partition("=")
+            keyword = keyword.upper()
+            if keyword == "SIZE":
+                if not (value.isascii() and value.isdigit()) or len(value) > 20:
+                    raise SMTPRefusal(BAD_SIZE)
+                if int(value) > self.factory.maxMessageSize:
+                    raise SMTPRefusal(TOO_BIG)
+            elif keyword == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    raise SMTPRefusal(BAD_BODY)
+            elif keyword == "AUTH":
+                # RFC 4954 section 5: accepted; this server does not relay
+                # the value, so it is ignored.
+                pass
+            else:
+                raise SMTPRefusal(UNKNOWN_PARAMETER)
+        sender = self._checkSender(path)
+        self._envelope = _Envelope(sender)
+        self._state = _State.MAIL
+        self._send(SENDER_OK)
+
+    def do_RCPT(self, argument: str) -> Deferred:
+        try:
+            path, params = parsePath(argument, "TO")
+        except ValueError:
+            raise SMTPRefusal(RCPT_SYNTAX) from None
+        if params:
+            raise SMTPRefusal(UNKNOWN_PARAMETER)
+        address = self._recipientAddress(path)
+        if len(self._envelope.recipients) >= self.factory.maxRecipients:
+            raise SMTPRefusal(TOO_MANY_RECIPIENTS)
+        d = maybeDeferred(self._checkRecipient, address)
+        d.addCallbacks(self._cbRecipient, self._ebRecipient, errbackArgs=(address, path))
+        return d
+
+    def _cbRecipient(self, users: tuple[Address, ...]) -> None:
+        if self._state is not _State.MAIL:
+            return
+        recipients = self._envelope.recipients
+        for address in users:
+            if address not in recipients:
+                recipients.append(address)
+        self._send(RECIPIENT_OK)
+
+    def _ebRecipient(self, failure: Failure, address: Address, path: str) -> None:
+        if failure.check(UnknownUser):
+            self._send(self._refusedRecipient(address, path, USER_UNKNOWN, "unknown user"))
+        elif failure.check(TemporaryFailure):
+            self._send(TEMPORARY_FAILURE)
+        elif failure.check(PermanentFailure):
+            self._send(self._refusedRecipient(address, path, self.recipientRefused, "relay denied"))
+        else:
+            self.log.failure("Checking a recipient failed ({service})", failure, service=self.service)
+            self._send(INTERNAL_ERROR)
+
+    recipientRefused = RECIPIENT_REFUSED
+
+
+def commandTables(
+    tables: dict[_State, dict[str, Callable[..., Any]]], wrongState: dict[_State, dict[str, Reply]]
+) -> tuple[dict[_State, dict[str, Callable[..., Any]]], frozenset[str], dict[_State, dict[str, Reply]]]:
+    """
+    The class attributes of an L{SMTPServer} subclass's dispatch
+    (C{_tables, _knownCommands, _wrongState = commandTables(...)}): its
+    per-state C{tables}, every command some state accepts (any other verb
+    is unknown, C{500 5.5.2}, rather than out of sequence) and the replies
+    to a known command in the wrong state (C{503 5.5.1} by default).
+    """
+    known: frozenset[str] = frozenset().union(*tables.values())
+    return tables, known, {state: wrongState.get(state, {}) for state in tables}
+
+
+_COMMON_COMMANDS: dict[str, Callable[..., Any]] = {
+    "EHLO": SMTPServer.do_EHLO,
+    "HELO": SMTPServer.do_HELO,
+    "NOOP": SMTPServer.do_NOOP,
+    "RSET": SMTPServer.do_RSET,
+    "QUIT": SMTPServer.do_QUIT,
+    "VRFY": SMTPServer.do_VRFY,
+    "HELP": SMTPServer.do_HELP,
+}
+
+
+class SubmissionServer(AuthCommands, SubmissionData, SMTPServer):
+    """
+    One SMTP submission session.  Built by L{SubmissionFactory}.
+
+    The C{Received:} header added to each message names the client's
+    EHLO/HELO argument (C{unknown} when that is an address literal or an IP
+    address), the literal C{(authenticated user)} and the server, but never
+    the client's IP address nor the user's name: submission
+    clients are often on home or mobile networks, and their address is
+    private information.  Operators who want it have it in the log lines
+    (L{pop3gw.events}).
+    """
+
+    def __init__(self, factory: "SubmissionFactory") -> None:
+        super().__init__(factory)
+        self._avatar: Optional[ISubmissionAvatar] = None
+        self._logout: Optional[Callable[[], None]] = None
+        self._user = ""
+        self._auth: Optional[tuple] = None
+        self._authFailures = 0
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        """
+        Abort any open delivery, log out, log the session's counters.
+        """
+        super().connectionLost(reason)
+        self._endAuthentication()
 
     def lineLimit(self, head: bytes) -> int:
         if self._mode is _Mode.AUTH or head[:5].upper() == b"AUTH ":
@@ -299,47 +600,6 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
             self._mode = _Mode.COMMAND
             self._auth = None
         self._send(LINE_TOO_LONG)
-
-    def _commandLine(self, line: bytes) -> None:
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            self._send(BAD_CHARACTERS)
-            return
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-            self._send(BAD_CHARACTERS)
-            return
-        verb, _, argument = text.partition(" ")
-        verb = verb.upper()
-        if not verb.isascii() or verb not in _KNOWN_COMMANDS:
-            self._send(UNKNOWN_COMMAND)
-            return
-        handler = _COMMAND_TABLES[self._state].get(verb)
-        if handler is None:
-            self._send(_WRONG_STATE[self._state].get(verb, BAD_SEQUENCE))
-            return
-        try:
-            result = handler(self, argument.strip(" "))
-        except SMTPRefusal as e:
-            self._send(e.reply)
-            return
-        except Exception:
-            self.log.failure("Unexpected error handling {verb}", verb=verb)
-            self._send(INTERNAL_ERROR)
-            return
-        if isinstance(result, Deferred):
-            self.hold(result)
-
-
-    # -- session state ---------------------------------------------------
-
-    def _resetTransaction(self) -> None:
-        """
-        Forget the sender and recipients (RSET, EHLO, end of data).
-        """
-        self._envelope = _Envelope()
-        if self._state is _State.MAIL:
-            self._state = _State.AUTHENTICATED
 
     def _endAuthentication(self) -> None:
         """
@@ -367,104 +627,21 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
     def _plaintextAllowed(self) -> bool:
         return bool(self.factory.plaintextAllowed(self.secure, self.peer))
 
-    def _startTLSOffered(self) -> bool:
-        return self.factory.tlsContextFactory is not None and not self.secure
+    # -- policy ----------------------------------------------------------
 
-    # -- commands --------------------------------------------------------
-
-    def _heloName(self, argument: str, syntax: Reply) -> str:
-        if not argument or len(argument) > MAX_HELO_NAME or not _HELO_NAME.match(argument):
-            raise SMTPRefusal(syntax)
-        return argument
-
-    def _greeted(self, name: str, esmtp: bool) -> None:
-        self._resetTransaction()
-        self._helo = name
-        self._esmtp = esmtp
-        self._state = _State.AUTHENTICATED if self._avatar is not None else _State.GREETED
-
-    def do_EHLO(self, argument: str) -> None:
-        name = self._heloName(argument, EHLO_SYNTAX)
-        self._greeted(name, esmtp=True)
-        lines = [
-            self.factory.hostname,
-            "PIPELINING",
-            f"SIZE {self.factory.maxMessageSize}",
-            "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-        ]
-        if self._startTLSOffered():
-            lines.append("STARTTLS")
+    def _extensions(self) -> list[str]:
+        lines = super()._extensions()
         if self._plaintextAllowed():
             lines.append("AUTH PLAIN LOGIN")
-        self._sendLines(250, lines)
+        return lines
 
-    def do_HELO(self, argument: str) -> None:
-        name = self._heloName(argument, HELO_SYNTAX)
-        self._greeted(name, esmtp=False)
-        self._send(Reply(250, self.factory.hostname))
+    def _readyState(self) -> _State:
+        return _State.AUTHENTICATED if self._avatar is not None else _State.GREETED
 
-    def do_NOOP(self, argument: str) -> None:
-        self._send(OK)
-
-    def do_RSET(self, argument: str) -> None:
-        if argument:
-            raise SMTPRefusal(NO_ARGUMENTS)
-        self._resetTransaction()
-        self._send(OK)
-
-    def do_QUIT(self, argument: str) -> None:
-        self._close(BYE)
-
-    def do_VRFY(self, argument: str) -> None:
-        if not argument:
-            raise SMTPRefusal(VRFY_SYNTAX)
-        self._send(CANNOT_VRFY)
-
-    def do_HELP(self, argument: str) -> None:
-        self._send(HELP)
-
-    def do_STARTTLS(self, argument: str) -> None:
-        if argument:
-            raise SMTPRefusal(NO_ARGUMENTS)
-        if self.secure:
-            raise SMTPRefusal(TLS_ACTIVE)
-        if self.factory.tlsContextFactory is None:
-            raise SMTPRefusal(NO_STARTTLS)
-        self._send(READY_TLS)
-        if not self.startTLS(self.factory.tlsContextFactory):
-            return
+    def _tlsStarted(self) -> None:
         self._endAuthentication()
-        self._resetTransaction()
-        self._helo = None
-        self._esmtp = False
-        self._state = _State.FRESH
 
-
-    def do_MAIL(self, argument: str) -> None:
-        try:
-            path, params = parsePath(argument, "FROM")
-        except ValueError:
-            raise SMTPRefusal(MAIL_SYNTAX) from None
-        if params and not self._esmtp:
-            raise SMTPRefusal(UNKNOWN_PARAMETER)
-        for param in params:
-            keyword, _, value = param.partition("=")
-            keyword = keyword.upper()
-            if keyword == "SIZE":
-                if not (value.isascii() and value.isdigit()) or len(value) > 20:
-                    raise SMTPRefusal(BAD_SIZE)
-                if int(value) > self.factory.maxMessageSize:
-                    raise SMTPRefusal(TOO_BIG)
-            elif keyword == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    raise SMTPRefusal(BAD_BODY)
-            elif keyword == "AUTH":
-                # RFC 4954 section 5: accepted; this server does not relay
-                # the value, so it is ignored.
-                pass
-            else:
-                raise SMTPRefusal(UNKNOWN_PARAMETER)
+    def _checkSender(self, path: str) -> Optional[Address]:
         if path == "":
             raise SMTPRefusal(NULL_SENDER)
         try:
@@ -473,94 +650,48 @@ class SubmissionServer(AuthCommands, DataCommands, LineProtocol):
             raise SMTPRefusal(BAD_SENDER_ADDRESS) from None
         if not self._account.mayUseSender(sender):
             raise SMTPRefusal(SENDER_NOT_OWNED)
-        self._envelope = _Envelope(sender)
-        self._state = _State.MAIL
-        self._send(SENDER_OK)
+        return sender
 
-    def do_RCPT(self, argument: str) -> Deferred:
-        try:
-            path, params = parsePath(argument, "TO")
-        except ValueError:
-            raise SMTPRefusal(RCPT_SYNTAX) from None
-        if params:
-            raise SMTPRefusal(UNKNOWN_PARAMETER)
+    def _recipientAddress(self, path: str) -> Address:
         if path.lower() == POSTMASTER:
             # RFC 5321 4.5.1: <Postmaster> without a domain must be
             # accepted.  It is the postmaster of the user's own domain
             # (always a local one): delivered where that address's user or
             # alias says, else refused as an unknown user.
-            address = Address(POSTMASTER, self._account.address.domain)
-        else:
-            try:
-                address = Address.parse(path)
-            except AddressError:
-                raise SMTPRefusal(BAD_RECIPIENT_ADDRESS) from None
-        if len(self._envelope.recipients) >= self.factory.maxRecipients:
-            raise SMTPRefusal(TOO_MANY_RECIPIENTS)
-        d = maybeDeferred(self._account.checkRecipient, address)
-        d.addCallbacks(self._cbRecipient, self._ebRecipient)
-        return d
+            return Address(POSTMASTER, self._account.address.domain)
+        try:
+            return Address.parse(path)
+        except AddressError:
+            raise SMTPRefusal(BAD_RECIPIENT_ADDRESS) from None
 
-    def _cbRecipient(self, users: tuple[Address, ...]) -> None:
-        if self._state is not _State.MAIL:
-            return
-        recipients = self._envelope.recipients
-        for address in users:
-            if address not in recipients:
-                recipients.append(address)
-        self._send(RECIPIENT_OK)
-
-    def _ebRecipient(self, failure: Failure) -> None:
-        if failure.check(UnknownUser):
-            self._send(USER_UNKNOWN)
-        elif failure.check(TemporaryFailure):
-            self._send(TEMPORARY_FAILURE)
-        elif failure.check(PermanentFailure):
-            self._send(RECIPIENT_REFUSED)
-        else:
-            self.log.failure("Checking a submission recipient failed", failure)
-            self._send(INTERNAL_ERROR)
-
+    def _checkRecipient(self, address: Address) -> Any:
+        return self._account.checkRecipient(address)
 
     # -- command tables --------------------------------------------------
 
-    _common = {
-        "EHLO": do_EHLO,
-        "HELO": do_HELO,
-        "NOOP": do_NOOP,
-        "RSET": do_RSET,
-        "QUIT": do_QUIT,
-        "VRFY": do_VRFY,
-        "HELP": do_HELP,
-    }
-    _tables: dict[_State, dict[str, Callable[..., Any]]] = {
-        _State.FRESH: {**_common, "STARTTLS": do_STARTTLS},
-        _State.GREETED: {**_common, "STARTTLS": do_STARTTLS, "AUTH": AuthCommands.do_AUTH},
-        _State.AUTHENTICATED: {**_common, "MAIL": do_MAIL},
-        _State.MAIL: {**_common, "RCPT": do_RCPT, "DATA": DataCommands.do_DATA},
-    }
-    del _common
-
-
-_COMMAND_TABLES = SubmissionServer._tables
-#: Every command some state accepts: any other verb is unknown (500 5.5.2)
-#: rather than out of sequence.
-_KNOWN_COMMANDS: frozenset[str] = frozenset().union(*_COMMAND_TABLES.values())
-_WRONG_STATE = {
-    _State.FRESH: {
-        "AUTH": SEND_EHLO_FIRST,
-        "MAIL": SEND_HELO_FIRST,
-        "RCPT": SEND_HELO_FIRST,
-        "DATA": SEND_HELO_FIRST,
-    },
-    _State.GREETED: {"MAIL": AUTH_REQUIRED, "RCPT": AUTH_REQUIRED, "DATA": AUTH_REQUIRED},
-    _State.AUTHENTICATED: {
-        "AUTH": ALREADY_AUTHENTICATED,
-        "RCPT": NEED_MAIL,
-        "DATA": NEED_MAIL,
-    },
-    _State.MAIL: {"AUTH": ALREADY_AUTHENTICATED, "MAIL": NESTED_MAIL},
-}
+    _tables, _knownCommands, _wrongState = commandTables(
+            {
+                _State.FRESH: {**_COMMON_COMMANDS, "STARTTLS": SMTPServer.do_STARTTLS},
+                _State.GREETED: {**_COMMON_COMMANDS, "STARTTLS": SMTPServer.do_STARTTLS, "AUTH": AuthCommands.do_AUTH},
+                _State.AUTHENTICATED: {**_COMMON_COMMANDS, "MAIL": SMTPServer.do_MAIL},
+                _State.MAIL: {**_COMMON_COMMANDS, "RCPT": SMTPServer.do_RCPT, "DATA": DataCommands.do_DATA},
+            },
+            {
+                _State.FRESH: {
+                    "AUTH": SEND_EHLO_FIRST,
+                    "MAIL": SEND_HELO_FIRST,
+                    "RCPT": SEND_HELO_FIRST,
+                    "DATA": SEND_HELO_FIRST,
+                },
+                _State.GREETED: {"MAIL": AUTH_REQUIRED, "RCPT": AUTH_REQUIRED, "DATA": AUTH_REQUIRED},
+                _State.AUTHENTICATED: {
+                    "AUTH": ALREADY_AUTHENTICATED,
+                    "RCPT": NEED_MAIL,
+                    "DATA": NEED_MAIL,
+                },
+                _State.MAIL: {"AUTH": ALREADY_AUTHENTICATED, "MAIL": NESTED_MAIL},
+            },
+    )
 
 
 # --- The factory --------------------------------------------------------------

@@ -1,7 +1,10 @@
 # -*- test-case-name: tests.test_smtp -*-
 """
-Submission message data: DATA, the reader of what follows C{354}, the
-header fix-ups and the commit.
+SMTP message data: DATA, the reader of what follows C{354} and the commit,
+shared by every SMTP listener; and submission's side of it (the header
+fix-ups, its C{Received:} field) in L{SubmissionData}.  The MX listener
+(L{pop3gw.smtpmx}) uses the same reader and rules, stores the message as
+received and writes its own C{Received:} field.
 
 Message data
 ============
@@ -83,7 +86,7 @@ import ipaddress
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Callable, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
@@ -430,8 +433,9 @@ class DataCommands(_Host):
     """
 
     if TYPE_CHECKING:
-        # What SubmissionServer provides.
-        factory: SubmissionFactory
+        # What the SMTP server provides (its factory: each server's own).
+        factory: Any
+        service: str
         _state: _State
         _mode: _Mode
         _helo: Optional[str]
@@ -483,57 +487,32 @@ class DataCommands(_Host):
 
     def _logRefused(self, sender: Optional[Address], reply: Reply, reason: Optional[str] = None) -> None:
         """
-        Log one line for a message refused after its envelope: the user,
-        the envelope sender, the reply and, for a server-side failure (a
-        full disk), the error in words::
+        Log one line for a message refused after its envelope: who sent it
+        (L{_logIdentity}), the envelope sender, the reply and, for a
+        server-side failure (a full disk), the error in words::
 
             submission: refused message user="..." from="..." reply="452 4.3.1 ..." error="cannot write message: No space left on device"
         """
-        fields = dict(
-            user=events.sanitize(self._user),
+        identity, fields = self._logIdentity()
+        fields.update(
             sender=events.sanitize(str(sender) if sender is not None else None),
             reply=events.sanitize(f"{reply.code} {reply.text}"),
         )
+        head = self.service + ": refused message " + identity + " from={sender} reply={reply}"
         if reason is None:
-            self.log.info("submission: refused message user={user} from={sender} reply={reply}", **fields)
+            self.log.info(head, **fields)
         else:
-            self.log.warn(
-                "submission: refused message user={user} from={sender} reply={reply} error={error}",
-                error=events.sanitize(reason, events.MAX_LOGGED_REPLY),
-                **fields,
-            )
+            self.log.warn(head + " error={error}", error=events.sanitize(reason, events.MAX_LOGGED_REPLY), **fields)
 
     def _cbCommitted(
         self, ignored: object, queueID: str, size: int, sender: Optional[Address], delivery: IDelivery
     ) -> None:
         """
-        The message is durable: log it and say 250.
-
-        The log line ties the id the client sees to the message's routing:
-        the number of local and remote recipients and the queue id, when
-        the delivery provides L{IRoutedDelivery} (C{localRecipients},
-        C{remoteRecipients}, C{queueId}: see L{pop3gw.router}; C{-} when it
-        does not).
+        The message is durable: log it (L{_logAccepted}) and say 250.
         """
         self._messages += 1
         self._bytes += size
-        routed = IRoutedDelivery(delivery, None)
-        local, remote, queue = (
-            (None, None, None)
-            if routed is None
-            else (routed.localRecipients, routed.remoteRecipients, routed.queueId)
-        )
-        self.log.info(
-            "submission: accepted id={queueID} user={user} from={sender} local={local} remote={remote}"
-            " size={size} queue={queue}",
-            queueID=queueID,
-            user=events.sanitize(self._user),
-            sender=events.sanitize(None if sender is None else str(sender)),
-            local="-" if local is None else len(local),
-            remote="-" if remote is None else len(remote),
-            size=size,
-            queue=queue if queue is not None and _SAFE_ID.match(queue) else "-",
-        )
+        self._logAccepted(queueID, size, sender, delivery)
         self._send(Reply(250, f"2.0.0 OK queued as {queueID}"))
 
     def _ebCommitted(self, failure: Failure, sender: Optional[Address]) -> None:
@@ -552,7 +531,7 @@ class DataCommands(_Host):
         if not envelope.recipients:
             raise SMTPRefusal(NO_RECIPIENTS)
         try:
-            delivery = self._account.beginDelivery(envelope.sender, list(envelope.recipients))
+            delivery = self._beginDelivery(envelope.sender, list(envelope.recipients))
         except TemporaryFailure as e:
             self._logRefused(envelope.sender, temporaryReply(e), str(e))
             raise SMTPRefusal(temporaryReply(e)) from None
@@ -568,10 +547,95 @@ class DataCommands(_Host):
         except Exception:
             delivery.abort()
             raise
-        checker = self._account.mayUseSender if self.factory.checkHeaderFrom else None
-        self._reader = _MessageReader(delivery, self.factory.maxMessageSize, checker, self._missingFields)
+        self._reader = _MessageReader(delivery, self.factory.maxMessageSize, self._headerSenderCheck(), self._missingFields)
         self._mode = _Mode.DATA
         self._send(START_DATA)
+
+    # -- what each server provides --------------------------------------
+
+    def _beginDelivery(self, sender: Optional[Address], recipients: list[Address]) -> IDelivery:
+        """
+        Start the delivery of the current message.
+        """
+        raise NotImplementedError()
+
+    def _headerSenderCheck(self) -> Optional[Callable[[Address], bool]]:
+        """
+        The check the C{From:}/C{Sender:} addresses must pass, or C{None}.
+        """
+        return None
+
+    def _receivedHeader(self) -> bytes:
+        """
+        The C{Received:} field for the current message, CRLF included.
+        """
+        raise NotImplementedError()
+
+    def _missingFields(self, present: set) -> list[bytes]:
+        """
+        The header fields to add to a message whose header has the
+        (lower-cased) field names C{present}: none by default.
+        """
+        return []
+
+    def _logIdentity(self) -> tuple[str, dict[str, str]]:
+        """
+        Who the session is for the log lines: a format fragment and its
+        fields.
+        """
+        raise NotImplementedError()
+
+    def _logAccepted(self, queueID: str, size: int, sender: Optional[Address], delivery: IDelivery) -> None:
+        """
+        Log the accepted message's line.
+        """
+        raise NotImplementedError()
+
+
+class SubmissionData(DataCommands):
+    """
+    The submission server's side of the data (RFC 6409): the delivery
+    through the user's router, the C{From:} ownership check, the
+    C{Message-ID:}/C{Date:}/C{From:} fix-ups and its C{Received:} field.
+    """
+
+    if TYPE_CHECKING:
+        factory: SubmissionFactory
+
+    def _beginDelivery(self, sender: Optional[Address], recipients: list[Address]) -> IDelivery:
+        return self._account.beginDelivery(sender, recipients)
+
+    def _headerSenderCheck(self) -> Optional[Callable[[Address], bool]]:
+        return self._account.mayUseSender if self.factory.checkHeaderFrom else None
+
+    def _logIdentity(self) -> tuple[str, dict[str, str]]:
+        return "user={user}", {"user": events.sanitize(self._user)}
+
+    def _logAccepted(self, queueID: str, size: int, sender: Optional[Address], delivery: IDelivery) -> None:
+        """
+        The accepted line ties the id the client sees to the message's
+        routing: the number of local and remote recipients and the queue
+        id, when the delivery provides L{IRoutedDelivery} (C{localRecipients},
+        C{remoteRecipients}, C{queueId}: see L{pop3gw.router}; C{-} when it
+        does not).
+        """
+        routed = IRoutedDelivery(delivery, None)
+        local, remote, queue = (
+            (None, None, None)
+            if routed is None
+            else (routed.localRecipients, routed.remoteRecipients, routed.queueId)
+        )
+        self.log.info(
+            "submission: accepted id={queueID} user={user} from={sender} local={local} remote={remote}"
+            " size={size} queue={queue}",
+            queueID=queueID,
+            user=events.sanitize(self._user),
+            sender=events.sanitize(None if sender is None else str(sender)),
+            local="-" if local is None else len(local),
+            remote="-" if remote is None else len(remote),
+            size=size,
+            queue=queue if queue is not None and _SAFE_ID.match(queue) else "-",
+        )
 
     def _receivedHeader(self) -> bytes:
         """

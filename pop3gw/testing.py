@@ -39,6 +39,7 @@ from pop3gw.interfaces import (
     LookupWouldBlock,
     MaildropLocked,
     PermanentFailure,
+    RelayDenied,
     TemporaryFailure,
     UnknownUser,
     UserExists,
@@ -338,10 +339,25 @@ class FakeRouter:
             if not isRoutableDomain(address.domain):
                 raise PermanentFailure(f"{address.domain} is not a public mail domain")
             return (address,)
+        return self._localUsers(address)
+
+    def checkLocalRecipient(self, address: Address) -> tuple:
+        if not self.isLocalDomain(address.domain):
+            raise RelayDenied(f"{address.domain} is not a local domain")
+        return self._localUsers(address)
+
+    def _localUsers(self, address: Address) -> tuple:
         users = self.users.snapshot().resolve(address)
         if not users:
             raise UnknownUser(str(address))
         return users
+
+    def beginLocalDelivery(self, sender, recipients, trace: bytes = b""):
+        for r in recipients:
+            if not self.isLocalDomain(r.domain):
+                raise RelayDenied(f"{r.domain} is not a local domain")
+        local = list(dict.fromkeys(recipients))
+        return _FanOut(self.store.beginDelivery(local, trace), None, local, [])
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):
         recipients = list(dict.fromkeys(recipients))

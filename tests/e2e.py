@@ -125,7 +125,7 @@ class Pop3gwProcess:
     def command(self) -> list:
         cmd = twistdCommand() + ["-n", "--pidfile=", "--logfile=-", "pop3gw", "--config", self.config,
                                  "--data-dir", self.dataDir, "--hostname", "mail.example.org"]
-        for name in ("pop3", "pop3s", "submission", "submissions"):
+        for name in ("pop3", "pop3s", "submission", "submissions", "mx"):
             if name in self.listeners:
                 cmd += [f"--{name}", "tcp:0:interface=127.0.0.1"]
             elif name in ("pop3", "submission"):

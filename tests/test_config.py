@@ -71,12 +71,25 @@ class OptionsTests(SynchronousTestCase):
             ["--max-message-size", "lots"],
             ["--domain", "a/b"],
             ["--tls-cert", "x.pem"],
-            ["--mx", "tcp:25"],
+            ["--lmtp", "tcp:24"],
             ["--relay-host", "host:notaport"],
             ["--relay-host", ""],
             ["--hostname", "bad host name"],
         ):
             self.assertRaises(usage.UsageError, Options().parseOptions, args)
+
+    def test_mxListener(self) -> None:
+        """
+        C{--mx} is off by default, repeatable, and C{none} turns it off
+        again.
+        """
+        self.assertEqual(buildConfig({}, None).listeners["mx"], ())
+        options = Options()
+        options.parseOptions(["--mx", "tcp:25", "--mx", "tcp:2525:interface=127.0.0.1"])
+        self.assertEqual(options.config.listeners["mx"], ("tcp:25", "tcp:2525:interface=127.0.0.1"))
+        options = Options()
+        options.parseOptions(["--mx", "none"])
+        self.assertEqual(options.config.listeners["mx"], ())
 
     def test_badINI(self) -> None:
         """
@@ -128,8 +141,8 @@ class SampleConfigTests(SynchronousTestCase):
     def test_sampleCoversEveryOptionAndParses(self) -> None:
         """
         etc/pop3gw.ini mentions every long option of C{twistd pop3gw}, and
-        with the first commented value of each key uncommented (C{mx} and
-        C{lmtp} aside: refused in this version) it is a valid configuration.
+        with the first commented value of each key uncommented (C{lmtp}
+        aside: refused in this version) it is a valid configuration.
         """
         import re
 
@@ -143,7 +156,7 @@ class SampleConfigTests(SynchronousTestCase):
         seen, lines = set(), []
         for line in text.splitlines():
             m = re.match(r"#([a-z][a-z0-9-]*) = (.*)", line)
-            if m and m.group(1) not in seen and m.group(1) not in ("mx", "lmtp"):
+            if m and m.group(1) not in seen and m.group(1) != "lmtp":
                 seen.add(m.group(1))
                 lines.append(f"{m.group(1)} = {m.group(2)}")
             else:

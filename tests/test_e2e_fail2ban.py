@@ -66,3 +66,34 @@ class Fail2banTests(SynchronousTestCase):
         self.assertEqual(len(matched), 2, out)
         self.assertTrue(all(re.search(r"rhost=127\.0\.0\.1 ", line) for line in matched))
         self.assertNotIn("203.0.113.9", section)
+
+    def test_mxRefusalsNotMatched(self) -> None:
+        """
+        Recipients the MX listener refuses (relay denied, unknown user) are
+        logged, and the shipped filter matches none of those lines: they
+        are not failed logins.
+        """
+        regex = requireProgram(self, "fail2ban-regex")
+        server = Pop3gwProcess(self, args=["--domain", "example.org"], listeners=("pop3", "mx"))
+        server.addUser("alice@example.org", "right")
+        server.start()
+        smtp = smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30)
+        self.addCleanup(smtp.close)
+        smtp.ehlo("client.example")
+        smtp.mail("someone@remote.example")
+        for rcpt in ("carol@remote.example", "nobody@example.org", "alice%remote.example@example.org"):
+            self.assertEqual(smtp.rcpt(rcpt)[0], 550)
+        self.assertEqual(smtp.docmd("AUTH", "PLAIN AGFsaWNlAHdyb25n")[0], 500)
+        smtp.quit()
+        server.waitForLog(r'mx: refused recipient .*to="alice%remote\.example@example\.org"')
+
+        work = tempfile.mkdtemp(prefix="pop3gw-f2b-")
+        self.addCleanup(__import__("shutil").rmtree, work, True)
+        logPath = os.path.join(work, "pop3gw.log")
+        with open(logPath, "w") as f:
+            f.write(server.log())
+        self.assertEqual(len(re.findall(r"mx: refused recipient rhost=127\.0\.0\.1 ", server.log())), 3)
+        result = subprocess.run([regex, logPath, FILTER], capture_output=True, timeout=120)
+        out = result.stdout.decode("utf-8", "replace")
+        self.assertEqual(result.returncode, 0, out + result.stderr.decode())
+        self.assertRegex(out, r"Failregex: 0 total")

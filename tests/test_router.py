@@ -21,6 +21,7 @@ from pop3gw.interfaces import (
     ITwoPhaseDelivery,
     MessageTooLarge,
     PermanentFailure,
+    RelayDenied,
     TemporaryFailure,
     UnknownUser,
 )
@@ -608,6 +609,35 @@ class MailRouterContract:
         self.assertRaises(TemporaryFailure, delivery.write, b"more\r\n")
         self.failureResultOf(delivery.commit(), TemporaryFailure)
         self.assertEqual((self.store.boxes, self.queue.entries), ({}, []))
+
+    def test_checkLocalRecipient(self) -> None:
+        """
+        For local-only mail, a local user or alias resolves as with
+        C{checkRecipient}, an unknown local address is L{UnknownUser}, and
+        any address outside the local domains is L{RelayDenied} (not
+        queued, whatever the domain).
+        """
+        self.assertEqual(self.router.checkLocalRecipient(Address.parse("BOB@Example.ORG")), (BOB,))
+        self.assertEqual(self.router.checkLocalRecipient(Address("PostMaster", "example.org")), (ALICE,))
+        self.assertRaises(UnknownUser, self.router.checkLocalRecipient, Address("nobody", "example.org"))
+        for address in (REMOTE, Address("root", "localhost"), Address("bob", "sub.example.org")):
+            self.assertRaises(RelayDenied, self.router.checkLocalRecipient, address)
+
+    def test_localDelivery(self) -> None:
+        """
+        A local-only delivery writes every local copy, never asks the
+        queue, names no remote part, and refuses a remote recipient with
+        L{RelayDenied} before anything is written.
+        """
+        self.assertRaises(RelayDenied, self.router.beginLocalDelivery, None, [BOB, REMOTE])
+        delivery = self.router.beginLocalDelivery(None, [BOB, ALICE, BOB], b"Received: x\r\n")
+        delivery.write(b"Subject: hi\r\n\r\nbody\r\n")
+        self.assertIsNone(self.successResultOf(delivery.commit()))
+        routed = IRoutedDelivery(delivery)
+        self.assertEqual((routed.localRecipients, routed.remoteRecipients, routed.queueId), ((BOB, ALICE), (), None))
+        message = b"Received: x\r\nSubject: hi\r\n\r\nbody\r\n"
+        self.assertEqual({a: [data for _, data in box] for a, box in self.store.boxes.items()}, {BOB: [message], ALICE: [message]})
+        self.assertEqual(self.queue.entries, [])
 
 
 class RouterContractTests(MailRouterContract, SynchronousTestCase):

@@ -30,6 +30,7 @@ from pop3gw.limits import ConnectionLimitFactory
 from pop3gw.pop3 import POP3Factory
 from pop3gw.service import ListenerService, LocalDomains, makeService
 from pop3gw.smtp import SubmissionFactory
+from pop3gw.smtpmx import MXFactory
 
 from .util import OTHER_GID, OTHER_UID, effectiveUser, requireRoot, treeModesAndOwners, withUmask
 
@@ -85,6 +86,26 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIs(byName["pop3s"].wrappedFactory.wrappedFactory, byName["pop3"].wrappedFactory)
         self.assertIsInstance(byName["submission"].wrappedFactory, SubmissionFactory)
         self.assertIs(byName["pop3"].wrappedFactory.portal, byName["submission"].wrappedFactory.portal)
+
+    def test_mxListener(self) -> None:
+        """
+        C{--mx} adds a plaintext listener behind the same connection
+        limiter (and its per-address counts) as the others, over the same
+        router, with the SMTP limits and STARTTLS material.
+        """
+        top, listeners = self.build("--mx", "tcp:2525", "--max-message-size", "2048")
+        byName = {s.listenerName: s.factory for s in listeners}
+        self.assertEqual(sorted(byName), ["mx", "pop3", "submission"])
+        limiter = byName["mx"]
+        self.assertIsInstance(limiter, ConnectionLimitFactory)
+        self.assertIs(limiter.perPeer, byName["submission"].perPeer)
+        mx = limiter.wrappedFactory
+        self.assertIsInstance(mx, MXFactory)
+        submission = byName["submission"].wrappedFactory
+        self.assertIs(mx.router, submission.portal.realm.router)
+        self.assertEqual(mx.maxMessageSize, 2048)
+        self.assertIs(mx.tlsContextFactory, submission.tlsContextFactory)
+        self.assertEqual((mx.maxRecipients, mx.idleTimeout), (submission.maxRecipients, submission.idleTimeout))
 
     def test_disabledListener(self) -> None:
         """

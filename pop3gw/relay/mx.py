@@ -153,6 +153,23 @@ class MXResolver:
                 parseCall.cancel()
             self.resolver = self._ownResolver = None
 
+    def _resolver(self):
+        if self.resolver is None:
+            from twisted.names import client
+
+            self.resolver = self._ownResolver = client.Resolver(
+                resolv="/etc/resolv.conf", reactor=_QuietDatagramReactor(self._reactor)
+            )
+        return self.resolver
+
+    def lookupPointer(self, name: str) -> defer.Deferred:
+        """
+        Look up the PTR records of C{name} (an C{in-addr.arpa} or
+        C{ip6.arpa} name), as C{IResolver.lookupPointer} does, through the
+        same resolver: the MX listener's reverse lookups of its clients.
+        """
+        return self._resolver().lookupPointer(name)
+
     @defer.inlineCallbacks
     def mailHosts(self, domain: str):
         """
@@ -161,14 +178,8 @@ class MXResolver:
         @raise PermanentLookupFailure: the domain does not exist or has a
             null MX.
         """
-        if self.resolver is None:
-            from twisted.names import client
-
-            self.resolver = self._ownResolver = client.Resolver(
-                resolv="/etc/resolv.conf", reactor=_QuietDatagramReactor(self._reactor)
-            )
         try:
-            answers, _, _ = yield self.resolver.lookupMailExchange(domain)
+            answers, _, _ = yield self._resolver().lookupMailExchange(domain)
         except dnserror.DNSNameError:
             raise PermanentLookupFailure("5.1.2", f"domain {domain} does not exist") from None
         records = []
