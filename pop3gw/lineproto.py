@@ -28,6 +28,7 @@ server keeps only its command tables, handlers and replies:
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import TYPE_CHECKING, Optional
 
 from twisted.internet.defer import Deferred
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
         """
 
 
-class LineProtocol(Protocol):
+class LineProtocol(Protocol, metaclass=ABCMeta):
     """
     A line-based server session.  Subclasses provide L{clock},
     L{idleTimeout}, L{lineLimit}, L{lineReceived}, L{lineTooLong},
@@ -107,50 +108,50 @@ class LineProtocol(Protocol):
     # --- What a server provides ------------------------------------------
 
     @property
+    @abstractmethod
     def clock(self) -> IReactorTime:
         """
         The clock for the idle and close timers.
         """
-        raise NotImplementedError()
 
     @property
+    @abstractmethod
     def idleTimeout(self) -> Optional[float]:
         """
         Seconds of client silence before L{idleTimedOut}; C{None} or 0 for
         no limit.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def lineLimit(self, head: bytes) -> int:
         """
         @param head: the first octets of the line being read.
         @return: the longest line accepted now, its line end included.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def lineReceived(self, line: bytes) -> None:
         """
         Handle one line, without its line end.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def lineTooLong(self) -> None:
         """
         A line over L{lineLimit} was discarded: answer it.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def idleTimedOut(self) -> None:
         """
         The client was silent for L{idleTimeout} seconds.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def commandFailed(self, reason: Failure) -> None:
         """
         A held command's C{Deferred} failed: a bug in its callbacks.
         """
-        raise NotImplementedError()
 
     def stopWork(self) -> None:
         """
