@@ -119,7 +119,7 @@ class SocketmapProtocol(Protocol, TimeoutMixin):
         """
         Take one complete netstring off the buffer.
 
-        @return: its data, or L{None} if it is not complete yet.
+        @return: its data, or C{None} if it is not complete yet.
         @raise _Malformed: it can never be a valid netstring under the limit.
         """
         colon = self._buffer.find(b":", 0, _MAX_LENGTH_DIGITS + 1)
