@@ -18,9 +18,11 @@ map is served, C{recipients}:
     list, catch-all or sub-address, in any case): C{USERS} are those
     users' addresses, comma-separated (Postfix only needs a result;
     C{postmap -q} shows where the address goes).
-  - C{NOTFOUND } for an unknown user, a domain that is not local, or a key
+  - C{NOTFOUND } for an unknown user, a domain that is not local, a key
     that is not a plain C{local@domain} address (Postfix also asks for
-    C{@domain}: not found, a catch-all is answered on the full address).
+    C{@domain}: not found, a catch-all is answered on the full address),
+    or one the MX listener refuses as a disguised relay (C{%}, C{!}, a
+    trailing dot), even with a catch-all.
   - C{TEMP directory unavailable} when the users directory cannot be read
     (Postfix then defers with a 4xx, it does not refuse).
   - C{PERM unknown map} for any other map name, C{PERM invalid request}
@@ -62,6 +64,18 @@ def netstring(data: bytes) -> bytes:
     C{data} as a netstring: C{LEN:DATA,}.
     """
     return b"%d:%s," % (len(data), data)
+
+
+def _isDisguisedRelay(key: bytes) -> bool:
+    """
+    Whether C{key} routes mail elsewhere while looking local, by the MX
+    listener's rule (it refuses these with C{550 5.7.1} whatever the users
+    directory says, so Postfix must not accept them either): a domain
+    with a trailing dot, or a local part holding C{%} (the percent hack) or
+    C{!} (a bang path).
+    """
+    localpart, _, domain = key.rpartition(b"@")
+    return domain.endswith(b".") or b"%" in localpart or b"!" in localpart
 
 
 class _Malformed(Exception):
@@ -176,6 +190,8 @@ class SocketmapFactory(_ServerFactory):
             return b"PERM invalid request"
         if name != RECIPIENTS_MAP:
             return b"PERM unknown map"
+        if _isDisguisedRelay(key):
+            return b"NOTFOUND "
         try:
             address = Address.parse(key)
         except AddressError:

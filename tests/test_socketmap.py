@@ -107,6 +107,17 @@ class SocketmapTests(SynchronousTestCase):
         for key in (b"@example.org", b"alice@remote@example.org", b"alice", b"\xff@example.org"):
             self.assertEqual(self.ask(b"recipients " + key), b"9:NOTFOUND ,", key)
 
+    def test_disguisedRelay(self) -> None:
+        """
+        What the MX listener refuses as a disguised relay is not found,
+        even where a catch-all would take any local part: the percent hack,
+        a bang path, a domain with a trailing dot.  Postfix must not accept
+        what pop3gw will refuse.
+        """
+        self.users.catchAll["example.org"] = BOB
+        for key in (b"alice%remote.example@example.org", b"remote.example!alice@example.org", b"alice@example.org."):
+            self.assertEqual(self.ask(b"recipients " + key), b"9:NOTFOUND ,", key)
+
     def test_temporary(self) -> None:
         """
         An unavailable users directory is C{TEMP}, so Postfix defers
