@@ -32,6 +32,7 @@ LISTENERS = {
     "submissions": (),
     "mx": (),
     "lmtp": (),
+    "postfix-map": (),
 }
 
 # [limits] keys: name -> (default, type)
@@ -373,6 +374,10 @@ class Options(usage.Options):
     def opt_lmtp(self, value: str) -> None:
         """LMTP endpoint (not available in this version: refused)"""
         self._append("lmtp", value)
+
+    def opt_postfix_map(self, value: str) -> None:
+        """Postfix socketmap lookup endpoint answering whether an address is a local recipient, e.g. unix:/run/pop3gw/map (repeatable; off by default)"""
+        self._append("postfix-map", value)
 
     def postOptions(self) -> None:
         cli = {k: v for k, v in self.items() if v is not None and k != "config"}

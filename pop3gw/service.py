@@ -44,6 +44,7 @@ from pop3gw.router import Router
 from pop3gw.runner import ThreadPoolRunner
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtpmx import MXFactory
+from pop3gw.socketmap import SocketmapFactory
 from pop3gw.tls import CertificateManager, TLSConfigError
 from pop3gw.tlsclient import clientContextFactory, opportunisticClientContextFactory
 from pop3gw.users import UsersFile
@@ -483,6 +484,9 @@ def _build(config: Config, reactor) -> MultiService:
         ("submission", submissionFactory, False, SMTP_REFUSAL),
         ("submissions", submissionFactory, True, None),
         ("mx", mxFactory, False, SMTP_REFUSAL),
+        # A socketmap client over the limits sees the connection closed and
+        # answers Postfix with a temporary failure.
+        ("postfix-map", SocketmapFactory(router), False, None),
     ]
     for name, served, implicitTLS, refusal in plans:
         for description in config.listeners[name]:

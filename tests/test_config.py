@@ -91,6 +91,23 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["--mx", "none"])
         self.assertEqual(options.config.listeners["mx"], ())
 
+    def test_postfixMapListener(self) -> None:
+        """
+        C{--postfix-map} is off by default, repeatable, settable in the INI
+        file, and C{none} turns it off again.
+        """
+        self.assertEqual(buildConfig({}, None).listeners["postfix-map"], ())
+        options = Options()
+        options.parseOptions(["--postfix-map", "unix:/run/pop3gw/map", "--postfix-map", "tcp:7000:interface=127.0.0.1"])
+        self.assertEqual(options.config.listeners["postfix-map"], ("unix:/run/pop3gw/map", "tcp:7000:interface=127.0.0.1"))
+        options = Options()
+        options.parseOptions(["--postfix-map", "none"])
+        self.assertEqual(options.config.listeners["postfix-map"], ())
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[pop3gw]\npostfix-map = unix:/run/pop3gw/map\n")
+        self.assertEqual(buildConfig({}, path).listeners["postfix-map"], ("unix:/run/pop3gw/map",))
+
     def test_badINI(self) -> None:
         """
         Unknown sections and keys, and an unreadable file, are refused.
@@ -150,7 +167,7 @@ class SampleConfigTests(SynchronousTestCase):
             text = f.read()
         keys = set(re.findall(r"^#([a-z][a-z0-9-]*) = ", text, re.M))
         longOptions = {name for name, *_ in Options.optParameters} | {
-            "domain", "pop3", "pop3s", "submission", "submissions", "mx", "lmtp"}
+            "domain", "pop3", "pop3s", "submission", "submissions", "mx", "lmtp", "postfix-map"}
         self.assertEqual(longOptions - {"config"} - keys, set())
 
         seen, lines = set(), []

@@ -31,6 +31,7 @@ from pop3gw.pop3 import POP3Factory
 from pop3gw.service import ListenerService, LocalDomains, makeService
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtpmx import MXFactory
+from pop3gw.socketmap import SocketmapFactory
 
 from .util import OTHER_GID, OTHER_UID, effectiveUser, requireRoot, treeModesAndOwners, withUmask
 
@@ -106,6 +107,23 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(mx.maxMessageSize, 2048)
         self.assertIs(mx.tlsContextFactory, submission.tlsContextFactory)
         self.assertEqual((mx.maxRecipients, mx.idleTimeout), (submission.maxRecipients, submission.idleTimeout))
+
+    def test_postfixMapListener(self) -> None:
+        """
+        C{--postfix-map} adds a socketmap listener over the same router,
+        behind the same connection limiter, which refuses by closing
+        without a byte (a socketmap client must not read an SMTP line).
+        """
+        socket = os.path.join(self.dataDir, "map")
+        top, listeners = self.build("--postfix-map", f"unix:{socket}", "--mx", "tcp:2525")
+        byName = {s.listenerName: s for s in listeners}
+        self.assertEqual(byName["postfix-map"].description, f"unix:{socket}")
+        limiter = byName["postfix-map"].factory
+        self.assertIsInstance(limiter, ConnectionLimitFactory)
+        self.assertIs(limiter.perPeer, byName["mx"].factory.perPeer)
+        self.assertIsNone(limiter.refusal)
+        self.assertIsInstance(limiter.wrappedFactory, SocketmapFactory)
+        self.assertIs(limiter.wrappedFactory.router, byName["mx"].factory.wrappedFactory.router)
 
     def test_disabledListener(self) -> None:
         """
