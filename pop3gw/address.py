@@ -223,3 +223,17 @@ def clientNetwork(host: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
     return str(ip)
+
+
+def isDisguisedRelay(path: str) -> bool:
+    """
+    Whether the forward path C{path} (the text between C{<>}) routes mail
+    somewhere else while looking local: a domain with a trailing dot, or a
+    local part holding C{%} (the percent hack) or C{!} (a bang path).
+    Quoted local parts, source routes and double C{@}s do not parse as an
+    L{Address} at all.  The MX listener refuses these with C{550 5.7.1}
+    whatever the users directory says, and the Postfix socketmap does not
+    find them, so a Postfix in front refuses them too.
+    """
+    localpart, _, domain = path.rpartition("@")
+    return domain.endswith(".") or "%" in localpart or "!" in localpart

@@ -60,7 +60,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from pop3gw import events
-from pop3gw.address import Address, AddressError
+from pop3gw.address import Address, AddressError, isDisguisedRelay
 from pop3gw.interfaces import IDelivery, IRoutedDelivery
 from pop3gw.smtp import _COMMON_COMMANDS, SMTPServer, commandTables
 from pop3gw.smtpdata import _SAFE_HELO, DataCommands, formatDate
@@ -96,17 +96,6 @@ MX_HELP = Reply(214, "2.0.0 pop3gw MX, see RFC 5321")
 #: What a reverse DNS name must look like to be written in a C{Received:}
 #: field.
 _HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9\-_]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9\-_]*[A-Za-z0-9])?)*$")
-
-
-def _isDisguisedRelay(path: str) -> bool:
-    """
-    Whether the forward path C{path} (the text between C{<>}) routes mail
-    somewhere else while looking local: a domain with a trailing dot, or a
-    local part holding C{%} (the percent hack) or C{!} (a bang path).
-    Quoted local parts, source routes and double C{@}s do not parse.
-    """
-    localpart, _, domain = path.rpartition("@")
-    return domain.endswith(".") or "%" in localpart or "!" in localpart
 
 
 def _addressLiteral(host: str) -> str:
@@ -228,7 +217,7 @@ class MXServer(SMTPServer):
             if postmaster is not None:
                 return postmaster
         try:
-            if _isDisguisedRelay(path):
+            if isDisguisedRelay(path):
                 raise AddressError(path)
             return Address.parse(path)
         except AddressError:

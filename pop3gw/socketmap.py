@@ -42,7 +42,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
-from pop3gw.address import Address, AddressError, describePeer
+from pop3gw.address import Address, AddressError, describePeer, isDisguisedRelay
 from pop3gw.interfaces import PermanentFailure, TemporaryFailure, UnknownUser
 
 #: The largest netstring accepted, in octets of data (Postfix's own limit
@@ -64,18 +64,6 @@ def netstring(data: bytes) -> bytes:
     C{data} as a netstring: C{LEN:DATA,}.
     """
     return b"%d:%s," % (len(data), data)
-
-
-def _isDisguisedRelay(key: bytes) -> bool:
-    """
-    Whether C{key} routes mail elsewhere while looking local, by the MX
-    listener's rule (it refuses these with C{550 5.7.1} whatever the users
-    directory says, so Postfix must not accept them either): a domain
-    with a trailing dot, or a local part holding C{%} (the percent hack) or
-    C{!} (a bang path).
-    """
-    localpart, _, domain = key.rpartition(b"@")
-    return domain.endswith(b".") or b"%" in localpart or b"!" in localpart
 
 
 class _Malformed(Exception):
@@ -190,7 +178,7 @@ class SocketmapFactory(_ServerFactory):
             return b"PERM invalid request"
         if name != RECIPIENTS_MAP:
             return b"PERM unknown map"
-        if _isDisguisedRelay(key):
+        if isDisguisedRelay(key.decode("utf-8", "replace")):
             return b"NOTFOUND "
         try:
             address = Address.parse(key)

@@ -15,6 +15,7 @@ from pop3gw.address import (
     MAX_LOCALPART_LENGTH,
     Address,
     AddressError,
+    isDisguisedRelay,
     isLoopback,
     lookupKey,
     parseDomain,
@@ -349,3 +350,15 @@ class PeerTests(SynchronousTestCase):
         for host, key in cases:
             with self.subTest(host=host):
                 self.assertEqual(clientNetwork(host), key)
+
+
+class DisguisedRelayTests(SynchronousTestCase):
+    def test_disguises(self) -> None:
+        """
+        A trailing dot on the domain, a percent hack or a bang path is a
+        disguised relay; a plain or sub-addressed local address is not.
+        """
+        for path in ("bob@example.org.", "bob%remote.example@example.org", "remote!bob@example.org"):
+            self.assertTrue(isDisguisedRelay(path), path)
+        for path in ("bob@example.org", "bob+tag@example.org", "BOB@Example.ORG"):
+            self.assertFalse(isDisguisedRelay(path), path)
