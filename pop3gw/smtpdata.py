@@ -472,7 +472,7 @@ class DataCommands(_Host):
         self._resetTransaction()
         if refusal is not None:
             self._logRefused(sender, refusal, reader.reason)
-            self._send(refusal)
+            self._sendDataReply(refusal, reader.delivery)
             return True
         queueID, size = envelope.messageId, reader.size
         d = maybeDeferred(reader.delivery.commit)
@@ -480,7 +480,7 @@ class DataCommands(_Host):
             self._cbCommitted,
             self._ebCommitted,
             callbackArgs=(queueID, size, sender, reader.delivery),
-            errbackArgs=(sender,),
+            errbackArgs=(sender, reader.delivery),
         )
         self.hold(d)
         return True
@@ -515,13 +515,21 @@ class DataCommands(_Host):
         self._logAccepted(queueID, size, sender, delivery)
         self._send(Reply(250, f"2.0.0 OK queued as {queueID}"))
 
-    def _ebCommitted(self, failure: Failure, sender: Optional[Address]) -> None:
+    def _ebCommitted(self, failure: Failure, sender: Optional[Address], delivery: IDelivery) -> None:
         if failure.check(TemporaryFailure):
             reply = temporaryReply(cast(TemporaryFailure, failure.value))
             self._logRefused(sender, reply, str(failure.value))
         else:
             self.log.failure("submission: commit failed", failure)
             reply = TEMPORARY_FAILURE
+        self._sendDataReply(reply, delivery)
+
+    def _sendDataReply(self, reply: Reply, delivery: IDelivery) -> None:
+        """
+        Send the reply to the end of the data of the message delivered
+        through C{delivery} when it is refused: once in SMTP; LMTP (RFC
+        2033 4.2) sends it once per accepted recipient.
+        """
         self._send(reply)
 
     def do_DATA(self, argument: str) -> None:
