@@ -20,12 +20,16 @@ reader, with what RFC 2033 changes:
     4.3.0} while the others get C{250}.  A user named by two RCPTs gets
     one copy, and both RCPTs get the outcome of that copy.  A message
     refused as a whole (size, bare CR, NUL, line length) gets the same
-    refusal once per recipient.
+    refusal once per recipient.  DATA with no accepted RCPT is C{503}.
 
 Log lines::
 
     lmtp: refused recipient rhost=unix from="a@b.example" to="x@example.org" reply="550 5.1.1 ..." reason="unknown user"
     lmtp: accepted id=<id> rhost=unix from="a@b.example" recipients=2 size=1234 failed=0
+
+(only when at least one recipient has its copy), and one per recipient
+whose maildrop failed::
+
     lmtp: refused recipient message id=<id> rhost=unix from="a@b.example" to="bob@example.org" reply="452 4.3.1 ..." error="..."
 """
 
@@ -49,6 +53,7 @@ from pop3gw.smtpreplies import (
     NESTED_MAIL,
     TEMPORARY_FAILURE,
     Reply,
+    SMTPRefusal,
     _State,
     temporaryReply,
 )
@@ -59,6 +64,7 @@ SERVICE = "lmtp"
 
 LMTP_HELP = Reply(214, "2.0.0 pop3gw LMTP, see RFC 2033")
 SEND_LHLO_FIRST = Reply(503, "5.5.1 Send LHLO first")
+NO_VALID_RECIPIENTS = Reply(503, "5.5.1 No valid recipients")
 
 
 @implementer(IDelivery)
@@ -232,9 +238,12 @@ class LMTPServer(MXServer):
                 error=events.sanitize(error, events.MAX_LOGGED_REPLY),
             )
             replies.append(reply)
-        if failed < len(replies):
-            self._messages += 1
-            self._bytes += size
+        if failed == len(replies):
+            for reply in replies:
+                self._send(reply)
+            return
+        self._messages += 1
+        self._bytes += size
         self.log.info(
             "lmtp: accepted id={queueID} rhost={peer} from={sender} recipients={recipients} size={size} failed={failed}",
             queueID=queueID,
@@ -246,6 +255,14 @@ class LMTPServer(MXServer):
         )
         for reply in replies:
             self._send(reply)
+
+    def do_DATA(self, argument: str) -> None:
+        """
+        DATA, but with no accepted RCPT it fails with 503 (RFC 2033 4.2).
+        """
+        if not argument and not self._envelope.recipients:
+            raise SMTPRefusal(NO_VALID_RECIPIENTS)
+        DataCommands.do_DATA(self, argument)
 
     def _receivedHeader(self) -> bytes:
         """
@@ -276,7 +293,7 @@ class LMTPServer(MXServer):
         {
             _State.FRESH: _COMMANDS,
             _State.AUTHENTICATED: {**_COMMANDS, "MAIL": SMTPServer.do_MAIL},
-            _State.MAIL: {**_COMMANDS, "RCPT": SMTPServer.do_RCPT, "DATA": DataCommands.do_DATA},
+            _State.MAIL: {**_COMMANDS, "RCPT": SMTPServer.do_RCPT, "DATA": do_DATA},
         },
         {
             _State.FRESH: {"MAIL": SEND_LHLO_FIRST, "RCPT": SEND_LHLO_FIRST, "DATA": SEND_LHLO_FIRST},
@@ -293,7 +310,7 @@ class LMTPFactory(MXFactory):
     and C{tlsContextFactory} are not used.
     """
 
-    def buildProtocol(self, addr) -> LMTPServer:  # type: ignore[override]
+    def buildProtocol(self, addr) -> LMTPServer:
         """
         @return: a new L{LMTPServer}.
         """

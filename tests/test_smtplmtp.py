@@ -221,6 +221,52 @@ class DataTests(LMTPTestsMixin, SynchronousTestCase):
         self.assertEqual(out, SENDER_OK + RCPT_OK * 2 + START_DATA + b"550 5.6.11 Bare CR not allowed\r\n" * 2)
         self.assertEqual(self.store.boxes, {})
 
+    def test_dataWithoutRecipients(self) -> None:
+        """
+        DATA with no accepted RCPT fails with 503 (RFC 2033 4.2).
+        """
+        out = self.feed(b"MAIL FROM:<>\r\nRCPT TO:<nobody@example.org>\r\nDATA\r\n")
+        self.assertEqual(out, SENDER_OK + USER_UNKNOWN + b"503 5.5.1 No valid recipients\r\n")
+
+    def test_writeFailureInOnePart(self) -> None:
+        """
+        A maildrop whose write fails while the data streams in gives its
+        recipient 452 at the end of the data; the other recipient gets 250
+        and its copy; a log line for the accepted message counts one
+        failure.
+        """
+        original = self.store.beginDelivery
+
+        def beginDelivery(recipients, trace=b""):
+            delivery = original(recipients, trace)
+            if BOB in recipients:
+                def write(data):
+                    raise InsufficientStorage("cannot write message: No space left on device")
+                delivery.write = write
+            return delivery
+
+        self.store.beginDelivery = beginDelivery
+        with capturedLogs() as events:
+            out = self.feed(
+                b"MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+                + MESSAGE + b".\r\n"
+            )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK * 2 + START_DATA + QUEUED + FULL)
+        self.assertEqual(self.stored(ALICE), [MESSAGE])
+        self.assertEqual(self.store.boxes.get(BOB), None)
+        self.assertRegex(formatEvent(events[-1]), r" recipients=1 size=\d+ failed=1$")
+
+    def test_everyPartFailsNoAcceptedLine(self) -> None:
+        """
+        When every recipient's maildrop fails there is no accepted line:
+        one refused line per recipient.
+        """
+        self.store.failing[ALICE] = TemporaryFailure("cannot deliver message: I/O error")
+        with capturedLogs() as events:
+            out = self.feed(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+        self.assertEqual(out, SENDER_OK + RCPT_OK + START_DATA + TEMPFAIL)
+        self.assertEqual([formatEvent(e).split(" id=")[0] for e in events], ["lmtp: refused recipient message"])
+
     def test_smuggling(self) -> None:
         """
         Only CRLF.CRLF ends the data: a second envelope after "\\n.\\n" is
