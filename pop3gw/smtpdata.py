@@ -3,8 +3,10 @@
 SMTP message data: DATA, the reader of what follows C{354} and the commit,
 shared by every SMTP listener; and submission's side of it (the header
 fix-ups, its C{Received:} field) in L{SubmissionData}.  The MX listener
-(L{pop3gw.smtpmx}) uses the same reader and rules, stores the message as
-received and writes its own C{Received:} field.
+(L{pop3gw.smtpmx}) and LMTP (L{pop3gw.smtplmtp}) use the same reader and
+rules, store the message as received and write their own C{Received:}
+field; LMTP answers the end of the data once per recipient
+(L{DataCommands._sendDataReply}, L{DataCommands._cbCommitted}).
 
 Message data
 ============
