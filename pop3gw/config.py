@@ -226,9 +226,6 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         values = [v for v in values if v.lower() != "none"]
         listeners[name] = tuple(values)
 
-    if listeners["lmtp"]:
-        raise ConfigError("--lmtp is not available in this version of pop3gw")
-
     mode = merged.get("plaintext-auth", "loopback").strip().lower()
     if mode not in PLAINTEXT_MODES:
         raise ConfigError(f"plaintext-auth: must be one of never, loopback, always (got {mode!r})")
@@ -372,7 +369,7 @@ class Options(usage.Options):
         self._append("mx", value)
 
     def opt_lmtp(self, value: str) -> None:
-        """LMTP endpoint (not available in this version: refused)"""
+        """LMTP (RFC 2033) endpoint for an MTA in front, e.g. unix:/run/pop3gw/lmtp (repeatable; off by default)"""
         self._append("lmtp", value)
 
     def opt_postfix_map(self, value: str) -> None:

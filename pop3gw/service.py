@@ -10,6 +10,7 @@ lock on C{DATA/server.lock} (L{ServerLockService}).
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 from types import FrameType
@@ -43,6 +44,7 @@ from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
 from pop3gw.runner import ThreadPoolRunner
 from pop3gw.smtp import SubmissionFactory
+from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
 from pop3gw.socketmap import SocketmapFactory
 from pop3gw.tls import CertificateManager, TLSConfigError
@@ -212,6 +214,21 @@ def _stopAll(services: list) -> defer.Deferred:
     return defer.DeferredList([defer.maybeDeferred(s.stopService) for s in services]).addCallback(lambda _: None)
 
 
+#: The permissions of a listener's Unix socket whose description names none.
+UNIX_SOCKET_MODE = "660"
+
+
+def _withUnixMode(description: str) -> str:
+    """
+    C{description} with C{mode=660} added when it is a Unix socket without
+    a C{mode} (Twisted's default, 0666, lets every local user connect).
+    """
+    kind, _, rest = description.partition(":")
+    if kind.strip().lower() != "unix" or re.search(r"(^|:)mode=", rest):
+        return description
+    return f"{description}:mode={UNIX_SOCKET_MODE}"
+
+
 class ListenerService(StreamServerEndpointService):
     """
     A listener that fails start-up when it cannot bind and logs where it
@@ -223,7 +240,7 @@ class ListenerService(StreamServerEndpointService):
 
     def __init__(self, reactor, name: str, description: str, factory) -> None:
         try:
-            endpoint = serverFromString(reactor, description)
+            endpoint = serverFromString(reactor, _withUnixMode(description))
         except (ValueError, TypeError, KeyError, OverflowError) as e:
             raise ConfigError(f"--{name} {description}: not a valid endpoint description ({e})") from None
         super().__init__(endpoint, factory)
@@ -464,7 +481,16 @@ def _build(config: Config, reactor) -> MultiService:
         resolver=MXResolver(reactor),
     )
 
-    for factory in (pop3Factory, submissionFactory, mxFactory):
+    lmtpFactory = LMTPFactory(
+        router,
+        reactor,
+        config.hostname,
+        maxMessageSize=config.maxMessageSize,
+        maxRecipients=limits["max-recipients"],
+        idleTimeout=limits["smtp-idle-timeout"],
+    )
+
+    for factory in (pop3Factory, submissionFactory, mxFactory, lmtpFactory):
         factory.noisy = False  # no "Starting factory <repr>" lines in the log
 
     peerCounts = PeerCounts()
@@ -484,6 +510,7 @@ def _build(config: Config, reactor) -> MultiService:
         ("submission", submissionFactory, False, SMTP_REFUSAL),
         ("submissions", submissionFactory, True, None),
         ("mx", mxFactory, False, SMTP_REFUSAL),
+        ("lmtp", lmtpFactory, False, SMTP_REFUSAL),
         # A socketmap client over the limits sees the connection closed and
         # answers Postfix with a temporary failure.
         ("postfix-map", SocketmapFactory(router), False, None),
@@ -525,7 +552,7 @@ def _build(config: Config, reactor) -> MultiService:
     relay.setServiceParent(top)
 
     if not any(config.listeners[name] for name, _, _, _ in plans):
-        log.warn("no POP3, submission or MX listener is configured: only the outbound queue runs")
+        log.warn("no POP3, submission, MX or LMTP listener is configured: only the outbound queue runs")
 
     def refreshUsers() -> defer.Deferred:
         # The users directory is re-read in the I/O pool (a stat of each

@@ -220,7 +220,7 @@ class SMTPServer(DataCommands, LineProtocol):
         Greet the client and start the idle timer.
         """
         self.startSession()
-        self._send(Reply(220, f"{self.factory.hostname} ESMTP ready"))
+        self._send(Reply(220, f"{self.factory.hostname} {self.greetingProtocol} ready"))
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         """
@@ -529,6 +529,9 @@ class SMTPServer(DataCommands, LineProtocol):
             self._send(INTERNAL_ERROR)
 
     recipientRefused = RECIPIENT_REFUSED
+
+    #: The protocol the greeting names (RFC 5321 4.2: C{220 host ESMTP}).
+    greetingProtocol = "ESMTP"
 
 
 def commandTables(

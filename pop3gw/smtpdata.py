@@ -3,8 +3,10 @@
 SMTP message data: DATA, the reader of what follows C{354} and the commit,
 shared by every SMTP listener; and submission's side of it (the header
 fix-ups, its C{Received:} field) in L{SubmissionData}.  The MX listener
-(L{pop3gw.smtpmx}) uses the same reader and rules, stores the message as
-received and writes its own C{Received:} field.
+(L{pop3gw.smtpmx}) and LMTP (L{pop3gw.smtplmtp}) use the same reader and
+rules, store the message as received and write their own C{Received:}
+field; LMTP answers the end of the data once per recipient
+(L{DataCommands._sendDataReply}, L{DataCommands._cbCommitted}).
 
 Message data
 ============
@@ -472,7 +474,7 @@ class DataCommands(_Host):
         self._resetTransaction()
         if refusal is not None:
             self._logRefused(sender, refusal, reader.reason)
-            self._send(refusal)
+            self._sendDataReply(refusal, reader.delivery)
             return True
         queueID, size = envelope.messageId, reader.size
         d = maybeDeferred(reader.delivery.commit)
@@ -480,7 +482,7 @@ class DataCommands(_Host):
             self._cbCommitted,
             self._ebCommitted,
             callbackArgs=(queueID, size, sender, reader.delivery),
-            errbackArgs=(sender,),
+            errbackArgs=(sender, reader.delivery),
         )
         self.hold(d)
         return True
@@ -515,13 +517,21 @@ class DataCommands(_Host):
         self._logAccepted(queueID, size, sender, delivery)
         self._send(Reply(250, f"2.0.0 OK queued as {queueID}"))
 
-    def _ebCommitted(self, failure: Failure, sender: Optional[Address]) -> None:
+    def _ebCommitted(self, failure: Failure, sender: Optional[Address], delivery: IDelivery) -> None:
         if failure.check(TemporaryFailure):
             reply = temporaryReply(cast(TemporaryFailure, failure.value))
             self._logRefused(sender, reply, str(failure.value))
         else:
             self.log.failure("submission: commit failed", failure)
             reply = TEMPORARY_FAILURE
+        self._sendDataReply(reply, delivery)
+
+    def _sendDataReply(self, reply: Reply, delivery: IDelivery) -> None:
+        """
+        Send the reply to the end of the data of the message delivered
+        through C{delivery} when it is refused: once in SMTP; LMTP (RFC
+        2033 4.2) sends it once per accepted recipient.
+        """
         self._send(reply)
 
     def do_DATA(self, argument: str) -> None:

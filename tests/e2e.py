@@ -23,6 +23,7 @@ from typing import Optional
 BIN = os.path.dirname(sys.executable)
 START_TIMEOUT = 60.0
 _LISTENING = re.compile(r"(\w+) listening on (\S+):(\d+) ")
+_LISTENING_UNIX = re.compile(r"(\w+) listening on (/\S+) \(unix:")
 
 
 def twistdCommand() -> list:
@@ -101,6 +102,8 @@ class Pop3gwProcess:
     One running C{twistd -n pop3gw}.
 
     @ivar ports: listener name -> port number, read from the server's log.
+    @ivar paths: listener name -> Unix socket path, read from the server's
+        log (a listener given in C{args} as C{unix:PATH}).
     """
 
     def __init__(self, testcase, args=(), listeners=("pop3", "submission"), config: Optional[str] = None,
@@ -120,6 +123,7 @@ class Pop3gwProcess:
         self.proc: Optional[subprocess.Popen] = None
         self.output: list = []
         self.ports: dict = {}
+        self.paths: dict = {}
         self._portsReady = threading.Event()
 
     def command(self) -> list:
@@ -155,8 +159,11 @@ class Pop3gwProcess:
             m = _LISTENING.search(line)
             if m:
                 self.ports[m.group(1)] = int(m.group(3))
-                if all(n in self.ports for n in self.listeners):
-                    self._portsReady.set()
+            m = _LISTENING_UNIX.search(line)
+            if m:
+                self.paths[m.group(1)] = m.group(2)
+            if all(n in self.ports or n in self.paths for n in self.listeners):
+                self._portsReady.set()
 
     def log(self) -> str:
         return "".join(self.output)

@@ -71,12 +71,23 @@ class OptionsTests(SynchronousTestCase):
             ["--max-message-size", "lots"],
             ["--domain", "a/b"],
             ["--tls-cert", "x.pem"],
-            ["--lmtp", "tcp:24"],
             ["--relay-host", "host:notaport"],
             ["--relay-host", ""],
             ["--hostname", "bad host name"],
         ):
             self.assertRaises(usage.UsageError, Options().parseOptions, args)
+
+    def test_lmtpListener(self) -> None:
+        """
+        C{--lmtp} is off by default, repeatable, and C{none} turns it off.
+        """
+        self.assertEqual(buildConfig({}, None).listeners["lmtp"], ())
+        options = Options()
+        options.parseOptions(["--lmtp", "unix:/run/pop3gw/lmtp", "--lmtp", "tcp:24:interface=127.0.0.1"])
+        self.assertEqual(options.config.listeners["lmtp"], ("unix:/run/pop3gw/lmtp", "tcp:24:interface=127.0.0.1"))
+        options = Options()
+        options.parseOptions(["--lmtp", "none"])
+        self.assertEqual(options.config.listeners["lmtp"], ())
 
     def test_mxListener(self) -> None:
         """
@@ -158,8 +169,8 @@ class SampleConfigTests(SynchronousTestCase):
     def test_sampleCoversEveryOptionAndParses(self) -> None:
         """
         etc/pop3gw.ini mentions every long option of C{twistd pop3gw}, and
-        with the first commented value of each key uncommented (C{lmtp}
-        aside: refused in this version) it is a valid configuration.
+        with the first commented value of each key uncommented it is a
+        valid configuration.
         """
         import re
 
@@ -173,7 +184,7 @@ class SampleConfigTests(SynchronousTestCase):
         seen, lines = set(), []
         for line in text.splitlines():
             m = re.match(r"#([a-z][a-z0-9-]*) = (.*)", line)
-            if m and m.group(1) not in seen and m.group(1) != "lmtp":
+            if m and m.group(1) not in seen:
                 seen.add(m.group(1))
                 lines.append(f"{m.group(1)} = {m.group(2)}")
             else:

@@ -30,6 +30,7 @@ from pop3gw.limits import ConnectionLimitFactory
 from pop3gw.pop3 import POP3Factory
 from pop3gw.service import ListenerService, LocalDomains, makeService
 from pop3gw.smtp import SubmissionFactory
+from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
 from pop3gw.socketmap import SocketmapFactory
 
@@ -124,6 +125,25 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsNone(limiter.refusal)
         self.assertIsInstance(limiter.wrappedFactory, SocketmapFactory)
         self.assertIs(limiter.wrappedFactory.router, byName["mx"].factory.wrappedFactory.router)
+
+    def test_lmtpListener(self) -> None:
+        """
+        C{--lmtp} adds a listener behind the same connection limiter, over
+        the same router; a Unix socket without C{mode} is made C{0660}, one
+        with a C{mode} keeps it.
+        """
+        top, listeners = self.build("--lmtp", "unix:/run/x/lmtp", "--lmtp", "unix:/run/x/other:mode=600",
+                                    "--max-message-size", "2048")
+        lmtp = [s for s in listeners if s.listenerName == "lmtp"]
+        self.assertEqual([s.endpoint._mode for s in lmtp], [0o660, 0o600])
+        self.assertEqual([s.description for s in lmtp], ["unix:/run/x/lmtp", "unix:/run/x/other:mode=600"])
+        limiter = lmtp[0].factory
+        self.assertIsInstance(limiter, ConnectionLimitFactory)
+        factory = limiter.wrappedFactory
+        self.assertIsInstance(factory, LMTPFactory)
+        submission = {s.listenerName: s.factory for s in listeners}["submission"].wrappedFactory
+        self.assertIs(factory.router, submission.portal.realm.router)
+        self.assertEqual(factory.maxMessageSize, 2048)
 
     def test_disabledListener(self) -> None:
         """

@@ -1,0 +1,281 @@
+"""
+Tests for L{pop3gw.smtplmtp}: the LMTP listener (RFC 2033), over
+L{StringTransport} with a L{task.Clock} and the fakes of L{pop3gw.testing}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, task
+from twisted.internet.address import UNIXAddress
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from pop3gw import smtplmtp
+from pop3gw.address import Address
+from pop3gw.interfaces import InsufficientStorage, TemporaryFailure
+from pop3gw.testing import FakeMaildropStore, FakeUserDatabase
+from tests.test_smtp import queuedReply
+from tests.test_smtpmx import NoRelayRouter
+
+HOST = "mail.example.org"
+ALICE = Address.parse("alice@example.org")
+BOB = Address.parse("bob@example.org")
+CAROL = Address.parse("carol@example.org")
+TEAM = Address.parse("team@example.org")
+NOW = 1700000000.0
+
+GREETING = b"220 mail.example.org LMTP ready\r\n"
+LHLO_REPLY = (
+    b"250-mail.example.org\r\n"
+    b"250-PIPELINING\r\n"
+    b"250-SIZE 41943040\r\n"
+    b"250-8BITMIME\r\n"
+    b"250 ENHANCEDSTATUSCODES\r\n"
+)
+SENDER_OK = b"250 2.1.0 OK\r\n"
+RCPT_OK = b"250 2.1.5 OK\r\n"
+START_DATA = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+QUEUED = b"250 2.0.0 OK queued as ID\r\n"
+USER_UNKNOWN = b"550 5.1.1 Recipient address rejected: user unknown\r\n"
+FULL = b"452 4.3.1 Insufficient system storage\r\n"
+TEMPFAIL = b"451 4.3.0 Temporary failure, try again later\r\n"
+MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"
+
+
+class FailingStore(FakeMaildropStore):
+    """
+    A L{FakeMaildropStore} whose deliveries to the maildrops in C{failing}
+    fail at commit with the exception given there.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: dict[Address, Exception] = {}
+
+    def beginDelivery(self, recipients, trace=b""):
+        delivery = super().beginDelivery(recipients, trace)
+        errors = [self.failing[r] for r in recipients if r in self.failing]
+        if errors:
+            delivery.commit = lambda: defer.fail(errors[0])
+        return delivery
+
+
+class LMTPTestsMixin:
+    def setUp(self) -> None:
+        self.users = FakeUserDatabase({ALICE: "x", BOB: "x", CAROL: "x"}, aliases={TEAM: (ALICE, BOB)})
+        self.store = FailingStore()
+        self.router = NoRelayRouter(domains=("example.org",), users=self.users, store=self.store)
+        self.router.queue.beginDelivery = self.queueUsed
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.factory = smtplmtp.LMTPFactory(self.router, self.clock, HOST)
+        self.proto = self.factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=UNIXAddress(None))
+        self.proto.makeConnection(self.transport)
+        self.assertEqual(self.transport.value(), GREETING)
+        self.transport.clear()
+
+    def queueUsed(self, *args, **kwargs):
+        raise AssertionError("the LMTP listener used the outbound queue")
+
+    def feed(self, data: bytes) -> bytes:
+        self.proto.dataReceived(data)
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def stored(self, address) -> list:
+        """
+        The messages in C{address}'s maildrop after their C{Received:}
+        field (three lines).
+        """
+        out = []
+        for _uid, data in self.store.boxes.get(address, []):
+            self.assertTrue(data.startswith(b"Received: from mta.example.org (unix)\r\n"), data)
+            out.append(data.split(b"\r\n", 3)[3])
+        return out
+
+
+class CommandTests(LMTPTestsMixin, SynchronousTestCase):
+    """
+    LHLO, and the SMTP greetings LMTP does not know.
+    """
+
+    def test_lhlo(self) -> None:
+        """
+        LHLO answers with the EHLO keywords: no STARTTLS, no AUTH.
+        """
+        self.assertEqual(self.feed(b"LHLO mta.example.org\r\n"), LHLO_REPLY)
+
+    def test_heloEhloUnknown(self) -> None:
+        """
+        HELO and EHLO are unknown commands in LMTP (RFC 2033 4.1), as are
+        AUTH and STARTTLS; MAIL before LHLO is out of sequence.
+        """
+        self.assertEqual(
+            self.feed(b"HELO x\r\nEHLO x\r\nAUTH PLAIN\r\nSTARTTLS\r\nMAIL FROM:<>\r\n"),
+            b"500 5.5.2 Error: command not recognized\r\n" * 4 + b"503 5.5.1 Send LHLO first\r\n",
+        )
+
+    def test_unknownUserAtRcpt(self) -> None:
+        """
+        An unknown local user is refused at RCPT with 550 5.1.1 and logged;
+        a non-local recipient is relay denied.
+        """
+        self.feed(b"LHLO mta.example.org\r\n")
+        with capturedLogs() as events:
+            out = self.feed(b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<nobody@example.org>\r\nRCPT TO:<x@remote.example>\r\n")
+        self.assertEqual(out, SENDER_OK + USER_UNKNOWN + b"550 5.7.1 Relay access denied\r\n")
+        self.assertEqual(
+            formatEvent(events[0]),
+            'lmtp: refused recipient rhost=unix from="x@remote.example" to="nobody@example.org"'
+            ' reply="550 5.1.1 Recipient address rejected: user unknown" reason="unknown user"',
+        )
+
+
+class DataTests(LMTPTestsMixin, SynchronousTestCase):
+    """
+    One reply per accepted RCPT, in RCPT order, each recipient its own
+    delivery.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.feed(b"LHLO mta.example.org\r\n")
+
+    def test_oneReplyPerRecipient(self) -> None:
+        """
+        Two accepted recipients (one refused between them) get two 250s
+        after the data; each maildrop holds the message after one
+        C{Received:} field naming LMTP.
+        """
+        out = self.feed(
+            b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<nobody@example.org>\r\n"
+            b"RCPT TO:<bob@example.org>\r\nDATA\r\n" + MESSAGE + b".\r\n"
+        )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + USER_UNKNOWN + RCPT_OK + START_DATA + QUEUED * 2)
+        self.assertEqual(self.stored(ALICE), [MESSAGE])
+        self.assertEqual(self.stored(BOB), [MESSAGE])
+        data = self.store.boxes[ALICE][0][1]
+        self.assertRegex(
+            data.split(b"Subject")[0],
+            rb"^Received: from mta.example.org \(unix\)\r\n\tby mail.example.org \(pop3gw\) with LMTP id [0-9A-F]{16};\r\n"
+            rb"\tTue, 14 Nov 2023 22:13:20 \+0000\r\n$",
+        )
+        self.assertEqual(self.router.queue.entries, [])
+
+    def test_failingMaildropGetsItsOwnReply(self) -> None:
+        """
+        A recipient whose maildrop is full gets 452 4.3.1, one whose
+        maildrop fails otherwise 451 4.3.0, in RCPT order, while the
+        others get 250 and their copy.
+        """
+        self.store.failing[BOB] = InsufficientStorage("cannot deliver message: No space left on device")
+        self.store.failing[CAROL] = TemporaryFailure("cannot deliver message: I/O error")
+        with capturedLogs() as events:
+            out = self.feed(
+                b"MAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nRCPT TO:<alice@example.org>\r\n"
+                b"RCPT TO:<carol@example.org>\r\nDATA\r\n" + MESSAGE + b".\r\n"
+            )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK * 3 + START_DATA + FULL + QUEUED + TEMPFAIL)
+        self.assertEqual(self.stored(ALICE), [MESSAGE])
+        self.assertEqual(self.store.boxes.get(BOB), None)
+        self.assertEqual(self.store.boxes.get(CAROL), None)
+        lines = [formatEvent(e) for e in events]
+        self.assertRegex(
+            lines[-1],
+            r'^lmtp: accepted id=[0-9A-F]{16} rhost=unix from="" recipients=1 size=\d+ failed=2$',
+        )
+        self.assertRegex(
+            lines[-3],
+            r'^lmtp: refused recipient message id=[0-9A-F]{16} rhost=unix from="" to="bob@example.org"'
+            r' reply="452 4.3.1 Insufficient system storage" error="cannot deliver message: No space left on device"$',
+        )
+
+    def test_listAliasOneRecipient(self) -> None:
+        """
+        A list alias is one RCPT: one reply, a copy for each of its users;
+        a user it shares with a later RCPT gets one copy and both RCPTs
+        the outcome of that copy.
+        """
+        self.store.failing[BOB] = InsufficientStorage("full")
+        out = self.feed(
+            b"MAIL FROM:<>\r\nRCPT TO:<carol@example.org>\r\nRCPT TO:<team@example.org>\r\nRCPT TO:<bob+x@example.org>\r\n"
+            b"DATA\r\n" + MESSAGE + b".\r\n"
+        )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK * 3 + START_DATA + QUEUED + FULL + FULL)
+        self.assertEqual(self.stored(CAROL), [MESSAGE])
+        self.assertEqual(self.store.boxes.get(ALICE), None)
+        self.assertEqual(self.store.boxes.get(BOB), None)
+
+    def test_refusalOncePerRecipient(self) -> None:
+        """
+        A message refused as a whole at the end of its data (bare CR) gets
+        the refusal once per accepted recipient; nothing is stored.
+        """
+        out = self.feed(
+            b"MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+            b"Subject: x\r\n\r\na\rb\r\n.\r\n"
+        )
+        self.assertEqual(out, SENDER_OK + RCPT_OK * 2 + START_DATA + b"550 5.6.11 Bare CR not allowed\r\n" * 2)
+        self.assertEqual(self.store.boxes, {})
+
+    def test_dataWithoutRecipients(self) -> None:
+        """
+        DATA with no accepted RCPT fails with 503 (RFC 2033 4.2).
+        """
+        out = self.feed(b"MAIL FROM:<>\r\nRCPT TO:<nobody@example.org>\r\nDATA\r\n")
+        self.assertEqual(out, SENDER_OK + USER_UNKNOWN + b"503 5.5.1 No valid recipients\r\n")
+
+    def test_writeFailureInOnePart(self) -> None:
+        """
+        A maildrop whose write fails while the data streams in gives its
+        recipient 452 at the end of the data; the other recipient gets 250
+        and its copy; a log line for the accepted message counts one
+        failure.
+        """
+        original = self.store.beginDelivery
+
+        def beginDelivery(recipients, trace=b""):
+            delivery = original(recipients, trace)
+            if BOB in recipients:
+                def write(data):
+                    raise InsufficientStorage("cannot write message: No space left on device")
+                delivery.write = write
+            return delivery
+
+        self.store.beginDelivery = beginDelivery
+        with capturedLogs() as events:
+            out = self.feed(
+                b"MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+                + MESSAGE + b".\r\n"
+            )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK * 2 + START_DATA + QUEUED + FULL)
+        self.assertEqual(self.stored(ALICE), [MESSAGE])
+        self.assertEqual(self.store.boxes.get(BOB), None)
+        self.assertRegex(formatEvent(events[-1]), r" recipients=1 size=\d+ failed=1$")
+
+    def test_everyPartFailsNoAcceptedLine(self) -> None:
+        """
+        When every recipient's maildrop fails there is no accepted line:
+        one refused line per recipient.
+        """
+        self.store.failing[ALICE] = TemporaryFailure("cannot deliver message: I/O error")
+        with capturedLogs() as events:
+            out = self.feed(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+        self.assertEqual(out, SENDER_OK + RCPT_OK + START_DATA + TEMPFAIL)
+        self.assertEqual([formatEvent(e).split(" id=")[0] for e in events], ["lmtp: refused recipient message"])
+
+    def test_smuggling(self) -> None:
+        """
+        Only CRLF.CRLF ends the data: a second envelope after "\\n.\\n" is
+        content of the one message.
+        """
+        smuggled = b"MAIL FROM:<admin@example.org>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\nsmuggled\r\n"
+        out = self.feed(
+            b"MAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n" + MESSAGE + b"first\n.\n" + smuggled + b".\r\n"
+        )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.stored(BOB), [MESSAGE + b"first\r\n.\r\n" + smuggled])
+        self.assertEqual(self.store.boxes.get(ALICE), None)
