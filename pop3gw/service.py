@@ -479,6 +479,7 @@ def _build(config: Config, reactor) -> MultiService:
         maxRecipients=limits["max-recipients"],
         idleTimeout=limits["smtp-idle-timeout"],
         resolver=MXResolver(reactor),
+        postmaster=config.postmaster,
     )
 
     lmtpFactory = LMTPFactory(
@@ -488,6 +489,7 @@ def _build(config: Config, reactor) -> MultiService:
         maxMessageSize=config.maxMessageSize,
         maxRecipients=limits["max-recipients"],
         idleTimeout=limits["smtp-idle-timeout"],
+        postmaster=config.postmaster,
     )
 
     for factory in (pop3Factory, submissionFactory, mxFactory, lmtpFactory):

@@ -91,6 +91,9 @@ REVERSE_LOOKUP_TIMEOUT = 10.0
 SERVICE = "mx"
 
 RELAY_DENIED = Reply(550, "5.7.1 Relay access denied")
+#: RFC 6531 3.4: without the SMTPUTF8 extension (not offered yet), a path
+#: must be ASCII.
+UTF8_NOT_OFFERED = Reply(553, "5.6.7 Non-ASCII address without SMTPUTF8 (not offered)")
 MX_HELP = Reply(214, "2.0.0 pop3gw MX, see RFC 5321")
 
 #: What a reverse DNS name must look like to be written in a C{Received:}
@@ -206,6 +209,8 @@ class MXServer(SMTPServer):
     def _checkSender(self, path: str) -> Optional[Address]:
         if path == "":
             return None
+        if not path.isascii():
+            raise SMTPRefusal(UTF8_NOT_OFFERED)
         try:
             return Address.parse(path)
         except AddressError:
@@ -216,6 +221,8 @@ class MXServer(SMTPServer):
             postmaster = self._postmaster()
             if postmaster is not None:
                 return postmaster
+        if not path.isascii():
+            raise SMTPRefusal(self._refusedRecipient(None, path, UTF8_NOT_OFFERED, "non-ASCII without SMTPUTF8"))
         try:
             if isDisguisedRelay(path):
                 raise AddressError(path)
@@ -228,14 +235,15 @@ class MXServer(SMTPServer):
         The address C{<Postmaster>} without a domain stands for (RFC 5321
         4.5.1): C{postmaster@} the local domain the server's host name is
         in (itself or the nearest parent, C{example.org} for
-        C{mail.example.org}), or C{None} if it is in none.
+        C{mail.example.org}); else the C{[pop3gw] postmaster} user; else
+        C{None} (refused; start-up warns when no postmaster is set).
         """
         labels = self.factory.hostname.lower().rstrip(".").split(".")
         for i in range(len(labels) - 1):
             domain = ".".join(labels[i:])
             if self.factory.router.isLocalDomain(domain):
                 return Address(POSTMASTER, domain)
-        return None
+        return self.factory.postmaster
 
     def _checkRecipient(self, address: Address) -> Any:
         return self.factory.router.checkLocalRecipient(address)
@@ -340,6 +348,8 @@ class MXFactory(_Factory):
         C{lookupPointer}) for the clients' reverse names, or C{None} for
         none.
     @ivar reverseLookupTimeout: seconds a reverse lookup may take.
+    @ivar postmaster: the C{[pop3gw] postmaster} user, who receives
+        C{<Postmaster>} when the host name is in no local domain.
     """
 
     router: IMailRouter
@@ -351,6 +361,7 @@ class MXFactory(_Factory):
     idleTimeout: float = DEFAULT_IDLE_TIMEOUT
     resolver: Any = None
     reverseLookupTimeout: float = REVERSE_LOOKUP_TIMEOUT
+    postmaster: Optional[Address] = None
 
     def buildProtocol(self, addr) -> MXServer:
         """

@@ -343,12 +343,44 @@ class EnvelopeTests(MXSessionMixin, SynchronousTestCase):
 
     def test_unqualifiedPostmasterNoLocalDomain(self) -> None:
         """
-        When the host name is in no local domain, C{<Postmaster>} is
-        refused like any other recipient that is not local.
+        When the host name is in no local domain and no C{[pop3gw]
+        postmaster} is set, C{<Postmaster>} is refused like any other
+        recipient that is not local (start-up warns about the missing
+        setting).
         """
         self.proto.factory.hostname = "mx.elsewhere.example"
         self.feed(b"MAIL FROM:<>\r\n")
         self.assertEqual(self.feed(b"RCPT TO:<postmaster>\r\n"), RELAY_DENIED)
+
+    def test_nonASCIIWithoutSMTPUTF8(self) -> None:
+        """
+        SMTPUTF8 is not offered, so a non-ASCII sender or recipient is
+        refused with C{553 5.6.7} (RFC 6531 3.4), even one that a catch-all
+        would take.
+        """
+        self.users.catchAll["example.org"] = BOB
+        self.assertNotIn(b"SMTPUTF8", self.feed(b"EHLO again.example\r\n"))
+        self.assertEqual(
+            self.feed("MAIL FROM:<\u00e4@remote.example>\r\n".encode("utf-8")),
+            b"553 5.6.7 Non-ASCII address without SMTPUTF8 (not offered)\r\n",
+        )
+        self.feed(b"MAIL FROM:<>\r\n")
+        self.assertEqual(
+            self.feed("RCPT TO:<\u00e4lice@example.org>\r\n".encode("utf-8")),
+            b"553 5.6.7 Non-ASCII address without SMTPUTF8 (not offered)\r\n",
+        )
+
+    def test_unqualifiedPostmasterConfigured(self) -> None:
+        """
+        When the host name is in no local domain, C{<Postmaster>} goes to
+        the C{[pop3gw] postmaster} user (RFC 5321 4.5.1: it is always
+        accepted).
+        """
+        self.proto.factory.hostname = "mx.elsewhere.example"
+        self.proto.factory.postmaster = BOB
+        out = self.feed(b"MAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.storedWithoutReceived(BOB), [MESSAGE])
 
     def test_unknownUserLogged(self) -> None:
         """
