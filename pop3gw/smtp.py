@@ -502,7 +502,7 @@ class SMTPServer(DataCommands, LineProtocol):
         if params:
             raise SMTPRefusal(UNKNOWN_PARAMETER)
         address = self._recipientAddress(path)
-        if len(self._envelope.recipients) >= self.factory.maxRecipients:
+        if self._envelope.accepted >= self.factory.maxRecipients:
             raise SMTPRefusal(TOO_MANY_RECIPIENTS)
         d = maybeDeferred(self._checkRecipient, address)
         d.addCallbacks(self._cbRecipient, self._ebRecipient, errbackArgs=(address, path))
@@ -511,6 +511,7 @@ class SMTPServer(DataCommands, LineProtocol):
     def _cbRecipient(self, users: tuple[Address, ...]) -> None:
         if self._state is not _State.MAIL:
             return
+        self._envelope.accepted += 1
         recipients = self._envelope.recipients
         for address in users:
             if address not in recipients:

@@ -180,12 +180,16 @@ class _Envelope:
     HELO/EHLO, STARTTLS and the end of the data.
 
     @ivar sender: the envelope sender (C{None} before MAIL).
-    @ivar recipients: the accepted recipients, without duplicates.
+    @ivar recipients: the users the accepted recipients resolved to,
+        without duplicates (a distribution list is several).
+    @ivar accepted: the RCPT commands accepted, which the recipient cap
+        counts.
     @ivar messageId: the message's id, once DATA has begun its delivery.
     """
 
     sender: Optional[Address] = None
     recipients: list[Address] = attr.Factory(list)
+    accepted: int = 0
     messageId: str = ""
 
 

@@ -411,6 +411,20 @@ class EnvelopeTests(MXSessionMixin, SynchronousTestCase):
         self.assertEqual(self.storedWithoutReceived(), [MESSAGE])
         self.assertEqual(self.stored(ALICE), [])
 
+    def test_recipientCapCountsCommands(self) -> None:
+        """
+        The cap counts accepted RCPT commands, as the client sees them: a
+        list counts once however many users it has, and sub-addresses of
+        one user count each.
+        """
+        self.users.aliases[Address("team", "example.org")] = (ALICE, BOB)
+        self.proto.factory.maxRecipients = 2
+        out = self.feed(
+            b"MAIL FROM:<>\r\nRCPT TO:<team@example.org>\r\nRCPT TO:<alice+a@example.org>\r\n"
+            b"RCPT TO:<alice+b@example.org>\r\n"
+        )
+        self.assertEqual(out, SENDER_OK + RCPT_OK * 2 + b"452 4.5.3 Too many recipients\r\n")
+
     def test_severalRecipientsOneCopyEach(self) -> None:
         """
         A message for a user and an alias of another gets one copy in each
