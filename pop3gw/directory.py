@@ -267,10 +267,22 @@ class Directory:
         alias = self._aliases.find(address)
         if alias is not None:
             return self._usersOf(self._aliases.entries[alias])
-        postmaster = self._postmasters.get(lookupKey(address))
+        postmaster = self._postmasterFor(lookupKey(address))
         if postmaster is not None:
             return (postmaster,)
         return None
+
+    def _postmasterFor(self, key: str) -> Optional[Address]:
+        """
+        Who receives mail for the lookup key C{key} as an implicit
+        postmaster: the one of a users' domain, else, for C{postmaster@}
+        any other domain (a local domain without users: the router asks
+        only for local domains), the configured postmaster; or C{None}.
+        """
+        postmaster = self._postmasters.get(key)
+        if postmaster is None and key.rpartition("@")[0] == POSTMASTER:
+            return self.postmaster
+        return postmaster
 
     def _directKey(self, key: str) -> tuple[Address, ...]:
         """
@@ -283,7 +295,7 @@ class Directory:
         alias = self._aliases._byKey.get(key)
         if alias is not None:
             return self._usersOf(self._aliases.entries[alias])
-        postmaster = self._postmasters.get(key)
+        postmaster = self._postmasterFor(key)
         return (postmaster,) if postmaster is not None else ()
 
     def _resolve(self, address: Address) -> tuple[Address, ...]:

@@ -392,7 +392,7 @@ def _checkPostmaster(config: Config, users: UsersFile) -> None:
     if config.postmaster is None:
         log.warn(
             "no [pop3gw] postmaster is set: mail for postmaster@ each local domain goes to "
-            "that domain's first user in the users file"
+            "that domain's first user in the users file, and is refused for a domain that has no users"
         )
         return
     try:
@@ -402,7 +402,7 @@ def _checkPostmaster(config: Config, users: UsersFile) -> None:
     if not known:
         log.warn(
             "[pop3gw] postmaster {postmaster} is not a user: mail for postmaster@ each local domain goes to "
-            "that domain's first user in the users file",
+            "that domain's first user in the users file, and is refused for a domain that has no users",
             postmaster=str(config.postmaster),
         )
 

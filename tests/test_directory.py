@@ -223,6 +223,22 @@ class ResolutionTests(SynchronousTestCase):
         directory = Directory.fromEntries([ALICE, BOB], postmaster=a("ghost@example.org"))
         self.assertEqual(directory.resolve(POSTMASTER), (ALICE,))
 
+    def test_postmasterOfADomainWithoutUsers(self) -> None:
+        """
+        C{postmaster@} a domain no user has (a C{--domain} with only
+        aliases, or none) goes to the configured postmaster, in any case,
+        before that domain's catch-all; without the setting it resolves to
+        nobody.  It gives no right to send as it.
+        """
+        directory = Directory.fromEntries(
+            [ALICE, BOB], catchAll={"example.com": (BOB,)}, postmaster=ALICE
+        )
+        self.assertEqual(directory.resolve(a("PostMaster@example.com")), (ALICE,))
+        self.assertEqual(directory.resolve(a("postmaster@nousers.example")), (ALICE,))
+        self.assertEqual(directory.resolve(a("other@example.com")), (BOB,))
+        self.assertFalse(directory.owns(ALICE, a("postmaster@example.com")))
+        self.assertEqual(Directory.fromEntries([ALICE]).resolve(a("postmaster@nousers.example")), ())
+
     def test_senders(self) -> None:
         """
         A user may send as its sub-addresses and those of its aliases and

@@ -541,7 +541,7 @@ class PostmasterWarningTests(SynchronousTestCase):
             self.warnings(""),
             [
                 "no [pop3gw] postmaster is set: mail for postmaster@ each local domain goes to "
-                "that domain's first user in the users file"
+                "that domain's first user in the users file, and is refused for a domain that has no users"
             ],
         )
 
@@ -554,7 +554,7 @@ class PostmasterWarningTests(SynchronousTestCase):
             self.warnings("postmaster = ghost@example.org\n"),
             [
                 "[pop3gw] postmaster ghost@example.org is not a user: mail for postmaster@ each local domain "
-                "goes to that domain's first user in the users file"
+                "goes to that domain's first user in the users file, and is refused for a domain that has no users"
             ],
         )
         self.assertEqual(self.warnings("postmaster = Alice@example.org\n"), [])
