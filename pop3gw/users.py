@@ -274,6 +274,7 @@ class UsersFile:
         self._snapshot = _Snapshot(AddressMap(), AddressMap(), Directory.unavailable("users file not read"))
         # What _warnAboutUsers has warned about in the file as last loaded.
         self._warned: set[tuple] = set()
+        self._aliases = _AliasesEditor(self)
         try:
             self._refresh()
         except TemporaryFailure as e:
@@ -437,7 +438,7 @@ class UsersFile:
             if create and index is not None:
                 raise UserExists(str(address))
             if create and self.aliasesPath is not None and any(
-                line.key == lookupKey(address) for line in self._readAliasLines()
+                line.key == lookupKey(address) for line in self._aliases.lines()
             ):
                 raise AddressIsAlias(str(address))
             if not create and index is None:
@@ -525,88 +526,21 @@ class UsersFile:
 
     def aliasLines(self) -> list[tuple[int, AliasLine]]:
         """
-        The lines of the aliases file as written (C{pop3gw alias list}),
-        with their 1-based numbers; malformed ones carry their
-        C{problem}.
+        See L{_AliasesEditor.numberedLines} (C{pop3gw alias list}).
         """
-        return list(enumerate(self._readAliasLines(), 1))
+        return self._aliases.numberedLines()
 
     def addAlias(self, name: str, targets: list[Address], localDomains: Iterable[str] = ()) -> tuple[Address, ...]:
         """
-        Make the alias C{name} (C{alias@domain}, or C{@domain} for that
-        domain's catch-all) deliver to C{targets} too: a new line, or the
-        existing alias's line with the new targets added (each target
-        once).  One atomic rewrite under the users file's lock.
-
-        @param localDomains: local domains besides the users' own (those
-            given with C{--domain}).
-        @return: the alias's targets now.
-        @raise AliasError: C{name} is not an address or C{@domain}, it
-            is a user's address, its domain is not local, a target is not
-            a user, or there is no aliases file.
+        See L{_AliasesEditor.add} (C{pop3gw alias add}).
         """
-        alias, domain = self._aliasName(name)
-        if not targets:
-            raise AliasError("an alias needs at least one target")
-        shown = str(alias) if alias is not None else f"@{domain}"
-        with self._writeLock():
-            userLines, users, _ = parseUsers(self._readUsers())
-            if alias is not None and users.find(alias) is not None:
-                raise AliasShadowsUser(f"{alias} is a user; an alias of that name would never be used")
-            aliasDomain = alias.domain if alias is not None else domain
-            known = {line.address.domain for line in userLines if line.address is not None}
-            if aliasDomain not in known and aliasDomain not in set(localDomains):
-                raise AliasNotLocal(
-                    f"{aliasDomain} is not a local domain (no user has it, and it is not a --domain):"
-                    " mail for the alias would never be accepted"
-                )
-            stored = []
-            for target in targets:
-                found = users.find(target)
-                if found is None:
-                    raise UnknownTarget(f"target {target} is not a local user")
-                stored.append(found)
-            lines = self._readAliasLines()
-            key = AliasLine(b"", alias, domain).key
-            index = next((i for i, line in enumerate(lines) if line.key == key), None)
-            if index is None:
-                new = tuple(dict.fromkeys(stored))
-                lines.append(parseAliasLine(formatAliasLine(shown, new)))
-            else:
-                old = lines[index]
-                new = tuple(dict.fromkeys(old.targets + tuple(stored)))
-                written = old.raw.decode("utf-8").partition(":")[0].strip()
-                lines[index] = parseAliasLine(formatAliasLine(written, new))
-            self._writeAliases(lines)
-        self._refresh(force=True)
-        return new
+        return self._aliases.add(name, targets, localDomains)
 
     def removeAlias(self, name: str) -> None:
         """
-        Remove the alias C{name} (C{@domain}: that domain's catch-all), in
-        any case: every line defining it.  One atomic rewrite under the
-        users file's lock.
-
-        @raise AliasError: C{name} is not an address or C{@domain}, or no
-            such alias.
+        See L{_AliasesEditor.remove} (C{pop3gw alias remove}).
         """
-        alias, domain = self._aliasName(name)
-        key = AliasLine(b"", alias, domain).key
-        with self._writeLock():
-            lines = self._readAliasLines()
-            kept = [line for line in lines if line.key != key]
-            if len(kept) == len(lines):
-                raise AliasError(f"no such alias {name.strip()}")
-            self._writeAliases(kept)
-        self._refresh(force=True)
-
-    def _aliasName(self, name: str) -> tuple[Optional[Address], Optional[str]]:
-        if self.aliasesPath is None:
-            raise AliasError("no aliases file")
-        try:
-            return parseAliasName(name)
-        except AddressError:
-            raise AliasError(f"{name.strip()!r} is not an address (alias@domain) or @domain") from None
+        self._aliases.remove(name)
 
     def _readUsers(self) -> bytes:
         try:
@@ -614,24 +548,6 @@ class UsersFile:
                 return f.read()
         except FileNotFoundError:
             return b""
-
-    def _readAliasLines(self) -> list[AliasLine]:
-        assert self.aliasesPath is not None
-        try:
-            with open(self.aliasesPath, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
-        return [parseAliasLine(raw) for raw in splitLines(data)]
-
-    def _writeAliases(self, lines: list[AliasLine]) -> None:
-        """
-        Replace the aliases file with C{lines} atomically and durably,
-        keeping its owner; comments and malformed lines stay as written.
-        """
-        assert self.aliasesPath is not None
-        data = b"".join(line.raw + b"\n" for line in lines)
-        fsutil.replaceFile(self.aliasesPath, data, self.owner, self._replace)
 
     @staticmethod
     def _find(lines: list[UserLine], address: Address) -> Optional[int]:
@@ -670,6 +586,124 @@ class UsersFile:
         """
         data = b"".join(line.raw + b"\n" for line in lines)
         fsutil.replaceFile(self.path, data, self.owner, self._replace)
+
+
+class _AliasesEditor:
+    """
+    The writers of the aliases file of a L{UsersFile} (C{pop3gw alias
+    add|remove|list}): atomic rewrites under the users file's lock, so a
+    concurrent C{user remove} of a target cannot interleave between the
+    check and the write; comments and malformed lines kept as written.
+    """
+
+    def __init__(self, users: "UsersFile") -> None:
+        self._users = users
+
+    def numberedLines(self) -> list[tuple[int, AliasLine]]:
+        """
+        The lines of the aliases file as written (C{pop3gw alias list}),
+        with their 1-based numbers; malformed ones carry their
+        C{problem}.
+        """
+        return list(enumerate(self.lines(), 1))
+
+    def add(self, name: str, targets: list[Address], localDomains: Iterable[str] = ()) -> tuple[Address, ...]:
+        """
+        Make the alias C{name} (C{alias@domain}, or C{@domain} for that
+        domain's catch-all) deliver to C{targets} too: a new line, or the
+        existing alias's line with the new targets added (each target
+        once).  One atomic rewrite under the users file's lock.
+
+        @param localDomains: local domains besides the users' own (those
+            given with C{--domain}).
+        @return: the alias's targets now.
+        @raise AliasError: C{name} is not an address or C{@domain}, it
+            is a user's address, its domain is not local, a target is not
+            a user, or there is no aliases file.
+        """
+        alias, domain = self._name(name)
+        if not targets:
+            raise AliasError("an alias needs at least one target")
+        shown = str(alias) if alias is not None else f"@{domain}"
+        with self._users._writeLock():
+            userLines, users, _ = parseUsers(self._users._readUsers())
+            if alias is not None and users.find(alias) is not None:
+                raise AliasShadowsUser(f"{alias} is a user; an alias of that name would never be used")
+            aliasDomain = alias.domain if alias is not None else domain
+            known = {line.address.domain for line in userLines if line.address is not None}
+            if aliasDomain not in known and aliasDomain not in set(localDomains):
+                raise AliasNotLocal(
+                    f"{aliasDomain} is not a local domain (no user has it, and it is not a --domain):"
+                    " mail for the alias would never be accepted"
+                )
+            stored = []
+            for target in targets:
+                found = users.find(target)
+                if found is None:
+                    raise UnknownTarget(f"target {target} is not a local user")
+                stored.append(found)
+            lines = self.lines()
+            key = AliasLine(b"", alias, domain).key
+            index = next((i for i, line in enumerate(lines) if line.key == key), None)
+            if index is None:
+                new = tuple(dict.fromkeys(stored))
+                lines.append(parseAliasLine(formatAliasLine(shown, new)))
+            else:
+                old = lines[index]
+                new = tuple(dict.fromkeys(old.targets + tuple(stored)))
+                written = old.raw.decode("utf-8").partition(":")[0].strip()
+                lines[index] = parseAliasLine(formatAliasLine(written, new))
+            self._write(lines)
+        self._users._refresh(force=True)
+        return new
+
+    def remove(self, name: str) -> None:
+        """
+        Remove the alias C{name} (C{@domain}: that domain's catch-all), in
+        any case: every line defining it.  One atomic rewrite under the
+        users file's lock.
+
+        @raise AliasError: C{name} is not an address or C{@domain}, or no
+            such alias.
+        """
+        alias, domain = self._name(name)
+        key = AliasLine(b"", alias, domain).key
+        with self._users._writeLock():
+            lines = self.lines()
+            kept = [line for line in lines if line.key != key]
+            if len(kept) == len(lines):
+                raise AliasError(f"no such alias {name.strip()}")
+            self._write(kept)
+        self._users._refresh(force=True)
+
+    def _name(self, name: str) -> tuple[Optional[Address], Optional[str]]:
+        if self._users.aliasesPath is None:
+            raise AliasError("no aliases file")
+        try:
+            return parseAliasName(name)
+        except AddressError:
+            raise AliasError(f"{name.strip()!r} is not an address (alias@domain) or @domain") from None
+
+    def lines(self) -> list[AliasLine]:
+        """
+        The aliases file's lines as written, parsed.
+        """
+        assert self._users.aliasesPath is not None
+        try:
+            with open(self._users.aliasesPath, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        return [parseAliasLine(raw) for raw in splitLines(data)]
+
+    def _write(self, lines: list[AliasLine]) -> None:
+        """
+        Replace the aliases file with C{lines} atomically and durably,
+        keeping its owner; comments and malformed lines stay as written.
+        """
+        assert self._users.aliasesPath is not None
+        data = b"".join(line.raw + b"\n" for line in lines)
+        fsutil.replaceFile(self._users.aliasesPath, data, self._users.owner, self._users._replace)
 
 
 class _FileLock:
