@@ -48,6 +48,7 @@ ids and the commit are L{pop3gw.smtpdata}'s.
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import attr
@@ -349,28 +350,29 @@ class SMTPServer(DataCommands, LineProtocol):
         """
         return ["STARTTLS"] if self._startTLSOffered() else []
 
+    @abstractmethod
     def _readyState(self) -> _State:
         """
         The state after HELO/EHLO.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def _checkSender(self, path: str) -> Optional[Address]:
         """
         The envelope sender for the reverse path C{path}.
 
         @raise SMTPRefusal: the sender is refused.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def _recipientAddress(self, path: str) -> Address:
         """
         The recipient for the forward path C{path}.
 
         @raise SMTPRefusal: the path is refused.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def _checkRecipient(self, address: Address) -> Any:
         """
         Check C{address} against the server's policy.
@@ -379,7 +381,6 @@ class SMTPServer(DataCommands, LineProtocol):
             L{Address}: a distribution list is several), or a C{Deferred}
             firing with them.
         """
-        raise NotImplementedError()
 
     def _refusedRecipient(self, address: Optional[Address], path: str, reply: Reply, reason: str) -> Reply:
         """

@@ -88,6 +88,7 @@ import ipaddress
 import re
 import secrets
 import time
+from abc import abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from twisted.internet.defer import maybeDeferred
@@ -563,11 +564,11 @@ class DataCommands(_Host):
 
     # -- what each server provides --------------------------------------
 
+    @abstractmethod
     def _beginDelivery(self, sender: Optional[Address], recipients: list[Address]) -> IDelivery:
         """
         Start the delivery of the current message.
         """
-        raise NotImplementedError()
 
     def _headerSenderCheck(self) -> Optional[Callable[[Address], bool]]:
         """
@@ -575,11 +576,11 @@ class DataCommands(_Host):
         """
         return None
 
+    @abstractmethod
     def _receivedHeader(self) -> bytes:
         """
         The C{Received:} field for the current message, CRLF included.
         """
-        raise NotImplementedError()
 
     def _missingFields(self, present: set) -> list[bytes]:
         """
@@ -588,18 +589,18 @@ class DataCommands(_Host):
         """
         return []
 
+    @abstractmethod
     def _logIdentity(self) -> tuple[str, dict[str, str]]:
         """
         Who the session is for the log lines: a format fragment and its
         fields.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def _logAccepted(self, queueID: str, size: int, sender: Optional[Address], delivery: IDelivery) -> None:
         """
         Log the accepted message's line.
         """
-        raise NotImplementedError()
 
 
 class SubmissionData(DataCommands):
