@@ -6,7 +6,7 @@ L{pop3gw.sasl}, and the portal login.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -59,10 +59,8 @@ def decodeBase64(text: str) -> bytes:
         raise SMTPRefusal(AUTH_BAD_BASE64) from None
 
 if TYPE_CHECKING:
-    from pop3gw.lineproto import LineProtocol as _Host
     from pop3gw.smtp import SubmissionFactory
-    from pop3gw.smtpdata import _MessageReader
-    from pop3gw.smtpreplies import _Envelope
+    from pop3gw.smtpreplies import SMTPHost as _Host
 else:
     _Host = object
 
@@ -74,27 +72,8 @@ class AuthCommands(_Host):
     """
 
     if TYPE_CHECKING:
-        # What SubmissionServer provides.
+        # What SubmissionServer provides beyond any SMTP server.
         factory: SubmissionFactory
-        _state: _State
-        _mode: _Mode
-        _helo: Optional[str]
-        _esmtp: bool
-        _avatar: Optional[ISubmissionAvatar]
-        _logout: Optional[Callable[[], None]]
-        _user: str
-        _envelope: _Envelope
-        _reader: Optional[_MessageReader]
-        _auth: Optional[tuple]
-        _authFailures: int
-        _errors: int
-        _messages: int
-        _bytes: int
-
-        def _send(self, reply: Reply) -> None: ...
-        def _close(self, reply: Reply) -> None: ...
-        def _resetTransaction(self) -> None: ...
-        def _plaintextAllowed(self) -> bool: ...
 
     def do_AUTH(self, argument: str) -> Optional[Deferred]:
         if not self._esmtp:

@@ -422,9 +422,8 @@ class _MessageReader:
 
 if TYPE_CHECKING:
     from pop3gw.interfaces import ISubmissionAvatar
-    from pop3gw.lineproto import LineProtocol as _Host
     from pop3gw.smtp import SubmissionFactory
-    from pop3gw.smtpreplies import _Envelope, _State
+    from pop3gw.smtpreplies import SMTPHost as _Host
 else:
     _Host = object
 
@@ -436,28 +435,10 @@ class DataCommands(_Host):
     """
 
     if TYPE_CHECKING:
-        # What the SMTP server provides (its factory: each server's own).
+        # What the SMTP server provides beyond SMTPHost (its factory: each
+        # server's own).
         factory: Any
         service: str
-        _state: _State
-        _mode: _Mode
-        _helo: Optional[str]
-        _esmtp: bool
-        _avatar: Optional[ISubmissionAvatar]
-        _logout: Optional[Callable[[], None]]
-        _user: str
-        _envelope: _Envelope
-        _reader: Optional[_MessageReader]
-        _auth: Optional[tuple]
-        _authFailures: int
-        _errors: int
-        _messages: int
-        _bytes: int
-
-        def _send(self, reply: Reply) -> None: ...
-        def _close(self, reply: Reply) -> None: ...
-        def _resetTransaction(self) -> None: ...
-        def _plaintextAllowed(self) -> bool: ...
 
         @property
         def _account(self) -> ISubmissionAvatar: ...

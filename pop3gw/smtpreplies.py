@@ -8,7 +8,7 @@ the session's states and envelope.
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import attr
 
@@ -212,3 +212,37 @@ class _Mode(enum.Enum):
     COMMAND = "command"
     AUTH = "auth"  # a SASL response line
     DATA = "data"  # message data
+
+
+if TYPE_CHECKING:
+    from pop3gw.interfaces import ISubmissionAvatar
+    from pop3gw.lineproto import LineProtocol
+    from pop3gw.smtpdata import _MessageReader
+
+    class SMTPHost(LineProtocol):
+        """
+        For the type checker only: what an SMTP server
+        (L{pop3gw.smtp.SMTPServer}) provides to the handler mixins
+        (L{pop3gw.smtpauth.AuthCommands}, L{pop3gw.smtpdata.DataCommands}),
+        which at run time derive from C{object}.
+        """
+
+        _state: _State
+        _mode: _Mode
+        _helo: Optional[str]
+        _esmtp: bool
+        _avatar: Optional[ISubmissionAvatar]
+        _logout: Optional[Callable[[], None]]
+        _user: str
+        _envelope: _Envelope
+        _reader: Optional[_MessageReader]
+        _auth: Optional[tuple]
+        _authFailures: int
+        _errors: int
+        _messages: int
+        _bytes: int
+
+        def _send(self, reply: Reply) -> None: ...
+        def _close(self, reply: Reply) -> None: ...
+        def _resetTransaction(self) -> None: ...
+        def _plaintextAllowed(self) -> bool: ...
