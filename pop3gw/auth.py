@@ -42,6 +42,7 @@ from pop3gw.interfaces import (
     Pop3gwError,
     TemporaryFailure,
 )
+from pop3gw.loginwatch import LoginWatch
 from pop3gw.passwords import canVerify, dummyHash, isMalformed, upgradedHash, verifyPassword
 
 #: The client credentials without a C{peer} are counted as.
@@ -164,6 +165,7 @@ class PasswordChecker:
         dummy: Optional[Callable[[], str]] = None,
         cache: Optional[VerifiedCredentialsCache] = None,
         accounting: Optional[AuthAccounting] = None,
+        watch: Optional[LoginWatch] = None,
     ):
         """
         @param users: the users database (its blocking side: L{_check}
@@ -182,6 +184,8 @@ class PasswordChecker:
         @param cache: the verified-credentials cache; a new one by default.
         @param accounting: the per-client accounting of checks; a new one
             (on C{reactor}) by default.
+        @param watch: told of every successful login (see
+            L{pop3gw.loginwatch}); a new one in memory by default.
         """
         self._users = users
         self._reactor = reactor
@@ -191,6 +195,7 @@ class PasswordChecker:
         self._dummy = dummy if dummy is not None else dummyHash
         self.cache = cache if cache is not None else VerifiedCredentialsCache()
         self.accounting = accounting if accounting is not None else AuthAccounting(reactor)
+        self.watch = watch if watch is not None else LoginWatch(reactor)
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
         """
@@ -217,6 +222,7 @@ class PasswordChecker:
             address = None
         cached = self._cachedLogin(address, password, start) if address is not None else None
         if cached is not None:
+            self.watch.loggedIn(cached, peer)
             return defer.succeed(cached)
         d = self.accounting.admit(peer)
         d.addCallback(self._checkInPool, address, password, start)
@@ -295,6 +301,7 @@ class PasswordChecker:
         if avatarId is None:
             self.accounting.failed(peer, self.accounting.digest(username, password))
             return self._delayedFailure(start)
+        self.watch.loggedIn(avatarId, peer)
         return avatarId
 
     def _ebServerFault(self, reason: Failure) -> Failure:

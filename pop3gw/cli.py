@@ -36,6 +36,7 @@ from pop3gw.interfaces import (
     UnknownUser,
     UserExists,
 )
+from pop3gw.selftest import LISTENER_KINDS
 
 EX_OK = 0
 EX_USAGE = 64
@@ -108,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
     qsub = queue.add_subparsers(dest="action", required=True)
     qsub.add_parser("list", help="list waiting messages")
     qsub.add_parser("flush", help="retry every waiting message now")
+
+    selftest = sub.add_parser(
+        "selftest", help="probe a running server from outside; one PASS or FAIL line per probe")
+    for kind in LISTENER_KINDS:
+        selftest.add_argument(f"--{kind}", metavar="HOST:PORT", action="append", default=[],
+                              help=f"a {kind} listener to probe (default: the configured ones)")
+    selftest.add_argument("--user", metavar="ADDRESS", help="log in as ADDRESS for the mailbox probes")
+    selftest.add_argument("--password-file", metavar="FILE", help="the first line of FILE is --user's password")
+    selftest.add_argument("--domain", help="a local domain of the server (default: --user's domain, "
+                          "else the first configured one)")
+    selftest.add_argument("--ca-file", metavar="FILE",
+                          help="trust the CA certificates in FILE instead of the system's")
     return p
 
 
@@ -361,6 +374,45 @@ def cmdQueue(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None)
     return EX_OK
 
 
+def cmdSelftest(args, config, stdout: TextIO) -> int:
+    """
+    Probe the listeners named on the command line, or else the configured
+    ones; exit 1 if any probe fails.
+    """
+    from pop3gw import selftest
+
+    if bool(args.user) != bool(args.password_file):
+        raise CommandError("--user and --password-file go together", EX_USAGE)
+    targets = []
+    for kind in LISTENER_KINDS:
+        for text in getattr(args, kind):
+            try:
+                targets.append(selftest.Target(kind, *selftest.parseHostPort(text)))
+            except ValueError as e:
+                raise CommandError(f"--{kind}: {e}", EX_USAGE) from None
+    if not targets:
+        for kind in LISTENER_KINDS:
+            for description in config.listeners.get(kind, ()):
+                target = selftest.targetFromEndpoint(kind, description)
+                if target is not None:
+                    targets.append(target)
+    if not targets:
+        raise CommandError("no TCP listener to probe: name one (--pop3 HOST:PORT, ...)", EX_USAGE)
+    options = selftest.Options(caFile=args.ca_file, domain=args.domain or None)
+    if args.user:
+        try:
+            password = selftest.readPassword(args.password_file)
+        except OSError as e:
+            raise CommandError(f"cannot read password file: {e.strerror}: {args.password_file}", EX_NOINPUT) from None
+        options.account = selftest.Account(str(_address(args.user)), password)
+    elif options.domain is None and config.domains:
+        options.domain = config.domains[0]
+    if options.caFile is not None and not os.path.isfile(options.caFile):
+        raise CommandError(f"--ca-file: no such file: {options.caFile}", EX_NOINPUT)
+    passed = selftest.run(targets, options, stdout.write)
+    return EX_OK if passed else 1
+
+
 def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> int:
     """
     Run the command; return the exit status (C{sys.exit} is left to the
@@ -376,6 +428,8 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
             config = buildConfig(cli, args.config)
         except ConfigError as e:
             raise CommandError(str(e), EX_USAGE) from None
+        if args.command == "selftest":
+            return cmdSelftest(args, config, stdout)
         creates = args.command == "user" and args.action in ("add", "import")
         if not os.path.isdir(config.dataDir):
             if not creates or os.path.exists(config.dataDir):

@@ -36,6 +36,7 @@ from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
+from pop3gw.loginwatch import LoginWatch
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue
@@ -89,6 +90,10 @@ IO_THREADS = 8
 #: C{flock} on; it contains the server's pid.
 SERVER_LOCK = "server.lock"
 
+#: The login history under the data directory, and how often it is saved.
+LOGIN_HISTORY = "logins.json"
+LOGIN_HISTORY_SAVE_INTERVAL = 60.0
+
 POP3_REFUSAL = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 SMTP_REFUSAL = b"421 4.7.0 Too many connections, try again later\r\n"
 
@@ -122,6 +127,22 @@ class ThreadPoolService(Service):
         super().stopService()
         d = self.runner.drain() if self.runner is not None else defer.succeed(None)
         return d.addCallback(lambda _: self.pool.stop())
+
+
+class LoginWatchService(TimerService):
+    """
+    Writes the login history (see L{pop3gw.loginwatch}) once a minute when
+    it changed, and a last time when the server stops, before the thread
+    pools do.
+    """
+
+    def __init__(self, watch: LoginWatch) -> None:
+        super().__init__(LOGIN_HISTORY_SAVE_INTERVAL, watch.save)
+        self.watch = watch
+
+    def stopService(self) -> defer.Deferred:
+        d = defer.maybeDeferred(super().stopService)
+        return d.addCallback(lambda _: self.watch.save())
 
 
 class ServerLockService(MultiService):
@@ -433,12 +454,16 @@ def _build(config: Config, reactor) -> MultiService:
     store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
     queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
+    watch = LoginWatch(reactor, os.path.join(config.dataDir, LOGIN_HISTORY), ioRunner, owner)
+    watch.load()
+    LoginWatchService(watch).setServiceParent(top)
     checker = PasswordChecker(
         users,
         reactor,
         hashPool,
         config.limits["failure-delay"],
         accounting=AuthAccounting(reactor, hashThreads=hashPool.max),
+        watch=watch,
     )
     portal = Portal(Realm(users, store, router), [checker])
     policy = PlaintextAuthPolicy(config.plaintextAuth)

@@ -274,6 +274,31 @@ class PasswordCheckerTests(SynchronousTestCase):
             repr(creds), "<ClientCredentials username=b'alice@example.org' peer='192.0.2.7'>"
         )
 
+    def test_successfulLoginsWatched(self) -> None:
+        """
+        Every successful login, checked or confirmed by the cache, is
+        reported to the login watch with the user as stored and the
+        client; failed ones are not.
+        """
+        seen: list = []
+
+        class Watch:
+            def loggedIn(self, user: str, peer: str) -> None:
+                seen.append((user, peer))
+
+        checker = PasswordChecker(self.users, self.reactor, self.pool, verifier=self.verifier,
+                                  dummy=lambda: DUMMY, watch=Watch())
+        for peer in ("192.0.2.7", "198.51.100.9"):
+            d = checker.requestAvatarId(ClientCredentials(b"ALICE@example.org", b"password", peer))
+            self.assertEqual(self.successResultOf(d), "alice@example.org")
+        d = checker.requestAvatarId(ClientCredentials(b"alice@example.org", b"wrong", "203.0.113.1"))
+        self.reactor.advance(2)
+        self.failureResultOf(d, UnauthorizedLogin)
+        self.assertEqual(seen, [("alice@example.org", "192.0.2.7"), ("alice@example.org", "198.51.100.9")])
+        # The second login was confirmed by the cache: one hash for it,
+        # one for the failure.
+        self.assertEqual(len(self.verifier.calls), 2)
+
     def test_slotHeldUntilCheckFinishes(self) -> None:
         """
         A client that hangs up right after PASS keeps its check counted

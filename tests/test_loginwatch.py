@@ -1,0 +1,212 @@
+"""
+Tests for L{pop3gw.loginwatch}: warnings about logins that look like a
+stolen password.
+"""
+
+import json
+import os
+import shutil
+import stat
+import tempfile
+
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from pop3gw import loginwatch
+from pop3gw.loginwatch import LoginWatch, mergeHistories, networkOf
+from pop3gw.runner import ImmediateRunner
+
+DAY = 86400.0
+START = 1_780_000_000.0
+
+
+class Wallclock:
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def warnings(events) -> list:
+    return [formatEvent(e) for e in events if formatEvent(e).startswith("login warning:")]
+
+
+class NetworkTests(SynchronousTestCase):
+    def test_networks(self) -> None:
+        """
+        IPv4 clients are grouped by /16, IPv6 by /48 (IPv4-mapped as
+        IPv4); loopback, Unix and unknown clients are not watched.
+        """
+        self.assertEqual(networkOf("203.0.113.9"), "203.0.0.0/16")
+        self.assertEqual(networkOf("2001:db8:1:2::5"), "2001:db8:1::/48")
+        self.assertEqual(networkOf("::ffff:198.51.100.7"), "198.51.0.0/16")
+        for peer in ("127.0.0.1", "::1", "unix", "unknown", "not-an-address"):
+            self.assertIsNone(networkOf(peer), peer)
+
+
+class WatchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.wallclock = Wallclock()
+        self.watch = LoginWatch(self.clock, wallclock=self.wallclock)
+
+    def login(self, peer: str, user: str = "alice@example.org") -> list:
+        with capturedLogs() as events:
+            self.watch.loggedIn(user, peer)
+        return warnings(events)
+
+    def test_burstOfNetworks(self) -> None:
+        """
+        Logins of one user from four /16 networks within an hour give one
+        warning naming the user, the count and one address per network;
+        more logins in the same hour give no second warning; other
+        addresses of a network already seen do not count.
+        """
+        self.assertEqual(self.login("203.0.113.1"), [])
+        self.assertEqual(self.login("203.0.7.7"), [])
+        self.clock.advance(600)
+        self.assertEqual(self.login("198.51.100.2"), [])
+        self.assertEqual(self.login("192.0.2.3"), [])
+        self.assertEqual(
+            self.login("2001:db8:1::4"),
+            ["login warning: many networks: user=alice@example.org networks=4 window=3600s "
+             "rhosts=203.0.113.1,198.51.100.2,192.0.2.3,2001:db8:1::4"],
+        )
+        self.assertEqual(self.login("100.64.0.1"), [])
+
+    def test_burstWindow(self) -> None:
+        """
+        Four networks spread over more than an hour are no burst; the
+        users are counted apart.
+        """
+        for i, peer in enumerate(("203.0.113.1", "198.51.100.2", "192.0.2.3")):
+            self.assertEqual(self.login(peer), [])
+            self.assertEqual(self.login(f"10.{i}.0.1", user="bob@example.org"), [])
+        self.clock.advance(3601)
+        self.assertEqual(self.login("100.64.0.1"), [])
+
+    def test_newNetworkAfterSettled(self) -> None:
+        """
+        After 30 days of logins from one network, a login from another
+        gives one warning (naming the usual network and since when); the
+        next login from it gives none.
+        """
+        self.assertEqual(self.login("203.0.113.1"), [])
+        for _ in range(40):
+            self.wallclock.now += DAY
+            self.assertEqual(self.login("203.0.113.1"), [])
+        self.assertEqual(
+            self.login("198.51.100.2"),
+            ["login warning: new network: user=alice@example.org rhost=198.51.100.2 network=198.51.0.0/16 "
+             "usual=203.0.0.0/16 since=2026-05-28"],
+        )
+        self.assertEqual(self.login("198.51.100.9"), [])
+
+    def test_newUserNotWarned(self) -> None:
+        """
+        A user with less than 30 days of history may log in from new
+        networks without a warning.
+        """
+        self.assertEqual(self.login("203.0.113.1"), [])
+        self.wallclock.now += 29 * DAY
+        self.assertEqual(self.login("198.51.100.2"), [])
+
+    def test_forgottenNetwork(self) -> None:
+        """
+        A network unseen for 180 days is new again.
+        """
+        self.login("203.0.113.1")
+        self.wallclock.now += 40 * DAY
+        self.login("198.51.100.2")
+        self.wallclock.now += 181 * DAY
+        self.login("198.51.100.2")
+        self.wallclock.now += 40 * DAY
+        self.assertEqual(len(self.login("203.0.113.1")), 1)
+
+    def test_loopbackIgnored(self) -> None:
+        """
+        Loopback logins neither warn nor enter the history.
+        """
+        for host in ("127.0.0.1", "127.0.0.2", "::1", "unix"):
+            self.assertEqual(self.login(host), [])
+        self.assertEqual(self.watch.history, {})
+
+
+class PersistenceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "logins.json")
+        self.wallclock = Wallclock()
+
+    def watch(self) -> LoginWatch:
+        watch = LoginWatch(Clock(), self.path, ImmediateRunner(), wallclock=self.wallclock)
+        watch.load()
+        return watch
+
+    def test_survivesRestart(self) -> None:
+        """
+        The history is saved (mode 0600) and read back by the next
+        process: a network from before the restart is not new, and a
+        settled user's new network still warns.
+        """
+        first = self.watch()
+        first.loggedIn("alice@example.org", "203.0.113.1")
+        self.successResultOf(first.save())
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.wallclock.now += 40 * DAY
+        second = self.watch()
+        with capturedLogs() as events:
+            second.loggedIn("alice@example.org", "203.0.113.50")
+            second.loggedIn("alice@example.org", "198.51.100.2")
+        self.assertEqual(len(warnings(events)), 1)
+        self.assertIn("network=198.51.0.0/16", warnings(events)[0])
+
+    def test_mergedWithOtherProcess(self) -> None:
+        """
+        Saving merges with what another process wrote meanwhile.
+        """
+        one, two = self.watch(), self.watch()
+        one.loggedIn("alice@example.org", "203.0.113.1")
+        two.loggedIn("bob@example.org", "198.51.100.2")
+        self.successResultOf(one.save())
+        self.successResultOf(two.save())
+        with open(self.path) as f:
+            users = json.load(f)["users"]
+        self.assertEqual(sorted(users), ["alice@example.org", "bob@example.org"])
+        self.assertIn("alice@example.org", two.history)
+
+    def test_unchangedNotWritten(self) -> None:
+        """
+        A save with nothing new writes nothing.
+        """
+        watch = self.watch()
+        self.successResultOf(watch.save())
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_malformedFile(self) -> None:
+        """
+        A malformed history file is logged and replaced by a new history.
+        """
+        with open(self.path, "w") as f:
+            f.write("{not json")
+        with capturedLogs() as events:
+            watch = self.watch()
+        self.assertEqual(watch.history, {})
+        self.assertTrue(any("unreadable" in formatEvent(e) for e in events))
+
+    def test_mergeDropsOld(self) -> None:
+        """
+        Merging keeps the earliest first-seen and latest last-seen, and
+        drops networks unseen for longer than the history keeps them.
+        """
+        now = START + 400 * DAY
+        merged = mergeHistories(
+            {"a": {"n1": [START + 300 * DAY, now], "old": [START, START]}},
+            {"a": {"n1": [START + 250 * DAY, START + 260 * DAY]}, "b": {"old": [START, START + DAY]}},
+            now,
+        )
+        self.assertEqual(merged, {"a": {"n1": [START + 250 * DAY, now]}})
+        self.assertEqual(loginwatch.HISTORY_KEEP, 180 * DAY)
