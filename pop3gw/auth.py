@@ -26,7 +26,7 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
 from pop3gw.address import Address, AddressError, isLoopback
 from pop3gw.anvil import AuthAccounting, CheckSlot
@@ -44,6 +44,7 @@ from pop3gw.interfaces import (
 )
 from pop3gw.loginwatch import LoginWatch
 from pop3gw.passwords import canVerify, dummyHash, isMalformed, upgradedHash, verifyPassword
+from pop3gw.sendlimits import SendingPolicy
 
 #: The client credentials without a C{peer} are counted as.
 UNKNOWN_PEER = "unknown"
@@ -408,6 +409,8 @@ class SubmissionAvatar:
     address: Address
     senders: Senders
     router: IMailRouter
+    sending: Optional[SendingPolicy] = None
+    peer: str = UNKNOWN_PEER
 
     def mayUseSender(self, address: Address) -> bool:
         """
@@ -416,17 +419,57 @@ class SubmissionAvatar:
         """
         return self.senders.allows(address)
 
-    def checkRecipient(self, address: Address) -> tuple[Address, ...]:
+    def checkRecipient(self, address: Address, accepted: int = 0):
         """
-        See L{ISubmissionAvatar.checkRecipient}.
+        See L{ISubmissionAvatar.checkRecipient}: the router's answer, then
+        the sending limits' (a recipient that does not exist is refused
+        as such and counts for nothing).
         """
-        return self.router.checkRecipient(address)
+        if self.sending is None:
+            return self.router.checkRecipient(address)
+        sending = self.sending
+        d = defer.maybeDeferred(self.router.checkRecipient, address)
+
+        def admit(users):
+            return sending.admit(str(self.address), accepted, self.peer).addCallback(lambda _: users)
+
+        return d.addCallback(admit)
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):
         """
         See L{ISubmissionAvatar.beginDelivery}.
         """
-        return self.router.beginDelivery(sender, recipients, trace)
+        delivery = self.router.beginDelivery(sender, recipients, trace)
+        if self.sending is None:
+            return delivery
+        return _CountedDelivery(delivery, self.sending, str(self.address), len(recipients), self.peer)
+
+
+class _CountedDelivery:
+    """
+    A delivery that, once committed, counts against its sender's limits;
+    everything else is the wrapped delivery's.
+    """
+
+    def __init__(self, delivery, sending: SendingPolicy, user: str, recipients: int, peer: str) -> None:
+        self._delivery = delivery
+        self._sending = sending
+        self._user = user
+        self._recipients = recipients
+        self._peer = peer
+        directlyProvides(self, providedBy(delivery))
+
+    def __getattr__(self, name: str):
+        return getattr(self._delivery, name)
+
+    def commit(self) -> defer.Deferred:
+        d = self._delivery.commit()
+
+        def committed(result):
+            self._sending.record(self._user, self._recipients, self._peer)
+            return result
+
+        return d.addCallback(committed)
 
 
 def _logout() -> None:
@@ -447,12 +490,15 @@ class Realm:
     users: IUserDirectory
     store: IMaildropStore
     router: IMailRouter
+    sending: Optional[SendingPolicy] = None
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         """
         See C{IRealm.requestAvatar}.
 
         @param avatarId: the address as text or UTF-8 bytes.
+        @param mind: the client (as L{pop3gw.address.describePeer} names
+            it) for a submission login, else unused.
         @return: C{(interface, avatar, logout)} for the first supported
             interface.
         @raise NotImplementedError: none of C{interfaces} is supported.
@@ -463,5 +509,7 @@ class Realm:
                 return IPOP3Avatar, POP3Avatar(address, self.store), _logout
             if interface is ISubmissionAvatar:
                 senders = self.users.snapshot().sendersOf(address)
-                return ISubmissionAvatar, SubmissionAvatar(address, senders, self.router), _logout
+                peer = mind if isinstance(mind, str) else UNKNOWN_PEER
+                avatar = SubmissionAvatar(address, senders, self.router, self.sending, peer)
+                return ISubmissionAvatar, avatar, _logout
         raise NotImplementedError("no supported avatar interface")

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import sqlite3
 import sys
+import time
 from typing import TYPE_CHECKING, BinaryIO, Optional, TextIO
 
 from pop3gw import __version__, fsutil
@@ -51,6 +53,9 @@ EX_NOPERM = 77
 #: The commands that only read the data directory, as (command, action);
 #: every other command writes to it.
 _READ_ONLY = frozenset({("user", "list"), ("queue", "list"), ("alias", "list")})
+
+#: An option not given on the command line.
+_UNSET = object()
 
 #: Longest password accepted, in octets of UTF-8: the login check refuses
 #: longer ones (L{pop3gw.passwords.MAX_PASSWORD_BYTES}) without hashing.
@@ -92,6 +97,14 @@ def _parser() -> argparse.ArgumentParser:
         "import", help="add the users of a Dovecot passwd-file (plain-text passwords are hashed on the way in)"
     )
     imp.add_argument("file")
+    lim = usub.add_parser(
+        "limits", help="show, or set with the options, a user's own sending limits (0 = none, 'default')"
+    )
+    lim.add_argument("address")
+    lim.add_argument("--messages-per-hour", type=_limitValue, metavar="N", default=_UNSET)
+    lim.add_argument("--recipients-per-day", type=_limitValue, metavar="N", default=_UNSET)
+    uns = usub.add_parser("unsuspend", help="let a suspended user send again, and clear the user's counters")
+    uns.add_argument("address")
 
     alias = sub.add_parser("alias", help="add, remove or list aliases, distribution lists and catch-alls")
     asub = alias.add_subparsers(dest="action", required=True)
@@ -122,6 +135,74 @@ def _parser() -> argparse.ArgumentParser:
     selftest.add_argument("--ca-file", metavar="FILE",
                           help="trust the CA certificates in FILE instead of the system's")
     return p
+
+
+def _limitValue(text: str) -> Optional[int]:
+    """
+    A limit on the command line: a count (0: no limit), or C{default}.
+    """
+    if text.strip().lower() == "default":
+        return None
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number or 'default', got {text!r}")
+    return int(text)
+
+
+def _sendingLimits(config, owner: Optional[fsutil.Owner] = None):
+    from pop3gw.sendlimits import SendingLimits
+
+    return SendingLimits(
+        config.dataDir, config.limits["messages-per-hour"], config.limits["recipients-per-day"], owner
+    )
+
+
+def cmdLimits(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+    """
+    C{user limits} (show or set a user's sending limits) and C{user
+    unsuspend}.
+    """
+    users = _users(config, owner)
+    found = users.lookupUser(_address(args.address))
+    if found is None:
+        raise CommandError(f"no such user {args.address}", EX_NOUSER)
+    user = str(found[0])
+    sending = _sendingLimits(config, owner)
+    try:
+        if args.action == "unsuspend":
+            was = sending.unsuspend(user)
+            stdout.write(f"{user}: {'sending allowed again' if was else 'was not suspended'}; counters cleared\n")
+            return EX_OK
+        given = {"messages-per-hour": args.messages_per_hour, "recipients-per-day": args.recipients_per_day}
+        setting = {name: value for name, value in given.items() if value is not _UNSET}
+        if setting:
+            sending.setLimits(
+                user,
+                setting.get("messages-per-hour"),
+                setting.get("recipients-per-day"),
+                clear=[name for name, value in setting.items() if value is None],
+            )
+        usage = sending.usage(user)
+    except sqlite3.Error as e:
+        raise CommandError(f"sending records {sending.path}: {e}") from None
+    finally:
+        sending.close()
+    limits = usage.limits
+
+    def shown(value: int, own: bool) -> str:
+        return f"{value or 'none'}{'' if own else ' (default)'}"
+
+    stdout.write(
+        f"{user}: messages-per-hour {shown(limits.messagesPerHour, limits.own[0])}, "
+        f"recipients-per-day {shown(limits.recipientsPerDay, limits.own[1])}; "
+        f"sent {usage.messagesLastHour} messages in the last hour, "
+        f"{usage.recipientsLastDay} recipients in the last day; "
+    )
+    if usage.suspended is None:
+        stdout.write("sending allowed\n")
+    else:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(usage.suspended[0]))
+        stdout.write(f"sending SUSPENDED since {since} ({usage.suspended[1]})\n")
+    return EX_OK
 
 
 def _address(text: str, status: int = EX_USAGE) -> Address:
@@ -179,8 +260,16 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.
 
     users = _users(config, owner)
     if args.action == "list":
+        sending = _sendingLimits(config, owner)
+        try:
+            suspended = {user for user, _, _ in sending.suspendedUsers()}
+        except sqlite3.Error:
+            suspended = set()
+        finally:
+            sending.close()
         for a in users.refresh().addresses():
-            stdout.write(f"{a}\n")
+            mark = " (sending suspended)" if str(a).lower() in suspended else ""
+            stdout.write(f"{a}{mark}\n")
         return EX_OK
     address = _address(args.address)
     # Users are found whatever the case of the local part; messages name
@@ -448,6 +537,8 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
         if args.command == "user":
             if args.action == "import":
                 return cmdImport(config, args, stdout, stderr, owner)
+            if args.action in ("limits", "unsuspend"):
+                return cmdLimits(config, args, stdout, owner)
             return cmdUser(config, args, stdin, stdout, owner)
         if args.command == "alias":
             return cmdAlias(config, args, stdout, stderr, owner)

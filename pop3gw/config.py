@@ -45,6 +45,8 @@ LIMITS = {
     "max-connections-per-ip": (20, int),
     "queue-lifetime": (5 * 86400.0, float),
     "hash-threads": (2, int),
+    "messages-per-hour": (200, int),
+    "recipients-per-day": (1000, int),
 }
 
 

@@ -109,6 +109,13 @@ class TemporaryFailure(Pop3gwError):
         return kind(f"{what}: {words}")
 
 
+
+class SendingLimited(TemporaryFailure):
+    """
+    The user is over a sending limit, or suspended from sending (see
+    L{pop3gw.sendlimits}); answered C{451 4.7.1}.
+    """
+
 class InsufficientStorage(TemporaryFailure):
     """
     The disk or the quota holding the data is full (C{ENOSPC}, C{EDQUOT}):
@@ -683,12 +690,17 @@ class ISubmissionAvatar(Interface):
             C{MAIL FROM} or header C{From:}).
         """
 
-    def checkRecipient(address):
+    def checkRecipient(address, accepted=0):
         """
-        See L{IMailRouter.checkRecipient}.
+        See L{IMailRouter.checkRecipient}; C{accepted} is how many
+        recipients the message being sent already has.
+
+        @raise SendingLimited: (or fails with) the user may not send this
+            message to one more recipient now.
         """
 
     def beginDelivery(sender, recipients, trace=b""):
         """
-        See L{IMailRouter.beginDelivery}.
+        See L{IMailRouter.beginDelivery}.  The message counts against the
+        user's sending limits once committed.
         """

@@ -13,6 +13,8 @@ import os
 import re
 import resource
 import signal
+import time
+import uuid
 from types import FrameType
 from typing import Any, Callable, Optional, Union
 
@@ -44,7 +46,9 @@ from pop3gw.relay import RelayService
 from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
 from pop3gw.runner import ThreadPoolRunner
+from pop3gw.sendlimits import SendingLimits, SendingPolicy, Suspension, noticeMessage
 from pop3gw.smtp import SubmissionFactory
+from pop3gw.smtpdata import formatDate
 from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
 from pop3gw.socketmap import SocketmapFactory
@@ -465,7 +469,27 @@ def _build(config: Config, reactor) -> MultiService:
         accounting=AuthAccounting(reactor, hashThreads=hashPool.max),
         watch=watch,
     )
-    portal = Portal(Realm(users, store, router), [checker])
+    sendingLimits = SendingLimits(
+        config.dataDir, config.limits["messages-per-hour"], config.limits["recipients-per-day"], owner
+    )
+
+    def notifyPostmaster(suspension: Suspension) -> defer.Deferred:
+        if config.postmaster is None:
+            log.warn(
+                "sending suspended for {user}, but no [pop3gw] postmaster is set to tell", user=suspension.user
+            )
+            return defer.succeed(None)
+        message = noticeMessage(
+            suspension,
+            config.hostname,
+            str(config.postmaster),
+            formatDate(time.time()),
+            f"<{uuid.uuid4().hex}@{config.hostname}>",
+        )
+        return bounceDelivery(config.postmaster, message)
+
+    sending = SendingPolicy(sendingLimits, ioRunner, notifyPostmaster)
+    portal = Portal(Realm(users, store, router, sending), [checker])
     policy = PlaintextAuthPolicy(config.plaintextAuth)
 
     certs = CertificateManager(config.dataDir, config.tlsCert, config.tlsKey, config.hostname, owner=owner)

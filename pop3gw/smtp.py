@@ -62,6 +62,7 @@ from pop3gw.address import Address, AddressError
 from pop3gw.interfaces import (
     ISubmissionAvatar,
     PermanentFailure,
+    SendingLimited,
     TemporaryFailure,
     UnknownUser,
 )
@@ -108,6 +109,7 @@ from pop3gw.smtpreplies import (
     SEND_HELO_FIRST,
     SENDER_NOT_OWNED,
     SENDER_OK,
+    SENDING_LIMITED,
     SERVICE,
     TEMPORARY_FAILURE,
     TLS_ACTIVE,
@@ -522,6 +524,8 @@ class SMTPServer(DataCommands, LineProtocol):
     def _ebRecipient(self, failure: Failure, address: Address, path: str) -> None:
         if failure.check(UnknownUser):
             self._send(self._refusedRecipient(address, path, USER_UNKNOWN, "unknown user"))
+        elif failure.check(SendingLimited):
+            self._send(SENDING_LIMITED)
         elif failure.check(TemporaryFailure):
             self._send(TEMPORARY_FAILURE)
         elif failure.check(PermanentFailure):
@@ -670,7 +674,7 @@ class SubmissionServer(AuthCommands, SubmissionData, SMTPServer):
             raise SMTPRefusal(BAD_RECIPIENT_ADDRESS) from None
 
     def _checkRecipient(self, address: Address) -> Any:
-        return self._account.checkRecipient(address)
+        return self._account.checkRecipient(address, self._envelope.accepted)
 
     # -- command tables --------------------------------------------------
 

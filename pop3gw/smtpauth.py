@@ -149,7 +149,9 @@ class AuthCommands(_Host):
         return self._login(response.authcid, response.password)
 
     def _login(self, user: bytes, password: bytes) -> Deferred:
-        d = self.factory.portal.login(ClientCredentials(user, password, self.peer), None, ISubmissionAvatar)
+        d = self.factory.portal.login(
+            ClientCredentials(user, password, self.peer), self.peer, ISubmissionAvatar
+        )
         d.addCallbacks(self._cbLogin, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
         return d
 

@@ -145,6 +145,7 @@ NUL_IN_DATA = Reply(550, "5.6.0 NUL character not allowed")
 HEADER_FROM_NOT_OWNED = Reply(553, "5.7.1 Sender address in the message header not owned by user")
 
 TEMPORARY_FAILURE = Reply(451, "4.3.0 Temporary failure, try again later")
+SENDING_LIMITED = Reply(451, "4.7.1 Sending limit reached; ask your administrator")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1 Insufficient system storage")
 INTERNAL_ERROR = Reply(451, "4.3.0 Internal error")
 

@@ -436,7 +436,7 @@ class FakeSubmissionAvatar:
     def mayUseSender(self, address: Address) -> bool:
         return self.router.users.snapshot().owns(self.address, address)
 
-    def checkRecipient(self, address: Address) -> tuple:
+    def checkRecipient(self, address: Address, accepted: int = 0) -> tuple:
         return self.router.checkRecipient(address)
 
     def beginDelivery(self, sender, recipients, trace: bytes = b""):

@@ -966,7 +966,7 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
         A recipient check failing temporarily gets 451 4.3.0.
         """
 
-        def fail(address):
+        def fail(address, accepted=0):
             raise TemporaryFailure("database down")
 
         self.login()

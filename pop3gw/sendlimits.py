@@ -1,0 +1,354 @@
+# -*- test-case-name: tests.test_sendlimits -*-
+"""
+Per-user sending limits: what keeps a phished password from turning the
+server into a spam cannon.
+
+Each message a user submits is recorded (time, recipients, client).  A
+user who would go over C{messages-per-hour} or C{recipients-per-day}
+(C{[limits]} in the INI file, or the user's own values set with C{pop3gw
+user limits}) is refused with C{451 4.7.1} and B{suspended} from sending
+(fetching is untouched) until C{pop3gw user unsuspend}; the moment of
+suspension is logged and reported to the postmaster once.
+
+The records live in one SQLite database, C{DATA/sending.sqlite}, so they
+survive a restart and are shared by every process on the data directory
+(the server's workers and the C{pop3gw} command).  Every method of
+L{SendingLimits} blocks: the server calls them through its I/O runner.
+
+The counts are read once per message (at its first recipient), so
+sessions sending at the same moment may together go over a limit by the
+messages they had in flight; the next message is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from typing import Callable, Iterable, List, Optional, Tuple
+
+import attr
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pop3gw import fsutil
+from pop3gw.interfaces import SendingLimited
+
+DATABASE = "sending.sqlite"
+
+HOUR = 3600.0
+DAY = 86400.0
+
+#: Default limits; 0 means no limit.
+DEFAULT_MESSAGES_PER_HOUR = 200
+DEFAULT_RECIPIENTS_PER_DAY = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sent (
+    user TEXT NOT NULL,
+    at REAL NOT NULL,
+    recipients INTEGER NOT NULL,
+    client TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sent_user_at ON sent (user, at);
+CREATE TABLE IF NOT EXISTS overrides (
+    user TEXT PRIMARY KEY,
+    messages_per_hour INTEGER,
+    recipients_per_day INTEGER
+);
+CREATE TABLE IF NOT EXISTS suspended (
+    user TEXT PRIMARY KEY,
+    since REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Limits:
+    """
+    The limits that apply to one user (0: none).
+
+    @ivar own: which of the two are the user's own (C{pop3gw user
+        limits}) rather than the defaults, as C{(messages, recipients)}.
+    """
+
+    messagesPerHour: int
+    recipientsPerDay: int
+    own: Tuple[bool, bool] = (False, False)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Usage:
+    """
+    Where one user stands, read at one moment.
+
+    @ivar suspended: C{(since, reason)} while suspended, else C{None}.
+    """
+
+    limits: Limits
+    messagesLastHour: int
+    recipientsLastDay: int
+    suspended: Optional[Tuple[float, str]] = None
+
+    def refusal(self, accepted: int) -> Optional[str]:
+        """
+        Why one more recipient, after C{accepted} in the message being
+        sent, must be refused; C{None} if it may go.
+        """
+        if self.suspended is not None:
+            return "suspended"
+        mph, rpd = self.limits.messagesPerHour, self.limits.recipientsPerDay
+        if mph and accepted == 0 and self.messagesLastHour + 1 > mph:
+            return f"messages-per-hour: {self.messagesLastHour} sent in the last hour, limit {mph}"
+        if rpd and self.recipientsLastDay + accepted + 1 > rpd:
+            return (f"recipients-per-day: {self.recipientsLastDay + accepted} recipients in the last day, "
+                    f"limit {rpd}")
+        return None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Suspension:
+    """
+    A suspension that has just begun: what the postmaster is told.
+    """
+
+    user: str
+    reason: str
+    clients: Tuple[str, ...]
+    messagesLastHour: int
+    recipientsLastDay: int
+
+
+class SendingLimits:
+    """
+    The sending records of one data directory; see the module docstring.
+
+    Blocking: call from a thread (the server's I/O runner) or the command
+    line.
+    """
+
+    def __init__(self, dataDir: str, messagesPerHour: int = DEFAULT_MESSAGES_PER_HOUR,
+                 recipientsPerDay: int = DEFAULT_RECIPIENTS_PER_DAY, owner: Optional[fsutil.Owner] = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = os.path.join(dataDir, DATABASE)
+        self.defaults = Limits(messagesPerHour, recipientsPerDay)
+        self._owner = owner
+        self._clock = clock
+        self._local = threading.local()
+        self._created = threading.Lock()
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            with self._created:
+                if not os.path.exists(self.path):
+                    # Created by pop3gw, so it gets pop3gw's mode and owner;
+                    # SQLite gives its -wal and -shm files the same.
+                    try:
+                        os.close(fsutil.createFile(self.path, self._owner))
+                    except FileExistsError:
+                        pass
+                db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+            self._local.db = db
+        return db
+
+    def close(self) -> None:
+        """
+        Close this thread's connection, if any.
+        """
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    def limitsOf(self, user: str) -> Limits:
+        row = self._db().execute(
+            "SELECT messages_per_hour, recipients_per_day FROM overrides WHERE user = ?", (user.lower(),)
+        ).fetchone()
+        if row is None:
+            return self.defaults
+        mph, rpd = row
+        return Limits(self.defaults.messagesPerHour if mph is None else mph,
+                      self.defaults.recipientsPerDay if rpd is None else rpd,
+                      (mph is not None, rpd is not None))
+
+    def usage(self, user: str) -> Usage:
+        """
+        The user's limits, counts and suspension, now.
+        """
+        key, now = user.lower(), self._clock()
+        db = self._db()
+        messages = db.execute("SELECT COUNT(*) FROM sent WHERE user = ? AND at > ?", (key, now - HOUR)).fetchone()[0]
+        recipients = db.execute(
+            "SELECT COALESCE(SUM(recipients), 0) FROM sent WHERE user = ? AND at > ?", (key, now - DAY)
+        ).fetchone()[0]
+        row = db.execute("SELECT since, reason FROM suspended WHERE user = ?", (key,)).fetchone()
+        return Usage(self.limitsOf(user), messages, recipients, (row[0], row[1]) if row else None)
+
+    def admit(self, user: str, accepted: int, client: str) -> Tuple[Optional[str], Optional[Suspension]]:
+        """
+        Decide on one more recipient for C{user}, with C{accepted} already
+        accepted in the message being sent.
+
+        @return: C{(refusal, suspension)}: C{refusal} says why the
+            recipient is refused (C{None}: accepted); C{suspension} is set
+            when this decision suspended the user (it was not suspended
+            before), for the notice.
+        """
+        usage = self.usage(user)
+        refusal = usage.refusal(accepted)
+        if refusal is None or usage.suspended is not None:
+            return refusal, None
+        key, now = user.lower(), self._clock()
+        db = self._db()
+        inserted = db.execute(
+            "INSERT OR IGNORE INTO suspended (user, since, reason) VALUES (?, ?, ?)", (key, now, refusal)
+        ).rowcount
+        if not inserted:
+            return refusal, None  # another process suspended the user first, and told the postmaster
+        clients = [row[0] for row in db.execute(
+            "SELECT client FROM sent WHERE user = ? AND at > ? GROUP BY client ORDER BY MAX(at) DESC LIMIT 20",
+            (key, now - DAY))]
+        if client not in clients:
+            clients.insert(0, client)
+        return refusal, Suspension(user, refusal, tuple(clients), usage.messagesLastHour, usage.recipientsLastDay)
+
+    def record(self, user: str, recipients: int, client: str) -> None:
+        """
+        Note one message sent by C{user} to C{recipients} recipients, and
+        forget records older than a day.
+        """
+        key, now = user.lower(), self._clock()
+        db = self._db()
+        db.execute("INSERT INTO sent (user, at, recipients, client) VALUES (?, ?, ?, ?)", (key, now, recipients, client))
+        db.execute("DELETE FROM sent WHERE at <= ?", (now - DAY,))
+
+    def unsuspend(self, user: str) -> bool:
+        """
+        Lift a suspension and clear the user's counters.
+
+        @return: whether the user was suspended.
+        """
+        key = user.lower()
+        db = self._db()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            was = db.execute("DELETE FROM suspended WHERE user = ?", (key,)).rowcount
+            db.execute("DELETE FROM sent WHERE user = ?", (key,))
+        return bool(was)
+
+    def setLimits(self, user: str, messagesPerHour: Optional[int] = None, recipientsPerDay: Optional[int] = None,
+                  clear: Iterable[str] = ()) -> None:
+        """
+        Set the user's own limits (C{None}: unchanged); C{clear} names the
+        ones (C{"messages-per-hour"}, C{"recipients-per-day"}) that go back
+        to the defaults.
+        """
+        key = user.lower()
+        db = self._db()
+        clear = set(clear)
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT OR IGNORE INTO overrides (user) VALUES (?)", (key,))
+            if messagesPerHour is not None or "messages-per-hour" in clear:
+                db.execute("UPDATE overrides SET messages_per_hour = ? WHERE user = ?", (messagesPerHour, key))
+            if recipientsPerDay is not None or "recipients-per-day" in clear:
+                db.execute("UPDATE overrides SET recipients_per_day = ? WHERE user = ?", (recipientsPerDay, key))
+            db.execute("DELETE FROM overrides WHERE messages_per_hour IS NULL AND recipients_per_day IS NULL")
+
+    def suspendedUsers(self) -> List[Tuple[str, float, str]]:
+        """
+        C{(user, since, reason)} for every suspended user.
+        """
+        if not os.path.exists(self.path):
+            return []
+        return [tuple(row) for row in self._db().execute("SELECT user, since, reason FROM suspended ORDER BY user")]
+
+
+def noticeMessage(suspension: Suspension, hostname: str, postmaster: str, date: str, messageId: str) -> bytes:
+    """
+    The notice the postmaster gets when a user is suspended.
+    """
+    clients = "\n".join(f"  {c}" for c in suspension.clients)
+    body = (
+        f"pop3gw on {hostname} has suspended sending for {suspension.user}.\n\n"
+        f"Reason: {suspension.reason}\n"
+        f"Messages sent in the last hour: {suspension.messagesLastHour}\n"
+        f"Recipients in the last day: {suspension.recipientsLastDay}\n"
+        f"Client addresses (most recent first):\n{clients}\n\n"
+        "The user can still fetch mail.  If the password may have been stolen,\n"
+        "change it (pop3gw user passwd), then lift the suspension with:\n\n"
+        f"  pop3gw user unsuspend {suspension.user}\n"
+    )
+    headers = (
+        f"From: pop3gw <{postmaster}>\n"
+        f"To: <{postmaster}>\n"
+        f"Subject: sending suspended for {suspension.user}\n"
+        f"Date: {date}\n"
+        f"Message-ID: {messageId}\n"
+        "Auto-Submitted: auto-generated\n"
+        "MIME-Version: 1.0\n"
+        "Content-Type: text/plain; charset=utf-8\n"
+        "Content-Transfer-Encoding: 8bit\n"
+    )
+    return (headers + "\n" + body).encode("utf-8")
+
+
+class SendingPolicy:
+    """
+    The server's side of L{SendingLimits}: the blocking calls run in the
+    I/O runner, the decisions are logged, and a new suspension is reported
+    to the postmaster through C{notify}.
+    """
+
+    log = Logger()
+
+    def __init__(self, limits: SendingLimits, runner, notify: Callable[[Suspension], defer.Deferred]) -> None:
+        """
+        @param runner: an L{pop3gw.interfaces.IBlockingRunner}.
+        @param notify: delivers the notice of a new suspension.
+        """
+        self.limits = limits
+        self._runner = runner
+        self._notify = notify
+
+    def admit(self, user: str, accepted: int, client: str) -> defer.Deferred:
+        """
+        Decide on one more recipient (see L{SendingLimits.admit}).
+
+        @return: a C{Deferred} firing with C{None}, or failing with
+            L{SendingLimited}.
+        """
+        d = self._runner.run(self.limits.admit, user, accepted, client)
+        d.addCallback(self._decided, user, client)
+        return d
+
+    def _decided(self, decision: Tuple[Optional[str], Optional[Suspension]], user: str, client: str) -> None:
+        refusal, suspension = decision
+        if refusal is None:
+            return
+        if suspension is not None:
+            self.log.warn(
+                "sending suspended: user={user} rhost={peer} reason={reason}",
+                user=user, peer=client, reason=refusal,
+            )
+            d = defer.maybeDeferred(self._notify, suspension)
+            d.addErrback(lambda f: self.log.failure("cannot send the suspension notice for {user}", f, user=user))
+        else:
+            self.log.info("sending refused: user={user} rhost={peer} reason={reason}",
+                          user=user, peer=client, reason=refusal)
+        raise SendingLimited(refusal)
+
+    def record(self, user: str, recipients: int, client: str) -> defer.Deferred:
+        """
+        Note a committed message; a failure to write is logged (the
+        message is already accepted).
+        """
+        d = self._runner.run(self.limits.record, user, recipients, client)
+        d.addErrback(lambda f: self.log.failure("cannot record a message sent by {user}", f, user=user))
+        return d
