@@ -30,6 +30,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from pop3gw.address import Address, AddressError, isLoopback
 from pop3gw.anvil import AuthAccounting, CheckSlot
+from pop3gw.apppasswords import USE_RECORD_INTERVAL, AppPassword, AppPasswords, covers
 from pop3gw.directory import Senders
 from pop3gw.interfaces import (
     IMaildropStore,
@@ -59,6 +60,9 @@ CACHE_TTL = 3600.0
 
 #: The most verified pairs kept; the oldest is evicted first.
 CACHE_SIZE = 10000
+
+#: Prefixed to an app password in its cache key (see L{PasswordChecker}).
+APP_PASSWORD_KEY = b"\0app\0"
 
 
 class VerifiedCredentialsCache:
@@ -167,6 +171,8 @@ class PasswordChecker:
         cache: Optional[VerifiedCredentialsCache] = None,
         accounting: Optional[AuthAccounting] = None,
         watch: Optional[LoginWatch] = None,
+        appPasswords: Optional[AppPasswords] = None,
+        recordUse: Optional[Callable[[str, str, str], None]] = None,
     ):
         """
         @param users: the users database (its blocking side: L{_check}
@@ -187,6 +193,11 @@ class PasswordChecker:
             (on C{reactor}) by default.
         @param watch: told of every successful login (see
             L{pop3gw.loginwatch}); a new one in memory by default.
+        @param appPasswords: the users' app passwords and main-password
+            scopes (see L{pop3gw.apppasswords}); none by default.
+        @param recordUse: called in the pool thread with C{(user, name,
+            client)} when an app password is used (at most once a minute
+            per password).
         """
         self._users = users
         self._reactor = reactor
@@ -197,6 +208,9 @@ class PasswordChecker:
         self.cache = cache if cache is not None else VerifiedCredentialsCache()
         self.accounting = accounting if accounting is not None else AuthAccounting(reactor)
         self.watch = watch if watch is not None else LoginWatch(reactor)
+        self._apps = appPasswords
+        self._recordUse = recordUse
+        self._lastRecorded: dict = {}
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
         """
@@ -221,12 +235,13 @@ class PasswordChecker:
             address: Optional[Address] = Address.parse(username)
         except AddressError:
             address = None
-        cached = self._cachedLogin(address, password, start) if address is not None else None
+        service = getattr(credentials, "service", None)
+        cached = self._cachedLogin(address, password, start, service) if address is not None else None
         if cached is not None:
             self.watch.loggedIn(cached, peer)
             return defer.succeed(cached)
         d = self.accounting.admit(peer)
-        d.addCallback(self._checkInPool, address, password, start)
+        d.addCallback(self._checkInPool, address, password, start, service, peer)
         d.addCallbacks(
             self._cbChecked,
             self._ebServerFault,
@@ -235,13 +250,21 @@ class PasswordChecker:
         return d
 
     def _checkInPool(
-        self, slot: CheckSlot, address: Optional[Address], password: bytes, start: float
+        self,
+        slot: CheckSlot,
+        address: Optional[Address],
+        password: bytes,
+        start: float,
+        service: Optional[str] = None,
+        peer: str = UNKNOWN_PEER,
     ) -> defer.Deferred:
         """
         Run L{_check} in the thread pool; the slot is given back when it
         has finished there, whether or not the client is still connected.
         """
-        d = deferToThreadPool(self._reactor, self._threadpool, self._check, address, password, start)
+        d = deferToThreadPool(
+            self._reactor, self._threadpool, self._check, address, password, start, service, peer
+        )
 
         def release(result):
             self.accounting.release(slot)
@@ -250,7 +273,7 @@ class PasswordChecker:
         d.addBoth(release)
         return d
 
-    def _cachedLogin(self, address: Address, password: bytes, now: float) -> Optional[str]:
+    def _cachedLogin(self, address: Address, password: bytes, now: float, service: Optional[str] = None) -> Optional[str]:
         """
         The avatar ID (the user as stored) if the credentials are confirmed
         by the cache, decided on the reactor thread when the users database
@@ -264,9 +287,20 @@ class PasswordChecker:
         if found is None:
             return None
         user, stored = found
+        if self._apps is not None:
+            scope = self._apps.peekMainScope(user)
+            if scope is None or not covers(scope, service):
+                return None
         return str(user) if self.cache.hit(self.cache.key(user, password), stored, now) else None
 
-    def _check(self, address: Optional[Address], password: bytes, now: float) -> Optional[str]:
+    def _check(
+        self,
+        address: Optional[Address],
+        password: bytes,
+        now: float,
+        service: Optional[str] = None,
+        peer: str = UNKNOWN_PEER,
+    ) -> Optional[str]:
         """
         Look up and verify, in a pool thread.  The first successful login
         with a hash in an older scheme stores an Argon2id hash instead.
@@ -283,6 +317,14 @@ class PasswordChecker:
             self._verifier(self._dummy(), password)
             return None
         address, stored = found
+        if self._apps is not None:
+            app = self._apps.find(address, password)
+            if app is not None:
+                return self._checkAppPassword(app, password, now, service, peer)
+            if not covers(self._apps.mainScope(address), service):
+                # Refused like a wrong password, at the same cost.
+                self._verifier(self._dummy(), password)
+                return None
         if not canVerify(stored):
             if isMalformed(stored):
                 raise TemporaryFailure(f"the password hash of {address} is malformed for its scheme")
@@ -297,6 +339,34 @@ class PasswordChecker:
             self.cache.add(key, stored, now)
             return str(address)
         return None
+
+    def _checkAppPassword(
+        self, app: AppPassword, password: bytes, now: float, service: Optional[str], peer: str
+    ) -> Optional[str]:
+        """
+        Verify an app password (cached like a password), then its scope;
+        note its use.
+        """
+        if not canVerify(app.hashed):
+            return None
+        # A key of its own: the reactor-side check of the main password
+        # must not find (and drop, as stale) this entry.
+        key = self.cache.key(app.user, APP_PASSWORD_KEY + password)
+        if not self.cache.hit(key, app.hashed, now):
+            if not self._verifier(app.hashed, password):
+                return None
+            self.cache.add(key, app.hashed, now)
+        if not covers(app.scope, service):
+            return None
+        if self._recordUse is not None:
+            last = self._lastRecorded.get((app.user, app.id))
+            if last is None or now - last >= USE_RECORD_INTERVAL:
+                self._lastRecorded[(app.user, app.id)] = now
+                try:
+                    self._recordUse(str(app.user), app.name, peer)
+                except Exception:
+                    self._log.failure("cannot record the use of an app password of {user}", user=str(app.user))
+        return str(app.user)
 
     def _cbChecked(self, avatarId: Optional[str], start: float, peer: str, username: bytes, password: bytes):
         if avatarId is None:

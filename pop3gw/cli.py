@@ -103,6 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     lim.add_argument("address")
     lim.add_argument("--messages-per-hour", type=_limitValue, metavar="N", default=_UNSET)
     lim.add_argument("--recipients-per-day", type=_limitValue, metavar="N", default=_UNSET)
+    app = usub.add_parser("app-password", help="add, list or remove a user's scoped app passwords")
+    appsub = app.add_subparsers(dest="appAction", required=True)
+    appAdd = appsub.add_parser("add", help="generate an app password (printed once, alone on the last line)")
+    appAdd.add_argument("address")
+    appAdd.add_argument("--name", required=True, help="what it is for, e.g. phone")
+    appAdd.add_argument("--scope", required=True, choices=("pop3", "submission", "all"))
+    appsub.add_parser("list", help="names, scopes, created, last used").add_argument("address")
+    appRemove = appsub.add_parser("remove", help="remove one app password")
+    appRemove.add_argument("address")
+    appRemove.add_argument("name")
+    scope = usub.add_parser("scope", help="where the user's main password works (none: app passwords only)")
+    scope.add_argument("address")
+    scope.add_argument("scope", choices=("pop3", "submission", "all", "none"))
     uns = usub.add_parser("unsuspend", help="let a suspended user send again, and clear the user's counters")
     uns.add_argument("address")
 
@@ -154,6 +167,55 @@ def _sendingLimits(config, owner: Optional[fsutil.Owner] = None):
     return SendingLimits(
         config.dataDir, config.limits["messages-per-hour"], config.limits["recipients-per-day"], owner
     )
+
+
+def _appPasswords(config, owner: Optional[fsutil.Owner] = None):
+    from pop3gw.apppasswords import APP_PASSWORDS, AppPasswords
+
+    return AppPasswords(os.path.join(config.dataDir, APP_PASSWORDS), config.usersPath + ".lock", owner)
+
+
+def cmdAppPassword(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+    """
+    C{user app-password add|list|remove} and C{user scope}.
+    """
+    from pop3gw.apppasswords import AppPasswordError, describe
+    from pop3gw.passwords import hashPassword
+
+    found = _users(config, owner).lookupUser(_address(args.address))
+    if found is None:
+        raise CommandError(f"no such user {args.address}", EX_NOUSER)
+    user = found[0]
+    apps = _appPasswords(config, owner)
+    try:
+        if args.action == "scope":
+            apps.setMainScope(user, args.scope)
+            stdout.write(f"{user}: main password scope {args.scope}\n")
+        elif args.appAction == "add":
+            password = apps.add(user, args.name, args.scope, hashPassword)
+            stdout.write(
+                f"app password {args.name} for {user}, scope {args.scope}; "
+                "shown only now, stored only as a hash:\n"
+            )
+            stdout.write(password + "\n")
+        elif args.appAction == "remove":
+            apps.remove(user, args.name)
+            stdout.write(f"removed app password {args.name} of {user}\n")
+        else:
+            sending = _sendingLimits(config, owner)
+            try:
+                used = sending.lastUses(str(user))
+            except sqlite3.Error:
+                used = {}
+            finally:
+                sending.close()
+            for line in describe(apps.list(user), used):
+                stdout.write(line + "\n")
+    except AppPasswordError as e:
+        raise CommandError(str(e)) from None
+    except OSError as e:
+        raise CommandError(f"cannot write {apps.path}: {e.strerror}", EX_CANTCREAT) from None
+    return EX_OK
 
 
 def cmdLimits(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
@@ -286,6 +348,7 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.
             address = found[0]
         if args.action == "remove":
             users.remove(address)
+            _appPasswords(config, owner).removeUser(address)
             stdout.write(f"removed {address} (its maildrop is kept)\n")
             return EX_OK
         password = _readPassword(stdin, stdin.isatty())
@@ -539,6 +602,8 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
                 return cmdImport(config, args, stdout, stderr, owner)
             if args.action in ("limits", "unsuspend"):
                 return cmdLimits(config, args, stdout, owner)
+            if args.action in ("app-password", "scope"):
+                return cmdAppPassword(config, args, stdout, owner)
             return cmdUser(config, args, stdin, stdout, owner)
         if args.command == "alias":
             return cmdAlias(config, args, stdout, stderr, owner)

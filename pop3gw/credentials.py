@@ -7,6 +7,8 @@ for password checks per client (see L{pop3gw.anvil}).
 
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from zope.interface import implementer
 
@@ -18,11 +20,14 @@ class ClientCredentials(UsernamePassword):
 
     @ivar peer: the client as L{pop3gw.address.describePeer} names it (a
         numeric address, C{"unix"} or C{"unknown"}).
+    @ivar service: the listener's service (C{"pop3"}, C{"submission"}),
+        for scoped passwords (see L{pop3gw.apppasswords}).
     """
 
-    def __init__(self, username: bytes, password: bytes, peer: str) -> None:
+    def __init__(self, username: bytes, password: bytes, peer: str, service: Optional[str] = None) -> None:
         super().__init__(username, password)
         self.peer = peer
+        self.service = service
 
     def __repr__(self) -> str:
         # Never the password.

@@ -210,7 +210,7 @@ class AuthorizationCommands(_Host):
         Check the credentials with the portal, then open the maildrop.
         Further input waits until this is over.
         """
-        creds = ClientCredentials(user.encode("utf-8"), password, self.peer)
+        creds = ClientCredentials(user.encode("utf-8"), password, self.peer, "pop3")
         d = defer.maybeDeferred(self.factory.portal.login, creds, None, IPOP3Avatar)
         d.addCallbacks(self._cbLoggedIn, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
         self.hold(d)

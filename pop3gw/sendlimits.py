@@ -10,7 +10,7 @@ user limits}) is refused with C{451 4.7.1} and B{suspended} from sending
 (fetching is untouched) until C{pop3gw user unsuspend}; the moment of
 suspension is logged and reported to the postmaster once.
 
-The records live in one SQLite database, C{DATA/sending.sqlite}, so they
+The records live in one SQLite database, C{DATA/accounts.sqlite}, so they
 survive a restart and are shared by every process on the data directory
 (the server's workers and the C{pop3gw} command).  Every method of
 L{SendingLimits} blocks: the server calls them through its I/O runner.
@@ -26,7 +26,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import attr
 from twisted.internet import defer
@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from pop3gw import fsutil
 from pop3gw.interfaces import SendingLimited
 
-DATABASE = "sending.sqlite"
+DATABASE = "accounts.sqlite"
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -56,6 +56,13 @@ CREATE TABLE IF NOT EXISTS overrides (
     user TEXT PRIMARY KEY,
     messages_per_hour INTEGER,
     recipients_per_day INTEGER
+);
+CREATE TABLE IF NOT EXISTS app_password_use (
+    user TEXT NOT NULL,
+    name TEXT NOT NULL,
+    at REAL NOT NULL,
+    client TEXT NOT NULL,
+    PRIMARY KEY (user, name)
 );
 CREATE TABLE IF NOT EXISTS suspended (
     user TEXT PRIMARY KEY,
@@ -260,6 +267,25 @@ class SendingLimits:
             if recipientsPerDay is not None or "recipients-per-day" in clear:
                 db.execute("UPDATE overrides SET recipients_per_day = ? WHERE user = ?", (recipientsPerDay, key))
             db.execute("DELETE FROM overrides WHERE messages_per_hour IS NULL AND recipients_per_day IS NULL")
+
+    def recordUse(self, user: str, name: str, client: str) -> None:
+        """
+        Note that C{user}'s app password C{name} was just used from
+        C{client}.
+        """
+        self._db().execute(
+            "INSERT OR REPLACE INTO app_password_use (user, name, at, client) VALUES (?, ?, ?, ?)",
+            (user.lower(), name, self._clock(), client),
+        )
+
+    def lastUses(self, user: str) -> Dict[str, Tuple[float, str]]:
+        """
+        When and from where each of C{user}'s app passwords was last used.
+        """
+        if not os.path.exists(self.path):
+            return {}
+        rows = self._db().execute("SELECT name, at, client FROM app_password_use WHERE user = ?", (user.lower(),))
+        return {name: (at, client) for name, at, client in rows}
 
     def suspendedUsers(self) -> List[Tuple[str, float, str]]:
         """

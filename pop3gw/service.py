@@ -33,6 +33,7 @@ from twisted.python.threadpool import ThreadPool
 from pop3gw import __version__, fsutil
 from pop3gw.address import Address
 from pop3gw.anvil import AuthAccounting
+from pop3gw.apppasswords import APP_PASSWORDS, AppPasswords
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
@@ -458,6 +459,10 @@ def _build(config: Config, reactor) -> MultiService:
     store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
     queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
+    sendingLimits = SendingLimits(
+        config.dataDir, config.limits["messages-per-hour"], config.limits["recipients-per-day"], owner
+    )
+    appPasswords = AppPasswords(os.path.join(config.dataDir, APP_PASSWORDS), users.lockPath, owner)
     watch = LoginWatch(reactor, os.path.join(config.dataDir, LOGIN_HISTORY), ioRunner, owner)
     watch.load()
     LoginWatchService(watch).setServiceParent(top)
@@ -468,9 +473,8 @@ def _build(config: Config, reactor) -> MultiService:
         config.limits["failure-delay"],
         accounting=AuthAccounting(reactor, hashThreads=hashPool.max),
         watch=watch,
-    )
-    sendingLimits = SendingLimits(
-        config.dataDir, config.limits["messages-per-hour"], config.limits["recipients-per-day"], owner
+        appPasswords=appPasswords,
+        recordUse=sendingLimits.recordUse,
     )
 
     def notifyPostmaster(suspension: Suspension) -> defer.Deferred:

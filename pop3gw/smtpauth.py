@@ -150,7 +150,7 @@ class AuthCommands(_Host):
 
     def _login(self, user: bytes, password: bytes) -> Deferred:
         d = self.factory.portal.login(
-            ClientCredentials(user, password, self.peer), self.peer, ISubmissionAvatar
+            ClientCredentials(user, password, self.peer, "submission"), self.peer, ISubmissionAvatar
         )
         d.addCallbacks(self._cbLogin, self._ebLogin, callbackArgs=(user,), errbackArgs=(user,))
         return d
