@@ -32,6 +32,7 @@ from pop3gw import __version__, fsutil
 from pop3gw.address import Address
 from pop3gw.anvil import AuthAccounting
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
+from pop3gw.bounces import noticeRecipient
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
@@ -550,6 +551,7 @@ def _build(config: Config, reactor) -> MultiService:
         relayVerifyTLS=config.relayVerifyTLS,
         clientTLS=clientTLS,
         lifetime=limits["queue-lifetime"],
+        postmasterOf=lambda sender: noticeRecipient(sender, config.postmaster, config.hostname, router.isLocalDomain),
     )
     relay.setServiceParent(top)
 
