@@ -149,7 +149,7 @@ class PostfixInFrontTests(SynchronousTestCase):
             "relay_domains = example.org\n"
             f"relay_transport = smtp:[127.0.0.1]:{mx}\n"
         )).start()
-        self.assertEqual(self.send(postfix, "alice@example.org", ["bob@example.org", "nobody@example.org"]), {}, postfix.log())
+        self.assertEqual(self.send(postfix, "alice@example.org", ["bob@example.org", "nobody@example.org"]), {})
         [fetched] = self.fetchAll(server, "bob@example.org")
         self.assertTraced(fetched, _MX_RECEIVED, _POSTFIX_RECEIVED)
         postfix.waitForLog(
@@ -192,7 +192,8 @@ class PostfixInFrontTests(SynchronousTestCase):
         self.assertEqual(list(refused), ["nobody@example.org"])
         code, reply = refused["nobody@example.org"]
         self.assertEqual(code, 550)
-        self.assertRegex(reply, rb"^5\.1\.1 <nobody@example\.org>: Recipient address rejected: User unknown")
+        self.assertEqual(reply, b"5.1.1 <nobody@example.org>: Recipient address rejected: "
+                                b"User unknown in virtual mailbox table")
         for user in ("alice@example.org", "bob@example.org"):
             [fetched] = self.fetchAll(server, user)
             self.assertTraced(fetched, _LMTP_RECEIVED, _POSTFIX_RECEIVED)
@@ -229,6 +230,32 @@ class PostfixInFrontTests(SynchronousTestCase):
         self.assertTraced(fetched, _LMTP_RECEIVED, _POSTFIX_RECEIVED)
         postfix.waitForLog(r"postfix/smtpd\[\d+\]: NOQUEUE: reject: RCPT from \S+\[127\.0\.0\.1\]: 550 5\.1\.1 "
                            r"<nobody@example\.org>")
+
+    def test_proxyMap(self) -> None:
+        """
+        The map through Postfix's proxymap (C{proxy:socketmap:...}, for a
+        chrooted smtpd): the same answers at RCPT.
+        """
+        postfix = PrivatePostfix(self)
+        recipients = os.path.join(postfix.top, "map")
+        server = self.startPop3gw("--postfix-map", f"unix:{recipients}")
+        server.waitForLog(r"postfix-map listening on ")
+        shareWithPostfix(recipients)
+        with open(os.path.join(postfix.configDirectory, "main.cf"), "a") as f:
+            f.write(
+                "relay_domains = example.org\n"
+                f"relay_recipient_maps = proxy:socketmap:unix:{recipients}:recipients\n"
+            )
+        postfix.start()
+        smtp = smtplib.SMTP("127.0.0.1", postfix.port, local_hostname="client.example", timeout=60)
+        self.addCleanup(smtp.close)
+        smtp.ehlo("client.example")
+        smtp.mail("carol@remote.example")
+        self.assertEqual(smtp.rcpt("team@example.org"), (250, b"2.1.5 Ok"))
+        self.assertEqual(smtp.rcpt("nobody@example.org"), (
+            550, b"5.1.1 <nobody@example.org>: Recipient address rejected: User unknown in relay recipient table"))
+        smtp.rset()
+        smtp.quit()
 
     def test_pipe(self) -> None:
         """
