@@ -165,8 +165,9 @@ class PrivatePostfix:
         """
         self.testcase.addCleanup(self.stop)
         self.run("start")
-        with open(os.path.join(self.queueDirectory, "pid", "master.pid")) as f:
-            self.masterPid = int(f.read().split()[0])
+        self.masterPid = self._pidFromFile()
+        if self.masterPid is None:
+            raise AssertionError(f"Postfix started but wrote no master.pid:\n{self.log()}")
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
             try:
@@ -181,9 +182,10 @@ class PrivatePostfix:
         Stop the instance: C{postfix stop}, then kill the master's process
         group by its PID if it is still there.
         """
-        if self.masterPid is None:
+        pid = self.masterPid if self.masterPid is not None else self._pidFromFile()
+        self.masterPid = None
+        if pid is None:
             return
-        pid, self.masterPid = self.masterPid, None
         self.run("stop", check=False)
         deadline = time.monotonic() + TIMEOUT
         while _alive(pid) and time.monotonic() < deadline:
@@ -193,6 +195,17 @@ class PrivatePostfix:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 os.kill(pid, signal.SIGKILL)
+
+    def _pidFromFile(self) -> Optional[int]:
+        """
+        The PID the master daemon wrote, if it did (also when C{start}
+        failed half-way).
+        """
+        try:
+            with open(os.path.join(self.queueDirectory, "pid", "master.pid")) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def log(self) -> str:
         """
