@@ -194,10 +194,11 @@ class PostfixInFrontTests(SynchronousTestCase):
         self.assertEqual(code, 550)
         self.assertEqual(reply, b"5.1.1 <nobody@example.org>: Recipient address rejected: "
                                 b"User unknown in virtual mailbox table")
+        for rcpt in ("bob", "team"):
+            postfix.waitForLog(rf"to=<{rcpt}@example\.org>, relay=\S+lmtp\]?, .*status=sent \(250 2\.0\.0 OK queued as")
         for user in ("alice@example.org", "bob@example.org"):
             [fetched] = self.fetchAll(server, user)
             self.assertTraced(fetched, _LMTP_RECEIVED, _POSTFIX_RECEIVED)
-        postfix.waitForLog(r"to=<bob@example\.org>, .*status=sent \(250 2\.0\.0 OK queued as")
         self.assertNotIn("status=bounced", postfix.log())
 
     def test_relayRecipientMaps(self) -> None:
