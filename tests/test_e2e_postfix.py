@@ -47,10 +47,12 @@ MESSAGE = (
     b"caf\xc3\xa9 8-bit\r\n"
 )
 
-#: pop3gw's Received: field on --mx (from Postfix's smtp client).
+#: pop3gw's Received: field on --mx (from Postfix's smtp client, over
+#: STARTTLS).
 _MX_RECEIVED = (
     rb"Received: from mta\.example\.org \(\S+ \[127\.0\.0\.1\]\)\r\n"
-    rb"\tby mail\.example\.org \(pop3gw\) with ESMTP id [0-9A-F]{16};\r\n"
+    rb"\t\(using TLSv1\.[23] with cipher [A-Z0-9_-]+\)\r\n"
+    rb"\tby mail\.example\.org \(pop3gw\) with ESMTPS id [0-9A-F]{16};\r\n"
     rb"\t[^\r\n]+\r\n"
 )
 #: pop3gw's Received: field on --lmtp (from Postfix's lmtp client).
@@ -137,8 +139,10 @@ class PostfixInFrontTests(SynchronousTestCase):
     def test_relayToMX(self) -> None:
         """
         Postfix relays example.org to C{--mx} (C{relay_domains},
-        C{relay_transport}): bob gets the message as sent after Postfix's and
-        pop3gw's Received: fields.  An unknown recipient is refused by
+        C{relay_transport}) over STARTTLS (C{smtp_tls_security_level =
+        may}, Debian's default): bob gets the message as sent after
+        Postfix's Received: field and pop3gw's, which names the TLS version
+        and cipher.  An unknown recipient is refused by
         pop3gw with 550 5.1.1, which Postfix reports as C{status=bounced}
         (never deferred) in a bounce to the sender, alice, who gets it
         through C{--mx} with the null sender.
@@ -148,6 +152,8 @@ class PostfixInFrontTests(SynchronousTestCase):
         postfix = PrivatePostfix(self, mainCf=(
             "relay_domains = example.org\n"
             f"relay_transport = smtp:[127.0.0.1]:{mx}\n"
+            # Debian's default: STARTTLS when offered, unverified.
+            "smtp_tls_security_level = may\n"
         )).start()
         self.assertEqual(self.send(postfix, "alice@example.org", ["bob@example.org", "nobody@example.org"]), {})
         [fetched] = self.fetchAll(server, "bob@example.org")
