@@ -7,7 +7,8 @@ of the real C{twistd -n pop3gw}, with the README's Postfix lines:
     deferred;
   - Postfix delivers to virtual mailbox domains through C{--lmtp} on a
     Unix socket, and refuses unknown recipients at its own RCPT with
-    C{virtual_mailbox_maps} on C{--postfix-map};
+    C{virtual_mailbox_maps} on C{--postfix-map}; without the map, the
+    unknown recipient LMTP refuses is bounced, not deferred;
   - C{relay_recipient_maps} on C{--postfix-map} makes Postfix refuse
     unknown recipients at its own RCPT;
   - a C{pipe(8)} transport runs C{pop3gw deliver ${recipient}}.
@@ -206,6 +207,37 @@ class PostfixInFrontTests(SynchronousTestCase):
             [fetched] = self.fetchAll(server, user)
             self.assertTraced(fetched, _LMTP_RECEIVED, _POSTFIX_RECEIVED)
         self.assertNotIn("status=bounced", postfix.log())
+
+    def test_lmtpUnknownBounced(self) -> None:
+        """
+        Without C{virtual_mailbox_maps}, Postfix accepts an unknown
+        recipient and hands it to C{--lmtp}, which refuses it with 550
+        5.1.1 at RCPT: Postfix bounces it (C{status=bounced}, never
+        deferred) to the sender, alice, who gets the bounce through LMTP;
+        bob gets the message.
+        """
+        postfix = PrivatePostfix(self)
+        lmtp = os.path.join(postfix.top, "lmtp")
+        server = self.startPop3gw("--lmtp", f"unix:{lmtp}", listeners=("pop3", "lmtp"))
+        shareWithPostfix(lmtp)
+        with open(os.path.join(postfix.configDirectory, "main.cf"), "a") as f:
+            f.write(
+                "virtual_mailbox_domains = example.org\n"
+                f"virtual_transport = lmtp:unix:{lmtp}\n"
+            )
+        postfix.start()
+        self.assertEqual(self.send(postfix, "alice@example.org", ["bob@example.org", "nobody@example.org"]), {})
+        postfix.waitForLog(
+            r"to=<nobody@example\.org>, relay=\S+, .* dsn=5\.1\.1, status=bounced \(host \S+ said: "
+            r"550 5\.1\.1 Recipient address rejected: user unknown \(in reply to RCPT TO command\)\)"
+        )
+        [fetched] = self.fetchAll(server, "bob@example.org")
+        self.assertTraced(fetched, _LMTP_RECEIVED, _POSTFIX_RECEIVED)
+        [bounce] = self.fetchAll(server, "alice@example.org")
+        self.assertIn(b"\r\nSubject: Undelivered Mail Returned to Sender\r\n", bounce)
+        self.assertIn(b"\r\nFinal-Recipient: rfc822; nobody@example.org\r\n", bounce)
+        server.waitForLog(r'lmtp: accepted id=\S+ rhost=unix from="" recipients=1 ')
+        self.assertNotIn("status=deferred", postfix.log())
 
     def test_relayRecipientMaps(self) -> None:
         """
