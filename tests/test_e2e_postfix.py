@@ -319,8 +319,10 @@ class PostfixInFrontTests(SynchronousTestCase):
         except OSError as e:
             problem = str(e)
         if problem:
-            missing(self, f"the pipe(8) user nobody cannot run {pop3gw} (the Python of its virtualenv must be "
-                          f"readable by other users): {problem}")
+            # Not something .ci/run can install: the interpreter (or the
+            # checkout) lives where only root may read, e.g. under /root.
+            self.skipTest(f"the pipe(8) user nobody cannot run {pop3gw} (the Python of its virtualenv and the "
+                          f"checkout must be readable by other users): {problem}")
         config = os.path.join(postfix.top, "pop3gw.ini")
         with open(config, "w") as f:
             f.write(f"[pop3gw]\ndata-dir = {dataDir}\n[limits]\nfailure-delay = 0.2\n")
