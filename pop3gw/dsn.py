@@ -112,6 +112,7 @@ def makeBounce(
     arrivalDate: Optional[float] = None,
     boundary: Optional[str] = None,
     messageId: Optional[str] = None,
+    notice: Optional[Sequence[str]] = None,
 ) -> bytes:
     """
     Build one delivery status notification.
@@ -119,7 +120,8 @@ def makeBounce(
     @param reportingHost: this server's host name (C{Reporting-MTA} and the
         domain of C{MAILER-DAEMON@}).
     @param sender: the envelope sender of the failed message, who receives
-        the notification.
+        the notification; for a postmaster notice (C{notice}), the
+        postmaster who receives it.
     @param failures: C{(recipient, status, diagnostic)} for each failed
         recipient: the recipient L{Address}, an RFC 3463 status such as
         C{"5.1.1"} and a diagnostic text (typically the remote reply, e.g.
@@ -133,6 +135,10 @@ def makeBounce(
     @param boundary: the MIME boundary; random if C{None} (tests fix it).
     @param messageId: the C{Message-ID} (with angle brackets); made from the
         queue id and random bits if C{None}.
+    @param notice: if not C{None}, the report is a postmaster notice, the
+        copy of a bounce that cannot be returned to the sender (Postfix's
+        "double bounce"): the subject says so, and the text explains why
+        with the lines of C{notice} (each made one line by L{oneLine}).
     @return: the message, with CRLF line ends.
     """
     host = oneLine(reportingHost, 255)
@@ -144,7 +150,7 @@ def makeBounce(
     header = [
         f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
         f"To: <{sender}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        "Subject: " + ("Undelivered Mail Returned to Sender" if notice is None else "Postmaster Copy: Undelivered Mail"),
         f"Date: {email.utils.formatdate(now, usegmt=True)}",
         f"Message-ID: {messageId}",
         "Auto-Submitted: auto-replied",
@@ -152,12 +158,23 @@ def makeBounce(
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
     ]
 
+    if notice is None:
+        explanation = [
+            "Your message could not be delivered to one or more recipients.",
+            "It has been returned to you with this report; the original",
+            "header is attached.",
+        ]
+    else:
+        explanation = [
+            "A message could not be delivered to one or more recipients.",
+            *(oneLine(line) for line in notice),
+            "This report goes to you, the postmaster, instead; the original",
+            "header is attached.",
+        ]
     human = [
         f"This is the mail system at host {host}.",
         "",
-        "Your message could not be delivered to one or more recipients.",
-        "It has been returned to you with this report; the original",
-        "header is attached.",
+        *explanation,
         "",
         f"Queue id: {oneLine(queueId, 100)}",
         "",

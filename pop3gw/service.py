@@ -35,6 +35,7 @@ from pop3gw.address import Address
 from pop3gw.anvil import AuthAccounting
 from pop3gw.apppasswords import APP_PASSWORDS, AppPasswords
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
+from pop3gw.bounces import noticeRecipient
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
@@ -603,6 +604,7 @@ def _build(config: Config, reactor) -> MultiService:
         relayVerifyTLS=config.relayVerifyTLS,
         clientTLS=clientTLS,
         lifetime=limits["queue-lifetime"],
+        postmasterOf=lambda sender: noticeRecipient(sender, config.postmaster, config.hostname, router.isLocalDomain),
     )
     relay.setServiceParent(top)
 

@@ -65,6 +65,33 @@ class MakeBounceTests(SynchronousTestCase):
         self.assertEqual(msg.get_content_type(), "multipart/report")
         self.assertEqual(msg.get_param("report-type"), "delivery-status")
 
+    def test_postmasterNotice(self):
+        """
+        A postmaster notice is the same report to the postmaster, with its
+        own subject and a text saying why it could not be returned; the
+        notice's lines are made single lines.
+        """
+        postmaster = Address("postmaster", "example.org")
+        data = bounce(sender=postmaster, boundary="BOUNDARY",
+                      notice=["The report could not be returned to its sender <alice@example.org>:",
+                              "the sender is not a local user\r\nany more."])
+        msg = self.parse(data)
+        self.assertEqual(msg["To"], "<postmaster@example.org>")
+        self.assertEqual(msg["Subject"], "Postmaster Copy: Undelivered Mail")
+        self.assertIn(
+            b"\r\n\r\nThis is the mail system at host mx.example.org.\r\n\r\n"
+            b"A message could not be delivered to one or more recipients.\r\n"
+            b"The report could not be returned to its sender <alice@example.org>:\r\n"
+            b"the sender is not a local user any more.\r\n"
+            b"This report goes to you, the postmaster, instead; the original\r\n"
+            b"header is attached.\r\n\r\nQueue id: 0000000000001-abcdef01\r\n\r\n"
+            b"<bob@remote.example>: 550 5.1.1 no such user\r\n",
+            data,
+        )
+        self.assertEqual(data.replace(b"Postmaster Copy: Undelivered Mail", b"Undelivered Mail Returned to Sender")
+                         .split(b"Content-Description: Delivery report")[1],
+                         bounce(boundary="BOUNDARY").split(b"Content-Description: Delivery report")[1])
+
     def test_randomMessageId(self):
         """
         Without an explicit Message-ID, each bounce gets a different one

@@ -28,6 +28,7 @@ from pop3gw.config import Options
 from pop3gw.directory import Directory
 from pop3gw.limits import ConnectionLimitFactory
 from pop3gw.pop3 import POP3Factory
+from pop3gw.relay.service import RelayService
 from pop3gw.service import ListenerService, LocalDomains, makeService
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtplmtp import LMTPFactory
@@ -88,6 +89,30 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIs(byName["pop3s"].wrappedFactory.wrappedFactory, byName["pop3"].wrappedFactory)
         self.assertIsInstance(byName["submission"].wrappedFactory, SubmissionFactory)
         self.assertIs(byName["pop3"].wrappedFactory.portal, byName["submission"].wrappedFactory.portal)
+
+    def test_noticeRecipient(self) -> None:
+        """
+        The relay's notices to the postmaster go to the C{[pop3gw]
+        postmaster} user when it is set; else to C{postmaster@} the
+        sender's domain, or, for the null sender, the local domain the
+        host name is in.
+        """
+        top, _ = self.build("--domain", "example.org")
+        [relay] = [s for s in top if isinstance(s, RelayService)]
+        postmasterOf = relay.bouncer.postmasterOf
+        assert postmasterOf is not None
+        self.assertEqual(postmasterOf(None), Address("postmaster", "example.org"))
+        self.assertEqual(postmasterOf(Address("carol", "example.net")), Address("postmaster", "example.net"))
+        os.makedirs(self.dataDir, exist_ok=True)
+        config = os.path.join(self.dataDir, "pop3gw.ini")
+        with open(config, "w") as f:
+            f.write("[pop3gw]\npostmaster = bob@example.org\n")
+        top, _ = self.build("--config", config, "--domain", "example.org")
+        [relay] = [s for s in top if isinstance(s, RelayService)]
+        postmasterOf = relay.bouncer.postmasterOf
+        assert postmasterOf is not None
+        for sender in (None, Address("carol", "example.net")):
+            self.assertEqual(postmasterOf(sender), Address("bob", "example.org"))
 
     def test_mxListener(self) -> None:
         """

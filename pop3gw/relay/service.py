@@ -16,7 +16,9 @@ queue lifetime has passed since the message was queued, pending recipients
 fail permanently ("expired").  Each batch of permanent failures produces
 exactly one RFC 3464 bounce to the envelope sender, stored through the
 C{bounceDelivery} callable before the failures are marked as notified; a
-message with the null sender is never bounced (the failure is only logged).
+report that cannot be returned (the null sender, a sender who is gone or
+whose maildrop refuses it) goes to the postmaster as a notice instead
+(L{pop3gw.bounces}).
 An entry's files are removed only once no recipient is pending and every
 failure was notified.
 
@@ -99,6 +101,10 @@ class RelayService(Service):
     @param hostname: this server's name (C{EHLO}, bounces).
     @param bounceDelivery: C{bounceDelivery(sender, data) -> Deferred}
         stores a bounce for the local user C{sender}.
+    @param postmasterOf: C{postmasterOf(sender) -> Address or None}: who
+        receives the notice about a message from C{sender} whose bounce
+        cannot be returned (L{pop3gw.bounces.noticeRecipient}); C{None}:
+        nobody, the notice is only logged.
     @param relayHost: send everything to this smarthost instead of MX hosts.
     @param relayPort: the smarthost's port; C{None} means L{SUBMISSION_PORT}
         with credentials, L{SMTP_PORT} without.
@@ -144,6 +150,7 @@ class RelayService(Service):
         maxConnections: int = MAX_CONNECTIONS,
         endpointFactory: Optional[Callable] = None,
         deliverOnce: Callable = deliverOnce,
+        postmasterOf: Optional[Callable] = None,
     ):
         if not schedule:
             raise ValueError("the retry schedule is empty")
@@ -169,7 +176,8 @@ class RelayService(Service):
         self._flushLoop: Optional[LoopingCall] = None
         self._flushMtime: Optional[int] = None
         self.bouncer = Bouncer(
-            queue, reactor, hostname, bounceDelivery, self.log, self.schedule[0], lifetime + self.schedule[-1]
+            queue, reactor, hostname, bounceDelivery, self.log, self.schedule[0], lifetime + self.schedule[-1],
+            postmasterOf,
         )
         self.dispatcher = Dispatcher(
             queue,
