@@ -29,7 +29,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.e2e import Pop3gwProcess, missing, pop3gwCommand
+from tests.e2e import Pop3gwProcess, pop3gwCommand
 from tests.postfixhelpers import PrivatePostfix, requirePostfix, shareWithPostfix
 
 PASSWORDS = {
