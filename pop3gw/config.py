@@ -33,6 +33,7 @@ LISTENERS = {
     "mx": (),
     "lmtp": (),
     "postfix-map": (),
+    "metrics": (),
 }
 
 # [limits] keys: name -> (default, type)
@@ -377,6 +378,10 @@ class Options(usage.Options):
     def opt_postfix_map(self, value: str) -> None:
         """Postfix socketmap lookup endpoint answering whether an address is a local recipient, e.g. unix:/run/pop3gw/map (repeatable; off by default)"""
         self._append("postfix-map", value)
+
+    def opt_metrics(self, value: str) -> None:
+        """HTTP endpoint serving /metrics (Prometheus) and /healthz, e.g. tcp:9134:interface=127.0.0.1 (off by default)"""
+        self._append("metrics", value)
 
     def postOptions(self) -> None:
         cli = {k: v for k, v in self.items() if v is not None and k != "config"}

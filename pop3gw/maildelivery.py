@@ -243,7 +243,7 @@ class MaildirDelivery:
             self._flush()
             fd = self._fd
             assert fd is not None, "committed only while the file is open"
-            os.fsync(fd)
+            fsutil.fsync(fd)
             self._fd = None
             os.close(fd)
             for maildir in self._maildirs:
@@ -283,7 +283,7 @@ class MaildirDelivery:
                     _writeAll(out, chunk)
             finally:
                 os.close(source)
-            os.fsync(out)
+            fsutil.fsync(out)
         finally:
             os.close(out)
         os.link(copyPath, dest)

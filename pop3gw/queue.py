@@ -520,7 +520,7 @@ class _QueueDelivery:
         queueId = self._entry.queueId
         f = self._file
         f.flush()
-        os.fsync(f.fileno())
+        fsutil.fsync(f.fileno())
         f.close()
         os.rename(self._tmp, os.path.join(root, queueId + ".msg"))
         fsutil.fsyncDirectory(root)

@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -42,6 +42,7 @@ from pop3gw.interfaces import TemporaryFailure, UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.loginwatch import LoginWatch
 from pop3gw.maildir import MaildirStore
+from pop3gw.metrics import Metrics, healthProblems, metricsSite
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue
 from pop3gw.relay import RelayService
@@ -133,6 +134,34 @@ class ThreadPoolService(Service):
         super().stopService()
         d = self.runner.drain() if self.runner is not None else defer.succeed(None)
         return d.addCallback(lambda _: self.pool.stop())
+
+
+def _openConnections(limiter: ConnectionLimitFactory) -> Callable[[], int]:
+    """
+    How many connections C{limiter}'s listener has open, when asked.
+    """
+    return lambda: limiter.total
+
+
+class MetricsService(Service):
+    """
+    While running, feeds the log events and the fsync timings to a
+    L{Metrics} (see L{pop3gw.metrics}).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def startService(self) -> None:
+        super().startService()
+        globalLogPublisher.addObserver(self.metrics)
+        fsutil.fsyncObserver = self.metrics.fsyncTimed
+
+    def stopService(self):
+        super().stopService()
+        globalLogPublisher.removeObserver(self.metrics)
+        if fsutil.fsyncObserver == self.metrics.fsyncTimed:
+            fsutil.fsyncObserver = None
 
 
 class LoginWatchService(TimerService):
@@ -571,13 +600,17 @@ def _build(config: Config, reactor) -> MultiService:
         # answers Postfix with a temporary failure.
         ("postfix-map", SocketmapFactory(router), False, None),
     ]
+    metrics = Metrics() if config.listeners["metrics"] else None
     for name, served, implicitTLS, refusal in plans:
         for description in config.listeners[name]:
             wrapped: IProtocolFactory = served
             if implicitTLS:
                 wrapped = TLSMemoryBIOFactory(serverTLS, False, served, reactor)
                 wrapped.noisy = False
-            ListenerService(reactor, name, description, limited(wrapped, refusal)).setServiceParent(top)
+            limiter = limited(wrapped, refusal)
+            ListenerService(reactor, name, description, limiter).setServiceParent(top)
+            if metrics is not None:
+                metrics.watchSessions(name, _openConnections(limiter))
 
     def bounceDelivery(sender: Address, data: bytes):
         recipients = users.snapshot().resolve(sender)
@@ -607,6 +640,14 @@ def _build(config: Config, reactor) -> MultiService:
         postmasterOf=lambda sender: noticeRecipient(sender, config.postmaster, config.hostname, router.isLocalDomain),
     )
     relay.setServiceParent(top)
+
+    if metrics is not None:
+        metrics.watchQueue(lambda: list(relay.entries.values()))
+        metrics.watchCertificate(certs.expiry)
+        MetricsService(metrics).setServiceParent(top)
+        site = metricsSite(metrics, lambda: healthProblems(config.dataDir, metrics))
+        for description in config.listeners["metrics"]:
+            ListenerService(reactor, "metrics", description, limited(site, None)).setServiceParent(top)
 
     if not any(config.listeners[name] for name, _, _, _ in plans):
         log.warn("no POP3, submission, MX or LMTP listener is configured: only the outbound queue runs")

@@ -426,6 +426,14 @@ class CertificateManager:
 
     # -- paths
 
+    def expiry(self) -> float | None:
+        """
+        When the certificate being served expires (POSIX seconds), or
+        C{None} before any is loaded.
+        """
+        material = self._material
+        return None if material is None else _notAfter(material.leaf).timestamp()
+
     @property
     def generated(self) -> bool:
         """
