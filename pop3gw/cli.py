@@ -31,6 +31,7 @@ from pop3gw.interfaces import (
     AliasShadowsUser,
     BadMessageData,
     InsufficientStorage,
+    MaildropLocked,
     PermanentFailure,
     Pop3gwError,
     TemporaryFailure,
@@ -116,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     scope = usub.add_parser("scope", help="where the user's main password works (none: app passwords only)")
     scope.add_argument("address")
     scope.add_argument("scope", choices=("pop3", "submission", "all", "none"))
+    iu = usub.add_parser(
+        "import-uidl",
+        help="give the user's messages the UIDLs of the old server (a UIDL listing or Dovecot's dovecot-uidlist "
+        "on stdin)",
+    )
+    iu.add_argument("address")
     uns = usub.add_parser("unsuspend", help="let a suspended user send again, and clear the user's counters")
     uns.add_argument("address")
 
@@ -135,6 +142,13 @@ def _parser() -> argparse.ArgumentParser:
     qsub = queue.add_subparsers(dest="action", required=True)
     qsub.add_parser("list", help="list waiting messages")
     qsub.add_parser("flush", help="retry every waiting message now")
+
+    imp2 = sub.add_parser(
+        "import", help="copy a mailbox from another POP3 server over verified TLS, with its UIDLs (resumable)"
+    )
+    imp2.add_argument("source", metavar="pop3[s]://USER@HOST[:PORT]")
+    imp2.add_argument("--to", metavar="ADDRESS", help="the local user (default: USER, when it is an address)")
+    imp2.add_argument("--ca-file", metavar="FILE", help="trust the CAs in FILE instead of the system's")
 
     selftest = sub.add_parser(
         "selftest", help="probe a running server from outside; one PASS or FAIL line per probe")
@@ -215,6 +229,94 @@ def cmdAppPassword(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] =
         raise CommandError(str(e)) from None
     except OSError as e:
         raise CommandError(f"cannot write {apps.path}: {e.strerror}", EX_CANTCREAT) from None
+    return EX_OK
+
+
+def _openForMigration(config, address: Address, owner: Optional[fsutil.Owner]):
+    """
+    The store and C{address}'s locked maildrop (the user as stored).
+    """
+    from twisted.python.failure import Failure
+
+    from pop3gw.maildir import MaildirStore
+
+    found = _users(config, owner).lookupUser(address)
+    if found is None:
+        raise CommandError(f"no such user {address}", EX_NOUSER)
+    user = found[0]
+    store = MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)
+    results: list = []
+    store.openMaildrop(user).addBoth(results.append)
+    result = results[0]
+    if isinstance(result, Failure):
+        if result.check(MaildropLocked):
+            raise CommandError(f"the maildrop of {user} is in use by a POP3 session; try again", EX_TEMPFAIL)
+        result.raiseException()
+    return user, store, result
+
+
+def cmdImportUIDL(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+    """
+    C{user import-uidl}: see L{pop3gw.migrate}.
+    """
+    from pop3gw.migrate import MigrationError, importUIDLs
+
+    user, _store, maildrop = _openForMigration(config, _address(args.address), owner)
+    try:
+        count = importUIDLs(maildrop.path, maildrop.keys(), stdin.read(), owner)
+    except MigrationError as e:
+        raise CommandError(f"cannot import UIDLs: {e}", EX_DATAERR) from None
+    finally:
+        maildrop.release()
+    stdout.write(f"{user}: {count} of {len(maildrop.keys())} messages now have their old UIDL\n")
+    return EX_OK
+
+
+def cmdImportMailbox(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+    """
+    C{import pop3[s]://USER@HOST}: see L{pop3gw.migrate.Importer}.
+    """
+    import ssl
+
+    from pop3gw.migrate import Importer, MigrationError, parseSource
+
+    try:
+        remoteUser, host, port, implicit = parseSource(args.source)
+    except MigrationError as e:
+        raise CommandError(str(e), EX_USAGE) from None
+    local = _address(args.to or remoteUser)
+    password = _readPassword(stdin, stdin.isatty())
+    user, store, maildrop = _openForMigration(config, local, owner)
+    path = maildrop.path
+    maildrop.release()
+
+    def presentKeys() -> list:
+        return _openForMigration(config, user, owner)[2].keysAndRelease()
+
+    def deliver(data: bytes, before) -> str:
+        delivery = store.beginDelivery([user])
+        before(delivery.uniqueName)
+        delivery.write(data)
+        failures: list = []
+        delivery.commit().addErrback(failures.append)
+        if failures:
+            delivery.abort()
+            failures[0].raiseException()
+        return delivery.uniqueName
+
+    try:
+        context = ssl.create_default_context(cafile=args.ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise CommandError(f"--ca-file: {e}", EX_NOINPUT) from None
+    importer = Importer(path, deliver, presentKeys, owner)
+    try:
+        session = importer.connect(host, port, implicit, context)
+        copied, skipped = importer.run(session, remoteUser, password)
+    except MigrationError as e:
+        raise CommandError(f"import from {host}: {e}", EX_TEMPFAIL) from None
+    except BadMessageData as e:
+        raise CommandError(f"import from {host}: a message cannot be stored unchanged: {e}", EX_DATAERR) from None
+    stdout.write(f"{user}: copied {copied} messages from {host}, {skipped} already copied before\n")
     return EX_OK
 
 
@@ -600,11 +702,15 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
         if args.command == "user":
             if args.action == "import":
                 return cmdImport(config, args, stdout, stderr, owner)
+            if args.action == "import-uidl":
+                return cmdImportUIDL(config, args, stdin, stdout, owner)
             if args.action in ("limits", "unsuspend"):
                 return cmdLimits(config, args, stdout, owner)
             if args.action in ("app-password", "scope"):
                 return cmdAppPassword(config, args, stdout, owner)
             return cmdUser(config, args, stdin, stdout, owner)
+        if args.command == "import":
+            return cmdImportMailbox(config, args, stdin, stdout, owner)
         if args.command == "alias":
             return cmdAlias(config, args, stdout, stderr, owner)
         if args.command == "deliver":

@@ -98,6 +98,13 @@ class MaildirDelivery:
         self._pendingCR = False
 
     @property
+    def uniqueName(self) -> str:
+        """
+        The Maildir unique name the message gets (its UIDL).
+        """
+        return self._unique
+
+    @property
     def state(self) -> str:
         """
         C{"open"}, C{"committing"}, C{"committed"}, C{"aborted"} or

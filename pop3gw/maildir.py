@@ -71,6 +71,7 @@ from pop3gw.maildirfiles import (
     uidForKey,
 )
 from pop3gw.maildirfiles import measureFile as _measureFile
+from pop3gw.migrate import readUidMap
 from pop3gw.runner import ImmediateRunner
 from pop3gw.wire import WireConverter as _WireConverter
 
@@ -286,9 +287,19 @@ class MaildirMaildrop:
     @ivar messages: L{MaildirMessageInfo}s, oldest first.
     """
 
-    def __init__(self, path: str, lockFD: int, entries: list, runner: IBlockingRunner, quick: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        lockFD: int,
+        entries: list,
+        runner: IBlockingRunner,
+        quick: bool = False,
+        uids: Optional[dict] = None,
+    ) -> None:
         """
         @param runner: runs blocking work.
+        @param uids: UIDLs imported from another server, by unique name
+            (see L{pop3gw.migrate}); the others are the unique names.
         @param quick: whether the snapshot was taken on the reactor thread
             (the maildrop is small), so a few flag renames may be too.
         """
@@ -298,7 +309,26 @@ class MaildirMaildrop:
         self._runner = runner
         self._quick = quick
         self._state = "open"
-        self.messages = [MaildirMessageInfo(e.wireSize, uidForKey(e.key), isSeenName(e.name)) for e in entries]
+        imported = uids or {}
+        self.messages = [
+            MaildirMessageInfo(e.wireSize, imported.get(e.key) or uidForKey(e.key), isSeenName(e.name))
+            for e in entries
+        ]
+
+    def keys(self) -> list[str]:
+        """
+        The Maildir unique names of the messages, in POP3 order.
+        """
+        return [e.key for e in self._entries]
+
+    def keysAndRelease(self) -> list[str]:
+        """
+        L{keys}, then L{release}.
+        """
+        try:
+            return self.keys()
+        finally:
+            self.release()
 
     def _entry(self, index: int) -> _Entry:
         if not 0 <= index < len(self._entries):
@@ -604,6 +634,7 @@ class MaildirStore:
             except BlockingIOError:
                 raise MaildropLocked(str(address)) from None
             entries = _snapshot(path, quick)
+            uids = readUidMap(path)
         except OSError as e:
             os.close(fd)
             raise TemporaryFailure(f"cannot read maildrop: {e.strerror}") from e
@@ -614,7 +645,7 @@ class MaildirStore:
             now = self._now()
             self._tmpCleaned[path] = now
             _cleanTmp(path, now)
-        return MaildirMaildrop(path, fd, entries, self._runner, quick)
+        return MaildirMaildrop(path, fd, entries, self._runner, quick, uids)
 
     def _tmpCleanDue(self, path: str) -> bool:
         """
