@@ -33,6 +33,7 @@ C{temperror} rather than late.
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import logging
 import re
 import threading
@@ -237,6 +238,11 @@ def checkSPF(client: DNSClient, ip: str, sender: Optional[str], helo: str) -> SP
         scope, identity = "helo", domain
     if not isDomainName(domain):
         return SPFResult("none", scope, "", "")
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        # No address to authorise (a Unix-socket client).
+        return SPFResult("none", scope, domain, identity)
     _spfThread.client = client
     try:
         q = spf.query(i=ip, s=sender or "", h=domain if not sender else helo, timeout=client.timeout,
@@ -322,8 +328,8 @@ def fromDomains(message: bytes) -> Optional[list[str]]:
     5322.From), lower-cased, in order, each once.
 
     @return: the domains, or C{None} when there is no usable one (no
-        C{From:}, an address without a domain, a domain that is not a DNS
-        name).
+        C{From:}, only addresses without a domain or whose domain is not a
+        DNS name).
     """
     values = [value for name, value in headerFields(message) if name == b"from"]
     if not values:
@@ -331,9 +337,9 @@ def fromDomains(message: bytes) -> Optional[list[str]]:
     domains: list[str] = []
     for _, spec in email.utils.getaddresses([v.decode("utf-8", "replace") for v in values]):
         domain = spec.rpartition("@")[2].lower().rstrip(".")
-        if "@" not in spec or not isDomainName(domain):
-            return None
-        if domain not in domains:
+        # An unusable address is skipped, not a reason to skip DMARC for
+        # the others.
+        if "@" in spec and isDomainName(domain) and domain not in domains:
             domains.append(domain)
     return domains or None
 

@@ -427,7 +427,23 @@ class HeaderTests(SynchronousTestCase):
                          ["x.example", "y.example"])
         self.assertIsNone(mailauth.fromDomains(b"Subject: x\r\n\r\nFrom: a@x.example\r\n"))
         self.assertIsNone(mailauth.fromDomains(b"From: undisclosed\r\n\r\n"))
-        self.assertIsNone(mailauth.fromDomains(b"From: a@b;c\r\n\r\n"))
+        self.assertIsNone(mailauth.fromDomains(b"From: a@[192.0.2.1]\r\n\r\n"))
+
+    def test_fromDomainsSkipsUnusable(self) -> None:
+        """
+        An unusable address beside a usable one does not hide the usable
+        one's domain from DMARC.
+        """
+        self.assertEqual(mailauth.fromDomains(b"From: undisclosed, boss@Bad.example\r\n\r\n"), ["bad.example"])
+
+    def test_spfWithoutAddress(self) -> None:
+        """
+        A client without an IP address (a Unix socket) has no SPF result:
+        none, nothing looked up.
+        """
+        client = mailauth.DNSClient(None, 5.0, time.monotonic() + 20)
+        self.assertEqual(mailauth.checkSPF(client, "unix", "x@example.com", "client.example"),
+                         mailauth.SPFResult("none", "mailfrom", "example.com", "x@example.com"))
 
     def test_parseRecord(self) -> None:
         """
