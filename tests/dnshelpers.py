@@ -119,14 +119,27 @@ def rsaKey(bits: int = 1024) -> tuple[bytes, str]:
     return pem, base64.b64encode(public).decode()
 
 
-def sign(message: bytes, domain: str, selector: str, pem: bytes, headers: Optional[list] = None) -> bytes:
+def ed25519Key() -> tuple[bytes, str]:
     """
-    C{message} with a DKIM-Signature (relaxed/relaxed, rsa-sha256) on top.
+    A new Ed25519 key (RFC 8463): its base64 private key, as dkimpy signs
+    with, and the C{p=} of its DKIM record.
+    """
+    import nacl.signing
+
+    key = nacl.signing.SigningKey.generate()
+    return base64.b64encode(bytes(key)), base64.b64encode(bytes(key.verify_key)).decode()
+
+
+def sign(message: bytes, domain: str, selector: str, pem: bytes, headers: Optional[list] = None,
+         algorithm: bytes = b"rsa-sha256") -> bytes:
+    """
+    C{message} with a DKIM-Signature (relaxed/relaxed, rsa-sha256 unless
+    told) on top.
     """
     import dkim
 
     signature = dkim.sign(message, selector.encode(), domain.encode(), pem, canonicalize=(b"relaxed", b"relaxed"),
-                          include_headers=headers)
+                          include_headers=headers, signature_algorithm=algorithm)
     return signature + message
 
 

@@ -14,12 +14,17 @@ from twisted.internet import reactor, threads
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pop3gw import mailauth
-from tests.dnshelpers import a, listen, mx, rsaKey, sign, txt
+from tests.dnshelpers import a, ed25519Key, listen, mx, rsaKey, sign, txt
 
 
 @functools.lru_cache(maxsize=None)
 def key() -> tuple[bytes, str]:
     return rsaKey()
+
+
+@functools.lru_cache(maxsize=None)
+def edKey() -> tuple[bytes, str]:
+    return ed25519Key()
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,6 +60,7 @@ def records() -> dict:
         "many.example.com": [txt("v=spf1 " + " ".join(["a:mail.example.com"] * 11) + " -all")],
         "news.example.com": [a("192.0.2.20")],
         "sel._domainkey.example.com": [txt(f"v=DKIM1; k=rsa; p={key()[1]}")],
+        "ed._domainkey.example.com": [txt(f"v=DKIM1; k=ed25519; p={edKey()[1]}")],
         "_dmarc.example.com": [txt("v=DMARC1; p=reject; rua=mailto:d@example.com")],
         "strict.example.net": [txt("v=spf1 ip4:192.0.2.30 -all")],
         "_dmarc.strict.example.net": [txt("v=DMARC1; p=quarantine; adkim=s; aspf=s")],
@@ -209,6 +215,15 @@ class DKIMTests(DNSTestCase):
         signed = sign(MESSAGE, "example.com", "sel", key()[0])
         d = self.inThread(mailauth.checkDKIM, self.client(), signed)
         d.addCallback(self.assertEqual, (mailauth.DKIMResult("pass", "example.com", "sel"),))
+        return d
+
+    def test_ed25519(self):
+        """
+        An Ed25519 signature (RFC 8463) with the published key passes.
+        """
+        signed = sign(MESSAGE, "example.com", "ed", edKey()[0], algorithm=b"ed25519-sha256")
+        d = self.inThread(mailauth.checkDKIM, self.client(), signed)
+        d.addCallback(self.assertEqual, (mailauth.DKIMResult("pass", "example.com", "ed"),))
         return d
 
     def test_bodyChanged(self):
