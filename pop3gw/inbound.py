@@ -88,7 +88,9 @@ MAX_RSPAMD_ANSWER = 1024 * 1024
 
 #: rspamd header fields (C{milter.add_headers}) taken per message.
 MAX_RSPAMD_HEADERS = 10
-_FIELD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]{0,63}$")
+#: rspamd may add only C{X-} fields (C{X-Spamd-Result}, C{X-Rspamd-Server},
+#: ...): never one that would replace a trace or authentication field.
+_FIELD_NAME = re.compile(r"^[Xx]-[A-Za-z0-9][A-Za-z0-9\-]{0,61}$")
 _SPAM_FIELDS = (b"x-spam-flag", b"x-spam-score")
 
 log = Logger()
@@ -358,8 +360,8 @@ def decide(policy: InboundPolicy, results: mailauth.AuthenticationResults, rspam
 def _milterFields(milter: Any) -> list[bytes]:
     """
     The fields of rspamd's C{milter.add_headers} (C{{name: value}} or
-    C{{name: {"value": value}}}), each name a plain token, each value's
-    line breaks kept only as folding.
+    C{{name: {"value": value}}}), each name a plain C{X-} token, each
+    value's line breaks kept only as folding.
     """
     if not isinstance(milter, dict) or not isinstance(milter.get("add_headers"), dict):
         return []
@@ -369,7 +371,7 @@ def _milterFields(milter: Any) -> list[bytes]:
             value = value.get("value")
         if not isinstance(name, str) or not _FIELD_NAME.match(name) or not isinstance(value, str):
             continue
-        if name.lower().encode() in _SPAM_FIELDS or name.lower() == "authentication-results":
+        if name.lower().encode() in _SPAM_FIELDS:
             continue
         lines = [line.strip() for line in value.replace("\r", "").split("\n")]
         text = "\r\n\t".join(line for line in lines if line)

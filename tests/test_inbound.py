@@ -218,13 +218,16 @@ class PolicyTests(SynchronousTestCase):
     def test_rspamdAddHeader(self) -> None:
         """
         C{add header}: tagged, flagged, scored, and rspamd's milter fields
-        added (folding kept, unsafe names dropped).
+        added (folding kept); names that are not C{X-} fields, or that are
+        pop3gw's own spam fields, are dropped.
         """
         answer = {"action": "add header", "score": 7.25, "milter": {"add_headers": {
             "X-Spamd-Result": {"value": "default: False [7.25 / 15.00];\n\tBAYES_SPAM(5.10)", "order": 0},
             "X-Rspamd-Server": "filter1",
             "Bad Name": "x",
             "Authentication-Results": "forged",
+            "Received": "forged",
+            "X-Spam-Flag": "NO",
         }}}
         verdict = self.check(results(), rspamd=FakeRspamd(answer))
         self.assertEqual(verdict.action, "quarantine")
