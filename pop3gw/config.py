@@ -11,6 +11,7 @@ list; the value C{none} disables the listener.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 import socket
 from typing import Optional
@@ -20,6 +21,7 @@ from twisted.python import usage
 
 from pop3gw.address import Address, AddressError, parseDomain
 from pop3gw.auth import PLAINTEXT_MODES
+from pop3gw.inbound import InboundPolicy
 from pop3gw.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 DEFAULT_DATA_DIR = "pop3gw-data"
@@ -80,6 +82,7 @@ class Config:
     limits: dict
     postmaster: Optional[Address] = None
     recipientDelimiter: str = "+"
+    inbound: InboundPolicy = InboundPolicy()
 
     @property
     def mailDir(self) -> str:
@@ -166,7 +169,7 @@ def readINI(path: str) -> dict:
             parser.read_file(f)
     except (OSError, configparser.Error, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
-    known = {"pop3gw", "limits", "relay", "submission"}
+    known = {"pop3gw", "limits", "relay", "submission", "inbound"}
     for section in parser.sections():
         if section not in known:
             raise ConfigError(f"{path}: unknown section [{section}]")
@@ -314,6 +317,87 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         limits=limits,
         postmaster=postmaster,
         recipientDelimiter=delimiter,
+        inbound=parseInbound(ini.get("inbound", {})),
+    )
+
+
+_INBOUND_KEYS = {
+    "checks",
+    "dns-server",
+    "dns-timeout",
+    "deadline",
+    "dmarc-reject",
+    "dmarc-quarantine",
+    "subject-tag",
+    "allow-domains",
+    "temperror",
+    "rspamd-url",
+    "rspamd-timeout",
+    "rspamd-failure",
+}
+
+
+def _seconds(section: dict, key: str, fallback: float) -> float:
+    raw = section.get(key)
+    if raw is None:
+        return fallback
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"[inbound] {key}: not a number") from None
+    if not value > 0:
+        raise ConfigError(f"[inbound] {key}: must be more than 0")
+    return value
+
+
+def _acceptOrDefer(section: dict, key: str) -> bool:
+    value = section.get(key, "accept").strip().lower()
+    if value not in ("accept", "defer"):
+        raise ConfigError(f"[inbound] {key}: must be accept or defer (got {value!r})")
+    return value == "defer"
+
+
+def parseInbound(section: dict) -> InboundPolicy:
+    """
+    The C{[inbound]} section (the checks of mail received on C{--mx}) as an
+    L{InboundPolicy}.
+
+    @raise ConfigError: an unknown key or a bad value.
+    """
+    for key in section:
+        if key not in _INBOUND_KEYS:
+            raise ConfigError(f"unknown key {key!r} in [inbound]")
+    dnsServer = None
+    if section.get("dns-server", "").strip():
+        raw = section["dns-server"].strip()
+        host, port = (raw, None) if raw.count(":") > 1 and not raw.startswith("[") else parseRelayHost(raw)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"[inbound] dns-server: {host!r} is not an IP address") from None
+        dnsServer = (host, port or 53)
+    allow = set()
+    for domain in _splitList(section.get("allow-domains", "")):
+        try:
+            allow.add(parseDomain(domain).lower())
+        except AddressError:
+            raise ConfigError(f"[inbound] allow-domains: {domain!r} is not a domain name") from None
+    url = section.get("rspamd-url", "").strip() or None
+    if url is not None and not url.lower().startswith(("http://", "https://")):
+        raise ConfigError("[inbound] rspamd-url: must be an http:// or https:// URL")
+    return InboundPolicy(
+        checks=_bool(section.get("checks", "yes"), "[inbound] checks"),
+        dnsServer=dnsServer,
+        dnsTimeout=_seconds(section, "dns-timeout", 5.0),
+        deadline=_seconds(section, "deadline", 20.0),
+        dmarcReject=_bool(section.get("dmarc-reject", "yes"), "[inbound] dmarc-reject"),
+        dmarcQuarantine=_bool(section.get("dmarc-quarantine", "yes"), "[inbound] dmarc-quarantine"),
+        subjectTag=section.get("subject-tag", "[SPAM]").strip(),
+        allowDomains=frozenset(allow),
+        temperrorDefer=_acceptOrDefer(section, "temperror"),
+        rspamdURL=url,
+        rspamdTimeout=_seconds(section, "rspamd-timeout", 10.0),
+        rspamdFailClosed=_acceptOrDefer(section, "rspamd-failure"),
     )
 
 

@@ -29,6 +29,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent
 
 from pop3gw import __version__, fsutil
 from pop3gw.address import Address
@@ -38,6 +39,7 @@ from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.bounces import noticeRecipient
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
+from pop3gw.inbound import InboundChecker, RspamdClient
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.loginwatch import LoginWatch
@@ -92,6 +94,9 @@ TLS_CHECK_INTERVAL = 30.0
 USERS_CHECK_INTERVAL = 2.0
 # Threads for fsync/link work of deliveries (blocking disk I/O).
 IO_THREADS = 8
+#: Threads for the DNS work of the inbound checks (SPF, DKIM, DMARC): at
+#: most this many messages are checked at once; more wait their turn.
+DNS_THREADS = 8
 
 #: The file, in the data directory, a running server holds an exclusive
 #: C{flock} on; it contains the server's pid.
@@ -463,6 +468,25 @@ def _checkPostmaster(config: Config, users: UsersFile) -> None:
         )
 
 
+def _inboundChecker(config: Config, reactor: Any, top: MultiService) -> Optional[InboundChecker]:
+    """
+    The checks of mail received on C{--mx} (C{[inbound]}): their DNS work
+    in a bounded pool of their own, started and stopped with the server;
+    C{None} when there is nothing to check.
+    """
+    policy = config.inbound
+    if not policy.checks and policy.rspamdURL is None:
+        return None
+    pool = ThreadPool(minthreads=0, maxthreads=DNS_THREADS, name="pop3gw-dns")
+    runner = ThreadPoolRunner(reactor, pool)
+    ThreadPoolService(pool, runner).setServiceParent(top)
+    rspamd = None
+    if policy.rspamdURL is not None:
+        agent = Agent(reactor, connectTimeout=policy.rspamdTimeout)
+        rspamd = RspamdClient(agent, policy.rspamdURL, reactor, policy.rspamdTimeout, config.hostname)
+    return InboundChecker(config.hostname, policy, runner, reactor, rspamd=rspamd)
+
+
 def _build(config: Config, reactor) -> MultiService:
     _raiseFileLimit()
     owner = None
@@ -563,6 +587,7 @@ def _build(config: Config, reactor) -> MultiService:
         idleTimeout=limits["smtp-idle-timeout"],
         resolver=MXResolver(reactor),
         postmaster=config.postmaster,
+        checker=_inboundChecker(config, reactor, top) if config.listeners["mx"] else None,
     )
 
     lmtpFactory = LMTPFactory(

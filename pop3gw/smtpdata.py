@@ -500,7 +500,12 @@ class DataCommands(_Host):
         self._send(Reply(250, f"2.0.0 OK queued as {queueID}"))
 
     def _ebCommitted(self, failure: Failure, sender: Optional[Address], delivery: IDelivery) -> None:
-        if failure.check(TemporaryFailure):
+        if failure.check(SMTPRefusal):
+            # A check at commit time refused the message (the MX
+            # listener's DMARC policy): its fixed reply.
+            reply = cast(SMTPRefusal, failure.value).reply
+            self._logRefused(sender, reply)
+        elif failure.check(TemporaryFailure):
             reply = temporaryReply(cast(TemporaryFailure, failure.value))
             self._logRefused(sender, reply, str(failure.value))
         else:

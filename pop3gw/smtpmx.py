@@ -25,6 +25,11 @@ length and size rules) with its own command table and policy:
     C{postmaster@} the local domain the server's host name is in.
   - The message goes to L{IMailRouter.beginLocalDelivery}: the maildrops
     only.  Nothing received here is ever queued for relay.
+  - At the end of the data, the factory's L{InboundChecker} (if any)
+    checks SPF, DKIM and DMARC (and asks rspamd) before anything is
+    stored: the message is held by a L{CheckedDelivery} until then, and
+    refused (C{550 5.7.1}, C{451}) or stored with an
+    C{Authentication-Results:} field on top (L{pop3gw.inbound}).
   - The message is stored as received, after one C{Received:} field: no
     C{Message-ID:}/C{Date:}/C{From:} is added (those fix-ups are
     submission's, RFC 6409).
@@ -38,10 +43,11 @@ length and size rules) with its own command table and policy:
 
 SMTPUTF8 and CHUNKING/BDAT are not offered.
 
-Log lines (L{pop3gw.events}), one per refused recipient and one per
-accepted message::
+Log lines (L{pop3gw.events}), one per refused recipient, one per checked
+message and one per accepted message::
 
     mx: refused recipient rhost=192.0.2.7 from="a@b.example" to="x@remote.example" reply="550 5.7.1 Relay access denied" reason="relay denied"
+    mx: checked rhost=192.0.2.7 from="a@b.example" spf=pass dkim=pass dmarc=pass action=deliver
     mx: accepted id=<id> rhost=192.0.2.7 from="a@b.example" recipients=2 size=1234 tls=TLSv1.3
 
 Neither is an authentication failure: the fail2ban filter does not match
@@ -61,6 +67,7 @@ from twisted.python.failure import Failure
 
 from pop3gw import events
 from pop3gw.address import Address, AddressError, isDisguisedRelay
+from pop3gw.inbound import CheckedDelivery, InboundChecker, Session
 from pop3gw.interfaces import IDelivery, IRoutedDelivery
 from pop3gw.smtp import _COMMON_COMMANDS, SMTPServer, commandTables
 from pop3gw.smtpdata import _SAFE_HELO, DataCommands, formatDate
@@ -264,7 +271,18 @@ class MXServer(SMTPServer):
     # -- data ------------------------------------------------------------
 
     def _beginDelivery(self, sender: Optional[Address], recipients: list[Address]) -> IDelivery:
-        return self.factory.router.beginLocalDelivery(sender, recipients)
+        delivery = self.factory.router.beginLocalDelivery(sender, recipients)
+        checker = self.factory.checker
+        if checker is None:
+            return delivery
+        session = Session(
+            self.peer,
+            self._helo or "",
+            None if sender is None else str(sender),
+            tuple(str(r) for r in recipients),
+            self._reverseName,
+        )
+        return CheckedDelivery(delivery, checker, session, self.log)
 
     def _logIdentity(self) -> tuple[str, dict[str, str]]:
         return "rhost={peer}", {"peer": self.peer}
@@ -350,6 +368,8 @@ class MXFactory(_Factory):
     @ivar reverseLookupTimeout: seconds a reverse lookup may take.
     @ivar postmaster: the C{[pop3gw] postmaster} user, who receives
         C{<Postmaster>} when the host name is in no local domain.
+    @ivar checker: the L{InboundChecker} every message goes through at the
+        end of its data (SPF, DKIM, DMARC, rspamd), or C{None} for none.
     """
 
     router: IMailRouter
@@ -362,6 +382,7 @@ class MXFactory(_Factory):
     resolver: Any = None
     reverseLookupTimeout: float = REVERSE_LOOKUP_TIMEOUT
     postmaster: Optional[Address] = None
+    checker: Optional[InboundChecker] = None
 
     def buildProtocol(self, addr) -> MXServer:
         """

@@ -237,3 +237,63 @@ class AliasSettingsTests(SynchronousTestCase):
         self.assertEqual(str(e), "postmaster: 'nobody' is not an address (user@domain)")
         e = self.assertRaises(ConfigError, self.build, "recipient-delimiter = @\n")
         self.assertEqual(str(e), "recipient-delimiter: '@' holds a character that cannot be in a local part")
+
+
+class InboundSettingsTests(SynchronousTestCase):
+    """
+    The C{[inbound]} section: the checks of mail received on C{--mx}.
+    """
+
+    def build(self, text: str):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[inbound]\n" + text)
+        return buildConfig({}, path)
+
+    def test_defaults(self) -> None:
+        """
+        Checks on through the system's resolver; p=reject refused,
+        p=quarantine tagged; temperrors delivered; no rspamd.
+        """
+        from pop3gw.inbound import InboundPolicy
+
+        self.assertEqual(self.build("").inbound, InboundPolicy())
+        self.assertEqual(parse().inbound, InboundPolicy(
+            checks=True, dnsServer=None, dnsTimeout=5.0, deadline=20.0, dmarcReject=True, dmarcQuarantine=True,
+            subjectTag="[SPAM]", allowDomains=frozenset(), temperrorDefer=False, rspamdURL=None,
+            rspamdTimeout=10.0, rspamdFailClosed=False))
+
+    def test_values(self) -> None:
+        """
+        Every key parses.
+        """
+        from pop3gw.inbound import InboundPolicy
+
+        c = self.build(
+            "checks = no\ndns-server = 127.0.0.1:5353\ndns-timeout = 2\ndeadline = 8\ndmarc-reject = no\n"
+            "dmarc-quarantine = no\nsubject-tag = ***SPAM***\nallow-domains = Lists.Example.NET, example.com\n"
+            "temperror = defer\nrspamd-url = http://127.0.0.1:11333/checkv2\nrspamd-timeout = 3\n"
+            "rspamd-failure = defer\n")
+        self.assertEqual(c.inbound, InboundPolicy(
+            checks=False, dnsServer=("127.0.0.1", 5353), dnsTimeout=2.0, deadline=8.0, dmarcReject=False,
+            dmarcQuarantine=False, subjectTag="***SPAM***", allowDomains=frozenset({"lists.example.net", "example.com"}),
+            temperrorDefer=True, rspamdURL="http://127.0.0.1:11333/checkv2", rspamdTimeout=3.0, rspamdFailClosed=True))
+        self.assertEqual(self.build("dns-server = ::1\n").inbound.dnsServer, ("::1", 53))
+        self.assertEqual(self.build("dns-server = [::1]:5353\n").inbound.dnsServer, ("::1", 5353))
+
+    def test_bad(self) -> None:
+        """
+        Each bad value is one clear error.
+        """
+        for text, message in (
+            ("colour = red\n", "unknown key 'colour' in [inbound]"),
+            ("dns-server = ns.example\n", "[inbound] dns-server: 'ns.example' is not an IP address"),
+            ("deadline = soon\n", "[inbound] deadline: not a number"),
+            ("dns-timeout = 0\n", "[inbound] dns-timeout: must be more than 0"),
+            ("temperror = bounce\n", "[inbound] temperror: must be accept or defer (got 'bounce')"),
+            ("rspamd-failure = maybe\n", "[inbound] rspamd-failure: must be accept or defer (got 'maybe')"),
+            ("rspamd-url = ftp://x/checkv2\n", "[inbound] rspamd-url: must be an http:// or https:// URL"),
+            ("allow-domains = a b\n", "[inbound] allow-domains: 'a b' is not a domain name"),
+        ):
+            e = self.assertRaises(ConfigError, self.build, text)
+            self.assertEqual(str(e), message)

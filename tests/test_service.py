@@ -26,10 +26,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from pop3gw.address import Address
 from pop3gw.config import Options
 from pop3gw.directory import Directory
+from pop3gw.inbound import InboundChecker
 from pop3gw.limits import ConnectionLimitFactory
 from pop3gw.pop3 import POP3Factory
 from pop3gw.relay.service import RelayService
-from pop3gw.service import ListenerService, LocalDomains, makeService
+from pop3gw.runner import ThreadPoolRunner
+from pop3gw.service import ListenerService, LocalDomains, ThreadPoolService, makeService
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
@@ -133,6 +135,40 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(mx.maxMessageSize, 2048)
         self.assertIs(mx.tlsContextFactory, submission.tlsContextFactory)
         self.assertEqual((mx.maxRecipients, mx.idleTimeout), (submission.maxRecipients, submission.idleTimeout))
+
+    def test_mxInboundChecks(self) -> None:
+        """
+        The MX listener checks its mail with the C{[inbound]} policy, the
+        server's host name as authserv-id, DNS in a pool of its own
+        (started and stopped with the server), rspamd when configured.
+        """
+        ini = os.path.abspath(self.mktemp())
+        with open(ini, "w") as f:
+            f.write("[inbound]\ndns-server = 127.0.0.1:5353\nrspamd-url = http://127.0.0.1:11333/checkv2\n"
+                    "rspamd-timeout = 3\n")
+        top, listeners = self.build("--config", ini, "--mx", "tcp:2525")
+        [mx] = [s.factory.wrappedFactory for s in listeners if s.listenerName == "mx"]
+        checker = mx.checker
+        self.assertIsInstance(checker, InboundChecker)
+        self.assertEqual((checker.hostname, checker.policy.dnsServer), ("mail.example.org", ("127.0.0.1", 5353)))
+        self.assertEqual((checker.rspamd.url, checker.rspamd.timeout, checker.rspamd.clock),
+                         ("http://127.0.0.1:11333/checkv2", 3.0, self.reactor))
+        self.assertIsInstance(checker.runner, ThreadPoolRunner)
+        pools = [s for s in top if isinstance(s, ThreadPoolService) and s.runner is checker.runner]
+        self.assertEqual(len(pools), 1)
+        self.assertEqual(pools[0].pool.name, "pop3gw-dns")
+
+    def test_mxInboundChecksOff(self) -> None:
+        """
+        With C{checks = no} and no rspamd, MX mail is stored without a
+        checker.
+        """
+        ini = os.path.abspath(self.mktemp())
+        with open(ini, "w") as f:
+            f.write("[inbound]\nchecks = no\n")
+        top, listeners = self.build("--config", ini, "--mx", "tcp:2525")
+        [mx] = [s.factory.wrappedFactory for s in listeners if s.listenerName == "mx"]
+        self.assertIsNone(mx.checker)
 
     def test_postfixMapListener(self) -> None:
         """

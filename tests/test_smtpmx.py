@@ -15,8 +15,9 @@ from twisted.names.error import DNSNameError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from pop3gw import smtpmx
+from pop3gw import inbound, mailauth, smtpmx
 from pop3gw.address import Address
+from pop3gw.runner import ImmediateRunner
 from pop3gw.testing import FakeRouter, FakeUserDatabase
 from tests.test_smtp import queuedReply
 
@@ -731,3 +732,109 @@ class ReceivedTests(MXSessionMixin, SynchronousTestCase):
         self.proto.connectionLost(None)
         self.assertTrue(d.called)
         self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+
+
+def authResults(dmarc: str = "pass", disposition: str = "none", spf: str = "pass") -> mailauth.AuthenticationResults:
+    """
+    Results for mail from remote.example with DMARC C{dmarc}.
+    """
+    return mailauth.AuthenticationResults(
+        mailauth.SPFResult(spf, "mailfrom", "remote.example", "x@remote.example"),
+        (),
+        mailauth.DMARCResult(dmarc, "remote.example", "reject" if dmarc != "none" else "", disposition),
+    )
+
+
+class AuthenticationTests(MXSessionMixin, SynchronousTestCase):
+    """
+    The end of the data runs the inbound checks (L{pop3gw.inbound}): the
+    message gets one C{Authentication-Results:} field, or is refused.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.results = authResults()
+        self.seen: list = []
+        self.checker = inbound.InboundChecker(HOST, inbound.InboundPolicy(), ImmediateRunner(), self.clock,
+                                              authenticate=self.authenticate)
+        self.connect(checker=self.checker)
+        self.feed(b"EHLO client.example\r\n")
+
+    def authenticate(self, message: bytes, session: inbound.Session) -> mailauth.AuthenticationResults:
+        self.seen.append((message, session))
+        return self.results
+
+    def send(self, data: bytes) -> bytes:
+        self.assertEqual(self.feed(b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
+                         SENDER_OK + RCPT_OK + START_DATA)
+        return self.feed(data + b".\r\n")
+
+    def test_headerPrepended(self) -> None:
+        """
+        The stored message is the C{Authentication-Results:} field, the
+        C{Received:} field, then the data; the checks saw the message with
+        its C{Received:} field and the session.
+        """
+        out = self.send(MESSAGE)
+        self.assertEqual(queuedReply(out), QUEUED)
+        [data] = self.stored()
+        header = (b"Authentication-Results: mail.example.org;\r\n\tspf=pass smtp.mailfrom=x@remote.example;\r\n"
+                  b"\tdkim=none;\r\n\tdmarc=pass header.from=remote.example policy.dmarc=reject\r\n")
+        self.assertTrue(data.startswith(header + b"Received: from client.example"), data)
+        self.assertTrue(data.endswith(b"\r\n" + MESSAGE), data)
+        [(message, session)] = self.seen
+        self.assertEqual(message, data[len(header):])
+        self.assertEqual(session, inbound.Session("192.0.2.7", "client.example", "x@remote.example",
+                                                  ("bob@example.org",), None))
+
+    def test_forgedResultsRemoved(self) -> None:
+        """
+        An C{Authentication-Results:} field naming this host (in any case)
+        is removed; one naming another host is kept.
+        """
+        self.send(b"Authentication-Results: MAIL.example.org; dmarc=pass\r\n"
+                  b"Authentication-Results: other.example;\r\n dkim=pass\r\n" + MESSAGE)
+        [data] = self.stored()
+        self.assertEqual(data.count(b"Authentication-Results: "), 2)
+        self.assertNotIn(b"MAIL.example.org", data)
+        self.assertIn(b"Authentication-Results: other.example;\r\n dkim=pass\r\nSubject: hello\r\n", data)
+
+    def test_dmarcReject(self) -> None:
+        """
+        A DMARC failure with p=reject is refused with 550 5.7.1 at the end
+        of the data, nothing is stored, and the refusal is logged (not as an
+        authentication failure).
+        """
+        self.results = authResults("fail", "reject", spf="fail")
+        with capturedLogs() as events:
+            out = self.send(MESSAGE)
+        self.assertEqual(out, b"550 5.7.1 Message rejected by the sender domain's DMARC policy\r\n")
+        self.assertEqual(self.store.boxes, {})
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ['mx: checked rhost=192.0.2.7 from="x@remote.example" spf=fail dkim=none dmarc=fail(reject) action=reject',
+             'mx: refused message rhost=192.0.2.7 from="x@remote.example"'
+             ' reply="550 5.7.1 Message rejected by the sender domain\'s DMARC policy"'],
+        )
+
+    def test_dmarcQuarantine(self) -> None:
+        """
+        A DMARC failure with p=quarantine is stored with the subject tag
+        and C{X-Spam-Flag: YES}.
+        """
+        self.results = authResults("fail", "quarantine")
+        out = self.send(MESSAGE)
+        self.assertEqual(queuedReply(out), QUEUED)
+        [data] = self.stored()
+        self.assertIn(b"policy.dmarc=reject\r\nX-Spam-Flag: YES\r\nReceived: ", data)
+        self.assertTrue(data.endswith(b"Subject: [SPAM] hello\r\n\r\nbody\r\n"), data)
+
+    def test_nextMessageChecked(self) -> None:
+        """
+        Each message of a session is checked on its own.
+        """
+        self.send(MESSAGE)
+        self.results = authResults("fail", "reject")
+        self.assertEqual(self.send(MESSAGE), b"550 5.7.1 Message rejected by the sender domain's DMARC policy\r\n")
+        self.assertEqual(len(self.stored()), 1)
+        self.assertEqual(len(self.seen), 2)
