@@ -213,19 +213,28 @@ _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 _SENDER_FIELDS = frozenset({b"from", b"sender", b"resent-from", b"resent-sender"})
 
 
-def _stuffing(line: bytes | bytearray) -> int:
-    """
-    The octets of transparency stuffing at the start of a data line: the
-    line length limit does not count the duplicated leading C{"."} (RFC 5321
-    4.5.3.1.6).
-    """
-    return 1 if line[:1] == b"." else 0
+#: The end of the data when it follows a line ended by CRLF.
+_END = b"\r\n.\r\n"
+#: A dot-stuffed line after the first of a chunk: C{"."} then something
+#: other than the line end (a lone C{"."} line is kept as it is).
+_STUFFED = re.compile(rb"\n\.(?=[^\r\n])")
 
 
 class _MessageReader:
     """
     Reads the data of one message from the input buffer and streams it into
     an L{IDelivery}.  See the module docstring for the rules.
+
+    The data after DATA (C{dotStuffed}: transparency, ended by C{CRLF . CRLF})
+    and the chunks of BDAT (RFC 3030: octets counted by the client, no
+    transparency, no end marker) go through the same rules.  The header
+    section is read line by line; after it the data is handled a chunk at a
+    time: whatever complete lines are buffered are checked and converted
+    with C{bytes} methods and two regular expressions (NUL, bare CR, long
+    lines, dot-stuffing, bare LF), and only a chunk that breaks a rule, or
+    would pass the size limit, is read again line by line, so that the
+    first rule broken, and so the reply, is the one the line-by-line
+    reading gives.
 
     @ivar refusal: the L{Reply} the message will be refused with at the end
         of the data, or C{None}.
@@ -242,11 +251,13 @@ class _MessageReader:
         maxSize: int,
         mayUseSender: Optional[Callable[[Address], bool]],
         addFields: Callable[[set], list[bytes]],
+        dotStuffed: bool = True,
     ) -> None:
         self.delivery = delivery
         self._maxSize = maxSize
         self._mayUseSender = mayUseSender
         self._addFields = addFields
+        self._dotStuffed = dotStuffed
         self.refusal: Optional[Reply] = None
         self.reason: Optional[str] = None
         self.size = 0
@@ -257,53 +268,181 @@ class _MessageReader:
         self._headerSize = 0
         self._out: list[bytes] = []
         self._outSize = 0
+        #: BDAT: the data received and not yet read (a partial line).
+        self.pending = bytearray()
 
     def consume(self, buf: bytearray) -> bool:
         """
         Read complete lines from the front of C{buf}.
 
-        @return: whether the end of the data was reached; the octets after
-            it are left in C{buf}.
+        @return: whether the end of the data (C{CRLF . CRLF}, never for
+            BDAT) was reached; the octets after it are left in C{buf}.
         """
-        while True:
-            nl = buf.find(b"\n")
-            if nl == -1:
-                # Keep a trailing CR: the LF may come in the next segment.
-                keep = 1 if buf.endswith(b"\r") else 0
-                if len(buf) - keep > MAX_DATA_LINE + _stuffing(buf):
-                    # This line is too long whatever follows; drop what we
-                    # have of it so memory stays bounded.
-                    self.refuse(DATA_LINE_TOO_LONG)
-                    del buf[: len(buf) - keep]
-                    self._inLongLine = True
-                self._flush()
+        try:
+            while True:
+                if (self._inHeaders and self.refusal is None) or self._inLongLine:
+                    ended = self._readLine(buf)
+                    if ended is None:
+                        return False
+                    if ended:
+                        return True
+                    continue
+                end = self._findEnd(buf)
+                cut = end if end >= 0 else buf.rfind(b"\n") + 1
+                if cut > 0:
+                    region = bytes(buf[:cut])
+                    del buf[:cut]
+                    self._body(region)
+                if end >= 0:
+                    del buf[:3]
+                    return True
+                self._partialLine(buf)
                 return False
-            line = bytes(buf[:nl])
-            del buf[: nl + 1]
+        finally:
+            self._flush()
+
+    def feed(self, data: bytes) -> None:
+        """
+        BDAT: read the octets of a chunk (lines may span chunks).
+        """
+        self.pending += data
+        self.consume(self.pending)
+
+    def endChunks(self) -> None:
+        """
+        BDAT: the last chunk was read; a last line without a line end is
+        read as a line (stored with CRLF).
+        """
+        rest = bytes(self.pending)
+        self.pending.clear()
+        if rest:
+            self._previousCRLF = False
+            self._lineContent(rest)
+        self._flush()
+
+    def _findEnd(self, buf: bytearray) -> int:
+        """
+        Where the end of the data starts in C{buf} (which starts at a line
+        start): the offset of the C{".\r\n"} of C{CRLF . CRLF}, or -1.
+        """
+        if not self._dotStuffed:
+            return -1
+        if self._previousCRLF and buf.startswith(b".\r\n"):
+            return 0
+        found = buf.find(_END)
+        return found + 2 if found >= 0 else -1
+
+    def _readLine(self, buf: bytearray) -> Optional[bool]:
+        """
+        Read one line: in the header section, and for the rest of a line
+        too long to be kept.
+
+        @return: C{None} if there is no complete line, C{True} if it was
+            the end of the data, else C{False}.
+        """
+        nl = buf.find(b"\n")
+        if nl == -1:
+            self._partialLine(buf)
+            return None
+        line = bytes(buf[:nl])
+        del buf[: nl + 1]
+        crlf = line.endswith(b"\r")
+        if crlf:
+            line = line[:-1]
+        if self._dotStuffed and line == b"." and crlf and self._previousCRLF and not self._inLongLine:
+            return True
+        self._previousCRLF = crlf
+        self._lineContent(line)
+        return False
+
+    def _partialLine(self, buf: bytearray) -> None:
+        """
+        C{buf} holds the start of a line: if it is too long whatever
+        follows, refuse the message and drop what we have of it so memory
+        stays bounded.  A trailing CR is kept: the LF may come next.
+        """
+        keep = 1 if buf.endswith(b"\r") else 0
+        if len(buf) - keep > MAX_DATA_LINE + self._stuffing(buf):
+            self.refuse(DATA_LINE_TOO_LONG)
+            del buf[: len(buf) - keep]
+            self._inLongLine = True
+
+    def _stuffing(self, line: bytes | bytearray) -> int:
+        """
+        The octets of transparency stuffing at the start of a data line:
+        the line length limit does not count the duplicated leading
+        C{"."} (RFC 5321 4.5.3.1.6).  None with BDAT.
+        """
+        return 1 if self._dotStuffed and line[:1] == b"." else 0
+
+    def _lineContent(self, line: bytes) -> None:
+        """
+        Check and store one line, without its line end.
+        """
+        if self._inLongLine or len(line) > MAX_DATA_LINE + self._stuffing(line):
+            self._inLongLine = False
+            self.refuse(DATA_LINE_TOO_LONG)
+            return
+        if b"\r" in line:
+            self.refuse(BARE_CR)
+            return
+        if b"\x00" in line:
+            # RFC 5321 2.3.8: NUL is not text; MTAs downstream differ in
+            # what they make of it.
+            self.refuse(NUL_IN_DATA)
+            return
+        if self.refusal is not None:
+            return
+        if self._dotStuffed and line[:1] == b"." and len(line) > 1:
+            line = line[1:]
+        self._line(line)
+
+    def _body(self, region: bytes) -> None:
+        """
+        Read complete body lines (C{region} starts at a line start, ends
+        with LF and holds no end of the data).
+        """
+        self._previousCRLF = region.endswith(b"\r\n")
+        if self.refusal is not None:
+            # Only the end of the data matters now.
+            return
+        if self._bodyAtOnce(region):
+            return
+        lines = region.split(b"\n")
+        lines.pop()
+        for line in lines:
             crlf = line.endswith(b"\r")
-            if crlf:
-                line = line[:-1]
-            if line == b"." and crlf and self._previousCRLF and not self._inLongLine:
-                self._flush()
-                return True
-            self._previousCRLF = crlf
-            if self._inLongLine or len(line) > MAX_DATA_LINE + _stuffing(line):
-                self._inLongLine = False
-                self.refuse(DATA_LINE_TOO_LONG)
-                continue
-            if b"\r" in line:
-                self.refuse(BARE_CR)
-                continue
-            if b"\x00" in line:
-                # RFC 5321 2.3.8: NUL is not text; MTAs downstream differ
-                # in what they make of it.
-                self.refuse(NUL_IN_DATA)
-                continue
-            if self.refusal is not None:
-                continue
-            if line[:1] == b"." and len(line) > 1:
-                line = line[1:]
-            self._line(line)
+            self._lineContent(line[:-1] if crlf else line)
+
+    def _bodyAtOnce(self, region: bytes) -> bool:
+        """
+        Check and store C{region} as a whole, if it breaks no rule.
+
+        @return: whether it was stored; if not, nothing was done.
+        """
+        if b"\x00" in region:
+            return False
+        crlf = region.count(b"\r\n")
+        if region.count(b"\r") != crlf:
+            return False
+        if max(map(len, region.split(b"\n"))) > MAX_DATA_LINE:
+            # A line that may be too long (998 octets and a CR, or a
+            # stuffed line, may not be): read line by line.
+            return False
+        if self._dotStuffed:
+            if region[:1] == b"." and region[1:2] not in (b"\r", b"\n"):
+                region = region[1:]
+            if b"\n." in region:
+                region = _STUFFED.sub(b"\n", region)
+        if region.count(b"\n") != crlf:
+            # Bare LF: every line end becomes CRLF (there is no bare CR).
+            region = region.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        size = self.size + len(region)
+        if size > self._maxSize:
+            return False
+        self.size = size
+        self._emit(region)
+        return True
 
     def finish(self) -> Optional[Reply]:
         """
