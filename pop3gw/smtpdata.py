@@ -48,6 +48,32 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
     and dropped before C{552 5.3.4} is sent.
   - Line ends are processed exactly across TCP segment boundaries: a CR at
     the end of one segment and an LF at the start of the next is a CRLF.
+  - The data is read a chunk at a time, not a line at a time: the
+    complete lines buffered are checked for NUL, bare CR and long lines
+    and converted (dot-unstuffing, bare LF to CRLF) with C{bytes} methods;
+    a chunk that breaks a rule is read again line by line, so the reply is
+    always the one of the first rule broken.  The header section is read
+    line by line (it is held anyway).
+
+BDAT (RFC 3030)
+===============
+
+C{BDAT <size> [LAST]} is followed by exactly C{<size>} octets of message,
+whatever they look like (command lines, C{CRLF . CRLF}: all content).  The
+chunks go through the rules above but for transparency: no dot-unstuffing,
+no end marker, and the line length limit has no allowance for a stuffing
+C{"."}; a line may span chunks, and a last line without a line end is
+stored with CRLF.  Each chunk but the last is answered C{250 2.0.0 <size>
+octets received}; C{BDAT ... LAST} is answered like the end of the data
+(C{250} once the message is durable).  A chunk that makes the message
+refused (size, bare CR, NUL, long line, header) is answered with that
+refusal at once and the transaction ends; chunks already pipelined after it
+are out of sequence.  A BDAT that is refused (out of sequence, bad
+argument, no recipient) is answered only once its chunk has been read and
+discarded, so the session stays in step; a size that cannot be read (not
+digits, or more than L{MAX_CHUNK_DIGITS} of them) is answered C{501} and
+the connection closed, since where the next command starts is unknown.
+DATA in a transaction that has BDAT chunks is C{503 5.5.1}, and so is RCPT.
 
 Message ids
 ===========
@@ -100,12 +126,16 @@ from pop3gw.address import Address, AddressError
 from pop3gw.interfaces import IDelivery, IRoutedDelivery, TemporaryFailure
 from pop3gw.smtpreplies import (
     BARE_CR,
+    BDAT_SYNTAX,
+    DATA_AFTER_BDAT,
     DATA_LINE_TOO_LONG,
     HEADER_FROM_NOT_OWNED,
     HEADER_TOO_BIG,
     INTERNAL_ERROR,
+    MAX_CHUNK_DIGITS,
     MAX_DATA_LINE,
     MAX_HEADER_SECTION,
+    NEED_RCPT,
     NO_ARGUMENTS,
     NO_RECIPIENTS,
     NUL_IN_DATA,
@@ -323,7 +353,7 @@ class _MessageReader:
     def _findEnd(self, buf: bytearray) -> int:
         """
         Where the end of the data starts in C{buf} (which starts at a line
-        start): the offset of the C{".\r\n"} of C{CRLF . CRLF}, or -1.
+        start): the offset of the C{". CRLF"} of C{CRLF . CRLF}, or -1.
         """
         if not self._dotStuffed:
             return -1
@@ -582,13 +612,28 @@ class DataCommands(_Host):
         @property
         def _account(self) -> ISubmissionAvatar: ...
 
+    # The BDAT chunk being read: octets still to come, its size, whether it
+    # is the last, and the reply to send after it when it is refused.
+    _chunkLeft = 0
+    _chunkSize = 0
+    _chunkLast = False
+    _chunkRefusal: Optional[Reply] = None
+
     def _dataStep(self) -> bool:
         reader = self._reader
         assert reader is not None, "the DATA mode has a reader"
         if not reader.consume(self._buffer):
             return False
-        self._reader = None
         self._mode = _Mode.COMMAND
+        self._endOfMessage(reader)
+        return True
+
+    def _endOfMessage(self, reader: _MessageReader) -> None:
+        """
+        The whole message was read (the end of the data, or BDAT LAST):
+        refuse it, or commit it and say 250 once it is durable.
+        """
+        self._reader = None
         refusal = reader.finish()
         envelope = self._envelope
         sender = envelope.sender
@@ -596,7 +641,7 @@ class DataCommands(_Host):
         if refusal is not None:
             self._logRefused(sender, refusal, reader.reason)
             self._sendDataReply(refusal, reader.delivery)
-            return True
+            return
         queueID, size = envelope.messageId, reader.size
         d = maybeDeferred(reader.delivery.commit)
         d.addCallbacks(
@@ -606,7 +651,6 @@ class DataCommands(_Host):
             errbackArgs=(sender, reader.delivery),
         )
         self.hold(d)
-        return True
 
     def _logRefused(self, sender: Optional[Address], reply: Reply, reason: Optional[str] = None) -> None:
         """
@@ -658,9 +702,26 @@ class DataCommands(_Host):
     def do_DATA(self, argument: str) -> None:
         if argument:
             raise SMTPRefusal(NO_ARGUMENTS)
-        envelope = self._envelope
-        if not envelope.recipients:
+        if self._reader is not None:
+            # RFC 3030 2: BDAT and DATA never in one transaction.
+            raise SMTPRefusal(DATA_AFTER_BDAT)
+        if not self._envelope.recipients:
             raise SMTPRefusal(NO_RECIPIENTS)
+        self._reader = self._openMessage(dotStuffed=True)
+        self._mode = _Mode.DATA
+        self._send(START_DATA)
+
+    def _openMessage(self, dotStuffed: bool) -> _MessageReader:
+        """
+        Begin the delivery of the current transaction's message and write
+        its C{Received:} field.
+
+        @param dotStuffed: whether the data comes after DATA (transparency,
+            an end marker) rather than in BDAT chunks.
+        @return: the reader of the message.
+        @raise SMTPRefusal: the delivery could not begin.
+        """
+        envelope = self._envelope
         try:
             delivery = self._beginDelivery(envelope.sender, list(envelope.recipients))
         except TemporaryFailure as e:
@@ -678,9 +739,118 @@ class DataCommands(_Host):
         except Exception:
             delivery.abort()
             raise
-        self._reader = _MessageReader(delivery, self.factory.maxMessageSize, self._headerSenderCheck(), self._missingFields)
-        self._mode = _Mode.DATA
-        self._send(START_DATA)
+        return _MessageReader(
+            delivery, self.factory.maxMessageSize, self._headerSenderCheck(), self._missingFields, dotStuffed
+        )
+
+    # -- BDAT (RFC 3030) -------------------------------------------------
+
+    def do_BDAT(self, argument: str) -> None:
+        """
+        Read a chunk of the message: its octets follow the command line,
+        as many as it says, and are data whatever they look like.  Any
+        refusal is sent only once the chunk was read (and discarded), so
+        that the session stays in sync.
+        """
+        chunk = self._chunkArgument(argument)
+        if chunk is None:
+            return
+        size, last = chunk
+        if self._reader is None:
+            if not self._envelope.recipients:
+                self._readChunk(size, last, NEED_RCPT)
+                return
+            try:
+                self._reader = self._openMessage(dotStuffed=False)
+            except SMTPRefusal as e:
+                self._readChunk(size, last, e.reply)
+                return
+        self._readChunk(size, last, None)
+
+    def refuseChunk(self, argument: str, reply: Reply) -> None:
+        """
+        BDAT is refused with C{reply} (out of sequence): read and discard
+        its chunk, then send C{reply}.
+        """
+        chunk = self._chunkArgument(argument)
+        if chunk is not None:
+            self._readChunk(chunk[0], chunk[1], reply)
+
+    def _chunkArgument(self, argument: str) -> Optional[tuple[int, bool]]:
+        """
+        The size of a BDAT chunk and whether it is the last.  A size that
+        cannot be read loses the framing: C{501} and the connection is
+        closed; other bad arguments get C{501} once the chunk was
+        discarded.
+
+        @return: C{(size, last)}, or C{None} when the argument is handled.
+        """
+        words = argument.split(" ")
+        size = words[0]
+        if not (size.isascii() and size.isdigit()) or len(size) > MAX_CHUNK_DIGITS:
+            self._close(BDAT_SYNTAX)
+            return None
+        count = int(size)
+        if len(words) == 1:
+            return count, False
+        if len(words) == 2 and words[1].upper() == "LAST":
+            return count, True
+        self._readChunk(count, False, BDAT_SYNTAX)
+        return None
+
+    def _readChunk(self, size: int, last: bool, refusal: Optional[Reply]) -> None:
+        """
+        Read the next C{size} octets as a chunk: into the message, or, with
+        a C{refusal} to send afterwards, nowhere.
+        """
+        self._chunkLeft = size
+        self._chunkSize = size
+        self._chunkLast = last
+        self._chunkRefusal = refusal
+        self._mode = _Mode.CHUNK
+
+    def _chunkStep(self) -> bool:
+        """
+        Take the octets of the chunk being read from the input buffer.
+        """
+        buf = self._buffer
+        take = min(self._chunkLeft, len(buf))
+        if take:
+            reader = self._reader
+            if self._chunkRefusal is None and reader is not None:
+                reader.feed(bytes(buf[:take]))
+            del buf[:take]
+            self._chunkLeft -= take
+        if self._chunkLeft:
+            return False
+        self._mode = _Mode.COMMAND
+        self._chunkRead()
+        return True
+
+    def _chunkRead(self) -> None:
+        """
+        The whole chunk was read: answer it.
+        """
+        refusal, self._chunkRefusal = self._chunkRefusal, None
+        if refusal is not None:
+            self._send(refusal)
+            return
+        reader = self._reader
+        assert reader is not None, "a chunk is read into a message"
+        if self._chunkLast:
+            reader.endChunks()
+            self._endOfMessage(reader)
+            return
+        if reader.refusal is not None:
+            # The message cannot be accepted: say so now (RFC 3030 2), and
+            # the chunks that follow are out of sequence.
+            self._reader = None
+            sender = self._envelope.sender
+            self._resetTransaction()
+            self._logRefused(sender, reader.refusal, reader.reason)
+            self._send(reader.refusal)
+            return
+        self._send(Reply(250, f"2.0.0 {self._chunkSize} octets received"))
 
     # -- what each server provides --------------------------------------
 

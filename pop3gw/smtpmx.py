@@ -36,7 +36,8 @@ length and size rules) with its own command table and policy:
     for it: a lookup that failed, timed out or has not answered by DATA
     gives C{unknown}.
 
-SMTPUTF8 and CHUNKING/BDAT are not offered.
+CHUNKING (BDAT) is offered, through the same reader and rules
+(L{pop3gw.smtpdata}).  SMTPUTF8 is not offered.
 
 Log lines (L{pop3gw.events}), one per refused recipient and one per
 accepted message::
@@ -313,11 +314,21 @@ class MXServer(SMTPServer):
         {
             _State.FRESH: {**_COMMON_COMMANDS, "STARTTLS": SMTPServer.do_STARTTLS},
             _State.AUTHENTICATED: {**_COMMON_COMMANDS, "STARTTLS": SMTPServer.do_STARTTLS, "MAIL": SMTPServer.do_MAIL},
-            _State.MAIL: {**_COMMON_COMMANDS, "RCPT": SMTPServer.do_RCPT, "DATA": DataCommands.do_DATA},
+            _State.MAIL: {
+                **_COMMON_COMMANDS,
+                "RCPT": SMTPServer.do_RCPT,
+                "DATA": DataCommands.do_DATA,
+                "BDAT": DataCommands.do_BDAT,
+            },
         },
         {
-            _State.FRESH: {"MAIL": SEND_HELO_FIRST, "RCPT": SEND_HELO_FIRST, "DATA": SEND_HELO_FIRST},
-            _State.AUTHENTICATED: {"RCPT": NEED_MAIL, "DATA": NEED_MAIL},
+            _State.FRESH: {
+                "MAIL": SEND_HELO_FIRST,
+                "RCPT": SEND_HELO_FIRST,
+                "DATA": SEND_HELO_FIRST,
+                "BDAT": SEND_HELO_FIRST,
+            },
+            _State.AUTHENTICATED: {"RCPT": NEED_MAIL, "DATA": NEED_MAIL, "BDAT": NEED_MAIL},
             _State.MAIL: {"MAIL": NESTED_MAIL},
         },
     )

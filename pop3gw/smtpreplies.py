@@ -41,6 +41,9 @@ MAX_ERRORS = 20
 MAX_AUTH_FAILURES = 3
 #: Longest accepted EHLO/HELO argument.
 MAX_HELO_NAME = 255
+#: Most digits in a BDAT chunk size (RFC 3030: 1*DIGIT; more than this is
+#: not a size any client means, and the framing is taken as lost).
+MAX_CHUNK_DIGITS = 18
 
 DEFAULT_MAX_RECIPIENTS = 100
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -136,6 +139,9 @@ USER_UNKNOWN = Reply(550, "5.1.1 Recipient address rejected: user unknown")
 RECIPIENT_REFUSED = Reply(550, "5.7.1 Recipient address rejected")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Too many recipients")
 NO_RECIPIENTS = Reply(554, "5.5.1 No valid recipients")
+NEED_RCPT = Reply(503, "5.5.1 Error: need RCPT command")
+BDAT_SYNTAX = Reply(501, "5.5.4 Syntax: BDAT chunk-size [LAST]")
+DATA_AFTER_BDAT = Reply(503, "5.5.1 Error: DATA not allowed after BDAT")
 
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = Reply(552, "5.3.4 Message header section too large")
@@ -212,6 +218,7 @@ class _Mode(enum.Enum):
     COMMAND = "command"
     AUTH = "auth"  # a SASL response line
     DATA = "data"  # message data
+    CHUNK = "chunk"  # the octets of a BDAT chunk
 
 
 if TYPE_CHECKING:
@@ -241,6 +248,7 @@ if TYPE_CHECKING:
         _errors: int
         _messages: int
         _bytes: int
+        _wrongState: dict[_State, dict[str, Reply]]
 
         def _send(self, reply: Reply) -> None: ...
         def _close(self, reply: Reply) -> None: ...

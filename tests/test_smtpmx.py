@@ -34,9 +34,10 @@ EHLO_REPLY = (
     b"250-PIPELINING\r\n"
     b"250-SIZE 41943040\r\n"
     b"250-8BITMIME\r\n"
-    b"250 ENHANCEDSTATUSCODES\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250 CHUNKING\r\n"
 )
-EHLO_TLS_REPLY = EHLO_REPLY.replace(b"250 ENHANCEDSTATUSCODES", b"250-ENHANCEDSTATUSCODES") + b"250 STARTTLS\r\n"
+EHLO_TLS_REPLY = EHLO_REPLY.replace(b"250 CHUNKING", b"250-CHUNKING") + b"250 STARTTLS\r\n"
 SENDER_OK = b"250 2.1.0 OK\r\n"
 RCPT_OK = b"250 2.1.5 OK\r\n"
 START_DATA = b"354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -731,3 +732,77 @@ class ReceivedTests(MXSessionMixin, SynchronousTestCase):
         self.proto.connectionLost(None)
         self.assertTrue(d.called)
         self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+
+
+class BDATTests(MXSessionMixin, SynchronousTestCase):
+    """
+    CHUNKING (RFC 3030) on the MX listener: the DATA reader's rules, the
+    same C{Received:} field, no transparency.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.connect()
+        self.feed(b"EHLO client.example\r\n")
+
+    def test_storedAsWithData(self) -> None:
+        """
+        A message in two chunks (a CRLF cut between them) is stored after
+        the same C{Received:} field as with DATA, leading dots kept, bare
+        LF made CRLF; CRLF.CRLF and command lines inside a chunk are
+        content.
+        """
+        body = b"Subject: x\r\n\r\n..dot\nbare lf\r\n.\r\nMAIL FROM:<y@remote.example>\r\n"
+        out = self.feed(
+            b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<bob@example.org>\r\n"
+            b"BDAT 20\r\n" + body[:20] + b"BDAT %d LAST\r\n" % (len(body) - 20) + body[20:]
+        )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + b"250 2.0.0 20 octets received\r\n" + QUEUED)
+        self.assertEqual(
+            self.storedWithoutReceived(),
+            [b"Subject: x\r\n\r\n..dot\r\nbare lf\r\n.\r\nMAIL FROM:<y@remote.example>\r\n"],
+        )
+        [data] = self.stored()
+        self.assertRegex(
+            data.split(b"Subject")[0],
+            rb"^Received: from client.example \(unknown \[192.0.2.7\]\)\r\n"
+            rb"\tby mail.example.org \(pop3gw\) with ESMTP id [0-9A-F]{16};\r\n"
+            rb"\tTue, 14 Nov 2023 22:13:20 \+0000\r\n$",
+        )
+        self.assertEqual(self.router.queue.entries, [])
+
+    def test_sizeWhileStreaming(self) -> None:
+        """
+        Over the size limit, the chunk that passes it gets 552 5.3.4; the
+        chunks pipelined after it are discarded (503) and the session stays
+        in sync.
+        """
+        self.proto.factory.maxMessageSize = 1024
+        chunk = (b"y" * 500 + b"\r\n") * 2
+        out = self.feed(
+            b"MAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\n"
+            + b"BDAT 16\r\nSubject: x\r\n\r\nab"
+            + b"BDAT 1004\r\n" + chunk
+            + b"BDAT 1004\r\n" + chunk
+            + b"BDAT 6 LAST\r\nNOOP\r\n"
+            + b"NOOP\r\n"
+        )
+        self.assertEqual(
+            out,
+            SENDER_OK
+            + RCPT_OK
+            + b"250 2.0.0 16 octets received\r\n"
+            + b"250 2.0.0 1004 octets received\r\n"
+            + b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+            + b"503 5.5.1 Error: need MAIL command\r\n"
+            + b"250 2.0.0 OK\r\n",
+        )
+        self.assertEqual(self.store.boxes, {})
+
+    def test_unknownRecipientThenBDAT(self) -> None:
+        """
+        BDAT after only refused recipients is refused (503), its chunk
+        discarded.
+        """
+        out = self.feed(b"MAIL FROM:<>\r\nRCPT TO:<nobody@example.org>\r\nBDAT 6 LAST\r\nNOOP\r\nNOOP\r\n")
+        self.assertEqual(out, SENDER_OK + USER_UNKNOWN + b"503 5.5.1 Error: need RCPT command\r\n250 2.0.0 OK\r\n")
