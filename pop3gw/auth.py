@@ -415,11 +415,11 @@ class SubmissionAvatar:
         """
         return self.router.checkRecipient(address)
 
-    def beginDelivery(self, sender, recipients, trace: bytes = b""):
+    def beginDelivery(self, sender, recipients, trace: bytes = b"", smtputf8: bool = False):
         """
         See L{ISubmissionAvatar.beginDelivery}.
         """
-        return self.router.beginDelivery(sender, recipients, trace)
+        return self.router.beginDelivery(sender, recipients, trace, smtputf8=smtputf8)
 
 
 def _logout() -> None:

@@ -8,8 +8,10 @@ L{pop3gw.smtpmx}, the same core with its own table and policy.
 Implements RFC 5321 as profiled by RFC 6409, with the extensions AUTH PLAIN
 and LOGIN (RFC 4954), STARTTLS (RFC 3207), SIZE (RFC 1870), PIPELINING
 (RFC 2920), 8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034, RFC 3463
-codes) and CHUNKING (RFC 3030, BDAT; BINARYMIME is not offered).  DSN is
-not offered.
+codes), CHUNKING (RFC 3030, BDAT; BINARYMIME is not offered) and SMTPUTF8
+(RFC 6531: a non-ASCII path, in MAIL or RCPT, needs the SMTPUTF8 parameter
+on MAIL, else C{553 5.6.7}; UTF-8 header fields are stored as they are).
+DSN is not offered.
 
 The protocol stands on L{pop3gw.lineproto.LineProtocol} (framing, limits,
 pipelining, back-pressure, idle and close timers, STARTTLS's buffer
@@ -78,6 +80,7 @@ from pop3gw.smtpreplies import (
     BAD_SENDER_ADDRESS,
     BAD_SEQUENCE,
     BAD_SIZE,
+    BAD_SMTPUTF8,
     BYE,
     CANNOT_VRFY,
     CLOSE_TIMEOUT,
@@ -117,6 +120,7 @@ from pop3gw.smtpreplies import (
     UNKNOWN_COMMAND,
     UNKNOWN_PARAMETER,
     USER_UNKNOWN,
+    UTF8_REQUIRED,
     VRFY_SYNTAX,
     Reply,
     SMTPRefusal,
@@ -426,6 +430,7 @@ class SMTPServer(DataCommands, LineProtocol):
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "CHUNKING",
+            "SMTPUTF8",
         ]
         lines.extend(self._extensions())
         self._sendLines(250, lines)
@@ -486,6 +491,7 @@ class SMTPServer(DataCommands, LineProtocol):
             raise SMTPRefusal(MAIL_SYNTAX) from None
         if params and not self._esmtp:
             raise SMTPRefusal(UNKNOWN_PARAMETER)
+        smtputf8 = False
         for param in params:
             keyword, _, value = param.partition("=")
             keyword = keyword.upper()
@@ -501,10 +507,16 @@ class SMTPServer(DataCommands, LineProtocol):
                 # RFC 4954 section 5: accepted; this server does not relay
                 # the value, so it is ignored.
                 pass
+            elif keyword == "SMTPUTF8":
+                if value or "=" in param:
+                    raise SMTPRefusal(BAD_SMTPUTF8)
+                smtputf8 = True
             else:
                 raise SMTPRefusal(UNKNOWN_PARAMETER)
+        if not smtputf8 and not path.isascii():
+            raise SMTPRefusal(UTF8_REQUIRED)
         sender = self._checkSender(path)
-        self._envelope = _Envelope(sender)
+        self._envelope = _Envelope(sender, smtputf8=smtputf8)
         self._state = _State.MAIL
         self._send(SENDER_OK)
 
@@ -518,6 +530,8 @@ class SMTPServer(DataCommands, LineProtocol):
         if self._reader is not None:
             # BDAT chunks were sent: the recipients are settled.
             raise SMTPRefusal(BAD_SEQUENCE)
+        if not path.isascii() and not self._envelope.smtputf8:
+            raise SMTPRefusal(self._refusedRecipient(None, path, UTF8_REQUIRED, "non-ASCII without SMTPUTF8"))
         address = self._recipientAddress(path)
         if self._envelope.accepted >= self.factory.maxRecipients:
             raise SMTPRefusal(TOO_MANY_RECIPIENTS)

@@ -904,7 +904,7 @@ class SubmissionData(DataCommands):
         factory: SubmissionFactory
 
     def _beginDelivery(self, sender: Optional[Address], recipients: list[Address]) -> IDelivery:
-        return self._account.beginDelivery(sender, recipients)
+        return self._account.beginDelivery(sender, recipients, smtputf8=self._envelope.smtputf8)
 
     def _headerSenderCheck(self) -> Optional[Callable[[Address], bool]]:
         return self._account.mayUseSender if self.factory.checkHeaderFrom else None

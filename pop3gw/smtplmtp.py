@@ -10,7 +10,7 @@ reader, with what RFC 2033 changes:
 
   - The greeting says C{LMTP}; C{LHLO} replaces HELO and EHLO, which are
     unknown commands (C{500 5.5.2}).  LHLO answers as EHLO does
-    (PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, CHUNKING).  STARTTLS is not
+    (PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, CHUNKING, SMTPUTF8).  STARTTLS is not
     offered: LMTP runs on a Unix socket or a trusted network.
   - An unknown local user is refused at RCPT with C{550 5.1.1}.
   - After the end of the data there is one reply per accepted RCPT, in

@@ -37,7 +37,11 @@ length and size rules) with its own command table and policy:
     gives C{unknown}.
 
 CHUNKING (BDAT) is offered, through the same reader and rules
-(L{pop3gw.smtpdata}).  SMTPUTF8 is not offered.
+(L{pop3gw.smtpdata}).  SMTPUTF8 is offered (RFC 6531): with the
+parameter on MAIL, UTF-8 local parts and internationalised domains (local
+ones matched in their A-label form, as L{pop3gw.address} keeps them) are
+accepted and UTF-8 header fields stored unchanged; without it a non-ASCII
+path gets C{553 5.6.7}.
 
 Log lines (L{pop3gw.events}), one per refused recipient and one per
 accepted message::
@@ -92,9 +96,6 @@ REVERSE_LOOKUP_TIMEOUT = 10.0
 SERVICE = "mx"
 
 RELAY_DENIED = Reply(550, "5.7.1 Relay access denied")
-#: RFC 6531 3.4: without the SMTPUTF8 extension (not offered yet), a path
-#: must be ASCII.
-UTF8_NOT_OFFERED = Reply(553, "5.6.7 Non-ASCII address without SMTPUTF8 (not offered)")
 MX_HELP = Reply(214, "2.0.0 pop3gw MX, see RFC 5321")
 
 #: What a reverse DNS name must look like to be written in a C{Received:}
@@ -210,8 +211,6 @@ class MXServer(SMTPServer):
     def _checkSender(self, path: str) -> Optional[Address]:
         if path == "":
             return None
-        if not path.isascii():
-            raise SMTPRefusal(UTF8_NOT_OFFERED)
         try:
             return Address.parse(path)
         except AddressError:
@@ -222,8 +221,6 @@ class MXServer(SMTPServer):
             postmaster = self._postmaster()
             if postmaster is not None:
                 return postmaster
-        if not path.isascii():
-            raise SMTPRefusal(self._refusedRecipient(None, path, UTF8_NOT_OFFERED, "non-ASCII without SMTPUTF8"))
         try:
             if isDisguisedRelay(path):
                 raise AddressError(path)

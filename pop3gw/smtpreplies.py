@@ -135,6 +135,9 @@ SENDER_NOT_OWNED = Reply(553, "5.7.1 Sender address not owned by user")
 BAD_SIZE = Reply(501, "5.5.4 Bad SIZE parameter")
 BAD_BODY = Reply(501, "5.5.4 Unsupported BODY type")
 UNKNOWN_PARAMETER = Reply(555, "5.5.4 Unsupported parameter")
+BAD_SMTPUTF8 = Reply(501, "5.5.4 SMTPUTF8 takes no value")
+#: RFC 6531 3.4: a non-ASCII path needs the SMTPUTF8 parameter on MAIL.
+UTF8_REQUIRED = Reply(553, "5.6.7 Non-ASCII address requires SMTPUTF8")
 USER_UNKNOWN = Reply(550, "5.1.1 Recipient address rejected: user unknown")
 RECIPIENT_REFUSED = Reply(550, "5.7.1 Recipient address rejected")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Too many recipients")
@@ -191,12 +194,16 @@ class _Envelope:
     @ivar accepted: the RCPT commands accepted, which the recipient cap
         counts.
     @ivar messageId: the message's id, once DATA has begun its delivery.
+    @ivar smtputf8: whether MAIL had the SMTPUTF8 parameter (RFC 6531):
+        UTF-8 addresses are then allowed, and the message is queued as
+        needing SMTPUTF8.
     """
 
     sender: Optional[Address] = None
     recipients: list[Address] = attr.Factory(list)
     accepted: int = 0
     messageId: str = ""
+    smtputf8: bool = False
 
 
 class _State(enum.Enum):

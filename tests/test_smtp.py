@@ -55,6 +55,7 @@ EHLO_PLAIN = (
     b"250-8BITMIME\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n"
     b"250-CHUNKING\r\n"
+    b"250-SMTPUTF8\r\n"
     b"250 AUTH PLAIN LOGIN\r\n"
 )
 AUTH_OK = b"235 2.7.0 Authentication successful\r\n"
@@ -279,6 +280,7 @@ class GreetingAndEHLOTests(SessionMixin, SynchronousTestCase):
             b"250-8BITMIME\r\n"
             b"250-ENHANCEDSTATUSCODES\r\n"
             b"250-CHUNKING\r\n"
+            b"250-SMTPUTF8\r\n"
             b"250 STARTTLS\r\n",
         )
 
@@ -902,7 +904,7 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(
             self.feed(
                 b"MAIL FROM:<alice@example.org> SIZE=41943041\r\n"
-                b"MAIL FROM:<alice@example.org> SMTPUTF8\r\n"
+                b"MAIL FROM:<alice@example.org> XFOO\r\n"
                 b"MAIL FROM:<alice@example.org> SIZE=x\r\n"
                 b"MAIL FROM:<alice@example.org> BODY=BINARYMIME\r\n"
                 b"MAIL FROM:<alice@example.org> size=41943040 body=8bitmime\r\n"
@@ -1505,7 +1507,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
         A delivery that cannot start gets 451 4.3.0 instead of 354.
         """
 
-        def fail(sender, recipients, trace=b""):
+        def fail(sender, recipients, trace=b"", **kw):
             raise TemporaryFailure("disk full")
 
         self.realm.avatars[0].beginDelivery = fail
@@ -1550,7 +1552,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
                 FakeDelivery.write(self, data)
 
         delivery = Full(lambda data: None)
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: delivery
         self.envelope()
         with capturedLogs() as logged:
             self.assertEqual(
@@ -1570,7 +1572,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
         instead of 354, and a log line naming the error.
         """
 
-        def full(sender, recipients, trace=b""):
+        def full(sender, recipients, trace=b"", **kw):
             raise InsufficientStorage("cannot start delivery: No space left on device")
 
         self.realm.avatars[0].beginDelivery = full
@@ -1599,7 +1601,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
                 FakeDelivery.write(self, data)
 
         delivery = Broken(lambda data: None)
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: delivery
         self.envelope()
         self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\n"), b"451 4.3.0 Internal error\r\n")
         self.assertEqual(delivery.state, "aborted")
@@ -1823,7 +1825,7 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
         delivery = Slow(lambda data: None)
         self.connect()
         self.login()
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: delivery
         self.envelope()
         self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n"), b"")
         self.assertEqual(self.feed(b"RSET\r\n"), b"")
@@ -1852,7 +1854,7 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
         delivery = Slow(lambda data: None)
         self.connect()
         self.login()
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: delivery
         self.envelope()
         self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\n"), b"")
         self.proto.connectionLost(None)
@@ -1876,7 +1878,7 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
 
         self.connect()
         self.login()
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": Slow(lambda data: None)
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: Slow(lambda data: None)
         self.envelope()
         self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n"), b"")
         committed.errback(OSError("disk"))
@@ -1897,7 +1899,7 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
 
         self.connect()
         self.login()
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": Slow(lambda data: None)
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: Slow(lambda data: None)
         self.envelope()
         self.feed(HEADERS + b"\r\nHello\r\n.\r\n")
         self.feed(b"NOOP\r\n" * (smtp.MAX_PENDING_INPUT // 6 + 1))
@@ -1929,6 +1931,7 @@ class StartTLSTests(SessionMixin, SynchronousTestCase):
             b"250-8BITMIME\r\n"
             b"250-ENHANCEDSTATUSCODES\r\n"
             b"250-CHUNKING\r\n"
+            b"250-SMTPUTF8\r\n"
             b"250-STARTTLS\r\n"
             b"250 AUTH PLAIN LOGIN\r\n"
             b"220 2.0.0 Ready to start TLS\r\n",
@@ -2101,7 +2104,7 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         self.login()
         original = self.router.beginDelivery
 
-        def beginDelivery(sender, recipients, trace=b""):
+        def beginDelivery(sender, recipients, trace=b"", **kw):
             delivery = original(sender, recipients, trace)
             delivery.localRecipients = tuple(r for r in recipients if self.router.isLocalDomain(r.domain))
             delivery.remoteRecipients = tuple(r for r in recipients if not self.router.isLocalDomain(r.domain))
@@ -2185,7 +2188,7 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         """
         original = self.router.beginDelivery
 
-        def beginDelivery(sender, recipients, trace=b""):
+        def beginDelivery(sender, recipients, trace=b"", **kw):
             delivery = original(sender, recipients, trace)
             delivery.queueId = "x\r\n250 injected"
             return delivery
@@ -2211,7 +2214,7 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
                 self.queueId = QUEUE_ID.decode("ascii")
                 self.localRecipients = self.remoteRecipients = ()
 
-        self.router.beginDelivery = lambda *args: PlainDelivery(original(*args))
+        self.router.beginDelivery = lambda *args, **kw: PlainDelivery(original(*args, **kw))
         self.envelope((b"carol@remote.example",))
         body = HEADERS + b"\r\nHello\r\n"
         with capturedLogs() as events:
@@ -2237,7 +2240,7 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         original = self.router.beginDelivery
         deliveries = []
 
-        def beginDelivery(sender, recipients, trace=b""):
+        def beginDelivery(sender, recipients, trace=b"", **kw):
             delivery = original(sender, recipients, trace)
             deliveries.append(delivery)
 
@@ -2261,7 +2264,7 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         """
         original = self.router.beginDelivery
 
-        def beginDelivery(sender, recipients, trace=b""):
+        def beginDelivery(sender, recipients, trace=b"", **kw):
             delivery = original(sender, recipients, trace)
 
             def write(data):
@@ -3055,3 +3058,68 @@ class BDATTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(self.feed(CHUNK_MAIL + bdat(HEADERS + b"\r\nHello\r\n") + b"NOOP\r\n"), CHUNK_ENVELOPE)
         committed.callback(None)
         self.assertEqual(queuedReply(self.transport.value()), b"250 2.0.0 OK queued as ID\r\n250 2.0.0 OK\r\n")
+
+
+class SMTPUTF8Tests(SessionMixin, SynchronousTestCase):
+    """
+    SMTPUTF8 (RFC 6531/6532) on submission.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.connect()
+        self.login()
+
+    def test_utf8RecipientQueuedWithFlag(self) -> None:
+        """
+        With C{SMTPUTF8} on MAIL a UTF-8 recipient is accepted; the message,
+        UTF-8 headers included, is queued unchanged and its entry says it
+        needs SMTPUTF8.
+        """
+        message = "From: alice@example.org\r\nTo: J\u00f6rg <j\u00f6rg@m\u00fcnchen.example>\r\nSubject: gr\u00fc\u00df\r\n".encode(
+            "utf-8"
+        ) + b"Message-ID: <1@x>\r\nDate: " + NOW_TEXT + "\r\n\r\n\u00e4\r\n".encode("utf-8")
+        out = self.feed(
+            "MAIL FROM:<alice@example.org> SMTPUTF8\r\nRCPT TO:<j\u00f6rg@m\u00fcnchen.example>\r\nDATA\r\n".encode("utf-8")
+            + message
+            + b".\r\n"
+        )
+        self.assertEqual(
+            queuedReply(out),
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 OK queued as ID\r\n",
+        )
+        [(sender, recipients, data)] = self.queue.entries
+        self.assertEqual(recipients, [Address.parse("j\u00f6rg@xn--mnchen-3ya.example")])
+        self.assertEqual(withoutReceived(data), message)
+        self.assertEqual(self.queue.smtputf8, [True])
+
+    def test_asciiTransactionNotFlagged(self) -> None:
+        """
+        Without the parameter the queue entry does not ask for SMTPUTF8.
+        """
+        self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<carol@remote.example>\r\nDATA\r\n" + HEADERS + b"\r\nx\r\n.\r\n")
+        self.assertEqual(self.queue.smtputf8, [False])
+
+    def test_nonASCIIWithoutParameter(self) -> None:
+        """
+        Without C{SMTPUTF8}, a non-ASCII sender or recipient is refused with
+        553 5.6.7.
+        """
+        self.assertEqual(
+            self.feed("MAIL FROM:<\u00e4lice@example.org>\r\n".encode("utf-8")),
+            b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n",
+        )
+        self.assertEqual(
+            self.feed("MAIL FROM:<alice@example.org>\r\nRCPT TO:<j\u00f6rg@remote.example>\r\n".encode("utf-8")),
+            b"250 2.1.0 OK\r\n553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n",
+        )
+
+    def test_utf8SenderStillOwned(self) -> None:
+        """
+        With SMTPUTF8, a UTF-8 sender the user does not own is refused as
+        any other.
+        """
+        self.assertEqual(
+            self.feed("MAIL FROM:<\u00e4lice@example.org> SMTPUTF8\r\n".encode("utf-8")),
+            b"553 5.7.1 Sender address not owned by user\r\n",
+        )

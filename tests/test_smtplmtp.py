@@ -32,7 +32,8 @@ LHLO_REPLY = (
     b"250-SIZE 41943040\r\n"
     b"250-8BITMIME\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n"
-    b"250 CHUNKING\r\n"
+    b"250-CHUNKING\r\n"
+    b"250 SMTPUTF8\r\n"
 )
 SENDER_OK = b"250 2.1.0 OK\r\n"
 RCPT_OK = b"250 2.1.5 OK\r\n"
@@ -320,3 +321,30 @@ class BDATTests(LMTPTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(out, SENDER_OK + RCPT_OK * 2 + b"550 5.6.11 Bare CR not allowed\r\n" * 2)
         self.assertEqual(self.store.boxes, {})
+
+
+class SMTPUTF8Tests(LMTPTestsMixin, SynchronousTestCase):
+    """
+    SMTPUTF8 (RFC 6531) over LMTP.
+    """
+
+    def test_utf8Recipient(self) -> None:
+        """
+        With SMTPUTF8 on MAIL, a UTF-8 local part is accepted and the UTF-8
+        message stored unchanged; without it, 553 5.6.7.
+        """
+        jorg = Address.parse("j\u00f6rg@example.org")
+        self.users.users[jorg] = "x"
+        self.feed(b"LHLO mta.example.org\r\n")
+        self.assertEqual(
+            self.feed("MAIL FROM:<>\r\nRCPT TO:<j\u00f6rg@example.org>\r\nRSET\r\n".encode("utf-8")),
+            SENDER_OK + b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n" + b"250 2.0.0 OK\r\n",
+        )
+        message = "Subject: \u00e4\r\n\r\n\u00f6\r\n".encode("utf-8")
+        out = self.feed(
+            "MAIL FROM:<\u00e4@remote.example> SMTPUTF8\r\nRCPT TO:<J\u00d6RG@example.org>\r\nDATA\r\n".encode("utf-8")
+            + message
+            + b".\r\n"
+        )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.stored(jorg), [message])

@@ -35,9 +35,10 @@ EHLO_REPLY = (
     b"250-SIZE 41943040\r\n"
     b"250-8BITMIME\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n"
-    b"250 CHUNKING\r\n"
+    b"250-CHUNKING\r\n"
+    b"250 SMTPUTF8\r\n"
 )
-EHLO_TLS_REPLY = EHLO_REPLY.replace(b"250 CHUNKING", b"250-CHUNKING") + b"250 STARTTLS\r\n"
+EHLO_TLS_REPLY = EHLO_REPLY.replace(b"250 SMTPUTF8", b"250-SMTPUTF8") + b"250 STARTTLS\r\n"
 SENDER_OK = b"250 2.1.0 OK\r\n"
 RCPT_OK = b"250 2.1.5 OK\r\n"
 START_DATA = b"354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -355,20 +356,20 @@ class EnvelopeTests(MXSessionMixin, SynchronousTestCase):
 
     def test_nonASCIIWithoutSMTPUTF8(self) -> None:
         """
-        SMTPUTF8 is not offered, so a non-ASCII sender or recipient is
-        refused with C{553 5.6.7} (RFC 6531 3.4), even one that a catch-all
-        would take.
+        Without the SMTPUTF8 parameter on MAIL, a non-ASCII sender or
+        recipient is refused with C{553 5.6.7} (RFC 6531 3.4), even one
+        that a catch-all would take.
         """
         self.users.catchAll["example.org"] = BOB
-        self.assertNotIn(b"SMTPUTF8", self.feed(b"EHLO again.example\r\n"))
+        self.assertIn(b"250 SMTPUTF8\r\n", self.feed(b"EHLO again.example\r\n"))
         self.assertEqual(
             self.feed("MAIL FROM:<\u00e4@remote.example>\r\n".encode("utf-8")),
-            b"553 5.6.7 Non-ASCII address without SMTPUTF8 (not offered)\r\n",
+            b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n",
         )
         self.feed(b"MAIL FROM:<>\r\n")
         self.assertEqual(
             self.feed("RCPT TO:<\u00e4lice@example.org>\r\n".encode("utf-8")),
-            b"553 5.6.7 Non-ASCII address without SMTPUTF8 (not offered)\r\n",
+            b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n",
         )
 
     def test_unqualifiedPostmasterConfigured(self) -> None:
@@ -806,3 +807,65 @@ class BDATTests(MXSessionMixin, SynchronousTestCase):
         """
         out = self.feed(b"MAIL FROM:<>\r\nRCPT TO:<nobody@example.org>\r\nBDAT 6 LAST\r\nNOOP\r\nNOOP\r\n")
         self.assertEqual(out, SENDER_OK + USER_UNKNOWN + b"503 5.5.1 Error: need RCPT command\r\n250 2.0.0 OK\r\n")
+
+
+#: An internationalised user: a UTF-8 local part in a domain configured
+#: as its A-label.
+NANDU = Address.parse("\u00f1and\u00fa@xn--bcher-kva.example")
+
+
+class SMTPUTF8Tests(MXSessionMixin, SynchronousTestCase):
+    """
+    SMTPUTF8 (RFC 6531/6532) on the MX listener.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.users = FakeUserDatabase({ALICE: "x", BOB: "x", NANDU: "x"}, aliases={ALIAS: ALICE})
+        self.router = NoRelayRouter(domains=("example.org", "xn--bcher-kva.example"), users=self.users)
+        self.router.queue.beginDelivery = self.queueUsed
+        self.store = self.router.store
+        self.connect()
+        self.feed(b"EHLO client.example\r\n")
+
+    def test_utf8Envelope(self) -> None:
+        """
+        With C{MAIL FROM:<...> SMTPUTF8}, a UTF-8 sender and a UTF-8
+        recipient in a U-label domain (matched as its A-label) are accepted;
+        the message, UTF-8 headers included, is stored byte for byte.
+        """
+        message = "From: J\u00f6rg <j\u00f6rg@m\u00fcnchen.example>\r\nSubject: gr\u00fc\u00df dich\r\n\r\n\u00e4\u00f6\u00fc\r\n".encode("utf-8")
+        out = self.feed(
+            "MAIL FROM:<j\u00f6rg@m\u00fcnchen.example> SMTPUTF8 BODY=8BITMIME\r\n"
+            "RCPT TO:<\u00f1and\u00fa@b\u00fccher.example>\r\nDATA\r\n".encode("utf-8")
+            + message
+            + b".\r\n"
+        )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.storedWithoutReceived(NANDU), [message])
+
+    def test_parameterOnlyForItsTransaction(self) -> None:
+        """
+        SMTPUTF8 holds for its own transaction only: after RSET, a UTF-8
+        recipient needs it again.
+        """
+        self.feed(b"MAIL FROM:<> SMTPUTF8\r\nRSET\r\nMAIL FROM:<>\r\n")
+        self.assertEqual(
+            self.feed("RCPT TO:<\u00f1and\u00fa@example.org>\r\n".encode("utf-8")),
+            b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n",
+        )
+
+    def test_parameterTakesNoValue(self) -> None:
+        """
+        C{SMTPUTF8=...} is a syntax error (RFC 6531 3.4: no value).
+        """
+        self.assertEqual(self.feed(b"MAIL FROM:<> SMTPUTF8=yes\r\n"), b"501 5.5.4 SMTPUTF8 takes no value\r\n")
+
+    def test_unknownUTF8User(self) -> None:
+        """
+        An unknown UTF-8 local part of a local domain is 550 5.1.1; a UTF-8
+        recipient elsewhere is relay denied.
+        """
+        self.feed(b"MAIL FROM:<> SMTPUTF8\r\n")
+        self.assertEqual(self.feed("RCPT TO:<\u00f1o@b\u00fccher.example>\r\n".encode("utf-8")), USER_UNKNOWN)
+        self.assertEqual(self.feed("RCPT TO:<\u00f1o@m\u00fcnchen.example>\r\n".encode("utf-8")), RELAY_DENIED)
