@@ -75,22 +75,24 @@ def loadModule(path: str) -> ModuleType:
     return module
 
 
-def runOnce(module: ModuleType, data: bytes, read: int) -> float:
+def runOnce(module: ModuleType, data: bytes, read: int, count: int) -> float:
     """
-    Read C{data} in reads of C{read} octets; return the seconds taken.
+    Read C{data} C{count} times in reads of C{read} octets; return the
+    seconds taken.
     """
-    delivery = CountingDelivery()
-    reader = module._MessageReader(delivery, 1 << 40, None, lambda present: [])
-    buf = bytearray()
     start = time.perf_counter()
-    for i in range(0, len(data), read):
-        buf += data[i : i + read]
-        if reader.consume(buf):
-            break
-    else:
-        raise SystemExit("the end of the data was not found")
-    if reader.finish() is not None:
-        raise SystemExit("the message was refused")
+    for _ in range(count):
+        delivery = CountingDelivery()
+        reader = module._MessageReader(delivery, 1 << 40, None, lambda present: [])
+        buf = bytearray()
+        for i in range(0, len(data), read):
+            buf += data[i : i + read]
+            if reader.consume(buf):
+                break
+        else:
+            raise SystemExit("the end of the data was not found")
+        if reader.finish() is not None:
+            raise SystemExit("the message was refused")
     return time.perf_counter() - start
 
 
@@ -99,21 +101,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, default=20 * 1024 * 1024, help="message size in octets")
     parser.add_argument("--read", type=int, default=64 * 1024, help="octets per TCP read")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--count", type=int, default=1, help="messages read per timing (for small sizes)")
     parser.add_argument("--compare", help="another smtpdata.py to run side by side")
     parser.add_argument("--kinds", default="text,base64,lf")
     options = parser.parse_args(argv)
     versions = [("current", smtpdata)]
     if options.compare:
         versions.insert(0, ("compare", loadModule(options.compare)))
-    print(f"message size {options.size} octets, reads of {options.read} octets, {options.repeat} repeats")
+    print(
+        f"message size {options.size} octets, reads of {options.read} octets,"
+        f" {options.count} message(s) per timing, {options.repeat} repeats"
+    )
     for kind in options.kinds.split(","):
         data = message(kind, options.size)
         times: dict[str, list[float]] = {name: [] for name, _ in versions}
         for _ in range(options.repeat):
             for name, module in versions:
-                times[name].append(runOnce(module, data, options.read))
+                times[name].append(runOnce(module, data, options.read, options.count))
         for name, _ in versions:
-            rates = [len(data) / t / 1e6 for t in times[name]]
+            rates = [len(data) * options.count / t / 1e6 for t in times[name]]
             print(
                 f"{kind:7} {name:8} median {statistics.median(rates):8.1f} MB/s"
                 f"  min {min(rates):8.1f}  max {max(rates):8.1f}"
