@@ -176,17 +176,6 @@ class Entry:
     lastError: Optional[str] = None
     smtputf8: bool = False
 
-    def needsSMTPUTF8(self) -> bool:
-        """
-        @return: whether the envelope cannot be sent without SMTPUTF8: the
-            sender or a recipient has a non-ASCII local part (RFC 6531
-            3.7.5; a non-ASCII domain is always kept as its A-label).
-        """
-        addresses = [r.address for r in self.recipients]
-        if self.sender is not None:
-            addresses.append(self.sender)
-        return any(not str(a).isascii() for a in addresses)
-
     def pending(self) -> list:
         """
         @return: the L{Recipient}s still to be tried.

@@ -945,7 +945,12 @@ class SubmissionData(DataCommands):
         docstring).
         """
         helo = _SAFE_HELO.sub("_", _traceName(self._helo))
-        protocol = "ESMTP" + ("S" if self.secure else "") + ("A" if self._avatar is not None else "")
+        # RFC 3848 and, for a message received with SMTPUTF8, RFC 6531 3.7.3.
+        protocol = (
+            ("UTF8SMTP" if self._envelope.smtputf8 else "ESMTP")
+            + ("S" if self.secure else "")
+            + ("A" if self._avatar is not None else "")
+        )
         return (
             f"Received: from {helo} (authenticated user) by {self.factory.hostname}"
             f" (pop3gw) with {protocol} id {self._envelope.messageId}; {formatDate(self.factory.clock.seconds())}\r\n"

@@ -23,6 +23,8 @@ reader, with what RFC 2033 changes:
     refusal once per recipient.  DATA with no accepted RCPT is C{503}.
   - With BDAT (RFC 3030), the per-recipient replies answer C{BDAT ...
     LAST}; each earlier chunk gets one reply.
+  - The C{Received:} field says C{with UTF8LMTP} for a message received
+    with SMTPUTF8 (RFC 6531 3.7.3).
 
 Log lines::
 
@@ -277,7 +279,8 @@ class LMTPServer(MXServer):
         helo = _SAFE_HELO.sub("_", self._helo or "unknown")
         lines = [
             f"Received: from {helo} ({_addressLiteral(self.peer)})",
-            f"\tby {self.factory.hostname} (pop3gw) with LMTP id {self._envelope.messageId};",
+            f"\tby {self.factory.hostname} (pop3gw) with {'UTF8LMTP' if self._envelope.smtputf8 else 'LMTP'}"
+            f" id {self._envelope.messageId};",
             f"\t{formatDate(self.factory.clock.seconds())}",
         ]
         return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")

@@ -295,7 +295,12 @@ class MXServer(SMTPServer):
         """
         helo = _SAFE_HELO.sub("_", self._helo or "unknown")
         reverse = self._reverseName or "unknown"
-        protocol = ("ESMTP" if self._esmtp else "SMTP") + ("S" if self.secure else "")
+        # RFC 3848 and, with SMTPUTF8, RFC 6531 3.7.3.
+        if self._envelope.smtputf8:
+            protocol = "UTF8SMTP"
+        else:
+            protocol = "ESMTP" if self._esmtp else "SMTP"
+        protocol += "S" if self.secure else ""
         lines = [f"Received: from {helo} ({reverse} {_addressLiteral(self.peer)})"]
         if self.secure:
             description = _tlsDescription(self.transport)

@@ -3092,6 +3092,7 @@ class SMTPUTF8Tests(SessionMixin, SynchronousTestCase):
         self.assertEqual(recipients, [Address.parse("j\u00f6rg@xn--mnchen-3ya.example")])
         self.assertEqual(withoutReceived(data), message)
         self.assertEqual(self.queue.smtputf8, [True])
+        self.assertRegex(data, rb"^Received: from client.example \(authenticated user\) by mail.example.org \(pop3gw\) with UTF8SMTPA id ")
 
     def test_asciiTransactionNotFlagged(self) -> None:
         """

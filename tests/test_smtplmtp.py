@@ -348,3 +348,4 @@ class SMTPUTF8Tests(LMTPTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
         self.assertEqual(self.stored(jorg), [message])
+        self.assertIn(b"with UTF8LMTP id ", self.store.boxes[jorg][0][1])

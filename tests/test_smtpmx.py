@@ -844,6 +844,22 @@ class SMTPUTF8Tests(MXSessionMixin, SynchronousTestCase):
         self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
         self.assertEqual(self.storedWithoutReceived(NANDU), [message])
 
+    def test_receivedWithUTF8SMTP(self) -> None:
+        """
+        A message received with SMTPUTF8 is traced C{with UTF8SMTP} (RFC
+        6531 3.7.3); the next one, without it, C{with ESMTP} again.
+        """
+        self.feed(
+            "MAIL FROM:<> SMTPUTF8\r\nRCPT TO:<\u00f1and\u00fa@b\u00fccher.example>\r\nDATA\r\n".encode("utf-8")
+            + MESSAGE
+            + b".\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nBDAT %d LAST\r\n" % len(MESSAGE)
+            + MESSAGE
+        )
+        [first] = self.stored(NANDU)
+        [second] = self.stored(BOB)
+        self.assertIn(b"\tby mail.example.org (pop3gw) with UTF8SMTP id ", first)
+        self.assertIn(b"\tby mail.example.org (pop3gw) with ESMTP id ", second)
+
     def test_parameterOnlyForItsTransaction(self) -> None:
         """
         SMTPUTF8 holds for its own transaction only: after RSET, a UTF-8
