@@ -168,6 +168,23 @@ class DeliverOnceTests(unittest.SynchronousTestCase):
         )
         self.assertEqual((result.outcomes, result.error), ({BOB: failed, CAROL: failed}, None))
 
+    def test_utf8RefusedAfterSTARTTLS(self):
+        """
+        The keywords that count are those of the EHLO after STARTTLS; a
+        session that ends before MAIL for want of SMTPUTF8 still says it
+        used TLS.
+        """
+        d = self.deliver(recipients=[JORG], smtputf8=True, contextFor=self.contextFor)
+        self.endpoint.open()
+        self.endpoint.feed(GREETING)
+        self.assertEqual(self.endpoint.feed(b"250-mx\r\n250-SMTPUTF8\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
+        self.assertEqual(self.endpoint.feed(b"220 go\r\n"), b"EHLO mx.example.org\r\n")
+        self.assertEqual(self.endpoint.feed(b"250 mx\r\n"), b"QUIT\r\n")
+        self.endpoint.feed(b"221 bye\r\n")
+        self.endpoint.close()
+        result = self.successResultOf(d)
+        self.assertEqual((result.outcomes[JORG].status, result.tls), ("5.6.7", True))
+
     def test_utf8RecipientWithoutSMTPUTF8(self):
         """
         A UTF-8 recipient fails with 5.6.7 at a server without SMTPUTF8;

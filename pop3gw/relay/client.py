@@ -670,6 +670,7 @@ class _RelayClient(ESMTPClient):
         if not offered:
             self._sendable = self.session.withoutSMTPUTF8()
             if not self._sendable:
+                self.session.tls = self._tlsMode
                 self._from = None
                 self._disconnectFromServer()
                 return
