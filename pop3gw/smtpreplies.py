@@ -255,7 +255,6 @@ if TYPE_CHECKING:
         _errors: int
         _messages: int
         _bytes: int
-        _wrongState: dict[_State, dict[str, Reply]]
 
         def _send(self, reply: Reply) -> None: ...
         def _close(self, reply: Reply) -> None: ...
