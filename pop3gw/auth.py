@@ -505,11 +505,11 @@ class SubmissionAvatar:
 
         return d.addCallback(admit)
 
-    def beginDelivery(self, sender, recipients, trace: bytes = b""):
+    def beginDelivery(self, sender, recipients, trace: bytes = b"", smtputf8: bool = False):
         """
         See L{ISubmissionAvatar.beginDelivery}.
         """
-        delivery = self.router.beginDelivery(sender, recipients, trace)
+        delivery = self.router.beginDelivery(sender, recipients, trace, smtputf8=smtputf8)
         if self.sending is None:
             return delivery
         return _CountedDelivery(delivery, self.sending, str(self.address), len(recipients), self.peer)

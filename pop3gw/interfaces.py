@@ -532,13 +532,15 @@ class IOutboundQueue(Interface):
     Durable queue of mail for non-local recipients.
     """
 
-    def beginDelivery(sender, recipients, trace=b""):
+    def beginDelivery(sender, recipients, trace=b"", smtputf8=False):
         """
         Start queueing one message.
 
         @param sender: the envelope sender L{Address}, or C{None} for the
             null reverse path (bounces).
         @param recipients: a sequence of remote L{Address}es.
+        @param smtputf8: whether the message was received with SMTPUTF8
+            (RFC 6531), recorded in the entry for the relay.
         @return: an L{IDelivery} (an L{IQueuedDelivery} if the queue names
             its entries); its C{commit} fires once the entry is durable in
             the queue (it is then relayed in the background).
@@ -649,11 +651,13 @@ class IMailRouter(Interface):
             resolves it to a user.
         """
 
-    def beginDelivery(sender, recipients, trace=b""):
+    def beginDelivery(sender, recipients, trace=b"", smtputf8=False):
         """
         Start delivering one message to C{recipients} (the addresses
         L{checkRecipient} returned, one copy per address): local ones into
-        maildrops, the rest into the outbound queue.
+        maildrops, the rest into the outbound queue (C{smtputf8}, whether
+        the message was received with SMTPUTF8, goes with them: see
+        L{IOutboundQueue.beginDelivery}).
 
         @return: an L{IRoutedDelivery} whose C{commit} fires only once the
             message is durable in every maildrop and in the queue.
@@ -699,7 +703,7 @@ class ISubmissionAvatar(Interface):
             message to one more recipient now.
         """
 
-    def beginDelivery(sender, recipients, trace=b""):
+    def beginDelivery(sender, recipients, trace=b"", smtputf8=False):
         """
         See L{IMailRouter.beginDelivery}.  The message counts against the
         user's sending limits once committed.

@@ -162,6 +162,9 @@ class Entry:
     @ivar attempts: how many delivery attempts were started.
     @ivar nextAttempt: when the next attempt is due (POSIX seconds).
     @ivar lastError: the last temporary failure, for operators.
+    @ivar smtputf8: whether the message was received with the SMTPUTF8
+        parameter (RFC 6531): the relay asks the next hop for SMTPUTF8 when
+        it offers it.
     """
 
     queueId: str
@@ -171,6 +174,7 @@ class Entry:
     attempts: int = 0
     nextAttempt: float = 0.0
     lastError: Optional[str] = None
+    smtputf8: bool = False
 
     def pending(self) -> list:
         """
@@ -252,7 +256,7 @@ class Entry:
 
             {"version": 1, "id": ..., "sender": "a@b" or null,
              "created": secs, "attempts": n, "nextAttempt": secs,
-             "lastError": text or null,
+             "lastError": text or null, "smtputf8": bool,
              "recipients": [{"address": ..., "state": "pending"|"delivered"|
                              "failed", "status": ..., "diagnostic": ...,
                              "notified": bool}, ...]}
@@ -266,6 +270,7 @@ class Entry:
                 "attempts": self.attempts,
                 "nextAttempt": self.nextAttempt,
                 "lastError": self.lastError,
+                "smtputf8": self.smtputf8,
                 "recipients": [
                     {
                         "address": str(r.address),
@@ -316,6 +321,7 @@ class Entry:
                 int(obj["attempts"]),
                 float(obj["nextAttempt"]),
                 obj.get("lastError"),
+                bool(obj.get("smtputf8", False)),
             )
         except (KeyError, TypeError, AttributeError, UnicodeDecodeError, AddressError) as e:
             raise ValueError(f"malformed queue entry: {e}") from None
@@ -615,7 +621,9 @@ class OutboundQueue:
         micros = int(self.reactor.seconds() * 1_000_000) & (16**13 - 1)
         return "%013x-%s" % (micros, os.urandom(4).hex())
 
-    def beginDelivery(self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b""):
+    def beginDelivery(
+        self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b"", smtputf8: bool = False
+    ):
         now = self.reactor.seconds()
         entry = Entry(
             self._newId(),
@@ -623,6 +631,7 @@ class OutboundQueue:
             [Recipient(r) for r in recipients],
             created=now,
             nextAttempt=now,
+            smtputf8=smtputf8,
         )
         return _QueueDelivery(self, entry, trace)
 

@@ -242,14 +242,16 @@ class Router:
         local = list(dict.fromkeys(recipients))
         return _RoutedDelivery(self._store.beginDelivery(local, trace), None, local, ())
 
-    def beginDelivery(self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b"") -> IDelivery:
+    def beginDelivery(
+        self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b"", smtputf8: bool = False
+    ) -> IDelivery:
         local: list = []
         remote: list = []
         for r in recipients:
             bucket = local if self.isLocalDomain(r.domain) else remote
             if r not in bucket:
                 bucket.append(r)
-        remotePart = self._queue.beginDelivery(sender, remote, trace) if remote else None
+        remotePart = self._queue.beginDelivery(sender, remote, trace, smtputf8=smtputf8) if remote else None
         try:
             localPart = self._store.beginDelivery(local, trace) if local else None
         except BaseException:

@@ -7,8 +7,11 @@ L{pop3gw.smtpmx}, the same core with its own table and policy.
 
 Implements RFC 5321 as profiled by RFC 6409, with the extensions AUTH PLAIN
 and LOGIN (RFC 4954), STARTTLS (RFC 3207), SIZE (RFC 1870), PIPELINING
-(RFC 2920), 8BITMIME (RFC 6152) and ENHANCEDSTATUSCODES (RFC 2034, RFC 3463
-codes).  CHUNKING/BDAT, DSN and SMTPUTF8 are not offered.
+(RFC 2920), 8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034, RFC 3463
+codes), CHUNKING (RFC 3030, BDAT; BINARYMIME is not offered) and SMTPUTF8
+(RFC 6531: a non-ASCII path, in MAIL or RCPT, needs the SMTPUTF8 parameter
+on MAIL, else C{553 5.6.7}; UTF-8 header fields are stored as they are).
+DSN is not offered.
 
 The protocol stands on L{pop3gw.lineproto.LineProtocol} (framing, limits,
 pipelining, back-pressure, idle and close timers, STARTTLS's buffer
@@ -78,6 +81,7 @@ from pop3gw.smtpreplies import (
     BAD_SENDER_ADDRESS,
     BAD_SEQUENCE,
     BAD_SIZE,
+    BAD_SMTPUTF8,
     BYE,
     CANNOT_VRFY,
     CLOSE_TIMEOUT,
@@ -118,6 +122,7 @@ from pop3gw.smtpreplies import (
     UNKNOWN_COMMAND,
     UNKNOWN_PARAMETER,
     USER_UNKNOWN,
+    UTF8_REQUIRED,
     VRFY_SYNTAX,
     Reply,
     SMTPRefusal,
@@ -280,6 +285,8 @@ class SMTPServer(DataCommands, LineProtocol):
         try:
             if self._mode is _Mode.DATA:
                 return self._dataStep()
+            if self._mode is _Mode.CHUNK:
+                return self._chunkStep()
             return self._nextLine()
         except Exception:
             self.log.failure("Unexpected error in an SMTP session ({service})", service=self.service)
@@ -316,7 +323,12 @@ class SMTPServer(DataCommands, LineProtocol):
             return
         handler = self._tables[self._state].get(verb)
         if handler is None:
-            self._send(self._wrongState[self._state].get(verb, BAD_SEQUENCE))
+            reply = self._wrongState[self._state].get(verb, BAD_SEQUENCE)
+            if verb == "BDAT":
+                # Its chunk follows whatever the reply: read it first.
+                self.refuseChunk(argument.strip(" "), reply)
+                return
+            self._send(reply)
             return
         try:
             result = handler(self, argument.strip(" "))
@@ -334,8 +346,12 @@ class SMTPServer(DataCommands, LineProtocol):
 
     def _resetTransaction(self) -> None:
         """
-        Forget the sender and recipients (RSET, EHLO, end of data).
+        Forget the sender and recipients (RSET, EHLO, end of data), and
+        the message of BDAT chunks read so far.
         """
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.abort()
         self._envelope = _Envelope()
         if self._state is _State.MAIL:
             self._state = _State.AUTHENTICATED
@@ -415,6 +431,8 @@ class SMTPServer(DataCommands, LineProtocol):
             f"SIZE {self.factory.maxMessageSize}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+            "SMTPUTF8",
         ]
         lines.extend(self._extensions())
         self._sendLines(250, lines)
@@ -475,6 +493,7 @@ class SMTPServer(DataCommands, LineProtocol):
             raise SMTPRefusal(MAIL_SYNTAX) from None
         if params and not self._esmtp:
             raise SMTPRefusal(UNKNOWN_PARAMETER)
+        smtputf8 = False
         for param in params:
             keyword, _, value = param.partition("=")
             keyword = keyword.upper()
@@ -490,10 +509,16 @@ class SMTPServer(DataCommands, LineProtocol):
                 # RFC 4954 section 5: accepted; this server does not relay
                 # the value, so it is ignored.
                 pass
+            elif keyword == "SMTPUTF8":
+                if value or "=" in param:
+                    raise SMTPRefusal(BAD_SMTPUTF8)
+                smtputf8 = True
             else:
                 raise SMTPRefusal(UNKNOWN_PARAMETER)
+        if not smtputf8 and not path.isascii():
+            raise SMTPRefusal(UTF8_REQUIRED)
         sender = self._checkSender(path)
-        self._envelope = _Envelope(sender)
+        self._envelope = _Envelope(sender, smtputf8=smtputf8)
         self._state = _State.MAIL
         self._send(SENDER_OK)
 
@@ -504,6 +529,11 @@ class SMTPServer(DataCommands, LineProtocol):
             raise SMTPRefusal(RCPT_SYNTAX) from None
         if params:
             raise SMTPRefusal(UNKNOWN_PARAMETER)
+        if self._reader is not None:
+            # BDAT chunks were sent: the recipients are settled.
+            raise SMTPRefusal(BAD_SEQUENCE)
+        if not path.isascii() and not self._envelope.smtputf8:
+            raise SMTPRefusal(self._refusedRecipient(None, path, UTF8_REQUIRED, "non-ASCII without SMTPUTF8"))
         address = self._recipientAddress(path)
         if self._envelope.accepted >= self.factory.maxRecipients:
             raise SMTPRefusal(TOO_MANY_RECIPIENTS)
@@ -683,7 +713,12 @@ class SubmissionServer(AuthCommands, SubmissionData, SMTPServer):
                 _State.FRESH: {**_COMMON_COMMANDS, "STARTTLS": SMTPServer.do_STARTTLS},
                 _State.GREETED: {**_COMMON_COMMANDS, "STARTTLS": SMTPServer.do_STARTTLS, "AUTH": AuthCommands.do_AUTH},
                 _State.AUTHENTICATED: {**_COMMON_COMMANDS, "MAIL": SMTPServer.do_MAIL},
-                _State.MAIL: {**_COMMON_COMMANDS, "RCPT": SMTPServer.do_RCPT, "DATA": DataCommands.do_DATA},
+                _State.MAIL: {
+                    **_COMMON_COMMANDS,
+                    "RCPT": SMTPServer.do_RCPT,
+                    "DATA": DataCommands.do_DATA,
+                    "BDAT": DataCommands.do_BDAT,
+                },
             },
             {
                 _State.FRESH: {
@@ -691,12 +726,19 @@ class SubmissionServer(AuthCommands, SubmissionData, SMTPServer):
                     "MAIL": SEND_HELO_FIRST,
                     "RCPT": SEND_HELO_FIRST,
                     "DATA": SEND_HELO_FIRST,
+                    "BDAT": SEND_HELO_FIRST,
                 },
-                _State.GREETED: {"MAIL": AUTH_REQUIRED, "RCPT": AUTH_REQUIRED, "DATA": AUTH_REQUIRED},
+                _State.GREETED: {
+                    "MAIL": AUTH_REQUIRED,
+                    "RCPT": AUTH_REQUIRED,
+                    "DATA": AUTH_REQUIRED,
+                    "BDAT": AUTH_REQUIRED,
+                },
                 _State.AUTHENTICATED: {
                     "AUTH": ALREADY_AUTHENTICATED,
                     "RCPT": NEED_MAIL,
                     "DATA": NEED_MAIL,
+                    "BDAT": NEED_MAIL,
                 },
                 _State.MAIL: {"AUTH": ALREADY_AUTHENTICATED, "MAIL": NESTED_MAIL},
             },

@@ -48,6 +48,32 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
     and dropped before C{552 5.3.4} is sent.
   - Line ends are processed exactly across TCP segment boundaries: a CR at
     the end of one segment and an LF at the start of the next is a CRLF.
+  - The data is read a chunk at a time, not a line at a time: the
+    complete lines buffered are checked for NUL, bare CR and long lines
+    and converted (dot-unstuffing, bare LF to CRLF) with C{bytes} methods;
+    a chunk that breaks a rule is read again line by line, so the reply is
+    always the one of the first rule broken.  The header section is read
+    line by line (it is held anyway).
+
+BDAT (RFC 3030)
+===============
+
+C{BDAT <size> [LAST]} is followed by exactly C{<size>} octets of message,
+whatever they look like (command lines, C{CRLF . CRLF}: all content).  The
+chunks go through the rules above but for transparency: no dot-unstuffing,
+no end marker, and the line length limit has no allowance for a stuffing
+C{"."}; a line may span chunks, and a last line without a line end is
+stored with CRLF.  Each chunk but the last is answered C{250 2.0.0 <size>
+octets received}; C{BDAT ... LAST} is answered like the end of the data
+(C{250} once the message is durable).  A chunk that makes the message
+refused (size, bare CR, NUL, long line, header) is answered with that
+refusal at once and the transaction ends; chunks already pipelined after it
+are out of sequence.  A BDAT that is refused (out of sequence, bad
+argument, no recipient) is answered only once its chunk has been read and
+discarded, so the session stays in step; a size that cannot be read (not
+digits, or more than L{MAX_CHUNK_DIGITS} of them) is answered C{501} and
+the connection closed, since where the next command starts is unknown.
+DATA in a transaction that has BDAT chunks is C{503 5.5.1}, and so is RCPT.
 
 Message ids
 ===========
@@ -100,12 +126,16 @@ from pop3gw.address import Address, AddressError
 from pop3gw.interfaces import IDelivery, IRoutedDelivery, TemporaryFailure
 from pop3gw.smtpreplies import (
     BARE_CR,
+    BDAT_SYNTAX,
+    DATA_AFTER_BDAT,
     DATA_LINE_TOO_LONG,
     HEADER_FROM_NOT_OWNED,
     HEADER_TOO_BIG,
     INTERNAL_ERROR,
+    MAX_CHUNK_DIGITS,
     MAX_DATA_LINE,
     MAX_HEADER_SECTION,
+    NEED_RCPT,
     NO_ARGUMENTS,
     NO_RECIPIENTS,
     NUL_IN_DATA,
@@ -213,19 +243,28 @@ _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 _SENDER_FIELDS = frozenset({b"from", b"sender", b"resent-from", b"resent-sender"})
 
 
-def _stuffing(line: bytes | bytearray) -> int:
-    """
-    The octets of transparency stuffing at the start of a data line: the
-    line length limit does not count the duplicated leading C{"."} (RFC 5321
-    4.5.3.1.6).
-    """
-    return 1 if line[:1] == b"." else 0
+#: The end of the data when it follows a line ended by CRLF.
+_END = b"\r\n.\r\n"
+#: A dot-stuffed line after the first of a chunk: C{"."} then something
+#: other than the line end (a lone C{"."} line is kept as it is).
+_STUFFED = re.compile(rb"\n\.(?=[^\r\n])")
 
 
 class _MessageReader:
     """
     Reads the data of one message from the input buffer and streams it into
     an L{IDelivery}.  See the module docstring for the rules.
+
+    The data after DATA (C{dotStuffed}: transparency, ended by C{CRLF . CRLF})
+    and the chunks of BDAT (RFC 3030: octets counted by the client, no
+    transparency, no end marker) go through the same rules.  The header
+    section is read line by line; after it the data is handled a chunk at a
+    time: whatever complete lines are buffered are checked and converted
+    with C{bytes} methods and two regular expressions (NUL, bare CR, long
+    lines, dot-stuffing, bare LF), and only a chunk that breaks a rule, or
+    would pass the size limit, is read again line by line, so that the
+    first rule broken, and so the reply, is the one the line-by-line
+    reading gives.
 
     @ivar refusal: the L{Reply} the message will be refused with at the end
         of the data, or C{None}.
@@ -242,11 +281,13 @@ class _MessageReader:
         maxSize: int,
         mayUseSender: Optional[Callable[[Address], bool]],
         addFields: Callable[[set], list[bytes]],
+        dotStuffed: bool = True,
     ) -> None:
         self.delivery = delivery
         self._maxSize = maxSize
         self._mayUseSender = mayUseSender
         self._addFields = addFields
+        self._dotStuffed = dotStuffed
         self.refusal: Optional[Reply] = None
         self.reason: Optional[str] = None
         self.size = 0
@@ -257,53 +298,181 @@ class _MessageReader:
         self._headerSize = 0
         self._out: list[bytes] = []
         self._outSize = 0
+        #: BDAT: the data received and not yet read (a partial line).
+        self.pending = bytearray()
 
     def consume(self, buf: bytearray) -> bool:
         """
         Read complete lines from the front of C{buf}.
 
-        @return: whether the end of the data was reached; the octets after
-            it are left in C{buf}.
+        @return: whether the end of the data (C{CRLF . CRLF}, never for
+            BDAT) was reached; the octets after it are left in C{buf}.
         """
-        while True:
-            nl = buf.find(b"\n")
-            if nl == -1:
-                # Keep a trailing CR: the LF may come in the next segment.
-                keep = 1 if buf.endswith(b"\r") else 0
-                if len(buf) - keep > MAX_DATA_LINE + _stuffing(buf):
-                    # This line is too long whatever follows; drop what we
-                    # have of it so memory stays bounded.
-                    self.refuse(DATA_LINE_TOO_LONG)
-                    del buf[: len(buf) - keep]
-                    self._inLongLine = True
-                self._flush()
+        try:
+            while True:
+                if (self._inHeaders and self.refusal is None) or self._inLongLine:
+                    ended = self._readLine(buf)
+                    if ended is None:
+                        return False
+                    if ended:
+                        return True
+                    continue
+                end = self._findEnd(buf)
+                cut = end if end >= 0 else buf.rfind(b"\n") + 1
+                if cut > 0:
+                    region = bytes(buf[:cut])
+                    del buf[:cut]
+                    self._body(region)
+                if end >= 0:
+                    del buf[:3]
+                    return True
+                self._partialLine(buf)
                 return False
-            line = bytes(buf[:nl])
-            del buf[: nl + 1]
+        finally:
+            self._flush()
+
+    def feed(self, data: bytes) -> None:
+        """
+        BDAT: read the octets of a chunk (lines may span chunks).
+        """
+        self.pending += data
+        self.consume(self.pending)
+
+    def endChunks(self) -> None:
+        """
+        BDAT: the last chunk was read; a last line without a line end is
+        read as a line (stored with CRLF).
+        """
+        rest = bytes(self.pending)
+        self.pending.clear()
+        if rest:
+            self._previousCRLF = False
+            self._lineContent(rest)
+        self._flush()
+
+    def _findEnd(self, buf: bytearray) -> int:
+        """
+        Where the end of the data starts in C{buf} (which starts at a line
+        start): the offset of the C{". CRLF"} of C{CRLF . CRLF}, or -1.
+        """
+        if not self._dotStuffed:
+            return -1
+        if self._previousCRLF and buf.startswith(b".\r\n"):
+            return 0
+        found = buf.find(_END)
+        return found + 2 if found >= 0 else -1
+
+    def _readLine(self, buf: bytearray) -> Optional[bool]:
+        """
+        Read one line: in the header section, and for the rest of a line
+        too long to be kept.
+
+        @return: C{None} if there is no complete line, C{True} if it was
+            the end of the data, else C{False}.
+        """
+        nl = buf.find(b"\n")
+        if nl == -1:
+            self._partialLine(buf)
+            return None
+        line = bytes(buf[:nl])
+        del buf[: nl + 1]
+        crlf = line.endswith(b"\r")
+        if crlf:
+            line = line[:-1]
+        if self._dotStuffed and line == b"." and crlf and self._previousCRLF and not self._inLongLine:
+            return True
+        self._previousCRLF = crlf
+        self._lineContent(line)
+        return False
+
+    def _partialLine(self, buf: bytearray) -> None:
+        """
+        C{buf} holds the start of a line: if it is too long whatever
+        follows, refuse the message and drop what we have of it so memory
+        stays bounded.  A trailing CR is kept: the LF may come next.
+        """
+        keep = 1 if buf.endswith(b"\r") else 0
+        if len(buf) - keep > MAX_DATA_LINE + self._stuffing(buf):
+            self.refuse(DATA_LINE_TOO_LONG)
+            del buf[: len(buf) - keep]
+            self._inLongLine = True
+
+    def _stuffing(self, line: bytes | bytearray) -> int:
+        """
+        The octets of transparency stuffing at the start of a data line:
+        the line length limit does not count the duplicated leading
+        C{"."} (RFC 5321 4.5.3.1.6).  None with BDAT.
+        """
+        return 1 if self._dotStuffed and line[:1] == b"." else 0
+
+    def _lineContent(self, line: bytes) -> None:
+        """
+        Check and store one line, without its line end.
+        """
+        if self._inLongLine or len(line) > MAX_DATA_LINE + self._stuffing(line):
+            self._inLongLine = False
+            self.refuse(DATA_LINE_TOO_LONG)
+            return
+        if b"\r" in line:
+            self.refuse(BARE_CR)
+            return
+        if b"\x00" in line:
+            # RFC 5321 2.3.8: NUL is not text; MTAs downstream differ in
+            # what they make of it.
+            self.refuse(NUL_IN_DATA)
+            return
+        if self.refusal is not None:
+            return
+        if self._dotStuffed and line[:1] == b"." and len(line) > 1:
+            line = line[1:]
+        self._line(line)
+
+    def _body(self, region: bytes) -> None:
+        """
+        Read complete body lines (C{region} starts at a line start, ends
+        with LF and holds no end of the data).
+        """
+        self._previousCRLF = region.endswith(b"\r\n")
+        if self.refusal is not None:
+            # Only the end of the data matters now.
+            return
+        if self._bodyAtOnce(region):
+            return
+        lines = region.split(b"\n")
+        lines.pop()
+        for line in lines:
             crlf = line.endswith(b"\r")
-            if crlf:
-                line = line[:-1]
-            if line == b"." and crlf and self._previousCRLF and not self._inLongLine:
-                self._flush()
-                return True
-            self._previousCRLF = crlf
-            if self._inLongLine or len(line) > MAX_DATA_LINE + _stuffing(line):
-                self._inLongLine = False
-                self.refuse(DATA_LINE_TOO_LONG)
-                continue
-            if b"\r" in line:
-                self.refuse(BARE_CR)
-                continue
-            if b"\x00" in line:
-                # RFC 5321 2.3.8: NUL is not text; MTAs downstream differ
-                # in what they make of it.
-                self.refuse(NUL_IN_DATA)
-                continue
-            if self.refusal is not None:
-                continue
-            if line[:1] == b"." and len(line) > 1:
-                line = line[1:]
-            self._line(line)
+            self._lineContent(line[:-1] if crlf else line)
+
+    def _bodyAtOnce(self, region: bytes) -> bool:
+        """
+        Check and store C{region} as a whole, if it breaks no rule.
+
+        @return: whether it was stored; if not, nothing was done.
+        """
+        if b"\x00" in region:
+            return False
+        crlf = region.count(b"\r\n")
+        if region.count(b"\r") != crlf:
+            return False
+        if max(map(len, region.split(b"\n"))) > MAX_DATA_LINE:
+            # A line that may be too long (998 octets and a CR, or a
+            # stuffed line, may not be): read line by line.
+            return False
+        if self._dotStuffed:
+            if region[:1] == b"." and region[1:2] not in (b"\r", b"\n"):
+                region = region[1:]
+            if b"\n." in region:
+                region = _STUFFED.sub(b"\n", region)
+        if region.count(b"\n") != crlf:
+            # Bare LF: every line end becomes CRLF (there is no bare CR).
+            region = region.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        size = self.size + len(region)
+        if size > self._maxSize:
+            return False
+        self.size = size
+        self._emit(region)
+        return True
 
     def finish(self) -> Optional[Reply]:
         """
@@ -443,13 +612,28 @@ class DataCommands(_Host):
         @property
         def _account(self) -> ISubmissionAvatar: ...
 
+    # The BDAT chunk being read: octets still to come, its size, whether it
+    # is the last, and the reply to send after it when it is refused.
+    _chunkLeft = 0
+    _chunkSize = 0
+    _chunkLast = False
+    _chunkRefusal: Optional[Reply] = None
+
     def _dataStep(self) -> bool:
         reader = self._reader
         assert reader is not None, "the DATA mode has a reader"
         if not reader.consume(self._buffer):
             return False
-        self._reader = None
         self._mode = _Mode.COMMAND
+        self._endOfMessage(reader)
+        return True
+
+    def _endOfMessage(self, reader: _MessageReader) -> None:
+        """
+        The whole message was read (the end of the data, or BDAT LAST):
+        refuse it, or commit it and say 250 once it is durable.
+        """
+        self._reader = None
         refusal = reader.finish()
         envelope = self._envelope
         sender = envelope.sender
@@ -457,7 +641,7 @@ class DataCommands(_Host):
         if refusal is not None:
             self._logRefused(sender, refusal, reader.reason)
             self._sendDataReply(refusal, reader.delivery)
-            return True
+            return
         queueID, size = envelope.messageId, reader.size
         d = maybeDeferred(reader.delivery.commit)
         d.addCallbacks(
@@ -467,7 +651,6 @@ class DataCommands(_Host):
             errbackArgs=(sender, reader.delivery),
         )
         self.hold(d)
-        return True
 
     def _logRefused(self, sender: Optional[Address], reply: Reply, reason: Optional[str] = None) -> None:
         """
@@ -524,9 +707,26 @@ class DataCommands(_Host):
     def do_DATA(self, argument: str) -> None:
         if argument:
             raise SMTPRefusal(NO_ARGUMENTS)
-        envelope = self._envelope
-        if not envelope.recipients:
+        if self._reader is not None:
+            # RFC 3030 2: BDAT and DATA never in one transaction.
+            raise SMTPRefusal(DATA_AFTER_BDAT)
+        if not self._envelope.recipients:
             raise SMTPRefusal(NO_RECIPIENTS)
+        self._reader = self._openMessage(dotStuffed=True)
+        self._mode = _Mode.DATA
+        self._send(START_DATA)
+
+    def _openMessage(self, dotStuffed: bool) -> _MessageReader:
+        """
+        Begin the delivery of the current transaction's message and write
+        its C{Received:} field.
+
+        @param dotStuffed: whether the data comes after DATA (transparency,
+            an end marker) rather than in BDAT chunks.
+        @return: the reader of the message.
+        @raise SMTPRefusal: the delivery could not begin.
+        """
+        envelope = self._envelope
         try:
             delivery = self._beginDelivery(envelope.sender, list(envelope.recipients))
         except TemporaryFailure as e:
@@ -544,9 +744,118 @@ class DataCommands(_Host):
         except Exception:
             delivery.abort()
             raise
-        self._reader = _MessageReader(delivery, self.factory.maxMessageSize, self._headerSenderCheck(), self._missingFields)
-        self._mode = _Mode.DATA
-        self._send(START_DATA)
+        return _MessageReader(
+            delivery, self.factory.maxMessageSize, self._headerSenderCheck(), self._missingFields, dotStuffed
+        )
+
+    # -- BDAT (RFC 3030) -------------------------------------------------
+
+    def do_BDAT(self, argument: str) -> None:
+        """
+        Read a chunk of the message: its octets follow the command line,
+        as many as it says, and are data whatever they look like.  Any
+        refusal is sent only once the chunk was read (and discarded), so
+        that the session stays in sync.
+        """
+        chunk = self._chunkArgument(argument)
+        if chunk is None:
+            return
+        size, last = chunk
+        if self._reader is None:
+            if not self._envelope.recipients:
+                self._readChunk(size, last, NEED_RCPT)
+                return
+            try:
+                self._reader = self._openMessage(dotStuffed=False)
+            except SMTPRefusal as e:
+                self._readChunk(size, last, e.reply)
+                return
+        self._readChunk(size, last, None)
+
+    def refuseChunk(self, argument: str, reply: Reply) -> None:
+        """
+        BDAT is refused with C{reply} (out of sequence): read and discard
+        its chunk, then send C{reply}.
+        """
+        chunk = self._chunkArgument(argument)
+        if chunk is not None:
+            self._readChunk(chunk[0], chunk[1], reply)
+
+    def _chunkArgument(self, argument: str) -> Optional[tuple[int, bool]]:
+        """
+        The size of a BDAT chunk and whether it is the last.  A size that
+        cannot be read loses the framing: C{501} and the connection is
+        closed; other bad arguments get C{501} once the chunk was
+        discarded.
+
+        @return: C{(size, last)}, or C{None} when the argument is handled.
+        """
+        words = argument.split(" ")
+        size = words[0]
+        if not (size.isascii() and size.isdigit()) or len(size) > MAX_CHUNK_DIGITS:
+            self._close(BDAT_SYNTAX)
+            return None
+        count = int(size)
+        if len(words) == 1:
+            return count, False
+        if len(words) == 2 and words[1].upper() == "LAST":
+            return count, True
+        self._readChunk(count, False, BDAT_SYNTAX)
+        return None
+
+    def _readChunk(self, size: int, last: bool, refusal: Optional[Reply]) -> None:
+        """
+        Read the next C{size} octets as a chunk: into the message, or, with
+        a C{refusal} to send afterwards, nowhere.
+        """
+        self._chunkLeft = size
+        self._chunkSize = size
+        self._chunkLast = last
+        self._chunkRefusal = refusal
+        self._mode = _Mode.CHUNK
+
+    def _chunkStep(self) -> bool:
+        """
+        Take the octets of the chunk being read from the input buffer.
+        """
+        buf = self._buffer
+        take = min(self._chunkLeft, len(buf))
+        if take:
+            reader = self._reader
+            if self._chunkRefusal is None and reader is not None:
+                reader.feed(bytes(buf[:take]))
+            del buf[:take]
+            self._chunkLeft -= take
+        if self._chunkLeft:
+            return False
+        self._mode = _Mode.COMMAND
+        self._chunkRead()
+        return True
+
+    def _chunkRead(self) -> None:
+        """
+        The whole chunk was read: answer it.
+        """
+        refusal, self._chunkRefusal = self._chunkRefusal, None
+        if refusal is not None:
+            self._send(refusal)
+            return
+        reader = self._reader
+        assert reader is not None, "a chunk is read into a message"
+        if self._chunkLast:
+            reader.endChunks()
+            self._endOfMessage(reader)
+            return
+        if reader.refusal is not None:
+            # The message cannot be accepted: say so now (RFC 3030 2), and
+            # the chunks that follow are out of sequence.
+            self._reader = None
+            sender = self._envelope.sender
+            self._resetTransaction()
+            self._logRefused(sender, reader.refusal, reader.reason)
+            self._send(reader.refusal)
+            return
+        self._send(Reply(250, f"2.0.0 {self._chunkSize} octets received"))
 
     # -- what each server provides --------------------------------------
 
@@ -600,7 +909,7 @@ class SubmissionData(DataCommands):
         factory: SubmissionFactory
 
     def _beginDelivery(self, sender: Optional[Address], recipients: list[Address]) -> IDelivery:
-        return self._account.beginDelivery(sender, recipients)
+        return self._account.beginDelivery(sender, recipients, smtputf8=self._envelope.smtputf8)
 
     def _headerSenderCheck(self) -> Optional[Callable[[Address], bool]]:
         return self._account.mayUseSender if self.factory.checkHeaderFrom else None
@@ -641,7 +950,12 @@ class SubmissionData(DataCommands):
         docstring).
         """
         helo = _SAFE_HELO.sub("_", _traceName(self._helo))
-        protocol = "ESMTP" + ("S" if self.secure else "") + ("A" if self._avatar is not None else "")
+        # RFC 3848 and, for a message received with SMTPUTF8, RFC 6531 3.7.3.
+        protocol = (
+            ("UTF8SMTP" if self._envelope.smtputf8 else "ESMTP")
+            + ("S" if self.secure else "")
+            + ("A" if self._avatar is not None else "")
+        )
         return (
             f"Received: from {helo} (authenticated user) by {self.factory.hostname}"
             f" (pop3gw) with {protocol} id {self._envelope.messageId}; {formatDate(self.factory.clock.seconds())}\r\n"

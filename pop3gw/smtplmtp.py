@@ -10,7 +10,7 @@ reader, with what RFC 2033 changes:
 
   - The greeting says C{LMTP}; C{LHLO} replaces HELO and EHLO, which are
     unknown commands (C{500 5.5.2}).  LHLO answers as EHLO does
-    (PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES).  STARTTLS is not
+    (PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, CHUNKING, SMTPUTF8).  STARTTLS is not
     offered: LMTP runs on a Unix socket or a trusted network.
   - An unknown local user is refused at RCPT with C{550 5.1.1}.
   - After the end of the data there is one reply per accepted RCPT, in
@@ -21,6 +21,10 @@ reader, with what RFC 2033 changes:
     one copy, and both RCPTs get the outcome of that copy.  A message
     refused as a whole (size, bare CR, NUL, line length) gets the same
     refusal once per recipient.  DATA with no accepted RCPT is C{503}.
+  - With BDAT (RFC 3030), the per-recipient replies answer C{BDAT ...
+    LAST}; each earlier chunk gets one reply.
+  - The C{Received:} field says C{with UTF8LMTP} for a message received
+    with SMTPUTF8 (RFC 6531 3.7.3).
 
 Log lines::
 
@@ -275,7 +279,8 @@ class LMTPServer(MXServer):
         helo = _SAFE_HELO.sub("_", self._helo or "unknown")
         lines = [
             f"Received: from {helo} ({_addressLiteral(self.peer)})",
-            f"\tby {self.factory.hostname} (pop3gw) with LMTP id {self._envelope.messageId};",
+            f"\tby {self.factory.hostname} (pop3gw) with {'UTF8LMTP' if self._envelope.smtputf8 else 'LMTP'}"
+            f" id {self._envelope.messageId};",
             f"\t{formatDate(self.factory.clock.seconds())}",
         ]
         return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
@@ -293,11 +298,16 @@ class LMTPServer(MXServer):
         {
             _State.FRESH: _COMMANDS,
             _State.AUTHENTICATED: {**_COMMANDS, "MAIL": SMTPServer.do_MAIL},
-            _State.MAIL: {**_COMMANDS, "RCPT": SMTPServer.do_RCPT, "DATA": do_DATA},
+            _State.MAIL: {**_COMMANDS, "RCPT": SMTPServer.do_RCPT, "DATA": do_DATA, "BDAT": DataCommands.do_BDAT},
         },
         {
-            _State.FRESH: {"MAIL": SEND_LHLO_FIRST, "RCPT": SEND_LHLO_FIRST, "DATA": SEND_LHLO_FIRST},
-            _State.AUTHENTICATED: {"RCPT": NEED_MAIL, "DATA": NEED_MAIL},
+            _State.FRESH: {
+                "MAIL": SEND_LHLO_FIRST,
+                "RCPT": SEND_LHLO_FIRST,
+                "DATA": SEND_LHLO_FIRST,
+                "BDAT": SEND_LHLO_FIRST,
+            },
+            _State.AUTHENTICATED: {"RCPT": NEED_MAIL, "DATA": NEED_MAIL, "BDAT": NEED_MAIL},
             _State.MAIL: {"MAIL": NESTED_MAIL},
         },
     )

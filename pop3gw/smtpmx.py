@@ -41,7 +41,12 @@ length and size rules) with its own command table and policy:
     for it: a lookup that failed, timed out or has not answered by DATA
     gives C{unknown}.
 
-SMTPUTF8 and CHUNKING/BDAT are not offered.
+CHUNKING (BDAT) is offered, through the same reader and rules
+(L{pop3gw.smtpdata}).  SMTPUTF8 is offered (RFC 6531): with the
+parameter on MAIL, UTF-8 local parts and internationalised domains (local
+ones matched in their A-label form, as L{pop3gw.address} keeps them) are
+accepted and UTF-8 header fields stored unchanged; without it a non-ASCII
+path gets C{553 5.6.7}.
 
 Log lines (L{pop3gw.events}), one per refused recipient, one per checked
 message and one per accepted message::
@@ -98,9 +103,6 @@ REVERSE_LOOKUP_TIMEOUT = 10.0
 SERVICE = "mx"
 
 RELAY_DENIED = Reply(550, "5.7.1 Relay access denied")
-#: RFC 6531 3.4: without the SMTPUTF8 extension (not offered yet), a path
-#: must be ASCII.
-UTF8_NOT_OFFERED = Reply(553, "5.6.7 Non-ASCII address without SMTPUTF8 (not offered)")
 MX_HELP = Reply(214, "2.0.0 pop3gw MX, see RFC 5321")
 
 #: What a reverse DNS name must look like to be written in a C{Received:}
@@ -216,8 +218,6 @@ class MXServer(SMTPServer):
     def _checkSender(self, path: str) -> Optional[Address]:
         if path == "":
             return None
-        if not path.isascii():
-            raise SMTPRefusal(UTF8_NOT_OFFERED)
         try:
             return Address.parse(path)
         except AddressError:
@@ -228,8 +228,6 @@ class MXServer(SMTPServer):
             postmaster = self._postmaster()
             if postmaster is not None:
                 return postmaster
-        if not path.isascii():
-            raise SMTPRefusal(self._refusedRecipient(None, path, UTF8_NOT_OFFERED, "non-ASCII without SMTPUTF8"))
         try:
             if isDisguisedRelay(path):
                 raise AddressError(path)
@@ -315,7 +313,12 @@ class MXServer(SMTPServer):
         """
         helo = _SAFE_HELO.sub("_", self._helo or "unknown")
         reverse = self._reverseName or "unknown"
-        protocol = ("ESMTP" if self._esmtp else "SMTP") + ("S" if self.secure else "")
+        # RFC 3848 and, with SMTPUTF8, RFC 6531 3.7.3.
+        if self._envelope.smtputf8:
+            protocol = "UTF8SMTP"
+        else:
+            protocol = "ESMTP" if self._esmtp else "SMTP"
+        protocol += "S" if self.secure else ""
         lines = [f"Received: from {helo} ({reverse} {_addressLiteral(self.peer)})"]
         if self.secure:
             description = _tlsDescription(self.transport)
@@ -331,11 +334,21 @@ class MXServer(SMTPServer):
         {
             _State.FRESH: {**_COMMON_COMMANDS, "STARTTLS": SMTPServer.do_STARTTLS},
             _State.AUTHENTICATED: {**_COMMON_COMMANDS, "STARTTLS": SMTPServer.do_STARTTLS, "MAIL": SMTPServer.do_MAIL},
-            _State.MAIL: {**_COMMON_COMMANDS, "RCPT": SMTPServer.do_RCPT, "DATA": DataCommands.do_DATA},
+            _State.MAIL: {
+                **_COMMON_COMMANDS,
+                "RCPT": SMTPServer.do_RCPT,
+                "DATA": DataCommands.do_DATA,
+                "BDAT": DataCommands.do_BDAT,
+            },
         },
         {
-            _State.FRESH: {"MAIL": SEND_HELO_FIRST, "RCPT": SEND_HELO_FIRST, "DATA": SEND_HELO_FIRST},
-            _State.AUTHENTICATED: {"RCPT": NEED_MAIL, "DATA": NEED_MAIL},
+            _State.FRESH: {
+                "MAIL": SEND_HELO_FIRST,
+                "RCPT": SEND_HELO_FIRST,
+                "DATA": SEND_HELO_FIRST,
+                "BDAT": SEND_HELO_FIRST,
+            },
+            _State.AUTHENTICATED: {"RCPT": NEED_MAIL, "DATA": NEED_MAIL, "BDAT": NEED_MAIL},
             _State.MAIL: {"MAIL": NESTED_MAIL},
         },
     )

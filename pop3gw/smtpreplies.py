@@ -41,6 +41,9 @@ MAX_ERRORS = 20
 MAX_AUTH_FAILURES = 3
 #: Longest accepted EHLO/HELO argument.
 MAX_HELO_NAME = 255
+#: Most digits in a BDAT chunk size (RFC 3030: 1*DIGIT; more than this is
+#: not a size any client means, and the framing is taken as lost).
+MAX_CHUNK_DIGITS = 18
 
 DEFAULT_MAX_RECIPIENTS = 100
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -132,10 +135,16 @@ SENDER_NOT_OWNED = Reply(553, "5.7.1 Sender address not owned by user")
 BAD_SIZE = Reply(501, "5.5.4 Bad SIZE parameter")
 BAD_BODY = Reply(501, "5.5.4 Unsupported BODY type")
 UNKNOWN_PARAMETER = Reply(555, "5.5.4 Unsupported parameter")
+BAD_SMTPUTF8 = Reply(501, "5.5.4 SMTPUTF8 takes no value")
+#: RFC 6531 3.4: a non-ASCII path needs the SMTPUTF8 parameter on MAIL.
+UTF8_REQUIRED = Reply(553, "5.6.7 Non-ASCII address requires SMTPUTF8")
 USER_UNKNOWN = Reply(550, "5.1.1 Recipient address rejected: user unknown")
 RECIPIENT_REFUSED = Reply(550, "5.7.1 Recipient address rejected")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Too many recipients")
 NO_RECIPIENTS = Reply(554, "5.5.1 No valid recipients")
+NEED_RCPT = Reply(503, "5.5.1 Error: need RCPT command")
+BDAT_SYNTAX = Reply(501, "5.5.4 Syntax: BDAT chunk-size [LAST]")
+DATA_AFTER_BDAT = Reply(503, "5.5.1 Error: DATA not allowed after BDAT")
 
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = Reply(552, "5.3.4 Message header section too large")
@@ -186,12 +195,16 @@ class _Envelope:
     @ivar accepted: the RCPT commands accepted, which the recipient cap
         counts.
     @ivar messageId: the message's id, once DATA has begun its delivery.
+    @ivar smtputf8: whether MAIL had the SMTPUTF8 parameter (RFC 6531):
+        UTF-8 addresses are then allowed, and the message is queued as
+        needing SMTPUTF8.
     """
 
     sender: Optional[Address] = None
     recipients: list[Address] = attr.Factory(list)
     accepted: int = 0
     messageId: str = ""
+    smtputf8: bool = False
 
 
 class _State(enum.Enum):
@@ -213,6 +226,7 @@ class _Mode(enum.Enum):
     COMMAND = "command"
     AUTH = "auth"  # a SASL response line
     DATA = "data"  # message data
+    CHUNK = "chunk"  # the octets of a BDAT chunk
 
 
 if TYPE_CHECKING:

@@ -300,16 +300,19 @@ class FakeMaildropStore:
 class FakeOutboundQueue:
     """
     Entries in a list of (sender, recipients, bytes); the bytes have CRLF
-    line ends, as L{pop3gw.queue.OutboundQueue} stores them.
+    line ends, as L{pop3gw.queue.OutboundQueue} stores them.  Whether
+    each entry needs SMTPUTF8 is in C{smtputf8}, in the same order.
     """
 
     def __init__(self):
         self.entries: list = []
+        self.smtputf8: list[bool] = []
         self.failCommit = False
 
-    def beginDelivery(self, sender, recipients, trace: bytes = b""):
+    def beginDelivery(self, sender, recipients, trace: bytes = b"", smtputf8: bool = False):
         def onCommit(data: bytes) -> None:
             self.entries.append((sender, list(recipients), toCRLF(trace + data)))
+            self.smtputf8.append(smtputf8)
 
         return FakeDelivery(onCommit, self.failCommit)
 
@@ -359,11 +362,11 @@ class FakeRouter:
         local = list(dict.fromkeys(recipients))
         return _FanOut(self.store.beginDelivery(local, trace), None, local, [])
 
-    def beginDelivery(self, sender, recipients, trace: bytes = b""):
+    def beginDelivery(self, sender, recipients, trace: bytes = b"", smtputf8: bool = False):
         recipients = list(dict.fromkeys(recipients))
         local = [r for r in recipients if self.isLocalDomain(r.domain)]
         remote = [r for r in recipients if not self.isLocalDomain(r.domain)]
-        remotePart = self.queue.beginDelivery(sender, remote, trace) if remote else None
+        remotePart = self.queue.beginDelivery(sender, remote, trace, smtputf8=smtputf8) if remote else None
         localPart = self.store.beginDelivery(local, trace) if local else None
         return _FanOut(localPart, remotePart, local, remote)
 
@@ -439,8 +442,8 @@ class FakeSubmissionAvatar:
     def checkRecipient(self, address: Address, accepted: int = 0) -> tuple:
         return self.router.checkRecipient(address)
 
-    def beginDelivery(self, sender, recipients, trace: bytes = b""):
-        return self.router.beginDelivery(sender, recipients, trace)
+    def beginDelivery(self, sender, recipients, trace: bytes = b"", smtputf8: bool = False):
+        return self.router.beginDelivery(sender, recipients, trace, smtputf8=smtputf8)
 
 
 # --- Runners ----------------------------------------------------------------

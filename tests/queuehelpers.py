@@ -33,6 +33,9 @@ SENT = b"Received: by test\r\nSubject: hi\r\n\r\n..leading dot\r\nbody\r\n.\r\n"
 
 GREETING = b"220 mx.remote.example ESMTP\r\n"
 EHLO_OK = b"250-mx.remote.example\r\n250 8BITMIME\r\n"
+EHLO_UTF8 = b"250-mx.remote.example\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+#: A recipient whose local part is not ASCII.
+JORG = Address("j\u00f6rg", "remote.example")
 OK = b"250 2.0.0 ok\r\n"
 
 
@@ -171,10 +174,10 @@ class QueueTestMixin:
         runner = None if threadpool is None else ThreadPoolRunner(self.clock, threadpool)
         self.queue = OutboundQueue(self.root, self.clock, runner)
 
-    def enqueue(self, sender=ALICE, recipients=(BOB,), body=BODY, trace=TRACE):
+    def enqueue(self, sender=ALICE, recipients=(BOB,), body=BODY, trace=TRACE, smtputf8=False):
         announced = []
         self.queue.addListener(announced.append)
-        d = self.queue.beginDelivery(sender, list(recipients), trace)
+        d = self.queue.beginDelivery(sender, list(recipients), trace, smtputf8=smtputf8)
         d.write(body)
         self.successResultOf(d.commit())
         self.queue.removeListener(announced.append)

@@ -52,11 +52,13 @@ class Sink:
     from C{replies} in turn (the last one repeats).
     """
 
-    def __init__(self, testcase, replies=("250 OK",)) -> None:
+    def __init__(self, testcase, replies=("250 OK",), smtputf8: bool = False) -> None:
         from aiosmtpd.controller import Controller
 
         self.replies = list(replies)
         self.received: list = []
+        #: Per message received, the MAIL parameters.
+        self.mailOptions: list = []
         self.attempts = 0
         sink = self
 
@@ -66,12 +68,14 @@ class Sink:
                 reply = sink.replies.pop(0) if len(sink.replies) > 1 else sink.replies[0]
                 if reply.startswith("250"):
                     sink.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+                    sink.mailOptions.append(list(envelope.mail_options))
                 return reply
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        # enable_SMTPUTF8: whether the sink offers SMTPUTF8 (RFC 6531).
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=smtputf8)
         self.controller.start()
         testcase.addCleanup(self.controller.stop)
 
@@ -383,6 +387,56 @@ class RelayTests(SubmissionTestMixin, SynchronousTestCase):
         self.assertEqual(report.get_content_type(), "multipart/report")
         self.assertIn("carol@remote.example", bounces[0].decode())
         self.assertEqual(server.cli("queue", "list").stdout, b"")
+
+
+class SMTPUTF8RelayTests(SubmissionTestMixin, SynchronousTestCase):
+    """
+    A message submitted with SMTPUTF8 to a UTF-8 recipient, relayed to a
+    smarthost that offers SMTPUTF8 or does not.
+    """
+
+    RECIPIENT = "j\u00f6rg@remote.example"
+
+    def submit(self, sink) -> tuple:
+        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}", extraConfig=PLAINTEXT_SMARTHOST)
+        client = self.smtp(server)
+        client.login(ALICE, ALICE_PW)
+        msg = message(to=self.RECIPIENT, subject="gr\u00fc\u00dfe")
+        self.assertEqual(client.sendmail(ALICE, [self.RECIPIENT], msg, mail_options=["SMTPUTF8"]), {})
+        client.quit()
+        return server, msg
+
+    def test_relayedWithSMTPUTF8(self) -> None:
+        """
+        To a smarthost offering SMTPUTF8, MAIL carries the parameter and
+        the UTF-8 recipient and message arrive unchanged.
+        """
+        sink = Sink(self, smtputf8=True)
+        server, msg = self.submit(sink)
+        sink.waitFor(lambda: sink.received)
+        [(sender, rcpts, content)] = sink.received
+        self.assertEqual((sender, rcpts), (ALICE, [self.RECIPIENT]))
+        self.assertEqual(stripTrace(content), msg)
+        self.assertIn("SMTPUTF8", sink.mailOptions[0])
+
+    def test_bouncedWithoutSMTPUTF8(self) -> None:
+        """
+        To a smarthost that does not offer SMTPUTF8, nothing is sent; the
+        sender gets one bounce with status 5.6.7 and the queue empties.
+        """
+        sink = Sink(self, smtputf8=False)
+        server, msg = self.submit(sink)
+        deadline = time.monotonic() + 30
+        bounces: list = []
+        while not bounces and time.monotonic() < deadline:
+            time.sleep(0.2)
+            bounces = self.fetchAll(server, ALICE, ALICE_PW)
+        self.assertEqual(len(bounces), 1)
+        report = email.message_from_bytes(bounces[0])
+        self.assertEqual(report.get_content_type(), "multipart/report")
+        self.assertIn(b"Status: 5.6.7", bounces[0])
+        self.assertEqual(server.cli("queue", "list").stdout, b"")
+        self.assertEqual(sink.received, [])
 
 
 class RealClientTests(SubmissionTestMixin, SynchronousTestCase):

@@ -13,6 +13,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from pop3gw import fsutil
+from pop3gw.address import Address
 from pop3gw.interfaces import (
     IDelivery,
     InsufficientStorage,
@@ -102,6 +103,7 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
                 "attempts": 0,
                 "nextAttempt": 1000.0,
                 "lastError": None,
+                "smtputf8": False,
                 "recipients": [
                     {"address": "bob@remote.example", "state": "pending", "status": None, "diagnostic": None, "notified": False},
                     {"address": "carol@remote.example", "state": "pending", "status": None, "diagnostic": None, "notified": False},
@@ -232,8 +234,20 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
             lastError="451 later",
         )
         self.assertEqual(Entry.fromJSON(entry.toJSON()), entry)
+        flagged = Entry("0000000000abc-0123abcd", BOB, [Recipient(CAROL)], created=1.5, smtputf8=True)
+        self.assertEqual(Entry.fromJSON(flagged.toJSON()), flagged)
         self.assertRaises(ValueError, Entry.fromJSON, b'{"version": 2}')
         self.assertRaises(ValueError, Entry.fromJSON, b"[]")
+
+    def test_entryWithoutSMTPUTF8Field(self):
+        """
+        An entry written before SMTPUTF8 was recorded (no C{smtputf8}
+        field) reads as not needing it.
+        """
+        entry = Entry("0000000000abc-0123abcd", None, [Recipient(CAROL)], created=1.5)
+        data = entry.toJSON().replace(b'"smtputf8": false,', b"")
+        self.assertNotIn(b"smtputf8", data)
+        self.assertFalse(Entry.fromJSON(data).smtputf8)
 
     def test_listEntriesMissingDirectory(self):
         """
@@ -597,6 +611,23 @@ class OutboundQueueContract:
         self.assertIsNone(self.successResultOf(delivery.commit()))
         self.assertEqual(self.entries(), [(ALICE, [CAROL, BOB], TRACE + BODY.replace(b"\n", b"\r\n"))])
 
+    def flags(self) -> list:
+        """
+        @return: per committed entry, whether it needs SMTPUTF8.
+        """
+        raise NotImplementedError()
+
+    def test_smtputf8(self):
+        """
+        A message begun with C{smtputf8=True} is an entry that needs
+        SMTPUTF8; one begun without it is not.
+        """
+        for flag in (True, False):
+            delivery = self.queue.beginDelivery(ALICE, [Address.parse("j\u00f6rg@remote.example")], TRACE, smtputf8=flag)
+            delivery.write(BODY)
+            self.successResultOf(delivery.commit())
+        self.assertEqual(sorted(self.flags()), [False, True])
+
     def test_nullSender(self):
         """
         The null reverse path (a bounce) is queued with sender L{None}.
@@ -625,6 +656,9 @@ class OutboundQueueContractTests(OutboundQueueContract, unittest.SynchronousTest
     def setUp(self):
         self.queue = OutboundQueue(self.mktemp(), ThreadClock())
 
+    def flags(self):
+        return [entry.smtputf8 for entry in self.queue.loadEntries()]
+
     def entries(self):
         found = []
         for entry in self.queue.loadEntries():
@@ -643,3 +677,6 @@ class FakeOutboundQueueContractTests(OutboundQueueContract, unittest.Synchronous
 
     def entries(self):
         return [(sender, list(recipients), data) for sender, recipients, data in self.queue.entries]
+
+    def flags(self):
+        return list(self.queue.smtputf8)

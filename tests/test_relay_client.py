@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from pop3gw.address import Address
 from pop3gw.queue import Outcome, OutcomeKind
 from pop3gw.relay.client import (
     Phase,
@@ -34,7 +35,9 @@ from tests.queuehelpers import (
     BOB,
     CAROL,
     EHLO_OK,
+    EHLO_UTF8,
     GREETING,
+    JORG,
     OK,
     SENT,
     STORED,
@@ -89,11 +92,11 @@ class DeliverOnceTests(unittest.SynchronousTestCase):
         self.contexts.append(policy)
         return f"CTX-{policy.value}", policy is TLSPolicy.REQUIRED_STARTTLS
 
-    def deliver(self, recipients=(BOB,), policy=TLSPolicy.OPPORTUNISTIC, credentials=None, **kw):
+    def deliver(self, recipients=(BOB,), policy=TLSPolicy.OPPORTUNISTIC, credentials=None, sender=ALICE, **kw):
         self.message = io.BytesIO(STORED)
         return deliverOnce(
             self.endpoint,
-            ALICE,
+            sender,
             list(recipients),
             self.message,
             policy,
@@ -128,6 +131,71 @@ class DeliverOnceTests(unittest.SynchronousTestCase):
             SessionResult({BOB: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")}, None, False, False, False),
         )
         self.assertTrue(self.message.closed)
+
+    def test_smtputf8Offered(self):
+        """
+        With C{smtputf8} and a server offering SMTPUTF8, MAIL carries the
+        parameter and the UTF-8 addresses go as UTF-8.
+        """
+        d = self.deliver(recipients=[JORG], sender=Address("\u00e4", "example.org"), smtputf8=True)
+        sent = self.endpoint.serve([GREETING, EHLO_UTF8, OK, OK, b"354 go\r\n", OK, b"221 bye\r\n"])
+        self.assertEqual(
+            sent[1:3],
+            ["MAIL FROM:<\u00e4@example.org> SMTPUTF8\r\n".encode("utf-8"), "RCPT TO:<j\u00f6rg@remote.example>\r\n".encode("utf-8")],
+        )
+        self.assertEqual(self.successResultOf(d).outcomes[JORG].kind, OutcomeKind.DELIVERED)
+
+    def test_smtputf8OnlyWhenAsked(self):
+        """
+        A server offering SMTPUTF8 gets no parameter for a message that was
+        not received with it.
+        """
+        self.deliver()
+        sent = self.endpoint.serve([GREETING, EHLO_UTF8, OK, OK, b"354 go\r\n", OK, b"221 bye\r\n"])
+        self.assertEqual(sent[1], b"MAIL FROM:<alice@example.org>\r\n")
+
+    def test_utf8SenderWithoutSMTPUTF8(self):
+        """
+        A UTF-8 sender cannot go to a server without SMTPUTF8: no MAIL is
+        sent, every recipient fails with 5.6.7.
+        """
+        d = self.deliver(recipients=[BOB, CAROL], sender=Address("\u00e4", "example.org"), smtputf8=True)
+        sent = self.endpoint.serve([GREETING, EHLO_OK, b"221 bye\r\n"])
+        self.assertEqual(sent[:2], [b"EHLO mx.example.org\r\n", b"QUIT\r\n"])
+        result = self.successResultOf(d)
+        failed = Outcome(
+            OutcomeKind.FAILED, "5.6.7", "the server does not offer SMTPUTF8, which the non-ASCII address needs"
+        )
+        self.assertEqual((result.outcomes, result.error), ({BOB: failed, CAROL: failed}, None))
+
+    def test_utf8RefusedAfterSTARTTLS(self):
+        """
+        The keywords that count are those of the EHLO after STARTTLS; a
+        session that ends before MAIL for want of SMTPUTF8 still says it
+        used TLS.
+        """
+        d = self.deliver(recipients=[JORG], smtputf8=True, contextFor=self.contextFor)
+        self.endpoint.open()
+        self.endpoint.feed(GREETING)
+        self.assertEqual(self.endpoint.feed(b"250-mx\r\n250-SMTPUTF8\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n")
+        self.assertEqual(self.endpoint.feed(b"220 go\r\n"), b"EHLO mx.example.org\r\n")
+        self.assertEqual(self.endpoint.feed(b"250 mx\r\n"), b"QUIT\r\n")
+        self.endpoint.feed(b"221 bye\r\n")
+        self.endpoint.close()
+        result = self.successResultOf(d)
+        self.assertEqual((result.outcomes[JORG].status, result.tls), ("5.6.7", True))
+
+    def test_utf8RecipientWithoutSMTPUTF8(self):
+        """
+        A UTF-8 recipient fails with 5.6.7 at a server without SMTPUTF8;
+        the ASCII recipients are sent, without the parameter.
+        """
+        d = self.deliver(recipients=[JORG, BOB], smtputf8=True)
+        sent = self.endpoint.serve([GREETING, EHLO_OK, OK, OK, b"354 go\r\n", OK, b"221 bye\r\n"])
+        self.assertEqual(sent[1:3], [b"MAIL FROM:<alice@example.org>\r\n", b"RCPT TO:<bob@remote.example>\r\n"])
+        result = self.successResultOf(d)
+        self.assertEqual((result.outcomes[JORG].kind, result.outcomes[JORG].status), (OutcomeKind.FAILED, "5.6.7"))
+        self.assertEqual(result.outcomes[BOB].kind, OutcomeKind.DELIVERED)
 
     def test_perRecipientRefusal(self):
         """

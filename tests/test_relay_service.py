@@ -44,8 +44,10 @@ from tests.queuehelpers import (
     CAROL,
     DAVE,
     EHLO_OK,
+    EHLO_UTF8,
     ERIN,
     GREETING,
+    JORG,
     OK,
     SENT,
     STORED,
@@ -758,16 +760,59 @@ class RelayTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.connects[0].refuse()
         self.assertEqual(len(self.connects), 3)
 
-    def test_smtputf8(self):
+    def test_smtputf8Offered(self):
         """
-        A non-ASCII recipient fails permanently with 5.6.7 without a
-        connection.
+        A message received with SMTPUTF8 goes with C{SMTPUTF8} on MAIL to a
+        server that offers it, its UTF-8 recipient as UTF-8; nothing
+        bounces.
         """
-        self.enqueue(recipients=[Address("jörg", "remote.example")])
+        entry = self.enqueue(recipients=[JORG], smtputf8=True)
         self.clock.advance(0)
-        self.assertEqual(self.connects, [])
+        sent = self.connects[0].serve([GREETING, EHLO_UTF8, OK, OK, b"354 go ahead\r\n", OK, b"221 bye\r\n"])
+        self.assertEqual(sent[1:3], [b"MAIL FROM:<alice@example.org> SMTPUTF8\r\n", "RCPT TO:<j\u00f6rg@remote.example>\r\n".encode("utf-8")])
+        self.assertEqual(self.bounces, [])
+        self.assertEqual(listEntries(self.root), [])
+        self.assertNotIn(entry.queueId, self.relay.entries)
+
+    def test_smtputf8NotOffered(self):
+        """
+        To a server that does not offer SMTPUTF8, a UTF-8 recipient is not
+        sent (QUIT after EHLO) and fails permanently with 5.6.7: one bounce
+        to the sender (RFC 6531 3.7.5).
+        """
+        self.enqueue(recipients=[JORG], smtputf8=True)
+        self.clock.advance(0)
+        sent = self.connects[0].serve([GREETING, EHLO_OK, b"221 bye\r\n"])
+        self.assertEqual(sent[:2], [b"EHLO mx.example.org\r\n", b"QUIT\r\n"])
+        [(sender, data)] = self.bounces
+        self.assertEqual(sender, ALICE)
+        self.assertEqual(self.bounceRecipients(data), [("utf-8; j\\x{F6}rg@remote.example", "5.6.7")])
+        self.assertEqual(listEntries(self.root), [])
+
+    def test_smtputf8NotOfferedMixedRecipients(self):
+        """
+        Without SMTPUTF8 at the next hop, the ASCII recipients of the same
+        message are still delivered (MAIL without the parameter) and only
+        the UTF-8 one bounces.
+        """
+        self.enqueue(recipients=[BOB, JORG], smtputf8=True)
+        self.clock.advance(0)
+        sent = self.connects[0].serve([GREETING, EHLO_OK, OK, OK, b"354 go ahead\r\n", OK, b"221 bye\r\n"])
+        self.assertEqual(sent[1:4], [b"MAIL FROM:<alice@example.org>\r\n", b"RCPT TO:<bob@remote.example>\r\n", b"DATA\r\n"])
         [(_, data)] = self.bounces
-        self.assertIn(b"Status: 5.6.7\r\n", data)
+        self.assertEqual([status for _, status in self.bounceRecipients(data)], ["5.6.7"])
+        self.assertEqual(listEntries(self.root), [])
+
+    def test_asciiMessageWithFlagToServerWithout(self):
+        """
+        A message received with SMTPUTF8 whose envelope is ASCII goes to a
+        server without SMTPUTF8 as it is, without the parameter.
+        """
+        self.enqueue(smtputf8=True)
+        self.clock.advance(0)
+        sent = self.connects[0].serve(successReplies())
+        self.assertEqual(sent[1], b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(self.bounces, [])
 
 
 class MXTests(RelayTestMixin, unittest.SynchronousTestCase):

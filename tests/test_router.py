@@ -106,7 +106,7 @@ class TwoPhaseQueue:
         self.failPrepare = failPrepare
         self.calls = []
 
-    def beginDelivery(self, sender, recipients, trace=b""):
+    def beginDelivery(self, sender, recipients, trace=b"", smtputf8=False):
         self.calls.append((sender, list(recipients), trace))
         return RecordingTwoPhase(self.log, self.failPrepare)
 
@@ -426,8 +426,8 @@ class DeliveryIdentityTests(SynchronousTestCase):
                 super().__init__()
                 self.declared = declared
 
-            def beginDelivery(self, sender, recipients, trace=b""):
-                delivery = super().beginDelivery(sender, recipients, trace)
+            def beginDelivery(self, sender, recipients, trace=b"", smtputf8=False):
+                delivery = super().beginDelivery(sender, recipients, trace, smtputf8)
                 delivery.queueId = "q1"
                 if self.declared:
                     alsoProvides(delivery, IQueuedDelivery)
@@ -574,6 +574,15 @@ class MailRouterContract:
         self.assertEqual(IRoutedDelivery(delivery).localRecipients, ())
         self.assertEqual(list(self.store.boxes), [BOB])
         self.assertEqual([(s, r) for s, r, _ in self.queue.entries], [(None, [REMOTE])])
+
+    def test_smtputf8ToQueue(self) -> None:
+        """
+        C{smtputf8=True} is handed to the queue with the remote part.
+        """
+        delivery = self.router.beginDelivery(ALICE, [BOB, REMOTE], b"", smtputf8=True)
+        delivery.write(b"Subject: \xc3\xa4\r\n\r\nbody\r\n")
+        self.successResultOf(delivery.commit())
+        self.assertEqual(self.queue.smtputf8, [True])
 
     def test_queueFailure(self) -> None:
         """

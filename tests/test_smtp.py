@@ -54,6 +54,8 @@ EHLO_PLAIN = (
     b"250-SIZE 41943040\r\n"
     b"250-8BITMIME\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250-CHUNKING\r\n"
+    b"250-SMTPUTF8\r\n"
     b"250 AUTH PLAIN LOGIN\r\n"
 )
 AUTH_OK = b"235 2.7.0 Authentication successful\r\n"
@@ -277,6 +279,8 @@ class GreetingAndEHLOTests(SessionMixin, SynchronousTestCase):
             b"250-SIZE 1000\r\n"
             b"250-8BITMIME\r\n"
             b"250-ENHANCEDSTATUSCODES\r\n"
+            b"250-CHUNKING\r\n"
+            b"250-SMTPUTF8\r\n"
             b"250 STARTTLS\r\n",
         )
 
@@ -350,12 +354,15 @@ class CommandSyntaxTests(SessionMixin, SynchronousTestCase):
 
     def test_unknownCommand(self) -> None:
         """
-        An unknown verb gets 500 5.5.2, and BDAT is not offered.
+        An unknown verb gets 500 5.5.2; BDAT is known, and before EHLO it
+        is out of sequence (its chunk read and discarded).
         """
         self.connect()
         self.assertEqual(
-            self.feed(b"FROB\r\nBDAT 10 LAST\r\n"),
-            b"500 5.5.2 Error: command not recognized\r\n" * 2,
+            self.feed(b"FROB\r\nBDAT 6 LAST\r\nNOOP\r\nNOOP\r\n"),
+            b"500 5.5.2 Error: command not recognized\r\n"
+            b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+            b"250 2.0.0 OK\r\n",
         )
 
     def test_badCharacters(self) -> None:
@@ -897,7 +904,7 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(
             self.feed(
                 b"MAIL FROM:<alice@example.org> SIZE=41943041\r\n"
-                b"MAIL FROM:<alice@example.org> SMTPUTF8\r\n"
+                b"MAIL FROM:<alice@example.org> XFOO\r\n"
                 b"MAIL FROM:<alice@example.org> SIZE=x\r\n"
                 b"MAIL FROM:<alice@example.org> BODY=BINARYMIME\r\n"
                 b"MAIL FROM:<alice@example.org> size=41943040 body=8bitmime\r\n"
@@ -1500,7 +1507,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
         A delivery that cannot start gets 451 4.3.0 instead of 354.
         """
 
-        def fail(sender, recipients, trace=b""):
+        def fail(sender, recipients, trace=b"", **kw):
             raise TemporaryFailure("disk full")
 
         self.realm.avatars[0].beginDelivery = fail
@@ -1545,7 +1552,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
                 FakeDelivery.write(self, data)
 
         delivery = Full(lambda data: None)
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: delivery
         self.envelope()
         with capturedLogs() as logged:
             self.assertEqual(
@@ -1565,7 +1572,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
         instead of 354, and a log line naming the error.
         """
 
-        def full(sender, recipients, trace=b""):
+        def full(sender, recipients, trace=b"", **kw):
             raise InsufficientStorage("cannot start delivery: No space left on device")
 
         self.realm.avatars[0].beginDelivery = full
@@ -1594,7 +1601,7 @@ class DataTests(SessionMixin, SynchronousTestCase):
                 FakeDelivery.write(self, data)
 
         delivery = Broken(lambda data: None)
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: delivery
         self.envelope()
         self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\n"), b"451 4.3.0 Internal error\r\n")
         self.assertEqual(delivery.state, "aborted")
@@ -1818,7 +1825,7 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
         delivery = Slow(lambda data: None)
         self.connect()
         self.login()
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: delivery
         self.envelope()
         self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n"), b"")
         self.assertEqual(self.feed(b"RSET\r\n"), b"")
@@ -1847,7 +1854,7 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
         delivery = Slow(lambda data: None)
         self.connect()
         self.login()
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": delivery
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: delivery
         self.envelope()
         self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\n"), b"")
         self.proto.connectionLost(None)
@@ -1871,7 +1878,7 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
 
         self.connect()
         self.login()
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": Slow(lambda data: None)
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: Slow(lambda data: None)
         self.envelope()
         self.assertEqual(self.feed(HEADERS + b"\r\nHello\r\n.\r\nNOOP\r\n"), b"")
         committed.errback(OSError("disk"))
@@ -1892,7 +1899,7 @@ class PipeliningTests(SessionMixin, SynchronousTestCase):
 
         self.connect()
         self.login()
-        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"": Slow(lambda data: None)
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: Slow(lambda data: None)
         self.envelope()
         self.feed(HEADERS + b"\r\nHello\r\n.\r\n")
         self.feed(b"NOOP\r\n" * (smtp.MAX_PENDING_INPUT // 6 + 1))
@@ -1923,6 +1930,8 @@ class StartTLSTests(SessionMixin, SynchronousTestCase):
             b"250-SIZE 41943040\r\n"
             b"250-8BITMIME\r\n"
             b"250-ENHANCEDSTATUSCODES\r\n"
+            b"250-CHUNKING\r\n"
+            b"250-SMTPUTF8\r\n"
             b"250-STARTTLS\r\n"
             b"250 AUTH PLAIN LOGIN\r\n"
             b"220 2.0.0 Ready to start TLS\r\n",
@@ -2095,7 +2104,7 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         self.login()
         original = self.router.beginDelivery
 
-        def beginDelivery(sender, recipients, trace=b""):
+        def beginDelivery(sender, recipients, trace=b"", **kw):
             delivery = original(sender, recipients, trace)
             delivery.localRecipients = tuple(r for r in recipients if self.router.isLocalDomain(r.domain))
             delivery.remoteRecipients = tuple(r for r in recipients if not self.router.isLocalDomain(r.domain))
@@ -2179,7 +2188,7 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         """
         original = self.router.beginDelivery
 
-        def beginDelivery(sender, recipients, trace=b""):
+        def beginDelivery(sender, recipients, trace=b"", **kw):
             delivery = original(sender, recipients, trace)
             delivery.queueId = "x\r\n250 injected"
             return delivery
@@ -2205,7 +2214,7 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
                 self.queueId = QUEUE_ID.decode("ascii")
                 self.localRecipients = self.remoteRecipients = ()
 
-        self.router.beginDelivery = lambda *args: PlainDelivery(original(*args))
+        self.router.beginDelivery = lambda *args, **kw: PlainDelivery(original(*args, **kw))
         self.envelope((b"carol@remote.example",))
         body = HEADERS + b"\r\nHello\r\n"
         with capturedLogs() as events:
@@ -2231,7 +2240,7 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         original = self.router.beginDelivery
         deliveries = []
 
-        def beginDelivery(sender, recipients, trace=b""):
+        def beginDelivery(sender, recipients, trace=b"", **kw):
             delivery = original(sender, recipients, trace)
             deliveries.append(delivery)
 
@@ -2255,7 +2264,7 @@ class MessageIdentityTests(SessionMixin, SynchronousTestCase):
         """
         original = self.router.beginDelivery
 
-        def beginDelivery(sender, recipients, trace=b""):
+        def beginDelivery(sender, recipients, trace=b"", **kw):
             delivery = original(sender, recipients, trace)
 
             def write(data):
@@ -2807,4 +2816,311 @@ class AliasRecipientTests(SessionMixin, SynchronousTestCase):
             self.send(b"alice+x@example.org", [b"bob@example.org"], b"From: bob+x@example.org\r\n"),
             b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
             b"553 5.7.1 Sender address in the message header not owned by user\r\n",
+        )
+
+
+CHUNK_MAIL = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
+CHUNK_ENVELOPE = b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n"
+
+
+def bdat(data: bytes, last: bool = True) -> bytes:
+    """
+    A BDAT command carrying C{data}.
+    """
+    return b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data
+
+
+class BDATTests(SessionMixin, SynchronousTestCase):
+    """
+    CHUNKING (RFC 3030): BDAT chunks go through the rules of DATA without
+    transparency, octets counted exactly.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.connect()
+        self.login()
+
+    def test_oneChunk(self) -> None:
+        """
+        One BDAT LAST chunk is a message: stored after the Received: field
+        as sent (leading dots kept, CRLF.CRLF is content), 250 once it is
+        durable.
+        """
+        body = HEADERS + b"\r\n..dots kept\r\n.\r\nend\r\n"
+        out = queuedReply(self.feed(CHUNK_MAIL + bdat(body)))
+        self.assertEqual(out, CHUNK_ENVELOPE + b"250 2.0.0 OK queued as ID\r\n")
+        self.assertEqual(self.stored(), [body])
+
+    def test_chunksAtEveryReadBoundary(self) -> None:
+        """
+        Several chunks, with a CRLF and a line cut between chunks and the
+        whole input cut into two reads at every position, give one reply
+        per chunk and the same message.
+        """
+        body = HEADERS + b"\r\nline one\r\nline two\n..x\r\nlast"
+        # The first chunk ends between the CR and the LF of "line one", the
+        # second in the middle of "line two".
+        c1 = body.index(b"line one") + 9
+        c2 = body.index(b"two") + 1
+        session = CHUNK_MAIL + bdat(body[:c1], last=False) + bdat(body[c1:c2], last=False) + bdat(body[c2:])
+        expected = (
+            CHUNK_ENVELOPE
+            + b"250 2.0.0 %d octets received\r\n" % c1
+            + b"250 2.0.0 %d octets received\r\n" % (c2 - c1)
+            + b"250 2.0.0 OK queued as ID\r\n"
+        )
+        stored = HEADERS + b"\r\nline one\r\nline two\r\n..x\r\nlast\r\n"
+        for i in range(len(session) + 1):
+            SessionMixin.setUp(self)
+            self.connect()
+            self.login()
+            out = self.feed(session[:i]) + self.feed(session[i:])
+            self.assertEqual(queuedReply(out), expected, i)
+            self.assertEqual(self.stored(), [stored], i)
+
+    def test_commandsInsideChunkAreBody(self) -> None:
+        """
+        What looks like SMTP commands inside a chunk is message content:
+        nothing is run, nothing is queued for the address it names.
+        """
+        body = HEADERS + b"\r\nx\r\n.\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<carol@remote.example>\r\nDATA\r\nQUIT\r\n"
+        out = queuedReply(self.feed(CHUNK_MAIL + bdat(body) + b"NOOP\r\n"))
+        self.assertEqual(out, CHUNK_ENVELOPE + b"250 2.0.0 OK queued as ID\r\n250 2.0.0 OK\r\n")
+        self.assertEqual(self.stored(), [body])
+        self.assertEqual(self.queue.entries, [])
+
+    def test_fixUpsAsData(self) -> None:
+        """
+        Missing Message-ID:, Date: and From: are added as with DATA.
+        """
+        out = queuedReply(self.feed(CHUNK_MAIL + bdat(b"Subject: s\r\n\r\nbody\r\n")))
+        self.assertEqual(out, CHUNK_ENVELOPE + b"250 2.0.0 OK queued as ID\r\n")
+        [stored] = self.stored()
+        self.assertRegex(stored, rb"^Message-ID: <[0-9a-f]{32}@mail.example.org>\r\nDate: ")
+        self.assertTrue(stored.endswith(b"\r\nFrom: alice@example.org\r\nSubject: s\r\n\r\nbody\r\n"), stored)
+
+    def test_bareLFNormalised(self) -> None:
+        """
+        Bare LFs become CRLF.
+        """
+        self.feed(CHUNK_MAIL + bdat(HEADERS + b"\na\nb\n"))
+        self.assertEqual(self.stored(), [HEADERS + b"\r\na\r\nb\r\n"])
+
+    def test_bareCRRefused(self) -> None:
+        """
+        A bare CR is refused with DATA's reply, at the chunk holding it;
+        the chunks pipelined after it are read and discarded (503), and the
+        session stays in sync.
+        """
+        out = self.feed(
+            CHUNK_MAIL + bdat(HEADERS + b"\r\na\rb\r\n", last=False) + bdat(b"NOOP\r\n") + b"NOOP\r\n"
+        )
+        self.assertEqual(
+            out,
+            CHUNK_ENVELOPE
+            + b"550 5.6.11 Bare CR not allowed\r\n"
+            + b"503 5.5.1 Error: need MAIL command\r\n"
+            + b"250 2.0.0 OK\r\n",
+        )
+        self.assertEqual(self.store.boxes, {})
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+
+    def test_nulRefused(self) -> None:
+        """
+        A NUL is refused with DATA's reply.
+        """
+        out = self.feed(CHUNK_MAIL + bdat(HEADERS + b"\r\na\0b\r\n"))
+        self.assertEqual(out, CHUNK_ENVELOPE + b"550 5.6.0 NUL character not allowed\r\n")
+        self.assertEqual(self.store.boxes, {})
+
+    def test_sizeLimit(self) -> None:
+        """
+        Chunks are counted against the size limit as they stream: over it,
+        552 5.3.4 and nothing stored.
+        """
+        SessionMixin.setUp(self)
+        self.connect(maxMessageSize=200)
+        self.feed(b"EHLO c\r\nAUTH PLAIN " + ALICE_PLAIN + b"\r\n")
+        out = self.feed(CHUNK_MAIL + bdat(HEADERS + b"\r\n", last=False) + bdat(b"x" * 150 + b"\r\n") + b"NOOP\r\n")
+        self.assertEqual(
+            out,
+            CHUNK_ENVELOPE
+            + b"250 2.0.0 %d octets received\r\n" % (len(HEADERS) + 2)
+            + b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+            + b"250 2.0.0 OK\r\n",
+        )
+        self.assertEqual(self.store.boxes, {})
+
+    def test_dataAfterBDAT(self) -> None:
+        """
+        DATA in a transaction that has BDAT chunks is refused (503 5.5.1);
+        the transaction goes on.
+        """
+        out = self.feed(CHUNK_MAIL + bdat(HEADERS, last=False) + b"DATA\r\n" + bdat(b"\r\nbody\r\n"))
+        self.assertEqual(
+            queuedReply(out),
+            CHUNK_ENVELOPE
+            + b"250 2.0.0 %d octets received\r\n" % len(HEADERS)
+            + b"503 5.5.1 Error: DATA not allowed after BDAT\r\n"
+            + b"250 2.0.0 OK queued as ID\r\n",
+        )
+        self.assertEqual(self.stored(), [HEADERS + b"\r\nbody\r\n"])
+
+    def test_rcptAfterBDAT(self) -> None:
+        """
+        RCPT after a BDAT chunk is out of sequence.
+        """
+        out = self.feed(CHUNK_MAIL + bdat(HEADERS, last=False) + b"RCPT TO:<alice@example.org>\r\n")
+        self.assertEqual(out, CHUNK_ENVELOPE + b"250 2.0.0 %d octets received\r\n" % len(HEADERS) + b"503 5.5.1 Error: bad sequence of commands\r\n")
+
+    def test_withoutMail(self) -> None:
+        """
+        BDAT without MAIL is refused (503) once its chunk, which may look
+        like commands, has been read and discarded.
+        """
+        self.assertEqual(self.feed(bdat(b"NOOP\r\n") + b"NOOP\r\n"), b"503 5.5.1 Error: need MAIL command\r\n250 2.0.0 OK\r\n")
+
+    def test_withoutRecipients(self) -> None:
+        """
+        BDAT without an accepted RCPT is refused (503), its chunk
+        discarded.
+        """
+        out = self.feed(b"MAIL FROM:<alice@example.org>\r\n" + bdat(b"NOOP\r\n") + b"NOOP\r\n")
+        self.assertEqual(out, b"250 2.1.0 OK\r\n503 5.5.1 Error: need RCPT command\r\n250 2.0.0 OK\r\n")
+
+    def test_beforeAuthentication(self) -> None:
+        """
+        Before AUTH, BDAT gets 530 and its chunk is discarded.
+        """
+        SessionMixin.setUp(self)
+        self.connect()
+        out = self.feed(b"EHLO client.example\r\n")
+        out = self.feed(bdat(b"NOOP\r\n") + b"NOOP\r\n")
+        self.assertEqual(out, b"530 5.7.0 Authentication required\r\n250 2.0.0 OK\r\n")
+
+    def test_badArgumentsKeepSync(self) -> None:
+        """
+        A BDAT line with a valid size but a bad argument gets 501 and its
+        chunk is discarded by count.
+        """
+        out = self.feed(CHUNK_MAIL + b"BDAT 6 FIRST\r\nNOOP\r\nNOOP\r\n")
+        self.assertEqual(out, CHUNK_ENVELOPE + b"501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n250 2.0.0 OK\r\n")
+
+    def test_unparsableSizeCloses(self) -> None:
+        """
+        A BDAT line whose size cannot be read gets 501 and the connection
+        is closed: the framing is lost.
+        """
+        for line in (b"BDAT abc\r\n", b"BDAT\r\n", b"BDAT -1 LAST\r\n", b"BDAT " + b"9" * 30 + b"\r\n"):
+            SessionMixin.setUp(self)
+            self.connect()
+            self.login()
+            out = self.feed(CHUNK_MAIL + line + b"NOOP\r\n")
+            self.assertEqual(out, CHUNK_ENVELOPE + b"501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n", line)
+            self.assertTrue(self.transport.disconnecting, line)
+
+    def test_emptyLastChunk(self) -> None:
+        """
+        C{BDAT 0 LAST} ends a message sent in earlier chunks.
+        """
+        out = self.feed(CHUNK_MAIL + bdat(HEADERS + b"\r\nbody\r\n", last=False) + bdat(b""))
+        self.assertEqual(
+            queuedReply(out),
+            CHUNK_ENVELOPE + b"250 2.0.0 %d octets received\r\n" % (len(HEADERS) + 8) + b"250 2.0.0 OK queued as ID\r\n",
+        )
+        self.assertEqual(self.stored(), [HEADERS + b"\r\nbody\r\n"])
+
+    def test_rsetAbortsChunks(self) -> None:
+        """
+        RSET after some chunks aborts the delivery; nothing is stored.
+        """
+        out = self.feed(CHUNK_MAIL + bdat(HEADERS, last=False) + b"RSET\r\n")
+        self.assertEqual(out, CHUNK_ENVELOPE + b"250 2.0.0 %d octets received\r\n" % len(HEADERS) + b"250 2.0.0 OK\r\n")
+        self.assertEqual(self.store.deliveries[0].state, "aborted")
+        self.assertEqual(self.store.boxes, {})
+
+    def test_replyOnlyAfterCommit(self) -> None:
+        """
+        The reply to BDAT LAST waits for the commit; commands pipelined
+        after it wait too.
+        """
+        committed = defer.Deferred()
+
+        @implementer(IDelivery)
+        class Slow(FakeDelivery):
+            def commit(self):
+                self.state = "committing"
+                return committed
+
+        delivery = Slow(lambda data: None)
+        self.realm.avatars[0].beginDelivery = lambda sender, recipients, trace=b"", **kw: delivery
+        self.assertEqual(self.feed(CHUNK_MAIL + bdat(HEADERS + b"\r\nHello\r\n") + b"NOOP\r\n"), CHUNK_ENVELOPE)
+        committed.callback(None)
+        self.assertEqual(queuedReply(self.transport.value()), b"250 2.0.0 OK queued as ID\r\n250 2.0.0 OK\r\n")
+
+
+class SMTPUTF8Tests(SessionMixin, SynchronousTestCase):
+    """
+    SMTPUTF8 (RFC 6531/6532) on submission.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.connect()
+        self.login()
+
+    def test_utf8RecipientQueuedWithFlag(self) -> None:
+        """
+        With C{SMTPUTF8} on MAIL a UTF-8 recipient is accepted; the message,
+        UTF-8 headers included, is queued unchanged and its entry says it
+        needs SMTPUTF8.
+        """
+        message = "From: alice@example.org\r\nTo: J\u00f6rg <j\u00f6rg@m\u00fcnchen.example>\r\nSubject: gr\u00fc\u00df\r\n".encode(
+            "utf-8"
+        ) + b"Message-ID: <1@x>\r\nDate: " + NOW_TEXT + "\r\n\r\n\u00e4\r\n".encode("utf-8")
+        out = self.feed(
+            "MAIL FROM:<alice@example.org> SMTPUTF8\r\nRCPT TO:<j\u00f6rg@m\u00fcnchen.example>\r\nDATA\r\n".encode("utf-8")
+            + message
+            + b".\r\n"
+        )
+        self.assertEqual(
+            queuedReply(out),
+            b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 OK queued as ID\r\n",
+        )
+        [(sender, recipients, data)] = self.queue.entries
+        self.assertEqual(recipients, [Address.parse("j\u00f6rg@xn--mnchen-3ya.example")])
+        self.assertEqual(withoutReceived(data), message)
+        self.assertEqual(self.queue.smtputf8, [True])
+        self.assertRegex(data, rb"^Received: from client.example \(authenticated user\) by mail.example.org \(pop3gw\) with UTF8SMTPA id ")
+
+    def test_asciiTransactionNotFlagged(self) -> None:
+        """
+        Without the parameter the queue entry does not ask for SMTPUTF8.
+        """
+        self.feed(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<carol@remote.example>\r\nDATA\r\n" + HEADERS + b"\r\nx\r\n.\r\n")
+        self.assertEqual(self.queue.smtputf8, [False])
+
+    def test_nonASCIIWithoutParameter(self) -> None:
+        """
+        Without C{SMTPUTF8}, a non-ASCII sender or recipient is refused with
+        553 5.6.7.
+        """
+        self.assertEqual(
+            self.feed("MAIL FROM:<\u00e4lice@example.org>\r\n".encode("utf-8")),
+            b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n",
+        )
+        self.assertEqual(
+            self.feed("MAIL FROM:<alice@example.org>\r\nRCPT TO:<j\u00f6rg@remote.example>\r\n".encode("utf-8")),
+            b"250 2.1.0 OK\r\n553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n",
+        )
+
+    def test_utf8SenderStillOwned(self) -> None:
+        """
+        With SMTPUTF8, a UTF-8 sender the user does not own is refused as
+        any other.
+        """
+        self.assertEqual(
+            self.feed("MAIL FROM:<\u00e4lice@example.org> SMTPUTF8\r\n".encode("utf-8")),
+            b"553 5.7.1 Sender address not owned by user\r\n",
         )

@@ -31,7 +31,9 @@ LHLO_REPLY = (
     b"250-PIPELINING\r\n"
     b"250-SIZE 41943040\r\n"
     b"250-8BITMIME\r\n"
-    b"250 ENHANCEDSTATUSCODES\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250-CHUNKING\r\n"
+    b"250 SMTPUTF8\r\n"
 )
 SENDER_OK = b"250 2.1.0 OK\r\n"
 RCPT_OK = b"250 2.1.5 OK\r\n"
@@ -279,3 +281,71 @@ class DataTests(LMTPTestsMixin, SynchronousTestCase):
         self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
         self.assertEqual(self.stored(BOB), [MESSAGE + b"first\r\n.\r\n" + smuggled])
         self.assertEqual(self.store.boxes.get(ALICE), None)
+
+
+class BDATTests(LMTPTestsMixin, SynchronousTestCase):
+    """
+    CHUNKING (RFC 3030) over LMTP: after BDAT LAST, one reply per accepted
+    RCPT, in RCPT order.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.feed(b"LHLO mta.example.org\r\n")
+
+    def test_oneReplyPerRecipientAfterLast(self) -> None:
+        """
+        Intermediate chunks get one reply each; BDAT LAST gets one per
+        recipient, a failing maildrop its own 452.
+        """
+        self.store.failing[BOB] = InsufficientStorage("full")
+        out = self.feed(
+            b"MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
+            b"BDAT 10\r\n" + MESSAGE[:10] + b"BDAT %d LAST\r\n" % (len(MESSAGE) - 10) + MESSAGE[10:]
+        )
+        self.assertEqual(
+            queuedReply(out), SENDER_OK + RCPT_OK * 2 + b"250 2.0.0 10 octets received\r\n" + QUEUED + FULL
+        )
+        self.assertEqual(self.stored(ALICE), [MESSAGE])
+        self.assertEqual(self.store.boxes.get(BOB), None)
+
+    def test_refusalAtLastOncePerRecipient(self) -> None:
+        """
+        A message refused in its last chunk gets the refusal once per
+        recipient, as with DATA.
+        """
+        body = b"Subject: x\r\n\r\na\rb\r\n"
+        out = self.feed(
+            b"MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
+            b"BDAT %d LAST\r\n" % len(body) + body
+        )
+        self.assertEqual(out, SENDER_OK + RCPT_OK * 2 + b"550 5.6.11 Bare CR not allowed\r\n" * 2)
+        self.assertEqual(self.store.boxes, {})
+
+
+class SMTPUTF8Tests(LMTPTestsMixin, SynchronousTestCase):
+    """
+    SMTPUTF8 (RFC 6531) over LMTP.
+    """
+
+    def test_utf8Recipient(self) -> None:
+        """
+        With SMTPUTF8 on MAIL, a UTF-8 local part is accepted and the UTF-8
+        message stored unchanged; without it, 553 5.6.7.
+        """
+        jorg = Address.parse("j\u00f6rg@example.org")
+        self.users.users[jorg] = "x"
+        self.feed(b"LHLO mta.example.org\r\n")
+        self.assertEqual(
+            self.feed("MAIL FROM:<>\r\nRCPT TO:<j\u00f6rg@example.org>\r\nRSET\r\n".encode("utf-8")),
+            SENDER_OK + b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n" + b"250 2.0.0 OK\r\n",
+        )
+        message = "Subject: \u00e4\r\n\r\n\u00f6\r\n".encode("utf-8")
+        out = self.feed(
+            "MAIL FROM:<\u00e4@remote.example> SMTPUTF8\r\nRCPT TO:<J\u00d6RG@example.org>\r\nDATA\r\n".encode("utf-8")
+            + message
+            + b".\r\n"
+        )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.stored(jorg), [message])
+        self.assertIn(b"with UTF8LMTP id ", self.store.boxes[jorg][0][1])

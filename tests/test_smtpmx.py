@@ -35,9 +35,11 @@ EHLO_REPLY = (
     b"250-PIPELINING\r\n"
     b"250-SIZE 41943040\r\n"
     b"250-8BITMIME\r\n"
-    b"250 ENHANCEDSTATUSCODES\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n"
+    b"250-CHUNKING\r\n"
+    b"250 SMTPUTF8\r\n"
 )
-EHLO_TLS_REPLY = EHLO_REPLY.replace(b"250 ENHANCEDSTATUSCODES", b"250-ENHANCEDSTATUSCODES") + b"250 STARTTLS\r\n"
+EHLO_TLS_REPLY = EHLO_REPLY.replace(b"250 SMTPUTF8", b"250-SMTPUTF8") + b"250 STARTTLS\r\n"
 SENDER_OK = b"250 2.1.0 OK\r\n"
 RCPT_OK = b"250 2.1.5 OK\r\n"
 START_DATA = b"354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -355,20 +357,20 @@ class EnvelopeTests(MXSessionMixin, SynchronousTestCase):
 
     def test_nonASCIIWithoutSMTPUTF8(self) -> None:
         """
-        SMTPUTF8 is not offered, so a non-ASCII sender or recipient is
-        refused with C{553 5.6.7} (RFC 6531 3.4), even one that a catch-all
-        would take.
+        Without the SMTPUTF8 parameter on MAIL, a non-ASCII sender or
+        recipient is refused with C{553 5.6.7} (RFC 6531 3.4), even one
+        that a catch-all would take.
         """
         self.users.catchAll["example.org"] = BOB
-        self.assertNotIn(b"SMTPUTF8", self.feed(b"EHLO again.example\r\n"))
+        self.assertIn(b"250 SMTPUTF8\r\n", self.feed(b"EHLO again.example\r\n"))
         self.assertEqual(
             self.feed("MAIL FROM:<\u00e4@remote.example>\r\n".encode("utf-8")),
-            b"553 5.6.7 Non-ASCII address without SMTPUTF8 (not offered)\r\n",
+            b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n",
         )
         self.feed(b"MAIL FROM:<>\r\n")
         self.assertEqual(
             self.feed("RCPT TO:<\u00e4lice@example.org>\r\n".encode("utf-8")),
-            b"553 5.6.7 Non-ASCII address without SMTPUTF8 (not offered)\r\n",
+            b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n",
         )
 
     def test_unqualifiedPostmasterConfigured(self) -> None:
@@ -838,3 +840,155 @@ class AuthenticationTests(MXSessionMixin, SynchronousTestCase):
         self.assertEqual(self.send(MESSAGE), b"550 5.7.1 Message rejected by the sender domain's DMARC policy\r\n")
         self.assertEqual(len(self.stored()), 1)
         self.assertEqual(len(self.seen), 2)
+
+
+class BDATTests(MXSessionMixin, SynchronousTestCase):
+    """
+    CHUNKING (RFC 3030) on the MX listener: the DATA reader's rules, the
+    same C{Received:} field, no transparency.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.connect()
+        self.feed(b"EHLO client.example\r\n")
+
+    def test_storedAsWithData(self) -> None:
+        """
+        A message in two chunks (a CRLF cut between them) is stored after
+        the same C{Received:} field as with DATA, leading dots kept, bare
+        LF made CRLF; CRLF.CRLF and command lines inside a chunk are
+        content.
+        """
+        body = b"Subject: x\r\n\r\n..dot\nbare lf\r\n.\r\nMAIL FROM:<y@remote.example>\r\n"
+        out = self.feed(
+            b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<bob@example.org>\r\n"
+            b"BDAT 20\r\n" + body[:20] + b"BDAT %d LAST\r\n" % (len(body) - 20) + body[20:]
+        )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + b"250 2.0.0 20 octets received\r\n" + QUEUED)
+        self.assertEqual(
+            self.storedWithoutReceived(),
+            [b"Subject: x\r\n\r\n..dot\r\nbare lf\r\n.\r\nMAIL FROM:<y@remote.example>\r\n"],
+        )
+        [data] = self.stored()
+        self.assertRegex(
+            data.split(b"Subject")[0],
+            rb"^Received: from client.example \(unknown \[192.0.2.7\]\)\r\n"
+            rb"\tby mail.example.org \(pop3gw\) with ESMTP id [0-9A-F]{16};\r\n"
+            rb"\tTue, 14 Nov 2023 22:13:20 \+0000\r\n$",
+        )
+        self.assertEqual(self.router.queue.entries, [])
+
+    def test_sizeWhileStreaming(self) -> None:
+        """
+        Over the size limit, the chunk that passes it gets 552 5.3.4; the
+        chunks pipelined after it are discarded (503) and the session stays
+        in sync.
+        """
+        self.proto.factory.maxMessageSize = 1024
+        chunk = (b"y" * 500 + b"\r\n") * 2
+        out = self.feed(
+            b"MAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\n"
+            + b"BDAT 16\r\nSubject: x\r\n\r\nab"
+            + b"BDAT 1004\r\n" + chunk
+            + b"BDAT 1004\r\n" + chunk
+            + b"BDAT 6 LAST\r\nNOOP\r\n"
+            + b"NOOP\r\n"
+        )
+        self.assertEqual(
+            out,
+            SENDER_OK
+            + RCPT_OK
+            + b"250 2.0.0 16 octets received\r\n"
+            + b"250 2.0.0 1004 octets received\r\n"
+            + b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+            + b"503 5.5.1 Error: need MAIL command\r\n"
+            + b"250 2.0.0 OK\r\n",
+        )
+        self.assertEqual(self.store.boxes, {})
+
+    def test_unknownRecipientThenBDAT(self) -> None:
+        """
+        BDAT after only refused recipients is refused (503), its chunk
+        discarded.
+        """
+        out = self.feed(b"MAIL FROM:<>\r\nRCPT TO:<nobody@example.org>\r\nBDAT 6 LAST\r\nNOOP\r\nNOOP\r\n")
+        self.assertEqual(out, SENDER_OK + USER_UNKNOWN + b"503 5.5.1 Error: need RCPT command\r\n250 2.0.0 OK\r\n")
+
+
+#: An internationalised user: a UTF-8 local part in a domain configured
+#: as its A-label.
+NANDU = Address.parse("\u00f1and\u00fa@xn--bcher-kva.example")
+
+
+class SMTPUTF8Tests(MXSessionMixin, SynchronousTestCase):
+    """
+    SMTPUTF8 (RFC 6531/6532) on the MX listener.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.users = FakeUserDatabase({ALICE: "x", BOB: "x", NANDU: "x"}, aliases={ALIAS: ALICE})
+        self.router = NoRelayRouter(domains=("example.org", "xn--bcher-kva.example"), users=self.users)
+        self.router.queue.beginDelivery = self.queueUsed
+        self.store = self.router.store
+        self.connect()
+        self.feed(b"EHLO client.example\r\n")
+
+    def test_utf8Envelope(self) -> None:
+        """
+        With C{MAIL FROM:<...> SMTPUTF8}, a UTF-8 sender and a UTF-8
+        recipient in a U-label domain (matched as its A-label) are accepted;
+        the message, UTF-8 headers included, is stored byte for byte.
+        """
+        message = "From: J\u00f6rg <j\u00f6rg@m\u00fcnchen.example>\r\nSubject: gr\u00fc\u00df dich\r\n\r\n\u00e4\u00f6\u00fc\r\n".encode("utf-8")
+        out = self.feed(
+            "MAIL FROM:<j\u00f6rg@m\u00fcnchen.example> SMTPUTF8 BODY=8BITMIME\r\n"
+            "RCPT TO:<\u00f1and\u00fa@b\u00fccher.example>\r\nDATA\r\n".encode("utf-8")
+            + message
+            + b".\r\n"
+        )
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.storedWithoutReceived(NANDU), [message])
+
+    def test_receivedWithUTF8SMTP(self) -> None:
+        """
+        A message received with SMTPUTF8 is traced C{with UTF8SMTP} (RFC
+        6531 3.7.3); the next one, without it, C{with ESMTP} again.
+        """
+        self.feed(
+            "MAIL FROM:<> SMTPUTF8\r\nRCPT TO:<\u00f1and\u00fa@b\u00fccher.example>\r\nDATA\r\n".encode("utf-8")
+            + MESSAGE
+            + b".\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nBDAT %d LAST\r\n" % len(MESSAGE)
+            + MESSAGE
+        )
+        [first] = self.stored(NANDU)
+        [second] = self.stored(BOB)
+        self.assertIn(b"\tby mail.example.org (pop3gw) with UTF8SMTP id ", first)
+        self.assertIn(b"\tby mail.example.org (pop3gw) with ESMTP id ", second)
+
+    def test_parameterOnlyForItsTransaction(self) -> None:
+        """
+        SMTPUTF8 holds for its own transaction only: after RSET, a UTF-8
+        recipient needs it again.
+        """
+        self.feed(b"MAIL FROM:<> SMTPUTF8\r\nRSET\r\nMAIL FROM:<>\r\n")
+        self.assertEqual(
+            self.feed("RCPT TO:<\u00f1and\u00fa@example.org>\r\n".encode("utf-8")),
+            b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n",
+        )
+
+    def test_parameterTakesNoValue(self) -> None:
+        """
+        C{SMTPUTF8=...} is a syntax error (RFC 6531 3.4: no value).
+        """
+        self.assertEqual(self.feed(b"MAIL FROM:<> SMTPUTF8=yes\r\n"), b"501 5.5.4 SMTPUTF8 takes no value\r\n")
+
+    def test_unknownUTF8User(self) -> None:
+        """
+        An unknown UTF-8 local part of a local domain is 550 5.1.1; a UTF-8
+        recipient elsewhere is relay denied.
+        """
+        self.feed(b"MAIL FROM:<> SMTPUTF8\r\n")
+        self.assertEqual(self.feed("RCPT TO:<\u00f1o@b\u00fccher.example>\r\n".encode("utf-8")), USER_UNKNOWN)
+        self.assertEqual(self.feed("RCPT TO:<\u00f1o@m\u00fcnchen.example>\r\n".encode("utf-8")), RELAY_DENIED)

@@ -39,6 +39,7 @@ from twisted.internet import defer, protocol
 from twisted.internet import error as ierror
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.mail.smtp import Address as TwistedAddress
 from twisted.mail.smtp import (
     AUTHDeclinedError,
     AuthenticationError,
@@ -81,6 +82,12 @@ RESPONSE_TIMEOUT = 5 * 60
 _READ_LINE = 64 * 1024
 
 _ENHANCED = re.compile(rb"^([245])\.\d{1,3}\.\d{1,3}(?=\s|$)")
+
+#: The outcome of a recipient that cannot be sent because the server does
+#: not offer SMTPUTF8 (RFC 6531 3.7.5: a permanent failure, 5.6.7).
+UTF8_NOT_OFFERED = Outcome(
+    OutcomeKind.FAILED, "5.6.7", "the server does not offer SMTPUTF8, which the non-ASCII address needs"
+)
 
 
 class TLSPolicy(enum.Enum):
@@ -208,6 +215,7 @@ def deliverOnce(
     clock,
     contextFor: Optional[ContextFor] = None,
     loopbackPolicy: Optional[TLSPolicy] = None,
+    smtputf8: bool = False,
 ) -> defer.Deferred:
     """
     Send C{message} from C{sender} to C{recipients} over one connection
@@ -226,9 +234,15 @@ def deliverOnce(
     @param loopbackPolicy: the policy in force instead of C{tlsPolicy} when
         the address connected to is on this machine (127.0.0.0/8, C{::1}, a
         Unix socket: L{pop3gw.address.isLoopback}).
+    @param smtputf8: whether the message was received with SMTPUTF8: MAIL
+        then carries the SMTPUTF8 parameter when the server offers it
+        (RFC 6531 3.4).  Whatever this says, a non-ASCII address is only
+        sent to a server that offers SMTPUTF8: to another, a non-ASCII
+        sender fails every recipient and a non-ASCII recipient fails, with
+        5.6.7 (RFC 6531 3.7.5), and the ASCII recipients are sent.
     @return: a Deferred firing with the L{SessionResult} (never failing).
     """
-    session = _Session(sender, recipients, message)
+    session = _Session(sender, recipients, message, smtputf8)
     if tlsPolicy is TLSPolicy.IMMEDIATE and contextFor is not None:
         try:
             contextFactory, session.verifying = contextFor(tlsPolicy)
@@ -453,6 +467,23 @@ def _outcomeForReply(code: int, resp: bytes, phase: Phase) -> Outcome:
     return RelayError.fromReply(code, resp, phase).outcome()
 
 
+class _Path(TwistedAddress):
+    """
+    A forward path as the client sends it in C{RCPT TO:<...>}: UTF-8 when
+    it is not ASCII (SMTPUTF8).  Twisted's client quotes an address of its
+    own C{Address} type as its C{bytes}.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __bytes__(self) -> bytes:
+        return self.text.encode("utf-8")
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class _Session:
     """
     The state of one session while it runs; L{result} freezes it.
@@ -461,9 +492,10 @@ class _Session:
     @ivar done: fires with this session when it is over.
     """
 
-    def __init__(self, sender: Optional[Address], recipients: Sequence[Address], message):
+    def __init__(self, sender: Optional[Address], recipients: Sequence[Address], message, smtputf8: bool = False):
         self.senderText = "" if sender is None else str(sender)
         self.recipients = {str(r): r for r in recipients}
+        self.smtputf8 = smtputf8
         self.message = message
         self.outcomes: dict = {}
         self.error: Optional[RelayError] = None
@@ -483,8 +515,7 @@ class _Session:
                 self.outcomes[r] = outcome
             return
         for addr, rcode, rresp in addresses:
-            if isinstance(addr, bytes):
-                addr = addr.decode("utf-8")
+            addr = addr.decode("utf-8") if isinstance(addr, bytes) else str(addr)
             recipient = self.recipients.get(addr)
             if recipient is None:
                 continue
@@ -492,6 +523,22 @@ class _Session:
                 self.outcomes[recipient] = _outcomeForReply(code, resp, Phase.DATA)
             else:
                 self.outcomes[recipient] = _outcomeForReply(rcode, rresp, Phase.RCPT)
+
+    def withoutSMTPUTF8(self) -> list[str]:
+        """
+        The server does not offer SMTPUTF8: the recipients that cannot be
+        sent (all of them when the sender is not ASCII) fail with 5.6.7.
+
+        @return: the recipients that may still be sent.
+        """
+        senderASCII = self.senderText.isascii()
+        sendable = []
+        for text, recipient in self.recipients.items():
+            if senderASCII and text.isascii():
+                sendable.append(text)
+            else:
+                self.outcomes[recipient] = UTF8_NOT_OFFERED
+        return sendable
 
     def recordError(self, error: RelayError) -> None:
         """
@@ -552,6 +599,10 @@ class _RelayClient(ESMTPClient):
         self._contextFor = contextFor
         self._mailFromSent = False
         self._tlsSetupFailure: Optional[Exception] = None
+        #: The EHLO keywords of the server (upper case), from the last EHLO.
+        self._keywords: frozenset[bytes] = frozenset()
+        #: The recipients this session sends (see _Session.withoutSMTPUTF8).
+        self._sendable: list[str] = list(session.recipients)
         # SMTPClient's class attribute is None; a number is its documented use.
         self.timeout = RESPONSE_TIMEOUT  # type: ignore[assignment]
         self.requireAuthentication = credentials is not None
@@ -601,7 +652,34 @@ class _RelayClient(ESMTPClient):
 
     def getMailTo(self):
         self.phase = Phase.RCPT
-        return list(self.session.recipients)
+        return [_Path(text) for text in self._sendable]
+
+    def smtpState_from(self, code, resp):
+        """
+        MAIL FROM, with the SMTPUTF8 parameter when the message was
+        received with it and the server offers it; addresses that need
+        SMTPUTF8 are not sent to a server without it (L{deliverOnce}).
+        """
+        sender = self.getMailFrom()
+        self._from = sender
+        self._failresponse = self.smtpTransferFailed
+        if sender is None:
+            self._disconnectFromServer()
+            return
+        offered = b"SMTPUTF8" in self._keywords
+        if not offered:
+            self._sendable = self.session.withoutSMTPUTF8()
+            if not self._sendable:
+                self.session.tls = self._tlsMode
+                self._from = None
+                self._disconnectFromServer()
+                return
+        line = b"MAIL FROM:<" + sender.encode("utf-8") + b">"
+        if offered and self.session.smtputf8:
+            line += b" SMTPUTF8"
+        self.sendLine(line)
+        self._expected = [250]
+        self._okresponse = self.smtpState_to
 
     def getMailData(self):
         self.phase = Phase.DATA
@@ -621,6 +699,7 @@ class _RelayClient(ESMTPClient):
         return cast(_TLSConnection, self.transport)
 
     def tryTLS(self, code, resp, items):
+        self._keywords = frozenset(k.upper() for k in items)
         # Without a context, the session ends where STARTTLS would be sent,
         # still politely, in plaintext, with QUIT.
         if self._tlsSetupFailure is not None and not self._tlsMode and b"STARTTLS" in items:

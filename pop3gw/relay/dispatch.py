@@ -41,8 +41,16 @@ L{Dispatcher.deliver} and logs these result lines only once they are
 saved, so that C{pop3gw queue list} run after reading a line shows what
 the line says.
 
-Limitations: non-ASCII (SMTPUTF8) addresses are refused permanently with
-status 5.6.7; the client can speak implicit TLS (L{TLSPolicy.IMMEDIATE}),
+SMTPUTF8 (RFC 6531): a message received with the SMTPUTF8 parameter
+(L{pop3gw.queue.Entry.smtputf8}) is sent with it to a host that offers it.
+A host that does not offer it is never sent a non-ASCII address: such a
+recipient (every recipient, when the sender is not ASCII) fails
+permanently with status 5.6.7 and is bounced (RFC 6531 3.7.5), while the
+ASCII recipients of the same message are sent as usual; trying another MX
+host of the domain is not attempted for it.  A message whose envelope is
+ASCII goes to any host, UTF-8 header fields included (no downgrade).
+
+Limitations: the client can speak implicit TLS (L{TLSPolicy.IMMEDIATE}),
 but no setting selects it for a smarthost on port 465 yet.
 """
 
@@ -157,7 +165,8 @@ class Dispatcher:
         Make one attempt for C{recipients} of C{entry}: everything to the
         smarthost in one session, or each domain's recipients to its mail
         exchangers in turn, one session per host until every recipient has
-        an answer; non-ASCII addresses fail at once (5.6.7).
+        an answer.  A non-ASCII address goes only to a host that offers
+        SMTPUTF8 (L{deliverOnce}: 5.6.7 at another).
 
         @param held: if given, the attempt's result lines (each session's,
             and a domain's failed or deferred lookup) are appended to it as
@@ -167,23 +176,12 @@ class Dispatcher:
             address (recipients no host answered for are deferred).
         """
         outcomes: dict = {}
-        smtputf8 = Outcome(OutcomeKind.FAILED, "5.6.7", "non-ASCII address: SMTPUTF8 is not supported for relaying")
-        if entry.sender is not None and not str(entry.sender).isascii():
-            return defer.succeed({r: smtputf8 for r in recipients})
-        ascii = []
-        for r in recipients:
-            if str(r).isascii():
-                ascii.append(r)
-            else:
-                outcomes[r] = smtputf8
-        if not ascii:
-            return defer.succeed(outcomes)
         if self.relayHost is not None:
-            domains = ",".join(sorted({r.domain for r in ascii}))
-            ds = [self._sendVia(entry, domains, [self.relayHost], self.relayPort, ascii, True, held)]
+            domains = ",".join(sorted({r.domain for r in recipients}))
+            ds = [self._sendVia(entry, domains, [self.relayHost], self.relayPort, recipients, True, held)]
         else:
             byDomain: dict = {}
-            for r in ascii:
+            for r in recipients:
                 byDomain.setdefault(r.domain, []).append(r)
             ds = [self._deliverDomain(entry, domain, rs, held) for domain, rs in byDomain.items()]
 
@@ -383,6 +381,7 @@ class Dispatcher:
             clock=self.reactor,
             contextFor=contextFor if self.clientTLS is not None else None,
             loopbackPolicy=loopbackPolicy,
+            smtputf8=entry.smtputf8,
         )
 
         def finished(result: SessionResult) -> SessionResult:
