@@ -15,9 +15,11 @@ command-line tool, not part of the server.
 
 The smuggling probes never complete a message: they send the suspicious
 end-of-data sequence followed by a smuggled command and then listen.  A
-server that answers has ended the message early (it would have run the
-smuggled command); one that stays silent is still reading the message,
-and the connection is then dropped, so nothing is delivered.
+server that accepts the message there, or answers the smuggled commands,
+has ended the message early; one that stays silent is still reading the
+message (the connection is then dropped, so nothing is delivered), and one
+that refuses the look-alike with a single error reply (Postfix's
+C{smtpd_forbid_bare_newline}) is safe too.
 """
 
 from __future__ import annotations
@@ -668,7 +670,7 @@ class Prober:
         if recipient is None:
             yield Result(name, False, "no local domain to send to: give --domain or --user")
             return
-        early = []
+        early, declined = [], []
         for label, vector in SMUGGLING_VECTORS:
             try:
                 conversation = self.secureConnection() if (self.implicit or login) else self.connect()
@@ -697,8 +699,11 @@ class Prober:
                     + b"MAIL FROM:<selftest@example.com>\r\nRCPT TO:<" + recipient.encode()
                     + b">\r\nDATA\r\n"
                 )
-                if conversation.pending(self.options.quiet):
+                replies = _finalReplies(conversation.pending(self.options.quiet))
+                if replies and (replies[0][:1] == b"2" or len(replies) > 1):
                     early.append(label)
+                elif replies:
+                    declined.append(f"{label} ({replies[0][:40].decode('ascii', 'replace')})")
             except ProbeError as e:
                 yield Result(name, False, f"session failed: {e}")
                 return
@@ -706,6 +711,8 @@ class Prober:
                 conversation.close()
         if early:
             yield Result(name, False, f"ended the message at {', '.join(early)}: smuggled commands would run")
+        elif declined:
+            yield Result(name, True, f"no look-alike ends a message; refused: {', '.join(declined)}")
         else:
             yield Result(name, True, f"none of {', '.join(v[0] for v in SMUGGLING_VECTORS)} ends a message")
 
@@ -868,6 +875,15 @@ def _findAndDelete(pop3: Prober, token: str) -> Optional[Tuple[bytes, int]]:
         return None
     finally:
         conversation.close()
+
+
+def _finalReplies(data: bytes) -> List[bytes]:
+    """
+    The last lines of the SMTP replies in C{data} (a multi-line reply
+    counts once).
+    """
+    lines = data.replace(b"\r\n", b"\n").split(b"\n")
+    return [line for line in lines if len(line) >= 3 and line[:3].isdigit() and line[3:4] != b"-"]
 
 
 def _describe(error: BaseException) -> str:

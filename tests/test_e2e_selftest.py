@@ -81,3 +81,46 @@ class SelftestTests(TLSServerMixin, TestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         kinds = {re.match(r"PASS (\w+)-", line).group(1) for line in result.stdout.splitlines()}
         self.assertEqual(kinds, {"pop3"})
+
+
+class SelftestAgainstPostfixTests(TestCase):
+    """
+    The probes are not a mirror of pop3gw: run against a private Postfix
+    MX, they see what Postfix does.
+    """
+
+    def selftestMX(self, forbidBareNewline: str) -> subprocess.CompletedProcess:
+        from tests.postfixhelpers import PrivatePostfix
+
+        postfix = PrivatePostfix(self, mainCf=(
+            # Loopback is not trusted, so relaying needs a local domain.
+            "mynetworks = 192.0.2.0/24\n"
+            "relay_domains = example.org\n"
+            # Never used: the probes finish no message.
+            "relay_transport = smtp:[127.0.0.1]:1\n"
+            f"smtpd_forbid_bare_newline = {forbidBareNewline}\n"
+        )).start()
+        return subprocess.run(pop3gwCommand() + ["selftest", "--mx", f"127.0.0.1:{postfix.port}",
+                                                 "--domain", "example.org"],
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+    def test_postfixSmugglingCaught(self) -> None:
+        """
+        A Postfix that accepts a bare LF as a line end (the default of
+        Postfix 3.7) ends a message at LF.LF: the smuggling probe fails
+        (exit 1); the relay probe passes (Postfix refuses every disguise);
+        STARTTLS is reported missing.
+        """
+        result = self.selftestMX("no")
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertRegex(result.stdout, r"(?m)^FAIL mx-smuggling: ended the message at LF\.LF")
+        self.assertIn("PASS mx-open-relay: 8 foreign recipient form(s) refused\n", result.stdout)
+        self.assertIn("FAIL mx-tls-offered: STARTTLS not offered", result.stdout)
+
+    def test_postfixForbidBareNewline(self) -> None:
+        """
+        With smtpd_forbid_bare_newline = yes, Postfix refuses the
+        look-alikes with one error: the smuggling probe passes.
+        """
+        result = self.selftestMX("yes")
+        self.assertRegex(result.stdout, r"(?m)^PASS mx-smuggling: ")

@@ -354,3 +354,45 @@ class ParsingTests(TestCase):
         status, out, err = self.runCLI("selftest", "--pop3", f"127.0.0.1:{port}")
         self.assertEqual(status, 1)
         self.assertEqual(out, f"FAIL pop3-connect: cannot talk to 127.0.0.1:{port}: Connection refused\n")
+
+
+def strictSMTP(peer: Peer) -> None:
+    """
+    An SMTP server that refuses a bare LF in the data with one error and
+    hangs up, as Postfix's smtpd_forbid_bare_newline does.
+    """
+    peer.send(b"220 strict ESMTP\r\n")
+    while True:
+        line = peer.readLine().upper()
+        if line.startswith(b"DATA"):
+            peer.send(b"354 go\r\n")
+            while b"\n" not in peer.buffer.replace(b"\r\n", b"") and b"\r\n.\r\n" not in peer.buffer:
+                data = peer.sock.recv(4096)
+                if not data:
+                    return
+                peer.buffer += data
+            if b"\r\n.\r\n" in peer.buffer:
+                peer.buffer = b""
+                peer.send(b"250 ok\r\n")
+            else:
+                peer.send(b"521 5.5.2 Error: bare <LF> received\r\n")
+                return
+        elif line.startswith(b"QUIT"):
+            peer.send(b"221 bye\r\n")
+            return
+        else:
+            peer.send(b"250 ok\r\n")
+
+
+class StrictSMTPTests(TestCase):
+    def test_refusalPasses(self) -> None:
+        """
+        A server that answers a look-alike with one error reply and no
+        more has not run the smuggled commands: the probe passes, naming
+        the refusals.
+        """
+        server = ScriptedServer(self, strictSMTP)
+        prober = selftest.Prober(server.target("mx"), options(domain="example.org"))
+        [result] = list(prober.probeSmuggling("postmaster@example.org"))
+        self.assertTrue(result.passed, result.line())
+        self.assertIn("LF.LF (521 5.5.2 Error: bare <LF> received)", result.detail)
