@@ -34,6 +34,8 @@ from pop3gw.anvil import AuthAccounting
 from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
+from pop3gw.dkimkeys import Keyring
+from pop3gw.dkimsign import SigningQueue
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.maildir import MaildirStore
@@ -432,7 +434,9 @@ def _build(config: Config, reactor) -> MultiService:
     users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
     store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
     queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
-    router = Router(LocalDomains(config.domains, users), users, store, queue)
+    keyring = Keyring(config.dataDir)
+    keyring.refresh()
+    router = Router(LocalDomains(config.domains, users), users, store, SigningQueue(queue, keyring, ioRunner))
     checker = PasswordChecker(
         users,
         reactor,
@@ -564,8 +568,15 @@ def _build(config: Config, reactor) -> MultiService:
         d.addErrback(lambda f: log.failure("cannot refresh the users directory", f))
         return d
 
+    def refreshKeys() -> defer.Deferred:
+        # A stat of the DKIM key index, a read only when it changed.
+        d = ioRunner.run(keyring.refresh)
+        d.addErrback(lambda f: log.failure("cannot refresh the DKIM keys", f))
+        return d
+
     ReloadService(reactor, refreshUsers, certs).setServiceParent(top)
     TimerService(USERS_CHECK_INTERVAL, refreshUsers).setServiceParent(top)
+    TimerService(USERS_CHECK_INTERVAL, refreshKeys).setServiceParent(top)
     TimerService(TLS_CHECK_INTERVAL, certs.reloadIfChanged).setServiceParent(top)
 
     log.info(
