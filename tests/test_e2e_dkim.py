@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import smtplib
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,29 @@ class DKIMRelayTests(SubmissionTestMixin, SynchronousTestCase):
         self.assertTrue(dkim.verify(second, dnsfunc=self.dnsfunc))
         self.assertTrue(dkim.verify(first, dnsfunc=self.dnsfunc))
         server.waitForLog(r"dkim: signed id=\S+ d=example.org s=second")
+
+    def test_unusableKeyRefused(self) -> None:
+        """
+        When the active key's file is damaged, the next message gets
+        C{451 4.3.0} (the client keeps it), nothing reaches the sink, and the
+        log names the file; the client is told nothing more.
+        """
+        sink = Sink(self)
+        server = self.startServer("--relay-host", f"127.0.0.1:{sink.port}", extraConfig=PLAINTEXT_SMARTHOST)
+        self.generate(server, "example.org", "--selector", "s1", "--algorithm", "ed25519")
+        path = os.path.join(server.dataDir, "dkim", "example.org", "s1.pem")
+        with open(path, "w") as f:
+            f.write("damaged\n")
+        # Any key command rewrites the index, which makes the server reload.
+        self.generate(server, "example.net", "--algorithm", "ed25519")
+        client = self.smtp(server)
+        client.login(ALICE, ALICE_PW)
+        with self.assertRaises(smtplib.SMTPDataError) as e:
+            client.sendmail(ALICE, ["carol@remote.example"], message(to="carol@remote.example"))
+        self.assertEqual((e.exception.smtp_code, e.exception.smtp_error), (451, b"4.3.0 Temporary failure, try again later"))
+        client.quit()
+        server.waitForLog(re.escape(f"the key for example.org is unusable: {path} is not a readable ed25519 private key"))
+        self.assertEqual(sink.received, [])
 
     def test_openDKIMVerifies(self) -> None:
         """
