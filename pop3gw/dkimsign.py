@@ -7,7 +7,9 @@ what goes to the queue (mail for remote recipients, relayed) passes
 through it, so local deliveries are never signed.  Its deliveries hold the
 message (after the submission fix-ups: the C{Date:}, C{Message-ID:} and
 C{From:} fields pop3gw adds are already in it) until the commit, sign it
-in the blocking runner (signing costs CPU: never on the reactor), then
+in the runner they are given (the server's is a
+L{pop3gw.runner.ProcessPoolRunner}: signing is CPU work that holds the
+GIL, so neither the reactor thread nor a pool thread does it), then
 write the C{DKIM-Signature:} fields and the message to the queue: the
 signature is stored with the message, and every retry sends the same
 octets.
@@ -232,7 +234,8 @@ class SigningQueue:
     stores it (see the module docstring).
 
     @param keyring: the active keys.
-    @param runner: where signing runs (the server's I/O pool).
+    @param runner: where signing runs (L{signatures}, its arguments
+        picklable: the server's L{pop3gw.runner.ProcessPoolRunner}).
     """
 
     log = Logger()

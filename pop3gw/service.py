@@ -44,7 +44,7 @@ from pop3gw.queue import OutboundQueue
 from pop3gw.relay import RelayService
 from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
-from pop3gw.runner import ThreadPoolRunner
+from pop3gw.runner import ProcessPoolRunner, ThreadPoolRunner
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
@@ -124,6 +124,22 @@ class ThreadPoolService(Service):
         super().stopService()
         d = self.runner.drain() if self.runner is not None else defer.succeed(None)
         return d.addCallback(lambda _: self.pool.stop())
+
+
+class ProcessPoolService(Service):
+    """
+    Stops a L{ProcessPoolRunner} with the application, after the work in
+    flight on it has reported.
+    """
+
+    stopStage = STOP_POOLS
+
+    def __init__(self, runner: ProcessPoolRunner) -> None:
+        self.runner = runner
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return self.runner.drain().addCallback(lambda _: self.runner.stop())
 
 
 class ServerLockService(MultiService):
@@ -436,7 +452,10 @@ def _build(config: Config, reactor) -> MultiService:
     queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
     keyring = Keyring(config.dataDir)
     keyring.refresh()
-    router = Router(LocalDomains(config.domains, users), users, store, SigningQueue(queue, keyring, ioRunner))
+    # DKIM signing is CPU work that holds the GIL: other processes do it.
+    signRunner = ProcessPoolRunner(reactor)
+    ProcessPoolService(signRunner).setServiceParent(top)
+    router = Router(LocalDomains(config.domains, users), users, store, SigningQueue(queue, keyring, signRunner))
     checker = PasswordChecker(
         users,
         reactor,
