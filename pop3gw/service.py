@@ -42,6 +42,7 @@ from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue
 from pop3gw.relay import RelayService
+from pop3gw.relay.mtasts import PolicySource, makeFetcher
 from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
 from pop3gw.runner import ProcessPoolRunner, ThreadPoolRunner
@@ -575,6 +576,10 @@ def _build(config: Config, reactor) -> MultiService:
         lifetime=limits["queue-lifetime"],
     )
     relay.setServiceParent(top)
+    if not config.relayHost:
+        # Direct MX delivery applies the recipient domains' MTA-STS
+        # policies (RFC 8461).
+        relay.dispatcher.mtaSTS = PolicySource(reactor, relay.dispatcher.mx.lookupTXT, makeFetcher(reactor))
 
     if not any(config.listeners[name] for name, _, _, _ in plans):
         log.warn("no POP3, submission, MX or LMTP listener is configured: only the outbound queue runs")
