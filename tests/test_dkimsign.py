@@ -249,3 +249,38 @@ class RouterTests(KeysMixin, SynchronousTestCase):
         self.successResultOf(defer.maybeDeferred(delivery.commit))
         self.assertEqual(store.boxes[ALICE], [("uid1", MESSAGE)])
         self.assertTrue(outbound.entries[0][2].startswith(b"DKIM-Signature: "))
+
+
+class RetryTests(KeysMixin, SynchronousTestCase):
+    def test_retrySendsSameOctets(self) -> None:
+        """
+        A signed message whose first relay attempt is refused with 451 at
+        the end of the data is sent again, octet for octet, on the retry:
+        the signature was made once, when it was queued, and verifies.
+        """
+        from tests.queuehelpers import OK, successReplies
+        from tests.test_relay_service import RelayTestMixin
+
+        class Harness(RelayTestMixin):
+            pass
+
+        h = Harness()
+        h.mktemp, h.successResultOf, h.addCleanup = self.mktemp, self.successResultOf, self.addCleanup
+        h.setUpRelay()
+        h.start()
+        _, keyring, dnsfunc = self.makeKeys(("example.org", "s1", "rsa"))
+        queue = SigningQueue(h.queue, keyring, ImmediateRunner())
+        delivery = queue.beginDelivery(ALICE, [REMOTE])
+        delivery.write(MESSAGE)
+        self.successResultOf(delivery.commit())
+        h.clock.advance(0)
+        first = successReplies()
+        first[first.index(OK, 4)] = b"451 4.3.0 try again\r\n"
+        sentFirst = h.connects[0].serve(first)
+        h.clock.advance(5 * 60)
+        sentSecond = h.connects[1].serve(successReplies())
+        data = [s for s in sentFirst if s.startswith(b"DKIM-Signature: ")]
+        self.assertEqual(len(data), 1)
+        self.assertEqual([s for s in sentSecond if s.startswith(b"DKIM-Signature: ")], data)
+        unstuffed = data[0].replace(b"\r\n..", b"\r\n.")[: -len(b".\r\n")]
+        self.assertTrue(dkim.verify(unstuffed, dnsfunc=dnsfunc))
