@@ -40,7 +40,7 @@ import dkim
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from pop3gw.address import Address, AddressError
 from pop3gw.dkimkeys import SIGNATURE_ALGORITHMS, KeyProblem, Keyring, SigningKey
@@ -155,11 +155,13 @@ def signatures(message: bytes, keys: Sequence[SigningKey]) -> bytes:
     return b"".join(out)
 
 
-@implementer(ITwoPhaseDelivery, IQueuedDelivery)
+@implementer(IQueuedDelivery)
 class _SigningDelivery:
     """
     One message on its way to the queue: held until the commit, then
-    signed and written to the queue's delivery C{inner}.
+    signed and written to the queue's delivery C{inner}.  It provides
+    L{ITwoPhaseDelivery} when C{inner} does (so that the router can still
+    withdraw the signed copy), and only then.
     """
 
     def __init__(self, queue: "SigningQueue", inner: IDelivery, sender: Optional[Address]) -> None:
@@ -171,6 +173,8 @@ class _SigningDelivery:
         self._state = "open"
         queued = IQueuedDelivery(inner, None)
         self.queueId = None if queued is None else queued.queueId
+        if ITwoPhaseDelivery.providedBy(inner):
+            alsoProvides(self, ITwoPhaseDelivery)
 
     def write(self, data: bytes) -> None:
         if self._state != "open":

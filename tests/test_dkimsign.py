@@ -284,3 +284,36 @@ class RetryTests(KeysMixin, SynchronousTestCase):
         self.assertEqual([s for s in sentSecond if s.startswith(b"DKIM-Signature: ")], data)
         unstuffed = data[0].replace(b"\r\n..", b"\r\n.")[: -len(b".\r\n")]
         self.assertTrue(dkim.verify(unstuffed, dnsfunc=dnsfunc))
+
+
+class TwoPhaseTests(KeysMixin, SynchronousTestCase):
+    def test_withdrawnWhenLocalFails(self) -> None:
+        """
+        With the real (two-phase) queue, a signed remote copy is withdrawn
+        when the local copy of the same message cannot be stored, so the
+        client's retry does not send it twice.
+        """
+        _, keyring, _ = self.makeKeys(("example.org", "s1", "ed25519"))
+        users = FakeUserDatabase({ALICE: "hash"})
+        store = FakeMaildropStore()
+        store.failCommit = True
+        outbound = OutboundQueue(self.mktemp(), Clock())
+        router = Router(["example.org"], users, store, SigningQueue(outbound, keyring, ImmediateRunner()))
+        delivery = router.beginDelivery(ALICE, [ALICE, REMOTE])
+        delivery.write(MESSAGE)
+        self.failureResultOf(defer.maybeDeferred(delivery.commit), TemporaryFailure)
+        self.assertEqual(outbound.loadEntries(), [])
+
+    def test_twoPhaseOnlyOverTwoPhase(self) -> None:
+        """
+        A signing delivery offers the two phases only when the queue's own
+        delivery does; over a queue without them it commits in one step.
+        """
+        from pop3gw.interfaces import ITwoPhaseDelivery
+
+        _, keyring, _ = self.makeKeys(("example.org", "s1", "ed25519"))
+        overFake = SigningQueue(FakeOutboundQueue(), keyring, ImmediateRunner()).beginDelivery(ALICE, [REMOTE])
+        overReal = SigningQueue(OutboundQueue(self.mktemp(), Clock()), keyring, ImmediateRunner()).beginDelivery(ALICE, [REMOTE])
+        self.assertFalse(ITwoPhaseDelivery.providedBy(overFake))
+        self.assertTrue(ITwoPhaseDelivery.providedBy(overReal))
+        overReal.abort()
