@@ -1,9 +1,11 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-The C{pop3gw} command: users, local delivery and the outbound queue.
+The C{pop3gw} command: users, local delivery, the outbound queue, DKIM
+keys and DNS records (L{pop3gw.clidkim}).
 
-It works on the data directory directly (no network) and exits non-zero
-with one line on stderr when it fails.  C{deliver} uses the sysexits codes
+It works on the data directory directly (no network, except the DNS
+queries of C{dns --check}) and exits non-zero with one line on stderr when
+it fails.  C{deliver} uses the sysexits codes
 MTAs expect of a mailbox command.
 
 Run as root, a command gives what it writes to the data directory's owner;
@@ -21,7 +23,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, BinaryIO, Optional, TextIO
 
-from pop3gw import __version__, fsutil
+from pop3gw import __version__, clidkim, fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.config import ConfigError, buildConfig
 from pop3gw.interfaces import (
@@ -53,7 +55,7 @@ EX_NOPERM = 77
 
 #: The commands that only read the data directory, as (command, action);
 #: every other command writes to it.
-_READ_ONLY = frozenset({("user", "list"), ("queue", "list"), ("alias", "list")})
+_READ_ONLY = frozenset({("user", "list"), ("queue", "list"), ("alias", "list"), ("dkim", "list"), ("dns", None)})
 
 #: An option not given on the command line.
 _UNSET = object()
@@ -161,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
                           "else the first configured one)")
     selftest.add_argument("--ca-file", metavar="FILE",
                           help="trust the CA certificates in FILE instead of the system's")
+
+    clidkim.addParsers(sub)
     return p
 
 
@@ -715,6 +719,10 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
             return cmdAlias(config, args, stdout, stderr, owner)
         if args.command == "deliver":
             return cmdDeliver(config, args, getattr(stdin, "buffer", stdin), owner)
+        if args.command == "dkim":
+            return clidkim.cmdDkim(config, args, stdout, owner)
+        if args.command == "dns":
+            return clidkim.cmdDns(config, args, stdout)
         return cmdQueue(config, args, stdout, owner)
     except CommandError as e:
         stderr.write(f"pop3gw: {e}\n")

@@ -39,6 +39,8 @@ from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.bounces import noticeRecipient
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
+from pop3gw.dkimkeys import Keyring
+from pop3gw.dkimsign import SigningQueue
 from pop3gw.inbound import InboundChecker, RspamdClient
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
@@ -48,9 +50,10 @@ from pop3gw.metrics import Metrics, healthProblems, metricsSite
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue
 from pop3gw.relay import RelayService
+from pop3gw.relay.mtasts import PolicySource, makeFetcher
 from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
-from pop3gw.runner import ThreadPoolRunner
+from pop3gw.runner import ProcessPoolRunner, ThreadPoolRunner
 from pop3gw.sendlimits import SendingLimits, SendingPolicy, Suspension, noticeMessage
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtpdata import formatDate
@@ -183,6 +186,22 @@ class LoginWatchService(TimerService):
     def stopService(self) -> defer.Deferred:
         d = defer.maybeDeferred(super().stopService)
         return d.addCallback(lambda _: self.watch.save())
+
+
+class ProcessPoolService(Service):
+    """
+    Stops a L{ProcessPoolRunner} with the application, after the work in
+    flight on it has reported.
+    """
+
+    stopStage = STOP_POOLS
+
+    def __init__(self, runner: ProcessPoolRunner) -> None:
+        self.runner = runner
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return self.runner.drain().addCallback(lambda _: self.runner.stop())
 
 
 class ServerLockService(MultiService):
@@ -512,7 +531,12 @@ def _build(config: Config, reactor) -> MultiService:
     users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
     store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
     queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
-    router = Router(LocalDomains(config.domains, users), users, store, queue)
+    keyring = Keyring(config.dataDir)
+    keyring.refresh()
+    # DKIM signing is CPU work that holds the GIL: other processes do it.
+    signRunner = ProcessPoolRunner(reactor)
+    ProcessPoolService(signRunner).setServiceParent(top)
+    router = Router(LocalDomains(config.domains, users), users, store, SigningQueue(queue, keyring, signRunner))
     sendingLimits = SendingLimits(
         config.dataDir, config.limits["messages-per-hour"], config.limits["recipients-per-day"], owner
     )
@@ -665,6 +689,10 @@ def _build(config: Config, reactor) -> MultiService:
         postmasterOf=lambda sender: noticeRecipient(sender, config.postmaster, config.hostname, router.isLocalDomain),
     )
     relay.setServiceParent(top)
+    if not config.relayHost:
+        # Direct MX delivery applies the recipient domains' MTA-STS
+        # policies (RFC 8461).
+        relay.dispatcher.mtaSTS = PolicySource(reactor, relay.dispatcher.mx.lookupTXT, makeFetcher(reactor))
 
     if metrics is not None:
         metrics.watchQueue(lambda: list(relay.entries.values()))
@@ -685,8 +713,15 @@ def _build(config: Config, reactor) -> MultiService:
         d.addErrback(lambda f: log.failure("cannot refresh the users directory", f))
         return d
 
+    def refreshKeys() -> defer.Deferred:
+        # A stat of the DKIM key index, a read only when it changed.
+        d = ioRunner.run(keyring.refresh)
+        d.addErrback(lambda f: log.failure("cannot refresh the DKIM keys", f))
+        return d
+
     ReloadService(reactor, refreshUsers, certs).setServiceParent(top)
     TimerService(USERS_CHECK_INTERVAL, refreshUsers).setServiceParent(top)
+    TimerService(USERS_CHECK_INTERVAL, refreshKeys).setServiceParent(top)
     TimerService(TLS_CHECK_INTERVAL, certs.reloadIfChanged).setServiceParent(top)
 
     log.info(

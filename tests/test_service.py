@@ -74,6 +74,22 @@ class MakeServiceTests(SynchronousTestCase):
         ports = sorted((port, iface) for port, factory, backlog, iface in self.reactor.tcpServers)
         self.assertEqual(ports, [(1110, "127.0.0.1"), (1587, "127.0.0.1")])
 
+    def test_mtaSTSForDirectDeliveryOnly(self) -> None:
+        """
+        Direct MX delivery applies MTA-STS policies; delivery through a
+        relay host does not (the smarthost's business).
+        """
+        from pop3gw.relay import RelayService
+        from pop3gw.relay.mtasts import PolicySource
+
+        direct, _ = self.build()
+        [relay] = [s for s in direct if isinstance(s, RelayService)]
+        self.assertIsInstance(relay.dispatcher.mtaSTS, PolicySource)
+        self.dataDir = os.path.abspath(self.mktemp())
+        smarthost, _ = self.build("--relay-host", "smtp.example.net")
+        [relay] = [s for s in smarthost if isinstance(s, RelayService)]
+        self.assertIsNone(relay.dispatcher.mtaSTS)
+
     def test_sharedPortalAndImplicitTLS(self) -> None:
         """
         Every listener is wrapped in the connection limiter; implicit-TLS

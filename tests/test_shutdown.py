@@ -193,3 +193,33 @@ class RelayAttemptAtShutdownTests(QueueTestMixin, SynchronousTestCase):
         recorded = readJSON(self.root, entry.queueId)
         self.assertEqual(recorded["recipients"][0]["state"], "pending")
         self.assertIn("mx.remote.example", recorded["lastError"])
+
+
+class ProcessPoolServiceTests(SynchronousTestCase):
+    def test_drainThenStop(self) -> None:
+        """
+        L{ProcessPoolService} stops its runner's pool only once the work in
+        flight (a message being signed) has reported, so that commit is
+        answered.
+        """
+        from pop3gw.runner import ProcessPoolRunner
+        from pop3gw.service import STOP_POOLS, ProcessPoolService
+        from tests.queuehelpers import ThreadClock
+        from tests.test_runner import _HeldExecutor
+
+        executor = _HeldExecutor()
+        clock = ThreadClock()
+        runner = ProcessPoolRunner(clock, executorFactory=lambda: executor)
+        service = ProcessPoolService(runner)
+        self.assertEqual(service.stopStage, STOP_POOLS)
+        service.startService()
+        signed = runner.run(len, b"message")
+        stopped = service.stopService()
+        clock.advance(0)
+        self.assertNoResult(stopped)
+        self.assertEqual(executor.shutdowns, [])
+        executor.runAll()
+        self.assertEqual(self.successResultOf(signed), 7)
+        clock.advance(0)
+        self.successResultOf(stopped)
+        self.assertEqual(executor.shutdowns, [False])

@@ -15,7 +15,12 @@ L{pop3gw.relay.mx}), with one connection per domain carrying all of its
 recipients, and STARTTLS is used opportunistically (never required,
 verification attempted but not enforced) when offered and a C{clientTLS}
 factory was given; each host's log line says C{tls=yes|no} and
-C{verified=yes|no}.  With a relay host, every recipient goes there;
+C{verified=yes|no}.  When the dispatcher is given MTA-STS policies
+(L{Dispatcher.mtaSTS}), a domain whose policy is C{enforce} gets only the
+MX hosts the policy names, over STARTTLS with the certificate verified
+and no plaintext retry (else its recipients are deferred), and a
+C{testing} policy only adds log lines (L{pop3gw.relay.mtasts}).  With a
+relay host, every recipient goes there;
 STARTTLS is verified against the relay host name when C{relayVerifyTLS} is
 true, and then required, and credentials are sent only over TLS.  A relay host whose connected address is loopback (127.0.0.0/8,
 C{::1}, a Unix socket: L{pop3gw.address.isLoopback}, as for plaintext
@@ -57,7 +62,7 @@ but no setting selects it for a smarthost on port 465 yet.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
@@ -143,6 +148,10 @@ class Dispatcher:
         self._semaphore = defer.DeferredSemaphore(maxConnections)
         self._connections: set = set()
         self._stopping = False
+        #: The recipient domains' MTA-STS policies
+        #: (L{pop3gw.relay.mtasts.PolicySource}) for direct MX delivery, or
+        #: C{None} to apply none.
+        self.mtaSTS: Optional[Any] = None
 
     def start(self) -> None:
         """
@@ -226,18 +235,80 @@ class Dispatcher:
                 why=why,
             )
             return {r: Outcome(OutcomeKind.DEFERRED, "4.4.3", why) for r in recipients}
+        policy = None
+        if self.mtaSTS is not None:
+            policy = yield self.mtaSTS.policyFor(domain)
+        if policy is not None and policy.mode in ("enforce", "testing"):
+            outside = [h for h in hosts if not policy.allows(h)]
+            for host in outside:
+                self._result(
+                    held,
+                    self.log.warn,
+                    "mta-sts: {queueId} domain={domain} host={host} is not in the {mode} policy{what}",
+                    queueId=entry.queueId,
+                    domain=domain,
+                    host=host,
+                    mode=policy.mode,
+                    what=" (skipped)" if policy.mode == "enforce" else "",
+                )
+            if policy.mode == "enforce":
+                hosts = [h for h in hosts if h not in outside]
+                refusal: Optional[str] = None
+                if not hosts:
+                    refusal = f"MTA-STS policy of {domain} names none of its MX hosts"
+                elif self.clientTLS is None:
+                    refusal = f"MTA-STS policy of {domain} requires TLS, which is not available"
+                if refusal is not None:
+                    self._result(
+                        held,
+                        self.log.warn,
+                        "relay: {queueId} domain={domain} result=deferred: {why}",
+                        queueId=entry.queueId,
+                        domain=domain,
+                        why=refusal,
+                    )
+                    return {r: Outcome(OutcomeKind.DEFERRED, "4.7.5", refusal) for r in recipients}
+                return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False, held, verifyTLS=True))
+            return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False, held, stsTesting=True))
         return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False, held))
 
     @defer.inlineCallbacks
     def _sendVia(
-        self, entry: Entry, domain: str, hosts: list, port: int, recipients: list, relay: bool, held: Optional[list] = None
+        self,
+        entry: Entry,
+        domain: str,
+        hosts: list,
+        port: int,
+        recipients: list,
+        relay: bool,
+        held: Optional[list] = None,
+        verifyTLS: bool = False,
+        stsTesting: bool = False,
     ):
+        """
+        Try C{hosts} in turn until every recipient has an outcome.
+
+        @param verifyTLS: an MTA-STS C{enforce} policy applies: STARTTLS
+            required, the certificate verified against the host name, no
+            plaintext retry.
+        @param stsTesting: an MTA-STS C{testing} policy applies: a session
+            without verified TLS is logged (the mail goes anyway).
+        """
         remaining = list(recipients)
         outcomes: dict = {}
         lastError = "no mail exchanger reached"
         for host in hosts:
-            session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay)
-            if session.tlsHandshakeFailed and not relay:
+            session = yield self._semaphore.run(self._session, entry, host, port, remaining, relay, True, verifyTLS)
+            if stsTesting and not session.verified:
+                self._result(
+                    held,
+                    self.log.warn,
+                    "mta-sts: {queueId} domain={domain} host={host} no verified TLS (testing policy: not enforced)",
+                    queueId=entry.queueId,
+                    domain=domain,
+                    host=host,
+                )
+            if session.tlsHandshakeFailed and not relay and not verifyTLS:
                 # RFC 7435: opportunistic TLS that fails to negotiate falls
                 # back to a plaintext session with the same host.
                 self.log.info(
@@ -329,13 +400,16 @@ class Dispatcher:
         return HostnameEndpoint(PublicOnlyReactor(self.reactor), host, port, timeout=self.connectTimeout)
 
     def _session(
-        self, entry: Entry, host: str, port: int, recipients: list, relay: bool, useTLS: bool = True
+        self, entry: Entry, host: str, port: int, recipients: list, relay: bool, useTLS: bool = True,
+        verifyTLS: bool = False,
     ) -> defer.Deferred:
         """
         One SMTP session with C{host} for C{recipients} (L{deliverOnce}).
 
         @param useTLS: use STARTTLS when the peer offers it (false only for
             the plaintext retry after a failed opportunistic handshake).
+        @param verifyTLS: require STARTTLS to an MX host and verify its
+            certificate (an MTA-STS C{enforce} policy).
 
         @return: a Deferred firing with the L{SessionResult}.
         """
@@ -349,10 +423,14 @@ class Dispatcher:
         if relay and self.relayUsername is not None and self.relayPassword is not None:
             credentials = (self.relayUsername, self.relayPassword)
         policy, loopbackPolicy = self._tlsPolicy(relay, credentials is not None, useTLS)
+        if verifyTLS and not relay and policy is not TLSPolicy.NONE:
+            policy = TLSPolicy.REQUIRED_STARTTLS
 
         def contextFor(policy: TLSPolicy) -> tuple:
             clientTLS = self.clientTLS
             assert clientTLS is not None, "asked for only under a TLS policy (see _tlsPolicy)"
+            if not relay and verifyTLS:
+                return clientTLS(host, True), True
             if not relay:
                 # verify=None asks for an opportunistic (unverified) context.
                 return clientTLS(host, None), False

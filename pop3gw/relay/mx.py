@@ -171,6 +171,24 @@ class MXResolver:
         return self._resolver().lookupPointer(name)
 
     @defer.inlineCallbacks
+    def lookupTXT(self, name: str):
+        """
+        The TXT records at C{name}, through the same resolver (the MTA-STS
+        record: L{pop3gw.relay.mtasts}).
+
+        @return: a C{Deferred} firing with their texts (each record's
+            strings joined), an empty list if the name or the records do
+            not exist, or failing as the lookup did.
+        """
+        try:
+            answers, _, _ = yield self._resolver().lookupText(name)
+        except dnserror.DomainError:
+            return []
+        return [
+            b"".join(a.payload.data).decode("utf-8", "replace") for a in answers if a.type == dns.TXT
+        ]
+
+    @defer.inlineCallbacks
     def mailHosts(self, domain: str):
         """
         @return: a Deferred firing with the host names to try for

@@ -1,0 +1,106 @@
+# -*- test-case-name: tests.test_clidkim -*-
+"""
+The C{pop3gw dkim} and C{pop3gw dns} commands: DKIM keys in the data
+directory (L{pop3gw.dkimkeys}) and the DNS records a domain should publish
+(L{pop3gw.dnsrecords}).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TextIO
+
+from pop3gw import dkimkeys, dnsrecords, fsutil
+from pop3gw.dkimkeys import DKIMKeyError, KeyStore
+
+EX_OK = 0
+
+
+def addParsers(sub: "argparse._SubParsersAction") -> None:
+    """
+    Add the C{dkim} and C{dns} commands to the C{pop3gw} parser.
+    """
+    dkim = sub.add_parser("dkim", help="DKIM signing keys")
+    dsub = dkim.add_subparsers(dest="action", required=True)
+    gen = dsub.add_parser("generate", help="make a key for DOMAIN and print its DNS record")
+    gen.add_argument("domain")
+    gen.add_argument("--selector", help="the selector (default: ALGORITHM + today's date, e.g. rsa20261201)")
+    gen.add_argument("--algorithm", choices=dkimkeys.ALGORITHMS, default=dkimkeys.RSA, help="rsa (2048 bits, default) or ed25519")
+    dsub.add_parser("list", help="list keys: domain, selector, algorithm, created, active")
+    for action, text in (
+        ("activate", "sign DOMAIN's mail with SELECTOR instead of its other key of that algorithm"),
+        ("remove", "delete a key (not the active one while another of its algorithm exists)"),
+    ):
+        a = dsub.add_parser(action, help=text)
+        a.add_argument("domain")
+        a.add_argument("selector")
+
+    dns = sub.add_parser("dns", help="print the DNS records DOMAIN should publish")
+    dns.add_argument("domain")
+    dns.add_argument("--host", help="the mail server's public host name (default: the configured hostname)")
+    dns.add_argument("--check", action="store_true", help="look the records up and say which are missing or wrong")
+
+
+def cmdDkim(config, args, stdout: TextIO, owner: "fsutil.Owner | None" = None) -> int:
+    """
+    C{dkim generate|list|activate|remove}.
+
+    @raise DKIMKeyError: the command cannot be done (one line).
+    """
+    store = KeyStore(config.dataDir, owner)
+    if args.action == "list":
+        for r in store.records():
+            stdout.write(f"{r.domain} {r.selector} {r.algorithm} {r.created} {'active' if r.active else 'inactive'}\n")
+        return EX_OK
+    if args.action == "generate":
+        record = store.generate(args.domain, args.selector, args.algorithm)
+        name, value = store.publicRecord(record)
+        if record.active:
+            state = f"active: mail from {record.domain} leaving through the relay is signed with it"
+        else:
+            state = (
+                f"inactive: publish it, wait for the DNS, then "
+                f"'pop3gw dkim activate {record.domain} {record.selector}'"
+            )
+        stdout.write(f"generated {record.algorithm} key {record.selector} for {record.domain} ({state})\n")
+        stdout.write("publish this DNS record:\n")
+        stdout.write(dkimkeys.zoneLine(name, value) + "\n")
+        return EX_OK
+    if args.action == "activate":
+        record = store.activate(args.domain, args.selector)
+        stdout.write(
+            f"{record.domain} is signed with {record.selector} ({record.algorithm}) from now on; "
+            "keep the previous key published for a few days before removing it\n"
+        )
+        return EX_OK
+    record = store.remove(args.domain, args.selector)
+    stdout.write(
+        f"removed {record.algorithm} key {record.selector} of {record.domain}; "
+        f"delete its DNS record {record.selector}._domainkey.{record.domain}\n"
+    )
+    return EX_OK
+
+
+def cmdDns(config, args, stdout: TextIO) -> int:
+    """
+    C{dns DOMAIN [--host NAME] [--check]}: print the records; with
+    C{--check}, one line per record (C{OK}, C{MISSING}, C{WRONG}, C{ERROR})
+    and exit status 1 unless every record is C{OK}.
+    """
+    domain = dkimkeys.checkDomain(args.domain)
+    host = (args.host or config.hostname).lower().rstrip(".")
+    records = dnsrecords.domainRecords(config.dataDir, domain, host)
+    if not args.check:
+        stdout.write(f"; DNS records for {domain}, mail server {host}\n")
+        for record in records:
+            stdout.write(f"{record.commentLines()}{record.zoneLine()}\n")
+        return EX_OK
+    lookup = dnsrecords.dnspythonLookup(dnsrecords.resolverFromEnvironment())
+    bad = 0
+    for status, record, detail in dnsrecords.checkRecords(records, lookup):
+        bad += status != dnsrecords.OK
+        stdout.write(f"{status:<7} {record.name} {record.rtype}: {detail}\n")
+    return 1 if bad else EX_OK
+
+
+__all__ = ["DKIMKeyError", "addParsers", "cmdDkim", "cmdDns"]
