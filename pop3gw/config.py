@@ -19,6 +19,7 @@ from typing import Optional
 import attr
 from twisted.python import usage
 
+from pop3gw.acmeclient import ACMESettings
 from pop3gw.address import Address, AddressError, parseDomain
 from pop3gw.auth import PLAINTEXT_MODES
 from pop3gw.inbound import InboundPolicy
@@ -83,6 +84,7 @@ class Config:
     postmaster: Optional[Address] = None
     recipientDelimiter: str = "+"
     inbound: InboundPolicy = InboundPolicy()
+    acme: ACMESettings = ACMESettings()
 
     @property
     def mailDir(self) -> str:
@@ -169,7 +171,7 @@ def readINI(path: str) -> dict:
             parser.read_file(f)
     except (OSError, configparser.Error, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
-    known = {"pop3gw", "limits", "relay", "submission", "inbound"}
+    known = {"pop3gw", "limits", "relay", "submission", "inbound", "acme"}
     for section in parser.sections():
         if section not in known:
             raise ConfigError(f"{path}: unknown section [{section}]")
@@ -318,7 +320,45 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         postmaster=postmaster,
         recipientDelimiter=delimiter,
         inbound=parseInbound(ini.get("inbound", {})),
+        acme=parseACME(ini.get("acme", {}), bool(cert)),
     )
+
+
+_ACME_KEYS = {"directory", "contact", "http", "ca-file"}
+
+
+def parseACME(section: dict, operatorCertificate: bool = False) -> ACMESettings:
+    """
+    The C{[acme]} section (see L{pop3gw.acmeclient}).
+
+    @param operatorCertificate: whether C{--tls-cert} names a certificate
+        (then ACME may not be on).
+    @raise ConfigError: an unknown key or a bad value.
+    """
+    for key in section:
+        if key not in _ACME_KEYS:
+            raise ConfigError(f"unknown key {key!r} in [acme]")
+    directory = section.get("directory", "").strip() or None
+    if directory is None:
+        if any(section.get(k, "").strip() for k in ("http", "contact", "ca-file")):
+            raise ConfigError("[acme] needs directory (the ACME server's directory URL) to be on")
+        return ACMESettings()
+    if not directory.startswith("https://"):
+        raise ConfigError(f"[acme] directory: must be an https:// URL, got {directory!r}")
+    if operatorCertificate:
+        raise ConfigError("[acme] directory and --tls-cert both name the certificate to serve: use one")
+    http = tuple(_splitList(section.get("http", "")))
+    if not http:
+        raise ConfigError("[acme] http: name the endpoint the CA's HTTP-01 validation reaches (port 80), e.g. tcp:80")
+    contact = section.get("contact", "").strip() or None
+    if contact is not None:
+        try:
+            Address.parse(contact.removeprefix("mailto:"))
+        except AddressError:
+            raise ConfigError(f"[acme] contact: {contact!r} is not an e-mail address") from None
+        contact = contact.removeprefix("mailto:")
+    caFile = section.get("ca-file", "").strip() or None
+    return ACMESettings(directory, contact, http, os.path.abspath(caFile) if caFile else None)
 
 
 _INBOUND_KEYS = {

@@ -32,6 +32,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent
 
 from pop3gw import __version__, fsutil
+from pop3gw.acmeclient import CertificateObtainer, ChallengeTokens, Renewer, challengeSite
+from pop3gw.acmeclient import paths as acmePaths
 from pop3gw.address import Address
 from pop3gw.anvil import AuthAccounting
 from pop3gw.apppasswords import APP_PASSWORDS, AppPasswords
@@ -104,6 +106,10 @@ DNS_THREADS = 8
 #: The file, in the data directory, a running server holds an exclusive
 #: C{flock} on; it contains the server's pid.
 SERVER_LOCK = "server.lock"
+
+#: Seconds between looks at the ACME certificate (cheap: a file's expiry
+#: date; the order itself only when due, see L{pop3gw.acmeclient}).
+ACME_CHECK_INTERVAL = 600.0
 
 #: The login history under the data directory, and how often it is saved.
 LOGIN_HISTORY = "logins.json"
@@ -574,7 +580,14 @@ def _build(config: Config, reactor) -> MultiService:
     portal = Portal(Realm(users, store, router, sending), [checker])
     policy = PlaintextAuthPolicy(config.plaintextAuth)
 
-    certs = CertificateManager(config.dataDir, config.tlsCert, config.tlsKey, config.hostname, owner=owner)
+    certs = CertificateManager(
+        config.dataDir,
+        config.tlsCert,
+        config.tlsKey,
+        config.hostname,
+        owner=owner,
+        preferred=acmePaths(config.dataDir) if config.acme.enabled else None,
+    )
     try:
         certs.load()
     except TLSConfigError as e:
@@ -723,6 +736,15 @@ def _build(config: Config, reactor) -> MultiService:
     TimerService(USERS_CHECK_INTERVAL, refreshUsers).setServiceParent(top)
     TimerService(USERS_CHECK_INTERVAL, refreshKeys).setServiceParent(top)
     TimerService(TLS_CHECK_INTERVAL, certs.reloadIfChanged).setServiceParent(top)
+    if config.acme.enabled:
+        tokens = ChallengeTokens()
+        obtainer = CertificateObtainer(config.dataDir, config.hostname, config.acme, tokens, owner)
+        renewer = Renewer(obtainer, ioRunner, reactor, certs.reloadIfChanged)
+        for description in config.acme.http:
+            ListenerService(reactor, "acme", description, limited(challengeSite(tokens), None)).setServiceParent(
+                top
+            )
+        TimerService(ACME_CHECK_INTERVAL, renewer.check).setServiceParent(top)
 
     log.info(
         "pop3gw data directory {dataDir}; local domains: {domains}; plaintext auth: {policy}",

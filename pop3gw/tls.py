@@ -404,6 +404,9 @@ class CertificateManager:
         the certificate does not cover it.
     @ivar owner: the data directory's owner, given the generated directory,
         certificate and key (see L{pop3gw.fsutil}), or C{None}.
+    @ivar preferred: C{(certificate, key)} files served instead of the
+        generated ones as soon as both exist (what ACME obtains: see
+        L{pop3gw.acmeclient}), or C{None}.
     """
 
     dataDir: str
@@ -411,6 +414,7 @@ class CertificateManager:
     keyPath: str | None = None
     hostname: str | None = None
     owner: fsutil.Owner | None = attrs.field(default=None, kw_only=True)
+    preferred: tuple[str, str] | None = attrs.field(default=None, kw_only=True)
     _now: Callable[[], datetime.datetime] = attrs.field(
         default=lambda: datetime.datetime.now(datetime.timezone.utc), kw_only=True
     )
@@ -439,11 +443,16 @@ class CertificateManager:
         """
         C{True} when serving a generated self-signed certificate.
         """
-        return self.certPath is None
+        return self.certPath is None and not self._preferredReady()
+
+    def _preferredReady(self) -> bool:
+        return self.preferred is not None and all(os.path.exists(p) for p in self.preferred)
 
     def _paths(self) -> tuple[str, str]:
         if self.certPath is not None and self.keyPath is not None:
             return self.certPath, self.keyPath
+        if self.preferred is not None and self._preferredReady():
+            return self.preferred
         directory = os.path.join(self.dataDir, GENERATED_DIR)
         return (
             os.path.join(directory, GENERATED_CERT),

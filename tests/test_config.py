@@ -7,7 +7,7 @@ import os
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.config import ConfigError, Options, buildConfig, parseRelayHost
+from pop3gw.config import ConfigError, Options, buildConfig, parseACME, parseRelayHost
 
 
 def parse(*args):
@@ -190,6 +190,12 @@ class SampleConfigTests(SynchronousTestCase):
             else:
                 lines.append(line)
         uncommented = "\n".join(lines).replace("(this host's fully qualified name)", "mail.example.org")
+        # [acme] and tls-cert exclude each other: the sample's [acme] is
+        # checked apart, without tls-cert.
+        acmeSection = re.search(r"^\[acme\]\n(.*?)^\[", uncommented, re.M | re.S).group(1)
+        acme = parseACME(dict(re.findall(r"^([a-z-]+) = (.*)$", acmeSection, re.M)))
+        self.assertEqual((acme.directory, acme.http), ("https://acme-v02.api.letsencrypt.org/directory", ("tcp:80",)))
+        uncommented = uncommented.replace(acmeSection, "")
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(uncommented)
