@@ -1,0 +1,342 @@
+"""
+Tests for the PostgreSQL store (L{pop3gw.pgdatabase}, L{pop3gw.pgusers},
+L{pop3gw.pgmail}): the maildrop and users contract suites over a private
+cluster (L{tests.pgcluster}), then what only a shared database does: locks
+across nodes, leases, schema versions, a database that cannot be reached.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from pop3gw.address import Address
+from pop3gw.interfaces import (
+    AliasNotLocal,
+    AliasShadowsUser,
+    MaildropLocked,
+    TemporaryFailure,
+    UnknownTarget,
+)
+from tests import pgcluster
+from tests.test_maildir import ALICE, BOB, MaildropStoreContractMixin
+from tests.test_passwords import HASH_A, HASH_B
+from tests.test_users import UsersFileContract
+
+
+def newDatabase(testcase, maxConnections: int = 4):
+    """
+    A new database with the schema, and a pool on it closed in the
+    test's cleanups.
+
+    @return: the L{pop3gw.pgdatabase.Database}.
+    """
+    from pop3gw.pgdatabase import Database, initSchema
+
+    uri = pgcluster.database(testcase)
+    database = Database(uri, maxConnections=maxConnections)
+    testcase.addCleanup(database.close)
+    initSchema(database)
+    return database
+
+
+class PostgresMaildropContractTests(MaildropStoreContractMixin, SynchronousTestCase):
+    """
+    The maildrop contract over L{pop3gw.pgmail.PostgresMaildropStore}.
+    """
+
+    def makeStore(self):
+        from pop3gw.pgmail import PostgresMaildropStore
+
+        self.database = newDatabase(self)
+        return PostgresMaildropStore(self.database, node="node-a")
+
+
+class PostgresUsersContractTests(UsersFileContract, SynchronousTestCase):
+    """
+    The users contract over L{pop3gw.pgusers.PostgresUsers}.
+    """
+
+    def setUp(self) -> None:
+        from pop3gw.pgusers import PostgresUsers
+
+        self.database = newDatabase(self)
+        self.db = PostgresUsers(self.database)
+        self.db.setPassword(Address("alice", "example.org"), HASH_A, True)
+        self.db.setPassword(Address("bob", "example.org"), HASH_B, True)
+        self.db.addAlias("postmaster@example.org", [Address("alice", "example.org")])
+
+
+class SchemaTests(SynchronousTestCase):
+    """
+    L{pop3gw.pgdatabase.initSchema} and L{pop3gw.pgdatabase.checkSchema}.
+    """
+
+    def test_initIdempotent(self) -> None:
+        """
+        The first C{init} creates the schema; a second one changes nothing
+        and keeps the data.
+        """
+        from pop3gw.pgdatabase import SCHEMA_VERSION, Database, checkSchema, initSchema
+        from pop3gw.pgusers import PostgresUsers
+
+        database = Database(pgcluster.database(self))
+        self.addCleanup(database.close)
+        self.assertEqual(
+            checkSchema(database), "the database has no pop3gw schema: run 'pop3gw --store URI init' first"
+        )
+        self.assertEqual(initSchema(database), (0, SCHEMA_VERSION))
+        PostgresUsers(database).setPassword(ALICE, HASH_A, True)
+        self.assertEqual(initSchema(database), (SCHEMA_VERSION, SCHEMA_VERSION))
+        self.assertIsNone(checkSchema(database))
+        self.assertEqual(PostgresUsers(database).lookupUser(ALICE), (ALICE, HASH_A))
+
+    def test_newerSchemaRefused(self) -> None:
+        """
+        A database whose schema is newer than the code is refused, not
+        downgraded.
+        """
+        from pop3gw.pgdatabase import SCHEMA_VERSION, checkSchema, initSchema
+
+        database = newDatabase(self)
+        with database.transaction() as conn:
+            conn.execute("UPDATE pop3gw_schema SET version = %s", (SCHEMA_VERSION + 1,))
+        self.assertRaises(ValueError, initSchema, database)
+        self.assertEqual(
+            checkSchema(database),
+            f"the database holds schema version {SCHEMA_VERSION + 1}, newer than this pop3gw ({SCHEMA_VERSION})",
+        )
+
+    def test_redact(self) -> None:
+        """
+        A URI's password never reaches a log line.
+        """
+        from pop3gw.pgdatabase import isDatabaseURI, redact
+
+        self.assertEqual(redact("postgresql://u:secret@h1,h2/db?x=1"), "postgresql://u:***@h1,h2/db?x=1")
+        self.assertEqual(redact("postgresql:///db?host=/run"), "postgresql:///db?host=/run")
+        self.assertTrue(isDatabaseURI("postgres://h/db"))
+        self.assertFalse(isDatabaseURI("maildir"))
+
+
+class UnreachableTests(SynchronousTestCase):
+    """
+    A database that cannot be reached fails every operation with
+    L{TemporaryFailure}, and nothing is acknowledged.
+    """
+
+    def setUp(self) -> None:
+        from pop3gw.pgdatabase import Database
+
+        socketDir = tempfile.mkdtemp(prefix="pop3gw-nopg-")
+        self.addCleanup(os.rmdir, socketDir)
+        self.database = Database(f"postgresql:///nothing?host={socketDir}", timeout=0.5)
+        self.addCleanup(self.database.close)
+
+    def test_maildropAndDelivery(self) -> None:
+        """
+        Login (C{openMaildrop}) and a delivery's commit fail temporarily.
+        """
+        from pop3gw.pgmail import PostgresMaildropStore
+
+        store = PostgresMaildropStore(self.database)
+        self.failureResultOf(store.openMaildrop(ALICE), TemporaryFailure)
+        delivery = store.beginDelivery([ALICE])
+        delivery.write(b"Subject: x\r\n\r\nbody\r\n")
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+
+    def test_users(self) -> None:
+        """
+        Password lookups fail temporarily; a refresh keeps the snapshot,
+        which answers temporarily failing until the database was read.
+        """
+        from pop3gw.pgusers import PostgresUsers
+
+        users = PostgresUsers(self.database)
+        self.assertRaises(TemporaryFailure, users.lookupUser, ALICE)
+        self.assertRaises(TemporaryFailure, users.refresh().exists, ALICE)
+
+
+class LockTests(SynchronousTestCase):
+    """
+    The maildrop lock across nodes: two stores on one database stand for
+    two nodes.
+    """
+
+    def setUp(self) -> None:
+        from pop3gw.pgmail import PostgresMaildropStore
+
+        self.database = newDatabase(self)
+        self.nodeA = PostgresMaildropStore(self.database, node="node-a")
+        self.nodeB = PostgresMaildropStore(self.database, node="node-b")
+
+    def expire(self, node: str) -> None:
+        """
+        Make C{node}'s locks stale, as if it had stopped renewing them
+        L{pop3gw.pgmail.LOCK_LEASE} seconds ago.
+        """
+        with self.database.transaction() as conn:
+            conn.execute("UPDATE pop3gw_locks SET expires = now() - interval '1 second' WHERE node = %s", (node,))
+
+    def test_lockedOnOtherNode(self) -> None:
+        """
+        A maildrop held on one node is L{MaildropLocked} on the other until
+        the session ends.
+        """
+        drop = self.successResultOf(self.nodeA.openMaildrop(ALICE))
+        self.failureResultOf(self.nodeB.openMaildrop(ALICE), MaildropLocked)
+        self.successResultOf(self.nodeB.openMaildrop(BOB)).release()
+        drop.release()
+        self.successResultOf(self.nodeB.openMaildrop(ALICE)).release()
+
+    def test_staleLockTakenOver(self) -> None:
+        """
+        A lock whose lease ran out (its node died) is taken by the next
+        login; the dead session's commit then fails and changes nothing.
+        """
+        delivery = self.nodeA.beginDelivery([ALICE])
+        delivery.write(b"one\r\n")
+        self.successResultOf(delivery.commit())
+        dead = self.successResultOf(self.nodeA.openMaildrop(ALICE))
+        self.expire("node-a")
+        alive = self.successResultOf(self.nodeB.openMaildrop(ALICE))
+        self.failureResultOf(dead.commit([0]), TemporaryFailure)
+        self.assertEqual(len(alive.messages), 1)
+        self.failureResultOf(self.nodeA.openMaildrop(ALICE), MaildropLocked)
+        alive.release()
+
+    def test_renewKeepsLock(self) -> None:
+        """
+        C{renewLocks} pushes back the expiry of the locks this node's
+        sessions hold, and only those.
+        """
+        drop = self.successResultOf(self.nodeA.openMaildrop(ALICE))
+        other = self.successResultOf(self.nodeB.openMaildrop(BOB))
+        self.expire("node-a")
+        self.expire("node-b")
+        self.assertEqual(self.nodeA.renewLocks(), 1)
+        self.failureResultOf(self.nodeB.openMaildrop(ALICE), MaildropLocked)
+        self.successResultOf(self.nodeA.openMaildrop(BOB)).release()
+        drop.release()
+        other.release()
+        self.assertEqual(self.nodeA.renewLocks(), 0)
+
+
+class MessageTests(SynchronousTestCase):
+    """
+    Storage details of the database maildrops.
+    """
+
+    def setUp(self) -> None:
+        from pop3gw.pgmail import PostgresMaildropStore
+
+        self.database = newDatabase(self)
+        self.store = PostgresMaildropStore(self.database)
+
+    def deliver(self, recipients, data: bytes) -> None:
+        delivery = self.store.beginDelivery(recipients)
+        delivery.write(data)
+        self.successResultOf(delivery.commit())
+
+    def test_largeMessageInChunks(self) -> None:
+        """
+        A message larger than several chunks is stored in chunk-sized rows
+        and served byte-exact with its exact CRLF size.
+        """
+        from pop3gw.pgmail import CHUNK_SIZE
+
+        body = b"".join(b"line %07d .\n" % (i,) for i in range(60000))
+        self.deliver([ALICE], b"Subject: big\n\n" + body)
+        expected = (b"Subject: big\n\n" + body).replace(b"\n", b"\r\n")
+        drop = self.successResultOf(self.store.openMaildrop(ALICE))
+        self.assertEqual(drop.messages[0].size, len(expected))
+        with self.successResultOf(drop.openMessage(0)) as f:
+            self.assertEqual(f.read(), expected)
+        drop.release()
+        with self.database.transaction() as conn:
+            sizes = [r[0] for r in conn.execute("SELECT length(data) FROM pop3gw_message_chunks ORDER BY seq")]
+        self.assertEqual(sizes[:-1], [CHUNK_SIZE] * (len(sizes) - 1))
+        self.assertEqual(sum(sizes), len(expected))
+
+    def test_uidsNeverReused(self) -> None:
+        """
+        After every message was deleted, new messages get UIDLs never seen
+        before.
+        """
+        self.deliver([ALICE], b"one\n")
+        drop = self.successResultOf(self.store.openMaildrop(ALICE))
+        first = drop.messages[0].uid
+        self.successResultOf(drop.commit([0]))
+        self.deliver([ALICE], b"two\n")
+        drop = self.successResultOf(self.store.openMaildrop(ALICE))
+        self.assertNotEqual(drop.messages[0].uid, first)
+        drop.release()
+
+    def test_sharedMessageRemovedWithLastEntry(self) -> None:
+        """
+        A message delivered to two users is stored once and removed when
+        the second one deletes it.
+        """
+        self.deliver([ALICE, BOB], b"to both\n")
+
+        def count() -> int:
+            with self.database.transaction() as conn:
+                return conn.execute("SELECT count(*) FROM pop3gw_messages").fetchone()[0]
+
+        self.assertEqual(count(), 1)
+        self.successResultOf(self.successResultOf(self.store.openMaildrop(ALICE)).commit([0]))
+        self.assertEqual(count(), 1)
+        self.successResultOf(self.successResultOf(self.store.openMaildrop(BOB)).commit([0]))
+        self.assertEqual(count(), 0)
+
+
+class AcrossNodesUsersTests(SynchronousTestCase):
+    """
+    Users and aliases seen from two nodes (two L{PostgresUsers} on one
+    database).
+    """
+
+    def setUp(self) -> None:
+        from pop3gw.pgusers import PostgresUsers
+
+        self.database = newDatabase(self)
+        self.nodeA = PostgresUsers(self.database)
+        self.nodeB = PostgresUsers(self.database)
+        self.nodeA.setPassword(ALICE, HASH_A, True)
+
+    def test_passwordChangeSeenAtOnce(self) -> None:
+        """
+        A password changed through one node is what the other node's next
+        lookup returns.
+        """
+        self.assertEqual(self.nodeB.lookupUser(ALICE), (ALICE, HASH_A))
+        self.nodeA.setPassword(ALICE, HASH_B, False)
+        self.assertEqual(self.nodeB.lookupUser(ALICE), (ALICE, HASH_B))
+
+    def test_refreshFollowsChanges(self) -> None:
+        """
+        The other node's snapshot shows a new user and alias after its
+        next refresh.
+        """
+        self.assertFalse(self.nodeB.refresh().exists(BOB))
+        self.nodeA.setPassword(BOB, HASH_B, True)
+        self.nodeA.addAlias("info@example.org", [ALICE, BOB])
+        snapshot = self.nodeB.refresh()
+        self.assertTrue(snapshot.exists(BOB))
+        self.assertEqual(snapshot.resolve(Address("info", "example.org")), (ALICE, BOB))
+
+    def test_aliasRules(self) -> None:
+        """
+        C{alias add} refuses what the aliases file refuses: an alias that
+        is a user, a domain that is not local, a target that is not a
+        user; C{alias list} shows the aliases as the file would.
+        """
+        self.assertRaises(AliasShadowsUser, self.nodeA.addAlias, "alice@example.org", [ALICE])
+        self.assertRaises(AliasNotLocal, self.nodeA.addAlias, "x@example.net", [ALICE])
+        self.assertRaises(UnknownTarget, self.nodeA.addAlias, "x@example.org", [BOB])
+        self.nodeA.addAlias("@example.org", [ALICE])
+        self.assertEqual(
+            [(n, line.raw) for n, line in self.nodeA.aliasLines()], [(1, b"@example.org: alice@example.org")]
+        )
