@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO, Optional, TextIO
 
 from pop3gw import __version__, fsutil
 from pop3gw.address import Address, AddressError
-from pop3gw.config import ConfigError, buildConfig
+from pop3gw.config import Config, ConfigError, buildConfig
 from pop3gw.interfaces import (
     AddressIsAlias,
     AliasError,
@@ -59,6 +59,8 @@ READ_CHUNK = 64 * 1024
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
+    from pop3gw.pgdatabase import Database
+
 
 class CommandError(Exception):
     """
@@ -75,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"pop3gw {__version__}")
     p.add_argument("--data-dir", help="the server's data directory (default: from --config, else ./pop3gw-data)")
     p.add_argument("--config", help="INI file to read data-dir and limits from")
+    p.add_argument(
+        "--store",
+        help="where users, aliases and maildrops live: maildir (default, under the data directory) "
+        "or a postgresql:// URI (default: from --config)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("init", help="create or upgrade the database schema (with --store postgresql://...)")
 
     user = sub.add_parser("user", help="add, change, remove or list users")
     usub = user.add_subparsers(dest="action", required=True)
@@ -155,16 +163,86 @@ def _readPassword(stdin: TextIO, isatty: bool) -> str:
     return password
 
 
-def _users(config, owner: Optional[fsutil.Owner] = None):
-    from pop3gw.users import UsersFile
+class _Stores:
+    """
+    The stores a command works on, opened once: the files under the data
+    directory, or the database of C{--store postgresql://...} (whose
+    schema must be current).
+    """
 
-    return UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.database: Optional[Database] = None
+
+    def openDatabase(self, checked: bool = True) -> Database:
+        """
+        @return: the L{pop3gw.pgdatabase.Database} of C{--store}.
+        @raise CommandError: C{checked} and its schema is missing or not
+            current.
+        """
+        from pop3gw import pgdatabase
+
+        if self.database is None:
+            self.database = pgdatabase.Database(self.config.store, maxConnections=1, timeout=pgdatabase.CONNECT_TIMEOUT)
+            if checked:
+                problem = pgdatabase.checkSchema(self.database)
+                if problem is not None:
+                    raise CommandError(problem)
+        return self.database
+
+    def users(self, owner: Optional[fsutil.Owner] = None):
+        config = self.config
+        if config.usesDatabase:
+            from pop3gw.pgusers import PostgresUsers
+
+            return PostgresUsers(self.openDatabase(), config.postmaster, config.recipientDelimiter)
+        from pop3gw.users import UsersFile
+
+        return UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
+
+    def maildrops(self, owner: Optional[fsutil.Owner] = None):
+        config = self.config
+        if config.usesDatabase:
+            from pop3gw.pgmail import PostgresMaildropStore
+
+            return PostgresMaildropStore(self.openDatabase())
+        from pop3gw.maildir import MaildirStore
+
+        return MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)
+
+    def close(self) -> None:
+        database, self.database = self.database, None
+        if database is not None:
+            database.close()
 
 
-def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdInit(stores: _Stores, stdout: TextIO) -> int:
+    """
+    C{pop3gw --store URI init}: create the schema, or bring it to this
+    version; idempotent.
+    """
+    from pop3gw import pgdatabase
+
+    if not stores.config.usesDatabase:
+        raise CommandError("init needs --store postgresql://...", EX_USAGE)
+    try:
+        before, after = pgdatabase.initSchema(stores.openDatabase(checked=False))
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if before == after:
+        stdout.write(f"the pop3gw schema is current (version {after})\n")
+    elif before == 0:
+        stdout.write(f"created the pop3gw schema (version {after})\n")
+    else:
+        stdout.write(f"upgraded the pop3gw schema from version {before} to {after}\n")
+    return EX_OK
+
+
+def cmdUser(stores: _Stores, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     from pop3gw.passwords import hashPassword
 
-    users = _users(config, owner)
+    config = stores.config
+    users = stores.users(owner)
     if args.action == "list":
         for a in users.refresh().addresses():
             stdout.write(f"{a}\n")
@@ -202,13 +280,14 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.
     return EX_OK
 
 
-def cmdAlias(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdAlias(stores: _Stores, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     """
     C{alias add|remove|list}: edit the aliases file under the users
     file's lock, in one atomic rewrite; malformed lines (kept as written)
     are reported on stderr with their line numbers.
     """
-    users = _users(config, owner)
+    config = stores.config
+    users = stores.users(owner)
     if args.action != "list" and not args.alias.strip().startswith("@"):
         _address(args.alias)
     targets = [_address(t) for t in getattr(args, "targets", ())]
@@ -246,20 +325,21 @@ def cmdAlias(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsuti
     return EX_DATAERR if bad and args.action == "list" else EX_OK
 
 
-def cmdImport(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdImport(stores: _Stores, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     """
     C{user import FILE}: add the users of a Dovecot passwd-file in one
     rewrite; report each line not taken on stderr (exit 65 if any).
     """
     from pop3gw.passwdfile import parsePasswdFile
 
+    config = stores.config
     try:
         with open(args.file, "rb") as f:
             data = f.read()
     except OSError as e:
         raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT) from None
     taken, refused = parsePasswdFile(data)
-    users = _users(config, owner)
+    users = stores.users(owner)
     entries = []
     for user in taken:
         found = users.lookupUser(user.address)
@@ -285,18 +365,17 @@ def cmdImport(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsut
     return EX_DATAERR if refused else EX_OK
 
 
-def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner] = None) -> int:
-    from pop3gw.maildir import MaildirStore
-
+def cmdDeliver(stores: _Stores, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner] = None) -> int:
+    config = stores.config
     address = _address(args.address, EX_NOUSER)
-    users = _users(config)
+    users = stores.users()
     recipients = users.refresh().resolve(address)
     if not recipients:
         raise CommandError(f"no such user {address}", EX_NOUSER)
     # One delivery for every target of a distribution list: its commit
     # fires only once each copy is durable.
     user = recipients[0] if len(recipients) == 1 else address
-    store = MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)
+    store = stores.maildrops(owner)
     try:
         delivery = store.beginDelivery(list(recipients))
     except TemporaryFailure as e:
@@ -344,9 +423,10 @@ def _temporaryDeliveryError(user: Address, error: TemporaryFailure) -> CommandEr
     return CommandError(f"cannot deliver to {user}: {what}{error}", EX_TEMPFAIL)
 
 
-def cmdQueue(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdQueue(stores: _Stores, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     from pop3gw import queue
 
+    config = stores.config
     if args.action == "list":
         for entry in queue.listEntries(config.queueDir):
             stdout.write(queue.formatEntry(entry) + "\n")
@@ -372,34 +452,17 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
     args = _parser().parse_args(argv)
     try:
         cli = {"data-dir": args.data_dir} if args.data_dir else {}
+        if args.store:
+            cli["store"] = args.store
         try:
             config = buildConfig(cli, args.config)
         except ConfigError as e:
             raise CommandError(str(e), EX_USAGE) from None
-        creates = args.command == "user" and args.action in ("add", "import")
-        if not os.path.isdir(config.dataDir):
-            if not creates or os.path.exists(config.dataDir):
-                status = EX_TEMPFAIL if args.command == "deliver" else EX_USAGE
-                what = "is not a directory" if os.path.exists(config.dataDir) else "does not exist"
-                raise CommandError(f"data directory {config.dataDir} {what}", status)
-            # Said, so that a mistyped --data-dir does not go unnoticed.
-            fsutil.makeDirectories(config.dataDir)
-            stderr.write(f"pop3gw: created new data directory {config.dataDir}\n")
-        owner = None
-        if (args.command, getattr(args, "action", None)) not in _READ_ONLY:
-            try:
-                owner = fsutil.dataDirectoryOwner(config.dataDir)
-            except fsutil.ForeignDataDirectory as e:
-                raise CommandError(str(e), EX_TEMPFAIL if args.command == "deliver" else EX_NOPERM) from None
-        if args.command == "user":
-            if args.action == "import":
-                return cmdImport(config, args, stdout, stderr, owner)
-            return cmdUser(config, args, stdin, stdout, owner)
-        if args.command == "alias":
-            return cmdAlias(config, args, stdout, stderr, owner)
-        if args.command == "deliver":
-            return cmdDeliver(config, args, getattr(stdin, "buffer", stdin), owner)
-        return cmdQueue(config, args, stdout, owner)
+        stores = _Stores(config)
+        try:
+            return _run(stores, args, stdin, stdout, stderr)
+        finally:
+            stores.close()
     except CommandError as e:
         stderr.write(f"pop3gw: {e}\n")
         return e.status
@@ -409,6 +472,54 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
     except OSError as e:
         stderr.write(f"pop3gw: {e.strerror}: {e.filename}\n")
         return EX_TEMPFAIL if args.command == "deliver" else 1
+
+
+def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
+    """
+    Run the command C{args} names on C{stores}.
+    """
+    config = stores.config
+    if args.command == "init":
+        return cmdInit(stores, stdout)
+    owner = None
+    if not (config.usesDatabase and args.command in ("user", "alias", "deliver")):
+        owner = _dataDirectory(config, args, stderr)
+    if args.command == "user":
+        if args.action == "import":
+            return cmdImport(stores, args, stdout, stderr, owner)
+        return cmdUser(stores, args, stdin, stdout, owner)
+    if args.command == "alias":
+        return cmdAlias(stores, args, stdout, stderr, owner)
+    if args.command == "deliver":
+        return cmdDeliver(stores, args, getattr(stdin, "buffer", stdin), owner)
+    return cmdQueue(stores, args, stdout, owner)
+
+
+def _dataDirectory(config, args, stderr: TextIO) -> Optional[fsutil.Owner]:
+    """
+    Check (or, for C{user add} and C{user import}, create) the data
+    directory the command works on.
+
+    @return: its owner, for a command that writes; C{None} for one that
+        only reads.
+    @raise CommandError: it is missing, not a directory, or owned by
+        someone else.
+    """
+    creates = args.command == "user" and args.action in ("add", "import")
+    if not os.path.isdir(config.dataDir):
+        if not creates or os.path.exists(config.dataDir):
+            status = EX_TEMPFAIL if args.command == "deliver" else EX_USAGE
+            what = "is not a directory" if os.path.exists(config.dataDir) else "does not exist"
+            raise CommandError(f"data directory {config.dataDir} {what}", status)
+        # Said, so that a mistyped --data-dir does not go unnoticed.
+        fsutil.makeDirectories(config.dataDir)
+        stderr.write(f"pop3gw: created new data directory {config.dataDir}\n")
+    if (args.command, getattr(args, "action", None)) in _READ_ONLY:
+        return None
+    try:
+        return fsutil.dataDirectoryOwner(config.dataDir)
+    except fsutil.ForeignDataDirectory as e:
+        raise CommandError(str(e), EX_TEMPFAIL if args.command == "deliver" else EX_NOPERM) from None
 
 
 def run() -> None:

@@ -45,6 +45,7 @@ LIMITS = {
     "max-connections-per-ip": (20, int),
     "queue-lifetime": (5 * 86400.0, float),
     "hash-threads": (2, int),
+    "database-threads": (10, int),
 }
 
 
@@ -77,6 +78,15 @@ class Config:
     limits: dict
     postmaster: Optional[Address] = None
     recipientDelimiter: str = "+"
+    store: str = "maildir"
+
+    @property
+    def usesDatabase(self) -> bool:
+        """
+        Whether users, aliases and maildrops live in a PostgreSQL database
+        (C{--store postgresql://...}) rather than under the data directory.
+        """
+        return self.store != "maildir"
 
     @property
     def mailDir(self) -> str:
@@ -180,6 +190,7 @@ _SCALAR_KEYS = {
     "hostname",
     "postmaster",
     "recipient-delimiter",
+    "store",
 }
 _LIST_KEYS = {"domain"} | set(LISTENERS)
 
@@ -268,8 +279,11 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
             raise ConfigError(f"[limits] {name}: not a number") from None
         if limits[name] < 0:
             raise ConfigError(f"[limits] {name}: must not be negative")
-    if limits["hash-threads"] < 1:
-        raise ConfigError("[limits] hash-threads: must be at least 1")
+    for name in ("hash-threads", "database-threads"):
+        if limits[name] < 1:
+            raise ConfigError(f"[limits] {name}: must be at least 1")
+
+    store = parseStore(merged.get("store", "maildir"))
 
     submission = ini.get("submission", {})
     checkFrom = _bool(submission.get("check-header-from", "yes"), "check-header-from")
@@ -311,7 +325,25 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         limits=limits,
         postmaster=postmaster,
         recipientDelimiter=delimiter,
+        store=store,
     )
+
+
+def parseStore(value: str) -> str:
+    """
+    Check a C{--store} value: C{maildir} or a PostgreSQL connection URI
+    (C{postgresql://...} or C{postgres://...}).
+
+    @return: C{"maildir"} or the URI.
+    @raise ConfigError: anything else.
+    """
+    value = value.strip()
+    if value.lower() == "maildir":
+        return "maildir"
+    lowered = value.lower()
+    if lowered.startswith("postgresql://") or lowered.startswith("postgres://"):
+        return value
+    raise ConfigError("store: must be maildir or a postgresql:// URI")
 
 
 class Options(usage.Options):
@@ -335,6 +367,7 @@ class Options(usage.Options):
         ["plaintext-auth", None, None, "never|loopback|always: where passwords may be sent without TLS (default loopback)"],
         ["max-message-size", None, None, f"largest message accepted, in octets (default {DEFAULT_MAX_MESSAGE_SIZE})"],
         ["hostname", None, None, "name used in greetings and trace headers (default: this host's FQDN)"],
+        ["store", None, None, "where users, aliases and maildrops live: maildir (default, under --data-dir) or a postgresql:// URI shared by several nodes"],
     ]
 
     def __init__(self) -> None:

@@ -7,11 +7,13 @@ across nodes, leases, schema versions, a database that cannot be reached.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from pop3gw import pgdatabase
 from pop3gw.address import Address
 from pop3gw.interfaces import (
     AliasNotLocal,
@@ -340,3 +342,115 @@ class AcrossNodesUsersTests(SynchronousTestCase):
         self.assertEqual(
             [(n, line.raw) for n, line in self.nodeA.aliasLines()], [(1, b"@example.org: alice@example.org")]
         )
+
+
+class CommandTests(SynchronousTestCase):
+    """
+    The C{pop3gw} command with C{--store postgresql://...}: C{init}, users,
+    aliases and C{deliver} work on the database, with no data directory.
+    """
+
+    def setUp(self) -> None:
+        self.uri = pgcluster.database(self)
+
+    def runCLI(self, *args: str, text: str = "", data: bytes = b"", store: str = ""):
+        from pop3gw import cli
+        from tests.test_cli import FakeStdin
+
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["--store", store or self.uri, *args], stdin=FakeStdin(text, data), stdout=out, stderr=err)
+        return status, out.getvalue(), err.getvalue()
+
+    def test_initIdempotent(self) -> None:
+        """
+        C{init} creates the schema, then says it is current.
+        """
+        from pop3gw.pgdatabase import SCHEMA_VERSION
+
+        self.assertEqual(self.runCLI("init"), (0, f"created the pop3gw schema (version {SCHEMA_VERSION})\n", ""))
+        self.assertEqual(self.runCLI("init"), (0, f"the pop3gw schema is current (version {SCHEMA_VERSION})\n", ""))
+
+    def test_withoutSchema(self) -> None:
+        """
+        Before C{init}, a command says to run it, with one line.
+        """
+        self.assertEqual(
+            self.runCLI("user", "list"),
+            (1, "", "pop3gw: the database has no pop3gw schema: run 'pop3gw --store URI init' first\n"),
+        )
+
+    def test_initNeedsDatabase(self) -> None:
+        """
+        C{init} without a database store is refused with one line.
+        """
+        self.assertEqual(
+            self.runCLI("init", store="maildir"), (64, "", "pop3gw: init needs --store postgresql://...\n")
+        )
+
+    def test_usersAliasesAndDeliver(self) -> None:
+        """
+        Users and aliases are added, listed, changed and removed in the
+        database; C{deliver} stores a message there for a user reached
+        through an alias; no data directory is made.
+        """
+        from pop3gw.passwords import verifyPassword
+        from pop3gw.pgdatabase import Database
+        from pop3gw.pgmail import PostgresMaildropStore
+        from pop3gw.pgusers import PostgresUsers
+
+        self.runCLI("init")
+        self.assertEqual(self.runCLI("user", "add", "alice@example.org", text="pw1\n"), (0, "added alice@example.org\n", ""))
+        self.assertEqual(self.runCLI("user", "add", "bob@example.org", text="pw2\n")[0], 0)
+        self.assertEqual(
+            self.runCLI("user", "add", "Alice@example.org", text="x\n"),
+            (1, "", "pop3gw: user Alice@example.org already exists as alice@example.org\n"),
+        )
+        self.assertEqual(
+            self.runCLI("user", "passwd", "ALICE@example.org", text="pw3\n"),
+            (0, "changed password of alice@example.org\n", ""),
+        )
+        self.assertEqual(
+            self.runCLI("alias", "add", "info@example.org", "alice@example.org", "bob@example.org"),
+            (0, "info@example.org: alice@example.org, bob@example.org\n", ""),
+        )
+        self.assertEqual(self.runCLI("alias", "list"), (0, "info@example.org: alice@example.org, bob@example.org\n", ""))
+        self.assertEqual(self.runCLI("user", "list"), (0, "alice@example.org\nbob@example.org\n", ""))
+        self.assertEqual(self.runCLI("deliver", "info@example.org", data=b"Subject: hi\n\nbody\n"), (0, "", ""))
+        self.assertEqual(
+            self.runCLI("deliver", "nobody@example.org", data=b"x\n"), (67, "", "pop3gw: no such user nobody@example.org\n")
+        )
+        self.assertEqual(
+            self.runCLI("user", "remove", "bob@example.org"), (0, "removed bob@example.org (its maildrop is kept)\n", "")
+        )
+        self.assertEqual(self.runCLI("alias", "remove", "info@example.org"), (0, "removed info@example.org\n", ""))
+        self.assertFalse(os.path.exists("pop3gw-data"))
+
+        database = Database(self.uri)
+        self.addCleanup(database.close)
+        users = PostgresUsers(database)
+        self.assertEqual(users.refresh().addresses(), [ALICE])
+        found = users.lookupUser(ALICE)
+        assert found is not None
+        self.assertTrue(verifyPassword(found[1], "pw3"))
+        store = PostgresMaildropStore(database)
+        for user in (ALICE, BOB):
+            drop = self.successResultOf(store.openMaildrop(user))
+            with self.successResultOf(drop.openMessage(0)) as f:
+                self.assertEqual(f.read(), b"Subject: hi\r\n\r\nbody\r\n")
+            drop.release()
+
+    def test_deliverDatabaseDown(self) -> None:
+        """
+        C{deliver} exits 75 (try again later) when the database cannot be
+        reached; other commands exit 1, with one line.
+        """
+        socketDir = tempfile.mkdtemp(prefix="pop3gw-nopg-")
+        self.addCleanup(os.rmdir, socketDir)
+        self.patch(pgdatabase, "CONNECT_TIMEOUT", 0.5)
+        down = f"postgresql:///nothing?host={socketDir}"
+        status, out, err = self.runCLI("deliver", "alice@example.org", data=b"x\n", store=down)
+        self.assertEqual((status, out), (75, ""))
+        self.assertRegex(err, r"^pop3gw: database unavailable: [^\n]+\n$")
+        status, out, err = self.runCLI("user", "list", store=down)
+        self.assertEqual((status, out), (1, ""))
+        self.assertRegex(err, r"^pop3gw: database unavailable: [^\n]+\n$")
