@@ -317,6 +317,19 @@ class PostgresMaildropStore:
             )
             return int(cursor.rowcount)
 
+    def releaseAll(self) -> int:
+        """
+        Delete every lock row of this node (blocking; the server runs it
+        when it stops, so its maildrops are free at once rather than after
+        L{LOCK_LEASE}).  Sessions still open then fail their commit.
+
+        @return: how many rows were deleted.
+        """
+        with self._heldLock:
+            self._held.clear()
+        with self.database.transaction() as conn:
+            return int(conn.execute("DELETE FROM pop3gw_locks WHERE node = %s", (self.node,)).rowcount)
+
     def _forget(self, token: str) -> None:
         with self._heldLock:
             self._held.discard(token)

@@ -37,6 +37,9 @@ from pop3gw.config import Options as _ConfigOptions
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.maildir import MaildirStore
+from pop3gw.pgdatabase import Database, checkSchema, redact
+from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
+from pop3gw.pgusers import PostgresUsers
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue
 from pop3gw.relay import RelayService
@@ -110,9 +113,16 @@ class ThreadPoolService(Service):
 
     stopStage = STOP_POOLS
 
-    def __init__(self, pool: ThreadPool, runner: Optional[ThreadPoolRunner] = None) -> None:
+    def __init__(
+        self, pool: ThreadPool, runner: Optional[ThreadPoolRunner] = None, afterStop: Optional[Callable[[], None]] = None
+    ) -> None:
+        """
+        @param afterStop: called once the pool has stopped (closing the
+            database pool its threads used).
+        """
         self.pool = pool
         self.runner = runner
+        self.afterStop = afterStop
 
     def startService(self) -> None:
         super().startService()
@@ -121,7 +131,11 @@ class ThreadPoolService(Service):
     def stopService(self) -> defer.Deferred:
         super().stopService()
         d = self.runner.drain() if self.runner is not None else defer.succeed(None)
-        return d.addCallback(lambda _: self.pool.stop())
+        d.addCallback(lambda _: self.pool.stop())
+        if self.afterStop is not None:
+            afterStop = self.afterStop
+            d.addCallback(lambda _: afterStop())
+        return d
 
 
 class ServerLockService(MultiService):
@@ -383,7 +397,68 @@ def makeService(options, reactor=None) -> MultiService:
         raise SystemExit(f"pop3gw: {e}") from None
 
 
-def _checkPostmaster(config: Config, users: UsersFile) -> None:
+def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int) -> tuple:
+    """
+    The users directory and maildrops of C{--store postgresql://...}, with
+    their own thread pool (L{Config.limits} C{database-threads}) and lock
+    renewal; the connection pool holds one connection per thread that may
+    use it (those and the hash threads, which look up passwords), and is
+    closed once the database threads have stopped.
+
+    @return: (users, maildrop store, the runner of database work).
+    @raise ConfigError: the database's schema is missing or not current.
+    """
+    threads = max(1, int(config.limits["database-threads"]))
+    database = Database(config.store, maxConnections=threads + hashThreads)
+    try:
+        problem = checkSchema(database)
+    except TemporaryFailure as e:
+        # Served with temporary failures until the database answers.
+        log.warn("cannot check the database schema: {error}", error=str(e))
+        problem = None
+    if problem is not None:
+        database.close()
+        raise ConfigError(problem)
+    pool = ThreadPool(minthreads=1, maxthreads=threads, name="pop3gw-db")
+    runner = ThreadPoolRunner(reactor, pool)
+    ThreadPoolService(pool, runner, afterStop=database.close).setServiceParent(top)
+    users = PostgresUsers(database, config.postmaster, config.recipientDelimiter)
+    users.refresh()
+    store = PostgresMaildropStore(database, runner)
+
+    LockLeaseService(store, runner).setServiceParent(top)
+    return users, store, runner
+
+
+class LockLeaseService(TimerService):
+    """
+    Renews the maildrop locks this node holds every
+    L{LOCK_RENEW_INTERVAL} seconds, and frees them all when the server
+    stops (before the database threads stop).
+    """
+
+    def __init__(self, store: PostgresMaildropStore, runner: ThreadPoolRunner) -> None:
+        super().__init__(LOCK_RENEW_INTERVAL, self._renew)
+        self.store = store
+        self.runner = runner
+
+    def _renew(self) -> defer.Deferred:
+        d = self.runner.run(self.store.renewLocks)
+        d.addErrback(lambda f: log.warn("cannot renew maildrop locks: {error}", error=str(f.value)))
+        return d
+
+    def stopService(self) -> defer.Deferred:
+        d = defer.maybeDeferred(super().stopService)
+
+        def release(_: object) -> defer.Deferred:
+            done = self.runner.run(self.store.releaseAll)
+            done.addErrback(lambda f: log.warn("cannot release maildrop locks: {error}", error=str(f.value)))
+            return done
+
+        return d.addCallback(release)
+
+
+def _checkPostmaster(config: Config, users: Any) -> None:
     """
     Warn at start-up when C{postmaster@} the local domains has no named
     receiver (RFC 5321 4.5.1 requires the address): it then goes to the
@@ -410,7 +485,10 @@ def _checkPostmaster(config: Config, users: UsersFile) -> None:
 def _build(config: Config, reactor) -> MultiService:
     _raiseFileLimit()
     owner = None
-    for path in (config.dataDir, config.mailDir, config.queueDir):
+    # With a database store, the data directory keeps only this node's
+    # TLS material and its queue.
+    paths = (config.dataDir, config.queueDir) if config.usesDatabase else (config.dataDir, config.mailDir, config.queueDir)
+    for path in paths:
         try:
             fsutil.makeDirectories(path, owner)
             if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
@@ -429,8 +507,14 @@ def _build(config: Config, reactor) -> MultiService:
     ThreadPoolService(hashPool).setServiceParent(top)
     ThreadPoolService(ioPool, ioRunner).setServiceParent(top)
 
-    users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
-    store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
+    users: Any
+    store: Any
+    storeRunner = ioRunner
+    if config.usesDatabase:
+        users, store, storeRunner = _databaseStores(config, reactor, top, hashPool.max)
+    else:
+        users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
+        store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
     queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
     checker = PasswordChecker(
@@ -560,7 +644,7 @@ def _build(config: Config, reactor) -> MultiService:
         # The users directory is re-read in the I/O pool (a stat of each
         # file, a read only when one changed); the reactor thread only
         # ever reads the snapshot.
-        d = ioRunner.run(users.refresh)
+        d = storeRunner.run(users.refresh)
         d.addErrback(lambda f: log.failure("cannot refresh the users directory", f))
         return d
 
@@ -569,8 +653,9 @@ def _build(config: Config, reactor) -> MultiService:
     TimerService(TLS_CHECK_INTERVAL, certs.reloadIfChanged).setServiceParent(top)
 
     log.info(
-        "pop3gw data directory {dataDir}; local domains: {domains}; plaintext auth: {policy}",
+        "pop3gw data directory {dataDir}; store {store}; local domains: {domains}; plaintext auth: {policy}",
         dataDir=config.dataDir,
+        store=redact(config.store),
         domains=", ".join(config.domains) or "(domains of users)",
         policy=config.plaintextAuth,
     )

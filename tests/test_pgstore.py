@@ -226,6 +226,20 @@ class LockTests(SynchronousTestCase):
         self.assertEqual(self.nodeA.renewLocks(), 0)
 
 
+    def test_releaseAll(self) -> None:
+        """
+        C{releaseAll} (a node stopping) frees every maildrop the node's
+        sessions hold, and only those.
+        """
+        held = self.successResultOf(self.nodeA.openMaildrop(ALICE))
+        other = self.successResultOf(self.nodeB.openMaildrop(BOB))
+        self.assertEqual(self.nodeA.releaseAll(), 1)
+        self.successResultOf(self.nodeB.openMaildrop(ALICE)).release()
+        self.failureResultOf(self.nodeA.openMaildrop(BOB), MaildropLocked)
+        self.failureResultOf(held.commit([]), TemporaryFailure)
+        other.release()
+
+
 class MessageTests(SynchronousTestCase):
     """
     Storage details of the database maildrops.
@@ -454,3 +468,61 @@ class CommandTests(SynchronousTestCase):
         status, out, err = self.runCLI("user", "list", store=down)
         self.assertEqual((status, out), (1, ""))
         self.assertRegex(err, r"^pop3gw: database unavailable: [^\n]+\n$")
+
+
+class ServiceTests(SynchronousTestCase):
+    """
+    C{twistd pop3gw --store postgresql://...}: L{makeService} wires the
+    database stores.
+    """
+
+    def build(self, uri: str, *args: str):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from pop3gw.service import makeService
+        from tests.test_service import options
+
+        self.dataDir = os.path.abspath(self.mktemp())
+        return makeService(
+            options("--data-dir", self.dataDir, "--hostname", "mail.example.org", "--store", uri, *args),
+            MemoryReactorClock(),
+        )
+
+    def test_databaseStores(self) -> None:
+        """
+        Users, aliases and maildrops come from the database (read once at
+        start-up); the data directory holds no maildrops; the maildrop
+        locks are renewed every L{pop3gw.pgmail.LOCK_RENEW_INTERVAL}
+        seconds.
+        """
+        from twisted.application.internet import TimerService
+
+        from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
+        from pop3gw.pgusers import PostgresUsers
+        from pop3gw.service import ListenerService
+
+        database = newDatabase(self)
+        from pop3gw.pgusers import PostgresUsers as Users
+
+        Users(database).setPassword(ALICE, HASH_A, True)
+        top = self.build(database.uri)
+        pop3 = next(s for s in top if isinstance(s, ListenerService) and s.listenerName == "pop3")
+        realm = pop3.factory.wrappedFactory.portal.realm
+        self.addCleanup(realm.store.database.close)
+        self.assertIsInstance(realm.store, PostgresMaildropStore)
+        self.assertIsInstance(realm.users, PostgresUsers)
+        self.assertEqual(realm.users.snapshot().addresses(), [ALICE])
+        self.assertFalse(os.path.exists(os.path.join(self.dataDir, "mail")))
+        self.assertIn(LOCK_RENEW_INTERVAL, [s.step for s in top if isinstance(s, TimerService)])
+
+    def test_noSchema(self) -> None:
+        """
+        A database without the schema stops start-up with one line.
+        """
+        uri = pgcluster.database(self)
+        with self.assertRaises(SystemExit) as caught:
+            self.build(uri)
+        self.assertEqual(
+            str(caught.exception),
+            "pop3gw: the database has no pop3gw schema: run 'pop3gw --store URI init' first",
+        )

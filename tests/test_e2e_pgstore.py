@@ -1,0 +1,133 @@
+"""
+End-to-end: two real C{twistd -n pop3gw --store postgresql://...} nodes on
+one database (a private cluster, L{tests.pgcluster}), each with its own
+data directory: mail submitted on one node is fetched from the other, and
+a maildrop is locked across nodes.
+"""
+
+from __future__ import annotations
+
+import poplib
+import re
+import smtplib
+import subprocess
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests import pgcluster
+from tests.e2e import Pop3gwProcess, pop3gwCommand
+
+ALICE, ALICE_PW = "alice@example.org", "alice secret"
+BOB, BOB_PW = "bob@example.org", "bob secret"
+MESSAGE = (
+    b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: across nodes\r\n"
+    b"Message-ID: <nodes@example.org>\r\nDate: Tue, 01 Dec 2026 12:00:00 +0000\r\n\r\n"
+    b"first line\r\n.a line starting with a dot\r\n" + b"x" * 998 + b"\r\nlast line\r\n"
+)
+
+#: Seconds within which a dead node's maildrop locks must be free
+#: (L{pop3gw.pgmail.LOCK_LEASE}, plus slack for a busy machine).
+LOCK_FREED_WITHIN = 40.0
+
+
+class TwoNodesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.uri = pgcluster.database(self)
+        self.cli("init")
+        self.cli("user", "add", ALICE, input=ALICE_PW.encode() + b"\n")
+        self.cli("user", "add", BOB, input=BOB_PW.encode() + b"\n")
+        self.nodeA = Pop3gwProcess(self, args=["--store", self.uri]).start()
+        self.nodeB = Pop3gwProcess(self, args=["--store", self.uri]).start()
+
+    def cli(self, *args: str, input: bytes = b"") -> subprocess.CompletedProcess:
+        result = subprocess.run(pop3gwCommand() + ["--store", self.uri, *args], input=input,
+                                capture_output=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result
+
+    def pop(self, node: Pop3gwProcess, user: str, password: str) -> poplib.POP3:
+        client = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=30)
+        self.addCleanup(_closeQuietly, client)
+        client.user(user)
+        client.pass_(password)
+        return client
+
+    def test_submittedOnOneFetchedOnOther(self) -> None:
+        """
+        A message submitted on node A is listed on node B with its exact
+        size and retrieved byte for byte (after the C{Received:} line node
+        A adds); a second login on node A meanwhile gets C{[IN-USE]}; after
+        DELE and QUIT on B it is gone everywhere, and a new message gets a
+        new UIDL.
+        """
+        with smtplib.SMTP("127.0.0.1", self.nodeA.ports["submission"], timeout=30) as smtp:
+            smtp.login(ALICE, ALICE_PW)
+            smtp.sendmail(ALICE, [BOB], MESSAGE)
+        client = self.pop(self.nodeB, BOB, BOB_PW)
+        count, size = client.stat()
+        response, lines, octets = client.retr(1)
+        served = b"\r\n".join(lines) + b"\r\n"
+        self.assertEqual(count, 1)
+        self.assertEqual(size, len(served))
+        self.assertTrue(served.startswith(b"Received: "), served[:80])
+        self.assertTrue(served.endswith(b"\r\n\r\n" + MESSAGE.split(b"\r\n\r\n", 1)[1]))
+        self.assertIn(b"\r\nSubject: across nodes\r\n", served)
+        uid = client.uidl(1).split()[2]
+
+        with self.assertRaises(poplib.error_proto) as caught:
+            self.pop(self.nodeA, BOB, BOB_PW)
+        self.assertTrue(caught.exception.args[0].startswith(b"-ERR [IN-USE]"), caught.exception.args)
+
+        client.dele(1)
+        client.quit()
+        self.cli("deliver", BOB, input=b"Subject: second\r\n\r\nagain\r\n")
+        again = self.pop(self.nodeA, BOB, BOB_PW)
+        self.assertEqual(again.stat()[0], 1)
+        self.assertNotEqual(again.uidl(1).split()[2], uid)
+        self.assertEqual(again.retr(1)[1], [b"Subject: second", b"", b"again"])
+        again.quit()
+
+    def test_killedNodeFreesLock(self) -> None:
+        """
+        A node killed with SIGKILL in the middle of a session leaves the
+        maildrop locked on the other node only until its lease runs out
+        (at most L{pop3gw.pgmail.LOCK_LEASE} seconds); nothing it marked
+        deleted is deleted.
+        """
+        self.cli("deliver", ALICE, input=b"Subject: kept\r\n\r\nbody\r\n")
+        client = self.pop(self.nodeB, ALICE, ALICE_PW)
+        client.dele(1)
+        self.nodeB.proc.kill()
+        self.nodeB.proc.wait(30)
+        killed = time.monotonic()
+        with self.assertRaises(poplib.error_proto):
+            self.pop(self.nodeA, ALICE, ALICE_PW)
+        while True:
+            try:
+                survivor = self.pop(self.nodeA, ALICE, ALICE_PW)
+                break
+            except poplib.error_proto as e:
+                self.assertTrue(e.args[0].startswith(b"-ERR [IN-USE]"), e.args)
+                self.assertLess(time.monotonic() - killed, LOCK_FREED_WITHIN, "lock never freed")
+                time.sleep(1)
+        self.assertEqual(survivor.retr(1)[1], [b"Subject: kept", b"", b"body"])
+        survivor.quit()
+
+    def test_stoppedNodeFreesLockAtOnce(self) -> None:
+        """
+        A node stopped cleanly (SIGTERM) while a session holds a maildrop
+        frees it at once: the other node's next login succeeds.
+        """
+        self.cli("deliver", ALICE, input=b"Subject: one\r\n\r\nbody\r\n")
+        self.pop(self.nodeB, ALICE, ALICE_PW)
+        self.nodeB.stop()
+        self.assertIsNone(re.search(r"Traceback|cannot release", self.nodeB.log()), self.nodeB.log())
+        self.assertEqual(self.pop(self.nodeA, ALICE, ALICE_PW).stat()[0], 1)
+
+
+def _closeQuietly(client) -> None:
+    try:
+        client.close()
+    except OSError:
+        pass
