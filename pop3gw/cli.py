@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("init", help="create or upgrade the database schema (with --store postgresql://...)")
+    migrate = sub.add_parser(
+        "migrate", help="copy users, aliases and maildrops between a data directory and a database"
+    )
+    migrate.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="maildir:DATA_DIR or a postgresql:// URI")
+    migrate.add_argument("--to", dest="target", required=True, metavar="TARGET", help="a postgresql:// URI or maildir:DATA_DIR")
 
     user = sub.add_parser("user", help="add, change, remove or list users")
     usub = user.add_subparsers(dest="action", required=True)
@@ -474,6 +479,51 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
         return EX_TEMPFAIL if args.command == "deliver" else 1
 
 
+def cmdMigrate(args, stdout: TextIO) -> int:
+    """
+    C{pop3gw migrate --from maildir:DIR --to URI} and back (see
+    L{pop3gw.migrate}).
+    """
+    from pop3gw import migrate, pgdatabase
+    from pop3gw.config import parseStore
+
+    def side(text: str) -> tuple[str, str]:
+        if text.startswith("maildir:") and text[len("maildir:") :]:
+            return "maildir", os.path.abspath(text[len("maildir:") :])
+        try:
+            uri = parseStore(text)
+        except ConfigError:
+            uri = "maildir"
+        if uri == "maildir":
+            raise CommandError(f"{text!r}: expected maildir:DATA_DIR or a postgresql:// URI", EX_USAGE)
+        return "database", uri
+
+    source, target = side(args.source), side(args.target)
+    if {source[0], target[0]} != {"maildir", "database"}:
+        raise CommandError("migrate copies between a data directory (maildir:DATA_DIR) and a database", EX_USAGE)
+    uri = source[1] if source[0] == "database" else target[1]
+    database = pgdatabase.Database(uri, maxConnections=1, timeout=pgdatabase.CONNECT_TIMEOUT)
+    try:
+        problem = pgdatabase.checkSchema(database)
+        if problem is not None:
+            raise CommandError(problem)
+        try:
+            if source[0] == "maildir":
+                if not os.path.isdir(source[1]):
+                    raise CommandError(f"data directory {source[1]} does not exist", EX_USAGE)
+                done = migrate.maildirToDatabase(source[1], database)
+            else:
+                owner = fsutil.dataDirectoryOwner(target[1]) if os.path.isdir(target[1]) else None
+                done = migrate.databaseToMaildir(database, target[1], owner)
+        except migrate.MigrationError as e:
+            raise CommandError(str(e)) from None
+    finally:
+        database.close()
+    shown = [pgdatabase.redact(x[1]) if x[0] == "database" else f"maildir:{x[1]}" for x in (source, target)]
+    stdout.write(f"migrated {done.summary()} from {shown[0]} to {shown[1]}\n")
+    return EX_OK
+
+
 def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
     """
     Run the command C{args} names on C{stores}.
@@ -481,6 +531,8 @@ def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
     config = stores.config
     if args.command == "init":
         return cmdInit(stores, stdout)
+    if args.command == "migrate":
+        return cmdMigrate(args, stdout)
     owner = None
     if not (config.usesDatabase and args.command in ("user", "alias", "deliver")):
         owner = _dataDirectory(config, args, stderr)

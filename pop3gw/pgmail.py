@@ -54,7 +54,7 @@ from pop3gw.pgdatabase import Database
 from pop3gw.runner import ImmediateRunner
 from pop3gw.wire import MessageDataCheck, WireConverter
 
-__all__ = ["CHUNK_SIZE", "LOCK_LEASE", "LOCK_RENEW_INTERVAL", "PostgresMaildropStore"]
+__all__ = ["CHUNK_SIZE", "LOCK_LEASE", "LOCK_RENEW_INTERVAL", "PostgresMaildropStore", "storeMessage"]
 
 _log = Logger()
 
@@ -70,6 +70,36 @@ LOCK_LEASE = 30
 
 #: Seconds between two renewals of a node's locks.
 LOCK_RENEW_INTERVAL = 10.0
+
+
+def storeMessage(conn: Any, source: IO[bytes], size: int, entries: Sequence[tuple[str, Optional[str], bool]]) -> int:
+    """
+    Insert a message read from C{source} (in wire form, C{size} octets) in
+    rows of L{CHUNK_SIZE}, and one entry per C{(maildrop, uid, seen)}: last
+    in that maildrop, with a new UIDL (C{"P"} and its position, from a
+    sequence that never goes back) when C{uid} is C{None}, else C{uid} (a
+    migration keeping UIDLs).
+
+    @param conn: a connection in a transaction.
+    @return: the message's id.
+    """
+    message = int(conn.execute("INSERT INTO pop3gw_messages (size) VALUES (%s) RETURNING id", (size,)).fetchone()[0])
+    seq = 0
+    while True:
+        chunk = source.read(CHUNK_SIZE)
+        if not chunk:
+            break
+        conn.execute(
+            "INSERT INTO pop3gw_message_chunks (message_id, seq, data) VALUES (%s, %s, %s)", (message, seq, chunk)
+        )
+        seq += 1
+    for maildrop, uid, seen in entries:
+        conn.execute(
+            "INSERT INTO pop3gw_maildrop (maildrop, message_id, position, uid, seen) "
+            "SELECT %s, %s, p, coalesce(%s, 'P' || p), %s FROM (SELECT nextval('pop3gw_position') AS p) AS s",
+            (maildrop, message, uid, seen),
+        )
+    return message
 
 
 @implementer(IMessageInfo)
@@ -403,31 +433,27 @@ class PostgresMaildropStore:
         """
         spool.seek(0)
         with self.database.transaction() as conn:
-            message = conn.execute("INSERT INTO pop3gw_messages (size) VALUES (%s) RETURNING id", (size,)).fetchone()[0]
-            seq = 0
-            while True:
-                chunk = spool.read(CHUNK_SIZE)
-                if not chunk:
-                    break
-                conn.execute(
-                    "INSERT INTO pop3gw_message_chunks (message_id, seq, data) VALUES (%s, %s, %s)",
-                    (message, seq, chunk),
-                )
-                seq += 1
-            for recipient in recipients:
-                self._addEntry(conn, str(recipient), message)
+            storeMessage(conn, spool, size, [(str(r), None, False) for r in recipients])
 
-    @staticmethod
-    def _addEntry(conn: Any, maildrop: str, message: int, uid: Optional[str] = None, seen: bool = False) -> None:
+    def maildrops(self) -> list[str]:
         """
-        Add message C{message} to C{maildrop}, last, with a new UIDL
-        (C{"P"} and its position) unless C{uid} is given (a migration).
+        Every maildrop that holds messages (C{pop3gw migrate}).
         """
-        conn.execute(
-            "INSERT INTO pop3gw_maildrop (maildrop, message_id, position, uid, seen) "
-            "SELECT %s, %s, p, coalesce(%s, 'P' || p), %s FROM (SELECT nextval('pop3gw_position') AS p) AS s",
-            (maildrop, message, uid, seen),
-        )
+        with self.database.transaction() as conn:
+            return [r[0] for r in conn.execute("SELECT DISTINCT maildrop FROM pop3gw_maildrop ORDER BY maildrop")]
+
+    def listMessages(self, maildrop: str) -> list[PostgresMessageInfo]:
+        """
+        The messages of C{maildrop} in order, without locking it
+        (C{pop3gw migrate}).
+        """
+        with self.database.transaction() as conn:
+            rows = conn.execute(
+                "SELECT e.id, e.uid, e.seen, m.size, m.id FROM pop3gw_maildrop e "
+                "JOIN pop3gw_messages m ON m.id = e.message_id WHERE e.maildrop = %s ORDER BY e.position",
+                (maildrop,),
+            ).fetchall()
+        return [PostgresMessageInfo(size, uid, seen, entry, message) for entry, uid, seen, size, message in rows]
 
     def _commit(self, maildrop: str, token: str, gone: list, marked: list) -> None:
         with self.database.transaction() as conn:

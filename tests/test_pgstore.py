@@ -526,3 +526,80 @@ class ServiceTests(SynchronousTestCase):
             str(caught.exception),
             "pop3gw: the database has no pop3gw schema: run 'pop3gw --store URI init' first",
         )
+
+
+class MigrateTests(SynchronousTestCase):
+    """
+    C{pop3gw migrate} from a data directory to a database and back.
+    """
+
+    def setUp(self) -> None:
+        self.uri = pgcluster.database(self)
+        self.runCLI("init")
+
+    runCLI = CommandTests.runCLI
+
+    def test_thereAndBack(self) -> None:
+        """
+        Users (hashes untouched), aliases and maildrops go to the database
+        and back: every UIDL, seen flag and message is unchanged, and
+        messages delivered in the database meanwhile come back too.
+        """
+        from pop3gw.maildir import MaildirStore
+        from pop3gw.users import UsersFile
+
+        source = os.path.abspath(self.mktemp())
+        os.makedirs(source)
+        with open(os.path.join(source, "users"), "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n")
+        with open(os.path.join(source, "aliases"), "w") as f:
+            f.write("team@example.org: alice@example.org, bob@example.org\n@example.org: alice@example.org\n")
+        maildir = MaildirStore(os.path.join(source, "mail"), hostname="testhost")
+        for body in (b"Subject: one\n\nfirst\n", b"Subject: two\n\n.dot\n", b"Subject: three\n\nthird\n"):
+            delivery = maildir.beginDelivery([ALICE])
+            delivery.write(body)
+            self.successResultOf(delivery.commit())
+        drop = self.successResultOf(maildir.openMaildrop(ALICE))
+        before = [(m.uid, m.size) for m in drop.messages]
+        self.successResultOf(drop.commit([], [1]))
+
+        status, out, err = self.runCLI("migrate", "--from", f"maildir:{source}", "--to", self.uri)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(
+            out, f"migrated 2 user(s), 2 alias(es), 3 message(s) in 1 maildrop(s) from maildir:{source} to {self.uri}\n"
+        )
+        self.assertEqual(self.runCLI("deliver", "bob@example.org", data=b"Subject: new\n\nin the database\n")[0], 0)
+        again = self.runCLI("migrate", "--from", f"maildir:{source}", "--to", self.uri)
+        self.assertEqual(again, (1, "", "pop3gw: the database is not empty (it holds users, aliases or messages)\n"))
+
+        target = os.path.abspath(self.mktemp())
+        status, out, err = self.runCLI("migrate", "--from", self.uri, "--to", f"maildir:{target}")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(
+            out, f"migrated 2 user(s), 2 alias(es), 4 message(s) in 2 maildrop(s) from {self.uri} to maildir:{target}\n"
+        )
+        back = MaildirStore(os.path.join(target, "mail"), hostname="testhost")
+        drop = self.successResultOf(back.openMaildrop(ALICE))
+        self.assertEqual([(m.uid, m.size) for m in drop.messages], before)
+        self.assertEqual([m.seen for m in drop.messages], [False, True, False])
+        with self.successResultOf(drop.openMessage(1)) as f:
+            self.assertEqual(f.read(), b"Subject: two\r\n\r\n.dot\r\n")
+        drop.release()
+        drop = self.successResultOf(back.openMaildrop(BOB))
+        with self.successResultOf(drop.openMessage(0)) as f:
+            self.assertEqual(f.read(), b"Subject: new\r\n\r\nin the database\r\n")
+        drop.release()
+        users = UsersFile(os.path.join(target, "users"), os.path.join(target, "aliases"))
+        self.assertEqual(users.lookupUser(ALICE), (ALICE, HASH_A))
+        self.assertEqual(users.lookupUser(BOB), (BOB, HASH_B))
+        self.assertEqual(users.snapshot().resolve(Address("team", "example.org")), (ALICE, BOB))
+        self.assertEqual(users.snapshot().resolve(Address("anyone", "example.org")), (ALICE,))
+
+    def test_bothSidesSameKind(self) -> None:
+        """
+        A migration needs one data directory and one database.
+        """
+        self.assertEqual(
+            self.runCLI("migrate", "--from", self.uri, "--to", self.uri),
+            (64, "", "pop3gw: migrate copies between a data directory (maildir:DATA_DIR) and a database\n"),
+        )

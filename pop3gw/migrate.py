@@ -1,0 +1,194 @@
+# -*- test-case-name: tests.test_pgstore -*-
+"""
+C{pop3gw migrate}: copy users (hashes untouched), aliases and maildrops
+(UIDLs, seen flags and order kept) between a data directory and a
+PostgreSQL database, in either direction.
+
+The source is only read; its maildrops are locked while they are copied
+(so no POP3 session changes them meanwhile).  The destination must hold no
+users, aliases or messages yet.  Into a database, everything is copied in
+one transaction: a failure leaves the database as it was.  Into a data
+directory, the users and aliases files are written last, so a failed
+migration leaves no user behind (rerun it on an emptied directory).
+
+The outbound queue stays where it is: it belongs to the data directory of
+the node that relays it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import attr
+
+from pop3gw import fsutil
+from pop3gw.address import Address, AddressError, lookupKey
+from pop3gw.interfaces import Pop3gwError
+from pop3gw.maildir import MaildirStore
+from pop3gw.passwdfile import AliasLine, formatAliasLine, parseAliases, parseUsers
+from pop3gw.pgdatabase import Database
+from pop3gw.pgmail import PostgresMaildropStore, storeMessage
+from pop3gw.pgusers import PostgresUsers
+
+__all__ = ["MigrationError", "Migrated", "databaseToMaildir", "maildirToDatabase"]
+
+
+class MigrationError(Pop3gwError):
+    """
+    A migration was refused or could not be done; its text is the
+    operator's one line.
+    """
+
+
+@attr.s(auto_attribs=True)
+class Migrated:
+    """
+    What a migration copied.
+    """
+
+    users: int = 0
+    aliases: int = 0
+    maildrops: int = 0
+    messages: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.users} user(s), {self.aliases} alias(es), "
+            f"{self.messages} message(s) in {self.maildrops} maildrop(s)"
+        )
+
+
+def _readFile(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def _sourceMaildrops(mailDir: str) -> list[Address]:
+    """
+    The maildrops under C{mailDir} (C{<domain>/<localpart>/} with C{cur},
+    C{new} and C{tmp}), sorted.
+    """
+    found = []
+    try:
+        domains = sorted(os.listdir(mailDir))
+    except FileNotFoundError:
+        return []
+    for domain in domains:
+        domainDir = os.path.join(mailDir, domain)
+        if not os.path.isdir(domainDir):
+            continue
+        for localpart in sorted(os.listdir(domainDir)):
+            path = os.path.join(domainDir, localpart)
+            if all(os.path.isdir(os.path.join(path, s)) for s in ("cur", "new", "tmp")):
+                try:
+                    found.append(Address.parse(f"{localpart}@{domain}"))
+                except AddressError:
+                    raise MigrationError(f"{path}: not a maildrop of an address") from None
+    return found
+
+
+def maildirToDatabase(dataDir: str, database: Database) -> Migrated:
+    """
+    Copy the users, aliases and maildrops of the data directory
+    C{dataDir} into C{database} (whose schema is current), in one
+    transaction.
+
+    @raise MigrationError: the database holds users, aliases or messages
+        already, or a maildrop is in use.
+    @raise TemporaryFailure: the database failed (nothing was copied).
+    """
+    _lines, users, _bad = parseUsers(_readFile(os.path.join(dataDir, "users")))
+    aliases, catchAll, _bad = parseAliases(_readFile(os.path.join(dataDir, "aliases")))
+    source = MaildirStore(os.path.join(dataDir, "mail"), hostname="migrate")
+    done = Migrated()
+    with database.transaction() as conn:
+        for table in ("pop3gw_users", "pop3gw_aliases", "pop3gw_maildrop"):
+            if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
+                raise MigrationError("the database is not empty (it holds users, aliases or messages)")
+        conn.execute("UPDATE pop3gw_directory_version SET version = version + 1")
+        for address, hashed in users.entries.items():
+            conn.execute(
+                "INSERT INTO pop3gw_users (address, lookup_key, hash) VALUES (%s, %s, %s)",
+                (str(address), lookupKey(address), hashed),
+            )
+            done.users += 1
+        named = [(str(a), AliasLine(b"", a, None).key, t) for a, t in aliases.entries.items()]
+        named += [(f"@{d}", f"@{d}", t) for d, t in catchAll.items()]
+        for name, key, targets in named:
+            conn.execute(
+                "INSERT INTO pop3gw_aliases (name, lookup_key, targets) VALUES (%s, %s, %s)",
+                (name, key, [str(t) for t in targets]),
+            )
+            done.aliases += 1
+        for address in _sourceMaildrops(source.root):
+            try:
+                drop = source._lockAndSnapshot(address)
+            except Pop3gwError as e:
+                raise MigrationError(f"cannot open the maildrop of {address}: {e}") from None
+            try:
+                for index, info in enumerate(drop.messages):
+                    try:
+                        message = drop._openFile(index)
+                    except Pop3gwError as e:
+                        raise MigrationError(f"cannot read a message of {address}: {e}") from None
+                    with message:
+                        storeMessage(conn, message, info.size, [(str(address), info.uid, info.seen)])
+                    done.messages += 1
+            finally:
+                drop.release()
+            done.maildrops += 1
+    return done
+
+
+def databaseToMaildir(database: Database, dataDir: str, owner: Optional[fsutil.Owner] = None) -> Migrated:
+    """
+    Copy the users, aliases and maildrops of C{database} into the data
+    directory C{dataDir} (created if missing), keeping each message's
+    UIDL as its Maildir unique name and its seen flag as the C{S} flag.
+
+    @raise MigrationError: the data directory holds users, aliases or
+        maildrops already, or a UIDL cannot be a Maildir file name.
+    @raise TemporaryFailure: the database failed.
+    """
+    usersPath = os.path.join(dataDir, "users")
+    aliasesPath = os.path.join(dataDir, "aliases")
+    mailDir = os.path.join(dataDir, "mail")
+    if _readFile(usersPath).strip() or _readFile(aliasesPath).strip() or _sourceMaildrops(mailDir):
+        raise MigrationError(f"the data directory {dataDir} is not empty (it holds users, aliases or maildrops)")
+    fsutil.makeDirectories(dataDir, owner)
+    users = PostgresUsers(database)
+    store = PostgresMaildropStore(database)
+    target = MaildirStore(mailDir, hostname="migrate", owner=owner)
+    done = Migrated()
+    for name in store.maildrops():
+        address = Address.parse(name)
+        path = target._ensureMaildir(target.maildirPath(address))
+        for info in store.listMessages(name):
+            if not info.uid or any(c in info.uid for c in "/:,") or info.uid.startswith("."):
+                raise MigrationError(f"message {info.uid!r} of {name}: its UIDL cannot be a Maildir file name")
+            with store._fetch(info) as message:
+                data = message.read().replace(b"\r\n", b"\n")
+            flags = "S" if info.seen else ""
+            fileName = f"{info.uid},S={len(data)},W={info.size}:2,{flags}"
+            tmp = os.path.join(path, "tmp", fileName)
+            fd = fsutil.createFile(tmp, owner)
+            try:
+                fsutil.writeAll(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, os.path.join(path, "cur", fileName))
+            done.messages += 1
+        fsutil.fsyncDirectory(os.path.join(path, "cur"))
+        done.maildrops += 1
+    aliasLines = users.aliasLines()
+    listed = users.listUsers()
+    fsutil.replaceFile(aliasesPath, b"".join(formatAliasLine(line.raw.decode("utf-8").partition(":")[0], line.targets) + b"\n"
+                                            for _, line in aliasLines), owner)
+    fsutil.replaceFile(usersPath, b"".join(f"{a}:{h}\n".encode("utf-8") for a, h in listed), owner)
+    done.users, done.aliases = len(listed), len(aliasLines)
+    return done
