@@ -432,6 +432,20 @@ def cmdQueue(stores: _Stores, args, stdout: TextIO, owner: Optional[fsutil.Owner
     from pop3gw import queue
 
     config = stores.config
+    if config.usesDatabase:
+        from pop3gw import pgqueue
+
+        database = stores.openDatabase()
+        if args.action == "list":
+            for entry in pgqueue.listEntries(database):
+                stdout.write(queue.formatEntry(entry) + "\n")
+            return EX_OK
+        count = pgqueue.requestFlush(database)
+        stdout.write(
+            f"{count} message(s) scheduled for immediate retry; "
+            "the nodes holding them pick them up within seconds\n"
+        )
+        return EX_OK
     if args.action == "list":
         for entry in queue.listEntries(config.queueDir):
             stdout.write(queue.formatEntry(entry) + "\n")
@@ -534,7 +548,7 @@ def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
     if args.command == "migrate":
         return cmdMigrate(args, stdout)
     owner = None
-    if not (config.usesDatabase and args.command in ("user", "alias", "deliver")):
+    if not config.usesDatabase:
         owner = _dataDirectory(config, args, stderr)
     if args.command == "user":
         if args.action == "import":

@@ -11,8 +11,7 @@ one transaction: a failure leaves the database as it was.  Into a data
 directory, the users and aliases files are written last, so a failed
 migration leaves no user behind (rerun it on an emptied directory).
 
-The outbound queue stays where it is: it belongs to the data directory of
-the node that relays it.
+The outbound queue is not copied (empty it first).
 """
 
 from __future__ import annotations

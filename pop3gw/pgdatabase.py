@@ -19,6 +19,7 @@ is idempotent and safe to run from several nodes at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
@@ -89,6 +90,20 @@ SCHEMA: list[list[str]] = [
             node text NOT NULL,
             token text NOT NULL,
             expires timestamptz NOT NULL)""",
+        # The outbound queue: the entry (JSON, as the file queue writes
+        # it), its message, and the node relaying it until lease_expires.
+        """CREATE TABLE pop3gw_queue (
+            id text PRIMARY KEY,
+            entry bytea NOT NULL,
+            message_id bigint NOT NULL REFERENCES pop3gw_messages,
+            node text NOT NULL,
+            lease_expires timestamptz NOT NULL,
+            created timestamptz NOT NULL DEFAULT now())""",
+        "CREATE INDEX pop3gw_queue_lease ON pop3gw_queue (lease_expires)",
+        """CREATE TABLE pop3gw_queue_flush (
+            id integer PRIMARY KEY CHECK (id = 1),
+            stamp bigint NOT NULL)""",
+        "INSERT INTO pop3gw_queue_flush VALUES (1, 0)",
     ],
 ]
 
@@ -145,6 +160,14 @@ class Database:
         import psycopg
         from psycopg_pool import ConnectionPool
 
+        # psycopg_pool reports each failed connection attempt through the
+        # standard logging module, which would print them on stderr: the
+        # failures that matter reach the callers as TemporaryFailure, which
+        # they log (or print) once, in one line.
+        poolLog = logging.getLogger("psycopg.pool")
+        poolLog.propagate = False
+        if not poolLog.handlers:
+            poolLog.addHandler(logging.NullHandler())
         self.uri = uri
         self._errors: tuple = (psycopg.OperationalError, psycopg.InterfaceError)
         self._pool = ConnectionPool(

@@ -65,11 +65,13 @@ CHUNK_SIZE = 256 * 1024
 SPOOL_MEMORY = 1024 * 1024
 
 #: Seconds a maildrop lock lives without renewal: a node that died (or lost
-#: the database) frees its maildrops within this time.
-LOCK_LEASE = 30
+#: the database) frees its maildrops within this time of its death (its last
+#: renewal was at most L{LOCK_RENEW_INTERVAL} earlier).
+LOCK_LEASE = 25
 
-#: Seconds between two renewals of a node's locks.
-LOCK_RENEW_INTERVAL = 10.0
+#: Seconds between two renewals of a node's locks (a lease survives four
+#: missed renewals).
+LOCK_RENEW_INTERVAL = 5.0
 
 
 def storeMessage(conn: Any, source: IO[bytes], size: int, entries: Sequence[tuple[str, Optional[str], bool]]) -> int:

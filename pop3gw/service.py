@@ -39,6 +39,7 @@ from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.maildir import MaildirStore
 from pop3gw.pgdatabase import Database, checkSchema, redact
 from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
+from pop3gw.pgqueue import QUEUE_POLL_INTERVAL, PostgresQueue
 from pop3gw.pgusers import PostgresUsers
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue
@@ -405,7 +406,8 @@ def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int
     use it (those and the hash threads, which look up passwords), and is
     closed once the database threads have stopped.
 
-    @return: (users, maildrop store, the runner of database work).
+    @return: (users, maildrop store, the runner of database work, the
+        outbound queue).
     @raise ConfigError: the database's schema is missing or not current.
     """
     threads = max(1, int(config.limits["database-threads"]))
@@ -421,13 +423,41 @@ def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int
         raise ConfigError(problem)
     pool = ThreadPool(minthreads=1, maxthreads=threads, name="pop3gw-db")
     runner = ThreadPoolRunner(reactor, pool)
-    ThreadPoolService(pool, runner, afterStop=database.close).setServiceParent(top)
     users = PostgresUsers(database, config.postmaster, config.recipientDelimiter)
     users.refresh()
     store = PostgresMaildropStore(database, runner)
+    queue = PostgresQueue(database, reactor, runner, store.node)
 
+    def afterStop() -> None:
+        # The relay has recorded its attempts: hand this node's queue
+        # entries to the other nodes, then close the connections.
+        queue.releaseAll()
+        database.close()
+
+    ThreadPoolService(pool, runner, afterStop=afterStop).setServiceParent(top)
     LockLeaseService(store, runner).setServiceParent(top)
-    return users, store, runner
+    return users, store, runner, queue
+
+
+class QueuePollService(TimerService):
+    """
+    Every L{QUEUE_POLL_INTERVAL} seconds, renews the leases of the queue
+    entries this node holds, claims free ones for the relay and reads
+    flush requests (L{PostgresQueue.poll}, in a database thread).
+    """
+
+    def __init__(self, queue: PostgresQueue, runner: ThreadPoolRunner) -> None:
+        super().__init__(QUEUE_POLL_INTERVAL, self._poll)
+        self.queue = queue
+        self.runner = runner
+
+    def _poll(self) -> defer.Deferred:
+        d = self.runner.run(self.queue.poll)
+        d.addCallbacks(
+            self.queue.announceClaimed,
+            lambda f: log.warn("cannot poll the outbound queue: {error}", error=str(f.value)),
+        )
+        return d
 
 
 class LockLeaseService(TimerService):
@@ -486,8 +516,8 @@ def _build(config: Config, reactor) -> MultiService:
     _raiseFileLimit()
     owner = None
     # With a database store, the data directory keeps only this node's
-    # TLS material and its queue.
-    paths = (config.dataDir, config.queueDir) if config.usesDatabase else (config.dataDir, config.mailDir, config.queueDir)
+    # TLS material.
+    paths = (config.dataDir,) if config.usesDatabase else (config.dataDir, config.mailDir, config.queueDir)
     for path in paths:
         try:
             fsutil.makeDirectories(path, owner)
@@ -510,12 +540,13 @@ def _build(config: Config, reactor) -> MultiService:
     users: Any
     store: Any
     storeRunner = ioRunner
+    queue: Any
     if config.usesDatabase:
-        users, store, storeRunner = _databaseStores(config, reactor, top, hashPool.max)
+        users, store, storeRunner, queue = _databaseStores(config, reactor, top, hashPool.max)
     else:
         users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
         store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
-    queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
+        queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
     checker = PasswordChecker(
         users,
@@ -636,6 +667,8 @@ def _build(config: Config, reactor) -> MultiService:
         lifetime=limits["queue-lifetime"],
     )
     relay.setServiceParent(top)
+    if isinstance(queue, PostgresQueue):
+        QueuePollService(queue, storeRunner).setServiceParent(top)
 
     if not any(config.listeners[name] for name, _, _, _ in plans):
         log.warn("no POP3, submission, MX or LMTP listener is configured: only the outbound queue runs")

@@ -80,6 +80,13 @@ class Cluster:
         if result.returncode:
             raise RuntimeError("initdb failed: " + result.stderr.decode(errors="replace"))
         self._run("mkdir", "-m", "0755", self.socketDir)
+        self.startServer()
+        return self
+
+    def startServer(self) -> None:
+        """
+        Start the server on the cluster (again, after L{stopServer}).
+        """
         options = f"-k {self.socketDir} -c listen_addresses='' -c fsync=off -c max_connections=200"
         result = self._run(
             os.path.join(self.binDir, "pg_ctl"), "start", "-w", "-t", str(int(START_TIMEOUT)), "-D", self.dataDir,
@@ -92,11 +99,19 @@ class Cluster:
                     log = f.read()
             except OSError:
                 pass
-            self.remove()
             raise RuntimeError("pg_ctl start failed: " + result.stderr.decode(errors="replace") + log)
         with open(os.path.join(self.dataDir, "postmaster.pid")) as f:
             self.pid = int(f.readline())
-        return self
+
+    def stopServer(self) -> None:
+        """
+        Stop the server (fast shutdown: sessions are disconnected), keeping
+        the cluster for L{startServer}.
+        """
+        result = self._run(os.path.join(self.binDir, "pg_ctl"), "stop", "-w", "-m", "fast", "-D", self.dataDir)
+        if result.returncode:
+            raise RuntimeError("pg_ctl stop failed: " + result.stderr.decode(errors="replace"))
+        self.pid = None
 
     def uri(self, database: str = "postgres") -> str:
         """
@@ -169,7 +184,12 @@ def shared(testcase) -> Cluster:
         except ImportError:
             missing(testcase, "psycopg is not installed (pip install '.[postgresql]')")
         assert binDir is not None
-        _shared = Cluster(binDir).start()
+        cluster = Cluster(binDir)
+        try:
+            _shared = cluster.start()
+        except BaseException:
+            cluster.remove()
+            raise
         atexit.register(stopShared)
     return _shared
 
@@ -195,3 +215,16 @@ def database(testcase) -> str:
     uri = cluster.newDatabase()
     testcase.addCleanup(cluster.dropDatabase, uri)
     return uri
+
+
+def private(testcase) -> Cluster:
+    """
+    A cluster of C{testcase}'s own (to stop and start), stopped by its PID
+    and removed in its cleanups.
+    """
+    shared(testcase)
+    binDir = binDirectory()
+    assert binDir is not None
+    cluster = Cluster(binDir)
+    testcase.addCleanup(cluster.stop)
+    return cluster.start()

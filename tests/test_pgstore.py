@@ -453,6 +453,19 @@ class CommandTests(SynchronousTestCase):
                 self.assertEqual(f.read(), b"Subject: hi\r\n\r\nbody\r\n")
             drop.release()
 
+    def test_queue(self) -> None:
+        """
+        C{queue list} and C{queue flush} work on the database's queue, from
+        any node, without a data directory.
+        """
+        self.runCLI("init")
+        self.assertEqual(self.runCLI("queue", "list"), (0, "", ""))
+        self.assertEqual(
+            self.runCLI("queue", "flush"),
+            (0, "0 message(s) scheduled for immediate retry; the nodes holding them pick them up within seconds\n", ""),
+        )
+        self.assertFalse(os.path.exists("pop3gw-data"))
+
     def test_deliverDatabaseDown(self) -> None:
         """
         C{deliver} exits 75 (try again later) when the database cannot be
@@ -490,16 +503,18 @@ class ServiceTests(SynchronousTestCase):
 
     def test_databaseStores(self) -> None:
         """
-        Users, aliases and maildrops come from the database (read once at
-        start-up); the data directory holds no maildrops; the maildrop
-        locks are renewed every L{pop3gw.pgmail.LOCK_RENEW_INTERVAL}
-        seconds.
+        Users, aliases, maildrops and the outbound queue come from the
+        database (users read once at start-up); the data directory holds
+        no maildrops and no queue; the maildrop locks are renewed every
+        L{pop3gw.pgmail.LOCK_RENEW_INTERVAL} seconds and the queue polled.
         """
         from twisted.application.internet import TimerService
 
         from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
+        from pop3gw.pgqueue import PostgresQueue
         from pop3gw.pgusers import PostgresUsers
-        from pop3gw.service import ListenerService
+        from pop3gw.relay import RelayService
+        from pop3gw.service import ListenerService, QueuePollService
 
         database = newDatabase(self)
         from pop3gw.pgusers import PostgresUsers as Users
@@ -513,7 +528,11 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsInstance(realm.users, PostgresUsers)
         self.assertEqual(realm.users.snapshot().addresses(), [ALICE])
         self.assertFalse(os.path.exists(os.path.join(self.dataDir, "mail")))
+        self.assertFalse(os.path.exists(os.path.join(self.dataDir, "queue")))
         self.assertIn(LOCK_RENEW_INTERVAL, [s.step for s in top if isinstance(s, TimerService)])
+        relay = next(s for s in top if isinstance(s, RelayService))
+        self.assertIsInstance(relay.queue, PostgresQueue)
+        self.assertEqual([type(s) for s in top if isinstance(s, QueuePollService)], [QueuePollService])
 
     def test_noSchema(self) -> None:
         """
@@ -603,3 +622,106 @@ class MigrateTests(SynchronousTestCase):
             self.runCLI("migrate", "--from", self.uri, "--to", self.uri),
             (64, "", "pop3gw: migrate copies between a data directory (maildir:DATA_DIR) and a database\n"),
         )
+
+
+class QueueTests(SynchronousTestCase):
+    """
+    The outbound queue in the database (L{pop3gw.pgqueue}): two
+    L{PostgresQueue}s on one database stand for two nodes.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from pop3gw.pgqueue import PostgresQueue
+
+        self.database = newDatabase(self)
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        self.nodeA = PostgresQueue(self.database, clock, node="node-a")
+        self.nodeB = PostgresQueue(self.database, clock, node="node-b")
+        for node in (self.nodeA, self.nodeB):
+            self.addCleanup(node.releaseAll)
+        self.announced: list = []
+        self.nodeA.addListener(self.announced.append)
+
+    def queue(self, data: bytes = b"Subject: out\n\nbody") -> object:
+        delivery = self.nodeA.beginDelivery(ALICE, [Address("carol", "example.net")], b"Received: x\r\n")
+        delivery.write(data)
+        self.successResultOf(delivery.commit())
+        return delivery
+
+    def expire(self) -> None:
+        with self.database.transaction() as conn:
+            conn.execute("UPDATE pop3gw_queue SET lease_expires = now() - interval '1 second'")
+
+    def test_queueAndRead(self) -> None:
+        """
+        A committed delivery is one entry, announced to the relay, listed
+        from any node, its message stored with CRLF line ends; removing it
+        leaves nothing.
+        """
+        from pop3gw.pgqueue import listEntries
+
+        delivery = self.queue()
+        self.assertEqual([e.queueId for e in self.announced], [delivery.queueId])
+        self.assertEqual([e.queueId for e in listEntries(self.database)], [delivery.queueId])
+        entry = self.announced[0]
+        with self.nodeA.openMessage(entry) as f:
+            self.assertEqual(f.read(), b"Received: x\r\nSubject: out\r\n\r\nbody\r\n")
+        self.assertEqual(self.successResultOf(self.nodeA.readHeaders(entry)), b"Received: x\r\nSubject: out\r\n")
+        entry.attempts = 1
+        self.successResultOf(self.nodeA.saveEntry(entry))
+        self.assertEqual(listEntries(self.database)[0].attempts, 1)
+        self.successResultOf(self.nodeA.removeEntry(entry))
+        self.assertEqual(listEntries(self.database), [])
+        with self.database.transaction() as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM pop3gw_messages").fetchone()[0], 0)
+
+    def test_leaseHandsOver(self) -> None:
+        """
+        Another node cannot take an entry while its node renews the lease;
+        once the lease ran out it claims it (with its message), and the
+        first node's next save is refused, so it makes no attempt.
+        """
+        self.queue()
+        entry = self.announced[0]
+        self.assertEqual(self.nodeB.poll(), [])
+        self.expire()
+        self.assertEqual(self.nodeA.poll(), [])
+        self.assertEqual(self.nodeB.poll(), [])
+        self.expire()
+        claimed = self.nodeB.poll()
+        self.assertEqual([e.queueId for e in claimed], [entry.queueId])
+        with self.nodeB.openMessage(claimed[0]) as f:
+            self.assertEqual(f.read(), b"Received: x\r\nSubject: out\r\n\r\nbody\r\n")
+        self.failureResultOf(self.nodeA.saveEntry(entry), TemporaryFailure)
+        self.successResultOf(self.nodeB.saveEntry(claimed[0]))
+
+    def test_releaseAllHandsOverAtOnce(self) -> None:
+        """
+        A node stopping gives up its entries: the next poll of another node
+        claims them.
+        """
+        self.queue()
+        self.nodeA.releaseAll()
+        self.assertEqual(len(self.nodeB.poll()), 1)
+
+    def test_discardAndFlush(self) -> None:
+        """
+        A prepared entry withdrawn leaves nothing; C{requestFlush} moves
+        the flush counter every node reads at its next poll.
+        """
+        from pop3gw.pgqueue import listEntries, requestFlush
+
+        delivery = self.nodeA.beginDelivery(ALICE, [Address("carol", "example.net")])
+        delivery.write(b"x\n")
+        self.successResultOf(delivery.prepare())
+        self.successResultOf(delivery.discard())
+        self.assertEqual((listEntries(self.database), self.announced), ([], []))
+        self.nodeB.poll()
+        before = self.nodeB.flushStamp()
+        self.queue()
+        self.assertEqual(requestFlush(self.database), 1)
+        self.nodeB.poll()
+        self.assertNotEqual(self.nodeB.flushStamp(), before)
