@@ -59,7 +59,8 @@ class TwoNodesTests(SynchronousTestCase):
         size and retrieved byte for byte (after the C{Received:} line node
         A adds); a second login on node A meanwhile gets C{[IN-USE]}; after
         DELE and QUIT on B it is gone everywhere, and a new message gets a
-        new UIDL.
+        new UIDL.  A password changed afterwards is refused in its old form
+        on both nodes, which had both verified (and cached) it.
         """
         with smtplib.SMTP("127.0.0.1", self.nodeA.ports["submission"], timeout=30) as smtp:
             smtp.login(ALICE, ALICE_PW)
@@ -87,6 +88,15 @@ class TwoNodesTests(SynchronousTestCase):
         self.assertNotEqual(again.uidl(1).split()[2], uid)
         self.assertEqual(again.retr(1)[1], [b"Subject: second", b"", b"again"])
         again.quit()
+
+        # Both nodes have verified bob's password (and may cache it): a new
+        # password set through either is the only one either accepts.
+        self.cli("user", "passwd", BOB, input=b"new secret\n")
+        for node in (self.nodeA, self.nodeB):
+            with self.assertRaises(poplib.error_proto) as refused:
+                self.pop(node, BOB, BOB_PW)
+            self.assertTrue(refused.exception.args[0].startswith(b"-ERR [AUTH]"), refused.exception.args)
+            self.pop(node, BOB, "new secret").quit()
 
     def test_killedNodeFreesLock(self) -> None:
         """
