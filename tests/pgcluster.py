@@ -113,6 +113,39 @@ class Cluster:
             raise RuntimeError("pg_ctl stop failed: " + result.stderr.decode(errors="replace"))
         self.pid = None
 
+    def standby(self) -> "Cluster":
+        """
+        A streaming-replication standby of this cluster (C{pg_basebackup
+        -R} over its socket), started on a socket directory of its own.
+        Commits on this cluster then wait for the standby
+        (C{synchronous_standby_names}), so nothing acknowledged is lost
+        when the standby is promoted.
+        """
+        import psycopg
+
+        other = Cluster(self.binDir)
+        other._run("mkdir", "-m", "0755", other.socketDir)
+        result = other._run(
+            os.path.join(self.binDir, "pg_basebackup"), "-D", other.dataDir, "-R", "-X", "stream",
+            "-h", self.socketDir, "-U", SUPERUSER, "--no-sync", "-c", "fast",
+        )
+        if result.returncode:
+            other.remove()
+            raise RuntimeError("pg_basebackup failed: " + result.stderr.decode(errors="replace"))
+        other.startServer()
+        with psycopg.connect(self.uri(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            conn.execute("SELECT pg_reload_conf()")
+        return other
+
+    def promote(self) -> None:
+        """
+        Make this standby a primary.
+        """
+        result = self._run(os.path.join(self.binDir, "pg_ctl"), "promote", "-w", "-D", self.dataDir)
+        if result.returncode:
+            raise RuntimeError("pg_ctl promote failed: " + result.stderr.decode(errors="replace"))
+
     def uri(self, database: str = "postgres") -> str:
         """
         @return: the libpq URI of C{database} over the Unix socket.

@@ -261,3 +261,64 @@ class QueueHandOverTests(SynchronousTestCase):
         nodeB.waitForLog(r"relay: \S+ done: delivered=1 failed=0", timeout=30)
         self.assertEqual(TwoNodesTests.cli(self, "queue", "list").stdout, b"")  # type: ignore[arg-type]
         self.assertEqual(len(attempts), 2)
+
+
+class FailoverTests(SynchronousTestCase):
+    """
+    A node on a multi-host URI over a primary and its streaming-replication
+    standby (two private clusters).
+    """
+
+    def test_promotedStandby(self) -> None:
+        """
+        When the primary stops and the standby is promoted, a node whose
+        URI lists both (C{target_session_attrs=read-write}) answers
+        C{[SYS/TEMP]} for a few seconds at most, then serves again from the
+        new primary: the message acknowledged before is there, and new
+        mail is accepted and stored.
+        """
+        from urllib.parse import quote
+
+        primary = pgcluster.private(self)
+        first = primary.newDatabase()
+        name = first.split("/")[3].split("?")[0]
+        standby = primary.standby()
+        self.addCleanup(standby.stop)
+        hosts = ",".join(quote(c.socketDir, safe="") for c in (primary, standby))
+        self.uri = f"postgresql://{pgcluster.SUPERUSER}@/{name}?host={hosts}&target_session_attrs=read-write"
+        TwoNodesTests.cli(self, "init")  # type: ignore[arg-type]
+        TwoNodesTests.cli(self, "user", "add", ALICE, input=ALICE_PW.encode() + b"\n")  # type: ignore[arg-type]
+        TwoNodesTests.cli(self, "deliver", ALICE, input=b"Subject: before\r\n\r\nbody\r\n")  # type: ignore[arg-type]
+        node = Pop3gwProcess(self, args=["--store", self.uri]).start()
+
+        primary.stopServer()
+        standby.promote()
+        promoted = time.monotonic()
+        while True:
+            client = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=60)
+            self.addCleanup(_closeQuietly, client)
+            client.user(ALICE)
+            try:
+                client.pass_(ALICE_PW)
+                break
+            except poplib.error_proto as e:
+                self.assertTrue(e.args[0].startswith(b"-ERR [SYS/TEMP]"), e.args)
+                self.assertLess(time.monotonic() - promoted, 60, "never resumed")
+                client.quit()
+                time.sleep(0.5)
+        self.assertEqual(client.retr(1)[1], [b"Subject: before", b"", b"body"])
+        client.quit()
+        with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=60) as smtp:
+            smtp.login(ALICE, ALICE_PW)
+            smtp.sendmail(ALICE, [ALICE], MESSAGE)
+        client = self.pop(node)
+        self.assertEqual(client.stat()[0], 2)
+        client.quit()
+        self.assertNotIn("Traceback", node.log())
+
+    def pop(self, node: Pop3gwProcess) -> poplib.POP3:
+        client = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=60)
+        self.addCleanup(_closeQuietly, client)
+        client.user(ALICE)
+        client.pass_(ALICE_PW)
+        return client
