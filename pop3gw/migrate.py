@@ -103,6 +103,13 @@ def maildirToDatabase(dataDir: str, database: Database) -> Migrated:
     _lines, users, _bad = parseUsers(_readFile(os.path.join(dataDir, "users")))
     aliases, catchAll, _bad = parseAliases(_readFile(os.path.join(dataDir, "aliases")))
     source = MaildirStore(os.path.join(dataDir, "mail"), hostname="migrate")
+    keys: dict[str, str] = {}
+    for address in list(users.entries) + list(aliases.entries):
+        first = keys.setdefault(lookupKey(address), str(address))
+        if first != str(address):
+            raise MigrationError(
+                f"{first} and {address} differ only in case: remove or rename one of them before migrating"
+            )
     done = Migrated()
     with database.transaction() as conn:
         for table in ("pop3gw_users", "pop3gw_aliases", "pop3gw_maildrop"):

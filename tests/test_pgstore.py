@@ -614,6 +614,22 @@ class MigrateTests(SynchronousTestCase):
         self.assertEqual(users.snapshot().resolve(Address("team", "example.org")), (ALICE, BOB))
         self.assertEqual(users.snapshot().resolve(Address("anyone", "example.org")), (ALICE,))
 
+    def test_caseVariantsRefused(self) -> None:
+        """
+        A users file with two users differing only in case (possible in
+        old files) is refused with one line naming both; nothing is copied.
+        """
+        source = os.path.abspath(self.mktemp())
+        os.makedirs(source)
+        with open(os.path.join(source, "users"), "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\nAlice@example.org:{HASH_B}\n")
+        self.assertEqual(
+            self.runCLI("migrate", "--from", f"maildir:{source}", "--to", self.uri),
+            (1, "", "pop3gw: alice@example.org and Alice@example.org differ only in case: "
+                    "remove or rename one of them before migrating\n"),
+        )
+        self.assertEqual(self.runCLI("user", "list"), (0, "", ""))
+
     def test_bothSidesSameKind(self) -> None:
         """
         A migration needs one data directory and one database.
