@@ -18,8 +18,8 @@ and a save is refused once the entry's lease was lost, so two nodes never
 relay one entry at once.
 
 The relay reads a message on the reactor thread (L{openMessage} returns a
-file), so a node keeps a copy of each message it holds in a private
-temporary directory, written when it queues or claims the entry.
+file), so a node keeps a copy of each message it holds in its own directory
+(C{DATA/relay}), written when it queues or claims the entry.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3gw import fsutil
 from pop3gw.address import Address
 from pop3gw.dsn import originalHeaders
 from pop3gw.interfaces import (
@@ -202,13 +203,30 @@ class PostgresQueue:
 
     log = Logger()
 
-    def __init__(self, database: Database, reactor: Any, runner: Optional[IBlockingRunner] = None, node: str = "") -> None:
+    def __init__(
+        self,
+        database: Database,
+        reactor: Any,
+        runner: Optional[IBlockingRunner] = None,
+        node: str = "",
+        copies: Optional[str] = None,
+        owner: Optional[fsutil.Owner] = None,
+    ) -> None:
+        """
+        @param copies: the directory of this node's message copies
+            (C{DATA/relay} in the server; what a previous run left there is
+            removed when the first copy is made); a new temporary directory
+            if C{None}.
+        @param owner: the data directory's owner, given the directory.
+        """
         self.database = database
         self.reactor = reactor
         self.node = node
         self._runner: IBlockingRunner = runner if runner is not None else ImmediateRunner()
         self._listeners: list[Callable[[Entry], None]] = []
-        self._copies = tempfile.mkdtemp(prefix="pop3gw-queue-")
+        self._copies = copies
+        self._owner = owner
+        self._copiesReady = False
         self._held: set[str] = set()
         self._lock = threading.Lock()
         self._flushStamp: Optional[int] = None
@@ -339,9 +357,23 @@ class PostgresQueue:
                     )
         except TemporaryFailure as e:
             self.log.warn("queue: cannot release the entries this node holds: {error}", error=str(e))
-        shutil.rmtree(self._copies, ignore_errors=True)
+        if self._copies is not None:
+            shutil.rmtree(self._copies, ignore_errors=True)
 
     def _copyPath(self, queueId: str) -> str:
+        """
+        Where this node keeps its copy of C{queueId}'s message; the
+        directory is made (emptied of a previous run's copies) on first
+        use.
+        """
+        with self._lock:
+            if self._copies is None:
+                self._copies = tempfile.mkdtemp(prefix="pop3gw-queue-")
+                self._copiesReady = True
+            elif not self._copiesReady:
+                shutil.rmtree(self._copies, ignore_errors=True)
+                fsutil.makeDirectory(self._copies, self._owner)
+                self._copiesReady = True
         return os.path.join(self._copies, queueId)
 
     def _claim(self) -> list[Entry]:

@@ -398,7 +398,7 @@ def makeService(options, reactor=None) -> MultiService:
         raise SystemExit(f"pop3gw: {e}") from None
 
 
-def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int) -> tuple:
+def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int, owner: Optional[fsutil.Owner]) -> tuple:
     """
     The users directory and maildrops of C{--store postgresql://...}, with
     their own thread pool (L{Config.limits} C{database-threads}) and lock
@@ -426,7 +426,7 @@ def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int
     users = PostgresUsers(database, config.postmaster, config.recipientDelimiter)
     users.refresh()
     store = PostgresMaildropStore(database, runner)
-    queue = PostgresQueue(database, reactor, runner, store.node)
+    queue = PostgresQueue(database, reactor, runner, store.node, os.path.join(config.dataDir, "relay"), owner)
 
     def afterStop() -> None:
         # The relay has recorded its attempts: hand this node's queue
@@ -542,7 +542,7 @@ def _build(config: Config, reactor) -> MultiService:
     storeRunner = ioRunner
     queue: Any
     if config.usesDatabase:
-        users, store, storeRunner, queue = _databaseStores(config, reactor, top, hashPool.max)
+        users, store, storeRunner, queue = _databaseStores(config, reactor, top, hashPool.max, owner)
     else:
         users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
         store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)

@@ -741,3 +741,25 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(requestFlush(self.database), 1)
         self.nodeB.poll()
         self.assertNotEqual(self.nodeB.flushStamp(), before)
+
+    def test_copiesDirectory(self) -> None:
+        """
+        A node keeps its copies in the directory it is given: what a
+        previous run left there is removed at the first copy, and the
+        directory goes when the node gives up its entries (it stops).
+        """
+        from twisted.internet.task import Clock
+
+        from pop3gw.pgqueue import PostgresQueue
+
+        copies = os.path.abspath(self.mktemp())
+        os.makedirs(copies)
+        with open(os.path.join(copies, "stale"), "w") as f:
+            f.write("left by a killed node\n")
+        node = PostgresQueue(self.database, Clock(), node="node-c", copies=copies)
+        delivery = node.beginDelivery(ALICE, [Address("carol", "example.net")])
+        delivery.write(b"x\n")
+        self.successResultOf(delivery.commit())
+        self.assertEqual(os.listdir(copies), [delivery.queueId])
+        node.releaseAll()
+        self.assertFalse(os.path.exists(copies))
