@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO, Optional, TextIO
 
 from pop3gw import __version__, clidkim, fsutil
 from pop3gw.address import Address, AddressError
-from pop3gw.config import ConfigError, buildConfig
+from pop3gw.config import Config, ConfigError, buildConfig
 from pop3gw.interfaces import (
     AddressIsAlias,
     AliasError,
@@ -57,6 +57,12 @@ EX_NOPERM = 77
 #: every other command writes to it.
 _READ_ONLY = frozenset({("user", "list"), ("queue", "list"), ("alias", "list"), ("dkim", "list"), ("dns", None)})
 
+#: The C{user} actions that keep their state under the data directory
+#: (not yet in a C{--store postgresql://} database).
+_DATA_DIRECTORY_ONLY = frozenset(
+    {("user", "import-uidl"), ("user", "limits"), ("user", "unsuspend"), ("user", "app-password"), ("user", "scope")}
+)
+
 #: An option not given on the command line.
 _UNSET = object()
 
@@ -67,6 +73,8 @@ READ_CHUNK = 64 * 1024
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
+
+    from pop3gw.pgdatabase import Database
 
 
 class CommandError(Exception):
@@ -84,7 +92,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"pop3gw {__version__}")
     p.add_argument("--data-dir", help="the server's data directory (default: from --config, else ./pop3gw-data)")
     p.add_argument("--config", help="INI file to read data-dir and limits from")
+    p.add_argument(
+        "--store",
+        help="where users, aliases and maildrops live: maildir (default, under the data directory) "
+        "or a postgresql:// URI (default: from --config)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("init", help="create or upgrade the database schema (with --store postgresql://...)")
+    migrate = sub.add_parser(
+        "migrate", help="copy users, aliases and maildrops between a data directory and a database"
+    )
+    migrate.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="maildir:DATA_DIR or a postgresql:// URI")
+    migrate.add_argument("--to", dest="target", required=True, metavar="TARGET", help="a postgresql:// URI or maildir:DATA_DIR")
 
     user = sub.add_parser("user", help="add, change, remove or list users")
     usub = user.add_subparsers(dest="action", required=True)
@@ -166,6 +185,16 @@ def _parser() -> argparse.ArgumentParser:
 
     clidkim.addParsers(sub)
     return p
+
+
+def _users(config, owner: Optional[fsutil.Owner] = None):
+    """
+    The users file of the data directory (the commands that only work on
+    one).
+    """
+    from pop3gw.users import UsersFile
+
+    return UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
 
 
 def _limitValue(text: str) -> Optional[int]:
@@ -261,9 +290,9 @@ def _openForMigration(config, address: Address, owner: Optional[fsutil.Owner]):
 
 def cmdImportUIDL(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     """
-    C{user import-uidl}: see L{pop3gw.migrate}.
+    C{user import-uidl}: see L{pop3gw.pop3import}.
     """
-    from pop3gw.migrate import MigrationError, importUIDLs
+    from pop3gw.pop3import import MigrationError, importUIDLs
 
     user, _store, maildrop = _openForMigration(config, _address(args.address), owner)
     try:
@@ -278,11 +307,11 @@ def cmdImportUIDL(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[f
 
 def cmdImportMailbox(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     """
-    C{import pop3[s]://USER@HOST}: see L{pop3gw.migrate.Importer}.
+    C{import pop3[s]://USER@HOST}: see L{pop3gw.pop3import.Importer}.
     """
     import ssl
 
-    from pop3gw.migrate import Importer, MigrationError, parseSource
+    from pop3gw.pop3import import Importer, MigrationError, parseSource
 
     try:
         remoteUser, host, port, implicit = parseSource(args.source)
@@ -417,16 +446,86 @@ def _readPassword(stdin: TextIO, isatty: bool) -> str:
     return password
 
 
-def _users(config, owner: Optional[fsutil.Owner] = None):
-    from pop3gw.users import UsersFile
+class _Stores:
+    """
+    The stores a command works on, opened once: the files under the data
+    directory, or the database of C{--store postgresql://...} (whose
+    schema must be current).
+    """
 
-    return UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.database: Optional[Database] = None
+
+    def openDatabase(self, checked: bool = True) -> Database:
+        """
+        @return: the L{pop3gw.pgdatabase.Database} of C{--store}.
+        @raise CommandError: C{checked} and its schema is missing or not
+            current.
+        """
+        from pop3gw import pgdatabase
+
+        if self.database is None:
+            self.database = pgdatabase.Database(self.config.store, maxConnections=1, timeout=pgdatabase.CONNECT_TIMEOUT)
+            if checked:
+                problem = pgdatabase.checkSchema(self.database)
+                if problem is not None:
+                    raise CommandError(problem)
+        return self.database
+
+    def users(self, owner: Optional[fsutil.Owner] = None):
+        config = self.config
+        if config.usesDatabase:
+            from pop3gw.pgusers import PostgresUsers
+
+            return PostgresUsers(self.openDatabase(), config.postmaster, config.recipientDelimiter)
+        from pop3gw.users import UsersFile
+
+        return UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
+
+    def maildrops(self, owner: Optional[fsutil.Owner] = None):
+        config = self.config
+        if config.usesDatabase:
+            from pop3gw.pgmail import PostgresMaildropStore
+
+            return PostgresMaildropStore(self.openDatabase())
+        from pop3gw.maildir import MaildirStore
+
+        return MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)
+
+    def close(self) -> None:
+        database, self.database = self.database, None
+        if database is not None:
+            database.close()
 
 
-def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdInit(stores: _Stores, stdout: TextIO) -> int:
+    """
+    C{pop3gw --store URI init}: create the schema, or bring it to this
+    version; idempotent.
+    """
+    from pop3gw import pgdatabase
+
+    if not stores.config.usesDatabase:
+        raise CommandError("init needs --store postgresql://...", EX_USAGE)
+    try:
+        before, after = pgdatabase.initSchema(stores.openDatabase(checked=False))
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if before == after:
+        stdout.write(f"the pop3gw schema is current (version {after})\n")
+    elif before == 0:
+        stdout.write(f"created the pop3gw schema (version {after})\n")
+    else:
+        stdout.write(f"upgraded the pop3gw schema from version {before} to {after}\n")
+    return EX_OK
+
+
+def cmdUser(stores: _Stores, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     from pop3gw.passwords import hashPassword
 
-    users = _users(config, owner)
+    config = stores.config
+    users = stores.users(owner)
     if args.action == "list":
         sending = _sendingLimits(config, owner)
         try:
@@ -454,7 +553,8 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.
             address = found[0]
         if args.action == "remove":
             users.remove(address)
-            _appPasswords(config, owner).removeUser(address)
+            if not config.usesDatabase:
+                _appPasswords(config, owner).removeUser(address)
             stdout.write(f"removed {address} (its maildrop is kept)\n")
             return EX_OK
         password = _readPassword(stdin, stdin.isatty())
@@ -473,13 +573,14 @@ def cmdUser(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.
     return EX_OK
 
 
-def cmdAlias(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdAlias(stores: _Stores, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     """
     C{alias add|remove|list}: edit the aliases file under the users
     file's lock, in one atomic rewrite; malformed lines (kept as written)
     are reported on stderr with their line numbers.
     """
-    users = _users(config, owner)
+    config = stores.config
+    users = stores.users(owner)
     if args.action != "list" and not args.alias.strip().startswith("@"):
         _address(args.alias)
     targets = [_address(t) for t in getattr(args, "targets", ())]
@@ -517,20 +618,21 @@ def cmdAlias(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsuti
     return EX_DATAERR if bad and args.action == "list" else EX_OK
 
 
-def cmdImport(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdImport(stores: _Stores, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     """
     C{user import FILE}: add the users of a Dovecot passwd-file in one
     rewrite; report each line not taken on stderr (exit 65 if any).
     """
     from pop3gw.passwdfile import parsePasswdFile
 
+    config = stores.config
     try:
         with open(args.file, "rb") as f:
             data = f.read()
     except OSError as e:
         raise CommandError(f"cannot read {args.file}: {e.strerror}", EX_NOINPUT) from None
     taken, refused = parsePasswdFile(data)
-    users = _users(config, owner)
+    users = stores.users(owner)
     entries = []
     for user in taken:
         found = users.lookupUser(user.address)
@@ -556,18 +658,17 @@ def cmdImport(config, args, stdout: TextIO, stderr: TextIO, owner: Optional[fsut
     return EX_DATAERR if refused else EX_OK
 
 
-def cmdDeliver(config, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner] = None) -> int:
-    from pop3gw.maildir import MaildirStore
-
+def cmdDeliver(stores: _Stores, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner] = None) -> int:
+    config = stores.config
     address = _address(args.address, EX_NOUSER)
-    users = _users(config)
+    users = stores.users()
     recipients = users.refresh().resolve(address)
     if not recipients:
         raise CommandError(f"no such user {address}", EX_NOUSER)
     # One delivery for every target of a distribution list: its commit
     # fires only once each copy is durable.
     user = recipients[0] if len(recipients) == 1 else address
-    store = MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)
+    store = stores.maildrops(owner)
     try:
         delivery = store.beginDelivery(list(recipients))
     except TemporaryFailure as e:
@@ -615,9 +716,24 @@ def _temporaryDeliveryError(user: Address, error: TemporaryFailure) -> CommandEr
     return CommandError(f"cannot deliver to {user}: {what}{error}", EX_TEMPFAIL)
 
 
-def cmdQueue(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdQueue(stores: _Stores, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     from pop3gw import queue
 
+    config = stores.config
+    if config.usesDatabase:
+        from pop3gw import pgqueue
+
+        database = stores.openDatabase()
+        if args.action == "list":
+            for entry in pgqueue.listEntries(database):
+                stdout.write(queue.formatEntry(entry) + "\n")
+            return EX_OK
+        count = pgqueue.requestFlush(database)
+        stdout.write(
+            f"{count} message(s) scheduled for immediate retry; "
+            "the nodes holding them pick them up within seconds\n"
+        )
+        return EX_OK
     if args.action == "list":
         for entry in queue.listEntries(config.queueDir):
             stdout.write(queue.formatEntry(entry) + "\n")
@@ -682,48 +798,17 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
     args = _parser().parse_args(argv)
     try:
         cli = {"data-dir": args.data_dir} if args.data_dir else {}
+        if args.store:
+            cli["store"] = args.store
         try:
             config = buildConfig(cli, args.config)
         except ConfigError as e:
             raise CommandError(str(e), EX_USAGE) from None
-        if args.command == "selftest":
-            return cmdSelftest(args, config, stdout)
-        creates = args.command == "user" and args.action in ("add", "import")
-        if not os.path.isdir(config.dataDir):
-            if not creates or os.path.exists(config.dataDir):
-                status = EX_TEMPFAIL if args.command == "deliver" else EX_USAGE
-                what = "is not a directory" if os.path.exists(config.dataDir) else "does not exist"
-                raise CommandError(f"data directory {config.dataDir} {what}", status)
-            # Said, so that a mistyped --data-dir does not go unnoticed.
-            fsutil.makeDirectories(config.dataDir)
-            stderr.write(f"pop3gw: created new data directory {config.dataDir}\n")
-        owner = None
-        if (args.command, getattr(args, "action", None)) not in _READ_ONLY:
-            try:
-                owner = fsutil.dataDirectoryOwner(config.dataDir)
-            except fsutil.ForeignDataDirectory as e:
-                raise CommandError(str(e), EX_TEMPFAIL if args.command == "deliver" else EX_NOPERM) from None
-        if args.command == "user":
-            if args.action == "import":
-                return cmdImport(config, args, stdout, stderr, owner)
-            if args.action == "import-uidl":
-                return cmdImportUIDL(config, args, stdin, stdout, owner)
-            if args.action in ("limits", "unsuspend"):
-                return cmdLimits(config, args, stdout, owner)
-            if args.action in ("app-password", "scope"):
-                return cmdAppPassword(config, args, stdout, owner)
-            return cmdUser(config, args, stdin, stdout, owner)
-        if args.command == "import":
-            return cmdImportMailbox(config, args, stdin, stdout, owner)
-        if args.command == "alias":
-            return cmdAlias(config, args, stdout, stderr, owner)
-        if args.command == "deliver":
-            return cmdDeliver(config, args, getattr(stdin, "buffer", stdin), owner)
-        if args.command == "dkim":
-            return clidkim.cmdDkim(config, args, stdout, owner)
-        if args.command == "dns":
-            return clidkim.cmdDns(config, args, stdout)
-        return cmdQueue(config, args, stdout, owner)
+        stores = _Stores(config)
+        try:
+            return _run(stores, args, stdin, stdout, stderr)
+        finally:
+            stores.close()
     except CommandError as e:
         stderr.write(f"pop3gw: {e}\n")
         return e.status
@@ -733,6 +818,122 @@ def main(argv: Optional[list] = None, stdin=None, stdout=None, stderr=None) -> i
     except OSError as e:
         stderr.write(f"pop3gw: {e.strerror}: {e.filename}\n")
         return EX_TEMPFAIL if args.command == "deliver" else 1
+
+
+def cmdMigrate(args, stdout: TextIO) -> int:
+    """
+    C{pop3gw migrate --from maildir:DIR --to URI} and back (see
+    L{pop3gw.migrate}).
+    """
+    from pop3gw import migrate, pgdatabase
+    from pop3gw.config import parseStore
+
+    def side(text: str) -> tuple[str, str]:
+        if text.startswith("maildir:") and text[len("maildir:") :]:
+            return "maildir", os.path.abspath(text[len("maildir:") :])
+        try:
+            uri = parseStore(text)
+        except ConfigError:
+            uri = "maildir"
+        if uri == "maildir":
+            raise CommandError(f"{text!r}: expected maildir:DATA_DIR or a postgresql:// URI", EX_USAGE)
+        return "database", uri
+
+    source, target = side(args.source), side(args.target)
+    if {source[0], target[0]} != {"maildir", "database"}:
+        raise CommandError("migrate copies between a data directory (maildir:DATA_DIR) and a database", EX_USAGE)
+    uri = source[1] if source[0] == "database" else target[1]
+    database = pgdatabase.Database(uri, maxConnections=1, timeout=pgdatabase.CONNECT_TIMEOUT)
+    try:
+        problem = pgdatabase.checkSchema(database)
+        if problem is not None:
+            raise CommandError(problem)
+        try:
+            if source[0] == "maildir":
+                if not os.path.isdir(source[1]):
+                    raise CommandError(f"data directory {source[1]} does not exist", EX_USAGE)
+                done = migrate.maildirToDatabase(source[1], database)
+            else:
+                owner = fsutil.dataDirectoryOwner(target[1]) if os.path.isdir(target[1]) else None
+                done = migrate.databaseToMaildir(database, target[1], owner)
+        except migrate.MigrationError as e:
+            raise CommandError(str(e)) from None
+    finally:
+        database.close()
+    shown = [pgdatabase.redact(x[1]) if x[0] == "database" else f"maildir:{x[1]}" for x in (source, target)]
+    stdout.write(f"migrated {done.summary()} from {shown[0]} to {shown[1]}\n")
+    return EX_OK
+
+
+def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
+    """
+    Run the command C{args} names on C{stores}.
+    """
+    config = stores.config
+    if args.command == "selftest":
+        return cmdSelftest(args, config, stdout)
+    if args.command == "init":
+        return cmdInit(stores, stdout)
+    if args.command == "migrate":
+        return cmdMigrate(args, stdout)
+    action = getattr(args, "action", None)
+    if config.usesDatabase and (
+        args.command in ("import", "dkim") or (args.command, action) in _DATA_DIRECTORY_ONLY
+    ):
+        what = f"{args.command} {action}" if args.command == "user" else args.command
+        raise CommandError(f"{what} works on a data directory; it is not available with --store postgresql yet",
+                           EX_USAGE)
+    owner = None
+    if not config.usesDatabase:
+        owner = _dataDirectory(config, args, stderr)
+    if args.command == "user":
+        if action == "import":
+            return cmdImport(stores, args, stdout, stderr, owner)
+        if action == "import-uidl":
+            return cmdImportUIDL(config, args, stdin, stdout, owner)
+        if action in ("limits", "unsuspend"):
+            return cmdLimits(config, args, stdout, owner)
+        if action in ("app-password", "scope"):
+            return cmdAppPassword(config, args, stdout, owner)
+        return cmdUser(stores, args, stdin, stdout, owner)
+    if args.command == "import":
+        return cmdImportMailbox(config, args, stdin, stdout, owner)
+    if args.command == "alias":
+        return cmdAlias(stores, args, stdout, stderr, owner)
+    if args.command == "deliver":
+        return cmdDeliver(stores, args, getattr(stdin, "buffer", stdin), owner)
+    if args.command == "dkim":
+        return clidkim.cmdDkim(config, args, stdout, owner)
+    if args.command == "dns":
+        return clidkim.cmdDns(config, args, stdout)
+    return cmdQueue(stores, args, stdout, owner)
+
+
+def _dataDirectory(config, args, stderr: TextIO) -> Optional[fsutil.Owner]:
+    """
+    Check (or, for C{user add} and C{user import}, create) the data
+    directory the command works on.
+
+    @return: its owner, for a command that writes; C{None} for one that
+        only reads.
+    @raise CommandError: it is missing, not a directory, or owned by
+        someone else.
+    """
+    creates = args.command == "user" and args.action in ("add", "import")
+    if not os.path.isdir(config.dataDir):
+        if not creates or os.path.exists(config.dataDir):
+            status = EX_TEMPFAIL if args.command == "deliver" else EX_USAGE
+            what = "is not a directory" if os.path.exists(config.dataDir) else "does not exist"
+            raise CommandError(f"data directory {config.dataDir} {what}", status)
+        # Said, so that a mistyped --data-dir does not go unnoticed.
+        fsutil.makeDirectories(config.dataDir)
+        stderr.write(f"pop3gw: created new data directory {config.dataDir}\n")
+    if (args.command, getattr(args, "action", None)) in _READ_ONLY:
+        return None
+    try:
+        return fsutil.dataDirectoryOwner(config.dataDir)
+    except fsutil.ForeignDataDirectory as e:
+        raise CommandError(str(e), EX_TEMPFAIL if args.command == "deliver" else EX_NOPERM) from None
 
 
 def run() -> None:

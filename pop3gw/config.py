@@ -51,6 +51,7 @@ LIMITS = {
     "hash-threads": (2, int),
     "messages-per-hour": (200, int),
     "recipients-per-day": (1000, int),
+    "database-threads": (10, int),
 }
 
 
@@ -85,6 +86,15 @@ class Config:
     recipientDelimiter: str = "+"
     inbound: InboundPolicy = InboundPolicy()
     acme: ACMESettings = ACMESettings()
+    store: str = "maildir"
+
+    @property
+    def usesDatabase(self) -> bool:
+        """
+        Whether users, aliases and maildrops live in a PostgreSQL database
+        (C{--store postgresql://...}) rather than under the data directory.
+        """
+        return self.store != "maildir"
 
     @property
     def mailDir(self) -> str:
@@ -188,6 +198,7 @@ _SCALAR_KEYS = {
     "hostname",
     "postmaster",
     "recipient-delimiter",
+    "store",
 }
 _LIST_KEYS = {"domain"} | set(LISTENERS)
 
@@ -276,8 +287,11 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
             raise ConfigError(f"[limits] {name}: not a number") from None
         if limits[name] < 0:
             raise ConfigError(f"[limits] {name}: must not be negative")
-    if limits["hash-threads"] < 1:
-        raise ConfigError("[limits] hash-threads: must be at least 1")
+    for name in ("hash-threads", "database-threads"):
+        if limits[name] < 1:
+            raise ConfigError(f"[limits] {name}: must be at least 1")
+
+    store = parseStore(merged.get("store", "maildir"))
 
     submission = ini.get("submission", {})
     checkFrom = _bool(submission.get("check-header-from", "yes"), "check-header-from")
@@ -320,6 +334,7 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         postmaster=postmaster,
         recipientDelimiter=delimiter,
         inbound=parseInbound(ini.get("inbound", {})),
+        store=store,
         acme=parseACME(ini.get("acme", {}), bool(cert)),
     )
 
@@ -441,6 +456,23 @@ def parseInbound(section: dict) -> InboundPolicy:
     )
 
 
+def parseStore(value: str) -> str:
+    """
+    Check a C{--store} value: C{maildir} or a PostgreSQL connection URI
+    (C{postgresql://...} or C{postgres://...}).
+
+    @return: C{"maildir"} or the URI.
+    @raise ConfigError: anything else.
+    """
+    value = value.strip()
+    if value.lower() == "maildir":
+        return "maildir"
+    lowered = value.lower()
+    if lowered.startswith("postgresql://") or lowered.startswith("postgres://"):
+        return value
+    raise ConfigError("store: must be maildir or a postgresql:// URI")
+
+
 class Options(usage.Options):
     """
     C{twistd pop3gw} options.  After parsing, C{self.config} is the merged
@@ -462,6 +494,7 @@ class Options(usage.Options):
         ["plaintext-auth", None, None, "never|loopback|always: where passwords may be sent without TLS (default loopback)"],
         ["max-message-size", None, None, f"largest message accepted, in octets (default {DEFAULT_MAX_MESSAGE_SIZE})"],
         ["hostname", None, None, "name used in greetings and trace headers (default: this host's FQDN)"],
+        ["store", None, None, "where users, aliases and maildrops live: maildir (default, under --data-dir) or a postgresql:// URI shared by several nodes"],
     ]
 
     def __init__(self) -> None:

@@ -374,10 +374,17 @@ class IMaildrop(Interface):
 
     def openMessage(index):
         """
-        @return: a binary file-like object whose C{read(n)} yields the
-            message in wire form (CRLF line ends, not dot-stuffed), exactly
-            C{messages[index].size} octets in all.  The caller closes it.
-        @raise TemporaryFailure: the file vanished or cannot be read.
+        Open one message for reading.  A store whose messages are not
+        local files (a database) fetches it off the reactor thread first,
+        so the answer may come later.
+
+        @return: a C{Deferred} firing with a binary file-like object whose
+            C{read(n)} yields the message in wire form (CRLF line ends, not
+            dot-stuffed), exactly C{messages[index].size} octets in all,
+            without blocking for long (a local file).  The caller closes
+            it.  The C{Deferred} fails with L{TemporaryFailure} when the
+            message vanished or cannot be read, C{IndexError} for an index
+            out of range.
         """
 
     def commit(deleted, seen=()):

@@ -71,7 +71,7 @@ from pop3gw.maildirfiles import (
     uidForKey,
 )
 from pop3gw.maildirfiles import measureFile as _measureFile
-from pop3gw.migrate import readUidMap
+from pop3gw.pop3import import readUidMap
 from pop3gw.runner import ImmediateRunner
 from pop3gw.wire import WireConverter as _WireConverter
 
@@ -299,7 +299,7 @@ class MaildirMaildrop:
         """
         @param runner: runs blocking work.
         @param uids: UIDLs imported from another server, by unique name
-            (see L{pop3gw.migrate}); the others are the unique names.
+            (see L{pop3gw.pop3import}); the others are the unique names.
         @param quick: whether the snapshot was taken on the reactor thread
             (the maildrop is small), so a few flag renames may be too.
         """
@@ -351,13 +351,22 @@ class MaildirMaildrop:
     def _entryPath(self, entry: _Entry) -> str:
         return os.path.join(self.path, entry.subdir, entry.name)
 
-    def openMessage(self, index: int) -> io.BufferedReader:
+    def openMessage(self, index: int) -> defer.Deferred:
         """
-        @return: a binary file-like object streaming message C{index} in
-            wire form.
-        @raise TemporaryFailure: the file vanished, changed size, or cannot
-            be read, or the maildrop is no longer locked.
+        Open message C{index} at once: a local file opens without blocking
+        for long.
+
+        @return: a C{Deferred} already fired with a binary file-like object
+            streaming message C{index} in wire form, or failed with
+            L{TemporaryFailure} (the file vanished, changed size, or cannot
+            be read, or the maildrop is no longer locked) or C{IndexError}.
         """
+        try:
+            return defer.succeed(self._openFile(index))
+        except Exception:
+            return defer.fail()
+
+    def _openFile(self, index: int) -> io.BufferedReader:
         entry = self._entry(index)
         if self._state != "open":
             raise TemporaryFailure("maildrop is not locked")

@@ -1,304 +1,200 @@
-# -*- test-case-name: tests.test_migrate -*-
+# -*- test-case-name: tests.test_pgstore -*-
 """
-Moving from another POP3 server without every client downloading the
-whole mailbox again.
+C{pop3gw migrate}: copy users (hashes untouched), aliases and maildrops
+(UIDLs, seen flags and order kept) between a data directory and a
+PostgreSQL database, in either direction.
 
-POP3 clients that leave mail on the server remember each message by its
-UIDL.  A maildrop may carry a C{pop3gw-uidlist} file mapping its messages
-(by Maildir unique name) to the UIDLs the old server gave them; POP3 then
-serves those UIDLs, so the clients see nothing new.  Two ways fill it:
+The source is only read; its maildrops are locked while they are copied
+(so no POP3 session changes them meanwhile).  The destination must hold no
+users, aliases or messages yet.  Into a database, everything is copied in
+one transaction: a failure leaves the database as it was.  Into a data
+directory, the users and aliases files are written last, so a failed
+migration leaves no user behind (rerun it on an emptied directory).
 
-  - C{pop3gw user import-uidl ADDRESS < FILE}, after the messages were
-    copied over by other means: FILE is either a C{UIDL} listing captured
-    from the old server (C{N uidl} lines, matched to the maildrop's
-    messages by position) or Dovecot's C{dovecot-uidlist} (matched by file
-    name; the UIDL is Dovecot's default C{%08Xu%08Xv}, or the C{P}
-    extension's value when Dovecot stored one);
-  - C{pop3gw import pop3://user@host}: copies every message from any POP3
-    server over verified TLS with its UIDL, resumably.
-
-The file has one C{KEY UIDL} line per message.  An entry is written before
-its message is committed, so an interrupted import never leaves a message
-without its UIDL; an entry whose message is not (or no longer) in the
-maildrop is ignored and dropped at the next import.
+The outbound queue is not copied (empty it first).
 """
 
 from __future__ import annotations
 
 import os
-import poplib
-import re
-import ssl
-import urllib.parse
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Optional
+
+import attr
 
 from pop3gw import fsutil
+from pop3gw.address import Address, AddressError, lookupKey
+from pop3gw.interfaces import Pop3gwError
+from pop3gw.maildir import MaildirStore
+from pop3gw.passwdfile import AliasLine, formatAliasLine, parseAliases, parseUsers
+from pop3gw.pgdatabase import Database
+from pop3gw.pgmail import PostgresMaildropStore, storeMessage
+from pop3gw.pgusers import PostgresUsers
 
-UIDLIST = "pop3gw-uidlist"
-
-#: What RFC 1939 allows in a UIDL.
-_UIDL = re.compile(r"^[\x21-\x7e]{1,70}$")
+__all__ = ["MigrationError", "Migrated", "databaseToMaildir", "maildirToDatabase"]
 
 
-class MigrationError(Exception):
+class MigrationError(Pop3gwError):
     """
-    Something the operator must hear about, as one line.
+    A migration was refused or could not be done; its text is the
+    operator's one line.
     """
 
 
-def keyOf(fileName: str) -> str:
+@attr.s(auto_attribs=True)
+class Migrated:
     """
-    The Maildir unique name of a file name (before C{,} and C{:}).
+    What a migration copied.
     """
-    return fileName.split(":", 1)[0].split(",", 1)[0]
+
+    users: int = 0
+    aliases: int = 0
+    maildrops: int = 0
+    messages: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.users} user(s), {self.aliases} alias(es), "
+            f"{self.messages} message(s) in {self.maildrops} maildrop(s)"
+        )
 
 
-def readUidMap(maildir: str) -> Dict[str, str]:
-    """
-    The maildrop's imported UIDLs, by Maildir unique name (empty without
-    the file; malformed lines are ignored).
-    """
+def _readFile(path: str) -> bytes:
     try:
-        with open(os.path.join(maildir, UIDLIST), "rb") as f:
-            data = f.read()
+        with open(path, "rb") as f:
+            return f.read()
     except FileNotFoundError:
-        return {}
-    uids: Dict[str, str] = {}
-    for raw in data.split(b"\n"):
-        parts = raw.decode("ascii", "replace").split()
-        if len(parts) == 2 and _UIDL.match(parts[1]):
-            uids[parts[0]] = parts[1]
-    return uids
+        return b""
 
 
-def writeUidMap(maildir: str, uids: Dict[str, str], owner: Optional[fsutil.Owner] = None) -> None:
+def _sourceMaildrops(mailDir: str) -> list[Address]:
     """
-    Replace the maildrop's UIDL map (atomically).
+    The maildrops under C{mailDir} (C{<domain>/<localpart>/} with C{cur},
+    C{new} and C{tmp}), sorted.
     """
-    data = "".join(f"{key} {uid}\n" for key, uid in uids.items()).encode("ascii")
-    fsutil.replaceFile(os.path.join(maildir, UIDLIST), data, owner)
-
-
-def parseUIDLListing(text: str) -> List[Tuple[int, str]]:
-    """
-    C{(number, uidl)} pairs of a C{UIDL} listing (C{+OK} and C{.} lines
-    and blank lines ignored).
-
-    @raise MigrationError: a line that is not C{N uidl}.
-    """
-    pairs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line == "." or line.startswith("+OK"):
-            continue
-        parts = line.split()
-        if len(parts) != 2 or not parts[0].isdigit() or not _UIDL.match(parts[1]):
-            raise MigrationError(f"line {number}: expected 'N uidl', got {line[:60]!r}")
-        pairs.append((int(parts[0]), parts[1]))
-    return pairs
-
-
-def parseDovecotUidlist(text: str) -> Dict[str, str]:
-    """
-    Dovecot's C{dovecot-uidlist}: the POP3 UIDL of each file, by Maildir
-    unique name.
-
-    @raise MigrationError: no header, or a line that cannot be read.
-    """
-    lines = text.splitlines()
-    if not lines:
-        raise MigrationError("empty dovecot-uidlist")
-    header = lines[0].split()
-    validity = None
-    if header and header[0] == "3":
-        for field in header[1:]:
-            if field.startswith("V") and field[1:].isdigit():
-                validity = int(field[1:])
-    elif len(header) >= 2 and header[0] in ("1", "2") and header[1].isdigit():
-        validity = int(header[1])
-    if validity is None:
-        raise MigrationError("not a dovecot-uidlist: no UID validity in its first line")
-    out: Dict[str, str] = {}
-    for number, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        head, sep, fileName = line.partition(":")
-        fields = head.split()
-        if not sep or not fields or not fields[0].isdigit():
-            raise MigrationError(f"line {number}: cannot read {line[:60]!r}")
-        uid = int(fields[0])
-        explicit = [f[1:] for f in fields[1:] if f.startswith("P") and len(f) > 1]
-        uidl = explicit[0] if explicit else f"{uid:08X}{validity:08X}"
-        if _UIDL.match(uidl):
-            out[keyOf(fileName.strip())] = uidl
-    return out
-
-
-def mapListing(keys: Sequence[str], pairs: Sequence[Tuple[int, str]]) -> Dict[str, str]:
-    """
-    Match a UIDL listing to the maildrop's messages by position.
-
-    @param keys: the unique names of the maildrop's messages in POP3 order.
-    @raise MigrationError: the listing does not number exactly these
-        messages, or repeats a UIDL.
-    """
-    if len(pairs) != len(keys) or [n for n, _ in pairs] != list(range(1, len(keys) + 1)):
-        raise MigrationError(
-            f"the listing numbers {len(pairs)} messages but the maildrop holds {len(keys)}: "
-            "import the listing right after copying the messages, before any new mail")
-    _noDuplicates(uid for _, uid in pairs)
-    return {key: uid for key, (_, uid) in zip(keys, pairs)}
-
-
-def _noDuplicates(uids: Iterable[str]) -> None:
-    seen = set()
-    for uid in uids:
-        if uid in seen:
-            raise MigrationError(f"UIDL {uid} appears twice")
-        seen.add(uid)
-
-
-def importUIDLs(maildir: str, keys: Sequence[str], text: str, owner: Optional[fsutil.Owner] = None) -> int:
-    """
-    Map the UIDLs in C{text} (a listing, or a C{dovecot-uidlist}) onto the
-    maildrop's messages and write the map.
-
-    @return: how many messages got an old UIDL.
-    @raise MigrationError: the input cannot be used (nothing is written).
-    """
-    first = text.lstrip().split("\n", 1)[0].split()
-    dovecot = bool(first) and first[0] in ("1", "2", "3") and any(
-        f.startswith("V") or f.isdigit() for f in first[1:]) and ":" in text
-    if dovecot and not _looksLikeListing(text):
-        byName = parseDovecotUidlist(text)
-        mapped = {key: byName[key] for key in keys if key in byName}
-        if not mapped and keys:
-            raise MigrationError("no message of the maildrop is named in the dovecot-uidlist")
-    else:
-        mapped = mapListing(keys, parseUIDLListing(text))
-    uids = readUidMap(maildir)
-    present = set(keys)
-    uids = {k: v for k, v in uids.items() if k in present}
-    uids.update(mapped)
-    _noDuplicates(uids.values())
-    writeUidMap(maildir, uids, owner)
-    return len(mapped)
-
-
-def _looksLikeListing(text: str) -> bool:
+    found = []
     try:
-        parseUIDLListing(text)
-    except MigrationError:
-        return False
-    return True
+        domains = sorted(os.listdir(mailDir))
+    except FileNotFoundError:
+        return []
+    for domain in domains:
+        domainDir = os.path.join(mailDir, domain)
+        if not os.path.isdir(domainDir):
+            continue
+        for localpart in sorted(os.listdir(domainDir)):
+            path = os.path.join(domainDir, localpart)
+            if all(os.path.isdir(os.path.join(path, s)) for s in ("cur", "new", "tmp")):
+                try:
+                    found.append(Address.parse(f"{localpart}@{domain}"))
+                except AddressError:
+                    raise MigrationError(f"{path}: not a maildrop of an address") from None
+    return found
 
 
-def parseSource(url: str) -> Tuple[str, str, int, bool]:
+def maildirToDatabase(dataDir: str, database: Database) -> Migrated:
     """
-    C{(user, host, port, implicitTLS)} from C{pop3://user@host[:port]}
-    (STLS, port 110) or C{pop3s://user@host[:port]} (port 995).  The user
-    may be a full address (C{alice@example.org@host} or C{%40}).
+    Copy the users, aliases and maildrops of the data directory
+    C{dataDir} into C{database} (whose schema is current), in one
+    transaction.
 
-    @raise MigrationError: anything else.
+    @raise MigrationError: the database holds users, aliases or messages
+        already, or a maildrop is in use.
+    @raise TemporaryFailure: the database failed (nothing was copied).
     """
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("pop3", "pop3s") or not parsed.hostname:
-        raise MigrationError(f"expected pop3://USER@HOST[:PORT] or pop3s://..., got {url!r}")
-    user, _, _ = parsed.netloc.rpartition("@")
-    if not user:
-        raise MigrationError(f"no user in {url!r}")
-    try:
-        port = parsed.port or (995 if parsed.scheme == "pop3s" else 110)
-    except ValueError:
-        raise MigrationError(f"bad port in {url!r}") from None
-    return urllib.parse.unquote(user), parsed.hostname, port, parsed.scheme == "pop3s"
-
-
-class Importer:
-    """
-    Copies a mailbox from a POP3 server into a maildrop, with its UIDLs
-    (blocking; the C{pop3gw import} command).
-
-    @ivar deliver: stores one message for the user and returns its Maildir
-        unique name; called as C{deliver(data, before)} where C{before(key)}
-        must run once the name is known and before the message is
-        committed.
-    """
-
-    def __init__(self, maildir: str, deliver: Callable[[bytes, Callable[[str], None]], str],
-                 presentKeys: Callable[[], Iterable[str]], owner: Optional[fsutil.Owner] = None,
-                 timeout: float = 60.0) -> None:
-        self.maildir = maildir
-        self.deliver = deliver
-        self.presentKeys = presentKeys
-        self.owner = owner
-        self.timeout = timeout
-
-    def connect(self, host: str, port: int, implicit: bool, context: ssl.SSLContext) -> poplib.POP3:
-        """
-        A POP3 session in verified TLS (STLS on a plain port).
-
-        @raise MigrationError: no TLS, or it cannot be verified.
-        """
-        try:
-            if implicit:
-                return poplib.POP3_SSL(host, port, timeout=self.timeout, context=context)
-            session = poplib.POP3(host, port, timeout=self.timeout)
+    _lines, users, _bad = parseUsers(_readFile(os.path.join(dataDir, "users")))
+    aliases, catchAll, _bad = parseAliases(_readFile(os.path.join(dataDir, "aliases")))
+    source = MaildirStore(os.path.join(dataDir, "mail"), hostname="migrate")
+    keys: dict[str, str] = {}
+    for address in list(users.entries) + list(aliases.entries):
+        first = keys.setdefault(lookupKey(address), str(address))
+        if first != str(address):
+            raise MigrationError(
+                f"{first} and {address} differ only in case: remove or rename one of them before migrating"
+            )
+    done = Migrated()
+    with database.transaction() as conn:
+        for table in ("pop3gw_users", "pop3gw_aliases", "pop3gw_maildrop"):
+            if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
+                raise MigrationError("the database is not empty (it holds users, aliases or messages)")
+        conn.execute("UPDATE pop3gw_directory_version SET version = version + 1")
+        for address, hashed in users.entries.items():
+            conn.execute(
+                "INSERT INTO pop3gw_users (address, lookup_key, hash) VALUES (%s, %s, %s)",
+                (str(address), lookupKey(address), hashed),
+            )
+            done.users += 1
+        named = [(str(a), AliasLine(b"", a, None).key, t) for a, t in aliases.entries.items()]
+        named += [(f"@{d}", f"@{d}", t) for d, t in catchAll.items()]
+        for name, key, targets in named:
+            conn.execute(
+                "INSERT INTO pop3gw_aliases (name, lookup_key, targets) VALUES (%s, %s, %s)",
+                (name, key, [str(t) for t in targets]),
+            )
+            done.aliases += 1
+        for address in _sourceMaildrops(source.root):
             try:
-                if "STLS" not in session.capa():
-                    raise MigrationError(f"{host}:{port} does not offer STLS: refusing to send a password in clear")
-                session.stls(context)
-            except BaseException:
-                session.close()
-                raise
-            return session
-        except ssl.SSLCertVerificationError as e:
-            raise MigrationError(f"{host}:{port}: certificate not trusted: {e.verify_message}") from None
-        except (OSError, poplib.error_proto) as e:
-            raise MigrationError(f"{host}:{port}: {e}") from None
-
-    def run(self, session: poplib.POP3, user: str, password: str,
-            progress: Callable[[str], object] = lambda line: None) -> Tuple[int, int]:
-        """
-        Log in and copy every message not copied yet.
-
-        @return: C{(copied, skipped)}.
-        @raise MigrationError: the login or a retrieval failed (what was
-            copied stays, with its UIDLs: run again to resume).
-        """
-        try:
-            session.user(user)
-            session.pass_(password)
-        except poplib.error_proto:
-            raise MigrationError(f"login as {user} refused") from None
-        try:
-            listing = [line.decode("ascii", "replace").split() for line in session.uidl()[1]]
-        except poplib.error_proto as e:
-            raise MigrationError(f"UIDL refused: {e}") from None
-        present = set(self.presentKeys())
-        uids = {k: v for k, v in readUidMap(self.maildir).items() if k in present}
-        have = set(uids.values())
-        copied = skipped = 0
-        for number, uidl in ((int(n), u) for n, u in listing):
-            if uidl in have:
-                skipped += 1
-                continue
+                drop = source._lockAndSnapshot(address)
+            except Pop3gwError as e:
+                raise MigrationError(f"cannot open the maildrop of {address}: {e}") from None
             try:
-                lines = session.retr(number)[1]
-            except poplib.error_proto as e:
-                raise MigrationError(f"RETR {number} refused: {e}") from None
-            data = b"".join(line + b"\r\n" for line in lines)
+                for index, info in enumerate(drop.messages):
+                    try:
+                        message = drop._openFile(index)
+                    except Pop3gwError as e:
+                        raise MigrationError(f"cannot read a message of {address}: {e}") from None
+                    with message:
+                        storeMessage(conn, message, info.size, [(str(address), info.uid, info.seen)])
+                    done.messages += 1
+            finally:
+                drop.release()
+            done.maildrops += 1
+    return done
 
-            def record(key: str, uidl: str = uidl) -> None:
-                uids[key] = uidl
-                writeUidMap(self.maildir, uids, self.owner)
 
-            self.deliver(data, record)
-            have.add(uidl)
-            copied += 1
-            progress(f"copied message {number} ({len(data)} octets, UIDL {uidl})")
-        try:
-            session.quit()
-        except (OSError, poplib.error_proto):
-            pass
-        return copied, skipped
+def databaseToMaildir(database: Database, dataDir: str, owner: Optional[fsutil.Owner] = None) -> Migrated:
+    """
+    Copy the users, aliases and maildrops of C{database} into the data
+    directory C{dataDir} (created if missing), keeping each message's
+    UIDL as its Maildir unique name and its seen flag as the C{S} flag.
+
+    @raise MigrationError: the data directory holds users, aliases or
+        maildrops already, or a UIDL cannot be a Maildir file name.
+    @raise TemporaryFailure: the database failed.
+    """
+    usersPath = os.path.join(dataDir, "users")
+    aliasesPath = os.path.join(dataDir, "aliases")
+    mailDir = os.path.join(dataDir, "mail")
+    if _readFile(usersPath).strip() or _readFile(aliasesPath).strip() or _sourceMaildrops(mailDir):
+        raise MigrationError(f"the data directory {dataDir} is not empty (it holds users, aliases or maildrops)")
+    fsutil.makeDirectories(dataDir, owner)
+    users = PostgresUsers(database)
+    store = PostgresMaildropStore(database)
+    target = MaildirStore(mailDir, hostname="migrate", owner=owner)
+    done = Migrated()
+    for name in store.maildrops():
+        address = Address.parse(name)
+        path = target._ensureMaildir(target.maildirPath(address))
+        for info in store.listMessages(name):
+            if not info.uid or any(c in info.uid for c in "/:,") or info.uid.startswith("."):
+                raise MigrationError(f"message {info.uid!r} of {name}: its UIDL cannot be a Maildir file name")
+            with store._fetch(info) as message:
+                data = message.read().replace(b"\r\n", b"\n")
+            flags = "S" if info.seen else ""
+            fileName = f"{info.uid},S={len(data)},W={info.size}:2,{flags}"
+            tmp = os.path.join(path, "tmp", fileName)
+            fd = fsutil.createFile(tmp, owner)
+            try:
+                fsutil.writeAll(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, os.path.join(path, "cur", fileName))
+            done.messages += 1
+        fsutil.fsyncDirectory(os.path.join(path, "cur"))
+        done.maildrops += 1
+    aliasLines = users.aliasLines()
+    listed = users.listUsers()
+    fsutil.replaceFile(aliasesPath, b"".join(formatAliasLine(line.raw.decode("utf-8").partition(":")[0], line.targets) + b"\n"
+                                            for _, line in aliasLines), owner)
+    fsutil.replaceFile(usersPath, b"".join(f"{a}:{h}\n".encode("utf-8") for a, h in listed), owner)
+    done.users, done.aliases = len(listed), len(aliasLines)
+    return done

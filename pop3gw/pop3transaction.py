@@ -18,6 +18,7 @@ from pop3gw.pop3replies import (
     _TRANSACTION,
     _UPDATE,
     ERR_COMMIT,
+    ERR_INTERNAL,
     ERR_MESSAGE_UNAVAILABLE,
     GOODBYE,
     _MessageDeleted,
@@ -184,41 +185,71 @@ class TransactionCommands(_Host):
     def do_RETR(self, rest: str) -> None:
         (number,) = _numbers(rest, 1, 1)
         index = self._message(number)
-        source = self._open(index)
+        self.hold(self._open(index).addCallback(self._cbRetr, index, number))
+
+    def _cbRetr(self, source, index: int, number: int) -> Optional[defer.Deferred]:
         if source is None:
-            return
+            return None
         self._reply("+OK %d octets" % (self._messages[index].size,))
         transaction = self._current
         transaction.last = max(transaction.last, number)
         transaction.accessed.add(index)
-        self._send(source, None)
+        return self._send(source, None)
 
     def do_TOP(self, rest: str) -> None:
         number, lines = _numbers(rest, 2, 2)
         index = self._message(number)
-        source = self._open(index)
-        if source is None:
-            return
-        self._reply("+OK Top of message follows.")
-        self._send(source, lines)
+        self.hold(self._open(index).addCallback(self._cbTop, lines))
 
-    def _open(self, index: int):
+    def _cbTop(self, source, lines: int) -> Optional[defer.Deferred]:
+        if source is None:
+            return None
+        self._reply("+OK Top of message follows.")
+        return self._send(source, lines)
+
+    def _open(self, index: int) -> defer.Deferred:
         """
-        @return: the message file, or C{None} after replying if it is gone.
+        Open message C{index} (L{IMaildrop.openMessage}, which a database
+        store answers later).
+
+        @return: a C{Deferred} firing with the message file, or with
+            C{None} after replying if it is unavailable or the connection
+            was lost meanwhile (the file is then closed).
         """
-        try:
-            return self._openMaildrop.openMessage(index)
-        except TemporaryFailure as e:
-            self.log.warn(
-                "message unavailable: user={user} index={index} error={error}",
-                user=events.sanitize(self._avatarName()),
-                index=index,
-                error=str(e),
-            )
-            self._reply(ERR_MESSAGE_UNAVAILABLE)
+        d = defer.maybeDeferred(self._openMaildrop.openMessage, index)
+
+        def opened(source):
+            if self._disconnected:
+                source.close()
+                return None
+            return source
+
+        def failed(reason: Failure) -> None:
+            if reason.check(TemporaryFailure):
+                self.log.warn(
+                    "message unavailable: user={user} index={index} error={error}",
+                    user=events.sanitize(self._avatarName()),
+                    index=index,
+                    error=str(reason.value),
+                )
+                reply = ERR_MESSAGE_UNAVAILABLE
+            else:
+                # A server fault, answered like one in any other command:
+                # the session goes on.
+                self.log.failure("unexpected error handling a POP3 command", reason)
+                reply = ERR_INTERNAL
+            if not self._disconnected:
+                self._reply(reply)
             return None
 
-    def _send(self, source, topLines: Optional[int]) -> None:
+        return d.addCallbacks(opened, failed)
+
+    def _send(self, source, topLines: Optional[int]) -> defer.Deferred:
+        """
+        Stream C{source} (its top for C{TOP}).
+
+        @return: a C{Deferred} firing once the transfer has ended.
+        """
         done: defer.Deferred = defer.Deferred()
         sender = _MessageSender(
             self.transport,
@@ -229,8 +260,8 @@ class TransactionCommands(_Host):
             onSent=self._countSent,
         )
         self._sender = sender
-        self.hold(done)
         sender.start(paused=self._output.paused)
+        return done
 
     def _countSent(self, octets: int) -> None:
         """

@@ -37,6 +37,9 @@ from pop3gw.interfaces import SendingLimited
 
 DATABASE = "accounts.sqlite"
 
+#: Seconds between two warnings that the records cannot be used.
+UNAVAILABLE_WARNING_INTERVAL = 60.0
+
 HOUR = 3600.0
 DAY = 86400.0
 
@@ -342,6 +345,7 @@ class SendingPolicy:
         self.limits = limits
         self._runner = runner
         self._notify = notify
+        self._lastWarned: Optional[float] = None
 
     def admit(self, user: str, accepted: int, client: str) -> defer.Deferred:
         """
@@ -351,8 +355,22 @@ class SendingPolicy:
             L{SendingLimited}.
         """
         d = self._runner.run(self.limits.admit, user, accepted, client)
-        d.addCallback(self._decided, user, client)
+        d.addCallbacks(self._decided, self._unavailable, callbackArgs=(user, client))
         return d
+
+    def _unavailable(self, reason) -> None:
+        """
+        The records cannot be read or written (a full disk, say): the
+        recipient is let through, so mail does not stop for the sake of
+        its accounting; a warning is logged at most once a minute.
+        """
+        reason.trap(sqlite3.Error, OSError)
+        now = time.monotonic()
+        if self._lastWarned is None or now - self._lastWarned >= UNAVAILABLE_WARNING_INTERVAL:
+            self._lastWarned = now
+            error = getattr(reason.value, "strerror", None) or str(reason.value)
+            self.log.warn("sending limits unavailable ({error}): not enforced until {path} works again",
+                          error=error, path=self.limits.path)
 
     def _decided(self, decision: Tuple[Optional[str], Optional[Suspension]], user: str, client: str) -> None:
         refusal, suspension = decision

@@ -49,6 +49,10 @@ from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.loginwatch import LoginWatch
 from pop3gw.maildir import MaildirStore
 from pop3gw.metrics import Metrics, healthProblems, metricsSite
+from pop3gw.pgdatabase import Database, checkSchema, redact
+from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
+from pop3gw.pgqueue import QUEUE_POLL_INTERVAL, PostgresQueue
+from pop3gw.pgusers import PostgresUsers
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import OutboundQueue
 from pop3gw.relay import RelayService
@@ -136,9 +140,16 @@ class ThreadPoolService(Service):
 
     stopStage = STOP_POOLS
 
-    def __init__(self, pool: ThreadPool, runner: Optional[ThreadPoolRunner] = None) -> None:
+    def __init__(
+        self, pool: ThreadPool, runner: Optional[ThreadPoolRunner] = None, afterStop: Optional[Callable[[], None]] = None
+    ) -> None:
+        """
+        @param afterStop: called once the pool has stopped (closing the
+            database pool its threads used).
+        """
         self.pool = pool
         self.runner = runner
+        self.afterStop = afterStop
 
     def startService(self) -> None:
         super().startService()
@@ -147,7 +158,11 @@ class ThreadPoolService(Service):
     def stopService(self) -> defer.Deferred:
         super().stopService()
         d = self.runner.drain() if self.runner is not None else defer.succeed(None)
-        return d.addCallback(lambda _: self.pool.stop())
+        d.addCallback(lambda _: self.pool.stop())
+        if self.afterStop is not None:
+            afterStop = self.afterStop
+            d.addCallback(lambda _: afterStop())
+        return d
 
 
 def _openConnections(limiter: ConnectionLimitFactory) -> Callable[[], int]:
@@ -469,7 +484,97 @@ def makeService(options, reactor=None) -> MultiService:
         raise SystemExit(f"pop3gw: {e}") from None
 
 
-def _checkPostmaster(config: Config, users: UsersFile) -> None:
+def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int, owner: Optional[fsutil.Owner]) -> tuple:
+    """
+    The users directory and maildrops of C{--store postgresql://...}, with
+    their own thread pool (L{Config.limits} C{database-threads}) and lock
+    renewal; the connection pool holds one connection per thread that may
+    use it (those and the hash threads, which look up passwords), and is
+    closed once the database threads have stopped.
+
+    @return: (users, maildrop store, the runner of database work, the
+        outbound queue).
+    @raise ConfigError: the database's schema is missing or not current.
+    """
+    threads = max(1, int(config.limits["database-threads"]))
+    database = Database(config.store, maxConnections=threads + hashThreads)
+    try:
+        problem = checkSchema(database)
+    except TemporaryFailure as e:
+        # Served with temporary failures until the database answers.
+        log.warn("cannot check the database schema: {error}", error=str(e))
+        problem = None
+    if problem is not None:
+        database.close()
+        raise ConfigError(problem)
+    pool = ThreadPool(minthreads=1, maxthreads=threads, name="pop3gw-db")
+    runner = ThreadPoolRunner(reactor, pool)
+    users = PostgresUsers(database, config.postmaster, config.recipientDelimiter)
+    users.refresh()
+    store = PostgresMaildropStore(database, runner)
+    queue = PostgresQueue(database, reactor, runner, store.node, os.path.join(config.dataDir, "relay"), owner)
+
+    def afterStop() -> None:
+        # The relay has recorded its attempts: hand this node's queue
+        # entries to the other nodes, then close the connections.
+        queue.releaseAll()
+        database.close()
+
+    ThreadPoolService(pool, runner, afterStop=afterStop).setServiceParent(top)
+    LockLeaseService(store, runner).setServiceParent(top)
+    return users, store, runner, queue
+
+
+class QueuePollService(TimerService):
+    """
+    Every L{QUEUE_POLL_INTERVAL} seconds, renews the leases of the queue
+    entries this node holds, claims free ones for the relay and reads
+    flush requests (L{PostgresQueue.poll}, in a database thread).
+    """
+
+    def __init__(self, queue: PostgresQueue, runner: ThreadPoolRunner) -> None:
+        super().__init__(QUEUE_POLL_INTERVAL, self._poll)
+        self.queue = queue
+        self.runner = runner
+
+    def _poll(self) -> defer.Deferred:
+        d = self.runner.run(self.queue.poll)
+        d.addCallbacks(
+            self.queue.announceClaimed,
+            lambda f: log.warn("cannot poll the outbound queue: {error}", error=str(f.value)),
+        )
+        return d
+
+
+class LockLeaseService(TimerService):
+    """
+    Renews the maildrop locks this node holds every
+    L{LOCK_RENEW_INTERVAL} seconds, and frees them all when the server
+    stops (before the database threads stop).
+    """
+
+    def __init__(self, store: PostgresMaildropStore, runner: ThreadPoolRunner) -> None:
+        super().__init__(LOCK_RENEW_INTERVAL, self._renew)
+        self.store = store
+        self.runner = runner
+
+    def _renew(self) -> defer.Deferred:
+        d = self.runner.run(self.store.renewLocks)
+        d.addErrback(lambda f: log.warn("cannot renew maildrop locks: {error}", error=str(f.value)))
+        return d
+
+    def stopService(self) -> defer.Deferred:
+        d = defer.maybeDeferred(super().stopService)
+
+        def release(_: object) -> defer.Deferred:
+            done = self.runner.run(self.store.releaseAll)
+            done.addErrback(lambda f: log.warn("cannot release maildrop locks: {error}", error=str(f.value)))
+            return done
+
+        return d.addCallback(release)
+
+
+def _checkPostmaster(config: Config, users: Any) -> None:
     """
     Warn at start-up when C{postmaster@} the local domains has no named
     receiver (RFC 5321 4.5.1 requires the address): it then goes to the
@@ -515,7 +620,10 @@ def _inboundChecker(config: Config, reactor: Any, top: MultiService) -> Optional
 def _build(config: Config, reactor) -> MultiService:
     _raiseFileLimit()
     owner = None
-    for path in (config.dataDir, config.mailDir, config.queueDir):
+    # With a database store, the data directory keeps only this node's
+    # TLS material.
+    paths = (config.dataDir,) if config.usesDatabase else (config.dataDir, config.mailDir, config.queueDir)
+    for path in paths:
         try:
             fsutil.makeDirectories(path, owner)
             if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
@@ -534,9 +642,16 @@ def _build(config: Config, reactor) -> MultiService:
     ThreadPoolService(hashPool).setServiceParent(top)
     ThreadPoolService(ioPool, ioRunner).setServiceParent(top)
 
-    users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
-    store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
-    queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
+    users: Any
+    store: Any
+    storeRunner = ioRunner
+    queue: Any
+    if config.usesDatabase:
+        users, store, storeRunner, queue = _databaseStores(config, reactor, top, hashPool.max, owner)
+    else:
+        users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
+        store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
+        queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
     keyring = Keyring(config.dataDir)
     keyring.refresh()
     # DKIM signing is CPU work that holds the GIL: other processes do it.
@@ -546,7 +661,7 @@ def _build(config: Config, reactor) -> MultiService:
     sendingLimits = SendingLimits(
         config.dataDir, config.limits["messages-per-hour"], config.limits["recipients-per-day"], owner
     )
-    appPasswords = AppPasswords(os.path.join(config.dataDir, APP_PASSWORDS), users.lockPath, owner)
+    appPasswords = AppPasswords(os.path.join(config.dataDir, APP_PASSWORDS), config.usersPath + ".lock", owner)
     watch = LoginWatch(reactor, os.path.join(config.dataDir, LOGIN_HISTORY), ioRunner, owner)
     watch.load()
     LoginWatchService(watch).setServiceParent(top)
@@ -715,6 +830,9 @@ def _build(config: Config, reactor) -> MultiService:
         for description in config.listeners["metrics"]:
             ListenerService(reactor, "metrics", description, limited(site, None)).setServiceParent(top)
 
+    if isinstance(queue, PostgresQueue):
+        QueuePollService(queue, storeRunner).setServiceParent(top)
+
     if not any(config.listeners[name] for name, _, _, _ in plans):
         log.warn("no POP3, submission, MX or LMTP listener is configured: only the outbound queue runs")
 
@@ -722,7 +840,7 @@ def _build(config: Config, reactor) -> MultiService:
         # The users directory is re-read in the I/O pool (a stat of each
         # file, a read only when one changed); the reactor thread only
         # ever reads the snapshot.
-        d = ioRunner.run(users.refresh)
+        d = storeRunner.run(users.refresh)
         d.addErrback(lambda f: log.failure("cannot refresh the users directory", f))
         return d
 
@@ -747,8 +865,9 @@ def _build(config: Config, reactor) -> MultiService:
         TimerService(ACME_CHECK_INTERVAL, renewer.check).setServiceParent(top)
 
     log.info(
-        "pop3gw data directory {dataDir}; local domains: {domains}; plaintext auth: {policy}",
+        "pop3gw data directory {dataDir}; store {store}; local domains: {domains}; plaintext auth: {policy}",
         dataDir=config.dataDir,
+        store=redact(config.store),
         domains=", ".join(config.domains) or "(domains of users)",
         policy=config.plaintextAuth,
     )

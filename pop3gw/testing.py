@@ -172,11 +172,14 @@ class FakeMaildrop:
         self.committed: Optional[set] = None
         self.committedSeen: Optional[set] = None
 
-    def openMessage(self, index: int):
-        uid, data = self._entries[index]
+    def openMessage(self, index: int) -> defer.Deferred:
+        try:
+            uid, data = self._entries[index]
+        except IndexError:
+            return defer.fail()
         if uid in self._store.vanished:
-            raise TemporaryFailure("message vanished")
-        return io.BytesIO(wireForm(data))
+            return defer.fail(TemporaryFailure("message vanished"))
+        return defer.succeed(io.BytesIO(wireForm(data)))
 
     def commit(self, deleted: Iterable[int], seen: Iterable[int] = ()):
         """

@@ -12,8 +12,9 @@ read back by POP3 in wire form (L{WireConverter}).
 from __future__ import annotations
 
 import re
+from typing import Optional
 
-__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "CRLFStream", "LFNormalizer", "WireConverter", "toCRLF"]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "CRLFStream", "LFNormalizer", "MessageDataCheck", "WireConverter", "toCRLF"]
 
 #: The largest message accepted by default, in octets (C{max-message-size}).
 DEFAULT_MAX_MESSAGE_SIZE = 40 * 1024 * 1024
@@ -106,3 +107,42 @@ class WireConverter:
 
     def finish(self) -> bytes:
         return self._normalizer.finish().replace(b"\n", b"\r\n")
+
+
+# What a stored message may not hold: a CR not followed by LF, or a NUL.
+_BAD_DATA = re.compile(rb"\r(?!\n)|\x00")
+
+
+class MessageDataCheck:
+    """
+    Finds a bare CR (a CR not followed by LF) or a NUL in a message given
+    in chunks, wherever the chunk boundaries fall: a CR that ends one chunk
+    is judged by the next one, or by L{finish}.
+    """
+
+    def __init__(self) -> None:
+        self._pendingCR = False
+
+    def feed(self, data: bytes) -> Optional[str]:
+        """
+        @return: what is wrong with the message so far (C{"NUL octet"} or
+            C{"bare CR (a CR not followed by LF)"}), or C{None}.
+        """
+        if not data:
+            return None
+        if self._pendingCR and data[:1] != b"\n":
+            return _BARE_CR
+        self._pendingCR = data[-1:] == b"\r"
+        bad = _BAD_DATA.search(data, 0, len(data) - 1 if self._pendingCR else len(data))
+        if bad is None:
+            return None
+        return "NUL octet" if bad.group() == b"\x00" else _BARE_CR
+
+    def finish(self) -> Optional[str]:
+        """
+        @return: what is wrong with the end of the message, or C{None}.
+        """
+        return _BARE_CR if self._pendingCR else None
+
+
+_BARE_CR = "bare CR (a CR not followed by LF)"

@@ -77,6 +77,29 @@ class OptionsTests(SynchronousTestCase):
         ):
             self.assertRaises(usage.UsageError, Options().parseOptions, args)
 
+    def test_store(self) -> None:
+        """
+        C{--store} is C{maildir} by default; a C{postgresql://} URI is kept
+        as given, from the command line or the INI file's C{store} key,
+        with the C{[limits] database-threads} setting; anything else is
+        refused with one line.
+        """
+        self.assertEqual(parse().store, "maildir")
+        self.assertFalse(parse().usesDatabase)
+        self.assertEqual(parse().limits["database-threads"], 10)
+        uri = "postgresql://pop3gw@db1,db2/mail?target_session_attrs=read-write"
+        self.assertEqual(parse("--store", uri).store, uri)
+        self.assertTrue(parse("--store", uri).usesDatabase)
+        ini = self.writeINI(f"[pop3gw]\nstore = {uri}\n[limits]\ndatabase-threads = 4\n")
+        config = parse("--config", ini)
+        self.assertEqual((config.store, config.limits["database-threads"]), (uri, 4))
+        self.assertEqual(parse("--config", ini, "--store", "maildir").store, "maildir")
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(["--store", "mysql://x/y"])
+        self.assertEqual(str(caught.exception), "store: must be maildir or a postgresql:// URI")
+        zero = self.writeINI("[limits]\ndatabase-threads = 0\n")
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", zero])
+
     def test_lmtpListener(self) -> None:
         """
         C{--lmtp} is off by default, repeatable, and C{none} turns it off.

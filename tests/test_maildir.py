@@ -64,7 +64,7 @@ class MaildropStoreContractMixin:
         return self.successResultOf(self.store.openMaildrop(address))
 
     def read(self, drop, index: int) -> bytes:
-        f = drop.openMessage(index)
+        f = self.successResultOf(drop.openMessage(index))
         try:
             return f.read()
         finally:
@@ -455,7 +455,7 @@ class MaildirTestsMixin:
         return self.successResultOf(self.store.openMaildrop(address))
 
     def read(self, drop, index: int) -> bytes:
-        with drop.openMessage(index) as f:
+        with self.successResultOf(drop.openMessage(index)) as f:
             return f.read()
 
     def putFile(self, address: Address, subdir: str, name: str, data: bytes) -> str:
@@ -953,7 +953,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         drop = self.openDrop()
         for name in self.listing(ALICE, "new"):
             os.unlink(self.path(ALICE, "new", name))
-        self.assertRaises(TemporaryFailure, drop.openMessage, 0)
+        self.failureResultOf(drop.openMessage(0), TemporaryFailure)
         drop.release()
 
     def test_openChangedSize(self) -> None:
@@ -966,7 +966,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         [name] = self.listing(ALICE, "new")
         with open(self.path(ALICE, "new", name), "ab") as f:
             f.write(b"more\n")
-        self.assertRaises(TemporaryFailure, drop.openMessage, 0)
+        self.failureResultOf(drop.openMessage(0), TemporaryFailure)
         drop.release()
 
     def test_useAfterRelease(self) -> None:
@@ -976,7 +976,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         self.deliver([ALICE], b"1\n")
         drop = self.openDrop()
         drop.release()
-        self.assertRaises(TemporaryFailure, drop.openMessage, 0)
+        self.failureResultOf(drop.openMessage(0), TemporaryFailure)
         self.failureResultOf(drop.commit([0]), TemporaryFailure)
         self.assertEqual(self.stored(), [b"1\n"])
 
@@ -987,8 +987,8 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         """
         self.deliver([ALICE], b"1\n")
         drop = self.openDrop()
-        self.assertRaises(IndexError, drop.openMessage, 1)
-        self.assertRaises(IndexError, drop.openMessage, -1)
+        self.failureResultOf(drop.openMessage(1), IndexError)
+        self.failureResultOf(drop.openMessage(-1), IndexError)
         self.failureResultOf(drop.commit([0, 5]), IndexError)
         self.assertEqual(self.stored(), [b"1\n"])
         self.openDrop().release()
@@ -1458,7 +1458,7 @@ class StreamingTests(MaildirTestsMixin, SynchronousTestCase):
         self.successResultOf(delivery.commit())
         drop = self.openDrop()
         pieces = []
-        with drop.openMessage(0) as f:
+        with self.successResultOf(drop.openMessage(0)) as f:
             while True:
                 piece = f.read(997)
                 if not piece:
@@ -1479,7 +1479,7 @@ class StreamingTests(MaildirTestsMixin, SynchronousTestCase):
         data = b"a" * (maildir.READ_CHUNK - 1) + b"\r\n" + b"b\r" * 10 + b"\rc"
         self.putFile(ALICE, "cur", "1600000000.crlf:2,", data)
         drop = self.openDrop()
-        with drop.openMessage(0) as f:
+        with self.successResultOf(drop.openMessage(0)) as f:
             served = f.read()
         self.assertEqual(served, wireForm(data))
         self.assertEqual(drop.messages[0].size, len(served))
@@ -1491,7 +1491,7 @@ class StreamingTests(MaildirTestsMixin, SynchronousTestCase):
         """
         self.deliver([ALICE], b"one\ntwo\r\nthree")
         drop = self.openDrop()
-        with drop.openMessage(0) as f:
+        with self.successResultOf(drop.openMessage(0)) as f:
             self.assertEqual(f.readline(), b"one\r\n")
             self.assertEqual(list(f), [b"two\r\n", b"three\r\n"])
         drop.release()
@@ -1509,7 +1509,7 @@ class StreamingTests(MaildirTestsMixin, SynchronousTestCase):
         total = 0
         tracemalloc.start()
         try:
-            with drop.openMessage(0) as f:
+            with self.successResultOf(drop.openMessage(0)) as f:
                 while True:
                     piece = f.read(8192)
                     if not piece:

@@ -1538,6 +1538,47 @@ class StreamingTests(_Harness):
             self.logLines(),
         )
 
+    def test_retrWaitsForSlowOpen(self) -> None:
+        """
+        A maildrop whose C{openMessage} answers later (a database store
+        fetching the message) delays the C{+OK} line until the message is
+        at hand; a pipelined command waits behind it.
+        """
+        maildrop = self.login()
+        opening: defer.Deferred = defer.Deferred()
+        maildrop.openMessage = lambda index: opening
+        self.assertEqual(self.send(b"RETR 1\r\nNOOP\r\n"), b"")
+        opening.callback(_TrackedFile(MSG1))
+        self.assertEqual(self.transport.value(), b"+OK %d octets\r\n" % (len(MSG1),) + MSG1 + b".\r\n+OK\r\n")
+
+    def test_slowOpenFailsTemporarily(self) -> None:
+        """
+        An C{openMessage} that fails later with L{TemporaryFailure} gets
+        the message-unavailable reply, and the session goes on.
+        """
+        maildrop = self.login()
+        opening: defer.Deferred = defer.Deferred()
+        maildrop.openMessage = lambda index: opening
+        self.assertEqual(self.send(b"TOP 1 0\r\nNOOP\r\n"), b"")
+        opening.errback(TemporaryFailure("database unreachable"))
+        self.assertEqual(self.transport.value(), b"-ERR [SYS/TEMP] Message temporarily unavailable.\r\n+OK\r\n")
+
+    def test_slowOpenAfterConnectionLost(self) -> None:
+        """
+        A message that arrives after the connection was lost is closed,
+        not sent.
+        """
+        maildrop = self.login()
+        opening: defer.Deferred = defer.Deferred()
+        maildrop.openMessage = lambda index: opening
+        self.send(b"RETR 1\r\n")
+        self.proto.connectionLost(Failure(ConnectionError()))
+        f = _TrackedFile(MSG1)
+        opening.callback(f)
+        self.assertTrue(f.closed)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(maildrop.released)
+
     def test_fileClosedAfterTransfer(self) -> None:
         """
         The message file is closed once sent.

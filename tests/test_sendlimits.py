@@ -302,3 +302,24 @@ class CommandTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as e:
             self.command("user", "limits", ALICE, "--messages-per-hour", "lots")
         self.assertEqual(e.exception.code, 2)
+
+
+class UnavailableTests(SynchronousTestCase):
+    def test_failOpen(self) -> None:
+        """
+        When the records cannot be used (here: the data directory is gone),
+        recipients are accepted and one warning is logged, not one per
+        recipient.
+        """
+        import shutil
+
+        dataDir = makeTempDirectory(self)
+        limits = SendingLimits(os.path.join(dataDir, "gone"), 1, 1)
+        self.addCleanup(limits.close)
+        policy = SendingPolicy(limits, ImmediateRunner(), lambda s: defer.succeed(None))
+        with capturedLogs() as events:
+            for _ in range(3):
+                self.successResultOf(policy.admit(ALICE, 0, "192.0.2.7"))
+        warnings = [formatEvent(e) for e in events if "sending limits unavailable" in formatEvent(e)]
+        self.assertEqual(len(warnings), 1, warnings)
+        shutil.rmtree(dataDir, True)

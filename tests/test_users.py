@@ -107,7 +107,12 @@ class UsersFileContract:
         self.assertEqual(self.db.lookupUser(shouting), (ALICE, HASH_A))
         self.assertEqual(self.db.lookupUser(Address("Bob", "example.org")), (BOB, HASH_B))
         self.assertIsNone(self.db.lookupUser(CAROL))
-        self.assertEqual(self.db.peekUser(Address("Alice", "example.org")), (ALICE, HASH_A))
+        try:
+            peeked = self.db.peekUser(Address("Alice", "example.org"))
+        except LookupWouldBlock:
+            # A database backend may never have the answer at hand.
+            peeked = self.db.lookupUser(Address("Alice", "example.org"))
+        self.assertEqual(peeked, (ALICE, HASH_A))
         self.assertTrue(self.db.snapshot().exists(shouting))
         self.assertEqual(self.db.snapshot().resolve(shouting), (ALICE,))
         self.assertEqual(self.db.snapshot().resolve(Address("PostMaster", "example.org")), (ALICE,))

@@ -1,5 +1,5 @@
 """
-Tests for L{pop3gw.migrate}: old UIDLs onto imported messages, and the
+Tests for L{pop3gw.pop3import}: old UIDLs onto imported messages, and the
 resumable copy from another POP3 server.
 """
 
@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pop3gw.address import Address
 from pop3gw.maildir import MaildirStore
-from pop3gw.migrate import (
+from pop3gw.pop3import import (
     UIDLIST,
     Importer,
     MigrationError,

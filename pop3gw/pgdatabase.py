@@ -1,0 +1,267 @@
+# -*- test-case-name: tests.test_pgstore -*-
+"""
+The PostgreSQL database behind C{--store postgresql://...}: a connection
+pool (psycopg 3 and psycopg_pool), the schema and its versions, and the
+mapping of database failures to L{TemporaryFailure}.
+
+Every method here blocks: the server calls them only from its database
+thread pool (through an L{pop3gw.interfaces.IBlockingRunner}) or from the
+hash threads (password lookups), the C{pop3gw} command directly.  The pool
+holds at most as many connections as there are threads that may use it, so
+a thread never waits for a connection while the database is up.
+
+The schema is versioned: L{SCHEMA} lists the statements that bring a
+database from one version to the next, and L{initSchema} (C{pop3gw --store
+URI init}) applies the missing ones in one transaction, under a lock, so it
+is idempotent and safe to run from several nodes at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import Any, Iterator, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+from twisted.logger import Logger
+
+from pop3gw.interfaces import TemporaryFailure
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "Database", "initSchema", "isDatabaseURI", "redact"]
+
+_log = Logger()
+
+#: Seconds a thread waits for a pooled connection (or for the database to
+#: answer a new connection) before the work fails with L{TemporaryFailure}.
+CONNECT_TIMEOUT = 5.0
+
+#: How long one statement may run (milliseconds) before the database
+#: cancels it; a lock wait counts.
+STATEMENT_TIMEOUT_MS = 30_000
+
+#: The schema, one list of statements per version: entry C{n} brings a
+#: database from version C{n} to C{n + 1}.
+SCHEMA: list[list[str]] = [
+    [
+        """CREATE TABLE pop3gw_users (
+            address text PRIMARY KEY,
+            lookup_key text NOT NULL UNIQUE,
+            hash text NOT NULL,
+            position bigserial NOT NULL)""",
+        """CREATE TABLE pop3gw_aliases (
+            name text PRIMARY KEY,
+            lookup_key text NOT NULL UNIQUE,
+            targets text[] NOT NULL,
+            position bigserial NOT NULL)""",
+        # Bumped by every change to users or aliases (and locked by it, so
+        # changes are serialised): nodes re-read the directory only when it
+        # moved.
+        """CREATE TABLE pop3gw_directory_version (
+            id integer PRIMARY KEY CHECK (id = 1),
+            version bigint NOT NULL)""",
+        "INSERT INTO pop3gw_directory_version VALUES (1, 1)",
+        """CREATE TABLE pop3gw_messages (
+            id bigserial PRIMARY KEY,
+            size bigint NOT NULL,
+            created timestamptz NOT NULL DEFAULT now())""",
+        """CREATE TABLE pop3gw_message_chunks (
+            message_id bigint NOT NULL REFERENCES pop3gw_messages ON DELETE CASCADE,
+            seq integer NOT NULL,
+            data bytea NOT NULL,
+            PRIMARY KEY (message_id, seq))""",
+        # Never goes back, so a UIDL made from it is never reused.
+        "CREATE SEQUENCE pop3gw_position",
+        """CREATE TABLE pop3gw_maildrop (
+            id bigserial PRIMARY KEY,
+            maildrop text NOT NULL,
+            message_id bigint NOT NULL REFERENCES pop3gw_messages,
+            position bigint NOT NULL,
+            uid text NOT NULL,
+            seen boolean NOT NULL DEFAULT false,
+            UNIQUE (maildrop, uid))""",
+        "CREATE INDEX pop3gw_maildrop_order ON pop3gw_maildrop (maildrop, position)",
+        "CREATE INDEX pop3gw_maildrop_message ON pop3gw_maildrop (message_id)",
+        # One row per maildrop held by a POP3 session: which node, which
+        # session, and until when (the node renews its rows; a dead node's
+        # rows go stale).
+        """CREATE TABLE pop3gw_locks (
+            maildrop text PRIMARY KEY,
+            node text NOT NULL,
+            token text NOT NULL,
+            expires timestamptz NOT NULL)""",
+        # The outbound queue: the entry (JSON, as the file queue writes
+        # it), its message, and the node relaying it until lease_expires.
+        """CREATE TABLE pop3gw_queue (
+            id text PRIMARY KEY,
+            entry bytea NOT NULL,
+            message_id bigint NOT NULL REFERENCES pop3gw_messages,
+            node text NOT NULL,
+            lease_expires timestamptz NOT NULL,
+            created timestamptz NOT NULL DEFAULT now())""",
+        "CREATE INDEX pop3gw_queue_lease ON pop3gw_queue (lease_expires)",
+        """CREATE TABLE pop3gw_queue_flush (
+            id integer PRIMARY KEY CHECK (id = 1),
+            stamp bigint NOT NULL)""",
+        "INSERT INTO pop3gw_queue_flush VALUES (1, 0)",
+    ],
+]
+
+#: The version this code reads and writes.
+SCHEMA_VERSION = len(SCHEMA)
+
+#: Arbitrary key of the advisory lock L{initSchema} holds.
+_INIT_LOCK = 0x706F7033
+
+
+def isDatabaseURI(store: str) -> bool:
+    """
+    @return: whether C{store} names a PostgreSQL database (a libpq URI).
+    """
+    return re.match(r"postgres(ql)?://", store) is not None
+
+
+def redact(uri: str) -> str:
+    """
+    @return: C{uri} without its password, for logs and messages.
+    """
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def _temporary(error: Exception) -> TemporaryFailure:
+    """
+    The L{TemporaryFailure} for a database that cannot be reached or
+    answered an operational error.
+    """
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TemporaryFailure(f"database unavailable: {text}")
+
+
+class Database:
+    """
+    A pool of connections to one database.
+
+    @param uri: a libpq connection URI (multi-host URIs with
+        C{target_session_attrs=read-write} follow a promoted standby).
+    @param maxConnections: the most connections held; give the number of
+        threads that may use the pool.
+    @param timeout: seconds to wait for a connection before failing with
+        L{TemporaryFailure}.
+    """
+
+    def __init__(
+        self, uri: str, maxConnections: int = 4, minConnections: int = 1, timeout: float = CONNECT_TIMEOUT
+    ) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        # psycopg_pool reports each failed connection attempt through the
+        # standard logging module, which would print them on stderr: the
+        # failures that matter reach the callers as TemporaryFailure, which
+        # they log (or print) once, in one line.
+        poolLog = logging.getLogger("psycopg.pool")
+        poolLog.propagate = False
+        if not poolLog.handlers:
+            poolLog.addHandler(logging.NullHandler())
+        self.uri = uri
+        self._errors: tuple = (psycopg.OperationalError, psycopg.InterfaceError)
+        self._pool = ConnectionPool(
+            uri,
+            min_size=max(0, min(minConnections, maxConnections)),
+            max_size=max(1, maxConnections),
+            open=False,
+            timeout=timeout,
+            # A connection broken by a restart or failover is found and
+            # replaced when taken, not handed out.
+            check=ConnectionPool.check_connection,
+            kwargs={"connect_timeout": max(1, int(timeout)), "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
+            name="pop3gw",
+        )
+        # Opened without waiting: a database down at start-up is retried in
+        # the background, and work meanwhile fails temporarily.
+        self._pool.open(wait=False)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """
+        A pooled connection in a transaction, committed when the block ends
+        (rolled back if it raises).
+
+        @raise TemporaryFailure: no connection within L{CONNECT_TIMEOUT},
+            or the database failed (connection lost, shut down, serialization
+            trouble); whatever the block did is rolled back.
+        """
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._pool.connection() as conn:
+                with conn.transaction():
+                    yield conn
+        except PoolTimeout as e:
+            raise _temporary(e) from None
+        except self._errors as e:
+            raise _temporary(e) from None
+
+    def close(self) -> None:
+        """
+        Close every connection.
+        """
+        self._pool.close()
+
+
+def schemaVersion(conn: Any) -> int:
+    """
+    @return: the version of the schema C{conn}'s database holds (0: none).
+    """
+    exists = conn.execute("SELECT to_regclass('pop3gw_schema') IS NOT NULL").fetchone()[0]
+    if not exists:
+        return 0
+    row = conn.execute("SELECT version FROM pop3gw_schema").fetchone()
+    return row[0] if row is not None else 0
+
+
+def initSchema(database: Database) -> tuple[int, int]:
+    """
+    Create the schema or bring it to L{SCHEMA_VERSION}, in one transaction
+    under an advisory lock (several nodes may run it at once).
+
+    @return: the versions before and after.
+    @raise TemporaryFailure: the database cannot be reached.
+    @raise ValueError: the database holds a newer schema than this code.
+    """
+    with database.transaction() as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INIT_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS pop3gw_schema (version integer NOT NULL)")
+        before = schemaVersion(conn)
+        if before > SCHEMA_VERSION:
+            raise ValueError(f"the database holds schema version {before}, newer than this pop3gw ({SCHEMA_VERSION})")
+        for version in range(before, SCHEMA_VERSION):
+            for statement in SCHEMA[version]:
+                conn.execute(statement)
+        conn.execute("DELETE FROM pop3gw_schema")
+        conn.execute("INSERT INTO pop3gw_schema VALUES (%s)", (SCHEMA_VERSION,))
+    if before != SCHEMA_VERSION:
+        _log.info("database schema brought from version {before} to {after}", before=before, after=SCHEMA_VERSION)
+    return before, SCHEMA_VERSION
+
+
+def checkSchema(database: Database) -> Optional[str]:
+    """
+    @return: why this code cannot use the database's schema (one line
+        for the operator), or C{None} if it can.
+    @raise TemporaryFailure: the database cannot be reached.
+    """
+    with database.transaction() as conn:
+        version = schemaVersion(conn)
+    if version == SCHEMA_VERSION:
+        return None
+    if version == 0:
+        return "the database has no pop3gw schema: run 'pop3gw --store URI init' first"
+    if version < SCHEMA_VERSION:
+        return f"the database holds schema version {version}: run 'pop3gw --store URI init' to upgrade it"
+    return f"the database holds schema version {version}, newer than this pop3gw ({SCHEMA_VERSION})"

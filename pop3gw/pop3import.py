@@ -1,0 +1,304 @@
+# -*- test-case-name: tests.test_pop3import -*-
+"""
+Moving from another POP3 server without every client downloading the
+whole mailbox again.
+
+POP3 clients that leave mail on the server remember each message by its
+UIDL.  A maildrop may carry a C{pop3gw-uidlist} file mapping its messages
+(by Maildir unique name) to the UIDLs the old server gave them; POP3 then
+serves those UIDLs, so the clients see nothing new.  Two ways fill it:
+
+  - C{pop3gw user import-uidl ADDRESS < FILE}, after the messages were
+    copied over by other means: FILE is either a C{UIDL} listing captured
+    from the old server (C{N uidl} lines, matched to the maildrop's
+    messages by position) or Dovecot's C{dovecot-uidlist} (matched by file
+    name; the UIDL is Dovecot's default C{%08Xu%08Xv}, or the C{P}
+    extension's value when Dovecot stored one);
+  - C{pop3gw import pop3://user@host}: copies every message from any POP3
+    server over verified TLS with its UIDL, resumably.
+
+The file has one C{KEY UIDL} line per message.  An entry is written before
+its message is committed, so an interrupted import never leaves a message
+without its UIDL; an entry whose message is not (or no longer) in the
+maildrop is ignored and dropped at the next import.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import re
+import ssl
+import urllib.parse
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from pop3gw import fsutil
+
+UIDLIST = "pop3gw-uidlist"
+
+#: What RFC 1939 allows in a UIDL.
+_UIDL = re.compile(r"^[\x21-\x7e]{1,70}$")
+
+
+class MigrationError(Exception):
+    """
+    Something the operator must hear about, as one line.
+    """
+
+
+def keyOf(fileName: str) -> str:
+    """
+    The Maildir unique name of a file name (before C{,} and C{:}).
+    """
+    return fileName.split(":", 1)[0].split(",", 1)[0]
+
+
+def readUidMap(maildir: str) -> Dict[str, str]:
+    """
+    The maildrop's imported UIDLs, by Maildir unique name (empty without
+    the file; malformed lines are ignored).
+    """
+    try:
+        with open(os.path.join(maildir, UIDLIST), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return {}
+    uids: Dict[str, str] = {}
+    for raw in data.split(b"\n"):
+        parts = raw.decode("ascii", "replace").split()
+        if len(parts) == 2 and _UIDL.match(parts[1]):
+            uids[parts[0]] = parts[1]
+    return uids
+
+
+def writeUidMap(maildir: str, uids: Dict[str, str], owner: Optional[fsutil.Owner] = None) -> None:
+    """
+    Replace the maildrop's UIDL map (atomically).
+    """
+    data = "".join(f"{key} {uid}\n" for key, uid in uids.items()).encode("ascii")
+    fsutil.replaceFile(os.path.join(maildir, UIDLIST), data, owner)
+
+
+def parseUIDLListing(text: str) -> List[Tuple[int, str]]:
+    """
+    C{(number, uidl)} pairs of a C{UIDL} listing (C{+OK} and C{.} lines
+    and blank lines ignored).
+
+    @raise MigrationError: a line that is not C{N uidl}.
+    """
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line == "." or line.startswith("+OK"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit() or not _UIDL.match(parts[1]):
+            raise MigrationError(f"line {number}: expected 'N uidl', got {line[:60]!r}")
+        pairs.append((int(parts[0]), parts[1]))
+    return pairs
+
+
+def parseDovecotUidlist(text: str) -> Dict[str, str]:
+    """
+    Dovecot's C{dovecot-uidlist}: the POP3 UIDL of each file, by Maildir
+    unique name.
+
+    @raise MigrationError: no header, or a line that cannot be read.
+    """
+    lines = text.splitlines()
+    if not lines:
+        raise MigrationError("empty dovecot-uidlist")
+    header = lines[0].split()
+    validity = None
+    if header and header[0] == "3":
+        for field in header[1:]:
+            if field.startswith("V") and field[1:].isdigit():
+                validity = int(field[1:])
+    elif len(header) >= 2 and header[0] in ("1", "2") and header[1].isdigit():
+        validity = int(header[1])
+    if validity is None:
+        raise MigrationError("not a dovecot-uidlist: no UID validity in its first line")
+    out: Dict[str, str] = {}
+    for number, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        head, sep, fileName = line.partition(":")
+        fields = head.split()
+        if not sep or not fields or not fields[0].isdigit():
+            raise MigrationError(f"line {number}: cannot read {line[:60]!r}")
+        uid = int(fields[0])
+        explicit = [f[1:] for f in fields[1:] if f.startswith("P") and len(f) > 1]
+        uidl = explicit[0] if explicit else f"{uid:08X}{validity:08X}"
+        if _UIDL.match(uidl):
+            out[keyOf(fileName.strip())] = uidl
+    return out
+
+
+def mapListing(keys: Sequence[str], pairs: Sequence[Tuple[int, str]]) -> Dict[str, str]:
+    """
+    Match a UIDL listing to the maildrop's messages by position.
+
+    @param keys: the unique names of the maildrop's messages in POP3 order.
+    @raise MigrationError: the listing does not number exactly these
+        messages, or repeats a UIDL.
+    """
+    if len(pairs) != len(keys) or [n for n, _ in pairs] != list(range(1, len(keys) + 1)):
+        raise MigrationError(
+            f"the listing numbers {len(pairs)} messages but the maildrop holds {len(keys)}: "
+            "import the listing right after copying the messages, before any new mail")
+    _noDuplicates(uid for _, uid in pairs)
+    return {key: uid for key, (_, uid) in zip(keys, pairs)}
+
+
+def _noDuplicates(uids: Iterable[str]) -> None:
+    seen = set()
+    for uid in uids:
+        if uid in seen:
+            raise MigrationError(f"UIDL {uid} appears twice")
+        seen.add(uid)
+
+
+def importUIDLs(maildir: str, keys: Sequence[str], text: str, owner: Optional[fsutil.Owner] = None) -> int:
+    """
+    Map the UIDLs in C{text} (a listing, or a C{dovecot-uidlist}) onto the
+    maildrop's messages and write the map.
+
+    @return: how many messages got an old UIDL.
+    @raise MigrationError: the input cannot be used (nothing is written).
+    """
+    first = text.lstrip().split("\n", 1)[0].split()
+    dovecot = bool(first) and first[0] in ("1", "2", "3") and any(
+        f.startswith("V") or f.isdigit() for f in first[1:]) and ":" in text
+    if dovecot and not _looksLikeListing(text):
+        byName = parseDovecotUidlist(text)
+        mapped = {key: byName[key] for key in keys if key in byName}
+        if not mapped and keys:
+            raise MigrationError("no message of the maildrop is named in the dovecot-uidlist")
+    else:
+        mapped = mapListing(keys, parseUIDLListing(text))
+    uids = readUidMap(maildir)
+    present = set(keys)
+    uids = {k: v for k, v in uids.items() if k in present}
+    uids.update(mapped)
+    _noDuplicates(uids.values())
+    writeUidMap(maildir, uids, owner)
+    return len(mapped)
+
+
+def _looksLikeListing(text: str) -> bool:
+    try:
+        parseUIDLListing(text)
+    except MigrationError:
+        return False
+    return True
+
+
+def parseSource(url: str) -> Tuple[str, str, int, bool]:
+    """
+    C{(user, host, port, implicitTLS)} from C{pop3://user@host[:port]}
+    (STLS, port 110) or C{pop3s://user@host[:port]} (port 995).  The user
+    may be a full address (C{alice@example.org@host} or C{%40}).
+
+    @raise MigrationError: anything else.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("pop3", "pop3s") or not parsed.hostname:
+        raise MigrationError(f"expected pop3://USER@HOST[:PORT] or pop3s://..., got {url!r}")
+    user, _, _ = parsed.netloc.rpartition("@")
+    if not user:
+        raise MigrationError(f"no user in {url!r}")
+    try:
+        port = parsed.port or (995 if parsed.scheme == "pop3s" else 110)
+    except ValueError:
+        raise MigrationError(f"bad port in {url!r}") from None
+    return urllib.parse.unquote(user), parsed.hostname, port, parsed.scheme == "pop3s"
+
+
+class Importer:
+    """
+    Copies a mailbox from a POP3 server into a maildrop, with its UIDLs
+    (blocking; the C{pop3gw import} command).
+
+    @ivar deliver: stores one message for the user and returns its Maildir
+        unique name; called as C{deliver(data, before)} where C{before(key)}
+        must run once the name is known and before the message is
+        committed.
+    """
+
+    def __init__(self, maildir: str, deliver: Callable[[bytes, Callable[[str], None]], str],
+                 presentKeys: Callable[[], Iterable[str]], owner: Optional[fsutil.Owner] = None,
+                 timeout: float = 60.0) -> None:
+        self.maildir = maildir
+        self.deliver = deliver
+        self.presentKeys = presentKeys
+        self.owner = owner
+        self.timeout = timeout
+
+    def connect(self, host: str, port: int, implicit: bool, context: ssl.SSLContext) -> poplib.POP3:
+        """
+        A POP3 session in verified TLS (STLS on a plain port).
+
+        @raise MigrationError: no TLS, or it cannot be verified.
+        """
+        try:
+            if implicit:
+                return poplib.POP3_SSL(host, port, timeout=self.timeout, context=context)
+            session = poplib.POP3(host, port, timeout=self.timeout)
+            try:
+                if "STLS" not in session.capa():
+                    raise MigrationError(f"{host}:{port} does not offer STLS: refusing to send a password in clear")
+                session.stls(context)
+            except BaseException:
+                session.close()
+                raise
+            return session
+        except ssl.SSLCertVerificationError as e:
+            raise MigrationError(f"{host}:{port}: certificate not trusted: {e.verify_message}") from None
+        except (OSError, poplib.error_proto) as e:
+            raise MigrationError(f"{host}:{port}: {e}") from None
+
+    def run(self, session: poplib.POP3, user: str, password: str,
+            progress: Callable[[str], object] = lambda line: None) -> Tuple[int, int]:
+        """
+        Log in and copy every message not copied yet.
+
+        @return: C{(copied, skipped)}.
+        @raise MigrationError: the login or a retrieval failed (what was
+            copied stays, with its UIDLs: run again to resume).
+        """
+        try:
+            session.user(user)
+            session.pass_(password)
+        except poplib.error_proto:
+            raise MigrationError(f"login as {user} refused") from None
+        try:
+            listing = [line.decode("ascii", "replace").split() for line in session.uidl()[1]]
+        except poplib.error_proto as e:
+            raise MigrationError(f"UIDL refused: {e}") from None
+        present = set(self.presentKeys())
+        uids = {k: v for k, v in readUidMap(self.maildir).items() if k in present}
+        have = set(uids.values())
+        copied = skipped = 0
+        for number, uidl in ((int(n), u) for n, u in listing):
+            if uidl in have:
+                skipped += 1
+                continue
+            try:
+                lines = session.retr(number)[1]
+            except poplib.error_proto as e:
+                raise MigrationError(f"RETR {number} refused: {e}") from None
+            data = b"".join(line + b"\r\n" for line in lines)
+
+            def record(key: str, uidl: str = uidl) -> None:
+                uids[key] = uidl
+                writeUidMap(self.maildir, uids, self.owner)
+
+            self.deliver(data, record)
+            have.add(uidl)
+            copied += 1
+            progress(f"copied message {number} ({len(data)} octets, UIDL {uidl})")
+        try:
+            session.quit()
+        except (OSError, poplib.error_proto):
+            pass
+        return copied, skipped
