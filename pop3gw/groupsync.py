@@ -7,9 +7,18 @@ survives a power cut, which costs an C{fsync} of that directory.  When
 several deliveries finish at about the same time (many clients submitting
 to one maildrop, an LMTP transaction with many recipients), one C{fsync}
 of a directory makes every entry made in it before that C{fsync} durable,
-so L{DirectorySyncer} gives them one: the requests made within one reactor
-turn, or while a batch is being synced, form the next batch, and each
-directory in a batch is synced once, in one call of the blocking runner.
+so L{DirectorySyncer} gives them one.  The first request made while no
+batch is being synced hands the runner an empty job and waits for it: the
+requests of the deliveries whose own jobs were queued before it (their
+file C{fsync}s, running side by side in the pool) or made in the meantime
+join.  Then one batch syncs each of their directories once, in one job of
+the runner; the requests made while it runs form the next batch, started
+as soon as it ends.
+
+Every step is handed to the runner from the callbacks of the work before
+it, so the runner is never idle while a request waits: its C{drain} at
+shutdown cannot stop the pool under a delivery not yet answered (which a
+C{callLater(0)} between the steps would allow).
 
 Correctness comes first: a request is only ever answered by an C{fsync}
 that started after it was made, and a directory whose C{fsync} fails fails
@@ -69,16 +78,19 @@ def _syncAll(fsync: Callable[[str], None], paths: Sequence[str], batch: Sequence
     return failed
 
 
+def _gather() -> None:
+    """
+    Nothing: the job whose turn in the runner's queue gives the requests of
+    concurrent work time to join a batch.
+    """
+
+
 class DirectorySyncer:
     """
     Batches the directory C{fsync}s of concurrent deliveries.
 
     @param runner: where the C{fsync}s run (the I/O thread pool in the
         server).
-    @param clock: the reactor: requests made within one of its turns wait
-        for the end of the turn and go into one batch.  With C{None} (the
-        CLI, whose runner works at once) a batch starts at each request
-        made while none is in flight.
     @param fsync: syncs one directory (L{fsutil.fsyncDirectory}; tests give
         a fake one).
     """
@@ -86,14 +98,12 @@ class DirectorySyncer:
     def __init__(
         self,
         runner: IBlockingRunner,
-        clock: Optional[Any] = None,
         fsync: Callable[[str], None] = fsutil.fsyncDirectory,
     ) -> None:
         self._runner = runner
-        self._clock = clock
         self._fsync = fsync
         self._waiting: list[_Request] = []
-        self._scheduled = False
+        self._gathering = False
         self._inFlight = False
         #: Batches synced so far and the directory C{fsync}s they made.
         self.batches = 0
@@ -119,18 +129,15 @@ class DirectorySyncer:
         return request.result
 
     def _schedule(self) -> None:
-        if self._inFlight or self._scheduled:
-            # The batch in flight started before these requests were made:
-            # they wait for the next one.
+        if self._inFlight or self._gathering:
+            # The batch in flight may have started before these requests'
+            # entries were made: they wait for the next one.
             return
-        if self._clock is None:
-            self._start()
-        else:
-            self._scheduled = True
-            self._clock.callLater(0, self._start)
+        self._gathering = True
+        self._runner.run(_gather).addBoth(self._start)
 
-    def _start(self) -> None:
-        self._scheduled = False
+    def _start(self, ignored: object = None) -> None:
+        self._gathering = False
         batch, self._waiting = self._waiting, []
         if not batch:
             return

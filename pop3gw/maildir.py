@@ -602,12 +602,8 @@ class MaildirStore:
     @param owner: the data directory's owner, given every directory and
         file the store creates (see L{pop3gw.fsutil}); C{None} leaves them
         to this process.
-    @param clock: the reactor, so that the directory C{fsync}s of
-        deliveries committing within one of its turns are batched (see
-        L{pop3gw.groupsync}); C{None} batches only those made while a batch
-        is in flight.
     @ivar syncer: the L{DirectorySyncer} every delivery's commit goes
-        through.
+        through (group commit of the C{new} directories' C{fsync}s).
     """
 
     def __init__(
@@ -616,12 +612,11 @@ class MaildirStore:
         runner: Optional[IBlockingRunner] = None,
         hostname: Optional[str] = None,
         owner: Optional[fsutil.Owner] = None,
-        clock: Optional[object] = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.owner = owner
         self._runner: IBlockingRunner = runner if runner is not None else ImmediateRunner()
-        self.syncer = DirectorySyncer(self._runner, clock)
+        self.syncer = DirectorySyncer(self._runner)
         self._hostname = escapeHostname(hostname if hostname is not None else socket.gethostname())
         self._counter = 0
         self._now: Callable[[], float] = time.time

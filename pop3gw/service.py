@@ -430,7 +430,7 @@ def _build(config: Config, reactor) -> MultiService:
     ThreadPoolService(ioPool, ioRunner).setServiceParent(top)
 
     users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
-    store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner, clock=reactor)
+    store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
     queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner, store.syncer)
     router = Router(LocalDomains(config.domains, users), users, store, queue)
     checker = PasswordChecker(

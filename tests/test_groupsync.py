@@ -19,7 +19,9 @@ from pop3gw.groupsync import DirectorySyncer
 from pop3gw.interfaces import TemporaryFailure
 from pop3gw.maildir import MaildirStore
 from pop3gw.queue import OutboundQueue
-from pop3gw.testing import FakeUserDatabase, HeldRunner
+from pop3gw.runner import ImmediateRunner, ThreadPoolRunner
+from pop3gw.testing import FakeUserDatabase, HeldRunner, HeldThreadPool
+from tests.queuehelpers import ThreadClock
 from tests.test_smtpmx import NoRelayRouter
 
 ALICE = Address.parse("alice@example.org")
@@ -43,28 +45,28 @@ class _FakeFsync:
 
 class DirectorySyncerTests(SynchronousTestCase):
     """
-    L{DirectorySyncer} batches the requests of one reactor turn and of the
-    time a batch is in flight.
+    L{DirectorySyncer} gathers the requests made until the runner gets to
+    its batch, and those made while a batch is being synced, into one batch.
     """
 
     def setUp(self) -> None:
-        self.clock = task.Clock()
         self.runner = HeldRunner()
         self.fsync = _FakeFsync()
-        self.syncer = DirectorySyncer(self.runner, self.clock, self.fsync)
+        self.syncer = DirectorySyncer(self.runner, self.fsync)
 
-    def test_oneTurnOneFsync(self) -> None:
+    def test_requestsGatheredIntoOneBatch(self) -> None:
         """
-        Requests made within one reactor turn share one C{fsync} per
-        directory, run in one job of the runner, and nothing is answered
-        before it ran.
+        The first request hands the runner an empty job; the requests made
+        before the runner gets to it share one C{fsync} per directory, in
+        one job of the runner, and nothing is answered before it ran.
         """
         first = self.syncer.sync(["/d/a/new"])
+        self.assertEqual(len(self.runner.jobs), 1)
         second = self.syncer.sync(["/d/a/new", "/d/b/new"])
         third = self.syncer.sync(["/d/a/new"])
-        self.assertEqual(self.runner.jobs, [])
-        self.clock.advance(0)
         self.assertEqual(len(self.runner.jobs), 1)
+        self.runner.runNext()
+        self.assertEqual(self.fsync.calls, [])
         self.assertNoResult(first)
         self.runner.runAll()
         self.assertEqual(self.fsync.calls, ["/d/a/new", "/d/b/new"])
@@ -74,26 +76,33 @@ class DirectorySyncerTests(SynchronousTestCase):
 
     def test_requestDuringFlightWaitsForNextBatch(self) -> None:
         """
-        A request made while a batch is being synced is not answered by
-        that batch (whose C{fsync} may have started before the request's
-        entry was made) but by the next one, which also takes every other
-        request made meanwhile.
+        Requests made while a batch is being synced are not answered by
+        that batch (whose C{fsync} may have started before their entries
+        were made) but by the next one, which they share.
         """
         first = self.syncer.sync(["/d/a/new"])
-        self.clock.advance(0)
+        self.runner.runNext()
         second = self.syncer.sync(["/d/a/new"])
         third = self.syncer.sync(["/d/a/new"])
-        self.clock.advance(0)
         self.assertEqual(len(self.runner.jobs), 1)
         self.runner.runNext()
         self.assertIsNone(self.successResultOf(first))
         self.assertNoResult(second)
         self.assertEqual(self.fsync.calls, ["/d/a/new"])
-        self.clock.advance(0)
         self.runner.runAll()
         self.assertEqual(self.fsync.calls, ["/d/a/new", "/d/a/new"])
         self.assertIsNone(self.successResultOf(second))
         self.assertIsNone(self.successResultOf(third))
+        self.assertEqual(self.syncer.batches, 2)
+
+    def test_immediateRunner(self) -> None:
+        """
+        With a runner that works at once (the CLI), a request is synced at
+        once.
+        """
+        syncer = DirectorySyncer(ImmediateRunner(), self.fsync)
+        self.assertIsNone(self.successResultOf(syncer.sync(["/d/a/new"])))
+        self.assertEqual(self.fsync.calls, ["/d/a/new"])
 
     def test_failedFsyncFailsEveryRequestNamingIt(self) -> None:
         """
@@ -107,64 +116,69 @@ class DirectorySyncerTests(SynchronousTestCase):
         first = self.syncer.sync(["/d/a/new"], lambda: ran.append("first"))
         second = self.syncer.sync(["/d/b/new", "/d/a/new"], lambda: ran.append("second"))
         other = self.syncer.sync(["/d/b/new"], lambda: ran.append("other"))
-        self.clock.advance(0)
         self.runner.runAll()
         for d in (first, second):
             self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EIO)
         self.assertIsNone(self.successResultOf(other))
         self.assertEqual(ran, ["other"])
 
-    def test_withoutClockStartsAtOnce(self) -> None:
+    def test_runnerNeverIdleBetween(self) -> None:
         """
-        Without a clock (the CLI), a request made while no batch is in
-        flight starts one at once.
+        A batch asked for from the callbacks of the runner's work is handed
+        to the runner before that work counts as finished, so the runner's
+        C{drain} (at shutdown) waits for the batch too.
         """
-        syncer = DirectorySyncer(self.runner, None, self.fsync)
-        d = syncer.sync(["/d/a/new"])
-        self.assertEqual(len(self.runner.jobs), 1)
-        self.runner.runAll()
-        self.assertIsNone(self.successResultOf(d))
+        clock = ThreadClock()
+        pool = HeldThreadPool()
+        runner = ThreadPoolRunner(clock, pool)
+        syncer = DirectorySyncer(runner, self.fsync)
+        synced = runner.run(lambda: None).addCallback(lambda _: syncer.sync(["/d/a/new"]))
+        drained = runner.drain()
+        pool.runAll()
+        clock.advance(0)
+        self.assertEqual(self.fsync.calls, ["/d/a/new"])
+        self.assertIsNone(self.successResultOf(synced))
+        self.assertIsNone(self.successResultOf(drained))
 
 
 class GroupCommitDeliveryTests(SynchronousTestCase):
     """
-    Deliveries of a L{MaildirStore} committing together share the C{fsync}
-    of their C{new} directories, and a failed C{fsync} fails each of them.
+    Deliveries of a L{MaildirStore} committing while a batch is being
+    synced share the next C{fsync} of their C{new} directories, and a
+    failed C{fsync} fails each of them.
     """
 
     def setUp(self) -> None:
         self.root = self.mktemp()
-        self.clock = task.Clock()
         self.runner = HeldRunner()
-        self.store = MaildirStore(self.root, self.runner, "host.example", clock=self.clock)
+        self.store = MaildirStore(self.root, self.runner, "host.example")
         for user in (ALICE, BOB):
             self.store._ensureMaildir(self.store.maildirPath(user))
         self.fsync = _FakeFsync()
-        self.store.syncer = DirectorySyncer(self.runner, self.clock, self.fsync)
+        self.store.syncer = DirectorySyncer(self.runner, self.fsync)
 
     def listing(self, user: Address, subdir: str) -> list[str]:
         return sorted(os.listdir(os.path.join(self.store.maildirPath(user), subdir)))
 
     def commitTogether(self, recipients: list) -> list:
         """
-        Begin, write and commit one delivery per entry of C{recipients} in
-        one reactor turn, then let the runner and the clock run.
+        Begin, write and commit one delivery per entry of C{recipients},
+        then let the runner run their jobs (oldest first, as a pool's
+        threads take them).
         """
         results = []
         for n, rcpts in enumerate(recipients):
             delivery = self.store.beginDelivery(rcpts)
             delivery.write(b"Subject: %d\r\n\r\nbody\r\n" % (n,))
             results.append(delivery.commit())
-        for _ in range(10):
-            self.runner.runAll()
-            self.clock.advance(0)
+        self.runner.runAll()
         return results
 
     def test_concurrentDeliveriesShareOneDirectoryFsync(self) -> None:
         """
-        Three deliveries into one maildrop committed in one reactor turn
-        are durable after one C{fsync} of its C{new}; their tmp files are
-        removed after it.
+        Three deliveries into one maildrop committing together are made
+        durable by one C{fsync} of its C{new}; their tmp files are removed
+        after it.
         """
         results = self.commitTogether([[ALICE], [ALICE], [ALICE]])
         for d in results:
@@ -205,10 +219,10 @@ class GroupCommitLMTPTests(SynchronousTestCase):
         self.clock = task.Clock()
         self.clock.advance(1700000000)
         self.runner = HeldRunner()
-        self.store = MaildirStore(self.root, self.runner, "host.example", clock=self.clock)
+        self.store = MaildirStore(self.root, self.runner, "host.example")
         self.store._ensureMaildir(self.store.maildirPath(ALICE))
         self.fsync = _FakeFsync()
-        self.store.syncer = DirectorySyncer(self.runner, self.clock, self.fsync)
+        self.store.syncer = DirectorySyncer(self.runner, self.fsync)
         users = FakeUserDatabase({ALICE: "x"})
         self.router = NoRelayRouter(domains=("example.org",), users=users, store=self.store)
         self.factory = smtplmtp.LMTPFactory(self.router, self.clock, "mail.example.org")
@@ -223,15 +237,13 @@ class GroupCommitLMTPTests(SynchronousTestCase):
 
     def deliverTwo(self) -> list[bytes]:
         """
-        Two LMTP clients end their DATA in one reactor turn; the replies
-        each got once the runner and the clock have run.
+        Two LMTP clients end their DATA together; the replies each got
+        once the runner has run.
         """
         sessions = [self.connect(), self.connect()]
         for proto, _ in sessions:
             proto.dataReceived(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
-        for _ in range(10):
-            self.runner.runAll()
-            self.clock.advance(0)
+        self.runner.runAll()
         return [transport.value() for _, transport in sessions]
 
     def test_failedBatchGets451(self) -> None:
@@ -271,7 +283,7 @@ class GroupCommitQueueTests(SynchronousTestCase):
         self.clock.advance(1700000000)
         self.runner = HeldRunner()
         self.fsync = _FakeFsync()
-        self.syncer = DirectorySyncer(self.runner, self.clock, self.fsync)
+        self.syncer = DirectorySyncer(self.runner, self.fsync)
         self.queue = OutboundQueue(self.root, self.clock, self.runner, syncer=self.syncer)
         self.announced: list = []
         self.queue.addListener(self.announced.append)
@@ -282,17 +294,15 @@ class GroupCommitQueueTests(SynchronousTestCase):
             delivery = self.queue.beginDelivery(ALICE, [Address.parse("x@remote.example")])
             delivery.write(b"Subject: %d\r\n\r\nbody\r\n" % (n,))
             results.append(delivery.commit())
-        for _ in range(10):
-            self.runner.runAll()
-            self.clock.advance(0)
+        self.runner.runAll()
         return results
 
     def test_entriesShareDirectoryFsyncs(self) -> None:
         """
-        Three entries committed in one reactor turn cost two C{fsync}s of
-        the queue directory in all (one making the C{.msg} files durable
-        before any C{.json} is written, one for the C{.json} files), and
-        all three reach the relay.
+        Three entries committed together share one C{fsync} of the queue
+        directory making their C{.msg} files durable before any C{.json}
+        is written, then one for the C{.json} files: two in all instead of
+        six, and all three reach the relay.
         """
         root = os.path.abspath(self.root)
         for d in self.commitTogether(3):
@@ -311,7 +321,7 @@ class GroupCommitQueueTests(SynchronousTestCase):
 
         def fsync(path: str) -> None:
             real(path)
-            if len(real.calls) == 2:
+            if len(real.calls) > 1:
                 raise OSError(errno.EIO, os.strerror(errno.EIO), path)
 
         self.syncer._fsync = fsync
