@@ -48,7 +48,7 @@ import fcntl
 import json
 import os
 import re
-from typing import Callable, Iterator, Mapping, Optional, Sequence, cast
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union, cast
 
 import attr
 from twisted.internet import defer
@@ -577,21 +577,23 @@ class _QueueDelivery:
         envelope = self._entry.toJSON()
         d = self._makeDurable(envelope)
 
-        def failed(f: Failure) -> Failure:
+        def failed(f: Failure) -> Union[Failure, defer.Deferred]:
             self._discardTmp()
-            if self._renamed:
-                # Not acknowledged: nothing of it may be relayed.
-                self._queue._run(_removeEntry, self._queue.root, self._entry.queueId, self._queue.owner).addErrback(
-                    lambda removal: self._queue.log.failure(
-                        "queue: cannot remove {queueId}", removal, queueId=self._entry.queueId
-                    )
-                )
             if f.check(OSError):
                 error = TemporaryFailure.fromOSError("cannot commit queue entry", cast(OSError, f.value))
                 self._queue.log.error("queue: {error} id={queueId}", error=str(error), queueId=self._entry.queueId)
+            else:
+                self._queue.log.failure("queue: cannot commit {queueId}", f, queueId=self._entry.queueId)
+                error = TemporaryFailure("cannot commit queue entry")
+            if not self._renamed:
                 return Failure(error)
-            self._queue.log.failure("queue: cannot commit {queueId}", f, queueId=self._entry.queueId)
-            return Failure(TemporaryFailure("cannot commit queue entry"))
+            # Not acknowledged: nothing of it may be relayed, even after a
+            # restart, so its files go before the client hears of it.
+            removal = self._queue._run(_removeEntry, self._queue.root, self._entry.queueId, self._queue.owner)
+            removal.addErrback(
+                lambda reason: self._queue.log.failure("queue: cannot remove {queueId}", reason, queueId=self._entry.queueId)
+            )
+            return removal.addCallback(lambda _: Failure(error))
 
         def prepared(_: object) -> None:
             self._state = "prepared"

@@ -288,12 +288,19 @@ class GroupCommitQueueTests(SynchronousTestCase):
         self.announced: list = []
         self.queue.addListener(self.announced.append)
 
-    def commitTogether(self, count: int) -> list:
+    def commitTogether(self, count: int, errback=None) -> list:
+        """
+        Commit C{count} entries together, each C{Deferred} given
+        C{errback} (called with the failure and the entry's id) first if
+        any, then let the runner run.
+        """
         results = []
         for n in range(count):
             delivery = self.queue.beginDelivery(ALICE, [Address.parse("x@remote.example")])
             delivery.write(b"Subject: %d\r\n\r\nbody\r\n" % (n,))
             results.append(delivery.commit())
+            if errback is not None:
+                results[-1].addErrback(errback, delivery.queueId)
         self.runner.runAll()
         return results
 
@@ -315,7 +322,8 @@ class GroupCommitQueueTests(SynchronousTestCase):
         """
         When the C{fsync} that would make the C{.json} files durable fails,
         every entry of the batch fails with L{TemporaryFailure}, none
-        reaches the relay, and their files are removed.
+        reaches the relay, and their files are removed before the failure
+        is reported (so not even a restart relays them).
         """
         real = self.fsync
 
@@ -325,9 +333,17 @@ class GroupCommitQueueTests(SynchronousTestCase):
                 raise OSError(errno.EIO, os.strerror(errno.EIO), path)
 
         self.syncer._fsync = fsync
-        for d in self.commitTogether(2):
+        seen = []
+
+        def listed(reason, queueId):
+            seen.append([name for name in os.listdir(self.root) if name.startswith(queueId)])
+            return reason
+
+        for d in self.commitTogether(2, listed):
             failure = self.failureResultOf(d, TemporaryFailure)
             self.assertEqual(str(failure.value), "cannot commit queue entry: Input/output error")
+        # Each entry's files were gone before its client was told.
+        self.assertEqual(seen, [[], []])
         self.flushLoggedErrors()
         self.assertEqual(self.announced, [])
         self.assertEqual(self.queue.loadEntries(), [])
