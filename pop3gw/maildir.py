@@ -680,9 +680,14 @@ class MaildirStore:
         if quick and (not _isMaildir(path) or self._tmpCleanDue(path)):
             raise _NotQuick()
         try:
-            self._ensureMaildir(path)
+            if not quick:
+                # (The quick path has just seen the maildrop there.)
+                self._ensureMaildir(path)
             fd = fsutil.openLockFile(os.path.join(path, LOCK_NAME), self.owner)
         except OSError as e:
+            if quick:
+                # Removed meanwhile, say: the pool path creates it again.
+                raise _NotQuick() from None
             raise TemporaryFailure(f"cannot open maildrop: {e.strerror}") from e
         try:
             try:
