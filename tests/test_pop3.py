@@ -1474,7 +1474,7 @@ class StreamingTests(_Harness):
         C{.} line is out.
         """
         # Three whole chunks and a part of one.
-        body = (b"y" * 99 + b"\r\n") * (3 * READ_CHUNK_SIZE // 101 + 1000)
+        body = (b"y" * 99 + b"\r\n") * ((3 * READ_CHUNK_SIZE + READ_CHUNK_SIZE // 2) // 101)
         ok = b"+OK %d octets\r\n" % (len(body),)
         self.store.boxes.clear()
         self.store.add(ALICE, body, uid="large")
