@@ -201,14 +201,15 @@ def openLockFile(path: str, owner: Optional[Owner] = None) -> int:
     @return: the open descriptor (close-on-exec).
     """
     while True:
-        try:
-            return createFile(path, owner, os.O_RDWR)
-        except FileExistsError:
-            pass
+        # It is there nearly always: try opening it first.
         try:
             return os.open(path, os.O_RDWR | _O_CLOEXEC | _O_NOFOLLOW)
         except FileNotFoundError:
-            continue  # removed in between: create it after all
+            pass
+        try:
+            return createFile(path, owner, os.O_RDWR)
+        except FileExistsError:
+            continue  # created in between: open it after all
 
 
 def makeDirectory(path: str, owner: Optional[Owner] = None) -> bool:
@@ -270,6 +271,7 @@ def replaceFile(
     data: bytes,
     owner: Optional[Owner] = None,
     replace: Callable[[str, str], None] = os.replace,
+    syncDirectory: bool = True,
 ) -> None:
     """
     Replace the file C{path} with C{data} atomically and durably: a
@@ -282,6 +284,9 @@ def replaceFile(
     to C{owner}.
 
     @param replace: the rename (for tests).
+    @param syncDirectory: whether to fsync the directory here; C{False}
+        leaves that to the caller (which batches it with others: see
+        L{pop3gw.groupsync}), and the rename is not durable until then.
     @raise OSError: nothing was replaced and no temporary file is left.
     """
     directory = os.path.dirname(os.path.abspath(path))
@@ -303,7 +308,8 @@ def replaceFile(
     except BaseException:
         unlinkIfThere(tmp)
         raise
-    fsyncDirectory(directory)
+    if syncDirectory:
+        fsyncDirectory(directory)
 
 
 def takePidLock(path: str, owner: Optional[Owner] = None) -> int:

@@ -8,7 +8,8 @@ a NUL (L{BadMessageData}) rather than change the message.  It goes C{tmp}
 -> write -> C{fsync} -> link into each recipient's C{new} -> C{fsync} the
 directories; a message is acknowledged only once it survives a power cut.
 The blocking part of the commit runs through the store's
-L{IBlockingRunner}.
+L{IBlockingRunner}; the directory C{fsync}s of deliveries committing at the
+same time are batched by the store's L{DirectorySyncer} (group commit).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -24,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3gw import fsutil
+from pop3gw.groupsync import DirectorySyncer
 from pop3gw.interfaces import BadMessageData, IBlockingRunner, IDelivery, TemporaryFailure
 from pop3gw.maildirfiles import O_CLOEXEC, READ_CHUNK
 from pop3gw.wire import LFNormalizer
@@ -61,6 +63,14 @@ def closeQuietly(fd: Optional[int]) -> None:
             pass
 
 
+def _unlinkAll(paths: Sequence[str]) -> None:
+    """
+    Remove C{paths}, best effort (see L{unlinkQuietly}).
+    """
+    for path in paths:
+        unlinkQuietly(path)
+
+
 @implementer(IDelivery)
 class MaildirDelivery:
     """
@@ -78,8 +88,15 @@ class MaildirDelivery:
         unique: str,
         runner: IBlockingRunner,
         owner: Optional[fsutil.Owner] = None,
+        syncer: Optional[DirectorySyncer] = None,
     ) -> None:
+        """
+        @param syncer: batches the C{fsync}s of the C{new} directories with
+            those of other deliveries; one of its own (no batching across
+            deliveries) if C{None}.
+        """
         self._maildirs = list(maildirs)
+        self._syncer = syncer if syncer is not None else DirectorySyncer(runner)
         self._owner = owner
         self._unique = unique
         self._tmpPath = os.path.join(self._maildirs[0], "tmp", unique)
@@ -227,6 +244,7 @@ class MaildirDelivery:
             d = waiter.addCallback(self._cbReady)
         else:
             d = self._runner.run(self._doCommit)
+        d.addCallback(self._cbLinked)
         d.addCallbacks(self._cbCommitted, self._ebCommitted)
         return d
 
@@ -235,6 +253,26 @@ class MaildirDelivery:
             return defer.fail(self._openFailure)
         return self._runner.run(self._doCommit)
 
+    def _cbLinked(self, result: tuple[list[str], list[str]]) -> defer.Deferred:
+        """
+        The message is in every C{new}: make those entries durable (with
+        the other deliveries of the same batch) and then remove the tmp
+        file, or remove the entries again.
+        """
+        links, copies = result
+        d = self._syncer.sync(
+            [os.path.join(maildir, "new") for maildir in self._maildirs],
+            lambda: self._discard(copies),
+        )
+
+        def failed(reason: Failure) -> defer.Deferred:
+            reason.trap(OSError)
+            error = TemporaryFailure.fromOSError("cannot deliver message", cast(OSError, reason.value))
+            removed = self._runner.run(self._undo, links, copies)
+            return removed.addBoth(lambda _: defer.fail(error))
+
+        return d.addErrback(failed)
+
     def _cbCommitted(self, result: None) -> None:
         self._state = "committed"
 
@@ -242,7 +280,22 @@ class MaildirDelivery:
         self._state = "failed"
         return failure
 
-    def _doCommit(self) -> None:
+    def _undo(self, links: Sequence[str], copies: Sequence[str]) -> None:
+        """
+        Remove the links and the files of a delivery that failed.
+        Blocking: runs through the runner.
+        """
+        _unlinkAll(links)
+        self._discard(copies)
+
+    def _doCommit(self) -> tuple[list[str], list[str]]:
+        """
+        Write the rest, C{fsync} the file and link it into every C{new}.
+        Blocking: runs through the runner.
+
+        @return: the links made (not yet durable: see L{_cbLinked}) and the
+            copies of the file made in other file systems' C{tmp}.
+        """
         links: list[str] = []
         copies: list[str] = []
         name = f"{self._unique},S={self._size},W={self._size + self._lines}"
@@ -262,15 +315,11 @@ class MaildirDelivery:
                         raise
                     self._copyInto(maildir, dest, copies)
                 links.append(dest)
-            for maildir in self._maildirs:
-                fsutil.fsyncDirectory(os.path.join(maildir, "new"))
         except OSError as e:
-            for path in links:
-                unlinkQuietly(path)
+            _unlinkAll(links)
             self._discard(copies)
             raise TemporaryFailure.fromOSError("cannot deliver message", e) from e
-        # Durable in every new/ from here on: tmp clean-up is best effort.
-        self._discard(copies)
+        return links, copies
 
     def _copyInto(self, maildir: str, dest: str, copies: list) -> None:
         """

@@ -30,9 +30,9 @@ a commit with nothing to delete and a few flags to set is done there.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
-import io
 import os
 import re
 import secrets
@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 from pop3gw import fsutil
 from pop3gw.address import Address
+from pop3gw.groupsync import DirectorySyncer
 from pop3gw.interfaces import (
     IBlockingRunner,
     IMaildrop,
@@ -278,6 +279,86 @@ def _snapshot(maildir: str, quick: bool = False) -> list[_Entry]:
     return entries
 
 
+#: Most message entries, over all maildrops, L{_ListingCache} keeps.
+LISTING_CACHE_ENTRIES = 20000
+
+#: How old (nanoseconds) the last change of C{new/} and C{cur/} must be
+#: when they are listed for the listing to be kept: a change made within
+#: the same tick of the file system's clock as an earlier one leaves the
+#: directory's mtime as it was, so only a listing taken well after the last
+#: change can be known complete by an unchanged mtime.
+LISTING_SETTLED_NS = 2_000_000_000
+
+
+def _directoryStamp(maildir: str) -> Optional[tuple[int, int]]:
+    """
+    @return: the mtimes (nanoseconds) of C{maildir}'s C{new} and C{cur}, or
+        C{None} if the system does not tell them.
+    """
+    new = os.stat(os.path.join(maildir, "new")).st_mtime_ns
+    cur = os.stat(os.path.join(maildir, "cur")).st_mtime_ns
+    if new is None or cur is None:
+        return None
+    return (new, cur)
+
+
+class _ListingCache:
+    """
+    The snapshots of recently opened small maildrops, each kept with the
+    mtimes of C{new/} and C{cur/} it was taken at, so that a login to a
+    maildrop nothing was delivered to, removed from or renamed in since
+    the last one costs two C{stat} calls instead of one per message.
+
+    Every creation, removal or rename of a message changes the mtime of its
+    directory; a message file is never rewritten in place (Maildir), and if
+    another tool does so anyway, L{MaildirMaildrop.openMessage} sees the
+    size differ and refuses it.  A listing is kept only if both
+    directories were last changed L{LISTING_SETTLED_NS} before it was
+    taken, and only for maildrops of at most L{QUICK_SNAPSHOT_ENTRIES}
+    messages, at most L{LISTING_CACHE_ENTRIES} messages in all (the
+    maildrops used least recently are forgotten first).
+    """
+
+    def __init__(self) -> None:
+        self._listings: collections.OrderedDict[str, tuple[tuple[int, int], list[tuple]]] = collections.OrderedDict()
+        self._size = 0
+
+    def snapshot(self, maildir: str, quick: bool) -> list[_Entry]:
+        """
+        L{_snapshot} of C{maildir} (locked by the caller), from the cache
+        when the directories are unchanged.
+        """
+        stamp = _directoryStamp(maildir)
+        if stamp is None:
+            return _snapshot(maildir, quick)
+        cached = self._listings.get(maildir)
+        if cached is not None:
+            if cached[0] == stamp:
+                self._listings.move_to_end(maildir)
+                return [_Entry(*fields) for fields in cached[1]]
+            self._forget(maildir)
+        entries = _snapshot(maildir, quick)
+        now = time.time_ns()
+        if (
+            len(entries) <= QUICK_SNAPSHOT_ENTRIES
+            and max(stamp) < now - LISTING_SETTLED_NS
+            and _directoryStamp(maildir) == stamp
+        ):
+            self._remember(maildir, stamp, entries)
+        return entries
+
+    def _remember(self, maildir: str, stamp: tuple[int, int], entries: list[_Entry]) -> None:
+        self._listings[maildir] = (stamp, [(e.subdir, e.name, e.key, e.fileSize, e.wireSize) for e in entries])
+        self._size += len(entries)
+        while self._size > LISTING_CACHE_ENTRIES:
+            oldest = next(iter(self._listings))
+            self._forget(oldest)
+
+    def _forget(self, maildir: str) -> None:
+        _, fields = self._listings.pop(maildir)
+        self._size -= len(fields)
+
+
 @implementer(IMaildrop)
 class MaildirMaildrop:
     """
@@ -366,7 +447,7 @@ class MaildirMaildrop:
         except Exception:
             return defer.fail()
 
-    def _openFile(self, index: int) -> io.BufferedReader:
+    def _openFile(self, index: int) -> WireReader:
         entry = self._entry(index)
         if self._state != "open":
             raise TemporaryFailure("maildrop is not locked")
@@ -390,7 +471,7 @@ class MaildirMaildrop:
         if size != entry.fileSize:
             os.close(fd)
             raise TemporaryFailure("message changed during the session")
-        return io.BufferedReader(WireReader(fd), READ_CHUNK)
+        return WireReader(fd, size)
 
     def commit(self, deleted: Iterable[int], seen: Iterable[int] = ()) -> defer.Deferred:
         """
@@ -417,7 +498,8 @@ class MaildirMaildrop:
         deleted = set(deleted)
         try:
             entries = [self._entry(i) for i in sorted(deleted)]
-            flagged = [self._entry(i) for i in sorted(set(seen) - deleted)]
+            # Messages already flagged need no rename.
+            flagged = [e for e in (self._entry(i) for i in sorted(set(seen) - deleted)) if not isSeenName(e.name)]
         except IndexError:
             self.release()
             return defer.fail()
@@ -559,6 +641,8 @@ class MaildirStore:
     @param owner: the data directory's owner, given every directory and
         file the store creates (see L{pop3gw.fsutil}); C{None} leaves them
         to this process.
+    @ivar syncer: the L{DirectorySyncer} every delivery's commit goes
+        through (group commit of the C{new} directories' C{fsync}s).
     """
 
     def __init__(
@@ -571,11 +655,13 @@ class MaildirStore:
         self.root = os.path.abspath(root)
         self.owner = owner
         self._runner: IBlockingRunner = runner if runner is not None else ImmediateRunner()
+        self.syncer = DirectorySyncer(self._runner)
         self._hostname = escapeHostname(hostname if hostname is not None else socket.gethostname())
         self._counter = 0
         self._now: Callable[[], float] = time.time
         # Maildrop path -> when its tmp/ was last cleaned by this process.
         self._tmpCleaned: dict = {}
+        self._listings = _ListingCache()
 
     def maildirPath(self, address: Address) -> str:
         """
@@ -633,16 +719,21 @@ class MaildirStore:
         if quick and (not _isMaildir(path) or self._tmpCleanDue(path)):
             raise _NotQuick()
         try:
-            self._ensureMaildir(path)
+            if not quick:
+                # (The quick path has just seen the maildrop there.)
+                self._ensureMaildir(path)
             fd = fsutil.openLockFile(os.path.join(path, LOCK_NAME), self.owner)
         except OSError as e:
+            if quick:
+                # Removed meanwhile, say: the pool path creates it again.
+                raise _NotQuick() from None
             raise TemporaryFailure(f"cannot open maildrop: {e.strerror}") from e
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise MaildropLocked(str(address)) from None
-            entries = _snapshot(path, quick)
+            entries = self._listings.snapshot(path, quick)
             uids = readUidMap(path)
         except OSError as e:
             os.close(fd)
@@ -717,7 +808,7 @@ class MaildirStore:
             raise ValueError("no recipients")
         maildirs = [self.maildirPath(r) for r in unique]
         name = self._uniqueName()
-        delivery = MaildirDelivery(maildirs, name, self._runner, self.owner)
+        delivery = MaildirDelivery(maildirs, name, self._runner, self.owner, self.syncer)
         tmpPath = os.path.join(maildirs[0], "tmp", name)
         if all(_isMaildir(m) for m in maildirs):
             try:

@@ -15,14 +15,12 @@ import hashlib
 import io
 import os
 import re
-from typing import Any, Optional
-
-import attr
+from typing import Any, NamedTuple, Optional
 
 from pop3gw.wire import WireConverter
 
 #: Octets read from a message file at a time.
-READ_CHUNK = 64 * 1024
+READ_CHUNK = 256 * 1024
 
 #: Longest UIDL value allowed by RFC 1939.
 MAX_UID_LENGTH = 70
@@ -54,11 +52,15 @@ class WireReader(io.RawIOBase):
     """
     A raw, read-only stream of a message file in wire form.  Memory stays
     bounded by a few L{READ_CHUNK}s whatever the message size.
+
+    @param size: the file's size when it was opened, if known: no more is
+        read, so the end is known without one more C{read} call.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, size: Optional[int] = None) -> None:
         super().__init__()
         self._fd = fd
+        self._left = size
         self._converter = WireConverter()
         self._pending = b""
         self._offset = 0
@@ -67,18 +69,64 @@ class WireReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
+    def _fill(self) -> bool:
+        """
+        Make sure converted octets are pending.
+
+        @return: C{False} at the end of the message.
+        """
         while self._offset >= len(self._pending):
             if self._eof:
-                return 0
-            chunk = os.read(self._fd, READ_CHUNK)
+                return False
+            if self._left is None:
+                chunk = os.read(self._fd, READ_CHUNK)
+            elif self._left > 0:
+                chunk = os.read(self._fd, min(READ_CHUNK, self._left))
+                self._left -= len(chunk)
+            else:
+                chunk = b""
             if chunk:
                 self._pending = self._converter.feed(chunk)
             else:
                 self._pending = self._converter.finish()
                 self._eof = True
             self._offset = 0
+        return True
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        """
+        Read up to C{size} octets (all that is left if C{size} is negative
+        or C{None}).  A whole converted chunk is handed out as it is, without
+        the copies a buffered reader would make.
+
+        @return: the octets; C{b""} at the end of the message.
+        """
+        if size is None or size < 0:
+            return self.readall()
+        if size == 0 or not self._fill():
+            return b""
+        start = self._offset
+        if start == 0 and len(self._pending) <= size:
+            self._offset = len(self._pending)
+            return self._pending
+        self._offset = min(len(self._pending), start + size)
+        return self._pending[start : self._offset]
+
+    def readall(self) -> bytes:
+        """
+        @return: the rest of the message.
+        """
+        pieces: list[bytes] = []
+        while True:
+            piece = self.read(READ_CHUNK)
+            if not piece:
+                return b"".join(pieces)
+            pieces.append(piece)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if not self._fill():
+            return 0
         n = min(len(view), len(self._pending) - self._offset)
         view[:n] = self._pending[self._offset : self._offset + n]
         self._offset += n
@@ -116,10 +164,10 @@ def measureFile(path: str) -> tuple[int, int]:
 # --- Names ------------------------------------------------------------------
 
 
-@attr.s(auto_attribs=True, frozen=True)
-class _ParsedName:
+class _ParsedName(NamedTuple):
     """
-    A Maildir file name taken apart.
+    A Maildir file name taken apart (a named tuple: one is made per
+    message at every login, and a tuple is the cheapest value to make).
 
     @ivar key: the unique name without C{,S=} and C{,W=} fields or info: the
         source of the UIDL.

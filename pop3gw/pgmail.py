@@ -26,12 +26,13 @@ is the only one used.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import socket
 import tempfile
 import threading
-from typing import IO, Any, Iterable, Optional, Sequence
+from typing import IO, Any, Iterable, Optional, Sequence, Union
 
 import attr
 from twisted.internet import defer
@@ -74,7 +75,7 @@ LOCK_LEASE = 25
 LOCK_RENEW_INTERVAL = 5.0
 
 
-def storeMessage(conn: Any, source: IO[bytes], size: int, entries: Sequence[tuple[str, Optional[str], bool]]) -> int:
+def storeMessage(conn: Any, source: Union[IO[bytes], io.RawIOBase], size: int, entries: Sequence[tuple[str, Optional[str], bool]]) -> int:
     """
     Insert a message read from C{source} (in wire form, C{size} octets) in
     rows of L{CHUNK_SIZE}, and one entry per C{(maildrop, uid, seen)}: last

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from twisted.python.failure import Failure
 
 #: Octets read from a message file at a time when streaming it.
-READ_CHUNK_SIZE = 65536
+READ_CHUNK_SIZE = 262144
 
 
 class _DotStuffer:

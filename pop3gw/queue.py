@@ -48,7 +48,7 @@ import fcntl
 import json
 import os
 import re
-from typing import Callable, Iterator, Mapping, Optional, Sequence, cast
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union, cast
 
 import attr
 from twisted.internet import defer
@@ -59,6 +59,7 @@ from zope.interface import implementer
 from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.dsn import oneLine, originalHeaders
+from pop3gw.groupsync import DirectorySyncer
 from pop3gw.interfaces import (
     IBlockingRunner,
     IOutboundQueue,
@@ -344,9 +345,16 @@ def _queueLock(root: str, owner: Optional[fsutil.Owner]) -> Iterator[None]:
         os.close(fd)
 
 
-def _saveEntry(root: str, queueId: str, data: bytes, owner: Optional[fsutil.Owner]) -> None:
+def _saveEntry(
+    root: str, queueId: str, data: bytes, owner: Optional[fsutil.Owner], syncDirectory: bool = True
+) -> None:
+    """
+    Write the envelope C{data} of entry C{queueId} atomically; its rename
+    is durable once C{root} is fsynced, here unless C{syncDirectory} is
+    false.
+    """
     with _queueLock(root, owner):
-        fsutil.replaceFile(os.path.join(root, queueId + ".json"), data, owner)
+        fsutil.replaceFile(os.path.join(root, queueId + ".json"), data, owner, syncDirectory=syncDirectory)
 
 
 def _removeEntry(root: str, queueId: str, owner: Optional[fsutil.Owner]) -> None:
@@ -492,6 +500,7 @@ class _QueueDelivery:
         self.queueId = entry.queueId
         self._tmp = os.path.join(queue.root, f"{entry.queueId}.msg.tmp")
         self._state = "open"
+        self._renamed = False
         self._crlf = CRLFStream()
         self._tail = b""
         try:
@@ -521,16 +530,39 @@ class _QueueDelivery:
         with contextlib.suppress(OSError):
             os.unlink(self._tmp)
 
-    def _makeDurable(self, envelope: bytes) -> None:
-        root = self._queue.root
-        queueId = self._entry.queueId
+    def _writeMessage(self) -> None:
+        """
+        C{fsync} the message file and rename it into place (durable once
+        the queue directory is fsynced).  Blocking: runs through the runner.
+        """
         f = self._file
         f.flush()
         fsutil.fsync(f.fileno())
         f.close()
-        os.rename(self._tmp, os.path.join(root, queueId + ".msg"))
-        fsutil.fsyncDirectory(root)
-        _saveEntry(root, queueId, envelope, self._queue.owner)
+        os.rename(self._tmp, os.path.join(self._queue.root, self._entry.queueId + ".msg"))
+        self._renamed = True
+
+    def _writeEnvelope(self, envelope: bytes) -> None:
+        """
+        Write the C{.json} of the entry (durable once the queue directory is
+        fsynced).  Blocking: runs through the runner.
+        """
+        _saveEntry(self._queue.root, self._entry.queueId, envelope, self._queue.owner, syncDirectory=False)
+
+    def _makeDurable(self, envelope: bytes) -> defer.Deferred:
+        """
+        The C{.msg}, made durable before the C{.json} is written (so a
+        C{.json} never names a message a crash lost), then the C{.json}:
+        each through the runner, each directory C{fsync} shared with the
+        other deliveries committing at the same time (the queue's
+        L{DirectorySyncer}).
+        """
+        queue = self._queue
+        d = queue._run(self._writeMessage)
+        d.addCallback(lambda _: queue.syncer.sync([queue.root]))
+        d.addCallback(lambda _: queue._run(self._writeEnvelope, envelope))
+        d.addCallback(lambda _: queue.syncer.sync([queue.root]))
+        return d
 
     def prepare(self) -> defer.Deferred:
         """
@@ -549,16 +581,25 @@ class _QueueDelivery:
             self._discardTmp()
             return defer.fail(TemporaryFailure.fromOSError("cannot write queue file", e))
         envelope = self._entry.toJSON()
-        d = self._queue._run(self._makeDurable, envelope)
+        d = self._makeDurable(envelope)
 
-        def failed(f: Failure) -> Failure:
+        def failed(f: Failure) -> Union[Failure, defer.Deferred]:
             self._discardTmp()
             if f.check(OSError):
                 error = TemporaryFailure.fromOSError("cannot commit queue entry", cast(OSError, f.value))
                 self._queue.log.error("queue: {error} id={queueId}", error=str(error), queueId=self._entry.queueId)
+            else:
+                self._queue.log.failure("queue: cannot commit {queueId}", f, queueId=self._entry.queueId)
+                error = TemporaryFailure("cannot commit queue entry")
+            if not self._renamed:
                 return Failure(error)
-            self._queue.log.failure("queue: cannot commit {queueId}", f, queueId=self._entry.queueId)
-            return Failure(TemporaryFailure("cannot commit queue entry"))
+            # Not acknowledged: nothing of it may be relayed, even after a
+            # restart, so its files go before the client hears of it.
+            removal = self._queue._run(_removeEntry, self._queue.root, self._entry.queueId, self._queue.owner)
+            removal.addErrback(
+                lambda reason: self._queue.log.failure("queue: cannot remove {queueId}", reason, queueId=self._entry.queueId)
+            )
+            return removal.addCallback(lambda _: Failure(error))
 
         def prepared(_: object) -> None:
             self._state = "prepared"
@@ -605,10 +646,18 @@ class OutboundQueue:
 
     log = Logger()
 
-    def __init__(self, root: str, reactor, runner: Optional[IBlockingRunner] = None, owner: Optional[fsutil.Owner] = None):
+    def __init__(
+        self,
+        root: str,
+        reactor,
+        runner: Optional[IBlockingRunner] = None,
+        owner: Optional[fsutil.Owner] = None,
+        syncer: Optional[DirectorySyncer] = None,
+    ):
         self.root = root
         self.reactor = reactor
         self.runner: IBlockingRunner = runner if runner is not None else ImmediateRunner()
+        self.syncer = syncer if syncer is not None else DirectorySyncer(self.runner)
         self.owner = owner
         self._listeners: list = []
         self._saves: dict = {}

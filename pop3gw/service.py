@@ -651,7 +651,7 @@ def _build(config: Config, reactor) -> MultiService:
     else:
         users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
         store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
-        queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner)
+        queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner, store.syncer)
     keyring = Keyring(config.dataDir)
     keyring.refresh()
     # DKIM signing is CPU work that holds the GIL: other processes do it.

@@ -77,8 +77,13 @@ class LFNormalizer:
             if not chunk:
                 self._skipLF = False
                 return b""
-        self._skipLF = chunk[-1:] == b"\r"
-        out = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\r" in chunk:
+            self._skipLF = chunk[-1:] == b"\r"
+            out = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        else:
+            # The common case (a stored message has LF line ends): one scan.
+            self._skipLF = False
+            out = chunk
         self._last = out[-1:]
         return out
 

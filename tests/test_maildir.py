@@ -13,6 +13,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 import tracemalloc
 
 from twisted.internet import defer
@@ -2038,3 +2039,93 @@ class MaildirModesAndOwnerTests(SynchronousTestCase):
         self.assertIn("example.org/alice/pop3gw.lock", found)
         for path, (_, _, uid, gid) in found.items():
             self.assertEqual((uid, gid), (OTHER_UID, OTHER_GID), path)
+
+
+class ListingCacheTests(MaildirTestsMixin, SynchronousTestCase):
+    """
+    A small maildrop whose C{new/} and C{cur/} have not changed since its
+    last settled listing is not listed again at login.
+    """
+
+    def settle(self, address: Address = ALICE) -> None:
+        """
+        Make C{new/} and C{cur/} look last changed a minute ago.
+        """
+        old = time.time_ns() - 60 * 10**9
+        for subdir in ("new", "cur"):
+            os.utime(self.path(address, subdir), ns=(old, old))
+
+    def countScans(self) -> list:
+        calls: list = []
+        realScandir = os.scandir
+
+        def scandir(path):
+            calls.append(path)
+            return realScandir(path)
+
+        self.patch(os, "scandir", scandir)
+        return calls
+
+    def test_unchangedMaildropListedOnce(self) -> None:
+        """
+        Once listed after its last change had settled, an unchanged
+        maildrop's next snapshot comes without reading its directories,
+        with the same messages.
+        """
+        self.deliver([ALICE], b"one\n")
+        self.deliver([ALICE], b"two\n")
+        self.settle()
+        first = self.openDrop()
+        uids = [m.uid for m in first.messages]
+        first.release()
+        scans = self.countScans()
+        second = self.openDrop()
+        self.assertEqual(scans, [])
+        self.assertEqual([m.uid for m in second.messages], uids)
+        self.assertEqual(self.read(second, 1), b"two\r\n")
+        second.release()
+
+    def test_changeListedAgain(self) -> None:
+        """
+        A delivery, a deletion or a flag change since the cached listing
+        changes a directory's mtime, so the next snapshot lists it again and
+        sees the change.
+        """
+        self.deliver([ALICE], b"one\n")
+        self.settle()
+        self.openDrop().release()
+        self.deliver([ALICE], b"two\n")
+        drop = self.openDrop()
+        self.assertEqual(len(drop.messages), 2)
+        self.successResultOf(drop.commit([0]))
+        self.assertEqual(len(self.openDrop().messages), 1)
+
+    def test_recentChangeNotCached(self) -> None:
+        """
+        A listing taken less than L{maildir.LISTING_SETTLED_NS} after the
+        last change of a directory is not kept: another change within the
+        same tick of the file system's clock would leave the mtime as it
+        was.
+        """
+        self.deliver([ALICE], b"one\n")
+        self.openDrop().release()
+        scans = self.countScans()
+        self.openDrop().release()
+        self.assertEqual(len(scans), 2)
+
+    def test_rewrittenInPlaceRefused(self) -> None:
+        """
+        A message file another tool rewrote in place (which Maildir never
+        does, and which leaves the directory's mtime alone) after a cached
+        listing is refused when opened, not served with a wrong size.
+        """
+        self.deliver([ALICE], b"one\n")
+        self.settle()
+        self.openDrop().release()
+        [name] = self.listing(ALICE, "new")
+        with open(self.path(ALICE, "new", name), "r+b") as f:
+            f.write(b"longer text\n")
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0].size, 5)
+        self.failureResultOf(drop.openMessage(0), TemporaryFailure)
+        drop.release()
