@@ -45,6 +45,7 @@ LIMITS = {
     "max-connections-per-ip": (20, int),
     "queue-lifetime": (5 * 86400.0, float),
     "hash-threads": (2, int),
+    "relay-connections": (10, int),
 }
 
 
@@ -270,6 +271,8 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
             raise ConfigError(f"[limits] {name}: must not be negative")
     if limits["hash-threads"] < 1:
         raise ConfigError("[limits] hash-threads: must be at least 1")
+    if limits["relay-connections"] < 1:
+        raise ConfigError("[limits] relay-connections: must be at least 1")
 
     submission = ini.get("submission", {})
     checkFrom = _bool(submission.get("check-header-from", "yes"), "check-header-from")

@@ -550,6 +550,7 @@ def _build(config: Config, reactor) -> MultiService:
         relayVerifyTLS=config.relayVerifyTLS,
         clientTLS=clientTLS,
         lifetime=limits["queue-lifetime"],
+        maxConnections=int(limits["relay-connections"]),
     )
     relay.setServiceParent(top)
 

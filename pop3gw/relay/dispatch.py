@@ -60,7 +60,7 @@ from pop3gw import events
 from pop3gw.dsn import oneLine
 from pop3gw.interfaces import IQueueStore
 from pop3gw.queue import Entry, Outcome, OutcomeKind
-from pop3gw.relay.client import SessionResult, TLSPolicy, deliverOnce
+from pop3gw.relay.client import ConnectionCache, SessionResult, TLSPolicy, deliverOnce
 from pop3gw.relay.mx import (
     MXResolver,
     PermanentLookupFailure,
@@ -91,7 +91,11 @@ class Dispatcher:
         C{verify=None} meaning opportunistic (unverified); C{None} means
         plaintext only.
     @param connectTimeout: TCP connect timeout in seconds.
-    @param maxConnections: the most simultaneous SMTP connections.
+    @param maxConnections: the most messages sent at once, each over its
+        own SMTP connection.  A smarthost connection is kept a moment after
+        its message (L{pop3gw.relay.client.ConnectionCache}) and taken
+        before a new one is opened, so no more connections than this are
+        open to the smarthost either.
     @param endpointFactory: C{endpointFactory(host, port) ->
         IStreamClientEndpoint}, or C{None} for a C{HostnameEndpoint} that
         for MX hosts connects only to public addresses.
@@ -133,6 +137,8 @@ class Dispatcher:
         self._mxEndpointFactory = endpointFactory or self._defaultMXEndpoint
         self._deliverOnce = deliverOnce
         self._semaphore = defer.DeferredSemaphore(maxConnections)
+        # Smarthost connections waiting for their next message.
+        self._cache = ConnectionCache(clock)
         self._connections: set = set()
         self._stopping = False
 
@@ -148,6 +154,7 @@ class Dispatcher:
         sessions then end with an error) and stop the DNS resolver.
         """
         self._stopping = True
+        self._cache.closeAll()
         for connection in list(self._connections):
             connection.abort()
         self.mx.stop()
@@ -372,6 +379,13 @@ class Dispatcher:
                 message.close()
             return defer.succeed(SessionResult.broken(oneLine(f"cannot connect: {Failure().getErrorMessage()}")))
         self._connections.add(endpoint)
+        reuse: dict = {}
+        if relay:
+            # One smarthost session carries message after message.
+            reuse = dict(
+                cache=self._cache,
+                cacheKey=(host, port, policy, loopbackPolicy, credentials and credentials[0]),
+            )
         d = self._deliverOnce(
             endpoint,
             entry.sender,
@@ -383,6 +397,7 @@ class Dispatcher:
             clock=self.reactor,
             contextFor=contextFor if self.clientTLS is not None else None,
             loopbackPolicy=loopbackPolicy,
+            **reuse,
         )
 
         def finished(result: SessionResult) -> SessionResult:

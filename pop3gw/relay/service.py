@@ -116,7 +116,9 @@ class RelayService(Service):
     @param lifetime: seconds before pending recipients expire.
     @param connectTimeout: TCP connect timeout in seconds.
     @param scanInterval: seconds between looks at the C{.flush} file.
-    @param maxConnections: the most simultaneous SMTP connections.
+    @param maxConnections: the most messages sent at once (C{[limits]
+        relay-connections}), each over its own SMTP connection; smarthost
+        connections are reused (see L{Dispatcher}).
     @param endpointFactory: C{endpointFactory(host, port) ->
         IStreamClientEndpoint}; a C{HostnameEndpoint} if C{None} (tests
         replace it), which for MX hosts connects only to public addresses
