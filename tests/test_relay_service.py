@@ -262,6 +262,31 @@ class SchedulingTests(QueueTestMixin, unittest.SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.deliver.calls), 3)
 
+    def test_entriesTakenFewAtATime(self):
+        """
+        Of a queue all due at once, no more entries are in progress than
+        twice the connections allowed: the others are not even recorded as
+        attempted until their turn, and at stop they are left as they are.
+        """
+        from pop3gw.queue import listEntries
+
+        self.startRelay(relayHost="smarthost.example", maxConnections=1)
+        ids = [self.enqueue().queueId for _ in range(4)]
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliver.calls), 1)
+        attempts = {e.queueId: e.attempts for e in listEntries(self.queue.root)}
+        self.assertEqual([attempts[i] for i in ids], [1, 1, 0, 0])
+        self.deliver.calls[0].result.callback(SessionResult({BOB: DELIVERED_OK}, None))
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliver.calls), 2)
+        attempts = {e.queueId: e.attempts for e in listEntries(self.queue.root)}
+        self.assertEqual([attempts.get(i) for i in ids], [None, 1, 1, 0])
+        self.relay.stopService()
+        self.clock.advance(0)
+        attempts = {e.queueId: e.attempts for e in listEntries(self.queue.root)}
+        self.assertEqual([attempts.get(i) for i in ids], [None, 1, 1, 0])
+        self.assertEqual(len(self.deliver.calls), 2)
+
     def test_smarthostConnectionsShared(self):
         """
         Messages to the smarthost are sent with the dispatcher's connection

@@ -79,6 +79,12 @@ MAX_CONNECTIONS = 10
 #: abandons them (they stay queued).
 STOP_GRACE = 10.0
 
+#: Entries in progress at once, per connection allowed
+#: (C{maxConnections}): an attempt is recorded on disk before it is made,
+#: so a long queue all due at once is taken a few at a time rather than
+#: recorded all at once before the first message goes out.
+ENTRIES_PER_CONNECTION = 2
+
 #: The default relay port: 25 without credentials (a smarthost relaying by
 #: IP), 587 (submission, RFC 6409) when a relay user name is configured.
 SUBMISSION_PORT = 587
@@ -168,6 +174,9 @@ class RelayService(Service):
         self.entries: dict = {}
         self._timers: dict = {}
         self._waiters: dict = {}
+        # Entries waiting for one of the slots: queue id -> the Deferred.
+        self._slots = defer.DeferredSemaphore(maxConnections * ENTRIES_PER_CONNECTION)
+        self._queued: dict = {}
         self._flushLoop: Optional[LoopingCall] = None
         self._flushMtime: Optional[int] = None
         self.bouncer = Bouncer(
@@ -231,6 +240,10 @@ class RelayService(Service):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        # Entries still waiting for a slot are not tried (their waiters are
+        # told at once); one by one, not as a chain of releases.
+        for waiting in list(self._queued.values()):
+            waiting.cancel()
         self.dispatcher.stop()
         if not self._waiters:
             return defer.succeed(None)
@@ -331,9 +344,21 @@ class RelayService(Service):
         if timer is not None and timer.active():
             timer.cancel()
         self._waiters[queueId] = [result]
-        d = self._process(entry)
+        slot = self._queued[queueId] = self._slots.acquire()
+
+        def acquired(_: object) -> defer.Deferred:
+            del self._queued[queueId]
+            return self._process(entry).addBoth(released)
+
+        def released(r: object) -> object:
+            self._slots.release()
+            return r
 
         def failed(f: Failure) -> None:
+            if f.check(defer.CancelledError):
+                # Stopped before its turn came.
+                self._queued.pop(queueId, None)
+                return
             self.log.failure("relay: processing {queueId} failed", f, queueId=queueId)
 
         def done(_: object) -> None:
@@ -343,6 +368,7 @@ class RelayService(Service):
             for w in waiters:
                 w.callback(None)
 
+        d = slot.addCallback(acquired)
         d.addErrback(failed)
         d.addCallback(done)
         return result

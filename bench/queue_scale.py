@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""
+Cost of a long outbound queue: drain C{--count} queued messages (5,000) to a
+local sink (Postfix's C{smtp-sink}) through C{--relay-host}, and start the
+server and run C{pop3gw queue list} with C{--waiting} entries (50,000) that
+are not due.
+
+Run it with the Python of the pop3gw install to measure (C{--bin} holds its
+C{twistd} and C{pop3gw}): the queue is filled with pop3gw's own
+C{OutboundQueue} (one entry written, the rest copies of it with their own
+ids, so filling takes seconds, not one fsync pair per message).  Prints:
+
+- drain: seconds from the server's start until the queue directory is
+  empty, messages/s, the messages the sink counted, the server's CPU
+  seconds, and its peak and final RSS;
+- waiting: seconds until the server logs the loaded queue, its RSS then,
+  and the seconds C{pop3gw queue list} takes (and its line count).
+
+Everything runs on 127.0.0.1 in a temporary directory removed at the end;
+every process is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from twisted.internet.task import Clock
+
+from pop3gw.address import Address
+from pop3gw.queue import OutboundQueue
+
+SENDER = Address("alice", "example.org")
+RECIPIENT = Address("bob", "remote.example")
+
+
+def freePort() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def status(pid: int) -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    out["cpu"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def fill(root: str, count: int, size: int, due: bool) -> None:
+    """
+    Put C{count} entries of a C{size}-octet message into the queue at
+    C{root}, due now or in a day.
+    """
+    clock = Clock()
+    clock.advance(time.time())
+    queue = OutboundQueue(root, clock)
+    announced: list = []
+    queue.addListener(announced.append)
+    delivery = queue.beginDelivery(SENDER, [RECIPIENT])
+    line = b"x" * 75 + b"\r\n"
+    delivery.write(b"Subject: queue bench\r\n\r\n" + line * (size // len(line)))
+    delivery.commit()
+    [entry] = announced
+    with open(os.path.join(root, entry.queueId + ".json"), "rb") as f:
+        template = json.loads(f.read())
+    template["nextAttempt"] = time.time() - 1 if due else time.time() + 86400
+    message = os.path.join(root, entry.queueId + ".msg")
+    for n in range(1, count):
+        queueId = "%013x-%08x" % (int(time.time() * 1e6) & (16**13 - 1), n)
+        template["id"] = queueId
+        with open(os.path.join(root, queueId + ".json"), "w") as f:
+            json.dump(template, f)
+        os.link(message, os.path.join(root, queueId + ".msg"))
+    with open(os.path.join(root, entry.queueId + ".json"), "w") as f:
+        template["id"] = entry.queueId
+        json.dump(template, f)
+
+
+def queued(root: str) -> int:
+    return sum(1 for n in os.listdir(root) if n.endswith(".json"))
+
+
+class Server:
+    def __init__(self, bin: str, data: str, *args: str) -> None:
+        self.log = open(os.path.join(data, "twistd.log"), "w+b")
+        self.start = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [os.path.join(bin, "twistd"), "-n", "--pidfile=", "pop3gw", "--data-dir", data, "--domain", "example.org",
+             "--pop3", "none", "--submission", "none", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=data,
+        )
+
+    def logged(self, text: bytes) -> bool:
+        self.log.seek(0)
+        return text in self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def drain(args: argparse.Namespace, top: str) -> None:
+    data = os.path.join(top, "drain")
+    os.makedirs(os.path.join(data, "queue"))
+    fill(os.path.join(data, "queue"), args.count, args.size, True)
+    port = freePort()
+    sink = subprocess.Popen(
+        ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{port}", "256"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    server = None
+    try:
+        time.sleep(0.3)
+        options = ["--relay-host", f"127.0.0.1:{port}"]
+        if args.connections:
+            with open(os.path.join(data, "limits.ini"), "w") as f:
+                f.write(f"[limits]\nrelay-connections = {args.connections}\n")
+            options += ["--config", os.path.join(data, "limits.ini")]
+        server = Server(args.bin, data, *options)
+        peak = 0
+        deadline = time.monotonic() + args.timeout
+        while queued(os.path.join(data, "queue")) and time.monotonic() < deadline:
+            peak = max(peak, status(server.proc.pid)["VmRSS"])
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - server.start
+        left = queued(os.path.join(data, "queue"))
+        final = status(server.proc.pid)
+        server.stop()
+        server = None
+    finally:
+        if server is not None:
+            server.stop()
+        sink.send_signal(signal.SIGTERM)
+        out = sink.communicate(timeout=30)[0].decode("ascii", "replace")
+    counted = out.replace("\r", "\n").strip().split("\n")[-1].strip()
+    print(
+        f"drain: {args.count - left} of {args.count} messages in {elapsed:.2f} s = {(args.count - left) / elapsed:.0f} msg/s"
+        f" (server start included); sink counter {counted!r}; server CPU {final['cpu']:.2f} s;"
+        f" RSS peak {peak} KB, at the end {final['VmRSS']} KB",
+        flush=True,
+    )
+
+
+def waiting(args: argparse.Namespace, top: str) -> None:
+    data = os.path.join(top, "waiting")
+    os.makedirs(os.path.join(data, "queue"))
+    fill(os.path.join(data, "queue"), args.waiting, args.size, False)
+    server = Server(args.bin, data, "--relay-host", "127.0.0.1:9")
+    try:
+        deadline = time.monotonic() + args.timeout
+        while not server.logged(b"queued messages loaded") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = time.perf_counter() - server.start
+        rss = status(server.proc.pid)["VmRSS"]
+    finally:
+        server.stop()
+    t0 = time.perf_counter()
+    listing = subprocess.run(
+        [os.path.join(args.bin, "pop3gw"), "--data-dir", data, "queue", "list"], capture_output=True, check=True
+    )
+    listed = time.perf_counter() - t0
+    print(
+        f"waiting: {args.waiting} entries: queue loaded {started:.2f} s after start, RSS {rss} KB;"
+        f" queue list {listed:.2f} s for {len(listing.stdout.splitlines())} lines",
+        flush=True,
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bin", default=os.path.dirname(sys.executable))
+    p.add_argument("--count", type=int, default=5000)
+    p.add_argument("--waiting", type=int, default=50000)
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--connections", type=int, default=0, help="[limits] relay-connections (default: pop3gw's)")
+    p.add_argument("--timeout", type=float, default=600.0)
+    args = p.parse_args()
+    if max(args.count, args.waiting) > 200_000:
+        raise SystemExit("at most 200000 entries")
+    top = tempfile.mkdtemp(prefix="queue-scale-")
+    try:
+        if args.count:
+            drain(args, top)
+        if args.waiting:
+            waiting(args, top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
