@@ -286,21 +286,6 @@ class _Listing:
     def __len__(self) -> int:
         return len(self.names)
 
-    def append(self, inCur: int, name: str, key: Optional[str], fileSize: int, wireSize: int) -> None:
-        """
-        Add a message; C{key} is C{None} when it is the first
-        characters of C{name} and usable as the UIDL.
-        """
-        if key is None:
-            self.keyEnds.append(name.index(","))
-        else:
-            self.oddKeys[len(self.names)] = key
-            self.keyEnds.append(0)
-        self.names.append(name)
-        self.inCur.append(inCur)
-        self.fileSizes.append(fileSize)
-        self.wireSizes.append(wireSize)
-
     def key(self, index: int) -> str:
         end = self.keyEnds[index]
         return self.names[index][:end] if end else self.oddKeys[index]
