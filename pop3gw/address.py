@@ -75,11 +75,19 @@ class Address:
                 text = text.decode("utf-8")
             except UnicodeDecodeError:
                 raise AddressError("address is not valid UTF-8") from None
-        text = unicodedata.normalize("NFC", text)
-        if len(text.encode("utf-8", "surrogatepass")) > MAX_ADDRESS_LENGTH:
-            raise AddressError("address too long")
-        if any(unicodedata.category(c)[0] in "CZ" for c in text):
-            raise AddressError("address contains control or space characters")
+        if text.isascii():
+            # The common case, at C speed: printable ASCII other than the
+            # space has no character in categories C and Z, and is NFC.
+            if not text.isprintable() or " " in text:
+                raise AddressError("address contains control or space characters")
+            if len(text) > MAX_ADDRESS_LENGTH:
+                raise AddressError("address too long")
+        else:
+            text = unicodedata.normalize("NFC", text)
+            if len(text.encode("utf-8", "surrogatepass")) > MAX_ADDRESS_LENGTH:
+                raise AddressError("address too long")
+            if any(unicodedata.category(c)[0] in "CZ" for c in text):
+                raise AddressError("address contains control or space characters")
         if text.count("@") != 1:
             raise AddressError("address must be local@domain")
         localpart, domain = text.split("@")

@@ -52,6 +52,7 @@ LIMITS = {
     "messages-per-hour": (200, int),
     "recipients-per-day": (1000, int),
     "database-threads": (10, int),
+    "relay-connections": (10, int),
 }
 
 
@@ -292,6 +293,8 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
             raise ConfigError(f"[limits] {name}: must be at least 1")
 
     store = parseStore(merged.get("store", "maildir"))
+    if limits["relay-connections"] < 1:
+        raise ConfigError("[limits] relay-connections: must be at least 1")
 
     submission = ini.get("submission", {})
     checkFrom = _bool(submission.get("check-header-from", "yes"), "check-header-from")

@@ -13,6 +13,7 @@ Passwords are not here: they are the blocking side
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any, Generic, Iterable, Mapping, Optional, TypeVar
 
 import attr
@@ -201,7 +202,9 @@ class Directory:
         self._catchAll = dict(catchAll or {})
         self._delimiter = delimiter
         self._unavailable: Optional[str] = None
-        self._addresses = tuple(sorted(users.entries))
+        # Sorted by their fields, as Address orders itself, without a
+        # Python comparison per pair.
+        self._addresses = tuple(sorted(users.entries, key=attrgetter("localpart", "domain")))
         self._domains = frozenset(a.domain for a in users.entries)
         self.postmaster = users.find(postmaster) if postmaster is not None else None
         self._postmasters: dict[str, Address] = {}

@@ -39,7 +39,9 @@ import secrets
 import socket
 import stat
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from array import array
+from itertools import repeat
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, overload
 
 import attr
 from twisted.internet import defer
@@ -114,6 +116,8 @@ QUICK_FLAG_RENAMES = 64
 _SKIPPABLE_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ELOOP})
 
 _SUBDIRS = ("cur", "new", "tmp")
+#: The subdirectory of a listed message, by its L{_Listing.inCur} value.
+_LISTED_IN = ("new", "cur")
 _LEADING_INTEGER = re.compile(r"[0-9]+")
 
 _log = Logger()
@@ -121,19 +125,31 @@ _log = Logger()
 _fsyncDirectory = fsutil.fsyncDirectory
 
 
-def _sortKey(entry: "_Entry") -> tuple:
-    match = _LEADING_INTEGER.match(entry.key)
-    return (int(match.group()) if match else 0, entry.key, entry.subdir, entry.name)
+#: A name as pop3gw and Dovecot write it, C{<unique>,S=<n>,W=<n>[:info]},
+#: whose unique part is usable as it stands as the UIDL (1 to
+#: L{pop3gw.maildirfiles.MAX_UID_LENGTH} characters in 0x21..0x7E, none a
+#: comma or colon): the one kind a snapshot takes apart without
+#: L{parseName}.
+#: The groups: the leading digits of the unique part (perhaps empty), the
+#: comma ending the unique part, the file size and the wire size.
+_PLAIN_NAME = re.compile(
+    r"(?=[\x21-\x2b\x2d-\x39\x3b-\x7e]{1,70},S=)([0-9]*)[^,]*(,)S=([0-9]+),W=([0-9]+)(?::.*)?", re.DOTALL
+)
+
+
+def _leadingInteger(text: str) -> int:
+    match = _LEADING_INTEGER.match(text)
+    return int(match.group()) if match else 0
 
 
 # --- Maildrops --------------------------------------------------------------
 
 
 @implementer(IMessageInfo)
-@attr.s(auto_attribs=True, frozen=True)
-class MaildirMessageInfo:
+class MaildirMessageInfo(NamedTuple):
     """
-    One message of a snapshot.
+    One message of a snapshot (a named tuple: a large maildrop makes many,
+    one at a time, and a tuple is the cheapest to make).
 
     @ivar size: octets in wire form.
     @ivar uid: the UIDL value.
@@ -145,11 +161,19 @@ class MaildirMessageInfo:
     seen: bool = False
 
 
-@attr.s(auto_attribs=True)
+_newTuple = tuple.__new__
+
+#: Matches a name carrying the C{S} flag (L{isSeenName}, as one C call).
+_SEEN_NAME = re.compile(r"[^:]*:2,.*S", re.DOTALL)
+
+
+@attr.s(auto_attribs=True, slots=True)
 class _Entry:
     """
-    Where one snapshotted message is, and its sizes.  C{subdir} and C{name}
-    follow the file if another tool renames it (flags) during the session.
+    Where one snapshotted message is, and its sizes: a view of one message
+    of a L{_Listing}, made when the message is opened or committed.
+    C{subdir} and C{name} follow the file if another tool renames it
+    (flags) during the session.
     """
 
     subdir: str
@@ -236,18 +260,237 @@ class _NotQuick(Exception):
     """
 
 
-def _snapshot(maildir: str, quick: bool = False) -> list[_Entry]:
+class _Listing:
     """
-    The messages of a locked maildrop, oldest first.  A file whose name lacks
-    trustworthy sizes is read once and renamed to carry them (moving it from
-    C{new} to C{cur} with C{:2,} info).
+    A snapshot's messages, oldest first, kept compact: a large maildrop
+    costs a file name and a few octets per message, not an object.
 
-    @param quick: raise L{_NotQuick} instead of reading any file.
+    @ivar names: each message's file name.
+    @ivar inCur: 1 where the file is in C{cur/}, 0 in C{new/}.
+    @ivar fileSizes: octets on disk.
+    @ivar wireSizes: octets in wire form.
+    @ivar keyEnds: the length of the name's unique part, which is also its
+        UIDL, or 0 where the unique part is in C{oddKeys}.
+    @ivar oddKeys: index -> unique part, for the names whose unique part
+        is not a prefix usable as the UIDL.
     """
-    entries = []
-    for key, (subdir, name, st, parsed) in _scan(maildir, QUICK_SNAPSHOT_ENTRIES if quick else None).items():
-        if parsed.fileSize == st.st_size and parsed.wireSize is not None:
-            entries.append(_Entry(subdir, name, key, st.st_size, parsed.wireSize))
+
+    __slots__ = ("names", "inCur", "fileSizes", "wireSizes", "keyEnds", "oddKeys", "imported")
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.inCur = bytearray()
+        self.fileSizes = array("q")
+        self.wireSizes = array("q")
+        self.keyEnds = array("B")
+        self.oddKeys: dict[int, str] = {}
+        #: UIDLs imported from another server, by unique part (see
+        #: L{pop3gw.pop3import}).
+        self.imported: dict[str, str] = {}
+
+    def copy(self) -> "_Listing":
+        """
+        An independent copy (a cached listing is never changed by a
+        session).
+        """
+        other = _Listing()
+        other.names = list(self.names)
+        other.inCur = bytearray(self.inCur)
+        other.fileSizes = array("q", self.fileSizes)
+        other.wireSizes = array("q", self.wireSizes)
+        other.keyEnds = array("B", self.keyEnds)
+        other.oddKeys = dict(self.oddKeys)
+        other.imported = dict(self.imported)
+        return other
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def key(self, index: int) -> str:
+        end = self.keyEnds[index]
+        return self.names[index][:end] if end else self.oddKeys[index]
+
+    def uid(self, index: int) -> str:
+        if self.imported:
+            imported = self.imported.get(self.key(index))
+            if imported is not None:
+                return imported
+        end = self.keyEnds[index]
+        return self.names[index][:end] if end else uidForKey(self.oddKeys[index])
+
+    def entry(self, index: int) -> _Entry:
+        return _Entry(
+            _LISTED_IN[self.inCur[index]],
+            self.names[index],
+            self.key(index),
+            self.fileSizes[index],
+            self.wireSizes[index],
+        )
+
+    def update(self, index: int, entry: _Entry) -> None:
+        """
+        Record where C{entry} (message C{index}) was found again.
+        """
+        self.inCur[index] = entry.subdir == "cur"
+        self.names[index] = entry.name
+
+
+class _MessageList(Sequence[MaildirMessageInfo]):
+    """
+    L{MaildirMaildrop.messages}: a read-only sequence of
+    L{MaildirMessageInfo}s, each made when asked for from the L{_Listing}.
+    """
+
+    __slots__ = ("_listing",)
+
+    def __init__(self, listing: _Listing) -> None:
+        self._listing = listing
+
+    def __len__(self) -> int:
+        return len(self._listing)
+
+    def _info(self, index: int) -> MaildirMessageInfo:
+        listing = self._listing
+        name = listing.names[index]
+        uid = listing.uid(index)
+        seen = _SEEN_NAME.match(name) is not None
+        return _newTuple(MaildirMessageInfo, (listing.wireSizes[index], uid, seen))
+
+    @overload
+    def __getitem__(self, index: int) -> MaildirMessageInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[MaildirMessageInfo]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._info(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._info(index)
+
+    def __iter__(self) -> Iterator[MaildirMessageInfo]:
+        # Made by C loops (map, zip), not a Python call per message: a
+        # session goes through a large maildrop's listing a few times.
+        listing = self._listing
+        names = listing.names
+        if listing.oddKeys or listing.imported:
+            uids: Iterator[str] = map(listing.uid, range(len(names)))
+        else:
+            uids = map(str.__getitem__, names, map(slice, listing.keyEnds))
+        seen = map(bool, map(_SEEN_NAME.match, names))
+        return map(_newTuple, repeat(MaildirMessageInfo), zip(listing.wireSizes, uids, seen))
+
+
+def _plainListing(names: list[str], numeric: bool, part: set[str], partIsNew: bool) -> _Listing:
+    """
+    The listing of a maildrop whose names are all plain (L{_PLAIN_NAME}),
+    made with no object per message besides its name, so that a large
+    one leaves no freed memory scattered between the names it keeps.
+
+    @param names: the names (sorted in place).
+    @param numeric: whether the leading numbers differ in length, so the
+        names must be sorted by their value rather than as text.
+    @param part: the names in C{new/} if C{partIsNew}, else those in
+        C{cur/}.
+    """
+    plainMatch = _PLAIN_NAME.fullmatch
+    if numeric:
+        names.sort(key=lambda n: (_leadingInteger(n), n))
+    else:
+        names.sort()
+    listing = _Listing()
+    kept = listing.names
+    addName, addInCur, addFileSize, addWireSize, addKeyEnd = (
+        kept.append,
+        listing.inCur.append,
+        listing.fileSizes.append,
+        listing.wireSizes.append,
+        listing.keyEnds.append,
+    )
+    lastKey = None
+    for name in names:
+        match = plainMatch(name)
+        keyEnd = match.start(2)  # type: ignore[union-attr]
+        key = name[:keyEnd]
+        if key == lastKey:
+            # The same message in new/ and cur/ (they sort together).
+            continue
+        lastKey = key
+        addName(name)
+        addKeyEnd(keyEnd)
+        addInCur((name in part) != partIsNew)
+        addFileSize(int(match.group(3)))  # type: ignore[union-attr]
+        addWireSize(int(match.group(4)))  # type: ignore[union-attr]
+    return listing
+
+
+def _snapshot(maildir: str, quick: bool = False) -> _Listing:
+    """
+    The messages of a locked maildrop, oldest first (by the leading number
+    of their unique names, then the names), read from C{new} then C{cur}
+    (so a message moved from one to the other meanwhile is seen at least
+    once; the first name of a unique part is kept).
+
+    Sizes come from the file names: a name carrying both (C{,S=} and
+    C{,W=}) is trusted without a C{stat}, and regular files are told apart
+    by the directory entry's type.  A file whose name lacks them is read
+    once and renamed to carry them (moving it from C{new} to C{cur} with
+    C{:2,} info).
+
+    @param quick: raise L{_NotQuick} instead of reading any file, or on
+        meeting more than L{QUICK_SNAPSHOT_ENTRIES} entries.
+    """
+    limit = QUICK_SNAPSHOT_ENTRIES if quick else None
+    plainMatch = _PLAIN_NAME.fullmatch
+    plainNames: list[str] = []
+    others: list[tuple[int, str]] = []
+    leadLengths: set[int] = set()
+    count = 0
+    inNew = 0
+    for subdir in ("new", "cur"):
+        with os.scandir(os.path.join(maildir, subdir)) as it:
+            for dirEntry in it:
+                count += 1
+                if limit is not None and count > limit:
+                    raise _NotQuick()
+                name = dirEntry.name
+                if name.startswith("."):
+                    continue
+                try:
+                    if not dirEntry.is_file(follow_symlinks=False):
+                        continue
+                except OSError:
+                    continue
+                plain = plainMatch(name)
+                if plain is None:
+                    others.append((int(subdir == "cur"), name))
+                    continue
+                leadLengths.add(plain.end(1))
+                plainNames.append(name)
+        if subdir == "new":
+            inNew = len(plainNames)
+    # Which plain names are in new/ (the smaller part is remembered).
+    newFew = inNew <= len(plainNames) - inNew
+    part = set(plainNames[:inNew] if newFew else plainNames[inNew:])
+    if not others:
+        return _plainListing(plainNames, len(leadLengths) > 1, part, newFew)
+    # (leading number, name or unique part, 0/1 for new/cur, file size,
+    # wire size, and the length of a plain name's unique part or an odd
+    # name)
+    found: list[tuple] = []
+    for name in plainNames:
+        lead, _, fileSize, wireSize = plainMatch(name).groups()  # type: ignore[union-attr]
+        inCur = int((name in part) != newFew)
+        found.append((int(lead or 0), name, inCur, int(fileSize), int(wireSize), name.index(",")))
+    del plainNames, part
+    for inCur, name in others:
+        parsed = parseName(name)
+        subdir = _LISTED_IN[inCur]
+        if parsed.fileSize is not None and parsed.wireSize is not None:
+            found.append((_leadingInteger(parsed.key), parsed.key, inCur, parsed.fileSize, parsed.wireSize, name))
             continue
         if quick:
             raise _NotQuick()
@@ -261,22 +504,56 @@ def _snapshot(maildir: str, quick: bool = False) -> list[_Entry]:
             # One bad file must not lock its owner out of the whole maildrop.
             _log.warn("Skipping unreadable message {name}: {error}", name=name, error=e.strerror)
             continue
-        entry = _Entry(subdir, name, key, fileSize, wireSize)
-        entries.append(entry)
         if parsed.renameable:
-            newName = f"{key},S={fileSize},W={wireSize}{parsed.info or ':2,'}"
+            newName = f"{parsed.key},S={fileSize},W={wireSize}{parsed.info or ':2,'}"
             try:
-                os.rename(
-                    os.path.join(maildir, subdir, name),
-                    os.path.join(maildir, "cur", newName),
-                )
+                os.rename(os.path.join(maildir, subdir, name), os.path.join(maildir, "cur", newName))
             except OSError:
                 # Someone else renamed it meanwhile; _relocate finds it.
                 pass
             else:
-                entry.subdir, entry.name = "cur", newName
-    entries.sort(key=_sortKey)
-    return entries
+                inCur, name = 1, newName
+        found.append((_leadingInteger(parsed.key), parsed.key, inCur, fileSize, wireSize, name))
+    # Odd names sort by their unique part (the second field) and carry
+    # their name in the last; a plain name is its own sort text.  No two
+    # tuples agree on the first three fields (a name is unique in its
+    # directory), so the rest is never compared.
+    found.sort()
+    listing = _Listing()
+    names = listing.names
+    addName, addInCur, addFileSize, addWireSize, addKeyEnd = (
+        names.append,
+        listing.inCur.append,
+        listing.fileSizes.append,
+        listing.wireSizes.append,
+        listing.keyEnds.append,
+    )
+    # Plain names of one unique part sort next to each other (their unique
+    # parts hold no comma), so comparing with the previous one finds every
+    # duplicate; with odd names about, a set of the unique parts does.
+    keys: Optional[set] = set() if others else None
+    lastKey = None
+    for _, text, inCur, fileSize, wireSize, odd in found:
+        if type(odd) is int:
+            # A plain name; odd is the length of its unique part.
+            name, key, keyEnd = text, text[:odd], odd
+        else:
+            name, key, keyEnd = odd, text, 0
+        if key == lastKey:
+            continue
+        if keys is not None:
+            if key in keys:
+                continue
+            keys.add(key)
+        lastKey = key
+        if not keyEnd:
+            listing.oddKeys[len(names)] = key
+        addKeyEnd(keyEnd)
+        addName(name)
+        addInCur(inCur)
+        addFileSize(fileSize)
+        addWireSize(wireSize)
+    return listing
 
 
 #: Most message entries, over all maildrops, L{_ListingCache} keeps.
@@ -320,10 +597,10 @@ class _ListingCache:
     """
 
     def __init__(self) -> None:
-        self._listings: collections.OrderedDict[str, tuple[tuple[int, int], list[tuple]]] = collections.OrderedDict()
+        self._listings: collections.OrderedDict[str, tuple[tuple[int, int], _Listing]] = collections.OrderedDict()
         self._size = 0
 
-    def snapshot(self, maildir: str, quick: bool) -> list[_Entry]:
+    def snapshot(self, maildir: str, quick: bool) -> _Listing:
         """
         L{_snapshot} of C{maildir} (locked by the caller), from the cache
         when the directories are unchanged.
@@ -335,28 +612,28 @@ class _ListingCache:
         if cached is not None:
             if cached[0] == stamp:
                 self._listings.move_to_end(maildir)
-                return [_Entry(*fields) for fields in cached[1]]
+                return cached[1].copy()
             self._forget(maildir)
-        entries = _snapshot(maildir, quick)
+        listing = _snapshot(maildir, quick)
         now = time.time_ns()
         if (
-            len(entries) <= QUICK_SNAPSHOT_ENTRIES
+            len(listing) <= QUICK_SNAPSHOT_ENTRIES
             and max(stamp) < now - LISTING_SETTLED_NS
             and _directoryStamp(maildir) == stamp
         ):
-            self._remember(maildir, stamp, entries)
-        return entries
+            self._remember(maildir, stamp, listing)
+        return listing
 
-    def _remember(self, maildir: str, stamp: tuple[int, int], entries: list[_Entry]) -> None:
-        self._listings[maildir] = (stamp, [(e.subdir, e.name, e.key, e.fileSize, e.wireSize) for e in entries])
-        self._size += len(entries)
+    def _remember(self, maildir: str, stamp: tuple[int, int], listing: _Listing) -> None:
+        self._listings[maildir] = (stamp, listing.copy())
+        self._size += len(listing)
         while self._size > LISTING_CACHE_ENTRIES:
             oldest = next(iter(self._listings))
             self._forget(oldest)
 
     def _forget(self, maildir: str) -> None:
-        _, fields = self._listings.pop(maildir)
-        self._size -= len(fields)
+        _, listing = self._listings.pop(maildir)
+        self._size -= len(listing)
 
 
 @implementer(IMaildrop)
@@ -365,14 +642,15 @@ class MaildirMaildrop:
     One POP3 session's locked snapshot of a maildrop.
 
     @ivar path: the maildrop directory.
-    @ivar messages: L{MaildirMessageInfo}s, oldest first.
+    @ivar messages: L{MaildirMessageInfo}s, oldest first (a sequence that
+        makes each when asked for).
     """
 
     def __init__(
         self,
         path: str,
         lockFD: int,
-        entries: list,
+        listing: _Listing,
         runner: IBlockingRunner,
         quick: bool = False,
         uids: Optional[dict] = None,
@@ -386,21 +664,20 @@ class MaildirMaildrop:
         """
         self.path = path
         self._lockFD: Optional[int] = lockFD
-        self._entries = entries
+        self._listing = listing
         self._runner = runner
         self._quick = quick
         self._state = "open"
-        imported = uids or {}
-        self.messages = [
-            MaildirMessageInfo(e.wireSize, imported.get(e.key) or uidForKey(e.key), isSeenName(e.name))
-            for e in entries
-        ]
+        if uids:
+            listing.imported = uids
+        self.messages = _MessageList(listing)
 
     def keys(self) -> list[str]:
         """
         The Maildir unique names of the messages, in POP3 order.
         """
-        return [e.key for e in self._entries]
+        listing = self._listing
+        return [listing.key(i) for i in range(len(listing))]
 
     def keysAndRelease(self) -> list[str]:
         """
@@ -412,9 +689,9 @@ class MaildirMaildrop:
             self.release()
 
     def _entry(self, index: int) -> _Entry:
-        if not 0 <= index < len(self._entries):
+        if not 0 <= index < len(self._listing):
             raise IndexError(index)
-        return self._entries[index]
+        return self._listing.entry(index)
 
     def _relocate(self, entry: _Entry) -> bool:
         """
@@ -428,6 +705,21 @@ class MaildirMaildrop:
             return False
         entry.subdir, entry.name = found[0], found[1]
         return True
+
+    def _forgetSizes(self, entry: _Entry) -> None:
+        """
+        Take the sizes out of the name of C{entry}'s file, which disagree
+        with the file (they are trusted without a C{stat} at login): the
+        next login measures it.  The unique part, hence the UIDL, stays.
+        Best effort: the file may have been renamed meanwhile.
+        """
+        parsed = parseName(entry.name)
+        if not parsed.renameable or parsed.fileSize is None:
+            return
+        try:
+            os.rename(self._entryPath(entry), os.path.join(self.path, entry.subdir, parsed.key + parsed.info))
+        except OSError as e:
+            _log.warn("Could not rename {name}, whose size changed: {error}", name=entry.name, error=e.strerror)
 
     def _entryPath(self, entry: _Entry) -> str:
         return os.path.join(self.path, entry.subdir, entry.name)
@@ -463,6 +755,8 @@ class MaildirMaildrop:
             raise TemporaryFailure("message vanished") from None
         except OSError as e:
             raise TemporaryFailure(f"cannot open message: {e.strerror}") from e
+        if entry.name != self._listing.names[index]:
+            self._listing.update(index, entry)
         try:
             size = os.fstat(fd).st_size
         except OSError as e:
@@ -470,6 +764,7 @@ class MaildirMaildrop:
             raise TemporaryFailure(f"cannot stat message: {e.strerror}") from e
         if size != entry.fileSize:
             os.close(fd)
+            self._forgetSizes(entry)
             raise TemporaryFailure("message changed during the session")
         return WireReader(fd, size)
 
@@ -733,7 +1028,7 @@ class MaildirStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise MaildropLocked(str(address)) from None
-            entries = self._listings.snapshot(path, quick)
+            listing = self._listings.snapshot(path, quick)
             uids = readUidMap(path)
         except OSError as e:
             os.close(fd)
@@ -745,7 +1040,7 @@ class MaildirStore:
             now = self._now()
             self._tmpCleaned[path] = now
             _cleanTmp(path, now)
-        return MaildirMaildrop(path, fd, entries, self._runner, quick, uids)
+        return MaildirMaildrop(path, fd, listing, self._runner, quick, uids)
 
     def _tmpCleanDue(self, path: str) -> bool:
         """

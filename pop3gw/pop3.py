@@ -119,6 +119,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
     _maildrop = None
     _messages: Sequence = ()
     _initialLast = 0
+    _totalSize = 0
     _transaction: Optional["_Transaction"] = None
     _sender: Optional["_MessageSender"] = None
     _loggedOut = False
@@ -158,6 +159,10 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
 
     def _releaseMaildrop(self) -> None:
         maildrop, self._maildrop = self._maildrop, None
+        # The protocol and its transport refer to each other, so the
+        # listing (large for a large maildrop) would otherwise wait for
+        # the garbage collector.
+        self._messages = ()
         if maildrop is None:
             return
         try:

@@ -6,7 +6,7 @@ RSET, LAST (RFC 1225), RETR, TOP and QUIT with its commit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import attr
 from twisted.internet import defer
@@ -67,6 +67,7 @@ class TransactionCommands(_Host):
         _maildrop: Optional[IMaildrop]
         _messages: Sequence[IMessageInfo]
         _initialLast: int
+        _totalSize: int
         _transaction: Optional[_Transaction]
         _sender: Optional[_MessageSender]
         _loggedOut: bool
@@ -101,11 +102,19 @@ class TransactionCommands(_Host):
     def _beginTransaction(self, maildrop) -> None:
         """
         Enter the TRANSACTION state with the maildrop just opened.  LAST
-        starts at the highest number whose message is seen.
+        starts at the highest number whose message is seen.  The
+        maildrop's messages are gone through once, here: STAT and RSET
+        then cost as much as the deletions marked, not the maildrop.
         """
         self._maildrop = maildrop
-        self._messages = list(maildrop.messages)
-        self._initialLast = max((n for n, m in enumerate(self._messages, 1) if m.seen), default=0)
+        self._messages = messages = maildrop.messages
+        last = total = 0
+        for number, message in enumerate(messages, 1):
+            total += message.size
+            if message.seen:
+                last = number
+        self._initialLast = last
+        self._totalSize = total
         self._transaction = _Transaction(last=self._initialLast)
         self.state = _TRANSACTION
 
@@ -122,14 +131,24 @@ class TransactionCommands(_Host):
             raise _MessageDeleted()
         return index
 
-    def _live(self) -> list[tuple[int, IMessageInfo]]:
+    def _liveTotals(self) -> tuple[int, int]:
+        """
+        @return: how many messages are not marked deleted, and their size.
+        """
         deleted = self._current.deleted
-        return [(i + 1, m) for i, m in enumerate(self._messages) if i not in deleted]
+        messages = self._messages
+        return len(messages) - len(deleted), self._totalSize - sum(messages[i].size for i in deleted)
+
+    def _live(self) -> Iterator[tuple[int, IMessageInfo]]:
+        """
+        @return: the messages not marked deleted, with their numbers.
+        """
+        deleted = self._current.deleted
+        return ((i + 1, m) for i, m in enumerate(self._messages) if i not in deleted)
 
     def do_STAT(self, rest: str) -> None:
         _noArguments(rest)
-        live = self._live()
-        self._reply("+OK %d %d" % (len(live), sum(m.size for _, m in live)))
+        self._reply("+OK %d %d" % self._liveTotals())
 
     def do_LIST(self, rest: str) -> None:
         args = _numbers(rest, 0, 1)
@@ -137,11 +156,9 @@ class TransactionCommands(_Host):
             index = self._message(args[0])
             self._reply("+OK %d %d" % (args[0], self._messages[index].size))
             return
-        live = self._live()
-        total = sum(m.size for _, m in live)
         self._replyMultiline(
-            "+OK %d messages (%d octets)" % (len(live), total),
-            ["%d %d" % (n, m.size) for n, m in live],
+            "+OK %d messages (%d octets)" % self._liveTotals(),
+            ["%d %d" % (n, m.size) for n, m in self._live()],
         )
 
     def do_UIDL(self, rest: str) -> None:
@@ -171,8 +188,7 @@ class TransactionCommands(_Host):
         """
         _noArguments(rest)
         self._transaction = _Transaction(last=self._initialLast)
-        live = self._live()
-        self._reply("+OK Maildrop has %d messages (%d octets)." % (len(live), sum(m.size for _, m in live)))
+        self._reply("+OK Maildrop has %d messages (%d octets)." % self._liveTotals())
 
     def do_LAST(self, rest: str) -> None:
         """
@@ -305,6 +321,8 @@ class TransactionCommands(_Host):
         deleted = sorted(transaction.deleted)
         seen = sorted(transaction.accessed - transaction.deleted)
         maildrop, self._maildrop = self._openMaildrop, None
+        # Nothing reads the listing from here on; see _releaseMaildrop.
+        self._messages = ()
         d = maildrop.commit(deleted, seen=seen)
         d.addCallbacks(self._cbCommitted, self._ebCommit, callbackArgs=(len(deleted),))
         self.hold(d)

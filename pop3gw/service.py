@@ -815,6 +815,7 @@ def _build(config: Config, reactor) -> MultiService:
         clientTLS=clientTLS,
         lifetime=limits["queue-lifetime"],
         postmasterOf=lambda sender: noticeRecipient(sender, config.postmaster, config.hostname, router.isLocalDomain),
+        maxConnections=int(limits["relay-connections"]),
     )
     relay.setServiceParent(top)
     if not config.relayHost:

@@ -152,6 +152,7 @@ class OptionsTests(SynchronousTestCase):
             "[limits]\nspeed = 3\n",
             "[relay]\npassword = x\n",
             "[limits]\nhash-threads = 0\n",
+            "[limits]\nrelay-connections = 0\n",
             "[pop3gw]\nrelay-host = smtp.example\n[relay]\nusername = gw\n",
             "[relay]\nusername = gw\npassword-file = /etc/pw\n",
         ):

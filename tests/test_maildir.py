@@ -1047,13 +1047,100 @@ class ForeignFileTests(MaildirTestsMixin, SynchronousTestCase):
 
     def test_wrongSizeRecomputed(self) -> None:
         """
-        A name whose C{S=} disagrees with the file is not trusted: the file
-        is measured again and renamed.
+        Sizes in a name are trusted at login without a C{stat} (a large
+        maildrop is listed from its directory entries alone).  A name
+        whose C{S=} disagrees with the file fails when the message is
+        opened, and loses its sizes then, so the next login measures the
+        file again and renames it; its UIDL never changes.
         """
         self.putFile(ALICE, "cur", "1600000000.liar,S=1,W=2:2,", b"line\nline\n")
         drop = self.openDrop()
-        self.assertEqual(drop.messages[0].size, 12)
+        self.assertEqual(drop.messages[0], maildir.MaildirMessageInfo(2, "1600000000.liar"))
+        self.failureResultOf(drop.openMessage(0), TemporaryFailure)
+        self.assertEqual(self.listing(ALICE, "cur"), ["1600000000.liar:2,"])
+        drop.release()
+        drop = self.openDrop()
+        self.assertEqual(drop.messages[0], maildir.MaildirMessageInfo(12, "1600000000.liar"))
         self.assertEqual(self.listing(ALICE, "cur"), ["1600000000.liar,S=10,W=12:2,"])
+        with self.successResultOf(drop.openMessage(0)) as f:
+            self.assertEqual(f.read(), b"line\r\nline\r\n")
+        drop.release()
+
+    def test_listingOrderAndViews(self) -> None:
+        """
+        Messages are numbered by the leading number of their unique names
+        (as a number, then as text), a name in both C{new/} and C{cur/} is
+        listed once, and going through C{messages} gives what indexing it
+        gives: sizes, UIDLs (a digest for an unusable unique name) and seen
+        flags.
+        """
+        long = "1600000003." + "x" * 80
+        self.putFile(ALICE, "cur", "99.b,S=2,W=3:2,S", b"x\n")
+        self.putFile(ALICE, "new", "100.a,S=2,W=3", b"x\n")
+        self.putFile(ALICE, "cur", "100.a,S=2,W=3:2,", b"x\n")
+        self.putFile(ALICE, "new", "1600000002.c", b"yy\n")
+        self.putFile(ALICE, "cur", long + ",S=2,W=3:2,FS", b"x\n")
+        self.putFile(ALICE, "cur", "1600000001.d,S=4,W=5:2,RS", b"abc\n")
+        drop = self.openDrop()
+        expected = [
+            maildir.MaildirMessageInfo(3, "99.b", True),
+            maildir.MaildirMessageInfo(3, "100.a", False),
+            maildir.MaildirMessageInfo(5, "1600000001.d", True),
+            maildir.MaildirMessageInfo(4, "1600000002.c", False),
+            maildir.MaildirMessageInfo(3, maildir.uidForKey(long), True),
+        ]
+        self.assertEqual(list(drop.messages), expected)
+        self.assertEqual([drop.messages[i] for i in range(len(drop.messages))], expected)
+        self.assertEqual(drop.messages[-1], expected[-1])
+        self.assertEqual(drop.messages[1:3], expected[1:3])
+        self.assertRaises(IndexError, drop.messages.__getitem__, 5)
+        with self.successResultOf(drop.openMessage(3)) as f:
+            self.assertEqual(f.read(), b"yy\r\n")
+        drop.release()
+
+    def test_plainNamesNotStatted(self) -> None:
+        """
+        A maildrop whose names all carry both sizes is listed without a
+        C{stat} of any message file; a directory or a symbolic link with
+        such a name is still left out.
+        """
+        self.deliver([ALICE], b"x\n")
+        self.deliver([ALICE], b"y\n")
+        path = self.store.maildirPath(ALICE)
+        os.mkdir(os.path.join(path, "cur", "1600000000.dir,S=1,W=2:2,"))
+        os.symlink("/etc/passwd", os.path.join(path, "cur", "1600000000.link,S=1,W=2:2,"))
+        self.openDrop().release()
+        stats: list = []
+        realStat = os.DirEntry.stat
+
+        class Entry:
+            def __init__(self, entry: os.DirEntry) -> None:
+                self._entry = entry
+                self.name = entry.name
+
+            def is_file(self, follow_symlinks: bool = True) -> bool:
+                return self._entry.is_file(follow_symlinks=follow_symlinks)
+
+            def stat(self, follow_symlinks: bool = True):
+                stats.append(self.name)
+                return realStat(self._entry, follow_symlinks=follow_symlinks)
+
+        realScandir = os.scandir
+
+        class Scandir:
+            def __init__(self, p: str) -> None:
+                self._it = realScandir(p)
+
+            def __enter__(self):
+                return (Entry(e) for e in self._it)
+
+            def __exit__(self, *exc: object) -> None:
+                self._it.close()
+
+        self.patch(os, "scandir", Scandir)
+        drop = self.openDrop()
+        self.assertEqual([m.size for m in drop.messages], [3, 3])
+        self.assertEqual(stats, [])
         drop.release()
 
     def test_otherFieldsKept(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import weakref
 
 import twisted.test
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -15,6 +16,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate
@@ -101,8 +103,16 @@ class _RecordingStore(FakeMaildropStore):
         return d
 
     def _opened(self, maildrop):
+        # A list that can be watched with a weak reference.
+        maildrop.messages = _Messages(maildrop.messages)
         self.opened.append(maildrop)
         return maildrop
+
+
+class _Messages(list):
+    """
+    A maildrop's C{messages}, which a weak reference can watch.
+    """
 
 
 @implementer(IRealm)
@@ -995,6 +1005,35 @@ class TransactionTests(_Harness):
         self.send(b"DELE 1\r\n")
         self.assertEqual(self.send(b"UIDL\r\n"), b"+OK Unique-ID listing follows.\r\n2 u2\r\n3 u3\r\n.\r\n")
         self.assertEqual(self.send(b"UIDL 1\r\n"), b"-ERR Message already deleted.\r\n")
+
+    def _listingKept(self, end) -> bool:
+        """
+        Log in with a maildrop whose C{messages} can be watched, run STAT,
+        end the session with C{end()}, and tell whether the server still
+        holds the listing.
+        """
+
+        maildrop = self.login()
+        self.send(b"STAT\r\n")
+        ref = weakref.ref(maildrop.messages)
+        end()
+        maildrop.messages = []
+        return ref() is not None
+
+    def test_listingDroppedAtQuit(self) -> None:
+        """
+        Once QUIT has committed, the server no longer holds the maildrop's
+        listing (a large one is freed at once, not when the garbage
+        collector gets to the connection's reference cycles).
+        """
+        self.assertFalse(self._listingKept(lambda: self.send(b"QUIT\r\n")))
+
+    def test_listingDroppedAtHangUp(self) -> None:
+        """
+        A client that hangs up in the TRANSACTION state leaves no listing
+        held either.
+        """
+        self.assertFalse(self._listingKept(lambda: self.proto.connectionLost(Failure(ConnectionDone()))))
 
     def test_emptyMaildrop(self) -> None:
         """

@@ -10,6 +10,7 @@ import io
 
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
@@ -21,6 +22,8 @@ from zope.interface import implementer
 from pop3gw.address import Address
 from pop3gw.queue import Outcome, OutcomeKind
 from pop3gw.relay.client import (
+    CACHE_IDLE_TIME,
+    ConnectionCache,
     Phase,
     RelayError,
     SessionResult,
@@ -491,7 +494,7 @@ class TLSSetupFailureTests(unittest.SynchronousTestCase):
         [endpoint] = self.connects
         endpoint.open(CreatorCallingTransport())
         self.assertEqual(endpoint.transport.value(), b"")
-        self.assertTrue(endpoint.transport.aborted)
+        self.assertTrue(endpoint.transport.disconnecting)
         endpoint.close()
         self.assertEqual(
             self.successResultOf(d),
@@ -604,3 +607,144 @@ class DescribeErrorTests(unittest.SynchronousTestCase):
             (ierror.NoRouteError(), "no route to host"),
         ]
         self.assertEqual([describeConnectFailure(Failure(e)) for e, _ in cases], [w for _, w in cases])
+
+
+class ConnectionReuseTests(unittest.SynchronousTestCase):
+    """
+    With a L{ConnectionCache}, L{deliverOnce} sends several messages to
+    one destination over one connection, with C{RSET} between them.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.connects = []
+        self.cache = ConnectionCache(self.clock)
+
+    def deliver(self, recipients=(BOB,), key="smarthost"):
+        endpoint = FakeEndpoint("smarthost.example", 25, self.connects)
+        message = io.BytesIO(STORED)
+        d = deliverOnce(
+            endpoint,
+            ALICE,
+            list(recipients),
+            message,
+            TLSPolicy.NONE,
+            identity="mx.example.org",
+            clock=self.clock,
+            cache=self.cache,
+            cacheKey=key,
+        )
+        return d, endpoint, message
+
+    def firstMessage(self):
+        """
+        Send one message over a new connection, up to the server's answer
+        to C{RSET}.
+        """
+        d, endpoint, message = self.deliver()
+        endpoint.open()
+        sent = [endpoint.feed(r) for r in [GREETING, EHLO_OK, OK, OK, b"354 go ahead\r\n", OK]]
+        self.assertEqual(sent[-1], b"RSET\r\n")
+        self.assertNoResult(d)
+        self.assertEqual(endpoint.feed(OK), b"")
+        return d, endpoint, message
+
+    def test_twoMessagesOneConnection(self):
+        """
+        The second message for the same destination goes over the first
+        one's connection: C{RSET}, then straight to C{MAIL FROM}, no new
+        connection, greeting or C{EHLO}.  Each message gets its own
+        result; the connection is closed with C{QUIT} once it has waited
+        L{CACHE_IDLE_TIME} seconds for a third.
+        """
+        first, endpoint, firstMessage = self.firstMessage()
+        delivered = SessionResult({BOB: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")}, None)
+        self.assertEqual(self.successResultOf(first), delivered)
+        self.assertTrue(firstMessage.closed)
+        self.assertEqual(len(self.cache), 1)
+        second, unused, secondMessage = self.deliver(recipients=(CAROL,))
+        self.assertEqual(self.connects, [endpoint])
+        self.assertEqual(endpoint.transport.value(), b"MAIL FROM:<alice@example.org>\r\n")
+        endpoint.transport.clear()
+        self.assertEqual(endpoint.feed(OK), b"RCPT TO:<carol@remote.example>\r\n")
+        self.assertEqual(endpoint.feed(OK), b"DATA\r\n")
+        self.assertEqual(endpoint.feed(b"354 go ahead\r\n"), SENT)
+        self.assertEqual(endpoint.feed(OK), b"RSET\r\n")
+        self.assertEqual(endpoint.feed(OK), b"")
+        self.assertEqual(
+            self.successResultOf(second),
+            SessionResult({CAROL: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")}, None),
+        )
+        self.assertTrue(secondMessage.closed)
+        self.clock.advance(CACHE_IDLE_TIME - 0.5)
+        self.assertEqual(endpoint.transport.value(), b"")
+        self.clock.advance(0.5)
+        self.assertEqual(endpoint.transport.value(), b"QUIT\r\n")
+        self.assertEqual(len(self.cache), 0)
+
+    def test_otherDestinationNewConnection(self):
+        """
+        A message for another destination key opens its own connection.
+        """
+        self.firstMessage()
+        d, endpoint, message = self.deliver(key="elsewhere")
+        self.assertEqual(len(self.connects), 2)
+        self.assertEqual(len(self.cache), 1)
+
+    def test_secondFailureLeavesFirst(self):
+        """
+        A connection lost during the second message fails only that one
+        (temporarily, so it is tried again); the first keeps its delivery.
+        """
+        first, endpoint, message = self.firstMessage()
+        second, unused, secondMessage = self.deliver(recipients=(CAROL,))
+        endpoint.feed(OK)
+        endpoint.feed(OK)
+        endpoint.feed(b"354 go ahead\r\n")
+        endpoint.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        self.assertEqual(
+            self.successResultOf(first),
+            SessionResult({BOB: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")}, None),
+        )
+        result = self.successResultOf(second)
+        self.assertEqual(result.outcomes, {})
+        self.assertEqual((result.error.permanent, result.error.enhanced, result.error.phase), (False, "4.4.1", Phase.DATA))
+        self.assertTrue(secondMessage.closed)
+        self.assertEqual(len(self.cache), 0)
+        third, endpoint3, _ = self.deliver()
+        self.assertEqual(self.connects[-1], endpoint3)
+
+    def test_refusedResetCloses(self):
+        """
+        A server that refuses C{RSET} gets C{QUIT}; the message before it
+        keeps its result and the connection is not kept.
+        """
+        d, endpoint, message = self.deliver()
+        endpoint.open()
+        for r in [GREETING, EHLO_OK, OK, OK, b"354 go ahead\r\n", OK]:
+            endpoint.feed(r)
+        self.assertEqual(endpoint.feed(b"500 what\r\n"), b"QUIT\r\n")
+        self.assertEqual(self.successResultOf(d).outcomes, {BOB: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")})
+        self.assertEqual(len(self.cache), 0)
+
+    def test_replyWhileWaitingCloses(self):
+        """
+        A line from the server while the connection waits (a time-out
+        notice) ends it: C{QUIT}, and it is not handed out again.
+        """
+        self.firstMessage()
+        endpoint = self.connects[0]
+        self.assertEqual(endpoint.feed(b"421 idle too long\r\n"), b"QUIT\r\n")
+        self.assertEqual(len(self.cache), 0)
+        self.deliver()
+        self.assertEqual(len(self.connects), 2)
+
+    def test_closeAll(self):
+        """
+        L{ConnectionCache.closeAll} aborts the waiting connections.
+        """
+        self.firstMessage()
+        endpoint = self.connects[0]
+        self.cache.closeAll()
+        self.assertTrue(endpoint.transport.disconnecting)
+        self.assertEqual(len(self.cache), 0)

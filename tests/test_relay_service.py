@@ -250,6 +250,67 @@ class SchedulingTests(QueueTestMixin, unittest.SynchronousTestCase):
             self.assertEqual(call.endpoint[0], "smarthost.example")
             self.stopRelay()
 
+    def test_parallelBound(self):
+        """
+        No more than C{maxConnections} messages are sent at once; the next
+        starts when one is over.
+        """
+        self.startRelay(relayHost="smarthost.example", maxConnections=2)
+        for _ in range(3):
+            self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliver.calls), 2)
+        self.deliver.calls[0].result.callback(SessionResult({BOB: DELIVERED_OK}, None))
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliver.calls), 3)
+
+    def test_entriesTakenFewAtATime(self):
+        """
+        Of a queue all due at once, no more entries are in progress than
+        twice the connections allowed: the others are not even recorded as
+        attempted until their turn, and at stop they are left as they are.
+        """
+        from pop3gw.queue import listEntries
+
+        self.startRelay(relayHost="smarthost.example", maxConnections=1)
+        ids = [self.enqueue().queueId for _ in range(4)]
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliver.calls), 1)
+        attempts = {e.queueId: e.attempts for e in listEntries(self.queue.root)}
+        self.assertEqual([attempts[i] for i in ids], [1, 1, 0, 0])
+        self.deliver.calls[0].result.callback(SessionResult({BOB: DELIVERED_OK}, None))
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliver.calls), 2)
+        attempts = {e.queueId: e.attempts for e in listEntries(self.queue.root)}
+        self.assertEqual([attempts.get(i) for i in ids], [None, 1, 1, 0])
+        self.relay.stopService()
+        self.clock.advance(0)
+        attempts = {e.queueId: e.attempts for e in listEntries(self.queue.root)}
+        self.assertEqual([attempts.get(i) for i in ids], [None, 1, 1, 0])
+        self.assertEqual(len(self.deliver.calls), 2)
+
+    def test_smarthostConnectionsShared(self):
+        """
+        Messages to the smarthost are sent with the dispatcher's connection
+        cache, under one key, so they share connections; mail to MX hosts
+        is sent without it.
+        """
+        self.startRelay(relayHost="smarthost.example")
+        self.enqueue()
+        self.enqueue()
+        self.clock.advance(0)
+        first, second = self.deliver.calls
+        self.assertIs(first.kw["cache"], self.relay.dispatcher._cache)
+        self.assertIs(second.kw["cache"], first.kw["cache"])
+        self.assertEqual(first.kw["cacheKey"], second.kw["cacheKey"])
+        self.stopRelay()
+        self.deliver.calls[:] = []
+        self.startRelay()
+        self.enqueue()
+        self.clock.advance(0)
+        [call] = self.deliver.calls
+        self.assertNotIn("cache", call.kw)
+
     def test_contextForPolicy(self):
         """
         The context handed over for a policy: verified against the

@@ -132,6 +132,23 @@ class MakeServiceTests(SynchronousTestCase):
         for sender in (None, Address("carol", "example.net")):
             self.assertEqual(postmasterOf(sender), Address("bob", "example.org"))
 
+    def test_relayConnections(self) -> None:
+        """
+        C{[limits] relay-connections} bounds the messages the relay sends at
+        once (10 unless set).
+        """
+        from pop3gw.relay.service import RelayService
+
+        def bound(top) -> int:
+            [relay] = [s for s in top if isinstance(s, RelayService)]
+            return relay.dispatcher._semaphore.limit
+
+        self.assertEqual(bound(self.build()[0]), 10)
+        ini = os.path.join(self.mktemp())
+        with open(ini, "w") as f:
+            f.write("[limits]\nrelay-connections = 3\n")
+        self.assertEqual(bound(self.build("--config", ini)[0]), 3)
+
     def test_mxListener(self) -> None:
         """
         C{--mx} adds a plaintext listener behind the same connection

@@ -24,6 +24,14 @@ C{startTLS} fails) ends the session with a temporary L{RelayError} in
 plain words (C{TLS could not be set up here: ...}), never a traceback:
 before C{STARTTLS} is sent with C{QUIT}, after the server's C{220} by
 aborting the connection, with immediate TLS before anything is sent.
+
+Given a L{ConnectionCache}, L{deliverOnce} keeps the connection after its
+message: it sends C{RSET}, and the next message for the same destination
+(host, port, TLS policy, credentials) that comes within
+L{CACHE_IDLE_TIME} goes over it, with no new connection, greeting,
+C{STARTTLS} or C{AUTH}.  Each message still has its own
+L{SessionResult}: a connection that breaks during a later message fails
+only that one.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import re
-from typing import Callable, Mapping, Optional, Protocol, Sequence, Tuple, cast
+from typing import Callable, Hashable, Mapping, Optional, Protocol, Sequence, Tuple, cast
 
 import attr
 from OpenSSL import SSL
@@ -77,6 +85,11 @@ class _TLSConnection(Protocol):
 #: Seconds to wait for each reply of the remote server (RFC 5321 4.5.3.2
 #: asks for at least 5 minutes for most commands).
 RESPONSE_TIMEOUT = 5 * 60
+
+#: Seconds a connection kept by a L{ConnectionCache} waits for its next
+#: message before it is closed with C{QUIT} (Postfix's
+#: C{smtp_connection_cache_time_limit} is 2).
+CACHE_IDLE_TIME = 2.0
 
 #: Longest line read at once from a queued message while sending it.
 _READ_LINE = 64 * 1024
@@ -216,6 +229,8 @@ def deliverOnce(
     contextFor: Optional[ContextFor] = None,
     loopbackPolicy: Optional[TLSPolicy] = None,
     smtputf8: bool = False,
+    cache: Optional["ConnectionCache"] = None,
+    cacheKey: Hashable = None,
 ) -> defer.Deferred:
     """
     Send C{message} from C{sender} to C{recipients} over one connection
@@ -240,9 +255,20 @@ def deliverOnce(
         sent to a server that offers SMTPUTF8: to another, a non-ASCII
         sender fails every recipient and a non-ASCII recipient fails, with
         5.6.7 (RFC 6531 3.7.5), and the ASCII recipients are sent.
+    @param cache: where a connection is kept after its message, and taken
+        from instead of connecting (see the module docstring); C{None}
+        closes it with C{QUIT}.
+    @param cacheKey: the destination, for C{cache}: the same for messages
+        that may share a connection (same host, port, policies and
+        credentials).
     @return: a Deferred firing with the L{SessionResult} (never failing).
     """
     session = _Session(sender, recipients, message, smtputf8)
+    if cache is not None:
+        kept = cache.take(cacheKey)
+        if kept is not None:
+            kept.sendNext(session)
+            return session.done.addCallback(lambda s: s.result())
     if tlsPolicy is TLSPolicy.IMMEDIATE and contextFor is not None:
         try:
             contextFactory, session.verifying = contextFor(tlsPolicy)
@@ -254,6 +280,7 @@ def deliverOnce(
         guarded = _guarded(contextFactory)
         endpoint = wrapClientTLS(guarded, endpoint)
     factory = _RelayClientFactory(session, identity, clock, tlsPolicy, loopbackPolicy, contextFor, credentials)
+    factory.cache, factory.cacheKey = cache, cacheKey
     if tlsPolicy is TLSPolicy.IMMEDIATE and contextFor is not None:
         factory.immediateCreator = guarded
 
@@ -667,6 +694,8 @@ class _RelayClient(ESMTPClient):
             self._disconnectFromServer()
             return
         offered = b"SMTPUTF8" in self._keywords
+        # Set for each message: a reused connection carries several.
+        self._sendable = list(self.session.recipients)
         if not offered:
             self._sendable = self.session.withoutSMTPUTF8()
             if not self._sendable:
@@ -736,10 +765,58 @@ class _RelayClient(ESMTPClient):
         self.esmtpState_ehlo(code, resp)
 
     def smtpState_msgSent(self, code, resp):
-        # One message per connection: report it, then QUIT (no RSET).
+        # Report the message; then QUIT, or RSET and wait in the cache.
         if self._from is not None:
             self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
         self._from = None
+        self.toAddressesResult = []
+        if self.factory.cache is None:
+            self._disconnectFromServer()
+            return
+        # The message's result is given once the connection waits in the
+        # cache, so that the next message, which its result may start,
+        # finds it there.
+        self.sendLine(b"RSET")
+        self._expected = [250]
+        self._okresponse = self._cbReset
+        self._failresponse = self._ebReset
+
+    def _cbReset(self, code, resp):
+        """
+        The server took C{RSET}: wait in the cache for the next message.
+        Any reply from now until then (a time-out notice) ends the
+        connection.
+        """
+        self.setTimeout(None)
+        self._expected = list(range(1000))
+        self._okresponse = self._ebReset
+        self.factory.cache.keep(self.factory.cacheKey, self)
+        self.session.finish(None)
+
+    def _ebReset(self, code, resp):
+        self.factory.cache.forget(self)
+        self._disconnectFromServer()
+        self.session.finish(None)
+
+    def sendNext(self, session: _Session) -> None:
+        """
+        Send C{session}'s message over this connection, which is waiting
+        in a cache after C{RSET}.
+        """
+        previous = self.session
+        session.contextFactory = previous.contextFactory
+        session.verifying = previous.verifying
+        session.protocol = self
+        self.session = session
+        self._mailFromSent = False
+        self.setTimeout(self.timeout)
+        self.smtpState_from(250, b"")
+
+    def quit(self) -> None:
+        """
+        Close this waiting connection politely.
+        """
+        self.setTimeout(self.timeout)
         self._disconnectFromServer()
 
     def sentMail(self, code, resp, numOk, addresses, log):
@@ -754,6 +831,8 @@ class _RelayClient(ESMTPClient):
         if self.session.starttlsBegun and not self.session.outcomes and reason is not None and reason.check(SSL.Error):
             self.session.tlsHandshakeFailed = True
         ESMTPClient.connectionLost(self, reason)
+        if self.factory.cache is not None:
+            self.factory.cache.forget(self)
         self.session.finish(reason)
 
 
@@ -768,6 +847,10 @@ class _RelayClientFactory(protocol.Factory):
 
     #: The L{_GuardedCreator} of an immediate TLS connection, if any.
     immediateCreator: object = None
+
+    #: Where the connection waits after its message, and under what key.
+    cache: Optional["ConnectionCache"] = None
+    cacheKey: Hashable = None
 
     def __init__(self, session: _Session, identity: str, clock, tlsPolicy, loopbackPolicy, contextFor, credentials):
         self.session = session
@@ -788,3 +871,83 @@ class _RelayClientFactory(protocol.Factory):
         p.factory = self
         self.session.protocol = p
         return p
+
+
+class ConnectionCache:
+    """
+    Connections to mail servers waiting for their next message (see the
+    module docstring), by destination key; the most recently used is
+    taken first, and each is closed with C{QUIT} after
+    L{CACHE_IDLE_TIME} unused.
+
+    @param clock: runs the idle timers.
+    @param idleTime: seconds a connection waits.
+    """
+
+    def __init__(self, clock, idleTime: float = CACHE_IDLE_TIME) -> None:
+        self._clock = clock
+        self._idleTime = idleTime
+        self._waiting: dict = {}
+        self._timers: dict = {}
+        self._known: set = set()
+
+    def __len__(self) -> int:
+        """
+        @return: how many connections wait.
+        """
+        return len(self._timers)
+
+    def keep(self, key: Hashable, client: _RelayClient) -> None:
+        """
+        Let C{client}, which just finished a message, wait for the next one
+        for C{key}.
+        """
+        self._known.add(client)
+        self._waiting.setdefault(key, []).append(client)
+        self._timers[client] = self._clock.callLater(self._idleTime, self._expire, client)
+
+    def take(self, key: Hashable) -> Optional[_RelayClient]:
+        """
+        @return: a waiting connection for C{key} (no longer waiting), or
+            C{None}.
+        """
+        clients = self._waiting.get(key)
+        if not clients:
+            return None
+        client = clients.pop()
+        if not clients:
+            del self._waiting[key]
+        timer = self._timers.pop(client)
+        if timer.active():
+            timer.cancel()
+        return client
+
+    def forget(self, client: _RelayClient) -> None:
+        """
+        C{client} is closing or gone: never hand it out again.
+        """
+        self._known.discard(client)
+        timer = self._timers.pop(client, None)
+        if timer is None:
+            return
+        if timer.active():
+            timer.cancel()
+        for key, clients in list(self._waiting.items()):
+            if client in clients:
+                clients.remove(client)
+                if not clients:
+                    del self._waiting[key]
+
+    def _expire(self, client: _RelayClient) -> None:
+        self.forget(client)
+        client.quit()
+
+    def closeAll(self) -> None:
+        """
+        Abort every connection that ever waited here and is still open
+        (waiting or carrying a later message): the service is stopping.
+        """
+        for client in list(self._known):
+            self.forget(client)
+            if client.transport is not None:
+                client._connection().abortConnection()

@@ -73,7 +73,7 @@ from pop3gw import events
 from pop3gw.dsn import oneLine
 from pop3gw.interfaces import IQueueStore
 from pop3gw.queue import Entry, Outcome, OutcomeKind
-from pop3gw.relay.client import SessionResult, TLSPolicy, deliverOnce
+from pop3gw.relay.client import ConnectionCache, SessionResult, TLSPolicy, deliverOnce
 from pop3gw.relay.mx import (
     MXResolver,
     PermanentLookupFailure,
@@ -104,7 +104,11 @@ class Dispatcher:
         C{verify=None} meaning opportunistic (unverified); C{None} means
         plaintext only.
     @param connectTimeout: TCP connect timeout in seconds.
-    @param maxConnections: the most simultaneous SMTP connections.
+    @param maxConnections: the most messages sent at once, each over its
+        own SMTP connection.  A smarthost connection is kept a moment after
+        its message (L{pop3gw.relay.client.ConnectionCache}) and taken
+        before a new one is opened, so no more connections than this are
+        open to the smarthost either.
     @param endpointFactory: C{endpointFactory(host, port) ->
         IStreamClientEndpoint}, or C{None} for a C{HostnameEndpoint} that
         for MX hosts connects only to public addresses.
@@ -146,6 +150,8 @@ class Dispatcher:
         self._mxEndpointFactory = endpointFactory or self._defaultMXEndpoint
         self._deliverOnce = deliverOnce
         self._semaphore = defer.DeferredSemaphore(maxConnections)
+        # Smarthost connections waiting for their next message.
+        self._cache = ConnectionCache(clock)
         self._connections: set = set()
         self._stopping = False
         #: The recipient domains' MTA-STS policies
@@ -165,6 +171,7 @@ class Dispatcher:
         sessions then end with an error) and stop the DNS resolver.
         """
         self._stopping = True
+        self._cache.closeAll()
         for connection in list(self._connections):
             connection.abort()
         self.mx.stop()
@@ -448,6 +455,13 @@ class Dispatcher:
                 message.close()
             return defer.succeed(SessionResult.broken(oneLine(f"cannot connect: {Failure().getErrorMessage()}")))
         self._connections.add(endpoint)
+        reuse: dict = {}
+        if relay:
+            # One smarthost session carries message after message.
+            reuse = dict(
+                cache=self._cache,
+                cacheKey=(host, port, policy, loopbackPolicy, credentials and credentials[0]),
+            )
         d = self._deliverOnce(
             endpoint,
             entry.sender,
@@ -460,6 +474,7 @@ class Dispatcher:
             contextFor=contextFor if self.clientTLS is not None else None,
             loopbackPolicy=loopbackPolicy,
             smtputf8=entry.smtputf8,
+            **reuse,
         )
 
         def finished(result: SessionResult) -> SessionResult:

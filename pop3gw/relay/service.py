@@ -81,6 +81,12 @@ MAX_CONNECTIONS = 10
 #: abandons them (they stay queued).
 STOP_GRACE = 10.0
 
+#: Entries in progress at once, per connection allowed
+#: (C{maxConnections}): an attempt is recorded on disk before it is made,
+#: so a long queue all due at once is taken a few at a time rather than
+#: recorded all at once before the first message goes out.
+ENTRIES_PER_CONNECTION = 2
+
 #: The default relay port: 25 without credentials (a smarthost relaying by
 #: IP), 587 (submission, RFC 6409) when a relay user name is configured.
 SUBMISSION_PORT = 587
@@ -122,7 +128,9 @@ class RelayService(Service):
     @param lifetime: seconds before pending recipients expire.
     @param connectTimeout: TCP connect timeout in seconds.
     @param scanInterval: seconds between looks at the C{.flush} file.
-    @param maxConnections: the most simultaneous SMTP connections.
+    @param maxConnections: the most messages sent at once (C{[limits]
+        relay-connections}), each over its own SMTP connection; smarthost
+        connections are reused (see L{Dispatcher}).
     @param endpointFactory: C{endpointFactory(host, port) ->
         IStreamClientEndpoint}; a C{HostnameEndpoint} if C{None} (tests
         replace it), which for MX hosts connects only to public addresses
@@ -173,6 +181,9 @@ class RelayService(Service):
         self.entries: dict = {}
         self._timers: dict = {}
         self._waiters: dict = {}
+        # Entries waiting for one of the slots: queue id -> the Deferred.
+        self._slots = defer.DeferredSemaphore(maxConnections * ENTRIES_PER_CONNECTION)
+        self._queued: dict = {}
         self._flushLoop: Optional[LoopingCall] = None
         self._flushMtime: Optional[int] = None
         self.bouncer = Bouncer(
@@ -237,6 +248,10 @@ class RelayService(Service):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        # Entries still waiting for a slot are not tried (their waiters are
+        # told at once); one by one, not as a chain of releases.
+        for waiting in list(self._queued.values()):
+            waiting.cancel()
         self.dispatcher.stop()
         if not self._waiters:
             return defer.succeed(None)
@@ -337,9 +352,21 @@ class RelayService(Service):
         if timer is not None and timer.active():
             timer.cancel()
         self._waiters[queueId] = [result]
-        d = self._process(entry)
+        slot = self._queued[queueId] = self._slots.acquire()
+
+        def acquired(_: object) -> defer.Deferred:
+            del self._queued[queueId]
+            return self._process(entry).addBoth(released)
+
+        def released(r: object) -> object:
+            self._slots.release()
+            return r
 
         def failed(f: Failure) -> None:
+            if f.check(defer.CancelledError):
+                # Stopped before its turn came.
+                self._queued.pop(queueId, None)
+                return
             self.log.failure("relay: processing {queueId} failed", f, queueId=queueId)
 
         def done(_: object) -> None:
@@ -349,6 +376,7 @@ class RelayService(Service):
             for w in waiters:
                 w.callback(None)
 
+        d = slot.addCallback(acquired)
         d.addErrback(failed)
         d.addCallback(done)
         return result
