@@ -48,7 +48,7 @@ from pop3gw.interfaces import (
 )
 from pop3gw.pgdatabase import Database
 from pop3gw.pgmail import CHUNK_SIZE, SPOOL_MEMORY, storeMessage
-from pop3gw.queue import Entry, Recipient
+from pop3gw.queue import Entry, QueueListeners, Recipient
 from pop3gw.runner import ImmediateRunner
 from pop3gw.wire import CRLFStream
 
@@ -191,7 +191,7 @@ class _PostgresQueueDelivery:
 
 
 @implementer(IOutboundQueue, IQueueStore)
-class PostgresQueue:
+class PostgresQueue(QueueListeners):
     """
     The outbound queue in the database, as one node sees it.
 
@@ -249,20 +249,6 @@ class PostgresQueue:
         return _PostgresQueueDelivery(self, entry, trace)
 
     # -- IQueueStore
-
-    def addListener(self, listener: Callable[[Entry], None]) -> None:
-        self._listeners.append(listener)
-
-    def removeListener(self, listener: Callable[[Entry], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
-    def _announce(self, entry: Entry) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(entry)
-            except Exception:
-                self.log.failure("queue: listener failed for {queueId}", queueId=entry.queueId)
 
     def loadEntries(self) -> list:
         """

@@ -633,8 +633,35 @@ class _QueueDelivery:
             self._discardTmp()
 
 
+class QueueListeners:
+    """
+    The listeners of a queue store (L{IQueueStore.addListener}): told of
+    each newly committed entry.  Mixed into both queue stores.
+    """
+
+    _listeners: list
+    log: Logger
+
+    def addListener(self, listener: Callable[[Entry], None]) -> None:
+        """
+        Call C{listener(entry)} for each newly committed entry.
+        """
+        self._listeners.append(listener)
+
+    def removeListener(self, listener: Callable[[Entry], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _announce(self, entry: Entry) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(entry)
+            except Exception:
+                self.log.failure("queue: listener failed for {queueId}", queueId=entry.queueId)
+
+
 @implementer(IOutboundQueue, IQueueStore)
-class OutboundQueue:
+class OutboundQueue(QueueListeners):
     """
     The durable outbound queue in directory C{root} (created if missing).
 
@@ -683,23 +710,6 @@ class OutboundQueue:
             smtputf8=smtputf8,
         )
         return _QueueDelivery(self, entry, trace)
-
-    def addListener(self, listener: Callable[[Entry], None]) -> None:
-        """
-        Call C{listener(entry)} for each newly committed entry.
-        """
-        self._listeners.append(listener)
-
-    def removeListener(self, listener: Callable[[Entry], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
-    def _announce(self, entry: Entry) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(entry)
-            except Exception:
-                self.log.failure("queue: listener failed for {queueId}", queueId=entry.queueId)
 
     def loadEntries(self) -> list:
         """

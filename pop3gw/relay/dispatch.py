@@ -217,6 +217,23 @@ class Dispatcher:
         else:
             held.append(lambda: level(format, **kw))
 
+    def _domainDeferred(
+        self, held: Optional[list], entry: Entry, domain: str, recipients: list, status: str, why: str
+    ) -> dict:
+        """
+        Log that C{domain}'s recipients wait (before any session), and
+        their outcomes.
+        """
+        self._result(
+            held,
+            self.log.warn,
+            "relay: {queueId} domain={domain} result=deferred: {why}",
+            queueId=entry.queueId,
+            domain=domain,
+            why=why,
+        )
+        return {r: Outcome(OutcomeKind.DEFERRED, status, why) for r in recipients}
+
     @defer.inlineCallbacks
     def _deliverDomain(self, entry: Entry, domain: str, recipients: list, held: Optional[list] = None):
         try:
@@ -232,16 +249,7 @@ class Dispatcher:
             )
             return {r: Outcome(OutcomeKind.FAILED, e.status, e.text) for r in recipients}
         except Exception as e:
-            why = describeDNSFailure(domain, e)
-            self._result(
-                held,
-                self.log.warn,
-                "relay: {queueId} domain={domain} result=deferred: {why}",
-                queueId=entry.queueId,
-                domain=domain,
-                why=why,
-            )
-            return {r: Outcome(OutcomeKind.DEFERRED, "4.4.3", why) for r in recipients}
+            return self._domainDeferred(held, entry, domain, recipients, "4.4.3", describeDNSFailure(domain, e))
         policy = None
         if self.mtaSTS is not None:
             policy = yield self.mtaSTS.policyFor(domain)
@@ -266,15 +274,7 @@ class Dispatcher:
                 elif self.clientTLS is None:
                     refusal = f"MTA-STS policy of {domain} requires TLS, which is not available"
                 if refusal is not None:
-                    self._result(
-                        held,
-                        self.log.warn,
-                        "relay: {queueId} domain={domain} result=deferred: {why}",
-                        queueId=entry.queueId,
-                        domain=domain,
-                        why=refusal,
-                    )
-                    return {r: Outcome(OutcomeKind.DEFERRED, "4.7.5", refusal) for r in recipients}
+                    return self._domainDeferred(held, entry, domain, recipients, "4.7.5", refusal)
                 return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False, held, verifyTLS=True))
             return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False, held, stsTesting=True))
         return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False, held))
