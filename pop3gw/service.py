@@ -13,9 +13,11 @@ import os
 import re
 import resource
 import signal
+import sys
 from types import FrameType
 from typing import Any, Callable, Optional, Union
 
+import attr
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
@@ -23,6 +25,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -38,7 +41,7 @@ from pop3gw.interfaces import TemporaryFailure, UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3 import POP3Factory
-from pop3gw.queue import OutboundQueue
+from pop3gw.queue import Entry, OutboundQueue
 from pop3gw.relay import RelayService
 from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
@@ -47,12 +50,22 @@ from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
 from pop3gw.socketmap import SocketmapFactory
+from pop3gw.supervisor import WorkerPool, WorkerProcess
 from pop3gw.tls import CertificateManager, TLSConfigError
 from pop3gw.tlsclient import clientContextFactory, opportunisticClientContextFactory
 from pop3gw.users import UsersFile
+from pop3gw.workerlink import (
+    CONTROL_FD,
+    FIRST_LISTENER_FD,
+    InheritedListener,
+    SharedPeerCounts,
+    WorkerLink,
+    WorkerSetup,
+    encodeSetup,
+)
 from twisted import copyright
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "makeWorkerService"]
 
 
 class Options(_ConfigOptions):
@@ -124,7 +137,30 @@ class ThreadPoolService(Service):
         return d.addCallback(lambda _: self.pool.stop())
 
 
-class ServerLockService(MultiService):
+class StagedService(MultiService):
+    """
+    Parts that stop in stages (see L{stopService}).
+    """
+
+    def stopService(self) -> defer.Deferred:
+        """
+        Stop the parts in order, each stage once the one before has
+        stopped: the listeners (no new connection), then the services (the
+        relay records the attempts in progress), then the thread pools
+        (each after the work in flight on it has reported, so a commit in
+        progress is answered and a relay result is written).
+        """
+        Service.stopService(self)
+        parts = list(self)
+        parts.reverse()
+        d: defer.Deferred = defer.succeed(None)
+        for stage in (STOP_LISTENERS, STOP_SERVICES, STOP_POOLS):
+            group = [p for p in parts if getattr(p, "stopStage", STOP_SERVICES) == stage]
+            d.addCallback(lambda _, group: _stopAll(group), group)
+        return d
+
+
+class ServerLockService(StagedService):
     """
     The whole server, holding an exclusive lock on L{SERVER_LOCK} in the
     data directory from before its first listener binds (or the queue
@@ -183,26 +219,15 @@ class ServerLockService(MultiService):
 
     def stopService(self) -> defer.Deferred:
         """
-        Stop the parts in order, each stage once the one before has
-        stopped: the listeners (no new connection), then the services (the
-        relay records the attempts in progress), then the thread pools
-        (each after the work in flight on it has reported, so a commit in
-        progress is answered and a relay result is written).  Release the
-        lock once every part has stopped.
+        Stop the parts (see L{StagedService.stopService}), then release the
+        lock.
         """
-        Service.stopService(self)
-        parts = list(self)
-        parts.reverse()
-        d: defer.Deferred = defer.succeed(None)
-        for stage in (STOP_LISTENERS, STOP_SERVICES, STOP_POOLS):
-            group = [p for p in parts if getattr(p, "stopStage", STOP_SERVICES) == stage]
-            d.addCallback(lambda _, group: _stopAll(group), group)
 
         def release(result):
             self.releaseLock()
             return result
 
-        return d.addBoth(release)
+        return super().stopService().addBoth(release)
 
 
 def _stopAll(services: list) -> defer.Deferred:
@@ -407,8 +432,13 @@ def _checkPostmaster(config: Config, users: UsersFile) -> None:
         )
 
 
-def _build(config: Config, reactor) -> MultiService:
-    _raiseFileLimit()
+def _prepareDataDirectory(config: Config) -> Optional[fsutil.Owner]:
+    """
+    Create the data, mail and queue directories if missing.
+
+    @return: the owner of what the server creates there.
+    @raise ConfigError: a directory cannot be used.
+    """
     owner = None
     for path in (config.dataDir, config.mailDir, config.queueDir):
         try:
@@ -421,13 +451,65 @@ def _build(config: Config, reactor) -> MultiService:
             raise ConfigError(str(e)) from None
         except OSError as e:
             raise ConfigError(f"data directory: cannot use {path}: {e.strerror}") from None
+    return owner
 
-    top = ServerLockService(config.dataDir, owner)
+
+@attr.s(auto_attribs=True)
+class _Core:
+    """
+    The parts every process of a server builds alike: thread pools, users,
+    storage, the cred portal, TLS material and the protocol factories.
+
+    @ivar plans: listener name -> (factory, implicit TLS, refusal line).
+    """
+
+    config: Config
+    reactor: Any
+    hashPool: ThreadPool
+    ioPool: ThreadPool
+    ioRunner: ThreadPoolRunner
+    users: UsersFile
+    store: MaildirStore
+    queue: OutboundQueue
+    router: Router
+    certs: CertificateManager
+    serverTLS: Any
+    plans: dict
+
+    def refreshUsers(self) -> defer.Deferred:
+        """
+        Re-read the users directory in the I/O pool (a stat of each file, a
+        read only when one changed); the reactor thread only ever reads
+        the snapshot.
+        """
+        d = self.ioRunner.run(self.users.refresh)
+        d.addErrback(lambda f: log.failure("cannot refresh the users directory", f))
+        return d
+
+    def limitedFactory(self, name: str, peerCounts: PeerCounts) -> IProtocolFactory:
+        """
+        The factory of listener C{name}: the served factory (inside TLS for
+        an implicit-TLS listener) inside the connection caps.
+        """
+        served, implicitTLS, refusal = self.plans[name]
+        wrapped: IProtocolFactory = served
+        if implicitTLS:
+            # Implicit-TLS listeners close a connection over the limits
+            # without a byte: the limiter is outside the TLS layer (so a
+            # flood costs no handshakes), and a plaintext refusal would land
+            # in the client's TLS handshake.
+            wrapped = TLSMemoryBIOFactory(self.serverTLS, False, served, self.reactor)
+            wrapped.noisy = False
+        limits = self.config.limits
+        return ConnectionLimitFactory(
+            wrapped, limits["max-connections"], limits["max-connections-per-ip"], refusal, peerCounts, self.reactor
+        )
+
+
+def _buildCore(config: Config, reactor, owner: Optional[fsutil.Owner]) -> _Core:
     hashPool = ThreadPool(minthreads=1, maxthreads=max(1, config.limits["hash-threads"]), name="pop3gw-auth")
     ioPool = ThreadPool(minthreads=1, maxthreads=IO_THREADS, name="pop3gw-io")
     ioRunner = ThreadPoolRunner(reactor, ioPool)
-    ThreadPoolService(hashPool).setServiceParent(top)
-    ThreadPoolService(ioPool, ioRunner).setServiceParent(top)
 
     users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
     store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
@@ -495,35 +577,25 @@ def _build(config: Config, reactor) -> MultiService:
     for factory in (pop3Factory, submissionFactory, mxFactory, lmtpFactory):
         factory.noisy = False  # no "Starting factory <repr>" lines in the log
 
-    peerCounts = PeerCounts()
-
-    def limited(factory, refusal):
-        return ConnectionLimitFactory(
-            factory, limits["max-connections"], limits["max-connections-per-ip"], refusal, peerCounts, reactor
-        )
-
-    # Implicit-TLS listeners close a connection over the limits without a
-    # byte: the limiter is outside the TLS layer (so a flood costs no
-    # handshakes), and a plaintext refusal would land in the client's TLS
-    # handshake.
-    plans: list[tuple[str, IProtocolFactory, bool, Optional[bytes]]] = [
-        ("pop3", pop3Factory, False, POP3_REFUSAL),
-        ("pop3s", pop3Factory, True, None),
-        ("submission", submissionFactory, False, SMTP_REFUSAL),
-        ("submissions", submissionFactory, True, None),
-        ("mx", mxFactory, False, SMTP_REFUSAL),
-        ("lmtp", lmtpFactory, False, SMTP_REFUSAL),
+    plans: dict[str, tuple[IProtocolFactory, bool, Optional[bytes]]] = {
+        "pop3": (pop3Factory, False, POP3_REFUSAL),
+        "pop3s": (pop3Factory, True, None),
+        "submission": (submissionFactory, False, SMTP_REFUSAL),
+        "submissions": (submissionFactory, True, None),
+        "mx": (mxFactory, False, SMTP_REFUSAL),
+        "lmtp": (lmtpFactory, False, SMTP_REFUSAL),
         # A socketmap client over the limits sees the connection closed and
         # answers Postfix with a temporary failure.
-        ("postfix-map", SocketmapFactory(router), False, None),
-    ]
-    for name, served, implicitTLS, refusal in plans:
-        for description in config.listeners[name]:
-            wrapped: IProtocolFactory = served
-            if implicitTLS:
-                wrapped = TLSMemoryBIOFactory(serverTLS, False, served, reactor)
-                wrapped.noisy = False
-            ListenerService(reactor, name, description, limited(wrapped, refusal)).setServiceParent(top)
+        "postfix-map": (SocketmapFactory(router), False, None),
+    }
+    return _Core(config, reactor, hashPool, ioPool, ioRunner, users, store, queue, router, certs, serverTLS, plans)
+
+
+def _addRelay(core: _Core, top: MultiService) -> RelayService:
+    """
+    Add the relay of the outbound queue to C{top}.
+    """
+    config, users, store = core.config, core.users, core.store
 
     def bounceDelivery(sender: Address, data: bytes):
         recipients = users.snapshot().resolve(sender)
@@ -539,8 +611,8 @@ def _build(config: Config, reactor) -> MultiService:
         return clientContextFactory(hostname, verify)
 
     relay = RelayService(
-        queue,
-        reactor,
+        core.queue,
+        core.reactor,
         config.hostname,
         bounceDelivery,
         relayHost=config.relayHost,
@@ -549,34 +621,198 @@ def _build(config: Config, reactor) -> MultiService:
         relayPassword=_readRelayPassword(config),
         relayVerifyTLS=config.relayVerifyTLS,
         clientTLS=clientTLS,
-        lifetime=limits["queue-lifetime"],
+        lifetime=config.limits["queue-lifetime"],
     )
     relay.setServiceParent(top)
+    return relay
 
-    if not any(config.listeners[name] for name, _, _, _ in plans):
+
+def _logStart(config: Config, core: _Core, relay: RelayService) -> None:
+    if not any(config.listeners[name] for name in core.plans):
         log.warn("no POP3, submission, MX or LMTP listener is configured: only the outbound queue runs")
-
-    def refreshUsers() -> defer.Deferred:
-        # The users directory is re-read in the I/O pool (a stat of each
-        # file, a read only when one changed); the reactor thread only
-        # ever reads the snapshot.
-        d = ioRunner.run(users.refresh)
-        d.addErrback(lambda f: log.failure("cannot refresh the users directory", f))
-        return d
-
-    ReloadService(reactor, refreshUsers, certs).setServiceParent(top)
-    TimerService(USERS_CHECK_INTERVAL, refreshUsers).setServiceParent(top)
-    TimerService(TLS_CHECK_INTERVAL, certs.reloadIfChanged).setServiceParent(top)
-
     log.info(
         "pop3gw data directory {dataDir}; local domains: {domains}; plaintext auth: {policy}",
         dataDir=config.dataDir,
         domains=", ".join(config.domains) or "(domains of users)",
         policy=config.plaintextAuth,
     )
-    _checkPostmaster(config, users)
+    _checkPostmaster(config, core.users)
     if config.relayHost:
         log.info("relaying non-local mail through {host}:{port}", host=config.relayHost, port=relay.relayPort)
     else:
         log.info("relaying non-local mail directly to the recipient domains' MX hosts")
+
+
+def _build(config: Config, reactor) -> MultiService:
+    _raiseFileLimit()
+    owner = _prepareDataDirectory(config)
+    if config.workers > 1:
+        return _buildSupervisor(config, reactor, owner)
+
+    top = ServerLockService(config.dataDir, owner)
+    core = _buildCore(config, reactor, owner)
+    ThreadPoolService(core.hashPool).setServiceParent(top)
+    ThreadPoolService(core.ioPool, core.ioRunner).setServiceParent(top)
+
+    peerCounts = PeerCounts()
+    for name in core.plans:
+        for description in config.listeners[name]:
+            ListenerService(reactor, name, description, core.limitedFactory(name, peerCounts)).setServiceParent(top)
+
+    relay = _addRelay(core, top)
+    ReloadService(reactor, core.refreshUsers, core.certs).setServiceParent(top)
+    TimerService(USERS_CHECK_INTERVAL, core.refreshUsers).setServiceParent(top)
+    TimerService(TLS_CHECK_INTERVAL, core.certs.reloadIfChanged).setServiceParent(top)
+    _logStart(config, core, relay)
+    return top
+
+
+# --- Several processes (--workers N) ----------------------------------------
+
+
+class BoundListenerService(ListenerService):
+    """
+    A listener the supervisor binds, and never accepts on: its socket goes
+    to the workers (see L{pop3gw.supervisor}).
+
+    @ivar port: the listening port, once bound.
+    """
+
+    def __init__(self, reactor, name: str, description: str) -> None:
+        placeholder = Factory()
+        placeholder.noisy = False
+        super().__init__(reactor, name, description, placeholder)
+        self.port: Any = None
+
+    def _logListening(self, port):
+        port.stopReading()
+        self.port = port
+        return super()._logListening(port)
+
+    def inherited(self, fd: int) -> InheritedListener:
+        """
+        @return: this socket as a worker sees it, as descriptor C{fd}.
+        """
+        assert self.port is not None, "bound in privilegedStartService"
+        return InheritedListener(self.listenerName, self.description, fd, self.port.socket.family)
+
+
+def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> MultiService:
+    """
+    The supervisor of C{config.workers} worker processes: it holds the
+    lock, binds the listeners, runs the outbound queue, and starts the
+    workers (L{pop3gw.worker}), which serve the listeners.
+    """
+    top = ServerLockService(config.dataDir, owner)
+    core = _buildCore(config, reactor, owner)
+    ThreadPoolService(core.ioPool, core.ioRunner).setServiceParent(top)
+
+    bound: list[BoundListenerService] = []
+    for name in core.plans:
+        for description in config.listeners[name]:
+            listener = BoundListenerService(reactor, name, description)
+            listener.setServiceParent(top)
+            bound.append(listener)
+
+    relay = _addRelay(core, top)
+    queue = core.queue
+
+    def adopt(entry: Optional[Entry]) -> None:
+        # Announced once: an entry the relay knows, or whose files it has
+        # removed meanwhile (done), is left alone.
+        if entry is not None and entry.queueId not in relay.entries and queue.hasEntry(entry.queueId):
+            queue.announce(entry)
+
+    def onQueued(queueId: str) -> None:
+        d = core.ioRunner.run(queue.readEntry, queueId)
+        d.addCallback(adopt)
+        d.addErrback(lambda f: log.failure("cannot read queue entry {queueId}", f, queueId=queueId))
+
+    def rescanQueue() -> None:
+        # A worker that died may have queued a message it had no time to
+        # report.
+        if not relay.running:
+            return
+        d = core.ioRunner.run(queue.loadEntries)
+        def adoptAll(entries: list) -> None:
+            for entry in entries:
+                adopt(entry)
+
+        d.addCallback(adoptAll)
+        d.addErrback(lambda f: log.failure("cannot read the queue", f))
+
+    def setup(number: int) -> bytes:
+        listeners = tuple(b.inherited(FIRST_LISTENER_FD + i) for i, b in enumerate(bound))
+        return encodeSetup(WorkerSetup(config, number, listeners))
+
+    def spawn(worker: WorkerProcess) -> None:
+        childFDs: dict[int, Union[int, str]] = {0: "w", 1: "r", 2: "r", CONTROL_FD: "r"}
+        for i, b in enumerate(bound):
+            childFDs[FIRST_LISTENER_FD + i] = b.port.fileno()
+        command = [sys.executable, "-m", "pop3gw.worker"]
+        reactor.spawnProcess(worker, sys.executable, command, env=dict(os.environ), childFDs=childFDs)
+
+    pool = WorkerPool(config.workers, spawn, setup, reactor, onQueued=onQueued, onWorkerEnded=rescanQueue)
+    pool.setServiceParent(top)
+
+    def reload() -> defer.Deferred:
+        pool.signalAll("HUP")
+        return core.refreshUsers()
+
+    ReloadService(reactor, reload, None).setServiceParent(top)
+    TimerService(USERS_CHECK_INTERVAL, core.refreshUsers).setServiceParent(top)
+    log.info("pop3gw: {count} worker processes serve the listeners", count=config.workers)
+    _logStart(config, core, relay)
+    return top
+
+
+class AdoptedListenerService(Service):
+    """
+    A worker's listener: the socket the supervisor bound, adopted.  On stop
+    it only stops accepting (the supervisor owns the socket: a Unix socket's
+    file is its to remove).
+    """
+
+    stopStage = STOP_LISTENERS
+
+    def __init__(self, reactor, listener: InheritedListener, factory: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.listener = listener
+        self.factory = factory
+        self.name = f"{listener.name}:{listener.description}"
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.port = self.reactor.adoptStreamPort(self.listener.fd, self.listener.family, self.factory)
+        os.close(self.listener.fd)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.port is not None:
+            self.port.stopReading()
+
+
+def makeWorkerService(setup: WorkerSetup, reactor, link: WorkerLink) -> MultiService:
+    """
+    Build one worker process's service from its L{WorkerSetup}: the
+    listeners it inherited, with per-address counts kept by the supervisor
+    through C{link}; no lock (the supervisor holds it) and no relay (the
+    supervisor runs it: a queued message is reported through C{link}).
+    """
+    config = setup.config
+    assert isinstance(config, Config)
+    _raiseFileLimit()
+    owner = fsutil.dataDirectoryOwner(config.dataDir)
+    top = StagedService()
+    core = _buildCore(config, reactor, owner)
+    ThreadPoolService(core.hashPool).setServiceParent(top)
+    ThreadPoolService(core.ioPool, core.ioRunner).setServiceParent(top)
+    peerCounts = SharedPeerCounts(link)
+    for listener in setup.listeners:
+        AdoptedListenerService(reactor, listener, core.limitedFactory(listener.name, peerCounts)).setServiceParent(top)
+    core.queue.addListener(lambda entry: link.queued(entry.queueId))
+    ReloadService(reactor, core.refreshUsers, core.certs).setServiceParent(top)
+    TimerService(USERS_CHECK_INTERVAL, core.refreshUsers).setServiceParent(top)
+    TimerService(TLS_CHECK_INTERVAL, core.certs.reloadIfChanged).setServiceParent(top)
     return top

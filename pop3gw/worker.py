@@ -1,0 +1,82 @@
+# -*- test-case-name: tests.test_e2e_workers -*-
+"""
+One worker process of C{twistd pop3gw --workers N}: C{python -m
+pop3gw.worker}, started by the supervisor (L{pop3gw.supervisor}) with the
+descriptors described in L{pop3gw.workerlink}.  It serves the listening
+sockets it inherited until SIGTERM, or until the supervisor is gone.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+
+from twisted.internet import stdio
+from twisted.logger import globalLogBeginner, jsonFileLogObserver
+
+from pop3gw.workerlink import CONTROL_FD, WorkerLink, decodeSetup, log
+
+#: The longest setup line read from stdin.
+MAX_SETUP = 16 * 1024 * 1024
+
+
+def _readSetupLine() -> bytes:
+    """
+    Read the first line of stdin (the supervisor writes nothing more until
+    the worker asks).
+    """
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(0, 65536)
+        if not chunk or len(data) > MAX_SETUP:
+            raise SystemExit("pop3gw worker: no setup from the supervisor")
+        data += chunk
+    return data
+
+
+def main() -> None:
+    setup = decodeSetup(_readSetupLine())
+    out = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True)
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out, recordSeparator="")], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    from pop3gw.service import makeWorkerService
+
+    def supervisorGone() -> None:
+        stopOnce()
+
+    link = WorkerLink(onLost=supervisorGone)
+    stdio.StandardIO(link, stdin=0, stdout=CONTROL_FD, reactor=reactor)  # type: ignore[call-arg]
+    top = makeWorkerService(setup, reactor, link)
+    top.privilegedStartService()
+    top.startService()
+    log.info("ready: serving {count} listeners (pid {pid})", count=len(setup.listeners), pid=os.getpid())
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    stopping: list[bool] = []
+
+    def stopOnce() -> None:
+        if not stopping and reactor.running:
+            stopping.append(True)
+            reactor.stop()
+
+    def onTerm(signum, frame) -> None:
+        reactor.callFromThread(stopOnce)  # type: ignore[attr-defined]
+
+    def handleSignals() -> None:
+        # Ctrl-C in a terminal reaches every process of the group, and
+        # systemd may send SIGTERM to every process of the unit as well as
+        # the supervisor's: the supervisor stops the workers itself, and a
+        # second SIGTERM changes nothing.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, onTerm)
+
+    reactor.callWhenRunning(handleSignals)
+    reactor.run()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+# -*- test-case-name: tests.test_workerlink -*-
+"""
+The channel between the supervisor and one worker process (C{--workers N}
+with N > 1; see L{pop3gw.supervisor}).
+
+The supervisor starts each worker with these descriptors:
+
+  - 0, the worker's stdin: first one line, the L{WorkerSetup} (a base64
+    pickle: the configuration and which listening sockets the worker
+    got), then the supervisor's answers (C{grant ID 1|0}).  Its end of
+    file means the supervisor is gone: the worker stops.
+  - 1, stdout: the worker's log events, one JSON object a line
+    (C{twisted.logger.jsonFileLogObserver}); the supervisor logs them.
+  - 2, stderr: text (a crash's traceback), logged by the supervisor.
+  - 3: the worker's requests and notices, one line each:
+    C{claim ID KEY LIMIT} (one more connection from client network KEY,
+    if it has fewer than LIMIT over all workers), C{release KEY} (one of
+    them closed), C{queued QUEUEID} (a message was queued for relay).
+  - 4 and up: the listening sockets, in the order of
+    L{WorkerSetup.listeners}.
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+from typing import Callable, Optional
+
+import attr
+from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from pop3gw.limits import PeerCounts
+
+log = Logger(namespace="pop3gw.worker")
+
+#: The worker's descriptor for its requests and notices.
+CONTROL_FD = 3
+#: The worker's descriptor of its first listening socket.
+FIRST_LISTENER_FD = 4
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class InheritedListener:
+    """
+    One listening socket a worker gets from the supervisor.
+
+    @ivar name: the listener (C{pop3}, C{submission}, ...).
+    @ivar description: its endpoint description, for log lines.
+    @ivar fd: the descriptor number in the worker.
+    @ivar family: the socket's address family (C{socket.AF_INET}, ...).
+    """
+
+    name: str
+    description: str
+    fd: int
+    family: int
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class WorkerSetup:
+    """
+    What a worker is told at start: the configuration (a
+    L{pop3gw.config.Config}), its number (1 to N) and its listeners.
+    """
+
+    config: object
+    number: int
+    listeners: tuple
+
+
+def encodeSetup(setup: WorkerSetup) -> bytes:
+    """
+    @return: C{setup} as the first line of a worker's stdin.
+    """
+    return base64.b64encode(pickle.dumps(setup)) + b"\n"
+
+
+def decodeSetup(line: bytes) -> WorkerSetup:
+    """
+    @return: the L{WorkerSetup} of the line written by L{encodeSetup}.
+    """
+    setup = pickle.loads(base64.b64decode(line.strip()))
+    if not isinstance(setup, WorkerSetup):
+        raise ValueError("not a worker setup")
+    return setup
+
+
+class WorkerLink(LineOnlyReceiver):
+    """
+    The worker's end of the channel: asks for per-address connection
+    claims and reports queued messages.  Its transport reads the
+    supervisor's answers (stdin) and writes to L{CONTROL_FD}.
+
+    @ivar onLost: called when the supervisor is gone (stdin closed).
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self, onLost: Optional[Callable[[], None]] = None) -> None:
+        self.onLost = onLost
+        self._next = 0
+        self._waiting: dict[int, defer.Deferred] = {}
+        self._gone = False
+
+    def claim(self, key: str, limit: int) -> defer.Deferred:
+        """
+        Ask the supervisor for one more connection from C{key}.
+
+        @return: a Deferred firing with whether it was granted.
+        """
+        if self._gone or self.transport is None:
+            return defer.fail(ConnectionLost("the supervisor is gone"))
+        self._next += 1
+        d: defer.Deferred = defer.Deferred()
+        self._waiting[self._next] = d
+        self.transport.write(b"claim %d %s %d\n" % (self._next, key.encode("ascii"), limit))
+        return d
+
+    def release(self, key: str) -> None:
+        """
+        Give back one connection from C{key} granted by L{claim}.
+        """
+        if not self._gone and self.transport is not None:
+            self.transport.write(b"release %s\n" % (key.encode("ascii"),))
+
+    def queued(self, queueId: str) -> None:
+        """
+        Tell the supervisor (which runs the relay) that C{queueId} was
+        queued.
+        """
+        if not self._gone and self.transport is not None:
+            self.transport.write(b"queued %s\n" % (queueId.encode("ascii"),))
+
+    def lineReceived(self, line: bytes) -> None:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == b"grant" and parts[1].isdigit():
+            d = self._waiting.pop(int(parts[1]), None)
+            if d is not None:
+                d.callback(parts[2] == b"1")
+                return
+        log.error("worker: unexpected line from the supervisor ({size} bytes)", size=len(line))
+
+    def connectionLost(self, reason=None) -> None:
+        self._gone = True
+        waiting, self._waiting = self._waiting, {}
+        for d in waiting.values():
+            d.errback(ConnectionLost("the supervisor is gone"))
+        if self.onLost is not None:
+            self.onLost()
+
+
+class SharedPeerCounts(PeerCounts):
+    """
+    A worker's per-address counts: its own connections are counted here,
+    and the per-address cap is decided by the supervisor over every
+    worker's connections (through a L{WorkerLink}).
+    """
+
+    def __init__(self, link: WorkerLink) -> None:
+        super().__init__()
+        self.link = link
+
+    def claim(self, host: str, limit: int) -> defer.Deferred:
+        def answered(granted: bool) -> bool:
+            if granted:
+                self.add(host)
+            return granted
+
+        return self.link.claim(host, limit).addCallback(answered)
+
+    def release(self, host: str) -> None:
+        self.remove(host)
+        self.link.release(host)

@@ -1,0 +1,114 @@
+"""
+L{pop3gw.workerlink}: the worker's end of its channel to the supervisor.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from pop3gw.config import buildConfig
+from pop3gw.workerlink import (
+    InheritedListener,
+    SharedPeerCounts,
+    WorkerLink,
+    WorkerSetup,
+    decodeSetup,
+    encodeSetup,
+)
+
+
+class WorkerLinkTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.lost: list[bool] = []
+        self.link = WorkerLink(onLost=lambda: self.lost.append(True))
+        self.transport = StringTransport()
+        self.link.makeConnection(self.transport)
+
+    def test_claimAnswered(self) -> None:
+        """
+        Each claim is one numbered line; the supervisor's C{grant} line of
+        that number answers it, whatever the order.
+        """
+        first = self.link.claim("192.0.2.1", 20)
+        second = self.link.claim("2001:db8::/64", 20)
+        self.assertEqual(self.transport.value(), b"claim 1 192.0.2.1 20\nclaim 2 2001:db8::/64 20\n")
+        self.link.dataReceived(b"grant 2 0\ngrant 1 1\n")
+        self.assertIs(self.successResultOf(first), True)
+        self.assertIs(self.successResultOf(second), False)
+
+    def test_releaseAndQueued(self) -> None:
+        """
+        Releases and queued messages are one line each, with no answer.
+        """
+        self.link.release("192.0.2.1")
+        self.link.queued("0005f0e1a2b3c-0a1b2c3d")
+        self.assertEqual(self.transport.value(), b"release 192.0.2.1\nqueued 0005f0e1a2b3c-0a1b2c3d\n")
+
+    def test_supervisorGone(self) -> None:
+        """
+        When stdin closes, the claims waiting fail, later claims fail at
+        once, and C{onLost} is called.
+        """
+        waiting = self.link.claim("192.0.2.1", 20)
+        self.link.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(waiting, ConnectionLost)
+        self.failureResultOf(self.link.claim("192.0.2.1", 20), ConnectionLost)
+        self.assertEqual(self.lost, [True])
+        self.link.release("192.0.2.1")
+        self.assertEqual(self.transport.value(), b"claim 1 192.0.2.1 20\n")
+
+    def test_unexpectedLine(self) -> None:
+        """
+        A line that answers no claim is logged as an error and ignored.
+        """
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.link.dataReceived(b"grant 7 1\nhello\n")
+        self.assertEqual(
+            [formatEvent(e) for e in events if e.get("log_namespace") == "pop3gw.worker"],
+            ["worker: unexpected line from the supervisor (9 bytes)", "worker: unexpected line from the supervisor (5 bytes)"],
+        )
+
+    def test_sharedCounts(self) -> None:
+        """
+        L{SharedPeerCounts} counts a granted claim locally and passes its
+        release on; a refused claim is not counted.
+        """
+        counts = SharedPeerCounts(self.link)
+        granted = counts.claim("192.0.2.1", 2)
+        refused = counts.claim("192.0.2.1", 2)
+        self.link.dataReceived(b"grant 1 1\ngrant 2 0\n")
+        self.assertEqual((self.successResultOf(granted), self.successResultOf(refused)), (True, False))
+        self.assertEqual(counts.get("192.0.2.1"), 1)
+        counts.release("192.0.2.1")
+        self.assertEqual(counts.get("192.0.2.1"), 0)
+        self.assertTrue(self.transport.value().endswith(b"release 192.0.2.1\n"))
+
+
+class SetupTests(SynchronousTestCase):
+    def test_roundTrip(self) -> None:
+        """
+        The setup line carries the whole configuration and the listeners,
+        as one line.
+        """
+        config = buildConfig({"data-dir": "/srv/mail", "domain": ["example.org"], "postmaster": "boss@example.org", "workers": "2"})
+        setup = WorkerSetup(config, 2, (InheritedListener("pop3", "tcp:110", 4, socket.AF_INET),))
+        line = encodeSetup(setup)
+        self.assertEqual(line.count(b"\n"), 1)
+        self.assertEqual(decodeSetup(line), setup)
+
+    def test_notASetup(self) -> None:
+        """
+        A line that is not a setup is refused.
+        """
+        import base64
+        import pickle
+
+        self.assertRaises(ValueError, decodeSetup, base64.b64encode(pickle.dumps({"x": 1})))
