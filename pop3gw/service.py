@@ -697,6 +697,24 @@ class BoundListenerService(ListenerService):
         return InheritedListener(self.listenerName, self.description, fd, self.port.socket.family)
 
 
+#: What a worker process runs: L{pop3gw.worker.main} from the directory the
+#: supervisor's C{pop3gw} package was imported from (C{sys.argv[1]}), which
+#: takes the place of the working directory at the head of C{sys.path}; a
+#: C{pop3gw} directory in the working directory (a source tree) is not
+#: picked up instead.
+WORKER_BOOTSTRAP = "import sys; sys.path[0] = sys.argv[1]; from pop3gw.worker import main; main()"
+
+
+def workerCommand() -> list[str]:
+    """
+    @return: the command line of a worker process.
+    """
+    import pop3gw
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pop3gw.__file__)))
+    return [sys.executable, "-c", WORKER_BOOTSTRAP, root]
+
+
 def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> MultiService:
     """
     The supervisor of C{config.workers} worker processes: it holds the
@@ -749,8 +767,7 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
         childFDs: dict[int, Union[int, str]] = {0: "w", 1: "r", 2: "r", CONTROL_FD: "r"}
         for i, b in enumerate(bound):
             childFDs[FIRST_LISTENER_FD + i] = b.port.fileno()
-        command = [sys.executable, "-m", "pop3gw.worker"]
-        reactor.spawnProcess(worker, sys.executable, command, env=dict(os.environ), childFDs=childFDs)
+        reactor.spawnProcess(worker, sys.executable, workerCommand(), env=dict(os.environ), childFDs=childFDs)
 
     pool = WorkerPool(config.workers, spawn, setup, reactor, onQueued=onQueued, onWorkerEnded=rescanQueue)
     pool.setServiceParent(top)

@@ -18,11 +18,11 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import InvalidLogLevelError, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from pop3gw.limits import PeerTokens
-from pop3gw.workerlink import CONTROL_FD
+from pop3gw.workerlink import CONTROL_FD, decodeLogLine
 
 log = Logger(namespace="pop3gw.supervisor")
 
@@ -278,10 +278,8 @@ class WorkerPool(Service):
 
     def _logEvent(self, worker: WorkerProcess, line: bytes) -> None:
         try:
-            event = eventFromJSON(line.decode("utf-8"))
-            if not isinstance(event, dict):
-                raise ValueError("not an event")
-        except ValueError:
+            event = decodeLogLine(line, f" (worker {worker.number})")
+        except (ValueError, TypeError, KeyError, InvalidLogLevelError):
             if line.strip():
                 log.info(
                     "worker {number} (pid {pid}): {line}",
@@ -290,10 +288,6 @@ class WorkerPool(Service):
                     line=line.decode("utf-8", "replace").rstrip(),
                 )
             return
-        tag = f" (worker {worker.number})"
-        fmt = event.get("log_format")
-        if isinstance(fmt, str):
-            event["log_format"] = fmt + tag.replace("{", "{{").replace("}", "}}")
         event["pop3gw_worker"] = worker.number
         self.publisher(event)
 

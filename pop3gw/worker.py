@@ -14,9 +14,10 @@ import signal
 import sys
 
 from twisted.internet import stdio
-from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from twisted.logger import ILogObserver, globalLogBeginner
+from zope.interface import provider
 
-from pop3gw.workerlink import CONTROL_FD, WorkerLink, decodeSetup, log
+from pop3gw.workerlink import CONTROL_FD, WorkerLink, decodeSetup, encodeLogEvent, log
 
 #: The longest setup line read from stdin.
 MAX_SETUP = 16 * 1024 * 1024
@@ -38,8 +39,15 @@ def _readSetupLine() -> bytes:
 
 def main() -> None:
     setup = decodeSetup(_readSetupLine())
-    out = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out, recordSeparator="")], redirectStandardIO=False)
+    out = io.FileIO(1, "w", closefd=False)
+
+    @provider(ILogObserver)
+    def writeEvent(event: dict) -> None:
+        data = memoryview(encodeLogEvent(event))
+        while data:
+            data = data[out.write(data) or 0 :]
+
+    globalLogBeginner.beginLoggingTo([writeEvent], redirectStandardIO=False)
 
     from twisted.internet import reactor
 

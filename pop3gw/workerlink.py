@@ -9,8 +9,9 @@ The supervisor starts each worker with these descriptors:
     pickle: the configuration and which listening sockets the worker
     got), then the supervisor's answers (C{grant ID 1|0}).  Its end of
     file means the supervisor is gone: the worker stops.
-  - 1, stdout: the worker's log events, one JSON object a line
-    (C{twisted.logger.jsonFileLogObserver}); the supervisor logs them.
+  - 1, stdout: the worker's log events, one JSON object a line with the
+    event's text already formatted (L{encodeLogEvent}); the supervisor
+    logs them (L{decodeLogLine}).
   - 2, stderr: text (a crash's traceback), logged by the supervisor.
   - 3: the worker's requests and notices, one line each:
     C{claim ID KEY LIMIT} (one more connection from client network KEY,
@@ -23,13 +24,14 @@ The supervisor starts each worker with these descriptors:
 from __future__ import annotations
 
 import base64
+import json
 import pickle
 from typing import Callable, Optional
 
 import attr
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel, eventAsText
 from twisted.protocols.basic import LineOnlyReceiver
 
 from pop3gw.limits import PeerCounts
@@ -86,6 +88,48 @@ def decodeSetup(line: bytes) -> WorkerSetup:
     if not isinstance(setup, WorkerSetup):
         raise ValueError("not a worker setup")
     return setup
+
+
+def encodeLogEvent(event: dict) -> bytes:
+    """
+    One log event of a worker as the line it writes to its stdout: the
+    time, level, namespace, system (if the event has one) and the text
+    (a failure's traceback included), formatted here, so the supervisor
+    only writes it out.
+    """
+    level = event.get("log_level")
+    record = {
+        "t": event.get("log_time"),
+        "l": getattr(level, "name", "info"),
+        "n": event.get("log_namespace"),
+        "x": eventAsText(event, includeTimestamp=False, includeSystem=False),
+    }
+    if "log_system" in event:
+        record["s"] = str(event["log_system"])
+    return json.dumps(record).encode("utf-8") + b"\n"
+
+
+def decodeLogLine(line: bytes, suffix: str = "") -> dict:
+    """
+    The log event a line of L{encodeLogEvent} stands for, with C{suffix}
+    appended to its text.
+
+    @raise ValueError: the line is not such a record.
+    """
+    record = json.loads(line)
+    if not isinstance(record, dict) or not isinstance(record.get("x"), str):
+        raise ValueError("not a log record")
+    text = record["x"] + suffix
+    event = {
+        "log_time": float(record["t"]),
+        "log_level": LogLevel.levelWithName(record.get("l") or "info"),
+        "log_namespace": str(record.get("n") or "pop3gw.worker"),
+        "log_format": text.replace("{", "{{").replace("}", "}}"),
+        "log_source": None,
+    }
+    if "s" in record:
+        event["log_system"] = str(record["s"])
+    return event
 
 
 class WorkerLink(LineOnlyReceiver):

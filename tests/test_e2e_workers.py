@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import poplib
 import re
+import shutil
 import signal
 import smtplib
+import tempfile
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -206,6 +208,21 @@ class WorkersEndToEndTests(SynchronousTestCase):
         self.assertFalse([line for line in queued if "(worker" in line], queued)
         time.sleep(0.5)
         self.assertEqual(sink.attempts, 3)
+
+    def test_workersIgnoreTheWorkingDirectory(self) -> None:
+        """
+        Workers run the same C{pop3gw} as the supervisor even when the
+        working directory holds another C{pop3gw} package (a source tree
+        of another version).
+        """
+        cwd = tempfile.mkdtemp(prefix="pop3gw-e2e-cwd-")
+        self.addCleanup(shutil.rmtree, cwd, True)
+        os.mkdir(os.path.join(cwd, "pop3gw"))
+        with open(os.path.join(cwd, "pop3gw", "__init__.py"), "w") as f:
+            f.write("raise ImportError('not this one')\n")
+        server = Pop3gwProcess(self, args=["--workers", "2"], cwd=cwd).start()
+        self.waitReady(server)
+        self.assertNotIn("not this one", server.log())
 
     def test_signalsReachEveryWorker(self) -> None:
         """

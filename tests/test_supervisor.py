@@ -6,15 +6,14 @@ process spawner and a L{task.Clock}.
 
 from __future__ import annotations
 
-import json
-
 from twisted.internet import task
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import Logger, formatEvent, formatEventAsClassicLogText, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pop3gw.supervisor import MAX_RESTART_DELAY, STOP_TIMEOUT, WorkerPool, WorkerProcess
+from pop3gw.workerlink import encodeLogEvent
 
 
 class FakeProcessTransport:
@@ -205,19 +204,26 @@ class WorkerPoolTests(SynchronousTestCase):
 
     def test_logEvents(self) -> None:
         """
-        A worker's log events (JSON lines on stdout, possibly split across
-        reads) are published with the worker's number added to the text;
-        other stdout and stderr lines are logged as text.
+        A worker's log events (lines of L{encodeLogEvent} on its stdout,
+        possibly split across reads) are published with the worker's number
+        added to the text, keeping their namespace and level; other stdout
+        and stderr lines are logged as text.
         """
         self.pool.startService()
-        event = {"log_format": "login: user={user}", "user": "alice", "log_namespace": "pop3gw.pop3", "log_level": {"__class_uuid__": "02E59486-F24D-46AD-8224-3ACDF2A5732A", "name": "info"}}
-        line = json.dumps(event).encode() + b"\n"
+        events: list = []
+        Logger(namespace="pop3gw.pop3.POP3Server", observer=events.append).warn(
+            "authentication failed: service={service} rhost={peer} user={user}", service="pop3", peer="192.0.2.7", user='"x{y}"'
+        )
+        line = encodeLogEvent(events[0])
         self.spawned[1].childDataReceived(1, line[:10])
         self.assertEqual(self.events, [])
         self.spawned[1].childDataReceived(1, line[10:] + b"not json\n")
         self.spawned[1].childDataReceived(2, b"Traceback (most recent call last):\n")
-        self.assertEqual([formatEvent(e) for e in self.events], ["login: user=alice (worker 2)"])
-        self.assertEqual(self.events[0]["log_namespace"], "pop3gw.pop3")
+        self.assertEqual(
+            [formatEventAsClassicLogText(e).split(" ", 1)[1] for e in self.events],
+            ['[pop3gw.pop3.POP3Server#warn] authentication failed: service=pop3 rhost=192.0.2.7 user="x{y}" (worker 2)\n'],
+        )
+        self.assertEqual((self.events[0]["log_time"], self.events[0]["pop3gw_worker"]), (events[0]["log_time"], 2))
         self.assertEqual(self.logged[-2:], ["worker 2 (pid 102): not json", "worker 2 (pid 102): Traceback (most recent call last):"])
 
     def test_unfinishedLineAtEnd(self) -> None:

@@ -8,7 +8,13 @@ import socket
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,7 +24,9 @@ from pop3gw.workerlink import (
     SharedPeerCounts,
     WorkerLink,
     WorkerSetup,
+    decodeLogLine,
     decodeSetup,
+    encodeLogEvent,
     encodeSetup,
 )
 
@@ -112,3 +120,42 @@ class SetupTests(SynchronousTestCase):
         import pickle
 
         self.assertRaises(ValueError, decodeSetup, base64.b64encode(pickle.dumps({"x": 1})))
+
+
+class LogLineTests(SynchronousTestCase):
+    """
+    L{encodeLogEvent} and L{decodeLogLine}: a worker's log events as lines.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        The supervisor's copy of an event formats as the worker's did, with
+        the suffix; braces in the text stay literal.
+        """
+        events: list = []
+        Logger(namespace="pop3gw.smtp.SubmissionServer", observer=events.append).info("login: user={user}", user='"a{0}b"')
+        copy = decodeLogLine(encodeLogEvent(events[0]), " (worker 1)")
+        self.assertEqual(formatEventAsClassicLogText(copy), formatEventAsClassicLogText(events[0]).replace("\n", " (worker 1)\n"))
+        self.assertEqual(copy["log_level"], LogLevel.info)
+
+    def test_failureAndSystem(self) -> None:
+        """
+        A failure's traceback is part of the text; an event's own system
+        (a legacy C{log.msg} line) is kept.
+        """
+        failure = Failure(ZeroDivisionError("division by zero"))
+        events: list = []
+        Logger(namespace="pop3gw.x", observer=events.append).failure("it broke", failure)
+        copy = decodeLogLine(encodeLogEvent(events[0]))
+        text = formatEventAsClassicLogText(copy)
+        self.assertIn("[pop3gw.x#critical] it broke\n\tTraceback (most recent call last):", text)
+        self.assertIn("ZeroDivisionError", text)
+        legacy = decodeLogLine(encodeLogEvent({"log_time": 1.0, "log_system": "-", "log_format": "(TCP Port 1 Closed)"}))
+        self.assertEqual(formatEventAsClassicLogText(legacy).split(" ", 1)[1], "[-] (TCP Port 1 Closed)\n")
+
+    def test_notALogLine(self) -> None:
+        """
+        Anything else is refused.
+        """
+        for line in (b"hello", b"[1]", b'{"t": 1}', b'{"t": "x", "x": "a"}'):
+            self.assertRaises(ValueError, decodeLogLine, line)
