@@ -13,6 +13,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import sys
 from types import FrameType
 from typing import Any, Callable, Optional, Union
@@ -21,14 +22,16 @@ import attr
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet import defer
+from twisted.internet import defer, tcp, unix
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.internet.protocol import Factory
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from pop3gw import __version__, fsutil
@@ -694,7 +697,9 @@ class BoundListenerService(ListenerService):
         @return: this socket as a worker sees it, as descriptor C{fd}.
         """
         assert self.port is not None, "bound in privilegedStartService"
-        return InheritedListener(self.listenerName, self.description, fd, self.port.socket.family)
+        family = self.port.socket.family
+        mode = getattr(self.port, "mode", None) if family == socket.AF_UNIX else None
+        return InheritedListener(self.listenerName, self.description, fd, family, mode)
 
 
 #: What a worker process runs: L{pop3gw.worker.main} from the directory the
@@ -783,6 +788,18 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
     return top
 
 
+class _InheritedUnixPort(unix.Port):
+    """
+    A Unix socket a worker inherited: the supervisor made its file and
+    removes it.  Adopting it sets the file's mode again (Twisted's
+    C{startListening} does), so it is given the mode the supervisor set;
+    closing it leaves the file alone.
+    """
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        tcp.Port.connectionLost(self, reason)
+
+
 class AdoptedListenerService(Service):
     """
     A worker's listener: the socket the supervisor bound, adopted.  On stop
@@ -801,8 +818,16 @@ class AdoptedListenerService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self.port = self.reactor.adoptStreamPort(self.listener.fd, self.listener.family, self.factory)
-        os.close(self.listener.fd)
+        listener = self.listener
+        if listener.family == socket.AF_UNIX and isinstance(self.reactor, PosixReactorBase):
+            port = _InheritedUnixPort._fromListeningDescriptor(self.reactor, listener.fd, self.factory)
+            if listener.mode is not None:
+                port.mode = listener.mode
+            port.startListening()
+            self.port = port
+        else:
+            self.port = self.reactor.adoptStreamPort(listener.fd, listener.family, self.factory)
+        os.close(listener.fd)
 
     def stopService(self) -> None:
         super().stopService()

@@ -12,12 +12,13 @@ import io
 import os
 import signal
 import sys
+import threading
+from typing import Callable
 
 from twisted.internet import stdio
-from twisted.logger import ILogObserver, globalLogBeginner
-from zope.interface import provider
+from twisted.logger import globalLogBeginner
 
-from pop3gw.workerlink import CONTROL_FD, WorkerLink, decodeSetup, encodeLogEvent, log
+from pop3gw.workerlink import CONTROL_FD, LogLineWriter, WorkerLink, decodeSetup, log
 
 #: The longest setup line read from stdin.
 MAX_SETUP = 16 * 1024 * 1024
@@ -41,15 +42,23 @@ def main() -> None:
     setup = decodeSetup(_readSetupLine())
     out = io.FileIO(1, "w", closefd=False)
 
-    @provider(ILogObserver)
-    def writeEvent(event: dict) -> None:
-        data = memoryview(encodeLogEvent(event))
-        while data:
-            data = data[out.write(data) or 0 :]
+    def writeAll(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[out.write(view) or 0 :]
 
-    globalLogBeginner.beginLoggingTo([writeEvent], redirectStandardIO=False)
+    writer = LogLineWriter(writeAll)
+    globalLogBeginner.beginLoggingTo([writer], redirectStandardIO=False)
 
     from twisted.internet import reactor
+
+    reactorThread = threading.get_ident()
+
+    def soon(f: Callable[[], None]) -> None:
+        if threading.get_ident() == reactorThread:
+            reactor.callLater(0, f)
+        else:
+            reactor.callFromThread(f)  # type: ignore[attr-defined]
 
     from pop3gw.service import makeWorkerService
 
@@ -81,8 +90,18 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, onTerm)
 
-    reactor.callWhenRunning(handleSignals)
+    def running() -> None:
+        handleSignals()
+        writer.schedule = soon
+
+    def stopped() -> None:
+        writer.schedule = None
+
+    reactor.callWhenRunning(running)
+    reactor.addSystemEventTrigger("after", "shutdown", stopped)
     reactor.run()
+    writer.schedule = None
+    writer.flush()
     sys.exit(0)
 
 

@@ -26,13 +26,15 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import threading
 from typing import Callable, Optional
 
 import attr
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
-from twisted.logger import Logger, LogLevel, eventAsText
+from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText
 from twisted.protocols.basic import LineOnlyReceiver
+from zope.interface import implementer
 
 from pop3gw.limits import PeerCounts
 
@@ -53,12 +55,15 @@ class InheritedListener:
     @ivar description: its endpoint description, for log lines.
     @ivar fd: the descriptor number in the worker.
     @ivar family: the socket's address family (C{socket.AF_INET}, ...).
+    @ivar mode: a Unix socket's file permissions, as the supervisor set
+        them; C{None} for other sockets.
     """
 
     name: str
     description: str
     fd: int
     family: int
+    mode: Optional[int] = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -130,6 +135,47 @@ def decodeLogLine(line: bytes, suffix: str = "") -> dict:
     if "s" in record:
         event["log_system"] = str(record["s"])
     return event
+
+
+@implementer(ILogObserver)
+class LogLineWriter:
+    """
+    A worker's log observer: each event as a line of L{encodeLogEvent},
+    written by C{write}.  With a C{schedule}, the lines of one reactor turn
+    are gathered and written at once (one write, and one read by the
+    supervisor, for many lines); without, each is written at once.
+
+    @ivar schedule: C{schedule(f)} calls C{f} soon (after the current
+        reactor turn), from any thread; C{None} while the reactor is not
+        running.
+    """
+
+    def __init__(self, write: Callable[[bytes], object], schedule: Optional[Callable[[Callable[[], None]], object]] = None) -> None:
+        self._write = write
+        self.schedule = schedule
+        self._pending: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, event: dict) -> None:
+        line = encodeLogEvent(event)
+        with self._lock:
+            self._pending.append(line)
+            first = len(self._pending) == 1
+        schedule = self.schedule
+        if schedule is None:
+            self.flush()
+        elif first:
+            schedule(self.flush)
+
+    def flush(self) -> None:
+        """
+        Write the lines gathered so far.
+        """
+        with self._lock:
+            data = b"".join(self._pending)
+            self._pending.clear()
+        if data:
+            self._write(data)
 
 
 class WorkerLink(LineOnlyReceiver):

@@ -13,6 +13,8 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
+import stat
 import tempfile
 import time
 
@@ -223,6 +225,35 @@ class WorkersEndToEndTests(SynchronousTestCase):
         server = Pop3gwProcess(self, args=["--workers", "2"], cwd=cwd).start()
         self.waitReady(server)
         self.assertNotIn("not this one", server.log())
+
+    def test_unixListenerKept(self) -> None:
+        """
+        A Unix socket listener keeps the mode the supervisor gave it (0660)
+        once the workers adopt it, and its file when one worker stops and
+        is replaced; it serves through every worker until the supervisor
+        stops, which removes it.
+        """
+        where = tempfile.mkdtemp(prefix="pop3gw-e2e-sock-")
+        self.addCleanup(shutil.rmtree, where, True)
+        path = os.path.join(where, "lmtp")
+        server = Pop3gwProcess(self, args=["--workers", "2", "--lmtp", f"unix:{path}"], listeners=("pop3", "submission", "lmtp")).start()
+        pids = self.waitReady(server)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
+        mark = len(server.output)
+        os.kill(pids[1], signal.SIGTERM)
+        server.waitForLog(rf"worker 1 \(pid {pids[1]}\) ended \(exit status 0\); restarting it in 0 s")
+        self.waitReady(server, mark, (1,))
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
+        for _ in range(10):
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(30)
+                client.connect(path)
+                self.assertTrue(client.recv(1024).startswith(b"220 "))
+        server.signal(signal.SIGTERM)
+        assert server.proc is not None
+        server.proc.wait(timeout=60)
+        self.assertFalse(os.path.exists(path))
+        self.assertNotIn("Traceback", server.log())
 
     def test_signalsReachEveryWorker(self) -> None:
         """

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pop3gw.config import buildConfig
 from pop3gw.workerlink import (
     InheritedListener,
+    LogLineWriter,
     SharedPeerCounts,
     WorkerLink,
     WorkerSetup,
@@ -159,3 +160,45 @@ class LogLineTests(SynchronousTestCase):
         """
         for line in (b"hello", b"[1]", b'{"t": 1}', b'{"t": "x", "x": "a"}'):
             self.assertRaises(ValueError, decodeLogLine, line)
+
+
+class LogLineWriterTests(SynchronousTestCase):
+    """
+    L{LogLineWriter}: a worker's log observer.
+    """
+
+    def event(self, text: str) -> dict:
+        events: list = []
+        Logger(namespace="pop3gw.x", observer=events.append).info(text)
+        return events[0]
+
+    def test_gatheredPerTurn(self) -> None:
+        """
+        With a schedule, the lines of one turn are written together, once,
+        when the scheduled flush runs; the next line schedules again.
+        """
+        written: list = []
+        scheduled: list = []
+        writer = LogLineWriter(written.append, scheduled.append)
+        writer(self.event("one"))
+        writer(self.event("two"))
+        self.assertEqual((written, len(scheduled)), ([], 1))
+        scheduled.pop()()
+        [data] = written
+        self.assertEqual([decodeLogLine(line)["log_format"] for line in data.splitlines()], ["one", "two"])
+        writer(self.event("three"))
+        self.assertEqual(len(scheduled), 1)
+
+    def test_atOnceWithoutSchedule(self) -> None:
+        """
+        Without a schedule (the reactor is not running), each line is
+        written at once, after any gathered before.
+        """
+        written: list = []
+        scheduled: list = []
+        writer = LogLineWriter(written.append, scheduled.append)
+        writer(self.event("one"))
+        writer.schedule = None
+        writer(self.event("two"))
+        self.assertEqual([decodeLogLine(line)["log_format"] for line in b"".join(written).splitlines()], ["one", "two"])
+        self.assertEqual(len(written), 1)
