@@ -38,7 +38,17 @@ def _readSetupLine() -> bytes:
     return data
 
 
+def ignoreReloadUntilReady() -> None:
+    """
+    Ignore SIGHUP until the worker's reload service handles it: the
+    supervisor passes every SIGHUP on, and one arriving while a worker
+    starts would otherwise end it (the default action).
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def main() -> None:
+    ignoreReloadUntilReady()
     setup = decodeSetup(_readSetupLine())
     out = io.FileIO(1, "w", closefd=False)
 

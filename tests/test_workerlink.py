@@ -202,3 +202,19 @@ class LogLineWriterTests(SynchronousTestCase):
         writer(self.event("two"))
         self.assertEqual([decodeLogLine(line)["log_format"] for line in b"".join(written).splitlines()], ["one", "two"])
         self.assertEqual(len(written), 1)
+
+
+class WorkerSignalTests(SynchronousTestCase):
+    def test_reloadIgnoredWhileStarting(self) -> None:
+        """
+        A worker ignores SIGHUP from its first moment, so a reload the
+        supervisor passes on while the worker starts does not end it.
+        """
+        import signal
+
+        from pop3gw.worker import ignoreReloadUntilReady
+
+        previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        ignoreReloadUntilReady()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
