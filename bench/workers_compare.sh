@@ -9,7 +9,7 @@
 #   BIN=.venv/bin REPEATS=5 bench/workers_compare.sh
 #
 # Settings: BIN (where twistd and pop3gw are), WORKERS (2), REPEATS (3),
-# CONC (8), USERS (16), SECONDS (5), COUNT (600 submissions), SIZE (4096),
+# CONC (8), USERS (16), DURATION (5 s of POP3 sessions), COUNT (600 submissions), SIZE (4096),
 # PORT_BASE (21100; the servers use PORT_BASE+10/+87 and +110/+187, below
 # Linux's ephemeral range so that no test's port 0 takes them).
 set -eu
@@ -19,7 +19,7 @@ WORKERS=${WORKERS:-2}
 REPEATS=${REPEATS:-3}
 CONC=${CONC:-8}
 USERS=${USERS:-16}
-SECONDS_EACH=${SECONDS:-5}
+DURATION=${DURATION:-5}
 COUNT=${COUNT:-600}
 SIZE=${SIZE:-4096}
 BASE=${PORT_BASE:-21100}
@@ -60,7 +60,7 @@ for r in $(seq 1 "$REPEATS"); do
     for n in 1 "$WORKERS"; do
         echo "== round $r --workers $n: POP3 sessions"
         python3 "$HERE/pop3_load.py" sessions --port "${POP3[$n]}" --user 'u{i}@example.org' --password pw \
-            --concurrency "$CONC" --users "$USERS" --seconds "$SECONDS_EACH" --pid "${PID[$n]}" 2>&1 | grep -v '^$' || true
+            --concurrency "$CONC" --users "$USERS" --seconds "$DURATION" --pid "${PID[$n]}" 2>&1 | grep -v '^$' || true
     done
     for n in 1 "$WORKERS"; do
         echo "== round $r --workers $n: submissions"
