@@ -42,22 +42,61 @@ def clientCPU() -> float:
     return time.process_time()
 
 
-def serverCPU(pid: Optional[int]) -> Optional[float]:
+def _processCPU(pid: int) -> float:
     """
-    CPU seconds (utime + stime, children not included) of process C{pid}
-    from C{/proc/PID/stat}, or C{None} if unknown or unreadable.
+    CPU seconds (utime + stime) of process C{pid} from C{/proc/PID/stat}.
+
+    @raise OSError: no such process.
     """
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
     # The command name may hold spaces and parentheses: fields start after
     # the last ")".  utime and stime are fields 14 and 15 of the whole line.
     fields = data[data.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list:
+    """
+    The live child processes of C{pid} (from every thread's
+    C{/proc/PID/task/TID/children}).
+    """
+    found: list = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return found
+
+
+def serverCPU(pid: Optional[int]) -> Optional[float]:
+    """
+    CPU seconds (utime + stime) of process C{pid} plus those of its live
+    descendants (the worker processes of C{twistd pop3gw --workers N}), or
+    C{None} if unknown or unreadable.  A child that exited within the
+    measured window takes its CPU time with it.
+    """
+    if not pid:
+        return None
+    try:
+        total = _processCPU(pid)
+    except OSError:
+        return None
+    pending = _children(pid)
+    while pending:
+        child = pending.pop()
+        try:
+            total += _processCPU(child)
+        except OSError:
+            continue
+        pending.extend(_children(child))
+    return total
 
 
 class CPUMeter:

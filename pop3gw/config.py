@@ -96,6 +96,7 @@ class Config:
         (C{--store postgresql://...}) rather than under the data directory.
         """
         return self.store != "maildir"
+    workers: int = 1
 
     @property
     def mailDir(self) -> str:
@@ -170,6 +171,29 @@ def defaultHostname() -> str:
     return name
 
 
+#: The most worker processes C{--workers} accepts.
+MAX_WORKERS = 64
+
+
+def parseWorkers(value: str) -> int:
+    """
+    The number of worker processes C{value} names: a number from 1 to
+    L{MAX_WORKERS}, or C{auto}, one per CPU.
+
+    @raise ConfigError: anything else.
+    """
+    text = value.strip().lower()
+    if text == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= MAX_WORKERS:
+        raise ConfigError(f"workers: must be a number from 1 to {MAX_WORKERS} or auto (got {value!r})")
+    return number
+
+
 def readINI(path: str) -> dict:
     """
     Read the INI file into C{{section: {key: value}}}.
@@ -200,6 +224,7 @@ _SCALAR_KEYS = {
     "postmaster",
     "recipient-delimiter",
     "store",
+    "workers",
 }
 _LIST_KEYS = {"domain"} | set(LISTENERS)
 
@@ -318,6 +343,8 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
     if any(c in "@\"\\()<>[],;:" or not c.isprintable() or c.isspace() for c in delimiter):
         raise ConfigError(f"recipient-delimiter: {delimiter!r} holds a character that cannot be in a local part")
 
+    workers = parseWorkers(merged["workers"]) if "workers" in merged else 1
+
     return Config(
         dataDir=dataDir,
         domains=tuple(domains),
@@ -339,6 +366,7 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         inbound=parseInbound(ini.get("inbound", {})),
         store=store,
         acme=parseACME(ini.get("acme", {}), bool(cert)),
+        workers=workers,
     )
 
 
@@ -498,6 +526,7 @@ class Options(usage.Options):
         ["max-message-size", None, None, f"largest message accepted, in octets (default {DEFAULT_MAX_MESSAGE_SIZE})"],
         ["hostname", None, None, "name used in greetings and trace headers (default: this host's FQDN)"],
         ["store", None, None, "where users, aliases and maildrops live: maildir (default, under --data-dir) or a postgresql:// URI shared by several nodes"],
+        ["workers", None, None, "N processes serving the same listeners, or auto (one per CPU); default 1"],
     ]
 
     def __init__(self) -> None:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
 
 from pop3gw.address import clientNetwork, describePeer, isLoopback
 
@@ -45,11 +48,25 @@ class _NoDelayWrapper(ProtocolWrapper):
     and Nagle plus delayed ACKs would stall small replies (notably the first
     one after a TLS handshake) by about 40 ms.
 
+    When the per-address count is kept by another process (L{PeerCounts.claim}
+    answered with a C{Deferred}), the connection waits paused, its protocol
+    not started, until the claim is answered.
+
     @ivar _limitHost: the client network this connection counts against in
         L{ConnectionLimitFactory.perPeer} (set by the factory).
+    @ivar _limitClaimed: whether this connection holds a claim on
+        C{_limitHost} that must be released (L{PeerCounts.release}).
+    @ivar _limitCounted: whether this connection, exempt from the
+        per-address cap, is only counted (L{PeerCounts.add}).
+    @ivar _verdict: the claim's answer still awaited, if any.
     """
 
     _limitHost: Optional[str] = None
+    _limitClaimed = False
+    _limitCounted = False
+    _verdict: "Deferred | None" = None
+    _started = True
+    _lost = False
 
     def makeConnection(self, transport) -> None:
         setNoDelay = getattr(transport, "setTcpNoDelay", None)
@@ -58,7 +75,43 @@ class _NoDelayWrapper(ProtocolWrapper):
                 setNoDelay(True)
             except OSError:
                 pass
-        super().makeConnection(transport)
+        verdict = self._verdict
+        if verdict is None:
+            super().makeConnection(transport)
+            return
+        self._started = False
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        transport.pauseProducing()
+        verdict.addErrback(lambda _: False).addCallback(self._decided)
+
+    def _decided(self, granted: bool) -> None:
+        """
+        The claim on C{_limitHost} was answered: start the protocol, or
+        refuse.
+        """
+        self._verdict = None
+        transport = self.transport
+        assert transport is not None, "connected"
+        if self._lost:
+            if granted:
+                self.factory.perPeer.release(self._limitHost)
+            return
+        if not granted:
+            self.factory._refused(describePeer(transport.getPeer()), self.factory.maxPerPeer, transport)
+            return
+        self._limitClaimed = True
+        self._started = True
+        transport.resumeProducing()  # type: ignore[attr-defined]
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        if self._started:
+            super().connectionLost(reason)
+        else:
+            self.factory.unregisterProtocol(self)
 
 
 class PeerCounts:
@@ -83,6 +136,87 @@ class PeerCounts:
             self.counts[host] = left
         else:
             self.counts.pop(host, None)
+
+    def claim(self, host: str, limit: int) -> "bool | Deferred":
+        """
+        Count one more connection of C{host} unless it has C{limit} already.
+
+        @return: whether it was counted; a subclass whose counts are kept
+            elsewhere returns a C{Deferred} firing with that.
+        """
+        if self.get(host) >= limit:
+            return False
+        self.add(host)
+        return True
+
+    def release(self, host: str) -> None:
+        """
+        Give back a connection counted by a granted L{claim}.
+        """
+        self.remove(host)
+
+
+class PeerTokens:
+    """
+    The per-address connection counts of several processes (the workers),
+    kept in one place (the supervisor), so the per-address cap holds for
+    the connections of one client whichever worker accepted them.  Each
+    count is kept per owner (worker), so the connections of a worker that
+    dies go with it (L{dropOwner}).
+
+    @ivar counts: client network -> open connections over all owners.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._owned: dict[object, dict[str, int]] = {}
+
+    def get(self, key: str) -> int:
+        return self.counts.get(key, 0)
+
+    def acquire(self, owner: object, key: str, limit: int) -> bool:
+        """
+        Count one more connection of C{key} for C{owner}, unless C{key} has
+        C{limit} connections already.
+
+        @return: whether it was counted.
+        """
+        if self.counts.get(key, 0) >= limit:
+            return False
+        self.counts[key] = self.counts.get(key, 0) + 1
+        owned = self._owned.setdefault(owner, {})
+        owned[key] = owned.get(key, 0) + 1
+        return True
+
+    def release(self, owner: object, key: str) -> None:
+        """
+        Give back one connection of C{key} counted for C{owner} (none if
+        it holds none).
+        """
+        owned = self._owned.get(owner)
+        if not owned or key not in owned:
+            return
+        self._take(owned, key, 1)
+
+    def dropOwner(self, owner: object) -> None:
+        """
+        Forget every connection counted for C{owner}.
+        """
+        owned = self._owned.pop(owner, {})
+        for key, n in list(owned.items()):
+            self._take(owned, key, n)
+
+    def _take(self, owned: dict, key: str, n: int) -> None:
+        left = owned[key] - n
+        if left > 0:
+            owned[key] = left
+        else:
+            del owned[key]
+        total = self.counts[key] - n
+        if total > 0:
+            self.counts[key] = total
+        else:
+            del self.counts[key]
 
 
 class ConnectionLimitFactory(WrappingFactory):
@@ -128,18 +262,39 @@ class ConnectionLimitFactory(WrappingFactory):
     def buildProtocol(self, addr):
         host = describePeer(addr)
         key = clientNetwork(host)
-        count = self.perPeer.get(key)
-        if (self.maxTotal and self.total >= self.maxTotal) or (
-            self.maxPerPeer and count >= self.maxPerPeer and not isLoopback(host)
-        ):
-            self._logRefusal(host, count)
+        if self.maxTotal and self.total >= self.maxTotal:
+            self._logRefusal(host, self.perPeer.get(key))
             return _RefuseProtocol(self.refusal)
+        verdict: "bool | Deferred" = True
+        exempt = False
+        if self.maxPerPeer and not isLoopback(host):
+            verdict = self.perPeer.claim(key, self.maxPerPeer)
+            if verdict is False:
+                self._logRefusal(host, self.perPeer.get(key))
+                return _RefuseProtocol(self.refusal)
+        else:
+            self.perPeer.add(key)
+            exempt = True
         p = super().buildProtocol(addr)
         if isinstance(p, _NoDelayWrapper):
             p._limitHost = key
-            self.perPeer.add(key)
+            if exempt:
+                p._limitCounted = True
+            elif isinstance(verdict, Deferred):
+                p._verdict = verdict
+            else:
+                p._limitClaimed = True
             self.total += 1
         return p
+
+    def _refused(self, host: str, count: int, transport) -> None:
+        """
+        Refuse a connection already made (its claim was refused).
+        """
+        self._logRefusal(host, count)
+        if self.refusal:
+            transport.write(self.refusal)
+        transport.loseConnection()
 
     def _logRefusal(self, host: str, count: int) -> None:
         now = self.clock.seconds() if self.clock is not None else None
@@ -163,4 +318,7 @@ class ConnectionLimitFactory(WrappingFactory):
         if host is None:
             return
         self.total -= 1
-        self.perPeer.remove(host)
+        if p._limitClaimed:
+            self.perPeer.release(host)
+        elif p._limitCounted:
+            self.perPeer.remove(host)

@@ -711,6 +711,37 @@ class OutboundQueue(QueueListeners):
         )
         return _QueueDelivery(self, entry, trace)
 
+    def announce(self, entry: Entry) -> None:
+        """
+        Call the listeners (see L{addListener}) for C{entry}, committed by
+        another process (a worker; see L{pop3gw.supervisor}).
+        """
+        self._announce(entry)
+
+    def readEntry(self, queueId: str) -> Optional[Entry]:
+        """
+        Read one entry (blocking).
+
+        @return: the entry C{queueId}, or C{None} if it does not exist (any
+            more) or is unreadable.
+        """
+        if not _ID.match(queueId):
+            return None
+        try:
+            with open(os.path.join(self.root, queueId + ".json"), "rb") as f:
+                entry = Entry.fromJSON(f.read())
+        except (OSError, ValueError):
+            return None
+        if entry.queueId != queueId or not os.path.exists(os.path.join(self.root, queueId + ".msg")):
+            return None
+        return entry
+
+    def hasEntry(self, queueId: str) -> bool:
+        """
+        @return: whether entry C{queueId} exists (its C{.json} does).
+        """
+        return os.path.exists(os.path.join(self.root, queueId + ".json"))
+
     def loadEntries(self) -> list:
         """
         Remove orphaned files and read every entry (blocking; for start-up).

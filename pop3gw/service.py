@@ -13,21 +13,27 @@ import os
 import re
 import resource
 import signal
+import socket
+import sys
 import time
 import uuid
 from types import FrameType
 from typing import Any, Callable, Optional, Union
 
+import attr
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet import defer
+from twisted.internet import defer, tcp, unix
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent
 
@@ -54,7 +60,7 @@ from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
 from pop3gw.pgqueue import QUEUE_POLL_INTERVAL, PostgresQueue
 from pop3gw.pgusers import PostgresUsers
 from pop3gw.pop3 import POP3Factory
-from pop3gw.queue import OutboundQueue
+from pop3gw.queue import Entry, OutboundQueue
 from pop3gw.relay import RelayService
 from pop3gw.relay.mtasts import PolicySource, makeFetcher
 from pop3gw.relay.mx import MXResolver
@@ -66,12 +72,22 @@ from pop3gw.smtpdata import formatDate
 from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
 from pop3gw.socketmap import SocketmapFactory
+from pop3gw.supervisor import WorkerPool, WorkerProcess
 from pop3gw.tls import CertificateManager, TLSConfigError
 from pop3gw.tlsclient import clientContextFactory, opportunisticClientContextFactory
 from pop3gw.users import UsersFile
+from pop3gw.workerlink import (
+    CONTROL_FD,
+    FIRST_LISTENER_FD,
+    InheritedListener,
+    SharedPeerCounts,
+    WorkerLink,
+    WorkerSetup,
+    encodeSetup,
+)
 from twisted import copyright
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "makeWorkerService"]
 
 
 class Options(_ConfigOptions):
@@ -103,13 +119,14 @@ TLS_CHECK_INTERVAL = 30.0
 USERS_CHECK_INTERVAL = 2.0
 # Threads for fsync/link work of deliveries (blocking disk I/O).
 IO_THREADS = 8
-#: Threads for the DNS work of the inbound checks (SPF, DKIM, DMARC): at
-#: most this many messages are checked at once; more wait their turn.
-DNS_THREADS = 8
 
 #: The file, in the data directory, a running server holds an exclusive
 #: C{flock} on; it contains the server's pid.
 SERVER_LOCK = "server.lock"
+
+#: Threads for the DNS work of the inbound checks (SPF, DKIM, DMARC): at
+#: most this many messages are checked at once; more wait their turn.
+DNS_THREADS = 8
 
 #: Seconds between looks at the ACME certificate (cheap: a file's expiry
 #: date; the order itself only when due, see L{pop3gw.acmeclient}).
@@ -225,7 +242,30 @@ class ProcessPoolService(Service):
         return self.runner.drain().addCallback(lambda _: self.runner.stop())
 
 
-class ServerLockService(MultiService):
+class StagedService(MultiService):
+    """
+    Parts that stop in stages (see L{stopService}).
+    """
+
+    def stopService(self) -> defer.Deferred:
+        """
+        Stop the parts in order, each stage once the one before has
+        stopped: the listeners (no new connection), then the services (the
+        relay records the attempts in progress), then the thread pools
+        (each after the work in flight on it has reported, so a commit in
+        progress is answered and a relay result is written).
+        """
+        Service.stopService(self)
+        parts = list(self)
+        parts.reverse()
+        d: defer.Deferred = defer.succeed(None)
+        for stage in (STOP_LISTENERS, STOP_SERVICES, STOP_POOLS):
+            group = [p for p in parts if getattr(p, "stopStage", STOP_SERVICES) == stage]
+            d.addCallback(lambda _, group: _stopAll(group), group)
+        return d
+
+
+class ServerLockService(StagedService):
     """
     The whole server, holding an exclusive lock on L{SERVER_LOCK} in the
     data directory from before its first listener binds (or the queue
@@ -284,26 +324,15 @@ class ServerLockService(MultiService):
 
     def stopService(self) -> defer.Deferred:
         """
-        Stop the parts in order, each stage once the one before has
-        stopped: the listeners (no new connection), then the services (the
-        relay records the attempts in progress), then the thread pools
-        (each after the work in flight on it has reported, so a commit in
-        progress is answered and a relay result is written).  Release the
-        lock once every part has stopped.
+        Stop the parts (see L{StagedService.stopService}), then release the
+        lock.
         """
-        Service.stopService(self)
-        parts = list(self)
-        parts.reverse()
-        d: defer.Deferred = defer.succeed(None)
-        for stage in (STOP_LISTENERS, STOP_SERVICES, STOP_POOLS):
-            group = [p for p in parts if getattr(p, "stopStage", STOP_SERVICES) == stage]
-            d.addCallback(lambda _, group: _stopAll(group), group)
 
         def release(result):
             self.releaseLock()
             return result
 
-        return d.addBoth(release)
+        return super().stopService().addBoth(release)
 
 
 def _stopAll(services: list) -> defer.Deferred:
@@ -617,11 +646,16 @@ def _inboundChecker(config: Config, reactor: Any, top: MultiService) -> Optional
     return InboundChecker(config.hostname, policy, runner, reactor, rspamd=rspamd)
 
 
-def _build(config: Config, reactor) -> MultiService:
-    _raiseFileLimit()
+def _prepareDataDirectory(config: Config) -> Optional[fsutil.Owner]:
+    """
+    Create the data, mail and queue directories if missing (with a
+    database store, the data directory only: it keeps this node's TLS
+    material and local state).
+
+    @return: the owner of what the server creates there.
+    @raise ConfigError: a directory cannot be used.
+    """
     owner = None
-    # With a database store, the data directory keeps only this node's
-    # TLS material.
     paths = (config.dataDir,) if config.usesDatabase else (config.dataDir, config.mailDir, config.queueDir)
     for path in paths:
         try:
@@ -634,12 +668,116 @@ def _build(config: Config, reactor) -> MultiService:
             raise ConfigError(str(e)) from None
         except OSError as e:
             raise ConfigError(f"data directory: cannot use {path}: {e.strerror}") from None
+    return owner
 
-    top = ServerLockService(config.dataDir, owner)
+
+@attr.s(auto_attribs=True)
+class _Core:
+    """
+    The parts every process of a server builds alike: thread pools, users,
+    storage, the cred portal, TLS material and the protocol factories.
+
+    @ivar plans: listener name -> (factory, implicit TLS, refusal line).
+    """
+
+    config: Config
+    reactor: Any
+    hashPool: ThreadPool
+    ioPool: ThreadPool
+    ioRunner: ThreadPoolRunner
+    users: Any
+    store: Any
+    queue: Any
+    router: Router
+    certs: CertificateManager
+    serverTLS: Any
+    plans: dict
+    storeRunner: Any = None
+    keyring: Optional[Keyring] = None
+
+    def refreshUsers(self) -> defer.Deferred:
+        """
+        Re-read the users directory in the I/O pool (a stat of each file, a
+        read only when one changed); the reactor thread only ever reads
+        the snapshot.
+        """
+        d = (self.storeRunner or self.ioRunner).run(self.users.refresh)
+        d.addErrback(lambda f: log.failure("cannot refresh the users directory", f))
+        return d
+
+    def refreshKeys(self) -> defer.Deferred:
+        """
+        A stat of the DKIM key index, a read only when it changed.
+        """
+        keyring = self.keyring
+        if keyring is None:
+            return defer.succeed(None)
+        d = self.ioRunner.run(keyring.refresh)
+        d.addErrback(lambda f: log.failure("cannot refresh the DKIM keys", f))
+        return d
+
+    def addTimers(self, top: MultiService) -> None:
+        """
+        The periodic checks every serving process runs: users, DKIM keys,
+        TLS files.
+        """
+        TimerService(USERS_CHECK_INTERVAL, self.refreshUsers).setServiceParent(top)
+        TimerService(USERS_CHECK_INTERVAL, self.refreshKeys).setServiceParent(top)
+        TimerService(TLS_CHECK_INTERVAL, self.certs.reloadIfChanged).setServiceParent(top)
+
+    def limitedFactory(self, name: str, peerCounts: PeerCounts) -> ConnectionLimitFactory:
+        """
+        The factory of listener C{name}: the served factory (inside TLS for
+        an implicit-TLS listener) inside the connection caps.
+        """
+        served, implicitTLS, refusal = self.plans[name]
+        wrapped: IProtocolFactory = served
+        if implicitTLS:
+            # Implicit-TLS listeners close a connection over the limits
+            # without a byte: the limiter is outside the TLS layer (so a
+            # flood costs no handshakes), and a plaintext refusal would land
+            # in the client's TLS handshake.
+            wrapped = TLSMemoryBIOFactory(self.serverTLS, False, served, self.reactor)
+            wrapped.noisy = False
+        limits = self.config.limits
+        return ConnectionLimitFactory(
+            wrapped, limits["max-connections"], limits["max-connections-per-ip"], refusal, peerCounts, self.reactor
+        )
+
+
+def _localDelivery(users: Any, store: Any):
+    """
+    A function delivering a message pop3gw itself writes (a bounce, a
+    notice) to the local user C{sender} resolves to.
+    """
+
+    def deliver(sender: Address, data: bytes):
+        recipients = users.snapshot().resolve(sender)
+        if not recipients:
+            return defer.fail(UnknownUser(str(sender)))
+        delivery = store.beginDelivery(list(recipients))
+        delivery.write(data)
+        return delivery.commit()
+
+    return deliver
+
+
+def _buildCore(
+    config: Config, reactor, owner: Optional[fsutil.Owner], top: MultiService, checksPasswords: bool = True
+) -> _Core:
+    """
+    Build the parts every process serving connections has, adding to
+    C{top} the services they need (thread pools, database pools, the
+    signing processes, the login history).
+
+    @param checksPasswords: whether this process logs users in (the
+        supervisor of workers does not: it starts no hashing threads).
+    """
     hashPool = ThreadPool(minthreads=1, maxthreads=max(1, config.limits["hash-threads"]), name="pop3gw-auth")
     ioPool = ThreadPool(minthreads=1, maxthreads=IO_THREADS, name="pop3gw-io")
     ioRunner = ThreadPoolRunner(reactor, ioPool)
-    ThreadPoolService(hashPool).setServiceParent(top)
+    if checksPasswords:
+        ThreadPoolService(hashPool).setServiceParent(top)
     ThreadPoolService(ioPool, ioRunner).setServiceParent(top)
 
     users: Any
@@ -675,6 +813,7 @@ def _build(config: Config, reactor) -> MultiService:
         appPasswords=appPasswords,
         recordUse=sendingLimits.recordUse,
     )
+    deliverLocally = _localDelivery(users, store)
 
     def notifyPostmaster(suspension: Suspension) -> defer.Deferred:
         if config.postmaster is None:
@@ -689,7 +828,7 @@ def _build(config: Config, reactor) -> MultiService:
             formatDate(time.time()),
             f"<{uuid.uuid4().hex}@{config.hostname}>",
         )
-        return bounceDelivery(config.postmaster, message)
+        return deliverLocally(config.postmaster, message)
 
     sending = SendingPolicy(sendingLimits, ioRunner, notifyPostmaster)
     portal = Portal(Realm(users, store, router, sending), [checker])
@@ -755,116 +894,94 @@ def _build(config: Config, reactor) -> MultiService:
     for factory in (pop3Factory, submissionFactory, mxFactory, lmtpFactory):
         factory.noisy = False  # no "Starting factory <repr>" lines in the log
 
-    peerCounts = PeerCounts()
-
-    def limited(factory, refusal):
-        return ConnectionLimitFactory(
-            factory, limits["max-connections"], limits["max-connections-per-ip"], refusal, peerCounts, reactor
-        )
-
-    # Implicit-TLS listeners close a connection over the limits without a
-    # byte: the limiter is outside the TLS layer (so a flood costs no
-    # handshakes), and a plaintext refusal would land in the client's TLS
-    # handshake.
-    plans: list[tuple[str, IProtocolFactory, bool, Optional[bytes]]] = [
-        ("pop3", pop3Factory, False, POP3_REFUSAL),
-        ("pop3s", pop3Factory, True, None),
-        ("submission", submissionFactory, False, SMTP_REFUSAL),
-        ("submissions", submissionFactory, True, None),
-        ("mx", mxFactory, False, SMTP_REFUSAL),
-        ("lmtp", lmtpFactory, False, SMTP_REFUSAL),
+    plans: dict[str, tuple[IProtocolFactory, bool, Optional[bytes]]] = {
+        "pop3": (pop3Factory, False, POP3_REFUSAL),
+        "pop3s": (pop3Factory, True, None),
+        "submission": (submissionFactory, False, SMTP_REFUSAL),
+        "submissions": (submissionFactory, True, None),
+        "mx": (mxFactory, False, SMTP_REFUSAL),
+        "lmtp": (lmtpFactory, False, SMTP_REFUSAL),
         # A socketmap client over the limits sees the connection closed and
         # answers Postfix with a temporary failure.
-        ("postfix-map", SocketmapFactory(router), False, None),
-    ]
-    metrics = Metrics() if config.listeners["metrics"] else None
-    for name, served, implicitTLS, refusal in plans:
-        for description in config.listeners[name]:
-            wrapped: IProtocolFactory = served
-            if implicitTLS:
-                wrapped = TLSMemoryBIOFactory(serverTLS, False, served, reactor)
-                wrapped.noisy = False
-            limiter = limited(wrapped, refusal)
-            ListenerService(reactor, name, description, limiter).setServiceParent(top)
-            if metrics is not None:
-                metrics.watchSessions(name, _openConnections(limiter))
+        "postfix-map": (SocketmapFactory(router), False, None),
+    }
+    return _Core(
+        config, reactor, hashPool, ioPool, ioRunner, users, store, queue, router, certs, serverTLS, plans,
+        storeRunner, keyring,
+    )
 
-    def bounceDelivery(sender: Address, data: bytes):
-        recipients = users.snapshot().resolve(sender)
-        if not recipients:
-            return defer.fail(UnknownUser(str(sender)))
-        delivery = store.beginDelivery(list(recipients))
-        delivery.write(data)
-        return delivery.commit()
+
+def _addRelay(core: _Core, top: MultiService) -> RelayService:
+    """
+    Add the relay of the outbound queue to C{top}.
+    """
+    config, reactor = core.config, core.reactor
 
     def clientTLS(hostname: str, verify: bool):
         if verify is None:
             return opportunisticClientContextFactory(hostname)
         return clientContextFactory(hostname, verify)
 
+    router = core.router
     relay = RelayService(
-        queue,
+        core.queue,
         reactor,
         config.hostname,
-        bounceDelivery,
+        _localDelivery(core.users, core.store),
         relayHost=config.relayHost,
         relayPort=config.relayPort,
         relayUsername=config.relayUsername,
         relayPassword=_readRelayPassword(config),
         relayVerifyTLS=config.relayVerifyTLS,
         clientTLS=clientTLS,
-        lifetime=limits["queue-lifetime"],
+        lifetime=config.limits["queue-lifetime"],
         postmasterOf=lambda sender: noticeRecipient(sender, config.postmaster, config.hostname, router.isLocalDomain),
-        maxConnections=int(limits["relay-connections"]),
+        maxConnections=int(config.limits["relay-connections"]),
     )
     relay.setServiceParent(top)
     if not config.relayHost:
         # Direct MX delivery applies the recipient domains' MTA-STS
         # policies (RFC 8461).
         relay.dispatcher.mtaSTS = PolicySource(reactor, relay.dispatcher.mx.lookupTXT, makeFetcher(reactor))
+    if isinstance(core.queue, PostgresQueue):
+        QueuePollService(core.queue, core.storeRunner).setServiceParent(top)
+    return relay
+
+
+def _addOperatorListeners(core: _Core, top: MultiService, relay: RelayService, owner: Optional[fsutil.Owner],
+                          metrics: Optional[Metrics]) -> None:
+    """
+    Add what only the process that runs the relay serves: C{--metrics}
+    and the ACME renewal with its HTTP-01 listener.
+    """
+    config, reactor = core.config, core.reactor
+    limits = config.limits
+    peerCounts = PeerCounts()
+
+    def limited(factory: IProtocolFactory) -> IProtocolFactory:
+        return ConnectionLimitFactory(
+            factory, limits["max-connections"], limits["max-connections-per-ip"], None, peerCounts, reactor
+        )
 
     if metrics is not None:
         metrics.watchQueue(lambda: list(relay.entries.values()))
-        metrics.watchCertificate(certs.expiry)
+        metrics.watchCertificate(core.certs.expiry)
         MetricsService(metrics).setServiceParent(top)
         site = metricsSite(metrics, lambda: healthProblems(config.dataDir, metrics))
         for description in config.listeners["metrics"]:
-            ListenerService(reactor, "metrics", description, limited(site, None)).setServiceParent(top)
-
-    if isinstance(queue, PostgresQueue):
-        QueuePollService(queue, storeRunner).setServiceParent(top)
-
-    if not any(config.listeners[name] for name, _, _, _ in plans):
-        log.warn("no POP3, submission, MX or LMTP listener is configured: only the outbound queue runs")
-
-    def refreshUsers() -> defer.Deferred:
-        # The users directory is re-read in the I/O pool (a stat of each
-        # file, a read only when one changed); the reactor thread only
-        # ever reads the snapshot.
-        d = storeRunner.run(users.refresh)
-        d.addErrback(lambda f: log.failure("cannot refresh the users directory", f))
-        return d
-
-    def refreshKeys() -> defer.Deferred:
-        # A stat of the DKIM key index, a read only when it changed.
-        d = ioRunner.run(keyring.refresh)
-        d.addErrback(lambda f: log.failure("cannot refresh the DKIM keys", f))
-        return d
-
-    ReloadService(reactor, refreshUsers, certs).setServiceParent(top)
-    TimerService(USERS_CHECK_INTERVAL, refreshUsers).setServiceParent(top)
-    TimerService(USERS_CHECK_INTERVAL, refreshKeys).setServiceParent(top)
-    TimerService(TLS_CHECK_INTERVAL, certs.reloadIfChanged).setServiceParent(top)
+            ListenerService(reactor, "metrics", description, limited(site)).setServiceParent(top)
     if config.acme.enabled:
         tokens = ChallengeTokens()
         obtainer = CertificateObtainer(config.dataDir, config.hostname, config.acme, tokens, owner)
-        renewer = Renewer(obtainer, ioRunner, reactor, certs.reloadIfChanged)
+        renewer = Renewer(obtainer, core.ioRunner, reactor, core.certs.reloadIfChanged)
         for description in config.acme.http:
-            ListenerService(reactor, "acme", description, limited(challengeSite(tokens), None)).setServiceParent(
-                top
-            )
+            ListenerService(reactor, "acme", description, limited(challengeSite(tokens))).setServiceParent(top)
         TimerService(ACME_CHECK_INTERVAL, renewer.check).setServiceParent(top)
 
+
+def _logStart(config: Config, core: _Core, relay: RelayService) -> None:
+    if not any(config.listeners[name] for name in core.plans):
+        log.warn("no POP3, submission, MX or LMTP listener is configured: only the outbound queue runs")
     log.info(
         "pop3gw data directory {dataDir}; store {store}; local domains: {domains}; plaintext auth: {policy}",
         dataDir=config.dataDir,
@@ -872,9 +989,226 @@ def _build(config: Config, reactor) -> MultiService:
         domains=", ".join(config.domains) or "(domains of users)",
         policy=config.plaintextAuth,
     )
-    _checkPostmaster(config, users)
+    _checkPostmaster(config, core.users)
     if config.relayHost:
         log.info("relaying non-local mail through {host}:{port}", host=config.relayHost, port=relay.relayPort)
     else:
         log.info("relaying non-local mail directly to the recipient domains' MX hosts")
+
+
+def _build(config: Config, reactor) -> MultiService:
+    _raiseFileLimit()
+    if config.workers > 1 and config.usesDatabase:
+        raise ConfigError("--workers with --store postgresql is not available yet: run one process per node")
+    owner = _prepareDataDirectory(config)
+    if config.workers > 1:
+        return _buildSupervisor(config, reactor, owner)
+
+    top = ServerLockService(config.dataDir, owner)
+    core = _buildCore(config, reactor, owner, top)
+    metrics = Metrics() if config.listeners["metrics"] else None
+    peerCounts = PeerCounts()
+    for name in core.plans:
+        for description in config.listeners[name]:
+            limiter = core.limitedFactory(name, peerCounts)
+            ListenerService(reactor, name, description, limiter).setServiceParent(top)
+            if metrics is not None:
+                metrics.watchSessions(name, _openConnections(limiter))
+
+    relay = _addRelay(core, top)
+    _addOperatorListeners(core, top, relay, owner, metrics)
+    ReloadService(reactor, core.refreshUsers, core.certs).setServiceParent(top)
+    core.addTimers(top)
+    _logStart(config, core, relay)
+    return top
+
+
+# --- Several processes (--workers N) ----------------------------------------
+
+
+class BoundListenerService(ListenerService):
+    """
+    A listener the supervisor binds, and never accepts on: its socket goes
+    to the workers (see L{pop3gw.supervisor}).
+
+    @ivar port: the listening port, once bound.
+    """
+
+    def __init__(self, reactor, name: str, description: str) -> None:
+        placeholder = Factory()
+        placeholder.noisy = False
+        super().__init__(reactor, name, description, placeholder)
+        self.port: Any = None
+
+    def _logListening(self, port):
+        port.stopReading()
+        self.port = port
+        return super()._logListening(port)
+
+    def inherited(self, fd: int) -> InheritedListener:
+        """
+        @return: this socket as a worker sees it, as descriptor C{fd}.
+        """
+        assert self.port is not None, "bound in privilegedStartService"
+        family = self.port.socket.family
+        mode = getattr(self.port, "mode", None) if family == socket.AF_UNIX else None
+        return InheritedListener(self.listenerName, self.description, fd, family, mode)
+
+
+#: What a worker process runs: L{pop3gw.worker.main} from the directory the
+#: supervisor's C{pop3gw} package was imported from (C{sys.argv[1]}), which
+#: takes the place of the working directory at the head of C{sys.path}; a
+#: C{pop3gw} directory in the working directory (a source tree) is not
+#: picked up instead.
+WORKER_BOOTSTRAP = "import sys; sys.path[0] = sys.argv[1]; from pop3gw.worker import main; main()"
+
+
+def workerCommand() -> list[str]:
+    """
+    @return: the command line of a worker process.
+    """
+    import pop3gw
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pop3gw.__file__)))
+    return [sys.executable, "-c", WORKER_BOOTSTRAP, root]
+
+
+def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> MultiService:
+    """
+    The supervisor of C{config.workers} worker processes: it holds the
+    lock, binds the listeners, runs the outbound queue, and starts the
+    workers (L{pop3gw.worker}), which serve the listeners.
+    """
+    top = ServerLockService(config.dataDir, owner)
+    core = _buildCore(config, reactor, owner, top, checksPasswords=False)
+
+    bound: list[BoundListenerService] = []
+    for name in core.plans:
+        for description in config.listeners[name]:
+            listener = BoundListenerService(reactor, name, description)
+            listener.setServiceParent(top)
+            bound.append(listener)
+
+    relay = _addRelay(core, top)
+    # Served by the supervisor itself: its numbers are the relay's, the
+    # queue's and the certificate's (the workers' sessions are theirs).
+    _addOperatorListeners(core, top, relay, owner, Metrics() if config.listeners["metrics"] else None)
+    queue = core.queue
+
+    def adopt(entry: Optional[Entry]) -> None:
+        # Announced once: an entry the relay knows, or whose files it has
+        # removed meanwhile (done), is left alone.
+        if entry is not None and entry.queueId not in relay.entries and queue.hasEntry(entry.queueId):
+            queue.announce(entry)
+
+    def onQueued(queueId: str) -> None:
+        d = core.ioRunner.run(queue.readEntry, queueId)
+        d.addCallback(adopt)
+        d.addErrback(lambda f: log.failure("cannot read queue entry {queueId}", f, queueId=queueId))
+
+    def rescanQueue() -> None:
+        # A worker that died may have queued a message it had no time to
+        # report.
+        if not relay.running:
+            return
+        d = core.ioRunner.run(queue.loadEntries)
+        def adoptAll(entries: list) -> None:
+            for entry in entries:
+                adopt(entry)
+
+        d.addCallback(adoptAll)
+        d.addErrback(lambda f: log.failure("cannot read the queue", f))
+
+    def setup(number: int) -> bytes:
+        listeners = tuple(b.inherited(FIRST_LISTENER_FD + i) for i, b in enumerate(bound))
+        return encodeSetup(WorkerSetup(config, number, listeners))
+
+    def spawn(worker: WorkerProcess) -> None:
+        childFDs: dict[int, Union[int, str]] = {0: "w", 1: "r", 2: "r", CONTROL_FD: "r"}
+        for i, b in enumerate(bound):
+            childFDs[FIRST_LISTENER_FD + i] = b.port.fileno()
+        reactor.spawnProcess(worker, sys.executable, workerCommand(), env=dict(os.environ), childFDs=childFDs)
+
+    pool = WorkerPool(config.workers, spawn, setup, reactor, onQueued=onQueued, onWorkerEnded=rescanQueue)
+    pool.setServiceParent(top)
+
+    def reload() -> defer.Deferred:
+        pool.signalAll("HUP")
+        return core.refreshUsers()
+
+    ReloadService(reactor, reload, None).setServiceParent(top)
+    TimerService(USERS_CHECK_INTERVAL, core.refreshUsers).setServiceParent(top)
+    TimerService(USERS_CHECK_INTERVAL, core.refreshKeys).setServiceParent(top)
+    TimerService(TLS_CHECK_INTERVAL, core.certs.reloadIfChanged).setServiceParent(top)
+    log.info("pop3gw: {count} worker processes serve the listeners", count=config.workers)
+    _logStart(config, core, relay)
+    return top
+
+
+class _InheritedUnixPort(unix.Port):
+    """
+    A Unix socket a worker inherited: the supervisor made its file and
+    removes it.  Adopting it sets the file's mode again (Twisted's
+    C{startListening} does), so it is given the mode the supervisor set;
+    closing it leaves the file alone.
+    """
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        tcp.Port.connectionLost(self, reason)
+
+
+class AdoptedListenerService(Service):
+    """
+    A worker's listener: the socket the supervisor bound, adopted.  On stop
+    it only stops accepting (the supervisor owns the socket: a Unix socket's
+    file is its to remove).
+    """
+
+    stopStage = STOP_LISTENERS
+
+    def __init__(self, reactor, listener: InheritedListener, factory: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.listener = listener
+        self.factory = factory
+        self.name = f"{listener.name}:{listener.description}"
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        listener = self.listener
+        if listener.family == socket.AF_UNIX and isinstance(self.reactor, PosixReactorBase):
+            port = _InheritedUnixPort._fromListeningDescriptor(self.reactor, listener.fd, self.factory)
+            if listener.mode is not None:
+                port.mode = listener.mode
+            port.startListening()
+            self.port = port
+        else:
+            self.port = self.reactor.adoptStreamPort(listener.fd, listener.family, self.factory)
+        os.close(listener.fd)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.port is not None:
+            self.port.stopReading()
+
+
+def makeWorkerService(setup: WorkerSetup, reactor, link: WorkerLink) -> MultiService:
+    """
+    Build one worker process's service from its L{WorkerSetup}: the
+    listeners it inherited, with per-address counts kept by the supervisor
+    through C{link}; no lock (the supervisor holds it) and no relay (the
+    supervisor runs it: a queued message is reported through C{link}).
+    """
+    config = setup.config
+    assert isinstance(config, Config)
+    _raiseFileLimit()
+    owner = fsutil.dataDirectoryOwner(config.dataDir)
+    top = StagedService()
+    core = _buildCore(config, reactor, owner, top)
+    peerCounts = SharedPeerCounts(link)
+    for listener in setup.listeners:
+        AdoptedListenerService(reactor, listener, core.limitedFactory(listener.name, peerCounts)).setServiceParent(top)
+    core.queue.addListener(lambda entry: link.queued(entry.queueId))
+    ReloadService(reactor, core.refreshUsers, core.certs).setServiceParent(top)
+    core.addTimers(top)
     return top

@@ -104,11 +104,14 @@ class Pop3gwProcess:
     @ivar ports: listener name -> port number, read from the server's log.
     @ivar paths: listener name -> Unix socket path, read from the server's
         log (a listener given in C{args} as C{unix:PATH}).
+    @ivar cwd: the server's working directory (C{None}: the tests').
     """
 
     def __init__(self, testcase, args=(), listeners=("pop3", "submission"), config: Optional[str] = None,
-                 dataDir: Optional[str] = None, failureDelay: float = 0.2, extraConfig: str = "") -> None:
+                 dataDir: Optional[str] = None, failureDelay: float = 0.2, extraConfig: str = "",
+                 cwd: Optional[str] = None) -> None:
         self.testcase = testcase
+        self.cwd = cwd
         if dataDir is None:
             dataDir = tempfile.mkdtemp(prefix="pop3gw-e2e-")
             testcase.addCleanup(shutil.rmtree, dataDir, True)
@@ -143,7 +146,7 @@ class Pop3gwProcess:
     def start(self) -> "Pop3gwProcess":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+                                     stdin=subprocess.DEVNULL, env=env, cwd=self.cwd)
         self.testcase.addCleanup(self.stop)
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT

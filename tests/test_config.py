@@ -327,3 +327,45 @@ class InboundSettingsTests(SynchronousTestCase):
         ):
             e = self.assertRaises(ConfigError, self.build, text)
             self.assertEqual(str(e), message)
+
+
+class WorkersSettingTests(SynchronousTestCase):
+    """
+    C{--workers N} and the INI key C{workers}.
+    """
+
+    def test_default(self) -> None:
+        """
+        Without the option one process serves everything.
+        """
+        self.assertEqual(parse().workers, 1)
+
+    def test_number(self) -> None:
+        """
+        A number is taken as given, from the command line or the INI file;
+        the command line wins.
+        """
+        self.assertEqual(parse("--workers", "3").workers, 3)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[pop3gw]\nworkers = 2\n")
+        self.assertEqual(parse("--config", path).workers, 2)
+        self.assertEqual(parse("--config", path, "--workers", "4").workers, 4)
+
+    def test_auto(self) -> None:
+        """
+        C{auto} is one worker per CPU (at least one).
+        """
+        self.patch(os, "cpu_count", lambda: 6)
+        self.assertEqual(parse("--workers", "auto").workers, 6)
+        self.assertEqual(parse("--workers", "AUTO").workers, 6)
+        self.patch(os, "cpu_count", lambda: None)
+        self.assertEqual(parse("--workers", "auto").workers, 1)
+
+    def test_bad(self) -> None:
+        """
+        Anything but a number from 1 to 64 or C{auto} is one clear error.
+        """
+        for value in ("0", "-1", "many", "65", ""):
+            e = self.assertRaises(ConfigError, buildConfig, {"workers": value})
+            self.assertEqual(str(e), f"workers: must be a number from 1 to 64 or auto (got {value!r})")

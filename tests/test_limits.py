@@ -2,12 +2,14 @@
 Connection caps per listener and per peer address.
 """
 
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.limits import ConnectionLimitFactory
+from pop3gw.limits import ConnectionLimitFactory, PeerCounts, PeerTokens
 
 REFUSAL = b"-ERR [SYS/TEMP] Too many connections\r\n"
 
@@ -142,3 +144,165 @@ class LimitTests(SynchronousTestCase):
         connect(factory, "192.0.2.1")
         refusals = [e for e in events if "connection refused" in e.get("log_format", "")]
         self.assertEqual([e["more"] for e in refusals], [0, 4])
+
+
+class _DeferredCounts(PeerCounts):
+    """
+    Per-peer counts kept elsewhere (another process): each claim is a
+    C{Deferred} the test fires.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list = []
+        self.released: list = []
+
+    def claim(self, key, limit):
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((key, limit, d))
+
+        def granted(ok):
+            if ok:
+                self.add(key)
+            return ok
+
+        return d.addCallback(granted)
+
+    def release(self, key) -> None:
+        self.released.append(key)
+        self.remove(key)
+
+
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.received: list = []
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"+OK hello\r\n")
+
+    def dataReceived(self, data) -> None:
+        self.received.append(data)
+
+    def connectionLost(self, reason) -> None:
+        self.lost = True
+
+
+class SharedCountsTests(SynchronousTestCase):
+    """
+    Per-peer caps held by counts another process keeps: the connection
+    waits, reading nothing, until the claim is answered.
+    """
+
+    def setUp(self) -> None:
+        self.counts = _DeferredCounts()
+        self.built: list = []
+
+        def build():
+            p = _Recorder()
+            self.built.append(p)
+            return p
+
+        self.factory = ConnectionLimitFactory(Factory.forProtocol(build), maxTotal=5, maxPerPeer=2, refusal=REFUSAL, peerCounts=self.counts)
+
+    def test_grantedStartsTheProtocol(self) -> None:
+        """
+        A non-loopback client's connection is paused, its protocol not
+        started, until the claim is granted; then it reads again and the
+        protocol greets.  Closing it releases the claim.
+        """
+        proto, transport = connect(self.factory, "192.0.2.1")
+        [(key, limit, d)] = self.counts.pending
+        self.assertEqual((key, limit), ("192.0.2.1", 2))
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(transport.producerState, "paused")
+        d.callback(True)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(transport.value(), b"+OK hello\r\n")
+        proto.dataReceived(b"STAT\r\n")
+        self.assertEqual(self.built[0].received, [b"STAT\r\n"])
+        self.assertEqual(self.factory.total, 1)
+        proto.connectionLost(None)
+        self.assertEqual((self.counts.released, self.factory.total, self.built[0].lost), (["192.0.2.1"], 0, True))
+
+    def test_refusedGetsTheRefusalLine(self) -> None:
+        """
+        A refused claim gets the refusal line and the connection closes;
+        the protocol never starts, nothing is released, the total drops.
+        """
+        first, _ = connect(self.factory, "192.0.2.1")
+        self.counts.pending[0][2].callback(True)
+        proto, transport = connect(self.factory, "192.0.2.1")
+        self.counts.pending[1][2].callback(False)
+        self.assertEqual(transport.value(), REFUSAL)
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(None)
+        self.assertEqual((self.built[1].lost, self.counts.released, self.factory.total), (False, [], 1))
+        self.assertEqual(self.counts.get("192.0.2.1"), 1)
+        self.flushLoggedErrors()
+
+    def test_lostWhileWaiting(self) -> None:
+        """
+        A connection closed before its claim is answered releases the claim
+        once it is granted, and its protocol never starts.
+        """
+        proto, transport = connect(self.factory, "192.0.2.1")
+        proto.connectionLost(None)
+        self.assertEqual(self.factory.total, 0)
+        self.counts.pending[0][2].callback(True)
+        self.assertEqual((transport.value(), self.counts.released, self.built[0].lost), (b"", ["192.0.2.1"], False))
+        self.assertEqual(self.counts.get("192.0.2.1"), 0)
+
+    def test_failedClaimRefuses(self) -> None:
+        """
+        A claim that fails (the other process is gone) refuses the
+        connection as if over the cap.
+        """
+        _, transport = connect(self.factory, "192.0.2.1")
+        self.counts.pending[0][2].errback(ConnectionDone())
+        self.assertEqual(transport.value(), REFUSAL)
+
+    def test_loopbackNeedsNoClaim(self) -> None:
+        """
+        Loopback clients, exempt from the per-address cap, start at once
+        without asking.
+        """
+        _, transport = connect(self.factory, "127.0.0.1")
+        self.assertEqual((self.counts.pending, transport.value()), ([], b"+OK hello\r\n"))
+
+
+class PeerTokensTests(SynchronousTestCase):
+    """
+    L{PeerTokens}: the per-address counts of every worker, kept by the
+    supervisor.
+    """
+
+    def test_capAcrossOwners(self) -> None:
+        """
+        The cap counts connections of one address across all workers; a
+        release frees a slot.
+        """
+        tokens = PeerTokens()
+        self.assertTrue(tokens.acquire(1, "192.0.2.1", 2))
+        self.assertTrue(tokens.acquire(2, "192.0.2.1", 2))
+        self.assertFalse(tokens.acquire(1, "192.0.2.1", 2))
+        self.assertTrue(tokens.acquire(2, "192.0.2.9", 2))
+        tokens.release(1, "192.0.2.1")
+        self.assertTrue(tokens.acquire(2, "192.0.2.1", 2))
+        self.assertEqual(tokens.get("192.0.2.1"), 2)
+
+    def test_dropOwner(self) -> None:
+        """
+        A worker that dies takes its connections with it: its counts go.
+        A release it never held changes nothing.
+        """
+        tokens = PeerTokens()
+        tokens.acquire(1, "192.0.2.1", 5)
+        tokens.acquire(1, "192.0.2.1", 5)
+        tokens.acquire(2, "192.0.2.1", 5)
+        tokens.release(3, "192.0.2.1")
+        self.assertEqual(tokens.get("192.0.2.1"), 3)
+        tokens.dropOwner(1)
+        self.assertEqual(tokens.get("192.0.2.1"), 1)
+        tokens.dropOwner(2)
+        self.assertEqual((tokens.get("192.0.2.1"), tokens.counts), (0, {}))

@@ -85,6 +85,29 @@ class StorageTests(QueueTestMixin, unittest.SynchronousTestCase):
         self.assertEqual([e.queueId for e in announced], [queueId])
         self.assertEqual([e.queueId for e in listEntries(self.root)], [queueId])
 
+    def test_readEntryAndAnnounce(self):
+        """
+        L{OutboundQueue.readEntry} reads one entry another process (a
+        worker) committed, or gives C{None} for one that does not exist,
+        has no message file, or is no queue id; L{OutboundQueue.announce}
+        hands it to the listeners.
+        """
+        other = OutboundQueue(self.root, self.clock)
+        entry = self.enqueue(recipients=[BOB, CAROL])
+        found = other.readEntry(entry.queueId)
+        self.assertEqual((found.queueId, [str(r.address) for r in found.recipients]), (entry.queueId, ["bob@remote.example", "carol@remote.example"]))
+        self.assertTrue(other.hasEntry(entry.queueId))
+        announced = []
+        other.addListener(announced.append)
+        other.announce(found)
+        self.assertEqual(announced, [found])
+        self.assertIsNone(other.readEntry("0000000000000-00000000"))
+        self.assertIsNone(other.readEntry("../users"))
+        os.unlink(os.path.join(self.root, entry.queueId + ".msg"))
+        self.assertIsNone(other.readEntry(entry.queueId))
+        os.unlink(os.path.join(self.root, entry.queueId + ".json"))
+        self.assertFalse(other.hasEntry(entry.queueId))
+
     def test_commitWritesFiles(self):
         """
         A commit writes C{<id>.msg} (trace first, LF made CRLF) and

@@ -652,3 +652,114 @@ class PostmasterWarningTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(self.warnings("postmaster = Alice@example.org\n"), [])
+
+
+class WorkersWiringTests(SynchronousTestCase):
+    """
+    C{--workers N}: what the supervisor and a worker are built from.
+    """
+
+    def setUp(self) -> None:
+        self.dataDir = os.path.abspath(self.mktemp())
+        self.reactor = MemoryReactorClock()
+
+    def test_oneWorkerIsOneProcess(self) -> None:
+        """
+        With the default of one worker, the server is the single process it
+        always was: its listeners serve, and there is no worker pool.
+        """
+        from pop3gw.supervisor import WorkerPool
+
+        top = makeService(options("--data-dir", self.dataDir, "--hostname", "mail.example.org"), self.reactor)
+        self.assertEqual([s for s in top if isinstance(s, WorkerPool)], [])
+        self.assertEqual(len([s for s in top if type(s) is ListenerService]), 2)
+
+    def test_supervisorParts(self) -> None:
+        """
+        With two workers the C{twistd} process holds the lock, binds the
+        listeners without serving them, runs the relay and a pool of two
+        workers, and has no hashing threads (it checks no password).
+        """
+        from pop3gw.relay import RelayService
+        from pop3gw.service import BoundListenerService, ServerLockService, ThreadPoolService
+        from pop3gw.supervisor import WorkerPool
+
+        top = makeService(options("--data-dir", self.dataDir, "--hostname", "mail.example.org", "--workers", "2"), self.reactor)
+        self.assertIsInstance(top, ServerLockService)
+        bound = [s for s in top if isinstance(s, BoundListenerService)]
+        self.assertEqual(sorted((s.listenerName, s.description) for s in bound), [
+            ("pop3", "tcp:1110:interface=127.0.0.1"),
+            ("submission", "tcp:1587:interface=127.0.0.1"),
+        ])
+        for s in bound:
+            self.assertNotIsInstance(s.factory, ConnectionLimitFactory)
+        [pool] = [s for s in top if isinstance(s, WorkerPool)]
+        self.assertEqual(pool.count, 2)
+        self.assertEqual(len([s for s in top if isinstance(s, RelayService)]), 1)
+        self.assertEqual([s.pool.name for s in top if isinstance(s, ThreadPoolService)], ["pop3gw-io"])
+
+    def test_workersNotWithDatabase(self) -> None:
+        """
+        C{--workers} with a database store is refused at start with one
+        line (not yet supported).
+        """
+        with self.assertRaises(SystemExit) as e:
+            makeService(options("--data-dir", self.dataDir, "--workers", "2", "--store", "postgresql://db/pop3gw"),
+                        self.reactor)
+        self.assertEqual(str(e.exception), "pop3gw: --workers with --store postgresql is not available yet: "
+                                           "run one process per node")
+
+    def test_metricsServedBySupervisor(self) -> None:
+        """
+        With workers, C{--metrics} is served by the supervisor (it is not
+        among the sockets the workers adopt).
+        """
+        from pop3gw.service import BoundListenerService, ListenerService
+
+        top = makeService(options("--data-dir", self.dataDir, "--hostname", "mail.example.org", "--workers", "2",
+                                  "--metrics", "tcp:0:interface=127.0.0.1"), self.reactor)
+        served = [s.listenerName for s in top if type(s) is ListenerService]
+        bound = [s.listenerName for s in top if isinstance(s, BoundListenerService)]
+        self.assertEqual((served, sorted(bound)), (["metrics"], ["pop3", "submission"]))
+
+    def test_workerParts(self) -> None:
+        """
+        A worker adopts each socket it inherited, under the listener's caps
+        with per-address counts kept by the supervisor, runs no relay, and
+        does not take the server lock (the supervisor holds it).
+        """
+        import socket
+
+        from pop3gw.config import buildConfig
+        from pop3gw.relay import RelayService
+        from pop3gw.service import SERVER_LOCK, makeWorkerService
+        from pop3gw.workerlink import InheritedListener, SharedPeerCounts, WorkerLink, WorkerSetup
+
+        config = buildConfig({"data-dir": self.dataDir, "hostname": "mail.example.org", "workers": "2"})
+        makeService(config, self.reactor)  # makes the data directory, as the supervisor does
+        fd = os.open(os.devnull, os.O_RDONLY)
+        setup = WorkerSetup(config, 1, (InheritedListener("submission", "tcp:1587", fd, socket.AF_INET),))
+        top = makeWorkerService(setup, self.reactor, WorkerLink())
+        self.assertEqual([s for s in top if isinstance(s, RelayService)], [])
+        top.privilegedStartService()
+        [(adoptedFD, family, factory)] = self.reactor.adoptedPorts
+        self.assertEqual((adoptedFD, family), (fd, socket.AF_INET))
+        self.assertIsInstance(factory, ConnectionLimitFactory)
+        self.assertIsInstance(factory.wrappedFactory, SubmissionFactory)
+        self.assertIsInstance(factory.perPeer, SharedPeerCounts)
+        self.assertRaises(OSError, os.fstat, fd)  # the inherited descriptor was closed once adopted
+        lockFD = os.open(os.path.join(self.dataDir, SERVER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, lockFD)
+        fcntl.flock(lockFD, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def test_workerCommand(self) -> None:
+        """
+        A worker runs the C{pop3gw} package the supervisor imported, from
+        its directory, whatever the working directory holds.
+        """
+        import pop3gw
+        from pop3gw.service import WORKER_BOOTSTRAP, workerCommand
+
+        command = workerCommand()
+        self.assertEqual(command[:3], [sys.executable, "-c", WORKER_BOOTSTRAP])
+        self.assertEqual(os.path.join(command[3], "pop3gw", "__init__.py"), os.path.abspath(pop3gw.__file__))

@@ -1,0 +1,310 @@
+# -*- test-case-name: tests.test_supervisor -*-
+"""
+C{--workers N}: the supervisor's side.  The C{twistd} process binds every
+listener, holds the data directory's lock and runs the outbound queue;
+N worker processes (L{pop3gw.worker}) serve the listeners' connections.
+L{WorkerPool} starts them, restarts one that exits (after a delay that
+grows while it keeps exiting soon after starting), forwards signals to
+them, logs their log events as its own, keeps the per-address connection
+counts of all of them (L{pop3gw.limits.PeerTokens}) and hands queued
+messages to the relay.  The channel is described in L{pop3gw.workerlink}.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import InvalidLogLevelError, Logger, globalLogPublisher
+from twisted.python.failure import Failure
+
+from pop3gw.limits import PeerTokens
+from pop3gw.workerlink import CONTROL_FD, decodeLogLine
+
+log = Logger(namespace="pop3gw.supervisor")
+
+#: Delay before restarting a worker that exited soon after starting; it
+#: doubles with each such exit in a row, up to L{MAX_RESTART_DELAY}.
+RESTART_DELAY = 1.0
+#: The longest delay before a restart.
+MAX_RESTART_DELAY = 60.0
+#: A worker that ran at least this long is restarted at once when it
+#: exits, and its count of quick exits starts again.
+STABLE_AFTER = 30.0
+#: Seconds workers have to stop after SIGTERM before they are killed.
+STOP_TIMEOUT = 30.0
+#: Longest line kept from a worker's output; the rest of it is dropped.
+MAX_LINE = 256 * 1024
+
+
+class WorkerProcess(ProcessProtocol):
+    """
+    One worker process, as the supervisor sees it: splits its output into
+    lines for the L{WorkerPool}.
+
+    @ivar number: the worker's number, 1 to N; a restarted worker keeps
+        its predecessor's.
+    @ivar started: when it was started (the pool's clock).
+    """
+
+    def __init__(self, pool: "WorkerPool", number: int, setup: bytes, started: float) -> None:
+        self.pool = pool
+        self.number = number
+        self.setup = setup
+        self.started = started
+        self.pid: Optional[int] = None
+        self.ended = False
+        self._buffers: dict[int, bytes] = {}
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid if self.transport is not None else None
+        assert self.transport is not None
+        self.transport.write(self.setup)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffer = self._buffers.get(childFD, b"") + data
+        *lines, rest = buffer.split(b"\n")
+        if len(rest) > MAX_LINE:
+            rest = b""
+        self._buffers[childFD] = rest
+        for line in lines:
+            self.pool.workerLine(self, childFD, line)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        for childFD, rest in sorted(self._buffers.items()):
+            if rest:
+                self.pool.workerLine(self, childFD, rest)
+        self._buffers.clear()
+        self.pool.workerEnded(self, reason)
+
+    def answer(self, line: bytes) -> None:
+        """
+        Write one line to the worker's stdin.
+        """
+        if not self.ended and self.transport is not None:
+            self.transport.write(line)
+
+    def signal(self, name: str) -> None:
+        """
+        Send the signal C{name} (C{"TERM"}, C{"HUP"}, C{"KILL"}) unless the
+        worker has ended.
+        """
+        if self.ended or self.transport is None:
+            return
+        try:
+            self.transport.signalProcess(name)
+        except OSError:
+            pass
+        except Exception:  # ProcessExitedAlready: it is ending
+            pass
+
+
+def describeExit(reason: Failure) -> str:
+    """
+    How a worker ended, for the log: C{exit status 3}, C{signal 9}.
+    """
+    value = reason.value
+    if isinstance(value, ProcessDone):
+        return "exit status 0"
+    if isinstance(value, ProcessTerminated):
+        if value.signal is not None:
+            return f"signal {value.signal}"
+        return f"exit status {value.exitCode}"
+    return str(value)
+
+
+class WorkerPool(Service):
+    """
+    Keeps C{count} workers running.
+
+    @param spawn: starts one worker: C{spawn(processProtocol)}, where the
+        protocol is a L{WorkerProcess} (the server passes
+        C{reactor.spawnProcess} with the listening sockets; tests a fake).
+    @param setup: C{setup(number)} is the first line written to worker
+        C{number}'s stdin (L{pop3gw.workerlink.encodeSetup}).
+    @param clock: the C{IReactorTime} for restart delays.
+    @param onQueued: called with a queue id a worker reports.
+    @param onWorkerEnded: called after any worker ended, once the pool has
+        forgotten its connections (the server rescans the queue then: a
+        worker that died may have queued a message without reporting it).
+    @param publisher: where the workers' log events go.
+    """
+
+    stopStage = 0  # stops with the listeners (see pop3gw.service)
+
+    def __init__(
+        self,
+        count: int,
+        spawn: Callable[[WorkerProcess], object],
+        setup: Callable[[int], bytes],
+        clock,
+        onQueued: Callable[[str], object] = lambda queueId: None,
+        onWorkerEnded: Callable[[], object] = lambda: None,
+        publisher: Callable[[dict], None] = globalLogPublisher,
+    ) -> None:
+        self.count = count
+        self.spawn = spawn
+        self.setup = setup
+        self.clock = clock
+        self.onQueued = onQueued
+        self.onWorkerEnded = onWorkerEnded
+        self.publisher = publisher
+        self.tokens = PeerTokens()
+        self.workers: dict[int, WorkerProcess] = {}
+        self._quickExits: dict[int, int] = {}
+        self._restarts: dict[int, object] = {}
+        self._stopping = False
+        self._stopped: Optional[defer.Deferred] = None
+
+    # -- life ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        for number in range(1, self.count + 1):
+            self._start(number)
+
+    def _start(self, number: int) -> None:
+        self._restarts.pop(number, None)
+        worker = WorkerProcess(self, number, self.setup(number), self.clock.seconds())
+        self.workers[number] = worker
+        try:
+            self.spawn(worker)
+        except Exception:
+            log.failure("worker {number}: cannot start", number=number)
+            worker.ended = True
+            self._scheduleRestart(worker)
+            return
+        log.info("worker {number} started (pid {pid})", number=number, pid=worker.pid)
+
+    def workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
+        """
+        A worker process ended: forget its connections, then restart it
+        (unless stopping).
+        """
+        self.tokens.dropOwner(worker)
+        if self.workers.get(worker.number) is worker:
+            if self._stopping:
+                del self.workers[worker.number]
+            else:
+                self._scheduleRestart(worker, describeExit(reason))
+        try:
+            self.onWorkerEnded()
+        except Exception:
+            log.failure("after worker {number} ended", number=worker.number)
+        if self._stopping and self._stopped is not None and not self._alive():
+            d, self._stopped = self._stopped, None
+            d.callback(None)
+
+    def _scheduleRestart(self, worker: WorkerProcess, how: str = "did not start") -> None:
+        number = worker.number
+        if self.clock.seconds() - worker.started >= STABLE_AFTER:
+            self._quickExits[number] = 0
+        quick = self._quickExits.get(number, 0)
+        delay = 0.0 if quick == 0 else min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (quick - 1))
+        self._quickExits[number] = quick + 1
+        log.warn(
+            "worker {number} (pid {pid}) ended ({how}); restarting it in {delay:g} s",
+            number=number,
+            pid=worker.pid,
+            how=how,
+            delay=delay,
+        )
+        self._restarts[number] = self.clock.callLater(delay, self._start, number)
+
+    def _alive(self) -> list[WorkerProcess]:
+        return [w for w in self.workers.values() if not w.ended]
+
+    def signalAll(self, name: str) -> None:
+        """
+        Send the signal C{name} to every running worker.
+        """
+        for worker in self._alive():
+            worker.signal(name)
+
+    def stopService(self) -> defer.Deferred:
+        """
+        Stop every worker with SIGTERM (they finish what is in progress, as
+        a single server does), and kill those still running after
+        L{STOP_TIMEOUT} seconds.
+
+        @return: a Deferred firing once every worker has ended.
+        """
+        super().stopService()
+        self._stopping = True
+        for call in self._restarts.values():
+            if call.active():  # type: ignore[attr-defined]
+                call.cancel()  # type: ignore[attr-defined]
+        self._restarts.clear()
+        if not self._alive():
+            return defer.succeed(None)
+        self._stopped = defer.Deferred()
+        self.signalAll("TERM")
+        killer = self.clock.callLater(STOP_TIMEOUT, self._kill)
+
+        def done(result: object) -> object:
+            if killer.active():
+                killer.cancel()
+            return result
+
+        return self._stopped.addBoth(done)
+
+    def _kill(self) -> None:
+        for worker in self._alive():
+            log.warn("worker {number} (pid {pid}) did not stop; killing it", number=worker.number, pid=worker.pid)
+            worker.signal("KILL")
+
+    # -- what workers say ------------------------------------------------
+
+    def workerLine(self, worker: WorkerProcess, childFD: int, line: bytes) -> None:
+        """
+        One line from C{worker}'s descriptor C{childFD}.
+        """
+        if childFD == 1:
+            self._logEvent(worker, line)
+        elif childFD == CONTROL_FD:
+            self._control(worker, line)
+        elif line.strip():
+            log.warn(
+                "worker {number} (pid {pid}): {line}",
+                number=worker.number,
+                pid=worker.pid,
+                line=line.decode("utf-8", "replace").rstrip(),
+            )
+
+    def _logEvent(self, worker: WorkerProcess, line: bytes) -> None:
+        try:
+            event = decodeLogLine(line, f" (worker {worker.number})")
+        except (ValueError, TypeError, KeyError, InvalidLogLevelError):
+            if line.strip():
+                log.info(
+                    "worker {number} (pid {pid}): {line}",
+                    number=worker.number,
+                    pid=worker.pid,
+                    line=line.decode("utf-8", "replace").rstrip(),
+                )
+            return
+        event["pop3gw_worker"] = worker.number
+        self.publisher(event)
+
+    def _control(self, worker: WorkerProcess, line: bytes) -> None:
+        parts = line.split()
+        try:
+            if parts[0] == b"claim" and len(parts) == 4:
+                granted = self.tokens.acquire(worker, parts[2].decode("ascii"), int(parts[3]))
+                worker.answer(b"grant %s %d\n" % (parts[1], granted))
+                return
+            if parts[0] == b"release" and len(parts) == 2:
+                self.tokens.release(worker, parts[1].decode("ascii"))
+                return
+            if parts[0] == b"queued" and len(parts) == 2:
+                self.onQueued(parts[1].decode("ascii"))
+                return
+        except (IndexError, ValueError):
+            pass
+        log.error("worker {number} (pid {pid}): unexpected control line ({size} bytes)", number=worker.number, pid=worker.pid, size=len(line))
+

@@ -1,0 +1,119 @@
+# -*- test-case-name: tests.test_e2e_workers -*-
+"""
+One worker process of C{twistd pop3gw --workers N}: C{python -m
+pop3gw.worker}, started by the supervisor (L{pop3gw.supervisor}) with the
+descriptors described in L{pop3gw.workerlink}.  It serves the listening
+sockets it inherited until SIGTERM, or until the supervisor is gone.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+import threading
+from typing import Callable
+
+from twisted.internet import stdio
+from twisted.logger import globalLogBeginner
+
+from pop3gw.workerlink import CONTROL_FD, LogLineWriter, WorkerLink, decodeSetup, log
+
+#: The longest setup line read from stdin.
+MAX_SETUP = 16 * 1024 * 1024
+
+
+def _readSetupLine() -> bytes:
+    """
+    Read the first line of stdin (the supervisor writes nothing more until
+    the worker asks).
+    """
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(0, 65536)
+        if not chunk or len(data) > MAX_SETUP:
+            raise SystemExit("pop3gw worker: no setup from the supervisor")
+        data += chunk
+    return data
+
+
+def ignoreReloadUntilReady() -> None:
+    """
+    Ignore SIGHUP until the worker's reload service handles it: the
+    supervisor passes every SIGHUP on, and one arriving while a worker
+    starts would otherwise end it (the default action).
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def main() -> None:
+    ignoreReloadUntilReady()
+    setup = decodeSetup(_readSetupLine())
+    out = io.FileIO(1, "w", closefd=False)
+
+    def writeAll(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[out.write(view) or 0 :]
+
+    writer = LogLineWriter(writeAll)
+    globalLogBeginner.beginLoggingTo([writer], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    reactorThread = threading.get_ident()
+
+    def soon(f: Callable[[], None]) -> None:
+        if threading.get_ident() == reactorThread:
+            reactor.callLater(0, f)
+        else:
+            reactor.callFromThread(f)  # type: ignore[attr-defined]
+
+    from pop3gw.service import makeWorkerService
+
+    def supervisorGone() -> None:
+        stopOnce()
+
+    link = WorkerLink(onLost=supervisorGone)
+    stdio.StandardIO(link, stdin=0, stdout=CONTROL_FD, reactor=reactor)  # type: ignore[call-arg]
+    top = makeWorkerService(setup, reactor, link)
+    top.privilegedStartService()
+    top.startService()
+    log.info("ready: serving {count} listeners (pid {pid})", count=len(setup.listeners), pid=os.getpid())
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    stopping: list[bool] = []
+
+    def stopOnce() -> None:
+        if not stopping and reactor.running:
+            stopping.append(True)
+            reactor.stop()
+
+    def onTerm(signum, frame) -> None:
+        reactor.callFromThread(stopOnce)  # type: ignore[attr-defined]
+
+    def handleSignals() -> None:
+        # Ctrl-C in a terminal reaches every process of the group, and
+        # systemd may send SIGTERM to every process of the unit as well as
+        # the supervisor's: the supervisor stops the workers itself, and a
+        # second SIGTERM changes nothing.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, onTerm)
+
+    def running() -> None:
+        handleSignals()
+        writer.schedule = soon
+
+    def stopped() -> None:
+        writer.schedule = None
+
+    reactor.callWhenRunning(running)
+    reactor.addSystemEventTrigger("after", "shutdown", stopped)
+    reactor.run()
+    writer.schedule = None
+    writer.flush()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""
+L{pop3gw.workerlink}: the worker's end of its channel to the supervisor.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+)
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from pop3gw.config import buildConfig
+from pop3gw.workerlink import (
+    InheritedListener,
+    LogLineWriter,
+    SharedPeerCounts,
+    WorkerLink,
+    WorkerSetup,
+    decodeLogLine,
+    decodeSetup,
+    encodeLogEvent,
+    encodeSetup,
+)
+
+
+class WorkerLinkTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.lost: list[bool] = []
+        self.link = WorkerLink(onLost=lambda: self.lost.append(True))
+        self.transport = StringTransport()
+        self.link.makeConnection(self.transport)
+
+    def test_claimAnswered(self) -> None:
+        """
+        Each claim is one numbered line; the supervisor's C{grant} line of
+        that number answers it, whatever the order.
+        """
+        first = self.link.claim("192.0.2.1", 20)
+        second = self.link.claim("2001:db8::/64", 20)
+        self.assertEqual(self.transport.value(), b"claim 1 192.0.2.1 20\nclaim 2 2001:db8::/64 20\n")
+        self.link.dataReceived(b"grant 2 0\ngrant 1 1\n")
+        self.assertIs(self.successResultOf(first), True)
+        self.assertIs(self.successResultOf(second), False)
+
+    def test_releaseAndQueued(self) -> None:
+        """
+        Releases and queued messages are one line each, with no answer.
+        """
+        self.link.release("192.0.2.1")
+        self.link.queued("0005f0e1a2b3c-0a1b2c3d")
+        self.assertEqual(self.transport.value(), b"release 192.0.2.1\nqueued 0005f0e1a2b3c-0a1b2c3d\n")
+
+    def test_supervisorGone(self) -> None:
+        """
+        When stdin closes, the claims waiting fail, later claims fail at
+        once, and C{onLost} is called.
+        """
+        waiting = self.link.claim("192.0.2.1", 20)
+        self.link.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(waiting, ConnectionLost)
+        self.failureResultOf(self.link.claim("192.0.2.1", 20), ConnectionLost)
+        self.assertEqual(self.lost, [True])
+        self.link.release("192.0.2.1")
+        self.assertEqual(self.transport.value(), b"claim 1 192.0.2.1 20\n")
+
+    def test_unexpectedLine(self) -> None:
+        """
+        A line that answers no claim is logged as an error and ignored.
+        """
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.link.dataReceived(b"grant 7 1\nhello\n")
+        self.assertEqual(
+            [formatEvent(e) for e in events if e.get("log_namespace") == "pop3gw.worker"],
+            ["worker: unexpected line from the supervisor (9 bytes)", "worker: unexpected line from the supervisor (5 bytes)"],
+        )
+
+    def test_sharedCounts(self) -> None:
+        """
+        L{SharedPeerCounts} counts a granted claim locally and passes its
+        release on; a refused claim is not counted.
+        """
+        counts = SharedPeerCounts(self.link)
+        granted = counts.claim("192.0.2.1", 2)
+        refused = counts.claim("192.0.2.1", 2)
+        self.link.dataReceived(b"grant 1 1\ngrant 2 0\n")
+        self.assertEqual((self.successResultOf(granted), self.successResultOf(refused)), (True, False))
+        self.assertEqual(counts.get("192.0.2.1"), 1)
+        counts.release("192.0.2.1")
+        self.assertEqual(counts.get("192.0.2.1"), 0)
+        self.assertTrue(self.transport.value().endswith(b"release 192.0.2.1\n"))
+
+
+class SetupTests(SynchronousTestCase):
+    def test_roundTrip(self) -> None:
+        """
+        The setup line carries the whole configuration and the listeners,
+        as one line.
+        """
+        config = buildConfig({"data-dir": "/srv/mail", "domain": ["example.org"], "postmaster": "boss@example.org", "workers": "2"})
+        setup = WorkerSetup(config, 2, (InheritedListener("pop3", "tcp:110", 4, socket.AF_INET),))
+        line = encodeSetup(setup)
+        self.assertEqual(line.count(b"\n"), 1)
+        self.assertEqual(decodeSetup(line), setup)
+
+    def test_notASetup(self) -> None:
+        """
+        A line that is not a setup is refused.
+        """
+        import base64
+        import pickle
+
+        self.assertRaises(ValueError, decodeSetup, base64.b64encode(pickle.dumps({"x": 1})))
+
+
+class LogLineTests(SynchronousTestCase):
+    """
+    L{encodeLogEvent} and L{decodeLogLine}: a worker's log events as lines.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        The supervisor's copy of an event formats as the worker's did, with
+        the suffix; braces in the text stay literal.
+        """
+        events: list = []
+        Logger(namespace="pop3gw.smtp.SubmissionServer", observer=events.append).info("login: user={user}", user='"a{0}b"')
+        copy = decodeLogLine(encodeLogEvent(events[0]), " (worker 1)")
+        self.assertEqual(formatEventAsClassicLogText(copy), formatEventAsClassicLogText(events[0]).replace("\n", " (worker 1)\n"))
+        self.assertEqual(copy["log_level"], LogLevel.info)
+
+    def test_failureAndSystem(self) -> None:
+        """
+        A failure's traceback is part of the text; an event's own system
+        (a legacy C{log.msg} line) is kept.
+        """
+        failure = Failure(ZeroDivisionError("division by zero"))
+        events: list = []
+        Logger(namespace="pop3gw.x", observer=events.append).failure("it broke", failure)
+        copy = decodeLogLine(encodeLogEvent(events[0]))
+        text = formatEventAsClassicLogText(copy)
+        self.assertIn("[pop3gw.x#critical] it broke\n\tTraceback (most recent call last):", text)
+        self.assertIn("ZeroDivisionError", text)
+        legacy = decodeLogLine(encodeLogEvent({"log_time": 1.0, "log_system": "-", "log_format": "(TCP Port 1 Closed)"}))
+        self.assertEqual(formatEventAsClassicLogText(legacy).split(" ", 1)[1], "[-] (TCP Port 1 Closed)\n")
+
+    def test_notALogLine(self) -> None:
+        """
+        Anything else is refused.
+        """
+        for line in (b"hello", b"[1]", b'{"t": 1}', b'{"t": "x", "x": "a"}'):
+            self.assertRaises(ValueError, decodeLogLine, line)
+
+
+class LogLineWriterTests(SynchronousTestCase):
+    """
+    L{LogLineWriter}: a worker's log observer.
+    """
+
+    def event(self, text: str) -> dict:
+        events: list = []
+        Logger(namespace="pop3gw.x", observer=events.append).info(text)
+        return events[0]
+
+    def test_gatheredPerTurn(self) -> None:
+        """
+        With a schedule, the lines of one turn are written together, once,
+        when the scheduled flush runs; the next line schedules again.
+        """
+        written: list = []
+        scheduled: list = []
+        writer = LogLineWriter(written.append, scheduled.append)
+        writer(self.event("one"))
+        writer(self.event("two"))
+        self.assertEqual((written, len(scheduled)), ([], 1))
+        scheduled.pop()()
+        [data] = written
+        self.assertEqual([decodeLogLine(line)["log_format"] for line in data.splitlines()], ["one", "two"])
+        writer(self.event("three"))
+        self.assertEqual(len(scheduled), 1)
+
+    def test_atOnceWithoutSchedule(self) -> None:
+        """
+        Without a schedule (the reactor is not running), each line is
+        written at once, after any gathered before.
+        """
+        written: list = []
+        scheduled: list = []
+        writer = LogLineWriter(written.append, scheduled.append)
+        writer(self.event("one"))
+        writer.schedule = None
+        writer(self.event("two"))
+        self.assertEqual([decodeLogLine(line)["log_format"] for line in b"".join(written).splitlines()], ["one", "two"])
+        self.assertEqual(len(written), 1)
+
+
+class WorkerSignalTests(SynchronousTestCase):
+    def test_reloadIgnoredWhileStarting(self) -> None:
+        """
+        A worker ignores SIGHUP from its first moment, so a reload the
+        supervisor passes on while the worker starts does not end it.
+        """
+        import signal
+
+        from pop3gw.worker import ignoreReloadUntilReady
+
+        previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        ignoreReloadUntilReady()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
