@@ -877,14 +877,14 @@ def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
     if args.command == "migrate":
         return cmdMigrate(args, stdout)
     action = getattr(args, "action", None)
-    if config.usesDatabase and (
-        args.command in ("import", "dkim") or (args.command, action) in _DATA_DIRECTORY_ONLY
-    ):
+    if config.usesDatabase and (args.command == "import" or (args.command, action) in _DATA_DIRECTORY_ONLY):
         what = f"{args.command} {action}" if args.command == "user" else args.command
         raise CommandError(f"{what} works on a data directory; it is not available with --store postgresql yet",
                            EX_USAGE)
     owner = None
-    if not config.usesDatabase:
+    if not config.usesDatabase or args.command == "dkim":
+        # DKIM keys live under the data directory even with a database
+        # store (each node signs with its own copy).
         owner = _dataDirectory(config, args, stderr)
     if args.command == "user":
         if action == "import":

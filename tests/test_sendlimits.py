@@ -323,3 +323,20 @@ class UnavailableTests(SynchronousTestCase):
         warnings = [formatEvent(e) for e in events if "sending limits unavailable" in formatEvent(e)]
         self.assertEqual(len(warnings), 1, warnings)
         shutil.rmtree(dataDir, True)
+
+
+class DatabaseStoreTests(SynchronousTestCase):
+    def test_refusedWithDatabaseStore(self) -> None:
+        """
+        The commands whose state lives under the data directory refuse a
+        database store with one line (exit 64), before any connection.
+        """
+        for argv in (["user", "limits", ALICE], ["user", "unsuspend", ALICE], ["user", "scope", ALICE, "none"],
+                     ["user", "app-password", "list", ALICE], ["user", "import-uidl", ALICE],
+                     ["import", "pop3s://a@example.org@old.example"]):
+            out, err = io.StringIO(), io.StringIO()
+            status = cli.main(["--store", "postgresql://nowhere.invalid/pop3gw", *argv], stdin=io.StringIO(""),
+                              stdout=out, stderr=err)
+            self.assertEqual(status, 64, argv)
+            self.assertRegex(err.getvalue(), r"^pop3gw: .* works on a data directory; it is not available with "
+                                             r"--store postgresql yet\n$")
