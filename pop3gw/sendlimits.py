@@ -26,7 +26,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import attr
 from twisted.internet import defer
@@ -36,6 +36,16 @@ from pop3gw import fsutil
 from pop3gw.interfaces import SendingLimited
 
 DATABASE = "accounts.sqlite"
+
+#: How long a user's counts read from the records may be reused to let a
+#: message through without asking again, when they are under half of
+#: each limit; and how many users' counts are kept.
+FAST_PATH_SECONDS = 10.0
+FAST_PATH_USERS = 10000
+
+#: Seconds a committed message's record may wait, so that the records of
+#: messages sent close together are written in one transaction.
+RECORD_DELAY = 1.0
 
 #: Seconds between two warnings that the records cannot be used.
 UNAVAILABLE_WARNING_INTERVAL = 60.0
@@ -210,23 +220,41 @@ class SendingLimits:
             when this decision suspended the user (it was not suspended
             before), for the notice.
         """
+        refusal, suspension, _ = self.admitWithUsage(user, accepted, client)
+        return refusal, suspension
+
+    def admitWithUsage(
+        self, user: str, accepted: int, client: str, unwritten: Tuple[int, int] = (0, 0)
+    ) -> Tuple[Optional[str], Optional[Suspension], Usage]:
+        """
+        L{admit}, and the L{Usage} the decision was made on.
+
+        @param unwritten: C{(messages, recipients)} this process sent that
+            are not in the records yet (see L{SendingPolicy.flush}).
+        """
         usage = self.usage(user)
+        if unwritten != (0, 0):
+            usage = attr.evolve(
+                usage,
+                messagesLastHour=usage.messagesLastHour + unwritten[0],
+                recipientsLastDay=usage.recipientsLastDay + unwritten[1],
+            )
         refusal = usage.refusal(accepted)
         if refusal is None or usage.suspended is not None:
-            return refusal, None
+            return refusal, None, usage
         key, now = user.lower(), self._clock()
         db = self._db()
         inserted = db.execute(
             "INSERT OR IGNORE INTO suspended (user, since, reason) VALUES (?, ?, ?)", (key, now, refusal)
         ).rowcount
         if not inserted:
-            return refusal, None  # another process suspended the user first, and told the postmaster
+            return refusal, None, usage  # another process suspended the user first, and told the postmaster
         clients = [row[0] for row in db.execute(
             "SELECT client FROM sent WHERE user = ? AND at > ? GROUP BY client ORDER BY MAX(at) DESC LIMIT 20",
             (key, now - DAY))]
         if client not in clients:
             clients.insert(0, client)
-        return refusal, Suspension(user, refusal, tuple(clients), usage.messagesLastHour, usage.recipientsLastDay)
+        return refusal, Suspension(user, refusal, tuple(clients), usage.messagesLastHour, usage.recipientsLastDay), usage
 
     def record(self, user: str, recipients: int, client: str) -> None:
         """
@@ -237,6 +265,26 @@ class SendingLimits:
         db = self._db()
         db.execute("INSERT INTO sent (user, at, recipients, client) VALUES (?, ?, ?, ?)", (key, now, recipients, client))
         db.execute("DELETE FROM sent WHERE at <= ?", (now - DAY,))
+
+    def now(self) -> float:
+        """
+        The time records are stamped with (POSIX seconds).
+        """
+        return self._clock()
+
+    def recordMany(self, rows: Iterable[Tuple[str, float, int, str]]) -> None:
+        """
+        Note several messages, C{(user, at, recipients, client)} each, in
+        one transaction, and forget records older than a day.
+        """
+        db = self._db()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT INTO sent (user, at, recipients, client) VALUES (?, ?, ?, ?)",
+                [(user.lower(), at, recipients, client) for user, at, recipients, client in rows],
+            )
+            db.execute("DELETE FROM sent WHERE at <= ?", (self._clock() - DAY,))
 
     def unsuspend(self, user: str) -> bool:
         """
@@ -337,24 +385,62 @@ class SendingPolicy:
 
     log = Logger()
 
-    def __init__(self, limits: SendingLimits, runner, notify: Callable[[Suspension], defer.Deferred]) -> None:
+    def __init__(
+        self,
+        limits: SendingLimits,
+        runner,
+        notify: Callable[[Suspension], defer.Deferred],
+        clock: Callable[[], float] = time.monotonic,
+        reactor: Any = None,
+    ) -> None:
         """
         @param runner: an L{pop3gw.interfaces.IBlockingRunner}.
         @param notify: delivers the notice of a new suspension.
+        @param clock: for the fast path's age.
+        @param reactor: when given, records are written at most
+            L{RECORD_DELAY} seconds after their message, several in one
+            transaction; without it, each at once.
         """
         self.limits = limits
         self._runner = runner
         self._notify = notify
+        self._clock = clock
+        self._reactor = reactor
+        self._pending: list[Tuple[str, float, int, str]] = []
+        self._flushCall: Any = None
         self._lastWarned: Optional[float] = None
+        #: user key -> (when read, messages in the hour, recipients in the
+        #: day, limits), for users far below their limits.
+        self._recent: dict[str, Tuple[float, int, int, Limits]] = {}
 
     def admit(self, user: str, accepted: int, client: str) -> defer.Deferred:
         """
-        Decide on one more recipient (see L{SendingLimits.admit}).
+        Decide on one more recipient (see L{SendingLimits.admit}).  A user
+        whose counts, read less than L{FAST_PATH_SECONDS} ago, are under
+        half of each limit is let through without asking the records
+        again (they are asked again after that, or once half a limit is
+        near): the common case costs no thread hop.
 
         @return: a C{Deferred} firing with C{None}, or failing with
             L{SendingLimited}.
         """
-        d = self._runner.run(self.limits.admit, user, accepted, client)
+        key = user.lower()
+        recent = self._recent.get(key)
+        if recent is not None:
+            at, messages, recipients, limits = recent
+            mph, rpd = limits.messagesPerHour, limits.recipientsPerDay
+            if (
+                self._clock() - at < FAST_PATH_SECONDS
+                and (not mph or 2 * (messages + 1) <= mph)
+                and (not rpd or 2 * (recipients + accepted + 1) <= rpd)
+            ):
+                return defer.succeed(None)
+            del self._recent[key]
+        unwritten = (
+            sum(1 for row in self._pending if row[0].lower() == key),
+            sum(row[2] for row in self._pending if row[0].lower() == key),
+        )
+        d = self._runner.run(self.limits.admitWithUsage, user, accepted, client, unwritten)
         d.addCallbacks(self._decided, self._unavailable, callbackArgs=(user, client))
         return d
 
@@ -372,9 +458,15 @@ class SendingPolicy:
             self.log.warn("sending limits unavailable ({error}): not enforced until {path} works again",
                           error=error, path=self.limits.path)
 
-    def _decided(self, decision: Tuple[Optional[str], Optional[Suspension]], user: str, client: str) -> None:
-        refusal, suspension = decision
+    def _decided(self, decision: Tuple[Optional[str], Optional[Suspension], Usage], user: str, client: str) -> None:
+        refusal, suspension, usage = decision
         if refusal is None:
+            if usage.suspended is None:
+                self._recent[user.lower()] = (
+                    self._clock(), usage.messagesLastHour, usage.recipientsLastDay, usage.limits
+                )
+                if len(self._recent) > FAST_PATH_USERS:
+                    self._recent.pop(next(iter(self._recent)))
             return
         if suspension is not None:
             self.log.warn(
@@ -393,6 +485,28 @@ class SendingPolicy:
         Note a committed message; a failure to write is logged (the
         message is already accepted).
         """
-        d = self._runner.run(self.limits.record, user, recipients, client)
-        d.addErrback(lambda f: self.log.failure("cannot record a message sent by {user}", f, user=user))
+        recent = self._recent.get(user.lower())
+        if recent is not None:
+            at, messages, count, limits = recent
+            self._recent[user.lower()] = (at, messages + 1, count + recipients, limits)
+        self._pending.append((user, self.limits.now(), recipients, client))
+        if self._reactor is None:
+            return self.flush()
+        if self._flushCall is None:
+            self._flushCall = self._reactor.callLater(RECORD_DELAY, self.flush)
+        return defer.succeed(None)
+
+    def flush(self) -> defer.Deferred:
+        """
+        Write the records noted since the last flush, in one transaction
+        (in the runner); a failure is logged.
+        """
+        if self._flushCall is not None and self._flushCall.active():
+            self._flushCall.cancel()
+        self._flushCall = None
+        rows, self._pending = self._pending, []
+        if not rows:
+            return defer.succeed(None)
+        d = self._runner.run(self.limits.recordMany, rows)
+        d.addErrback(lambda f: self.log.failure("cannot record {count} messages sent", f, count=len(rows)))
         return d

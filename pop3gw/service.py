@@ -210,6 +210,20 @@ class MetricsService(Service):
             fsutil.fsyncObserver = None
 
 
+class SendingRecordsService(Service):
+    """
+    Writes the sending records still waiting (see L{SendingPolicy.flush})
+    when the server stops, before the thread pools do.
+    """
+
+    def __init__(self, sending: SendingPolicy) -> None:
+        self.sending = sending
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return self.sending.flush()
+
+
 class LoginWatchService(TimerService):
     """
     Writes the login history (see L{pop3gw.loginwatch}) once a minute when
@@ -830,7 +844,8 @@ def _buildCore(
         )
         return deliverLocally(config.postmaster, message)
 
-    sending = SendingPolicy(sendingLimits, ioRunner, notifyPostmaster)
+    sending = SendingPolicy(sendingLimits, ioRunner, notifyPostmaster, reactor=reactor)
+    SendingRecordsService(sending).setServiceParent(top)
     portal = Portal(Realm(users, store, router, sending), [checker])
     policy = PlaintextAuthPolicy(config.plaintextAuth)
 

@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pop3gw import cli, smtp
 from pop3gw.address import Address
 from pop3gw.auth import Realm
+from pop3gw.interfaces import SendingLimited
 from pop3gw.runner import ImmediateRunner
 from pop3gw.sendlimits import DATABASE, SendingLimits, SendingPolicy, noticeMessage
 from pop3gw.testing import FakeRouter, FakeUserDatabase
@@ -340,3 +341,87 @@ class DatabaseStoreTests(SynchronousTestCase):
             self.assertEqual(status, 64, argv)
             self.assertRegex(err.getvalue(), r"^pop3gw: .* works on a data directory; it is not available with "
                                              r"--store postgresql yet\n$")
+
+
+class FastPathTests(SynchronousTestCase):
+    def test_farBelowNoHop(self) -> None:
+        """
+        A user under half of each limit is let through from the counts
+        read at most 10 s before (no records asked); near half a limit,
+        or later, the records are asked again, and the limit still holds.
+        """
+        calls: list = []
+
+        class CountingRunner(ImmediateRunner):
+            def run(self, f, *args):
+                calls.append(f.__name__)
+                return super().run(f, *args)
+
+        now = [0.0]
+        limits = SendingLimits(makeTempDirectory(self), 10, 100)
+        self.addCleanup(limits.close)
+        policy = SendingPolicy(limits, CountingRunner(), lambda s: defer.succeed(None), clock=lambda: now[0])
+
+        def send() -> None:
+            self.successResultOf(policy.admit(ALICE, 0, "192.0.2.7"))
+            policy.record(ALICE, 1, "192.0.2.7")
+
+        for _ in range(5):
+            send()
+        self.assertEqual([c for c in calls if c != "recordMany"], ["admitWithUsage"])
+        send()
+        self.assertEqual(calls.count("admitWithUsage"), 2)
+        now[0] += 11
+        send()
+        self.assertEqual(calls.count("admitWithUsage"), 3)
+        for _ in range(3):
+            send()
+        self.failureResultOf(policy.admit(ALICE, 0, "192.0.2.7"), SendingLimited)
+
+
+class BatchedRecordsTests(SynchronousTestCase):
+    def test_recordsBatched(self) -> None:
+        """
+        With a reactor, the records of messages committed within a second
+        are written together, once, a second after the first; C{flush}
+        writes what waits at once (at stop).
+        """
+        calls: list = []
+
+        class CountingRunner(ImmediateRunner):
+            def run(self, f, *args):
+                calls.append((f.__name__, len(args[0]) if f.__name__ == "recordMany" else None))
+                return super().run(f, *args)
+
+        clock = task.Clock()
+        limits = SendingLimits(makeTempDirectory(self), 0, 0)
+        self.addCleanup(limits.close)
+        policy = SendingPolicy(limits, CountingRunner(), lambda s: defer.succeed(None), reactor=clock)
+        for _ in range(3):
+            policy.record(ALICE, 2, "192.0.2.7")
+        self.assertEqual(calls, [])
+        clock.advance(1)
+        self.assertEqual(calls, [("recordMany", 3)])
+        self.assertEqual(limits.usage(ALICE).recipientsLastDay, 6)
+        policy.record(ALICE, 1, "192.0.2.7")
+        self.successResultOf(policy.flush())
+        self.assertEqual(calls[-1], ("recordMany", 1))
+        clock.advance(5)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(limits.usage(ALICE).messagesLastHour, 4)
+
+    def test_unwrittenCounted(self) -> None:
+        """
+        Records waiting to be written count in the next decision: with a
+        limit of 2 messages an hour, the third is refused even before the
+        first two are written.
+        """
+        clock = task.Clock()
+        limits = SendingLimits(makeTempDirectory(self), 2, 0)
+        self.addCleanup(limits.close)
+        policy = SendingPolicy(limits, ImmediateRunner(), lambda s: defer.succeed(None), reactor=clock)
+        for _ in range(2):
+            self.successResultOf(policy.admit(ALICE, 0, "192.0.2.7"))
+            policy.record(ALICE, 1, "192.0.2.7")
+        self.failureResultOf(policy.admit(ALICE, 0, "192.0.2.7"), SendingLimited)
+        self.assertEqual(limits.usage(ALICE).messagesLastHour, 0)
