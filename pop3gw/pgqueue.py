@@ -48,9 +48,8 @@ from pop3gw.interfaces import (
 )
 from pop3gw.pgdatabase import Database
 from pop3gw.pgmail import CHUNK_SIZE, SPOOL_MEMORY, storeMessage
-from pop3gw.queue import Entry, QueueListeners, Recipient
+from pop3gw.queue import CRLFDelivery, Entry, QueueListeners, Recipient
 from pop3gw.runner import ImmediateRunner
-from pop3gw.wire import CRLFStream
 
 __all__ = ["QUEUE_LEASE", "QUEUE_POLL_INTERVAL", "PostgresQueue", "listEntries", "requestFlush"]
 
@@ -90,7 +89,7 @@ def requestFlush(database: Database) -> int:
 
 
 @implementer(ITwoPhaseDelivery, IQueuedDelivery)
-class _PostgresQueueDelivery:
+class _PostgresQueueDelivery(CRLFDelivery):
     """
     One message being queued: spooled with CRLF line ends, inserted with
     its entry (leased to this node) by L{prepare}, handed to the relay by
@@ -102,21 +101,11 @@ class _PostgresQueueDelivery:
         self._entry = entry
         self.queueId = entry.queueId
         self._spool: Optional[IO[bytes]] = tempfile.SpooledTemporaryFile(SPOOL_MEMORY)
-        self._crlf = CRLFStream()
-        self._tail = b""
+        self._startLines()
         self._size = 0
         self._state = "open"
         if trace:
             self.write(trace)
-
-    def write(self, data: bytes) -> None:
-        if self._state != "open":
-            raise TemporaryFailure("delivery is not open")
-        if not data:
-            return
-        out = self._crlf.feed(data)
-        self._tail = (self._tail + out[-2:])[-2:]
-        self._append(out)
 
     def _append(self, data: bytes) -> None:
         assert self._spool is not None
@@ -140,10 +129,7 @@ class _PostgresQueueDelivery:
         if self._state != "open":
             return defer.fail(TemporaryFailure("delivery is not open"))
         try:
-            if self._tail.endswith(b"\r"):
-                self._append(b"\n")
-            elif self._tail and self._tail != b"\r\n":
-                self._append(b"\r\n")
+            self._endLines()
         except TemporaryFailure:
             return defer.fail()
         self._state = "preparing"

@@ -41,6 +41,7 @@ recipient is pending and every failure was notified (L{Entry.isFinished}).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import datetime
 import enum
@@ -484,8 +485,52 @@ def formatEntry(entry: Entry) -> str:
 # --- The queue ---------------------------------------------------------------
 
 
+class CRLFDelivery(abc.ABC):
+    """
+    The data side of a queue delivery: what is written is converted to
+    CRLF line ends (L{CRLFStream}) and handed to L{_append}; L{_endLines}
+    completes a last line without a line end.  Shared by both queue
+    stores.
+    """
+
+    _state: str
+
+    def _startLines(self) -> None:
+        self._crlf = CRLFStream()
+        self._tail = b""
+
+    def write(self, data: bytes) -> None:
+        if self._state != "open":
+            raise TemporaryFailure("delivery is not open")
+        if not data:
+            return
+        out = self._crlf.feed(data)
+        self._tail = (self._tail + out[-2:])[-2:]
+        self._append(out)
+
+    def _endLines(self) -> None:
+        """
+        Complete the last line, if it has no CRLF yet.
+
+        @raise TemporaryFailure: as L{_append}.
+        """
+        if self._tail.endswith(b"\r"):
+            self._append(b"\n")
+        elif self._tail and self._tail != b"\r\n":
+            self._append(b"\r\n")
+
+    @abc.abstractmethod
+    def _append(self, data: bytes) -> None:
+        """
+        Store C{data} (CRLF form).
+
+        @raise TemporaryFailure: it cannot be stored; the delivery is then
+            discarded.
+        """
+
+
 @implementer(ITwoPhaseDelivery, IQueuedDelivery)
-class _QueueDelivery:
+class _QueueDelivery(CRLFDelivery):
     """
     One message being queued: written to a tmp file as it arrives, made
     durable by L{prepare}, handed to the relay by L{release}.
@@ -501,8 +546,7 @@ class _QueueDelivery:
         self._tmp = os.path.join(queue.root, f"{entry.queueId}.msg.tmp")
         self._state = "open"
         self._renamed = False
-        self._crlf = CRLFStream()
-        self._tail = b""
+        self._startLines()
         try:
             self._file = os.fdopen(fsutil.createFile(self._tmp, self._queue.owner), "wb")
         except OSError as e:
@@ -510,15 +554,9 @@ class _QueueDelivery:
         if trace:
             self.write(trace)
 
-    def write(self, data: bytes) -> None:
-        if self._state != "open":
-            raise TemporaryFailure("delivery is not open")
-        if not data:
-            return
-        out = self._crlf.feed(data)
-        self._tail = (self._tail + out[-2:])[-2:]
+    def _append(self, data: bytes) -> None:
         try:
-            self._file.write(out)
+            self._file.write(data)
         except OSError as e:
             self._discardTmp()
             raise TemporaryFailure.fromOSError("cannot write queue file", e) from None
@@ -573,13 +611,9 @@ class _QueueDelivery:
             return defer.fail(TemporaryFailure("delivery is not open"))
         self._state = "preparing"
         try:
-            if self._tail.endswith(b"\r"):
-                self._file.write(b"\n")
-            elif self._tail and self._tail != b"\r\n":
-                self._file.write(b"\r\n")
-        except OSError as e:
-            self._discardTmp()
-            return defer.fail(TemporaryFailure.fromOSError("cannot write queue file", e))
+            self._endLines()
+        except TemporaryFailure:
+            return defer.fail()
         envelope = self._entry.toJSON()
         d = self._makeDurable(envelope)
 

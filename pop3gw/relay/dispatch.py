@@ -217,39 +217,34 @@ class Dispatcher:
         else:
             held.append(lambda: level(format, **kw))
 
-    def _domainDeferred(
-        self, held: Optional[list], entry: Entry, domain: str, recipients: list, status: str, why: str
+    def _domainOutcome(
+        self, held: Optional[list], entry: Entry, domain: str, recipients: list, kind: OutcomeKind, status: str,
+        why: str,
     ) -> dict:
         """
-        Log that C{domain}'s recipients wait (before any session), and
-        their outcomes.
+        Log that C{domain}'s recipients wait or failed (decided before any
+        session), and their outcomes.
         """
         self._result(
             held,
             self.log.warn,
-            "relay: {queueId} domain={domain} result=deferred: {why}",
+            "relay: {queueId} domain={domain} result={result}: {why}",
             queueId=entry.queueId,
             domain=domain,
+            result="deferred" if kind is OutcomeKind.DEFERRED else "failed",
             why=why,
         )
-        return {r: Outcome(OutcomeKind.DEFERRED, status, why) for r in recipients}
+        return {r: Outcome(kind, status, why) for r in recipients}
 
     @defer.inlineCallbacks
     def _deliverDomain(self, entry: Entry, domain: str, recipients: list, held: Optional[list] = None):
         try:
             hosts = yield self.mx.mailHosts(domain)
         except PermanentLookupFailure as e:
-            self._result(
-                held,
-                self.log.warn,
-                "relay: {queueId} domain={domain} result=failed: {why}",
-                queueId=entry.queueId,
-                domain=domain,
-                why=e.text,
-            )
-            return {r: Outcome(OutcomeKind.FAILED, e.status, e.text) for r in recipients}
+            return self._domainOutcome(held, entry, domain, recipients, OutcomeKind.FAILED, e.status, e.text)
         except Exception as e:
-            return self._domainDeferred(held, entry, domain, recipients, "4.4.3", describeDNSFailure(domain, e))
+            why = describeDNSFailure(domain, e)
+            return self._domainOutcome(held, entry, domain, recipients, OutcomeKind.DEFERRED, "4.4.3", why)
         policy = None
         if self.mtaSTS is not None:
             policy = yield self.mtaSTS.policyFor(domain)
@@ -274,7 +269,7 @@ class Dispatcher:
                 elif self.clientTLS is None:
                     refusal = f"MTA-STS policy of {domain} requires TLS, which is not available"
                 if refusal is not None:
-                    return self._domainDeferred(held, entry, domain, recipients, "4.7.5", refusal)
+                    return self._domainOutcome(held, entry, domain, recipients, OutcomeKind.DEFERRED, "4.7.5", refusal)
                 return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False, held, verifyTLS=True))
             return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False, held, stsTesting=True))
         return (yield self._sendVia(entry, domain, hosts, SMTP_PORT, recipients, False, held))
