@@ -128,8 +128,9 @@ class Metrics:
         elif " deferred={deferred} " in text:
             if _int(event.get("deferred")):
                 self.deferrals.inc()
-        elif text.startswith("relay: {queueId} domain={domain} result=deferred"):
-            self.deferrals.inc()
+        elif text.startswith("relay: {queueId} domain={domain} result={result}"):
+            if event.get("result") == "deferred":
+                self.deferrals.inc()
         elif text.startswith("relay: bounce for ") and " sent to " in text:
             self.bounced.inc()
 

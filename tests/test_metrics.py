@@ -79,7 +79,10 @@ class ObserverTests(SynchronousTestCase):
         log.warn("relay: {queueId} domain={domain} host={host}:{port} delivered={delivered} deferred={deferred}"
                  " failed={failed} tls={tls} verified={verified} error={error}", queueId="q1", domain="d",
                  host="h", port=25, delivered=1, deferred=1, failed=0, tls="yes", verified="no", error="-")
-        log.warn("relay: {queueId} domain={domain} result=deferred: {why}", queueId="q1", domain="e", why="dns")
+        log.warn("relay: {queueId} domain={domain} result={result}: {why}", queueId="q1", domain="e",
+                 result="deferred", why="dns")
+        log.warn("relay: {queueId} domain={domain} result={result}: {why}", queueId="q1", domain="f",
+                 result="failed", why="no such domain")
         self.clock.now += 42
         log.info("relay: {queueId} done: delivered={delivered} failed={failed}", queueId="q1", delivered=1, failed=1)
         log.info("relay: bounce for {queueId} sent to {sender} for {count} recipients", queueId="q1", sender="a",
@@ -108,7 +111,7 @@ class ObserverTests(SynchronousTestCase):
         for prefix in ('"login: service=', '"authentication failed: service=', '"connection refused: too many',
                        '"submission: accepted id=', '"mx: accepted id=', '"lmtp: accepted id=',
                        '"queue: queued {queueId}', '"relay: {queueId} done: delivered={delivered} failed={failed}',
-                       'delivered={delivered} deferred={deferred}', '"relay: {queueId} domain={domain} result=deferred',
+                       'delivered={delivered} deferred={deferred}', '"relay: {queueId} domain={domain} result={result}',
                        '"relay: bounce for {queueId} sent to '):
             self.assertIn(prefix, source)
 
