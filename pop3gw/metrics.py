@@ -25,6 +25,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from pop3gw.httpsite import getOnlySite
+
 #: Seconds of outbound-queue age after which C{/healthz} says unhealthy.
 QUEUE_AGE_UNHEALTHY = 4 * 3600.0
 
@@ -226,12 +228,10 @@ def healthProblems(dataDir: str, metrics: Metrics, maxQueueAge: float = QUEUE_AG
 def metricsSite(metrics: Metrics, health: Callable[[], list]) -> Site:
     """
     The HTTP site of C{--metrics}: C{/metrics} and C{/healthz}; anything
-    else is 404.  No access log.
+    else is 404.  No access log, no request body (see
+    L{pop3gw.httpsite}).
     """
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(metrics))
     root.putChild(b"healthz", _HealthPage(health))
-    site = Site(root)
-    site.noisy = False
-    site.displayTracebacks = False
-    return site
+    return getOnlySite(root)
