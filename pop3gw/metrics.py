@@ -38,6 +38,23 @@ RELAY_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0
 
 _ACCEPTED = {"submission: accepted": "submission", "mx: accepted": "mx", "lmtp: accepted": "lmtp"}
 
+#: The services whose logins are counted.
+_LOGIN_SERVICES = ("pop3", "submission")
+
+
+def _loginService(text: str, event: dict) -> Optional[str]:
+    """
+    The service of a login event: its C{service} field, or, for a
+    worker's event relayed by the supervisor (which carries only the
+    formatted text), the C{service=} word that follows the fixed prefix.
+    C{None} for anything else.
+    """
+    service = event.get("service")
+    if service is None:
+        _, _, rest = text.partition(": service=")
+        service = rest.split(" ", 1)[0]
+    return service if service in _LOGIN_SERVICES else None
+
 
 def _int(value) -> int:
     try:
@@ -106,10 +123,11 @@ class Metrics:
             pass
 
     def _count(self, text: str, event: dict) -> None:
-        if text.startswith("login: "):
-            self.logins.labels(str(event.get("service"))).inc()
-        elif text.startswith("authentication failed: "):
-            self.loginFailures.labels(str(event.get("service"))).inc()
+        if text.startswith(("login: ", "authentication failed: ")):
+            service = _loginService(text, event)
+            if service is not None:
+                counter = self.logins if text.startswith("login: ") else self.loginFailures
+                counter.labels(service).inc()
         elif text.startswith("connection refused: too many"):
             self.connectionsRefused.inc()
         elif text.startswith(("submission: accepted", "mx: accepted", "lmtp: accepted")):
