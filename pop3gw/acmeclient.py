@@ -40,6 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from pop3gw import fsutil
+from pop3gw.httpsite import getOnlySite
 
 ACME_DIR = "acme"
 ACCOUNT_KEY = "account.pem"
@@ -142,12 +143,10 @@ class _ChallengePage(Resource):
 def challengeSite(tokens: ChallengeTokens) -> Site:
     """
     The HTTP site of C{[acme] http}: C{/.well-known/acme-challenge/TOKEN},
-    404 for anything else.  No access log.
+    404 for anything else.  No access log, no request body (see
+    L{pop3gw.httpsite}).
     """
-    site = Site(_ChallengePage(tokens))
-    site.noisy = False
-    site.displayTracebacks = False
-    return site
+    return getOnlySite(_ChallengePage(tokens))
 
 
 def certificateExpiry(path: str) -> Optional[float]:

@@ -25,6 +25,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from pop3gw.httpsite import getOnlySite
+
 #: Seconds of outbound-queue age after which C{/healthz} says unhealthy.
 QUEUE_AGE_UNHEALTHY = 4 * 3600.0
 
@@ -35,6 +37,23 @@ FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 RELAY_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0)
 
 _ACCEPTED = {"submission: accepted": "submission", "mx: accepted": "mx", "lmtp: accepted": "lmtp"}
+
+#: The services whose logins are counted.
+_LOGIN_SERVICES = ("pop3", "submission")
+
+
+def _loginService(text: str, event: dict) -> Optional[str]:
+    """
+    The service of a login event: its C{service} field, or, for a
+    worker's event relayed by the supervisor (which carries only the
+    formatted text), the C{service=} word that follows the fixed prefix.
+    C{None} for anything else.
+    """
+    service = event.get("service")
+    if service is None:
+        _, _, rest = text.partition(": service=")
+        service = rest.split(" ", 1)[0]
+    return service if service in _LOGIN_SERVICES else None
 
 
 def _int(value) -> int:
@@ -104,10 +123,11 @@ class Metrics:
             pass
 
     def _count(self, text: str, event: dict) -> None:
-        if text.startswith("login: "):
-            self.logins.labels(str(event.get("service"))).inc()
-        elif text.startswith("authentication failed: "):
-            self.loginFailures.labels(str(event.get("service"))).inc()
+        if text.startswith(("login: ", "authentication failed: ")):
+            service = _loginService(text, event)
+            if service is not None:
+                counter = self.logins if text.startswith("login: ") else self.loginFailures
+                counter.labels(service).inc()
         elif text.startswith("connection refused: too many"):
             self.connectionsRefused.inc()
         elif text.startswith(("submission: accepted", "mx: accepted", "lmtp: accepted")):
@@ -226,12 +246,10 @@ def healthProblems(dataDir: str, metrics: Metrics, maxQueueAge: float = QUEUE_AG
 def metricsSite(metrics: Metrics, health: Callable[[], list]) -> Site:
     """
     The HTTP site of C{--metrics}: C{/metrics} and C{/healthz}; anything
-    else is 404.  No access log.
+    else is 404.  No access log, no request body (see
+    L{pop3gw.httpsite}).
     """
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(metrics))
     root.putChild(b"healthz", _HealthPage(health))
-    site = Site(root)
-    site.noisy = False
-    site.displayTracebacks = False
-    return site
+    return getOnlySite(root)

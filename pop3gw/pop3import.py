@@ -193,6 +193,31 @@ def _looksLikeListing(text: str) -> bool:
     return True
 
 
+def parseServerListing(lines: Sequence[bytes]) -> List[Tuple[int, str]]:
+    """
+    C{(number, uidl)} pairs of the lines of a server's C{UIDL} answer.
+
+    @raise MigrationError: a line that is not C{N uidl} with a UIDL of 1
+        to 70 printable ASCII characters (RFC 1939), or a UIDL given twice:
+        such a listing cannot tell which messages were copied already.
+    """
+    pairs = []
+    for index, raw in enumerate(lines, 1):
+        text = raw.decode("ascii", "backslashreplace")
+        parts = text.split()
+        if not raw.isascii() or len(parts) != 2 or not parts[0].isdigit() or not _UIDL.match(parts[1]):
+            shown = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in text[:60])
+            shown += "..." if len(text) > 60 else ""
+            raise MigrationError(f"malformed UIDL listing line {index}: '{shown}'")
+        pairs.append((int(parts[0]), parts[1]))
+    seen: set = set()
+    for _, uidl in pairs:
+        if uidl in seen:
+            raise MigrationError(f"UIDL listing names {uidl} twice")
+        seen.add(uidl)
+    return pairs
+
+
 def parseSource(url: str) -> Tuple[str, str, int, bool]:
     """
     C{(user, host, port, implicitTLS)} from C{pop3://user@host[:port]}
@@ -272,14 +297,14 @@ class Importer:
         except poplib.error_proto:
             raise MigrationError(f"login as {user} refused") from None
         try:
-            listing = [line.decode("ascii", "replace").split() for line in session.uidl()[1]]
+            listing = parseServerListing(session.uidl()[1])
         except poplib.error_proto as e:
             raise MigrationError(f"UIDL refused: {e}") from None
         present = set(self.presentKeys())
         uids = {k: v for k, v in readUidMap(self.maildir).items() if k in present}
         have = set(uids.values())
         copied = skipped = 0
-        for number, uidl in ((int(n), u) for n, u in listing):
+        for number, uidl in listing:
             if uidl in have:
                 skipped += 1
                 continue

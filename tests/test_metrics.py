@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from pop3gw import events, fsutil
+from pop3gw import events, fsutil, workerlink
 from pop3gw.metrics import Metrics, healthProblems, metricsSite
 from tests.util import makeTempDirectory
 
@@ -63,6 +63,29 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(got[("pop3gw_logins_total", (("service", "submission"),))], 0)
         self.assertEqual(got[("pop3gw_login_failures_total", (("service", "submission"),))], 1)
         self.assertEqual(got[("pop3gw_login_failures_total", (("service", "pop3"),))], 0)
+
+    def test_workerLogins(self) -> None:
+        """
+        With C{--workers}, a worker's login events reach the supervisor's
+        observer as text only (L{workerlink.decodeLogLine}): they are
+        counted under the service the text names, never under a made-up
+        C{"None"} series.
+        """
+        relayed: list = []
+        workerLog = Logger(observer=lambda event: relayed.append(event))
+        events.loginSucceeded(workerLog, "pop3", "alice@example.org", "192.0.2.7", True)
+        events.loginSucceeded(workerLog, "submission", 'x" service=pop3', "192.0.2.7", True)
+        events.loginFailed(workerLog, "submission", "alice@example.org", "192.0.2.7")
+        for event in relayed:
+            self.metrics(workerlink.decodeLogLine(workerlink.encodeLogEvent(event), " (worker 1)"))
+        got = samples(self.metrics)
+        self.assertEqual(got[("pop3gw_logins_total", (("service", "pop3"),))], 1)
+        self.assertEqual(got[("pop3gw_logins_total", (("service", "submission"),))], 1)
+        self.assertEqual(got[("pop3gw_login_failures_total", (("service", "submission"),))], 1)
+        self.assertEqual(got[("pop3gw_login_failures_total", (("service", "pop3"),))], 0)
+        self.assertEqual(sorted(k for k in got if k[0] == "pop3gw_logins_total"),
+                         [("pop3gw_logins_total", (("service", "pop3"),)),
+                          ("pop3gw_logins_total", (("service", "submission"),))])
 
     def test_messagesAndRelay(self) -> None:
         """

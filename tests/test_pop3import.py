@@ -192,3 +192,29 @@ class ImporterTests(SynchronousTestCase):
         with self.assertRaises(MigrationError) as e:
             self.importer().run(FakeSession([]), "alice", "wrong")
         self.assertEqual(str(e.exception), "login as alice refused")
+
+    def test_unusableListing(self) -> None:
+        """
+        A UIDL listing the importer cannot rely on (a line that is not
+        C{N uidl}, a UIDL that is not 1 to 70 printable ASCII characters
+        as RFC 1939 requires, or a UIDL given twice) is one clear error
+        before any message is copied, rather than a traceback, a message
+        copied again at every run (a UIDL the map cannot keep) or one
+        skipped (a repeated UIDL).
+        """
+        cases = [
+            ([b"1 a b"], "malformed UIDL listing line 1: '1 a b'"),
+            ([b"x abc"], "malformed UIDL listing line 1: 'x abc'"),
+            ([b"1"], "malformed UIDL listing line 1: '1'"),
+            ([b"1 u1", b"2 " + b"u" * 71], "malformed UIDL listing line 2: '2 " + "u" * 58 + "...'"),
+            ([b"1 \xc3\xa9"], "malformed UIDL listing line 1: '1 \\xc3\\xa9'"),
+            ([b"1 \x1b[2J"], "malformed UIDL listing line 1: '1 \\x1b[2J'"),
+            ([b"1 u1", b"2 u1"], "UIDL listing names u1 twice"),
+        ]
+        for lines, message in cases:
+            session = FakeSession([(b"u1", b"A: 1\r\n\r\nx\r\n"), (b"u2", b"A: 2\r\n\r\ny\r\n")])
+            session.uidl = lambda lines=lines: (b"+OK", lines, 0)  # type: ignore[method-assign]
+            with self.assertRaises(MigrationError) as e:
+                self.importer().run(session, "alice", "pw")
+            self.assertEqual(str(e.exception), message)
+            self.assertEqual((session.retrieved, self.stored), ([], {}))
