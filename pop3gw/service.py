@@ -643,7 +643,8 @@ def _checkPostmaster(config: Config, users: Any) -> None:
 
 def _inboundChecker(config: Config, reactor: Any, top: MultiService) -> Optional[InboundChecker]:
     """
-    The checks of mail received on C{--mx} (C{[inbound]}): their DNS work
+    The checks of mail received on C{--mx}, and on C{--lmtp} with
+    C{lmtp-checks} (C{[inbound]}): their DNS work
     in a bounded pool of their own, started and stopped with the server;
     C{None} when there is nothing to check.
     """
@@ -883,6 +884,9 @@ def _buildCore(
         checkHeaderFrom=config.checkHeaderFrom,
         idleTimeout=limits["smtp-idle-timeout"],
     )
+    inboundChecker = None
+    if config.listeners["mx"] or (config.listeners["lmtp"] and config.inbound.lmtpChecks):
+        inboundChecker = _inboundChecker(config, reactor, top)
     mxFactory = MXFactory(
         router,
         reactor,
@@ -893,7 +897,7 @@ def _buildCore(
         idleTimeout=limits["smtp-idle-timeout"],
         resolver=MXResolver(reactor),
         postmaster=config.postmaster,
-        checker=_inboundChecker(config, reactor, top) if config.listeners["mx"] else None,
+        checker=inboundChecker,
     )
 
     lmtpFactory = LMTPFactory(
@@ -904,6 +908,7 @@ def _buildCore(
         maxRecipients=limits["max-recipients"],
         idleTimeout=limits["smtp-idle-timeout"],
         postmaster=config.postmaster,
+        checker=inboundChecker if config.inbound.lmtpChecks else None,
     )
 
     for factory in (pop3Factory, submissionFactory, mxFactory, lmtpFactory):

@@ -203,6 +203,26 @@ class MakeServiceTests(SynchronousTestCase):
         [mx] = [s.factory.wrappedFactory for s in listeners if s.listenerName == "mx"]
         self.assertIsNone(mx.checker)
 
+    def test_lmtpInboundChecks(self) -> None:
+        """
+        With C{lmtp-checks = yes} the LMTP listener checks with the same
+        checker as the MX listener (one DNS pool); without, it has none.
+        """
+        ini = os.path.abspath(self.mktemp())
+        with open(ini, "w") as f:
+            f.write("[inbound]\nlmtp-checks = yes\n")
+        top, listeners = self.build("--config", ini, "--mx", "tcp:2525", "--lmtp", "unix:/run/x/lmtp")
+        byName = {s.listenerName: s.factory.wrappedFactory for s in listeners}
+        self.assertIsInstance(byName["lmtp"].checker, InboundChecker)
+        self.assertIs(byName["lmtp"].checker, byName["mx"].checker)
+        self.assertEqual(len([s for s in top if isinstance(s, ThreadPoolService) and s.pool.name == "pop3gw-dns"]), 1)
+        top, listeners = self.build("--config", ini, "--lmtp", "unix:/run/x/lmtp")
+        [lmtp] = [s.factory.wrappedFactory for s in listeners if s.listenerName == "lmtp"]
+        self.assertIsInstance(lmtp.checker, InboundChecker)
+        top, listeners = self.build("--mx", "tcp:2525", "--lmtp", "unix:/run/x/lmtp")
+        [lmtp] = [s.factory.wrappedFactory for s in listeners if s.listenerName == "lmtp"]
+        self.assertIsNone(lmtp.checker)
+
     def test_postfixMapListener(self) -> None:
         """
         C{--postfix-map} adds a socketmap listener over the same router,
