@@ -89,6 +89,7 @@ class Config:
     inbound: InboundPolicy = InboundPolicy()
     acme: ACMESettings = ACMESettings()
     store: str = "maildir"
+    mtaSTS: bool = True
 
     @property
     def usesDatabase(self) -> bool:
@@ -357,6 +358,7 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         relayUsername=relay.get("username") or None,
         relayPasswordFile=passwordFile,
         relayVerifyTLS=_bool(relay.get("verify-tls", "yes"), "verify-tls"),
+        mtaSTS=_bool(relay.get("mta-sts", "yes"), "[relay] mta-sts"),
         plaintextAuth=mode,
         maxMessageSize=maxSize,
         hostname=hostname,

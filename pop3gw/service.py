@@ -62,7 +62,7 @@ from pop3gw.pgusers import PostgresUsers
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import Entry, OutboundQueue
 from pop3gw.relay import RelayService
-from pop3gw.relay.mtasts import PolicySource, makeFetcher
+from pop3gw.relay.mtasts import CacheFile, PolicySource, makeFetcher
 from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
 from pop3gw.runner import ProcessPoolRunner, ThreadPoolRunner
@@ -123,6 +123,9 @@ IO_THREADS = 8
 #: The file, in the data directory, a running server holds an exclusive
 #: C{flock} on; it contains the server's pid.
 SERVER_LOCK = "server.lock"
+
+#: The MTA-STS policy cache, in the data directory.
+MTA_STS_CACHE = "mta-sts.json"
 
 #: Threads for the DNS work of the inbound checks (SPF, DKIM, DMARC): at
 #: most this many messages are checked at once; more wait their turn.
@@ -959,10 +962,11 @@ def _addRelay(core: _Core, top: MultiService) -> RelayService:
         maxConnections=int(config.limits["relay-connections"]),
     )
     relay.setServiceParent(top)
-    if not config.relayHost:
+    if not config.relayHost and config.mtaSTS:
         # Direct MX delivery applies the recipient domains' MTA-STS
-        # policies (RFC 8461).
-        relay.dispatcher.mtaSTS = PolicySource(reactor, relay.dispatcher.mx.lookupTXT, makeFetcher(reactor))
+        # policies (RFC 8461), cached across restarts.
+        cacheFile = CacheFile(os.path.join(config.dataDir, MTA_STS_CACHE), core.ioRunner)
+        relay.dispatcher.mtaSTS = PolicySource(reactor, relay.dispatcher.mx.lookupTXT, makeFetcher(reactor), cacheFile)
     if isinstance(core.queue, PostgresQueue):
         QueuePollService(core.queue, core.storeRunner).setServiceParent(top)
     return relay

@@ -269,6 +269,27 @@ class AliasSettingsTests(SynchronousTestCase):
         self.assertEqual(str(e), "recipient-delimiter: '@' holds a character that cannot be in a local part")
 
 
+class MTASTSSettingTests(SynchronousTestCase):
+    """
+    C{[relay] mta-sts}: MTA-STS for direct MX delivery, on by default.
+    """
+
+    def test_values(self) -> None:
+        """
+        Default yes; C{no} turns it off; anything else is one error line.
+        """
+        path = self.mktemp()
+        self.assertTrue(parse().mtaSTS)
+        for text, expected in (("no", False), ("yes", True)):
+            with open(path, "w") as f:
+                f.write(f"[relay]\nmta-sts = {text}\n")
+            self.assertEqual(buildConfig({}, path).mtaSTS, expected)
+        with open(path, "w") as f:
+            f.write("[relay]\nmta-sts = sometimes\n")
+        e = self.assertRaises(ConfigError, buildConfig, {}, path)
+        self.assertEqual(str(e), "[relay] mta-sts: expected yes or no, got 'sometimes'")
+
+
 class InboundSettingsTests(SynchronousTestCase):
     """
     The C{[inbound]} section: the checks of mail received on C{--mx}.

@@ -90,6 +90,26 @@ class MakeServiceTests(SynchronousTestCase):
         [relay] = [s for s in smarthost if isinstance(s, RelayService)]
         self.assertIsNone(relay.dispatcher.mtaSTS)
 
+    def test_mtaSTSCacheAndSwitch(self) -> None:
+        """
+        The MTA-STS cache is kept in C{DATA/mta-sts.json}, written in the
+        I/O pool; C{[relay] mta-sts = no} turns MTA-STS off.
+        """
+        from pop3gw.relay import RelayService
+
+        direct, _ = self.build()
+        [relay] = [s for s in direct if isinstance(s, RelayService)]
+        cacheFile = relay.dispatcher.mtaSTS._cacheFile
+        self.assertEqual(cacheFile.path, os.path.join(self.dataDir, "mta-sts.json"))
+        self.assertIsInstance(cacheFile.runner, ThreadPoolRunner)
+        ini = os.path.abspath(self.mktemp())
+        with open(ini, "w") as f:
+            f.write("[relay]\nmta-sts = no\n")
+        self.dataDir = os.path.abspath(self.mktemp())
+        off, _ = self.build("--config", ini)
+        [relay] = [s for s in off if isinstance(s, RelayService)]
+        self.assertIsNone(relay.dispatcher.mtaSTS)
+
     def test_sharedPortalAndImplicitTLS(self) -> None:
         """
         Every listener is wrapped in the connection limiter; implicit-TLS
