@@ -690,9 +690,12 @@ def _deliverSession(args, recipient: Address) -> Session:
     if helo and (len(helo) > 255 or not all(0x21 <= ord(c) <= 0x7E for c in helo)):
         raise CommandError(f"--client-helo: {args.client_helo!r} is not a host name", EX_USAGE)
     sender = None
-    if args.sender:
+    path = (args.sender or "").strip()
+    if path.startswith("<") and path.endswith(">"):
+        path = path[1:-1]
+    if path:
         try:
-            sender = str(Address.parse(args.sender.strip().strip("<>")))
+            sender = str(Address.parse(path))
         except AddressError:
             raise CommandError(f"--sender: {args.sender!r} is not an address", EX_USAGE) from None
     return Session(ip, helo, sender, (str(recipient),))

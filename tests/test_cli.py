@@ -1060,3 +1060,19 @@ class DeliverClientOptionsTests(SynchronousTestCase):
             status = cli.main(["--data-dir", dataDir, "deliver", *options, "alice@example.org"],
                               stdin=FakeStdin("", b"Subject: x\n\nhi\n"), stdout=out, stderr=err)
             self.assertEqual((status, err.getvalue()), (cli.EX_USAGE, f"pop3gw: {message}\n"))
+
+    def test_nullSenderAndUnknownClient(self) -> None:
+        """
+        The null sender written C{<>} or empty, Postfix's C{unknown}
+        client address and an empty HELO are taken (no client, no sender).
+        """
+        dataDir = self.mktemp()
+        os.makedirs(dataDir)
+        cli.main(["--data-dir", dataDir, "user", "add", "alice@example.org"], stdin=FakeStdin("pw\n"),
+                 stdout=io.StringIO(), stderr=io.StringIO())
+        for sender in ("<>", ""):
+            out, err = io.StringIO(), io.StringIO()
+            status = cli.main(["--data-dir", dataDir, "deliver", "--sender", sender, "--client-address", "unknown",
+                               "--client-helo", "", "alice@example.org"],
+                              stdin=FakeStdin("", b"Subject: x\n\nhi\n"), stdout=out, stderr=err)
+            self.assertEqual((status, err.getvalue()), (cli.EX_OK, ""))
