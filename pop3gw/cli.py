@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import io
+import ipaddress
 import os
 import sqlite3
 import sys
 import time
 from typing import TYPE_CHECKING, BinaryIO, Optional, TextIO
 
-from pop3gw import __version__, clidkim, fsutil
+from pop3gw import __version__, clidkim, fsutil, inbound
 from pop3gw.address import Address, AddressError
 from pop3gw.config import Config, ConfigError, buildConfig
+from pop3gw.inbound import Session
 from pop3gw.interfaces import (
     AddressIsAlias,
     AliasError,
@@ -158,6 +161,13 @@ def _parser() -> argparse.ArgumentParser:
 
     deliver = sub.add_parser("deliver", help="deliver the message on stdin to a local user")
     deliver.add_argument("address")
+    deliver.add_argument("--client-address", metavar="IP",
+                         help="the address of the client the MTA received the message from, for SPF with "
+                              "[inbound] lmtp-checks (Postfix pipe: ${client_address}; empty or unknown: none)")
+    deliver.add_argument("--client-helo", metavar="NAME",
+                         help="that client's HELO name (Postfix pipe: ${client_helo})")
+    deliver.add_argument("--sender", metavar="ADDRESS",
+                         help="the envelope sender, for SPF (Postfix pipe: ${sender}; empty: the null sender)")
 
     queue = sub.add_parser("queue", help="outbound queue")
     qsub = queue.add_subparsers(dest="action", required=True)
@@ -658,9 +668,72 @@ def cmdImport(stores: _Stores, args, stdout: TextIO, stderr: TextIO, owner: Opti
     return EX_DATAERR if refused else EX_OK
 
 
+def _deliverSession(args, recipient: Address) -> Session:
+    """
+    The client C{deliver}'s options name (C{--client-address},
+    C{--client-helo}, C{--sender}), for the inbound checks.
+
+    @raise CommandError: an option is malformed (exit 64).
+    """
+    ip = (args.client_address or "").strip()
+    if ip.lower() in ("unknown", "[unavailable]", "[tempunavail]"):
+        ip = ""
+    if ip:
+        literal = ip.strip("[]")
+        if literal[:5].lower() == "ipv6:":
+            literal = literal[5:]
+        try:
+            ip = ipaddress.ip_address(literal).compressed
+        except ValueError:
+            raise CommandError(f"--client-address: {args.client_address!r} is not an IP address", EX_USAGE) from None
+    helo = (args.client_helo or "").strip()
+    if helo and (len(helo) > 255 or not all(0x21 <= ord(c) <= 0x7E for c in helo)):
+        raise CommandError(f"--client-helo: {args.client_helo!r} is not a host name", EX_USAGE)
+    sender = None
+    path = (args.sender or "").strip()
+    if path.startswith("<") and path.endswith(">"):
+        path = path[1:-1]
+    if path:
+        try:
+            sender = str(Address.parse(path))
+        except AddressError:
+            raise CommandError(f"--sender: {args.sender!r} is not an address", EX_USAGE) from None
+    return Session(ip, helo, sender, (str(recipient),))
+
+
+def _checkedMessage(config: Config, stdinBytes: BinaryIO, session: Session) -> bytes:
+    """
+    Read the whole message and run the inbound checks on it
+    (C{[inbound] lmtp-checks}).
+
+    @return: the message to store (CRLF line ends).
+    @raise CommandError: it is too large, empty, refused (exit 77) or
+        deferred (exit 75) by the checks.
+    """
+    chunks = []
+    size = 0
+    while True:
+        chunk = stdinBytes.read(READ_CHUNK)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > config.maxMessageSize:
+            raise CommandError(f"message larger than max-message-size ({config.maxMessageSize} octets)", EX_DATAERR)
+        chunks.append(chunk)
+    if size == 0:
+        raise CommandError("empty message refused", EX_DATAERR)
+    message = b"".join(chunks).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    verdict = inbound.checkNow(config.hostname, config.inbound, message, session)
+    if verdict.reply is not None:
+        status = EX_NOPERM if verdict.reply.code >= 500 else EX_TEMPFAIL
+        raise CommandError(f"message refused: {verdict.reply.code} {verdict.reply.text}", status)
+    return verdict.message
+
+
 def cmdDeliver(stores: _Stores, args, stdinBytes: BinaryIO, owner: Optional[fsutil.Owner] = None) -> int:
     config = stores.config
     address = _address(args.address, EX_NOUSER)
+    session = _deliverSession(args, address)
     users = stores.users()
     recipients = users.refresh().resolve(address)
     if not recipients:
@@ -668,6 +741,8 @@ def cmdDeliver(stores: _Stores, args, stdinBytes: BinaryIO, owner: Optional[fsut
     # One delivery for every target of a distribution list: its commit
     # fires only once each copy is durable.
     user = recipients[0] if len(recipients) == 1 else address
+    if config.inbound.lmtpChecks:
+        stdinBytes = io.BytesIO(_checkedMessage(config, stdinBytes, session))
     store = stores.maildrops(owner)
     try:
         delivery = store.beginDelivery(list(recipients))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import os
+import re
 import socket
 from typing import Optional
 
@@ -88,6 +89,7 @@ class Config:
     inbound: InboundPolicy = InboundPolicy()
     acme: ACMESettings = ACMESettings()
     store: str = "maildir"
+    mtaSTS: bool = True
 
     @property
     def usesDatabase(self) -> bool:
@@ -356,6 +358,7 @@ def buildConfig(cli: dict, configFile: Optional[str] = None) -> Config:
         relayUsername=relay.get("username") or None,
         relayPasswordFile=passwordFile,
         relayVerifyTLS=_bool(relay.get("verify-tls", "yes"), "verify-tls"),
+        mtaSTS=_bool(relay.get("mta-sts", "yes"), "[relay] mta-sts"),
         plaintextAuth=mode,
         maxMessageSize=maxSize,
         hostname=hostname,
@@ -420,7 +423,14 @@ _INBOUND_KEYS = {
     "rspamd-url",
     "rspamd-timeout",
     "rspamd-failure",
+    "lmtp-checks",
+    "trusted-authserv-ids",
+    "lmtp-dmarc-reject",
 }
+
+#: What C{trusted-authserv-ids} takes: the host-name-like authserv-ids
+#: front MTAs write (RFC 8601 2.5).
+_AUTHSERV_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_]{0,252}$")
 
 
 def _seconds(section: dict, key: str, fallback: float) -> float:
@@ -445,7 +455,8 @@ def _acceptOrDefer(section: dict, key: str) -> bool:
 
 def parseInbound(section: dict) -> InboundPolicy:
     """
-    The C{[inbound]} section (the checks of mail received on C{--mx}) as an
+    The C{[inbound]} section (the checks of mail received on C{--mx}, and
+    with C{lmtp-checks} on LMTP and C{pop3gw deliver}) as an
     L{InboundPolicy}.
 
     @raise ConfigError: an unknown key or a bad value.
@@ -468,6 +479,11 @@ def parseInbound(section: dict) -> InboundPolicy:
             allow.add(parseDomain(domain).lower())
         except AddressError:
             raise ConfigError(f"[inbound] allow-domains: {domain!r} is not a domain name") from None
+    trusted = set()
+    for name in _splitList(section.get("trusted-authserv-ids", "")):
+        if not _AUTHSERV_ID.match(name):
+            raise ConfigError(f"[inbound] trusted-authserv-ids: {name!r} is not an authserv-id")
+        trusted.add(name.lower())
     url = section.get("rspamd-url", "").strip() or None
     if url is not None and not url.lower().startswith(("http://", "https://")):
         raise ConfigError("[inbound] rspamd-url: must be an http:// or https:// URL")
@@ -484,6 +500,9 @@ def parseInbound(section: dict) -> InboundPolicy:
         rspamdURL=url,
         rspamdTimeout=_seconds(section, "rspamd-timeout", 10.0),
         rspamdFailClosed=_acceptOrDefer(section, "rspamd-failure"),
+        lmtpChecks=_bool(section.get("lmtp-checks", "no"), "[inbound] lmtp-checks"),
+        trustedAuthservIDs=frozenset(trusted),
+        lmtpDMARCReject=_bool(section.get("lmtp-dmarc-reject", "no"), "[inbound] lmtp-dmarc-reject"),
     )
 
 

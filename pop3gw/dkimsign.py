@@ -19,8 +19,12 @@ Which domain signs
 
 The domain of the first C{From:} address, when it has an active key: DMARC
 (RFC 7489 3.1.1) only counts a DKIM signature whose C{d=} is aligned with
-the C{From:} domain.  Otherwise the envelope sender's domain, when it has
-one (a valid signature that does not align still helps the domain's
+the C{From:} domain.  Otherwise the nearest parent of it that has one, up
+to its organizational domain (C{example.org} for C{a@sub.example.org}, from
+the Public Suffix List): DMARC's default relaxed alignment (C{adkim=r})
+counts that signature too; a parent above the organizational domain is a
+public suffix and never signs.  Otherwise the envelope sender's domain
+(or, the same way, a parent of it), when it has one (a valid signature that does not align still helps the domain's
 reputation).  Otherwise the message leaves unsigned, as it did before
 keys existed.
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import email.utils
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import dkim
 from twisted.internet import defer
@@ -52,6 +56,7 @@ from pop3gw.interfaces import (
     ITwoPhaseDelivery,
     TemporaryFailure,
 )
+from pop3gw.mailauth import OrganizationalDomains
 from pop3gw.wire import CRLFStream
 
 #: The header fields signed, when present, in this order (RFC 6376 5.4.1's
@@ -244,10 +249,31 @@ class SigningQueue:
 
     log = Logger()
 
-    def __init__(self, queue: IOutboundQueue, keyring: Keyring, runner: IBlockingRunner) -> None:
+    def __init__(
+        self,
+        queue: IOutboundQueue,
+        keyring: Keyring,
+        runner: IBlockingRunner,
+        organizational: Optional[Callable[[str], str]] = None,
+    ) -> None:
         self.queue = queue
         self.keyring = keyring
         self.runner = runner
+        self._organizational = organizational
+
+    def _aligned(self, domain: str) -> list[str]:
+        """
+        C{domain} and its parents up to its organizational domain, nearest
+        first: the names a relaxed-aligned signature may use.
+        """
+        if self._organizational is None:
+            self._organizational = OrganizationalDomains()
+        organizational = self._organizational(domain)
+        labels = domain.split(".")
+        names = [".".join(labels[i:]) for i in range(len(labels))]
+        if organizational not in names:
+            return [domain]
+        return names[: names.index(organizational) + 1]
 
     def beginDelivery(
         self, sender: Optional[Address], recipients: Sequence[Address], trace: bytes = b"", smtputf8: bool = False
@@ -266,12 +292,13 @@ class SigningQueue:
         candidates = [fromDomain(headerSection(message))]
         if sender is not None:
             candidates.append(sender.domain.lower())
-        for domain in candidates:
-            if domain is None:
+        for candidate in candidates:
+            if candidate is None:
                 continue
-            keys = self.keyring.keysFor(domain)
-            if keys is not None:
-                return domain, keys
+            for domain in self._aligned(candidate.rstrip(".")):
+                keys = self.keyring.keysFor(domain)
+                if keys is not None:
+                    return domain, keys
         return None, None
 
     def sign(self, message: bytes, sender: Optional[Address], queueId: Optional[str]) -> defer.Deferred:

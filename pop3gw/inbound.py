@@ -31,6 +31,14 @@ Policy (L{InboundPolicy}; the C{[inbound]} INI section):
     the message through (C{rspamd-failure = accept}) or gets C{451 4.7.1}
     (C{defer}).
 
+Behind a front MTA (LMTP, with C{lmtp-checks = yes}; C{pop3gw deliver}
+through L{checkNow}), the same checks run with C{behindMTA}: a message
+whose topmost C{Authentication-Results:} field names one of
+C{trusted-authserv-ids} is delivered unchanged (the front MTA checked
+it), forged fields naming a trusted front MTA are removed too, and a
+DMARC p=reject failure is quarantined unless C{lmtp-dmarc-reject = yes}
+(a refusal there makes the front MTA bounce to a likely forged sender).
+
 The stored message starts with one C{Authentication-Results:} field (RFC
 8601) naming the server's host name, then the spam fields, then the
 C{Received:} field; earlier C{Authentication-Results:} fields that name
@@ -117,6 +125,14 @@ class InboundPolicy:
     @ivar rspamdURL: rspamd's C{/checkv2} URL, or C{None}.
     @ivar rspamdTimeout: seconds rspamd may take.
     @ivar rspamdFailClosed: answer C{451} when rspamd cannot be asked.
+    @ivar lmtpChecks: check what arrives over LMTP and C{pop3gw deliver}
+        too (unless a trusted front MTA checked it).
+    @ivar trustedAuthservIDs: the authserv-ids (lower case) of the front
+        MTAs whose topmost C{Authentication-Results:} field stands for the
+        checks on LMTP and C{pop3gw deliver}.
+    @ivar lmtpDMARCReject: refuse DMARC p=reject failures on LMTP and
+        C{pop3gw deliver} (else quarantine them: refusing there makes the
+        front MTA bounce to a sender that may be forged).
     """
 
     checks: bool = True
@@ -131,6 +147,9 @@ class InboundPolicy:
     rspamdURL: Optional[str] = None
     rspamdTimeout: float = 10.0
     rspamdFailClosed: bool = False
+    lmtpChecks: bool = False
+    trustedAuthservIDs: frozenset = frozenset()
+    lmtpDMARCReject: bool = False
 
     def allowed(self, domain: str) -> bool:
         """
@@ -312,16 +331,22 @@ class _Decision:
     rspamd: str = ""
 
 
-def decide(policy: InboundPolicy, results: mailauth.AuthenticationResults, rspamd: Any) -> _Decision:
+def decide(
+    policy: InboundPolicy, results: mailauth.AuthenticationResults, rspamd: Any, behindMTA: bool = False
+) -> _Decision:
     """
     Act on the results and rspamd's answer (a dict, a L{Failure}, or
     C{None} when rspamd is not configured).
+
+    @param behindMTA: the message came over LMTP or C{pop3gw deliver}:
+        a p=reject failure is refused only with C{lmtp-dmarc-reject}.
     """
     decision = _Decision()
     dmarc = results.dmarc
     acted = dmarc.fromDomain and not policy.allowed(dmarc.fromDomain)
+    reject = policy.lmtpDMARCReject if behindMTA else policy.dmarcReject
     if dmarc.result == "fail" and acted:
-        if dmarc.disposition == "reject" and policy.dmarcReject:
+        if dmarc.disposition == "reject" and reject:
             decision.reply, decision.action = DMARC_REJECTED, "reject"
         elif dmarc.disposition in ("reject", "quarantine") and policy.dmarcQuarantine:
             decision.spam, decision.action = True, "quarantine"
@@ -395,13 +420,31 @@ def authservID(field: bytes) -> str:
     return m.group(1).lower() if m else ""
 
 
-def rewrite(message: bytes, hostname: str, top: list[bytes], decision: _Decision, tag: bytes) -> bytes:
+def trustedFront(message: bytes, trusted: frozenset) -> Optional[str]:
     """
-    C{message} with the fields C{top} first, this host's forged
-    C{Authentication-Results:} removed, and the spam marks of C{decision}.
+    The authserv-id of C{message}'s topmost C{Authentication-Results:}
+    field if it is one of C{trusted}, else C{None}.
+    """
+    if not trusted:
+        return None
+    fields, _ = mailauth.splitHeader(message)
+    for field in fields:
+        if field.partition(b":")[0].strip(b" \t").lower() == b"authentication-results":
+            name = authservID(field)
+            return name if name in trusted else None
+    return None
+
+
+def rewrite(
+    message: bytes, hostname: str, top: list[bytes], decision: _Decision, tag: bytes, others: frozenset = frozenset()
+) -> bytes:
+    """
+    C{message} with the fields C{top} first, the forged
+    C{Authentication-Results:} fields (naming this host, or one of
+    C{others}) removed, and the spam marks of C{decision}.
     """
     fields, end = mailauth.splitHeader(message)
-    host = hostname.lower().rstrip(".")
+    forged = {hostname.lower().rstrip(".")} | set(others)
     added = [b"X-Spam-Flag: YES\r\n"] if decision.spam else []
     replaced = {bytes(f.partition(b":")[0].strip().lower()) for f in decision.fields}
     if decision.spam or any(f.lower().startswith(b"x-spam-score:") for f in decision.fields):
@@ -410,7 +453,7 @@ def rewrite(message: bytes, hostname: str, top: list[bytes], decision: _Decision
     subjectSeen = False
     for field in fields:
         name = field.partition(b":")[0].strip(b" \t").lower()
-        if name == b"authentication-results" and authservID(field) == host:
+        if name == b"authentication-results" and authservID(field) in forged:
             continue
         if name in replaced:
             continue
@@ -485,10 +528,18 @@ class InboundChecker:
             client, message, session.ip, session.sender, session.helo, self._organizational, self._sample
         )
 
-    def check(self, message: bytes, session: Session) -> Deferred:
+    def check(self, message: bytes, session: Session, behindMTA: bool = False) -> Deferred:
         """
+        @param behindMTA: the message came over LMTP: one whose topmost
+            C{Authentication-Results:} field names a trusted front MTA is
+            delivered unchanged, and a p=reject failure is refused only
+            with C{lmtp-dmarc-reject}.
         @return: a C{Deferred} firing with a L{Verdict}; never failing.
         """
+        if behindMTA:
+            front = trustedFront(message, self.policy.trustedAuthservIDs)
+            if front is not None:
+                return succeed(Verdict(None, message, f"trusted={front}", "deliver"))
         results = self._checkAuthentication(message, session)
         rspamd: Deferred = (
             succeed(None)
@@ -496,7 +547,7 @@ class InboundChecker:
             else self.rspamd.check(message, session).addErrback(self._ebRspamd)
         )
         d = defer.gatherResults([results, rspamd], consumeErrors=True)
-        d.addCallback(lambda both: self._verdict(message, session, both[0], both[1]))
+        d.addCallback(lambda both: self._verdict(message, both[0], both[1], behindMTA))
         return d
 
     def _ebRspamd(self, failure: Failure) -> RspamdError:
@@ -527,23 +578,72 @@ class InboundChecker:
         self.runner.run(self.authenticate, message, session).addBoth(done)
         return outcome
 
-    def _verdict(self, message: bytes, session: Session, results: Any, rspamd: Any) -> Verdict:
+    def _verdict(self, message: bytes, results: Any, rspamd: Any, behindMTA: bool) -> Verdict:
         if isinstance(rspamd, RspamdError):
             rspamd = Failure(rspamd)
-        top: list[bytes] = []
-        if results is None:
-            decision = decide(self.policy, _UNCHECKED, rspamd)
-            summary = "checks=off"
-        else:
-            decision = decide(self.policy, results, rspamd)
-            top.append(results.header(self.hostname))
-            summary = results.summary()
-        if decision.rspamd:
-            summary += f" rspamd={decision.rspamd}"
-        if decision.reply is not None:
-            return Verdict(decision.reply, b"", summary, decision.action)
-        tag = self.policy.subjectTag.encode("utf-8")
-        return Verdict(None, rewrite(message, self.hostname, top, decision, tag), summary, decision.action)
+        return makeVerdict(self.hostname, self.policy, message, results, rspamd, behindMTA)
+
+
+def makeVerdict(
+    hostname: str, policy: InboundPolicy, message: bytes, results: Any, rspamd: Any, behindMTA: bool = False
+) -> Verdict:
+    """
+    The L{Verdict} on C{message} from its results (C{None}: not checked)
+    and rspamd's answer (see L{decide}).
+    """
+    top: list[bytes] = []
+    if results is None:
+        decision = decide(policy, _UNCHECKED, rspamd, behindMTA)
+        summary = "checks=off"
+    else:
+        decision = decide(policy, results, rspamd, behindMTA)
+        top.append(results.header(hostname))
+        summary = results.summary()
+    if decision.rspamd:
+        summary += f" rspamd={decision.rspamd}"
+    if decision.reply is not None:
+        return Verdict(decision.reply, b"", summary, decision.action)
+    tag = policy.subjectTag.encode("utf-8")
+    others = policy.trustedAuthservIDs if behindMTA else frozenset()
+    return Verdict(None, rewrite(message, hostname, top, decision, tag, others), summary, decision.action)
+
+
+def checkNow(
+    hostname: str,
+    policy: InboundPolicy,
+    message: bytes,
+    session: Session,
+    authenticate: Optional[Callable[[bytes, Session], mailauth.AuthenticationResults]] = None,
+) -> Verdict:
+    """
+    The checks of C{pop3gw deliver}: those of LMTP (C{behindMTA}), without
+    rspamd, blocking (the command has no reactor).
+
+    @param authenticate: as L{InboundChecker}'s; by default
+        L{mailauth.authenticate} through C{policy}'s name server, within
+        its deadline.
+    """
+    front = trustedFront(message, policy.trustedAuthservIDs)
+    if front is not None:
+        return Verdict(None, message, f"trusted={front}", "deliver")
+    if not policy.checks:
+        return makeVerdict(hostname, policy, message, None, None, True)
+    if authenticate is None:
+        resolver = mailauth.makeResolver(policy.dnsServer)
+        organizational = _orgDomains()
+
+        def authenticate(message: bytes, session: Session) -> mailauth.AuthenticationResults:
+            client = mailauth.DNSClient(resolver, policy.dnsTimeout, time.monotonic() + policy.deadline)
+            return mailauth.authenticate(
+                client, message, session.ip, session.sender, session.helo, organizational, random.random
+            )
+
+    try:
+        results = authenticate(message, session)
+    except Exception:
+        log.failure("deliver: authentication checks failed")
+        results = mailauth.temporaryResults(session.sender, session.helo)
+    return makeVerdict(hostname, policy, message, results, None, True)
 
 
 _UNCHECKED = mailauth.AuthenticationResults(
@@ -572,15 +672,39 @@ class CheckedDelivery:
     @param checker: the L{InboundChecker}.
     @param session: the L{Session}.
     @param log: the session's logger.
+    @param service: the listener, for the log line (C{mx}, C{lmtp}).
+    @param behindMTA: the message came over LMTP (see
+        L{InboundChecker.check}).
+    @param peer: the connection's peer for the log line, when it is not
+        the session's client (LMTP).
     """
 
-    def __init__(self, delivery: IDelivery, checker: InboundChecker, session: Session, log: Logger) -> None:
+    def __init__(
+        self,
+        delivery: IDelivery,
+        checker: InboundChecker,
+        session: Session,
+        log: Logger,
+        service: str = "mx",
+        behindMTA: bool = False,
+        peer: Optional[str] = None,
+    ) -> None:
+        self._peer = peer
         self._delivery = delivery
         self._checker = checker
         self._session = session
         self._log = log
+        self._service = service
+        self._behindMTA = behindMTA
         self._chunks: list[bytes] = []
         self._aborted = False
+
+    @property
+    def delivery(self) -> IDelivery:
+        """
+        The real delivery.
+        """
+        return self._delivery
 
     @property
     def queueId(self) -> Optional[str]:
@@ -629,15 +753,17 @@ class CheckedDelivery:
         """
         message = b"".join(self._chunks)
         self._chunks = []
-        d = self._checker.check(message, self._session)
+        d = self._checker.check(message, self._session, self._behindMTA)
         d.addCallback(self._cbChecked)
         return d
 
     def _cbChecked(self, verdict: Verdict) -> Any:
         session = self._session
+        # Behind an MTA, rhost is that MTA and client the one it names.
+        client = f" client={session.ip or 'unknown'}" if self._behindMTA else ""
         self._log.info(
-            "mx: checked rhost={peer} from={sender} {summary} action={action}",
-            peer=session.ip,
+            self._service + ": checked rhost={peer}" + client + " from={sender} {summary} action={action}",
+            peer=self._peer or session.ip,
             sender=events.sanitize(session.sender or ""),
             summary=verdict.summary,
             action=verdict.action,

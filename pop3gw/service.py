@@ -62,7 +62,7 @@ from pop3gw.pgusers import PostgresUsers
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import Entry, OutboundQueue
 from pop3gw.relay import RelayService
-from pop3gw.relay.mtasts import PolicySource, makeFetcher
+from pop3gw.relay.mtasts import CacheFile, PolicySource, makeFetcher
 from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
 from pop3gw.runner import ProcessPoolRunner, ThreadPoolRunner
@@ -123,6 +123,9 @@ IO_THREADS = 8
 #: The file, in the data directory, a running server holds an exclusive
 #: C{flock} on; it contains the server's pid.
 SERVER_LOCK = "server.lock"
+
+#: The MTA-STS policy cache, in the data directory.
+MTA_STS_CACHE = "mta-sts.json"
 
 #: Threads for the DNS work of the inbound checks (SPF, DKIM, DMARC): at
 #: most this many messages are checked at once; more wait their turn.
@@ -643,7 +646,8 @@ def _checkPostmaster(config: Config, users: Any) -> None:
 
 def _inboundChecker(config: Config, reactor: Any, top: MultiService) -> Optional[InboundChecker]:
     """
-    The checks of mail received on C{--mx} (C{[inbound]}): their DNS work
+    The checks of mail received on C{--mx}, and on C{--lmtp} with
+    C{lmtp-checks} (C{[inbound]}): their DNS work
     in a bounded pool of their own, started and stopped with the server;
     C{None} when there is nothing to check.
     """
@@ -883,6 +887,9 @@ def _buildCore(
         checkHeaderFrom=config.checkHeaderFrom,
         idleTimeout=limits["smtp-idle-timeout"],
     )
+    inboundChecker = None
+    if config.listeners["mx"] or (config.listeners["lmtp"] and config.inbound.lmtpChecks):
+        inboundChecker = _inboundChecker(config, reactor, top)
     mxFactory = MXFactory(
         router,
         reactor,
@@ -893,7 +900,7 @@ def _buildCore(
         idleTimeout=limits["smtp-idle-timeout"],
         resolver=MXResolver(reactor),
         postmaster=config.postmaster,
-        checker=_inboundChecker(config, reactor, top) if config.listeners["mx"] else None,
+        checker=inboundChecker,
     )
 
     lmtpFactory = LMTPFactory(
@@ -904,6 +911,7 @@ def _buildCore(
         maxRecipients=limits["max-recipients"],
         idleTimeout=limits["smtp-idle-timeout"],
         postmaster=config.postmaster,
+        checker=inboundChecker if config.inbound.lmtpChecks else None,
     )
 
     for factory in (pop3Factory, submissionFactory, mxFactory, lmtpFactory):
@@ -954,10 +962,11 @@ def _addRelay(core: _Core, top: MultiService) -> RelayService:
         maxConnections=int(config.limits["relay-connections"]),
     )
     relay.setServiceParent(top)
-    if not config.relayHost:
+    if not config.relayHost and config.mtaSTS:
         # Direct MX delivery applies the recipient domains' MTA-STS
-        # policies (RFC 8461).
-        relay.dispatcher.mtaSTS = PolicySource(reactor, relay.dispatcher.mx.lookupTXT, makeFetcher(reactor))
+        # policies (RFC 8461), cached across restarts.
+        cacheFile = CacheFile(os.path.join(config.dataDir, MTA_STS_CACHE), core.ioRunner)
+        relay.dispatcher.mtaSTS = PolicySource(reactor, relay.dispatcher.mx.lookupTXT, makeFetcher(reactor), cacheFile)
     if isinstance(core.queue, PostgresQueue):
         QueuePollService(core.queue, core.storeRunner).setServiceParent(top)
     return relay

@@ -25,6 +25,24 @@ reader, with what RFC 2033 changes:
     LAST}; each earlier chunk gets one reply.
   - The C{Received:} field says C{with UTF8LMTP} for a message received
     with SMTPUTF8 (RFC 6531 3.7.3).
+  - XFORWARD (Postfix's C{lmtp_send_xforward_command = yes}, see its
+    XFORWARD_README) is offered and accepted outside a transaction: its
+    attributes (xtext, at most 255 octets each, C{[UNAVAILABLE]} and
+    C{[TEMPUNAVAIL]} clearing one) name the client the front MTA
+    received the message from, and hold for the next transaction only.
+    The LMTP client is trusted by construction (a Unix socket or a
+    trusted network), so they are taken as said once they are well
+    formed: C{ADDR} an IP address (C{IPV6:} prefix allowed), C{PORT} a
+    port number, C{SOURCE} C{LOCAL} or C{REMOTE}, the others printable
+    ASCII without spaces.  A bad one gets C{501 5.5.4} and changes
+    nothing.
+  - With C{[inbound] lmtp-checks = yes} (the factory's C{checker}), a
+    message whose topmost C{Authentication-Results:} field does not name
+    a trusted front MTA (C{trusted-authserv-ids}) goes through the checks
+    of C{--mx} (L{pop3gw.inbound}), with XFORWARD's C{ADDR} and C{HELO} as
+    the client (no C{ADDR}: SPF C{none}, DMARC on DKIM alone); a refusal
+    is sent once per recipient.  A DMARC p=reject failure is quarantined
+    unless C{lmtp-dmarc-reject = yes}.
 
 Log lines::
 
@@ -39,6 +57,8 @@ whose maildrop failed::
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import TYPE_CHECKING, Any, Optional
 
 import attr
@@ -48,6 +68,7 @@ from zope.interface import implementer
 
 from pop3gw import events
 from pop3gw.address import Address
+from pop3gw.inbound import CheckedDelivery, Session
 from pop3gw.interfaces import IDelivery, TemporaryFailure
 from pop3gw.smtp import SMTPServer, commandTables
 from pop3gw.smtpdata import _SAFE_HELO, DataCommands, formatDate
@@ -69,6 +90,87 @@ SERVICE = "lmtp"
 LMTP_HELP = Reply(214, "2.0.0 pop3gw LMTP, see RFC 2033")
 SEND_LHLO_FIRST = Reply(503, "5.5.1 Send LHLO first")
 NO_VALID_RECIPIENTS = Reply(503, "5.5.1 No valid recipients")
+XFORWARD_OK = Reply(250, "2.0.0 Ok")
+XFORWARD_SYNTAX = Reply(501, "5.5.4 Syntax: XFORWARD attribute=value...")
+XFORWARD_BAD_NAME = Reply(501, "5.5.4 Bad XFORWARD attribute name")
+XFORWARD_BAD_VALUE = Reply(501, "5.5.4 Bad XFORWARD attribute value")
+XFORWARD_IN_TRANSACTION = Reply(503, "5.5.1 Error: MAIL transaction in progress")
+
+#: The XFORWARD attributes taken, in the order the LHLO reply names them.
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+#: Octets of one XFORWARD value, decoded (Postfix's own limit).
+MAX_XFORWARD_VALUE = 255
+_XFORWARD_UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
+_XTEXT = re.compile(r"\+([0-9A-F]{2})")
+_PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
+
+
+class XForwardError(Exception):
+    """
+    An XFORWARD command that cannot be taken; C{args[0]} is its reply.
+    """
+
+
+def _xtextDecode(value: str) -> str:
+    """
+    Decode RFC 3461's xtext (C{+XX} hexadecimal escapes).
+
+    @raise XForwardError: a C{+} not followed by two upper-case hex
+        digits.
+    """
+    if value.count("+") != len(_XTEXT.findall(value)):
+        raise XForwardError(XFORWARD_BAD_VALUE)
+    return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+def _xforwardValue(name: str, value: str) -> Optional[str]:
+    """
+    Check one decoded XFORWARD value.
+
+    @return: the value to keep (C{ADDR} without its C{IPV6:} prefix), or
+        C{None} when the front MTA says it is unavailable.
+    @raise XForwardError: it is not well formed.
+    """
+    if value in _XFORWARD_UNAVAILABLE:
+        return None
+    if not value or len(value) > MAX_XFORWARD_VALUE or not _PRINTABLE.match(value):
+        raise XForwardError(XFORWARD_BAD_VALUE)
+    if name == "ADDR":
+        if value[:5].upper() == "IPV6:":
+            value = value[5:]
+        try:
+            return ipaddress.ip_address(value).compressed
+        except ValueError:
+            raise XForwardError(XFORWARD_BAD_VALUE) from None
+    if name == "PORT" and not (value.isdigit() and len(value) <= 5 and int(value) <= 65535):
+        raise XForwardError(XFORWARD_BAD_VALUE)
+    if name == "SOURCE" and value.upper() not in ("LOCAL", "REMOTE"):
+        raise XForwardError(XFORWARD_BAD_VALUE)
+    return value
+
+
+def parseXForward(argument: str) -> dict[str, Optional[str]]:
+    """
+    The attributes of an XFORWARD command's argument (RFC-less: Postfix's
+    XFORWARD_README): C{name=value} pairs, names in any case, values in
+    xtext.
+
+    @return: attribute name (upper case) -> value, or C{None} to forget it.
+    @raise XForwardError: the argument is not well formed (nothing taken).
+    """
+    pairs = argument.split()
+    if not pairs:
+        raise XForwardError(XFORWARD_SYNTAX)
+    attributes: dict[str, Optional[str]] = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise XForwardError(XFORWARD_SYNTAX)
+        name = name.upper()
+        if name not in XFORWARD_ATTRIBUTES:
+            raise XForwardError(XFORWARD_BAD_NAME)
+        attributes[name] = _xforwardValue(name, _xtextDecode(value))
+    return attributes
 
 
 @implementer(IDelivery)
@@ -164,21 +266,41 @@ class LMTPServer(MXServer):
 
     #: Per accepted RCPT of the current transaction, its users.
     _rcpts: list[tuple[Address, ...]]
+    #: The XFORWARD attributes for the next transaction.
+    _xforward: dict[str, str]
 
     def connectionMade(self) -> None:
         self._rcpts = []
+        self._xforward = {}
         super().connectionMade()
 
     def _resetTransaction(self) -> None:
         super()._resetTransaction()
         self._rcpts = []
+        self._xforward = {}
+
+    def do_XFORWARD(self, argument: str) -> None:
+        """
+        Take the original client's attributes for the next transaction
+        (see the module docstring).
+        """
+        try:
+            attributes = parseXForward(argument)
+        except XForwardError as e:
+            raise SMTPRefusal(e.args[0]) from None
+        for name, value in attributes.items():
+            if value is None:
+                self._xforward.pop(name, None)
+            else:
+                self._xforward[name] = value
+        self._send(XFORWARD_OK)
 
     def _startReverseLookup(self) -> None:
         # An MTA in front, often on a Unix socket: no reverse name.
         return
 
     def _extensions(self) -> list[str]:
-        return []
+        return ["XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)]
 
     def do_LHLO(self, argument: str) -> None:
         self.do_EHLO(argument)
@@ -204,9 +326,21 @@ class LMTPServer(MXServer):
             for part in parts:
                 part.abort()
             raise
-        return _PerRecipientDelivery(parts, outcomes, list(self._rcpts))
+        delivery = _PerRecipientDelivery(parts, outcomes, list(self._rcpts))
+        checker = self.factory.checker
+        if checker is None:
+            return delivery
+        session = Session(
+            self._xforward.get("ADDR", ""),
+            self._xforward.get("HELO", ""),
+            None if sender is None else str(sender),
+            tuple(str(r) for r in recipients),
+        )
+        return CheckedDelivery(delivery, checker, session, self.log, SERVICE, behindMTA=True, peer=self.peer)
 
     def _sendDataReply(self, reply: Reply, delivery: IDelivery) -> None:
+        if isinstance(delivery, CheckedDelivery):
+            delivery = delivery.delivery
         count = len(delivery.outcomes) if isinstance(delivery, _PerRecipientDelivery) else 1
         for _ in range(count):
             self._send(reply)
@@ -217,6 +351,8 @@ class LMTPServer(MXServer):
         """
         Each part is durable or failed: one reply per RCPT, in RCPT order.
         """
+        if isinstance(delivery, CheckedDelivery):
+            delivery = delivery.delivery
         assert isinstance(delivery, _PerRecipientDelivery), "LMTP delivers per recipient"
         replies = []
         failed = 0
@@ -297,7 +433,7 @@ class LMTPServer(MXServer):
     _tables, _knownCommands, _wrongState = commandTables(
         {
             _State.FRESH: _COMMANDS,
-            _State.AUTHENTICATED: {**_COMMANDS, "MAIL": SMTPServer.do_MAIL},
+            _State.AUTHENTICATED: {**_COMMANDS, "MAIL": SMTPServer.do_MAIL, "XFORWARD": do_XFORWARD},
             _State.MAIL: {**_COMMANDS, "RCPT": SMTPServer.do_RCPT, "DATA": do_DATA, "BDAT": DataCommands.do_BDAT},
         },
         {
@@ -306,9 +442,10 @@ class LMTPServer(MXServer):
                 "RCPT": SEND_LHLO_FIRST,
                 "DATA": SEND_LHLO_FIRST,
                 "BDAT": SEND_LHLO_FIRST,
+                "XFORWARD": SEND_LHLO_FIRST,
             },
             _State.AUTHENTICATED: {"RCPT": NEED_MAIL, "DATA": NEED_MAIL, "BDAT": NEED_MAIL},
-            _State.MAIL: {"MAIL": NESTED_MAIL},
+            _State.MAIL: {"MAIL": NESTED_MAIL, "XFORWARD": XFORWARD_IN_TRANSACTION},
         },
     )
 
@@ -317,7 +454,9 @@ class LMTPServer(MXServer):
 class LMTPFactory(MXFactory):
     """
     Builds L{LMTPServer}s.  The attributes are L{MXFactory}'s; C{resolver}
-    and C{tlsContextFactory} are not used.
+    and C{tlsContextFactory} are not used, and C{checker} (given only with
+    C{lmtp-checks = yes}) checks the messages no trusted front MTA
+    checked.
     """
 
     def buildProtocol(self, addr) -> LMTPServer:

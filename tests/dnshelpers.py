@@ -154,6 +154,48 @@ def _record(entry: list):
     raise ValueError(kind)
 
 
+def startProcess(testcase, zone: dict) -> int:
+    """
+    Run this module as a process serving C{zone} (the JSON form), stopped
+    by its pid and its files removed when C{testcase} ends.
+
+    @return: its port on 127.0.0.1.
+    """
+    import os
+    import re
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="pop3gw-dns-")
+    testcase.addCleanup(shutil.rmtree, work, True)
+    path = os.path.join(work, "zone.json")
+    with open(path, "w") as f:
+        json.dump(zone, f)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+    testcase.addCleanup(stop)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    m = re.match(r"port=(\d+)$", line.strip())
+    if m is None:
+        raise AssertionError(f"the DNS server did not start: {line!r}")
+    return int(m.group(1))
+
+
 def main(path: str) -> None:
     from twisted.internet import reactor
 

@@ -12,7 +12,8 @@ import stat
 import sys
 import tempfile
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor, threads
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pop3gw import __version__, cli, fsutil
 from pop3gw.address import Address
@@ -20,6 +21,7 @@ from pop3gw.interfaces import MaildropLocked
 from pop3gw.maildir import MaildirStore
 from pop3gw.passwords import verifyPassword
 from pop3gw.users import UsersFile
+from tests.dnshelpers import listen, txt
 
 from .util import (
     OTHER_GID,
@@ -938,3 +940,139 @@ class DeliverToListTests(SynchronousTestCase):
         status, _, err = self.runCLI("deliver", "team@example.org", data=b"Subject: x\n\nhi\n")
         self.assertEqual((status, err.count("\n")), (cli.EX_TEMPFAIL, 1))
         self.assertEqual(self.newMessages("alice"), [])
+
+
+SPOOF = b"From: The Boss <boss@bad.example>\nSubject: urgent\n\nPay this.\n"
+
+
+class DeliverCheckTests(TestCase):
+    """
+    C{deliver} with C{[inbound] lmtp-checks = yes}: the checks of C{--mx}
+    against a DNS server on loopback (the command runs in a thread, the
+    server in the reactor), the client named by C{--client-address} and
+    C{--client-helo} (Postfix pipe(8)'s C{${client_address}} and
+    C{${client_helo}}), the sender by C{--sender}.
+    """
+
+    def setUp(self) -> None:
+        self.dataDir = self.mktemp()
+        os.makedirs(self.dataDir)
+        status = cli.main(["--data-dir", self.dataDir, "user", "add", "alice@example.org"],
+                          stdin=FakeStdin("pw\n"), stdout=io.StringIO(), stderr=io.StringIO())
+        self.assertEqual(status, 0)
+        self.maildir = os.path.join(self.dataDir, "mail", "example.org", "alice")
+        self.authority, port, ports = listen(reactor, {
+            "bad.example": [txt("v=spf1 ip4:192.0.2.1 -all")],
+            "_dmarc.bad.example": [txt("v=DMARC1; p=reject")],
+        })
+        for p in ports:
+            self.addCleanup(p.stopListening)
+        self.port = port
+
+    async def deliver(self, *options: str, settings: str = "", data: bytes = SPOOF):
+        ini = os.path.join(self.dataDir, "test.ini")
+        with open(ini, "w") as f:
+            f.write(f"[pop3gw]\nhostname = mail.example.org\n[inbound]\nlmtp-checks = yes\n"
+                    f"dns-server = 127.0.0.1:{self.port}\ntrusted-authserv-ids = mx1.example.org\n{settings}")
+        out, err = io.StringIO(), io.StringIO()
+        status = await threads.deferToThread(
+            cli.main, ["--config", ini, "--data-dir", self.dataDir, "deliver", *options, "alice@example.org"],
+            stdin=FakeStdin("", data), stdout=out, stderr=err)
+        return status, out.getvalue(), err.getvalue()
+
+    def stored(self) -> list:
+        out = []
+        new = os.path.join(self.maildir, "new")
+        for name in sorted(os.listdir(new) if os.path.isdir(new) else []):
+            with open(os.path.join(self.maildir, "new", name), "rb") as f:
+                out.append(f.read())
+        return out
+
+    async def test_quarantinedByDefault(self) -> None:
+        """
+        SPF fail from the named client, no DKIM, p=reject: stored (exit 0)
+        with the results on top, C{X-Spam-Flag: YES} and the subject tag.
+        """
+        result = await self.deliver("--client-address", "192.0.2.99", "--client-helo", "client.bad.example",
+                                    "--sender", "boss@bad.example")
+        self.assertEqual(result, (cli.EX_OK, "", ""))
+        self.assertEqual(self.stored(), [
+            b"Authentication-Results: mail.example.org;\n\tspf=fail smtp.mailfrom=boss@bad.example;\n"
+            b"\tdkim=none;\n\tdmarc=fail header.from=bad.example policy.dmarc=reject\n"
+            b"X-Spam-Flag: YES\nFrom: The Boss <boss@bad.example>\nSubject: [SPAM] urgent\n\nPay this.\n"])
+
+    async def test_rejectExits77(self) -> None:
+        """
+        With C{lmtp-dmarc-reject = yes} the failure exits 77 (EX_NOPERM:
+        the MTA bounces) with one line, and nothing is stored.
+        """
+        result = await self.deliver("--client-address", "192.0.2.99", "--sender", "boss@bad.example",
+                                    settings="lmtp-dmarc-reject = yes\n")
+        self.assertEqual(result, (cli.EX_NOPERM, "",
+                                  "pop3gw: message refused: 550 5.7.1 Message rejected by the sender domain's "
+                                  "DMARC policy\n"))
+        self.assertEqual(self.stored(), [])
+
+    async def test_noClientAddress(self) -> None:
+        """
+        Without a client address (or with Postfix's C{unknown}) SPF is
+        C{none} and DMARC rests on DKIM alone: it fails here, and the
+        message is tagged.
+        """
+        result = await self.deliver("--client-address", "unknown", "--sender", "")
+        self.assertEqual(result, (cli.EX_OK, "", ""))
+        [data] = self.stored()
+        self.assertTrue(data.startswith(
+            b"Authentication-Results: mail.example.org;\n\tspf=none;\n\tdkim=none;\n"
+            b"\tdmarc=fail header.from=bad.example policy.dmarc=reject\nX-Spam-Flag: YES\n"), data)
+
+    async def test_trustedFrontUnchanged(self) -> None:
+        """
+        A message whose topmost C{Authentication-Results:} names a trusted
+        front MTA is stored unchanged, without a DNS query.
+        """
+        data = b"Authentication-Results: mx1.example.org; dmarc=pass header.from=bad.example\n" + SPOOF
+        result = await self.deliver("--client-address", "192.0.2.99", "--sender", "boss@bad.example", data=data)
+        self.assertEqual(result, (cli.EX_OK, "", ""))
+        self.assertEqual(self.stored(), [data])
+        self.assertEqual(self.authority.queries, [])
+
+
+class DeliverClientOptionsTests(SynchronousTestCase):
+    """
+    C{deliver}'s C{--client-address}, C{--client-helo} and C{--sender}
+    are checked before anything is read.
+    """
+
+    def test_bad(self) -> None:
+        """
+        A client address that is not an IP address, a HELO name with a
+        space, or a sender that is not an address exits 64 with one line.
+        """
+        dataDir = self.mktemp()
+        os.makedirs(dataDir)
+        for options, message in (
+            (("--client-address", "mx.example"), "--client-address: 'mx.example' is not an IP address"),
+            (("--client-helo", "a b"), "--client-helo: 'a b' is not a host name"),
+            (("--sender", "no-at-sign"), "--sender: 'no-at-sign' is not an address"),
+        ):
+            out, err = io.StringIO(), io.StringIO()
+            status = cli.main(["--data-dir", dataDir, "deliver", *options, "alice@example.org"],
+                              stdin=FakeStdin("", b"Subject: x\n\nhi\n"), stdout=out, stderr=err)
+            self.assertEqual((status, err.getvalue()), (cli.EX_USAGE, f"pop3gw: {message}\n"))
+
+    def test_nullSenderAndUnknownClient(self) -> None:
+        """
+        The null sender written C{<>} or empty, Postfix's C{unknown}
+        client address and an empty HELO are taken (no client, no sender).
+        """
+        dataDir = self.mktemp()
+        os.makedirs(dataDir)
+        cli.main(["--data-dir", dataDir, "user", "add", "alice@example.org"], stdin=FakeStdin("pw\n"),
+                 stdout=io.StringIO(), stderr=io.StringIO())
+        for sender in ("<>", ""):
+            out, err = io.StringIO(), io.StringIO()
+            status = cli.main(["--data-dir", dataDir, "deliver", "--sender", sender, "--client-address", "unknown",
+                               "--client-helo", "", "alice@example.org"],
+                              stdin=FakeStdin("", b"Subject: x\n\nhi\n"), stdout=out, stderr=err)
+            self.assertEqual((status, err.getvalue()), (cli.EX_OK, ""))

@@ -269,6 +269,27 @@ class AliasSettingsTests(SynchronousTestCase):
         self.assertEqual(str(e), "recipient-delimiter: '@' holds a character that cannot be in a local part")
 
 
+class MTASTSSettingTests(SynchronousTestCase):
+    """
+    C{[relay] mta-sts}: MTA-STS for direct MX delivery, on by default.
+    """
+
+    def test_values(self) -> None:
+        """
+        Default yes; C{no} turns it off; anything else is one error line.
+        """
+        path = self.mktemp()
+        self.assertTrue(parse().mtaSTS)
+        for text, expected in (("no", False), ("yes", True)):
+            with open(path, "w") as f:
+                f.write(f"[relay]\nmta-sts = {text}\n")
+            self.assertEqual(buildConfig({}, path).mtaSTS, expected)
+        with open(path, "w") as f:
+            f.write("[relay]\nmta-sts = sometimes\n")
+        e = self.assertRaises(ConfigError, buildConfig, {}, path)
+        self.assertEqual(str(e), "[relay] mta-sts: expected yes or no, got 'sometimes'")
+
+
 class InboundSettingsTests(SynchronousTestCase):
     """
     The C{[inbound]} section: the checks of mail received on C{--mx}.
@@ -291,7 +312,18 @@ class InboundSettingsTests(SynchronousTestCase):
         self.assertEqual(parse().inbound, InboundPolicy(
             checks=True, dnsServer=None, dnsTimeout=5.0, deadline=20.0, dmarcReject=True, dmarcQuarantine=True,
             subjectTag="[SPAM]", allowDomains=frozenset(), temperrorDefer=False, rspamdURL=None,
-            rspamdTimeout=10.0, rspamdFailClosed=False))
+            rspamdTimeout=10.0, rspamdFailClosed=False, lmtpChecks=False, trustedAuthservIDs=frozenset(),
+            lmtpDMARCReject=False))
+
+    def test_lmtpValues(self) -> None:
+        """
+        The LMTP/deliver keys: checks on, trusted front MTAs (lower case,
+        comma or newline separated), p=reject refused there too.
+        """
+        c = self.build("lmtp-checks = yes\ntrusted-authserv-ids = MX1.example.org,\n  mx2.example.org\n"
+                       "lmtp-dmarc-reject = yes\n")
+        self.assertEqual((c.inbound.lmtpChecks, c.inbound.trustedAuthservIDs, c.inbound.lmtpDMARCReject),
+                         (True, frozenset({"mx1.example.org", "mx2.example.org"}), True))
 
     def test_values(self) -> None:
         """
@@ -324,6 +356,8 @@ class InboundSettingsTests(SynchronousTestCase):
             ("rspamd-failure = maybe\n", "[inbound] rspamd-failure: must be accept or defer (got 'maybe')"),
             ("rspamd-url = ftp://x/checkv2\n", "[inbound] rspamd-url: must be an http:// or https:// URL"),
             ("allow-domains = a b\n", "[inbound] allow-domains: 'a b' is not a domain name"),
+            ("trusted-authserv-ids = mx1;x\n", "[inbound] trusted-authserv-ids: 'mx1;x' is not an authserv-id"),
+            ("lmtp-checks = maybe\n", "[inbound] lmtp-checks: expected yes or no, got 'maybe'"),
         ):
             e = self.assertRaises(ConfigError, self.build, text)
             self.assertEqual(str(e), message)

@@ -185,6 +185,24 @@ class SigningQueueTests(KeysMixin, SynchronousTestCase):
         self.send(queue, Address("alice", "example.net"), MESSAGE.replace(b"alice@example.org", b"alice@elsewhere.example"))
         self.assertEqual([tags(e[2])[b"d"] for e in self.inner.entries], [b"example.org", b"example.net"])
 
+    def test_organizationalDomain(self) -> None:
+        """
+        A From: domain without a key of its own is signed with the key of
+        the nearest parent up to its organizational domain (relaxed DMARC
+        alignment), before the envelope sender's domain; an exact key
+        wins; a parent above the organizational domain (a public suffix)
+        never signs.
+        """
+        _, keyring, dnsfunc = self.makeKeys(("example.org", "org", "ed25519"), ("b.example.org", "b", "ed25519"),
+                                            ("example.net", "net", "ed25519"))
+        queue = SigningQueue(self.inner, keyring, self.runner)
+        sender = Address("alice", "example.net")
+        for domain in (b"sub.example.org", b"a.b.example.org", b"b.example.org", b"example.co.uk"):
+            self.send(queue, sender, MESSAGE.replace(b"alice@example.org", b"alice@" + domain))
+        self.assertEqual([tags(e[2])[b"d"] for e in self.inner.entries],
+                         [b"example.org", b"b.example.org", b"b.example.org", b"example.net"])
+        self.assertTrue(dkim.verify(self.inner.entries[0][2], dnsfunc=dnsfunc))
+
     def test_noKeyUnsigned(self) -> None:
         """
         A message from a domain without a key is queued unchanged and not

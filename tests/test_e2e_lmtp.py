@@ -92,7 +92,8 @@ class LMTPEndToEndTests(SynchronousTestCase):
         self.converse(
             sock,
             b"LHLO mta.example.org\r\n",
-            b"250-mail.example.org\r\n250-PIPELINING\r\n250-SIZE 41943040\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n",
+            b"250-mail.example.org\r\n250-PIPELINING\r\n250-SIZE 41943040\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n"
+            b"250 XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE\r\n",
         )
         self.converse(
             sock,

@@ -11,7 +11,9 @@ of the real C{twistd -n pop3gw}, with the README's Postfix lines:
     unknown recipient LMTP refuses is bounced, not deferred;
   - C{relay_recipient_maps} on C{--postfix-map} makes Postfix refuse
     unknown recipients at its own RCPT;
-  - a C{pipe(8)} transport runs C{pop3gw deliver ${recipient}}.
+  - a C{pipe(8)} transport runs C{pop3gw deliver ${recipient}};
+  - with C{lmtp_send_xforward_command = yes}, the LMTP checks see the
+    client Postfix received the message from.
 
 Each message is sent to Postfix's SMTP server with smtplib and fetched back
 over POP3 byte for byte.
@@ -29,6 +31,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.dnshelpers import startProcess
 from tests.e2e import Pop3gwProcess, pop3gwCommand
 from tests.postfixhelpers import PrivatePostfix, requirePostfix, shareWithPostfix
 
@@ -207,6 +210,48 @@ class PostfixInFrontTests(SynchronousTestCase):
             [fetched] = self.fetchAll(server, user)
             self.assertTraced(fetched, _LMTP_RECEIVED, _POSTFIX_RECEIVED)
         self.assertNotIn("status=bounced", postfix.log())
+
+    def test_lmtpXForwardChecked(self) -> None:
+        """
+        With C{lmtp_send_xforward_command = yes}, Postfix's XFORWARD gives
+        pop3gw's LMTP checks (C{lmtp-checks = yes}) the client Postfix
+        received the message from: SPF passes for 127.0.0.1, so DMARC
+        passes for a p=reject domain whose message is not signed, and the
+        message is stored with the results on top.
+        """
+        port = startProcess(self, {
+            "remote.example": [["TXT", "v=spf1 ip4:127.0.0.1 -all"]],
+            "_dmarc.remote.example": [["TXT", "v=DMARC1; p=reject"]],
+        })
+        postfix = PrivatePostfix(self)
+        lmtp = os.path.join(postfix.top, "lmtp")
+        server = Pop3gwProcess(self, args=["--domain", "example.org", "--lmtp", f"unix:{lmtp}"],
+                               listeners=("pop3", "lmtp"),
+                               extraConfig=f"[inbound]\ndns-server = 127.0.0.1:{port}\nlmtp-checks = yes\n")
+        server.addUser("bob@example.org", PASSWORDS["bob@example.org"])
+        server.start()
+        shareWithPostfix(lmtp)
+        with open(os.path.join(postfix.configDirectory, "main.cf"), "a") as f:
+            f.write(
+                "virtual_mailbox_domains = example.org\n"
+                "virtual_mailbox_maps = static:yes\n"
+                f"virtual_transport = lmtp:unix:{lmtp}\n"
+                "lmtp_send_xforward_command = yes\n"
+            )
+        postfix.start()
+        self.assertEqual(self.send(postfix, "carol@remote.example", ["bob@example.org"]), {})
+        [fetched] = self.fetchAll(server, "bob@example.org")
+        self.assertTraced(
+            fetched,
+            rb"Authentication-Results: mail\.example\.org;\r\n"
+            rb"\tspf=pass smtp\.mailfrom=carol@remote\.example;\r\n"
+            rb"\tdkim=none;\r\n"
+            rb"\tdmarc=pass header\.from=remote\.example policy\.dmarc=reject\r\n",
+            _LMTP_RECEIVED,
+            _POSTFIX_RECEIVED,
+        )
+        server.waitForLog(r'lmtp: checked rhost=unix client=127\.0\.0\.1 from="carol@remote\.example" spf=pass '
+                          r'dkim=none dmarc=pass action=deliver')
 
     def test_lmtpUnknownBounced(self) -> None:
         """

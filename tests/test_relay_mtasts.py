@@ -5,13 +5,19 @@ matching, and the policy cache with its fetch and lookup.
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from pop3gw.queue import listEntries
+from pop3gw.relay import mtasts
 from pop3gw.relay.mtasts import (
+    CacheFile,
     Policy,
     PolicyError,
     PolicySource,
@@ -19,6 +25,7 @@ from pop3gw.relay.mtasts import (
     parsePolicy,
     policyId,
 )
+from pop3gw.runner import ImmediateRunner
 
 POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmx: *.example.net\r\nmax_age: 86400\r\n"
 
@@ -164,6 +171,96 @@ class PolicySourceTests(SynchronousTestCase):
         self.assertIsNone(self.policy())
         self.fake.files["example.com"] = b"garbage"
         self.assertIsNone(self.policy())
+
+
+class PersistedCacheTests(SynchronousTestCase):
+    """
+    The cache kept in a file across restarts (RFC 8461 5.1: a policy is
+    honoured for its max_age even when a later fetch fails).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1700000000)
+        self.fake = FakeSource()
+        self.path = os.path.join(os.path.abspath(self.mktemp()), "mta-sts.json")
+        os.makedirs(os.path.dirname(self.path))
+
+    def source(self) -> PolicySource:
+        return PolicySource(self.clock, self.fake.lookupTXT, self.fake.fetch,
+                            CacheFile(self.path, ImmediateRunner()))
+
+    def test_keptAcrossRestart(self) -> None:
+        """
+        A fetched policy is written to the file (mode 0600); a new source
+        on the same file (a restart) honours it without a fetch while the
+        record is gone and the fetch fails, until its max_age passes.
+        """
+        self.fake.txt["_mta-sts.example.com"] = ["v=STSv1; id=1"]
+        self.fake.files["example.com"] = POLICY
+        self.successResultOf(self.source().policyFor("example.com"))
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        with open(self.path) as f:
+            self.assertEqual(json.load(f), {"version": 1, "policies": {"example.com": {
+                "id": "1", "mode": "enforce", "mx": ["mail.example.com", "*.example.net"], "max_age": 86400,
+                "expires": 1700086400}}})
+        del self.fake.txt["_mta-sts.example.com"]
+        del self.fake.files["example.com"]
+        restarted = self.source()
+        self.assertEqual(self.successResultOf(restarted.policyFor("example.com")),
+                         Policy("enforce", ("mail.example.com", "*.example.net"), 86400))
+        self.fake.txt["_mta-sts.example.com"] = ["v=STSv1; id=2"]
+        self.assertEqual(self.successResultOf(restarted.policyFor("example.com")).mode, "enforce")
+        self.assertEqual(self.fake.fetches, ["example.com", "example.com"])
+        self.clock.advance(86400)
+        self.assertIsNone(self.successResultOf(self.source().policyFor("example.com")))
+
+    def test_sameIdNotRefetchedAfterRestart(self) -> None:
+        """
+        After a restart, a record whose id is the cached one's uses the
+        cached policy without a fetch.
+        """
+        self.fake.txt["_mta-sts.example.com"] = ["v=STSv1; id=1"]
+        self.fake.files["example.com"] = POLICY
+        self.successResultOf(self.source().policyFor("example.com"))
+        self.assertEqual(self.successResultOf(self.source().policyFor("example.com")).mode, "enforce")
+        self.assertEqual(self.fake.fetches, ["example.com"])
+
+    def test_corruptFileIsEmpty(self) -> None:
+        """
+        A file that is not the cache (not JSON, a wrong shape, a bad
+        entry, too large) is an empty cache, with one warning line.
+        """
+        self.fake.txt["_mta-sts.example.com"] = ["v=STSv1; id=1"]
+        bad = [
+            b"{not json",
+            b"[]",
+            json.dumps({"version": 1, "policies": {"example.com": {"id": "1", "mode": "fierce", "mx": [],
+                                                                   "max_age": 1, "expires": 1800000000}}}).encode(),
+            b" " * (mtasts.MAX_CACHE_FILE + 1),
+        ]
+        for data in bad:
+            with open(self.path, "wb") as f:
+                f.write(data)
+            with capturedLogs() as events:
+                source = self.source()
+            self.assertIsNone(self.successResultOf(source.policyFor("example.com")))
+            self.assertEqual([formatEvent(e) for e in events if e.get("log_level").name != "info"],
+                             [f"mta-sts: {self.path} is not a policy cache; starting with an empty one"])
+
+    def test_bounded(self) -> None:
+        """
+        At most L{mtasts.MAX_CACHED_DOMAINS} policies are kept: the ones
+        that expire first make room.
+        """
+        self.patch(mtasts, "MAX_CACHED_DOMAINS", 2)
+        source = self.source()
+        for domain, age in (("a.example", 300), ("b.example", 100), ("c.example", 200)):
+            self.fake.txt[f"_mta-sts.{domain}"] = ["v=STSv1; id=1"]
+            self.fake.files[domain] = POLICY.replace(b"86400", str(age).encode())
+            self.successResultOf(source.policyFor(domain))
+        with open(self.path) as f:
+            self.assertEqual(sorted(json.load(f)["policies"]), ["a.example", "c.example"])
 
 
 class _StaticPolicies:

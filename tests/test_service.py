@@ -90,6 +90,26 @@ class MakeServiceTests(SynchronousTestCase):
         [relay] = [s for s in smarthost if isinstance(s, RelayService)]
         self.assertIsNone(relay.dispatcher.mtaSTS)
 
+    def test_mtaSTSCacheAndSwitch(self) -> None:
+        """
+        The MTA-STS cache is kept in C{DATA/mta-sts.json}, written in the
+        I/O pool; C{[relay] mta-sts = no} turns MTA-STS off.
+        """
+        from pop3gw.relay import RelayService
+
+        direct, _ = self.build()
+        [relay] = [s for s in direct if isinstance(s, RelayService)]
+        cacheFile = relay.dispatcher.mtaSTS._cacheFile
+        self.assertEqual(cacheFile.path, os.path.join(self.dataDir, "mta-sts.json"))
+        self.assertIsInstance(cacheFile.runner, ThreadPoolRunner)
+        ini = os.path.abspath(self.mktemp())
+        with open(ini, "w") as f:
+            f.write("[relay]\nmta-sts = no\n")
+        self.dataDir = os.path.abspath(self.mktemp())
+        off, _ = self.build("--config", ini)
+        [relay] = [s for s in off if isinstance(s, RelayService)]
+        self.assertIsNone(relay.dispatcher.mtaSTS)
+
     def test_sharedPortalAndImplicitTLS(self) -> None:
         """
         Every listener is wrapped in the connection limiter; implicit-TLS
@@ -202,6 +222,26 @@ class MakeServiceTests(SynchronousTestCase):
         top, listeners = self.build("--config", ini, "--mx", "tcp:2525")
         [mx] = [s.factory.wrappedFactory for s in listeners if s.listenerName == "mx"]
         self.assertIsNone(mx.checker)
+
+    def test_lmtpInboundChecks(self) -> None:
+        """
+        With C{lmtp-checks = yes} the LMTP listener checks with the same
+        checker as the MX listener (one DNS pool); without, it has none.
+        """
+        ini = os.path.abspath(self.mktemp())
+        with open(ini, "w") as f:
+            f.write("[inbound]\nlmtp-checks = yes\n")
+        top, listeners = self.build("--config", ini, "--mx", "tcp:2525", "--lmtp", "unix:/run/x/lmtp")
+        byName = {s.listenerName: s.factory.wrappedFactory for s in listeners}
+        self.assertIsInstance(byName["lmtp"].checker, InboundChecker)
+        self.assertIs(byName["lmtp"].checker, byName["mx"].checker)
+        self.assertEqual(len([s for s in top if isinstance(s, ThreadPoolService) and s.pool.name == "pop3gw-dns"]), 1)
+        top, listeners = self.build("--config", ini, "--lmtp", "unix:/run/x/lmtp")
+        [lmtp] = [s.factory.wrappedFactory for s in listeners if s.listenerName == "lmtp"]
+        self.assertIsInstance(lmtp.checker, InboundChecker)
+        top, listeners = self.build("--mx", "tcp:2525", "--lmtp", "unix:/run/x/lmtp")
+        [lmtp] = [s.factory.wrappedFactory for s in listeners if s.listenerName == "lmtp"]
+        self.assertIsNone(lmtp.checker)
 
     def test_postfixMapListener(self) -> None:
         """

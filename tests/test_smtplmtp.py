@@ -5,16 +5,18 @@ L{StringTransport} with a L{task.Clock} and the fakes of L{pop3gw.testing}.
 
 from __future__ import annotations
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.internet.address import UNIXAddress
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pop3gw import smtplmtp
+from pop3gw import inbound, mailauth, smtplmtp
 from pop3gw.address import Address
 from pop3gw.interfaces import InsufficientStorage, TemporaryFailure
+from pop3gw.runner import ImmediateRunner
 from pop3gw.testing import FakeMaildropStore, FakeUserDatabase
+from tests.dnshelpers import listen, txt
 from tests.test_smtp import queuedReply
 from tests.test_smtpmx import NoRelayRouter
 
@@ -33,7 +35,8 @@ LHLO_REPLY = (
     b"250-8BITMIME\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n"
     b"250-CHUNKING\r\n"
-    b"250 SMTPUTF8\r\n"
+    b"250-SMTPUTF8\r\n"
+    b"250 XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE\r\n"
 )
 SENDER_OK = b"250 2.1.0 OK\r\n"
 RCPT_OK = b"250 2.1.5 OK\r\n"
@@ -349,3 +352,202 @@ class SMTPUTF8Tests(LMTPTestsMixin, SynchronousTestCase):
         self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
         self.assertEqual(self.stored(jorg), [message])
         self.assertIn(b"with UTF8LMTP id ", self.store.boxes[jorg][0][1])
+
+
+XFORWARD_OK = b"250 2.0.0 Ok\r\n"
+SPOOF = b"From: The Boss <boss@bad.example>\r\nSubject: urgent\r\n\r\nPay this.\r\n"
+TRUSTED = b"Authentication-Results: MX1.example.org; dmarc=pass header.from=good.example\r\n"
+
+
+def passing(message, session) -> mailauth.AuthenticationResults:
+    return mailauth.AuthenticationResults(
+        mailauth.SPFResult("pass", "mailfrom", "good.example", "x@good.example"),
+        (),
+        mailauth.DMARCResult("pass", "good.example", "reject", "none"),
+    )
+
+
+class XForwardTests(LMTPTestsMixin, SynchronousTestCase):
+    """
+    XFORWARD (Postfix's C{lmtp_send_xforward_command}): the original
+    client's address and HELO name for the checks.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.sessions: list = []
+
+        def authenticate(message, session):
+            self.sessions.append(session)
+            return passing(message, session)
+
+        policy = inbound.InboundPolicy(lmtpChecks=True, trustedAuthservIDs=frozenset({"mx1.example.org"}))
+        self.factory.checker = inbound.InboundChecker(HOST, policy, ImmediateRunner(), self.clock,
+                                                      authenticate=authenticate)
+        self.feed(b"LHLO mta.example.org\r\n")
+
+    def send(self, message: bytes = MESSAGE) -> bytes:
+        return queuedReply(self.feed(
+            b"MAIL FROM:<x@good.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n" + message + b".\r\n"
+        ))
+
+    def test_attributesReachTheChecks(self) -> None:
+        """
+        XFORWARD's ADDR (C{IPV6:} prefix dropped) and HELO (xtext decoded)
+        are the client the checks see; the envelope sender and recipients
+        are the transaction's.
+        """
+        out = self.feed(b"XFORWARD NAME=client.good.example ADDR=IPV6:2001:db8::7 PORT=4321\r\n"
+                        b"XFORWARD PROTO=ESMTP HELO=client+2Egood.example SOURCE=REMOTE IDENT=abc\r\n")
+        self.assertEqual(out, XFORWARD_OK * 2)
+        self.assertEqual(self.send(), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.sessions, [
+            inbound.Session("2001:db8::7", "client.good.example", "x@good.example", ("alice@example.org",))])
+
+    def test_resetAfterTransaction(self) -> None:
+        """
+        The attributes hold for one transaction: the next one without
+        XFORWARD has no client address (SPF none), as has one after RSET
+        or an attribute given as C{[UNAVAILABLE]}.
+        """
+        self.feed(b"XFORWARD ADDR=192.0.2.7 HELO=client.good.example\r\n")
+        self.send()
+        self.send()
+        self.feed(b"XFORWARD ADDR=192.0.2.7\r\nRSET\r\n")
+        self.send()
+        self.feed(b"XFORWARD ADDR=192.0.2.7\r\nXFORWARD ADDR=[UNAVAILABLE]\r\n")
+        self.send()
+        self.assertEqual([(s.ip, s.helo) for s in self.sessions],
+                         [("192.0.2.7", "client.good.example"), ("", ""), ("", ""), ("", "")])
+
+    def test_refused(self) -> None:
+        """
+        A bad XFORWARD gets a fixed reply and changes nothing: no
+        argument, no C{=}, an unknown attribute, an address that is not
+        one, a bad port or source, a value over 255 octets, a bad xtext
+        escape; inside a transaction it is out of sequence, before LHLO
+        too.
+        """
+        out = self.feed(
+            b"XFORWARD\r\nXFORWARD ADDR\r\nXFORWARD COLOR=red\r\nXFORWARD ADDR=192.0.2.7 ADDR2=x\r\n"
+            b"XFORWARD ADDR=mx.example\r\nXFORWARD PORT=99999\r\nXFORWARD SOURCE=MOON\r\n"
+            b"XFORWARD HELO=" + b"a" * 256 + b"\r\nXFORWARD HELO=a+zz\r\n"
+        )
+        self.assertEqual(
+            out,
+            b"501 5.5.4 Syntax: XFORWARD attribute=value...\r\n" * 2
+            + b"501 5.5.4 Bad XFORWARD attribute name\r\n" * 2
+            + b"501 5.5.4 Bad XFORWARD attribute value\r\n" * 5,
+        )
+        self.assertEqual(self.feed(b"MAIL FROM:<x@good.example>\r\nXFORWARD ADDR=192.0.2.7\r\nRSET\r\n"),
+                         SENDER_OK + b"503 5.5.1 Error: MAIL transaction in progress\r\n" + b"250 2.0.0 OK\r\n")
+        self.send()
+        self.assertEqual(self.sessions[0].ip, "")
+        fresh = self.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=UNIXAddress(None))
+        fresh.makeConnection(transport)
+        fresh.dataReceived(b"XFORWARD ADDR=192.0.2.7\r\n")
+        self.assertEqual(transport.value(), GREETING + b"503 5.5.1 Send LHLO first\r\n")
+
+    def test_trustedFrontUnchanged(self) -> None:
+        """
+        A message whose topmost C{Authentication-Results:} names a trusted
+        front MTA (in any case) is stored unchanged, without checks.
+        """
+        self.assertEqual(self.send(TRUSTED + SPOOF), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.sessions, [])
+        self.assertEqual(self.stored(ALICE), [TRUSTED + SPOOF])
+
+    def test_untrustedChecked(self) -> None:
+        """
+        A message whose topmost C{Authentication-Results:} names another
+        host is checked: one field naming this host on top, the forged
+        one claiming the trusted front (below it) removed, the other kept.
+        """
+        other = b"Authentication-Results: elsewhere.example; spf=pass\r\n"
+        with capturedLogs() as events:
+            self.assertEqual(self.send(other + TRUSTED + SPOOF), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(len(self.sessions), 1)
+        data = self.store.boxes[ALICE][0][1]
+        self.assertTrue(data.startswith(
+            b"Authentication-Results: mail.example.org;\r\n\tspf=pass smtp.mailfrom=x@good.example;\r\n"
+            b"\tdkim=none;\r\n\tdmarc=pass header.from=good.example policy.dmarc=reject\r\n"
+            b"Received: from mta.example.org (unix)\r\n"), data)
+        self.assertTrue(data.endswith(b"\r\n" + other + SPOOF), data)
+        self.assertIn('lmtp: checked rhost=unix client=unknown from="x@good.example" spf=pass dkim=none dmarc=pass action=deliver',
+                      [formatEvent(e) for e in events])
+
+
+class _ThreadRunner:
+    """
+    An C{IBlockingRunner} running in the reactor's thread pool; keeps the
+    last call's C{Deferred}.
+    """
+
+    last: defer.Deferred
+
+    def run(self, f, *args):
+        self.last = threads.deferToThread(f, *args)
+        return self.last
+
+
+class DMARCOverLMTPTests(LMTPTestsMixin, TestCase):
+    """
+    The checks over LMTP against a DNS server on loopback: a DMARC
+    p=reject failure is quarantined by default (refusing it would make the
+    front MTA bounce to a possibly forged sender), refused per recipient
+    with C{lmtp-dmarc-reject}.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        _, port, ports = listen(reactor, {
+            "bad.example": [txt("v=spf1 ip4:192.0.2.1 -all")],
+            "_dmarc.bad.example": [txt("v=DMARC1; p=reject")],
+        })
+        for p in ports:
+            self.addCleanup(p.stopListening)
+        self.port = port
+        self.runner = _ThreadRunner()
+        self.feed(b"LHLO mta.example.org\r\n")
+
+    def checker(self, **kwargs) -> inbound.InboundChecker:
+        policy = inbound.InboundPolicy(dnsServer=("127.0.0.1", self.port), lmtpChecks=True, **kwargs)
+        return inbound.InboundChecker(HOST, policy, self.runner, reactor)
+
+    async def send(self) -> bytes:
+        out = self.feed(
+            b"XFORWARD ADDR=192.0.2.99 HELO=client.bad.example\r\nMAIL FROM:<boss@bad.example>\r\n"
+            b"RCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n" + SPOOF + b".\r\n"
+        )
+        await self.runner.last
+        return queuedReply(out + self.feed(b""))
+
+    async def test_quarantinedByDefault(self) -> None:
+        """
+        SPF fail from the forwarded address, no DKIM, p=reject: delivered
+        to both recipients with the results, C{X-Spam-Flag: YES} and the
+        subject tag.
+        """
+        self.factory.checker = self.checker()
+        out = await self.send()
+        self.assertEqual(out, XFORWARD_OK + SENDER_OK + RCPT_OK * 2 + START_DATA + QUEUED * 2)
+        for user in (ALICE, BOB):
+            data = self.store.boxes[user][0][1]
+            self.assertTrue(data.startswith(
+                b"Authentication-Results: mail.example.org;\r\n\tspf=fail smtp.mailfrom=boss@bad.example;\r\n"
+                b"\tdkim=none;\r\n\tdmarc=fail header.from=bad.example policy.dmarc=reject\r\n"
+                b"X-Spam-Flag: YES\r\nReceived: from mta.example.org (unix)\r\n"), data)
+            self.assertTrue(data.endswith(b"\r\nFrom: The Boss <boss@bad.example>\r\nSubject: [SPAM] urgent\r\n"
+                                          b"\r\nPay this.\r\n"), data)
+
+    async def test_rejectedPerRecipient(self) -> None:
+        """
+        With C{lmtp-dmarc-reject = yes}: C{550 5.7.1} for each recipient,
+        nothing stored.
+        """
+        self.factory.checker = self.checker(lmtpDMARCReject=True)
+        out = await self.send()
+        self.assertEqual(out, XFORWARD_OK + SENDER_OK + RCPT_OK * 2 + START_DATA
+                         + b"550 5.7.1 Message rejected by the sender domain's DMARC policy\r\n" * 2)
+        self.assertEqual(self.store.boxes, {})

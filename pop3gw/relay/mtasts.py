@@ -16,14 +16,22 @@ C{None}:
     5.1: an attacker who removes the record must not remove the policy
     with it), else none.
 
-What the relay does with it is L{pop3gw.relay.dispatch}'s business.  The
-cache is per process and lost at restart (a restart then fetches again).
+What the relay does with it is L{pop3gw.relay.dispatch}'s business.
+
+The cache is kept in a file too (L{CacheFile}, C{DATA/mta-sts.json} in the
+server), read at start and rewritten (atomically, mode 0600) when a new
+policy is cached: a policy is honoured for its whole C{max_age} across
+restarts (RFC 8461 5.1), so an attacker who blocks the policy fetch gains
+nothing by waiting for one.  It holds at most L{MAX_CACHED_DOMAINS}
+policies (those expiring first make room); a file that cannot be read as
+one is an empty cache, with one warning line.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import attr
 from twisted.internet import defer, protocol
@@ -38,6 +46,13 @@ MAX_AGE_LIMIT = 31557600
 FETCH_TIMEOUT = 60.0
 
 MODES = ("enforce", "testing", "none")
+
+#: Policies cached at most (in memory and in the file).
+MAX_CACHED_DOMAINS = 10000
+#: The largest cache file read, in octets.
+MAX_CACHE_FILE = 16 * 1024 * 1024
+#: The version of the cache file's format.
+CACHE_VERSION = 1
 
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
@@ -142,6 +157,140 @@ class _Cached:
     expires: float
 
 
+def _bounded(entries: dict) -> dict:
+    """
+    C{entries} (domain -> L{_Cached}) cut to the L{MAX_CACHED_DOMAINS}
+    that expire last.
+    """
+    if len(entries) <= MAX_CACHED_DOMAINS:
+        return entries
+    kept = sorted(entries.items(), key=lambda item: item[1].expires, reverse=True)[:MAX_CACHED_DOMAINS]
+    return dict(kept)
+
+
+def _entry(domain: Any, value: Any, now: float) -> Optional[tuple[str, _Cached]]:
+    """
+    One cache file entry as C{(domain, cached)}, or C{None} if it expired.
+
+    @raise ValueError: it is malformed.
+    """
+    if not isinstance(domain, str) or not isinstance(value, dict):
+        raise ValueError("bad entry")
+    policyId, mode, mx = value.get("id"), value.get("mode"), value.get("mx")
+    maxAge: Any = value.get("max_age")
+    expires: Any = value.get("expires")
+    if not isinstance(policyId, str) or not _ID.match(policyId) or mode not in MODES:
+        raise ValueError("bad entry")
+    if not isinstance(mx, list) or not all(isinstance(m, str) for m in mx) or (mode != "none" and not mx):
+        raise ValueError("bad entry")
+    if type(maxAge) is not int or not 0 <= maxAge <= MAX_AGE_LIMIT:
+        raise ValueError("bad entry")
+    if type(expires) not in (int, float):
+        raise ValueError("bad entry")
+    if expires <= now:
+        return None
+    # A clock set back must not stretch a policy beyond its max_age.
+    expires = min(expires, now + maxAge)
+    return domain.lower().rstrip("."), _Cached(policyId, Policy(mode, tuple(mx), maxAge), expires)
+
+
+class CacheFile:
+    """
+    The policy cache kept in a file (JSON, see the module docstring).
+
+    @param path: the file.
+    @param runner: an L{pop3gw.interfaces.IBlockingRunner} the writes run
+        in (one at a time; the last state wins).
+    @param owner: who a new file is given to (see L{pop3gw.fsutil}).
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, runner: Any, owner: Any = None) -> None:
+        self.path = path
+        self.runner = runner
+        self.owner = owner
+        self._writing = False
+        self._pending: Optional[bytes] = None
+
+    def load(self, now: float) -> dict:
+        """
+        Read the cache (blocking: at start).
+
+        @return: domain -> L{_Cached}, the expired policies left out; empty
+            when the file is missing or is not a cache (one warning line).
+        """
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_CACHE_FILE + 1)
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            self.log.warn("mta-sts: cannot read {path}: {why}; starting with an empty cache", path=self.path,
+                          why=e.strerror)
+            return {}
+        try:
+            if len(data) > MAX_CACHE_FILE:
+                raise ValueError("too large")
+            document = json.loads(data)
+            if not isinstance(document, dict) or document.get("version") != CACHE_VERSION:
+                raise ValueError("not a cache")
+            policies = document.get("policies")
+            if not isinstance(policies, dict):
+                raise ValueError("not a cache")
+            entries = {}
+            for domain, value in policies.items():
+                entry = _entry(domain, value, now)
+                if entry is not None:
+                    entries[entry[0]] = entry[1]
+        except (ValueError, RecursionError):
+            self.log.warn("mta-sts: {path} is not a policy cache; starting with an empty one", path=self.path)
+            return {}
+        return _bounded(entries)
+
+    def save(self, entries: dict) -> None:
+        """
+        Write C{entries} (domain -> L{_Cached}) in the runner, after any
+        write in progress.
+        """
+        document = {
+            "version": CACHE_VERSION,
+            "policies": {
+                domain: {
+                    "id": cached.policyId,
+                    "mode": cached.policy.mode,
+                    "mx": list(cached.policy.mx),
+                    "max_age": cached.policy.maxAge,
+                    "expires": int(cached.expires) if float(cached.expires).is_integer() else cached.expires,
+                }
+                for domain, cached in sorted(entries.items())
+            },
+        }
+        self._pending = json.dumps(document, indent=1).encode("ascii") + b"\n"
+        if not self._writing:
+            self._writeNext()
+
+    def _writeNext(self) -> None:
+        data, self._pending = self._pending, None
+        if data is None:
+            self._writing = False
+            return
+        self._writing = True
+        d = self.runner.run(self._write, data)
+        d.addErrback(self._ebWrite)
+        d.addBoth(lambda ignored: self._writeNext())
+
+    def _write(self, data: bytes) -> None:
+        from pop3gw import fsutil
+
+        fsutil.replaceFile(self.path, data, self.owner)
+
+    def _ebWrite(self, failure: Failure) -> None:
+        error = failure.value
+        why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        self.log.warn("mta-sts: cannot write {path}: {why}", path=self.path, why=why)
+
+
 class PolicySource:
     """
     The MTA-STS policies of recipient domains (see the module docstring).
@@ -151,15 +300,18 @@ class PolicySource:
         texts of the TXT records at C{name} (an empty list if none).
     @param fetch: C{fetch(domain)} -> a C{Deferred} firing with the policy
         file's octets (see L{makeFetcher}).
+    @param cacheFile: the L{CacheFile} the cache is read from now and
+        written to, or C{None} to keep it in memory only.
     """
 
     log = Logger()
 
-    def __init__(self, clock, lookupTXT: Callable, fetch: Callable) -> None:
+    def __init__(self, clock, lookupTXT: Callable, fetch: Callable, cacheFile: Optional[CacheFile] = None) -> None:
         self.clock = clock
         self._lookupTXT = lookupTXT
         self._fetch = fetch
-        self._cache: dict = {}
+        self._cacheFile = cacheFile
+        self._cache: dict = {} if cacheFile is None else cacheFile.load(clock.seconds())
 
     def _cached(self, domain: str) -> Optional[_Cached]:
         cached = self._cache.get(domain)
@@ -194,6 +346,10 @@ class PolicySource:
             )
             return None if cached is None else cached.policy
         self._cache[domain] = _Cached(newId, policy, self.clock.seconds() + policy.maxAge)
+        self._cache = _bounded(self._cache)
+        if self._cacheFile is not None:
+            now = self.clock.seconds()
+            self._cacheFile.save({d: c for d, c in self._cache.items() if c.expires > now})
         self.log.info(
             "mta-sts: policy of {domain} id={id} mode={mode} max_age={maxAge}",
             domain=domain,
