@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import mmap
 import os
 import re
 import secrets
@@ -43,7 +44,17 @@ import time
 import zlib
 from array import array
 from itertools import repeat
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, overload
+from typing import (
+    BinaryIO,
+    Callable,
+    Iterable,
+    Iterator,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Union,
+    overload,
+)
 
 import attr
 from twisted.internet import defer
@@ -269,6 +280,7 @@ class _Listing:
 
     @ivar names: each message's file name.
     @ivar inCur: 1 where the file is in C{cur/}, 0 in C{new/}.
+    @ivar seen: 1 where the file name carries the C{S} flag, else 0.
     @ivar fileSizes: octets on disk.
     @ivar wireSizes: octets in wire form.
     @ivar keyEnds: the length of the name's unique part, which is also its
@@ -277,11 +289,12 @@ class _Listing:
         is not a prefix usable as the UIDL.
     """
 
-    __slots__ = ("names", "inCur", "fileSizes", "wireSizes", "keyEnds", "oddKeys", "imported")
+    __slots__ = ("names", "inCur", "seen", "fileSizes", "wireSizes", "keyEnds", "oddKeys", "imported")
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.inCur = bytearray()
+        self.seen = bytearray()
         self.fileSizes = array("q")
         self.wireSizes = array("q")
         self.keyEnds = array("B")
@@ -298,6 +311,7 @@ class _Listing:
         other = _Listing()
         other.names = list(self.names)
         other.inCur = bytearray(self.inCur)
+        other.seen = bytearray(self.seen)
         other.fileSizes = array("q", self.fileSizes)
         other.wireSizes = array("q", self.wireSizes)
         other.keyEnds = array("B", self.keyEnds)
@@ -334,6 +348,7 @@ class _Listing:
         Record where C{entry} (message C{index}) was found again.
         """
         self.inCur[index] = entry.subdir == "cur"
+        self.seen[index] = _SEEN_NAME.match(entry.name) is not None
         self.names[index] = entry.name
 
 
@@ -353,10 +368,7 @@ class _MessageList(Sequence[MaildirMessageInfo]):
 
     def _info(self, index: int) -> MaildirMessageInfo:
         listing = self._listing
-        name = listing.names[index]
-        uid = listing.uid(index)
-        seen = _SEEN_NAME.match(name) is not None
-        return _newTuple(MaildirMessageInfo, (listing.wireSizes[index], uid, seen))
+        return _newTuple(MaildirMessageInfo, (listing.wireSizes[index], listing.uid(index), bool(listing.seen[index])))
 
     @overload
     def __getitem__(self, index: int) -> MaildirMessageInfo: ...
@@ -382,7 +394,7 @@ class _MessageList(Sequence[MaildirMessageInfo]):
             uids: Iterator[str] = map(listing.uid, range(len(names)))
         else:
             uids = map(str.__getitem__, names, map(slice, listing.keyEnds))
-        seen = map(bool, map(_SEEN_NAME.match, names))
+        seen = map(bool, listing.seen)
         return map(_newTuple, repeat(MaildirMessageInfo), zip(listing.wireSizes, uids, seen))
 
 
@@ -426,7 +438,16 @@ def _plainListing(names: list[str], numeric: bool, part: set[str], partIsNew: bo
         addInCur((name in part) != partIsNew)
         addFileSize(int(match.group(3)))  # type: ignore[union-attr]
         addWireSize(int(match.group(4)))  # type: ignore[union-attr]
+    _flagSeen(listing)
     return listing
+
+
+def _flagSeen(listing: _Listing) -> None:
+    """
+    Fill C{listing.seen} from its names (once per listing, so that going
+    through the messages needs no pattern match per message).
+    """
+    listing.seen = bytearray(map(bool, map(_SEEN_NAME.match, listing.names)))
 
 
 def _snapshot(maildir: str, quick: bool = False) -> _Listing:
@@ -555,6 +576,7 @@ def _snapshot(maildir: str, quick: bool = False) -> _Listing:
         addInCur(inCur)
         addFileSize(fileSize)
         addWireSize(wireSize)
+    _flagSeen(listing)
     return listing
 
 
@@ -632,82 +654,126 @@ def _littleEndian(values: array) -> bytes:
     return swapped.tobytes()
 
 
-def _encodeIndex(stamp: tuple[int, ...], listing: _Listing) -> bytes:
-    """
-    The index file of C{listing}, taken when the directories had C{stamp}.
+#: Width of an index's second line (the numbers, padded with spaces), which
+#: is written last, once the checksum is known.
+_INDEX_HEADER_WIDTH = 256
 
-    After L{_INDEX_MAGIC} and a line of L{_INDEX_FIELDS} decimal numbers
-    come the names joined by NUL, the odd keys (index and key, each ending
-    with NUL), then per message one octet of C{inCur} and of C{keyEnds},
-    eight (little-endian) of the file size and eight of the wire size.
+#: Names encoded (and decoded) at a time when an index is written (read):
+#: no buffer the size of the whole index is ever made, which the allocator
+#: would keep after it is freed.
+_INDEX_NAMES_AT_ONCE = 1024
+
+#: Octets of names decoded at a time when an index is read.
+_INDEX_DECODE_CHUNK = 65536
+
+
+def _writeIndexFile(f: BinaryIO, stamp: tuple[int, ...], listing: _Listing) -> None:
     """
-    names = "\0".join(listing.names).encode("utf-8", "surrogateescape")
+    Write the index file of C{listing}, taken when the directories had
+    C{stamp}, to C{f} (empty, seekable).
+
+    After L{_INDEX_MAGIC} comes a line of L{_INDEX_FIELDS} decimal numbers
+    (padded to L{_INDEX_HEADER_WIDTH}), then the names joined by NUL, the
+    odd keys (index and key, each ending with NUL), then per message one
+    octet of C{inCur}, of C{seen} and of C{keyEnds}, eight (little-endian)
+    of the file size and eight of the wire size.
+    """
+    f.write(_INDEX_MAGIC + b" " * _INDEX_HEADER_WIDTH + b"\n")
+    crc = 0
+    namesLength = 0
+    names = listing.names
+    for start in range(0, len(names), _INDEX_NAMES_AT_ONCE):
+        piece = "\0".join(names[start : start + _INDEX_NAMES_AT_ONCE]).encode("utf-8", "surrogateescape")
+        if start:
+            piece = b"\0" + piece
+        crc = zlib.crc32(piece, crc)
+        namesLength += len(piece)
+        f.write(piece)
     odd = "".join(f"{i}\0{k}\0" for i, k in sorted(listing.oddKeys.items())).encode("utf-8", "surrogateescape")
-    body = b"".join(
-        [
-            names,
-            odd,
-            bytes(listing.inCur),
-            listing.keyEnds.tobytes(),
-            _littleEndian(listing.fileSizes),
-            _littleEndian(listing.wireSizes),
-        ]
-    )
-    fields = (*stamp, len(listing), len(names), len(odd), zlib.crc32(body))
-    return _INDEX_MAGIC + b" ".join(b"%d" % (f,) for f in fields) + b"\n" + body
+    columns = [
+        odd,
+        bytes(listing.inCur),
+        bytes(listing.seen),
+        listing.keyEnds.tobytes(),
+        _littleEndian(listing.fileSizes),
+        _littleEndian(listing.wireSizes),
+    ]
+    for column in columns:
+        crc = zlib.crc32(column, crc)
+        f.write(column)
+    del columns
+    fields = (*stamp, len(listing), namesLength, len(odd), crc)
+    header = b" ".join(b"%d" % (value,) for value in fields)
+    f.seek(len(_INDEX_MAGIC))
+    f.write(header.ljust(_INDEX_HEADER_WIDTH))
 
 
-def _decodeIndex(data: bytes, stamp: tuple[int, ...]) -> Optional[_Listing]:
+def _decodeIndex(data: Union[bytes, mmap.mmap], stamp: tuple[int, ...]) -> Optional[_Listing]:
     """
-    @return: the listing in index file contents C{data}, or C{None} if they
-        are of another format, damaged, or for other directory times than
-        C{stamp}.
+    @param data: the contents of an index file (see L{_writeIndexFile}).
+    @return: the listing in C{data}, or C{None} if it is of another format,
+        damaged, or for other directory times than C{stamp}.
     """
-    if not data.startswith(_INDEX_MAGIC):
-        return None
     start = len(_INDEX_MAGIC)
-    end = data.find(b"\n", start, start + 400)
-    if end < 0:
+    end = start + _INDEX_HEADER_WIDTH
+    if len(data) <= end or data[:start] != _INDEX_MAGIC or data[end : end + 1] != b"\n":
         return None
     try:
-        fields = [int(f) for f in data[start:end].split(b" ")]
+        fields = [int(f) for f in data[start:end].split()]
     except ValueError:
         return None
     if len(fields) != _INDEX_FIELDS or tuple(fields[:8]) != stamp:
         return None
     count, namesLength, oddLength, crc = fields[8:]
-    body = memoryview(data)[end + 1 :]
-    if count < 1 or len(body) != namesLength + oddLength + 18 * count or zlib.crc32(body) != crc:
+    bodyStart = end + 1
+    if count < 1 or len(data) - bodyStart != namesLength + oddLength + 19 * count:
         return None
-    listing = _Listing()
-    names = str(body[:namesLength], "utf-8", "surrogateescape").split("\0")
-    if len(names) != count:
-        return None
-    listing.names = names
-    at = namesLength
-    if oddLength:
-        odd = str(body[at : at + oddLength], "utf-8", "surrogateescape").split("\0")
-        try:
-            listing.oddKeys = {int(odd[i]): odd[i + 1] for i in range(0, len(odd) - 1, 2)}
-        except ValueError:
+    with memoryview(data) as view:
+        if zlib.crc32(view[bodyStart:]) != crc:
             return None
-    at += oddLength
-    listing.inCur = bytearray(body[at : at + count])
-    at += count
-    listing.keyEnds.frombytes(body[at : at + count])
-    at += count
-    for sizes in (listing.fileSizes, listing.wireSizes):
-        sizes.frombytes(body[at : at + 8 * count])
-        if sys.byteorder != "little":
-            sizes.byteswap()
-        at += 8 * count
+        listing = _Listing()
+        names = listing.names
+        at = bodyStart
+        namesEnd = bodyStart + namesLength
+        while at < namesEnd:
+            cut = namesEnd
+            if at + _INDEX_DECODE_CHUNK < namesEnd:
+                cut = data.rfind(b"\0", at, at + _INDEX_DECODE_CHUNK)
+                if cut < 0:
+                    cut = data.find(b"\0", at, namesEnd)
+                    if cut < 0:
+                        cut = namesEnd
+            names.extend(str(view[at:cut], "utf-8", "surrogateescape").split("\0"))
+            at = cut + 1
+        if len(names) != count:
+            return None
+        at = namesEnd
+        if oddLength:
+            odd = str(view[at : at + oddLength], "utf-8", "surrogateescape").split("\0")
+            try:
+                listing.oddKeys = {int(odd[i]): odd[i + 1] for i in range(0, len(odd) - 1, 2)}
+            except ValueError:
+                return None
+        at += oddLength
+        listing.inCur = bytearray(view[at : at + count])
+        at += count
+        listing.seen = bytearray(view[at : at + count])
+        at += count
+        listing.keyEnds.frombytes(view[at : at + count])
+        at += count
+        for sizes in (listing.fileSizes, listing.wireSizes):
+            sizes.frombytes(view[at : at + 8 * count])
+            if sys.byteorder != "little":
+                sizes.byteswap()
+            at += 8 * count
     return listing
 
 
 def _readIndex(maildir: str, stamp: tuple[int, ...]) -> tuple[Optional[_Listing], bool]:
     """
     The listing in C{maildir}'s L{INDEX_NAME}, if it is sound and was taken
-    with the directories at C{stamp}.
+    with the directories at C{stamp}.  The file is mapped, not read, so no
+    buffer of its size is allocated.
 
     @return: that listing or C{None}, and whether an index file exists.
     """
@@ -716,11 +782,15 @@ def _readIndex(maildir: str, stamp: tuple[int, ...]) -> tuple[Optional[_Listing]
     except OSError:
         return None, False
     try:
-        with os.fdopen(fd, "rb") as f:
-            data = f.read()
-    except OSError:
+        size = os.fstat(fd).st_size
+        if size <= len(_INDEX_MAGIC) + _INDEX_HEADER_WIDTH:
+            return None, True
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
+            return _decodeIndex(data, stamp), True
+    except (OSError, ValueError):
         return None, True
-    return _decodeIndex(data, stamp), True
+    finally:
+        os.close(fd)
 
 
 def _writeIndex(maildir: str, stamp: tuple[int, ...], listing: _Listing, owner: Optional[fsutil.Owner]) -> None:
@@ -736,7 +806,7 @@ def _writeIndex(maildir: str, stamp: tuple[int, ...], listing: _Listing, owner: 
         fd = fsutil.createFile(tmp, owner)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(_encodeIndex(stamp, listing))
+                _writeIndexFile(f, stamp, listing)
             os.rename(tmp, os.path.join(maildir, INDEX_NAME))
         except BaseException:
             fsutil.unlinkIfThere(tmp)

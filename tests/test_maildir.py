@@ -2295,6 +2295,22 @@ class ListingIndexTests(MaildirTestsMixin, SynchronousTestCase):
         self.assertEqual(self.view(drop), view)
         drop.release()
 
+    def test_namesReadInPieces(self) -> None:
+        """
+        An index is written and read a few names at a time (so no buffer of
+        its whole size is made), whatever the pieces' boundaries.
+        """
+        self.patch(maildir, "_INDEX_NAMES_AT_ONCE", 2)
+        self.patch(maildir, "_INDEX_DECODE_CHUNK", 7)
+        view = self.indexedView()
+        for chunk in (7, 60, 100):
+            self.patch(maildir, "_INDEX_DECODE_CHUNK", chunk)
+            scans = self.countScans()
+            drop = self.openDrop()
+            self.assertEqual(scans, [])
+            self.assertEqual(self.view(drop), view)
+            drop.release()
+
     def test_newDeliverySeen(self) -> None:
         """
         A message delivered after the index was written is listed at the
