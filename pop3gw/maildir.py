@@ -1024,31 +1024,35 @@ class MaildirMaildrop:
             return defer.fail()
 
     def _openFile(self, index: int) -> WireReader:
-        entry = self._entry(index)
+        listing = self._listing
+        if not 0 <= index < len(listing):
+            raise IndexError(index)
         if self._state != "open":
             raise TemporaryFailure("maildrop is not locked")
         flags = os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW
+        # The entry is made only if the file must be found again.
+        entry: Optional[_Entry] = None
         try:
             try:
-                fd = os.open(self._entryPath(entry), flags)
+                fd = os.open(f"{self.path}/{_LISTED_IN[listing.inCur[index]]}/{listing.names[index]}", flags)
             except FileNotFoundError:
+                entry = listing.entry(index)
                 if not self._relocate(entry):
                     raise
                 fd = os.open(self._entryPath(entry), flags)
+                listing.update(index, entry)
         except FileNotFoundError:
             raise TemporaryFailure("message vanished") from None
         except OSError as e:
             raise TemporaryFailure(f"cannot open message: {e.strerror}") from e
-        if entry.name != self._listing.names[index]:
-            self._listing.update(index, entry)
         try:
             size = os.fstat(fd).st_size
         except OSError as e:
             os.close(fd)
             raise TemporaryFailure(f"cannot stat message: {e.strerror}") from e
-        if size != entry.fileSize:
+        if size != listing.fileSizes[index]:
             os.close(fd)
-            self._forgetSizes(entry)
+            self._forgetSizes(entry if entry is not None else listing.entry(index))
             raise TemporaryFailure("message changed during the session")
         return WireReader(fd, size)
 

@@ -1558,6 +1558,30 @@ class StreamingTests(MaildirTestsMixin, SynchronousTestCase):
         self.assertEqual(len(served), drop.messages[0].size)
         drop.release()
 
+    def test_endKnownWithLastOctets(self) -> None:
+        """
+        A message reader tells it is C{exhausted} as soon as it has handed
+        out the last octets of the message, the line end added to a file
+        lacking one included, so no further C{read} is needed to find the
+        end.
+        """
+        self.putFile(ALICE, "cur", "1600000000.a:2,", b"one\ntwo")
+        self.putFile(ALICE, "cur", "1600000001.b:2,", b"x" * (maildir.READ_CHUNK + 5) + b"\n")
+        drop = self.openDrop()
+        with self.successResultOf(drop.openMessage(0)) as f:
+            self.assertFalse(f.exhausted)
+            self.assertEqual(f.read(100), b"one\r\ntwo\r\n")
+            self.assertTrue(f.exhausted)
+            self.assertEqual(f.read(100), b"")
+        with self.successResultOf(drop.openMessage(1)) as f:
+            self.assertEqual(f.read(maildir.READ_CHUNK), b"x" * maildir.READ_CHUNK)
+            self.assertFalse(f.exhausted)
+            self.assertEqual(f.read(3), b"xxx")
+            self.assertFalse(f.exhausted)
+            self.assertEqual(f.read(100), b"xx\r\n")
+            self.assertTrue(f.exhausted)
+        drop.release()
+
     def test_foreignCRLFChunkBoundary(self) -> None:
         """
         A CRLF file whose CR and LF fall on either side of a read chunk
