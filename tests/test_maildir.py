@@ -2397,6 +2397,21 @@ class ListingIndexTests(MaildirTestsMixin, SynchronousTestCase):
         self.openDrop().release()
         self.assertFalse(os.path.exists(self.indexPath()))
 
+    def test_staleIndexOfSmallListingRemoved(self) -> None:
+        """
+        An index left from when the maildrop was larger than
+        L{maildir.INDEX_MIN_ENTRIES} is removed by the next settled listing
+        taken in the thread pool, not left to grow stale.
+        """
+        self.indexedView()
+        self.patch(maildir, "INDEX_MIN_ENTRIES", 10)
+        self.deliver([ALICE], b"late\n")
+        self.settle()
+        drop = self.openDrop()
+        self.assertEqual(len(drop.messages), 6)
+        drop.release()
+        self.assertFalse(os.path.exists(self.indexPath()))
+
     def assertRebuilt(self, view: list) -> None:
         """
         The next login lists the directories, sees C{view}, and leaves an
