@@ -26,6 +26,11 @@ takes C{--repeats} turns of each server, alternating, and prints:
   steadier figure on a shared machine;
 - C{deliver ms}: one C{pop3gw deliver} into the maildrop of that size.
 
+With C{--base-src DIR}, a third server ("before") serves the same
+maildrops (its data directory's C{mail} is a link to pop3gw's) with the
+C{pop3gw} package of C{DIR} (say a C{git archive} of an earlier commit),
+for a before/after comparison in the same run.
+
 Everything runs on 127.0.0.1 and in a temporary directory removed at the
 end; both servers are stopped by PID.  Standard library only (plus the
 C{twistd} and C{pop3gw} of C{--bin}).
@@ -186,28 +191,40 @@ async def session(port: int, user: str, memoryOf) -> tuple:
 
 
 class Pop3gw:
-    name = "pop3gw"
+    """
+    A pop3gw server; with C{source}, the C{pop3gw} package of that
+    directory (a checkout of an earlier commit) is imported instead of the
+    installed one.
+    """
 
-    def __init__(self, bin: str, data: str) -> None:
+    def __init__(self, bin: str, data: str, source: str = "", name: str = "pop3gw") -> None:
         self.bin = bin
         self.data = data
+        self.name = name
         self.port = freePort()
         self.proc = None
+        self.env = dict(os.environ)
+        if source:
+            self.env["PYTHONPATH"] = os.path.abspath(source)
 
     def cli(self, *args: str, stdin: bytes = b"") -> float:
         t0 = time.perf_counter()
-        subprocess.run([os.path.join(self.bin, "pop3gw"), "--data-dir", self.data, *args], input=stdin, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [os.path.join(self.bin, "pop3gw"), "--data-dir", self.data, *args],
+            input=stdin, check=True, stdout=subprocess.DEVNULL, env=self.env,
+        )
         return (time.perf_counter() - t0) * 1000
 
     def addUser(self, address: str) -> None:
         self.cli("user", "add", address, stdin=PASSWORD.encode() + b"\n")
 
     def start(self) -> None:
-        self.log = open(os.path.join(self.data, "twistd.log"), "ab")
+        self.log = open(os.path.join(self.data, f"twistd-{self.name}.log"), "ab")
         self.proc = subprocess.Popen(
             [os.path.join(self.bin, "twistd"), "-n", "--pidfile=", "pop3gw", "--data-dir", self.data,
-             "--domain", DOMAIN, "--pop3", f"tcp:{self.port}:interface=127.0.0.1"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.data,
+             "--domain", DOMAIN, "--pop3", f"tcp:{self.port}:interface=127.0.0.1",
+             "--submission", f"tcp:{freePort()}:interface=127.0.0.1"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.data, env=self.env,
         )
         waitPort(self.port)
 
@@ -270,6 +287,7 @@ class Dovecot:
         self.sh("start")
         with open(os.path.join(self.data, "dovecot", "run", "master.pid")) as f:
             self.master = int(f.read())
+        waitPort(self.port)
 
     def fresh(self) -> None:
         """
@@ -308,6 +326,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dovecot", action="store_true", help="also serve the maildrop with a private Dovecot (root)")
     p.add_argument("--dovecot-sh", default=DOVECOT_SH, help="the shared harness's peers/dovecot.sh")
+    p.add_argument(
+        "--base-src", default="",
+        help="also serve the maildrop with the pop3gw package of this directory (a checkout of an earlier commit)",
+    )
     args = p.parse_args()
     counts = sorted(int(c) for c in args.counts.split(","))
     if counts[-1] > 200_000:
@@ -315,6 +337,14 @@ def main() -> int:
     data = tempfile.mkdtemp(prefix="maildrop-scale-")
     os.chmod(data, 0o755)
     servers: list = [Pop3gw(args.bin, data)]
+    if args.base_src:
+        # A data directory of its own (each server locks its own), whose
+        # mail is the same directory.
+        beforeData = os.path.join(data, "before")
+        os.makedirs(beforeData)
+        os.makedirs(os.path.join(data, "mail"))
+        os.symlink(os.path.join(data, "mail"), os.path.join(beforeData, "mail"))
+        servers.append(Pop3gw(args.bin, beforeData, args.base_src, "before"))
     if args.dovecot:
         servers.append(Dovecot(data, args.dovecot_sh))
     big = f"big@{DOMAIN}"
@@ -341,7 +371,10 @@ def main() -> int:
                 subprocess.run(["chown", "-R", f"{VMAIL}:{VMAIL}", os.path.join(data, "mail")], check=True)
             results: dict = {s.name: {"ms": [], "cpu": [], "kb": [], "first": None} for s in servers}
             for server in servers:
-                asyncio.run(session(server.port, tiny, server.memory))
+                try:
+                    asyncio.run(session(server.port, tiny, server.memory))
+                except OSError as e:
+                    raise SystemExit(f"{server.name}: {e}") from None
             for _ in range(args.repeats + 1):
                 for server in servers:
                     server.fresh()

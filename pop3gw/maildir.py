@@ -33,15 +33,28 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import mmap
 import os
 import re
 import secrets
 import socket
 import stat
+import sys
 import time
+import zlib
 from array import array
 from itertools import repeat
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, overload
+from typing import (
+    BinaryIO,
+    Callable,
+    Iterable,
+    Iterator,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Union,
+    overload,
+)
 
 import attr
 from twisted.internet import defer
@@ -267,6 +280,7 @@ class _Listing:
 
     @ivar names: each message's file name.
     @ivar inCur: 1 where the file is in C{cur/}, 0 in C{new/}.
+    @ivar seen: 1 where the file name carries the C{S} flag, else 0.
     @ivar fileSizes: octets on disk.
     @ivar wireSizes: octets in wire form.
     @ivar keyEnds: the length of the name's unique part, which is also its
@@ -275,11 +289,12 @@ class _Listing:
         is not a prefix usable as the UIDL.
     """
 
-    __slots__ = ("names", "inCur", "fileSizes", "wireSizes", "keyEnds", "oddKeys", "imported")
+    __slots__ = ("names", "inCur", "seen", "fileSizes", "wireSizes", "keyEnds", "oddKeys", "imported")
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.inCur = bytearray()
+        self.seen = bytearray()
         self.fileSizes = array("q")
         self.wireSizes = array("q")
         self.keyEnds = array("B")
@@ -296,6 +311,7 @@ class _Listing:
         other = _Listing()
         other.names = list(self.names)
         other.inCur = bytearray(self.inCur)
+        other.seen = bytearray(self.seen)
         other.fileSizes = array("q", self.fileSizes)
         other.wireSizes = array("q", self.wireSizes)
         other.keyEnds = array("B", self.keyEnds)
@@ -332,6 +348,7 @@ class _Listing:
         Record where C{entry} (message C{index}) was found again.
         """
         self.inCur[index] = entry.subdir == "cur"
+        self.seen[index] = _SEEN_NAME.match(entry.name) is not None
         self.names[index] = entry.name
 
 
@@ -351,10 +368,7 @@ class _MessageList(Sequence[MaildirMessageInfo]):
 
     def _info(self, index: int) -> MaildirMessageInfo:
         listing = self._listing
-        name = listing.names[index]
-        uid = listing.uid(index)
-        seen = _SEEN_NAME.match(name) is not None
-        return _newTuple(MaildirMessageInfo, (listing.wireSizes[index], uid, seen))
+        return _newTuple(MaildirMessageInfo, (listing.wireSizes[index], listing.uid(index), bool(listing.seen[index])))
 
     @overload
     def __getitem__(self, index: int) -> MaildirMessageInfo: ...
@@ -380,7 +394,7 @@ class _MessageList(Sequence[MaildirMessageInfo]):
             uids: Iterator[str] = map(listing.uid, range(len(names)))
         else:
             uids = map(str.__getitem__, names, map(slice, listing.keyEnds))
-        seen = map(bool, map(_SEEN_NAME.match, names))
+        seen = map(bool, listing.seen)
         return map(_newTuple, repeat(MaildirMessageInfo), zip(listing.wireSizes, uids, seen))
 
 
@@ -424,7 +438,16 @@ def _plainListing(names: list[str], numeric: bool, part: set[str], partIsNew: bo
         addInCur((name in part) != partIsNew)
         addFileSize(int(match.group(3)))  # type: ignore[union-attr]
         addWireSize(int(match.group(4)))  # type: ignore[union-attr]
+    _flagSeen(listing)
     return listing
+
+
+def _flagSeen(listing: _Listing) -> None:
+    """
+    Fill C{listing.seen} from its names (once per listing, so that going
+    through the messages needs no pattern match per message).
+    """
+    listing.seen = bytearray(map(bool, map(_SEEN_NAME.match, listing.names)))
 
 
 def _snapshot(maildir: str, quick: bool = False) -> _Listing:
@@ -553,6 +576,7 @@ def _snapshot(maildir: str, quick: bool = False) -> _Listing:
         addInCur(inCur)
         addFileSize(fileSize)
         addWireSize(wireSize)
+    _flagSeen(listing)
     return listing
 
 
@@ -566,44 +590,279 @@ LISTING_CACHE_ENTRIES = 20000
 #: change can be known complete by an unchanged mtime.
 LISTING_SETTLED_NS = 2_000_000_000
 
+#: How many large maildrops (more than L{QUICK_SNAPSHOT_ENTRIES} messages)
+#: L{_ListingCache} remembers as such, to send their next login straight
+#: to the thread pool.
+LARGE_MAILDROPS_REMEMBERED = 4096
 
-def _directoryStamp(maildir: str) -> Optional[tuple[int, int]]:
+#: The file in a large maildrop holding its last settled listing (see
+#: L{_ListingCache}).
+INDEX_NAME = "pop3gw.index"
+
+#: Fewest messages a listing must have to be written to L{INDEX_NAME}
+#: (smaller ones are kept in memory, or listed again).
+INDEX_MIN_ENTRIES = QUICK_SNAPSHOT_ENTRIES
+
+#: The first line of an index, ending with its format version.
+_INDEX_MAGIC = b"pop3gw-listing-index 1\n"
+
+#: Fields of an index's second line: the stamp of L{_directoryStamp} (8 numbers),
+#: the message count, the lengths of the names and odd keys sections, and
+#: the CRC-32 of everything after that line.
+_INDEX_FIELDS = 12
+
+def _directoryStamp(maildir: str) -> Optional[tuple[int, ...]]:
     """
-    @return: the mtimes (nanoseconds) of C{maildir}'s C{new} and C{cur}, or
-        C{None} if the system does not tell them.
+    The directory times and identities a listing of C{maildir} is valid
+    for (its stamp): C{st_dev}, C{st_ino}, C{st_mtime_ns} and
+    C{st_ctime_ns} of C{new/}, then of C{cur/}.  Every creation, removal or
+    rename of an entry moves its directory's mtime and ctime, and nothing
+    can set a ctime back.
+
+    @return: the stamp, or C{None} if the system does not tell the times in
+        nanoseconds.
     """
-    new = os.stat(os.path.join(maildir, "new")).st_mtime_ns
-    cur = os.stat(os.path.join(maildir, "cur")).st_mtime_ns
-    if new is None or cur is None:
+    new = os.stat(os.path.join(maildir, "new"))
+    cur = os.stat(os.path.join(maildir, "cur"))
+    if None in (new.st_mtime_ns, new.st_ctime_ns, cur.st_mtime_ns, cur.st_ctime_ns):
         return None
-    return (new, cur)
+    return (
+        new.st_dev,
+        new.st_ino,
+        new.st_mtime_ns,
+        new.st_ctime_ns,
+        cur.st_dev,
+        cur.st_ino,
+        cur.st_mtime_ns,
+        cur.st_ctime_ns,
+    )
+
+
+def _settled(stamp: tuple[int, ...], now: int) -> bool:
+    """
+    @return: whether both directories of C{stamp} were last changed at
+        least L{LISTING_SETTLED_NS} before C{now} (nanoseconds).
+    """
+    return max(stamp[2], stamp[3], stamp[6], stamp[7]) < now - LISTING_SETTLED_NS
+
+
+def _littleEndian(values: array) -> bytes:
+    if sys.byteorder == "little":
+        return values.tobytes()
+    swapped = array(values.typecode, values)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+#: Width of an index's second line (the numbers, padded with spaces), which
+#: is written last, once the checksum is known.
+_INDEX_HEADER_WIDTH = 256
+
+#: Names encoded (and decoded) at a time when an index is written (read):
+#: no buffer the size of the whole index is ever made, which the allocator
+#: would keep after it is freed.
+_INDEX_NAMES_AT_ONCE = 1024
+
+#: Octets of names decoded at a time when an index is read.
+_INDEX_DECODE_CHUNK = 65536
+
+
+def _writeIndexFile(f: BinaryIO, stamp: tuple[int, ...], listing: _Listing) -> None:
+    """
+    Write the index file of C{listing}, taken when the directories had
+    C{stamp}, to C{f} (empty, seekable).
+
+    After L{_INDEX_MAGIC} comes a line of L{_INDEX_FIELDS} decimal numbers
+    (padded to L{_INDEX_HEADER_WIDTH}), then the names joined by NUL, the
+    odd keys (index and key, each ending with NUL), then per message one
+    octet of C{inCur}, of C{seen} and of C{keyEnds}, eight (little-endian)
+    of the file size and eight of the wire size.
+    """
+    f.write(_INDEX_MAGIC + b" " * _INDEX_HEADER_WIDTH + b"\n")
+    crc = 0
+    namesLength = 0
+    names = listing.names
+    for start in range(0, len(names), _INDEX_NAMES_AT_ONCE):
+        piece = "\0".join(names[start : start + _INDEX_NAMES_AT_ONCE]).encode("utf-8", "surrogateescape")
+        if start:
+            piece = b"\0" + piece
+        crc = zlib.crc32(piece, crc)
+        namesLength += len(piece)
+        f.write(piece)
+    odd = "".join(f"{i}\0{k}\0" for i, k in sorted(listing.oddKeys.items())).encode("utf-8", "surrogateescape")
+    columns = [
+        odd,
+        bytes(listing.inCur),
+        bytes(listing.seen),
+        listing.keyEnds.tobytes(),
+        _littleEndian(listing.fileSizes),
+        _littleEndian(listing.wireSizes),
+    ]
+    for column in columns:
+        crc = zlib.crc32(column, crc)
+        f.write(column)
+    del columns
+    fields = (*stamp, len(listing), namesLength, len(odd), crc)
+    header = b" ".join(b"%d" % (value,) for value in fields)
+    f.seek(len(_INDEX_MAGIC))
+    f.write(header.ljust(_INDEX_HEADER_WIDTH))
+
+
+def _decodeIndex(data: Union[bytes, mmap.mmap], stamp: tuple[int, ...]) -> Optional[_Listing]:
+    """
+    @param data: the contents of an index file (see L{_writeIndexFile}).
+    @return: the listing in C{data}, or C{None} if it is of another format,
+        damaged, or for other directory times than C{stamp}.
+    """
+    start = len(_INDEX_MAGIC)
+    end = start + _INDEX_HEADER_WIDTH
+    if len(data) <= end or data[:start] != _INDEX_MAGIC or data[end : end + 1] != b"\n":
+        return None
+    try:
+        fields = [int(f) for f in data[start:end].split()]
+    except ValueError:
+        return None
+    if len(fields) != _INDEX_FIELDS or tuple(fields[:8]) != stamp:
+        return None
+    count, namesLength, oddLength, crc = fields[8:]
+    bodyStart = end + 1
+    if count < 1 or len(data) - bodyStart != namesLength + oddLength + 19 * count:
+        return None
+    with memoryview(data) as view:
+        if zlib.crc32(view[bodyStart:]) != crc:
+            return None
+        listing = _Listing()
+        names = listing.names
+        at = bodyStart
+        namesEnd = bodyStart + namesLength
+        while at < namesEnd:
+            cut = namesEnd
+            if at + _INDEX_DECODE_CHUNK < namesEnd:
+                cut = data.rfind(b"\0", at, at + _INDEX_DECODE_CHUNK)
+                if cut < 0:
+                    cut = data.find(b"\0", at, namesEnd)
+                    if cut < 0:
+                        cut = namesEnd
+            names.extend(str(view[at:cut], "utf-8", "surrogateescape").split("\0"))
+            at = cut + 1
+        if len(names) != count:
+            return None
+        at = namesEnd
+        if oddLength:
+            odd = str(view[at : at + oddLength], "utf-8", "surrogateescape").split("\0")
+            try:
+                listing.oddKeys = {int(odd[i]): odd[i + 1] for i in range(0, len(odd) - 1, 2)}
+            except ValueError:
+                return None
+        at += oddLength
+        listing.inCur = bytearray(view[at : at + count])
+        at += count
+        listing.seen = bytearray(view[at : at + count])
+        at += count
+        listing.keyEnds.frombytes(view[at : at + count])
+        at += count
+        for sizes in (listing.fileSizes, listing.wireSizes):
+            sizes.frombytes(view[at : at + 8 * count])
+            if sys.byteorder != "little":
+                sizes.byteswap()
+            at += 8 * count
+    return listing
+
+
+def _readIndex(maildir: str, stamp: tuple[int, ...]) -> tuple[Optional[_Listing], bool]:
+    """
+    The listing in C{maildir}'s L{INDEX_NAME}, if it is sound and was taken
+    with the directories at C{stamp}.  The file is mapped, not read, so no
+    buffer of its size is allocated.
+
+    @return: that listing or C{None}, and whether an index file exists.
+    """
+    try:
+        fd = os.open(os.path.join(maildir, INDEX_NAME), os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+    except OSError:
+        return None, False
+    try:
+        size = os.fstat(fd).st_size
+        if size <= len(_INDEX_MAGIC) + _INDEX_HEADER_WIDTH:
+            return None, True
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
+            return _decodeIndex(data, stamp), True
+    except (OSError, ValueError):
+        return None, True
+    finally:
+        os.close(fd)
+
+
+def _writeIndex(maildir: str, stamp: tuple[int, ...], listing: _Listing, owner: Optional[fsutil.Owner]) -> None:
+    """
+    Replace C{maildir}'s L{INDEX_NAME} with C{listing} (taken with the
+    directories at C{stamp}): written in C{tmp/} and renamed into place, not
+    fsynced (a crash leaves an old index, which the directories' times no
+    longer match, or a damaged one, which its checksum refuses).  Best
+    effort: a failure is logged and changes nothing else.
+    """
+    tmp = os.path.join(maildir, "tmp", f"{INDEX_NAME}.{os.getpid()}.{secrets.token_hex(6)}")
+    try:
+        fd = fsutil.createFile(tmp, owner)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                _writeIndexFile(f, stamp, listing)
+            os.rename(tmp, os.path.join(maildir, INDEX_NAME))
+        except BaseException:
+            fsutil.unlinkIfThere(tmp)
+            raise
+    except OSError as e:
+        _log.warn("Could not write the listing index of {path}: {error}", path=maildir, error=e.strerror)
+
+
+def _removeIndex(maildir: str) -> None:
+    try:
+        fsutil.unlinkIfThere(os.path.join(maildir, INDEX_NAME))
+    except OSError as e:
+        _log.warn("Could not remove the listing index of {path}: {error}", path=maildir, error=e.strerror)
 
 
 class _ListingCache:
     """
-    The snapshots of recently opened small maildrops, each kept with the
-    mtimes of C{new/} and C{cur/} it was taken at, so that a login to a
-    maildrop nothing was delivered to, removed from or renamed in since
-    the last one costs two C{stat} calls instead of one per message.
+    The last settled listings of maildrops, each kept with the
+    stamp (L{_directoryStamp}) of C{new/} and C{cur/} it was taken at, so that a
+    login to a maildrop nothing was delivered to, removed from or renamed in
+    since costs two C{stat} calls instead of listing its directories: small
+    maildrops in memory, large ones in the maildrop's L{INDEX_NAME} file
+    (like Dovecot's index, which other processes and restarts can use).
 
-    Every creation, removal or rename of a message changes the mtime of its
-    directory; a message file is never rewritten in place (Maildir), and if
-    another tool does so anyway, L{MaildirMaildrop.openMessage} sees the
-    size differ and refuses it.  A listing is kept only if both
-    directories were last changed L{LISTING_SETTLED_NS} before it was
-    taken, and only for maildrops of at most L{QUICK_SNAPSHOT_ENTRIES}
-    messages, at most L{LISTING_CACHE_ENTRIES} messages in all (the
-    maildrops used least recently are forgotten first).
+    Every creation, removal or rename of a message changes its directory's
+    mtime and ctime; a message file is never rewritten in place (Maildir),
+    and if another tool does so anyway, L{MaildirMaildrop.openMessage} sees
+    the size differ and refuses it.  A listing is kept only if both
+    directories were last changed L{LISTING_SETTLED_NS} before it was taken
+    (a change within the same tick of the file system's clock could
+    otherwise go unseen) and had not changed when it was done.  In memory:
+    maildrops of at most L{QUICK_SNAPSHOT_ENTRIES} messages, at most
+    L{LISTING_CACHE_ENTRIES} messages in all (the maildrops used least
+    recently are forgotten first).  In an index: listings of more than
+    L{INDEX_MIN_ENTRIES} messages, taken in the thread pool; an index of
+    other times, of another format or damaged is never used, and is
+    replaced by the next settled listing.
+
+    @param owner: given the index files written (see L{pop3gw.fsutil}).
     """
 
-    def __init__(self) -> None:
-        self._listings: collections.OrderedDict[str, tuple[tuple[int, int], _Listing]] = collections.OrderedDict()
+    def __init__(self, owner: Optional[fsutil.Owner] = None) -> None:
+        self._listings: collections.OrderedDict[str, tuple[tuple[int, ...], _Listing]] = collections.OrderedDict()
         self._size = 0
+        self._owner = owner
+        # Maildrop -> the stamp at which it was too large for a quick
+        # snapshot.
+        self._large: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
+        #: The current time in nanoseconds since the epoch (as the file
+        #: system's times).
+        self.now: Callable[[], int] = time.time_ns
 
     def snapshot(self, maildir: str, quick: bool) -> _Listing:
         """
-        L{_snapshot} of C{maildir} (locked by the caller), from the cache
-        when the directories are unchanged.
+        L{_snapshot} of C{maildir} (locked by the caller), from the memory
+        or the index when the directories are unchanged.
         """
         stamp = _directoryStamp(maildir)
         if stamp is None:
@@ -614,17 +873,42 @@ class _ListingCache:
                 self._listings.move_to_end(maildir)
                 return cached[1].copy()
             self._forget(maildir)
+        if quick and self._large.get(maildir) == stamp:
+            raise _NotQuick()
+        indexed = False
+        if not quick:
+            listing, indexed = _readIndex(maildir, stamp)
+            if listing is not None:
+                self._markLarge(maildir, stamp, listing)
+                return listing
         listing = _snapshot(maildir, quick)
-        now = time.time_ns()
-        if (
-            len(listing) <= QUICK_SNAPSHOT_ENTRIES
-            and max(stamp) < now - LISTING_SETTLED_NS
-            and _directoryStamp(maildir) == stamp
-        ):
+        self._markLarge(maildir, stamp, listing)
+        if not _settled(stamp, self.now()) or _directoryStamp(maildir) != stamp:
+            return listing
+        if len(listing) <= QUICK_SNAPSHOT_ENTRIES:
             self._remember(maildir, stamp, listing)
+        if not quick:
+            if len(listing) > INDEX_MIN_ENTRIES:
+                _writeIndex(maildir, stamp, listing, self._owner)
+            elif indexed:
+                _removeIndex(maildir)
         return listing
 
-    def _remember(self, maildir: str, stamp: tuple[int, int], listing: _Listing) -> None:
+    def _markLarge(self, maildir: str, stamp: tuple[int, ...], listing: _Listing) -> None:
+        """
+        Remember whether C{listing}, taken at C{stamp}, is too large for a
+        snapshot on the reactor thread, so that the next login goes to the
+        thread pool at once instead of listing part of it first.
+        """
+        if len(listing) > QUICK_SNAPSHOT_ENTRIES:
+            self._large[maildir] = stamp
+            self._large.move_to_end(maildir)
+            if len(self._large) > LARGE_MAILDROPS_REMEMBERED:
+                self._large.popitem(last=False)
+        else:
+            self._large.pop(maildir, None)
+
+    def _remember(self, maildir: str, stamp: tuple[int, ...], listing: _Listing) -> None:
         self._listings[maildir] = (stamp, listing.copy())
         self._size += len(listing)
         while self._size > LISTING_CACHE_ENTRIES:
@@ -740,31 +1024,35 @@ class MaildirMaildrop:
             return defer.fail()
 
     def _openFile(self, index: int) -> WireReader:
-        entry = self._entry(index)
+        listing = self._listing
+        if not 0 <= index < len(listing):
+            raise IndexError(index)
         if self._state != "open":
             raise TemporaryFailure("maildrop is not locked")
         flags = os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW
+        # The entry is made only if the file must be found again.
+        entry: Optional[_Entry] = None
         try:
             try:
-                fd = os.open(self._entryPath(entry), flags)
+                fd = os.open(f"{self.path}/{_LISTED_IN[listing.inCur[index]]}/{listing.names[index]}", flags)
             except FileNotFoundError:
+                entry = listing.entry(index)
                 if not self._relocate(entry):
                     raise
                 fd = os.open(self._entryPath(entry), flags)
+                listing.update(index, entry)
         except FileNotFoundError:
             raise TemporaryFailure("message vanished") from None
         except OSError as e:
             raise TemporaryFailure(f"cannot open message: {e.strerror}") from e
-        if entry.name != self._listing.names[index]:
-            self._listing.update(index, entry)
         try:
             size = os.fstat(fd).st_size
         except OSError as e:
             os.close(fd)
             raise TemporaryFailure(f"cannot stat message: {e.strerror}") from e
-        if size != entry.fileSize:
+        if size != listing.fileSizes[index]:
             os.close(fd)
-            self._forgetSizes(entry)
+            self._forgetSizes(entry if entry is not None else listing.entry(index))
             raise TemporaryFailure("message changed during the session")
         return WireReader(fd, size)
 
@@ -956,7 +1244,7 @@ class MaildirStore:
         self._now: Callable[[], float] = time.time
         # Maildrop path -> when its tmp/ was last cleaned by this process.
         self._tmpCleaned: dict = {}
-        self._listings = _ListingCache()
+        self._listings = _ListingCache(owner)
 
     def maildirPath(self, address: Address) -> str:
         """

@@ -69,6 +69,15 @@ class WireReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    @property
+    def exhausted(self) -> bool:
+        """
+        Whether the whole message has been read, so that the next C{read}
+        returns C{b""} (known as soon as the last octets are handed out
+        when the size was given).
+        """
+        return self._eof and self._offset >= len(self._pending)
+
     def _fill(self) -> bool:
         """
         Make sure converted octets are pending.
@@ -87,6 +96,11 @@ class WireReader(io.RawIOBase):
                 chunk = b""
             if chunk:
                 self._pending = self._converter.feed(chunk)
+                if self._left == 0:
+                    # The whole file is read: the end is known now, without
+                    # another call (see L{exhausted}).
+                    self._pending += self._converter.finish()
+                    self._eof = True
             else:
                 self._pending = self._converter.finish()
                 self._eof = True

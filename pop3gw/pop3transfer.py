@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pop3 -*-
+# -*- test-case-name: tests.test_pop3transfer,tests.test_pop3 -*-
 """
 POP3 message streaming: RETR and TOP (RFC 1939).
 
@@ -17,6 +17,10 @@ from twisted.python.failure import Failure
 
 #: Octets read from a message file at a time when streaming it.
 READ_CHUNK_SIZE = 262144
+
+#: Largest last piece of a message sent in the same write as the end of the
+#: response (a copy of a small piece costs less than one more write).
+MERGED_END_SIZE = 65536
 
 
 class _DotStuffer:
@@ -127,6 +131,9 @@ class _MessageSender:
         self._paused = False
         self._running = False
         self._finished = False
+        # The last piece, held back to go out with the end (see _pump).
+        self._tail = b""
+        self._tailSize = 0
 
     def start(self, paused: bool) -> None:
         """
@@ -178,17 +185,24 @@ class _MessageSender:
 
     def _pump(self) -> bool:
         """
-        Send chunks until paused or at the end.
+        Send chunks until paused or at the end.  The last chunk of a source
+        that tells it is C{exhausted} is kept for L{_end} if it is small, so
+        that a small message goes out with its end in one write.
 
         @return: whether the end of what is to be sent was reached.
         """
+        source = self._source
         while not self._paused and not self._finished:
-            chunk = self._source.read(self._chunkSize)
+            chunk = source.read(self._chunkSize)
             if not chunk:
                 return True
             if self._top is not None:
                 chunk = self._top.feed(chunk)
             data = self._stuffer.stuff(chunk)
+            if self._top is None and len(data) <= MERGED_END_SIZE and getattr(source, "exhausted", False):
+                self._tail = data
+                self._tailSize = len(chunk)
+                return True
             if data:
                 self._transport.write(data)
                 self._onSent(len(chunk))
@@ -199,8 +213,10 @@ class _MessageSender:
     def _end(self) -> None:
         self._finished = True
         self._close()
-        if self._stuffer.atLineStart:
-            self._transport.write(b".\r\n")
+        end = b".\r\n" if self._stuffer.atLineStart else b"\r\n.\r\n"
+        if self._tailSize:
+            self._transport.write(self._tail + end)
+            self._onSent(self._tailSize)
         else:
-            self._transport.write(b"\r\n.\r\n")
+            self._transport.write(end)
         self._onDone(self, None)

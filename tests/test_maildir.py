@@ -1558,6 +1558,30 @@ class StreamingTests(MaildirTestsMixin, SynchronousTestCase):
         self.assertEqual(len(served), drop.messages[0].size)
         drop.release()
 
+    def test_endKnownWithLastOctets(self) -> None:
+        """
+        A message reader tells it is C{exhausted} as soon as it has handed
+        out the last octets of the message, the line end added to a file
+        lacking one included, so no further C{read} is needed to find the
+        end.
+        """
+        self.putFile(ALICE, "cur", "1600000000.a:2,", b"one\ntwo")
+        self.putFile(ALICE, "cur", "1600000001.b:2,", b"x" * (maildir.READ_CHUNK + 5) + b"\n")
+        drop = self.openDrop()
+        with self.successResultOf(drop.openMessage(0)) as f:
+            self.assertFalse(f.exhausted)
+            self.assertEqual(f.read(100), b"one\r\ntwo\r\n")
+            self.assertTrue(f.exhausted)
+            self.assertEqual(f.read(100), b"")
+        with self.successResultOf(drop.openMessage(1)) as f:
+            self.assertEqual(f.read(maildir.READ_CHUNK), b"x" * maildir.READ_CHUNK)
+            self.assertFalse(f.exhausted)
+            self.assertEqual(f.read(3), b"xxx")
+            self.assertFalse(f.exhausted)
+            self.assertEqual(f.read(100), b"xx\r\n")
+            self.assertTrue(f.exhausted)
+        drop.release()
+
     def test_foreignCRLFChunkBoundary(self) -> None:
         """
         A CRLF file whose CR and LF fall on either side of a read chunk
@@ -2136,11 +2160,11 @@ class ListingCacheTests(MaildirTestsMixin, SynchronousTestCase):
 
     def settle(self, address: Address = ALICE) -> None:
         """
-        Make C{new/} and C{cur/} look last changed a minute ago.
+        Let a minute pass since the last change of C{new/} and C{cur/}, as
+        far as the listing cache knows.
         """
-        old = time.time_ns() - 60 * 10**9
-        for subdir in ("new", "cur"):
-            os.utime(self.path(address, subdir), ns=(old, old))
+        now = time.time_ns() + 60 * 10**9
+        self.store._listings.now = lambda: now
 
     def countScans(self) -> list:
         calls: list = []
@@ -2215,4 +2239,274 @@ class ListingCacheTests(MaildirTestsMixin, SynchronousTestCase):
         drop = self.openDrop()
         self.assertEqual(drop.messages[0].size, 5)
         self.failureResultOf(drop.openMessage(0), TemporaryFailure)
+        drop.release()
+
+
+class ListingIndexTests(MaildirTestsMixin, SynchronousTestCase):
+    """
+    A maildrop of more than L{maildir.INDEX_MIN_ENTRIES} messages keeps its
+    settled listing in L{maildir.INDEX_NAME}, trusted only while C{new/}
+    and C{cur/} are the same directories with the same mtimes and ctimes;
+    any change, or an index that is damaged or of another format, makes the
+    next login list the directories again.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(maildir, "QUICK_SNAPSHOT_ENTRIES", 2)
+        self.patch(maildir, "INDEX_MIN_ENTRIES", 2)
+        for n in range(3):
+            self.deliver([ALICE], b"message %d\n" % (n,))
+        self.putFile(ALICE, "cur", "1.odd.host:2,S", b"no sizes\n")
+        self.putFile(ALICE, "new", "2.other,S=4,W=5", b"abc\n")
+
+    def settle(self, address: Address = ALICE, ago: int = 60) -> None:
+        """
+        Let C{ago} seconds pass since the last change of C{new/} and
+        C{cur/}, as far as the listing cache knows.
+        """
+        now = time.time_ns() + ago * 10**9
+        self.store._listings.now = lambda: now
+
+    def countScans(self) -> list:
+        calls: list = []
+        realScandir = os.scandir
+
+        def scandir(path):
+            calls.append(path)
+            return realScandir(path)
+
+        self.patch(os, "scandir", scandir)
+        return calls
+
+    def indexPath(self, address: Address = ALICE) -> str:
+        return self.path(address, maildir.INDEX_NAME)
+
+    def view(self, drop) -> list:
+        """
+        What a session sees of C{drop}: every message's size, UIDL and seen
+        flag, and the contents of the first and last message.
+        """
+        view = [tuple(m) for m in drop.messages]
+        view.append(self.read(drop, 0))
+        view.append(self.read(drop, len(drop.messages) - 1))
+        return view
+
+    def indexedView(self) -> list:
+        """
+        Settle the maildrop, log in once (which writes the index) and
+        return what that session saw.
+        """
+        self.settle()
+        drop = self.openDrop()
+        view = self.view(drop)
+        drop.release()
+        self.assertTrue(os.path.exists(self.indexPath()))
+        return view
+
+    def test_indexedListingServedWithoutScan(self) -> None:
+        """
+        Once a settled listing is indexed, the next login reads no directory
+        and sees the same messages, UIDLs, sizes, seen flags and contents,
+        odd names included.
+        """
+        view = self.indexedView()
+        self.assertEqual(len(view), 5 + 2)
+        self.assertIn((10, "1.odd.host", True), view)
+        scans = self.countScans()
+        drop = self.openDrop()
+        self.assertEqual(scans, [])
+        self.assertEqual(self.view(drop), view)
+        drop.release()
+
+    def test_namesReadInPieces(self) -> None:
+        """
+        An index is written and read a few names at a time (so no buffer of
+        its whole size is made), whatever the pieces' boundaries.
+        """
+        self.patch(maildir, "_INDEX_NAMES_AT_ONCE", 2)
+        self.patch(maildir, "_INDEX_DECODE_CHUNK", 7)
+        view = self.indexedView()
+        for chunk in (7, 60, 100):
+            self.patch(maildir, "_INDEX_DECODE_CHUNK", chunk)
+            scans = self.countScans()
+            drop = self.openDrop()
+            self.assertEqual(scans, [])
+            self.assertEqual(self.view(drop), view)
+            drop.release()
+
+    def test_newDeliverySeen(self) -> None:
+        """
+        A message delivered after the index was written is listed at the
+        next login; the earlier UIDLs are unchanged.
+        """
+        view = self.indexedView()
+        self.deliver([ALICE], b"late\n")
+        drop = self.openDrop()
+        messages = [tuple(m) for m in drop.messages]
+        self.assertEqual(messages[:5], view[:5])
+        self.assertEqual(len(messages), 6)
+        self.assertEqual(self.read(drop, 5), b"late\r\n")
+        drop.release()
+
+    def test_fileRemovedByHand(self) -> None:
+        """
+        A message file removed by another tool after the index was written
+        is not listed at the next login.
+        """
+        view = self.indexedView()
+        os.unlink(self.path(ALICE, "cur", "1.odd.host,S=9,W=10:2,S"))
+        drop = self.openDrop()
+        self.assertEqual([tuple(m) for m in drop.messages], [v for v in view[:5] if v[1] != "1.odd.host"])
+        drop.release()
+
+    def test_mtimeRestored(self) -> None:
+        """
+        A change whose directory is given back its earlier mtime (as a tool
+        copying timestamps does, or a clock too coarse to tell two changes
+        apart) still invalidates the index: the directories' ctimes moved.
+        """
+        self.indexedView()
+        cur = self.path(ALICE, "cur")
+        before = os.stat(cur)
+        os.unlink(os.path.join(cur, "1.odd.host,S=9,W=10:2,S"))
+        os.utime(cur, ns=(before.st_atime_ns, before.st_mtime_ns))
+        self.assertEqual(os.stat(cur).st_mtime_ns, before.st_mtime_ns)
+        drop = self.openDrop()
+        self.assertEqual(len(drop.messages), 4)
+        drop.release()
+
+    def test_recentChangeNotIndexed(self) -> None:
+        """
+        A listing taken less than L{maildir.LISTING_SETTLED_NS} after the
+        last change of a directory is not indexed: a second change within
+        the same tick of the file system's clock would leave the
+        directory's times as they were.
+        """
+        self.settle(ago=1)
+        self.openDrop().release()
+        self.assertFalse(os.path.exists(self.indexPath()))
+
+    def test_smallMaildropNotIndexed(self) -> None:
+        """
+        A maildrop of at most L{maildir.INDEX_MIN_ENTRIES} messages gets no
+        index (its listing is cheap and kept in memory).
+        """
+        self.patch(maildir, "INDEX_MIN_ENTRIES", 5)
+        self.settle()
+        self.openDrop().release()
+        self.assertFalse(os.path.exists(self.indexPath()))
+
+    def test_staleIndexOfSmallListingRemoved(self) -> None:
+        """
+        An index left from when the maildrop was larger than
+        L{maildir.INDEX_MIN_ENTRIES} is removed by the next settled listing
+        taken in the thread pool, not left to grow stale.
+        """
+        self.indexedView()
+        self.patch(maildir, "INDEX_MIN_ENTRIES", 10)
+        self.deliver([ALICE], b"late\n")
+        self.settle()
+        drop = self.openDrop()
+        self.assertEqual(len(drop.messages), 6)
+        drop.release()
+        self.assertFalse(os.path.exists(self.indexPath()))
+
+    def assertRebuilt(self, view: list) -> None:
+        """
+        The next login lists the directories, sees C{view}, and leaves an
+        index the login after it trusts.
+        """
+        scans = self.countScans()
+        drop = self.openDrop()
+        self.assertEqual(self.view(drop), view)
+        drop.release()
+        self.assertNotEqual(scans, [])
+        del scans[:]
+        drop = self.openDrop()
+        self.assertEqual(scans, [])
+        self.assertEqual(self.view(drop), view)
+        drop.release()
+
+    def rewriteIndex(self, change) -> None:
+        with open(self.indexPath(), "rb") as f:
+            data = f.read()
+        with open(self.indexPath(), "wb") as f:
+            f.write(change(data))
+
+    def test_corruptIndexRebuilt(self) -> None:
+        """
+        An index whose contents were damaged (one octet changed) is not
+        trusted: the maildrop is listed again and the index rewritten.
+        """
+        view = self.indexedView()
+
+        def flip(data: bytes) -> bytes:
+            middle = len(data) - 20
+            return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
+
+        self.rewriteIndex(flip)
+        self.assertRebuilt(view)
+
+    def test_truncatedIndexRebuilt(self) -> None:
+        """
+        An index cut short (a crash while it was written) or empty is not
+        trusted.
+        """
+        view = self.indexedView()
+        self.rewriteIndex(lambda data: data[: len(data) // 2])
+        self.assertRebuilt(view)
+        self.rewriteIndex(lambda data: b"")
+        self.assertRebuilt(view)
+
+    def test_otherFormatRebuilt(self) -> None:
+        """
+        An index of another format version (an older pop3gw's) is not
+        trusted.
+        """
+        view = self.indexedView()
+        self.rewriteIndex(lambda data: data.replace(b" 1\n", b" 0\n", 1))
+        self.assertRebuilt(view)
+
+    def test_indexOfAnotherMaildrop(self) -> None:
+        """
+        An index copied from another maildrop (other directories, even with
+        the same times) is not trusted.
+        """
+        view = self.indexedView()
+        for n in range(3):
+            self.deliver([BOB], b"bob %d\n" % (n,))
+        self.settle(BOB)
+        self.openDrop(BOB).release()
+        for subdir in ("new", "cur"):
+            st = os.stat(self.path(ALICE, subdir))
+            os.utime(self.path(BOB, subdir), ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(self.indexPath(), self.indexPath(BOB))
+        drop = self.openDrop(BOB)
+        uids = [m.uid for m in drop.messages]
+        self.assertEqual(len(uids), 3)
+        self.assertEqual(set(uids) & {v[1] for v in view[:5]}, set())
+        self.assertEqual(self.read(drop, 0), b"bob 0\r\n")
+        drop.release()
+
+    def test_commitThenIndexAgain(self) -> None:
+        """
+        Deletions and seen flags committed by a session change the
+        directories, so the next login lists them again, and its index
+        then serves the login after.
+        """
+        self.indexedView()
+        drop = self.openDrop()
+        self.read(drop, 0)
+        self.successResultOf(drop.commit([1], [0]))
+        self.settle()
+        drop = self.openDrop()
+        view = self.view(drop)
+        drop.release()
+        self.assertEqual(len(view), 4 + 2)
+        self.assertTrue(view[0][2])
+        scans = self.countScans()
+        drop = self.openDrop()
+        self.assertEqual(scans, [])
+        self.assertEqual(self.view(drop), view)
         drop.release()
