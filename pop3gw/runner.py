@@ -25,7 +25,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -73,19 +72,26 @@ class ThreadPoolRunner:
         """
         result: defer.Deferred = defer.Deferred()
         self._inFlight += 1
+        # One Deferred and one hop back per job: the pool's callback (in
+        # its thread) hands the outcome to the reactor thread directly,
+        # without the second Deferred of deferToThreadPool.
+        callFromThread = self.reactor.callFromThread
 
-        def finish(outcome: Any) -> None:
+        def finish(success: bool, outcome: Any) -> None:
             try:
-                if isinstance(outcome, Failure):
-                    result.errback(outcome)
-                else:
+                if success:
                     result.callback(outcome)
+                else:
+                    result.errback(outcome)
             finally:
                 self._inFlight -= 1
                 if not self._inFlight:
                     self._idle()
 
-        deferToThreadPool(self.reactor, self.pool, f, *args).addBoth(finish)
+        def onResult(success: bool, outcome: Any) -> None:
+            callFromThread(finish, success, outcome)
+
+        self.pool.callInThreadWithCallback(onResult, f, *args)
         return result
 
     def _idle(self) -> None:
