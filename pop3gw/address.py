@@ -75,36 +75,56 @@ class Address:
                 text = text.decode("utf-8")
             except UnicodeDecodeError:
                 raise AddressError("address is not valid UTF-8") from None
-        if text.isascii():
-            # The common case, at C speed: printable ASCII other than the
-            # space has no character in categories C and Z, and is NFC.
-            if not text.isprintable() or " " in text:
-                raise AddressError("address contains control or space characters")
-            if len(text) > MAX_ADDRESS_LENGTH:
-                raise AddressError("address too long")
-        else:
-            text = unicodedata.normalize("NFC", text)
-            if len(text.encode("utf-8", "surrogatepass")) > MAX_ADDRESS_LENGTH:
-                raise AddressError("address too long")
-            if any(unicodedata.category(c)[0] in "CZ" for c in text):
-                raise AddressError("address contains control or space characters")
-        if text.count("@") != 1:
-            raise AddressError("address must be local@domain")
-        localpart, domain = text.split("@")
-        if not localpart or len(localpart.encode("utf-8")) > MAX_LOCALPART_LENGTH:
-            raise AddressError("bad local part")
-        if (
-            not _ATEXT.match(localpart)
-            or localpart.startswith(".")
-            or localpart.endswith(".")
-            or ".." in localpart
-            or "/" in localpart
-        ):
-            raise AddressError("bad local part")
-        domain = _normalizeDomain(domain)
-        if len(localpart.encode("utf-8")) + 1 + len(domain) > MAX_ADDRESS_LENGTH:
+        address = _parseText(text)
+        if cls is not Address:
+            return cls(address.localpart, address.domain)
+        return address
+
+
+#: Addresses parsed lately (an L{Address} is immutable, so one parse of a
+#: text serves every later one: a session parses its user's address at
+#: login, in C{MAIL FROM}, in C{From:}, and the recipients again and
+#: again).  Texts that fail to parse are not kept.
+PARSE_CACHE_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def _parseText(text: str) -> Address:
+    """
+    L{Address.parse} of a text already decoded.
+
+    @raise AddressError: see L{Address.parse}.
+    """
+    if text.isascii():
+        # The common case, at C speed: printable ASCII other than the
+        # space has no character in categories C and Z, and is NFC.
+        if not text.isprintable() or " " in text:
+            raise AddressError("address contains control or space characters")
+        if len(text) > MAX_ADDRESS_LENGTH:
             raise AddressError("address too long")
-        return cls(localpart, domain)
+    else:
+        text = unicodedata.normalize("NFC", text)
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_ADDRESS_LENGTH:
+            raise AddressError("address too long")
+        if any(unicodedata.category(c)[0] in "CZ" for c in text):
+            raise AddressError("address contains control or space characters")
+    if text.count("@") != 1:
+        raise AddressError("address must be local@domain")
+    localpart, domain = text.split("@")
+    if not localpart or len(localpart.encode("utf-8")) > MAX_LOCALPART_LENGTH:
+        raise AddressError("bad local part")
+    if (
+        not _ATEXT.match(localpart)
+        or localpart.startswith(".")
+        or localpart.endswith(".")
+        or ".." in localpart
+        or "/" in localpart
+    ):
+        raise AddressError("bad local part")
+    domain = _normalizeDomain(domain)
+    if len(localpart.encode("utf-8")) + 1 + len(domain) > MAX_ADDRESS_LENGTH:
+        raise AddressError("address too long")
+    return Address(localpart, domain)
 
 
 def lookupKey(address: Address) -> str:

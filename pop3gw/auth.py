@@ -11,7 +11,6 @@ the users database.
 from __future__ import annotations
 
 import collections
-import hashlib
 import hmac
 import secrets
 import threading
@@ -93,7 +92,7 @@ class VerifiedCredentialsCache:
         """
         The cache key for C{address} and C{password}.
         """
-        return hmac.new(self._hmacKey, str(address).encode("utf-8") + b"\0" + password, hashlib.sha256).digest()
+        return hmac.digest(self._hmacKey, str(address).encode("utf-8") + b"\0" + password, "sha256")
 
     def hit(self, key: bytes, stored: str, now: float) -> bool:
         """

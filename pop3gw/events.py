@@ -34,6 +34,9 @@ def sanitize(text: str | bytes | None, limit: int = MAX_LOGGED_USER) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     text = text[:limit]
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        # The common case (a plain user name): nothing to escape.
+        return '"' + text + '"'
     out = []
     for c in text:
         if c in '"\\':
@@ -45,16 +48,32 @@ def sanitize(text: str | bytes | None, limit: int = MAX_LOGGED_USER) -> str:
     return '"' + "".join(out) + '"'
 
 
+def literal(text: str) -> str:
+    """
+    C{text} as a log format that formats as itself (its braces doubled).
+
+    The lines logged for every session and message are built here with
+    f-strings and emitted as such a format, their values kept as the
+    event's fields too (for the metrics and any other observer): Twisted
+    then formats the line without parsing a field from it, which costs
+    about a third of an event's time.
+    """
+    if "{" in text or "}" in text:
+        return text.replace("{", "{{").replace("}", "}}")
+    return text
+
+
 def loginSucceeded(log: Logger, service: str, user: str, peer: str, tls: bool) -> None:
     """
     Log a successful login.
     """
+    quoted, secure = sanitize(user), "yes" if tls else "no"
     log.info(
-        "login: service={service} rhost={peer} user={user} tls={tls}",
+        literal(f"login: service={service} rhost={peer} user={quoted} tls={secure}"),
         service=service,
         peer=peer,
-        user=sanitize(user),
-        tls="yes" if tls else "no",
+        user=quoted,
+        tls=secure,
     )
 
 
@@ -126,11 +145,12 @@ def loggedOut(log: Logger, service: str, user: str, peer: str, **stats: int) -> 
     C{retrieved=3 top=0 deleted=2 bytes=10240}, in name order.
     """
     fields = " ".join(f"{k}={int(v)}" for k, v in sorted(stats.items()))
+    quoted = sanitize(user)
     log.info(
-        "logout: service={service} rhost={peer} user={user} {fields}",
+        literal(f"logout: service={service} rhost={peer} user={quoted} {fields}"),
         service=service,
         peer=peer,
-        user=sanitize(user),
+        user=quoted,
         fields=fields,
     )
 

@@ -144,6 +144,8 @@ class TransactionCommands(_Host):
         @return: the messages not marked deleted, with their numbers.
         """
         deleted = self._current.deleted
+        if not deleted:
+            return enumerate(self._messages, 1)
         return ((i + 1, m) for i, m in enumerate(self._messages) if i not in deleted)
 
     def do_STAT(self, rest: str) -> None:

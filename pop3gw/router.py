@@ -109,7 +109,25 @@ class _RoutedDelivery:
         if self._state != "open":
             return defer.fail(TemporaryFailure("delivery is not open"))
         self._state = "committing"
+        if self._remote is None and self._local is not None:
+            return self._commitLocal(self._local)
         return self._commit()
+
+    def _commitLocal(self, local: IDelivery) -> defer.Deferred:
+        """
+        Commit a message with local recipients only: the same outcome as
+        L{_commit}, without its generator (the common case of submission
+        to a local user).
+        """
+
+        def committed(result: object) -> None:
+            self._state = "committed"
+
+        def failed(f: Failure) -> Failure:
+            self._state = "aborted"
+            return _asDeliveryFailure(self.log, f, "local delivery")
+
+        return defer.maybeDeferred(local.commit).addCallbacks(committed, failed)
 
     @defer.inlineCallbacks
     def _commit(self):

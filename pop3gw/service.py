@@ -65,7 +65,7 @@ from pop3gw.relay import RelayService
 from pop3gw.relay.mtasts import CacheFile, PolicySource, makeFetcher
 from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
-from pop3gw.runner import ProcessPoolRunner, ThreadPoolRunner
+from pop3gw.runner import IOThreadPool, ProcessPoolRunner, ThreadPoolRunner
 from pop3gw.sendlimits import SendingLimits, SendingPolicy, Suspension, noticeMessage
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtpdata import formatDate
@@ -161,7 +161,10 @@ class ThreadPoolService(Service):
     stopStage = STOP_POOLS
 
     def __init__(
-        self, pool: ThreadPool, runner: Optional[ThreadPoolRunner] = None, afterStop: Optional[Callable[[], None]] = None
+        self,
+        pool: Union[ThreadPool, IOThreadPool],
+        runner: Optional[ThreadPoolRunner] = None,
+        afterStop: Optional[Callable[[], None]] = None,
     ) -> None:
         """
         @param afterStop: called once the pool has stopped (closing the
@@ -701,7 +704,7 @@ class _Core:
     config: Config
     reactor: Any
     hashPool: ThreadPool
-    ioPool: ThreadPool
+    ioPool: IOThreadPool
     ioRunner: ThreadPoolRunner
     users: Any
     store: Any
@@ -792,7 +795,7 @@ def _buildCore(
         supervisor of workers does not: it starts no hashing threads).
     """
     hashPool = ThreadPool(minthreads=1, maxthreads=max(1, config.limits["hash-threads"]), name="pop3gw-auth")
-    ioPool = ThreadPool(minthreads=1, maxthreads=IO_THREADS, name="pop3gw-io")
+    ioPool = IOThreadPool(IO_THREADS, name="pop3gw-io")
     ioRunner = ThreadPoolRunner(reactor, ioPool)
     if checksPasswords:
         ThreadPoolService(hashPool).setServiceParent(top)

@@ -931,16 +931,23 @@ class SubmissionData(DataCommands):
             if routed is None
             else (routed.localRecipients, routed.remoteRecipients, routed.queueId)
         )
+        user = events.sanitize(self._user)
+        quotedSender = events.sanitize(None if sender is None else str(sender))
+        localCount = "-" if local is None else len(local)
+        remoteCount = "-" if remote is None else len(remote)
+        queueName = queue if queue is not None and _SAFE_ID.match(queue) else "-"
         self.log.info(
-            "submission: accepted id={queueID} user={user} from={sender} local={local} remote={remote}"
-            " size={size} queue={queue}",
+            events.literal(
+                f"submission: accepted id={queueID} user={user} from={quotedSender} local={localCount}"
+                f" remote={remoteCount} size={size} queue={queueName}"
+            ),
             queueID=queueID,
-            user=events.sanitize(self._user),
-            sender=events.sanitize(None if sender is None else str(sender)),
-            local="-" if local is None else len(local),
-            remote="-" if remote is None else len(remote),
+            user=user,
+            sender=quotedSender,
+            local=localCount,
+            remote=remoteCount,
             size=size,
-            queue=queue if queue is not None and _SAFE_ID.match(queue) else "-",
+            queue=queueName,
         )
 
     def _receivedHeader(self) -> bytes:

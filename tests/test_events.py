@@ -10,8 +10,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pop3gw.events import (
     PLAINTEXT_DISALLOWED,
+    loggedOut,
     loginFailed,
     loginRefused,
+    loginSucceeded,
     loginUnavailable,
     sanitize,
 )
@@ -104,6 +106,60 @@ class LoginRefusedTests(SynchronousTestCase):
         regex = fail2banRegex()
         self.assertIsNone(regex.search(refused))
         self.assertEqual(regex.search(failed).group("host"), "192.0.2.7")
+
+
+class SessionLinesTests(SynchronousTestCase):
+    """
+    The login and logout lines, logged for every session: built as text
+    (see L{pop3gw.events.literal}), with their values kept as fields.
+    """
+
+    def setUp(self) -> None:
+        self.events: list = []
+        self.log = Logger(observer=self.events.append)
+
+    def test_login(self) -> None:
+        """
+        A login is one info line naming the service, the peer, the quoted
+        user and whether TLS is on; the event carries each as a field.
+        """
+        loginSucceeded(self.log, "pop3", "alice@example.org", "192.0.2.7", True)
+        [event] = self.events
+        self.assertEqual(
+            (event["log_level"], formatEvent(event)),
+            (LogLevel.info, 'login: service=pop3 rhost=192.0.2.7 user="alice@example.org" tls=yes'),
+        )
+        self.assertEqual(
+            (event["service"], event["peer"], event["user"], event["tls"]),
+            ("pop3", "192.0.2.7", '"alice@example.org"', "yes"),
+        )
+
+    def test_bracesInUser(self) -> None:
+        """
+        Braces in a user name are logged as they are: they are text, not
+        fields of the line's format.
+        """
+        loginSucceeded(self.log, "submission", "{user}@{x", "192.0.2.7", False)
+        loggedOut(self.log, "submission", "}a{b}@c", "192.0.2.7", messages=2, bytes=10)
+        self.assertEqual(
+            [formatEvent(e) for e in self.events],
+            [
+                'login: service=submission rhost=192.0.2.7 user="{user}@{x" tls=no',
+                'logout: service=submission rhost=192.0.2.7 user="}a{b}@c" bytes=10 messages=2',
+            ],
+        )
+
+    def test_logoutFields(self) -> None:
+        """
+        A logout line lists its counters in name order and keeps the user
+        and peer as fields.
+        """
+        loggedOut(self.log, "pop3", "bob@example.org", "2001:db8::1", retrieved=3, deleted=1)
+        [event] = self.events
+        self.assertEqual(
+            formatEvent(event), 'logout: service=pop3 rhost=2001:db8::1 user="bob@example.org" deleted=1 retrieved=3'
+        )
+        self.assertEqual((event["service"], event["peer"], event["user"]), ("pop3", "2001:db8::1", '"bob@example.org"'))
 
 
 class LoginUnavailableTests(SynchronousTestCase):

@@ -3,11 +3,13 @@
 Tests for L{pop3gw.runner} and L{pop3gw.testing.HeldRunner}.
 """
 
+import threading
+
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from pop3gw.interfaces import IBlockingRunner
-from pop3gw.runner import ImmediateRunner, ThreadPoolRunner
+from pop3gw.runner import ImmediateRunner, IOThreadPool, ThreadPoolRunner
 from pop3gw.testing import HeldRunner, HeldThreadPool
 from tests.queuehelpers import ThreadClock
 
@@ -61,6 +63,124 @@ class RunnerTests(SynchronousTestCase):
         self.assertNoResult(second)
         runner.runAll()
         self.assertEqual(order, [1, 2])
+
+
+class _CallsFromThreads:
+    """
+    A reactor's C{callFromThread} that keeps the calls for the test's
+    thread to run.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def callFromThread(self, f, *args) -> None:
+        self.calls.append((f, args))
+
+    def runCalls(self) -> None:
+        calls, self.calls = self.calls, []
+        for f, args in calls:
+            f(*args)
+
+
+class IOThreadPoolTests(SynchronousTestCase):
+    """
+    L{IOThreadPool} runs jobs in its own threads and reports each outcome
+    from there.
+    """
+
+    def test_results(self) -> None:
+        """
+        Each job runs in one of the pool's threads, not the caller's, and
+        its result or failure is given to its callback (in that thread);
+        after C{stop}, every job queued before has run.
+        """
+        pool = IOThreadPool(3, name="test-io")
+        outcomes: list = []
+        pool.start()
+        try:
+            pool.callInThreadWithCallback(
+                lambda ok, r: outcomes.append(("sum", ok, r)),
+                lambda a, b: (a + b, threading.current_thread().name),
+                1,
+                b=2,
+            )
+            pool.callInThreadWithCallback(lambda ok, r: outcomes.append(("div", ok, r.type)), lambda: 1 / 0)
+        finally:
+            pool.stop()
+        [(_, ok, (total, thread))] = [o for o in outcomes if o[0] == "sum"]
+        self.assertEqual((ok, total), (True, 3))
+        self.assertTrue(thread.startswith("test-io-"), thread)
+        self.assertIn(("div", False, ZeroDivisionError), outcomes)
+
+    def test_queuedBeforeStart(self) -> None:
+        """
+        Jobs given before C{start} wait, and run once the pool starts.
+        """
+        pool = IOThreadPool(1)
+        ran: list = []
+        pool.callInThreadWithCallback(lambda ok, r: ran.append(r), lambda: "early")
+        self.assertEqual(ran, [])
+        pool.start()
+        pool.stop()
+        self.assertEqual(ran, ["early"])
+
+    def test_stopRunsQueuedWork(self) -> None:
+        """
+        C{stop} lets every job queued before it run (in order, with one
+        thread), then ends the threads.
+        """
+        pool = IOThreadPool(1, name="test-stop")
+        release = threading.Event()
+        order: list = []
+        pool.start()
+        pool.callInThread(release.wait)
+        for n in range(5):
+            pool.callInThreadWithCallback(lambda ok, r: order.append(r), lambda n=n: n)
+        release.set()
+        pool.stop()
+        self.assertEqual(order, [0, 1, 2, 3, 4])
+        self.assertEqual([t for t in threading.enumerate() if t.name.startswith("test-stop-")], [])
+
+    def test_failuresLogged(self) -> None:
+        """
+        A failing job given without a callback, and a callback that
+        fails, are logged; the thread goes on with the next job.
+        """
+        pool = IOThreadPool(1)
+        ran: list = []
+        pool.start()
+        pool.callInThread(lambda: 1 / 0)
+        pool.callInThreadWithCallback(lambda ok, r: 1 / 0, lambda: None)
+        pool.callInThreadWithCallback(lambda ok, r: ran.append(r), lambda: "after")
+        pool.stop()
+        self.assertEqual(ran, ["after"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
+
+    def test_noThreads(self) -> None:
+        """
+        A pool of no threads is refused.
+        """
+        self.assertRaises(ValueError, IOThreadPool, 0)
+
+    def test_runner(self) -> None:
+        """
+        A L{ThreadPoolRunner} over an L{IOThreadPool} fires its C{Deferred}s
+        on the reactor thread (through C{callFromThread}), not in the
+        pool's threads.
+        """
+        reactor = _CallsFromThreads()
+        pool = IOThreadPool(2)
+        runner = ThreadPoolRunner(reactor, pool)
+        pool.start()
+        d = runner.run(lambda a: a * 2, 21)
+        failing = runner.run(lambda: 1 / 0)
+        pool.stop()
+        self.assertNoResult(d)
+        self.assertNoResult(failing)
+        reactor.runCalls()
+        self.assertEqual(self.successResultOf(d), 42)
+        self.failureResultOf(failing, ZeroDivisionError)
 
 
 class _HeldExecutor:

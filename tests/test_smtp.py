@@ -475,8 +475,8 @@ class AuthTests(SessionMixin, SynchronousTestCase):
         with capturedLogs() as events:
             self.login()
         self.assertEqual([a.address for a in self.realm.avatars], [ALICE])
-        texts = [e.get("log_format", "") for e in events]
-        self.assertIn("login: service={service} rhost={peer} user={user} tls={tls}", texts)
+        texts = [formatEvent(e) for e in events]
+        self.assertIn('login: service=submission rhost=192.168.1.1 user="alice@example.org" tls=no', texts)
 
     def test_loginLoggedAsStored(self) -> None:
         """
