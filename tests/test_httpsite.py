@@ -5,6 +5,7 @@ HTTP-01 responder) serve GET only and never take in a request body.
 
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -20,8 +21,10 @@ REFUSED = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: c
 def connect(site: Site) -> tuple:
     """
     A protocol of C{site} connected to a L{StringTransport}; the requests
-    it makes are appended to C{site.made}.
+    it makes are appended to C{site.made}.  Its timeouts run on a
+    L{Clock} of its own, so none is left in the global reactor.
     """
+    site.reactor = Clock()
     made: list = []
     factory = site.requestFactory
 
