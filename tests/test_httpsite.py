@@ -3,7 +3,6 @@ Tests for L{pop3gw.httpsite}: the HTTP listeners (C{--metrics}, the ACME
 HTTP-01 responder) serve GET only and never take in a request body.
 """
 
-from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -34,8 +33,6 @@ def connect(site: Site) -> tuple:
 
     site.requestFactory = record
     site.made = made  # type: ignore[attr-defined]
-    # The channel's idle timeout runs on a clock of its own, not the reactor.
-    site.reactor = task.Clock()
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
     protocol.makeConnection(transport)
