@@ -36,6 +36,17 @@ _log = Logger()
 #: answer a new connection) before the work fails with L{TemporaryFailure}.
 CONNECT_TIMEOUT = 5.0
 
+#: Seconds a thread waits for a pooled connection once the database was
+#: found unreachable (until a transaction succeeds again): while it is down,
+#: logins and deliveries fail at once rather than after L{CONNECT_TIMEOUT}.
+DOWN_TIMEOUT = 0.5
+
+#: Seconds the pool keeps retrying one connection (with a growing delay)
+#: before it gives that attempt up; the next request for a connection then
+#: starts a new attempt at once.  This bounds how long a database that came
+#: back stays unused.
+RECONNECT_TIMEOUT = 10.0
+
 #: How long one statement may run (milliseconds) before the database
 #: cancels it; a lock wait counts.
 STATEMENT_TIMEOUT_MS = 30_000
@@ -169,13 +180,18 @@ class Database:
         if not poolLog.handlers:
             poolLog.addHandler(logging.NullHandler())
         self.uri = uri
+        self.timeout = timeout
         self._errors: tuple = (psycopg.OperationalError, psycopg.InterfaceError)
+        # Set while the database is known to be unreachable: the last
+        # transaction failed to connect or lost its connection.
+        self.down = False
         self._pool = ConnectionPool(
             uri,
             min_size=max(0, min(minConnections, maxConnections)),
             max_size=max(1, maxConnections),
             open=False,
             timeout=timeout,
+            reconnect_timeout=RECONNECT_TIMEOUT,
             # A connection broken by a restart or failover is found and
             # replaced when taken, not handed out.
             check=ConnectionPool.check_connection,
@@ -199,13 +215,39 @@ class Database:
         from psycopg_pool import PoolTimeout
 
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection(timeout=min(DOWN_TIMEOUT, self.timeout) if self.down else None) as conn:
                 with conn.transaction():
                     yield conn
         except PoolTimeout as e:
+            self.down = True
             raise _temporary(e) from None
         except self._errors as e:
+            self.down = True
             raise _temporary(e) from None
+        self.down = False
+
+    def probe(self) -> None:
+        """
+        Connect once, outside the pool, and check the schema (blocking, for
+        start-up: a database that refuses connections answers at once,
+        rather than after the pool's L{CONNECT_TIMEOUT}; one that does not
+        answer at all costs at most two seconds, libpq's shortest connect
+        timeout).
+
+        @raise TemporaryFailure: the database cannot be reached.
+        @raise ValueError: the schema is missing or not this code's: the
+            text says what to do (one line).
+        """
+        import psycopg
+
+        try:
+            with psycopg.connect(self.uri, connect_timeout=2, autocommit=True) as conn:
+                problem = schemaProblem(schemaVersion(conn))
+        except self._errors as e:
+            self.down = True
+            raise _temporary(e) from None
+        if problem is not None:
+            raise ValueError(problem)
 
     def close(self) -> None:
         """
@@ -258,6 +300,14 @@ def checkSchema(database: Database) -> Optional[str]:
     """
     with database.transaction() as conn:
         version = schemaVersion(conn)
+    return schemaProblem(version)
+
+
+def schemaProblem(version: int) -> Optional[str]:
+    """
+    @return: why this code cannot use a database holding schema
+        C{version} (one line for the operator), or C{None} if it can.
+    """
     if version == SCHEMA_VERSION:
         return None
     if version == 0:

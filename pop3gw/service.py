@@ -55,7 +55,7 @@ from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.loginwatch import LoginWatch
 from pop3gw.maildir import MaildirStore
 from pop3gw.metrics import Metrics, healthProblems, metricsSite
-from pop3gw.pgdatabase import Database, checkSchema, redact
+from pop3gw.pgdatabase import Database, redact
 from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
 from pop3gw.pgqueue import QUEUE_POLL_INTERVAL, PostgresQueue
 from pop3gw.pgusers import PostgresUsers
@@ -541,19 +541,22 @@ def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int
     """
     threads = max(1, int(config.limits["database-threads"]))
     database = Database(config.store, maxConnections=threads + hashThreads)
+    reachable = True
     try:
-        problem = checkSchema(database)
+        database.probe()
     except TemporaryFailure as e:
-        # Served with temporary failures until the database answers.
+        # Served with temporary failures until the database answers; the
+        # users are read by the first refresh that reaches it.
         log.warn("cannot check the database schema: {error}", error=str(e))
-        problem = None
-    if problem is not None:
+        reachable = False
+    except ValueError as e:
         database.close()
-        raise ConfigError(problem)
+        raise ConfigError(str(e)) from None
     pool = ThreadPool(minthreads=1, maxthreads=threads, name="pop3gw-db")
     runner = ThreadPoolRunner(reactor, pool)
     users = PostgresUsers(database, config.postmaster, config.recipientDelimiter)
-    users.refresh()
+    if reachable:
+        users.refresh()
     store = PostgresMaildropStore(database, runner)
     queue = PostgresQueue(database, reactor, runner, store.node, os.path.join(config.dataDir, "relay"), owner)
 
@@ -959,6 +962,7 @@ def _addRelay(core: _Core, top: MultiService) -> RelayService:
         # policies (RFC 8461).
         relay.dispatcher.mtaSTS = PolicySource(reactor, relay.dispatcher.mx.lookupTXT, makeFetcher(reactor))
     if isinstance(core.queue, PostgresQueue):
+        core.queue.addLossListener(relay.dropEntry)
         QueuePollService(core.queue, core.storeRunner).setServiceParent(top)
     return relay
 

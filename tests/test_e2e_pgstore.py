@@ -200,6 +200,75 @@ class DatabaseOutageTests(SynchronousTestCase):
         self.assertNotIn("Traceback", node.log())
 
 
+    def test_startedWithDatabaseDown(self) -> None:
+        """
+        A node started while its database is down starts serving at once
+        (the schema check is logged as a warning): a POP3 login gets
+        C{-ERR [SYS/TEMP]}, submission's AUTH C{454}; once the database is
+        started, with no restart of the node, the user logs in, finds the
+        message delivered before, and mail submitted then is queued and
+        delivered.
+        """
+        cluster = pgcluster.private(self)
+        self.uri = cluster.newDatabase()
+        TwoNodesTests.cli(self, "init")  # type: ignore[arg-type]
+        TwoNodesTests.cli(self, "user", "add", ALICE, input=ALICE_PW.encode() + b"\n")  # type: ignore[arg-type]
+        TwoNodesTests.cli(self, "deliver", ALICE, input=b"Subject: before\r\n\r\nbody\r\n")  # type: ignore[arg-type]
+        cluster.stopServer()
+        node = Pop3gwProcess(self, args=["--store", self.uri]).start()
+        self.assertIn("cannot check the database schema: database unavailable: ", node.log())
+
+        client = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=60)
+        self.addCleanup(_closeQuietly, client)
+        client.user(ALICE)
+        with self.assertRaises(poplib.error_proto) as caught:
+            client.pass_(ALICE_PW)
+        self.assertTrue(caught.exception.args[0].startswith(b"-ERR [SYS/TEMP]"), caught.exception.args)
+        client.quit()
+        with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=60) as smtp:
+            with self.assertRaises(smtplib.SMTPAuthenticationError) as refused:
+                smtp.login(ALICE, ALICE_PW)
+            self.assertEqual(refused.exception.smtp_code, 454)
+
+        cluster.startServer()
+        restarted = time.monotonic()
+        while True:
+            client = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=60)
+            self.addCleanup(_closeQuietly, client)
+            client.user(ALICE)
+            try:
+                client.pass_(ALICE_PW)
+                break
+            except poplib.error_proto as e:
+                self.assertTrue(e.args[0].startswith(b"-ERR [SYS/TEMP]"), e.args)
+                self.assertLess(time.monotonic() - restarted, 60, "never resumed")
+                client.quit()
+                time.sleep(0.5)
+        self.assertEqual(client.retr(1)[1], [b"Subject: before", b"", b"body"])
+        client.quit()
+        # Submission needs the users directory too, which the node re-reads
+        # every two seconds.
+        while True:
+            with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=60) as smtp:
+                try:
+                    smtp.login(ALICE, ALICE_PW)
+                except smtplib.SMTPAuthenticationError as e:
+                    self.assertEqual(e.smtp_code, 454)
+                    self.assertLess(time.monotonic() - restarted, 60, "never resumed")
+                    time.sleep(0.5)
+                    continue
+                smtp.sendmail(ALICE, [ALICE], MESSAGE)
+                break
+        client = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=60)
+        self.addCleanup(_closeQuietly, client)
+        client.user(ALICE)
+        client.pass_(ALICE_PW)
+        self.assertEqual(client.stat()[0], 2)
+        client.quit()
+        self.assertIsNone(node.proc.poll())
+        self.assertNotIn("Traceback", node.log())
+
+
 class QueueHandOverTests(SynchronousTestCase):
     """
     The outbound queue shared by two nodes.

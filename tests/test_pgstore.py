@@ -11,6 +11,7 @@ import io
 import os
 import tempfile
 
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from pop3gw import pgdatabase
@@ -534,6 +535,45 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsInstance(relay.queue, PostgresQueue)
         self.assertEqual([type(s) for s in top if isinstance(s, QueuePollService)], [QueuePollService])
 
+    def test_databaseDownAtStart(self) -> None:
+        """
+        A node whose database refuses connections starts without waiting
+        for its connection pool: neither building the service nor starting
+        the relay runs a pooled transaction on the calling thread (which
+        the reactor's will be); the schema check fails at once, is logged
+        as a warning, and the users directory answers with temporary
+        failures until a refresh reaches the database.
+        """
+        import threading
+
+        from twisted.logger import capturedLogs
+
+        from pop3gw.pgdatabase import Database
+        from pop3gw.relay import RelayService
+
+        socketDir = tempfile.mkdtemp(prefix="pop3gw-nopg-")
+        self.addCleanup(os.rmdir, socketDir)
+        called: list = []
+        transaction = Database.transaction
+
+        def recording(database):
+            called.append(threading.current_thread())
+            return transaction(database)
+
+        self.patch(Database, "transaction", recording)
+        with capturedLogs() as events:
+            top = self.build(f"postgresql:///nothing?host={socketDir}")
+            relay = next(s for s in top if isinstance(s, RelayService))
+            relay.startService()
+            self.addCleanup(relay.stopService)
+        self.addCleanup(relay.queue.database.close)
+        self.assertEqual(called, [])
+        self.assertEqual(relay.entries, {})
+        warnings = [e["log_format"] for e in events if e.get("error", "").startswith("database unavailable: ")]
+        self.assertEqual(warnings, ["cannot check the database schema: {error}"])
+        pop3 = next(s for s in top if getattr(s, "listenerName", None) == "pop3")
+        self.assertRaises(TemporaryFailure, pop3.factory.wrappedFactory.portal.realm.users.snapshot().exists, ALICE)
+
     def test_noSchema(self) -> None:
         """
         A database without the schema stops start-up with one line.
@@ -763,3 +803,137 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(os.listdir(copies), [delivery.queueId])
         node.releaseAll()
         self.assertFalse(os.path.exists(copies))
+
+
+class QueueLeaseLostTests(SynchronousTestCase):
+    """
+    A node whose lease on a queue entry ran out, and which another node
+    took: it neither attempts nor completes the entry, and forgets it
+    (L{pop3gw.interfaces.QueueEntryLost}).  Two L{PostgresQueue}s on one
+    database stand for two nodes; node A runs a relay on a fake clock.
+    """
+
+    def setUp(self) -> None:
+        from pop3gw.pgqueue import PostgresQueue
+        from pop3gw.relay.service import RelayService
+        from tests.queuehelpers import FakeResolver, ThreadClock
+        from tests.test_relay_service import FakeDeliverOnce
+
+        self.database = newDatabase(self)
+        self.clock = ThreadClock()
+        self.clock.advance(1_800_000_000)
+        self.nodeA = PostgresQueue(self.database, self.clock, node="node-a")
+        self.nodeB = PostgresQueue(self.database, self.clock, node="node-b")
+        for node in (self.nodeA, self.nodeB):
+            self.addCleanup(node.releaseAll)
+        self.deliver = FakeDeliverOnce()
+        self.relay = RelayService(
+            self.nodeA,
+            self.clock,
+            "mx.example.org",
+            lambda sender, data: defer.succeed(None),
+            resolver=FakeResolver(mx={"example.net": [(10, "mx.example.net")]}),
+            endpointFactory=lambda host, port: (host, port),
+            deliverOnce=self.deliver,
+            schedule=(60, 600),
+        )
+        self.nodeA.addLossListener(self.relay.dropEntry)
+        self.relay.startService()
+        self.addCleanup(self.relay.stopService)
+
+    def queue(self):
+        """
+        Queue a message through node A.
+
+        @return: its entry, as A's relay holds it.
+        """
+        delivery = self.nodeA.beginDelivery(ALICE, [Address("carol", "example.net")], b"Received: x\r\n")
+        delivery.write(b"Subject: out\n\nbody")
+        self.successResultOf(delivery.commit())
+        return self.relay.entries[delivery.queueId]
+
+    def takeOver(self) -> list:
+        """
+        Node A's lease runs out (it could not renew it) and node B claims
+        the entry.
+        """
+        with self.database.transaction() as conn:
+            conn.execute("UPDATE pop3gw_queue SET lease_expires = now() - interval '1 second'")
+        claimed = self.nodeB.poll()
+        self.assertEqual(len(claimed), 1)
+        return claimed
+
+    def failFirstAttempt(self) -> None:
+        from pop3gw.relay.client import SessionResult
+
+        self.clock.advance(0)
+        [call] = self.deliver.calls
+        call.result.callback(SessionResult.broken("connection refused"))
+
+    def holder(self, queueId: str) -> str:
+        with self.database.transaction() as conn:
+            return str(conn.execute("SELECT node FROM pop3gw_queue WHERE id = %s", (queueId,)).fetchone()[0])
+
+    def test_loadEntriesReadsNothing(self) -> None:
+        """
+        The relay starts without waiting for the database:
+        L{PostgresQueue.loadEntries} claims nothing; the entries no node
+        holds are claimed by the first poll (which the server runs in a
+        database thread).
+        """
+        self.queue()
+        self.nodeA.releaseAll()
+        self.assertEqual(self.nodeB.loadEntries(), [])
+        self.assertEqual(len(self.nodeB.poll()), 1)
+
+    def test_dueAttemptNotMade(self) -> None:
+        """
+        When the next attempt of an entry node A lost comes due, its save
+        of the attempt is refused: no attempt is made, the entry is
+        forgotten (not rescheduled), B's row is untouched, and A's copy of
+        the message is removed.
+        """
+        entry = self.queue()
+        self.failFirstAttempt()
+        claimed = self.takeOver()
+        copy = os.path.join(self.nodeA._copies, entry.queueId)
+        self.assertTrue(os.path.exists(copy))
+        self.clock.advance(60)
+        self.assertEqual(len(self.deliver.calls), 1)
+        self.assertEqual(self.relay.entries, {})
+        self.assertNotIn(entry.queueId, self.relay._timers)
+        self.assertFalse(os.path.exists(copy))
+        self.assertEqual(self.holder(entry.queueId), "node-b")
+        self.successResultOf(self.nodeB.saveEntry(claimed[0]))
+
+    def test_pollDropsLostEntry(self) -> None:
+        """
+        Node A's next poll finds the entry taken and tells its relay,
+        which forgets it before its next attempt is due: nothing is
+        scheduled for it any more.
+        """
+        entry = self.queue()
+        self.failFirstAttempt()
+        self.takeOver()
+        self.assertIn(entry.queueId, self.relay._timers)
+        self.nodeA.announceClaimed(self.nodeA.poll())
+        self.assertEqual(self.relay.entries, {})
+        self.assertNotIn(entry.queueId, self.relay._timers)
+        self.clock.advance(600)
+        self.assertEqual(len(self.deliver.calls), 1)
+        self.assertEqual(self.holder(entry.queueId), "node-b")
+
+    def test_completionRefused(self) -> None:
+        """
+        An attempt that ends after the entry was taken cannot complete it:
+        removing the entry fails with L{QueueEntryLost}, and B's entry and
+        message stay.
+        """
+        from pop3gw.interfaces import QueueEntryLost
+
+        entry = self.queue()
+        self.takeOver()
+        self.failureResultOf(self.nodeA.removeEntry(entry), QueueEntryLost)
+        self.assertEqual(self.holder(entry.queueId), "node-b")
+        with self.database.transaction() as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM pop3gw_messages").fetchone()[0], 1)
