@@ -35,7 +35,9 @@ file), so a node keeps a copy of each message it holds in its own directory
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 import threading
 from typing import IO, Any, Callable, Optional, Sequence
@@ -62,7 +64,7 @@ from pop3gw.pgmail import CHUNK_SIZE, SPOOL_MEMORY, storeMessage
 from pop3gw.queue import CRLFDelivery, Entry, QueueListeners, Recipient
 from pop3gw.runner import ImmediateRunner
 
-__all__ = ["QUEUE_LEASE", "QUEUE_POLL_INTERVAL", "PostgresQueue", "listEntries", "requestFlush"]
+__all__ = ["QUEUE_LEASE", "QUEUE_POLL_INTERVAL", "PostgresQueue", "listEntries", "requestFlush", "workerNode"]
 
 _log = Logger()
 
@@ -75,6 +77,15 @@ QUEUE_POLL_INTERVAL = 5.0
 
 #: Most entries one poll claims.
 CLAIM_BATCH = 100
+
+
+def workerNode(supervisor: int) -> str:
+    """
+    @return: a new node name for a worker process of C{--workers N} whose
+        supervisor has pid C{supervisor}: it starts with what
+        L{PostgresQueue.adopt} of that supervisor takes over.
+    """
+    return f"{socket.gethostname()}:{supervisor}:w:{secrets.token_hex(4)}"
 
 
 def listEntries(database: Database) -> list[Entry]:
@@ -208,6 +219,7 @@ class PostgresQueue(QueueListeners):
         node: str = "",
         copies: Optional[str] = None,
         owner: Optional[fsutil.Owner] = None,
+        relays: bool = True,
     ) -> None:
         """
         @param copies: the directory of this node's message copies
@@ -215,13 +227,18 @@ class PostgresQueue(QueueListeners):
             removed when the first copy is made); a new temporary directory
             if C{None}.
         @param owner: the data directory's owner, given the directory.
+        @param relays: whether this process relays what it queues; a
+            worker of C{--workers N} does not: it keeps no copies and
+            renews no leases, and the supervisor takes each entry it
+            queues over at once (L{adopt}).
         """
         self.database = database
         self.reactor = reactor
         self.node = node
         self._runner: IBlockingRunner = runner if runner is not None else ImmediateRunner()
         self._listeners: list[Callable[[Entry], None]] = []
-        self._copies = copies
+        self._copies = copies if relays else None
+        self.relays = relays
         self._owner = owner
         self._copiesReady = False
         self._held: set[str] = set()
@@ -390,6 +407,38 @@ class PostgresQueue(QueueListeners):
                 self._copiesReady = True
         return os.path.join(self._copies, queueId)
 
+    def announce(self, entry: Entry) -> None:
+        """
+        Hand an entry L{adopt} took over to the relay (on the reactor
+        thread), as a new entry.
+        """
+        self._announce(entry)
+
+    def adopt(self, queueId: str) -> Optional[Entry]:
+        """
+        Take entry C{queueId} over from the worker of this process that
+        queued it (see C{relays}), whatever its lease, with its message
+        (blocking).
+
+        @return: the entry (to hand to the relay with L{announce}),
+            or C{None} if no worker of this process holds it any more
+            (withdrawn, or claimed by another node after the worker's
+            lease ran out).
+        """
+        prefix = workerNode(os.getpid()).rpartition(":")[0] + ":"
+        with self.database.transaction() as conn:
+            row = conn.execute(
+                "UPDATE pop3gw_queue SET node = %s, lease_expires = now() + make_interval(secs => %s) "
+                "WHERE id = %s AND starts_with(node, %s) RETURNING entry, message_id",
+                (self.node, QUEUE_LEASE, queueId, prefix),
+            ).fetchone()
+            if row is None:
+                return None
+            self._copyMessage(conn, queueId, row[1])
+        with self._lock:
+            self._held.add(queueId)
+        return Entry.fromJSON(bytes(row[0]))
+
     def _claim(self) -> list[Entry]:
         with self.database.transaction() as conn:
             rows = conn.execute(
@@ -425,6 +474,16 @@ class PostgresQueue(QueueListeners):
                 seq += 1
 
     def _insert(self, entry: Entry, spool: IO[bytes], size: int) -> None:
+        if not self.relays:
+            spool.seek(0)
+            with self.database.transaction() as conn:
+                message = storeMessage(conn, spool, size, [])
+                conn.execute(
+                    "INSERT INTO pop3gw_queue (id, entry, message_id, node, lease_expires) "
+                    "VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))",
+                    (entry.queueId, entry.toJSON(), message, self.node, QUEUE_LEASE),
+                )
+            return
         copyPath = self._copyPath(entry.queueId)
         try:
             spool.seek(0)

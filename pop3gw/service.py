@@ -57,7 +57,7 @@ from pop3gw.maildir import MaildirStore
 from pop3gw.metrics import Metrics, healthProblems, metricsSite
 from pop3gw.pgdatabase import Database, redact
 from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
-from pop3gw.pgqueue import QUEUE_POLL_INTERVAL, PostgresQueue
+from pop3gw.pgqueue import QUEUE_POLL_INTERVAL, PostgresQueue, workerNode
 from pop3gw.pgusers import PostgresUsers
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import Entry, OutboundQueue
@@ -527,13 +527,19 @@ def makeService(options, reactor=None) -> MultiService:
         raise SystemExit(f"pop3gw: {e}") from None
 
 
-def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int, owner: Optional[fsutil.Owner]) -> tuple:
+def _databaseStores(
+    config: Config, reactor, top: MultiService, hashThreads: int, owner: Optional[fsutil.Owner], worker: bool = False
+) -> tuple:
     """
     The users directory and maildrops of C{--store postgresql://...}, with
     their own thread pool (L{Config.limits} C{database-threads}) and lock
     renewal; the connection pool holds one connection per thread that may
     use it (those and the hash threads, which look up passwords), and is
-    closed once the database threads have stopped.
+    closed once the database threads have stopped.  Each process of
+    C{--workers N} has its own (the supervisor's without hash threads).
+
+    @param worker: this is a worker process of C{--workers N}: the
+        supervisor relays what it queues (see L{PostgresQueue.adopt}).
 
     @return: (users, maildrop store, the runner of database work, the
         outbound queue).
@@ -557,8 +563,10 @@ def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int
     users = PostgresUsers(database, config.postmaster, config.recipientDelimiter)
     if reachable:
         users.refresh()
-    store = PostgresMaildropStore(database, runner)
-    queue = PostgresQueue(database, reactor, runner, store.node, os.path.join(config.dataDir, "relay"), owner)
+    store = PostgresMaildropStore(database, runner, workerNode(os.getppid()) if worker else None)
+    queue = PostgresQueue(
+        database, reactor, runner, store.node, os.path.join(config.dataDir, "relay"), owner, relays=not worker
+    )
 
     def afterStop() -> None:
         # The relay has recorded its attempts: hand this node's queue
@@ -780,7 +788,12 @@ def _localDelivery(users: Any, store: Any):
 
 
 def _buildCore(
-    config: Config, reactor, owner: Optional[fsutil.Owner], top: MultiService, checksPasswords: bool = True
+    config: Config,
+    reactor,
+    owner: Optional[fsutil.Owner],
+    top: MultiService,
+    checksPasswords: bool = True,
+    worker: bool = False,
 ) -> _Core:
     """
     Build the parts every process serving connections has, adding to
@@ -789,6 +802,7 @@ def _buildCore(
 
     @param checksPasswords: whether this process logs users in (the
         supervisor of workers does not: it starts no hashing threads).
+    @param worker: this is a worker process of C{--workers N}.
     """
     hashPool = ThreadPool(minthreads=1, maxthreads=max(1, config.limits["hash-threads"]), name="pop3gw-auth")
     ioPool = ThreadPool(minthreads=1, maxthreads=IO_THREADS, name="pop3gw-io")
@@ -802,7 +816,9 @@ def _buildCore(
     storeRunner = ioRunner
     queue: Any
     if config.usesDatabase:
-        users, store, storeRunner, queue = _databaseStores(config, reactor, top, hashPool.max, owner)
+        users, store, storeRunner, queue = _databaseStores(
+            config, reactor, top, hashPool.max if checksPasswords else 0, owner, worker
+        )
     else:
         users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
         store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
@@ -1017,8 +1033,6 @@ def _logStart(config: Config, core: _Core, relay: RelayService) -> None:
 
 def _build(config: Config, reactor) -> MultiService:
     _raiseFileLimit()
-    if config.workers > 1 and config.usesDatabase:
-        raise ConfigError("--workers with --store postgresql is not available yet: run one process per node")
     owner = _prepareDataDirectory(config)
     if config.workers > 1:
         return _buildSupervisor(config, reactor, owner)
@@ -1092,6 +1106,37 @@ def workerCommand() -> list[str]:
     return [sys.executable, "-c", WORKER_BOOTSTRAP, root]
 
 
+def _databaseQueueAdoption(core: _Core, queue: PostgresQueue, relay: RelayService) -> tuple:
+    """
+    How the supervisor of workers learns of mail its workers queued in the
+    database: it takes a reported entry over at once
+    (L{PostgresQueue.adopt}); when a worker ended, a poll claims what it
+    left, once its lease ran out.
+
+    @return: (called with a reported queue id, called when a worker ended).
+    """
+
+    def adopted(entry: Optional[Entry]) -> None:
+        if entry is not None and relay.running:
+            queue.announce(entry)
+
+    def onQueued(queueId: str) -> None:
+        d = core.storeRunner.run(queue.adopt, queueId)
+        d.addCallback(adopted)
+        d.addErrback(
+            lambda f: log.warn("cannot take queue entry {queueId} over: {error}", queueId=queueId, error=str(f.value))
+        )
+
+    def rescanQueue() -> None:
+        if not relay.running:
+            return
+        d = core.storeRunner.run(queue.poll)
+        d.addCallback(queue.announceClaimed)
+        d.addErrback(lambda f: log.warn("cannot poll the outbound queue: {error}", error=str(f.value)))
+
+    return onQueued, rescanQueue
+
+
 def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> MultiService:
     """
     The supervisor of C{config.workers} worker processes: it holds the
@@ -1137,6 +1182,9 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
 
         d.addCallback(adoptAll)
         d.addErrback(lambda f: log.failure("cannot read the queue", f))
+
+    if isinstance(queue, PostgresQueue):
+        onQueued, rescanQueue = _databaseQueueAdoption(core, queue, relay)
 
     def setup(number: int) -> bytes:
         listeners = tuple(b.inherited(FIRST_LISTENER_FD + i) for i, b in enumerate(bound))
@@ -1223,7 +1271,7 @@ def makeWorkerService(setup: WorkerSetup, reactor, link: WorkerLink) -> MultiSer
     _raiseFileLimit()
     owner = fsutil.dataDirectoryOwner(config.dataDir)
     top = StagedService()
-    core = _buildCore(config, reactor, owner, top)
+    core = _buildCore(config, reactor, owner, top, worker=True)
     peerCounts = SharedPeerCounts(link)
     for listener in setup.listeners:
         AdoptedListenerService(reactor, listener, core.limitedFactory(listener.name, peerCounts)).setServiceParent(top)

@@ -391,3 +391,81 @@ class FailoverTests(SynchronousTestCase):
         client.user(ALICE)
         client.pass_(ALICE_PW)
         return client
+
+
+class WorkersTests(SynchronousTestCase):
+    """
+    C{twistd -n pop3gw --workers 2 --store postgresql://...}: each worker
+    process has its own connection pool on the one database.
+    """
+
+    def test_twoWorkersOneDatabase(self) -> None:
+        """
+        Both workers serve logins from the database; while a session
+        through one worker holds a maildrop, a login to it through the
+        other gets C{[IN-USE]}; mail for another domain submitted through
+        a worker is relayed once, by the supervisor, and leaves the queue.
+        """
+        from tests.test_e2e_submission import Sink, message
+        from tests.test_e2e_workers import MAX_TRIES, WorkersEndToEndTests
+
+        sink = Sink(self)
+        self.uri = pgcluster.database(self)
+        TwoNodesTests.cli(self, "init")  # type: ignore[arg-type]
+        TwoNodesTests.cli(self, "user", "add", ALICE, input=ALICE_PW.encode() + b"\n")  # type: ignore[arg-type]
+        TwoNodesTests.cli(self, "deliver", ALICE, input=b"Subject: kept\r\n\r\nbody\r\n")  # type: ignore[arg-type]
+        server = Pop3gwProcess(
+            self, args=["--workers", "2", "--store", self.uri, "--relay-host", f"127.0.0.1:{sink.port}"]
+        ).start()
+        helper = WorkersEndToEndTests()
+        helper.assertEqual = self.assertEqual  # type: ignore[method-assign]
+        helper.waitReady(server)
+
+        mark = len(server.output)
+        holder = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+        self.addCleanup(_closeQuietly, holder)
+        holder.user(ALICE)
+        holder.pass_(ALICE_PW)
+        [holding] = helper.waitForLines(server, 1, r'login: service=pop3 .*user="alice@example.org"', mark)
+        others: list = []
+        for tries in range(1, MAX_TRIES + 1):
+            client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+            self.addCleanup(_closeQuietly, client)
+            client.user(ALICE)
+            with self.assertRaises(poplib.error_proto) as caught:
+                client.pass_(ALICE_PW)
+            self.assertEqual(caught.exception.args[0], b"-ERR [IN-USE] Mailbox is locked by another session.")
+            client.close()
+            others = helper.waitForLines(server, tries, r'maildrop in use: service=pop3 .*user="alice@example.org"',
+                                         mark)
+            if any(w != holding for w in others):
+                break
+        self.assertIn(3 - holding, others, server.log())
+        self.assertEqual(holder.retr(1)[1], [b"Subject: kept", b"", b"body"])
+        holder.quit()
+
+        # Each worker serves a login of its own (each from its pool).
+        mark = len(server.output)
+        for _ in range(MAX_TRIES):
+            client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+            self.addCleanup(_closeQuietly, client)
+            client.user(ALICE)
+            client.pass_(ALICE_PW)
+            self.assertEqual(client.stat()[0], 1)
+            client.quit()
+            served = helper.workerOf(server, r'login: service=pop3 .*user="alice@example.org"', mark)
+            if sorted(set(served)) == [1, 2]:
+                break
+        self.assertEqual(sorted(set(served)), [1, 2], server.log())
+
+        with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as smtp:
+            smtp.login(ALICE, ALICE_PW)
+            smtp.sendmail(ALICE, ["carol@remote.example"], message(to="carol@remote.example", subject="out"))
+        sink.waitFor(lambda: len(sink.received) == 1)
+        server.waitForLog(r"relay: \S+ done: delivered=1 failed=0", timeout=30)
+        queued = [line for line in server.output if "queue: queued " in line]
+        self.assertEqual(len(queued), 1, server.log())
+        self.assertNotIn("(worker", queued[0])
+        self.assertEqual(TwoNodesTests.cli(self, "queue", "list").stdout, b"")  # type: ignore[arg-type]
+        self.assertEqual(sink.attempts, 1)
+        self.assertNotIn("Traceback", server.log())

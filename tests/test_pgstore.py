@@ -574,6 +574,58 @@ class ServiceTests(SynchronousTestCase):
         pop3 = next(s for s in top if getattr(s, "listenerName", None) == "pop3")
         self.assertRaises(TemporaryFailure, pop3.factory.wrappedFactory.portal.realm.users.snapshot().exists, ALICE)
 
+    def test_workers(self) -> None:
+        """
+        C{--workers 2} with a database store: the supervisor runs the one
+        relay on the database queue, polled, with a connection pool of its
+        own sized by C{database-threads} (it checks no passwords); each
+        worker has its own pool (C{database-threads} plus C{hash-threads}
+        connections), runs no relay, and its queue leaves relaying to the
+        supervisor under a node name the supervisor takes over from.
+        """
+        import socket
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        from pop3gw.config import buildConfig
+        from pop3gw.pgqueue import PostgresQueue
+        from pop3gw.relay import RelayService
+        from pop3gw.service import QueuePollService, makeService, makeWorkerService
+        from pop3gw.supervisor import WorkerPool
+        from pop3gw.workerlink import InheritedListener, WorkerLink, WorkerSetup
+
+        database = newDatabase(self)
+        self.dataDir = os.path.abspath(self.mktemp())
+        ini = os.path.abspath(self.mktemp())
+        with open(ini, "w") as f:
+            f.write("[limits]\ndatabase-threads = 3\nhash-threads = 2\n")
+        config = buildConfig(
+            {"data-dir": self.dataDir, "hostname": "mail.example.org", "workers": "2", "store": database.uri}, ini
+        )
+        top = makeService(config, MemoryReactorClock())
+        [pool] = [s for s in top if isinstance(s, WorkerPool)]
+        self.assertEqual(pool.count, 2)
+        [relay] = [s for s in top if isinstance(s, RelayService)]
+        self.addCleanup(relay.queue.database.close)
+        self.assertIsInstance(relay.queue, PostgresQueue)
+        self.assertTrue(relay.queue.relays)
+        self.assertEqual(relay.queue.database._pool.max_size, 3)
+        self.assertEqual(len([s for s in top if isinstance(s, QueuePollService)]), 1)
+
+        fd = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(lambda: os.close(fd) if _isOpen(fd) else None)
+        setup = WorkerSetup(config, 1, (InheritedListener("pop3", "tcp:1110", fd, socket.AF_INET),))
+        worker = makeWorkerService(setup, MemoryReactorClock(), WorkerLink())
+        self.assertEqual([s for s in worker if isinstance(s, RelayService)], [])
+        self.assertEqual([s for s in worker if isinstance(s, QueuePollService)], [])
+        realm = next(s for s in worker if getattr(s, "listener", None) is not None).factory.wrappedFactory.portal.realm
+        self.addCleanup(realm.store.database.close)
+        self.assertIsNot(realm.store.database, relay.queue.database)
+        self.assertEqual(realm.store.database._pool.max_size, 5)
+        queue = realm.router._queue.queue
+        self.assertFalse(queue.relays)
+        self.assertTrue(queue.node.startswith(f"{socket.gethostname()}:{os.getppid()}:w:"), queue.node)
+
     def test_noSchema(self) -> None:
         """
         A database without the schema stops start-up with one line.
@@ -585,6 +637,14 @@ class ServiceTests(SynchronousTestCase):
             str(caught.exception),
             "pop3gw: the database has no pop3gw schema: run 'pop3gw --store URI init' first",
         )
+
+
+def _isOpen(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 class MigrateTests(SynchronousTestCase):
@@ -937,3 +997,60 @@ class QueueLeaseLostTests(SynchronousTestCase):
         self.assertEqual(self.holder(entry.queueId), "node-b")
         with self.database.transaction() as conn:
             self.assertEqual(conn.execute("SELECT count(*) FROM pop3gw_messages").fetchone()[0], 1)
+
+
+class WorkerQueueTests(SynchronousTestCase):
+    """
+    The database queue of C{--workers N}: a worker queues without
+    relaying, and its supervisor takes each entry over at once.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from pop3gw.pgqueue import PostgresQueue, workerNode
+
+        self.database = newDatabase(self)
+        clock = Clock()
+        self.worker = PostgresQueue(self.database, clock, node=workerNode(os.getpid()), relays=False)
+        self.supervisor = PostgresQueue(self.database, clock, node="supervisor")
+        self.other = PostgresQueue(self.database, clock, node="other-node")
+        for node in (self.worker, self.supervisor, self.other):
+            self.addCleanup(node.releaseAll)
+
+    def queue(self, node) -> str:
+        delivery = node.beginDelivery(ALICE, [Address("carol", "example.net")])
+        delivery.write(b"Subject: out\n\nbody")
+        self.successResultOf(delivery.commit())
+        return delivery.queueId
+
+    def holder(self, queueId: str) -> str:
+        with self.database.transaction() as conn:
+            return str(conn.execute("SELECT node FROM pop3gw_queue WHERE id = %s", (queueId,)).fetchone()[0])
+
+    def test_supervisorAdopts(self) -> None:
+        """
+        A worker's entry is stored leased to the worker (no other node
+        claims it), with no local copy; its supervisor's L{adopt} takes it
+        over with its message, and relays it from then on.
+        """
+        queueId = self.queue(self.worker)
+        self.assertIsNone(self.worker._copies)
+        self.assertEqual(self.other.poll(), [])
+        entry = self.supervisor.adopt(queueId)
+        assert entry is not None
+        self.assertEqual(entry.queueId, queueId)
+        self.assertEqual(self.holder(queueId), "supervisor")
+        with self.supervisor.openMessage(entry) as f:
+            self.assertEqual(f.read(), b"Subject: out\r\n\r\nbody\r\n")
+        self.successResultOf(self.supervisor.saveEntry(entry))
+
+    def test_notFromOtherNodes(self) -> None:
+        """
+        L{adopt} takes nothing another node holds (one that claimed a
+        worker's entry after its lease ran out, or queued it itself).
+        """
+        queueId = self.queue(self.other)
+        self.assertIsNone(self.supervisor.adopt(queueId))
+        self.assertEqual(self.holder(queueId), "other-node")
+        self.assertIsNone(self.supervisor.adopt("no-such-entry"))
