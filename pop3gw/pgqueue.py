@@ -60,7 +60,7 @@ from pop3gw.interfaces import (
     TemporaryFailure,
 )
 from pop3gw.pgdatabase import Database
-from pop3gw.pgmail import CHUNK_SIZE, SPOOL_MEMORY, storeMessage
+from pop3gw.pgmail import CHUNK_SIZE, MESSAGE_ID, SPOOL_MEMORY, storeMessage
 from pop3gw.queue import CRLFDelivery, Entry, QueueListeners, Recipient
 from pop3gw.runner import ImmediateRunner
 
@@ -476,12 +476,12 @@ class PostgresQueue(QueueListeners):
     def _insert(self, entry: Entry, spool: IO[bytes], size: int) -> None:
         if not self.relays:
             spool.seek(0)
-            with self.database.transaction() as conn:
-                message = storeMessage(conn, spool, size, [])
+            with self.database.transaction(pipeline=size <= SPOOL_MEMORY) as conn:
+                storeMessage(conn, spool, size, [])
                 conn.execute(
                     "INSERT INTO pop3gw_queue (id, entry, message_id, node, lease_expires) "
-                    "VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))",
-                    (entry.queueId, entry.toJSON(), message, self.node, QUEUE_LEASE),
+                    f"VALUES (%s, %s, {MESSAGE_ID}, %s, now() + make_interval(secs => %s))",
+                    (entry.queueId, entry.toJSON(), self.node, QUEUE_LEASE),
                 )
             return
         copyPath = self._copyPath(entry.queueId)
@@ -494,12 +494,12 @@ class PostgresQueue(QueueListeners):
                         break
                     copy.write(chunk)
             spool.seek(0)
-            with self.database.transaction() as conn:
-                message = storeMessage(conn, spool, size, [])
+            with self.database.transaction(pipeline=size <= SPOOL_MEMORY) as conn:
+                storeMessage(conn, spool, size, [])
                 conn.execute(
                     "INSERT INTO pop3gw_queue (id, entry, message_id, node, lease_expires) "
-                    "VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))",
-                    (entry.queueId, entry.toJSON(), message, self.node, QUEUE_LEASE),
+                    f"VALUES (%s, %s, {MESSAGE_ID}, %s, now() + make_interval(secs => %s))",
+                    (entry.queueId, entry.toJSON(), self.node, QUEUE_LEASE),
                 )
         except BaseException as e:
             try:

@@ -124,6 +124,41 @@ class SchemaTests(SynchronousTestCase):
         self.assertFalse(isDatabaseURI("maildir"))
 
 
+class ConnectionCheckTests(SynchronousTestCase):
+    """
+    The pool checks a connection it hands out only if it was idle.
+    """
+
+    def test_checkedOnlyWhenIdle(self) -> None:
+        """
+        A connection handed out again less than L{pgdatabase.IDLE_CHECK}
+        seconds after it came back costs no check (no extra round trip);
+        one idle for longer is checked first.
+        """
+        import psycopg
+
+        database = newDatabase(self, maxConnections=1)
+        with database.transaction() as conn:
+            conn.execute("SELECT 1")
+        checked: list = []
+        execute = psycopg.Connection.execute
+
+        def recording(conn, query, *args, **kwargs):
+            if query == "":
+                checked.append(conn)
+            return execute(conn, query, *args, **kwargs)
+
+        self.patch(psycopg.Connection, "execute", recording)
+        for _ in range(3):
+            with database.transaction() as conn:
+                conn.execute("SELECT 1")
+        self.assertEqual(checked, [])
+        self.patch(pgdatabase, "IDLE_CHECK", -1.0)
+        with database.transaction() as conn:
+            conn.execute("SELECT 1")
+        self.assertEqual(len(checked), 1)
+
+
 class UnreachableTests(SynchronousTestCase):
     """
     A database that cannot be reached fails every operation with
@@ -209,6 +244,25 @@ class LockTests(SynchronousTestCase):
         self.assertEqual(len(alive.messages), 1)
         self.failureResultOf(self.nodeA.openMaildrop(ALICE), MaildropLocked)
         alive.release()
+
+    def test_lostLockCommitChangesNothing(self) -> None:
+        """
+        A session whose lock was taken over fails its commit whatever it
+        asked for (deletions, seen marks only, or nothing): no entry is
+        deleted or marked, and the new holder keeps its lock.
+        """
+        for data in (b"one\r\n", b"two\r\n"):
+            delivery = self.nodeA.beginDelivery([ALICE])
+            delivery.write(data)
+            self.successResultOf(delivery.commit())
+        for deleted, seen in (([0], [1]), ([], [0, 1]), ([], [])):
+            dead = self.successResultOf(self.nodeA.openMaildrop(ALICE))
+            self.expire("node-a")
+            alive = self.successResultOf(self.nodeB.openMaildrop(ALICE))
+            self.failureResultOf(dead.commit(deleted, seen), TemporaryFailure)
+            self.assertEqual([m.seen for m in alive.messages], [False, False])
+            self.failureResultOf(self.nodeA.openMaildrop(ALICE), MaildropLocked)
+            self.successResultOf(alive.commit([]))
 
     def test_renewKeepsLock(self) -> None:
         """
