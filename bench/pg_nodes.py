@@ -245,7 +245,9 @@ def main() -> None:
             configs.append(("maildir 1 node", None, None, 1))
         for label, src in sources:
             uri = cluster.newDatabase()
-            Node(uri, src).cli("init")
+            init = Node(uri, src)
+            dirs.append(init.dataDir)
+            init.cli("init")
             for n in (int(x) for x in args.nodes.split(",")):
                 configs.append((f"{label}postgresql {n} node{'s' if n > 1 else ''}", uri, src, n))
         # Users and seed messages, per configuration (disjoint sets).
