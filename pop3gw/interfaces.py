@@ -110,6 +110,14 @@ class TemporaryFailure(Pop3gwError):
 
 
 
+class QueueEntryLost(TemporaryFailure):
+    """
+    This node no longer holds a queue entry of a shared queue (its lease
+    ran out and another node took it): it must neither attempt nor complete
+    it, and forgets it.
+    """
+
+
 class SendingLimited(TemporaryFailure):
     """
     The user is over a sending limit, or suspended from sending (see
@@ -575,14 +583,17 @@ class IQueueStore(Interface):
         Write C{entry}'s current state durably.  Saves of one entry run in
         call order.
 
-        @return: a C{Deferred} firing once durable.
+        @return: a C{Deferred} firing once durable, or failing with
+            L{QueueEntryLost} if another node relays the entry now (a
+            shared queue).
         """
 
     def removeEntry(entry):
         """
         Remove C{entry} from the queue.
 
-        @return: a C{Deferred} firing once removed.
+        @return: a C{Deferred} firing once removed, or failing with
+            L{QueueEntryLost} (see L{saveEntry}).
         """
 
     def openMessage(entry):

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
+import weakref
 from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,6 +37,23 @@ _log = Logger()
 #: Seconds a thread waits for a pooled connection (or for the database to
 #: answer a new connection) before the work fails with L{TemporaryFailure}.
 CONNECT_TIMEOUT = 5.0
+
+#: Seconds a thread waits for a pooled connection once the database was
+#: found unreachable (until a transaction succeeds again): while it is down,
+#: logins and deliveries fail at once rather than after L{CONNECT_TIMEOUT}.
+DOWN_TIMEOUT = 0.5
+
+#: Seconds the pool keeps retrying one connection (with a growing delay)
+#: before it gives that attempt up; the next request for a connection then
+#: starts a new attempt at once.  This bounds how long a database that came
+#: back stays unused.
+RECONNECT_TIMEOUT = 10.0
+
+#: Seconds a pooled connection may have been idle and still be handed out
+#: unchecked: one idle for longer is checked first (an empty query), so a
+#: connection broken by a restart or failover is replaced rather than
+#: failing the work; one in steady use costs no extra round trip.
+IDLE_CHECK = 1.0
 
 #: How long one statement may run (milliseconds) before the database
 #: cancels it; a lock wait counts.
@@ -169,43 +188,118 @@ class Database:
         if not poolLog.handlers:
             poolLog.addHandler(logging.NullHandler())
         self.uri = uri
+        self.timeout = timeout
+        self._returned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._errors: tuple = (psycopg.OperationalError, psycopg.InterfaceError)
+        # Set while the database is known to be unreachable: the last
+        # transaction failed to connect or lost its connection.
+        self.down = False
         self._pool = ConnectionPool(
             uri,
             min_size=max(0, min(minConnections, maxConnections)),
             max_size=max(1, maxConnections),
             open=False,
             timeout=timeout,
+            reconnect_timeout=RECONNECT_TIMEOUT,
             # A connection broken by a restart or failover is found and
-            # replaced when taken, not handed out.
-            check=ConnectionPool.check_connection,
-            kwargs={"connect_timeout": max(1, int(timeout)), "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
+            # replaced when taken, not handed out, if it was idle.
+            check=self._checkIdle,
+            reset=self._noteReturned,
+            # Autocommit: a transaction is an explicit BEGIN ... COMMIT
+            # (L{transaction}), and a single statement (L{connection})
+            # commits on its own, in one round trip.
+            kwargs={
+                "connect_timeout": max(1, int(timeout)),
+                "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                "autocommit": True,
+            },
             name="pop3gw",
         )
         # Opened without waiting: a database down at start-up is retried in
         # the background, and work meanwhile fails temporarily.
         self._pool.open(wait=False)
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def _checkIdle(self, conn: Any) -> None:
         """
-        A pooled connection in a transaction, committed when the block ends
-        (rolled back if it raises).
+        The pool's check of a connection it hands out: an empty query if
+        the connection was idle for more than L{IDLE_CHECK} seconds.
+        """
+        from psycopg_pool import ConnectionPool
 
-        @raise TemporaryFailure: no connection within L{CONNECT_TIMEOUT},
-            or the database failed (connection lost, shut down, serialization
-            trouble); whatever the block did is rolled back.
+        if time.monotonic() - self._returned.get(conn, 0.0) > IDLE_CHECK:
+            ConnectionPool.check_connection(conn)
+
+    def _noteReturned(self, conn: Any) -> None:
+        self._returned[conn] = time.monotonic()
+
+    @contextlib.contextmanager
+    def connection(self, pipeline: bool = False) -> Iterator[Any]:
+        """
+        A pooled connection in autocommit mode: each statement is its own
+        transaction, in one round trip.
+
+        @param pipeline: send the statements of the block together, in
+            one round trip (libpq's pipeline mode); their results are read
+            once the block ends.
+        @raise TemporaryFailure: see L{transaction}.
         """
         from psycopg_pool import PoolTimeout
 
         try:
-            with self._pool.connection() as conn:
-                with conn.transaction():
+            with self._pool.connection(timeout=min(DOWN_TIMEOUT, self.timeout) if self.down else None) as conn:
+                if pipeline:
+                    with conn.pipeline():
+                        yield conn
+                else:
                     yield conn
         except PoolTimeout as e:
+            self.down = True
             raise _temporary(e) from None
         except self._errors as e:
+            self.down = True
             raise _temporary(e) from None
+        self.down = False
+
+    @contextlib.contextmanager
+    def transaction(self, pipeline: bool = False) -> Iterator[Any]:
+        """
+        A pooled connection in a transaction, committed when the block ends
+        (rolled back if it raises).
+
+        @param pipeline: send C{BEGIN}, the statements of the block and
+            C{COMMIT} together, in one round trip; the results are read
+            once the block ends, so the block must not need them (and must
+            not raise once it queued a change).
+        @raise TemporaryFailure: no connection within L{CONNECT_TIMEOUT},
+            or the database failed (connection lost, shut down, serialization
+            trouble); whatever the block did is rolled back.
+        """
+        with self.connection(pipeline) as conn:
+            with conn.transaction():
+                yield conn
+
+    def probe(self) -> None:
+        """
+        Connect once, outside the pool, and check the schema (blocking, for
+        start-up: a database that refuses connections answers at once,
+        rather than after the pool's L{CONNECT_TIMEOUT}; one that does not
+        answer at all costs at most two seconds, libpq's shortest connect
+        timeout).
+
+        @raise TemporaryFailure: the database cannot be reached.
+        @raise ValueError: the schema is missing or not this code's: the
+            text says what to do (one line).
+        """
+        import psycopg
+
+        try:
+            with psycopg.connect(self.uri, connect_timeout=2, autocommit=True) as conn:
+                problem = schemaProblem(schemaVersion(conn))
+        except self._errors as e:
+            self.down = True
+            raise _temporary(e) from None
+        if problem is not None:
+            raise ValueError(problem)
 
     def close(self) -> None:
         """
@@ -258,6 +352,14 @@ def checkSchema(database: Database) -> Optional[str]:
     """
     with database.transaction() as conn:
         version = schemaVersion(conn)
+    return schemaProblem(version)
+
+
+def schemaProblem(version: int) -> Optional[str]:
+    """
+    @return: why this code cannot use a database holding schema
+        C{version} (one line for the operator), or C{None} if it can.
+    """
     if version == SCHEMA_VERSION:
         return None
     if version == 0:

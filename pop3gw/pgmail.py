@@ -75,34 +75,40 @@ LOCK_LEASE = 25
 LOCK_RENEW_INTERVAL = 5.0
 
 
-def storeMessage(conn: Any, source: Union[IO[bytes], io.RawIOBase], size: int, entries: Sequence[tuple[str, Optional[str], bool]]) -> int:
+#: The id of the message L{storeMessage} inserted last on this connection
+#: (an SQL expression), for the statements after it.
+MESSAGE_ID = "currval(pg_get_serial_sequence('pop3gw_messages', 'id'))"
+
+
+def storeMessage(
+    conn: Any, source: Union[IO[bytes], io.RawIOBase], size: int, entries: Sequence[tuple[str, Optional[str], bool]]
+) -> None:
     """
     Insert a message read from C{source} (in wire form, C{size} octets) in
     rows of L{CHUNK_SIZE}, and one entry per C{(maildrop, uid, seen)}: last
     in that maildrop, with a new UIDL (C{"P"} and its position, from a
     sequence that never goes back) when C{uid} is C{None}, else C{uid} (a
-    migration keeping UIDLs).
+    migration keeping UIDLs).  No statement needs the result of another
+    (the message's id is L{MESSAGE_ID}), so they can be pipelined.
 
     @param conn: a connection in a transaction.
-    @return: the message's id.
     """
-    message = int(conn.execute("INSERT INTO pop3gw_messages (size) VALUES (%s) RETURNING id", (size,)).fetchone()[0])
+    conn.execute("INSERT INTO pop3gw_messages (size) VALUES (%s)", (size,))
     seq = 0
     while True:
         chunk = source.read(CHUNK_SIZE)
         if not chunk:
             break
         conn.execute(
-            "INSERT INTO pop3gw_message_chunks (message_id, seq, data) VALUES (%s, %s, %s)", (message, seq, chunk)
+            f"INSERT INTO pop3gw_message_chunks (message_id, seq, data) VALUES ({MESSAGE_ID}, %s, %s)", (seq, chunk)
         )
         seq += 1
     for maildrop, uid, seen in entries:
         conn.execute(
             "INSERT INTO pop3gw_maildrop (maildrop, message_id, position, uid, seen) "
-            "SELECT %s, %s, p, coalesce(%s, 'P' || p), %s FROM (SELECT nextval('pop3gw_position') AS p) AS s",
-            (maildrop, message, uid, seen),
+            f"SELECT %s, {MESSAGE_ID}, p, coalesce(%s, 'P' || p), %s FROM (SELECT nextval('pop3gw_position') AS p) AS s",
+            (maildrop, uid, seen),
         )
-    return message
 
 
 @implementer(IMessageInfo)
@@ -372,28 +378,32 @@ class PostgresMaildropStore:
     def _lockAndSnapshot(self, address: Address) -> PostgresMaildrop:
         maildrop = str(address)
         token = secrets.token_hex(8)
-        with self.database.transaction() as conn:
-            row = conn.execute(
+        # One round trip: the listing is read after the lock is taken (a
+        # statement of its own, so it sees what a session that held the
+        # lock committed), and read for nothing if the lock was not.
+        with self.database.transaction(pipeline=True) as conn:
+            locked = conn.execute(
                 "INSERT INTO pop3gw_locks (maildrop, node, token, expires) "
                 "VALUES (%s, %s, %s, now() + make_interval(secs => %s)) "
                 "ON CONFLICT (maildrop) DO UPDATE SET node = EXCLUDED.node, token = EXCLUDED.token, "
                 "expires = EXCLUDED.expires WHERE pop3gw_locks.expires < now() RETURNING token",
                 (maildrop, self.node, token, LOCK_LEASE),
-            ).fetchone()
-            if row is None:
-                raise MaildropLocked(maildrop)
-            rows = conn.execute(
+            )
+            listing = conn.execute(
                 "SELECT e.id, e.uid, e.seen, m.size, m.id FROM pop3gw_maildrop e "
                 "JOIN pop3gw_messages m ON m.id = e.message_id WHERE e.maildrop = %s ORDER BY e.position",
                 (maildrop,),
-            ).fetchall()
+            )
+        if locked.fetchone() is None:
+            raise MaildropLocked(maildrop)
+        rows = listing.fetchall()
         with self._heldLock:
             self._held.add(token)
         messages = [PostgresMessageInfo(size, uid, seen, entry, message) for entry, uid, seen, size, message in rows]
         return PostgresMaildrop(self, maildrop, token, messages)
 
     def _unlock(self, maildrop: str, token: str) -> None:
-        with self.database.transaction() as conn:
+        with self.database.connection() as conn:
             conn.execute("DELETE FROM pop3gw_locks WHERE maildrop = %s AND token = %s", (maildrop, token))
 
     def _fetch(self, info: PostgresMessageInfo) -> IO[bytes]:
@@ -408,8 +418,12 @@ class PostgresMaildropStore:
         try:
             written = 0
             seq = 0
-            with self.database.transaction() as conn:
-                while True:
+            # One statement per chunk, each its own transaction (a message's
+            # rows never change; one deleted meanwhile shows as a short
+            # read), and none after the last: one round trip for a message
+            # of one chunk.
+            with self.database.connection() as conn:
+                while written < info.size:
                     row = conn.execute(
                         "SELECT data FROM pop3gw_message_chunks WHERE message_id = %s AND seq = %s",
                         (info.message, seq),
@@ -435,7 +449,8 @@ class PostgresMaildropStore:
         Insert one message and an entry per recipient, in one transaction.
         """
         spool.seek(0)
-        with self.database.transaction() as conn:
+        # One round trip for a message held in memory.
+        with self.database.transaction(pipeline=size <= SPOOL_MEMORY) as conn:
             storeMessage(conn, spool, size, [(str(r), None, False) for r in recipients])
 
     def maildrops(self) -> list[str]:
@@ -459,19 +474,42 @@ class PostgresMaildropStore:
         return [PostgresMessageInfo(size, uid, seen, entry, message) for entry, uid, seen, size, message in rows]
 
     def _commit(self, maildrop: str, token: str, gone: list, marked: list) -> None:
-        with self.database.transaction() as conn:
-            held = conn.execute(
-                "SELECT 1 FROM pop3gw_locks WHERE maildrop = %s AND token = %s FOR UPDATE", (maildrop, token)
-            ).fetchone()
+        """
+        Apply a session's deletions and seen flags and release its lock,
+        in one transaction and one round trip (the statements are
+        pipelined): each change holds only while the lock row is still
+        this session's, which the first statement locks, so a session that
+        lost its lock changes nothing.  A session that changed nothing
+        only deletes its lock row.
+
+        @raise TemporaryFailure: the lock was lost; nothing was changed.
+        """
+        if not gone and not marked:
+            with self.database.connection() as conn:
+                held = conn.execute(
+                    "DELETE FROM pop3gw_locks WHERE maildrop = %s AND token = %s RETURNING 1", (maildrop, token)
+                ).fetchone()
             if held is None:
                 raise TemporaryFailure("maildrop lock lost (lease expired)")
+            return
+        mine = "EXISTS (SELECT 1 FROM pop3gw_locks WHERE maildrop = %s AND token = %s)"
+        with self.database.transaction(pipeline=True) as conn:
+            locked = conn.execute(
+                "SELECT 1 FROM pop3gw_locks WHERE maildrop = %s AND token = %s FOR UPDATE", (maildrop, token)
+            )
             if gone:
                 messages = sorted({info.message for info in gone})
                 # Lock the messages first (in one order): a message shared
                 # with another maildrop is removed by whichever commit
                 # deletes its last entry.
-                conn.execute("SELECT id FROM pop3gw_messages WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (messages,))
-                conn.execute("DELETE FROM pop3gw_maildrop WHERE id = ANY(%s)", ([info.entry for info in gone],))
+                conn.execute(
+                    f"SELECT id FROM pop3gw_messages WHERE id = ANY(%s) AND {mine} ORDER BY id FOR UPDATE",
+                    (messages, maildrop, token),
+                )
+                conn.execute(
+                    f"DELETE FROM pop3gw_maildrop WHERE id = ANY(%s) AND {mine}",
+                    ([info.entry for info in gone], maildrop, token),
+                )
                 conn.execute(
                     "DELETE FROM pop3gw_messages m WHERE m.id = ANY(%s) AND NOT EXISTS "
                     "(SELECT 1 FROM pop3gw_maildrop e WHERE e.message_id = m.id)",
@@ -479,6 +517,9 @@ class PostgresMaildropStore:
                 )
             if marked:
                 conn.execute(
-                    "UPDATE pop3gw_maildrop SET seen = true WHERE id = ANY(%s)", ([info.entry for info in marked],)
+                    f"UPDATE pop3gw_maildrop SET seen = true WHERE id = ANY(%s) AND {mine}",
+                    ([info.entry for info in marked], maildrop, token),
                 )
             conn.execute("DELETE FROM pop3gw_locks WHERE maildrop = %s AND token = %s", (maildrop, token))
+        if locked.fetchone() is None:
+            raise TemporaryFailure("maildrop lock lost (lease expired)")

@@ -9,13 +9,23 @@ lease: the node relaying it and until when.  A node relays only the entries
 it holds: those queued through it, and those it claimed with
 C{SELECT ... FOR UPDATE SKIP LOCKED} once their lease ran out (their node
 died or stopped).  L{PostgresQueue.poll}, run every
-L{QUEUE_POLL_INTERVAL} seconds in a database thread, renews the leases of
-the entries the node holds, claims the free ones (handing them to the
-relay as new entries, due at once) and reads the flush counter that
-C{pop3gw queue flush} moves on any node.  The relay service is the one the
-file queue has: it records each attempt (L{saveEntry}) before making it,
-and a save is refused once the entry's lease was lost, so two nodes never
-relay one entry at once.
+L{QUEUE_POLL_INTERVAL} seconds in a database thread (the first time as the
+server starts: L{PostgresQueue.loadEntries} reads nothing, so the relay's
+start never waits for the database), renews the leases of the entries the
+node holds, claims the free ones (handing them to the relay as new
+entries, due at once) and reads the flush counter that C{pop3gw queue
+flush} moves on any node.
+
+The row's node column says who holds an entry: a claim changes it under
+the row's lock, and every write of the holder checks it in the same
+statement.  The relay service is the one the file queue has: it records
+each attempt (L{saveEntry}) before making it and removes the entry when it
+is done (L{removeEntry}); both fail with L{QueueEntryLost}, changing
+nothing, once another node took the entry (this node lost the database
+for longer than the lease), so two nodes never relay one entry at once,
+and the relay forgets the entry.  A poll that finds entries taken from
+this node tells the relay (L{PostgresQueue.addLossListener}), so it drops
+them before their next attempt is due.
 
 The relay reads a message on the reactor thread (L{openMessage} returns a
 file), so a node keeps a copy of each message it holds in its own directory
@@ -25,7 +35,9 @@ file), so a node keeps a copy of each message it holds in its own directory
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 import threading
 from typing import IO, Any, Callable, Optional, Sequence
@@ -44,14 +56,15 @@ from pop3gw.interfaces import (
     IQueuedDelivery,
     IQueueStore,
     ITwoPhaseDelivery,
+    QueueEntryLost,
     TemporaryFailure,
 )
 from pop3gw.pgdatabase import Database
-from pop3gw.pgmail import CHUNK_SIZE, SPOOL_MEMORY, storeMessage
+from pop3gw.pgmail import CHUNK_SIZE, MESSAGE_ID, SPOOL_MEMORY, storeMessage
 from pop3gw.queue import CRLFDelivery, Entry, QueueListeners, Recipient
 from pop3gw.runner import ImmediateRunner
 
-__all__ = ["QUEUE_LEASE", "QUEUE_POLL_INTERVAL", "PostgresQueue", "listEntries", "requestFlush"]
+__all__ = ["QUEUE_LEASE", "QUEUE_POLL_INTERVAL", "PostgresQueue", "listEntries", "requestFlush", "workerNode"]
 
 _log = Logger()
 
@@ -64,6 +77,15 @@ QUEUE_POLL_INTERVAL = 5.0
 
 #: Most entries one poll claims.
 CLAIM_BATCH = 100
+
+
+def workerNode(supervisor: int) -> str:
+    """
+    @return: a new node name for a worker process of C{--workers N} whose
+        supervisor has pid C{supervisor}: it starts with what
+        L{PostgresQueue.adopt} of that supervisor takes over.
+    """
+    return f"{socket.gethostname()}:{supervisor}:w:{secrets.token_hex(4)}"
 
 
 def listEntries(database: Database) -> list[Entry]:
@@ -197,6 +219,7 @@ class PostgresQueue(QueueListeners):
         node: str = "",
         copies: Optional[str] = None,
         owner: Optional[fsutil.Owner] = None,
+        relays: bool = True,
     ) -> None:
         """
         @param copies: the directory of this node's message copies
@@ -204,18 +227,25 @@ class PostgresQueue(QueueListeners):
             removed when the first copy is made); a new temporary directory
             if C{None}.
         @param owner: the data directory's owner, given the directory.
+        @param relays: whether this process relays what it queues; a
+            worker of C{--workers N} does not: it keeps no copies and
+            renews no leases, and the supervisor takes each entry it
+            queues over at once (L{adopt}).
         """
         self.database = database
         self.reactor = reactor
         self.node = node
         self._runner: IBlockingRunner = runner if runner is not None else ImmediateRunner()
         self._listeners: list[Callable[[Entry], None]] = []
-        self._copies = copies
+        self._copies = copies if relays else None
+        self.relays = relays
         self._owner = owner
         self._copiesReady = False
         self._held: set[str] = set()
         self._lock = threading.Lock()
         self._flushStamp: Optional[int] = None
+        self._lost: set[str] = set()
+        self._lossListeners: list[Callable[[str], None]] = []
 
     # -- IOutboundQueue
 
@@ -238,28 +268,30 @@ class PostgresQueue(QueueListeners):
 
     def loadEntries(self) -> list:
         """
-        Claim the entries no node holds (blocking; for start-up).  A
-        database that cannot be reached is logged; the polls claim them
-        later.
+        Nothing, at once: the relay starts on the reactor thread, and the
+        entries no node holds are claimed by the first L{poll} (which the
+        server runs in a database thread as it starts).
         """
-        try:
-            return self._claim()
-        except TemporaryFailure as e:
-            self.log.warn("queue: cannot read the queue: {error}", error=str(e))
-            return []
+        return []
 
     def saveEntry(self, entry: Entry) -> defer.Deferred:
         """
         Write C{entry}'s state, renewing its lease.
 
-        @return: a Deferred failing with L{TemporaryFailure} if this node no
+        @return: a Deferred failing with L{QueueEntryLost} if this node no
             longer holds the entry (its lease ran out and another node took
             it): the attempt is then not made.
         """
         return self._runner.run(self._save, entry.queueId, entry.toJSON(), entry.nextAttempt)
 
     def removeEntry(self, entry: Entry) -> defer.Deferred:
-        return self._runner.run(self._delete, entry.queueId)
+        """
+        Remove C{entry} and its message.
+
+        @return: a Deferred failing with L{QueueEntryLost} (and removing
+            nothing) if another node holds the entry now.
+        """
+        return self._runner.run(self._delete, entry.queueId, True)
 
     def openMessage(self, entry: Entry) -> IO[bytes]:
         """
@@ -288,8 +320,9 @@ class PostgresQueue(QueueListeners):
 
     def poll(self) -> list[Entry]:
         """
-        Renew the leases of the entries this node holds, claim free ones,
-        read the flush counter.
+        Renew the leases of the entries this node holds, note those it no
+        longer holds (for L{announceClaimed}), claim free ones, read the
+        flush counter.
 
         @return: the entries claimed (to hand to the relay).
         """
@@ -297,19 +330,42 @@ class PostgresQueue(QueueListeners):
             held = list(self._held)
         with self.database.transaction() as conn:
             if held:
-                conn.execute(
+                renewed = conn.execute(
                     "UPDATE pop3gw_queue SET lease_expires = now() + make_interval(secs => %s) "
-                    "WHERE node = %s AND id = ANY(%s)",
+                    "WHERE node = %s AND id = ANY(%s) RETURNING id",
                     (QUEUE_LEASE, self.node, held),
-                )
+                ).fetchall()
+                missing = sorted(set(held) - {r[0] for r in renewed})
+                if missing:
+                    # Taken by another node; the others were removed by this
+                    # node meanwhile (done, or withdrawn).
+                    taken = conn.execute(
+                        "SELECT id FROM pop3gw_queue WHERE id = ANY(%s) AND node <> %s", (missing, self.node)
+                    ).fetchall()
+                    for (queueId,) in taken:
+                        self._forget(queueId)
             self._flushStamp = int(conn.execute("SELECT stamp FROM pop3gw_queue_flush").fetchone()[0])
         return self._claim()
 
+    def addLossListener(self, listener: Callable[[str], None]) -> None:
+        """
+        Call C{listener(queueId)} (on the reactor thread, from
+        L{announceClaimed}) for each entry a poll found taken from this
+        node.
+        """
+        self._lossListeners.append(listener)
+
     def announceClaimed(self, entries: list[Entry]) -> None:
         """
-        Hand entries claimed by L{poll} to the relay (on the reactor
-        thread).
+        Tell the relay which entries the last L{poll} found lost, and hand
+        it those it claimed (on the reactor thread).
         """
+        with self._lock:
+            lost, self._lost = sorted(self._lost), set()
+        for queueId in lost:
+            self.log.warn("queue: {queueId} is relayed by another node now", queueId=queueId)
+            for listener in list(self._lossListeners):
+                listener(queueId)
         for entry in entries:
             self.log.info("queue: {queueId} taken over by this node", queueId=entry.queueId)
             self._announce(entry)
@@ -351,6 +407,38 @@ class PostgresQueue(QueueListeners):
                 self._copiesReady = True
         return os.path.join(self._copies, queueId)
 
+    def announce(self, entry: Entry) -> None:
+        """
+        Hand an entry L{adopt} took over to the relay (on the reactor
+        thread), as a new entry.
+        """
+        self._announce(entry)
+
+    def adopt(self, queueId: str) -> Optional[Entry]:
+        """
+        Take entry C{queueId} over from the worker of this process that
+        queued it (see C{relays}), whatever its lease, with its message
+        (blocking).
+
+        @return: the entry (to hand to the relay with L{announce}),
+            or C{None} if no worker of this process holds it any more
+            (withdrawn, or claimed by another node after the worker's
+            lease ran out).
+        """
+        prefix = workerNode(os.getpid()).rpartition(":")[0] + ":"
+        with self.database.transaction() as conn:
+            row = conn.execute(
+                "UPDATE pop3gw_queue SET node = %s, lease_expires = now() + make_interval(secs => %s) "
+                "WHERE id = %s AND starts_with(node, %s) RETURNING entry, message_id",
+                (self.node, QUEUE_LEASE, queueId, prefix),
+            ).fetchone()
+            if row is None:
+                return None
+            self._copyMessage(conn, queueId, row[1])
+        with self._lock:
+            self._held.add(queueId)
+        return Entry.fromJSON(bytes(row[0]))
+
     def _claim(self) -> list[Entry]:
         with self.database.transaction() as conn:
             rows = conn.execute(
@@ -386,6 +474,16 @@ class PostgresQueue(QueueListeners):
                 seq += 1
 
     def _insert(self, entry: Entry, spool: IO[bytes], size: int) -> None:
+        if not self.relays:
+            spool.seek(0)
+            with self.database.transaction(pipeline=size <= SPOOL_MEMORY) as conn:
+                storeMessage(conn, spool, size, [])
+                conn.execute(
+                    "INSERT INTO pop3gw_queue (id, entry, message_id, node, lease_expires) "
+                    f"VALUES (%s, %s, {MESSAGE_ID}, %s, now() + make_interval(secs => %s))",
+                    (entry.queueId, entry.toJSON(), self.node, QUEUE_LEASE),
+                )
+            return
         copyPath = self._copyPath(entry.queueId)
         try:
             spool.seek(0)
@@ -396,12 +494,12 @@ class PostgresQueue(QueueListeners):
                         break
                     copy.write(chunk)
             spool.seek(0)
-            with self.database.transaction() as conn:
-                message = storeMessage(conn, spool, size, [])
+            with self.database.transaction(pipeline=size <= SPOOL_MEMORY) as conn:
+                storeMessage(conn, spool, size, [])
                 conn.execute(
                     "INSERT INTO pop3gw_queue (id, entry, message_id, node, lease_expires) "
-                    "VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))",
-                    (entry.queueId, entry.toJSON(), message, self.node, QUEUE_LEASE),
+                    f"VALUES (%s, %s, {MESSAGE_ID}, %s, now() + make_interval(secs => %s))",
+                    (entry.queueId, entry.toJSON(), self.node, QUEUE_LEASE),
                 )
         except BaseException as e:
             try:
@@ -418,19 +516,41 @@ class PostgresQueue(QueueListeners):
         with self.database.transaction() as conn:
             cursor = conn.execute(
                 "UPDATE pop3gw_queue SET entry = %s, lease_expires = now() + make_interval(secs => %s) "
-                "WHERE id = %s AND node = %s AND lease_expires >= now()",
+                "WHERE id = %s AND node = %s",
                 (data, QUEUE_LEASE, queueId, self.node),
             )
             if cursor.rowcount == 0:
-                raise TemporaryFailure(f"queue entry {queueId} is no longer held by this node")
+                self._forget(queueId)
+                raise QueueEntryLost(f"queue entry {queueId} is no longer held by this node")
 
-    def _delete(self, queueId: str) -> None:
+    def _delete(self, queueId: str, done: bool = False) -> None:
+        """
+        Delete an entry this node holds, and its message.
+
+        @param done: the relay is done with it: an entry this node no
+            longer holds raises L{QueueEntryLost} (a withdrawn delivery's
+            entry that is already gone is not an error).
+        """
         with self.database.transaction() as conn:
-            row = conn.execute("DELETE FROM pop3gw_queue WHERE id = %s RETURNING message_id", (queueId,)).fetchone()
+            row = conn.execute(
+                "DELETE FROM pop3gw_queue WHERE id = %s AND node = %s RETURNING message_id", (queueId, self.node)
+            ).fetchone()
             if row is not None:
                 conn.execute("DELETE FROM pop3gw_messages WHERE id = %s", (row[0],))
+        self._forget(queueId, lost=row is None and done)
+        if row is None and done:
+            raise QueueEntryLost(f"queue entry {queueId} is no longer held by this node")
+
+    def _forget(self, queueId: str, lost: bool = True) -> None:
+        """
+        Stop holding C{queueId} (renewing its lease), remove this node's
+        copy of its message, and note it for the loss listeners if
+        C{lost}.
+        """
         with self._lock:
             self._held.discard(queueId)
+            if lost:
+                self._lost.add(queueId)
         try:
             os.unlink(self._copyPath(queueId))
         except FileNotFoundError:

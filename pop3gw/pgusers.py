@@ -147,9 +147,10 @@ class PostgresUsers:
 
     def lookupUser(self, address: Address) -> Optional[tuple[Address, str]]:
         """
-        See L{IUserStore.lookupUser}: asks the database every time.
+        See L{IUserStore.lookupUser}: asks the database every time (one
+        statement, one round trip).
         """
-        with self.database.transaction() as conn:
+        with self.database.connection() as conn:
             return self._find(conn, address)
 
     @staticmethod

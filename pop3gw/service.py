@@ -55,9 +55,9 @@ from pop3gw.limits import ConnectionLimitFactory, PeerCounts
 from pop3gw.loginwatch import LoginWatch
 from pop3gw.maildir import MaildirStore
 from pop3gw.metrics import Metrics, healthProblems, metricsSite
-from pop3gw.pgdatabase import Database, checkSchema, redact
+from pop3gw.pgdatabase import Database, redact
 from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
-from pop3gw.pgqueue import QUEUE_POLL_INTERVAL, PostgresQueue
+from pop3gw.pgqueue import QUEUE_POLL_INTERVAL, PostgresQueue, workerNode
 from pop3gw.pgusers import PostgresUsers
 from pop3gw.pop3 import POP3Factory
 from pop3gw.queue import Entry, OutboundQueue
@@ -533,13 +533,19 @@ def makeService(options, reactor=None) -> MultiService:
         raise SystemExit(f"pop3gw: {e}") from None
 
 
-def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int, owner: Optional[fsutil.Owner]) -> tuple:
+def _databaseStores(
+    config: Config, reactor, top: MultiService, hashThreads: int, owner: Optional[fsutil.Owner], worker: bool = False
+) -> tuple:
     """
     The users directory and maildrops of C{--store postgresql://...}, with
     their own thread pool (L{Config.limits} C{database-threads}) and lock
     renewal; the connection pool holds one connection per thread that may
     use it (those and the hash threads, which look up passwords), and is
-    closed once the database threads have stopped.
+    closed once the database threads have stopped.  Each process of
+    C{--workers N} has its own (the supervisor's without hash threads).
+
+    @param worker: this is a worker process of C{--workers N}: the
+        supervisor relays what it queues (see L{PostgresQueue.adopt}).
 
     @return: (users, maildrop store, the runner of database work, the
         outbound queue).
@@ -547,21 +553,26 @@ def _databaseStores(config: Config, reactor, top: MultiService, hashThreads: int
     """
     threads = max(1, int(config.limits["database-threads"]))
     database = Database(config.store, maxConnections=threads + hashThreads)
+    reachable = True
     try:
-        problem = checkSchema(database)
+        database.probe()
     except TemporaryFailure as e:
-        # Served with temporary failures until the database answers.
+        # Served with temporary failures until the database answers; the
+        # users are read by the first refresh that reaches it.
         log.warn("cannot check the database schema: {error}", error=str(e))
-        problem = None
-    if problem is not None:
+        reachable = False
+    except ValueError as e:
         database.close()
-        raise ConfigError(problem)
+        raise ConfigError(str(e)) from None
     pool = ThreadPool(minthreads=1, maxthreads=threads, name="pop3gw-db")
     runner = ThreadPoolRunner(reactor, pool)
     users = PostgresUsers(database, config.postmaster, config.recipientDelimiter)
-    users.refresh()
-    store = PostgresMaildropStore(database, runner)
-    queue = PostgresQueue(database, reactor, runner, store.node, os.path.join(config.dataDir, "relay"), owner)
+    if reachable:
+        users.refresh()
+    store = PostgresMaildropStore(database, runner, workerNode(os.getppid()) if worker else None)
+    queue = PostgresQueue(
+        database, reactor, runner, store.node, os.path.join(config.dataDir, "relay"), owner, relays=not worker
+    )
 
     def afterStop() -> None:
         # The relay has recorded its attempts: hand this node's queue
@@ -784,7 +795,12 @@ def _localDelivery(users: Any, store: Any):
 
 
 def _buildCore(
-    config: Config, reactor, owner: Optional[fsutil.Owner], top: MultiService, checksPasswords: bool = True
+    config: Config,
+    reactor,
+    owner: Optional[fsutil.Owner],
+    top: MultiService,
+    checksPasswords: bool = True,
+    worker: bool = False,
 ) -> _Core:
     """
     Build the parts every process serving connections has, adding to
@@ -793,6 +809,7 @@ def _buildCore(
 
     @param checksPasswords: whether this process logs users in (the
         supervisor of workers does not: it starts no hashing threads).
+    @param worker: this is a worker process of C{--workers N}.
     """
     hashPool = ThreadPool(minthreads=1, maxthreads=max(1, config.limits["hash-threads"]), name="pop3gw-auth")
     ioPool = IOThreadPool(IO_THREADS, name="pop3gw-io")
@@ -806,7 +823,9 @@ def _buildCore(
     storeRunner = ioRunner
     queue: Any
     if config.usesDatabase:
-        users, store, storeRunner, queue = _databaseStores(config, reactor, top, hashPool.max, owner)
+        users, store, storeRunner, queue = _databaseStores(
+            config, reactor, top, hashPool.max if checksPasswords else 0, owner, worker
+        )
     else:
         users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
         store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
@@ -971,6 +990,7 @@ def _addRelay(core: _Core, top: MultiService) -> RelayService:
         cacheFile = CacheFile(os.path.join(config.dataDir, MTA_STS_CACHE), core.ioRunner)
         relay.dispatcher.mtaSTS = PolicySource(reactor, relay.dispatcher.mx.lookupTXT, makeFetcher(reactor), cacheFile)
     if isinstance(core.queue, PostgresQueue):
+        core.queue.addLossListener(relay.dropEntry)
         QueuePollService(core.queue, core.storeRunner).setServiceParent(top)
     return relay
 
@@ -1025,8 +1045,6 @@ def _logStart(config: Config, core: _Core, relay: RelayService) -> None:
 
 def _build(config: Config, reactor) -> MultiService:
     _raiseFileLimit()
-    if config.workers > 1 and config.usesDatabase:
-        raise ConfigError("--workers with --store postgresql is not available yet: run one process per node")
     owner = _prepareDataDirectory(config)
     if config.workers > 1:
         return _buildSupervisor(config, reactor, owner)
@@ -1100,6 +1118,37 @@ def workerCommand() -> list[str]:
     return [sys.executable, "-c", WORKER_BOOTSTRAP, root]
 
 
+def _databaseQueueAdoption(core: _Core, queue: PostgresQueue, relay: RelayService) -> tuple:
+    """
+    How the supervisor of workers learns of mail its workers queued in the
+    database: it takes a reported entry over at once
+    (L{PostgresQueue.adopt}); when a worker ended, a poll claims what it
+    left, once its lease ran out.
+
+    @return: (called with a reported queue id, called when a worker ended).
+    """
+
+    def adopted(entry: Optional[Entry]) -> None:
+        if entry is not None and relay.running:
+            queue.announce(entry)
+
+    def onQueued(queueId: str) -> None:
+        d = core.storeRunner.run(queue.adopt, queueId)
+        d.addCallback(adopted)
+        d.addErrback(
+            lambda f: log.warn("cannot take queue entry {queueId} over: {error}", queueId=queueId, error=str(f.value))
+        )
+
+    def rescanQueue() -> None:
+        if not relay.running:
+            return
+        d = core.storeRunner.run(queue.poll)
+        d.addCallback(queue.announceClaimed)
+        d.addErrback(lambda f: log.warn("cannot poll the outbound queue: {error}", error=str(f.value)))
+
+    return onQueued, rescanQueue
+
+
 def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> MultiService:
     """
     The supervisor of C{config.workers} worker processes: it holds the
@@ -1145,6 +1194,9 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
 
         d.addCallback(adoptAll)
         d.addErrback(lambda f: log.failure("cannot read the queue", f))
+
+    if isinstance(queue, PostgresQueue):
+        onQueued, rescanQueue = _databaseQueueAdoption(core, queue, relay)
 
     def setup(number: int) -> bytes:
         listeners = tuple(b.inherited(FIRST_LISTENER_FD + i) for i, b in enumerate(bound))
@@ -1231,7 +1283,7 @@ def makeWorkerService(setup: WorkerSetup, reactor, link: WorkerLink) -> MultiSer
     _raiseFileLimit()
     owner = fsutil.dataDirectoryOwner(config.dataDir)
     top = StagedService()
-    core = _buildCore(config, reactor, owner, top)
+    core = _buildCore(config, reactor, owner, top, worker=True)
     peerCounts = SharedPeerCounts(link)
     for listener in setup.listeners:
         AdoptedListenerService(reactor, listener, core.limitedFactory(listener.name, peerCounts)).setServiceParent(top)

@@ -200,6 +200,75 @@ class DatabaseOutageTests(SynchronousTestCase):
         self.assertNotIn("Traceback", node.log())
 
 
+    def test_startedWithDatabaseDown(self) -> None:
+        """
+        A node started while its database is down starts serving at once
+        (the schema check is logged as a warning): a POP3 login gets
+        C{-ERR [SYS/TEMP]}, submission's AUTH C{454}; once the database is
+        started, with no restart of the node, the user logs in, finds the
+        message delivered before, and mail submitted then is queued and
+        delivered.
+        """
+        cluster = pgcluster.private(self)
+        self.uri = cluster.newDatabase()
+        TwoNodesTests.cli(self, "init")  # type: ignore[arg-type]
+        TwoNodesTests.cli(self, "user", "add", ALICE, input=ALICE_PW.encode() + b"\n")  # type: ignore[arg-type]
+        TwoNodesTests.cli(self, "deliver", ALICE, input=b"Subject: before\r\n\r\nbody\r\n")  # type: ignore[arg-type]
+        cluster.stopServer()
+        node = Pop3gwProcess(self, args=["--store", self.uri]).start()
+        self.assertIn("cannot check the database schema: database unavailable: ", node.log())
+
+        client = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=60)
+        self.addCleanup(_closeQuietly, client)
+        client.user(ALICE)
+        with self.assertRaises(poplib.error_proto) as caught:
+            client.pass_(ALICE_PW)
+        self.assertTrue(caught.exception.args[0].startswith(b"-ERR [SYS/TEMP]"), caught.exception.args)
+        client.quit()
+        with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=60) as smtp:
+            with self.assertRaises(smtplib.SMTPAuthenticationError) as refused:
+                smtp.login(ALICE, ALICE_PW)
+            self.assertEqual(refused.exception.smtp_code, 454)
+
+        cluster.startServer()
+        restarted = time.monotonic()
+        while True:
+            client = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=60)
+            self.addCleanup(_closeQuietly, client)
+            client.user(ALICE)
+            try:
+                client.pass_(ALICE_PW)
+                break
+            except poplib.error_proto as e:
+                self.assertTrue(e.args[0].startswith(b"-ERR [SYS/TEMP]"), e.args)
+                self.assertLess(time.monotonic() - restarted, 60, "never resumed")
+                client.quit()
+                time.sleep(0.5)
+        self.assertEqual(client.retr(1)[1], [b"Subject: before", b"", b"body"])
+        client.quit()
+        # Submission needs the users directory too, which the node re-reads
+        # every two seconds.
+        while True:
+            with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=60) as smtp:
+                try:
+                    smtp.login(ALICE, ALICE_PW)
+                except smtplib.SMTPAuthenticationError as e:
+                    self.assertEqual(e.smtp_code, 454)
+                    self.assertLess(time.monotonic() - restarted, 60, "never resumed")
+                    time.sleep(0.5)
+                    continue
+                smtp.sendmail(ALICE, [ALICE], MESSAGE)
+                break
+        client = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=60)
+        self.addCleanup(_closeQuietly, client)
+        client.user(ALICE)
+        client.pass_(ALICE_PW)
+        self.assertEqual(client.stat()[0], 2)
+        client.quit()
+        self.assertIsNone(node.proc.poll())
+        self.assertNotIn("Traceback", node.log())
+
+
 class QueueHandOverTests(SynchronousTestCase):
     """
     The outbound queue shared by two nodes.
@@ -322,3 +391,81 @@ class FailoverTests(SynchronousTestCase):
         client.user(ALICE)
         client.pass_(ALICE_PW)
         return client
+
+
+class WorkersTests(SynchronousTestCase):
+    """
+    C{twistd -n pop3gw --workers 2 --store postgresql://...}: each worker
+    process has its own connection pool on the one database.
+    """
+
+    def test_twoWorkersOneDatabase(self) -> None:
+        """
+        Both workers serve logins from the database; while a session
+        through one worker holds a maildrop, a login to it through the
+        other gets C{[IN-USE]}; mail for another domain submitted through
+        a worker is relayed once, by the supervisor, and leaves the queue.
+        """
+        from tests.test_e2e_submission import Sink, message
+        from tests.test_e2e_workers import MAX_TRIES, WorkersEndToEndTests
+
+        sink = Sink(self)
+        self.uri = pgcluster.database(self)
+        TwoNodesTests.cli(self, "init")  # type: ignore[arg-type]
+        TwoNodesTests.cli(self, "user", "add", ALICE, input=ALICE_PW.encode() + b"\n")  # type: ignore[arg-type]
+        TwoNodesTests.cli(self, "deliver", ALICE, input=b"Subject: kept\r\n\r\nbody\r\n")  # type: ignore[arg-type]
+        server = Pop3gwProcess(
+            self, args=["--workers", "2", "--store", self.uri, "--relay-host", f"127.0.0.1:{sink.port}"]
+        ).start()
+        helper = WorkersEndToEndTests()
+        helper.assertEqual = self.assertEqual  # type: ignore[method-assign]
+        helper.waitReady(server)
+
+        mark = len(server.output)
+        holder = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+        self.addCleanup(_closeQuietly, holder)
+        holder.user(ALICE)
+        holder.pass_(ALICE_PW)
+        [holding] = helper.waitForLines(server, 1, r'login: service=pop3 .*user="alice@example.org"', mark)
+        others: list = []
+        for tries in range(1, MAX_TRIES + 1):
+            client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+            self.addCleanup(_closeQuietly, client)
+            client.user(ALICE)
+            with self.assertRaises(poplib.error_proto) as caught:
+                client.pass_(ALICE_PW)
+            self.assertEqual(caught.exception.args[0], b"-ERR [IN-USE] Mailbox is locked by another session.")
+            client.close()
+            others = helper.waitForLines(server, tries, r'maildrop in use: service=pop3 .*user="alice@example.org"',
+                                         mark)
+            if any(w != holding for w in others):
+                break
+        self.assertIn(3 - holding, others, server.log())
+        self.assertEqual(holder.retr(1)[1], [b"Subject: kept", b"", b"body"])
+        holder.quit()
+
+        # Each worker serves a login of its own (each from its pool).
+        mark = len(server.output)
+        for _ in range(MAX_TRIES):
+            client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+            self.addCleanup(_closeQuietly, client)
+            client.user(ALICE)
+            client.pass_(ALICE_PW)
+            self.assertEqual(client.stat()[0], 1)
+            client.quit()
+            served = helper.workerOf(server, r'login: service=pop3 .*user="alice@example.org"', mark)
+            if sorted(set(served)) == [1, 2]:
+                break
+        self.assertEqual(sorted(set(served)), [1, 2], server.log())
+
+        with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as smtp:
+            smtp.login(ALICE, ALICE_PW)
+            smtp.sendmail(ALICE, ["carol@remote.example"], message(to="carol@remote.example", subject="out"))
+        sink.waitFor(lambda: len(sink.received) == 1)
+        server.waitForLog(r"relay: \S+ done: delivered=1 failed=0", timeout=30)
+        queued = [line for line in server.output if "queue: queued " in line]
+        self.assertEqual(len(queued), 1, server.log())
+        self.assertNotIn("(worker", queued[0])
+        self.assertEqual(TwoNodesTests.cli(self, "queue", "list").stdout, b"")  # type: ignore[arg-type]
+        self.assertEqual(sink.attempts, 1)
+        self.assertNotIn("Traceback", server.log())

@@ -11,6 +11,7 @@ import io
 import os
 import tempfile
 
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from pop3gw import pgdatabase
@@ -123,6 +124,41 @@ class SchemaTests(SynchronousTestCase):
         self.assertFalse(isDatabaseURI("maildir"))
 
 
+class ConnectionCheckTests(SynchronousTestCase):
+    """
+    The pool checks a connection it hands out only if it was idle.
+    """
+
+    def test_checkedOnlyWhenIdle(self) -> None:
+        """
+        A connection handed out again less than L{pgdatabase.IDLE_CHECK}
+        seconds after it came back costs no check (no extra round trip);
+        one idle for longer is checked first.
+        """
+        import psycopg
+
+        database = newDatabase(self, maxConnections=1)
+        with database.transaction() as conn:
+            conn.execute("SELECT 1")
+        checked: list = []
+        execute = psycopg.Connection.execute
+
+        def recording(conn, query, *args, **kwargs):
+            if query == "":
+                checked.append(conn)
+            return execute(conn, query, *args, **kwargs)
+
+        self.patch(psycopg.Connection, "execute", recording)
+        for _ in range(3):
+            with database.transaction() as conn:
+                conn.execute("SELECT 1")
+        self.assertEqual(checked, [])
+        self.patch(pgdatabase, "IDLE_CHECK", -1.0)
+        with database.transaction() as conn:
+            conn.execute("SELECT 1")
+        self.assertEqual(len(checked), 1)
+
+
 class UnreachableTests(SynchronousTestCase):
     """
     A database that cannot be reached fails every operation with
@@ -208,6 +244,25 @@ class LockTests(SynchronousTestCase):
         self.assertEqual(len(alive.messages), 1)
         self.failureResultOf(self.nodeA.openMaildrop(ALICE), MaildropLocked)
         alive.release()
+
+    def test_lostLockCommitChangesNothing(self) -> None:
+        """
+        A session whose lock was taken over fails its commit whatever it
+        asked for (deletions, seen marks only, or nothing): no entry is
+        deleted or marked, and the new holder keeps its lock.
+        """
+        for data in (b"one\r\n", b"two\r\n"):
+            delivery = self.nodeA.beginDelivery([ALICE])
+            delivery.write(data)
+            self.successResultOf(delivery.commit())
+        for deleted, seen in (([0], [1]), ([], [0, 1]), ([], [])):
+            dead = self.successResultOf(self.nodeA.openMaildrop(ALICE))
+            self.expire("node-a")
+            alive = self.successResultOf(self.nodeB.openMaildrop(ALICE))
+            self.failureResultOf(dead.commit(deleted, seen), TemporaryFailure)
+            self.assertEqual([m.seen for m in alive.messages], [False, False])
+            self.failureResultOf(self.nodeA.openMaildrop(ALICE), MaildropLocked)
+            self.successResultOf(alive.commit([]))
 
     def test_renewKeepsLock(self) -> None:
         """
@@ -534,6 +589,97 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsInstance(relay.queue, PostgresQueue)
         self.assertEqual([type(s) for s in top if isinstance(s, QueuePollService)], [QueuePollService])
 
+    def test_databaseDownAtStart(self) -> None:
+        """
+        A node whose database refuses connections starts without waiting
+        for its connection pool: neither building the service nor starting
+        the relay runs a pooled transaction on the calling thread (which
+        the reactor's will be); the schema check fails at once, is logged
+        as a warning, and the users directory answers with temporary
+        failures until a refresh reaches the database.
+        """
+        import threading
+
+        from twisted.logger import capturedLogs
+
+        from pop3gw.pgdatabase import Database
+        from pop3gw.relay import RelayService
+
+        socketDir = tempfile.mkdtemp(prefix="pop3gw-nopg-")
+        self.addCleanup(os.rmdir, socketDir)
+        called: list = []
+        transaction = Database.transaction
+
+        def recording(database):
+            called.append(threading.current_thread())
+            return transaction(database)
+
+        self.patch(Database, "transaction", recording)
+        with capturedLogs() as events:
+            top = self.build(f"postgresql:///nothing?host={socketDir}")
+            relay = next(s for s in top if isinstance(s, RelayService))
+            relay.startService()
+            self.addCleanup(relay.stopService)
+        self.addCleanup(relay.queue.database.close)
+        self.assertEqual(called, [])
+        self.assertEqual(relay.entries, {})
+        warnings = [e["log_format"] for e in events if e.get("error", "").startswith("database unavailable: ")]
+        self.assertEqual(warnings, ["cannot check the database schema: {error}"])
+        pop3 = next(s for s in top if getattr(s, "listenerName", None) == "pop3")
+        self.assertRaises(TemporaryFailure, pop3.factory.wrappedFactory.portal.realm.users.snapshot().exists, ALICE)
+
+    def test_workers(self) -> None:
+        """
+        C{--workers 2} with a database store: the supervisor runs the one
+        relay on the database queue, polled, with a connection pool of its
+        own sized by C{database-threads} (it checks no passwords); each
+        worker has its own pool (C{database-threads} plus C{hash-threads}
+        connections), runs no relay, and its queue leaves relaying to the
+        supervisor under a node name the supervisor takes over from.
+        """
+        import socket
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        from pop3gw.config import buildConfig
+        from pop3gw.pgqueue import PostgresQueue
+        from pop3gw.relay import RelayService
+        from pop3gw.service import QueuePollService, makeService, makeWorkerService
+        from pop3gw.supervisor import WorkerPool
+        from pop3gw.workerlink import InheritedListener, WorkerLink, WorkerSetup
+
+        database = newDatabase(self)
+        self.dataDir = os.path.abspath(self.mktemp())
+        ini = os.path.abspath(self.mktemp())
+        with open(ini, "w") as f:
+            f.write("[limits]\ndatabase-threads = 3\nhash-threads = 2\n")
+        config = buildConfig(
+            {"data-dir": self.dataDir, "hostname": "mail.example.org", "workers": "2", "store": database.uri}, ini
+        )
+        top = makeService(config, MemoryReactorClock())
+        [pool] = [s for s in top if isinstance(s, WorkerPool)]
+        self.assertEqual(pool.count, 2)
+        [relay] = [s for s in top if isinstance(s, RelayService)]
+        self.addCleanup(relay.queue.database.close)
+        self.assertIsInstance(relay.queue, PostgresQueue)
+        self.assertTrue(relay.queue.relays)
+        self.assertEqual(relay.queue.database._pool.max_size, 3)
+        self.assertEqual(len([s for s in top if isinstance(s, QueuePollService)]), 1)
+
+        fd = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(lambda: os.close(fd) if _isOpen(fd) else None)
+        setup = WorkerSetup(config, 1, (InheritedListener("pop3", "tcp:1110", fd, socket.AF_INET),))
+        worker = makeWorkerService(setup, MemoryReactorClock(), WorkerLink())
+        self.assertEqual([s for s in worker if isinstance(s, RelayService)], [])
+        self.assertEqual([s for s in worker if isinstance(s, QueuePollService)], [])
+        realm = next(s for s in worker if getattr(s, "listener", None) is not None).factory.wrappedFactory.portal.realm
+        self.addCleanup(realm.store.database.close)
+        self.assertIsNot(realm.store.database, relay.queue.database)
+        self.assertEqual(realm.store.database._pool.max_size, 5)
+        queue = realm.router._queue.queue
+        self.assertFalse(queue.relays)
+        self.assertTrue(queue.node.startswith(f"{socket.gethostname()}:{os.getppid()}:w:"), queue.node)
+
     def test_noSchema(self) -> None:
         """
         A database without the schema stops start-up with one line.
@@ -545,6 +691,14 @@ class ServiceTests(SynchronousTestCase):
             str(caught.exception),
             "pop3gw: the database has no pop3gw schema: run 'pop3gw --store URI init' first",
         )
+
+
+def _isOpen(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 class MigrateTests(SynchronousTestCase):
@@ -763,3 +917,194 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(os.listdir(copies), [delivery.queueId])
         node.releaseAll()
         self.assertFalse(os.path.exists(copies))
+
+
+class QueueLeaseLostTests(SynchronousTestCase):
+    """
+    A node whose lease on a queue entry ran out, and which another node
+    took: it neither attempts nor completes the entry, and forgets it
+    (L{pop3gw.interfaces.QueueEntryLost}).  Two L{PostgresQueue}s on one
+    database stand for two nodes; node A runs a relay on a fake clock.
+    """
+
+    def setUp(self) -> None:
+        from pop3gw.pgqueue import PostgresQueue
+        from pop3gw.relay.service import RelayService
+        from tests.queuehelpers import FakeResolver, ThreadClock
+        from tests.test_relay_service import FakeDeliverOnce
+
+        self.database = newDatabase(self)
+        self.clock = ThreadClock()
+        self.clock.advance(1_800_000_000)
+        self.nodeA = PostgresQueue(self.database, self.clock, node="node-a")
+        self.nodeB = PostgresQueue(self.database, self.clock, node="node-b")
+        for node in (self.nodeA, self.nodeB):
+            self.addCleanup(node.releaseAll)
+        self.deliver = FakeDeliverOnce()
+        self.relay = RelayService(
+            self.nodeA,
+            self.clock,
+            "mx.example.org",
+            lambda sender, data: defer.succeed(None),
+            resolver=FakeResolver(mx={"example.net": [(10, "mx.example.net")]}),
+            endpointFactory=lambda host, port: (host, port),
+            deliverOnce=self.deliver,
+            schedule=(60, 600),
+        )
+        self.nodeA.addLossListener(self.relay.dropEntry)
+        self.relay.startService()
+        self.addCleanup(self.relay.stopService)
+
+    def queue(self):
+        """
+        Queue a message through node A.
+
+        @return: its entry, as A's relay holds it.
+        """
+        delivery = self.nodeA.beginDelivery(ALICE, [Address("carol", "example.net")], b"Received: x\r\n")
+        delivery.write(b"Subject: out\n\nbody")
+        self.successResultOf(delivery.commit())
+        return self.relay.entries[delivery.queueId]
+
+    def takeOver(self) -> list:
+        """
+        Node A's lease runs out (it could not renew it) and node B claims
+        the entry.
+        """
+        with self.database.transaction() as conn:
+            conn.execute("UPDATE pop3gw_queue SET lease_expires = now() - interval '1 second'")
+        claimed = self.nodeB.poll()
+        self.assertEqual(len(claimed), 1)
+        return claimed
+
+    def failFirstAttempt(self) -> None:
+        from pop3gw.relay.client import SessionResult
+
+        self.clock.advance(0)
+        [call] = self.deliver.calls
+        call.result.callback(SessionResult.broken("connection refused"))
+
+    def holder(self, queueId: str) -> str:
+        with self.database.transaction() as conn:
+            return str(conn.execute("SELECT node FROM pop3gw_queue WHERE id = %s", (queueId,)).fetchone()[0])
+
+    def test_loadEntriesReadsNothing(self) -> None:
+        """
+        The relay starts without waiting for the database:
+        L{PostgresQueue.loadEntries} claims nothing; the entries no node
+        holds are claimed by the first poll (which the server runs in a
+        database thread).
+        """
+        self.queue()
+        self.nodeA.releaseAll()
+        self.assertEqual(self.nodeB.loadEntries(), [])
+        self.assertEqual(len(self.nodeB.poll()), 1)
+
+    def test_dueAttemptNotMade(self) -> None:
+        """
+        When the next attempt of an entry node A lost comes due, its save
+        of the attempt is refused: no attempt is made, the entry is
+        forgotten (not rescheduled), B's row is untouched, and A's copy of
+        the message is removed.
+        """
+        entry = self.queue()
+        self.failFirstAttempt()
+        claimed = self.takeOver()
+        copy = os.path.join(self.nodeA._copies, entry.queueId)
+        self.assertTrue(os.path.exists(copy))
+        self.clock.advance(60)
+        self.assertEqual(len(self.deliver.calls), 1)
+        self.assertEqual(self.relay.entries, {})
+        self.assertNotIn(entry.queueId, self.relay._timers)
+        self.assertFalse(os.path.exists(copy))
+        self.assertEqual(self.holder(entry.queueId), "node-b")
+        self.successResultOf(self.nodeB.saveEntry(claimed[0]))
+
+    def test_pollDropsLostEntry(self) -> None:
+        """
+        Node A's next poll finds the entry taken and tells its relay,
+        which forgets it before its next attempt is due: nothing is
+        scheduled for it any more.
+        """
+        entry = self.queue()
+        self.failFirstAttempt()
+        self.takeOver()
+        self.assertIn(entry.queueId, self.relay._timers)
+        self.nodeA.announceClaimed(self.nodeA.poll())
+        self.assertEqual(self.relay.entries, {})
+        self.assertNotIn(entry.queueId, self.relay._timers)
+        self.clock.advance(600)
+        self.assertEqual(len(self.deliver.calls), 1)
+        self.assertEqual(self.holder(entry.queueId), "node-b")
+
+    def test_completionRefused(self) -> None:
+        """
+        An attempt that ends after the entry was taken cannot complete it:
+        removing the entry fails with L{QueueEntryLost}, and B's entry and
+        message stay.
+        """
+        from pop3gw.interfaces import QueueEntryLost
+
+        entry = self.queue()
+        self.takeOver()
+        self.failureResultOf(self.nodeA.removeEntry(entry), QueueEntryLost)
+        self.assertEqual(self.holder(entry.queueId), "node-b")
+        with self.database.transaction() as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM pop3gw_messages").fetchone()[0], 1)
+
+
+class WorkerQueueTests(SynchronousTestCase):
+    """
+    The database queue of C{--workers N}: a worker queues without
+    relaying, and its supervisor takes each entry over at once.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from pop3gw.pgqueue import PostgresQueue, workerNode
+
+        self.database = newDatabase(self)
+        clock = Clock()
+        self.worker = PostgresQueue(self.database, clock, node=workerNode(os.getpid()), relays=False)
+        self.supervisor = PostgresQueue(self.database, clock, node="supervisor")
+        self.other = PostgresQueue(self.database, clock, node="other-node")
+        for node in (self.worker, self.supervisor, self.other):
+            self.addCleanup(node.releaseAll)
+
+    def queue(self, node) -> str:
+        delivery = node.beginDelivery(ALICE, [Address("carol", "example.net")])
+        delivery.write(b"Subject: out\n\nbody")
+        self.successResultOf(delivery.commit())
+        return delivery.queueId
+
+    def holder(self, queueId: str) -> str:
+        with self.database.transaction() as conn:
+            return str(conn.execute("SELECT node FROM pop3gw_queue WHERE id = %s", (queueId,)).fetchone()[0])
+
+    def test_supervisorAdopts(self) -> None:
+        """
+        A worker's entry is stored leased to the worker (no other node
+        claims it), with no local copy; its supervisor's L{adopt} takes it
+        over with its message, and relays it from then on.
+        """
+        queueId = self.queue(self.worker)
+        self.assertIsNone(self.worker._copies)
+        self.assertEqual(self.other.poll(), [])
+        entry = self.supervisor.adopt(queueId)
+        assert entry is not None
+        self.assertEqual(entry.queueId, queueId)
+        self.assertEqual(self.holder(queueId), "supervisor")
+        with self.supervisor.openMessage(entry) as f:
+            self.assertEqual(f.read(), b"Subject: out\r\n\r\nbody\r\n")
+        self.successResultOf(self.supervisor.saveEntry(entry))
+
+    def test_notFromOtherNodes(self) -> None:
+        """
+        L{adopt} takes nothing another node holds (one that claimed a
+        worker's entry after its lease ran out, or queued it itself).
+        """
+        queueId = self.queue(self.other)
+        self.assertIsNone(self.supervisor.adopt(queueId))
+        self.assertEqual(self.holder(queueId), "other-node")
+        self.assertIsNone(self.supervisor.adopt("no-such-entry"))

@@ -738,17 +738,6 @@ class WorkersWiringTests(SynchronousTestCase):
         self.assertEqual(len([s for s in top if isinstance(s, RelayService)]), 1)
         self.assertEqual([s.pool.name for s in top if isinstance(s, ThreadPoolService)], ["pop3gw-io"])
 
-    def test_workersNotWithDatabase(self) -> None:
-        """
-        C{--workers} with a database store is refused at start with one
-        line (not yet supported).
-        """
-        with self.assertRaises(SystemExit) as e:
-            makeService(options("--data-dir", self.dataDir, "--workers", "2", "--store", "postgresql://db/pop3gw"),
-                        self.reactor)
-        self.assertEqual(str(e.exception), "pop3gw: --workers with --store postgresql is not available yet: "
-                                           "run one process per node")
-
     def test_metricsServedBySupervisor(self) -> None:
         """
         With workers, C{--metrics} is served by the supervisor (it is not

@@ -54,7 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3gw.bounces import Bouncer
-from pop3gw.interfaces import IQueueStore
+from pop3gw.interfaces import IQueueStore, QueueEntryLost
 from pop3gw.queue import DELIVERED, FAILED, Entry
 from pop3gw.relay.client import deliverOnce
 from pop3gw.relay.dispatch import SMTP_PORT, Dispatcher
@@ -301,6 +301,19 @@ class RelayService(Service):
         self._timers.pop(queueId, None)
         self.runEntry(queueId)
 
+    def dropEntry(self, queueId: str) -> None:
+        """
+        Forget entry C{queueId}, which another node relays now (a shared
+        queue's lease was lost): its next attempt is not made.  An attempt
+        in progress is left to fail its next save.
+        """
+        if queueId in self._waiters:
+            return
+        timer = self._timers.pop(queueId, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.entries.pop(queueId, None)
+
     def flushAll(self) -> int:
         """
         Make every entry due now and start attempts for them (entries with
@@ -366,6 +379,13 @@ class RelayService(Service):
             if f.check(defer.CancelledError):
                 # Stopped before its turn came.
                 self._queued.pop(queueId, None)
+                return
+            if f.check(QueueEntryLost):
+                # Another node relays it now (a shared queue): forgotten
+                # here, not rescheduled.
+                self.log.warn("relay: {queueId} is relayed by another node now", queueId=queueId)
+                if self.entries.get(queueId) is entry:
+                    del self.entries[queueId]
                 return
             self.log.failure("relay: processing {queueId} failed", f, queueId=queueId)
 
