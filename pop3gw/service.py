@@ -72,7 +72,7 @@ from pop3gw.smtpdata import formatDate
 from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
 from pop3gw.socketmap import SocketmapFactory
-from pop3gw.supervisor import WorkerPool, WorkerProcess
+from pop3gw.supervisor import WorkerPool, WorkerProcess, textLogWriter
 from pop3gw.tls import CertificateManager, TLSConfigError
 from pop3gw.tlsclient import clientContextFactory, opportunisticClientContextFactory
 from pop3gw.users import UsersFile
@@ -1136,7 +1136,7 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
 
     def setup(number: int) -> bytes:
         listeners = tuple(b.inherited(FIRST_LISTENER_FD + i) for i, b in enumerate(bound))
-        return encodeSetup(WorkerSetup(config, number, listeners))
+        return encodeSetup(WorkerSetup(config, number, listeners, logText=pool.logWrite is not None))
 
     def spawn(worker: WorkerProcess) -> None:
         childFDs: dict[int, Union[int, str]] = {0: "w", 1: "r", 2: "r", CONTROL_FD: "r"}
@@ -1144,7 +1144,9 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
             childFDs[FIRST_LISTENER_FD + i] = b.port.fileno()
         reactor.spawnProcess(worker, sys.executable, workerCommand(), env=dict(os.environ), childFDs=childFDs)
 
-    pool = WorkerPool(config.workers, spawn, setup, reactor, onQueued=onQueued, onWorkerEnded=rescanQueue)
+    pool = WorkerPool(
+        config.workers, spawn, setup, reactor, onQueued=onQueued, onWorkerEnded=rescanQueue, findLogWrite=textLogWriter
+    )
     pool.setServiceParent(top)
 
     def reload() -> defer.Deferred:

@@ -5,7 +5,7 @@ listener, holds the data directory's lock and runs the outbound queue;
 N worker processes (L{pop3gw.worker}) serve the listeners' connections.
 L{WorkerPool} starts them, restarts one that exits (after a delay that
 grows while it keeps exiting soon after starting), forwards signals to
-them, logs their log events as its own, keeps the per-address connection
+them, writes their log lines to its log, keeps the per-address connection
 counts of all of them (L{pop3gw.limits.PeerTokens}) and hands queued
 messages to the relay.  The channel is described in L{pop3gw.workerlink}.
 """
@@ -18,11 +18,17 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import InvalidLogLevelError, Logger, globalLogPublisher
+from twisted.logger import (
+    FileLogObserver,
+    InvalidLogLevelError,
+    Logger,
+    LogLevel,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 
 from pop3gw.limits import PeerTokens
-from pop3gw.workerlink import CONTROL_FD, decodeLogLine
+from pop3gw.workerlink import CONTROL_FD, decodeLogLine, formatLogText
 
 log = Logger(namespace="pop3gw.supervisor")
 
@@ -65,6 +71,9 @@ class WorkerProcess(ProcessProtocol):
         self.transport.write(self.setup)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 1 and self.pool.logWrite is not None:
+            self._logText(data)
+            return
         buffer = self._buffers.get(childFD, b"") + data
         *lines, rest = buffer.split(b"\n")
         if len(rest) > MAX_LINE:
@@ -73,10 +82,28 @@ class WorkerProcess(ProcessProtocol):
         for line in lines:
             self.pool.workerLine(self, childFD, line)
 
+    def _logText(self, data: bytes) -> None:
+        """
+        Write the whole lines of the worker's log text to the log as they
+        are, keeping the last line's start until its end comes.
+        """
+        rest = self._buffers.pop(1, b"")
+        if rest:
+            data = rest + data
+        end = data.rfind(b"\n") + 1
+        if end:
+            self.pool.logWrite(data[:end])  # type: ignore[misc]
+        if end < len(data) and len(data) - end <= MAX_LINE:
+            self._buffers[1] = data[end:]
+
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
         for childFD, rest in sorted(self._buffers.items()):
-            if rest:
+            if not rest:
+                continue
+            if childFD == 1 and self.pool.logWrite is not None:
+                self.pool.logWrite(rest + b"\n")
+            else:
                 self.pool.workerLine(self, childFD, rest)
         self._buffers.clear()
         self.pool.workerEnded(self, reason)
@@ -117,6 +144,43 @@ def describeExit(reason: Failure) -> str:
     return str(value)
 
 
+#: An event formatted both by the supervisor's text log observer and by
+#: L{formatLogText}: the workers may write their lines themselves only if
+#: the two agree.
+_PROBE = {
+    "log_time": 1700000000.25,
+    "log_format": "probe {x}",
+    "x": "{}",
+    "log_namespace": "pop3gw.supervisor",
+    "log_level": LogLevel.info,
+}
+
+
+def textLogWriter(publisher=globalLogPublisher) -> Optional[Callable[[bytes], None]]:
+    """
+    Where the workers' log lines can be written as they are: the file of
+    the one text log observer of C{publisher} (C{twistd}'s, for
+    C{--logfile FILE} or C{--logfile -}), if it formats events as
+    L{formatLogText} does.
+
+    @return: a function writing whole lines (UTF-8) to that file, or
+        C{None} if there is no such observer (C{--syslog}, C{--logger}).
+    """
+    observers = [o for o in getattr(publisher, "_observers", ()) if isinstance(o, FileLogObserver)]
+    if len(observers) != 1:
+        return None
+    [observer] = observers
+    out = getattr(observer, "_outFile", None)
+    if out is None or observer.formatEvent(dict(_PROBE)) != (formatLogText(dict(_PROBE)) or b"").decode("utf-8"):
+        return None
+
+    def write(data: bytes) -> None:
+        out.write(data.decode("utf-8", "replace"))
+        out.flush()
+
+    return write
+
+
 class WorkerPool(Service):
     """
     Keeps C{count} workers running.
@@ -132,6 +196,14 @@ class WorkerPool(Service):
         forgotten its connections (the server rescans the queue then: a
         worker that died may have queued a message without reporting it).
     @param publisher: where the workers' log events go.
+    @param logWrite: if not C{None}, the workers write their log events
+        as the lines of the log (L{formatLogText}), and their whole lines
+        are passed to C{logWrite} as they are (see L{textLogWriter});
+        otherwise each line is an event (L{decodeLogLine}) published to
+        C{publisher}.
+    @param findLogWrite: if given, called when the pool starts (once the
+        log has begun) for its C{logWrite} (the server passes
+        L{textLogWriter}).
     """
 
     stopStage = 0  # stops with the listeners (see pop3gw.service)
@@ -145,7 +217,11 @@ class WorkerPool(Service):
         onQueued: Callable[[str], object] = lambda queueId: None,
         onWorkerEnded: Callable[[], object] = lambda: None,
         publisher: Callable[[dict], None] = globalLogPublisher,
+        logWrite: Optional[Callable[[bytes], None]] = None,
+        findLogWrite: Optional[Callable[[], Optional[Callable[[bytes], None]]]] = None,
     ) -> None:
+        self.logWrite = logWrite
+        self.findLogWrite = findLogWrite
         self.count = count
         self.spawn = spawn
         self.setup = setup
@@ -165,6 +241,8 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        if self.findLogWrite is not None:
+            self.logWrite = self.findLogWrite()
         for number in range(1, self.count + 1):
             self._start(number)
 

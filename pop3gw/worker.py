@@ -18,10 +18,21 @@ from typing import Callable
 from twisted.internet import stdio
 from twisted.logger import globalLogBeginner
 
-from pop3gw.workerlink import CONTROL_FD, LogLineWriter, WorkerLink, decodeSetup, log
+from pop3gw.workerlink import (
+    CONTROL_FD,
+    LogLineWriter,
+    WorkerLink,
+    decodeSetup,
+    encodeLogEvent,
+    log,
+    logTextEncoder,
+)
 
 #: The longest setup line read from stdin.
 MAX_SETUP = 16 * 1024 * 1024
+#: Seconds a log line waits for others before they are written together:
+#: each write wakes the supervisor, which writes them to the log.
+LOG_FLUSH_DELAY = 0.05
 
 
 def _readSetupLine() -> bytes:
@@ -57,7 +68,10 @@ def main() -> None:
         while view:
             view = view[out.write(view) or 0 :]
 
-    writer = LogLineWriter(writeAll)
+    if setup.logText:
+        writer = LogLineWriter(writeAll, encode=logTextEncoder(f" (worker {setup.number})"))
+    else:
+        writer = LogLineWriter(writeAll, encode=encodeLogEvent)
     globalLogBeginner.beginLoggingTo([writer], redirectStandardIO=False)
 
     from twisted.internet import reactor
@@ -66,9 +80,9 @@ def main() -> None:
 
     def soon(f: Callable[[], None]) -> None:
         if threading.get_ident() == reactorThread:
-            reactor.callLater(0, f)
+            reactor.callLater(LOG_FLUSH_DELAY, f)
         else:
-            reactor.callFromThread(f)  # type: ignore[attr-defined]
+            reactor.callFromThread(reactor.callLater, LOG_FLUSH_DELAY, f)  # type: ignore[attr-defined]
 
     from pop3gw.service import makeWorkerService
 

@@ -9,9 +9,14 @@ The supervisor starts each worker with these descriptors:
     pickle: the configuration and which listening sockets the worker
     got), then the supervisor's answers (C{grant ID 1|0}).  Its end of
     file means the supervisor is gone: the worker stops.
-  - 1, stdout: the worker's log events, one JSON object a line with the
-    event's text already formatted (L{encodeLogEvent}); the supervisor
-    logs them (L{decodeLogLine}).
+  - 1, stdout: the worker's log events, one line each.  When the
+    supervisor logs to a text file or stream (C{twistd}'s own text log
+    observer: C{--logfile FILE}, C{--logfile -}), each is the very line
+    that log holds (L{formatLogText}), which the supervisor writes out as
+    it is, whole lines only (L{WorkerSetup.logText}); otherwise (C{--syslog},
+    C{--logger}) a JSON object with the event's text already formatted
+    (L{encodeLogEvent}), which the supervisor logs as its own event
+    (L{decodeLogLine}).
   - 2, stderr: text (a crash's traceback), logged by the supervisor.
   - 3: the worker's requests and notices, one line each:
     C{claim ID KEY LIMIT} (one more connection from client network KEY,
@@ -32,7 +37,7 @@ from typing import Callable, Optional
 import attr
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
-from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText
+from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText, formatTime
 from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
@@ -71,11 +76,16 @@ class WorkerSetup:
     """
     What a worker is told at start: the configuration (a
     L{pop3gw.config.Config}), its number (1 to N) and its listeners.
+
+    @ivar logText: whether the worker writes its log events as the lines
+        of the supervisor's text log (L{formatLogText}); if not, as
+        L{encodeLogEvent} records.
     """
 
     config: object
     number: int
     listeners: tuple
+    logText: bool = False
 
 
 def encodeSetup(setup: WorkerSetup) -> bytes:
@@ -114,6 +124,54 @@ def encodeLogEvent(event: dict) -> bytes:
     return json.dumps(record).encode("utf-8") + b"\n"
 
 
+class _TimeStamps:
+    """
+    The time stamps of C{twistd}'s text log (C{formatTime}, to the second),
+    each made once per second: formatting a time zone aware time costs more
+    than the rest of a log line.  Safe from any thread (the last stamp is
+    kept as one tuple).
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple = (None, "-")
+
+    def __call__(self, when: Optional[float]) -> str:
+        if when is None:
+            return formatTime(when)
+        second = int(when // 1)
+        last = self._last
+        if last[0] != second:
+            last = self._last = (second, formatTime(second))
+        return last[1]
+
+
+def formatLogText(event: dict, suffix: str = "", stamps: Optional[_TimeStamps] = None) -> Optional[bytes]:
+    """
+    One log event of a worker as the line C{twistd}'s text log observer
+    (C{textFileLogObserver}, RFC 3339 time stamps) would write for it, with
+    C{suffix} at the end of its text: C{time [namespace#level] text suffix},
+    a traceback's lines continued with a tab.
+
+    @param stamps: where the time stamps come from (one per writer, made
+        once per second); by default each is made anew.
+    @return: the line (UTF-8, ending in a newline), or C{None} if the
+        event has no text.
+    """
+    text = eventAsText(event, formatTime=stamps if stamps is not None else formatTime)
+    if not text:
+        return None
+    return ((text + suffix).replace("\n", "\n\t") + "\n").encode("utf-8")
+
+
+def logTextEncoder(suffix: str) -> Callable[[dict], Optional[bytes]]:
+    """
+    @return: the C{encode} of a L{LogLineWriter} writing L{formatLogText}
+        lines ending in C{suffix}.
+    """
+    stamps = _TimeStamps()
+    return lambda event: formatLogText(event, suffix, stamps)
+
+
 def decodeLogLine(line: bytes, suffix: str = "") -> dict:
     """
     The log event a line of L{encodeLogEvent} stands for, with C{suffix}
@@ -140,8 +198,8 @@ def decodeLogLine(line: bytes, suffix: str = "") -> dict:
 @implementer(ILogObserver)
 class LogLineWriter:
     """
-    A worker's log observer: each event as a line of L{encodeLogEvent},
-    written by C{write}.  With a C{schedule}, the lines of one reactor turn
+    A worker's log observer: each event as a line (C{encode(event)}, by
+    default L{encodeLogEvent}), written by C{write}.  With a C{schedule}, the lines of one reactor turn
     are gathered and written at once (one write, and one read by the
     supervisor, for many lines); without, each is written at once.
 
@@ -150,14 +208,22 @@ class LogLineWriter:
         running.
     """
 
-    def __init__(self, write: Callable[[bytes], object], schedule: Optional[Callable[[Callable[[], None]], object]] = None) -> None:
+    def __init__(
+        self,
+        write: Callable[[bytes], object],
+        schedule: Optional[Callable[[Callable[[], None]], object]] = None,
+        encode: Callable[[dict], Optional[bytes]] = encodeLogEvent,
+    ) -> None:
         self._write = write
+        self._encode = encode
         self.schedule = schedule
         self._pending: list[bytes] = []
         self._lock = threading.Lock()
 
     def __call__(self, event: dict) -> None:
-        line = encodeLogEvent(event)
+        line = self._encode(event)
+        if not line:
+            return
         with self._lock:
             self._pending.append(line)
             first = len(self._pending) == 1

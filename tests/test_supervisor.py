@@ -6,14 +6,29 @@ process spawner and a L{task.Clock}.
 
 from __future__ import annotations
 
+import io
+
 from twisted.internet import task
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.logger import Logger, formatEvent, formatEventAsClassicLogText, globalLogPublisher
+from twisted.logger import (
+    Logger,
+    LogPublisher,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+    textFileLogObserver,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.supervisor import MAX_RESTART_DELAY, STOP_TIMEOUT, WorkerPool, WorkerProcess
-from pop3gw.workerlink import encodeLogEvent
+from pop3gw.supervisor import (
+    MAX_RESTART_DELAY,
+    STOP_TIMEOUT,
+    WorkerPool,
+    WorkerProcess,
+    textLogWriter,
+)
+from pop3gw.workerlink import encodeLogEvent, formatLogText
 
 
 class FakeProcessTransport:
@@ -235,3 +250,72 @@ class WorkerPoolTests(SynchronousTestCase):
         self.spawned[0].childDataReceived(2, b"MemoryError")
         self.spawned[0].processEnded(crashed())
         self.assertIn("worker 1 (pid 101): MemoryError", self.logged)
+
+
+class TextLogTests(SynchronousTestCase):
+    """
+    Workers' log lines written as they are to the supervisor's text log.
+    """
+
+    def setUp(self) -> None:
+        self.written: list[bytes] = []
+        self.events: list[dict] = []
+        self.spawned: list[WorkerProcess] = []
+        self.pool = WorkerPool(
+            1,
+            self.spawn,
+            lambda number: b"setup\n",
+            task.Clock(),
+            publisher=self.events.append,
+            logWrite=self.written.append,
+        )
+
+    def spawn(self, worker: WorkerProcess) -> None:
+        worker.makeConnection(FakeProcessTransport(101))
+        self.spawned.append(worker)
+
+    def test_wholeLinesAsTheyAre(self) -> None:
+        """
+        What a worker writes to its stdout reaches the log as it is, whole
+        lines only, all the whole lines of one read in one write; nothing
+        is published as an event.  A last line without its end is written
+        with one when the worker ends.
+        """
+        self.pool.startService()
+        worker = self.spawned[0]
+        worker.childDataReceived(1, b"2026-12-02T02:00:00+0000 [x#info] one (worker 1)\n2026-12-02T02:00:00+0000 [x#in")
+        worker.childDataReceived(1, b"fo] two (worker 1)\nthree (wor")
+        worker.childDataReceived(1, b"ker 1)\nfour\n")
+        worker.childDataReceived(1, b"five")
+        self.assertEqual(
+            self.written,
+            [
+                b"2026-12-02T02:00:00+0000 [x#info] one (worker 1)\n",
+                b"2026-12-02T02:00:00+0000 [x#info] two (worker 1)\n",
+                b"three (worker 1)\nfour\n",
+            ],
+        )
+        worker.processEnded(crashed())
+        self.assertEqual(self.written[3:], [b"five\n"])
+        self.assertEqual([e for e in self.events if e.get("log_namespace") != "pop3gw.supervisor"], [])
+
+    def test_findsTwistdTextLog(self) -> None:
+        """
+        L{textLogWriter} finds the one text log observer of a publisher
+        that formats events as the workers do, and writes to its file;
+        with none, two, or one of another time format, there is none to
+        write to (the workers' events are then published one by one).
+        """
+        out = io.StringIO()
+        publisher = LogPublisher(self.events.append, textFileLogObserver(out))
+        write = textLogWriter(publisher)
+        assert write is not None
+        events: list = []
+        Logger(namespace="pop3gw.x", observer=events.append).info("hello")
+        line = formatLogText(events[0], " (worker 1)")
+        assert line is not None
+        write(line)
+        self.assertEqual(out.getvalue(), formatEventAsClassicLogText(events[0]).replace("\n", " (worker 1)\n"))
+        self.assertIsNone(textLogWriter(LogPublisher(self.events.append)))
+        self.assertIsNone(textLogWriter(LogPublisher(textFileLogObserver(io.StringIO()), textFileLogObserver(io.StringIO()))))
+        self.assertIsNone(textLogWriter(LogPublisher(textFileLogObserver(io.StringIO(), timeFormat="%H:%M"))))

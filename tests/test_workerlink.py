@@ -29,6 +29,8 @@ from pop3gw.workerlink import (
     decodeSetup,
     encodeLogEvent,
     encodeSetup,
+    formatLogText,
+    logTextEncoder,
 )
 
 
@@ -162,6 +164,51 @@ class LogLineTests(SynchronousTestCase):
             self.assertRaises(ValueError, decodeLogLine, line)
 
 
+class LogTextTests(SynchronousTestCase):
+    """
+    L{formatLogText}: a worker's log event as the line the supervisor's
+    text log would hold.
+    """
+
+    def test_asTwistdWritesIt(self) -> None:
+        """
+        The line is the one C{twistd}'s text log observer writes for the
+        same event, with the suffix at the end of the text; braces in
+        field values stay literal, and events in one second and the next
+        get their own time stamps.
+        """
+        events: list = []
+        log = Logger(namespace="pop3gw.smtp.SubmissionServer", observer=events.append)
+        log.info("login: user={user}", user='"a{0}b"')
+        log.warn("authentication failed: user={user}", user="x")
+        events[1]["log_time"] = events[0]["log_time"] + 1.0
+        encode = logTextEncoder(" (worker 2)")
+        for event in events + events:
+            self.assertEqual(
+                encode(event),
+                formatEventAsClassicLogText(event).replace("\n", " (worker 2)\n").encode("utf-8"),
+            )
+        self.assertNotEqual(formatLogText(events[0])[:24], formatLogText(events[1])[:24])
+
+    def test_failureOneLine(self) -> None:
+        """
+        A failure's traceback is part of the one line, its lines continued
+        with a tab as C{twistd} writes them, and the suffix comes last.
+        """
+        events: list = []
+        Logger(namespace="pop3gw.x", observer=events.append).failure("it broke", Failure(ZeroDivisionError("no")))
+        line = formatLogText(events[0], " (worker 1)")
+        self.assertEqual(line, (formatEventAsClassicLogText(events[0])[:-1] + " (worker 1)\n").encode("utf-8"))
+        self.assertIn(b"[pop3gw.x#critical] it broke\n\tTraceback (most recent call last):", line)
+        self.assertTrue(line.endswith(b"ZeroDivisionError: no\n\t (worker 1)\n"), line)
+
+    def test_nothingToSay(self) -> None:
+        """
+        An event without text gives no line.
+        """
+        self.assertIsNone(formatLogText({"log_time": 1.0}))
+
+
 class LogLineWriterTests(SynchronousTestCase):
     """
     L{LogLineWriter}: a worker's log observer.
@@ -202,6 +249,19 @@ class LogLineWriterTests(SynchronousTestCase):
         writer(self.event("two"))
         self.assertEqual([decodeLogLine(line)["log_format"] for line in b"".join(written).splitlines()], ["one", "two"])
         self.assertEqual(len(written), 1)
+
+    def test_encodedAsGiven(self) -> None:
+        """
+        The writer encodes each event with the function it is given (the
+        text lines of L{formatLogText}); an event that gives no line adds
+        nothing.
+        """
+        written: list = []
+        writer = LogLineWriter(written.append, encode=logTextEncoder(" (worker 1)"))
+        writer(self.event("one"))
+        writer({"log_time": 1.0})
+        self.assertEqual(len(written), 1)
+        self.assertTrue(written[0].endswith(b"[pop3gw.x#info] one (worker 1)\n"), written)
 
 
 class WorkerSignalTests(SynchronousTestCase):
