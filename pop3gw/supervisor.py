@@ -40,7 +40,7 @@ MAX_RESTART_DELAY = 60.0
 #: A worker that ran at least this long is restarted at once when it
 #: exits, and its count of quick exits starts again.
 STABLE_AFTER = 30.0
-#: Seconds workers have to stop after SIGTERM before they are killed.
+#: Seconds workers have to stop once told to before they are killed.
 STOP_TIMEOUT = 30.0
 #: Longest line kept from a worker's output; the rest of it is dropped.
 MAX_LINE = 256 * 1024
@@ -63,6 +63,7 @@ class WorkerProcess(ProcessProtocol):
         self.started = started
         self.pid: Optional[int] = None
         self.ended = False
+        self.stopAsked = False
         self._buffers: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
@@ -107,6 +108,14 @@ class WorkerProcess(ProcessProtocol):
                 self.pool.workerLine(self, childFD, rest)
         self._buffers.clear()
         self.pool.workerEnded(self, reason)
+
+    def stop(self) -> None:
+        """
+        Tell the worker to stop (a C{stop} line on its stdin): it stops as a
+        single server does on SIGTERM, and is not replaced.
+        """
+        self.stopAsked = True
+        self.answer(b"stop\n")
 
     def answer(self, line: bytes) -> None:
         """
@@ -266,10 +275,17 @@ class WorkerPool(Service):
         """
         self.tokens.dropOwner(worker)
         if self.workers.get(worker.number) is worker:
-            if self._stopping:
+            if self._stopping or worker.stopAsked:
                 del self.workers[worker.number]
             else:
-                self._scheduleRestart(worker, describeExit(reason))
+                # Exit status 0 without a stop from here: a SIGTERM from
+                # someone else.  It is replaced (an operator who stops a
+                # worker by hand expects it back), after RESTART_DELAY:
+                # systemd's default KillMode signals every process of the
+                # unit, and the supervisor's own SIGTERM, which cancels
+                # the restart, may be handled after the worker's.
+                clean = isinstance(reason.value, ProcessDone)
+                self._scheduleRestart(worker, describeExit(reason), RESTART_DELAY if clean else 0.0)
         try:
             self.onWorkerEnded()
         except Exception:
@@ -278,12 +294,13 @@ class WorkerPool(Service):
             d, self._stopped = self._stopped, None
             d.callback(None)
 
-    def _scheduleRestart(self, worker: WorkerProcess, how: str = "did not start") -> None:
+    def _scheduleRestart(self, worker: WorkerProcess, how: str = "did not start", least: float = 0.0) -> None:
         number = worker.number
         if self.clock.seconds() - worker.started >= STABLE_AFTER:
             self._quickExits[number] = 0
         quick = self._quickExits.get(number, 0)
         delay = 0.0 if quick == 0 else min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (quick - 1))
+        delay = max(delay, least)
         self._quickExits[number] = quick + 1
         log.warn(
             "worker {number} (pid {pid}) ended ({how}); restarting it in {delay:g} s",
@@ -306,8 +323,8 @@ class WorkerPool(Service):
 
     def stopService(self) -> defer.Deferred:
         """
-        Stop every worker with SIGTERM (they finish what is in progress, as
-        a single server does), and kill those still running after
+        Tell every worker to stop (they finish what is in progress, as a
+        single server does on SIGTERM), and kill those still running after
         L{STOP_TIMEOUT} seconds.
 
         @return: a Deferred firing once every worker has ended.
@@ -321,7 +338,8 @@ class WorkerPool(Service):
         if not self._alive():
             return defer.succeed(None)
         self._stopped = defer.Deferred()
-        self.signalAll("TERM")
+        for worker in self._alive():
+            worker.stop()
         killer = self.clock.callLater(STOP_TIMEOUT, self._kill)
 
         def done(result: object) -> object:

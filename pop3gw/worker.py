@@ -35,18 +35,21 @@ MAX_SETUP = 16 * 1024 * 1024
 LOG_FLUSH_DELAY = 0.05
 
 
-def _readSetupLine() -> bytes:
+def readSetupLine(fd: int = 0) -> tuple[bytes, bytes]:
     """
-    Read the first line of stdin (the supervisor writes nothing more until
-    the worker asks).
+    Read the first line of stdin, the setup.
+
+    @return: the line, and what was read after it (the supervisor may
+        already have written more: C{stop}).
     """
     data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(0, 65536)
+    while b"\n" not in data:
+        chunk = os.read(fd, 65536)
         if not chunk or len(data) > MAX_SETUP:
             raise SystemExit("pop3gw worker: no setup from the supervisor")
         data += chunk
-    return data
+    line, rest = data.split(b"\n", 1)
+    return line + b"\n", rest
 
 
 def ignoreReloadUntilReady() -> None:
@@ -60,7 +63,8 @@ def ignoreReloadUntilReady() -> None:
 
 def main() -> None:
     ignoreReloadUntilReady()
-    setup = decodeSetup(_readSetupLine())
+    setupLine, afterSetup = readSetupLine()
+    setup = decodeSetup(setupLine)
     out = io.FileIO(1, "w", closefd=False)
 
     def writeAll(data: bytes) -> None:
@@ -89,8 +93,13 @@ def main() -> None:
     def supervisorGone() -> None:
         stopOnce()
 
-    link = WorkerLink(onLost=supervisorGone)
+    def toldToStop() -> None:
+        reactor.callWhenRunning(stopOnce)
+
+    link = WorkerLink(onLost=supervisorGone, onStop=toldToStop)
     stdio.StandardIO(link, stdin=0, stdout=CONTROL_FD, reactor=reactor)  # type: ignore[call-arg]
+    if afterSetup:
+        link.dataReceived(afterSetup)
     top = makeWorkerService(setup, reactor, link)
     top.privilegedStartService()
     top.startService()
@@ -107,10 +116,10 @@ def main() -> None:
         reactor.callFromThread(stopOnce)  # type: ignore[attr-defined]
 
     def handleSignals() -> None:
-        # Ctrl-C in a terminal reaches every process of the group, and
-        # systemd may send SIGTERM to every process of the unit as well as
-        # the supervisor's: the supervisor stops the workers itself, and a
-        # second SIGTERM changes nothing.
+        # Ctrl-C in a terminal reaches every process of the group: the
+        # supervisor stops the workers itself (a stop line on stdin).
+        # SIGTERM stops this worker (the supervisor replaces it unless it
+        # is stopping too).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, onTerm)
 

@@ -8,7 +8,8 @@ The supervisor starts each worker with these descriptors:
   - 0, the worker's stdin: first one line, the L{WorkerSetup} (a base64
     pickle: the configuration and which listening sockets the worker
     got), then the supervisor's answers (C{grant ID 1|0}).  Its end of
-    file means the supervisor is gone: the worker stops.
+    file means the supervisor is gone: the worker stops.  C{stop} tells
+    the worker to stop (the supervisor is stopping it).
   - 1, stdout: the worker's log events, one line each.  When the
     supervisor logs to a text file or stream (C{twistd}'s own text log
     observer: C{--logfile FILE}, C{--logfile -}), each is the very line
@@ -251,12 +252,16 @@ class WorkerLink(LineOnlyReceiver):
     supervisor's answers (stdin) and writes to L{CONTROL_FD}.
 
     @ivar onLost: called when the supervisor is gone (stdin closed).
+    @ivar onStop: called when the supervisor tells the worker to stop.
     """
 
     delimiter = b"\n"
 
-    def __init__(self, onLost: Optional[Callable[[], None]] = None) -> None:
+    def __init__(
+        self, onLost: Optional[Callable[[], None]] = None, onStop: Optional[Callable[[], None]] = None
+    ) -> None:
         self.onLost = onLost
+        self.onStop = onStop
         self._next = 0
         self._waiting: dict[int, defer.Deferred] = {}
         self._gone = False
@@ -297,6 +302,9 @@ class WorkerLink(LineOnlyReceiver):
             if d is not None:
                 d.callback(parts[2] == b"1")
                 return
+        if parts == [b"stop"] and self.onStop is not None:
+            self.onStop()
+            return
         log.error("worker: unexpected line from the supervisor ({size} bytes)", size=len(line))
 
     def connectionLost(self, reason=None) -> None:

@@ -241,7 +241,7 @@ class WorkersEndToEndTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
         mark = len(server.output)
         os.kill(pids[1], signal.SIGTERM)
-        server.waitForLog(rf"worker 1 \(pid {pids[1]}\) ended \(exit status 0\); restarting it in 0 s")
+        server.waitForLog(rf"worker 1 \(pid {pids[1]}\) ended \(exit status 0\); restarting it in 1 s")
         self.waitReady(server, mark, (1,))
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
         for _ in range(10):
@@ -254,6 +254,30 @@ class WorkersEndToEndTests(SynchronousTestCase):
         server.proc.wait(timeout=60)
         self.assertFalse(os.path.exists(path))
         self.assertNotIn("Traceback", server.log())
+
+    def test_everyProcessSignalled(self) -> None:
+        """
+        SIGTERM to the supervisor and to every worker at once (as systemd's
+        default KillMode sends it) stops them all, no worker is started
+        again, and none is left behind; a worker stopped alone by an
+        operator's SIGTERM is replaced.
+        """
+        server = self.startServer()
+        pids = self.waitReady(server)
+        mark = len(server.output)
+        os.kill(pids[2], signal.SIGTERM)
+        server.waitForLog(rf"worker 2 \(pid {pids[2]}\) ended \(exit status 0\); restarting it in 1 s")
+        pids.update(self.waitReady(server, mark, (2,)))
+        mark = len(server.output)
+        for pid in (server.proc.pid, *pids.values()):  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGTERM)
+        assert server.proc is not None
+        self.assertEqual(server.proc.wait(timeout=60), -signal.SIGTERM)
+        self.assertEqual([line for line in server.output[mark:] if " started (pid " in line], [])
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual([p for p in pids.values() if _alive(p)], [])
 
     def test_signalsReachEveryWorker(self) -> None:
         """

@@ -139,21 +139,66 @@ class WorkerPoolTests(SynchronousTestCase):
 
     def test_stopTerminatesAndWaits(self) -> None:
         """
-        Stopping sends SIGTERM to every worker and fires once all have
-        ended; none is restarted.  One still running after
-        L{STOP_TIMEOUT} seconds is killed.
+        Stopping tells every worker to stop (a C{stop} line on its stdin,
+        no signal) and fires once all have ended; none is restarted.  One
+        still running after L{STOP_TIMEOUT} seconds is killed.
         """
         self.pool.startService()
         d = self.pool.stopService()
-        self.assertEqual([w.transport.signals for w in self.spawned], [["TERM"], ["TERM"]])
+        self.assertEqual([w.transport.written[-1:] for w in self.spawned], [[b"stop\n"], [b"stop\n"]])
+        self.assertEqual([w.transport.signals for w in self.spawned], [[], []])
         self.spawned[0].processEnded(Failure(ProcessDone(0)))
         self.assertNoResult(d)
         self.clock.advance(STOP_TIMEOUT)
-        self.assertEqual(self.spawned[1].transport.signals, ["TERM", "KILL"])
+        self.assertEqual(self.spawned[1].transport.signals, ["KILL"])
         self.spawned[1].processEnded(crashed())
         self.successResultOf(d)
         self.clock.advance(100)
         self.assertEqual(len(self.spawned), 2)
+
+    def test_signalledByOthersReplaced(self) -> None:
+        """
+        A worker that exits 0 without being told to stop (a SIGTERM from
+        someone else: an operator) is replaced, after C{RESTART_DELAY},
+        even when it had run long.
+        """
+        self.pool.startService()
+        self.clock.advance(100)
+        self.spawned[0].processEnded(Failure(ProcessDone(0)))
+        self.assertIn("worker 1 (pid 101) ended (exit status 0); restarting it in 1 s", self.logged)
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.spawned), 2)
+        self.clock.advance(0.5)
+        self.assertEqual([(w.number, w.pid) for w in self.spawned], [(1, 101), (2, 102), (1, 103)])
+
+    def test_stopWithEveryProcessSignalled(self) -> None:
+        """
+        When the whole service is stopped by signalling every process
+        (systemd's default KillMode), a worker that ends on its own SIGTERM
+        just before the supervisor handles its own is not replaced.
+        """
+        self.pool.startService()
+        self.clock.advance(100)
+        self.spawned[0].processEnded(Failure(ProcessDone(0)))
+        self.clock.advance(0.1)
+        d = self.pool.stopService()
+        self.assertEqual(self.spawned[1].transport.written[-1:], [b"stop\n"])
+        self.spawned[1].processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(d)
+        self.clock.advance(100)
+        self.assertEqual(len(self.spawned), 2)
+
+    def test_toldToStopNotReplaced(self) -> None:
+        """
+        A worker the supervisor told to stop is not replaced when it ends,
+        even while the pool runs on.
+        """
+        self.pool.startService()
+        self.spawned[0].stop()
+        self.spawned[0].processEnded(Failure(ProcessDone(0)))
+        self.clock.advance(100)
+        self.assertEqual(len(self.spawned), 2)
+        self.assertNotIn(1, self.pool.workers)
 
     def test_stopCancelsRestart(self) -> None:
         """

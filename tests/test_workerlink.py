@@ -74,6 +74,15 @@ class WorkerLinkTests(SynchronousTestCase):
         self.link.release("192.0.2.1")
         self.assertEqual(self.transport.value(), b"claim 1 192.0.2.1 20\n")
 
+    def test_toldToStop(self) -> None:
+        """
+        A C{stop} line from the supervisor calls C{onStop}.
+        """
+        stopped: list = []
+        self.link.onStop = lambda: stopped.append(True)
+        self.link.dataReceived(b"stop\n")
+        self.assertEqual(stopped, [True])
+
     def test_unexpectedLine(self) -> None:
         """
         A line that answers no claim is logged as an error and ignored.
@@ -262,6 +271,23 @@ class LogLineWriterTests(SynchronousTestCase):
         writer({"log_time": 1.0})
         self.assertEqual(len(written), 1)
         self.assertTrue(written[0].endswith(b"[pop3gw.x#info] one (worker 1)\n"), written)
+
+
+class SetupLineTests(SynchronousTestCase):
+    def test_restKept(self) -> None:
+        """
+        The worker reads its setup line alone from stdin; what the
+        supervisor wrote after it (a C{stop}) is returned for the link.
+        """
+        import os
+
+        from pop3gw.worker import readSetupLine
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        os.write(w, b"c2V0dXA=\nstop\n")
+        os.close(w)
+        self.assertEqual(readSetupLine(r), (b"c2V0dXA=\n", b"stop\n"))
 
 
 class WorkerSignalTests(SynchronousTestCase):
