@@ -9,6 +9,7 @@ lock on C{DATA/server.lock} (L{ServerLockService}).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import resource
@@ -79,7 +80,9 @@ from pop3gw.users import UsersFile
 from pop3gw.workerlink import (
     CONTROL_FD,
     FIRST_LISTENER_FD,
+    METRICS_INTERVAL,
     InheritedListener,
+    MetricsReporter,
     SharedPeerCounts,
     WorkerLink,
     WorkerSetup,
@@ -208,6 +211,22 @@ class MetricsService(Service):
         globalLogPublisher.removeObserver(self.metrics)
         if fsutil.fsyncObserver == self.metrics.fsyncTimed:
             fsutil.fsyncObserver = None
+
+
+class MetricsReportService(TimerService):
+    """
+    A worker's reports of its metrics to the supervisor (C{--workers N}
+    with C{--metrics}): every L{METRICS_INTERVAL} seconds, and a last one
+    when the worker stops.
+    """
+
+    def __init__(self, reporter: MetricsReporter) -> None:
+        super().__init__(METRICS_INTERVAL, reporter.report)
+        self.reporter = reporter
+
+    def stopService(self):
+        d = defer.maybeDeferred(super().stopService)
+        return d.addCallback(lambda _: self.reporter.report())
 
 
 class SendingRecordsService(Service):
@@ -1105,9 +1124,14 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
             bound.append(listener)
 
     relay = _addRelay(core, top)
-    # Served by the supervisor itself: its numbers are the relay's, the
-    # queue's and the certificate's (the workers' sessions are theirs).
-    _addOperatorListeners(core, top, relay, owner, Metrics() if config.listeners["metrics"] else None)
+    # Served by the supervisor: the relay's, the queue's and the
+    # certificate's numbers, and the workers' counts and sessions, which
+    # they report (MetricsReporter).
+    metrics = Metrics() if config.listeners["metrics"] else None
+    _addOperatorListeners(core, top, relay, owner, metrics)
+    if metrics is not None:
+        for name in {b.listenerName for b in bound}:
+            metrics.watchSessions(name, functools.partial(metrics.workerSessions, name))
     queue = core.queue
 
     def adopt(entry: Optional[Entry]) -> None:
@@ -1144,8 +1168,23 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
             childFDs[FIRST_LISTENER_FD + i] = b.port.fileno()
         reactor.spawnProcess(worker, sys.executable, workerCommand(), env=dict(os.environ), childFDs=childFDs)
 
+    def onMetrics(number: int, report: Optional[dict]) -> None:
+        if metrics is None:
+            return
+        if report is None:
+            metrics.forgetWorker(number)
+        else:
+            metrics.addWorkerReport(number, report)
+
     pool = WorkerPool(
-        config.workers, spawn, setup, reactor, onQueued=onQueued, onWorkerEnded=rescanQueue, findLogWrite=textLogWriter
+        config.workers,
+        spawn,
+        setup,
+        reactor,
+        onQueued=onQueued,
+        onWorkerEnded=rescanQueue,
+        onMetrics=onMetrics,
+        findLogWrite=textLogWriter,
     )
     pool.setServiceParent(top)
 
@@ -1223,8 +1262,18 @@ def makeWorkerService(setup: WorkerSetup, reactor, link: WorkerLink) -> MultiSer
     top = StagedService()
     core = _buildCore(config, reactor, owner, top)
     peerCounts = SharedPeerCounts(link)
+    limiters: dict[str, list] = {}
     for listener in setup.listeners:
-        AdoptedListenerService(reactor, listener, core.limitedFactory(listener.name, peerCounts)).setServiceParent(top)
+        limiter = core.limitedFactory(listener.name, peerCounts)
+        limiters.setdefault(listener.name, []).append(limiter)
+        AdoptedListenerService(reactor, listener, limiter).setServiceParent(top)
+    if config.listeners["metrics"]:
+        # The supervisor serves --metrics; this worker reports to it.
+        metrics = Metrics()
+        MetricsService(metrics).setServiceParent(top)
+        sessions = lambda: {name: sum(limiter.total for limiter in group) for name, group in limiters.items()}  # noqa: E731
+        reporter = MetricsReporter(metrics.counterTotals, sessions, link)
+        MetricsReportService(reporter).setServiceParent(top)
     core.queue.addListener(lambda entry: link.queued(entry.queueId))
     ReloadService(reactor, core.refreshUsers, core.certs).setServiceParent(top)
     core.addTimers(top)

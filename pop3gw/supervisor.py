@@ -12,6 +12,7 @@ messages to the relay.  The channel is described in L{pop3gw.workerlink}.
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Optional
 
 from twisted.application.service import Service
@@ -205,6 +206,9 @@ class WorkerPool(Service):
         forgotten its connections (the server rescans the queue then: a
         worker that died may have queued a message without reporting it).
     @param publisher: where the workers' log events go.
+    @param onMetrics: called with a worker's number and each report of
+        its metrics (a dict, see L{pop3gw.workerlink.MetricsReporter}),
+        and with the number and C{None} when that worker ended.
     @param logWrite: if not C{None}, the workers write their log events
         as the lines of the log (L{formatLogText}), and their whole lines
         are passed to C{logWrite} as they are (see L{textLogWriter});
@@ -226,6 +230,7 @@ class WorkerPool(Service):
         onQueued: Callable[[str], object] = lambda queueId: None,
         onWorkerEnded: Callable[[], object] = lambda: None,
         publisher: Callable[[dict], None] = globalLogPublisher,
+        onMetrics: Callable[[int, Optional[dict]], object] = lambda number, report: None,
         logWrite: Optional[Callable[[bytes], None]] = None,
         findLogWrite: Optional[Callable[[], Optional[Callable[[bytes], None]]]] = None,
     ) -> None:
@@ -238,6 +243,7 @@ class WorkerPool(Service):
         self.onQueued = onQueued
         self.onWorkerEnded = onWorkerEnded
         self.publisher = publisher
+        self.onMetrics = onMetrics
         self.tokens = PeerTokens()
         self.workers: dict[int, WorkerProcess] = {}
         self._quickExits: dict[int, int] = {}
@@ -275,6 +281,7 @@ class WorkerPool(Service):
         """
         self.tokens.dropOwner(worker)
         if self.workers.get(worker.number) is worker:
+            self.onMetrics(worker.number, None)
             if self._stopping or worker.stopAsked:
                 del self.workers[worker.number]
             else:
@@ -400,6 +407,11 @@ class WorkerPool(Service):
             if parts[0] == b"queued" and len(parts) == 2:
                 self.onQueued(parts[1].decode("ascii"))
                 return
+            if parts[0] == b"metrics" and len(parts) == 2:
+                report = json.loads(parts[1])
+                if isinstance(report, dict):
+                    self.onMetrics(worker.number, report)
+                    return
         except (IndexError, ValueError):
             pass
         log.error("worker {number} (pid {pid}): unexpected control line ({size} bytes)", number=worker.number, pid=worker.pid, size=len(line))

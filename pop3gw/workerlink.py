@@ -22,7 +22,9 @@ The supervisor starts each worker with these descriptors:
   - 3: the worker's requests and notices, one line each:
     C{claim ID KEY LIMIT} (one more connection from client network KEY,
     if it has fewer than LIMIT over all workers), C{release KEY} (one of
-    them closed), C{queued QUEUEID} (a message was queued for relay).
+    them closed), C{queued QUEUEID} (a message was queued for relay),
+    C{metrics JSON} (with C{--metrics}: the worker's counter increments
+    and open sessions, L{MetricsReporter}).
   - 4 and up: the listening sockets, in the order of
     L{WorkerSetup.listeners}.
 """
@@ -50,6 +52,9 @@ log = Logger(namespace="pop3gw.worker")
 CONTROL_FD = 3
 #: The worker's descriptor of its first listening socket.
 FIRST_LISTENER_FD = 4
+#: Seconds between two reports of a worker's metrics (C{--metrics}) to
+#: the supervisor.
+METRICS_INTERVAL = 1.0
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -295,6 +300,14 @@ class WorkerLink(LineOnlyReceiver):
         if not self._gone and self.transport is not None:
             self.transport.write(b"queued %s\n" % (queueId.encode("ascii"),))
 
+    def metrics(self, report: dict) -> None:
+        """
+        Send the supervisor a report of this worker's metrics (see
+        L{MetricsReporter}).
+        """
+        if not self._gone and self.transport is not None:
+            self.transport.write(b"metrics " + json.dumps(report, separators=(",", ":")).encode("utf-8") + b"\n")
+
     def lineReceived(self, line: bytes) -> None:
         parts = line.split()
         if len(parts) == 3 and parts[0] == b"grant" and parts[1].isdigit():
@@ -338,3 +351,39 @@ class SharedPeerCounts(PeerCounts):
     def release(self, host: str) -> None:
         self.remove(host)
         self.link.release(host)
+
+
+class MetricsReporter:
+    """
+    A worker's metrics for the supervisor, which serves C{--metrics}: at
+    each L{report}, the increments of the worker's counters
+    (L{pop3gw.metrics.Metrics.counterTotals}) since the last report and
+    the connections open now per listener, if anything changed.
+
+    @param totals: the worker's counter totals now.
+    @param sessions: the worker's open connections per listener now.
+    """
+
+    def __init__(self, totals: Callable[[], dict], sessions: Callable[[], dict], link: WorkerLink) -> None:
+        self.totals = totals
+        self.sessions = sessions
+        self.link = link
+        self._sent: dict = {}
+        self._sessions: Optional[dict] = None
+
+    def report(self) -> None:
+        """
+        Send what changed since the last report.
+        """
+        counts: dict = {}
+        for name, byLabel in self.totals().items():
+            sent = self._sent.setdefault(name, {})
+            for label, total in byLabel.items():
+                increment = total - sent.get(label, 0)
+                if increment > 0:
+                    counts.setdefault(name, {})[label] = int(increment) if increment == int(increment) else increment
+                    sent[label] = total
+        sessions = self.sessions()
+        if counts or sessions != self._sessions:
+            self._sessions = sessions
+            self.link.metrics({"counts": counts, "sessions": sessions})

@@ -17,6 +17,7 @@ import socket
 import stat
 import tempfile
 import time
+import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -278,6 +279,39 @@ class WorkersEndToEndTests(SynchronousTestCase):
         while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.assertEqual([p for p in pids.values() if _alive(p)], [])
+
+    def test_metricsSummed(self) -> None:
+        """
+        With C{--metrics}, the supervisor's C{/metrics} shows the logins
+        and open sessions of every worker, summed.
+        """
+        server = Pop3gwProcess(
+            self,
+            args=["--workers", "2", "--domain", "example.org", "--metrics", "tcp:0:interface=127.0.0.1"],
+            listeners=("pop3", "submission", "metrics"),
+        ).start()
+        self.waitReady(server)
+        server.addUser(BOB, BOB_PW)
+        mark = len(server.output)
+        workers: list = []
+        for tries in range(1, MAX_TRIES + 1):
+            self.login(server, BOB, BOB_PW).quit()
+            workers = self.waitForLines(server, tries, r'login: service=pop3 .*user="bob@example.org"', mark)
+            if set(workers) == {1, 2}:
+                break
+        self.assertEqual(set(workers), {1, 2}, server.log())
+        holder = self.login(server, BOB, BOB_PW)
+        expected = [f'pop3gw_logins_total{{service="pop3"}} {len(workers) + 1}.0', 'pop3gw_sessions_open{listener="pop3"} 1.0']
+        body = ""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=30) as response:
+                body = response.read().decode()
+            if all(line in body.splitlines() for line in expected):
+                break
+            time.sleep(0.2)
+        self.assertEqual([line for line in expected if line not in body.splitlines()], [], body)
+        holder.quit()
 
     def test_signalsReachEveryWorker(self) -> None:
         """

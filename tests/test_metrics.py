@@ -115,6 +115,14 @@ class ObserverTests(SynchronousTestCase):
                        '"relay: bounce for {queueId} sent to '):
             self.assertIn(prefix, source)
 
+    def test_workerEventsNotCountedTwice(self) -> None:
+        """
+        A worker's event published by the supervisor (marked with the
+        worker's number) is not counted: the worker reports its counts.
+        """
+        self.metrics({"log_format": "login: service=pop3 user=x", "service": "pop3", "pop3gw_worker": 1})
+        self.assertEqual(samples(self.metrics)[("pop3gw_logins_total", (("service", "pop3"),))], 0)
+
     def test_brokenEventIgnored(self) -> None:
         """
         An event the observer cannot read is ignored, never raised into
@@ -124,6 +132,55 @@ class ObserverTests(SynchronousTestCase):
                       "delivered": object()})
         self.metrics({"log_format": 42})
         self.assertEqual(samples(self.metrics)[("pop3gw_relay_recipients_total", (("result", "delivered"),))], 0)
+
+
+class WorkerReportTests(SynchronousTestCase):
+    """
+    C{--workers N}: a worker's counter totals, and its reports added up by
+    the supervisor's L{Metrics}.
+    """
+
+    def test_counterTotals(self) -> None:
+        """
+        A worker's totals cover its session counters, per label value
+        (C{""} for the counter without labels).
+        """
+        metrics = Metrics()
+        log = Logger(observer=metrics)
+        events.loginSucceeded(log, "pop3", "alice@example.org", "192.0.2.7", True)
+        events.loginFailed(log, "submission", "alice@example.org", "192.0.2.7")
+        totals = metrics.counterTotals()
+        self.assertEqual(totals["pop3gw_logins"], {"pop3": 1.0, "submission": 0.0})
+        self.assertEqual(totals["pop3gw_login_failures"], {"pop3": 0.0, "submission": 1.0})
+        self.assertEqual(totals["pop3gw_connections_refused"], {"": 0.0})
+        self.assertEqual(totals["pop3gw_messages_accepted"], {"submission": 0.0, "mx": 0.0, "lmtp": 0.0})
+        self.assertEqual(sorted(totals), ["pop3gw_connections_refused", "pop3gw_login_failures", "pop3gw_logins", "pop3gw_messages_accepted"])
+
+    def test_reportsSummed(self) -> None:
+        """
+        The increments two workers report add up in the supervisor's
+        counters; their open sessions are summed per listener, and a
+        worker that ended counts no more sessions.  Nonsense in a report
+        is ignored.
+        """
+        metrics = Metrics()
+        metrics.watchSessions("pop3", lambda: metrics.workerSessions("pop3"))
+        metrics.addWorkerReport(1, {"counts": {"pop3gw_logins": {"pop3": 2}}, "sessions": {"pop3": 3}})
+        metrics.addWorkerReport(2, {"counts": {"pop3gw_logins": {"pop3": 1}, "pop3gw_connections_refused": {"": 4}},
+                                    "sessions": {"pop3": 1}})
+        metrics.addWorkerReport(2, {"counts": {"pop3gw_logins": {"pop3": -5, "submission": True}, "nope": {"x": 1},
+                                               "pop3gw_messages_accepted": {"submission": 2.0}}})
+        metrics.addWorkerReport(1, {"counts": "x", "sessions": {"pop3": "many"}})
+        got = samples(metrics)
+        self.assertEqual(got[("pop3gw_logins_total", (("service", "pop3"),))], 3)
+        self.assertEqual(got[("pop3gw_logins_total", (("service", "submission"),))], 0)
+        self.assertEqual(got[("pop3gw_connections_refused_total", ())], 4)
+        self.assertEqual(got[("pop3gw_messages_accepted_total", (("listener", "submission"),))], 2)
+        self.assertEqual(got[("pop3gw_sessions_open", (("listener", "pop3"),))], 1)
+        metrics.addWorkerReport(1, {"counts": {}, "sessions": {"pop3": 3}})
+        self.assertEqual(samples(metrics)[("pop3gw_sessions_open", (("listener", "pop3"),))], 4)
+        metrics.forgetWorker(2)
+        self.assertEqual(samples(metrics)[("pop3gw_sessions_open", (("listener", "pop3"),))], 3)
 
 
 class GaugeTests(SynchronousTestCase):

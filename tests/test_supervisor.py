@@ -60,6 +60,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.spawned: list[WorkerProcess] = []
         self.events: list[dict] = []
         self.queued: list[str] = []
+        self.reports: list = []
         self.endings: list[int] = []
         self.nextPid = 100
         self.pool = WorkerPool(
@@ -70,6 +71,7 @@ class WorkerPoolTests(SynchronousTestCase):
             onQueued=self.queued.append,
             onWorkerEnded=lambda: self.endings.append(len(self.endings)),
             publisher=self.events.append,
+            onMetrics=lambda number, report: self.reports.append((number, report)),
         )
         self.logged: list[str] = []
 
@@ -251,6 +253,19 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(self.queued, ["0005f0e1a2b3c-0a1b2c3d"])
         self.spawned[0].processEnded(crashed())
         self.assertEqual(self.endings, [0])
+
+    def test_metricsReported(self) -> None:
+        """
+        A worker's C{metrics} report is passed on with its number; when it
+        ends, its end is passed on too (its sessions are gone).  A report
+        that is not JSON is a bad control line.
+        """
+        self.pool.startService()
+        self.spawned[1].childDataReceived(3, b'metrics {"counts":{"pop3gw_logins":{"pop3":2}},"sessions":{"pop3":1}}\n')
+        self.spawned[1].childDataReceived(3, b"metrics {nope\n")
+        self.spawned[1].processEnded(crashed())
+        self.assertEqual(self.reports, [(2, {"counts": {"pop3gw_logins": {"pop3": 2}}, "sessions": {"pop3": 1}}), (2, None)])
+        self.assertEqual(len([line for line in self.logged if "unexpected control line" in line]), 1)
 
     def test_badControlLine(self) -> None:
         """

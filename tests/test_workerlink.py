@@ -22,6 +22,7 @@ from pop3gw.config import buildConfig
 from pop3gw.workerlink import (
     InheritedListener,
     LogLineWriter,
+    MetricsReporter,
     SharedPeerCounts,
     WorkerLink,
     WorkerSetup,
@@ -73,6 +74,34 @@ class WorkerLinkTests(SynchronousTestCase):
         self.assertEqual(self.lost, [True])
         self.link.release("192.0.2.1")
         self.assertEqual(self.transport.value(), b"claim 1 192.0.2.1 20\n")
+
+    def test_metricsReports(self) -> None:
+        """
+        L{MetricsReporter} sends the increments of the counters since its
+        last report and the sessions open now, one C{metrics} line each
+        time something changed, and nothing otherwise.
+        """
+        totals = {"pop3gw_logins": {"pop3": 0.0, "submission": 0.0}}
+        sessions = {"pop3": 0}
+        reporter = MetricsReporter(lambda: totals, lambda: dict(sessions), self.link)
+        reporter.report()
+        totals["pop3gw_logins"]["pop3"] = 2.0
+        sessions["pop3"] = 1
+        reporter.report()
+        reporter.report()
+        totals["pop3gw_logins"]["pop3"] = 3.0
+        reporter.report()
+        sessions["pop3"] = 0
+        reporter.report()
+        self.assertEqual(
+            self.transport.value().splitlines(),
+            [
+                b'metrics {"counts":{},"sessions":{"pop3":0}}',
+                b'metrics {"counts":{"pop3gw_logins":{"pop3":2}},"sessions":{"pop3":1}}',
+                b'metrics {"counts":{"pop3gw_logins":{"pop3":1}},"sessions":{"pop3":1}}',
+                b'metrics {"counts":{},"sessions":{"pop3":0}}',
+            ],
+        )
 
     def test_toldToStop(self) -> None:
         """
