@@ -1,15 +1,17 @@
 #!/bin/bash
 # pop3gw --workers 1 beside --workers 2 (or $WORKERS): POP3 sessions/s and
 # submissions/s at $CONC clients, the two servers measured one after the
-# other within each of $REPEATS rounds, with server CPU (the supervisor and
-# its workers) from /proc.  Loopback only; both servers are stopped by PID
+# other within each of $REPEATS rounds (which one goes first alternates),
+# with server CPU (the supervisor and its workers) from /proc; a summary
+# at the end gives each round's ratio and CPU per operation, with medians
+# and ranges.  Loopback only; both servers are stopped by PID
 # and their data directories removed at the end.
 #
 #   bench/workers_compare.sh            # twistd and pop3gw from $PATH
 #   BIN=.venv/bin REPEATS=5 bench/workers_compare.sh
 #
 # Settings: BIN (where twistd and pop3gw are), WORKERS (2), REPEATS (3),
-# CONC (8), USERS (16), DURATION (5 s of POP3 sessions), COUNT (600 submissions), SIZE (4096),
+# CONC (8), USERS (16), DURATION (5 s of POP3 sessions), COUNT (1500 submissions), SIZE (4096),
 # PORT_BASE (21100; the servers use PORT_BASE+10/+87 and +110/+187, below
 # Linux's ephemeral range so that no test's port 0 takes them).
 set -eu
@@ -20,7 +22,7 @@ REPEATS=${REPEATS:-3}
 CONC=${CONC:-8}
 USERS=${USERS:-16}
 DURATION=${DURATION:-5}
-COUNT=${COUNT:-600}
+COUNT=${COUNT:-1500}
 SIZE=${SIZE:-4096}
 BASE=${PORT_BASE:-21100}
 ROOT=$(mktemp -d /tmp/pop3gw-workers-bench-XXXXXX)
@@ -32,6 +34,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# No sending limits: the default (200 messages per user and hour) would
+# refuse the later rounds' submissions.
+printf '[pop3gw]\n\n[limits]\nmessages-per-hour = 0\nrecipients-per-day = 0\n' >"$ROOT/bench.ini"
 for n in 1 "$WORKERS"; do
     D=$ROOT/w$n
     mkdir -p "$D"
@@ -44,7 +49,7 @@ declare -A POP3 SMTP PID
 for n in 1 "$WORKERS"; do
     off=$([ "$n" = 1 ] && echo 0 || echo 100)
     POP3[$n]=$((BASE + off + 10)); SMTP[$n]=$((BASE + off + 87))
-    "$BIN/twistd" -n --pidfile= --logfile="$ROOT/log$n" pop3gw --data-dir "$ROOT/w$n" --domain example.org \
+    "$BIN/twistd" -n --pidfile= --logfile="$ROOT/log$n" pop3gw --config "$ROOT/bench.ini" --data-dir "$ROOT/w$n" --domain example.org \
         --pop3 "tcp:${POP3[$n]}:interface=127.0.0.1" --submission "tcp:${SMTP[$n]}:interface=127.0.0.1" \
         --workers "$n" >/dev/null 2>&1 &
     PID[$n]=$!; PIDS+=("$!")
@@ -55,18 +60,59 @@ for _ in $(seq 1 120); do
     sleep 1
 done
 sleep 2
+# Warm-up, not counted: every worker checks each user's password once
+# (Argon2) before its verified-credentials cache answers, and N workers
+# do that N times.
+for n in 1 "$WORKERS"; do
+    python3 "$HERE/pop3_load.py" sessions --port "${POP3[$n]}" --user 'u{i}@example.org' --password pw \
+        --concurrency "$CONC" --users "$USERS" --seconds "$DURATION" >/dev/null 2>&1 || true
+done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+RESULTS=$ROOT/results.jsonl
 for r in $(seq 1 "$REPEATS"); do
-    for n in 1 "$WORKERS"; do
+    # Alternate which server goes first, so that a drift of the machine's
+    # load over a round does not favour one of them.
+    if [ $((r % 2)) = 1 ]; then order="1 $WORKERS"; else order="$WORKERS 1"; fi
+    for n in $order; do
         echo "== round $r --workers $n: POP3 sessions"
         python3 "$HERE/pop3_load.py" sessions --port "${POP3[$n]}" --user 'u{i}@example.org' --password pw \
-            --concurrency "$CONC" --users "$USERS" --seconds "$DURATION" --pid "${PID[$n]}" 2>&1 | grep -v '^$' || true
+            --concurrency "$CONC" --users "$USERS" --seconds "$DURATION" --pid "${PID[$n]}" --json 2>&1 >"$ROOT/out" | grep -v '^$' || true
+        sed "s/^{/{\"round\": $r, \"workers\": $n, /" "$ROOT/out" >>"$RESULTS"
     done
-    for n in 1 "$WORKERS"; do
+    for n in $order; do
         echo "== round $r --workers $n: submissions"
         python3 "$HERE/smtp_load.py" --port "${SMTP[$n]}" --user 'u{i}@example.org' --password pw \
             --rcpt sink@example.org --count "$COUNT" --concurrency "$CONC" --users "$USERS" --size "$SIZE" \
-            --maildir "$ROOT/w$n/mail/example.org/sink" --pid "${PID[$n]}" 2>&1 | grep -v '^$' || true
+            --maildir "$ROOT/w$n/mail/example.org/sink" --pid "${PID[$n]}" --json 2>&1 >"$ROOT/out" | grep -v '^$' || true
+        sed "s/^{/{\"round\": $r, \"workers\": $n, /" "$ROOT/out" >>"$RESULTS"
     done
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+# One line per round: rate and server CPU per operation (the supervisor and
+# its workers), both servers, and the ratio; then the medians and ranges.
+python3 - "$RESULTS" "$WORKERS" <<'PY'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+many = int(sys.argv[2])
+for bench, rate, cpu, name in (("pop3-sessions", "sessions_per_s", "server_cpu_ms_per_session", "POP3 sessions/s"),
+                               ("smtp-submit", "messages_per_s", "server_cpu_ms_per_message", "submissions/s")):
+    got = {(r["round"], r["workers"]): r for r in rows if r.get("bench") == bench}
+    rounds = sorted({k[0] for k in got})
+    print(f"{name} (server CPU ms per operation in brackets), --workers 1 / --workers {many} / ratio")
+    ratios, cpus = [], {1: [], many: []}
+    for n in rounds:
+        one, two = got.get((n, 1)), got.get((n, many))
+        if not one or not two or not one.get(rate) or not two.get(rate):
+            continue
+        ratio = two[rate] / one[rate]
+        ratios.append(ratio)
+        cpus[1].append(one.get(cpu))
+        cpus[many].append(two.get(cpu))
+        print(f"  round {n}: {one[rate]} ({one.get(cpu)}) / {two[rate]} ({two.get(cpu)}) / {ratio:.2f}")
+    if ratios:
+        print(f"  ratio median {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}")
+        for n in (1, many):
+            c = [x for x in cpus[n] if x is not None]
+            if c:
+                print(f"  --workers {n}: CPU per operation median {statistics.median(c):.3f} ms, range {min(c):.3f}-{max(c):.3f}")
+PY

@@ -9,7 +9,11 @@ a Twisted log observer that reads their fields, never their text), so a
 number on the dashboard and a line in the log can never disagree, and the
 protocol code carries no metrics calls.  The gauges (sessions open, queue
 depth and age, certificate expiry) are read when scraped, from callables
-the service hands over.  Each worker process serves its own numbers.
+the service hands over.  With C{--workers N}, the supervisor serves
+C{/metrics}: each worker counts its own events and reports the increments
+of L{WORKER_COUNTERS} and its open sessions every
+L{pop3gw.workerlink.METRICS_INTERVAL} (L{Metrics.addWorkerReport}), so
+the series are the sums over every worker.
 """
 
 from __future__ import annotations
@@ -36,23 +40,25 @@ MAX_TRACKED = 100_000
 FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 RELAY_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0)
 
+#: The counters a worker process reports to the supervisor (by family
+#: name): the ones its sessions drive.
+WORKER_COUNTERS = ("pop3gw_logins", "pop3gw_login_failures", "pop3gw_connections_refused", "pop3gw_messages_accepted")
+
+#: Longest label value taken from a worker's report.
+MAX_LABEL = 64
+
 _ACCEPTED = {"submission: accepted": "submission", "mx: accepted": "mx", "lmtp: accepted": "lmtp"}
 
 #: The services whose logins are counted.
 _LOGIN_SERVICES = ("pop3", "submission")
 
 
-def _loginService(text: str, event: dict) -> Optional[str]:
+def _loginService(event: dict) -> Optional[str]:
     """
-    The service of a login event: its C{service} field, or, for a
-    worker's event relayed by the supervisor (which carries only the
-    formatted text), the C{service=} word that follows the fixed prefix.
-    C{None} for anything else.
+    The service of a login event, if it is one whose logins are counted
+    (L{_LOGIN_SERVICES}); C{None} for anything else.
     """
     service = event.get("service")
-    if service is None:
-        _, _, rest = text.partition(": service=")
-        service = rest.split(" ", 1)[0]
     return service if service in _LOGIN_SERVICES else None
 
 
@@ -106,6 +112,69 @@ class Metrics:
         for result in ("delivered", "failed"):
             self.relayed.labels(result)
         self._queued: Dict[str, float] = {}
+        self._byName = {
+            "pop3gw_logins": self.logins,
+            "pop3gw_login_failures": self.loginFailures,
+            "pop3gw_connections_refused": self.connectionsRefused,
+            "pop3gw_messages_accepted": self.accepted,
+        }
+        self._workerSessions: Dict[int, Dict[str, int]] = {}
+
+    # -- the workers' numbers (--workers N) -----------------------------------
+
+    def counterTotals(self) -> dict:
+        """
+        The totals of this process's L{WORKER_COUNTERS}: family name ->
+        label value (C{""} for a counter without labels) -> total.
+        """
+        totals: dict = {}
+        for family in self.registry.collect():
+            if family.name in WORKER_COUNTERS:
+                byLabel = totals.setdefault(family.name, {})
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        byLabel[next(iter(sample.labels.values()), "")] = sample.value
+        return totals
+
+    def addWorkerReport(self, worker: int, report: dict) -> None:
+        """
+        Take one report of worker C{worker}: C{counts}, the increments of
+        its L{WORKER_COUNTERS} since its last report (as
+        L{counterTotals}), added to this process's counters; C{sessions},
+        its open connections per listener now.  Anything else in it
+        (unknown names, values that are not positive numbers) is ignored.
+        """
+        counts = report.get("counts")
+        for name, byLabel in (counts.items() if isinstance(counts, dict) else ()):
+            counter = self._byName.get(name)
+            if counter is None or not isinstance(byLabel, dict):
+                continue
+            for label, n in byLabel.items():
+                if not isinstance(n, (int, float)) or isinstance(n, bool) or not n > 0:
+                    continue
+                if name == "pop3gw_connections_refused":
+                    if label == "":
+                        counter.inc(n)
+                elif isinstance(label, str) and 0 < len(label) <= MAX_LABEL:
+                    counter.labels(label).inc(n)
+        sessions = report.get("sessions")
+        if isinstance(sessions, dict):
+            self._workerSessions[worker] = {
+                str(k): int(v) for k, v in sessions.items() if isinstance(v, int) and not isinstance(v, bool)
+            }
+
+    def forgetWorker(self, worker: int) -> None:
+        """
+        Worker C{worker} ended: its sessions are closed.
+        """
+        self._workerSessions.pop(worker, None)
+
+    def workerSessions(self, listener: str) -> int:
+        """
+        The connections open on C{listener} over every worker, as last
+        reported.
+        """
+        return sum(counts.get(listener, 0) for counts in self._workerSessions.values())
 
     # -- the log observer --------------------------------------------------
 
@@ -114,7 +183,9 @@ class Metrics:
         Count one log event (see the module docstring).
         """
         text = event.get("log_format")
-        if not isinstance(text, str):
+        if not isinstance(text, str) or "pop3gw_worker" in event:
+            # A worker's event the supervisor logs for it (--syslog): the
+            # worker counted it, and reports its counts.
             return
         try:
             self._count(text, event)
@@ -124,7 +195,7 @@ class Metrics:
 
     def _count(self, text: str, event: dict) -> None:
         if text.startswith(("login: ", "authentication failed: ")):
-            service = _loginService(text, event)
+            service = _loginService(event)
             if service is not None:
                 counter = self.logins if text.startswith("login: ") else self.loginFailures
                 counter.labels(service).inc()

@@ -9,6 +9,7 @@ lock on C{DATA/server.lock} (L{ServerLockService}).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import resource
@@ -72,14 +73,16 @@ from pop3gw.smtpdata import formatDate
 from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
 from pop3gw.socketmap import SocketmapFactory
-from pop3gw.supervisor import WorkerPool, WorkerProcess
+from pop3gw.supervisor import WorkerPool, WorkerProcess, textLogWriter
 from pop3gw.tls import CertificateManager, TLSConfigError
 from pop3gw.tlsclient import clientContextFactory, opportunisticClientContextFactory
 from pop3gw.users import UsersFile
 from pop3gw.workerlink import (
     CONTROL_FD,
     FIRST_LISTENER_FD,
+    METRICS_INTERVAL,
     InheritedListener,
+    MetricsReporter,
     SharedPeerCounts,
     WorkerLink,
     WorkerSetup,
@@ -214,6 +217,22 @@ class MetricsService(Service):
         globalLogPublisher.removeObserver(self.metrics)
         if fsutil.fsyncObserver == self.metrics.fsyncTimed:
             fsutil.fsyncObserver = None
+
+
+class MetricsReportService(TimerService):
+    """
+    A worker's reports of its metrics to the supervisor (C{--workers N}
+    with C{--metrics}): every L{METRICS_INTERVAL} seconds, and a last one
+    when the worker stops.
+    """
+
+    def __init__(self, reporter: MetricsReporter) -> None:
+        super().__init__(METRICS_INTERVAL, reporter.report)
+        self.reporter = reporter
+
+    def stopService(self):
+        d = defer.maybeDeferred(super().stopService)
+        return d.addCallback(lambda _: self.reporter.report())
 
 
 class SendingRecordsService(Service):
@@ -1166,9 +1185,14 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
             bound.append(listener)
 
     relay = _addRelay(core, top)
-    # Served by the supervisor itself: its numbers are the relay's, the
-    # queue's and the certificate's (the workers' sessions are theirs).
-    _addOperatorListeners(core, top, relay, owner, Metrics() if config.listeners["metrics"] else None)
+    # Served by the supervisor: the relay's, the queue's and the
+    # certificate's numbers, and the workers' counts and sessions, which
+    # they report (MetricsReporter).
+    metrics = Metrics() if config.listeners["metrics"] else None
+    _addOperatorListeners(core, top, relay, owner, metrics)
+    if metrics is not None:
+        for name in {b.listenerName for b in bound}:
+            metrics.watchSessions(name, functools.partial(metrics.workerSessions, name))
     queue = core.queue
 
     def adopt(entry: Optional[Entry]) -> None:
@@ -1200,7 +1224,7 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
 
     def setup(number: int) -> bytes:
         listeners = tuple(b.inherited(FIRST_LISTENER_FD + i) for i, b in enumerate(bound))
-        return encodeSetup(WorkerSetup(config, number, listeners))
+        return encodeSetup(WorkerSetup(config, number, listeners, logText=pool.logWrite is not None))
 
     def spawn(worker: WorkerProcess) -> None:
         childFDs: dict[int, Union[int, str]] = {0: "w", 1: "r", 2: "r", CONTROL_FD: "r"}
@@ -1208,7 +1232,24 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
             childFDs[FIRST_LISTENER_FD + i] = b.port.fileno()
         reactor.spawnProcess(worker, sys.executable, workerCommand(), env=dict(os.environ), childFDs=childFDs)
 
-    pool = WorkerPool(config.workers, spawn, setup, reactor, onQueued=onQueued, onWorkerEnded=rescanQueue)
+    def onMetrics(number: int, report: Optional[dict]) -> None:
+        if metrics is None:
+            return
+        if report is None:
+            metrics.forgetWorker(number)
+        else:
+            metrics.addWorkerReport(number, report)
+
+    pool = WorkerPool(
+        config.workers,
+        spawn,
+        setup,
+        reactor,
+        onQueued=onQueued,
+        onWorkerEnded=rescanQueue,
+        onMetrics=onMetrics,
+        findLogWrite=textLogWriter,
+    )
     pool.setServiceParent(top)
 
     def reload() -> defer.Deferred:
@@ -1285,8 +1326,18 @@ def makeWorkerService(setup: WorkerSetup, reactor, link: WorkerLink) -> MultiSer
     top = StagedService()
     core = _buildCore(config, reactor, owner, top, worker=True)
     peerCounts = SharedPeerCounts(link)
+    limiters: dict[str, list] = {}
     for listener in setup.listeners:
-        AdoptedListenerService(reactor, listener, core.limitedFactory(listener.name, peerCounts)).setServiceParent(top)
+        limiter = core.limitedFactory(listener.name, peerCounts)
+        limiters.setdefault(listener.name, []).append(limiter)
+        AdoptedListenerService(reactor, listener, limiter).setServiceParent(top)
+    if config.listeners["metrics"]:
+        # The supervisor serves --metrics; this worker reports to it.
+        metrics = Metrics()
+        MetricsService(metrics).setServiceParent(top)
+        sessions = lambda: {name: sum(limiter.total for limiter in group) for name, group in limiters.items()}  # noqa: E731
+        reporter = MetricsReporter(metrics.counterTotals, sessions, link)
+        MetricsReportService(reporter).setServiceParent(top)
     core.queue.addListener(lambda entry: link.queued(entry.queueId))
     ReloadService(reactor, core.refreshUsers, core.certs).setServiceParent(top)
     core.addTimers(top)

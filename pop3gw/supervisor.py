@@ -5,24 +5,31 @@ listener, holds the data directory's lock and runs the outbound queue;
 N worker processes (L{pop3gw.worker}) serve the listeners' connections.
 L{WorkerPool} starts them, restarts one that exits (after a delay that
 grows while it keeps exiting soon after starting), forwards signals to
-them, logs their log events as its own, keeps the per-address connection
+them, writes their log lines to its log, keeps the per-address connection
 counts of all of them (L{pop3gw.limits.PeerTokens}) and hands queued
 messages to the relay.  The channel is described in L{pop3gw.workerlink}.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import InvalidLogLevelError, Logger, globalLogPublisher
+from twisted.logger import (
+    FileLogObserver,
+    InvalidLogLevelError,
+    Logger,
+    LogLevel,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 
 from pop3gw.limits import PeerTokens
-from pop3gw.workerlink import CONTROL_FD, decodeLogLine
+from pop3gw.workerlink import CONTROL_FD, decodeLogLine, formatLogText
 
 log = Logger(namespace="pop3gw.supervisor")
 
@@ -34,7 +41,7 @@ MAX_RESTART_DELAY = 60.0
 #: A worker that ran at least this long is restarted at once when it
 #: exits, and its count of quick exits starts again.
 STABLE_AFTER = 30.0
-#: Seconds workers have to stop after SIGTERM before they are killed.
+#: Seconds workers have to stop once told to before they are killed.
 STOP_TIMEOUT = 30.0
 #: Longest line kept from a worker's output; the rest of it is dropped.
 MAX_LINE = 256 * 1024
@@ -57,6 +64,7 @@ class WorkerProcess(ProcessProtocol):
         self.started = started
         self.pid: Optional[int] = None
         self.ended = False
+        self.stopAsked = False
         self._buffers: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
@@ -65,6 +73,9 @@ class WorkerProcess(ProcessProtocol):
         self.transport.write(self.setup)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 1 and self.pool.logWrite is not None:
+            self._logText(data)
+            return
         buffer = self._buffers.get(childFD, b"") + data
         *lines, rest = buffer.split(b"\n")
         if len(rest) > MAX_LINE:
@@ -73,13 +84,39 @@ class WorkerProcess(ProcessProtocol):
         for line in lines:
             self.pool.workerLine(self, childFD, line)
 
+    def _logText(self, data: bytes) -> None:
+        """
+        Write the whole lines of the worker's log text to the log as they
+        are, keeping the last line's start until its end comes.
+        """
+        rest = self._buffers.pop(1, b"")
+        if rest:
+            data = rest + data
+        end = data.rfind(b"\n") + 1
+        if end:
+            self.pool.logWrite(data[:end])  # type: ignore[misc]
+        if end < len(data) and len(data) - end <= MAX_LINE:
+            self._buffers[1] = data[end:]
+
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
         for childFD, rest in sorted(self._buffers.items()):
-            if rest:
+            if not rest:
+                continue
+            if childFD == 1 and self.pool.logWrite is not None:
+                self.pool.logWrite(rest + b"\n")
+            else:
                 self.pool.workerLine(self, childFD, rest)
         self._buffers.clear()
         self.pool.workerEnded(self, reason)
+
+    def stop(self) -> None:
+        """
+        Tell the worker to stop (a C{stop} line on its stdin): it stops as a
+        single server does on SIGTERM, and is not replaced.
+        """
+        self.stopAsked = True
+        self.answer(b"stop\n")
 
     def answer(self, line: bytes) -> None:
         """
@@ -117,6 +154,43 @@ def describeExit(reason: Failure) -> str:
     return str(value)
 
 
+#: An event formatted both by the supervisor's text log observer and by
+#: L{formatLogText}: the workers may write their lines themselves only if
+#: the two agree.
+_PROBE = {
+    "log_time": 1700000000.25,
+    "log_format": "probe {x}",
+    "x": "{}",
+    "log_namespace": "pop3gw.supervisor",
+    "log_level": LogLevel.info,
+}
+
+
+def textLogWriter(publisher=globalLogPublisher) -> Optional[Callable[[bytes], None]]:
+    """
+    Where the workers' log lines can be written as they are: the file of
+    the one text log observer of C{publisher} (C{twistd}'s, for
+    C{--logfile FILE} or C{--logfile -}), if it formats events as
+    L{formatLogText} does.
+
+    @return: a function writing whole lines (UTF-8) to that file, or
+        C{None} if there is no such observer (C{--syslog}, C{--logger}).
+    """
+    observers = [o for o in getattr(publisher, "_observers", ()) if isinstance(o, FileLogObserver)]
+    if len(observers) != 1:
+        return None
+    [observer] = observers
+    out = getattr(observer, "_outFile", None)
+    if out is None or observer.formatEvent(dict(_PROBE)) != (formatLogText(dict(_PROBE)) or b"").decode("utf-8"):
+        return None
+
+    def write(data: bytes) -> None:
+        out.write(data.decode("utf-8", "replace"))
+        out.flush()
+
+    return write
+
+
 class WorkerPool(Service):
     """
     Keeps C{count} workers running.
@@ -132,6 +206,17 @@ class WorkerPool(Service):
         forgotten its connections (the server rescans the queue then: a
         worker that died may have queued a message without reporting it).
     @param publisher: where the workers' log events go.
+    @param onMetrics: called with a worker's number and each report of
+        its metrics (a dict, see L{pop3gw.workerlink.MetricsReporter}),
+        and with the number and C{None} when that worker ended.
+    @param logWrite: if not C{None}, the workers write their log events
+        as the lines of the log (L{formatLogText}), and their whole lines
+        are passed to C{logWrite} as they are (see L{textLogWriter});
+        otherwise each line is an event (L{decodeLogLine}) published to
+        C{publisher}.
+    @param findLogWrite: if given, called when the pool starts (once the
+        log has begun) for its C{logWrite} (the server passes
+        L{textLogWriter}).
     """
 
     stopStage = 0  # stops with the listeners (see pop3gw.service)
@@ -145,7 +230,12 @@ class WorkerPool(Service):
         onQueued: Callable[[str], object] = lambda queueId: None,
         onWorkerEnded: Callable[[], object] = lambda: None,
         publisher: Callable[[dict], None] = globalLogPublisher,
+        onMetrics: Callable[[int, Optional[dict]], object] = lambda number, report: None,
+        logWrite: Optional[Callable[[bytes], None]] = None,
+        findLogWrite: Optional[Callable[[], Optional[Callable[[bytes], None]]]] = None,
     ) -> None:
+        self.logWrite = logWrite
+        self.findLogWrite = findLogWrite
         self.count = count
         self.spawn = spawn
         self.setup = setup
@@ -153,6 +243,7 @@ class WorkerPool(Service):
         self.onQueued = onQueued
         self.onWorkerEnded = onWorkerEnded
         self.publisher = publisher
+        self.onMetrics = onMetrics
         self.tokens = PeerTokens()
         self.workers: dict[int, WorkerProcess] = {}
         self._quickExits: dict[int, int] = {}
@@ -165,6 +256,8 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        if self.findLogWrite is not None:
+            self.logWrite = self.findLogWrite()
         for number in range(1, self.count + 1):
             self._start(number)
 
@@ -188,10 +281,18 @@ class WorkerPool(Service):
         """
         self.tokens.dropOwner(worker)
         if self.workers.get(worker.number) is worker:
-            if self._stopping:
+            self.onMetrics(worker.number, None)
+            if self._stopping or worker.stopAsked:
                 del self.workers[worker.number]
             else:
-                self._scheduleRestart(worker, describeExit(reason))
+                # Exit status 0 without a stop from here: a SIGTERM from
+                # someone else.  It is replaced (an operator who stops a
+                # worker by hand expects it back), after RESTART_DELAY:
+                # systemd's default KillMode signals every process of the
+                # unit, and the supervisor's own SIGTERM, which cancels
+                # the restart, may be handled after the worker's.
+                clean = isinstance(reason.value, ProcessDone)
+                self._scheduleRestart(worker, describeExit(reason), RESTART_DELAY if clean else 0.0)
         try:
             self.onWorkerEnded()
         except Exception:
@@ -200,12 +301,13 @@ class WorkerPool(Service):
             d, self._stopped = self._stopped, None
             d.callback(None)
 
-    def _scheduleRestart(self, worker: WorkerProcess, how: str = "did not start") -> None:
+    def _scheduleRestart(self, worker: WorkerProcess, how: str = "did not start", least: float = 0.0) -> None:
         number = worker.number
         if self.clock.seconds() - worker.started >= STABLE_AFTER:
             self._quickExits[number] = 0
         quick = self._quickExits.get(number, 0)
         delay = 0.0 if quick == 0 else min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (quick - 1))
+        delay = max(delay, least)
         self._quickExits[number] = quick + 1
         log.warn(
             "worker {number} (pid {pid}) ended ({how}); restarting it in {delay:g} s",
@@ -228,8 +330,8 @@ class WorkerPool(Service):
 
     def stopService(self) -> defer.Deferred:
         """
-        Stop every worker with SIGTERM (they finish what is in progress, as
-        a single server does), and kill those still running after
+        Tell every worker to stop (they finish what is in progress, as a
+        single server does on SIGTERM), and kill those still running after
         L{STOP_TIMEOUT} seconds.
 
         @return: a Deferred firing once every worker has ended.
@@ -243,7 +345,8 @@ class WorkerPool(Service):
         if not self._alive():
             return defer.succeed(None)
         self._stopped = defer.Deferred()
-        self.signalAll("TERM")
+        for worker in self._alive():
+            worker.stop()
         killer = self.clock.callLater(STOP_TIMEOUT, self._kill)
 
         def done(result: object) -> object:
@@ -304,6 +407,11 @@ class WorkerPool(Service):
             if parts[0] == b"queued" and len(parts) == 2:
                 self.onQueued(parts[1].decode("ascii"))
                 return
+            if parts[0] == b"metrics" and len(parts) == 2:
+                report = json.loads(parts[1])
+                if isinstance(report, dict):
+                    self.onMetrics(worker.number, report)
+                    return
         except (IndexError, ValueError):
             pass
         log.error("worker {number} (pid {pid}): unexpected control line ({size} bytes)", number=worker.number, pid=worker.pid, size=len(line))

@@ -18,24 +18,38 @@ from typing import Callable
 from twisted.internet import stdio
 from twisted.logger import globalLogBeginner
 
-from pop3gw.workerlink import CONTROL_FD, LogLineWriter, WorkerLink, decodeSetup, log
+from pop3gw.workerlink import (
+    CONTROL_FD,
+    LogLineWriter,
+    WorkerLink,
+    decodeSetup,
+    encodeLogEvent,
+    log,
+    logTextEncoder,
+)
 
 #: The longest setup line read from stdin.
 MAX_SETUP = 16 * 1024 * 1024
+#: Seconds a log line waits for others before they are written together:
+#: each write wakes the supervisor, which writes them to the log.
+LOG_FLUSH_DELAY = 0.05
 
 
-def _readSetupLine() -> bytes:
+def readSetupLine(fd: int = 0) -> tuple[bytes, bytes]:
     """
-    Read the first line of stdin (the supervisor writes nothing more until
-    the worker asks).
+    Read the first line of stdin, the setup.
+
+    @return: the line, and what was read after it (the supervisor may
+        already have written more: C{stop}).
     """
     data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(0, 65536)
+    while b"\n" not in data:
+        chunk = os.read(fd, 65536)
         if not chunk or len(data) > MAX_SETUP:
             raise SystemExit("pop3gw worker: no setup from the supervisor")
         data += chunk
-    return data
+    line, rest = data.split(b"\n", 1)
+    return line + b"\n", rest
 
 
 def ignoreReloadUntilReady() -> None:
@@ -49,7 +63,8 @@ def ignoreReloadUntilReady() -> None:
 
 def main() -> None:
     ignoreReloadUntilReady()
-    setup = decodeSetup(_readSetupLine())
+    setupLine, afterSetup = readSetupLine()
+    setup = decodeSetup(setupLine)
     out = io.FileIO(1, "w", closefd=False)
 
     def writeAll(data: bytes) -> None:
@@ -57,7 +72,10 @@ def main() -> None:
         while view:
             view = view[out.write(view) or 0 :]
 
-    writer = LogLineWriter(writeAll)
+    if setup.logText:
+        writer = LogLineWriter(writeAll, encode=logTextEncoder(f" (worker {setup.number})"))
+    else:
+        writer = LogLineWriter(writeAll, encode=encodeLogEvent)
     globalLogBeginner.beginLoggingTo([writer], redirectStandardIO=False)
 
     from twisted.internet import reactor
@@ -66,17 +84,22 @@ def main() -> None:
 
     def soon(f: Callable[[], None]) -> None:
         if threading.get_ident() == reactorThread:
-            reactor.callLater(0, f)
+            reactor.callLater(LOG_FLUSH_DELAY, f)
         else:
-            reactor.callFromThread(f)  # type: ignore[attr-defined]
+            reactor.callFromThread(reactor.callLater, LOG_FLUSH_DELAY, f)  # type: ignore[attr-defined]
 
     from pop3gw.service import makeWorkerService
 
     def supervisorGone() -> None:
         stopOnce()
 
-    link = WorkerLink(onLost=supervisorGone)
+    def toldToStop() -> None:
+        reactor.callWhenRunning(stopOnce)
+
+    link = WorkerLink(onLost=supervisorGone, onStop=toldToStop)
     stdio.StandardIO(link, stdin=0, stdout=CONTROL_FD, reactor=reactor)  # type: ignore[call-arg]
+    if afterSetup:
+        link.dataReceived(afterSetup)
     top = makeWorkerService(setup, reactor, link)
     top.privilegedStartService()
     top.startService()
@@ -93,10 +116,10 @@ def main() -> None:
         reactor.callFromThread(stopOnce)  # type: ignore[attr-defined]
 
     def handleSignals() -> None:
-        # Ctrl-C in a terminal reaches every process of the group, and
-        # systemd may send SIGTERM to every process of the unit as well as
-        # the supervisor's: the supervisor stops the workers itself, and a
-        # second SIGTERM changes nothing.
+        # Ctrl-C in a terminal reaches every process of the group: the
+        # supervisor stops the workers itself (a stop line on stdin).
+        # SIGTERM stops this worker (the supervisor replaces it unless it
+        # is stopping too).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, onTerm)
 

@@ -8,15 +8,23 @@ The supervisor starts each worker with these descriptors:
   - 0, the worker's stdin: first one line, the L{WorkerSetup} (a base64
     pickle: the configuration and which listening sockets the worker
     got), then the supervisor's answers (C{grant ID 1|0}).  Its end of
-    file means the supervisor is gone: the worker stops.
-  - 1, stdout: the worker's log events, one JSON object a line with the
-    event's text already formatted (L{encodeLogEvent}); the supervisor
-    logs them (L{decodeLogLine}).
+    file means the supervisor is gone: the worker stops.  C{stop} tells
+    the worker to stop (the supervisor is stopping it).
+  - 1, stdout: the worker's log events, one line each.  When the
+    supervisor logs to a text file or stream (C{twistd}'s own text log
+    observer: C{--logfile FILE}, C{--logfile -}), each is the very line
+    that log holds (L{formatLogText}), which the supervisor writes out as
+    it is, whole lines only (L{WorkerSetup.logText}); otherwise (C{--syslog},
+    C{--logger}) a JSON object with the event's text already formatted
+    (L{encodeLogEvent}), which the supervisor logs as its own event
+    (L{decodeLogLine}).
   - 2, stderr: text (a crash's traceback), logged by the supervisor.
   - 3: the worker's requests and notices, one line each:
     C{claim ID KEY LIMIT} (one more connection from client network KEY,
     if it has fewer than LIMIT over all workers), C{release KEY} (one of
-    them closed), C{queued QUEUEID} (a message was queued for relay).
+    them closed), C{queued QUEUEID} (a message was queued for relay),
+    C{metrics JSON} (with C{--metrics}: the worker's counter increments
+    and open sessions, L{MetricsReporter}).
   - 4 and up: the listening sockets, in the order of
     L{WorkerSetup.listeners}.
 """
@@ -32,7 +40,7 @@ from typing import Callable, Optional
 import attr
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
-from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText
+from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText, formatTime
 from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
@@ -44,6 +52,9 @@ log = Logger(namespace="pop3gw.worker")
 CONTROL_FD = 3
 #: The worker's descriptor of its first listening socket.
 FIRST_LISTENER_FD = 4
+#: Seconds between two reports of a worker's metrics (C{--metrics}) to
+#: the supervisor.
+METRICS_INTERVAL = 1.0
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -71,11 +82,16 @@ class WorkerSetup:
     """
     What a worker is told at start: the configuration (a
     L{pop3gw.config.Config}), its number (1 to N) and its listeners.
+
+    @ivar logText: whether the worker writes its log events as the lines
+        of the supervisor's text log (L{formatLogText}); if not, as
+        L{encodeLogEvent} records.
     """
 
     config: object
     number: int
     listeners: tuple
+    logText: bool = False
 
 
 def encodeSetup(setup: WorkerSetup) -> bytes:
@@ -114,6 +130,54 @@ def encodeLogEvent(event: dict) -> bytes:
     return json.dumps(record).encode("utf-8") + b"\n"
 
 
+class _TimeStamps:
+    """
+    The time stamps of C{twistd}'s text log (C{formatTime}, to the second),
+    each made once per second: formatting a time zone aware time costs more
+    than the rest of a log line.  Safe from any thread (the last stamp is
+    kept as one tuple).
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple = (None, "-")
+
+    def __call__(self, when: Optional[float]) -> str:
+        if when is None:
+            return formatTime(when)
+        second = int(when // 1)
+        last = self._last
+        if last[0] != second:
+            last = self._last = (second, formatTime(second))
+        return last[1]
+
+
+def formatLogText(event: dict, suffix: str = "", stamps: Optional[_TimeStamps] = None) -> Optional[bytes]:
+    """
+    One log event of a worker as the line C{twistd}'s text log observer
+    (C{textFileLogObserver}, RFC 3339 time stamps) would write for it, with
+    C{suffix} at the end of its text: C{time [namespace#level] text suffix},
+    a traceback's lines continued with a tab.
+
+    @param stamps: where the time stamps come from (one per writer, made
+        once per second); by default each is made anew.
+    @return: the line (UTF-8, ending in a newline), or C{None} if the
+        event has no text.
+    """
+    text = eventAsText(event, formatTime=stamps if stamps is not None else formatTime)
+    if not text:
+        return None
+    return ((text + suffix).replace("\n", "\n\t") + "\n").encode("utf-8")
+
+
+def logTextEncoder(suffix: str) -> Callable[[dict], Optional[bytes]]:
+    """
+    @return: the C{encode} of a L{LogLineWriter} writing L{formatLogText}
+        lines ending in C{suffix}.
+    """
+    stamps = _TimeStamps()
+    return lambda event: formatLogText(event, suffix, stamps)
+
+
 def decodeLogLine(line: bytes, suffix: str = "") -> dict:
     """
     The log event a line of L{encodeLogEvent} stands for, with C{suffix}
@@ -140,8 +204,8 @@ def decodeLogLine(line: bytes, suffix: str = "") -> dict:
 @implementer(ILogObserver)
 class LogLineWriter:
     """
-    A worker's log observer: each event as a line of L{encodeLogEvent},
-    written by C{write}.  With a C{schedule}, the lines of one reactor turn
+    A worker's log observer: each event as a line (C{encode(event)}, by
+    default L{encodeLogEvent}), written by C{write}.  With a C{schedule}, the lines of one reactor turn
     are gathered and written at once (one write, and one read by the
     supervisor, for many lines); without, each is written at once.
 
@@ -150,14 +214,22 @@ class LogLineWriter:
         running.
     """
 
-    def __init__(self, write: Callable[[bytes], object], schedule: Optional[Callable[[Callable[[], None]], object]] = None) -> None:
+    def __init__(
+        self,
+        write: Callable[[bytes], object],
+        schedule: Optional[Callable[[Callable[[], None]], object]] = None,
+        encode: Callable[[dict], Optional[bytes]] = encodeLogEvent,
+    ) -> None:
         self._write = write
+        self._encode = encode
         self.schedule = schedule
         self._pending: list[bytes] = []
         self._lock = threading.Lock()
 
     def __call__(self, event: dict) -> None:
-        line = encodeLogEvent(event)
+        line = self._encode(event)
+        if not line:
+            return
         with self._lock:
             self._pending.append(line)
             first = len(self._pending) == 1
@@ -185,12 +257,16 @@ class WorkerLink(LineOnlyReceiver):
     supervisor's answers (stdin) and writes to L{CONTROL_FD}.
 
     @ivar onLost: called when the supervisor is gone (stdin closed).
+    @ivar onStop: called when the supervisor tells the worker to stop.
     """
 
     delimiter = b"\n"
 
-    def __init__(self, onLost: Optional[Callable[[], None]] = None) -> None:
+    def __init__(
+        self, onLost: Optional[Callable[[], None]] = None, onStop: Optional[Callable[[], None]] = None
+    ) -> None:
         self.onLost = onLost
+        self.onStop = onStop
         self._next = 0
         self._waiting: dict[int, defer.Deferred] = {}
         self._gone = False
@@ -224,6 +300,14 @@ class WorkerLink(LineOnlyReceiver):
         if not self._gone and self.transport is not None:
             self.transport.write(b"queued %s\n" % (queueId.encode("ascii"),))
 
+    def metrics(self, report: dict) -> None:
+        """
+        Send the supervisor a report of this worker's metrics (see
+        L{MetricsReporter}).
+        """
+        if not self._gone and self.transport is not None:
+            self.transport.write(b"metrics " + json.dumps(report, separators=(",", ":")).encode("utf-8") + b"\n")
+
     def lineReceived(self, line: bytes) -> None:
         parts = line.split()
         if len(parts) == 3 and parts[0] == b"grant" and parts[1].isdigit():
@@ -231,6 +315,9 @@ class WorkerLink(LineOnlyReceiver):
             if d is not None:
                 d.callback(parts[2] == b"1")
                 return
+        if parts == [b"stop"] and self.onStop is not None:
+            self.onStop()
+            return
         log.error("worker: unexpected line from the supervisor ({size} bytes)", size=len(line))
 
     def connectionLost(self, reason=None) -> None:
@@ -264,3 +351,39 @@ class SharedPeerCounts(PeerCounts):
     def release(self, host: str) -> None:
         self.remove(host)
         self.link.release(host)
+
+
+class MetricsReporter:
+    """
+    A worker's metrics for the supervisor, which serves C{--metrics}: at
+    each L{report}, the increments of the worker's counters
+    (L{pop3gw.metrics.Metrics.counterTotals}) since the last report and
+    the connections open now per listener, if anything changed.
+
+    @param totals: the worker's counter totals now.
+    @param sessions: the worker's open connections per listener now.
+    """
+
+    def __init__(self, totals: Callable[[], dict], sessions: Callable[[], dict], link: WorkerLink) -> None:
+        self.totals = totals
+        self.sessions = sessions
+        self.link = link
+        self._sent: dict = {}
+        self._sessions: Optional[dict] = None
+
+    def report(self) -> None:
+        """
+        Send what changed since the last report.
+        """
+        counts: dict = {}
+        for name, byLabel in self.totals().items():
+            sent = self._sent.setdefault(name, {})
+            for label, total in byLabel.items():
+                increment = total - sent.get(label, 0)
+                if increment > 0:
+                    counts.setdefault(name, {})[label] = int(increment) if increment == int(increment) else increment
+                    sent[label] = total
+        sessions = self.sessions()
+        if counts or sessions != self._sessions:
+            self._sessions = sessions
+            self.link.metrics({"counts": counts, "sessions": sessions})

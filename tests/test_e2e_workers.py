@@ -17,6 +17,7 @@ import socket
 import stat
 import tempfile
 import time
+import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -241,7 +242,7 @@ class WorkersEndToEndTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
         mark = len(server.output)
         os.kill(pids[1], signal.SIGTERM)
-        server.waitForLog(rf"worker 1 \(pid {pids[1]}\) ended \(exit status 0\); restarting it in 0 s")
+        server.waitForLog(rf"worker 1 \(pid {pids[1]}\) ended \(exit status 0\); restarting it in 1 s")
         self.waitReady(server, mark, (1,))
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
         for _ in range(10):
@@ -254,6 +255,63 @@ class WorkersEndToEndTests(SynchronousTestCase):
         server.proc.wait(timeout=60)
         self.assertFalse(os.path.exists(path))
         self.assertNotIn("Traceback", server.log())
+
+    def test_everyProcessSignalled(self) -> None:
+        """
+        SIGTERM to the supervisor and to every worker at once (as systemd's
+        default KillMode sends it) stops them all, no worker is started
+        again, and none is left behind; a worker stopped alone by an
+        operator's SIGTERM is replaced.
+        """
+        server = self.startServer()
+        pids = self.waitReady(server)
+        mark = len(server.output)
+        os.kill(pids[2], signal.SIGTERM)
+        server.waitForLog(rf"worker 2 \(pid {pids[2]}\) ended \(exit status 0\); restarting it in 1 s")
+        pids.update(self.waitReady(server, mark, (2,)))
+        mark = len(server.output)
+        for pid in (server.proc.pid, *pids.values()):  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGTERM)
+        assert server.proc is not None
+        self.assertEqual(server.proc.wait(timeout=60), -signal.SIGTERM)
+        self.assertEqual([line for line in server.output[mark:] if " started (pid " in line], [])
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual([p for p in pids.values() if _alive(p)], [])
+
+    def test_metricsSummed(self) -> None:
+        """
+        With C{--metrics}, the supervisor's C{/metrics} shows the logins
+        and open sessions of every worker, summed.
+        """
+        server = Pop3gwProcess(
+            self,
+            args=["--workers", "2", "--domain", "example.org", "--metrics", "tcp:0:interface=127.0.0.1"],
+            listeners=("pop3", "submission", "metrics"),
+        ).start()
+        self.waitReady(server)
+        server.addUser(BOB, BOB_PW)
+        mark = len(server.output)
+        workers: list = []
+        for tries in range(1, MAX_TRIES + 1):
+            self.login(server, BOB, BOB_PW).quit()
+            workers = self.waitForLines(server, tries, r'login: service=pop3 .*user="bob@example.org"', mark)
+            if set(workers) == {1, 2}:
+                break
+        self.assertEqual(set(workers), {1, 2}, server.log())
+        holder = self.login(server, BOB, BOB_PW)
+        expected = [f'pop3gw_logins_total{{service="pop3"}} {len(workers) + 1}.0', 'pop3gw_sessions_open{listener="pop3"} 1.0']
+        body = ""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=30) as response:
+                body = response.read().decode()
+            if all(line in body.splitlines() for line in expected):
+                break
+            time.sleep(0.2)
+        self.assertEqual([line for line in expected if line not in body.splitlines()], [], body)
+        holder.quit()
 
     def test_signalsReachEveryWorker(self) -> None:
         """

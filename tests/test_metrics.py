@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from pop3gw import events, fsutil, workerlink
+from pop3gw import events, fsutil
 from pop3gw.metrics import Metrics, healthProblems, metricsSite
 from tests.util import makeTempDirectory
 
@@ -64,28 +64,19 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(got[("pop3gw_login_failures_total", (("service", "submission"),))], 1)
         self.assertEqual(got[("pop3gw_login_failures_total", (("service", "pop3"),))], 0)
 
-    def test_workerLogins(self) -> None:
+    def test_unknownServiceNotCounted(self) -> None:
         """
-        With C{--workers}, a worker's login events reach the supervisor's
-        observer as text only (L{workerlink.decodeLogLine}): they are
-        counted under the service the text names, never under a made-up
-        C{"None"} series.
+        A login event without a known C{service} field is not counted:
+        no C{service="None"} series appears.
         """
-        relayed: list = []
-        workerLog = Logger(observer=lambda event: relayed.append(event))
-        events.loginSucceeded(workerLog, "pop3", "alice@example.org", "192.0.2.7", True)
-        events.loginSucceeded(workerLog, "submission", 'x" service=pop3', "192.0.2.7", True)
-        events.loginFailed(workerLog, "submission", "alice@example.org", "192.0.2.7")
-        for event in relayed:
-            self.metrics(workerlink.decodeLogLine(workerlink.encodeLogEvent(event), " (worker 1)"))
+        self.metrics({"log_format": "login: service=pop3 user=x"})
+        self.metrics({"log_format": "authentication failed: service=x", "service": "imap"})
         got = samples(self.metrics)
-        self.assertEqual(got[("pop3gw_logins_total", (("service", "pop3"),))], 1)
-        self.assertEqual(got[("pop3gw_logins_total", (("service", "submission"),))], 1)
-        self.assertEqual(got[("pop3gw_login_failures_total", (("service", "submission"),))], 1)
-        self.assertEqual(got[("pop3gw_login_failures_total", (("service", "pop3"),))], 0)
         self.assertEqual(sorted(k for k in got if k[0] == "pop3gw_logins_total"),
                          [("pop3gw_logins_total", (("service", "pop3"),)),
                           ("pop3gw_logins_total", (("service", "submission"),))])
+        self.assertEqual(got[("pop3gw_logins_total", (("service", "pop3"),))], 0)
+        self.assertEqual(sum(v for k, v in got.items() if k[0] == "pop3gw_login_failures_total"), 0)
 
     def test_messagesAndRelay(self) -> None:
         """
@@ -138,6 +129,14 @@ class ObserverTests(SynchronousTestCase):
                        '"relay: bounce for {queueId} sent to '):
             self.assertIn(prefix, source)
 
+    def test_workerEventsNotCountedTwice(self) -> None:
+        """
+        A worker's event published by the supervisor (marked with the
+        worker's number) is not counted: the worker reports its counts.
+        """
+        self.metrics({"log_format": "login: service=pop3 user=x", "service": "pop3", "pop3gw_worker": 1})
+        self.assertEqual(samples(self.metrics)[("pop3gw_logins_total", (("service", "pop3"),))], 0)
+
     def test_brokenEventIgnored(self) -> None:
         """
         An event the observer cannot read is ignored, never raised into
@@ -147,6 +146,55 @@ class ObserverTests(SynchronousTestCase):
                       "delivered": object()})
         self.metrics({"log_format": 42})
         self.assertEqual(samples(self.metrics)[("pop3gw_relay_recipients_total", (("result", "delivered"),))], 0)
+
+
+class WorkerReportTests(SynchronousTestCase):
+    """
+    C{--workers N}: a worker's counter totals, and its reports added up by
+    the supervisor's L{Metrics}.
+    """
+
+    def test_counterTotals(self) -> None:
+        """
+        A worker's totals cover its session counters, per label value
+        (C{""} for the counter without labels).
+        """
+        metrics = Metrics()
+        log = Logger(observer=metrics)
+        events.loginSucceeded(log, "pop3", "alice@example.org", "192.0.2.7", True)
+        events.loginFailed(log, "submission", "alice@example.org", "192.0.2.7")
+        totals = metrics.counterTotals()
+        self.assertEqual(totals["pop3gw_logins"], {"pop3": 1.0, "submission": 0.0})
+        self.assertEqual(totals["pop3gw_login_failures"], {"pop3": 0.0, "submission": 1.0})
+        self.assertEqual(totals["pop3gw_connections_refused"], {"": 0.0})
+        self.assertEqual(totals["pop3gw_messages_accepted"], {"submission": 0.0, "mx": 0.0, "lmtp": 0.0})
+        self.assertEqual(sorted(totals), ["pop3gw_connections_refused", "pop3gw_login_failures", "pop3gw_logins", "pop3gw_messages_accepted"])
+
+    def test_reportsSummed(self) -> None:
+        """
+        The increments two workers report add up in the supervisor's
+        counters; their open sessions are summed per listener, and a
+        worker that ended counts no more sessions.  Nonsense in a report
+        is ignored.
+        """
+        metrics = Metrics()
+        metrics.watchSessions("pop3", lambda: metrics.workerSessions("pop3"))
+        metrics.addWorkerReport(1, {"counts": {"pop3gw_logins": {"pop3": 2}}, "sessions": {"pop3": 3}})
+        metrics.addWorkerReport(2, {"counts": {"pop3gw_logins": {"pop3": 1}, "pop3gw_connections_refused": {"": 4}},
+                                    "sessions": {"pop3": 1}})
+        metrics.addWorkerReport(2, {"counts": {"pop3gw_logins": {"pop3": -5, "submission": True}, "nope": {"x": 1},
+                                               "pop3gw_messages_accepted": {"submission": 2.0}}})
+        metrics.addWorkerReport(1, {"counts": "x", "sessions": {"pop3": "many"}})
+        got = samples(metrics)
+        self.assertEqual(got[("pop3gw_logins_total", (("service", "pop3"),))], 3)
+        self.assertEqual(got[("pop3gw_logins_total", (("service", "submission"),))], 0)
+        self.assertEqual(got[("pop3gw_connections_refused_total", ())], 4)
+        self.assertEqual(got[("pop3gw_messages_accepted_total", (("listener", "submission"),))], 2)
+        self.assertEqual(got[("pop3gw_sessions_open", (("listener", "pop3"),))], 1)
+        metrics.addWorkerReport(1, {"counts": {}, "sessions": {"pop3": 3}})
+        self.assertEqual(samples(metrics)[("pop3gw_sessions_open", (("listener", "pop3"),))], 4)
+        metrics.forgetWorker(2)
+        self.assertEqual(samples(metrics)[("pop3gw_sessions_open", (("listener", "pop3"),))], 3)
 
 
 class GaugeTests(SynchronousTestCase):

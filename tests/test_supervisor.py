@@ -6,14 +6,29 @@ process spawner and a L{task.Clock}.
 
 from __future__ import annotations
 
+import io
+
 from twisted.internet import task
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.logger import Logger, formatEvent, formatEventAsClassicLogText, globalLogPublisher
+from twisted.logger import (
+    Logger,
+    LogPublisher,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+    textFileLogObserver,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.supervisor import MAX_RESTART_DELAY, STOP_TIMEOUT, WorkerPool, WorkerProcess
-from pop3gw.workerlink import encodeLogEvent
+from pop3gw.supervisor import (
+    MAX_RESTART_DELAY,
+    STOP_TIMEOUT,
+    WorkerPool,
+    WorkerProcess,
+    textLogWriter,
+)
+from pop3gw.workerlink import encodeLogEvent, formatLogText
 
 
 class FakeProcessTransport:
@@ -45,6 +60,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.spawned: list[WorkerProcess] = []
         self.events: list[dict] = []
         self.queued: list[str] = []
+        self.reports: list = []
         self.endings: list[int] = []
         self.nextPid = 100
         self.pool = WorkerPool(
@@ -55,6 +71,7 @@ class WorkerPoolTests(SynchronousTestCase):
             onQueued=self.queued.append,
             onWorkerEnded=lambda: self.endings.append(len(self.endings)),
             publisher=self.events.append,
+            onMetrics=lambda number, report: self.reports.append((number, report)),
         )
         self.logged: list[str] = []
 
@@ -124,21 +141,66 @@ class WorkerPoolTests(SynchronousTestCase):
 
     def test_stopTerminatesAndWaits(self) -> None:
         """
-        Stopping sends SIGTERM to every worker and fires once all have
-        ended; none is restarted.  One still running after
-        L{STOP_TIMEOUT} seconds is killed.
+        Stopping tells every worker to stop (a C{stop} line on its stdin,
+        no signal) and fires once all have ended; none is restarted.  One
+        still running after L{STOP_TIMEOUT} seconds is killed.
         """
         self.pool.startService()
         d = self.pool.stopService()
-        self.assertEqual([w.transport.signals for w in self.spawned], [["TERM"], ["TERM"]])
+        self.assertEqual([w.transport.written[-1:] for w in self.spawned], [[b"stop\n"], [b"stop\n"]])
+        self.assertEqual([w.transport.signals for w in self.spawned], [[], []])
         self.spawned[0].processEnded(Failure(ProcessDone(0)))
         self.assertNoResult(d)
         self.clock.advance(STOP_TIMEOUT)
-        self.assertEqual(self.spawned[1].transport.signals, ["TERM", "KILL"])
+        self.assertEqual(self.spawned[1].transport.signals, ["KILL"])
         self.spawned[1].processEnded(crashed())
         self.successResultOf(d)
         self.clock.advance(100)
         self.assertEqual(len(self.spawned), 2)
+
+    def test_signalledByOthersReplaced(self) -> None:
+        """
+        A worker that exits 0 without being told to stop (a SIGTERM from
+        someone else: an operator) is replaced, after C{RESTART_DELAY},
+        even when it had run long.
+        """
+        self.pool.startService()
+        self.clock.advance(100)
+        self.spawned[0].processEnded(Failure(ProcessDone(0)))
+        self.assertIn("worker 1 (pid 101) ended (exit status 0); restarting it in 1 s", self.logged)
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.spawned), 2)
+        self.clock.advance(0.5)
+        self.assertEqual([(w.number, w.pid) for w in self.spawned], [(1, 101), (2, 102), (1, 103)])
+
+    def test_stopWithEveryProcessSignalled(self) -> None:
+        """
+        When the whole service is stopped by signalling every process
+        (systemd's default KillMode), a worker that ends on its own SIGTERM
+        just before the supervisor handles its own is not replaced.
+        """
+        self.pool.startService()
+        self.clock.advance(100)
+        self.spawned[0].processEnded(Failure(ProcessDone(0)))
+        self.clock.advance(0.1)
+        d = self.pool.stopService()
+        self.assertEqual(self.spawned[1].transport.written[-1:], [b"stop\n"])
+        self.spawned[1].processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(d)
+        self.clock.advance(100)
+        self.assertEqual(len(self.spawned), 2)
+
+    def test_toldToStopNotReplaced(self) -> None:
+        """
+        A worker the supervisor told to stop is not replaced when it ends,
+        even while the pool runs on.
+        """
+        self.pool.startService()
+        self.spawned[0].stop()
+        self.spawned[0].processEnded(Failure(ProcessDone(0)))
+        self.clock.advance(100)
+        self.assertEqual(len(self.spawned), 2)
+        self.assertNotIn(1, self.pool.workers)
 
     def test_stopCancelsRestart(self) -> None:
         """
@@ -192,6 +254,19 @@ class WorkerPoolTests(SynchronousTestCase):
         self.spawned[0].processEnded(crashed())
         self.assertEqual(self.endings, [0])
 
+    def test_metricsReported(self) -> None:
+        """
+        A worker's C{metrics} report is passed on with its number; when it
+        ends, its end is passed on too (its sessions are gone).  A report
+        that is not JSON is a bad control line.
+        """
+        self.pool.startService()
+        self.spawned[1].childDataReceived(3, b'metrics {"counts":{"pop3gw_logins":{"pop3":2}},"sessions":{"pop3":1}}\n')
+        self.spawned[1].childDataReceived(3, b"metrics {nope\n")
+        self.spawned[1].processEnded(crashed())
+        self.assertEqual(self.reports, [(2, {"counts": {"pop3gw_logins": {"pop3": 2}}, "sessions": {"pop3": 1}}), (2, None)])
+        self.assertEqual(len([line for line in self.logged if "unexpected control line" in line]), 1)
+
     def test_badControlLine(self) -> None:
         """
         A control line the supervisor does not know is logged as an error
@@ -235,3 +310,72 @@ class WorkerPoolTests(SynchronousTestCase):
         self.spawned[0].childDataReceived(2, b"MemoryError")
         self.spawned[0].processEnded(crashed())
         self.assertIn("worker 1 (pid 101): MemoryError", self.logged)
+
+
+class TextLogTests(SynchronousTestCase):
+    """
+    Workers' log lines written as they are to the supervisor's text log.
+    """
+
+    def setUp(self) -> None:
+        self.written: list[bytes] = []
+        self.events: list[dict] = []
+        self.spawned: list[WorkerProcess] = []
+        self.pool = WorkerPool(
+            1,
+            self.spawn,
+            lambda number: b"setup\n",
+            task.Clock(),
+            publisher=self.events.append,
+            logWrite=self.written.append,
+        )
+
+    def spawn(self, worker: WorkerProcess) -> None:
+        worker.makeConnection(FakeProcessTransport(101))
+        self.spawned.append(worker)
+
+    def test_wholeLinesAsTheyAre(self) -> None:
+        """
+        What a worker writes to its stdout reaches the log as it is, whole
+        lines only, all the whole lines of one read in one write; nothing
+        is published as an event.  A last line without its end is written
+        with one when the worker ends.
+        """
+        self.pool.startService()
+        worker = self.spawned[0]
+        worker.childDataReceived(1, b"2026-12-02T02:00:00+0000 [x#info] one (worker 1)\n2026-12-02T02:00:00+0000 [x#in")
+        worker.childDataReceived(1, b"fo] two (worker 1)\nthree (wor")
+        worker.childDataReceived(1, b"ker 1)\nfour\n")
+        worker.childDataReceived(1, b"five")
+        self.assertEqual(
+            self.written,
+            [
+                b"2026-12-02T02:00:00+0000 [x#info] one (worker 1)\n",
+                b"2026-12-02T02:00:00+0000 [x#info] two (worker 1)\n",
+                b"three (worker 1)\nfour\n",
+            ],
+        )
+        worker.processEnded(crashed())
+        self.assertEqual(self.written[3:], [b"five\n"])
+        self.assertEqual([e for e in self.events if e.get("log_namespace") != "pop3gw.supervisor"], [])
+
+    def test_findsTwistdTextLog(self) -> None:
+        """
+        L{textLogWriter} finds the one text log observer of a publisher
+        that formats events as the workers do, and writes to its file;
+        with none, two, or one of another time format, there is none to
+        write to (the workers' events are then published one by one).
+        """
+        out = io.StringIO()
+        publisher = LogPublisher(self.events.append, textFileLogObserver(out))
+        write = textLogWriter(publisher)
+        assert write is not None
+        events: list = []
+        Logger(namespace="pop3gw.x", observer=events.append).info("hello")
+        line = formatLogText(events[0], " (worker 1)")
+        assert line is not None
+        write(line)
+        self.assertEqual(out.getvalue(), formatEventAsClassicLogText(events[0]).replace("\n", " (worker 1)\n"))
+        self.assertIsNone(textLogWriter(LogPublisher(self.events.append)))
+        self.assertIsNone(textLogWriter(LogPublisher(textFileLogObserver(io.StringIO()), textFileLogObserver(io.StringIO()))))
+        self.assertIsNone(textLogWriter(LogPublisher(textFileLogObserver(io.StringIO(), timeFormat="%H:%M"))))

@@ -132,6 +132,14 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(settings["ExecReload"], ["/bin/kill -HUP $MAINPID"])
         self.assertIn("--config /etc/pop3gw/pop3gw.ini", settings["ExecStart"][0])
 
+    def test_stopSignalsTheSupervisorOnly(self) -> None:
+        """
+        C{systemctl stop} sends SIGTERM to the main process only (the
+        supervisor with C{--workers N}, which stops its workers and does not
+        replace them), and SIGKILL to whatever is left once it exited.
+        """
+        self.assertEqual(unitSettings()["KillMode"], ["mixed"])
+
     def test_writableExecutableMemoryAllowed(self) -> None:
         """
         The unit does not set C{MemoryDenyWriteExecute=}: the relay client's

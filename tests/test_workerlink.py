@@ -22,6 +22,7 @@ from pop3gw.config import buildConfig
 from pop3gw.workerlink import (
     InheritedListener,
     LogLineWriter,
+    MetricsReporter,
     SharedPeerCounts,
     WorkerLink,
     WorkerSetup,
@@ -29,6 +30,8 @@ from pop3gw.workerlink import (
     decodeSetup,
     encodeLogEvent,
     encodeSetup,
+    formatLogText,
+    logTextEncoder,
 )
 
 
@@ -71,6 +74,43 @@ class WorkerLinkTests(SynchronousTestCase):
         self.assertEqual(self.lost, [True])
         self.link.release("192.0.2.1")
         self.assertEqual(self.transport.value(), b"claim 1 192.0.2.1 20\n")
+
+    def test_metricsReports(self) -> None:
+        """
+        L{MetricsReporter} sends the increments of the counters since its
+        last report and the sessions open now, one C{metrics} line each
+        time something changed, and nothing otherwise.
+        """
+        totals = {"pop3gw_logins": {"pop3": 0.0, "submission": 0.0}}
+        sessions = {"pop3": 0}
+        reporter = MetricsReporter(lambda: totals, lambda: dict(sessions), self.link)
+        reporter.report()
+        totals["pop3gw_logins"]["pop3"] = 2.0
+        sessions["pop3"] = 1
+        reporter.report()
+        reporter.report()
+        totals["pop3gw_logins"]["pop3"] = 3.0
+        reporter.report()
+        sessions["pop3"] = 0
+        reporter.report()
+        self.assertEqual(
+            self.transport.value().splitlines(),
+            [
+                b'metrics {"counts":{},"sessions":{"pop3":0}}',
+                b'metrics {"counts":{"pop3gw_logins":{"pop3":2}},"sessions":{"pop3":1}}',
+                b'metrics {"counts":{"pop3gw_logins":{"pop3":1}},"sessions":{"pop3":1}}',
+                b'metrics {"counts":{},"sessions":{"pop3":0}}',
+            ],
+        )
+
+    def test_toldToStop(self) -> None:
+        """
+        A C{stop} line from the supervisor calls C{onStop}.
+        """
+        stopped: list = []
+        self.link.onStop = lambda: stopped.append(True)
+        self.link.dataReceived(b"stop\n")
+        self.assertEqual(stopped, [True])
 
     def test_unexpectedLine(self) -> None:
         """
@@ -162,6 +202,51 @@ class LogLineTests(SynchronousTestCase):
             self.assertRaises(ValueError, decodeLogLine, line)
 
 
+class LogTextTests(SynchronousTestCase):
+    """
+    L{formatLogText}: a worker's log event as the line the supervisor's
+    text log would hold.
+    """
+
+    def test_asTwistdWritesIt(self) -> None:
+        """
+        The line is the one C{twistd}'s text log observer writes for the
+        same event, with the suffix at the end of the text; braces in
+        field values stay literal, and events in one second and the next
+        get their own time stamps.
+        """
+        events: list = []
+        log = Logger(namespace="pop3gw.smtp.SubmissionServer", observer=events.append)
+        log.info("login: user={user}", user='"a{0}b"')
+        log.warn("authentication failed: user={user}", user="x")
+        events[1]["log_time"] = events[0]["log_time"] + 1.0
+        encode = logTextEncoder(" (worker 2)")
+        for event in events + events:
+            self.assertEqual(
+                encode(event),
+                formatEventAsClassicLogText(event).replace("\n", " (worker 2)\n").encode("utf-8"),
+            )
+        self.assertNotEqual(formatLogText(events[0])[:24], formatLogText(events[1])[:24])
+
+    def test_failureOneLine(self) -> None:
+        """
+        A failure's traceback is part of the one line, its lines continued
+        with a tab as C{twistd} writes them, and the suffix comes last.
+        """
+        events: list = []
+        Logger(namespace="pop3gw.x", observer=events.append).failure("it broke", Failure(ZeroDivisionError("no")))
+        line = formatLogText(events[0], " (worker 1)")
+        self.assertEqual(line, (formatEventAsClassicLogText(events[0])[:-1] + " (worker 1)\n").encode("utf-8"))
+        self.assertIn(b"[pop3gw.x#critical] it broke\n\tTraceback (most recent call last):", line)
+        self.assertTrue(line.endswith(b"ZeroDivisionError: no\n\t (worker 1)\n"), line)
+
+    def test_nothingToSay(self) -> None:
+        """
+        An event without text gives no line.
+        """
+        self.assertIsNone(formatLogText({"log_time": 1.0}))
+
+
 class LogLineWriterTests(SynchronousTestCase):
     """
     L{LogLineWriter}: a worker's log observer.
@@ -202,6 +287,36 @@ class LogLineWriterTests(SynchronousTestCase):
         writer(self.event("two"))
         self.assertEqual([decodeLogLine(line)["log_format"] for line in b"".join(written).splitlines()], ["one", "two"])
         self.assertEqual(len(written), 1)
+
+    def test_encodedAsGiven(self) -> None:
+        """
+        The writer encodes each event with the function it is given (the
+        text lines of L{formatLogText}); an event that gives no line adds
+        nothing.
+        """
+        written: list = []
+        writer = LogLineWriter(written.append, encode=logTextEncoder(" (worker 1)"))
+        writer(self.event("one"))
+        writer({"log_time": 1.0})
+        self.assertEqual(len(written), 1)
+        self.assertTrue(written[0].endswith(b"[pop3gw.x#info] one (worker 1)\n"), written)
+
+
+class SetupLineTests(SynchronousTestCase):
+    def test_restKept(self) -> None:
+        """
+        The worker reads its setup line alone from stdin; what the
+        supervisor wrote after it (a C{stop}) is returned for the link.
+        """
+        import os
+
+        from pop3gw.worker import readSetupLine
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        os.write(w, b"c2V0dXA=\nstop\n")
+        os.close(w)
+        self.assertEqual(readSetupLine(r), (b"c2V0dXA=\n", b"stop\n"))
 
 
 class WorkerSignalTests(SynchronousTestCase):
