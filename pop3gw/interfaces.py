@@ -925,3 +925,30 @@ class IDKIMKeyStore(Interface):
         @raise pop3gw.dkimkeys.DKIMKeyError: no such key, or another key
             should be activated first.
         """
+
+
+class ILoginHistory(Interface):
+    """
+    Where the login history (see L{pop3gw.loginwatch}) is kept: a file
+    under the data directory, or a table of the database store.  Both
+    methods block: the server calls them at start-up and in a thread pool.
+    """
+
+    where = Attribute("Where the history is, for log lines (a file, or a URI without its password).")
+
+    def read():
+        """
+        @return: the stored history (user key -> network -> C{[first seen,
+            last seen]}).
+        @raise TemporaryFailure: the database cannot be reached.
+        """
+
+    def merge(changes, now):
+        """
+        Store C{changes} (a history of the users whose history changed)
+        merged with the stored history (earliest first-seen, latest
+        last-seen), forgetting networks unseen for
+        L{pop3gw.loginwatch.HISTORY_KEEP} seconds before C{now}.
+
+        @return: the whole history as stored.
+        """

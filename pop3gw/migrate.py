@@ -3,7 +3,7 @@
 C{pop3gw migrate}: copy users (hashes untouched), aliases, maildrops
 (UIDLs, seen flags and order kept), app passwords and main-password
 scopes, the sending records (per-user limits, suspensions, counts,
-last uses of app passwords) and the DKIM keys between a data directory and a PostgreSQL
+last uses of app passwords), the DKIM keys and the login history between a data directory and a PostgreSQL
 database, in either direction.
 
 The source is only read; its maildrops are locked while they are copied
@@ -19,6 +19,7 @@ The outbound queue is not copied (empty it first).
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 import attr
@@ -28,6 +29,7 @@ from pop3gw.address import Address, AddressError, lookupKey
 from pop3gw.apppasswords import APP_PASSWORDS, AppPasswords, fileContents
 from pop3gw.dkimkeys import DKIMKeyError, KeyStore
 from pop3gw.interfaces import Pop3gwError
+from pop3gw.loginwatch import HISTORY_FILE, LoginHistoryFile
 from pop3gw.maildir import MaildirStore
 from pop3gw.passwdfile import AliasLine, formatAliasLine, parseAliases, parseUsers
 from pop3gw.pgaccounts import (
@@ -38,6 +40,7 @@ from pop3gw.pgaccounts import (
 )
 from pop3gw.pgdatabase import Database
 from pop3gw.pgdkim import PostgresKeyStore, insertKeys
+from pop3gw.pglogins import PostgresLoginHistory, insertHistory
 from pop3gw.pgmail import PostgresMaildropStore, storeMessage
 from pop3gw.pgusers import PostgresUsers
 from pop3gw.sendlimits import DATABASE, SendingLimits
@@ -129,7 +132,8 @@ def maildirToDatabase(dataDir: str, database: Database) -> Migrated:
     done = Migrated()
     with database.transaction() as conn:
         for table in ("pop3gw_users", "pop3gw_aliases", "pop3gw_maildrop", "pop3gw_app_passwords",
-                      "pop3gw_main_scopes", "pop3gw_limit_overrides", "pop3gw_suspended", "pop3gw_dkim_keys"):
+                      "pop3gw_main_scopes", "pop3gw_limit_overrides", "pop3gw_suspended", "pop3gw_dkim_keys",
+                      "pop3gw_login_history"):
             if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
                 raise MigrationError("the database is not empty (it holds users, aliases or messages)")
         conn.execute("UPDATE pop3gw_directory_version SET version = version + 1")
@@ -158,6 +162,9 @@ def maildirToDatabase(dataDir: str, database: Database) -> Migrated:
             raise MigrationError(str(e)) from None
         insertKeys(conn, dkimKeys)
         done.dkimKeys = len(dkimKeys)
+        history = LoginHistoryFile(os.path.join(dataDir, HISTORY_FILE)).read()
+        insertHistory(conn, [(user.lower(), network, first, last) for user, networks in history.items()
+                             for network, (first, last) in networks.items()])
         if os.path.exists(os.path.join(dataDir, DATABASE)):
             records = SendingLimits(dataDir)
             try:
@@ -238,6 +245,9 @@ def databaseToMaildir(database: Database, dataDir: str, owner: Optional[fsutil.O
     if keys:
         KeyStore(dataDir, owner).load(keys)
     done.dkimKeys = len(keys)
+    history = PostgresLoginHistory(database).read()
+    if history:
+        LoginHistoryFile(os.path.join(dataDir, HISTORY_FILE), owner).merge(history, time.time())
     records = PostgresSendingLimits(database).export()
     if records.overrides or records.suspended or records.sent or records.uses:
         local = SendingLimits(dataDir, owner=owner)

@@ -161,6 +161,16 @@ SCHEMA: list[list[str]] = [
             version bigint NOT NULL)""",
         "INSERT INTO pop3gw_dkim_version VALUES (1, 1)",
     ],
+    # Version 3: the login history (see pop3gw.pglogins).
+    [
+        """CREATE TABLE pop3gw_login_history (
+            user_key text NOT NULL,
+            network text NOT NULL,
+            first_seen double precision NOT NULL,
+            last_seen double precision NOT NULL,
+            PRIMARY KEY (user_key, network))""",
+        "CREATE INDEX pop3gw_login_history_last ON pop3gw_login_history (last_seen)",
+    ],
 ]
 
 #: The version this code reads and writes.

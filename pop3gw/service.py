@@ -52,12 +52,13 @@ from pop3gw.dkimsign import SigningQueue
 from pop3gw.inbound import InboundChecker, RspamdClient
 from pop3gw.interfaces import IAppPasswords, ISendingRecords, TemporaryFailure, UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
-from pop3gw.loginwatch import LoginWatch
+from pop3gw.loginwatch import HISTORY_FILE, LoginWatch
 from pop3gw.maildir import MaildirStore
 from pop3gw.metrics import Metrics, healthProblems, metricsSite
 from pop3gw.pgaccounts import PostgresAppPasswords, PostgresSendingLimits
 from pop3gw.pgdatabase import Database, checkSchema, redact
 from pop3gw.pgdkim import PostgresKeyStore
+from pop3gw.pglogins import PostgresLoginHistory
 from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
 from pop3gw.pgqueue import QUEUE_POLL_INTERVAL, PostgresQueue
 from pop3gw.pgusers import PostgresUsers
@@ -135,7 +136,7 @@ DNS_THREADS = 8
 ACME_CHECK_INTERVAL = 600.0
 
 #: The login history under the data directory, and how often it is saved.
-LOGIN_HISTORY = "logins.json"
+LOGIN_HISTORY = HISTORY_FILE
 LOGIN_HISTORY_SAVE_INTERVAL = 60.0
 
 POP3_REFUSAL = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
@@ -826,7 +827,10 @@ def _buildCore(
             config.dataDir, config.limits["messages-per-hour"], config.limits["recipients-per-day"], owner
         )
         appPasswords = AppPasswords(os.path.join(config.dataDir, APP_PASSWORDS), config.usersPath + ".lock", owner)
-    watch = LoginWatch(reactor, os.path.join(config.dataDir, LOGIN_HISTORY), ioRunner, owner)
+    if database is not None:
+        watch = LoginWatch(reactor, runner=storeRunner, store=PostgresLoginHistory(database))
+    else:
+        watch = LoginWatch(reactor, os.path.join(config.dataDir, LOGIN_HISTORY), ioRunner, owner)
     watch.load()
     LoginWatchService(watch).setServiceParent(top)
     checker = PasswordChecker(

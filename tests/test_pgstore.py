@@ -617,15 +617,19 @@ class MigrateTests(SynchronousTestCase):
     def test_accountStateThereAndBack(self) -> None:
         """
         App passwords (hashes untouched), main-password scopes, per-user
-        limits, suspensions, sending counts, app-password uses and DKIM
-        keys (order, active flags, private keys) go to the database and
-        back unchanged.
+        limits, suspensions, sending counts, app-password uses, DKIM keys
+        (order, active flags, private keys) and the login history go to
+        the database and back unchanged.
         """
+        import time
+
         from pop3gw.apppasswords import AppPasswords
         from pop3gw.dkimkeys import KeyStore
+        from pop3gw.loginwatch import LoginHistoryFile
         from pop3gw.pgaccounts import PostgresAppPasswords, PostgresSendingLimits
         from pop3gw.pgdatabase import Database
         from pop3gw.pgdkim import PostgresKeyStore
+        from pop3gw.pglogins import PostgresLoginHistory
         from pop3gw.sendlimits import SendingLimits
 
         source = os.path.abspath(self.mktemp())
@@ -650,6 +654,8 @@ class MigrateTests(SynchronousTestCase):
         keys.activate("example.org", "new")
         keys.generate("example.net", "s1", "ed25519", created="2026-12-01T00:00:00Z")
         keyRows = [(r, keys.privateKey(r)) for r in keys.records()]
+        history = {"alice@example.org": {"203.0.0.0/16": [time.time() - 86400, time.time()]}}
+        LoginHistoryFile(os.path.join(source, "logins.json")).merge(history, time.time())
 
         status, out, err = self.runCLI("migrate", "--from", f"maildir:{source}", "--to", self.uri)
         self.assertEqual((status, err), (0, ""))
@@ -662,6 +668,7 @@ class MigrateTests(SynchronousTestCase):
         self.assertEqual(PostgresAppPasswords(database).find(ALICE, phone.encode()).hashed, "{PLAIN}" + phone)
         self.assertEqual(PostgresAppPasswords(database).mainScope(BOB), "submission")
         self.assertEqual(PostgresSendingLimits(database).export(), exported)
+        self.assertEqual(PostgresLoginHistory(database).read(), history)
         inDatabase = PostgresKeyStore(database)
         self.assertEqual([(r, inDatabase.privateKey(r)) for r in inDatabase.records()], keyRows)
 
@@ -673,6 +680,7 @@ class MigrateTests(SynchronousTestCase):
         back = SendingLimits(target)
         self.addCleanup(back.close)
         self.assertEqual(back.export(), exported)
+        self.assertEqual(LoginHistoryFile(os.path.join(target, "logins.json")).read(), history)
         keysBack = KeyStore(target)
         self.assertEqual([(r, keysBack.privateKey(r)) for r in keysBack.records()], keyRows)
 
