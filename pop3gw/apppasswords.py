@@ -33,9 +33,11 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import attr
+from zope.interface import implementer
 
 from pop3gw import fsutil
 from pop3gw.address import Address, AddressError
+from pop3gw.interfaces import IAppPasswords
 from pop3gw.passwdfile import isComment, splitLines
 from pop3gw.users import _FileLock, _statKey, _WatchedFile
 
@@ -156,6 +158,16 @@ def _line(entry: AppPassword) -> bytes:
             f"created={int(entry.created)}\n").encode("utf-8")
 
 
+def fileContents(passwords: Sequence[AppPassword], mainScopes: Sequence[Tuple[str, str]]) -> bytes:
+    """
+    The app passwords file holding C{passwords} and the restrictions
+    C{mainScopes} (C{(user, scope)}), as C{pop3gw migrate} writes it.
+    """
+    lines = [_line(e) for e in passwords]
+    lines += [f"{user}:!::::::main-scope={scope}\n".encode("utf-8") for user, scope in mainScopes]
+    return b"".join(lines)
+
+
 class AppPasswordError(Exception):
     """
     A change to the app passwords that cannot be made (the message says
@@ -163,9 +175,37 @@ class AppPasswordError(Exception):
     """
 
 
+def checkNew(name: str, scope: str) -> None:
+    """
+    @raise AppPasswordError: C{name} or C{scope} cannot be those of a new
+        app password.
+    """
+    if not _NAME.match(name):
+        raise AppPasswordError(f"bad app password name {name!r}: letters, digits, '.', '_', '-', at most 64")
+    if scope not in SCOPES:
+        raise AppPasswordError(f"bad scope {scope!r}: one of {', '.join(SCOPES)}")
+
+
+def checkMainScope(scope: str) -> None:
+    """
+    @raise AppPasswordError: C{scope} is not a main password's scope.
+    """
+    if scope not in MAIN_SCOPES:
+        raise AppPasswordError(f"bad scope {scope!r}: one of {', '.join(MAIN_SCOPES)}")
+
+
+def passwordId(password: bytes) -> str:
+    """
+    The id of a generated password: its first group.
+    """
+    return password[:_GROUP].decode("ascii")
+
+
+@implementer(IAppPasswords)
 class AppPasswords:
     """
-    The app passwords file: read by the server (re-read when it changes),
+    The app passwords file (L{pop3gw.pgaccounts.PostgresAppPasswords}
+    keeps them in the database store): read by the server (re-read when it changes),
     edited by the C{pop3gw} command under the users file's lock.
 
     The blocking methods (L{find}, L{mainScope}, the edits) run in a pool
@@ -194,7 +234,7 @@ class AppPasswords:
         """
         if not looksGenerated(password):
             return None
-        return self._current().passwords.get((str(user).lower(), password[:_GROUP].decode("ascii")))
+        return self._current().passwords.get((str(user).lower(), passwordId(password)))
 
     def mainScope(self, user: Address) -> str:
         """
@@ -224,6 +264,20 @@ class AppPasswords:
         key = str(user).lower()
         return sorted((e for (k, _), e in self._current().passwords.items() if k == key), key=lambda e: e.created)
 
+    def listAll(self) -> List[AppPassword]:
+        """
+        Every app password, oldest first (C{pop3gw migrate}).
+        """
+        return sorted(self._current().passwords.values(), key=lambda e: e.created)
+
+    def mainScopes(self) -> List[Tuple[str, str]]:
+        """
+        C{(user, scope)} for every restricted main password (C{pop3gw
+        migrate}).
+        """
+        entries = self._current()
+        return sorted(entries.mainScopes.items())
+
     def add(self, user: Address, name: str, scope: str, hashPassword, now: Optional[float] = None) -> str:
         """
         Generate, store (hashed with C{hashPassword}) and return a new app
@@ -231,10 +285,7 @@ class AppPasswords:
 
         @raise AppPasswordError: a bad name or scope, or the name taken.
         """
-        if not _NAME.match(name):
-            raise AppPasswordError(f"bad app password name {name!r}: letters, digits, '.', '_', '-', at most 64")
-        if scope not in SCOPES:
-            raise AppPasswordError(f"bad scope {scope!r}: one of {', '.join(SCOPES)}")
+        checkNew(name, scope)
         with _FileLock(self._lockPath, self._owner):
             entries = self._file.current(force=True)[0]
             mine = [e for (k, _), e in entries.passwords.items() if k == str(user).lower()]
@@ -271,8 +322,7 @@ class AppPasswords:
         """
         Restrict (or free, with C{all}) C{user}'s main password.
         """
-        if scope not in MAIN_SCOPES:
-            raise AppPasswordError(f"bad scope {scope!r}: one of {', '.join(MAIN_SCOPES)}")
+        checkMainScope(scope)
         key = str(user).lower()
         line = f"{user}:!::::::main-scope={scope}\n".encode("utf-8")
         with _FileLock(self._lockPath, self._owner):

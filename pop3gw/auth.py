@@ -29,9 +29,10 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from pop3gw.address import Address, AddressError, isLoopback
 from pop3gw.anvil import AuthAccounting, CheckSlot
-from pop3gw.apppasswords import USE_RECORD_INTERVAL, AppPassword, AppPasswords, covers
+from pop3gw.apppasswords import USE_RECORD_INTERVAL, AppPassword, covers
 from pop3gw.directory import Senders
 from pop3gw.interfaces import (
+    IAppPasswords,
     IMaildropStore,
     IMailRouter,
     IPOP3Avatar,
@@ -170,7 +171,7 @@ class PasswordChecker:
         cache: Optional[VerifiedCredentialsCache] = None,
         accounting: Optional[AuthAccounting] = None,
         watch: Optional[LoginWatch] = None,
-        appPasswords: Optional[AppPasswords] = None,
+        appPasswords: Optional[IAppPasswords] = None,
         recordUse: Optional[Callable[[str, str, str], None]] = None,
     ):
         """

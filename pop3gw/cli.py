@@ -62,9 +62,7 @@ _READ_ONLY = frozenset({("user", "list"), ("queue", "list"), ("alias", "list"), 
 
 #: The C{user} actions that keep their state under the data directory
 #: (not yet in a C{--store postgresql://} database).
-_DATA_DIRECTORY_ONLY = frozenset(
-    {("user", "import-uidl"), ("user", "limits"), ("user", "unsuspend"), ("user", "app-password"), ("user", "scope")}
-)
+_DATA_DIRECTORY_ONLY = frozenset({("user", "import-uidl")})
 
 #: An option not given on the command line.
 _UNSET = object()
@@ -218,7 +216,17 @@ def _limitValue(text: str) -> Optional[int]:
     return int(text)
 
 
-def _sendingLimits(config, owner: Optional[fsutil.Owner] = None):
+def _sendingLimits(stores: "_Stores", owner: Optional[fsutil.Owner] = None):
+    """
+    The sending records of the store (see L{pop3gw.sendlimits}).
+    """
+    config = stores.config
+    if config.usesDatabase:
+        from pop3gw.pgaccounts import PostgresSendingLimits
+
+        return PostgresSendingLimits(
+            stores.openDatabase(), config.limits["messages-per-hour"], config.limits["recipients-per-day"]
+        )
     from pop3gw.sendlimits import SendingLimits
 
     return SendingLimits(
@@ -226,24 +234,32 @@ def _sendingLimits(config, owner: Optional[fsutil.Owner] = None):
     )
 
 
-def _appPasswords(config, owner: Optional[fsutil.Owner] = None):
+def _appPasswords(stores: "_Stores", owner: Optional[fsutil.Owner] = None):
+    """
+    The app passwords of the store (see L{pop3gw.apppasswords}).
+    """
+    config = stores.config
+    if config.usesDatabase:
+        from pop3gw.pgaccounts import PostgresAppPasswords
+
+        return PostgresAppPasswords(stores.openDatabase())
     from pop3gw.apppasswords import APP_PASSWORDS, AppPasswords
 
     return AppPasswords(os.path.join(config.dataDir, APP_PASSWORDS), config.usersPath + ".lock", owner)
 
 
-def cmdAppPassword(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdAppPassword(stores: "_Stores", args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     """
     C{user app-password add|list|remove} and C{user scope}.
     """
     from pop3gw.apppasswords import AppPasswordError, describe
     from pop3gw.passwords import hashPassword
 
-    found = _users(config, owner).lookupUser(_address(args.address))
+    found = stores.users(owner).lookupUser(_address(args.address))
     if found is None:
         raise CommandError(f"no such user {args.address}", EX_NOUSER)
     user = found[0]
-    apps = _appPasswords(config, owner)
+    apps = _appPasswords(stores, owner)
     try:
         if args.action == "scope":
             apps.setMainScope(user, args.scope)
@@ -259,10 +275,12 @@ def cmdAppPassword(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] =
             apps.remove(user, args.name)
             stdout.write(f"removed app password {args.name} of {user}\n")
         else:
-            sending = _sendingLimits(config, owner)
+            sending = _sendingLimits(stores, owner)
             try:
                 used = sending.lastUses(str(user))
             except sqlite3.Error:
+                # The file's records only: the database's failures are the
+                # command's.
                 used = {}
             finally:
                 sending.close()
@@ -363,17 +381,17 @@ def cmdImportMailbox(config, args, stdin: TextIO, stdout: TextIO, owner: Optiona
     return EX_OK
 
 
-def cmdLimits(config, args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdLimits(stores: "_Stores", args, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
     """
     C{user limits} (show or set a user's sending limits) and C{user
     unsuspend}.
     """
-    users = _users(config, owner)
+    users = stores.users(owner)
     found = users.lookupUser(_address(args.address))
     if found is None:
         raise CommandError(f"no such user {args.address}", EX_NOUSER)
     user = str(found[0])
-    sending = _sendingLimits(config, owner)
+    sending = _sendingLimits(stores, owner)
     try:
         if args.action == "unsuspend":
             was = sending.unsuspend(user)
@@ -503,6 +521,18 @@ class _Stores:
 
         return MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)
 
+    def dkimKeys(self, owner: Optional[fsutil.Owner] = None):
+        """
+        The DKIM keys of the store (see L{pop3gw.dkimkeys}).
+        """
+        if self.config.usesDatabase:
+            from pop3gw.pgdkim import PostgresKeyStore
+
+            return PostgresKeyStore(self.openDatabase())
+        from pop3gw.dkimkeys import KeyStore
+
+        return KeyStore(self.config.dataDir, owner)
+
     def close(self) -> None:
         database, self.database = self.database, None
         if database is not None:
@@ -537,7 +567,7 @@ def cmdUser(stores: _Stores, args, stdin: TextIO, stdout: TextIO, owner: Optiona
     config = stores.config
     users = stores.users(owner)
     if args.action == "list":
-        sending = _sendingLimits(config, owner)
+        sending = _sendingLimits(stores, owner)
         try:
             suspended = {user for user, _, _ in sending.suspendedUsers()}
         except sqlite3.Error:
@@ -563,8 +593,7 @@ def cmdUser(stores: _Stores, args, stdin: TextIO, stdout: TextIO, owner: Optiona
             address = found[0]
         if args.action == "remove":
             users.remove(address)
-            if not config.usesDatabase:
-                _appPasswords(config, owner).removeUser(address)
+            _appPasswords(stores, owner).removeUser(address)
             stdout.write(f"removed {address} (its maildrop is kept)\n")
             return EX_OK
         password = _readPassword(stdin, stdin.isatty())
@@ -957,9 +986,7 @@ def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
         raise CommandError(f"{what} works on a data directory; it is not available with --store postgresql yet",
                            EX_USAGE)
     owner = None
-    if not config.usesDatabase or args.command == "dkim":
-        # DKIM keys live under the data directory even with a database
-        # store (each node signs with its own copy).
+    if not config.usesDatabase:
         owner = _dataDirectory(config, args, stderr)
     if args.command == "user":
         if action == "import":
@@ -967,9 +994,9 @@ def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
         if action == "import-uidl":
             return cmdImportUIDL(config, args, stdin, stdout, owner)
         if action in ("limits", "unsuspend"):
-            return cmdLimits(config, args, stdout, owner)
+            return cmdLimits(stores, args, stdout, owner)
         if action in ("app-password", "scope"):
-            return cmdAppPassword(config, args, stdout, owner)
+            return cmdAppPassword(stores, args, stdout, owner)
         return cmdUser(stores, args, stdin, stdout, owner)
     if args.command == "import":
         return cmdImportMailbox(config, args, stdin, stdout, owner)
@@ -978,9 +1005,9 @@ def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
     if args.command == "deliver":
         return cmdDeliver(stores, args, getattr(stdin, "buffer", stdin), owner)
     if args.command == "dkim":
-        return clidkim.cmdDkim(config, args, stdout, owner)
+        return clidkim.cmdDkim(config, args, stdout, owner, stores.dkimKeys(owner))
     if args.command == "dns":
-        return clidkim.cmdDns(config, args, stdout)
+        return clidkim.cmdDns(config, args, stdout, stores.dkimKeys())
     return cmdQueue(stores, args, stdout, owner)
 
 

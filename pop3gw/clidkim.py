@@ -1,17 +1,18 @@
 # -*- test-case-name: tests.test_clidkim -*-
 """
 The C{pop3gw dkim} and C{pop3gw dns} commands: DKIM keys in the data
-directory (L{pop3gw.dkimkeys}) and the DNS records a domain should publish
-(L{pop3gw.dnsrecords}).
+directory or the database store (L{pop3gw.dkimkeys}, L{pop3gw.pgdkim}) and
+the DNS records a domain should publish (L{pop3gw.dnsrecords}).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TextIO
+from typing import Optional, TextIO
 
 from pop3gw import dkimkeys, dnsrecords, fsutil
 from pop3gw.dkimkeys import DKIMKeyError, KeyStore
+from pop3gw.interfaces import IDKIMKeyStore
 
 EX_OK = 0
 
@@ -41,13 +42,16 @@ def addParsers(sub: "argparse._SubParsersAction") -> None:
     dns.add_argument("--check", action="store_true", help="look the records up and say which are missing or wrong")
 
 
-def cmdDkim(config, args, stdout: TextIO, owner: "fsutil.Owner | None" = None) -> int:
+def cmdDkim(config, args, stdout: TextIO, owner: "fsutil.Owner | None" = None,
+            store: Optional[IDKIMKeyStore] = None) -> int:
     """
     C{dkim generate|list|activate|remove}.
 
+    @param store: the keys (by default, those of the data directory).
     @raise DKIMKeyError: the command cannot be done (one line).
     """
-    store = KeyStore(config.dataDir, owner)
+    if store is None:
+        store = KeyStore(config.dataDir, owner)
     if args.action == "list":
         for r in store.records():
             stdout.write(f"{r.domain} {r.selector} {r.algorithm} {r.created} {'active' if r.active else 'inactive'}\n")
@@ -81,15 +85,17 @@ def cmdDkim(config, args, stdout: TextIO, owner: "fsutil.Owner | None" = None) -
     return EX_OK
 
 
-def cmdDns(config, args, stdout: TextIO) -> int:
+def cmdDns(config, args, stdout: TextIO, store: Optional[IDKIMKeyStore] = None) -> int:
     """
     C{dns DOMAIN [--host NAME] [--check]}: print the records; with
     C{--check}, one line per record (C{OK}, C{MISSING}, C{WRONG}, C{ERROR})
     and exit status 1 unless every record is C{OK}.
+
+    @param store: the DKIM keys (by default, those of the data directory).
     """
     domain = dkimkeys.checkDomain(args.domain)
     host = (args.host or config.hostname).lower().rstrip(".")
-    records = dnsrecords.domainRecords(config.dataDir, domain, host)
+    records = dnsrecords.domainRecords(store if store is not None else KeyStore(config.dataDir), domain, host)
     if not args.check:
         stdout.write(f"; DNS records for {domain}, mail server {host}\n")
         for record in records:

@@ -25,6 +25,11 @@ under the exclusive C{flock} of C{DATA/dkim/.lock}, so two commands never
 interleave.  A key file is written (and fsynced) before the index names
 it, and the index drops a key before its file is removed.
 
+With C{--store postgresql://...} the keys are rows of the database
+instead (L{pop3gw.pgdkim.PostgresKeyStore}), so every node signs with the
+same keys; both stores provide L{pop3gw.interfaces.IDKIMKeyStore}, and
+the rules below (selectors, active keys, rotation) are this module's.
+
 Active keys
 ===========
 
@@ -50,10 +55,11 @@ import attr
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from pop3gw import fsutil
 from pop3gw.address import AddressError, parseDomain
-from pop3gw.interfaces import Pop3gwError
+from pop3gw.interfaces import IDKIMKeyStore, Pop3gwError, TemporaryFailure
 
 #: The directory, under the data directory, that holds the keys.
 DKIM_DIR = "dkim"
@@ -236,6 +242,78 @@ def _utcNow() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def newRecord(records: Sequence[KeyRecord], domain: str, selector: Optional[str], algorithm: str,
+              created: Optional[str] = None) -> KeyRecord:
+    """
+    The record of a new key for C{domain} beside C{records}: active if the
+    domain has no active key of C{algorithm} yet.
+
+    @param selector: the selector, or C{None} for C{ALGYYYYMMDD} (for
+        example C{rsa20261201}).
+    @raise DKIMKeyError: the selector is taken or a name is malformed.
+    """
+    domain = checkDomain(domain)
+    if algorithm not in ALGORITHMS:
+        raise DKIMKeyError(f"unknown algorithm {algorithm!r} (rsa or ed25519)")
+    created = created or _utcNow()
+    if selector is None:
+        selector = algorithm.replace("ed25519", "ed") + created[:10].replace("-", "")
+    selector = checkSelector(selector)
+    if any(r.domain == domain and r.selector == selector for r in records):
+        raise DKIMKeyError(f"{domain} already has a key with selector {selector} (choose another with --selector)")
+    active = not any(r.domain == domain and r.algorithm == algorithm and r.active for r in records)
+    return KeyRecord(domain, selector, algorithm, created, active)
+
+
+def findRecord(records: Sequence[KeyRecord], domain: str, selector: str) -> KeyRecord:
+    """
+    @return: the record of C{selector} in C{domain}.
+    @raise DKIMKeyError: there is none.
+    """
+    for r in records:
+        if r.domain == domain and r.selector == selector:
+            return r
+    raise DKIMKeyError(f"no key with selector {selector} for {domain}")
+
+
+def activated(records: Sequence[KeyRecord], chosen: KeyRecord) -> list[KeyRecord]:
+    """
+    C{records} with C{chosen} the active key of its domain and algorithm.
+    """
+    return [
+        attr.evolve(r, active=(r is chosen)) if r.domain == chosen.domain and r.algorithm == chosen.algorithm else r
+        for r in records
+    ]
+
+
+def checkRemovable(records: Sequence[KeyRecord], chosen: KeyRecord) -> None:
+    """
+    @raise DKIMKeyError: C{chosen} is its domain's active key of its
+        algorithm and another key of that algorithm should be activated
+        first.
+    """
+    others = [r for r in records if r.domain == chosen.domain and r.algorithm == chosen.algorithm and r is not chosen]
+    if chosen.active and others:
+        raise DKIMKeyError(
+            f"{chosen.selector} is {chosen.domain}'s active {chosen.algorithm} key; "
+            f"activate another first (pop3gw dkim activate {chosen.domain} {others[-1].selector})"
+        )
+
+
+def publicRecordOf(store: IDKIMKeyStore, record: KeyRecord) -> tuple[str, str]:
+    """
+    @return: the DNS name and TXT value to publish for C{record} of
+        C{store}.
+    @raise DKIMKeyError: its key cannot be read.
+    """
+    try:
+        public = publicKeyData(record.algorithm, store.privateKey(record))
+    except ValueError:
+        raise DKIMKeyError(f"{store.where(record)} is not a readable {record.algorithm} private key") from None
+    return f"{record.selector}._domainkey.{record.domain}", txtValue(record.algorithm, public)
+
+
+@implementer(IDKIMKeyStore)
 class KeyStore:
     """
     The keys under C{DATA/dkim}, as the C{pop3gw dkim} commands change
@@ -266,20 +344,50 @@ class KeyStore:
         except FileNotFoundError:
             return []
 
+    def where(self, record: Optional[KeyRecord]) -> str:
+        """
+        See L{IDKIMKeyStore.where}: the key file (the index for C{None}).
+        """
+        return self.indexPath if record is None else self.keyPath(record.domain, record.selector)
+
+    def privateKey(self, record: KeyRecord) -> bytes:
+        """
+        See L{IDKIMKeyStore.privateKey}: the key file's content.
+        """
+        path = self.keyPath(record.domain, record.selector)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise DKIMKeyError(f"cannot read {path}: {e.strerror}") from None
+
     def publicRecord(self, record: KeyRecord) -> tuple[str, str]:
         """
         @return: the DNS name and TXT value to publish for C{record}.
         @raise DKIMKeyError: its key file cannot be read.
         """
-        path = self.keyPath(record.domain, record.selector)
+        return publicRecordOf(self, record)
+
+    def stamp(self) -> object:
+        """
+        See L{IDKIMKeyStore.stamp}: the C{stat} of the index and of each
+        key file it names, so a key file replaced by hand is noticed too.
+        """
+        stamps: list = []
         try:
-            with open(path, "rb") as f:
-                public = publicKeyData(record.algorithm, f.read())
-        except OSError as e:
-            raise DKIMKeyError(f"cannot read {path}: {e.strerror}") from None
-        except ValueError:
-            raise DKIMKeyError(f"{path} is not a readable {record.algorithm} private key") from None
-        return f"{record.selector}._domainkey.{record.domain}", txtValue(record.algorithm, public)
+            records: list[Optional[KeyRecord]] = [None, *self.records()]
+        except (OSError, UnicodeDecodeError):
+            records = [None]
+        for record in records:
+            path = self.where(record)
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                stamps.append(None)
+            except OSError as e:
+                stamps.append(("error", e.errno))
+        return tuple(stamps)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[list[KeyRecord]]:
@@ -304,37 +412,40 @@ class KeyStore:
             example C{rsa20261201}).
         @raise DKIMKeyError: the selector is taken or a name is malformed.
         """
-        domain = checkDomain(domain)
-        if algorithm not in ALGORITHMS:
-            raise DKIMKeyError(f"unknown algorithm {algorithm!r} (rsa or ed25519)")
-        created = created or _utcNow()
-        if selector is None:
-            selector = algorithm.replace("ed25519", "ed") + created[:10].replace("-", "")
-        selector = checkSelector(selector)
+        newRecord([], domain, selector, algorithm, created)
         pem = generatePrivateKey(algorithm)
         with self._locked() as records:
-            if any(r.domain == domain and r.selector == selector for r in records):
-                raise DKIMKeyError(f"{domain} already has a key with selector {selector} (choose another with --selector)")
-            active = not any(r.domain == domain and r.algorithm == algorithm and r.active for r in records)
-            record = KeyRecord(domain, selector, algorithm, created, active)
-            fsutil.makeDirectories(os.path.join(self.root, domain), self.owner)
-            path = self.keyPath(domain, selector)
-            fsutil.unlinkIfThere(path)
-            fd = fsutil.createFile(path, self.owner)
-            try:
-                fsutil.writeAll(fd, pem)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fsutil.fsyncDirectory(os.path.dirname(path))
+            record = newRecord(records, domain, selector, algorithm, created)
+            self._writeKey(record, pem)
             self._write([*records, record])
         return record
 
-    def _find(self, records: Sequence[KeyRecord], domain: str, selector: str) -> KeyRecord:
-        for r in records:
-            if r.domain == domain and r.selector == selector:
-                return r
-        raise DKIMKeyError(f"no key with selector {selector} for {domain}")
+    def load(self, keys: Sequence[tuple[KeyRecord, bytes]]) -> None:
+        """
+        Add keys (record and PEM) taken from another store (C{pop3gw
+        migrate}), after the ones there.
+
+        @raise DKIMKeyError: a selector is taken.
+        """
+        with self._locked() as records:
+            for record, pem in keys:
+                if any(r.domain == record.domain and r.selector == record.selector for r in records):
+                    raise DKIMKeyError(f"{record.domain} already has a key with selector {record.selector}")
+                self._writeKey(record, pem)
+                records = [*records, record]
+            self._write(records)
+
+    def _writeKey(self, record: KeyRecord, pem: bytes) -> None:
+        fsutil.makeDirectories(os.path.join(self.root, record.domain), self.owner)
+        path = self.keyPath(record.domain, record.selector)
+        fsutil.unlinkIfThere(path)
+        fd = fsutil.createFile(path, self.owner)
+        try:
+            fsutil.writeAll(fd, pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsutil.fsyncDirectory(os.path.dirname(path))
 
     def activate(self, domain: str, selector: str) -> KeyRecord:
         """
@@ -346,15 +457,9 @@ class KeyStore:
         """
         domain, selector = checkDomain(domain), checkSelector(selector)
         with self._locked() as records:
-            chosen = self._find(records, domain, selector)
+            chosen = findRecord(records, domain, selector)
             self.publicRecord(chosen)
-            updated = [
-                attr.evolve(r, active=(r is chosen))
-                if r.domain == domain and r.algorithm == chosen.algorithm
-                else r
-                for r in records
-            ]
-            self._write(updated)
+            self._write(activated(records, chosen))
         return attr.evolve(chosen, active=True)
 
     def remove(self, domain: str, selector: str) -> KeyRecord:
@@ -368,13 +473,8 @@ class KeyStore:
         """
         domain, selector = checkDomain(domain), checkSelector(selector)
         with self._locked() as records:
-            chosen = self._find(records, domain, selector)
-            others = [r for r in records if r.domain == domain and r.algorithm == chosen.algorithm and r is not chosen]
-            if chosen.active and others:
-                raise DKIMKeyError(
-                    f"{selector} is {domain}'s active {chosen.algorithm} key; "
-                    f"activate another first (pop3gw dkim activate {domain} {others[-1].selector})"
-                )
+            chosen = findRecord(records, domain, selector)
+            checkRemovable(records, chosen)
             self._write([r for r in records if r is not chosen])
             fsutil.unlinkIfThere(self.keyPath(domain, selector))
             fsutil.fsyncDirectory(os.path.join(self.root, domain))
@@ -417,18 +517,22 @@ class Keyring:
     """
     The active keys of every domain, as the server signs with them.
 
-    L{refresh} (blocking: run it in the I/O pool) re-reads the index and
-    the active keys when a C{stat} shows the index changed, so keys
-    generated, activated or removed by the commands are used within one
-    check interval, without a restart.  L{keysFor} only reads the
-    snapshot in memory (the reactor thread may call it).
+    L{refresh} (blocking: run it in the I/O pool, or the database threads)
+    re-reads the keys when the store's L{IDKIMKeyStore.stamp} moved (the
+    files changed; the database's keys changed), so keys generated,
+    activated, removed (or, in the data directory, replaced by hand) are
+    used within one check interval, without a restart.  L{keysFor} only
+    reads the snapshot in memory (the reactor thread may call it).
+
+    @param store: the key store, or a data directory (its L{KeyStore}).
     """
 
     log = Logger()
 
-    def __init__(self, dataDir: str) -> None:
-        self.store = KeyStore(dataDir)
-        self._stamp: Optional[tuple] = None
+    def __init__(self, store: Union[str, IDKIMKeyStore]) -> None:
+        self.store: IDKIMKeyStore = KeyStore(store) if isinstance(store, str) else store
+        self._stamp: object = None
+        self._loaded = False
         self._keys: Mapping[str, DomainKeys] = {}
 
     def __len__(self) -> int:
@@ -446,22 +550,25 @@ class Keyring:
         Reload the keys if the index changed since the last load.
         """
         try:
-            st = os.stat(self.store.indexPath)
-            stamp: Optional[tuple] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            stamp = None
-        except OSError as e:
-            stamp = ("error", e.errno)
-        if stamp == self._stamp:
+            stamp = self.store.stamp()
+        except TemporaryFailure as e:
+            self.log.warn("dkim: cannot read the keys: {why}", why=str(e))
             return
-        self._stamp = stamp
+        if self._loaded and stamp == self._stamp:
+            return
+        self._stamp, self._loaded = stamp, True
         self._keys = self._load()
 
     def _load(self) -> Mapping[str, DomainKeys]:
         try:
             records = self.store.records()
+        except TemporaryFailure as e:
+            self.log.warn("dkim: cannot read the keys: {why}", why=str(e))
+            self._loaded = False
+            return self._keys
         except (OSError, UnicodeDecodeError) as e:
-            self.log.error("dkim: cannot read {path}: {why}", path=self.store.indexPath, why=getattr(e, "strerror", None) or str(e))
+            self.log.error("dkim: cannot read {path}: {why}", path=self.store.where(None),
+                           why=getattr(e, "strerror", None) or str(e))
             return self._keys
         keys: dict[str, DomainKeys] = {}
         for record in records:
@@ -470,14 +577,16 @@ class Keyring:
             known = keys.get(record.domain, ())
             if isinstance(known, KeyProblem):
                 continue
-            path = self.store.keyPath(record.domain, record.selector)
             try:
-                with open(path, "rb") as f:
-                    data = signingKeyData(record.algorithm, f.read())
-            except OSError as e:
-                problem = KeyProblem(f"cannot read {path}: {e.strerror}")
+                data = signingKeyData(record.algorithm, self.store.privateKey(record))
+            except TemporaryFailure as e:
+                self.log.warn("dkim: cannot read the keys: {why}", why=str(e))
+                self._loaded = False
+                return self._keys
+            except DKIMKeyError as e:
+                problem = KeyProblem(str(e))
             except ValueError:
-                problem = KeyProblem(f"{path} is not a readable {record.algorithm} private key")
+                problem = KeyProblem(f"{self.store.where(record)} is not a readable {record.algorithm} private key")
             else:
                 keys[record.domain] = (*known, SigningKey(record.domain, record.selector, record.algorithm, data))
                 continue

@@ -19,7 +19,8 @@ from typing import Callable, Optional, Sequence
 
 import attr
 
-from pop3gw.dkimkeys import KeyRecord, KeyStore, txtValue, zoneLine
+from pop3gw.dkimkeys import KeyRecord, txtValue, zoneLine
+from pop3gw.interfaces import IDKIMKeyStore
 
 #: Seconds one query may take, retries included.
 QUERY_TIMEOUT = 5.0
@@ -265,13 +266,12 @@ def records(domain: str, host: str, keys: Sequence[tuple[KeyRecord, str]]) -> li
     return out
 
 
-def domainRecords(dataDir: str, domain: str, host: str) -> list[Record]:
+def domainRecords(store: IDKIMKeyStore, domain: str, host: str) -> list[Record]:
     """
-    L{records} for C{domain}, with the DKIM keys of the data directory.
+    L{records} for C{domain}, with the DKIM keys of C{store}.
 
-    @raise pop3gw.dkimkeys.DKIMKeyError: a key file cannot be read.
+    @raise pop3gw.dkimkeys.DKIMKeyError: a key cannot be read.
     """
-    store = KeyStore(dataDir)
     keys = []
     for record in store.records():
         if record.domain == domain:

@@ -726,3 +726,240 @@ class ISubmissionAvatar(Interface):
         See L{IMailRouter.beginDelivery}.  The message counts against the
         user's sending limits once committed.
         """
+
+
+class IAppPasswords(Interface):
+    """
+    The users' app passwords and main-password scopes (see
+    L{pop3gw.apppasswords}): a file under the data directory, or tables of
+    the database store.  Every method but L{peekMainScope} may block: the
+    server calls them in a thread pool, the C{pop3gw} command directly.
+    """
+
+    def find(user, password):
+        """
+        @return: the L{pop3gw.apppasswords.AppPassword} of C{user} that
+            C{password} (bytes) would be, by its id (not verified), or
+            C{None}; asks the backing store at each call, so an app password
+            removed through any node is not found afterwards.
+        """
+
+    def mainScope(user):
+        """
+        @return: where C{user}'s main password may be used (one of
+            L{pop3gw.apppasswords.MAIN_SCOPES}).
+        """
+
+    def peekMainScope(user):
+        """
+        L{mainScope} from memory, for the reactor thread.
+
+        @return: the scope, or C{None} if it is not known to be current.
+        """
+
+    def list(user):
+        """
+        @return: C{user}'s app passwords, oldest first.
+        """
+
+    def add(user, name, scope, hashPassword, now=None):
+        """
+        Generate, store (hashed with C{hashPassword}) and return a new app
+        password.
+
+        @raise pop3gw.apppasswords.AppPasswordError: a bad name or scope,
+            or the name taken.
+        """
+
+    def remove(user, name):
+        """
+        Remove C{user}'s app password C{name}.
+
+        @raise pop3gw.apppasswords.AppPasswordError: there is none.
+        """
+
+    def setMainScope(user, scope):
+        """
+        Restrict (or free, with C{all}) C{user}'s main password.
+        """
+
+    def removeUser(user):
+        """
+        Forget everything of C{user} (the user was removed).
+        """
+
+
+class ISendingRecords(Interface):
+    """
+    The sending records, per-user limits and suspensions behind the
+    sending limits (see L{pop3gw.sendlimits}): C{DATA/accounts.sqlite}, or
+    tables of the database store.  Every method blocks: the server calls
+    them through a runner, the C{pop3gw} command directly.
+    """
+
+    defaults = Attribute("The default L{pop3gw.sendlimits.Limits}.")
+    path = Attribute("Where the records are, for the operator (a file, or a URI without its password).")
+    errors = Attribute("The exception types that mean the records cannot be used now (the limits fail open).")
+
+    def limitsOf(user):
+        """
+        @return: the L{pop3gw.sendlimits.Limits} of C{user} (text).
+        """
+
+    def usage(user):
+        """
+        @return: the L{pop3gw.sendlimits.Usage} of C{user}, now.
+        """
+
+    def admit(user, accepted, client):
+        """
+        Decide on one more recipient; see
+        L{pop3gw.sendlimits.SendingLimits.admit}.
+        """
+
+    def admitWithUsage(user, accepted, client, unwritten=(0, 0)):
+        """
+        L{admit}, and the L{pop3gw.sendlimits.Usage} the decision was made
+        on; C{unwritten} counts C{(messages, recipients)} not recorded yet.
+        """
+
+    def record(user, recipients, client):
+        """
+        Note one message sent by C{user} to C{recipients} recipients.
+        """
+
+    def recordMany(rows):
+        """
+        Note several messages, C{(user, at, recipients, client)} each, in
+        one transaction.
+        """
+
+    def now():
+        """
+        @return: the time records are stamped with (POSIX seconds).
+        """
+
+    def unsuspend(user):
+        """
+        Lift a suspension and clear the user's counters.
+
+        @return: whether the user was suspended.
+        """
+
+    def setLimits(user, messagesPerHour=None, recipientsPerDay=None, clear=()):
+        """
+        Set the user's own limits; C{clear} names the ones that go back to
+        the defaults.
+        """
+
+    def recordUse(user, name, client):
+        """
+        Note that C{user}'s app password C{name} was just used from
+        C{client}.
+        """
+
+    def lastUses(user):
+        """
+        @return: C{{name: (when, client)}} for C{user}'s app passwords.
+        """
+
+    def suspendedUsers():
+        """
+        @return: C{(user, since, reason)} for every suspended user.
+        """
+
+    def close():
+        """
+        Let go of this thread's connection, if any.
+        """
+
+
+class IDKIMKeyStore(Interface):
+    """
+    The DKIM signing keys (see L{pop3gw.dkimkeys}): files under the data
+    directory, or rows of the database store.  Every method blocks: the
+    server calls them in a thread pool, the C{pop3gw} command directly.
+    Database failures raise L{TemporaryFailure}.
+    """
+
+    def records():
+        """
+        @return: every key's L{pop3gw.dkimkeys.KeyRecord}, oldest first.
+        """
+
+    def privateKey(record):
+        """
+        @return: the private key of C{record}, PEM.
+        @raise pop3gw.dkimkeys.DKIMKeyError: it cannot be read.
+        """
+
+    def where(record):
+        """
+        @return: where C{record}'s key is (C{None}: the keys' index), for
+            log lines and messages.
+        """
+
+    def publicRecord(record):
+        """
+        @return: the DNS name and TXT value to publish for C{record}.
+        @raise pop3gw.dkimkeys.DKIMKeyError: its key cannot be read.
+        """
+
+    def stamp():
+        """
+        @return: a value that changes whenever the keys change (compared
+            with C{==}), cheap to get.
+        """
+
+    def generate(domain, selector, algorithm, created=None):
+        """
+        Make a new key for C{domain} (see
+        L{pop3gw.dkimkeys.KeyStore.generate}).
+
+        @return: its L{pop3gw.dkimkeys.KeyRecord}.
+        @raise pop3gw.dkimkeys.DKIMKeyError: the selector is taken or a
+            name is malformed.
+        """
+
+    def activate(domain, selector):
+        """
+        Sign C{domain}'s mail with C{selector} from now on, instead of its
+        other key of the same algorithm.
+
+        @raise pop3gw.dkimkeys.DKIMKeyError: no such key, or it is unusable.
+        """
+
+    def remove(domain, selector):
+        """
+        Forget C{selector}'s key.
+
+        @raise pop3gw.dkimkeys.DKIMKeyError: no such key, or another key
+            should be activated first.
+        """
+
+
+class ILoginHistory(Interface):
+    """
+    Where the login history (see L{pop3gw.loginwatch}) is kept: a file
+    under the data directory, or a table of the database store.  Both
+    methods block: the server calls them at start-up and in a thread pool.
+    """
+
+    where = Attribute("Where the history is, for log lines (a file, or a URI without its password).")
+
+    def read():
+        """
+        @return: the stored history (user key -> network -> C{[first seen,
+            last seen]}).
+        @raise TemporaryFailure: the database cannot be reached.
+        """
+
+    def merge(changes, now):
+        """
+        Store C{changes} (a history of the users whose history changed)
+        merged with the stored history (earliest first-seen, latest
+        last-seen), forgetting networks unseen for
+        L{pop3gw.loginwatch.HISTORY_KEEP} seconds before C{now}.
+
+        @return: the whole history as stored.
+        """

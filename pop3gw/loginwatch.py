@@ -17,9 +17,11 @@ region, which needs no GeoIP database.  Loopback and Unix-socket clients
 are not watched.
 
 The history (user -> network -> first and last seen, by the day) is kept
-in C{DATA/logins.json} and survives a restart; it is written at most once
-a minute, and merged with what is on disk under a lock, so several
-processes may share it.
+in C{DATA/logins.json} (L{LoginHistoryFile}), or with C{--store
+postgresql://...} in the database (L{pop3gw.pglogins}), and survives a
+restart; what changed is written at most once a minute, merged with what
+is stored (under a lock, or in one transaction), so several processes, or
+nodes, share it.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from pop3gw import fsutil
 from pop3gw.address import isLoopback
+from pop3gw.interfaces import ILoginHistory, TemporaryFailure
 
 #: Prefix lengths of one "network".
 NETWORK_V4 = 16
@@ -60,6 +64,9 @@ GRANULARITY = 86400.0
 RECENT_MAX = 64
 
 FILE_VERSION = 1
+
+#: The history file's name in the data directory.
+HISTORY_FILE = "logins.json"
 
 log = Logger()
 
@@ -102,45 +109,23 @@ def mergeHistories(mine: History, theirs: History, now: float) -> History:
     return {user: networks for user, networks in merged.items() if networks}
 
 
-class LoginWatch:
+@implementer(ILoginHistory)
+class LoginHistoryFile:
     """
-    Watches successful logins; see the module docstring.
-
-    @ivar history: user -> network -> C{[firstSeen, lastSeen]} (wall-clock
-        seconds).
+    The login history in a JSON file, rewritten atomically under the
+    C{flock} of C{PATH.lock}.
     """
 
-    def __init__(self, reactor, path: Optional[str] = None, runner=None, owner: Optional[fsutil.Owner] = None,
-                 wallclock: Callable[[], float] = time.time) -> None:
-        """
-        @param reactor: C{IReactorTime}, for the burst window.
-        @param path: the history file; C{None} keeps the history in memory.
-        @param runner: an L{pop3gw.interfaces.IBlockingRunner} for the file
-            work (needed with C{path}).
-        """
-        self._reactor = reactor
-        self._path = path
-        self._runner = runner
+    def __init__(self, path: str, owner: Optional[fsutil.Owner] = None) -> None:
+        self.where = self._path = path
         self._owner = owner
-        self._wallclock = wallclock
-        self.history: History = {}
-        self._recent: Dict[str, Deque[Tuple[float, str, str]]] = {}
-        self._burstWarned: Dict[str, float] = {}
-        self._dirty = False
-        self._saving: Optional[defer.Deferred] = None
 
-    def load(self) -> None:
+    def read(self) -> History:
         """
-        Read the history file (blocking; at start-up).  A missing file is
-        an empty history; an unreadable or malformed one is logged and
-        ignored (it is rewritten at the next save).
+        See L{ILoginHistory.read}.  A missing file is an empty history; an
+        unreadable or malformed one is logged and ignored (it is rewritten
+        at the next save).
         """
-        if self._path is None:
-            return
-        self.history = self._read()
-
-    def _read(self) -> History:
-        assert self._path is not None
         try:
             with open(self._path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -157,6 +142,63 @@ class LoginWatch:
             log.warn("login history {path} unreadable ({error}); starting a new one", path=self._path,
                      error=getattr(e, "strerror", None) or str(e))
             return {}
+
+    def merge(self, changes: History, now: float) -> History:
+        """
+        See L{ILoginHistory.merge}.
+        """
+        lockFD = fsutil.openLockFile(self._path + ".lock", self._owner)
+        try:
+            fcntl.flock(lockFD, fcntl.LOCK_EX)
+            merged = mergeHistories(changes, self.read(), now)
+            data = json.dumps({"version": FILE_VERSION, "users": merged}, sort_keys=True).encode("utf-8")
+            fsutil.replaceFile(self._path, data, self._owner)
+            return merged
+        finally:
+            os.close(lockFD)
+
+
+class LoginWatch:
+    """
+    Watches successful logins; see the module docstring.
+
+    @ivar history: user -> network -> C{[firstSeen, lastSeen]} (wall-clock
+        seconds).
+    """
+
+    def __init__(self, reactor, path: Optional[str] = None, runner=None, owner: Optional[fsutil.Owner] = None,
+                 wallclock: Callable[[], float] = time.time, store: Optional[ILoginHistory] = None) -> None:
+        """
+        @param reactor: C{IReactorTime}, for the burst window.
+        @param path: the history file (L{LoginHistoryFile}).
+        @param runner: an L{pop3gw.interfaces.IBlockingRunner} for the
+            store's work (needed with C{path} or C{store}).
+        @param store: where the history is kept, instead of C{path};
+            with neither, the history is kept in memory.
+        """
+        self._reactor = reactor
+        self._store = store if store is not None or path is None else LoginHistoryFile(path, owner)
+        self._runner = runner
+        self._wallclock = wallclock
+        self.history: History = {}
+        self._recent: Dict[str, Deque[Tuple[float, str, str]]] = {}
+        self._burstWarned: Dict[str, float] = {}
+        #: The users whose history changed since the last save.
+        self._changed: set = set()
+        self._saving: Optional[defer.Deferred] = None
+
+    def load(self) -> None:
+        """
+        Read the stored history (blocking; at start-up).  A store that
+        cannot be read is logged, and the history starts empty (what is
+        stored is merged in at the next save).
+        """
+        if self._store is None:
+            return
+        try:
+            self.history = self._store.read()
+        except TemporaryFailure as e:
+            log.warn("cannot read the login history {where}: {error}", where=self._store.where, error=str(e))
 
     def loggedIn(self, user: str, peer: str) -> None:
         """
@@ -177,7 +219,7 @@ class LoginWatch:
         if seen is not None and now - seen[1] <= HISTORY_KEEP:
             if now - seen[1] >= GRANULARITY:
                 seen[1] = now
-                self._dirty = True
+                self._changed.add(key)
             return
         current = {net: s for net, s in networks.items() if now - s[1] <= HISTORY_KEEP}
         if current and now - min(s[0] for s in current.values()) >= SETTLED_AFTER:
@@ -189,7 +231,7 @@ class LoginWatch:
                 user=user, rhost=peer, network=network, usual=",".join(usual[:3]), since=since,
             )
         networks[network] = [now, now]
-        self._dirty = True
+        self._changed.add(key)
 
     def _checkBurst(self, key: str, user: str, peer: str, network: str) -> None:
         now = self._reactor.seconds()
@@ -220,14 +262,21 @@ class LoginWatch:
 
     def save(self) -> defer.Deferred:
         """
-        Write the history if it changed, merged with the file's (in the
-        runner).  Fires when written; never fails (a failure is logged).
+        Write the history of the users whose history changed, merged with
+        the stored one (in the runner), and take in what the other
+        processes or nodes stored.  Fires when written; never fails (a
+        failure is logged).
         """
-        if self._path is None or not self._dirty or self._saving is not None:
+        if self._store is None or not self._changed or self._saving is not None:
             return self._saving or defer.succeed(None)
-        self._dirty = False
-        snapshot = {user: {net: list(seen) for net, seen in networks.items()} for user, networks in self.history.items()}
-        d = self._runner.run(self._write, snapshot, self._wallclock())
+        changed, self._changed = self._changed, set()
+        snapshot = {
+            user: {net: list(seen) for net, seen in self.history[user].items()}
+            for user in changed if user in self.history
+        }
+        # Noted before the callbacks are added: a runner that answers at
+        # once runs them (and ends the save) right there.
+        self._saving = d = self._runner.run(self._store.merge, snapshot, self._wallclock())
 
         def written(merged: History) -> None:
             for user, networks in merged.items():
@@ -237,8 +286,9 @@ class LoginWatch:
                     mine[net] = [min(seen[0], known[0]), max(seen[1], known[1])] if known else seen
 
         def failed(reason) -> None:
-            self._dirty = True
-            log.warn("cannot write login history {path}: {error}", path=self._path,
+            self._changed |= changed
+            assert self._store is not None
+            log.warn("cannot write login history {path}: {error}", path=self._store.where,
                      error=getattr(reason.value, "strerror", None) or str(reason.value))
 
         def done(result):
@@ -247,17 +297,4 @@ class LoginWatch:
 
         d.addCallbacks(written, failed)
         d.addBoth(done)
-        self._saving = d
         return d
-
-    def _write(self, snapshot: History, now: float) -> History:
-        assert self._path is not None
-        lockFD = fsutil.openLockFile(self._path + ".lock", self._owner)
-        try:
-            fcntl.flock(lockFD, fcntl.LOCK_EX)
-            merged = mergeHistories(snapshot, self._read(), now)
-            data = json.dumps({"version": FILE_VERSION, "users": merged}, sort_keys=True).encode("utf-8")
-            fsutil.replaceFile(self._path, data, self._owner)
-            return merged
-        finally:
-            os.close(lockFD)

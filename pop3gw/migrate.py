@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_pgstore -*-
 """
-C{pop3gw migrate}: copy users (hashes untouched), aliases and maildrops
-(UIDLs, seen flags and order kept) between a data directory and a
-PostgreSQL database, in either direction.
+C{pop3gw migrate}: copy users (hashes untouched), aliases, maildrops
+(UIDLs, seen flags and order kept), app passwords and main-password
+scopes, the sending records (per-user limits, suspensions, counts,
+last uses of app passwords), the DKIM keys and the login history between a data directory and a PostgreSQL
+database, in either direction.
 
 The source is only read; its maildrops are locked while they are copied
 (so no POP3 session changes them meanwhile).  The destination must hold no
@@ -17,18 +19,31 @@ The outbound queue is not copied (empty it first).
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 import attr
 
 from pop3gw import fsutil
 from pop3gw.address import Address, AddressError, lookupKey
+from pop3gw.apppasswords import APP_PASSWORDS, AppPasswords, fileContents
+from pop3gw.dkimkeys import DKIMKeyError, KeyStore
 from pop3gw.interfaces import Pop3gwError
+from pop3gw.loginwatch import HISTORY_FILE, LoginHistoryFile
 from pop3gw.maildir import MaildirStore
 from pop3gw.passwdfile import AliasLine, formatAliasLine, parseAliases, parseUsers
+from pop3gw.pgaccounts import (
+    PostgresAppPasswords,
+    PostgresSendingLimits,
+    insertAppPasswords,
+    insertRecords,
+)
 from pop3gw.pgdatabase import Database
+from pop3gw.pgdkim import PostgresKeyStore, insertKeys
+from pop3gw.pglogins import PostgresLoginHistory, insertHistory
 from pop3gw.pgmail import PostgresMaildropStore, storeMessage
 from pop3gw.pgusers import PostgresUsers
+from pop3gw.sendlimits import DATABASE, SendingLimits
 
 __all__ = ["MigrationError", "Migrated", "databaseToMaildir", "maildirToDatabase"]
 
@@ -50,10 +65,14 @@ class Migrated:
     aliases: int = 0
     maildrops: int = 0
     messages: int = 0
+    appPasswords: int = 0
+    dkimKeys: int = 0
 
     def summary(self) -> str:
+        apps = f", {self.appPasswords} app password(s)" if self.appPasswords else ""
+        keys = f", {self.dkimKeys} DKIM key(s)" if self.dkimKeys else ""
         return (
-            f"{self.users} user(s), {self.aliases} alias(es), "
+            f"{self.users} user(s), {self.aliases} alias(es){apps}{keys}, "
             f"{self.messages} message(s) in {self.maildrops} maildrop(s)"
         )
 
@@ -112,7 +131,9 @@ def maildirToDatabase(dataDir: str, database: Database) -> Migrated:
             )
     done = Migrated()
     with database.transaction() as conn:
-        for table in ("pop3gw_users", "pop3gw_aliases", "pop3gw_maildrop"):
+        for table in ("pop3gw_users", "pop3gw_aliases", "pop3gw_maildrop", "pop3gw_app_passwords",
+                      "pop3gw_main_scopes", "pop3gw_limit_overrides", "pop3gw_suspended", "pop3gw_dkim_keys",
+                      "pop3gw_login_history"):
             if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
                 raise MigrationError("the database is not empty (it holds users, aliases or messages)")
         conn.execute("UPDATE pop3gw_directory_version SET version = version + 1")
@@ -130,6 +151,26 @@ def maildirToDatabase(dataDir: str, database: Database) -> Migrated:
                 (name, key, [str(t) for t in targets]),
             )
             done.aliases += 1
+        apps = AppPasswords(os.path.join(dataDir, APP_PASSWORDS), os.path.join(dataDir, "users.lock"))
+        passwords = apps.listAll()
+        insertAppPasswords(conn, passwords, apps.mainScopes())
+        done.appPasswords = len(passwords)
+        keyStore = KeyStore(dataDir)
+        try:
+            dkimKeys = [(record, keyStore.privateKey(record)) for record in keyStore.records()]
+        except DKIMKeyError as e:
+            raise MigrationError(str(e)) from None
+        insertKeys(conn, dkimKeys)
+        done.dkimKeys = len(dkimKeys)
+        history = LoginHistoryFile(os.path.join(dataDir, HISTORY_FILE)).read()
+        insertHistory(conn, [(user.lower(), network, first, last) for user, networks in history.items()
+                             for network, (first, last) in networks.items()])
+        if os.path.exists(os.path.join(dataDir, DATABASE)):
+            records = SendingLimits(dataDir)
+            try:
+                insertRecords(conn, records.export())
+            finally:
+                records.close()
         for address in _sourceMaildrops(source.root):
             try:
                 drop = source._lockAndSnapshot(address)
@@ -195,6 +236,25 @@ def databaseToMaildir(database: Database, dataDir: str, owner: Optional[fsutil.O
     listed = users.listUsers()
     fsutil.replaceFile(aliasesPath, b"".join(formatAliasLine(line.raw.decode("utf-8").partition(":")[0], line.targets) + b"\n"
                                             for _, line in aliasLines), owner)
+    apps = PostgresAppPasswords(database)
+    passwords, scopes = apps.listAll(), apps.mainScopes()
+    if passwords or scopes:
+        fsutil.replaceFile(os.path.join(dataDir, APP_PASSWORDS), fileContents(passwords, scopes), owner)
+    keyStore = PostgresKeyStore(database)
+    keys = [(record, keyStore.privateKey(record)) for record in keyStore.records()]
+    if keys:
+        KeyStore(dataDir, owner).load(keys)
+    done.dkimKeys = len(keys)
+    history = PostgresLoginHistory(database).read()
+    if history:
+        LoginHistoryFile(os.path.join(dataDir, HISTORY_FILE), owner).merge(history, time.time())
+    records = PostgresSendingLimits(database).export()
+    if records.overrides or records.suspended or records.sent or records.uses:
+        local = SendingLimits(dataDir, owner=owner)
+        try:
+            local.load(records)
+        finally:
+            local.close()
     fsutil.replaceFile(usersPath, b"".join(f"{a}:{h}\n".encode("utf-8") for a, h in listed), owner)
-    done.users, done.aliases = len(listed), len(aliasLines)
+    done.users, done.aliases, done.appPasswords = len(listed), len(aliasLines), len(passwords)
     return done

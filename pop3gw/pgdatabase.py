@@ -124,6 +124,72 @@ SCHEMA: list[list[str]] = [
             stamp bigint NOT NULL)""",
         "INSERT INTO pop3gw_queue_flush VALUES (1, 0)",
     ],
+    # Version 2: the state every node must share beyond users and mail
+    # (see pop3gw.pgaccounts and pop3gw.pgdkim): app passwords and
+    # main-password scopes, sending records, per-user limits, suspensions,
+    # DKIM keys.
+    [
+        """CREATE TABLE pop3gw_app_passwords (
+            user_key text NOT NULL,
+            address text NOT NULL,
+            id text NOT NULL,
+            name text NOT NULL,
+            hash text NOT NULL,
+            scope text NOT NULL,
+            created double precision NOT NULL,
+            PRIMARY KEY (user_key, id),
+            UNIQUE (user_key, name))""",
+        """CREATE TABLE pop3gw_main_scopes (
+            user_key text PRIMARY KEY,
+            address text NOT NULL,
+            scope text NOT NULL)""",
+        """CREATE TABLE pop3gw_app_password_use (
+            user_key text NOT NULL,
+            name text NOT NULL,
+            at double precision NOT NULL,
+            client text NOT NULL,
+            PRIMARY KEY (user_key, name))""",
+        """CREATE TABLE pop3gw_sent (
+            user_key text NOT NULL,
+            at double precision NOT NULL,
+            recipients integer NOT NULL,
+            client text NOT NULL)""",
+        "CREATE INDEX pop3gw_sent_user_at ON pop3gw_sent (user_key, at)",
+        "CREATE INDEX pop3gw_sent_at ON pop3gw_sent (at)",
+        """CREATE TABLE pop3gw_limit_overrides (
+            user_key text PRIMARY KEY,
+            messages_per_hour integer,
+            recipients_per_day integer)""",
+        """CREATE TABLE pop3gw_suspended (
+            user_key text PRIMARY KEY,
+            since double precision NOT NULL,
+            reason text NOT NULL)""",
+        """CREATE TABLE pop3gw_dkim_keys (
+            domain text NOT NULL,
+            selector text NOT NULL,
+            algorithm text NOT NULL,
+            created text NOT NULL,
+            active boolean NOT NULL,
+            private_key bytea NOT NULL,
+            position bigserial NOT NULL,
+            PRIMARY KEY (domain, selector))""",
+        # Bumped by every change to the keys (and locked by it, so changes
+        # are serialised): nodes re-read the keys only when it moved.
+        """CREATE TABLE pop3gw_dkim_version (
+            id integer PRIMARY KEY CHECK (id = 1),
+            version bigint NOT NULL)""",
+        "INSERT INTO pop3gw_dkim_version VALUES (1, 1)",
+    ],
+    # Version 3: the login history (see pop3gw.pglogins).
+    [
+        """CREATE TABLE pop3gw_login_history (
+            user_key text NOT NULL,
+            network text NOT NULL,
+            first_seen double precision NOT NULL,
+            last_seen double precision NOT NULL,
+            PRIMARY KEY (user_key, network))""",
+        "CREATE INDEX pop3gw_login_history_last ON pop3gw_login_history (last_seen)",
+    ],
 ]
 
 #: The version this code reads and writes.

@@ -31,9 +31,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import attr
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from pop3gw import fsutil
-from pop3gw.interfaces import SendingLimited
+from pop3gw.interfaces import ISendingRecords, SendingLimited
 
 DATABASE = "accounts.sqlite"
 
@@ -129,6 +130,24 @@ class Usage:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class Records:
+    """
+    Everything the sending records hold, as rows (C{pop3gw migrate}).
+
+    @ivar overrides: C{(user, messages per hour, recipients per day)}, a
+        value C{None} where the default applies.
+    @ivar suspended: C{(user, since, reason)}.
+    @ivar sent: C{(user, at, recipients, client)}.
+    @ivar uses: C{(user, app password name, at, client)}.
+    """
+
+    overrides: List[Tuple[str, Optional[int], Optional[int]]] = attr.ib(factory=list)
+    suspended: List[Tuple[str, float, str]] = attr.ib(factory=list)
+    sent: List[Tuple[str, float, int, str]] = attr.ib(factory=list)
+    uses: List[Tuple[str, str, float, str]] = attr.ib(factory=list)
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class Suspension:
     """
     A suspension that has just begun: what the postmaster is told.
@@ -141,13 +160,19 @@ class Suspension:
     recipientsLastDay: int
 
 
+@implementer(ISendingRecords)
 class SendingLimits:
     """
-    The sending records of one data directory; see the module docstring.
+    The sending records of one data directory; see the module docstring
+    (L{pop3gw.pgaccounts.PostgresSendingLimits} keeps them in the
+    database store).
 
     Blocking: call from a thread (the server's I/O runner) or the command
     line.
     """
+
+    #: What a failure to use the records raises.
+    errors: Tuple[type, ...] = (sqlite3.Error, OSError)
 
     def __init__(self, dataDir: str, messagesPerHour: int = DEFAULT_MESSAGES_PER_HOUR,
                  recipientsPerDay: int = DEFAULT_RECIPIENTS_PER_DAY, owner: Optional[fsutil.Owner] = None,
@@ -346,6 +371,33 @@ class SendingLimits:
             return []
         return [tuple(row) for row in self._db().execute("SELECT user, since, reason FROM suspended ORDER BY user")]
 
+    def export(self) -> Records:
+        """
+        Every row (none if the database was never created).
+        """
+        if not os.path.exists(self.path):
+            return Records()
+        db = self._db()
+        return Records(
+            [tuple(r) for r in db.execute(
+                "SELECT user, messages_per_hour, recipients_per_day FROM overrides ORDER BY user")],
+            self.suspendedUsers(),
+            [tuple(r) for r in db.execute("SELECT user, at, recipients, client FROM sent ORDER BY at")],
+            [tuple(r) for r in db.execute("SELECT user, name, at, client FROM app_password_use ORDER BY user, name")],
+        )
+
+    def load(self, records: Records) -> None:
+        """
+        Add C{records} (exported from another store), in one transaction.
+        """
+        db = self._db()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT OR REPLACE INTO overrides VALUES (?, ?, ?)", records.overrides)
+            db.executemany("INSERT OR REPLACE INTO suspended VALUES (?, ?, ?)", records.suspended)
+            db.executemany("INSERT INTO sent VALUES (?, ?, ?, ?)", records.sent)
+            db.executemany("INSERT OR REPLACE INTO app_password_use VALUES (?, ?, ?, ?)", records.uses)
+
 
 def noticeMessage(suspension: Suspension, hostname: str, postmaster: str, date: str, messageId: str) -> bytes:
     """
@@ -387,7 +439,7 @@ class SendingPolicy:
 
     def __init__(
         self,
-        limits: SendingLimits,
+        limits: ISendingRecords,
         runner,
         notify: Callable[[Suspension], defer.Deferred],
         clock: Callable[[], float] = time.monotonic,
@@ -450,7 +502,7 @@ class SendingPolicy:
         recipient is let through, so mail does not stop for the sake of
         its accounting; a warning is logged at most once a minute.
         """
-        reason.trap(sqlite3.Error, OSError)
+        reason.trap(*self.limits.errors)
         now = time.monotonic()
         if self._lastWarned is None or now - self._lastWarned >= UNAVAILABLE_WARNING_INTERVAL:
             self._lastWarned = now

@@ -48,15 +48,18 @@ from pop3gw.auth import PasswordChecker, PlaintextAuthPolicy, Realm
 from pop3gw.bounces import noticeRecipient
 from pop3gw.config import Config, ConfigError
 from pop3gw.config import Options as _ConfigOptions
-from pop3gw.dkimkeys import Keyring
+from pop3gw.dkimkeys import Keyring, KeyStore
 from pop3gw.dkimsign import SigningQueue
 from pop3gw.inbound import InboundChecker, RspamdClient
-from pop3gw.interfaces import TemporaryFailure, UnknownUser
+from pop3gw.interfaces import IAppPasswords, ISendingRecords, TemporaryFailure, UnknownUser
 from pop3gw.limits import ConnectionLimitFactory, PeerCounts
-from pop3gw.loginwatch import LoginWatch
+from pop3gw.loginwatch import HISTORY_FILE, LoginWatch
 from pop3gw.maildir import MaildirStore
 from pop3gw.metrics import Metrics, healthProblems, metricsSite
+from pop3gw.pgaccounts import PostgresAppPasswords, PostgresSendingLimits
 from pop3gw.pgdatabase import Database, redact
+from pop3gw.pgdkim import PostgresKeyStore
+from pop3gw.pglogins import PostgresLoginHistory
 from pop3gw.pgmail import LOCK_RENEW_INTERVAL, PostgresMaildropStore
 from pop3gw.pgqueue import QUEUE_POLL_INTERVAL, PostgresQueue, workerNode
 from pop3gw.pgusers import PostgresUsers
@@ -139,7 +142,7 @@ DNS_THREADS = 8
 ACME_CHECK_INTERVAL = 600.0
 
 #: The login history under the data directory, and how often it is saved.
-LOGIN_HISTORY = "logins.json"
+LOGIN_HISTORY = HISTORY_FILE
 LOGIN_HISTORY_SAVE_INTERVAL = 60.0
 
 POP3_REFUSAL = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
@@ -567,7 +570,7 @@ def _databaseStores(
         supervisor relays what it queues (see L{PostgresQueue.adopt}).
 
     @return: (users, maildrop store, the runner of database work, the
-        outbound queue).
+        outbound queue, the database).
     @raise ConfigError: the database's schema is missing or not current.
     """
     threads = max(1, int(config.limits["database-threads"]))
@@ -601,7 +604,7 @@ def _databaseStores(
 
     ThreadPoolService(pool, runner, afterStop=afterStop).setServiceParent(top)
     LockLeaseService(store, runner).setServiceParent(top)
-    return users, store, runner, queue
+    return users, store, runner, queue, database
 
 
 class QueuePollService(TimerService):
@@ -758,12 +761,13 @@ class _Core:
 
     def refreshKeys(self) -> defer.Deferred:
         """
-        A stat of the DKIM key index, a read only when it changed.
+        A stat of the DKIM key files (or one query of the database's key
+        version), a read only when they changed.
         """
         keyring = self.keyring
         if keyring is None:
             return defer.succeed(None)
-        d = self.ioRunner.run(keyring.refresh)
+        d = (self.storeRunner or self.ioRunner).run(keyring.refresh)
         d.addErrback(lambda f: log.failure("cannot refresh the DKIM keys", f))
         return d
 
@@ -841,25 +845,37 @@ def _buildCore(
     store: Any
     storeRunner = ioRunner
     queue: Any
+    database: Optional[Database] = None
     if config.usesDatabase:
-        users, store, storeRunner, queue = _databaseStores(
+        users, store, storeRunner, queue, database = _databaseStores(
             config, reactor, top, hashPool.max if checksPasswords else 0, owner, worker
         )
     else:
         users = UsersFile(config.usersPath, config.aliasesPath, owner, config.postmaster, config.recipientDelimiter)
         store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
         queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner, store.syncer)
-    keyring = Keyring(config.dataDir)
+    keyring = Keyring(PostgresKeyStore(database) if database is not None else KeyStore(config.dataDir))
     keyring.refresh()
     # DKIM signing is CPU work that holds the GIL: other processes do it.
     signRunner = ProcessPoolRunner(reactor)
     ProcessPoolService(signRunner).setServiceParent(top)
     router = Router(LocalDomains(config.domains, users), users, store, SigningQueue(queue, keyring, signRunner))
-    sendingLimits = SendingLimits(
-        config.dataDir, config.limits["messages-per-hour"], config.limits["recipients-per-day"], owner
-    )
-    appPasswords = AppPasswords(os.path.join(config.dataDir, APP_PASSWORDS), config.usersPath + ".lock", owner)
-    watch = LoginWatch(reactor, os.path.join(config.dataDir, LOGIN_HISTORY), ioRunner, owner)
+    sendingLimits: ISendingRecords
+    appPasswords: IAppPasswords
+    if database is not None:
+        sendingLimits = PostgresSendingLimits(
+            database, config.limits["messages-per-hour"], config.limits["recipients-per-day"]
+        )
+        appPasswords = PostgresAppPasswords(database)
+    else:
+        sendingLimits = SendingLimits(
+            config.dataDir, config.limits["messages-per-hour"], config.limits["recipients-per-day"], owner
+        )
+        appPasswords = AppPasswords(os.path.join(config.dataDir, APP_PASSWORDS), config.usersPath + ".lock", owner)
+    if database is not None:
+        watch = LoginWatch(reactor, runner=storeRunner, store=PostgresLoginHistory(database))
+    else:
+        watch = LoginWatch(reactor, os.path.join(config.dataDir, LOGIN_HISTORY), ioRunner, owner)
     watch.load()
     LoginWatchService(watch).setServiceParent(top)
     checker = PasswordChecker(
@@ -889,7 +905,9 @@ def _buildCore(
         )
         return deliverLocally(config.postmaster, message)
 
-    sending = SendingPolicy(sendingLimits, ioRunner, notifyPostmaster, reactor=reactor)
+    # With a database store, the records are database work: its threads
+    # hold the connections.
+    sending = SendingPolicy(sendingLimits, storeRunner, notifyPostmaster, reactor=reactor)
     SendingRecordsService(sending).setServiceParent(top)
     portal = Portal(Realm(users, store, router, sending), [checker])
     policy = PlaintextAuthPolicy(config.plaintextAuth)

@@ -29,14 +29,23 @@ class DKIMCommandTests(SynchronousTestCase):
         self.dataDir = self.mktemp()
         os.makedirs(self.dataDir)
 
+    def command(self, *args: str) -> tuple:
+        return runCLI(self.dataDir, *args)
+
+    def keys(self):
+        """
+        The keys the commands work on.
+        """
+        return KeyStore(self.dataDir)
+
     def test_generatePrintsRecord(self) -> None:
         """
         C{dkim generate} says what it made and prints the exact zone-file
         line of the TXT record to publish, the key in 255-octet strings.
         """
-        status, out, err = runCLI(self.dataDir, "dkim", "generate", "Example.org", "--selector", "s1")
+        status, out, err = self.command("dkim", "generate", "Example.org", "--selector", "s1")
         self.assertEqual((status, err), (0, ""))
-        name, value = KeyStore(self.dataDir).publicRecord(KeyStore(self.dataDir).records()[0])
+        name, value = self.keys().publicRecord(self.keys().records()[0])
         strings = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
         self.assertEqual(
             out,
@@ -53,32 +62,32 @@ class DKIMCommandTests(SynchronousTestCase):
         C{activate} switches; C{remove} of the active key is refused with
         one line and exit 1, of the old key done.
         """
-        runCLI(self.dataDir, "dkim", "generate", "example.org", "--selector", "old", "--algorithm", "ed25519")
-        status, out, _ = runCLI(self.dataDir, "dkim", "generate", "example.org", "--selector", "new", "--algorithm", "ed25519")
+        self.command("dkim", "generate", "example.org", "--selector", "old", "--algorithm", "ed25519")
+        status, out, _ = self.command("dkim", "generate", "example.org", "--selector", "new", "--algorithm", "ed25519")
         self.assertEqual(status, 0)
         self.assertEqual(
             out.splitlines()[0],
             "generated ed25519 key new for example.org (inactive: publish it, wait for the DNS, then "
             "'pop3gw dkim activate example.org new')",
         )
-        status, out, _ = runCLI(self.dataDir, "dkim", "list")
+        status, out, _ = self.command("dkim", "list")
         self.assertEqual(status, 0)
         self.assertEqual(
             re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "TIME", out),
             "example.org old ed25519 TIME active\nexample.org new ed25519 TIME inactive\n",
         )
         self.assertEqual(
-            runCLI(self.dataDir, "dkim", "activate", "example.org", "new"),
+            self.command("dkim", "activate", "example.org", "new"),
             (0, "example.org is signed with new (ed25519) from now on; keep the previous key published "
                 "for a few days before removing it\n", ""),
         )
         self.assertEqual(
-            runCLI(self.dataDir, "dkim", "remove", "example.org", "new"),
+            self.command("dkim", "remove", "example.org", "new"),
             (1, "", "pop3gw: new is example.org's active ed25519 key; activate another first "
                     "(pop3gw dkim activate example.org old)\n"),
         )
         self.assertEqual(
-            runCLI(self.dataDir, "dkim", "remove", "example.org", "old"),
+            self.command("dkim", "remove", "example.org", "old"),
             (0, "removed ed25519 key old of example.org; delete its DNS record old._domainkey.example.org\n", ""),
         )
 
@@ -86,9 +95,9 @@ class DKIMCommandTests(SynchronousTestCase):
         """
         A bad domain or an unknown key is one line on stderr, exit 1.
         """
-        self.assertEqual(runCLI(self.dataDir, "dkim", "generate", "localhost"), (1, "", "pop3gw: bad domain 'localhost'\n"))
+        self.assertEqual(self.command("dkim", "generate", "localhost"), (1, "", "pop3gw: bad domain 'localhost'\n"))
         self.assertEqual(
-            runCLI(self.dataDir, "dkim", "activate", "example.org", "s"),
+            self.command("dkim", "activate", "example.org", "s"),
             (1, "", "pop3gw: no key with selector s for example.org\n"),
         )
 
@@ -98,11 +107,11 @@ class DKIMCommandTests(SynchronousTestCase):
         each DKIM key, DMARC, MTA-STS (with its policy file), TLS-RPT, the
         RFC 6186 SRV records and the autoconfig names.
         """
-        runCLI(self.dataDir, "dkim", "generate", "example.org", "--selector", "e1", "--algorithm", "ed25519")
-        status, out, err = runCLI(self.dataDir, "dns", "example.org", "--host", "mail.example.org")
+        self.command("dkim", "generate", "example.org", "--selector", "e1", "--algorithm", "ed25519")
+        status, out, err = self.command("dns", "example.org", "--host", "mail.example.org")
         self.assertEqual((status, err), (0, ""))
         records = [line for line in out.splitlines() if not line.startswith(";")]
-        public = KeyStore(self.dataDir).publicRecord(KeyStore(self.dataDir).records()[0])[1]
+        public = self.keys().publicRecord(self.keys().records()[0])[1]
         self.assertEqual(
             [re.sub(r"id=[0-9a-f]{16}", "id=ID", r) for r in records],
             [
@@ -124,6 +133,33 @@ class DKIMCommandTests(SynchronousTestCase):
         )
         self.assertIn(";     version: STSv1\n;     mode: testing\n;     mx: mail.example.org\n;     max_age: 86400\n", out)
         self.assertIn("tighten to p=quarantine, then p=reject", out)
+
+
+class DatabaseDKIMCommandTests(DKIMCommandTests):
+    """
+    The same commands with C{--store postgresql://...}: the keys are in the
+    database, and no data directory is needed.
+    """
+
+    def setUp(self) -> None:
+        from pop3gw.pgdatabase import Database
+        from pop3gw.pgdkim import PostgresKeyStore
+        from tests import pgcluster
+
+        self.uri = pgcluster.database(self)
+        self.assertEqual(self.command("init")[0], 0)
+        database = Database(self.uri, maxConnections=1)
+        self.addCleanup(database.close)
+        self.store = PostgresKeyStore(database)
+
+    def command(self, *args: str) -> tuple:
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["--store", self.uri, "--data-dir", "/nonexistent", *args], stdin=io.StringIO(), stdout=out,
+                          stderr=err)
+        return status, out.getvalue(), err.getvalue()
+
+    def keys(self):
+        return self.store
 
 
 class DKIMOwnerTests(SynchronousTestCase):

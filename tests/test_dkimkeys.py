@@ -12,9 +12,11 @@ import stat
 from cryptography.hazmat.primitives import serialization
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from pop3gw import dkimkeys
 from pop3gw.dkimkeys import DKIMKeyError, KeyProblem, KeyRecord, Keyring, KeyStore
+from pop3gw.interfaces import IDKIMKeyStore
 
 
 class TXTTests(SynchronousTestCase):
@@ -43,11 +45,115 @@ class TXTTests(SynchronousTestCase):
             self.assertRaises(DKIMKeyError, dkimkeys.checkSelector, bad)
 
 
-class KeyStoreTests(SynchronousTestCase):
+class KeyStoreContract:
+    """
+    What every L{IDKIMKeyStore} does; C{makeStore} returns a new instance
+    on the test's one store (as another node or the command has).
+    """
+
+    def makeStore(self) -> IDKIMKeyStore:
+        raise NotImplementedError()
+
+    def setUp(self) -> None:
+        self.store = self.makeStore()
+
+    def test_interface(self) -> None:
+        """
+        The store provides L{IDKIMKeyStore}.
+        """
+        self.assertTrue(verifyObject(IDKIMKeyStore, self.store))
+
+    def test_generateAndPublish(self) -> None:
+        """
+        A generated key is listed (by every instance) and its public record
+        matches its private key.
+        """
+        record = self.store.generate("Example.org", "s1", "ed25519", created="2026-12-01T00:00:00Z")
+        self.assertEqual(record, KeyRecord("example.org", "s1", "ed25519", "2026-12-01T00:00:00Z", True))
+        other = self.makeStore()
+        self.assertEqual(other.records(), [record])
+        key = serialization.load_pem_private_key(other.privateKey(record), None)
+        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.assertEqual(other.publicRecord(record),
+                         ("s1._domainkey.example.org", "v=DKIM1; k=ed25519; p=" + base64.b64encode(raw).decode()))
+
+    def test_rotation(self) -> None:
+        """
+        A second key of the same algorithm is inactive; C{activate} makes it
+        the active one and the first inactive (still listed); the active key
+        cannot be removed while the other exists, the inactive one can
+        (its file goes too).  An Ed25519 key is active beside an RSA one.
+        """
+        self.store.generate("example.org", "old", "rsa", created="c1")
+        self.store.generate("example.org", "new", "rsa", created="c2")
+        self.store.generate("example.org", "ed", "ed25519", created="c3")
+        self.assertEqual([(r.selector, r.active) for r in self.store.records()], [("old", True), ("new", False), ("ed", True)])
+        self.store.activate("example.org", "new")
+        self.assertEqual([(r.selector, r.active) for r in self.store.records()], [("old", False), ("new", True), ("ed", True)])
+        e = self.assertRaises(DKIMKeyError, self.store.remove, "example.org", "new")
+        self.assertEqual(
+            str(e), "new is example.org's active rsa key; activate another first (pop3gw dkim activate example.org old)"
+        )
+        old = self.store.records()[0]
+        self.store.remove("example.org", "old")
+        self.assertRaises(DKIMKeyError, self.store.privateKey, old)
+        self.assertEqual([r.selector for r in self.store.records()], ["new", "ed"])
+
+    def test_refusals(self) -> None:
+        """
+        A selector already used in the domain, an unknown selector and an
+        unknown algorithm are refused with one line each.
+        """
+        self.store.generate("example.org", "s1", "ed25519")
+        e = self.assertRaises(DKIMKeyError, self.store.generate, "example.org", "s1", "ed25519")
+        self.assertEqual(str(e), "example.org already has a key with selector s1 (choose another with --selector)")
+        e = self.assertRaises(DKIMKeyError, self.store.activate, "example.org", "nope")
+        self.assertEqual(str(e), "no key with selector nope for example.org")
+        self.assertRaises(DKIMKeyError, self.store.generate, "example.org", "s2", "dsa")
+
+
+    def test_stampMoves(self) -> None:
+        """
+        The stamp is the same while nothing changes, and moves with each
+        change made through any instance.
+        """
+        other = self.makeStore()
+        before = self.store.stamp()
+        self.assertEqual(self.store.stamp(), before)
+        other.generate("example.org", "a", "ed25519")
+        generated = self.store.stamp()
+        self.assertNotEqual(generated, before)
+        other.generate("example.org", "b", "ed25519")
+        other.activate("example.org", "b")
+        self.assertNotEqual(self.store.stamp(), generated)
+
+    def test_keyringFollowsOtherInstance(self) -> None:
+        """
+        A keyring over one instance signs with the keys generated,
+        activated and removed through another, after its next refresh.
+        """
+        keyring = Keyring(self.store)
+        keyring.refresh()
+        self.assertIsNone(keyring.keysFor("example.org"))
+        other = self.makeStore()
+        other.generate("example.org", "a", "ed25519")
+        other.generate("example.org", "b", "ed25519")
+        keyring.refresh()
+        self.assertEqual([k.selector for k in keyring.keysFor("example.org")], ["a"])
+        other.activate("example.org", "b")
+        other.remove("example.org", "a")
+        keyring.refresh()
+        self.assertEqual([k.selector for k in keyring.keysFor("example.org")], ["b"])
+
+
+class KeyStoreTests(KeyStoreContract, SynchronousTestCase):
+    def makeStore(self) -> KeyStore:
+        return KeyStore(self.dataDir)
+
     def setUp(self) -> None:
         self.dataDir = self.mktemp()
         os.makedirs(self.dataDir)
-        self.store = KeyStore(self.dataDir)
+        super().setUp()
 
     def test_generateRSA(self) -> None:
         """
@@ -85,40 +191,6 @@ class KeyStoreTests(SynchronousTestCase):
             key = serialization.load_pem_private_key(f.read(), None)
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         self.assertEqual(self.store.publicRecord(record)[1], "v=DKIM1; k=ed25519; p=" + base64.b64encode(raw).decode())
-
-    def test_rotation(self) -> None:
-        """
-        A second key of the same algorithm is inactive; C{activate} makes it
-        the active one and the first inactive (still listed); the active key
-        cannot be removed while the other exists, the inactive one can
-        (its file goes too).  An Ed25519 key is active beside an RSA one.
-        """
-        self.store.generate("example.org", "old", "rsa", created="c1")
-        self.store.generate("example.org", "new", "rsa", created="c2")
-        self.store.generate("example.org", "ed", "ed25519", created="c3")
-        self.assertEqual([(r.selector, r.active) for r in self.store.records()], [("old", True), ("new", False), ("ed", True)])
-        self.store.activate("example.org", "new")
-        self.assertEqual([(r.selector, r.active) for r in self.store.records()], [("old", False), ("new", True), ("ed", True)])
-        e = self.assertRaises(DKIMKeyError, self.store.remove, "example.org", "new")
-        self.assertEqual(
-            str(e), "new is example.org's active rsa key; activate another first (pop3gw dkim activate example.org old)"
-        )
-        self.store.remove("example.org", "old")
-        self.assertFalse(os.path.exists(self.store.keyPath("example.org", "old")))
-        self.assertEqual([r.selector for r in self.store.records()], ["new", "ed"])
-
-    def test_refusals(self) -> None:
-        """
-        A selector already used in the domain, an unknown selector and an
-        unknown algorithm are refused with one line each.
-        """
-        self.store.generate("example.org", "s1", "ed25519")
-        e = self.assertRaises(DKIMKeyError, self.store.generate, "example.org", "s1", "ed25519")
-        self.assertEqual(str(e), "example.org already has a key with selector s1 (choose another with --selector)")
-        e = self.assertRaises(DKIMKeyError, self.store.activate, "example.org", "nope")
-        self.assertEqual(str(e), "no key with selector nope for example.org")
-        self.assertRaises(DKIMKeyError, self.store.generate, "example.org", "s2", "dsa")
-
 
 class KeyringTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -158,6 +230,25 @@ class KeyringTests(SynchronousTestCase):
         self.keyring.refresh()
         self.assertEqual([k.selector for k in self.keyring.keysFor("example.org")], ["b"])
 
+    def test_keyFileReplacedByHand(self) -> None:
+        """
+        A key file replaced by hand (the index unchanged) is used after the
+        next refresh.
+        """
+        self.store.generate("example.org", "a", "ed25519")
+        self.keyring.refresh()
+        first = self.keyring.keysFor("example.org")[0].privateKey
+        path = self.store.keyPath("example.org", "a")
+        replacement = self.mktemp()
+        with open(replacement, "wb") as f:
+            f.write(dkimkeys.generatePrivateKey("ed25519"))
+        os.rename(replacement, path)
+        self.keyring.refresh()
+        second = self.keyring.keysFor("example.org")[0].privateKey
+        self.assertNotEqual(second, first)
+        with open(path, "rb") as f:
+            self.assertEqual(second, dkimkeys.signingKeyData("ed25519", f.read()))
+
     def test_unusableKey(self) -> None:
         """
         An active key whose file is not a key makes the domain a
@@ -182,3 +273,46 @@ class KeyringTests(SynchronousTestCase):
                 "dkim: signing keys loaded for 2 domain(s)",
             ],
         )
+
+
+class PostgresKeyStoreTests(KeyStoreContract, SynchronousTestCase):
+    """
+    The contract over L{pop3gw.pgdkim.PostgresKeyStore}: each instance is
+    another node on the same database.
+    """
+
+    def makeStore(self):
+        from pop3gw.pgdkim import PostgresKeyStore
+
+        return PostgresKeyStore(self.database)
+
+    def setUp(self) -> None:
+        from tests.test_pgstore import newDatabase
+
+        self.database = newDatabase(self)
+        super().setUp()
+
+    def test_databaseDown(self) -> None:
+        """
+        With the database unreachable, a refresh keeps the keys the
+        keyring has and logs one warning; they are re-read once it answers.
+        """
+        import tempfile
+
+        from pop3gw.pgdatabase import Database
+        from pop3gw.pgdkim import PostgresKeyStore
+
+        self.store.generate("example.org", "a", "ed25519")
+        keyring = Keyring(self.store)
+        keyring.refresh()
+        socketDir = tempfile.mkdtemp(prefix="pop3gw-nopg-")
+        self.addCleanup(os.rmdir, socketDir)
+        down = Database(f"postgresql:///nothing?host={socketDir}", timeout=0.5)
+        self.addCleanup(down.close)
+        keyring.store = PostgresKeyStore(down)
+        events: list = []
+        keyring.log = Logger(observer=events.append)
+        keyring.refresh()
+        self.assertEqual([k.selector for k in keyring.keysFor("example.org")], ["a"])
+        self.assertEqual(len(events), 1)
+        self.assertTrue(formatEvent(events[0]).startswith("dkim: cannot read the keys: database unavailable"))

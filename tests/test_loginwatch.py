@@ -12,9 +12,11 @@ import tempfile
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from pop3gw import loginwatch
-from pop3gw.loginwatch import LoginWatch, mergeHistories, networkOf
+from pop3gw.interfaces import ILoginHistory
+from pop3gw.loginwatch import LoginHistoryFile, LoginWatch, mergeHistories, networkOf
 from pop3gw.runner import ImmediateRunner
 
 DAY = 86400.0
@@ -134,28 +136,39 @@ class WatchTests(SynchronousTestCase):
         self.assertEqual(self.watch.history, {})
 
 
-class PersistenceTests(SynchronousTestCase):
+class HistoryStoreContract:
+    """
+    What every L{ILoginHistory} does, through L{LoginWatch}; C{store}
+    returns a new instance on the test's one store (as another process or
+    node has).
+    """
+
     def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.path = os.path.join(self.dir, "logins.json")
         self.wallclock = Wallclock()
 
+    def store(self) -> ILoginHistory:
+        raise NotImplementedError()
+
     def watch(self) -> LoginWatch:
-        watch = LoginWatch(Clock(), self.path, ImmediateRunner(), wallclock=self.wallclock)
+        watch = LoginWatch(Clock(), runner=ImmediateRunner(), wallclock=self.wallclock, store=self.store())
         watch.load()
         return watch
 
+    def test_interface(self) -> None:
+        """
+        The store provides L{ILoginHistory}.
+        """
+        self.assertTrue(verifyObject(ILoginHistory, self.store()))
+
     def test_survivesRestart(self) -> None:
         """
-        The history is saved (mode 0600) and read back by the next
-        process: a network from before the restart is not new, and a
-        settled user's new network still warns.
+        The history is saved and read back by the next process: a network
+        from before the restart is not new, and a settled user's new
+        network still warns.
         """
         first = self.watch()
         first.loggedIn("alice@example.org", "203.0.113.1")
         self.successResultOf(first.save())
-        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
         self.wallclock.now += 40 * DAY
         second = self.watch()
         with capturedLogs() as events:
@@ -166,23 +179,75 @@ class PersistenceTests(SynchronousTestCase):
 
     def test_mergedWithOtherProcess(self) -> None:
         """
-        Saving merges with what another process wrote meanwhile.
+        Saving merges with what another process wrote meanwhile, and takes
+        it in: a network one process saw is not new to the other.
         """
         one, two = self.watch(), self.watch()
         one.loggedIn("alice@example.org", "203.0.113.1")
         two.loggedIn("bob@example.org", "198.51.100.2")
         self.successResultOf(one.save())
         self.successResultOf(two.save())
-        with open(self.path) as f:
-            users = json.load(f)["users"]
-        self.assertEqual(sorted(users), ["alice@example.org", "bob@example.org"])
+        self.assertEqual(sorted(self.store().read()), ["alice@example.org", "bob@example.org"])
         self.assertIn("alice@example.org", two.history)
+        self.wallclock.now += 40 * DAY
+        with capturedLogs() as events:
+            two.loggedIn("alice@example.org", "203.0.113.7")
+        self.assertEqual(warnings(events), [])
+
+class PersistenceTests(HistoryStoreContract, SynchronousTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "logins.json")
+
+    def store(self) -> LoginHistoryFile:
+        return LoginHistoryFile(self.path)
+
+    def test_onlyChangedUsersWritten(self) -> None:
+        """
+        A save hands the store only the users whose history changed since
+        the last save (their whole history), not everyone's.
+        """
+        merged: list = []
+        store = self.store()
+
+        class Recording:
+            where = store.where
+            read = store.read
+
+            def merge(self, changes, now):
+                merged.append(sorted(changes))
+                return store.merge(changes, now)
+
+        watch = LoginWatch(Clock(), runner=ImmediateRunner(), wallclock=self.wallclock, store=Recording())
+        watch.loggedIn("alice@example.org", "203.0.113.1")
+        watch.loggedIn("bob@example.org", "198.51.100.2")
+        self.successResultOf(watch.save())
+        watch.loggedIn("bob@example.org", "192.0.2.1")
+        watch.loggedIn("alice@example.org", "203.0.113.9")
+        self.successResultOf(watch.save())
+        self.assertEqual(merged, [["alice@example.org", "bob@example.org"], ["bob@example.org"]])
+
+    def test_fileMode(self) -> None:
+        """
+        The history file is written mode 0600, as C{{"version": 1,
+        "users": ...}}.
+        """
+        watch = LoginWatch(Clock(), self.path, ImmediateRunner(), wallclock=self.wallclock)
+        watch.loggedIn("alice@example.org", "203.0.113.1")
+        self.successResultOf(watch.save())
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        with open(self.path) as f:
+            self.assertEqual(json.load(f), {"version": 1, "users": {"alice@example.org": {
+                "203.0.0.0/16": [START, START]}}})
 
     def test_unchangedNotWritten(self) -> None:
         """
         A save with nothing new writes nothing.
         """
-        watch = self.watch()
+        watch = LoginWatch(Clock(), self.path, ImmediateRunner(), wallclock=self.wallclock)
+        watch.load()
         self.successResultOf(watch.save())
         self.assertFalse(os.path.exists(self.path))
 
@@ -193,7 +258,8 @@ class PersistenceTests(SynchronousTestCase):
         with open(self.path, "w") as f:
             f.write("{not json")
         with capturedLogs() as events:
-            watch = self.watch()
+            watch = LoginWatch(Clock(), self.path, ImmediateRunner(), wallclock=self.wallclock)
+            watch.load()
         self.assertEqual(watch.history, {})
         self.assertTrue(any("unreadable" in formatEvent(e) for e in events))
 
@@ -210,3 +276,46 @@ class PersistenceTests(SynchronousTestCase):
         )
         self.assertEqual(merged, {"a": {"n1": [START + 250 * DAY, now]}})
         self.assertEqual(loginwatch.HISTORY_KEEP, 180 * DAY)
+
+
+class PostgresHistoryTests(HistoryStoreContract, SynchronousTestCase):
+    """
+    The contract over L{pop3gw.pglogins.PostgresLoginHistory}: each
+    instance is another node on the same database.
+    """
+
+    def setUp(self) -> None:
+        from tests.test_pgstore import newDatabase
+
+        super().setUp()
+        self.database = newDatabase(self)
+
+    def store(self):
+        from pop3gw.pglogins import PostgresLoginHistory
+
+        return PostgresLoginHistory(self.database)
+
+    def test_databaseDown(self) -> None:
+        """
+        A database that cannot be reached at start-up is logged and the
+        history starts empty; a failed save is logged and retried at the
+        next one.
+        """
+        from pop3gw.pgdatabase import Database
+        from pop3gw.pglogins import PostgresLoginHistory
+
+        socketDir = tempfile.mkdtemp(prefix="pop3gw-nopg-")
+        self.addCleanup(os.rmdir, socketDir)
+        down = Database(f"postgresql:///nothing?host={socketDir}", timeout=0.5)
+        self.addCleanup(down.close)
+        watch = LoginWatch(Clock(), runner=ImmediateRunner(), wallclock=self.wallclock,
+                           store=PostgresLoginHistory(down))
+        with capturedLogs() as events:
+            watch.load()
+            watch.loggedIn("alice@example.org", "203.0.113.1")
+            self.successResultOf(watch.save())
+        self.assertEqual([formatEvent(e).split(":")[0] for e in events],
+                         ["cannot read the login history postgresql", "cannot write login history postgresql"])
+        watch._store = self.store()
+        self.successResultOf(watch.save())
+        self.assertEqual(list(self.store().read()), ["alice@example.org"])

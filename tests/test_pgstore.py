@@ -768,6 +768,76 @@ class MigrateTests(SynchronousTestCase):
         self.assertEqual(users.snapshot().resolve(Address("team", "example.org")), (ALICE, BOB))
         self.assertEqual(users.snapshot().resolve(Address("anyone", "example.org")), (ALICE,))
 
+    def test_accountStateThereAndBack(self) -> None:
+        """
+        App passwords (hashes untouched), main-password scopes, per-user
+        limits, suspensions, sending counts, app-password uses, DKIM keys
+        (order, active flags, private keys) and the login history go to
+        the database and back unchanged.
+        """
+        import time
+
+        from pop3gw.apppasswords import AppPasswords
+        from pop3gw.dkimkeys import KeyStore
+        from pop3gw.loginwatch import LoginHistoryFile
+        from pop3gw.pgaccounts import PostgresAppPasswords, PostgresSendingLimits
+        from pop3gw.pgdatabase import Database
+        from pop3gw.pgdkim import PostgresKeyStore
+        from pop3gw.pglogins import PostgresLoginHistory
+        from pop3gw.sendlimits import SendingLimits
+
+        source = os.path.abspath(self.mktemp())
+        os.makedirs(source)
+        with open(os.path.join(source, "users"), "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\nbob@example.org:{HASH_B}\n")
+        apps = AppPasswords(os.path.join(source, "app-passwords"), os.path.join(source, "users.lock"))
+        phone = apps.add(ALICE, "phone", "pop3", lambda p: "{PLAIN}" + p, now=1764547200)
+        apps.setMainScope(BOB, "submission")
+        records = SendingLimits(source, 1, 10, clock=lambda: 1764547300.0)
+        self.addCleanup(records.close)
+        records.setLimits("bob@example.org", messagesPerHour=5)
+        records.record("alice@example.org", 2, "192.0.2.7")
+        records.recordUse("alice@example.org", "phone", "192.0.2.8")
+        self.assertIsNotNone(records.admit("alice@example.org", 0, "192.0.2.7")[1])
+        exported = records.export()
+        with open(os.path.join(source, "app-passwords"), "rb") as f:
+            appFile = f.read()
+        keys = KeyStore(source)
+        keys.generate("example.org", "old", "ed25519", created="2026-11-01T00:00:00Z")
+        keys.generate("example.org", "new", "ed25519", created="2026-12-01T00:00:00Z")
+        keys.activate("example.org", "new")
+        keys.generate("example.net", "s1", "ed25519", created="2026-12-01T00:00:00Z")
+        keyRows = [(r, keys.privateKey(r)) for r in keys.records()]
+        history = {"alice@example.org": {"203.0.0.0/16": [time.time() - 86400, time.time()]}}
+        LoginHistoryFile(os.path.join(source, "logins.json")).merge(history, time.time())
+
+        status, out, err = self.runCLI("migrate", "--from", f"maildir:{source}", "--to", self.uri)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(
+            out, f"migrated 2 user(s), 0 alias(es), 1 app password(s), 3 DKIM key(s), 0 message(s) in 0 maildrop(s) "
+                 f"from maildir:{source} to {self.uri}\n"
+        )
+        database = Database(self.uri, maxConnections=1)
+        self.addCleanup(database.close)
+        self.assertEqual(PostgresAppPasswords(database).find(ALICE, phone.encode()).hashed, "{PLAIN}" + phone)
+        self.assertEqual(PostgresAppPasswords(database).mainScope(BOB), "submission")
+        self.assertEqual(PostgresSendingLimits(database).export(), exported)
+        self.assertEqual(PostgresLoginHistory(database).read(), history)
+        inDatabase = PostgresKeyStore(database)
+        self.assertEqual([(r, inDatabase.privateKey(r)) for r in inDatabase.records()], keyRows)
+
+        target = os.path.abspath(self.mktemp())
+        status, out, err = self.runCLI("migrate", "--from", self.uri, "--to", f"maildir:{target}")
+        self.assertEqual((status, err), (0, ""))
+        with open(os.path.join(target, "app-passwords"), "rb") as f:
+            self.assertEqual(f.read(), appFile)
+        back = SendingLimits(target)
+        self.addCleanup(back.close)
+        self.assertEqual(back.export(), exported)
+        self.assertEqual(LoginHistoryFile(os.path.join(target, "logins.json")).read(), history)
+        keysBack = KeyStore(target)
+        self.assertEqual([(r, keysBack.privateKey(r)) for r in keysBack.records()], keyRows)
+
     def test_caseVariantsRefused(self) -> None:
         """
         A users file with two users differing only in case (possible in

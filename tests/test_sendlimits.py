@@ -12,11 +12,12 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer, task
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from pop3gw import cli, smtp
 from pop3gw.address import Address
 from pop3gw.auth import Realm
-from pop3gw.interfaces import SendingLimited
+from pop3gw.interfaces import ISendingRecords, SendingLimited, TemporaryFailure
 from pop3gw.runner import ImmediateRunner
 from pop3gw.sendlimits import DATABASE, SendingLimits, SendingPolicy, noticeMessage
 from pop3gw.testing import FakeRouter, FakeUserDatabase
@@ -35,16 +36,55 @@ class Clock:
         return self.now
 
 
-class SendingLimitsTests(SynchronousTestCase):
+class SendingRecordsContract:
+    """
+    What every L{ISendingRecords} does; C{make} returns a new instance on
+    the one store of the test (as another process or node has).
+    """
+
     def setUp(self) -> None:
-        self.dir = makeTempDirectory(self)
         self.clock = Clock()
         self.limits = self.make()
 
-    def make(self, messages: int = 3, recipients: int = 10) -> SendingLimits:
-        limits = SendingLimits(self.dir, messages, recipients, clock=self.clock)
-        self.addCleanup(limits.close)
-        return limits
+    def make(self, messages: int = 3, recipients: int = 10) -> ISendingRecords:
+        raise NotImplementedError()
+
+    def test_interface(self) -> None:
+        """
+        The records provide L{ISendingRecords}.
+        """
+        self.assertTrue(verifyObject(ISendingRecords, self.limits))
+
+    def test_appPasswordUse(self) -> None:
+        """
+        The last use of each app password is kept, per user, whatever the
+        case of the user.
+        """
+        self.limits.recordUse(ALICE, "phone", "192.0.2.7")
+        self.clock.now += 60
+        self.limits.recordUse(ALICE.upper(), "phone", "192.0.2.8")
+        self.limits.recordUse(ALICE, "laptop", "192.0.2.9")
+        self.assertEqual(self.make().lastUses(ALICE), {"phone": (NOW + 60, "192.0.2.8"), "laptop": (NOW + 60, "192.0.2.9")})
+        self.assertEqual(self.limits.lastUses("bob@example.org"), {})
+
+    def test_suspendedUsers(self) -> None:
+        """
+        The suspended users are listed with when and why.
+        """
+        self.assertEqual(self.limits.suspendedUsers(), [])
+        for _ in range(3):
+            self.send(self.limits)
+        self.send(self.limits)
+        self.assertEqual(self.make().suspendedUsers(),
+                         [(ALICE, NOW, "messages-per-hour: 3 sent in the last hour, limit 3")])
+
+    def test_recordMany(self) -> None:
+        """
+        Records written together count like records written one by one.
+        """
+        self.limits.recordMany([(ALICE, NOW - 10, 2, "192.0.2.7"), (ALICE.upper(), NOW - 5, 3, "192.0.2.7")])
+        usage = self.make().usage(ALICE)
+        self.assertEqual((usage.messagesLastHour, usage.recipientsLastDay), (2, 5))
 
     def send(self, limits: SendingLimits, recipients: int = 1, client: str = "192.0.2.7"):
         """
@@ -149,6 +189,16 @@ class SendingLimitsTests(SynchronousTestCase):
         self.assertIsNotNone(first[1])
         self.assertEqual(second, ("suspended", None))
 
+class SendingLimitsTests(SendingRecordsContract, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = makeTempDirectory(self)
+        super().setUp()
+
+    def make(self, messages: int = 3, recipients: int = 10) -> SendingLimits:
+        limits = SendingLimits(self.dir, messages, recipients, clock=self.clock)
+        self.addCleanup(limits.close)
+        return limits
+
     def test_fileMode(self) -> None:
         """
         The database is created mode 0600.
@@ -170,6 +220,49 @@ class SendingLimitsTests(SynchronousTestCase):
         self.assertIn("Reason: messages-per-hour: 3 sent in the last hour, limit 3\n", text)
         self.assertIn("  192.0.2.7\n", text)
         self.assertIn("  pop3gw user unsuspend alice@example.org\n", text)
+
+
+class PostgresSendingLimitsTests(SendingRecordsContract, SynchronousTestCase):
+    """
+    The contract over L{pop3gw.pgaccounts.PostgresSendingLimits}: each
+    instance made is another node on the same database.
+    """
+
+    def setUp(self) -> None:
+        from tests.test_pgstore import newDatabase
+
+        self.database = newDatabase(self)
+        super().setUp()
+
+    def make(self, messages: int = 3, recipients: int = 10):
+        from pop3gw.pgaccounts import PostgresSendingLimits
+
+        return PostgresSendingLimits(self.database, messages, recipients, clock=self.clock)
+
+    def test_databaseDown(self) -> None:
+        """
+        With the database unreachable the records raise
+        L{TemporaryFailure}, one of their C{errors}, and the policy lets the
+        recipient through with one warning.
+        """
+        import tempfile
+
+        from pop3gw.pgaccounts import PostgresSendingLimits
+        from pop3gw.pgdatabase import Database
+
+        socketDir = tempfile.mkdtemp(prefix="pop3gw-nopg-")
+        self.addCleanup(os.rmdir, socketDir)
+        database = Database(f"postgresql:///nothing?host={socketDir}", timeout=0.5)
+        self.addCleanup(database.close)
+        limits = PostgresSendingLimits(database, 1, 1)
+        self.assertRaises(TemporaryFailure, limits.usage, ALICE)
+        self.assertEqual(limits.errors, (TemporaryFailure,))
+        policy = SendingPolicy(limits, ImmediateRunner(), lambda s: defer.succeed(None))
+        with capturedLogs() as events:
+            for _ in range(2):
+                self.successResultOf(policy.admit(ALICE, 0, "192.0.2.7"))
+        warnings = [formatEvent(e) for e in events if "sending limits unavailable" in formatEvent(e)]
+        self.assertEqual(len(warnings), 1, warnings)
 
 
 class SubmissionLimitTests(SynchronousTestCase):
@@ -255,12 +348,21 @@ class SubmissionLimitTests(SynchronousTestCase):
 class CommandTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = makeTempDirectory(self)
+        self.store = ["--data-dir", self.dir]
         self.command("user", "add", ALICE, stdin="pw-alice\n")
 
     def command(self, *argv: str, stdin: str = ""):
         out, err = io.StringIO(), io.StringIO()
-        status = cli.main(["--data-dir", self.dir, *argv], stdin=io.StringIO(stdin), stdout=out, stderr=err)
+        status = cli.main([*self.store, *argv], stdin=io.StringIO(stdin), stdout=out, stderr=err)
         return status, out.getvalue(), err.getvalue()
+
+    def records(self, messages: int, recipients: int):
+        """
+        The records the command works on, as the server opens them.
+        """
+        limits = SendingLimits(self.dir, messages, recipients)
+        self.addCleanup(limits.close)
+        return limits
 
     def test_showAndSet(self) -> None:
         """
@@ -280,8 +382,7 @@ class CommandTests(SynchronousTestCase):
         """
         C{user list} marks a suspended user; C{user unsuspend} lifts it.
         """
-        limits = SendingLimits(self.dir, 1, 10)
-        self.addCleanup(limits.close)
+        limits = self.records(1, 10)
         limits.record(ALICE, 1, "192.0.2.7")
         self.assertIsNotNone(limits.admit(ALICE, 0, "192.0.2.7")[1])
         self.assertEqual(self.command("user", "list")[1], "alice@example.org (sending suspended)\n")
@@ -303,6 +404,28 @@ class CommandTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as e:
             self.command("user", "limits", ALICE, "--messages-per-hour", "lots")
         self.assertEqual(e.exception.code, 2)
+
+
+class DatabaseCommandTests(CommandTests):
+    """
+    The same commands with C{--store postgresql://...}: the records are in
+    the database.
+    """
+
+    def setUp(self) -> None:
+        from tests import pgcluster
+
+        self.store = ["--store", pgcluster.database(self)]
+        self.assertEqual(self.command("init")[0], 0)
+        self.command("user", "add", ALICE, stdin="pw-alice\n")
+
+    def records(self, messages: int, recipients: int):
+        from pop3gw.pgaccounts import PostgresSendingLimits
+        from pop3gw.pgdatabase import Database
+
+        database = Database(self.store[1], maxConnections=1)
+        self.addCleanup(database.close)
+        return PostgresSendingLimits(database, messages, recipients)
 
 
 class UnavailableTests(SynchronousTestCase):
@@ -332,9 +455,7 @@ class DatabaseStoreTests(SynchronousTestCase):
         The commands whose state lives under the data directory refuse a
         database store with one line (exit 64), before any connection.
         """
-        for argv in (["user", "limits", ALICE], ["user", "unsuspend", ALICE], ["user", "scope", ALICE, "none"],
-                     ["user", "app-password", "list", ALICE], ["user", "import-uidl", ALICE],
-                     ["import", "pop3s://a@example.org@old.example"]):
+        for argv in (["user", "import-uidl", ALICE], ["import", "pop3s://a@example.org@old.example"]):
             out, err = io.StringIO(), io.StringIO()
             status = cli.main(["--store", "postgresql://nowhere.invalid/pop3gw", *argv], stdin=io.StringIO(""),
                               stdout=out, stderr=err)
