@@ -200,6 +200,33 @@ class LoginWatch:
         except TemporaryFailure as e:
             log.warn("cannot read the login history {where}: {error}", where=self._store.where, error=str(e))
 
+    def loadLater(self) -> defer.Deferred:
+        """
+        Read the stored history in the runner (a database store: the
+        reactor thread never waits for it), merged with what was seen
+        meanwhile.  Fires when done; never fails (a store that cannot be
+        read is logged, as by L{load}).
+        """
+        if self._store is None:
+            return defer.succeed(None)
+        store = self._store
+
+        def read() -> History:
+            try:
+                return store.read()
+            except TemporaryFailure as e:
+                log.warn("cannot read the login history {where}: {error}", where=store.where, error=str(e))
+                return {}
+
+        d = self._runner.run(read)
+
+        def loaded(stored: History) -> None:
+            self.history = mergeHistories(self.history, stored, self._wallclock())
+
+        d.addCallback(loaded)
+        d.addErrback(lambda f: log.failure("cannot read the login history", f))
+        return d
+
     def loggedIn(self, user: str, peer: str) -> None:
         """
         Note a successful login of C{user} (as stored) from C{peer} (a

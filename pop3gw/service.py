@@ -259,9 +259,19 @@ class LoginWatchService(TimerService):
     pools do.
     """
 
-    def __init__(self, watch: LoginWatch) -> None:
+    def __init__(self, watch: LoginWatch, loadAtStart: bool = False) -> None:
+        """
+        @param loadAtStart: read the stored history when the service
+            starts (L{LoginWatch.loadLater}), not before.
+        """
         super().__init__(LOGIN_HISTORY_SAVE_INTERVAL, watch.save)
         self.watch = watch
+        self.loadAtStart = loadAtStart
+
+    def startService(self) -> None:
+        if self.loadAtStart:
+            self.watch.loadLater()
+        super().startService()
 
     def stopService(self) -> defer.Deferred:
         d = defer.maybeDeferred(super().stopService)
@@ -855,7 +865,10 @@ def _buildCore(
         store = MaildirStore(config.mailDir, ioRunner, config.hostname, owner)
         queue = OutboundQueue(config.queueDir, reactor, ioRunner, owner, store.syncer)
     keyring = Keyring(PostgresKeyStore(database) if database is not None else KeyStore(config.dataDir))
-    keyring.refresh()
+    if database is None:
+        # A database's keys are read by the first timed refresh, in its
+        # runner: the reactor thread never waits for the database.
+        keyring.refresh()
     # DKIM signing is CPU work that holds the GIL: other processes do it.
     signRunner = ProcessPoolRunner(reactor)
     ProcessPoolService(signRunner).setServiceParent(top)
@@ -876,8 +889,10 @@ def _buildCore(
         watch = LoginWatch(reactor, runner=storeRunner, store=PostgresLoginHistory(database))
     else:
         watch = LoginWatch(reactor, os.path.join(config.dataDir, LOGIN_HISTORY), ioRunner, owner)
-    watch.load()
-    LoginWatchService(watch).setServiceParent(top)
+    if database is None:
+        watch.load()
+    # A database's history is read when the service starts, in its runner.
+    LoginWatchService(watch, loadAtStart=database is not None).setServiceParent(top)
     checker = PasswordChecker(
         users,
         reactor,

@@ -194,6 +194,21 @@ class HistoryStoreContract:
             two.loggedIn("alice@example.org", "203.0.113.7")
         self.assertEqual(warnings(events), [])
 
+    def test_loadLater(self) -> None:
+        """
+        L{LoginWatch.loadLater} reads the stored history in the runner and
+        merges it with the logins seen before it came back: both count.
+        """
+        first = self.watch()
+        first.loggedIn("alice@example.org", "203.0.113.1")
+        self.successResultOf(first.save())
+        later = LoginWatch(Clock(), runner=ImmediateRunner(), wallclock=self.wallclock, store=self.store())
+        later.loggedIn("bob@example.org", "198.51.100.2")
+        self.successResultOf(later.loadLater())
+        self.assertEqual(sorted(later.history), ["alice@example.org", "bob@example.org"])
+        self.assertEqual(list(later.history["alice@example.org"]), ["203.0.0.0/16"])
+
+
 class PersistenceTests(HistoryStoreContract, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()
