@@ -56,6 +56,7 @@ import contextlib
 import datetime
 import enum
 import fcntl
+import functools
 import json
 import os
 import re
@@ -139,7 +140,7 @@ class Outcome:
 # --- Entries ---------------------------------------------------------------
 
 
-@attr.s(auto_attribs=True)
+@attr.s(auto_attribs=True, slots=True)
 class Recipient:
     """
     One recipient of a queued message.
@@ -166,7 +167,7 @@ class Recipient:
         self.diagnostic = diagnostic
 
 
-@attr.s(auto_attribs=True)
+@attr.s(auto_attribs=True, slots=True)
 class Entry:
     """
     One queued message's envelope and delivery state.
@@ -320,7 +321,7 @@ class Entry:
                     raise ValueError("bad recipient state") from None
                 recipients.append(
                     Recipient(
-                        Address.parse(r["address"]),
+                        _storedAddress(r["address"]),
                         state,
                         r.get("status"),
                         r.get("diagnostic"),
@@ -330,7 +331,7 @@ class Entry:
             sender = obj["sender"]
             return cls(
                 obj["id"],
-                None if sender is None else Address.parse(sender),
+                None if sender is None else _storedAddress(sender),
                 recipients,
                 float(obj["created"]),
                 int(obj["attempts"]),
@@ -340,6 +341,18 @@ class Entry:
             )
         except (KeyError, TypeError, AttributeError, UnicodeDecodeError, AddressError) as e:
             raise ValueError(f"malformed queue entry: {e}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _storedAddress(text: str) -> Address:
+    """
+    L{Address.parse} for the addresses read back from C{.json} files,
+    remembered: a long queue names few distinct senders and recipients,
+    which are parsed once and shared (an L{Address} is immutable).
+
+    @raise AddressError: as L{Address.parse}.
+    """
+    return Address.parse(text)
 
 
 # --- File helpers (blocking; run in a thread pool when one is given) ---
@@ -457,12 +470,13 @@ def _scanEntries(root: str, log: Optional[Logger] = None) -> tuple:
             latest[parsed[0]] = (name, parsed[1], parsed[2])
     entries = []
     markers = {}
-    for name in sorted(names):
+    prefix = os.path.join(root, "")
+    for name in names:
         if not name.endswith(".json"):
             continue
         queueId = name[: -len(".json")]
         try:
-            with open(os.path.join(root, name), "rb") as f:
+            with open(prefix + name, "rb") as f:
                 entry = Entry.fromJSON(f.read())
             if entry.queueId != queueId:
                 raise ValueError("id does not match the file name")

@@ -668,6 +668,19 @@ class AttemptRecordTests(QueueTestMixin, unittest.SynchronousTestCase):
         for d in removed:
             self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EIO)
 
+    def test_loadedAddressesShared(self):
+        """
+        Entries read back share one L{Address} object per distinct
+        address: a long queue names few senders and recipients, each
+        parsed once.
+        """
+        ids = [self.enqueue(recipients=[BOB, CAROL]).queueId, self.enqueue(recipients=[CAROL]).queueId]
+        read = {e.queueId: e for e in listEntries(self.root)}
+        first, second = read[ids[0]], read[ids[1]]
+        self.assertIs(first.sender, second.sender)
+        self.assertIs(first.recipients[1].address, second.recipients[0].address)
+        self.assertEqual(str(first.recipients[1].address), "carol@remote.example")
+
     def test_orphanMarkerRemoved(self):
         """
         At start-up, a marker whose entry is gone (a crash between the

@@ -78,7 +78,7 @@ DEFAULT_CONNECT_TIMEOUT = 60
 FLUSH_POLL_INTERVAL = 5.0
 
 #: The most SMTP client connections open at the same time.
-MAX_CONNECTIONS = 10
+MAX_CONNECTIONS = 20
 
 #: How long C{stopService} waits for attempts in progress before it
 #: abandons them (they stay queued).
