@@ -53,7 +53,7 @@ LIMITS = {
     "messages-per-hour": (200, int),
     "recipients-per-day": (1000, int),
     "database-threads": (10, int),
-    "relay-connections": (10, int),
+    "relay-connections": (20, int),
 }
 
 

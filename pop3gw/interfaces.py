@@ -588,6 +588,17 @@ class IQueueStore(Interface):
             shared queue).
         """
 
+    def recordAttempt(entry):
+        """
+        Record durably that an attempt of C{entry} starts: its C{attempts}
+        and C{nextAttempt} (what L{pop3gw.queue.Entry.beginAttempt}
+        changed; a store may write only those).  Ordered with the entry's
+        saves.
+
+        @return: a C{Deferred} firing once durable; the attempt is made
+            only then.
+        """
+
     def removeEntry(entry):
         """
         Remove C{entry} from the queue.

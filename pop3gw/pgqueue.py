@@ -284,6 +284,12 @@ class PostgresQueue(QueueListeners):
         """
         return self._runner.run(self._save, entry.queueId, entry.toJSON(), entry.nextAttempt)
 
+    def recordAttempt(self, entry: Entry) -> defer.Deferred:
+        """
+        Record an attempt: the entry's state is saved (L{saveEntry}).
+        """
+        return self.saveEntry(entry)
+
     def removeEntry(self, entry: Entry) -> defer.Deferred:
         """
         Remove C{entry} and its message.

@@ -15,13 +15,23 @@ directory (the operator's C{DATA/queue}):
   - C{<id>.json}: the envelope and delivery state (see L{Entry.toJSON}).
 
 Every write goes to a unique C{*.tmp} file, is fsynced, renamed into place,
-and the directory is fsynced.  The C{.msg} is durable before the C{.json} is
-renamed into place, and an entry exists only when its C{.json} does; at
-start-up, C{.msg} files without a C{.json} and C{*.tmp} files older than
-L{ORPHAN_AGE} are removed.  Writers of C{.json} files (this server and the
-C{pop3gw queue flush} command) hold an exclusive C{flock} on C{.lock} while
-they write, so a read-modify-write by the command is never interleaved with
-a write by the server.  Every file the queue creates (entries, temp files,
+and the directory is fsynced (by the batched L{DirectorySyncer}, shared
+with the other writes made meanwhile).  The C{.msg} is durable before the
+C{.json} is renamed into place, and an entry exists only when its C{.json}
+does; at start-up, C{.msg} files and attempt markers without a C{.json},
+and C{*.tmp} files, older than L{ORPHAN_AGE} are removed.  The server holds
+an exclusive C{flock} on C{.lock} while it renames a C{.json} into place or
+unlinks one (never across an C{fsync}); the C{pop3gw queue flush} command
+holds it over its whole read-modify-write, which is so never interleaved
+with a write by the server.
+
+The relay records an attempt (L{OutboundQueue.recordAttempt}) without
+rewriting the C{.json}: the attempt count and next attempt time are the
+name of an empty marker file, C{<id>.try-<attempts>-<nextAttempt>}
+(L{markerName}), created at the first attempt and renamed at each next
+one, durable with the directory's batched C{fsync}.  Readers apply a
+marker that counts more attempts than the C{.json}.  Removing an entry
+unlinks its files and syncs the directory the same way.  Every file the queue creates (entries, temp files,
 C{.lock}, C{.flush}) is mode 0600 and its directory 0700, whatever the
 umask; a command run as root gives them the data directory's owner
 (L{pop3gw.fsutil}).  C{pop3gw queue flush} (L{requestFlush}) touches
@@ -46,6 +56,7 @@ import contextlib
 import datetime
 import enum
 import fcntl
+import functools
 import json
 import os
 import re
@@ -80,6 +91,9 @@ FLUSH_FILE = ".flush"
 LOCK_FILE = ".lock"
 
 _ID = re.compile(r"^[0-9a-f]{13}-[0-9a-f]{8}$")
+
+#: An attempt marker: C{<id>.try-<attempts>-<nextAttempt>} (L{markerName}).
+_MARKER = re.compile(r"^([0-9a-f]{13}-[0-9a-f]{8})\.try-([0-9]{1,9})-([0-9][0-9.e+-]*)$")
 
 
 class RecipientState(str, enum.Enum):
@@ -126,7 +140,7 @@ class Outcome:
 # --- Entries ---------------------------------------------------------------
 
 
-@attr.s(auto_attribs=True)
+@attr.s(auto_attribs=True, slots=True)
 class Recipient:
     """
     One recipient of a queued message.
@@ -153,7 +167,7 @@ class Recipient:
         self.diagnostic = diagnostic
 
 
-@attr.s(auto_attribs=True)
+@attr.s(auto_attribs=True, slots=True)
 class Entry:
     """
     One queued message's envelope and delivery state.
@@ -307,7 +321,7 @@ class Entry:
                     raise ValueError("bad recipient state") from None
                 recipients.append(
                     Recipient(
-                        Address.parse(r["address"]),
+                        _storedAddress(r["address"]),
                         state,
                         r.get("status"),
                         r.get("diagnostic"),
@@ -317,7 +331,7 @@ class Entry:
             sender = obj["sender"]
             return cls(
                 obj["id"],
-                None if sender is None else Address.parse(sender),
+                None if sender is None else _storedAddress(sender),
                 recipients,
                 float(obj["created"]),
                 int(obj["attempts"]),
@@ -329,14 +343,26 @@ class Entry:
             raise ValueError(f"malformed queue entry: {e}") from None
 
 
+@functools.lru_cache(maxsize=4096)
+def _storedAddress(text: str) -> Address:
+    """
+    L{Address.parse} for the addresses read back from C{.json} files,
+    remembered: a long queue names few distinct senders and recipients,
+    which are parsed once and shared (an L{Address} is immutable).
+
+    @raise AddressError: as L{Address.parse}.
+    """
+    return Address.parse(text)
+
+
 # --- File helpers (blocking; run in a thread pool when one is given) ---
 
 
 @contextlib.contextmanager
 def _queueLock(root: str, owner: Optional[fsutil.Owner]) -> Iterator[None]:
     """
-    Hold the queue's exclusive C{flock} (the C{.lock} file) while writing
-    C{.json} files.
+    Hold the queue's exclusive C{flock} (the C{.lock} file) while renaming
+    a C{.json} file into place (never across an C{fsync}).
     """
     fd = fsutil.openLockFile(os.path.join(root, LOCK_FILE), owner)
     try:
@@ -350,43 +376,111 @@ def _saveEntry(
     root: str, queueId: str, data: bytes, owner: Optional[fsutil.Owner], syncDirectory: bool = True
 ) -> None:
     """
-    Write the envelope C{data} of entry C{queueId} atomically; its rename
-    is durable once C{root} is fsynced, here unless C{syncDirectory} is
-    false.
+    Write the envelope C{data} of entry C{queueId} atomically: the
+    temporary file is written and fsynced without the queue lock, which is
+    held only for the rename.  The rename is durable once C{root} is
+    fsynced, here unless C{syncDirectory} is false.
     """
-    with _queueLock(root, owner):
-        fsutil.replaceFile(os.path.join(root, queueId + ".json"), data, owner, syncDirectory=syncDirectory)
+
+    def lockedReplace(source: str, destination: str) -> None:
+        with _queueLock(root, owner):
+            os.replace(source, destination)
+
+    fsutil.replaceFile(
+        os.path.join(root, queueId + ".json"), data, owner, replace=lockedReplace, syncDirectory=syncDirectory
+    )
 
 
-def _removeEntry(root: str, queueId: str, owner: Optional[fsutil.Owner]) -> None:
+def _removeEntry(root: str, queueId: str, owner: Optional[fsutil.Owner], marker: Optional[str] = None) -> None:
+    """
+    Unlink entry C{queueId}'s files: durable once C{root} is fsynced.
+
+    @param marker: the name of its attempt marker, if it has one.
+    """
     # The .json goes first: without it the entry no longer exists, and a
-    # .msg left behind by a crash is an orphan removed at start-up.
+    # .msg or marker left behind by a crash is an orphan removed at
+    # start-up.
     with _queueLock(root, owner):
         fsutil.unlinkIfThere(os.path.join(root, queueId + ".json"))
+    if marker is not None:
+        fsutil.unlinkIfThere(os.path.join(root, marker))
     fsutil.unlinkIfThere(os.path.join(root, queueId + ".msg"))
-    fsutil.fsyncDirectory(root)
 
 
-def _readEntries(root: str, log: Optional[Logger] = None) -> list:
+def markerName(entry: Entry) -> str:
+    """
+    The name of the empty file that records C{entry}'s latest attempt:
+    C{<id>.try-<attempts>-<nextAttempt>}.
+    """
+    return f"{entry.queueId}.try-{entry.attempts}-{entry.nextAttempt!r}"
+
+
+def _parseMarker(name: str) -> Optional[tuple]:
+    """
+    @return: C{(queueId, attempts, nextAttempt)} from an attempt marker's
+        name, or C{None} if C{name} is none.
+    """
+    match = _MARKER.match(name)
+    if match is None:
+        return None
+    try:
+        nextAttempt = float(match.group(3))
+    except ValueError:
+        return None
+    return match.group(1), int(match.group(2)), nextAttempt
+
+
+def _moveMarker(root: str, old: Optional[str], new: str, owner: Optional[fsutil.Owner]) -> None:
+    """
+    Record an attempt: rename the entry's marker C{old} to C{new}, or
+    create C{new} if there was none.  Durable once C{root} is fsynced.
+    """
+    if old == new:
+        return
+    if old is not None:
+        try:
+            os.rename(os.path.join(root, old), os.path.join(root, new))
+            return
+        except FileNotFoundError:
+            pass
+    try:
+        os.close(fsutil.createFile(os.path.join(root, new), owner))
+    except FileExistsError:
+        pass
+
+
+def _scanEntries(root: str, log: Optional[Logger] = None) -> tuple:
     """
     Every entry under C{root} whose C{.json} parses and whose C{.msg}
-    exists, sorted by creation time.
+    exists, sorted by creation time, with its latest attempt marker
+    applied (an attempt recorded after its C{.json} was written).
+
+    @return: C{(entries, markers)}: the list of L{Entry}, and queue id ->
+        the name of its latest marker, for the entries that have one.
     """
-    entries = []
     try:
         names = os.listdir(root)
     except FileNotFoundError:
-        return []
-    for name in sorted(names):
+        return [], {}
+    present = set(names)
+    latest: dict = {}
+    for name in names:
+        parsed = _parseMarker(name)
+        if parsed is not None and (parsed[0] not in latest or parsed[1] > latest[parsed[0]][1]):
+            latest[parsed[0]] = (name, parsed[1], parsed[2])
+    entries = []
+    markers = {}
+    prefix = os.path.join(root, "")
+    for name in names:
         if not name.endswith(".json"):
             continue
         queueId = name[: -len(".json")]
         try:
-            with open(os.path.join(root, name), "rb") as f:
+            with open(prefix + name, "rb") as f:
                 entry = Entry.fromJSON(f.read())
             if entry.queueId != queueId:
                 raise ValueError("id does not match the file name")
-            if not os.path.exists(os.path.join(root, queueId + ".msg")):
+            if queueId + ".msg" not in present:
                 raise ValueError("message file missing")
         except (OSError, ValueError) as e:
             if log is not None:
@@ -396,22 +490,37 @@ def _readEntries(root: str, log: Optional[Logger] = None) -> list:
                     why=str(e),
                 )
             continue
+        marker = latest.get(queueId)
+        if marker is not None:
+            markers[queueId] = marker[0]
+            if marker[1] > entry.attempts:
+                entry.attempts, entry.nextAttempt = marker[1], marker[2]
         entries.append(entry)
     entries.sort(key=lambda e: (e.created, e.queueId))
-    return entries
+    return entries, markers
+
+
+def _readEntries(root: str, log: Optional[Logger] = None) -> list:
+    """
+    Every entry under C{root} (see L{_scanEntries}).
+    """
+    return _scanEntries(root, log)[0]
 
 
 def _removeOrphans(root: str, now: float, log: Logger) -> None:
     """
-    Remove C{*.tmp} files, and C{.msg} files without a C{.json}, whose
-    modification time is more than L{ORPHAN_AGE} before C{now}.
+    Remove C{*.tmp} files, and C{.msg} files and attempt markers without a
+    C{.json}, whose modification time is more than L{ORPHAN_AGE} before C{now}.
     """
     names = set(os.listdir(root))
     for name in sorted(names):
+        marker = _parseMarker(name)
         if name.endswith(".tmp"):
             orphan = True
         elif name.endswith(".msg"):
             orphan = name[: -len(".msg")] + ".json" not in names
+        elif marker is not None:
+            orphan = marker[0] + ".json" not in names
         else:
             orphan = False
         if not orphan:
@@ -461,8 +570,9 @@ def requestFlush(root: str, now: Optional[float] = None, owner: Optional[fsutil.
     with _queueLock(root, owner):
         for entry in _readEntries(root):
             entry.nextAttempt = now
-            fsutil.replaceFile(os.path.join(root, entry.queueId + ".json"), entry.toJSON(), owner)
+            fsutil.replaceFile(os.path.join(root, entry.queueId + ".json"), entry.toJSON(), owner, syncDirectory=False)
             count += 1
+        fsutil.fsyncDirectory(root)
     fsutil.replaceFile(os.path.join(root, FLUSH_FILE), b"%d\n" % (now,), owner)
     return count
 
@@ -629,7 +739,7 @@ class _QueueDelivery(CRLFDelivery):
                 return Failure(error)
             # Not acknowledged: nothing of it may be relayed, even after a
             # restart, so its files go before the client hears of it.
-            removal = self._queue._run(_removeEntry, self._queue.root, self._entry.queueId, self._queue.owner)
+            removal = self._queue._removeFiles(self._entry.queueId)
             removal.addErrback(
                 lambda reason: self._queue.log.failure("queue: cannot remove {queueId}", reason, queueId=self._entry.queueId)
             )
@@ -655,7 +765,7 @@ class _QueueDelivery(CRLFDelivery):
         """
         if self._state == "prepared":
             self._state = "aborted"
-            return self._queue._run(_removeEntry, self._queue.root, self._entry.queueId, self._queue.owner)
+            return self._queue._removeFiles(self._entry.queueId)
         self.abort()
         return defer.succeed(None)
 
@@ -722,6 +832,8 @@ class OutboundQueue(QueueListeners):
         self.owner = owner
         self._listeners: list = []
         self._saves: dict = {}
+        # Queue id -> the name of its attempt marker.
+        self._markers: dict = {}
         fsutil.makeDirectories(root, owner)
 
     def _run(self, f: Callable, *args) -> defer.Deferred:
@@ -785,21 +897,22 @@ class OutboundQueue(QueueListeners):
         import time
 
         _removeOrphans(self.root, time.time(), self.log)
-        return _readEntries(self.root, self.log)
+        entries, markers = _scanEntries(self.root, self.log)
+        self._markers.update(markers)
+        return entries
 
-    def saveEntry(self, entry: Entry) -> defer.Deferred:
+    def _inOrder(self, queueId: str, job: Callable[[], defer.Deferred]) -> defer.Deferred:
         """
-        Write C{entry}'s current state durably.  Saves of one entry run one
-        after the other, in call order.
+        Run C{job} once the writes of entry C{queueId} asked for before it
+        are over (whatever their result).
+
+        @return: a Deferred firing with C{job}'s result.
         """
-        data = entry.toJSON()
-        queueId = entry.queueId
         previous = self._saves.get(queueId)
         result: defer.Deferred = defer.Deferred()
 
         def run(_: object = None) -> None:
-            d = self._run(_saveEntry, self.root, queueId, data, self.owner)
-            d.chainDeferred(result)
+            job().chainDeferred(result)
 
         if previous is None:
             run()
@@ -817,11 +930,65 @@ class OutboundQueue(QueueListeners):
         result.addBoth(done)
         return result
 
+    def _durable(self, d: defer.Deferred) -> defer.Deferred:
+        """
+        @return: C{d}, then the queue directory synced (the batched
+            C{fsync} of L{syncer}, shared with the writes made meanwhile).
+        """
+        return d.addCallback(lambda _: self.syncer.sync([self.root]))
+
+    def saveEntry(self, entry: Entry) -> defer.Deferred:
+        """
+        Write C{entry}'s current state durably.  Saves of one entry run one
+        after the other, in call order.
+        """
+        data = entry.toJSON()
+        queueId = entry.queueId
+        return self._inOrder(
+            queueId,
+            lambda: self._durable(self._run(_saveEntry, self.root, queueId, data, self.owner, False)),
+        )
+
+    def recordAttempt(self, entry: Entry) -> defer.Deferred:
+        """
+        Record durably that an attempt of C{entry} starts: its attempt
+        count and next attempt time become the name of its empty marker
+        file (L{markerName}), created or renamed, made durable by the
+        batched directory C{fsync}; nothing is rewritten.  Ordered with the
+        entry's saves.
+        """
+        queueId = entry.queueId
+        new = markerName(entry)
+
+        def job() -> defer.Deferred:
+            old = self._markers.get(queueId)
+            d = self._run(_moveMarker, self.root, old, new, self.owner)
+
+            def moved(_: object) -> None:
+                self._markers[queueId] = new
+
+            return self._durable(d.addCallback(moved))
+
+        return self._inOrder(queueId, job)
+
+    def _removeFiles(self, queueId: str) -> defer.Deferred:
+        """
+        Unlink entry C{queueId}'s files, durably (the batched directory
+        C{fsync}).
+        """
+
+        def forget(_: object) -> None:
+            self._markers.pop(queueId, None)
+
+        d = self._run(_removeEntry, self.root, queueId, self.owner, self._markers.get(queueId))
+        return self._durable(d.addCallback(forget))
+
     def removeEntry(self, entry: Entry) -> defer.Deferred:
         """
-        Remove C{entry}'s files (the C{.json} first).
+        Remove C{entry}'s files (the C{.json} first), after its writes in
+        progress; durable once the Deferred fires.
         """
-        return self._run(_removeEntry, self.root, entry.queueId, self.owner)
+        return self._inOrder(entry.queueId, lambda: self._removeFiles(entry.queueId))
 
     def openMessage(self, entry: Entry):
         """

@@ -37,6 +37,13 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(c.plaintextAuth, "loopback")
         self.assertEqual(c.maxMessageSize, 41943040)
 
+    def test_relayConnectionsDefault(self) -> None:
+        """
+        The relay sends at most 20 messages at once by default, Postfix's
+        default concurrency per destination.
+        """
+        self.assertEqual(parse().limits["relay-connections"], 20)
+
     def test_repeatedEndpointReplacesDefault(self) -> None:
         """
         An endpoint option given (twice) replaces that listener's default;

@@ -6,6 +6,7 @@ and the entry's state changes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 from twisted.logger import Logger, LogLevel, formatEvent
@@ -37,6 +38,7 @@ from pop3gw.queue import (
     listEntries,
     requestFlush,
 )
+from pop3gw.runner import ThreadPoolRunner
 from pop3gw.testing import FakeOutboundQueue, HeldThreadPool
 from tests.queuehelpers import (
     ALICE,
@@ -523,6 +525,179 @@ class EntryStateTests(unittest.SynchronousTestCase):
         entry = makeEntry(BOB)
         entry.recipients[0].state = DELIVERED
         self.assertEqual(Entry.fromJSON(entry.toJSON()).recipients[0].state, DELIVERED)
+
+
+class AttemptRecordTests(QueueTestMixin, unittest.SynchronousTestCase):
+    """
+    Tests for the durability of the relay's writes: attempt markers,
+    removals and saves, their batched directory C{fsync}s and the queue
+    lock.
+    """
+
+    def setUp(self):
+        self.setUpQueue()
+
+    def recordFsyncs(self):
+        """
+        Replace L{fsutil.fsync} with one that records, for each call,
+        whether the queue's C{.lock} could be taken at that moment (it
+        tries C{LOCK_EX | LOCK_NB} on a descriptor of its own).
+
+        @return: the list of booleans, one per C{fsync}.
+        """
+        seen = []
+
+        def fsync(fd):
+            lock = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    seen.append(False)
+                else:
+                    seen.append(True)
+            finally:
+                os.close(lock)
+            os.fsync(fd)
+
+        self.patch(fsutil, "fsync", fsync)
+        return seen
+
+    def test_lockNotHeldDuringFsync(self):
+        """
+        No C{fsync} of the queue's writes (a commit, an attempt record, a
+        save, a removal) is made while the queue lock is held: the lock
+        covers only renames and unlinks.
+        """
+        seen = self.recordFsyncs()
+        entry = self.enqueue()
+        entry.beginAttempt(1000.0, [300], 86400)
+        self.successResultOf(self.queue.recordAttempt(entry))
+        self.successResultOf(self.queue.saveEntry(entry))
+        self.successResultOf(self.queue.removeEntry(entry))
+        self.assertEqual(seen, [True] * 8)
+
+    def test_attemptIsMarkerName(self):
+        """
+        L{OutboundQueue.recordAttempt} leaves the C{.json} as it was and
+        renames the entry's empty marker C{<id>.try-<attempts>-<next>}
+        (created at the first attempt); the queue read again (a restart,
+        C{queue list}) sees the attempt count and next attempt time, and
+        the marker goes with the entry.
+        """
+        entry = self.enqueue()
+        with open(os.path.join(self.root, entry.queueId + ".json"), "rb") as f:
+            before = f.read()
+        entry.beginAttempt(1000.0, [300, 900], 86400)
+        self.successResultOf(self.queue.recordAttempt(entry))
+        entry.beginAttempt(1300.0, [300, 900], 86400)
+        self.successResultOf(self.queue.recordAttempt(entry))
+        with open(os.path.join(self.root, entry.queueId + ".json"), "rb") as f:
+            self.assertEqual(f.read(), before)
+        marker = os.path.join(self.root, entry.queueId + ".try-2-2200.0")
+        self.assertEqual((os.stat(marker).st_size, os.stat(marker).st_mode & 0o777), (0, 0o600))
+        self.assertEqual(sorted(os.listdir(self.root)), sorted([".lock", entry.queueId + ".json", entry.queueId + ".msg", entry.queueId + ".try-2-2200.0"]))
+        self.assertEqual([(e.attempts, e.nextAttempt) for e in listEntries(self.root)], [(2, 2200.0)])
+        restarted = OutboundQueue(self.root, self.clock)
+        [loaded] = restarted.loadEntries()
+        self.assertEqual((loaded.queueId, loaded.attempts, loaded.nextAttempt), (entry.queueId, 2, 2200.0))
+        loaded.beginAttempt(2200.0, [300, 900], 86400)
+        self.successResultOf(restarted.recordAttempt(loaded))
+        self.assertEqual([(e.attempts, e.nextAttempt) for e in listEntries(self.root)], [(3, 3100.0)])
+        self.successResultOf(restarted.removeEntry(loaded))
+        self.assertEqual(os.listdir(self.root), [".lock"])
+
+    def test_savedStateOutranksOlderMarker(self):
+        """
+        A C{.json} saved after the attempt (its outcome, or C{queue
+        flush}) wins over a marker with no more attempts than it records.
+        """
+        entry = self.enqueue()
+        entry.beginAttempt(1000.0, [300], 86400)
+        self.successResultOf(self.queue.recordAttempt(entry))
+        self.assertEqual(requestFlush(self.root, now=1100.0), 1)
+        self.assertEqual([(e.attempts, e.nextAttempt) for e in listEntries(self.root)], [(1, 1100.0)])
+        entry.nextAttempt = 1200.0
+        self.successResultOf(self.queue.saveEntry(entry))
+        self.assertEqual([(e.attempts, e.nextAttempt) for e in listEntries(self.root)], [(1, 1200.0)])
+
+    def test_attemptRecordsShareFsync(self):
+        """
+        The attempt records and removals of entries handled at the same
+        time are made durable by one directory C{fsync} per batch, and no
+        file is fsynced for them.
+        """
+        entries = [self.enqueue() for _ in range(3)]
+        pool = HeldThreadPool()
+        self.queue = OutboundQueue(self.root, self.clock, ThreadPoolRunner(self.clock, pool))
+        seen = self.recordFsyncs()
+        for e in entries:
+            e.beginAttempt(1000.0, [300], 86400)
+        recorded = [self.queue.recordAttempt(e) for e in entries]
+        pool.runAll()
+        for d in recorded:
+            self.assertIsNone(self.successResultOf(d))
+        removed = [self.queue.removeEntry(e) for e in entries]
+        pool.runAll()
+        for d in removed:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(len(seen), 2)
+        self.assertEqual(os.listdir(self.root), [".lock"])
+
+    def test_failedBatchFsyncFailsEveryEntry(self):
+        """
+        When the directory C{fsync} of a batch fails, every attempt record
+        (and every removal) of the batch fails: none is reported durable.
+        """
+        entries = [self.enqueue() for _ in range(3)]
+        pool = HeldThreadPool()
+        self.queue = OutboundQueue(self.root, self.clock, ThreadPoolRunner(self.clock, pool))
+
+        def fsync(fd):
+            raise OSError(errno.EIO, "I/O error")
+
+        self.patch(fsutil, "fsync", fsync)
+        for e in entries:
+            e.beginAttempt(1000.0, [300], 86400)
+        recorded = [self.queue.recordAttempt(e) for e in entries]
+        pool.runAll()
+        for d in recorded:
+            self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EIO)
+        removed = [self.queue.removeEntry(e) for e in entries]
+        pool.runAll()
+        for d in removed:
+            self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EIO)
+
+    def test_loadedAddressesShared(self):
+        """
+        Entries read back share one L{Address} object per distinct
+        address: a long queue names few senders and recipients, each
+        parsed once.
+        """
+        ids = [self.enqueue(recipients=[BOB, CAROL]).queueId, self.enqueue(recipients=[CAROL]).queueId]
+        read = {e.queueId: e for e in listEntries(self.root)}
+        first, second = read[ids[0]], read[ids[1]]
+        self.assertIs(first.sender, second.sender)
+        self.assertIs(first.recipients[1].address, second.recipients[0].address)
+        self.assertEqual(str(first.recipients[1].address), "carol@remote.example")
+
+    def test_orphanMarkerRemoved(self):
+        """
+        At start-up, a marker whose entry is gone (a crash between the
+        removal's unlinks) is removed once it is older than
+        L{ORPHAN_AGE}; one whose entry exists stays.
+        """
+        entry = self.enqueue()
+        entry.beginAttempt(1000.0, [300], 86400)
+        self.successResultOf(self.queue.recordAttempt(entry))
+        stray = os.path.join(self.root, "0000000000001-00000000.try-1-5.0")
+        open(stray, "wb").close()
+        old = os.stat(stray).st_mtime - ORPHAN_AGE - 10
+        os.utime(stray, (old, old))
+        os.utime(os.path.join(self.root, entry.queueId + ".try-1-1300.0"), (old, old))
+        [loaded] = OutboundQueue(self.root, self.clock).loadEntries()
+        self.assertEqual(loaded.attempts, 1)
+        self.assertEqual(sorted(os.listdir(self.root)), sorted([".lock", entry.queueId + ".json", entry.queueId + ".msg", entry.queueId + ".try-1-1300.0"]))
 
 
 class FlushStampTests(QueueTestMixin, unittest.SynchronousTestCase):

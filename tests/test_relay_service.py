@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email
+import errno
 import os
 import threading
 
@@ -22,6 +23,7 @@ from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from pop3gw import fsutil, queue
 from pop3gw.address import Address
 from pop3gw.interfaces import TemporaryFailure, UnknownUser
 from pop3gw.queue import (
@@ -55,6 +57,7 @@ from tests.queuehelpers import (
     FakeEndpoint,
     FakeResolver,
     QueueTestMixin,
+    ThreadClock,
     TLSStringTransport,
     readJSON,
     successReplies,
@@ -130,8 +133,8 @@ class SchedulingTests(QueueTestMixin, unittest.SynchronousTestCase):
         self.clock.advance(0)
         [call] = self.deliver.calls
         self.assertEqual((call.endpoint, call.sender, call.recipients, call.data), (("a.mx.example", 25), ALICE, [BOB], STORED))
-        data = readJSON(self.root, entry.queueId)
-        self.assertEqual((data["attempts"], data["nextAttempt"]), (1, 1060.0))
+        [recorded] = listEntries(self.root)
+        self.assertEqual((recorded.queueId, recorded.attempts, recorded.nextAttempt), (entry.queueId, 1, 1060.0))
 
     def test_outcomesApplied(self):
         """
@@ -403,6 +406,16 @@ class RelayTestMixin(QueueTestMixin):
     def json(self, entry):
         return readJSON(self.root, entry.queueId)
 
+    def restart(self):
+        """
+        The process dies (nothing more of it runs: its clock stops) and a
+        new one starts over the same directory, at the same time.
+        """
+        now = self.clock.seconds()
+        self.clock = ThreadClock()
+        self.clock.advance(now)
+        self.queue = OutboundQueue(self.root, self.clock)
+
     def bounceRecipients(self, data):
         msg = email.message_from_bytes(data)
         status = msg.get_payload()[1].get_payload()
@@ -428,10 +441,10 @@ class RelayTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.clock.advance(0)
         [endpoint] = self.connects
         self.assertEqual((endpoint.host, endpoint.port), ("mx.remote.example", 25))
-        state = self.json(entry)
-        self.assertEqual(state["attempts"], 1)
-        self.assertEqual(state["nextAttempt"], 1000.0 + 300)
-        self.assertEqual(state["recipients"][0]["state"], "pending")
+        [recorded] = listEntries(self.root)
+        self.assertEqual((recorded.queueId, recorded.attempts), (entry.queueId, 1))
+        self.assertEqual(recorded.nextAttempt, 1000.0 + 300)
+        self.assertEqual(recorded.recipients[0].state, PENDING)
 
     def test_conversation(self):
         """
@@ -456,6 +469,134 @@ class RelayTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(listEntries(self.root), [])
         self.assertNotIn(entry.queueId, self.relay.entries)
         self.assertEqual(self.bounces, [])
+
+    def test_deliveredEntryRemovedWithoutRewrite(self):
+        """
+        An entry whose every recipient was delivered is removed at once:
+        its C{.json} is not rewritten with the outcome first (the removal
+        is the record).
+        """
+        saved = []
+        save = self.queue.saveEntry
+        self.queue.saveEntry = lambda entry: saved.append(entry.queueId) or save(entry)
+        entry = self.enqueue()
+        self.clock.advance(0)
+        self.connects[0].serve(successReplies())
+        self.assertEqual((saved, os.listdir(self.root)), ([], [".lock"]))
+        self.assertNotIn(entry.queueId, self.relay.entries)
+
+    def test_failedAttemptRecordMakesNoAttempt(self):
+        """
+        When the attempt cannot be recorded durably (the directory
+        C{fsync} fails), no connection is made; the entry is tried again
+        at its next attempt time.
+        """
+
+        def failingFsync(fd):
+            raise OSError(errno.EIO, "I/O error")
+
+        entry = self.enqueue()
+        self.patch(fsutil, "fsync", failingFsync)
+        self.clock.advance(0)
+        self.assertEqual(self.connects, [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertIn(entry.queueId, self.relay.entries)
+        self.patch(fsutil, "fsync", os.fsync)
+        self.clock.advance(300)
+        self.assertEqual(len(self.connects), 1)
+
+    def test_crashAfterAttemptRecord(self):
+        """
+        A crash after the attempt was recorded and before (or while) the
+        message is sent loses nothing: after a restart the entry is loaded
+        with the attempt counted and sent at its next attempt time (a
+        duplicate if the first session had delivered it, as documented).
+        """
+        entry = self.enqueue()
+        self.clock.advance(0)
+        [first] = self.connects
+        self.restart()
+        self.relay = self.makeRelay()
+        self.relay.startService()
+        self.assertEqual([(e.queueId, e.attempts, e.nextAttempt) for e in self.relay.entries.values()], [(entry.queueId, 1, 1300.0)])
+        self.clock.advance(299)
+        self.assertEqual(self.connects, [first])
+        self.clock.advance(1)
+        self.assertEqual(self.connects[1].serve(successReplies())[4], SENT)
+        self.assertEqual(os.listdir(self.root), [".lock"])
+
+    def test_crashBeforeRemoval(self):
+        """
+        A crash after the message was sent and before its removal was
+        durable (here the removal raises before it unlinks anything)
+        leaves the entry queued with the attempt counted: a restart sends
+        it again at its next attempt time (the documented duplicate),
+        never loses it.
+        """
+
+        def crash(*args):
+            raise OSError(errno.EIO, "I/O error")
+
+        original = queue._removeEntry
+        entry = self.enqueue()
+        self.patch(queue, "_removeEntry", crash)
+        self.clock.advance(0)
+        self.connects[0].serve(successReplies())
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual([(e.queueId, e.attempts, e.nextAttempt, e.recipients[0].state) for e in listEntries(self.root)], [(entry.queueId, 1, 1300.0, PENDING)])
+        self.patch(queue, "_removeEntry", original)
+        self.restart()
+        self.relay = self.makeRelay()
+        self.relay.startService()
+        self.clock.advance(300)
+        self.assertEqual(self.connects[1].serve(successReplies())[4], SENT)
+        self.assertEqual(os.listdir(self.root), [".lock"])
+
+    def test_failedRemovalRetriedWithoutResending(self):
+        """
+        A running relay whose removal of a delivered entry failed keeps
+        the entry and tries only the removal again at the next attempt
+        time: the message is not sent again.
+        """
+        original = queue._removeEntry
+
+        def failOnce(*args):
+            self.patch(queue, "_removeEntry", original)
+            raise OSError(errno.EIO, "I/O error")
+
+        entry = self.enqueue()
+        self.patch(queue, "_removeEntry", failOnce)
+        self.clock.advance(0)
+        self.connects[0].serve(successReplies())
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertIn(entry.queueId, self.relay.entries)
+        self.clock.advance(300)
+        self.assertEqual((len(self.connects), os.listdir(self.root)), (1, [".lock"]))
+        self.assertNotIn(entry.queueId, self.relay.entries)
+
+    def test_repeatedFailureWaitsForRetry(self):
+        """
+        A fault that repeats (a removal that keeps failing) is tried again
+        no sooner than the first retry delay after each failure, however
+        far in the past the entry's next attempt time is.
+        """
+        calls = []
+        original = queue._removeEntry
+
+        def failing(*args):
+            calls.append(self.clock.seconds())
+            if len(calls) > 5:
+                return original(*args)
+            raise OSError(errno.EIO, "I/O error")
+
+        self.enqueue()
+        self.patch(queue, "_removeEntry", failing)
+        self.clock.advance(0)
+        self.connects[0].serve(successReplies())
+        self.clock.advance(300)
+        self.clock.advance(300)
+        self.assertEqual(calls, [1000.0, 1300.0, 1600.0])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 3)
 
     def test_nullSenderOnWire(self):
         """
@@ -697,7 +838,7 @@ class RelayTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(len(self.connects), 1)
         self.clock.advance(1)
         self.assertEqual(len(self.connects), 2)
-        self.assertEqual(self.json(entry)["attempts"], 2)
+        self.assertEqual([e.attempts for e in listEntries(self.root)], [2])
 
     def test_flushAll(self):
         """

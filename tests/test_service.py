@@ -155,7 +155,7 @@ class MakeServiceTests(SynchronousTestCase):
     def test_relayConnections(self) -> None:
         """
         C{[limits] relay-connections} bounds the messages the relay sends at
-        once (10 unless set).
+        once (20 unless set).
         """
         from pop3gw.relay.service import RelayService
 
@@ -163,7 +163,7 @@ class MakeServiceTests(SynchronousTestCase):
             [relay] = [s for s in top if isinstance(s, RelayService)]
             return relay.dispatcher._semaphore.limit
 
-        self.assertEqual(bound(self.build()[0]), 10)
+        self.assertEqual(bound(self.build()[0]), 20)
         ini = os.path.join(self.mktemp())
         with open(ini, "w") as f:
             f.write("[limits]\nrelay-connections = 3\n")

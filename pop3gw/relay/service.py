@@ -8,7 +8,8 @@ Relaying
 L{RelayService} loads every entry at start-up and schedules each at its
 next attempt time, so a restart resumes where it stopped.  A newly queued
 message is tried at once.  Each attempt is recorded (C{attempts + 1} and the
-next attempt time) durably I{before} it is made.  A recipient is done when
+next attempt time, L{IQueueStore.recordAttempt}) durably I{before} it is
+made.  A recipient is done when
 the remote side accepted it (2xx after C{DATA}) or refused it permanently
 (5xx); 4xx replies, connection failures, time-outs and temporary DNS
 failures leave it pending, retried on the L{DEFAULT_SCHEDULE}.  Once the
@@ -28,10 +29,12 @@ once the end of data is accepted, the 5xx ones are bounced, the 4xx ones
 stay pending and only they are named in the next attempt.
 
 Duplicates: the outcome of an attempt is written to the C{.json} after the
-remote server's reply to the end of data.  If the process dies between that
-reply and the write (or the write fails), the next attempt, after a
-restart, sends the message again to the recipients that had accepted it: a
-duplicate, never a loss (the RFC 1047 window, on the client side).  The same
+remote server's reply to the end of data (an entry with nothing left to do
+is removed instead, and the removal is its record).  If the process dies
+between that reply and the write or removal (or it fails), the next
+attempt, after a restart, sends the message again to the recipients that
+had accepted it: a duplicate, never a loss (the RFC 1047 window, on the
+client side).  The same
 holds for the bounce: one stored just before a crash that kept its
 recipients from being marked notified is stored again.
 
@@ -75,7 +78,7 @@ DEFAULT_CONNECT_TIMEOUT = 60
 FLUSH_POLL_INTERVAL = 5.0
 
 #: The most SMTP client connections open at the same time.
-MAX_CONNECTIONS = 10
+MAX_CONNECTIONS = 20
 
 #: How long C{stopService} waits for attempts in progress before it
 #: abandons them (they stay queued).
@@ -388,6 +391,9 @@ class RelayService(Service):
                     del self.entries[queueId]
                 return
             self.log.failure("relay: processing {queueId} failed", f, queueId=queueId)
+            # A fault that repeats (a removal that keeps failing) waits for
+            # the first retry delay rather than running again at once.
+            entry.nextAttempt = max(entry.nextAttempt, self.reactor.seconds() + self.schedule[0])
 
         def done(_: object) -> None:
             waiters = self._waiters.pop(queueId, [])
@@ -406,6 +412,7 @@ class RelayService(Service):
     @defer.inlineCallbacks
     def _process(self, entry: Entry):
         now = self.reactor.seconds()
+        removed = False
         if entry.isExpired(now, self.lifetime):
             count = entry.expire()
             self.log.warn("relay: {queueId} expired for {count} recipients", queueId=entry.queueId, count=count)
@@ -413,20 +420,28 @@ class RelayService(Service):
         elif entry.pending():
             recipients = entry.beginAttempt(now, self.schedule, self.lifetime)
             # Recorded durably before the attempt is made.
-            yield self.queue.saveEntry(entry)
+            yield self.queue.recordAttempt(entry)
             # The result lines are logged once the outcomes are on disk: an
             # operator who reads one and runs 'queue list' sees the same.
             held: list = []
             try:
                 outcomes = yield self.dispatcher.deliver(entry, recipients, held)
                 entry.apply(outcomes)
-                yield self.queue.saveEntry(entry)
+                if entry.isFinished():
+                    # Nothing is left to record: the removal records the
+                    # outcome.
+                    yield self.queue.removeEntry(entry)
+                    removed = True
+                else:
+                    yield self.queue.saveEntry(entry)
             finally:
                 for logLine in held:
                     logLine()
-        yield self.bouncer.notify(entry)
+        if not removed:
+            yield self.bouncer.notify(entry)
         if entry.isFinished():
-            yield self.queue.removeEntry(entry)
+            if not removed:
+                yield self.queue.removeEntry(entry)
             if self.entries.get(entry.queueId) is entry:
                 del self.entries[entry.queueId]
             self.log.info(
