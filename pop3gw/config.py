@@ -45,6 +45,7 @@ LIMITS = {
     "failure-delay": (2.0, float),
     "pop3-idle-timeout": (600.0, float),
     "smtp-idle-timeout": (300.0, float),
+    "login-timeout": (180.0, float),
     "max-recipients": (100, int),
     "max-connections": (5000, int),
     "max-connections-per-ip": (20, int),

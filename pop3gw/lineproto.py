@@ -99,6 +99,7 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
     _disconnected = False
     _timeoutCall: Optional[IDelayedCall] = None
     _abortCall: Optional[IDelayedCall] = None
+    _loginCall: Optional[IDelayedCall] = None
     _outputRegistered = False
 
     def __init__(self) -> None:
@@ -297,9 +298,42 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
 
     def _cancelTimers(self) -> None:
         self.cancelTimeout()
+        self.loggedIn()
         call, self._abortCall = self._abortCall, None
         if call is not None and call.active():
             call.cancel()
+
+    # --- Login deadline -----------------------------------------------------
+
+    def startLoginDeadline(self, seconds: Optional[float]) -> None:
+        """
+        Unless L{loggedIn} is called within C{seconds} of now (C{None} or 0:
+        no deadline), call L{loginTimedOut}.  Unlike the idle timer, no
+        command moves the deadline: a client that keeps talking without
+        logging in does not hold its connection for ever.
+        """
+        if seconds:
+            self._loginCall = self.clock.callLater(seconds, self._loginDeadlinePassed)
+
+    def loggedIn(self) -> None:
+        """
+        The client logged in: the login deadline no longer applies.
+        """
+        call, self._loginCall = self._loginCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def loginTimedOut(self) -> None:
+        """
+        The login deadline passed; a server overrides this to say so.  The
+        default closes the connection without a reply.
+        """
+        self.closeConnection()
+
+    def _loginDeadlinePassed(self) -> None:
+        self._loginCall = None
+        if not self.ended():
+            self.loginTimedOut()
 
     def _timedOut(self) -> None:
         self._timeoutCall = None

@@ -56,6 +56,7 @@ from pop3gw.pop3replies import (
     ERR_IDLE,
     ERR_INTERNAL,
     ERR_LINE_TOO_LONG,
+    ERR_LOGIN_TIMEOUT,
     ERR_NO_SUCH_MESSAGE,
     ERR_NUL,
     ERR_SYNTAX,
@@ -144,7 +145,19 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
 
     def connectionMade(self) -> None:
         self.startSession()
+        self.startLoginDeadline(self.factory.loginTimeout)
         self._reply(GREETING.format(implementation=self.factory.implementation))
+
+    def loginTimedOut(self) -> None:
+        """
+        Not logged in within L{POP3Factory.loginTimeout} seconds of
+        connecting: C{-ERR} and close (no reply while a command is being
+        answered: it would come out of order).
+        """
+        if self.commandInFlight:
+            self._close()
+            return
+        self._close(ERR_LOGIN_TIMEOUT)
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self.endSession()
@@ -431,6 +444,7 @@ class POP3Factory(_ServerFactory):
         idleTimeout: Optional[float] = IDLE_TIMEOUT,
         hostname: str = "pop3gw",
         implementation: str = "pop3gw",
+        loginTimeout: Optional[float] = None,
     ) -> None:
         self.portal = portal
         self.plaintextAllowed = plaintextAllowed
@@ -439,6 +453,7 @@ class POP3Factory(_ServerFactory):
         self.idleTimeout = idleTimeout
         self.hostname = hostname
         self.implementation = implementation
+        self.loginTimeout = loginTimeout
 
     def buildProtocol(self, addr) -> POP3Server:
         return self.protocol(self)

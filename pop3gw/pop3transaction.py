@@ -117,6 +117,7 @@ class TransactionCommands(_Host):
         self._totalSize = total
         self._transaction = _Transaction(last=self._initialLast)
         self.state = _TRANSACTION
+        self.loggedIn()
 
     def _message(self, number: int) -> int:
         """

@@ -949,6 +949,7 @@ def _buildCore(
         tlsContextFactory=serverTLS,
         idleTimeout=limits["pop3-idle-timeout"],
         hostname=config.hostname,
+        loginTimeout=limits["login-timeout"] or None,
     )
     submissionFactory = SubmissionFactory(
         portal,
@@ -960,6 +961,7 @@ def _buildCore(
         maxRecipients=limits["max-recipients"],
         checkHeaderFrom=config.checkHeaderFrom,
         idleTimeout=limits["smtp-idle-timeout"],
+        loginTimeout=limits["login-timeout"] or None,
     )
     inboundChecker = None
     if config.listeners["mx"] or (config.listeners["lmtp"] and config.inbound.lmtpChecks):

@@ -616,6 +616,24 @@ class SubmissionServer(AuthCommands, SubmissionData, SMTPServer):
         self._auth: Optional[tuple] = None
         self._authFailures = 0
 
+    def connectionMade(self) -> None:
+        """
+        Greet the client; start the idle timer and the login deadline.
+        """
+        super().connectionMade()
+        self.startLoginDeadline(self.factory.loginTimeout)
+
+    def loginTimedOut(self) -> None:
+        """
+        Not logged in within L{SubmissionFactory.loginTimeout} seconds of
+        connecting: C{421} and close (no reply while a command is being
+        answered: it would come out of order).
+        """
+        if self.commandInFlight:
+            self.closeConnection()
+            return
+        self._close(Reply(421, f"4.4.2 {self.factory.hostname} Error: login time exceeded"))
+
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         """
         Abort any open delivery, log out, log the session's counters.
@@ -777,6 +795,9 @@ class SubmissionFactory(_Factory):
     @ivar checkHeaderFrom: whether the C{From:}/C{Sender:} addresses must be
         owned by the user.
     @ivar idleTimeout: seconds of client silence before C{421} and close.
+    @ivar loginTimeout: seconds from connecting until a client that has not
+        logged in gets C{421} and is closed, whatever it sends meanwhile;
+        C{None} for no limit.
     """
 
     portal: Portal
@@ -788,6 +809,7 @@ class SubmissionFactory(_Factory):
     maxRecipients: int = DEFAULT_MAX_RECIPIENTS
     checkHeaderFrom: bool = True
     idleTimeout: float = DEFAULT_IDLE_TIMEOUT
+    loginTimeout: Optional[float] = None
 
     def buildProtocol(self, addr) -> SubmissionServer:
         """

@@ -165,6 +165,7 @@ class AuthCommands(_Host):
         # The user as stored, whatever case the client typed.
         self._user = str(avatar.address)
         self._state = _State.AUTHENTICATED
+        self.loggedIn()
         events.loginSucceeded(self.log, SERVICE, self._user, self.peer, self.secure)
         self._send(AUTH_OK)
 

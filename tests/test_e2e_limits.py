@@ -4,6 +4,8 @@ End-to-end: per-user sending limits on the real C{twistd pop3gw}.
 
 from __future__ import annotations
 
+import time
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.e2e import Pop3gwProcess
@@ -31,7 +33,13 @@ class SendingLimitEndToEndTests(SubmissionTestMixin, SynchronousTestCase):
         self.assertEqual(client.rcpt(BOB), (451, b"4.7.1 Sending limit reached; ask your administrator"))
         client.rset()
         server.waitForLog(r"sending suspended: user=alice@example\.org rhost=127\.0\.0\.1 reason=messages-per-hour")
+        # The warning is logged as the notice is handed to local delivery:
+        # wait (bounded) for it to be stored.
+        deadline = time.monotonic() + 10
         notices = self.fetchAll(server, POSTMASTER, POSTMASTER_PW)
+        while not notices and time.monotonic() < deadline:
+            time.sleep(0.1)
+            notices = self.fetchAll(server, POSTMASTER, POSTMASTER_PW)
         self.assertEqual(len(notices), 1)
         self.assertIn(b"Subject: sending suspended for alice@example.org\r\n", notices[0])
         self.assertIn(b"  127.0.0.1\r\n", notices[0])

@@ -227,13 +227,14 @@ class _Harness(SynchronousTestCase):
         self.clock = task.Clock()
         self.events: list = []
 
-    def connect(self, policy=always, tls=None, transport=None, portal=None, idleTimeout=600):
+    def connect(self, policy=always, tls=None, transport=None, portal=None, idleTimeout=600, loginTimeout=None):
         factory = POP3Factory(
             portal or self.portal,
             policy,
             self.clock,
             tlsContextFactory=tls,
             idleTimeout=idleTimeout,
+            loginTimeout=loginTimeout,
         )
         self.proto = factory.buildProtocol(PEER)
         self.proto.log = Logger(observer=self.events.append)
@@ -1938,6 +1939,36 @@ class TimeoutTests(_Harness):
         self.clock.advance(1)
         self.assertEqual(self.transport.value(), b"-ERR Idle timeout, closing connection.\r\n")
         self.assertTrue(self.transport.disconnecting)
+
+    def test_loginTimeout(self) -> None:
+        """
+        A client that has not logged in C{loginTimeout} seconds after
+        connecting is told so and closed, however busy it keeps the
+        session meanwhile.
+        """
+        self.connect(loginTimeout=180)
+        for _ in range(17):
+            self.clock.advance(10)
+            self.assertEqual(self.send(b"CAPA\r\n")[:4], b"+OK ")
+        self.transport.clear()
+        self.clock.advance(9)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1)
+        self.assertEqual(self.transport.value(), b"-ERR Login time exceeded, closing connection.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_loginTimeoutEndsAtLogin(self) -> None:
+        """
+        Once logged in, the login deadline no longer applies: only the idle
+        timer does.
+        """
+        self.login(loginTimeout=180)
+        for _ in range(30):
+            self.clock.advance(10)
+            self.assertEqual(self.send(b"NOOP\r\n"), b"+OK\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.proto.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_slowlorisTimesOut(self) -> None:
         """

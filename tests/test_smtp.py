@@ -452,6 +452,33 @@ class CommandSyntaxTests(SessionMixin, SynchronousTestCase):
         )
         self.assertTrue(self.transport.disconnecting)
 
+    def test_loginTimeout(self) -> None:
+        """
+        A client that has not logged in C{loginTimeout} seconds after
+        connecting gets C{421 4.4.2} and is closed, however busy it keeps
+        the session meanwhile.
+        """
+        self.connect(loginTimeout=180)
+        for _ in range(17):
+            self.clock.advance(10)
+            self.assertEqual(self.feed(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+        self.clock.advance(9)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1)
+        self.assertEqual(self.transport.value(), b"421 4.4.2 mail.example.org Error: login time exceeded\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_loginTimeoutEndsAtLogin(self) -> None:
+        """
+        Once logged in, the login deadline no longer applies.
+        """
+        self.connect(loginTimeout=180)
+        self.login()
+        for _ in range(30):
+            self.clock.advance(10)
+            self.assertEqual(self.feed(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+        self.assertFalse(self.transport.disconnecting)
+
     def test_timeoutCancelledOnLoss(self) -> None:
         """
         Losing the connection cancels the idle timer.
