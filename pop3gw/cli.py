@@ -23,7 +23,7 @@ import os
 import sqlite3
 import sys
 import time
-from typing import TYPE_CHECKING, BinaryIO, Optional, TextIO
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Optional, TextIO
 
 from pop3gw import __version__, clidkim, fsutil, inbound
 from pop3gw.address import Address, AddressError
@@ -730,6 +730,27 @@ def _deliverSession(args, recipient: Address) -> Session:
     return Session(ip, helo, sender, (str(recipient),))
 
 
+def _readMessage(stdinBytes: BinaryIO, maxSize: int) -> Iterator[bytes]:
+    """
+    The chunks of the message on standard input.
+
+    @raise CommandError: it is empty, or over C{maxSize} octets (exit 65;
+        raised when the octet over the limit is read, so nothing past it
+        is used).
+    """
+    size = 0
+    while True:
+        chunk = stdinBytes.read(READ_CHUNK)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > maxSize:
+            raise CommandError(f"message larger than max-message-size ({maxSize} octets)", EX_DATAERR)
+        yield chunk
+    if size == 0:
+        raise CommandError("empty message refused", EX_DATAERR)
+
+
 def _checkedMessage(config: Config, stdinBytes: BinaryIO, session: Session) -> bytes:
     """
     Read the whole message and run the inbound checks on it
@@ -739,19 +760,7 @@ def _checkedMessage(config: Config, stdinBytes: BinaryIO, session: Session) -> b
     @raise CommandError: it is too large, empty, refused (exit 77) or
         deferred (exit 75) by the checks.
     """
-    chunks = []
-    size = 0
-    while True:
-        chunk = stdinBytes.read(READ_CHUNK)
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > config.maxMessageSize:
-            raise CommandError(f"message larger than max-message-size ({config.maxMessageSize} octets)", EX_DATAERR)
-        chunks.append(chunk)
-    if size == 0:
-        raise CommandError("empty message refused", EX_DATAERR)
-    message = b"".join(chunks).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    message = b"".join(_readMessage(stdinBytes, config.maxMessageSize)).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     verdict = inbound.checkNow(config.hostname, config.inbound, message, session)
     if verdict.reply is not None:
         status = EX_NOPERM if verdict.reply.code >= 500 else EX_TEMPFAIL
@@ -777,18 +786,9 @@ def cmdDeliver(stores: _Stores, args, stdinBytes: BinaryIO, owner: Optional[fsut
         delivery = store.beginDelivery(list(recipients))
     except TemporaryFailure as e:
         raise _temporaryDeliveryError(user, e) from None
-    size = 0
     try:
-        while True:
-            chunk = stdinBytes.read(READ_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > config.maxMessageSize:
-                raise CommandError(f"message larger than max-message-size ({config.maxMessageSize} octets)", EX_DATAERR)
+        for chunk in _readMessage(stdinBytes, config.maxMessageSize):
             delivery.write(chunk)
-        if size == 0:
-            raise CommandError("empty message refused", EX_DATAERR)
         failures: list[Failure] = []
         delivery.commit().addErrback(failures.append)
         if failures:

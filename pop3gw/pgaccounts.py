@@ -50,6 +50,7 @@ from pop3gw.sendlimits import (
     Records,
     Suspension,
     Usage,
+    limitsFromRow,
 )
 
 __all__ = ["MAIN_SCOPES_SECONDS", "PostgresAppPasswords", "PostgresSendingLimits", "insertAppPasswords",
@@ -255,12 +256,7 @@ class PostgresSendingLimits:
         row = conn.execute(
             "SELECT messages_per_hour, recipients_per_day FROM pop3gw_limit_overrides WHERE user_key = %s", (key,)
         ).fetchone()
-        if row is None:
-            return self.defaults
-        mph, rpd = row
-        return Limits(self.defaults.messagesPerHour if mph is None else mph,
-                      self.defaults.recipientsPerDay if rpd is None else rpd,
-                      (mph is not None, rpd is not None))
+        return limitsFromRow(self.defaults, row)
 
     def limitsOf(self, user: str) -> Limits:
         """

@@ -160,6 +160,20 @@ class Suspension:
     recipientsLastDay: int
 
 
+
+def limitsFromRow(defaults: Limits, row: Optional[tuple]) -> Limits:
+    """
+    A user's limits from a stored row of overrides (messages per hour,
+    recipients per day; C{NULL} for the default), or the defaults when
+    there is no row.
+    """
+    if row is None:
+        return defaults
+    mph, rpd = row
+    return Limits(defaults.messagesPerHour if mph is None else mph,
+                  defaults.recipientsPerDay if rpd is None else rpd,
+                  (mph is not None, rpd is not None))
+
 @implementer(ISendingRecords)
 class SendingLimits:
     """
@@ -215,12 +229,7 @@ class SendingLimits:
         row = self._db().execute(
             "SELECT messages_per_hour, recipients_per_day FROM overrides WHERE user = ?", (user.lower(),)
         ).fetchone()
-        if row is None:
-            return self.defaults
-        mph, rpd = row
-        return Limits(self.defaults.messagesPerHour if mph is None else mph,
-                      self.defaults.recipientsPerDay if rpd is None else rpd,
-                      (mph is not None, rpd is not None))
+        return limitsFromRow(self.defaults, row)
 
     def usage(self, user: str) -> Usage:
         """
