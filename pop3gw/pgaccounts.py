@@ -26,7 +26,6 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-import attr
 from zope.interface import implementer
 
 from pop3gw.address import Address
@@ -297,13 +296,7 @@ class PostgresSendingLimits:
         """
         key, now = _key(user), self._clock()
         with self.database.transaction() as conn:
-            usage = self._usage(conn, key, now)
-            if unwritten != (0, 0):
-                usage = attr.evolve(
-                    usage,
-                    messagesLastHour=usage.messagesLastHour + unwritten[0],
-                    recipientsLastDay=usage.recipientsLastDay + unwritten[1],
-                )
+            usage = self._usage(conn, key, now).plus(unwritten)
             refusal = usage.refusal(accepted)
             if refusal is None or usage.suspended is not None:
                 return refusal, None, usage

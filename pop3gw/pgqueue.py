@@ -479,16 +479,23 @@ class PostgresQueue(QueueListeners):
                 out.write(row[0])
                 seq += 1
 
+    def _storeRow(self, entry: Entry, spool: IO[bytes], size: int) -> None:
+        """
+        Store the message and its queue row, leased to this node, in one
+        transaction.
+        """
+        spool.seek(0)
+        with self.database.transaction(pipeline=size <= SPOOL_MEMORY) as conn:
+            storeMessage(conn, spool, size, [])
+            conn.execute(
+                "INSERT INTO pop3gw_queue (id, entry, message_id, node, lease_expires) "
+                f"VALUES (%s, %s, {MESSAGE_ID}, %s, now() + make_interval(secs => %s))",
+                (entry.queueId, entry.toJSON(), self.node, QUEUE_LEASE),
+            )
+
     def _insert(self, entry: Entry, spool: IO[bytes], size: int) -> None:
         if not self.relays:
-            spool.seek(0)
-            with self.database.transaction(pipeline=size <= SPOOL_MEMORY) as conn:
-                storeMessage(conn, spool, size, [])
-                conn.execute(
-                    "INSERT INTO pop3gw_queue (id, entry, message_id, node, lease_expires) "
-                    f"VALUES (%s, %s, {MESSAGE_ID}, %s, now() + make_interval(secs => %s))",
-                    (entry.queueId, entry.toJSON(), self.node, QUEUE_LEASE),
-                )
+            self._storeRow(entry, spool, size)
             return
         copyPath = self._copyPath(entry.queueId)
         try:
@@ -499,14 +506,7 @@ class PostgresQueue(QueueListeners):
                     if not chunk:
                         break
                     copy.write(chunk)
-            spool.seek(0)
-            with self.database.transaction(pipeline=size <= SPOOL_MEMORY) as conn:
-                storeMessage(conn, spool, size, [])
-                conn.execute(
-                    "INSERT INTO pop3gw_queue (id, entry, message_id, node, lease_expires) "
-                    f"VALUES (%s, %s, {MESSAGE_ID}, %s, now() + make_interval(secs => %s))",
-                    (entry.queueId, entry.toJSON(), self.node, QUEUE_LEASE),
-                )
+            self._storeRow(entry, spool, size)
         except BaseException as e:
             try:
                 os.unlink(copyPath)

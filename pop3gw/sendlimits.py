@@ -113,6 +113,19 @@ class Usage:
     recipientsLastDay: int
     suspended: Optional[Tuple[float, str]] = None
 
+    def plus(self, unwritten: Tuple[int, int]) -> "Usage":
+        """
+        This usage with C{(messages, recipients)} sent but not yet in the
+        records added.
+        """
+        if unwritten == (0, 0):
+            return self
+        return attr.evolve(
+            self,
+            messagesLastHour=self.messagesLastHour + unwritten[0],
+            recipientsLastDay=self.recipientsLastDay + unwritten[1],
+        )
+
     def refusal(self, accepted: int) -> Optional[str]:
         """
         Why one more recipient, after C{accepted} in the message being
@@ -266,13 +279,7 @@ class SendingLimits:
         @param unwritten: C{(messages, recipients)} this process sent that
             are not in the records yet (see L{SendingPolicy.flush}).
         """
-        usage = self.usage(user)
-        if unwritten != (0, 0):
-            usage = attr.evolve(
-                usage,
-                messagesLastHour=usage.messagesLastHour + unwritten[0],
-                recipientsLastDay=usage.recipientsLastDay + unwritten[1],
-            )
+        usage = self.usage(user).plus(unwritten)
         refusal = usage.refusal(accepted)
         if refusal is None or usage.suspended is not None:
             return refusal, None, usage
