@@ -308,7 +308,13 @@ class PostgresTarget:
         """
         See L{IUIDLTarget.deliver}.
         """
-        self.store.importMessage(self.address, data, uidl)
+        from psycopg import errors
+
+        try:
+            self.store.importMessage(self.address, data, uidl)
+        except errors.UniqueViolation:
+            # Another run stored it after this one read the UIDLs.
+            raise MigrationError(f"UIDL {uidl} was stored meanwhile, by another import? run again") from None
 
 
 def importUIDLs(target: IUIDLTarget, text: str) -> int:

@@ -221,6 +221,19 @@ class PostgresTargetTests(UIDLTargetContract, SynchronousTestCase):
     def target(self):
         return PostgresTarget(self.store, ALICE)
 
+    def test_deliverRaceOneLine(self) -> None:
+        """
+        A message whose UIDL another run stored meanwhile (after this run
+        read the maildrop's UIDLs) is one line, and nothing is stored
+        twice.
+        """
+        target = self.target()
+        importUIDLs(target, "1 a\n2 b\n3 c\n")
+        with self.assertRaises(MigrationError) as e:
+            target.deliver(b"A: 1\r\n\r\nx\r\n", "b")
+        self.assertEqual(str(e.exception), "UIDL b was stored meanwhile, by another import? run again")
+        self.assertEqual(len(self.served()), 3)
+
     def test_ownFormReserved(self) -> None:
         """
         An imported UIDL of the form pop3gw gives new mail (P and a
