@@ -60,10 +60,6 @@ EX_NOPERM = 77
 #: every other command writes to it.
 _READ_ONLY = frozenset({("user", "list"), ("queue", "list"), ("alias", "list"), ("dkim", "list"), ("dns", None)})
 
-#: The C{user} actions that keep their state under the data directory
-#: (not yet in a C{--store postgresql://} database).
-_DATA_DIRECTORY_ONLY = frozenset({("user", "import-uidl")})
-
 #: An option not given on the command line.
 _UNSET = object()
 
@@ -293,19 +289,18 @@ def cmdAppPassword(stores: "_Stores", args, stdout: TextIO, owner: Optional[fsut
     return EX_OK
 
 
-def _openForMigration(config, address: Address, owner: Optional[fsutil.Owner]):
+def _openForMigration(stores: "_Stores", address: Address, owner: Optional[fsutil.Owner]):
     """
-    The store and C{address}'s locked maildrop (the user as stored).
+    The maildrop store and C{address}'s locked maildrop (the user as
+    stored).
     """
     from twisted.python.failure import Failure
 
-    from pop3gw.maildir import MaildirStore
-
-    found = _users(config, owner).lookupUser(address)
+    found = stores.users(owner).lookupUser(address)
     if found is None:
         raise CommandError(f"no such user {address}", EX_NOUSER)
     user = found[0]
-    store = MaildirStore(config.mailDir, hostname=config.hostname, owner=owner)
+    store = stores.maildrops(owner)
     results: list = []
     store.openMaildrop(user).addBoth(results.append)
     result = results[0]
@@ -316,24 +311,61 @@ def _openForMigration(config, address: Address, owner: Optional[fsutil.Owner]):
     return user, store, result
 
 
-def cmdImportUIDL(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def _uidlTarget(stores: "_Stores", user: Address, store, maildrop, owner: Optional[fsutil.Owner], held: bool):
+    """
+    Where C{user}'s imported messages and UIDLs go (see
+    L{pop3gw.pop3import.IUIDLTarget}).
+
+    @param held: C{maildrop} stays locked while the target is used (its
+        messages are those of its snapshot); otherwise a Maildir is
+        listed anew, under its lock, at each use.
+    """
+    from pop3gw.pop3import import MaildirTarget, PostgresTarget
+
+    if stores.config.usesDatabase:
+        return PostgresTarget(store, user)
+
+    def keys() -> list:
+        if held:
+            return maildrop.keys()
+        return _openForMigration(stores, user, owner)[2].keysAndRelease()
+
+    def deliver(data: bytes, before) -> str:
+        delivery = store.beginDelivery([user])
+        before(delivery.uniqueName)
+        delivery.write(data)
+        failures: list = []
+        delivery.commit().addErrback(failures.append)
+        if failures:
+            delivery.abort()
+            failures[0].raiseException()
+        return delivery.uniqueName
+
+    return MaildirTarget(maildrop.path, keys, deliver, owner)
+
+
+def cmdImportUIDL(stores: "_Stores", args, stdin: TextIO, stdout: TextIO,
+                  owner: Optional[fsutil.Owner] = None) -> int:
     """
     C{user import-uidl}: see L{pop3gw.pop3import}.
     """
     from pop3gw.pop3import import MigrationError, importUIDLs
 
-    user, _store, maildrop = _openForMigration(config, _address(args.address), owner)
+    user, store, maildrop = _openForMigration(stores, _address(args.address), owner)
     try:
-        count = importUIDLs(maildrop.path, maildrop.keys(), stdin.read(), owner)
+        target = _uidlTarget(stores, user, store, maildrop, owner, held=True)
+        total = len(target.messageKeys())
+        count = importUIDLs(target, stdin.read())
     except MigrationError as e:
         raise CommandError(f"cannot import UIDLs: {e}", EX_DATAERR) from None
     finally:
         maildrop.release()
-    stdout.write(f"{user}: {count} of {len(maildrop.keys())} messages now have their old UIDL\n")
+    stdout.write(f"{user}: {count} of {total} messages now have their old UIDL\n")
     return EX_OK
 
 
-def cmdImportMailbox(config, args, stdin: TextIO, stdout: TextIO, owner: Optional[fsutil.Owner] = None) -> int:
+def cmdImportMailbox(stores: "_Stores", args, stdin: TextIO, stdout: TextIO,
+                     owner: Optional[fsutil.Owner] = None) -> int:
     """
     C{import pop3[s]://USER@HOST}: see L{pop3gw.pop3import.Importer}.
     """
@@ -347,29 +379,14 @@ def cmdImportMailbox(config, args, stdin: TextIO, stdout: TextIO, owner: Optiona
         raise CommandError(str(e), EX_USAGE) from None
     local = _address(args.to or remoteUser)
     password = _readPassword(stdin, stdin.isatty())
-    user, store, maildrop = _openForMigration(config, local, owner)
-    path = maildrop.path
+    user, store, maildrop = _openForMigration(stores, local, owner)
+    target = _uidlTarget(stores, user, store, maildrop, owner, held=False)
     maildrop.release()
-
-    def presentKeys() -> list:
-        return _openForMigration(config, user, owner)[2].keysAndRelease()
-
-    def deliver(data: bytes, before) -> str:
-        delivery = store.beginDelivery([user])
-        before(delivery.uniqueName)
-        delivery.write(data)
-        failures: list = []
-        delivery.commit().addErrback(failures.append)
-        if failures:
-            delivery.abort()
-            failures[0].raiseException()
-        return delivery.uniqueName
-
     try:
         context = ssl.create_default_context(cafile=args.ca_file)
     except (OSError, ssl.SSLError) as e:
         raise CommandError(f"--ca-file: {e}", EX_NOINPUT) from None
-    importer = Importer(path, deliver, presentKeys, owner)
+    importer = Importer(target)
     try:
         session = importer.connect(host, port, implicit, context)
         copied, skipped = importer.run(session, remoteUser, password)
@@ -981,10 +998,6 @@ def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
     if args.command == "migrate":
         return cmdMigrate(args, stdout)
     action = getattr(args, "action", None)
-    if config.usesDatabase and (args.command == "import" or (args.command, action) in _DATA_DIRECTORY_ONLY):
-        what = f"{args.command} {action}" if args.command == "user" else args.command
-        raise CommandError(f"{what} works on a data directory; it is not available with --store postgresql yet",
-                           EX_USAGE)
     owner = None
     if not config.usesDatabase:
         owner = _dataDirectory(config, args, stderr)
@@ -992,14 +1005,14 @@ def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
         if action == "import":
             return cmdImport(stores, args, stdout, stderr, owner)
         if action == "import-uidl":
-            return cmdImportUIDL(config, args, stdin, stdout, owner)
+            return cmdImportUIDL(stores, args, stdin, stdout, owner)
         if action in ("limits", "unsuspend"):
             return cmdLimits(stores, args, stdout, owner)
         if action in ("app-password", "scope"):
             return cmdAppPassword(stores, args, stdout, owner)
         return cmdUser(stores, args, stdin, stdout, owner)
     if args.command == "import":
-        return cmdImportMailbox(config, args, stdin, stdout, owner)
+        return cmdImportMailbox(stores, args, stdin, stdout, owner)
     if args.command == "alias":
         return cmdAlias(stores, args, stdout, stderr, owner)
     if args.command == "deliver":

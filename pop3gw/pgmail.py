@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import socket
 import tempfile
@@ -55,7 +56,7 @@ from pop3gw.pgdatabase import Database
 from pop3gw.runner import ImmediateRunner
 from pop3gw.wire import MessageDataCheck, WireConverter
 
-__all__ = ["CHUNK_SIZE", "LOCK_LEASE", "LOCK_RENEW_INTERVAL", "PostgresMaildropStore", "storeMessage"]
+__all__ = ["CHUNK_SIZE", "LOCK_LEASE", "LOCK_RENEW_INTERVAL", "PostgresMaildropStore", "UIDLInUse", "storeMessage"]
 
 _log = Logger()
 
@@ -79,6 +80,37 @@ LOCK_RENEW_INTERVAL = 5.0
 #: (an SQL expression), for the statements after it.
 MESSAGE_ID = "currval(pg_get_serial_sequence('pop3gw_messages', 'id'))"
 
+#: A UIDL of the form pop3gw gives new mail (C{P} and a position).
+_OWN_UIDL = re.compile(r"^P([1-9][0-9]{0,17})$")
+
+
+class UIDLInUse(Exception):
+    """
+    An imported UIDL is already the UIDL of another message of the
+    maildrop.
+
+    @ivar uid: that UIDL.
+    """
+
+    def __init__(self, uid: str) -> None:
+        super().__init__(uid)
+        self.uid = uid
+
+
+def reservePositions(conn: Any, uids: Iterable[str]) -> None:
+    """
+    Move the position sequence past every imported UIDL of the form
+    pop3gw gives new mail (C{P} and a position), so that no later delivery
+    is given one of them.
+
+    @param conn: a connection in a transaction.
+    """
+    highest = max((int(m.group(1)) for m in map(_OWN_UIDL.match, uids) if m), default=0)
+    if highest:
+        conn.execute(
+            "SELECT setval('pop3gw_position', %s) FROM pop3gw_position WHERE last_value < %s", (highest, highest)
+        )
+
 
 def storeMessage(
     conn: Any, source: Union[IO[bytes], io.RawIOBase], size: int, entries: Sequence[tuple[str, Optional[str], bool]]
@@ -88,8 +120,10 @@ def storeMessage(
     rows of L{CHUNK_SIZE}, and one entry per C{(maildrop, uid, seen)}: last
     in that maildrop, with a new UIDL (C{"P"} and its position, from a
     sequence that never goes back) when C{uid} is C{None}, else C{uid} (a
-    migration keeping UIDLs).  No statement needs the result of another
-    (the message's id is L{MESSAGE_ID}), so they can be pipelined.
+    migration or an import keeping UIDLs; one of the form of a new UIDL
+    moves the sequence past it, see L{reservePositions}).  No statement
+    needs the result of another (the message's id is L{MESSAGE_ID}), so
+    they can be pipelined.
 
     @param conn: a connection in a transaction.
     """
@@ -103,6 +137,7 @@ def storeMessage(
             f"INSERT INTO pop3gw_message_chunks (message_id, seq, data) VALUES ({MESSAGE_ID}, %s, %s)", (seq, chunk)
         )
         seq += 1
+    reservePositions(conn, [uid for _, uid, _ in entries if uid is not None])
     for maildrop, uid, seen in entries:
         conn.execute(
             "INSERT INTO pop3gw_maildrop (maildrop, message_id, position, uid, seen) "
@@ -219,9 +254,10 @@ class PostgresDelivery:
     recipient in one transaction.
     """
 
-    def __init__(self, store: "PostgresMaildropStore", recipients: Sequence[Address]) -> None:
+    def __init__(self, store: "PostgresMaildropStore", recipients: Sequence[Address], uid: Optional[str] = None) -> None:
         self._store = store
         self._recipients = list(recipients)
+        self._uid = uid
         self._spool: Optional[IO[bytes]] = tempfile.SpooledTemporaryFile(SPOOL_MEMORY)
         self._converter = WireConverter()
         self._check = MessageDataCheck()
@@ -268,7 +304,7 @@ class PostgresDelivery:
             return defer.fail(TemporaryFailure.fromOSError("cannot spool message", e))
         self.state = "committing"
         spool, self._spool = self._spool, None
-        d = self._store._runner.run(self._store._insert, self._recipients, spool, self._size)
+        d = self._store._runner.run(self._store._insert, self._recipients, spool, self._size, self._uid)
 
         def finished(result: Any) -> Any:
             self.state = "committed" if not isinstance(result, Failure) else "failed"
@@ -444,14 +480,59 @@ class PostgresMaildropStore:
             raise
         return out
 
-    def _insert(self, recipients: Sequence[Address], spool: IO[bytes], size: int) -> None:
+    def _insert(self, recipients: Sequence[Address], spool: IO[bytes], size: int, uid: Optional[str] = None) -> None:
         """
-        Insert one message and an entry per recipient, in one transaction.
+        Insert one message and an entry per recipient, in one transaction
+        (with the UIDL C{uid}, an imported message, else a new one).
         """
         spool.seek(0)
         # One round trip for a message held in memory.
         with self.database.transaction(pipeline=size <= SPOOL_MEMORY) as conn:
-            storeMessage(conn, spool, size, [(str(r), None, False) for r in recipients])
+            storeMessage(conn, spool, size, [(str(r), uid, False) for r in recipients])
+
+    def importMessage(self, address: Address, data: bytes, uid: str) -> None:
+        """
+        Store one message (C{pop3gw import}) in C{address}'s maildrop
+        with the UIDL C{uid} (blocking with the default runner): the
+        message and its UIDL are committed in one transaction.
+
+        @raise BadMessageData: the message cannot be stored unchanged.
+        @raise TemporaryFailure: the database failed.
+        """
+        delivery = PostgresDelivery(self, [address], uid)
+        delivery.write(data)
+        failures: list = []
+        delivery.commit().addErrback(failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def setUIDLs(self, maildrop: str, uids: dict[int, str]) -> None:
+        """
+        Give the entries of C{maildrop} named by id the UIDLs of C{uids}
+        (C{pop3gw user import-uidl}), in one transaction; an entry not in
+        the maildrop is ignored.
+
+        @raise UIDLInUse: a UIDL is another entry's (nothing changed).
+        """
+        with self.database.transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, uid FROM pop3gw_maildrop WHERE maildrop = %s FOR UPDATE", (maildrop,)
+            ).fetchall()
+            present = {entry for entry, _ in rows}
+            uids = {entry: uid for entry, uid in uids.items() if entry in present}
+            others = {uid for entry, uid in rows if entry not in uids}
+            for uid in uids.values():
+                if uid in others:
+                    raise UIDLInUse(uid)
+            if not uids:
+                return
+            # Through a value no UIDL can be (it has a space), so that two
+            # entries may swap UIDLs under the unique constraint.
+            conn.execute("UPDATE pop3gw_maildrop SET uid = ' ' || id WHERE id = ANY(%s)", (list(uids),))
+            conn.cursor().executemany(
+                "UPDATE pop3gw_maildrop SET uid = %s WHERE id = %s", [(uid, entry) for entry, uid in uids.items()]
+            )
+            reservePositions(conn, uids.values())
 
     def maildrops(self) -> list[str]:
         """

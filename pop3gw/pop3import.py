@@ -17,10 +17,13 @@ serves those UIDLs, so the clients see nothing new.  Two ways fill it:
   - C{pop3gw import pop3://user@host}: copies every message from any POP3
     server over verified TLS with its UIDL, resumably.
 
-The file has one C{KEY UIDL} line per message.  An entry is written before
-its message is committed, so an interrupted import never leaves a message
-without its UIDL; an entry whose message is not (or no longer) in the
-maildrop is ignored and dropped at the next import.
+Both write through an L{IUIDLTarget}.  In a data directory
+(L{MaildirTarget}) the file has one C{KEY UIDL} line per message.  An
+entry is written before its message is committed, so an interrupted
+import never leaves a message without its UIDL; an entry whose message is
+not (or no longer) in the maildrop is ignored and dropped at the next
+import.  With C{--store postgresql://} (L{PostgresTarget}) the old UIDL is
+the message's UIDL in the database, committed with the message.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import poplib
 import re
 import ssl
 import urllib.parse
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from zope.interface import Interface, implementer
 
 from pop3gw import fsutil
 
@@ -158,14 +163,169 @@ def _noDuplicates(uids: Iterable[str]) -> None:
         seen.add(uid)
 
 
-def importUIDLs(maildir: str, keys: Sequence[str], text: str, owner: Optional[fsutil.Owner] = None) -> int:
+class IUIDLTarget(Interface):
+    """
+    A maildrop that imported messages and UIDLs are recorded in: the
+    C{pop3gw-uidlist} file of a Maildir (L{MaildirTarget}), or the UIDL
+    column of the database's maildrop entries (L{PostgresTarget}).
+    """
+
+    def messageKeys() -> Sequence[str]:
+        """
+        A key per message of the maildrop, in POP3 order: the Maildir
+        unique name, or the database entry.
+        """
+
+    def knownUIDLs() -> Iterable[str]:
+        """
+        The UIDLs that mark a message as copied already: the imported
+        UIDLs of messages still in the Maildir; every UIDL of the
+        database maildrop.
+        """
+
+    def setUIDLs(mapped: Dict[str, str]) -> None:
+        """
+        Give the messages of C{mapped} (by key) those UIDLs, all or none;
+        a message not (or no longer) in the maildrop is ignored.
+
+        @raise MigrationError: a UIDL would be served for two messages.
+        """
+
+    def deliver(data: bytes, uidl: str) -> None:
+        """
+        Store one message (in wire form) with that UIDL, the UIDL recorded
+        no later than the message is committed.
+        """
+
+
+@implementer(IUIDLTarget)
+class MaildirTarget:
+    """
+    A Maildir maildrop and its C{pop3gw-uidlist} file.
+
+    @param keys: the unique names of the maildrop's messages in POP3 order
+        (read anew at each call).
+    @param deliver: stores one message and returns its Maildir unique
+        name; called as C{deliver(data, before)} where C{before(key)} must
+        run once the name is known and before the message is committed.
+    """
+
+    def __init__(self, maildir: str, keys: Callable[[], Sequence[str]],
+                 deliver: Optional[Callable[[bytes, Callable[[str], None]], str]] = None,
+                 owner: Optional[fsutil.Owner] = None) -> None:
+        self.maildir = maildir
+        self._keys = keys
+        self._deliver = deliver
+        self.owner = owner
+        self._uids: Optional[Dict[str, str]] = None
+
+    def messageKeys(self) -> Sequence[str]:
+        """
+        See L{IUIDLTarget.messageKeys}.
+        """
+        return self._keys()
+
+    def _present(self) -> Dict[str, str]:
+        present = set(self._keys())
+        return {k: v for k, v in readUidMap(self.maildir).items() if k in present}
+
+    def knownUIDLs(self) -> Iterable[str]:
+        """
+        See L{IUIDLTarget.knownUIDLs}.
+        """
+        self._uids = self._present()
+        return set(self._uids.values())
+
+    def setUIDLs(self, mapped: Dict[str, str]) -> None:
+        """
+        See L{IUIDLTarget.setUIDLs}.
+        """
+        _noDuplicates(mapped.values())
+        present = set(self._keys())
+        uids = {k: v for k, v in readUidMap(self.maildir).items() if k in present}
+        mapped = {k: v for k, v in mapped.items() if k in present}
+        others = {v for k, v in uids.items() if k not in mapped}
+        for uid in mapped.values():
+            if uid in others:
+                raise MigrationError(f"UIDL {uid} is already the UIDL of another message of the maildrop")
+        uids.update(mapped)
+        writeUidMap(self.maildir, uids, self.owner)
+
+    def deliver(self, data: bytes, uidl: str) -> None:
+        """
+        See L{IUIDLTarget.deliver}.
+        """
+        assert self._deliver is not None
+        if self._uids is None:
+            self._uids = self._present()
+        uids = self._uids
+
+        def record(key: str) -> None:
+            uids[key] = uidl
+            writeUidMap(self.maildir, uids, self.owner)
+
+        self._deliver(data, record)
+
+
+@implementer(IUIDLTarget)
+class PostgresTarget:
+    """
+    A maildrop in the database (L{pop3gw.pgmail.PostgresMaildropStore}):
+    a message's UIDL is its entry's C{uid} column, unique per maildrop.
+    Keys are entry ids.
+    """
+
+    def __init__(self, store: Any, address: Any) -> None:
+        self.store = store
+        self.address = address
+        self.maildrop = str(address)
+
+    def messageKeys(self) -> Sequence[str]:
+        """
+        See L{IUIDLTarget.messageKeys}.
+        """
+        return [str(info.entry) for info in self.store.listMessages(self.maildrop)]
+
+    def knownUIDLs(self) -> Iterable[str]:
+        """
+        See L{IUIDLTarget.knownUIDLs}.
+        """
+        return {info.uid for info in self.store.listMessages(self.maildrop)}
+
+    def setUIDLs(self, mapped: Dict[str, str]) -> None:
+        """
+        See L{IUIDLTarget.setUIDLs}.
+        """
+        from pop3gw.pgmail import UIDLInUse
+
+        _noDuplicates(mapped.values())
+        try:
+            self.store.setUIDLs(self.maildrop, {int(k): v for k, v in mapped.items()})
+        except UIDLInUse as e:
+            raise MigrationError(f"UIDL {e.uid} is already the UIDL of another message of the maildrop") from None
+
+    def deliver(self, data: bytes, uidl: str) -> None:
+        """
+        See L{IUIDLTarget.deliver}.
+        """
+        from psycopg import errors
+
+        try:
+            self.store.importMessage(self.address, data, uidl)
+        except errors.UniqueViolation:
+            # Another run stored it after this one read the UIDLs.
+            raise MigrationError(f"UIDL {uidl} was stored meanwhile, by another import? run again") from None
+
+
+def importUIDLs(target: IUIDLTarget, text: str) -> int:
     """
     Map the UIDLs in C{text} (a listing, or a C{dovecot-uidlist}) onto the
-    maildrop's messages and write the map.
+    maildrop's messages and record them.
 
     @return: how many messages got an old UIDL.
     @raise MigrationError: the input cannot be used (nothing is written).
     """
+    keys = list(target.messageKeys())
     first = text.lstrip().split("\n", 1)[0].split()
     dovecot = bool(first) and first[0] in ("1", "2", "3") and any(
         f.startswith("V") or f.isdigit() for f in first[1:]) and ":" in text
@@ -176,12 +336,7 @@ def importUIDLs(maildir: str, keys: Sequence[str], text: str, owner: Optional[fs
             raise MigrationError("no message of the maildrop is named in the dovecot-uidlist")
     else:
         mapped = mapListing(keys, parseUIDLListing(text))
-    uids = readUidMap(maildir)
-    present = set(keys)
-    uids = {k: v for k, v in uids.items() if k in present}
-    uids.update(mapped)
-    _noDuplicates(uids.values())
-    writeUidMap(maildir, uids, owner)
+    target.setUIDLs(mapped)
     return len(mapped)
 
 
@@ -244,19 +399,11 @@ class Importer:
     Copies a mailbox from a POP3 server into a maildrop, with its UIDLs
     (blocking; the C{pop3gw import} command).
 
-    @ivar deliver: stores one message for the user and returns its Maildir
-        unique name; called as C{deliver(data, before)} where C{before(key)}
-        must run once the name is known and before the message is
-        committed.
+    @ivar target: where the messages and their UIDLs go.
     """
 
-    def __init__(self, maildir: str, deliver: Callable[[bytes, Callable[[str], None]], str],
-                 presentKeys: Callable[[], Iterable[str]], owner: Optional[fsutil.Owner] = None,
-                 timeout: float = 60.0) -> None:
-        self.maildir = maildir
-        self.deliver = deliver
-        self.presentKeys = presentKeys
-        self.owner = owner
+    def __init__(self, target: IUIDLTarget, timeout: float = 60.0) -> None:
+        self.target = target
         self.timeout = timeout
 
     def connect(self, host: str, port: int, implicit: bool, context: ssl.SSLContext) -> poplib.POP3:
@@ -300,9 +447,7 @@ class Importer:
             listing = parseServerListing(session.uidl()[1])
         except poplib.error_proto as e:
             raise MigrationError(f"UIDL refused: {e}") from None
-        present = set(self.presentKeys())
-        uids = {k: v for k, v in readUidMap(self.maildir).items() if k in present}
-        have = set(uids.values())
+        have = set(self.target.knownUIDLs())
         copied = skipped = 0
         for number, uidl in listing:
             if uidl in have:
@@ -313,12 +458,7 @@ class Importer:
             except poplib.error_proto as e:
                 raise MigrationError(f"RETR {number} refused: {e}") from None
             data = b"".join(line + b"\r\n" for line in lines)
-
-            def record(key: str, uidl: str = uidl) -> None:
-                uids[key] = uidl
-                writeUidMap(self.maildir, uids, self.owner)
-
-            self.deliver(data, record)
+            self.target.deliver(data, uidl)
             have.add(uidl)
             copied += 1
             progress(f"copied message {number} ({len(data)} octets, UIDL {uidl})")

@@ -65,6 +65,38 @@ class ImportEndToEndTests(TLSServerMixin, SynchronousTestCase):
         self.assertEqual((wrong.returncode, wrong.stdout), (75, b""))
         self.assertEqual(wrong.stderr, b"pop3gw: import from 127.0.0.1: login as alice@example.org refused\n")
 
+    def test_importIntoDatabase(self) -> None:
+        """
+        C{pop3gw --store postgresql://... import pop3s://alice@...} copies
+        every message byte for byte with its UIDL into the database; a node
+        on that database serves them over POP3 with the old UIDLs, and a
+        second run copies nothing.
+        """
+        from tests import pgcluster
+
+        old = self.startServer(listeners=("pop3s",))
+        for message in MESSAGES:
+            old.deliver(ALICE, message)
+        context = ssl.create_default_context(cafile=self.certs["ca.pem"])
+        oldUidls, oldBodies = listing(old.ports["pop3s"], ALICE, PASSWORD, context)
+        uri = pgcluster.database(self)
+        store = pop3gwCommand() + ["--store", uri]
+        subprocess.run(store + ["init"], capture_output=True, timeout=60, check=True)
+        subprocess.run(store + ["user", "add", ALICE], input=b"new password\n", capture_output=True, timeout=60,
+                       check=True)
+        command = store + ["import", f"pop3s://{ALICE}@127.0.0.1:{old.ports['pop3s']}", "--ca-file",
+                           self.certs["ca.pem"]]
+        first = subprocess.run(command, input=PASSWORD.encode() + b"\n", capture_output=True, timeout=120)
+        self.assertEqual((first.returncode, first.stderr), (0, b""))
+        self.assertEqual(first.stdout, b"alice@example.org: copied 3 messages from 127.0.0.1, 0 already copied before\n")
+        again = subprocess.run(command, input=PASSWORD.encode() + b"\n", capture_output=True, timeout=120)
+        self.assertEqual((again.returncode, again.stderr), (0, b""))
+        self.assertEqual(again.stdout, b"alice@example.org: copied 0 messages from 127.0.0.1, 3 already copied before\n")
+        node = Pop3gwProcess(self, args=["--store", uri, "--domain", "example.org"], listeners=("pop3",)).start()
+        newUidls, newBodies = listing(node.ports["pop3"], ALICE, "new password")
+        self.assertEqual(newUidls, oldUidls)
+        self.assertEqual(newBodies, oldBodies)
+
     def test_untrustedRefused(self) -> None:
         """
         Without the CA the old server's certificate is not trusted: nothing

@@ -768,6 +768,37 @@ class MigrateTests(SynchronousTestCase):
         self.assertEqual(users.snapshot().resolve(Address("team", "example.org")), (ALICE, BOB))
         self.assertEqual(users.snapshot().resolve(Address("anyone", "example.org")), (ALICE,))
 
+    def test_importedOwnFormUIDL(self) -> None:
+        """
+        A message imported into a data directory with a UIDL of the form
+        pop3gw gives new mail in a database (C{P} and a position) keeps it
+        through C{migrate}, and no message delivered afterwards is given
+        it: every delivery succeeds with a UIDL of its own.
+        """
+        from pop3gw.maildir import MaildirStore
+        from pop3gw.pgmail import PostgresMaildropStore
+        from pop3gw.pop3import import writeUidMap
+
+        source = os.path.abspath(self.mktemp())
+        os.makedirs(source)
+        with open(os.path.join(source, "users"), "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\n")
+        maildir = MaildirStore(os.path.join(source, "mail"), hostname="testhost")
+        delivery = maildir.beginDelivery([ALICE])
+        delivery.write(b"Subject: old\n\nimported\n")
+        self.successResultOf(delivery.commit())
+        writeUidMap(maildir.maildirPath(ALICE), {delivery.uniqueName: "P3"})
+        self.assertEqual(self.runCLI("migrate", "--from", f"maildir:{source}", "--to", self.uri)[0], 0)
+        for _ in range(3):
+            status, out, err = self.runCLI("deliver", "alice@example.org", data=b"Subject: new\n\nbody\n")
+            self.assertEqual((status, err), (0, ""))
+        database = pgdatabase.Database(self.uri, maxConnections=1)
+        self.addCleanup(database.close)
+        store = PostgresMaildropStore(database)
+        uids = [m.uid for m in store.listMessages("alice@example.org")]
+        self.assertEqual(uids[0], "P3")
+        self.assertEqual(len(set(uids)), 4)
+
     def test_accountStateThereAndBack(self) -> None:
         """
         App passwords (hashes untouched), main-password scopes, per-user

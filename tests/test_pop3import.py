@@ -12,7 +12,9 @@ from pop3gw.maildir import MaildirStore
 from pop3gw.pop3import import (
     UIDLIST,
     Importer,
+    MaildirTarget,
     MigrationError,
+    PostgresTarget,
     importUIDLs,
     parseDovecotUidlist,
     parseSource,
@@ -65,56 +67,187 @@ class ParseTests(SynchronousTestCase):
             self.assertRaises(MigrationError, parseSource, bad)
 
 
-class MaildropTests(SynchronousTestCase):
+class UIDLTargetContract:
+    """
+    L{IUIDLTarget} over a real maildrop store holding three messages of
+    alice: the Maildir store (with its C{pop3gw-uidlist}) and the
+    PostgreSQL one (the entries' UIDL column).
+    """
+
+    def makeStore(self):
+        raise NotImplementedError()
+
+    def target(self):
+        raise NotImplementedError()
+
     def setUp(self) -> None:
-        self.store = MaildirStore(makeTempDirectory(self), hostname="mail.example.org")
+        self.store = self.makeStore()
         for i in range(3):
             delivery = self.store.beginDelivery([ALICE])
             delivery.write(b"Subject: %d\n\nbody\n" % (i,))
             self.successResultOf(delivery.commit())
 
-    def maildrop(self):
-        return self.successResultOf(self.store.openMaildrop(ALICE))
+    def served(self) -> list:
+        """
+        The UIDLs and message data POP3 serves, in order.
+        """
+        maildrop = self.successResultOf(self.store.openMaildrop(ALICE))
+        try:
+            out = []
+            for index, message in enumerate(maildrop.messages):
+                f = self.successResultOf(maildrop.openMessage(index))
+                out.append((message.uid, f.read()))
+                f.close()
+            return out
+        finally:
+            maildrop.release()
 
     def test_listingServed(self) -> None:
         """
-        After a listing is imported, POP3 serves the old UIDLs, in order.
+        After a listing is imported, POP3 serves the old UIDLs, in order,
+        for the same messages.
         """
-        maildrop = self.maildrop()
-        keys = maildrop.keys()
-        self.assertEqual([m.uid for m in maildrop.messages], keys)
-        maildrop.release()
-        self.assertEqual(importUIDLs(self.store.maildirPath(ALICE), keys, "1 old-1\n2 old-2\n3 old-3\n"), 3)
-        maildrop = self.maildrop()
-        self.assertEqual([m.uid for m in maildrop.messages], ["old-1", "old-2", "old-3"])
-        maildrop.release()
+        before = self.served()
+        self.assertEqual(importUIDLs(self.target(), "+OK\r\n1 old-1\r\n2 old-2\r\n3 old-3\r\n.\r\n"), 3)
+        self.assertEqual(self.served(), [(u, data) for u, (_, data) in zip(["old-1", "old-2", "old-3"], before)])
 
-    def test_dovecotServed(self) -> None:
+    def test_reimportSwaps(self) -> None:
         """
-        A dovecot-uidlist maps by file name; messages it does not name keep
-        their own UIDL.
+        A listing imported again replaces the UIDLs, even when two
+        messages exchange theirs.
         """
-        maildrop = self.maildrop()
-        keys = maildrop.keys()
-        maildrop.release()
-        text = f"3 V1 N9\n7 :{keys[1]}\n"
-        self.assertEqual(importUIDLs(self.store.maildirPath(ALICE), keys, text), 1)
-        maildrop = self.maildrop()
-        self.assertEqual([m.uid for m in maildrop.messages], [keys[0], "0000000700000001", keys[2]])
-        maildrop.release()
+        importUIDLs(self.target(), "1 a\n2 b\n3 c\n")
+        self.assertEqual(importUIDLs(self.target(), "1 b\n2 a\n3 c\n"), 3)
+        self.assertEqual([u for u, _ in self.served()], ["b", "a", "c"])
 
     def test_mismatchWritesNothing(self) -> None:
         """
         A listing of another number of messages, or with a UIDL twice, is
         refused and nothing is written.
         """
-        path = self.store.maildirPath(ALICE)
-        maildrop = self.maildrop()
-        keys = maildrop.keys()
-        maildrop.release()
-        for text in ("1 a\n2 b\n", "1 a\n2 b\n3 a\n"):
-            self.assertRaises(MigrationError, importUIDLs, path, keys, text)
-        self.assertFalse(os.path.exists(os.path.join(path, UIDLIST)))
+        before = self.served()
+        for text, message in [("1 a\n2 b\n", "the listing numbers 2 messages but the maildrop holds 3: "
+                                                "import the listing right after copying the messages, "
+                                                "before any new mail"),
+                              ("1 a\n2 b\n3 a\n", "UIDL a appears twice")]:
+            with self.assertRaises(MigrationError) as e:
+                importUIDLs(self.target(), text)
+            self.assertEqual(str(e.exception), message)
+        self.assertEqual(self.served(), before)
+
+    def test_usedUIDLRefused(self) -> None:
+        """
+        A UIDL that another message of the maildrop already has is refused
+        with one line, and nothing is changed.
+        """
+        target = self.target()
+        importUIDLs(target, "1 a\n2 b\n3 c\n")
+        keys = list(target.messageKeys())
+        with self.assertRaises(MigrationError) as e:
+            target.setUIDLs({keys[0]: "z", keys[1]: "c"})
+        self.assertEqual(str(e.exception), "UIDL c is already the UIDL of another message of the maildrop")
+        self.assertEqual([u for u, _ in self.served()], ["a", "b", "c"])
+
+    def test_importResumable(self) -> None:
+        """
+        The importer copies every message with its UIDL; a run cut short
+        by a failure is resumed without a duplicate; a further run copies
+        nothing.
+        """
+        messages = [(b"u1", b"A: 1\r\n\r\nx\r\n"), (b"u2", b"A: 2\r\n\r\n.y\r\n"), (b"u3", b"A: 3\r\n\r\nz\r\n")]
+        target = self.target()
+        real = target.deliver
+        calls: list = []
+
+        def failing(data: bytes, uidl: str) -> None:
+            calls.append(uidl)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            real(data, uidl)
+
+        target.deliver = failing
+        self.assertRaises(OSError, Importer(target).run, FakeSession(messages), "alice", "pw")
+        session = FakeSession(messages)
+        self.assertEqual(Importer(self.target()).run(session, "alice", "pw"), (2, 1))
+        self.assertEqual(session.retrieved, [2, 3])
+        self.assertEqual(Importer(self.target()).run(FakeSession(messages), "alice", "pw"), (0, 3))
+        served = self.served()
+        self.assertEqual(len(served), 6)
+        self.assertEqual(sorted(served[3:]), [("u1", messages[0][1]), ("u2", messages[1][1]), ("u3", messages[2][1])])
+
+
+class MaildirTargetTests(UIDLTargetContract, SynchronousTestCase):
+    def makeStore(self):
+        return MaildirStore(makeTempDirectory(self), hostname="mail.example.org")
+
+    def target(self):
+        def keys():
+            return self.successResultOf(self.store.openMaildrop(ALICE)).keysAndRelease()
+
+        def deliver(data, before):
+            delivery = self.store.beginDelivery([ALICE])
+            before(delivery.uniqueName)
+            delivery.write(data)
+            self.successResultOf(delivery.commit())
+            return delivery.uniqueName
+
+        return MaildirTarget(self.store.maildirPath(ALICE), keys, deliver)
+
+    def test_dovecotServed(self) -> None:
+        """
+        A dovecot-uidlist maps by file name; messages it does not name keep
+        their own UIDL.
+        """
+        keys = list(self.target().messageKeys())
+        text = f"3 V1 N9\n7 :{keys[1]}\n"
+        self.assertEqual(importUIDLs(self.target(), text), 1)
+        self.assertEqual([u for u, _ in self.served()], [keys[0], "0000000700000001", keys[2]])
+
+    def test_nothingWrittenOnMismatch(self) -> None:
+        """
+        A refused listing leaves no C{pop3gw-uidlist} behind.
+        """
+        self.assertRaises(MigrationError, importUIDLs, self.target(), "1 a\n")
+        self.assertFalse(os.path.exists(os.path.join(self.store.maildirPath(ALICE), UIDLIST)))
+
+
+class PostgresTargetTests(UIDLTargetContract, SynchronousTestCase):
+    def makeStore(self):
+        from pop3gw.pgmail import PostgresMaildropStore
+        from tests.test_pgstore import newDatabase
+
+        return PostgresMaildropStore(newDatabase(self), node="node-a")
+
+    def target(self):
+        return PostgresTarget(self.store, ALICE)
+
+    def test_deliverRaceOneLine(self) -> None:
+        """
+        A message whose UIDL another run stored meanwhile (after this run
+        read the maildrop's UIDLs) is one line, and nothing is stored
+        twice.
+        """
+        target = self.target()
+        importUIDLs(target, "1 a\n2 b\n3 c\n")
+        with self.assertRaises(MigrationError) as e:
+            target.deliver(b"A: 1\r\n\r\nx\r\n", "b")
+        self.assertEqual(str(e.exception), "UIDL b was stored meanwhile, by another import? run again")
+        self.assertEqual(len(self.served()), 3)
+
+    def test_ownFormReserved(self) -> None:
+        """
+        An imported UIDL of the form pop3gw gives new mail (P and a
+        position) is never given to a later message.
+        """
+        importUIDLs(self.target(), "1 P5\n2 P6\n3 x\n")
+        Importer(self.target()).run(FakeSession([(b"P8", b"A: 1\r\n\r\nx\r\n")]), "alice", "pw")
+        for _ in range(3):
+            delivery = self.store.beginDelivery([ALICE])
+            delivery.write(b"Subject: new\n\nbody\n")
+            self.successResultOf(delivery.commit())
+        uids = [u for u, _ in self.served()]
+        self.assertEqual(uids[:4], ["P5", "P6", "x", "P8"])
+        self.assertEqual(len(set(uids)), 7)
 
 
 class FakeSession:
@@ -163,7 +296,7 @@ class ImporterTests(SynchronousTestCase):
         return key
 
     def importer(self) -> Importer:
-        return Importer(self.dir, self.deliver, lambda: list(self.stored))
+        return Importer(MaildirTarget(self.dir, lambda: list(self.stored), self.deliver))
 
     def test_resumable(self) -> None:
         """
@@ -218,3 +351,55 @@ class ImporterTests(SynchronousTestCase):
                 self.importer().run(session, "alice", "pw")
             self.assertEqual(str(e.exception), message)
             self.assertEqual((session.retrieved, self.stored), ([], {}))
+
+
+class CommandTests(SynchronousTestCase):
+    """
+    C{pop3gw user import-uidl} with C{--store postgresql://...}.
+    """
+
+    def setUp(self) -> None:
+        from pop3gw.pgdatabase import Database
+        from pop3gw.pgmail import PostgresMaildropStore
+        from tests import pgcluster
+
+        uri = pgcluster.database(self)
+        self.argv = ["--store", uri]
+        self.assertEqual(self.command("init")[0], 0)
+        self.assertEqual(self.command("user", "add", str(ALICE), stdin="pw\n")[0], 0)
+        database = Database(uri, maxConnections=1)
+        self.addCleanup(database.close)
+        self.store = PostgresMaildropStore(database, node="test")
+        for i in range(2):
+            delivery = self.store.beginDelivery([ALICE])
+            delivery.write(b"Subject: %d\n\nbody\n" % (i,))
+            self.successResultOf(delivery.commit())
+
+    def command(self, *argv: str, stdin: str = ""):
+        import io
+
+        from pop3gw import cli
+
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main([*self.argv, *argv], stdin=io.StringIO(stdin), stdout=out, stderr=err)
+        return status, out.getvalue(), err.getvalue()
+
+    def test_importUIDL(self) -> None:
+        """
+        The listing's UIDLs become the messages' UIDLs in the database; a
+        listing that does not fit is one line, exit 65; a maildrop in use
+        by a POP3 session is one line, exit 75.
+        """
+        self.assertEqual(self.command("user", "import-uidl", str(ALICE), stdin="+OK\n1 old-1\n2 old-2\n.\n"),
+                         (0, "alice@example.org: 2 of 2 messages now have their old UIDL\n", ""))
+        self.assertEqual([m.uid for m in self.store.listMessages(str(ALICE))], ["old-1", "old-2"])
+        self.assertEqual(self.command("user", "import-uidl", str(ALICE), stdin="1 x\n"),
+                         (65, "", "pop3gw: cannot import UIDLs: the listing numbers 1 messages but the maildrop "
+                                  "holds 2: import the listing right after copying the messages, before any new "
+                                  "mail\n"))
+        maildrop = self.successResultOf(self.store.openMaildrop(ALICE))
+        self.addCleanup(maildrop.release)
+        self.assertEqual(self.command("user", "import-uidl", str(ALICE), stdin="1 a\n2 b\n"),
+                         (75, "", "pop3gw: the maildrop of alice@example.org is in use by a POP3 session; "
+                                  "try again\n"))
+        self.assertEqual([m.uid for m in self.store.listMessages(str(ALICE))], ["old-1", "old-2"])

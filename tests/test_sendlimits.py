@@ -449,21 +449,6 @@ class UnavailableTests(SynchronousTestCase):
         shutil.rmtree(dataDir, True)
 
 
-class DatabaseStoreTests(SynchronousTestCase):
-    def test_refusedWithDatabaseStore(self) -> None:
-        """
-        The commands whose state lives under the data directory refuse a
-        database store with one line (exit 64), before any connection.
-        """
-        for argv in (["user", "import-uidl", ALICE], ["import", "pop3s://a@example.org@old.example"]):
-            out, err = io.StringIO(), io.StringIO()
-            status = cli.main(["--store", "postgresql://nowhere.invalid/pop3gw", *argv], stdin=io.StringIO(""),
-                              stdout=out, stderr=err)
-            self.assertEqual(status, 64, argv)
-            self.assertRegex(err.getvalue(), r"^pop3gw: .* works on a data directory; it is not available with "
-                                             r"--store postgresql yet\n$")
-
-
 class FastPathTests(SynchronousTestCase):
     def test_farBelowNoHop(self) -> None:
         """
