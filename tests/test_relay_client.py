@@ -534,10 +534,11 @@ class DotStufferTests(unittest.SynchronousTestCase):
     def test_smallReads(self):
         """
         Lines starting with a dot get a second one, whatever the read size;
-        a dot in the middle of a line is left alone.
+        a dot in the middle of a line is left alone; the terminating dot
+        line follows the message.
         """
         source = b".a\r\nb.c\r\n\r\n..d\r\n" + b"x" * 70000 + b"\r\n.e\r\n"
-        expected = b"..a\r\nb.c\r\n\r\n...d\r\n" + b"x" * 70000 + b"\r\n..e\r\n"
+        expected = b"..a\r\nb.c\r\n\r\n...d\r\n" + b"x" * 70000 + b"\r\n..e\r\n.\r\n"
         for size in (1, 3, 16384):
             reader = _DotStuffer(io.BytesIO(source))
             chunks = []
@@ -555,7 +556,15 @@ class DotStufferTests(unittest.SynchronousTestCase):
         at a line start and is not doubled.
         """
         source = b"y" * (64 * 1024) + b".z\r\n"
-        self.assertEqual(_DotStuffer(io.BytesIO(source)).read(), source)
+        self.assertEqual(_DotStuffer(io.BytesIO(source)).read(), source + b".\r\n")
+
+    def test_endWithoutLineEnd(self):
+        """
+        A message whose last line has no CRLF gets one before the
+        terminating dot; the terminator comes once.
+        """
+        reader = _DotStuffer(io.BytesIO(b"a\r\nb"))
+        self.assertEqual((reader.read(), reader.read()), (b"a\r\nb\r\n.\r\n", b""))
 
 
 class DescribeErrorTests(unittest.SynchronousTestCase):
@@ -829,6 +838,19 @@ class PipeliningTests(unittest.SynchronousTestCase):
             self.successResultOf(d), SessionResult({BOB: delivered, CAROL: delivered}, None)
         )
         self.assertTrue(self.message.closed)
+
+    def test_dataAndDotInOneWrite(self):
+        """
+        The message and its terminating dot go in one write: a dot line
+        written alone after the data would wait, with Nagle's algorithm,
+        for the server's delayed ACK of the data (some 40 ms on Linux).
+        """
+        self.deliver()
+        self.start()
+        self.endpoint.feed(OK + OK + OK)
+        before = self.endpoint.transport.writes
+        self.assertEqual(self.endpoint.feed(b"354 go ahead\r\n"), SENT)
+        self.assertEqual(self.endpoint.transport.writes - before, 1)
 
     def test_oneRecipientRefused(self):
         """

@@ -469,20 +469,29 @@ def _guarded(context):
 class _DotStuffer:
     """
     A read-only file wrapper giving the queued message dot-stuffed (RFC 5321
-    4.5.2); the message already has CRLF line ends.
+    4.5.2) and followed by the terminating dot line, so that the end of the
+    message goes in the same write as its last bytes (a dot line written
+    alone after them waits, with Nagle's algorithm, for the server's
+    delayed ACK); the message already has CRLF line ends.
     """
 
     def __init__(self, f):
         self._file = f
         self._buffer = b""
         self._atLineStart = True
+        self._ended = False
 
     def read(self, n: int = -1) -> bytes:
         parts = [self._buffer]
         size = len(self._buffer)
         while n < 0 or size < n:
-            line = self._file.readline(_READ_LINE)
+            line = self._file.readline(_READ_LINE) if not self._ended else b""
             if not line:
+                if not self._ended:
+                    self._ended = True
+                    end = b".\r\n" if self._atLineStart else b"\r\n.\r\n"
+                    parts.append(end)
+                    size += len(end)
                 break
             if self._atLineStart and line.startswith(b"."):
                 line = b"." + line
@@ -821,6 +830,10 @@ class _RelayClient(ESMTPClient):
     def getMailData(self):
         self.phase = Phase.DATA
         return _DotStuffer(self.session.message)
+
+    def finishedFileTransfer(self, lastsent: bytes) -> None:
+        # The terminating dot line came with the data (_DotStuffer).
+        pass
 
     def transformChunk(self, chunk: bytes) -> bytes:
         # The data is already CRLF and dot-stuffed by _DotStuffer.
