@@ -534,10 +534,11 @@ class DotStufferTests(unittest.SynchronousTestCase):
     def test_smallReads(self):
         """
         Lines starting with a dot get a second one, whatever the read size;
-        a dot in the middle of a line is left alone.
+        a dot in the middle of a line is left alone; the terminating dot
+        line follows the message.
         """
         source = b".a\r\nb.c\r\n\r\n..d\r\n" + b"x" * 70000 + b"\r\n.e\r\n"
-        expected = b"..a\r\nb.c\r\n\r\n...d\r\n" + b"x" * 70000 + b"\r\n..e\r\n"
+        expected = b"..a\r\nb.c\r\n\r\n...d\r\n" + b"x" * 70000 + b"\r\n..e\r\n.\r\n"
         for size in (1, 3, 16384):
             reader = _DotStuffer(io.BytesIO(source))
             chunks = []
@@ -555,7 +556,15 @@ class DotStufferTests(unittest.SynchronousTestCase):
         at a line start and is not doubled.
         """
         source = b"y" * (64 * 1024) + b".z\r\n"
-        self.assertEqual(_DotStuffer(io.BytesIO(source)).read(), source)
+        self.assertEqual(_DotStuffer(io.BytesIO(source)).read(), source + b".\r\n")
+
+    def test_endWithoutLineEnd(self):
+        """
+        A message whose last line has no CRLF gets one before the
+        terminating dot; the terminator comes once.
+        """
+        reader = _DotStuffer(io.BytesIO(b"a\r\nb"))
+        self.assertEqual((reader.read(), reader.read()), (b"a\r\nb\r\n.\r\n", b""))
 
 
 class DescribeErrorTests(unittest.SynchronousTestCase):
@@ -747,4 +756,387 @@ class ConnectionReuseTests(unittest.SynchronousTestCase):
         endpoint = self.connects[0]
         self.cache.closeAll()
         self.assertTrue(endpoint.transport.disconnecting)
+        self.assertEqual(len(self.cache), 0)
+
+
+#: An EHLO reply offering PIPELINING (RFC 2920).
+EHLO_PIPE = b"250-mx.remote.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+
+#: The command group for ALICE to BOB and CAROL.
+GROUP = (
+    b"MAIL FROM:<alice@example.org>\r\n"
+    b"RCPT TO:<bob@remote.example>\r\n"
+    b"RCPT TO:<carol@remote.example>\r\n"
+    b"DATA\r\n"
+)
+
+
+class WriteCountingTransport(TLSStringTransport):
+    """
+    A transport that counts its writes.
+    """
+
+    writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        TLSStringTransport.write(self, data)
+
+
+class PipeliningTests(unittest.SynchronousTestCase):
+    """
+    To a server offering PIPELINING, L{deliverOnce} sends C{MAIL}, every
+    C{RCPT} and C{DATA} in one write and matches the replies in order
+    (RFC 2920), with the same outcomes as in lockstep.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.connects = []
+        self.endpoint = FakeEndpoint("mx.remote.example", 25, self.connects)
+        self.contexts = []
+
+    def deliver(self, recipients=(BOB, CAROL), policy=TLSPolicy.NONE, **kw):
+        self.message = io.BytesIO(STORED)
+        return deliverOnce(
+            self.endpoint,
+            ALICE,
+            list(recipients),
+            self.message,
+            policy,
+            identity="mx.example.org",
+            clock=self.clock,
+            **kw,
+        )
+
+    def start(self, ehlo=EHLO_PIPE):
+        """
+        Open the connection and answer the greeting and C{EHLO}.
+
+        @return: what the client wrote after the C{EHLO} reply.
+        """
+        self.endpoint.open(WriteCountingTransport())
+        self.assertEqual(self.endpoint.feed(GREETING), b"EHLO mx.example.org\r\n")
+        before = self.endpoint.transport.writes
+        sent = self.endpoint.feed(ehlo)
+        self.writes = self.endpoint.transport.writes - before
+        return sent
+
+    def test_allAccepted(self):
+        """
+        C{MAIL}, both C{RCPT}s and C{DATA} go in one write; after the
+        replies (here in one piece) the message follows, and both
+        recipients are delivered.
+        """
+        d = self.deliver()
+        self.assertEqual((self.start(), self.writes), (GROUP, 1))
+        self.assertEqual(self.endpoint.feed(OK + OK + OK + b"354 go ahead\r\n"), SENT)
+        self.assertEqual(self.endpoint.feed(OK), b"QUIT\r\n")
+        self.endpoint.close()
+        delivered = Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")
+        self.assertEqual(
+            self.successResultOf(d), SessionResult({BOB: delivered, CAROL: delivered}, None)
+        )
+        self.assertTrue(self.message.closed)
+
+    def test_dataAndDotInOneWrite(self):
+        """
+        The message and its terminating dot go in one write: a dot line
+        written alone after the data would wait, with Nagle's algorithm,
+        for the server's delayed ACK of the data (some 40 ms on Linux).
+        """
+        self.deliver()
+        self.start()
+        self.endpoint.feed(OK + OK + OK)
+        before = self.endpoint.transport.writes
+        self.assertEqual(self.endpoint.feed(b"354 go ahead\r\n"), SENT)
+        self.assertEqual(self.endpoint.transport.writes - before, 1)
+
+    def test_oneRecipientRefused(self):
+        """
+        A refused C{RCPT} fails that recipient with its reply; the message
+        goes to the other.
+        """
+        d = self.deliver()
+        self.start()
+        replies = [OK, OK, b"550 5.1.1 unknown\r\n", b"354 go ahead\r\n"]
+        self.assertEqual([self.endpoint.feed(r) for r in replies], [b"", b"", b"", SENT])
+        self.assertEqual(self.endpoint.feed(b"250 2.0.0 queued\r\n"), b"QUIT\r\n")
+        self.endpoint.close()
+        result = self.successResultOf(d)
+        self.assertEqual(
+            result.outcomes,
+            {
+                BOB: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 queued"),
+                CAROL: Outcome(OutcomeKind.FAILED, "5.1.1", "550 5.1.1 unknown"),
+            },
+        )
+        self.assertIsNone(result.error)
+
+    def test_allRecipientsRefused(self):
+        """
+        When every C{RCPT} is refused, the expected refusal of C{DATA} is
+        read and nothing but C{QUIT} follows; each recipient gets its own
+        C{RCPT} reply.
+        """
+        d = self.deliver()
+        self.start()
+        replies = (
+            OK
+            + b"550 5.1.1 unknown\r\n"
+            + b"450 4.2.1 busy\r\n"
+            + b"554 5.5.1 no valid recipients\r\n"
+        )
+        self.assertEqual(self.endpoint.feed(replies), b"QUIT\r\n")
+        self.endpoint.close()
+        self.assertEqual(
+            self.successResultOf(d),
+            SessionResult(
+                {
+                    BOB: Outcome(OutcomeKind.FAILED, "5.1.1", "550 5.1.1 unknown"),
+                    CAROL: Outcome(OutcomeKind.DEFERRED, "4.2.1", "450 4.2.1 busy"),
+                },
+                None,
+            ),
+        )
+
+    def test_allRefusedDataAccepted(self):
+        """
+        A server that answers C{DATA} with 354 although it refused every
+        C{RCPT} gets a lone dot (RFC 2920 3.1), never the message; its
+        reply to the dot changes nothing.
+        """
+        d = self.deliver(recipients=(BOB,))
+        self.start()
+        self.assertEqual(
+            self.endpoint.feed(OK + b"550 5.1.1 unknown\r\n" + b"354 go ahead\r\n"), b".\r\n"
+        )
+        self.assertEqual(self.endpoint.feed(OK), b"QUIT\r\n")
+        self.endpoint.close()
+        self.assertEqual(
+            self.successResultOf(d).outcomes,
+            {BOB: Outcome(OutcomeKind.FAILED, "5.1.1", "550 5.1.1 unknown")},
+        )
+
+    def test_mailRefused(self):
+        """
+        A refused C{MAIL} gives every recipient its reply, whatever the
+        C{RCPT} and C{DATA} replies after it say; no data is sent.
+        """
+        d = self.deliver()
+        self.start()
+        refusals = b"550 5.7.1 sender refused\r\n" + b"503 5.5.1 need MAIL\r\n" * 3
+        self.assertEqual(self.endpoint.feed(refusals), b"QUIT\r\n")
+        self.endpoint.close()
+        refused = Outcome(OutcomeKind.FAILED, "5.7.1", "550 5.7.1 sender refused")
+        self.assertEqual(
+            self.successResultOf(d), SessionResult({BOB: refused, CAROL: refused}, None)
+        )
+
+    def test_dataRefused(self):
+        """
+        A refused C{DATA} gives its reply to the recipients accepted.
+        """
+        d = self.deliver()
+        self.start()
+        self.assertEqual(
+            self.endpoint.feed(OK + OK + b"550 5.1.1 unknown\r\n" + b"451 4.3.0 try later\r\n"),
+            b"QUIT\r\n",
+        )
+        self.endpoint.close()
+        self.assertEqual(
+            self.successResultOf(d).outcomes,
+            {
+                BOB: Outcome(OutcomeKind.DEFERRED, "4.3.0", "451 4.3.0 try later"),
+                CAROL: Outcome(OutcomeKind.FAILED, "5.1.1", "550 5.1.1 unknown"),
+            },
+        )
+
+    def test_repliesInPieces(self):
+        """
+        Replies arriving a few bytes at a time, split inside lines and
+        inside a multi-line reply, are matched in order; the message is
+        sent once the whole 354 line is in.
+        """
+        d = self.deliver()
+        self.start()
+        replies = (
+            OK
+            + b"250-2.1.5 ok\r\n250 2.1.5 still ok\r\n"
+            + b"550 5.1.1 unknown\r\n"
+            + b"354 go ahead\r\n"
+        )
+        pieces = [replies[i : i + 5] for i in range(0, len(replies), 5)]
+        sent = [self.endpoint.feed(p) for p in pieces]
+        self.assertEqual(sent[:-1], [b""] * (len(pieces) - 1))
+        self.assertEqual(sent[-1], SENT)
+        self.assertEqual(self.endpoint.feed(OK), b"QUIT\r\n")
+        self.endpoint.close()
+        result = self.successResultOf(d)
+        self.assertEqual(result.outcomes[BOB].kind, OutcomeKind.DELIVERED)
+        self.assertEqual(
+            result.outcomes[CAROL], Outcome(OutcomeKind.FAILED, "5.1.1", "550 5.1.1 unknown")
+        )
+
+    def test_withoutPipelining(self):
+        """
+        A server without PIPELINING gets one command at a time, as before.
+        """
+        d = self.deliver()
+        self.assertEqual(self.start(EHLO_OK), b"MAIL FROM:<alice@example.org>\r\n")
+        sent = [self.endpoint.feed(r) for r in [OK, OK, OK, b"354 go ahead\r\n", OK]]
+        self.assertEqual(
+            sent,
+            [
+                b"RCPT TO:<bob@remote.example>\r\n",
+                b"RCPT TO:<carol@remote.example>\r\n",
+                b"DATA\r\n",
+                SENT,
+                b"QUIT\r\n",
+            ],
+        )
+        self.endpoint.close()
+        self.assertEqual(len(self.successResultOf(d).outcomes), 2)
+
+    def test_smtputf8Parameter(self):
+        """
+        The pipelined C{MAIL} keeps the SMTPUTF8 parameter.
+        """
+        self.deliver(recipients=(JORG,), smtputf8=True)
+        sent = self.start(b"250-mx.remote.example\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n")
+        self.assertEqual(
+            sent,
+            "MAIL FROM:<alice@example.org> SMTPUTF8\r\nRCPT TO:<j\u00f6rg@remote.example>\r\nDATA\r\n".encode(
+                "utf-8"
+            ),
+        )
+
+    def contextFor(self, policy):
+        self.contexts.append(policy)
+        return f"CTX-{policy.value}", False
+
+    def test_onlyAfterTLSEhlo(self):
+        """
+        PIPELINING offered before STARTTLS does not count: C{STARTTLS} is
+        sent alone, and the EHLO after the handshake decides.
+        """
+        self.deliver(policy=TLSPolicy.OPPORTUNISTIC, contextFor=self.contextFor)
+        self.assertEqual(
+            self.start(b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n"
+        )
+        self.assertEqual(self.endpoint.feed(b"220 go\r\n"), b"EHLO mx.example.org\r\n")
+        self.assertEqual(self.endpoint.feed(b"250 mx\r\n"), b"MAIL FROM:<alice@example.org>\r\n")
+        self.endpoint.close()
+
+    def test_heloAfterTLSForgetsKeywords(self):
+        """
+        When the EHLO after STARTTLS is refused and C{HELO} follows, the
+        PIPELINING offered in plaintext is forgotten: lockstep.
+        """
+        self.deliver(policy=TLSPolicy.OPPORTUNISTIC, contextFor=self.contextFor)
+        self.start(b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+        self.endpoint.feed(b"220 go\r\n")
+        self.assertEqual(self.endpoint.feed(b"500 no\r\n"), b"HELO mx.example.org\r\n")
+        self.assertEqual(self.endpoint.feed(b"250 mx\r\n"), b"MAIL FROM:<alice@example.org>\r\n")
+        self.endpoint.close()
+
+    def test_injectedRepliesDiscarded(self):
+        """
+        Replies sent in plaintext after the 220 to C{STARTTLS}, before the
+        handshake, are discarded; the pipelined group waits for the TLS
+        C{EHLO}.
+        """
+        self.deliver(policy=TLSPolicy.OPPORTUNISTIC, contextFor=self.contextFor)
+        self.start(b"250-mx\r\n250 STARTTLS\r\n")
+        injected = b"220 go\r\n" + EHLO_PIPE + OK * 3
+        self.assertEqual(self.endpoint.feed(injected), b"EHLO mx.example.org\r\n")
+        self.assertEqual(self.endpoint.feed(EHLO_PIPE), GROUP)
+        self.endpoint.close()
+
+
+class PipelinedReuseTests(unittest.SynchronousTestCase):
+    """
+    A pipelining connection kept in a L{ConnectionCache} sends the C{RSET}
+    before the next message in the same write as its C{MAIL}.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.connects = []
+        self.cache = ConnectionCache(self.clock)
+
+    def deliver(self, recipients=(BOB,)):
+        endpoint = FakeEndpoint("smarthost.example", 25, self.connects)
+        message = io.BytesIO(STORED)
+        d = deliverOnce(
+            endpoint,
+            ALICE,
+            list(recipients),
+            message,
+            TLSPolicy.NONE,
+            identity="mx.example.org",
+            clock=self.clock,
+            cache=self.cache,
+            cacheKey="smarthost",
+        )
+        return d, endpoint
+
+    def firstMessage(self):
+        """
+        Send one message over a new pipelining connection.
+        """
+        d, endpoint = self.deliver()
+        endpoint.open()
+        endpoint.feed(GREETING)
+        endpoint.feed(EHLO_PIPE)
+        self.assertEqual(endpoint.feed(OK + OK + b"354 go ahead\r\n"), SENT)
+        self.assertEqual(endpoint.feed(OK), b"")
+        delivered = SessionResult(
+            {BOB: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")}, None
+        )
+        self.assertEqual(self.successResultOf(d), delivered)
+        self.assertEqual(len(self.cache), 1)
+        return endpoint
+
+    def test_resetWithNextMail(self):
+        """
+        The message's result comes with its final reply; the next message
+        sends C{RSET}, C{MAIL}, C{RCPT} and C{DATA} together.  An idle
+        connection is closed with C{QUIT} alone.
+        """
+        endpoint = self.firstMessage()
+        second, unused = self.deliver(recipients=(CAROL,))
+        self.assertEqual(
+            endpoint.transport.value(),
+            b"RSET\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<carol@remote.example>\r\nDATA\r\n",
+        )
+        endpoint.transport.clear()
+        self.assertEqual(endpoint.feed(OK + OK + OK + b"354 go ahead\r\n"), SENT)
+        self.assertEqual(endpoint.feed(OK), b"")
+        self.assertEqual(
+            self.successResultOf(second).outcomes,
+            {CAROL: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")},
+        )
+        self.clock.advance(CACHE_IDLE_TIME)
+        self.assertEqual(endpoint.transport.value(), b"QUIT\r\n")
+
+    def test_resetRefused(self):
+        """
+        A refused C{RSET} aborts the connection: the next message gets no
+        outcome (it is tried again) and a temporary error with the reply.
+        """
+        endpoint = self.firstMessage()
+        second, unused = self.deliver(recipients=(CAROL,))
+        endpoint.transport.clear()
+        self.assertEqual(endpoint.feed(b"421 4.3.2 shutting down\r\n"), b"")
+        self.assertTrue(endpoint.transport.disconnecting)
+        endpoint.close()
+        result = self.successResultOf(second)
+        self.assertEqual(result.outcomes, {})
+        self.assertEqual(
+            result.error,
+            RelayError(
+                False, 421, "4.3.2", Phase.MAIL, "server refused RSET: 421 4.3.2 shutting down"
+            ),
+        )
         self.assertEqual(len(self.cache), 0)

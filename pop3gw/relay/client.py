@@ -32,12 +32,23 @@ L{CACHE_IDLE_TIME} goes over it, with no new connection, greeting,
 C{STARTTLS} or C{AUTH}.  Each message still has its own
 L{SessionResult}: a connection that breaks during a later message fails
 only that one.
+
+To a server whose C{EHLO} reply (the one after C{STARTTLS}, when TLS is
+used) offers C{PIPELINING} (RFC 2920), C{MAIL}, every C{RCPT} and C{DATA}
+go in one write and the replies are matched in order; the outcomes are
+those the same replies give in lockstep.  If C{MAIL} or every C{RCPT} was
+refused, the message is not sent: a C{354} to C{DATA} then gets a lone
+dot (RFC 2920 3.1).  Such a connection waits in the cache without
+C{RSET}: the C{RSET} goes with the next message's C{MAIL}.  C{STARTTLS}
+is never in a group.  Without C{PIPELINING}, one command at a time.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
+import functools
 import re
 from typing import Callable, Hashable, Mapping, Optional, Protocol, Sequence, Tuple, cast
 
@@ -458,20 +469,29 @@ def _guarded(context):
 class _DotStuffer:
     """
     A read-only file wrapper giving the queued message dot-stuffed (RFC 5321
-    4.5.2); the message already has CRLF line ends.
+    4.5.2) and followed by the terminating dot line, so that the end of the
+    message goes in the same write as its last bytes (a dot line written
+    alone after them waits, with Nagle's algorithm, for the server's
+    delayed ACK); the message already has CRLF line ends.
     """
 
     def __init__(self, f):
         self._file = f
         self._buffer = b""
         self._atLineStart = True
+        self._ended = False
 
     def read(self, n: int = -1) -> bytes:
         parts = [self._buffer]
         size = len(self._buffer)
         while n < 0 or size < n:
-            line = self._file.readline(_READ_LINE)
+            line = self._file.readline(_READ_LINE) if not self._ended else b""
             if not line:
+                if not self._ended:
+                    self._ended = True
+                    end = b".\r\n" if self._atLineStart else b"\r\n.\r\n"
+                    parts.append(end)
+                    size += len(end)
                 break
             if self._atLineStart and line.startswith(b"."):
                 line = b"." + line
@@ -625,6 +645,11 @@ class _RelayClient(ESMTPClient):
         self._loopbackPolicy = loopbackPolicy
         self._contextFor = contextFor
         self._mailFromSent = False
+        #: Whether the next message's group starts with RSET.
+        self._resetPending = False
+        self._pipeHandlers: collections.deque = collections.deque()
+        #: The reply refusing a pipelined MAIL, if it was refused.
+        self._mailRefusal: Optional[Tuple[int, bytes]] = None
         self._tlsSetupFailure: Optional[Exception] = None
         #: The EHLO keywords of the server (upper case), from the last EHLO.
         self._keywords: frozenset[bytes] = frozenset()
@@ -668,6 +693,9 @@ class _RelayClient(ESMTPClient):
 
     def esmtpState_ehlo(self, code, resp):
         self.phase = Phase.EHLO
+        # Only the keywords of the latest EHLO count: a HELO after a
+        # refused EHLO (after STARTTLS) has none.
+        self._keywords = frozenset()
         return ESMTPClient.esmtpState_ehlo(self, code, resp)
 
     def getMailFrom(self):
@@ -706,13 +734,106 @@ class _RelayClient(ESMTPClient):
         line = b"MAIL FROM:<" + sender.encode("utf-8") + b">"
         if offered and self.session.smtputf8:
             line += b" SMTPUTF8"
+        if b"PIPELINING" in self._keywords:
+            self._sendGroup(line)
+            return
         self.sendLine(line)
         self._expected = [250]
         self._okresponse = self.smtpState_to
 
+    def _sendGroup(self, mailLine: bytes) -> None:
+        """
+        Send C{RSET} (on a reused connection), C{MAIL}, every C{RCPT} and
+        C{DATA} in one write (RFC 2920), and read their replies in order
+        with L{_pipelineReply}.
+        """
+        commands = []
+        handlers: collections.deque = collections.deque()
+        if self._resetPending:
+            self._resetPending = False
+            commands.append(b"RSET")
+            handlers.append(self._pipeReset)
+        commands.append(mailLine)
+        handlers.append(self._pipeMail)
+        for text in self._sendable:
+            commands.append(b"RCPT TO:<" + text.encode("utf-8") + b">")
+            handlers.append(functools.partial(self._pipeRcpt, _Path(text)))
+        commands.append(b"DATA")
+        handlers.append(self._pipeData)
+        self._pipeHandlers = handlers
+        self._mailRefusal = None
+        self.toAddressesResult = []
+        self.successAddresses = []
+        self.phase = Phase.MAIL
+        self._expected = list(range(1000))
+        self._okresponse = self._failresponse = self._pipelineReply
+        transport = self.transport
+        assert transport is not None, "connected"
+        transport.write(b"".join(c + b"\r\n" for c in commands))
+
+    def _pipelineReply(self, code: int, resp: bytes) -> None:
+        """
+        A reply to a pipelined command: the handler of the oldest command
+        not yet answered takes it.
+        """
+        self._pipeHandlers.popleft()(code, resp)
+
+    def _pipeReset(self, code: int, resp: bytes) -> None:
+        """
+        The reply to C{RSET}: anything but 250 leaves the connection in an
+        unknown state; it is aborted, the message is tried again.
+        """
+        if code == 250:
+            return
+        error = RelayError.fromReply(code, resp, Phase.MAIL)
+        self.session.recordError(attr.evolve(error, text="server refused RSET: " + error.text))
+        self._pipeHandlers.clear()
+        self._okresponse = self._failresponse = lambda code, resp: None
+        self._connection().abortConnection()
+
+    def _pipeMail(self, code: int, resp: bytes) -> None:
+        self.phase = Phase.RCPT
+        if code != 250:
+            self._mailRefusal = (code, resp)
+
+    def _pipeRcpt(self, path: "_Path", code: int, resp: bytes) -> None:
+        if self._mailRefusal is not None:
+            return
+        self.toAddressesResult.append((path, code, resp))
+        if 200 <= code < 300:
+            self.successAddresses.append(path)
+
+    def _pipeData(self, code: int, resp: bytes) -> None:
+        """
+        The reply to C{DATA}, the last of the group: send the message, or
+        report the refusals (a lone dot first to a C{354} that came
+        although nothing may be sent).
+        """
+        self.phase = Phase.DATA
+        self._failresponse = self.smtpTransferFailed
+        if self._mailRefusal is not None:
+            result = self._mailRefusal
+        elif not self.successAddresses:
+            result = (code, b"No recipients accepted")
+        elif code == 354:
+            self.smtpState_data(code, resp)
+            return
+        else:
+            result = (code, resp)
+        if code != 354:
+            self.smtpState_msgSent(*result)
+            return
+        self.sendLine(b".")
+        self._expected = list(range(1000))
+        self._okresponse = lambda code, resp: self.smtpState_msgSent(*result)
+
     def getMailData(self):
         self.phase = Phase.DATA
         return _DotStuffer(self.session.message)
+
+    def finishedFileTransfer(self, lastsent: bytes) -> None:
+        # The terminating dot line came with the data (_DotStuffer).
+        pass
 
     def transformChunk(self, chunk: bytes) -> bytes:
         # The data is already CRLF and dot-stuffed by _DotStuffer.
@@ -772,6 +893,11 @@ class _RelayClient(ESMTPClient):
         self.toAddressesResult = []
         if self.factory.cache is None:
             self._disconnectFromServer()
+            return
+        if b"PIPELINING" in self._keywords:
+            # The RSET goes with the next message's MAIL.
+            self._resetPending = True
+            self._cbReset(250, b"")
             return
         # The message's result is given once the connection waits in the
         # cache, so that the next message, which its result may start,
