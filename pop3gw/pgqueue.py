@@ -172,14 +172,6 @@ class _PostgresQueueDelivery(CRLFDelivery):
 
         return d.addCallbacks(prepared, failed).addBoth(closed)
 
-    def release(self) -> None:
-        """
-        Hand a prepared message to the relay.
-        """
-        if self._state == "prepared":
-            self._state = "committed"
-            self._queue._announce(self._entry)
-
     def discard(self) -> defer.Deferred:
         """
         Withdraw a prepared message (or abort an open one).

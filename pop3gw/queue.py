@@ -60,7 +60,7 @@ import functools
 import json
 import os
 import re
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union, cast
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union, cast
 
 import attr
 from twisted.internet import defer
@@ -600,10 +600,20 @@ class CRLFDelivery(abc.ABC):
     The data side of a queue delivery: what is written is converted to
     CRLF line ends (L{CRLFStream}) and handed to L{_append}; L{_endLines}
     completes a last line without a line end.  Shared by both queue
-    stores.
+    stores, as is L{release}.
     """
 
     _state: str
+    _queue: Any
+    _entry: Entry
+
+    def release(self) -> None:
+        """
+        Hand a prepared message to the relay.
+        """
+        if self._state == "prepared":
+            self._state = "committed"
+            self._queue._announce(self._entry)
 
     def _startLines(self) -> None:
         self._crlf = CRLFStream()
@@ -750,14 +760,6 @@ class _QueueDelivery(CRLFDelivery):
 
         d.addCallbacks(prepared, failed)
         return d
-
-    def release(self) -> None:
-        """
-        Hand a prepared message to the relay.
-        """
-        if self._state == "prepared":
-            self._state = "committed"
-            self._queue._announce(self._entry)
 
     def discard(self) -> defer.Deferred:
         """
