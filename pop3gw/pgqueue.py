@@ -115,7 +115,7 @@ class _PostgresQueueDelivery(CRLFDelivery):
     """
     One message being queued: spooled with CRLF line ends, inserted with
     its entry (leased to this node) by L{prepare}, handed to the relay by
-    L{release}.
+    L{release<CRLFDelivery.release>}.
     """
 
     def __init__(self, queue: "PostgresQueue", entry: Entry, trace: bytes) -> None:

@@ -600,7 +600,7 @@ class CRLFDelivery(abc.ABC):
     The data side of a queue delivery: what is written is converted to
     CRLF line ends (L{CRLFStream}) and handed to L{_append}; L{_endLines}
     completes a last line without a line end.  Shared by both queue
-    stores, as is L{release}.
+    stores, as is L{release<CRLFDelivery.release>}.
     """
 
     _state: str
@@ -653,7 +653,7 @@ class CRLFDelivery(abc.ABC):
 class _QueueDelivery(CRLFDelivery):
     """
     One message being queued: written to a tmp file as it arrives, made
-    durable by L{prepare}, handed to the relay by L{release}.
+    durable by L{prepare}, handed to the relay by L{release<CRLFDelivery.release>}.
 
     @ivar queueId: the id of the entry this delivery makes (C{pop3gw queue
         list}, the relay's log lines, bounces), known from the start.
