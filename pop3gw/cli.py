@@ -622,7 +622,7 @@ def cmdUser(stores: _Stores, args, stdin: TextIO, stdout: TextIO, owner: Optiona
             f"{address} is an alias; remove it first (pop3gw alias remove {address}) to make it a user"
         ) from None
     except UnknownUser:
-        raise CommandError(f"no such user {address}") from None
+        raise CommandError(f"no such user {address}", EX_NOUSER) from None
     except OSError as e:
         raise CommandError(f"cannot write users file {config.usersPath}: {e.strerror}", EX_CANTCREAT) from None
     stdout.write(f"{'added' if create else 'changed password of'} {address}\n")

@@ -77,9 +77,13 @@ class CLITests(SynchronousTestCase):
         self.assertEqual(self.runCLI("user", "list"), (0, "alice@example.org\n", ""))
         self.assertEqual(self.runCLI("user", "remove", "alice@example.org")[0], 0)
         self.assertEqual(self.runCLI("user", "list"), (0, "", ""))
-        status, _, err = self.runCLI("user", "remove", "alice@example.org")
-        self.assertNotEqual(status, 0)
-        self.assertIn("no such user", err)
+        self.assertEqual(
+            self.runCLI("user", "remove", "alice@example.org"), (67, "", "pop3gw: no such user alice@example.org\n")
+        )
+        self.assertEqual(
+            self.runCLI("user", "passwd", "nobody@example.org", text="x\n"),
+            (67, "", "pop3gw: no such user nobody@example.org\n"),
+        )
 
     def test_caseVariants(self) -> None:
         """
