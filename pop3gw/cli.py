@@ -1020,7 +1020,7 @@ def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
     if args.command == "dkim":
         return clidkim.cmdDkim(config, args, stdout, owner, stores.dkimKeys(owner))
     if args.command == "dns":
-        return clidkim.cmdDns(config, args, stdout, stores.dkimKeys())
+        return clidkim.cmdDns(config, args, stdout, stores.dkimKeys(), stderr)
     return cmdQueue(stores, args, stdout, owner)
 
 

@@ -85,16 +85,40 @@ def cmdDkim(config, args, stdout: TextIO, owner: "fsutil.Owner | None" = None,
     return EX_OK
 
 
-def cmdDns(config, args, stdout: TextIO, store: Optional[IDKIMKeyStore] = None) -> int:
+def publicHostProblem(host: str) -> Optional[str]:
+    """
+    Why C{host} cannot be the name other mail servers and mail clients
+    find this server by, or C{None} if it may be.
+
+    >>> publicHostProblem("localhost")
+    'is not a public DNS name'
+    >>> publicHostProblem("mail.example.org") is None
+    True
+    """
+    labels = host.split(".")
+    if len(labels) < 2 or labels[-1] in ("localhost", "localdomain", "local", "internal", "lan", "home", "invalid", "test"):
+        return "is not a public DNS name"
+    return None
+
+
+def cmdDns(
+    config, args, stdout: TextIO, store: Optional[IDKIMKeyStore] = None, stderr: Optional[TextIO] = None
+) -> int:
     """
     C{dns DOMAIN [--host NAME] [--check]}: print the records; with
     C{--check}, one line per record (C{OK}, C{MISSING}, C{WRONG}, C{ERROR})
-    and exit status 1 unless every record is C{OK}.
+    and exit status 1 unless every record is C{OK}.  A mail server name
+    that is not a public DNS name (C{localhost}, a name without a dot) is
+    used as given, with a warning on C{stderr}.
 
     @param store: the DKIM keys (by default, those of the data directory).
     """
     domain = dkimkeys.checkDomain(args.domain)
     host = (args.host or config.hostname).lower().rstrip(".")
+    problem = publicHostProblem(host)
+    if problem is not None and stderr is not None:
+        where = "--host" if args.host else "the configured hostname (--hostname, or hostname in the INI file)"
+        stderr.write(f"pop3gw: warning: mail server name {host} {problem}; set {where} to the name published in DNS\n")
     records = dnsrecords.domainRecords(store if store is not None else KeyStore(config.dataDir), domain, host)
     if not args.check:
         stdout.write(f"; DNS records for {domain}, mail server {host}\n")

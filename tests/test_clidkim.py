@@ -134,6 +134,24 @@ class DKIMCommandTests(SynchronousTestCase):
         self.assertIn(";     version: STSv1\n;     mode: testing\n;     mx: mail.example.org\n;     max_age: 86400\n", out)
         self.assertIn("tighten to p=quarantine, then p=reject", out)
 
+    def test_dnsWarnsOfLocalHostName(self) -> None:
+        """
+        A mail server name that is not a public DNS name (the default
+        C{localhost} of a fresh install, or a name without a dot) still
+        gives the records, with one warning line on stderr naming what to
+        set; a public name gives none.
+        """
+        status, out, err = self.command("dns", "example.org", "--host", "localhost")
+        self.assertEqual(
+            (status, err),
+            (0, "pop3gw: warning: mail server name localhost is not a public DNS name; set --host to the name published in DNS\n"),
+        )
+        self.assertIn("example.org. IN MX 10 localhost.\n", out)
+        status, out, err = self.command("dns", "example.org", "--host", "mail.example.org")
+        self.assertEqual((status, err), (0, ""))
+        status, out, err = self.command("dns", "example.org", "--host", "mailhost.localdomain")
+        self.assertIn("mailhost.localdomain is not a public DNS name", err)
+
 
 class DatabaseDKIMCommandTests(DKIMCommandTests):
     """
