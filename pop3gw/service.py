@@ -411,6 +411,11 @@ def _withUnixMode(description: str) -> str:
     return f"{description}:mode={UNIX_SOCKET_MODE}"
 
 
+#: Listeners that answer anyone who reaches them, without a login: a
+#: warning is logged when one listens on every interface.
+UNAUTHENTICATED_LISTENERS = frozenset({"metrics"})
+
+
 class ListenerService(StreamServerEndpointService):
     """
     A listener that fails start-up when it cannot bind and logs where it
@@ -449,6 +454,13 @@ class ListenerService(StreamServerEndpointService):
             name = getattr(host, "name", None)
             where = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or host)
         log.info("{listener} listening on {where} ({description})", listener=self.listenerName, where=where, description=self.description)
+        if self.listenerName in UNAUTHENTICATED_LISTENERS and getattr(host, "host", None) in ("0.0.0.0", "::"):
+            log.warn(
+                "{listener} listening on every interface ({where}): it has no authentication;"
+                " bind it to 127.0.0.1 or a management address (interface=...)",
+                listener=self.listenerName,
+                where=where,
+            )
         return port
 
 

@@ -74,6 +74,44 @@ class MakeServiceTests(SynchronousTestCase):
         ports = sorted((port, iface) for port, factory, backlog, iface in self.reactor.tcpServers)
         self.assertEqual(ports, [(1110, "127.0.0.1"), (1587, "127.0.0.1")])
 
+    def test_metricsOnEveryInterfaceWarns(self) -> None:
+        """
+        A C{--metrics} listener bound to every interface (IPv4 or IPv6)
+        logs a warning after its listening line: it has no
+        authentication.  One on loopback, and the mail listeners on every
+        interface, log none.
+        """
+        from twisted.internet.address import IPv4Address, IPv6Address
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        class Port:
+            def __init__(self, host) -> None:
+                self.host = host
+
+            def getHost(self):
+                return self.host
+
+        for name, host in [
+            ("metrics", IPv4Address("TCP", "0.0.0.0", 9134)),
+            ("metrics", IPv6Address("TCP", "::", 9134)),
+            ("metrics", IPv4Address("TCP", "127.0.0.1", 9134)),
+            ("pop3", IPv4Address("TCP", "0.0.0.0", 110)),
+        ]:
+            ListenerService(self.reactor, name, "tcp:9134", object())._logListening(Port(host))
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(
+            warnings,
+            [
+                f"metrics listening on every interface ({where}): it has no authentication;"
+                " bind it to 127.0.0.1 or a management address (interface=...)"
+                for where in ("0.0.0.0:9134", ":::9134")
+            ],
+        )
+
     def test_mtaSTSForDirectDeliveryOnly(self) -> None:
         """
         Direct MX delivery applies MTA-STS policies; delivery through a
