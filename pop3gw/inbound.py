@@ -528,34 +528,38 @@ class InboundChecker:
             client, message, session.ip, session.sender, session.helo, self._organizational, self._sample
         )
 
-    def check(self, message: bytes, session: Session, behindMTA: bool = False) -> Deferred:
+    def check(self, message: bytes, session: Session, behindMTA: bool = False, service: str = "mx") -> Deferred:
         """
         @param behindMTA: the message came over LMTP: one whose topmost
             C{Authentication-Results:} field names a trusted front MTA is
             delivered unchanged, and a p=reject failure is refused only
             with C{lmtp-dmarc-reject}.
+        @param service: the listener, first word of the log lines
+            (C{mx}, C{lmtp}).
         @return: a C{Deferred} firing with a L{Verdict}; never failing.
         """
         if behindMTA:
             front = trustedFront(message, self.policy.trustedAuthservIDs)
             if front is not None:
                 return succeed(Verdict(None, message, f"trusted={front}", "deliver"))
-        results = self._checkAuthentication(message, session)
+        results = self._checkAuthentication(message, session, service)
         rspamd: Deferred = (
             succeed(None)
             if self.rspamd is None
-            else self.rspamd.check(message, session).addErrback(self._ebRspamd)
+            else self.rspamd.check(message, session).addErrback(self._ebRspamd, service)
         )
         d = defer.gatherResults([results, rspamd], consumeErrors=True)
         d.addCallback(lambda both: self._verdict(message, both[0], both[1], behindMTA))
         return d
 
-    def _ebRspamd(self, failure: Failure) -> RspamdError:
-        self.log.warn("mx: rspamd not usable: {error}", error=events.sanitize(_describe(failure), events.MAX_LOGGED_REPLY))
+    def _ebRspamd(self, failure: Failure, service: str) -> RspamdError:
+        self.log.warn(
+            service + ": rspamd not usable: {error}", error=events.sanitize(_describe(failure), events.MAX_LOGGED_REPLY)
+        )
         # A value, not a failure: the checks go on without rspamd.
         return RspamdError("unusable")
 
-    def _checkAuthentication(self, message: bytes, session: Session) -> Deferred:
+    def _checkAuthentication(self, message: bytes, session: Session, service: str) -> Deferred:
         if not self.policy.checks:
             return succeed(None)
         outcome: Deferred = Deferred()
@@ -566,7 +570,7 @@ class InboundChecker:
             if outcome.called:
                 return
             if isinstance(result, Failure):
-                self.log.failure("mx: authentication checks failed", result)
+                self.log.failure(service + ": authentication checks failed", result)
                 result = mailauth.temporaryResults(session.sender, session.helo)
             outcome.callback(result)
 
@@ -753,7 +757,7 @@ class CheckedDelivery:
         """
         message = b"".join(self._chunks)
         self._chunks = []
-        d = self._checker.check(message, self._session, self._behindMTA)
+        d = self._checker.check(message, self._session, self._behindMTA, self._service)
         d.addCallback(self._cbChecked)
         return d
 

@@ -262,6 +262,35 @@ class PolicyTests(SynchronousTestCase):
         self.assertEqual(verdict.summary, "spf=pass dkim=none dmarc=pass rspamd=unavailable")
         self.flushLoggedErrors()
 
+    def test_logLinesNameTheListener(self) -> None:
+        """
+        The checks' warnings start with the listener they ran for: C{mx}
+        by default, C{lmtp} for a message that came over LMTP.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def broken(message, session):
+            raise RuntimeError("resolver exploded")
+
+        for service in ("mx", "lmtp"):
+            checker = inbound.InboundChecker(HOST, inbound.InboundPolicy(), ImmediateRunner(), task.Clock(),
+                                             rspamd=FakeRspamd(inbound.RspamdError("HTTP 500")), authenticate=broken)
+            self.successResultOf(checker.check(MESSAGE, SESSION, service=service))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(
+            [formatEvent(e) for e in events if "rspamd" in formatEvent(e) or "checks failed" in formatEvent(e)],
+            [
+                "mx: authentication checks failed",
+                'mx: rspamd not usable: "RspamdError: HTTP 500"',
+                "lmtp: authentication checks failed",
+                'lmtp: rspamd not usable: "RspamdError: HTTP 500"',
+            ],
+        )
+
     def test_rspamdFailClosed(self) -> None:
         """
         rspamd unusable, fail-closed: 451 4.7.1.
