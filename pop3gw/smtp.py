@@ -97,6 +97,7 @@ from pop3gw.smtpreplies import (
     MAX_COMMAND_LINE,
     MAX_ERRORS,
     MAX_HELO_NAME,
+    MAX_JUNK_COMMANDS,
     MAX_PENDING_INPUT,
     NEED_MAIL,
     NESTED_MAIL,
@@ -212,6 +213,8 @@ class SMTPServer(DataCommands, LineProtocol):
         self._errors = 0
         self._messages = 0
         self._bytes = 0
+        self._junk = 0
+        self._junkSince = 0
 
     @property
     def clock(self):
@@ -267,6 +270,22 @@ class SMTPServer(DataCommands, LineProtocol):
             return
         self.transport.write(reply.toBytes())
         if reply.code >= 500:
+            self._errors += 1
+            if self._errors >= MAX_ERRORS:
+                self._close(Reply(421, f"4.7.0 {self.factory.hostname} Error: too many errors"))
+
+    def _junkCommand(self, reply: Reply) -> None:
+        """
+        Send C{reply} to a command that moves no mail (NOOP, RSET, VRFY,
+        HELP).  Past L{MAX_JUNK_COMMANDS} of them since the last accepted
+        message, each counts as an error towards L{MAX_ERRORS}.
+        """
+        self._send(reply)
+        if self._junkSince != self._messages:
+            self._junkSince = self._messages
+            self._junk = 0
+        self._junk += 1
+        if self._junk > MAX_JUNK_COMMANDS and reply.code < 500 and not self._closing:
             self._errors += 1
             if self._errors >= MAX_ERRORS:
                 self._close(Reply(421, f"4.7.0 {self.factory.hostname} Error: too many errors"))
@@ -443,13 +462,13 @@ class SMTPServer(DataCommands, LineProtocol):
         self._send(Reply(250, self.factory.hostname))
 
     def do_NOOP(self, argument: str) -> None:
-        self._send(OK)
+        self._junkCommand(OK)
 
     def do_RSET(self, argument: str) -> None:
         if argument:
             raise SMTPRefusal(NO_ARGUMENTS)
         self._resetTransaction()
-        self._send(OK)
+        self._junkCommand(OK)
 
     def do_QUIT(self, argument: str) -> None:
         self._close(BYE)
@@ -457,10 +476,10 @@ class SMTPServer(DataCommands, LineProtocol):
     def do_VRFY(self, argument: str) -> None:
         if not argument:
             raise SMTPRefusal(VRFY_SYNTAX)
-        self._send(CANNOT_VRFY)
+        self._junkCommand(CANNOT_VRFY)
 
     def do_HELP(self, argument: str) -> None:
-        self._send(self.helpReply)
+        self._junkCommand(self.helpReply)
 
     helpReply = HELP
 

@@ -37,6 +37,11 @@ CLOSE_TIMEOUT = 10.0
 WRITE_CHUNK = 64 * 1024
 #: 5xx replies after which the session is closed.
 MAX_ERRORS = 20
+#: Commands that move no mail (NOOP, RSET, VRFY, HELP) allowed since the
+#: last accepted message; each one beyond counts as an error (as Postfix's
+#: C{smtpd_junk_command_limit}), so a client cannot hold a connection for
+#: ever by keeping the idle timer busy.
+MAX_JUNK_COMMANDS = 100
 #: Failed AUTH attempts after which the session is closed.
 MAX_AUTH_FAILURES = 3
 #: Longest accepted EHLO/HELO argument.

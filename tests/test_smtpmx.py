@@ -531,6 +531,29 @@ class DataTests(MXSessionMixin, SynchronousTestCase):
             ['mx: refused message rhost=192.0.2.7 from="x@remote.example" reply="550 5.6.11 Bare CR not allowed"'],
         )
 
+    def test_junkCommandsLimited(self) -> None:
+        """
+        A client that moves no mail cannot hold the connection for ever
+        with NOOP, RSET, VRFY and HELP: each beyond the 100th since the
+        last accepted message counts as an error, and at 20 errors the
+        server says 421 4.7.0 and closes.  A message accepted starts the
+        count again.
+        """
+        junk = [b"NOOP\r\n", b"RSET\r\n", b"VRFY bob\r\n", b"HELP\r\n"]
+        replies = {b"NOOP\r\n": b"250 2.0.0 OK\r\n", b"RSET\r\n": b"250 2.0.0 OK\r\n"}
+        for i in range(100):
+            self.assertNotEqual(self.feed(junk[i % 4])[:3], b"421")
+        self.envelope()
+        self.assertEqual(queuedReply(self.feed(MESSAGE + b".\r\n")), QUEUED)
+        for _i in range(119):
+            self.assertEqual(self.feed(b"NOOP\r\n"), replies[b"NOOP\r\n"])
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(
+            self.feed(b"RSET\r\n"),
+            replies[b"RSET\r\n"] + b"421 4.7.0 mail.example.org Error: too many errors\r\n",
+        )
+        self.assertTrue(self.transport.disconnecting)
+
     def test_commitFailure(self) -> None:
         """
         If the maildrop cannot keep the message the client gets 451, not
