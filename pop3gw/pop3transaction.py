@@ -209,11 +209,11 @@ class TransactionCommands(_Host):
     def _cbRetr(self, source, index: int, number: int) -> Optional[defer.Deferred]:
         if source is None:
             return None
-        self._reply("+OK %d octets" % (self._messages[index].size,))
+        head = b"+OK %d octets\r\n" % (self._messages[index].size,)
         transaction = self._current
         transaction.last = max(transaction.last, number)
         transaction.accessed.add(index)
-        return self._send(source, None)
+        return self._send(source, None, head)
 
     def do_TOP(self, rest: str) -> None:
         number, lines = _numbers(rest, 2, 2)
@@ -223,8 +223,7 @@ class TransactionCommands(_Host):
     def _cbTop(self, source, lines: int) -> Optional[defer.Deferred]:
         if source is None:
             return None
-        self._reply("+OK Top of message follows.")
-        return self._send(source, lines)
+        return self._send(source, lines, b"+OK Top of message follows.\r\n")
 
     def _open(self, index: int) -> defer.Deferred:
         """
@@ -263,13 +262,15 @@ class TransactionCommands(_Host):
 
         return d.addCallbacks(opened, failed)
 
-    def _send(self, source, topLines: Optional[int]) -> defer.Deferred:
+    def _send(self, source, topLines: Optional[int], head: bytes) -> defer.Deferred:
         """
-        Stream C{source} (its top for C{TOP}).
+        Stream C{source} (its top for C{TOP}) after the status line C{head}
+        (a C{+OK} line, sent in the same write as the start of the message).
 
         @return: a C{Deferred} firing once the transfer has ended.
         """
         done: defer.Deferred = defer.Deferred()
+        self._badCommands = 0
         sender = _MessageSender(
             self.transport,
             source,
@@ -277,6 +278,7 @@ class TransactionCommands(_Host):
             onDone=lambda sender, failure: self._transferDone(sender, failure, topLines is None, done),
             onProgress=self.resetTimeout,
             onSent=self._countSent,
+            head=head,
         )
         self._sender = sender
         sender.start(paused=self._output.paused)

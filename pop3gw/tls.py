@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import attrs
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -364,6 +365,66 @@ def loadMaterial(certPath: str, keyPath: str) -> _Material:
 # --- Server side -----------------------------------------------------------
 
 
+class _ServerConnection(SSL.Connection):
+    """
+    A server C{SSL.Connection} over memory BIOs that, once its handshake is
+    done, gives back the memory its BIOs grew during the handshake: at the
+    first C{bio_read} after the handshake that finds both BIOs empty, they
+    are replaced by fresh ones (C{SSL_set_bio} frees the old ones).  The
+    buffer of a memory BIO never shrinks, and the handshake's flights (the
+    certificate chain above all) leave about 4.5 KB in them for the life of
+    the connection.
+
+    pyOpenSSL has no interface for this: it uses its private C{_ssl},
+    C{_into_ssl} and C{_from_ssl} attributes and the C{cryptography}
+    bindings that pyOpenSSL itself uses; if an attribute is missing,
+    nothing is swapped.
+    """
+
+    # None: handshake not done yet; True: swap at the next bio_read that
+    # finds both BIOs empty; False: swapped (or not possible).
+    _releaseBIOs: "bool | None" = None
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        if self._releaseBIOs is None:
+            self._releaseBIOs = True
+
+    def bio_read(self, bufsiz: int) -> bytes:
+        try:
+            return super().bio_read(bufsiz)
+        finally:
+            if self._releaseBIOs:
+                self._swapBIOs()
+
+    def _swapBIOs(self) -> None:
+        """
+        Replace both memory BIOs by new ones if both are empty; else leave
+        it to the next C{bio_read}.
+        """
+        into = getattr(self, "_into_ssl", None)
+        out = getattr(self, "_from_ssl", None)
+        ssl = getattr(self, "_ssl", None)
+        if into is None or out is None or ssl is None:
+            self._releaseBIOs = False
+            return
+        lib, ffi = Binding.lib, Binding.ffi
+        pointer = ffi.new("char **")
+        if lib.BIO_get_mem_data(into, pointer) or lib.BIO_get_mem_data(out, pointer):
+            return
+        self._releaseBIOs = False
+        newInto = lib.BIO_new(lib.BIO_s_mem())
+        newOut = lib.BIO_new(lib.BIO_s_mem())
+        if newInto == ffi.NULL or newOut == ffi.NULL:
+            for bio in (newInto, newOut):
+                if bio != ffi.NULL:
+                    lib.BIO_free(bio)
+            return
+        lib.SSL_set_bio(ssl, newInto, newOut)
+        self._into_ssl = newInto
+        self._from_ssl = newOut
+
+
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
 @attrs.define(eq=False)
 class ServerContextFactory:
@@ -387,9 +448,10 @@ class ServerContextFactory:
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         """
-        @return: a new server connection using the current context.
+        @return: a new server connection using the current context (one
+            that frees its handshake buffers, L{_ServerConnection}).
         """
-        return SSL.Connection(self.getContext(), None)
+        return _ServerConnection(self.getContext(), None)
 
 
 @attrs.define(eq=False)

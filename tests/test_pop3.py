@@ -1510,8 +1510,8 @@ class StreamingTests(_Harness):
     def test_backPressure(self) -> None:
         """
         RETR streams the message in L{READ_CHUNK_SIZE} pieces, one per
-        resume of a paused transport; a pipelined command waits until the
-        C{.} line is out.
+        resume of a paused transport, the status line in the same write as
+        the first; a pipelined command waits until the C{.} line is out.
         """
         # Three whole chunks and a part of one.
         body = (b"y" * 99 + b"\r\n") * ((3 * READ_CHUNK_SIZE + READ_CHUNK_SIZE // 2) // 101)
@@ -1522,14 +1522,14 @@ class StreamingTests(_Harness):
         self.transport.clear()
         del self.transport.writes[:]
         self.proto.dataReceived(b"RETR 1\r\nNOOP\r\n")
-        self.assertEqual(self.transport.writes, [ok])
+        self.assertEqual(self.transport.writes, [ok + body[:READ_CHUNK_SIZE]])
         self.transport.producer.resumeProducing()
-        self.assertEqual(self.transport.writes, [ok, body[:READ_CHUNK_SIZE]])
+        self.assertEqual(self.transport.writes, [ok + body[:READ_CHUNK_SIZE], body[READ_CHUNK_SIZE : 2 * READ_CHUNK_SIZE]])
         resumes = self.drain()
-        self.assertEqual(resumes, 6)
+        self.assertEqual(resumes, 5)
         self.assertEqual(
             [len(w) for w in self.transport.writes],
-            [len(ok), READ_CHUNK_SIZE, READ_CHUNK_SIZE, READ_CHUNK_SIZE, len(body) - 3 * READ_CHUNK_SIZE, 3, 5],
+            [len(ok) + READ_CHUNK_SIZE, READ_CHUNK_SIZE, READ_CHUNK_SIZE, len(body) - 3 * READ_CHUNK_SIZE, 3, 5],
         )
         self.assertEqual(self.transport.value(), ok + body + b".\r\n+OK\r\n")
 
@@ -1576,7 +1576,7 @@ class StreamingTests(_Harness):
         self.proto.connectionLost(Failure(ConnectionError()))
         self.assertIn(
             'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=0 retrieved=0 top=0'
-            % (READ_CHUNK_SIZE,),
+            % (2 * READ_CHUNK_SIZE,),
             self.logLines(),
         )
 

@@ -6,10 +6,15 @@ Tests for L{pop3gw.pop3transfer}: how a message is streamed for RETR.
 from __future__ import annotations
 
 import io
+import socket
 
+from twisted.internet import tcp
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.pop3transfer import MERGED_END_SIZE, _MessageSender
+from pop3gw.pop3transfer import DIRECT_SEND_BUDGET, MERGED_END_SIZE, _directSocket, _MessageSender
 
 
 class _Writes:
@@ -40,12 +45,14 @@ class MessageSenderTests(SynchronousTestCase):
     C{.} line.
     """
 
-    def send(self, source, chunkSize: int = 1 << 18) -> tuple[list[bytes], list[int]]:
+    def send(
+        self, source, chunkSize: int = 1 << 18, head: bytes = b"", topLines=None
+    ) -> tuple[list[bytes], list[int]]:
         transport = _Writes()
         sent: list[int] = []
         done: list = []
         sender = _MessageSender(
-            transport, source, None, lambda s, f: done.append(f), lambda: None, sent.append, chunkSize
+            transport, source, topLines, lambda s, f: done.append(f), lambda: None, sent.append, chunkSize, head
         )
         sender.start(paused=False)
         self.assertEqual(done, [None])
@@ -98,3 +105,180 @@ class MessageSenderTests(SynchronousTestCase):
         self.assertEqual(writes[-1], data[96:] + b".\r\n")
         self.assertEqual(len(writes), 3)
         self.assertEqual(sum(sent), len(data))
+
+    def test_statusLineWithSmallMessage(self) -> None:
+        """
+        The status line, a small message and the end of the response go out
+        in one write.
+        """
+        writes, sent = self.send(_KnowsEnd(b".a\r\n"), head=b"+OK 5 octets\r\n")
+        self.assertEqual(writes, [b"+OK 5 octets\r\n..a\r\n.\r\n"])
+        self.assertEqual(sent, [4])
+
+    def test_statusLineWithFirstChunk(self) -> None:
+        """
+        The status line goes out with the first chunk of a message of
+        several chunks, and only there.
+        """
+        data = b"0123456789\r\n" * 10
+        writes, sent = self.send(_KnowsEnd(data), chunkSize=48, head=b"+OK\r\n")
+        self.assertEqual(writes, [b"+OK\r\n" + data[:48], data[48:96], data[96:] + b".\r\n"])
+        self.assertEqual(sum(sent), len(data))
+
+    def test_emptyMessage(self) -> None:
+        """
+        An empty message is the status line and the C{.} line, in one write.
+        """
+        writes, sent = self.send(_KnowsEnd(b""), head=b"+OK 0 octets\r\n")
+        self.assertEqual(writes, [b"+OK 0 octets\r\n.\r\n"])
+        self.assertEqual(sent, [])
+
+    def test_topInOneWrite(self) -> None:
+        """
+        TOP of a message read in one chunk goes out in one write with its
+        status line and end, cut after the asked body lines.
+        """
+        writes, sent = self.send(
+            io.BytesIO(b"Subject: x\r\n\r\n.one\r\ntwo\r\nthree\r\n"), head=b"+OK\r\n", topLines=1
+        )
+        self.assertEqual(writes, [b"+OK\r\nSubject: x\r\n\r\n..one\r\n.\r\n"])
+        self.assertEqual(sent, [20])
+
+    def test_topWithoutLineEnd(self) -> None:
+        """
+        TOP of a message whose last line has no line end adds CRLF before
+        the C{.} line.
+        """
+        writes, _ = self.send(_KnowsEnd(b"Subject: x\r\n\r\nlast"), head=b"+OK\r\n", topLines=5)
+        self.assertEqual(writes, [b"+OK\r\nSubject: x\r\n\r\nlast\r\n.\r\n"])
+
+
+class _Recorder(Protocol):
+    """
+    A protocol for a test connection; it does nothing.
+    """
+
+
+class DirectSendTests(SynchronousTestCase):
+    """
+    On Twisted's TCP connection (here over a Unix socket pair), a transfer
+    whose transport has nothing buffered goes straight to the socket,
+    without registering the connection for writing; anything else keeps
+    the order of the transport's buffer.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactor()
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        theirs.setblocking(False)
+        self.peer = theirs
+        self.connection = tcp.Connection(ours, _Recorder(), self.reactor)
+        self.connection.connected = 1
+
+    def received(self) -> bytes:
+        out = []
+        while True:
+            try:
+                data = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                return b"".join(out)
+            out.append(data)
+
+    def flush(self) -> None:
+        """
+        Let the connection write its buffer, as the reactor would.
+        """
+        while self.connection in self.reactor.getWriters():
+            self.connection.doWrite()
+
+    def send(self, transport, data: bytes, chunkSize: int = 1 << 18) -> list:
+        done: list = []
+        sender = _MessageSender(
+            transport, _KnowsEnd(data), None, lambda s, f: done.append(f), lambda: None, lambda n: None,
+            chunkSize, b"+OK\r\n",
+        )
+        sender.start(paused=False)
+        return done
+
+    def test_directSocketFound(self) -> None:
+        """
+        L{_directSocket} finds the socket of an idle connection, also under
+        a L{ProtocolWrapper}.  (It reads attributes of Twisted's
+        C{FileDescriptor} outside its interface: this fails if they change.)
+        """
+        self.assertIs(_directSocket(self.connection), self.connection.socket)
+        wrapper = ProtocolWrapper(WrappingFactory(Factory()), _Recorder())
+        wrapper.makeConnection(self.connection)
+        self.assertIs(_directSocket(wrapper), self.connection.socket)
+
+    def test_notDirect(self) -> None:
+        """
+        A connection running TLS, closing, or with octets waiting in its
+        buffer is not written to directly.
+        """
+        self.connection.TLS = True
+        self.assertIsNone(_directSocket(self.connection))
+        self.connection.TLS = False
+        self.connection.disconnecting = True
+        self.assertIsNone(_directSocket(self.connection))
+        self.connection.disconnecting = False
+        self.connection.write(b"x")
+        self.assertIsNone(_directSocket(self.connection))
+        self.assertIsNone(_directSocket(_Writes()))
+
+    def test_smallMessageOneSend(self) -> None:
+        """
+        A small message and its status line go out to the socket at once:
+        the connection has nothing buffered and is not registered for
+        writing.
+        """
+        done = self.send(self.connection, b".a\r\nb\r\n")
+        self.assertEqual(done, [None])
+        self.assertEqual(self.received(), b"+OK\r\n..a\r\nb\r\n.\r\n")
+        self.assertEqual(self.reactor.getWriters(), [])
+        self.assertEqual(self.connection.dataBuffer, b"")
+
+    def test_behindBufferedOctets(self) -> None:
+        """
+        With octets already in the connection's buffer, the transfer is
+        buffered behind them, in order.
+        """
+        self.connection.write(b"+OK earlier\r\n")
+        self.send(self.connection, b"a\r\n")
+        self.assertEqual(self.received(), b"")
+        self.flush()
+        self.assertEqual(self.received(), b"+OK earlier\r\n+OK\r\na\r\n.\r\n")
+
+    def test_socketFull(self) -> None:
+        """
+        What the socket does not take is left in the connection's buffer
+        and follows in order.
+        """
+        data = bytes(range(10, 110)) * 30000 + b"\r\n"
+        self.send(self.connection, data, chunkSize=1 << 16)
+        self.assertIn(self.connection, self.reactor.getWriters())
+        out = [self.received()]
+        while self.connection in self.reactor.getWriters():
+            self.connection.doWrite()
+            if self.connection.producer is not None:
+                self.connection.producer.resumeProducing()
+            out.append(self.received())
+        self.assertEqual(b"".join(out), b"+OK\r\n" + data + b".\r\n")
+
+    def test_budget(self) -> None:
+        """
+        At most L{DIRECT_SEND_BUDGET} octets go straight to the socket in
+        one run of the sender; the next chunk is left in the buffer.
+        """
+        self.connection.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * DIRECT_SEND_BUDGET)
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * DIRECT_SEND_BUDGET)
+        chunk = 1 << 18
+        data = b"x" * (DIRECT_SEND_BUDGET + 2 * chunk - 2) + b"\r\n"
+        done = self.send(self.connection, data, chunkSize=chunk)
+        self.assertEqual(done, [None])
+        direct = self.received()
+        self.assertEqual(len(direct), len(b"+OK\r\n") + DIRECT_SEND_BUDGET)
+        self.flush()
+        self.assertEqual(direct + self.received(), b"+OK\r\n" + data + b".\r\n")

@@ -149,6 +149,7 @@ class PythonHandshake:
     def __init__(self, serverConnection: SSL.Connection, clientContext: ssl.SSLContext,
                  serverHostname: str | None = None) -> None:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.incoming, self.outgoing = incoming, outgoing
         self.client = clientContext.wrap_bio(incoming, outgoing, server_hostname=serverHostname)
         self.server = serverConnection
         self.clientError = self.serverError = None
@@ -828,6 +829,43 @@ class PolicyTests(CAMixin, SynchronousTestCase):
 
         # set_mode adds nothing with 0 and returns the mode in force.
         self.assertTrue(tls._newServerContext().set_mode(0) & SSL.MODE_RELEASE_BUFFERS)
+
+    def test_handshakeBuffersFreed(self) -> None:
+        """
+        Once the handshake is done and its flights are read out, a server
+        connection's memory BIOs are replaced by fresh ones (a memory BIO's
+        buffer grows during the handshake and never shrinks); application
+        data then flows both ways byte for byte.  (This reads pyOpenSSL's
+        private C{_into_ssl} and C{_from_ssl}: it fails if they change.)
+        """
+        connection = self.factory.serverConnectionForTLS(None)
+        before = (connection._into_ssl, connection._from_ssl)
+        handshake = PythonHandshake(connection, pythonClient(), HOST)
+        self.assertTrue(handshake.succeeded)
+        self.assertNotEqual(connection._into_ssl, before[0])
+        self.assertNotEqual(connection._from_ssl, before[1])
+        connection.send(b"+OK ready\r\n")
+        handshake.incoming.write(connection.bio_read(65536))
+        self.assertEqual(handshake.client.read(100), b"+OK ready\r\n")
+        handshake.client.write(b"CAPA\r\n")
+        connection.bio_write(handshake.outgoing.read())
+        self.assertEqual(connection.recv(100), b"CAPA\r\n")
+
+    def test_buffersKeptWhileNotEmpty(self) -> None:
+        """
+        The BIOs are not replaced while one still holds octets: those would
+        be lost.
+        """
+        connection = self.factory.serverConnectionForTLS(None)
+        handshake = PythonHandshake(connection, pythonClient(), HOST)
+        self.assertTrue(handshake.succeeded)
+        connection._releaseBIOs = True
+        connection.send(b"x" * 100)
+        into, out = connection._into_ssl, connection._from_ssl
+        connection.bio_read(10)
+        self.assertEqual((connection._into_ssl, connection._from_ssl), (into, out))
+        handshake.incoming.write(connection.bio_read(65536))
+        self.assertNotEqual(connection._from_ssl, out)
 
     def test_tls13Accepted(self) -> None:
         """
