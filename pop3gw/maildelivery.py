@@ -7,9 +7,11 @@ A delivery takes CRLF or LF line ends and stores LF; it refuses a bare CR or
 a NUL (L{BadMessageData}) rather than change the message.  It goes C{tmp}
 -> write -> C{fsync} -> link into each recipient's C{new} -> C{fsync} the
 directories; a message is acknowledged only once it survives a power cut.
-The blocking part of the commit runs through the store's
-L{IBlockingRunner}; the directory C{fsync}s of deliveries committing at the
-same time are batched by the store's L{DirectorySyncer} (group commit).
+The blocking part of the commit is one job of the store's
+L{IBlockingRunner} (write the rest, C{fsync} the file, link it, C{fsync}
+the directories, remove the tmp file); the directory C{fsync}s of
+deliveries committing at the same time are shared through the store's
+L{DirectorySyncer} (group commit, see L{DirectorySyncer.syncNow}).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import Any, Optional, Sequence, cast
+from typing import Any, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -244,7 +246,6 @@ class MaildirDelivery:
             d = waiter.addCallback(self._cbReady)
         else:
             d = self._runner.run(self._doCommit)
-        d.addCallback(self._cbLinked)
         d.addCallbacks(self._cbCommitted, self._ebCommitted)
         return d
 
@@ -253,26 +254,6 @@ class MaildirDelivery:
             return defer.fail(self._openFailure)
         return self._runner.run(self._doCommit)
 
-    def _cbLinked(self, result: tuple[list[str], list[str]]) -> defer.Deferred:
-        """
-        The message is in every C{new}: make those entries durable (with
-        the other deliveries of the same batch) and then remove the tmp
-        file, or remove the entries again.
-        """
-        links, copies = result
-        d = self._syncer.sync(
-            [os.path.join(maildir, "new") for maildir in self._maildirs],
-            lambda: self._discard(copies),
-        )
-
-        def failed(reason: Failure) -> defer.Deferred:
-            reason.trap(OSError)
-            error = TemporaryFailure.fromOSError("cannot deliver message", cast(OSError, reason.value))
-            removed = self._runner.run(self._undo, links, copies)
-            return removed.addBoth(lambda _: defer.fail(error))
-
-        return d.addErrback(failed)
-
     def _cbCommitted(self, result: None) -> None:
         self._state = "committed"
 
@@ -280,21 +261,15 @@ class MaildirDelivery:
         self._state = "failed"
         return failure
 
-    def _undo(self, links: Sequence[str], copies: Sequence[str]) -> None:
+    def _doCommit(self) -> None:
         """
-        Remove the links and the files of a delivery that failed.
-        Blocking: runs through the runner.
-        """
-        _unlinkAll(links)
-        self._discard(copies)
+        Write the rest, C{fsync} the file, link it into every C{new} and
+        make those entries durable (sharing the directories' C{fsync}s
+        with the deliveries committing at the same time), then remove the
+        tmp file.  Blocking: runs through the runner, as one job.
 
-    def _doCommit(self) -> tuple[list[str], list[str]]:
-        """
-        Write the rest, C{fsync} the file and link it into every C{new}.
-        Blocking: runs through the runner.
-
-        @return: the links made (not yet durable: see L{_cbLinked}) and the
-            copies of the file made in other file systems' C{tmp}.
+        @raise TemporaryFailure: a step failed; the links made are removed
+            again (L{InsufficientStorage} for C{ENOSPC} and C{EDQUOT}).
         """
         links: list[str] = []
         copies: list[str] = []
@@ -315,11 +290,12 @@ class MaildirDelivery:
                         raise
                     self._copyInto(maildir, dest, copies)
                 links.append(dest)
+            self._syncer.syncNow([os.path.join(maildir, "new") for maildir in self._maildirs])
         except OSError as e:
             _unlinkAll(links)
             self._discard(copies)
             raise TemporaryFailure.fromOSError("cannot deliver message", e) from e
-        return links, copies
+        self._discard(copies)
 
     def _copyInto(self, maildir: str, dest: str, copies: list) -> None:
         """
