@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -79,9 +79,12 @@ class MaildirDelivery:
     One message being written into C{tmp} of the first recipient's maildrop,
     then linked into C{new} of every recipient's.
 
-    The tmp file is opened by L{MaildirStore.beginDelivery}: at once when
-    every maildrop exists, else through the runner (the maildrops are
-    created first); until it is open, written data stays in the buffer.
+    Nothing is done to the file system on the reactor thread until a
+    message outgrows L{WRITE_BUFFER}: a message smaller than that stays in
+    the buffer, and the commit's one job creates the missing maildrops and
+    the tmp file, writes, C{fsync}s and links.  A larger one has its tmp
+    file created through the runner as it passes L{WRITE_BUFFER} (written
+    data stays in the buffer meanwhile) and is written as it comes.
     """
 
     def __init__(
@@ -91,11 +94,17 @@ class MaildirDelivery:
         runner: IBlockingRunner,
         owner: Optional[fsutil.Owner] = None,
         syncer: Optional[DirectorySyncer] = None,
+        create: Optional[Callable[[], int]] = None,
     ) -> None:
         """
         @param syncer: batches the C{fsync}s of the C{new} directories with
             those of other deliveries; one of its own (no batching across
             deliveries) if C{None}.
+        @param create: creates the tmp file (and the maildrops missing)
+            and returns its descriptor, raising L{TemporaryFailure} if it
+            cannot; blocking, called through the runner.  By default the
+            file is created in the first maildrop's C{tmp}, which must
+            exist.
         """
         self._maildirs = list(maildirs)
         self._syncer = syncer if syncer is not None else DirectorySyncer(runner)
@@ -103,6 +112,7 @@ class MaildirDelivery:
         self._unique = unique
         self._tmpPath = os.path.join(self._maildirs[0], "tmp", unique)
         self._fd: Optional[int] = None
+        self._create = create if create is not None else self._createFile
         self._runner = runner
         # While the tmp file is being opened through the runner: Deferreds
         # to fire once it is (or failed).
@@ -135,6 +145,17 @@ class MaildirDelivery:
         self._buffer += data
         self._size += len(data)
         self._lines += data.count(b"\n")
+
+    def _createFile(self) -> int:
+        """
+        Create the tmp file in the first maildrop's C{tmp}.  Blocking.
+
+        @raise TemporaryFailure: it cannot be created.
+        """
+        try:
+            return fsutil.createFile(self._tmpPath, self._owner)
+        except OSError as e:
+            raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
 
     def _opened(self, fd: int) -> None:
         """
@@ -213,6 +234,13 @@ class MaildirDelivery:
         self._checkData(data)
         self._append(self._normalizer.feed(data))
         if len(self._buffer) >= WRITE_BUFFER:
+            if self._fd is None:
+                if self._opening is None:
+                    self._openThrough(self._runner.run(self._create))
+                    if self._openFailure is not None:
+                        self._openFailure.raiseException()
+                if self._fd is None:
+                    return
             try:
                 self._flush()
             except OSError as e:
@@ -274,6 +302,8 @@ class MaildirDelivery:
         links: list[str] = []
         copies: list[str] = []
         name = f"{self._unique},S={self._size},W={self._size + self._lines}"
+        if self._fd is None:
+            self._fd = self._create()
         try:
             self._flush()
             fd = self._fd
@@ -342,6 +372,10 @@ class MaildirDelivery:
         if self._state == "open":
             self._state = "aborted"
             if self._opening is None:
-                self._discard()
+                if self._fd is None:
+                    # Nothing was created yet.
+                    self._buffer.clear()
+                else:
+                    self._discard()
             else:
                 self._buffer.clear()
