@@ -94,13 +94,17 @@ class _Batch:
 
     @ivar done: whether its C{fsync} ended.
     @ivar error: the C{OSError} it raised, if it did.
+    @ivar ended: a condition (on the syncer's lock) its members wait on:
+        notified, all of them, when its C{fsync} ended, and one of them
+        when the C{fsync} before ended (that one then leads it).
     """
 
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "ended")
 
-    def __init__(self) -> None:
+    def __init__(self, lock: threading.Lock) -> None:
         self.done = False
         self.error: Optional[OSError] = None
+        self.ended = threading.Condition(lock)
 
 
 class _Directory:
@@ -110,17 +114,14 @@ class _Directory:
     @ivar running: whether an C{fsync} of it is running.
     @ivar next: the batch the callers arriving now join.
     @ivar members: callers waiting in C{next}.
-    @ivar changed: a condition (on the syncer's lock) notified when an
-        C{fsync} of it ends.
     """
 
-    __slots__ = ("running", "next", "members", "changed")
+    __slots__ = ("running", "next", "members")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.running = False
-        self.next = _Batch()
+        self.next = _Batch(lock)
         self.members = 0
-        self.changed = threading.Condition(lock)
 
 
 def _gather() -> None:
@@ -185,14 +186,14 @@ class DirectorySyncer:
             directory.members += 1
             self.waiting += 1
             while directory.running and not batch.done:
-                directory.changed.wait()
+                batch.ended.wait()
             self.waiting -= 1
             lead = not batch.done
             if lead:
                 # The first of its batch to run: sync the directory for
                 # every member; later callers form the next batch.
                 directory.running = True
-                directory.next = _Batch()
+                directory.next = _Batch(self._lock)
                 directory.members = 0
                 self.batches += 1
                 self.fsyncs += 1
@@ -210,9 +211,13 @@ class DirectorySyncer:
                     batch.error = error
                     batch.done = True
                     directory.running = False
-                    if not directory.members:
+                    batch.ended.notify_all()
+                    if directory.members:
+                        # One of the next batch leads it; the others
+                        # sleep on until it ended.
+                        directory.next.ended.notify()
+                    else:
                         del self._directories[path]
-                    directory.changed.notify_all()
         error = batch.error
         if error is not None:
             # Each caller its own exception (they are raised in several
