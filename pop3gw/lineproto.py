@@ -24,6 +24,13 @@ server keeps only its command tables, handlers and replies:
   - L{LineProtocol.startTLS} drops whatever was buffered before it
     (plaintext pipelined after STLS/STARTTLS is never acted on,
     CVE-2011-0411) and closes the connection if TLS cannot start.
+  - L{LineProtocol.sendReply} writes a reply on a plain TCP connection
+    whose output buffer is empty straight to the socket, in the same
+    reactor turn: no registration of the socket for writing, no turn of
+    the reactor to send it and none to unregister it.  Anything else (a
+    buffer not empty, a socket that takes only part of it, TLS, a
+    transport other than TCP) goes through C{transport.write} as before,
+    so the order of the output never changes.
 """
 
 from __future__ import annotations
@@ -40,7 +47,10 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import Protocol
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from pop3gw.address import describePeer
@@ -101,6 +111,9 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
     _abortCall: Optional[IDelayedCall] = None
     _loginCall: Optional[IDelayedCall] = None
     _outputRegistered = False
+    # The TCP connection under the transport, for sendReply; None: always
+    # through the transport.
+    _socketConnection: Optional[Connection] = None
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -182,6 +195,8 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
         except Exception:
             self.peer = "unknown"
         self._output.register(self.transport)
+        if not self.secure:
+            self._socketConnection = _plainConnection(self.transport)
         timeout = self.idleTimeout
         if timeout:
             self._timeoutCall = self.clock.callLater(timeout, self._timedOut)
@@ -229,7 +244,7 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
         if self._disconnected:
             return
         if reply is not None and not stalled:
-            self.transport.write(reply)
+            self.sendReply(reply)
         # A registered producer would keep a TLS transport from shutting
         # down.
         self._output.unregister(self.transport, self.log)
@@ -239,6 +254,35 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
         self.transport.loseConnection()
         if self.closeTimeout is not None:
             self._abortCall = self.clock.callLater(self.closeTimeout, self._abortUnread)
+
+    def sendReply(self, data: bytes) -> None:
+        """
+        Write C{data} (a reply) to the client: at once to the socket if
+        the connection is plain TCP and nothing written before is still
+        waiting in the transport's buffer, else (and whatever the socket
+        did not take) through C{transport.write}.
+        """
+        connection = self._socketConnection
+        if (
+            connection is not None
+            and not self.secure
+            and not connection.TLS
+            and connection.connected
+            and not connection.disconnecting
+            and not connection._writeDisconnected
+            and not connection._tempDataLen
+            and not connection.dataBuffer
+        ):
+            try:
+                sent = connection.socket.send(data)
+            except OSError:
+                # Would block, or the connection broke: the transport
+                # finds out and reports it as it would have.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.transport.write(data)
 
     def _abortUnread(self) -> None:
         """
@@ -266,6 +310,7 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
             self.closeConnection()
             return False
         self.secure = True
+        self._socketConnection = None
         return True
 
     # --- Idle timer -------------------------------------------------------
@@ -464,3 +509,20 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
                 self.transport.resumeProducing()
         except Exception:
             self.log.failure("flow control on transport failed")
+
+
+def _plainConnection(transport: object) -> Optional[Connection]:
+    """
+    The TCP connection C{transport} writes to unchanged: the transport
+    itself, or the one under a C{ProtocolWrapper} that does not change
+    what is written (C{write} not overridden; never TLS).
+
+    @return: that connection, or C{None} if there is none.
+    """
+    if isinstance(transport, ProtocolWrapper):
+        if isinstance(transport, TLSMemoryBIOProtocol) or type(transport).write is not ProtocolWrapper.write:
+            return None
+        transport = transport.transport
+    if isinstance(transport, Connection) and not transport.TLS:
+        return transport
+    return None

@@ -7,9 +7,11 @@ A delivery takes CRLF or LF line ends and stores LF; it refuses a bare CR or
 a NUL (L{BadMessageData}) rather than change the message.  It goes C{tmp}
 -> write -> C{fsync} -> link into each recipient's C{new} -> C{fsync} the
 directories; a message is acknowledged only once it survives a power cut.
-The blocking part of the commit runs through the store's
-L{IBlockingRunner}; the directory C{fsync}s of deliveries committing at the
-same time are batched by the store's L{DirectorySyncer} (group commit).
+The blocking part of the commit is one job of the store's
+L{IBlockingRunner} (write the rest, C{fsync} the file, link it, C{fsync}
+the directories, remove the tmp file); the directory C{fsync}s of
+deliveries committing at the same time are shared through the store's
+L{DirectorySyncer} (group commit, see L{DirectorySyncer.syncNow}).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import Any, Optional, Sequence, cast
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -77,9 +79,12 @@ class MaildirDelivery:
     One message being written into C{tmp} of the first recipient's maildrop,
     then linked into C{new} of every recipient's.
 
-    The tmp file is opened by L{MaildirStore.beginDelivery}: at once when
-    every maildrop exists, else through the runner (the maildrops are
-    created first); until it is open, written data stays in the buffer.
+    Nothing is done to the file system on the reactor thread until a
+    message outgrows L{WRITE_BUFFER}: a message smaller than that stays in
+    the buffer, and the commit's one job creates the missing maildrops and
+    the tmp file, writes, C{fsync}s and links.  A larger one has its tmp
+    file created through the runner as it passes L{WRITE_BUFFER} (written
+    data stays in the buffer meanwhile) and is written as it comes.
     """
 
     def __init__(
@@ -89,11 +94,17 @@ class MaildirDelivery:
         runner: IBlockingRunner,
         owner: Optional[fsutil.Owner] = None,
         syncer: Optional[DirectorySyncer] = None,
+        create: Optional[Callable[[], int]] = None,
     ) -> None:
         """
         @param syncer: batches the C{fsync}s of the C{new} directories with
             those of other deliveries; one of its own (no batching across
             deliveries) if C{None}.
+        @param create: creates the tmp file (and the maildrops missing)
+            and returns its descriptor, raising L{TemporaryFailure} if it
+            cannot; blocking, called through the runner.  By default the
+            file is created in the first maildrop's C{tmp}, which must
+            exist.
         """
         self._maildirs = list(maildirs)
         self._syncer = syncer if syncer is not None else DirectorySyncer(runner)
@@ -101,6 +112,7 @@ class MaildirDelivery:
         self._unique = unique
         self._tmpPath = os.path.join(self._maildirs[0], "tmp", unique)
         self._fd: Optional[int] = None
+        self._create = create if create is not None else self._createFile
         self._runner = runner
         # While the tmp file is being opened through the runner: Deferreds
         # to fire once it is (or failed).
@@ -133,6 +145,17 @@ class MaildirDelivery:
         self._buffer += data
         self._size += len(data)
         self._lines += data.count(b"\n")
+
+    def _createFile(self) -> int:
+        """
+        Create the tmp file in the first maildrop's C{tmp}.  Blocking.
+
+        @raise TemporaryFailure: it cannot be created.
+        """
+        try:
+            return fsutil.createFile(self._tmpPath, self._owner)
+        except OSError as e:
+            raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
 
     def _opened(self, fd: int) -> None:
         """
@@ -211,6 +234,13 @@ class MaildirDelivery:
         self._checkData(data)
         self._append(self._normalizer.feed(data))
         if len(self._buffer) >= WRITE_BUFFER:
+            if self._fd is None:
+                if self._opening is None:
+                    self._openThrough(self._runner.run(self._create))
+                    if self._openFailure is not None:
+                        self._openFailure.raiseException()
+                if self._fd is None:
+                    return
             try:
                 self._flush()
             except OSError as e:
@@ -244,7 +274,6 @@ class MaildirDelivery:
             d = waiter.addCallback(self._cbReady)
         else:
             d = self._runner.run(self._doCommit)
-        d.addCallback(self._cbLinked)
         d.addCallbacks(self._cbCommitted, self._ebCommitted)
         return d
 
@@ -253,26 +282,6 @@ class MaildirDelivery:
             return defer.fail(self._openFailure)
         return self._runner.run(self._doCommit)
 
-    def _cbLinked(self, result: tuple[list[str], list[str]]) -> defer.Deferred:
-        """
-        The message is in every C{new}: make those entries durable (with
-        the other deliveries of the same batch) and then remove the tmp
-        file, or remove the entries again.
-        """
-        links, copies = result
-        d = self._syncer.sync(
-            [os.path.join(maildir, "new") for maildir in self._maildirs],
-            lambda: self._discard(copies),
-        )
-
-        def failed(reason: Failure) -> defer.Deferred:
-            reason.trap(OSError)
-            error = TemporaryFailure.fromOSError("cannot deliver message", cast(OSError, reason.value))
-            removed = self._runner.run(self._undo, links, copies)
-            return removed.addBoth(lambda _: defer.fail(error))
-
-        return d.addErrback(failed)
-
     def _cbCommitted(self, result: None) -> None:
         self._state = "committed"
 
@@ -280,25 +289,21 @@ class MaildirDelivery:
         self._state = "failed"
         return failure
 
-    def _undo(self, links: Sequence[str], copies: Sequence[str]) -> None:
+    def _doCommit(self) -> None:
         """
-        Remove the links and the files of a delivery that failed.
-        Blocking: runs through the runner.
-        """
-        _unlinkAll(links)
-        self._discard(copies)
+        Write the rest, C{fsync} the file, link it into every C{new} and
+        make those entries durable (sharing the directories' C{fsync}s
+        with the deliveries committing at the same time), then remove the
+        tmp file.  Blocking: runs through the runner, as one job.
 
-    def _doCommit(self) -> tuple[list[str], list[str]]:
-        """
-        Write the rest, C{fsync} the file and link it into every C{new}.
-        Blocking: runs through the runner.
-
-        @return: the links made (not yet durable: see L{_cbLinked}) and the
-            copies of the file made in other file systems' C{tmp}.
+        @raise TemporaryFailure: a step failed; the links made are removed
+            again (L{InsufficientStorage} for C{ENOSPC} and C{EDQUOT}).
         """
         links: list[str] = []
         copies: list[str] = []
         name = f"{self._unique},S={self._size},W={self._size + self._lines}"
+        if self._fd is None:
+            self._fd = self._create()
         try:
             self._flush()
             fd = self._fd
@@ -315,11 +320,12 @@ class MaildirDelivery:
                         raise
                     self._copyInto(maildir, dest, copies)
                 links.append(dest)
+            self._syncer.syncNow([os.path.join(maildir, "new") for maildir in self._maildirs])
         except OSError as e:
             _unlinkAll(links)
             self._discard(copies)
             raise TemporaryFailure.fromOSError("cannot deliver message", e) from e
-        return links, copies
+        self._discard(copies)
 
     def _copyInto(self, maildir: str, dest: str, copies: list) -> None:
         """
@@ -366,6 +372,10 @@ class MaildirDelivery:
         if self._state == "open":
             self._state = "aborted"
             if self._opening is None:
-                self._discard()
+                if self._fd is None:
+                    # Nothing was created yet.
+                    self._buffer.clear()
+                else:
+                    self._discard()
             else:
                 self._buffer.clear()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -1376,13 +1377,15 @@ class MaildirStore:
         Start delivering one message to C{recipients} (duplicates count
         once).
 
-        When every recipient's maildrop exists, the tmp file is created at
-        once; otherwise the maildrops are created and the tmp file opened
-        through the runner, and what is written meanwhile is buffered.
+        Nothing is created yet: the missing maildrops and the tmp file are
+        created through the runner, by the commit's one job for a message
+        smaller than L{WRITE_BUFFER}, else once the message
+        outgrows it (see L{MaildirDelivery}).
 
         @raise TemporaryFailure: a maildrop cannot be created or written
-            (through a thread pool, L{IDelivery.write} or
-            L{IDelivery.commit} reports it instead).
+            (with a runner that works at once, the first write that creates
+            the file or L{IDelivery.commit} reports it; through a thread
+            pool, L{IDelivery.commit}).
         @raise PermanentFailure: an address maps outside C{root}.
         @raise ValueError: no recipients.
         """
@@ -1391,19 +1394,15 @@ class MaildirStore:
             raise ValueError("no recipients")
         maildirs = [self.maildirPath(r) for r in unique]
         name = self._uniqueName()
-        delivery = MaildirDelivery(maildirs, name, self._runner, self.owner, self.syncer)
         tmpPath = os.path.join(maildirs[0], "tmp", name)
-        if all(_isMaildir(m) for m in maildirs):
-            try:
-                fd = fsutil.createFile(tmpPath, self.owner)
-            except OSError as e:
-                raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
-            delivery._opened(fd)
-        else:
-            delivery._openThrough(self._runner.run(self._createDeliveryFile, maildirs, tmpPath))
-            failure = delivery._openFailure
-            if failure is not None:
-                failure.raiseException()
+        delivery = MaildirDelivery(
+            maildirs,
+            name,
+            self._runner,
+            self.owner,
+            self.syncer,
+            functools.partial(self._createDeliveryFile, maildirs, tmpPath),
+        )
         if trace:
             delivery.write(trace)
         return delivery

@@ -241,7 +241,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
             return
         if text.startswith("+OK"):
             self._badCommands = 0
-        self.transport.write(text.encode("utf-8") + b"\r\n")
+        self.sendReply(text.encode("utf-8") + b"\r\n")
 
     def _replyMultiline(self, first: str, lines: list[str]) -> None:
         """
@@ -254,7 +254,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
         if self._disconnected:
             return
         self._badCommands = 0
-        self.transport.write(("\r\n".join(out) + "\r\n").encode("utf-8"))
+        self.sendReply(("\r\n".join(out) + "\r\n").encode("utf-8"))
 
     def _clientError(self, text: str) -> None:
         """

@@ -137,7 +137,7 @@ class AuthorizationCommands(_Host):
         if len(words) == 1:
             self._saslPending = True
             if not self._disconnected:
-                self.transport.write(b"+ \r\n")
+                self.sendReply(b"+ \r\n")
             return
         self._saslPlain(words[1].encode("ascii", "replace"))
 

@@ -268,7 +268,7 @@ class SMTPServer(DataCommands, LineProtocol):
         """
         if self._closing:
             return
-        self.transport.write(reply.toBytes())
+        self.sendReply(reply.toBytes())
         if reply.code >= 500:
             self._errors += 1
             if self._errors >= MAX_ERRORS:
@@ -293,7 +293,7 @@ class SMTPServer(DataCommands, LineProtocol):
     def _sendLines(self, code: int, lines: list[str]) -> None:
         out = [f"{code}-{line}\r\n" for line in lines[:-1]]
         out.append(f"{code} {lines[-1]}\r\n")
-        self.transport.write("".join(out).encode("utf-8"))
+        self.sendReply("".join(out).encode("utf-8"))
 
     # -- input processing -----------------------------------------------
 

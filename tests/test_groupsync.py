@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
+import threading
+import time
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.address import UNIXAddress
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,13 +22,17 @@ from pop3gw.groupsync import DirectorySyncer
 from pop3gw.interfaces import TemporaryFailure
 from pop3gw.maildir import MaildirStore
 from pop3gw.queue import OutboundQueue
-from pop3gw.runner import ImmediateRunner, ThreadPoolRunner
+from pop3gw.runner import ImmediateRunner, IOThreadPool, ThreadPoolRunner
 from pop3gw.testing import FakeUserDatabase, HeldRunner, HeldThreadPool
 from tests.queuehelpers import ThreadClock
 from tests.test_smtpmx import NoRelayRouter
 
 ALICE = Address.parse("alice@example.org")
 BOB = Address.parse("bob@example.org")
+
+#: Seconds a test waits for another thread before it fails (never reached
+#: unless something hangs).
+WAIT = 30.0
 
 
 class _FakeFsync:
@@ -141,71 +148,261 @@ class DirectorySyncerTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(drained))
 
 
+class _Pump:
+    """
+    A reactor stand-in for a L{ThreadPoolRunner} over real threads: what
+    the pool's threads hand back with C{callFromThread} is run on the
+    test's thread by L{runUntil}.
+    """
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+
+    def callFromThread(self, f, *args) -> None:
+        self.calls.put((f, args))
+
+    def runUntil(self, done) -> None:
+        """
+        Run what the threads handed back until C{done()} is true.
+        """
+        while not done():
+            f, args = self.calls.get(timeout=WAIT)
+            f(*args)
+
+
+def _waitFor(condition) -> None:
+    """
+    Wait until C{condition()} is true (another thread makes it so); fail
+    after L{WAIT} seconds rather than hang.
+    """
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("gave up waiting")
+        time.sleep(0.001)
+
+
+class _GatedFsync(_FakeFsync):
+    """
+    A L{_FakeFsync} whose first call waits until the test sets C{release}
+    (C{entered} is set once it waits), and whose calls numbered in
+    C{failingCalls} (from 1) fail.
+    """
+
+    def __init__(self, failingCalls: frozenset = frozenset()) -> None:
+        super().__init__()
+        self.failingCalls = failingCalls
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str) -> None:
+        with self._lock:
+            self.calls.append(path)
+            number = len(self.calls)
+        if number == 1:
+            self.entered.set()
+            if not self.release.wait(WAIT):
+                raise AssertionError("never released")
+        if number in self.failingCalls:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+
+
+class SyncNowTests(SynchronousTestCase):
+    """
+    L{DirectorySyncer.syncNow}, called in several threads at once: the
+    callers arriving while an C{fsync} of their directory runs share the
+    next one.
+    """
+
+    def setUp(self) -> None:
+        self.results: dict = {}
+        self.threads: list[threading.Thread] = []
+
+    def call(self, syncer: DirectorySyncer, name: str, paths: list) -> None:
+        """
+        Call C{syncer.syncNow(paths)} in a new thread; its outcome goes in
+        C{self.results[name]}.
+        """
+
+        def run() -> None:
+            try:
+                syncer.syncNow(paths)
+            except OSError as e:
+                self.results[name] = e
+            else:
+                self.results[name] = None
+
+        thread = threading.Thread(target=run)
+        self.threads.append(thread)
+        thread.start()
+
+    def joinAll(self) -> None:
+        for thread in self.threads:
+            thread.join(WAIT)
+            self.assertFalse(thread.is_alive())
+
+    def threeCallers(self, fsync: _GatedFsync) -> DirectorySyncer:
+        """
+        C{a} syncs C{/d/a/new} (its C{fsync} held), then C{b} and C{c} ask
+        for the same directory and wait; then the C{fsync} goes on.
+        """
+        syncer = DirectorySyncer(ImmediateRunner(), fsync)
+        self.call(syncer, "a", ["/d/a/new"])
+        self.assertTrue(fsync.entered.wait(WAIT))
+        self.call(syncer, "b", ["/d/a/new"])
+        self.call(syncer, "c", ["/d/a/new"])
+        _waitFor(lambda: syncer.waiting == 2)
+        self.assertEqual(fsync.calls, ["/d/a/new"])
+        fsync.release.set()
+        self.joinAll()
+        return syncer
+
+    def test_callersDuringAnFsyncShareTheNext(self) -> None:
+        """
+        Two callers arriving while the directory's C{fsync} runs are not
+        answered by it (it may have started before their entries were
+        made) but by one more C{fsync}, which they share.
+        """
+        fsync = _GatedFsync()
+        syncer = self.threeCallers(fsync)
+        self.assertEqual(fsync.calls, ["/d/a/new", "/d/a/new"])
+        self.assertEqual(self.results, {"a": None, "b": None, "c": None})
+        self.assertEqual((syncer.batches, syncer.fsyncs, syncer.waiting), (2, 2, 0))
+
+    def test_failedFsyncFailsEveryCallerOfItsBatch(self) -> None:
+        """
+        When the C{fsync} two callers share fails, both get its error (and
+        neither is told it succeeded); the caller answered by the C{fsync}
+        before is not affected.
+        """
+        fsync = _GatedFsync(failingCalls=frozenset({2}))
+        self.threeCallers(fsync)
+        self.assertIsNone(self.results["a"])
+        for name in ("b", "c"):
+            self.assertEqual(self.results[name].errno, errno.EIO)
+            self.assertEqual(self.results[name].filename, "/d/a/new")
+
+    def test_otherDirectoryNotHeldUp(self) -> None:
+        """
+        A caller for another directory syncs it at once, while an
+        C{fsync} of the first one runs.
+        """
+        fsync = _GatedFsync()
+        syncer = DirectorySyncer(ImmediateRunner(), fsync)
+        self.call(syncer, "a", ["/d/a/new"])
+        self.assertTrue(fsync.entered.wait(WAIT))
+        syncer.syncNow(["/d/b/new", "/d/b/new"])
+        self.assertEqual(fsync.calls, ["/d/a/new", "/d/b/new"])
+        fsync.release.set()
+        self.joinAll()
+        self.assertEqual(self.results, {"a": None})
+
+
 class GroupCommitDeliveryTests(SynchronousTestCase):
     """
-    Deliveries of a L{MaildirStore} committing while a batch is being
-    synced share the next C{fsync} of their C{new} directories, and a
-    failed C{fsync} fails each of them.
+    A delivery of a L{MaildirStore} commits in one job of the runner; the
+    deliveries committing while an C{fsync} of their C{new} directory runs
+    share the next one, and a failed C{fsync} fails each of them.
     """
 
     def setUp(self) -> None:
         self.root = self.mktemp()
-        self.runner = HeldRunner()
+        self.pump = _Pump()
+        pool = IOThreadPool(4, name="test-io")
+        pool.start()
+        self.addCleanup(pool.stop)
+        self.runner = ThreadPoolRunner(self.pump, pool)
         self.store = MaildirStore(self.root, self.runner, "host.example")
         for user in (ALICE, BOB):
             self.store._ensureMaildir(self.store.maildirPath(user))
-        self.fsync = _FakeFsync()
+        self.fsync = _GatedFsync()
         self.store.syncer = DirectorySyncer(self.runner, self.fsync)
 
     def listing(self, user: Address, subdir: str) -> list[str]:
         return sorted(os.listdir(os.path.join(self.store.maildirPath(user), subdir)))
 
+    def commit(self, recipients: list, n: int) -> defer.Deferred:
+        delivery = self.store.beginDelivery(recipients)
+        delivery.write(b"Subject: %d\r\n\r\nbody\r\n" % (n,))
+        return delivery.commit()
+
     def commitTogether(self, recipients: list) -> list:
         """
-        Begin, write and commit one delivery per entry of C{recipients},
-        then let the runner run their jobs (oldest first, as a pool's
-        threads take them).
+        Commit one delivery to C{recipients[0]} and hold its directory
+        C{fsync}; commit one delivery per further entry meanwhile, and let
+        the C{fsync} go on once they all wait for theirs.
         """
-        results = []
-        for n, rcpts in enumerate(recipients):
-            delivery = self.store.beginDelivery(rcpts)
-            delivery.write(b"Subject: %d\r\n\r\nbody\r\n" % (n,))
-            results.append(delivery.commit())
-        self.runner.runAll()
+        results = [self.commit(recipients[0], 0)]
+        self.assertTrue(self.fsync.entered.wait(WAIT))
+        for n, rcpts in enumerate(recipients[1:], 1):
+            results.append(self.commit(rcpts, n))
+        _waitFor(lambda: self.store.syncer.waiting == len(recipients) - 1)
+        self.fsync.release.set()
+        pending = list(results)
+        self.pump.runUntil(lambda: all(d.called for d in pending))
         return results
+
+    def test_commitIsOneJob(self) -> None:
+        """
+        A delivery's commit is one job of the runner: writing, the file's
+        C{fsync}, the link into C{new}, the C{fsync} of C{new} and the
+        removal of the tmp file; its result fires when that job ends.
+        """
+        runner = HeldRunner()
+        store = MaildirStore(self.mktemp(), runner, "host.example")
+        store._ensureMaildir(store.maildirPath(ALICE))
+        fsync = _FakeFsync()
+        store.syncer = DirectorySyncer(runner, fsync)
+        delivery = store.beginDelivery([ALICE])
+        delivery.write(b"Subject: one\r\n\r\nbody\r\n")
+        d = delivery.commit()
+        self.assertEqual(len(runner.jobs), 1)
+        runner.runNext()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(runner.jobs, [])
+        maildir = store.maildirPath(ALICE)
+        self.assertEqual(fsync.calls, [os.path.join(maildir, "new")])
+        self.assertEqual(len(os.listdir(os.path.join(maildir, "new"))), 1)
+        self.assertEqual(os.listdir(os.path.join(maildir, "tmp")), [])
 
     def test_concurrentDeliveriesShareOneDirectoryFsync(self) -> None:
         """
-        Three deliveries into one maildrop committing together are made
-        durable by one C{fsync} of its C{new}; their tmp files are removed
-        after it.
+        Three deliveries into one maildrop committing while an C{fsync} of
+        its C{new} runs are made durable by one more C{fsync} of it; their
+        tmp files are removed after it.
         """
-        results = self.commitTogether([[ALICE], [ALICE], [ALICE]])
+        results = self.commitTogether([[ALICE], [ALICE], [ALICE], [ALICE]])
         for d in results:
             self.assertIsNone(self.successResultOf(d))
         newDir = os.path.join(self.store.maildirPath(ALICE), "new")
-        self.assertEqual(self.fsync.calls, [newDir])
-        self.assertEqual(len(self.listing(ALICE, "new")), 3)
+        self.assertEqual(self.fsync.calls, [newDir, newDir])
+        self.assertEqual(len(self.listing(ALICE, "new")), 4)
         self.assertEqual(self.listing(ALICE, "tmp"), [])
 
     def test_failedFsyncFailsEveryDeliveryOfTheBatch(self) -> None:
         """
-        When the C{fsync} of C{new} fails, every delivery of the batch into
-        that maildrop fails with L{TemporaryFailure} (none succeeds) and
-        leaves no file behind, in C{new} or C{tmp}, even one delivered to
-        two maildrops; a delivery of the same batch to another maildrop,
-        whose C{fsync} succeeded, is kept.
+        When the C{fsync} of C{new} that deliveries share fails, every
+        delivery of that batch fails with L{TemporaryFailure} (none
+        succeeds) and leaves no file behind, in C{new} or C{tmp}, even one
+        delivered to two maildrops; the delivery synced before, and one of
+        the same moment to another maildrop, whose C{fsync} succeeded, are
+        kept.
         """
-        self.fsync.failing.add(os.path.join(self.store.maildirPath(ALICE), "new"))
-        first, second, both, bobOnly = self.commitTogether([[ALICE], [ALICE], [BOB, ALICE], [BOB]])
-        for d in (first, second, both):
+        self.fsync.failingCalls = frozenset({2})
+        first, second, third, both = self.commitTogether([[ALICE], [ALICE], [ALICE], [ALICE, BOB]])
+        self.assertIsNone(self.successResultOf(first))
+        for d in (second, third, both):
             failure = self.failureResultOf(d, TemporaryFailure)
             self.assertEqual(str(failure.value), "cannot deliver message: Input/output error")
-        self.assertIsNone(self.successResultOf(bobOnly))
-        self.assertEqual(self.listing(ALICE, "new"), [])
+        self.assertEqual(len(self.listing(ALICE, "new")), 1)
         self.assertEqual(self.listing(ALICE, "tmp"), [])
-        self.assertEqual(len(self.listing(BOB, "new")), 1)
+        self.assertEqual(self.listing(BOB, "new"), [])
         self.assertEqual(self.listing(BOB, "tmp"), [])
+        bob = self.commit([BOB], 9)
+        self.pump.runUntil(lambda: bob.called)
+        self.assertIsNone(self.successResultOf(bob))
+        self.assertEqual(len(self.listing(BOB, "new")), 1)
 
 
 class GroupCommitLMTPTests(SynchronousTestCase):
@@ -218,10 +415,14 @@ class GroupCommitLMTPTests(SynchronousTestCase):
         self.root = self.mktemp()
         self.clock = task.Clock()
         self.clock.advance(1700000000)
-        self.runner = HeldRunner()
+        self.pump = _Pump()
+        pool = IOThreadPool(4, name="test-io")
+        pool.start()
+        self.addCleanup(pool.stop)
+        self.runner = ThreadPoolRunner(self.pump, pool)
         self.store = MaildirStore(self.root, self.runner, "host.example")
         self.store._ensureMaildir(self.store.maildirPath(ALICE))
-        self.fsync = _FakeFsync()
+        self.fsync = _GatedFsync()
         self.store.syncer = DirectorySyncer(self.runner, self.fsync)
         users = FakeUserDatabase({ALICE: "x"})
         self.router = NoRelayRouter(domains=("example.org",), users=users, store=self.store)
@@ -235,40 +436,48 @@ class GroupCommitLMTPTests(SynchronousTestCase):
         transport.clear()
         return proto, transport
 
-    def deliverTwo(self) -> list[bytes]:
+    def deliverThree(self) -> list[bytes]:
         """
-        Two LMTP clients end their DATA together; the replies each got
-        once the runner has run.
+        One LMTP client ends its DATA and its directory C{fsync} is held;
+        two more end theirs meanwhile; the replies each got once all is
+        done.
         """
-        sessions = [self.connect(), self.connect()]
-        for proto, _ in sessions:
+        sessions = [self.connect(), self.connect(), self.connect()]
+        sessions[0][0].dataReceived(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+        self.assertTrue(self.fsync.entered.wait(WAIT))
+        for proto, _ in sessions[1:]:
             proto.dataReceived(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
-        self.runner.runAll()
+        _waitFor(lambda: self.store.syncer.waiting == 2)
+        self.fsync.release.set()
+        self.pump.runUntil(lambda: all(transport.value() for _, transport in sessions))
         return [transport.value() for _, transport in sessions]
 
     def test_failedBatchGets451(self) -> None:
         """
-        When the one C{fsync} of C{new} the two deliveries share fails,
-        both clients get C{451} (and no C{250}), and nothing is left in the
-        maildrop.
+        When the one C{fsync} of C{new} two deliveries share fails, both
+        clients get C{451} (and no C{250}), and nothing of theirs is left
+        in the maildrop; the client answered by the C{fsync} before gets
+        C{250}.
         """
         newDir = os.path.join(self.store.maildirPath(ALICE), "new")
-        self.fsync.failing.add(newDir)
-        replies = self.deliverTwo()
-        self.assertEqual(replies, [b"451 4.3.0 Temporary failure, try again later\r\n"] * 2)
-        self.assertEqual(self.fsync.calls, [newDir])
-        self.assertEqual(os.listdir(newDir), [])
+        self.fsync.failingCalls = frozenset({2})
+        replies = self.deliverThree()
+        self.assertEqual(replies[0][:4], b"250 ")
+        self.assertEqual(replies[1:], [b"451 4.3.0 Temporary failure, try again later\r\n"] * 2)
+        self.assertEqual(self.fsync.calls, [newDir, newDir])
+        self.assertEqual(len(os.listdir(newDir)), 1)
 
     def test_batchAcknowledgedAfterItsFsync(self) -> None:
         """
-        Without a failure both clients get C{250} after the one shared
-        C{fsync}, and both messages are in the maildrop.
+        Without a failure all three clients get C{250}, the two that
+        waited after one shared C{fsync}, and the messages are in the
+        maildrop.
         """
         newDir = os.path.join(self.store.maildirPath(ALICE), "new")
-        replies = self.deliverTwo()
-        self.assertEqual([r[:4] for r in replies], [b"250 "] * 2)
-        self.assertEqual(self.fsync.calls, [newDir])
-        self.assertEqual(len(os.listdir(newDir)), 2)
+        replies = self.deliverThree()
+        self.assertEqual([r[:4] for r in replies], [b"250 "] * 3)
+        self.assertEqual(self.fsync.calls, [newDir, newDir])
+        self.assertEqual(len(os.listdir(newDir)), 3)
 
 
 class GroupCommitQueueTests(SynchronousTestCase):

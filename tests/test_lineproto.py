@@ -5,18 +5,21 @@ L{StringTransport} with a L{task.Clock}.
 
 from __future__ import annotations
 
+import socket
 from typing import Optional
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from pop3gw.lineproto import LineProtocol
+from pop3gw.lineproto import LineProtocol, _plainConnection
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 
@@ -305,3 +308,152 @@ class StartTLSTests(_Harness):
         self.assertFalse(self.proto.secure)
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual([e["log_format"] for e in logged], ["starting TLS failed"])
+
+
+class _Replying(_Echo):
+    """
+    An L{_Echo} that answers with L{LineProtocol.sendReply}.
+    """
+
+    def lineReceived(self, line: bytes) -> None:
+        if line == b"BYE":
+            self.closeConnection(b"bye\r\n")
+        else:
+            self.sendReply(b"> " + line + b"\r\n")
+
+
+class _Port:
+    """
+    What L{tcp.Server} asks of its listening port.
+    """
+
+    _realPortNumber = 110
+
+
+class _ShortSocket:
+    """
+    A socket whose C{send} takes at most C{limit} octets.
+    """
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self._sock = sock
+        self.limit = limit
+
+    def send(self, data) -> int:
+        return self._sock.send(data[: self.limit])
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class _WritingWrapper(ProtocolWrapper):
+    """
+    A wrapper that changes what is written.
+    """
+
+    def write(self, data: bytes) -> None:
+        super().write(data.upper())
+
+
+class SendReplyTests(SynchronousTestCase):
+    """
+    L{LineProtocol.sendReply} writes a reply straight to the socket of a
+    plain TCP connection whose output buffer is empty, and through the
+    transport otherwise, never changing the order of the output.
+    """
+
+    def setUp(self) -> None:
+        ours, self.peer = socket.socketpair()
+        ours.setblocking(False)
+        self.peer.setblocking(False)
+        self.addCleanup(ours.close)
+        self.addCleanup(self.peer.close)
+        self.reactor = MemoryReactor()
+        self.proto = _Replying(task.Clock())
+        self.connection = tcp.Server(ours, self.proto, ("192.0.2.7", 40000), _Port(), 1, self.reactor)
+        self.proto.makeConnection(self.connection)
+
+    def received(self) -> bytes:
+        """
+        What the peer can read now (nothing if nothing was sent).
+        """
+        try:
+            return self.peer.recv(65536)
+        except BlockingIOError:
+            return b""
+
+    def test_sentAtOnce(self) -> None:
+        """
+        On a plain TCP connection with nothing buffered, the reply is on
+        the socket when C{sendReply} returns, and the connection is not
+        registered for writing.
+        """
+        self.proto.dataReceived(b"hello\r\n")
+        self.assertEqual(self.received(), b"> hello\r\n")
+        self.assertNotIn(self.connection, self.reactor.writers)
+        self.assertEqual(self.connection._tempDataLen, 0)
+
+    def test_afterBufferedOutput(self) -> None:
+        """
+        While output written before waits in the transport's buffer, a
+        reply goes behind it, through the buffer.
+        """
+        self.connection.write(b"first\r\n")
+        self.proto.dataReceived(b"hello\r\n")
+        self.assertEqual(self.received(), b"")
+        self.connection.doWrite()
+        self.assertEqual(self.received(), b"first\r\n> hello\r\n")
+
+    def test_partlySent(self) -> None:
+        """
+        What the socket does not take goes through the transport's
+        buffer, and the reply after it goes behind it.
+        """
+        self.connection.socket = _ShortSocket(self.connection.socket, 3)
+        self.proto.dataReceived(b"hello\r\nagain\r\n")
+        self.assertEqual(self.received(), b"> h")
+        self.assertIn(self.connection, self.reactor.writers)
+        while self.connection in self.reactor.writers:
+            self.connection.doWrite()
+        self.assertEqual(self.received(), b"ello\r\n> again\r\n")
+
+    def test_closing(self) -> None:
+        """
+        The last reply of L{LineProtocol.closeConnection} goes out at once
+        too, and the connection then closes.
+        """
+        self.proto.dataReceived(b"BYE\r\n")
+        self.assertEqual(self.received(), b"bye\r\n")
+        self.assertTrue(self.connection.disconnecting)
+        self.proto.sendReply(b"late\r\n")
+        self.assertEqual(self.received(), b"")
+
+    def test_wrappers(self) -> None:
+        """
+        The connection under a L{ProtocolWrapper} that writes what it is
+        given is written to directly; not under a wrapper that changes it,
+        nor under TLS.
+        """
+        factory = WrappingFactory(None)
+        plain = ProtocolWrapper(factory, self.proto)
+        plain.transport = self.connection
+        self.assertIs(_plainConnection(plain), self.connection)
+        self.assertIs(_plainConnection(self.connection), self.connection)
+        changing = _WritingWrapper(factory, self.proto)
+        changing.transport = self.connection
+        self.assertIsNone(_plainConnection(changing))
+        tls = TLSMemoryBIOProtocol.__new__(TLSMemoryBIOProtocol)
+        tls.transport = self.connection
+        self.assertIsNone(_plainConnection(tls))
+        self.assertIsNone(_plainConnection(StringTransport()))
+        self.connection.TLS = True
+        self.assertIsNone(_plainConnection(self.connection))
+
+    def test_notAfterStartTLS(self) -> None:
+        """
+        Once TLS started, replies go through the transport.
+        """
+        self.proto.secure = True
+        self.proto.sendReply(b"secret\r\n")
+        self.assertEqual(self.received(), b"")
+        self.assertEqual(self.connection._tempDataLen, 8)

@@ -21,7 +21,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from pop3gw import maildir
+from pop3gw import maildelivery, maildir
 from pop3gw.address import Address
 from pop3gw.fsutil import Owner
 from pop3gw.interfaces import (
@@ -37,7 +37,7 @@ from pop3gw.interfaces import (
 )
 from pop3gw.maildir import MaildirStore
 from pop3gw.runner import ThreadPoolRunner
-from pop3gw.testing import FakeMaildropStore, ImmediateThreadPool, wireForm
+from pop3gw.testing import FakeMaildropStore, HeldRunner, ImmediateThreadPool, wireForm
 from tests.util import OTHER_GID, OTHER_UID, requireRoot, tempPath, treeModesAndOwners, withUmask
 
 ALICE = Address("alice", "example.org")
@@ -672,8 +672,9 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
         self.patch(os, "unlink", unlink)
         delivery = self.store.beginDelivery([ALICE])
         delivery.write(b"second\n")
-        [tmpName] = self.listing(ALICE, "tmp")
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
         self.successResultOf(delivery.commit())
+        tmpName = delivery.uniqueName
         newDir = os.path.abspath(self.path(ALICE, "new"))
         tmpDir = os.path.abspath(self.path(ALICE, "tmp"))
         self.assertEqual(
@@ -725,6 +726,8 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         def fsync(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+        for user in (ALICE, BOB):
+            self.store._ensureMaildir(self.store.maildirPath(user))
         delivery = self.store.beginDelivery([ALICE, BOB])
         delivery.write(b"doomed\n")
         self.patch(os, "fsync", fsync)
@@ -787,7 +790,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
 
     def test_beginDeliveryENOSPC(self) -> None:
         """
-        C{ENOSPC} creating the tmp file fails C{beginDelivery} with
+        C{ENOSPC} creating the tmp file fails the commit with
         L{InsufficientStorage}.
         """
         self.deliver([ALICE], b"x\n")
@@ -799,8 +802,10 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
             return realOpen(path, flags, mode, **kwargs)
 
         self.patch(os, "open", open)
-        e = self.assertRaises(InsufficientStorage, self.store.beginDelivery, [ALICE])
-        self.assertEqual(str(e), "cannot start delivery: No space left on device")
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"x\n")
+        failure = self.failureResultOf(delivery.commit(), InsufficientStorage)
+        self.assertEqual(str(failure.value), "cannot start delivery: No space left on device")
 
     def test_otherErrorsNotStorage(self) -> None:
         """
@@ -847,6 +852,8 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
                 raise OSError(errno.EIO, "I/O error")
             return realFsync(fd)
 
+        for user in (ALICE, BOB):
+            self.store._ensureMaildir(self.store.maildirPath(user))
         delivery = self.store.beginDelivery([ALICE, BOB])
         delivery.write(b"x\n")
         self.patch(os, "fsync", fsync)
@@ -876,13 +883,15 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
 
     def test_beginDeliveryFailure(self) -> None:
         """
-        A maildrop that cannot be created fails C{beginDelivery} with
-        L{TemporaryFailure}.
+        A maildrop that cannot be created fails the delivery's commit with
+        L{TemporaryFailure} (with a runner that works at once).
         """
         os.makedirs(os.path.join(self.root, "example.org"))
         with open(self.path(ALICE), "wb"):
             pass
-        self.assertRaises(TemporaryFailure, self.store.beginDelivery, [ALICE])
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"x\n")
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
         self.failureResultOf(self.store.openMaildrop(ALICE), TemporaryFailure)
 
     def test_commitAfterCommit(self) -> None:
@@ -1837,13 +1846,14 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
     def test_firstDeliveryCreatesInPool(self) -> None:
         """
         The first delivery to a maildrop creates it (directories, fsyncs)
-        and its tmp file in the pool; what is written meanwhile is kept and
-        the commit waits for the file.
+        and its tmp file in the pool, in the commit's one job; what is
+        written before is kept.
         """
         delivery = self.store.beginDelivery([ALICE])
-        self.assertEqual(self.pool.calls, [self.store._createDeliveryFile])
         delivery.write(b"first\n")
+        self.assertEqual(self.pool.calls, [])
         d = delivery.commit()
+        self.assertEqual(self.pool.calls, [delivery._doCommit])
         self.assertNoResult(d)
         self.reactor.runQueued()
         self.assertIsNone(self.successResultOf(d))
@@ -1853,10 +1863,12 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
     def test_firstDeliveryAbortedWhileCreating(self) -> None:
         """
         A first delivery aborted before its tmp file is open leaves no tmp
-        file once it is.
+        file once it is (a message large enough to need its file before
+        the commit).
         """
         delivery = self.store.beginDelivery([ALICE])
-        delivery.write(b"x\n")
+        delivery.write(b"x" * maildelivery.WRITE_BUFFER)
+        self.assertEqual([call.func for call in self.pool.calls], [self.store._createDeliveryFile])
         delivery.abort()
         self.reactor.runQueued()
         self.assertEqual(delivery.state, "aborted")
@@ -2043,6 +2055,98 @@ class ThreadPoolTests(MaildirTestsMixin, SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(self.stored(), [b"y\n"])
         self.assertEqual(self.listing(ALICE, "new"), [])
+
+
+class DeliveryJobTests(SynchronousTestCase):
+    """
+    A delivery does no file-system work on the reactor thread for a
+    message smaller than L{WRITE_BUFFER}: its commit's one job of the
+    runner creates the tmp file, writes, C{fsync}s and links.
+    """
+
+    def setUp(self) -> None:
+        self.root = tempPath(self)
+        self.runner = HeldRunner()
+        self.store = MaildirStore(self.root, self.runner, hostname="testhost")
+
+    def path(self, address: Address, *parts: str) -> str:
+        return os.path.join(self.root, address.domain, address.localpart, *parts)
+
+    def test_smallMessageOneJob(self) -> None:
+        """
+        Beginning and writing a small message creates nothing (not even
+        the maildrop) and hands the runner nothing; the commit is one job,
+        which creates the maildrop and delivers the message.
+        """
+        delivery = self.store.beginDelivery([ALICE], b"Received: x\r\n")
+        delivery.write(b"Subject: hi\r\n\r\nbody\r\n")
+        self.assertEqual(self.runner.jobs, [])
+        self.assertFalse(os.path.exists(self.path(ALICE)))
+        d = delivery.commit()
+        self.assertEqual(len(self.runner.jobs), 1)
+        self.runner.runNext()
+        self.assertIsNone(self.successResultOf(d))
+        [name] = os.listdir(self.path(ALICE, "new"))
+        with open(self.path(ALICE, "new", name), "rb") as f:
+            self.assertEqual(f.read(), b"Received: x\nSubject: hi\n\nbody\n")
+        self.assertEqual(os.listdir(self.path(ALICE, "tmp")), [])
+
+    def test_abortBeforeAnyFile(self) -> None:
+        """
+        Aborting a small message before its commit leaves nothing behind
+        and hands the runner nothing.
+        """
+        self.store._ensureMaildir(self.store.maildirPath(ALICE))
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"Subject: hi\r\n\r\nbody\r\n")
+        delivery.abort()
+        self.assertEqual(self.runner.jobs, [])
+        self.assertEqual(os.listdir(self.path(ALICE, "tmp")), [])
+        self.assertEqual(delivery.state, "aborted")
+
+    def test_largeMessageWrittenAsItComes(self) -> None:
+        """
+        A message outgrowing L{WRITE_BUFFER} has its tmp file created
+        through the runner; what comes meanwhile is buffered, and once the
+        file is open the next write writes it all; the commit is then one
+        more job.
+        """
+        chunk = b"x" * 1023 + b"\n"
+        count = maildelivery.WRITE_BUFFER // len(chunk)
+        delivery = self.store.beginDelivery([ALICE])
+        for _ in range(count):
+            delivery.write(chunk)
+        self.assertEqual(len(self.runner.jobs), 1)
+        delivery.write(chunk)
+        self.assertEqual(len(self.runner.jobs), 1)
+        self.runner.runNext()
+        [tmpName] = os.listdir(self.path(ALICE, "tmp"))
+        self.assertEqual(os.path.getsize(self.path(ALICE, "tmp", tmpName)), 0)
+        delivery.write(chunk)
+        self.assertEqual(os.path.getsize(self.path(ALICE, "tmp", tmpName)), (count + 2) * len(chunk))
+        d = delivery.commit()
+        self.assertEqual(len(self.runner.jobs), 1)
+        self.runner.runNext()
+        self.assertIsNone(self.successResultOf(d))
+        [name] = os.listdir(self.path(ALICE, "new"))
+        self.assertEqual(os.path.getsize(self.path(ALICE, "new", name)), (count + 2) * len(chunk))
+        self.assertEqual(os.listdir(self.path(ALICE, "tmp")), [])
+
+    def test_maildropCannotBeCreated(self) -> None:
+        """
+        A maildrop that cannot be created fails the commit with
+        L{TemporaryFailure}, and nothing is left.
+        """
+        os.makedirs(os.path.join(self.root, "example.org"))
+        with open(self.path(ALICE), "wb"):
+            pass
+        delivery = self.store.beginDelivery([ALICE])
+        delivery.write(b"x\n")
+        d = delivery.commit()
+        self.runner.runAll()
+        self.failureResultOf(d, TemporaryFailure)
+        self.assertEqual(delivery.state, "failed")
+        self.assertEqual(os.listdir(os.path.join(self.root, "example.org")), ["alice"])
 
 
 class HelperTests(SynchronousTestCase):
