@@ -49,12 +49,10 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from pop3gw.address import describePeer
-from pop3gw.flow import OutputFlow
+from pop3gw.flow import OutputFlow, idleSocket, plainConnection
 
 if TYPE_CHECKING:
 
@@ -196,7 +194,7 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
             self.peer = "unknown"
         self._output.register(self.transport)
         if not self.secure:
-            self._socketConnection = _plainConnection(self.transport)
+            self._socketConnection = plainConnection(self.transport)
         timeout = self.idleTimeout
         if timeout:
             self._timeoutCall = self.clock.callLater(timeout, self._timedOut)
@@ -262,19 +260,10 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
         waiting in the transport's buffer, else (and whatever the socket
         did not take) through C{transport.write}.
         """
-        connection = self._socketConnection
-        if (
-            connection is not None
-            and not self.secure
-            and not connection.TLS
-            and connection.connected
-            and not connection.disconnecting
-            and not connection._writeDisconnected
-            and not connection._tempDataLen
-            and not connection.dataBuffer
-        ):
+        sock = None if self.secure else idleSocket(self._socketConnection)
+        if sock is not None:
             try:
-                sent = connection.socket.send(data)
+                sent = sock.send(data)
             except OSError:
                 # Would block, or the connection broke: the transport
                 # finds out and reports it as it would have.
@@ -509,20 +498,3 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
                 self.transport.resumeProducing()
         except Exception:
             self.log.failure("flow control on transport failed")
-
-
-def _plainConnection(transport: object) -> Optional[Connection]:
-    """
-    The TCP connection C{transport} writes to unchanged: the transport
-    itself, or the one under a C{ProtocolWrapper} that does not change
-    what is written (C{write} not overridden; never TLS).
-
-    @return: that connection, or C{None} if there is none.
-    """
-    if isinstance(transport, ProtocolWrapper):
-        if isinstance(transport, TLSMemoryBIOProtocol) or type(transport).write is not ProtocolWrapper.write:
-            return None
-        transport = transport.transport
-    if isinstance(transport, Connection) and not transport.TLS:
-        return transport
-    return None

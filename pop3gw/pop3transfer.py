@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-from twisted.internet import tcp
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
+
+from pop3gw.flow import idleSocket, plainConnection
 
 #: Octets read from a message file at a time when streaming it.
 READ_CHUNK_SIZE = 262144
@@ -35,31 +35,11 @@ DIRECT_SEND_BUDGET = 1 << 20
 def _directSocket(transport):
     """
     The socket under C{transport} if octets sent on it now go out exactly as
-    a C{transport.write} would send them: C{transport} is Twisted's TCP
-    connection (under any number of plain C{ProtocolWrapper}s), connected,
-    not running TLS, not closing, with nothing waiting in its write buffer.
-
-    This reads attributes of C{twisted.internet.abstract.FileDescriptor}
-    that are not part of its interface (C{dataBuffer}, C{offset},
-    C{_tempDataLen}, C{_writeDisconnected}); if one is missing the answer is
-    C{None} and the transport's own C{write} is used.
+    a C{transport.write} would send them (L{plainConnection}, L{idleSocket}).
 
     @return: the socket, or C{None}.
     """
-    while type(transport).write is ProtocolWrapper.write:
-        transport = transport.transport
-    if type(transport).write is not tcp.Connection.write:
-        return None
-    if (
-        transport.TLS
-        or not transport.connected
-        or transport.disconnecting
-        or getattr(transport, "_writeDisconnected", True)
-        or getattr(transport, "_tempDataLen", 1)
-        or len(getattr(transport, "dataBuffer", b"?")) != getattr(transport, "offset", -1)
-    ):
-        return None
-    return transport.socket
+    return idleSocket(plainConnection(transport))
 
 
 def _writePieces(transport, pieces: Sequence[bytes], budget: int) -> int:

@@ -19,7 +19,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from pop3gw.lineproto import LineProtocol, _plainConnection
+from pop3gw.flow import plainConnection
+from pop3gw.lineproto import LineProtocol
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 
@@ -437,17 +438,17 @@ class SendReplyTests(SynchronousTestCase):
         factory = WrappingFactory(None)
         plain = ProtocolWrapper(factory, self.proto)
         plain.transport = self.connection
-        self.assertIs(_plainConnection(plain), self.connection)
-        self.assertIs(_plainConnection(self.connection), self.connection)
+        self.assertIs(plainConnection(plain), self.connection)
+        self.assertIs(plainConnection(self.connection), self.connection)
         changing = _WritingWrapper(factory, self.proto)
         changing.transport = self.connection
-        self.assertIsNone(_plainConnection(changing))
+        self.assertIsNone(plainConnection(changing))
         tls = TLSMemoryBIOProtocol.__new__(TLSMemoryBIOProtocol)
         tls.transport = self.connection
-        self.assertIsNone(_plainConnection(tls))
-        self.assertIsNone(_plainConnection(StringTransport()))
+        self.assertIsNone(plainConnection(tls))
+        self.assertIsNone(plainConnection(StringTransport()))
         self.connection.TLS = True
-        self.assertIsNone(_plainConnection(self.connection))
+        self.assertIsNone(plainConnection(self.connection))
 
     def test_notAfterStartTLS(self) -> None:
         """
