@@ -143,6 +143,13 @@ def lookupKey(address: Address) -> str:
     return f"{localpart}@{address.domain}"
 
 
+#: Domains normalised lately: a users file of 10,000 lines names a few
+#: domains, each normalised once instead of once per line.  Texts that
+#: fail are not kept.
+DOMAIN_CACHE_SIZE = 256
+
+
+@functools.lru_cache(maxsize=DOMAIN_CACHE_SIZE)
 def _normalizeDomain(domain: str) -> str:
     """
     The lower-case ASCII form of C{domain}: non-ASCII labels become IDNA

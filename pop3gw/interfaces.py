@@ -370,6 +370,43 @@ class IMessageInfo(Interface):
     )
 
 
+class IMessageColumns(Interface):
+    """
+    What an L{IMaildrop.messages} sequence may also provide: answers about
+    all its messages, or a run of them, taken from the store's columns
+    without making an L{IMessageInfo} per message, so that a session goes
+    through a large maildrop at C speed (the login's total and C{LAST}, a
+    whole C{LIST} or C{UIDL}).  Optional: the protocol derives the same from
+    the L{IMessageInfo}s of a sequence that does not provide it.
+
+    C{start} and C{stop} are 0-based indexes, as in a slice (C{0 <= start
+    <= stop <= len(messages)}).
+    """
+
+    def totalSize():
+        """
+        @return: the sum of every message's L{IMessageInfo.size}.
+        """
+
+    def lastSeen():
+        """
+        @return: the 1-based number of the last message whose
+            L{IMessageInfo.seen} is true, or 0 if none is.
+        """
+
+    def sizes(start, stop):
+        """
+        @return: an iterable of the L{IMessageInfo.size}s of messages
+            C{start} to C{stop - 1}, in order.
+        """
+
+    def uids(start, stop):
+        """
+        @return: an iterable of the L{IMessageInfo.uid}s of messages
+            C{start} to C{stop - 1}, in order.
+        """
+
+
 class IMaildrop(Interface):
     """
     One POP3 session's exclusive, snapshotted view of a user's maildrop.

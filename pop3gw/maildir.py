@@ -69,6 +69,7 @@ from pop3gw.interfaces import (
     IBlockingRunner,
     IMaildrop,
     IMaildropStore,
+    IMessageColumns,
     IMessageInfo,
     MaildropLocked,
     PermanentFailure,
@@ -353,10 +354,13 @@ class _Listing:
         self.names[index] = entry.name
 
 
+@implementer(IMessageColumns)
 class _MessageList(Sequence[MaildirMessageInfo]):
     """
     L{MaildirMaildrop.messages}: a read-only sequence of
-    L{MaildirMessageInfo}s, each made when asked for from the L{_Listing}.
+    L{MaildirMessageInfo}s, each made when asked for from the L{_Listing},
+    whose columns also answer L{IMessageColumns} without an object per
+    message.
     """
 
     __slots__ = ("_listing",)
@@ -397,6 +401,28 @@ class _MessageList(Sequence[MaildirMessageInfo]):
             uids = map(str.__getitem__, names, map(slice, listing.keyEnds))
         seen = map(bool, listing.seen)
         return map(_newTuple, repeat(MaildirMessageInfo), zip(listing.wireSizes, uids, seen))
+
+    def totalSize(self) -> int:
+        """
+        The sum of the wire sizes (a C loop over the column).
+        """
+        return sum(self._listing.wireSizes)
+
+    def lastSeen(self) -> int:
+        """
+        The number of the last message flagged seen (a search of the
+        column from its end).
+        """
+        return self._listing.seen.rfind(1) + 1
+
+    def sizes(self, start: int, stop: int) -> Iterable[int]:
+        return self._listing.wireSizes[start:stop]
+
+    def uids(self, start: int, stop: int) -> Iterable[str]:
+        listing = self._listing
+        if listing.oddKeys or listing.imported:
+            return map(listing.uid, range(start, stop))
+        return map(str.__getitem__, listing.names[start:stop], map(slice, listing.keyEnds[start:stop]))
 
 
 def _plainListing(names: list[str], numeric: bool, part: set[str], partIsNew: bool) -> _Listing:

@@ -6,14 +6,17 @@ RSET, LAST (RFC 1225), RETR, TOP and QUIT with its commit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from itertools import compress
+from operator import not_
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
 
 import attr
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pop3gw import events
-from pop3gw.interfaces import IMaildrop, IMessageInfo, TemporaryFailure
+from pop3gw.interfaces import IMaildrop, IMessageColumns, IMessageInfo, TemporaryFailure
 from pop3gw.pop3replies import (
     _TRANSACTION,
     _UPDATE,
@@ -45,6 +48,161 @@ class _Transaction:
     deleted: set[int] = attr.Factory(set)
     accessed: set[int] = attr.Factory(set)
 
+
+#: Lines of a C{LIST} or C{UIDL} listing formatted and written at a time.  A
+#: longer listing is streamed (L{_ListingSender}): one piece per write,
+#: while the client reads.
+LISTING_LINES_AT_ONCE = 2048
+
+#: Each listing line, by command: the message number, then its size or its
+#: UIDL.
+_LINE_FORMATS = {"LIST": "%d %d\r\n", "UIDL": "%d %s\r\n"}
+
+
+@implementer(IMessageColumns)
+class _InfoColumns:
+    """
+    L{IMessageColumns} of a C{messages} sequence that does not provide it
+    (a store whose listing is made of L{IMessageInfo}s already), derived
+    from its L{IMessageInfo}s.
+    """
+
+    __slots__ = ("_messages",)
+
+    def __init__(self, messages: Sequence[IMessageInfo]) -> None:
+        self._messages = messages
+
+    def totalSize(self) -> int:
+        return sum(message.size for message in self._messages)
+
+    def lastSeen(self) -> int:
+        last = 0
+        for number, message in enumerate(self._messages, 1):
+            if message.seen:
+                last = number
+        return last
+
+    def sizes(self, start: int, stop: int) -> Iterable[int]:
+        messages = self._messages
+        return [messages[index].size for index in range(start, stop)]
+
+    def uids(self, start: int, stop: int) -> Iterable[str]:
+        messages = self._messages
+        return [messages[index].uid for index in range(start, stop)]
+
+
+def _columns(messages: Sequence[IMessageInfo]) -> IMessageColumns:
+    """
+    @return: C{messages} itself if it provides L{IMessageColumns}, else an
+        L{_InfoColumns} of it.
+    """
+    if IMessageColumns.providedBy(messages):
+        return messages
+    return _InfoColumns(messages)
+
+
+def _listingLines(
+    command: str, messages: Sequence[IMessageInfo], deleted: Union[set[int], frozenset[int]], start: int, stop: int
+) -> bytes:
+    """
+    Format the C{LIST} or C{UIDL} (C{command}) lines of messages C{start}
+    to C{stop - 1} (0-based), leaving out those in C{deleted}: one C-level
+    pass over the store's columns, no object per message.  No line needs
+    dot-stuffing: each begins with a message number.
+    """
+    columns = _columns(messages)
+    values = columns.sizes(start, stop) if command == "LIST" else columns.uids(start, stop)
+    lines: Iterable = zip(range(start + 1, stop + 1), values)
+    if deleted:
+        lines = compress(lines, map(not_, map(deleted.__contains__, range(start, stop))))
+    return "".join(map(_LINE_FORMATS[command].__mod__, lines)).encode("utf-8")
+
+
+class _ListingSender:
+    """
+    Streams the lines of a long C{LIST} or C{UIDL} response and its C{.}
+    line to a transport, L{LISTING_LINES_AT_ONCE} lines per write, while
+    the transport accepts them; the server's L{pop3gw.flow.OutputFlow}
+    pauses and resumes it, as it does a L{_MessageSender}.  The client thus
+    starts reading while the rest is formatted, and the server never holds
+    more than a few pieces of a listing of any length.
+
+    @param format: formats the lines of messages C{start} to C{stop - 1}.
+    @param count: how many messages there are.
+    @param onDone: called with the sender and C{None} at the end, or a
+        L{Failure} if formatting failed (the response is then cut short).
+    """
+
+    def __init__(
+        self,
+        transport,
+        format: Callable[[int, int], bytes],
+        count: int,
+        onDone: Callable[["_ListingSender", Optional[Failure]], None],
+        onProgress: Callable[[], None],
+    ) -> None:
+        self._transport = transport
+        self._format: Optional[Callable[[int, int], bytes]] = format
+        self._count = count
+        self._onDone = onDone
+        self._onProgress = onProgress
+        self._next = 0
+        self._paused = False
+        self._running = False
+        self._finished = False
+
+    def start(self, paused: bool) -> None:
+        """
+        Send as much as the transport accepts, or nothing yet if it is
+        C{paused}.
+        """
+        self._paused = paused
+        self._run()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if not self._finished:
+            self._onProgress()
+        self._run()
+
+    def stopProducing(self) -> None:
+        """
+        The connection is going away: send nothing more, and let go of the
+        listing.
+        """
+        self._finished = True
+        self._format = None
+
+    def _run(self) -> None:
+        if self._running or self._finished:
+            return
+        self._running = True
+        ended = False
+        try:
+            while not (self._paused or self._finished):
+                start = self._next
+                stop = self._next = min(start + LISTING_LINES_AT_ONCE, self._count)
+                assert self._format is not None
+                data = self._format(start, stop)
+                if stop == self._count:
+                    self.stopProducing()
+                    ended = True
+                    self._transport.write(data + b".\r\n")
+                else:
+                    self._transport.write(data)
+        except Exception:
+            self.stopProducing()
+            self._onDone(self, Failure())
+            return
+        finally:
+            self._running = False
+        if ended:
+            self._onDone(self, None)
+
+
 if TYPE_CHECKING:
     from pop3gw.lineproto import LineProtocol as _Host
     from pop3gw.pop3 import POP3Factory
@@ -69,7 +227,7 @@ class TransactionCommands(_Host):
         _initialLast: int
         _totalSize: int
         _transaction: Optional[_Transaction]
-        _sender: Optional[_MessageSender]
+        _sender: Optional[Union[_MessageSender, _ListingSender]]
         _loggedOut: bool
         _committing: bool
         _retrieved: int
@@ -108,13 +266,9 @@ class TransactionCommands(_Host):
         """
         self._maildrop = maildrop
         self._messages = messages = maildrop.messages
-        last = total = 0
-        for number, message in enumerate(messages, 1):
-            total += message.size
-            if message.seen:
-                last = number
-        self._initialLast = last
-        self._totalSize = total
+        columns = _columns(messages)
+        self._initialLast = columns.lastSeen()
+        self._totalSize = columns.totalSize()
         self._transaction = _Transaction(last=self._initialLast)
         self.state = _TRANSACTION
         self.loggedIn()
@@ -140,14 +294,49 @@ class TransactionCommands(_Host):
         messages = self._messages
         return len(messages) - len(deleted), self._totalSize - sum(messages[i].size for i in deleted)
 
-    def _live(self) -> Iterator[tuple[int, IMessageInfo]]:
+    def _sendListing(self, command: str, first: str) -> None:
         """
-        @return: the messages not marked deleted, with their numbers.
+        Answer C{LIST} or C{UIDL} (C{command}) without an argument: the
+        C{+OK} line C{first}, a line per message not marked deleted, and
+        the C{.} line.  A listing of at most L{LISTING_LINES_AT_ONCE}
+        messages goes out in one write; a longer one is streamed by a
+        L{_ListingSender}, and the next command waits for its end.
         """
-        deleted = self._current.deleted
-        if not deleted:
-            return enumerate(self._messages, 1)
-        return ((i + 1, m) for i, m in enumerate(self._messages) if i not in deleted)
+        self._reply(first)
+        if self._disconnected:
+            return
+        messages = self._messages
+        deleted = frozenset(self._current.deleted)
+        count = len(messages)
+        if count <= LISTING_LINES_AT_ONCE:
+            self.transport.write(_listingLines(command, messages, deleted, 0, count) + b".\r\n")
+            return
+        done: defer.Deferred = defer.Deferred()
+        sender = _ListingSender(
+            self.transport,
+            lambda start, stop: _listingLines(command, messages, deleted, start, stop),
+            count,
+            onDone=lambda sender, failure: self._listingDone(sender, failure, done),
+            onProgress=self.resetTimeout,
+        )
+        self._sender = sender
+        self.hold(done)
+        sender.start(paused=self._output.paused)
+
+    def _listingDone(self, sender: _ListingSender, failure: Optional[Failure], done: defer.Deferred) -> None:
+        """
+        A streamed listing ended: close if it could not be formatted (its
+        C{+OK} line and part of it are out), then fire C{done}, the command
+        in flight.
+        """
+        if self._sender is sender:
+            self._sender = None
+        if failure is not None:
+            self.log.failure("formatting a listing failed", failure)
+            self._close()
+        else:
+            self.resetTimeout()
+        done.callback(None)
 
     def do_STAT(self, rest: str) -> None:
         _noArguments(rest)
@@ -159,10 +348,7 @@ class TransactionCommands(_Host):
             index = self._message(args[0])
             self._reply("+OK %d %d" % (args[0], self._messages[index].size))
             return
-        self._replyMultiline(
-            "+OK %d messages (%d octets)" % self._liveTotals(),
-            ["%d %d" % (n, m.size) for n, m in self._live()],
-        )
+        self._sendListing("LIST", "+OK %d messages (%d octets)" % self._liveTotals())
 
     def do_UIDL(self, rest: str) -> None:
         args = _numbers(rest, 0, 1)
@@ -170,7 +356,7 @@ class TransactionCommands(_Host):
             index = self._message(args[0])
             self._reply("+OK %d %s" % (args[0], self._messages[index].uid))
             return
-        self._replyMultiline("+OK Unique-ID listing follows.", ["%d %s" % (n, m.uid) for n, m in self._live()])
+        self._sendListing("UIDL", "+OK Unique-ID listing follows.")
 
     def do_DELE(self, rest: str) -> None:
         (number,) = _numbers(rest, 1, 1)

@@ -144,6 +144,16 @@ class _WatchedFile:
         self._loaded = True
         return self.value
 
+    def install(self, value: tuple, key: object) -> None:
+        """
+        Take C{value} as the parsed contents of the file at C{key}: what
+        this process has just written there, so it need not be read back.
+        """
+        self.value = value
+        self.key = key
+        self._failedKey = None
+        self._loaded = True
+
     def _loadFailed(self, key: object, e: OSError) -> None:
         error = e.strerror or str(e.errno)
         if key != self._failedKey:
@@ -313,10 +323,11 @@ class UsersFile:
         """
         lines, _ = self._usersFile.value
         numbers = {line.address: n for n, line in reversed(list(enumerate(lines, 1))) if line.address is not None}
-        unverifiable = {(address, users.entries[address]) for address, _ in _unverifiable(users)}
+        unverifiableUsers = _unverifiable(users)
+        unverifiable = {(address, users.entries[address]) for address, _ in unverifiableUsers}
         caseVariants = {(key, tuple(addresses)) for key, addresses in users.caseVariants.items()}
         warned, self._warned = self._warned, unverifiable | caseVariants
-        for address, _scheme in _unverifiable(users):
+        for address, _scheme in unverifiableUsers:
             if (address, users.entries[address]) in warned:
                 continue
             _log.warn(
@@ -448,7 +459,8 @@ class UsersFile:
             else:
                 lines[index] = lines[index].withHash(hashed)
             self._write(lines)
-        self._refresh(force=True)
+            self._written(lines)
+        self._refresh()
 
     def addUsers(self, entries: list[tuple[Address, str, str]]) -> None:
         """
@@ -472,7 +484,8 @@ class UsersFile:
                 text = f"{address}:{hashed}{extra}"
                 lines.append(UserLine(text.encode("utf-8"), address, str(address), hashed, extra))
             self._write(lines)
-        self._refresh(force=True)
+            self._written(lines)
+        self._refresh()
 
     def upgradePasswordHash(self, address: Address, oldHash: str, newHash: str) -> bool:
         """
@@ -491,6 +504,7 @@ class UsersFile:
                 lines[index] = lines[index].withHash(newHash)
                 stored = lines[index].address
                 self._write(lines)
+                self._written(lines)
         except OSError as e:
             _log.error(
                 "cannot upgrade the password hash of {user} in {path}: {error}",
@@ -499,7 +513,7 @@ class UsersFile:
                 error=e.strerror or str(e),
             )
             return False
-        self._refresh(force=True)
+        self._refresh()
         _log.info(
             "upgraded the password hash of {user} from {old} to {new}",
             user=str(stored),
@@ -519,8 +533,10 @@ class UsersFile:
             if index is None:
                 raise UnknownUser(str(address))
             stored = lines[index].address
-            self._write([line for line in lines if line.address != stored])
-        self._refresh(force=True)
+            kept = [line for line in lines if line.address != stored]
+            self._write(kept)
+            self._written(kept)
+        self._refresh()
 
     # -- aliases (C{pop3gw alias}): under the users file's lock
 
@@ -572,12 +588,42 @@ class UsersFile:
         return _FileLock(self.lockPath, self.owner)
 
     def _readLines(self) -> list[UserLine]:
+        """
+        The users file's lines as they are now (the caller holds the write
+        lock): those of the last reading if the file has not changed since
+        (the same (mtime_ns, size, inode) that decides a re-read), else
+        parsed afresh.  Adding a user to a file of 10,000 then parses it
+        once, not three times.
+        """
         try:
             with open(self.path, "rb") as f:
+                key = _statKey(os.fstat(f.fileno()))
+                with self._lock:
+                    if key == self._usersFile.key:
+                        return list(self._usersFile.value[0])
                 data = f.read()
         except FileNotFoundError:
             data = b""
         return parseUsers(data)[0]
+
+    def _written(self, lines: list[UserLine]) -> None:
+        """
+        Take C{lines}, just written to the users file (the caller still
+        holds the write lock), as its contents, so that the next
+        L{_refresh} brings the snapshot up to date without reading and
+        parsing the file back.  If the file cannot be examined, that
+        refresh reads it instead.
+        """
+        try:
+            key = _statKey(os.stat(self.path))
+        except OSError:
+            return
+        users: AddressMap[str] = AddressMap()
+        for line in lines:
+            if line.address is not None:
+                users.add(line.address, line.hashed)
+        with self._lock:
+            self._usersFile.install((lines, users), key)
 
     def _write(self, lines: list[UserLine]) -> None:
         """

@@ -197,6 +197,45 @@ class UsersFileTests(SynchronousTestCase):
         with open(self.path, "rb") as f:
             return f.read()
 
+    def test_writesNotReadBack(self) -> None:
+        """
+        A change made through L{UsersFile} (add, password change, removal)
+        parses the users file only if it changed since this process last
+        read it, and what it wrote is taken as written rather than read
+        and parsed back: the snapshot answers for the new contents at once.
+        A change made by someone else in between is read, not lost.
+        """
+        self.writeFile(self.path, b"alice@example.org:" + HASH_A.encode() + b"\n")
+        parsed: list = []
+        realParse = users.parseUsers
+
+        def parseUsers(data: bytes):
+            parsed.append(data)
+            return realParse(data)
+
+        self.patch(users, "parseUsers", parseUsers)
+        db = UsersFile(self.path)
+        del parsed[:]
+        db.setPassword(BOB, HASH_B, create=True)
+        self.assertEqual(parsed, [])
+        self.assertTrue(db.snapshot().exists(BOB))
+        self.assertEqual(db.peekUser(BOB), (BOB, HASH_B))
+        self.writeFile(self.path, self.read() + b"carol@example.org:" + HASH_A.encode() + b"\n")
+        db.setPassword(ALICE, HASH_B, create=False)
+        self.assertEqual(len(parsed), 1)
+        self.assertEqual(
+            self.read(),
+            b"alice@example.org:%s\nbob@example.org:%s\ncarol@example.org:%s\n"
+            % (HASH_B.encode(), HASH_B.encode(), HASH_A.encode()),
+        )
+        self.assertTrue(db.snapshot().exists(CAROL))
+        del parsed[:]
+        db.remove(BOB)
+        self.assertEqual(parsed, [])
+        self.assertFalse(db.snapshot().exists(BOB))
+        self.assertEqual(db.peekUser(ALICE), (ALICE, HASH_B))
+        self.assertEqual(UsersFile(self.path).refresh().addresses(), [ALICE, CAROL])
+
     def test_missingFile(self) -> None:
         """
         A missing users file means no users; a missing aliases file means
