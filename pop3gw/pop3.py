@@ -256,6 +256,16 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
         self._badCommands = 0
         self.sendReply(("\r\n".join(out) + "\r\n").encode("utf-8"))
 
+    def _replyBlock(self, first: str, body: bytes) -> None:
+        """
+        Send the C{+OK} line C{first} and C{body} (the rest of a multi-line
+        response, dot-stuffed, with its C{.} line) in one write.
+        """
+        if self._disconnected:
+            return
+        self._badCommands = 0
+        self.sendReply(first.encode("utf-8") + b"\r\n" + body)
+
     def _clientError(self, text: str) -> None:
         """
         Answer a client mistake; close after too many in a row.

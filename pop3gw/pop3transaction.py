@@ -236,6 +236,7 @@ class TransactionCommands(_Host):
 
         def _reply(self, text: str) -> None: ...
         def _replyMultiline(self, first: str, lines: list[str]) -> None: ...
+        def _replyBlock(self, first: str, body: bytes) -> None: ...
         def _close(self, text: Optional[str] = None) -> None: ...
         def _callLogout(self) -> None: ...
         def _avatarName(self) -> str: ...
@@ -302,14 +303,14 @@ class TransactionCommands(_Host):
         messages goes out in one write; a longer one is streamed by a
         L{_ListingSender}, and the next command waits for its end.
         """
-        self._reply(first)
-        if self._disconnected:
-            return
         messages = self._messages
         deleted = frozenset(self._current.deleted)
         count = len(messages)
         if count <= LISTING_LINES_AT_ONCE:
-            self.transport.write(_listingLines(command, messages, deleted, 0, count) + b".\r\n")
+            self._replyBlock(first, _listingLines(command, messages, deleted, 0, count) + b".\r\n")
+            return
+        self._reply(first)
+        if self._disconnected:
             return
         done: defer.Deferred = defer.Deferred()
         sender = _ListingSender(

@@ -190,6 +190,23 @@ class SmallMaildropListingTests(MaildirListingTestsMixin, SynchronousTestCase):
     """
 
 
+    def test_listingOneWrite(self) -> None:
+        """
+        The C{+OK} line, the message lines and the C{.} line of a short
+        C{LIST} or C{UIDL} go out in one write (one system call, no turn
+        of the reactor between them).
+        """
+        self.prepare()
+        session = _Session(self, self.portal, _PausingTransport(peerAddress=PEER))
+        for command in (b"LIST\r\n", b"UIDL\r\n"):
+            del session.transport.writes[:]
+            out = session.send(command)
+            self.assertEqual(session.transport.writes, [out])
+            self.assertTrue(out.startswith(b"+OK"), out)
+            self.assertTrue(out.endswith(b"\r\n.\r\n"), out)
+            self.assertEqual(out.count(b"\r\n"), len(NAMES) + 2)
+
+
 class IndexedMaildropListingTests(MaildirListingTestsMixin, SynchronousTestCase):
     """
     A maildrop above L{maildir.INDEX_MIN_ENTRIES} messages (lowered to 2):
