@@ -478,9 +478,14 @@ class UsersFile:
                 raise ValueError("bad extra fields")
         with self._writeLock():
             lines = self._readLines()
+            # One set of lookup keys, not a scan of the file per entry: an
+            # import of many users stays linear.
+            taken = {lookupKey(line.address) for line in lines if line.address is not None}
             for address, hashed, extra in entries:
-                if self._find(lines, address) is not None:
+                key = lookupKey(address)
+                if key in taken:
                     raise UserExists(str(address))
+                taken.add(key)
                 text = f"{address}:{hashed}{extra}"
                 lines.append(UserLine(text.encode("utf-8"), address, str(address), hashed, extra))
             self._write(lines)

@@ -433,6 +433,10 @@ class UsersFileTests(SynchronousTestCase):
         )
         self.assertEqual(db.refresh().addresses(), [ALICE, BOB, CAROL])
         self.assertRaises(ValueError, db.addUsers, [(Address("dave", "example.org"), "{X}a\nb", "")])
+        self.assertRaises(
+            UserExists, db.addUsers, [(Address("dave", "example.org"), HASH_A, ""), (Address("Dave", "example.org"), HASH_B, "")]
+        )
+        self.assertEqual(db.refresh().addresses(), [ALICE, BOB, CAROL])
 
     def test_malformedLines(self) -> None:
         """
