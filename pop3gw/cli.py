@@ -857,7 +857,7 @@ def cmdQueue(stores: _Stores, args, stdout: TextIO, owner: Optional[fsutil.Owner
         return EX_OK
     if args.action == "list":
         # One write: a long queue is tens of thousands of lines.
-        stdout.write("".join(queue.formatEntry(entry) + "\n" for entry in queue.listEntries(config.queueDir)))
+        stdout.write(queue.listText(config.queueDir))
         return EX_OK
     if os.path.exists(config.queueDir):
         os.listdir(config.queueDir)  # an unreadable queue is an error, not "0 messages"

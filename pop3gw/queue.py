@@ -37,6 +37,23 @@ umask; a command run as root gives them the data directory's owner
 (L{pop3gw.fsutil}).  C{pop3gw queue flush} (L{requestFlush}) touches
 C{.flush}; the relay learns of it only through L{OutboundQueue.flushStamp}.
 
+The index
+=========
+
+C{.index} (L{INDEX_FILE}) caches the parsed C{.json} files, so that the
+server's start-up and C{pop3gw queue list} with tens of thousands of
+entries need not open and parse each one.  It is only a cache: the
+entries are always the C{.json} files the directory lists; each index line
+holds one file's inode, size, modification and change times with its
+contents, and is used only while the file still has them (every write
+replaces a C{.json} by a new file).  A row is never written for a file
+modified less than L{INDEX_RACY} seconds before (a rewrite in the same
+clock tick could keep its time stamps).  The first line names the format
+version and the SHA-256 of the rest; an index of another version, or
+that does not match, is ignored.  The server rewrites it when it loads
+the queue (L{OutboundQueue.loadEntries}) and it differs; C{queue list}
+only reads it.
+
 State changes
 =============
 
@@ -57,9 +74,11 @@ import datetime
 import enum
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import re
+import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union, cast
 
 import attr
@@ -90,7 +109,24 @@ ORPHAN_AGE = 60 * 60
 FLUSH_FILE = ".flush"
 LOCK_FILE = ".lock"
 
+#: The queue's index: a cache of the parsed C{.json} files (see
+#: L{_scanEntries}), rewritten by the server when it loads the queue.
+INDEX_FILE = ".index"
+
+#: The index format's version, in its first line.
+INDEX_VERSION = 1
+
+_INDEX_MAGIC = b"pop3gw-queue-index"
+
+#: A C{.json} file modified less than this many seconds before a scan is
+#: not put in the index (see L{_scanEntries}).
+INDEX_RACY = 2.0
+
+#: Index lines decoded by one C{json.loads}.
+_INDEX_BATCH = 512
+
 _ID = re.compile(r"^[0-9a-f]{13}-[0-9a-f]{8}$")
+_ID_BYTES = re.compile(rb"^[0-9a-f]{13}-[0-9a-f]{8}$")
 
 #: An attempt marker: C{<id>.try-<attempts>-<nextAttempt>} (L{markerName}).
 _MARKER = re.compile(r"^([0-9a-f]{13}-[0-9a-f]{8})\.try-([0-9]{1,9})-([0-9][0-9.e+-]*)$")
@@ -313,34 +349,110 @@ class Entry:
             obj = json.loads(data.decode("utf-8"))
             if obj.get("version") != 1 or not _ID.match(obj["id"]):
                 raise ValueError("unknown entry version or id")
-            recipients = []
-            for r in obj["recipients"]:
-                try:
-                    state = RecipientState(r["state"])
-                except ValueError:
-                    raise ValueError("bad recipient state") from None
-                recipients.append(
-                    Recipient(
-                        _storedAddress(r["address"]),
-                        state,
-                        r.get("status"),
-                        r.get("diagnostic"),
-                        bool(r.get("notified", False)),
-                    )
-                )
-            sender = obj["sender"]
-            return cls(
-                obj["id"],
-                None if sender is None else _storedAddress(sender),
-                recipients,
-                float(obj["created"]),
-                int(obj["attempts"]),
-                float(obj["nextAttempt"]),
-                obj.get("lastError"),
-                bool(obj.get("smtputf8", False)),
+            recipients = [
+                [r["address"], r["state"], r.get("status"), r.get("diagnostic"), bool(r.get("notified", False))]
+                for r in obj["recipients"]
+            ]
+            return cls.fromRecord(
+                [
+                    obj["id"],
+                    obj["sender"],
+                    float(obj["created"]),
+                    int(obj["attempts"]),
+                    float(obj["nextAttempt"]),
+                    obj.get("lastError"),
+                    bool(obj.get("smtputf8", False)),
+                    recipients,
+                ]
             )
-        except (KeyError, TypeError, AttributeError, UnicodeDecodeError, AddressError) as e:
+        except (KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise ValueError(f"malformed queue entry: {e}") from None
+
+    def toRecord(self) -> list:
+        """
+        The entry as one compact JSON-ready list (a line of the queue's
+        index, L{INDEX_FILE}): C{[id, sender or None, created, attempts,
+        nextAttempt, lastError, smtputf8, [[address, state, status,
+        diagnostic, notified], ...]]}.
+        """
+        return [
+            self.queueId,
+            None if self.sender is None else str(self.sender),
+            self.created,
+            self.attempts,
+            self.nextAttempt,
+            self.lastError,
+            self.smtputf8,
+            [[str(r.address), r.state.value, r.status, r.diagnostic, r.notified] for r in self.recipients],
+        ]
+
+    @classmethod
+    def fromRecord(cls, record: list) -> "Entry":
+        """
+        The entry L{toRecord} gave C{record}.
+
+        @raise ValueError: C{record} is not a valid entry.
+        """
+        try:
+            queueId, sender, created, attempts, nextAttempt, lastError, smtputf8, recipients = record
+            if not isinstance(queueId, str) or not _ID.match(queueId):
+                raise ValueError("bad entry id")
+            states = _STATES
+            out = []
+            for address, state, status, diagnostic, notified in recipients:
+                found = states.get(state)
+                if found is None:
+                    raise ValueError("bad recipient state")
+                out.append(Recipient(_storedAddress(address), found, status, diagnostic, notified))
+            return cls(
+                queueId,
+                None if sender is None else _storedAddress(sender),
+                out,
+                created,
+                attempts,
+                nextAttempt,
+                lastError,
+                smtputf8,
+            )
+        except (TypeError, AttributeError, AddressError) as e:
+            raise ValueError(f"malformed queue entry: {e}") from None
+
+
+#: The recipient states by their stored names.
+_STATES = {state.value: state for state in RecipientState}
+
+_PENDING_STATE = RecipientState.PENDING.value
+
+
+def _wellFormed(record: object) -> bool:
+    """
+    @return: whether C{record}, read from the index, has the shape
+        L{Entry.toRecord} gives (else its C{.json} is read instead).
+    """
+    try:
+        queueId, sender, created, attempts, nextAttempt, lastError, smtputf8, recipients = cast(list, record)
+        return (
+            type(queueId) is str
+            and (sender is None or type(sender) is str)
+            and type(created) in (int, float)
+            and type(attempts) is int
+            and type(nextAttempt) in (int, float)
+            and (lastError is None or type(lastError) is str)
+            and type(smtputf8) is bool
+            and type(recipients) is list
+            and all(
+                type(r) is list
+                and len(r) == 5
+                and type(r[0]) is str
+                and r[1] in _STATES
+                and (r[2] is None or type(r[2]) is str)
+                and (r[3] is None or type(r[3]) is str)
+                and type(r[4]) is bool
+                for r in recipients
+            )
+        )
+    except (TypeError, ValueError):
+        return False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -449,39 +561,253 @@ def _moveMarker(root: str, old: Optional[str], new: str, owner: Optional[fsutil.
         pass
 
 
-def _scanEntries(root: str, log: Optional[Logger] = None) -> tuple:
+def _readIndex(root: str) -> dict:
+    """
+    Read the queue's index (L{INDEX_FILE}, written by L{_writeIndex}).
+
+    @return: queue id -> its line, C{<id> <inode> <size> <mtime_ns>
+        <ctime_ns> <record>}: the C{.json} file's L{_statKey} when it was
+        read and its contents as L{Entry.toRecord} gives them, in JSON; an
+        empty dict if the index is missing, of another version, or does
+        not match its checksum.
+    """
+    try:
+        with open(os.path.join(root, INDEX_FILE), "rb") as f:
+            header = f.readline()
+            body = f.read()
+    except OSError:
+        return {}
+    fields = header.split()
+    if len(fields) != 3 or fields[0] != _INDEX_MAGIC or fields[1] != b"%d" % INDEX_VERSION:
+        return {}
+    if hashlib.sha256(body).hexdigest().encode("ascii") != fields[2]:
+        return {}
+    index = {}
+    for line in body.split(b"\n"):
+        queueId = line[: line.find(b" ")]
+        if line and _ID_BYTES.match(queueId):
+            index[queueId.decode("ascii")] = line
+    return index
+
+
+def _indexLine(key: list, record: list) -> bytes:
+    """
+    The index line of an entry (see L{_readIndex}).
+    """
+    return b"%s %d %d %d %d %s" % (
+        record[0].encode("ascii"),
+        *key,
+        json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+    )
+
+
+def _indexedRecords(lines: list) -> list:
+    """
+    Decode the records of index lines whose files are unchanged, a batch
+    at a time (one C{json.loads} for many lines).
+
+    @param lines: the lines (see L{_readIndex}).
+    @return: for each line, its record, or C{None} if it is not well
+        formed.
+    """
+    records: list = []
+    for start in range(0, len(lines), _INDEX_BATCH):
+        batch = lines[start : start + _INDEX_BATCH]
+        texts = [line.split(b" ", 5)[5] for line in batch]
+        try:
+            decoded = json.loads(b"[" + b",".join(texts) + b"]")
+            if len(decoded) != len(batch):
+                raise ValueError("lines run together")
+        except ValueError:
+            decoded = []
+            for text in texts:
+                try:
+                    decoded.append(json.loads(text))
+                except ValueError:
+                    decoded.append(None)
+        for line, record in zip(batch, decoded):
+            ok = _wellFormed(record) and record[0] == line[: line.find(b" ")].decode("ascii")
+            records.append(record if ok else None)
+    return records
+
+
+def _lineKey(line: bytes) -> Optional[list]:
+    """
+    @return: the L{_statKey} an index line names, or C{None} if it names
+        none.
+    """
+    fields = line.split(b" ", 5)
+    if len(fields) != 6:
+        return None
+    try:
+        return [int(f) for f in fields[1:5]]
+    except ValueError:
+        return None
+
+
+def _writeIndex(root: str, lines: list, owner: Optional[fsutil.Owner]) -> None:
+    """
+    Replace the queue's index with C{lines} (see L{_readIndex}).  The
+    index is a cache: a failure to write it is ignored, and it is not
+    fsynced (a torn one fails its checksum).
+    """
+    body = b"\n".join(lines)
+    header = b"%s %d %s\n" % (_INDEX_MAGIC, INDEX_VERSION, hashlib.sha256(body).hexdigest().encode("ascii"))
+    tmp = os.path.join(root, f"{INDEX_FILE}.{os.getpid()}.tmp")
+    try:
+        fsutil.unlinkIfThere(tmp)
+        fd = fsutil.createFile(tmp, owner)
+        try:
+            fsutil.writeAll(fd, header + body)
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(root, INDEX_FILE))
+    except OSError:
+        with contextlib.suppress(OSError):
+            fsutil.unlinkIfThere(tmp)
+
+
+def _statKey(st: os.stat_result) -> list:
+    """
+    What the index remembers of a C{.json} file to know that it has not
+    changed since it was read: inode, size, modification and change times
+    (every write replaces the file with a new one).
+    """
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _readRecord(path: str) -> tuple:
+    """
+    Read and parse one C{.json} file.
+
+    @return: C{(key, record)}: the L{_statKey} of the file read and its
+        entry as L{Entry.toRecord} gives it.
+    @raise OSError: it cannot be read.
+    @raise ValueError: it is not a valid entry.
+    """
+    with open(path, "rb") as f:
+        key = _statKey(os.fstat(f.fileno()))
+        return key, Entry.fromJSON(f.read()).toRecord()
+
+
+def _scanEntries(
+    root: str,
+    convert: Callable[[list], Any],
+    log: Optional[Logger] = None,
+    now: Optional[float] = None,
+    owner: Optional[fsutil.Owner] = None,
+    updateIndex: bool = False,
+) -> tuple:
     """
     Every entry under C{root} whose C{.json} parses and whose C{.msg}
     exists, sorted by creation time, with its latest attempt marker
-    applied (an attempt recorded after its C{.json} was written).
+    applied (an attempt recorded after its C{.json} was written), each
+    given as a record (L{Entry.toRecord}) to C{convert}.
 
-    @return: C{(entries, markers)}: the list of L{Entry}, and queue id ->
-        the name of its latest marker, for the entries that have one.
+    The entries are the C{.json} files the directory lists, each read
+    unless the index (L{INDEX_FILE}) holds it with the same L{_statKey}:
+    an entry added, rewritten or removed since the index was written is
+    seen as it is now, and an index that is missing, corrupt or of
+    another version is ignored.
+
+    @param convert: makes what is returned of each record (which it may
+        keep: each is made for it).
+    @param now: the current time; C{time.time()} if C{None}.
+    @param owner: who gets the index file (see L{pop3gw.fsutil}).
+    @param updateIndex: whether to rewrite the index when it differs from
+        what was read.  A file modified less than L{INDEX_RACY} seconds
+        before C{now} is left out of it (read again next time), so that a
+        later rewrite of it never has the same modification time.
+    @return: C{(converted, markers)}: the list of what C{convert} made,
+        and queue id -> the name of its latest marker, for the entries
+        that have one.
     """
+    if now is None:
+        now = time.time()
     try:
+        # Names only: a DirEntry per file would cost several times the
+        # memory of the names, for a moment, at 50,000 entries.
         names = os.listdir(root)
     except FileNotFoundError:
         return [], {}
     present = set(names)
     latest: dict = {}
+    jsons = []
     for name in names:
-        parsed = _parseMarker(name)
-        if parsed is not None and (parsed[0] not in latest or parsed[1] > latest[parsed[0]][1]):
-            latest[parsed[0]] = (name, parsed[1], parsed[2])
-    entries = []
-    markers = {}
+        if name.endswith(".json"):
+            jsons.append(name)
+        elif ".try-" in name:
+            parsed = _parseMarker(name)
+            if parsed is not None and (parsed[0] not in latest or parsed[1] > latest[parsed[0]][1]):
+                latest[parsed[0]] = (name, parsed[1], parsed[2])
+    index = _readIndex(root)
     prefix = os.path.join(root, "")
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        queueId = name[: -len(".json")]
+    lines: list = []
+    recent = int((now - INDEX_RACY) * 1e9)
+    results: list = []
+    markers: dict = {}
+    # Whether the index to write differs from the one read.
+    dirty = False
+
+    def add(name: str, key: list, line: Optional[bytes], record: list) -> None:
+        # One entry read: kept in the index (unless modified too
+        # recently), its marker applied, converted.
+        queueId = record[0]
+        if queueId + ".msg" not in present:
+            if log is not None:
+                log.error("queue: skipping unreadable entry {name}: {why}", name=name, why="message file missing")
+            return
+        nonlocal dirty
+        if key[2] < recent:
+            if line is None:
+                line = _indexLine(key, record)
+                dirty = True
+            lines.append(line)
+        marker = latest.get(queueId)
+        if marker is not None:
+            markers[queueId] = marker[0]
+            if marker[1] > record[3]:
+                record[3], record[4] = marker[1], marker[2]
         try:
-            with open(prefix + name, "rb") as f:
-                entry = Entry.fromJSON(f.read())
-            if entry.queueId != queueId:
+            results.append((record[2], queueId, convert(record)))
+        except ValueError as e:
+            if log is not None:
+                log.error("queue: skipping unreadable entry {name}: {why}", name=name, why=str(e))
+
+    # The entries whose index line is current are decoded a batch at a
+    # time; the others are read from their files.
+    cached: list = []
+    unread: list = []
+    for name in jsons:
+        queueId = name[: -len(".json")]
+        line = index.pop(queueId, None)
+        if line is not None:
+            try:
+                key = _statKey(os.stat(prefix + name, follow_symlinks=False))
+            except OSError:
+                dirty = True
+                continue
+            if _lineKey(line) == key:
+                cached.append((name, key, line))
+                continue
+            dirty = True
+        unread.append(name)
+    # Entries removed since the index was written leave it.
+    dirty = dirty or bool(index)
+    for start in range(0, len(cached), _INDEX_BATCH):
+        batch = cached[start : start + _INDEX_BATCH]
+        for (name, key, line), record in zip(batch, _indexedRecords([c[2] for c in batch])):
+            if record is None:
+                unread.append(name)
+                dirty = True
+            else:
+                add(name, key, line, record)
+    del cached
+    for name in unread:
+        try:
+            key, record = _readRecord(prefix + name)
+            if record[0] != name[: -len(".json")]:
                 raise ValueError("id does not match the file name")
-            if queueId + ".msg" not in present:
-                raise ValueError("message file missing")
         except (OSError, ValueError) as e:
             if log is not None:
                 log.error(
@@ -490,21 +816,19 @@ def _scanEntries(root: str, log: Optional[Logger] = None) -> tuple:
                     why=str(e),
                 )
             continue
-        marker = latest.get(queueId)
-        if marker is not None:
-            markers[queueId] = marker[0]
-            if marker[1] > entry.attempts:
-                entry.attempts, entry.nextAttempt = marker[1], marker[2]
-        entries.append(entry)
-    entries.sort(key=lambda e: (e.created, e.queueId))
-    return entries, markers
+        add(name, key, None, record)
+    del index
+    if updateIndex and dirty:
+        _writeIndex(root, lines, owner)
+    results.sort(key=lambda r: (r[0], r[1]))
+    return [r[2] for r in results], markers
 
 
 def _readEntries(root: str, log: Optional[Logger] = None) -> list:
     """
     Every entry under C{root} (see L{_scanEntries}).
     """
-    return _scanEntries(root, log)[0]
+    return _scanEntries(root, Entry.fromRecord, log)[0]
 
 
 def _removeOrphans(root: str, now: float, log: Logger) -> None:
@@ -512,19 +836,20 @@ def _removeOrphans(root: str, now: float, log: Logger) -> None:
     Remove C{*.tmp} files, and C{.msg} files and attempt markers without a
     C{.json}, whose modification time is more than L{ORPHAN_AGE} before C{now}.
     """
-    names = set(os.listdir(root))
-    for name in sorted(names):
-        marker = _parseMarker(name)
+    names = os.listdir(root)
+    present = set(names)
+    candidates = []
+    for name in names:
         if name.endswith(".tmp"):
-            orphan = True
+            candidates.append(name)
         elif name.endswith(".msg"):
-            orphan = name[: -len(".msg")] + ".json" not in names
-        elif marker is not None:
-            orphan = marker[0] + ".json" not in names
-        else:
-            orphan = False
-        if not orphan:
-            continue
+            if name[: -len(".msg")] + ".json" not in present:
+                candidates.append(name)
+        elif ".try-" in name:
+            marker = _parseMarker(name)
+            if marker is not None and marker[0] + ".json" not in present:
+                candidates.append(name)
+    for name in sorted(candidates):
         path = os.path.join(root, name)
         try:
             if now - os.stat(path).st_mtime > ORPHAN_AGE:
@@ -560,8 +885,6 @@ def requestFlush(root: str, now: Optional[float] = None, owner: Optional[fsutil.
     @param owner: who gets the files created (see L{pop3gw.fsutil}).
     @return: how many entries were updated.
     """
-    import time
-
     if now is None:
         now = time.time()
     if not os.path.isdir(root):
@@ -583,13 +906,37 @@ def formatEntry(entry: Entry) -> str:
 
         <id> from=<sender> to=<pending,...> attempts=<n> next=<ISO time> error=<text>
     """
-    sender = "<>" if entry.sender is None else str(entry.sender)
-    pending = ",".join(str(r.address) for r in entry.pending()) or "-"
-    error = oneLine(entry.lastError, 200) if entry.lastError else "-"
+    return _formatRecord(entry.toRecord())
+
+
+def _formatRecord(record: list) -> str:
+    """
+    L{formatEntry} for an entry given as a record (L{Entry.toRecord}).
+    """
+    queueId, sender, _, attempts, nextAttempt, lastError, _, recipients = record
+    pending = ",".join(r[0] for r in recipients if r[1] == _PENDING_STATE) or "-"
+    error = oneLine(lastError, 200) if lastError else "-"
     return (
-        f"{entry.queueId} from={sender} to={pending} attempts={entry.attempts} "
-        f"next={_isoTime(entry.nextAttempt)} error={error}"
+        f"{queueId} from={'<>' if sender is None else sender} to={pending} attempts={attempts} "
+        f"next={_isoTime(nextAttempt)} error={error}"
     )
+
+
+def listText(root: str) -> str:
+    """
+    The output of C{pop3gw queue list} for the queue at C{root}: one
+    L{formatEntry} line per valid entry, oldest first; the entries come
+    from the index where it is current (see L{_scanEntries}), without
+    building an L{Entry} for each.
+    """
+    return "".join(_scanEntries(root, _formatLine)[0])
+
+
+def _formatLine(record: list) -> str:
+    """
+    L{_formatRecord} with the line end.
+    """
+    return _formatRecord(record) + "\n"
 
 
 # --- The queue ---------------------------------------------------------------
@@ -896,10 +1243,9 @@ class OutboundQueue(QueueListeners):
 
         @return: a list of L{Entry}, oldest first.
         """
-        import time
-
-        _removeOrphans(self.root, time.time(), self.log)
-        entries, markers = _scanEntries(self.root, self.log)
+        now = time.time()
+        _removeOrphans(self.root, now, self.log)
+        entries, markers = _scanEntries(self.root, Entry.fromRecord, self.log, now, self.owner, updateIndex=True)
         self._markers.update(markers)
         return entries
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
+import time
 
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from pop3gw import fsutil
+from pop3gw import queue as queuemodule
 from pop3gw.address import Address
 from pop3gw.interfaces import (
     IDelivery,
@@ -26,6 +29,7 @@ from pop3gw.interfaces import (
 from pop3gw.queue import (
     DELIVERED,
     FAILED,
+    INDEX_FILE,
     ORPHAN_AGE,
     PENDING,
     Entry,
@@ -34,8 +38,10 @@ from pop3gw.queue import (
     OutcomeKind,
     Recipient,
     RecipientState,
+    _readRecord,
     formatEntry,
     listEntries,
+    listText,
     requestFlush,
 )
 from pop3gw.runner import ThreadPoolRunner
@@ -878,3 +884,234 @@ class FakeOutboundQueueContractTests(OutboundQueueContract, unittest.Synchronous
 
     def flags(self):
         return list(self.queue.smtputf8)
+
+
+class QueueIndexTests(QueueTestMixin, unittest.SynchronousTestCase):
+    """
+    Tests for the queue's index (C{.index}): a cache of the parsed C{.json}
+    files that C{pop3gw queue list} and the server's start-up read instead
+    of each file, which never hides, invents or misstates an entry.
+    """
+
+    def setUp(self):
+        self.setUpQueue()
+        # Three entries: one for three recipients, one of them delivered,
+        # one failed and notified (bounced); one deferred twice (attempt
+        # marker, last error); one from the null sender.
+        self.many = self.enqueue(recipients=(BOB, CAROL, ERIN))
+        self.many.recipients[0].state = DELIVERED
+        self.many.recipients[1].fail("5.1.1", "550 no such user")
+        self.many.recipients[1].notified = True
+        self.successResultOf(self.queue.saveEntry(self.many))
+        self.clock.advance(1)
+        self.deferred = self.enqueue(recipients=(DAVE,))
+        self.deferred.beginAttempt(1001.0, (300.0,), 86400.0)
+        self.deferred.lastError = "dave@remote.example: 451 4.3.0 later"
+        self.successResultOf(self.queue.saveEntry(self.deferred))
+        self.deferred.beginAttempt(1301.0, (300.0,), 86400.0)
+        self.successResultOf(self.queue.recordAttempt(self.deferred))
+        self.clock.advance(1)
+        self.bounce = self.enqueue(sender=None, recipients=(ALICE,))
+        self.expected = (
+            f"{self.many.queueId} from=alice@example.org to=erin@other.example attempts=0"
+            " next=1970-01-01T00:16:40+00:00 error=-\n"
+            f"{self.deferred.queueId} from=alice@example.org to=dave@remote.example attempts=2"
+            " next=1970-01-01T00:26:41+00:00 error=dave@remote.example: 451 4.3.0 later\n"
+            f"{self.bounce.queueId} from=<> to=alice@example.org attempts=0"
+            " next=1970-01-01T00:16:42+00:00 error=-\n"
+        )
+
+    def age(self, seconds=60.0):
+        """
+        Make every file of the queue C{seconds} older than now (files
+        written less than L{INDEX_RACY} seconds ago are not indexed).
+        """
+        then = time.time() - seconds
+        for name in os.listdir(self.root):
+            os.utime(os.path.join(self.root, name), (then, then))
+
+    def index(self):
+        """
+        Age the files and have the server load the queue, which writes the
+        index.
+
+        @return: the entries loaded.
+        """
+        self.age()
+        entries = OutboundQueue(self.root, self.clock).loadEntries()
+        self.assertTrue(os.path.exists(os.path.join(self.root, INDEX_FILE)))
+        return entries
+
+    def forbidReads(self):
+        """
+        Make every read of a C{.json} file fail the test.
+        """
+
+        def read(path):
+            self.fail(f"read {path}")
+
+        self.patch(queuemodule, "_readRecord", read)
+
+    def test_listTextExact(self):
+        """
+        L{listText} gives the lines of L{formatEntry}, oldest first: the
+        pending recipients of an entry with several, the attempts and next
+        time of the latest attempt marker, the last error, C{<>} for the
+        null sender.
+        """
+        self.assertEqual(listText(self.root), self.expected)
+        self.assertEqual(listText(self.root), "".join(formatEntry(e) + "\n" for e in listEntries(self.root)))
+
+    def test_listFromIndex(self):
+        """
+        Once the server has loaded the queue, L{listText} and a second
+        start-up read no C{.json} file, and see the same entries.
+        """
+        before = [e.toJSON() for e in OutboundQueue(self.root, self.clock).loadEntries()]
+        self.index()
+        self.forbidReads()
+        self.assertEqual(listText(self.root), self.expected)
+        entries = OutboundQueue(self.root, self.clock).loadEntries()
+        self.assertEqual([e.toJSON() for e in entries], before)
+        self.assertEqual([(e.attempts, e.nextAttempt) for e in entries], [(0, 1000.0), (2, 1601.0), (0, 1002.0)])
+
+    def test_noIndexWithoutLoad(self):
+        """
+        C{queue list} (read only) writes no index.
+        """
+        self.age()
+        listText(self.root)
+        self.assertFalse(os.path.exists(os.path.join(self.root, INDEX_FILE)))
+
+    def test_recentFilesNotIndexed(self):
+        """
+        A C{.json} file written less than L{INDEX_RACY} seconds before the
+        load is not put in the index (its next rewrite might have the same
+        time stamps): it is read again next time.
+        """
+        self.index()
+        self.deferred.lastError = "dave@remote.example: 452 4.2.2 full"
+        self.successResultOf(self.queue.saveEntry(self.deferred))
+        OutboundQueue(self.root, self.clock).loadEntries()
+        read = []
+        self.patch(queuemodule, "_readRecord", lambda path: read.append(path) or _readRecord(path))
+        self.assertIn("error=dave@remote.example: 452 4.2.2 full\n", listText(self.root))
+        self.assertEqual(read, [os.path.join(self.root, self.deferred.queueId + ".json")])
+
+    def test_entryAdded(self):
+        """
+        An entry committed after the index was written, by another process
+        (a worker, C{pop3gw deliver}), is listed and loaded.
+        """
+        self.index()
+        other = OutboundQueue(self.root, self.clock)
+        self.queue = other
+        added = self.enqueue(recipients=(CAROL,))
+        self.assertIn(f"{added.queueId} from=alice@example.org to=carol@remote.example attempts=0", listText(self.root))
+        self.assertIn(added.queueId, [e.queueId for e in OutboundQueue(self.root, self.clock).loadEntries()])
+
+    def test_entryRemoved(self):
+        """
+        An entry removed after the index was written is neither listed nor
+        loaded.
+        """
+        self.index()
+        self.successResultOf(self.queue.removeEntry(self.many))
+        self.forbidReads()
+        self.assertNotIn(self.many.queueId, listText(self.root))
+        self.assertEqual(
+            [e.queueId for e in OutboundQueue(self.root, self.clock).loadEntries()],
+            [self.deferred.queueId, self.bounce.queueId],
+        )
+
+    def test_entryRewritten(self):
+        """
+        An entry rewritten after the index was written is listed as it is
+        now, even with the same size and modification time as before.
+        """
+        self.index()
+        path = os.path.join(self.root, self.deferred.queueId + ".json")
+        old = os.stat(path)
+        self.deferred.lastError = "dave@remote.example: 452 4.3.1 full!"
+        self.successResultOf(self.queue.saveEntry(self.deferred))
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+        self.assertEqual(os.stat(path).st_size, old.st_size)
+        self.assertIn(f"{self.deferred.queueId} from=alice@example.org to=dave@remote.example attempts=2 "
+                      "next=1970-01-01T00:26:41+00:00 error=dave@remote.example: 452 4.3.1 full!\n", listText(self.root))
+
+    def test_attemptAfterIndex(self):
+        """
+        An attempt recorded after the index was written (a marker renamed,
+        the C{.json} untouched) shows in the listing and the loaded entry.
+        """
+        self.index()
+        self.bounce.beginAttempt(2000.0, (300.0,), 86400.0)
+        self.successResultOf(self.queue.recordAttempt(self.bounce))
+        self.forbidReads()
+        self.assertIn(f"{self.bounce.queueId} from=<> to=alice@example.org attempts=1 "
+                      "next=1970-01-01T00:38:20+00:00 error=-\n", listText(self.root))
+        [loaded] = [e for e in OutboundQueue(self.root, self.clock).loadEntries() if e.queueId == self.bounce.queueId]
+        self.assertEqual((loaded.attempts, loaded.nextAttempt), (1, 2300.0))
+
+    def writeIndex(self, data):
+        with open(os.path.join(self.root, INDEX_FILE), "wb") as f:
+            f.write(data)
+
+    def readIndex(self):
+        with open(os.path.join(self.root, INDEX_FILE), "rb") as f:
+            return f.read()
+
+    def assertIgnored(self, data):
+        """
+        With C{data} as the index, every entry is read from its file, the
+        listing is exact, and loading the queue writes a valid index again.
+        """
+        self.writeIndex(data)
+        read = []
+        self.patch(queuemodule, "_readRecord", lambda path: read.append(path) or _readRecord(path))
+        self.assertEqual(listText(self.root), self.expected)
+        self.assertEqual(len(read), 3)
+        OutboundQueue(self.root, self.clock).loadEntries()
+        self.assertNotEqual(self.readIndex(), data)
+        del read[:]
+        self.assertEqual(listText(self.root), self.expected)
+        self.assertEqual(read, [])
+
+    def test_corruptIndex(self):
+        """
+        An index that does not match its checksum is ignored.
+        """
+        self.index()
+        data = self.readIndex()
+        self.assertIgnored(data.replace(b"alice@example.org", b"mallory@example.org", 1))
+
+    def test_truncatedIndex(self):
+        """
+        A truncated index is ignored.
+        """
+        self.index()
+        self.assertIgnored(self.readIndex()[:-20])
+
+    def test_otherVersion(self):
+        """
+        An index of another version is ignored.
+        """
+        self.index()
+        data = self.readIndex()
+        header, body = data.split(b"\n", 1)
+        self.assertEqual(header.split()[:2], [b"pop3gw-queue-index", b"1"])
+        self.assertIgnored(header.replace(b" 1 ", b" 2 ") + b"\n" + body)
+
+    def test_malformedLines(self):
+        """
+        Lines of the wrong shape in an index whose checksum matches are not
+        used: those entries are read from their files.
+        """
+        self.index()
+        lines = self.readIndex().split(b"\n")[1:]
+        self.assertEqual(len(lines), 3)
+        # A value of the wrong type, a key field missing, broken JSON.
+        bad = [lines[0].replace(b",false,[[", b',"no",[[', 1), lines[1].replace(b" ", b"  ", 1), lines[2] + b"]"]
+        self.assertEqual([a != b for a, b in zip(bad, lines)], [True, True, True])
+        body = b"\n".join(bad)
+        self.assertIgnored(b"pop3gw-queue-index 1 " + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)

@@ -558,6 +558,40 @@ class DotStufferTests(unittest.SynchronousTestCase):
         source = b"y" * (64 * 1024) + b".z\r\n"
         self.assertEqual(_DotStuffer(io.BytesIO(source)).read(), source + b".\r\n")
 
+    def test_dotAfterChunkBoundary(self):
+        """
+        A dot that starts a line right after the boundary of a read from
+        the file is doubled; one right after a boundary inside a line is
+        not.
+        """
+        for head in (b"x" * (64 * 1024 - 2) + b"\r\n", b"x" * (64 * 1024)):
+            stuffed = b"." if head.endswith(b"\n") else b""
+            source = head + b".dot\r\n"
+            self.assertEqual(
+                _DotStuffer(io.BytesIO(source)).read(16384 * 5), head + stuffed + b".dot\r\n.\r\n"
+            )
+
+    def test_readsInChunks(self):
+        """
+        The message file is read in large chunks, not line by line: a
+        message of 1,000 short lines takes two reads (the second finds the
+        end).
+        """
+        calls = []
+
+        class Spy(io.BytesIO):
+            def read(self, *args):
+                calls.append("read")
+                return io.BytesIO.read(self, *args)
+
+            def readline(self, *args):
+                calls.append("readline")
+                return io.BytesIO.readline(self, *args)
+
+        source = b"line\r\n.dot\r\n" * 500
+        self.assertEqual(_DotStuffer(Spy(source)).read(), source.replace(b"\n.", b"\n..") + b".\r\n")
+        self.assertEqual(calls, ["read", "read"])
+
     def test_endWithoutLineEnd(self):
         """
         A message whose last line has no CRLF gets one before the

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import email
 import errno
+import gc
 import os
 import threading
 
@@ -122,6 +123,80 @@ class SchedulingTests(QueueTestMixin, unittest.SynchronousTestCase):
     def bounceDelivery(self, sender, data):
         self.bounces.append((sender, data))
         return defer.succeed(None)
+
+    def queueWaiting(self, delays):
+        """
+        Queue one entry per delay, due that many seconds from now, as
+        found at start-up.
+
+        @return: the entries.
+        """
+        entries = []
+        for delay in delays:
+            entry = self.enqueue()
+            entry.nextAttempt = self.clock.seconds() + delay
+            self.successResultOf(self.queue.saveEntry(entry))
+            entries.append(entry)
+        return entries
+
+    def relayTimers(self):
+        """
+        @return: the active timers of the relay, apart from its flush poll.
+        """
+        return [c for c in self.clock.getDelayedCalls() if c.active() and c.func != self.relay._flushLoop]
+
+    def test_oneTimerForTheQueue(self):
+        """
+        Entries waiting for their next attempt share one timer, set for the
+        earliest; each is tried when its time comes, in time order, and a
+        flush makes them all due.
+        """
+        entries = self.queueWaiting([300, 100, 200, 400])
+        self.startRelay()
+        [timer] = self.relayTimers()
+        self.assertEqual(timer.getTime(), self.clock.seconds() + 100)
+        self.clock.advance(100)
+        self.assertEqual([c.recipients for c in self.deliver.calls], [[BOB]])
+        self.assertEqual(self.deliver.calls[0].kw.get("identity"), "mx.example.org")
+        [timer] = self.relayTimers()
+        self.assertEqual(timer.getTime(), self.clock.seconds() + 100)
+        self.assertEqual(self.relay.flushAll(), 3)
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliver.calls), 4)
+        self.assertEqual(self.relayTimers(), [])
+        self.assertEqual(sorted(self.relay.entries), sorted(e.queueId for e in entries))
+
+    def test_rescheduledTimerMovesSooner(self):
+        """
+        An entry scheduled sooner than the earliest moves the one timer
+        sooner; one dropped is not tried when its old time comes.
+        """
+        first, second = self.queueWaiting([300, 600])
+        self.startRelay()
+        self.relay.dropEntry(first.queueId)
+        second.nextAttempt = self.clock.seconds() + 50
+        self.relay._schedule(second)
+        [timer] = self.relayTimers()
+        self.assertEqual(timer.getTime(), self.clock.seconds() + 50)
+        self.clock.advance(50)
+        self.assertEqual(len(self.deliver.calls), 1)
+        self.deliver.calls[0].result.callback(SessionResult.broken("later"))
+        self.clock.advance(600)
+        self.assertEqual(len(self.deliver.calls), 2)
+        self.assertEqual(list(self.relay.entries), [second.queueId])
+
+    def test_loadWithoutCollector(self):
+        """
+        The queue is loaded at start-up with the cyclic garbage collector
+        paused, and it runs again afterwards.
+        """
+        self.queueWaiting([300])
+        seen = []
+        load = self.queue.loadEntries
+        self.patch(self.queue, "loadEntries", lambda: seen.append(gc.isenabled()) or load())
+        self.assertTrue(gc.isenabled())
+        self.startRelay()
+        self.assertEqual((seen, gc.isenabled(), len(self.relay.entries)), ([False], True, 1))
 
     def test_attemptRecordedBeforeDelivery(self):
         """
@@ -1267,6 +1342,34 @@ class SmarthostTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(sent[2:4], [b"RCPT TO:<bob@remote.example>\r\n", b"RCPT TO:<erin@other.example>\r\n"])
         self.assertEqual(self.resolver.queries, [])
         self.assertEqual(listEntries(self.root), [])
+
+    def test_keptConnectionMakesNoEndpoint(self):
+        """
+        A message sent over a kept smarthost connection makes no endpoint:
+        the endpoint factory is called for each connection, not for each
+        message.
+        """
+        made = []
+
+        def endpointFactory(host, port):
+            made.append((host, port))
+            return FakeEndpoint(host, port, self.connects)
+
+        self.setUpRelay(relayHost="smarthost.example", endpointFactory=endpointFactory)
+        self.start()
+        self.enqueue()
+        self.clock.advance(0)
+        [endpoint] = self.connects
+        endpoint.open()
+        sent = [endpoint.feed(r) for r in (GREETING, EHLO_OK, OK, OK, b"354 go\r\n", OK, OK)]
+        self.assertEqual(sent[-2:], [b"RSET\r\n", b""])
+        second = self.enqueue()
+        self.clock.advance(0)
+        self.assertEqual(endpoint.feed(b""), b"MAIL FROM:<alice@example.org>\r\n")
+        sent = [endpoint.feed(r) for r in (OK, OK, b"354 go\r\n", OK, OK)]
+        self.assertEqual(sent[-2:], [b"RSET\r\n", b""])
+        self.assertEqual((made, self.connects), ([("smarthost.example", 25)], [endpoint]))
+        self.assertFalse(self.queue.hasEntry(second.queueId))
 
     def test_defaultPorts(self):
         """

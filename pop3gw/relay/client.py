@@ -102,8 +102,8 @@ RESPONSE_TIMEOUT = 5 * 60
 #: C{smtp_connection_cache_time_limit} is 2).
 CACHE_IDLE_TIME = 2.0
 
-#: Longest line read at once from a queued message while sending it.
-_READ_LINE = 64 * 1024
+#: Octets read at once from a queued message while sending it.
+_READ_CHUNK = 64 * 1024
 
 _ENHANCED = re.compile(rb"^([245])\.\d{1,3}\.\d{1,3}(?=\s|$)")
 
@@ -482,22 +482,24 @@ class _DotStuffer:
         self._ended = False
 
     def read(self, n: int = -1) -> bytes:
+        # A line starts after each LF: a dot there is doubled, within a
+        # chunk by one replace, at a chunk's start by the flag.
         parts = [self._buffer]
         size = len(self._buffer)
-        while n < 0 or size < n:
-            line = self._file.readline(_READ_LINE) if not self._ended else b""
-            if not line:
-                if not self._ended:
-                    self._ended = True
-                    end = b".\r\n" if self._atLineStart else b"\r\n.\r\n"
-                    parts.append(end)
-                    size += len(end)
+        while (n < 0 or size < n) and not self._ended:
+            chunk = self._file.read(_READ_CHUNK)
+            if not chunk:
+                self._ended = True
+                end = b".\r\n" if self._atLineStart else b"\r\n.\r\n"
+                parts.append(end)
+                size += len(end)
                 break
-            if self._atLineStart and line.startswith(b"."):
-                line = b"." + line
-            self._atLineStart = line.endswith(b"\n")
-            parts.append(line)
-            size += len(line)
+            stuffed = chunk.replace(b"\n.", b"\n..")
+            if self._atLineStart and chunk.startswith(b"."):
+                stuffed = b"." + stuffed
+            self._atLineStart = chunk.endswith(b"\n")
+            parts.append(stuffed)
+            size += len(stuffed)
         data = b"".join(parts)
         if n < 0:
             n = len(data)

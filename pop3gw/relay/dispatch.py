@@ -61,13 +61,12 @@ but no setting selects it for a smarthost on port 465 yet.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from pop3gw import events
 from pop3gw.dsn import oneLine
@@ -442,13 +441,10 @@ class Dispatcher:
             # on this machine.
             return clientTLS(host, None if self.relayVerifyTLS else False), False
 
-        try:
-            endpointFactory = self._endpointFactory if relay else self._mxEndpointFactory
-            endpoint = _AbortableEndpoint(endpointFactory(host, port))
-        except Exception:
-            with contextlib.suppress(OSError):
-                message.close()
-            return defer.succeed(SessionResult.broken(oneLine(f"cannot connect: {Failure().getErrorMessage()}")))
+        # The endpoint is made only if no kept connection carries the
+        # message (a HostnameEndpoint is not cheap to make).
+        endpointFactory = self._endpointFactory if relay else self._mxEndpointFactory
+        endpoint = _AbortableEndpoint(functools.partial(endpointFactory, host, port))
         self._connections.add(endpoint)
         reuse: dict = {}
         if relay:
@@ -508,18 +504,39 @@ def _why(session: SessionResult) -> str:
 class _AbortableEndpoint:
     """
     An endpoint that remembers its one connection attempt, so that the
-    relay can abort it when it stops.
-
-    @ivar endpoint: the endpoint it connects with.
+    relay can abort it when it stops.  The endpoint it connects with is
+    made when it is first needed.
     """
 
-    def __init__(self, endpoint) -> None:
-        self.endpoint = endpoint
+    def __init__(self, makeEndpoint: Callable[[], Any]) -> None:
+        self._makeEndpoint = makeEndpoint
+        self._endpoint: Any = None
         self._connecting: Optional[defer.Deferred] = None
         self._protocol = None
 
+    @property
+    def endpoint(self) -> Any:
+        """
+        The endpoint it connects with, made at the first use.
+
+        @raise Exception: whatever making it raises.
+        """
+        if self._endpoint is None:
+            self._endpoint = self._makeEndpoint()
+        return self._endpoint
+
     def connect(self, factory) -> defer.Deferred:
-        self._connecting = self.endpoint.connect(factory)
+        """
+        Connect with L{endpoint}.
+
+        @return: a Deferred firing with the protocol, or failing with the
+            error of an endpoint that cannot be made.
+        """
+        try:
+            endpoint = self.endpoint
+        except Exception:
+            return defer.fail()
+        self._connecting = endpoint.connect(factory)
 
         def connected(p):
             self._protocol = p

@@ -48,10 +48,15 @@ C{pop3gw.queue.RelayService} (L{LOG_NAMESPACE}), as it always has.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import contextlib
+import gc
+import heapq
+import itertools
+from typing import Callable, Iterator, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -99,6 +104,22 @@ LOG_NAMESPACE = "pop3gw.queue.RelayService"
 
 
 # --- The relay service -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _collectorPaused() -> Iterator[None]:
+    """
+    Pause Python's cyclic garbage collector while a long queue is loaded:
+    the objects made are long-lived, and collections triggered by their
+    number alone would scan them again and again.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class RelayService(Service):
@@ -182,7 +203,15 @@ class RelayService(Service):
         self.lifetime = lifetime
         self.scanInterval = scanInterval
         self.entries: dict = {}
-        self._timers: dict = {}
+        # The entries waiting for their next attempt: queue id -> the
+        # number of its item (time, number, id) in the heap _due, which has
+        # one timer, _wakeup, for the earliest; an item whose number is no
+        # longer its entry's is stale and skipped.  Entries due at the same
+        # time go in the order they were scheduled.
+        self._scheduled: dict = {}
+        self._due: list = []
+        self._numbers = itertools.count()
+        self._wakeup: Optional[IDelayedCall] = None
         self._waiters: dict = {}
         # Entries waiting for one of the slots: queue id -> the Deferred.
         self._slots = defer.DeferredSemaphore(maxConnections * ENTRIES_PER_CONNECTION)
@@ -223,9 +252,12 @@ class RelayService(Service):
         self.dispatcher.start()
         if self.relayUsername and self.clientTLS is None:
             self.log.error("relay: credentials are configured but TLS is not; relaying will fail")
-        self.entries = {e.queueId: e for e in self.queue.loadEntries()}
-        for entry in self.entries.values():
-            self._schedule(entry)
+        with _collectorPaused():
+            self.entries = {e.queueId: e for e in self.queue.loadEntries()}
+            self._due = [(e.nextAttempt, next(self._numbers), e.queueId) for e in self.entries.values()]
+            self._scheduled = {queueId: number for _, number, queueId in self._due}
+            heapq.heapify(self._due)
+        self._arm()
         self.log.info("relay: {count} queued messages loaded", count=len(self.entries))
         self.queue.addListener(self._newEntry)
         self._flushMtime = self.queue.flushStamp()
@@ -247,10 +279,11 @@ class RelayService(Service):
         if self._flushLoop is not None and self._flushLoop.running:
             self._flushLoop.stop()
         self._flushLoop = None
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        if self._wakeup is not None and self._wakeup.active():
+            self._wakeup.cancel()
+        self._wakeup = None
+        self._scheduled.clear()
+        self._due = []
         # Entries still waiting for a slot are not tried (their waiters are
         # told at once); one by one, not as a chain of releases.
         for waiting in list(self._queued.values()):
@@ -294,15 +327,62 @@ class RelayService(Service):
             self._schedule(entry)
 
     def _schedule(self, entry: Entry) -> None:
-        timer = self._timers.pop(entry.queueId, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        delay = max(0.0, entry.nextAttempt - self.reactor.seconds())
-        self._timers[entry.queueId] = self.reactor.callLater(delay, self._fire, entry.queueId)
+        """
+        Make C{entry}'s next attempt at its C{nextAttempt} (replacing the
+        one scheduled, if any).
+        """
+        when = entry.nextAttempt
+        number = self._scheduled[entry.queueId] = next(self._numbers)
+        heapq.heappush(self._due, (when, number, entry.queueId))
+        if len(self._due) > 2 * len(self._scheduled) + 64:
+            # Stale items outnumber the live ones: drop them.
+            scheduled = self._scheduled
+            self._due = [item for item in self._due if scheduled.get(item[2]) == item[1]]
+            heapq.heapify(self._due)
+        if self._wakeup is None or not self._wakeup.active() or when < self._wakeup.getTime():
+            self._arm()
 
-    def _fire(self, queueId: str) -> None:
-        self._timers.pop(queueId, None)
-        self.runEntry(queueId)
+    def _unschedule(self, queueId: str) -> None:
+        """
+        Cancel the scheduled attempt of entry C{queueId}, if any (its heap
+        item becomes stale).
+        """
+        self._scheduled.pop(queueId, None)
+
+    def _arm(self) -> None:
+        """
+        Set the one timer for the earliest scheduled attempt.
+        """
+        due, scheduled = self._due, self._scheduled
+        while due and scheduled.get(due[0][2]) != due[0][1]:
+            heapq.heappop(due)
+        if self._wakeup is not None and self._wakeup.active():
+            if due and self._wakeup.getTime() == due[0][0]:
+                return
+            self._wakeup.cancel()
+        self._wakeup = None
+        if due:
+            delay = max(0.0, due[0][0] - self.reactor.seconds())
+            self._wakeup = self.reactor.callLater(delay, self._fire)
+
+    def _fire(self) -> None:
+        """
+        Start the attempts now due, oldest time first, and set the timer for
+        the next.
+        """
+        self._wakeup = None
+        now = self.reactor.seconds()
+        due, scheduled = self._due, self._scheduled
+        ready = []
+        while due and due[0][0] <= now:
+            _, number, queueId = heapq.heappop(due)
+            if scheduled.get(queueId) == number:
+                del scheduled[queueId]
+                ready.append(queueId)
+        for queueId in ready:
+            self.runEntry(queueId)
+        if self._wakeup is None:
+            self._arm()
 
     def dropEntry(self, queueId: str) -> None:
         """
@@ -312,9 +392,7 @@ class RelayService(Service):
         """
         if queueId in self._waiters:
             return
-        timer = self._timers.pop(queueId, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._unschedule(queueId)
         self.entries.pop(queueId, None)
 
     def flushAll(self) -> int:
@@ -364,9 +442,7 @@ class RelayService(Service):
             result.callback(None)
             return result
         entry: Entry = found
-        timer = self._timers.pop(queueId, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._unschedule(queueId)
         self._waiters[queueId] = [result]
         slot = self._queued[queueId] = self._slots.acquire()
 
