@@ -29,7 +29,7 @@ from pop3gw.pop3replies import (
     _NoSuchMessage,
     _numbers,
 )
-from pop3gw.pop3transfer import _MessageSender
+from pop3gw.pop3transfer import _MessageSender, _Sender
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -118,7 +118,7 @@ def _listingLines(
     return "".join(map(_LINE_FORMATS[command].__mod__, lines)).encode("utf-8")
 
 
-class _ListingSender:
+class _ListingSender(_Sender):
     """
     Streams the lines of a long C{LIST} or C{UIDL} response and its C{.}
     line to a transport, L{LISTING_LINES_AT_ONCE} lines per write, while
@@ -141,32 +141,11 @@ class _ListingSender:
         onDone: Callable[["_ListingSender", Optional[Failure]], None],
         onProgress: Callable[[], None],
     ) -> None:
-        self._transport = transport
+        super().__init__(transport, onProgress)
         self._format: Optional[Callable[[int, int], bytes]] = format
         self._count = count
         self._onDone = onDone
-        self._onProgress = onProgress
         self._next = 0
-        self._paused = False
-        self._running = False
-        self._finished = False
-
-    def start(self, paused: bool) -> None:
-        """
-        Send as much as the transport accepts, or nothing yet if it is
-        C{paused}.
-        """
-        self._paused = paused
-        self._run()
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if not self._finished:
-            self._onProgress()
-        self._run()
 
     def stopProducing(self) -> None:
         """

@@ -156,7 +156,44 @@ class _TopFilter:
         return b"".join(out)
 
 
-class _MessageSender:
+class _Sender:
+    """
+    What L{_MessageSender} and the listing sender of L{pop3gw.pop3transaction}
+    share: a streaming producer that the server's
+    L{pop3gw.flow.OutputFlow} pauses and resumes, writing to C{transport}
+    while not paused (L{_run}, in subclasses) and calling C{onProgress}
+    (the idle timer) each time the client reads on.
+    """
+
+    def __init__(self, transport, onProgress: Callable[[], None]) -> None:
+        self._transport = transport
+        self._onProgress = onProgress
+        self._paused = False
+        self._running = False
+        self._finished = False
+
+    def start(self, paused: bool) -> None:
+        """
+        Send as much as the transport accepts, or nothing yet if it is
+        C{paused}.
+        """
+        self._paused = paused
+        self._run()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if not self._finished:
+            self._onProgress()
+        self._run()
+
+    def _run(self) -> None:
+        raise NotImplementedError()
+
+
+class _MessageSender(_Sender):
     """
     Streams one message (or its top) to a transport: reads C{chunkSize}
     octets at a time while not paused, dot-stuffs them and ends with the
@@ -182,39 +219,18 @@ class _MessageSender:
         chunkSize: int = READ_CHUNK_SIZE,
         head: bytes = b"",
     ) -> None:
-        self._transport = transport
+        super().__init__(transport, onProgress)
         self._source = source
         self._top = _TopFilter(topLines) if topLines is not None else None
         self._onDone = onDone
-        self._onProgress = onProgress
         self._onSent = onSent
         self._chunkSize = chunkSize
         self._head = head
         self._stuffer = _DotStuffer()
-        self._paused = False
-        self._running = False
-        self._finished = False
         # The last piece, held back to go out with the end (see _pump).
         self._tail = b""
         self._tailSize = 0
         self._budget = 0
-
-    def start(self, paused: bool) -> None:
-        """
-        Send as much as the transport accepts, or nothing yet if it is
-        C{paused}.
-        """
-        self._paused = paused
-        self._run()
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if not self._finished:
-            self._onProgress()
-        self._run()
 
     def stopProducing(self) -> None:
         """
