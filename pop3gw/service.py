@@ -25,7 +25,7 @@ import attr
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet import defer, tcp, unix
+from twisted.internet import defer, task, tcp, unix
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
@@ -297,7 +297,12 @@ class ProcessPoolService(Service):
 class StagedService(MultiService):
     """
     Parts that stop in stages (see L{stopService}).
+
+    @ivar reactor: if set, the reactor whose accepted connections are
+        closed once every part has stopped (L{closeConnections}).
     """
+
+    reactor: Any = None
 
     def stopService(self) -> defer.Deferred:
         """
@@ -305,7 +310,8 @@ class StagedService(MultiService):
         stopped: the listeners (no new connection), then the services (the
         relay records the attempts in progress), then the thread pools
         (each after the work in flight on it has reported, so a commit in
-        progress is answered and a relay result is written).
+        progress is answered and a relay result is written); then close
+        the connections once those answers are sent.
         """
         Service.stopService(self)
         parts = list(self)
@@ -314,7 +320,40 @@ class StagedService(MultiService):
         for stage in (STOP_LISTENERS, STOP_SERVICES, STOP_POOLS):
             group = [p for p in parts if getattr(p, "stopStage", STOP_SERVICES) == stage]
             d.addCallback(lambda _, group: _stopAll(group), group)
+        if self.reactor is not None:
+            d.addCallback(lambda _: closeConnections(self.reactor))
         return d
+
+
+#: Seconds a stopping server waits for its connections' last replies to be
+#: sent (L{closeConnections}).
+CLOSE_TIMEOUT = 5.0
+
+
+def closeConnections(reactor, timeout: float = CLOSE_TIMEOUT) -> defer.Deferred:
+    """
+    Close every connection C{reactor} accepted after what was written to
+    it is sent, and wait until they are closed, at most C{timeout}
+    seconds.  The reactor's own shutdown drops them at once, and with them
+    the replies still in their buffers: a C{250} written when the commit
+    it acknowledges finished, just before, would be lost.
+
+    @return: a Deferred firing with C{None} once they are closed or the
+        time is up.
+    """
+    accepted = (tcp.Server, unix.Server)
+    connections = {c for c in [*reactor.getReaders(), *reactor.getWriters()] if isinstance(c, accepted)}
+    for connection in connections:
+        connection.loseConnection()
+    deadline = reactor.seconds() + timeout
+
+    def check() -> None:
+        if reactor.seconds() >= deadline or not any(c.connected for c in connections):
+            loop.stop()
+
+    loop = task.LoopingCall(check)
+    loop.clock = reactor
+    return loop.start(0.01).addCallback(lambda _: None)
 
 
 class ServerLockService(StagedService):
@@ -1116,6 +1155,7 @@ def _build(config: Config, reactor) -> MultiService:
         return _buildSupervisor(config, reactor, owner)
 
     top = ServerLockService(config.dataDir, owner)
+    top.reactor = reactor
     core = _buildCore(config, reactor, owner, top)
     metrics = Metrics() if config.listeners["metrics"] else None
     peerCounts = PeerCounts()
@@ -1222,6 +1262,7 @@ def _buildSupervisor(config: Config, reactor, owner: Optional[fsutil.Owner]) -> 
     workers (L{pop3gw.worker}), which serve the listeners.
     """
     top = ServerLockService(config.dataDir, owner)
+    top.reactor = reactor
     core = _buildCore(config, reactor, owner, top, checksPasswords=False)
 
     bound: list[BoundListenerService] = []
@@ -1371,6 +1412,7 @@ def makeWorkerService(setup: WorkerSetup, reactor, link: WorkerLink) -> MultiSer
     _raiseFileLimit()
     owner = fsutil.dataDirectoryOwner(config.dataDir)
     top = StagedService()
+    top.reactor = reactor
     core = _buildCore(config, reactor, owner, top, worker=True)
     peerCounts = SharedPeerCounts(link)
     limiters: dict[str, list] = {}

@@ -187,6 +187,73 @@ class WorkersEndToEndTests(SynchronousTestCase):
         client.quit()
         self.assertEqual(subjects, sorted(b"note %d" % i for i in range(8)))
 
+    def test_killedWorkersBacklogServed(self) -> None:
+        """
+        Connections waiting for a worker that is killed (here stopped with
+        SIGSTOP while they come, then killed with SIGKILL) are all served,
+        and so is every later one.
+        """
+        server = self.startServer()
+        server.addUser(ALICE, ALICE_PW)
+        pids = self.waitReady(server)
+        os.kill(pids[1], signal.SIGSTOP)
+        waiting = []
+        for _ in range(20):
+            client = socket.create_connection(("127.0.0.1", server.ports["pop3"]), timeout=30)
+            self.addCleanup(_quietClose, client)
+            waiting.append(client)
+        os.kill(pids[1], signal.SIGKILL)
+        for client in waiting:
+            self.assertTrue(client.makefile("rb").readline().startswith(b"+OK "))
+            client.sendall(b"QUIT\r\n")
+        mark = len(server.output)
+        for _ in range(20):
+            self.login(server, ALICE, ALICE_PW).quit()
+        served = self.waitForLines(server, 20, r'login: service=pop3 .*user="alice@example.org"', mark)
+        self.assertEqual(len(served), 20)
+
+    def test_stopLosesNoAcknowledgedMessage(self) -> None:
+        """
+        SIGTERM to the supervisor while eight submissions' ends of data are
+        in flight: each client gets C{250} or loses its connection (it
+        then sends again), never another reply; once the server has
+        stopped, the maildrop holds exactly the messages acknowledged with
+        C{250} (a commit finished while stopping has its reply sent before
+        the connection closes).
+        """
+        server = self.startServer()
+        server.addUser(ALICE, ALICE_PW)
+        clients = []
+        for i in range(8):
+            client = smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30)
+            self.addCleanup(_quietClose, client)
+            client.login(ALICE, ALICE_PW)
+            self.assertEqual(client.docmd("MAIL", f"FROM:<{ALICE}>")[0], 250)
+            self.assertEqual(client.docmd("RCPT", f"TO:<{ALICE}>")[0], 250)
+            self.assertEqual(client.docmd("DATA")[0], 354)
+            client.send(message(to=ALICE, subject=f"stop {i}", body=b"hello\r\n"))
+            clients.append(client)
+        for client in clients:
+            client.send(b".\r\n")
+        server.signal(signal.SIGTERM)
+        acknowledged = []
+        for i, client in enumerate(clients):
+            try:
+                code = client.getreply()[0]
+            except smtplib.SMTPServerDisconnected:
+                continue
+            self.assertEqual(code, 250)
+            acknowledged.append(b"stop %d" % i)
+        assert server.proc is not None
+        server.proc.wait(timeout=60)
+        stored = []
+        for sub in ("new", "cur"):
+            folder = os.path.join(server.maildir(ALICE), sub)
+            for name in os.listdir(folder):
+                with open(os.path.join(folder, name), "rb") as f:
+                    stored.append(re.search(rb"^Subject: (.*?)\r?$", f.read(), re.M).group(1))
+        self.assertEqual(sorted(stored), acknowledged)
+
     def test_queuedMailRelayedByTheSupervisor(self) -> None:
         """
         Mail for another domain, queued by a worker, is relayed once by the

@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
@@ -730,6 +730,140 @@ class PostmasterWarningTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(self.warnings("postmaster = Alice@example.org\n"), [])
+
+
+class FakeAccepted(tcp.Server):
+    """
+    An accepted connection as L{pop3gw.service.closeConnections} sees it.
+    """
+
+    def __init__(self) -> None:
+        self.connected = 1
+        self.losing = False
+
+    def loseConnection(self, _reason=None) -> None:
+        self.losing = True
+
+
+class CloseConnectionsTests(SynchronousTestCase):
+    """
+    L{pop3gw.service.closeConnections}: the last stage of a stop.
+    """
+
+    def test_acceptedClosedAfterTheirOutput(self) -> None:
+        """
+        Every accepted connection of the reactor is closed after its output
+        is sent (C{loseConnection}); the result fires once all are closed.
+        Other descriptors (a listening port, the reactor's own) are left
+        alone.
+        """
+        from pop3gw.service import closeConnections
+
+        reactor = MemoryReactorClock()
+        one, two, other = FakeAccepted(), FakeAccepted(), Protocol()
+        reactor.addReader(one)
+        reactor.addWriter(two)
+        reactor.addReader(other)
+        d = closeConnections(reactor, 5.0)
+        self.assertEqual((one.losing, two.losing), (True, True))
+        self.assertNoResult(d)
+        one.connected = 0
+        reactor.advance(0.01)
+        self.assertNoResult(d)
+        two.connected = 0
+        reactor.advance(0.01)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_waitBounded(self) -> None:
+        """
+        A connection whose peer reads nothing is waited for C{timeout}
+        seconds at most.
+        """
+        from pop3gw.service import closeConnections
+
+        reactor = MemoryReactorClock()
+        reactor.addReader(FakeAccepted())
+        d = closeConnections(reactor, 5.0)
+        reactor.advance(4.9)
+        self.assertNoResult(d)
+        reactor.advance(0.2)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_stopClosesLast(self) -> None:
+        """
+        A staged service with a reactor closes the accepted connections
+        after its parts have stopped, and its stop waits for them.
+        """
+        from pop3gw.service import StagedService
+
+        reactor = MemoryReactorClock()
+        connection = FakeAccepted()
+        reactor.addReader(connection)
+        top = StagedService()
+        top.reactor = reactor
+        top.startService()
+        d = top.stopService()
+        self.assertTrue(connection.losing)
+        self.assertNoResult(d)
+        connection.connected = 0
+        reactor.advance(0.01)
+        self.successResultOf(d)
+
+
+class FakeBoundPort:
+    """
+    A bound TCP port as L{pop3gw.service.BoundListenerService} gets it.
+    """
+
+    backlog = 50
+
+    def __init__(self, sock) -> None:
+        self.socket = sock
+        self.reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def stopListening(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def getHost(self) -> IPv4Address:
+        host, port = self.socket.getsockname()
+        return IPv4Address("TCP", host, port)
+
+
+class ReadingPort:
+    """
+    An adopted port that records whether it is read (accepts).
+    """
+
+    def __init__(self) -> None:
+        self.reading = True
+
+    def startReading(self) -> None:
+        self.reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+
+class ReadingReactor(MemoryReactorClock):
+    """
+    A memory reactor whose adopted ports are L{ReadingPort}s.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[ReadingPort] = []
+
+    def adoptStreamPort(self, fileno, addressFamily, factory):
+        super().adoptStreamPort(fileno, addressFamily, factory)
+        port = ReadingPort()
+        self.ports.append(port)
+        return port
 
 
 class WorkersWiringTests(SynchronousTestCase):
