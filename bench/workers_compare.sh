@@ -2,9 +2,10 @@
 # pop3gw --workers 1 beside --workers 2 (or $WORKERS): POP3 sessions/s and
 # submissions/s at $CONC clients, the two servers measured one after the
 # other within each of $REPEATS rounds (which one goes first alternates),
-# with server CPU (the supervisor and its workers) from /proc; a summary
-# at the end gives each round's ratio and CPU per operation, with medians
-# and ranges.  Loopback only; both servers are stopped by PID
+# with server CPU (the supervisor and its workers) from /proc, and for the
+# workers' server each process's share; a summary at the end gives each
+# round's ratio and CPU per operation, with medians and ranges, and how
+# many POP3 logins each worker served.  Loopback only; both servers are stopped by PID
 # and their data directories removed at the end.
 #
 #   bench/workers_compare.sh            # twistd and pop3gw from $PATH
@@ -69,25 +70,44 @@ for n in 1 "$WORKERS"; do
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 RESULTS=$ROOT/results.jsonl
+# CPU seconds (user + system) of the workers' server's processes, one
+# "pid seconds" line each: the supervisor first, then its workers.
+cpuSnapshot() {
+    local tick; tick=$(getconf CLK_TCK)
+    for p in "${PID[$WORKERS]}" $(pgrep -P "${PID[$WORKERS]}"); do
+        awk -v p="$p" -v t="$tick" '{ sub(/^.*\) /, ""); printf "%s %.2f\n", p, ($12 + $13) / t }' "/proc/$p/stat" 2>/dev/null
+    done
+}
+showSplit() {  # showSplit BEFORE AFTER: each process's CPU over the run
+    join <(sort "$1") <(sort "$2") | awk -v sup="${PID[$WORKERS]}" '{ d = $3 - $2; all += d; n[NR] = $1; c[NR] = d }
+        END { if (all <= 0) exit; printf "   CPU split:"; for (i = 1; i <= NR; i++) printf " %s %.2f s (%.0f%%)", (n[i] == sup ? "supervisor" : "worker pid " n[i]), c[i], 100 * c[i] / all; print "" }'
+}
 for r in $(seq 1 "$REPEATS"); do
     # Alternate which server goes first, so that a drift of the machine's
     # load over a round does not favour one of them.
     if [ $((r % 2)) = 1 ]; then order="1 $WORKERS"; else order="$WORKERS 1"; fi
     for n in $order; do
         echo "== round $r --workers $n: POP3 sessions"
+        cpuSnapshot >"$ROOT/cpu0"
         python3 "$HERE/pop3_load.py" sessions --port "${POP3[$n]}" --user 'u{i}@example.org' --password pw \
             --concurrency "$CONC" --users "$USERS" --seconds "$DURATION" --pid "${PID[$n]}" --json 2>&1 >"$ROOT/out" | grep -v '^$' || true
         sed "s/^{/{\"round\": $r, \"workers\": $n, /" "$ROOT/out" >>"$RESULTS"
+        cpuSnapshot >"$ROOT/cpu1"; [ "$n" = "$WORKERS" ] && showSplit "$ROOT/cpu0" "$ROOT/cpu1"
     done
     for n in $order; do
         echo "== round $r --workers $n: submissions"
+        cpuSnapshot >"$ROOT/cpu0"
         python3 "$HERE/smtp_load.py" --port "${SMTP[$n]}" --user 'u{i}@example.org' --password pw \
             --rcpt sink@example.org --count "$COUNT" --concurrency "$CONC" --users "$USERS" --size "$SIZE" \
             --maildir "$ROOT/w$n/mail/example.org/sink" --pid "${PID[$n]}" --json 2>&1 >"$ROOT/out" | grep -v '^$' || true
         sed "s/^{/{\"round\": $r, \"workers\": $n, /" "$ROOT/out" >>"$RESULTS"
+        cpuSnapshot >"$ROOT/cpu1"; [ "$n" = "$WORKERS" ] && showSplit "$ROOT/cpu0" "$ROOT/cpu1"
     done
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+# The log rotates at 1 MB: count over every file of it (warm-up included).
+echo "POP3 logins per worker (--workers $WORKERS, the whole run):" \
+    $(cat "$ROOT/log$WORKERS"* | grep -o 'login: service=pop3 .*(worker [0-9]*)$' | grep -o '(worker [0-9]*)' | sort | uniq -c | tr -s ' ' | tr '\n' ';')
 # One line per round: rate and server CPU per operation (the supervisor and
 # its workers), both servers, and the ratio; then the medians and ranges.
 python3 - "$RESULTS" "$WORKERS" <<'PY'
