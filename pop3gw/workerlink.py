@@ -155,8 +155,8 @@ def formatLogText(event: dict, suffix: str = "", stamps: Optional[_TimeStamps] =
     """
     One log event of a worker as the line C{twistd}'s text log observer
     (C{textFileLogObserver}, RFC 3339 time stamps) would write for it, with
-    C{suffix} at the end of its text: C{time [namespace#level] text suffix},
-    a traceback's lines continued with a tab.
+    C{suffix} at the end of its first line: C{time [namespace#level] text
+    suffix}, a traceback's lines following, continued with a tab.
 
     @param stamps: where the time stamps come from (one per writer, made
         once per second); by default each is made anew.
@@ -166,7 +166,19 @@ def formatLogText(event: dict, suffix: str = "", stamps: Optional[_TimeStamps] =
     text = eventAsText(event, formatTime=stamps if stamps is not None else formatTime)
     if not text:
         return None
-    return ((text + suffix).replace("\n", "\n\t") + "\n").encode("utf-8")
+    return (withSuffix(text, suffix).replace("\n", "\n\t") + "\n").encode("utf-8")
+
+
+def withSuffix(text: str, suffix: str) -> str:
+    """
+    C{text} with C{suffix} at the end of its first line (a traceback's
+    lines follow it, as they are).
+
+    >>> withSuffix("it broke\\nTraceback...\\nError: no\\n", " (worker 1)")
+    'it broke (worker 1)\\nTraceback...\\nError: no\\n'
+    """
+    first, newline, rest = text.partition("\n")
+    return first + suffix + newline + rest
 
 
 def logTextEncoder(suffix: str) -> Callable[[dict], Optional[bytes]]:
@@ -188,7 +200,7 @@ def decodeLogLine(line: bytes, suffix: str = "") -> dict:
     record = json.loads(line)
     if not isinstance(record, dict) or not isinstance(record.get("x"), str):
         raise ValueError("not a log record")
-    text = record["x"] + suffix
+    text = withSuffix(record["x"], suffix)
     event = {
         "log_time": float(record["t"]),
         "log_level": LogLevel.levelWithName(record.get("l") or "info"),

@@ -231,14 +231,19 @@ class LogTextTests(SynchronousTestCase):
     def test_failureOneLine(self) -> None:
         """
         A failure's traceback is part of the one line, its lines continued
-        with a tab as C{twistd} writes them, and the suffix comes last.
+        with a tab as C{twistd} writes them; the suffix ends the first line
+        (the one a log reader matches), not a line of its own after the
+        traceback.
         """
         events: list = []
         Logger(namespace="pop3gw.x", observer=events.append).failure("it broke", Failure(ZeroDivisionError("no")))
         line = formatLogText(events[0], " (worker 1)")
-        self.assertEqual(line, (formatEventAsClassicLogText(events[0])[:-1] + " (worker 1)\n").encode("utf-8"))
-        self.assertIn(b"[pop3gw.x#critical] it broke\n\tTraceback (most recent call last):", line)
-        self.assertTrue(line.endswith(b"ZeroDivisionError: no\n\t (worker 1)\n"), line)
+        self.assertEqual(
+            line,
+            formatEventAsClassicLogText(events[0]).replace("\n", " (worker 1)\n", 1).encode("utf-8"),
+        )
+        self.assertIn(b"[pop3gw.x#critical] it broke (worker 1)\n\tTraceback (most recent call last):", line)
+        self.assertTrue(line.endswith(b"ZeroDivisionError: no\n\t\n"), line)
 
     def test_nothingToSay(self) -> None:
         """
