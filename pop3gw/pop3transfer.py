@@ -12,6 +12,7 @@ octets go straight to the socket (L{_directSocket}), without a reactor turn.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, Optional, Sequence
 
 from twisted.python.failure import Failure
@@ -156,7 +157,7 @@ class _TopFilter:
         return b"".join(out)
 
 
-class _Sender:
+class _Sender(ABC):
     """
     What L{_MessageSender} and the listing sender of L{pop3gw.pop3transaction}
     share: a streaming producer that the server's
@@ -189,8 +190,11 @@ class _Sender:
             self._onProgress()
         self._run()
 
+    @abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError()
+        """
+        Write while not paused and not finished.
+        """
 
 
 class _MessageSender(_Sender):
