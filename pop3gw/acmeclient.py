@@ -29,7 +29,7 @@ import json
 import os
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import attr
 from cryptography import x509
@@ -37,10 +37,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from pop3gw import fsutil
-from pop3gw.httpsite import getOnlySite
+
+if TYPE_CHECKING:
+    from twisted.web.server import Site
 
 ACME_DIR = "acme"
 ACCOUNT_KEY = "account.pem"
@@ -140,12 +141,16 @@ class _ChallengePage(Resource):
         return answer.encode("ascii")
 
 
-def challengeSite(tokens: ChallengeTokens) -> Site:
+def challengeSite(tokens: ChallengeTokens) -> "Site":
     """
     The HTTP site of C{[acme] http}: C{/.well-known/acme-challenge/TOKEN},
     404 for anything else.  No access log, no request body (see
     L{pop3gw.httpsite}).
     """
+    # Loaded here: reading the configuration (every pop3gw command) needs
+    # only ACMESettings, not Twisted's web server.
+    from pop3gw.httpsite import getOnlySite
+
     return getOnlySite(_ChallengePage(tokens))
 
 

@@ -25,10 +25,10 @@ import sys
 import time
 from typing import TYPE_CHECKING, BinaryIO, Iterator, Optional, TextIO
 
-from pop3gw import __version__, clidkim, fsutil, inbound
+from pop3gw import __version__, clidkim, fsutil
 from pop3gw.address import Address, AddressError
 from pop3gw.config import Config, ConfigError, buildConfig
-from pop3gw.inbound import Session
+from pop3gw.inboundpolicy import Session
 from pop3gw.interfaces import (
     AddressIsAlias,
     AliasError,
@@ -778,6 +778,10 @@ def _checkedMessage(config: Config, stdinBytes: BinaryIO, session: Session) -> b
         deferred (exit 75) by the checks.
     """
     message = b"".join(_readMessage(stdinBytes, config.maxMessageSize)).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    # Loaded only here: the checks need DNS, DKIM and HTTP libraries that
+    # every other command (and a delivery without the checks) does without.
+    from pop3gw import inbound
+
     verdict = inbound.checkNow(config.hostname, config.inbound, message, session)
     if verdict.reply is not None:
         status = EX_NOPERM if verdict.reply.code >= 500 else EX_TEMPFAIL

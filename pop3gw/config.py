@@ -23,7 +23,7 @@ from twisted.python import usage
 from pop3gw.acmeclient import ACMESettings
 from pop3gw.address import Address, AddressError, parseDomain
 from pop3gw.auth import PLAINTEXT_MODES
-from pop3gw.inbound import InboundPolicy
+from pop3gw.inboundpolicy import InboundPolicy
 from pop3gw.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 DEFAULT_DATA_DIR = "pop3gw-data"
