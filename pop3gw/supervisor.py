@@ -19,6 +19,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import (
     FileLogObserver,
     InvalidLogLevelError,
@@ -45,6 +46,14 @@ STABLE_AFTER = 30.0
 STOP_TIMEOUT = 30.0
 #: Longest line kept from a worker's output; the rest of it is dropped.
 MAX_LINE = 256 * 1024
+#: A worker that has said nothing on its control channel for this many
+#: seconds is taken as hung and killed (it says C{alive} every
+#: L{pop3gw.workerlink.ALIVE_INTERVAL} seconds from its event loop), then
+#: replaced like any worker that ended: its sessions are lost anyway, and
+#: the maildrop locks they hold are released with the process.
+ALIVE_TIMEOUT = 60.0
+#: Seconds between two looks at when each worker was last heard from.
+WATCH_INTERVAL = 5.0
 
 
 class WorkerProcess(ProcessProtocol):
@@ -65,6 +74,8 @@ class WorkerProcess(ProcessProtocol):
         self.pid: Optional[int] = None
         self.ended = False
         self.stopAsked = False
+        #: When the worker last said something on its control channel.
+        self.heard = started
         self._buffers: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
@@ -217,6 +228,9 @@ class WorkerPool(Service):
     @param findLogWrite: if given, called when the pool starts (once the
         log has begun) for its C{logWrite} (the server passes
         L{textLogWriter}).
+    @param aliveTimeout: seconds of silence after which a worker is
+        killed as hung (L{ALIVE_TIMEOUT}); C{None}: workers are not
+        watched.
     """
 
     stopStage = 0  # stops with the listeners (see pop3gw.service)
@@ -233,8 +247,11 @@ class WorkerPool(Service):
         onMetrics: Callable[[int, Optional[dict]], object] = lambda number, report: None,
         logWrite: Optional[Callable[[bytes], None]] = None,
         findLogWrite: Optional[Callable[[], Optional[Callable[[bytes], None]]]] = None,
+        aliveTimeout: Optional[float] = ALIVE_TIMEOUT,
     ) -> None:
         self.logWrite = logWrite
+        self.aliveTimeout = aliveTimeout
+        self._watch: Optional[LoopingCall] = None
         self.findLogWrite = findLogWrite
         self.count = count
         self.spawn = spawn
@@ -260,6 +277,29 @@ class WorkerPool(Service):
             self.logWrite = self.findLogWrite()
         for number in range(1, self.count + 1):
             self._start(number)
+        if self.aliveTimeout is not None:
+            self._watch = LoopingCall(self._watchWorkers)
+            self._watch.clock = self.clock
+            self._watch.start(WATCH_INTERVAL, now=False)
+
+    def _watchWorkers(self) -> None:
+        """
+        Kill every worker not heard from for L{aliveTimeout} seconds: its
+        event loop is stuck (or it was stopped with SIGSTOP).
+        """
+        assert self.aliveTimeout is not None
+        now = self.clock.seconds()
+        for worker in self._alive():
+            silent = now - worker.heard
+            if silent >= self.aliveTimeout and not worker.stopAsked:
+                log.error(
+                    "worker {number} (pid {pid}) has not answered for {seconds:.0f} s; killing it",
+                    number=worker.number,
+                    pid=worker.pid,
+                    seconds=silent,
+                )
+                worker.heard = now
+                worker.signal("KILL")
 
     def _start(self, number: int) -> None:
         self._restarts.pop(number, None)
@@ -338,6 +378,9 @@ class WorkerPool(Service):
         """
         super().stopService()
         self._stopping = True
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        self._watch = None
         for call in self._restarts.values():
             if call.active():  # type: ignore[attr-defined]
                 call.cancel()  # type: ignore[attr-defined]
@@ -395,7 +438,10 @@ class WorkerPool(Service):
         self.publisher(event)
 
     def _control(self, worker: WorkerProcess, line: bytes) -> None:
+        worker.heard = self.clock.seconds()
         parts = line.split()
+        if parts == [b"alive"]:
+            return
         try:
             if parts[0] == b"claim" and len(parts) == 4:
                 granted = self.tokens.acquire(worker, parts[2].decode("ascii"), int(parts[3]))

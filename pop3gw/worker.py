@@ -15,10 +15,11 @@ import sys
 import threading
 from typing import Callable
 
-from twisted.internet import stdio
+from twisted.internet import stdio, task
 from twisted.logger import globalLogBeginner
 
 from pop3gw.workerlink import (
+    ALIVE_INTERVAL,
     CONTROL_FD,
     LogLineWriter,
     WorkerLink,
@@ -123,12 +124,17 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, onTerm)
 
+    heartbeat = task.LoopingCall(link.alive)
+
     def running() -> None:
         handleSignals()
         writer.schedule = soon
+        heartbeat.start(ALIVE_INTERVAL)
 
     def stopped() -> None:
         writer.schedule = None
+        if heartbeat.running:
+            heartbeat.stop()
 
     reactor.callWhenRunning(running)
     reactor.addSystemEventTrigger("after", "shutdown", stopped)

@@ -24,7 +24,9 @@ The supervisor starts each worker with these descriptors:
     if it has fewer than LIMIT over all workers), C{release KEY} (one of
     them closed), C{queued QUEUEID} (a message was queued for relay),
     C{metrics JSON} (with C{--metrics}: the worker's counter increments
-    and open sessions, L{MetricsReporter}).
+    and open sessions, L{MetricsReporter}), C{alive} (every
+    L{ALIVE_INTERVAL} seconds from the worker's event loop: a worker
+    silent for L{pop3gw.supervisor.ALIVE_TIMEOUT} seconds is killed).
   - 4 and up: the listening sockets, in the order of
     L{WorkerSetup.listeners}.
 """
@@ -55,6 +57,9 @@ FIRST_LISTENER_FD = 4
 #: Seconds between two reports of a worker's metrics (C{--metrics}) to
 #: the supervisor.
 METRICS_INTERVAL = 1.0
+#: Seconds between two C{alive} lines of a worker (see
+#: L{pop3gw.supervisor.ALIVE_TIMEOUT}).
+ALIVE_INTERVAL = 5.0
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -319,6 +324,13 @@ class WorkerLink(LineOnlyReceiver):
         """
         if not self._gone and self.transport is not None:
             self.transport.write(b"metrics " + json.dumps(report, separators=(",", ":")).encode("utf-8") + b"\n")
+
+    def alive(self) -> None:
+        """
+        Tell the supervisor that this worker's event loop turns.
+        """
+        if not self._gone and self.transport is not None:
+            self.transport.write(b"alive\n")
 
     def lineReceived(self, line: bytes) -> None:
         parts = line.split()

@@ -22,13 +22,15 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pop3gw.supervisor import (
+    ALIVE_TIMEOUT,
     MAX_RESTART_DELAY,
     STOP_TIMEOUT,
+    WATCH_INTERVAL,
     WorkerPool,
     WorkerProcess,
     textLogWriter,
 )
-from pop3gw.workerlink import encodeLogEvent, formatLogText
+from pop3gw.workerlink import CONTROL_FD, encodeLogEvent, formatLogText
 
 
 class FakeProcessTransport:
@@ -72,6 +74,7 @@ class WorkerPoolTests(SynchronousTestCase):
             onWorkerEnded=lambda: self.endings.append(len(self.endings)),
             publisher=self.events.append,
             onMetrics=lambda number, report: self.reports.append((number, report)),
+            aliveTimeout=None,
         )
         self.logged: list[str] = []
 
@@ -96,6 +99,29 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual([(w.number, w.pid) for w in self.spawned], [(1, 101), (2, 102)])
         self.assertEqual([w.transport.written for w in self.spawned], [[b"setup 1\n"], [b"setup 2\n"]])
         self.assertEqual(self.logged, ["worker 1 started (pid 101)", "worker 2 started (pid 102)"])
+
+    def test_hungWorkerKilledAndReplaced(self) -> None:
+        """
+        A worker that says nothing on its control channel (not even the
+        C{alive} line it sends every few seconds) for L{ALIVE_TIMEOUT}
+        seconds is killed with SIGKILL, with one log line, and replaced
+        once it has ended; one that keeps saying C{alive} is left alone,
+        and so is a worker told to stop.
+        """
+        self.pool.aliveTimeout = ALIVE_TIMEOUT
+        self.pool.startService()
+        first, second = self.spawned
+        for _ in range(int(ALIVE_TIMEOUT / WATCH_INTERVAL)):
+            self.pool.workerLine(first, CONTROL_FD, b"alive")
+            self.clock.advance(WATCH_INTERVAL)
+        self.assertEqual((first.transport.signals, second.transport.signals), ([], ["KILL"]))
+        self.assertIn(f"worker 2 (pid 102) has not answered for {ALIVE_TIMEOUT:.0f} s; killing it", self.logged)
+        second.processEnded(crashed())
+        self.clock.advance(0)
+        self.assertEqual([(w.number, w.pid) for w in self.spawned], [(1, 101), (2, 102), (2, 103)])
+        self.pool.stopService()
+        self.clock.advance(ALIVE_TIMEOUT * 2)
+        self.assertEqual(len([line for line in self.logged if "has not answered" in line]), 1)
 
     def test_crashedWorkerRestartedWithGrowingDelay(self) -> None:
         """
@@ -328,6 +354,7 @@ class TextLogTests(SynchronousTestCase):
             task.Clock(),
             publisher=self.events.append,
             logWrite=self.written.append,
+            aliveTimeout=None,
         )
 
     def spawn(self, worker: WorkerProcess) -> None:

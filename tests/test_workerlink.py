@@ -62,6 +62,17 @@ class WorkerLinkTests(SynchronousTestCase):
         self.link.queued("0005f0e1a2b3c-0a1b2c3d")
         self.assertEqual(self.transport.value(), b"release 192.0.2.1\nqueued 0005f0e1a2b3c-0a1b2c3d\n")
 
+    def test_alive(self) -> None:
+        """
+        C{alive} is one line with no answer; nothing once the supervisor
+        is gone.
+        """
+        self.link.alive()
+        self.assertEqual(self.transport.value(), b"alive\n")
+        self.link.connectionLost(Failure(ConnectionDone()))
+        self.link.alive()
+        self.assertEqual(self.transport.value(), b"alive\n")
+
     def test_supervisorGone(self) -> None:
         """
         When stdin closes, the claims waiting fail, later claims fail at
