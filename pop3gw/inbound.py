@@ -173,14 +173,8 @@ class RspamdClient:
             failing with L{RspamdError} (or C{TimeoutError}).
         """
         headers = Headers()
-        headers.addRawHeader(b"IP", session.ip.encode("ascii", "replace"))
-        headers.addRawHeader(b"Helo", _headerSafe(session.helo))
-        headers.addRawHeader(b"From", _headerSafe(session.sender or ""))
-        for recipient in session.recipients:
-            headers.addRawHeader(b"Rcpt", _headerSafe(recipient))
-        headers.addRawHeader(b"Hostname", _headerSafe(session.reverseName or "unknown"))
-        if self.hostname:
-            headers.addRawHeader(b"MTA-Name", _headerSafe(self.hostname))
+        for name, value in _rspamdHeaders(session, self.hostname):
+            headers.addRawHeader(name, value)
         d = self.agent.request(b"POST", self.url.encode("ascii"), headers, _BytesProducer(message))
         d.addCallback(self._cbResponse)
         d.addTimeout(self.timeout, self.clock)
@@ -239,6 +233,62 @@ def _parseAnswer(body: bytes) -> dict:
     if not isinstance(answer, dict) or not isinstance(answer.get("action"), str):
         raise RspamdError("no action")
     return answer
+
+
+def _rspamdHeaders(session: Session, hostname: str) -> list[tuple[bytes, bytes]]:
+    """
+    The request header fields that tell rspamd the envelope of C{session}.
+    """
+    fields = [
+        (b"IP", session.ip.encode("ascii", "replace")),
+        (b"Helo", _headerSafe(session.helo)),
+        (b"From", _headerSafe(session.sender or "")),
+    ]
+    fields.extend((b"Rcpt", _headerSafe(recipient)) for recipient in session.recipients)
+    fields.append((b"Hostname", _headerSafe(session.reverseName or "unknown")))
+    if hostname:
+        fields.append((b"MTA-Name", _headerSafe(hostname)))
+    return fields
+
+
+def askRspamdNow(url: str, timeout: float, hostname: str, message: bytes, session: Session) -> Any:
+    """
+    Ask rspamd about C{message} and wait for the answer (C{pop3gw
+    deliver} has no reactor): the protocol of L{RspamdClient}, over
+    C{http.client}; each step (connect, send, each read) may take
+    C{timeout} seconds.
+
+    @return: rspamd's answer (a dict), or a L{Failure} of L{RspamdError}.
+    """
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    connection: Optional[http.client.HTTPConnection] = None
+    try:
+        kind = {"http": http.client.HTTPConnection, "https": http.client.HTTPSConnection}.get(parts.scheme)
+        if kind is None or not parts.hostname:
+            raise RspamdError("not an http:// or https:// URL")
+        connection = kind(parts.hostname, parts.port, timeout=timeout)
+        connection.putrequest("POST", (parts.path or "/checkv2") + (f"?{parts.query}" if parts.query else ""))
+        for name, value in _rspamdHeaders(session, hostname):
+            connection.putheader(name.decode("ascii"), value)
+        connection.putheader("Content-Length", str(len(message)))
+        connection.endheaders(message)
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RspamdError(f"HTTP {response.status}")
+        body = response.read(MAX_RSPAMD_ANSWER + 1)
+        if len(body) > MAX_RSPAMD_ANSWER:
+            raise RspamdError("answer too long")
+        return _parseAnswer(body)
+    except RspamdError:
+        return Failure()
+    except (OSError, http.client.HTTPException) as e:
+        return Failure(RspamdError(" ".join(str(e).split()) or type(e).__name__))
+    finally:
+        if connection is not None:
+            connection.close()
 
 
 def _headerSafe(text: str) -> bytes:
@@ -547,8 +597,8 @@ def checkNow(
     authenticate: Optional[Callable[[bytes, Session], mailauth.AuthenticationResults]] = None,
 ) -> Verdict:
     """
-    The checks of C{pop3gw deliver}: those of LMTP (C{behindMTA}), without
-    rspamd, blocking (the command has no reactor).
+    The checks of C{pop3gw deliver}: those of LMTP (C{behindMTA}), rspamd
+    included (L{askRspamdNow}), blocking (the command has no reactor).
 
     @param authenticate: as L{InboundChecker}'s; by default
         L{mailauth.authenticate} through C{policy}'s name server, within
@@ -557,8 +607,13 @@ def checkNow(
     front = trustedFront(message, policy.trustedAuthservIDs)
     if front is not None:
         return Verdict(None, message, f"trusted={front}", "deliver")
+    rspamd: Any = None
+    if policy.rspamdURL is not None:
+        rspamd = askRspamdNow(policy.rspamdURL, policy.rspamdTimeout, hostname, message, session)
+        if isinstance(rspamd, Failure):
+            log.warn("deliver: rspamd not usable: {error}", error=events.sanitize(_describe(rspamd), events.MAX_LOGGED_REPLY))
     if not policy.checks:
-        return makeVerdict(hostname, policy, message, None, None, True)
+        return makeVerdict(hostname, policy, message, None, rspamd, True)
     if authenticate is None:
         resolver = mailauth.makeResolver(policy.dnsServer)
         organizational = _orgDomains()
@@ -574,7 +629,7 @@ def checkNow(
     except Exception:
         log.failure("deliver: authentication checks failed")
         results = mailauth.temporaryResults(session.sender, session.helo)
-    return makeVerdict(hostname, policy, message, results, None, True)
+    return makeVerdict(hostname, policy, message, results, rspamd, True)
 
 
 _UNCHECKED = mailauth.AuthenticationResults(

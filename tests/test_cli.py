@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import shutil
 import stat
@@ -13,6 +14,8 @@ import sys
 import tempfile
 
 from twisted.internet import reactor, threads
+from twisted.internet.protocol import Factory
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pop3gw import __version__, cli, fsutil
@@ -1043,6 +1046,63 @@ class DeliverCheckTests(TestCase):
             b"Authentication-Results: mail.example.org;\n\tspf=fail smtp.mailfrom=boss@bad.example;\n"
             b"\tdkim=none;\n\tdmarc=fail header.from=bad.example policy.dmarc=reject\n"
             b"X-Spam-Flag: YES\nFrom: The Boss <boss@bad.example>\nSubject: [SPAM] urgent\n\nPay this.\n"])
+
+    def rspamd(self, answer: dict) -> tuple:
+        """
+        A fake rspamd on loopback answering C{answer}; the settings that
+        name it.
+        """
+        from twisted.web import server
+
+        from tests.test_inbound import RspamdResource
+
+        fake = RspamdResource(json.dumps(answer).encode())
+        site = server.Site(fake)
+        site.noisy = False
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return fake, f"checks = no\nrspamd-url = http://127.0.0.1:{port.getHost().port}/checkv2\n"
+
+    async def test_rspamdAsked(self) -> None:
+        """
+        With C{rspamd-url}, C{deliver} asks rspamd too (blocking), with the
+        envelope in its request headers: C{reject} exits 77 (EX_NOPERM)
+        with one line and stores nothing; C{add header} stores the message
+        flagged as spam.
+        """
+        fake, settings = self.rspamd({"action": "reject", "score": 20.0})
+        result = await self.deliver("--client-address", "192.0.2.99", "--client-helo", "client.example",
+                                    "--sender", "x@remote.example", settings=settings, data=b"Subject: hi\n\nyes\n")
+        self.assertEqual(result, (cli.EX_NOPERM, "", "pop3gw: message refused: 550 5.7.1 Message rejected as spam\n"))
+        self.assertEqual(self.stored(), [])
+        [(path, headers, body)] = fake.requests
+        self.assertEqual((path, body), (b"/checkv2", b"Subject: hi\r\n\r\nyes\r\n"))
+        self.assertEqual(
+            (headers[b"Ip"], headers[b"Helo"], headers[b"From"], headers[b"Rcpt"], headers[b"Mta-Name"]),
+            ([b"192.0.2.99"], [b"client.example"], [b"x@remote.example"], [b"alice@example.org"], [b"mail.example.org"]),
+        )
+        fake, settings = self.rspamd({"action": "add header", "score": 7.5})
+        result = await self.deliver(settings=settings, data=b"Subject: hi\n\nyes\n")
+        self.assertEqual(result, (cli.EX_OK, "", ""))
+        self.assertEqual(self.stored(), [b"X-Spam-Flag: YES\nX-Spam-Score: 7.50\nSubject: [SPAM] hi\n\nyes\n"])
+
+    async def test_rspamdUnreachable(self) -> None:
+        """
+        rspamd that cannot be reached: stored without its verdict (fail
+        open, the default) with a warning; C{rspamd-failure = defer} exits 75.
+        """
+        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        closed = port.getHost().port
+        await port.stopListening()
+        settings = f"checks = no\nrspamd-url = http://127.0.0.1:{closed}/checkv2\nrspamd-timeout = 5\n"
+        with capturedLogs() as events:
+            result = await self.deliver(settings=settings, data=b"Subject: hi\n\nyes\n")
+        self.assertEqual(result, (cli.EX_OK, "", ""))
+        self.assertEqual(len(self.stored()), 1)
+        self.assertIn("deliver: rspamd not usable: ", "".join(formatEvent(e) for e in events))
+        result = await self.deliver(settings=settings + "rspamd-failure = defer\n", data=b"Subject: hi\n\nyes\n")
+        self.assertEqual(result[0], cli.EX_TEMPFAIL)
+        self.assertEqual(len(self.stored()), 1)
 
     async def test_rejectExits77(self) -> None:
         """
