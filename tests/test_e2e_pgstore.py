@@ -407,7 +407,7 @@ class WorkersTests(SynchronousTestCase):
         a worker is relayed once, by the supervisor, and leaves the queue.
         """
         from tests.test_e2e_submission import Sink, message
-        from tests.test_e2e_workers import MAX_TRIES, WorkersEndToEndTests
+        from tests.test_e2e_workers import WorkersEndToEndTests
 
         sink = Sink(self)
         self.uri = pgcluster.database(self)
@@ -419,7 +419,7 @@ class WorkersTests(SynchronousTestCase):
         ).start()
         helper = WorkersEndToEndTests()
         helper.assertEqual = self.assertEqual  # type: ignore[method-assign]
-        helper.waitReady(server)
+        pids = helper.waitReady(server)
 
         mark = len(server.output)
         holder = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
@@ -427,8 +427,7 @@ class WorkersTests(SynchronousTestCase):
         holder.user(ALICE)
         holder.pass_(ALICE_PW)
         [holding] = helper.waitForLines(server, 1, r'login: service=pop3 .*user="alice@example.org"', mark)
-        others: list = []
-        for tries in range(1, MAX_TRIES + 1):
+        with helper.onlyWorker(pids, 3 - holding):
             client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
             self.addCleanup(_closeQuietly, client)
             client.user(ALICE)
@@ -436,27 +435,23 @@ class WorkersTests(SynchronousTestCase):
                 client.pass_(ALICE_PW)
             self.assertEqual(caught.exception.args[0], b"-ERR [IN-USE] Mailbox is locked by another session.")
             client.close()
-            others = helper.waitForLines(server, tries, r'maildrop in use: service=pop3 .*user="alice@example.org"',
-                                         mark)
-            if any(w != holding for w in others):
-                break
-        self.assertIn(3 - holding, others, server.log())
+        others = helper.waitForLines(server, 1, r'maildrop in use: service=pop3 .*user="alice@example.org"', mark)
+        self.assertEqual(others, [3 - holding], server.log())
         self.assertEqual(holder.retr(1)[1], [b"Subject: kept", b"", b"body"])
         holder.quit()
 
         # Each worker serves a login of its own (each from its pool).
         mark = len(server.output)
-        for _ in range(MAX_TRIES):
-            client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
-            self.addCleanup(_closeQuietly, client)
-            client.user(ALICE)
-            client.pass_(ALICE_PW)
-            self.assertEqual(client.stat()[0], 1)
-            client.quit()
-            served = helper.workerOf(server, r'login: service=pop3 .*user="alice@example.org"', mark)
-            if sorted(set(served)) == [1, 2]:
-                break
-        self.assertEqual(sorted(set(served)), [1, 2], server.log())
+        for number in (1, 2):
+            with helper.onlyWorker(pids, number):
+                client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+                self.addCleanup(_closeQuietly, client)
+                client.user(ALICE)
+                client.pass_(ALICE_PW)
+                self.assertEqual(client.stat()[0], 1)
+                client.quit()
+        served = helper.waitForLines(server, 2, r'login: service=pop3 .*user="alice@example.org"', mark)
+        self.assertEqual(served, [1, 2], server.log())
 
         with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as smtp:
             smtp.login(ALICE, ALICE_PW)
