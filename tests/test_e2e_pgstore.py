@@ -427,32 +427,14 @@ class WorkersTests(SynchronousTestCase):
         holder.user(ALICE)
         holder.pass_(ALICE_PW)
         [holding] = helper.waitForLines(server, 1, r'login: service=pop3 .*user="alice@example.org"', mark)
-        with helper.onlyWorker(pids, 3 - holding):
-            client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
-            self.addCleanup(_closeQuietly, client)
-            client.user(ALICE)
-            with self.assertRaises(poplib.error_proto) as caught:
-                client.pass_(ALICE_PW)
-            self.assertEqual(caught.exception.args[0], b"-ERR [IN-USE] Mailbox is locked by another session.")
-            client.close()
+        helper.assertInUseThrough(server, pids, 3 - holding, ALICE, ALICE_PW)
         others = helper.waitForLines(server, 1, r'maildrop in use: service=pop3 .*user="alice@example.org"', mark)
         self.assertEqual(others, [3 - holding], server.log())
         self.assertEqual(holder.retr(1)[1], [b"Subject: kept", b"", b"body"])
         holder.quit()
 
         # Each worker serves a login of its own (each from its pool).
-        mark = len(server.output)
-        for number in (1, 2):
-            with helper.onlyWorker(pids, number):
-                client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
-                self.addCleanup(_closeQuietly, client)
-                client.user(ALICE)
-                client.pass_(ALICE_PW)
-                self.assertEqual(client.stat()[0], 1)
-                client.quit()
-        served = helper.waitForLines(server, 2, r'login: service=pop3 .*user="alice@example.org"', mark)
-        # The two workers' lines reach the log in either order.
-        self.assertEqual(sorted(served), [1, 2], server.log())
+        helper.loginThroughEach(server, pids, ALICE, ALICE_PW, lambda client: self.assertEqual(client.stat()[0], 1))
 
         with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as smtp:
             smtp.login(ALICE, ALICE_PW)
