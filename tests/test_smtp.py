@@ -881,6 +881,17 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
             b"553 5.7.1 Sender address not owned by user\r\n250 2.1.0 OK\r\n",
         )
 
+    def test_addressLiteralSenderNotOwned(self) -> None:
+        """
+        A sender whose domain is an address literal is well-formed (RFC
+        5321 4.1.3) but is never a user's address: 553 5.7.1.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@[192.0.2.1]>\r\nMAIL FROM:<alice@[IPv6:2001:db8::1]>\r\n"),
+            b"553 5.7.1 Sender address not owned by user\r\n" * 2,
+        )
+
     def test_nullSender(self) -> None:
         """
         The null reverse path is refused on submission.
