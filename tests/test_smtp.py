@@ -1237,15 +1237,37 @@ class DataTests(SessionMixin, SynchronousTestCase):
         """
         Data that starts with a header field (also with white space before
         the colon, RFC 5322 4.5) keeps its header section as it is: the
-        added fields go before it and no blank line is inserted, even when
-        a later line of the section is not a field.
+        added fields go before it and no blank line is inserted; folded
+        lines stay in their field.
         """
         added = b"Message-ID: <ID@mail.example.org>\r\nDate: " + NOW_TEXT + b"\r\nFrom: alice@example.org\r\n"
-        for data in (b"Subject: x\r\n\r\nHello\r\n", b"Subject : x\r\nnot a field\r\n\r\nHello\r\n",
+        for data in (b"Subject: x\r\n\r\nHello\r\n", b"Subject : x\r\n\tfolded\r\n  more\r\n\r\nHello\r\n",
                      b"X-Empty:\r\n"):
             self.send(data + b".\r\n")
             message = re.sub(rb"^Message-ID: <[0-9a-f]{32}@", b"Message-ID: <ID@", self.stored()[-1])
             self.assertEqual(message, added + data, data)
+
+    def test_headerSectionEndsAtNonField(self) -> None:
+        """
+        A line in the header section that is neither a field nor the
+        continuation of one ends the section there, as Postfix's cleanup
+        ends it: a blank line is inserted before it and it is the first
+        line of the body, with what follows it (a C{From:} there is body
+        text, not checked, and a C{From:} is added); the fields added
+        go before the section, whose fields are kept.
+        """
+        added = b"Message-ID: <ID@mail.example.org>\r\nDate: " + NOW_TEXT + b"\r\nFrom: alice@example.org\r\n"
+        for data, stored in [
+            (b"Subject : x\r\nnot a field\r\n\r\nHello\r\n",
+             b"Subject : x\r\n\r\nnot a field\r\n\r\nHello\r\n"),
+            (b"Subject: x\r\n folded\r\nno colon here\r\nFrom: bob@example.org\r\n\r\nHi\r\n",
+             b"Subject: x\r\n folded\r\n\r\nno colon here\r\nFrom: bob@example.org\r\n\r\nHi\r\n"),
+            (b"Subject: x\r\n: no name\r\n", b"Subject: x\r\n\r\n: no name\r\n"),
+            (b"Subject: x\r\nSubject x\r\n", b"Subject: x\r\n\r\nSubject x\r\n"),
+        ]:
+            self.assertEqual(self.send(data + b".\r\n"), b"250 2.0.0 OK queued as ID\r\n", data)
+            message = re.sub(rb"^Message-ID: <[0-9a-f]{32}@", b"Message-ID: <ID@", self.stored()[-1])
+            self.assertEqual(message, added + stored, data)
 
     def test_headersOnly(self) -> None:
         """

@@ -514,6 +514,18 @@ class DataTests(MXSessionMixin, SynchronousTestCase):
         self.assertEqual(queuedReply(out), QUEUED)
         self.assertEqual(self.storedWithoutReceived(), [b"Subject: x\r\n\r\n.dot\r\nbare lf\r\n"])
 
+    def test_headerSectionEndsAtNonField(self) -> None:
+        """
+        A line in the header section that is neither a field nor a
+        continuation ends it, as on submission: a blank line is inserted
+        before it, so the checks and the reader see one header section.
+        """
+        out = self.feed(b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+                        b"Subject: hello\r\nno colon\r\nFrom: x@remote.example\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.storedWithoutReceived(),
+                         [b"Subject: hello\r\n\r\nno colon\r\nFrom: x@remote.example\r\n\r\nbody\r\n"])
+
     def test_size(self) -> None:
         """
         A message over the size limit is refused with 552 5.3.4 once its
