@@ -821,6 +821,13 @@ class DataCommands(_Host):
         self._chunkRefusal = refusal
         self._mode = _Mode.CHUNK
 
+    def readingCountedOctets(self) -> bool:
+        """
+        See L{pop3gw.lineproto.LineProtocol.readingCountedOctets}: a BDAT
+        chunk is being read.
+        """
+        return self._mode is _Mode.CHUNK
+
     def _chunkStep(self) -> bool:
         """
         Take the octets of the chunk being read from the input buffer.

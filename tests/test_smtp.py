@@ -2583,6 +2583,26 @@ class SlowlorisTests(SessionMixin, SynchronousTestCase):
             self.clock.advance(2)
         self.assertEqual(self.transport.value(), b"421 4.4.2 mail.example.org Error: timeout exceeded\r\n")
 
+    def test_chunkOctetsReset(self) -> None:
+        """
+        Octets of a BDAT chunk count as activity, line end or not: a binary
+        chunk sent slowly but steadily (one octet every 2 seconds, 300
+        seconds in all) is read whole and answered, and silence after it
+        still times out.
+        """
+        self.connect(idleTimeout=300)
+        self.login()
+        self.assertEqual(self.feed(CHUNK_MAIL), CHUNK_ENVELOPE)
+        self.assertEqual(self.feed(b"BDAT 200\r\n"), b"")
+        for _i in range(199):
+            self.clock.advance(2)
+            self.assertEqual(self.feed(b"\xff"), b"")
+        self.assertEqual(self.feed(b"\x01"), b"250 2.0.0 200 octets received\r\n")
+        self.clock.advance(299)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1)
+        self.assertEqual(self.transport.value(), b"421 4.4.2 mail.example.org Error: timeout exceeded\r\n")
+
     def test_lineEndResets(self) -> None:
         """
         Data ending a line resets the timer.
