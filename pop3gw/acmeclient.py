@@ -31,7 +31,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Dict, Optional
 
-import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -42,6 +41,8 @@ from pop3gw import fsutil
 
 if TYPE_CHECKING:
     from twisted.web.server import Site
+
+    from pop3gw.config import ACMESettings
 
 ACME_DIR = "acme"
 ACCOUNT_KEY = "account.pem"
@@ -69,22 +70,6 @@ class ACMEError(Exception):
     Obtaining a certificate failed (the message says where), for one log
     line.
     """
-
-
-@attr.s(auto_attribs=True, frozen=True)
-class ACMESettings:
-    """
-    The C{[acme]} section.
-    """
-
-    directory: Optional[str] = None
-    contact: Optional[str] = None
-    http: tuple = ()
-    caFile: Optional[str] = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.directory is not None
 
 
 def paths(dataDir: str) -> tuple[str, str]:
@@ -147,8 +132,7 @@ def challengeSite(tokens: ChallengeTokens) -> "Site":
     404 for anything else.  No access log, no request body (see
     L{pop3gw.httpsite}).
     """
-    # Loaded here: reading the configuration (every pop3gw command) needs
-    # only ACMESettings, not Twisted's web server.
+    # Loaded here: Twisted's web server is only for the HTTP-01 listener.
     from pop3gw.httpsite import getOnlySite
 
     return getOnlySite(_ChallengePage(tokens))

@@ -127,6 +127,64 @@ def _parseText(text: str) -> Address:
     return Address(localpart, domain)
 
 
+def parseReversePath(text: str | bytes) -> Address:
+    """
+    Parse an envelope sender (the text of C{MAIL FROM:<...>}): an address
+    as L{Address.parse} takes it, or a local part at an RFC 5321 4.1.3
+    address literal, C{a@[192.0.2.1]} or C{a@[IPv6:2001:db8::1]}.  A
+    literal is kept in one spelling: the IPv4 address as it is, the IPv6
+    address compressed and lower-case after the tag C{IPv6:} (which may be
+    written in any case).  General address literals (C{[tag:text]}), IPv6
+    addresses without their tag, zones and zero-padded IPv4 addresses are
+    refused.
+
+    Only senders may be literals: a recipient's domain must be a domain
+    name, so that it can be local (L{Address.parse}).  An L{Address} with
+    a literal never names a maildrop.
+
+    @raise AddressError: see L{Address.parse}.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AddressError("address is not valid UTF-8") from None
+    localpart, at, literal = text.rpartition("@")
+    if not (at and literal.startswith("[") and literal.endswith("]")):
+        return _parseText(text)
+    literal = _addressLiteral(literal[1:-1])
+    # The local part by the rules of any other address.
+    localpart = _parseText(localpart + "@literal.invalid").localpart
+    if len(localpart.encode("utf-8")) + 1 + len(literal) > MAX_ADDRESS_LENGTH:
+        raise AddressError("address too long")
+    return Address(localpart, literal)
+
+
+def _addressLiteral(content: str) -> str:
+    """
+    The normalised address literal, brackets included, for the text
+    C{content} between the brackets.
+
+    @raise AddressError: not an IPv4 or C{IPv6:} address literal.
+    """
+    import ipaddress
+
+    if not content.isascii() or "%" in content:
+        # No zones (RFC 4007), which name an interface of the sender's host.
+        raise AddressError("bad address literal")
+    if content[:5].lower() == "ipv6:":
+        try:
+            return f"[IPv6:{ipaddress.IPv6Address(content[5:])}]"
+        except ValueError:
+            raise AddressError("bad address literal") from None
+    if content.replace(".", "").isdigit():
+        try:
+            return f"[{ipaddress.IPv4Address(content)}]"
+        except ValueError:
+            pass
+    raise AddressError("bad address literal")
+
+
 def lookupKey(address: Address) -> str:
     """
     The key users and aliases are looked up by: C{address} with its local

@@ -30,6 +30,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 from pop3gw.address import Address, AddressError, isLoopback
 from pop3gw.anvil import AuthAccounting, CheckSlot
 from pop3gw.apppasswords import USE_RECORD_INTERVAL, AppPassword, covers
+from pop3gw.config import PLAINTEXT_MODES
 from pop3gw.directory import Senders
 from pop3gw.interfaces import (
     IAppPasswords,
@@ -421,7 +422,6 @@ def _text(value: str | bytes) -> str:
     raise TypeError("credentials must be text or bytes")
 
 
-PLAINTEXT_MODES = ("never", "loopback", "always")
 
 
 @attr.s(frozen=True, auto_attribs=True)

@@ -330,10 +330,15 @@ def _uidlTarget(stores: "_Stores", user: Address, store, maildrop, owner: Option
             return maildrop.keys()
         return _openForMigration(stores, user, owner)[2].keysAndRelease()
 
-    def deliver(data: bytes, before) -> str:
+    def deliver(chunks, before) -> str:
         delivery = store.beginDelivery([user])
         before(delivery.uniqueName)
-        delivery.write(data)
+        try:
+            for chunk in chunks:
+                delivery.write(chunk)
+        except BaseException:
+            delivery.abort()
+            raise
         failures: list = []
         delivery.commit().addErrback(failures.append)
         if failures:

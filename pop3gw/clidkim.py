@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 from typing import Optional, TextIO
 
-from pop3gw import dkimkeys, dnsrecords, fsutil
-from pop3gw.dkimkeys import DKIMKeyError, KeyStore
+from pop3gw import fsutil
 from pop3gw.interfaces import IDKIMKeyStore
+
+#: The key algorithms C{dkim generate} offers: L{pop3gw.dkimkeys.ALGORITHMS},
+#: named here so that building the C{pop3gw} parser (for every command)
+#: does not load the keys' module.
+ALGORITHMS = ("rsa", "ed25519")
 
 EX_OK = 0
 
@@ -26,7 +30,7 @@ def addParsers(sub: "argparse._SubParsersAction") -> None:
     gen = dsub.add_parser("generate", help="make a key for DOMAIN and print its DNS record")
     gen.add_argument("domain")
     gen.add_argument("--selector", help="the selector (default: ALGORITHM + today's date, e.g. rsa20261201)")
-    gen.add_argument("--algorithm", choices=dkimkeys.ALGORITHMS, default=dkimkeys.RSA, help="rsa (2048 bits, default) or ed25519")
+    gen.add_argument("--algorithm", choices=ALGORITHMS, default=ALGORITHMS[0], help="rsa (2048 bits, default) or ed25519")
     dsub.add_parser("list", help="list keys: domain, selector, algorithm, created, active")
     for action, text in (
         ("activate", "sign DOMAIN's mail with SELECTOR instead of its other key of that algorithm"),
@@ -48,10 +52,13 @@ def cmdDkim(config, args, stdout: TextIO, owner: "fsutil.Owner | None" = None,
     C{dkim generate|list|activate|remove}.
 
     @param store: the keys (by default, those of the data directory).
-    @raise DKIMKeyError: the command cannot be done (one line).
+    @raise pop3gw.dkimkeys.DKIMKeyError: the command cannot be done (one
+        line).
     """
+    from pop3gw import dkimkeys
+
     if store is None:
-        store = KeyStore(config.dataDir, owner)
+        store = dkimkeys.KeyStore(config.dataDir, owner)
     if args.action == "list":
         for r in store.records():
             stdout.write(f"{r.domain} {r.selector} {r.algorithm} {r.created} {'active' if r.active else 'inactive'}\n")
@@ -113,13 +120,15 @@ def cmdDns(
 
     @param store: the DKIM keys (by default, those of the data directory).
     """
+    from pop3gw import dkimkeys, dnsrecords
+
     domain = dkimkeys.checkDomain(args.domain)
     host = (args.host or config.hostname).lower().rstrip(".")
     problem = publicHostProblem(host)
     if problem is not None and stderr is not None:
         where = "--host" if args.host else "the configured hostname (--hostname, or hostname in the INI file)"
         stderr.write(f"pop3gw: warning: mail server name {host} {problem}; set {where} to the name published in DNS\n")
-    records = dnsrecords.domainRecords(store if store is not None else KeyStore(config.dataDir), domain, host)
+    records = dnsrecords.domainRecords(store if store is not None else dkimkeys.KeyStore(config.dataDir), domain, host)
     if not args.check:
         stdout.write(f"; DNS records for {domain}, mail server {host}\n")
         for record in records:
@@ -133,4 +142,4 @@ def cmdDns(
     return 1 if bad else EX_OK
 
 
-__all__ = ["DKIMKeyError", "addParsers", "cmdDkim", "cmdDns"]
+__all__ = ["ALGORITHMS", "addParsers", "cmdDkim", "cmdDns"]

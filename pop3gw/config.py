@@ -20,9 +20,7 @@ from typing import Optional
 import attr
 from twisted.python import usage
 
-from pop3gw.acmeclient import ACMESettings
 from pop3gw.address import Address, AddressError, parseDomain
-from pop3gw.auth import PLAINTEXT_MODES
 from pop3gw.inboundpolicy import InboundPolicy
 from pop3gw.wire import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -56,6 +54,31 @@ LIMITS = {
     "database-threads": (10, int),
     "relay-connections": (20, int),
 }
+
+
+#: The values of C{plaintext-auth} (L{pop3gw.auth.PlaintextAuthPolicy}).
+PLAINTEXT_MODES = ("never", "loopback", "always")
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class ACMESettings:
+    """
+    The C{[acme]} section (L{pop3gw.acmeclient}).
+
+    Here rather than beside the ACME client, as C{PLAINTEXT_MODES} is not
+    beside the login checks: every C{pop3gw} command reads the
+    configuration, and neither the cryptography library nor Twisted's cred
+    need be loaded for that.
+    """
+
+    directory: Optional[str] = None
+    contact: Optional[str] = None
+    http: tuple = ()
+    caFile: Optional[str] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
 
 
 class ConfigError(Exception):

@@ -52,8 +52,6 @@ import re
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import attr
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -167,6 +165,9 @@ def publicKeyData(algorithm: str, privatePEM: bytes) -> str:
 
     @raise ValueError: the key cannot be read or is not of C{algorithm}.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     key = serialization.load_pem_private_key(privatePEM, password=None)
     if algorithm == RSA and isinstance(key, rsa.RSAPrivateKey):
         der = key.public_key().public_bytes(
@@ -209,6 +210,9 @@ def generatePrivateKey(algorithm: str) -> bytes:
     """
     A new private key, PEM (see the module docstring for the formats).
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     if algorithm == RSA:
         key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
         return key.private_bytes(
@@ -227,6 +231,9 @@ def signingKeyData(algorithm: str, privatePEM: bytes) -> bytes:
 
     @raise ValueError: the key cannot be read or is not of C{algorithm}.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     key = serialization.load_pem_private_key(privatePEM, password=None)
     if algorithm == RSA and isinstance(key, rsa.RSAPrivateKey):
         return key.private_bytes(

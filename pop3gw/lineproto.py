@@ -17,7 +17,10 @@ server keeps only its command tables, handlers and replies:
     paused) nothing more is handled either.
   - Reading pauses once L{LineProtocol.maxPendingInput} octets wait, and resumes once they have been handled.
   - The idle timer is reset only by data holding a line end: a client
-    trickling a line that never ends (slowloris) still times out.
+    trickling a line that never ends (slowloris) still times out.  While
+    a block of counted octets is read (L{LineProtocol.readingCountedOctets}:
+    a C{BDAT} chunk, whose size was declared and is bounded by the message
+    size limit), any of its octets counts.
   - L{LineProtocol.closeConnection} sends a last reply and closes; a client
     that is not reading is aborted at once, and a graceful close whose reply
     has not gone out after L{LineProtocol.closeTimeout} seconds is aborted.
@@ -202,11 +205,20 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._disconnected:
             return
-        if b"\n" in data:
-            # Only a finished line counts as activity.
+        if b"\n" in data or self.readingCountedOctets():
+            # Only a finished line counts as activity, or octets of a
+            # counted block (their count bounds them).
             self.resetTimeout()
         self._buffer += data
         self.processBuffer()
+
+    def readingCountedOctets(self) -> bool:
+        """
+        Whether the input being read now is a block of octets whose count
+        the client gave (an SMTP C{BDAT} chunk) rather than lines: any of
+        its octets counts as activity for the idle timer.  None here.
+        """
+        return False
 
     def endSession(self) -> None:
         """

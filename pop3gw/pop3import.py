@@ -33,7 +33,7 @@ import poplib
 import re
 import ssl
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from zope.interface import Interface, implementer
 
@@ -191,10 +191,13 @@ class IUIDLTarget(Interface):
         @raise MigrationError: a UIDL would be served for two messages.
         """
 
-    def deliver(data: bytes, uidl: str) -> None:
+    def deliver(chunks: Iterable[bytes], uidl: str) -> None:
         """
-        Store one message (in wire form) with that UIDL, the UIDL recorded
-        no later than the message is committed.
+        Store one message with that UIDL, the UIDL recorded no later than
+        the message is committed.
+
+        @param chunks: the message (CRLF line ends), in pieces as it
+            arrives; an exception from it ends the delivery, nothing kept.
         """
 
 
@@ -205,13 +208,14 @@ class MaildirTarget:
 
     @param keys: the unique names of the maildrop's messages in POP3 order
         (read anew at each call).
-    @param deliver: stores one message and returns its Maildir unique
-        name; called as C{deliver(data, before)} where C{before(key)} must
-        run once the name is known and before the message is committed.
+    @param deliver: stores one message, given as an iterable of chunks,
+        and returns its Maildir unique name; called as C{deliver(chunks,
+        before)} where C{before(key)} must run once the name is known and
+        before the message is committed.
     """
 
     def __init__(self, maildir: str, keys: Callable[[], Sequence[str]],
-                 deliver: Optional[Callable[[bytes, Callable[[str], None]], str]] = None,
+                 deliver: Optional[Callable[[Iterable[bytes], Callable[[str], None]], str]] = None,
                  owner: Optional[fsutil.Owner] = None) -> None:
         self.maildir = maildir
         self._keys = keys
@@ -251,7 +255,7 @@ class MaildirTarget:
         uids.update(mapped)
         writeUidMap(self.maildir, uids, self.owner)
 
-    def deliver(self, data: bytes, uidl: str) -> None:
+    def deliver(self, chunks: Iterable[bytes], uidl: str) -> None:
         """
         See L{IUIDLTarget.deliver}.
         """
@@ -264,7 +268,7 @@ class MaildirTarget:
             uids[key] = uidl
             writeUidMap(self.maildir, uids, self.owner)
 
-        self._deliver(data, record)
+        self._deliver(chunks, record)
 
 
 @implementer(IUIDLTarget)
@@ -304,12 +308,14 @@ class PostgresTarget:
         except UIDLInUse as e:
             raise MigrationError(f"UIDL {e.uid} is already the UIDL of another message of the maildrop") from None
 
-    def deliver(self, data: bytes, uidl: str) -> None:
+    def deliver(self, chunks: Iterable[bytes], uidl: str) -> None:
         """
-        See L{IUIDLTarget.deliver}.
+        See L{IUIDLTarget.deliver}: the database stores a message as one
+        value, so it is held whole here.
         """
         from psycopg import errors
 
+        data = b"".join(chunks)
         try:
             self.store.importMessage(self.address, data, uidl)
         except errors.UniqueViolation:
@@ -394,6 +400,65 @@ def parseSource(url: str) -> Tuple[str, str, int, bool]:
     return urllib.parse.unquote(user), parsed.hostname, port, parsed.scheme == "pop3s"
 
 
+#: Octets of a message being copied that are held at once (and a line).
+COPY_CHUNK = 64 * 1024
+
+
+class _Retrieval:
+    """
+    The message a C{RETR} is answering, read from the session as it is
+    iterated, in chunks of about L{COPY_CHUNK} octets (CRLF line ends,
+    dot-stuffing undone as C{poplib.POP3.retr} undoes it), so that a large
+    message is never held whole.  It must be read to its end before the
+    session is used again.
+
+    @ivar octets: the octets yielded so far.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self.octets = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        held: List[bytes] = []
+        size = 0
+        # poplib's line reader (which RETR uses too): each line without its
+        # line end, longer ones refused.
+        getline = self._session._getline
+        while True:
+            line, _ = getline()
+            if line == b".":
+                break
+            if line.startswith(b".."):
+                line = line[1:]
+            held.append(line)
+            held.append(b"\r\n")
+            size += len(line) + 2
+            if size >= COPY_CHUNK:
+                self.octets += size
+                yield b"".join(held)
+                held, size = [], 0
+        if held:
+            self.octets += size
+            yield b"".join(held)
+
+
+def retrieve(session: Any, number: int) -> _Retrieval:
+    """
+    Send C{RETR number} and read the server's answer.
+
+    @param session: a C{poplib.POP3}, whose command and line primitives
+        (C{_putcmd}, C{_getresp}, C{_getline}: the ones its C{retr} is made
+        of, undeclared in its type stubs) are used.
+
+    @return: the message, to be iterated (L{_Retrieval}).
+    @raise poplib.error_proto: the server refused it.
+    """
+    session._putcmd(f"RETR {number}")
+    session._getresp()
+    return _Retrieval(session)
+
+
 class Importer:
     """
     Copies a mailbox from a POP3 server into a maildrop, with its UIDLs
@@ -454,14 +519,13 @@ class Importer:
                 skipped += 1
                 continue
             try:
-                lines = session.retr(number)[1]
+                chunks = retrieve(session, number)
             except poplib.error_proto as e:
                 raise MigrationError(f"RETR {number} refused: {e}") from None
-            data = b"".join(line + b"\r\n" for line in lines)
-            self.target.deliver(data, uidl)
+            self.target.deliver(chunks, uidl)
             have.add(uidl)
             copied += 1
-            progress(f"copied message {number} ({len(data)} octets, UIDL {uidl})")
+            progress(f"copied message {number} ({chunks.octets} octets, UIDL {uidl})")
         try:
             session.quit()
         except (OSError, poplib.error_proto):

@@ -110,7 +110,11 @@ class AuthorizationCommands(_Host):
         user, self._user = self._user, None
         if not self._plaintextAllowed():
             refused, self._refusedUser = self._refusedUser, None
-            self._refusePlaintext(refused)
+            if refused is None:
+                self._refusePlaintext(None)
+            else:
+                # The refused USER before it logged this attempt.
+                self._clientError(ERR_PLAINTEXT)
             return
         if user is None:
             self._clientError(ERR_USER_FIRST)

@@ -1025,7 +1025,7 @@ def _buildCore(
         tlsContextFactory=serverTLS,
         maxRecipients=limits["max-recipients"],
         idleTimeout=limits["smtp-idle-timeout"],
-        resolver=MXResolver(reactor),
+        resolver=MXResolver(reactor, server=config.inbound.dnsServer),
         postmaster=config.postmaster,
         checker=inboundChecker,
     )

@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3gw import events
-from pop3gw.address import Address, AddressError
+from pop3gw.address import Address, AddressError, parseReversePath
 from pop3gw.interfaces import (
     ISubmissionAvatar,
     PermanentFailure,
@@ -721,7 +721,8 @@ class SubmissionServer(AuthCommands, SubmissionData, SMTPServer):
         if path == "":
             raise SMTPRefusal(NULL_SENDER)
         try:
-            sender = Address.parse(path)
+            # A literal (RFC 5321 4.1.3) is well-formed, and never owned.
+            sender = parseReversePath(path)
         except AddressError:
             raise SMTPRefusal(BAD_SENDER_ADDRESS) from None
         if not self._account.mayUseSender(sender):

@@ -43,7 +43,10 @@ The parsing of the data after C{354} is the defence against SMTP smuggling
     a header field (C{name: value}, RFC 5322 3.6.8 and 4.5; a body line, a
     line starting with white space, or the blank line) has no header
     section: the added fields are followed by a blank line so that the
-    text stays the body.  Octets are counted as they stream; over
+    text stays the body.  A later line of the header section that is
+    neither a field nor a folded continuation ends the section the same
+    way (Postfix's cleanup does so): a blank line is inserted before it
+    and it is the first line of the body.  Octets are counted as they stream; over
     the size limit the delivery is aborted and the rest of the data is read
     and dropped before C{552 5.3.4} is sent.
   - Line ends are processed exactly across TCP segment boundaries: a CR at
@@ -237,6 +240,8 @@ def _messageId(delivery: IDelivery) -> str:
 #: The start of a header field: a field name (RFC 5322 3.6.8: printable
 #: ASCII but C{":"}), white space (the obsolete syntax of 4.5), C{":"}.
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+#: What a folded line of a header field starts with (RFC 5322 2.2.3).
+_FOLD = (b" ", b"\t")
 
 
 #: The (lower-cased) header fields whose addresses the user must own.
@@ -518,10 +523,12 @@ class _MessageReader:
             if line == b"":
                 self._endHeaders(blankLine=True)
                 return
-            if not self._headerLines and _FIELD_START.match(line) is None:
-                # No header section: the data starts with the body.  The
-                # fields added go before a blank line, so that this line
-                # stays in the body.
+            if _FIELD_START.match(line) is None and not (self._headerLines and line[:1] in _FOLD):
+                # Neither a field nor the continuation of one: the header
+                # section ends before this line (none at all if it is the
+                # first), which starts the body after a blank line, as
+                # Postfix's cleanup makes it.  Every reader, the DKIM
+                # signer and the checks then see one header section.
                 self._endHeaders(blankLine=True)
                 self._emit(line + b"\r\n")
                 return
@@ -813,6 +820,13 @@ class DataCommands(_Host):
         self._chunkLast = last
         self._chunkRefusal = refusal
         self._mode = _Mode.CHUNK
+
+    def readingCountedOctets(self) -> bool:
+        """
+        See L{pop3gw.lineproto.LineProtocol.readingCountedOctets}: a BDAT
+        chunk is being read.
+        """
+        return self._mode is _Mode.CHUNK
 
     def _chunkStep(self) -> bool:
         """

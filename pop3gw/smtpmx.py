@@ -10,7 +10,9 @@ length and size rules) with its own command table and policy:
   - No AUTH: it is neither offered nor known (C{500 5.5.2}).  MAIL is
     accepted once the client has said HELO/EHLO.
   - Any syntactically valid sender is accepted, the null reverse path
-    C{<>} included (bounces must reach the users); a malformed one gets
+    C{<>} included (bounces must reach the users), and one at an address
+    literal (C{a@[192.0.2.1]}, C{a@[IPv6:2001:db8::1]}, RFC 5321 4.1.3:
+    its SPF result is C{none}, RFC 7208 4.3); a malformed one gets
     C{553 5.1.7}.  There is no ownership check: the world's senders are not
     our users.
   - A recipient is accepted only if the router resolves it to a local user
@@ -71,7 +73,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from pop3gw import events
-from pop3gw.address import Address, AddressError, isDisguisedRelay
+from pop3gw.address import Address, AddressError, isDisguisedRelay, parseReversePath
 from pop3gw.inbound import CheckedDelivery, InboundChecker, Session
 from pop3gw.interfaces import IDelivery, IRoutedDelivery
 from pop3gw.smtp import _COMMON_COMMANDS, SMTPServer, commandTables
@@ -219,7 +221,7 @@ class MXServer(SMTPServer):
         if path == "":
             return None
         try:
-            return Address.parse(path)
+            return parseReversePath(path)
         except AddressError:
             raise SMTPRefusal(BAD_SENDER_ADDRESS) from None
 

@@ -97,6 +97,18 @@ def requirePortsFree(testcase, ports, host: str = "127.0.0.1") -> None:
         testcase.skipTest(f"{host} {what} {', '.join(busy)} in use (is a pop3gw from the README's first step still running?)")
 
 
+def silentUDPPort(testcase) -> int:
+    """
+    A UDP port on 127.0.0.1 bound (and never read) until C{testcase} ends:
+    a name server that never answers, so that a server under test asks no
+    real one.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    testcase.addCleanup(sock.close)
+    return sock.getsockname()[1]
+
+
 class Pop3gwProcess:
     """
     One running C{twistd -n pop3gw}.
@@ -124,8 +136,10 @@ class Pop3gwProcess:
                 f.write(f"[limits]\nfailure-delay = {failureDelay}\n{extraConfig}")
                 if "[inbound]" not in extraConfig:
                     # No DNS beyond loopback: the inbound checks of --mx
-                    # run only in tests that give them a test name server.
-                    f.write("\n[inbound]\nchecks = no\n")
+                    # run only in tests that give them a test name server,
+                    # and its reverse lookups go to a port that never
+                    # answers.
+                    f.write(f"\n[inbound]\nchecks = no\ndns-server = 127.0.0.1:{silentUDPPort(testcase)}\n")
         self.config = config
         self.proc: Optional[subprocess.Popen] = None
         self.output: list = []

@@ -19,6 +19,7 @@ from pop3gw.address import (
     isLoopback,
     lookupKey,
     parseDomain,
+    parseReversePath,
 )
 
 #: Strings that are not a plain local@domain address.
@@ -362,3 +363,64 @@ class DisguisedRelayTests(SynchronousTestCase):
             self.assertTrue(isDisguisedRelay(path), path)
         for path in ("bob@example.org", "bob+tag@example.org", "BOB@Example.ORG"):
             self.assertFalse(isDisguisedRelay(path), path)
+
+
+class ReversePathTests(SynchronousTestCase):
+    """
+    L{parseReversePath}: a sender, which may name its host by an RFC 5321
+    4.1.3 address literal.
+    """
+
+    def test_addressLiterals(self) -> None:
+        """
+        An IPv4 literal and an C{IPv6:} literal (tag in any case, address in
+        any spelling) are accepted and written one way: the IPv6 address
+        compressed and lower-case after C{IPv6:}.
+        """
+        cases = {
+            "a@[192.0.2.1]": Address("a", "[192.0.2.1]"),
+            "Bob.Smith@[IPv6:2001:db8::1]": Address("Bob.Smith", "[IPv6:2001:db8::1]"),
+            "a@[ipv6:2001:DB8:0:0:0:0:0:1]": Address("a", "[IPv6:2001:db8::1]"),
+            "a@[IPv6:::ffff:192.0.2.1]": Address("a", "[IPv6:::ffff:c000:201]"),
+        }
+        for text, address in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(parseReversePath(text), address)
+                self.assertEqual(parseReversePath(text.encode("ascii")), address)
+        self.assertEqual(str(parseReversePath("a@[192.0.2.1]")), "a@[192.0.2.1]")
+
+    def test_domainsAsParse(self) -> None:
+        """
+        A sender with a domain is parsed as L{Address.parse} parses it.
+        """
+        self.assertEqual(parseReversePath("Alice@Example.ORG"), Address.parse("Alice@Example.ORG"))
+
+    def test_refused(self) -> None:
+        """
+        Literals that are not an IPv4 or C{IPv6:} address (a general
+        literal, a bad or zero-padded IPv4 address, an IPv6 address without
+        its tag, a zone, an empty literal, spaces) and bad local parts raise
+        L{AddressError}, as does everything L{Address.parse} refuses.
+        """
+        for bad in [
+            "a@[x-tag:foo]",
+            "a@[192.0.2.256]",
+            "a@[192.0.2]",
+            "a@[192.000.2.1]",
+            "a@[2001:db8::1]",
+            "a@[IPv6:192.0.2.1]",
+            "a@[IPv6:fe80::1%eth0]",
+            "a@[]",
+            "a@[ 192.0.2.1]",
+            "a@[192.0.2.1",
+            "a@192.0.2.1]",
+            "a@[192.0.2.1].example",
+            "a b@[192.0.2.1]",
+            "a..b@[192.0.2.1]",
+            "@[192.0.2.1]",
+            "a@b@[192.0.2.1]",
+            "x" * 250 + "@[192.0.2.1]",
+            *(b for b in BAD_ADDRESSES if "[" not in b),
+        ]:
+            with self.subTest(address=bad):
+                self.assertRaises(AddressError, parseReversePath, bad)

@@ -461,6 +461,37 @@ class DeliverTests(SynchronousTestCase):
         status = cli.main(["--data-dir", self.dataDir, *args], stdin=FakeStdin(text, data), stdout=out, stderr=err)
         return status, out.getvalue(), err.getvalue()
 
+    def test_commandsLoadOnlyWhatTheyUse(self) -> None:
+        """
+        C{deliver} and C{user list}, run once per message behind an MTA or
+        from scripts, load neither the cryptography library (the DKIM
+        keys' and certificates') nor the login checker (C{pop3gw.auth},
+        Twisted's cred); C{dkim list} loads the DKIM keys' module but not
+        cryptography, which only makes and reads keys.
+        """
+        import subprocess
+
+        probe = (
+            "import sys\n"
+            "from pop3gw import cli\n"
+            "status = cli.main(sys.argv[1:])\n"
+            "heavy = ('cryptography', 'pop3gw.auth', 'twisted.cred.checkers', 'pop3gw.dkimkeys')\n"
+            "print(status, sorted(m for m in heavy if m in sys.modules))\n"
+        )
+
+        def run(*args: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-c", probe, "--data-dir", self.dataDir, *args],
+                input=b"Subject: x\n\nhi\n",
+                capture_output=True,
+                timeout=60,
+            )
+            return done.stdout.decode().splitlines()[-1]
+
+        self.assertEqual(run("deliver", "alice@example.org"), "0 []")
+        self.assertEqual(run("user", "list"), "0 []")
+        self.assertEqual(run("dkim", "list"), "0 ['pop3gw.dkimkeys']")
+
     def test_deliverLoadsNoCheckLibraries(self) -> None:
         """
         An MTA starts one C{deliver} process per message: without C{[inbound]

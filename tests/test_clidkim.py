@@ -222,3 +222,19 @@ class DKIMOwnerTests(SynchronousTestCase):
         self.assertEqual(status, cli.EX_NOPERM)
         self.assertIn("belongs to uid", err)
         self.assertEqual(listed, (0, "", ""))
+
+
+class ParserTests(SynchronousTestCase):
+    """
+    The C{dkim} parser, built for every command without the keys' module.
+    """
+
+    def test_algorithmsOfTheKeys(self) -> None:
+        """
+        C{dkim generate --algorithm} offers the algorithms the keys'
+        module makes, the first its default.
+        """
+        from pop3gw import clidkim, dkimkeys
+
+        self.assertEqual(clidkim.ALGORITHMS, dkimkeys.ALGORITHMS)
+        self.assertEqual(clidkim.ALGORITHMS[0], dkimkeys.RSA)

@@ -201,6 +201,18 @@ class SPFTests(DNSTestCase):
         result = mailauth.checkSPF(self.client(), "192.0.2.10", None, "[192.0.2.10]")
         self.assertEqual(result, mailauth.SPFResult("none", "helo", "", ""))
 
+    def test_senderAddressLiteral(self):
+        """
+        A sender at an address literal names no domain (RFC 7208 4.3: not
+        a valid FQDN): none, with no domain for DMARC to align, and the
+        temporary results name none either.
+        """
+        for sender in ("x@[192.0.2.10]", "x@[IPv6:2001:db8::1]"):
+            result = mailauth.checkSPF(self.client(), "192.0.2.10", sender, "mail.example.com")
+            self.assertEqual(result, mailauth.SPFResult("none", "mailfrom", "", ""))
+            self.assertEqual(mailauth.temporaryResults(sender, "mail.example.com").spf,
+                             mailauth.SPFResult("temperror", "mailfrom", "", ""))
+
 
 class DKIMTests(DNSTestCase):
     """

@@ -455,19 +455,23 @@ class UserPassTests(_Harness):
 
     def test_plaintextRefusedLogged(self) -> None:
         """
-        Each plaintext login the policy refuses is logged as one warn line
-        naming the user of the refused USER, not as a failed login (which
-        fail2ban would count), and the password never appears in the log.
+        Each plaintext login the policy refuses (a USER and the PASS after
+        it) is logged as one warn line naming the user of the refused USER,
+        not as a failed login (which fail2ban would count), and the
+        password never appears in the log; the next USER and PASS are the
+        next attempt, with its own line.
         """
         self.connect(policy=never)
-        self.send(b"USER alice@example.org\r\nPASS s3cret-pw\r\n")
-        refused = (
-            'login refused: service=pop3 rhost=192.0.2.7 user="alice@example.org"'
-            ' reason="plaintext authentication disallowed"'
-        )
+        err = b"-ERR [AUTH] Plaintext authentication disallowed on non-encrypted connections.\r\n"
+        self.assertEqual(self.send(b"USER alice@example.org\r\nPASS s3cret-pw\r\n"), err * 2)
+        self.assertEqual(self.send(b"USER bob@example.org\r\nPASS s3cret-pw\r\n"), err * 2)
         self.assertEqual(
             [(e["log_level"], formatEvent(e)) for e in self.events],
-            [(LogLevel.warn, refused), (LogLevel.warn, refused)],
+            [
+                (LogLevel.warn, f'login refused: service=pop3 rhost=192.0.2.7 user="{user}"'
+                                ' reason="plaintext authentication disallowed"')
+                for user in ("alice@example.org", "bob@example.org")
+            ],
         )
         self.assertNotIn("s3cret-pw", repr(self.events))
 

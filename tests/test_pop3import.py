@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pop3gw.address import Address
 from pop3gw.maildir import MaildirStore
 from pop3gw.pop3import import (
+    COPY_CHUNK,
     UIDLIST,
     Importer,
     MaildirTarget,
@@ -184,10 +185,11 @@ class MaildirTargetTests(UIDLTargetContract, SynchronousTestCase):
         def keys():
             return self.successResultOf(self.store.openMaildrop(ALICE)).keysAndRelease()
 
-        def deliver(data, before):
+        def deliver(chunks, before):
             delivery = self.store.beginDelivery([ALICE])
             before(delivery.uniqueName)
-            delivery.write(data)
+            for chunk in chunks:
+                delivery.write(chunk)
             self.successResultOf(delivery.commit())
             return delivery.uniqueName
 
@@ -230,7 +232,7 @@ class PostgresTargetTests(UIDLTargetContract, SynchronousTestCase):
         target = self.target()
         importUIDLs(target, "1 a\n2 b\n3 c\n")
         with self.assertRaises(MigrationError) as e:
-            target.deliver(b"A: 1\r\n\r\nx\r\n", "b")
+            target.deliver([b"A: 1\r\n\r\nx\r\n"], "b")
         self.assertEqual(str(e.exception), "UIDL b was stored meanwhile, by another import? run again")
         self.assertEqual(len(self.served()), 3)
 
@@ -273,9 +275,23 @@ class FakeSession:
     def uidl(self):
         return b"+OK", [b"%d %s" % (i + 1, uid) for i, (uid, _) in enumerate(self.messages)], 0
 
-    def retr(self, number):
-        self.retrieved.append(number)
-        return b"+OK", self.messages[number - 1][1].split(b"\r\n")[:-1], 0
+    # What the importer streams a message with: poplib's own command and
+    # line primitives, over the message in wire form (dot-stuffed, with
+    # the final "." line).
+    def _putcmd(self, line: str) -> None:
+        verb, number = line.split(" ")
+        assert verb == "RETR", line
+        self.retrieved.append(int(number))
+        self._pending = [b"+OK"] + [
+            b"." + line if line.startswith(b".") else line for line in self.messages[int(number) - 1][1].split(b"\r\n")[:-1]
+        ] + [b"."]
+
+    def _getresp(self) -> bytes:
+        return self._pending.pop(0)
+
+    def _getline(self) -> tuple:
+        line = self._pending.pop(0)
+        return line, len(line) + 2
 
     def quit(self):
         return b"+OK"
@@ -285,14 +301,17 @@ class ImporterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = makeTempDirectory(self)
         self.stored: dict = {}
+        self.chunks: list = []
         self.failAt = None
 
-    def deliver(self, data: bytes, before) -> str:
+    def deliver(self, chunks, before) -> str:
         key = f"k{len(self.stored) + (1 if self.failAt is None else 100)}"
         before(key)
         if self.failAt is not None and len(self.stored) == self.failAt:
             raise OSError(28, "No space left on device")
-        self.stored[key] = data
+        chunks = list(chunks)
+        self.chunks.append(chunks)
+        self.stored[key] = b"".join(chunks)
         return key
 
     def importer(self) -> Importer:
@@ -317,6 +336,39 @@ class ImporterTests(SynchronousTestCase):
         self.assertEqual(sorted(uids.values()), ["u1", "u2", "u3"])
         self.assertEqual({self.stored[k]: v for k, v in uids.items()}[messages[2][1]], "u3")
         self.assertEqual(self.importer().run(FakeSession(messages), "alice", "pw"), (0, 3))
+
+    def test_messageStreamed(self) -> None:
+        """
+        A message is copied as it arrives, in chunks of at most
+        L{COPY_CHUNK} octets and a line, never whole: the store gets its
+        exact octets, dot-stuffing undone.
+        """
+        body = b"".join(b"%05d " % i + b"x" * 993 + b"\r\n" for i in range(1024))
+        message = b"Subject: big\r\n\r\n..two dots\r\n.\r\n" + body + b".\r\n"
+        self.assertEqual(self.importer().run(FakeSession([(b"u1", message)]), "alice", "pw"), (1, 0))
+        self.assertEqual(list(self.stored.values()), [message])
+        [chunks] = self.chunks
+        self.assertGreaterEqual(len(chunks), len(message) // COPY_CHUNK)
+        self.assertLessEqual(max(map(len, chunks)), COPY_CHUNK + 1002)
+
+    def test_refusedRetrieval(self) -> None:
+        """
+        A RETR the server refuses is one clear error, and nothing is
+        stored for it.
+        """
+        import poplib
+
+        session = FakeSession([(b"u1", b"A: 1\r\n\r\nx\r\n")])
+
+        def refuse():
+            session._pending = []
+            raise poplib.error_proto(b"-ERR gone")
+
+        session._getresp = refuse  # type: ignore[method-assign]
+        with self.assertRaises(MigrationError) as e:
+            self.importer().run(session, "alice", "pw")
+        self.assertEqual(str(e.exception), "RETR 1 refused: b'-ERR gone'")
+        self.assertEqual(self.stored, {})
 
     def test_badLogin(self) -> None:
         """

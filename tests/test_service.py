@@ -227,6 +227,22 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIs(mx.tlsContextFactory, submission.tlsContextFactory)
         self.assertEqual((mx.maxRecipients, mx.idleTimeout), (submission.maxRecipients, submission.idleTimeout))
 
+    def test_mxReverseLookupsUseDNSServer(self) -> None:
+        """
+        The MX listener's reverse lookups of its clients go to the
+        C{[inbound] dns-server}, as the checks' lookups do, not to the
+        system's name servers.
+        """
+        ini = os.path.abspath(self.mktemp())
+        with open(ini, "w") as f:
+            f.write("[inbound]\ndns-server = 127.0.0.1:5353\n")
+        top, listeners = self.build("--config", ini, "--mx", "tcp:2525")
+        [mx] = [s.factory.wrappedFactory for s in listeners if s.listenerName == "mx"]
+        resolver = mx.resolver._resolver()
+        self.addCleanup(mx.resolver.stop)
+        self.assertEqual(resolver.servers, [("127.0.0.1", 5353)])
+        self.assertIsNone(resolver.resolv)
+
     def test_mxInboundChecks(self) -> None:
         """
         The MX listener checks its mail with the C{[inbound]} policy, the

@@ -881,6 +881,17 @@ class EnvelopeTests(SessionMixin, SynchronousTestCase):
             b"553 5.7.1 Sender address not owned by user\r\n250 2.1.0 OK\r\n",
         )
 
+    def test_addressLiteralSenderNotOwned(self) -> None:
+        """
+        A sender whose domain is an address literal is well-formed (RFC
+        5321 4.1.3) but is never a user's address: 553 5.7.1.
+        """
+        self.login()
+        self.assertEqual(
+            self.feed(b"MAIL FROM:<alice@[192.0.2.1]>\r\nMAIL FROM:<alice@[IPv6:2001:db8::1]>\r\n"),
+            b"553 5.7.1 Sender address not owned by user\r\n" * 2,
+        )
+
     def test_nullSender(self) -> None:
         """
         The null reverse path is refused on submission.
@@ -1226,15 +1237,37 @@ class DataTests(SessionMixin, SynchronousTestCase):
         """
         Data that starts with a header field (also with white space before
         the colon, RFC 5322 4.5) keeps its header section as it is: the
-        added fields go before it and no blank line is inserted, even when
-        a later line of the section is not a field.
+        added fields go before it and no blank line is inserted; folded
+        lines stay in their field.
         """
         added = b"Message-ID: <ID@mail.example.org>\r\nDate: " + NOW_TEXT + b"\r\nFrom: alice@example.org\r\n"
-        for data in (b"Subject: x\r\n\r\nHello\r\n", b"Subject : x\r\nnot a field\r\n\r\nHello\r\n",
+        for data in (b"Subject: x\r\n\r\nHello\r\n", b"Subject : x\r\n\tfolded\r\n  more\r\n\r\nHello\r\n",
                      b"X-Empty:\r\n"):
             self.send(data + b".\r\n")
             message = re.sub(rb"^Message-ID: <[0-9a-f]{32}@", b"Message-ID: <ID@", self.stored()[-1])
             self.assertEqual(message, added + data, data)
+
+    def test_headerSectionEndsAtNonField(self) -> None:
+        """
+        A line in the header section that is neither a field nor the
+        continuation of one ends the section there, as Postfix's cleanup
+        ends it: a blank line is inserted before it and it is the first
+        line of the body, with what follows it (a C{From:} there is body
+        text, not checked, and a C{From:} is added); the fields added
+        go before the section, whose fields are kept.
+        """
+        added = b"Message-ID: <ID@mail.example.org>\r\nDate: " + NOW_TEXT + b"\r\nFrom: alice@example.org\r\n"
+        for data, stored in [
+            (b"Subject : x\r\nnot a field\r\n\r\nHello\r\n",
+             b"Subject : x\r\n\r\nnot a field\r\n\r\nHello\r\n"),
+            (b"Subject: x\r\n folded\r\nno colon here\r\nFrom: bob@example.org\r\n\r\nHi\r\n",
+             b"Subject: x\r\n folded\r\n\r\nno colon here\r\nFrom: bob@example.org\r\n\r\nHi\r\n"),
+            (b"Subject: x\r\n: no name\r\n", b"Subject: x\r\n\r\n: no name\r\n"),
+            (b"Subject: x\r\nSubject x\r\n", b"Subject: x\r\n\r\nSubject x\r\n"),
+        ]:
+            self.assertEqual(self.send(data + b".\r\n"), b"250 2.0.0 OK queued as ID\r\n", data)
+            message = re.sub(rb"^Message-ID: <[0-9a-f]{32}@", b"Message-ID: <ID@", self.stored()[-1])
+            self.assertEqual(message, added + stored, data)
 
     def test_headersOnly(self) -> None:
         """
@@ -2548,6 +2581,26 @@ class SlowlorisTests(SessionMixin, SynchronousTestCase):
         for _i in range(150):
             self.feed(b"x")
             self.clock.advance(2)
+        self.assertEqual(self.transport.value(), b"421 4.4.2 mail.example.org Error: timeout exceeded\r\n")
+
+    def test_chunkOctetsReset(self) -> None:
+        """
+        Octets of a BDAT chunk count as activity, line end or not: a binary
+        chunk sent slowly but steadily (one octet every 2 seconds, 300
+        seconds in all) is read whole and answered, and silence after it
+        still times out.
+        """
+        self.connect(idleTimeout=300)
+        self.login()
+        self.assertEqual(self.feed(CHUNK_MAIL), CHUNK_ENVELOPE)
+        self.assertEqual(self.feed(b"BDAT 200\r\n"), b"")
+        for _i in range(199):
+            self.clock.advance(2)
+            self.assertEqual(self.feed(b"\xff"), b"")
+        self.assertEqual(self.feed(b"\x01"), b"250 2.0.0 200 octets received\r\n")
+        self.clock.advance(299)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1)
         self.assertEqual(self.transport.value(), b"421 4.4.2 mail.example.org Error: timeout exceeded\r\n")
 
     def test_lineEndResets(self) -> None:

@@ -139,6 +139,15 @@ class CommandTests(LMTPTestsMixin, SynchronousTestCase):
         )
 
 
+    def test_addressLiteralSender(self) -> None:
+        """
+        A sender whose domain is an address literal is accepted, as the MTA
+        in front accepted it (RFC 5321 4.1.3).
+        """
+        self.feed(b"LHLO mta.example.org\r\n")
+        self.assertEqual(self.feed(b"MAIL FROM:<x@[192.0.2.1]>\r\nRCPT TO:<bob@example.org>\r\n"), SENDER_OK + b"250 2.1.5 OK\r\n")
+
+
 class DataTests(LMTPTestsMixin, SynchronousTestCase):
     """
     One reply per accepted RCPT, in RCPT order, each recipient its own

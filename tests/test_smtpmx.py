@@ -265,7 +265,7 @@ class EnvelopeTests(MXSessionMixin, SynchronousTestCase):
         Any well-formed sender is accepted, in any domain, local ones
         included (no ownership check); with SIZE and BODY parameters.
         """
-        for sender in (b"someone@remote.example", b"alice@example.org", b"x@[192.0.2.1]"[:0] + b"x@sub.remote.example"):
+        for sender in (b"someone@remote.example", b"alice@example.org", b"x@sub.remote.example"):
             self.assertEqual(
                 self.feed(b"MAIL FROM:<" + sender + b"> SIZE=100 BODY=8BITMIME\r\nRSET\r\n"),
                 SENDER_OK + b"250 2.0.0 OK\r\n",
@@ -280,6 +280,37 @@ class EnvelopeTests(MXSessionMixin, SynchronousTestCase):
             self.feed(b"MAIL FROM:<a b@remote.example>\r\nMAIL FROM:<@x.example:a@remote.example>\r\nMAIL FROM:a@b.example\r\n"),
             b"553 5.1.7 Bad sender address syntax\r\n" * 2 + b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n",
         )
+
+    def test_addressLiteralSender(self) -> None:
+        """
+        A sender whose domain is an address literal (RFC 5321 4.1.3: IPv4,
+        or C{IPv6:}) is accepted and the message delivered; the log line
+        names it as normalised.  A literal that is neither gets 553 5.1.7.
+        """
+        with capturedLogs() as events:
+            out = self.feed(
+                b"MAIL FROM:<a@[192.0.2.1]>\r\nRSET\r\n"
+                b"MAIL FROM:<a@[ipv6:2001:DB8::1]>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n" + MESSAGE + b".\r\n"
+                b"MAIL FROM:<a@[x-tag:foo]>\r\nMAIL FROM:<a@[2001:db8::1]>\r\n"
+            )
+        self.assertEqual(
+            queuedReply(out),
+            SENDER_OK + b"250 2.0.0 OK\r\n" + SENDER_OK + RCPT_OK + START_DATA + QUEUED
+            + b"553 5.1.7 Bad sender address syntax\r\n" * 2,
+        )
+        self.assertEqual(self.storedWithoutReceived(), [MESSAGE])
+        lines = [formatEvent(e) for e in events if "accepted" in formatEvent(e)]
+        self.assertEqual(len(lines), 1)
+        self.assertIn(' from="a@[IPv6:2001:db8::1]" ', lines[0])
+
+    def test_addressLiteralRecipientRefused(self) -> None:
+        """
+        A recipient whose domain is an address literal is refused as relay
+        access, whatever the address: it names no local domain.
+        """
+        self.feed(b"MAIL FROM:<a@[192.0.2.1]>\r\n")
+        out = self.feed(b"RCPT TO:<bob@[127.0.0.1]>\r\nRCPT TO:<bob@[IPv6:::1]>\r\nRCPT TO:<postmaster@[192.0.2.7]>\r\n")
+        self.assertEqual(out, RELAY_DENIED * 3)
 
     def test_localRecipients(self) -> None:
         """
@@ -482,6 +513,18 @@ class DataTests(MXSessionMixin, SynchronousTestCase):
         out = self.feed(b"Subject: x\r\n\r\n..dot\nbare lf\r\n.\r\n")
         self.assertEqual(queuedReply(out), QUEUED)
         self.assertEqual(self.storedWithoutReceived(), [b"Subject: x\r\n\r\n.dot\r\nbare lf\r\n"])
+
+    def test_headerSectionEndsAtNonField(self) -> None:
+        """
+        A line in the header section that is neither a field nor a
+        continuation ends it, as on submission: a blank line is inserted
+        before it, so the checks and the reader see one header section.
+        """
+        out = self.feed(b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+                        b"Subject: hello\r\nno colon\r\nFrom: x@remote.example\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(queuedReply(out), SENDER_OK + RCPT_OK + START_DATA + QUEUED)
+        self.assertEqual(self.storedWithoutReceived(),
+                         [b"Subject: hello\r\n\r\nno colon\r\nFrom: x@remote.example\r\n\r\nbody\r\n"])
 
     def test_size(self) -> None:
         """
@@ -811,6 +854,16 @@ class AuthenticationTests(MXSessionMixin, SynchronousTestCase):
         self.assertEqual(message, data[len(header):])
         self.assertEqual(session, inbound.Session("192.0.2.7", "client.example", "x@remote.example",
                                                   ("bob@example.org",), None))
+
+    def test_addressLiteralSender(self) -> None:
+        """
+        The checks see a sender with an address literal as normalised.
+        """
+        self.assertEqual(self.feed(b"MAIL FROM:<x@[IPv6:2001:db8:0::7]>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"),
+                         SENDER_OK + RCPT_OK + START_DATA)
+        self.assertEqual(queuedReply(self.feed(MESSAGE + b".\r\n")), QUEUED)
+        [(_message, session)] = self.seen
+        self.assertEqual(session.sender, "x@[IPv6:2001:db8::7]")
 
     def test_forgedResultsRemoved(self) -> None:
         """

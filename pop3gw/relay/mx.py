@@ -18,12 +18,15 @@ from __future__ import annotations
 import ipaddress
 from typing import Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, udp
+from twisted.internet.base import BasePort
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IReactorPluggableNameResolver,
     IResolutionReceiver,
 )
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.names import dns
 from twisted.names import error as dnserror
 from zope.interface import implementer
@@ -133,13 +136,17 @@ class MXResolver:
 
     @param reactor: the reactor for the resolver this makes for itself.
     @param resolver: an C{IResolver}; if C{None}, a
-        C{twisted.names.client.Resolver} on C{/etc/resolv.conf} is made at
-        the first lookup (and stopped by L{stop}).
+        C{twisted.names.client.Resolver} is made at the first lookup (and
+        stopped by L{stop}): one asking C{server}, or the name servers of
+        C{/etc/resolv.conf}.  Its queries write nothing to the log.
+    @param server: C{(address, port)} of the name server to ask (the MX
+        listener's C{[inbound] dns-server}), or C{None} for the system's.
     """
 
-    def __init__(self, reactor, resolver=None) -> None:
+    def __init__(self, reactor, resolver=None, server: Optional[tuple[str, int]] = None) -> None:
         self._reactor = reactor
         self.resolver = resolver
+        self._server = server
         self._ownResolver: Optional[object] = None
 
     def stop(self) -> None:
@@ -157,9 +164,12 @@ class MXResolver:
         if self.resolver is None:
             from twisted.names import client
 
-            self.resolver = self._ownResolver = client.Resolver(
-                resolv="/etc/resolv.conf", reactor=_QuietDatagramReactor(self._reactor)
-            )
+            quiet = _QuietDatagramReactor(self._reactor)
+            if self._server is not None:
+                own = client.Resolver(servers=[self._server], reactor=quiet)
+            else:
+                own = client.Resolver(resolv="/etc/resolv.conf", reactor=quiet)
+            self.resolver = self._ownResolver = own
         return self.resolver
 
     def lookupPointer(self, name: str) -> defer.Deferred:
@@ -271,15 +281,51 @@ def describeDNSFailure(domain: str, e: Exception) -> str:
     return f"DNS lookup for {domain} failed: {why}"
 
 
+class _QuietUDPPort(udp.Port):
+    """
+    A UDP port that writes nothing to the log when it opens and closes.
+
+    Twisted's C{udp.Port} logs "DNSDatagramProtocol starting on N" and
+    "(UDP Port N Closed)" unconditionally (C{twisted.python.log.msg}, under
+    whatever log system is current), and a C{twisted.names} resolver opens
+    one port per query: two lines per inbound connection's reverse lookup,
+    which say nothing an operator can use.  These two methods are
+    C{udp.Port}'s without those lines; nothing else differs.
+    """
+
+    def _bindSocket(self) -> None:
+        try:
+            skt = self.createInternetSocket()
+            skt.bind((self.interface, self.port))
+        except OSError as e:
+            raise CannotListenError(self.interface, self.port, e) from None
+        self._realPortNumber = skt.getsockname()[1]
+        self.connected = 1
+        self.socket = skt
+        # As udp.Port does: the socket's own fileno answers for the port.
+        self.fileno = skt.fileno  # type: ignore[method-assign]
+
+    def connectionLost(self, reason=None) -> None:
+        self._realPortNumber = None
+        self.maxThroughput = -1
+        BasePort.connectionLost(self, reason)
+        self.protocol.doStop()
+        self.socket.close()
+        del self.socket
+        del self.fileno
+        if hasattr(self, "d"):
+            self.d.callback(None)
+            del self.d
+
+
 class _QuietDatagramReactor:
     """
     The reactor as the relay's own DNS resolver sees it: every datagram
     protocol it listens with is made quiet (C{noisy = False}), so a DNS
-    query does not log "Starting protocol" and "Stopping protocol".
-
-    The UDP port itself (C{twisted.internet.udp.Port}) still logs
-    "DNSDatagramProtocol starting on N" and "(UDP Port N Closed)": Twisted
-    writes those unconditionally, and only a log filter can drop them.
+    query does not log "Starting protocol" and "Stopping protocol", and
+    listens on a L{_QuietUDPPort}, so it does not log the port's opening
+    and closing either.  A reactor that is not Twisted's POSIX one (a test
+    double) listens as it would.
     """
 
     def __init__(self, reactor):
@@ -290,6 +336,8 @@ class _QuietDatagramReactor:
 
     def listenUDP(self, port: int, protocol, interface: str = "", maxPacketSize: int = 8192):
         protocol.noisy = False
-        return self._reactor.listenUDP(port, protocol, interface, maxPacketSize)
-
-
+        if not isinstance(self._reactor, PosixReactorBase):
+            return self._reactor.listenUDP(port, protocol, interface, maxPacketSize)
+        listening = _QuietUDPPort(port, protocol, interface, maxPacketSize, self._reactor)
+        listening.startListening()
+        return listening
