@@ -8,12 +8,14 @@ straight to the socket, without a turn of the reactor.
 from __future__ import annotations
 
 import socket
-from typing import Optional
+from typing import Optional, cast
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.tcp import Connection
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
@@ -57,6 +59,43 @@ def idleSocket(connection: Optional[Connection]) -> Optional[socket.socket]:
     ):
         return None
     return connection.socket
+
+
+def closeAtOnce(connection: Optional[Connection]) -> bool:
+    """
+    Close C{connection} (from L{plainConnection}), whose output has all
+    gone to the socket (L{idleSocket}), as its C{loseConnection} would,
+    without registering it for writing only to find nothing to write:
+    stop reading now, and at the reactor's next turn shut the socket down
+    and close it (orderly, as C{loseConnection} ends) and tell the
+    protocol, as C{abortConnection} does for an abortive close.  If
+    anything is written to the connection before that turn, it is sent
+    first and the connection closes after it, as with C{loseConnection}.
+
+    @return: whether the connection is closing this way; if not, call
+        C{loseConnection}.
+    """
+    if idleSocket(connection) is None or getattr(connection, "producer", True) is not None:
+        return False
+    assert connection is not None
+    connection.stopReading()
+    connection.disconnecting = True
+    cast(IReactorTime, connection.reactor).callLater(0, _closeIdle, connection)
+    return True
+
+
+def _closeIdle(connection: Connection) -> None:
+    """
+    The turn after L{closeAtOnce}: close C{connection} unless it is gone
+    already or output written meanwhile waits in its buffer (the transport,
+    registered for writing by C{write}, then closes it once that is sent:
+    its C{disconnecting} is set).
+    """
+    if connection.disconnected or not hasattr(connection, "socket"):
+        return
+    if connection._tempDataLen or len(connection.dataBuffer) != connection.offset:
+        return
+    connection.connectionLost(Failure(CONNECTION_DONE))
 
 
 class FlowControlled(TypingProtocol):

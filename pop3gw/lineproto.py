@@ -55,7 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3gw.address import describePeer
-from pop3gw.flow import OutputFlow, idleSocket, plainConnection
+from pop3gw.flow import OutputFlow, closeAtOnce, idleSocket, plainConnection
 
 if TYPE_CHECKING:
 
@@ -260,6 +260,8 @@ class LineProtocol(Protocol, metaclass=ABCMeta):
         self._output.unregister(self.transport, self.log)
         if stalled:
             self.transport.abortConnection()
+            return
+        if not self.secure and closeAtOnce(self._socketConnection):
             return
         self.transport.loseConnection()
         if self.closeTimeout is not None:

@@ -1326,11 +1326,13 @@ class MaildirStore:
             the file names.
         """
         path = self.maildirPath(address)
-        if quick and (not _isMaildir(path) or self._tmpCleanDue(path)):
+        # The quick path looks for tmp/ only: the listing's stamp, taken
+        # once the lock is held, stats new/ and cur/ anyway, and a missing
+        # one sends the login to the pool path, which creates it.
+        if quick and (self._tmpCleanDue(path) or not os.path.isdir(os.path.join(path, "tmp"))):
             raise _NotQuick()
         try:
             if not quick:
-                # (The quick path has just seen the maildrop there.)
                 self._ensureMaildir(path)
             fd = fsutil.openLockFile(os.path.join(path, LOCK_NAME), self.owner)
         except OSError as e:
@@ -1347,6 +1349,10 @@ class MaildirStore:
             uids = readUidMap(path)
         except OSError as e:
             os.close(fd)
+            if quick:
+                # new/ or cur/ missing, say: the pool path completes the
+                # maildrop, or says what is wrong.
+                raise _NotQuick() from None
             raise TemporaryFailure(f"cannot read maildrop: {e.strerror}") from e
         except BaseException:
             os.close(fd)

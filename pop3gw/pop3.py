@@ -22,6 +22,12 @@ Design notes:
     L{MAX_PENDING_INPUT} octets wait, so output never piles up in memory.
   - Messages are streamed from L{IMaildrop.openMessage} in chunks that are
     dot-stuffed across chunk boundaries.
+  - After a RETR the next message, if it is small and not marked deleted,
+    is opened and its first chunk read while the client reads (see
+    L{TransactionCommands._readAhead
+    <pop3gw.pop3transaction.TransactionCommands._readAhead>}); a RETR or
+    TOP of it uses what was read, and anything left unused is closed at
+    the next RETR or TOP, at QUIT and when the connection ends.
   - DELE only marks; the marks are handed to L{IMaildrop.commit} at QUIT.
     Any other ending releases the maildrop without deleting anything.
   - LAST (RFC 1225) is the highest message number accessed in this or an
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -123,6 +130,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
     _totalSize = 0
     _transaction: Optional["_Transaction"] = None
     _sender: Optional["_MessageSender"] = None
+    _ahead: Optional[tuple[int, Deferred]] = None
     _loggedOut = False
     _committing = False
     _retrieved = 0
@@ -171,6 +179,7 @@ class POP3Server(AuthorizationCommands, TransactionCommands, LineProtocol):
             self._callLogout()
 
     def _releaseMaildrop(self) -> None:
+        self._dropReadAhead()
         maildrop, self._maildrop = self._maildrop, None
         # The protocol and its transport refer to each other, so the
         # listing (large for a large maildrop) would otherwise wait for

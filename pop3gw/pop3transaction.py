@@ -29,7 +29,7 @@ from pop3gw.pop3replies import (
     _NoSuchMessage,
     _numbers,
 )
-from pop3gw.pop3transfer import _MessageSender, _Sender
+from pop3gw.pop3transfer import READ_CHUNK_SIZE, _MessageSender, _Sender
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -48,6 +48,69 @@ class _Transaction:
     deleted: set[int] = attr.Factory(set)
     accessed: set[int] = attr.Factory(set)
 
+
+class _ReadAheadSource:
+    """
+    A message file whose first chunk was read before the client asked for
+    the message (see L{TransactionCommands._readAhead}): hands out that
+    chunk first, then reads on from the file.  A failure of that first
+    read is raised by the first L{read}, where reading the file at once
+    would have raised it.
+    """
+
+    __slots__ = ("_source", "_chunk", "_error")
+
+    def __init__(self, source) -> None:
+        self._source = source
+        self._error: Optional[Exception] = None
+        try:
+            self._chunk: bytes = source.read(READ_CHUNK_SIZE)
+        except Exception as e:
+            self._chunk = b""
+            self._error = e
+
+    def read(self, size: int) -> bytes:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        chunk = self._chunk
+        if not chunk:
+            return self._source.read(size)
+        if len(chunk) <= size:
+            self._chunk = b""
+            return chunk
+        self._chunk = chunk[size:]
+        return chunk[:size]
+
+    @property
+    def exhausted(self) -> bool:
+        """
+        Whether the whole message has been handed out (see
+        L{pop3gw.maildirfiles.WireReader.exhausted}).
+        """
+        return not self._chunk and self._error is None and bool(getattr(self._source, "exhausted", False))
+
+    def close(self) -> None:
+        self._source.close()
+
+
+def _closeUnused(result: object) -> None:
+    """
+    Close a message file read ahead and not asked for; a failure to open
+    it is of no interest to anyone.
+    """
+    if isinstance(result, Failure):
+        return
+    try:
+        result.close()  # type: ignore[attr-defined]
+    except Exception:
+        pass
+
+
+#: Largest message (its listed size, octets) read ahead after a RETR (see
+#: L{TransactionCommands._readAhead}): at most this much is held per session
+#: between commands.
+READ_AHEAD_MAX_SIZE = 65536
 
 #: Lines of a C{LIST} or C{UIDL} listing formatted and written at a time.  A
 #: longer listing is streamed (L{_ListingSender}): one piece per write,
@@ -207,6 +270,7 @@ class TransactionCommands(_Host):
         _totalSize: int
         _transaction: Optional[_Transaction]
         _sender: Optional[Union[_MessageSender, _ListingSender]]
+        _ahead: Optional[tuple[int, defer.Deferred]]
         _loggedOut: bool
         _committing: bool
         _retrieved: int
@@ -379,7 +443,10 @@ class TransactionCommands(_Host):
         transaction = self._current
         transaction.last = max(transaction.last, number)
         transaction.accessed.add(index)
-        return self._send(source, None, head)
+        return self._send(source, None, head).addCallback(self._cbRetrSent, index + 1)
+
+    def _cbRetrSent(self, ignored: None, following: int) -> None:
+        self._readAhead(following)
 
     def do_TOP(self, rest: str) -> None:
         number, lines = _numbers(rest, 2, 2)
@@ -394,13 +461,19 @@ class TransactionCommands(_Host):
     def _open(self, index: int) -> defer.Deferred:
         """
         Open message C{index} (L{IMaildrop.openMessage}, which a database
-        store answers later).
+        store answers later), or take it as read ahead.
 
         @return: a C{Deferred} firing with the message file, or with
             C{None} after replying if it is unavailable or the connection
             was lost meanwhile (the file is then closed).
         """
-        d = defer.maybeDeferred(self._openMaildrop.openMessage, index)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == index:
+            d = ahead[1]
+        else:
+            if ahead is not None:
+                ahead[1].addBoth(_closeUnused)
+            d = defer.maybeDeferred(self._openMaildrop.openMessage, index)
 
         def opened(source):
             if self._disconnected:
@@ -479,6 +552,39 @@ class TransactionCommands(_Host):
             self.resetTimeout()
         done.callback(None)
 
+    def _readAhead(self, index: int) -> None:
+        """
+        After a RETR, open message C{index} (the next one, 0-based) and read
+        its first chunk while the client reads what was sent: a client
+        fetching every message asks for it next, and its RETR then costs
+        only the sending.  Only a message of at most L{READ_AHEAD_MAX_SIZE}
+        octets, not marked deleted; whatever the store answers (a failure
+        too) waits for the next RETR or TOP, which takes it if it is for
+        the same message and closes it otherwise, as do QUIT and the end
+        of the connection.
+        """
+        messages = self._messages
+        if (
+            self._ahead is not None
+            or self._maildrop is None
+            or self.ended()
+            or index >= len(messages)
+            or index in self._current.deleted
+            or messages[index].size > READ_AHEAD_MAX_SIZE
+        ):
+            return
+        d = defer.maybeDeferred(self._maildrop.openMessage, index)
+        d.addCallback(_ReadAheadSource)
+        self._ahead = (index, d)
+
+    def _dropReadAhead(self) -> None:
+        """
+        Close the message read ahead, if any.
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].addBoth(_closeUnused)
+
     def do_QUIT_transaction(self, rest: str) -> None:
         """
         Enter the UPDATE state: delete the marked messages and mark the
@@ -491,6 +597,7 @@ class TransactionCommands(_Host):
         transaction = self._current
         deleted = sorted(transaction.deleted)
         seen = sorted(transaction.accessed - transaction.deleted)
+        self._dropReadAhead()
         maildrop, self._maildrop = self._openMaildrop, None
         # Nothing reads the listing from here on; see _releaseMaildrop.
         self._messages = ()

@@ -75,6 +75,41 @@ def _writePieces(transport, pieces: Sequence[bytes], budget: int) -> int:
     return sent
 
 
+#: Dots in a chunk past which L{_stuffLines} leaves the chunk to one
+#: C{bytes.replace}.
+STUFF_FIND_LIMIT = 8
+
+
+def _stuffLines(chunk: bytes) -> bytes:
+    """
+    C{chunk} with a second C{.} after every C{"\\n."}.  The dots of a
+    chunk with few of them are found with one-octet searches
+    (C{memchr}) and the lines beginning with one doubled by joining the
+    pieces: the two-octet search of C{bytes.replace} (or C{bytes.find})
+    runs at about 1 GB/s on text with a line end every few dozen octets,
+    C{memchr} many times faster.  A chunk with more than
+    L{STUFF_FIND_LIMIT} dots goes through C{bytes.replace}.
+    """
+    pieces = []
+    start = 0
+    dots = 0
+    i = chunk.find(b".")
+    while i != -1:
+        dots += 1
+        if dots > STUFF_FIND_LIMIT:
+            return chunk.replace(b"\n.", b"\n..")
+        if i and chunk[i - 1] == 10:
+            pieces.append(chunk[start:i])
+            start = i
+        i = chunk.find(b".", i + 1)
+    if not pieces:
+        return chunk
+    pieces.append(chunk[start:])
+    # Each piece after the first begins with the "." of a line: joining
+    # them with "." doubles it.
+    return b".".join(pieces)
+
+
 class _DotStuffer:
     """
     Dot-stuffs a byte stream delivered in arbitrary chunks: every line that
@@ -99,7 +134,7 @@ class _DotStuffer:
             # a hundred times slower where line ends are frequent.
             self.atLineStart = chunk.endswith(b"\n")
             return chunk
-        out = chunk.replace(b"\n.", b"\n..")
+        out = _stuffLines(chunk)
         if self.atLineStart and out[:1] == b".":
             out = b"." + out
         self.atLineStart = chunk.endswith(b"\n")

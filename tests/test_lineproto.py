@@ -11,7 +11,7 @@ from typing import Optional
 from twisted.internet import defer, task, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -369,7 +369,7 @@ class SendReplyTests(SynchronousTestCase):
         self.peer.setblocking(False)
         self.addCleanup(ours.close)
         self.addCleanup(self.peer.close)
-        self.reactor = MemoryReactor()
+        self.reactor = MemoryReactorClock()
         self.proto = _Replying(task.Clock())
         self.connection = tcp.Server(ours, self.proto, ("192.0.2.7", 40000), _Port(), 1, self.reactor)
         self.proto.makeConnection(self.connection)
@@ -428,6 +428,54 @@ class SendReplyTests(SynchronousTestCase):
         self.assertTrue(self.connection.disconnecting)
         self.proto.sendReply(b"late\r\n")
         self.assertEqual(self.received(), b"")
+
+    def test_closedWithoutWriteTurn(self) -> None:
+        """
+        When the last reply of L{LineProtocol.closeConnection} went out at
+        once, the connection is never registered for writing and no abort
+        timer is set: it stops reading, and at the reactor's next turn the
+        socket is shut down and closed and the protocol told.
+        """
+        self.proto.dataReceived(b"BYE\r\n")
+        self.assertEqual(self.received(), b"bye\r\n")
+        self.assertNotIn(self.connection, self.reactor.writers)
+        self.assertNotIn(self.connection, self.reactor.readers)
+        self.assertEqual(self.proto.clock.getDelayedCalls(), [])
+        self.assertFalse(self.proto._disconnected)
+        self.reactor.advance(0)
+        self.assertTrue(self.proto._disconnected)
+        self.assertTrue(self.connection.disconnected)
+        self.peer.setblocking(True)
+        self.assertEqual(self.peer.recv(100), b"")
+
+    def test_writtenBeforeTheClose(self) -> None:
+        """
+        Output written to the transport after that last reply and before
+        the next turn is not lost: the connection closes once it is sent,
+        as C{loseConnection} would.
+        """
+        self.proto.dataReceived(b"BYE\r\n")
+        self.connection.write(b"after\r\n")
+        self.reactor.advance(0)
+        self.assertFalse(self.connection.disconnected)
+        self.assertIn(self.connection, self.reactor.writers)
+        while self.connection in self.reactor.writers and not self.connection.disconnected:
+            why = self.connection.doWrite()
+            if why:
+                self.connection.connectionLost(Failure(why))
+        self.assertTrue(self.connection.disconnected)
+        self.assertEqual(self.received(), b"bye\r\nafter\r\n")
+
+    def test_closeBehindBufferedOutput(self) -> None:
+        """
+        A close whose reply waits behind buffered output goes through
+        C{loseConnection}, with the abort timer.
+        """
+        self.connection.write(b"first\r\n")
+        self.proto.dataReceived(b"BYE\r\n")
+        self.assertTrue(self.connection.disconnecting)
+        self.assertEqual(len(self.proto.clock.getDelayedCalls()), 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_wrappers(self) -> None:
         """

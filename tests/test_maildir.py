@@ -2328,6 +2328,43 @@ class ListingCacheTests(MaildirTestsMixin, SynchronousTestCase):
         self.openDrop().release()
         self.assertEqual(len(scans), 2)
 
+    def test_cachedLoginStats(self) -> None:
+        """
+        A login to an unchanged small maildrop whose listing is cached
+        looks at its C{tmp/}, C{new/} and C{cur/} with one C{stat} each:
+        the stamp of C{new/} and C{cur/} also tells that they are there.
+        """
+        self.deliver([ALICE], b"one\n")
+        self.settle()
+        self.openDrop().release()
+        stats: list = []
+        realStat = os.stat
+        base = self.path(ALICE)
+
+        def stat(path, *args, **kwargs):
+            stats.append(os.path.relpath(path, base))
+            return realStat(path, *args, **kwargs)
+
+        self.patch(os, "stat", stat)
+        drop = self.openDrop()
+        self.assertEqual(sorted(stats), ["cur", "new", "tmp"])
+        self.assertEqual(len(drop.messages), 1)
+        drop.release()
+
+    def test_missingDirectoryAtQuickLogin(self) -> None:
+        """
+        A maildrop whose C{new/} or C{cur/} went missing is made whole again
+        at login, and is locked once, by that login.
+        """
+        for missing in ("new", "cur"):
+            self.openDrop().release()
+            os.rmdir(self.path(ALICE, missing))
+            drop = self.openDrop()
+            self.assertTrue(os.path.isdir(self.path(ALICE, missing)))
+            self.assertEqual(len(drop.messages), 0)
+            self.failureResultOf(self.store.openMaildrop(ALICE), MaildropLocked)
+            drop.release()
+
     def test_rewrittenInPlaceRefused(self) -> None:
         """
         A message file another tool rewrote in place (which Maildir never

@@ -47,6 +47,7 @@ from pop3gw.pop3 import (
     _DotStuffer,
     _TopFilter,
 )
+from pop3gw.pop3transaction import READ_AHEAD_MAX_SIZE
 from pop3gw.testing import FakeMaildropStore, FakePOP3Avatar
 
 ALICE = Address("alice", "example.org")
@@ -2322,3 +2323,152 @@ class RealTLSTests(_Harness):
         pump.flush()
         self.assertTrue(server._disconnected)
         self.assertNothingAlarming()
+
+
+class _OpenRecorder:
+    """
+    Wraps a maildrop's C{openMessage} to record the indexes opened and the
+    files handed out.
+    """
+
+    def __init__(self, maildrop) -> None:
+        self.indexes: list = []
+        self.files: list = []
+        self._open = maildrop.openMessage
+        maildrop.openMessage = self.openMessage
+
+    def openMessage(self, index: int) -> defer.Deferred:
+        self.indexes.append(index)
+        d = self._open(index)
+        d.addCallback(self._opened)
+        return d
+
+    def _opened(self, source):
+        self.files.append(source)
+        return source
+
+
+class ReadAheadTests(_Harness):
+    """
+    After a RETR the next message is opened, and its first chunk read,
+    before the client asks for it; a RETR or TOP of it then uses what was
+    read, with the same bytes on the wire.  What is not used is closed.
+    """
+
+    def test_nextOpenedAhead(self) -> None:
+        """
+        Once RETR 1 is answered, message 2 is open already; RETR 2 sends
+        it without opening it again, then message 3 is opened.
+        """
+        opened = _OpenRecorder(self.login())
+        self.assertEqual(self.send(b"RETR 1\r\n"), b"+OK %d octets\r\n" % (len(MSG1),) + MSG1 + b".\r\n")
+        self.assertEqual(opened.indexes, [0, 1])
+        self.assertEqual(
+            self.send(b"RETR 2\r\n"),
+            b"+OK %d octets\r\n" % (len(MSG2),)
+            + b"Subject: two\r\n\r\n..dot line\r\n...two dots\r\n..\r\nend\r\n.\r\n",
+        )
+        self.assertEqual(opened.indexes, [0, 1, 2])
+        self.assertTrue(opened.files[1].closed)
+
+    def test_topOfTheNext(self) -> None:
+        """
+        A TOP of the message read ahead uses it too.
+        """
+        opened = _OpenRecorder(self.login())
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(
+            self.send(b"TOP 2 1\r\n"),
+            b"+OK Top of message follows.\r\nSubject: two\r\n\r\n..dot line\r\n.\r\n",
+        )
+        self.assertEqual(opened.indexes, [0, 1])
+        self.assertTrue(opened.files[1].closed)
+
+    def test_otherMessage(self) -> None:
+        """
+        A RETR of another message closes the one read ahead and opens its
+        own; nothing is read ahead past the last message.
+        """
+        opened = _OpenRecorder(self.login())
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(self.send(b"RETR 3\r\n"), b"+OK %d octets\r\n" % (len(MSG3),) + MSG3 + b".\r\n")
+        self.assertEqual(opened.indexes, [0, 1, 2])
+        self.assertTrue(opened.files[1].closed)
+
+    def test_deletedNotReadAhead(self) -> None:
+        """
+        A message marked deleted is not read ahead, and one deleted after
+        it was read ahead is still refused.
+        """
+        opened = _OpenRecorder(self.login())
+        self.send(b"DELE 2\r\n")
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(opened.indexes, [0])
+        self.send(b"RSET\r\nRETR 1\r\nDELE 2\r\n")
+        self.assertEqual(opened.indexes, [0, 0, 1])
+        self.assertEqual(self.send(b"RETR 2\r\n"), b"-ERR Message already deleted.\r\n")
+
+    def test_closedAtQuit(self) -> None:
+        """
+        A message read ahead and not asked for is closed before the commit.
+        """
+        maildrop = self.login()
+        opened = _OpenRecorder(maildrop)
+        self.send(b"RETR 1\r\n")
+        self.assertFalse(opened.files[1].closed)
+        self.send(b"QUIT\r\n")
+        self.assertTrue(opened.files[1].closed)
+        self.assertEqual(maildrop.committedSeen, {0})
+
+    def test_closedWhenLost(self) -> None:
+        """
+        A message read ahead is closed when the connection is lost.
+        """
+        opened = _OpenRecorder(self.login())
+        self.send(b"RETR 1\r\n")
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(opened.files[1].closed)
+
+    def test_largeNotReadAhead(self) -> None:
+        """
+        A message over L{READ_AHEAD_MAX_SIZE} is not read ahead.
+        """
+        self.store.boxes.clear()
+        self.store.add(ALICE, MSG1, uid="small")
+        self.store.add(ALICE, b"x" * READ_AHEAD_MAX_SIZE + b"\r\n", uid="large")
+        opened = _OpenRecorder(self.login())
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(opened.indexes, [0])
+
+    def test_failureAnsweredAtRetr(self) -> None:
+        """
+        A message that cannot be opened ahead is answered as before when
+        it is asked for.
+        """
+        self.store.vanished.add("u2")
+        opened = _OpenRecorder(self.login())
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(self.failures(), [])
+        self.assertEqual(
+            self.send(b"RETR 2\r\nNOOP\r\n"),
+            b"-ERR [SYS/TEMP] Message temporarily unavailable.\r\n+OK\r\n",
+        )
+        self.assertEqual(opened.indexes, [0, 1])
+
+    def test_readFailureAtRetr(self) -> None:
+        """
+        A message whose first read fails while it is read ahead fails as it
+        would have when asked for: nothing is sent for it, the failure is
+        logged at the RETR and the connection closed.
+        """
+        opened = _OpenRecorder(self.login())
+        broken = _TrackedFile(MSG2)
+        broken.failAfter = 0
+        original = opened._open
+        opened._open = lambda index: defer.succeed(broken) if index == 1 else original(index)
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(self.failures(), [])
+        self.assertEqual(self.send(b"RETR 2\r\n"), b"")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual([f.type for f in self.failures()], [OSError])
+        self.assertTrue(broken.closed)

@@ -14,7 +14,14 @@ from twisted.internet.testing import MemoryReactor
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.pop3transfer import DIRECT_SEND_BUDGET, MERGED_END_SIZE, _directSocket, _MessageSender
+from pop3gw.pop3transfer import (
+    DIRECT_SEND_BUDGET,
+    MERGED_END_SIZE,
+    STUFF_FIND_LIMIT,
+    _directSocket,
+    _DotStuffer,
+    _MessageSender,
+)
 
 
 class _Writes:
@@ -282,3 +289,42 @@ class DirectSendTests(SynchronousTestCase):
         self.assertEqual(len(direct), len(b"+OK\r\n") + DIRECT_SEND_BUDGET)
         self.flush()
         self.assertEqual(direct + self.received(), b"+OK\r\n" + data + b".\r\n")
+
+
+class DotStuffingTests(SynchronousTestCase):
+    """
+    L{_DotStuffer} doubles the C{.} that begins a line, whatever the chunks
+    and however many such lines a chunk holds.
+    """
+
+    def stuffed(self, data: bytes, size: int) -> bytes:
+        stuffer = _DotStuffer()
+        return b"".join(stuffer.stuff(data[i : i + size]) for i in range(0, len(data), size))
+
+    def test_fewDotLines(self) -> None:
+        """
+        A chunk with a few lines beginning with C{.} among many without.
+        """
+        data = b"a.b\r\n" * 50 + b".one\r\n" + b"x\r\n" * 30 + b"..two\r\n.\r\nend.\r\n"
+        expected = b"a.b\r\n" * 50 + b"..one\r\n" + b"x\r\n" * 30 + b"...two\r\n..\r\nend.\r\n"
+        self.assertEqual(self.stuffed(data, len(data)), expected)
+
+    def test_manyDotLines(self) -> None:
+        """
+        A chunk in which more than L{STUFF_FIND_LIMIT} lines begin with
+        C{.}, and one in which exactly that many do.
+        """
+        for count in (STUFF_FIND_LIMIT, STUFF_FIND_LIMIT + 1, 5 * STUFF_FIND_LIMIT):
+            data = b"head\r\n" + b".dot\r\nplain\r\n" * count
+            expected = b"head\r\n" + b"..dot\r\nplain\r\n" * count
+            self.assertEqual(self.stuffed(data, len(data)), expected, count)
+
+    def test_everyChunking(self) -> None:
+        """
+        The same result for every chunk size, with dots at chunk starts,
+        ends and after a line end split between chunks.
+        """
+        data = b".a\r\n" + b"b.\r\n.\r\n..c\r\nd\r\n" * 7 + b".\r\n"
+        expected = b"..a\r\n" + b"b.\r\n..\r\n...c\r\nd\r\n" * 7 + b"..\r\n"
+        for size in range(1, len(data) + 1):
+            self.assertEqual(self.stuffed(data, size), expected, size)
