@@ -113,7 +113,8 @@ class TurnLogObserver:
 
     def flush(self) -> None:
         """
-        Write the lines gathered so far: one C{write}, one C{flush}.
+        Write the lines gathered so far: one C{write}, one C{flush}.  If
+        the file refuses them (a full disk), they are dropped.
         """
         with self._lock:
             if not self._pending:
@@ -122,8 +123,14 @@ class TurnLogObserver:
             self._pending.clear()
             # Written under the lock, so that batches taken by two threads
             # cannot reach the file out of order.
-            self._outFile.write(text.encode("utf-8") if self._encode else text)
-            self._outFile.flush()
+            try:
+                self._outFile.write(text.encode("utf-8") if self._encode else text)
+                self._outFile.flush()
+            except Exception:
+                # A full disk: the batch is lost, as Twisted's observer
+                # loses its lines then.  Raised into the reactor, the error
+                # would be logged, and so flushed and raised again, each turn.
+                pass
 
     def stop(self) -> None:
         """

@@ -115,6 +115,35 @@ class TurnLogObserverTests(SynchronousTestCase):
         log.info("three")
         self.assertEqual(len(scheduled), 1)
 
+    def test_failedWriteDropped(self) -> None:
+        """
+        A batch the file refuses (a full disk) is dropped, as Twisted's
+        observer loses its lines then: the flush raises nothing (into the
+        reactor, whose error would be logged, flushed and fail again) and
+        asks for no other; the next line is written when the file takes
+        it again.
+        """
+
+        class FullFile(RecordingFile):
+            full = True
+
+            def write(self, text: str) -> int:
+                if self.full:
+                    raise OSError(28, "No space left on device")
+                return super().write(text)
+
+        out = FullFile()
+        scheduled: list = []
+        observer = TurnLogObserver(out, scheduled.append)
+        log = Logger(namespace="pop3gw.x", observer=observer)
+        log.info("lost")
+        scheduled.pop()()
+        self.assertEqual((out.getvalue(), scheduled), ("", []))
+        out.full = False
+        log.info("kept")
+        scheduled.pop()()
+        self.assertEqual([line.split(" ", 1)[1] for line in out.getvalue().splitlines()], ["[pop3gw.x#info] kept"])
+
     def test_stopWritesAtOnce(self) -> None:
         """
         L{TurnLogObserver.stop} writes the gathered lines; later lines are
