@@ -77,6 +77,7 @@ from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
 from pop3gw.socketmap import SocketmapFactory
 from pop3gw.supervisor import WorkerPool, WorkerProcess, textLogWriter
+from pop3gw.textlog import TextLogService
 from pop3gw.tls import CertificateManager, TLSConfigError
 from pop3gw.tlsclient import clientContextFactory, opportunisticClientContextFactory
 from pop3gw.users import UsersFile
@@ -1156,6 +1157,9 @@ def _build(config: Config, reactor) -> MultiService:
 
     top = ServerLockService(config.dataDir, owner)
     top.reactor = reactor
+    # Started first and stopped last: twistd's text log, written once per
+    # reactor turn while the server runs (see pop3gw.textlog).
+    TextLogService(reactor).setServiceParent(top)
     core = _buildCore(config, reactor, owner, top)
     metrics = Metrics() if config.listeners["metrics"] else None
     peerCounts = PeerCounts()

@@ -36,6 +36,7 @@ from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
 from pop3gw.socketmap import SocketmapFactory
+from pop3gw.textlog import TextLogService
 
 from .util import OTHER_GID, OTHER_UID, effectiveUser, requireRoot, treeModesAndOwners, withUmask
 
@@ -73,6 +74,17 @@ class MakeServiceTests(SynchronousTestCase):
             s.privilegedStartService()
         ports = sorted((port, iface) for port, factory, backlog, iface in self.reactor.tcpServers)
         self.assertEqual(ports, [(1110, "127.0.0.1"), (1587, "127.0.0.1")])
+
+    def test_textLogOncePerTurn(self) -> None:
+        """
+        A server in one process runs a L{TextLogService} (twistd's text
+        log written once per reactor turn), started before the listeners.
+        """
+        top, listeners = self.build()
+        parts = list(top)
+        [text] = [s for s in parts if isinstance(s, TextLogService)]
+        self.assertIs(text.reactor, self.reactor)
+        self.assertLess(parts.index(text), min(parts.index(s) for s in listeners))
 
     def test_metricsOnEveryInterfaceWarns(self) -> None:
         """
@@ -925,6 +937,9 @@ class WorkersWiringTests(SynchronousTestCase):
         self.assertEqual(pool.count, 2)
         self.assertEqual(len([s for s in top if isinstance(s, RelayService)]), 1)
         self.assertEqual([s.pool.name for s in top if isinstance(s, ThreadPoolService)], ["pop3gw-io"])
+        # The supervisor writes its workers' lines to twistd's own text
+        # observer (pop3gw.supervisor.textLogWriter): it is not replaced.
+        self.assertEqual([s for s in top if isinstance(s, TextLogService)], [])
 
     def test_metricsServedBySupervisor(self) -> None:
         """
