@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3gw.interfaces import IBlockingRunner
+from pop3gw.interfaces import IBlockingRunner, ServerStopping
 
 __all__ = ["IOThreadPool", "ImmediateRunner", "ProcessPoolRunner", "ThreadPoolRunner"]
 
@@ -65,14 +65,19 @@ class ThreadPoolRunner:
         self.pool = pool
         self._inFlight = 0
         self._idleWaiters: list[defer.Deferred] = []
+        self._closed = False
 
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """
         @return: a C{Deferred} fired on the reactor thread with C{f(*args)}'s
             result or failure, once a pool thread has run it.  The work
             counts as in flight (see L{drain}) until that C{Deferred}'s
-            callbacks have run.
+            callbacks have run.  Once a L{drain} has found nothing in
+            flight, the C{Deferred} fails at once with L{ServerStopping}
+            and C{f} is never run.
         """
+        if self._closed:
+            return defer.fail(ServerStopping("the server is stopping"))
         result: defer.Deferred = defer.Deferred()
         self._inFlight += 1
         # One Deferred and one hop back per job: the pool's callback (in
@@ -99,6 +104,11 @@ class ThreadPoolRunner:
 
     def _idle(self) -> None:
         waiters, self._idleWaiters = self._idleWaiters, []
+        if waiters:
+            # Closed on this very turn: work given from here on (an end of
+            # data read before the waiters fire) would otherwise be run by
+            # the stopping pool and answered after the connections closed.
+            self._closed = True
         for waiter in waiters:
             # One reactor turn later: what the last callbacks wrote (a
             # reply to a client) leaves before the pool stops.
@@ -107,7 +117,9 @@ class ThreadPoolRunner:
     def drain(self) -> defer.Deferred:
         """
         Wait for the work in flight, including work it starts from its
-        callbacks.
+        callbacks, then take no more: from the moment nothing is in
+        flight, L{run} refuses work with L{ServerStopping}.  Work given
+        while the drain waits is run and waited for.
 
         @return: a C{Deferred} firing on a later reactor turn once nothing
             is in flight.
@@ -242,6 +254,7 @@ class ProcessPoolRunner:
         self._executor: Any = None
         self._inFlight = 0
         self._idleWaiters: list[defer.Deferred] = []
+        self._closed = False
 
     def _defaultExecutor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
@@ -249,8 +262,11 @@ class ProcessPoolRunner:
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """
         @return: a C{Deferred} fired on the reactor thread with C{f(*args)}'s
-            result or failure, once a pool process has run it.
+            result or failure, once a pool process has run it; failed with
+            L{ServerStopping} once a L{drain} has found nothing in flight.
         """
+        if self._closed:
+            return defer.fail(ServerStopping("the server is stopping"))
         if self._executor is None:
             self._executor = self._executorFactory()
         result: defer.Deferred = defer.Deferred()
@@ -278,24 +294,27 @@ class ProcessPoolRunner:
             self._inFlight -= 1
             if not self._inFlight:
                 waiters, self._idleWaiters = self._idleWaiters, []
+                if waiters:
+                    self._closed = True
                 for waiter in waiters:
                     self.reactor.callLater(0, waiter.callback, None)
 
     def drain(self) -> defer.Deferred:
         """
-        Wait for the work in flight (see L{ThreadPoolRunner.drain}).
+        Wait for the work in flight, then take no more (see
+        L{ThreadPoolRunner.drain}).
         """
         waiter: defer.Deferred = defer.Deferred()
         self._idleWaiters.append(waiter)
         if not self._inFlight:
             self._idleWaiters.remove(waiter)
+            self._closed = True
             self.reactor.callLater(0, waiter.callback, None)
         return waiter
 
     def stop(self) -> None:
         """
-        Shut the pool down (its processes exit once idle); a later job
-        starts a new one.
+        Shut the pool down (its processes exit once idle).
         """
         executor, self._executor = self._executor, None
         if executor is not None:

@@ -8,7 +8,7 @@ import threading
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from pop3gw.interfaces import IBlockingRunner
+from pop3gw.interfaces import IBlockingRunner, ServerStopping, TemporaryFailure
 from pop3gw.runner import ImmediateRunner, IOThreadPool, ThreadPoolRunner
 from pop3gw.testing import HeldRunner, HeldThreadPool
 from tests.queuehelpers import ThreadClock
@@ -63,6 +63,68 @@ class RunnerTests(SynchronousTestCase):
         self.assertNoResult(second)
         runner.runAll()
         self.assertEqual(order, [1, 2])
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    L{ThreadPoolRunner.drain} at shutdown: the work in flight is waited
+    for, and once nothing is, the runner takes no more.
+    """
+
+    def test_workGivenWhileDrainingWaitedFor(self) -> None:
+        """
+        Work given while the drain waits for work in flight (the local
+        part of a delivery, started from a callback) is run and waited
+        for too.
+        """
+        pool = HeldThreadPool()
+        runner = ThreadPoolRunner(ThreadClock(), pool)
+        results: list = []
+        first = runner.run(lambda: 1)
+        first.addCallback(lambda _: runner.run(lambda: 2).addCallback(results.append))
+        drained = runner.drain()
+        pool.runAll()
+        self.assertEqual(results, [2])
+        self.assertNoResult(drained)
+        runner.reactor.advance(0)
+        self.assertIsNone(self.successResultOf(drained))
+
+    def test_workAfterDrainRefused(self) -> None:
+        """
+        From the moment the drain finds nothing in flight, work given to
+        the runner fails at once with L{ServerStopping} (a
+        L{TemporaryFailure}: the client is told to try again) and never
+        reaches the pool, even before the drain's result fires: work the
+        pool ran while it stopped would be done with no one left to
+        answer.
+        """
+        pool = HeldThreadPool()
+        runner = ThreadPoolRunner(ThreadClock(), pool)
+        done = runner.run(lambda: 1)
+        drained = runner.drain()
+        pool.runAll()
+        self.successResultOf(done)
+        late = runner.run(lambda: 2)
+        failure = self.failureResultOf(late, ServerStopping)
+        self.assertIsInstance(failure.value, TemporaryFailure)
+        self.assertEqual(pool.pending, [])
+        runner.reactor.advance(0)
+        self.successResultOf(drained)
+        self.failureResultOf(runner.run(lambda: 3), ServerStopping)
+        self.assertEqual(pool.pending, [])
+
+    def test_idleDrainRefusesAtOnce(self) -> None:
+        """
+        A drain of a runner with nothing in flight refuses later work at
+        once.
+        """
+        pool = HeldThreadPool()
+        runner = ThreadPoolRunner(ThreadClock(), pool)
+        drained = runner.drain()
+        self.failureResultOf(runner.run(lambda: 1), ServerStopping)
+        self.assertEqual(pool.pending, [])
+        runner.reactor.advance(0)
+        self.successResultOf(drained)
 
 
 class _CallsFromThreads:

@@ -8,9 +8,11 @@ each pool only once the work in flight on it has reported.
 from __future__ import annotations
 
 import os
+import re
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pop3gw.maildir import MaildirStore
@@ -140,6 +142,97 @@ class SubmissionCommitAtShutdownTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(label, "client got")
         self.assertTrue(sent.startswith(b"250 2.0.0 "), sent)
 
+
+class NextTurnReactor(Clock):
+    """
+    A clock whose C{callFromThread} calls run on the reactor's next turn
+    (L{runThreadCalls}), as a real reactor's do: after the timed calls of
+    the turn under way.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threadCalls: list = []
+
+    def callFromThread(self, f, *args, **kwargs) -> None:
+        self.threadCalls.append((f, args, kwargs))
+
+    def runThreadCalls(self) -> None:
+        calls, self.threadCalls = self.threadCalls, []
+        for f, args, kwargs in calls:
+            f(*args, **kwargs)
+
+
+class StoppingPool(RecordingPool):
+    """
+    A L{RecordingPool} whose C{stop} runs the jobs still queued first, as
+    L{pop3gw.runner.IOThreadPool.stop} does (their results reach the
+    reactor on a later turn).
+    """
+
+    def stop(self) -> None:
+        self.runAll()
+        super().stop()
+
+
+class EndOfDataWhileStoppingTests(SessionMixin, SynchronousTestCase):
+    """
+    A message whose end of data arrives while the I/O pool stops is either
+    stored and acknowledged before the connections close, or refused and
+    not stored: never stored without its C{250}.
+    """
+
+    def test_endOfDataAfterDrainRefused(self) -> None:
+        """
+        Two sessions: A's end of data is being stored when the server
+        stops; B's arrives on the reactor turn on which A's commit has
+        reported, so the drain has found the pool idle but the pool has not
+        stopped yet.  A gets its C{250} and B a C{451} before the pool stops
+        (the connections close right after), and only A's message is
+        stored.  Before, B's commit was queued, run by the stopping pool,
+        and its C{250} written only after the connections had closed: a
+        message stored whose client would send it again.
+        """
+        reactor = NextTurnReactor()
+        events: list = []
+        pool = StoppingPool(events, lambda: events.append(("clients got", a.value(), b.value())))
+        runner = ThreadPoolRunner(reactor, pool)
+        store = MaildirStore(self.mktemp(), runner, hostname="testhost")
+        self.router.store = store
+        self.login()
+        self.envelope()
+        a = self.transport
+        self.assertEqual(self.feed(b"Subject: a\r\n\r\nhi\r\n.\r\n"), b"")
+        self.proto = None
+        self.login()
+        self.envelope()
+        b = self.transport
+        self.assertEqual(self.feed(b"Subject: b\r\n\r\nhi\r\n"), b"")
+
+        top = ServerLockService(os.path.abspath(self.mktemp()))
+        os.makedirs(top.dataDir)
+        ThreadPoolService(pool, runner).setServiceParent(top)
+        top.startService()
+        d = top.stopService()
+        pool.runAll()
+        reactor.runThreadCalls()
+        self.proto.dataReceived(b".\r\n")
+        reactor.advance(0)
+        reactor.runThreadCalls()
+        self.successResultOf(d)
+        label, gotA, gotB = events[1]
+        self.assertEqual(label, "clients got")
+        self.assertTrue(gotA.startswith(b"250 2.0.0 OK queued as "), gotA)
+        self.assertEqual(gotB, b"451 4.3.0 Temporary failure, try again later\r\n")
+        self.assertEqual(events[2], "pool stopped")
+        self.assertEqual(b.value(), gotB)
+        stored = []
+        for sub in ("new", "cur"):
+            folder = os.path.join(store.root, "example.org", "bob", sub)
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                with open(os.path.join(folder, name), "rb") as f:
+                    stored.append(re.search(rb"^Subject: (.*?)\r?$", f.read(), re.M).group(1))
+        self.assertEqual(stored, [b"a"])
 
 class RelayAttemptAtShutdownTests(QueueTestMixin, SynchronousTestCase):
     """
