@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from pop3gw.interfaces import IBlockingRunner, ServerStopping, TemporaryFailure
-from pop3gw.runner import ImmediateRunner, IOThreadPool, ThreadPoolRunner
+from pop3gw.runner import ImmediateRunner, IOThreadPool, ThreadPoolRunner, drainTogether
 from pop3gw.testing import HeldRunner, HeldThreadPool
 from tests.queuehelpers import ThreadClock
 
@@ -125,6 +125,70 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(pool.pending, [])
         runner.reactor.advance(0)
         self.successResultOf(drained)
+
+
+class DrainTogetherTests(SynchronousTestCase):
+    """
+    L{drainTogether}: the pools' runners are closed together, on a turn on
+    which none has work in flight.
+    """
+
+    def test_workHandedOnIsRun(self) -> None:
+        """
+        Work on one runner that gives work to another from its callbacks
+        (a password check, then the maildrop's opening on the I/O pool)
+        is run on both, although the second had nothing in flight when the
+        drain began; then both refuse work with L{ServerStopping}.
+        """
+        clock = ThreadClock()
+        hashPool, ioPool = HeldThreadPool(), HeldThreadPool()
+        hashRunner, ioRunner = ThreadPoolRunner(clock, hashPool), ThreadPoolRunner(clock, ioPool)
+        opened: list = []
+        check = hashRunner.run(lambda: "alice")
+        check.addCallback(lambda user: ioRunner.run(lambda: user + "'s maildrop").addCallback(opened.append))
+        drained = drainTogether([hashRunner, ioRunner])
+        self.assertNoResult(drained)
+        hashPool.runAll()
+        self.assertNoResult(drained)
+        ioPool.runAll()
+        self.assertEqual(opened, ["alice's maildrop"])
+        self.successResultOf(drained)
+        for runner, pool in ((hashRunner, hashPool), (ioRunner, ioPool)):
+            self.failureResultOf(runner.run(lambda: 1), ServerStopping)
+            self.assertEqual(pool.pending, [])
+
+    def test_idle(self) -> None:
+        """
+        Runners with nothing in flight are closed at once.
+        """
+        runner = ThreadPoolRunner(ThreadClock(), HeldThreadPool())
+        self.successResultOf(drainTogether([runner]))
+        self.assertTrue(runner.closed)
+
+    def test_trackedAnswer(self) -> None:
+        """
+        A C{Deferred} given to L{ThreadPoolRunner.track} (a failed login's
+        delayed answer) counts as work in flight until it has fired and the
+        callbacks of the one returned have run; once the runner is closed,
+        C{track} refuses with L{ServerStopping} and cancels what it was
+        given.
+        """
+        from twisted.internet import defer
+
+        runner = ThreadPoolRunner(ThreadClock(), HeldThreadPool())
+        answer: defer.Deferred = defer.Deferred()
+        seen: list = []
+        tracked = runner.track(answer)
+        tracked.addCallback(lambda result: seen.append((result, runner.inFlight)))
+        drained = drainTogether([runner])
+        self.assertNoResult(drained)
+        answer.callback("no")
+        self.assertEqual(seen, [("no", 1)])
+        self.successResultOf(drained)
+        cancelled: list = []
+        late: defer.Deferred = defer.Deferred(cancelled.append)
+        self.failureResultOf(runner.track(late), ServerStopping)
+        self.assertEqual(cancelled, [late])
 
 
 class _CallsFromThreads:

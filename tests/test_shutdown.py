@@ -234,6 +234,110 @@ class EndOfDataWhileStoppingTests(SessionMixin, SynchronousTestCase):
                     stored.append(re.search(rb"^Subject: (.*?)\r?$", f.read(), re.M).group(1))
         self.assertEqual(stored, [b"a"])
 
+class LoginAtShutdownTests(SessionMixin, SynchronousTestCase):
+    """
+    A login whose password check is in flight when the server stops is
+    answered before the connections close; one started later is refused
+    with a temporary failure.
+    """
+
+    def setUpChecker(self, verifier=None):
+        """
+        Log in through a L{PasswordChecker} whose checks run in a held
+        hash pool, as the server's do.
+
+        @return: the hash pool, its runner and the clock.
+        """
+        from twisted.cred.portal import Portal
+
+        from pop3gw.auth import PasswordChecker
+        from pop3gw.users import UsersFile
+        from tests.test_auth import DUMMY, HASH_PASSWORD
+
+        clock = NextTurnReactor()
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"alice@example.org:{HASH_PASSWORD}\n")
+        hashPool = HeldThreadPool()
+        hashRunner = ThreadPoolRunner(clock, hashPool)
+        checker = PasswordChecker(
+            UsersFile(path), clock, hashPool, 2.0, runner=hashRunner, dummy=lambda: DUMMY, verifier=verifier or (lambda stored, password: password == b"password")
+        )
+        self.portal = Portal(self.realm, [checker])
+        self.clock = clock
+        return hashPool, hashRunner, clock
+
+    def stopWith(self, hashPool, hashRunner, events):
+        top = ServerLockService(os.path.abspath(self.mktemp()))
+        os.makedirs(top.dataDir)
+        ioPool = RecordingPool(events)
+        ThreadPoolService(ioPool, ThreadPoolRunner(self.clock, ioPool)).setServiceParent(top)
+        ThreadPoolService(hashPool, hashRunner).setServiceParent(top)
+        top.startService()
+        return top.stopService()
+
+    def test_checkInFlightAnswered(self) -> None:
+        """
+        The check of AUTH PLAIN is running in the hash pool when the server
+        stops: the pools stop only once the client has its C{235}; AUTH on
+        another connection afterwards (a password the cache cannot
+        confirm) gets C{454} at once, and no check is started for it.
+        """
+        from tests.test_smtp import plain
+
+        hashPool, hashRunner, clock = self.setUpChecker()
+        events: list = []
+        hashPool.start = hashPool.stop = lambda: None
+        self.connect()
+        self.assertEqual(self.feed(b"EHLO client.example\r\n")[:4], b"250-")
+        self.assertEqual(self.feed(b"AUTH PLAIN " + plain(b"", b"alice@example.org", b"password") + b"\r\n"), b"")
+        first = self.transport
+        d = self.stopWith(hashPool, hashRunner, events)
+        self.assertEqual(events, ["pool started"])
+        hashPool.runAll()
+        clock.runThreadCalls()
+        self.assertEqual(first.value(), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(events, ["pool started"])
+        clock.advance(0)
+        self.successResultOf(d)
+        self.assertEqual(events, ["pool started", "pool stopped"])
+        self.connect()
+        self.feed(b"EHLO client.example\r\n")
+        self.assertEqual(
+            self.feed(b"AUTH PLAIN " + plain(b"", b"alice@example.org", b"other") + b"\r\n"),
+            b"454 4.7.0 Temporary authentication failure\r\n",
+        )
+        self.assertEqual(hashPool.pending, [])
+        self.flushLoggedErrors()
+
+    def test_delayedFailureAnswered(self) -> None:
+        """
+        A wrong password whose failure is being delayed when the server
+        stops: the pools stop once the C{535} has been written, not before
+        (the connections would close without it).
+        """
+        from tests.test_smtp import plain
+
+        hashPool, hashRunner, clock = self.setUpChecker()
+        events: list = []
+        hashPool.start = hashPool.stop = lambda: None
+        self.connect()
+        self.feed(b"EHLO client.example\r\n")
+        self.assertEqual(self.feed(b"AUTH PLAIN " + plain(b"", b"alice@example.org", b"wrong") + b"\r\n"), b"")
+        hashPool.runAll()
+        clock.runThreadCalls()
+        self.assertEqual(self.transport.value(), b"")
+        d = self.stopWith(hashPool, hashRunner, events)
+        clock.advance(1)
+        self.assertNoResult(d)
+        self.assertEqual(events, ["pool started"])
+        clock.advance(1)
+        self.assertEqual(self.transport.value(), b"535 5.7.8 Authentication credentials invalid\r\n")
+        clock.advance(0)
+        self.successResultOf(d)
+        self.assertEqual(events, ["pool started", "pool stopped"])
+
+
 class RelayAttemptAtShutdownTests(QueueTestMixin, SynchronousTestCase):
     """
     A relay attempt in flight at shutdown is recorded before the pool
