@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pop3gw.maildir import MaildirStore
 from pop3gw.relay.service import RelayService
-from pop3gw.runner import ThreadPoolRunner
+from pop3gw.runner import ThreadPoolRunner, drainTogether
 from pop3gw.service import STOP_LISTENERS, ServerLockService, ThreadPoolService
 from pop3gw.testing import HeldThreadPool
 from tests.queuehelpers import (
@@ -29,9 +29,11 @@ from tests.queuehelpers import (
     FakeEndpoint,
     FakeResolver,
     QueueTestMixin,
+    ThreadClock,
     readJSON,
 )
 from tests.test_smtp import SessionMixin
+from tests.test_smtplmtp import MESSAGE, RCPT_OK, SENDER_OK, START_DATA, TEMPFAIL, LMTPTestsMixin
 
 
 class RecordingPool(HeldThreadPool):
@@ -420,3 +422,52 @@ class ProcessPoolServiceTests(SynchronousTestCase):
         clock.advance(0)
         self.successResultOf(stopped)
         self.assertEqual(executor.shutdowns, [False])
+
+
+class LMTPAfterStopTests(LMTPTestsMixin, SynchronousTestCase):
+    """
+    An LMTP end of data (or BDAT LAST) that arrives once the stopping
+    server's runners are closed is refused for every recipient, and
+    nothing is stored, the same for all of them.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pool = HeldThreadPool()
+        self.runner = ThreadPoolRunner(ThreadClock(), self.pool)
+        self.store = MaildirStore(self.mktemp(), self.runner, hostname="testhost")
+        self.router.store = self.store
+        self.feed(b"LHLO mta.example.org\r\n")
+
+    def assertNothingStored(self) -> None:
+        for user in ("alice", "bob"):
+            folder = os.path.join(self.store.root, "example.org", user, "new")
+            self.assertEqual(os.listdir(folder) if os.path.isdir(folder) else [], [], user)
+        self.assertEqual(self.pool.pending, [])
+
+    def test_dataRefusedPerRecipient(self) -> None:
+        """
+        DATA with two recipients, its end arriving after the drain closed
+        the runner: two C{451} replies, no maildrop holds the message.
+        """
+        self.successResultOf(drainTogether([self.runner]))
+        out = self.feed(
+            b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
+            b"DATA\r\n" + MESSAGE + b".\r\n"
+        )
+        self.assertEqual(out, SENDER_OK + RCPT_OK * 2 + START_DATA + TEMPFAIL * 2)
+        self.assertNothingStored()
+        self.flushLoggedErrors()
+
+    def test_lastChunkRefusedPerRecipient(self) -> None:
+        """
+        BDAT LAST with two recipients after the drain closed the runner:
+        two C{451} replies, nothing stored.
+        """
+        self.successResultOf(drainTogether([self.runner]))
+        out = self.feed(
+            b"MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
+            b"BDAT %d LAST\r\n" % len(MESSAGE) + MESSAGE
+        )
+        self.assertEqual(out, SENDER_OK + RCPT_OK * 2 + TEMPFAIL * 2)
+        self.assertNothingStored()
