@@ -23,7 +23,6 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
@@ -47,6 +46,7 @@ from pop3gw.interfaces import (
 )
 from pop3gw.loginwatch import LoginWatch
 from pop3gw.passwords import canVerify, dummyHash, isMalformed, upgradedHash, verifyPassword
+from pop3gw.runner import ThreadPoolRunner
 from pop3gw.sendlimits import SendingPolicy
 
 #: The client credentials without a C{peer} are counted as.
@@ -178,6 +178,7 @@ class PasswordChecker:
         watch: Optional[LoginWatch] = None,
         appPasswords: Optional[IAppPasswords] = None,
         recordUse: Optional[Callable[[str, str, str], None]] = None,
+        runner: Optional[ThreadPoolRunner] = None,
     ):
         """
         @param users: the users database (its blocking side: L{_check}
@@ -203,10 +204,15 @@ class PasswordChecker:
         @param recordUse: called in the pool thread with C{(user, name,
             client)} when an app password is used (at most once a minute
             per password).
+        @param runner: the runner over C{threadpool} through which the
+            checks run; a new one by default.  A stopping server waits for
+            its work in flight, failed logins' delays included (see
+            L{pop3gw.runner.drainTogether}), and then it refuses checks
+            with L{pop3gw.interfaces.ServerStopping}.
         """
         self._users = users
         self._reactor = reactor
-        self._threadpool = threadpool
+        self._runner = runner if runner is not None else ThreadPoolRunner(reactor, threadpool)
         self._failureDelay = failureDelay
         self._verifier = verifier
         self._dummy = dummy if dummy is not None else dummyHash
@@ -267,9 +273,7 @@ class PasswordChecker:
         Run L{_check} in the thread pool; the slot is given back when it
         has finished there, whether or not the client is still connected.
         """
-        d = deferToThreadPool(
-            self._reactor, self._threadpool, self._check, address, password, start, service, peer
-        )
+        d = self._runner.run(self._check, address, password, start, service, peer)
 
         def release(result):
             self.accounting.release(slot)
@@ -389,7 +393,9 @@ class PasswordChecker:
     def _delayedFailure(self, start: float) -> defer.Deferred:
         """
         A C{defer.Deferred} failing with C{UnauthorizedLogin}
-        C{failureDelay} seconds after C{start}.
+        C{failureDelay} seconds after C{start}, counted as work in flight
+        on the runner (a stopping server answers it before it closes the
+        connection).
         """
         remaining = start + self._failureDelay - self._reactor.seconds()
         if remaining <= 0:
@@ -398,7 +404,7 @@ class PasswordChecker:
         def fail() -> None:
             raise UnauthorizedLogin()
 
-        return task.deferLater(self._reactor, remaining, fail)
+        return self._runner.track(task.deferLater(self._reactor, remaining, fail))
 
 
 def _raw(credentials, name: str) -> bytes:

@@ -132,6 +132,15 @@ class InsufficientStorage(TemporaryFailure):
     """
 
 
+class ServerStopping(TemporaryFailure):
+    """
+    The server is stopping and takes no more work: a pool's runner
+    refuses work given after its drain found nothing in flight (see
+    L{pop3gw.runner.ThreadPoolRunner.drain}).  The client is told to try
+    again (SMTP C{451}, POP3 C{[SYS/TEMP]}); nothing was stored.
+    """
+
+
 #: The errno values that mean the storage is full.
 _STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 

@@ -50,6 +50,7 @@ from pop3gw.interfaces import (
     IMaildropStore,
     IMessageInfo,
     MaildropLocked,
+    ServerStopping,
     TemporaryFailure,
 )
 from pop3gw.pgdatabase import Database
@@ -237,13 +238,17 @@ class PostgresMaildrop:
         """
         Delete the lock row (through the runner; a failure is logged, and
         the row then goes stale after L{LOCK_LEASE}).  Idempotent; does
-        nothing while a commit runs.
+        nothing while a commit runs.  A session closed by a stopping
+        server finds the runner closed (L{ServerStopping}): the stop has
+        already deleted every lock row of this server
+        (L{PostgresMaildropStore.releaseAll}), so nothing is logged.
         """
         if self._state != "open":
             return
         self._state = "released"
         self._store._forget(self._token)
         d = self._store._runner.run(self._store._unlock, self._maildrop, self._token)
+        d.addErrback(lambda f: f.trap(ServerStopping))
         d.addErrback(lambda f: _log.warn("cannot release maildrop lock: {error}", error=str(f.value)))
 
 

@@ -31,9 +31,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3gw.interfaces import IBlockingRunner
+from pop3gw.interfaces import IBlockingRunner, ServerStopping
 
-__all__ = ["IOThreadPool", "ImmediateRunner", "ProcessPoolRunner", "ThreadPoolRunner"]
+__all__ = ["IOThreadPool", "ImmediateRunner", "ProcessPoolRunner", "ThreadPoolRunner", "drainTogether"]
 
 
 @implementer(IBlockingRunner)
@@ -50,8 +50,146 @@ class ImmediateRunner:
         return defer.maybeDeferred(f, *args)
 
 
+class _Draining:
+    """
+    The work in flight on a runner, counted so that a stopping server can
+    wait for it and then refuse more (see L{drain}, L{drainTogether}).
+    """
+
+    reactor: Any
+
+    def __init__(self) -> None:
+        self._inFlight = 0
+        self._idleWaiters: list[defer.Deferred] = []
+        self._closed = False
+
+    @property
+    def inFlight(self) -> int:
+        """
+        How much work is in flight.
+        """
+        return self._inFlight
+
+    @property
+    def closed(self) -> bool:
+        """
+        Whether the runner refuses work (see L{close}).
+        """
+        return self._closed
+
+    def _refusal(self) -> defer.Deferred:
+        return defer.fail(ServerStopping("the server is stopping"))
+
+    def _done(self) -> None:
+        """
+        One piece of work has finished and its callbacks have run.
+        """
+        self._inFlight -= 1
+        if not self._inFlight:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def whenIdle(self) -> defer.Deferred:
+        """
+        @return: a C{Deferred} firing, on the very turn on which it
+            happens, once nothing is in flight (at once if nothing is).
+        """
+        waiter: defer.Deferred = defer.Deferred()
+        if not self._inFlight:
+            waiter.callback(None)
+        else:
+            self._idleWaiters.append(waiter)
+        return waiter
+
+    def close(self) -> None:
+        """
+        Take no more work: C{run} and L{track} refuse it from now on with
+        L{ServerStopping}, so that no work is started that the stopping
+        pool would finish with no one left to answer.
+        """
+        self._closed = True
+
+    def track(self, d: defer.Deferred) -> defer.Deferred:
+        """
+        Count C{d} (an answer that waits on a timer, such as a failed
+        login's delay) as work in flight until it has fired and the
+        callbacks of the C{Deferred} returned have run.
+
+        @return: a C{Deferred} firing with C{d}'s result; failed at once
+            with L{ServerStopping} (and C{d} cancelled) if the runner is
+            closed.
+        """
+        if self._closed:
+            d.cancel()
+            d.addErrback(lambda _: None)
+            return self._refusal()
+        result: defer.Deferred = defer.Deferred()
+        self._inFlight += 1
+
+        def finish(outcome: Any) -> None:
+            try:
+                result.callback(outcome)
+            finally:
+                self._done()
+
+        d.addBoth(finish)
+        return result
+
+    def drain(self) -> defer.Deferred:
+        """
+        Wait for the work in flight, including work it starts from its
+        callbacks, then take no more (L{close}): from the moment nothing is
+        in flight, C{run} refuses work with L{ServerStopping}.  Work given
+        while the drain waits is run and waited for.
+
+        @return: a C{Deferred} firing on a later reactor turn once nothing
+            is in flight.
+        """
+        waiter: defer.Deferred = defer.Deferred()
+
+        def idle(_: object) -> None:
+            # Closed on this very turn: work given from here on (an end of
+            # data read before the waiter fires) would otherwise be run by
+            # the stopping pool and answered after the connections closed.
+            self.close()
+            # One reactor turn later: what the last callbacks wrote (a
+            # reply to a client) leaves before the pool stops.
+            self.reactor.callLater(0, waiter.callback, None)
+
+        self.whenIdle().addCallback(idle)
+        return waiter
+
+
+def drainTogether(runners: list) -> defer.Deferred:
+    """
+    Wait until none of C{runners} has work in flight on one and the same
+    reactor turn, then close them all on that turn (see
+    L{_Draining.close}).  Work on one runner may start work on another
+    from its callbacks (a login's password check opens the maildrop on the
+    I/O pool; a signature is followed by the store's commit): draining
+    each alone could close one before the other's work reaches it.
+
+    @param runners: L{ThreadPoolRunner}s and L{ProcessPoolRunner}s.
+    @return: a C{Deferred} firing once they are closed.
+    """
+    done: defer.Deferred = defer.Deferred()
+
+    def check(_: object = None) -> None:
+        busy = [runner for runner in runners if runner.inFlight]
+        if busy:
+            busy[0].whenIdle().addCallback(check)
+            return
+        for runner in runners:
+            runner.close()
+        done.callback(None)
+
+    check()
+    return done
+
+
 @implementer(IBlockingRunner)
-class ThreadPoolRunner:
+class ThreadPoolRunner(_Draining):
     """
     Runs work in a thread pool; results are delivered on the reactor thread.
 
@@ -61,18 +199,21 @@ class ThreadPoolRunner:
     """
 
     def __init__(self, reactor: Any, pool: Any) -> None:
+        super().__init__()
         self.reactor = reactor
         self.pool = pool
-        self._inFlight = 0
-        self._idleWaiters: list[defer.Deferred] = []
 
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """
         @return: a C{Deferred} fired on the reactor thread with C{f(*args)}'s
             result or failure, once a pool thread has run it.  The work
             counts as in flight (see L{drain}) until that C{Deferred}'s
-            callbacks have run.
+            callbacks have run.  Once the runner is closed (a L{drain}
+            found nothing in flight), the C{Deferred} fails at once with
+            L{ServerStopping} and C{f} is never run.
         """
+        if self._closed:
+            return self._refusal()
         result: defer.Deferred = defer.Deferred()
         self._inFlight += 1
         # One Deferred and one hop back per job: the pool's callback (in
@@ -87,36 +228,13 @@ class ThreadPoolRunner:
                 else:
                     result.errback(outcome)
             finally:
-                self._inFlight -= 1
-                if not self._inFlight:
-                    self._idle()
+                self._done()
 
         def onResult(success: bool, outcome: Any) -> None:
             callFromThread(finish, success, outcome)
 
         self.pool.callInThreadWithCallback(onResult, f, *args)
         return result
-
-    def _idle(self) -> None:
-        waiters, self._idleWaiters = self._idleWaiters, []
-        for waiter in waiters:
-            # One reactor turn later: what the last callbacks wrote (a
-            # reply to a client) leaves before the pool stops.
-            self.reactor.callLater(0, waiter.callback, None)
-
-    def drain(self) -> defer.Deferred:
-        """
-        Wait for the work in flight, including work it starts from its
-        callbacks.
-
-        @return: a C{Deferred} firing on a later reactor turn once nothing
-            is in flight.
-        """
-        waiter: defer.Deferred = defer.Deferred()
-        self._idleWaiters.append(waiter)
-        if not self._inFlight:
-            self._idle()
-        return waiter
 
 
 #: Put in an L{IOThreadPool}'s queue to end one of its threads.
@@ -218,7 +336,7 @@ class IOThreadPool:
 
 
 @implementer(IBlockingRunner)
-class ProcessPoolRunner:
+class ProcessPoolRunner(_Draining):
     """
     Runs work in a pool of processes, made at the first job; results are
     delivered on the reactor thread.  The processes are started with
@@ -236,12 +354,11 @@ class ProcessPoolRunner:
     def __init__(
         self, reactor: Any, workers: Optional[int] = None, executorFactory: Optional[Callable[[], Any]] = None
     ) -> None:
+        super().__init__()
         self.reactor = reactor
         self.workers = workers or min(4, os.cpu_count() or 1)
         self._executorFactory = executorFactory or self._defaultExecutor
         self._executor: Any = None
-        self._inFlight = 0
-        self._idleWaiters: list[defer.Deferred] = []
 
     def _defaultExecutor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
@@ -249,8 +366,11 @@ class ProcessPoolRunner:
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """
         @return: a C{Deferred} fired on the reactor thread with C{f(*args)}'s
-            result or failure, once a pool process has run it.
+            result or failure, once a pool process has run it; failed with
+            L{ServerStopping} once a L{drain} has found nothing in flight.
         """
+        if self._closed:
+            return self._refusal()
         if self._executor is None:
             self._executor = self._executorFactory()
         result: defer.Deferred = defer.Deferred()
@@ -275,27 +395,11 @@ class ProcessPoolRunner:
             else:
                 result.callback(future.result())
         finally:
-            self._inFlight -= 1
-            if not self._inFlight:
-                waiters, self._idleWaiters = self._idleWaiters, []
-                for waiter in waiters:
-                    self.reactor.callLater(0, waiter.callback, None)
-
-    def drain(self) -> defer.Deferred:
-        """
-        Wait for the work in flight (see L{ThreadPoolRunner.drain}).
-        """
-        waiter: defer.Deferred = defer.Deferred()
-        self._idleWaiters.append(waiter)
-        if not self._inFlight:
-            self._idleWaiters.remove(waiter)
-            self.reactor.callLater(0, waiter.callback, None)
-        return waiter
+            self._done()
 
     def stop(self) -> None:
         """
-        Shut the pool down (its processes exit once idle); a later job
-        starts a new one.
+        Shut the pool down (its processes exit once idle).
         """
         executor, self._executor = self._executor, None
         if executor is not None:

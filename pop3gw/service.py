@@ -69,7 +69,7 @@ from pop3gw.relay import RelayService
 from pop3gw.relay.mtasts import CacheFile, PolicySource, makeFetcher
 from pop3gw.relay.mx import MXResolver
 from pop3gw.router import Router
-from pop3gw.runner import IOThreadPool, ProcessPoolRunner, ThreadPoolRunner
+from pop3gw.runner import IOThreadPool, ProcessPoolRunner, ThreadPoolRunner, drainTogether
 from pop3gw.sendlimits import SendingLimits, SendingPolicy, Suspension, noticeMessage
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtpdata import formatDate
@@ -309,10 +309,11 @@ class StagedService(MultiService):
         """
         Stop the parts in order, each stage once the one before has
         stopped: the listeners (no new connection), then the services (the
-        relay records the attempts in progress), then the thread pools
-        (each after the work in flight on it has reported, so a commit in
-        progress is answered and a relay result is written); then close
-        the connections once those answers are sent.
+        relay records the attempts in progress), then the pools: once none
+        of their runners has work in flight (L{drainTogether}: a commit in
+        progress is answered, a relay result written, a login check
+        answered), the runners refuse more work and the pools stop; then
+        close the connections once those answers are sent.
         """
         Service.stopService(self)
         parts = list(self)
@@ -320,6 +321,9 @@ class StagedService(MultiService):
         d: defer.Deferred = defer.succeed(None)
         for stage in (STOP_LISTENERS, STOP_SERVICES, STOP_POOLS):
             group = [p for p in parts if getattr(p, "stopStage", STOP_SERVICES) == stage]
+            if stage == STOP_POOLS:
+                runners = [p.runner for p in group if getattr(p, "runner", None) is not None]
+                d.addCallback(lambda _, runners: drainTogether(runners), runners)
             d.addCallback(lambda _, group: _stopAll(group), group)
         if self.reactor is not None:
             d.addCallback(lambda _: closeConnections(self.reactor))
@@ -897,10 +901,11 @@ def _buildCore(
     @param worker: this is a worker process of C{--workers N}.
     """
     hashPool = ThreadPool(minthreads=1, maxthreads=max(1, config.limits["hash-threads"]), name="pop3gw-auth")
+    hashRunner = ThreadPoolRunner(reactor, hashPool)
     ioPool = IOThreadPool(IO_THREADS, name="pop3gw-io")
     ioRunner = ThreadPoolRunner(reactor, ioPool)
     if checksPasswords:
-        ThreadPoolService(hashPool).setServiceParent(top)
+        ThreadPoolService(hashPool, hashRunner).setServiceParent(top)
     ThreadPoolService(ioPool, ioRunner).setServiceParent(top)
 
     users: Any
@@ -950,6 +955,7 @@ def _buildCore(
         reactor,
         hashPool,
         config.limits["failure-delay"],
+        runner=hashRunner,
         accounting=AuthAccounting(reactor, hashThreads=hashPool.max),
         watch=watch,
         appPasswords=appPasswords,

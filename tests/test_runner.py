@@ -8,8 +8,8 @@ import threading
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from pop3gw.interfaces import IBlockingRunner
-from pop3gw.runner import ImmediateRunner, IOThreadPool, ThreadPoolRunner
+from pop3gw.interfaces import IBlockingRunner, ServerStopping, TemporaryFailure
+from pop3gw.runner import ImmediateRunner, IOThreadPool, ThreadPoolRunner, drainTogether
 from pop3gw.testing import HeldRunner, HeldThreadPool
 from tests.queuehelpers import ThreadClock
 
@@ -63,6 +63,132 @@ class RunnerTests(SynchronousTestCase):
         self.assertNoResult(second)
         runner.runAll()
         self.assertEqual(order, [1, 2])
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    L{ThreadPoolRunner.drain} at shutdown: the work in flight is waited
+    for, and once nothing is, the runner takes no more.
+    """
+
+    def test_workGivenWhileDrainingWaitedFor(self) -> None:
+        """
+        Work given while the drain waits for work in flight (the local
+        part of a delivery, started from a callback) is run and waited
+        for too.
+        """
+        pool = HeldThreadPool()
+        runner = ThreadPoolRunner(ThreadClock(), pool)
+        results: list = []
+        first = runner.run(lambda: 1)
+        first.addCallback(lambda _: runner.run(lambda: 2).addCallback(results.append))
+        drained = runner.drain()
+        pool.runAll()
+        self.assertEqual(results, [2])
+        self.assertNoResult(drained)
+        runner.reactor.advance(0)
+        self.assertIsNone(self.successResultOf(drained))
+
+    def test_workAfterDrainRefused(self) -> None:
+        """
+        From the moment the drain finds nothing in flight, work given to
+        the runner fails at once with L{ServerStopping} (a
+        L{TemporaryFailure}: the client is told to try again) and never
+        reaches the pool, even before the drain's result fires: work the
+        pool ran while it stopped would be done with no one left to
+        answer.
+        """
+        pool = HeldThreadPool()
+        runner = ThreadPoolRunner(ThreadClock(), pool)
+        done = runner.run(lambda: 1)
+        drained = runner.drain()
+        pool.runAll()
+        self.successResultOf(done)
+        late = runner.run(lambda: 2)
+        failure = self.failureResultOf(late, ServerStopping)
+        self.assertIsInstance(failure.value, TemporaryFailure)
+        self.assertEqual(pool.pending, [])
+        runner.reactor.advance(0)
+        self.successResultOf(drained)
+        self.failureResultOf(runner.run(lambda: 3), ServerStopping)
+        self.assertEqual(pool.pending, [])
+
+    def test_idleDrainRefusesAtOnce(self) -> None:
+        """
+        A drain of a runner with nothing in flight refuses later work at
+        once.
+        """
+        pool = HeldThreadPool()
+        runner = ThreadPoolRunner(ThreadClock(), pool)
+        drained = runner.drain()
+        self.failureResultOf(runner.run(lambda: 1), ServerStopping)
+        self.assertEqual(pool.pending, [])
+        runner.reactor.advance(0)
+        self.successResultOf(drained)
+
+
+class DrainTogetherTests(SynchronousTestCase):
+    """
+    L{drainTogether}: the pools' runners are closed together, on a turn on
+    which none has work in flight.
+    """
+
+    def test_workHandedOnIsRun(self) -> None:
+        """
+        Work on one runner that gives work to another from its callbacks
+        (a password check, then the maildrop's opening on the I/O pool)
+        is run on both, although the second had nothing in flight when the
+        drain began; then both refuse work with L{ServerStopping}.
+        """
+        clock = ThreadClock()
+        hashPool, ioPool = HeldThreadPool(), HeldThreadPool()
+        hashRunner, ioRunner = ThreadPoolRunner(clock, hashPool), ThreadPoolRunner(clock, ioPool)
+        opened: list = []
+        check = hashRunner.run(lambda: "alice")
+        check.addCallback(lambda user: ioRunner.run(lambda: user + "'s maildrop").addCallback(opened.append))
+        drained = drainTogether([hashRunner, ioRunner])
+        self.assertNoResult(drained)
+        hashPool.runAll()
+        self.assertNoResult(drained)
+        ioPool.runAll()
+        self.assertEqual(opened, ["alice's maildrop"])
+        self.successResultOf(drained)
+        for runner, pool in ((hashRunner, hashPool), (ioRunner, ioPool)):
+            self.failureResultOf(runner.run(lambda: 1), ServerStopping)
+            self.assertEqual(pool.pending, [])
+
+    def test_idle(self) -> None:
+        """
+        Runners with nothing in flight are closed at once.
+        """
+        runner = ThreadPoolRunner(ThreadClock(), HeldThreadPool())
+        self.successResultOf(drainTogether([runner]))
+        self.assertTrue(runner.closed)
+
+    def test_trackedAnswer(self) -> None:
+        """
+        A C{Deferred} given to L{ThreadPoolRunner.track} (a failed login's
+        delayed answer) counts as work in flight until it has fired and the
+        callbacks of the one returned have run; once the runner is closed,
+        C{track} refuses with L{ServerStopping} and cancels what it was
+        given.
+        """
+        from twisted.internet import defer
+
+        runner = ThreadPoolRunner(ThreadClock(), HeldThreadPool())
+        answer: defer.Deferred = defer.Deferred()
+        seen: list = []
+        tracked = runner.track(answer)
+        tracked.addCallback(lambda result: seen.append((result, runner.inFlight)))
+        drained = drainTogether([runner])
+        self.assertNoResult(drained)
+        answer.callback("no")
+        self.assertEqual(seen, [("no", 1)])
+        self.successResultOf(drained)
+        cancelled: list = []
+        late: defer.Deferred = defer.Deferred(cancelled.append)
+        self.failureResultOf(runner.track(late), ServerStopping)
+        self.assertEqual(cancelled, [late])
 
 
 class _CallsFromThreads:
