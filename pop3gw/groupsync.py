@@ -43,7 +43,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pop3gw import fsutil
-from pop3gw.interfaces import IBlockingRunner
+from pop3gw.interfaces import IBlockingRunner, ServerStopping
 
 __all__ = ["DirectorySyncer"]
 
@@ -279,10 +279,12 @@ class DirectorySyncer:
     def _failAll(self, reason: Any, batch: list[_Request]) -> None:
         """
         The runner itself failed (not one C{fsync}): nothing of the batch
-        is known to be durable.
+        is known to be durable.  A runner closed by the server's stop
+        (L{ServerStopping}) is no fault: nothing is logged then.
         """
         self._inFlight = False
-        _log.failure("syncing directories failed", reason)
+        if not reason.check(ServerStopping):
+            _log.failure("syncing directories failed", reason)
         for request in batch:
             request.result.errback(OSError("directory sync failed"))
         if self._waiting:

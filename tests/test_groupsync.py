@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pop3gw import smtplmtp
 from pop3gw.address import Address
 from pop3gw.groupsync import DirectorySyncer
-from pop3gw.interfaces import TemporaryFailure
+from pop3gw.interfaces import ServerStopping, TemporaryFailure
 from pop3gw.maildir import MaildirStore
 from pop3gw.queue import OutboundQueue
 from pop3gw.runner import ImmediateRunner, IOThreadPool, ThreadPoolRunner
@@ -128,6 +128,23 @@ class DirectorySyncerTests(SynchronousTestCase):
             self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EIO)
         self.assertIsNone(self.successResultOf(other))
         self.assertEqual(ran, ["other"])
+
+    def test_stoppedRunnerFailsQuietly(self) -> None:
+        """
+        A runner that refuses work because the server is stopping fails
+        every request of the batch with an C{OSError} (nothing is known to
+        be durable), and no traceback is logged: the stop is not a fault.
+        """
+
+        class StoppedRunner:
+            def run(self, f, *args):
+                return defer.fail(ServerStopping("the server is stopping"))
+
+        syncer = DirectorySyncer(StoppedRunner(), self.fsync)
+        d = syncer.sync(["/d/a/new"])
+        self.failureResultOf(d, OSError)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.fsync.calls, [])
 
     def test_runnerNeverIdleBetween(self) -> None:
         """
