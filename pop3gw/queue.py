@@ -31,7 +31,12 @@ name of an empty marker file, C{<id>.try-<attempts>-<nextAttempt>}
 (L{markerName}), created at the first attempt and renamed at each next
 one, durable with the directory's batched C{fsync}.  Readers apply a
 marker that counts more attempts than the C{.json}.  Removing an entry
-unlinks its files and syncs the directory the same way.  Every file the queue creates (entries, temp files,
+unlinks its files and syncs the directory the same way.  Attempt records
+and removals asked for while a batch of them runs form the next batch:
+one job of the runner (with one hold of the queue lock for its unlinks)
+and one directory C{fsync} for all of them, and the job reads each
+recorded entry's message when it is small (L{PREFETCH_SIZE}), for
+L{OutboundQueue.openMessage} to give from memory.  Every file the queue creates (entries, temp files,
 C{.lock}, C{.flush}) is mode 0600 and its directory 0700, whatever the
 umask; a command run as root gives them the data directory's owner
 (L{pop3gw.fsutil}).  C{pop3gw queue flush} (L{requestFlush}) touches

@@ -41,6 +41,11 @@ refused, the message is not sent: a C{354} to C{DATA} then gets a lone
 dot (RFC 2920 3.1).  Such a connection waits in the cache without
 C{RSET}: the C{RSET} goes with the next message's C{MAIL}.  C{STARTTLS}
 is never in a group.  Without C{PIPELINING}, one command at a time.
+
+A session without a cache gives its result as soon as every recipient
+has its answer: C{QUIT} is sent and its reply is not waited for (the
+connection closes when the reply comes, or at the reply time-out), so
+the slot the session held is free one round trip earlier.
 """
 
 from __future__ import annotations
@@ -247,7 +252,8 @@ def deliverOnce(
     Send C{message} from C{sender} to C{recipients} over one connection
     made with C{endpoint}: C{EHLO} (C{HELO} when allowed), C{STARTTLS} as
     C{tlsPolicy} says, C{AUTH} with C{credentials}, then one transaction
-    and C{QUIT}.  No retries.
+    and C{QUIT}.  No retries.  Once every recipient has its answer, the
+    result is given without waiting for the reply to C{QUIT}.
 
     @param message: the message with CRLF line ends, a binary file open for
         reading; it is dot-stuffed on the way and closed at the end.
@@ -895,6 +901,11 @@ class _RelayClient(ESMTPClient):
         self.toAddressesResult = []
         if self.factory.cache is None:
             self._disconnectFromServer()
+            if len(self.session.outcomes) >= len(self.session.recipients):
+                # Every recipient has its answer: the reply to QUIT is not
+                # waited for (the connection closes when it comes, or at
+                # the reply time-out).
+                self.session.finish(None)
             return
         if b"PIPELINING" in self._keywords:
             # The RSET goes with the next message's MAIL.
