@@ -110,6 +110,11 @@ CACHE_IDLE_TIME = 2.0
 #: Octets read at once from a queued message while sending it.
 _READ_CHUNK = 64 * 1024
 
+#: Every reply code: the replies a handler takes whatever they are (a
+#: C{range}, whose membership test is a comparison, where a list is
+#: scanned and was built for each message).
+_ANY_REPLY = range(1000)
+
 _ENHANCED = re.compile(rb"^([245])\.\d{1,3}\.\d{1,3}(?=\s|$)")
 
 #: The outcome of a recipient that cannot be sent because the server does
@@ -644,6 +649,10 @@ class _RelayClient(ESMTPClient):
     # The line log would hold AUTH lines; nothing here reads it.
     debug = False
 
+    # ESMTPClient.__setattr__ only warns about its deprecated tlsMode,
+    # which is never set here, and costs a Python call per assignment.
+    __setattr__ = object.__setattr__
+
     def __init__(self, session: _Session, identity: str, tlsPolicy, loopbackPolicy, contextFor, credentials):
         password = None if credentials is None else credentials[1].encode("utf-8")
         ESMTPClient.__init__(self, password, None, identity.encode("ascii", "replace"))
@@ -773,7 +782,7 @@ class _RelayClient(ESMTPClient):
         self.toAddressesResult = []
         self.successAddresses = []
         self.phase = Phase.MAIL
-        self._expected = list(range(1000))
+        self._expected = _ANY_REPLY  # type: ignore[assignment]
         self._okresponse = self._failresponse = self._pipelineReply
         transport = self.transport
         assert transport is not None, "connected"
@@ -832,7 +841,7 @@ class _RelayClient(ESMTPClient):
             self.smtpState_msgSent(*result)
             return
         self.sendLine(b".")
-        self._expected = list(range(1000))
+        self._expected = _ANY_REPLY  # type: ignore[assignment]
         self._okresponse = lambda code, resp: self.smtpState_msgSent(*result)
 
     def getMailData(self):
@@ -927,7 +936,7 @@ class _RelayClient(ESMTPClient):
         connection.
         """
         self.setTimeout(None)
-        self._expected = list(range(1000))
+        self._expected = _ANY_REPLY  # type: ignore[assignment]
         self._okresponse = self._ebReset
         self.factory.cache.keep(self.factory.cacheKey, self)
         self.session.finish(None)
