@@ -12,12 +12,14 @@ ids, so filling takes seconds, not one fsync pair per message).  Prints:
 
 - drain: seconds from the server's start (and from its "queued messages
   loaded" line) until the queue directory is empty, messages/s, the
-  messages the sink counted, the server's CPU seconds, and its peak and
-  final RSS;
+  messages the sink counted, the server's CPU seconds (and per message
+  from its "queued messages loaded" line on), and its peak and final
+  RSS;
 - with C{--postfix} (root), the same messages through a private Postfix
   (relayhost = a sink of its own): submitted over SMTP and held, then
   released and flushed; seconds from the release until its queue is
-  empty;
+  empty, and the CPU seconds its processes used meanwhile (the master,
+  its live daemons, and those it reaped);
 - waiting: seconds until the server logs the loaded queue, its RSS then,
   and the seconds C{pop3gw queue list} takes (and its line count); then
   the same again (a second start-up, which finds the queue's index the
@@ -151,11 +153,14 @@ def drain(args: argparse.Namespace, top: str) -> None:
         server = Server(args.bin, data, *options)
         peak = 0
         loaded = None
+        loadedCPU = None
         deadline = time.monotonic() + args.timeout
         while queued(os.path.join(data, "queue")) and time.monotonic() < deadline:
-            peak = max(peak, status(server.proc.pid)["VmRSS"])
+            now = status(server.proc.pid)
+            peak = max(peak, now["VmRSS"])
             if loaded is None and server.logged(b"queued messages loaded"):
                 loaded = time.perf_counter() - server.start
+                loadedCPU = now["cpu"]
             time.sleep(0.05)
         elapsed = time.perf_counter() - server.start
         if loaded is None:
@@ -177,10 +182,37 @@ def drain(args: argparse.Namespace, top: str) -> None:
     print(
         f"drain: {sent} of {args.count} messages in {elapsed:.2f} s = {sent / elapsed:.0f} msg/s"
         f" (server start included), {elapsed - loaded:.2f} s = {sent / (elapsed - loaded):.0f} msg/s"
-        f" from the queue loaded; sink counter {counted!r}; server CPU {final['cpu']:.2f} s;"
+        f" from the queue loaded; sink counter {counted!r}; server CPU {final['cpu']:.2f} s"
+        f" ({(final['cpu'] - (loadedCPU or 0.0)) / max(sent, 1) * 1000:.3f} ms per message after the load);"
         f" RSS peak {peak} KB, at the end {final['VmRSS']} KB",
         flush=True,
     )
+
+
+def treeCPU(pid: int) -> float:
+    """
+    CPU seconds used by process C{pid}, its live children, and the
+    children it reaped (a Postfix master and its daemons).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def fields(p: int) -> list:
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+
+    total = 0
+    mine = fields(pid)
+    total += sum(int(x) for x in mine[11:15])
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            f = fields(int(name))
+        except OSError:
+            continue
+        if int(f[1]) == pid:
+            total += int(f[11]) + int(f[12])
+    return total / tick
 
 
 POSTFIX_MASTER = """\
@@ -283,6 +315,9 @@ def postfixDrain(args: argparse.Namespace, top: str) -> None:
         while count() < args.count and time.monotonic() < deadline + args.timeout:
             time.sleep(0.05)
         held = count()
+        with open(os.path.join(spool, "pid", "master.pid")) as f:
+            master = int(f.read().strip())
+        cpuBefore = treeCPU(master)
         start = time.perf_counter()
         subprocess.run(["/usr/sbin/postsuper", "-c", etc, "-H", "ALL"], check=True, capture_output=True)
         # Released messages wait in the deferred queue: have them tried now.
@@ -292,6 +327,7 @@ def postfixDrain(args: argparse.Namespace, top: str) -> None:
             time.sleep(0.05)
         elapsed = time.perf_counter() - start
         left = count()
+        cpu = treeCPU(master) - cpuBefore
     finally:
         subprocess.run([*postfix, "stop"], capture_output=True)
         sink.send_signal(signal.SIGTERM)
@@ -300,7 +336,8 @@ def postfixDrain(args: argparse.Namespace, top: str) -> None:
     out = counter.read().decode("ascii", "replace").replace("\r", "\n").strip().split("\n")[-1]
     print(
         f"postfix drain: {held - left} of {held} held messages in {elapsed:.2f} s after their release ="
-        f" {(held - left) / elapsed:.0f} msg/s; sink counter {out[out.rfind('sess='):]!r}",
+        f" {(held - left) / elapsed:.0f} msg/s; sink counter {out[out.rfind('sess='):]!r};"
+        f" Postfix CPU {cpu:.2f} s ({cpu / max(held - left, 1) * 1000:.3f} ms per message)",
         flush=True,
     )
 

@@ -31,7 +31,12 @@ name of an empty marker file, C{<id>.try-<attempts>-<nextAttempt>}
 (L{markerName}), created at the first attempt and renamed at each next
 one, durable with the directory's batched C{fsync}.  Readers apply a
 marker that counts more attempts than the C{.json}.  Removing an entry
-unlinks its files and syncs the directory the same way.  Every file the queue creates (entries, temp files,
+unlinks its files and syncs the directory the same way.  Attempt records
+and removals asked for while a batch of them runs form the next batch:
+one job of the runner (with one hold of the queue lock for its unlinks)
+and one directory C{fsync} for all of them, and the job reads each
+recorded entry's message when it is small (L{PREFETCH_SIZE}), for
+L{OutboundQueue.openMessage} to give from memory.  Every file the queue creates (entries, temp files,
 C{.lock}, C{.flush}) is mode 0600 and its directory 0700, whatever the
 umask; a command run as root gives them the data directory's owner
 (L{pop3gw.fsutil}).  C{pop3gw queue flush} (L{requestFlush}) touches
@@ -75,6 +80,7 @@ import enum
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -101,6 +107,11 @@ from pop3gw.interfaces import (
 )
 from pop3gw.runner import ImmediateRunner
 from pop3gw.wire import CRLFStream
+
+#: The largest message (in octets) read into memory with its attempt
+#: record, so that the relay sends it without opening its file on the
+#: reactor thread; a larger one is opened and read as it is sent.
+PREFETCH_SIZE = 64 * 1024
 
 #: Orphaned C{.msg} and C{.tmp} files older than this (seconds) are removed
 #: at start-up.
@@ -503,17 +514,23 @@ def _saveEntry(
     )
 
 
-def _removeEntry(root: str, queueId: str, owner: Optional[fsutil.Owner], marker: Optional[str] = None) -> None:
+def _removeEntry(
+    root: str, queueId: str, owner: Optional[fsutil.Owner], marker: Optional[str] = None, locked: bool = False
+) -> None:
     """
     Unlink entry C{queueId}'s files: durable once C{root} is fsynced.
 
     @param marker: the name of its attempt marker, if it has one.
+    @param locked: the caller holds the queue lock already.
     """
     # The .json goes first: without it the entry no longer exists, and a
     # .msg or marker left behind by a crash is an orphan removed at
     # start-up.
-    with _queueLock(root, owner):
+    if locked:
         fsutil.unlinkIfThere(os.path.join(root, queueId + ".json"))
+    else:
+        with _queueLock(root, owner):
+            fsutil.unlinkIfThere(os.path.join(root, queueId + ".json"))
     if marker is not None:
         fsutil.unlinkIfThere(os.path.join(root, marker))
     fsutil.unlinkIfThere(os.path.join(root, queueId + ".msg"))
@@ -559,6 +576,100 @@ def _moveMarker(root: str, old: Optional[str], new: str, owner: Optional[fsutil.
         os.close(fsutil.createFile(os.path.join(root, new), owner))
     except FileExistsError:
         pass
+
+
+def _readSmall(path: str, limit: int) -> Optional[bytes]:
+    """
+    @return: the contents of the file C{path} if it has at most C{limit}
+        octets, else (or if it cannot be read) C{None}.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        parts: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+            size += len(chunk)
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+@attr.s(auto_attribs=True, slots=True)
+class _FileJob:
+    """
+    One entry's part of a batch of the relay's file work (see
+    L{_runFileBatch}).
+
+    @ivar queueId: the entry.
+    @ivar marker: a removal: the name of its attempt marker, if any; an
+        attempt record: the marker to rename, if any.
+    @ivar newMarker: an attempt record: the marker's new name; C{None}
+        for a removal.
+    @ivar result: fires once the batch is durable.
+    """
+
+    queueId: str
+    marker: Optional[str]
+    newMarker: Optional[str]
+    result: defer.Deferred = attr.ib(factory=defer.Deferred)
+
+
+def _runFileBatch(
+    root: str, owner: Optional[fsutil.Owner], jobs: Sequence[_FileJob], syncNow: Callable[[Sequence[str]], None]
+) -> tuple:
+    """
+    Do a batch of attempt records and removals (blocking; one job of the
+    runner): rename or create each attempt marker and read its message
+    when it is small (L{PREFETCH_SIZE}), unlink each removed entry's files
+    (the C{.json} files under one hold of the queue lock), then make all
+    of it durable with one C{fsync} of the directory, shared through
+    C{syncNow} with other writers.
+
+    @return: C{(outcomes, syncError)}: per job in order, the message read
+        (or C{None}) for an attempt record and C{None} for a removal, or
+        the L{Failure} of its own file work; and the C{OSError} of the
+        directory C{fsync}, or C{None} when it succeeded.
+    """
+    outcomes: list = []
+    removals = [job for job in jobs if job.newMarker is None]
+    removed: dict = {}
+    if removals:
+        try:
+            with _queueLock(root, owner):
+                for job in removals:
+                    try:
+                        _removeEntry(root, job.queueId, owner, job.marker, True)
+                        removed[job.queueId] = None
+                    except Exception:
+                        removed[job.queueId] = Failure()
+        except Exception:
+            failed = Failure()
+            for job in removals:
+                removed.setdefault(job.queueId, failed)
+    for job in jobs:
+        if job.newMarker is None:
+            outcomes.append(removed[job.queueId])
+            continue
+        try:
+            _moveMarker(root, job.marker, job.newMarker, owner)
+        except Exception:
+            outcomes.append(Failure())
+            continue
+        outcomes.append(_readSmall(os.path.join(root, job.queueId + ".msg"), PREFETCH_SIZE))
+    try:
+        syncNow([root])
+    except OSError as e:
+        return outcomes, e
+    return outcomes, None
 
 
 def _readIndex(root: str) -> dict:
@@ -1183,6 +1294,13 @@ class OutboundQueue(QueueListeners):
         self._saves: dict = {}
         # Queue id -> the name of its attempt marker.
         self._markers: dict = {}
+        # Queue id -> its message, read with its attempt record and not
+        # yet opened (see openMessage).
+        self._prefetched: dict = {}
+        # The attempt records and removals waiting for the next batch, and
+        # whether one is in progress (see _submit).
+        self._batch: list = []
+        self._batchRunning = False
         fsutil.makeDirectories(root, owner)
 
     def _run(self, f: Callable, *args) -> defer.Deferred:
@@ -1292,6 +1410,8 @@ class OutboundQueue(QueueListeners):
         """
         data = entry.toJSON()
         queueId = entry.queueId
+        # The attempt is over: a message read for it and not sent goes.
+        self._prefetched.pop(queueId, None)
         return self._inOrder(
             queueId,
             lambda: self._durable(self._run(_saveEntry, self.root, queueId, data, self.owner, False)),
@@ -1301,48 +1421,99 @@ class OutboundQueue(QueueListeners):
         """
         Record durably that an attempt of C{entry} starts: its attempt
         count and next attempt time become the name of its empty marker
-        file (L{markerName}), created or renamed, made durable by the
-        batched directory C{fsync}; nothing is rewritten.  Ordered with the
-        entry's saves.
+        file (L{markerName}), created or renamed, made durable by a
+        directory C{fsync}; nothing is rewritten.  Ordered with the
+        entry's saves.  The records and removals asked for while a batch
+        of them runs form the next batch: one job of the runner and one
+        directory C{fsync} for all of them (L{_runFileBatch}).  A message
+        of at most L{PREFETCH_SIZE} octets is read in the same job, and
+        L{openMessage} then gives it from memory.
         """
         queueId = entry.queueId
         new = markerName(entry)
+        return self._inOrder(queueId, lambda: self._submit(_FileJob(queueId, self._markers.get(queueId), new)))
 
-        def job() -> defer.Deferred:
-            old = self._markers.get(queueId)
-            d = self._run(_moveMarker, self.root, old, new, self.owner)
+    def _submit(self, job: _FileJob) -> defer.Deferred:
+        """
+        Add C{job} to the next batch, and start that batch unless one is
+        in progress (it then starts as soon as that one ends).
 
-            def moved(_: object) -> None:
-                self._markers[queueId] = new
+        @return: C{job}'s Deferred, firing once the batch is durable, or
+            failing with the error of the job's own file work or of the
+            batch's directory C{fsync}.
+        """
+        self._batch.append(job)
+        if not self._batchRunning:
+            self._startBatch()
+        return job.result
 
-            return self._durable(d.addCallback(moved))
+    def _startBatch(self) -> None:
+        jobs, self._batch = self._batch, []
+        self._batchRunning = True
+        d = self._run(_runFileBatch, self.root, self.owner, jobs, self.syncer.syncNow)
+        d.addBoth(self._batchDone, jobs)
 
-        return self._inOrder(queueId, job)
+    def _batchDone(self, result: object, jobs: list) -> None:
+        """
+        A batch ended: note the markers renamed and the entries removed
+        (whether or not the batch became durable: the files are as the
+        work left them), then answer each job.  The jobs asked for
+        meanwhile, those these answers add included, form the next batch.
+        """
+        if isinstance(result, Failure):
+            outcomes: list = [result] * len(jobs)
+            syncError: Optional[Failure] = None
+        else:
+            outcomes, error = cast(tuple, result)
+            syncError = None if error is None else Failure(error)
+        answers = []
+        for job, outcome in zip(jobs, outcomes):
+            failed = isinstance(outcome, Failure)
+            if not failed:
+                if job.newMarker is None:
+                    self._markers.pop(job.queueId, None)
+                    self._prefetched.pop(job.queueId, None)
+                else:
+                    self._markers[job.queueId] = job.newMarker
+                    if outcome is not None:
+                        self._prefetched[job.queueId] = outcome
+            answers.append((job.result, outcome if failed else syncError))
+        for d, failure in answers:
+            if failure is None:
+                d.callback(None)
+            else:
+                d.errback(failure)
+        self._batchRunning = False
+        if self._batch:
+            self._startBatch()
 
     def _removeFiles(self, queueId: str) -> defer.Deferred:
         """
-        Unlink entry C{queueId}'s files, durably (the batched directory
-        C{fsync}).
+        Unlink entry C{queueId}'s files, durably (in the next batch, see
+        L{recordAttempt}).
         """
-
-        def forget(_: object) -> None:
-            self._markers.pop(queueId, None)
-
-        d = self._run(_removeEntry, self.root, queueId, self.owner, self._markers.get(queueId))
-        return self._durable(d.addCallback(forget))
+        self._prefetched.pop(queueId, None)
+        return self._submit(_FileJob(queueId, self._markers.get(queueId), None))
 
     def removeEntry(self, entry: Entry) -> defer.Deferred:
         """
         Remove C{entry}'s files (the C{.json} first), after its writes in
-        progress; durable once the Deferred fires.
+        progress; durable once the Deferred fires.  Batched with the other
+        removals and attempt records (see L{recordAttempt}).
         """
-        return self._inOrder(entry.queueId, lambda: self._removeFiles(entry.queueId))
+        queueId = entry.queueId
+        return self._inOrder(queueId, lambda: self._removeFiles(queueId))
 
     def openMessage(self, entry: Entry):
         """
-        @return: C{entry}'s message, a binary file open for reading.
+        @return: C{entry}'s message, a binary file open for reading: from
+            memory the first time after an attempt record that read it
+            (see L{recordAttempt}), else the file.
         @raise OSError: the file cannot be opened.
         """
+        data = self._prefetched.pop(entry.queueId, None)
+        if data is not None:
+            return io.BytesIO(data)
         return open(os.path.join(self.root, entry.queueId + ".msg"), "rb")
 
     def readHeaders(self, entry: Entry) -> defer.Deferred:

@@ -32,6 +32,7 @@ from pop3gw.queue import (
     INDEX_FILE,
     ORPHAN_AGE,
     PENDING,
+    PREFETCH_SIZE,
     Entry,
     OutboundQueue,
     Outcome,
@@ -627,28 +628,162 @@ class AttemptRecordTests(QueueTestMixin, unittest.SynchronousTestCase):
         self.successResultOf(self.queue.saveEntry(entry))
         self.assertEqual([(e.attempts, e.nextAttempt) for e in listEntries(self.root)], [(1, 1200.0)])
 
+    def heldQueue(self):
+        """
+        Replace the queue by one whose runner holds its jobs.
+
+        @return: the L{HeldThreadPool} and the list the functions of the
+            jobs handed to it are appended to.
+        """
+        pool = HeldThreadPool()
+        handed = []
+        hand = pool.callInThreadWithCallback
+
+        def callInThreadWithCallback(onResult, f, *args, **kwargs):
+            handed.append(f)
+            hand(onResult, f, *args, **kwargs)
+
+        pool.callInThreadWithCallback = callInThreadWithCallback
+        self.queue = OutboundQueue(self.root, self.clock, ThreadPoolRunner(self.clock, pool))
+        return pool, handed
+
     def test_attemptRecordsShareFsync(self):
         """
-        The attempt records and removals of entries handled at the same
-        time are made durable by one directory C{fsync} per batch, and no
-        file is fsynced for them.
+        The attempt records and removals asked for while a batch of them
+        runs form the next batch: one job of the runner and one directory
+        C{fsync} for all of them, and no file is fsynced for them.
         """
-        entries = [self.enqueue() for _ in range(3)]
-        pool = HeldThreadPool()
-        self.queue = OutboundQueue(self.root, self.clock, ThreadPoolRunner(self.clock, pool))
+        entries = [self.enqueue() for _ in range(4)]
+        pool, handed = self.heldQueue()
         seen = self.recordFsyncs()
         for e in entries:
             e.beginAttempt(1000.0, [300], 86400)
         recorded = [self.queue.recordAttempt(e) for e in entries]
+        self.assertEqual(len(pool.pending), 1)
         pool.runAll()
         for d in recorded:
             self.assertIsNone(self.successResultOf(d))
+        self.assertEqual((len(handed), len(seen)), (2, 2))
         removed = [self.queue.removeEntry(e) for e in entries]
         pool.runAll()
         for d in removed:
             self.assertIsNone(self.successResultOf(d))
-        self.assertEqual(len(seen), 2)
+        self.assertEqual((len(handed), len(seen)), (4, 4))
         self.assertEqual(os.listdir(self.root), [".lock"])
+
+    def test_recordsAndRemovalsBatchedTogether(self):
+        """
+        Attempt records and removals asked for meanwhile go in the same
+        batch; each marker is renamed and each removed entry's files
+        (marker included) are gone once its Deferred fires.
+        """
+        first, second, third = [self.enqueue() for _ in range(3)]
+        pool, handed = self.heldQueue()
+        for e in (first, second, third):
+            e.beginAttempt(1000.0, [300], 86400)
+        ds = [self.queue.recordAttempt(first)]
+        pool.runAll()
+        self.successResultOf(ds[0])
+        blocker = self.queue.recordAttempt(third)
+        removed = self.queue.removeEntry(first)
+        recorded = self.queue.recordAttempt(second)
+        self.assertEqual(len(pool.pending), 1)
+        pool.runAll()
+        for d in (blocker, removed, recorded):
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(len(handed), 3)
+        self.assertEqual(
+            sorted(os.listdir(self.root)),
+            sorted(
+                [".lock"]
+                + [e.queueId + suffix for e in (second, third) for suffix in (".json", ".msg", ".try-1-1300.0")]
+            ),
+        )
+
+    def test_failedRemovalInBatchFailsOnlyIt(self):
+        """
+        A removal whose unlink fails fails alone: the other removals of
+        its batch succeed, and the failed entry keeps its C{.json} (it is
+        still queued).
+        """
+        first, second = self.enqueue(), self.enqueue()
+        pool, handed = self.heldQueue()
+        unlink = fsutil.unlinkIfThere
+
+        def failing(path):
+            if path.endswith(first.queueId + ".json"):
+                raise OSError(errno.EIO, "I/O error")
+            unlink(path)
+
+        self.patch(fsutil, "unlinkIfThere", failing)
+        ds = [self.queue.removeEntry(first), self.queue.removeEntry(second)]
+        pool.runAll()
+        self.assertEqual(self.failureResultOf(ds[0], OSError).value.errno, errno.EIO)
+        self.assertIsNone(self.successResultOf(ds[1]))
+        self.assertEqual(sorted(os.listdir(self.root)), sorted([".lock", first.queueId + ".json", first.queueId + ".msg"]))
+
+    def test_lockFailureFailsEveryRemoval(self):
+        """
+        When the queue lock cannot be taken, every removal of the batch
+        fails and every entry of it stays queued, files and all.
+        """
+        entries = [self.enqueue() for _ in range(3)]
+        pool, handed = self.heldQueue()
+
+        def noLock(path, owner=None):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        self.patch(fsutil, "openLockFile", noLock)
+        removed = [self.queue.removeEntry(e) for e in entries]
+        pool.runAll()
+        for d in removed:
+            self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EMFILE)
+        self.assertEqual(sorted(e.queueId for e in listEntries(self.root)), sorted(e.queueId for e in entries))
+
+    def test_messageReadWithAttemptRecord(self):
+        """
+        A message of at most L{PREFETCH_SIZE} octets is read in the job
+        that records its attempt: L{OutboundQueue.openMessage} then gives
+        it without opening its file (here gone), once; the next call
+        opens the file.
+        """
+        entry = self.enqueue()
+        entry.beginAttempt(1000.0, [300], 86400)
+        self.successResultOf(self.queue.recordAttempt(entry))
+        path = os.path.join(self.root, entry.queueId + ".msg")
+        os.rename(path, path + ".away")
+        with self.queue.openMessage(entry) as f:
+            self.assertEqual(f.read(), STORED)
+        self.assertRaises(FileNotFoundError, self.queue.openMessage, entry)
+        os.rename(path + ".away", path)
+        with self.queue.openMessage(entry) as f:
+            self.assertEqual(f.read(), STORED)
+
+    def test_largeMessageNotReadWithAttemptRecord(self):
+        """
+        A message larger than L{PREFETCH_SIZE} is not read with its
+        attempt record: L{OutboundQueue.openMessage} opens its file.
+        """
+        entry = self.enqueue(body=b"x" * PREFETCH_SIZE + b"\n")
+        entry.beginAttempt(1000.0, [300], 86400)
+        self.successResultOf(self.queue.recordAttempt(entry))
+        path = os.path.join(self.root, entry.queueId + ".msg")
+        os.rename(path, path + ".away")
+        self.assertRaises(FileNotFoundError, self.queue.openMessage, entry)
+
+    def test_messageReadDroppedWithSave(self):
+        """
+        A message read with an attempt record and not opened is dropped
+        when the entry is saved (the attempt is over) or removed: the next
+        L{OutboundQueue.openMessage} opens the file.
+        """
+        for end in (self.queue.saveEntry, self.queue.removeEntry):
+            entry = self.enqueue()
+            entry.beginAttempt(1000.0, [300], 86400)
+            self.successResultOf(self.queue.recordAttempt(entry))
+            self.successResultOf(end(entry))
+            fsutil.unlinkIfThere(os.path.join(self.root, entry.queueId + ".msg"))
+            self.assertRaises(FileNotFoundError, self.queue.openMessage, entry)
 
     def test_failedBatchFsyncFailsEveryEntry(self):
         """

@@ -135,6 +135,44 @@ class DeliverOnceTests(unittest.SynchronousTestCase):
         )
         self.assertTrue(self.message.closed)
 
+    def test_resultBeforeQuitReply(self):
+        """
+        Without a connection cache, the session's result is given once the
+        server accepted the end of data: C{QUIT} is sent and its reply not
+        waited for; the message file is closed then, and the connection
+        once the server answers C{QUIT}.
+        """
+        d = self.deliver()
+        replies = successReplies()
+        self.endpoint.open()
+        sent = [self.endpoint.feed(r) for r in replies[:-1]]
+        self.assertEqual(sent[-2:], [SENT, b"QUIT\r\n"])
+        self.assertEqual(
+            self.successResultOf(d),
+            SessionResult({BOB: Outcome(OutcomeKind.DELIVERED, "2.0.0", "250 2.0.0 ok")}, None, False, False, False),
+        )
+        self.assertTrue(self.message.closed)
+        self.assertFalse(self.endpoint.transport.disconnecting)
+        self.assertEqual(self.endpoint.feed(replies[-1]), b"")
+        self.assertTrue(self.endpoint.transport.disconnecting)
+        self.endpoint.close()
+
+    def test_resultBeforeQuitReplyKeepsRefusals(self):
+        """
+        A session whose recipients were all refused gives its result
+        before the reply to C{QUIT} too, with each refusal.
+        """
+        d = self.deliver()
+        self.endpoint.open()
+        for r in [GREETING, EHLO_OK, OK]:
+            self.endpoint.feed(r)
+        self.assertEqual(self.endpoint.feed(b"550 5.1.1 no such user\r\n"), b"QUIT\r\n")
+        self.assertEqual(
+            self.successResultOf(d).outcomes,
+            {BOB: Outcome(OutcomeKind.FAILED, "5.1.1", "550 5.1.1 no such user")},
+        )
+        self.endpoint.close()
+
     def test_smtputf8Offered(self):
         """
         With C{smtputf8} and a server offering SMTPUTF8, MAIL carries the

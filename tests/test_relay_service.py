@@ -40,6 +40,8 @@ from pop3gw.queue import (
 )
 from pop3gw.relay.client import Phase, RelayError, SessionResult, TLSPolicy
 from pop3gw.relay.service import STOP_GRACE, RelayService
+from pop3gw.runner import ThreadPoolRunner
+from pop3gw.testing import HeldThreadPool
 from tests.queuehelpers import (
     ALICE,
     BOB,
@@ -648,6 +650,39 @@ class RelayTests(RelayTestMixin, unittest.SynchronousTestCase):
         self.clock.advance(300)
         self.assertEqual((len(self.connects), os.listdir(self.root)), (1, [".lock"]))
         self.assertNotIn(entry.queueId, self.relay.entries)
+
+    def test_failedBatchRemovalKeepsEveryEntry(self):
+        """
+        When the removals of delivered entries fail (their batches'
+        directory C{fsync}: the unlinks are not known to be durable),
+        every entry stays in the relay, and at the next attempt time only
+        the removals are tried again: no message is sent twice.
+        """
+        self.relay.stopService()
+        first, second = self.enqueue(), self.enqueue()
+        pool = HeldThreadPool()
+        self.queue = OutboundQueue(self.root, self.clock, ThreadPoolRunner(self.clock, pool))
+        self.relay = self.makeRelay()
+        self.relay.startService()
+        self.clock.advance(0)
+        self.assertEqual(len(pool.pending), 1)
+        pool.runAll()
+        self.assertEqual(len(self.connects), 2)
+
+        def failingFsync(fd):
+            raise OSError(errno.EIO, "I/O error")
+
+        self.patch(fsutil, "fsync", failingFsync)
+        for endpoint in self.connects:
+            self.assertEqual(endpoint.serve(successReplies())[4], SENT)
+        pool.runAll()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+        ids = sorted([first.queueId, second.queueId])
+        self.assertEqual(sorted(self.relay.entries), ids)
+        self.patch(fsutil, "fsync", os.fsync)
+        self.clock.advance(300)
+        pool.runAll()
+        self.assertEqual((len(self.connects), os.listdir(self.root), self.relay.entries), (2, [".lock"], {}))
 
     def test_repeatedFailureWaitsForRetry(self):
         """
