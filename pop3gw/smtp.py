@@ -154,6 +154,8 @@ __all__ = [
 
 _PATH = re.compile(r"^(?P<kind>FROM|TO): *<(?P<path>[^<>]*)>(?: +(?P<params>.*))?$", re.IGNORECASE)
 _HELO_NAME = re.compile(r"^[\x21-\x7e]+$")
+#: A control character (refused in a command line).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parsePath(text: str, kind: str) -> tuple[str, list[str]]:
@@ -231,7 +233,12 @@ class SMTPServer(DataCommands, LineProtocol):
         Greet the client and start the idle timer.
         """
         self.startSession()
-        self._send(Reply(220, f"{self.factory.hostname} {self.greetingProtocol} ready"))
+        key = ("220", self.factory.hostname, self.greetingProtocol)
+        greeting = self._madeReplies.get(key)
+        if greeting is None:
+            greeting = self._madeReplies[key] = Reply(220, f"{self.factory.hostname} {self.greetingProtocol} ready").toBytes()
+        if not self._closing:
+            self.sendReply(greeting)
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         """
@@ -291,9 +298,29 @@ class SMTPServer(DataCommands, LineProtocol):
                 self._close(Reply(421, f"4.7.0 {self.factory.hostname} Error: too many errors"))
 
     def _sendLines(self, code: int, lines: list[str]) -> None:
+        self.sendReply(self._linesToBytes(code, lines))
+
+    @staticmethod
+    def _linesToBytes(code: int, lines: list[str]) -> bytes:
+        """
+        @return: the multiline reply of C{lines} with C{code}, as sent.
+        """
         out = [f"{code}-{line}\r\n" for line in lines[:-1]]
         out.append(f"{code} {lines[-1]}\r\n")
-        self.sendReply("".join(out).encode("utf-8"))
+        return "".join(out).encode("utf-8")
+
+    @property
+    def _madeReplies(self) -> dict[tuple, bytes]:
+        """
+        The greeting and EHLO replies made so far by the servers of this
+        server's factory, keyed by what they are made of (host name, SIZE,
+        extensions offered), so that each is made once, not once per
+        connection.
+        """
+        made = getattr(self.factory, "_smtpMadeReplies", None)
+        if made is None:
+            made = self.factory._smtpMadeReplies = {}
+        return made
 
     # -- input processing -----------------------------------------------
 
@@ -332,7 +359,7 @@ class SMTPServer(DataCommands, LineProtocol):
         except UnicodeDecodeError:
             self._send(BAD_CHARACTERS)
             return
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        if _CONTROL.search(text) is not None:
             self._send(BAD_CHARACTERS)
             return
         verb, _, argument = text.partition(" ")
@@ -444,17 +471,22 @@ class SMTPServer(DataCommands, LineProtocol):
     def do_EHLO(self, argument: str) -> None:
         name = self._heloName(argument, EHLO_SYNTAX)
         self._greeted(name, esmtp=True)
-        lines = [
-            self.factory.hostname,
-            "PIPELINING",
-            f"SIZE {self.factory.maxMessageSize}",
-            "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-            "CHUNKING",
-            "SMTPUTF8",
-        ]
-        lines.extend(self._extensions())
-        self._sendLines(250, lines)
+        extensions = self._extensions()
+        key = ("250", self.factory.hostname, self.factory.maxMessageSize, *extensions)
+        reply = self._madeReplies.get(key)
+        if reply is None:
+            lines = [
+                self.factory.hostname,
+                "PIPELINING",
+                f"SIZE {self.factory.maxMessageSize}",
+                "8BITMIME",
+                "ENHANCEDSTATUSCODES",
+                "CHUNKING",
+                "SMTPUTF8",
+            ]
+            lines.extend(extensions)
+            reply = self._madeReplies[key] = self._linesToBytes(250, lines)
+        self.sendReply(reply)
 
     def do_HELO(self, argument: str) -> None:
         name = self._heloName(argument, HELO_SYNTAX)

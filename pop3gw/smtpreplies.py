@@ -74,12 +74,19 @@ class Reply:
 
     code: int
     text: str
+    # The reply as sent, made once: most replies are module constants sent
+    # over and over.
+    _wire: bytes = attr.ib(init=False, repr=False, eq=False)
+
+    @_wire.default
+    def _encode(self) -> bytes:
+        return f"{self.code} {self.text}\r\n".encode("utf-8")
 
     def toBytes(self) -> bytes:
         """
         @return: the reply as sent, CRLF included.
         """
-        return f"{self.code} {self.text}\r\n".encode("utf-8")
+        return self._wire
 
 
 OK = Reply(250, "2.0.0 OK")

@@ -40,8 +40,9 @@ from zope.interface import implementer
 from pop3gw.workerlink import _TimeStamps
 
 #: Events the observer to be replaced must format exactly as a
-#: L{TurnLogObserver} does: a plain one, one with a system and one with
-#: braces and a line break in its text.
+#: L{TurnLogObserver} does: one with a field, one with a system and a
+#: line break in its text, and one whose format formats as itself (a
+#: line break in it too).
 _PROBES = (
     {
         "log_time": 1700000000.25,
@@ -56,6 +57,12 @@ _PROBES = (
         "log_system": "probe-system",
         "log_level": LogLevel.warn,
     },
+    {
+        "log_time": 1700000002.5,
+        "log_format": 'probe: rhost=192.0.2.7 user="a"\nsecond line',
+        "log_namespace": "pop3gw.textlog",
+        "log_level": LogLevel.info,
+    },
 )
 
 
@@ -68,7 +75,26 @@ def formatLine(event: dict, stamps: Callable[[Optional[float]], str]) -> Optiona
     @param stamps: formats a time stamp (a L{_TimeStamps}).
     @return: the line, or C{None} if the event has no text.
     """
-    text = eventAsText(event, formatTime=stamps)
+    format = event.get("log_format")
+    if (
+        format
+        and type(format) is str
+        and "{" not in format
+        and "}" not in format
+        and "log_system" not in event
+        and "log_failure" not in event
+        and "log_flattened" not in event
+    ):
+        # A format that formats as itself (the session and message lines,
+        # see L{pop3gw.events.literal}): the line Twisted makes of it, made
+        # without parsing the format.
+        level = event.get("log_level")
+        text = (
+            f"{stamps(event.get('log_time'))} [{event.get('log_namespace', '-')}#"
+            f"{'-' if level is None else level.name}] {format}"
+        )
+    else:
+        text = eventAsText(event, formatTime=stamps)
     if not text:
         return None
     return text.replace("\n", "\n\t") + "\n"

@@ -284,6 +284,38 @@ class GreetingAndEHLOTests(SessionMixin, SynchronousTestCase):
             b"250 STARTTLS\r\n",
         )
 
+    def test_ehloPerConnection(self) -> None:
+        """
+        Connections of one factory each get the EHLO reply of their own
+        state: AUTH is offered to the one the policy allows plaintext
+        mechanisms on, and not to the one it refuses them on, in whichever
+        order they send EHLO; a host name or SIZE changed on the factory
+        shows in the next connection's greeting and EHLO.
+        """
+        self.connect()
+        allowed = self.proto
+        refused = self.factory.buildProtocol(None)
+        refusedTransport = StringTransport()
+        refused.makeConnection(refusedTransport)
+        self.assertEqual(self.feed(b"EHLO client.example\r\n"), EHLO_PLAIN)
+        self.plaintext = False
+        refused.dataReceived(b"EHLO client.example\r\n")
+        self.assertEqual(refusedTransport.value(), GREETING + EHLO_PLAIN.replace(b"250-SMTPUTF8\r\n250 AUTH PLAIN LOGIN\r\n", b"250 SMTPUTF8\r\n"))
+        self.plaintext = True
+        allowed.dataReceived(b"EHLO client.example\r\n")
+        self.assertEqual(self.transport.value(), EHLO_PLAIN)
+        self.factory.hostname = "other.example.org"
+        self.factory.maxMessageSize = 1000
+        later = self.factory.buildProtocol(None)
+        laterTransport = StringTransport()
+        later.makeConnection(laterTransport)
+        later.dataReceived(b"EHLO client.example\r\n")
+        self.assertEqual(
+            laterTransport.value(),
+            GREETING.replace(b"mail.example.org", b"other.example.org")
+            + EHLO_PLAIN.replace(b"mail.example.org", b"other.example.org").replace(b"SIZE 41943040", b"SIZE 1000"),
+        )
+
     def test_implicitTLS(self) -> None:
         """
         On a transport providing L{ISSLTransport} the session is secure from

@@ -9,10 +9,11 @@ import io
 from typing import Callable
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, LogPublisher, textFileLogObserver
+from twisted.logger import Logger, LogLevel, LogPublisher, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from pop3gw import events as pop3gwEvents
 from pop3gw.textlog import TextLogService, TurnLogObserver, findTextObserver
 
 
@@ -59,7 +60,13 @@ def events() -> list:
     log.info("literal {{braces}} and \u00e9t\u00e9")
     log.warn("two\nlines")
     log.failure("it broke", Failure(ZeroDivisionError("division by zero")))
+    pop3gwEvents.loginSucceeded(log, "submission", "u1@example.org", "127.0.0.1", False)
+    pop3gwEvents.loginSucceeded(log, "submission", "{u2}@example.org", "127.0.0.1", True)
+    pop3gwEvents.loggedOut(log, "submission", "été@example.org", "::1", messages=1, bytes=10)
     out.append({"log_format": "with a system", "log_system": "pop3gw-dns", "log_time": 1700000000.5})
+    out.append({"log_format": "no level, no namespace", "log_time": 1700000000.5})
+    out.append({"log_format": "no time", "log_namespace": "pop3gw.x", "log_level": LogLevel.error})
+    out.append({"log_format": b"a bytes format", "log_time": 1700000000.5})
     out.append({"log_format": "", "log_time": 1700000000.5})
     out[0]["log_time"] = out[1]["log_time"] = 1700000000.999
     return out
