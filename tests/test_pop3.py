@@ -2496,12 +2496,12 @@ class WholeReadAheadTests(_Harness):
         super().setUp()
         self.holds: list = []
 
-    def loginWire(self) -> _OpenRecorder:
+    def loginWire(self, **kwargs) -> _OpenRecorder:
         """
-        Log in with message files that tell when they are exhausted, and
-        record the commands held in flight.
+        Log in (C{kwargs} as for L{login}) with message files that tell
+        when they are exhausted, and record the commands held in flight.
         """
-        opened = _OpenRecorder(self.login())
+        opened = _OpenRecorder(self.login(**kwargs))
         original = opened._open
 
         def wire(index: int) -> defer.Deferred:
@@ -2597,3 +2597,24 @@ class WholeReadAheadTests(_Harness):
         self.assertEqual(
             self.send(b"DELE 3\r\nRETR 3\r\n"), b"+OK Message 3 deleted.\r\n-ERR Message already deleted.\r\n"
         )
+
+    def test_waitsWhileClientDoesNotRead(self) -> None:
+        """
+        While the client does not read (the transport paused the server
+        after a write), a pipelined RETR of the message read ahead waits;
+        once the client reads on, it is answered in one write, whole, after
+        what was sent before it.
+        """
+        self.loginWire(transport=_PausingTransport(peerAddress=PEER))
+        out = self.send(b"RETR 1\r\nRETR 2\r\n")
+        self.assertEqual(out, b"+OK %d octets\r\n" % (len(MSG1),) + MSG1 + b".\r\n")
+        self.transport.writes.clear()
+        self.drain()
+        self.assertEqual(
+            self.transport.writes,
+            [
+                b"+OK %d octets\r\n" % (len(MSG2),)
+                + b"Subject: two\r\n\r\n..dot line\r\n...two dots\r\n..\r\nend\r\n.\r\n"
+            ],
+        )
+        self.assertEqual(len(self.holds), 1)
