@@ -29,7 +29,7 @@ from pop3gw.pop3replies import (
     _NoSuchMessage,
     _numbers,
 )
-from pop3gw.pop3transfer import READ_CHUNK_SIZE, _MessageSender, _Sender
+from pop3gw.pop3transfer import READ_CHUNK_SIZE, _MessageSender, _Sender, _sendWhole
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -81,6 +81,19 @@ class _ReadAheadSource:
             return chunk
         self._chunk = chunk[size:]
         return chunk[:size]
+
+    def takeWhole(self) -> Optional[bytes]:
+        """
+        Hand out the whole message at once if the chunk read ahead is all
+        of it: the first read did not fail and the file tells it is
+        exhausted (a file that does not tell never is).
+
+        @return: the message, or C{None} (nothing is then taken).
+        """
+        if self._error is not None or not getattr(self._source, "exhausted", False):
+            return None
+        chunk, self._chunk = self._chunk, b""
+        return chunk
 
     @property
     def exhausted(self) -> bool:
@@ -434,7 +447,59 @@ class TransactionCommands(_Host):
     def do_RETR(self, rest: str) -> None:
         (number,) = _numbers(rest, 1, 1)
         index = self._message(number)
+        message = self._takeWholeAhead(index)
+        if message is not None:
+            self._retrWhole(index, number, message)
+            return
         self.hold(self._open(index).addCallback(self._cbRetr, index, number))
+
+    def _takeWholeAhead(self, index: int) -> Optional[bytes]:
+        """
+        Take message C{index} if it was read ahead whole (see
+        L{_ReadAheadSource.takeWhole}) and its file is closed.
+
+        @return: the message in wire form, or C{None} if it was not read
+            ahead, not yet opened (a database store), failed to open or
+            read, or is larger than the chunk read: the read-ahead is then
+            left for L{_open}.
+        """
+        ahead = self._ahead
+        if ahead is None or ahead[0] != index:
+            return None
+        d = ahead[1]
+        if not d.called:
+            return None
+        # Nothing but _open and _dropReadAhead adds callbacks, once the
+        # read-ahead is theirs: a result that is the file is the last one.
+        source = d.result
+        if not isinstance(source, _ReadAheadSource):
+            return None
+        message = source.takeWhole()
+        if message is None:
+            return None
+        self._ahead = None
+        try:
+            source.close()
+        except Exception:
+            pass
+        return message
+
+    def _retrWhole(self, index: int, number: int, message: bytes) -> None:
+        """
+        Answer the RETR of message C{index} (C{number}) read ahead whole,
+        within the command's own call: the status line, the message and
+        the C{.} line in one write, counted as a streamed transfer is
+        (L{_cbRetr}, L{_transferDone}); then read the next one ahead.
+        """
+        transaction = self._current
+        transaction.last = max(transaction.last, number)
+        transaction.accessed.add(index)
+        self._badCommands = 0
+        _sendWhole(self.transport, b"+OK %d octets\r\n" % (self._messages[index].size,), message)
+        self._bytesSent += len(message)
+        self._retrieved += 1
+        self.resetTimeout()
+        self._readAhead(index + 1)
 
     def _cbRetr(self, source, index: int, number: int) -> Optional[defer.Deferred]:
         if source is None:

@@ -141,6 +141,19 @@ class _DotStuffer:
         return out
 
 
+def _sendWhole(transport, head: bytes, message: bytes) -> None:
+    """
+    Send a whole message at once: the status line C{head}, the message
+    (C{message}, in wire form) dot-stuffed, and the C{.} line, in one
+    write (one C{sendmsg} on an idle plain connection, see
+    L{_writePieces}); the same octets a L{_MessageSender} sends for it.
+    """
+    stuffer = _DotStuffer()
+    data = stuffer.stuff(message)
+    end = b".\r\n" if stuffer.atLineStart else b"\r\n.\r\n"
+    _writePieces(transport, [head + data + end], DIRECT_SEND_BUDGET)
+
+
 class _TopFilter:
     """
     Cuts a message stream after its header, the blank line and C{lines}

@@ -2472,3 +2472,149 @@ class ReadAheadTests(_Harness):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual([f.type for f in self.failures()], [OSError])
         self.assertTrue(broken.closed)
+
+
+class _WireFile(io.BytesIO):
+    """
+    A message file that tells when it is C{exhausted}, as the Maildir
+    reader does.
+    """
+
+    @property
+    def exhausted(self) -> bool:
+        return self.tell() >= len(self.getbuffer())
+
+
+class WholeReadAheadTests(_Harness):
+    """
+    A RETR of a message read ahead whole (its file tells it is exhausted)
+    is answered at once, in the call that reads the command: the same
+    bytes as a streamed transfer, with no command in flight.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.holds: list = []
+
+    def loginWire(self, **kwargs) -> _OpenRecorder:
+        """
+        Log in (C{kwargs} as for L{login}) with message files that tell
+        when they are exhausted, and record the commands held in flight.
+        """
+        opened = _OpenRecorder(self.login(**kwargs))
+        original = opened._open
+
+        def wire(index: int) -> defer.Deferred:
+            return original(index).addCallback(lambda f: _WireFile(f.read()))
+
+        opened._open = wire
+        hold = self.proto.hold
+
+        def recordHold(d: defer.Deferred) -> None:
+            self.holds.append(d)
+            hold(d)
+
+        self.proto.hold = recordHold  # type: ignore[method-assign]
+        return opened
+
+    def test_answeredWithoutHold(self) -> None:
+        """
+        RETR 1 is streamed (nothing was read ahead); RETR 2, read ahead
+        whole, is answered dot-stuffed without holding a command, its file
+        closed, and message 3 is read ahead in turn.
+        """
+        opened = self.loginWire()
+        self.assertEqual(self.send(b"RETR 1\r\n"), b"+OK %d octets\r\n" % (len(MSG1),) + MSG1 + b".\r\n")
+        self.assertEqual(len(self.holds), 1)
+        self.assertEqual(
+            self.send(b"RETR 2\r\n"),
+            b"+OK %d octets\r\n" % (len(MSG2),)
+            + b"Subject: two\r\n\r\n..dot line\r\n...two dots\r\n..\r\nend\r\n.\r\n",
+        )
+        self.assertEqual(len(self.holds), 1)
+        self.assertFalse(self.proto.commandInFlight)
+        self.assertTrue(opened.files[1].closed)
+        self.assertEqual(opened.indexes, [0, 1, 2])
+
+    def test_pipelinedCounted(self) -> None:
+        """
+        Pipelined RETRs of messages read ahead are answered in order, and
+        each counts in the logout line (retrieved, bytes) and marks its
+        message seen at QUIT.
+        """
+        opened = self.loginWire()
+        self.assertEqual(
+            self.send(b"RETR 1\r\nRETR 2\r\nRETR 3\r\nNOOP\r\n"),
+            b"+OK %d octets\r\n" % (len(MSG1),)
+            + MSG1
+            + b".\r\n+OK %d octets\r\n" % (len(MSG2),)
+            + b"Subject: two\r\n\r\n..dot line\r\n...two dots\r\n..\r\nend\r\n.\r\n"
+            + b"+OK %d octets\r\n" % (len(MSG3),)
+            + MSG3
+            + b".\r\n+OK\r\n",
+        )
+        self.assertEqual(len(self.holds), 1)
+        self.assertEqual(self.send(b"LAST\r\n"), b"+OK 3\r\n")
+        self.send(b"QUIT\r\n")
+        self.assertEqual(self.store.opened[-1].committedSeen, {0, 1, 2})
+        self.assertIn(
+            'logout: service=pop3 rhost=192.0.2.7 user="alice@example.org" bytes=%d deleted=0 retrieved=3 top=0'
+            % (len(MSG1) + len(MSG2) + len(MSG3),),
+            self.logLines(),
+        )
+        self.assertTrue(all(f.closed for f in opened.files))
+
+    def test_withoutFinalLineEnd(self) -> None:
+        """
+        A message read ahead whole that does not end with a line end gets
+        one before the C{.} line; an empty one is the C{.} line alone.
+        """
+        self.store.boxes.clear()
+        self.store.add(ALICE, MSG1, uid="a")
+        self.store.add(ALICE, b"Subject: x\r\n\r\nno end", uid="b")
+        self.store.add(ALICE, b"", uid="c")
+        opened = self.loginWire()
+        wire = opened._open
+        # The maildrops all serve a final line end: a file without one.
+        opened._open = lambda index: defer.succeed(_WireFile(b"Subject: x\r\n\r\nno end")) if index == 1 else wire(index)
+        self.send(b"RETR 1\r\n")
+        self.assertEqual(self.send(b"RETR 2\r\n"), b"+OK 22 octets\r\nSubject: x\r\n\r\nno end\r\n.\r\n")
+        self.assertEqual(self.send(b"RETR 3\r\n"), b"+OK 0 octets\r\n.\r\n")
+        self.assertEqual(len(self.holds), 1)
+
+    def test_otherCommandsAfter(self) -> None:
+        """
+        After a RETR answered at once the session reads on: a bad command
+        is refused, a deleted message refused, and the idle timer runs from
+        the RETR.
+        """
+        self.loginWire()
+        self.send(b"RETR 1\r\n")
+        self.clock.advance(500)
+        self.send(b"RETR 2\r\n")
+        self.clock.advance(500)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(
+            self.send(b"DELE 3\r\nRETR 3\r\n"), b"+OK Message 3 deleted.\r\n-ERR Message already deleted.\r\n"
+        )
+
+    def test_waitsWhileClientDoesNotRead(self) -> None:
+        """
+        While the client does not read (the transport paused the server
+        after a write), a pipelined RETR of the message read ahead waits;
+        once the client reads on, it is answered in one write, whole, after
+        what was sent before it.
+        """
+        self.loginWire(transport=_PausingTransport(peerAddress=PEER))
+        out = self.send(b"RETR 1\r\nRETR 2\r\n")
+        self.assertEqual(out, b"+OK %d octets\r\n" % (len(MSG1),) + MSG1 + b".\r\n")
+        self.transport.writes.clear()
+        self.drain()
+        self.assertEqual(
+            self.transport.writes,
+            [
+                b"+OK %d octets\r\n" % (len(MSG2),)
+                + b"Subject: two\r\n\r\n..dot line\r\n...two dots\r\n..\r\nend\r\n.\r\n"
+            ],
+        )
+        self.assertEqual(len(self.holds), 1)
