@@ -37,7 +37,7 @@ from twisted.logger import (
 from twisted.python.compat import ioType
 from zope.interface import implementer
 
-from pop3gw.workerlink import _TimeStamps
+from pop3gw.workerlink import TurnBatch, _TimeStamps
 
 #: Events the observer to be replaced must format exactly as a
 #: L{TurnLogObserver} does: one with a field, one with a system and a
@@ -101,41 +101,26 @@ def formatLine(event: dict, stamps: Callable[[Optional[float]], str]) -> Optiona
 
 
 @implementer(ILogObserver)
-class TurnLogObserver:
+class TurnLogObserver(TurnBatch):
     """
     Writes events to C{outFile} as L{formatLine} lines, those of one
-    reactor turn at once.
-
-    Callable from any thread: the lines are kept in the order the events
-    came, and the first line of a batch asks C{schedule} for a L{flush}.
-    Without a C{schedule} (L{stop}) each line is written at once.
+    reactor turn at once (see L{TurnBatch}; without a C{schedule}, after
+    L{stop}, each line is written at once).
 
     @ivar schedule: C{schedule(f)} calls C{f} from the reactor thread
         after the current turn (from any thread), or C{None}.
     """
 
     def __init__(self, outFile: IO[Any], schedule: Optional[Callable[[Callable[[], None]], object]]) -> None:
-        self._outFile = outFile
-        self._encode = ioType(outFile) is not str
-        self.schedule = schedule
-        self._stamps = _TimeStamps()
-        self._pending: list[str] = []
         # Reentrant: an event logged while the file is written (by whatever
         # the file does) is gathered for the next batch.
-        self._lock = threading.RLock()
+        super().__init__(schedule, threading.RLock())
+        self._outFile = outFile
+        self._encode = ioType(outFile) is not str
+        self._stamps = _TimeStamps()
 
-    def __call__(self, event: dict) -> None:
-        line = formatLine(event, self._stamps)
-        if not line:
-            return
-        with self._lock:
-            self._pending.append(line)
-            first = len(self._pending) == 1
-        schedule = self.schedule
-        if schedule is None:
-            self.flush()
-        elif first:
-            schedule(self.flush)
+    def line(self, event: dict) -> Optional[str]:
+        return formatLine(event, self._stamps)
 
     def flush(self) -> None:
         """

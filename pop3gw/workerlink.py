@@ -37,7 +37,7 @@ import base64
 import json
 import pickle
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import attr
 from twisted.internet import defer
@@ -218,8 +218,54 @@ def decodeLogLine(line: bytes, suffix: str = "") -> dict:
     return event
 
 
+class TurnBatch:
+    """
+    A log observer that gathers the lines of one reactor turn and writes
+    them at once: the first line of a batch asks C{schedule} for a
+    L{flush}; without a C{schedule} each line is written at once.
+    Callable from any thread; the lines keep the order the events came.
+
+    Subclasses give L{line} (an event's line, or nothing) and L{flush}
+    (write L{_pending} and empty it, under L{_lock}).
+
+    @ivar schedule: C{schedule(f)} calls C{f} soon (after the current
+        reactor turn), from any thread; C{None} while the reactor is not
+        running.
+    """
+
+    def __init__(self, schedule: Optional[Callable[[Callable[[], None]], object]], lock: Any) -> None:
+        self.schedule = schedule
+        self._pending: list = []
+        self._lock = lock
+
+    def line(self, event: dict) -> Any:
+        """
+        @return: C{event}'s line, or a false value for none.
+        """
+        raise NotImplementedError()
+
+    def flush(self) -> None:
+        """
+        Write the lines gathered so far.
+        """
+        raise NotImplementedError()
+
+    def __call__(self, event: dict) -> None:
+        line = self.line(event)
+        if not line:
+            return
+        with self._lock:
+            self._pending.append(line)
+            first = len(self._pending) == 1
+        schedule = self.schedule
+        if schedule is None:
+            self.flush()
+        elif first:
+            schedule(self.flush)
+
+
 @implementer(ILogObserver)
-class LogLineWriter:
+class LogLineWriter(TurnBatch):
     """
     A worker's log observer: each event as a line (C{encode(event)}, by
     default L{encodeLogEvent}), written by C{write}.  With a C{schedule}, the lines of one reactor turn
@@ -237,24 +283,12 @@ class LogLineWriter:
         schedule: Optional[Callable[[Callable[[], None]], object]] = None,
         encode: Callable[[dict], Optional[bytes]] = encodeLogEvent,
     ) -> None:
+        super().__init__(schedule, threading.Lock())
         self._write = write
         self._encode = encode
-        self.schedule = schedule
-        self._pending: list[bytes] = []
-        self._lock = threading.Lock()
 
-    def __call__(self, event: dict) -> None:
-        line = self._encode(event)
-        if not line:
-            return
-        with self._lock:
-            self._pending.append(line)
-            first = len(self._pending) == 1
-        schedule = self.schedule
-        if schedule is None:
-            self.flush()
-        elif first:
-            schedule(self.flush)
+    def line(self, event: dict) -> Optional[bytes]:
+        return self._encode(event)
 
     def flush(self) -> None:
         """
