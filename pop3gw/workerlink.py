@@ -37,6 +37,7 @@ import base64
 import json
 import pickle
 import threading
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional
 
 import attr
@@ -218,7 +219,7 @@ def decodeLogLine(line: bytes, suffix: str = "") -> dict:
     return event
 
 
-class TurnBatch:
+class TurnBatch(ABC):
     """
     A log observer that gathers the lines of one reactor turn and writes
     them at once: the first line of a batch asks C{schedule} for a
@@ -238,17 +239,17 @@ class TurnBatch:
         self._pending: list = []
         self._lock = lock
 
+    @abstractmethod
     def line(self, event: dict) -> Any:
         """
         @return: C{event}'s line, or a false value for none.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def flush(self) -> None:
         """
         Write the lines gathered so far.
         """
-        raise NotImplementedError()
 
     def __call__(self, event: dict) -> None:
         line = self.line(event)
