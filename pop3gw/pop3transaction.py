@@ -491,24 +491,33 @@ class TransactionCommands(_Host):
         the C{.} line in one write, counted as a streamed transfer is
         (L{_cbRetr}, L{_transferDone}); then read the next one ahead.
         """
-        transaction = self._current
-        transaction.last = max(transaction.last, number)
-        transaction.accessed.add(index)
+        self._accessed(index, number)
         self._badCommands = 0
-        _sendWhole(self.transport, b"+OK %d octets\r\n" % (self._messages[index].size,), message)
+        _sendWhole(self.transport, self._retrHead(index), message)
         self._bytesSent += len(message)
-        self._retrieved += 1
-        self.resetTimeout()
+        self._countTransfer(whole=True)
         self._readAhead(index + 1)
 
     def _cbRetr(self, source, index: int, number: int) -> Optional[defer.Deferred]:
         if source is None:
             return None
-        head = b"+OK %d octets\r\n" % (self._messages[index].size,)
+        self._accessed(index, number)
+        return self._send(source, None, self._retrHead(index)).addCallback(self._cbRetrSent, index + 1)
+
+    def _retrHead(self, index: int) -> bytes:
+        """
+        @return: the status line of a RETR of message C{index}.
+        """
+        return b"+OK %d octets\r\n" % (self._messages[index].size,)
+
+    def _accessed(self, index: int, number: int) -> None:
+        """
+        Message C{index} (C{number}) is being retrieved: LAST counts it,
+        and QUIT marks it seen.
+        """
         transaction = self._current
         transaction.last = max(transaction.last, number)
         transaction.accessed.add(index)
-        return self._send(source, None, head).addCallback(self._cbRetrSent, index + 1)
 
     def _cbRetrSent(self, ignored: None, following: int) -> None:
         self._readAhead(following)
@@ -610,12 +619,19 @@ class TransactionCommands(_Host):
             self.log.failure("reading message failed", failure)
             self._close()
         else:
-            if whole:
-                self._retrieved += 1
-            else:
-                self._topped += 1
-            self.resetTimeout()
+            self._countTransfer(whole)
         done.callback(None)
+
+    def _countTransfer(self, whole: bool) -> None:
+        """
+        A RETR (C{whole}) or TOP transfer was sent whole: count it for the
+        logout line and restart the idle timer.
+        """
+        if whole:
+            self._retrieved += 1
+        else:
+            self._topped += 1
+        self.resetTimeout()
 
     def _readAhead(self, index: int) -> None:
         """
