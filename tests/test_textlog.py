@@ -73,20 +73,29 @@ def events() -> list:
 
 
 class TurnLogObserverTests(SynchronousTestCase):
-    def test_sameLinesAsTwisted(self) -> None:
+    def writeBoth(self, twisted, ours):
         """
-        Every event is written as the very line Twisted's text file
-        observer writes for it (time stamp, system, text, a traceback's
-        lines continued with a tab); an event without text writes nothing.
+        Log L{events} through Twisted's text file observer to C{twisted}
+        and through a L{TurnLogObserver} to C{ours}, and assert that both
+        files hold the same.
+
+        @return: C{ours}.
         """
-        twisted = io.StringIO()
-        ours = io.StringIO()
         original = textFileLogObserver(twisted)
         observer = TurnLogObserver(ours, None)
         for event in events():
             original(dict(event))
             observer(dict(event))
         self.assertEqual(ours.getvalue(), twisted.getvalue())
+        return ours
+
+    def test_sameLinesAsTwisted(self) -> None:
+        """
+        Every event is written as the very line Twisted's text file
+        observer writes for it (time stamp, system, text, a traceback's
+        lines continued with a tab); an event without text writes nothing.
+        """
+        ours = self.writeBoth(io.StringIO(), io.StringIO())
         self.assertIn("\n\tTraceback (most recent call last):\n\tFailure: builtins.ZeroDivisionError: division by zero\n", ours.getvalue())
 
     def test_binaryFile(self) -> None:
@@ -94,14 +103,7 @@ class TurnLogObserverTests(SynchronousTestCase):
         To a binary file the lines are written as UTF-8, as Twisted's
         observer writes them.
         """
-        twisted = io.BytesIO()
-        ours = io.BytesIO()
-        original = textFileLogObserver(twisted)
-        observer = TurnLogObserver(ours, None)
-        for event in events():
-            original(dict(event))
-            observer(dict(event))
-        self.assertEqual(ours.getvalue(), twisted.getvalue())
+        self.writeBoth(io.BytesIO(), io.BytesIO())
 
     def test_oneWritePerTurn(self) -> None:
         """
