@@ -93,8 +93,10 @@ class Owner:
         someone else's and this process may (it runs as root).  A process
         that is not root only ever creates files of its own.
         """
+        if os.geteuid() != 0:
+            return
         st = os.fstat(fd)
-        if (st.st_uid, st.st_gid) != (self.uid, self.gid) and os.geteuid() == 0:
+        if (st.st_uid, st.st_gid) != (self.uid, self.gid):
             os.fchown(fd, self.uid, self.gid)
 
 

@@ -77,7 +77,8 @@ def _unlinkAll(paths: Sequence[str]) -> None:
 class MaildirDelivery:
     """
     One message being written into C{tmp} of the first recipient's maildrop,
-    then linked into C{new} of every recipient's.
+    then linked into C{new} of every other recipient's and moved into the
+    first's.
 
     Nothing is done to the file system on the reactor thread until a
     message outgrows L{WRITE_BUFFER}: a message smaller than that stays in
@@ -95,6 +96,7 @@ class MaildirDelivery:
         owner: Optional[fsutil.Owner] = None,
         syncer: Optional[DirectorySyncer] = None,
         create: Optional[Callable[[], int]] = None,
+        complete: Optional[Callable[[str], object]] = None,
     ) -> None:
         """
         @param syncer: batches the C{fsync}s of the C{new} directories with
@@ -105,8 +107,14 @@ class MaildirDelivery:
             cannot; blocking, called through the runner.  By default the
             file is created in the first maildrop's C{tmp}, which must
             exist.
+        @param complete: creates what is missing of the maildrop at the
+            path it is given (blocking, through the runner); called when
+            the message cannot be put into that maildrop's C{new} because
+            the directory is missing, and the move is then tried once
+            more.  Without it, a missing C{new} fails the delivery.
         """
         self._maildirs = list(maildirs)
+        self._complete = complete
         self._syncer = syncer if syncer is not None else DirectorySyncer(runner)
         self._owner = owner
         self._unique = unique
@@ -291,15 +299,16 @@ class MaildirDelivery:
 
     def _doCommit(self) -> None:
         """
-        Write the rest, C{fsync} the file, link it into every C{new} and
-        make those entries durable (sharing the directories' C{fsync}s
-        with the deliveries committing at the same time), then remove the
-        tmp file.  Blocking: runs through the runner, as one job.
+        Write the rest, C{fsync} the file, link it into the C{new} of every
+        recipient but the first, move it into the first's (one C{rename},
+        which also takes it out of C{tmp}) and make those entries durable
+        (sharing the directories' C{fsync}s with the deliveries committing
+        at the same time).  Blocking: runs through the runner, as one job.
 
-        @raise TemporaryFailure: a step failed; the links made are removed
+        @raise TemporaryFailure: a step failed; the entries made are removed
             again (L{InsufficientStorage} for C{ENOSPC} and C{EDQUOT}).
         """
-        links: list[str] = []
+        entries: list[str] = []
         copies: list[str] = []
         name = f"{self._unique},S={self._size},W={self._size + self._lines}"
         if self._fd is None:
@@ -311,21 +320,54 @@ class MaildirDelivery:
             fsutil.fsync(fd)
             self._fd = None
             os.close(fd)
-            for maildir in self._maildirs:
+            first, *others = self._maildirs
+            for maildir in others:
                 dest = os.path.join(maildir, "new", name)
-                try:
-                    os.link(self._tmpPath, dest)
-                except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise
-                    self._copyInto(maildir, dest, copies)
-                links.append(dest)
+                self._intoNew(maildir, self._linkInto, dest, copies)
+                entries.append(dest)
+            dest = os.path.join(first, "new", name)
+            self._intoNew(first, self._moveInto, dest, copies)
+            entries.append(dest)
             self._syncer.syncNow([os.path.join(maildir, "new") for maildir in self._maildirs])
         except OSError as e:
-            _unlinkAll(links)
+            _unlinkAll(entries)
             self._discard(copies)
             raise TemporaryFailure.fromOSError("cannot deliver message", e) from e
-        self._discard(copies)
+        # The tmp file was moved into the first maildrop: only the copies'
+        # tmp names are left to remove.
+        _unlinkAll(copies)
+
+    def _intoNew(self, maildir: str, put: Callable[[str, str, list], None], dest: str, copies: list) -> None:
+        """
+        C{put(maildir, dest, copies)}; if C{maildir}'s C{new} is missing,
+        complete the maildrop (see C{complete}) and try once more.
+        """
+        try:
+            put(maildir, dest, copies)
+        except FileNotFoundError:
+            if self._complete is None or not os.path.exists(self._tmpPath):
+                raise
+            self._complete(maildir)
+            put(maildir, dest, copies)
+
+    def _linkInto(self, maildir: str, dest: str, copies: list) -> None:
+        """
+        Link the tmp file to C{dest} in C{maildir}'s C{new}, through a copy
+        when C{maildir} is on another file system.
+        """
+        try:
+            os.link(self._tmpPath, dest)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            self._copyInto(maildir, dest, copies)
+
+    def _moveInto(self, maildir: str, dest: str, copies: list) -> None:
+        """
+        Move the tmp file to C{dest} in C{maildir}'s C{new} (the tmp file's
+        own maildrop, so the same file system).
+        """
+        os.rename(self._tmpPath, dest)
 
     def _copyInto(self, maildir: str, dest: str, copies: list) -> None:
         """

@@ -91,6 +91,7 @@ from pop3gw.maildirfiles import (
 from pop3gw.maildirfiles import measureFile as _measureFile
 from pop3gw.pop3import import readUidMap
 from pop3gw.runner import ImmediateRunner
+from pop3gw.tokens import tokenHex
 from pop3gw.wire import WireConverter as _WireConverter
 
 __all__ = [
@@ -1312,7 +1313,7 @@ class MaildirStore:
         micros = int((now - seconds) * 1_000_000)
         return (
             f"{seconds}.M{micros:06d}P{os.getpid()}Q{self._counter}"
-            f"R{secrets.token_hex(UNIQUE_RANDOM_HEX // 2)}.{self._hostname}"
+            f"R{tokenHex(UNIQUE_RANDOM_HEX // 2)}.{self._hostname}"
         )
 
     def _lockAndSnapshot(self, address: Address, quick: bool = False) -> MaildirMaildrop:
@@ -1389,18 +1390,25 @@ class MaildirStore:
         except BaseException:
             return defer.fail()
 
-    def _createDeliveryFile(self, maildirs: Sequence[str], tmpPath: str) -> int:
+    def _createDeliveryFile(self, maildir: str, tmpPath: str) -> int:
         """
-        Create the maildrops missing among C{maildirs}, then the tmp file
-        C{tmpPath}.  Blocking: runs through the runner.
+        Create the tmp file C{tmpPath} in C{maildir}, creating the maildrop
+        first if its C{tmp} is missing.  Blocking: runs through the runner.
+
+        The file is created at once, without looking for the maildrop's
+        directories first (three C{stat} calls per delivery, nearly always
+        for nothing); a missing C{new} is completed when the message is
+        moved there (see L{MaildirDelivery}'s C{complete}).
 
         @return: the tmp file's descriptor.
-        @raise TemporaryFailure: a maildrop or the file cannot be created.
+        @raise TemporaryFailure: the maildrop or the file cannot be created.
         """
         try:
-            for maildir in maildirs:
+            try:
+                return fsutil.createFile(tmpPath, self.owner)
+            except FileNotFoundError:
                 self._ensureMaildir(maildir)
-            return fsutil.createFile(tmpPath, self.owner)
+                return fsutil.createFile(tmpPath, self.owner)
         except OSError as e:
             raise TemporaryFailure.fromOSError("cannot start delivery", e) from e
 
@@ -1409,10 +1417,11 @@ class MaildirStore:
         Start delivering one message to C{recipients} (duplicates count
         once).
 
-        Nothing is created yet: the missing maildrops and the tmp file are
-        created through the runner, by the commit's one job for a message
-        smaller than L{WRITE_BUFFER}, else once the message
-        outgrows it (see L{MaildirDelivery}).
+        Nothing is created yet: the tmp file (and the first recipient's
+        maildrop, if missing) is created through the runner, by the commit's
+        one job for a message smaller than L{WRITE_BUFFER}, else once the
+        message outgrows it (see L{MaildirDelivery}); the other recipients'
+        maildrops, if missing, when the message is linked into them.
 
         @raise TemporaryFailure: a maildrop cannot be created or written
             (with a runner that works at once, the first write that creates
@@ -1433,7 +1442,8 @@ class MaildirStore:
             self._runner,
             self.owner,
             self.syncer,
-            functools.partial(self._createDeliveryFile, maildirs, tmpPath),
+            functools.partial(self._createDeliveryFile, maildirs[0], tmpPath),
+            self._ensureMaildir,
         )
         if trace:
             delivery.write(trace)

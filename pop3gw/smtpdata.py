@@ -115,7 +115,6 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import re
-import secrets
 import time
 from abc import abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, Optional, cast
@@ -151,6 +150,7 @@ from pop3gw.smtpreplies import (
     _Mode,
     temporaryReply,
 )
+from pop3gw.tokens import tokenHex
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -234,7 +234,7 @@ def _messageId(delivery: IDelivery) -> str:
     queueId = None if routed is None else routed.queueId
     if isinstance(queueId, str) and _SAFE_ID.match(queueId):
         return queueId
-    return secrets.token_hex(8).upper()
+    return tokenHex(8).upper()
 
 
 #: The start of a header field: a field name (RFC 5322 3.6.8: printable
@@ -993,7 +993,7 @@ class SubmissionData(DataCommands):
         """
         added = []
         if b"message-id" not in present:
-            added.append(f"Message-ID: <{secrets.token_hex(16)}@{self.factory.hostname}>\r\n".encode("ascii", "replace"))
+            added.append(f"Message-ID: <{tokenHex(16)}@{self.factory.hostname}>\r\n".encode("ascii", "replace"))
         if b"date" not in present:
             added.append(f"Date: {formatDate(self.factory.clock.seconds())}\r\n".encode("ascii"))
         if b"from" not in present and self._avatar is not None:

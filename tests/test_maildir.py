@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -646,13 +647,13 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
 
     def test_durabilityOrder(self) -> None:
         """
-        Commit fsyncs the file before linking it into C{new/}, fsyncs
-        C{new/} before removing the tmp file; the removal itself is not
-        fsynced (a leftover tmp file is harmless).
+        Commit fsyncs the file before moving it from C{tmp/} into C{new/}
+        (one C{rename}: nothing is left to remove), then fsyncs C{new/};
+        neither C{link} nor C{unlink} is used for a single recipient.
         """
         self.deliver([ALICE], b"first\n")
         events = []
-        realFsync, realLink, realUnlink = os.fsync, os.link, os.unlink
+        realFsync, realLink, realUnlink, realRename = os.fsync, os.link, os.unlink, os.rename
 
         def fsync(fd):
             target = os.readlink("/proc/self/fd/%d" % (fd,))
@@ -667,9 +668,14 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
             events.append(("unlink", os.path.dirname(path)))
             return realUnlink(path)
 
+        def rename(src, dst):
+            events.append(("rename", os.path.dirname(src), os.path.dirname(dst)))
+            return realRename(src, dst)
+
         self.patch(os, "fsync", fsync)
         self.patch(os, "link", link)
         self.patch(os, "unlink", unlink)
+        self.patch(os, "rename", rename)
         delivery = self.store.beginDelivery([ALICE])
         delivery.write(b"second\n")
         self.assertEqual(self.listing(ALICE, "tmp"), [])
@@ -681,11 +687,89 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
             events,
             [
                 ("fsync", tmpName),
-                ("link", newDir),
+                ("rename", tmpDir, newDir),
                 ("fsync", newDir),
-                ("unlink", tmpDir),
             ],
         )
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
+
+    def test_durabilityOrderSeveralRecipients(self) -> None:
+        """
+        With several recipients the file is fsynced, linked into every other
+        recipient's C{new/}, then moved into the first's; every C{new/} is
+        fsynced after the last of them, and the tmp name is gone.
+        """
+        self.deliver([ALICE, BOB], b"first\n")
+        events = []
+        realFsync, realLink, realRename = os.fsync, os.link, os.rename
+
+        def fsync(fd):
+            target = os.readlink("/proc/self/fd/%d" % (fd,))
+            events.append(("fsync", os.path.basename(target) if not os.path.isdir(target) else target))
+            return realFsync(fd)
+
+        def link(src, dst):
+            events.append(("link", os.path.dirname(dst)))
+            return realLink(src, dst)
+
+        def rename(src, dst):
+            events.append(("rename", os.path.dirname(dst)))
+            return realRename(src, dst)
+
+        self.patch(os, "fsync", fsync)
+        self.patch(os, "link", link)
+        self.patch(os, "rename", rename)
+        delivery = self.store.beginDelivery([ALICE, BOB])
+        delivery.write(b"second\n")
+        self.successResultOf(delivery.commit())
+        aliceNew = os.path.abspath(self.path(ALICE, "new"))
+        bobNew = os.path.abspath(self.path(BOB, "new"))
+        self.assertEqual(events[:3], [("fsync", delivery.uniqueName), ("link", bobNew), ("rename", aliceNew)])
+        self.assertEqual(sorted(events[3:]), sorted([("fsync", aliceNew), ("fsync", bobNew)]))
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
+        self.assertEqual(len(self.listing(ALICE, "new")), 2)
+        self.assertEqual(len(self.listing(BOB, "new")), 2)
+
+    def test_existingMaildropNotLookedAt(self) -> None:
+        """
+        A delivery to an existing maildrop creates its tmp file at once: no
+        C{stat} of the maildrop's directories.
+        """
+        self.deliver([ALICE], b"first\n")
+        looked = []
+        realStat = os.stat
+
+        def stat(path, *args, **kwargs):
+            looked.append(path)
+            return realStat(path, *args, **kwargs)
+
+        self.patch(os, "stat", stat)
+        self.deliver([ALICE], b"second\n")
+        self.assertEqual(looked, [])
+        self.assertEqual(len(self.listing(ALICE, "new")), 2)
+
+    def test_missingNewCompleted(self) -> None:
+        """
+        A maildrop whose C{new/} was removed (its C{tmp/} is there) gets it
+        back at the next delivery, which succeeds.
+        """
+        self.deliver([ALICE], b"first\n")
+        shutil.rmtree(self.path(ALICE, "new"))
+        self.deliver([ALICE], b"second\n")
+        self.assertEqual(self.stored(ALICE), [b"second\n"])
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
+
+    def test_otherRecipientsMaildropCreated(self) -> None:
+        """
+        A message for an existing maildrop and a new one creates the new
+        one, with its C{cur/}, C{new/} and C{tmp/}, when it is linked there.
+        """
+        self.deliver([ALICE], b"first\n")
+        self.assertFalse(os.path.exists(self.path(BOB)))
+        self.deliver([ALICE, BOB], b"both\n")
+        self.assertEqual(self.stored(BOB), [b"both\n"])
+        self.assertEqual(sorted(os.listdir(self.path(BOB))), ["cur", "new", "tmp"])
+        self.assertEqual(self.listing(ALICE, "tmp"), [])
 
     def test_newMaildirDirectoriesFsynced(self) -> None:
         """
@@ -835,7 +919,27 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
                 raise OSError(errno.EIO, "I/O error")
             return realLink(src, dst)
 
+        for user in (ALICE, BOB):
+            self.store._ensureMaildir(self.store.maildirPath(user))
         self.patch(os, "link", link)
+        delivery = self.store.beginDelivery([ALICE, BOB])
+        delivery.write(b"x\n")
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.assertNothingLeft(ALICE, BOB)
+
+    def test_renameFailureUndone(self) -> None:
+        """
+        If moving the file into the first recipient's C{new/} fails, the
+        link already made into the second recipient's is removed, and no
+        tmp file is left.
+        """
+
+        def rename(src, dst):
+            raise OSError(errno.EIO, "I/O error")
+
+        for user in (ALICE, BOB):
+            self.store._ensureMaildir(self.store.maildirPath(user))
+        self.patch(os, "rename", rename)
         delivery = self.store.beginDelivery([ALICE, BOB])
         delivery.write(b"x\n")
         self.failureResultOf(delivery.commit(), TemporaryFailure)
