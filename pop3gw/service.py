@@ -373,7 +373,7 @@ def acceptedConnections(reactor, factories: Iterable[WrappingFactory] = ()) -> s
     for factory in factories:
         for protocol in list(factory.protocols):
             transport = getattr(protocol, "transport", None)
-            if isinstance(transport, _Accepted):
+            if transport is not None:
                 found.add(transport)
     return found
 
