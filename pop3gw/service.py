@@ -438,13 +438,13 @@ def closeGracefully(connection) -> None:
         if producer is not None:
             producer.stopProducing()
         tls.loseConnection()
-        handle = tls.getHandle() if tls.transport is not None else None
-        if handle is None or not handle.get_shutdown() & SSL.SENT_SHUTDOWN:
+        under, handle = tls.transport, tls.getHandle()
+        if under is None or handle is None or not handle.get_shutdown() & SSL.SENT_SHUTDOWN:
             return
         discardInput(connection)
         # Under the TLS layer: after STLS or STARTTLS the connection's own
         # loseConnection would go through the TLS layer again.
-        tls.transport.loseConnection()
+        under.loseConnection()
         return
     discardInput(connection)
     connection.loseConnection()
