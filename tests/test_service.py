@@ -1048,6 +1048,19 @@ class TLSCloseTests(SynchronousTestCase):
         self.assertIs(tls.transport, self.serverTransport.protocol)
         self.assertIsNone(tlsLayer(FakeAccepted()))
 
+    def test_tlsLayerAfterStartTLS(self) -> None:
+        """
+        After STLS or STARTTLS the TLS layer is the connection's protocol
+        (C{startTLS} puts it in front of the limiter's wrapper).
+        """
+        from pop3gw.service import tlsLayer
+
+        inner = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+        front = TLSMemoryBIOProtocol(TLSMemoryBIOFactory(CertificateOptions(), False, None), inner, False)
+        connection = FakeAccepted()
+        connection.protocol = front
+        self.assertIs(tlsLayer(connection), front)
+
     def test_closeNotifyAfterTheOutput(self) -> None:
         """
         The TLS layer sends the close alert after the last reply, although
