@@ -19,9 +19,10 @@ import sys
 import time
 import uuid
 from types import FrameType
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import attr
+from OpenSSL import SSL
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
@@ -29,10 +30,12 @@ from twisted.internet import defer, task, tcp, unix
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.main import CONNECTION_LOST
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger, globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -313,11 +316,13 @@ class StagedService(MultiService):
         of their runners has work in flight (L{drainTogether}: a commit in
         progress is answered, a relay result written, a login check
         answered), the runners refuse more work and the pools stop; then
-        close the connections once those answers are sent.
+        close the connections the listeners accepted once those answers
+        are sent.
         """
         Service.stopService(self)
         parts = list(self)
         parts.reverse()
+        factories = _trackingFactories(parts)
         d: defer.Deferred = defer.succeed(None)
         for stage in (STOP_LISTENERS, STOP_SERVICES, STOP_POOLS):
             group = [p for p in parts if getattr(p, "stopStage", STOP_SERVICES) == stage]
@@ -326,34 +331,167 @@ class StagedService(MultiService):
                 d.addCallback(lambda _, runners: drainTogether(runners), runners)
             d.addCallback(lambda _, group: _stopAll(group), group)
         if self.reactor is not None:
-            d.addCallback(lambda _: closeConnections(self.reactor))
+            d.addCallback(lambda _: closeConnections(self.reactor, factories=factories))
         return d
+
+
+def _trackingFactories(parts: list) -> list[WrappingFactory]:
+    """
+    The factories of the listeners among C{parts} that know the
+    connections they accepted (the connection limiters, see
+    L{ConnectionLimitFactory}, are C{WrappingFactory}s: their
+    C{protocols}).
+    """
+    factories = []
+    for part in parts:
+        factory = getattr(part, "factory", None)
+        if getattr(part, "stopStage", None) == STOP_LISTENERS and isinstance(factory, WrappingFactory):
+            factories.append(factory)
+    return factories
 
 
 #: Seconds a stopping server waits for its connections' last replies to be
 #: sent (L{closeConnections}).
 CLOSE_TIMEOUT = 5.0
 
+#: Most octets of unread input thrown away from one connection before it
+#: is closed (L{discardInput}).
+DISCARD_LIMIT = 1 << 20
 
-def closeConnections(reactor, timeout: float = CLOSE_TIMEOUT) -> defer.Deferred:
+_Accepted = (tcp.Server, unix.Server)
+
+
+def acceptedConnections(reactor, factories: Iterable[WrappingFactory] = ()) -> set:
     """
-    Close every connection C{reactor} accepted after what was written to
-    it is sent, and wait until they are closed, at most C{timeout}
-    seconds.  The reactor's own shutdown drops them at once, and with them
+    The connections (C{tcp.Server}, C{unix.Server}) accepted by the
+    listeners whose factories are C{factories}, and any other accepted
+    connection the reactor reads or writes.  A connection whose reading is
+    paused (flow control) and that has nothing to write is in neither of
+    the reactor's lists: only its listener's factory knows it.
+    """
+    found = {c for c in [*reactor.getReaders(), *reactor.getWriters()] if isinstance(c, _Accepted)}
+    for factory in factories:
+        for protocol in list(factory.protocols):
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                found.add(transport)
+    return found
+
+
+def tlsLayer(connection) -> Optional[TLSMemoryBIOProtocol]:
+    """
+    The TLS layer of an accepted connection, if it has one: its protocol
+    after STLS or STARTTLS (C{startTLS} puts it in front), or the one
+    inside the connection limiter's wrapper on an implicit-TLS listener.
+    """
+    protocol = getattr(connection, "protocol", None)
+    while isinstance(protocol, ProtocolWrapper):
+        if isinstance(protocol, TLSMemoryBIOProtocol):
+            return protocol
+        protocol = protocol.wrappedProtocol
+    return None
+
+
+def discardInput(connection, limit: int = DISCARD_LIMIT) -> None:
+    """
+    Read and throw away what C{connection}'s socket holds unread (at most
+    C{limit} octets), without waiting: a socket closed with unread input
+    is reset, and its peer may lose the last reply.
+    """
+    sock = getattr(connection, "socket", None)
+    if sock is None:
+        return
+    try:
+        while limit > 0:
+            data = sock.recv(min(65536, limit))
+            if not data:
+                return
+            limit -= len(data)
+    except OSError:
+        # Nothing more to read now (or the connection is broken).
+        return
+
+
+def closeGracefully(connection) -> None:
+    """
+    Close C{connection} after what was written to it.
+
+    A TLS session is ended through its TLS layer (L{tlsLayer}): the close
+    alert (close_notify) goes out after the output, then the connection
+    closes, without waiting for the peer's own alert (TLS does not require
+    it of the side that closes).  While a producer is registered (the
+    protocols register one for the whole connection) the TLS layer does
+    not shut down: it is unregistered first, and told that the connection
+    is going away (C{stopProducing}), as a transport tells it when the
+    connection is lost.  A session whose handshake has not finished is
+    left to the TLS layer (it aborts one that has nothing to send).
+
+    Before the connection is closed the input it did not read is thrown
+    away (L{discardInput}).
+    """
+    if not connection.connected:
+        return
+    tls = tlsLayer(connection)
+    if tls is not None:
+        producer = getattr(connection, "producer", None)
+        tls.unregisterProducer()
+        if producer is not None:
+            producer.stopProducing()
+        tls.loseConnection()
+        under, handle = tls.transport, tls.getHandle()
+        if under is None or handle is None or not handle.get_shutdown() & SSL.SENT_SHUTDOWN:
+            return
+        discardInput(connection)
+        # Under the TLS layer: after STLS or STARTTLS the connection's own
+        # loseConnection would go through the TLS layer again.
+        under.loseConnection()
+        return
+    discardInput(connection)
+    connection.loseConnection()
+
+
+def closeNow(connection) -> None:
+    """
+    Close C{connection} at once, orderly (a TCP FIN after what its socket
+    still holds to send, not a reset), as the reactor's shutdown would;
+    first throw away its unread input (L{discardInput}).
+    """
+    if not connection.connected:
+        return
+    discardInput(connection)
+    connection.connectionLost(Failure(CONNECTION_LOST))
+
+
+def closeConnections(reactor, timeout: float = CLOSE_TIMEOUT, factories: Iterable[WrappingFactory] = ()) -> defer.Deferred:
+    """
+    Close every connection the listeners of C{factories} (and C{reactor})
+    accepted after what was written to it is sent (L{closeGracefully}),
+    and wait until they are closed, at most C{timeout} seconds; then close
+    those still open (their clients read nothing, L{closeNow}).  The
+    reactor's own shutdown drops the connections at once, and with them
     the replies still in their buffers: a C{250} written when the commit
     it acknowledges finished, just before, would be lost.
 
     @return: a Deferred firing with C{None} once they are closed or the
         time is up.
     """
-    accepted = (tcp.Server, unix.Server)
-    connections = {c for c in [*reactor.getReaders(), *reactor.getWriters()] if isinstance(c, accepted)}
+    connections = acceptedConnections(reactor, factories)
     for connection in connections:
-        connection.loseConnection()
+        closeGracefully(connection)
     deadline = reactor.seconds() + timeout
 
     def check() -> None:
-        if reactor.seconds() >= deadline or not any(c.connected for c in connections):
+        if not any(c.connected for c in connections):
+            loop.stop()
+        elif reactor.seconds() >= deadline:
+            left = [c for c in connections if c.connected]
+            log.info(
+                "stopping: {count} connection(s) did not take their last output within {timeout} s; closing them",
+                count=len(left),
+                timeout=timeout,
+            )
+            for c in left:
+                closeNow(c)
             loop.stop()
 
     loop = task.LoopingCall(check)

@@ -9,17 +9,24 @@ import fcntl
 import io
 import os
 import shutil
+import socket
 import stat
 import sys
 import tempfile
+from typing import Optional
 
+from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import defer, tcp
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -768,9 +775,13 @@ class FakeAccepted(tcp.Server):
     def __init__(self) -> None:
         self.connected = 1
         self.losing = False
+        self.lost: Optional[Failure] = None
 
     def loseConnection(self, _reason=None) -> None:
         self.losing = True
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.lost = reason
 
 
 class CloseConnectionsTests(SynchronousTestCase):
@@ -836,6 +847,265 @@ class CloseConnectionsTests(SynchronousTestCase):
         connection.connected = 0
         reactor.advance(0.01)
         self.successResultOf(d)
+
+    def test_pausedConnectionFoundThroughItsListener(self) -> None:
+        """
+        A connection whose reading is paused and that has nothing to write
+        is in none of the reactor's lists; it is found through its
+        listener's factory (the connections its limiter wraps) and closed
+        too, and the wait covers it.
+        """
+        from pop3gw.service import closeConnections
+
+        reactor = MemoryReactorClock()
+        paused = FakeAccepted()
+        factory = WrappingFactory(Factory.forProtocol(Protocol))
+        wrapper = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        wrapper.makeConnection(paused)
+        d = closeConnections(reactor, 5.0, [factory])
+        self.assertTrue(paused.losing)
+        self.assertNoResult(d)
+        paused.connected = 0
+        reactor.advance(0.01)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_stopClosesPausedConnectionsOfItsListeners(self) -> None:
+        """
+        A staged service closes the connections its listeners' factories
+        know, not only those in the reactor's lists.
+        """
+        from pop3gw.service import STOP_LISTENERS, StagedService
+
+        reactor = MemoryReactorClock()
+        paused = FakeAccepted()
+        factory = WrappingFactory(Factory.forProtocol(Protocol))
+        factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000)).makeConnection(paused)
+        listener = Service()
+        listener.stopStage = STOP_LISTENERS  # type: ignore[attr-defined]
+        listener.factory = factory  # type: ignore[attr-defined]
+        top = StagedService()
+        top.reactor = reactor
+        listener.setServiceParent(top)
+        top.startService()
+        top.stopService()
+        self.assertTrue(paused.losing)
+
+    def test_stillOpenClosedAtTheDeadline(self) -> None:
+        """
+        A connection still open when the time is up (its client reads
+        nothing) is closed then, orderly (C{connectionLost} with
+        C{CONNECTION_LOST}, as the reactor's shutdown does, not an abort),
+        and one line says so.
+        """
+        from twisted.internet.main import CONNECTION_LOST
+
+        from pop3gw.service import closeConnections
+
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        reactor = MemoryReactorClock()
+        stalled = FakeAccepted()
+        reactor.addWriter(stalled)
+        d = closeConnections(reactor, 5.0)
+        reactor.advance(4.99)
+        self.assertIsNone(stalled.lost)
+        reactor.advance(0.02)
+        self.assertIsNone(self.successResultOf(d))
+        assert stalled.lost is not None
+        self.assertIs(stalled.lost.value, CONNECTION_LOST)
+        self.assertEqual(
+            [formatEvent(e) for e in events if e.get("log_namespace") == "pop3gw"],
+            ["stopping: 1 connection(s) did not take their last output within 5.0 s; closing them"],
+        )
+
+
+class DiscardInputTests(SynchronousTestCase):
+    """
+    L{pop3gw.service.discardInput} and L{pop3gw.service.closeGracefully}
+    on a plain connection: unread input is thrown away before the close
+    (closing a socket with unread input resets the connection).
+    """
+
+    def setUp(self) -> None:
+        self.ours, self.peer = socket.socketpair()
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.peer.close)
+        self.ours.setblocking(False)
+
+    def test_discardsWhatWaits(self) -> None:
+        """
+        Everything the socket holds unread is read and dropped; the call
+        does not wait for more.
+        """
+        from pop3gw.service import discardInput
+
+        self.peer.sendall(b"NOOP\r\n" * 1000)
+        connection = FakeAccepted()
+        connection.socket = self.ours
+        discardInput(connection)
+        with self.assertRaises(BlockingIOError):
+            self.ours.recv(1)
+
+    def test_limit(self) -> None:
+        """
+        At most C{limit} octets are read.
+        """
+        from pop3gw.service import discardInput
+
+        self.peer.sendall(b"x" * 100)
+        connection = FakeAccepted()
+        connection.socket = self.ours
+        discardInput(connection, 60)
+        self.assertEqual(self.ours.recv(100), b"x" * 40)
+
+    def test_closeGracefullyDiscardsThenCloses(self) -> None:
+        """
+        A plain connection's unread input is dropped, then it is closed
+        after its output (C{loseConnection}).
+        """
+        from pop3gw.service import closeGracefully
+
+        self.peer.sendall(b"RETR 1\r\n")
+        connection = FakeAccepted()
+        connection.socket = self.ours
+        closeGracefully(connection)
+        self.assertTrue(connection.losing)
+        with self.assertRaises(BlockingIOError):
+            self.ours.recv(1)
+
+    def test_nothingForAClosedConnection(self) -> None:
+        """
+        A connection closed already is left alone.
+        """
+        from pop3gw.service import closeGracefully, closeNow
+
+        connection = FakeAccepted()
+        connection.connected = 0
+        closeGracefully(connection)
+        closeNow(connection)
+        self.assertEqual((connection.losing, connection.lost), (False, None))
+
+
+class _AcceptedTransport(iosim.FakeTransport):
+    """
+    An iosim transport standing for an accepted TCP connection.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.readingResumed = False
+
+    @property
+    def connected(self) -> bool:  # type: ignore[override]
+        return not self.disconnected
+
+    def startReading(self) -> None:
+        self.readingResumed = True
+
+
+class TLSCloseTests(SynchronousTestCase):
+    """
+    L{pop3gw.service.closeGracefully} on a POP3S session (the real
+    listener's factory: the limiter, TLS, POP3) with a real TLS client in
+    memory: the session ends with the TLS close alert after the output.
+    """
+
+    def setUp(self) -> None:
+        self.dataDir = os.path.abspath(self.mktemp())
+        self.reactor = MemoryReactorClock()
+        top = makeService(
+            options("--data-dir", self.dataDir, "--hostname", "mail.example.org", "--pop3s", "tcp:2995"),
+            self.reactor,
+        )
+        self.factory = next(s.factory for s in top if isinstance(s, ListenerService) and s.listenerName == "pop3s")
+        addr = IPv4Address("TCP", "127.0.0.1", 40000)
+        self.collector = _Collector()
+        self.client = TLSMemoryBIOFactory(
+            CertificateOptions(), True, Factory.forProtocol(lambda: self.collector), self.reactor
+        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 2995))
+        server = self.factory.buildProtocol(addr)
+        self.serverTransport = _AcceptedTransport(server, isServer=True, peerAddress=addr)
+        clientTransport = iosim.FakeTransport(self.client, isServer=False, peerAddress=addr)
+        self.pump = iosim.connect(server, self.serverTransport, self.client, clientTransport, clock=self.reactor)
+        self.flush()
+        self.assertEqual(self.collector.received, b"+OK pop3gw ready.\r\n")
+
+    def flush(self) -> None:
+        for _ in range(10):
+            self.pump.flush()
+
+    def test_tlsLayerFound(self) -> None:
+        """
+        The TLS layer of an implicit-TLS connection is the protocol inside
+        the limiter's wrapper.
+        """
+        from pop3gw.service import tlsLayer
+
+        tls = tlsLayer(self.serverTransport)
+        self.assertIsInstance(tls, TLSMemoryBIOProtocol)
+        assert tls is not None
+        self.assertIs(tls.transport, self.serverTransport.protocol)
+        self.assertIsNone(tlsLayer(FakeAccepted()))
+
+    def test_tlsLayerAfterStartTLS(self) -> None:
+        """
+        After STLS or STARTTLS the TLS layer is the connection's protocol
+        (C{startTLS} puts it in front of the limiter's wrapper).
+        """
+        from pop3gw.service import tlsLayer
+
+        inner = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+        front = TLSMemoryBIOProtocol(TLSMemoryBIOFactory(CertificateOptions(), False, None), inner, False)
+        connection = FakeAccepted()
+        connection.protocol = front
+        self.assertIs(tlsLayer(connection), front)
+
+    def test_closeNotifyAfterTheOutput(self) -> None:
+        """
+        The TLS layer sends the close alert after the last reply, although
+        the POP3 protocol has its producer registered, and the connection
+        closes without waiting for the client's alert: the client reads the
+        reply, then a clean end (close_notify received, C{ConnectionDone}).
+        The protocol's producer is told that the connection is going away
+        (C{stopProducing}), as a transport tells it when the connection is
+        lost.
+        """
+        from pop3gw.service import closeGracefully
+
+        self.client.write(b"CAPA\r\n")
+        self.pump.pump()
+        self.pump.pump()
+        handle = self.client.getHandle()
+        pop3 = self.serverTransport.protocol.wrappedProtocol.wrappedProtocol
+        self.assertTrue(pop3._outputRegistered)
+        closeGracefully(self.serverTransport)
+        # Told the connection is going away, the protocol does not
+        # unregister its producer again (after STLS the TCP transport
+        # would fail to).
+        self.assertFalse(pop3._outputRegistered)
+        self.flush()
+        self.assertTrue(self.serverTransport.disconnected)
+        self.assertTrue(self.collector.received.endswith(b"\r\n.\r\n"), self.collector.received)
+        self.assertTrue(handle.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+        self.assertIsInstance(self.collector.lost.value, ConnectionDone)
+        self.assertEqual(self.factory.protocols, {})
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_closeConnectionsWaitsForIt(self) -> None:
+        """
+        Through L{closeConnections} with the listener's factory, the wait
+        ends once the TLS connection is gone.
+        """
+        from pop3gw.service import closeConnections
+
+        handle = self.client.getHandle()
+        d = closeConnections(self.reactor, 5.0, [self.factory])
+        self.flush()
+        self.assertNoResult(d)
+        self.reactor.advance(0.01)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(handle.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
 
 
 class FakeBoundPort:
