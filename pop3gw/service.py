@@ -429,6 +429,16 @@ class StartupReport:
         Tell the operator C{reason} (one line) and answer a daemonizing
         C{twistd}; remove the pid file written for this process.
         """
+        # The pid file first: the waiting twistd exits once answered.
+        pidfile = self.twistdOptions.get("pidfile")
+        if pidfile:
+            try:
+                with open(pidfile, "rb") as f:
+                    ours = f.read().strip() == str(os.getpid()).encode()
+                if ours:
+                    os.unlink(pidfile)
+            except OSError:
+                pass
         if self.terminal is not None:
             try:
                 fsutil.writeAll(self.terminal, reason.encode("utf-8", "replace") + b"\n")
@@ -443,15 +453,6 @@ class StartupReport:
             try:
                 fsutil.writeAll(pipe, self.STATUS)
                 os.close(pipe)
-            except OSError:
-                pass
-        pidfile = self.twistdOptions.get("pidfile")
-        if pidfile:
-            try:
-                with open(pidfile, "rb") as f:
-                    ours = f.read().strip() == str(os.getpid()).encode()
-                if ours:
-                    os.unlink(pidfile)
             except OSError:
                 pass
 

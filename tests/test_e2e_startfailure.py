@@ -125,7 +125,8 @@ class StartFailureTests(SynchronousTestCase):
         """
         On a free port the daemonizing C{twistd} exits 0 at once, its
         stderr read to the end (the daemon keeps no copy of it), and the
-        pid file names the daemon, which serves until stopped.
+        pid file names the daemon, which serves until stopped; a second
+        daemon on its data directory says so on the terminal, exit 1.
         """
         result = self.twistd(pop3="tcp:0:interface=127.0.0.1")
         self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"", b""))
@@ -136,6 +137,18 @@ class StartFailureTests(SynchronousTestCase):
         while "pop3 listening on" not in self.readLog() and time.monotonic() < deadline:
             time.sleep(0.1)
         self.assertIn("pop3 listening on", self.readLog())
+        # A second daemon on the same data directory is told of the first.
+        self.pidfile = os.path.join(self.dir, "second.pid")
+        second = self.twistd(pop3="tcp:0:interface=127.0.0.1")
+        self.assertEqual(second.returncode, 1, second.stderr)
+        self.assertEqual(second.stderr.decode().splitlines()[0],
+                         f"pop3gw: another pop3gw server (pid {pid}) is running on the data directory {self.dataDir}")
+        self.assertFalse(os.path.exists(self.pidfile))
+        deadline = time.monotonic() + 10
+        while _processesOf(self.dataDir) != [pid] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(_processesOf(self.dataDir), [pid])
+        self.pidfile = os.path.join(self.dir, "pop3gw.pid")
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         while _processesOf(self.dataDir) and time.monotonic() < deadline:
