@@ -370,7 +370,7 @@ def cmdImportUIDL(stores: "_Stores", args, stdin: TextIO, stdout: TextIO,
 
 
 def cmdImportMailbox(stores: "_Stores", args, stdin: TextIO, stdout: TextIO,
-                     owner: Optional[fsutil.Owner] = None) -> int:
+                     owner: Optional[fsutil.Owner] = None, stderr: Optional[TextIO] = None) -> int:
     """
     C{import pop3[s]://USER@HOST}: see L{pop3gw.pop3import.Importer}.
     """
@@ -391,7 +391,7 @@ def cmdImportMailbox(stores: "_Stores", args, stdin: TextIO, stdout: TextIO,
         context = ssl.create_default_context(cafile=args.ca_file)
     except (OSError, ssl.SSLError) as e:
         raise CommandError(f"--ca-file: {e}", EX_NOINPUT) from None
-    importer = Importer(target)
+    importer = Importer(target, maxLine=stores.config.maxMessageSize)
     try:
         session = importer.connect(host, port, implicit, context)
         copied, skipped = importer.run(session, remoteUser, password)
@@ -400,6 +400,10 @@ def cmdImportMailbox(stores: "_Stores", args, stdin: TextIO, stdout: TextIO,
     except BadMessageData as e:
         raise CommandError(f"import from {host}: a message cannot be stored unchanged: {e}", EX_DATAERR) from None
     stdout.write(f"{user}: copied {copied} messages from {host}, {skipped} already copied before\n")
+    if importer.refused:
+        for line in importer.refused:
+            (stderr or sys.stderr).write(f"pop3gw: import from {host}: {line}\n")
+        return EX_DATAERR
     return EX_OK
 
 
@@ -1021,7 +1025,7 @@ def _run(stores: _Stores, args, stdin, stdout: TextIO, stderr: TextIO) -> int:
             return cmdAppPassword(stores, args, stdout, owner)
         return cmdUser(stores, args, stdin, stdout, owner)
     if args.command == "import":
-        return cmdImportMailbox(stores, args, stdin, stdout, owner)
+        return cmdImportMailbox(stores, args, stdin, stdout, owner, stderr)
     if args.command == "alias":
         return cmdAlias(stores, args, stdout, stderr, owner)
     if args.command == "deliver":

@@ -18,9 +18,10 @@ The outbound queue is not copied (empty it first).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Optional
+from typing import Iterable, Optional
 
 import attr
 
@@ -44,6 +45,7 @@ from pop3gw.pglogins import PostgresLoginHistory, insertHistory
 from pop3gw.pgmail import PostgresMaildropStore, storeMessage
 from pop3gw.pgusers import PostgresUsers
 from pop3gw.sendlimits import DATABASE, SendingLimits
+from pop3gw.wire import CRLFToLF
 
 __all__ = ["MigrationError", "Migrated", "databaseToMaildir", "maildirToDatabase"]
 
@@ -191,6 +193,40 @@ def maildirToDatabase(dataDir: str, database: Database) -> Migrated:
     return done
 
 
+def _copyMessage(chunks: Iterable[bytes], path: str, owner: Optional[fsutil.Owner]) -> int:
+    """
+    Write a message given in wire form, chunk by chunk, into the new file
+    C{path} with LF line ends, synced to disk; on a failure the file is
+    removed.
+
+    @return: the file's size.
+    """
+    fd = fsutil.createFile(path, owner)
+    try:
+        size = 0
+        lines = CRLFToLF()
+        for chunk in chunks:
+            data = lines.feed(chunk)
+            fsutil.writeAll(fd, data)
+            size += len(data)
+        data = lines.finish()
+        fsutil.writeAll(fd, data)
+        size += len(data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    finally:
+        # A generator holding a database connection gives it back now.
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    os.close(fd)
+    return size
+
+
 def databaseToMaildir(database: Database, dataDir: str, owner: Optional[fsutil.Owner] = None) -> Migrated:
     """
     Copy the users, aliases and maildrops of C{database} into the data
@@ -217,18 +253,10 @@ def databaseToMaildir(database: Database, dataDir: str, owner: Optional[fsutil.O
         for info in store.listMessages(name):
             if not info.uid or any(c in info.uid for c in "/:,") or info.uid.startswith("."):
                 raise MigrationError(f"message {info.uid!r} of {name}: its UIDL cannot be a Maildir file name")
-            with store._fetch(info) as message:
-                data = message.read().replace(b"\r\n", b"\n")
+            tmp = os.path.join(path, "tmp", info.uid)
+            size = _copyMessage(store.messageChunks(info), tmp, owner)
             flags = "S" if info.seen else ""
-            fileName = f"{info.uid},S={len(data)},W={info.size}:2,{flags}"
-            tmp = os.path.join(path, "tmp", fileName)
-            fd = fsutil.createFile(tmp, owner)
-            try:
-                fsutil.writeAll(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, os.path.join(path, "cur", fileName))
+            os.rename(tmp, os.path.join(path, "cur", f"{info.uid},S={size},W={info.size}:2,{flags}"))
             done.messages += 1
         fsutil.fsyncDirectory(os.path.join(path, "cur"))
         done.maildrops += 1

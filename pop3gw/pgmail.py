@@ -33,7 +33,7 @@ import secrets
 import socket
 import tempfile
 import threading
-from typing import IO, Any, Iterable, Optional, Sequence, Union
+from typing import IO, Any, Iterable, Iterator, Optional, Sequence, Union
 
 import attr
 from twisted.internet import defer
@@ -450,32 +450,15 @@ class PostgresMaildropStore:
     def _fetch(self, info: PostgresMessageInfo) -> IO[bytes]:
         """
         Copy a message into an anonymous temporary file, one chunk per
-        query.
+        query (L{messageChunks}).
 
         @raise TemporaryFailure: the database failed, or the message is
             gone or not the size the snapshot said.
         """
         out = tempfile.TemporaryFile()
         try:
-            written = 0
-            seq = 0
-            # One statement per chunk, each its own transaction (a message's
-            # rows never change; one deleted meanwhile shows as a short
-            # read), and none after the last: one round trip for a message
-            # of one chunk.
-            with self.database.connection() as conn:
-                while written < info.size:
-                    row = conn.execute(
-                        "SELECT data FROM pop3gw_message_chunks WHERE message_id = %s AND seq = %s",
-                        (info.message, seq),
-                    ).fetchone()
-                    if row is None:
-                        break
-                    out.write(row[0])
-                    written += len(row[0])
-                    seq += 1
-            if written != info.size:
-                raise TemporaryFailure("message vanished or changed during the session")
+            for chunk in self.messageChunks(info):
+                out.write(chunk)
             out.seek(0)
         except OSError as e:
             out.close()
@@ -484,6 +467,36 @@ class PostgresMaildropStore:
             out.close()
             raise
         return out
+
+    def messageChunks(self, info: PostgresMessageInfo) -> Iterator[bytes]:
+        """
+        A message in wire form, one stored row (at most L{CHUNK_SIZE}
+        octets) at a time, one query each, blocking: a large message is
+        never held whole.  The iteration holds a connection until it ends.
+
+        @raise TemporaryFailure: the database failed, or the message is
+            gone or not the size the snapshot said (once every row is read).
+        """
+        written = 0
+        seq = 0
+        # One statement per chunk, each its own transaction (a message's
+        # rows never change; one deleted meanwhile shows as a short read),
+        # and none after the last: one round trip for a message of one
+        # chunk.
+        with self.database.connection() as conn:
+            while written < info.size:
+                row = conn.execute(
+                    "SELECT data FROM pop3gw_message_chunks WHERE message_id = %s AND seq = %s",
+                    (info.message, seq),
+                ).fetchone()
+                if row is None:
+                    break
+                chunk = bytes(row[0])
+                written += len(chunk)
+                seq += 1
+                yield chunk
+        if written != info.size:
+            raise TemporaryFailure("message vanished or changed during the session")
 
     def _insert(self, recipients: Sequence[Address], spool: IO[bytes], size: int, uid: Optional[str] = None) -> None:
         """

@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 from zope.interface import Interface, implementer
 
 from pop3gw import fsutil
+from pop3gw.wire import DEFAULT_MAX_MESSAGE_SIZE
 
 UIDLIST = "pop3gw-uidlist"
 
@@ -400,8 +401,14 @@ def parseSource(url: str) -> Tuple[str, str, int, bool]:
     return urllib.parse.unquote(user), parsed.hostname, port, parsed.scheme == "pop3s"
 
 
-#: Octets of a message being copied that are held at once (and a line).
+#: Octets of a message being copied that are held at once.
 COPY_CHUNK = 64 * 1024
+
+
+class MessageRefused(MigrationError):
+    """
+    One message cannot be copied (the others can): its text says why.
+    """
 
 
 class _Retrieval:
@@ -412,28 +419,76 @@ class _Retrieval:
     message is never held whole.  It must be read to its end before the
     session is used again.
 
+    Lines are read from the session's socket file in pieces of at most
+    L{COPY_CHUNK} octets, not with C{poplib}'s line reader, which refuses
+    lines over 2048 octets: a line of any length up to C{maxLine} is
+    copied without being held whole.
+
     @ivar octets: the octets yielded so far.
+    @ivar maxLine: the longest line accepted, in octets without its line
+        end; a longer one makes the iteration read the rest of the message
+        (dropping it) and raise L{MessageRefused}.
     """
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, maxLine: int) -> None:
         self._session = session
+        self.maxLine = maxLine
         self.octets = 0
+
+    def _piece(self) -> bytes:
+        try:
+            piece: bytes = self._session.file.readline(COPY_CHUNK)
+        except OSError as e:
+            raise MigrationError(f"connection lost in the middle of a message: {e}") from None
+        if not piece:
+            raise MigrationError("the server closed the connection in the middle of a message")
+        return piece
+
+    def _pieces(self) -> Iterator[Tuple[bytes, bool]]:
+        """
+        The message's lines, in pieces: C{(octets, ends the line)}, the
+        line end not included, the leading C{"."} of a stuffed line
+        removed, up to (not including) the final C{"."} line.
+        """
+        start = True
+        heldCR = False
+        while True:
+            piece = self._piece()
+            if heldCR:
+                piece = b"\r" + piece
+                heldCR = False
+            if start:
+                if piece in (b".\r\n", b".\n"):
+                    return
+                if piece.startswith(b".."):
+                    piece = piece[1:]
+            if piece.endswith(b"\n"):
+                yield piece[:-2] if piece.endswith(b"\r\n") else piece[:-1], True
+                start = True
+                continue
+            if piece.endswith(b"\r"):
+                # Perhaps the first half of a CRLF split across two pieces.
+                piece, heldCR = piece[:-1], True
+            yield piece, False
+            start = False
 
     def __iter__(self) -> Iterator[bytes]:
         held: List[bytes] = []
         size = 0
-        # poplib's line reader (which RETR uses too): each line without its
-        # line end, longer ones refused.
-        getline = self._session._getline
-        while True:
-            line, _ = getline()
-            if line == b".":
-                break
-            if line.startswith(b".."):
-                line = line[1:]
-            held.append(line)
-            held.append(b"\r\n")
-            size += len(line) + 2
+        line = 0
+        pieces = self._pieces()
+        for piece, ends in pieces:
+            line += len(piece)
+            if line > self.maxLine:
+                for _ in pieces:
+                    pass
+                raise MessageRefused(f"it has a line longer than {self.maxLine} octets")
+            held.append(piece)
+            size += len(piece)
+            if ends:
+                held.append(b"\r\n")
+                size += 2
+                line = 0
             if size >= COPY_CHUNK:
                 self.octets += size
                 yield b"".join(held)
@@ -443,20 +498,22 @@ class _Retrieval:
             yield b"".join(held)
 
 
-def retrieve(session: Any, number: int) -> _Retrieval:
+def retrieve(session: Any, number: int, maxLine: int = DEFAULT_MAX_MESSAGE_SIZE) -> _Retrieval:
     """
     Send C{RETR number} and read the server's answer.
 
-    @param session: a C{poplib.POP3}, whose command and line primitives
-        (C{_putcmd}, C{_getresp}, C{_getline}: the ones its C{retr} is made
-        of, undeclared in its type stubs) are used.
+    @param session: a C{poplib.POP3}, whose command and status primitives
+        (C{_putcmd}, C{_getresp}: the ones its C{retr} is made of,
+        undeclared in its type stubs) and socket file (C{file}) are used.
+    @param maxLine: the longest line of the message accepted (see
+        L{_Retrieval}).
 
     @return: the message, to be iterated (L{_Retrieval}).
     @raise poplib.error_proto: the server refused it.
     """
     session._putcmd(f"RETR {number}")
     session._getresp()
-    return _Retrieval(session)
+    return _Retrieval(session, maxLine)
 
 
 class Importer:
@@ -465,11 +522,19 @@ class Importer:
     (blocking; the C{pop3gw import} command).
 
     @ivar target: where the messages and their UIDLs go.
+    @ivar maxLine: the longest line of a message copied, in octets
+        (without its line end): the largest message pop3gw accepts
+        (C{max-message-size}), as a line is never held whole.
+    @ivar refused: one line per message that could not be copied (a line
+        over L{maxLine}) in the last L{run}; the others were copied.
     """
 
-    def __init__(self, target: IUIDLTarget, timeout: float = 60.0) -> None:
+    def __init__(self, target: IUIDLTarget, timeout: float = 60.0,
+                 maxLine: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.target = target
         self.timeout = timeout
+        self.maxLine = maxLine
+        self.refused: List[str] = []
 
     def connect(self, host: str, port: int, implicit: bool, context: ssl.SSLContext) -> poplib.POP3:
         """
@@ -499,10 +564,14 @@ class Importer:
         """
         Log in and copy every message not copied yet.
 
+        A message that cannot be copied (see L{refused}) is read to its
+        end and left out, and the next one copied.
+
         @return: C{(copied, skipped)}.
         @raise MigrationError: the login or a retrieval failed (what was
             copied stays, with its UIDLs: run again to resume).
         """
+        self.refused = []
         try:
             session.user(user)
             session.pass_(password)
@@ -519,10 +588,15 @@ class Importer:
                 skipped += 1
                 continue
             try:
-                chunks = retrieve(session, number)
+                chunks = retrieve(session, number, self.maxLine)
             except poplib.error_proto as e:
                 raise MigrationError(f"RETR {number} refused: {e}") from None
-            self.target.deliver(chunks, uidl)
+            try:
+                self.target.deliver(chunks, uidl)
+            except MessageRefused as e:
+                self.refused.append(f"message {number} (UIDL {uidl}) not copied: {e}")
+                progress(self.refused[-1])
+                continue
             have.add(uidl)
             copied += 1
             progress(f"copied message {number} ({chunks.octets} octets, UIDL {uidl})")

@@ -499,6 +499,102 @@ def closeConnections(reactor, timeout: float = CLOSE_TIMEOUT, factories: Iterabl
     return loop.start(0.01).addCallback(lambda _: None)
 
 
+class StartupReport:
+    """
+    Tells the operator why C{twistd pop3gw} did not start (the data
+    directory locked by another server, a port in use...), on the terminal
+    it was started from.
+
+    By the time the listeners bind (C{privilegedStartService}), C{twistd}
+    has sent C{sys.stderr} into its log and, when daemonizing, pointed the
+    process's descriptors 0 to 2 at C{/dev/null}, so the one line a start-up
+    failure raises (a C{SystemExit}) reaches the log only; a daemonizing
+    C{twistd} even waits for its daemon's word on a pipe forever.  This is
+    made by L{makeService}, before either happens, and keeps a duplicate of
+    descriptor 2 (not inherited by child processes) until the server has
+    started.  On a failure L{failed} writes the line there, gives the
+    waiting C{twistd} its answer (so it exits 1 rather than hang), and
+    removes the pid file C{twistd} wrote for this process (which it only
+    removes itself on other errors).  The C{SystemExit} still ends the
+    process with status 1 and its line in the log.
+
+    @ivar terminal: the duplicate of descriptor 2, until L{started} or
+        L{failed}; C{None} if there was none.
+    @ivar twistdOptions: C{twistd}'s own options (C{pidfile}, and
+        C{statusPipe} once it has daemonized).
+    """
+
+    #: What the daemonizing C{twistd} prints after "An error has
+    #: occurred:", below the line itself.
+    STATUS = b"1 pop3gw did not start (the line above says why)"
+
+    def __init__(self, terminal: Optional[int], twistdOptions: Any) -> None:
+        self.terminal = terminal
+        self.twistdOptions = twistdOptions
+
+    @classmethod
+    def fromOptions(cls, options: Any) -> Optional["StartupReport"]:
+        """
+        @param options: the parsed L{Options}, whose C{parent} is
+            C{twistd}'s own when C{twistd} parsed them.
+        @return: a report, or C{None} when not run by C{twistd}.
+        """
+        parent = getattr(options, "parent", None)
+        if parent is None:
+            return None
+        try:
+            terminal: Optional[int] = os.dup(2)
+        except OSError:
+            terminal = None
+        return cls(terminal, parent)
+
+    def _closeTerminal(self) -> None:
+        fd, self.terminal = self.terminal, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def started(self) -> None:
+        """
+        The server has started: let the terminal go.  Idempotent.
+        """
+        self._closeTerminal()
+
+    def failed(self, reason: str) -> None:
+        """
+        Tell the operator C{reason} (one line) and answer a daemonizing
+        C{twistd}; remove the pid file written for this process.
+        """
+        # The pid file first: the waiting twistd exits once answered.
+        pidfile = self.twistdOptions.get("pidfile")
+        if pidfile:
+            try:
+                with open(pidfile, "rb") as f:
+                    ours = f.read().strip() == str(os.getpid()).encode()
+                if ours:
+                    os.unlink(pidfile)
+            except OSError:
+                pass
+        if self.terminal is not None:
+            try:
+                fsutil.writeAll(self.terminal, reason.encode("utf-8", "replace") + b"\n")
+            except OSError:
+                pass
+            self._closeTerminal()
+        pipe = self.twistdOptions.get("statusPipe")
+        if pipe is not None:
+            # twistd writes this pipe itself only for an Exception, never
+            # for a SystemExit: the parent would wait for ever.
+            self.twistdOptions["statusPipe"] = None
+            try:
+                fsutil.writeAll(pipe, self.STATUS)
+                os.close(pipe)
+            except OSError:
+                pass
+
+
 class ServerLockService(StagedService):
     """
     The whole server, holding an exclusive lock on L{SERVER_LOCK} in the
@@ -538,23 +634,44 @@ class ServerLockService(StagedService):
         if fd is not None:
             fsutil.releasePidLock(fd)
 
+    #: Where a start-up failure is told under C{twistd} (set by
+    #: L{makeService}).
+    startupReport: Optional[StartupReport] = None
+
+    def _failed(self, e: SystemExit) -> None:
+        if self.startupReport is not None and isinstance(e.code, str):
+            self.startupReport.failed(e.code)
+
     def privilegedStartService(self) -> None:
         """
         Take the lock, then start the parts (listeners bind here).
 
-        @raise SystemExit: another server holds the lock (one line).
+        @raise SystemExit: another server holds the lock, or a listener
+            cannot listen (one line, also told through L{startupReport}).
         """
-        self._takeLock()
-        super().privilegedStartService()
+        try:
+            self._takeLock()
+            super().privilegedStartService()
+        except SystemExit as e:
+            self._failed(e)
+            raise
 
     def startService(self) -> None:
         """
         Take the lock unless held already, then start the parts.
 
-        @raise SystemExit: another server holds the lock (one line).
+        @raise SystemExit: another server holds the lock (one line, also
+            told through L{startupReport}).
         """
-        self._takeLock()
-        super().startService()
+        try:
+            self._takeLock()
+            super().startService()
+        except SystemExit as e:
+            self._failed(e)
+            raise
+        finally:
+            if self.startupReport is not None:
+                self.startupReport.started()
 
     def stopService(self) -> defer.Deferred:
         """
@@ -753,10 +870,13 @@ def makeService(options, reactor=None) -> MultiService:
         from twisted.internet import reactor
     config: Config = options if isinstance(options, Config) else options.config
     try:
-        return _build(config, reactor)
+        top = _build(config, reactor)
     except ConfigError as e:
         # One clear line for the operator, not a traceback.
         raise SystemExit(f"pop3gw: {e}") from None
+    if isinstance(top, ServerLockService):
+        top.startupReport = StartupReport.fromOptions(options)
+    return top
 
 
 def _databaseStores(

@@ -53,6 +53,36 @@ class CRLFStream:
         return out
 
 
+class CRLFToLF:
+    """
+    C{data.replace(b"\\r\\n", b"\\n")} over data that arrives in chunks: a
+    CR at the end of one chunk is held until the next shows whether an LF
+    follows it.  Bare CRs are kept.
+    """
+
+    def __init__(self) -> None:
+        self._heldCR = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """
+        @return: C{chunk} converted (without a CR it ends with, held); may
+            be empty.
+        """
+        if self._heldCR:
+            chunk = b"\r" + chunk
+        self._heldCR = chunk.endswith(b"\r")
+        if self._heldCR:
+            chunk = chunk[:-1]
+        return chunk.replace(b"\r\n", b"\n")
+
+    def finish(self) -> bytes:
+        """
+        @return: the CR held at the end of the data, if any.
+        """
+        held, self._heldCR = self._heldCR, False
+        return b"\r" if held else b""
+
+
 class LFNormalizer:
     """
     Streaming conversion of CRLF, bare CR and LF line ends to LF.

@@ -6,6 +6,7 @@ import-uidl}.
 
 from __future__ import annotations
 
+import os
 import poplib
 import ssl
 import subprocess
@@ -34,6 +35,21 @@ def listing(port: int, user: str, password: str, context=None) -> tuple:
     finally:
         pop.close()
     return uidls, bodies
+
+
+def uidls(port: int, context) -> list:
+    """
+    The UIDLs alice's maildrop on the server at C{port} (POP3S) serves.
+    """
+    pop = poplib.POP3_SSL("127.0.0.1", port, context=context, timeout=30)
+    try:
+        pop.user(ALICE)
+        pop.pass_(PASSWORD)
+        found = [line.split()[1] for line in pop.uidl()[1]]
+        pop.quit()
+    finally:
+        pop.close()
+    return found
 
 
 class ImportEndToEndTests(TLSServerMixin, SynchronousTestCase):
@@ -96,6 +112,39 @@ class ImportEndToEndTests(TLSServerMixin, SynchronousTestCase):
         newUidls, newBodies = listing(node.ports["pop3"], ALICE, "new password")
         self.assertEqual(newUidls, oldUidls)
         self.assertEqual(newBodies, oldBodies)
+
+    def test_importLongLines(self) -> None:
+        """
+        A message with a 10,000-octet line (base64 without line breaks) is
+        copied byte for byte; one with a line longer than the new side's
+        C{max-message-size} is left out with one line on stderr (exit 65)
+        while the messages after it are copied.
+        """
+        wide = b"Subject: wide\r\n\r\n" + b"QUJD" * 2500 + b"\r\n"
+        wider = b"Subject: wider\r\n\r\n" + b"x" * 20000 + b"\r\n"
+        old = self.startServer(listeners=("pop3s",))
+        for message in (wide, wider, MESSAGES[1]):
+            old.deliver(ALICE, message)
+        new = Pop3gwProcess(self, args=["--domain", "example.org"], listeners=("pop3",)).start()
+        new.addUser(ALICE, "new password")
+        config = os.path.join(new.dataDir, "import.ini")
+        with open(config, "w") as f:
+            f.write(f"[pop3gw]\ndata-dir = {new.dataDir}\nmax-message-size = 15000\n")
+        command = pop3gwCommand() + ["--config", config, "import", f"pop3s://{ALICE}@127.0.0.1:{old.ports['pop3s']}",
+                                     "--ca-file", self.certs["ca.pem"]]
+        served = uidls(old.ports["pop3s"], ssl.create_default_context(cafile=self.certs["ca.pem"]))
+        result = subprocess.run(command, input=PASSWORD.encode() + b"\n", capture_output=True, timeout=120)
+        self.assertEqual(result.returncode, 65, result.stderr)
+        self.assertEqual(result.stdout, b"alice@example.org: copied 2 messages from 127.0.0.1, 0 already copied before\n")
+        self.assertEqual(result.stderr, b"pop3gw: import from 127.0.0.1: message 2 (UIDL " + served[1]
+                         + b") not copied: it has a line longer than 15000 octets\n")
+        stored = []
+        for sub in ("cur", "new"):
+            folder = os.path.join(new.maildir(ALICE), sub)
+            for name in os.listdir(folder):
+                with open(os.path.join(folder, name), "rb") as f:
+                    stored.append(f.read())
+        self.assertEqual(sorted(stored), sorted(m.replace(b"\r\n", b"\n") for m in (wide, MESSAGES[1])))
 
     def test_untrustedRefused(self) -> None:
         """

@@ -768,6 +768,71 @@ class MigrateTests(SynchronousTestCase):
         self.assertEqual(users.snapshot().resolve(Address("team", "example.org")), (ALICE, BOB))
         self.assertEqual(users.snapshot().resolve(Address("anyone", "example.org")), (ALICE,))
 
+    def test_largeMessageStreamed(self) -> None:
+        """
+        A 20 MiB message goes to the database and back byte for byte (a
+        CRLF split between two stored chunks included), read and written
+        a stored chunk at a time: the Python memory allocated at once stays
+        a small fraction of the message in both directions, and no write to
+        the Maildir file is over L{CHUNK_SIZE}.
+        """
+        import tracemalloc
+
+        from pop3gw import migrate
+        from pop3gw.maildir import MaildirStore
+        from pop3gw.pgmail import CHUNK_SIZE, PostgresMaildropStore
+
+        head = b"Subject: big\n\n"
+        # In wire form the first line's CR is the last octet of the first
+        # stored chunk, and its LF the first of the second.
+        body = head + b"a" * (CHUNK_SIZE - 1 - (len(head) + 2)) + b"\n"
+        line = b"".join(b"%07d " % i + b"x" * 990 + b"\n" for i in range(1000))
+        while len(body) < 20 * 1024 * 1024:
+            body += line
+        source = os.path.abspath(self.mktemp())
+        os.makedirs(source)
+        with open(os.path.join(source, "users"), "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\n")
+        maildir = MaildirStore(os.path.join(source, "mail"), hostname="testhost")
+        delivery = maildir.beginDelivery([ALICE])
+        delivery.write(body)
+        self.successResultOf(delivery.commit())
+
+        def peak(*args: str) -> int:
+            tracemalloc.start()
+            try:
+                status, out, err = self.runCLI(*args)
+                self.assertEqual((status, err), (0, ""))
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+        self.assertLess(peak("migrate", "--from", f"maildir:{source}", "--to", self.uri), len(body) // 4)
+        database = pgdatabase.Database(self.uri, maxConnections=1)
+        self.addCleanup(database.close)
+        [info] = PostgresMaildropStore(database).listMessages(str(ALICE))
+        wire = body.replace(b"\n", b"\r\n")
+        self.assertEqual(info.size, len(wire))
+        self.assertEqual(b"".join(PostgresMaildropStore(database).messageChunks(info)), wire)
+
+        writes: list = []
+        writeAll = migrate.fsutil.writeAll
+
+        def recordingWriteAll(fd: int, data: bytes) -> None:
+            writes.append(len(data))
+            writeAll(fd, data)
+
+        self.patch(migrate.fsutil, "writeAll", recordingWriteAll)
+        target = os.path.abspath(self.mktemp())
+        self.assertLess(peak("migrate", "--from", self.uri, "--to", f"maildir:{target}"), len(body) // 4)
+        self.assertLessEqual(max(writes), CHUNK_SIZE)
+        folder = os.path.join(target, "mail", "example.org", "alice", "cur")
+        [name] = os.listdir(folder)
+        with open(os.path.join(folder, name), "rb") as f:
+            self.assertEqual(f.read(), body)
+        self.assertEqual(name, f"{info.uid},S={len(body)},W={len(wire)}:2,")
+        self.assertEqual(os.listdir(os.path.join(target, "mail", "example.org", "alice", "tmp")), [])
+
     def test_importedOwnFormUIDL(self) -> None:
         """
         A message imported into a data directory with a UIDL of the form

@@ -3,6 +3,7 @@ Tests for L{pop3gw.pop3import}: old UIDLs onto imported messages, and the
 resumable copy from another POP3 server.
 """
 
+import io
 import os
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -275,23 +276,19 @@ class FakeSession:
     def uidl(self):
         return b"+OK", [b"%d %s" % (i + 1, uid) for i, (uid, _) in enumerate(self.messages)], 0
 
-    # What the importer streams a message with: poplib's own command and
-    # line primitives, over the message in wire form (dot-stuffed, with
-    # the final "." line).
+    # What the importer streams a message with: poplib's command and status
+    # primitives and its socket file, over the message in wire form
+    # (dot-stuffed, with the final "." line).
     def _putcmd(self, line: str) -> None:
         verb, number = line.split(" ")
         assert verb == "RETR", line
         self.retrieved.append(int(number))
-        self._pending = [b"+OK"] + [
-            b"." + line if line.startswith(b".") else line for line in self.messages[int(number) - 1][1].split(b"\r\n")[:-1]
-        ] + [b"."]
+        message = self.messages[int(number) - 1][1]
+        stuffed = b"".join(b"." + line if line.startswith(b".") else line for line in message.splitlines(True))
+        self.file = io.BytesIO(stuffed + b".\r\n")
 
     def _getresp(self) -> bytes:
-        return self._pending.pop(0)
-
-    def _getline(self) -> tuple:
-        line = self._pending.pop(0)
-        return line, len(line) + 2
+        return b"+OK"
 
     def quit(self):
         return b"+OK"
@@ -403,6 +400,129 @@ class ImporterTests(SynchronousTestCase):
                 self.importer().run(session, "alice", "pw")
             self.assertEqual(str(e.exception), message)
             self.assertEqual((session.retrieved, self.stored), ([], {}))
+
+    def test_longLines(self) -> None:
+        """
+        Lines longer than C{poplib}'s 2048 octets are copied exactly: one
+        of 10,000 octets, one longer than L{COPY_CHUNK}, one whose CRLF
+        falls across two reads, bare LF line ends (made CRLF, as
+        C{poplib} does), and a stuffed dot at the start of a long line;
+        no chunk handed to the store is much over L{COPY_CHUNK}.
+        """
+        message = (b"Subject: long\r\n\r\n" + b"a" * 10000 + b"\r\n" + b"b" * (3 * COPY_CHUNK + 7) + b"\r\n"
+                   + b"c" * (COPY_CHUNK - 1) + b"\r\n" + b"." + b"d" * 5000 + b"\r\nend\r\n")
+        served = FakeSession([(b"u1", message), (b"u2", b"A: 2\nbare\n")])
+        self.assertEqual(self.importer().run(served, "alice", "pw"), (2, 0))
+        self.assertEqual(list(self.stored.values()), [message, b"A: 2\r\nbare\r\n"])
+        self.assertLessEqual(max(len(c) for chunks in self.chunks for c in chunks), 2 * COPY_CHUNK + 2)
+
+    def test_lineOverBoundRefused(self) -> None:
+        """
+        A message with a line over the bound is read to its end and left
+        out, nothing stored for it, with one line saying why; the
+        messages after it are copied, and a second run copies none of the
+        others again.
+        """
+        messages = [(b"u1", b"A: 1\r\n\r\nx\r\n"), (b"u2", b"A: 2\r\n\r\n" + b"y" * 10001 + b"\r\n"),
+                    (b"u3", b"A: 3\r\n\r\nz\r\n")]
+        importer = Importer(MaildirTarget(self.dir, lambda: list(self.stored), self.deliver), maxLine=10000)
+        lines: list = []
+        self.assertEqual(importer.run(FakeSession(messages), "alice", "pw", lines.append), (2, 0))
+        self.assertEqual(importer.refused, ["message 2 (UIDL u2) not copied: it has a line longer than 10000 octets"])
+        self.assertIn(importer.refused[0], lines)
+        self.assertEqual(sorted(self.stored.values()), [messages[0][1], messages[2][1]])
+        again = FakeSession(messages)
+        self.assertEqual(importer.run(again, "alice", "pw"), (0, 2))
+        self.assertEqual(again.retrieved, [2])
+        self.assertEqual(len(importer.refused), 1)
+
+    def test_connectionLost(self) -> None:
+        """
+        A connection that ends in the middle of a message is one clear
+        error, and nothing is stored for that message.
+        """
+        session = FakeSession([(b"u1", b"A: 1\r\n\r\nx\r\n")])
+        putcmd = session._putcmd
+
+        def cut(line: str) -> None:
+            putcmd(line)
+            session.file = io.BytesIO(session.file.getvalue()[:8])
+
+        session._putcmd = cut  # type: ignore[method-assign]
+        with self.assertRaises(MigrationError) as e:
+            self.importer().run(session, "alice", "pw")
+        self.assertEqual(str(e.exception), "the server closed the connection in the middle of a message")
+        self.assertEqual(self.stored, {})
+
+    def test_loopbackServer(self) -> None:
+        """
+        Over a real C{poplib.POP3} session with a POP3 server on loopback,
+        a message with a 10,000-octet line is copied byte for byte, and
+        C{poplib}'s module-wide line limit is left as it was.
+        """
+        import poplib
+
+        message = b"Subject: wide\r\n\r\n" + b"QUJD" * 2500 + b"\r\n..dot\r\n"
+        port = _servePOP3(self, [(b"wide-1", message)])
+        limit = poplib._MAXLINE  # type: ignore[attr-defined]
+        session = poplib.POP3("127.0.0.1", port, timeout=10)
+        try:
+            self.assertEqual(self.importer().run(session, "alice", "pw"), (1, 0))
+        finally:
+            session.close()
+        self.assertEqual(list(self.stored.values()), [message])
+        self.assertEqual(readUidMap(self.dir), {"k1": "wide-1"})
+        self.assertEqual(poplib._MAXLINE, limit)  # type: ignore[attr-defined]
+
+
+def _servePOP3(testCase: SynchronousTestCase, messages: list) -> int:
+    """
+    A minimal POP3 server on a loopback port, in a thread, for one
+    session over C{messages} (C{(uidl, message)}, the message in wire
+    form): any USER and PASS, UIDL, RETR, QUIT.  Closed when the test ends.
+
+    @return: its port.
+    """
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"+OK ready\r\n")
+            for raw in lines:
+                verb, _, arg = raw.strip().partition(b" ")
+                verb = verb.upper()
+                if verb == b"UIDL":
+                    conn.sendall(b"+OK\r\n" + b"".join(b"%d %s\r\n" % (i + 1, u) for i, (u, _) in enumerate(messages))
+                                 + b".\r\n")
+                elif verb == b"RETR":
+                    body = messages[int(arg) - 1][1]
+                    stuffed = b"".join(b"." + line if line.startswith(b".") else line for line in body.splitlines(True))
+                    conn.sendall(b"+OK\r\n" + stuffed + b".\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"+OK bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"+OK\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        listener.close()
+        thread.join(10)
+
+    testCase.addCleanup(stop)
+    return listener.getsockname()[1]
 
 
 class CommandTests(SynchronousTestCase):

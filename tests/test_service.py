@@ -38,7 +38,13 @@ from pop3gw.limits import ConnectionLimitFactory
 from pop3gw.pop3 import POP3Factory
 from pop3gw.relay.service import RelayService
 from pop3gw.runner import ThreadPoolRunner
-from pop3gw.service import ListenerService, LocalDomains, ThreadPoolService, makeService
+from pop3gw.service import (
+    ListenerService,
+    LocalDomains,
+    StartupReport,
+    ThreadPoolService,
+    makeService,
+)
 from pop3gw.smtp import SubmissionFactory
 from pop3gw.smtplmtp import LMTPFactory
 from pop3gw.smtpmx import MXFactory
@@ -657,6 +663,140 @@ class ServerLockTests(SynchronousTestCase):
         self.successResultOf(d)
         second.privilegedStartService()
         second.releaseLock()
+
+class StartupReportTests(SynchronousTestCase):
+    """
+    L{StartupReport}: a start-up failure told on the terminal C{twistd}
+    was started from, after it has redirected stderr or daemonized.
+    """
+
+    def setUp(self) -> None:
+        self.dataDir = os.path.abspath(self.mktemp())
+
+    def pipe(self) -> tuple:
+        r, w = os.pipe()
+        self.addCleanup(_closeQuietly, r)
+        self.addCleanup(_closeQuietly, w)
+        return r, w
+
+    def twistdOptions(self, **values) -> dict:
+        """
+        What the report reads of twistd's options (C{ServerOptions}).
+        """
+        return {"pidfile": "", "statusPipe": None, **values}
+
+    def test_notUnderTwistd(self) -> None:
+        """
+        Options parsed on their own (not as twistd's subcommand) and a
+        L{Config} give no report; under twistd the report holds a
+        duplicate of descriptor 2 that child processes do not inherit.
+        """
+        top = makeService(options("--data-dir", self.dataDir), MemoryReactorClock())
+        self.assertIsNone(top.startupReport)
+        parsed = options("--data-dir", self.dataDir)
+        parsed.parent = self.twistdOptions()  # type: ignore[attr-defined]
+        top = makeService(parsed, MemoryReactorClock())
+        report = top.startupReport
+        self.addCleanup(report.started)
+        self.assertIsInstance(report, StartupReport)
+        self.assertIs(report.twistdOptions, parsed.parent)  # type: ignore[attr-defined]
+        self.assertEqual(os.fstat(report.terminal).st_ino, os.fstat(2).st_ino)
+        self.assertFalse(os.get_inheritable(report.terminal))
+        report.started()
+        self.assertIsNone(report.terminal)
+
+    def test_failedTellsEveryone(self) -> None:
+        """
+        L{StartupReport.failed} writes the line on the terminal and lets
+        it go, answers a daemonizing twistd (which would wait for ever)
+        and forgets its pipe, and removes the pid file that names this
+        process.
+        """
+        terminal, terminalW = self.pipe()
+        status, statusW = self.pipe()
+        pidfile = self.mktemp()
+        with open(pidfile, "wb") as f:
+            f.write(b"%d" % (os.getpid(),))
+        twistd = self.twistdOptions(pidfile=pidfile, statusPipe=statusW)
+        report = StartupReport(terminalW, twistd)
+        report.failed("pop3gw: pop3: cannot listen on tcp:110: Address already in use")
+        self.assertEqual(os.read(terminal, 1000), b"pop3gw: pop3: cannot listen on tcp:110: Address already in use\n")
+        self.assertEqual(os.read(terminal, 1000), b"")  # closed
+        self.assertEqual(os.read(status, 1000), StartupReport.STATUS)
+        self.assertEqual(os.read(status, 1000), b"")  # closed
+        self.assertTrue(StartupReport.STATUS.startswith(b"1 "))
+        self.assertIsNone(twistd["statusPipe"])
+        self.assertFalse(os.path.exists(pidfile))
+        report.started()
+
+    def test_otherPidfileKept(self) -> None:
+        """
+        A pid file that names another process is not removed; in the
+        foreground (no status pipe) only the terminal is told.
+        """
+        terminal, terminalW = self.pipe()
+        pidfile = self.mktemp()
+        with open(pidfile, "wb") as f:
+            f.write(b"1")
+        StartupReport(terminalW, self.twistdOptions(pidfile=pidfile)).failed("pop3gw: no")
+        self.assertEqual(os.read(terminal, 100), b"pop3gw: no\n")
+        self.assertTrue(os.path.exists(pidfile))
+
+    def test_portInUseReported(self) -> None:
+        """
+        A listener that cannot bind (a real port taken on loopback) stops
+        the server's start with its one line, which the report writes on
+        the terminal too; the lock taken is the only thing left, released
+        with the process.
+        """
+        import socket
+
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        from twisted.internet import reactor
+
+        description = f"tcp:{port}:interface=127.0.0.1"
+        top = makeService(options("--data-dir", self.dataDir, "--pop3", description, "--submission", "none"), reactor)
+        self.addCleanup(top.releaseLock)
+        terminal, terminalW = self.pipe()
+        top.startupReport = StartupReport(terminalW, self.twistdOptions())
+        with self.assertRaises(SystemExit) as e:
+            top.privilegedStartService()
+        line = f"pop3gw: pop3: cannot listen on {description}: Address already in use"
+        self.assertEqual(str(e.exception), line)
+        self.assertEqual(os.read(terminal, 1000), line.encode() + b"\n")
+        self.assertIsNone(top.startupReport.terminal)
+
+    def test_startedLetsTerminalGo(self) -> None:
+        """
+        Once the server has started the terminal is let go (a caller
+        reading the daemonizing twistd's stderr to its end is not held).
+        """
+        from pop3gw.service import ServerLockService
+
+        os.makedirs(self.dataDir)
+        top = ServerLockService(self.dataDir)
+        top.addService(Service())
+        terminal, terminalW = self.pipe()
+        top.startupReport = StartupReport(terminalW, self.twistdOptions())
+        top.privilegedStartService()
+        self.assertIsNotNone(top.startupReport.terminal)
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.assertIsNone(top.startupReport.terminal)
+        self.assertEqual(os.read(terminal, 100), b"")
+
+
+def _closeQuietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
 
 class VersionOptionTests(SynchronousTestCase):
     def test_version(self) -> None:

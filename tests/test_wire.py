@@ -6,7 +6,7 @@ the bounces and the maildrops.
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pop3gw.wire import CRLFStream, toCRLF
+from pop3gw.wire import CRLFStream, CRLFToLF, toCRLF
 
 
 class ToCRLFTests(SynchronousTestCase):
@@ -25,3 +25,19 @@ class ToCRLFTests(SynchronousTestCase):
         for cut in range(len(data) + 1):
             stream = CRLFStream()
             self.assertEqual(stream.feed(data[:cut]) + stream.feed(data[cut:]), toCRLF(data), cut)
+
+
+class CRLFToLFTests(SynchronousTestCase):
+    def test_wholeOrCut(self) -> None:
+        """
+        L{CRLFToLF} gives C{data.replace(b"\\r\\n", b"\\n")} whatever the
+        cuts (a CRLF split between two chunks included); bare CRs, a final
+        one included, are kept.
+        """
+        for data in (b"a\r\nb\nc\r\rd\n\r\n", b"x\r\r\n\r", b"\r"):
+            expected = data.replace(b"\r\n", b"\n")
+            for first in range(len(data) + 1):
+                for second in range(first, len(data) + 1):
+                    lines = CRLFToLF()
+                    out = lines.feed(data[:first]) + lines.feed(data[first:second]) + lines.feed(data[second:])
+                    self.assertEqual(out + lines.finish(), expected, (data, first, second))
