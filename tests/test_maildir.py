@@ -645,14 +645,14 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
         """
         self.assertRaises(ValueError, self.store.beginDelivery, [])
 
-    def test_durabilityOrder(self) -> None:
+    def recordFileSystemCalls(self) -> list:
         """
-        Commit fsyncs the file before moving it from C{tmp/} into C{new/}
-        (one C{rename}: nothing is left to remove), then fsyncs C{new/};
-        neither C{link} nor C{unlink} is used for a single recipient.
+        Record the C{fsync}, C{link}, C{unlink} and C{rename} calls made
+        from now on (and still make them): C{("fsync", file name or
+        directory path)}, C{("link", to directory)}, C{("unlink", in
+        directory)}, C{("rename", from directory, to directory)}.
         """
-        self.deliver([ALICE], b"first\n")
-        events = []
+        events: list = []
         realFsync, realLink, realUnlink, realRename = os.fsync, os.link, os.unlink, os.rename
 
         def fsync(fd):
@@ -676,6 +676,16 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
         self.patch(os, "link", link)
         self.patch(os, "unlink", unlink)
         self.patch(os, "rename", rename)
+        return events
+
+    def test_durabilityOrder(self) -> None:
+        """
+        Commit fsyncs the file before moving it from C{tmp/} into C{new/}
+        (one C{rename}: nothing is left to remove), then fsyncs C{new/};
+        neither C{link} nor C{unlink} is used for a single recipient.
+        """
+        self.deliver([ALICE], b"first\n")
+        events = self.recordFileSystemCalls()
         delivery = self.store.beginDelivery([ALICE])
         delivery.write(b"second\n")
         self.assertEqual(self.listing(ALICE, "tmp"), [])
@@ -700,31 +710,16 @@ class MaildirLayoutTests(MaildirTestsMixin, SynchronousTestCase):
         fsynced after the last of them, and the tmp name is gone.
         """
         self.deliver([ALICE, BOB], b"first\n")
-        events = []
-        realFsync, realLink, realRename = os.fsync, os.link, os.rename
-
-        def fsync(fd):
-            target = os.readlink("/proc/self/fd/%d" % (fd,))
-            events.append(("fsync", os.path.basename(target) if not os.path.isdir(target) else target))
-            return realFsync(fd)
-
-        def link(src, dst):
-            events.append(("link", os.path.dirname(dst)))
-            return realLink(src, dst)
-
-        def rename(src, dst):
-            events.append(("rename", os.path.dirname(dst)))
-            return realRename(src, dst)
-
-        self.patch(os, "fsync", fsync)
-        self.patch(os, "link", link)
-        self.patch(os, "rename", rename)
+        events = self.recordFileSystemCalls()
         delivery = self.store.beginDelivery([ALICE, BOB])
         delivery.write(b"second\n")
         self.successResultOf(delivery.commit())
         aliceNew = os.path.abspath(self.path(ALICE, "new"))
         bobNew = os.path.abspath(self.path(BOB, "new"))
-        self.assertEqual(events[:3], [("fsync", delivery.uniqueName), ("link", bobNew), ("rename", aliceNew)])
+        tmpDir = os.path.abspath(self.path(ALICE, "tmp"))
+        self.assertEqual(
+            events[:3], [("fsync", delivery.uniqueName), ("link", bobNew), ("rename", tmpDir, aliceNew)]
+        )
         self.assertEqual(sorted(events[3:]), sorted([("fsync", aliceNew), ("fsync", bobNew)]))
         self.assertEqual(self.listing(ALICE, "tmp"), [])
         self.assertEqual(len(self.listing(ALICE, "new")), 2)
