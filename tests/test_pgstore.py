@@ -768,6 +768,25 @@ class MigrateTests(SynchronousTestCase):
         self.assertEqual(users.snapshot().resolve(Address("team", "example.org")), (ALICE, BOB))
         self.assertEqual(users.snapshot().resolve(Address("anyone", "example.org")), (ALICE,))
 
+    def maildirSource(self, body: bytes) -> tuple:
+        """
+        A data directory with alice in its users file and C{body} delivered
+        to her maildrop.
+
+        @return: the directory, its L{MaildirStore} and the delivery.
+        """
+        from pop3gw.maildir import MaildirStore
+
+        source = os.path.abspath(self.mktemp())
+        os.makedirs(source)
+        with open(os.path.join(source, "users"), "w") as f:
+            f.write(f"alice@example.org:{HASH_A}\n")
+        maildir = MaildirStore(os.path.join(source, "mail"), hostname="testhost")
+        delivery = maildir.beginDelivery([ALICE])
+        delivery.write(body)
+        self.successResultOf(delivery.commit())
+        return source, maildir, delivery
+
     def test_largeMessageStreamed(self) -> None:
         """
         A 20 MiB message goes to the database and back byte for byte (a
@@ -779,7 +798,6 @@ class MigrateTests(SynchronousTestCase):
         import tracemalloc
 
         from pop3gw import migrate
-        from pop3gw.maildir import MaildirStore
         from pop3gw.pgmail import CHUNK_SIZE, PostgresMaildropStore
 
         head = b"Subject: big\n\n"
@@ -789,14 +807,7 @@ class MigrateTests(SynchronousTestCase):
         line = b"".join(b"%07d " % i + b"x" * 990 + b"\n" for i in range(1000))
         while len(body) < 20 * 1024 * 1024:
             body += line
-        source = os.path.abspath(self.mktemp())
-        os.makedirs(source)
-        with open(os.path.join(source, "users"), "w") as f:
-            f.write(f"alice@example.org:{HASH_A}\n")
-        maildir = MaildirStore(os.path.join(source, "mail"), hostname="testhost")
-        delivery = maildir.beginDelivery([ALICE])
-        delivery.write(body)
-        self.successResultOf(delivery.commit())
+        source, _, _ = self.maildirSource(body)
 
         def peak(*args: str) -> int:
             tracemalloc.start()
@@ -840,18 +851,10 @@ class MigrateTests(SynchronousTestCase):
         through C{migrate}, and no message delivered afterwards is given
         it: every delivery succeeds with a UIDL of its own.
         """
-        from pop3gw.maildir import MaildirStore
         from pop3gw.pgmail import PostgresMaildropStore
         from pop3gw.pop3import import writeUidMap
 
-        source = os.path.abspath(self.mktemp())
-        os.makedirs(source)
-        with open(os.path.join(source, "users"), "w") as f:
-            f.write(f"alice@example.org:{HASH_A}\n")
-        maildir = MaildirStore(os.path.join(source, "mail"), hostname="testhost")
-        delivery = maildir.beginDelivery([ALICE])
-        delivery.write(b"Subject: old\n\nimported\n")
-        self.successResultOf(delivery.commit())
+        source, maildir, delivery = self.maildirSource(b"Subject: old\n\nimported\n")
         writeUidMap(maildir.maildirPath(ALICE), {delivery.uniqueName: "P3"})
         self.assertEqual(self.runCLI("migrate", "--from", f"maildir:{source}", "--to", self.uri)[0], 0)
         for _ in range(3):
