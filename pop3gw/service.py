@@ -9,6 +9,7 @@ lock on C{DATA/server.lock} (L{ServerLockService}).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -19,7 +20,7 @@ import sys
 import time
 import uuid
 from types import FrameType
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import attr
 from OpenSSL import SSL
@@ -638,9 +639,18 @@ class ServerLockService(StagedService):
     #: L{makeService}).
     startupReport: Optional[StartupReport] = None
 
-    def _failed(self, e: SystemExit) -> None:
-        if self.startupReport is not None and isinstance(e.code, str):
-            self.startupReport.failed(e.code)
+    @contextlib.contextmanager
+    def _reportingFailure(self) -> Iterator[None]:
+        """
+        Tell a start-up failure's line (a C{SystemExit} with a text)
+        through L{startupReport} too, then let it go on.
+        """
+        try:
+            yield
+        except SystemExit as e:
+            if self.startupReport is not None and isinstance(e.code, str):
+                self.startupReport.failed(e.code)
+            raise
 
     def privilegedStartService(self) -> None:
         """
@@ -649,12 +659,9 @@ class ServerLockService(StagedService):
         @raise SystemExit: another server holds the lock, or a listener
             cannot listen (one line, also told through L{startupReport}).
         """
-        try:
+        with self._reportingFailure():
             self._takeLock()
             super().privilegedStartService()
-        except SystemExit as e:
-            self._failed(e)
-            raise
 
     def startService(self) -> None:
         """
@@ -664,11 +671,9 @@ class ServerLockService(StagedService):
             told through L{startupReport}).
         """
         try:
-            self._takeLock()
-            super().startService()
-        except SystemExit as e:
-            self._failed(e)
-            raise
+            with self._reportingFailure():
+                self._takeLock()
+                super().startService()
         finally:
             if self.startupReport is not None:
                 self.startupReport.started()

@@ -902,6 +902,21 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         self.assertNotIsInstance(failure.value, InsufficientStorage)
         self.assertEqual(str(failure.value), "cannot deliver message: Input/output error")
 
+    def assertTwoRecipientCommitUndone(self, name: str, replacement) -> None:
+        """
+        With both maildrops there, a commit to alice and bob whose C{os}
+        function C{name} is C{replacement} (patched once the message is
+        written) fails with L{TemporaryFailure} and leaves nothing in
+        either maildrop.
+        """
+        for user in (ALICE, BOB):
+            self.store._ensureMaildir(self.store.maildirPath(user))
+        delivery = self.store.beginDelivery([ALICE, BOB])
+        delivery.write(b"x\n")
+        self.patch(os, name, replacement)
+        self.failureResultOf(delivery.commit(), TemporaryFailure)
+        self.assertNothingLeft(ALICE, BOB)
+
     def test_linkFailureUndone(self) -> None:
         """
         If linking into the second recipient's C{new/} fails, the first
@@ -914,13 +929,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
                 raise OSError(errno.EIO, "I/O error")
             return realLink(src, dst)
 
-        for user in (ALICE, BOB):
-            self.store._ensureMaildir(self.store.maildirPath(user))
-        self.patch(os, "link", link)
-        delivery = self.store.beginDelivery([ALICE, BOB])
-        delivery.write(b"x\n")
-        self.failureResultOf(delivery.commit(), TemporaryFailure)
-        self.assertNothingLeft(ALICE, BOB)
+        self.assertTwoRecipientCommitUndone("link", link)
 
     def test_renameFailureUndone(self) -> None:
         """
@@ -932,13 +941,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
         def rename(src, dst):
             raise OSError(errno.EIO, "I/O error")
 
-        for user in (ALICE, BOB):
-            self.store._ensureMaildir(self.store.maildirPath(user))
-        self.patch(os, "rename", rename)
-        delivery = self.store.beginDelivery([ALICE, BOB])
-        delivery.write(b"x\n")
-        self.failureResultOf(delivery.commit(), TemporaryFailure)
-        self.assertNothingLeft(ALICE, BOB)
+        self.assertTwoRecipientCommitUndone("rename", rename)
 
     def test_directoryFsyncFailureUndone(self) -> None:
         """
@@ -951,13 +954,7 @@ class MaildirFailureTests(MaildirTestsMixin, SynchronousTestCase):
                 raise OSError(errno.EIO, "I/O error")
             return realFsync(fd)
 
-        for user in (ALICE, BOB):
-            self.store._ensureMaildir(self.store.maildirPath(user))
-        delivery = self.store.beginDelivery([ALICE, BOB])
-        delivery.write(b"x\n")
-        self.patch(os, "fsync", fsync)
-        self.failureResultOf(delivery.commit(), TemporaryFailure)
-        self.assertNothingLeft(ALICE, BOB)
+        self.assertTwoRecipientCommitUndone("fsync", fsync)
 
     def test_crossDeviceCopyFailureUndone(self) -> None:
         """
